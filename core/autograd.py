@@ -1,0 +1,281 @@
+"""Reverse-mode automatic differentiation: grad mode, graph nodes and the backward engine."""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Sequence
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    return getattr(_state, "grad", True)
+
+
+def _set_grad(mode: bool) -> bool:
+    prev = getattr(_state, "grad", True)
+    _state.grad = mode
+    return prev
+
+
+class _GradMode:
+    """Context manager and decorator, like torch.no_grad / torch.enable_grad."""
+    mode = True
+
+    def __enter__(self):
+        self._prev = _set_grad(self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        _set_grad(self._prev)
+        return False
+
+    def __call__(self, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with type(self)():
+                return fn(*args, **kwargs)
+        return wrapper
+
+
+class no_grad(_GradMode):
+    """Disable graph recording: results of ops have ``requires_grad=False``."""
+    mode = False
+
+
+class enable_grad(_GradMode):
+    mode = True
+
+
+@contextmanager
+def set_grad_enabled(mode: bool):
+    prev = _set_grad(bool(mode))
+    try:
+        yield
+    finally:
+        _set_grad(prev)
+
+
+class Node:
+    """How a non-leaf tensor was made: its op, inputs and attributes (``Tensor.grad_fn``).
+
+    It keeps the forward result as a bare array, never as a Tensor, so that a tensor and
+    its node form no reference cycle and memory is freed as soon as the user drops it.
+    """
+
+    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "__weakref__")
+
+    def __init__(self, op, inputs, attrs, out_data, out_meta):
+        self.op = op
+        self.inputs = inputs
+        self.attrs = attrs
+        self.out_data = out_data
+        self.out_meta = out_meta        # (shape, dtype) of the output: checks incoming gradients
+        self.freed = False
+
+    def name(self) -> str:
+        return f"{self.op.name.capitalize()}Backward"
+
+    def __repr__(self) -> str:
+        return f"<{self.name()}>"
+
+    def release(self) -> None:
+        self.inputs = ()
+        self.out_data = None
+        self.freed = True
+
+
+def _topo_order(roots: Sequence[Node]) -> list[Node]:
+    """Nodes reachable from ``roots``, each before every node it depends on (iterative)."""
+    order, seen = [], set()
+    for root in roots:
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        stack = [(root, iter(root.inputs))]
+        while stack:
+            node, it = stack[-1]
+            for t in it:
+                child = t.grad_fn
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append((child, iter(child.inputs)))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    order.reverse()
+    return order
+
+
+def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: bool,
+                 create_graph: bool, capture: Sequence | None = None,
+                 accumulate: bool = True) -> dict:
+    """Propagate ``grad_outputs`` from ``outputs`` back through the graph.
+
+    With ``accumulate`` the gradients of leaves that require grad are added into ``.grad``
+    (``backward()``); tensors in ``capture`` have their total gradient returned by id
+    instead (``autograd.grad``).
+    """
+    from .tensor import Tensor, _reduce_grad
+
+    captured: dict[int, Tensor] = {}
+    capture_ids = {id(t) for t in capture} if capture else set()
+    pending: dict[int, Tensor] = {}
+    roots = []
+    for out, g in zip(outputs, grad_outputs):
+        if id(out) in capture_ids:
+            captured[id(out)] = g if id(out) not in captured else captured[id(out)] + g
+        if out.grad_fn is None:
+            if accumulate and out.requires_grad and not capture_ids:
+                _accumulate_leaf(out, g, set())
+            continue
+        key = id(out.grad_fn)
+        pending[key] = g if key not in pending else pending[key] + g
+        roots.append(out.grad_fn)
+        if out._retains_grad and accumulate:
+            _accumulate_leaf(out, g, set())
+
+    # Non-leaf captured tensors: their total gradient is what reaches their node.
+    capture_nodes = {id(t.grad_fn): t for t in capture or () if t.grad_fn is not None}
+    assigned: set[int] = set()
+    with _grad_mode(create_graph):
+        for node in _topo_order(roots):
+            g = pending.pop(id(node), None)
+            if g is None:
+                continue
+            if node.freed:
+                raise RuntimeError(
+                    "Trying to backward through the graph a second time (or directly access "
+                    "saved tensors after they have already been freed). Saved intermediate "
+                    "values of the graph are freed when you call .backward() or "
+                    "autograd.grad(). Specify retain_graph=True if you need to backward "
+                    "through the graph a second time.")
+            t_node = capture_nodes.get(id(node))
+            if t_node is not None:
+                captured[id(t_node)] = g
+            op = node.op
+            if op.vjp is None:
+                raise RuntimeError(f"{op.name}: no derivative is defined for this op")
+            out = Tensor._from_node(node) if op.saves_out else None
+            grads = op.vjp(g, out, *node.inputs, **node.attrs)
+            if len(grads) != len(node.inputs):
+                raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "
+                                   f"{len(node.inputs)} inputs")
+            for t, gi in zip(node.inputs, grads):
+                if gi is None or not t.requires_grad:
+                    continue
+                gi = _reduce_grad(gi, t)
+                child = t.grad_fn
+                if id(t) in capture_ids and child is None:
+                    captured[id(t)] = gi if id(t) not in captured else captured[id(t)] + gi
+                if child is None:
+                    if accumulate and not capture_ids:
+                        _accumulate_leaf(t, gi, assigned)
+                    continue
+                if t._retains_grad and accumulate:
+                    _accumulate_leaf(t, gi, assigned)
+                key = id(child)
+                pending[key] = gi if key not in pending else pending[key] + gi
+            if not retain_graph:
+                node.release()
+    return captured
+
+
+def _accumulate_leaf(t, g, assigned: set[int]) -> None:
+    if t.grad is None:
+        # The same gradient tensor may reach several leaves (add passes ``g`` through):
+        # give each its own, so that an in-place change of one .grad leaves the others.
+        if id(g) in assigned:
+            g = g.clone() if is_grad_enabled() else g.detach().clone()
+        assigned.add(id(g))
+        t.grad = g if is_grad_enabled() else g.detach()
+    else:
+        t.grad = t.grad + g if is_grad_enabled() else (t.grad.detach() + g.detach())
+
+
+@contextmanager
+def _grad_mode(mode: bool):
+    prev = _set_grad(mode)
+    try:
+        yield
+    finally:
+        _set_grad(prev)
+
+
+def backward(tensors, grad_tensors=None, retain_graph: bool | None = None,
+             create_graph: bool = False) -> None:
+    """Compute the gradients of ``tensors`` and accumulate them into the leaves' ``.grad``."""
+    from .tensor import Tensor
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    grads = _make_grads(tensors, grad_tensors, "backward")
+    if retain_graph is None:
+        retain_graph = create_graph
+    run_backward(tensors, grads, retain_graph=retain_graph, create_graph=create_graph)
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
+         create_graph: bool = False, allow_unused: bool = False) -> tuple:
+    """Gradients of ``outputs`` with respect to ``inputs``, without touching ``.grad``.
+
+    >>> import gradmesh.core as gm
+    >>> x = gm.tensor(3.0, requires_grad=True)
+    >>> (g,) = gm.autograd.grad(x ** 3, x, create_graph=True)
+    >>> gm.autograd.grad(g, x)[0].item()   # d2/dx2 x^3 = 6x
+    18.0
+    """
+    from .tensor import Tensor
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    for i, t in enumerate(inputs):
+        if not t.requires_grad:
+            raise RuntimeError(f"autograd.grad: input {i} does not require grad")
+    grads = _make_grads(outputs, grad_outputs, "autograd.grad")
+    if retain_graph is None:
+        retain_graph = create_graph
+    captured = run_backward(outputs, grads, retain_graph=retain_graph,
+                            create_graph=create_graph, capture=inputs, accumulate=False)
+    result = []
+    for i, t in enumerate(inputs):
+        g = captured.get(id(t))
+        if g is None and not allow_unused:
+            raise RuntimeError(f"autograd.grad: input {i} was not used in the graph of the "
+                               f"outputs; pass allow_unused=True to get None for it")
+        result.append(g)
+    return tuple(result)
+
+
+def _make_grads(outputs, grad_outputs, fn: str) -> list:
+    from .tensor import Tensor, ones_like
+    if grad_outputs is None:
+        grad_outputs = [None] * len(outputs)
+    elif isinstance(grad_outputs, Tensor):
+        grad_outputs = [grad_outputs]
+    grad_outputs = list(grad_outputs)
+    if len(grad_outputs) != len(outputs):
+        raise RuntimeError(f"{fn}: got {len(grad_outputs)} gradients for {len(outputs)} outputs")
+    grads = []
+    for out, g in zip(outputs, grad_outputs):
+        if not out.requires_grad:
+            raise RuntimeError("element 0 of tensors does not require grad and does not have "
+                               "a grad_fn; did you create it under no_grad or from tensors "
+                               "without requires_grad=True?")
+        if g is None:
+            if out.numel() != 1:
+                raise RuntimeError(f"grad can be implicitly created only for scalar outputs; "
+                                   f"this output has shape {tuple(out.shape)}: pass "
+                                   f"gradient=<tensor of that shape> to backward()")
+            g = ones_like(out)
+        elif not isinstance(g, Tensor):
+            from .tensor import tensor
+            g = tensor(g, dtype=out.dtype)
+        if tuple(g.shape) != tuple(out.shape):
+            raise RuntimeError(f"{fn}: gradient has shape {tuple(g.shape)} but the output has "
+                               f"shape {tuple(out.shape)}")
+        grads.append(g)
+    return grads
+
+
+__all__ = ["backward", "grad", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled"]

@@ -1,0 +1,83 @@
+"""Tensor element types and PyTorch's type-promotion rules."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class DType:
+    """A tensor element type, printed like torch's (``gradmesh.float32``)."""
+
+    __slots__ = ("name", "np", "is_floating_point", "itemsize")
+
+    def __init__(self, name: str, np_dtype: np.dtype):
+        self.name = name
+        self.np = np.dtype(np_dtype)
+        self.is_floating_point = self.np.kind == "f"
+        self.itemsize = self.np.itemsize
+
+    def __repr__(self) -> str:
+        return f"gradmesh.{self.name}"
+
+    def __reduce__(self):
+        return (by_name, (self.name,))
+
+
+float16 = DType("float16", np.float16)
+float32 = DType("float32", np.float32)
+float64 = DType("float64", np.float64)
+int32 = DType("int32", np.int32)
+int64 = DType("int64", np.int64)
+bool_ = DType("bool", np.bool_)
+
+ALL = (float16, float32, float64, int32, int64, bool_)
+_BY_NP = {d.np: d for d in ALL}
+_BY_NAME = {d.name: d for d in ALL}
+# Rank within a category; a higher rank wins when two of the same category meet.
+_RANK = {bool_: 0, int32: 1, int64: 2, float16: 3, float32: 4, float64: 5}
+
+default_float = float32
+
+
+def by_name(name: str) -> DType:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise TypeError(f"unknown dtype {name!r}; expected one of {sorted(_BY_NAME)}") from None
+
+
+def from_numpy(np_dtype) -> DType:
+    """The gradmesh dtype of a NumPy dtype (float64 stays float64, like torch.from_numpy)."""
+    try:
+        return _BY_NP[np.dtype(np_dtype)]
+    except KeyError:
+        raise TypeError(f"arrays of dtype {np.dtype(np_dtype)} are not supported; "
+                        f"use one of {[d.name for d in ALL]}") from None
+
+
+def as_dtype(d) -> DType:
+    """Accept a gradmesh dtype, a NumPy dtype or a name."""
+    if isinstance(d, DType):
+        return d
+    if isinstance(d, str):
+        return by_name(d)
+    return from_numpy(d)
+
+
+def _category(d: DType) -> int:
+    return 2 if d.is_floating_point else (0 if d is bool_ else 1)
+
+
+def promote(a: DType, b: DType, a_is_scalar: bool = False, b_is_scalar: bool = False) -> DType:
+    """torch.result_type for two operands.
+
+    A float beats an integer whatever the width (int64 + float32 -> float32, unlike NumPy),
+    and a 0-d operand only decides the type when it is of a higher category than the other.
+    """
+    if a is b:
+        return a
+    ca, cb = _category(a), _category(b)
+    if a_is_scalar != b_is_scalar and ca == cb:
+        return b if a_is_scalar else a
+    if ca != cb:
+        return a if ca > cb else b
+    return a if _RANK[a] >= _RANK[b] else b

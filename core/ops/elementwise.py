@@ -1,0 +1,481 @@
+"""Elementwise primitives: arithmetic, unary math, activations, comparisons, selection."""
+from __future__ import annotations
+
+import math
+
+from .. import dtypes
+from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, same
+from ..functional import (abs, cos, exp, gelu, log, mul, sigmoid, sign, sin, softplus,
+                          sqrt, tanh, where, zeros_like)
+
+# ===================================================================== arithmetic ======
+
+
+def _cast(xp, a, b):
+    """Bring both operands to torch's result dtype (NumPy would promote int64 + float32 to
+    float64; torch gives float32)."""
+    if a.dtype == b.dtype:
+        return a, b
+    dt = dtypes.promote(dtypes.from_numpy(a.dtype), dtypes.from_numpy(b.dtype),
+                        a.ndim == 0, b.ndim == 0).np
+    return a.astype(dt, copy=False), b.astype(dt, copy=False)
+
+
+@defop("add", infer=binary("add"), arity=2, broadcast=True)
+def add_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    return a + b
+
+
+@add_p.defvjp
+def _(g, out, a, b):
+    return g, g
+
+
+@defop("sub", infer=binary("sub"), arity=2, broadcast=True)
+def sub_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    return a - b
+
+
+@sub_p.defvjp
+def _(g, out, a, b):
+    return g, -g
+
+
+@defop("mul", infer=binary("mul"), arity=2, broadcast=True)
+def mul_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    return a * b
+
+
+@mul_p.defvjp
+def _(g, out, a, b):
+    return (g * b if a.requires_grad else None), (g * a if b.requires_grad else None)
+
+
+def _infer_div(a, b) -> Spec:
+    spec = binary("div")(a, b)
+    # True division of integers gives the default float type, as in torch.
+    return spec if spec.dtype.is_floating_point else Spec(spec.shape, dtypes.default_float)
+
+
+@defop("div", infer=_infer_div, arity=2, broadcast=True)
+def div_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    if a.dtype.kind != "f":
+        dt = dtypes.default_float.np
+        a, b = a.astype(dt), b.astype(dt)
+    return a / b
+
+
+@div_p.defvjp
+def _(g, out, a, b):
+    ga = g / b if a.requires_grad else None
+    gb = -g * a / (b * b) if b.requires_grad else None
+    return ga, gb
+
+
+def _infer_pow(a, b) -> Spec:
+    return binary("pow")(a, b)
+
+
+@defop("pow", infer=_infer_pow, arity=2, broadcast=True)
+def pow_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    if a.dtype.kind in "iu" and (b < 0).any():
+        raise OpError("pow: integers to negative integer powers are not allowed")
+    return a ** b
+
+
+@pow_p.defvjp
+def _(g, out, a, b):
+    ga = gb = None
+    if a.requires_grad:
+        ga = g * b * a ** (b - 1)
+    if b.requires_grad:
+        # d/db a^b = a^b log a, taken as 0 where a == 0 (the limit for b > 0), as torch does.
+        ga_safe = where(a == 0, zeros_like(a) + 1, a)
+        gb = g * where(a == 0, zeros_like(a * b), (a ** b) * log(ga_safe))
+    return ga, gb
+
+
+@defop("neg", infer=same)
+def neg_p(xp, a):
+    return -a
+
+
+@neg_p.defvjp
+def _(g, out, a):
+    return (-g,)
+
+
+# ===================================================================== unary math ======
+
+def _float_infer(name):
+    return lambda a: floating(name, a)
+
+
+def _float(xp, a):
+    return a if a.dtype.kind == "f" else a.astype(dtypes.default_float.np)
+
+
+@defop("exp", infer=_float_infer("exp"), saves_out=True)
+def exp_p(xp, a):
+    return xp.exp(_float(xp, a))
+
+
+@exp_p.defvjp
+def _(g, out, a):
+    return (g * out,)
+
+
+@defop("log", infer=_float_infer("log"))
+def log_p(xp, a):
+    return xp.log(_float(xp, a))
+
+
+@log_p.defvjp
+def _(g, out, a):
+    return (g / a,)
+
+
+@defop("log1p", infer=_float_infer("log1p"))
+def log1p_p(xp, a):
+    return xp.log1p(_float(xp, a))
+
+
+@log1p_p.defvjp
+def _(g, out, a):
+    return (g / (a + 1),)
+
+
+@defop("sqrt", infer=_float_infer("sqrt"), saves_out=True)
+def sqrt_p(xp, a):
+    return xp.sqrt(_float(xp, a))
+
+
+@sqrt_p.defvjp
+def _(g, out, a):
+    return (g / (2 * out),)
+
+
+@defop("abs", infer=same)
+def abs_p(xp, a):
+    return xp.abs(a)
+
+
+@abs_p.defvjp
+def _(g, out, a):
+    return (g * sign(a),)
+
+
+@defop("sign", infer=same)
+def sign_p(xp, a):
+    return xp.sign(a)
+
+
+@sign_p.defvjp
+def _(g, out, a):
+    return (zeros_like(g),)
+
+
+@defop("sin", infer=_float_infer("sin"))
+def sin_p(xp, a):
+    return xp.sin(_float(xp, a))
+
+
+@sin_p.defvjp
+def _(g, out, a):
+    return (g * cos(a),)
+
+
+@defop("cos", infer=_float_infer("cos"))
+def cos_p(xp, a):
+    return xp.cos(_float(xp, a))
+
+
+@cos_p.defvjp
+def _(g, out, a):
+    return (-g * sin(a),)
+
+
+@defop("tanh", infer=_float_infer("tanh"), saves_out=True)
+def tanh_p(xp, a):
+    return xp.tanh(_float(xp, a))
+
+
+@tanh_p.defvjp
+def _(g, out, a):
+    return (g * (1 - out * out),)
+
+
+@defop("sigmoid", infer=_float_infer("sigmoid"), saves_out=True)
+def sigmoid_p(xp, a):
+    a = _float(xp, a)
+    # Split by sign so that exp never overflows.
+    e = xp.exp(-xp.abs(a))
+    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+
+
+@sigmoid_p.defvjp
+def _(g, out, a):
+    return (g * out * (1 - out),)
+
+
+# ==================================================================== activations ======
+
+@defop("relu", infer=same)
+def relu_p(xp, a):
+    return xp.maximum(a, 0, dtype=a.dtype)
+
+
+@relu_p.defvjp
+def _(g, out, a):
+    return (where(a > 0, g, zeros_like(g)),)
+
+
+@defop("leaky_relu", infer=same, attrs={"negative_slope": ("float", 0.01)})
+def leaky_relu_p(xp, a, negative_slope):
+    return xp.where(a > 0, a, a * a.dtype.type(negative_slope))
+
+
+@leaky_relu_p.defvjp
+def _(g, out, a, negative_slope):
+    return (where(a > 0, g, g * negative_slope),)
+
+
+def _infer_gelu(a, approximate):
+    if approximate not in ("none", "tanh"):
+        raise OpError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return floating("gelu", a)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@defop("gelu", infer=_infer_gelu, attrs={"approximate": ("str", "none")})
+def gelu_p(xp, a, approximate):
+    a = _float(xp, a)
+    t = a.dtype.type
+    if approximate == "tanh":
+        inner = t(_SQRT_2_OVER_PI) * (a + t(0.044715) * a ** 3)
+        return t(0.5) * a * (1 + xp.tanh(inner))
+    return t(0.5) * a * (1 + _erf(xp, a * t(1 / math.sqrt(2.0))))
+
+
+def _erf(xp, x):
+    if xp.__name__ == "numpy":
+        from scipy.special import erf   # NumPy has no erf; SciPy comes with scikit-learn
+        return erf(x).astype(x.dtype, copy=False)
+    import cupyx.scipy.special
+    return cupyx.scipy.special.erf(x)
+
+
+@defop("gelu_grad", infer=_infer_gelu, attrs={"approximate": ("str", "none")})
+def gelu_grad_p(xp, a, approximate):
+    """d gelu / da, as its own op so that gelu's vjp stays differentiable."""
+    a = _float(xp, a)
+    t = a.dtype.type
+    if approximate == "tanh":
+        k = t(_SQRT_2_OVER_PI)
+        inner = k * (a + t(0.044715) * a ** 3)
+        th = xp.tanh(inner)
+        return t(0.5) * (1 + th) + t(0.5) * a * (1 - th * th) * k * (1 + t(3 * 0.044715) * a * a)
+    cdf = t(0.5) * (1 + _erf(xp, a * t(1 / math.sqrt(2.0))))
+    pdf = xp.exp(t(-0.5) * a * a) * t(1 / math.sqrt(2 * math.pi))
+    return cdf + a * pdf
+
+
+@gelu_p.defvjp
+def _(g, out, a, approximate):
+    return (g * gelu_grad_p(a, approximate=approximate),)
+
+
+@gelu_grad_p.defvjp
+def _(g, out, a, approximate):
+    # Second derivative of gelu.
+    if approximate == "tanh":
+        k, c = _SQRT_2_OVER_PI, 0.044715
+        u = k * (a + c * a ** 3)
+        du = k * (1 + 3 * c * a * a)
+        th = tanh(u)
+        sech2 = 1 - th * th
+        d2 = sech2 * du + 0.5 * a * (-2 * th * sech2 * du * du + sech2 * k * 6 * c * a)
+        return (g * d2,)
+    pdf = exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+    return (g * pdf * (2 - a * a),)
+
+
+def _infer_softplus(a, beta, threshold):
+    return floating("softplus", a)
+
+
+@defop("softplus", infer=_infer_softplus,
+       attrs={"beta": ("float", 1.0), "threshold": ("float", 20.0)})
+def softplus_p(xp, a, beta, threshold):
+    a = _float(xp, a)
+    t = a.dtype.type
+    z = a * t(beta)
+    # log1p(exp(z)) computed stably; linear above the threshold, as torch does.
+    soft = (xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))) / t(beta)
+    return xp.where(z > threshold, a, soft)
+
+
+@softplus_p.defvjp
+def _(g, out, a, beta, threshold):
+    z = a * beta
+    return (where(z > threshold, g, g * sigmoid(z)),)
+
+
+def _infer_clamp(a, min, max):
+    if min is None and max is None:
+        raise OpError("clamp: at least one of 'min' or 'max' must not be None")
+    return same(a)
+
+
+@defop("clamp", infer=_infer_clamp, attrs={"min": ("float?", None), "max": ("float?", None)})
+def clamp_p(xp, a, min, max):
+    t = a.dtype.type
+    return xp.clip(a, None if min is None else t(min), None if max is None else t(max))
+
+
+@clamp_p.defvjp
+def _(g, out, a, min, max):
+    inside = ((a >= min) if min is not None else None)
+    if max is not None:
+        inside = (a <= max) if inside is None else inside & (a <= max)
+    return (where(inside, g, zeros_like(g)),)
+
+
+# ===================================================================== two-tensor ======
+
+@defop("maximum", infer=binary("maximum"), arity=2, broadcast=True)
+def maximum_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    return xp.maximum(a, b)
+
+
+@maximum_p.defvjp
+def _(g, out, a, b):
+    # Ties split the gradient evenly, as torch does.
+    w = where(a > b, 1.0, where(a == b, 0.5, 0.0)).to(g.dtype)
+    return g * w, g * (1 - w)
+
+
+@defop("minimum", infer=binary("minimum"), arity=2, broadcast=True)
+def minimum_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    return xp.minimum(a, b)
+
+
+@minimum_p.defvjp
+def _(g, out, a, b):
+    w = where(a < b, 1.0, where(a == b, 0.5, 0.0)).to(g.dtype)
+    return g * w, g * (1 - w)
+
+
+def _infer_where(cond, a, b) -> Spec:
+    if cond.dtype is not dtypes.bool_:
+        raise OpError(f"where: expected condition to be a bool tensor, got {cond.dtype}")
+    shape = broadcast_shapes("where", cond.shape, a.shape, b.shape)
+    return Spec(shape, dtypes.promote(a.dtype, b.dtype, len(a.shape) == 0, len(b.shape) == 0))
+
+
+@defop("where", infer=_infer_where, arity=3, broadcast=True)
+def where_p(xp, cond, a, b):
+    a, b = _cast(xp, a, b)
+    return xp.where(cond, a, b)
+
+
+@where_p.defvjp
+def _(g, out, cond, a, b):
+    zero = zeros_like(g)
+    return None, where(cond, g, zero), where(cond, zero, g)
+
+
+# ==================================================================== comparisons ======
+# Boolean results carry no gradient.
+
+def _compare(name, fn):
+    def infer(a, b) -> Spec:
+        return Spec(broadcast_shapes(name, a.shape, b.shape), dtypes.bool_)
+
+    op = defop(name, infer=infer, arity=2, broadcast=True)(fn)
+    op.defvjp(lambda g, out, a, b: (None, None))
+    return op
+
+
+eq_p = _compare("eq", lambda xp, a, b: a == b)
+ne_p = _compare("ne", lambda xp, a, b: a != b)
+lt_p = _compare("lt", lambda xp, a, b: a < b)
+le_p = _compare("le", lambda xp, a, b: a <= b)
+gt_p = _compare("gt", lambda xp, a, b: a > b)
+ge_p = _compare("ge", lambda xp, a, b: a >= b)
+
+
+def _logical(name, fn):
+    def infer(a, b) -> Spec:
+        return Spec(broadcast_shapes(name, a.shape, b.shape), dtypes.bool_)
+
+    op = defop(name, infer=infer, arity=2, broadcast=True)(fn)
+    op.defvjp(lambda g, out, a, b: (None, None))
+    return op
+
+
+logical_and_p = _logical("logical_and", lambda xp, a, b: xp.logical_and(a, b))
+logical_or_p = _logical("logical_or", lambda xp, a, b: xp.logical_or(a, b))
+
+
+@defop("logical_not", infer=lambda a: Spec(tuple(a.shape), dtypes.bool_))
+def logical_not_p(xp, a):
+    return xp.logical_not(a)
+
+
+logical_not_p.defvjp(lambda g, out, a: (None,))
+
+
+# ========================================================================== dtype ======
+
+def _infer_cast(a, dtype):
+    try:
+        return Spec(tuple(a.shape), dtypes.by_name(dtype))
+    except TypeError as e:
+        raise OpError(f"cast: {e}") from None
+
+
+@defop("cast", infer=_infer_cast, attrs={"dtype": ("dtype", "float32")})
+def cast_p(xp, a, dtype):
+    return a.astype(dtypes.by_name(dtype).np)
+
+
+@cast_p.defvjp
+def _(g, out, a, dtype):
+    return (g.to(a.dtype) if a.dtype.is_floating_point else None,)
+
+
+@defop("clone", infer=same)
+def clone_p(xp, a):
+    return a.copy()
+
+
+clone_p.defvjp(lambda g, out, a: (g,))
+
+
+def _infer_to_device(a, device):
+    if device not in ("cpu", "cuda"):
+        raise OpError(f"to_device: unknown device {device!r}")
+    return same(a)
+
+
+@defop("to_device", infer=_infer_to_device, attrs={"device": ("str", "cpu")})
+def to_device_p(xp, a, device):
+    from .. import backend
+    if device == "cpu":
+        return backend.to_numpy(a)
+    return backend.cupy().asarray(a)
+
+
+@to_device_p.defvjp
+def _(g, out, a, device):
+    return (g.to(a.device),)

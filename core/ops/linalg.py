@@ -1,0 +1,90 @@
+"""Matrix products."""
+from __future__ import annotations
+
+from ..registry import OpError, Spec, broadcast_shapes, defop, fmt
+from .. import dtypes
+from ..functional import matmul, mm, reshape, sum, transpose, unsqueeze, squeeze
+
+
+def _check_dtypes(op, a, b):
+    if a.dtype is not b.dtype:
+        raise OpError(f"{op}: expected both tensors to have the same dtype, got {a.dtype} and "
+                      f"{b.dtype}; convert one with .to(dtype)")
+    if not a.dtype.is_floating_point:
+        raise OpError(f"{op}: expected floating point tensors, got {a.dtype}")
+
+
+def _infer_mm(a, b) -> Spec:
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        hint = ""
+        if len(a.shape) == 1:
+            hint = "; for a vector use matmul, or make it a row with .reshape(1, -1)"
+        raise OpError(f"mm: expected 2-D tensors, got shapes {fmt(a.shape)} and "
+                      f"{fmt(b.shape)}{hint}")
+    if a.shape[1] != b.shape[0]:
+        raise OpError(f"mm: shapes {fmt(a.shape)} and {fmt(b.shape)} cannot be multiplied "
+                      f"({a.shape[0]}x{a.shape[1]} and {b.shape[0]}x{b.shape[1]}); the inner "
+                      f"dimensions must match")
+    _check_dtypes("mm", a, b)
+    return Spec((a.shape[0], b.shape[1]), a.dtype)
+
+
+@defop("mm", infer=_infer_mm, arity=2)
+def mm_p(xp, a, b):
+    return a @ b
+
+
+@mm_p.defvjp
+def _(g, out, a, b):
+    return (mm(g, b.mT) if a.requires_grad else None,
+            mm(a.mT, g) if b.requires_grad else None)
+
+
+def _infer_matmul(a, b) -> Spec:
+    sa, sb = tuple(a.shape), tuple(b.shape)
+    if not sa or not sb:
+        raise OpError(f"matmul: both arguments need at least 1 dimension, got shapes "
+                      f"{fmt(sa)} and {fmt(sb)}")
+    _check_dtypes("matmul", a, b)
+    ka = sa[-1]
+    kb = sb[0] if len(sb) == 1 else sb[-2]
+    if ka != kb:
+        raise OpError(f"matmul: shapes {fmt(sa)} and {fmt(sb)} cannot be multiplied "
+                      f"(inner dimensions {ka} and {kb} differ)")
+    batch = broadcast_shapes("matmul", sa[:-2], sb[:-2])
+    shape = batch + (sa[-2:-1] if len(sa) > 1 else ()) + (sb[-1:] if len(sb) > 1 else ())
+    return Spec(shape, a.dtype)
+
+
+@defop("matmul", infer=_infer_matmul, arity=2)
+def matmul_p(xp, a, b):
+    return xp.matmul(a, b)
+
+
+@matmul_p.defvjp
+def _(g, out, a, b):
+    # Promote vectors to matrices, take the matrix rule, then sum broadcast batch dims.
+    a2 = unsqueeze(a, 0) if a.ndim == 1 else a
+    b2 = unsqueeze(b, -1) if b.ndim == 1 else b
+    g2 = g
+    if a.ndim == 1:
+        g2 = unsqueeze(g2, -2)
+    if b.ndim == 1:
+        g2 = unsqueeze(g2, -1)
+    ga = gb = None
+    if a.requires_grad:
+        ga = _sum_to(matmul(g2, b2.mT), a2.shape)
+        ga = squeeze(ga, 0) if a.ndim == 1 else ga
+    if b.requires_grad:
+        gb = _sum_to(matmul(a2.mT, g2), b2.shape)
+        gb = squeeze(gb, -1) if b.ndim == 1 else gb
+    return ga, gb
+
+
+def _sum_to(g, shape):
+    lead = g.ndim - len(shape)
+    dims = list(range(lead)) + [i + lead for i, s in enumerate(shape)
+                                if s == 1 and g.shape[i + lead] != 1]
+    if dims:
+        g = sum(g, dim=dims, keepdim=True)
+    return reshape(g, shape) if g.shape != tuple(shape) else g

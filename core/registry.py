@@ -1,0 +1,163 @@
+"""The one registry of primitive ops.
+
+Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
+
+* ``forward(xp, *arrays, **attrs)``: the computation over an array module ``xp``
+  (``numpy`` or ``cupy``); it returns one array.
+* ``vjp(g, out, *inputs, **attrs)``: the vector-Jacobian product. ``g`` is the incoming
+  gradient (a Tensor shaped like the output), ``out`` the forward result (a Tensor),
+  ``inputs`` the op's input Tensors. It returns one gradient per input, ``None`` where
+  there is none. It is written with differentiable Tensor ops, so it can be
+  differentiated again (``create_graph=True``).
+* ``infer(*specs, **attrs)``: shape and dtype of the output from the inputs' ``.shape``
+  and ``.dtype`` (Tensors and graph values both have them). It validates, and its errors
+  name the op, the shapes and the fix. Graphs are checked with it before anything is
+  allocated.
+* ``attrs``: the attribute names with their kind and default. Graphs that arrive over the
+  network may only use the ops and attribute kinds declared here: the registry is the
+  allowlist.
+* ``broadcast=True`` for ops whose inputs broadcast: the engine reduces their gradients
+  back to each input's shape in exactly one place.
+
+Every op has exactly one output; ops with several results (``split``) are compositions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+from . import dtypes
+
+# Attribute kinds that may appear in a graph. A trailing "?" allows None.
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype")
+
+
+class Spec(NamedTuple):
+    """The static description of a value: what ``infer`` consumes and returns."""
+    shape: tuple
+    dtype: dtypes.DType
+
+
+@dataclass(eq=False)
+class Op:
+    name: str
+    forward: Callable
+    infer: Callable
+    arity: int | None                       # None: variadic (cat, stack)
+    attrs: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    broadcast: bool = False
+    saves_out: bool = False                 # vjp reads ``out``: keep the forward result
+    vjp: Callable | None = None
+
+    def defvjp(self, fn: Callable) -> Callable:
+        self.vjp = fn
+        return fn
+
+    def __call__(self, *inputs, **attrs):
+        from .tensor import apply
+        return apply(self, inputs, attrs)
+
+    def __repr__(self) -> str:
+        return f"<op {self.name}>"
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | None = None,
+          broadcast: bool = False, saves_out: bool = False) -> Callable[[Callable], Op]:
+    """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient."""
+    attrs = dict(attrs or {})
+    for attr, (kind, _default) in attrs.items():
+        if kind.rstrip("?") not in ATTR_KINDS:
+            raise ValueError(f"{name}: attribute {attr} has unknown kind {kind!r}")
+
+    def register(forward: Callable) -> Op:
+        if name in REGISTRY:
+            raise ValueError(f"op {name!r} is registered twice")
+        op = Op(name, forward, infer, arity, attrs, broadcast, saves_out)
+        REGISTRY[name] = op
+        return op
+
+    return register
+
+
+def get(name: str) -> Op:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}") from None
+
+
+class OpError(ValueError):
+    """A shape, dtype or attribute error raised by an op's ``infer``; names the op."""
+
+
+# ---------------------------------------------------------------------------------------
+# Shared shape inference helpers
+# ---------------------------------------------------------------------------------------
+
+def fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def broadcast_shapes(op: str, *shapes) -> tuple:
+    """NumPy/PyTorch broadcasting, with an error that names the op and both shapes."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes[1:]):
+        return first
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for i in range(ndim):
+        size = 1
+        for s in shapes:
+            d = s[i - ndim + len(s)] if i - ndim + len(s) >= 0 else 1
+            if d == 1:
+                continue
+            if size not in (1, d):
+                raise OpError(f"{op}: shapes {' and '.join(fmt(s) for s in shapes)} cannot be "
+                              f"broadcast together (dimension {i - ndim} is {size} vs {d}); "
+                              f"sizes must match or be 1")
+            size = d
+        out.append(size)
+    return tuple(out)
+
+
+def norm_dim(op: str, dim: int, ndim: int) -> int:
+    """A possibly negative dim checked against ``ndim``, as a non-negative int."""
+    lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
+    if not lo <= dim <= hi:
+        raise OpError(f"{op}: dimension out of range (expected to be in range of "
+                      f"[{lo}, {hi}], but got {dim})")
+    return dim % ndim if ndim else 0
+
+
+def norm_dims(op: str, dim, ndim: int) -> tuple:
+    """``dim`` as a sorted tuple of non-negative ints; None means every dim."""
+    if dim is None:
+        return tuple(range(ndim))
+    if isinstance(dim, int):
+        dim = (dim,)
+    dims = tuple(sorted(norm_dim(op, d, ndim) for d in dim))
+    if len(set(dims)) != len(dims):
+        raise OpError(f"{op}: dim {tuple(dim)} appears multiple times in the list of dims")
+    return dims
+
+
+def same(spec) -> Spec:
+    """Shape inference of unary elementwise ops."""
+    return Spec(tuple(spec.shape), spec.dtype)
+
+
+def floating(op: str, spec) -> Spec:
+    """Unary float ops: integers are promoted to the default float type, as in torch."""
+    dtype = spec.dtype if spec.dtype.is_floating_point else dtypes.default_float
+    return Spec(tuple(spec.shape), dtype)
+
+
+def binary(op: str):
+    """Shape inference of broadcasting binary ops with torch's type promotion."""
+    def infer(a, b) -> Spec:
+        shape = broadcast_shapes(op, a.shape, b.shape)
+        return Spec(shape, dtypes.promote(a.dtype, b.dtype, len(a.shape) == 0, len(b.shape) == 0))
+    return infer

@@ -1,0 +1,640 @@
+"""The Tensor: an array plus what autograd needs (``requires_grad``, ``grad``, ``grad_fn``)."""
+from __future__ import annotations
+
+import numbers
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import autograd, backend, dtypes
+from .autograd import Node, is_grad_enabled
+from .registry import Op, OpError
+
+# Per-thread hooks of the op dispatcher: a graph tracer records every op it sees.
+_dispatch = threading.local()
+
+
+def apply(op: Op, inputs: Sequence["Tensor"], attrs: dict) -> "Tensor":
+    """Run one registered op on Tensors: validate, compute, record for autograd and tracing."""
+    if len(attrs) != len(op.attrs):
+        attrs = fill_attrs(op, attrs)
+    if op.arity is not None and len(inputs) != op.arity:
+        raise TypeError(f"{op.name}: expected {op.arity} inputs, got {len(inputs)}")
+    op.infer(*inputs, **attrs)
+    arrays = [t._data for t in inputs]
+    xp = backend.xp_of(arrays[0]) if arrays else np
+    if len(arrays) > 1 and any(backend.xp_of(a) is not xp for a in arrays[1:]):
+        raise RuntimeError(f"{op.name}: expected all tensors to be on the same device, got "
+                           f"{', '.join(t.device for t in inputs)}")
+    out = op.forward(xp, *arrays, **attrs)
+    requires = is_grad_enabled() and any(t.requires_grad for t in inputs)
+    result = Tensor._wrap(out, requires)
+    if requires:
+        result.grad_fn = Node(op, tuple(inputs), attrs, out if op.saves_out else None,
+                              (result.shape, result.dtype))
+    tracer = getattr(_dispatch, "tracer", None)
+    if tracer is not None:
+        tracer.record(op, inputs, attrs, result)
+    return result
+
+
+def fill_attrs(op: Op, attrs: dict) -> dict:
+    unknown = set(attrs) - set(op.attrs)
+    if unknown:
+        raise TypeError(f"{op.name}: unexpected attribute(s) {sorted(unknown)}; "
+                        f"it takes {sorted(op.attrs)}")
+    return {name: attrs.get(name, default) for name, (_kind, default) in op.attrs.items()}
+
+
+def _reduce_grad(g: "Tensor", t: "Tensor") -> "Tensor":
+    """Sum a broadcast gradient back to ``t``'s shape and cast it to ``t``'s dtype."""
+    shape = t.shape
+    if g.shape != shape:
+        from . import functional as F
+        lead = g.ndim - len(shape)
+        dims = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape)
+                                          if s == 1 and g.shape[i + lead] != 1)
+        if dims:
+            g = F.sum(g, dim=dims, keepdim=True)
+        if lead or g.shape != shape:
+            g = F.reshape(g, shape)
+    if g.dtype is not t.dtype:
+        g = g.to(t.dtype)
+    return g
+
+
+class Tensor:
+    """A multi-dimensional array that can record the ops applied to it for autograd.
+
+    >>> import gradmesh.core as gm
+    >>> x = gm.tensor([1.0, 2.0], requires_grad=True)
+    >>> (x * x).sum().backward()
+    >>> x.grad
+    tensor([2., 4.])
+    """
+
+    __slots__ = ("_data", "requires_grad", "grad", "grad_fn", "_retains_grad", "__weakref__")
+    __array_priority__ = 1000        # ndarray * Tensor -> Tensor.__rmul__
+
+    def __init__(self, data, requires_grad: bool = False):
+        if isinstance(data, Tensor):
+            data = data._data
+        elif not _is_array(data):
+            data = np.asarray(data)
+        dtypes.from_numpy(data.dtype)       # reject unsupported dtypes early
+        self._data = data
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self.grad_fn = None
+        self._retains_grad = False
+        if requires_grad and not self.dtype.is_floating_point:
+            raise RuntimeError(f"only tensors of floating point dtype can require gradients, "
+                               f"got {self.dtype}")
+
+    @classmethod
+    def _wrap(cls, array, requires_grad: bool = False) -> "Tensor":
+        """Fast construction from an op's result (NumPy turns 0-d results into scalars)."""
+        t = object.__new__(cls)
+        t._data = array if _is_array(array) else np.asarray(array)
+        t.requires_grad = requires_grad
+        t.grad = None
+        t.grad_fn = None
+        t._retains_grad = False
+        return t
+
+    @classmethod
+    def _from_node(cls, node: Node) -> "Tensor":
+        """The forward result of ``node`` as a Tensor whose gradient flows into ``node``."""
+        t = cls._wrap(node.out_data, True)
+        t.grad_fn = node
+        return t
+
+    # -- metadata --------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return self._data.shape
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def ndim(self) -> int:
+        return self._data.ndim
+
+    def dim(self) -> int:
+        return self._data.ndim
+
+    def numel(self) -> int:
+        return int(self._data.size)
+
+    nelement = numel
+
+    @property
+    def dtype(self) -> dtypes.DType:
+        return dtypes.from_numpy(self._data.dtype)
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self._data)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.grad_fn is None
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    @property
+    def data(self) -> "Tensor":
+        """The same storage, detached from the graph (like torch's ``.data``)."""
+        return Tensor._wrap(self._data)
+
+    @data.setter
+    def data(self, value) -> None:
+        self._data = value._data if isinstance(value, Tensor) else value
+
+    @property
+    def T(self) -> "Tensor":
+        return F.permute(self, tuple(reversed(range(self.ndim))))
+
+    @property
+    def mT(self) -> "Tensor":
+        return F.transpose(self, -2, -1)
+
+    # -- autograd --------------------------------------------------------------------------
+    def backward(self, gradient=None, retain_graph: bool | None = None,
+                 create_graph: bool = False, inputs=None) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``."""
+        if inputs is not None:
+            grads = autograd.grad(self, inputs, gradient, retain_graph=retain_graph,
+                                  create_graph=create_graph, allow_unused=True)
+            for t, g in zip(inputs, grads):
+                if g is not None:
+                    t.grad = g if t.grad is None else t.grad + g
+            return
+        autograd.backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
+
+    def detach(self) -> "Tensor":
+        return Tensor._wrap(self._data)
+
+    def detach_(self) -> "Tensor":
+        self.grad_fn = None
+        self.requires_grad = False
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
+        if not self.is_leaf:
+            raise RuntimeError("you can only change requires_grad flags of leaf variables; "
+                               "use .detach().requires_grad_() for a new leaf")
+        if requires_grad and not self.dtype.is_floating_point:
+            raise RuntimeError(f"only tensors of floating point dtype can require gradients, "
+                               f"got {self.dtype}")
+        self.requires_grad = requires_grad
+        return self
+
+    def retain_grad(self) -> None:
+        if not self.requires_grad:
+            raise RuntimeError("can't retain_grad on Tensor that has requires_grad=False")
+        if not self.is_leaf:
+            self._retains_grad = True
+
+    @property
+    def retains_grad(self) -> bool:
+        return self._retains_grad
+
+    # -- conversion ------------------------------------------------------------------------
+    def numpy(self, force: bool = False) -> np.ndarray:
+        """The data as a NumPy array; shares memory with a CPU tensor."""
+        if self.requires_grad and not force:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
+                               "Use tensor.detach().numpy() instead.")
+        return backend.to_numpy(self._data)
+
+    def __array__(self, dtype=None, copy=None):
+        a = backend.to_numpy(self._data)
+        return a if dtype is None else a.astype(dtype)
+
+    def item(self):
+        if self.numel() != 1:
+            raise RuntimeError(f"a Tensor with {self.numel()} elements cannot be converted to "
+                               f"Scalar")
+        return self._data.reshape(()).item()
+
+    def tolist(self):
+        return backend.to_numpy(self._data).tolist()
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __index__(self) -> int:
+        if self.dtype.is_floating_point or self.numel() != 1:
+            raise TypeError("only integer tensors of a single element can be converted to an index")
+        return int(self.item())
+
+    def __bool__(self) -> bool:
+        if self.numel() != 1:
+            raise RuntimeError("Boolean value of Tensor with more than one value is ambiguous")
+        return bool(self.item())
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self):
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        return (self[i] for i in range(self.shape[0]))
+
+    def to(self, *args, dtype=None, device=None, copy: bool = False) -> "Tensor":
+        """``to(dtype)``, ``to(device)``, ``to(device, dtype)``, ``to(other_tensor)``."""
+        for a in args:
+            if isinstance(a, Tensor):
+                dtype, device = a.dtype, a.device
+            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):
+                device = a
+            else:
+                dtype = a
+        t = self
+        if device is not None and backend.device_type(device) != self.device:
+            t = F.to_device(t, device=backend.device_type(device))
+        if dtype is not None and dtypes.as_dtype(dtype) is not t.dtype:
+            t = F.cast(t, dtype=dtypes.as_dtype(dtype).name)
+        if copy and t is self:
+            t = self.clone()
+        return t
+
+    def cpu(self) -> "Tensor":
+        return self.to("cpu")
+
+    def cuda(self) -> "Tensor":
+        return self.to("cuda")
+
+    def float(self) -> "Tensor":
+        return self.to(dtypes.float32)
+
+    def double(self) -> "Tensor":
+        return self.to(dtypes.float64)
+
+    def long(self) -> "Tensor":
+        return self.to(dtypes.int64)
+
+    def int(self) -> "Tensor":
+        return self.to(dtypes.int32)
+
+    def bool(self) -> "Tensor":
+        return self.to(dtypes.bool_)
+
+    def type_as(self, other: "Tensor") -> "Tensor":
+        return self.to(other.dtype)
+
+    def clone(self) -> "Tensor":
+        return F.clone(self)
+
+    def contiguous(self) -> "Tensor":
+        return self
+
+    # -- in-place updates (outside autograd) ------------------------------------------------
+    def _check_inplace(self, other=None) -> None:
+        if is_grad_enabled() and (self.requires_grad or
+                                  (isinstance(other, Tensor) and other.requires_grad)):
+            raise RuntimeError("a tensor that requires grad is being used in an in-place "
+                               "operation; use the out-of-place op, or wrap the update in "
+                               "`with gradmesh.no_grad():`")
+
+    def _operand(self, other):
+        return other._data if isinstance(other, Tensor) else other
+
+    def zero_(self) -> "Tensor":
+        self._check_inplace()
+        self._data[...] = 0
+        return self
+
+    def fill_(self, value) -> "Tensor":
+        self._check_inplace(value)
+        self._data[...] = self._operand(value)
+        return self
+
+    def copy_(self, src) -> "Tensor":
+        self._check_inplace(src)
+        src = src._data if isinstance(src, Tensor) else np.asarray(src)
+        xp = backend.xp_of(self._data)
+        self._data[...] = src if backend.xp_of(src) is xp else xp.asarray(backend.to_numpy(src))
+        return self
+
+    def add_(self, other, alpha=1) -> "Tensor":
+        self._check_inplace(other)
+        o = self._operand(other)
+        self._data += o if alpha == 1 else alpha * o
+        return self
+
+    def sub_(self, other, alpha=1) -> "Tensor":
+        return self.add_(other, -alpha)
+
+    def mul_(self, other) -> "Tensor":
+        self._check_inplace(other)
+        self._data *= self._operand(other)
+        return self
+
+    def div_(self, other) -> "Tensor":
+        self._check_inplace(other)
+        self._data /= self._operand(other)
+        return self
+
+    def clamp_(self, min=None, max=None) -> "Tensor":
+        self._check_inplace()
+        backend.xp_of(self._data).clip(self._data, min, max, out=self._data)
+        return self
+
+    def _inplace_or_new(self, other, inplace, outofplace):
+        if is_grad_enabled() and (self.requires_grad or
+                                  (isinstance(other, Tensor) and other.requires_grad)):
+            return outofplace(self, other)
+        return inplace(other)
+
+    def __iadd__(self, other):
+        return self._inplace_or_new(other, self.add_, Tensor.__add__)
+
+    def __isub__(self, other):
+        return self._inplace_or_new(other, self.sub_, Tensor.__sub__)
+
+    def __imul__(self, other):
+        return self._inplace_or_new(other, self.mul_, Tensor.__mul__)
+
+    def __itruediv__(self, other):
+        return self._inplace_or_new(other, self.div_, Tensor.__truediv__)
+
+    # -- display ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        body = np.array2string(backend.to_numpy(self._data), separator=", ", precision=4,
+                               prefix="tensor(")
+        extra = []
+        if self.dtype not in (dtypes.float32, dtypes.int64, dtypes.bool_) or self.numel() == 0:
+            extra.append(f"dtype={self.dtype}")
+        if self.device != "cpu":
+            extra.append(f"device='{self.device}'")
+        if self.grad_fn is not None:
+            extra.append(f"grad_fn=<{self.grad_fn.name()}>")
+        elif self.requires_grad:
+            extra.append("requires_grad=True")
+        return "tensor(" + body + "".join(", " + e for e in extra) + ")"
+
+    __hash__ = object.__hash__
+
+
+def _is_array(x) -> bool:
+    return type(x) is np.ndarray or (backend._cupy is not None and
+                                     isinstance(x, backend._cupy.ndarray))
+
+
+# ---------------------------------------------------------------------------------------
+# Creation
+# ---------------------------------------------------------------------------------------
+
+def _infer_np_dtype(data) -> np.dtype:
+    """torch.tensor's choice: Python floats give float32, ints int64, bools bool."""
+    arr = np.asarray(data)
+    if arr.dtype.kind == "f":
+        return dtypes.default_float.np
+    if arr.dtype.kind in "iu":
+        return np.dtype(np.int64)
+    if arr.dtype.kind == "b":
+        return np.dtype(np.bool_)
+    raise TypeError(f"can't build a tensor from {type(data).__name__} of dtype {arr.dtype}")
+
+
+def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    """A new tensor holding a copy of ``data`` (nested lists, scalars, arrays or tensors)."""
+    if isinstance(data, Tensor):
+        array = backend.to_numpy(data._data)
+    elif _is_array(data) or isinstance(data, np.generic):
+        array = backend.to_numpy(data)
+    else:
+        if isinstance(data, (list, tuple)) and any(isinstance(x, Tensor) for x in _flat(data)):
+            data = _nested_to_list(data)
+        array = np.asarray(data, dtype=_infer_np_dtype(data) if dtype is None else None)
+    np_dtype = dtypes.as_dtype(dtype).np if dtype is not None else dtypes.from_numpy(array.dtype).np
+    array = np.array(array, dtype=np_dtype, copy=True)
+    xp = backend.xp_for(device)
+    return Tensor(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
+
+
+def _flat(data):
+    for x in data:
+        if isinstance(x, (list, tuple)):
+            yield from _flat(x)
+        else:
+            yield x
+
+
+def _nested_to_list(data):
+    if isinstance(data, Tensor):
+        return data.tolist()
+    if isinstance(data, (list, tuple)):
+        return [_nested_to_list(x) for x in data]
+    return data
+
+
+def as_tensor(data, dtype=None, device=None) -> Tensor:
+    """Like ``tensor`` but shares memory with ``data`` where it can (same dtype and device)."""
+    if isinstance(data, Tensor):
+        return data.to(device=device, dtype=dtype) if (dtype or device) else data
+    if _is_array(data):
+        t = Tensor(data)
+        return t.to(device=device, dtype=dtype) if (dtype or device) else t
+    return tensor(data, dtype=dtype, device=device)
+
+
+def from_numpy(array: np.ndarray) -> Tensor:
+    """A tensor that shares memory with ``array``; changes to one show in the other."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"expected np.ndarray (got {type(array).__name__})")
+    return Tensor(array)
+
+
+def _shape_arg(size) -> tuple:
+    if len(size) == 1 and isinstance(size[0], (tuple, list)):
+        size = size[0]
+    size = tuple(int(s) for s in size)
+    if any(s < 0 for s in size):
+        raise RuntimeError(f"negative dimension in size {size}")
+    return size
+
+
+def _np_dtype(dtype, default=None) -> np.dtype:
+    if dtype is None:
+        return (default or dtypes.default_float).np
+    return dtypes.as_dtype(dtype).np
+
+
+def full(size, fill_value, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    size = _shape_arg((size,)) if not isinstance(size, int) else (size,)
+    if dtype is None:
+        dtype = (dtypes.bool_ if isinstance(fill_value, bool) else
+                 dtypes.int64 if isinstance(fill_value, numbers.Integral) else dtypes.default_float)
+    xp = backend.xp_for(device)
+    return Tensor(xp.full(size, fill_value, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+
+
+def zeros(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    xp = backend.xp_for(device)
+    return Tensor(xp.zeros(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+
+
+def ones(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    xp = backend.xp_for(device)
+    return Tensor(xp.ones(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+
+
+def empty(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return zeros(*size, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def _like(t: Tensor, fn, dtype, device, requires_grad):
+    return fn(t.shape, dtype=dtype or t.dtype, device=device or t.device,
+              requires_grad=requires_grad)
+
+
+def zeros_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return _like(t, zeros, dtype, device, requires_grad)
+
+
+def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return _like(t, ones, dtype, device, requires_grad)
+
+
+def full_like(t: Tensor, fill_value, dtype=None, device=None, requires_grad=False) -> Tensor:
+    return full(t.shape, fill_value, dtype=dtype or t.dtype, device=device or t.device,
+                requires_grad=requires_grad)
+
+
+def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False) -> Tensor:
+    if end is None:
+        start, end = 0, start
+    if dtype is None:
+        ints = all(isinstance(v, numbers.Integral) for v in (start, end, step))
+        dtype = dtypes.int64 if ints else dtypes.default_float
+    xp = backend.xp_for(device)
+    return Tensor(xp.arange(start, end, step, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+
+
+def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
+    xp = backend.xp_for(device)
+    return Tensor(xp.linspace(start, end, steps, dtype=_np_dtype(dtype)),
+                  requires_grad=requires_grad)
+
+
+def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    xp = backend.xp_for(device)
+    return Tensor(xp.eye(n, m, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+
+
+def _random(draw, size, dtype, device, requires_grad) -> Tensor:
+    array = draw(_shape_arg(size)).astype(_np_dtype(dtype), copy=False)
+    xp = backend.xp_for(device)
+    return Tensor(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
+
+
+def randn(*size, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Standard normal samples (seeded by ``manual_seed`` or ``generator``)."""
+    from .random import rng
+    return _random(rng(generator).standard_normal, size, dtype, device, requires_grad)
+
+
+def rand(*size, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
+    """Uniform samples on [0, 1)."""
+    from .random import rng
+    return _random(rng(generator).random, size, dtype, device, requires_grad)
+
+
+def randint(low, high=None, size=(), generator=None, dtype=None, device=None) -> Tensor:
+    from .random import rng
+    if high is None:
+        low, high = 0, low
+    draw = lambda shape: rng(generator).integers(low, high, size=shape)  # noqa: E731
+    return _random(draw, (tuple(size),), dtype or dtypes.int64, device, False)
+
+
+def randperm(n: int, generator=None, dtype=None, device=None) -> Tensor:
+    from .random import rng
+    draw = lambda shape: rng(generator).permutation(n)  # noqa: E731
+    return _random(draw, ((n,),), dtype or dtypes.int64, device, False)
+
+
+def randn_like(t: Tensor, dtype=None, generator=None) -> Tensor:
+    return randn(t.shape, generator=generator, dtype=dtype or t.dtype, device=t.device)
+
+
+def rand_like(t: Tensor, dtype=None, generator=None) -> Tensor:
+    return rand(t.shape, generator=generator, dtype=dtype or t.dtype, device=t.device)
+
+
+def is_tensor(x: Any) -> bool:
+    return isinstance(x, Tensor)
+
+
+from . import functional as F  # noqa: E402  (functional builds on Tensor)
+
+
+# ---------------------------------------------------------------------------------------
+# Operators and methods: thin wrappers over gradmesh.core.functional
+# ---------------------------------------------------------------------------------------
+
+def _swap(fn):
+    return lambda self, other: fn(other, self)
+
+
+def _install_methods() -> None:
+    T = Tensor
+    T.__add__ = lambda s, o: F.add(s, o)
+    T.__radd__ = _swap(F.add)
+    T.__sub__ = lambda s, o: F.sub(s, o)
+    T.__rsub__ = _swap(F.sub)
+    T.__mul__ = lambda s, o: F.mul(s, o)
+    T.__rmul__ = _swap(F.mul)
+    T.__truediv__ = lambda s, o: F.div(s, o)
+    T.__rtruediv__ = _swap(F.div)
+    T.__pow__ = lambda s, o: F.pow(s, o)
+    T.__rpow__ = _swap(F.pow)
+    T.__matmul__ = lambda s, o: F.matmul(s, o)
+    T.__rmatmul__ = _swap(F.matmul)
+    T.__neg__ = lambda s: F.neg(s)
+    T.__pos__ = lambda s: s
+    T.__abs__ = lambda s: F.abs(s)
+    T.__eq__ = lambda s, o: F.eq(s, o)
+    T.__ne__ = lambda s, o: F.ne(s, o)
+    T.__lt__ = lambda s, o: F.lt(s, o)
+    T.__le__ = lambda s, o: F.le(s, o)
+    T.__gt__ = lambda s, o: F.gt(s, o)
+    T.__ge__ = lambda s, o: F.ge(s, o)
+    T.__and__ = lambda s, o: F.logical_and(s, o)
+    T.__or__ = lambda s, o: F.logical_or(s, o)
+    T.__invert__ = lambda s: F.logical_not(s)
+    # Methods with the same name and signature as the functions.
+    for name in METHODS:
+        fn = getattr(F, name, None)
+        if fn is not None and not hasattr(T, name):
+            setattr(T, name, fn)
+
+
+METHODS = (
+    "add", "sub", "mul", "div", "neg", "pow", "matmul", "mm", "exp", "log", "log1p", "sqrt",
+    "abs", "sign", "sin", "cos", "tanh", "sigmoid", "relu", "clamp", "clip", "maximum",
+    "minimum", "square", "rsqrt", "reciprocal", "sum", "mean", "var", "std", "max", "min",
+    "amax", "amin", "argmax", "argmin", "logsumexp", "softmax", "log_softmax", "prod", "all",
+    "any", "norm", "reshape", "view", "flatten", "unflatten", "transpose", "permute", "squeeze",
+    "unsqueeze", "expand", "expand_as", "view_as", "reshape_as", "repeat", "split", "chunk",
+    "gather", "index_select", "masked_fill", "narrow", "flip", "roll", "tril", "triu",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
+    "leaky_relu", "gelu", "softplus", "cumsum", "t", "diagonal", "outer", "dot",
+    "scatter_add", "index_add", "nonzero", "topk", "sort", "argsort", "where", "allclose",
+    "equal", "isclose", "unbind",
+)
