@@ -618,6 +618,7 @@ def _install_methods() -> None:
     T.__and__ = lambda s, o: F.logical_and(s, o)
     T.__or__ = lambda s, o: F.logical_or(s, o)
     T.__invert__ = lambda s: F.logical_not(s)
+    T.__getitem__ = lambda s, index: F.getitem(s, index)
     # Methods with the same name and signature as the functions.
     for name in METHODS:
         fn = getattr(F, name, None)

@@ -1,0 +1,124 @@
+from gradmesh.v1 import graph_pb2 as _graph_pb2
+from gradmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterGraphRequest(_message.Message):
+    __slots__ = ("graph",)
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+
+class RegisterGraphResponse(_message.Message):
+    __slots__ = ("graph_id",)
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
+
+class ComputeGradientsRequest(_message.Message):
+    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs")
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    graph: _graph_pb2.Graph
+    parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    data: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    gradients: _containers.RepeatedScalarFieldContainer[str]
+    loss_scale: float
+    seed: int
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ComputeGradientsResponse(_message.Message):
+    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    loss: _tensor_pb2.Tensor
+    outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    timings: Timings
+    graph_id: str
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("decode_seconds", "forward_seconds", "backward_seconds", "encode_seconds", "plan_cached")
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_CACHED_FIELD_NUMBER: _ClassVar[int]
+    decode_seconds: float
+    forward_seconds: float
+    backward_seconds: float
+    encode_seconds: float
+    plan_cached: bool
+    def __init__(self, decode_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., plan_cached: _Optional[bool] = ...) -> None: ...
+
+class StreamFrame(_message.Message):
+    __slots__ = ("request", "response", "chunk")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    request: ComputeGradientsRequest
+    response: ComputeGradientsResponse
+    chunk: _tensor_pb2.Chunk
+    def __init__(self, request: _Optional[_Union[ComputeGradientsRequest, _Mapping]] = ..., response: _Optional[_Union[ComputeGradientsResponse, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class CapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CapabilitiesResponse(_message.Message):
+    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    BLAS_THREADS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
+    backend: str
+    limits: Limits
+    versions: _containers.ScalarMap[str, str]
+    blas_threads: int
+    build_fingerprint: str
+    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes")
+    MAX_GRAPH_NODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_graph_nodes: int
+    max_tensor_elements: int
+    max_message_bytes: int
+    max_stream_bytes: int
+    max_concurrent_requests: int
+    chunk_bytes: int
+    def __init__(self, max_graph_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
