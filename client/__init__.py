@@ -1,0 +1,14 @@
+"""gradmesh.client: the Python SDK for gradmesh services.
+
+>>> from gradmesh.client import WorkerClient
+>>> with WorkerClient("127.0.0.1:50051") as client:            # doctest: +SKIP
+...     loss = client.backward(model, loss_fn, x, y)
+"""
+from .errors import (Cancelled, DeadlineExceeded, GradmeshError, Internal, InvalidArgument,
+                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
+                     Unavailable)
+from .worker import TLS, GradientResult, WorkerClient
+
+__all__ = ["WorkerClient", "GradientResult", "TLS", "GradmeshError", "InvalidArgument",
+           "ResourceExhausted", "NotFound", "Unauthenticated", "PermissionDenied",
+           "Unavailable", "DeadlineExceeded", "Cancelled", "Internal"]

@@ -27,3 +27,5 @@ globals().update({name: fn for name, fn in vars(_functional).items()
                   and getattr(fn, "__module__", None) == _functional.__name__})
 
 half, float, double, long, int = float16, float32, float64, int64, int32
+
+from . import nn, optim  # noqa: E402,F401  (gm.nn.Linear, gm.optim.SGD)

@@ -5,15 +5,22 @@ import threading
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
-_state = threading.local()
+class _State(threading.local):
+    # Class-level defaults: a plain attribute read per op, never a failed lookup (getattr
+    # with a default on a thread-local raises and catches AttributeError: ~1 us).
+    grad = True             # grad mode (no_grad / enable_grad)
+    trusted = False         # inside the backward engine without create_graph: see apply()
+
+
+_state = _State()
 
 
 def is_grad_enabled() -> bool:
-    return getattr(_state, "grad", True)
+    return _state.grad
 
 
 def _set_grad(mode: bool) -> bool:
-    prev = getattr(_state, "grad", True)
+    prev = _state.grad
     _state.grad = mode
     return prev
 
@@ -130,18 +137,18 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             captured[id(out)] = g if id(out) not in captured else captured[id(out)] + g
         if out.grad_fn is None:
             if accumulate and out.requires_grad and not capture_ids:
-                _accumulate_leaf(out, g, set())
+                _accumulate_leaf(out, g, {})
             continue
         key = id(out.grad_fn)
         pending[key] = g if key not in pending else pending[key] + g
         roots.append(out.grad_fn)
         if out._retains_grad and accumulate:
-            _accumulate_leaf(out, g, set())
+            _accumulate_leaf(out, g, {})
 
     # Non-leaf captured tensors: their total gradient is what reaches their node.
     capture_nodes = {id(t.grad_fn): t for t in capture or () if t.grad_fn is not None}
-    assigned: set[int] = set()
-    with _grad_mode(create_graph):
+    assigned: dict[int, Tensor] = {}
+    with _engine_mode(create_graph):
         for node in _topo_order(roots):
             g = pending.pop(id(node), None)
             if g is None:
@@ -184,13 +191,15 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
     return captured
 
 
-def _accumulate_leaf(t, g, assigned: set[int]) -> None:
+def _accumulate_leaf(t, g, assigned: dict) -> None:
     if t.grad is None:
         # The same gradient tensor may reach several leaves (add passes ``g`` through):
         # give each its own, so that an in-place change of one .grad leaves the others.
+        # ``assigned`` holds the tensors, not just their ids: a freed tensor's id is reused
+        # by the next one, which would then be copied for nothing.
         if id(g) in assigned:
             g = g.clone() if is_grad_enabled() else g.detach().clone()
-        assigned.add(id(g))
+        assigned[id(g)] = g
         t.grad = g if is_grad_enabled() else g.detach()
     else:
         t.grad = t.grad + g if is_grad_enabled() else (t.grad.detach() + g.detach())
@@ -203,6 +212,17 @@ def _grad_mode(mode: bool):
         yield
     finally:
         _set_grad(prev)
+
+
+@contextmanager
+def _engine_mode(create_graph: bool):
+    """Grad mode for running vjps; without create_graph their ops also skip validation."""
+    prev = _state.grad, _state.trusted
+    _state.grad, _state.trusted = create_graph, not create_graph
+    try:
+        yield
+    finally:
+        _state.grad, _state.trusted = prev
 
 
 def backward(tensors, grad_tensors=None, retain_graph: bool | None = None,

@@ -7,13 +7,15 @@ then calls a primitive from the registry, or composes several: ``cross_entropy``
 from __future__ import annotations
 
 import builtins
+import collections
+import math
 import numbers
 from typing import Sequence
 
 import numpy as np
 
 from . import dtypes
-from .registry import REGISTRY
+from .registry import REGISTRY, OpError, broadcast_shapes, norm_dim, norm_dims
 from .tensor import Tensor, zeros_like, ones_like  # noqa: F401  (re-exported)
 
 
@@ -221,23 +223,199 @@ def isclose(a: Tensor, b: Tensor, rtol: float = 1e-5, atol: float = 1e-8) -> Ten
     return Tensor(np.isclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol))
 
 
-# ================================================= reductions, shapes, linear algebra ===
-# (sections below are filled in alongside the primitives in gradmesh.core.ops)
+# ===================================================================== reductions ======
+
+def _dims(dim):
+    """``dim`` as the registry's attribute: None (every dim) or a list of ints.
+
+    An empty tuple means every dim too, as in torch (``x.sum(dim=())``).
+    """
+    if dim is None:
+        return None
+    if isinstance(dim, numbers.Integral):
+        return [int(dim)]
+    dim = [int(d) for d in dim]
+    return dim or None
+
+
+def _count(op: str, a: Tensor, dim) -> int:
+    """How many elements each output element of a reduction over ``dim`` sees."""
+    return math.prod(a.shape[d] for d in norm_dims(op, _dims(dim), a.ndim)) if a.ndim else 1
+
+
+def _require_float(op: str, a: Tensor) -> None:
+    if not a.dtype.is_floating_point:
+        raise OpError(f"{op}: expected a floating point tensor, got {a.dtype} (shape "
+                      f"{tuple(a.shape)}); convert it with .float() or pass dtype=")
+
 
 def sum(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
+    """Sum over ``dim`` (an int, a tuple, or None for every dim); bools and ints give int64."""
     if dtype is not None:
         a = a.to(dtype)
     return _op("sum")(a, dim=_dims(dim), keepdim=keepdim)
 
 
-def _dims(dim):
-    """``dim`` as the registry's attribute: None or a list of ints."""
-    if dim is None:
-        return None
-    if isinstance(dim, numbers.Integral):
-        return [int(dim)]
-    return [int(d) for d in dim]
+def mean(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
+    """Mean over ``dim`` (every dim by default); integer tensors need ``dtype=``, as in torch.
 
+    >>> import gradmesh.core as gm
+    >>> gm.tensor([[1.0, 2.0], [3.0, 4.0]]).mean(dim=0).tolist()
+    [2.0, 3.0]
+    """
+    if dtype is not None:
+        a = a.to(dtype)
+    _require_float("mean", a)
+    return div(sum(a, dim=dim, keepdim=keepdim), float(_count("mean", a, dim)))
+
+
+def var(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
+        correction: float | None = None) -> Tensor:
+    """Variance over ``dim`` with Bessel's ``correction`` (1 by default; ``unbiased=False``
+    is ``correction=0``). ``var(x, True)`` is the legacy ``unbiased`` form, as in torch."""
+    if isinstance(dim, bool):
+        dim, unbiased = None, dim
+    if unbiased is not None and correction is not None:
+        raise TypeError("var: pass either unbiased or correction, not both")
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    _require_float("var", a)
+    n = _count("var", a, dim)
+    centered = a - mean(a, dim=dim, keepdim=True)
+    # n - correction <= 0 divides by zero: inf or nan, as torch gives.
+    return div(sum(centered * centered, dim=dim, keepdim=keepdim),
+               float(builtins.max(0, n - correction)))
+
+
+def std(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
+        correction: float | None = None) -> Tensor:
+    """Standard deviation: ``sqrt(var(...))`` with the same arguments."""
+    return sqrt(var(a, dim, unbiased, keepdim, correction=correction))
+
+
+def amax(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
+    """Maximum over ``dim`` (a tuple allowed); ties share the gradient evenly."""
+    return _op("amax")(a, dim=_dims(dim), keepdim=keepdim)
+
+
+def amin(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
+    """Minimum over ``dim`` (a tuple allowed); ties share the gradient evenly."""
+    return _op("amin")(a, dim=_dims(dim), keepdim=keepdim)
+
+
+def argmax(a: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Index of the first maximum over ``dim`` (of the flattened tensor without ``dim``)."""
+    return _op("argmax")(a, dim=None if dim is None else int(dim), keepdim=keepdim)
+
+
+def argmin(a: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Index of the first minimum over ``dim`` (of the flattened tensor without ``dim``)."""
+    return _op("argmin")(a, dim=None if dim is None else int(dim), keepdim=keepdim)
+
+
+# torch.return_types: results that are a tuple and have field names.
+_ValuesIndices = {name: collections.namedtuple(name, ["values", "indices"])
+                  for name in ("max", "min", "sort", "topk")}
+
+
+def _extremum(name: str, arg: str, a: Tensor, dim: int, keepdim: bool):
+    indices = _op(arg)(a, dim=int(dim), keepdim=True)
+    # Gathering at the first extremum's index sends a tie's gradient there, as torch does.
+    values = _op("gather")(a, indices, dim=int(dim))
+    if not keepdim and a.ndim:
+        values, indices = squeeze(values, dim), squeeze(indices, dim)
+    return _ValuesIndices[name](values, indices)
+
+
+def max(a: Tensor, dim=None, keepdim: bool = False):
+    """``max(x)``: the largest element; ``max(x, dim)``: ``(values, indices)`` like
+    ``torch.return_types.max``; ``max(x, other_tensor)``: the elementwise ``maximum``.
+
+    >>> import gradmesh.core as gm
+    >>> gm.tensor([[1.0, 5.0], [7.0, 2.0]]).max(dim=1).indices.tolist()
+    [1, 0]
+    """
+    if isinstance(dim, Tensor):
+        return maximum(a, dim)
+    if dim is None:
+        return amax(a)
+    return _extremum("max", "argmax", a, dim, keepdim)
+
+
+def min(a: Tensor, dim=None, keepdim: bool = False):
+    """Like ``max``, for the smallest element."""
+    if isinstance(dim, Tensor):
+        return minimum(a, dim)
+    if dim is None:
+        return amin(a)
+    return _extremum("min", "argmin", a, dim, keepdim)
+
+
+def logsumexp(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
+    """``log(sum(exp(a), dim))`` computed without overflow."""
+    return _op("logsumexp")(a, dim=_dims(dim), keepdim=keepdim)
+
+
+def prod(a: Tensor, dim: int | None = None, keepdim: bool = False, dtype=None) -> Tensor:
+    """Product over ``dim``; its gradient is exact where some elements are zero."""
+    if dtype is not None:
+        a = a.to(dtype)
+    return _op("prod")(a, dim=_dims(dim), keepdim=keepdim)
+
+
+def all(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
+    """Whether every element (over ``dim``) is non-zero, as a bool tensor."""
+    return _op("all")(a, dim=_dims(dim), keepdim=keepdim)
+
+
+def any(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
+    """Whether some element (over ``dim``) is non-zero, as a bool tensor."""
+    return _op("any")(a, dim=_dims(dim), keepdim=keepdim)
+
+
+def softmax(a: Tensor, dim: int, dtype=None) -> Tensor:
+    """``exp(a) / sum(exp(a), dim)``, computed without overflow (the op is in ``ops/nn.py``)."""
+    if dtype is not None:
+        a = a.to(dtype)
+    return _op("softmax")(a, dim=int(dim))
+
+
+def log_softmax(a: Tensor, dim: int, dtype=None) -> Tensor:
+    """``a - logsumexp(a, dim)``, computed without overflow."""
+    if dtype is not None:
+        a = a.to(dtype)
+    return _op("log_softmax")(a, dim=int(dim))
+
+
+def cumsum(a: Tensor, dim: int, dtype=None) -> Tensor:
+    """Cumulative sum along ``dim``; bools and ints accumulate in int64."""
+    if dtype is not None:
+        a = a.to(dtype)
+    return _op("cumsum")(a, dim=int(dim))
+
+
+def norm(a: Tensor, p="fro", dim=None, keepdim: bool = False, dtype=None) -> Tensor:
+    """The vector p-norm over ``dim`` (every dim by default): ``p`` in 'fro', any number,
+    ``inf`` or ``-inf``. Unlike torch, the 2-norm's gradient at exactly 0 is nan, not 0."""
+    if dtype is not None:
+        a = a.to(dtype)
+    _require_float("norm", a)
+    if p == "fro" or p == 2:
+        return sqrt(sum(a * a, dim=dim, keepdim=keepdim))
+    if isinstance(p, str):
+        raise NotImplementedError(f"norm: p={p!r} is not supported; use 'fro' or a number")
+    if p == math.inf:
+        return amax(abs(a), dim=dim, keepdim=keepdim)
+    if p == -math.inf:
+        return amin(abs(a), dim=dim, keepdim=keepdim)
+    if p == 1:
+        return sum(abs(a), dim=dim, keepdim=keepdim)
+    if p == 0:
+        return sum(ne(a, 0), dim=dim, keepdim=keepdim).to(a.dtype)
+    return pow(sum(pow(abs(a), float(p)), dim=dim, keepdim=keepdim), 1.0 / p)
+
+
+# ========================================================================= shapes ======
 
 def _shape(shape) -> list:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -246,44 +424,472 @@ def _shape(shape) -> list:
 
 
 def reshape(a: Tensor, *shape) -> Tensor:
+    """The same elements in a new shape; one size may be -1 (inferred)."""
     return _op("reshape")(a, shape=_shape(shape))
 
 
+def view(a: Tensor, *shape) -> Tensor:
+    """``reshape``: every tensor here is contiguous, so a view is always possible."""
+    return reshape(a, *shape)
+
+
+def view_as(a: Tensor, other: Tensor) -> Tensor:
+    return reshape(a, other.shape)
+
+
+reshape_as = view_as
+
+
+def flatten(a: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """Dims ``start_dim..end_dim`` merged into one (a 0-d tensor becomes 1-d)."""
+    if a.ndim == 0:
+        return reshape(a, [1])
+    s, e = norm_dim("flatten", start_dim, a.ndim), norm_dim("flatten", end_dim, a.ndim)
+    if s > e:
+        raise OpError(f"flatten: start_dim ({start_dim}) cannot come after end_dim "
+                      f"({end_dim}) for a tensor of shape {tuple(a.shape)}")
+    shape = a.shape
+    return reshape(a, shape[:s] + (math.prod(shape[s:e + 1]),) + shape[e + 1:])
+
+
+def unflatten(a: Tensor, dim: int, sizes) -> Tensor:
+    """Dim ``dim`` split into ``sizes`` (one of them may be -1)."""
+    d = norm_dim("unflatten", dim, a.ndim)
+    sizes = [int(s) for s in sizes]
+    known = math.prod(s for s in sizes if s != -1)
+    size = a.shape[d]
+    ok = (size == known) if -1 not in sizes else (known > 0 and size % known == 0)
+    if not ok or sizes.count(-1) > 1:
+        raise OpError(f"unflatten: provided sizes {tuple(sizes)} don't multiply up to the size "
+                      f"of dim {dim} ({size}) in the input tensor of shape {tuple(a.shape)}")
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = size // known
+    return reshape(a, a.shape[:d] + tuple(sizes) + a.shape[d + 1:])
+
+
 def permute(a: Tensor, *dims) -> Tensor:
+    """The dims reordered: ``permute(x, 2, 0, 1)``."""
     return _op("permute")(a, dims=_shape(dims))
 
 
 def transpose(a: Tensor, dim0: int, dim1: int) -> Tensor:
+    """Dims ``dim0`` and ``dim1`` swapped."""
     n = a.ndim
-    if n < 2 and (dim0, dim1) in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+    d0, d1 = norm_dim("transpose", dim0, n), norm_dim("transpose", dim1, n)
+    if n < 2:
         return a
     perm = list(range(n))
-    d0, d1 = dim0 % n if n else 0, dim1 % n if n else 0
     perm[d0], perm[d1] = perm[d1], perm[d0]
     return permute(a, perm)
 
 
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    return _op("matmul")(a, b)
+swapaxes = swapdims = transpose
 
 
-def mm(a: Tensor, b: Tensor) -> Tensor:
-    return _op("mm")(a, b)
+def t(a: Tensor) -> Tensor:
+    """The transpose of a matrix (a tensor of at most 2 dims)."""
+    if a.ndim > 2:
+        raise OpError(f"t: expects a tensor with <= 2 dimensions, but got shape "
+                      f"{tuple(a.shape)} ({a.ndim}-D); use transpose(dim0, dim1) or .mT")
+    return transpose(a, 0, -1) if a.ndim == 2 else a
 
+
+def movedim(a: Tensor, source: int, destination: int) -> Tensor:
+    """Dim ``source`` moved to position ``destination``, the others keeping their order."""
+    s, d = norm_dim("movedim", source, a.ndim), norm_dim("movedim", destination, a.ndim)
+    perm = [i for i in range(a.ndim) if i != s]
+    perm.insert(d, s)
+    return permute(a, perm)
 
 
 def expand(a: Tensor, *shape) -> Tensor:
+    """A broadcast view to ``shape`` (-1 keeps a dim); its gradient sums back."""
     return _op("expand")(a, shape=_shape(shape))
 
 
+def expand_as(a: Tensor, other: Tensor) -> Tensor:
+    return expand(a, other.shape)
+
+
 def unsqueeze(a: Tensor, dim: int) -> Tensor:
-    n = a.ndim + 1
-    d = dim % n
+    """A dim of size 1 inserted at ``dim`` (in ``[-ndim-1, ndim]``)."""
+    d = norm_dim("unsqueeze", dim, a.ndim + 1)
     return reshape(a, a.shape[:d] + (1,) + a.shape[d:])
 
 
 def squeeze(a: Tensor, dim=None) -> Tensor:
+    """Dims of size 1 removed: all of them, or those of ``dim`` (an int or a tuple)."""
     if dim is None:
         return reshape(a, [s for s in a.shape if s != 1])
-    dims = {d % a.ndim for d in ([dim] if isinstance(dim, int) else dim)} if a.ndim else set()
+    dims = set(norm_dims("squeeze", _dims(dim), a.ndim)) if a.ndim else set()
     return reshape(a, [s for i, s in enumerate(a.shape) if not (i in dims and s == 1)])
+
+
+def repeat(a: Tensor, *sizes) -> Tensor:
+    """The tensor tiled ``sizes[i]`` times along each dim (extra sizes add leading dims)."""
+    sizes = _shape(sizes)
+    if len(sizes) < a.ndim:
+        raise OpError(f"repeat: number of dimensions of repeat dims ({len(sizes)}) can not be "
+                      f"smaller than number of dimensions of tensor ({a.ndim}, shape "
+                      f"{tuple(a.shape)})")
+    if builtins.any(s < 0 for s in sizes):
+        raise OpError(f"repeat: repeats {tuple(sizes)} must not be negative")
+    src = (1,) * (len(sizes) - a.ndim) + a.shape
+    # Tile by broadcasting: (s0, s1) -> (1, s0, 1, s1) -> (r0, s0, r1, s1) -> (r0*s0, r1*s1).
+    spread = [x for s in src for x in (1, s)]
+    tiled = [x for r, s in zip(sizes, src) for x in (r, s)]
+    out = expand(reshape(a, spread), tiled)
+    return reshape(out, [r * s for r, s in zip(sizes, src)])
+
+
+def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """The tensors joined along ``dim``; the other dims must match."""
+    return _op("cat")(*tensors, dim=int(dim))
+
+
+concat = concatenate = cat
+
+
+def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """Tensors of one shape joined along a new dim ``dim``."""
+    return _op("stack")(*tensors, dim=int(dim))
+
+
+def _slice_dim(a: Tensor, dim: int, start: int, stop: int, step: int = 1) -> Tensor:
+    starts, stops, steps = [0] * a.ndim, list(a.shape), [1] * a.ndim
+    starts[dim], stops[dim], steps[dim] = start, stop, step
+    return _op("slice")(a, starts=starts, stops=stops, steps=steps)
+
+
+def narrow(a: Tensor, dim: int, start: int, length: int) -> Tensor:
+    """Elements ``start .. start+length-1`` along ``dim``."""
+    d = norm_dim("narrow", dim, a.ndim)
+    size = a.shape[d]
+    start = int(start) + size if start < 0 else int(start)
+    if not 0 <= start <= size or length < 0 or start + length > size:
+        raise OpError(f"narrow: start ({start}) + length ({length}) exceeds dimension size "
+                      f"({size}) of dim {dim} of a tensor of shape {tuple(a.shape)}")
+    return _slice_dim(a, d, start, start + int(length))
+
+
+def select(a: Tensor, dim: int, index: int) -> Tensor:
+    """The slice at ``index`` along ``dim``, with that dim removed (``x[:, i]``)."""
+    d = norm_dim("select", dim, a.ndim)
+    size = a.shape[d]
+    if not -size <= index < size:
+        raise IndexError(f"select: index {index} out of range for tensor of size "
+                         f"{tuple(a.shape)} at dimension {dim}")
+    index %= size
+    return reshape(_slice_dim(a, d, index, index + 1), a.shape[:d] + a.shape[d + 1:])
+
+
+def split(a: Tensor, split_size_or_sections, dim: int = 0) -> tuple:
+    """Pieces of ``split_size`` along ``dim`` (the last may be smaller), or pieces of the
+    given sizes."""
+    d = norm_dim("split", dim, a.ndim)
+    size = a.shape[d]
+    if isinstance(split_size_or_sections, numbers.Integral):
+        step = int(split_size_or_sections)
+        if step <= 0 and size:
+            raise OpError(f"split: split_size must be positive, got {step}")
+        sections = [builtins.min(step, size - i) for i in range(0, size, step)] if size else [0]
+    else:
+        sections = [int(s) for s in split_size_or_sections]
+        if builtins.sum(sections) != size or builtins.any(s < 0 for s in sections):
+            raise OpError(f"split: split_with_sizes expects split_sizes to sum exactly to "
+                          f"{size} (input tensor's size at dimension {dim}, shape "
+                          f"{tuple(a.shape)}), but got split_sizes={sections}")
+    out, offset = [], 0
+    for s in sections:
+        out.append(_slice_dim(a, d, offset, offset + s))
+        offset += s
+    return tuple(out)
+
+
+def chunk(a: Tensor, chunks: int, dim: int = 0) -> tuple:
+    """At most ``chunks`` pieces of equal size along ``dim`` (the last may be smaller)."""
+    if chunks <= 0:
+        raise OpError(f"chunk: number of chunks must be greater than 0, got {chunks}")
+    size = a.shape[norm_dim("chunk", dim, a.ndim)]
+    return split(a, builtins.max(1, -(-size // chunks)), dim)
+
+
+def unbind(a: Tensor, dim: int = 0) -> tuple:
+    """Every slice along ``dim``, with that dim removed."""
+    d = norm_dim("unbind", dim, a.ndim)
+    return tuple(select(a, d, i) for i in range(a.shape[d]))
+
+
+def flip(a: Tensor, dims) -> Tensor:
+    """The elements in reverse order along each of ``dims``."""
+    return _op("flip")(a, dims=_dims(dims) or [])
+
+
+def roll(a: Tensor, shifts, dims=None) -> Tensor:
+    """Elements shifted cyclically by ``shifts`` along ``dims`` (the flattened tensor
+    without ``dims``)."""
+    if dims is None:
+        return reshape(roll(flatten(a), shifts, 0), a.shape)
+    shifts = [shifts] if isinstance(shifts, numbers.Integral) else list(shifts)
+    dims = [dims] if isinstance(dims, numbers.Integral) else list(dims)
+    if len(shifts) != len(dims):
+        raise OpError(f"roll: shifts {tuple(shifts)} and dims {tuple(dims)} must have the "
+                      f"same length")
+    out = a
+    for shift, dim in zip(shifts, dims):
+        d = norm_dim("roll", dim, a.ndim)
+        size = a.shape[d]
+        s = int(shift) % size if size else 0
+        if s:
+            out = cat([_slice_dim(out, d, size - s, size), _slice_dim(out, d, 0, size - s)], d)
+    return out
+
+
+def tril(a: Tensor, diagonal: int = 0) -> Tensor:
+    """The lower triangle of the last two dims (elements above ``diagonal`` zeroed)."""
+    return _op("tril")(a, diagonal=int(diagonal))
+
+
+def triu(a: Tensor, diagonal: int = 0) -> Tensor:
+    """The upper triangle of the last two dims (elements below ``diagonal`` zeroed)."""
+    return _op("triu")(a, diagonal=int(diagonal))
+
+
+# ======================================================================= indexing ======
+
+def _index_tensor(index) -> Tensor:
+    """A list or array used as an index, as an int64 or bool tensor."""
+    if isinstance(index, Tensor):
+        t = index
+    else:
+        from .tensor import tensor
+        t = tensor(index)
+    if t.dtype.is_floating_point:
+        raise IndexError(f"getitem: tensors used as indices must be long, int or bool tensors, "
+                         f"got {t.dtype}")
+    return t
+
+
+def getitem(a: Tensor, index) -> Tensor:
+    """``a[index]`` with torch's semantics: ints, slices with positive steps, ``None``,
+    ``...``, int tensors or lists (advanced indexing; repeated indices accumulate in the
+    gradient) and bool masks, in any combination.
+
+    Ints and slices are one ``slice`` node (plus a ``reshape``), index tensors one ``index``
+    node; a mask becomes int indices through ``nonzero``.
+
+    >>> import gradmesh.core as gm
+    >>> x = gm.arange(12.0).reshape(3, 4)
+    >>> x[1:, [0, 0, 3]].tolist()
+    [[4.0, 4.0, 7.0], [8.0, 8.0, 11.0]]
+    """
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed, ellipses = 0, 0
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            ellipses += 1
+        elif it is None or isinstance(it, slice):
+            consumed += it is not None
+        elif isinstance(it, bool):
+            raise NotImplementedError("getitem: a Python bool index is not supported; use "
+                                      "unsqueeze(), or a bool tensor mask")
+        elif isinstance(it, numbers.Integral):
+            consumed += 1
+        else:
+            items[k] = it = _index_tensor(it)
+            consumed += it.ndim if it.dtype is dtypes.bool_ else 1
+    if ellipses > 1:
+        raise IndexError("getitem: an index can only have a single ellipsis ('...')")
+    if consumed > a.ndim:
+        raise IndexError(f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
+                         f"{tuple(a.shape)}): the index uses {consumed} dims")
+    if not ellipses:
+        items.append(Ellipsis)
+    k = next(k for k, it in enumerate(items) if it is Ellipsis)
+    items[k:k + 1] = [slice(None)] * (a.ndim - consumed)
+
+    shape = a.shape
+    starts, stops, steps = [0] * a.ndim, list(shape), [1] * a.ndim
+    kept: list[int] = []                  # the shape once ints are dropped and Nones added
+    advanced: list[tuple[int, Tensor]] = []   # (dim of that shape, int index tensor)
+    d = 0
+    for it in items:
+        if it is None:
+            kept.append(1)
+            continue
+        if isinstance(it, slice):
+            if it.step is not None and it.step <= 0:
+                raise ValueError(f"getitem: step must be greater than zero, got {it.step}; "
+                                 f"use flip() to reverse a tensor")
+            start, stop, step = it.indices(shape[d])
+            starts[d], stops[d], steps[d] = start, builtins.max(start, stop), step
+            kept.append(len(range(start, stop, step)))
+        elif isinstance(it, numbers.Integral):
+            size = shape[d]
+            if not -size <= it < size:
+                raise IndexError(f"getitem: index {it} is out of bounds for dimension {d} "
+                                 f"with size {size}")
+            starts[d] = int(it) % size
+            stops[d] = starts[d] + 1
+        elif it.dtype is dtypes.bool_:
+            if tuple(it.shape) != shape[d:d + it.ndim] or it.ndim == 0:
+                raise IndexError(f"getitem: the shape of the mask {tuple(it.shape)} does not "
+                                 f"match the shape {shape[d:d + it.ndim]} of the indexed "
+                                 f"tensor {tuple(shape)} at dim {d}")
+            rows = nonzero(it)
+            for j in range(it.ndim):
+                col = reshape(_slice_dim(rows, 1, j, j + 1), [rows.shape[0]])
+                advanced.append((len(kept), col))
+                kept.append(shape[d + j])
+            d += it.ndim
+            continue
+        else:
+            advanced.append((len(kept), it))
+            kept.append(shape[d])
+        d += 1
+
+    out = a
+    if starts != [0] * a.ndim or stops != list(shape) or steps != [1] * a.ndim or (
+            not advanced and tuple(kept) == shape):
+        out = _op("slice")(a, starts=starts, stops=stops, steps=steps)
+    if tuple(kept) != out.shape:
+        out = reshape(out, kept)
+    if advanced:
+        out = _op("index")(out, *[i for _, i in advanced], dims=[p for p, _ in advanced])
+    return out
+
+
+def index_select(a: Tensor, dim: int, index: Tensor) -> Tensor:
+    """The slices at ``index`` (1-D, int64) along ``dim``."""
+    d = norm_dim("index_select", dim, a.ndim)
+    if index.ndim > 1:
+        raise OpError(f"index_select: index is supposed to be a vector, got shape "
+                      f"{tuple(index.shape)}")
+    return _op("index")(a, reshape(index, [-1]) if index.ndim == 0 else index, dims=[d])
+
+
+def index_add(a: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
+    """``a`` with ``alpha * source[..., i, ...]`` added at ``a[..., index[i], ...]``; repeated
+    indices accumulate."""
+    d = norm_dim("index_add", dim, a.ndim)
+    if index.ndim != 1:
+        raise OpError(f"index_add: index is supposed to be a vector, got shape "
+                      f"{tuple(index.shape)}")
+    want = a.shape[:d] + index.shape + a.shape[d + 1:]
+    if tuple(source.shape) != want:
+        raise OpError(f"index_add: source of shape {tuple(source.shape)} must have shape "
+                      f"{want}: the tensor's {tuple(a.shape)} with dim {dim} of the index's "
+                      f"size {index.shape[0]}")
+    if alpha != 1:
+        source = mul(source, alpha)
+    return _op("index_put")(a, source, index, dims=[d], accumulate=True)
+
+
+def gather(a: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``out[i][j] = a[index[i][j]][j]`` for ``dim=0`` (and so on): ``index`` has ``a``'s
+    number of dims."""
+    return _op("gather")(a, index, dim=int(dim))
+
+
+def scatter_add(a: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    """``a`` with ``src[i][j]`` added at ``[index[i][j]][j]`` for ``dim=0``: the transpose of
+    ``gather``; repeated indices accumulate."""
+    return _op("scatter_add")(a, index, src, dim=int(dim))
+
+
+def masked_fill(a: Tensor, mask: Tensor, value) -> Tensor:
+    """``a`` with ``value`` where the bool ``mask`` (broadcast to ``a``) is True."""
+    if broadcast_shapes("masked_fill", mask.shape, a.shape) != a.shape:
+        raise OpError(f"masked_fill: mask of shape {tuple(mask.shape)} must broadcast to the "
+                      f"tensor's shape {tuple(a.shape)}")
+    if isinstance(value, Tensor) and value.ndim:
+        raise OpError(f"masked_fill: only supports a 0-dimensional value tensor, got shape "
+                      f"{tuple(value.shape)}")
+    if isinstance(value, Tensor):
+        value = value.to(a.dtype)
+    return where(mask, value, a)
+
+
+def nonzero(a: Tensor, as_tuple: bool = False):
+    """Indices of the non-zero elements, one row each (or one tensor per dim)."""
+    rows = _op("nonzero")(a)
+    if not as_tuple:
+        return rows
+    return tuple(reshape(_slice_dim(rows, 1, j, j + 1), [rows.shape[0]]) for j in range(a.ndim))
+
+
+def argsort(a: Tensor, dim: int = -1, descending: bool = False, stable: bool = False) -> Tensor:
+    """Indices that sort ``a`` along ``dim``; the sort is always stable."""
+    return _op("argsort")(a, dim=int(dim), descending=descending)
+
+
+def sort(a: Tensor, dim: int = -1, descending: bool = False, stable: bool = False):
+    """``(values, indices)`` of ``a`` sorted along ``dim`` (stable)."""
+    indices = argsort(a, dim, descending)
+    return _ValuesIndices["sort"](_op("gather")(a, indices, dim=int(dim)), indices)
+
+
+def topk(a: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """``(values, indices)`` of the ``k`` largest (or smallest) elements along ``dim``."""
+    d = norm_dim("topk", dim, a.ndim)
+    size = a.shape[d] if a.ndim else 1
+    if not 0 <= k <= size:
+        raise OpError(f"topk: k ({k}) is out of range for dimension {dim} of size {size}")
+    indices = argsort(a, d, descending=largest)
+    if a.ndim:
+        indices = _slice_dim(indices, d, 0, int(k))
+    return _ValuesIndices["topk"](_op("gather")(a, indices, dim=d), indices)
+
+
+# ================================================================= linear algebra ======
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """The matrix product with NumPy's rules for 1-D operands and broadcast batch dims."""
+    return _op("matmul")(a, b)
+
+
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    """The product of two matrices (2-D only; see ``matmul`` for the rest)."""
+    return _op("mm")(a, b)
+
+
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched matrix product of ``(B, n, m)`` and ``(B, m, p)``."""
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
+        raise OpError(f"bmm: expected 3-D tensors with the same batch size, got shapes "
+                      f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return matmul(a, b)
+
+
+def mv(a: Tensor, v: Tensor) -> Tensor:
+    """The product of a matrix and a vector."""
+    if a.ndim != 2 or v.ndim != 1:
+        raise OpError(f"mv: expected a 2-D matrix and a 1-D vector, got shapes "
+                      f"{tuple(a.shape)} and {tuple(v.shape)}")
+    return matmul(a, v)
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """The inner product of two 1-D tensors of the same size and dtype."""
+    if a.ndim != 1 or b.ndim != 1:
+        raise OpError(f"dot: 1D tensors expected, but got {a.ndim}D and {b.ndim}D tensors "
+                      f"(shapes {tuple(a.shape)} and {tuple(b.shape)}); use matmul for "
+                      f"matrices")
+    if a.shape != b.shape:
+        raise OpError(f"dot: inconsistent tensor size, expected tensor {tuple(a.shape)} and "
+                      f"src {tuple(b.shape)} to have the same number of elements")
+    return matmul(a, b)
+
+
+vdot = dot
+
+
+def outer(a: Tensor, b: Tensor) -> Tensor:
+    """``out[i, j] = a[i] * b[j]`` for 1-D ``a`` and ``b``."""
+    if a.ndim != 1 or b.ndim != 1:
+        raise OpError(f"outer: expected 1-D tensors, got shapes {tuple(a.shape)} and "
+                      f"{tuple(b.shape)}")
+    return mul(reshape(a, [-1, 1]), reshape(b, [1, -1]))
+
+
+ger = outer

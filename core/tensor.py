@@ -9,34 +9,70 @@ import numpy as np
 
 from . import autograd, backend, dtypes
 from .autograd import Node, is_grad_enabled
+from .autograd import _state as _grad_state
 from .registry import Op, OpError
 
-# Per-thread hooks of the op dispatcher: a graph tracer records every op it sees.
-_dispatch = threading.local()
+
+class _Dispatch(threading.local):
+    """Per-thread hooks of the op dispatcher: a graph tracer records every op it sees."""
+    tracer = None       # a class default, so that reading it never fails (see autograd._State)
+
+
+_dispatch = _Dispatch()
+_ndarray = np.ndarray
 
 
 def apply(op: Op, inputs: Sequence["Tensor"], attrs: dict) -> "Tensor":
-    """Run one registered op on Tensors: validate, compute, record for autograd and tracing."""
+    """Run one registered op on Tensors: validate, compute, record for autograd and tracing.
+
+    This runs for every op, so it avoids generators, repeated lookups and allocations it
+    can skip: each microsecond here is a few percent of a small model's step.
+    """
     if len(attrs) != len(op.attrs):
         attrs = fill_attrs(op, attrs)
     if op.arity is not None and len(inputs) != op.arity:
         raise TypeError(f"{op.name}: expected {op.arity} inputs, got {len(inputs)}")
-    op.infer(*inputs, **attrs)
+    state = _grad_state
+    if not state.trusted:
+        # Validation, with errors that name the op. The backward engine (without
+        # create_graph) skips it: its vjps only combine values that were validated on the
+        # way forward.
+        op.infer(*inputs, **attrs)
     arrays = [t._data for t in inputs]
-    xp = backend.xp_of(arrays[0]) if arrays else np
-    if len(arrays) > 1 and any(backend.xp_of(a) is not xp for a in arrays[1:]):
-        raise RuntimeError(f"{op.name}: expected all tensors to be on the same device, got "
-                           f"{', '.join(t.device for t in inputs)}")
+    xp = np
+    for a in arrays:
+        if type(a) is not _ndarray:
+            xp = _common_xp(op, inputs, arrays)
+            break
     out = op.forward(xp, *arrays, **attrs)
-    requires = is_grad_enabled() and any(t.requires_grad for t in inputs)
+    requires = False
+    if state.grad:
+        for t in inputs:
+            if t.requires_grad:
+                requires = True
+                break
     result = Tensor._wrap(out, requires)
     if requires:
-        result.grad_fn = Node(op, tuple(inputs), attrs, out if op.saves_out else None,
-                              (result.shape, result.dtype))
-    tracer = getattr(_dispatch, "tracer", None)
+        data = result._data
+        if data.dtype.kind != "f":
+            # Integer and bool results (argmax, comparisons) carry no gradient, as in torch.
+            result.requires_grad = False
+        else:
+            result.grad_fn = Node(op, tuple(inputs), attrs, data if op.saves_out else None,
+                                  (data.shape, result.dtype))
+    tracer = _dispatch.tracer
     if tracer is not None:
         tracer.record(op, inputs, attrs, result)
     return result
+
+
+def _common_xp(op: Op, inputs, arrays):
+    """The array module of inputs that are not all NumPy arrays; they must share one."""
+    xp = backend.xp_of(arrays[0])
+    if any(backend.xp_of(a) is not xp for a in arrays[1:]):
+        raise RuntimeError(f"{op.name}: expected all tensors to be on the same device, got "
+                           f"{', '.join(t.device for t in inputs)}")
+    return xp
 
 
 def fill_attrs(op: Op, attrs: dict) -> dict:
@@ -49,17 +85,22 @@ def fill_attrs(op: Op, attrs: dict) -> dict:
 
 def _reduce_grad(g: "Tensor", t: "Tensor") -> "Tensor":
     """Sum a broadcast gradient back to ``t``'s shape and cast it to ``t``'s dtype."""
-    shape = t.shape
-    if g.shape != shape:
-        from . import functional as F
-        lead = g.ndim - len(shape)
-        dims = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape)
-                                          if s == 1 and g.shape[i + lead] != 1)
-        if dims:
-            g = F.sum(g, dim=dims, keepdim=True)
-        if lead or g.shape != shape:
-            g = F.reshape(g, shape)
-    if g.dtype is not t.dtype:
+    gdata, tdata = g._data, t._data
+    shape = tdata.shape
+    if gdata.shape != shape:
+        lead = gdata.ndim - len(shape)
+        inner = [i + lead for i, s in enumerate(shape) if s == 1 and gdata.shape[i + lead] != 1]
+        if lead > 0 and not inner:
+            # Only leading dims to drop (a bias under a batch): one sum, no reshape.
+            g = F.sum(g, dim=list(range(lead)))
+        else:
+            dims = list(range(lead)) + inner
+            if dims:
+                g = F.sum(g, dim=dims, keepdim=True)
+            if g.shape != shape:
+                g = F.reshape(g, shape)
+        gdata = g._data
+    if gdata.dtype is not tdata.dtype and gdata.dtype != tdata.dtype:
         g = g.to(t.dtype)
     return g
 
@@ -96,7 +137,7 @@ class Tensor:
     def _wrap(cls, array, requires_grad: bool = False) -> "Tensor":
         """Fast construction from an op's result (NumPy turns 0-d results into scalars)."""
         t = object.__new__(cls)
-        t._data = array if _is_array(array) else np.asarray(array)
+        t._data = array if type(array) is _ndarray or _is_array(array) else np.asarray(array)
         t.requires_grad = requires_grad
         t.grad = None
         t.grad_fn = None
@@ -132,7 +173,8 @@ class Tensor:
 
     @property
     def dtype(self) -> dtypes.DType:
-        return dtypes.from_numpy(self._data.dtype)
+        d = _DTYPE_BY_ID.get(id(self._data.dtype))
+        return d if d is not None else dtypes.from_numpy(self._data.dtype)
 
     @property
     def device(self) -> str:
@@ -388,6 +430,11 @@ class Tensor:
         return "tensor(" + body + "".join(", " + e for e in extra) + ")"
 
     __hash__ = object.__hash__
+
+
+# NumPy's dtypes of the builtin types are singletons: look them up by identity (a dict
+# lookup by np.dtype hashes it, several times slower). Others take dtypes.from_numpy.
+_DTYPE_BY_ID = {id(d.np): d for d in dtypes.ALL}
 
 
 def _is_array(x) -> bool:

@@ -232,10 +232,11 @@ def relu_p(xp, a):
 
 @relu_p.defvjp
 def _(g, out, a):
-    return (where(a > 0, g, zeros_like(g)),)
+    return (where(a > 0, g, 0.0),)      # a 0-d zero: no array of zeros to allocate
 
 
-@defop("leaky_relu", infer=same, attrs={"negative_slope": ("float", 0.01)})
+@defop("leaky_relu", infer=lambda a, negative_slope: same(a),
+       attrs={"negative_slope": ("float", 0.01)})
 def leaky_relu_p(xp, a, negative_slope):
     return xp.where(a > 0, a, a * a.dtype.type(negative_slope))
 

@@ -1,0 +1,265 @@
+"""Worker benchmark: what does computing gradients over gRPC cost next to computing them here?
+
+Three comparisons, each side by side in the same run and the same process (a CPU worker on
+127.0.0.1 in a background thread pool, the client SDK in the main thread), interleaved
+round-robin so that load from other processes hits both sides alike:
+
+(a) step time: ``client.compute_gradients(fn, model, x, y)`` (graph registered once,
+    parameters and batch sent with every call) against the same ``fn``'s forward and
+    backward run locally with gradmesh, for the engine benchmark's three MLPs;
+(b) transport: ``ComputeGradientsStream`` with 16, 64 and 256 MiB of parameters (gradients
+    of the same size come back) against a raw gRPC bidirectional echo of the same bytes in
+    1 MiB chunks on the same server and channel;
+(c) latency: a tiny registered graph against an empty unary gRPC call on the same channel.
+
+Run ``python benchmarks/worker.py`` (a few minutes), ``--quick`` for a short run,
+``--json PATH`` to write the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine import MODELS, Model, init_params, make_batch  # noqa: E402
+
+import gradmesh.core as gm  # noqa: E402
+import gradmesh.core.nn.functional as F  # noqa: E402
+from gradmesh.client import WorkerClient  # noqa: E402
+from gradmesh.core import nn  # noqa: E402
+from gradmesh.server import runtime  # noqa: E402
+from gradmesh.server import worker as worker_mod  # noqa: E402
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
+
+MiB = 1 << 20
+ECHO_SERVICE = "gradmesh.bench.Echo"
+
+
+# --------------------------------------------------------------------- echo service ----
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def add_echo(_servicer, server: grpc.Server) -> None:
+    """A raw-bytes service: ``Empty`` (unary, empty reply) and ``Echo`` (bidi stream)."""
+    def empty(request, context):
+        return b""
+
+    def echo(request_iterator, context):
+        for chunk in request_iterator:
+            yield chunk
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO_SERVICE, {
+        "Empty": grpc.unary_unary_rpc_method_handler(
+            empty, request_deserializer=_identity, response_serializer=_identity),
+        "Echo": grpc.stream_stream_rpc_method_handler(
+            echo, request_deserializer=_identity, response_serializer=_identity),
+    })])
+
+
+def start_server(chunk_bytes: int) -> runtime.RunningServer:
+    """The worker and the echo service behind the same server (same interceptors)."""
+    config = runtime.ServerConfig(port=0, max_concurrent_requests=4)
+    limits = worker_mod.WorkerLimits(chunk_bytes=chunk_bytes,
+                                     max_message_bytes=config.max_message_bytes)
+    worker = worker_mod.GradientWorker("cpu", limits)
+    running = runtime.serve(config, [
+        (worker_mod.add_to_server, worker_mod.WorkerService(worker), worker_mod.SERVICE_NAME),
+        (add_echo, None, ECHO_SERVICE)])
+    running.worker = worker
+    return running
+
+
+# --------------------------------------------------------------------- helpers ---------
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def round_robin(sides: dict[str, Callable[[], object]], reps: int, steps: int
+                ) -> dict[str, float]:
+    """Median over ``reps`` of the mean time of ``steps`` calls, sides interleaved."""
+    for fn in sides.values():
+        fn()                                            # warm-up (traces, plans, caches)
+    samples: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(reps):
+        for name, fn in sides.items():
+            samples[name].append(timed(lambda: [fn() for _ in range(steps)]) / steps)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def build_model(m: Model) -> nn.Module:
+    layers: list = []
+    for i, (w, b) in enumerate(init_params(m)):
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        with gm.no_grad():
+            lin.weight.copy_(gm.from_numpy(w))
+            lin.bias.copy_(gm.from_numpy(b))
+        layers.append(lin)
+        if i < len(m.sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------- (a) step time ---
+
+def bench_steps(client: WorkerClient, quick: bool) -> list[dict]:
+    rows = []
+    for m in MODELS:
+        model = build_model(m)
+        x, y = make_batch(m)
+        loss_fn = F.cross_entropy if m.loss == "ce" else F.mse_loss
+
+        def fn(model, x, y, loss_fn=loss_fn):
+            return loss_fn(model(x), y)
+        xt, yt = gm.from_numpy(x), gm.from_numpy(y)
+
+        def local(model=model, fn=fn, xt=xt, yt=yt):
+            model.zero_grad()
+            fn(model, xt, yt).backward()
+
+        def remote(model=model, fn=fn, x=x, y=y):
+            client.compute_gradients(fn, model, x, y)
+        reps = max(3, m.reps // (6 if quick else 2))
+        steps = max(1, m.steps // (4 if quick else 1))
+        t = round_robin({"local": local, "remote": remote}, reps, steps)
+        n_params = sum(p.numel() for p in model.parameters())
+        r = client.compute_gradients(fn, model, x, y)
+        rows.append({"model": m.name, "batch": m.batch, "params_MB": n_params * 4 / 1e6,
+                     "local_ms": t["local"] * 1e3, "remote_ms": t["remote"] * 1e3,
+                     "ratio": t["remote"] / t["local"], "streamed": bool(r.timings["streamed"])})
+    return rows
+
+
+# --------------------------------------------------------------------- (b) transport ---
+
+def bench_transport(client: WorkerClient, channel: grpc.Channel, sizes_mib, reps: int
+                    ) -> list[dict]:
+    echo = channel.stream_stream(f"/{ECHO_SERVICE}/Echo", request_serializer=_identity,
+                                 response_deserializer=_identity)
+    rows = []
+    # Force the streaming RPC even for sizes the client would send unary.
+    saved, client.stream_threshold = client.stream_threshold, 0
+    for mib in sizes_mib:
+        n = mib * MiB // 4
+        params = {"w": np.random.default_rng(0).standard_normal(n, dtype=np.float32)}
+        x = np.ones(1, np.float32)
+
+        def fn(p, x):
+            return (p["w"] * x).sum()
+        buf = memoryview(params["w"]).cast("B")
+
+        def echo_call():
+            def chunks():
+                for off in range(0, len(buf), MiB):
+                    yield bytes(buf[off:off + MiB])
+            got = 0
+            for piece in echo(chunks()):
+                got += len(piece)
+            assert got == len(buf)
+
+        def grad_call():
+            r = client.compute_gradients(fn, params, x)
+            assert r.timings["streamed"] and r.gradients["w"].nbytes == len(buf)
+        t = round_robin({"echo": echo_call, "stream": grad_call}, reps, 1)
+        rows.append({"MiB": mib, "echo_GBps": mib * MiB / t["echo"] / 1e9,
+                     "stream_GBps": mib * MiB / t["stream"] / 1e9,
+                     "ratio": t["echo"] / t["stream"]})
+    client.stream_threshold = saved
+    return rows
+
+
+# --------------------------------------------------------------------- (c) latency -----
+
+def tiny_graph() -> graph_pb2.Graph:
+    """loss = sum(x * w), w: [4] PARAM, x: [-1, 4] DATA."""
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[graph_pb2.Input(name="w", role=graph_pb2.Input.PARAM,
+                                dtype=tensor_pb2.FLOAT32, shape=[4]),
+                graph_pb2.Input(name="x", role=graph_pb2.Input.DATA,
+                                dtype=tensor_pb2.FLOAT32, shape=[-1, 4])],
+        nodes=[graph_pb2.Node(op="mul", inputs=[1, 0]), graph_pb2.Node(op="sum", inputs=[2])],
+        outputs=[graph_pb2.Output(name="loss", value=3)])
+
+
+def bench_latency(client: WorkerClient, channel: grpc.Channel, reps: int, steps: int
+                  ) -> dict:
+    empty = channel.unary_unary(f"/{ECHO_SERVICE}/Empty", request_serializer=_identity,
+                                response_deserializer=_identity)
+    graph = tiny_graph()
+    params = {"w": np.ones(4, np.float32)}
+    x = np.ones((2, 4), np.float32)
+    t = round_robin({"empty": lambda: empty(b""),
+                     "tiny": lambda: client.compute_gradients(graph, params, x)}, reps, steps)
+    return {"empty_us": t["empty"] * 1e6, "tiny_graph_us": t["tiny"] * 1e6,
+            "ratio": t["tiny"] / t["empty"]}
+
+
+# --------------------------------------------------------------------- main ------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, smaller sizes")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--only", choices=("steps", "transport", "latency"), action="append")
+    args = ap.parse_args(argv)
+    parts = args.only or ["steps", "transport", "latency"]
+
+    running = start_server(chunk_bytes=MiB)
+    results: dict = {"machine": {"python": platform.python_version(), "numpy": np.__version__,
+                                 "grpcio": grpc.__version__, "cpus": os.cpu_count(),
+                                 "blas_threads": worker_mod.blas_threads()},
+                     "command": "python benchmarks/worker.py" + (" --quick" if args.quick
+                                                                  else "")}
+    try:
+        with WorkerClient(running.address, chunk_bytes=MiB) as client:
+            channel = client.channel
+            if "steps" in parts:
+                print("(a) step time, remote / local (forward+backward, float32)")
+                print(f"{'model':8} {'batch':>5} {'params MB':>9} {'local ms':>9} "
+                      f"{'remote ms':>9} {'ratio':>6}  path")
+                rows = bench_steps(client, args.quick)
+                for r in rows:
+                    print(f"{r['model']:8} {r['batch']:5d} {r['params_MB']:9.1f} "
+                          f"{r['local_ms']:9.2f} {r['remote_ms']:9.2f} {r['ratio']:6.2f}  "
+                          f"{'stream' if r['streamed'] else 'unary'}")
+                results["steps"] = rows
+            if "transport" in parts:
+                sizes = (16, 64) if args.quick else (16, 64, 256)
+                print("\n(b) ComputeGradientsStream vs raw gRPC bidi echo, 1 MiB chunks "
+                      "(GB/s of parameter bytes; the same bytes come back)")
+                print(f"{'MiB':>5} {'echo GB/s':>10} {'stream GB/s':>12} {'ratio':>6}")
+                rows = bench_transport(client, channel, sizes, 3 if args.quick else 5)
+                for r in rows:
+                    print(f"{r['MiB']:5d} {r['echo_GBps']:10.2f} {r['stream_GBps']:12.2f} "
+                          f"{r['ratio']:6.2f}")
+                results["transport"] = rows
+            if "latency" in parts:
+                print("\n(c) latency: tiny registered graph vs empty unary call, same channel")
+                r = bench_latency(client, channel, 5 if args.quick else 15,
+                                  50 if args.quick else 200)
+                print(f"empty call {r['empty_us']:.0f} us, tiny graph {r['tiny_graph_us']:.0f}"
+                      f" us, ratio {r['ratio']:.2f}")
+                results["latency"] = r
+    finally:
+        running.stop(0)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

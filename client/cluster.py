@@ -1,0 +1,272 @@
+"""A whole gradmesh cluster on this machine, each server its own process.
+
+>>> from gradmesh.client import LocalCluster
+>>> with LocalCluster(workers=2, shards=2) as cluster:          # doctest: +SKIP
+...     job = cluster.client().create_job(model, loss_fn, opt, 32, (x[:64], y[:64]))
+...     job.step(x[:256], y[:256])
+
+Every server is started with ``python -m gradmesh.server.cli <role> --port 0`` on
+127.0.0.1; the port it got is read from the line it prints ("... listening on
+127.0.0.1:PORT"), so there is no race for free ports. The cluster is ready when every
+server answers the gRPC health check with SERVING. On exit the coordinator is stopped
+first (it checkpoints), then shards and workers: SIGTERM, then SIGKILL after a grace
+period. Server logs go to ``log_dir`` (a temporary directory by default) and their tails
+are quoted in startup errors.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+__all__ = ["LocalCluster", "ServerProcess", "ClusterError"]
+
+_LISTENING = re.compile(r"listening on (\S+)")
+
+
+class ClusterError(RuntimeError):
+    """A server of the local cluster failed to start; the message quotes its log."""
+
+
+@dataclass
+class ServerProcess:
+    """One server process: its role, address (once known) and log file."""
+    role: str
+    args: list[str]
+    log_path: str
+    process: subprocess.Popen | None = None
+    address: str | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, env: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", "gradmesh.server.cli", self.role, "--port", "0",
+               "--host", "127.0.0.1", "--log-format", "text", *self.args]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env,
+                                        start_new_session=True)
+        log.close()
+        threading.Thread(target=self._read_stdout, daemon=True,
+                         name=f"gradmesh-{self.role}-stdout").start()
+
+    def _read_stdout(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        with open(self.log_path, "ab") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                m = _LISTENING.search(line.decode(errors="replace"))
+                if m and self.address is None:
+                    self.address = m.group(1)
+                    self._ready.set()
+        self._ready.set()       # the process exited: wake up whoever waits
+
+    def wait_address(self, timeout: float) -> str:
+        self._ready.wait(timeout)
+        if self.address is None:
+            raise ClusterError(f"{self.role} did not start within {timeout:.0f} s "
+                               f"(exit code {self.process.poll()}):\n{self.log_tail()}")
+        return self.address
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL now (tests use it to simulate a crash)."""
+        if self.alive():
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+    def wait_exit(self, timeout: float) -> bool:
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+
+def _wait_serving(address: str, timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{address} is not SERVING after {timeout:.0f} s")
+            time.sleep(0.05)
+
+
+class LocalCluster:
+    """Coordinator, shards and workers as separate processes on 127.0.0.1.
+
+    ``workers``: number of worker processes. ``shards``: number of shard server processes;
+    0 keeps the shards inside the coordinator (embedded). ``state_dir``: checkpoints
+    (the coordinator and each shard get a subdirectory), so a restarted cluster resumes.
+    ``threads_per_worker``: BLAS/OpenMP threads of each worker (default: NumPy's own
+    choice); workers of one cluster always get the same count, as determinism requires.
+    ``coordinator_args``: extra flags for ``gradmesh coordinator``.
+    """
+
+    def __init__(self, workers: int = 2, shards: int = 0, *, state_dir: str | None = None,
+                 threads_per_worker: int | None = None, checkpoint_every: int = 10,
+                 coordinator_args: Sequence[str] = (), log_dir: str | None = None,
+                 startup_timeout: float = 60.0, grace: float = 10.0):
+        if workers < 0 or shards < 0:
+            raise ValueError("workers and shards must be >= 0")
+        self.n_workers = workers
+        self.n_shards = shards
+        self.state_dir = state_dir
+        self.threads_per_worker = threads_per_worker
+        self.checkpoint_every = checkpoint_every
+        self.coordinator_args = list(coordinator_args)
+        self.startup_timeout = startup_timeout
+        self.grace = grace
+        self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="gradmesh-cluster-")
+        self.log_dir = log_dir or self._tmp.name
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.workers: list[ServerProcess] = []
+        self.shards: list[ServerProcess] = []
+        self.coordinator: ServerProcess | None = None
+        self._clients: list = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _env(self, threads: int | None) -> dict[str, str]:
+        env = dict(os.environ)
+        if threads:
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[var] = str(threads)
+        # Tracebacks of a crashing server land in its log.
+        env.setdefault("PYTHONFAULTHANDLER", "1")
+        return env
+
+    def _server(self, role: str, args: list[str], index: int | None = None) -> ServerProcess:
+        name = role if index is None else f"{role}-{index}"
+        return ServerProcess(role, args, os.path.join(self.log_dir, f"{name}.log"))
+
+    def start(self) -> "LocalCluster":
+        """Start every server and wait until all are SERVING."""
+        try:
+            self.workers = [self._server("worker", [], i) for i in range(self.n_workers)]
+            for w in self.workers:
+                w.start(self._env(self.threads_per_worker))
+            self.shards = []
+            for i in range(self.n_shards):
+                args = []
+                if self.state_dir:
+                    args += ["--state-dir", os.path.join(self.state_dir, f"shard-{i}")]
+                self.shards.append(self._server("shard", args, i))
+            for s in self.shards:
+                s.start(self._env(None))
+            for p in self.workers + self.shards:
+                p.wait_address(self.startup_timeout)
+            self.start_coordinator()
+            for p in self.workers + self.shards:
+                _wait_serving(p.address, self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def coordinator_command_args(self) -> list[str]:
+        args = ["--checkpoint-every", str(self.checkpoint_every)]
+        if self.workers:
+            args += ["--workers", ",".join(w.address for w in self.workers)]
+        if self.shards:
+            args += ["--shards", ",".join(s.address for s in self.shards)]
+        if self.state_dir:
+            args += ["--state-dir", os.path.join(self.state_dir, "coordinator")]
+        return args + self.coordinator_args
+
+    def start_coordinator(self) -> ServerProcess:
+        """(Re)start the coordinator process (after ``stop_coordinator`` or a kill)."""
+        self.coordinator = self._server("coordinator", self.coordinator_command_args())
+        self.coordinator.start(self._env(None))
+        _wait_serving(self.coordinator.wait_address(self.startup_timeout),
+                      self.startup_timeout)
+        return self.coordinator
+
+    def stop_coordinator(self, kill: bool = False) -> None:
+        """Stop the coordinator: gracefully (it checkpoints) or with SIGKILL (a crash)."""
+        if self.coordinator is None:
+            return
+        if kill:
+            self.coordinator.kill()
+        else:
+            self._stop_all([self.coordinator])
+
+    def _stop_all(self, procs: list[ServerProcess]) -> None:
+        for p in procs:
+            p.terminate()
+        deadline = time.monotonic() + self.grace
+        for p in procs:
+            if not p.wait_exit(max(0.0, deadline - time.monotonic())):
+                p.kill()
+            elif p.process is not None:
+                p.process.wait()
+
+    def stop(self) -> None:
+        """Stop everything: coordinator first (it checkpoints), then shards and workers."""
+        for c in self._clients:
+            c.close()
+        self._clients = []
+        if self.coordinator is not None:
+            self._stop_all([self.coordinator])
+        self._stop_all(self.shards + self.workers)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # -- use ------------------------------------------------------------------------------
+    @property
+    def coordinator_target(self) -> str:
+        if self.coordinator is None or self.coordinator.address is None:
+            raise ClusterError("the cluster is not started")
+        return self.coordinator.address
+
+    def client(self, **kwargs):
+        """A :class:`~gradmesh.client.coordinator.CoordinatorClient` for this cluster."""
+        from gradmesh.client.coordinator import CoordinatorClient
+        c = CoordinatorClient(self.coordinator_target, **kwargs)
+        self._clients.append(c)
+        return c
+
+    def logs(self) -> dict[str, str]:
+        """The tail of every server's log, by process name (for failing tests)."""
+        procs = self.workers + self.shards + ([self.coordinator] if self.coordinator else [])
+        return {os.path.basename(p.log_path)[:-4]: p.log_tail() for p in procs}

@@ -1,0 +1,295 @@
+"""Train on a gradmesh cluster: ``CoordinatorClient`` creates jobs, ``Job`` runs steps.
+
+>>> import gradmesh.core as gm
+>>> from gradmesh.client import CoordinatorClient
+>>> model = gm.nn.Sequential(gm.nn.Linear(64, 32), gm.nn.ReLU(), gm.nn.Linear(32, 10))
+>>> def loss_fn(model, x, y):
+...     return gm.nn.functional.cross_entropy(model(x), y)
+>>> client = CoordinatorClient("127.0.0.1:50053")                 # doctest: +SKIP
+>>> job = client.create_job(model, loss_fn, gm.optim.SGD(model.parameters(), lr=0.1),
+...                         micro_batch_size=32, example_batch=(x[:64], y[:64]))  # doctest: +SKIP
+>>> result = job.step(x[:256], y[:256])                          # doctest: +SKIP
+>>> model.load_state_dict(job.parameters())                       # doctest: +SKIP
+
+Step ids are assigned here (1, 2, 3, ...) and a step that fails with a transient error
+(the coordinator restarting, a network blip) is retried with the same id: the coordinator
+applies each id once, so a retry never updates twice.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from gradmesh.client.errors import GradmeshError, from_rpc_error
+
+__all__ = ["CoordinatorClient", "Job", "StepResult", "WorkerRegistration"]
+
+# Codes after which the same idempotent call may succeed.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@dataclass
+class StepResult:
+    """What one step returned: the batch's loss, scalar metrics and where time went."""
+    step_id: int
+    loss: float
+    metrics: dict[str, float]
+    version: int
+    batch_size: int
+    micro_batches: int
+    replayed: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _numpy(x) -> np.ndarray:
+    from gradmesh.core.tensor import Tensor
+    if isinstance(x, Tensor):
+        return x.numpy(force=True) if hasattr(x, "numpy") else np.asarray(x)
+    return np.asarray(x)
+
+
+class CoordinatorClient:
+    """A connection to a coordinator at ``target`` ("host:port").
+
+    ``timeout`` is the deadline of each call in seconds (a step on a large model may need
+    more); ``retries`` how long idempotent calls are retried on transient errors, in
+    seconds.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, timeout: float = 600.0,
+                 retry_seconds: float = 60.0, max_message_bytes: int = 64 << 20):
+        from gradmesh.server.runtime import channel_options
+        from gradmesh.v1 import coordinator_pb2_grpc
+        self.target = target
+        self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self._channel = grpc.insecure_channel(target, options=channel_options(
+            max_message_bytes))
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CoordinatorClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calls ----------------------------------------------------------------------------
+    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool):
+        """Call ``method``; transient failures of idempotent calls are retried with backoff."""
+        fn = getattr(self.stub, method)
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return fn(make_request(), timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
+                    raise from_rpc_error(e, method) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def create_job(self, model, loss_fn: Callable, optimizer, micro_batch_size: int,
+                   example_batch: Sequence, *, job_id: str | None = None,
+                   data_names: Sequence[str] | None = None) -> "Job":
+        """Trace ``loss_fn(model, *example_batch)`` and create a training job.
+
+        ``model``: a ``gradmesh.core.nn.Module``; its parameters are the initial values.
+        ``loss_fn`` returns the loss (a mean over the batch) or ``(loss, {"name": scalar})``
+        for metrics. ``optimizer``: a gradmesh optimizer over the model's parameters, or
+        its description (``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``).
+        ``micro_batch_size``: rows per micro-batch, the unit of work and of determinism.
+        ``example_batch``: a batch (any size above 1) to trace with. ``job_id`` defaults to
+        a fresh random id; creating a job is idempotent for the same id and content.
+        """
+        from gradmesh.core import graph as core_graph
+        from gradmesh.core import optim
+        from gradmesh.core import serialize
+        from gradmesh.server.shard import optimizer_to_proto, stream_frames
+        from gradmesh.v1 import coordinator_pb2
+        if isinstance(optimizer, optim.Optimizer):
+            description = optim.describe(optimizer)
+        elif isinstance(optimizer, dict):
+            description = optim.validate(optimizer)
+        else:
+            raise TypeError(f"optimizer must be a gradmesh optimizer or a dict like "
+                            f"{{'name': 'sgd', 'lr': 0.1}}, got {type(optimizer).__name__}")
+        if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive int, got "
+                             f"{micro_batch_size!r}")
+        example = [_numpy(b) for b in example_batch]
+        names = list(data_names) if data_names else [f"x{i}" for i in range(len(example))]
+        graph = core_graph.trace(lambda m, *b: loss_fn(m, *b), model, *example,
+                                 data_names=names)
+        params = OrderedDict((n, _numpy(p)) for n, p in model.named_parameters())
+        header = coordinator_pb2.CreateJobRequest(
+            job_id=job_id or uuid.uuid4().hex, graph=graph,
+            optimizer=optimizer_to_proto(description), micro_batch_size=micro_batch_size)
+        for n, a in params.items():
+            header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
+
+        def frames() -> Iterator:
+            return stream_frames(coordinator_pb2.CoordinatorFrame, "create_job", header,
+                                 params.values())
+
+        resp = self._call("CreateJob", frames, retry=True)
+        return Job(self, resp.job_id, names, next_step_id=resp.version + 1
+                   if resp.version == 0 else None)
+
+    def job(self, job_id: str) -> "Job":
+        """Attach to an existing job (its next step id is read from the coordinator)."""
+        status = self.job_status(job_id)
+        return Job(self, job_id, list(status.data_inputs), status.next_step_id)
+
+    def job_status(self, job_id: str):
+        from gradmesh.v1 import coordinator_pb2
+        return self._call("JobStatus", lambda: coordinator_pb2.JobStatusRequest(job_id=job_id),
+                          retry=True)
+
+    def list_workers(self) -> list:
+        """The coordinator's workers (address, source, state, fingerprint, counts)."""
+        from gradmesh.v1 import coordinator_pb2
+        return list(self._call("ListWorkers", coordinator_pb2.ListWorkersRequest,
+                               retry=True).workers)
+
+    def get_parameters(self, job_id: str, names: Sequence[str] = ()
+                       ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
+        """``(version, {name: array})`` of a job's parameters (streamed)."""
+        from gradmesh.server.shard import receive_frames
+        from gradmesh.v1 import coordinator_pb2
+        deadline = time.monotonic() + self.retry_seconds
+        while True:
+            try:
+                frames = self.stub.GetParameters(
+                    coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
+                    timeout=self.timeout, metadata=self._metadata)
+                header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
+                return header.version, OrderedDict(arrays)
+            except grpc.RpcError as e:
+                if e.code() not in _TRANSIENT or time.monotonic() > deadline:
+                    raise from_rpc_error(e, "GetParameters") from None
+            time.sleep(0.2)
+
+    def step(self, job_id: str, step_id: int, batch: dict[str, Any]):
+        """One raw Step call (retried with the same id on transient errors)."""
+        from gradmesh.core import serialize
+        from gradmesh.v1 import coordinator_pb2
+        req = coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id)
+        for name, value in batch.items():
+            req.batch.add(name=name).tensor.CopyFrom(serialize.to_proto(_numpy(value)))
+        return self._call("Step", lambda: req, retry=True)
+
+
+class Job:
+    """A training job on a coordinator: ``step(*batch)``, ``parameters()``, ``status()``."""
+
+    def __init__(self, client: CoordinatorClient, job_id: str, data_names: list[str],
+                 next_step_id: int | None = None):
+        self.client = client
+        self.job_id = job_id
+        self.data_names = data_names
+        self._lock = threading.Lock()
+        self._next = next_step_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r} on {self.client.target})"
+
+    @property
+    def next_step_id(self) -> int:
+        if self._next is None:
+            self._next = self.client.job_status(self.job_id).next_step_id
+        return self._next
+
+    def step(self, *batch, step_id: int | None = None) -> StepResult:
+        """Train on one batch (the tensors in ``loss_fn``'s order, or by name as keywords
+        of a dict passed alone). Steps are numbered here; give ``step_id`` to resend one."""
+        if len(batch) == 1 and isinstance(batch[0], dict):
+            named = dict(batch[0])
+        else:
+            if len(batch) != len(self.data_names):
+                raise ValueError(f"step() takes {len(self.data_names)} batch tensors "
+                                 f"({self.data_names}), got {len(batch)}")
+            named = dict(zip(self.data_names, batch))
+        with self._lock:
+            sid = step_id if step_id is not None else self.next_step_id
+            r = self.client.step(self.job_id, sid, named)
+            if step_id is None or step_id >= self.next_step_id:
+                self._next = r.step_id + 1
+        t = r.timings
+        return StepResult(r.step_id, r.loss, dict(r.metrics), r.version, r.batch_size,
+                          r.micro_batches, r.replayed,
+                          {"pull": t.pull_seconds, "compute": t.compute_seconds,
+                           "push": t.push_seconds, "apply": t.apply_seconds,
+                           "total": t.total_seconds, "reassigned": t.reassigned})
+
+    def parameters(self) -> "OrderedDict[str, Any]":
+        """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""
+        from gradmesh.core.tensor import from_numpy
+        _, arrays = self.client.get_parameters(self.job_id)
+        return OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
+
+    def status(self):
+        """The coordinator's JobStatusResponse (version, last step id, placement, ...)."""
+        return self.client.job_status(self.job_id)
+
+
+class WorkerRegistration:
+    """Register a worker with a coordinator and keep it alive with heartbeats.
+
+    >>> reg = WorkerRegistration("127.0.0.1:50053", "127.0.0.1:50051").start()  # doctest: +SKIP
+    >>> reg.stop()                                                                # doctest: +SKIP
+
+    Re-registers when the coordinator forgets the worker (it restarted).
+    """
+
+    def __init__(self, coordinator: str, worker_address: str, *, token: str | None = None):
+        self.client = CoordinatorClient(coordinator, token=token, timeout=10.0,
+                                        retry_seconds=0.0)
+        self.address = worker_address
+        self.worker_id: str | None = None
+        self.interval = 5.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def register(self) -> str:
+        from gradmesh.v1 import coordinator_pb2
+        r = self.client._call("RegisterWorker", lambda: coordinator_pb2.RegisterWorkerRequest(
+            address=self.address), retry=False)
+        self.worker_id, self.interval = r.worker_id, r.heartbeat_interval_seconds or 5.0
+        return self.worker_id
+
+    def start(self) -> "WorkerRegistration":
+        self.register()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="gradmesh-heartbeat")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        from gradmesh.v1 import coordinator_pb2
+        while not self._stop.wait(self.interval / 2):
+            try:
+                r = self.client._call("Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(
+                    worker_id=self.worker_id or ""), retry=False)
+                if not r.known:
+                    self.register()
+            except GradmeshError:
+                continue        # the coordinator is down: keep trying
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.client.close()

@@ -1,0 +1,460 @@
+"""Optimizers with ``torch.optim``'s update rules: SGD, Adam, AdamW.
+
+Each rule is a pure function over raw arrays, ``update(xp, param, grad, state, **hyper)``:
+it updates ``param`` and the arrays in ``state`` in place and returns ``state``. No Tensor is
+involved, so a parameter shard applies the very same function to its NumPy arrays that the
+``Optimizer`` classes here apply to ``p._data``; that is what makes a sharded run equal to a
+local one. The arithmetic follows torch's single-tensor (``foreach=False``) code paths step
+by step, in the same order, so trajectories agree with torch to rounding.
+
+Vocabulary: ``xp`` is the array module (numpy or cupy); ``state`` is one parameter's
+optimizer state, a dict of named arrays plus ``"step"`` (the number of updates applied).
+
+>>> import gradmesh.core as gm
+>>> w = gm.nn.Parameter(gm.tensor([1.0, -2.0]))
+>>> opt = gm.optim.SGD([w], lr=0.1)
+>>> (w * w).sum().backward()
+>>> opt.step()
+>>> w.tolist()
+[0.800000011920929, -1.600000023841858]
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import backend
+from .autograd import no_grad
+from .tensor import Tensor
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "sgd_update", "adam_update", "adamw_update",
+           "UPDATE_RULES", "HYPERPARAMETERS", "describe", "validate", "from_description",
+           "state_to_arrays", "state_from_arrays"]
+
+
+# ==================================================================== update rules ======
+
+def sgd_update(xp, param, grad, state: dict, *, lr: float, momentum: float = 0.0,
+               dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+               maximize: bool = False) -> dict:
+    """One step of ``torch.optim.SGD`` on arrays; ``param`` and ``state`` change in place.
+
+    ``grad`` is never written to. The first momentum step stores the gradient itself as
+    the buffer (no dampening), as torch does.
+    """
+    d_p = -grad if maximize else grad
+    if weight_decay != 0:
+        d_p = d_p + weight_decay * param
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            # xp.array, not d_p.copy(): for a 0-d parameter d_p may be a NumPy scalar,
+            # and the buffer must be an array that later steps can update in place.
+            buf = state["momentum_buffer"] = xp.array(d_p, dtype=param.dtype, copy=True)
+        else:
+            buf *= momentum
+            buf += d_p if dampening == 0 else (1 - dampening) * d_p
+        d_p = d_p + momentum * buf if nesterov else buf
+    param -= lr * d_p
+    state["step"] = state.get("step", 0) + 1
+    return state
+
+
+def adam_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
+                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+                decoupled_weight_decay: bool = False) -> dict:
+    """One step of ``torch.optim.Adam`` (AdamW with ``decoupled_weight_decay=True``) on arrays.
+
+    Moments start at zero on the first call; ``state["step"]`` counts the updates and
+    drives the bias corrections.
+    """
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = xp.zeros_like(param)
+        state["exp_avg_sq"] = xp.zeros_like(param)
+        if amsgrad:
+            state["max_exp_avg_sq"] = xp.zeros_like(param)
+    step = state["step"] = state["step"] + 1
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+
+    # One scratch array serves every intermediate below: the step allocates two arrays.
+    scratch = xp.empty_like(param)      # with out=, a 0-d result stays an array
+    xp.subtract(g, exp_avg, out=scratch)
+    # exp_avg.lerp_(g, 1 - beta1), with torch's two formulas chosen by the weight's size.
+    weight = 1 - beta1
+    if abs(weight) < 0.5:
+        scratch *= weight
+        exp_avg += scratch
+    else:
+        scratch *= 1 - weight
+        xp.subtract(g, scratch, out=exp_avg)
+    # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2): (value * g) * g.
+    exp_avg_sq *= beta2
+    xp.multiply(g, 1 - beta2, out=scratch)
+    scratch *= g
+    exp_avg_sq += scratch
+
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    if amsgrad:
+        max_sq = state.get("max_exp_avg_sq")
+        if max_sq is None:      # amsgrad switched on after the first step, as torch allows
+            max_sq = state["max_exp_avg_sq"] = xp.zeros_like(param)
+        xp.maximum(max_sq, exp_avg_sq, out=max_sq)
+        denom = xp.sqrt(max_sq)
+    else:
+        denom = xp.sqrt(exp_avg_sq)
+    denom /= bias_correction2_sqrt
+    denom += eps
+    # param.addcdiv_(exp_avg, denom, value=-step_size): (value * exp_avg) / denom.
+    xp.multiply(exp_avg, -step_size, out=scratch)
+    scratch /= denom
+    param += scratch
+    return state
+
+
+def adamw_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False,
+                 maximize: bool = False) -> dict:
+    """One step of ``torch.optim.AdamW``: ``param *= 1 - lr * weight_decay``, then Adam."""
+    return adam_update(xp, param, grad, state, lr=lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                       decoupled_weight_decay=True)
+
+
+UPDATE_RULES: dict[str, Callable[..., dict]] = {
+    "sgd": sgd_update,
+    "adam": adam_update,
+    "adamw": adamw_update,
+}
+
+# Every hyper-parameter each rule takes, with torch's defaults (SGD's lr included).
+HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+            "nesterov": False, "maximize": False},
+    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+             "amsgrad": False, "maximize": False},
+    "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
+              "amsgrad": False, "maximize": False},
+}
+
+_BOOLS = ("nesterov", "amsgrad", "maximize")
+
+
+def _check_hyper(name: str, hyper: dict) -> dict:
+    """Type- and range-check a full set of ``name``'s hyper-parameters; betas become a tuple."""
+    out = {}
+    for key, value in hyper.items():
+        if key in _BOOLS:
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name}: hyper-parameter {key!r} must be a bool, got "
+                                 f"{value!r}")
+            out[key] = bool(value)
+        elif key == "betas":
+            if (not isinstance(value, (tuple, list)) or len(value) != 2
+                    or not all(_is_real(b) for b in value)):
+                raise ValueError(f"{name}: 'betas' must be two floats like [0.9, 0.999], got "
+                                 f"{value!r}")
+            for i, b in enumerate(value):
+                if not 0.0 <= b < 1.0:
+                    raise ValueError(f"{name}: invalid beta parameter at index {i}: {b} "
+                                     f"(expected 0 <= beta < 1)")
+            out[key] = (float(value[0]), float(value[1]))
+        else:
+            if not _is_real(value):
+                raise ValueError(f"{name}: hyper-parameter {key!r} must be a number, got "
+                                 f"{value!r}")
+            if not value >= 0.0 or math.isinf(value):
+                what = "learning rate" if key == "lr" else f"{key} value"
+                raise ValueError(f"{name}: invalid {what}: {value} (expected a finite number "
+                                 f">= 0)")
+            out[key] = float(value)
+    if name == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+        raise ValueError("sgd: nesterov momentum requires a momentum > 0 and zero dampening")
+    return out
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def validate(description: dict) -> dict:
+    """Check an optimizer description received over the network; return it complete.
+
+    The result has every hyper-parameter of the rule (defaults filled in) and plain JSON
+    types (``betas`` a list). Unknown names or hyper-parameters raise ``ValueError``.
+
+    >>> validate({"name": "adam", "lr": 0.01})["betas"]
+    [0.9, 0.999]
+    """
+    if not isinstance(description, dict):
+        raise ValueError(f"optimizer description must be a dict, got "
+                         f"{type(description).__name__}")
+    name = description.get("name")
+    if name not in UPDATE_RULES:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(UPDATE_RULES)}")
+    defaults = HYPERPARAMETERS[name]
+    unknown = sorted(set(description) - set(defaults) - {"name"})
+    if unknown:
+        raise ValueError(f"{name}: unknown hyper-parameter(s) {unknown}; it takes "
+                         f"{sorted(defaults)}")
+    hyper = _check_hyper(name, {k: description.get(k, v) for k, v in defaults.items()})
+    if "betas" in hyper:
+        hyper["betas"] = list(hyper["betas"])
+    return {"name": name, **hyper}
+
+
+# ==================================================================== state on the wire ==
+
+def state_to_arrays(state: dict) -> tuple[dict[str, np.ndarray], int]:
+    """One parameter's optimizer state as (named NumPy arrays, step count): for checkpoints."""
+    arrays = {k: backend.to_numpy(v) for k, v in state.items()
+              if k != "step" and v is not None}
+    return arrays, int(state.get("step", 0))
+
+
+def state_from_arrays(arrays: dict[str, np.ndarray], step: int, xp=np) -> dict:
+    """The inverse of ``state_to_arrays``: a state dict the update rules accept, on ``xp``."""
+    state: dict[str, Any] = {k: xp.array(v, copy=True) for k, v in arrays.items()}
+    state["step"] = int(step)
+    return state
+
+
+# ==================================================================== optimizers ========
+
+class Optimizer:
+    """Base class: parameter groups, per-parameter state and the update loop.
+
+    A subclass names its rule (``rule``, a key of ``UPDATE_RULES``); ``step()`` calls that
+    pure function on every parameter that has a gradient.
+    """
+
+    rule: str = ""
+
+    def __init__(self, params, defaults: dict):
+        self.defaults = dict(defaults)
+        self.state: dict[Tensor, dict] = {}
+        self.param_groups: list[dict] = []
+        if isinstance(params, Tensor):
+            raise TypeError(f"{type(self).__name__}: params must be an iterable of Tensors or "
+                            f"dicts, got a Tensor; pass [tensor] or model.parameters()")
+        groups = list(params)
+        if not groups:
+            raise ValueError(f"{type(self).__name__} got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of parameters with its own hyper-parameters (missing ones default)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{type(self).__name__} can only optimize Tensors, got "
+                                f"{type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError(f"{type(self).__name__} can't optimize a non-leaf Tensor; "
+                                 f"optimize the leaf it was computed from")
+        unknown = sorted(set(param_group) - set(self.defaults) - {"params"})
+        if unknown:
+            raise ValueError(f"{self.rule}: unknown hyper-parameter(s) {unknown}; it takes "
+                             f"{sorted(self.defaults)}")
+        group = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        group.update(_check_hyper(self.rule, group))
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        group["params"] = params
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every parameter's ``.grad``: drop it (default) or fill it with zeros."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad = p.grad.detach()
+                    p.grad._data[...] = 0
+
+    @no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Apply one update to every parameter that has a gradient; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            from .autograd import enable_grad
+            with enable_grad():
+                loss = closure()
+        update = UPDATE_RULES[self.rule]
+        names = HYPERPARAMETERS[self.rule]
+        state = self.state
+        for group in self.param_groups:
+            hyper = {k: group[k] for k in names}
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                s = state.get(p)
+                if s is None:
+                    s = state[p] = {}
+                data = p._data
+                update(backend.xp_of(data), data, grad._data, s, **hyper)
+        return loss
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{"state": {index: {name: Tensor, "step": int}}, "param_groups": [...]}`` like torch.
+
+        Parameters are named by their index over all groups; the arrays are copies.
+        """
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            ids = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                ids.append(index[id(p)])
+            saved = {k: (list(v) if k == "betas" else v) for k, v in group.items()
+                     if k != "params"}
+            groups.append({**saved, "params": ids})
+        state = {}
+        for p, s in self.state.items():
+            if id(p) in index:
+                state[index[id(p)]] = {k: (v if k == "step" else Tensor(v.copy()))
+                                       for k, v in s.items() if v is not None}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore ``state_dict()``'s output into an optimizer over the same parameters.
+
+        A ``torch.optim`` state_dict of the same optimizer loads too (its tensors are
+        converted), so training can move from torch to gradmesh mid-run.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for i, (mine, theirs) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(mine["params"]) != len(theirs["params"]):
+                raise ValueError(f"loaded state dict's parameter group {i} has "
+                                 f"{len(theirs['params'])} parameters, this optimizer's has "
+                                 f"{len(mine['params'])}")
+        by_index = {}
+        for mine, theirs in zip(self.param_groups, saved_groups):
+            for p, i in zip(mine["params"], theirs["params"]):
+                by_index[i] = p
+        new_state = {}
+        for i, s in state_dict["state"].items():
+            p = by_index.get(int(i))
+            if p is None:
+                continue
+            xp = backend.xp_of(p._data)
+            entry = {}
+            for k, v in s.items():
+                if k == "step":
+                    entry[k] = int(v)
+                    continue
+                arr = v._data if isinstance(v, Tensor) else np.asarray(v)
+                if arr.shape != p.shape:
+                    raise ValueError(f"loaded optimizer state {k!r} has shape {arr.shape}, "
+                                     f"its parameter has shape {p.shape}")
+                entry[k] = xp.array(backend.to_numpy(arr) if xp is np else arr,
+                                    dtype=p._data.dtype, copy=True)
+            new_state[p] = entry
+        for mine, theirs in zip(self.param_groups, saved_groups):
+            # Only our hyper-parameters: a torch state_dict also carries flags like foreach.
+            hyper = {k: v for k, v in theirs.items() if k in self.defaults}
+            mine.update(_check_hyper(self.rule, {**self.defaults, **hyper}))
+        self.state = new_state
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {group[k]}" for k in sorted(group) if k != "params"]
+        return "\n".join(lines) + "\n)"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay.
+
+    Same arguments and update as ``torch.optim.SGD``.
+    """
+
+    rule = "sgd"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 *, maximize: bool = False):
+        super().__init__(params, _check_hyper("sgd", dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize)))
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), with torch's L2 ``weight_decay`` and ``amsgrad``."""
+
+    rule = "adam"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False):
+        super().__init__(params, _check_hyper(self.rule, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize)))
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter); ``weight_decay`` defaults to 1e-2."""
+
+    rule = "adamw"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def describe(optimizer: Optimizer) -> dict:
+    """The optimizer as a plain, JSON-ready dict: ``{"name": "adam", "lr": ..., ...}``.
+
+    The wire format carries one set of hyper-parameters, so all groups must share them.
+    """
+    groups = [{k: g[k] for k in HYPERPARAMETERS[optimizer.rule]}
+              for g in optimizer.param_groups]
+    if any(g != groups[0] for g in groups[1:]):
+        raise ValueError(f"describe: {type(optimizer).__name__}'s parameter groups have "
+                         f"different hyper-parameters; the description carries one set, so "
+                         f"use one group")
+    return validate({"name": optimizer.rule, **groups[0]})
+
+
+def from_description(params: Iterable, description: dict) -> Optimizer:
+    """Build the optimizer a description names (after ``validate``) over ``params``."""
+    d = validate(description)
+    name = d.pop("name")
+    return OPTIMIZERS[name](params, **d)

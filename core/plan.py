@@ -1,0 +1,383 @@
+"""The compiled execution plan: a validated graph as a flat list of kernels over slots.
+
+``compile_plan`` turns a ``ValidatedGraph`` and concrete data shapes into a ``Plan``. Slot
+``v`` holds value ``v`` of the graph (inputs, then one per node). Forward kernels call each
+op's ``forward(xp, *arrays, **attrs)`` on bare arrays with the attributes decoded once, at
+compile time. Backward kernels reuse the registry's vjps (one place for each derivative):
+they wrap the saved arrays in Tensors and run the vjp under the backward engine's own mode,
+then reduce broadcast gradients with the engine's ``_reduce_grad``.
+
+Bitwise equality with eager ``loss.backward()``: the backward kernels visit nodes in the
+order of ``autograd.run_backward`` (its iterative depth-first topological order, over the
+nodes that require grad when every parameter does), and sum the contributions to a value
+in that same order, with the same ops. So a plan's gradients equal the eager engine's bit
+for bit on the same backend.
+
+Memory: every slot is freed (set to None) right after its last use, found at compile time:
+a value lives until its last forward consumer, or until the last backward kernel whose vjp
+reads it (the inputs of the op, and the output of ``saves_out`` ops); values that backward
+will not need are freed during the forward pass. Only gradients that lead to the requested
+parameters are computed.
+
+Randomness: a random op (one with an int ``seed`` attribute, e.g. ``dropout_mask``) at node
+``k`` of a call with seed ``s`` uses ``graph.random_seed(s, k)``: the same call seed gives
+the same masks on every worker and backend. Without a call seed the seeds recorded in the
+graph are used.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import autograd, backend as backend_mod
+from .graph import (CONST, DATA, PARAM, GraphError, ValidatedGraph, is_random, random_seed)
+from .registry import Op
+
+__all__ = ["compile_plan", "Plan", "PlanResult", "BACKENDS"]
+
+BACKENDS = ("cpu", "cuda")
+
+
+@dataclass
+class PlanResult:
+    """What ``Plan.run`` returns; arrays are NumPy whatever the backend."""
+    loss: np.ndarray                         # 0-d, after loss_scale
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+    forward_seconds: float
+    backward_seconds: float
+
+
+@dataclass
+class _Forward:
+    node: int                                # node index in the graph
+    out: int                                 # slot written
+    forward: Callable
+    inputs: tuple[int, ...]
+    attrs: dict
+    random: bool
+    free: tuple[int, ...] = ()               # slots to release after this kernel
+
+
+@dataclass
+class _Backward:
+    node: int
+    out: int
+    op: Op
+    inputs: tuple[int, ...]
+    needs_grad: tuple[bool, ...]             # per input: does its gradient reach a target?
+    saves_out: bool
+    free: tuple[int, ...] = ()
+
+
+@dataclass
+class _Schedule:
+    forward: list[_Forward]
+    backward: list[_Backward]
+    grads: tuple[str, ...]
+    outputs: tuple[str, ...]
+    free_inputs: tuple[int, ...]             # slots never read (unused inputs)
+
+
+@dataclass
+class Plan:
+    """A graph compiled for one set of data shapes and one backend. Thread-safe to run."""
+    graph: ValidatedGraph
+    data_shapes: dict[str, tuple]
+    backend: str
+    specs: list                              # concrete Spec of every value
+    requires: list[bool]                     # value depends on a parameter (eager's requires_grad)
+    topo: list[int]                          # eager backward's node order (node indices)
+    _schedules: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def graph_id(self) -> str:
+        return self.graph.id
+
+    # -- compile-time --------------------------------------------------------------------
+    def schedule(self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
+                 ) -> _Schedule:
+        """The kernels for these requested gradients and outputs (cached)."""
+        vg = self.graph
+        grads = tuple(vg.params) if grads is None else tuple(grads)
+        outputs = tuple(outputs)
+        key = (grads, outputs)
+        sched = self._schedules.get(key)
+        if sched is None:
+            sched = self._build(grads, outputs)
+            self._schedules[key] = sched
+        return sched
+
+    def _build(self, grads: tuple, outputs: tuple) -> _Schedule:
+        vg = self.graph
+        n_in = vg.num_inputs
+        for name in grads:
+            if name not in vg.params:
+                raise GraphError(f"gradients[{name}]", f"not a PARAM input of the graph; its "
+                                 f"parameters are {vg.params}")
+        for name in outputs:
+            if name not in vg.outputs:
+                raise GraphError(f"outputs[{name}]", f"the graph has no output {name!r}; it "
+                                 f"has {list(vg.outputs)}")
+        n_values = n_in + len(vg.ops)
+        loss = vg.outputs[vg.graph.outputs[0].name]
+        targets = {vg.input_index[g] for g in grads}
+
+        # Which values' gradients lead to a requested parameter.
+        needed = [False] * n_values
+        for v in targets:
+            needed[v] = True
+        for k, ins in enumerate(vg.node_inputs):
+            needed[n_in + k] = any(needed[i] for i in ins)
+
+        # Forward: only the nodes the loss and the requested outputs depend on.
+        live = [False] * n_values
+        stack = [loss] + [vg.outputs[o] for o in outputs]
+        while stack:
+            v = stack.pop()
+            if not live[v]:
+                live[v] = True
+                if v >= n_in:
+                    stack.extend(vg.node_inputs[v - n_in])
+
+        backward_nodes = [k for k in self.topo if needed[n_in + k] and live[n_in + k]] \
+            if targets else []
+        n_fwd = sum(live[n_in:])
+        end = n_fwd + len(backward_nodes)
+        last = [-1] * n_values                # position of the last kernel reading a slot
+        pos = 0
+        fwd_pos = {}
+        for k, ins in enumerate(vg.node_inputs):
+            if not live[n_in + k]:
+                continue
+            fwd_pos[k] = pos
+            for i in ins:
+                last[i] = max(last[i], pos)
+            last[n_in + k] = max(last[n_in + k], pos)   # written here
+            pos += 1
+        for j, k in enumerate(backward_nodes):
+            p = n_fwd + j
+            for i in vg.node_inputs[k]:
+                last[i] = max(last[i], p)
+            if vg.ops[k].saves_out:
+                last[n_in + k] = max(last[n_in + k], p)
+        for v in [loss] + [vg.outputs[o] for o in outputs]:
+            last[v] = end                     # read when the result is assembled
+
+        frees: dict[int, list[int]] = {}
+        never = []
+        for v in range(n_values):
+            if last[v] == end:
+                continue
+            if last[v] < 0:
+                if v < n_in:
+                    never.append(v)
+                continue
+            frees.setdefault(last[v], []).append(v)
+
+        fwd = []
+        for k, p in fwd_pos.items():
+            op, a = vg.ops[k], vg.attrs[k]
+            fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
+                                tuple(frees.get(p, ()))))
+        bwd = []
+        for j, k in enumerate(backward_nodes):
+            op = vg.ops[k]
+            ins = vg.node_inputs[k]
+            bwd.append(_Backward(k, n_in + k, op, ins, tuple(needed[i] for i in ins),
+                                 op.saves_out, tuple(frees.get(n_fwd + j, ()))))
+        return _Schedule(fwd, bwd, grads, outputs, tuple(never))
+
+    # -- run -----------------------------------------------------------------------------
+    def run(self, params: Mapping[str, object], data: Mapping[str, object], *,
+            grads: Sequence[str] | None = None, outputs: Sequence[str] = (),
+            loss_scale: float = 1.0, seed: int | None = None,
+            record_live: list | None = None) -> PlanResult:
+        """Forward and backward for one batch.
+
+        ``params``/``data`` map input names to arrays (NumPy; the ``cuda`` backend copies
+        them to the device). ``grads`` names the parameters whose gradients to return (None:
+        all; ``[]``: forward only); a requested parameter the loss does not depend on gets
+        zeros. ``loss_scale`` multiplies the loss and so every gradient (the backward pass
+        starts from ``loss_scale`` instead of 1). ``seed`` seeds random ops (see the module
+        docstring). ``record_live``, for tests: the number of live slots after each kernel
+        is appended to it.
+        """
+        vg = self.graph
+        sched = self.schedule(grads, outputs)
+        xp = backend_mod.cupy() if self.backend == "cuda" else np
+        slots: list = [None] * len(self.specs)
+        for i, inp in enumerate(vg.graph.inputs):
+            if inp.role == CONST:
+                slots[i] = vg.consts[i] if xp is np else xp.asarray(vg.consts[i])
+            else:
+                source, kind = (params, "parameters") if inp.role == PARAM else (data, "data")
+                if inp.name not in source:
+                    raise GraphError(f"{kind}[{inp.name}]", "missing")
+                slots[i] = self._check_input(kind, inp.name, source[inp.name], self.specs[i], xp)
+        for i in sched.free_inputs:
+            slots[i] = None
+
+        t0 = time.perf_counter()
+        for kern in sched.forward:
+            a = kern.attrs
+            if kern.random and seed is not None:
+                a = {**a, "seed": random_seed(seed, kern.node)}
+            out = kern.forward(xp, *[slots[i] for i in kern.inputs], **a)
+            slots[kern.out] = out if isinstance(out, xp.ndarray) else xp.asarray(out)
+            for v in kern.free:
+                slots[v] = None
+            if record_live is not None:
+                record_live.append(sum(s is not None for s in slots))
+        loss_v = vg.outputs[vg.graph.outputs[0].name]
+        loss = slots[loss_v]
+        _sync(xp)
+        t1 = time.perf_counter()
+
+        grad_arrays = self._backward(sched, slots, xp, loss_scale, seed, record_live) \
+            if sched.grads else {}
+        _sync(xp)
+        t2 = time.perf_counter()
+
+        to_host = backend_mod.to_numpy
+        loss_out = to_host(loss)
+        if loss_scale != 1.0:
+            loss_out = (loss_out * loss_out.dtype.type(loss_scale)).astype(loss_out.dtype)
+        result_outputs = {name: to_host(slots[vg.outputs[name]]) for name in sched.outputs}
+        result_grads = {}
+        for name in sched.grads:
+            g = grad_arrays.get(name)
+            spec = self.specs[vg.input_index[name]]
+            result_grads[name] = to_host(g) if g is not None else np.zeros(spec.shape, spec.dtype.np)
+        return PlanResult(np.asarray(loss_out), result_outputs, result_grads, t1 - t0, t2 - t1)
+
+    def _check_input(self, kind: str, name: str, value, spec, xp):
+        from .tensor import Tensor
+        if isinstance(value, Tensor):
+            value = value._data
+        if xp is np:
+            value = backend_mod.to_numpy(value) if not isinstance(value, np.ndarray) else value
+        elif not isinstance(value, xp.ndarray):
+            value = xp.asarray(backend_mod.to_numpy(np.asarray(value)))
+        if tuple(value.shape) != tuple(spec.shape):
+            raise GraphError(f"{kind}[{name}].shape", f"got shape {list(value.shape)}, the plan "
+                             f"was compiled for {list(spec.shape)}")
+        if value.dtype != spec.dtype.np:
+            raise GraphError(f"{kind}[{name}].dtype", f"got {value.dtype}, the graph declares "
+                             f"{spec.dtype.name}")
+        return value
+
+    def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed,
+                  record_live) -> dict:
+        """The eager engine's ``run_backward`` over slots: same order, same ops."""
+        from .tensor import Tensor, _reduce_grad
+        vg = self.graph
+        n_in = vg.num_inputs
+        wrap = Tensor._wrap
+        loss_v = vg.outputs[vg.graph.outputs[0].name]
+        spec = self.specs[loss_v]
+        seed_grad = wrap(xp.full(spec.shape, loss_scale, dtype=spec.dtype.np))
+        grads: dict[str, Tensor] = {}
+        param_name = {vg.input_index[n]: n for n in sched.grads}
+        if loss_v < n_in:
+            # The loss is a parameter itself: the seed gradient is its gradient.
+            if loss_v in param_name:
+                grads[param_name[loss_v]] = seed_grad
+            return {n: g._data for n, g in grads.items()}
+        pending: dict[int, Tensor] = {loss_v: seed_grad}
+        with _engine_mode():
+            for kern in sched.backward:
+                g = pending.pop(kern.out, None)
+                if g is not None:
+                    self._vjp(kern, g, slots, pending, grads, param_name, seed, wrap,
+                              _reduce_grad)
+                for v in kern.free:
+                    slots[v] = None
+                if record_live is not None:
+                    record_live.append(sum(s is not None for s in slots))
+        return {n: g._data for n, g in grads.items()}
+
+    def _vjp(self, kern: _Backward, g, slots, pending, grads, param_name, seed, wrap,
+             reduce_grad) -> None:
+        vg = self.graph
+        requires = self.requires
+        op = kern.op
+        attrs = vg.attrs[kern.node]
+        if seed is not None and is_random(op):
+            attrs = {**attrs, "seed": random_seed(seed, kern.node)}
+        # Inputs carry requires_grad only where a gradient is wanted, so that vjps skip
+        # the others (as eager skips inputs that do not require grad).
+        inputs = [wrap(slots[i], need and requires[i])
+                  for i, need in zip(kern.inputs, kern.needs_grad)]
+        out = wrap(slots[kern.out], True) if kern.saves_out else None
+        result = op.vjp(g, out, *inputs, **attrs)
+        if len(result) != len(inputs):
+            raise RuntimeError(f"{op.name}: vjp returned {len(result)} gradients for "
+                               f"{len(inputs)} inputs")
+        for v, t, gi in zip(kern.inputs, inputs, result):
+            if gi is None or not t.requires_grad:
+                continue
+            gi = reduce_grad(gi, t)
+            name = param_name.get(v)
+            if name is not None:
+                # A leaf: accumulate as autograd._accumulate_leaf does.
+                grads[name] = gi if name not in grads else grads[name] + gi
+            elif v >= vg.num_inputs:
+                pending[v] = gi if v not in pending else pending[v] + gi
+
+
+def _engine_mode():
+    """The mode the eager engine runs vjps in (no graph recording)."""
+    mode = getattr(autograd, "_engine_mode", None)
+    return mode(False) if mode is not None else autograd.no_grad()
+
+
+def _sync(xp) -> None:
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
+def compile_plan(validated_graph: ValidatedGraph, data_shapes: Mapping[str, Sequence[int]],
+                 backend: str = "cpu") -> Plan:
+    """Compile a validated graph for concrete data shapes on ``backend`` ("cpu" or "cuda").
+
+    Infers every value's concrete shape (checking the element limit) and the eager
+    backward order; kernels for a given set of requested gradients and outputs are built on
+    first use and cached in the plan. Cache plans per (graph id, data shapes, backend).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    vg = validated_graph
+    shapes = {n: tuple(int(s) for s in shape) for n, shape in data_shapes.items()}
+    specs = vg.specs_at(shapes)
+    n_in = vg.num_inputs
+    requires = [inp.role == PARAM for inp in vg.graph.inputs]
+    for k, ins in enumerate(vg.node_inputs):
+        requires.append(any(requires[i] for i in ins))
+    loss_v = vg.outputs[vg.graph.outputs[0].name]
+    topo = _topo_order(loss_v, n_in, vg.node_inputs, requires)
+    return Plan(vg, shapes, backend, specs, requires, topo)
+
+
+def _topo_order(root: int, n_in: int, node_inputs, requires) -> list[int]:
+    """Node indices in the order of ``autograd._topo_order`` from the loss: an iterative
+    depth-first post-order over inputs that require grad, reversed."""
+    if root < n_in or not requires[root]:
+        return []
+    order, seen = [], {root}
+    stack = [(root, iter(node_inputs[root - n_in]))]
+    while stack:
+        v, it = stack[-1]
+        for i in it:
+            if i >= n_in and requires[i] and i not in seen:
+                seen.add(i)
+                stack.append((i, iter(node_inputs[i - n_in])))
+                break
+        else:
+            stack.pop()
+            order.append(v - n_in)
+    order.reverse()
+    return order

@@ -1,0 +1,392 @@
+"""Tensors on the wire: the ``Tensor`` message codec and the chunked streaming protocol.
+
+A tensor travels as ``Tensor {dtype, shape, data}``: little-endian, C-order raw bytes (see
+``protos/gradmesh/v1/tensor.proto``). Decoding checks everything a hostile peer controls
+(dtype enum, shape, element count against a limit *before* anything is allocated, exact
+byte length) and raises ``WireError`` naming the offending field, with the gRPC status
+code the server should answer with.
+
+>>> import numpy as np
+>>> t = to_proto(np.arange(6, dtype=np.float32).reshape(2, 3))
+>>> from_proto(t, field="x").tolist()
+[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+Large messages go over a streaming RPC: ``split_for_stream`` turns a message into a header
+whose tensors carry dtype and shape but no data, plus one buffer per tensor in header
+order; ``chunks`` cuts those buffers into ``Chunk`` messages; on the receiving side an
+``Assembler`` preallocates every tensor from the header (after checking the limits) and
+fills it in place chunk by chunk.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from gradmesh.v1 import tensor_pb2
+
+from . import dtypes
+
+__all__ = ["WireError", "DTYPE_TO_PROTO", "PROTO_TO_DTYPE", "to_proto", "from_proto",
+           "tensor_buffer", "split_for_stream", "chunks", "Assembler", "StreamSlot",
+           "DEFAULT_CHUNK_BYTES", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES"]
+
+MIN_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 2 << 20
+
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+class WireError(ValueError):
+    """A malformed or over-limit message. ``field`` names the offending field (e.g.
+    ``"parameters[w1].data"``); ``code`` is the gRPC status code name to answer with:
+    ``"INVALID_ARGUMENT"`` or ``"RESOURCE_EXHAUSTED"``."""
+
+    def __init__(self, field: str, message: str, code: str = INVALID_ARGUMENT):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+DTYPE_TO_PROTO: dict[dtypes.DType, int] = {
+    dtypes.float32: tensor_pb2.FLOAT32,
+    dtypes.float64: tensor_pb2.FLOAT64,
+    dtypes.int64: tensor_pb2.INT64,
+    dtypes.int32: tensor_pb2.INT32,
+    dtypes.bool_: tensor_pb2.BOOL,
+    dtypes.float16: tensor_pb2.FLOAT16,
+}
+PROTO_TO_DTYPE: dict[int, dtypes.DType] = {v: k for k, v in DTYPE_TO_PROTO.items()}
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _wire_np(dtype: dtypes.DType) -> np.dtype:
+    """The NumPy dtype of the wire format: explicitly little-endian."""
+    return dtype.np.newbyteorder("<")
+
+
+def _host_array(x) -> np.ndarray:
+    """``x`` (NumPy, CuPy or gradmesh Tensor) as a host NumPy array, without copying a
+    NumPy array."""
+    from .tensor import Tensor
+    if isinstance(x, Tensor):
+        x = x._data
+    if not isinstance(x, np.ndarray):
+        # CuPy arrays copy to the host with .get(), even before gradmesh imported CuPy.
+        x = x.get() if type(x).__module__.startswith("cupy") else np.asarray(x)
+    return x
+
+
+def _wire_array(x) -> tuple[np.ndarray, dtypes.DType]:
+    a = _host_array(x)
+    dtype = dtypes.from_numpy(a.dtype.newbyteorder("="))
+    # One copy at most: only when the array is not already little-endian and C-contiguous.
+    # (np.ascontiguousarray would turn a 0-d array into a 1-d one.)
+    a = np.asarray(a, dtype=_wire_np(dtype), order="C")
+    return a, dtype
+
+
+def tensor_buffer(x) -> memoryview:
+    """The wire bytes of an array as a memoryview: no copy for a little-endian, C-contiguous
+    NumPy array (a CuPy array is copied to the host once)."""
+    a, _ = _wire_array(x)
+    return memoryview(a).cast("B")
+
+
+def to_proto(x, *, data: bool = True) -> tensor_pb2.Tensor:
+    """Encode a NumPy array, CuPy array or gradmesh Tensor as a ``Tensor`` message.
+
+    With ``data=False`` only dtype and shape are set (a streaming header).
+    """
+    a, dtype = _wire_array(x)
+    t = tensor_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=a.shape)
+    if data and a.size:
+        t.data = a.tobytes()        # protobuf only takes bytes: this is the one copy
+    return t
+
+
+def check_header(t: tensor_pb2.Tensor, *, field: str = "tensor",
+                 max_elements: int | None = None) -> tuple[dtypes.DType, tuple, int]:
+    """Validate a tensor's dtype and shape; returns (dtype, shape, byte size).
+
+    Nothing is allocated: the element count is checked against ``max_elements`` first.
+    """
+    dtype = PROTO_TO_DTYPE.get(t.dtype)
+    if dtype is None:
+        raise WireError(f"{field}.dtype", f"unknown or unspecified dtype {t.dtype}; expected one "
+                        f"of {sorted(tensor_pb2.DType.Name(v) for v in PROTO_TO_DTYPE)}")
+    shape = tuple(int(s) for s in t.shape)
+    for i, s in enumerate(shape):
+        if s < 0:
+            raise WireError(f"{field}.shape", f"dimension {i} is {s}; sizes must be >= 0")
+    count = math.prod(shape)                        # Python ints: no overflow
+    if max_elements is not None and count > max_elements:
+        raise WireError(f"{field}.shape", f"{count} elements (shape {list(shape)}) exceed the "
+                        f"limit of {max_elements}", RESOURCE_EXHAUSTED)
+    return dtype, shape, count * dtype.itemsize
+
+
+def from_proto(t: tensor_pb2.Tensor, *, field: str = "tensor",
+               max_elements: int | None = None) -> np.ndarray:
+    """Decode a ``Tensor`` message into a NumPy array without copying its bytes.
+
+    The array is a read-only view of the message's ``data`` (``np.frombuffer``); copy it
+    (``.copy()``) before writing to it. Raises ``WireError`` for an unknown dtype, a negative
+    dimension, more than ``max_elements`` elements (RESOURCE_EXHAUSTED, checked before any
+    allocation) or a byte length other than ``product(shape) * itemsize``.
+    """
+    dtype, shape, nbytes = check_header(t, field=field, max_elements=max_elements)
+    data = t.data
+    if len(data) != nbytes:
+        raise WireError(f"{field}.data", f"has {len(data)} bytes; dtype "
+                        f"{dtype.name} and shape {list(shape)} need exactly {nbytes}")
+    return _decode(data, dtype, shape, field)
+
+
+def _decode(buf, dtype: dtypes.DType, shape: tuple, field: str) -> np.ndarray:
+    a = np.frombuffer(buf, dtype=_wire_np(dtype)).reshape(shape)
+    if dtype is dtypes.bool_ and a.size and a.view(np.uint8).max() > 1:
+        raise WireError(f"{field}.data", "bool elements must be 0 or 1")
+    if not _LITTLE:
+        a = a.astype(dtype.np)      # big-endian hosts: one conversion to native order
+    return a
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming: header + chunks
+# ---------------------------------------------------------------------------------------
+
+def _tensor_fields(message, tensor_fields: Sequence[str] | None) -> list:
+    """The message's fields holding tensors, in field-number order (the protocol's order).
+
+    By default every top-level field of type ``Tensor`` or ``NamedTensor`` (singular or
+    repeated); a graph's CONST values are not streamed.
+    """
+    kinds = (tensor_pb2.Tensor.DESCRIPTOR.full_name, tensor_pb2.NamedTensor.DESCRIPTOR.full_name)
+    fields = []
+    for fd in message.DESCRIPTOR.fields:
+        if tensor_fields is None:
+            if fd.message_type is not None and fd.message_type.full_name in kinds:
+                fields.append(fd)
+        elif fd.name in tensor_fields:
+            if fd.message_type is None or fd.message_type.full_name not in kinds:
+                raise TypeError(f"field {fd.name} of {message.DESCRIPTOR.name} holds no tensors")
+            fields.append(fd)
+    if tensor_fields is not None and len(fields) != len(set(tensor_fields)):
+        known = {fd.name for fd in message.DESCRIPTOR.fields}
+        raise TypeError(f"{message.DESCRIPTOR.name} has no field(s) "
+                        f"{sorted(set(tensor_fields) - known)}")
+    return sorted(fields, key=lambda fd: fd.number)
+
+
+def _is_repeated(fd) -> bool:
+    return fd.is_repeated
+
+
+def _walk(message, fields) -> Iterator[tuple[str, str | None, tensor_pb2.Tensor, object]]:
+    """(field path, name, Tensor message, holder) for each tensor, in header order."""
+    named = tensor_pb2.NamedTensor.DESCRIPTOR.full_name
+    for fd in fields:
+        is_named = fd.message_type.full_name == named
+        if _is_repeated(fd):
+            items = list(getattr(message, fd.name))
+        elif message.HasField(fd.name):
+            items = [getattr(message, fd.name)]
+        else:
+            continue
+        for i, item in enumerate(items):
+            if is_named:
+                key = item.name or str(i)
+                yield f"{fd.name}[{key}]", item.name, item.tensor, item
+            else:
+                path = f"{fd.name}[{i}]" if _is_repeated(fd) else fd.name
+                yield path, None, item, item
+
+
+def _copy_field(dst, fd, value) -> None:
+    if _is_repeated(fd):
+        target = getattr(dst, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            for k, v in value.items():
+                if isinstance(target[k], (int, float, str, bytes, bool)):
+                    target[k] = v
+                else:
+                    target[k].CopyFrom(v)
+        else:
+            target.extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
+def split_for_stream(message, tensor_fields: Sequence[str] | None = None
+                     ) -> tuple[object, list[memoryview]]:
+    """A streaming header (the message with its tensors' data left empty) and the data of
+    each tensor as a memoryview, in header order.
+
+    ``tensor_fields`` names the top-level fields whose tensors are streamed (default: all
+    ``Tensor``/``NamedTensor`` fields, e.g. ``parameters`` and ``data`` of a
+    ``ComputeGradientsRequest``). The message itself is left unchanged. Reading a bytes
+    field out of a protobuf message copies it once; to stream arrays you already hold,
+    build the header with ``to_proto(a, data=False)`` and pass ``tensor_buffer(a)``.
+    """
+    fields = _tensor_fields(message, tensor_fields)
+    header = type(message)()
+    tensor_names = {fd.name for fd in fields}
+    for fd, value in message.ListFields():
+        if fd.name not in tensor_names:
+            _copy_field(header, fd, value)
+    buffers = []
+    named = tensor_pb2.NamedTensor.DESCRIPTOR.full_name
+    for fd in fields:
+        items = list(getattr(message, fd.name)) if _is_repeated(fd) else (
+            [getattr(message, fd.name)] if message.HasField(fd.name) else [])
+        for item in items:
+            t = item.tensor if fd.message_type.full_name == named else item
+            if fd.message_type.full_name == named:
+                dst = getattr(header, fd.name).add() if _is_repeated(fd) else getattr(header, fd.name)
+                dst.name = item.name
+                dst_t = dst.tensor
+            else:
+                dst_t = getattr(header, fd.name).add() if _is_repeated(fd) else getattr(header, fd.name)
+            dst_t.dtype = t.dtype
+            dst_t.shape.extend(t.shape)
+            if fd.message_type.full_name == named and not item.HasField("tensor"):
+                dst.ClearField("tensor")
+            buffers.append(memoryview(t.data))
+    return header, buffers
+
+
+def chunks(buffers: Iterable, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+           ) -> Iterator[tensor_pb2.Chunk]:
+    """Cut each buffer (bytes, memoryview or array) into ``Chunk`` messages of at most
+    ``chunk_bytes``; a buffer of zero bytes yields no chunk."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    for index, buf in enumerate(buffers):
+        mv = buf if isinstance(buf, memoryview) else (
+            tensor_buffer(buf) if not isinstance(buf, (bytes, bytearray)) else memoryview(buf))
+        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        for offset in range(0, mv.nbytes, chunk_bytes):
+            # protobuf takes only bytes: one copy of each piece.
+            yield tensor_pb2.Chunk(tensor_index=index, offset=offset,
+                                   data=bytes(mv[offset:offset + chunk_bytes]))
+
+
+@dataclass
+class StreamSlot:
+    """One streamed tensor: where it sits in the header and what it holds."""
+    path: str                  # e.g. "parameters[w1]"; errors name f"{path}.data"
+    field: str                 # the top-level field, e.g. "parameters"
+    name: str | None           # the NamedTensor's name, None for a bare Tensor
+    dtype: dtypes.DType
+    shape: tuple
+    nbytes: int
+
+
+class Assembler:
+    """Rebuild a streamed message's tensors from its header and its chunks.
+
+    >>> import numpy as np
+    >>> from gradmesh.v1 import worker_pb2
+    >>> req = worker_pb2.ComputeGradientsRequest(graph_id="g")
+    >>> req.data.add(name="x").tensor.CopyFrom(to_proto(np.ones(3, np.float32)))
+    >>> header, bufs = split_for_stream(req)
+    >>> asm = Assembler(header, max_total_bytes=1 << 20)
+    >>> for c in chunks(bufs, 1 << 20):
+    ...     asm.add(c)
+    >>> [a.tolist() for a in asm.finish()]
+    [[1.0, 1.0, 1.0]]
+
+    All limits are checked from the header before anything is allocated; then each tensor
+    gets one buffer that chunks are copied into in place. Chunks must arrive in order:
+    tensor by tensor, each tensor's bytes contiguous from offset 0.
+    """
+
+    def __init__(self, header, max_total_bytes: int, *, tensor_fields: Sequence[str] | None = None,
+                 max_elements: int | None = None):
+        self.header = header
+        self._fields = _tensor_fields(header, tensor_fields)
+        self.slots: list[StreamSlot] = []
+        total = 0
+        for path, name, t, _holder in _walk(header, self._fields):
+            if len(t.data):
+                raise WireError(f"{path}.data", "a streamed header must not carry data; send "
+                                "it in chunks")
+            dtype, shape, nbytes = check_header(t, field=path, max_elements=max_elements)
+            total += nbytes
+            if total > max_total_bytes:
+                raise WireError(f"{path}.shape", f"the streamed tensors need more than "
+                                f"{max_total_bytes} bytes in all", RESOURCE_EXHAUSTED)
+            self.slots.append(StreamSlot(path, path.split("[")[0], name, dtype, shape, nbytes))
+        self.total_bytes = total
+        self._buffers = [bytearray(s.nbytes) for s in self.slots]
+        self._filled = [0] * len(self.slots)
+        self._current = 0
+        self._arrays = None
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._current < len(self.slots) and \
+                self._filled[self._current] == self.slots[self._current].nbytes:
+            self._current += 1
+
+    def add(self, chunk: tensor_pb2.Chunk) -> None:
+        """Copy one chunk into its tensor; raises ``WireError`` (field ``chunk``) for an
+        unknown tensor index, a chunk out of order or past the tensor's end."""
+        i = chunk.tensor_index
+        if i >= len(self.slots):
+            raise WireError("chunk.tensor_index", f"is {i} but the header has "
+                            f"{len(self.slots)} tensors")
+        slot = self.slots[i]
+        if i != self._current:
+            expected = (f"tensor {self._current} ({self.slots[self._current].path})"
+                        if self._current < len(self.slots) else "no more chunks")
+            raise WireError("chunk.tensor_index", f"chunk for tensor {i} ({slot.path}) out of "
+                            f"order; expected {expected}")
+        data = chunk.data
+        if chunk.offset != self._filled[i]:
+            raise WireError("chunk.offset", f"{slot.path}: got offset {chunk.offset}, expected "
+                            f"{self._filled[i]} (chunks must be contiguous and in order)")
+        end = chunk.offset + len(data)
+        if end > slot.nbytes:
+            raise WireError("chunk.data", f"{slot.path}: chunk ends at byte {end}, past the "
+                            f"tensor's {slot.nbytes} bytes")
+        if not data:
+            raise WireError("chunk.data", f"{slot.path}: empty chunk")
+        memoryview(self._buffers[i])[chunk.offset:end] = data
+        self._filled[i] = end
+        self._skip_empty()
+
+    @property
+    def done(self) -> bool:
+        return self._current >= len(self.slots)
+
+    def finish(self) -> list[np.ndarray]:
+        """The tensors in header order (writable arrays over the received bytes); raises
+        ``WireError`` if any tensor is incomplete."""
+        if not self.done:
+            slot = self.slots[self._current]
+            raise WireError(f"{slot.path}.data", f"stream ended after "
+                            f"{self._filled[self._current]} of {slot.nbytes} bytes")
+        if self._arrays is None:
+            self._arrays = [_decode(buf, s.dtype, s.shape, s.path)
+                            for buf, s in zip(self._buffers, self.slots)]
+            self._buffers = []        # the arrays own the memory now
+        return list(self._arrays)
+
+    def finish_message(self):
+        """The header with each tensor's data filled in (copies the bytes once more)."""
+        arrays = self.finish()
+        for (_path, _name, t, _h), a in zip(_walk(self.header, self._fields), arrays):
+            if a.size:
+                t.data = a.tobytes()
+        return self.header

@@ -1,0 +1,993 @@
+"""The coordinator: data-parallel training jobs over workers and parameter shards.
+
+:class:`Coordinator` holds the logic as plain Python (tests drive it directly);
+:class:`CoordinatorServicer` puts it behind the ``Coordinator`` service of
+coordinator.proto; ``run(args)`` is ``gradmesh coordinator``.
+
+One step (DESIGN §6): the batch is cut into micro-batches (:mod:`.aggregate`); worker
+threads take micro-batches from a shared queue and call ``Worker.ComputeGradients`` with
+the micro-batch's loss scale and seed; each result's gradients are pushed to the shards
+that own them as soon as it arrives (so pushing overlaps the other micro-batches'
+compute); a micro-batch whose worker fails is queued again, one that runs past the
+deadline is also given to an idle worker, and whichever result comes first counts (the
+shards ignore the other by its (job, step, micro-batch) key). When every micro-batch is
+pushed, the shards apply the step; their fixed summation tree makes the result bit for bit
+independent of which worker did what.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from gradmesh.core import serialize
+from gradmesh.server import checkpoint
+from gradmesh.server.aggregate import (TreeSum, loss_scales, micro_batch_seed, micro_batches,
+                                       place)
+from gradmesh.server.runtime import ServiceError, channel_options, status_code
+from gradmesh.server.shard import (EmbeddedShard, RemoteShard, ShardStore, check_job_id,
+                                   optimizer_from_proto, optimizer_to_proto, receive_frames,
+                                   stream_frames)
+
+log = logging.getLogger("gradmesh.coordinator")
+
+__all__ = ["Coordinator", "CoordinatorServicer", "WorkerPool", "add_arguments", "run",
+           "start"]
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+DEFAULT_PORT = 50053
+HISTORY = 1024                  # step results kept for idempotent replays
+HEARTBEAT_SECONDS = 5.0
+# Errors after which the same request may succeed on another worker or later.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.NOT_FOUND}
+
+
+def _pb():
+    from gradmesh.v1 import coordinator_pb2
+    return coordinator_pb2
+
+
+# ====================================================================== workers ==========
+
+@dataclass
+class MicroResult:
+    loss: np.ndarray
+    outputs: dict[str, np.ndarray]
+    gradients: dict[str, np.ndarray]
+
+
+class WorkerError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class WorkerHandle:
+    """One worker: its channel, what the coordinator knows of it, and the call itself."""
+
+    def __init__(self, address: str, source: str, timeout: float, token: str | None,
+                 max_message_bytes: int):
+        from gradmesh.v1 import worker_pb2_grpc
+        self.address = address
+        self.source = source
+        self.timeout = timeout
+        self.state = "unknown"      # unknown -> ready | unreachable | refused
+        self.reason = ""
+        self.fingerprint = ""
+        self.backend = ""
+        self.completed = 0
+        self.failures = 0
+        self.worker_id = ""
+        self.last_seen = time.monotonic()
+        self.retry_at = 0.0
+        self.max_message_bytes = max_message_bytes
+        self.graphs: set[str] = set()          # graph ids this worker has
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+        self._channel = grpc.insecure_channel(address, options=channel_options(
+            max_message_bytes))
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    def probe(self) -> None:
+        """Ask for Capabilities; sets state, fingerprint and backend."""
+        from gradmesh.v1 import worker_pb2
+        try:
+            caps = self.stub.Capabilities(worker_pb2.CapabilitiesRequest(), timeout=5.0,
+                                          metadata=self._metadata)
+        except grpc.RpcError as e:
+            self.state, self.reason = "unreachable", f"{e.code().name}: {e.details()}"
+            self.retry_at = time.monotonic() + 1.0
+            return
+        self.fingerprint = caps.build_fingerprint
+        self.backend = caps.backend
+        self.state, self.reason = "ready", ""
+
+    def compute(self, graph, graph_id: str, params: list, data: dict[str, np.ndarray],
+                scale: float, seed: int, outputs: Sequence[str]) -> MicroResult:
+        """One ComputeGradients call; unary when it fits, streamed otherwise."""
+        from gradmesh.v1 import worker_pb2
+        req = worker_pb2.ComputeGradientsRequest(loss_scale=scale, seed=seed,
+                                                 outputs=list(outputs))
+        if graph_id in self.graphs:
+            req.graph_id = graph_id
+        else:
+            req.graph.CopyFrom(graph)
+        param_bytes = sum(len(p.tensor.data) for p in params)
+        data_bytes = sum(a.nbytes for a in data.values())
+        try:
+            if param_bytes + data_bytes + (1 << 20) < self.max_message_bytes // 2:
+                req.parameters.extend(params)
+                for name, a in data.items():
+                    req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
+                resp = self.stub.ComputeGradients(req, timeout=self.timeout,
+                                                  metadata=self._metadata)
+                self.graphs.add(graph_id)
+                return _decode_result(resp, None)
+            return self._compute_stream(req, params, data, graph_id)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                self.graphs.discard(graph_id)     # the worker restarted: send it inline
+            raise WorkerError(e.code(), e.details() or str(e.code())) from None
+
+    def _compute_stream(self, req, params: list, data: dict, graph_id: str) -> MicroResult:
+        from gradmesh.v1 import worker_pb2
+        buffers = []
+        for p in params:
+            nt = req.parameters.add(name=p.name)
+            nt.tensor.dtype = p.tensor.dtype
+            nt.tensor.shape.extend(p.tensor.shape)
+            buffers.append(memoryview(p.tensor.data))
+        for name, a in data.items():
+            req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
+            buffers.append(serialize.tensor_buffer(a))
+
+        def frames():
+            yield worker_pb2.StreamFrame(request=req)
+            for c in serialize.chunks(buffers):
+                yield worker_pb2.StreamFrame(chunk=c)
+
+        out = self.stub.ComputeGradientsStream(frames(), timeout=self.timeout,
+                                               metadata=self._metadata)
+        it = iter(out)
+        first = next(it)
+        header = first.response
+        asm = serialize.Assembler(header, 1 << 40)
+        for frame in it:
+            asm.add(frame.chunk)
+        self.graphs.add(graph_id)
+        return _decode_result(header, asm.finish())
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _decode_result(resp, arrays: list | None) -> MicroResult:
+    if arrays is None:
+        loss = serialize.from_proto(resp.loss, field="loss")
+        outputs = {o.name: serialize.from_proto(o.tensor, field=f"outputs[{o.name}]")
+                   for o in resp.outputs}
+        grads = {g.name: serialize.from_proto(g.tensor, field=f"gradients[{g.name}]")
+                 for g in resp.gradients}
+        return MicroResult(loss, outputs, grads)
+    k = 1 + len(resp.outputs)
+    return MicroResult(arrays[0],
+                       {o.name: a for o, a in zip(resp.outputs, arrays[1:k])},
+                       {g.name: a for g, a in zip(resp.gradients, arrays[k:])})
+
+
+class WorkerPool:
+    """Static and registered workers; all usable ones share one build fingerprint."""
+
+    def __init__(self, static: Sequence[str] = (), timeout: float = 300.0,
+                 token: str | None = None, max_message_bytes: int = 64 << 20):
+        self.timeout = timeout
+        self.token = token
+        self.max_message_bytes = max_message_bytes
+        self.fingerprint: str | None = None
+        self._lock = threading.Lock()
+        self.workers: dict[str, WorkerHandle] = {}
+        for address in static:
+            self.workers[address] = self._handle(address, "static")
+
+    def _handle(self, address: str, source: str) -> WorkerHandle:
+        return WorkerHandle(address, source, self.timeout, self.token, self.max_message_bytes)
+
+    def _check(self, w: WorkerHandle) -> None:
+        """Probe ``w`` and apply the fingerprint rule (the first ready worker fixes it)."""
+        w.probe()
+        if w.state != "ready":
+            return
+        with self._lock:
+            if self.fingerprint is None:
+                self.fingerprint = w.fingerprint
+            elif w.fingerprint != self.fingerprint:
+                w.state = "refused"
+                w.reason = (f"build fingerprint {w.fingerprint!r} differs from the pool's "
+                            f"{self.fingerprint!r}: results would not be bitwise identical")
+
+    def register(self, address: str) -> WorkerHandle:
+        if not address or ":" not in address:
+            raise ServiceError(INVALID, f"address {address!r} must be host:port", "address")
+        with self._lock:
+            w = self.workers.get(address)
+        if w is None:
+            w = self._handle(address, "registered")
+        self._check(w)
+        if w.state == "unreachable":
+            raise ServiceError(UNAVAILABLE, f"cannot reach the worker at {address}: "
+                               f"{w.reason}", "address")
+        if w.state == "refused":
+            raise ServiceError(FAILED, w.reason, "address")
+        with self._lock:
+            w.worker_id = w.worker_id or uuid.uuid4().hex
+            w.last_seen = time.monotonic()
+            self.workers[address] = w
+        return w
+
+    def heartbeat(self, worker_id: str) -> bool:
+        with self._lock:
+            for w in self.workers.values():
+                if w.worker_id and w.worker_id == worker_id:
+                    w.last_seen = time.monotonic()
+                    return True
+        return False
+
+    def usable(self) -> list[WorkerHandle]:
+        """Workers to use now: ready ones, plus unreachable/unknown ones that answer again."""
+        now = time.monotonic()
+        with self._lock:
+            # Registered workers that stopped heartbeating are forgotten.
+            for address, w in list(self.workers.items()):
+                if w.source == "registered" and now - w.last_seen > 3 * HEARTBEAT_SECONDS:
+                    del self.workers[address]
+                    w.close()
+            candidates = list(self.workers.values())
+        for w in candidates:
+            if w.state == "unknown" or (w.state == "unreachable" and now >= w.retry_at):
+                self._check(w)
+        return [w for w in candidates if w.state == "ready"]
+
+    def failed(self, w: WorkerHandle, error: WorkerError) -> None:
+        w.failures += 1
+        if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            w.state, w.reason = "unreachable", f"{error.code.name}: {error.message}"
+            w.retry_at = time.monotonic() + 1.0
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.close()
+
+
+# ====================================================================== jobs =============
+
+@dataclass
+class Job:
+    job_id: str
+    graph: Any                          # graph_pb2.Graph
+    graph_id: str
+    param_names: list[str]              # the graph's PARAM inputs, in order
+    param_specs: dict[str, tuple]       # name -> (dtype name, shape)
+    data_inputs: list[Any]              # the graph's DATA inputs (graph_pb2.Input)
+    metric_names: list[str]             # extra outputs reported as metrics
+    optimizer: dict
+    micro_batch_size: int
+    placement: dict[str, int]
+    version: int = 0
+    last_step_id: int = 0
+    samples: int = 0
+    last_loss: float = 0.0
+    error: str = ""
+    history: "collections.OrderedDict[int, bytes]" = field(
+        default_factory=collections.OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Parameters encoded for workers at ``cache_version`` (NamedTensor messages).
+    cache_version: int = -1
+    cache: list = field(default_factory=list)
+
+
+def _graph_signature(graph) -> tuple[list, dict, list, list]:
+    """Validate a graph; its PARAM names, their specs, DATA inputs and scalar extra outputs."""
+    from gradmesh.core import graph as core_graph
+    from gradmesh.v1 import graph_pb2
+    try:
+        vg = core_graph.validate(graph)
+    except core_graph.GraphError as e:
+        raise ServiceError(status_code(e.code), e.message, f"graph.{e.field}") from None
+    names, specs, data = [], {}, []
+    for i, inp in enumerate(graph.inputs):
+        if inp.role == graph_pb2.Input.PARAM:
+            names.append(inp.name)
+            specs[inp.name] = (inp.dtype, tuple(inp.shape))
+        elif inp.role == graph_pb2.Input.DATA:
+            if not inp.shape or inp.shape[0] != -1:
+                raise ServiceError(INVALID, f"DATA input {inp.name!r} has shape "
+                                   f"{list(inp.shape)}; its first dimension must be -1 (the "
+                                   f"batch), since batches are cut into micro-batches",
+                                   f"graph.inputs[{i}].shape")
+            data.append(inp)
+    if not names:
+        raise ServiceError(INVALID, "the graph has no PARAM inputs: nothing to train",
+                           "graph.inputs")
+    if not data:
+        raise ServiceError(INVALID, "the graph has no DATA inputs to cut into micro-batches",
+                           "graph.inputs")
+    # Scalar extra outputs (accuracy, ...) are reported as metrics; others are not fetched.
+    metrics = [o.name for o in graph.outputs[1:] if tuple(vg.specs[o.value].shape) == ()]
+    return names, specs, data, metrics
+
+
+def _graph_id(graph) -> str:
+    from gradmesh.core import graph as core_graph
+    return core_graph.graph_id(graph)
+
+
+# ====================================================================== the logic ========
+
+class Coordinator:
+    """Jobs, workers and shards; every public method is one RPC's logic.
+
+    ``shards``: handles with the methods of :class:`~gradmesh.server.shard.EmbeddedShard`
+    (default: one embedded shard). ``state_dir``: where the coordinator's and the embedded
+    shards' checkpoints go. ``checkpoint_every``: checkpoint every N steps (and always on
+    ``close``). ``deadline``: seconds after which a micro-batch still running is also given
+    to an idle worker.
+    """
+
+    def __init__(self, workers: WorkerPool, shards: Sequence | None = None,
+                 state_dir: str | None = None, checkpoint_every: int = 10,
+                 deadline: float = 30.0, max_elements: int | None = 1 << 28):
+        self.workers = workers
+        self.state_dir = state_dir
+        if shards is None:
+            shard_dir = os.path.join(state_dir, "shards", "0") if state_dir else None
+            shards = [EmbeddedShard(ShardStore(shard_dir))]
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("a coordinator needs at least one shard")
+        self.checkpoint_every = checkpoint_every
+        self.deadline = deadline
+        self.max_elements = max_elements
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._io = futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.shards)),
+                                              thread_name_prefix="gradmesh-shard-io")
+        if state_dir:
+            self._restore()
+
+    # -- CreateJob ------------------------------------------------------------------------
+    def create_job(self, job_id: str, graph, params: dict[str, np.ndarray], optimizer_msg,
+                   micro_batch_size: int):
+        """Create a job (idempotent for identical content); returns the Job."""
+        job_id = job_id or uuid.uuid4().hex
+        check_job_id(job_id)
+        if micro_batch_size < 1:
+            raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
+        optimizer = optimizer_from_proto(optimizer_msg)
+        names, specs, data, extra = _graph_signature(graph)
+        for name in names:
+            if name not in params:
+                raise ServiceError(INVALID, f"no initial value for parameter {name!r}",
+                                   "parameters")
+        for name, a in params.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise ServiceError(INVALID, f"{name!r} is not a PARAM input of the graph "
+                                   f"(parameters: {names[:8]})", f"parameters[{name}]")
+            wire = serialize.DTYPE_TO_PROTO.get(_dtype_of(a))
+            if wire != spec[0] or tuple(a.shape) != spec[1]:
+                raise ServiceError(INVALID, f"parameter {name!r} has dtype {a.dtype} and shape "
+                                   f"{list(a.shape)}; the graph declares "
+                                   f"{_dtype_name(spec[0])} {list(spec[1])}",
+                                   f"parameters[{name}]")
+        gid = _graph_id(graph)
+        with self._lock:
+            existing = self.jobs.get(job_id)
+            if existing is not None:
+                if (existing.graph_id != gid or existing.optimizer != optimizer
+                        or existing.micro_batch_size != micro_batch_size):
+                    raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"job {job_id!r} exists with a different graph, "
+                                       f"optimizer or micro-batch size", "job_id")
+                return existing
+            placement = place({n: int(params[n].nbytes) for n in names}, len(self.shards))
+            job = Job(job_id, graph, gid, names, specs, data, extra, optimizer,
+                      micro_batch_size, placement)
+            self.jobs[job_id] = job
+        try:
+            with job.lock:
+                self._on_shards(job, lambda s, i: s.load(job_id, {
+                    n: params[n] for n in names if job.placement[n] == i}, optimizer))
+                self._save(job)
+        except Exception:
+            with self._lock:
+                self.jobs.pop(job_id, None)
+            raise
+        log.info("job created", extra={"job_id": job_id, "graph_id": gid,
+                                        "parameters": len(names), "shards": len(self.shards)})
+        return job
+
+    def _on_shards(self, job: Job, fn: Callable[[Any, int], Any]) -> list:
+        """Call ``fn(shard, index)`` on every shard that holds some of the job, at once."""
+        used = sorted(set(job.placement.values()))
+        if len(used) == 1:
+            return [fn(self.shards[used[0]], used[0])]
+        futs = [self._io.submit(fn, self.shards[i], i) for i in used]
+        return [f.result() for f in futs]
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            check_job_id(job_id)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}", "job_id")
+        return job
+
+    # -- Step -----------------------------------------------------------------------------
+    def step(self, job_id: str, step_id: int, batch: dict[str, np.ndarray]):
+        """Run (or replay) one step; returns a StepResponse."""
+        pb = _pb()
+        job = self.job(job_id)
+        if step_id < 1:
+            raise ServiceError(INVALID, "step ids start at 1", "step_id")
+        with job.lock:
+            done = job.history.get(step_id)
+            if done is not None:
+                resp = pb.StepResponse.FromString(done)
+                resp.replayed = True
+                return resp
+            if step_id <= job.last_step_id:
+                raise ServiceError(FAILED, f"step {step_id} of job {job_id!r} was applied "
+                                   f"but its result is no longer kept (the last "
+                                   f"{HISTORY} are)", "step_id")
+            if step_id != job.last_step_id + 1:
+                raise ServiceError(FAILED, f"step {step_id} is out of sequence: job "
+                                   f"{job_id!r} expects step {job.last_step_id + 1} next",
+                                   "step_id")
+            if job.error:
+                raise ServiceError(FAILED, job.error, "job_id")
+            resp = self._run_step(job, step_id, self._check_batch(job, batch))
+            job.history[step_id] = resp.SerializeToString()
+            while len(job.history) > HISTORY:
+                job.history.popitem(last=False)
+            if self.checkpoint_every and job.version % self.checkpoint_every == 0:
+                self._save(job)
+            return resp
+
+    def _check_batch(self, job: Job, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = {inp.name: inp for inp in job.data_inputs}
+        for name in batch:
+            if name not in expected:
+                raise ServiceError(INVALID, f"{name!r} is not a DATA input of the graph "
+                                   f"(expected {sorted(expected)})", f"batch[{name}]")
+        size = None
+        for name, inp in expected.items():
+            a = batch.get(name)
+            if a is None:
+                raise ServiceError(INVALID, f"the batch has no {name!r}", "batch")
+            want = serialize.PROTO_TO_DTYPE.get(inp.dtype)
+            shape = list(inp.shape)
+            if (_dtype_of(a) is not want or a.ndim != len(shape)
+                    or any(s not in (-1, d) for s, d in zip(shape[1:], a.shape[1:]))):
+                raise ServiceError(INVALID, f"{name!r} has dtype {a.dtype} and shape "
+                                   f"{list(a.shape)}; the graph expects "
+                                   f"{want.name if want else inp.dtype} {shape}",
+                                   f"batch[{name}]")
+            if a.ndim == 0 or a.shape[0] < 1:
+                raise ServiceError(INVALID, f"{name!r} has no rows", f"batch[{name}]")
+            if size is None:
+                size = a.shape[0]
+            elif a.shape[0] != size:
+                raise ServiceError(INVALID, f"batch tensors disagree on the batch size: "
+                                   f"{name!r} has {a.shape[0]} rows, others {size}",
+                                   f"batch[{name}]")
+        return batch
+
+    def _params_for_workers(self, job: Job) -> tuple[list, float]:
+        """The job's parameters as NamedTensor messages, cached per version."""
+        if job.cache_version == job.version:
+            return job.cache, 0.0
+        from gradmesh.v1 import tensor_pb2
+        start = time.perf_counter()
+
+        def pull(shard, i):
+            names = [n for n in job.param_names if job.placement[n] == i]
+            version, arrays = shard.pull(job.job_id, job.version, names)
+            return {n: serialize.to_proto(arrays[n]) for n in names}
+
+        encoded: dict = {}
+        for part in self._on_shards(job, pull):
+            encoded.update(part)
+        job.cache = [tensor_pb2.NamedTensor(name=n, tensor=encoded[n])
+                     for n in job.param_names]
+        job.cache_version = job.version
+        return job.cache, time.perf_counter() - start
+
+    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
+        pb = _pb()
+        t0 = time.perf_counter()
+        params, pull_seconds = self._params_for_workers(job)
+        size = next(iter(batch.values())).shape[0]
+        ranges = micro_batches(size, job.micro_batch_size)
+        scales = loss_scales(size, job.micro_batch_size)
+        n = len(ranges)
+        losses = TreeSum(n)
+        metrics = {name: TreeSum(n) for name in job.metric_names}
+        push_seconds = [0.0]
+        push_lock = threading.Lock()
+        version = job.version
+        by_shard = sorted(set(job.placement.values()))
+
+        def compute(worker: WorkerHandle, m: int) -> MicroResult:
+            start, stop = ranges[m]
+            data = {name: a[start:stop] for name, a in batch.items()}
+            return worker.compute(job.graph, job.graph_id, params, data, scales[m],
+                                  micro_batch_seed(job.job_id, step_id, m), job.metric_names)
+
+        def accept(m: int, r: MicroResult) -> None:
+            missing = [nm for nm in job.param_names if nm not in r.gradients]
+            if missing:
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"a worker returned no gradient "
+                                   f"for {missing[:5]}")
+            t = time.perf_counter()
+            for i in by_shard:
+                grads = {nm: r.gradients[nm] for nm in job.param_names
+                         if job.placement[nm] == i}
+                self.shards[i].push(job.job_id, step_id, m, n, version, grads)
+            with push_lock:
+                push_seconds[0] += time.perf_counter() - t
+                losses.add(m, np.asarray(r.loss, dtype=np.float64))
+                for name in job.metric_names:
+                    value = r.outputs.get(name)
+                    if value is not None and np.size(value) == 1:
+                        w = (ranges[m][1] - ranges[m][0]) / size
+                        metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+        t1 = time.perf_counter()
+        reassigned = self._dispatch(n, compute, accept)
+        t2 = time.perf_counter()
+        checkpoint_now = bool(self.checkpoint_every and
+                              (version + 1) % self.checkpoint_every == 0)
+        results = self._on_shards(job, lambda s, i: s.apply(job.job_id, step_id, n, version,
+                                                            checkpoint_now))
+        t3 = time.perf_counter()
+        job.version = version + 1
+        job.last_step_id = step_id
+        job.samples += size
+        # Worker losses are in the graph's dtype; the tree sums them as float64 so the
+        # reported loss does not depend on the loss dtype's rounding of the sum.
+        loss = float(losses.result())
+        job.last_loss = loss
+        resp = pb.StepResponse(
+            step_id=step_id, loss=loss, version=job.version, batch_size=size,
+            micro_batches=n,
+            metrics={k: float(t.result()) for k, t in metrics.items() if t.complete},
+            timings=pb.StepTimings(pull_seconds=pull_seconds, compute_seconds=t2 - t1,
+                                   push_seconds=push_seconds[0],
+                                   apply_seconds=t3 - t2 if results else 0.0,
+                                   total_seconds=time.perf_counter() - t0,
+                                   reassigned=reassigned))
+        return resp
+
+    def _dispatch(self, n: int, compute: Callable, accept: Callable) -> int:
+        """Run micro-batches 0..n-1 over the usable workers; returns how many were reassigned.
+
+        Each worker has a thread that takes the next queued micro-batch; a failed one goes
+        back to the queue (a worker that is unreachable stops taking work), and when the
+        queue is empty an idle worker also takes a micro-batch that has run longer than the
+        deadline elsewhere. ``accept`` runs once per micro-batch, for the first result.
+        """
+        workers = self.workers.usable()
+        if not workers:
+            raise ServiceError(UNAVAILABLE, "no worker is available (none configured, "
+                               "registered or reachable); start workers and retry")
+        cond = threading.Condition()
+        queue = collections.deque(range(n))
+        running: dict[int, list] = {}           # micro-batch -> [(worker, start time)]
+        done: set[int] = set()                 # micro-batches whose first result is claimed
+        pushed: set[int] = set()               # ... and accepted (pushed to the shards)
+        attempts = [0] * n
+        state = {"error": None, "reassigned": 0, "active": len(workers)}
+        max_attempts = 3 + 2 * len(workers)
+
+        def take(w: WorkerHandle) -> int | None:
+            with cond:
+                while True:
+                    if state["error"] is not None or len(done) == n:
+                        return None
+                    if queue:
+                        m = queue.popleft()
+                        break
+                    now = time.monotonic()
+                    late = [m for m, runs in running.items() if m not in done
+                            and len(runs) < 2 and all(x is not w for x, _ in runs)
+                            and now - min(t for _, t in runs) > self.deadline]
+                    if late:
+                        m = late[0]
+                        state["reassigned"] += 1
+                        break
+                    cond.wait(timeout=min(self.deadline, 1.0))
+                attempts[m] += 1
+                running.setdefault(m, []).append((w, time.monotonic()))
+                return m
+
+        def finish(w: WorkerHandle, m: int) -> None:
+            runs = running.get(m, [])
+            running[m] = [(x, t) for x, t in runs if x is not w]
+            if not running[m]:
+                del running[m]
+
+        def lane(w: WorkerHandle) -> None:
+            try:
+                while True:
+                    m = take(w)
+                    if m is None:
+                        return
+                    try:
+                        result = compute(w, m)
+                    except WorkerError as e:
+                        self.workers.failed(w, e)
+                        with cond:
+                            finish(w, m)
+                            if m not in done and m not in running and m not in queue:
+                                if attempts[m] >= max_attempts or e.code not in RETRYABLE:
+                                    state["error"] = ServiceError(
+                                        e.code if e.code not in RETRYABLE else UNAVAILABLE,
+                                        f"micro-batch {m} failed on worker {w.address}: "
+                                        f"{e.message}")
+                                else:
+                                    queue.appendleft(m)
+                                    state["reassigned"] += 1
+                            cond.notify_all()
+                        if w.state != "ready" or e.code not in RETRYABLE:
+                            return
+                        continue
+                    except Exception as e:  # noqa: BLE001  (a bad response: fail the step)
+                        with cond:
+                            state["error"] = e
+                            cond.notify_all()
+                        return
+                    with cond:
+                        finish(w, m)
+                        first = m not in done
+                        if first:
+                            done.add(m)
+                    if first:
+                        w.completed += 1
+                        try:
+                            accept(m, result)
+                        except Exception as e:  # noqa: BLE001  (shard failure: fail the step)
+                            with cond:
+                                state["error"] = e
+                                cond.notify_all()
+                            return
+                        with cond:
+                            pushed.add(m)
+                    with cond:
+                        cond.notify_all()
+            finally:
+                with cond:
+                    state["active"] -= 1
+                    if state["active"] == 0 and len(done) < n and state["error"] is None:
+                        state["error"] = ServiceError(
+                            UNAVAILABLE, f"every worker failed; micro-batches "
+                            f"{sorted(set(range(n)) - done)[:20]} were not computed")
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=lane, args=(w,), daemon=True,
+                                    name=f"gradmesh-lane-{w.address}") for w in workers]
+        for t in threads:
+            t.start()
+        with cond:
+            while len(pushed) < n and state["error"] is None:
+                cond.wait()
+            error = state["error"]
+        # Lanes still computing a late duplicate finish on their own; their results are
+        # dropped (done already holds them).
+        if error is not None:
+            if isinstance(error, (ServiceError, serialize.WireError)):
+                raise error
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"step failed: "
+                               f"{type(error).__name__}: {error}")
+        return state["reassigned"]
+
+    # -- GetParameters / status -----------------------------------------------------------
+    def get_parameters(self, job_id: str, names: Sequence[str] = ()) -> tuple[int, dict]:
+        job = self.job(job_id)
+        for k, n in enumerate(names):
+            if n not in job.placement:
+                raise ServiceError(INVALID, f"job {job_id!r} has no parameter {n!r}",
+                                   f"names[{k}]")
+        wanted = list(names) or job.param_names
+        with job.lock:
+            def pull(shard, i):
+                mine = [n for n in wanted if job.placement[n] == i]
+                return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
+            arrays: dict = {}
+            for part in self._on_shards(job, pull):
+                arrays.update(part)
+            return job.version, {n: arrays[n] for n in wanted}
+
+    def job_status(self, job_id: str):
+        pb = _pb()
+        job = self.job(job_id)
+        return pb.JobStatusResponse(
+            job_id=job.job_id, graph_id=job.graph_id, version=job.version,
+            last_step_id=job.last_step_id, next_step_id=job.last_step_id + 1,
+            micro_batch_size=job.micro_batch_size,
+            optimizer=optimizer_to_proto(job.optimizer), placement=job.placement,
+            samples=job.samples, last_loss=job.last_loss, shards=len(self.shards),
+            workers=sum(1 for w in self.workers.workers.values() if w.state == "ready"),
+            error=job.error, data_inputs=[i.name for i in job.data_inputs],
+            metrics=job.metric_names)
+
+    def list_workers(self):
+        pb = _pb()
+        self.workers.usable()           # refresh states
+        resp = pb.ListWorkersResponse()
+        for w in sorted(self.workers.workers.values(), key=lambda w: w.address):
+            resp.workers.add(address=w.address, source=w.source, state=w.state,
+                             build_fingerprint=w.fingerprint, backend=w.backend,
+                             reason=w.reason, completed=w.completed, failures=w.failures,
+                             worker_id=w.worker_id)
+        return resp
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _job_path(self, job_id: str) -> str:
+        return os.path.join(self.state_dir, "jobs", f"{job_id}.npz")
+
+    def _save(self, job: Job) -> None:
+        """Checkpoint one job's coordinator state (the caller holds ``job.lock``)."""
+        if not self.state_dir:
+            return
+        for s in self.shards:
+            if isinstance(s, EmbeddedShard):
+                s.store.checkpoint(job.job_id)
+        meta = {"job_id": job.job_id, "graph_id": job.graph_id, "optimizer": job.optimizer,
+                "micro_batch_size": job.micro_batch_size, "placement": job.placement,
+                "shards": len(self.shards), "version": job.version,
+                "last_step_id": job.last_step_id, "samples": job.samples,
+                "last_loss": job.last_loss,
+                "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()]}
+        graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
+        checkpoint.save(self._job_path(job.job_id), {"graph": graph}, meta)
+
+    def checkpoint(self) -> None:
+        """Checkpoint every job (on shutdown)."""
+        for job in list(self.jobs.values()):
+            with job.lock:
+                self._save(job)
+
+    def _restore(self) -> None:
+        from gradmesh.v1 import graph_pb2
+        directory = os.path.join(self.state_dir, "jobs")
+        if not os.path.isdir(directory):
+            return
+        for entry in sorted(os.listdir(directory)):
+            if not entry.endswith(".npz") or entry.startswith("."):
+                continue
+            arrays, meta = checkpoint.load(os.path.join(directory, entry))
+            graph = graph_pb2.Graph.FromString(arrays["graph"].tobytes())
+            names, specs, data, extra = _graph_signature(graph)
+            job = Job(meta["job_id"], graph, meta["graph_id"], names, specs, data, extra,
+                      meta["optimizer"], meta["micro_batch_size"],
+                      {k: int(v) for k, v in meta["placement"].items()}, meta["version"],
+                      meta["last_step_id"], meta["samples"], meta["last_loss"])
+            for k, v in meta["history"]:
+                job.history[int(k)] = base64.b64decode(v)
+            if meta["shards"] != len(self.shards):
+                job.error = (f"job {job.job_id!r} was placed over {meta['shards']} shards, "
+                             f"this coordinator has {len(self.shards)}")
+            else:
+                self._reconcile(job)
+            self.jobs[job.job_id] = job
+            log.info("restored job", extra={"job_id": job.job_id, "version": job.version,
+                                             "error": job.error})
+
+    def _reconcile(self, job: Job) -> None:
+        """Agree with the shards on the version after a restart (see docs/training.md)."""
+        try:
+            states = {i: self.shards[i].status(job.job_id)
+                      for i in sorted(set(job.placement.values()))}
+        except ServiceError as e:
+            job.error = f"cannot reach the shards to restore job {job.job_id!r}: {e}"
+            return
+        lost = [i for i, s in states.items() if s is None]
+        if lost:
+            job.error = f"shards {lost} have no state for job {job.job_id!r}"
+            return
+        versions = {s for s in states.values()}
+        if len(versions) != 1:
+            job.error = (f"the shards disagree on job {job.job_id!r}'s version "
+                         f"(version, last step per shard: {states}); restore them from "
+                         f"checkpoints of the same step")
+            return
+        version, last = versions.pop()
+        if version < job.version:
+            job.error = (f"the shards are at version {version}, behind the coordinator's "
+                         f"checkpoint at {job.version}")
+        elif version > job.version:
+            # The shards applied steps after the coordinator's last checkpoint: their
+            # results are lost, the parameters are not.
+            job.version, job.last_step_id = version, last
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._io.shutdown(wait=False)
+        for s in self.shards:
+            s.close()
+        self.workers.close()
+
+
+def _dtype_of(a: np.ndarray):
+    from gradmesh.core import dtypes
+    try:
+        return dtypes.from_numpy(a.dtype.newbyteorder("="))
+    except TypeError:
+        return None
+
+
+def _dtype_name(wire: int) -> str:
+    from gradmesh.v1 import tensor_pb2
+    return tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
+
+
+# ====================================================================== the service ======
+
+def _decode_named(items, field: str, max_elements: int | None) -> dict[str, np.ndarray]:
+    out = {}
+    for k, nt in enumerate(items):
+        if not nt.name:
+            raise ServiceError(INVALID, "every tensor needs a name", f"{field}[{k}].name")
+        if nt.name in out:
+            raise ServiceError(INVALID, f"{nt.name!r} is given twice", f"{field}[{nt.name}]")
+        out[nt.name] = serialize.from_proto(nt.tensor, field=f"{field}[{nt.name}]",
+                                            max_elements=max_elements)
+    return out
+
+
+class CoordinatorServicer:
+    """``Coordinator`` over a :class:`Coordinator`; methods are thin."""
+
+    def __init__(self, coordinator: Coordinator, max_stream_bytes: int = 16 << 30):
+        self.c = coordinator
+        self.max_stream_bytes = max_stream_bytes
+
+    def CreateJob(self, request_iterator, context):
+        pb = _pb()
+        header, params = receive_frames(request_iterator, "create_job", self.max_stream_bytes,
+                                        self.c.max_elements)
+        if not header.HasField("graph"):
+            raise ServiceError(INVALID, "graph is missing", "graph")
+        if not header.HasField("optimizer"):
+            raise ServiceError(INVALID, "optimizer is missing", "optimizer")
+        job = self.c.create_job(header.job_id, header.graph, params, header.optimizer,
+                                header.micro_batch_size)
+        return pb.CreateJobResponse(job_id=job.job_id, graph_id=job.graph_id,
+                                    version=job.version, placement=job.placement)
+
+    def Step(self, request, context):
+        batch = _decode_named(request.batch, "batch", self.c.max_elements)
+        return self.c.step(request.job_id, request.step_id, batch)
+
+    def GetParameters(self, request, context):
+        pb = _pb()
+        version, arrays = self.c.get_parameters(request.job_id, list(request.names))
+        header = pb.GetParametersResponse(version=version)
+        for name, a in arrays.items():
+            header.parameters.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
+        yield from stream_frames(pb.CoordinatorFrame, "parameters", header, arrays.values())
+
+    def JobStatus(self, request, context):
+        return self.c.job_status(request.job_id)
+
+    def ListWorkers(self, request, context):
+        return self.c.list_workers()
+
+    def RegisterWorker(self, request, context):
+        pb = _pb()
+        w = self.c.workers.register(request.address)
+        return pb.RegisterWorkerResponse(worker_id=w.worker_id,
+                                         heartbeat_interval_seconds=HEARTBEAT_SECONDS)
+
+    def Heartbeat(self, request, context):
+        return _pb().HeartbeatResponse(known=self.c.workers.heartbeat(request.worker_id))
+
+
+# ====================================================================== starting =========
+
+def _split(value: str | None) -> list[str]:
+    return [x.strip() for x in (value or "").split(",") if x.strip()]
+
+
+def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_shards: int = 1,
+          state_dir: str | None = None, checkpoint_every: int = 10, deadline: float = 30.0,
+          worker_timeout: float = 300.0, config=None, **config_kw):
+    """Start a coordinator server in this process (tests, embedding).
+
+    ``shards``: addresses of shard servers; without them ``embedded_shards`` shards run in
+    this process. Returns the RunningServer with ``.coordinator`` set.
+    """
+    from gradmesh.server.runtime import ServerConfig, serve
+    from gradmesh.v1 import coordinator_pb2_grpc
+    config = config or ServerConfig(**config_kw)
+    pool = WorkerPool(workers, timeout=worker_timeout, token=config.token,
+                      max_message_bytes=config.max_message_bytes)
+    if shards:
+        handles = [RemoteShard(a, token=config.token,
+                               max_message_bytes=config.max_message_bytes) for a in shards]
+    else:
+        handles = [EmbeddedShard(ShardStore(os.path.join(state_dir, "shards", str(i))
+                                            if state_dir else None), name=f"embedded-{i}")
+                   for i in range(embedded_shards)]
+    coordinator = Coordinator(pool, handles, state_dir, checkpoint_every, deadline)
+    try:
+        running = serve(config, [(coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+                                  CoordinatorServicer(coordinator),
+                                  "gradmesh.v1.Coordinator")])
+    except Exception:
+        coordinator.close()
+        raise
+    running.coordinator = coordinator
+    return running
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``gradmesh coordinator``."""
+    from gradmesh.server.runtime import add_server_arguments, env_default
+    add_server_arguments(parser, DEFAULT_PORT)
+    d = env_default
+    g = parser.add_argument_group("coordinator")
+    g.add_argument("--workers", default=d("workers", ""),
+                   help="static workers, host:port,... (workers may also register)")
+    g.add_argument("--shards", default=d("shards", ""),
+                   help="shard servers, host:port,...; default: shards inside this process")
+    g.add_argument("--embedded-shards", type=int, default=d("embedded-shards", 1),
+                   help="number of in-process shards when --shards is not given (default 1)")
+    g.add_argument("--state-dir", default=d("state-dir", None),
+                   help="checkpoint directory; the coordinator resumes from it on start")
+    g.add_argument("--checkpoint-every", type=int, default=d("checkpoint-every", 10),
+                   help="checkpoint every N steps (default 10; also on shutdown)")
+    g.add_argument("--micro-batch-deadline", type=float, default=d("micro-batch-deadline", 30.0),
+                   help="seconds before a running micro-batch is also given to an idle worker")
+    g.add_argument("--worker-timeout", type=float, default=d("worker-timeout", 300.0),
+                   help="deadline of each call to a worker, in seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``gradmesh coordinator``: serve until SIGTERM, then checkpoint."""
+    from gradmesh.server.runtime import ConfigError, config_from_args, configure_logging
+    config = config_from_args(args)
+    configure_logging(config)
+    if args.checkpoint_every < 0 or args.embedded_shards < 1 or args.micro_batch_deadline <= 0:
+        print("error: --checkpoint-every must be >= 0, --embedded-shards >= 1 and "
+              "--micro-batch-deadline > 0", file=sys.stderr)
+        return 2
+    try:
+        running = start(workers=_split(args.workers), shards=_split(args.shards),
+                        embedded_shards=args.embedded_shards, state_dir=args.state_dir,
+                        checkpoint_every=args.checkpoint_every,
+                        deadline=args.micro_batch_deadline,
+                        worker_timeout=args.worker_timeout, config=config)
+    except (ConfigError, checkpoint.CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"gradmesh coordinator listening on {running.address}", flush=True)
+    running.wait()
+    running.coordinator.close()
+    return 0

@@ -1,0 +1,619 @@
+"""The parameter shard: named parameters, their optimizer state and a version per job.
+
+``ShardStore`` is the whole logic as plain Python (the coordinator embeds it directly);
+``ShardServicer`` puts it behind the ``ParameterShard`` service of shard.proto, and
+``run(args)`` is ``gradmesh shard``. The gradients of one step arrive one micro-batch at a
+time, in any order and possibly twice; they are summed with the fixed pairwise tree of
+:mod:`gradmesh.server.aggregate`, so the sum is bit for bit independent of arrival order,
+and the optimizer is the same pure update function as ``gradmesh.core.optim``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import threading
+import time
+from typing import Iterable, Iterator
+
+import grpc
+import numpy as np
+
+from gradmesh.core import optim
+from gradmesh.server import checkpoint
+from gradmesh.server.aggregate import TreeSum
+from gradmesh.server.runtime import ServiceError
+
+log = logging.getLogger("gradmesh.shard")
+
+__all__ = ["ShardStore", "ShardJob", "ShardServicer", "check_job_id", "optimizer_to_proto",
+           "optimizer_from_proto", "add_arguments", "run", "serve_shard"]
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+_JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_job_id(job_id: str, field: str = "job_id") -> str:
+    """A job id is 1 to 128 characters of [A-Za-z0-9._-] (it names checkpoint files)."""
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id) or job_id in (".", ".."):
+        raise ServiceError(INVALID, f"job id {job_id!r} must be 1 to 128 characters of "
+                           f"[A-Za-z0-9._-]", field)
+    return job_id
+
+
+# ------------------------------------------------------------------ optimizer messages --
+
+_PROTO_FIELDS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps",
+                 "amsgrad", "maximize")
+
+
+def optimizer_from_proto(msg, field: str = "optimizer") -> dict:
+    """A validated optimizer description (``optim.validate``'s form) from an Optimizer message."""
+    desc: dict = {"name": msg.name}
+    for key in _PROTO_FIELDS:
+        if msg.HasField(key):
+            desc[key] = getattr(msg, key)
+    if msg.HasField("beta1") or msg.HasField("beta2"):
+        default = optim.HYPERPARAMETERS.get(msg.name, {}).get("betas", (0.9, 0.999))
+        desc["betas"] = [msg.beta1 if msg.HasField("beta1") else default[0],
+                         msg.beta2 if msg.HasField("beta2") else default[1]]
+    try:
+        return optim.validate(desc)
+    except ValueError as e:
+        raise ServiceError(INVALID, str(e), field) from None
+
+
+def optimizer_to_proto(description: dict):
+    """The Optimizer message of a description (every hyper-parameter set explicitly)."""
+    from gradmesh.v1 import shard_pb2
+    d = optim.validate(description)
+    msg = shard_pb2.Optimizer(name=d["name"])
+    for key in _PROTO_FIELDS:
+        if key in d:
+            setattr(msg, key, d[key])
+    if "betas" in d:
+        msg.beta1, msg.beta2 = d["betas"]
+    return msg
+
+
+# ------------------------------------------------------------------ the logic ------------
+
+class _Pending:
+    """The gradients of one step received so far."""
+
+    def __init__(self, step_id: int, micro_batches: int, version: int):
+        self.step_id = step_id
+        self.micro_batches = micro_batches
+        self.version = version
+        self.sum = TreeSum(micro_batches, _add_grads)
+
+
+def _add_grads(a: dict, b: dict) -> dict:
+    # In place into the left operand when we own writable memory: the same bits as a + b.
+    out = {}
+    for name, x in a.items():
+        y = b[name]
+        if x.flags.writeable:
+            np.add(x, y, out=x)
+            out[name] = x
+        else:
+            out[name] = x + y
+    return out
+
+
+class ShardJob:
+    """One job's parameters on one shard. Thread-safe: every method takes ``lock``."""
+
+    def __init__(self, job_id: str, params: dict[str, np.ndarray], optimizer: dict,
+                 version: int = 0, last_step_id: int = 0,
+                 state: dict[str, dict] | None = None):
+        self.job_id = job_id
+        self.params = params
+        self.optimizer = optimizer
+        self.version = version
+        self.last_step_id = last_step_id
+        self.state: dict[str, dict] = state if state is not None else {n: {} for n in params}
+        self.pending: dict[int, _Pending] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.params.values())
+
+    def signature(self) -> dict:
+        return {n: (str(p.dtype), tuple(p.shape)) for n, p in self.params.items()}
+
+    # -- Pull -----------------------------------------------------------------------------
+    def pull(self, version: int = 0, names: Iterable[str] = (),
+             copy: bool = False) -> tuple[int, dict]:
+        """``(version, {name: array})``. Without ``copy`` the arrays are the live ones: read
+        them before the next ``apply`` (the coordinator does, under its job lock)."""
+        with self.lock:
+            if version and version != self.version:
+                raise ServiceError(FAILED, f"job {self.job_id!r} is at version "
+                                   f"{self.version}; version {version} is not kept",
+                                   "version")
+            names = list(names) or list(self.params)
+            for i, n in enumerate(names):
+                if n not in self.params:
+                    raise ServiceError(INVALID, f"no parameter {n!r} on this shard for job "
+                                       f"{self.job_id!r}", f"names[{i}]")
+            if copy:
+                return self.version, {n: self.params[n].copy() for n in names}
+            return self.version, {n: self.params[n] for n in names}
+
+    # -- PushGradients --------------------------------------------------------------------
+    def push(self, step_id: int, micro_batch: int, micro_batches: int, version: int,
+             gradients: dict[str, np.ndarray]) -> tuple[bool, int]:
+        """Record one micro-batch's gradients; ``(duplicate, received)``."""
+        if step_id < 1:
+            raise ServiceError(INVALID, "step ids start at 1", "step_id")
+        if micro_batches < 1:
+            raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
+        if not 0 <= micro_batch < micro_batches:
+            raise ServiceError(INVALID, f"micro_batch {micro_batch} out of range for "
+                               f"{micro_batches} micro-batches", "micro_batch")
+        self._check_gradients(gradients)
+        with self.lock:
+            if step_id <= self.last_step_id:
+                return True, micro_batches      # a late result of a committed step
+            if version != self.version:
+                raise ServiceError(FAILED, f"gradients computed at version {version}, job "
+                                   f"{self.job_id!r} is at version {self.version}", "version")
+            p = self.pending.get(step_id)
+            if p is None:
+                # A new step: any other pending step was abandoned by the coordinator.
+                self.pending = {step_id: _Pending(step_id, micro_batches, version)}
+                p = self.pending[step_id]
+            elif p.micro_batches != micro_batches:
+                raise ServiceError(INVALID, f"step {step_id} has {p.micro_batches} "
+                                   f"micro-batches, this push says {micro_batches}",
+                                   "micro_batches")
+            if micro_batch in p.sum:
+                return True, len(p.sum)
+            p.sum.add(micro_batch, dict(gradients))
+            return False, len(p.sum)
+
+    def _check_gradients(self, gradients: dict[str, np.ndarray]) -> None:
+        for name, g in gradients.items():
+            p = self.params.get(name)
+            if p is None:
+                raise ServiceError(INVALID, f"no parameter {name!r} on this shard for job "
+                                   f"{self.job_id!r}", f"gradients[{name}]")
+            if g.shape != p.shape or g.dtype != p.dtype:
+                raise ServiceError(INVALID, f"gradient of {name!r} has dtype {g.dtype} and "
+                                   f"shape {list(g.shape)}; the parameter has dtype "
+                                   f"{p.dtype} and shape {list(p.shape)}",
+                                   f"gradients[{name}]")
+        missing = sorted(set(self.params) - set(gradients))
+        if missing:
+            raise ServiceError(INVALID, f"gradients missing for parameters {missing}",
+                               "gradients")
+
+    # -- Apply ----------------------------------------------------------------------------
+    def apply(self, step_id: int, micro_batches: int, version: int) -> tuple[int, bool, float]:
+        """Sum the step's gradients and update every parameter; ``(version, already, secs)``."""
+        with self.lock:
+            if step_id == self.last_step_id and version + 1 == self.version:
+                return self.version, True, 0.0
+            if step_id <= self.last_step_id:
+                raise ServiceError(FAILED, f"step {step_id} is older than the last applied "
+                                   f"step {self.last_step_id} of job {self.job_id!r}",
+                                   "step_id")
+            if version != self.version:
+                raise ServiceError(FAILED, f"step computed at version {version}, job "
+                                   f"{self.job_id!r} is at version {self.version}", "version")
+            p = self.pending.get(step_id)
+            if p is None or p.micro_batches != micro_batches or not p.sum.complete:
+                missing = (list(range(micro_batches)) if p is None or
+                           p.micro_batches != micro_batches else p.sum.missing())
+                raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: "
+                                   f"gradients of micro-batches {missing[:20]} not pushed",
+                                   "micro_batches")
+            start = time.perf_counter()
+            grads = p.sum.result()
+            hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
+            if "betas" in hyper:
+                hyper["betas"] = tuple(hyper["betas"])
+            update = optim.UPDATE_RULES[self.optimizer["name"]]
+            for name in sorted(self.params):
+                update(np, self.params[name], grads[name], self.state[name], **hyper)
+            self.pending.clear()
+            self.version += 1
+            self.last_step_id = step_id
+            return self.version, False, time.perf_counter() - start
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        with self.lock:
+            arrays: dict[str, np.ndarray] = {}
+            steps: dict[str, int] = {}
+            for name, p in self.params.items():
+                arrays[f"param/{name}"] = p
+                state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
+                for key, a in state_arrays.items():
+                    arrays[f"state/{name}/{key}"] = a
+            meta = {"job_id": self.job_id, "version": self.version,
+                    "last_step_id": self.last_step_id, "optimizer": self.optimizer,
+                    "parameters": list(self.params), "steps": steps}
+            checkpoint.save(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str) -> "ShardJob":
+        arrays, meta = checkpoint.load(path)
+        params = {n: np.array(arrays[f"param/{n}"]) for n in meta["parameters"]}
+        state = {}
+        for n in meta["parameters"]:
+            prefix = f"state/{n}/"
+            found = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            state[n] = optim.state_from_arrays(found, meta["steps"][n]) if (
+                found or meta["steps"][n]) else {}
+        return cls(meta["job_id"], params, meta["optimizer"], meta["version"],
+                   meta["last_step_id"], state)
+
+
+class ShardStore:
+    """All jobs of one shard, with checkpoints in ``state_dir`` (one ``<job>.npz`` each).
+
+    >>> store = ShardStore()
+    >>> store.load("j", {"w": np.ones(2, np.float32)}, {"name": "sgd", "lr": 0.5})
+    (0, 0)
+    >>> store.push("j", 1, 0, 1, 0, {"w": np.ones(2, np.float32)})
+    (False, 1)
+    >>> store.apply("j", 1, 1, 0)[:2]
+    (1, False)
+    >>> store.pull("j")[1]["w"].tolist()
+    [0.5, 0.5]
+    """
+
+    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0):
+        self.state_dir = state_dir
+        self.checkpoint_every = checkpoint_every
+        self.jobs: dict[str, ShardJob] = {}
+        self._lock = threading.Lock()
+        if state_dir:
+            os.makedirs(state_dir, exist_ok=True)
+            for entry in sorted(os.listdir(state_dir)):
+                if entry.endswith(".npz") and not entry.startswith("."):
+                    job = ShardJob.load(os.path.join(state_dir, entry))
+                    self.jobs[job.job_id] = job
+                    log.info("restored job", extra={"job_id": job.job_id,
+                                                    "version": job.version})
+
+    def job(self, job_id: str) -> ShardJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            check_job_id(job_id)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not loaded on "
+                               f"this shard", "job_id")
+        return job
+
+    def load(self, job_id: str, params: dict[str, np.ndarray], optimizer: dict) -> tuple[int, int]:
+        """Create the job (idempotent for the same names, dtypes and shapes)."""
+        check_job_id(job_id)
+        for name, p in params.items():
+            if p.dtype not in _FLOATS:
+                raise ServiceError(INVALID, f"parameter {name!r} has dtype {p.dtype}; "
+                                   f"parameters must be floating point",
+                                   f"parameters[{name}]")
+        optimizer = optim.validate(optimizer)
+        with self._lock:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                mine = {n: (str(p.dtype), tuple(p.shape)) for n, p in params.items()}
+                if job.signature() != mine or job.optimizer != optimizer:
+                    raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"job {job_id!r} exists on this shard with other "
+                                       f"parameters or optimizer", "job_id")
+                return job.version, job.last_step_id
+            # Own writable copies: the optimizer updates them in place.
+            job = ShardJob(job_id, {n: np.array(p, copy=True) for n, p in params.items()},
+                           optimizer)
+            self.jobs[job_id] = job
+        self.checkpoint(job_id)
+        return job.version, job.last_step_id
+
+    def pull(self, job_id: str, version: int = 0, names: Iterable[str] = (),
+             copy: bool = False):
+        return self.job(job_id).pull(version, names, copy)
+
+    def push(self, job_id: str, step_id: int, micro_batch: int, micro_batches: int,
+             version: int, gradients: dict[str, np.ndarray]) -> tuple[bool, int]:
+        return self.job(job_id).push(step_id, micro_batch, micro_batches, version, gradients)
+
+    def apply(self, job_id: str, step_id: int, micro_batches: int, version: int,
+              checkpoint_now: bool = False) -> tuple[int, bool, float]:
+        job = self.job(job_id)
+        result = job.apply(step_id, micro_batches, version)
+        if not result[1] and (checkpoint_now or (
+                self.checkpoint_every and result[0] % self.checkpoint_every == 0)):
+            self.checkpoint(job_id)
+        return result
+
+    def drop(self, job_id: str) -> bool:
+        with self._lock:
+            job = self.jobs.pop(job_id, None)
+        if job is not None and self.state_dir:
+            try:
+                os.unlink(self._path(job_id))
+            except FileNotFoundError:
+                pass
+        return job is not None
+
+    def _path(self, job_id: str) -> str:
+        return os.path.join(self.state_dir, f"{job_id}.npz")
+
+    def checkpoint(self, job_id: str | None = None) -> None:
+        """Write the checkpoint of one job (or all) when there is a state directory."""
+        if not self.state_dir:
+            return
+        for jid in [job_id] if job_id else list(self.jobs):
+            job = self.jobs.get(jid)
+            if job is not None:
+                job.save(self._path(jid))
+
+
+# ------------------------------------------------------------------ streaming helpers ----
+
+def stream_frames(frame_cls, kind: str, header, arrays: Iterable,
+                  chunk_bytes: int | None = None) -> Iterator:
+    """A header frame (``frame_cls(**{kind: header})``) then the Chunk frames of ``arrays``.
+
+    ``header``'s tensors must carry dtype and shape only (``to_proto(a, data=False)``).
+    """
+    from gradmesh.core import serialize
+    yield frame_cls(**{kind: header})
+    buffers = [serialize.tensor_buffer(a) for a in arrays]
+    for c in serialize.chunks(buffers, chunk_bytes or serialize.DEFAULT_CHUNK_BYTES):
+        yield frame_cls(chunk=c)
+
+
+def receive_frames(frames: Iterator, kind: str, max_total_bytes: int,
+                   max_elements: int | None = None) -> tuple[object, dict[str, np.ndarray]]:
+    """Read a header frame of ``kind`` and its chunks: ``(header, {name: array})``.
+
+    Raises ``WireError``/``ServiceError`` (INVALID_ARGUMENT naming the field) for a stream
+    that does not start with the header, a second header, a duplicate name or a bad chunk.
+    """
+    from gradmesh.core import serialize
+    first = next(frames, None)
+    if first is None or first.WhichOneof("kind") != kind:
+        raise ServiceError(INVALID, f"the stream must start with a frame holding `{kind}`",
+                           kind)
+    header = getattr(first, kind)
+    asm = serialize.Assembler(header, max_total_bytes, max_elements=max_elements)
+    for frame in frames:
+        if frame.WhichOneof("kind") != "chunk":
+            raise ServiceError(INVALID, f"only chunk frames may follow the `{kind}` header",
+                               frame.WhichOneof("kind") or "kind")
+        asm.add(frame.chunk)
+    arrays = asm.finish()
+    out: dict[str, np.ndarray] = {}
+    for slot, a in zip(asm.slots, arrays):
+        if slot.name in out:
+            raise ServiceError(INVALID, f"name {slot.name!r} appears twice", slot.path)
+        if not slot.name:
+            raise ServiceError(INVALID, "every tensor needs a name", slot.path + ".name")
+        out[slot.name] = a
+    return header, out
+
+
+def _named_headers(repeated, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from gradmesh.core import serialize
+    for name, a in arrays.items():
+        repeated.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
+    return list(arrays.values())
+
+
+# ------------------------------------------------------------------ the service ---------
+
+class ShardServicer:
+    """``ParameterShard`` over a :class:`ShardStore`; methods are thin."""
+
+    def __init__(self, store: ShardStore, max_stream_bytes: int = 16 << 30,
+                 max_elements: int | None = None):
+        self.store = store
+        self.max_stream_bytes = max_stream_bytes
+        self.max_elements = max_elements
+
+    def Load(self, request_iterator, context):
+        from gradmesh.v1 import shard_pb2
+        header, params = receive_frames(request_iterator, "load", self.max_stream_bytes,
+                                        self.max_elements)
+        optimizer = optimizer_from_proto(header.optimizer)
+        version, last = self.store.load(header.job_id, params, optimizer)
+        return shard_pb2.LoadResponse(version=version, last_step_id=last)
+
+    def Pull(self, request, context):
+        from gradmesh.v1 import shard_pb2
+        # Copies taken under the job's lock: the stream stays consistent if a step applies.
+        version, arrays = self.store.pull(request.job_id, request.version, request.names,
+                                          copy=True)
+        header = shard_pb2.PullResponse(version=version)
+        values = _named_headers(header.parameters, arrays)
+        yield from stream_frames(shard_pb2.ShardFrame, "pulled", header, values)
+
+    def PushGradients(self, request_iterator, context):
+        from gradmesh.v1 import shard_pb2
+        header, grads = receive_frames(request_iterator, "push", self.max_stream_bytes,
+                                       self.max_elements)
+        duplicate, received = self.store.push(header.job_id, header.step_id,
+                                              header.micro_batch, header.micro_batches,
+                                              header.version, grads)
+        return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
+
+    def Apply(self, request, context):
+        from gradmesh.v1 import shard_pb2
+        version, already, seconds = self.store.apply(
+            request.job_id, request.step_id, request.micro_batches, request.version,
+            request.checkpoint)
+        return shard_pb2.ApplyResponse(version=version, already_applied=already,
+                                       apply_seconds=seconds)
+
+    def Status(self, request, context):
+        from gradmesh.v1 import shard_pb2
+        resp = shard_pb2.ShardStatusResponse()
+        for job_id in sorted(self.store.jobs):
+            job = self.store.jobs[job_id]
+            resp.jobs.add(job_id=job_id, version=job.version, last_step_id=job.last_step_id,
+                          parameters=sorted(job.params), parameter_bytes=job.parameter_bytes)
+        return resp
+
+    def DropJob(self, request, context):
+        from gradmesh.v1 import shard_pb2
+        check_job_id(request.job_id)
+        return shard_pb2.DropJobResponse(dropped=self.store.drop(request.job_id))
+
+
+# ------------------------------------------------------------------ handles --------------
+
+class EmbeddedShard:
+    """A shard inside the coordinator's process: the same ``ShardStore``, no network."""
+
+    def __init__(self, store: ShardStore, name: str = "embedded"):
+        self.store = store
+        self.name = name
+
+    def load(self, job_id, params, optimizer):
+        return self.store.load(job_id, params, optimizer)
+
+    def pull(self, job_id, version=0, names=(), copy=False):
+        return self.store.pull(job_id, version, names, copy)
+
+    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients):
+        return self.store.push(job_id, step_id, micro_batch, micro_batches, version, gradients)
+
+    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False):
+        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now)
+
+    def status(self, job_id):
+        job = self.store.jobs.get(job_id)
+        return None if job is None else (job.version, job.last_step_id)
+
+    def checkpoint(self):
+        self.store.checkpoint()
+
+    def close(self):
+        pass
+
+
+class RemoteShard:
+    """A shard server, with the same methods as :class:`EmbeddedShard` (errors become
+    ``ServiceError`` with the remote status code, so the coordinator treats both alike)."""
+
+    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
+                 max_message_bytes: int = 64 << 20):
+        from gradmesh.server.runtime import channel_options
+        from gradmesh.v1 import shard_pb2_grpc
+        self.name = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = shard_pb2_grpc.ParameterShardStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            raise ServiceError(code, f"shard {self.name}: {e.details()}") from None
+
+    def load(self, job_id, params, optimizer):
+        from gradmesh.v1 import shard_pb2
+        header = shard_pb2.LoadRequest(job_id=job_id, optimizer=optimizer_to_proto(optimizer))
+        values = _named_headers(header.parameters, params)
+        r = self._call(self._stub.Load, stream_frames(shard_pb2.ShardFrame, "load", header,
+                                                      values))
+        return r.version, r.last_step_id
+
+    def pull(self, job_id, version=0, names=(), copy=True):
+        from gradmesh.v1 import shard_pb2
+        frames = self._call(self._stub.Pull, shard_pb2.PullRequest(
+            job_id=job_id, version=version, names=list(names)))
+        try:
+            header, arrays = receive_frames(iter(frames), "pulled", 1 << 40)
+        except grpc.RpcError as e:
+            raise ServiceError(e.code(), f"shard {self.name}: {e.details()}") from None
+        return header.version, arrays
+
+    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients):
+        from gradmesh.v1 import shard_pb2
+        header = shard_pb2.PushGradientsRequest(job_id=job_id, step_id=step_id,
+                                                micro_batch=micro_batch,
+                                                micro_batches=micro_batches, version=version)
+        values = _named_headers(header.gradients, gradients)
+        r = self._call(self._stub.PushGradients,
+                       stream_frames(shard_pb2.ShardFrame, "push", header, values))
+        return r.duplicate, r.received
+
+    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False):
+        from gradmesh.v1 import shard_pb2
+        r = self._call(self._stub.Apply, shard_pb2.ApplyRequest(
+            job_id=job_id, step_id=step_id, micro_batches=micro_batches, version=version,
+            checkpoint=checkpoint_now))
+        return r.version, r.already_applied, r.apply_seconds
+
+    def status(self, job_id):
+        from gradmesh.v1 import shard_pb2
+        r = self._call(self._stub.Status, shard_pb2.ShardStatusRequest())
+        for j in r.jobs:
+            if j.job_id == job_id:
+                return j.version, j.last_step_id
+        return None
+
+    def checkpoint(self):
+        pass        # a shard server checkpoints itself (Apply's flag, and on shutdown)
+
+    def close(self):
+        self._channel.close()
+
+
+# ------------------------------------------------------------------ the command ---------
+
+DEFAULT_PORT = 50052
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``gradmesh shard``."""
+    from gradmesh.server.runtime import add_server_arguments, env_default
+    add_server_arguments(parser, DEFAULT_PORT)
+    g = parser.add_argument_group("shard")
+    g.add_argument("--state-dir", default=env_default("state-dir", None),
+                   help="directory for checkpoints; restored from on start (default: none, "
+                        "state is lost on exit)")
+    g.add_argument("--checkpoint-every", type=int, default=env_default("checkpoint-every", 0),
+                   help="also checkpoint every N versions by itself (default 0: only when "
+                        "the coordinator asks, and on shutdown)")
+
+
+def serve_shard(config, store: ShardStore):
+    """Start a shard server for ``store``; returns the RunningServer."""
+    from gradmesh.server.runtime import serve
+    from gradmesh.v1 import shard_pb2_grpc
+    servicer = ShardServicer(store)
+    return serve(config, [(shard_pb2_grpc.add_ParameterShardServicer_to_server, servicer,
+                           "gradmesh.v1.ParameterShard")])
+
+
+def run(args: argparse.Namespace) -> int:
+    """``gradmesh shard``: serve until SIGTERM, then checkpoint every job."""
+    import sys
+    from gradmesh.server.runtime import ConfigError, config_from_args, configure_logging
+    config = config_from_args(args)
+    configure_logging(config)
+    if args.checkpoint_every < 0:
+        print("error: --checkpoint-every must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        store = ShardStore(args.state_dir, args.checkpoint_every)
+        running = serve_shard(config, store)
+    except (ConfigError, checkpoint.CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"gradmesh shard listening on {running.address}", flush=True)
+    running.wait()
+    store.checkpoint()
+    return 0

@@ -1,0 +1,646 @@
+"""The gradient worker: take a graph, parameters and a batch; return loss and gradients.
+
+``gradmesh worker --port 50051 --backend cpu`` serves it. The servicer (:class:`WorkerService`)
+is thin: it moves bytes between gRPC and :class:`GradientWorker`, whose plain methods do
+the work (validate and cache graphs, check request tensors against the graph before
+anything is allocated, cache compiled plans, run them) and can be tested without a server.
+
+Errors are raised as exceptions with ``code``, ``field`` and ``message``
+(:class:`~gradmesh.server.runtime.ServiceError`, ``WireError``, ``GraphError``); the
+server's interceptor sends them as gRPC statuses with ``google.rpc.BadRequest`` details.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+import gradmesh
+from gradmesh.core import backend as core_backend
+from gradmesh.core import graph as core_graph
+from gradmesh.core import plan as core_plan
+from gradmesh.core import serialize
+from gradmesh.core.registry import REGISTRY
+from gradmesh.client import worker as frame_codec
+from gradmesh.server import runtime
+from gradmesh.server.runtime import ServiceError
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
+
+MiB = 1 << 20
+DEFAULT_PORT = 50051
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+BACKENDS = ("cpu", "cuda")
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+# Wire dtype enum -> NumPy dtype (little-endian on the wire, see tensor.proto).
+_NP_OF_WIRE = {wire: d.np.newbyteorder("<") for wire, d in serialize.PROTO_TO_DTYPE.items()}
+
+
+# The worker's limits (graph size, tensor elements, message and stream bytes, concurrency,
+# chunk size) are core.graph.Limits, which validation reads and Capabilities reports.
+WorkerLimits = core_graph.Limits
+
+
+def check_limits(limits: WorkerLimits) -> None:
+    if not serialize.MIN_CHUNK_BYTES <= limits.chunk_bytes <= serialize.MAX_CHUNK_BYTES:
+        raise runtime.ConfigError(f"chunk_bytes must be between {serialize.MIN_CHUNK_BYTES} "
+                                  f"and {serialize.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}")
+    for name in ("max_graph_nodes", "max_tensor_elements", "max_message_bytes",
+                 "max_stream_bytes", "max_concurrent_requests"):
+        if getattr(limits, name) < 1:
+            raise runtime.ConfigError(f"{name} must be positive")
+
+
+@dataclass
+class TensorSlot:
+    """A request tensor checked against the graph: where its bytes go and what they are."""
+    field: str                  # "parameters[w1]"
+    name: str
+    dtype: np.dtype
+    shape: tuple
+    nbytes: int
+
+
+@dataclass
+class Prepared:
+    """A request whose header passed every check; only its tensors' bytes are missing."""
+    graph_id: str
+    validated: Any
+    params: list[TensorSlot]
+    data: list[TensorSlot]
+    gradients: list[str]
+    outputs: list[str]
+    loss_scale: float
+    seed: int
+
+    @property
+    def slots(self) -> list[TensorSlot]:
+        return self.params + self.data
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.slots)
+
+
+@dataclass
+class Computed:
+    """What :meth:`GradientWorker.compute` returns."""
+    loss: np.ndarray
+    outputs: list[tuple[str, np.ndarray]]
+    gradients: list[tuple[str, np.ndarray]]
+    forward_seconds: float
+    backward_seconds: float
+    plan_cached: bool
+
+
+class _LRU:
+    """A small thread-safe LRU map."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _never_stop() -> None:
+    return None
+
+
+class GradientWorker:
+    """The worker's logic without gRPC: graphs, plans, request checks and computation.
+
+    >>> w = GradientWorker("cpu")
+    >>> gid = w.register(graph)                                   # doctest: +SKIP
+    >>> prepared = w.prepare(request)                             # doctest: +SKIP
+    >>> result = w.compute(prepared, params, data)                # doctest: +SKIP
+    """
+
+    def __init__(self, backend: str = "cpu", limits: WorkerLimits | None = None,
+                 graph_cache_size: int = 256, plan_cache_size: int = 64):
+        if backend not in BACKENDS:
+            raise runtime.ConfigError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if backend == "cuda" and not core_backend.cuda_available():
+            raise runtime.ConfigError(
+                "backend 'cuda' needs CuPy and a CUDA device; none found (install "
+                "'gradmesh[cuda]' on a GPU machine, or use --backend cpu)")
+        self.backend = backend
+        self.limits = limits or WorkerLimits()
+        check_limits(self.limits)
+        self._graphs = _LRU(graph_cache_size)
+        self._plans = _LRU(plan_cache_size)
+        # Compiling the same plan twice at once is harmless but wasteful.
+        self._compile_lock = threading.Lock()
+        self.abandoned = 0          # computations stopped by a deadline or cancellation
+
+    # ------------------------------------------------------------------ graphs -------
+
+    def register(self, graph: graph_pb2.Graph, field: str = "graph") -> str:
+        """Validate ``graph`` and remember it; returns its id. Idempotent."""
+        graph_id = core_graph.graph_id(graph)
+        if self._graphs.get(graph_id) is None:
+            try:
+                validated = core_graph.validate(graph, self.limits)
+            except core_graph.GraphError as e:
+                # Name the field as the request has it: "graph.nodes[3].op".
+                raise ServiceError(runtime.status_code(e.code), e.message,
+                                   f"{field}.{e.field}" if e.field else field) from None
+            self._graphs.put(graph_id, validated)
+        return graph_id
+
+    def lookup(self, graph_id: str, field: str = "graph_id"):
+        validated = self._graphs.get(graph_id)
+        if validated is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown graph id {graph_id!r}: register the graph first "
+                               f"(RegisterGraph) or send it inline", field)
+        return validated
+
+    # ------------------------------------------------------------------ requests -----
+
+    def prepare(self, request: worker_pb2.ComputeGradientsRequest,
+                header_only: bool = False) -> Prepared:
+        """Check a request against its graph before any tensor is decoded.
+
+        Names, dtypes, shapes, batch sizes, element counts and (for unary requests) byte
+        lengths are all checked here, so a bad or oversized request costs nothing.
+        """
+        which = request.WhichOneof("graph_ref")
+        if which == "graph":
+            graph_id = self.register(request.graph)
+            validated = self.lookup(graph_id)
+        elif which == "graph_id":
+            graph_id = request.graph_id
+            validated = self.lookup(graph_id)
+        else:
+            raise ServiceError(INVALID, "the request names no graph: set graph_id (after "
+                                        "RegisterGraph) or graph", "graph_ref")
+        graph = validated.graph
+        param_inputs = [i for i in graph.inputs if i.role == graph_pb2.Input.PARAM]
+        data_inputs = [i for i in graph.inputs if i.role == graph_pb2.Input.DATA]
+        params = self._slots("parameters", request.parameters, param_inputs, header_only)
+        data = self._slots("data", request.data, data_inputs, header_only)
+        self._check_batch(data, data_inputs)
+
+        param_names = [i.name for i in param_inputs]
+        known = set(param_names)
+        gradients = list(request.gradients) or param_names
+        for k, name in enumerate(request.gradients):
+            if name in request.gradients[:k]:
+                raise ServiceError(INVALID, f"gradient {name!r} is requested twice",
+                                   f"gradients[{k}]")
+            if name not in known:
+                raise ServiceError(INVALID, f"no parameter named {name!r} to take a gradient "
+                                            f"for; the graph's parameters are "
+                                            f"{_short(param_names)}", f"gradients[{k}]")
+        output_names = [o.name for o in graph.outputs]
+        for k, name in enumerate(request.outputs):
+            if name in request.outputs[:k]:
+                raise ServiceError(INVALID, f"output {name!r} is requested twice",
+                                   f"outputs[{k}]")
+            if name not in output_names:
+                raise ServiceError(INVALID, f"no output named {name!r}; the graph's outputs "
+                                            f"are {_short(output_names)}", f"outputs[{k}]")
+        scale = request.loss_scale or 1.0
+        if not math.isfinite(scale):
+            raise ServiceError(INVALID, f"loss_scale must be finite, got {scale}", "loss_scale")
+        return Prepared(graph_id, validated, params, data, gradients, list(request.outputs),
+                        scale, request.seed)
+
+    def _slots(self, kind: str, given: Sequence[tensor_pb2.NamedTensor], inputs,
+               header_only: bool) -> list[TensorSlot]:
+        by_name = {}
+        for k, nt in enumerate(given):
+            if nt.name in by_name:
+                raise ServiceError(INVALID, f"{kind} {nt.name!r} is given twice", f"{kind}[{k}]")
+            by_name[nt.name] = nt
+        expected = {i.name for i in inputs}
+        for k, nt in enumerate(given):
+            if nt.name not in expected:
+                raise ServiceError(INVALID, f"the graph has no {_singular(kind)} input named "
+                                            f"{nt.name!r}; it takes {_short(sorted(expected))}",
+                                   f"{kind}[{k}].name")
+        slots = []
+        for inp in inputs:
+            field = f"{kind}[{inp.name}]"
+            nt = by_name.get(inp.name)
+            if nt is None:
+                raise ServiceError(INVALID, f"missing {_singular(kind)} {inp.name!r} "
+                                            f"(a {_singular(kind).upper()} input of the graph)",
+                                   field)
+            t = nt.tensor
+            if t.dtype != inp.dtype:
+                raise ServiceError(INVALID, f"dtype {_dname(t.dtype)} does not match the "
+                                            f"graph's {_dname(inp.dtype)}", field + ".dtype")
+            shape = tuple(t.shape)
+            want = tuple(inp.shape)
+            batch_free = kind == "data" and want[:1] == (-1,)
+            if len(shape) != len(want) or any(
+                    s != w for k, (s, w) in enumerate(zip(shape, want))
+                    if not (batch_free and k == 0)) or any(s < 0 for s in shape):
+                raise ServiceError(INVALID, f"shape {list(shape)} does not match the graph's "
+                                            f"{list(want)}", field + ".shape")
+            n = math.prod(shape)
+            if n > self.limits.max_tensor_elements:
+                raise ServiceError(EXHAUSTED, f"{n} elements is over the limit of "
+                                              f"{self.limits.max_tensor_elements}", field)
+            dtype = _NP_OF_WIRE[t.dtype]
+            nbytes = n * dtype.itemsize
+            if header_only:
+                if t.data:
+                    raise ServiceError(INVALID, "a streamed request's header carries no tensor "
+                                                "bytes; send them as chunk frames",
+                                       field + ".data")
+            elif len(t.data) != nbytes:
+                raise ServiceError(INVALID, f"{len(t.data)} bytes for shape {list(shape)} of "
+                                            f"{_dname(t.dtype)}: expected {nbytes}",
+                                   field + ".data")
+            slots.append(TensorSlot(field, inp.name, dtype, shape, nbytes))
+        return slots
+
+    @staticmethod
+    def _check_batch(data: list[TensorSlot], inputs) -> None:
+        batch = None
+        for slot, inp in zip(data, inputs):
+            if inp.shape[:1] != [-1]:
+                continue
+            if batch is None:
+                batch = (slot.shape[0], slot.name)
+            elif slot.shape[0] != batch[0]:
+                raise ServiceError(INVALID, f"batch size {slot.shape[0]} does not match "
+                                            f"{batch[0]} of data {batch[1]!r}",
+                                   slot.field + ".shape")
+
+    def decode(self, prepared: Prepared, request: worker_pb2.ComputeGradientsRequest
+               ) -> tuple[dict, dict]:
+        """The request's tensors as arrays (views of the message's bytes where possible)."""
+        by_name = {nt.name: nt.tensor for nt in request.parameters}
+        by_name_data = {nt.name: nt.tensor for nt in request.data}
+        limit = self.limits.max_tensor_elements
+        params = {s.name: serialize.from_proto(by_name[s.name], field=s.field,
+                                               max_elements=limit)
+                  for s in prepared.params}
+        data = {s.name: serialize.from_proto(by_name_data[s.name], field=s.field,
+                                             max_elements=limit)
+                for s in prepared.data}
+        return params, data
+
+    # ------------------------------------------------------------------ compute ------
+
+    def plan_for(self, prepared: Prepared, data: dict) -> tuple[Any, bool]:
+        shapes = tuple((s.name, s.shape) for s in prepared.data)
+        key = (prepared.graph_id, shapes, self.backend)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan, True
+        with self._compile_lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                return plan, True
+            shapes = {s.name: s.shape for s in prepared.data}
+            plan = core_plan.compile_plan(prepared.validated, shapes, self.backend)
+            self._plans.put(key, plan)
+        return plan, False
+
+    def compute(self, prepared: Prepared, params: dict, data: dict,
+                check: Callable[[], None] = _never_stop) -> Computed:
+        """Run the graph. ``check()`` raises to abandon the call (deadline, cancellation);
+        it is called before the forward pass, between forward and backward, and after."""
+        plan, cached = self.plan_for(prepared, data)
+        try:
+            check()
+            kw = {"check": check} if _takes_check(plan) else {}
+            result = plan.run(params, data, grads=prepared.gradients,
+                              outputs=tuple(prepared.outputs), loss_scale=prepared.loss_scale,
+                              seed=prepared.seed, **kw)
+            check()
+        except ServiceError as e:
+            if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                self.abandoned += 1
+            raise
+        outputs = [(name, result.outputs[name]) for name in prepared.outputs]
+        grads = [(name, result.grads[name]) for name in prepared.gradients]
+        return Computed(result.loss, outputs, grads, result.forward_seconds,
+                        result.backward_seconds, cached)
+
+    # ------------------------------------------------------------------ capabilities -
+
+    def capabilities(self) -> worker_pb2.CapabilitiesResponse:
+        versions = library_versions(self.backend)
+        threads = blas_threads()
+        return worker_pb2.CapabilitiesResponse(
+            ops=sorted(REGISTRY), dtypes=sorted(_NP_OF_WIRE), backend=self.backend,
+            limits=self.limits.to_proto(), versions=versions, blas_threads=threads,
+            build_fingerprint=build_fingerprint(self.backend, versions, threads))
+
+
+def _takes_check(plan) -> bool:
+    """Whether ``plan.run`` accepts ``check``, a callback it calls between the forward and
+    the backward pass (so a call whose deadline passed skips the backward)."""
+    import inspect
+    try:
+        return "check" in inspect.signature(plan.run).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Build identity (for the coordinator's bitwise-determinism check)
+# ---------------------------------------------------------------------------------------
+
+def library_versions(backend: str) -> dict[str, str]:
+    versions = {"gradmesh": gradmesh.__version__, "python": platform.python_version(),
+                "numpy": np.__version__, "grpcio": grpc.__version__}
+    if backend == "cuda":
+        cp = core_backend.cupy()
+        versions["cupy"] = cp.__version__
+        try:
+            versions["cuda_runtime"] = str(cp.cuda.runtime.runtimeGetVersion())
+            versions["gpu"] = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        except Exception:  # noqa: BLE001  (informational only)
+            pass
+    return versions
+
+
+def _blas_info() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [i for i in threadpool_info() if i.get("user_api") == "blas"]
+
+
+def blas_threads() -> int:
+    """Threads of NumPy's BLAS (threadpoolctl if installed, else the usual env vars)."""
+    info = _blas_info()
+    if info:
+        return int(info[0].get("num_threads") or 0)
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return os.cpu_count() or 1
+
+
+def build_fingerprint(backend: str, versions: dict[str, str], threads: int) -> str:
+    """SHA-256 over everything that can change results bit for bit."""
+    blas = [(i.get("internal_api"), i.get("version"), i.get("architecture"))
+            for i in _blas_info()]
+    parts = [backend, sorted(versions.items()), blas, threads, platform.machine(),
+             sys.byteorder]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding responses
+# ---------------------------------------------------------------------------------------
+
+def build_response(prepared: Prepared, computed: Computed, *, with_data: bool = True
+                   ) -> tuple[worker_pb2.ComputeGradientsResponse, list[np.ndarray]]:
+    """The response message, and its tensors in the header's order (for streaming)."""
+    def enc(array) -> tensor_pb2.Tensor:
+        return serialize.to_proto(array, data=with_data)
+    arrays = [computed.loss] + [a for _, a in computed.outputs] + \
+             [a for _, a in computed.gradients]
+    resp = worker_pb2.ComputeGradientsResponse(
+        loss=enc(computed.loss),
+        outputs=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.outputs],
+        gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a))
+                   for n, a in computed.gradients],
+        graph_id=prepared.graph_id)
+    return resp, arrays
+
+
+# ---------------------------------------------------------------------------------------
+# The gRPC servicer
+# ---------------------------------------------------------------------------------------
+
+def _deadline_check(context: grpc.ServicerContext) -> Callable[[], None]:
+    def check() -> None:
+        if not context.is_active():
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "the call's deadline passed; computation abandoned")
+            raise ServiceError(grpc.StatusCode.CANCELLED,
+                               "the call was cancelled; computation abandoned")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "the call's deadline passed; computation abandoned")
+    return check
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """gRPC adapter over a :class:`GradientWorker`."""
+
+    def __init__(self, worker: GradientWorker):
+        self.worker = worker
+
+    def RegisterGraph(self, request, context):
+        if not request.HasField("graph"):
+            raise ServiceError(INVALID, "graph is missing", "graph")
+        return worker_pb2.RegisterGraphResponse(graph_id=self.worker.register(request.graph))
+
+    def Capabilities(self, request, context):
+        return self.worker.capabilities()
+
+    def ComputeGradients(self, request, context):
+        check = _deadline_check(context)
+        t0 = time.perf_counter()
+        prepared = self.worker.prepare(request)
+        params, data = self.worker.decode(prepared, request)
+        t1 = time.perf_counter()
+        computed = self.worker.compute(prepared, params, data, check)
+        t2 = time.perf_counter()
+        resp, arrays = build_response(prepared, computed)
+        size = resp.ByteSize()
+        if size > self.worker.limits.max_message_bytes:
+            # Name what made it big: the extra outputs if any were asked for.
+            field = "outputs" if sum(a.nbytes for _, a in computed.outputs) > \
+                sum(a.nbytes for _, a in computed.gradients) else "gradients"
+            raise ServiceError(EXHAUSTED, f"the response is {size} bytes, over the unary limit "
+                                          f"of {self.worker.limits.max_message_bytes}; use "
+                                          f"ComputeGradientsStream", field)
+        _timings(resp, computed, t1 - t0, time.perf_counter() - t2)
+        return resp
+
+    def ComputeGradientsStream(self, request_iterator, context):
+        check = _deadline_check(context)
+        limits = self.worker.limits
+        t0 = time.perf_counter()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "request":
+            raise ServiceError(INVALID, "the first frame of a stream must be the request "
+                                        "header", "request")
+        request = first.request
+        prepared = self.worker.prepare(request, header_only=True)
+        # Checks every limit from the header, then allocates each tensor once.
+        assembler = serialize.Assembler(request, limits.max_stream_bytes,
+                                        tensor_fields=("parameters", "data"),
+                                        max_elements=limits.max_tensor_elements)
+        for frame in request_iterator:
+            if frame.WhichOneof("kind") != "chunk":
+                raise ServiceError(INVALID, "after the header only chunk frames may follow",
+                                   "chunk")
+            assembler.add(frame.chunk)
+        arrays = {slot.path: a for slot, a in zip(assembler.slots, assembler.finish())}
+        params = {s.name: arrays[s.field] for s in prepared.params}
+        data = {s.name: arrays[s.field] for s in prepared.data}
+        t1 = time.perf_counter()
+        computed = self.worker.compute(prepared, params, data, check)
+        t2 = time.perf_counter()
+        resp, out_arrays = build_response(prepared, computed, with_data=False)
+        _timings(resp, computed, t1 - t0, 0.0)
+        yield worker_pb2.StreamFrame(response=resp)
+        yield from frame_codec._chunk_frames(out_arrays, limits.chunk_bytes)
+
+
+def _timings(resp, computed: Computed, decode: float, encode: float) -> None:
+    resp.timings.decode_seconds = decode
+    resp.timings.forward_seconds = computed.forward_seconds
+    resp.timings.backward_seconds = computed.backward_seconds
+    resp.timings.encode_seconds = encode
+    resp.timings.plan_cached = computed.plan_cached
+
+
+def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
+    """``add_WorkerServicer_to_server`` with a faster codec for the stream's chunk frames
+    (same bytes on the wire; see ``gradmesh.client.worker.decode_stream_frame``)."""
+    handlers = {
+        "RegisterGraph": grpc.unary_unary_rpc_method_handler(
+            servicer.RegisterGraph,
+            request_deserializer=worker_pb2.RegisterGraphRequest.FromString,
+            response_serializer=worker_pb2.RegisterGraphResponse.SerializeToString),
+        "ComputeGradients": grpc.unary_unary_rpc_method_handler(
+            servicer.ComputeGradients,
+            request_deserializer=worker_pb2.ComputeGradientsRequest.FromString,
+            response_serializer=worker_pb2.ComputeGradientsResponse.SerializeToString),
+        "ComputeGradientsStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ComputeGradientsStream,
+            request_deserializer=frame_codec.decode_stream_frame,
+            response_serializer=frame_codec.serialize_stream_frame),
+        "Capabilities": grpc.unary_unary_rpc_method_handler(
+            servicer.Capabilities,
+            request_deserializer=worker_pb2.CapabilitiesRequest.FromString,
+            response_serializer=worker_pb2.CapabilitiesResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+# ---------------------------------------------------------------------------------------
+# Starting a worker (tests, embedding) and the CLI
+# ---------------------------------------------------------------------------------------
+
+_WORKER_KEYS = {"limits", "graph_cache_size", "plan_cache_size"}
+
+
+def start(backend: str = "cpu", *, config: runtime.ServerConfig | None = None,
+          **kw) -> runtime.RunningServer:
+    """Start a worker in this process (default 127.0.0.1, a free port).
+
+    Keyword arguments set :class:`~gradmesh.server.runtime.ServerConfig` fields, or the
+    worker's ``limits`` (:class:`WorkerLimits`), ``graph_cache_size``, ``plan_cache_size``.
+    The returned server has ``.address`` and ``.worker`` (the :class:`GradientWorker`).
+    """
+    worker_kw = {k: kw.pop(k) for k in list(kw) if k in _WORKER_KEYS}
+    config = config or runtime.ServerConfig(**kw)
+    limits = dataclasses.replace(worker_kw.pop("limits", None) or WorkerLimits(),
+                                 max_message_bytes=config.max_message_bytes,
+                                 max_concurrent_requests=config.max_concurrent_requests)
+    worker = GradientWorker(backend, limits, **worker_kw)
+    running = runtime.serve(config, [(add_to_server, WorkerService(worker), SERVICE_NAME)])
+    running.worker = worker
+    return running
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``gradmesh worker`` (each also settable as GRADMESH_<FLAG>)."""
+    runtime.add_server_arguments(parser, DEFAULT_PORT)
+    d = runtime.env_default
+    dl = WorkerLimits()
+    g = parser.add_argument_group("worker")
+    g.add_argument("--backend", choices=BACKENDS, default=d("backend", "cpu"),
+                   help="cpu (NumPy) or cuda (CuPy)")
+    g.add_argument("--max-graph-nodes", type=int, default=d("max-graph-nodes",
+                                                            dl.max_graph_nodes))
+    g.add_argument("--max-tensor-elements", type=int,
+                   default=d("max-tensor-elements", dl.max_tensor_elements))
+    g.add_argument("--max-stream-bytes", type=int,
+                   default=d("max-stream-bytes", dl.max_stream_bytes))
+    g.add_argument("--chunk-bytes", type=int, default=d("chunk-bytes", dl.chunk_bytes),
+                   help="chunk size of streamed responses, 1-4 MiB")
+    g.add_argument("--graph-cache-size", type=int, default=d("graph-cache-size", 256))
+    g.add_argument("--plan-cache-size", type=int, default=d("plan-cache-size", 64))
+    g.add_argument("--blas-threads", type=int, default=d("blas-threads", None),
+                   help="fix NumPy's BLAS thread count (workers of a job must agree)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``gradmesh worker``: serve until SIGTERM/SIGINT."""
+    config = runtime.config_from_args(args)
+    runtime.configure_logging(config)
+    if args.blas_threads:
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.blas_threads, user_api="blas")
+        except ImportError:
+            print("warning: --blas-threads needs threadpoolctl; set OPENBLAS_NUM_THREADS "
+                  "instead", file=sys.stderr)
+    limits = WorkerLimits(max_graph_nodes=args.max_graph_nodes,
+                          max_tensor_elements=args.max_tensor_elements,
+                          max_stream_bytes=args.max_stream_bytes, chunk_bytes=args.chunk_bytes)
+    try:
+        running = start(args.backend, config=config, limits=limits,
+                        graph_cache_size=args.graph_cache_size,
+                        plan_cache_size=args.plan_cache_size)
+    except runtime.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"gradmesh worker ({args.backend}) listening on {running.address}", flush=True)
+    running.wait()
+    return 0
+
+
+def _short(names: Sequence[str], n: int = 8) -> str:
+    names = list(names)
+    return str(names[:n])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
+
+
+def _singular(kind: str) -> str:
+    return {"parameters": "param", "data": "data"}[kind]
+
+
+def _dname(wire: int) -> str:
+    return tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)

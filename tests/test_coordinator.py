@@ -1,0 +1,346 @@
+"""The coordinator service with real in-process servers on 127.0.0.1: jobs, idempotent
+steps, bad input, worker failures and deadlines, fingerprints, registration, restarts."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+import gradmesh.core as gm
+from gradmesh.client.coordinator import CoordinatorClient, WorkerRegistration
+from gradmesh.client.errors import GradmeshError
+from gradmesh.core import graph as core_graph
+from gradmesh.core import serialize
+from gradmesh.server import coordinator as coordinator_mod
+from gradmesh.server import worker as worker_mod
+from gradmesh.server.runtime import ServiceError
+from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2
+
+SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+
+
+def _model():
+    gm.manual_seed(0)
+    return gm.nn.Sequential(gm.nn.Linear(5, 8), gm.nn.ReLU(), gm.nn.Linear(8, 3))
+
+
+def _loss(model, x, y):
+    logits = model(x)
+    acc = (logits.argmax(dim=1) == y).float().mean()
+    return gm.nn.functional.cross_entropy(logits, y), {"accuracy": acc, "logits": logits}
+
+
+def _data(steps=6, batch=20):
+    rng = np.random.default_rng(5)
+    return [(rng.standard_normal((batch, 5)).astype(np.float32),
+             rng.integers(0, 3, batch).astype(np.int64)) for _ in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def workers():
+    started = [worker_mod.start("cpu") for _ in range(2)]
+    yield started
+    for w in started:
+        w.stop(0)
+
+
+@pytest.fixture
+def coordinator(workers, request):
+    """Factory: start(**kw) -> (server, client); everything stopped at teardown."""
+    started = []
+
+    def start(**kw):
+        kw.setdefault("workers", [w.address for w in workers])
+        server = coordinator_mod.start(**kw)
+        client = CoordinatorClient(server.address, retry_seconds=0.0)
+        started.append((server, client))
+        return server, client
+
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
+
+
+def _job(client, job_id="j", micro=8):
+    data = _data()
+    return client.create_job(_model(), _loss, SGD, micro, data[0], job_id=job_id,
+                             data_names=["x", "y"]), data
+
+
+def _params(job):
+    return {n: t.numpy() for n, t in job.parameters().items()}
+
+
+def _reference_params(coordinator, steps=6):
+    _, client = coordinator()
+    job, data = _job(client, "reference")
+    for x, y in data[:steps]:
+        job.step(x, y)
+    return _params(job)
+
+
+def test_step_reports_loss_metrics_and_timings(coordinator):
+    _, client = coordinator()
+    job, data = _job(client)
+    r = job.step(*data[0])
+    assert (r.step_id, r.version, r.batch_size, r.micro_batches) == (1, 1, 20, 3)
+    assert np.isfinite(r.loss) and not r.replayed
+    assert set(r.metrics) == {"accuracy"} and 0.0 <= r.metrics["accuracy"] <= 1.0
+    assert r.timings["total"] >= r.timings["compute"] > 0
+    status = job.status()
+    assert (status.version, status.next_step_id, status.samples) == (1, 2, 20)
+    assert list(status.data_inputs) == ["x", "y"] and list(status.metrics) == ["accuracy"]
+
+
+def test_a_step_id_sent_twice_is_applied_once(coordinator):
+    _, client = coordinator()
+    job, data = _job(client)
+    first = job.step(*data[0])
+    after_one = _params(job)
+    again = job.step(*data[1], step_id=1)          # even with another batch: a replay
+    assert again.replayed and again.loss == first.loss and again.version == 1
+    assert all(np.array_equal(a, after_one[n]) for n, a in _params(job).items())
+    assert job.status().version == 1
+    assert job.step(*data[1]).step_id == 2
+
+
+def test_create_job_is_idempotent_and_refuses_different_content(coordinator):
+    _, client = coordinator()
+    job, data = _job(client)
+    job.step(*data[0])
+    again, _ = _job(client)                        # same id, same content
+    assert again.job_id == job.job_id and again.status().version == 1
+    with pytest.raises(GradmeshError) as e:
+        client.create_job(_model(), _loss, {"name": "sgd", "lr": 0.5}, 8, data[0],
+                          job_id="j", data_names=["x", "y"])
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
+
+
+def _raw_step(client, job_id, step_id, batch):
+    req = coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id)
+    for name, a in batch.items():
+        req.batch.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Step(req, timeout=30)
+    from gradmesh.client.errors import from_rpc_error
+    err = from_rpc_error(e.value)
+    return err.code.name, err.field
+
+
+def test_bad_steps_get_the_right_status_and_field(coordinator):
+    _, client = coordinator()
+    job, data = _job(client)
+    x, y = data[0]
+    cases = [
+        ("nope", 1, {"x": x, "y": y}, ("NOT_FOUND", "job_id")),
+        ("j", 2, {"x": x, "y": y}, ("FAILED_PRECONDITION", "step_id")),
+        ("j", 0, {"x": x, "y": y}, ("INVALID_ARGUMENT", "step_id")),
+        ("j", 1, {"x": x}, ("INVALID_ARGUMENT", "batch")),
+        ("j", 1, {"x": x, "y": y, "z": y}, ("INVALID_ARGUMENT", "batch[z]")),
+        ("j", 1, {"x": x.astype(np.float64), "y": y}, ("INVALID_ARGUMENT", "batch[x]")),
+        ("j", 1, {"x": x[:, :4], "y": y}, ("INVALID_ARGUMENT", "batch[x]")),
+        ("j", 1, {"x": x, "y": y[:5]}, ("INVALID_ARGUMENT", "batch[y]")),
+        ("j", 1, {"x": x[:0], "y": y[:0]}, ("INVALID_ARGUMENT", "batch[x]")),
+    ]
+    for job_id, step_id, batch, expected in cases:
+        assert _raw_step(client, job_id, step_id, batch) == expected, (job_id, batch.keys())
+    # Nothing was applied, and the server still serves.
+    assert job.status().version == 0 and job.step(x, y).version == 1
+
+
+def test_bad_jobs_get_the_right_status_and_field(coordinator):
+    server, client = coordinator()
+    model, data = _model(), _data()
+    graph = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0],
+                             data_names=["x", "y"])
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    fixed = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0],
+                             data_names=["x", "y"], batch_dim=False)
+
+    def create(graph=graph, params=params, optimizer=None, micro=4, job_id="k"):
+        header = coordinator_pb2.CreateJobRequest(job_id=job_id, graph=graph,
+                                                  micro_batch_size=micro)
+        header.optimizer.CopyFrom(optimizer or shard_pb2.Optimizer(name="sgd", lr=0.1))
+        for n, a in params.items():
+            header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
+        from gradmesh.server.shard import stream_frames
+        frames = stream_frames(coordinator_pb2.CoordinatorFrame, "create_job", header,
+                               params.values())
+        with pytest.raises(grpc.RpcError) as e:
+            client.stub.CreateJob(frames, timeout=30)
+        from gradmesh.client.errors import from_rpc_error
+        err = from_rpc_error(e.value)
+        return err.code.name, err.field
+
+    assert create(micro=0) == ("INVALID_ARGUMENT", "micro_batch_size")
+    assert create(job_id="a/b") == ("INVALID_ARGUMENT", "job_id")
+    assert create(optimizer=shard_pb2.Optimizer(name="rmsprop")) == \
+        ("INVALID_ARGUMENT", "optimizer")
+    assert create(optimizer=shard_pb2.Optimizer(name="sgd", lr=-1.0)) == \
+        ("INVALID_ARGUMENT", "optimizer")
+    assert create(graph=fixed) == ("INVALID_ARGUMENT", "graph.inputs[4].shape")
+    assert create(params={**params, "0.weight": params["0.weight"].T.copy()}) == \
+        ("INVALID_ARGUMENT", "parameters[0.weight]")
+    assert create(params={k: v for k, v in params.items() if k != "2.bias"}) == \
+        ("INVALID_ARGUMENT", "parameters")
+    broken = type(graph)()
+    broken.CopyFrom(graph)
+    broken.nodes[0].op = "no_such_op"
+    assert create(graph=broken)[0] == "INVALID_ARGUMENT"
+    assert create(graph=broken)[1].startswith("graph.nodes[0]")
+    assert server.coordinator.jobs == {}
+
+
+def test_get_parameters_by_name_and_errors(coordinator):
+    _, client = coordinator(embedded_shards=2)
+    job, data = _job(client)
+    job.step(*data[0])
+    version, some = client.get_parameters("j", ["2.bias"])
+    assert version == 1 and list(some) == ["2.bias"] and some["2.bias"].shape == (3,)
+    with pytest.raises(GradmeshError) as e:
+        client.get_parameters("j", ["nope"])
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "names[0]")
+    model = _model()
+    model.load_state_dict(job.parameters())          # round-trips into a local model
+
+
+class _Failing:
+    """Wrap a worker's compute: fail (or hang) on chosen calls."""
+
+    def __init__(self, worker, fail_calls=(), hang=False):
+        self.inner = worker.worker.compute
+        self.calls = 0
+        self.fail_calls = set(fail_calls)
+        self.hang = hang
+        self.release = threading.Event()
+        self.worker = worker
+        worker.worker.compute = self
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.hang:
+            self.release.wait(60)
+        if self.calls in self.fail_calls:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "injected failure")
+        return self.inner(*args, **kw)
+
+    def restore(self):
+        self.release.set()
+        self.worker.worker.compute = self.inner
+
+
+def test_failed_micro_batches_are_reassigned_bitwise_equal(coordinator, workers):
+    reference = _reference_params(coordinator)
+    flaky = _Failing(workers[0], fail_calls={1, 3, 4})
+    try:
+        _, client = coordinator()
+        job, data = _job(client)
+        reassigned = sum(job.step(x, y).timings["reassigned"] for x, y in data)
+    finally:
+        flaky.restore()
+    assert reassigned >= 1
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_a_hung_worker_is_overtaken_after_the_deadline(coordinator, workers):
+    reference = _reference_params(coordinator)
+    hung = _Failing(workers[1], hang=True)
+    try:
+        _, client = coordinator(deadline=0.2)
+        job, data = _job(client)
+        reassigned = sum(job.step(x, y).timings["reassigned"] for x, y in data)
+        params = _params(job)
+    finally:
+        hung.restore()
+    assert reassigned >= 1
+    assert all(np.array_equal(a, reference[n]) for n, a in params.items())
+
+
+def test_no_worker_is_unavailable_and_changes_nothing(coordinator, workers):
+    _, client = coordinator(workers=[])
+    job, data = _job(client)
+    with pytest.raises(GradmeshError) as e:
+        job.step(*data[0])
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert job.status().version == 0
+    # A worker that registers makes the retried step work.
+    reg = WorkerRegistration(client.target, workers[0].address).start()
+    try:
+        assert job.step(*data[0], step_id=1).version == 1
+        listed = client.list_workers()
+        assert [(w.address, w.source, w.state) for w in listed] == \
+            [(workers[0].address, "registered", "ready")]
+    finally:
+        reg.stop()
+    stub = coordinator_pb2_grpc.CoordinatorStub(client._channel)
+    assert not stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id="x"), timeout=10).known
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address="nohost"),
+                            timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_worker_with_another_build_is_refused(coordinator, workers):
+    odd = worker_mod.start("cpu")
+    original = odd.worker.capabilities
+
+    def capabilities():
+        caps = original()
+        caps.build_fingerprint = "some-other-build"
+        return caps
+
+    odd.worker.capabilities = capabilities
+    try:
+        _, client = coordinator(workers=[workers[0].address, odd.address])
+        job, data = _job(client)
+        job.step(*data[0])
+        states = {w.address: (w.state, w.completed) for w in client.list_workers()}
+        assert states[odd.address] == ("refused", 0)
+        assert states[workers[0].address][0] == "ready"
+        with pytest.raises(GradmeshError) as e:
+            WorkerRegistration(client.target, odd.address).register()
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        odd.stop(0)
+
+
+def test_restart_continues_from_the_last_committed_step(coordinator, tmp_path):
+    reference = _reference_params(coordinator)
+    server, client = coordinator(state_dir=str(tmp_path), embedded_shards=2,
+                                 checkpoint_every=100)
+    job, data = _job(client)
+    results = [job.step(x, y) for x, y in data[:3]]
+    server.stop(0)
+    server.coordinator.close()                       # graceful: checkpoints everything
+    server, client = coordinator(state_dir=str(tmp_path), embedded_shards=2,
+                                 checkpoint_every=100)
+    job = client.job("j")
+    assert job.status().version == 3 and job.next_step_id == 4
+    again = job.step(*data[2], step_id=3)            # a retry after the restart
+    assert again.replayed and again.loss == results[2].loss
+    for x, y in data[3:]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_a_crash_loses_only_uncheckpointed_steps_and_says_which_is_next(coordinator,
+                                                                        tmp_path):
+    reference = _reference_params(coordinator)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2)
+    job, data = _job(client)
+    for x, y in data[:3]:
+        job.step(x, y)
+    server.stop(0)                                   # no close(): no final checkpoint
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2)
+    job = client.job("j")
+    assert job.status().next_step_id == 3
+    with pytest.raises(GradmeshError) as e:
+        job.step(*data[3], step_id=4)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "expects step 3" in str(e.value)
+    for x, y in data[2:]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())

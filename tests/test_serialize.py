@@ -1,0 +1,266 @@
+"""The tensor codec and the chunked streaming protocol (gradmesh.core.serialize)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradmesh.core as gm
+from gradmesh.core import dtypes
+from gradmesh.core.serialize import (DTYPE_TO_PROTO, PROTO_TO_DTYPE, Assembler, WireError,
+                                     chunks, from_proto, split_for_stream, tensor_buffer,
+                                     to_proto)
+from gradmesh.v1 import tensor_pb2, worker_pb2
+
+ALL_DTYPES = [d.np for d in dtypes.ALL]
+SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (1, 1, 1, 5)]
+
+
+def _sample(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(-2 ** 30, 2 ** 30, size=shape).astype(dtype)
+
+
+def test_dtype_maps_cover_every_dtype_both_ways():
+    assert set(DTYPE_TO_PROTO) == set(dtypes.ALL)
+    assert {PROTO_TO_DTYPE[v] for v in DTYPE_TO_PROTO.values()} == set(dtypes.ALL)
+    assert tensor_pb2.DTYPE_UNSPECIFIED not in PROTO_TO_DTYPE
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_round_trip_every_dtype_and_shape(dtype, shape):
+    a = _sample(shape, np.dtype(dtype))
+    t = to_proto(a)
+    assert list(t.shape) == list(shape)
+    assert len(t.data) == a.size * a.itemsize
+    b = from_proto(t)
+    assert b.dtype == a.dtype and b.shape == a.shape
+    assert np.array_equal(a, b)
+    # Survives the wire, too.
+    t2 = tensor_pb2.Tensor.FromString(t.SerializeToString())
+    assert np.array_equal(from_proto(t2), a)
+
+
+def test_layout_is_little_endian_c_order():
+    a = np.arange(6, dtype=np.int32).reshape(2, 3)
+    assert to_proto(a).data == a.astype("<i4").tobytes(order="C")
+    # A transposed (Fortran-ordered) view and a big-endian array encode to the same bytes.
+    assert to_proto(a.T).data == np.ascontiguousarray(a.T).astype("<i4").tobytes()
+    big = a.astype(">i4")
+    t = to_proto(big)
+    assert t.dtype == tensor_pb2.INT32 and t.data == a.astype("<i4").tobytes()
+
+
+def test_to_proto_accepts_gradmesh_tensors_and_headers_without_data():
+    x = gm.tensor([[1.0, 2.0]], requires_grad=True)
+    assert np.array_equal(from_proto(to_proto(x)), [[1.0, 2.0]])
+    h = to_proto(np.zeros((4, 5), np.float64), data=False)
+    assert h.dtype == tensor_pb2.FLOAT64 and list(h.shape) == [4, 5] and h.data == b""
+
+
+def test_decode_is_zero_copy_and_read_only():
+    t = to_proto(np.arange(1000, dtype=np.float32))
+    a = from_proto(t)
+    assert not a.flags.writeable                  # a view of the message's bytes
+    assert a.base is not None
+
+
+def test_tensor_buffer_shares_memory_with_contiguous_arrays():
+    a = np.arange(10, dtype=np.float64)
+    mv = tensor_buffer(a)
+    assert mv.nbytes == 80
+    a[0] = 42.0
+    assert np.frombuffer(mv, np.float64)[0] == 42.0
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -4])
+def test_wrong_byte_length_is_rejected(delta):
+    t = to_proto(np.ones((2, 3), np.float32))
+    t.data = t.data[:delta] if delta < 0 else t.data + b"\0" * delta
+    with pytest.raises(WireError) as e:
+        from_proto(t, field="parameters[w1]")
+    assert e.value.field == "parameters[w1].data"
+    assert e.value.code == "INVALID_ARGUMENT"
+    assert "24" in e.value.message
+
+
+@pytest.mark.parametrize("dtype", [0, 7, 99])
+def test_unknown_dtype_is_rejected(dtype):
+    t = tensor_pb2.Tensor(dtype=dtype, shape=[1], data=b"\0\0\0\0")
+    with pytest.raises(WireError) as e:
+        from_proto(t, field="data[x]")
+    assert e.value.field == "data[x].dtype" and e.value.code == "INVALID_ARGUMENT"
+
+
+def test_negative_dimension_is_rejected():
+    t = tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2, -3], data=b"")
+    with pytest.raises(WireError) as e:
+        from_proto(t, field="data[x]")
+    assert e.value.field == "data[x].shape" and "dimension 1 is -3" in e.value.message
+
+
+def test_element_limit_is_checked_before_allocation():
+    # 2**62 elements: decoding would need exabytes; the limit must fire first, without
+    # touching the (empty) data.
+    t = tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT64, shape=[2 ** 31, 2 ** 31], data=b"")
+    with pytest.raises(WireError) as e:
+        from_proto(t, field="parameters[big]", max_elements=10 ** 6)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert e.value.field == "parameters[big].shape"
+    # Exactly at the limit is fine.
+    ok = to_proto(np.zeros(6, np.float32))
+    assert from_proto(ok, max_elements=6).shape == (6,)
+
+
+def test_bool_bytes_must_be_zero_or_one():
+    t = tensor_pb2.Tensor(dtype=tensor_pb2.BOOL, shape=[3], data=b"\x00\x01\x02")
+    with pytest.raises(WireError, match="0 or 1"):
+        from_proto(t)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------
+
+def _request(arrays: dict, data: dict) -> worker_pb2.ComputeGradientsRequest:
+    req = worker_pb2.ComputeGradientsRequest(graph_id="abc", gradients=["w"], loss_scale=0.5,
+                                             seed=7, outputs=["logits"])
+    for name, a in arrays.items():
+        req.parameters.add(name=name).tensor.CopyFrom(to_proto(a))
+    for name, a in data.items():
+        req.data.add(name=name).tensor.CopyFrom(to_proto(a))
+    return req
+
+
+def _stream(req, chunk_bytes, max_total=1 << 30):
+    header, buffers = split_for_stream(req)
+    asm = Assembler(header, max_total_bytes=max_total)
+    for c in chunks(buffers, chunk_bytes):
+        assert len(c.data) <= chunk_bytes
+        asm.add(c)
+    return header, asm
+
+
+def test_stream_round_trip_keeps_every_field_and_order():
+    params = {"w": _sample((3, 5), np.dtype(np.float32)), "empty": np.zeros((0, 2)),
+              "s": np.float64(2.5)}
+    data = {"x": _sample((7,), np.dtype(np.int64)), "m": _sample((4, 4), np.dtype(np.bool_))}
+    req = _request(params, data)
+    header, asm = _stream(req, chunk_bytes=16)
+    # The header carries dtype and shape but no bytes; the other fields are untouched.
+    assert all(not p.tensor.data for p in header.parameters)
+    assert list(header.parameters[0].tensor.shape) == [3, 5]
+    assert header.graph_id == "abc" and header.seed == 7 and list(header.outputs) == ["logits"]
+    assert [s.path for s in asm.slots] == ["parameters[w]", "parameters[empty]",
+                                           "parameters[s]", "data[x]", "data[m]"]
+    arrays = asm.finish()
+    for a, expected in zip(arrays, list(params.values()) + list(data.values())):
+        assert a.dtype == np.asarray(expected).dtype
+        assert np.array_equal(a, expected)
+    assert arrays[0].flags.writeable              # a buffer of its own, filled in place
+    assert asm.finish_message() == req
+
+
+def test_stream_response_with_a_singular_tensor_field():
+    resp = worker_pb2.ComputeGradientsResponse(graph_id="g")
+    resp.loss.CopyFrom(to_proto(np.float32(1.5)))
+    resp.gradients.add(name="w").tensor.CopyFrom(to_proto(np.arange(9.0)))
+    resp.timings.forward_seconds = 0.25
+    header, asm = _stream(resp, chunk_bytes=8)
+    assert [s.path for s in asm.slots] == ["loss", "gradients[w]"]
+    assert header.timings.forward_seconds == 0.25
+    assert asm.finish_message() == resp
+
+
+def test_chunks_accept_arrays_and_skip_empty_tensors():
+    pieces = list(chunks([np.arange(10, dtype=np.int32), b"", np.ones(3, np.bool_)], 16))
+    assert [(c.tensor_index, c.offset, len(c.data)) for c in pieces] == \
+        [(0, 0, 16), (0, 16, 16), (0, 32, 8), (2, 0, 3)]
+
+
+def _two_tensor_stream():
+    req = _request({"a": np.arange(8, dtype=np.float32), "b": np.arange(4, dtype=np.float32)}, {})
+    header, buffers = split_for_stream(req)
+    return header, list(chunks(buffers, 8))
+
+
+def test_out_of_order_chunks_are_rejected():
+    header, cs = _two_tensor_stream()
+    asm = Assembler(header, 1 << 20)
+    asm.add(cs[0])
+    with pytest.raises(WireError) as e:
+        asm.add(cs[2])                 # skips bytes 8..16 of tensor 0
+    assert e.value.field == "chunk.offset"
+    asm2 = Assembler(header, 1 << 20)
+    with pytest.raises(WireError) as e:
+        asm2.add(cs[-1])               # tensor 1 before tensor 0
+    assert e.value.field == "chunk.tensor_index" and "out of order" in e.value.message
+
+
+def test_overflowing_and_unknown_chunks_are_rejected():
+    header, cs = _two_tensor_stream()
+    asm = Assembler(header, 1 << 20)
+    for c in cs[:3]:
+        asm.add(c)
+    big = tensor_pb2.Chunk(tensor_index=0, offset=24, data=b"\0" * 16)   # 24 + 16 > 32
+    with pytest.raises(WireError) as e:
+        asm.add(big)
+    assert e.value.field == "chunk.data" and "past the tensor" in e.value.message
+    with pytest.raises(WireError) as e:
+        asm.add(tensor_pb2.Chunk(tensor_index=5, offset=0, data=b"x"))
+    assert e.value.field == "chunk.tensor_index"
+
+
+def test_incomplete_stream_is_rejected_at_finish():
+    header, cs = _two_tensor_stream()
+    asm = Assembler(header, 1 << 20)
+    for c in cs[:-1]:
+        asm.add(c)
+    with pytest.raises(WireError) as e:
+        asm.finish()
+    assert e.value.field == "parameters[b].data"
+
+
+def test_assembler_checks_limits_before_allocating():
+    req = worker_pb2.ComputeGradientsRequest()
+    t = req.parameters.add(name="huge").tensor
+    t.dtype = tensor_pb2.FLOAT32
+    t.shape.extend([2 ** 40])           # 4 TiB: must not be allocated
+    with pytest.raises(WireError) as e:
+        Assembler(req, max_total_bytes=1 << 30)
+    assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.field == "parameters[huge].shape"
+    with pytest.raises(WireError) as e:
+        Assembler(req, max_total_bytes=1 << 50, max_elements=1000)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_assembler_rejects_headers_that_carry_data_or_bad_dtypes():
+    req = _request({"w": np.ones(2, np.float32)}, {})
+    with pytest.raises(WireError) as e:
+        Assembler(req, 1 << 20)
+    assert e.value.field == "parameters[w].data"
+    header, _ = split_for_stream(req)
+    header.parameters[0].tensor.dtype = 0
+    with pytest.raises(WireError) as e:
+        Assembler(header, 1 << 20)
+    assert e.value.field == "parameters[w].dtype"
+
+
+@pytest.mark.slow
+def test_stream_round_trip_of_a_300_mb_array():
+    a = np.arange(300 * 2 ** 20 // 4, dtype=np.float32)
+    req = worker_pb2.ComputeGradientsRequest()
+    req.parameters.add(name="big").tensor.CopyFrom(to_proto(a, data=False))
+    header, _ = split_for_stream(req)
+    asm = Assembler(header, max_total_bytes=1 << 30)
+    n = 0
+    for c in chunks([tensor_buffer(a)], 4 << 20):     # straight from the array: no copy
+        asm.add(c)
+        n += 1
+    assert n == 75
+    (b,) = asm.finish()
+    assert np.array_equal(a, b)

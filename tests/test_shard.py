@@ -1,0 +1,194 @@
+"""The parameter shard: its logic (ShardStore), checkpoints, and the gRPC service."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from gradmesh.core import optim
+from gradmesh.server.aggregate import tree_sum
+from gradmesh.server.runtime import ServerConfig, ServiceError
+from gradmesh.server.shard import RemoteShard, ShardStore, serve_shard
+
+SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
+
+
+def _params(seed=0, big=False):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((1024, 1100)) if big else rng.standard_normal((3, 4)))
+    return {"w": w.astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+
+
+def _grads(params, seed):
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(p.shape).astype(p.dtype) for n, p in params.items()}
+
+
+def _reference(params, steps, optimizer, micro=3):
+    """Single-process: tree-sum each step's micro-batch gradients, then the pure update."""
+    params = {n: p.copy() for n, p in params.items()}
+    state = {n: {} for n in params}
+    d = optim.validate(optimizer)
+    rule = optim.UPDATE_RULES[d.pop("name")]
+    for s in range(1, steps + 1):
+        gs = [_grads(params, 100 * s + m) for m in range(micro)]
+        for n in sorted(params):
+            rule(np, params[n], tree_sum([g[n].copy() for g in gs]), state[n], **d)
+    return params
+
+
+def _train(store, job, steps, micro=3, order=None, first=1):
+    for s in range(first, first + steps):
+        version = store.jobs[job].version
+        shapes = {n: p for n, p in store.jobs[job].params.items()}
+        for m in (order or range(micro)):
+            store.push(job, s, m, micro, version, _grads(shapes, 100 * s + m))
+        store.apply(job, s, micro, version)
+
+
+def test_steps_equal_the_single_process_reference_whatever_the_push_order():
+    params = _params()
+    a, b = ShardStore(), ShardStore()
+    a.load("j", params, SGD)
+    b.load("j", params, SGD)
+    _train(a, "j", 4)
+    _train(b, "j", 4, order=[2, 0, 1])
+    ref = _reference(params, 4, SGD)
+    for n in params:
+        assert np.array_equal(a.jobs["j"].params[n], ref[n])
+        assert np.array_equal(b.jobs["j"].params[n], ref[n])
+    assert a.jobs["j"].version == 4 and a.jobs["j"].last_step_id == 4
+
+
+def test_duplicate_and_late_pushes_are_ignored_and_apply_is_idempotent():
+    store = ShardStore()
+    params = _params()
+    store.load("j", params, SGD)
+    g = _grads(params, 1)
+    assert store.push("j", 1, 0, 2, 0, g) == (False, 1)
+    assert store.push("j", 1, 0, 2, 0, _grads(params, 99)) == (True, 1)
+    with pytest.raises(ServiceError) as e:
+        store.apply("j", 1, 2, 0)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "[1]" in e.value.message
+    store.push("j", 1, 1, 2, 0, g)
+    assert store.apply("j", 1, 2, 0)[:2] == (1, False)
+    after = store.jobs["j"].params["w"].copy()
+    assert store.apply("j", 1, 2, 0)[:2] == (1, True)       # retried commit: no-op
+    assert store.push("j", 1, 1, 2, 0, g) == (True, 2)      # late result of step 1
+    assert np.array_equal(store.jobs["j"].params["w"], after)
+
+
+@pytest.mark.parametrize("call,code,field", [
+    (lambda s, p: s.push("j", 1, 0, 1, 5, p), "FAILED_PRECONDITION", "version"),
+    (lambda s, p: s.push("j", 1, 2, 2, 0, p), "INVALID_ARGUMENT", "micro_batch"),
+    (lambda s, p: s.push("j", 1, 0, 1, 0, {**p, "w": p["w"].T.copy()}), "INVALID_ARGUMENT",
+     "gradients[w]"),
+    (lambda s, p: s.push("j", 1, 0, 1, 0, {"w": p["w"]}), "INVALID_ARGUMENT", "gradients"),
+    (lambda s, p: s.push("j", 1, 0, 1, 0, {**p, "v": p["b"]}), "INVALID_ARGUMENT",
+     "gradients[v]"),
+    (lambda s, p: s.pull("nope"), "NOT_FOUND", "job_id"),
+    (lambda s, p: s.pull("../x"), "INVALID_ARGUMENT", "job_id"),
+    (lambda s, p: s.pull("j", 3), "FAILED_PRECONDITION", "version"),
+    (lambda s, p: s.apply("j", 1, 1, 0), "FAILED_PRECONDITION", "micro_batches"),
+    (lambda s, p: s.load("j", {"w": p["w"]}, SGD), "ALREADY_EXISTS", "job_id"),
+    (lambda s, p: s.load("k", {"i": np.zeros(2, np.int64)}, SGD), "INVALID_ARGUMENT",
+     "parameters[i]"),
+])
+def test_bad_requests_name_the_field(call, code, field):
+    store = ShardStore()
+    params = _params()
+    store.load("j", params, SGD)
+    with pytest.raises(ServiceError) as e:
+        call(store, params)
+    assert (e.value.code.name, e.value.field) == (code, field)
+
+
+def test_checkpoint_restores_parameters_optimizer_state_and_version(tmp_path):
+    params = _params()
+    adam = {"name": "adam", "lr": 0.01, "amsgrad": True}
+    store = ShardStore(str(tmp_path))
+    store.load("j", params, adam)
+    _train(store, "j", 2)
+    store.checkpoint()
+    restored = ShardStore(str(tmp_path))
+    assert restored.jobs["j"].version == 2 and restored.jobs["j"].last_step_id == 2
+    assert not list(tmp_path.glob(".tmp-*"))            # no temporary file left behind
+    _train(store, "j", 2, first=3)
+    _train(restored, "j", 2, first=3)
+    for n in params:
+        assert np.array_equal(restored.jobs["j"].params[n], store.jobs["j"].params[n])
+    assert np.array_equal(store.jobs["j"].params["w"], _reference(params, 4, adam)["w"])
+
+
+def test_checkpoint_every_n_versions(tmp_path):
+    store = ShardStore(str(tmp_path), checkpoint_every=2)
+    store.load("j", _params(), SGD)
+    _train(store, "j", 3)
+    assert ShardStore(str(tmp_path)).jobs["j"].version == 2
+    store.drop("j")
+    assert ShardStore(str(tmp_path)).jobs == {}
+
+
+@pytest.fixture(scope="module")
+def shard_server():
+    store = ShardStore()
+    running = serve_shard(ServerConfig(port=0), store)
+    yield running, store
+    running.stop(0)
+
+
+def test_remote_shard_streams_large_tensors_and_matches_the_reference(shard_server):
+    running, store = shard_server
+    params = _params(big=True)            # 4.5 MB: more than one chunk
+    remote = RemoteShard(running.address)
+    try:
+        assert remote.load("big", params, SGD) == (0, 0)
+        assert remote.load("big", params, SGD) == (0, 0)          # idempotent
+        for s in (1, 2):
+            version, current = remote.pull("big")
+            for m in (1, 0, 2):
+                dup, _ = remote.push("big", s, m, 3, version, _grads(current, 100 * s + m))
+                assert not dup
+            assert remote.push("big", s, 0, 3, version, _grads(current, 0))[0]
+            assert remote.apply("big", s, 3, version)[:2] == (s, False)
+        assert remote.apply("big", 2, 3, 1)[1]                    # already applied
+        version, pulled = remote.pull("big")
+        ref = _reference(params, 2, SGD)
+        assert version == 2
+        assert all(np.array_equal(pulled[n], ref[n]) for n in params)
+        assert remote.status("big") == (2, 2)
+    finally:
+        remote.close()
+
+
+def test_remote_errors_carry_status_and_field(shard_server):
+    from gradmesh.client.errors import from_rpc_error
+    from gradmesh.v1 import shard_pb2, shard_pb2_grpc
+    running, _ = shard_server
+    with grpc.insecure_channel(running.address) as channel:
+        stub = shard_pb2_grpc.ParameterShardStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Apply(shard_pb2.ApplyRequest(job_id="missing", step_id=1), timeout=10)
+        err = from_rpc_error(e.value)
+        assert (err.code, err.field) == (grpc.StatusCode.NOT_FOUND, "job_id")
+        # A stream that starts with a chunk instead of the header.
+        frames = [shard_pb2.ShardFrame(chunk={"tensor_index": 0, "data": b"x"})]
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PushGradients(iter(frames), timeout=10)
+        err = from_rpc_error(e.value)
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "push")
+        # A header whose data length lies: rejected, and the server stays up.
+        load = shard_pb2.LoadRequest(job_id="j2", optimizer={"name": "sgd"})
+        t = load.parameters.add(name="w").tensor
+        t.dtype, t.shape[:] = 1, [4]
+        frames = [shard_pb2.ShardFrame(load=load),
+                  shard_pb2.ShardFrame(chunk={"tensor_index": 0, "data": b"abc"})]
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Load(iter(frames), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad_opt = shard_pb2.LoadRequest(job_id="j3", optimizer={"name": "sgd", "beta1": 0.5})
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Load(iter([shard_pb2.ShardFrame(load=bad_opt)]), timeout=10)
+        err = from_rpc_error(e.value)
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "optimizer")
+        assert stub.Status(shard_pb2.ShardStatusRequest(), timeout=10).jobs is not None
