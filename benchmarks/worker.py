@@ -8,8 +8,9 @@ round-robin so that load from other processes hits both sides alike:
     parameters and batch sent with every call) against the same ``fn``'s forward and
     backward run locally with gradmesh, for the engine benchmark's three MLPs;
 (b) transport: ``ComputeGradientsStream`` with 16, 64 and 256 MiB of parameters (gradients
-    of the same size come back) against a raw gRPC bidirectional echo of the same bytes in
-    1 MiB chunks on the same server and channel;
+    of the same size come back) against a raw gRPC echo of the same bytes in 1 MiB chunks
+    (raw bytes, no protobuf: the client streams them, then the server streams them back,
+    as the worker must) on the same server and channel;
 (c) latency: a tiny registered graph against an empty unary gRPC call on the same channel.
 
 Run ``python benchmarks/worker.py`` (a few minutes), ``--quick`` for a short run,
@@ -51,13 +52,15 @@ def _identity(b: bytes) -> bytes:
 
 
 def add_echo(_servicer, server: grpc.Server) -> None:
-    """A raw-bytes service: ``Empty`` (unary, empty reply) and ``Echo`` (bidi stream)."""
+    """A raw-bytes service: ``Empty`` (unary, empty reply) and ``Echo`` (the client streams
+    chunks; once it is done the server streams them back)."""
     def empty(request, context):
         return b""
 
     def echo(request_iterator, context):
-        for chunk in request_iterator:
-            yield chunk
+        # Store and forward, like the worker: every byte in before any goes back.
+        chunks = list(request_iterator)
+        yield from chunks
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO_SERVICE, {
         "Empty": grpc.unary_unary_rpc_method_handler(
             empty, request_deserializer=_identity, response_serializer=_identity),
@@ -157,7 +160,8 @@ def bench_transport(client: WorkerClient, channel: grpc.Channel, sizes_mib, reps
         x = np.ones(1, np.float32)
 
         def fn(p, x):
-            return (p["w"] * x).sum()
+            # One pass over the parameters; the gradient is a broadcast of x.
+            return (p["w"].sum() * x).sum()
         buf = memoryview(params["w"]).cast("B")
 
         def echo_call():
@@ -238,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["steps"] = rows
             if "transport" in parts:
                 sizes = (16, 64) if args.quick else (16, 64, 256)
-                print("\n(b) ComputeGradientsStream vs raw gRPC bidi echo, 1 MiB chunks "
-                      "(GB/s of parameter bytes; the same bytes come back)")
+                print("\n(b) ComputeGradientsStream vs raw gRPC store-and-forward echo, 1 MiB "
+                      "chunks (GB/s of parameter bytes; as many bytes come back)")
                 print(f"{'MiB':>5} {'echo GB/s':>10} {'stream GB/s':>12} {'ratio':>6}")
                 rows = bench_transport(client, channel, sizes, 3 if args.quick else 5)
                 for r in rows:

@@ -331,8 +331,7 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
     ``.grad``s and ``requires_grad`` flags are left as they were. Thread-safe: the hook is
     per thread.
     """
-    from .autograd import enable_grad
-    from .tensor import Tensor, _dispatch
+    from .tensor import Tensor
 
     data_t = [_as_tensor(d) for d in data]
     names = list(data_names) if data_names is not None else [f"x{i}" for i in range(len(data))]
@@ -360,6 +359,22 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
         named = [(n, Tensor._wrap(t._data, True)) for n, t in named]
         arg = dict(named)
 
+    graph = _trace_once(fn, arg, named, names, data_t, batch)
+    if batch:
+        # Trace again at another batch size: whatever differs (a constant such as the
+        # divisor of x.mean() over the batch, an attribute) baked the batch size in.
+        b2 = 2 * batch + 1
+        tiled = [t if t.ndim == 0 else _as_tensor(np.take(np.asarray(t), np.arange(b2) % batch,
+                                                          axis=0))
+                 for t in data_t]
+        graph2 = _trace_once(fn, arg, named, names, tiled, b2)
+        graph = _reconcile(graph, graph2, batch, b2)
+    return graph
+
+
+def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
+    from .autograd import enable_grad
+    from .tensor import Tensor, _dispatch
     tracer = _Tracer(batch)
     for n, p in named:
         tracer.add_input(n, PARAM, p, p.shape)
@@ -399,6 +414,128 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
             raise TraceError(f"trace: output name {LOSS!r} is reserved for the loss")
         outs.append((str(name), t))
     return _build(tracer, [(n, tracer.lookup(t)) for n, t in outs])
+
+
+def _consumer(g: graph_pb2.Graph, value: int) -> str:
+    for k, node in enumerate(g.nodes):
+        if value in node.inputs:
+            return f"node {k} ({node.op})"
+    return "an output"
+
+
+def _const_value(inp) -> np.ndarray:
+    from .serialize import from_proto
+    return from_proto(inp.value)
+
+
+def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> graph_pb2.Graph:
+    """``g1`` made batch-size free after comparing it with ``g2``, the same function traced
+    at batch size ``b2``; raises TraceError where the batch size is baked in."""
+    advice = (f"Write shapes and counts relative to the batch (x.flatten(1), "
+              f"x.reshape(-1, ...), zeros_like(x)), or trace with batch_dim=False for a "
+              f"fixed batch size.")
+    ops1, ops2 = [n.op for n in g1.nodes], [n.op for n in g2.nodes]
+    if ops1 != ops2 or len(g1.inputs) != len(g2.inputs) or \
+            [list(n.inputs) for n in g1.nodes] != [list(n.inputs) for n in g2.nodes] or \
+            list(g1.outputs) != list(g2.outputs):
+        k = next((k for k, (a, b) in enumerate(zip(g1.nodes, g2.nodes))
+                  if a.op != b.op or list(a.inputs) != list(b.inputs)), min(len(ops1), len(ops2)))
+        raise TraceError(f"the traced function runs different ops at batch sizes {b1} and "
+                         f"{b2} (from node {k} on): its structure depends on the batch size. "
+                         + advice)
+    counts: dict[int, int] = {}
+    for i, (a, b) in enumerate(zip(g1.inputs, g2.inputs)):
+        if a == b:
+            continue
+        if a.role == CONST and b.role == CONST and not a.shape and not b.shape \
+                and a.dtype == b.dtype and _dtype(a.dtype) is not dtypes.bool_:
+            v1, v2 = float(_const_value(a)), float(_const_value(b))
+            if v1 == round(v1) and v2 == round(v2) and v1 > 0 and int(v1) % b1 == 0 \
+                    and int(v2) % b2 == 0 and int(v1) // b1 == int(v2) // b2:
+                counts[i] = int(v1) // b1          # a count of m elements per sample
+                continue
+        what = (f"constant of shape {list(a.shape)}" if a.role == CONST else
+                f"{_ROLE_NAMES.get(a.role)} input {a.name!r}")
+        raise TraceError(f"a {what} read by {_consumer(g1, i)} depends on the batch size: it "
+                         f"differs between traces at batch sizes {b1} and {b2}. " + advice)
+    for k, (a, b) in enumerate(zip(g1.nodes, g2.nodes)):
+        if a.attrs == b.attrs:
+            continue
+        random = is_random(REGISTRY[a.op])
+        for x, y in zip(a.attrs, b.attrs):
+            if x != y and not (random and x.name == "seed"):
+                raise TraceError(f"node {k} ({a.op}) attribute {x.name} depends on the batch "
+                                 f"size: traced at batch sizes {b1} and {b2} it differs "
+                                 f"({_attr_text(x)} vs {_attr_text(y)}). " + advice)
+    return _count_batch(g1, counts) if counts else g1
+
+
+def _attr_text(a) -> str:
+    which = a.WhichOneof("value")
+    v = getattr(a, which) if which else None
+    return str(list(v.values)) if which in ("ints", "floats") else repr(v)
+
+
+def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
+    """Replace CONST inputs that hold ``batch * m`` (x.mean() over the batch divides by
+    one) with nodes that count it from a DATA input at run time.
+
+    The count is exact in float64 and then cast to the constant's dtype, which rounds as
+    the eager ``float(count)`` constant did: results stay bitwise equal to eager.
+    """
+    batched = [i for i, inp in enumerate(g.inputs) if inp.role == DATA and inp.shape[:1] == [-1]]
+    if not batched:
+        raise TraceError("a constant depends on the batch size, but no DATA input has a "
+                         "batch dimension")
+    d = batched[0]
+    rank = len(g.inputs[d].shape)
+    out = graph_pb2.Graph(version=g.version)
+    new_index: dict[int, int] = {}
+    for i, inp in enumerate(g.inputs):
+        if i not in counts:
+            new_index[i] = len(out.inputs)
+            out.inputs.add().CopyFrom(inp)
+    taken = {inp.name for inp in out.inputs}
+    multiples: dict[int, int] = {}
+    from .serialize import to_proto
+    for m in sorted(set(counts.values()) - {1}):
+        name, j = f"count{m}", 0
+        while name in taken:
+            j += 1
+            name = f"count{m}_{j}"
+        taken.add(name)
+        value = to_proto(np.float64(m))
+        multiples[m] = len(out.inputs)
+        out.inputs.add(name=name, role=CONST, dtype=value.dtype, value=value)
+    n_in = len(out.inputs)
+
+    def node(op: str, inputs: list, **attrs) -> int:
+        out.nodes.add(op=op, inputs=inputs, attrs=encode_attrs(REGISTRY[op], attrs))
+        return n_in + len(out.nodes) - 1
+
+    x = new_index[d]
+    # Every element is equal or unequal to itself (NaN included): a mask of ones.
+    ones = node("logical_or", [node("eq", [x, x]), node("ne", [x, x])])
+    if rank > 1:
+        ones = node("all", [ones], dim=list(range(1, rank)))
+    batch = node("sum", [node("cast", [ones], dtype="float64")])
+    value_of: dict[int, int] = {}
+    for i, m in counts.items():
+        v = batch if m == 1 else node("mul", [batch, multiples[m]])
+        dt = _dtype(g.inputs[i].dtype)
+        value_of[i] = v if dt is dtypes.float64 else node("cast", [v], dtype=dt.name)
+    shift = n_in + len(out.nodes) - len(g.inputs)
+
+    def remap(v: int) -> int:
+        if v >= len(g.inputs):
+            return v + shift
+        return value_of[v] if v in value_of else new_index[v]
+
+    for n in g.nodes:
+        out.nodes.add(op=n.op, inputs=[remap(v) for v in n.inputs], attrs=n.attrs)
+    for o in g.outputs:
+        out.outputs.add(name=o.name, value=remap(o.value))
+    return out
 
 
 def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:

@@ -10,7 +10,7 @@ import numpy as np
 from . import autograd, backend, dtypes
 from .autograd import Node, is_grad_enabled
 from .autograd import _state as _grad_state
-from .registry import Op, OpError
+from .registry import REGISTRY, Op, OpError
 
 
 class _Dispatch(threading.local):
@@ -38,12 +38,19 @@ def apply(op: Op, inputs: Sequence["Tensor"], attrs: dict) -> "Tensor":
         # create_graph) skips it: its vjps only combine values that were validated on the
         # way forward.
         op.infer(*inputs, **attrs)
-    arrays = [t._data for t in inputs]
-    xp = np
-    for a in arrays:
-        if type(a) is not _ndarray:
-            xp = _common_xp(op, inputs, arrays)
-            break
+    n = len(inputs)
+    if n == 2:
+        a, b = inputs[0]._data, inputs[1]._data
+        arrays = (a, b)
+        on_cpu = type(a) is _ndarray and type(b) is _ndarray
+    elif n == 1:
+        a = inputs[0]._data
+        arrays = (a,)
+        on_cpu = type(a) is _ndarray
+    else:
+        arrays = [t._data for t in inputs]
+        on_cpu = all(type(a) is _ndarray for a in arrays)
+    xp = np if on_cpu else _common_xp(op, inputs, arrays)
     out = op.forward(xp, *arrays, **attrs)
     requires = False
     if state.grad:
@@ -200,13 +207,20 @@ class Tensor:
     def data(self, value) -> None:
         self._data = value._data if isinstance(value, Tensor) else value
 
+    # T and mT call the permute primitive directly: ``linear`` and every matmul vjp take
+    # them, and the generic route (transpose -> permute -> argument checks) costs ~3x more.
     @property
     def T(self) -> "Tensor":
-        return F.permute(self, tuple(reversed(range(self.ndim))))
+        return apply(REGISTRY["permute"], (self,), {"dims": list(range(self.ndim - 1, -1, -1))})
 
     @property
     def mT(self) -> "Tensor":
-        return F.transpose(self, -2, -1)
+        n = self._data.ndim
+        if n < 2:
+            return F.transpose(self, -2, -1)        # raises torch's error
+        dims = list(range(n))
+        dims[-2], dims[-1] = n - 1, n - 2
+        return apply(REGISTRY["permute"], (self,), {"dims": dims})
 
     # -- autograd --------------------------------------------------------------------------
     def backward(self, gradient=None, retain_graph: bool | None = None,

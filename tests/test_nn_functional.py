@@ -236,3 +236,12 @@ def test_cuda_matches_cpu():
 
     for a, b in zip(run("cpu"), run("cuda")):
         assert np.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_softmax_implicit_dim_warns_and_follows_torch():
+    x = np.random.default_rng(3).standard_normal((2, 3, 4))
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        ours = F.softmax(_t(x)).numpy()
+    with pytest.warns(UserWarning):
+        ref = torch.nn.functional.softmax(torch.tensor(x)).numpy()
+    assert np.allclose(ours, ref)

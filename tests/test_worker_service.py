@@ -167,3 +167,36 @@ def test_300mb_parameters_over_the_stream(worker):
     fn({"w": wt}, gm.from_numpy(x)).backward()
     assert r.gradients["w"].shape == w.shape
     assert np.array_equal(r.gradients["w"], wt.grad.numpy())
+
+
+def test_cuda_backend_refused_without_gpu():
+    from gradmesh.core.backend import cuda_available
+    from gradmesh.server import runtime
+    from gradmesh.server import worker as worker_mod
+    if cuda_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(runtime.ConfigError, match="CuPy and a CUDA device"):
+        worker_mod.GradientWorker("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_backend_matches_cpu(start_worker):
+    from gradmesh.core.backend import cuda_available
+    if not cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    running = start_worker(backend="cuda")
+    gm.manual_seed(5)
+    model = cnn()
+    x, y = batch("cnn", 64, seed=11)
+    loss, grads = local_grads(model, x, y)
+    with WorkerClient(running.address) as client:
+        caps = client.capabilities()
+        assert caps.backend == "cuda" and "cupy" in caps.versions
+        for threshold in (None, 0):
+            if threshold is not None:
+                client.stream_threshold = threshold
+            r = client.compute_gradients(ce_loss, model, x, y)
+            assert np.allclose(r.loss, loss, rtol=1e-5, atol=1e-6)
+            for name, g in grads.items():
+                assert isinstance(r.gradients[name], np.ndarray)
+                assert np.allclose(r.gradients[name], g, rtol=1e-4, atol=1e-5), name

@@ -21,7 +21,7 @@ import warnings
 from typing import Sequence
 
 from .. import functional as CF
-from ..functional import gelu, log_softmax, sigmoid, softmax, softplus, tanh  # noqa: F401
+from ..functional import gelu, sigmoid, softplus, tanh  # noqa: F401  (re-exported)
 from ..random import Generator, rng
 from ..registry import REGISTRY, OpError, fmt
 from ..tensor import Tensor
@@ -48,6 +48,26 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """input where positive, else ``negative_slope * input``."""
     return _leaky_relu_p(input, negative_slope=float(negative_slope))
+
+
+def _softmax_dim(name: str, dim: int | None, ndim: int) -> int:
+    if dim is None:     # torch's legacy implicit choice, with its warning
+        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the "
+                      f"call to include dim=X as an argument.", stacklevel=3)
+        return 0 if ndim in (0, 1, 3) else 1
+    return int(dim)
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
+            dtype=None) -> Tensor:
+    """exp(input) / exp(input).sum(dim), computed without overflow."""
+    return CF.softmax(input, _softmax_dim("softmax", dim, input.ndim), dtype=dtype)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
+                dtype=None) -> Tensor:
+    """input - logsumexp(input, dim), computed without overflow."""
+    return CF.log_softmax(input, _softmax_dim("log_softmax", dim, input.ndim), dtype=dtype)
 
 
 # ========================================================================= linear ======

@@ -46,7 +46,7 @@ def sum_p(xp, a, dim, keepdim):
     axis = _axis(dim, a.ndim)
     if a.dtype.kind == "b" or a.dtype == xp.int32:
         return xp.sum(a, axis=axis, keepdims=keepdim, dtype=xp.int64)
-    return xp.sum(a, axis=axis, keepdims=keepdim)
+    return a.sum(axis=axis, keepdims=keepdim)      # the method: np.sum adds ~1.5 us of dispatch
 
 
 @sum_p.defvjp

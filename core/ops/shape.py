@@ -54,7 +54,7 @@ def _infer_permute(a, dims) -> Spec:
 
 @defop("permute", infer=_infer_permute, attrs={"dims": ("ints", [])})
 def permute_p(xp, a, dims):
-    return xp.transpose(a, dims)
+    return a.transpose(dims)        # the method: np.transpose adds ~2 us of dispatch
 
 
 @permute_p.defvjp

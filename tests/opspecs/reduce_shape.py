@@ -53,7 +53,7 @@ SPECS = [
     spec("sum-negative-dim", ["sum"], lambda lib, a: a.sum(-1), X3),
     spec("sum-0d-dim", ["sum"], lambda lib, a: a.sum(0), [((),)]),
     spec("sum-empty-dim", ["sum"], lambda lib, a: a.sum(0), [((0, 3),)]),
-    spec("sum-dtype", ["sum", "cast"], lambda lib, a: a.sum(1, dtype=lib.float64), X2),
+    spec("sum-dtype", ["sum"], lambda lib, a: a.sum(1, dtype=lib.float64), X2),
     spec("sum-int", ["sum"], lambda lib, i: i.sum(0), X2, nondiff={0: int_array(9, -9)}),
     spec("sum-bool", ["sum"], lambda lib, m: m.sum(), X2, nondiff={0: bool_array()}),
 
@@ -88,9 +88,9 @@ SPECS = [
          fd=False),
     spec("min", ["amin"], lambda lib, a: a.min(), X2),
     spec("max-dim", ["argmax", "gather", "scatter_add"], lambda lib, a: a.max(1).values,
-         X3 + X2 + [((5,),)]),
+         X3 + X2),
     spec("max-dim-keepdim", ["argmax", "gather"], lambda lib, a: a.max(-1, keepdim=True)[0],
-         X3),
+         X3 + [((5,),)]),
     spec("max-dim-0d", ["argmax", "gather"], lambda lib, a: a.max(0).values, [((),)]),
     # A tie's gradient goes to the first maximum, as torch's max(dim) does.
     spec("max-dim-ties", ["argmax", "gather"], lambda lib, a: a.max(1).values, X3,
@@ -164,7 +164,8 @@ SPECS = [
     spec("squeeze", ["reshape"], lambda lib, a: a.squeeze(), [((1, 3, 1, 4),)]),
     spec("squeeze-dim", ["reshape"], lambda lib, a: a.squeeze(-2), [((1, 3, 1, 4),)]),
     spec("squeeze-dims", ["reshape"], lambda lib, a: a.squeeze((0, 1)), [((1, 3, 1, 4),)]),
-    spec("unsqueeze", ["reshape"], lambda lib, a: a.unsqueeze(1), X3 + [((),)]),
+    spec("unsqueeze", ["reshape"], lambda lib, a: a.unsqueeze(1), X3 + X2),
+    spec("unsqueeze-0d", ["reshape"], lambda lib, a: a.unsqueeze(-1), [((),)]),
     spec("unsqueeze-negative", ["reshape"], lambda lib, a: a.unsqueeze(-1), X2),
 
     # ======================================================== permute and transposes ====
@@ -173,7 +174,7 @@ SPECS = [
     spec("transpose", ["permute"], lambda lib, a: a.transpose(0, 2), X3),
     spec("transpose-1d", ["mul"], lambda lib, a: a.transpose(0, -1) * 2, [((5,),)]),
     spec("t", ["permute"], lambda lib, a: a.t(), X2),
-    spec("T", ["permute"], lambda lib, a: a.T, X3),
+    spec("T", ["permute"], lambda lib, a: a.T, X2),
     spec("mT", ["permute"], lambda lib, a: a.mT, X3),
     spec("movedim", ["permute"], lambda lib, a: lib.movedim(a, 0, 2), X3),
 
@@ -185,7 +186,7 @@ SPECS = [
     spec("repeat-new-dims", ["expand"], lambda lib, a: a.repeat(2, 1, 3), X2),
 
     # =========================================================== cat, stack, split ====
-    spec("cat", ["cat", "slice", "slice_grad"], lambda lib, a, b, c: lib.cat([a, b, c], 1),
+    spec("cat", ["cat", "slice"], lambda lib, a, b, c: lib.cat([a, b, c], 1),
          [((2, 1, 4), (2, 3, 4), (2, 2, 4))]),
     spec("cat-negative-dim", ["cat"], lambda lib, a, b: lib.cat([a, b], dim=-1),
          [((3, 2), (3, 4)), ((2,), (5,))]),
@@ -208,7 +209,7 @@ SPECS = [
          lambda lib, a: sum(t * (i + 1) for i, t in enumerate(a.unbind(1))), X3),
     spec("narrow", ["slice", "slice_grad"], lambda lib, a: a.narrow(1, 1, 2), X3),
     spec("narrow-negative-start", ["slice"], lambda lib, a: lib.narrow(a, -1, -3, 2), X3),
-    spec("select", ["slice", "reshape"], lambda lib, a: a.select(2, -1), X3),
+    spec("select", ["slice", "reshape"], lambda lib, a: lib.select(a, 2, -1), X3),
 
     # ================================================= flip, roll, tril, triu ====
     spec("flip", ["flip"], lambda lib, a: a.flip(0), X3 + [((5,),)]),
@@ -273,7 +274,9 @@ SPECS = [
 
     # ================================= index_select, index_add, gather, scatter_add ====
     spec("index_select", ["index", "index_put"], lambda lib, a, i: a.index_select(1, i),
-         [((3, 5), (7,)), ((5,), (3,))], nondiff={1: int_array(3)}),
+         [((3, 5), (7,)), ((2, 4, 3), (2,))], nondiff={1: int_array(4)}),
+    spec("index_select-1d", ["index"], lambda lib, a, i: a.index_select(0, i),
+         [((5,), (3,)), ((5,), ())], nondiff={1: int_array(5)}),
     spec("index_add", ["index_put", "index"],
          lambda lib, a, s, i: a.index_add(0, i, s),
          [((4, 3), (6, 3), (6,))], nondiff={2: fixed([1, 1, 3, 1, 0, 1])}),
@@ -289,10 +292,14 @@ SPECS = [
     spec("gather-dim0", ["gather", "scatter_add"], lambda lib, a, i: lib.gather(a, 0, i),
          [((3, 4, 2), (5, 4, 1)), ((4,), (7,))], nondiff={1: int_array(3)}),
     spec("scatter_add", ["scatter_add", "gather"], lambda lib, a, s, i: a.scatter_add(1, i, s),
-         [((3, 4), (3, 6), (3, 6)), ((3, 5), (4, 6), (2, 3))], nondiff={2: int_array(4)}),
-    spec("scatter_add-dim0", ["scatter_add", "gather", "slice_grad"],
-         lambda lib, a, s, i: lib.scatter_add(a, 0, i, s),
-         [((4, 3), (6, 4), (5, 2))], nondiff={2: int_array(4)}),
+         [((3, 4), (3, 6), (3, 6)), ((3, 5), (3, 2), (3, 2))], nondiff={2: int_array(4)}),
+    # A src larger than the index: only its index-shaped corner is used. torch's backward
+    # rejects that case, so the reference scatters the corner itself.
+    spec("scatter_add-src-larger", ["scatter_add", "gather", "slice_grad"],
+         lambda gm, a, s, i: gm.scatter_add(a, 0, i, s),
+         [((4, 3), (6, 4), (5, 2)), ((3, 5), (4, 6), (2, 3))],
+         torch_fn=lambda torch, a, s, i: torch.scatter_add(
+             a, 0, i, s[:i.shape[0], :i.shape[1]]), nondiff={2: int_array(3)}),
     spec("masked_fill", ["where"], lambda lib, a, m: a.masked_fill(m, -1.5),
          [((3, 4), (3, 4)), ((3, 4), (4,)), ((3, 4), ())], nondiff={1: bool_array()}),
     spec("masked_fill-tensor", ["where"],
@@ -308,9 +315,9 @@ SPECS = [
     spec("sort-descending", ["argsort", "gather"],
          lambda lib, a: a.sort(dim=0, descending=True)[0], X3),
     spec("sort-indices-stable", ["argsort"],
-         lambda lib, a: lib.sort(a, -1, stable=True).indices, X3, domain=integer_valued()),
+         lambda lib, a: lib.sort(a, dim=-1, stable=True).indices, X3, domain=integer_valued()),
     spec("sort-descending-stable", ["argsort"],
-         lambda lib, a: lib.sort(a, 0, descending=True, stable=True).indices, X3,
+         lambda lib, a: lib.sort(a, dim=0, descending=True, stable=True).indices, X3,
          domain=integer_valued()),
     spec("argsort", ["argsort"], lambda lib, a: a.argsort(), X3),
     spec("topk", ["argsort", "gather", "slice"], lambda lib, a: a.topk(2).values, X3),
