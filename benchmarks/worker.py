@@ -218,7 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, smaller sizes")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--only", choices=("steps", "transport", "latency"), action="append")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="BLAS threads for both sides (default 1: spinning BLAS threads on a "
+                         "busy machine slow a step down by up to 10x, on either side)")
     args = ap.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(args.blas_threads, user_api="blas"):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     parts = args.only or ["steps", "transport", "latency"]
 
     running = start_server(chunk_bytes=MiB)
@@ -226,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "grpcio": grpc.__version__, "cpus": os.cpu_count(),
                                  "blas_threads": worker_mod.blas_threads()},
                      "command": "python benchmarks/worker.py" + (" --quick" if args.quick
-                                                                  else "")}
+                                                                  else ""),
+                     "load_average": os.getloadavg()}
     try:
         with WorkerClient(running.address, chunk_bytes=MiB) as client:
             channel = client.channel

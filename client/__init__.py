@@ -8,7 +8,12 @@ from .errors import (Cancelled, DeadlineExceeded, GradmeshError, Internal, Inval
                      NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
                      Unavailable)
 from .worker import TLS, GradientResult, WorkerClient
+from .cluster import LocalCluster
+from .coordinator import CoordinatorClient, Job, StepResult, WorkerRegistration
+from .training import batches, fit
 
 __all__ = ["WorkerClient", "GradientResult", "TLS", "GradmeshError", "InvalidArgument",
            "ResourceExhausted", "NotFound", "Unauthenticated", "PermissionDenied",
-           "Unavailable", "DeadlineExceeded", "Cancelled", "Internal"]
+           "Unavailable", "DeadlineExceeded", "Cancelled", "Internal",
+           "CoordinatorClient", "Job", "StepResult", "WorkerRegistration", "LocalCluster",
+           "fit", "batches"]

@@ -232,7 +232,8 @@ class Job:
                           r.micro_batches, r.replayed,
                           {"pull": t.pull_seconds, "compute": t.compute_seconds,
                            "push": t.push_seconds, "apply": t.apply_seconds,
-                           "total": t.total_seconds, "reassigned": t.reassigned})
+                           "total": t.total_seconds, "reassigned": t.reassigned,
+                           "worker_compute": t.worker_compute_seconds})
 
     def parameters(self) -> "OrderedDict[str, Any]":
         """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""

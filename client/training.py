@@ -46,19 +46,20 @@ def batches(*arrays: np.ndarray, batch_size: int, shuffle: bool = True, seed: in
 
 
 def fit(job, data: Iterable[Sequence] | Callable[[int], Iterable[Sequence]], epochs: int = 1,
-        *, progress: bool = True, desc: str = "train",
+        *, progress: bool = True, desc: str = "train", steps_per_epoch: int | None = None,
         on_step: Callable[[int, object], None] | None = None) -> History:
     """Run ``job.step`` over every batch for ``epochs`` epochs; returns the :class:`History`.
 
     ``data``: a re-iterable of batches (tuples in the loss function's order), or a
     function ``epoch -> iterable of batches`` (e.g. reshuffled per epoch). The progress
-    bar (tqdm) shows the loss, samples per second and the step id; ``on_step(epoch,
-    result)`` is called after every step.
+    bar (tqdm) shows the loss, samples per second and the step id; give
+    ``steps_per_epoch`` when ``data`` is a function so it can show the total.
+    ``on_step(epoch, result)`` is called after every step.
     """
     from tqdm.auto import tqdm
     history = History()
-    total = None
-    if not callable(data):
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    if total is None and not callable(data):
         try:
             total = len(data) * epochs      # type: ignore[arg-type]
         except TypeError:

@@ -197,7 +197,9 @@ def _accumulate_leaf(t, g, assigned: dict) -> None:
         # give each its own, so that an in-place change of one .grad leaves the others.
         # ``assigned`` holds the tensors, not just their ids: a freed tensor's id is reused
         # by the next one, which would then be copied for nothing.
-        if id(g) in assigned:
+        # A view (expand's read-only broadcast, a reshape of another leaf's gradient) is
+        # copied too: ``.grad`` must be writable and alias nothing (``x.grad.zero_()``).
+        if id(g) in assigned or g._data.base is not None:
             g = g.clone() if is_grad_enabled() else g.detach().clone()
         assigned[id(g)] = g
         t.grad = g if is_grad_enabled() else g.detach()

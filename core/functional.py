@@ -434,6 +434,7 @@ def view(a: Tensor, *shape) -> Tensor:
 
 
 def view_as(a: Tensor, other: Tensor) -> Tensor:
+    """``a`` reshaped to ``other``'s shape."""
     return reshape(a, other.shape)
 
 
@@ -508,6 +509,7 @@ def expand(a: Tensor, *shape) -> Tensor:
 
 
 def expand_as(a: Tensor, other: Tensor) -> Tensor:
+    """``a`` broadcast to ``other``'s shape."""
     return expand(a, other.shape)
 
 
@@ -657,13 +659,13 @@ def triu(a: Tensor, diagonal: int = 0) -> Tensor:
 
 # ======================================================================= indexing ======
 
-def _index_tensor(index) -> Tensor:
-    """A list or array used as an index, as an int64 or bool tensor."""
+def _index_tensor(index, device: str) -> Tensor:
+    """A list or array used as an index, as an int64 or bool tensor on ``device``."""
     if isinstance(index, Tensor):
         t = index
     else:
         from .tensor import tensor
-        t = tensor(index)
+        t = tensor(index, device=device)
     if t.dtype.is_floating_point:
         raise IndexError(f"getitem: tensors used as indices must be long, int or bool tensors, "
                          f"got {t.dtype}")
@@ -696,7 +698,7 @@ def getitem(a: Tensor, index) -> Tensor:
         elif isinstance(it, numbers.Integral):
             consumed += 1
         else:
-            items[k] = it = _index_tensor(it)
+            items[k] = it = _index_tensor(it, a.device)
             consumed += it.ndim if it.dtype is dtypes.bool_ else 1
     if ellipses > 1:
         raise IndexError("getitem: an index can only have a single ellipsis ('...')")

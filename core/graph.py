@@ -16,13 +16,24 @@ allowlist: nothing in a graph is executable code.
 >>> execute(g, params, {"x0": np.ones((2, 3), np.float32)})["loss"].item()
 12.0
 
-Batch size: a graph traced at batch size B must work at any batch size. The tracer infers
-every value's shape at a second batch size (2B + 1) as it records; a value that cannot be
-inferred there baked the batch size in (``x.reshape(64, -1)``, ``zeros(64, 10)``) and
-tracing fails with an error that names the node and the fix. The most common idiom,
-``x.reshape(x.shape[0], -1)`` (which records the literal B), is rewritten to
-``reshape(-1, ...)``: the batch stays in front. Trace with a batch size above 1, so that
-the batch dimension cannot be confused with dimensions of size 1.
+Batch size: a graph traced at batch size B must work at any batch size, so nothing in it
+may hold B. Two checks find what does:
+
+* while recording, every value's shape is also inferred at batch size 2B + 1; a value that
+  cannot be inferred there baked B in (``x.reshape(64, -1)``, ``zeros(64, 10)``);
+* the function is then traced a second time on data tiled to 2B + 1 rows, and the two
+  graphs compared: a constant or attribute that differs depends on the batch.
+
+Either raises ``TraceError`` naming the node and the fix; nothing is silently truncated.
+Three idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
+literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; and a
+scalar constant equal to B times a per-sample count (the divisor of ``x.mean()`` over the
+batch, ``x.sum() / x.shape[0]``) is replaced by nodes that count the batch of a DATA input
+at run time (exact, so results stay bitwise equal to eager). Slicing over the batch
+dimension (``x[:, 1:]``) is refused while the ``slice`` op cannot express "to the end".
+Trace with a batch size above 1, so that the batch dimension cannot be confused with
+dimensions of size 1. The function runs twice: random ops draw twice from the global
+generator; the graph keeps the first trace's seeds.
 """
 from __future__ import annotations
 
@@ -329,7 +340,8 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
     ``fn`` returns the loss (a floating scalar) or ``(loss, {"name": tensor, ...})`` for
     extra outputs. Ops that do not contribute to an output are dropped. The module's
     ``.grad``s and ``requires_grad`` flags are left as they were. Thread-safe: the hook is
-    per thread.
+    per thread. With ``batch_dim`` the function runs twice (see the module docstring);
+    ``TraceError`` where the batch size would be baked into the graph.
     """
     from .tensor import Tensor
 

@@ -39,6 +39,7 @@ from .registry import Op
 __all__ = ["compile_plan", "Plan", "PlanResult", "BACKENDS"]
 
 BACKENDS = ("cpu", "cuda")
+CHECK_EVERY = 32                             # kernels between two calls of run(check=...)
 
 
 @dataclass
@@ -195,6 +196,7 @@ class Plan:
     def run(self, params: Mapping[str, object], data: Mapping[str, object], *,
             grads: Sequence[str] | None = None, outputs: Sequence[str] = (),
             loss_scale: float = 1.0, seed: int | None = None,
+            check: Callable[[], None] | None = None,
             record_live: list | None = None) -> PlanResult:
         """Forward and backward for one batch.
 
@@ -203,8 +205,9 @@ class Plan:
         all; ``[]``: forward only); a requested parameter the loss does not depend on gets
         zeros. ``loss_scale`` multiplies the loss and so every gradient (the backward pass
         starts from ``loss_scale`` instead of 1). ``seed`` seeds random ops (see the module
-        docstring). ``record_live``, for tests: the number of live slots after each kernel
-        is appended to it.
+        docstring). ``check``, if given, is called every ``CHECK_EVERY`` kernels and between
+        forward and backward; it raises to abandon the call (a deadline). ``record_live``,
+        for tests: the number of live slots after each kernel is appended to it.
         """
         vg = self.graph
         sched = self.schedule(grads, outputs)
@@ -222,7 +225,9 @@ class Plan:
             slots[i] = None
 
         t0 = time.perf_counter()
-        for kern in sched.forward:
+        for n, kern in enumerate(sched.forward):
+            if check is not None and n % CHECK_EVERY == 0:
+                check()
             a = kern.attrs
             if kern.random and seed is not None:
                 a = {**a, "seed": random_seed(seed, kern.node)}
@@ -236,8 +241,10 @@ class Plan:
         loss = slots[loss_v]
         _sync(xp)
         t1 = time.perf_counter()
+        if check is not None:
+            check()
 
-        grad_arrays = self._backward(sched, slots, xp, loss_scale, seed, record_live) \
+        grad_arrays = self._backward(sched, slots, xp, loss_scale, seed, check, record_live) \
             if sched.grads else {}
         _sync(xp)
         t2 = time.perf_counter()
@@ -270,7 +277,7 @@ class Plan:
                              f"{spec.dtype.name}")
         return value
 
-    def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed,
+    def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed, check,
                   record_live) -> dict:
         """The eager engine's ``run_backward`` over slots: same order, same ops."""
         from .tensor import Tensor, _reduce_grad
@@ -289,7 +296,9 @@ class Plan:
             return {n: g._data for n, g in grads.items()}
         pending: dict[int, Tensor] = {loss_v: seed_grad}
         with _engine_mode():
-            for kern in sched.backward:
+            for n, kern in enumerate(sched.backward):
+                if check is not None and n % CHECK_EVERY == 0 and n:
+                    check()
                 g = pending.pop(kern.out, None)
                 if g is not None:
                     self._vjp(kern, g, slots, pending, grads, param_name, seed, wrap,

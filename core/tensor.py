@@ -413,6 +413,12 @@ class Tensor:
     def _inplace_or_new(self, other, inplace, outofplace):
         if is_grad_enabled() and (self.requires_grad or
                                   (isinstance(other, Tensor) and other.requires_grad)):
+            if self.requires_grad and self.grad_fn is None:
+                # Rebinding a parameter to a new non-leaf (``w -= lr * w.grad`` outside
+                # no_grad) would silently stop its training: torch raises here too.
+                raise RuntimeError("a leaf tensor that requires grad is being used in an "
+                                   "in-place operation; wrap the update in "
+                                   "`with gradmesh.no_grad():`")
             return outofplace(self, other)
         return inplace(other)
 

@@ -71,6 +71,7 @@ class MicroResult:
     loss: np.ndarray
     outputs: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
+    compute_seconds: float = 0.0            # the worker's forward + backward
 
 
 class WorkerError(Exception):
@@ -119,7 +120,7 @@ class WorkerHandle:
         self.backend = caps.backend
         self.state, self.reason = "ready", ""
 
-    def compute(self, graph, graph_id: str, params: list, data: dict[str, np.ndarray],
+    def compute(self, graph, graph_id: str, params: "ParamSet", data: dict[str, np.ndarray],
                 scale: float, seed: int, outputs: Sequence[str]) -> MicroResult:
         """One ComputeGradients call; unary when it fits, streamed otherwise."""
         from gradmesh.v1 import worker_pb2
@@ -129,11 +130,10 @@ class WorkerHandle:
             req.graph_id = graph_id
         else:
             req.graph.CopyFrom(graph)
-        param_bytes = sum(len(p.tensor.data) for p in params)
         data_bytes = sum(a.nbytes for a in data.values())
         try:
-            if param_bytes + data_bytes + (1 << 20) < self.max_message_bytes // 2:
-                req.parameters.extend(params)
+            if params.nbytes + data_bytes + (1 << 20) < self.max_message_bytes // 2:
+                req.parameters.extend(params.unary())
                 for name, a in data.items():
                     req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
                 resp = self.stub.ComputeGradients(req, timeout=self.timeout,
@@ -146,21 +146,18 @@ class WorkerHandle:
                 self.graphs.discard(graph_id)     # the worker restarted: send it inline
             raise WorkerError(e.code(), e.details() or str(e.code())) from None
 
-    def _compute_stream(self, req, params: list, data: dict, graph_id: str) -> MicroResult:
+    def _compute_stream(self, req, params: "ParamSet", data: dict,
+                        graph_id: str) -> MicroResult:
         from gradmesh.v1 import worker_pb2
-        buffers = []
-        for p in params:
-            nt = req.parameters.add(name=p.name)
-            nt.tensor.dtype = p.tensor.dtype
-            nt.tensor.shape.extend(p.tensor.shape)
-            buffers.append(memoryview(p.tensor.data))
-        for name, a in data.items():
-            req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
-            buffers.append(serialize.tensor_buffer(a))
+        buffers = []        # header order: parameters, then data (field-number order)
+        for field, arrays in ((req.parameters, params.arrays), (req.data, data)):
+            for name, a in arrays.items():
+                field.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
+                buffers.append(serialize.tensor_buffer(a))   # no copy: chunks read the array
 
         def frames():
             yield worker_pb2.StreamFrame(request=req)
-            for c in serialize.chunks(buffers):
+            for c in serialize.chunks(buffers, serialize.MAX_CHUNK_BYTES):
                 yield worker_pb2.StreamFrame(chunk=c)
 
         out = self.stub.ComputeGradientsStream(frames(), timeout=self.timeout,
@@ -179,17 +176,18 @@ class WorkerHandle:
 
 
 def _decode_result(resp, arrays: list | None) -> MicroResult:
+    seconds = resp.timings.forward_seconds + resp.timings.backward_seconds
     if arrays is None:
         loss = serialize.from_proto(resp.loss, field="loss")
         outputs = {o.name: serialize.from_proto(o.tensor, field=f"outputs[{o.name}]")
                    for o in resp.outputs}
         grads = {g.name: serialize.from_proto(g.tensor, field=f"gradients[{g.name}]")
                  for g in resp.gradients}
-        return MicroResult(loss, outputs, grads)
+        return MicroResult(loss, outputs, grads, seconds)
     k = 1 + len(resp.outputs)
     return MicroResult(arrays[0],
                        {o.name: a for o, a in zip(resp.outputs, arrays[1:k])},
-                       {g.name: a for g, a in zip(resp.gradients, arrays[k:])})
+                       {g.name: a for g, a in zip(resp.gradients, arrays[k:])}, seconds)
 
 
 class WorkerPool:
@@ -277,6 +275,31 @@ class WorkerPool:
 
 # ====================================================================== jobs =============
 
+class ParamSet:
+    """A job's parameters at one version, as the workers get them.
+
+    Embedded shards hand out their live arrays: they are only read until the step's
+    ``apply``, which waits for every micro-batch. Streamed requests send their bytes
+    straight from the arrays; the unary encoding (one copy) is made on first use and kept.
+    """
+
+    def __init__(self, version: int, arrays: dict[str, np.ndarray]):
+        self.version = version
+        self.arrays = arrays
+        self.nbytes = sum(int(a.nbytes) for a in arrays.values())
+        self._lock = threading.Lock()
+        self._unary: list | None = None
+
+    def unary(self) -> list:
+        """NamedTensor messages with data (encoded once per version)."""
+        from gradmesh.v1 import tensor_pb2
+        with self._lock:
+            if self._unary is None:
+                self._unary = [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+                               for n, a in self.arrays.items()]
+            return self._unary
+
+
 @dataclass
 class Job:
     job_id: str
@@ -297,9 +320,8 @@ class Job:
     history: "collections.OrderedDict[int, bytes]" = field(
         default_factory=collections.OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Parameters encoded for workers at ``cache_version`` (NamedTensor messages).
-    cache_version: int = -1
-    cache: list = field(default_factory=list)
+    # The parameters the workers get, at ``params.version``.
+    params: "ParamSet | None" = None
 
 
 def _graph_signature(graph) -> tuple[list, dict, list, list]:
@@ -498,25 +520,21 @@ class Coordinator:
                                    f"batch[{name}]")
         return batch
 
-    def _params_for_workers(self, job: Job) -> tuple[list, float]:
-        """The job's parameters as NamedTensor messages, cached per version."""
-        if job.cache_version == job.version:
-            return job.cache, 0.0
-        from gradmesh.v1 import tensor_pb2
+    def _params_for_workers(self, job: Job) -> tuple["ParamSet", float]:
+        """The job's parameters at its version, pulled once per version."""
+        if job.params is not None and job.params.version == job.version:
+            return job.params, 0.0
         start = time.perf_counter()
 
         def pull(shard, i):
             names = [n for n in job.param_names if job.placement[n] == i]
-            version, arrays = shard.pull(job.job_id, job.version, names)
-            return {n: serialize.to_proto(arrays[n]) for n in names}
+            return shard.pull(job.job_id, job.version, names)[1]
 
-        encoded: dict = {}
+        arrays: dict = {}
         for part in self._on_shards(job, pull):
-            encoded.update(part)
-        job.cache = [tensor_pb2.NamedTensor(name=n, tensor=encoded[n])
-                     for n in job.param_names]
-        job.cache_version = job.version
-        return job.cache, time.perf_counter() - start
+            arrays.update(part)
+        job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names})
+        return job.params, time.perf_counter() - start
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
         pb = _pb()
@@ -529,6 +547,7 @@ class Coordinator:
         losses = TreeSum(n)
         metrics = {name: TreeSum(n) for name in job.metric_names}
         push_seconds = [0.0]
+        worker_seconds = [0.0]
         push_lock = threading.Lock()
         version = job.version
         by_shard = sorted(set(job.placement.values()))
@@ -551,6 +570,7 @@ class Coordinator:
                 self.shards[i].push(job.job_id, step_id, m, n, version, grads)
             with push_lock:
                 push_seconds[0] += time.perf_counter() - t
+                worker_seconds[0] += r.compute_seconds
                 losses.add(m, np.asarray(r.loss, dtype=np.float64))
                 for name in job.metric_names:
                     value = r.outputs.get(name)
@@ -581,7 +601,8 @@ class Coordinator:
                                    push_seconds=push_seconds[0],
                                    apply_seconds=t3 - t2 if results else 0.0,
                                    total_seconds=time.perf_counter() - t0,
-                                   reassigned=reassigned))
+                                   reassigned=reassigned,
+                                   worker_compute_seconds=worker_seconds[0]))
         return resp
 
     def _dispatch(self, n: int, compute: Callable, accept: Callable) -> int:

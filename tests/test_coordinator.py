@@ -344,3 +344,13 @@ def test_a_crash_loses_only_uncheckpointed_steps_and_says_which_is_next(coordina
     for x, y in data[2:]:
         job.step(x, y)
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_streamed_worker_calls_give_the_same_bits(coordinator):
+    reference = _reference_params(coordinator)
+    # Under a 1 MiB message limit every worker call goes over ComputeGradientsStream.
+    _, client = coordinator(max_message_bytes=1 << 20)
+    job, data = _job(client)
+    for x, y in data:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())

@@ -246,6 +246,42 @@ def _trace_spec(spec, case):
     return trace(fn, params, *data, batch_dim=False)
 
 
+def _trace_spec_gradient(spec, case, order=1):
+    """A graph of the spec's first-order gradients (create_graph=True): the vjps' own ops
+    (conv2d_input_grad, softmax_grad, ...) are recorded as they run."""
+    import test_ops
+    arrays, diff = test_ops._inputs(spec, case)
+    params = {f"p{i}": gm.tensor(arrays[i]) for i in diff}
+    data = [a for i, a in enumerate(arrays) if i not in diff]
+    if not diff:
+        return None
+    probe = spec.gm(gm, *[gm.tensor(a) for a in arrays])
+    if not probe.dtype.is_floating_point:
+        return None
+    # The cotangent is a parameter too, so that second-order terms through it stay live.
+    params["w"] = gm.tensor(test_ops._weight(spec, case, probe.shape)).to(probe.dtype)
+
+    def fn(p, *d):
+        it = iter(d)
+        xs = [p[f"p{i}"] if i in diff else next(it) for i in range(len(arrays))]
+        out = spec.gm(gm, *xs)
+        total = out.to(gm.float64).sum() * 0.0
+        if not out.requires_grad:
+            return total
+        grads = gm.autograd.grad((out * p["w"]).sum(), [p[f"p{i}"] for i in diff],
+                                 create_graph=True, allow_unused=True)
+        for g in grads:
+            if g is not None:
+                total = total + (g * g).sum()
+        if order == 2 and total.requires_grad:
+            for g in gm.autograd.grad(total, [p[f"p{i}"] for i in diff] + [p["w"]],
+                                      create_graph=True, allow_unused=True):
+                if g is not None:
+                    total = total + (g * g).sum()
+        return total
+    return trace(fn, params, *data, batch_dim=False)
+
+
 def test_every_registered_op_can_be_traced():
     """Each op spec of tests/opspecs traces; together they cover the whole registry."""
     import test_ops
@@ -259,6 +295,11 @@ def test_every_registered_op_can_be_traced():
             continue
         ops = {n.op for n in g.nodes}
         seen.update(ops)
+        for order in (1, 2):
+            if set(REGISTRY) - seen:
+                grad_graph = _trace_spec_gradient(spec, 0, order)
+                if grad_graph is not None:
+                    seen.update(n.op for n in grad_graph.nodes)
         try:
             validate(g)
         except GraphError as e:

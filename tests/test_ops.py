@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import gradmesh.core as gm
-from gradmesh.core.registry import REGISTRY
+from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
 
 gm_tensor = importlib.import_module("gradmesh.core.tensor")    # gm.tensor is the function
 
@@ -261,15 +261,53 @@ def test_second_order(spec: OpSpec, case: int) -> None:
                       f"second order, input {i}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec, case", CASES)
+def test_cuda_matches_numpy(spec: OpSpec, case: int) -> None:
+    """The CuPy backend computes what the NumPy one does, forward and gradient."""
+    if not gm.cuda_available():
+        pytest.skip("needs a CUDA device and CuPy")
+    arrays, diff = _inputs(spec, case)
+    results = []
+    for device in ("cpu", "cuda"):
+        xs = [gm.tensor(a, device=device, requires_grad=i in diff) for i, a in enumerate(arrays)]
+        out = spec.gm(gm, *xs)
+        assert out.device == device
+        grads = []
+        if _differentiable(out, diff):
+            w = gm.tensor(_weight(spec, case, out.shape), device=device)
+            (out * w).sum().backward()
+            grads = _grads_as_arrays([xs[i].grad for i in diff], arrays, diff)
+        results.append((_np(out), grads))
+    (out_cpu, grads_cpu), (out_gpu, grads_gpu) = results
+    _assert_close(out_gpu, out_cpu, 1e-9, 1e-9, "forward on cuda")
+    for i, g, c in zip(diff, grads_gpu, grads_cpu):
+        _assert_close(g, c, 1e-9, 1e-9, f"gradient of input {i} on cuda")
+
+
 # ---------------------------------------------------------------------------------------
 # Coverage of the registry
 # ---------------------------------------------------------------------------------------
 
+def _uncovered(specs) -> list[str]:
+    covered = {name for spec in specs for name in spec.covers}
+    return sorted(set(REGISTRY) - covered)
+
+
 def test_every_op_has_a_spec() -> None:
-    covered = {name for spec in SPECS for name in spec.covers}
-    missing = sorted(set(REGISTRY) - covered)
+    missing = _uncovered(SPECS)
     assert not missing, (f"ops without a test spec: {missing}; add an OpSpec that covers each "
                          f"to a module in tests/opspecs/")
+
+
+def test_an_op_added_without_a_spec_is_caught() -> None:
+    """The check above really looks at the live registry."""
+    defop("test_only_identity", infer=lambda a: Spec(tuple(a.shape), a.dtype))(
+        lambda xp, a: a)
+    try:
+        assert _uncovered(SPECS) == ["test_only_identity"]
+    finally:
+        del REGISTRY["test_only_identity"]
 
 
 def test_covers_name_registered_ops() -> None:
@@ -284,18 +322,27 @@ def test_spec_names_are_unique() -> None:
 
 
 class _Recorder:
-    """A dispatch tracer that only notes the names of the ops that run."""
+    """A dispatch tracer that notes the ops that run and checks each one's ``infer``
+    (what graph validation relies on) against the shape and dtype it really produced."""
 
     def __init__(self):
         self.seen: set[str] = set()
+        self.mismatches: list[str] = []
 
     def record(self, op, inputs, attrs, result) -> None:
         self.seen.add(op.name)
+        spec = op.infer(*[Spec(tuple(t.shape), t.dtype) for t in inputs], **attrs)
+        shape_ok = len(spec.shape) == result.ndim and all(
+            s in (-1, r) for s, r in zip(spec.shape, result.shape))    # -1: data-dependent
+        if not shape_ok or spec.dtype is not result.dtype:
+            self.mismatches.append(f"{op.name}{attrs}: infer says {spec}, forward gave "
+                                   f"{tuple(result.shape)} {result.dtype}")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_spec_runs_what_it_covers(spec: OpSpec) -> None:
-    """A spec's ``covers`` are ops that its forward, backward or second order really run."""
+    """A spec's ``covers`` are ops that its forward, backward or second order really run,
+    and every op that runs has an ``infer`` that agrees with its forward."""
     recorder = _Recorder()
     previous, gm_tensor._dispatch.tracer = gm_tensor._dispatch.tracer, recorder
     try:
@@ -314,3 +361,107 @@ def test_spec_runs_what_it_covers(spec: OpSpec) -> None:
         gm_tensor._dispatch.tracer = previous
     assert set(spec.covers) <= recorder.seen, \
         f"{spec.name} never runs {sorted(set(spec.covers) - recorder.seen)}"
+    assert not recorder.mismatches, "\n".join(recorder.mismatches)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors name the op, the shapes and the fix
+# ---------------------------------------------------------------------------------------
+
+def _z(*shape):
+    return gm.zeros(*shape)
+
+
+_ix = gm.tensor
+ERRORS = [
+    ("cat-sizes", lambda: gm.cat([_z(2, 3), _z(3, 4)], 0), OpError,
+     ["cat", "dimension 0", "(2, 3)", "(3, 4)"]),
+    ("cat-ndim", lambda: gm.cat([_z(2, 3), _z(3)]), OpError, ["cat", "(2, 3)", "(3,)"]),
+    ("cat-empty", lambda: gm.cat([]), OpError, ["cat", "non-empty"]),
+    ("cat-0d", lambda: gm.cat([_z(), _z()]), OpError, ["cat", "zero-dimensional", "stack"]),
+    ("stack-shapes", lambda: gm.stack([_z(2), _z(3)]), OpError, ["stack", "(2,)", "(3,)"]),
+    ("reshape", lambda: _z(2, 3).reshape(4, 2), OpError, ["reshape", "(4, 2)", "size 6"]),
+    ("view-two-minus-one", lambda: _z(2, 3).view(-1, -1), OpError, ["reshape", "-1"]),
+    ("getitem-int", lambda: _z(3, 4)[3], IndexError, ["index 3", "dimension 0", "size 3"]),
+    ("getitem-int-dim1", lambda: _z(3, 4)[:, -5], IndexError, ["index -5", "dimension 1"]),
+    ("getitem-tensor", lambda: _z(3, 4)[_ix([0, 5])], IndexError,
+     ["index", "index 5", "dimension 0", "size 3"]),
+    ("getitem-step", lambda: _z(3)[::-1], ValueError, ["step", "greater than zero", "flip"]),
+    ("getitem-too-many", lambda: _z(3)[0, 1], IndexError, ["too many indices", "(3,)"]),
+    ("getitem-two-ellipses", lambda: _z(3)[..., ...], IndexError, ["ellipsis"]),
+    ("getitem-float-index", lambda: _z(3)[_ix([0.0])], IndexError, ["long, int or bool"]),
+    ("getitem-mask-shape", lambda: _z(3, 4)[gm.ones(4, dtype=gm.bool)], IndexError,
+     ["mask", "(4,)", "(3, 4)"]),
+    ("getitem-broadcast", lambda: _z(3, 4)[_ix([0, 1]), _ix([0, 1, 2])], OpError,
+     ["index", "(2,)", "(3,)", "broadcast"]),
+    ("index-dims", lambda: gm.REGISTRY["index"](_z(3), _ix([0]), dims=[1]), OpError,
+     ["index", "(1,)", "(3,)"]),
+    ("index_put-values", lambda: gm.REGISTRY["index_put"](_z(3, 2), _z(4), _ix([0]), dims=[0]),
+     OpError, ["index_put", "(4,)", "(1, 2)"]),
+    ("index_put-dtype", lambda: gm.REGISTRY["index_put"](
+        _z(3), gm.zeros(1, dtype=gm.float64), _ix([0]), dims=[0]), OpError,
+     ["index_put", "float64", "float32", ".to("]),
+    ("slice-range", lambda: gm.REGISTRY["slice"](_z(3), starts=[0], stops=[5], steps=[1]),
+     OpError, ["slice", "0:5", "size 3"]),
+    ("slice-step", lambda: gm.REGISTRY["slice"](_z(3), starts=[0], stops=[3], steps=[0]),
+     OpError, ["slice", "step", "flip"]),
+    ("slice-arity", lambda: gm.REGISTRY["slice"](_z(3, 2), starts=[0], stops=[3], steps=[1]),
+     OpError, ["slice", "(3, 2)", "one start"]),
+    ("gather-ndim", lambda: _z(3, 4).gather(1, _ix([0])), OpError, ["gather", "(3, 4)", "(1,)"]),
+    ("gather-size", lambda: _z(3, 4).gather(1, _ix([[0]] * 4)), OpError,
+     ["gather", "size 4", "dimension 0"]),
+    ("gather-range", lambda: _z(3, 4).gather(1, _ix([[4]])), IndexError,
+     ["gather", "index 4", "size 4"]),
+    ("gather-negative", lambda: _z(3, 4).gather(1, _ix([[-1]])), IndexError,
+     ["gather", "index -1"]),
+    ("gather-float-index", lambda: _z(3, 4).gather(1, _z(3, 4)), OpError, ["gather", "int64"]),
+    ("scatter_add-dtype", lambda: _z(3).scatter_add(0, _ix([0]), gm.zeros(1, dtype=gm.float64)),
+     OpError, ["scatter_add", "float64", ".to("]),
+    ("index_select-matrix", lambda: _z(3).index_select(0, _ix([[0]])), OpError,
+     ["index_select", "vector", "(1, 1)"]),
+    ("index_add-shape", lambda: _z(3, 2).index_add(0, _ix([0, 1]), _z(3, 2)), OpError,
+     ["index_add", "(3, 2)", "(2, 2)"]),
+    ("masked_fill-shape", lambda: _z(3).masked_fill(gm.ones(2, 3, dtype=gm.bool), 0.0), OpError,
+     ["masked_fill", "(2, 3)", "(3,)"]),
+    ("mean-int", lambda: _ix([1, 2]).mean(), OpError, ["mean", "int64", "dtype="]),
+    ("var-int", lambda: _ix([1, 2]).var(), OpError, ["var", "int64"]),
+    ("amax-empty", lambda: _z(0, 3).amax(0), OpError, ["amax", "(0, 3)"]),
+    ("max-empty", lambda: _z(0).max(), OpError, ["amax", "(0,)"]),
+    ("argmax-dim", lambda: _z(2, 3).argmax(2), OpError, ["argmax", "[-2, 1]", "got 2"]),
+    ("sum-dim", lambda: _z(2, 3).sum(5), OpError, ["sum", "got 5"]),
+    ("sum-repeated-dim", lambda: _z(2, 3).sum((1, -1)), OpError, ["sum", "multiple times"]),
+    ("cumsum-dim", lambda: _z(2, 3).cumsum(2), OpError, ["cumsum", "got 2"]),
+    ("unsqueeze", lambda: _z(2, 3).unsqueeze(3), OpError, ["unsqueeze", "[-3, 2]", "got 3"]),
+    ("squeeze", lambda: _z(2, 3).squeeze(2), OpError, ["squeeze", "got 2"]),
+    ("transpose", lambda: _z(2, 3).transpose(0, 2), OpError, ["transpose", "got 2"]),
+    ("permute", lambda: _z(2, 3).permute(0, 0), OpError, ["permute", "(0, 0)", "(2, 3)"]),
+    ("expand", lambda: _z(2, 3).expand(4, 3), OpError, ["expand", "(4, 3)", "(2, 3)"]),
+    ("repeat", lambda: _z(2, 3).repeat(2), OpError, ["repeat", "(2, 3)"]),
+    ("narrow", lambda: _z(2, 3).narrow(1, 2, 2), OpError, ["narrow", "exceeds", "size (3)"]),
+    ("select", lambda: gm.select(_z(2, 3), 1, 3), IndexError, ["select", "index 3"]),
+    ("split", lambda: _z(2, 3).split([1, 1], 1), OpError, ["split", "[1, 1]", "sum exactly to 3"]),
+    ("chunk", lambda: _z(2, 3).chunk(0), OpError, ["chunk", "greater than 0"]),
+    ("flatten", lambda: _z(2, 3, 4).flatten(2, 1), OpError, ["flatten", "start_dim"]),
+    ("unflatten", lambda: _z(2, 6).unflatten(1, (4, 2)), OpError, ["unflatten", "(4, 2)", "(6)"]),
+    ("flip-repeated", lambda: _z(2, 3).flip((0, 0)), OpError, ["flip", "multiple times"]),
+    ("t-3d", lambda: _z(2, 2, 2).t(), OpError, ["t:", "(2, 2, 2)", "transpose"]),
+    ("tril-1d", lambda: _z(3).tril(), OpError, ["tril", "2 dimensions", "(3,)"]),
+    ("topk-k", lambda: _z(3).topk(4), OpError, ["topk", "k (4)", "size 3"]),
+    ("dot-2d", lambda: gm.dot(_z(2, 2), _z(2)), OpError, ["dot", "1D", "(2, 2)"]),
+    ("dot-sizes", lambda: gm.dot(_z(3), _z(2)), OpError, ["dot", "(3,)", "(2,)"]),
+    ("bmm", lambda: gm.bmm(_z(2, 3, 4), _z(3, 4, 5)), OpError, ["bmm", "(2, 3, 4)", "(3, 4, 5)"]),
+    ("mv", lambda: gm.mv(_z(2, 3), _z(3, 1)), OpError, ["mv", "(3, 1)"]),
+    ("outer", lambda: gm.outer(_z(2, 3), _z(3)), OpError, ["outer", "(2, 3)"]),
+    ("matmul-inner", lambda: _z(2, 3) @ _z(2, 3), OpError, ["matmul", "(2, 3)", "3 and 2"]),
+    ("matmul-dtypes", lambda: _z(2, 3) @ gm.zeros(3, 2, dtype=gm.float64), OpError,
+     ["matmul", "float32", "float64", ".to("]),
+]
+
+
+@pytest.mark.parametrize("fn, exc, parts", [pytest.param(*e[1:], id=e[0]) for e in ERRORS])
+def test_error_names_op_and_shapes(fn, exc, parts) -> None:
+    with pytest.raises(exc) as info:
+        fn()
+    message = str(info.value)
+    missing = [p for p in parts if p not in message]
+    assert not missing, f"{missing} not in the message: {message!r}"

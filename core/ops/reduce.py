@@ -152,8 +152,7 @@ def logsumexp_p(xp, a, dim, keepdim):
     m = xp.amax(a, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0).astype(a.dtype, copy=False)
     out = xp.log(xp.sum(xp.exp(a - m), axis=axis, keepdims=True)) + m
-    return out if keepdim else out.reshape(_reduced_shape(a.shape, norm_dims(
-        "logsumexp", dim, a.ndim), False))
+    return out if keepdim else xp.squeeze(out, axis=axis)
 
 
 @logsumexp_p.defvjp

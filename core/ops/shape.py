@@ -331,8 +331,9 @@ def _index_tuple(op: str, xp, shape, indices, dims) -> tuple:
 
 def _add_at(xp, out, index, values) -> None:
     """``out[index] += values`` where repeated indices accumulate."""
-    if xp.__name__ == "numpy":
-        xp.add.at(out, index, values)
+    at = getattr(xp.add, "at", None)       # CuPy has ufunc.at from version 13
+    if at is not None:
+        at(out, index, values)
     else:
         import cupyx
         cupyx.scatter_add(out, index, values)

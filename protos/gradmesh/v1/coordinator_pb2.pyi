@@ -90,20 +90,22 @@ class StepResponse(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., batch_size: _Optional[int] = ..., micro_batches: _Optional[int] = ..., replayed: _Optional[bool] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
-    __slots__ = ("pull_seconds", "compute_seconds", "push_seconds", "apply_seconds", "total_seconds", "reassigned")
+    __slots__ = ("pull_seconds", "compute_seconds", "push_seconds", "apply_seconds", "total_seconds", "reassigned", "worker_compute_seconds")
     PULL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     APPLY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     pull_seconds: float
     compute_seconds: float
     push_seconds: float
     apply_seconds: float
     total_seconds: float
     reassigned: int
-    def __init__(self, pull_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., push_seconds: _Optional[float] = ..., apply_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., reassigned: _Optional[int] = ...) -> None: ...
+    worker_compute_seconds: float
+    def __init__(self, pull_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., push_seconds: _Optional[float] = ..., apply_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., reassigned: _Optional[int] = ..., worker_compute_seconds: _Optional[float] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("job_id", "names")
