@@ -6,7 +6,10 @@ batch 256, MSE) MLPs, in the same run:
 * ``local``: ``gradmesh.core`` training in this process (forward, backward, SGD);
 * ``1 worker`` / ``2 workers``: a :class:`~gradmesh.client.cluster.LocalCluster` (workers
   as separate processes, shards embedded in the coordinator), the global batch cut into
-  one micro-batch per worker. Workers share the machine's cores (``threads_per_worker``
+  one micro-batch per worker.
+
+The three run round-robin, one step each per round, so that load from other processes
+hits them alike. Workers share the machine's cores (``threads_per_worker``
   = cores / workers), so on a 2-core machine 2 workers cannot beat 1: the number to read
   is the overhead of the distributed path.
 
@@ -65,54 +68,78 @@ def _batch(sizes, batch, kind, seed=0):
     return x, y
 
 
-def run_local(name: str, steps: int) -> dict:
-    import gradmesh.core as gm
-    sizes, batch, kind = MODELS[name]
-    model, loss_fn = _model(sizes), _loss_fn(kind)
-    opt = gm.optim.SGD(model.parameters(), lr=LR)
-    x, y = (gm.from_numpy(a) for a in _batch(sizes, batch, kind))
-    times = []
-    for i in range(steps + 1):               # the first step warms up
+class LocalRunner:
+    """Training in this process: forward, backward, SGD."""
+
+    def __init__(self, name: str):
+        import gradmesh.core as gm
+        sizes, self.batch, kind = MODELS[name]
+        self.model, self.loss_fn = _model(sizes), _loss_fn(kind)
+        self.opt = gm.optim.SGD(self.model.parameters(), lr=LR)
+        self.x, self.y = (gm.from_numpy(a) for a in _batch(sizes, self.batch, kind))
+
+    def step(self) -> tuple[float, dict]:
         t = time.perf_counter()
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - t)
-    step = statistics.median(times)
-    return {"step_seconds": step, "samples_per_second": batch / step}
+        self.opt.zero_grad()
+        self.loss_fn(self.model, self.x, self.y).backward()
+        self.opt.step()
+        return time.perf_counter() - t, {}
 
 
-def run_distributed(name: str, workers: int, steps: int) -> dict:
-    import gradmesh.core as gm
-    from gradmesh.client.cluster import LocalCluster
-    sizes, batch, kind = MODELS[name]
-    model, loss_fn = _model(sizes), _loss_fn(kind)
-    x, y = _batch(sizes, batch, kind)
-    cores = os.cpu_count() or 1
-    with LocalCluster(workers=workers, shards=0, checkpoint_every=0,
-                      threads_per_worker=max(1, cores // workers)) as cluster:
-        client = cluster.client()
-        job = client.create_job(model, loss_fn, gm.optim.SGD(model.parameters(), lr=LR),
-                                micro_batch_size=-(-batch // workers),
-                                example_batch=(x[:4], y[:4]), data_names=["x", "y"])
-        rows = []
+class ClusterRunner:
+    """A LocalCluster of ``workers`` worker processes with embedded shards."""
+
+    def __init__(self, name: str, workers: int, stack):
+        import gradmesh.core as gm
+        from gradmesh.client.cluster import LocalCluster
+        sizes, self.batch, kind = MODELS[name]
+        model, loss_fn = _model(sizes), _loss_fn(kind)
+        self.x, self.y = _batch(sizes, self.batch, kind)
+        cores = os.cpu_count() or 1
+        cluster = stack.enter_context(LocalCluster(
+            workers=workers, shards=0, checkpoint_every=0,
+            threads_per_worker=max(1, cores // workers)))
+        self.job = cluster.client().create_job(
+            model, loss_fn, gm.optim.SGD(model.parameters(), lr=LR),
+            micro_batch_size=-(-self.batch // workers), example_batch=(self.x[:4], self.y[:4]),
+            data_names=["x", "y"])
+
+    def step(self) -> tuple[float, dict]:
+        t = time.perf_counter()
+        r = self.job.step(self.x, self.y)
+        return time.perf_counter() - t, r.timings
+
+
+def measure(name: str, steps: int) -> dict:
+    """Round-robin over local, 1 worker and 2 workers (one step each per round), so that
+    load from other processes hits all three alike; medians of ``steps`` rounds after one
+    warm-up round."""
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        runners = {"local": LocalRunner(name), "1_worker": ClusterRunner(name, 1, stack),
+                   "2_worker": ClusterRunner(name, 2, stack)}
+        rows: dict[str, list] = {k: [] for k in runners}
         for i in range(steps + 1):
-            t = time.perf_counter()
-            r = job.step(x, y)
-            wall = time.perf_counter() - t
-            if i:
-                rows.append((wall, r.timings))
-    med = lambda key: statistics.median(t[key] for _, t in rows)  # noqa: E731
-    wall = statistics.median(w for w, _ in rows)
-    total = med("total")
-    parts = {"pull": med("pull"), "compute": med("compute"),
-             "worker_compute": med("worker_compute"), "push": med("push"),
-             "apply": med("apply")}
-    parts["coordinator_other"] = max(0.0, total - parts["pull"] - parts["compute"]
-                                     - parts["apply"])
-    parts["client_round_trip"] = max(0.0, wall - total)
-    return {"step_seconds": wall, "samples_per_second": batch / wall, "breakdown": parts}
+            for key, runner in runners.items():
+                wall, timings = runner.step()
+                if i:
+                    rows[key].append((wall, timings))
+    batch = MODELS[name][1]
+    out = {}
+    for key, rs in rows.items():
+        wall = statistics.median(w for w, _ in rs)
+        out[key] = {"step_seconds": wall, "samples_per_second": batch / wall}
+        if key == "local":
+            continue
+        med = lambda k: statistics.median(t[k] for _, t in rs)  # noqa: E731
+        parts = {"pull": med("pull"), "compute": med("compute"),
+                 "worker_compute": med("worker_compute"), "push": med("push"),
+                 "apply": med("apply")}
+        parts["coordinator_other"] = max(0.0, med("total") - parts["pull"] - parts["compute"]
+                                         - parts["apply"])
+        parts["client_round_trip"] = max(0.0, wall - med("total"))
+        out[key]["breakdown"] = parts
+    return out
 
 
 def main(argv=None) -> int:
@@ -129,9 +156,7 @@ def main(argv=None) -> int:
         if name not in MODELS:
             p.error(f"unknown model {name!r}; expected {sorted(MODELS)}")
         steps = args.steps or (3 if args.quick else (20 if name == "medium" else 6))
-        r = {"local": run_local(name, steps)}
-        for workers in (1, 2):
-            r[f"{workers}_worker"] = run_distributed(name, workers, steps)
+        r = measure(name, steps)
         local = r["local"]["samples_per_second"]
         for key in ("1_worker", "2_worker"):
             r[key]["vs_local"] = r[key]["samples_per_second"] / local

@@ -39,7 +39,7 @@ from gradmesh.client import WorkerClient  # noqa: E402
 from gradmesh.core import nn  # noqa: E402
 from gradmesh.server import runtime  # noqa: E402
 from gradmesh.server import worker as worker_mod  # noqa: E402
-from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
+from gradmesh.v1 import graph_pb2, tensor_pb2  # noqa: E402
 
 MiB = 1 << 20
 ECHO_SERVICE = "gradmesh.bench.Echo"

@@ -586,6 +586,7 @@ def test_compose_cluster_trains(monkeypatch, free_port):
                 assert np.isfinite(resumed.step(x, y).loss)
                 assert resumed.status().version == 6
         except BaseException:
-            stdout, stderr = compose.get_logs()
-            print(stdout[-20000:], stderr[-5000:], sep="\n", file=sys.stderr)
+            with contextlib.suppress(Exception):     # the logs explain most failures
+                stdout, stderr = compose.get_logs()
+                print(stdout[-20000:], stderr[-5000:], sep="\n", file=sys.stderr)
             raise

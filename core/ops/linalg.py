@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ..registry import OpError, Spec, broadcast_shapes, defop, fmt
-from .. import dtypes
 from ..functional import matmul, mm, reshape, sum, unsqueeze, squeeze
 
 

@@ -84,7 +84,8 @@ SPECS = [
     OpSpec("pow-float-scalar", ("pow",), lambda gm, a: a ** 0.5, lambda torch, a: a ** 0.5,
            UNARY, domain=(0.5, 2.0)),
     OpSpec("rpow-scalar", ("pow",), lambda gm, a: 2.0 ** a, lambda torch, a: 2.0 ** a, UNARY),
-    OpSpec("maximum-scalar", ("maximum",), lambda gm, a: gm.maximum(a, gm.tensor(0.5, device=a.device)),
+    OpSpec("maximum-scalar", ("maximum",),
+           lambda gm, a: gm.maximum(a, gm.tensor(0.5, device=a.device)),
            lambda torch, a: torch.maximum(a, torch.tensor(0.5)), UNARY[:1]),
 
     # ---------------------------------------------- int tensors mixing with floats ----
