@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -129,6 +128,11 @@ def load_healthcheck():
 
 
 def pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:                             # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml needs "
+                                      "Python 3.11+ or tomli")
     with open(ROOT / "pyproject.toml", "rb") as f:
         return tomllib.load(f)
 
