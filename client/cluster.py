@@ -136,12 +136,15 @@ class LocalCluster:
     ``threads_per_worker``: BLAS/OpenMP threads of each worker (default: NumPy's own
     choice); workers of one cluster always get the same count, as determinism requires.
     ``coordinator_args``: extra flags for ``gradmesh coordinator``.
+    ``max_message_bytes``: every server's unary message limit (default the servers' own);
+    the coordinator sends a worker call unary when it fits in half of it, else streams it.
     """
 
     def __init__(self, workers: int = 2, shards: int = 0, *, state_dir: str | None = None,
                  threads_per_worker: int | None = None, checkpoint_every: int = 10,
                  coordinator_args: Sequence[str] = (), log_dir: str | None = None,
-                 startup_timeout: float = 60.0, grace: float = 10.0):
+                 max_message_bytes: int | None = None, startup_timeout: float = 60.0,
+                 grace: float = 10.0):
         if workers < 0 or shards < 0:
             raise ValueError("workers and shards must be >= 0")
         self.n_workers = workers
@@ -151,6 +154,7 @@ class LocalCluster:
         self.checkpoint_every = checkpoint_every
         self.coordinator_args = list(coordinator_args)
         self.startup_timeout = startup_timeout
+        self.max_message_bytes = max_message_bytes
         self.grace = grace
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="gradmesh-cluster-")
         self.log_dir = log_dir or self._tmp.name
@@ -172,6 +176,8 @@ class LocalCluster:
 
     def _server(self, role: str, args: list[str], index: int | None = None) -> ServerProcess:
         name = role if index is None else f"{role}-{index}"
+        if self.max_message_bytes:
+            args = ["--max-message-bytes", str(self.max_message_bytes), *args]
         return ServerProcess(role, args, os.path.join(self.log_dir, f"{name}.log"))
 
     def start(self) -> "LocalCluster":

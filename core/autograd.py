@@ -147,7 +147,9 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
 
     # Non-leaf captured tensors: their total gradient is what reaches their node.
     capture_nodes = {id(t.grad_fn): t for t in capture or () if t.grad_fn is not None}
-    assigned: dict[int, Tensor] = {}
+    # The memory of the gradients handed out so far, by id (held, so that ids stay unique):
+    # the caller's grad_outputs first, so that no .grad aliases them either.
+    assigned = {id(m): m for m in map(_memory_owner, grad_outputs)}
     with _engine_mode(create_graph):
         for node in _topo_order(roots):
             g = pending.pop(id(node), None)
@@ -160,32 +162,38 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
                     "values of the graph are freed when you call .backward() or "
                     "autograd.grad(). Specify retain_graph=True if you need to backward "
                     "through the graph a second time.")
-            t_node = capture_nodes.get(id(node))
-            if t_node is not None:
-                captured[id(t_node)] = g
+            if capture_nodes:
+                t_node = capture_nodes.get(id(node))
+                if t_node is not None:
+                    captured[id(t_node)] = g
             op = node.op
-            if op.vjp is None:
+            vjp = op.vjp
+            if vjp is None:
                 raise RuntimeError(f"{op.name}: no derivative is defined for this op")
+            inputs = node.inputs
             out = Tensor._from_node(node) if op.saves_out else None
-            grads = op.vjp(g, out, *node.inputs, **node.attrs)
-            if len(grads) != len(node.inputs):
+            grads = vjp(g, out, *inputs, **node.attrs)
+            if len(grads) != len(inputs):
                 raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "
-                                   f"{len(node.inputs)} inputs")
-            for t, gi in zip(node.inputs, grads):
+                                   f"{len(inputs)} inputs")
+            for t, gi in zip(inputs, grads):
                 if gi is None or not t.requires_grad:
                     continue
                 gi = _reduce_grad(gi, t)
                 child = t.grad_fn
-                if id(t) in capture_ids and child is None:
-                    captured[id(t)] = gi if id(t) not in captured else captured[id(t)] + gi
                 if child is None:
-                    if accumulate and not capture_ids:
+                    if capture_ids:
+                        if id(t) in capture_ids:
+                            prev = captured.get(id(t))
+                            captured[id(t)] = gi if prev is None else prev + gi
+                    elif accumulate:
                         _accumulate_leaf(t, gi, assigned)
                     continue
-                if t._retains_grad and accumulate:
+                if accumulate and t._retains_grad:
                     _accumulate_leaf(t, gi, assigned)
                 key = id(child)
-                pending[key] = gi if key not in pending else pending[key] + gi
+                prev = pending.get(key)
+                pending[key] = gi if prev is None else prev + gi
             if not retain_graph:
                 node.release()
     return captured
@@ -199,12 +207,31 @@ def _accumulate_leaf(t, g, assigned: dict) -> None:
         # by the next one, which would then be copied for nothing.
         # A view (expand's read-only broadcast, a reshape of another leaf's gradient) is
         # copied too: ``.grad`` must be writable and alias nothing (``x.grad.zero_()``).
-        if id(g) in assigned or g._data.base is not None:
+        # So memory is tracked by its owner (a view's base): a view of a fresh array that
+        # nothing else holds (a weight's gradient, transposed back by permute's vjp) is
+        # kept without a copy, which on a large model is most of the gradient memory.
+        data = g._data
+        owner = data if data.base is None else data.base
+        if id(owner) in assigned or not _writable(data):
             g = g.clone() if is_grad_enabled() else g.detach().clone()
-        assigned[id(g)] = g
+            owner = g._data
+        assigned[id(owner)] = owner
         t.grad = g if is_grad_enabled() else g.detach()
     else:
         t.grad = t.grad + g if is_grad_enabled() else (t.grad.detach() + g.detach())
+
+
+def _writable(data) -> bool:
+    """False for read-only arrays and for broadcast views (one element at several places)."""
+    if not getattr(data.flags, "writeable", True):
+        return False
+    return 0 not in data.strides or all(n <= 1 for n, st in zip(data.shape, data.strides)
+                                        if st == 0)
+
+
+def _memory_owner(t):
+    data = t._data
+    return data if data.base is None else data.base
 
 
 @contextmanager

@@ -739,12 +739,16 @@ def _nll_parts(xp, logp, target, weight, ignore_index, label_smoothing):
     valid = target != ignore_index
     safe = xp.where(valid, target, 0)
     classes = logp.shape[1]
-    if safe.size and (int(safe.min()) < 0 or int(safe.max()) >= classes):
-        bad = int(safe.min()) if int(safe.min()) < 0 else int(safe.max())
+    lo, hi = (int(safe.min()), int(safe.max())) if safe.size else (0, 0)
+    if lo < 0 or hi >= classes:
+        bad = lo if lo < 0 else hi
         raise IndexError(f"nll_loss: target {bad} is out of bounds for {classes} classes; "
                          f"targets must be in [0, {classes}) or equal ignore_index "
                          f"({ignore_index})")
-    picked = xp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
+    if logp.ndim == 2:      # fancy indexing: take_along_axis costs ~10 us more per call
+        picked = logp[xp.arange(logp.shape[0]), safe]
+    else:
+        picked = xp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
     wt = valid.astype(logp.dtype)
     if weight is not None:
         wt *= xp.take(weight, safe)
