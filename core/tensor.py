@@ -659,6 +659,16 @@ def _swap(fn):
     return lambda self, other: fn(other, self)
 
 
+def _setitem(self: Tensor, index, value) -> None:
+    """``x[index] = value`` in place, outside autograd (as for the other in-place ops)."""
+    self._check_inplace(value)
+    if isinstance(index, Tensor):
+        index = index._data
+    elif isinstance(index, tuple):
+        index = tuple(i._data if isinstance(i, Tensor) else i for i in index)
+    self._data[index] = value._data if isinstance(value, Tensor) else value
+
+
 def _install_methods() -> None:
     T = Tensor
     T.__add__ = lambda s, o: F.add(s, o)
@@ -686,6 +696,7 @@ def _install_methods() -> None:
     T.__or__ = lambda s, o: F.logical_or(s, o)
     T.__invert__ = lambda s: F.logical_not(s)
     T.__getitem__ = lambda s, index: F.getitem(s, index)
+    T.__setitem__ = _setitem
     # Methods with the same name and signature as the functions.
     for name in METHODS:
         fn = getattr(F, name, None)
@@ -704,5 +715,5 @@ METHODS = (
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
     "leaky_relu", "gelu", "softplus", "cumsum", "t", "diagonal", "outer", "dot",
     "scatter_add", "index_add", "nonzero", "topk", "sort", "argsort", "where", "allclose",
-    "equal", "isclose", "unbind",
+    "equal", "isclose", "unbind", "select", "movedim", "bmm", "mv",
 )

@@ -346,3 +346,16 @@ def test_promotion_table_agrees_with_torch_result_type() -> None:
                 r = torch.ones([2] * a_dim, dtype=ta) + torch.ones([2] * b_dim, dtype=tb)
                 assert x.dtype.name == str(r.dtype).removeprefix("torch."), \
                     (a_name, a_dim, b_name, b_dim)
+
+
+def test_setitem_writes_in_place_and_refuses_tensors_that_require_grad():
+    x = gm.arange(6.0).reshape(2, 3)
+    x[x > 2] = 0.0
+    x[0, 1] = gm.tensor(7.0)
+    assert x.tolist() == [[0.0, 7.0, 2.0], [0.0, 0.0, 0.0]]
+    w = gm.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="in-place"):
+        w[0] = 5.0
+    with gm.no_grad():
+        w[0] = 5.0
+    assert w.tolist() == [5.0, 1.0, 1.0]

@@ -560,7 +560,8 @@ def _infer_max_pool_pair(op):
         if tuple(a.shape) != want:
             raise OpError(f"{op}: first input of shape {fmt(a.shape)} does not match "
                           f"{fmt(want)} for an input of shape {fmt(x.shape)}")
-        return Spec(tuple(x.shape) if op == "max_pool2d_grad" else want, a.dtype)
+        pooled = tuple(x.shape[:2]) + (ho, wo)
+        return Spec(tuple(x.shape) if op == "max_pool2d_grad" else pooled, a.dtype)
     return infer
 
 

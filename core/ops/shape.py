@@ -100,8 +100,9 @@ def _(g, out, a, shape):
 
 # ======================================================================== slicing ======
 # A basic index (ints, slices with steps) is one ``slice`` node whose attributes are plain
-# ints, so that it can cross the network: per dim a start, a stop and a positive step, all
-# already resolved against the shape (0 <= start <= stop <= size).
+# ints, so that it can cross the network: per dim a start, a stop and a positive step,
+# resolved against the shape (0 <= start <= stop); a stop past the end is clamped, as in
+# Python, so that "to the end" of a batch dimension does not depend on the batch size.
 
 def _sliced_shape(op: str, shape, starts, stops, steps) -> tuple:
     n = len(shape)
@@ -114,6 +115,7 @@ def _sliced_shape(op: str, shape, starts, stops, steps) -> tuple:
         if step < 1:
             raise OpError(f"{op}: step must be greater than zero, got {step} in dimension {d}; "
                           f"use flip() to reverse a tensor")
+        stop = min(stop, size) if size >= 0 else stop   # past the end: clamped, as in Python
         if not 0 <= start <= stop <= size:
             raise OpError(f"{op}: slice {start}:{stop} is out of range for dimension {d} of "
                           f"size {size} (shape {fmt(shape)}); expected 0 <= start <= stop "
