@@ -40,9 +40,9 @@ class Model:
 
 
 MODELS = (
-    Model("small", (64, 128, 10), 64, "ce", reps=60, steps=50),
-    Model("medium", (784, 512, 512, 10), 128, "ce", reps=40, steps=8),
-    Model("large", (1024, 4096, 4096, 1024), 256, "mse", reps=14, steps=1),
+    Model("small", (64, 128, 10), 64, "ce", reps=100, steps=50),
+    Model("medium", (784, 512, 512, 10), 128, "ce", reps=80, steps=8),
+    Model("large", (1024, 4096, 4096, 1024), 256, "mse", reps=20, steps=1),
 )
 
 
@@ -70,7 +70,7 @@ def make_batch(m: Model, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------ gradmesh ------
 
-def gradmesh_step(m: Model, params, x, y) -> Callable[[], float]:
+def gradmesh_step(m: Model, params, x, y) -> Callable[[], object]:
     import gradmesh.core as gm
     from gradmesh.core import nn, optim
     import gradmesh.core.nn.functional as F
@@ -89,7 +89,7 @@ def gradmesh_step(m: Model, params, x, y) -> Callable[[], float]:
     xt, yt = gm.from_numpy(x), gm.from_numpy(y)
     loss_fn = F.cross_entropy if m.loss == "ce" else F.mse_loss
 
-    def step() -> float:
+    def step():
         opt.zero_grad()
         loss = loss_fn(model(xt), yt)
         loss.backward()
@@ -101,7 +101,7 @@ def gradmesh_step(m: Model, params, x, y) -> Callable[[], float]:
 
 # --------------------------------------------------------------------------- torch ------
 
-def torch_step(m: Model, params, x, y) -> Callable[[], float]:
+def torch_step(m: Model, params, x, y) -> Callable[[], object]:
     import torch
     from torch import nn
     import torch.nn.functional as F
@@ -202,6 +202,8 @@ def check_agreement(m: Model) -> dict[str, float]:
 
 def bench(m: Model, reps: int, steps: int) -> dict[str, float]:
     """Median milliseconds per step of each implementation, interleaved round-robin."""
+    # Each step is timed on its own and the median taken: the machine may be shared, and
+    # a median ignores the steps that a neighbour's burst (or a GC pass) lands on.
     params, (x, y) = init_params(m), make_batch(m)
     steps_of = {name: make(m, params, x, y) for name, make in IMPLEMENTATIONS.items()}
     for step in steps_of.values():          # warm-up: allocator, BLAS threads, caches
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if m.name not in wanted:
             continue
         check_agreement(m)
-        reps = max(3, m.reps // 6) if args.quick else m.reps
+        reps = max(4, m.reps // 8) if args.quick else m.reps
         ms = bench(m, reps, m.steps)
         rows.append({"model": m.name, "sizes": list(m.sizes), "batch": m.batch, "loss": m.loss,
                      "steps_timed": reps * m.steps, **{f"{k}_ms": v for k, v in ms.items()},

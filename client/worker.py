@@ -28,7 +28,7 @@ import numpy as np
 
 from gradmesh.client import errors
 from gradmesh.core import serialize
-from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
+from gradmesh.v1 import graph_pb2, worker_pb2, worker_pb2_grpc
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -142,6 +142,13 @@ class WorkerClient:
                 creds = tls
             self.channel = grpc.secure_channel(target, creds, options=opts)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        # Tensors travel as pre-encoded bytes (serialize.encode_tensor_field and the chunk
+        # codec): protobuf objects would copy every tensor several times.
+        self._unary_call = self.channel.unary_unary(
+            "/gradmesh.v1.Worker/ComputeGradients",
+            request_serializer=serialize.serialize_message,
+            response_deserializer=worker_pb2.ComputeGradientsResponse.FromString,
+            _registered_method=True)
         self._stream_call = self.channel.stream_stream(
             "/gradmesh.v1.Worker/ComputeGradientsStream",
             request_serializer=serialize_stream_frame,
@@ -200,7 +207,9 @@ class WorkerClient:
     def trace(self, fn: Callable, params, *data) -> tuple[graph_pb2.Graph, str]:
         """The graph of ``fn(params, *data)`` for these shapes and dtypes (cached) and its id."""
         pairs = [(n, _array(p)) for n, p in _named_params(params)]
-        arrays = [_array(d) for d in data]
+        return self._traced_graph(fn, params, data, pairs, [_array(d) for d in data])
+
+    def _traced_graph(self, fn, params, data, pairs, arrays) -> tuple[graph_pb2.Graph, str]:
         sig = _signature(pairs, arrays)
         try:
             cache = self._traced.setdefault(fn, {})
@@ -232,37 +241,39 @@ class WorkerClient:
         or a dict name -> array/Tensor. ``data``: arrays/Tensors for the graph's DATA
         inputs, in order. ``gradients``: parameter names (default all).
         """
+        param_arrays = [(n, _array(p)) for n, p in _named_params(params)]
+        arrays = [_array(d) for d in data]
         if isinstance(fn_or_graph, graph_pb2.Graph):
             from gradmesh.core import graph as core_graph
             graph, graph_id = fn_or_graph, core_graph.graph_id(fn_or_graph)
         elif callable(fn_or_graph):
-            graph, graph_id = self.trace(fn_or_graph, params, *data)
+            graph, graph_id = self._traced_graph(fn_or_graph, params, data, param_arrays,
+                                                 arrays)
         else:
             raise TypeError("fn_or_graph must be a function or a graph_pb2.Graph")
-        if graph is not None and graph_id not in self._registered:
+        if graph_id not in self._registered:
             self.register_graph(graph, timeout)
 
-        request = worker_pb2.ComputeGradientsRequest(
-            graph_id=graph_id, gradients=list(gradients or ()), outputs=list(outputs),
-            loss_scale=loss_scale, seed=seed)
-        param_arrays = [(n, _array(p)) for n, p in _named_params(params)]
-        data_names = _data_names(graph, len(data))
-        data_arrays = [(n, _array(d)) for n, d in zip(data_names, data)]
+        data_arrays = list(zip(_data_names(graph, len(data)), arrays))
         total = sum(a.nbytes for _, a in param_arrays) + sum(a.nbytes for _, a in data_arrays)
         streamed = total > self.stream_threshold
+        # Fields 1 and 5-8 of the request; the tensors (fields 3, 4) go between them.
+        head = worker_pb2.ComputeGradientsRequest(graph_id=graph_id).SerializeToString()
+        tail = worker_pb2.ComputeGradientsRequest(
+            gradients=list(gradients or ()), outputs=list(outputs), loss_scale=loss_scale,
+            seed=seed).SerializeToString()
 
         def attempt(**kw):
             if streamed:
-                return self._stream(request, param_arrays, data_arrays, **kw)
+                return self._stream(head, tail, param_arrays, data_arrays, **kw)
+            pieces = [head]
             for n, a in param_arrays:
-                _fill(request.parameters.add(name=n).tensor, a)
+                pieces += serialize.encode_tensor_field(3, a, n)
             for n, a in data_arrays:
-                _fill(request.data.add(name=n).tensor, a)
-            try:
-                return _unary_result(self.stub.ComputeGradients(request, **kw))
-            finally:
-                del request.parameters[:]
-                del request.data[:]
+                pieces += serialize.encode_tensor_field(4, a, n)
+            pieces.append(tail)
+            # The one copy of the tensors' bytes before gRPC's own.
+            return _unary_result(self._unary_call(b"".join(pieces), **kw))
 
         start = time.perf_counter()
         try:
@@ -279,10 +290,8 @@ class WorkerClient:
             _to_tensors(result)
         return result
 
-    def _stream(self, request: worker_pb2.ComputeGradientsRequest, params, data,
-                **kw) -> GradientResult:
-        header = worker_pb2.ComputeGradientsRequest()
-        header.CopyFrom(request)
+    def _stream(self, head: bytes, tail: bytes, params, data, **kw) -> GradientResult:
+        header = worker_pb2.ComputeGradientsRequest.FromString(head + tail)
         for n, a in params:
             header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
         for n, a in data:
@@ -291,10 +300,8 @@ class WorkerClient:
         chunk_bytes = self.chunk_bytes
 
         def frames() -> Iterator[worker_pb2.StreamFrame | bytes]:
-            first = worker_pb2.StreamFrame()
-            first.request.CopyFrom(header)
-            yield first
-            yield from _chunk_frames(arrays, chunk_bytes)
+            yield worker_pb2.StreamFrame(request=header)
+            yield from serialize.chunk_frames(arrays, chunk_bytes)
 
         replies = self._stream_call(frames(), **kw)
         first = next(replies, None)
@@ -306,6 +313,10 @@ class WorkerClient:
         assembler = serialize.Assembler(resp, max_total_bytes=1 << 62,
                                         tensor_fields=("loss", "outputs", "gradients"))
         for frame in replies:
+            if frame.WhichOneof("kind") != "chunk":
+                raise errors.GradmeshError(grpc.StatusCode.INTERNAL, "the worker sent a "
+                                           "second header in its stream", None,
+                                           "ComputeGradientsStream")
             assembler.add(frame.chunk)
         arrays_out = assembler.finish()
         loss = arrays_out[0]
@@ -339,117 +350,11 @@ def _data_names(graph: graph_pb2.Graph, n: int) -> list[str]:
     return names
 
 
-def _fill(t: tensor_pb2.Tensor, array: np.ndarray) -> None:
-    """Set a Tensor message in place (one copy of the bytes, none through a temporary)."""
-    t.CopyFrom(serialize.to_proto(array, data=False))
-    t.data = serialize.tensor_buffer(array).tobytes()
-
-
-# ---------------------------------------------------------------------------------------
-# Stream frames: a codec for the StreamFrame messages of ComputeGradientsStream that is
-# byte-for-byte protobuf's, but copies a chunk's bytes once instead of four times (Python
-# protobuf copies on field assignment, serialization, parsing and field access), which
-# more than doubles streaming throughput. Header frames go through protobuf as usual.
-# The worker's server uses the same codec.
-# ---------------------------------------------------------------------------------------
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def encode_chunk_frame(index: int, offset: int, data) -> bytes:
-    """``StreamFrame{chunk: Chunk{tensor_index, offset, data}}`` serialized (as protobuf
-    would write it, default-valued fields omitted), with one copy of ``data``."""
-    n = len(data)
-    head = (b"\x08" + _varint(index) if index else b"") + \
-        (b"\x10" + _varint(offset) if offset else b"") + \
-        (b"\x1a" + _varint(n) if n else b"")
-    return b"".join((b"\x1a", _varint(len(head) + n), head, data))
-
-
-def serialize_stream_frame(frame) -> bytes:
-    """gRPC serializer: pre-encoded chunk frames (bytes) as they are, messages by protobuf."""
-    return frame if isinstance(frame, bytes) else frame.SerializeToString()
-
-
-class ChunkView:
-    """A parsed Chunk whose ``data`` is a memoryview into the received message (no copy)."""
-    __slots__ = ("tensor_index", "offset", "data")
-
-    def __init__(self, tensor_index: int, offset: int, data: memoryview):
-        self.tensor_index = tensor_index
-        self.offset = offset
-        self.data = data
-
-
-class ChunkFrame:
-    """A parsed chunk StreamFrame; quacks like ``worker_pb2.StreamFrame`` for readers."""
-    __slots__ = ("chunk",)
-
-    def __init__(self, chunk: ChunkView):
-        self.chunk = chunk
-
-    def WhichOneof(self, _name: str) -> str:  # noqa: N802  (protobuf's spelling)
-        return "chunk"
-
-
-def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while pos < end and shift < 64:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-    raise ValueError("truncated varint")
-
-
-def decode_stream_frame(buf: bytes):
-    """gRPC deserializer: a chunk frame as a :class:`ChunkFrame` over ``buf`` without copying
-    its data; any other frame (or any encoding the fast path does not expect) by protobuf,
-    so every valid message is read exactly as protobuf reads it."""
-    try:
-        if buf[:1] == b"\x1a":
-            size, pos = _read_varint(buf, 1, len(buf))
-            end = pos + size
-            if end == len(buf):
-                index = offset = 0
-                data = memoryview(b"")
-                while pos < end:
-                    tag, pos = _read_varint(buf, pos, end)
-                    if tag == 0x08:
-                        index, pos = _read_varint(buf, pos, end)
-                    elif tag == 0x10:
-                        offset, pos = _read_varint(buf, pos, end)
-                    elif tag == 0x1a:
-                        n, pos = _read_varint(buf, pos, end)
-                        if pos + n > end:
-                            raise ValueError("truncated data")
-                        data = memoryview(buf)[pos:pos + n]
-                        pos += n
-                    else:
-                        raise ValueError("unexpected field")
-                if index < 1 << 32:
-                    return ChunkFrame(ChunkView(index, offset, data))
-    except ValueError:
-        pass
-    return worker_pb2.StreamFrame.FromString(buf)
-
-
-def _chunk_frames(arrays, chunk_bytes: int) -> Iterator[bytes]:
-    """Encoded chunk frames for ``arrays`` in order (tensor.proto's Chunk)."""
-    for index, array in enumerate(arrays):
-        view = serialize.tensor_buffer(array)
-        for offset in range(0, view.nbytes, chunk_bytes):
-            yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes])
+# The stream's frame codec lives with the rest of the wire format in core/serialize.py;
+# these names stay importable from here.
+encode_chunk_frame = serialize.encode_chunk_frame
+decode_stream_frame = serialize.decode_stream_frame
+serialize_stream_frame = serialize.serialize_message
 
 
 def _timings(resp: worker_pb2.ComputeGradientsResponse) -> dict[str, float]:

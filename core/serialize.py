@@ -84,6 +84,8 @@ def _wire_np(dtype: dtypes.DType) -> np.dtype:
 def _host_array(x) -> np.ndarray:
     """``x`` (NumPy, CuPy or gradmesh Tensor) as a host NumPy array, without copying a
     NumPy array."""
+    if isinstance(x, np.ndarray):
+        return x
     from .tensor import Tensor
     if isinstance(x, Tensor):
         x = x._data
@@ -403,3 +405,166 @@ class Assembler:
             if a.size:
                 t.data = a.tobytes()
         return self.header
+
+
+# ---------------------------------------------------------------------------------------
+# Wire codec: protobuf's own encoding, written without protobuf objects for tensor bytes.
+# Python protobuf copies a bytes field on assignment, on serialization, on parsing and on
+# access; these functions copy tensor bytes once per side instead. Everything else (the
+# small header messages) still goes through protobuf, so every valid message is read and
+# written exactly as protobuf does (tests compare bytes with protobuf's serializer).
+# ---------------------------------------------------------------------------------------
+
+_SMALL_VARINTS = [bytes([n]) for n in range(128)]
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int (negative int64: two's complement)."""
+    if 0 <= n < 128:
+        return _SMALL_VARINTS[n]
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while n > 127:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def encode_chunk_frame(index: int, offset: int, data) -> bytes:
+    """``StreamFrame{chunk: Chunk{tensor_index, offset, data}}`` serialized exactly as
+    protobuf writes it (default-valued fields omitted), copying ``data`` (any buffer, e.g.
+    a memoryview slice of an array) once."""
+    n = len(data)
+    head = (b"\x08" + _varint(index) if index else b"") + \
+        (b"\x10" + _varint(offset) if offset else b"") + \
+        (b"\x1a" + _varint(n) if n else b"")
+    return b"".join((b"\x1a", _varint(len(head) + n), head, data))
+
+
+def chunk_frames(arrays: Iterable, chunk_bytes: int) -> Iterator[bytes]:
+    """Encoded chunk frames of ``arrays`` (header order, see tensor.proto's Chunk): each
+    frame reads its piece straight from the array's memory."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    for index, array in enumerate(arrays):
+        view = array if isinstance(array, memoryview) else tensor_buffer(array)
+        for offset in range(0, view.nbytes, chunk_bytes):
+            yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes])
+
+
+def serialize_message(message) -> bytes:
+    """gRPC serializer that passes pre-encoded bytes through and serializes messages."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class ChunkView:
+    """A parsed Chunk whose ``data`` is a memoryview into the received frame (no copy)."""
+    __slots__ = ("tensor_index", "offset", "data")
+
+    def __init__(self, tensor_index: int, offset: int, data: memoryview):
+        self.tensor_index = tensor_index
+        self.offset = offset
+        self.data = data
+
+
+class ChunkFrame:
+    """A parsed chunk StreamFrame; reads like ``worker_pb2.StreamFrame`` for its users."""
+    __slots__ = ("chunk",)
+
+    def __init__(self, chunk: ChunkView):
+        self.chunk = chunk
+
+    def WhichOneof(self, _name: str) -> str:  # noqa: N802  (protobuf's spelling)
+        return "chunk"
+
+
+def _parse_chunk_frame(buf) -> ChunkFrame | None:
+    """The chunk of a frame in the encoding ``encode_chunk_frame`` writes (any field order,
+    default fields omitted or not); None for anything else."""
+    if buf[:1] != b"\x1a":
+        return None
+    size, pos = _read_varint(buf, 1, len(buf))
+    end = pos + size
+    if end != len(buf):
+        return None                  # a second field after the chunk: let protobuf merge
+    index = offset = 0
+    data = memoryview(b"")
+    seen = set()
+    while pos < end:
+        tag, pos = _read_varint(buf, pos, end)
+        if tag in seen:
+            return None              # repeated field: protobuf's last-wins, leave it to it
+        seen.add(tag)
+        if tag == 0x08:
+            index, pos = _read_varint(buf, pos, end)
+        elif tag == 0x10:
+            offset, pos = _read_varint(buf, pos, end)
+        elif tag == 0x1a:
+            n, pos = _read_varint(buf, pos, end)
+            if pos + n > end:
+                raise ValueError("truncated data")
+            data = memoryview(buf)[pos:pos + n]
+            pos += n
+        else:
+            return None
+    if index >= 1 << 32 or offset >= 1 << 64:
+        return None
+    return ChunkFrame(ChunkView(index, offset, data))
+
+
+def decode_stream_frame(buf: bytes):
+    """gRPC deserializer for ``StreamFrame``: a chunk frame as a :class:`ChunkFrame` whose
+    data is a view of ``buf`` (no copy); any other frame, or an encoding the fast path does
+    not expect, by protobuf, so every valid message means what protobuf says it means."""
+    try:
+        frame = _parse_chunk_frame(buf)
+    except ValueError:
+        frame = None
+    if frame is not None:
+        return frame
+    from gradmesh.v1 import worker_pb2
+    return worker_pb2.StreamFrame.FromString(buf)
+
+
+def _tensor_body(wire_dtype: int, shape: Sequence[int], nbytes: int) -> bytes:
+    """A Tensor message's bytes up to its data's payload (dtype, packed shape, data tag)."""
+    head = b"\x08" + _varint(wire_dtype) if wire_dtype else b""
+    if shape:
+        dims = b"".join(_varint(int(s)) for s in shape)
+        head += b"\x12" + _varint(len(dims)) + dims
+    if nbytes:
+        head += b"\x1a" + _varint(nbytes)
+    return head
+
+
+def encode_tensor_field(field_number: int, x, name: str | None = None) -> list:
+    """The pieces (bytes and one memoryview of ``x``'s memory) of one occurrence of a
+    ``Tensor`` field, or of a ``NamedTensor`` field when ``name`` is given, numbered
+    ``field_number`` in the enclosing message: ``b"".join`` of the pieces is exactly what
+    protobuf writes for ``to_proto(x)`` (wrapped in ``NamedTensor(name=name, tensor=...)``),
+    and joining copies the array's bytes once."""
+    a, dtype = _wire_array(x)
+    data = memoryview(a).cast("B") if a.size else b""
+    body = _tensor_body(DTYPE_TO_PROTO[dtype], a.shape, len(data))
+    tensor_len = len(body) + len(data)
+    if name is None:
+        return [_varint(field_number << 3 | 2) + _varint(tensor_len) + body, data]
+    name_b = name.encode()
+    named = (b"\x0a" + _varint(len(name_b)) + name_b if name_b else b"") + \
+        b"\x12" + _varint(tensor_len)
+    return [_varint(field_number << 3 | 2) + _varint(len(named) + tensor_len) + named + body,
+            data]

@@ -33,7 +33,6 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
 from gradmesh.core import serialize
 from gradmesh.core.registry import REGISTRY
-from gradmesh.client import worker as frame_codec
 from gradmesh.server import runtime
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -339,10 +338,10 @@ class GradientWorker:
         plan, cached = self.plan_for(prepared, data)
         try:
             check()
-            kw = {"check": check} if _takes_check(plan) else {}
+            # plan.run calls check between kernels and between the passes.
             result = plan.run(params, data, grads=prepared.gradients,
                               outputs=tuple(prepared.outputs), loss_scale=prepared.loss_scale,
-                              seed=prepared.seed, **kw)
+                              seed=prepared.seed, check=check)
             check()
         except ServiceError as e:
             if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -362,16 +361,6 @@ class GradientWorker:
             ops=sorted(REGISTRY), dtypes=sorted(_NP_OF_WIRE), backend=self.backend,
             limits=self.limits.to_proto(), versions=versions, blas_threads=threads,
             build_fingerprint=build_fingerprint(self.backend, versions, threads))
-
-
-def _takes_check(plan) -> bool:
-    """Whether ``plan.run`` accepts ``check``, a callback it calls between the forward and
-    the backward pass (so a call whose deadline passed skips the backward)."""
-    import inspect
-    try:
-        return "check" in inspect.signature(plan.run).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,6 +429,22 @@ def build_response(prepared: Prepared, computed: Computed, *, with_data: bool = 
     return resp, arrays
 
 
+def _response_arrays(computed: Computed) -> list[np.ndarray]:
+    return [computed.loss] + [a for _, a in computed.outputs] + \
+        [a for _, a in computed.gradients]
+
+
+def response_pieces(computed: Computed) -> list:
+    """Fields 1-3 (loss, outputs, gradients) of the ``ComputeGradientsResponse`` as pieces
+    whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet."""
+    pieces = serialize.encode_tensor_field(1, computed.loss)
+    for name, a in computed.outputs:
+        pieces += serialize.encode_tensor_field(2, a, name)
+    for name, a in computed.gradients:
+        pieces += serialize.encode_tensor_field(3, a, name)
+    return pieces
+
+
 # ---------------------------------------------------------------------------------------
 # The gRPC servicer
 # ---------------------------------------------------------------------------------------
@@ -482,17 +487,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t1 = time.perf_counter()
         computed = self.worker.compute(prepared, params, data, check)
         t2 = time.perf_counter()
-        resp, arrays = build_response(prepared, computed)
-        size = resp.ByteSize()
+        # An upper bound of the encoded size, known before anything is encoded: per
+        # tensor its bytes, its name and shape, and at most 32 bytes of tags and lengths;
+        # 256 for the graph id and timings.
+        size = 256 + sum(a.nbytes + 10 * a.ndim + 32 for a in _response_arrays(computed)) + \
+            sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients)
         if size > self.worker.limits.max_message_bytes:
             # Name what made it big: the extra outputs if any were asked for.
             field = "outputs" if sum(a.nbytes for _, a in computed.outputs) > \
                 sum(a.nbytes for _, a in computed.gradients) else "gradients"
-            raise ServiceError(EXHAUSTED, f"the response is {size} bytes, over the unary limit "
-                                          f"of {self.worker.limits.max_message_bytes}; use "
-                                          f"ComputeGradientsStream", field)
-        _timings(resp, computed, t1 - t0, time.perf_counter() - t2)
-        return resp
+            raise ServiceError(EXHAUSTED, f"the response is about {size} bytes, over the unary "
+                                          f"limit of {self.worker.limits.max_message_bytes}; "
+                                          f"use ComputeGradientsStream", field)
+        pieces = response_pieces(computed)
+        tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
+        _timings(tail, computed, t1 - t0, time.perf_counter() - t2)
+        # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), as protobuf
+        # orders them; the join is the one copy of the tensors' bytes before gRPC's.
+        pieces.append(tail.SerializeToString())
+        return b"".join(pieces)
 
     def ComputeGradientsStream(self, request_iterator, context):
         check = _deadline_check(context)
@@ -508,11 +521,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         assembler = serialize.Assembler(request, limits.max_stream_bytes,
                                         tensor_fields=("parameters", "data"),
                                         max_elements=limits.max_tensor_elements)
+        add = assembler.add
         for frame in request_iterator:
             if frame.WhichOneof("kind") != "chunk":
                 raise ServiceError(INVALID, "after the header only chunk frames may follow",
                                    "chunk")
-            assembler.add(frame.chunk)
+            add(frame.chunk)
         arrays = {slot.path: a for slot, a in zip(assembler.slots, assembler.finish())}
         params = {s.name: arrays[s.field] for s in prepared.params}
         data = {s.name: arrays[s.field] for s in prepared.data}
@@ -522,7 +536,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         resp, out_arrays = build_response(prepared, computed, with_data=False)
         _timings(resp, computed, t1 - t0, 0.0)
         yield worker_pb2.StreamFrame(response=resp)
-        yield from frame_codec._chunk_frames(out_arrays, limits.chunk_bytes)
+        yield from serialize.chunk_frames(out_arrays, limits.chunk_bytes)
 
 
 def _timings(resp, computed: Computed, decode: float, encode: float) -> None:
@@ -534,8 +548,8 @@ def _timings(resp, computed: Computed, decode: float, encode: float) -> None:
 
 
 def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
-    """``add_WorkerServicer_to_server`` with a faster codec for the stream's chunk frames
-    (same bytes on the wire; see ``gradmesh.client.worker.decode_stream_frame``)."""
+    """``add_WorkerServicer_to_server`` with gradmesh's codec for tensor bytes: the same
+    bytes on the wire, fewer copies (see the wire codec in ``gradmesh.core.serialize``)."""
     handlers = {
         "RegisterGraph": grpc.unary_unary_rpc_method_handler(
             servicer.RegisterGraph,
@@ -544,11 +558,11 @@ def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
         "ComputeGradients": grpc.unary_unary_rpc_method_handler(
             servicer.ComputeGradients,
             request_deserializer=worker_pb2.ComputeGradientsRequest.FromString,
-            response_serializer=worker_pb2.ComputeGradientsResponse.SerializeToString),
+            response_serializer=serialize.serialize_message),
         "ComputeGradientsStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeGradientsStream,
-            request_deserializer=frame_codec.decode_stream_frame,
-            response_serializer=frame_codec.serialize_stream_frame),
+            request_deserializer=serialize.decode_stream_frame,
+            response_serializer=serialize.serialize_message),
         "Capabilities": grpc.unary_unary_rpc_method_handler(
             servicer.Capabilities,
             request_deserializer=worker_pb2.CapabilitiesRequest.FromString,

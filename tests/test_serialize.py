@@ -6,9 +6,10 @@ import pytest
 
 import gradmesh.core as gm
 from gradmesh.core import dtypes
-from gradmesh.core.serialize import (DTYPE_TO_PROTO, PROTO_TO_DTYPE, Assembler, WireError,
-                                     chunks, from_proto, split_for_stream, tensor_buffer,
-                                     to_proto)
+from gradmesh.core.serialize import (DTYPE_TO_PROTO, PROTO_TO_DTYPE, Assembler, ChunkView,
+                                     WireError, chunk_frames, chunks, decode_stream_frame,
+                                     encode_chunk_frame, encode_tensor_field, from_proto,
+                                     split_for_stream, tensor_buffer, to_proto)
 from gradmesh.v1 import tensor_pb2, worker_pb2
 
 ALL_DTYPES = [d.np for d in dtypes.ALL]
@@ -264,3 +265,105 @@ def test_stream_round_trip_of_a_300_mb_array():
     assert n == 75
     (b,) = asm.finish()
     assert np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------- wire codec --------
+# The hand-written encoders must write exactly protobuf's bytes, and the decoder must read
+# every valid encoding as protobuf does.
+
+@pytest.mark.parametrize("index,offset,size", [(0, 0, 0), (0, 0, 5), (3, 1 << 20, 1 << 20),
+                                               (2 ** 32 - 1, 2 ** 64 - 1, 7), (1, 0, 130)])
+def test_chunk_frame_codec_is_protobufs(index, offset, size):
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    frame = worker_pb2.StreamFrame()
+    frame.chunk.tensor_index, frame.chunk.offset, frame.chunk.data = index, offset, data
+    wire = encode_chunk_frame(index, offset, memoryview(data))
+    assert wire == frame.SerializeToString()
+    fast = decode_stream_frame(wire)
+    assert fast.WhichOneof("kind") == "chunk"
+    assert isinstance(fast.chunk.data, memoryview)          # a view: no copy on receipt
+    assert (fast.chunk.tensor_index, fast.chunk.offset, bytes(fast.chunk.data)) == \
+        (index, offset, data)
+
+
+@pytest.mark.parametrize("wire", [
+    # header frames
+    worker_pb2.StreamFrame(request=worker_pb2.ComputeGradientsRequest(graph_id="g"))
+    .SerializeToString(),
+    # two chunk fields in one frame: protobuf merges them
+    encode_chunk_frame(1, 4, b"abcd") + encode_chunk_frame(0, 9, b""),
+    # a field repeated inside the chunk: the last one wins
+    b"\x1a\x06\x08\x01\x08\x02\x1a\x00",
+    # fields in another order than protobuf writes them
+    b"\x1a\x07\x1a\x01z\x10\x05\x08\x02",
+    # an unknown field inside the chunk
+    b"\x1a\x06\x08\x01\x20\x07\x1a\x00",
+])
+def test_decoder_reads_any_encoding_as_protobuf_does(wire):
+    parsed = decode_stream_frame(wire)
+    expected = worker_pb2.StreamFrame.FromString(wire)
+    assert parsed.WhichOneof("kind") == expected.WhichOneof("kind")
+    if expected.WhichOneof("kind") == "chunk":
+        got = parsed.chunk
+        assert (got.tensor_index, got.offset, bytes(got.data)) == \
+            (expected.chunk.tensor_index, expected.chunk.offset, expected.chunk.data)
+    else:
+        assert parsed == expected
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("name", [None, "", "0.weight", "poids-\u00e9"])
+def test_tensor_field_encoding_is_protobufs(dtype, shape, name):
+    a = _sample(shape, np.dtype(dtype))
+    pieces = encode_tensor_field(3, a, name) if name is not None else \
+        encode_tensor_field(1, a)
+    resp = worker_pb2.ComputeGradientsResponse()
+    if name is None:
+        resp.loss.CopyFrom(to_proto(a))
+    else:
+        resp.gradients.add(name=name).tensor.CopyFrom(to_proto(a))
+    assert b"".join(pieces) == resp.SerializeToString(deterministic=True)
+
+
+def test_tensor_field_encoding_reads_the_array_in_place():
+    a = np.arange(1000, dtype=np.float32)
+    pieces = encode_tensor_field(3, a, "w")
+    assert any(isinstance(p, memoryview) and np.shares_memory(np.asarray(p), a)
+               for p in pieces)
+    # A big-endian or strided array is converted once, with the same wire bytes.
+    odd = a[::2].astype(">f4")
+    assert b"".join(encode_tensor_field(3, odd, "w")) == \
+        b"".join(encode_tensor_field(3, np.ascontiguousarray(a[::2]), "w"))
+
+
+def test_chunk_frames_into_the_assembler_round_trip():
+    arrays = [np.arange(10, dtype=np.int64), np.zeros(0, np.float32), _sample((3, 7), np.dtype("f8"))]
+    req = worker_pb2.ComputeGradientsRequest()
+    for i, a in enumerate(arrays):
+        req.parameters.add(name=f"p{i}").tensor.CopyFrom(to_proto(a, data=False))
+    asm = Assembler(req, 1 << 20)
+    frames = list(chunk_frames(arrays, 16))
+    assert len(frames) == 5 + 0 + 11                  # 80 bytes, none, 168 bytes
+    for wire in frames:
+        frame = decode_stream_frame(wire)
+        assert isinstance(frame.chunk, ChunkView)
+        asm.add(frame.chunk)
+    out = asm.finish()
+    assert all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(arrays, out))
+    assert all(x.flags.writeable for x in out)
+
+
+def test_assembler_never_exposes_unwritten_bytes():
+    """Buffers are allocated uninitialised: a tensor is handed out only once every one of
+    its bytes came in a chunk."""
+    header, cs = _two_tensor_stream()
+    asm = Assembler(header, 1 << 20)
+    for c in cs[:-1]:
+        asm.add(c)
+    assert not asm.done
+    with pytest.raises(WireError):
+        asm.finish()
+    asm.add(cs[-1])
+    a, b = asm.finish()
+    assert a.tolist() == list(range(8)) and b.tolist() == list(range(4))

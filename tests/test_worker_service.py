@@ -200,3 +200,21 @@ def test_cuda_backend_matches_cpu(start_worker):
             for name, g in grads.items():
                 assert isinstance(r.gradients[name], np.ndarray)
                 assert np.allclose(r.gradients[name], g, rtol=1e-4, atol=1e-5), name
+
+
+def test_unary_reply_bytes_are_protobufs():
+    """The worker writes its unary reply's tensors by hand: the bytes must be exactly what
+    protobuf writes for the same message."""
+    from gradmesh.server import worker as worker_mod
+    from gradmesh.v1 import tensor_pb2, worker_pb2
+    from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
+    w = worker_mod.GradientWorker("cpu")
+    req = worker_pb2.ComputeGradientsRequest(
+        graph=hand_graph(), outputs=["logits"],
+        parameters=[tensor_pb2.NamedTensor(name="w", tensor=float32_tensor(W, [3, 2]))],
+        data=[tensor_pb2.NamedTensor(name="x", tensor=float32_tensor(X, [2, 3]))])
+    prepared = w.prepare(req)
+    computed = w.compute(prepared, *w.decode(prepared, req))
+    expected, _ = worker_mod.build_response(prepared, computed)
+    expected.ClearField("graph_id")
+    assert b"".join(worker_mod.response_pieces(computed)) == expected.SerializeToString()

@@ -403,8 +403,7 @@ def _select(xp, cond, a, b):
     so the common ``where(cond, g, 0)`` takes one.
     """
     u = xp.dtype(_UINT[a.dtype.itemsize])
-    mask = cond.astype(u)
-    xp.negative(mask, out=mask)                    # True -> all bits set
+    mask = xp.negative(cond.view(xp.uint8), dtype=u)   # True -> all bits set, in one pass
     ub = b.view(u)
     if b.ndim == 0 and not ub and cond.shape == a.shape:
         mask &= a.view(u)                          # b is +0.0 (or 0): zero bits elsewhere
