@@ -20,24 +20,30 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradmesh", description=__doc__.splitlines()[0])
+    # -h after a command belongs to that command's own parser, built below.
+    parser = argparse.ArgumentParser(prog="gradmesh", description=__doc__.splitlines()[0],
+                                     add_help=False)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help")
     from gradmesh import __version__
     parser.add_argument("--version", action="version", version=f"gradmesh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         p.set_defaults(_module=module)
         # Arguments are added only for the chosen command, to keep imports lazy.
     args, _ = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
+        return 0 if args.help else 2
     module = importlib.import_module(COMMANDS[args.command][0])
     p = argparse.ArgumentParser(prog=f"gradmesh {args.command}",
                                 description=COMMANDS[args.command][1])
     module.add_arguments(p)
     argv = sys.argv[1:] if argv is None else argv
-    sub_args = p.parse_args(argv[argv.index(args.command) + 1:])
+    rest = argv[argv.index(args.command) + 1:]
+    if args.help and "-h" not in rest and "--help" not in rest:
+        rest = ["--help"]           # "gradmesh -h worker" asks for the worker's help too
+    sub_args = p.parse_args(rest)
     try:
         return int(module.run(sub_args) or 0)
     except KeyboardInterrupt:

@@ -1,0 +1,35 @@
+"""The ``gradmesh`` console script: subcommands, their help, and exit codes."""
+from __future__ import annotations
+
+import pytest
+
+from gradmesh.server.cli import COMMANDS, main
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command, flag", [("worker", "--backend"), ("shard", "--state-dir"),
+                                           ("coordinator", "--workers"), ("demo", "--epochs"),
+                                           ("train", "--config")])
+def test_command_help_shows_the_command_flags(capsys, command, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert flag in capsys.readouterr().out
+
+
+def test_no_command_prints_usage_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_unknown_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["worker", "--no-such-flag"])
+    assert exit_.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
