@@ -272,7 +272,12 @@ class WorkerRegistration:
         return self.worker_id
 
     def start(self) -> "WorkerRegistration":
-        self.register()
+        """Register now if the coordinator answers, else keep trying in the background
+        (in a cluster, workers may well start before their coordinator)."""
+        try:
+            self.register()
+        except GradmeshError:
+            pass
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name="gradmesh-heartbeat")
         self._thread.start()
@@ -280,8 +285,11 @@ class WorkerRegistration:
 
     def _loop(self) -> None:
         from gradmesh.v1 import coordinator_pb2
-        while not self._stop.wait(self.interval / 2):
+        while not self._stop.wait(self.interval / 2 if self.worker_id else 1.0):
             try:
+                if self.worker_id is None:
+                    self.register()
+                    continue
                 r = self.client._call("Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(
                     worker_id=self.worker_id or ""), retry=False)
                 if not r.known:

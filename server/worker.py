@@ -619,6 +619,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plan-cache-size", type=int, default=d("plan-cache-size", 64))
     g.add_argument("--blas-threads", type=int, default=d("blas-threads", None),
                    help="fix NumPy's BLAS thread count (workers of a job must agree)")
+    g.add_argument("--coordinator", default=d("coordinator", None),
+                   help="register with this coordinator (host:port) and send heartbeats, "
+                        "instead of being named in its --workers list")
+    g.add_argument("--advertise", default=d("advertise", None),
+                   help="the address the coordinator should dial (default: the bound "
+                        "address; in Kubernetes, $(POD_IP):PORT)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -643,7 +649,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"gradmesh worker ({args.backend}) listening on {running.address}", flush=True)
-    running.wait()
+    registration = None
+    if args.coordinator:
+        from gradmesh.client.coordinator import WorkerRegistration
+        registration = WorkerRegistration(args.coordinator, args.advertise or running.address,
+                                          token=config.token).start()
+    try:
+        running.wait()
+    finally:
+        if registration is not None:
+            registration.stop()
     return 0
 
 
