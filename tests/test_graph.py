@@ -214,13 +214,19 @@ def test_constants_derived_from_the_batch_size_otherwise_are_refused():
               np.ones((8, 3), np.float32))
 
 
-def test_slicing_over_the_batch_dimension_is_refused_not_truncated():
-    # Without the check, running at batch 17 would silently keep the first 8 rows.
-    with pytest.raises(TraceError, match=r"\(slice\) bakes in the batch size 8"):
-        trace(lambda p, x: (x[:, 1:] * p["w"]).sum(), {"w": gm.ones(2)},
-              np.ones((8, 3), np.float32))
-    g = trace(lambda p, x: (x[:, 1:] * p["w"]).sum(), {"w": gm.ones(2)},
-              np.ones((8, 3), np.float32), batch_dim=False)
+def test_slicing_over_the_batch_dimension_runs_at_any_batch_size():
+    # x[:, 1:] records the batch size as the stop of dimension 0; the graph must say "to the
+    # end" instead, or a call at batch 17 would silently keep the first 8 rows.
+    def fn(p, x):
+        return (x[:, 1:] * p["w"]).sum()
+
+    w = gm.tensor([2.0, 3.0])
+    g = trace(fn, {"w": w}, np.ones((8, 3), np.float32))
+    assert list(g.inputs[1].shape) == [-1, 3]
+    x17 = np.arange(17 * 3, dtype=np.float32).reshape(17, 3)
+    [loss] = execute(g, {"w": w.numpy()}, {g.inputs[1].name: x17}).values()
+    assert float(loss) == pytest.approx(float((x17[:, 1:] * [2.0, 3.0]).sum()))
+    g = trace(fn, {"w": gm.ones(2)}, np.ones((8, 3), np.float32), batch_dim=False)
     assert list(g.inputs[1].shape) == [8, 3]
 
 
