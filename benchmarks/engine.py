@@ -233,6 +233,7 @@ def header() -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "numpy_blas": blas,
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = header()
     print(f"cpu: {info['cpu']} ({info['cores']} cores); python {info['python']}, "
-          f"numpy {info['numpy']}, torch {info['torch']} ({info['torch_threads']} threads)")
+          f"numpy {info['numpy']}, torch {info['torch']} ({info['torch_threads']} threads, "
+          f"{info['torch_blas']})")
     for b in info["numpy_blas"]:
         print(f"numpy BLAS: {b['internal_api']} {b['version']}, {b['num_threads']} threads, "
               f"{b['threading_layer']}, {b['architecture']}")

@@ -5,8 +5,10 @@ parsed by the real ``gradmesh`` argument parser of its role (so a renamed flag f
 not in production), with the ``GRADMESH_*`` environment the container gets, and must pass
 the server's own start-up check (``runtime.check_config``: e.g. 0.0.0.0 needs TLS or
 --insecure). Every probe targets a port the command listens on, every --workers/--shards
-address names a service or pod of the right role on the right port, and the Dockerfile's
-ENTRYPOINT is the console script pyproject.toml declares.
+address names a service or pod of the right role on the right port, the Kubernetes
+workers (a Deployment) register at the coordinator's Service and gRPC port under their
+downward-API pod IP, and the Dockerfile's ENTRYPOINT is the console script pyproject.toml
+declares.
 
 ``test_compose_cluster_trains`` (marked ``docker``) builds the image, starts the compose
 cluster and trains through the SDK; it skips where no Docker engine answers.
@@ -266,6 +268,8 @@ def test_compose_addresses_name_services_of_the_right_role():
             assert host in commands, f"--{flag} names {host!r}, which is no compose service"
             assert commands[host].role == role, f"--{flag} names {host}, a {commands[host].role}"
             assert commands[host].port == port, f"{host} listens on {commands[host].port}"
+            assert not getattr(commands[host], "coordinator", None), \
+                f"{host} is in --{flag} and also registers itself: it would count twice"
         every = {n for n, a in commands.items() if a.role == role}
         assert {h for h, _ in listed} == every, f"every {role} service is in --{flag}"
     for name, service in compose_services().items():
@@ -440,6 +444,7 @@ def test_k8s_services_select_their_pods():
 
 
 def test_k8s_coordinator_addresses_name_pods_of_the_right_role():
+    """--shards (and --workers, were it given) name pods of StatefulSets of that role."""
     commands = k8s_commands()
     (coordinator,) = [a for _, _, a in commands.values() if a.role == "coordinator"]
     by_service = {w["spec"]["serviceName"]: (name, w, args)
@@ -454,11 +459,82 @@ def test_k8s_coordinator_addresses_name_pods_of_the_right_role():
             assert index.isdigit() and int(index) < w["spec"]["replicas"], \
                 f"--{flag} {host}: not a pod of StatefulSet {name}"
             assert args.role == role and args.port == port, f"--{flag} {host}:{port}"
-        targets = [n for n, (_, _, a) in commands.items() if a.role == role]
+        targets = [n for n, (w, _, a) in commands.items()
+                   if a.role == role and not (role == "worker" and a.coordinator)]
         for name in targets:
+            assert commands[name][0]["kind"] == "StatefulSet", \
+                f"{name}: a {role} the coordinator must name needs stable pod names"
             assert len([h for h, _ in listed if h.startswith(name + "-")]) == \
                 commands[name][0]["spec"]["replicas"], \
                 f"--{flag} must list every replica of {name} (and only those)"
+
+
+_K8S_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def test_k8s_arg_references_are_defined_in_env():
+    """Kubernetes expands $(VAR) in args only for variables in the container's `env`; an
+    undefined one stays the literal text "$(VAR)"."""
+    for name, (_, container, _) in k8s_commands().items():
+        defined = {e["name"] for e in container.get("env") or []}
+        for arg in container["args"]:
+            for var in _K8S_REF.findall(str(arg)):
+                assert var in defined, f"{name}: args use $({var}), which `env` does not define"
+
+
+def coordinator_addresses() -> tuple[set[tuple[str, int]], argparse.Namespace]:
+    """Every host:port by which pods in the namespace reach the coordinator's gRPC port."""
+    commands = k8s_commands()
+    (name,) = [n for n, (_, _, a) in commands.items() if a.role == "coordinator"]
+    w, container, args = commands[name]
+    labels = w["spec"]["template"]["metadata"]["labels"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"] if "name" in p}
+    out = set()
+    for svc_name, svc in k8s_by_kind("Service").items():
+        if not _matches(svc["spec"]["selector"], labels):
+            continue
+        headless = svc["spec"].get("clusterIP") == "None"
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort", p["port"])
+            target = named.get(target, target)
+            # A headless Service's name resolves to the pod IPs: its ports do not remap.
+            port = target if headless else p["port"]
+            if target == args.port:
+                out.add((svc_name, port))
+                if headless and w["kind"] == "StatefulSet" and \
+                        w["spec"]["serviceName"] == svc_name:
+                    out |= {(f"{name}-{i}.{svc_name}", port)
+                            for i in range(w["spec"]["replicas"])}
+    return out, args
+
+
+def test_k8s_workers_register_with_the_coordinator():
+    """Workers are a Deployment that registers itself: --coordinator names the
+    coordinator's Service (or pod) and gRPC port, --advertise the pod's own IP."""
+    commands = k8s_commands()
+    targets, coordinator = coordinator_addresses()
+    assert targets, "no Service reaches the coordinator's gRPC port"
+    assert not split_addresses(coordinator.workers), \
+        "the workers register themselves: a --workers list would name each one twice"
+    workers = {n: c for n, c in commands.items() if c[2].role == "worker"}
+    assert workers
+    for name, (w, container, args) in workers.items():
+        assert w["kind"] == "Deployment", f"{name}: stateless and scalable, a Deployment"
+        assert args.coordinator, f"{name}: no --coordinator to register with"
+        (target,) = split_addresses(args.coordinator)
+        assert target in targets, \
+            f"{name}: --coordinator {args.coordinator} is none of {sorted(targets)}"
+        assert args.advertise, f"{name}: without --advertise it would offer 0.0.0.0"
+        host, _, port = args.advertise.rpartition(":")
+        assert port.isdigit() and int(port) == args.port, \
+            f"{name}: --advertise {args.advertise}, but the worker listens on {args.port}"
+        var = _K8S_REF.fullmatch(host)
+        assert var, f"{name}: --advertise host {host!r} is not $(VAR) of the pod's IP"
+        env = {e["name"]: e for e in container.get("env") or []}
+        assert var.group(1) in env, f"{name}: $({var.group(1)}) is not defined in `env`"
+        field = env[var.group(1)].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        assert field == "status.podIP", \
+            f"{name}: {var.group(1)} must come from the downward API's status.podIP"
 
 
 def test_k8s_disruption_budget_and_network_policies_select_pods():

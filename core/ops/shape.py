@@ -115,12 +115,12 @@ def _sliced_shape(op: str, shape, starts, stops, steps) -> tuple:
         if step < 1:
             raise OpError(f"{op}: step must be greater than zero, got {step} in dimension {d}; "
                           f"use flip() to reverse a tensor")
-        stop = min(stop, size) if size >= 0 else stop   # past the end: clamped, as in Python
-        if not 0 <= start <= stop <= size:
+        end = min(stop, size) if size >= 0 else stop    # past the end: clamped, as in Python
+        if not 0 <= start <= end <= size:
             raise OpError(f"{op}: slice {start}:{stop} is out of range for dimension {d} of "
-                          f"size {size} (shape {fmt(shape)}); expected 0 <= start <= stop "
-                          f"<= size")
-        out.append((stop - start + step - 1) // step)
+                          f"size {size} (shape {fmt(shape)}); expected 0 <= start <= "
+                          f"min(stop, size)")
+        out.append((end - start + step - 1) // step)
     return tuple(out)
 
 
