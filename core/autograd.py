@@ -199,6 +199,18 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
     return captured
 
 
+def zero_grads(params, set_to_none: bool = True) -> None:
+    """Clear the ``.grad`` of ``params``: drop it (the default, as torch) or zero it."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            p.grad = p.grad.detach()
+            p.grad._data[...] = 0
+
+
 def _accumulate_leaf(t, g, assigned: dict) -> None:
     if t.grad is None:
         # The same gradient tensor may reach several leaves (add passes ``g`` through):

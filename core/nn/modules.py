@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import backend, dtypes
 from .. import functional as CF
-from ..autograd import no_grad
+from ..autograd import no_grad, zero_grads
 from ..tensor import Tensor
 from . import init
 
@@ -289,14 +289,7 @@ class Module:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear every parameter's ``.grad``: drop it (default) or fill it with zeros."""
-        for p in self.parameters():
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad = p.grad.detach()
-                p.grad._data[...] = 0
+        zero_grads(self.parameters(), set_to_none)
 
     # -- device and dtype ------------------------------------------------------------------
     def _apply(self, fn: Callable[[Any], Any]) -> "Module":

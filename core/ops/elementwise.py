@@ -439,17 +439,8 @@ gt_p = _compare("gt", lambda xp, a, b: a > b)
 ge_p = _compare("ge", lambda xp, a, b: a >= b)
 
 
-def _logical(name, fn):
-    def infer(a, b) -> Spec:
-        return Spec(broadcast_shapes(name, a.shape, b.shape), dtypes.bool_)
-
-    op = defop(name, infer=infer, arity=2, broadcast=True)(fn)
-    op.defvjp(lambda g, out, a, b: (None, None))
-    return op
-
-
-logical_and_p = _logical("logical_and", lambda xp, a, b: xp.logical_and(a, b))
-logical_or_p = _logical("logical_or", lambda xp, a, b: xp.logical_or(a, b))
+logical_and_p = _compare("logical_and", lambda xp, a, b: xp.logical_and(a, b))
+logical_or_p = _compare("logical_or", lambda xp, a, b: xp.logical_or(a, b))
 
 
 @defop("logical_not", infer=lambda a: Spec(tuple(a.shape), dtypes.bool_))
