@@ -19,6 +19,12 @@ reads it (the inputs of the op, and the output of ``saves_out`` ops); values tha
 will not need are freed during the forward pass. Only gradients that lead to the requested
 parameters are computed.
 
+Gradients as they become final: a requested parameter's gradient is complete after the
+last backward kernel that adds into it (found at compile time, ``_Schedule.final_after``).
+``run(on_grad=...)`` hands each one over at that moment, in ``Plan.grad_order``'s order
+(the last layer's weights first for an MLP), so that a caller can send it while backward
+goes on; ``run(on_forward=...)`` hands over the loss and outputs when the forward pass ends.
+
 Randomness: a random op (one with an int ``seed`` attribute, e.g. ``dropout_mask``) at node
 ``k`` of a call with seed ``s`` uses ``graph.random_seed(s, k)``: the same call seed gives
 the same masks on every worker and backend. Without a call seed the seeds recorded in the
@@ -81,6 +87,18 @@ class _Schedule:
     grads: tuple[str, ...]
     outputs: tuple[str, ...]
     free_inputs: tuple[int, ...]             # slots never read (unused inputs)
+    # Requested gradients that no backward kernel adds into (final before backward), and
+    # per backward kernel index those whose last contribution it makes.
+    final_before: tuple[str, ...] = ()
+    final_after: dict = field(default_factory=dict)
+
+    @property
+    def grad_order(self) -> tuple[str, ...]:
+        """The requested gradients in the order they become final during backward."""
+        order = list(self.final_before)
+        for j in sorted(self.final_after):
+            order.extend(self.final_after[j])
+        return tuple(order)
 
 
 @dataclass
@@ -111,6 +129,13 @@ class Plan:
             sched = self._build(grads, outputs)
             self._schedules[key] = sched
         return sched
+
+    def grad_order(self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
+                   ) -> tuple[str, ...]:
+        """The requested gradients in the order ``run(on_grad=...)`` hands them over: the
+        order backward completes them (ties in the requested order). Known at compile
+        time, so a streamed reply can announce them before computing anything."""
+        return self.schedule(grads, outputs).grad_order
 
     def _build(self, grads: tuple, outputs: tuple) -> _Schedule:
         vg = self.graph
@@ -190,14 +215,31 @@ class Plan:
             ins = vg.node_inputs[k]
             bwd.append(_Backward(k, n_in + k, op, ins, tuple(needed[i] for i in ins),
                                  op.saves_out, tuple(frees.get(n_fwd + j, ()))))
-        return _Schedule(fwd, bwd, grads, outputs, tuple(never))
+        # When each requested gradient is complete: after the last backward kernel that
+        # can add into it (a parameter input whose gradient is needed), else before backward.
+        last_add: dict[int, int] = {}
+        for j, kern in enumerate(bwd):
+            for v, need in zip(kern.inputs, kern.needs_grad):
+                if need and v in targets:
+                    last_add[v] = j
+        if loss < n_in:
+            last_add = {}                     # the loss is a parameter: no kernel runs
+        final_before = tuple(g for g in grads if vg.input_index[g] not in last_add)
+        final_after: dict[int, tuple] = {}
+        for g in grads:
+            j = last_add.get(vg.input_index[g])
+            if j is not None:
+                final_after[j] = final_after.get(j, ()) + (g,)
+        return _Schedule(fwd, bwd, grads, outputs, tuple(never), final_before, final_after)
 
     # -- run -----------------------------------------------------------------------------
     def run(self, params: Mapping[str, object], data: Mapping[str, object], *,
             grads: Sequence[str] | None = None, outputs: Sequence[str] = (),
             loss_scale: float = 1.0, seed: int | None = None,
             check: Callable[[], None] | None = None,
-            record_live: list | None = None) -> PlanResult:
+            record_live: list | None = None,
+            on_forward: Callable[[np.ndarray, dict], None] | None = None,
+            on_grad: Callable[[str, np.ndarray], None] | None = None) -> PlanResult:
         """Forward and backward for one batch.
 
         ``params``/``data`` map input names to arrays (NumPy; the ``cuda`` backend copies
@@ -208,6 +250,12 @@ class Plan:
         docstring). ``check``, if given, is called every ``CHECK_EVERY`` kernels and between
         forward and backward; it raises to abandon the call (a deadline). ``record_live``,
         for tests: the number of live slots after each kernel is appended to it.
+
+        ``on_forward(loss, outputs)``, if given, is called when the forward pass ends with
+        the loss (after ``loss_scale``) and the requested outputs, as in the result.
+        ``on_grad(name, array)``, if given, is called for each requested gradient the moment
+        it is final, in ``grad_order`` (backward is still running; the array is the one the
+        result holds and is not written to again). Both run on the calling thread.
         """
         vg = self.graph
         sched = self.schedule(grads, outputs)
@@ -244,22 +292,24 @@ class Plan:
         if check is not None:
             check()
 
-        grad_arrays = self._backward(sched, slots, xp, loss_scale, seed, check, record_live) \
-            if sched.grads else {}
-        _sync(xp)
-        t2 = time.perf_counter()
-
         to_host = backend_mod.to_numpy
+        # Read before backward frees anything (the loss and outputs live to the end anyway).
         loss_out = to_host(loss)
         if loss_scale != 1.0:
             loss_out = (loss_out * loss_out.dtype.type(loss_scale)).astype(loss_out.dtype)
+        loss_out = np.asarray(loss_out)
         result_outputs = {name: to_host(slots[vg.outputs[name]]) for name in sched.outputs}
-        result_grads = {}
-        for name in sched.grads:
-            g = grad_arrays.get(name)
-            spec = self.specs[vg.input_index[name]]
-            result_grads[name] = to_host(g) if g is not None else np.zeros(spec.shape, spec.dtype.np)
-        return PlanResult(np.asarray(loss_out), result_outputs, result_grads, t1 - t0, t2 - t1)
+        if on_forward is not None:
+            on_forward(loss_out, result_outputs)
+
+        result_grads: dict[str, np.ndarray] = {}
+        if sched.grads:
+            self._backward(sched, slots, xp, loss_scale, seed, check, record_live,
+                           result_grads, on_grad)
+        _sync(xp)
+        t2 = time.perf_counter()
+        result_grads = {name: result_grads[name] for name in sched.grads}
+        return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1)
 
     def _check_input(self, kind: str, name: str, value, spec, xp):
         from .tensor import Tensor
@@ -278,8 +328,10 @@ class Plan:
         return value
 
     def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed, check,
-                  record_live) -> dict:
-        """The eager engine's ``run_backward`` over slots: same order, same ops."""
+                  record_live, final: dict, on_grad) -> None:
+        """The eager engine's ``run_backward`` over slots: same order, same ops. Each
+        requested gradient goes into ``final`` (as a host array, zeros when nothing reaches
+        it) as soon as it is complete, and to ``on_grad`` if given."""
         from .tensor import Tensor, _reduce_grad
         vg = self.graph
         n_in = vg.num_inputs
@@ -289,11 +341,28 @@ class Plan:
         seed_grad = wrap(xp.full(spec.shape, loss_scale, dtype=spec.dtype.np))
         grads: dict[str, Tensor] = {}
         param_name = {vg.input_index[n]: n for n in sched.grads}
+        to_host = backend_mod.to_numpy
+
+        def emit(names) -> None:
+            for name in names:
+                g = grads.pop(name, None)
+                if g is not None:
+                    a = to_host(g._data)
+                else:
+                    spec = self.specs[vg.input_index[name]]
+                    a = np.zeros(spec.shape, spec.dtype.np)
+                final[name] = a
+                if on_grad is not None:
+                    on_grad(name, a)
+
         if loss_v < n_in:
             # The loss is a parameter itself: the seed gradient is its gradient.
             if loss_v in param_name:
                 grads[param_name[loss_v]] = seed_grad
-            return {n: g._data for n, g in grads.items()}
+            emit(sched.final_before)
+            return
+        emit(sched.final_before)
+        final_after = sched.final_after
         pending: dict[int, Tensor] = {loss_v: seed_grad}
         with _engine_mode():
             for n, kern in enumerate(sched.backward):
@@ -305,9 +374,11 @@ class Plan:
                               _reduce_grad)
                 for v in kern.free:
                     slots[v] = None
+                done = final_after.get(n)
+                if done:
+                    emit(done)
                 if record_live is not None:
                     record_live.append(sum(s is not None for s in slots))
-        return {n: g._data for n, g in grads.items()}
 
     def _vjp(self, kern: _Backward, g, slots, pending, grads, param_name, seed, wrap,
              reduce_grad) -> None:

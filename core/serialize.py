@@ -455,12 +455,13 @@ def encode_chunk_frame(index: int, offset: int, data) -> bytes:
     return b"".join((b"\x1a", _varint(len(head) + n), head, data))
 
 
-def chunk_frames(arrays: Iterable, chunk_bytes: int) -> Iterator[bytes]:
+def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0) -> Iterator[bytes]:
     """Encoded chunk frames of ``arrays`` (header order, see tensor.proto's Chunk): each
-    frame reads its piece straight from the array's memory."""
+    frame reads its piece straight from the array's memory. ``start`` is the header index
+    of the first array (to send a message's tensors a few at a time)."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    for index, array in enumerate(arrays):
+    for index, array in enumerate(arrays, start):
         view = array if isinstance(array, memoryview) else tensor_buffer(array)
         for offset in range(0, view.nbytes, chunk_bytes):
             yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes])

@@ -78,7 +78,14 @@ class WorkerServicer:
         """The same for large tensors. The client sends one StreamFrame with `request` whose
         tensors carry dtype and shape but no data, then `chunk` frames with the bytes (see
         tensor.proto, Chunk). The server answers with one frame holding `response`, its
-        tensors without data, then the chunks of the response's tensors.
+        tensors without data, then the chunks of the response's tensors (loss, outputs,
+        gradients, in the header's order).
+        With `stream_gradients_early` set in the request, the reply overlaps the backward
+        pass: the header frame comes before anything is computed (graph_id, and the loss,
+        outputs and gradients with dtype and shape only; no timings), its `gradients` are
+        listed in the order the backward pass completes them (for an MLP the last layer's
+        first), and each gradient's chunks are sent as soon as it is final. After the last
+        chunk comes one more `response` frame holding only `timings` (and graph_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
