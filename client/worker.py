@@ -292,6 +292,9 @@ class WorkerClient:
 
     def _stream(self, head: bytes, tail: bytes, params, data, **kw) -> GradientResult:
         header = worker_pb2.ComputeGradientsRequest.FromString(head + tail)
+        # Gradients come as soon as backward finishes each (see worker.proto); a worker
+        # that predates the flag answers the classic way, which the loop below also reads.
+        header.stream_gradients_early = True
         for n, a in params:
             header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
         for n, a in data:
@@ -312,18 +315,26 @@ class WorkerClient:
         resp = first.response
         assembler = serialize.Assembler(resp, max_total_bytes=1 << 62,
                                         tensor_fields=("loss", "outputs", "gradients"))
+        timed = resp
         for frame in replies:
-            if frame.WhichOneof("kind") != "chunk":
+            if frame.WhichOneof("kind") == "chunk":
+                assembler.add(frame.chunk)
+            elif assembler.done and timed is resp:
+                timed = frame.response          # the trailing timings of an early stream
+            else:
                 raise errors.GradmeshError(grpc.StatusCode.INTERNAL, "the worker sent a "
                                            "second header in its stream", None,
                                            "ComputeGradientsStream")
-            assembler.add(frame.chunk)
         arrays_out = assembler.finish()
         loss = arrays_out[0]
         k = len(resp.outputs)
         outputs = {nt.name: a for nt, a in zip(resp.outputs, arrays_out[1:1 + k])}
-        grads = {nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k:])}
-        return GradientResult(loss, outputs, grads, _timings(resp), resp.graph_id)
+        received = {nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k:])}
+        # In the order requested (the stream has them in the order backward made them).
+        order = list(header.gradients) or [n for n, _ in params]
+        grads = {n: received[n] for n in order if n in received}
+        grads.update(received)
+        return GradientResult(loss, outputs, grads, _timings(timed), resp.graph_id)
 
     def backward(self, model, fn: Callable, *data, loss_scale: float = 1.0, seed: int = 0,
                  timeout: float | None = None):

@@ -46,6 +46,8 @@ def _xp(t: Tensor):
 
 def _pair(a, b):
     """Both operands as tensors; a bare array becomes a tensor sharing its memory."""
+    if type(a) is Tensor and type(b) is Tensor:
+        return a, b
     if not isinstance(a, Tensor):
         if isinstance(b, Tensor):
             a = _scalar(a, b) if isinstance(a, numbers.Number) else Tensor(a)

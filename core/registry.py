@@ -54,14 +54,21 @@ class Op:
         return fn
 
     def __call__(self, *inputs, **attrs):
-        from .tensor import apply
-        return apply(self, inputs, attrs)
+        return (_apply or _load_apply())(self, inputs, attrs)
 
     def __repr__(self) -> str:
         return f"<op {self.name}>"
 
 
 REGISTRY: dict[str, Op] = {}
+_apply = None       # tensor.apply, bound on first use (tensor imports this module)
+
+
+def _load_apply():
+    global _apply
+    from .tensor import apply
+    _apply = apply
+    return apply
 
 
 def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | None = None,
@@ -103,6 +110,8 @@ def fmt(shape) -> str:
 
 def broadcast_shapes(op: str, *shapes) -> tuple:
     """NumPy/PyTorch broadcasting, with an error that names the op and both shapes."""
+    if len(shapes) == 2 and shapes[0] == shapes[1]:
+        return tuple(shapes[0])
     first = tuple(shapes[0])
     if all(tuple(s) == first for s in shapes[1:]):
         return first

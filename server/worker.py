@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import platform
+import queue
 import sys
 import threading
 import time
@@ -332,16 +333,21 @@ class GradientWorker:
         return plan, False
 
     def compute(self, prepared: Prepared, params: dict, data: dict,
-                check: Callable[[], None] = _never_stop) -> Computed:
+                check: Callable[[], None] = _never_stop, *,
+                on_forward: Callable | None = None,
+                on_grad: Callable | None = None) -> Computed:
         """Run the graph. ``check()`` raises to abandon the call (deadline, cancellation);
-        it is called before the forward pass, between forward and backward, and after."""
+        it is called before the forward pass, between forward and backward, and after.
+        ``on_forward``/``on_grad`` are ``Plan.run``'s: the loss and outputs when forward
+        ends, each gradient the moment backward has finished it."""
         plan, cached = self.plan_for(prepared, data)
         try:
             check()
             # plan.run calls check between kernels and between the passes.
             result = plan.run(params, data, grads=prepared.gradients,
                               outputs=tuple(prepared.outputs), loss_scale=prepared.loss_scale,
-                              seed=prepared.seed, check=check)
+                              seed=prepared.seed, check=check, on_forward=on_forward,
+                              on_grad=on_grad)
             check()
         except ServiceError as e:
             if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -531,12 +537,104 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         params = {s.name: arrays[s.field] for s in prepared.params}
         data = {s.name: arrays[s.field] for s in prepared.data}
         t1 = time.perf_counter()
+        if request.stream_gradients_early:
+            yield from self._stream_early(prepared, params, data, check, t1 - t0)
+            return
         computed = self.worker.compute(prepared, params, data, check)
         t2 = time.perf_counter()
         resp, out_arrays = build_response(prepared, computed, with_data=False)
         _timings(resp, computed, t1 - t0, 0.0)
         yield worker_pb2.StreamFrame(response=resp)
         yield from serialize.chunk_frames(out_arrays, limits.chunk_bytes)
+
+
+    def _stream_early(self, prepared: Prepared, params: dict, data: dict,
+                      check: Callable[[], None], decode_seconds: float):
+        """The reply of a ``stream_gradients_early`` request (see worker.proto): the header
+        from the plan (gradients in the order backward finishes them), then the chunks of
+        the loss and outputs when forward ends and of each gradient as soon as it is final,
+        then a frame with the timings.
+
+        The plan runs on a thread of its own and hands arrays over through a queue, while
+        this generator (gRPC's thread for the call) encodes and sends them: sending a
+        gradient overlaps the backward of the layers before it.
+        """
+        worker = self.worker
+        chunk_bytes = worker.limits.chunk_bytes
+        plan, _ = worker.plan_for(prepared, data)
+        order = plan.grad_order(prepared.gradients, tuple(prepared.outputs))
+        header = _early_header(plan, prepared, order)
+        yield worker_pb2.StreamFrame(response=header)
+
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def stoppable_check() -> None:
+            if stop.is_set():
+                raise ServiceError(grpc.StatusCode.CANCELLED,
+                                   "the reply stream was closed; computation abandoned")
+            check()
+
+        def on_forward(loss, outputs) -> None:
+            items.put([loss] + [outputs[n] for n in prepared.outputs])
+
+        expected = {nt.name: (serialize.PROTO_TO_DTYPE[nt.tensor.dtype].np,
+                              tuple(nt.tensor.shape)) for nt in header.gradients}
+
+        def on_grad(name, array) -> None:
+            if (array.dtype, array.shape) != expected[name]:
+                # The header promised these bytes; never send others under its name.
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"gradient {name!r} came out "
+                                   f"as {array.dtype} {list(array.shape)}, the header said "
+                                   f"{expected[name][0]} {list(expected[name][1])}")
+            items.put([array])
+
+        def run() -> None:
+            try:
+                items.put(worker.compute(prepared, params, data, stoppable_check,
+                                         on_forward=on_forward, on_grad=on_grad))
+            except BaseException as e:  # noqa: BLE001  (re-raised on the gRPC thread)
+                items.put(e)
+
+        thread = threading.Thread(target=run, daemon=True, name="gradmesh-plan")
+        thread.start()
+        index = 0           # header index of the next tensor
+        try:
+            while True:
+                item = items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Computed):
+                    computed = item
+                    break
+                yield from serialize.chunk_frames(item, chunk_bytes, index)
+                index += len(item)
+            t2 = time.perf_counter()
+            tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
+            _timings(tail, computed, decode_seconds, 0.0)
+            tail.timings.encode_seconds = time.perf_counter() - t2  # only what is not overlapped
+            yield worker_pb2.StreamFrame(response=tail)
+        finally:
+            stop.set()      # the client went away or an error: the plan stops at its next check
+
+
+def _early_header(plan, prepared: Prepared, order: Sequence[str]
+                  ) -> worker_pb2.ComputeGradientsResponse:
+    """The header of an early-streamed reply: every tensor's dtype and shape, from the
+    compiled plan, before anything is computed; gradients in ``order``."""
+    vg = plan.graph
+    loss_name = vg.graph.outputs[0].name
+
+    def header(spec) -> tensor_pb2.Tensor:
+        return tensor_pb2.Tensor(dtype=serialize.DTYPE_TO_PROTO[spec.dtype],
+                                 shape=[int(d) for d in spec.shape])
+    return worker_pb2.ComputeGradientsResponse(
+        loss=header(plan.specs[vg.outputs[loss_name]]),
+        outputs=[tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[vg.outputs[n]]))
+                 for n in prepared.outputs],
+        gradients=[tensor_pb2.NamedTensor(name=n, tensor=header(
+            plan.specs[vg.input_index[n]])) for n in order],
+        graph_id=prepared.graph_id)
 
 
 def _timings(resp, computed: Computed, decode: float, encode: float) -> None:

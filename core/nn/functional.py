@@ -78,6 +78,8 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         raise OpError(f"linear: input of shape {fmt(input.shape)} does not match weight of "
                       f"shape {fmt(weight.shape)}; expected input (*, {weight.shape[-1]}) and "
                       f"weight (out_features, in_features)")
+    if bias is not None and bias.ndim == 1 and input.ndim >= 1:
+        return REGISTRY["linear"](input, weight, bias)
     out = CF.matmul(input, weight.T)
     return out if bias is None else out + bias
 

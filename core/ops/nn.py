@@ -913,3 +913,40 @@ def _(g, out, x, target, reduction):
     gs = _scale(g, x, reduction)
     return (gs * (sigmoid(x) - target) if x.requires_grad else None,
             -gs * x if target.requires_grad else None)
+
+
+# ========================================================================= linear ======
+# x @ w.T + b as one primitive: the bias is added in place into the fresh product, which
+# saves a full pass over the output (a Linear layer is most of an MLP's step).
+
+def _infer_linear(x, w, b) -> Spec:
+    if len(w.shape) != 2 or not x.shape or x.shape[-1] != w.shape[1] or \
+            tuple(b.shape) != (w.shape[0],):
+        raise OpError(f"linear: input {fmt(x.shape)}, weight {fmt(w.shape)} and bias "
+                      f"{fmt(b.shape)} do not fit; expected input (*, in_features), weight "
+                      f"(out_features, in_features) and bias (out_features,)")
+    if not (x.dtype is w.dtype is b.dtype) or not x.dtype.is_floating_point:
+        raise OpError(f"linear: expected input, weight and bias of one floating dtype, got "
+                      f"{x.dtype}, {w.dtype} and {b.dtype}; convert with .to(dtype)")
+    return Spec(tuple(x.shape[:-1]) + (w.shape[0],), x.dtype)
+
+
+@defop("linear", infer=_infer_linear, arity=3)
+def linear_p(xp, x, w, b):
+    out = xp.matmul(x, w.T)
+    out += b
+    return out
+
+
+@linear_p.defvjp
+def _(g, out, x, w, b):
+    from ..functional import matmul
+    gx = matmul(g, w) if x.requires_grad else None
+    g2 = reshape(g, (-1, g.shape[-1])) if g.ndim != 2 else g
+    gw = gb = None
+    if w.requires_grad:
+        x2 = reshape(x, (-1, x.shape[-1])) if x.ndim != 2 else x
+        gw = matmul(g2.mT, x2)
+    if b.requires_grad:
+        gb = sum(g2, dim=[0])
+    return gx, gw, gb

@@ -211,6 +211,9 @@ for reduction in ("mean", "sum", "none"):
              x, t, _weight(torch, x), reduction=r, pos_weight=_weight(torch, x, _PW5)),
          [((4, 5), (4, 5)), ((2, 3, 5), (2, 3, 5))], domain=away_from_zero(0.05, 3.0))
 
-spec("linear", ["matmul", "permute", "add"], lambda gm, x, w, b: F.linear(x, w, b),
+spec("linear", ["linear"], lambda gm, x, w, b: F.linear(x, w, b),
      lambda torch, x, w, b: _tf(torch).linear(x, w, b),
-     [((4, 3), (5, 3), (5,)), ((2, 4, 3), (5, 3), (5,)), ((3,), (2, 3), (2,))])
+     [((4, 3), (5, 3), (5,)), ((2, 4, 3), (5, 3), (5,)), ((3,), (2, 3), (2,)),
+      ((1, 1), (1, 1), (1,))])
+spec("linear-nobias", ["matmul", "permute"], lambda gm, x, w: F.linear(x, w),
+     lambda torch, x, w: _tf(torch).linear(x, w), [((4, 3), (5, 3)), ((2, 4, 3), (5, 3))])
