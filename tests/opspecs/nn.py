@@ -156,7 +156,7 @@ _PW5 = [2.0, 0.25, 1.0, 0.5, 3.0]      # positive weights for 5 labels
 
 
 def _weight(lib, like, values=_W5):
-    return lib.tensor(values, dtype=like.dtype)
+    return lib.tensor(values, dtype=like.dtype, device=like.device)
 
 
 for reduction in ("mean", "sum", "none"):
