@@ -363,3 +363,64 @@ def test_check_is_called_and_can_abandon_the_run():
         raise Abandon
     with pytest.raises(Abandon):
         plan.run(params_of(model), {"x": x, "y": y}, check=stop)
+
+
+def test_on_grad_hands_each_gradient_over_as_soon_as_backward_has_finished_it():
+    model = mlp()
+    x, y = data(16, (3, 4))
+    vg = validate(trace(classify, model, x, y, data_names=["x", "y"]))
+    plan = compile_plan(vg, {"x": x.shape, "y": y.shape})
+    live, events = [], []
+    result = plan.run(params_of(model), {"x": x, "y": y}, outputs=["logits"],
+                      record_live=live,
+                      on_forward=lambda loss, outs: events.append(("forward", loss, outs,
+                                                                   len(live))),
+                      on_grad=lambda name, a: events.append(("grad", name, a, len(live))))
+    loss, extra, grads = eager(model, classify, x, y)
+    assert_bitwise(result, loss, grads, extra)
+    n_fwd = len(vg.graph.nodes)
+    # The loss and outputs when forward ends, before any gradient.
+    assert events[0][0] == "forward" and events[0][3] == n_fwd
+    assert np.array_equal(events[0][1], loss) and list(events[0][2]) == ["logits"]
+    # Every gradient once, in grad_order: the last layer's first, each the array the
+    # result holds, bitwise equal to eager's.
+    got = [(name, a, at) for kind, name, a, at in events[1:]]
+    order = plan.grad_order()
+    assert [n for n, _, _ in got] == list(order)
+    assert set(order) == set(grads) and order[:2] == ("5.weight", "5.bias")
+    assert order[-2:] == ("1.weight", "1.bias")
+    for name, a, _ in got:
+        assert a is result.grads[name] and np.array_equal(a, grads[name])
+    # While backward runs: the last layer's gradients long before the last kernel.
+    n_bwd = len(live) - n_fwd
+    assert got[0][2] < n_fwd + n_bwd // 2 and got[-1][2] <= len(live)
+    # Gradients arrive strictly kernel by kernel: never before the kernel that ends them.
+    assert [at for _, _, at in got] == sorted(at for _, _, at in got)
+
+
+def test_on_grad_with_requested_subset_unreachable_params_and_forward_only():
+    g = trace(lambda p, x: (p["a"] * x).sum(), {"a": gm.ones(3), "b": gm.ones(2)},
+              np.ones((2, 3), np.float32))
+    plan = compile_plan(validate(g), {"x0": (2, 3)})
+    seen = []
+    p = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+    r = plan.run(p, {"x0": np.ones((2, 3), np.float32)},
+                 on_grad=lambda n, a: seen.append((n, a.copy())))
+    # "b" is final before backward starts (zeros): it comes first.
+    assert plan.grad_order() == ("b", "a") and [n for n, _ in seen] == ["b", "a"]
+    assert np.array_equal(seen[0][1], np.zeros(2, np.float32))
+    assert list(r.grads) == ["a", "b"]              # the result keeps the requested order
+    seen.clear()
+    r = plan.run(p, {"x0": np.ones((2, 3), np.float32)}, grads=["a"],
+                 on_grad=lambda n, a: seen.append(n))
+    assert seen == ["a"] and list(r.grads) == ["a"]
+    seen.clear()
+    plan.run(p, {"x0": np.ones((2, 3), np.float32)}, grads=[],
+             on_grad=lambda n, a: seen.append(n))
+    assert seen == []
+    # The loss is a parameter itself: its gradient is the seed.
+    g = trace(lambda p, x: p["s"], {"s": gm.ones(())}, np.ones((2, 3), np.float32))
+    plan = compile_plan(validate(g), {"x0": (2, 3)})
+    r = plan.run({"s": np.float32(2.0).reshape(())}, {"x0": np.ones((2, 3), np.float32)},
+                 loss_scale=0.5, on_grad=lambda n, a: seen.append((n, a)))
+    assert [n for n, _ in seen] == ["s"] and float(seen[0][1]) == 0.5

@@ -138,6 +138,64 @@ def test_stream_by_hand(stub):
     assert list(struct.unpack("<6f", bytes(buffers[1]))) == grad
 
 
+def test_stream_gradients_early_by_hand(stub):
+    """With stream_gradients_early: a header known before computing (gradients listed in
+    the order backward finishes them), the chunks, then a frame with only the timings."""
+    s, _ = stub
+    graph = hand_graph()
+    # Two parameters: loss = sum((x @ w) * v); backward finishes v's gradient before w's.
+    graph.inputs.insert(1, graph_pb2.Input(name="v", role=graph_pb2.Input.PARAM,
+                                           dtype=tensor_pb2.FLOAT32, shape=[2]))
+    # Values: w 0, v 1, x 2; mm 3, mul 4, sum 5.
+    del graph.nodes[:]
+    graph.nodes.extend([graph_pb2.Node(op="mm", inputs=[2, 0]),
+                        graph_pb2.Node(op="mul", inputs=[3, 1]),
+                        graph_pb2.Node(op="sum", inputs=[4])])
+    del graph.outputs[:]
+    graph.outputs.extend([graph_pb2.Output(name="loss", value=5),
+                          graph_pb2.Output(name="logits", value=3)])
+    graph_id = s.RegisterGraph(worker_pb2.RegisterGraphRequest(graph=graph)).graph_id
+    V = [2.0, -1.0]
+
+    def header_tensor(shape):
+        return tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=shape)
+    header = worker_pb2.ComputeGradientsRequest(
+        graph_id=graph_id, stream_gradients_early=True, outputs=["logits"],
+        gradients=["w", "v"],
+        parameters=[tensor_pb2.NamedTensor(name="w", tensor=header_tensor([3, 2])),
+                    tensor_pb2.NamedTensor(name="v", tensor=header_tensor([2]))],
+        data=[tensor_pb2.NamedTensor(name="x", tensor=header_tensor([2, 3]))])
+    frames = [worker_pb2.StreamFrame(request=header)] + [
+        worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=i, data=struct.pack(
+            f"<{len(vals)}f", *vals))) for i, vals in enumerate([W, V, X])]
+    replies = list(s.ComputeGradientsStream(iter(frames)))
+    first, last = replies[0], replies[-1]
+    assert first.WhichOneof("kind") == "response" and last.WhichOneof("kind") == "response"
+    resp = first.response
+    assert resp.graph_id == graph_id and not resp.HasField("timings")
+    assert list(resp.loss.shape) == [] and resp.loss.dtype == tensor_pb2.FLOAT32
+    assert [(o.name, list(o.tensor.shape)) for o in resp.outputs] == [("logits", [2, 2])]
+    # Not the requested order: the order backward completes them.
+    assert [(g.name, list(g.tensor.shape)) for g in resp.gradients] == [("v", [2]),
+                                                                         ("w", [3, 2])]
+    assert last.response.timings.forward_seconds >= 0 and not last.response.gradients
+    assert not last.response.HasField("loss")
+    buffers = {i: bytearray() for i in range(4)}       # loss, logits, v, w
+    for frame in replies[1:-1]:
+        assert frame.WhichOneof("kind") == "chunk"
+        assert frame.chunk.offset == len(buffers[frame.chunk.tensor_index])
+        buffers[frame.chunk.tensor_index] += frame.chunk.data
+    w = np.array(W, np.float32).reshape(3, 2)
+    x = np.array(X, np.float32).reshape(2, 3)
+    v = np.array(V, np.float32)
+    logits = x @ w
+    assert struct.unpack("<f", bytes(buffers[0]))[0] == float((logits * v).sum())
+    assert list(struct.unpack("<4f", bytes(buffers[1]))) == logits.ravel().tolist()
+    assert list(struct.unpack("<2f", bytes(buffers[2]))) == logits.sum(0).tolist()
+    grad_w = x.sum(0)[:, None] * v[None, :]
+    assert list(struct.unpack("<6f", bytes(buffers[3]))) == grad_w.ravel().tolist()
+
+
 def test_capabilities(stub):
     s, _ = stub
     caps = s.Capabilities(worker_pb2.CapabilitiesRequest())
