@@ -17,6 +17,7 @@ applies each id once, so a retry never updates twice.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
+from gradmesh.client.channel import channel, metadata
 from gradmesh.client.errors import GradmeshError, from_rpc_error
 
 __all__ = ["CoordinatorClient", "Job", "StepResult", "WorkerRegistration"]
@@ -59,22 +61,23 @@ def _numpy(x) -> np.ndarray:
 class CoordinatorClient:
     """A connection to a coordinator at ``target`` ("host:port").
 
-    ``timeout`` is the deadline of each call in seconds (a step on a large model may need
-    more); ``retries`` how long idempotent calls are retried on transient errors, in
-    seconds.
+    ``token``: bearer token; ``tls``: None (plaintext), True (system roots), a
+    :class:`~gradmesh.client.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
+    ``grpc.ChannelCredentials``, as for ``WorkerClient``. ``timeout`` is the deadline of
+    each call in seconds (a step on a large model may need more); ``retry_seconds`` how
+    long idempotent calls are retried on transient errors.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, timeout: float = 600.0,
-                 retry_seconds: float = 60.0, max_message_bytes: int = 64 << 20):
-        from gradmesh.server.runtime import channel_options
+    def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
+                 timeout: float = 600.0, retry_seconds: float = 60.0,
+                 max_message_bytes: int = 64 << 20):
         from gradmesh.v1 import coordinator_pb2_grpc
         self.target = target
         self.timeout = timeout
         self.retry_seconds = retry_seconds
-        self._channel = grpc.insecure_channel(target, options=channel_options(
-            max_message_bytes))
+        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+        self._metadata = metadata(token)
 
     def close(self) -> None:
         self._channel.close()
@@ -252,23 +255,37 @@ class WorkerRegistration:
     >>> reg = WorkerRegistration("127.0.0.1:50053", "127.0.0.1:50051").start()  # doctest: +SKIP
     >>> reg.stop()                                                                # doctest: +SKIP
 
-    Re-registers when the coordinator forgets the worker (it restarted).
+    Re-registers when the coordinator forgets the worker (it restarted). ``token`` and
+    ``tls`` are those of :class:`CoordinatorClient`.
     """
 
-    def __init__(self, coordinator: str, worker_address: str, *, token: str | None = None):
-        self.client = CoordinatorClient(coordinator, token=token, timeout=10.0,
+    def __init__(self, coordinator: str, worker_address: str, *, token: str | None = None,
+                 tls: Any = None):
+        self.client = CoordinatorClient(coordinator, token=token, tls=tls, timeout=10.0,
                                         retry_seconds=0.0)
         self.address = worker_address
         self.worker_id: str | None = None
         self.interval = 5.0
+        self.last_error: str | None = None     # why the last attempt failed (None: it didn't)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def register(self) -> str:
         from gradmesh.v1 import coordinator_pb2
-        r = self.client._call("RegisterWorker", lambda: coordinator_pb2.RegisterWorkerRequest(
-            address=self.address), retry=False)
+        try:
+            r = self.client._call("RegisterWorker", lambda: coordinator_pb2.RegisterWorkerRequest(
+                address=self.address), retry=False)
+        except GradmeshError as e:
+            # Logged once per distinct reason: a TLS or token mismatch shows up in the log
+            # instead of as a worker that silently never joins.
+            if str(e) != self.last_error:
+                logging.getLogger("gradmesh.worker").warning(
+                    "cannot register %s with the coordinator at %s (retrying): %s",
+                    self.address, self.client.target, e)
+            self.last_error = str(e)
+            raise
         self.worker_id, self.interval = r.worker_id, r.heartbeat_interval_seconds or 5.0
+        self.last_error = None
         return self.worker_id
 
     def start(self) -> "WorkerRegistration":

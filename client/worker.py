@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from gradmesh.client import errors
+from gradmesh.client.channel import TLS, channel, metadata
 from gradmesh.core import serialize
 from gradmesh.v1 import graph_pb2, worker_pb2, worker_pb2_grpc
 
@@ -34,28 +35,6 @@ MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
 DEFAULT_STREAM_THRESHOLD = 32 * MiB
 DEFAULT_CHUNK_BYTES = 1 * MiB
-
-
-@dataclass
-class TLS:
-    """TLS settings for :class:`WorkerClient` (PEM file paths).
-
-    ``ca``: roots to verify the server (None: the system's); ``cert``/``key``: this
-    client's certificate for mTLS; ``server_name``: override the name checked in the
-    server's certificate.
-    """
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path):
-            if path is None:
-                return None
-            with open(path, "rb") as f:
-                return f.read()
-        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
 @dataclass
@@ -123,24 +102,8 @@ class WorkerClient:
         self.chunk_bytes = chunk_bytes
         self.stream_threshold = min(stream_threshold, max_message_bytes - MiB)
         self.retries = retries
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0)] + list(options)
-        if tls is None or tls is False:
-            self.channel = grpc.insecure_channel(target, options=opts)
-        else:
-            if tls is True:
-                creds = grpc.ssl_channel_credentials()
-            elif isinstance(tls, TLS):
-                creds = tls.credentials()
-                if tls.server_name:
-                    opts.append(("grpc.ssl_target_name_override", tls.server_name))
-            else:
-                creds = tls
-            self.channel = grpc.secure_channel(target, creds, options=opts)
+        self.channel = channel(target, tls=tls, max_message_bytes=max_message_bytes,
+                               options=options)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         # Tensors travel as pre-encoded bytes (serialize.encode_tensor_field and the chunk
         # codec): protobuf objects would copy every tensor several times.
@@ -153,7 +116,7 @@ class WorkerClient:
             "/gradmesh.v1.Worker/ComputeGradientsStream",
             request_serializer=serialize_stream_frame,
             response_deserializer=decode_stream_frame, _registered_method=True)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = metadata(token)
         self._lock = threading.Lock()
         # fn -> {shapes signature: (graph, graph id)}; weak so that lambdas can be freed.
         self._traced: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()

@@ -36,7 +36,8 @@ from gradmesh.core import serialize
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import (TreeSum, loss_scales, micro_batch_seed, micro_batches,
                                        place)
-from gradmesh.server.runtime import ServiceError, channel_options, status_code
+from gradmesh.client.channel import channel, metadata
+from gradmesh.server.runtime import ServiceError, status_code
 from gradmesh.server.shard import (EmbeddedShard, RemoteShard, ShardStore, check_job_id,
                                    optimizer_from_proto, optimizer_to_proto, receive_frames,
                                    stream_frames)
@@ -88,7 +89,7 @@ class WorkerHandle:
     """One worker: its channel, what the coordinator knows of it, and the call itself."""
 
     def __init__(self, address: str, source: str, timeout: float, token: str | None,
-                 max_message_bytes: int):
+                 max_message_bytes: int, tls: Any = None):
         from gradmesh.v1 import worker_pb2_grpc
         self.address = address
         self.source = source
@@ -104,9 +105,8 @@ class WorkerHandle:
         self.retry_at = 0.0
         self.max_message_bytes = max_message_bytes
         self.graphs: set[str] = set()          # graph ids this worker has
-        self._metadata = [("authorization", f"Bearer {token}")] if token else None
-        self._channel = grpc.insecure_channel(address, options=channel_options(
-            max_message_bytes))
+        self._metadata = metadata(token)
+        self._channel = channel(address, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
         # The stream with gradmesh's frame codec (core/serialize.py): the same bytes as
         # protobuf's, with one copy of the tensors' bytes per side instead of three or four.
@@ -221,9 +221,11 @@ class WorkerPool:
     """Static and registered workers; all usable ones share one build fingerprint."""
 
     def __init__(self, static: Sequence[str] = (), timeout: float = 300.0,
-                 token: str | None = None, max_message_bytes: int = 64 << 20):
+                 token: str | None = None, max_message_bytes: int = 64 << 20,
+                 tls: Any = None):
         self.timeout = timeout
         self.token = token
+        self.tls = tls                  # how workers are dialled (client/channel.py)
         self.max_message_bytes = max_message_bytes
         self.fingerprint: str | None = None
         self._lock = threading.Lock()
@@ -232,7 +234,8 @@ class WorkerPool:
             self.workers[address] = self._handle(address, "static")
 
     def _handle(self, address: str, source: str) -> WorkerHandle:
-        return WorkerHandle(address, source, self.timeout, self.token, self.max_message_bytes)
+        return WorkerHandle(address, source, self.timeout, self.token, self.max_message_bytes,
+                            self.tls)
 
     def _check(self, w: WorkerHandle) -> None:
         """Probe ``w`` and apply the fingerprint rule (the first ready worker fixes it)."""
@@ -288,6 +291,13 @@ class WorkerPool:
             if w.state == "unknown" or (w.state == "unreachable" and now >= w.retry_at):
                 self._check(w)
         return [w for w in candidates if w.state == "ready"]
+
+    def unusable_reasons(self) -> str:
+        """``": ADDRESS STATE (REASON); ..."`` of the known workers that are not ready."""
+        with self._lock:
+            down = [w for w in self.workers.values() if w.state != "ready"]
+        return "".join((": " if i == 0 else "; ") + f"{w.address} {w.state}" +
+                       (f" ({w.reason})" if w.reason else "") for i, w in enumerate(down))
 
     def failed(self, w: WorkerHandle, error: WorkerError) -> None:
         w.failures += 1
@@ -643,7 +653,8 @@ class Coordinator:
         workers = self.workers.usable()
         if not workers:
             raise ServiceError(UNAVAILABLE, "no worker is available (none configured, "
-                               "registered or reachable); start workers and retry")
+                               "registered or reachable); start workers and retry"
+                               + self.workers.unusable_reasons())
         cond = threading.Condition()
         queue = collections.deque(range(n))
         running: dict[int, list] = {}           # micro-batch -> [(worker, start time)]
@@ -965,19 +976,22 @@ def _split(value: str | None) -> list[str]:
 
 def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_shards: int = 1,
           state_dir: str | None = None, checkpoint_every: int = 10, deadline: float = 30.0,
-          worker_timeout: float = 300.0, config=None, **config_kw):
+          worker_timeout: float = 300.0, config=None, peer=None, **config_kw):
     """Start a coordinator server in this process (tests, embedding).
 
     ``shards``: addresses of shard servers; without them ``embedded_shards`` shards run in
-    this process. Returns the RunningServer with ``.coordinator`` set.
+    this process. ``peer``: a :class:`~gradmesh.server.runtime.PeerConfig`, how workers
+    and shards are dialled (default: plaintext, with the server's own token). Returns the
+    RunningServer with ``.coordinator`` set.
     """
-    from gradmesh.server.runtime import ServerConfig, serve
+    from gradmesh.server.runtime import PeerConfig, ServerConfig, serve
     from gradmesh.v1 import coordinator_pb2_grpc
     config = config or ServerConfig(**config_kw)
-    pool = WorkerPool(workers, timeout=worker_timeout, token=config.token,
-                      max_message_bytes=config.max_message_bytes)
+    peer = peer or PeerConfig(None, config.token)
+    pool = WorkerPool(workers, timeout=worker_timeout, token=peer.token,
+                      max_message_bytes=config.max_message_bytes, tls=peer.tls)
     if shards:
-        handles = [RemoteShard(a, token=config.token,
+        handles = [RemoteShard(a, token=peer.token, tls=peer.tls,
                                max_message_bytes=config.max_message_bytes) for a in shards]
     else:
         handles = [EmbeddedShard(ShardStore(os.path.join(state_dir, "shards", str(i))
@@ -997,8 +1011,9 @@ def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh coordinator``."""
-    from gradmesh.server.runtime import add_server_arguments, env_default
+    from gradmesh.server.runtime import add_peer_arguments, add_server_arguments, env_default
     add_server_arguments(parser, DEFAULT_PORT)
+    add_peer_arguments(parser, "workers and shards")
     d = env_default
     g = parser.add_argument_group("coordinator")
     g.add_argument("--workers", default=d("workers", ""),
@@ -1019,7 +1034,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``gradmesh coordinator``: serve until SIGTERM, then checkpoint."""
-    from gradmesh.server.runtime import ConfigError, config_from_args, configure_logging
+    from gradmesh.server.runtime import (ConfigError, config_from_args, configure_logging,
+                                         peer_config_from_args)
     config = config_from_args(args)
     configure_logging(config)
     if args.checkpoint_every < 0 or args.embedded_shards < 1 or args.micro_batch_deadline <= 0:
@@ -1027,11 +1043,12 @@ def run(args: argparse.Namespace) -> int:
               "--micro-batch-deadline > 0", file=sys.stderr)
         return 2
     try:
+        peer = peer_config_from_args(args, config)
         running = start(workers=_split(args.workers), shards=_split(args.shards),
                         embedded_shards=args.embedded_shards, state_dir=args.state_dir,
                         checkpoint_every=args.checkpoint_every,
                         deadline=args.micro_batch_deadline,
-                        worker_timeout=args.worker_timeout, config=config)
+                        worker_timeout=args.worker_timeout, config=config, peer=peer)
     except (ConfigError, checkpoint.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+# Servers and clients share the message-size and keepalive options (client/channel.py).
+from gradmesh.client.channel import TLS, channel_options
+
 log = logging.getLogger("gradmesh.server")
 
 MiB = 1 << 20
@@ -149,6 +152,86 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 class ConfigError(ValueError):
     """A server configuration that must not start (e.g. plaintext on a public address)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Outgoing connections (the coordinator's to workers and shards, a worker's registration)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class PeerConfig:
+    """How a service dials the services it depends on: ``tls`` (None: plaintext) and the
+    bearer ``token`` it sends them."""
+    tls: TLS | None = None
+    token: str | None = None
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser, whom: str) -> None:
+    """Add the ``--peer-*`` flags: TLS and token of the connections to ``whom``.
+
+    Defaults follow the server's own flags, for a deployment with one CA and one token:
+    with ``--tls-ca`` (mTLS) the peers are dialled with TLS too, verified with that CA and
+    presenting this server's ``--tls-cert``/``--tls-key``; the token sent is ``--token``.
+    """
+    g = parser.add_argument_group(
+        f"connections to {whom} (each flag also reads GRADMESH_<FLAG>; defaults follow "
+        f"this server's own --tls-*/--token flags)")
+    d = env_default
+    g.add_argument("--peer-tls-ca", default=d("peer-tls-ca", None),
+                   help=f"CA bundle (PEM) to verify {whom} with; turns on TLS to them "
+                        f"(default: --tls-ca if given, else plaintext)")
+    g.add_argument("--peer-tls-cert", default=d("peer-tls-cert", None),
+                   help=f"client certificate (PEM) shown to {whom} for mTLS (default: "
+                        f"--tls-cert when TLS to them is on)")
+    g.add_argument("--peer-tls-key", default=d("peer-tls-key", None),
+                   help="private key (PEM) of --peer-tls-cert (default: --tls-key)")
+    g.add_argument("--peer-server-name", default=d("peer-server-name", None),
+                   help=f"name to check in the certificates of {whom} instead of the host "
+                        f"dialled (e.g. when it is an IP address their certificates lack)")
+    g.add_argument("--peer-insecure", action="store_true", default=_env_bool("PEER_INSECURE"),
+                   help=f"dial {whom} in plaintext even though --tls-ca is given")
+    g.add_argument("--peer-token", default=d("peer-token", None),
+                   help=f"bearer token sent to {whom} (default: --token)")
+    g.add_argument("--peer-token-file", default=d("peer-token-file", None),
+                   help="file holding --peer-token")
+
+
+def peer_config_from_args(args: argparse.Namespace, config: ServerConfig) -> PeerConfig:
+    """The :class:`PeerConfig` of flags added with :func:`add_peer_arguments`; raises
+    ConfigError for contradictory flags or certificate files that cannot be read."""
+    token = args.peer_token
+    if args.peer_token_file:
+        try:
+            with open(args.peer_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read --peer-token-file: {e}") from None
+    token = token or config.token
+    explicit = [f for f, v in (("--peer-tls-ca", args.peer_tls_ca),
+                               ("--peer-tls-cert", args.peer_tls_cert),
+                               ("--peer-tls-key", args.peer_tls_key),
+                               ("--peer-server-name", args.peer_server_name)) if v]
+    if args.peer_insecure:
+        if explicit:
+            raise ConfigError(f"--peer-insecure contradicts {', '.join(explicit)}")
+        return PeerConfig(None, token)
+    if bool(args.peer_tls_cert) != bool(args.peer_tls_key):
+        raise ConfigError("a client certificate for peers needs both --peer-tls-cert and "
+                          "--peer-tls-key")
+    if not (args.peer_tls_ca or args.peer_tls_cert or config.tls_ca):
+        if args.peer_server_name:
+            raise ConfigError("--peer-server-name needs TLS to peers (--peer-tls-ca, or "
+                              "--tls-ca)")
+        return PeerConfig(None, token)
+    cert, key = (args.peer_tls_cert, args.peer_tls_key) if args.peer_tls_cert else \
+        (config.tls_cert, config.tls_key)
+    tls = TLS(ca=args.peer_tls_ca or config.tls_ca, cert=cert, key=key,
+              server_name=args.peer_server_name)
+    try:
+        tls.credentials()           # fail at start-up, not at the first call
+    except OSError as e:
+        raise ConfigError(f"cannot read a TLS file for connections to peers: {e}") from None
+    return PeerConfig(tls, token)
 
 
 def is_loopback(host: str) -> bool:
@@ -440,18 +523,6 @@ def _wrap(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
 # Serving
 # ---------------------------------------------------------------------------------------
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Message-size and keepalive options shared by servers and clients."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
 def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return channel_options(config.max_message_bytes) + [
         # Accept clients' keepalive pings every 10 s without answering GOAWAY.
@@ -593,6 +664,7 @@ def serve_forever(config: ServerConfig, services: Sequence[ServiceSpec],
     return 0
 
 
-__all__ = ["ServerConfig", "ServiceError", "ConfigError", "RunningServer", "abort",
-           "add_server_arguments", "channel_options", "config_from_args", "configure_logging",
-           "env_default", "rich_status", "serve", "serve_forever", "status_code"]
+__all__ = ["ServerConfig", "ServiceError", "ConfigError", "RunningServer", "PeerConfig", "abort",
+           "add_peer_arguments", "add_server_arguments", "channel_options", "config_from_args",
+           "configure_logging", "env_default", "peer_config_from_args", "rich_status", "serve",
+           "serve_forever", "status_code"]

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -505,14 +505,15 @@ class RemoteShard:
     ``ServiceError`` with the remote status code, so the coordinator treats both alike)."""
 
     def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
-                 max_message_bytes: int = 64 << 20):
-        from gradmesh.server.runtime import channel_options
+                 max_message_bytes: int = 64 << 20, tls: Any = None):
+        from gradmesh.client.channel import channel, metadata
         from gradmesh.v1 import shard_pb2_grpc
         self.name = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        # tls: None (plaintext) or a gradmesh TLS (see client/channel.py).
+        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
         self._stub = shard_pb2_grpc.ParameterShardStub(self._channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+        self._metadata = metadata(token)
 
     def _call(self, fn, *args):
         try:

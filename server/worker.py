@@ -723,6 +723,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--advertise", default=d("advertise", None),
                    help="the address the coordinator should dial (default: the bound "
                         "address; in Kubernetes, $(POD_IP):PORT)")
+    runtime.add_peer_arguments(parser, "the coordinator (--coordinator)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -740,6 +741,7 @@ def run(args: argparse.Namespace) -> int:
                           max_tensor_elements=args.max_tensor_elements,
                           max_stream_bytes=args.max_stream_bytes, chunk_bytes=args.chunk_bytes)
     try:
+        peer = runtime.peer_config_from_args(args, config)
         running = start(args.backend, config=config, limits=limits,
                         graph_cache_size=args.graph_cache_size,
                         plan_cache_size=args.plan_cache_size)
@@ -751,7 +753,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coordinator:
         from gradmesh.client.coordinator import WorkerRegistration
         registration = WorkerRegistration(args.coordinator, args.advertise or running.address,
-                                          token=config.token).start()
+                                          token=peer.token, tls=peer.tls).start()
     try:
         running.wait()
     finally:

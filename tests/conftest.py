@@ -1,10 +1,16 @@
 """Shared fixtures: free ports and in-process servers on 127.0.0.1 that are always stopped."""
 from __future__ import annotations
 
+import shutil
 import socket
-from typing import Callable, Iterator
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import pytest
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
+                                   reason="needs the openssl CLI")
 
 
 def free_port() -> int:
@@ -13,6 +19,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_certs(directory: Path, names: Sequence[str] = ("server", "client"),
+               ca: str = "ca") -> Callable[[str], str]:
+    """With the ``openssl`` CLI, in ``directory``: a CA (``{ca}.pem``/``{ca}.key``, made
+    unless it exists) and, for each name, ``{name}.pem``/``{name}.key`` signed by it and
+    valid for 127.0.0.1 and localhost, as a server and as a client. Returns
+    ``path(filename) -> str``. Tests that call it need ``@needs_openssl``."""
+    def ssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    if not (directory / f"{ca}.pem").exists():
+        ssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1",
+            "-subj", f"/CN=gradmesh-test-{ca}")
+    for name in names:
+        ssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+    return lambda filename: str(directory / filename)
 
 
 @pytest.fixture(name="free_port")

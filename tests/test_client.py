@@ -3,7 +3,6 @@ tokens, TLS/mTLS, and the server plumbing it relies on (config, metrics, shutdow
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import urllib.request
 
@@ -19,7 +18,7 @@ from gradmesh.client import errors
 from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
 
-from conftest import free_port
+from conftest import free_port, make_certs, needs_openssl
 from test_worker_raw_grpc import W, X, expected, hand_graph
 
 
@@ -156,19 +155,9 @@ def test_from_rpc_error_without_details():
     assert str(err) == "NOT_FOUND in ComputeGradients: gone"
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+@needs_openssl
 def test_mtls(tmp_path):
-    def ssl(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "1", "-subj", "/CN=test-ca")
-    for name in ("server", "client"):
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}")
-        (tmp_path / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
-    p = lambda n: str(tmp_path / n)  # noqa: E731
+    p = make_certs(tmp_path)
     running = worker_mod.start(tls_cert=p("server.pem"), tls_key=p("server.key"),
                                tls_ca=p("ca.pem"))
     try:

@@ -1,0 +1,896 @@
+"""Property-based fuzzing of the gRPC surface (DESIGN §10).
+
+Real servers on 127.0.0.1 (one worker, one shard server, one coordinator with its own
+worker, started once for the module) are driven with the generated stubs only (no SDK),
+with hypothesis strategies that produce:
+
+(a) structurally valid but semantically random ``Graph`` messages for RegisterGraph and
+    inline ComputeGradients (ops in and outside the registry, forward and out-of-range
+    value ids, attributes of every kind including wrong kinds, huge ints and NaN, shapes
+    with negative and huge dims, unknown dtype/role enum values, CONST values of the wrong
+    byte length), with parameters and data that mostly fit them, so that accepted graphs
+    run;
+(b) random tensors (dtype enum values, shapes, data lengths, out-of-range index values)
+    for two registered graphs;
+(c) garbled ComputeGradientsStream frame sequences (chunks before the header, wrong
+    tensor_index, out-of-order or overlapping offsets, too many or missing bytes, frames
+    of the wrong kind, undecodable bytes);
+(d) random ParameterShard requests (Load, Pull, PushGradients, Apply, DropJob) and
+    Coordinator requests (CreateJob, Step, GetParameters, JobStatus).
+
+Properties, for every call: it ends within its deadline with a status in the set allowed
+for that RPC (never INTERNAL or UNKNOWN), INVALID_ARGUMENT names the offending field in
+its google.rpc.BadRequest details, and after each example the server answers a health
+check and a known-good request exactly as it did before the example (nothing lost or
+corrupted). Examples are derandomized so CI runs the same cases every time.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from gradmesh.core.registry import REGISTRY
+from gradmesh.server import coordinator as coordinator_mod
+from gradmesh.server import worker as worker_mod
+from gradmesh.server.runtime import ServerConfig
+from gradmesh.server.shard import ShardStore, serve_shard
+from gradmesh.v1 import (coordinator_pb2, coordinator_pb2_grpc, graph_pb2, shard_pb2,
+                         shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc)
+
+C = grpc.StatusCode
+OK, INVALID, EXHAUSTED = C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED
+NOT_FOUND, FAILED, EXISTS = C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS
+DEADLINE = 10.0                 # every call has one: a hang fails as DEADLINE_EXCEEDED
+
+# Allowed status codes per RPC (anything else, INTERNAL and UNKNOWN above all, fails):
+# - RegisterGraph: OK; INVALID_ARGUMENT for a malformed graph; RESOURCE_EXHAUSTED for a
+#   graph over the worker's limits (nodes, elements, CONST bytes, attribute lengths).
+GRAPH_CODES = {OK, INVALID, EXHAUSTED}
+# - ComputeGradients / ComputeGradientsStream: the same, plus NOT_FOUND for a graph_id
+#   the worker does not know (worker.proto). No FAILED_PRECONDITION: a worker is stateless.
+COMPUTE_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND}
+# - ParameterShard (shard.proto): NOT_FOUND for a job not loaded, FAILED_PRECONDITION for
+#   version/step mismatches and Apply before every micro-batch was pushed, ALREADY_EXISTS
+#   for a Load that differs from the loaded job, RESOURCE_EXHAUSTED for stream limits.
+SHARD_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND, FAILED, EXISTS}
+# - Coordinator (coordinator.proto): the shard's set; FAILED_PRECONDITION is a step id out
+#   of sequence. UNAVAILABLE (no worker) cannot happen here: the coordinator has a worker.
+#   OUT_OF_RANGE is not used by any gradmesh service, so it is not allowed either.
+COORDINATOR_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND, FAILED, EXISTS}
+
+FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much,
+                                       HealthCheck.function_scoped_fixture])
+
+F32, F64, I64, I32, BOOL, F16 = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.INT64,
+                                 tensor_pb2.INT32, tensor_pb2.BOOL, tensor_pb2.FLOAT16)
+NP_OF = {F32: "<f4", F64: "<f8", I64: "<i8", I32: "<i4", BOOL: "u1", F16: "<f2"}
+PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
+
+
+# ====================================================================== calling ==========
+
+def bad_request_field(error: grpc.RpcError) -> str | None:
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad) and bad.field_violations:
+            return bad.field_violations[0].field
+    return None
+
+
+def rpc(method, request, allowed, *, stream_response=False):
+    """Call ``method`` with a deadline; assert the status is allowed. Returns (code, reply,
+    BadRequest field)."""
+    try:
+        reply = method(request, timeout=DEADLINE)
+        if stream_response:
+            reply = list(reply)
+    except grpc.RpcError as e:
+        code, field = e.code(), bad_request_field(e)
+        assert code in allowed, f"{code.name}: {e.details()} (field {field})"
+        if code == INVALID:
+            assert field, f"INVALID_ARGUMENT without a BadRequest field: {e.details()}"
+        return code, None, field
+    return OK, reply, None
+
+
+def healthy(channel) -> None:
+    resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                     timeout=DEADLINE)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ====================================================================== tensors ==========
+
+def tensor_bytes(dtype: int, n: int, seed: int, flavor: int) -> bytes:
+    """Valid element bytes for ``n`` elements: small values, wide values or non-finite."""
+    rng = np.random.default_rng(seed)
+    if dtype in (F32, F64, F16):
+        a = rng.standard_normal(n) * (1e30 if flavor == 2 else 1.0)
+        if flavor == 3 and n:
+            a[rng.integers(0, n)] = rng.choice([np.nan, np.inf, -np.inf])
+    elif dtype == BOOL:
+        a = rng.integers(0, 2, n)
+    else:
+        a = rng.integers(0, 4, n) if flavor < 2 else rng.integers(-2 ** 31, 2 ** 31 - 1, n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return a.astype(NP_OF[dtype]).tobytes()
+
+
+def make_tensor(dtype: int, shape, data: bytes = b"") -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(dtype=dtype, shape=list(shape), data=data)
+
+
+def small_count(shape, limit: int = 256) -> int | None:
+    """Elements of ``shape`` when it is a real and small shape, else None."""
+    if any(d < 0 for d in shape):
+        return None
+    n = math.prod(shape)
+    return n if n <= limit else None
+
+
+WEIRD_DIMS = [-1, -2, 2 ** 31, 2 ** 40, 2 ** 62, 2 ** 63 - 1, -2 ** 63]
+dims = st.one_of(st.integers(0, 3), st.integers(1, 3), st.integers(0, 4),
+                 st.sampled_from(WEIRD_DIMS))
+shapes = st.lists(dims, max_size=3)
+dtype_enums = st.one_of(st.sampled_from([F32, F32, F64, I64, I32, BOOL, F16]),
+                        st.sampled_from([0, 7, 99, -1, 2 ** 31 - 1]))
+seeds = st.integers(0, 2 ** 32 - 1)
+
+
+@st.composite
+def data_for(draw, dtype: int, shape) -> bytes:
+    """Bytes for a tensor: usually exactly right, sometimes the wrong length or bool
+    elements that are not 0/1."""
+    n = small_count(shape)
+    kind = draw(st.sampled_from(["right"] * 6 + ["short", "long", "garbage"]))
+    if n is None or dtype not in NP_OF:
+        return draw(st.binary(max_size=16))
+    good = tensor_bytes(dtype, n, draw(seeds), draw(st.integers(0, 3)))
+    if kind == "short":
+        return good[:-1] if good else b"\0"
+    if kind == "long":
+        return good + b"\0" * draw(st.integers(1, 8))
+    if kind == "garbage" and good:
+        return draw(st.binary(min_size=len(good), max_size=len(good)))
+    return good
+
+
+# ====================================================================== graphs ===========
+
+OPS = sorted(REGISTRY)
+op_names = st.one_of(st.sampled_from(OPS), st.sampled_from(OPS), st.sampled_from(OPS),
+                     st.sampled_from(["", "os_system", "__import__", "MM", "mm ", "eval"]))
+HUGE_INTS = [2 ** 31, 2 ** 62, 2 ** 63 - 1, -2 ** 63, -2 ** 31 - 1]
+ints = st.one_of(st.integers(-3, 4), st.integers(-3, 4), st.sampled_from(HUGE_INTS))
+floats = st.one_of(st.floats(-3, 3), st.sampled_from([math.nan, math.inf, -math.inf, 1e308,
+                                                     -0.0, 5e-324]))
+ATTR_VALUES = {
+    "i": ints,
+    "f": floats,
+    "b": st.booleans(),
+    "s": st.one_of(st.sampled_from(["mean", "sum", "none", "tanh", "cpu", "cuda", ""]),
+                   st.text(max_size=4)),
+    "ints": st.one_of(st.lists(ints, max_size=4), st.lists(st.integers(-2, 3), min_size=65,
+                                                           max_size=70)),
+    "floats": st.lists(floats, max_size=4),
+    "dtype": st.sampled_from(["float32", "float64", "int64", "int32", "bool", "float16",
+                              "complex64", "", "object"]),
+    "none": st.just(True),
+}
+KIND_FIELD = {"int": "i", "float": "f", "bool": "b", "str": "s", "ints": "ints",
+              "floats": "floats", "dtype": "dtype"}
+
+
+def set_attr(a: graph_pb2.Attribute, which: str, value) -> None:
+    if which in ("ints", "floats"):
+        getattr(a, which).values.extend(value)
+    else:
+        setattr(a, which, value)
+
+
+@st.composite
+def attributes(draw, op):
+    """Attributes for ``op``: declared names with values of the declared kind, mostly."""
+    out = []
+    declared = sorted(op.attrs) if op is not None else []
+    names = draw(st.lists(st.sampled_from(declared), unique=True)) if declared else []
+    if draw(st.integers(0, 7)) == 0:
+        names.append(draw(st.sampled_from(["bogus", ""] + declared)))   # unknown or twice
+    for name in names:
+        kind = op.attrs[name][0] if op is not None and name in op.attrs else "int"
+        which = KIND_FIELD[kind.rstrip("?")]
+        if kind.endswith("?") and draw(st.integers(0, 3)) == 0:
+            which = "none"
+        if draw(st.integers(0, 7)) == 0:
+            which = draw(st.sampled_from(sorted(ATTR_VALUES)))           # the wrong kind
+        a = graph_pb2.Attribute(name=name)
+        set_attr(a, which, draw(ATTR_VALUES[which]))
+        out.append(a)
+    return out
+
+
+@st.composite
+def graphs(draw) -> graph_pb2.Graph:
+    g = graph_pb2.Graph(version=draw(st.sampled_from([1] * 8 + [0, 2, 2 ** 32 - 1])))
+    for i in range(draw(st.integers(0, 4))):
+        role = draw(st.sampled_from([PARAM, PARAM, DATA, DATA, CONST, 0, 9, -3]))
+        dtype = draw(dtype_enums)
+        shape = draw(shapes)
+        if role == DATA and draw(st.booleans()):
+            shape = [-1] + shape[1:]
+        name = draw(st.sampled_from([f"in{i}"] * 8 + ["", "in0"]))
+        inp = g.inputs.add(name=name, role=role, dtype=dtype, shape=shape)
+        if role == CONST or draw(st.integers(0, 11)) == 0:
+            vdtype, vshape = dtype, shape
+            if draw(st.integers(0, 7)) == 0:
+                vdtype, vshape = draw(dtype_enums), draw(shapes)
+            inp.value.CopyFrom(make_tensor(vdtype, vshape, draw(data_for(vdtype, vshape))))
+    n_in = len(g.inputs)
+    for k in range(draw(st.integers(0, 5))):
+        name = draw(op_names)
+        op = REGISTRY.get(name)
+        arity = op.arity if op is not None and op.arity is not None else \
+            draw(st.integers(1, 3))
+        if draw(st.integers(0, 9)) == 0:
+            arity = draw(st.integers(0, 4))
+        values = n_in + k
+        in_range = st.integers(0, values - 1) if values else st.just(0)
+        value_ids = st.one_of(in_range, in_range, in_range,
+                              st.sampled_from([values, values + 3, 2 ** 32 - 1]))
+        g.nodes.add(op=name, inputs=[draw(value_ids) for _ in range(arity)],
+                    attrs=draw(attributes(op)))
+    values = n_in + len(g.nodes)
+    if values and draw(st.integers(0, 3)):
+        # Make a floating scalar loss of the last value, so that many graphs pass.
+        g.nodes.add(op="cast", inputs=[values - 1],
+                    attrs=[graph_pb2.Attribute(name="dtype", dtype="float32")])
+        g.nodes.add(op="sum", inputs=[values])
+        values += 2
+    last = max(values - 1, 0)
+    if draw(st.integers(0, 9)):
+        g.outputs.add(name="loss", value=last)
+    for j in range(draw(st.integers(0, 2))):
+        g.outputs.add(name=draw(st.sampled_from([f"out{j}", "loss", ""])),
+                      value=draw(st.one_of(st.integers(0, last),
+                                           st.sampled_from([values, 2 ** 32 - 1]))))
+    return g
+
+
+@st.composite
+def requests_for(draw, g: graph_pb2.Graph, **ref) -> worker_pb2.ComputeGradientsRequest:
+    """A ComputeGradientsRequest whose tensors mostly fit the inputs of graph ``g``."""
+    req = worker_pb2.ComputeGradientsRequest(**ref)
+    batch = draw(st.sampled_from([1, 2, 3, 0]))
+    for inp in g.inputs:
+        if inp.role not in (PARAM, DATA) or draw(st.integers(0, 15)) == 0:
+            continue                                            # CONST, or a missing input
+        shape = [batch if (j == 0 and d == -1 and inp.role == DATA) else d
+                 for j, d in enumerate(inp.shape)]
+        dtype = inp.dtype if draw(st.integers(0, 11)) else draw(dtype_enums)
+        field = req.parameters if inp.role == PARAM else req.data
+        field.add(name=inp.name, tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
+    if draw(st.integers(0, 11)) == 0:
+        extra = req.parameters if draw(st.booleans()) else req.data
+        dtype, shape = draw(dtype_enums), draw(shapes)
+        extra.add(name=draw(st.sampled_from(["zz", "", "in0"])),
+                  tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
+    params = [i.name for i in g.inputs if i.role == PARAM]
+    names = params + ["nope"] if draw(st.integers(0, 7)) == 0 else params
+    if names and draw(st.booleans()):
+        req.gradients.extend(draw(st.lists(st.sampled_from(names), max_size=3)))
+    outs = [o.name for o in g.outputs[1:]] + (["nope"] if draw(st.booleans()) else [])
+    if outs and draw(st.booleans()):
+        req.outputs.extend(draw(st.lists(st.sampled_from(outs), max_size=2)))
+    req.loss_scale = draw(st.sampled_from([0.0] * 6 + [0.5, -2.0, math.nan, math.inf, 1e300]))
+    req.seed = draw(st.integers(0, 2 ** 64 - 1))
+    return req
+
+
+@st.composite
+def graph_cases(draw):
+    graph = draw(graphs())
+    return graph, draw(requests_for(graph, graph=graph))
+
+
+# ====================================================================== the worker =======
+
+W = [1.0, -2.0, 3.0, 0.5, -1.0, 2.0]                       # [3, 2]
+X = [1.0, 2.0, 3.0, -4.0, 5.0, 6.0]                        # [2, 3]
+W_BYTES, X_BYTES = struct.pack("<6f", *W), struct.pack("<6f", *X)
+
+
+def hand_graph() -> graph_pb2.Graph:
+    """loss = sum(x @ w): w PARAM float32 [3, 2], x DATA float32 [-1, 3]."""
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[3, 2]),
+                graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[-1, 3])],
+        nodes=[graph_pb2.Node(op="mm", inputs=[1, 0]), graph_pb2.Node(op="sum", inputs=[2])],
+        outputs=[graph_pb2.Output(name="loss", value=3),
+                 graph_pb2.Output(name="logits", value=2)])
+
+
+def index_graph() -> graph_pb2.Graph:
+    """Data-dependent ops: loss = nll_loss(log_softmax((x + emb[idx]) @ w), y)."""
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[3, 2]),     # 0
+                graph_pb2.Input(name="emb", role=PARAM, dtype=F32, shape=[4, 3]),   # 1
+                graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[-1, 3]),     # 2
+                graph_pb2.Input(name="idx", role=DATA, dtype=I64, shape=[-1]),      # 3
+                graph_pb2.Input(name="y", role=DATA, dtype=I64, shape=[-1])],       # 4
+        nodes=[graph_pb2.Node(op="embedding", inputs=[3, 1]),                       # 5
+               graph_pb2.Node(op="add", inputs=[2, 5]),                             # 6
+               graph_pb2.Node(op="mm", inputs=[6, 0]),                              # 7
+               graph_pb2.Node(op="log_softmax", inputs=[7]),                        # 8
+               graph_pb2.Node(op="nll_loss", inputs=[8, 4])],                       # 9
+        outputs=[graph_pb2.Output(name="loss", value=9),
+                 graph_pb2.Output(name="logits", value=7)])
+
+
+def good_request(**ref) -> worker_pb2.ComputeGradientsRequest:
+    ref = ref or {"graph": hand_graph()}
+    return worker_pb2.ComputeGradientsRequest(
+        parameters=[tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2], W_BYTES))],
+        data=[tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, [2, 3], X_BYTES))],
+        outputs=["logits"], **ref)
+
+
+def answer(resp: worker_pb2.ComputeGradientsResponse) -> tuple:
+    """What must not change between calls: everything but the timings."""
+    return (resp.graph_id, resp.loss.SerializeToString(),
+            [o.SerializeToString() for o in resp.outputs],
+            [g.SerializeToString() for g in resp.gradients])
+
+
+# Small limits: every graph that passes is cheap to run, and the limits are exercised.
+FUZZ_LIMITS = worker_mod.WorkerLimits(max_graph_nodes=32, max_graph_inputs=16,
+                                      max_tensor_elements=1 << 16, max_const_bytes=1 << 14,
+                                      max_attr_values=64, max_stream_bytes=1 << 20)
+
+
+class Served:
+    """A running server, a channel to it and what its known-good request answered."""
+
+    def __init__(self, running, stub_cls):
+        self.running = running
+        self.channel = grpc.insecure_channel(running.address)
+        self.stub = stub_cls(self.channel)
+        self.baseline = None
+
+    def close(self):
+        self.channel.close()
+        self.running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def fuzz_worker():
+    served = Served(worker_mod.start("cpu", limits=FUZZ_LIMITS), worker_pb2_grpc.WorkerStub)
+    stub = served.stub
+    served.hand_id = stub.RegisterGraph(worker_pb2.RegisterGraphRequest(graph=hand_graph()),
+                                        timeout=DEADLINE).graph_id
+    served.index_id = stub.RegisterGraph(worker_pb2.RegisterGraphRequest(graph=index_graph()),
+                                         timeout=DEADLINE).graph_id
+    served.baseline = answer(stub.ComputeGradients(good_request(), timeout=DEADLINE))
+    yield served
+    served.close()
+
+
+def check_worker(served) -> None:
+    """The worker answers a health check and the known-good request bit for bit as before,
+    inline and by the id registered at the start (so its graph cache lost nothing)."""
+    healthy(served.channel)
+    assert answer(served.stub.ComputeGradients(good_request(), timeout=DEADLINE)) == \
+        served.baseline
+    by_id = served.stub.ComputeGradients(good_request(graph_id=served.hand_id),
+                                         timeout=DEADLINE)
+    assert answer(by_id) == served.baseline
+
+
+def check_reply(req, graph, resp) -> None:
+    """An OK reply holds what was asked for: a floating scalar loss, one gradient per
+    requested parameter with the parameter's dtype and shape, the requested outputs."""
+    assert list(resp.loss.shape) == [] and resp.loss.dtype in (F32, F64, F16)
+    params = {i.name: i for i in graph.inputs if i.role == PARAM}
+    want = list(req.gradients) or list(params)
+    assert [g.name for g in resp.gradients] == want
+    for g in resp.gradients:
+        assert g.tensor.dtype == params[g.name].dtype
+        assert list(g.tensor.shape) == list(params[g.name].shape)
+    assert [o.name for o in resp.outputs] == list(req.outputs)
+
+
+@settings(FUZZ, max_examples=200)
+@given(case=graph_cases())
+def test_fuzz_random_graphs(fuzz_worker, case):
+    graph, req = case
+    stub = fuzz_worker.stub
+    code, resp, field = rpc(stub.RegisterGraph, worker_pb2.RegisterGraphRequest(graph=graph),
+                            GRAPH_CODES)
+    if code == OK:
+        assert resp.graph_id == hashlib.sha256(
+            graph.SerializeToString(deterministic=True)).hexdigest()
+    else:
+        assert field.startswith("graph")
+    code2, resp2, field2 = rpc(stub.ComputeGradients, req, COMPUTE_CODES)
+    event(f"register {code.name}, compute {code2.name}")
+    if code != OK:
+        # An inline graph is validated as RegisterGraph validates it.
+        assert (code2, field2) == (code, field)
+    if code2 == OK:
+        check_reply(req, graph, resp2)
+    check_worker(fuzz_worker)
+
+
+# -------------------------------------------------------------- (b) random tensors ------
+
+@st.composite
+def named_tensor_lists(draw, names):
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        dtype, shape = draw(dtype_enums), draw(shapes)
+        out.append(tensor_pb2.NamedTensor(name=draw(st.sampled_from(names)),
+                                          tensor=make_tensor(dtype, shape,
+                                                             draw(data_for(dtype, shape)))))
+    return out
+
+
+@st.composite
+def tensor_cases(draw, hand_id: str, index_id: str):
+    which = draw(st.sampled_from(["hand", "index", "index", "random"]))
+    graph = index_graph() if which == "index" else hand_graph()
+    ref = draw(st.sampled_from([
+        {"graph_id": hand_id if which != "index" else index_id},
+        {"graph_id": hand_id if which != "index" else index_id},
+        {"graph": graph}, {"graph_id": "0" * 64}, {"graph_id": ""}, {}]))
+    if which == "random":
+        # Free-form tensors: names, dtypes, shapes and lengths all random.
+        names = ["w", "x", "emb", "idx", "y", "", "zz"]
+        req = worker_pb2.ComputeGradientsRequest(
+            **ref, parameters=draw(named_tensor_lists(names)),
+            data=draw(named_tensor_lists(names)))
+        return graph, req
+    # Tensors that fit the graph, then a few single-field mutations.
+    req = draw(requests_for(graph, **ref))
+    for _ in range(draw(st.integers(0, 3))):
+        items = list(req.parameters) + list(req.data)
+        if not items:
+            break
+        t = draw(st.sampled_from(items)).tensor
+        what = draw(st.sampled_from(["dtype", "dim", "rank", "data", "values"]))
+        if what == "dtype":
+            t.dtype = draw(dtype_enums)
+        elif what == "dim" and t.shape:
+            t.shape[draw(st.integers(0, len(t.shape) - 1))] = draw(dims)
+        elif what == "rank":
+            t.shape.append(draw(dims)) if draw(st.booleans()) or not t.shape else t.shape.pop()
+        elif what == "data":
+            t.data = draw(st.binary(max_size=64))
+        elif what == "values" and t.dtype in NP_OF and small_count(t.shape) is not None:
+            # Right length, any value: out-of-range indices and labels, NaN, bool 7.
+            n = small_count(t.shape)
+            t.data = draw(st.binary(min_size=n * np.dtype(NP_OF[t.dtype]).itemsize,
+                                    max_size=n * np.dtype(NP_OF[t.dtype]).itemsize))
+    return graph, req
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_fuzz_random_tensors(fuzz_worker, data):
+    graph, req = data.draw(tensor_cases(fuzz_worker.hand_id, fuzz_worker.index_id))
+    code, resp, field = rpc(fuzz_worker.stub.ComputeGradients, req, COMPUTE_CODES)
+    event(f"{code.name} {field}")
+    if code == OK:
+        check_reply(req, graph, resp)
+    check_worker(fuzz_worker)
+
+
+# -------------------------------------------------------------- (c) stream frames -------
+
+def stream_header(graph_ref: dict) -> worker_pb2.ComputeGradientsRequest:
+    req = good_request(**graph_ref)
+    for nt in list(req.parameters) + list(req.data):
+        nt.tensor.data = b""
+    return req
+
+
+@st.composite
+def cuts(draw, data: bytes) -> list[tuple[int, bytes]]:
+    """``data`` cut into contiguous (offset, piece) chunks."""
+    points = sorted(set(draw(st.lists(st.integers(1, len(data) - 1), max_size=3))))
+    bounds = [0] + points + [len(data)]
+    return [(a, data[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def reference_assembly(chunks: list[tuple[int, int, bytes]], sizes: list[int]) -> bool:
+    """Whether a chunk sequence is a valid stream (tensor.proto's Chunk rules): each
+    tensor's bytes in order, contiguous from 0, non-empty, nothing past the end, nothing
+    missing."""
+    current, filled = 0, [0] * len(sizes)
+    for index, offset, data in chunks:
+        if index != current or offset != filled[index] or not data or \
+                offset + len(data) > sizes[index]:
+            return False
+        filled[index] += len(data)
+        while current < len(sizes) and filled[current] == sizes[current]:
+            current += 1
+    return current == len(sizes)
+
+
+MUTATIONS = ["drop", "duplicate", "swap", "index", "offset", "extra", "empty", "truncate"]
+
+
+@st.composite
+def stream_cases(draw, hand_id: str):
+    """(frames, valid): the frames of a ComputeGradientsStream call, and whether they
+    form a valid request (None when the header itself is fuzzed)."""
+    header = stream_header(draw(st.sampled_from([{"graph_id": hand_id},
+                                                 {"graph": hand_graph()}])))
+    header.stream_gradients_early = draw(st.booleans())
+    valid: bool | None = True
+    if draw(st.integers(0, 5)) == 0:
+        # Fuzz the header too: a field of one tensor changed, or data left in it.
+        t = draw(st.sampled_from([header.parameters[0].tensor, header.data[0].tensor]))
+        what = draw(st.sampled_from(["dtype", "dim", "data"]))
+        if what == "dtype":
+            t.dtype = draw(dtype_enums)
+        elif what == "dim":
+            t.shape[draw(st.integers(0, 1))] = draw(dims)
+        else:
+            t.data = b"\0" * 4
+        valid = None
+    chunks = [(0, o, d) for o, d in draw(cuts(W_BYTES))] + \
+        [(1, o, d) for o, d in draw(cuts(X_BYTES))]
+    for _ in range(draw(st.integers(0, 3))):
+        what = draw(st.sampled_from(MUTATIONS))
+        k = draw(st.integers(0, len(chunks) - 1)) if chunks else 0
+        if not chunks:
+            break
+        i, o, d = chunks[k]
+        if what == "drop":
+            del chunks[k]
+        elif what == "duplicate":
+            chunks.insert(k, chunks[k])                 # overlapping bytes
+        elif what == "swap" and k + 1 < len(chunks):
+            chunks[k], chunks[k + 1] = chunks[k + 1], chunks[k]
+        elif what == "index":
+            chunks[k] = (draw(st.sampled_from([0, 1, 2, 2 ** 32 - 1])), o, d)
+        elif what == "offset":
+            chunks[k] = (i, draw(st.sampled_from([0, o + 1, max(o - 1, 0), 24, 2 ** 64 - 1])), d)
+        elif what == "extra":
+            chunks[k] = (i, o, d + b"\0" * draw(st.integers(1, 30)))   # too many bytes
+        elif what == "empty":
+            chunks[k] = (i, o, b"")
+        elif what == "truncate":
+            chunks[k] = (i, o, d[:-1])
+    if valid is not None:
+        valid = reference_assembly(chunks, [len(W_BYTES), len(X_BYTES)])
+    frames = [worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=i, offset=o, data=d))
+              .SerializeToString() for i, o, d in chunks]
+    frames.insert(0, worker_pb2.StreamFrame(request=header).SerializeToString())
+    # Frames of the wrong kind or order, and bytes that are no StreamFrame at all.
+    wrong = draw(st.sampled_from([None] * 6 + ["chunk_first", "second_header", "response",
+                                              "empty_frame", "garbage", "no_header"]))
+    if wrong is not None:
+        valid = False
+        at = draw(st.integers(0, len(frames)))
+        if wrong == "chunk_first":
+            frames.insert(0, frames.pop()) if len(frames) > 1 else frames.clear()
+        elif wrong == "second_header":
+            frames.insert(max(at, 1), frames[0])
+        elif wrong == "response":
+            frames.insert(at, worker_pb2.StreamFrame(
+                response=worker_pb2.ComputeGradientsResponse()).SerializeToString())
+        elif wrong == "empty_frame":
+            frames.insert(at, b"")                      # a StreamFrame with no kind set
+        elif wrong == "garbage":
+            frames.insert(at, draw(st.sampled_from([b"\xff\xff\xff", b"\x1a\x05\x08",
+                                                    b"\x0a\x7f", b"\x1a\x02\x1a\x09"])))
+        elif wrong == "no_header":
+            frames.pop(0)
+    return frames, valid
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_fuzz_stream_frames(fuzz_worker, data):
+    frames, valid = data.draw(stream_cases(fuzz_worker.hand_id))
+    # Raw bytes on the wire (identity serializer): a client in any language can send these.
+    call = fuzz_worker.channel.stream_stream(
+        "/gradmesh.v1.Worker/ComputeGradientsStream", request_serializer=lambda b: b,
+        response_deserializer=worker_pb2.StreamFrame.FromString)
+    code, replies, _ = rpc(lambda it, timeout: call(it, timeout=timeout), iter(frames),
+                           COMPUTE_CODES, stream_response=True)
+    if valid is not None:
+        assert (code == OK) == valid, f"{code} for a {'valid' if valid else 'bad'} stream"
+    if code == OK:
+        # The reply's loss is the known-good request's (the bytes are W and X).
+        losses = [r.response.loss for r in replies if r.response.HasField("loss")]
+        assert losses and list(losses[0].shape) == []
+        chunk = next(r.chunk for r in replies if r.WhichOneof("kind") == "chunk")
+        assert chunk.tensor_index == 0
+        assert chunk.data == tensor_pb2.Tensor.FromString(fuzz_worker.baseline[1]).data
+    check_worker(fuzz_worker)
+
+
+# ====================================================================== the shard ========
+
+SENTINEL = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+            "b": np.array([1.5, -2.0, 0.25, 8.0], np.float32)}
+FZ = {"w": np.ones((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+SHARD_JOB_IDS = ["fz", "fz", "fz", "nope", "", "a/b", ".", "..", "x" * 129, "ü", "fz\n",
+                 "x" * 128]
+
+
+def named_headers(arrays: dict) -> list[tensor_pb2.NamedTensor]:
+    wire = {np.dtype(np.float32): F32, np.dtype(np.float64): F64, np.dtype(np.float16): F16,
+            np.dtype(np.int64): I64}
+    return [tensor_pb2.NamedTensor(name=n, tensor=make_tensor(wire[a.dtype], a.shape))
+            for n, a in arrays.items()]
+
+
+def tensor_frames(frame_cls, kind, header, buffers, chunk=16):
+    frames = [frame_cls(**{kind: header})]
+    for i, buf in enumerate(buffers):
+        for off in range(0, len(buf), chunk):
+            frames.append(frame_cls(chunk=tensor_pb2.Chunk(tensor_index=i, offset=off,
+                                                           data=buf[off:off + chunk])))
+    return frames
+
+
+def load_frames(job_id, arrays, optimizer):
+    header = shard_pb2.LoadRequest(job_id=job_id, parameters=named_headers(arrays),
+                                   optimizer=optimizer)
+    return tensor_frames(shard_pb2.ShardFrame, "load", header,
+                         [a.tobytes() for a in arrays.values()])
+
+
+optimizers = st.builds(
+    lambda name, lr, momentum, beta1, nesterov: shard_pb2.Optimizer(
+        name=name, **{k: v for k, v in (("lr", lr), ("momentum", momentum), ("beta1", beta1),
+                                        ("nesterov", nesterov)) if v is not None}),
+    st.sampled_from(["sgd", "sgd", "adam", "adamw", "", "rmsprop", "SGD"]),
+    st.one_of(st.none(), st.sampled_from([0.1, 0.0, -1.0, math.nan, math.inf, 1e308])),
+    st.one_of(st.none(), st.sampled_from([0.9, -0.5, math.nan])),
+    st.one_of(st.none(), st.sampled_from([0.5, 1.0, -0.1, math.nan])),
+    st.one_of(st.none(), st.booleans()))
+
+
+@st.composite
+def tensor_sets(draw, like: dict) -> tuple[list, list[bytes]]:
+    """NamedTensor headers and their bytes: ``like``'s names, dtypes and shapes mostly,
+    with random changes (names, dtypes, shapes, byte counts)."""
+    headers, buffers = [], []
+    names = list(like) if draw(st.integers(0, 3)) else draw(
+        st.lists(st.sampled_from(["w", "b", "", "v"]), max_size=3))
+    for name in names:
+        a = like.get(name, next(iter(like.values())))
+        dtype = {np.dtype(np.float32): F32}[a.dtype] if draw(st.integers(0, 5)) else \
+            draw(dtype_enums)
+        shape = list(a.shape) if draw(st.integers(0, 5)) else draw(shapes)
+        n = small_count(shape)
+        if n is None or dtype not in NP_OF:
+            buf = draw(st.binary(max_size=8))
+        else:
+            buf = tensor_bytes(dtype, n, draw(seeds), draw(st.integers(0, 3)))
+            if draw(st.integers(0, 7)) == 0:
+                buf = buf[:-1] if draw(st.booleans()) else buf + b"\0"
+        headers.append(tensor_pb2.NamedTensor(name=name, tensor=make_tensor(dtype, shape)))
+        buffers.append(buf)
+    return headers, buffers
+
+
+COUNTS = [0, 1, 1, 2, 3, 2 ** 32 - 1]
+U64 = [0, 1, 2, 3, 2 ** 63, 2 ** 64 - 1]
+
+
+@st.composite
+def shard_calls(draw):
+    """A list of (method name, request or frames) for the shard."""
+    calls = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["load", "pull", "push", "push", "apply", "apply",
+                                     "drop", "status"]))
+        job = draw(st.sampled_from(SHARD_JOB_IDS))
+        if kind == "load":
+            headers, buffers = draw(tensor_sets(FZ))
+            header = shard_pb2.LoadRequest(job_id=job, parameters=headers,
+                                           optimizer=draw(optimizers))
+            calls.append(("Load", tensor_frames(shard_pb2.ShardFrame, "load", header,
+                                                buffers)))
+        elif kind == "pull":
+            calls.append(("Pull", shard_pb2.PullRequest(
+                job_id=job, version=draw(st.sampled_from(U64)),
+                names=draw(st.lists(st.sampled_from(["w", "b", "v", ""]), max_size=3)))))
+        elif kind == "push":
+            headers, buffers = draw(tensor_sets(FZ))
+            header = shard_pb2.PushGradientsRequest(
+                job_id=job, step_id=draw(st.sampled_from(U64)),
+                micro_batch=draw(st.sampled_from(COUNTS)),
+                micro_batches=draw(st.sampled_from(COUNTS)),
+                version=draw(st.sampled_from(U64)), gradients=headers)
+            calls.append(("PushGradients", tensor_frames(shard_pb2.ShardFrame, "push", header,
+                                                         buffers)))
+        elif kind == "apply":
+            calls.append(("Apply", shard_pb2.ApplyRequest(
+                job_id=job, step_id=draw(st.sampled_from(U64)),
+                micro_batches=draw(st.sampled_from(COUNTS)),
+                version=draw(st.sampled_from(U64)), checkpoint=draw(st.booleans()))))
+        elif kind == "drop":
+            calls.append(("DropJob", shard_pb2.DropJobRequest(job_id=job)))
+        else:
+            calls.append(("Status", shard_pb2.ShardStatusRequest()))
+    return calls
+
+
+def pulled(stub, job_id: str) -> tuple[int, dict]:
+    frames = list(stub.Pull(shard_pb2.PullRequest(job_id=job_id), timeout=DEADLINE))
+    header = frames[0].pulled
+    data = b"".join(f.chunk.data for f in frames[1:])
+    out, pos = {}, 0
+    for nt in header.parameters:
+        n = math.prod(nt.tensor.shape) * np.dtype(NP_OF[nt.tensor.dtype]).itemsize
+        out[nt.name] = (nt.tensor.dtype, list(nt.tensor.shape), data[pos:pos + n])
+        pos += n
+    return header.version, out
+
+
+@pytest.fixture(scope="module")
+def fuzz_shard():
+    store = ShardStore()
+    served = Served(serve_shard(ServerConfig(port=0), store), shard_pb2_grpc.ParameterShardStub)
+    sgd = shard_pb2.Optimizer(name="sgd", lr=0.5)
+    for job, arrays in (("sentinel", SENTINEL), ("fz", FZ)):
+        assert served.stub.Load(iter(load_frames(job, arrays, sgd)),
+                                timeout=DEADLINE).version == 0
+    served.baseline = pulled(served.stub, "sentinel")
+    yield served
+    served.close()
+
+
+@settings(FUZZ, max_examples=150)
+@given(calls=shard_calls())
+def test_fuzz_shard(fuzz_shard, calls):
+    stub = fuzz_shard.stub
+    before = {j.job_id: j.version for j in stub.Status(shard_pb2.ShardStatusRequest(),
+                                                       timeout=DEADLINE).jobs}
+    applied = 0
+    for method, request in calls:
+        streaming_in = isinstance(request, list)
+        code, reply, _ = rpc(getattr(stub, method), iter(request) if streaming_in else request,
+                             SHARD_CODES, stream_response=(method == "Pull"))
+        if method == "Apply" and code == OK and not reply.already_applied:
+            applied += 1
+    healthy(fuzz_shard.channel)
+    # The sentinel job (never named by the fuzzer) is exactly as loaded.
+    assert pulled(stub, "sentinel") == fuzz_shard.baseline
+    # Versions only move by applied steps; every job listed can be pulled whole.
+    after = {j.job_id: j.version for j in stub.Status(shard_pb2.ShardStatusRequest(),
+                                                      timeout=DEADLINE).jobs}
+    for job_id, version in after.items():
+        if job_id in before:
+            assert before[job_id] <= version <= before[job_id] + applied
+        v, arrays = pulled(stub, job_id)
+        assert v == version and arrays
+
+
+# ====================================================================== the coordinator ==
+
+@pytest.fixture(scope="module")
+def fuzz_coordinator():
+    worker = worker_mod.start("cpu")
+    running = coordinator_mod.start(workers=[worker.address])
+    served = Served(running, coordinator_pb2_grpc.CoordinatorStub)
+    served.worker = worker
+    stub = served.stub
+    for job in ("sentinel", "fz"):
+        stub.CreateJob(iter(create_frames(job)), timeout=DEADLINE)
+    served.first_step = stub.Step(good_step("sentinel", 1), timeout=DEADLINE)
+    served.baseline = coordinator_state(stub)
+    yield served
+    served.close()
+    running.coordinator.close()
+    worker.stop(0)
+
+
+def create_frames(job_id, *, graph=None, params=None, optimizer=None, micro=2):
+    header = coordinator_pb2.CreateJobRequest(
+        job_id=job_id, graph=graph or hand_graph(), micro_batch_size=micro,
+        optimizer=optimizer or shard_pb2.Optimizer(name="sgd", lr=0.1))
+    if params is None:
+        params = ([tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2]))],
+                  [W_BYTES])
+    header.parameters.extend(params[0])
+    return tensor_frames(coordinator_pb2.CoordinatorFrame, "create_job", header, params[1])
+
+
+def good_step(job_id, step_id):
+    return coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id, batch=[
+        tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, [2, 3], X_BYTES))])
+
+
+def coordinator_state(stub) -> tuple:
+    """The sentinel job's status, parameters and the replay of its step 1."""
+    status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id="sentinel"),
+                            timeout=DEADLINE)
+    params = [f.SerializeToString() for f in stub.GetParameters(
+        coordinator_pb2.GetParametersRequest(job_id="sentinel"), timeout=DEADLINE)]
+    replay = stub.Step(good_step("sentinel", 1), timeout=DEADLINE)
+    assert replay.replayed
+    return (status.SerializeToString(deterministic=True), params,
+            (replay.step_id, replay.loss, replay.version, replay.batch_size))
+
+
+COORD_JOB_IDS = ["fz", "fz", "fz", "new", "nope", "", "a/b", "..", "x" * 129]
+
+
+@st.composite
+def coordinator_calls(draw):
+    calls = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["create", "step", "step", "step", "get", "status"]))
+        job = draw(st.sampled_from(COORD_JOB_IDS))
+        if kind == "create":
+            graph = draw(st.sampled_from([None, None, "index", "random"]))
+            graph = hand_graph() if graph is None else (
+                index_graph() if graph == "index" else draw(graphs()))
+            w = {"w": np.frombuffer(W_BYTES, np.float32).reshape(3, 2)}
+            headers, buffers = draw(tensor_sets(w)) if draw(st.integers(0, 2)) == 0 else \
+                ([tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2]))],
+                 [W_BYTES])
+            calls.append(("CreateJob", create_frames(
+                job, graph=graph, params=(headers, buffers), optimizer=draw(optimizers),
+                micro=draw(st.sampled_from([0, 1, 2, 3, 2 ** 32 - 1])))))
+        elif kind == "step":
+            req = coordinator_pb2.StepRequest(job_id=job,
+                                              step_id=draw(st.sampled_from(U64 + [1, 2])))
+            if draw(st.integers(0, 2)):
+                rows = draw(st.sampled_from([1, 2, 3, 5, 0]))
+                req.batch.add(name="x", tensor=make_tensor(
+                    F32, [rows, 3], tensor_bytes(F32, rows * 3, draw(seeds),
+                                                 draw(st.integers(0, 3)))))
+                if draw(st.integers(0, 3)) == 0:
+                    t = req.batch[0].tensor
+                    t.CopyFrom(make_tensor(draw(dtype_enums), draw(shapes)))
+                    t.data = draw(data_for(t.dtype, list(t.shape)))
+            else:
+                req.batch.extend(draw(named_tensor_lists(["x", "y", "", "w"])))
+            calls.append(("Step", req))
+        elif kind == "get":
+            calls.append(("GetParameters", coordinator_pb2.GetParametersRequest(
+                job_id=job, names=draw(st.lists(st.sampled_from(["w", "x", ""]),
+                                                max_size=2)))))
+        else:
+            calls.append(("JobStatus", coordinator_pb2.JobStatusRequest(job_id=job)))
+    return calls
+
+
+@settings(FUZZ, max_examples=80)
+@given(calls=coordinator_calls())
+def test_fuzz_coordinator(fuzz_coordinator, calls):
+    stub = fuzz_coordinator.stub
+    for method, request in calls:
+        streaming_in = isinstance(request, list)
+        code, reply, _ = rpc(getattr(stub, method), iter(request) if streaming_in else request,
+                             COORDINATOR_CODES, stream_response=(method == "GetParameters"))
+        if method == "Step" and code == OK:
+            status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=request.job_id),
+                                    timeout=DEADLINE)
+            assert status.last_step_id >= reply.step_id and reply.version >= 1
+    healthy(fuzz_coordinator.channel)
+    assert coordinator_state(stub) == fuzz_coordinator.baseline
