@@ -225,6 +225,8 @@ def peer_config_from_args(args: argparse.Namespace, config: ServerConfig) -> Pee
         return PeerConfig(None, token)
     cert, key = (args.peer_tls_cert, args.peer_tls_key) if args.peer_tls_cert else \
         (config.tls_cert, config.tls_key)
+    if bool(cert) != bool(key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
     tls = TLS(ca=args.peer_tls_ca or config.tls_ca, cert=cert, key=key,
               server_name=args.peer_server_name)
     try:

@@ -33,7 +33,7 @@ from gradmesh.core import backend as core_backend
 from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
 from gradmesh.core import serialize
-from gradmesh.core.registry import REGISTRY
+from gradmesh.core.registry import REGISTRY, OpError
 from gradmesh.server import runtime
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -353,6 +353,11 @@ class GradientWorker:
             if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 self.abandoned += 1
             raise
+        except (IndexError, OpError) as e:
+            # What validation cannot see: values out of range for their op (an embedding
+            # index, a class label, an integer power). The ops raise these on purpose with
+            # a message naming the op; it is the request's fault, not the worker's.
+            raise ServiceError(INVALID, f"{e}", "data" if prepared.data else "graph") from None
         outputs = [(name, result.outputs[name]) for name in prepared.outputs]
         grads = [(name, result.grads[name]) for name in prepared.gradients]
         return Computed(result.loss, outputs, grads, result.forward_seconds,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
 
 import grpc
@@ -68,7 +69,11 @@ SHARD_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND, FAILED, EXISTS}
 #   OUT_OF_RANGE is not used by any gradmesh service, so it is not allowed either.
 COORDINATOR_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND, FAILED, EXISTS}
 
-FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
+# CI runs a fixed, derandomized set of examples. GRADMESH_FUZZ_SCALE=N runs N times as
+# many examples from a random seed (to hunt for new bugs; hypothesis prints how to
+# reproduce a failure).
+SCALE = float(os.environ.get("GRADMESH_FUZZ_SCALE", "1"))
+FUZZ = settings(derandomize=SCALE <= 1, database=None, deadline=None, print_blob=SCALE > 1,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much,
                                        HealthCheck.function_scoped_fixture])
@@ -143,12 +148,21 @@ def small_count(shape, limit: int = 256) -> int | None:
     return n if n <= limit else None
 
 
+def mostly(common, rare, odds: int = 9):
+    """``common`` about ``odds`` times as often as ``rare``, so that most examples get past
+    the first check and reach the deeper ones."""
+    return st.sampled_from([False] * odds + [True]).flatmap(lambda r: rare if r else common)
+
+
+def rarely(draw, odds: int = 9) -> bool:
+    return draw(st.sampled_from([False] * odds + [True]))
+
+
 WEIRD_DIMS = [-1, -2, 2 ** 31, 2 ** 40, 2 ** 62, 2 ** 63 - 1, -2 ** 63]
-dims = st.one_of(st.integers(0, 3), st.integers(1, 3), st.integers(0, 4),
-                 st.sampled_from(WEIRD_DIMS))
+dims = mostly(st.integers(1, 3), st.sampled_from([0] + WEIRD_DIMS), 12)
 shapes = st.lists(dims, max_size=3)
-dtype_enums = st.one_of(st.sampled_from([F32, F32, F64, I64, I32, BOOL, F16]),
-                        st.sampled_from([0, 7, 99, -1, 2 ** 31 - 1]))
+dtype_enums = mostly(st.sampled_from([F32, F32, F32, F64, I64, I32, BOOL, F16]),
+                     st.sampled_from([0, 7, 99, -1, 2 ** 31 - 1]))
 seeds = st.integers(0, 2 ** 32 - 1)
 
 
@@ -157,7 +171,7 @@ def data_for(draw, dtype: int, shape) -> bytes:
     """Bytes for a tensor: usually exactly right, sometimes the wrong length or bool
     elements that are not 0/1."""
     n = small_count(shape)
-    kind = draw(st.sampled_from(["right"] * 6 + ["short", "long", "garbage"]))
+    kind = draw(mostly(st.just("right"), st.sampled_from(["short", "long", "garbage"])))
     if n is None or dtype not in NP_OF:
         return draw(st.binary(max_size=16))
     good = tensor_bytes(dtype, n, draw(seeds), draw(st.integers(0, 3)))
@@ -173,20 +187,29 @@ def data_for(draw, dtype: int, shape) -> bytes:
 # ====================================================================== graphs ===========
 
 OPS = sorted(REGISTRY)
-op_names = st.one_of(st.sampled_from(OPS), st.sampled_from(OPS), st.sampled_from(OPS),
-                     st.sampled_from(["", "os_system", "__import__", "MM", "mm ", "eval"]))
+# Ops that accept most inputs (so that chains of them pass), and ops whose result depends
+# on the values of their inputs (indices, labels, masks): half of the nodes use these.
+EASY_OPS = ["relu", "neg", "exp", "tanh", "sigmoid", "abs", "sqrt", "log", "add", "mul",
+            "sub", "div", "pow", "maximum", "sum", "amax", "prod", "mm", "matmul", "cast",
+            "softmax", "log_softmax", "cumsum", "reshape", "permute", "flip", "expand",
+            "where", "clamp", "eq", "logical_not", "argmax", "argsort", "tril",
+            "embedding", "gather", "index", "index_put", "scatter_add", "nll_loss",
+            "nonzero", "dropout_mask", "slice", "cat", "stack"]
+assert set(EASY_OPS) <= set(OPS)
+op_names = mostly(st.one_of(st.sampled_from(OPS), st.sampled_from(EASY_OPS)),
+                  st.sampled_from(["", "os_system", "__import__", "MM", "mm ", "eval"]), 15)
 HUGE_INTS = [2 ** 31, 2 ** 62, 2 ** 63 - 1, -2 ** 63, -2 ** 31 - 1]
-ints = st.one_of(st.integers(-3, 4), st.integers(-3, 4), st.sampled_from(HUGE_INTS))
-floats = st.one_of(st.floats(-3, 3), st.sampled_from([math.nan, math.inf, -math.inf, 1e308,
-                                                     -0.0, 5e-324]))
+ints = mostly(st.integers(-2, 4), st.sampled_from(HUGE_INTS), 5)
+floats = mostly(st.floats(-3, 3), st.sampled_from([math.nan, math.inf, -math.inf, 1e308,
+                                                  -0.0, 5e-324]), 5)
 ATTR_VALUES = {
     "i": ints,
     "f": floats,
     "b": st.booleans(),
     "s": st.one_of(st.sampled_from(["mean", "sum", "none", "tanh", "cpu", "cuda", ""]),
                    st.text(max_size=4)),
-    "ints": st.one_of(st.lists(ints, max_size=4), st.lists(st.integers(-2, 3), min_size=65,
-                                                           max_size=70)),
+    "ints": mostly(st.lists(ints, max_size=4),
+                   st.lists(st.integers(-2, 3), min_size=65, max_size=70), 12),
     "floats": st.lists(floats, max_size=4),
     "dtype": st.sampled_from(["float32", "float64", "int64", "int32", "bool", "float16",
                               "complex64", "", "object"]),
@@ -209,14 +232,14 @@ def attributes(draw, op):
     out = []
     declared = sorted(op.attrs) if op is not None else []
     names = draw(st.lists(st.sampled_from(declared), unique=True)) if declared else []
-    if draw(st.integers(0, 7)) == 0:
+    if rarely(draw):
         names.append(draw(st.sampled_from(["bogus", ""] + declared)))   # unknown or twice
     for name in names:
         kind = op.attrs[name][0] if op is not None and name in op.attrs else "int"
         which = KIND_FIELD[kind.rstrip("?")]
-        if kind.endswith("?") and draw(st.integers(0, 3)) == 0:
+        if kind.endswith("?") and rarely(draw, 3):
             which = "none"
-        if draw(st.integers(0, 7)) == 0:
+        if rarely(draw):
             which = draw(st.sampled_from(sorted(ATTR_VALUES)))           # the wrong kind
         a = graph_pb2.Attribute(name=name)
         set_attr(a, which, draw(ATTR_VALUES[which]))
@@ -226,18 +249,22 @@ def attributes(draw, op):
 
 @st.composite
 def graphs(draw) -> graph_pb2.Graph:
-    g = graph_pb2.Graph(version=draw(st.sampled_from([1] * 8 + [0, 2, 2 ** 32 - 1])))
+    g = graph_pb2.Graph(version=draw(mostly(st.just(1), st.sampled_from([0, 2, 2 ** 32 - 1]),
+                                            15)))
     for i in range(draw(st.integers(0, 4))):
-        role = draw(st.sampled_from([PARAM, PARAM, DATA, DATA, CONST, 0, 9, -3]))
+        role = draw(mostly(st.sampled_from([PARAM, DATA, DATA, CONST]),
+                           st.sampled_from([0, 9, -3]), 15))
         dtype = draw(dtype_enums)
         shape = draw(shapes)
+        if role == PARAM and not rarely(draw):
+            dtype = draw(st.sampled_from([F32, F32, F64, F16]))
         if role == DATA and draw(st.booleans()):
             shape = [-1] + shape[1:]
-        name = draw(st.sampled_from([f"in{i}"] * 8 + ["", "in0"]))
+        name = draw(mostly(st.just(f"in{i}"), st.sampled_from(["", "in0"]), 15))
         inp = g.inputs.add(name=name, role=role, dtype=dtype, shape=shape)
-        if role == CONST or draw(st.integers(0, 11)) == 0:
+        if role == CONST or rarely(draw, 15):
             vdtype, vshape = dtype, shape
-            if draw(st.integers(0, 7)) == 0:
+            if rarely(draw):
                 vdtype, vshape = draw(dtype_enums), draw(shapes)
             inp.value.CopyFrom(make_tensor(vdtype, vshape, draw(data_for(vdtype, vshape))))
     n_in = len(g.inputs)
@@ -246,28 +273,30 @@ def graphs(draw) -> graph_pb2.Graph:
         op = REGISTRY.get(name)
         arity = op.arity if op is not None and op.arity is not None else \
             draw(st.integers(1, 3))
-        if draw(st.integers(0, 9)) == 0:
+        if rarely(draw, 15):
             arity = draw(st.integers(0, 4))
         values = n_in + k
-        in_range = st.integers(0, values - 1) if values else st.just(0)
-        value_ids = st.one_of(in_range, in_range, in_range,
-                              st.sampled_from([values, values + 3, 2 ** 32 - 1]))
+        # Mostly the newest values (a chain), sometimes any, rarely undefined ones.
+        recent = st.integers(max(values - 2, 0), values - 1) if values else st.just(0)
+        anywhere = st.integers(0, values - 1) if values else st.just(0)
+        value_ids = mostly(st.one_of(recent, recent, anywhere),
+                           st.sampled_from([values, values + 3, 2 ** 32 - 1]), 20)
         g.nodes.add(op=name, inputs=[draw(value_ids) for _ in range(arity)],
                     attrs=draw(attributes(op)))
     values = n_in + len(g.nodes)
-    if values and draw(st.integers(0, 3)):
+    if values and not rarely(draw, 5):
         # Make a floating scalar loss of the last value, so that many graphs pass.
         g.nodes.add(op="cast", inputs=[values - 1],
                     attrs=[graph_pb2.Attribute(name="dtype", dtype="float32")])
         g.nodes.add(op="sum", inputs=[values])
         values += 2
     last = max(values - 1, 0)
-    if draw(st.integers(0, 9)):
+    if not rarely(draw, 15):
         g.outputs.add(name="loss", value=last)
     for j in range(draw(st.integers(0, 2))):
-        g.outputs.add(name=draw(st.sampled_from([f"out{j}", "loss", ""])),
-                      value=draw(st.one_of(st.integers(0, last),
-                                           st.sampled_from([values, 2 ** 32 - 1]))))
+        g.outputs.add(name=draw(mostly(st.just(f"out{j}"), st.sampled_from(["loss", ""]))),
+                      value=draw(mostly(st.integers(0, last),
+                                        st.sampled_from([values, 2 ** 32 - 1]))))
     return g
 
 
@@ -277,26 +306,27 @@ def requests_for(draw, g: graph_pb2.Graph, **ref) -> worker_pb2.ComputeGradients
     req = worker_pb2.ComputeGradientsRequest(**ref)
     batch = draw(st.sampled_from([1, 2, 3, 0]))
     for inp in g.inputs:
-        if inp.role not in (PARAM, DATA) or draw(st.integers(0, 15)) == 0:
+        if inp.role not in (PARAM, DATA) or rarely(draw, 20):
             continue                                            # CONST, or a missing input
         shape = [batch if (j == 0 and d == -1 and inp.role == DATA) else d
                  for j, d in enumerate(inp.shape)]
-        dtype = inp.dtype if draw(st.integers(0, 11)) else draw(dtype_enums)
+        dtype = draw(dtype_enums) if rarely(draw, 15) else inp.dtype
         field = req.parameters if inp.role == PARAM else req.data
         field.add(name=inp.name, tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
-    if draw(st.integers(0, 11)) == 0:
+    if rarely(draw, 15):
         extra = req.parameters if draw(st.booleans()) else req.data
         dtype, shape = draw(dtype_enums), draw(shapes)
         extra.add(name=draw(st.sampled_from(["zz", "", "in0"])),
                   tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
     params = [i.name for i in g.inputs if i.role == PARAM]
-    names = params + ["nope"] if draw(st.integers(0, 7)) == 0 else params
+    names = params + ["nope"] if rarely(draw) else params
     if names and draw(st.booleans()):
         req.gradients.extend(draw(st.lists(st.sampled_from(names), max_size=3)))
-    outs = [o.name for o in g.outputs[1:]] + (["nope"] if draw(st.booleans()) else [])
+    outs = [o.name for o in g.outputs[1:]] + (["nope"] if rarely(draw, 3) else [])
     if outs and draw(st.booleans()):
         req.outputs.extend(draw(st.lists(st.sampled_from(outs), max_size=2)))
-    req.loss_scale = draw(st.sampled_from([0.0] * 6 + [0.5, -2.0, math.nan, math.inf, 1e300]))
+    req.loss_scale = draw(mostly(st.sampled_from([0.0, 0.5, -2.0]),
+                                 st.sampled_from([math.nan, math.inf, 1e300])))
     req.seed = draw(st.integers(0, 2 ** 64 - 1))
     return req
 
@@ -415,7 +445,7 @@ def check_reply(req, graph, resp) -> None:
     assert [o.name for o in resp.outputs] == list(req.outputs)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=int(200 * SCALE))
 @given(case=graph_cases())
 def test_fuzz_random_graphs(fuzz_worker, case):
     graph, req = case
@@ -428,7 +458,7 @@ def test_fuzz_random_graphs(fuzz_worker, case):
     else:
         assert field.startswith("graph")
     code2, resp2, field2 = rpc(stub.ComputeGradients, req, COMPUTE_CODES)
-    event(f"register {code.name}, compute {code2.name}")
+    event(f"register {code.name} {field and field.split('.')[1][:9]}, compute {code2.name}")
     if code != OK:
         # An inline graph is validated as RegisterGraph validates it.
         assert (code2, field2) == (code, field)
@@ -489,7 +519,7 @@ def tensor_cases(draw, hand_id: str, index_id: str):
     return graph, req
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=int(150 * SCALE))
 @given(data=st.data())
 def test_fuzz_random_tensors(fuzz_worker, data):
     graph, req = data.draw(tensor_cases(fuzz_worker.hand_id, fuzz_worker.index_id))
@@ -606,7 +636,7 @@ def stream_cases(draw, hand_id: str):
     return frames, valid
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=int(150 * SCALE))
 @given(data=st.data())
 def test_fuzz_stream_frames(fuzz_worker, data):
     frames, valid = data.draw(stream_cases(fuzz_worker.hand_id))
@@ -763,7 +793,7 @@ def fuzz_shard():
     served.close()
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=int(150 * SCALE))
 @given(calls=shard_calls())
 def test_fuzz_shard(fuzz_shard, calls):
     stub = fuzz_shard.stub
@@ -880,7 +910,7 @@ def coordinator_calls(draw):
     return calls
 
 
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=int(80 * SCALE))
 @given(calls=coordinator_calls())
 def test_fuzz_coordinator(fuzz_coordinator, calls):
     stub = fuzz_coordinator.stub

@@ -302,6 +302,8 @@ def test_contradictory_or_unreadable_peer_flags_are_refused(pki, tmp_path):
         _peer(["--peer-server-name", "x"])
     with pytest.raises(runtime.ConfigError, match="cannot read"):
         _peer(["--peer-tls-ca", str(tmp_path / "missing.pem")])
+    with pytest.raises(runtime.ConfigError, match="--tls-key"):
+        _peer(["--tls-ca", pki("ca.pem"), "--tls-cert", pki("coordinator.pem")])
 
 
 def test_worker_has_the_peer_flags_for_its_registration():
