@@ -68,66 +68,44 @@ def make_batch(m: Model, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-# ------------------------------------------------------------------------ gradmesh ------
+# ---------------------------------------------------------------- gradmesh and torch ------
+
+def library_step(lib, m: Model, params, x, y) -> Callable[[], object]:
+    """The step as a PyTorch user writes it; ``lib`` is ``gradmesh.core`` or ``torch``, the
+    same code for both (which is the point of gradmesh's API)."""
+    layers = []
+    for i, (w, b) in enumerate(params):
+        lin = lib.nn.Linear(w.shape[1], w.shape[0])
+        with lib.no_grad():
+            lin.weight.copy_(lib.from_numpy(w))
+            lin.bias.copy_(lib.from_numpy(b))
+        layers.append(lin)
+        if i < len(params) - 1:
+            layers.append(lib.nn.ReLU())
+    model = lib.nn.Sequential(*layers)
+    opt = lib.optim.SGD(model.parameters(), lr=LR)
+    xt, yt = lib.from_numpy(x), lib.from_numpy(y)
+    F = lib.nn.functional
+    loss_fn = F.cross_entropy if m.loss == "ce" else F.mse_loss
+
+    def step():
+        opt.zero_grad()
+        loss = loss_fn(model(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
 
 def gradmesh_step(m: Model, params, x, y) -> Callable[[], object]:
     import gradmesh.core as gm
-    from gradmesh.core import nn, optim
-    import gradmesh.core.nn.functional as F
+    return library_step(gm, m, params, x, y)
 
-    layers = []
-    for i, (w, b) in enumerate(params):
-        lin = nn.Linear(w.shape[1], w.shape[0])
-        with gm.no_grad():
-            lin.weight.copy_(gm.from_numpy(w))
-            lin.bias.copy_(gm.from_numpy(b))
-        layers.append(lin)
-        if i < len(params) - 1:
-            layers.append(nn.ReLU())
-    model = nn.Sequential(*layers)
-    opt = optim.SGD(model.parameters(), lr=LR)
-    xt, yt = gm.from_numpy(x), gm.from_numpy(y)
-    loss_fn = F.cross_entropy if m.loss == "ce" else F.mse_loss
-
-    def step():
-        opt.zero_grad()
-        loss = loss_fn(model(xt), yt)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
-
-
-# --------------------------------------------------------------------------- torch ------
 
 def torch_step(m: Model, params, x, y) -> Callable[[], object]:
     import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    layers = []
-    for i, (w, b) in enumerate(params):
-        lin = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers.append(lin)
-        if i < len(params) - 1:
-            layers.append(nn.ReLU())
-    model = nn.Sequential(*layers)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    loss_fn = F.cross_entropy if m.loss == "ce" else F.mse_loss
-
-    def step():
-        opt.zero_grad()
-        loss = loss_fn(model(xt), yt)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+    return library_step(torch, m, params, x, y)
 
 
 # ------------------------------------------------------------------- hand-written ------
