@@ -108,6 +108,9 @@ def tensor_buffer(x) -> memoryview:
     """The wire bytes of an array as a memoryview: no copy for a little-endian, C-contiguous
     NumPy array (a CuPy array is copied to the host once)."""
     a, _ = _wire_array(x)
+    if not a.size:
+        # memoryview.cast refuses a shape with a zero in it, e.g. (0, 3).
+        return memoryview(b"")
     return memoryview(a).cast("B")
 
 
@@ -341,7 +344,16 @@ class Assembler:
         self.total_bytes = total
         # Uninitialised: every byte is overwritten by a chunk, and finish() refuses a
         # tensor that is not complete (zero-filling 64 MiB costs ~60 ms here).
-        self._buffers = [np.empty(s.nbytes, np.uint8) for s in self.slots]
+        self._buffers = []
+        for s in self.slots:
+            try:
+                self._buffers.append(np.empty(s.nbytes, np.uint8))
+            except MemoryError:
+                # Within the limits but more than this process can get now: a limit too.
+                self._buffers = []
+                raise WireError(f"{s.path}.shape", f"cannot allocate {s.nbytes} bytes for "
+                                f"this tensor now ({total} bytes in all); send less",
+                                RESOURCE_EXHAUSTED) from None
         self._views = [memoryview(b) for b in self._buffers]
         self._filled = [0] * len(self.slots)
         self._current = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import itertools
 import logging
 import os
 import sys
@@ -79,10 +80,35 @@ class MicroResult:
 
 
 class WorkerError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field          # the worker's BadRequest field, e.g. "data[y]"
+
+
+def _worker_field(error: grpc.RpcError) -> str | None:
+    """The first google.rpc.BadRequest field of a failed worker call, if any."""
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+        status = rpc_status.from_call(error)
+        for detail in status.details if status is not None else ():
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(bad) and bad.field_violations:
+                return bad.field_violations[0].field
+    except Exception:  # noqa: BLE001  (no or malformed details: no field)
+        pass
+    return None
+
+
+def _batch_field(worker_field: str | None) -> str:
+    """A worker's field as the Step request names it: the worker's ``data[x]`` is the
+    step's ``batch[x]``; anything else the worker refused (a value out of range for an
+    op, a size over its limits) was caused by the batch too."""
+    if worker_field and worker_field.startswith("data"):
+        return "batch" + worker_field[len("data"):]
+    return "batch"
 
 
 class WorkerHandle:
@@ -154,7 +180,8 @@ class WorkerHandle:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 self.graphs.discard(graph_id)     # the worker restarted: send it inline
-            raise WorkerError(e.code(), e.details() or str(e.code())) from None
+            raise WorkerError(e.code(), e.details() or str(e.code()),
+                              _worker_field(e)) from None
 
     def _compute_stream(self, req, params: "ParamSet", data: dict,
                         graph_id: str) -> MicroResult:
@@ -431,6 +458,36 @@ class Coordinator:
             self._restore()
 
     # -- CreateJob ------------------------------------------------------------------------
+    def check_create_header(self, header) -> None:
+        """CreateJob's checks on its stream's header (the parameters' dtypes and shapes, no
+        bytes yet), so that nothing is allocated for a job that would be refused;
+        ``create_job`` checks the decoded parameters again."""
+        if not header.HasField("graph"):
+            raise ServiceError(INVALID, "graph is missing", "graph")
+        if not header.HasField("optimizer"):
+            raise ServiceError(INVALID, "optimizer is missing", "optimizer")
+        if header.job_id:
+            check_job_id(header.job_id)
+        if header.micro_batch_size < 1:
+            raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
+        optimizer_from_proto(header.optimizer)
+        names, specs, _, _ = _graph_signature(header.graph)
+        seen = set()
+        for nt in header.parameters:
+            field = f"parameters[{nt.name}]"
+            spec = specs.get(nt.name)
+            if spec is None:
+                raise ServiceError(INVALID, f"{nt.name!r} is not a PARAM input of the graph "
+                                   f"(parameters: {names[:8]})", field)
+            if nt.name in seen:
+                raise ServiceError(INVALID, f"{nt.name!r} is given twice", field)
+            seen.add(nt.name)
+            if nt.tensor.dtype != spec[0] or tuple(nt.tensor.shape) != spec[1]:
+                raise ServiceError(INVALID, f"parameter {nt.name!r} has dtype "
+                                   f"{_dtype_name(nt.tensor.dtype)} and shape "
+                                   f"{list(nt.tensor.shape)}; the graph declares "
+                                   f"{_dtype_name(spec[0])} {list(spec[1])}", field)
+
     def create_job(self, job_id: str, graph, params: dict[str, np.ndarray], optimizer_msg,
                    micro_batch_size: int):
         """Create a job (idempotent for identical content); returns the Job."""
@@ -705,10 +762,13 @@ class Coordinator:
                             finish(w, m)
                             if m not in done and m not in running and m not in queue:
                                 if attempts[m] >= max_attempts or e.code not in RETRYABLE:
+                                    # A non-retryable refusal (INVALID_ARGUMENT)
+                                    # names the batch field that caused it.
                                     state["error"] = ServiceError(
                                         e.code if e.code not in RETRYABLE else UNAVAILABLE,
                                         f"micro-batch {m} failed on worker {w.address}: "
-                                        f"{e.message}")
+                                        f"{e.message}", None if e.code in RETRYABLE
+                                        else _batch_field(e.field))
                                 else:
                                     queue.appendleft(m)
                                     state["reassigned"] += 1
@@ -929,12 +989,14 @@ class CoordinatorServicer:
 
     def CreateJob(self, request_iterator, context):
         pb = _pb()
-        header, params = receive_frames(request_iterator, "create_job", self.max_stream_bytes,
+        first = next(request_iterator, None)
+        if first is not None and first.WhichOneof("kind") == "create_job":
+            # Everything the header says is checked before anything is allocated for the
+            # parameters' bytes (a header may promise gigabytes for a 3 x 2 parameter).
+            self.c.check_create_header(first.create_job)
+        frames = itertools.chain([first] if first is not None else [], request_iterator)
+        header, params = receive_frames(frames, "create_job", self.max_stream_bytes,
                                         self.c.max_elements)
-        if not header.HasField("graph"):
-            raise ServiceError(INVALID, "graph is missing", "graph")
-        if not header.HasField("optimizer"):
-            raise ServiceError(INVALID, "optimizer is missing", "optimizer")
         job = self.c.create_job(header.job_id, header.graph, params, header.optimizer,
                                 header.micro_batch_size)
         return pb.CreateJobResponse(job_id=job.job_id, graph_id=job.graph_id,

@@ -10,6 +10,7 @@ and the optimizer is the same pure update function as ``gradmesh.core.optim``'s.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import re
@@ -38,7 +39,8 @@ _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 def check_job_id(job_id: str, field: str = "job_id") -> str:
     """A job id is 1 to 128 characters of [A-Za-z0-9._-] (it names checkpoint files)."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id) or job_id in (".", ".."):
+    # fullmatch: with match, "$" also matches before a trailing newline ("j\n" passed).
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or job_id in (".", ".."):
         raise ServiceError(INVALID, f"job id {job_id!r} must be 1 to 128 characters of "
                            f"[A-Za-z0-9._-]", field)
     return job_id
@@ -177,6 +179,28 @@ class ShardJob:
             p.sum.add(micro_batch, dict(gradients))
             return False, len(p.sum)
 
+    def check_gradient_headers(self, headers) -> None:
+        """Check a push's header (NamedTensors with dtype and shape) against the parameters
+        before anything is allocated for its bytes: a header that promises gigabytes for
+        a small parameter is refused without reading its chunks."""
+        from gradmesh.core import serialize
+        seen = set()
+        for nt in headers:
+            field = f"gradients[{nt.name}]"
+            p = self.params.get(nt.name)
+            if p is None:
+                raise ServiceError(INVALID, f"no parameter {nt.name!r} on this shard for job "
+                                   f"{self.job_id!r}", field)
+            if nt.name in seen:
+                raise ServiceError(INVALID, f"name {nt.name!r} appears twice", field)
+            seen.add(nt.name)
+            dtype = serialize.PROTO_TO_DTYPE.get(nt.tensor.dtype)
+            if dtype is None or dtype.np != p.dtype or tuple(nt.tensor.shape) != p.shape:
+                raise ServiceError(INVALID, f"gradient of {nt.name!r} has dtype "
+                                   f"{dtype.name if dtype else nt.tensor.dtype} and shape "
+                                   f"{list(nt.tensor.shape)}; the parameter has dtype "
+                                   f"{p.dtype} and shape {list(p.shape)}", field)
+
     def _check_gradients(self, gradients: dict[str, np.ndarray]) -> None:
         for name, g in gradients.items():
             p = self.params.get(name)
@@ -203,16 +227,22 @@ class ShardJob:
                 raise ServiceError(FAILED, f"step {step_id} is older than the last applied "
                                    f"step {self.last_step_id} of job {self.job_id!r}",
                                    "step_id")
+            if micro_batches < 1:
+                raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
             if version != self.version:
                 raise ServiceError(FAILED, f"step computed at version {version}, job "
                                    f"{self.job_id!r} is at version {self.version}", "version")
             p = self.pending.get(step_id)
             if p is None or p.micro_batches != micro_batches or not p.sum.complete:
-                missing = (list(range(micro_batches)) if p is None or
-                           p.micro_batches != micro_batches else p.sum.missing())
+                # The first few missing indices only: micro_batches comes from the request
+                # and may be 2**32 - 1 (listing them all would take minutes and gigabytes).
+                received = () if p is None or p.micro_batches != micro_batches else p.sum
+                missing = list(itertools.islice(
+                    (m for m in range(micro_batches) if m not in received), 20))
                 raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: "
-                                   f"gradients of micro-batches {missing[:20]} not pushed",
-                                   "micro_batches")
+                                   f"gradients of micro-batches {missing} "
+                                   f"{'(the first 20) ' if micro_batches > 20 else ''}"
+                                   f"not pushed", "micro_batches")
             start = time.perf_counter()
             grads = p.sum.result()
             hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
@@ -438,7 +468,12 @@ class ShardServicer:
 
     def PushGradients(self, request_iterator, context):
         from gradmesh.v1 import shard_pb2
-        header, grads = receive_frames(request_iterator, "push", self.max_stream_bytes,
+        first = next(request_iterator, None)
+        if first is not None and first.WhichOneof("kind") == "push":
+            # The header against the job's parameters before anything is allocated.
+            self.store.job(first.push.job_id).check_gradient_headers(first.push.gradients)
+        frames = itertools.chain([first] if first is not None else [], request_iterator)
+        header, grads = receive_frames(frames, "push", self.max_stream_bytes,
                                        self.max_elements)
         duplicate, received = self.store.push(header.job_id, header.step_id,
                                               header.micro_batch, header.micro_batches,

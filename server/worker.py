@@ -525,7 +525,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "request":
             raise ServiceError(INVALID, "the first frame of a stream must be the request "
-                                        "header", "request")
+                                        "header" + _undecodable(first), "request")
         request = first.request
         prepared = self.worker.prepare(request, header_only=True)
         # Checks every limit from the header, then allocates each tensor once.
@@ -535,8 +535,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         add = assembler.add
         for frame in request_iterator:
             if frame.WhichOneof("kind") != "chunk":
-                raise ServiceError(INVALID, "after the header only chunk frames may follow",
-                                   "chunk")
+                raise ServiceError(INVALID, "after the header only chunk frames may follow"
+                                   + _undecodable(frame), "chunk")
             add(frame.chunk)
         arrays = {slot.path: a for slot, a in zip(assembler.slots, assembler.finish())}
         params = {s.name: arrays[s.field] for s in prepared.params}
@@ -650,6 +650,33 @@ def _timings(resp, computed: Computed, decode: float, encode: float) -> None:
     resp.timings.plan_cached = computed.plan_cached
 
 
+class _UndecodableFrame:
+    """What the stream's deserializer gives for bytes that are no ``StreamFrame``: gRPC
+    answers INTERNAL when a deserializer raises, but a malformed frame is the client's
+    fault, so the servicer answers INVALID_ARGUMENT instead (``WhichOneof`` is None)."""
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+    def WhichOneof(self, _name: str) -> None:  # noqa: N802  (protobuf's spelling)
+        return None
+
+
+def _decode_request_frame(buf: bytes):
+    try:
+        return serialize.decode_stream_frame(buf)
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError, or a fast-path error)
+        return _UndecodableFrame(f"{type(e).__name__}: {e}")
+
+
+def _undecodable(frame) -> str:
+    """The error text for a frame that could not be decoded ("" for any other frame)."""
+    if isinstance(frame, _UndecodableFrame):
+        return f" (a frame was not a valid StreamFrame: {frame.error})"
+    return ""
+
+
 def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
     """``add_WorkerServicer_to_server`` with gradmesh's codec for tensor bytes: the same
     bytes on the wire, fewer copies (see the wire codec in ``gradmesh.core.serialize``)."""
@@ -664,7 +691,7 @@ def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
             response_serializer=serialize.serialize_message),
         "ComputeGradientsStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeGradientsStream,
-            request_deserializer=serialize.decode_stream_frame,
+            request_deserializer=_decode_request_frame,
             response_serializer=serialize.serialize_message),
         "Capabilities": grpc.unary_unary_rpc_method_handler(
             servicer.Capabilities,

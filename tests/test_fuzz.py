@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import struct
 
 import grpc
@@ -77,6 +78,9 @@ FUZZ = settings(derandomize=SCALE <= 1, database=None, deadline=None, print_blob
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much,
                                        HealthCheck.function_scoped_fixture])
+
+# Random values overflow and divide by zero on purpose; NumPy's warnings are expected.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 F32, F64, I64, I32, BOOL, F16 = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.INT64,
                                  tensor_pb2.INT32, tensor_pb2.BOOL, tensor_pb2.FLOAT16)
@@ -445,7 +449,7 @@ def check_reply(req, graph, resp) -> None:
     assert [o.name for o in resp.outputs] == list(req.outputs)
 
 
-@settings(FUZZ, max_examples=int(200 * SCALE))
+@settings(FUZZ, max_examples=int(400 * SCALE))
 @given(case=graph_cases())
 def test_fuzz_random_graphs(fuzz_worker, case):
     graph, req = case
@@ -458,13 +462,51 @@ def test_fuzz_random_graphs(fuzz_worker, case):
     else:
         assert field.startswith("graph")
     code2, resp2, field2 = rpc(stub.ComputeGradients, req, COMPUTE_CODES)
-    event(f"register {code.name} {field and field.split('.')[1][:9]}, compute {code2.name}")
+    event(f"register {code.name}, compute {code2.name}")
     if code != OK:
         # An inline graph is validated as RegisterGraph validates it.
         assert (code2, field2) == (code, field)
     if code2 == OK:
         check_reply(req, graph, resp2)
+        # The same request streamed, gradients sent as backward finishes them (the plan
+        # runs on a thread of its own): the same bits, whatever the order.
+        streamed = stream_call(fuzz_worker.channel, req, early=True)
+        assert streamed == unary_tensors(resp2)
     check_worker(fuzz_worker)
+
+
+def stream_call(channel, req: worker_pb2.ComputeGradientsRequest, early: bool) -> dict:
+    """``req`` sent over ComputeGradientsStream (header, then one chunk per tensor); the
+    reply's tensors as {("loss" | "outputs" | "gradients", name): (dtype, shape, bytes)}."""
+    header = worker_pb2.ComputeGradientsRequest()
+    header.CopyFrom(req)
+    header.stream_gradients_early = early
+    frames = [None]
+    for i, nt in enumerate(list(header.parameters) + list(header.data)):
+        if nt.tensor.data:
+            frames.append(worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(
+                tensor_index=i, data=nt.tensor.data)))
+        nt.tensor.data = b""
+    frames[0] = worker_pb2.StreamFrame(request=header)
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    replies = list(stub.ComputeGradientsStream(iter(frames), timeout=DEADLINE))
+    head = replies[0].response
+    slots = [("loss", "", head.loss)] + [("outputs", o.name, o.tensor) for o in head.outputs] + \
+        [("gradients", g.name, g.tensor) for g in head.gradients]
+    data = [b""] * len(slots)
+    for r in replies[1:]:
+        if r.WhichOneof("kind") == "chunk":
+            assert r.chunk.offset == len(data[r.chunk.tensor_index])
+            data[r.chunk.tensor_index] += r.chunk.data
+    return {(kind, name): (t.dtype, list(t.shape), d) for (kind, name, t), d in zip(slots, data)}
+
+
+def unary_tensors(resp: worker_pb2.ComputeGradientsResponse) -> dict:
+    out = {("loss", ""): (resp.loss.dtype, list(resp.loss.shape), resp.loss.data)}
+    for kind in ("outputs", "gradients"):
+        for nt in getattr(resp, kind):
+            out[(kind, nt.name)] = (nt.tensor.dtype, list(nt.tensor.shape), nt.tensor.data)
+    return out
 
 
 # -------------------------------------------------------------- (b) random tensors ------
@@ -519,7 +561,7 @@ def tensor_cases(draw, hand_id: str, index_id: str):
     return graph, req
 
 
-@settings(FUZZ, max_examples=int(150 * SCALE))
+@settings(FUZZ, max_examples=int(300 * SCALE))
 @given(data=st.data())
 def test_fuzz_random_tensors(fuzz_worker, data):
     graph, req = data.draw(tensor_cases(fuzz_worker.hand_id, fuzz_worker.index_id))
@@ -547,19 +589,20 @@ def cuts(draw, data: bytes) -> list[tuple[int, bytes]]:
     return [(a, data[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-def reference_assembly(chunks: list[tuple[int, int, bytes]], sizes: list[int]) -> bool:
-    """Whether a chunk sequence is a valid stream (tensor.proto's Chunk rules): each
-    tensor's bytes in order, contiguous from 0, non-empty, nothing past the end, nothing
-    missing."""
-    current, filled = 0, [0] * len(sizes)
+def reference_assembly(chunks: list[tuple[int, int, bytes]], sizes: list[int]
+                       ) -> list[bytes] | None:
+    """The tensors' bytes if a chunk sequence is a valid stream (tensor.proto's Chunk
+    rules: each tensor's bytes in order, contiguous from 0, non-empty chunks, nothing past
+    the end, nothing missing), else None."""
+    current, data_of = 0, [b""] * len(sizes)
     for index, offset, data in chunks:
-        if index != current or offset != filled[index] or not data or \
+        if index != current or offset != len(data_of[index]) or not data or \
                 offset + len(data) > sizes[index]:
-            return False
-        filled[index] += len(data)
-        while current < len(sizes) and filled[current] == sizes[current]:
+            return None
+        data_of[index] += data
+        while current < len(sizes) and len(data_of[current]) == sizes[current]:
             current += 1
-    return current == len(sizes)
+    return data_of if current == len(sizes) else None
 
 
 MUTATIONS = ["drop", "duplicate", "swap", "index", "offset", "extra", "empty", "truncate"]
@@ -568,7 +611,8 @@ MUTATIONS = ["drop", "duplicate", "swap", "index", "offset", "extra", "empty", "
 @st.composite
 def stream_cases(draw, hand_id: str):
     """(frames, valid): the frames of a ComputeGradientsStream call, and whether they
-    form a valid request (None when the header itself is fuzzed)."""
+    form a valid request (None when the header itself is fuzzed); valid is "known" when
+    the tensors' bytes are the known-good request's."""
     header = stream_header(draw(st.sampled_from([{"graph_id": hand_id},
                                                  {"graph": hand_graph()}])))
     header.stream_gradients_early = draw(st.booleans())
@@ -601,7 +645,8 @@ def stream_cases(draw, hand_id: str):
         elif what == "index":
             chunks[k] = (draw(st.sampled_from([0, 1, 2, 2 ** 32 - 1])), o, d)
         elif what == "offset":
-            chunks[k] = (i, draw(st.sampled_from([0, o + 1, max(o - 1, 0), 24, 2 ** 64 - 1])), d)
+            chunks[k] = (i, draw(st.sampled_from([0, min(o + 1, 2 ** 64 - 1), max(o - 1, 0), 24,
+                                                  2 ** 64 - 1])), d)
         elif what == "extra":
             chunks[k] = (i, o, d + b"\0" * draw(st.integers(1, 30)))   # too many bytes
         elif what == "empty":
@@ -609,7 +654,9 @@ def stream_cases(draw, hand_id: str):
         elif what == "truncate":
             chunks[k] = (i, o, d[:-1])
     if valid is not None:
-        valid = reference_assembly(chunks, [len(W_BYTES), len(X_BYTES)])
+        assembled = reference_assembly(chunks, [len(W_BYTES), len(X_BYTES)])
+        valid = assembled is not None and ("known" if assembled == [W_BYTES, X_BYTES]
+                                           else True)
     frames = [worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=i, offset=o, data=d))
               .SerializeToString() for i, o, d in chunks]
     frames.insert(0, worker_pb2.StreamFrame(request=header).SerializeToString())
@@ -636,7 +683,7 @@ def stream_cases(draw, hand_id: str):
     return frames, valid
 
 
-@settings(FUZZ, max_examples=int(150 * SCALE))
+@settings(FUZZ, max_examples=int(300 * SCALE))
 @given(data=st.data())
 def test_fuzz_stream_frames(fuzz_worker, data):
     frames, valid = data.draw(stream_cases(fuzz_worker.hand_id))
@@ -646,9 +693,10 @@ def test_fuzz_stream_frames(fuzz_worker, data):
         response_deserializer=worker_pb2.StreamFrame.FromString)
     code, replies, _ = rpc(lambda it, timeout: call(it, timeout=timeout), iter(frames),
                            COMPUTE_CODES, stream_response=True)
+    event(f"{code.name}, valid: {valid}")
     if valid is not None:
-        assert (code == OK) == valid, f"{code} for a {'valid' if valid else 'bad'} stream"
-    if code == OK:
+        assert (code == OK) == bool(valid), f"{code} for a {'valid' if valid else 'bad'} stream"
+    if valid == "known":
         # The reply's loss is the known-good request's (the bytes are W and X).
         losses = [r.response.loss for r in replies if r.response.HasField("loss")]
         assert losses and list(losses[0].shape) == []
@@ -690,7 +738,13 @@ def load_frames(job_id, arrays, optimizer):
                          [a.tobytes() for a in arrays.values()])
 
 
-optimizers = st.builds(
+# Optimizers: mostly valid ones (so that jobs get created and steps applied), sometimes
+# bad names, fields the optimizer does not take, negative, NaN or infinite values.
+GOOD_OPTIMIZERS = [shard_pb2.Optimizer(name="sgd", lr=0.5),
+                   shard_pb2.Optimizer(name="sgd", lr=0.1, momentum=0.9, nesterov=True),
+                   shard_pb2.Optimizer(name="adam", lr=0.01, beta1=0.5),
+                   shard_pb2.Optimizer(name="adamw", amsgrad=True, weight_decay=0.0)]
+optimizers = mostly(st.sampled_from(GOOD_OPTIMIZERS), st.builds(
     lambda name, lr, momentum, beta1, nesterov: shard_pb2.Optimizer(
         name=name, **{k: v for k, v in (("lr", lr), ("momentum", momentum), ("beta1", beta1),
                                         ("nesterov", nesterov)) if v is not None}),
@@ -698,7 +752,7 @@ optimizers = st.builds(
     st.one_of(st.none(), st.sampled_from([0.1, 0.0, -1.0, math.nan, math.inf, 1e308])),
     st.one_of(st.none(), st.sampled_from([0.9, -0.5, math.nan])),
     st.one_of(st.none(), st.sampled_from([0.5, 1.0, -0.1, math.nan])),
-    st.one_of(st.none(), st.booleans()))
+    st.one_of(st.none(), st.booleans())), 3)
 
 
 @st.composite
@@ -706,6 +760,11 @@ def tensor_sets(draw, like: dict) -> tuple[list, list[bytes]]:
     """NamedTensor headers and their bytes: ``like``'s names, dtypes and shapes mostly,
     with random changes (names, dtypes, shapes, byte counts)."""
     headers, buffers = [], []
+    if not rarely(draw, 2):
+        for name, a in like.items():
+            headers.append(tensor_pb2.NamedTensor(name=name, tensor=make_tensor(F32, a.shape)))
+            buffers.append(tensor_bytes(F32, a.size, draw(seeds), draw(st.integers(0, 3))))
+        return headers, buffers
     names = list(like) if draw(st.integers(0, 3)) else draw(
         st.lists(st.sampled_from(["w", "b", "", "v"]), max_size=3))
     for name in names:
@@ -725,46 +784,66 @@ def tensor_sets(draw, like: dict) -> tuple[list, list[bytes]]:
     return headers, buffers
 
 
-COUNTS = [0, 1, 1, 2, 3, 2 ** 32 - 1]
+COUNTS = mostly(st.sampled_from([1, 1, 2]), st.sampled_from([0, 3, 2 ** 31, 2 ** 32 - 1]), 5)
+INDICES = mostly(st.sampled_from([0, 0, 1]), st.sampled_from([2, 2 ** 32 - 1]), 5)
 U64 = [0, 1, 2, 3, 2 ** 63, 2 ** 64 - 1]
+# Versions and step ids relative to the job's state when the call is made (resolved by
+# ``resolve``), so that valid pushes and applies happen, or absolute and random.
+versions = mostly(st.sampled_from(["current", "current", "previous"]), st.sampled_from(U64), 4)
+step_ids = mostly(st.sampled_from(["next", "next", "last"]), st.sampled_from(U64), 4)
+shard_job_ids = mostly(st.just("fz"), st.sampled_from(SHARD_JOB_IDS), 3)
+
+
+def resolve(value, state: tuple[int, int], kind: str) -> int:
+    """A symbolic version or step id for a job at (version, last step id)."""
+    version, last = state
+    return {"current": version, "previous": max(version - 1, 0), "next": last + 1,
+            "last": last}.get(value, value) if isinstance(value, str) else value
 
 
 @st.composite
 def shard_calls(draw):
-    """A list of (method name, request or frames) for the shard."""
+    """A list of functions ``(state of the job named) -> (method name, request or frames)``
+    for the shard."""
     calls = []
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["load", "pull", "push", "push", "apply", "apply",
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["load", "pull", "push", "push", "push", "apply", "apply",
                                      "drop", "status"]))
-        job = draw(st.sampled_from(SHARD_JOB_IDS))
+        job = draw(shard_job_ids)
         if kind == "load":
-            headers, buffers = draw(tensor_sets(FZ))
+            headers, buffers = draw(tensor_sets(FZ)) if rarely(draw, 3) else (
+                named_headers(FZ), [a.tobytes() for a in FZ.values()])
             header = shard_pb2.LoadRequest(job_id=job, parameters=headers,
                                            optimizer=draw(optimizers))
-            calls.append(("Load", tensor_frames(shard_pb2.ShardFrame, "load", header,
-                                                buffers)))
+            frames = tensor_frames(shard_pb2.ShardFrame, "load", header, buffers)
+            calls.append((job, lambda st_, f=frames: ("Load", f)))
         elif kind == "pull":
-            calls.append(("Pull", shard_pb2.PullRequest(
-                job_id=job, version=draw(st.sampled_from(U64)),
-                names=draw(st.lists(st.sampled_from(["w", "b", "v", ""]), max_size=3)))))
+            v = draw(versions)
+            names = draw(st.lists(mostly(st.sampled_from(["w", "b"]),
+                                         st.sampled_from(["v", ""])), max_size=3))
+            calls.append((job, lambda st_, job=job, v=v, n=names: ("Pull", shard_pb2.PullRequest(
+                job_id=job, version=resolve(v, st_, "v"), names=n))))
         elif kind == "push":
             headers, buffers = draw(tensor_sets(FZ))
-            header = shard_pb2.PushGradientsRequest(
-                job_id=job, step_id=draw(st.sampled_from(U64)),
-                micro_batch=draw(st.sampled_from(COUNTS)),
-                micro_batches=draw(st.sampled_from(COUNTS)),
-                version=draw(st.sampled_from(U64)), gradients=headers)
-            calls.append(("PushGradients", tensor_frames(shard_pb2.ShardFrame, "push", header,
-                                                         buffers)))
+            step, m, mb, v = draw(step_ids), draw(INDICES), draw(COUNTS), draw(versions)
+
+            def push(st_, job=job, step=step, m=m, mb=mb, v=v, h=headers, b=buffers):
+                header = shard_pb2.PushGradientsRequest(
+                    job_id=job, step_id=resolve(step, st_, "s"), micro_batch=m,
+                    micro_batches=mb, version=resolve(v, st_, "v"), gradients=h)
+                return "PushGradients", tensor_frames(shard_pb2.ShardFrame, "push", header, b)
+            calls.append((job, push))
         elif kind == "apply":
-            calls.append(("Apply", shard_pb2.ApplyRequest(
-                job_id=job, step_id=draw(st.sampled_from(U64)),
-                micro_batches=draw(st.sampled_from(COUNTS)),
-                version=draw(st.sampled_from(U64)), checkpoint=draw(st.booleans()))))
-        elif kind == "drop":
-            calls.append(("DropJob", shard_pb2.DropJobRequest(job_id=job)))
+            step, mb, v, ckpt = draw(step_ids), draw(COUNTS), draw(versions), draw(st.booleans())
+            calls.append((job, lambda st_, job=job, step=step, mb=mb, v=v, c=ckpt: (
+                "Apply", shard_pb2.ApplyRequest(job_id=job, step_id=resolve(step, st_, "s"),
+                                                micro_batches=mb, version=resolve(v, st_, "v"),
+                                                checkpoint=c))))
+        elif kind == "drop" and rarely(draw, 2):
+            calls.append((job, lambda st_, job=job: ("DropJob",
+                                                     shard_pb2.DropJobRequest(job_id=job))))
         else:
-            calls.append(("Status", shard_pb2.ShardStatusRequest()))
+            calls.append((job, lambda st_: ("Status", shard_pb2.ShardStatusRequest())))
     return calls
 
 
@@ -793,30 +872,40 @@ def fuzz_shard():
     served.close()
 
 
-@settings(FUZZ, max_examples=int(150 * SCALE))
+@settings(FUZZ, max_examples=int(200 * SCALE))
 @given(calls=shard_calls())
 def test_fuzz_shard(fuzz_shard, calls):
     stub = fuzz_shard.stub
     before = {j.job_id: j.version for j in stub.Status(shard_pb2.ShardStatusRequest(),
                                                        timeout=DEADLINE).jobs}
-    applied = 0
-    for method, request in calls:
+    applied, dropped, log = 0, set(), []
+    for job, make in calls:
+        jobs = {j.job_id: (j.version, j.last_step_id) for j in stub.Status(
+            shard_pb2.ShardStatusRequest(), timeout=DEADLINE).jobs}
+        method, request = make(jobs.get(job, (0, 0)))
         streaming_in = isinstance(request, list)
         code, reply, _ = rpc(getattr(stub, method), iter(request) if streaming_in else request,
                              SHARD_CODES, stream_response=(method == "Pull"))
         if method == "Apply" and code == OK and not reply.already_applied:
             applied += 1
+        if method == "DropJob" and code == OK and reply.dropped:
+            dropped.add(job)
+        log.append((method, job, code.name))
+        event(f"{method} {code.name}")
     healthy(fuzz_shard.channel)
     # The sentinel job (never named by the fuzzer) is exactly as loaded.
     assert pulled(stub, "sentinel") == fuzz_shard.baseline
     # Versions only move by applied steps; every job listed can be pulled whole.
-    after = {j.job_id: j.version for j in stub.Status(shard_pb2.ShardStatusRequest(),
-                                                      timeout=DEADLINE).jobs}
+    status = stub.Status(shard_pb2.ShardStatusRequest(), timeout=DEADLINE)
+    after = {j.job_id: j.version for j in status.jobs}
     for job_id, version in after.items():
-        if job_id in before:
-            assert before[job_id] <= version <= before[job_id] + applied
+        # Job ids name checkpoint files: nothing else may have been accepted.
+        assert re.fullmatch(r"[A-Za-z0-9._-]{1,128}", job_id) and job_id not in (".", "..")
+        if job_id in before and job_id not in dropped:
+            assert before[job_id] <= version <= before[job_id] + applied, (job_id, log)
         v, arrays = pulled(stub, job_id)
-        assert v == version and arrays
+        assert v == version and sorted(arrays) == sorted(
+            next(j.parameters for j in status.jobs if j.job_id == job_id))
 
 
 # ====================================================================== the coordinator ==
@@ -866,61 +955,104 @@ def coordinator_state(stub) -> tuple:
             (replay.step_id, replay.loss, replay.version, replay.batch_size))
 
 
-COORD_JOB_IDS = ["fz", "fz", "fz", "new", "nope", "", "a/b", "..", "x" * 129]
+COORD_JOB_IDS = ["fz", "new", "nope", "", "a/b", "..", "x" * 129, "fz\n"]
+coord_job_ids = mostly(st.sampled_from(["fz", "fz", "ix"]), st.sampled_from(COORD_JOB_IDS), 3)
+EMB = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+
+
+def index_batch(draw) -> list[tensor_pb2.NamedTensor]:
+    """A batch for ``index_graph``: indices and labels mostly in range, sometimes not."""
+    rows = draw(st.sampled_from([1, 2, 3]))
+    out = [tensor_pb2.NamedTensor(name="x", tensor=make_tensor(
+        F32, [rows, 3], tensor_bytes(F32, rows * 3, draw(seeds), 0)))]
+    for name, top in (("idx", 4), ("y", 2)):
+        values = draw(st.lists(mostly(st.integers(0, top - 1),
+                                      st.sampled_from([-1, top, -100, 2 ** 62])),
+                               min_size=rows, max_size=rows))
+        out.append(tensor_pb2.NamedTensor(name=name, tensor=make_tensor(
+            I64, [rows], np.array(values, "<i8").tobytes())))
+    return out
 
 
 @st.composite
 def coordinator_calls(draw):
+    """A list of (job id, function (last step id of the job) -> (method, request))."""
     calls = []
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["create", "step", "step", "step", "get", "status"]))
-        job = draw(st.sampled_from(COORD_JOB_IDS))
+        job = draw(coord_job_ids)
         if kind == "create":
-            graph = draw(st.sampled_from([None, None, "index", "random"]))
-            graph = hand_graph() if graph is None else (
+            graph = "index" if job == "ix" else draw(
+                mostly(st.just("hand"), st.sampled_from(["index", "random"]), 2))
+            graph = hand_graph() if graph == "hand" else (
                 index_graph() if graph == "index" else draw(graphs()))
             w = {"w": np.frombuffer(W_BYTES, np.float32).reshape(3, 2)}
-            headers, buffers = draw(tensor_sets(w)) if draw(st.integers(0, 2)) == 0 else \
-                ([tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2]))],
-                 [W_BYTES])
-            calls.append(("CreateJob", create_frames(
-                job, graph=graph, params=(headers, buffers), optimizer=draw(optimizers),
-                micro=draw(st.sampled_from([0, 1, 2, 3, 2 ** 32 - 1])))))
+            if job == "ix":
+                w["emb"] = EMB
+            params = draw(tensor_sets(w)) if rarely(draw, 2) else (
+                [tensor_pb2.NamedTensor(name=n, tensor=make_tensor(F32, a.shape))
+                 for n, a in w.items()], [a.tobytes() for a in w.values()])
+            micro = draw(mostly(st.sampled_from([1, 2, 3]), st.sampled_from([0, 2 ** 32 - 1])))
+            frames = create_frames(job, graph=graph, params=params,
+                                   optimizer=draw(optimizers), micro=micro)
+            calls.append((job, lambda last, f=frames: ("CreateJob", f)))
         elif kind == "step":
-            req = coordinator_pb2.StepRequest(job_id=job,
-                                              step_id=draw(st.sampled_from(U64 + [1, 2])))
-            if draw(st.integers(0, 2)):
-                rows = draw(st.sampled_from([1, 2, 3, 5, 0]))
-                req.batch.add(name="x", tensor=make_tensor(
-                    F32, [rows, 3], tensor_bytes(F32, rows * 3, draw(seeds),
-                                                 draw(st.integers(0, 3)))))
-                if draw(st.integers(0, 3)) == 0:
-                    t = req.batch[0].tensor
-                    t.CopyFrom(make_tensor(draw(dtype_enums), draw(shapes)))
+            step = draw(mostly(st.sampled_from(["next", "next", "last"]),
+                               st.sampled_from(U64 + [1, 2]), 4))
+            batch = []
+            if job == "ix" and not rarely(draw, 3):
+                batch = index_batch(draw)
+            elif not rarely(draw, 3):
+                rows = draw(mostly(st.sampled_from([1, 2, 3, 5]), st.just(0), 8))
+                t = make_tensor(F32, [rows, 3], tensor_bytes(
+                    F32, rows * 3, draw(seeds), draw(st.integers(0, 3))))
+                if rarely(draw, 4):
+                    t = make_tensor(draw(dtype_enums), draw(shapes))
                     t.data = draw(data_for(t.dtype, list(t.shape)))
+                batch.append(tensor_pb2.NamedTensor(name="x", tensor=t))
+                if rarely(draw, 6):
+                    batch.append(tensor_pb2.NamedTensor(name=draw(st.sampled_from(["x", "y", ""])),
+                                                        tensor=t))
             else:
-                req.batch.extend(draw(named_tensor_lists(["x", "y", "", "w"])))
-            calls.append(("Step", req))
+                batch.extend(draw(named_tensor_lists(["x", "y", "", "w"])))
+
+            def step_call(last, job=job, step=step, batch=batch):
+                step_id = {"next": last + 1, "last": last}.get(step, step)
+                return "Step", coordinator_pb2.StepRequest(job_id=job, step_id=step_id,
+                                                           batch=batch)
+            calls.append((job, step_call))
         elif kind == "get":
-            calls.append(("GetParameters", coordinator_pb2.GetParametersRequest(
-                job_id=job, names=draw(st.lists(st.sampled_from(["w", "x", ""]),
-                                                max_size=2)))))
+            names = draw(st.lists(st.sampled_from(["w", "x", ""]), max_size=2))
+            calls.append((job, lambda last, job=job, n=names: ("GetParameters",
+                          coordinator_pb2.GetParametersRequest(job_id=job, names=n))))
         else:
-            calls.append(("JobStatus", coordinator_pb2.JobStatusRequest(job_id=job)))
+            calls.append((job, lambda last, job=job: ("JobStatus",
+                                             coordinator_pb2.JobStatusRequest(job_id=job))))
     return calls
 
 
-@settings(FUZZ, max_examples=int(80 * SCALE))
+@settings(FUZZ, max_examples=int(200 * SCALE))
 @given(calls=coordinator_calls())
 def test_fuzz_coordinator(fuzz_coordinator, calls):
     stub = fuzz_coordinator.stub
-    for method, request in calls:
+    for job, make in calls:
+        try:
+            last = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=job),
+                                  timeout=DEADLINE).last_step_id
+        except grpc.RpcError:
+            last = 0
+        method, request = make(last)
         streaming_in = isinstance(request, list)
         code, reply, _ = rpc(getattr(stub, method), iter(request) if streaming_in else request,
                              COORDINATOR_CODES, stream_response=(method == "GetParameters"))
+        event(f"{method} {code.name}")
         if method == "Step" and code == OK:
-            status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=request.job_id),
+            status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=job),
                                     timeout=DEADLINE)
+            # Applied once: a new step moves the version by one, a replay by nothing.
             assert status.last_step_id >= reply.step_id and reply.version >= 1
+            assert reply.replayed == (request.step_id <= last)
+        if method == "CreateJob" and code == OK:
+            assert re.fullmatch(r"[A-Za-z0-9._-]{1,128}", reply.job_id)
     healthy(fuzz_coordinator.channel)
     assert coordinator_state(stub) == fuzz_coordinator.baseline

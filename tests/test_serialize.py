@@ -183,6 +183,16 @@ def test_chunks_accept_arrays_and_skip_empty_tensors():
         [(0, 0, 16), (0, 16, 16), (0, 32, 8), (2, 0, 3)]
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0, 4), (0,)])
+def test_zero_size_tensors_have_an_empty_buffer_and_no_chunk(shape):
+    # Found by tests/test_fuzz.py: memoryview.cast refused shapes with a zero, so a
+    # streamed reply (or a shard Pull) holding a (0, 3) tensor failed with INTERNAL.
+    a = np.zeros(shape, np.float32)
+    assert tensor_buffer(a).nbytes == 0
+    assert list(chunks([a, np.ones(2, np.float32)], 16))[0].tensor_index == 1
+    assert list(chunk_frames([a], 16)) == []
+
+
 def _two_tensor_stream():
     req = _request({"a": np.arange(8, dtype=np.float32), "b": np.arange(4, dtype=np.float32)}, {})
     header, buffers = split_for_stream(req)
@@ -237,6 +247,22 @@ def test_assembler_checks_limits_before_allocating():
     with pytest.raises(WireError) as e:
         Assembler(req, max_total_bytes=1 << 50, max_elements=1000)
     assert e.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_assembler_answers_resource_exhausted_when_memory_runs_out(monkeypatch):
+    # Within the limits but more than the process can get (found by tests/test_fuzz.py
+    # under a memory limit: MemoryError became INTERNAL).
+    import gradmesh.core.serialize as serialize_mod
+    req = worker_pb2.ComputeGradientsRequest()
+    req.parameters.add(name="big").tensor.CopyFrom(tensor_pb2.Tensor(
+        dtype=tensor_pb2.FLOAT32, shape=[1 << 20]))
+
+    def no_memory(*args, **kw):
+        raise MemoryError("simulated")
+    monkeypatch.setattr(serialize_mod.np, "empty", no_memory)
+    with pytest.raises(WireError) as e:
+        Assembler(req, max_total_bytes=1 << 30)
+    assert (e.value.code, e.value.field) == ("RESOURCE_EXHAUSTED", "parameters[big].shape")
 
 
 def test_assembler_rejects_headers_that_carry_data_or_bad_dtypes():

@@ -93,6 +93,16 @@ def test_duplicate_and_late_pushes_are_ignored_and_apply_is_idempotent():
     (lambda s, p: s.load("j", {"w": p["w"]}, SGD), "ALREADY_EXISTS", "job_id"),
     (lambda s, p: s.load("k", {"i": np.zeros(2, np.int64)}, SGD), "INVALID_ARGUMENT",
      "parameters[i]"),
+    # Found by tests/test_fuzz.py: "$" matched before a trailing newline, so "j\n" (a
+    # file name with a newline) was a valid job id.
+    (lambda s, p: s.load("j\n", p, SGD), "INVALID_ARGUMENT", "job_id"),
+    (lambda s, p: s.pull("j\n"), "INVALID_ARGUMENT", "job_id"),
+    # Found by tests/test_fuzz.py: Apply listed every missing micro-batch index, so
+    # micro_batches=2**32-1 allocated tens of GB (MemoryError, INTERNAL) or ran for minutes.
+    (lambda s, p: s.apply("j", 1, 2 ** 32 - 1, 0), "FAILED_PRECONDITION", "micro_batches"),
+    (lambda s, p: (s.push("j", 1, 5, 2 ** 32 - 1, 0, p), s.apply("j", 1, 2 ** 32 - 1, 0)),
+     "FAILED_PRECONDITION", "micro_batches"),
+    (lambda s, p: s.apply("j", 1, 0, 0), "INVALID_ARGUMENT", "micro_batches"),
 ])
 def test_bad_requests_name_the_field(call, code, field):
     store = ShardStore()
@@ -192,3 +202,29 @@ def test_remote_errors_carry_status_and_field(shard_server):
         err = from_rpc_error(e.value)
         assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "optimizer")
         assert stub.Status(shard_pb2.ShardStatusRequest(), timeout=10).jobs is not None
+
+
+def test_push_headers_are_checked_against_the_job_before_allocating(shard_server):
+    """A push header that promises 1 GiB for a 3 x 4 parameter is refused from the header
+    (INVALID_ARGUMENT naming the gradient) before any byte is allocated for it. Found by
+    tests/test_fuzz.py: the shard allocated what the header said (up to its 16 GiB
+    stream limit) before comparing it with the job."""
+    import tracemalloc
+    from gradmesh.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
+    running, store = shard_server
+    store.load("pre", _params(), SGD)
+    header = shard_pb2.PushGradientsRequest(job_id="pre", step_id=1, micro_batches=1)
+    header.gradients.add(name="w", tensor=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32,
+                                                            shape=[1 << 28]))
+    with grpc.insecure_channel(running.address) as channel:
+        stub = shard_pb2_grpc.ParameterShardStub(channel)
+        tracemalloc.start()
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.PushGradients(iter([shard_pb2.ShardFrame(push=header)]), timeout=10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gradients[w]" in str(e.value.trailing_metadata()) or "shape" in e.value.details()
+    assert peak < 64 << 20

@@ -311,3 +311,64 @@ def test_concurrency_limit(start_worker):
         replies = list(responses)
         assert replies[0].response.graph_id
         assert_still_serving(stub)
+
+
+def _embedding_request(indices) -> worker_pb2.ComputeGradientsRequest:
+    """loss = sum(emb[idx]): emb PARAM float32 [4, 3], idx DATA int64 [-1]."""
+    from gradmesh.v1 import graph_pb2
+    g = graph_pb2.Graph(
+        version=1,
+        inputs=[graph_pb2.Input(name="emb", role=graph_pb2.Input.PARAM,
+                                dtype=tensor_pb2.FLOAT32, shape=[4, 3]),
+                graph_pb2.Input(name="idx", role=graph_pb2.Input.DATA,
+                                dtype=tensor_pb2.INT64, shape=[-1])],
+        nodes=[graph_pb2.Node(op="embedding", inputs=[1, 0]),
+               graph_pb2.Node(op="sum", inputs=[2])],
+        outputs=[graph_pb2.Output(name="loss", value=3)])
+    idx = tensor_pb2.Tensor(dtype=tensor_pb2.INT64, shape=[len(indices)],
+                            data=struct.pack(f"<{len(indices)}q", *indices))
+    return worker_pb2.ComputeGradientsRequest(
+        graph=g, parameters=[tensor_pb2.NamedTensor(name="emb", tensor=float32_tensor(
+            [0.5] * 12, [4, 3]))], data=[tensor_pb2.NamedTensor(name="idx", tensor=idx)])
+
+
+def test_index_out_of_range_is_invalid_argument_not_internal(stub):
+    """Values that validation cannot see (an embedding index past the table, a class label
+    out of range) are the request's fault: INVALID_ARGUMENT naming the data, unary and
+    streamed (also when gradients stream early, from the plan's thread). Found by
+    tests/test_fuzz.py: it was INTERNAL."""
+    assert floats_of(stub.ComputeGradients(_embedding_request([3, 0])).loss) == [3.0]
+    code, field, msg = call_error(stub.ComputeGradients, _embedding_request([1, 4]))
+    assert (code, field) == (grpc.StatusCode.INVALID_ARGUMENT, "data")
+    assert "embedding" in msg and "index 4" in msg
+    for early in (False, True):
+        req = _embedding_request([-1])
+        req.stream_gradients_early = early
+        header = worker_pb2.ComputeGradientsRequest()
+        header.CopyFrom(req)
+        for nt in list(header.parameters) + list(header.data):
+            nt.tensor.data = b""
+        frames = [worker_pb2.StreamFrame(request=header)] + [
+            worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=i, data=nt.tensor.data))
+            for i, nt in enumerate(list(req.parameters) + list(req.data))]
+        code, field, _ = call_error(lambda: list(stub.ComputeGradientsStream(iter(frames))))
+        assert (code, field) == (grpc.StatusCode.INVALID_ARGUMENT, "data")
+    assert_still_serving(stub)
+
+
+def test_undecodable_stream_frame_is_invalid_argument(worker, stub):
+    """Bytes that are no StreamFrame, first or after the header, get INVALID_ARGUMENT
+    (gRPC answers INTERNAL when a deserializer raises). Found by tests/test_fuzz.py."""
+    header = request(x=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2, 3]),
+                     w=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[3, 2]))
+    header_bytes = worker_pb2.StreamFrame(request=header).SerializeToString()
+    with grpc.insecure_channel(worker.address) as channel:
+        raw = channel.stream_stream("/gradmesh.v1.Worker/ComputeGradientsStream",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=worker_pb2.StreamFrame.FromString)
+        for frames, want in (([b"\xff\xff\xff"], "request"),
+                             ([header_bytes, b"\x0a\x7f"], "chunk")):
+            code, field, msg = call_error(lambda: list(raw(iter(frames), timeout=10)))
+            assert (code, field) == (grpc.StatusCode.INVALID_ARGUMENT, want)
+            assert "not a valid StreamFrame" in msg
+    assert_still_serving(stub)
