@@ -109,7 +109,9 @@ class ServerProcess:
             return False
 
 
-def _wait_serving(address: str, timeout: float) -> None:
+def wait_serving(address: str, timeout: float) -> None:
+    """Block until the gRPC health service at ``address`` says SERVING (ClusterError after
+    ``timeout`` seconds)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     deadline = time.monotonic() + timeout
@@ -198,7 +200,7 @@ class LocalCluster:
                 p.wait_address(self.startup_timeout)
             self.start_coordinator()
             for p in self.workers + self.shards:
-                _wait_serving(p.address, self.startup_timeout)
+                wait_serving(p.address, self.startup_timeout)
         except BaseException:
             self.stop()
             raise
@@ -218,7 +220,7 @@ class LocalCluster:
         """(Re)start the coordinator process (after ``stop_coordinator`` or a kill)."""
         self.coordinator = self._server("coordinator", self.coordinator_command_args())
         self.coordinator.start(self._env(None))
-        _wait_serving(self.coordinator.wait_address(self.startup_timeout),
+        wait_serving(self.coordinator.wait_address(self.startup_timeout),
                       self.startup_timeout)
         return self.coordinator
 

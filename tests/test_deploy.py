@@ -33,6 +33,8 @@ from unittest import mock
 
 import pytest
 
+from gradmesh.client.cluster import wait_serving
+
 try:
     import yaml
 except ImportError:                                         # pragma: no cover
@@ -592,23 +594,6 @@ def _docker_or_skip() -> None:
         pytest.skip("the docker compose plugin (v2) is not installed")
 
 
-def _wait_serving(target: str, timeout: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{target} is not SERVING after {timeout} s"
-            time.sleep(0.5)
-
-
 @pytest.mark.docker
 @pytest.mark.slow
 def test_compose_cluster_trains(monkeypatch, free_port):
@@ -643,7 +628,7 @@ def test_compose_cluster_trains(monkeypatch, free_port):
                             wait=True)
     with compose:
         try:
-            _wait_serving(target, timeout=60)
+            wait_serving(target, timeout=60)
             with CoordinatorClient(target, timeout=120, retry_seconds=60) as anonymous:
                 with pytest.raises(Unauthenticated):
                     anonymous.list_workers()
@@ -658,7 +643,7 @@ def test_compose_cluster_trains(monkeypatch, free_port):
 
             compose._run_command(cmd=[*compose.compose_command_property, "restart",
                                       "coordinator"])
-            _wait_serving(target, timeout=60)
+            wait_serving(target, timeout=60)
             with CoordinatorClient(target, token=token, timeout=120,
                                    retry_seconds=60) as client:
                 resumed = client.job(job.job_id)
