@@ -22,6 +22,7 @@ import collections
 import itertools
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -645,6 +646,10 @@ class Coordinator:
         push_lock = threading.Lock()
         version = job.version
         by_shard = sorted(set(job.placement.values()))
+        # A fresh attempt id per run: the shards drop gradients a failed attempt of this
+        # step left behind instead of mixing them with this one's (the retry may carry
+        # another batch).
+        attempt = secrets.randbits(64)
 
         def compute(worker: WorkerHandle, m: int) -> MicroResult:
             start, stop = ranges[m]
@@ -661,7 +666,7 @@ class Coordinator:
             for i in by_shard:
                 grads = {nm: r.gradients[nm] for nm in job.param_names
                          if job.placement[nm] == i}
-                self.shards[i].push(job.job_id, step_id, m, n, version, grads)
+                self.shards[i].push(job.job_id, step_id, m, n, version, grads, attempt)
             with push_lock:
                 push_seconds[0] += time.perf_counter() - t
                 worker_seconds[0] += r.compute_seconds
@@ -678,7 +683,7 @@ class Coordinator:
         checkpoint_now = bool(self.checkpoint_every and
                               (version + 1) % self.checkpoint_every == 0)
         results = self._on_shards(job, lambda s, i: s.apply(job.job_id, step_id, n, version,
-                                                            checkpoint_now))
+                                                            checkpoint_now, attempt))
         t3 = time.perf_counter()
         job.version = version + 1
         job.last_step_id = step_id
@@ -718,7 +723,7 @@ class Coordinator:
         done: set[int] = set()                 # micro-batches whose first result is claimed
         pushed: set[int] = set()               # ... and accepted (pushed to the shards)
         attempts = [0] * n
-        state = {"error": None, "reassigned": 0, "active": len(workers)}
+        state = {"error": None, "reassigned": 0, "active": len(workers), "accepting": 0}
         max_attempts = 3 + 2 * len(workers)
 
         def take(w: WorkerHandle) -> int | None:
@@ -783,19 +788,24 @@ class Coordinator:
                         return
                     with cond:
                         finish(w, m)
-                        first = m not in done
+                        # Nothing is pushed once the step has failed: its retry must not
+                        # race with this attempt's pushes.
+                        first = m not in done and state["error"] is None
                         if first:
                             done.add(m)
+                            state["accepting"] += 1
                     if first:
                         w.completed += 1
                         try:
                             accept(m, result)
                         except Exception as e:  # noqa: BLE001  (shard failure: fail the step)
                             with cond:
-                                state["error"] = e
+                                state["accepting"] -= 1
+                                state["error"] = state["error"] or e
                                 cond.notify_all()
                             return
                         with cond:
+                            state["accepting"] -= 1
                             pushed.add(m)
                     with cond:
                         cond.notify_all()
@@ -814,6 +824,9 @@ class Coordinator:
             t.start()
         with cond:
             while len(pushed) < n and state["error"] is None:
+                cond.wait()
+            # A failed step returns only when no push of it is still in flight.
+            while state["accepting"]:
                 cond.wait()
             error = state["error"]
         # Lanes still computing a late duplicate finish on their own; their results are

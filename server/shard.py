@@ -86,8 +86,9 @@ def optimizer_to_proto(description: dict):
 class _Pending:
     """The gradients of one step received so far."""
 
-    def __init__(self, step_id: int, micro_batches: int, version: int):
+    def __init__(self, step_id: int, attempt: int, micro_batches: int, version: int):
         self.step_id = step_id
+        self.attempt = attempt
         self.micro_batches = micro_batches
         self.version = version
         self.sum = TreeSum(micro_batches, _add_grads)
@@ -149,8 +150,11 @@ class ShardJob:
 
     # -- PushGradients --------------------------------------------------------------------
     def push(self, step_id: int, micro_batch: int, micro_batches: int, version: int,
-             gradients: dict[str, np.ndarray]) -> tuple[bool, int]:
-        """Record one micro-batch's gradients; ``(duplicate, received)``."""
+             gradients: dict[str, np.ndarray], attempt: int = 0) -> tuple[bool, int]:
+        """Record one micro-batch's gradients; ``(duplicate, received)``.
+
+        Gradients are pending for one (step, attempt) at a time: a push for another step
+        or another attempt means the coordinator abandoned the pending one."""
         if step_id < 1:
             raise ServiceError(INVALID, "step ids start at 1", "step_id")
         if micro_batches < 1:
@@ -166,9 +170,8 @@ class ShardJob:
                 raise ServiceError(FAILED, f"gradients computed at version {version}, job "
                                    f"{self.job_id!r} is at version {self.version}", "version")
             p = self.pending.get(step_id)
-            if p is None:
-                # A new step: any other pending step was abandoned by the coordinator.
-                self.pending = {step_id: _Pending(step_id, micro_batches, version)}
+            if p is None or p.attempt != attempt:
+                self.pending = {step_id: _Pending(step_id, attempt, micro_batches, version)}
                 p = self.pending[step_id]
             elif p.micro_batches != micro_batches:
                 raise ServiceError(INVALID, f"step {step_id} has {p.micro_batches} "
@@ -218,7 +221,8 @@ class ShardJob:
                                "gradients")
 
     # -- Apply ----------------------------------------------------------------------------
-    def apply(self, step_id: int, micro_batches: int, version: int) -> tuple[int, bool, float]:
+    def apply(self, step_id: int, micro_batches: int, version: int,
+              attempt: int = 0) -> tuple[int, bool, float]:
         """Sum the step's gradients and update every parameter; ``(version, already, secs)``."""
         with self.lock:
             if step_id == self.last_step_id and version + 1 == self.version:
@@ -233,6 +237,10 @@ class ShardJob:
                 raise ServiceError(FAILED, f"step computed at version {version}, job "
                                    f"{self.job_id!r} is at version {self.version}", "version")
             p = self.pending.get(step_id)
+            if p is not None and p.attempt != attempt:
+                raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: the "
+                                   f"pending gradients belong to attempt {p.attempt}, not "
+                                   f"{attempt}", "attempt")
             if p is None or p.micro_batches != micro_batches or not p.sum.complete:
                 # The first few missing indices only: micro_batches comes from the request
                 # and may be 2**32 - 1 (listing them all would take minutes and gigabytes).
@@ -351,13 +359,15 @@ class ShardStore:
         return self.job(job_id).pull(version, names, copy)
 
     def push(self, job_id: str, step_id: int, micro_batch: int, micro_batches: int,
-             version: int, gradients: dict[str, np.ndarray]) -> tuple[bool, int]:
-        return self.job(job_id).push(step_id, micro_batch, micro_batches, version, gradients)
+             version: int, gradients: dict[str, np.ndarray],
+             attempt: int = 0) -> tuple[bool, int]:
+        return self.job(job_id).push(step_id, micro_batch, micro_batches, version, gradients,
+                                     attempt)
 
     def apply(self, job_id: str, step_id: int, micro_batches: int, version: int,
-              checkpoint_now: bool = False) -> tuple[int, bool, float]:
+              checkpoint_now: bool = False, attempt: int = 0) -> tuple[int, bool, float]:
         job = self.job(job_id)
-        result = job.apply(step_id, micro_batches, version)
+        result = job.apply(step_id, micro_batches, version, attempt)
         if not result[1] and (checkpoint_now or (
                 self.checkpoint_every and result[0] % self.checkpoint_every == 0)):
             self.checkpoint(job_id)
@@ -477,14 +487,14 @@ class ShardServicer:
                                        self.max_elements)
         duplicate, received = self.store.push(header.job_id, header.step_id,
                                               header.micro_batch, header.micro_batches,
-                                              header.version, grads)
+                                              header.version, grads, header.attempt)
         return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
 
     def Apply(self, request, context):
         from gradmesh.v1 import shard_pb2
         version, already, seconds = self.store.apply(
             request.job_id, request.step_id, request.micro_batches, request.version,
-            request.checkpoint)
+            request.checkpoint, request.attempt)
         return shard_pb2.ApplyResponse(version=version, already_applied=already,
                                        apply_seconds=seconds)
 
@@ -518,11 +528,15 @@ class EmbeddedShard:
     def pull(self, job_id, version=0, names=(), copy=False):
         return self.store.pull(job_id, version, names, copy)
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients):
-        return self.store.push(job_id, step_id, micro_batch, micro_batches, version, gradients)
+    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients,
+             attempt=0):
+        return self.store.push(job_id, step_id, micro_batch, micro_batches, version,
+                               gradients, attempt)
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False):
-        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now)
+    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False,
+              attempt=0):
+        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now,
+                                attempt)
 
     def status(self, job_id):
         job = self.store.jobs.get(job_id)
@@ -575,21 +589,24 @@ class RemoteShard:
             raise ServiceError(e.code(), f"shard {self.name}: {e.details()}") from None
         return header.version, arrays
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients):
+    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients,
+             attempt=0):
         from gradmesh.v1 import shard_pb2
         header = shard_pb2.PushGradientsRequest(job_id=job_id, step_id=step_id,
                                                 micro_batch=micro_batch,
-                                                micro_batches=micro_batches, version=version)
+                                                micro_batches=micro_batches, version=version,
+                                                attempt=attempt)
         values = _named_headers(header.gradients, gradients)
         r = self._call(self._stub.PushGradients,
                        stream_frames(shard_pb2.ShardFrame, "push", header, values))
         return r.duplicate, r.received
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False):
+    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False,
+              attempt=0):
         from gradmesh.v1 import shard_pb2
         r = self._call(self._stub.Apply, shard_pb2.ApplyRequest(
             job_id=job_id, step_id=step_id, micro_batches=micro_batches, version=version,
-            checkpoint=checkpoint_now))
+            checkpoint=checkpoint_now, attempt=attempt))
         return r.version, r.already_applied, r.apply_seconds
 
     def status(self, job_id):

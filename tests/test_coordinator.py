@@ -194,10 +194,6 @@ def test_create_job_headers_are_checked_before_allocating(coordinator):
     assert peak < 64 << 20 and server.coordinator.jobs == {}
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the gradients a failed step attempt "
-                   "already pushed stay pending on the shards, and a retry of the same "
-                   "step id with another batch reuses them (the shards ignore the new "
-                   "pushes as duplicates)")
 def test_a_failed_step_leaves_no_gradients_behind(coordinator):
     _, client = coordinator()
     job, data = _job(client)                       # 20 rows, micro-batches of 8: 3

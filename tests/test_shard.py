@@ -78,6 +78,24 @@ def test_duplicate_and_late_pushes_are_ignored_and_apply_is_idempotent():
     assert np.array_equal(store.jobs["j"].params["w"], after)
 
 
+def test_a_new_attempt_discards_the_gradients_of_an_abandoned_one():
+    store, ref = ShardStore(), ShardStore()
+    params = _params()
+    store.load("j", params, SGD)
+    ref.load("j", params, SGD)
+    store.push("j", 1, 0, 2, 0, _grads(params, 7), attempt=11)   # the failed attempt
+    for m in range(2):
+        assert store.push("j", 1, m, 2, 0, _grads(params, m), attempt=12) == (False, m + 1)
+        ref.push("j", 1, m, 2, 0, _grads(params, m))
+    with pytest.raises(ServiceError) as e:
+        store.apply("j", 1, 2, 0, attempt=11)
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.FAILED_PRECONDITION, "attempt")
+    store.apply("j", 1, 2, 0, attempt=12)
+    ref.apply("j", 1, 2, 0)
+    for n in params:
+        assert np.array_equal(store.jobs["j"].params[n], ref.jobs["j"].params[n])
+
+
 @pytest.mark.parametrize("call,code,field", [
     (lambda s, p: s.push("j", 1, 0, 1, 5, p), "FAILED_PRECONDITION", "version"),
     (lambda s, p: s.push("j", 1, 2, 2, 0, p), "INVALID_ARGUMENT", "micro_batch"),

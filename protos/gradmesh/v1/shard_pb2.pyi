@@ -82,20 +82,22 @@ class PullResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients")
+    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batch: int
     micro_batches: int
     version: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("duplicate", "received")
@@ -106,18 +108,20 @@ class PushGradientsResponse(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., received: _Optional[int] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batches", "version", "checkpoint")
+    __slots__ = ("job_id", "step_id", "micro_batches", "version", "checkpoint", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batches: int
     version: int
     checkpoint: bool
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ApplyResponse(_message.Message):
     __slots__ = ("version", "already_applied", "apply_seconds")
