@@ -12,7 +12,9 @@
 
 The first call with a function traces it into a graph (for those parameter and data
 shapes), registers it once, and from then on sends only the graph id and the tensors.
-Requests over ``stream_threshold`` bytes go over the streaming RPC, transparently.
+Requests over ``stream_threshold`` bytes go over the streaming RPC, transparently. A
+worker on this host (127.0.0.1, localhost, a Unix socket) gets the parameters and writes
+the gradients through shared memory instead (core/sharedmem.py), when it says it can.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import numpy as np
 
 from gradmesh.client import errors
 from gradmesh.client.channel import TLS, channel, metadata
-from gradmesh.core import serialize
-from gradmesh.v1 import graph_pb2, worker_pb2, worker_pb2_grpc
+from gradmesh.core import serialize, sharedmem
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -86,14 +88,16 @@ class WorkerClient:
     of each call in seconds; ``chunk_bytes``: chunk size of streamed requests (1-4 MiB);
     ``stream_threshold``: requests with more tensor bytes than this use the streaming
     RPC; ``retries``: attempts after UNAVAILABLE, with exponential backoff (every worker
-    call is idempotent: the same inputs give the same outputs).
+    call is idempotent: the same inputs give the same outputs); ``shared_memory``: pass
+    tensors through shared memory when the worker is on this host and takes it (checked
+    once with Capabilities; any refusal falls back to bytes for good).
     """
 
     def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
                  timeout: float | None = 60.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  stream_threshold: int = DEFAULT_STREAM_THRESHOLD, retries: int = 4,
-                 options: Sequence[tuple[str, Any]] = ()):
+                 shared_memory: bool = True, options: Sequence[tuple[str, Any]] = ()):
         if not serialize.MIN_CHUNK_BYTES <= chunk_bytes <= serialize.MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be between {serialize.MIN_CHUNK_BYTES} and "
                              f"{serialize.MAX_CHUNK_BYTES}, got {chunk_bytes}")
@@ -122,11 +126,16 @@ class WorkerClient:
         self._traced: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
         self._traced_strong: dict[Any, dict] = {}
         self._registered: set[str] = set()
+        # None: not decided yet (the first call asks Capabilities); then True or False.
+        self._shared: bool | None = (None if shared_memory and sharedmem.available()
+                                     and sharedmem.same_host_target(target) else False)
+        self._segments = sharedmem.Pool()
 
     # ------------------------------------------------------------------ lifecycle ----
 
     def close(self) -> None:
         self.channel.close()
+        self._segments.close()
 
     def __enter__(self) -> "WorkerClient":
         return self
@@ -218,8 +227,10 @@ class WorkerClient:
             self.register_graph(graph, timeout)
 
         data_arrays = list(zip(_data_names(graph, len(data)), arrays))
-        total = sum(a.nbytes for _, a in param_arrays) + sum(a.nbytes for _, a in data_arrays)
-        streamed = total > self.stream_threshold
+        data_bytes = sum(a.nbytes for _, a in data_arrays)
+        total = sum(a.nbytes for _, a in param_arrays) + data_bytes
+        shared = data_bytes < self.stream_threshold and self._use_shared_memory(timeout)
+        streamed = not shared and total > self.stream_threshold
         # Fields 1 and 5-8 of the request; the tensors (fields 3, 4) go between them.
         head = worker_pb2.ComputeGradientsRequest(graph_id=graph_id).SerializeToString()
         tail = worker_pb2.ComputeGradientsRequest(
@@ -229,6 +240,9 @@ class WorkerClient:
         def attempt(**kw):
             if streamed:
                 return self._stream(head, tail, param_arrays, data_arrays, **kw)
+            if shared:
+                return self._shared_call(head, tail, param_arrays, data_arrays,
+                                         list(gradients or ()), **kw)
             pieces = [head]
             for n, a in param_arrays:
                 pieces += serialize.encode_tensor_field(3, a, n)
@@ -240,7 +254,16 @@ class WorkerClient:
 
         start = time.perf_counter()
         try:
-            result = self._call("ComputeGradients", attempt, timeout)
+            try:
+                result = self._call("ComputeGradients", attempt, timeout)
+            except (errors.GradmeshError, sharedmem.SegmentError) as e:
+                if not shared or not _shared_memory_refused(e):
+                    raise
+                # The worker cannot see our segments (another host or container, or
+                # shared memory off there), or /dev/shm is full: bytes from now on.
+                self._shared = shared = False
+                streamed = total > self.stream_threshold
+                result = self._call("ComputeGradients", attempt, timeout)
         except errors.NotFound:
             # The worker restarted or evicted the graph: register it again, once.
             with self._lock:
@@ -249,9 +272,46 @@ class WorkerClient:
             result = self._call("ComputeGradients", attempt, timeout)
         result.timings["round_trip_seconds"] = time.perf_counter() - start
         result.timings["streamed"] = float(streamed)
+        result.timings["shared_memory"] = float(shared)
         if as_tensors:
             _to_tensors(result)
         return result
+
+    def _use_shared_memory(self, timeout: float | None) -> bool:
+        if self._shared is None:
+            try:
+                self._shared = bool(self.capabilities(timeout).shared_memory)
+            except errors.GradmeshError:
+                return False        # decided on a later call; this one goes as bytes
+        return self._shared
+
+    def _shared_call(self, head: bytes, tail: bytes, params, data, wanted: list[str],
+                     **kw) -> GradientResult:
+        """One ComputeGradients with the parameters and gradients in shared memory."""
+        by_name = dict(params)
+        pseg, poffsets = sharedmem.place(self._segments, by_name)
+        gseg, goffsets = sharedmem.place(
+            self._segments, {n: by_name[n] for n in (wanted or by_name) if n in by_name},
+            write=False)
+        done = False
+        try:
+            req = shared_request(by_name, pseg, poffsets, gseg, goffsets)
+            pieces = [head, req.SerializeToString()]
+            for n, a in data:
+                pieces += serialize.encode_tensor_field(4, a, n)
+            pieces.append(tail)
+            resp = self._unary_call(b"".join(pieces), **kw)
+            result = _unary_result(resp)
+            # Copies: the segment is reused by the next call.
+            result.gradients = {n: np.array(v) for n, v in
+                                shared_gradients(resp, gseg, goffsets).items()}
+            done = True
+            return result
+        finally:
+            # A failed call's segments are dropped, not reused: a worker past its deadline
+            # may still be writing into them.
+            for seg in (pseg, gseg):
+                self._segments.release(seg) if done else seg.close()
 
     def _stream(self, head: bytes, tail: bytes, params, data, **kw) -> GradientResult:
         header = worker_pb2.ComputeGradientsRequest.FromString(head + tail)
@@ -317,6 +377,45 @@ class WorkerClient:
         return Tensor(np.array(result.loss))
 
 
+def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,
+                   offsets: dict[str, int], gradient_segment: sharedmem.Segment,
+                   gradient_offsets: dict[str, int]) -> worker_pb2.ComputeGradientsRequest:
+    """The parameters' headers (no data) and the ``SharedMemory`` of a request whose
+    parameters are in ``segment`` and whose gradients go to ``gradient_segment``."""
+    return worker_pb2.ComputeGradientsRequest(
+        parameters=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
+                    for n, a in params.items()],
+        shared_memory=worker_pb2.SharedMemory(
+            segment=segment.name, parameter_offsets=offsets,
+            gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets))
+
+
+def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, segment: sharedmem.Segment,
+                     offsets: dict[str, int]) -> dict[str, np.ndarray]:
+    """The gradients a worker wrote into ``segment``, as views (checked against the
+    response's dtypes and shapes and the segment's bounds)."""
+    if not resp.gradients_in_shared_memory:
+        raise sharedmem.SegmentError("the worker did not write the gradients to shared "
+                                     "memory (a worker that predates it?)")
+    out = {}
+    for nt in resp.gradients:
+        dtype = serialize.PROTO_TO_DTYPE.get(nt.tensor.dtype)
+        offset = offsets.get(nt.name)
+        shape = tuple(nt.tensor.shape)
+        nbytes = (dtype.np.itemsize * int(np.prod(shape))) if dtype else -1
+        if offset is None or dtype is None or offset + nbytes > segment.size or nbytes < 0:
+            raise sharedmem.SegmentError(f"the worker's gradient {nt.name!r} does not fit "
+                                         f"what was asked for")
+        out[nt.name] = segment.view(offset, dtype.np, shape)
+    return out
+
+
+def _shared_memory_refused(e: Exception) -> bool:
+    return isinstance(e, sharedmem.SegmentError) or (
+        e.code == grpc.StatusCode.FAILED_PRECONDITION
+        and (e.field or "").startswith("shared_memory"))
+
+
 def _data_names(graph: graph_pb2.Graph, n: int) -> list[str]:
     names = [i.name for i in graph.inputs if i.role == graph_pb2.Input.DATA]
     if len(names) != n:
@@ -344,6 +443,7 @@ def _unary_result(resp: worker_pb2.ComputeGradientsResponse) -> GradientResult:
     return GradientResult(
         dec(resp.loss, "loss"),
         {nt.name: dec(nt.tensor, f"outputs[{nt.name}]") for nt in resp.outputs},
+        {} if resp.gradients_in_shared_memory else
         {nt.name: dec(nt.tensor, f"gradients[{nt.name}]") for nt in resp.gradients},
         _timings(resp), resp.graph_id)
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
-from gradmesh.core import serialize
+from gradmesh.core import serialize, sharedmem
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import (TreeSum, loss_scales, micro_batch_seed, micro_batches,
                                        place)
@@ -78,6 +78,15 @@ class MicroResult:
     outputs: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
     compute_seconds: float = 0.0            # the worker's forward + backward
+    # The shared-memory segment holding ``gradients``: back to the pool once they are
+    # applied (or not needed).
+    segment: Any = None
+    pool: Any = None
+
+    def release(self) -> None:
+        if self.segment is not None:
+            self.pool.release(self.segment)
+            self.segment = None
 
 
 class WorkerError(Exception):
@@ -116,7 +125,7 @@ class WorkerHandle:
     """One worker: its channel, what the coordinator knows of it, and the call itself."""
 
     def __init__(self, address: str, source: str, timeout: float, token: str | None,
-                 max_message_bytes: int, tls: Any = None):
+                 max_message_bytes: int, tls: Any = None, segments: Any = None):
         from gradmesh.v1 import worker_pb2_grpc
         self.address = address
         self.source = source
@@ -132,6 +141,10 @@ class WorkerHandle:
         self.retry_at = 0.0
         self.max_message_bytes = max_message_bytes
         self.graphs: set[str] = set()          # graph ids this worker has
+        # Tensors through shared memory (core/sharedmem.py) when the worker is on this host
+        # and takes them; ``segments`` is the coordinator's pool (None: never).
+        self.segments = segments if sharedmem.same_host_target(address) else None
+        self.shared = False
         self._metadata = metadata(token)
         self._channel = channel(address, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
@@ -154,6 +167,7 @@ class WorkerHandle:
             return
         self.fingerprint = caps.build_fingerprint
         self.backend = caps.backend
+        self.shared = self.segments is not None and caps.shared_memory
         self.state, self.reason = "ready", ""
 
     def compute(self, graph, graph_id: str, params: "ParamSet", data: dict[str, np.ndarray],
@@ -168,8 +182,22 @@ class WorkerHandle:
             req.graph.CopyFrom(graph)
         data_bytes = sum(a.nbytes for a in data.values())
         try:
+            unary_max = min(self.max_message_bytes // 2, UNARY_MAX_BYTES)
+            if self.shared and data_bytes + (1 << 20) < unary_max:
+                try:
+                    return self._compute_shared(req, params, data, graph_id)
+                except (WorkerError, sharedmem.SegmentError) as e:
+                    if isinstance(e, WorkerError) and not (
+                            e.code == grpc.StatusCode.FAILED_PRECONDITION
+                            and (e.field or "").startswith("shared_memory")):
+                        raise
+                    # The worker cannot see our segments (another container), or
+                    # /dev/shm is full: bytes from now on.
+                    log.warning("worker %s: no shared memory (%s); sending bytes",
+                                self.address, e)
+                    self.shared = False
             size = params.nbytes + data_bytes + (1 << 20)
-            if size < min(self.max_message_bytes // 2, UNARY_MAX_BYTES):
+            if size < unary_max:
                 req.parameters.extend(params.unary())
                 for name, a in data.items():
                     req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
@@ -183,6 +211,33 @@ class WorkerHandle:
                 self.graphs.discard(graph_id)     # the worker restarted: send it inline
             raise WorkerError(e.code(), e.details() or str(e.code()),
                               _worker_field(e)) from None
+
+    def _compute_shared(self, req, params: "ParamSet", data: dict,
+                        graph_id: str) -> MicroResult:
+        """A unary call with parameters and gradients in shared memory; the result's
+        gradients are views of a segment the step releases after applying them."""
+        from gradmesh.client.worker import shared_gradients, shared_request
+        segment, offsets = params.shared(self.segments)
+        gseg, goffsets = sharedmem.place(self.segments, params.arrays, write=False)
+        try:
+            req.MergeFrom(shared_request(params.arrays, segment, offsets, gseg, goffsets))
+            for name, a in data.items():
+                req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
+            try:
+                resp = self.stub.ComputeGradients(req, timeout=self.timeout,
+                                                  metadata=self._metadata)
+            except grpc.RpcError as e:
+                raise WorkerError(e.code(), e.details() or str(e.code()),
+                                  _worker_field(e)) from None
+            self.graphs.add(graph_id)
+            result = _decode_result(resp, None)
+            result.gradients = shared_gradients(resp, gseg, goffsets)
+        except BaseException:
+            # Dropped, not reused: a worker past its deadline may still write into it.
+            gseg.close()
+            raise
+        result.segment, result.pool = gseg, self.segments
+        return result
 
     def _compute_stream(self, req, params: "ParamSet", data: dict,
                         graph_id: str) -> MicroResult:
@@ -236,8 +291,9 @@ def _decode_result(resp, arrays: list | None) -> MicroResult:
         loss = serialize.from_proto(resp.loss, field="loss")
         outputs = {o.name: serialize.from_proto(o.tensor, field=f"outputs[{o.name}]")
                    for o in resp.outputs}
-        grads = {g.name: serialize.from_proto(g.tensor, field=f"gradients[{g.name}]")
-                 for g in resp.gradients}
+        grads = {} if resp.gradients_in_shared_memory else {
+            g.name: serialize.from_proto(g.tensor, field=f"gradients[{g.name}]")
+            for g in resp.gradients}
         return MicroResult(loss, outputs, grads, seconds)
     k = 1 + len(resp.outputs)
     return MicroResult(arrays[0],
@@ -250,8 +306,11 @@ class WorkerPool:
 
     def __init__(self, static: Sequence[str] = (), timeout: float = 300.0,
                  token: str | None = None, max_message_bytes: int = 64 << 20,
-                 tls: Any = None):
+                 tls: Any = None, shared_memory: bool = True):
         self.timeout = timeout
+        # Segments for workers on this host (see WorkerHandle).
+        self.segments = (sharedmem.Pool(keep=8) if shared_memory and sharedmem.available()
+                         else None)
         self.token = token
         self.tls = tls                  # how workers are dialled (client/channel.py)
         self.max_message_bytes = max_message_bytes
@@ -263,7 +322,7 @@ class WorkerPool:
 
     def _handle(self, address: str, source: str) -> WorkerHandle:
         return WorkerHandle(address, source, self.timeout, self.token, self.max_message_bytes,
-                            self.tls)
+                            self.tls, self.segments)
 
     def _check(self, w: WorkerHandle) -> None:
         """Probe ``w`` and apply the fingerprint rule (the first ready worker fixes it)."""
@@ -336,6 +395,8 @@ class WorkerPool:
     def close(self) -> None:
         for w in self.workers.values():
             w.close()
+        if self.segments is not None:
+            self.segments.close()
 
 
 # ====================================================================== jobs =============
@@ -354,6 +415,8 @@ class ParamSet:
         self.nbytes = sum(int(a.nbytes) for a in arrays.values())
         self._lock = threading.Lock()
         self._unary: list | None = None
+        self._shared: tuple | None = None
+        self._pool: Any = None
 
     def unary(self) -> list:
         """NamedTensor messages with data (encoded once per version)."""
@@ -363,6 +426,22 @@ class ParamSet:
                 self._unary = [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
                                for n, a in self.arrays.items()]
             return self._unary
+
+    def shared(self, pool) -> tuple:
+        """``(segment, offsets)``: the parameters copied into shared memory, once per
+        version."""
+        with self._lock:
+            if self._shared is None:
+                self._shared, self._pool = sharedmem.place(pool, self.arrays), pool
+            return self._shared
+
+    def release(self) -> None:
+        """Give the shared segment back (the next version reuses it). A late duplicate
+        call may still read it; its result is dropped anyway (the step is done)."""
+        with self._lock:
+            if self._shared is not None:
+                self._pool.release(self._shared[0])
+                self._shared = None
 
 
 @dataclass
@@ -619,6 +698,8 @@ class Coordinator:
         """The job's parameters at its version, pulled once per version."""
         if job.params is not None and job.params.version == job.version:
             return job.params, 0.0
+        if job.params is not None:
+            job.params.release()
         start = time.perf_counter()
 
         def pull(shard, i):
@@ -657,7 +738,11 @@ class Coordinator:
             return worker.compute(job.graph, job.graph_id, params, data, scales[m],
                                   micro_batch_seed(job.job_id, step_id, m), job.metric_names)
 
+        accepted: list[MicroResult] = []
+
         def accept(m: int, r: MicroResult) -> None:
+            with push_lock:
+                accepted.append(r)
             missing = [nm for nm in job.param_names if nm not in r.gradients]
             if missing:
                 raise ServiceError(grpc.StatusCode.INTERNAL, f"a worker returned no gradient "
@@ -678,13 +763,17 @@ class Coordinator:
                         metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
 
         t1 = time.perf_counter()
-        reassigned = self._dispatch(n, compute, accept)
-        t2 = time.perf_counter()
-        checkpoint_now = bool(self.checkpoint_every and
-                              (version + 1) % self.checkpoint_every == 0)
-        results = self._on_shards(job, lambda s, i: s.apply(job.job_id, step_id, n, version,
-                                                            checkpoint_now, attempt))
-        t3 = time.perf_counter()
+        try:
+            reassigned = self._dispatch(n, compute, accept)
+            t2 = time.perf_counter()
+            checkpoint_now = bool(self.checkpoint_every and
+                                  (version + 1) % self.checkpoint_every == 0)
+            results = self._on_shards(job, lambda s, i: s.apply(
+                job.job_id, step_id, n, version, checkpoint_now, attempt))
+            t3 = time.perf_counter()
+        finally:
+            for r in accepted:      # their gradients are applied (or the step failed)
+                r.release()
         job.version = version + 1
         job.last_step_id = step_id
         job.samples += size
@@ -794,6 +883,8 @@ class Coordinator:
                         if first:
                             done.add(m)
                             state["accepting"] += 1
+                    if not first:
+                        result.release()        # a late duplicate: nobody reads it
                     if first:
                         w.completed += 1
                         try:
@@ -1051,11 +1142,13 @@ def _split(value: str | None) -> list[str]:
 
 def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_shards: int = 1,
           state_dir: str | None = None, checkpoint_every: int = 10, deadline: float = 30.0,
-          worker_timeout: float = 300.0, config=None, peer=None, **config_kw):
+          worker_timeout: float = 300.0, shared_memory: bool = True, config=None, peer=None,
+          **config_kw):
     """Start a coordinator server in this process (tests, embedding).
 
     ``shards``: addresses of shard servers; without them ``embedded_shards`` shards run in
-    this process. ``peer``: a :class:`~gradmesh.server.runtime.PeerConfig`, how workers
+    this process. ``shared_memory``: pass tensors to workers on this host through shared
+    memory. ``peer``: a :class:`~gradmesh.server.runtime.PeerConfig`, how workers
     and shards are dialled (default: plaintext, with the server's own token). Returns the
     RunningServer with ``.coordinator`` set.
     """
@@ -1064,7 +1157,8 @@ def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_s
     config = config or ServerConfig(**config_kw)
     peer = peer or PeerConfig(None, config.token)
     pool = WorkerPool(workers, timeout=worker_timeout, token=peer.token,
-                      max_message_bytes=config.max_message_bytes, tls=peer.tls)
+                      max_message_bytes=config.max_message_bytes, tls=peer.tls,
+                      shared_memory=shared_memory)
     if shards:
         handles = [RemoteShard(a, token=peer.token, tls=peer.tls,
                                max_message_bytes=config.max_message_bytes) for a in shards]
@@ -1103,6 +1197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="checkpoint every N steps (default 10; also on shutdown)")
     g.add_argument("--micro-batch-deadline", type=float, default=d("micro-batch-deadline", 30.0),
                    help="seconds before a running micro-batch is also given to an idle worker")
+    g.add_argument("--shared-memory", choices=("on", "off"), default=d("shared-memory", "on"),
+                   help="pass tensors to workers on this host through shared memory "
+                        "(/dev/shm; default on; docs/worker.md)")
     g.add_argument("--worker-timeout", type=float, default=d("worker-timeout", 300.0),
                    help="deadline of each call to a worker, in seconds")
 
@@ -1123,7 +1220,8 @@ def run(args: argparse.Namespace) -> int:
                         embedded_shards=args.embedded_shards, state_dir=args.state_dir,
                         checkpoint_every=args.checkpoint_every,
                         deadline=args.micro_batch_deadline,
-                        worker_timeout=args.worker_timeout, config=config, peer=peer)
+                        worker_timeout=args.worker_timeout,
+                        shared_memory=args.shared_memory == "on", config=config, peer=peer)
     except (ConfigError, checkpoint.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import gradmesh
 from gradmesh.core import backend as core_backend
 from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
-from gradmesh.core import serialize
+from gradmesh.core import serialize, sharedmem
 from gradmesh.core.registry import REGISTRY, OpError
 from gradmesh.server import runtime
 from gradmesh.server.runtime import ServiceError
@@ -45,6 +45,7 @@ BACKENDS = ("cpu", "cuda")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 # Wire dtype enum -> NumPy dtype (little-endian on the wire, see tensor.proto).
 _NP_OF_WIRE = {wire: d.np.newbyteorder("<") for wire, d in serialize.PROTO_TO_DTYPE.items()}
@@ -73,6 +74,7 @@ class TensorSlot:
     dtype: np.dtype
     shape: tuple
     nbytes: int
+    shared_offset: int | None = None    # where its bytes are in the shared segment
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Prepared:
     outputs: list[str]
     loss_scale: float
     seed: int
+    # The request's SharedMemory, when it has one (see worker.proto).
+    shared: worker_pb2.SharedMemory | None = None
 
     @property
     def slots(self) -> list[TensorSlot]:
@@ -147,7 +151,8 @@ class GradientWorker:
     """
 
     def __init__(self, backend: str = "cpu", limits: WorkerLimits | None = None,
-                 graph_cache_size: int = 256, plan_cache_size: int = 64):
+                 graph_cache_size: int = 256, plan_cache_size: int = 64,
+                 shared_memory: bool = True):
         if backend not in BACKENDS:
             raise runtime.ConfigError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if backend == "cuda" and not core_backend.cuda_available():
@@ -162,6 +167,9 @@ class GradientWorker:
         # Compiling the same plan twice at once is harmless but wasteful.
         self._compile_lock = threading.Lock()
         self.abandoned = 0          # computations stopped by a deadline or cancellation
+        # Segments named by same-host clients, kept mapped (core/sharedmem.py).
+        self.segments = (sharedmem.Attached() if shared_memory and sharedmem.available()
+                         else None)
 
     # ------------------------------------------------------------------ graphs -------
 
@@ -189,11 +197,12 @@ class GradientWorker:
     # ------------------------------------------------------------------ requests -----
 
     def prepare(self, request: worker_pb2.ComputeGradientsRequest,
-                header_only: bool = False) -> Prepared:
+                header_only: bool = False, same_host: bool = False) -> Prepared:
         """Check a request against its graph before any tensor is decoded.
 
         Names, dtypes, shapes, batch sizes, element counts and (for unary requests) byte
         lengths are all checked here, so a bad or oversized request costs nothing.
+        ``same_host``: the caller is on this host, so it may name shared-memory segments.
         """
         which = request.WhichOneof("graph_ref")
         if which == "graph":
@@ -208,7 +217,13 @@ class GradientWorker:
         graph = validated.graph
         param_inputs = [i for i in graph.inputs if i.role == graph_pb2.Input.PARAM]
         data_inputs = [i for i in graph.inputs if i.role == graph_pb2.Input.DATA]
-        params = self._slots("parameters", request.parameters, param_inputs, header_only)
+        shared = None
+        if request.HasField("shared_memory"):
+            shared = request.shared_memory
+            self._check_shared(shared, header_only, same_host,
+                               {i.name for i in param_inputs})
+        params = self._slots("parameters", request.parameters, param_inputs, header_only,
+                             shared.parameter_offsets if shared else {})
         data = self._slots("data", request.data, data_inputs, header_only)
         self._check_batch(data, data_inputs)
 
@@ -231,14 +246,83 @@ class GradientWorker:
             if name not in output_names:
                 raise ServiceError(INVALID, f"no output named {name!r}; the graph's outputs "
                                             f"are {_short(output_names)}", f"outputs[{k}]")
+        if shared is not None and shared.gradient_segment:
+            wanted, got = set(gradients), set(shared.gradient_offsets)
+            if wanted != got:
+                raise ServiceError(INVALID, f"gradient_offsets must name exactly the "
+                                            f"requested gradients; missing "
+                                            f"{_short(sorted(wanted - got))}, not requested "
+                                            f"{_short(sorted(got - wanted))}",
+                                   "shared_memory.gradient_offsets")
         scale = request.loss_scale or 1.0
         if not math.isfinite(scale):
             raise ServiceError(INVALID, f"loss_scale must be finite, got {scale}", "loss_scale")
         return Prepared(graph_id, validated, params, data, gradients, list(request.outputs),
-                        scale, request.seed)
+                        scale, request.seed, shared)
+
+    def _check_shared(self, shared: worker_pb2.SharedMemory, header_only: bool,
+                      same_host: bool, param_names: set[str]) -> None:
+        """The parts of a request's SharedMemory that need no segment opened."""
+        field = "shared_memory.segment"
+        if header_only:
+            raise ServiceError(INVALID, "shared_memory is for ComputeGradients; a stream "
+                                        "carries its tensors' bytes in chunks", field)
+        if self.segments is None:
+            raise ServiceError(FAILED, "this worker does not take shared memory (started "
+                                       "with --shared-memory off, or no /dev/shm); send "
+                                       "the bytes in the request", field)
+        if not same_host:
+            raise ServiceError(FAILED, "shared memory is only for callers on the worker's "
+                                       "host (a loopback address or a Unix socket); send "
+                                       "the bytes in the request", field)
+        for key, names, segment in (("parameter_offsets", shared.parameter_offsets,
+                                     shared.segment),
+                                    ("gradient_offsets", shared.gradient_offsets,
+                                     shared.gradient_segment)):
+            seg_field = "shared_memory." + ("segment" if key == "parameter_offsets"
+                                            else "gradient_segment")
+            if segment and not sharedmem.NAME.match(segment):
+                raise ServiceError(INVALID, f"{segment!r} is not a segment name "
+                                            f"(gradmesh-<pid>-<32 hex digits>)", seg_field)
+            if names and not segment:
+                raise ServiceError(INVALID, f"{key} are given but no segment", seg_field)
+            for name in sorted(names):
+                f = f"shared_memory.{key}[{name}]"
+                if name not in param_names:
+                    raise ServiceError(INVALID, f"the graph has no parameter {name!r}", f)
+                if names[name] % sharedmem.ALIGN:
+                    raise ServiceError(INVALID, f"offset {names[name]} is not a multiple "
+                                                f"of {sharedmem.ALIGN}", f)
+
+    def _segment(self, name: str, field: str):
+        try:
+            return self.segments.get(name)
+        except sharedmem.SegmentError as e:
+            raise ServiceError(FAILED, f"{e}; send the bytes in the request", field) from None
+
+    def gradient_views(self, prepared: Prepared) -> dict[str, np.ndarray] | None:
+        """Where the gradients go when the request gave a segment for them (else None)."""
+        shared = prepared.shared
+        if shared is None or not shared.gradient_segment:
+            return None
+        buf = self._segment(shared.gradient_segment, "shared_memory.gradient_segment")
+        by_name = {s.name: s for s in prepared.params}
+        views = {}
+        for name in prepared.gradients:
+            slot, offset = by_name[name], shared.gradient_offsets[name]
+            views[name] = self._view(buf, offset, slot,
+                                     f"shared_memory.gradient_offsets[{name}]")
+        return views
+
+    @staticmethod
+    def _view(buf, offset: int, slot: TensorSlot, field: str) -> np.ndarray:
+        if offset + slot.nbytes > len(buf):
+            raise ServiceError(INVALID, f"{slot.nbytes} bytes at offset {offset} run past "
+                                        f"the segment's {len(buf)} bytes", field)
+        return sharedmem.view(buf, offset, slot.dtype, slot.shape)
 
     def _slots(self, kind: str, given: Sequence[tensor_pb2.NamedTensor], inputs,
-               header_only: bool) -> list[TensorSlot]:
+               header_only: bool, shared: Any = None) -> list[TensorSlot]:
         by_name = {}
         for k, nt in enumerate(given):
             if nt.name in by_name:
@@ -276,7 +360,13 @@ class GradientWorker:
                                               f"{self.limits.max_tensor_elements}", field)
             dtype = _NP_OF_WIRE[t.dtype]
             nbytes = n * dtype.itemsize
-            if header_only:
+            offset = shared.get(inp.name) if shared else None
+            if offset is not None:
+                if t.data:
+                    raise ServiceError(INVALID, "its bytes are in shared memory "
+                                                "(shared_memory.parameter_offsets): leave "
+                                                "data empty", field + ".data")
+            elif header_only:
                 if t.data:
                     raise ServiceError(INVALID, "a streamed request's header carries no tensor "
                                                 "bytes; send them as chunk frames",
@@ -285,7 +375,7 @@ class GradientWorker:
                 raise ServiceError(INVALID, f"{len(t.data)} bytes for shape {list(shape)} of "
                                             f"{_dname(t.dtype)}: expected {nbytes}",
                                    field + ".data")
-            slots.append(TensorSlot(field, inp.name, dtype, shape, nbytes))
+            slots.append(TensorSlot(field, inp.name, dtype, shape, nbytes, offset))
         return slots
 
     @staticmethod
@@ -309,7 +399,15 @@ class GradientWorker:
         limit = self.limits.max_tensor_elements
         params = {s.name: serialize.from_proto(by_name[s.name], field=s.field,
                                                max_elements=limit)
-                  for s in prepared.params}
+                  for s in prepared.params if s.shared_offset is None}
+        if len(params) < len(prepared.params):
+            buf = self._segment(prepared.shared.segment, "shared_memory.segment")
+            for s in prepared.params:
+                if s.shared_offset is not None:
+                    a = self._view(buf, s.shared_offset, s,
+                                   f"shared_memory.parameter_offsets[{s.name}]")
+                    a.flags.writeable = False     # the client's memory: read, never write
+                    params[s.name] = a
         data = {s.name: serialize.from_proto(by_name_data[s.name], field=s.field,
                                              max_elements=limit)
                 for s in prepared.data}
@@ -371,7 +469,8 @@ class GradientWorker:
         return worker_pb2.CapabilitiesResponse(
             ops=sorted(REGISTRY), dtypes=sorted(_NP_OF_WIRE), backend=self.backend,
             limits=self.limits.to_proto(), versions=versions, blas_threads=threads,
-            build_fingerprint=build_fingerprint(self.backend, versions, threads))
+            build_fingerprint=build_fingerprint(self.backend, versions, threads),
+            shared_memory=self.segments is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,6 +559,11 @@ def response_pieces(computed: Computed) -> list:
 # The gRPC servicer
 # ---------------------------------------------------------------------------------------
 
+def _same_host(peer: str) -> bool:
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5123", "unix:...") is on this host."""
+    return peer.startswith(("ipv4:127.", "ipv6:[::1]:", "ipv6:[::ffff:127.", "unix:"))
+
+
 def _deadline_check(context: grpc.ServicerContext) -> Callable[[], None]:
     def check() -> None:
         if not context.is_active():
@@ -493,9 +597,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def ComputeGradients(self, request, context):
         check = _deadline_check(context)
         t0 = time.perf_counter()
-        prepared = self.worker.prepare(request)
+        prepared = self.worker.prepare(request, same_host=_same_host(context.peer()))
         params, data = self.worker.decode(prepared, request)
+        views = self.worker.gradient_views(prepared)
         t1 = time.perf_counter()
+        if views is not None:
+            return self._compute_into(prepared, params, data, views, check, t1 - t0)
         computed = self.worker.compute(prepared, params, data, check)
         t2 = time.perf_counter()
         # An upper bound of the encoded size, known before anything is encoded: per
@@ -517,6 +624,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # orders them; the join is the one copy of the tensors' bytes before gRPC's.
         pieces.append(tail.SerializeToString())
         return b"".join(pieces)
+
+    def _compute_into(self, prepared: Prepared, params: dict, data: dict,
+                      views: dict[str, np.ndarray], check: Callable[[], None],
+                      decode_seconds: float) -> worker_pb2.ComputeGradientsResponse:
+        """Run the plan writing each gradient into the client's segment the moment backward
+        has finished it (the copy overlaps the rest of backward)."""
+        def on_grad(name, array) -> None:
+            view = views[name]
+            if (array.dtype, array.shape) != (view.dtype, view.shape):
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"gradient {name!r} came out "
+                                   f"as {array.dtype} {list(array.shape)}, the parameter "
+                                   f"is {view.dtype} {list(view.shape)}")
+            view[...] = array if isinstance(array, np.ndarray) else array.get()
+
+        computed = self.worker.compute(prepared, params, data, check, on_grad=on_grad)
+        resp = worker_pb2.ComputeGradientsResponse(
+            loss=serialize.to_proto(computed.loss),
+            outputs=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+                     for n, a in computed.outputs],
+            gradients=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
+                       for n, a in computed.gradients],
+            graph_id=prepared.graph_id, gradients_in_shared_memory=True)
+        _timings(resp, computed, decode_seconds, 0.0)
+        return resp
 
     def ComputeGradientsStream(self, request_iterator, context):
         check = _deadline_check(context)
@@ -707,7 +838,7 @@ def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
 # Starting a worker (tests, embedding) and the CLI
 # ---------------------------------------------------------------------------------------
 
-_WORKER_KEYS = {"limits", "graph_cache_size", "plan_cache_size"}
+_WORKER_KEYS = {"limits", "graph_cache_size", "plan_cache_size", "shared_memory"}
 
 
 def start(backend: str = "cpu", *, config: runtime.ServerConfig | None = None,
@@ -715,7 +846,8 @@ def start(backend: str = "cpu", *, config: runtime.ServerConfig | None = None,
     """Start a worker in this process (default 127.0.0.1, a free port).
 
     Keyword arguments set :class:`~gradmesh.server.runtime.ServerConfig` fields, or the
-    worker's ``limits`` (:class:`WorkerLimits`), ``graph_cache_size``, ``plan_cache_size``.
+    worker's ``limits`` (:class:`WorkerLimits`), ``graph_cache_size``, ``plan_cache_size``,
+    ``shared_memory``.
     The returned server has ``.address`` and ``.worker`` (the :class:`GradientWorker`).
     """
     worker_kw = {k: kw.pop(k) for k in list(kw) if k in _WORKER_KEYS}
@@ -747,6 +879,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="chunk size of streamed responses, 1-4 MiB")
     g.add_argument("--graph-cache-size", type=int, default=d("graph-cache-size", 256))
     g.add_argument("--plan-cache-size", type=int, default=d("plan-cache-size", 64))
+    g.add_argument("--shared-memory", choices=("on", "off"),
+                   default=d("shared-memory", "on"),
+                   help="take tensors in shared memory (/dev/shm) from callers on this "
+                        "host; off: bytes in messages only (docs/worker.md)")
     g.add_argument("--blas-threads", type=int, default=d("blas-threads", None),
                    help="fix NumPy's BLAS thread count (workers of a job must agree)")
     g.add_argument("--coordinator", default=d("coordinator", None),
@@ -776,7 +912,8 @@ def run(args: argparse.Namespace) -> int:
         peer = runtime.peer_config_from_args(args, config)
         running = start(args.backend, config=config, limits=limits,
                         graph_cache_size=args.graph_cache_size,
-                        plan_cache_size=args.plan_cache_size)
+                        plan_cache_size=args.plan_cache_size,
+                        shared_memory=args.shared_memory == "on")
     except runtime.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

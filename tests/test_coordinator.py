@@ -405,8 +405,9 @@ def test_a_crash_loses_only_uncheckpointed_steps_and_says_which_is_next(coordina
 
 def test_streamed_worker_calls_give_the_same_bits(coordinator):
     reference = _reference_params(coordinator)
-    # Under a 1 MiB message limit every worker call goes over ComputeGradientsStream.
-    _, client = coordinator(max_message_bytes=1 << 20)
+    # Under a 1 MiB message limit, without shared memory, every worker call goes over
+    # ComputeGradientsStream.
+    _, client = coordinator(max_message_bytes=1 << 20, shared_memory=False)
     job, data = _job(client)
     for x, y in data:
         job.step(x, y)
@@ -443,7 +444,8 @@ def test_a_stream_that_fails_after_some_gradients_is_retried_bitwise_equal(coord
     reference = _reference_params(coordinator)
     flaky = _FailAfterFirstGradient(workers[0], fail_calls={1})
     try:
-        _, client = coordinator(max_message_bytes=1 << 20)       # every call streamed
+        # Every call streamed: a 1 MiB message limit, no shared memory.
+        _, client = coordinator(max_message_bytes=1 << 20, shared_memory=False)
         job, data = _job(client)
         reassigned = sum(job.step(x, y).timings["reassigned"] for x, y in data)
     finally:
@@ -472,7 +474,8 @@ def test_streamed_calls_to_a_worker_without_early_gradients_give_the_same_bits(
     monkeypatch.setattr(worker_mod.WorkerService, "ComputeGradientsStream", classic)
     old_worker = worker_mod.start("cpu")           # its handlers bind the patched method
     try:
-        _, client = coordinator(max_message_bytes=1 << 20, workers=[old_worker.address])
+        _, client = coordinator(max_message_bytes=1 << 20, workers=[old_worker.address],
+                                shared_memory=False)
         job, data = _job(client)
         timings = [job.step(x, y).timings for x, y in data]
         params = _params(job)

@@ -42,12 +42,13 @@ def local_grads(model, x, y):
 
 @pytest.fixture(scope="module")
 def clients(worker):
-    with WorkerClient(worker.address) as unary, \
-            WorkerClient(worker.address, stream_threshold=0) as streaming:
-        yield {"unary": unary, "stream": streaming}
+    with WorkerClient(worker.address, shared_memory=False) as unary, \
+            WorkerClient(worker.address, stream_threshold=0, shared_memory=False) as streaming, \
+            WorkerClient(worker.address) as shared:
+        yield {"unary": unary, "stream": streaming, "shared": shared}
 
 
-@pytest.mark.parametrize("path", ["unary", "stream"])
+@pytest.mark.parametrize("path", ["unary", "stream", "shared"])
 @pytest.mark.parametrize("n", [1, 512])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_bitwise_equal_to_local_backward(clients, kind, n, path):
@@ -58,6 +59,7 @@ def test_bitwise_equal_to_local_backward(clients, kind, n, path):
 
     result = clients[path].compute_gradients(ce_loss, model, x, y)
     assert result.timings["streamed"] == (path == "stream")
+    assert result.timings["shared_memory"] == (path == "shared")
     assert np.array_equal(result.loss, loss)
     assert list(result.gradients) == [name for name, _ in model.named_parameters()]
     for name, g in grads.items():
@@ -152,17 +154,21 @@ def test_loss_scale_and_seed(worker):
 
 
 @pytest.mark.slow
-def test_300mb_parameters_over_the_stream(worker):
-    """300 MB of float32 parameters in, 300 MB of gradients out, bitwise equal."""
+@pytest.mark.parametrize("path", ["stream", "shared"])
+def test_300mb_parameters(worker, path):
+    """300 MB of float32 parameters in, 300 MB of gradients out, bitwise equal, over the
+    stream and through shared memory."""
     rng = np.random.default_rng(9)
     w = rng.standard_normal((7_500, 10_000), dtype=np.float32)      # 300 MB
     x = rng.standard_normal((2, 10_000), dtype=np.float32)
 
     def fn(p, x):
         return (x @ p["w"].T).sum()
-    with WorkerClient(worker.address, timeout=120) as client:
+    with WorkerClient(worker.address, timeout=120,
+                      shared_memory=path == "shared") as client:
         r = client.compute_gradients(fn, {"w": w}, x)
-    assert r.timings["streamed"]
+    assert r.timings["streamed"] == (path == "stream")
+    assert r.timings["shared_memory"] == (path == "shared")
     wt = gm.tensor(w, requires_grad=True)
     fn({"w": wt}, gm.from_numpy(x)).backward()
     assert r.gradients["w"].shape == w.shape

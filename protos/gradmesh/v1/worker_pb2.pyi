@@ -21,7 +21,7 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs", "stream_gradients_early")
+    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs", "stream_gradients_early", "shared_memory")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class ComputeGradientsRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STREAM_GRADIENTS_EARLY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     graph: _graph_pb2.Graph
     parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -40,21 +41,50 @@ class ComputeGradientsRequest(_message.Message):
     seed: int
     outputs: _containers.RepeatedScalarFieldContainer[str]
     stream_gradients_early: bool
-    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ...) -> None: ...
+    shared_memory: SharedMemory
+    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+
+class SharedMemory(_message.Message):
+    __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets")
+    class ParameterOffsetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class GradientOffsetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    parameter_offsets: _containers.ScalarMap[str, int]
+    gradient_segment: str
+    gradient_offsets: _containers.ScalarMap[str, int]
+    def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
-    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id")
+    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     loss: _tensor_pb2.Tensor
     outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     timings: Timings
     graph_id: str
-    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+    gradients_in_shared_memory: bool
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_seconds", "forward_seconds", "backward_seconds", "encode_seconds", "plan_cached")
@@ -85,7 +115,7 @@ class CapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapabilitiesResponse(_message.Message):
-    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint")
+    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint", "shared_memory")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +130,7 @@ class CapabilitiesResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     BLAS_THREADS_FIELD_NUMBER: _ClassVar[int]
     BUILD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
     backend: str
@@ -107,7 +138,8 @@ class CapabilitiesResponse(_message.Message):
     versions: _containers.ScalarMap[str, str]
     blas_threads: int
     build_fingerprint: str
-    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes")

@@ -1,0 +1,309 @@
+"""Same-host transport: segments (core/sharedmem.py), the worker's SharedMemory requests,
+and the SDK's and coordinator's use of them, with their fallbacks to bytes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+import gradmesh.core as gm
+from gradmesh.client import CoordinatorClient, WorkerClient
+from gradmesh.client.worker import shared_request
+from gradmesh.core import sharedmem
+from gradmesh.server import coordinator as coordinator_mod
+from gradmesh.server import worker as worker_mod
+from gradmesh.server.runtime import ServiceError
+from gradmesh.v1 import worker_pb2
+
+pytestmark = pytest.mark.skipif(not sharedmem.available(), reason="no /dev/shm here")
+
+
+def _mine() -> set[str]:
+    return {n for n in os.listdir(sharedmem.DIR) if n.startswith(f"gradmesh-{os.getpid()}-")}
+
+
+@pytest.fixture(autouse=True)
+def no_segment_is_left_behind():
+    before = _mine()
+    yield
+    import gc
+    gc.collect()
+    assert _mine() <= before
+
+
+def _model():
+    gm.manual_seed(3)
+    return gm.nn.Sequential(gm.nn.Linear(20, 32), gm.nn.ReLU(), gm.nn.Linear(32, 10))
+
+
+def _loss(model, x, y):
+    return gm.nn.functional.cross_entropy(model(x), y)
+
+
+def _batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 20)).astype(np.float32), rng.integers(0, 10, n)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = worker_mod.start("cpu")
+    yield w
+    w.stop(0)
+
+
+# ------------------------------------------------------------------ segments ------------
+
+def test_layout_aligns_every_tensor():
+    offsets, size = sharedmem.layout([("a", 3), ("b", 64), ("c", 65), ("d", 0)])
+    assert offsets == {"a": 0, "b": 64, "c": 128, "d": 256} and size == 256
+    assert sharedmem.layout([]) == ({}, sharedmem.ALIGN)
+
+
+def test_a_segment_is_private_reserved_and_removed_on_close():
+    seg = sharedmem.Segment(1000)
+    path = os.path.join(sharedmem.DIR, seg.name)
+    st = os.stat(path)
+    assert sharedmem.NAME.match(seg.name) and seg.name.startswith(f"gradmesh-{os.getpid()}-")
+    assert st.st_mode & 0o777 == 0o600 and st.st_size == 1000
+    assert st.st_blocks * 512 >= 1000                       # reserved, not sparse
+    a = seg.view(64, np.float32, (3,))
+    a[...] = [1, 2, 3]
+    seg.close()
+    assert not os.path.exists(path)
+    assert a.tolist() == [1, 2, 3]                          # views outlive the name
+
+
+def test_the_pool_reuses_segments():
+    pool = sharedmem.Pool(keep=1)
+    a = pool.acquire(100)
+    pool.release(a)
+    assert pool.acquire(50) is a                            # big enough: reused
+    b = pool.acquire(10_000)
+    pool.release(a)
+    pool.release(b)                                         # over `keep`: the smaller goes
+    assert not os.path.exists(os.path.join(sharedmem.DIR, a.name))
+    assert os.path.exists(os.path.join(sharedmem.DIR, b.name))
+    pool.close()
+    assert not os.path.exists(os.path.join(sharedmem.DIR, b.name))
+
+
+def test_segments_of_a_dead_process_are_swept():
+    code = ("import os, sys; sys.path[:0] = %r; from gradmesh.core import sharedmem; "
+            "s = sharedmem.Segment(4096); print(s.name); os._exit(0)" % sys.path[:1])
+    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    path = os.path.join(sharedmem.DIR, name)
+    assert os.path.exists(path)                             # os._exit: no cleanup ran
+    assert sharedmem.sweep_stale() >= 1
+    assert not os.path.exists(path)
+
+
+def test_attached_refuses_what_is_not_a_segment_of_its_user(tmp_path):
+    attached = sharedmem.Attached()
+    for name in ("x", "gradmesh-1-abc", "../etc/passwd", "gradmesh-1-" + "0" * 32 + "\n"):
+        with pytest.raises(sharedmem.SegmentError, match="not a gradmesh segment name"):
+            attached.get(name)
+    with pytest.raises(sharedmem.SegmentError, match="cannot open"):
+        attached.get("gradmesh-1-" + "0" * 32)
+    link = os.path.join(sharedmem.DIR, f"gradmesh-{os.getpid()}-" + "ab" * 16)
+    target = tmp_path / "target"
+    target.write_bytes(b"\0" * 4096)
+    os.symlink(target, link)
+    try:
+        with pytest.raises(sharedmem.SegmentError, match="cannot open"):
+            attached.get(os.path.basename(link))            # links are not followed
+    finally:
+        os.unlink(link)
+
+
+def test_attached_maps_once_remaps_a_resized_segment_and_drops_removed_ones():
+    attached = sharedmem.Attached()
+    seg = sharedmem.Segment(4096)
+    first = attached.get(seg.name)
+    assert attached.get(seg.name) is first
+    os.truncate(os.path.join(sharedmem.DIR, seg.name), 8192)
+    assert len(attached.get(seg.name)) == 8192
+    other = sharedmem.Segment(4096)
+    seg.close()
+    attached.get(other.name)                               # a new mapping prunes
+    assert len(attached) == 1
+    other.close()
+
+
+@pytest.mark.parametrize("target,same", [
+    ("127.0.0.1:5", True), ("localhost:5", True), ("[::1]:5", True), ("unix:/tmp/s", True),
+    ("ipv4:127.0.0.1:5", True), ("10.0.0.2:5", False), ("worker-0.gradmesh:50051", False)])
+def test_same_host_targets(target, same):
+    assert sharedmem.same_host_target(target) is same
+
+
+@pytest.mark.parametrize("peer,same", [
+    ("ipv4:127.0.0.1:5123", True), ("ipv6:[::1]:5123", True), ("unix:/tmp/x", True),
+    ("ipv6:[::ffff:127.0.0.1]:1", True), ("ipv4:10.1.2.3:5123", False),
+    ("ipv6:[fe80::1]:1", False)])
+def test_same_host_peers(peer, same):
+    assert worker_mod._same_host(peer) is same
+
+
+# ------------------------------------------------------------------ the worker ----------
+
+def test_gradients_through_shared_memory_equal_local_backward_bitwise(worker):
+    model = _model()
+    x, y = _batch(64)
+    loss = _loss(model, gm.from_numpy(x), gm.from_numpy(y))
+    loss.backward()
+    with WorkerClient(worker.address) as client:
+        assert client.capabilities().shared_memory
+        for _ in range(2):                               # the second call reuses segments
+            r = client.compute_gradients(_loss, model, x, y)
+            assert r.timings["shared_memory"] == 1.0 and not r.timings["streamed"]
+            assert np.array_equal(r.loss, loss.detach().numpy())
+            for name, p in model.named_parameters():
+                assert np.array_equal(r.gradients[name], p.grad.numpy()), name
+                assert r.gradients[name].flags.writeable  # the user's own copy
+        partial = client.compute_gradients(_loss, model, x, y, gradients=["2.bias"])
+        assert list(partial.gradients) == ["2.bias"]
+        assert np.array_equal(partial.gradients["2.bias"], model[2].bias.grad.numpy())
+
+
+def _raw(worker, model, mutate, x=None, y=None):
+    """A hand-built SharedMemory request, changed by ``mutate(req, pseg, gseg)``."""
+    x, y = _batch() if x is None else (x, y)
+    with WorkerClient(worker.address) as client:
+        graph, graph_id = client.trace(_loss, model, x, y)
+        client.register_graph(graph)
+        params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+        pool = sharedmem.Pool()
+        pseg, poff = sharedmem.place(pool, params)
+        gseg, goff = sharedmem.place(pool, params, write=False)
+        try:
+            req = shared_request(params, pseg, poff, gseg, goff)
+            req.graph_id = graph_id
+            from gradmesh.core import serialize
+            req.data.add(name="x0").tensor.CopyFrom(serialize.to_proto(x))
+            req.data.add(name="x1").tensor.CopyFrom(serialize.to_proto(y))
+            mutate(req, pseg, gseg)
+            return client.stub.ComputeGradients(req, timeout=30)
+        finally:
+            pseg.close()
+            gseg.close()
+            pool.close()
+
+
+def _field(e: grpc.RpcError) -> str:
+    from gradmesh.client.errors import bad_request_field
+    return bad_request_field(e)
+
+
+def _set(attr, value):
+    def mutate(req, pseg, gseg):
+        setattr(req.shared_memory, attr, value)
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,code,field", [
+    (_set("segment", "not-a-segment"), "INVALID_ARGUMENT", "shared_memory.segment"),
+    (_set("segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
+     "shared_memory.segment"),
+    (_set("gradient_segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
+     "shared_memory.gradient_segment"),
+    (lambda r, p, g: r.shared_memory.parameter_offsets.update({"0.weight": 1 << 40}),
+     "INVALID_ARGUMENT", "shared_memory.parameter_offsets[0.weight]"),
+    (lambda r, p, g: r.shared_memory.parameter_offsets.update({"0.weight": 8}),
+     "INVALID_ARGUMENT", "shared_memory.parameter_offsets[0.weight]"),
+    (lambda r, p, g: r.shared_memory.gradient_offsets.update({"2.bias": 1 << 40}),
+     "INVALID_ARGUMENT", "shared_memory.gradient_offsets[2.bias]"),
+    (lambda r, p, g: r.shared_memory.parameter_offsets.update({"nope": 0}),
+     "INVALID_ARGUMENT", "shared_memory.parameter_offsets[nope]"),
+    (lambda r, p, g: r.shared_memory.gradient_offsets.pop("2.bias"),
+     "INVALID_ARGUMENT", "shared_memory.gradient_offsets"),
+    (lambda r, p, g: r.parameters[0].tensor.__setattr__("data", b"\0" * 4),
+     "INVALID_ARGUMENT", "parameters[0.weight].data"),
+    (lambda r, p, g: r.shared_memory.ClearField("segment"),
+     "INVALID_ARGUMENT", "shared_memory.segment"),
+])
+def test_bad_shared_memory_requests_name_the_field(worker, mutate, code, field):
+    with pytest.raises(grpc.RpcError) as e:
+        _raw(worker, _model(), mutate)
+    assert (e.value.code().name, _field(e.value)) == (code, field), e.value.details()
+    r = _raw(worker, _model(), lambda *a: None)              # the worker still serves
+    assert r.gradients_in_shared_memory and not r.gradients[0].tensor.data
+
+
+def test_callers_on_another_host_and_streams_are_refused():
+    w = worker_mod.GradientWorker("cpu")
+    req = worker_pb2.ComputeGradientsRequest(graph_id="0" * 64)
+    req.shared_memory.segment = "gradmesh-1-" + "0" * 32
+    for kw, code in (({"same_host": False}, grpc.StatusCode.FAILED_PRECONDITION),
+                     ({"same_host": True, "header_only": True},
+                      grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(ServiceError) as e:
+            w._check_shared(req.shared_memory, kw.get("header_only", False),
+                            kw["same_host"], set())
+        assert (e.value.code, e.value.field) == (code, "shared_memory.segment")
+
+
+def test_the_client_falls_back_to_bytes(worker, monkeypatch):
+    model = _model()
+    x, y = _batch()
+    off = worker_mod.start("cpu", shared_memory=False)
+    try:
+        with WorkerClient(off.address) as client:
+            assert not client.capabilities().shared_memory
+            r = client.compute_gradients(_loss, model, x, y)
+            assert r.timings["shared_memory"] == 0.0
+    finally:
+        off.stop(0)
+
+    # A worker that says yes but cannot open the segments (another container).
+    def cannot(name):
+        raise sharedmem.SegmentError("cannot open it here")
+    monkeypatch.setattr(worker.worker.segments, "get", cannot)
+    with WorkerClient(worker.address) as client:
+        r = client.compute_gradients(_loss, model, x, y)
+        assert r.timings["shared_memory"] == 0.0
+        again = client.compute_gradients(_loss, model, x, y)
+        assert again.timings["shared_memory"] == 0.0      # decided once
+    for name in r.gradients:
+        assert np.array_equal(r.gradients[name], again.gradients[name])
+
+
+# ------------------------------------------------------------------ the coordinator -----
+
+def _train(coordinator_kw, workers, steps=4):
+    server = coordinator_mod.start(workers=[w.address for w in workers], **coordinator_kw)
+    try:
+        with CoordinatorClient(server.address) as client:
+            model = _model()
+            job = client.create_job(model, _loss, gm.optim.SGD(model.parameters(), lr=0.1,
+                                                               momentum=0.9),
+                                    micro_batch_size=8, example_batch=_batch(20))
+            for s in range(steps):
+                job.step(*_batch(20, seed=s))
+            return job.parameters()
+    finally:
+        server.stop(0)
+
+
+def test_the_coordinator_gives_the_same_bits_with_and_without_shared_memory(worker):
+    second = worker_mod.start("cpu")
+    try:
+        mapped_before = len(worker.worker.segments)
+        shared = _train({}, [worker, second])
+        assert len(worker.worker.segments) > mapped_before or len(second.worker.segments)
+        plain = _train({"shared_memory": False}, [worker, second])
+        unable = worker_mod.start("cpu", shared_memory=False)
+        try:
+            mixed = _train({}, [worker, unable])          # one worker falls back to bytes
+        finally:
+            unable.stop(0)
+    finally:
+        second.stop(0)
+    for name in plain:
+        assert np.array_equal(shared[name], plain[name]), name
+        assert np.array_equal(mixed[name], plain[name]), name
