@@ -6,7 +6,10 @@ batch 256, MSE) MLPs, in the same run:
 * ``local``: ``gradmesh.core`` training in this process (forward, backward, SGD);
 * ``1 worker`` / ``2 workers``: a :class:`~gradmesh.client.cluster.LocalCluster` (workers
   as separate processes, shards embedded in the coordinator), the global batch cut into
-  one micro-batch per worker.
+  one micro-batch per worker. Tensors go through shared memory (the default for workers on
+  the coordinator's host);
+* ``1 worker, bytes``: the same with ``--shared-memory off``, every tensor through gRPC,
+  as with workers on other hosts.
 
 The three run round-robin, one step each per round, so that load from other processes
 hits them alike. Workers share the machine's cores (``threads_per_worker``
@@ -89,7 +92,7 @@ class LocalRunner:
 class ClusterRunner:
     """A LocalCluster of ``workers`` worker processes with embedded shards."""
 
-    def __init__(self, name: str, workers: int, stack):
+    def __init__(self, name: str, workers: int, stack, shared: bool = True):
         import gradmesh.core as gm
         from gradmesh.client.cluster import LocalCluster
         sizes, self.batch, kind = MODELS[name]
@@ -98,7 +101,8 @@ class ClusterRunner:
         cores = os.cpu_count() or 1
         cluster = stack.enter_context(LocalCluster(
             workers=workers, shards=0, checkpoint_every=0,
-            threads_per_worker=max(1, cores // workers)))
+            threads_per_worker=max(1, cores // workers),
+            coordinator_args=[] if shared else ["--shared-memory", "off"]))
         self.job = cluster.client().create_job(
             model, loss_fn, gm.optim.SGD(model.parameters(), lr=LR),
             micro_batch_size=-(-self.batch // workers), example_batch=(self.x[:4], self.y[:4]),
@@ -117,6 +121,7 @@ def measure(name: str, steps: int) -> dict:
     import contextlib
     with contextlib.ExitStack() as stack:
         runners = {"local": LocalRunner(name), "1_worker": ClusterRunner(name, 1, stack),
+                   "1_worker_bytes": ClusterRunner(name, 1, stack, shared=False),
                    "2_worker": ClusterRunner(name, 2, stack)}
         rows: dict[str, list] = {k: [] for k in runners}
         for i in range(steps + 1):
@@ -158,19 +163,20 @@ def main(argv=None) -> int:
         steps = args.steps or (3 if args.quick else (20 if name == "medium" else 6))
         r = measure(name, steps)
         local = r["local"]["samples_per_second"]
-        for key in ("1_worker", "2_worker"):
+        clustered = ("1_worker", "1_worker_bytes", "2_worker")
+        for key in clustered:
             r[key]["vs_local"] = r[key]["samples_per_second"] / local
         results["models"][name] = r
         sizes, batch, _ = MODELS[name]
         print(f"\n{name} MLP {'-'.join(map(str, sizes))}, batch {batch}")
         print(f"  {'':10} {'samples/s':>10} {'step ms':>8} {'vs local':>8}")
         for key, label in (("local", "local"), ("1_worker", "1 worker"),
-                           ("2_worker", "2 workers")):
+                           ("1_worker_bytes", "1 w, bytes"), ("2_worker", "2 workers")):
             v = r[key]
             ratio = f"{v['vs_local']:.2f}" if "vs_local" in v else ""
             print(f"  {label:10} {v['samples_per_second']:10.0f} {v['step_seconds'] * 1e3:8.1f} "
                   f"{ratio:>8}")
-        for key in ("1_worker", "2_worker"):
+        for key in clustered:
             b = r[key]["breakdown"]
             print(f"  {key} breakdown (ms): " + ", ".join(
                 f"{k} {v * 1e3:.1f}" for k, v in b.items()))

@@ -6,9 +6,12 @@ round-robin so that load from other processes hits both sides alike:
 
 (a) step time: ``client.compute_gradients(fn, model, x, y)`` (graph registered once,
     parameters and batch sent with every call) against the same ``fn``'s forward and
-    backward run locally with gradmesh, for the engine benchmark's three MLPs; next to
-    them, a raw gRPC echo of the parameter bytes over the same kind of RPC (unary, or
-    1 MiB chunks when the client streams): what the transport alone costs;
+    backward run locally with gradmesh, for the engine benchmark's three MLPs, over two
+    transports: *bytes* (every tensor in the gRPC messages, as with a worker on another
+    host) and *shared memory* (the SDK's default for a worker on its own host: parameters
+    and gradients through /dev/shm, see docs/worker.md); next to them, a raw gRPC echo of
+    the parameter bytes over the same kind of RPC the bytes client uses (unary, or 1 MiB
+    chunks when it streams): what that transport alone costs;
 (b) transport: ``ComputeGradientsStream`` with 16, 64 and 256 MiB of parameters against raw
     gRPC echoes of the same bytes in 1 MiB chunks (raw bytes, no protobuf) on the same
     server and channel, like with like: *round trip* (gradients of the same size come back)
@@ -129,7 +132,8 @@ def build_model(m: Model) -> nn.Module:
 
 # --------------------------------------------------------------------- (a) step time ---
 
-def bench_steps(client: WorkerClient, channel: grpc.Channel, quick: bool) -> list[dict]:
+def bench_steps(client: WorkerClient, shared: WorkerClient, channel: grpc.Channel,
+                quick: bool) -> list[dict]:
     raw = dict(request_serializer=_identity, response_deserializer=_identity)
     echo = channel.unary_unary(f"/{ECHO_SERVICE}/EchoUnary", **raw)
     stream_echo = channel.stream_stream(f"/{ECHO_SERVICE}/Echo", **raw)
@@ -149,6 +153,9 @@ def bench_steps(client: WorkerClient, channel: grpc.Channel, quick: bool) -> lis
 
         def remote(model=model, fn=fn, x=x, y=y):
             client.compute_gradients(fn, model, x, y)
+
+        def remote_shared(model=model, fn=fn, x=x, y=y):
+            shared.compute_gradients(fn, model, x, y)
         n_params = sum(p.numel() for p in model.parameters())
         payload = bytes(n_params * 4)
 
@@ -163,13 +170,16 @@ def bench_steps(client: WorkerClient, channel: grpc.Channel, quick: bool) -> lis
                     pass
         reps = max(3, m.reps // (6 if quick else 2))
         steps = max(1, m.steps // (4 if quick else 1))
-        t = round_robin({"local": local, "remote": remote, "echo": raw_echo}, reps, steps)
+        t = round_robin({"local": local, "remote": remote, "shared": remote_shared,
+                         "echo": raw_echo}, reps, steps)
         r = client.compute_gradients(fn, model, x, y)
+        used = bool(shared.compute_gradients(fn, model, x, y).timings["shared_memory"])
         rows.append({"model": m.name, "batch": m.batch, "params_MB": n_params * 4 / 1e6,
                      "local_ms": t["local"] * 1e3, "remote_ms": t["remote"] * 1e3,
+                     "shared_ms": t["shared"] * 1e3, "shared_ratio": t["shared"] / t["local"],
                      "echo_ms": t["echo"] * 1e3, "ratio": t["remote"] / t["local"],
                      "floor_ratio": (t["local"] + t["echo"]) / t["local"],
-                     "streamed": bool(r.timings["streamed"])})
+                     "streamed": bool(r.timings["streamed"]), "shared_memory_used": used})
     return rows
 
 
@@ -280,20 +290,26 @@ def run(args: argparse.Namespace) -> int:
                                                                   else ""),
                      "load_average": os.getloadavg()}
     try:
-        with WorkerClient(running.address, chunk_bytes=MiB) as client:
+        with WorkerClient(running.address, chunk_bytes=MiB, shared_memory=False) as client, \
+                WorkerClient(running.address) as shared:
             channel = client.channel
             if "steps" in parts:
-                print("(a) step time, remote / local (forward+backward, float32)")
+                print("(a) step time, remote / local (forward+backward, float32); remote "
+                      "over bytes in gRPC messages, and through shared memory")
                 print(f"{'model':8} {'batch':>5} {'params MB':>9} {'local ms':>9} "
-                      f"{'remote ms':>9} {'ratio':>6}  {'echo ms':>8} {'floor':>6}  path")
-                rows = bench_steps(client, channel, args.quick)
+                      f"{'bytes ms':>9} {'ratio':>6}  {'shm ms':>8} {'ratio':>6}  "
+                      f"{'echo ms':>8} {'floor':>6}  bytes path")
+                rows = bench_steps(client, shared, channel, args.quick)
                 for r in rows:
                     print(f"{r['model']:8} {r['batch']:5d} {r['params_MB']:9.1f} "
                           f"{r['local_ms']:9.2f} {r['remote_ms']:9.2f} {r['ratio']:6.2f}  "
+                          f"{r['shared_ms']:8.2f} {r['shared_ratio']:6.2f}"
+                          f"{' ' if r['shared_memory_used'] else '*'} "
                           f"{r['echo_ms']:8.2f} {r['floor_ratio']:6.2f}  "
                           f"{'stream' if r['streamed'] else 'unary'}")
-                print("(echo: raw unary echo of the parameter bytes; floor: (local + echo) / "
-                      "local, the ratio with a free codec)")
+                print("(echo: raw echo of the parameter bytes on the bytes client's path; "
+                      "floor: (local + echo) / local, the bytes ratio with a free codec; "
+                      "*: under the SDK's shared-memory minimum, sent as bytes)")
                 results["steps"] = rows
             if "transport" in parts:
                 sizes = (16, 64) if args.quick else (16, 64, 256)

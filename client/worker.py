@@ -37,6 +37,9 @@ MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
 DEFAULT_STREAM_THRESHOLD = 32 * MiB
 DEFAULT_CHUNK_BYTES = 1 * MiB
+# Below this many parameter bytes, bytes in the message cost less than shared memory's
+# extra bookkeeping (benchmarks/worker.py, the small model).
+SHARED_MEMORY_MIN_BYTES = 256 << 10
 
 
 @dataclass
@@ -90,14 +93,17 @@ class WorkerClient:
     RPC; ``retries``: attempts after UNAVAILABLE, with exponential backoff (every worker
     call is idempotent: the same inputs give the same outputs); ``shared_memory``: pass
     tensors through shared memory when the worker is on this host and takes it (checked
-    once with Capabilities; any refusal falls back to bytes for good).
+    once with Capabilities; any refusal falls back to bytes for good); parameter sets under
+    ``shared_memory_min_bytes`` go as bytes even then.
     """
 
     def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
                  timeout: float | None = 60.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  stream_threshold: int = DEFAULT_STREAM_THRESHOLD, retries: int = 4,
-                 shared_memory: bool = True, options: Sequence[tuple[str, Any]] = ()):
+                 shared_memory: bool = True,
+                 shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
+                 options: Sequence[tuple[str, Any]] = ()):
         if not serialize.MIN_CHUNK_BYTES <= chunk_bytes <= serialize.MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be between {serialize.MIN_CHUNK_BYTES} and "
                              f"{serialize.MAX_CHUNK_BYTES}, got {chunk_bytes}")
@@ -130,6 +136,7 @@ class WorkerClient:
         self._shared: bool | None = (None if shared_memory and sharedmem.available()
                                      and sharedmem.same_host_target(target) else False)
         self._segments = sharedmem.Pool()
+        self.shared_memory_min_bytes = shared_memory_min_bytes
 
     # ------------------------------------------------------------------ lifecycle ----
 
@@ -229,7 +236,8 @@ class WorkerClient:
         data_arrays = list(zip(_data_names(graph, len(data)), arrays))
         data_bytes = sum(a.nbytes for _, a in data_arrays)
         total = sum(a.nbytes for _, a in param_arrays) + data_bytes
-        shared = data_bytes < self.stream_threshold and self._use_shared_memory(timeout)
+        shared = (total - data_bytes >= self.shared_memory_min_bytes
+                  and data_bytes < self.stream_threshold and self._use_shared_memory(timeout))
         streamed = not shared and total > self.stream_threshold
         # Fields 1 and 5-8 of the request; the tensors (fields 3, 4) go between them.
         head = worker_pb2.ComputeGradientsRequest(graph_id=graph_id).SerializeToString()
@@ -287,20 +295,20 @@ class WorkerClient:
 
     def _shared_call(self, head: bytes, tail: bytes, params, data, wanted: list[str],
                      **kw) -> GradientResult:
-        """One ComputeGradients with the parameters and gradients in shared memory."""
-        by_name = dict(params)
-        pseg, poffsets = sharedmem.place(self._segments, by_name)
+        """One ComputeGradients with parameters, data and gradients in shared memory."""
+        by_name, data = dict(params), dict(data)
+        pseg, offsets = sharedmem.place(self._segments, {
+            **{("p", n): a for n, a in by_name.items()},
+            **{("d", n): a for n, a in data.items()}})
         gseg, goffsets = sharedmem.place(
             self._segments, {n: by_name[n] for n in (wanted or by_name) if n in by_name},
             write=False)
         done = False
         try:
-            req = shared_request(by_name, pseg, poffsets, gseg, goffsets)
-            pieces = [head, req.SerializeToString()]
-            for n, a in data:
-                pieces += serialize.encode_tensor_field(4, a, n)
-            pieces.append(tail)
-            resp = self._unary_call(b"".join(pieces), **kw)
+            req = shared_request(
+                by_name, pseg, {n: offsets["p", n] for n in by_name}, gseg, goffsets,
+                data, {n: offsets["d", n] for n in data})
+            resp = self._unary_call(head + req.SerializeToString() + tail, **kw)
             result = _unary_result(resp)
             # Copies: the segment is reused by the next call.
             result.gradients = {n: np.array(v) for n, v in
@@ -379,14 +387,19 @@ class WorkerClient:
 
 def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,
                    offsets: dict[str, int], gradient_segment: sharedmem.Segment,
-                   gradient_offsets: dict[str, int]) -> worker_pb2.ComputeGradientsRequest:
-    """The parameters' headers (no data) and the ``SharedMemory`` of a request whose
-    parameters are in ``segment`` and whose gradients go to ``gradient_segment``."""
+                   gradient_offsets: dict[str, int], data: dict[str, np.ndarray] | None = None,
+                   data_offsets: dict[str, int] | None = None
+                   ) -> worker_pb2.ComputeGradientsRequest:
+    """The tensors' headers (no bytes) and the ``SharedMemory`` of a request whose
+    parameters (and ``data``, if given) are in ``segment`` and whose gradients go to
+    ``gradient_segment``."""
+    def headers(arrays):
+        return [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
+                for n, a in (arrays or {}).items()]
     return worker_pb2.ComputeGradientsRequest(
-        parameters=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
-                    for n, a in params.items()],
+        parameters=headers(params), data=headers(data),
         shared_memory=worker_pb2.SharedMemory(
-            segment=segment.name, parameter_offsets=offsets,
+            segment=segment.name, parameter_offsets=offsets, data_offsets=data_offsets,
             gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets))
 
 

@@ -221,10 +221,11 @@ class GradientWorker:
         if request.HasField("shared_memory"):
             shared = request.shared_memory
             self._check_shared(shared, header_only, same_host,
-                               {i.name for i in param_inputs})
+                               {i.name for i in param_inputs}, {i.name for i in data_inputs})
         params = self._slots("parameters", request.parameters, param_inputs, header_only,
                              shared.parameter_offsets if shared else {})
-        data = self._slots("data", request.data, data_inputs, header_only)
+        data = self._slots("data", request.data, data_inputs, header_only,
+                           shared.data_offsets if shared else {})
         self._check_batch(data, data_inputs)
 
         param_names = [i.name for i in param_inputs]
@@ -261,7 +262,7 @@ class GradientWorker:
                         scale, request.seed, shared)
 
     def _check_shared(self, shared: worker_pb2.SharedMemory, header_only: bool,
-                      same_host: bool, param_names: set[str]) -> None:
+                      same_host: bool, param_names: set[str], data_names: set[str]) -> None:
         """The parts of a request's SharedMemory that need no segment opened."""
         field = "shared_memory.segment"
         if header_only:
@@ -275,12 +276,12 @@ class GradientWorker:
             raise ServiceError(FAILED, "shared memory is only for callers on the worker's "
                                        "host (a loopback address or a Unix socket); send "
                                        "the bytes in the request", field)
-        for key, names, segment in (("parameter_offsets", shared.parameter_offsets,
-                                     shared.segment),
-                                    ("gradient_offsets", shared.gradient_offsets,
-                                     shared.gradient_segment)):
-            seg_field = "shared_memory." + ("segment" if key == "parameter_offsets"
-                                            else "gradient_segment")
+        for key, names, seg_key, known in (
+                ("parameter_offsets", shared.parameter_offsets, "segment", param_names),
+                ("data_offsets", shared.data_offsets, "segment", data_names),
+                ("gradient_offsets", shared.gradient_offsets, "gradient_segment",
+                 param_names)):
+            segment, seg_field = getattr(shared, seg_key), f"shared_memory.{seg_key}"
             if segment and not sharedmem.NAME.match(segment):
                 raise ServiceError(INVALID, f"{segment!r} is not a segment name "
                                             f"(gradmesh-<pid>-<32 hex digits>)", seg_field)
@@ -288,8 +289,10 @@ class GradientWorker:
                 raise ServiceError(INVALID, f"{key} are given but no segment", seg_field)
             for name in sorted(names):
                 f = f"shared_memory.{key}[{name}]"
-                if name not in param_names:
-                    raise ServiceError(INVALID, f"the graph has no parameter {name!r}", f)
+                if name not in known:
+                    raise ServiceError(INVALID, f"the graph has no "
+                                                f"{'data' if known is data_names else 'parameter'}"
+                                                f" input {name!r}", f)
                 if names[name] % sharedmem.ALIGN:
                     raise ServiceError(INVALID, f"offset {names[name]} is not a multiple "
                                                 f"of {sharedmem.ALIGN}", f)
@@ -363,9 +366,10 @@ class GradientWorker:
             offset = shared.get(inp.name) if shared else None
             if offset is not None:
                 if t.data:
-                    raise ServiceError(INVALID, "its bytes are in shared memory "
-                                                "(shared_memory.parameter_offsets): leave "
-                                                "data empty", field + ".data")
+                    key = "parameter_offsets" if kind == "parameters" else "data_offsets"
+                    raise ServiceError(INVALID, f"its bytes are in shared memory "
+                                                f"(shared_memory.{key}): leave data empty",
+                                       field + ".data")
             elif header_only:
                 if t.data:
                     raise ServiceError(INVALID, "a streamed request's header carries no tensor "
@@ -400,17 +404,19 @@ class GradientWorker:
         params = {s.name: serialize.from_proto(by_name[s.name], field=s.field,
                                                max_elements=limit)
                   for s in prepared.params if s.shared_offset is None}
-        if len(params) < len(prepared.params):
-            buf = self._segment(prepared.shared.segment, "shared_memory.segment")
-            for s in prepared.params:
-                if s.shared_offset is not None:
-                    a = self._view(buf, s.shared_offset, s,
-                                   f"shared_memory.parameter_offsets[{s.name}]")
-                    a.flags.writeable = False     # the client's memory: read, never write
-                    params[s.name] = a
         data = {s.name: serialize.from_proto(by_name_data[s.name], field=s.field,
                                              max_elements=limit)
-                for s in prepared.data}
+                for s in prepared.data if s.shared_offset is None}
+        if len(params) + len(data) < len(prepared.slots):
+            buf = self._segment(prepared.shared.segment, "shared_memory.segment")
+            for slots, out, key in ((prepared.params, params, "parameter_offsets"),
+                                    (prepared.data, data, "data_offsets")):
+                for s in slots:
+                    if s.shared_offset is not None:
+                        a = self._view(buf, s.shared_offset, s,
+                                       f"shared_memory.{key}[{s.name}]")
+                        a.flags.writeable = False   # the client's memory: read, never write
+                        out[s.name] = a
         return params, data
 
     # ------------------------------------------------------------------ compute ------

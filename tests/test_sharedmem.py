@@ -157,7 +157,7 @@ def test_gradients_through_shared_memory_equal_local_backward_bitwise(worker):
     x, y = _batch(64)
     loss = _loss(model, gm.from_numpy(x), gm.from_numpy(y))
     loss.backward()
-    with WorkerClient(worker.address) as client:
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
         assert client.capabilities().shared_memory
         for _ in range(2):                               # the second call reuses segments
             r = client.compute_gradients(_loss, model, x, y)
@@ -169,12 +169,14 @@ def test_gradients_through_shared_memory_equal_local_backward_bitwise(worker):
         partial = client.compute_gradients(_loss, model, x, y, gradients=["2.bias"])
         assert list(partial.gradients) == ["2.bias"]
         assert np.array_equal(partial.gradients["2.bias"], model[2].bias.grad.numpy())
+    with WorkerClient(worker.address) as client:           # 4 KB of parameters: bytes
+        assert client.compute_gradients(_loss, model, x, y).timings["shared_memory"] == 0
 
 
 def _raw(worker, model, mutate, x=None, y=None):
     """A hand-built SharedMemory request, changed by ``mutate(req, pseg, gseg)``."""
     x, y = _batch() if x is None else (x, y)
-    with WorkerClient(worker.address) as client:
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
         graph, graph_id = client.trace(_loss, model, x, y)
         client.register_graph(graph)
         params = {n: p.detach().numpy() for n, p in model.named_parameters()}
@@ -220,6 +222,13 @@ def _set(attr, value):
      "INVALID_ARGUMENT", "shared_memory.gradient_offsets[2.bias]"),
     (lambda r, p, g: r.shared_memory.parameter_offsets.update({"nope": 0}),
      "INVALID_ARGUMENT", "shared_memory.parameter_offsets[nope]"),
+    (lambda r, p, g: r.shared_memory.data_offsets.update({"0.weight": 0}),
+     "INVALID_ARGUMENT", "shared_memory.data_offsets[0.weight]"),
+    (lambda r, p, g: (r.shared_memory.data_offsets.update({"x0": 1 << 40}),
+                      r.data[0].tensor.ClearField("data")),
+     "INVALID_ARGUMENT", "shared_memory.data_offsets[x0]"),
+    (lambda r, p, g: r.shared_memory.data_offsets.update({"x0": 0}),
+     "INVALID_ARGUMENT", "data[x0].data"),
     (lambda r, p, g: r.shared_memory.gradient_offsets.pop("2.bias"),
      "INVALID_ARGUMENT", "shared_memory.gradient_offsets"),
     (lambda r, p, g: r.parameters[0].tensor.__setattr__("data", b"\0" * 4),
@@ -244,7 +253,7 @@ def test_callers_on_another_host_and_streams_are_refused():
                       grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(ServiceError) as e:
             w._check_shared(req.shared_memory, kw.get("header_only", False),
-                            kw["same_host"], set())
+                            kw["same_host"], set(), set())
         assert (e.value.code, e.value.field) == (code, "shared_memory.segment")
 
 
@@ -253,7 +262,7 @@ def test_the_client_falls_back_to_bytes(worker, monkeypatch):
     x, y = _batch()
     off = worker_mod.start("cpu", shared_memory=False)
     try:
-        with WorkerClient(off.address) as client:
+        with WorkerClient(off.address, shared_memory_min_bytes=0) as client:
             assert not client.capabilities().shared_memory
             r = client.compute_gradients(_loss, model, x, y)
             assert r.timings["shared_memory"] == 0.0
@@ -264,7 +273,7 @@ def test_the_client_falls_back_to_bytes(worker, monkeypatch):
     def cannot(name):
         raise sharedmem.SegmentError("cannot open it here")
     monkeypatch.setattr(worker.worker.segments, "get", cannot)
-    with WorkerClient(worker.address) as client:
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
         r = client.compute_gradients(_loss, model, x, y)
         assert r.timings["shared_memory"] == 0.0
         again = client.compute_gradients(_loss, model, x, y)

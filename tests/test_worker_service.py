@@ -44,7 +44,7 @@ def local_grads(model, x, y):
 def clients(worker):
     with WorkerClient(worker.address, shared_memory=False) as unary, \
             WorkerClient(worker.address, stream_threshold=0, shared_memory=False) as streaming, \
-            WorkerClient(worker.address) as shared:
+            WorkerClient(worker.address, shared_memory_min_bytes=0) as shared:
         yield {"unary": unary, "stream": streaming, "shared": shared}
 
 

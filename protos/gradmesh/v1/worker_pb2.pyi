@@ -45,7 +45,7 @@ class ComputeGradientsRequest(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
-    __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets")
+    __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets", "data_offsets")
     class ParameterOffsetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,15 +60,24 @@ class SharedMemory(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class DataOffsetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    DATA_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     segment: str
     parameter_offsets: _containers.ScalarMap[str, int]
     gradient_segment: str
     gradient_offsets: _containers.ScalarMap[str, int]
-    def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    data_offsets: _containers.ScalarMap[str, int]
+    def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ..., data_offsets: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
     __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory")
