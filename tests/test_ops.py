@@ -392,6 +392,12 @@ def _z(*shape):
 
 
 _ix = gm.tensor
+
+
+def _mask(*shape):
+    return gm.ones(*shape, dtype=gm.bool)
+
+
 ERRORS = [
     ("cat-sizes", lambda: gm.cat([_z(2, 3), _z(3, 4)], 0), OpError,
      ["cat", "dimension 0", "(2, 3)", "(3, 4)"]),
@@ -474,6 +480,16 @@ ERRORS = [
     ("matmul-inner", lambda: _z(2, 3) @ _z(2, 3), OpError, ["matmul", "(2, 3)", "3 and 2"]),
     ("matmul-dtypes", lambda: _z(2, 3) @ gm.zeros(3, 2, dtype=gm.float64), OpError,
      ["matmul", "float32", "float64", ".to("]),
+    # What torch refuses for bool tensors, refused before NumPy fails at run time.
+    ("neg-bool", lambda: -_mask(3), OpError, ["neg", "bool", "(3,)", "logical_not"]),
+    ("relu-bool", lambda: _mask(3).relu(), OpError, ["relu", "bool", "(3,)"]),
+    ("sub-bool", lambda: _z(3) - _mask(3), OpError, ["sub", "bool", "logical_not"]),
+    ("pow-bools", lambda: _mask(3) ** _mask(3), OpError, ["pow", "bool", ".long()"]),
+    ("softmax_grad-dtypes", lambda: gm.REGISTRY["softmax_grad"](
+        gm.zeros(3, dtype=gm.float64), _z(3), dim=-1), OpError,
+     ["softmax_grad", "float32", "float64", ".to("]),
+    ("log_softmax_grad-int", lambda: gm.REGISTRY["log_softmax_grad"](_ix([1]), _ix([1]), dim=0),
+     OpError, ["log_softmax_grad", "floating point", "int64"]),
 ]
 
 

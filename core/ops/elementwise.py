@@ -4,11 +4,28 @@ from __future__ import annotations
 import math
 
 from .. import dtypes
-from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, same
+from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
 from ..functional import (abs, cos, exp, gelu, log, mul, sigmoid, sign, sin, softplus,
                           sqrt, tanh, where, zeros_like)
 
 # ===================================================================== arithmetic ======
+
+
+def _refuse_bool(op: str, spec, hint: str) -> None:
+    """Reject what torch rejects for bool tensors: NumPy's forward would fail at run time
+    (a worker's INTERNAL error) where infer should have said no."""
+    if spec.dtype is dtypes.bool_:
+        raise OpError(f"{op}: not supported for a bool tensor (shape {fmt(spec.shape)}); {hint}")
+
+
+def _unary_no_bool(op: str, hint: str):
+    def infer(a) -> Spec:
+        _refuse_bool(op, a, hint)
+        return same(a)
+    return infer
+
+
+_INVERT_MASK = "to invert a mask use ~ or logical_not()"
 
 
 def _cast(xp, a, b):
@@ -32,7 +49,16 @@ def _(g, out, a, b):
     return g, g
 
 
-@defop("sub", infer=binary("sub"), arity=2, broadcast=True)
+_infer_sub_shape = binary("sub")
+
+
+def _infer_sub(a, b) -> Spec:
+    for spec in (a, b):
+        _refuse_bool("sub", spec, f"{_INVERT_MASK}, or convert it with .long()")
+    return _infer_sub_shape(a, b)
+
+
+@defop("sub", infer=_infer_sub, arity=2, broadcast=True)
 def sub_p(xp, a, b):
     a, b = _cast(xp, a, b)
     return a - b
@@ -76,8 +102,15 @@ def _(g, out, a, b):
     return ga, gb
 
 
+_infer_pow_shape = binary("pow")
+
+
 def _infer_pow(a, b) -> Spec:
-    return binary("pow")(a, b)
+    # NumPy would compute bool ** bool in int8, a dtype gradmesh does not have; torch refuses.
+    if a.dtype is dtypes.bool_ and b.dtype is dtypes.bool_:
+        raise OpError(f"pow: a bool tensor to a bool power is not supported (shapes "
+                      f"{fmt(a.shape)} and {fmt(b.shape)}); convert one with .long()")
+    return _infer_pow_shape(a, b)
 
 
 @defop("pow", infer=_infer_pow, arity=2, broadcast=True)
@@ -100,7 +133,7 @@ def _(g, out, a, b):
     return ga, gb
 
 
-@defop("neg", infer=same)
+@defop("neg", infer=_unary_no_bool("neg", _INVERT_MASK))
 def neg_p(xp, a):
     return -a
 
@@ -172,7 +205,8 @@ def _(g, out, a):
 
 @defop("sign", infer=same)
 def sign_p(xp, a):
-    return xp.sign(a)
+    # NumPy has no bool sign; torch's is the identity.
+    return a.copy() if a.dtype.kind == "b" else xp.sign(a)
 
 
 @sign_p.defvjp
@@ -225,7 +259,7 @@ def _(g, out, a):
 
 # ==================================================================== activations ======
 
-@defop("relu", infer=same)
+@defop("relu", infer=_unary_no_bool("relu", "convert it with .float() or .long()"))
 def relu_p(xp, a):
     return xp.maximum(a, 0, dtype=a.dtype)
 

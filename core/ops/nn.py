@@ -27,6 +27,15 @@ def _need_float(op: str, spec, what: str = "input") -> None:
                       f"{fmt(spec.shape)}); convert it with .float()")
 
 
+def _need_same_float(op: str, a, b, what_a: str, what_b: str) -> None:
+    """Kernels of two tensors that torch runs in one dtype (it refuses a mix; NumPy would
+    promote and return another dtype than infer promised)."""
+    _need_float(op, a, what_a)
+    if a.dtype is not b.dtype:
+        raise OpError(f"{op}: {what_a} ({a.dtype}) and {what_b} ({b.dtype}) must have the same "
+                      f"dtype; convert one with .to(dtype)")
+
+
 def _need_int(op: str, spec, what: str) -> None:
     if spec.dtype not in (dtypes.int64, dtypes.int32):
         raise OpError(f"{op}: expected {what} of dtype int64 (class indices), got {spec.dtype} "
@@ -61,6 +70,7 @@ def _infer_softmax_grad(op):
         if tuple(g.shape) != tuple(out.shape):
             raise OpError(f"{op}: gradient of shape {fmt(g.shape)} does not match the output "
                           f"of shape {fmt(out.shape)}")
+        _need_same_float(op, out, g, "output", "gradient")
         norm_dim(op, dim, len(out.shape))
         return Spec(tuple(out.shape), out.dtype)
     return infer
@@ -150,6 +160,8 @@ def _infer_layer_norm(x, normalized_shape, eps, g=None) -> Spec:
     if g is not None and tuple(g.shape) != tuple(x.shape):
         raise OpError(f"layer_norm_grad: gradient of shape {fmt(g.shape)} does not match the "
                       f"input of shape {fmt(x.shape)}")
+    if g is not None:
+        _need_same_float("layer_norm_grad", x, g, "input", "gradient")
     return Spec(tuple(x.shape), x.dtype)
 
 
@@ -236,6 +248,7 @@ def _(g, out, indices, weight, padding_idx):
 
 
 def _infer_embedding_grad(g, indices, num_weights, padding_idx) -> Spec:
+    _need_int("embedding_grad", indices, "indices")
     if tuple(g.shape[:-1]) != tuple(indices.shape):
         raise OpError(f"embedding_grad: gradient of shape {fmt(g.shape)} does not match "
                       f"indices of shape {fmt(indices.shape)}")
@@ -398,6 +411,7 @@ def _infer_conv_input_grad(g, w, input_size, stride, padding, dilation, groups) 
         raise OpError(f"conv2d_input_grad: expected a 4-D gradient and input_size (H, W), got "
                       f"{fmt(g.shape)} and {list(input_size)}")
     x_shape = (g.shape[0], w.shape[1] * groups) + tuple(input_size)
+    _need_same_float("conv2d_input_grad", g, w, "gradient", "weight")
     ho, wo = _conv_shapes("conv2d_input_grad", x_shape, w.shape, stride, padding, dilation,
                           groups)
     if tuple(g.shape) != (g.shape[0], w.shape[0], ho, wo):
@@ -434,6 +448,7 @@ def _infer_conv_weight_grad(x, g, kernel_size, stride, padding, dilation, groups
         raise OpError(f"conv2d_weight_grad: expected a 4-D input and gradient and kernel_size "
                       f"(kh, kw), got {fmt(x.shape)}, {fmt(g.shape)} and {list(kernel_size)}")
     w_shape = (g.shape[1], x.shape[1] // groups) + tuple(kernel_size)
+    _need_same_float("conv2d_weight_grad", x, g, "input", "gradient")
     ho, wo = _conv_shapes("conv2d_weight_grad", x.shape, w_shape, stride, padding, dilation,
                           groups)
     if tuple(g.shape) != (x.shape[0], w_shape[0], ho, wo):
@@ -824,6 +839,8 @@ def _def_nll(weighted: bool):
         if weight and tuple(weight[0].shape) != (num_classes,):
             raise OpError(f"{grad_name}: expected a class weight of shape {fmt((num_classes,))}, "
                           f"got {fmt(weight[0].shape)}")
+        if weight:
+            _need_same_float(grad_name, g, weight[0], "gradient", "weight")
         want = tuple(target.shape) if reduction == "none" else ()
         if tuple(g.shape) != want:
             raise OpError(f"{grad_name}: gradient of shape {fmt(g.shape)} does not match the "
@@ -859,7 +876,7 @@ nll_loss_p, nll_loss_grad_p = _def_nll(False)
 nll_loss_weighted_p, nll_loss_weighted_grad_p = _def_nll(True)
 
 
-def _infer_pointwise_loss(op):
+def _infer_pointwise_loss(op, result_dtype):
     def infer(x, target, reduction) -> Spec:
         if reduction not in _REDUCTIONS:
             raise OpError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -870,7 +887,8 @@ def _infer_pointwise_loss(op):
         if tuple(target.shape) != tuple(x.shape):
             raise OpError(f"{op}: target of shape {fmt(target.shape)} must have the same shape "
                           f"as the input {fmt(x.shape)}")
-        return Spec(tuple(x.shape) if reduction == "none" else (), x.dtype)
+        return Spec(tuple(x.shape) if reduction == "none" else (),
+                    result_dtype(x.dtype, target.dtype))
     return infer
 
 
@@ -885,12 +903,14 @@ def _scale(g, x, reduction):
     return g / x.numel() if reduction == "mean" else g
 
 
-@defop("mse_loss", infer=_infer_pointwise_loss("mse_loss"), arity=2,
+# Mixed float dtypes: torch promotes in mse_loss, and gives the target's dtype in
+# binary_cross_entropy_with_logits (its kernel works in place on 1 - target).
+@defop("mse_loss", infer=_infer_pointwise_loss("mse_loss", dtypes.promote), arity=2,
        attrs={"reduction": ("str", "mean")})
 def mse_loss_p(xp, x, target, reduction):
     d = x - target
     d *= d
-    return _reduce(xp, d, reduction, x.dtype)
+    return _reduce(xp, d, reduction, d.dtype)
 
 
 @mse_loss_p.defvjp
@@ -900,12 +920,12 @@ def _(g, out, x, target, reduction):
 
 
 @defop("binary_cross_entropy_with_logits", arity=2, attrs={"reduction": ("str", "mean")},
-       infer=_infer_pointwise_loss("binary_cross_entropy_with_logits"))
+       infer=_infer_pointwise_loss("binary_cross_entropy_with_logits", lambda x, t: t))
 def bce_with_logits_p(xp, x, target, reduction):
     """(1 - t) * x + log(1 + exp(-x)), with the log term computed without overflow."""
     t = x.dtype.type
     loss = (t(1) - target) * x + xp.maximum(-x, t(0)) + xp.log1p(xp.exp(-xp.abs(x)))
-    return _reduce(xp, loss, reduction, x.dtype)
+    return _reduce(xp, loss.astype(target.dtype, copy=False), reduction, target.dtype)
 
 
 @bce_with_logits_p.defvjp

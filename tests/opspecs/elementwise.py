@@ -104,6 +104,12 @@ SPECS = [
     OpSpec("sub-float-0d-int", ("sub",), lambda gm, a, i: i - a, lambda torch, a, i: i - a,
            [((), (3, 4))], nondiff={1: int_array(5)}),
 
+    # ------------------------------------------------------------------ bool tensors ----
+    # torch's sign of a bool tensor is itself; a bool base to an int power is int64.
+    unary("sign-bool", lambda lib, m: m.sign(), covers=("sign",), nondiff={0: bool_array()}),
+    OpSpec("pow-bool-int", ("pow",), lambda gm, m, i: m ** i, lambda torch, m, i: m ** i,
+           BINARY, nondiff={0: bool_array(), 1: int_array(3)}),
+
     # ------------------------------------------------------------------- unary math ----
     unary("neg", lambda lib, a: -a),
     unary("exp", lambda lib, a: a.exp()),
