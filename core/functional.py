@@ -23,18 +23,21 @@ def _op(name: str):
     return REGISTRY[name]
 
 
+def _scalar_dtype(value, kind: dtypes.DType) -> dtypes.DType:
+    """The dtype torch gives a Python number meeting a tensor of dtype ``kind``."""
+    if isinstance(value, bool):
+        return kind
+    if isinstance(value, numbers.Integral):
+        return kind if kind is not dtypes.bool_ else dtypes.int64
+    if isinstance(value, numbers.Real):
+        return kind if kind.is_floating_point else dtypes.default_float
+    raise TypeError(f"unsupported operand type {type(value).__name__}; expected a Tensor "
+                    f"or a number")
+
+
 def _scalar(value, like: Tensor) -> Tensor:
     """A Python number as a 0-d tensor that keeps ``like``'s dtype where torch would."""
-    kind = like.dtype
-    if isinstance(value, bool):
-        dt = kind if kind is not None else dtypes.bool_
-    elif isinstance(value, numbers.Integral):
-        dt = kind if kind is not dtypes.bool_ else dtypes.int64
-    elif isinstance(value, numbers.Real):
-        dt = kind if kind.is_floating_point else dtypes.default_float
-    else:
-        raise TypeError(f"unsupported operand type {type(value).__name__}; expected a Tensor "
-                        f"or a number")
+    dt = _scalar_dtype(value, like.dtype)
     xp = _xp(like)
     return Tensor._wrap(xp.asarray(value, dtype=dt.np))
 
@@ -148,6 +151,14 @@ def softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
 
 
 def clamp(a: Tensor, min=None, max=None) -> Tensor:
+    """``a`` limited to ``[min, max]``, in torch's result dtype: a float bound makes an
+    integer tensor float32, an int bound a bool tensor int64.
+
+    >>> import gradmesh.core as gm
+    >>> out = gm.clamp(gm.tensor([-3, 0, 5]), -0.5, 0.5)
+    >>> out.tolist(), out.dtype
+    ([-0.5, 0.0, 0.5], gradmesh.float32)
+    """
     if isinstance(min, Tensor) or isinstance(max, Tensor):
         out = a
         if min is not None:
@@ -155,6 +166,12 @@ def clamp(a: Tensor, min=None, max=None) -> Tensor:
         if max is not None:
             out = minimum(out, max)
         return out
+    dtype = a.dtype
+    for bound in (min, max):
+        if bound is not None:
+            dtype = dtypes.promote(dtype, _scalar_dtype(bound, a.dtype), False, True)
+    if dtype is not a.dtype:
+        a = a.to(dtype)
     return _op("clamp")(a, min=None if min is None else float(min),
                         max=None if max is None else float(max))
 
@@ -321,7 +338,9 @@ _ValuesIndices = {name: collections.namedtuple(name, ["values", "indices"])
 
 
 def _extremum(name: str, arg: str, a: Tensor, dim: int, keepdim: bool):
-    indices = _op(arg)(a, dim=int(dim), keepdim=True)
+    # argmax refuses bool tensors, as torch's does; torch's max(dim) takes them.
+    indices = _op(arg)(a if a.dtype is not dtypes.bool_ else a.to(dtypes.int64), dim=int(dim),
+                       keepdim=True)
     # Gathering at the first extremum's index sends a tie's gradient there, as torch does.
     values = _op("gather")(a, indices, dim=int(dim))
     if not keepdim and a.ndim:

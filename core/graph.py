@@ -48,6 +48,7 @@ import numpy as np
 from gradmesh.v1 import graph_pb2, tensor_pb2
 
 from . import dtypes
+from .autograd import is_grad_enabled
 from .registry import REGISTRY, Op, OpError, Spec
 
 __all__ = ["GraphError", "TraceError", "Limits", "ValidatedGraph", "trace", "graph_id",
@@ -62,6 +63,7 @@ _ROLE_NAMES = {PARAM: "PARAM", DATA: "DATA", CONST: "CONST"}
 # depend on the batch. Small, so that shape arithmetic stays cheap.
 _PROBE_BATCHES = (2, 3)
 _TO_END = 2 ** 63 - 1               # a slice stop meaning "to the end of the dimension"
+STOP_GRADIENT = "stop_gradient"     # the op a traced detach() or no_grad() leaves behind
 
 
 class GraphError(ValueError):
@@ -228,7 +230,15 @@ def is_random(op: Op) -> bool:
 # ---------------------------------------------------------------------------------------
 
 class _Tracer:
-    """Records every op the dispatcher runs on this thread (``tensor._dispatch.tracer``)."""
+    """Records every op the dispatcher runs on this thread (``tensor._dispatch.tracer``).
+
+    Gradient stops: a compiled plan differentiates every value that depends on a
+    parameter through differentiable ops (``diff`` below tracks exactly that), while eager
+    autograd stops at ``detach()`` and at ops run under ``no_grad()``. Where a recorded op
+    reads a value that the plan would differentiate but eager does not (its
+    ``requires_grad`` is off, or grad mode is), the op reads a ``stop_gradient`` of it
+    instead; ``detach()`` itself records one. So the graph's gradients are eager's.
+    """
 
     def __init__(self, batch: int | None):
         self.batch = batch
@@ -238,6 +248,8 @@ class _Tracer:
         self.inputs: list[list] = []     # [name, role, tensor, spec at batch2]
         self.nodes: list[tuple] = []     # (op, input refs, attrs)
         self.spec2: dict[tuple, Spec] = {}
+        self.diff: set[tuple] = set()    # refs a plan differentiates (Plan.requires)
+        self.stops: dict[tuple, tuple] = {}   # ref -> ref of its stop_gradient node
 
     def add_input(self, name: str, role: int, t, shape2: tuple) -> tuple:
         ref = ("in", len(self.inputs))
@@ -245,6 +257,8 @@ class _Tracer:
         self.keep.append(t)
         self.ref[id(t)] = ref
         self.spec2[ref] = Spec(tuple(shape2), t.dtype)
+        if role == PARAM:
+            self.diff.add(ref)
         return ref
 
     def lookup(self, t) -> tuple:
@@ -255,6 +269,16 @@ class _Tracer:
 
     def record(self, op: Op, inputs, attrs: dict, result) -> None:
         refs = [self.lookup(t) for t in inputs]
+        floating = result.dtype.is_floating_point
+        if op.differentiable and floating:
+            grad_mode = is_grad_enabled()
+            refs = [self._stopped(r) if r in self.diff and not (grad_mode and t.requires_grad)
+                    else r for r, t in zip(refs, inputs)]
+        elif op.name == STOP_GRADIENT and refs[0] not in self.diff:
+            # Detaching what carries no gradient anyway (data, constants): nothing to stop.
+            self.keep.append(result)
+            self.ref[id(result)] = refs[0]
+            return
         attrs = dict(attrs)
         k = len(self.nodes)
         if self.batch is not None:
@@ -263,6 +287,19 @@ class _Tracer:
         self.nodes.append((op, refs, attrs))
         self.keep.append(result)
         self.ref[id(result)] = ref
+        if op.differentiable and floating and any(r in self.diff for r in refs):
+            self.diff.add(ref)
+
+    def _stopped(self, ref: tuple) -> tuple:
+        """The ref of ``stop_gradient(ref)``, recorded once per value."""
+        stop = self.stops.get(ref)
+        if stop is None:
+            stop = ("node", len(self.nodes))
+            self.nodes.append((REGISTRY[STOP_GRADIENT], [ref], {}))
+            if self.batch is not None:
+                self.spec2[stop] = self.spec2[ref]
+            self.stops[ref] = stop
+        return stop
 
     def _batch_free(self, op, k, refs, inputs, attrs, result) -> dict:
         """Attributes that work at any batch size; records the value's shape at batch2."""
@@ -338,10 +375,13 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
     ops meet (the 2.0 of ``x ** 2``, a buffer) becomes a CONST input carrying its value.
 
     ``fn`` returns the loss (a floating scalar) or ``(loss, {"name": tensor, ...})`` for
-    extra outputs. Ops that do not contribute to an output are dropped. The module's
-    ``.grad``s and ``requires_grad`` flags are left as they were. Thread-safe: the hook is
-    per thread. With ``batch_dim`` the function runs twice (see the module docstring);
-    ``TraceError`` where the batch size would be baked into the graph.
+    extra outputs. Ops that do not contribute to an output are dropped. Gradient stops
+    are kept: ``detach()`` and ops run under ``no_grad()`` on values that depend on the
+    parameters leave ``stop_gradient`` nodes, so the graph's gradients are those of
+    ``fn(...).backward()``. The module's ``.grad``s and ``requires_grad`` flags are left
+    as they were. Thread-safe: the hook is per thread. With ``batch_dim`` the function
+    runs twice (see the module docstring); ``TraceError`` where the batch size would be
+    baked into the graph.
     """
     from .tensor import Tensor
 

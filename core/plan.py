@@ -108,7 +108,7 @@ class Plan:
     data_shapes: dict[str, tuple]
     backend: str
     specs: list                              # concrete Spec of every value
-    requires: list[bool]                     # value depends on a parameter (eager's requires_grad)
+    requires: list[bool]                     # eager's requires_grad (see compile_plan)
     topo: list[int]                          # eager backward's node order (node indices)
     _schedules: dict = field(default_factory=dict, repr=False)
 
@@ -157,7 +157,7 @@ class Plan:
         for v in targets:
             needed[v] = True
         for k, ins in enumerate(vg.node_inputs):
-            needed[n_in + k] = any(needed[i] for i in ins)
+            needed[n_in + k] = self.requires[n_in + k] and any(needed[i] for i in ins)
 
         # Forward: only the nodes the loss and the requested outputs depend on.
         live = [False] * n_values
@@ -434,9 +434,12 @@ def compile_plan(validated_graph: ValidatedGraph, data_shapes: Mapping[str, Sequ
     shapes = {n: tuple(int(s) for s in shape) for n, shape in data_shapes.items()}
     specs = vg.specs_at(shapes)
     n_in = vg.num_inputs
+    # Eager's requires_grad: a value depends on a parameter through differentiable ops,
+    # and is floating point (integer and bool results, argmax's, carry no gradient).
     requires = [inp.role == PARAM for inp in vg.graph.inputs]
-    for k, ins in enumerate(vg.node_inputs):
-        requires.append(any(requires[i] for i in ins))
+    for k, (op, ins) in enumerate(zip(vg.ops, vg.node_inputs)):
+        requires.append(op.differentiable and specs[n_in + k].dtype.is_floating_point
+                        and any(requires[i] for i in ins))
     loss_v = vg.outputs[vg.graph.outputs[0].name]
     topo = _topo_order(loss_v, n_in, vg.node_inputs, requires)
     return Plan(vg, shapes, backend, specs, requires, topo)

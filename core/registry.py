@@ -18,6 +18,9 @@ Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
   allowlist.
 * ``broadcast=True`` for ops whose inputs broadcast: the engine reduces their gradients
   back to each input's shape in exactly one place.
+* ``differentiable=False`` for a gradient stop (``stop_gradient``, what ``detach()`` is in a
+  traced graph): it declares no vjp, and its result carries no gradient in the eager
+  engine and in a compiled plan alike, as integer and bool results never do.
 
 Every op has exactly one output; ops with several results (``split``) are compositions.
 """
@@ -48,8 +51,11 @@ class Op:
     broadcast: bool = False
     saves_out: bool = False                 # vjp reads ``out``: keep the forward result
     vjp: Callable | None = None
+    differentiable: bool = True             # False: the result never carries a gradient
 
     def defvjp(self, fn: Callable) -> Callable:
+        if not self.differentiable:
+            raise ValueError(f"{self.name} is declared differentiable=False: it has no vjp")
         self.vjp = fn
         return fn
 
@@ -72,8 +78,10 @@ def _load_apply():
 
 
 def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | None = None,
-          broadcast: bool = False, saves_out: bool = False) -> Callable[[Callable], Op]:
-    """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient."""
+          broadcast: bool = False, saves_out: bool = False,
+          differentiable: bool = True) -> Callable[[Callable], Op]:
+    """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient
+    (``differentiable=False``: a gradient stop, which has none)."""
     attrs = dict(attrs or {})
     for attr, (kind, _default) in attrs.items():
         if kind.rstrip("?") not in ATTR_KINDS:
@@ -82,7 +90,8 @@ def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | No
     def register(forward: Callable) -> Op:
         if name in REGISTRY:
             raise ValueError(f"op {name!r} is registered twice")
-        op = Op(name, forward, infer, arity, attrs, broadcast, saves_out)
+        op = Op(name, forward, infer, arity, attrs, broadcast, saves_out,
+                differentiable=differentiable)
         REGISTRY[name] = op
         return op
 

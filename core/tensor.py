@@ -61,8 +61,9 @@ def apply(op: Op, inputs: Sequence["Tensor"], attrs: dict) -> "Tensor":
     result = Tensor._wrap(out, requires)
     if requires:
         data = result._data
-        if data.dtype.kind != "f":
-            # Integer and bool results (argmax, comparisons) carry no gradient, as in torch.
+        if data.dtype.kind != "f" or not op.differentiable:
+            # Integer and bool results (argmax, comparisons) carry no gradient, as in torch;
+            # nor does a gradient stop (stop_gradient).
             result.requires_grad = False
         else:
             result.grad_fn = Node(op, tuple(inputs), attrs, data if op.saves_out else None,
@@ -201,7 +202,7 @@ class Tensor:
     @property
     def data(self) -> "Tensor":
         """The same storage, detached from the graph (like torch's ``.data``)."""
-        return Tensor._wrap(self._data)
+        return self.detach()
 
     @data.setter
     def data(self, value) -> None:
@@ -236,9 +237,17 @@ class Tensor:
         autograd.backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
 
     def detach(self) -> "Tensor":
+        """The same storage, cut from the graph: no gradient flows through the result."""
+        if _dispatch.tracer is not None:
+            # Dispatched as the stop_gradient op, so that a traced graph keeps the stop.
+            return apply(REGISTRY["stop_gradient"], (self,), {})
         return Tensor._wrap(self._data)
 
     def detach_(self) -> "Tensor":
+        tracer = _dispatch.tracer
+        if tracer is not None:
+            # The tensor itself becomes the stop: from here on a traced graph reads it there.
+            tracer.record(REGISTRY["stop_gradient"], (self,), {}, self)
         self.grad_fn = None
         self.requires_grad = False
         return self

@@ -485,6 +485,20 @@ ERRORS = [
     ("relu-bool", lambda: _mask(3).relu(), OpError, ["relu", "bool", "(3,)"]),
     ("sub-bool", lambda: _z(3) - _mask(3), OpError, ["sub", "bool", "logical_not"]),
     ("pow-bools", lambda: _mask(3) ** _mask(3), OpError, ["pow", "bool", ".long()"]),
+    ("abs-bool", lambda: _mask(3).abs(), OpError, ["abs", "bool", "(3,)"]),
+    ("argmax-bool", lambda: _mask(2, 3).argmax(1), OpError, ["argmax", "bool", "(2, 3)"]),
+    ("argmin-bool", lambda: _mask(3).argmin(), OpError, ["argmin", "bool", "(3,)"]),
+    ("clamp-bool-bounds", lambda: _mask(3).clamp(False, True), OpError,
+     ["clamp", "bool", "(3,)", ".long()"]),
+    # What torch refuses for integer tensors, where NumPy would compute something else.
+    ("leaky_relu-int", lambda: gm.nn.functional.leaky_relu(_ix([-2, 3])), OpError,
+     ["leaky_relu", "int64", "(2,)", ".float()"]),
+    ("leaky_relu-bool", lambda: gm.nn.functional.leaky_relu(_mask(3)), OpError,
+     ["leaky_relu", "bool", "(3,)", ".float()"]),
+    # The primitive (what a graph holds) clamps in its input's dtype: no fractional bound
+    # for integers. gm.clamp casts first, as torch promotes.
+    ("clamp-op-int-fraction", lambda: gm.REGISTRY["clamp"](_ix([-3, 0, 5]), min=-0.5), OpError,
+     ["clamp", "min=-0.5", "int64", "(3,)", ".float()"]),
     ("softmax_grad-dtypes", lambda: gm.REGISTRY["softmax_grad"](
         gm.zeros(3, dtype=gm.float64), _z(3), dim=-1), OpError,
      ["softmax_grad", "float32", "float64", ".to("]),

@@ -225,6 +225,38 @@ def test_values_that_need_no_gradient_are_freed_during_forward():
     assert live[:4] == [2, 2, 2, 2]               # w and one value of the chain
 
 
+def test_integer_values_and_gradient_stops_get_no_backward_kernel():
+    """As in eager: argmax's int64 result, comparisons and a stop_gradient carry no
+    gradient, so backward visits neither them nor what is computed from them alone, and
+    a parameter read only through a stop gets zeros."""
+    def fn(p, x):
+        h = x @ p["w"]
+        picked = h.gather(1, h.argmax(1, keepdim=True))          # max(dim) as composed
+        mask = (h > 0).float()
+        return (picked * h.detach()).sum() + (mask * h).sum() + p["v"].detach().sum()
+    params = {"w": np.arange(6, dtype=np.float32).reshape(3, 2) - 2.5,
+              "v": np.ones(2, np.float32)}
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    vg = validate(trace(fn, {n: gm.tensor(a) for n, a in params.items()}, x))
+    plan = compile_plan(vg, {"x0": x.shape})
+    n_in = vg.num_inputs
+    no_grad_ops = {"argmax", "gt", "cast", "stop_gradient"}
+    assert no_grad_ops <= set(op.name for op in vg.ops)
+    for k, op in enumerate(vg.ops):
+        assert plan.requires[n_in + k] == (op.name not in no_grad_ops
+                                           and any(plan.requires[i] for i in vg.node_inputs[k]))
+    backward_ops = {kern.op.name for kern in plan.schedule().backward}
+    assert not backward_ops & no_grad_ops, backward_ops
+    result = plan.run(params, {"x0": x})
+    leaves = {n: gm.tensor(a, requires_grad=True) for n, a in params.items()}
+    loss = fn(leaves, gm.tensor(x))
+    loss.backward()
+    assert np.array_equal(result.loss, loss.detach().numpy())
+    assert np.array_equal(result.grads["w"], leaves["w"].grad.numpy())
+    assert leaves["v"].grad is None and np.array_equal(result.grads["v"], np.zeros(2))
+    assert plan.grad_order() == ("v", "w")          # "v" is final before backward starts
+
+
 def test_requested_gradients_only_and_unused_params_get_zeros():
     model = mlp()
     x, y = data(8, (3, 4))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import dtypes
 from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
 from ..functional import (abs, cos, exp, gelu, log, mul, sigmoid, sign, sin, softplus,
@@ -193,7 +195,7 @@ def _(g, out, a):
     return (g / (2 * out),)
 
 
-@defop("abs", infer=same)
+@defop("abs", infer=_unary_no_bool("abs", "convert it with .long() or .float()"))
 def abs_p(xp, a):
     return xp.abs(a)
 
@@ -269,8 +271,15 @@ def _(g, out, a):
     return (where(a > 0, g, 0.0),)      # a 0-d zero: no array of zeros to allocate
 
 
-@defop("leaky_relu", infer=lambda a, negative_slope: same(a),
-       attrs={"negative_slope": ("float", 0.01)})
+def _infer_leaky_relu(a, negative_slope):
+    # torch refuses integers too: int64 * 0.01 would truncate negative values to 0.
+    if not a.dtype.is_floating_point:
+        raise OpError(f"leaky_relu: not supported for tensors of dtype {a.dtype.name} (shape "
+                      f"{fmt(a.shape)}); it needs floating point: convert it with .float()")
+    return same(a)
+
+
+@defop("leaky_relu", infer=_infer_leaky_relu, attrs={"negative_slope": ("float", 0.01)})
 def leaky_relu_p(xp, a, negative_slope):
     return xp.where(a > 0, a, a * a.dtype.type(negative_slope))
 
@@ -364,15 +373,31 @@ def _(g, out, a, beta, threshold):
 
 
 def _infer_clamp(a, min, max):
+    # The result has the input's dtype: torch's promotion (clamp(int_tensor, -0.5) is
+    # float32) happens before, in functional.clamp, which casts the input.
     if min is None and max is None:
         raise OpError("clamp: at least one of 'min' or 'max' must not be None")
+    _refuse_bool("clamp", a, "convert it with .long() or .float()")
+    if not a.dtype.is_floating_point:
+        for name, bound in (("min", min), ("max", max)):
+            if bound is not None and not float(bound).is_integer():
+                raise OpError(f"clamp: {name}={bound} is not a whole number, but a tensor "
+                              f"of dtype {a.dtype.name} (shape {fmt(a.shape)}) is clamped in "
+                              f"its own dtype; cast it to floating point first (.float())")
     return same(a)
+
+
+def _clamp_bound(a, bound):
+    if bound is None or a.dtype.kind == "f":
+        return None if bound is None else a.dtype.type(bound)
+    # A whole number beyond the integer range clamps like the end of the range.
+    info = np.iinfo(a.dtype)
+    return a.dtype.type(min(max(int(bound), int(info.min)), int(info.max)))
 
 
 @defop("clamp", infer=_infer_clamp, attrs={"min": ("float?", None), "max": ("float?", None)})
 def clamp_p(xp, a, min, max):
-    t = a.dtype.type
-    return xp.clip(a, None if min is None else t(min), None if max is None else t(max))
+    return xp.clip(a, _clamp_bound(a, min), _clamp_bound(a, max))
 
 
 @clamp_p.defvjp
@@ -510,6 +535,16 @@ def clone_p(xp, a):
 
 
 clone_p.defvjp(lambda g, out, a: (g,))
+
+
+# ================================================================ gradient stop ======
+# What ``detach()`` and ops run under ``no_grad()`` leave in a traced graph: the identity
+# forward (sharing memory, as detach does), and no vjp at all, so that neither engine
+# sends a gradient through it or through anything computed from it alone.
+
+@defop("stop_gradient", infer=same, differentiable=False)
+def stop_gradient_p(xp, a):
+    return a
 
 
 def _infer_to_device(a, device):

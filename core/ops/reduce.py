@@ -94,6 +94,10 @@ amin_p.defvjp(_extremum_vjp)
 
 def _infer_arg(name):
     def infer(a, dim, keepdim) -> Spec:
+        if a.dtype is dtypes.bool_:
+            # torch refuses bool input (max(x, dim) on a bool tensor casts it first).
+            raise OpError(f"{name}: does not support bool input (shape {fmt(a.shape)}); "
+                          f"convert it with .long(), or find a True with .nonzero()")
         if dim is None:
             if len(a.shape) and 0 in a.shape:
                 raise OpError(f"{name}: expected a non-empty tensor, got shape {fmt(a.shape)}")

@@ -148,6 +148,18 @@ SPECS = [
     OpSpec("clamp-tensors", ("maximum", "minimum"),
            lambda gm, a, lo, hi: gm.clamp(a, lo, hi + 1.0),
            lambda torch, a, lo, hi: torch.clamp(a, lo, hi + 1.0), [((3, 4), (4,), (3, 1))]),
+    # Bounds promote like any Python scalar: a float one makes an int tensor float32 (not
+    # cut to an int bound), an int one keeps it int64 and makes a bool tensor int64.
+    unary("clamp-int-float-bounds", lambda lib, i: lib.clamp(i, -0.5, 0.7),
+          covers=("clamp", "cast"), nondiff={0: int_array(6, -3)}),
+    unary("clamp-int-float-min", lambda lib, i: i.clamp(min=0.0), covers=("clamp", "cast"),
+          nondiff={0: int_array(6, -3)}),
+    unary("clamp-int-int-bounds", lambda lib, i: i.clamp(-1, 2), covers=("clamp",),
+          nondiff={0: int_array(6, -3)}),
+    unary("clamp-bool-int-bounds", lambda lib, m: m.clamp(0, 1), covers=("clamp", "cast"),
+          nondiff={0: bool_array()}),
+    unary("clamp-bool-float-max", lambda lib, m: m.clamp(max=0.5), covers=("clamp", "cast"),
+          nondiff={0: bool_array()}),
 
     # -------------------------------------------------------------------- selection ----
     OpSpec("where", ("where",), lambda gm, c, a, b: gm.where(c, a, b),
@@ -191,6 +203,16 @@ SPECS = [
     unary("cast-int", lambda lib, a: (a * 3).long(), covers=("cast",)),
     unary("cast-int-to-float", lambda lib, a: a.long().float(), covers=("cast",)),
     unary("clone", lambda lib, a: a.clone()),
+
+    # --------------------------------------------------------------- gradient stop ----
+    # detach() dispatches stop_gradient only while a tracer records (the graph tracer, and
+    # the dispatch recorders of these tests); the second spec calls the primitive itself.
+    # Finite differences cannot see a stop: the values are the same with or without it.
+    unary("stop_gradient", lambda lib, a: a * a.detach(), covers=("stop_gradient",),
+          fd=False),
+    OpSpec("stop_gradient-primitive", ("stop_gradient",),
+           lambda gm, a, b: (a + b) * gm.REGISTRY["stop_gradient"](a - b),
+           lambda torch, a, b: (a + b) * (a - b).detach(), BINARY[:2], fd=False),
     unary("to_device", lambda gm, a: gm.to_device(a, "cpu") * 2,
           lambda torch, a: a.to("cpu") * 2, covers=("to_device",)),
 ]

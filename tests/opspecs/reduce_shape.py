@@ -100,6 +100,13 @@ SPECS = [
          X3, domain=integer_valued(0, 2), fd=False),
     spec("max-dim-indices", ["argmax"], lambda lib, a: a.max(1).indices, X3,
          domain=integer_valued(0, 2)),
+    # argmax refuses bool tensors (as torch's), max(dim) and min(dim) take them.
+    spec("max-dim-bool", ["argmax", "cast", "gather"],
+         lambda lib, m: lib.stack([m.max(1).indices, m.max(1).values.long()]), X3,
+         nondiff={0: bool_array()}),
+    spec("min-dim-bool", ["argmin", "cast", "gather"],
+         lambda lib, m: lib.stack([m.min(0).indices, m.min(0).values.long()]), X3,
+         nondiff={0: bool_array()}),
     spec("max-binary", ["maximum"], lambda lib, a, b: lib.max(a, b), [((3, 4), (4,))]),
     spec("argmax", ["argmax"], lambda lib, a: a.argmax(), X3, domain=integer_valued()),
     spec("argmax-dim", ["argmax"], lambda lib, a: a.argmax(1), X3, domain=integer_valued()),
