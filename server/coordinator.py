@@ -145,6 +145,10 @@ class WorkerHandle:
         # and takes them; ``segments`` is the coordinator's pool (None: never).
         self.segments = segments if sharedmem.same_host_target(address) else None
         self.shared = False
+        # Bytes of parameters the worker keeps between calls, and the (job, version) it
+        # was last sent: a second micro-batch of a step then goes without them.
+        self.parameter_cache_bytes = 0
+        self.kept: tuple | None = None
         self._metadata = metadata(token)
         self._channel = channel(address, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
@@ -168,6 +172,8 @@ class WorkerHandle:
         self.fingerprint = caps.build_fingerprint
         self.backend = caps.backend
         self.shared = self.segments is not None and caps.shared_memory
+        self.parameter_cache_bytes = caps.limits.parameter_cache_bytes
+        self.kept = None
         self.state, self.reason = "ready", ""
 
     def compute(self, graph, graph_id: str, params: "ParamSet", data: dict[str, np.ndarray],
@@ -196,21 +202,47 @@ class WorkerHandle:
                     log.warning("worker %s: no shared memory (%s); sending bytes",
                                 self.address, e)
                     self.shared = False
-            size = params.nbytes + data_bytes + (1 << 20)
-            if size < unary_max:
-                req.parameters.extend(params.unary())
-                for name, a in data.items():
-                    req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
-                resp = self.stub.ComputeGradients(req, timeout=self.timeout,
-                                                  metadata=self._metadata)
-                self.graphs.add(graph_id)
-                return _decode_result(resp, None)
-            return self._compute_stream(req, params, data, graph_id)
+            key = (params.key, params.version)
+            if params.nbytes > self.parameter_cache_bytes:
+                return self._compute_bytes(req, params, data, graph_id, True, unary_max)
+            req.parameter_set, req.parameter_version = key
+            if self.kept == key:
+                try:
+                    return self._compute_bytes(req, params, data, graph_id, False, unary_max)
+                except grpc.RpcError as e:
+                    if (e.code() != grpc.StatusCode.FAILED_PRECONDITION
+                            or _worker_field(e) != "parameters"):
+                        raise
+                    # The worker restarted or evicted them: send them again.
+            self.kept = None
+            result = self._compute_bytes(req, params, data, graph_id, True, unary_max)
+            self.kept = key
+            return result
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 self.graphs.discard(graph_id)     # the worker restarted: send it inline
             raise WorkerError(e.code(), e.details() or str(e.code()),
                               _worker_field(e)) from None
+
+    def _compute_bytes(self, req, params: "ParamSet", data: dict, graph_id: str,
+                       with_params: bool, unary_max: int) -> MicroResult:
+        """The call with every tensor as bytes (the parameters only ``with_params``):
+        unary when it fits, streamed otherwise."""
+        size = (params.nbytes if with_params else 0) + (1 << 20) + \
+            sum(a.nbytes for a in data.values())
+        fresh = type(req)()
+        fresh.CopyFrom(req)         # a retry without the kept parameters starts over
+        req = fresh
+        if size >= unary_max:
+            return self._compute_stream(req, params.arrays if with_params else {}, data,
+                                        graph_id)
+        if with_params:
+            req.parameters.extend(params.unary())
+        for name, a in data.items():
+            req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
+        resp = self.stub.ComputeGradients(req, timeout=self.timeout, metadata=self._metadata)
+        self.graphs.add(graph_id)
+        return _decode_result(resp, None)
 
     def _compute_shared(self, req, params: "ParamSet", data: dict,
                         graph_id: str) -> MicroResult:
@@ -239,11 +271,11 @@ class WorkerHandle:
         result.segment, result.pool = gseg, self.segments
         return result
 
-    def _compute_stream(self, req, params: "ParamSet", data: dict,
+    def _compute_stream(self, req, params: dict[str, np.ndarray], data: dict,
                         graph_id: str) -> MicroResult:
         from gradmesh.v1 import worker_pb2
         buffers = []        # header order: parameters, then data (field-number order)
-        for field, arrays in ((req.parameters, params.arrays), (req.data, data)):
+        for field, arrays in ((req.parameters, params), (req.data, data)):
             for name, a in arrays.items():
                 field.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
                 buffers.append(serialize.tensor_buffer(a))   # no copy: chunks read the array
@@ -409,8 +441,9 @@ class ParamSet:
     straight from the arrays; the unary encoding (one copy) is made on first use and kept.
     """
 
-    def __init__(self, version: int, arrays: dict[str, np.ndarray]):
+    def __init__(self, version: int, arrays: dict[str, np.ndarray], key: str = ""):
         self.version = version
+        self.key = key              # the job id: with version, names them on the workers
         self.arrays = arrays
         self.nbytes = sum(int(a.nbytes) for a in arrays.values())
         self._lock = threading.Lock()
@@ -709,7 +742,7 @@ class Coordinator:
         arrays: dict = {}
         for part in self._on_shards(job, pull):
             arrays.update(part)
-        job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names})
+        job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names}, job.job_id)
         return job.params, time.perf_counter() - start
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):

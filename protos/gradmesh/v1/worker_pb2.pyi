@@ -21,7 +21,7 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs", "stream_gradients_early", "shared_memory")
+    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs", "stream_gradients_early", "shared_memory", "parameter_set", "parameter_version")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class ComputeGradientsRequest(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STREAM_GRADIENTS_EARLY_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_SET_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     graph: _graph_pb2.Graph
     parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -42,7 +44,9 @@ class ComputeGradientsRequest(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[str]
     stream_gradients_early: bool
     shared_memory: SharedMemory
-    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+    parameter_set: str
+    parameter_version: int
+    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., parameter_set: _Optional[str] = ..., parameter_version: _Optional[int] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets", "data_offsets")
@@ -151,17 +155,19 @@ class CapabilitiesResponse(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes")
+    __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes", "parameter_cache_bytes")
     MAX_GRAPH_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_graph_nodes: int
     max_tensor_elements: int
     max_message_bytes: int
     max_stream_bytes: int
     max_concurrent_requests: int
     chunk_bytes: int
-    def __init__(self, max_graph_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    parameter_cache_bytes: int
+    def __init__(self, max_graph_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., parameter_cache_bytes: _Optional[int] = ...) -> None: ...
