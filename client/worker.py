@@ -40,6 +40,11 @@ DEFAULT_CHUNK_BYTES = 1 * MiB
 # Below this many parameter bytes, bytes in the message cost less than shared memory's
 # extra bookkeeping (benchmarks/worker.py, the small model).
 SHARED_MEMORY_MIN_BYTES = 256 << 10
+# Streamed replies are assembled in memory reused once the caller has dropped the arrays
+# of earlier replies (fresh pages cost the kernel more than gRPC costs the bytes); shared
+# by every client of the process, at most this much kept idle.
+REPLY_POOL_BYTES = 512 << 20
+_reply_buffers = serialize.BufferPool(REPLY_POOL_BYTES)
 
 
 @dataclass
@@ -345,7 +350,8 @@ class WorkerClient:
                                        "ComputeGradientsStream")
         resp = first.response
         assembler = serialize.Assembler(resp, max_total_bytes=1 << 62,
-                                        tensor_fields=("loss", "outputs", "gradients"))
+                                        tensor_fields=("loss", "outputs", "gradients"),
+                                        allocate=_reply_buffers.allocate)
         timed = resp
         for frame in replies:
             if frame.WhichOneof("kind") == "chunk":

@@ -21,15 +21,20 @@ The stream's frames have a codec of their own (``encode_chunk_frame``,
 ``decode_stream_frame``, ``serialize_message``): the same bytes as protobuf, but a chunk's
 data is copied once from the source array into the frame on the way out, and once from the
 received frame into the tensor's buffer on the way in (protobuf would copy it four times).
+Receivers that stream large tensors again and again take those buffers from a
+``BufferPool``, which reuses memory once nothing refers to it any more.
 ``encode_tensor_field`` writes whole ``Tensor``/``NamedTensor`` fields the same way, for
 unary messages built without copying arrays into protobuf objects first.
 """
 from __future__ import annotations
 
+import collections
 import math
 import sys
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -41,7 +46,7 @@ __all__ = ["WireError", "DTYPE_TO_PROTO", "PROTO_TO_DTYPE", "to_proto", "from_pr
            "tensor_buffer", "split_for_stream", "chunks", "Assembler", "StreamSlot",
            "DEFAULT_CHUNK_BYTES", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES",
            "encode_chunk_frame", "chunk_frames", "decode_stream_frame", "serialize_message",
-           "encode_tensor_field", "ChunkFrame", "ChunkView"]
+           "encode_tensor_field", "ChunkFrame", "ChunkView", "BufferPool"]
 
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
@@ -295,6 +300,91 @@ def chunks(buffers: Iterable, chunk_bytes: int = DEFAULT_CHUNK_BYTES
                                    data=bytes(mv[offset:offset + chunk_bytes]))
 
 
+def _empty_bytes(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, np.uint8)
+
+
+class BufferPool:
+    """Buffers for received tensors, reused once nothing refers to them any more.
+
+    A fresh buffer costs more than the bytes it receives: the kernel zeroes every new
+    page on first touch, and fresh 256 MiB buffers took 45-470 ms to fill here where a
+    reused one took 27 ms. :meth:`allocate` hands out an array over pooled memory; when
+    the last array or view over it is gone (the garbage collector says so, so nothing can
+    read it any more), the memory goes back to the pool. Idle buffers are kept up to
+    ``max_idle_bytes`` in all (the least recently freed go first) and handed out again for
+    requests of up to a quarter less than their size; requests under ``min_bytes`` get
+    plain ``np.empty`` (small allocations are cheap).
+
+    >>> pool = BufferPool(1 << 30)
+    >>> a = pool.allocate(4 << 20)
+    >>> del a                                   # nothing refers to it: back to the pool
+    >>> pool.idle_bytes
+    4194304
+    """
+
+    def __init__(self, max_idle_bytes: int, min_bytes: int = MIN_CHUNK_BYTES):
+        self.max_idle_bytes = max_idle_bytes
+        self.min_bytes = min_bytes
+        self._idle: list[np.ndarray] = []       # least recently freed first
+        # Filled by finalizers, which run on any thread, even inside the collector while
+        # this thread holds the lock: they append here and take the lock only if it is free.
+        self._freed: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    @property
+    def idle_bytes(self) -> int:
+        with self._lock:
+            self._collect()
+            return sum(b.nbytes for b in self._idle)
+
+    def allocate(self, nbytes: int) -> np.ndarray:
+        """An uninitialised, writable uint8 array of ``nbytes`` (pooled memory when an idle
+        buffer that fits is free)."""
+        if nbytes < self.min_bytes:
+            return _empty_bytes(nbytes)
+        with self._lock:
+            self._collect()
+            fits = [b for b in self._idle if nbytes <= b.nbytes <= nbytes + nbytes // 4]
+            base = min(fits, key=lambda b: b.nbytes) if fits else None
+            if base is not None:
+                self._idle = [b for b in self._idle if b is not base]
+        if base is None:
+            try:
+                base = _empty_bytes(nbytes)
+            except MemoryError:
+                with self._lock:
+                    self._idle.clear()          # idle memory first, then try once more
+                base = _empty_bytes(nbytes)
+        # The array's views all lead to this memoryview (NumPy collapses view chains onto
+        # the first non-array base), so it dies exactly when the last of them does.
+        out = np.frombuffer(memoryview(base)[:nbytes], np.uint8)
+        weakref.finalize(out.base, self._free, base).atexit = False
+        return out
+
+    def _free(self, base: np.ndarray) -> None:
+        self._freed.append(base)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._collect()
+            finally:
+                self._lock.release()
+
+    def _collect(self) -> None:
+        """Move freed buffers to the idle list and drop the oldest above the limit (with
+        the lock held)."""
+        while self._freed:
+            self._idle.append(self._freed.popleft())
+        total = sum(b.nbytes for b in self._idle)
+        while total > self.max_idle_bytes:
+            total -= self._idle.pop(0).nbytes
+
+
+# Staging buffers of strided tensors' chunks (``chunk_frames``), reused: a fresh one would
+# be fresh pages for the kernel to zero, for every tensor sent.
+_STAGES = BufferPool(4 * MAX_CHUNK_BYTES, min_bytes=64 << 10)
+
+
 @dataclass
 class StreamSlot:
     """One streamed tensor: where it sits in the header and what it holds."""
@@ -326,7 +416,10 @@ class Assembler:
     """
 
     def __init__(self, header, max_total_bytes: int, *, tensor_fields: Sequence[str] | None = None,
-                 max_elements: int | None = None):
+                 max_elements: int | None = None,
+                 allocate: Callable[[int], np.ndarray] | None = None):
+        """``allocate(nbytes)``, if given, supplies each tensor's uint8 buffer (e.g.
+        :meth:`BufferPool.allocate`, to reuse memory across streams); default ``np.empty``."""
         self.header = header
         self._fields = _tensor_fields(header, tensor_fields)
         self.slots: list[StreamSlot] = []
@@ -344,10 +437,11 @@ class Assembler:
         self.total_bytes = total
         # Uninitialised: every byte is overwritten by a chunk, and finish() refuses a
         # tensor that is not complete (zero-filling 64 MiB costs ~60 ms here).
+        allocate = allocate or _empty_bytes
         self._buffers = []
         for s in self.slots:
             try:
-                self._buffers.append(np.empty(s.nbytes, np.uint8))
+                self._buffers.append(allocate(s.nbytes))
             except MemoryError:
                 # Within the limits but more than this process can get now: a limit too.
                 self._buffers = []
@@ -469,14 +563,63 @@ def encode_chunk_frame(index: int, offset: int, data) -> bytes:
 
 def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0) -> Iterator[bytes]:
     """Encoded chunk frames of ``arrays`` (header order, see tensor.proto's Chunk): each
-    frame reads its piece straight from the array's memory. ``start`` is the header index
-    of the first array (to send a message's tensors a few at a time)."""
+    frame reads its piece straight from the array's memory (a strided array's, e.g. a
+    broadcast gradient's, through a small staging buffer instead of a contiguous copy of
+    the whole array). ``start`` is the header index of the first array (to send a
+    message's tensors a few at a time)."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     for index, array in enumerate(arrays, start):
-        view = array if isinstance(array, memoryview) else tensor_buffer(array)
+        view = array
+        if not isinstance(array, memoryview):
+            a, dtype = _wire_array_view(array)
+            wire = _wire_np(dtype)
+            flat = _flat_view(a, wire) if a.size and chunk_bytes % a.itemsize == 0 else None
+            if flat is not None:
+                yield from _staged_frames(index, flat, wire, chunk_bytes)
+                continue
+            view = tensor_buffer(a)
         for offset in range(0, view.nbytes, chunk_bytes):
             yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes])
+
+
+def _wire_array_view(x) -> tuple[np.ndarray, dtypes.DType]:
+    """Like ``_wire_array`` but never copies a NumPy array: the host array as it is."""
+    a = _host_array(x)
+    return a, dtypes.from_numpy(a.dtype.newbyteorder("="))
+
+
+def _flat_view(a: np.ndarray, wire: np.dtype) -> np.ndarray | None:
+    """A 1-D view of ``a``'s elements in C order, when ``a`` cannot be read in place as
+    wire bytes (strided, or big-endian) but such a view exists without a copy: e.g. a
+    gradient broadcast from a scalar (stride 0). None otherwise."""
+    if a.flags.c_contiguous and a.dtype == wire:
+        return None
+    dims = [(n, st) for n, st in zip(a.shape, a.strides) if n != 1]
+    if not dims:
+        return None
+    for (_, outer), (n, inner) in zip(dims, dims[1:]):
+        if outer != n * inner:
+            return None
+    return np.lib.stride_tricks.as_strided(a, (a.size,), (dims[-1][1],), writeable=False)
+
+
+def _staged_frames(index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: int
+                   ) -> Iterator[bytes]:
+    """Chunk frames of a strided 1-D view, each piece gathered into a small staging buffer
+    first: the same frames as materializing the whole array, without allocating (and the
+    kernel zeroing) a second array of its size."""
+    per_chunk = chunk_bytes // flat.itemsize
+    n = min(per_chunk, flat.size)
+    stage = _STAGES.allocate(n * flat.itemsize).view(wire)
+    raw = memoryview(stage).cast("B")
+    if not flat.strides[0]:
+        stage[...] = flat[:n]       # a broadcast scalar: every piece is the same
+    for start in range(0, flat.size, per_chunk):
+        piece = flat[start:start + per_chunk]
+        if flat.strides[0]:
+            np.copyto(stage[:piece.size], piece)
+        yield encode_chunk_frame(index, start * flat.itemsize, raw[:piece.nbytes])
 
 
 def serialize_message(message) -> bytes:

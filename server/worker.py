@@ -40,6 +40,9 @@ from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 MiB = 1 << 20
 DEFAULT_PORT = 50051
+# Idle receive buffers a worker keeps for the next streamed request: filling fresh pages
+# costs the kernel more than the bytes cost gRPC (serialize.BufferPool).
+RECEIVE_POOL_BYTES = 1 << 30
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BACKENDS = ("cpu", "cuda")
 
@@ -90,6 +93,8 @@ class Prepared:
     seed: int
     # The request's SharedMemory, when it has one (see worker.proto).
     shared: worker_pb2.SharedMemory | None = None
+    # The parameters kept from an earlier call, when the request names them instead.
+    kept: dict | None = None
 
     @property
     def slots(self) -> list[TensorSlot]:
@@ -137,6 +142,39 @@ class _LRU:
         return len(self._items)
 
 
+class ParameterCache:
+    """Parameter sets kept for ``parameter_set`` requests (worker.proto): least recently
+    used out first, within ``capacity`` bytes. Thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._sets: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, key: tuple) -> dict | None:
+        with self._lock:
+            entry = self._sets.get(key)
+            if entry is None:
+                return None
+            self._sets.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key: tuple, arrays: dict) -> None:
+        size = sum(a.nbytes for a in arrays.values())
+        with self._lock:
+            self._sets.pop(key, None)
+            if size > self.capacity:
+                return
+            while self._sets and size + sum(n for n, _ in self._sets.values()) > self.capacity:
+                self._sets.popitem(last=False)
+            self._sets[key] = (size, arrays)
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+
 def _never_stop() -> None:
     return None
 
@@ -152,7 +190,7 @@ class GradientWorker:
 
     def __init__(self, backend: str = "cpu", limits: WorkerLimits | None = None,
                  graph_cache_size: int = 256, plan_cache_size: int = 64,
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, parameter_cache_bytes: int = 1 << 30):
         if backend not in BACKENDS:
             raise runtime.ConfigError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if backend == "cuda" and not core_backend.cuda_available():
@@ -170,6 +208,7 @@ class GradientWorker:
         # Segments named by same-host clients, kept mapped (core/sharedmem.py).
         self.segments = (sharedmem.Attached() if shared_memory and sharedmem.available()
                          else None)
+        self.kept = ParameterCache(parameter_cache_bytes)
 
     # ------------------------------------------------------------------ graphs -------
 
@@ -222,8 +261,18 @@ class GradientWorker:
             shared = request.shared_memory
             self._check_shared(shared, header_only, same_host,
                                {i.name for i in param_inputs}, {i.name for i in data_inputs})
-        params = self._slots("parameters", request.parameters, param_inputs, header_only,
-                             shared.parameter_offsets if shared else {})
+        kept = None
+        if request.parameter_set and not request.parameters:
+            kept = self.kept.get((request.parameter_set, request.parameter_version))
+            if kept is None:
+                raise ServiceError(FAILED, f"no parameters are kept for set "
+                                           f"{request.parameter_set!r} version "
+                                           f"{request.parameter_version} (evicted, or the "
+                                           f"worker restarted): send them", "parameters")
+            params = self._kept_slots(kept, param_inputs)
+        else:
+            params = self._slots("parameters", request.parameters, param_inputs, header_only,
+                                 shared.parameter_offsets if shared else {})
         data = self._slots("data", request.data, data_inputs, header_only,
                            shared.data_offsets if shared else {})
         self._check_batch(data, data_inputs)
@@ -259,7 +308,29 @@ class GradientWorker:
         if not math.isfinite(scale):
             raise ServiceError(INVALID, f"loss_scale must be finite, got {scale}", "loss_scale")
         return Prepared(graph_id, validated, params, data, gradients, list(request.outputs),
-                        scale, request.seed, shared)
+                        scale, request.seed, shared, kept)
+
+    @staticmethod
+    def _kept_slots(kept: dict, inputs) -> list[TensorSlot]:
+        slots = []
+        for inp in inputs:
+            a = kept.get(inp.name)
+            dtype = _NP_OF_WIRE[inp.dtype]
+            if a is None or a.dtype != dtype or a.shape != tuple(inp.shape):
+                raise ServiceError(FAILED, f"the kept parameters do not fit this graph "
+                                           f"(parameter {inp.name!r}): send them", "parameters")
+            slots.append(TensorSlot(f"parameters[{inp.name}]", inp.name, dtype, a.shape,
+                                    a.nbytes))
+        return slots
+
+    def keep(self, prepared: Prepared, request: worker_pb2.ComputeGradientsRequest,
+             params: dict) -> None:
+        """Keep a request's parameters when it asks for it (``parameter_set``)."""
+        if (request.parameter_set and prepared.kept is None
+                and all(s.shared_offset is None for s in prepared.params)):
+            for a in params.values():
+                a.flags.writeable = False       # shared by later calls
+            self.kept.put((request.parameter_set, request.parameter_version), dict(params))
 
     def _check_shared(self, shared: worker_pb2.SharedMemory, header_only: bool,
                       same_host: bool, param_names: set[str], data_names: set[str]) -> None:
@@ -401,9 +472,12 @@ class GradientWorker:
         by_name = {nt.name: nt.tensor for nt in request.parameters}
         by_name_data = {nt.name: nt.tensor for nt in request.data}
         limit = self.limits.max_tensor_elements
-        params = {s.name: serialize.from_proto(by_name[s.name], field=s.field,
-                                               max_elements=limit)
-                  for s in prepared.params if s.shared_offset is None}
+        if prepared.kept is not None:
+            params = {s.name: prepared.kept[s.name] for s in prepared.params}
+        else:
+            params = {s.name: serialize.from_proto(by_name[s.name], field=s.field,
+                                                   max_elements=limit)
+                      for s in prepared.params if s.shared_offset is None}
         data = {s.name: serialize.from_proto(by_name_data[s.name], field=s.field,
                                              max_elements=limit)
                 for s in prepared.data if s.shared_offset is None}
@@ -472,11 +546,13 @@ class GradientWorker:
     def capabilities(self) -> worker_pb2.CapabilitiesResponse:
         versions = library_versions(self.backend)
         threads = blas_threads()
-        return worker_pb2.CapabilitiesResponse(
+        caps = worker_pb2.CapabilitiesResponse(
             ops=sorted(REGISTRY), dtypes=sorted(_NP_OF_WIRE), backend=self.backend,
             limits=self.limits.to_proto(), versions=versions, blas_threads=threads,
             build_fingerprint=build_fingerprint(self.backend, versions, threads),
             shared_memory=self.segments is not None)
+        caps.limits.parameter_cache_bytes = self.kept.capacity
+        return caps
 
 
 # ---------------------------------------------------------------------------------------
@@ -591,6 +667,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def __init__(self, worker: GradientWorker):
         self.worker = worker
+        # Streamed requests' tensors land in memory reused from call to call.
+        self.receive_buffers = serialize.BufferPool(RECEIVE_POOL_BYTES)
 
     def RegisterGraph(self, request, context):
         if not request.HasField("graph"):
@@ -605,6 +683,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t0 = time.perf_counter()
         prepared = self.worker.prepare(request, same_host=_same_host(context.peer()))
         params, data = self.worker.decode(prepared, request)
+        self.worker.keep(prepared, request, params)
         views = self.worker.gradient_views(prepared)
         t1 = time.perf_counter()
         if views is not None:
@@ -665,10 +744,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                         "header" + _undecodable(first), "request")
         request = first.request
         prepared = self.worker.prepare(request, header_only=True)
-        # Checks every limit from the header, then allocates each tensor once.
+        # Checks every limit from the header, then allocates each tensor once, in memory
+        # that earlier streams used when it is free (nothing refers to it any more).
         assembler = serialize.Assembler(request, limits.max_stream_bytes,
                                         tensor_fields=("parameters", "data"),
-                                        max_elements=limits.max_tensor_elements)
+                                        max_elements=limits.max_tensor_elements,
+                                        allocate=self.receive_buffers.allocate)
         add = assembler.add
         for frame in request_iterator:
             if frame.WhichOneof("kind") != "chunk":
@@ -676,8 +757,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                    + _undecodable(frame), "chunk")
             add(frame.chunk)
         arrays = {slot.path: a for slot, a in zip(assembler.slots, assembler.finish())}
-        params = {s.name: arrays[s.field] for s in prepared.params}
+        params = {s.name: arrays[s.field] if prepared.kept is None else prepared.kept[s.name]
+                  for s in prepared.params}
         data = {s.name: arrays[s.field] for s in prepared.data}
+        self.worker.keep(prepared, request, params)
         t1 = time.perf_counter()
         if request.stream_gradients_early:
             yield from self._stream_early(prepared, params, data, check, t1 - t0)
@@ -844,7 +927,8 @@ def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
 # Starting a worker (tests, embedding) and the CLI
 # ---------------------------------------------------------------------------------------
 
-_WORKER_KEYS = {"limits", "graph_cache_size", "plan_cache_size", "shared_memory"}
+_WORKER_KEYS = {"limits", "graph_cache_size", "plan_cache_size", "shared_memory",
+                "parameter_cache_bytes"}
 
 
 def start(backend: str = "cpu", *, config: runtime.ServerConfig | None = None,
@@ -853,7 +937,7 @@ def start(backend: str = "cpu", *, config: runtime.ServerConfig | None = None,
 
     Keyword arguments set :class:`~gradmesh.server.runtime.ServerConfig` fields, or the
     worker's ``limits`` (:class:`WorkerLimits`), ``graph_cache_size``, ``plan_cache_size``,
-    ``shared_memory``.
+    ``shared_memory``, ``parameter_cache_bytes``.
     The returned server has ``.address`` and ``.worker`` (the :class:`GradientWorker`).
     """
     worker_kw = {k: kw.pop(k) for k in list(kw) if k in _WORKER_KEYS}
@@ -889,6 +973,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    default=d("shared-memory", "on"),
                    help="take tensors in shared memory (/dev/shm) from callers on this "
                         "host; off: bytes in messages only (docs/worker.md)")
+    g.add_argument("--parameter-cache-bytes", type=int,
+                   default=d("parameter-cache-bytes", 1 << 30),
+                   help="bytes of parameters kept for requests that name a parameter_set "
+                        "(a coordinator sending several micro-batches; default 1 GiB)")
     g.add_argument("--blas-threads", type=int, default=d("blas-threads", None),
                    help="fix NumPy's BLAS thread count (workers of a job must agree)")
     g.add_argument("--coordinator", default=d("coordinator", None),
@@ -919,7 +1007,8 @@ def run(args: argparse.Namespace) -> int:
         running = start(args.backend, config=config, limits=limits,
                         graph_cache_size=args.graph_cache_size,
                         plan_cache_size=args.plan_cache_size,
-                        shared_memory=args.shared_memory == "on")
+                        shared_memory=args.shared_memory == "on",
+                        parameter_cache_bytes=args.parameter_cache_bytes)
     except runtime.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -393,3 +393,45 @@ def test_assembler_never_exposes_unwritten_bytes():
     asm.add(cs[-1])
     a, b = asm.finish()
     assert a.tolist() == list(range(8)) and b.tolist() == list(range(4))
+
+
+def test_pooled_buffers_are_reused_only_after_every_view_is_gone():
+    import gc
+    from gradmesh.core.serialize import BufferPool
+    pool = BufferPool(64 << 20)
+    a = pool.allocate(4 << 20)
+    view = a.view(np.float32).reshape(1024, 1024)[::2]
+    view[...] = 7
+    address = a.__array_interface__["data"][0]
+    del a
+    gc.collect()
+    assert pool.idle_bytes == 0                     # the view still reads it
+    b = pool.allocate(4 << 20)
+    assert b.__array_interface__["data"][0] != address and np.all(view == 7)
+    del view
+    gc.collect()
+    assert pool.idle_bytes == 4 << 20
+    c = pool.allocate((4 << 20) - 1000)             # up to a quarter smaller: reused
+    assert c.__array_interface__["data"][0] == address and c.nbytes == (4 << 20) - 1000
+    assert pool.allocate(1 << 20).__array_interface__["data"][0] != address
+    del b, c
+    gc.collect()
+    small = BufferPool(6 << 20)                     # idle memory is capped
+    bufs = [small.allocate(4 << 20) for _ in range(2)]
+    del bufs
+    gc.collect()
+    assert small.idle_bytes == 4 << 20
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.broadcast_to(np.float32(2.5), (700, 900)),          # a broadcast scalar
+    lambda: np.broadcast_to(np.arange(900, dtype=np.float64), (700, 900)),
+    lambda: np.arange(2_000_000, dtype=np.int64)[::2],              # strided 1-D
+    lambda: np.arange(600_000, dtype=">f4").reshape(600, 1000),     # big-endian
+    lambda: np.arange(600_000, dtype=np.float32).reshape(1000, 600).T,  # transposed
+], ids=["scalar", "row", "strided", "big-endian", "transposed"])
+@pytest.mark.parametrize("chunk", [1 << 20, 3 << 20])
+def test_strided_arrays_give_the_frames_of_their_contiguous_copy(make, chunk):
+    a = make()
+    copy = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    assert list(chunk_frames([a], chunk, 3)) == list(chunk_frames([copy], chunk, 3))
