@@ -315,16 +315,16 @@ class WorkerClient:
                 data, {n: offsets["d", n] for n in data})
             resp = self._unary_call(head + req.SerializeToString() + tail, **kw)
             result = _unary_result(resp)
-            # Copies: the segment is reused by the next call.
-            result.gradients = {n: np.array(v) for n, v in
-                                shared_gradients(resp, gseg, goffsets).items()}
+            # Views, no copy: the segment is reused once the caller has dropped them.
+            result.gradients = shared_gradients(resp, self._segments.lend(gseg), goffsets)
             done = True
             return result
         finally:
             # A failed call's segments are dropped, not reused: a worker past its deadline
             # may still be writing into them.
-            for seg in (pseg, gseg):
-                self._segments.release(seg) if done else seg.close()
+            self._segments.release(pseg) if done else pseg.close()
+            if not done:
+                gseg.close()
 
     def _stream(self, head: bytes, tail: bytes, params, data, **kw) -> GradientResult:
         header = worker_pb2.ComputeGradientsRequest.FromString(head + tail)
@@ -409,10 +409,10 @@ def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,
             gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets))
 
 
-def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, segment: sharedmem.Segment,
+def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray,
                      offsets: dict[str, int]) -> dict[str, np.ndarray]:
-    """The gradients a worker wrote into ``segment``, as views (checked against the
-    response's dtypes and shapes and the segment's bounds)."""
+    """The gradients a worker wrote into the segment ``buf`` (uint8) views, as views
+    (checked against the response's dtypes and shapes and the segment's bounds)."""
     if not resp.gradients_in_shared_memory:
         raise sharedmem.SegmentError("the worker did not write the gradients to shared "
                                      "memory (a worker that predates it?)")
@@ -422,10 +422,10 @@ def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, segment: sharedm
         offset = offsets.get(nt.name)
         shape = tuple(nt.tensor.shape)
         nbytes = (dtype.np.itemsize * int(np.prod(shape))) if dtype else -1
-        if offset is None or dtype is None or offset + nbytes > segment.size or nbytes < 0:
+        if offset is None or dtype is None or offset + nbytes > buf.nbytes or nbytes < 0:
             raise sharedmem.SegmentError(f"the worker's gradient {nt.name!r} does not fit "
                                          f"what was asked for")
-        out[nt.name] = segment.view(offset, dtype.np, shape)
+        out[nt.name] = buf[offset:offset + nbytes].view(dtype.np).reshape(shape)
     return out
 
 

@@ -25,12 +25,14 @@ reuses its segments call after call pays for page mapping once.
 from __future__ import annotations
 
 import atexit
+import collections
 import mmap
 import os
 import re
 import secrets
 import stat
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Iterable
 
@@ -242,10 +244,15 @@ class Pool:
         self.keep = keep
         self._free: list[Segment] = []
         self._lock = threading.Lock()
+        # Filled by lend()'s finalizers, which may run inside the garbage collector while
+        # this thread holds the lock: they append here, and the lock holder collects.
+        self._returned: collections.deque = collections.deque()
+        self._closed = False
 
     def acquire(self, size: int) -> Segment:
         """A free segment of at least ``size`` bytes (the smallest that fits), or a new one."""
         with self._lock:
+            self._collect()
             fits = [s for s in self._free if s.size >= size]
             if fits:
                 seg = min(fits, key=lambda s: s.size)
@@ -255,19 +262,38 @@ class Pool:
 
     def release(self, seg: Segment) -> None:
         """Give back a segment nobody reads or writes any more."""
-        with self._lock:
-            self._free.append(seg)
-            if len(self._free) <= self.keep:
-                return
+        self._returned.append(seg)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._collect()
+            finally:
+                self._lock.release()
+
+    def lend(self, seg: Segment) -> np.ndarray:
+        """A uint8 array over ``seg``'s memory, for results handed to a caller: the segment
+        goes back to the pool when the last array viewing it is freed, so results stay
+        valid as long as they are kept, and dropped ones cost no copy."""
+        out = np.frombuffer(memoryview(seg.buf), np.uint8)
+        # Every view of ``out`` leads to this memoryview (NumPy collapses view chains onto
+        # the first non-array base), so it dies exactly when the last of them does.
+        weakref.finalize(out.base, self.release, seg).atexit = False
+        return out
+
+    def _collect(self) -> None:
+        """Returned segments to the free list, the smallest beyond ``keep`` removed (with
+        the lock held)."""
+        while self._returned:
+            self._free.append(self._returned.popleft())
+        while self._free and (self._closed or len(self._free) > self.keep):
             seg = min(self._free, key=lambda s: s.size)
             self._free.remove(seg)
-        seg.close()
+            seg.close()
 
     def close(self) -> None:
+        """Remove the free segments, and each lent one when it comes back."""
         with self._lock:
-            free, self._free = self._free, []
-        for seg in free:
-            seg.close()
+            self._closed = True
+            self._collect()
 
 
 def same_host_target(target: str) -> bool:

@@ -78,15 +78,6 @@ class MicroResult:
     outputs: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
     compute_seconds: float = 0.0            # the worker's forward + backward
-    # The shared-memory segment holding ``gradients``: back to the pool once they are
-    # applied (or not needed).
-    segment: Any = None
-    pool: Any = None
-
-    def release(self) -> None:
-        if self.segment is not None:
-            self.pool.release(self.segment)
-            self.segment = None
 
 
 class WorkerError(Exception):
@@ -247,7 +238,8 @@ class WorkerHandle:
     def _compute_shared(self, req, params: "ParamSet", data: dict,
                         graph_id: str) -> MicroResult:
         """A unary call with parameters and gradients in shared memory; the result's
-        gradients are views of a segment the step releases after applying them."""
+        gradients are views of a segment that goes back to the pool when they are freed
+        (after the step applied them, or dropped them)."""
         from gradmesh.client.worker import shared_gradients, shared_request
         segment, offsets = params.shared(self.segments)
         gseg, goffsets = sharedmem.place(self.segments, params.arrays, write=False)
@@ -263,12 +255,11 @@ class WorkerHandle:
                                   _worker_field(e)) from None
             self.graphs.add(graph_id)
             result = _decode_result(resp, None)
-            result.gradients = shared_gradients(resp, gseg, goffsets)
+            result.gradients = shared_gradients(resp, self.segments.lend(gseg), goffsets)
         except BaseException:
             # Dropped, not reused: a worker past its deadline may still write into it.
             gseg.close()
             raise
-        result.segment, result.pool = gseg, self.segments
         return result
 
     def _compute_stream(self, req, params: dict[str, np.ndarray], data: dict,
@@ -771,11 +762,7 @@ class Coordinator:
             return worker.compute(job.graph, job.graph_id, params, data, scales[m],
                                   micro_batch_seed(job.job_id, step_id, m), job.metric_names)
 
-        accepted: list[MicroResult] = []
-
         def accept(m: int, r: MicroResult) -> None:
-            with push_lock:
-                accepted.append(r)
             missing = [nm for nm in job.param_names if nm not in r.gradients]
             if missing:
                 raise ServiceError(grpc.StatusCode.INTERNAL, f"a worker returned no gradient "
@@ -796,17 +783,13 @@ class Coordinator:
                         metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
 
         t1 = time.perf_counter()
-        try:
-            reassigned = self._dispatch(n, compute, accept)
-            t2 = time.perf_counter()
-            checkpoint_now = bool(self.checkpoint_every and
-                                  (version + 1) % self.checkpoint_every == 0)
-            results = self._on_shards(job, lambda s, i: s.apply(
-                job.job_id, step_id, n, version, checkpoint_now, attempt))
-            t3 = time.perf_counter()
-        finally:
-            for r in accepted:      # their gradients are applied (or the step failed)
-                r.release()
+        reassigned = self._dispatch(n, compute, accept)
+        t2 = time.perf_counter()
+        checkpoint_now = bool(self.checkpoint_every and
+                              (version + 1) % self.checkpoint_every == 0)
+        results = self._on_shards(job, lambda s, i: s.apply(
+            job.job_id, step_id, n, version, checkpoint_now, attempt))
+        t3 = time.perf_counter()
         job.version = version + 1
         job.last_step_id = step_id
         job.samples += size
@@ -916,8 +899,6 @@ class Coordinator:
                         if first:
                             done.add(m)
                             state["accepting"] += 1
-                    if not first:
-                        result.release()        # a late duplicate: nobody reads it
                     if first:
                         w.completed += 1
                         try:

@@ -173,6 +173,41 @@ def test_gradients_through_shared_memory_equal_local_backward_bitwise(worker):
         assert client.compute_gradients(_loss, model, x, y).timings["shared_memory"] == 0
 
 
+def test_kept_results_are_never_overwritten_and_dropped_ones_are_reused(worker):
+    model = _model()
+    x, y = _batch()
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
+        first = client.compute_gradients(_loss, model, x, y)
+        kept = {n: g.copy() for n, g in first.gradients.items()}
+        with gm.no_grad():
+            for p in model.parameters():
+                p.mul_(3.0)
+        second = client.compute_gradients(_loss, model, x, y)     # while `first` is held
+        assert not np.array_equal(second.gradients["0.weight"], kept["0.weight"])
+        for n in kept:
+            assert np.array_equal(first.gradients[n], kept[n]), n
+        mine = _mine()
+        del first, second
+        import gc
+        gc.collect()
+        for _ in range(3):                                  # dropped results: segments reused
+            client.compute_gradients(_loss, model, x, y)
+        assert _mine() <= mine
+
+
+def test_lent_segments_go_back_to_the_pool_when_their_views_die():
+    import gc
+    pool = sharedmem.Pool(keep=2)
+    seg = pool.acquire(4096)
+    view = pool.lend(seg)[64:128].view(np.float32)
+    gc.collect()
+    assert pool.acquire(4096) is not seg                # still lent
+    del view
+    gc.collect()
+    assert pool.acquire(4096) is seg
+    pool.close()
+
+
 def _raw(worker, model, mutate, x=None, y=None):
     """A hand-built SharedMemory request, changed by ``mutate(req, pseg, gseg)``."""
     x, y = _batch() if x is None else (x, y)
