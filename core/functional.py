@@ -706,6 +706,20 @@ def getitem(a: Tensor, index) -> Tensor:
     >>> x[1:, [0, 0, 3]].tolist()
     [[4.0, 4.0, 7.0], [8.0, 8.0, 11.0]]
     """
+    out, advanced = _basic_index(a, index)
+    if advanced:
+        out = _op("index")(out, *[i for _, i in advanced], dims=[p for p, _ in advanced])
+    return out
+
+
+def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
+    """``a[index]`` split in two: the basic part (ints, slices, ``None``, ``...``) applied,
+    which is a view of ``a`` (a ``slice`` and a ``reshape`` node, or ``a`` itself), and the
+    advanced part still to apply: ``(dim, int index tensor)`` pairs over that view.
+
+    ``getitem`` applies the advanced part with ``index``; a traced ``a[index] = value``
+    writes it with ``index_put`` and writes the view back into ``a``.
+    """
     items = list(index) if isinstance(index, tuple) else [index]
     consumed, ellipses = 0, 0
     for k, it in enumerate(items):
@@ -777,9 +791,37 @@ def getitem(a: Tensor, index) -> Tensor:
         out = _op("slice")(a, starts=starts, stops=stops, steps=steps)
     if tuple(kept) != out.shape:
         out = reshape(out, kept)
-    if advanced:
-        out = _op("index")(out, *[i for _, i in advanced], dims=[p for p, _ in advanced])
-    return out
+    return out, advanced
+
+
+def _slice_put(a: Tensor, values: Tensor, starts, stops, steps) -> Tensor:
+    """``a`` with ``values`` written over the slice ``starts:stops:steps`` (one per dim, as
+    the ``slice`` op takes them): the out-of-place inverse of ``slice``. One ``index_put``
+    node per dim that is not taken whole, so that a whole (batch) dim stays batch-free.
+
+    >>> import gradmesh.core as gm
+    >>> x = gm.zeros(2, 3)
+    >>> _slice_put(x, gm.ones(2, 1), [0, 1], [2, 2], [1, 1]).tolist()
+    [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    """
+    shape = a.shape
+    cut = [d for d in range(a.ndim)
+           if not (starts[d] == 0 and steps[d] == 1 and stops[d] >= shape[d])]
+    if not cut:
+        return values
+    d = cut[0]
+    index = Tensor._wrap(_xp(a).arange(starts[d], builtins.min(stops[d], shape[d]), steps[d],
+                                       dtype=np.int64))
+    if len(cut) > 1:
+        # The slab along ``d``, with the other dims written into it first.
+        whole = {"starts": [0] * a.ndim, "stops": list(shape), "steps": [1] * a.ndim}
+        for key, value in (("starts", starts), ("stops", stops), ("steps", steps)):
+            whole[key][d] = value[d]
+        slab = _op("slice")(a, **whole)
+        rest = [list(v) for v in (starts, stops, steps)]
+        rest[0][d], rest[1][d], rest[2][d] = 0, slab.shape[d], 1
+        values = _slice_put(slab, values, *rest)
+    return _op("index_put")(a, values, index, dims=[d], accumulate=False)
 
 
 def index_select(a: Tensor, dim: int, index: Tensor) -> Tensor:

@@ -37,9 +37,12 @@ generator; the graph keeps the first trace's seeds.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,8 +50,8 @@ import numpy as np
 
 from gradmesh.v1 import graph_pb2, tensor_pb2
 
-from . import dtypes
-from .autograd import is_grad_enabled
+from . import backend, dtypes
+from .autograd import enable_grad, is_grad_enabled
 from .registry import REGISTRY, Op, OpError, Spec
 
 __all__ = ["GraphError", "TraceError", "Limits", "ValidatedGraph", "trace", "graph_id",
@@ -229,6 +232,32 @@ def is_random(op: Op) -> bool:
 # Tracing
 # ---------------------------------------------------------------------------------------
 
+# Ops whose result can be a view of their first input (NumPy returns one): a view's value
+# is the op applied to its base's current value, so a traced graph can replay the op after
+# the base changed in place. Writing through a view needs the inverse as well, which
+# ``expand`` (a read-only broadcast) lacks.
+_VIEW_OPS = frozenset({"reshape", "permute", "slice", "flip", "expand", STOP_GRADIENT,
+                       "to_device"})
+_WRITABLE_VIEWS = _VIEW_OPS - {"expand"}
+# In-place ops whose gradient with respect to the changed tensor is the identity: applied
+# under no_grad() to a tensor that carries a gradient, ``t + stop_gradient(other)`` is what
+# eager autograd computes (the new value, the old gradient path).
+_ADDITIVE = frozenset({"add_", "sub_", "+=", "-="})
+# The out-of-place form that error messages suggest, per in-place op.
+_OUT_OF_PLACE = {
+    "add_": "t = t + other", "+=": "t = t + other",
+    "sub_": "t = t - other", "-=": "t = t - other",
+    "mul_": "t = t * other", "*=": "t = t * other",
+    "div_": "t = t / other", "/=": "t = t / other",
+    "clamp_": "t = t.clamp(min, max)",
+    "zero_": "t = gm.zeros_like(t)",
+    "fill_": "t = gm.full_like(t, value)",
+    "copy_": "t = src.to(t.dtype).expand_as(t)",
+    "t[index] = value": "t = gm.where(mask, value, t)",
+    "t.data = value": "t = value.detach()",
+}
+
+
 class _Tracer:
     """Records every op the dispatcher runs on this thread (``tensor._dispatch.tracer``).
 
@@ -238,35 +267,121 @@ class _Tracer:
     reads a value that the plan would differentiate but eager does not (its
     ``requires_grad`` is off, or grad mode is), the op reads a ``stop_gradient`` of it
     instead; ``detach()`` itself records one. So the graph's gradients are eager's.
+
+    In-place ops are recorded functionally (``inplace``): the out-of-place op runs through
+    the dispatcher and the changed tensor is rebound to its result, so later reads see the
+    new value. Tensors that share memory are tracked: a tensor is a view of a root
+    tensor through a path of view ops (``alias``), a write through a view is written back
+    into the root with the inverse ops, and the other views of the root are replayed from
+    its new value when next read (``version``/``seen``). What a graph cannot express is
+    refused with a ``TraceError`` naming the op (``_check_writable``).
     """
 
     def __init__(self, batch: int | None):
         self.batch = batch
         self.batch2 = None if batch is None else 2 * batch + 1
-        self.keep: list = []            # tensors kept alive, so that no id is reused
-        self.ref: dict[int, tuple] = {}  # id(tensor) -> ("in", i) | ("node", k)
+        self.ref: dict[int, tuple] = {}  # id(live tensor) -> ("in", i) | ("node", k)
         self.inputs: list[list] = []     # [name, role, tensor, spec at batch2]
         self.nodes: list[tuple] = []     # (op, input refs, attrs)
         self.spec2: dict[tuple, Spec] = {}
         self.diff: set[tuple] = set()    # refs a plan differentiates (Plan.requires)
         self.stops: dict[tuple, tuple] = {}   # ref -> ref of its stop_gradient node
+        # Tensors are tracked while they live (a weak reference forgets one as it dies, so
+        # that no id is reused), grouped by the array that owns their memory.
+        self.live: dict[int, weakref.ref] = {}
+        self.owner_of: dict[int, int] = {}         # id(tensor) -> id(memory owner)
+        self.groups: dict[int, set[int]] = {}      # id(memory owner) -> ids of tensors
+        self.alias: dict[int, tuple] = {}          # id(view) -> (root tensor, [(op, attrs)])
+        self.version: dict[int, int] = {}          # id(root) -> in-place changes so far
+        self.seen: dict[int, int] = {}             # id(view) -> its root's version at binding
+        self.poisoned: dict[int, str] = {}         # id(tensor) -> why it cannot be read
+        self.external: dict[int, str] = {}         # id(module buffer) -> its name
+        self.made: set[int] = set()                # ids of tensors the factories made
+        self.made_inputs: set[int] = set()         # CONST inputs holding such a tensor
+        # Memory that eager backward reads: (array, node, op) per memory owner, for the
+        # inputs (and saved results) of the nodes eager autograd differentiates.
+        self.saved: dict[int, list] = {}
+        self.internal = 0                # > 0 while an in-place op records its functional form
+        self.spelling: str | None = None  # the name an in-place op was called by (+=, sub_)
+
+    def close(self) -> None:
+        """Stop tracking tensors (the graph is built from ``inputs`` and ``nodes``)."""
+        for d in (self.live, self.owner_of, self.groups, self.alias, self.poisoned,
+                  self.external, self.made, self.saved, self.ref):
+            d.clear()
+
+    # -- tensors and their memory ------------------------------------------------------------
+    def _track(self, t) -> None:
+        key = id(t)
+        if key in self.live:
+            return
+        self.live[key] = weakref.ref(t, functools.partial(self._forget, key))
+        owner = id(_memory_owner(t._data))
+        self.owner_of[key] = owner
+        self.groups.setdefault(owner, set()).add(key)
+
+    def _forget(self, key: int, _dead=None) -> None:
+        for d in (self.live, self.ref, self.alias, self.version, self.seen, self.poisoned,
+                  self.external):
+            d.pop(key, None)
+        self.made.discard(key)
+        owner = self.owner_of.pop(key, None)
+        group = self.groups.get(owner)
+        if group is not None:
+            group.discard(key)
+            if not group:
+                del self.groups[owner]
+
+    def _bind(self, t, ref: tuple) -> None:
+        self.ref[id(t)] = ref
+        self._track(t)
+
+    def _sharing(self, t) -> list:
+        """The other live tracked tensors whose memory overlaps ``t``'s."""
+        out = []
+        for key in list(self.groups.get(self.owner_of.get(id(t)), ())):
+            other = self.live[key]() if key in self.live else None
+            if other is not None and other is not t and _overlap(other._data, t._data):
+                out.append(other)
+        return out
 
     def add_input(self, name: str, role: int, t, shape2: tuple) -> tuple:
         ref = ("in", len(self.inputs))
+        if id(t) in self.made:
+            self.made_inputs.add(len(self.inputs))
         self.inputs.append([name, role, t])
-        self.keep.append(t)
-        self.ref[id(t)] = ref
+        self._bind(t, ref)
         self.spec2[ref] = Spec(tuple(shape2), t.dtype)
         if role == PARAM:
             self.diff.add(ref)
         return ref
 
     def lookup(self, t) -> tuple:
-        ref = self.ref.get(id(t))
+        key = id(t)
+        if key in self.poisoned:
+            raise TraceError(self.poisoned[key])
+        ref = self.ref.get(key)
         if ref is None:
-            ref = self.add_input(None, CONST, t, t.shape)
+            return self.add_input(None, CONST, t, t.shape)
+        if self.version and key in self.alias:
+            root, _path = self.alias[key]
+            if self.seen[key] != self.version.get(id(root), 0):
+                ref = self._replay(t)
         return ref
 
+    def _replay(self, t) -> tuple:
+        """Rebind a view whose root changed in place: its view ops applied to the root's
+        current value."""
+        root, path = self.alias[id(t)]
+        cur = root
+        for op, attrs in path:
+            cur = op(cur, **attrs)
+        ref = self.lookup(cur)
+        self.ref[id(t)] = ref
+        self.seen[id(t)] = self.version.get(id(root), 0)
+        return ref
+
+    # -- recording ---------------------------------------------------------------------------
     def record(self, op: Op, inputs, attrs: dict, result) -> None:
         refs = [self.lookup(t) for t in inputs]
         floating = result.dtype.is_floating_point
@@ -276,8 +391,8 @@ class _Tracer:
                     else r for r, t in zip(refs, inputs)]
         elif op.name == STOP_GRADIENT and refs[0] not in self.diff:
             # Detaching what carries no gradient anyway (data, constants): nothing to stop.
-            self.keep.append(result)
-            self.ref[id(result)] = refs[0]
+            self._bind(result, refs[0])
+            self._note_view(op, {}, inputs, result)
             return
         attrs = dict(attrs)
         k = len(self.nodes)
@@ -285,10 +400,42 @@ class _Tracer:
             attrs = self._batch_free(op, k, refs, inputs, attrs, result)
         ref = ("node", k)
         self.nodes.append((op, refs, attrs))
-        self.keep.append(result)
-        self.ref[id(result)] = ref
+        self._bind(result, ref)
         if op.differentiable and floating and any(r in self.diff for r in refs):
             self.diff.add(ref)
+            if result.grad_fn is not None and not self.internal:
+                # Eager backward keeps these inputs (and the result, if its vjp reads it).
+                for t in inputs:
+                    self._save(t._data, k, op.name)
+                if op.saves_out:
+                    self._save(result._data, k, op.name)
+        self._note_view(op, attrs, inputs, result)
+
+    def _save(self, array, k: int, name: str) -> None:
+        self.saved.setdefault(id(_memory_owner(array)), []).append((array, k, name))
+
+    def _note_view(self, op: Op, attrs: dict, inputs, result) -> None:
+        """Remember that ``result`` shares memory with an input: how to replay it from its
+        root. ``detach_()`` records its stop on the tensor itself: a step of its own path."""
+        if not inputs:
+            return
+        if result is inputs[0]:
+            entry = self.alias.get(id(result))
+            if entry is not None:
+                self.alias[id(result)] = (entry[0], entry[1] + [(op, attrs)])
+            return
+        for i, t in enumerate(inputs):
+            if _may_overlap(result._data, t._data):
+                root, path = self.alias.get(id(t), (t, []))
+                # A step that is not a view op of the first input cannot be replayed.
+                path = path + [(op, attrs if i == 0 and op.name in _VIEW_OPS else None)]
+                if self.ref[id(t)] in self.diff and self.ref[id(result)] not in self.diff \
+                        and op.name != STOP_GRADIENT:
+                    # Read through a stop (under no_grad): replays must stop there too.
+                    path.append((REGISTRY[STOP_GRADIENT], {}))
+                self.alias[id(result)] = (root, path)
+                self.seen[id(result)] = self.version.get(id(root), 0)
+                return
 
     def _stopped(self, ref: tuple) -> tuple:
         """The ref of ``stop_gradient(ref)``, recorded once per value."""
@@ -357,6 +504,249 @@ class _Tracer:
                 f"zeros_like(x) instead of zeros({self.batch}, ...); or trace with "
                 f"batch_dim=False for a fixed batch size.")
 
+    # -- in-place ops --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def spelled(self, name: str):
+        """Name the in-place op being run ``name`` in errors (``+=`` runs ``add_``); an
+        outer name wins (``-=`` runs ``sub_``, which runs ``add_``)."""
+        outer = self.spelling
+        self.spelling = outer or name
+        try:
+            yield
+        finally:
+            self.spelling = outer
+
+    def inplace(self, name: str, target, new_value: Callable, mutate: Callable) -> None:
+        """Record the in-place op ``name`` on ``target`` functionally.
+
+        ``new_value(target)`` computes the changed value out of place, through the
+        dispatcher; ``mutate()`` changes the array as eager code does (with tracing off).
+        The new value is written back through the views that ``target`` is of, the eager
+        change is checked to give the same bits, and ``target`` and its root are rebound.
+        Raises ``TraceError`` naming the op where a graph cannot do what eager code does.
+        """
+        name = self.spelling or name
+        hint = _OUT_OF_PLACE.get(name, "t = <the out-of-place op>(t, ...)")
+        self.lookup(target)              # tracked from here on: a CONST if never seen
+        root, path = self.alias.get(id(target), (target, []))
+        others = self._sharing(target)
+        keeps_gradient = self._check_writable(name, hint, target, path, others)
+        for t in (target, *others):
+            self._snapshot(t)
+        self.internal += 1
+        try:
+            with enable_grad() if keeps_gradient else contextlib.nullcontext():
+                new = new_value(target)
+                if new.dtype is not target.dtype:
+                    new = new.to(target.dtype)
+            if _may_overlap(new._data, target._data):
+                new = new.clone()        # the check below must see the traced value
+            full = self._write_back(root, path, new) if path else new
+        finally:
+            self.internal -= 1
+        mutate()
+        if not _same_bits(new._data, target._data) or \
+                (full is not new and not _same_bits(full._data, root._data)):
+            raise TraceError(f"`{name}`: its traced, out-of-place form gives other values than "
+                             f"the in-place op (shape {tuple(target.shape)}, dtype "
+                             f"{target.dtype}); write it out of place: `{hint}`.")
+        version = self.version.get(id(root), 0) + 1
+        self.version[id(root)] = version
+        self._bind(root, self.lookup(full))
+        if target is not root:
+            self._bind(target, self.lookup(new))
+            self.seen[id(target)] = version
+        for t in others:
+            entry = self.alias.get(id(t))
+            if t is not root and (entry is None or entry[0] is not root or
+                                  not _replayable(entry[1])):
+                self.poisoned[id(t)] = (
+                    f"a tensor read after `{name}` shares memory with the tensor that it "
+                    f"changed in place, but through an op the tracer cannot replay as a view, "
+                    f"so a graph cannot give it its new value. Copy it first "
+                    f"(`t = t.clone()`) or write the change out of place: `{hint}`.")
+
+    def created(self, t) -> None:
+        """A tensor a factory (``zeros``, ``tensor`` ...) made inside the traced function:
+        changing it in place changes nothing outside, unlike a tensor from outside."""
+        self._track(t)
+        self.made.add(id(t))
+
+    def watch_buffer(self, name: str, t) -> None:
+        """A module buffer: changing it in place inside the traced function is refused."""
+        self._track(t)
+        self.external[id(t)] = name
+
+    def set_data(self, t, value, assign: Callable) -> None:
+        """``t.data = value``: ``t`` reads ``value`` from now on, without its gradient."""
+        from .tensor import Tensor
+        name = "t.data = value"
+        hint = _OUT_OF_PLACE[name]
+        self.lookup(t)
+        self._check_writable(name, hint, t, [], [])
+        if self._sharing(t):
+            # Its views would keep the old memory, which the tracer knows as ``t``'s.
+            raise TraceError(f"`{name}` rebinds a tensor that shares its memory with others "
+                             f"(views of it, or what it is a view of); a graph cannot follow "
+                             f"that. Write it out of place: `{hint}`.")
+        source = value if isinstance(value, Tensor) else Tensor._wrap(value)
+        view = REGISTRY[STOP_GRADIENT](source)        # value's memory, without its gradient
+        assign()
+        self._forget(id(t))                             # its memory changed: track it anew
+        self._bind(t, self.lookup(view))
+        if id(view) in self.alias:
+            self.alias[id(t)] = self.alias[id(view)]
+            self.seen[id(t)] = self.seen[id(view)]
+
+    def _check_writable(self, name: str, hint: str, target, path: list, others: list) -> bool:
+        """Raise ``TraceError`` where the graph cannot follow the in-place op; return whether
+        the changed tensor keeps its gradient path (an additive op, see ``_ADDITIVE``)."""
+        for t in (target, *others):
+            ref = self.ref.get(id(t))
+            via = "" if t is target else ", through a tensor sharing its memory,"
+            if ref is not None and ref[0] == "in" and self.inputs[ref[1]][1] != CONST:
+                input_name, role = self.inputs[ref[1]][:2]
+                whose = "parameters" if role == PARAM else "data"
+                raise TraceError(
+                    f"`{name}` would change{via} the {_ROLE_NAMES[role]} input {input_name!r} "
+                    f"in place: a graph cannot write to its inputs, and eager code would "
+                    f"change the caller's {whose} on every call. Write it out of place "
+                    f"(`{hint}`), on a copy (`t = t.clone()`) if later code must see the "
+                    f"change.")
+            if id(t) in self.external:
+                raise TraceError(
+                    f"`{name}` would change{via} the module's buffer {self.external[id(t)]!r} "
+                    f"in place: a graph does not write back to the module, so every call "
+                    f"would start from the value seen while tracing, while eager code changes "
+                    f"it on every call. Compute the new value out of place (`{hint}`) and "
+                    f"update the buffer outside the traced function.")
+            if ref is not None and ref[0] == "in" and ref[1] not in self.made_inputs:
+                raise TraceError(
+                    f"`{name}` would change{via} in place a tensor that the traced function "
+                    f"did not make (a global or captured tensor, or one made with "
+                    f"from_numpy(), as_tensor() or Tensor() over an existing array): a graph "
+                    f"holds it as a constant and cannot carry the change from one call to "
+                    f"the next, as eager code would. Change a copy made inside the function "
+                    f"(`t = t.clone()`) or write it out of place: `{hint}`.")
+        for array, k, op_name in self.saved.get(self.owner_of.get(id(target)), ()):
+            if _overlap(array, target._data):
+                raise TraceError(
+                    f"`{name}` changes in place a value that an earlier {op_name} (traced node "
+                    f"{k}) used on the way to a gradient: eager backward would read the changed "
+                    f"value for that node's gradient (torch raises 'modified by an inplace "
+                    f"operation' here). Write it out of place (`{hint}`), or change a copy "
+                    f"(`t = t.clone()`).")
+        keeps_gradient = self.ref[id(target)] in self.diff
+        if keeps_gradient and (name not in _ADDITIVE or path):
+            raise TraceError(
+                f"`{name}` changes in place a tensor whose value depends on the parameters "
+                f"through differentiable ops: eager autograd keeps sending its gradient through "
+                f"the old value, as if the change had not happened, and a graph cannot express "
+                f"that (it can for `+=`, `-=`, add_ and sub_ on a tensor that is not a view). "
+                f"Write it out of place (`{hint}`), so that the gradient follows the new "
+                f"value, or change a detached copy (`t = t.detach().clone()`).")
+        for t in others:
+            if self.ref.get(id(t)) in self.diff:
+                raise TraceError(
+                    f"`{name}` changes memory that a tensor y depending on the parameters "
+                    f"shares (`y.detach()`, `y.data` and views of y share y's memory), so eager "
+                    f"code would change y behind autograd's back, which a graph cannot express. "
+                    f"Change a copy (`d = y.detach().clone()`) or write it out of place: "
+                    f"`{hint}`.")
+        blocked = [op.name for op, attrs in path
+                   if attrs is None or op.name not in _WRITABLE_VIEWS]
+        if blocked:
+            what = "a read-only broadcast" if blocked[0] == "expand" else "not a view it inverts"
+            raise TraceError(
+                f"`{name}` writes through a view made by {blocked[0]} ({what}), which the "
+                f"tracer cannot write back into the tensor it views. Copy it first "
+                f"(`t = t.clone()`) or write it out of place: `{hint}`.")
+        return keeps_gradient
+
+    def _snapshot(self, t) -> None:
+        """A CONST input keeps the value it had when first read, not the changed one."""
+        from .tensor import Tensor
+        ref = self.ref.get(id(t))
+        if ref is not None and ref[0] == "in":
+            entry = self.inputs[ref[1]]
+            if entry[1] == CONST and entry[2] is t:
+                entry[2] = Tensor._wrap(t._data.copy())
+
+    def _write_back(self, root, path: list, new):
+        """``root``'s value with the view at the end of ``path`` replaced by ``new``: each
+        view op undone in turn (a slice becomes ``index_put``s into its base)."""
+        from . import functional as F
+        bases = [root]
+        for op, attrs in path[:-1]:
+            bases.append(op(bases[-1], **attrs))
+        for (op, attrs), base in zip(reversed(path), reversed(bases)):
+            if op.name == "reshape":
+                new = F.reshape(new, self._free_shape(base))
+            elif op.name == "permute":
+                n = len(attrs["dims"])
+                inverse = [0] * n
+                for i, d in enumerate(attrs["dims"]):
+                    inverse[d % n] = i
+                new = F.permute(new, inverse)
+            elif op.name == "slice":
+                new = F._slice_put(base, new, attrs["starts"], attrs["stops"], attrs["steps"])
+            elif op.name == "flip":
+                new = F.flip(new, attrs["dims"])
+            # stop_gradient and to_device (to the same device) keep the memory as it is
+        return new
+
+    def _free_shape(self, t) -> list:
+        """``t``'s shape with its batch dimension, if any, as -1."""
+        shape = list(t.shape)
+        if self.batch is not None:
+            shape2 = self.spec2[self.lookup(t)].shape
+            free = [d for d, (a, b) in enumerate(zip(shape, shape2)) if a != b]
+            if len(free) > 1:
+                raise TraceError(f"cannot write through a reshape of a tensor of shape "
+                                 f"{tuple(shape)} with more than one batch-dependent "
+                                 f"dimension; trace with batch_dim=False")
+            for d in free:
+                shape[d] = -1
+        return shape
+
+
+
+def _memory_owner(array):
+    """The object that owns ``array``'s memory (the end of its chain of bases)."""
+    while getattr(array, "base", None) is not None:
+        array = array.base
+    return array
+
+
+def _may_overlap(a, b) -> bool:
+    """Whether two arrays' memory bounds overlap (cheap; exact for plain views)."""
+    if type(a) is np.ndarray and type(b) is np.ndarray:
+        return np.may_share_memory(a, b)
+    xp = backend.xp_of(a)
+    return xp is backend.xp_of(b) and bool(xp.may_share_memory(a, b))
+
+
+def _overlap(a, b) -> bool:
+    """Whether two arrays share an element (``x[:, 0]`` and ``x[:, 1]`` do not)."""
+    if not _may_overlap(a, b):
+        return False
+    try:
+        return bool(backend.xp_of(a).shares_memory(a, b, max_work=100_000))
+    except Exception:        # too hard to decide: assume they do
+        return True
+
+
+def _replayable(path: list) -> bool:
+    return all(attrs is not None for _op, attrs in path)
+
+
+def _same_bits(a, b) -> bool:
+    a, b = backend.to_numpy(a), backend.to_numpy(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+                          np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+
 
 def _as_tensor(x):
     from .tensor import Tensor, as_tensor
@@ -379,9 +769,13 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
     are kept: ``detach()`` and ops run under ``no_grad()`` on values that depend on the
     parameters leave ``stop_gradient`` nodes, so the graph's gradients are those of
     ``fn(...).backward()``. The module's ``.grad``s and ``requires_grad`` flags are left
-    as they were. Thread-safe: the hook is per thread. With ``batch_dim`` the function
-    runs twice (see the module docstring); ``TraceError`` where the batch size would be
-    baked into the graph.
+    as they were. In-place ops (``add_``, ``+=``, ``t[index] = value`` ...) are recorded as
+    their out-of-place forms, through views too (``_Tracer.inplace``); where a graph cannot
+    do what the in-place op does eagerly (change a parameter or data input, change a value
+    that carries a gradient other than by adding to it), ``TraceError`` names the op and
+    its out-of-place form. Thread-safe: the hook is per thread. With ``batch_dim`` the
+    function runs twice (see the module docstring); ``TraceError`` where the batch size
+    would be baked into the graph.
     """
     from .tensor import Tensor
 
@@ -425,27 +819,40 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
 
 
 def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
-    from .autograd import enable_grad
-    from .tensor import Tensor, _dispatch
+    from .tensor import _dispatch
     tracer = _Tracer(batch)
     for n, p in named:
         tracer.add_input(n, PARAM, p, p.shape)
     for n, t in zip(names, data_t):
         shape2 = (tracer.batch2,) + tuple(t.shape[1:]) if batch is not None and t.ndim else t.shape
         tracer.add_input(n, DATA, t, shape2)
+    if hasattr(arg, "named_buffers"):
+        for n, b in arg.named_buffers():
+            tracer.watch_buffer(n, b)
 
     saved_flags = [(p, p.requires_grad) for _, p in named]
     prev = getattr(_dispatch, "tracer", None)
     _dispatch.tracer = tracer
     try:
-        for p, _ in saved_flags:
-            p.requires_grad = True      # every op on a parameter must be recorded
-        with enable_grad():
-            result = fn(arg, *data_t)
+        try:
+            for p, _ in saved_flags:
+                p.requires_grad = True      # every op on a parameter must be recorded
+            with enable_grad():
+                result = fn(arg, *data_t)
+            # Still tracing: reading an output may replay views of a tensor changed in place.
+            outputs = _output_refs(tracer, result)
+        finally:
+            _dispatch.tracer = prev
+            for p, flag in saved_flags:
+                p.requires_grad = flag
+        return _build(tracer, outputs)
     finally:
-        _dispatch.tracer = prev
-        for p, flag in saved_flags:
-            p.requires_grad = flag
+        tracer.close()          # drops the weak references, whose callbacks hold the tracer
+
+
+def _output_refs(tracer: _Tracer, result) -> list:
+    """(name, ref) of what ``fn`` returned: the loss, or ``(loss, {name: tensor})``."""
+    from .tensor import Tensor
 
     if isinstance(result, tuple):
         if len(result) != 2 or not isinstance(result[1], Mapping):
@@ -465,7 +872,7 @@ def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
         if name == LOSS:
             raise TraceError(f"trace: output name {LOSS!r} is reserved for the loss")
         outs.append((str(name), t))
-    return _build(tracer, [(n, tracer.lookup(t)) for n, t in outs])
+    return [(n, tracer.lookup(t)) for n, t in outs]
 
 
 def _consumer(g: graph_pb2.Graph, value: int) -> str:

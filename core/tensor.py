@@ -206,6 +206,10 @@ class Tensor:
 
     @data.setter
     def data(self, value) -> None:
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "set_data"):
+            tracer.set_data(self, value, _untraced(tracer, Tensor.data.fset, self, value))
+            return
         self._data = value._data if isinstance(value, Tensor) else value
 
     # T and mT call the permute primitive directly: ``linear`` and every matmul vjp take
@@ -368,6 +372,8 @@ class Tensor:
         return self
 
     # -- in-place updates (outside autograd) ------------------------------------------------
+    # Each one first checks for a graph tracer: while one is active it records the op's
+    # out-of-place form and runs the eager update itself (see ``_traced_inplace``).
     def _check_inplace(self, other=None) -> None:
         if is_grad_enabled() and (self.requires_grad or
                                   (isinstance(other, Tensor) and other.requires_grad)):
@@ -380,16 +386,28 @@ class Tensor:
 
     def zero_(self) -> "Tensor":
         self._check_inplace()
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            return _traced_inplace(tracer, "zero_", self, lambda t: _filled(t, 0),
+                                   Tensor.zero_, self)
         self._data[...] = 0
         return self
 
     def fill_(self, value) -> "Tensor":
         self._check_inplace(value)
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            return _traced_inplace(tracer, "fill_", self, lambda t: _filled(t, value),
+                                   Tensor.fill_, self, value)
         self._data[...] = self._operand(value)
         return self
 
     def copy_(self, src) -> "Tensor":
         self._check_inplace(src)
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            return _traced_inplace(tracer, "copy_", self, lambda t: _filled(t, src),
+                                   Tensor.copy_, self, src)
         src = src._data if isinstance(src, Tensor) else np.asarray(src)
         xp = backend.xp_of(self._data)
         self._data[...] = src if backend.xp_of(src) is xp else xp.asarray(backend.to_numpy(src))
@@ -397,29 +415,57 @@ class Tensor:
 
     def add_(self, other, alpha=1) -> "Tensor":
         self._check_inplace(other)
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            # As below: a number is scaled in Python, a tensor by a mul op.
+            if isinstance(other, Tensor):
+                o, scale = other.detach(), alpha
+            else:
+                o, scale = (other if alpha == 1 else alpha * other), 1
+            return _traced_inplace(tracer, "add_", self, lambda t: F.add(t, o, alpha=scale),
+                                   Tensor.add_, self, other, alpha)
         o = self._operand(other)
         self._data += o if alpha == 1 else alpha * o
         return self
 
     def sub_(self, other, alpha=1) -> "Tensor":
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "spelled"):
+            with tracer.spelled("sub_"):
+                return self.add_(other, -alpha)
         return self.add_(other, -alpha)
 
     def mul_(self, other) -> "Tensor":
         self._check_inplace(other)
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            o = _detached(other)
+            return _traced_inplace(tracer, "mul_", self, lambda t: F.mul(t, o),
+                                   Tensor.mul_, self, other)
         self._data *= self._operand(other)
         return self
 
     def div_(self, other) -> "Tensor":
         self._check_inplace(other)
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            o = _detached(other)
+            return _traced_inplace(tracer, "div_", self, lambda t: F.div(t, o),
+                                   Tensor.div_, self, other)
         self._data /= self._operand(other)
         return self
 
     def clamp_(self, min=None, max=None) -> "Tensor":
         self._check_inplace()
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "inplace"):
+            lo, hi = _detached(min), _detached(max)
+            return _traced_inplace(tracer, "clamp_", self, lambda t: F.clamp(t, lo, hi),
+                                   Tensor.clamp_, self, min, max)
         backend.xp_of(self._data).clip(self._data, min, max, out=self._data)
         return self
 
-    def _inplace_or_new(self, other, inplace, outofplace):
+    def _inplace_or_new(self, other, inplace, outofplace, symbol: str):
         if is_grad_enabled() and (self.requires_grad or
                                   (isinstance(other, Tensor) and other.requires_grad)):
             if self.requires_grad and self.grad_fn is None:
@@ -429,19 +475,23 @@ class Tensor:
                                    "in-place operation; wrap the update in "
                                    "`with gradmesh.no_grad():`")
             return outofplace(self, other)
+        tracer = _dispatch.tracer
+        if tracer is not None and hasattr(tracer, "spelled"):
+            with tracer.spelled(symbol):
+                return inplace(other)
         return inplace(other)
 
     def __iadd__(self, other):
-        return self._inplace_or_new(other, self.add_, Tensor.__add__)
+        return self._inplace_or_new(other, self.add_, Tensor.__add__, "+=")
 
     def __isub__(self, other):
-        return self._inplace_or_new(other, self.sub_, Tensor.__sub__)
+        return self._inplace_or_new(other, self.sub_, Tensor.__sub__, "-=")
 
     def __imul__(self, other):
-        return self._inplace_or_new(other, self.mul_, Tensor.__mul__)
+        return self._inplace_or_new(other, self.mul_, Tensor.__mul__, "*=")
 
     def __itruediv__(self, other):
-        return self._inplace_or_new(other, self.div_, Tensor.__truediv__)
+        return self._inplace_or_new(other, self.div_, Tensor.__truediv__, "/=")
 
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -475,6 +525,15 @@ def _is_array(x) -> bool:
 # Creation
 # ---------------------------------------------------------------------------------------
 
+def _new(array, requires_grad: bool = False) -> Tensor:
+    """A tensor over a newly allocated ``array`` (what the factories return). A graph tracer
+    notes it as made by the traced function, which may then change it in place."""
+    t = Tensor(array, requires_grad=requires_grad)
+    if _dispatch.tracer is not None and hasattr(_dispatch.tracer, "created"):
+        _dispatch.tracer.created(t)
+    return t
+
+
 def _infer_np_dtype(data) -> np.dtype:
     """torch.tensor's choice: Python floats give float32, ints int64, bools bool."""
     arr = np.asarray(data)
@@ -500,7 +559,7 @@ def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor
     np_dtype = dtypes.as_dtype(dtype).np if dtype is not None else dtypes.from_numpy(array.dtype).np
     array = np.array(array, dtype=np_dtype, copy=True)
     xp = backend.xp_for(device)
-    return Tensor(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
+    return _new(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
 
 
 def _flat(data):
@@ -557,17 +616,17 @@ def full(size, fill_value, dtype=None, device=None, requires_grad: bool = False)
         dtype = (dtypes.bool_ if isinstance(fill_value, bool) else
                  dtypes.int64 if isinstance(fill_value, numbers.Integral) else dtypes.default_float)
     xp = backend.xp_for(device)
-    return Tensor(xp.full(size, fill_value, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+    return _new(xp.full(size, fill_value, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
 
 def zeros(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     xp = backend.xp_for(device)
-    return Tensor(xp.zeros(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+    return _new(xp.zeros(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
 
 def ones(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     xp = backend.xp_for(device)
-    return Tensor(xp.ones(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+    return _new(xp.ones(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
 
 def empty(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
@@ -599,24 +658,24 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
         ints = all(isinstance(v, numbers.Integral) for v in (start, end, step))
         dtype = dtypes.int64 if ints else dtypes.default_float
     xp = backend.xp_for(device)
-    return Tensor(xp.arange(start, end, step, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+    return _new(xp.arange(start, end, step, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
 
 def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
     xp = backend.xp_for(device)
-    return Tensor(xp.linspace(start, end, steps, dtype=_np_dtype(dtype)),
+    return _new(xp.linspace(start, end, steps, dtype=_np_dtype(dtype)),
                   requires_grad=requires_grad)
 
 
 def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
     xp = backend.xp_for(device)
-    return Tensor(xp.eye(n, m, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
+    return _new(xp.eye(n, m, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
 
 def _random(draw, size, dtype, device, requires_grad) -> Tensor:
     array = draw(_shape_arg(size)).astype(_np_dtype(dtype), copy=False)
     xp = backend.xp_for(device)
-    return Tensor(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
+    return _new(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
 
 
 def randn(*size, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
@@ -671,11 +730,70 @@ def _swap(fn):
 def _setitem(self: Tensor, index, value) -> None:
     """``x[index] = value`` in place, outside autograd (as for the other in-place ops)."""
     self._check_inplace(value)
+    tracer = _dispatch.tracer
+    if tracer is not None and hasattr(tracer, "inplace"):
+        # Traced as a write to the view of the basic part of the index (ints, slices),
+        # with index_put for the advanced part (index tensors, masks).
+        view, advanced = F._basic_index(self, index)
+
+        def new_value(v: Tensor) -> Tensor:
+            values = _value_like(value, v)
+            if not advanced:
+                return _filled(v, values)
+            return REGISTRY["index_put"](v, values, *[i for _, i in advanced],
+                                         dims=[d for d, _ in advanced], accumulate=False)
+        _traced_inplace(tracer, "t[index] = value", view, new_value, _setitem, self, index,
+                        value)
+        return
     if isinstance(index, Tensor):
         index = index._data
     elif isinstance(index, tuple):
         index = tuple(i._data if isinstance(i, Tensor) else i for i in index)
     self._data[index] = value._data if isinstance(value, Tensor) else value
+
+
+def _untraced(tracer, fn, *args):
+    """A call of ``fn(*args)`` with the tracer off: the eager half of an op it records."""
+    def run() -> None:
+        _dispatch.tracer = None
+        try:
+            fn(*args)
+        finally:
+            _dispatch.tracer = tracer
+    return run
+
+
+def _traced_inplace(tracer, name: str, target: Tensor, new_value, method, *args) -> Tensor:
+    """Record the in-place op ``name`` as its out-of-place form, ``new_value(target)``, and
+    run the eager ``method(*args)`` untraced (see ``graph._Tracer.inplace``); returns
+    ``args[0]``, the tensor the method changes."""
+    tracer.inplace(name, target, new_value, _untraced(tracer, method, *args))
+    return args[0]
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _value_like(value, like: Tensor) -> Tensor:
+    """``value`` (a tensor, number, list or array) as NumPy's assignment into ``like``
+    writes it: in ``like``'s dtype (cast unsafely) and on its device, without gradient."""
+    if isinstance(value, Tensor):
+        value = value.detach()
+        if value.device != like.device:
+            value = value.to(like.device)
+        return value if value.dtype is like.dtype else value.to(like.dtype)
+    xp = backend.xp_of(like._data)
+    array = np.asarray(backend.to_numpy(value) if _is_array(value) else value)
+    array = array.astype(like._data.dtype)
+    return Tensor._wrap(array if xp is np else xp.asarray(array))
+
+
+def _filled(t: Tensor, value) -> Tensor:
+    """``t`` with every element replaced by ``value`` (broadcast) in ``t``'s dtype: a
+    ``where`` on a true condition, which keeps ``t``'s (batch) shape out of the graph."""
+    true = Tensor._wrap(backend.xp_of(t._data).asarray(True))
+    return F.where(true, _value_like(value, t), t)
 
 
 def _install_methods() -> None:
