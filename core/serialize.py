@@ -17,8 +17,10 @@ order; ``chunks`` cuts those buffers into ``Chunk`` messages; on the receiving s
 ``Assembler`` preallocates every tensor from the header (after checking the limits) and
 fills it in place chunk by chunk.
 
-The stream's frames have a codec of their own (``encode_chunk_frame``,
-``decode_stream_frame``, ``serialize_message``): the same bytes as protobuf, but a chunk's
+The stream's frames have a codec of their own (``encode_chunk_frame``/``chunk_frames``,
+``decode_stream_frame``, ``serialize_message``; a frame message whose chunk is another
+field number, like shard.proto's ``ShardFrame``, passes ``field`` to the encoders and gets
+its deserializer from ``frame_decoder``): the same bytes as protobuf, but a chunk's
 data is copied once from the source array into the frame on the way out, and once from the
 received frame into the tensor's buffer on the way in (protobuf would copy it four times).
 Receivers that stream large tensors again and again take those buffers from a
@@ -46,7 +48,8 @@ __all__ = ["WireError", "DTYPE_TO_PROTO", "PROTO_TO_DTYPE", "to_proto", "from_pr
            "tensor_buffer", "split_for_stream", "chunks", "Assembler", "StreamSlot",
            "DEFAULT_CHUNK_BYTES", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES",
            "encode_chunk_frame", "chunk_frames", "decode_stream_frame", "serialize_message",
-           "encode_tensor_field", "ChunkFrame", "ChunkView", "BufferPool"]
+           "encode_tensor_field", "ChunkFrame", "ChunkView", "BufferPool", "FrameDecoder",
+           "frame_decoder", "STREAM_FRAME_CHUNK_FIELD", "SHARD_FRAME_CHUNK_FIELD"]
 
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
@@ -550,25 +553,43 @@ def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
     raise ValueError("truncated varint")
 
 
-def encode_chunk_frame(index: int, offset: int, data) -> bytes:
-    """``StreamFrame{chunk: Chunk{tensor_index, offset, data}}`` serialized exactly as
-    protobuf writes it (default-valued fields omitted), copying ``data`` (any buffer, e.g.
-    a memoryview slice of an array) once."""
+# The field number of ``Chunk chunk`` in each frame message (worker.proto's StreamFrame and
+# coordinator.proto's CoordinatorFrame: 3; shard.proto's ShardFrame: 4).
+STREAM_FRAME_CHUNK_FIELD = 3
+SHARD_FRAME_CHUNK_FIELD = 4
+
+
+def _chunk_tag(field: int) -> bytes:
+    """The key of a length-delimited field ``field``: what a chunk frame starts with."""
+    if field < 1:
+        raise ValueError(f"a field number is >= 1, got {field}")
+    return _varint(field << 3 | 2)
+
+
+def encode_chunk_frame(index: int, offset: int, data,
+                       field: int = STREAM_FRAME_CHUNK_FIELD) -> bytes:
+    """A frame holding only ``chunk: Chunk{tensor_index, offset, data}`` as field number
+    ``field`` (``StreamFrame``'s 3 by default; ``ShardFrame``'s is 4), serialized exactly
+    as protobuf writes it (default-valued fields omitted), copying ``data`` (any buffer,
+    e.g. a memoryview slice of an array) once."""
     n = len(data)
     head = (b"\x08" + _varint(index) if index else b"") + \
         (b"\x10" + _varint(offset) if offset else b"") + \
         (b"\x1a" + _varint(n) if n else b"")
-    return b"".join((b"\x1a", _varint(len(head) + n), head, data))
+    return b"".join((_chunk_tag(field), _varint(len(head) + n), head, data))
 
 
-def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0) -> Iterator[bytes]:
+def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0,
+                 field: int = STREAM_FRAME_CHUNK_FIELD) -> Iterator[bytes]:
     """Encoded chunk frames of ``arrays`` (header order, see tensor.proto's Chunk): each
     frame reads its piece straight from the array's memory (a strided array's, e.g. a
     broadcast gradient's, through a small staging buffer instead of a contiguous copy of
     the whole array). ``start`` is the header index of the first array (to send a
-    message's tensors a few at a time)."""
+    message's tensors a few at a time); ``field`` the frame message's chunk field number
+    (see :func:`encode_chunk_frame`)."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    _chunk_tag(field)                   # a bad field number fails here, not mid-stream
     for index, array in enumerate(arrays, start):
         view = array
         if not isinstance(array, memoryview):
@@ -576,11 +597,11 @@ def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0) -> Iterator
             wire = _wire_np(dtype)
             flat = _flat_view(a, wire) if a.size and chunk_bytes % a.itemsize == 0 else None
             if flat is not None:
-                yield from _staged_frames(index, flat, wire, chunk_bytes)
+                yield from _staged_frames(index, flat, wire, chunk_bytes, field)
                 continue
             view = tensor_buffer(a)
         for offset in range(0, view.nbytes, chunk_bytes):
-            yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes])
+            yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes], field)
 
 
 def _wire_array_view(x) -> tuple[np.ndarray, dtypes.DType]:
@@ -604,8 +625,8 @@ def _flat_view(a: np.ndarray, wire: np.dtype) -> np.ndarray | None:
     return np.lib.stride_tricks.as_strided(a, (a.size,), (dims[-1][1],), writeable=False)
 
 
-def _staged_frames(index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: int
-                   ) -> Iterator[bytes]:
+def _staged_frames(index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: int,
+                   field: int) -> Iterator[bytes]:
     """Chunk frames of a strided 1-D view, each piece gathered into a small staging buffer
     first: the same frames as materializing the whole array, without allocating (and the
     kernel zeroing) a second array of its size."""
@@ -619,7 +640,7 @@ def _staged_frames(index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: in
         piece = flat[start:start + per_chunk]
         if flat.strides[0]:
             np.copyto(stage[:piece.size], piece)
-        yield encode_chunk_frame(index, start * flat.itemsize, raw[:piece.nbytes])
+        yield encode_chunk_frame(index, start * flat.itemsize, raw[:piece.nbytes], field)
 
 
 def serialize_message(message) -> bytes:
@@ -638,7 +659,8 @@ class ChunkView:
 
 
 class ChunkFrame:
-    """A parsed chunk StreamFrame; reads like ``worker_pb2.StreamFrame`` for its users."""
+    """A parsed chunk frame; reads like ``worker_pb2.StreamFrame`` (or ``ShardFrame``)
+    holding a chunk for its users."""
     __slots__ = ("chunk",)
 
     def __init__(self, chunk: ChunkView):
@@ -648,12 +670,13 @@ class ChunkFrame:
         return "chunk"
 
 
-def _parse_chunk_frame(buf) -> ChunkFrame | None:
-    """The chunk of a frame in the encoding ``encode_chunk_frame`` writes (any field order,
-    default fields omitted or not); None for anything else."""
-    if buf[:1] != b"\x1a":
+def _parse_chunk_frame(buf, tag: bytes) -> ChunkFrame | None:
+    """The chunk of a frame in the encoding ``encode_chunk_frame`` writes, ``tag`` being the
+    chunk field's key (any field order, default fields omitted or not); None for anything
+    else."""
+    if buf[:len(tag)] != tag:
         return None
-    size, pos = _read_varint(buf, 1, len(buf))
+    size, pos = _read_varint(buf, len(tag), len(buf))
     end = pos + size
     if end != len(buf):
         return None                  # a second field after the chunk: let protobuf merge
@@ -661,15 +684,15 @@ def _parse_chunk_frame(buf) -> ChunkFrame | None:
     data = memoryview(b"")
     seen = set()
     while pos < end:
-        tag, pos = _read_varint(buf, pos, end)
-        if tag in seen:
+        key, pos = _read_varint(buf, pos, end)
+        if key in seen:
             return None              # repeated field: protobuf's last-wins, leave it to it
-        seen.add(tag)
-        if tag == 0x08:
+        seen.add(key)
+        if key == 0x08:
             index, pos = _read_varint(buf, pos, end)
-        elif tag == 0x10:
+        elif key == 0x10:
             offset, pos = _read_varint(buf, pos, end)
-        elif tag == 0x1a:
+        elif key == 0x1a:
             n, pos = _read_varint(buf, pos, end)
             if pos + n > end:
                 raise ValueError("truncated data")
@@ -682,18 +705,68 @@ def _parse_chunk_frame(buf) -> ChunkFrame | None:
     return ChunkFrame(ChunkView(index, offset, data))
 
 
+def _fast_chunk_frame(buf, tag: bytes) -> ChunkFrame | None:
+    try:
+        return _parse_chunk_frame(buf, tag)
+    except ValueError:
+        return None                  # protobuf decides (and names the error)
+
+
+_STREAM_FRAME_TAG = _chunk_tag(STREAM_FRAME_CHUNK_FIELD)
+
+
 def decode_stream_frame(buf: bytes):
     """gRPC deserializer for ``StreamFrame``: a chunk frame as a :class:`ChunkFrame` whose
     data is a view of ``buf`` (no copy); any other frame, or an encoding the fast path does
     not expect, by protobuf, so every valid message means what protobuf says it means."""
-    try:
-        frame = _parse_chunk_frame(buf)
-    except ValueError:
-        frame = None
+    frame = _fast_chunk_frame(buf, _STREAM_FRAME_TAG)
     if frame is not None:
         return frame
     from gradmesh.v1 import worker_pb2
     return worker_pb2.StreamFrame.FromString(buf)
+
+
+class FrameDecoder:
+    """The deserializer of another frame message whose ``kind`` oneof holds ``Chunk chunk``
+    (numbered ``chunk_field``): what :func:`decode_stream_frame` is for ``StreamFrame``.
+
+    Give gRPC the bound method :meth:`decode` (see :func:`frame_decoder`): like protobuf's
+    ``Frame.FromString`` its ``__self__`` carries the message's ``DESCRIPTOR``, so that
+    the server's answer to undecodable bytes names the message type (server/runtime.py).
+
+    >>> from gradmesh.v1 import shard_pb2
+    >>> decode = frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD)
+    >>> frame = decode(encode_chunk_frame(1, 0, b"abc", SHARD_FRAME_CHUNK_FIELD))
+    >>> frame.WhichOneof("kind"), frame.chunk.tensor_index, bytes(frame.chunk.data)
+    ('chunk', 1, b'abc')
+    """
+
+    def __init__(self, frame_cls, chunk_field: int):
+        fd = frame_cls.DESCRIPTOR.fields_by_number.get(chunk_field)
+        if fd is None or fd.name != "chunk" or fd.containing_oneof is None or \
+                fd.message_type is None or \
+                fd.message_type.full_name != tensor_pb2.Chunk.DESCRIPTOR.full_name:
+            raise ValueError(f"field {chunk_field} of {frame_cls.DESCRIPTOR.full_name} is "
+                             f"not a oneof member `Chunk chunk`")
+        self.frame_cls = frame_cls
+        self.DESCRIPTOR = frame_cls.DESCRIPTOR      # noqa: N815  (protobuf's spelling)
+        self._tag = _chunk_tag(chunk_field)
+
+    def decode(self, buf: bytes):
+        """A chunk frame as a :class:`ChunkFrame` whose data is a view of ``buf``; any other
+        frame by protobuf (which raises ``DecodeError`` for bytes that are no frame)."""
+        frame = _fast_chunk_frame(buf, self._tag)
+        if frame is not None:
+            return frame
+        return self.frame_cls.FromString(buf)
+
+
+def frame_decoder(frame_cls, chunk_field: int = STREAM_FRAME_CHUNK_FIELD
+                  ) -> Callable[[bytes], object]:
+    """gRPC deserializer for ``frame_cls`` whose chunk is field ``chunk_field`` (e.g.
+    ``frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD)``); see
+    :class:`FrameDecoder`."""
+    return FrameDecoder(frame_cls, chunk_field).decode
 
 
 def _tensor_body(wire_dtype: int, shape: Sequence[int], nbytes: int) -> bytes:

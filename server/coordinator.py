@@ -58,6 +58,11 @@ HEARTBEAT_SECONDS = 5.0
 # Worker calls above this many bytes are streamed even when the unary limit would allow
 # them: one huge unary message measured 3x slower than 4 MiB chunks (100 MB, loopback).
 UNARY_MAX_BYTES = 8 << 20
+# Streamed worker replies are assembled in memory reused once a micro-batch's gradients are
+# pushed and dropped (fresh pages cost the kernel more than gRPC costs the bytes); at most
+# this much is kept idle. (Pulled parameters have a pool of their own: server/shard.py.)
+REPLY_POOL_BYTES = 512 << 20
+_reply_buffers = serialize.BufferPool(REPLY_POOL_BYTES)
 # Errors after which the same request may succeed on another worker or later.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
@@ -288,7 +293,8 @@ class WorkerHandle:
         # Preallocates every tensor from the header; each chunk is copied into place as it
         # arrives, so receiving overlaps the worker's backward pass.
         asm = serialize.Assembler(header, 1 << 40,
-                                  tensor_fields=("loss", "outputs", "gradients"))
+                                  tensor_fields=("loss", "outputs", "gradients"),
+                                  allocate=_reply_buffers.allocate)
         timings = header
         for frame in it:
             if frame.WhichOneof("kind") == "chunk":

@@ -6,11 +6,12 @@ import pytest
 
 import gradmesh.core as gm
 from gradmesh.core import dtypes
-from gradmesh.core.serialize import (DTYPE_TO_PROTO, PROTO_TO_DTYPE, Assembler, ChunkView,
-                                     WireError, chunk_frames, chunks, decode_stream_frame,
-                                     encode_chunk_frame, encode_tensor_field, from_proto,
-                                     split_for_stream, tensor_buffer, to_proto)
-from gradmesh.v1 import tensor_pb2, worker_pb2
+from gradmesh.core.serialize import (DTYPE_TO_PROTO, PROTO_TO_DTYPE, SHARD_FRAME_CHUNK_FIELD,
+                                     STREAM_FRAME_CHUNK_FIELD, Assembler, ChunkView, WireError,
+                                     chunk_frames, chunks, decode_stream_frame,
+                                     encode_chunk_frame, encode_tensor_field, frame_decoder,
+                                     from_proto, split_for_stream, tensor_buffer, to_proto)
+from gradmesh.v1 import coordinator_pb2, shard_pb2, tensor_pb2, worker_pb2
 
 ALL_DTYPES = [d.np for d in dtypes.ALL]
 SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (1, 1, 1, 5)]
@@ -297,37 +298,74 @@ def test_stream_round_trip_of_a_300_mb_array():
 # The hand-written encoders must write exactly protobuf's bytes, and the decoder must read
 # every valid encoding as protobuf does.
 
+# Every frame message with a chunk, its chunk's field number, and its deserializer.
+FRAMES = {
+    "StreamFrame": (worker_pb2.StreamFrame, STREAM_FRAME_CHUNK_FIELD, decode_stream_frame),
+    "ShardFrame": (shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD,
+                   frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD)),
+    "CoordinatorFrame": (coordinator_pb2.CoordinatorFrame, STREAM_FRAME_CHUNK_FIELD,
+                         frame_decoder(coordinator_pb2.CoordinatorFrame)),
+}
+
+
+def test_chunk_field_numbers_are_the_protos():
+    for frame_cls, field, _decode in FRAMES.values():
+        assert frame_cls.DESCRIPTOR.fields_by_name["chunk"].number == field
+
+
+@pytest.mark.parametrize("kind", FRAMES)
 @pytest.mark.parametrize("index,offset,size", [(0, 0, 0), (0, 0, 5), (3, 1 << 20, 1 << 20),
                                                (2 ** 32 - 1, 2 ** 64 - 1, 7), (1, 0, 130)])
-def test_chunk_frame_codec_is_protobufs(index, offset, size):
+def test_chunk_frame_codec_is_protobufs(kind, index, offset, size):
+    frame_cls, field, decode = FRAMES[kind]
     data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
-    frame = worker_pb2.StreamFrame()
+    frame = frame_cls()
     frame.chunk.tensor_index, frame.chunk.offset, frame.chunk.data = index, offset, data
-    wire = encode_chunk_frame(index, offset, memoryview(data))
+    wire = encode_chunk_frame(index, offset, memoryview(data), field)
     assert wire == frame.SerializeToString()
-    fast = decode_stream_frame(wire)
+    if field == STREAM_FRAME_CHUNK_FIELD:           # the default: the worker's frames
+        assert encode_chunk_frame(index, offset, memoryview(data)) == wire
+    fast = decode(wire)
     assert fast.WhichOneof("kind") == "chunk"
     assert isinstance(fast.chunk.data, memoryview)          # a view: no copy on receipt
     assert (fast.chunk.tensor_index, fast.chunk.offset, bytes(fast.chunk.data)) == \
         (index, offset, data)
 
 
-@pytest.mark.parametrize("wire", [
-    # header frames
-    worker_pb2.StreamFrame(request=worker_pb2.ComputeGradientsRequest(graph_id="g"))
-    .SerializeToString(),
-    # two chunk fields in one frame: protobuf merges them
-    encode_chunk_frame(1, 4, b"abcd") + encode_chunk_frame(0, 9, b""),
-    # a field repeated inside the chunk: the last one wins
-    b"\x1a\x06\x08\x01\x08\x02\x1a\x00",
-    # fields in another order than protobuf writes them
-    b"\x1a\x07\x1a\x01z\x10\x05\x08\x02",
-    # an unknown field inside the chunk
-    b"\x1a\x06\x08\x01\x20\x07\x1a\x00",
-])
-def test_decoder_reads_any_encoding_as_protobuf_does(wire):
-    parsed = decode_stream_frame(wire)
-    expected = worker_pb2.StreamFrame.FromString(wire)
+def _other_encodings(kind: str) -> list[bytes]:
+    frame_cls, field, _decode = FRAMES[kind]
+    tag = bytes([field << 3 | 2])
+    header = {"StreamFrame": {"request": worker_pb2.ComputeGradientsRequest(graph_id="g")},
+              "ShardFrame": {"pulled": shard_pb2.PullResponse(version=3)},
+              "CoordinatorFrame": {"create_job": coordinator_pb2.CreateJobRequest(job_id="j")}}
+    return [
+        # header frames
+        frame_cls(**header[kind]).SerializeToString(),
+        # two chunk fields in one frame: protobuf merges them
+        encode_chunk_frame(1, 4, b"abcd", field) + encode_chunk_frame(0, 9, b"", field),
+        # a field repeated inside the chunk: the last one wins
+        tag + b"\x06\x08\x01\x08\x02\x1a\x00",
+        # fields in another order than protobuf writes them
+        tag + b"\x07\x1a\x01z\x10\x05\x08\x02",
+        # an unknown field inside the chunk
+        tag + b"\x06\x08\x01\x20\x07\x1a\x00",
+        # data longer than the chunk claims to be
+        tag + b"\x04\x1a\x05abc",
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("kind", FRAMES)
+def test_decoder_reads_any_encoding_as_protobuf_does(kind, case):
+    frame_cls, _field, decode = FRAMES[kind]
+    wire = _other_encodings(kind)[case]
+    try:
+        expected = frame_cls.FromString(wire)
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError)
+        with pytest.raises(type(e)):
+            decode(wire)
+        return
+    parsed = decode(wire)
     assert parsed.WhichOneof("kind") == expected.WhichOneof("kind")
     if expected.WhichOneof("kind") == "chunk":
         got = parsed.chunk
@@ -335,6 +373,34 @@ def test_decoder_reads_any_encoding_as_protobuf_does(wire):
             (expected.chunk.tensor_index, expected.chunk.offset, expected.chunk.data)
     else:
         assert parsed == expected
+
+
+@pytest.mark.parametrize("field", [3, 5])
+def test_a_shard_decoder_reads_other_fields_as_protobuf_does(field):
+    """A chunk under another field number (3 is ShardFrame's `pulled`) is not a chunk."""
+    decode = FRAMES["ShardFrame"][2]
+    wire = encode_chunk_frame(1, 4, b"abcd", field)
+    parsed = decode(wire)
+    assert parsed == shard_pb2.ShardFrame.FromString(wire)
+    assert parsed.WhichOneof("kind") != "chunk"
+
+
+def test_frame_decoder_refuses_a_field_that_is_not_the_chunk():
+    with pytest.raises(ValueError, match="not a oneof member"):
+        frame_decoder(shard_pb2.ShardFrame, 3)       # `pulled`
+    with pytest.raises(ValueError):
+        frame_decoder(worker_pb2.StreamFrame, 4)     # no such field
+    with pytest.raises(ValueError):
+        list(chunk_frames([np.ones(3)], 16, field=0))
+
+
+def test_frame_decoder_names_its_message_like_from_string():
+    """servers/runtime.py names the message type of undecodable bytes from the
+    deserializer's ``__self__.DESCRIPTOR``, as for protobuf's ``FromString``."""
+    decode = FRAMES["ShardFrame"][2]
+    assert decode.__self__.DESCRIPTOR.full_name == "gradmesh.v1.ShardFrame"
+    with pytest.raises(Exception):
+        decode(b"\xff\xff\xff")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -363,16 +429,21 @@ def test_tensor_field_encoding_reads_the_array_in_place():
         b"".join(encode_tensor_field(3, np.ascontiguousarray(a[::2]), "w"))
 
 
-def test_chunk_frames_into_the_assembler_round_trip():
+@pytest.mark.parametrize("kind", ["StreamFrame", "ShardFrame"])
+def test_chunk_frames_into_the_assembler_round_trip(kind):
+    frame_cls, field, decode = FRAMES[kind]
     arrays = [np.arange(10, dtype=np.int64), np.zeros(0, np.float32), _sample((3, 7), np.dtype("f8"))]
     req = worker_pb2.ComputeGradientsRequest()
     for i, a in enumerate(arrays):
         req.parameters.add(name=f"p{i}").tensor.CopyFrom(to_proto(a, data=False))
     asm = Assembler(req, 1 << 20)
-    frames = list(chunk_frames(arrays, 16))
+    frames = list(chunk_frames(arrays, 16, field=field))
     assert len(frames) == 5 + 0 + 11                  # 80 bytes, none, 168 bytes
+    # The frames protobuf writes for the chunks protobuf's way (serialize.chunks).
+    assert frames == [frame_cls(chunk=c).SerializeToString()
+                      for c in chunks([tensor_buffer(a) for a in arrays], 16)]
     for wire in frames:
-        frame = decode_stream_frame(wire)
+        frame = decode(wire)
         assert isinstance(frame.chunk, ChunkView)
         asm.add(frame.chunk)
     out = asm.finish()
@@ -431,7 +502,8 @@ def test_pooled_buffers_are_reused_only_after_every_view_is_gone():
     lambda: np.arange(600_000, dtype=np.float32).reshape(1000, 600).T,  # transposed
 ], ids=["scalar", "row", "strided", "big-endian", "transposed"])
 @pytest.mark.parametrize("chunk", [1 << 20, 3 << 20])
-def test_strided_arrays_give_the_frames_of_their_contiguous_copy(make, chunk):
+@pytest.mark.parametrize("field", [STREAM_FRAME_CHUNK_FIELD, SHARD_FRAME_CHUNK_FIELD])
+def test_strided_arrays_give_the_frames_of_their_contiguous_copy(make, chunk, field):
     a = make()
     copy = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    assert list(chunk_frames([a], chunk, 3)) == list(chunk_frames([copy], chunk, 3))
+    assert list(chunk_frames([a], chunk, 3, field)) == list(chunk_frames([copy], chunk, 3, field))

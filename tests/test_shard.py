@@ -189,6 +189,79 @@ def test_remote_shard_streams_large_tensors_and_matches_the_reference(shard_serv
         remote.close()
 
 
+def test_remote_round_trips_give_the_embedded_shards_arrays_bit_for_bit(shard_server):
+    """Load, Push, Apply and Pull through the frame codec give the same bytes as the same
+    calls on an in-process store: every float dtype, several chunks, 0-d and empty."""
+    from gradmesh.server.shard import EmbeddedShard
+    running, _ = shard_server
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((700, 1500)),                # 8.4 MB: 5 chunks
+              "h": rng.standard_normal((3, 5)).astype(np.float16),
+              "s": np.array(1.5, np.float32),
+              "e": np.zeros((0, 4), np.float32)}                    # no bytes, no chunk
+    shards = [EmbeddedShard(ShardStore()), RemoteShard(running.address)]
+
+    def same(x, y):
+        assert list(x) == list(y)
+        for n in x:
+            assert (x[n].dtype, x[n].shape, x[n].tobytes()) == \
+                (y[n].dtype, y[n].shape, y[n].tobytes()), n
+
+    try:
+        for shard in shards:
+            assert shard.load("rt", params, SGD) == (0, 0)
+        pulled = [shard.pull("rt", copy=True)[1] for shard in shards]
+        same(pulled[1], params)
+        for s in (1, 2):
+            for shard in shards:
+                for m in (1, 0):
+                    assert shard.push("rt", s, m, 2, s - 1, _grads(params, 10 * s + m)) == \
+                        (False, 2 - m)
+                assert shard.apply("rt", s, 2, s - 1)[:2] == (s, False)
+        pulled = [shard.pull("rt", 2, copy=True) for shard in shards]
+        assert pulled[0][0] == pulled[1][0] == 2
+        same(pulled[1][1], pulled[0][1])
+        assert not np.array_equal(pulled[1][1]["w"], params["w"])
+        same(shards[1].pull("rt", names=["s", "w"])[1],
+             {n: pulled[0][1][n] for n in ("s", "w")})
+    finally:
+        shards[1].close()
+
+
+def test_pulls_and_pushes_reuse_memory_step_after_step():
+    """Pulled parameters (client) and pushed gradients and Pull's copies (server) come from
+    buffer pools: once a step's arrays are gone, the next step's use the same memory."""
+    import gc
+    from gradmesh.server import shard as shard_module
+    from gradmesh.server.runtime import serve
+    servicer = shard_module.ShardServicer(ShardStore())
+    running = serve(ServerConfig(port=0), [(shard_module.add_to_server, servicer,
+                                            shard_module.SERVICE_NAME)])
+    params = _params(big=True)                # w: 4.5 MB, pooled; b: 16 bytes, not
+    nbytes = params["w"].nbytes
+    client_pool, server_pool = shard_module._pulled_buffers, servicer.buffers
+    remote = RemoteShard(running.address)
+    try:
+        remote.load("pool", params, SGD)
+        for s in (1, 2, 3):
+            gc.collect()
+            idle = client_pool.idle_bytes, server_pool.idle_bytes
+            version, pulled = remote.pull("pool")
+            assert pulled["w"].flags.writeable
+            if s > 1:
+                assert idle[0] - client_pool.idle_bytes >= nbytes
+            del pulled
+            idle = server_pool.idle_bytes
+            remote.push("pool", s, 0, 2, version, _grads(params, s))
+            if s > 1:                            # held by the shard until applied
+                assert idle - server_pool.idle_bytes >= nbytes
+            remote.push("pool", s, 1, 2, version, _grads(params, s + 10))
+            assert remote.apply("pool", s, 2, version)[:2] == (s, False)
+    finally:
+        remote.close()
+        running.stop(0)
+
+
 def test_remote_errors_carry_status_and_field(shard_server):
     from gradmesh.client.errors import from_rpc_error
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc
