@@ -351,3 +351,24 @@ def test_the_coordinator_gives_the_same_bits_with_and_without_shared_memory(work
     for name in plain:
         assert np.array_equal(shared[name], plain[name]), name
         assert np.array_equal(mixed[name], plain[name]), name
+
+
+def test_a_full_dev_shm_falls_back_to_bytes(worker, monkeypatch):
+    """posix_fallocate fails with ENOSPC (Docker's default /dev/shm is 64 MB): the SDK and
+    the coordinator send bytes instead, with the same results."""
+    def full(self, size):
+        raise sharedmem.SegmentError("cannot reserve bytes in /dev/shm: No space left")
+    model = _model()
+    x, y = _batch()
+    with WorkerClient(worker.address, shared_memory=False) as client:
+        reference = client.compute_gradients(_loss, model, x, y)
+    plain = _train({"shared_memory": False}, [worker])
+    monkeypatch.setattr(sharedmem.Segment, "__init__", full)
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
+        r = client.compute_gradients(_loss, model, x, y)
+    assert r.timings["shared_memory"] == 0.0
+    for name in reference.gradients:
+        assert np.array_equal(r.gradients[name], reference.gradients[name])
+    fallen = _train({}, [worker])
+    for name in plain:
+        assert np.array_equal(fallen[name], plain[name])
