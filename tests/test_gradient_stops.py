@@ -15,6 +15,7 @@ import gradmesh.core as gm
 from gradmesh.core.graph import execute, trace, validate
 from gradmesh.core.plan import compile_plan
 from gradmesh.core.registry import REGISTRY
+from tracing import batch, local, traced
 
 
 def _q(p, x):
@@ -89,33 +90,14 @@ def _params() -> dict[str, np.ndarray]:
             "w2": rng.standard_normal((4, 2))}
 
 
-def _x(n: int) -> np.ndarray:
-    return np.random.default_rng(n).standard_normal((n, 3))
-
-
-def _local(fn, params, x, lib=gm):
-    """Loss and gradients of local ``backward()``."""
-    leaves = {n: lib.tensor(a, requires_grad=True) for n, a in params.items()}
-    loss = fn(lib, leaves, lib.tensor(x))
-    loss.backward()
-    grads = {n: (t.grad.detach().numpy() if t.grad is not None else np.zeros_like(params[n]))
-             for n, t in leaves.items()}
-    return loss.detach().numpy(), grads
-
-
-def _traced(fn, params, n: int = 4):
-    return trace(lambda p, x: fn(gm, p, x), {k: gm.tensor(v) for k, v in params.items()},
-                 _x(n))
-
-
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_plan_gradients_equal_local_backward_bitwise(fn):
     params = _params()
-    vg = validate(_traced(fn, params))
+    vg = validate(traced(fn, params))
     for n in (4, 7):                                  # traced at 4, run at 7 too
-        x = _x(n)
+        x = batch(n)
         result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
-        loss, grads = _local(fn, params, x)
+        loss, grads = local(fn, params, x)
         assert np.array_equal(result.loss, loss)
         for name, g in grads.items():
             assert np.array_equal(result.grads[name], g), \
@@ -126,12 +108,12 @@ def test_plan_gradients_equal_local_backward_bitwise(fn):
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_executed_graph_backward_equals_local_backward_bitwise(fn):
     params = _params()
-    g = _traced(fn, params)
-    x = _x(5)
+    g = traced(fn, params)
+    x = batch(5)
     leaves = {n: gm.tensor(a, requires_grad=True) for n, a in params.items()}
     out = execute(g, leaves, {"x0": x})["loss"]
     out.backward()
-    loss, grads = _local(fn, params, x)
+    loss, grads = local(fn, params, x)
     assert np.array_equal(out.detach().numpy(), loss)
     for name, want in grads.items():
         got = leaves[name].grad.numpy() if leaves[name].grad is not None else 0 * want
@@ -140,9 +122,9 @@ def test_executed_graph_backward_equals_local_backward_bitwise(fn):
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_local_backward_equals_torch(fn):
-    params, x = _params(), _x(5)
-    loss, grads = _local(fn, params, x)
-    want_loss, want = _local(fn, params, x, lib=torch)
+    params, x = _params(), batch(5)
+    loss, grads = local(fn, params, x)
+    want_loss, want = local(fn, params, x, lib=torch)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     for name in grads:
         np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-12,
@@ -153,12 +135,12 @@ def test_a_graph_with_stops_runs_with_other_parameter_values():
     """The stopped value is computed from the parameters sent, not baked in at trace time
     (a detached tensor used to become a CONST input holding its traced value)."""
     params = _params()
-    g = _traced(detach_product, params)
+    g = traced(detach_product, params)
     assert [i.name for i in g.inputs] == ["w1", "b1", "w2", "x0"]
     other = {n: a * 1.5 for n, a in params.items()}
-    x = _x(6)
+    x = batch(6)
     result = compile_plan(validate(g), {"x0": x.shape}).run(other, {"x0": x})
-    loss, grads = _local(detach_product, other, x)
+    loss, grads = local(detach_product, other, x)
     assert np.array_equal(result.loss, loss)
     assert all(np.array_equal(result.grads[n], grads[n]) for n in grads)
 
@@ -173,10 +155,10 @@ def test_no_stop_where_no_gradient_flows():
         with gm.no_grad():
             a, b = p["w1"].sum(), p["w1"].mean()
         return (y * a * b).sum()
-    g = trace(fn, {k: gm.tensor(v) for k, v in _params().items()}, _x(4))
+    g = trace(fn, {k: gm.tensor(v) for k, v in _params().items()}, batch(4))
     ops = [n.op for n in g.nodes]
     assert ops.count("stop_gradient") == 1, ops
-    plain = trace(lambda p, x: (x @ p["w1"]).sum(), {"w1": gm.tensor(_params()["w1"])}, _x(4))
+    plain = trace(lambda p, x: (x @ p["w1"]).sum(), {"w1": gm.tensor(_params()["w1"])}, batch(4))
     assert "stop_gradient" not in [n.op for n in plain.nodes]
 
 
@@ -189,7 +171,7 @@ def test_detach_keeps_eager_semantics_while_tracing():
         seen.update(shares=np.shares_memory(d._data, y._data), requires=d.requires_grad,
                     leaf=d.is_leaf)
         return (y * d).sum()
-    trace(fn, {"w1": gm.tensor(_params()["w1"])}, _x(4))
+    trace(fn, {"w1": gm.tensor(_params()["w1"])}, batch(4))
     assert seen == {"shares": True, "requires": False, "leaf": True}
 
 
@@ -219,8 +201,8 @@ def test_module_losses_of_the_issue_equal_local_backward():
     for fn in (issue, dqn):
         gm.manual_seed(0)
         model = gm.nn.Sequential(gm.nn.Linear(3, 8), gm.nn.Tanh(), gm.nn.Linear(8, 2))
-        vg = validate(trace(fn, model, _x(4).astype(np.float32)))
-        x = _x(9).astype(np.float32)
+        vg = validate(trace(fn, model, batch(4).astype(np.float32)))
+        x = batch(9).astype(np.float32)
         params = {n: p.detach().numpy() for n, p in model.named_parameters()}
         result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
         model.zero_grad()

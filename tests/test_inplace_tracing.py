@@ -20,6 +20,7 @@ import gradmesh.core as gm
 from gradmesh.core import graph
 from gradmesh.core.graph import TraceError, execute, trace, validate
 from gradmesh.core.plan import compile_plan
+from tracing import batch, local, traced
 
 
 # ------------------------------------------------------------------ traced forms ------
@@ -157,33 +158,14 @@ def _params() -> dict[str, np.ndarray]:
     return {"w1": rng.standard_normal((3, 4)), "b1": rng.standard_normal(4)}
 
 
-def _x(n: int) -> np.ndarray:
-    return np.random.default_rng(n).standard_normal((n, 3))
-
-
-def _local(fn, params, x, lib=gm):
-    """Loss and gradients of local ``backward()``."""
-    leaves = {n: lib.tensor(a, requires_grad=True) for n, a in params.items()}
-    loss = fn(lib, leaves, lib.tensor(x))
-    loss.backward()
-    grads = {n: (t.grad.detach().numpy() if t.grad is not None else np.zeros_like(params[n]))
-             for n, t in leaves.items()}
-    return loss.detach().numpy(), grads
-
-
-def _traced(fn, params, n: int = 4):
-    return trace(lambda p, x: fn(gm, p, x), {k: gm.tensor(v) for k, v in params.items()},
-                 _x(n))
-
-
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_plan_equals_local_backward_bitwise(fn):
     params = _params()
-    vg = validate(_traced(fn, params))
+    vg = validate(traced(fn, params))
     for n in (4, 7):                                  # traced at 4, run at 7 too
-        x = _x(n)
+        x = batch(n)
         result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
-        loss, grads = _local(fn, params, x)
+        loss, grads = local(fn, params, x)
         assert np.array_equal(result.loss, loss), (n, result.loss, loss)
         for name, g in grads.items():
             assert np.array_equal(result.grads[name], g), \
@@ -193,13 +175,13 @@ def test_plan_equals_local_backward_bitwise(fn):
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_executed_graph_equals_local_backward_bitwise(fn):
     params = _params()
-    g = _traced(fn, params)
+    g = traced(fn, params)
     for n in (4, 7):
-        x = _x(n)
+        x = batch(n)
         leaves = {k: gm.tensor(a, requires_grad=True) for k, a in params.items()}
         out = execute(g, leaves, {"x0": x})["loss"]
         out.backward()
-        loss, grads = _local(fn, params, x)
+        loss, grads = local(fn, params, x)
         assert np.array_equal(out.detach().numpy(), loss)
         for name, want in grads.items():
             got = leaves[name].grad.numpy() if leaves[name].grad is not None else 0 * want
@@ -208,9 +190,9 @@ def test_executed_graph_equals_local_backward_bitwise(fn):
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_local_backward_equals_torch(fn):
-    params, x = _params(), _x(5)
-    loss, grads = _local(fn, params, x)
-    want_loss, want = _local(fn, params, x, lib=torch)
+    params, x = _params(), batch(5)
+    loss, grads = local(fn, params, x)
+    want_loss, want = local(fn, params, x, lib=torch)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     for name in grads:
         np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-12,
@@ -242,11 +224,11 @@ def test_a_view_taken_under_no_grad_reads_the_new_value_without_gradient():
             t += 1
         return (t * t).sum() + (v * v).sum() * p["b1"].sum()
     params = _params()
-    vg = validate(_traced(fn, params))
+    vg = validate(traced(fn, params))
     for n in (4, 7):
-        x = _x(n)
+        x = batch(n)
         result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
-        loss, grads = _local(fn, params, x)
+        loss, grads = local(fn, params, x)
         assert np.array_equal(result.loss, loss)
         assert all(np.array_equal(result.grads[k], grads[k]) for k in grads)
 
@@ -266,10 +248,10 @@ def test_module_float32_matches_local_backward():
 
     gm.manual_seed(0)
     model = gm.nn.Sequential(gm.nn.Linear(3, 8), gm.nn.Tanh(), gm.nn.Linear(8, 2))
-    vg = validate(trace(fn, model, _x(4).astype(np.float32)))
+    vg = validate(trace(fn, model, batch(4).astype(np.float32)))
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}
     for n in (4, 9):
-        x = _x(n).astype(np.float32)
+        x = batch(n).astype(np.float32)
         result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
         model.zero_grad()
         loss = fn(model, gm.tensor(x))
@@ -410,7 +392,7 @@ REFUSED = [
 @pytest.mark.parametrize("fn, op, why", REFUSED, ids=[f.__name__ for f, _, _ in REFUSED])
 def test_refused_forms_raise_trace_error_naming_the_op(fn, op, why):
     params = _params()
-    x = _x(4)
+    x = batch(4)
     before = x.copy()
     with pytest.raises(TraceError, match=re.escape(f"`{op}`")) as err:
         trace(fn, {k: gm.tensor(v) for k, v in params.items()}, x)
@@ -432,13 +414,13 @@ def test_changing_a_module_buffer_is_refused_and_leaves_it_alone():
 
     model = Counted()
     with pytest.raises(TraceError, match=r"`\+=` would change the module's buffer 'calls'"):
-        trace(lambda m, x: m(x).sum(), model, _x(4).astype(np.float32))
+        trace(lambda m, x: m(x).sum(), model, batch(4).astype(np.float32))
     assert model.calls.item() == 0.0
 
 
 def test_a_global_changed_in_place_is_left_alone():
     with pytest.raises(TraceError):
-        trace(captured_tensor_changed, {k: gm.tensor(v) for k, v in _params().items()}, _x(4))
+        trace(captured_tensor_changed, {k: gm.tensor(v) for k, v in _params().items()}, batch(4))
     assert STATE.tolist() == [0.0] * 4
 
 
@@ -453,7 +435,7 @@ def test_a_view_the_tracer_cannot_replay_is_refused_when_read(monkeypatch):
         h += 1
         return (flat.sum() * p["w1"]).sum()
     with pytest.raises(TraceError, match=r"a tensor read after `\+=` shares memory"):
-        trace(fn, {k: gm.tensor(v) for k, v in _params().items()}, _x(4))
+        trace(fn, {k: gm.tensor(v) for k, v in _params().items()}, batch(4))
 
 
 # ------------------------------------------------------------------ eager mode ------
