@@ -136,7 +136,8 @@ class WorkerClient:
         # fn -> {shapes signature: (graph, graph id)}; weak so that lambdas can be freed.
         self._traced: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
         self._traced_strong: dict[Any, dict] = {}
-        self._registered: set[str] = set()
+        # Graph id as computed here -> the worker's id (that of the canonical form).
+        self._registered: dict[str, str] = {}
         # None: not decided yet (the first call asks Capabilities); then True or False.
         self._shared: bool | None = (None if shared_memory and sharedmem.available()
                                      and sharedmem.same_host_target(target) else False)
@@ -184,8 +185,9 @@ class WorkerClient:
         """Register ``graph`` with the worker; returns its id."""
         resp = self._call("RegisterGraph", lambda **kw: self.stub.RegisterGraph(
             worker_pb2.RegisterGraphRequest(graph=graph), **kw), timeout)
+        from gradmesh.core import graph as core_graph
         with self._lock:
-            self._registered.add(resp.graph_id)
+            self._registered[core_graph.graph_id(graph)] = resp.graph_id
         return resp.graph_id
 
     def trace(self, fn: Callable, params, *data) -> tuple[graph_pb2.Graph, str]:
@@ -235,8 +237,8 @@ class WorkerClient:
                                                  arrays)
         else:
             raise TypeError("fn_or_graph must be a function or a graph_pb2.Graph")
-        if graph_id not in self._registered:
-            self.register_graph(graph, timeout)
+        # The worker's id for the graph: ours, unless the graph was not canonical.
+        graph_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
 
         data_arrays = list(zip(_data_names(graph, len(data)), arrays))
         data_bytes = sum(a.nbytes for _, a in data_arrays)
@@ -279,8 +281,6 @@ class WorkerClient:
                 result = self._call("ComputeGradients", attempt, timeout)
         except errors.NotFound:
             # The worker restarted or evicted the graph: register it again, once.
-            with self._lock:
-                self._registered.discard(graph_id)
             self.register_graph(graph, timeout)
             result = self._call("ComputeGradients", attempt, timeout)
         result.timings["round_trip_seconds"] = time.perf_counter() - start

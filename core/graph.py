@@ -1230,6 +1230,7 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
                              f"{inp.name!r} is {_ROLE_NAMES[inp.role]}")
 
     ops, attrs, node_inputs = [], [], []
+    canonical_graph = None
     n_in = len(graph.inputs)
     for k, node in enumerate(graph.nodes):
         f = f"nodes[{k}]"
@@ -1248,6 +1249,15 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
         ops.append(op)
         attrs.append(decode_attrs(op, node.attrs, f"{f}.attrs", limits))
         node_inputs.append(tuple(int(v) for v in node.inputs))
+        canonical = encode_attrs(op, attrs[-1])
+        if list(node.attrs) != canonical:
+            # Unsorted, or defaults spelled out: the graph's id is that of its canonical
+            # form (graph.proto), so the same model gets the same id from any client.
+            if canonical_graph is None:
+                canonical_graph = graph_pb2.Graph()
+                canonical_graph.CopyFrom(graph)
+            del canonical_graph.nodes[k].attrs[:]
+            canonical_graph.nodes[k].attrs.extend(canonical)
 
     outputs: dict[str, int] = {}
     for j, out in enumerate(graph.outputs):
@@ -1263,6 +1273,8 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
     if not outputs:
         raise GraphError("outputs", "a graph needs at least one output: the loss")
 
+    if canonical_graph is not None:
+        graph = canonical_graph
     vg = ValidatedGraph(graph, graph_id(graph), ops, attrs, node_inputs, [], params, data,
                         names, consts, outputs, limits)
     # Infer at two batch sizes: dimensions that differ depend on the batch (-1).

@@ -498,8 +498,9 @@ class Job:
     params: "ParamSet | None" = None
 
 
-def _graph_signature(graph) -> tuple[list, dict, list, list]:
-    """Validate a graph; its PARAM names, their specs, DATA inputs and scalar extra outputs."""
+def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
+    """Validate a graph: the validated graph (its canonical form and id), its PARAM names,
+    their specs, DATA inputs and scalar extra outputs."""
     from gradmesh.core import graph as core_graph
     from gradmesh.v1 import graph_pb2
     try:
@@ -526,12 +527,7 @@ def _graph_signature(graph) -> tuple[list, dict, list, list]:
                            "graph.inputs")
     # Scalar extra outputs (accuracy, ...) are reported as metrics; others are not fetched.
     metrics = [o.name for o in graph.outputs[1:] if tuple(vg.specs[o.value].shape) == ()]
-    return names, specs, data, metrics
-
-
-def _graph_id(graph) -> str:
-    from gradmesh.core import graph as core_graph
-    return core_graph.graph_id(graph)
+    return vg, names, specs, data, metrics
 
 
 # ====================================================================== the logic ========
@@ -581,7 +577,7 @@ class Coordinator:
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer_from_proto(header.optimizer)
-        names, specs, _, _ = _graph_signature(header.graph)
+        _, names, specs, _, _ = _graph_signature(header.graph)
         seen = set()
         for nt in header.parameters:
             field = f"parameters[{nt.name}]"
@@ -606,7 +602,8 @@ class Coordinator:
         if micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
-        names, specs, data, extra = _graph_signature(graph)
+        vg, names, specs, data, extra = _graph_signature(graph)
+        graph, gid = vg.graph, vg.id        # the canonical form: the workers' id too
         for name in names:
             if name not in params:
                 raise ServiceError(INVALID, f"no initial value for parameter {name!r}",
@@ -622,7 +619,6 @@ class Coordinator:
                                    f"{list(a.shape)}; the graph declares "
                                    f"{_dtype_name(spec[0])} {list(spec[1])}",
                                    f"parameters[{name}]")
-        gid = _graph_id(graph)
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
@@ -1026,7 +1022,7 @@ class Coordinator:
                 continue
             arrays, meta = checkpoint.load(os.path.join(directory, entry))
             graph = graph_pb2.Graph.FromString(arrays["graph"].tobytes())
-            names, specs, data, extra = _graph_signature(graph)
+            _, names, specs, data, extra = _graph_signature(graph)
             job = Job(meta["job_id"], graph, meta["graph_id"], names, specs, data, extra,
                       meta["optimizer"], meta["micro_batch_size"],
                       {k: int(v) for k, v in meta["placement"].items()}, meta["version"],

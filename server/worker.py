@@ -213,17 +213,21 @@ class GradientWorker:
     # ------------------------------------------------------------------ graphs -------
 
     def register(self, graph: graph_pb2.Graph, field: str = "graph") -> str:
-        """Validate ``graph`` and remember it; returns its id. Idempotent."""
-        graph_id = core_graph.graph_id(graph)
-        if self._graphs.get(graph_id) is None:
+        """Validate ``graph`` and remember it; returns its id (that of its canonical form,
+        see graph.proto). Idempotent."""
+        given_id = core_graph.graph_id(graph)
+        validated = self._graphs.get(given_id)
+        if validated is None:
             try:
                 validated = core_graph.validate(graph, self.limits)
             except core_graph.GraphError as e:
                 # Name the field as the request has it: "graph.nodes[3].op".
                 raise ServiceError(runtime.status_code(e.code), e.message,
                                    f"{field}.{e.field}" if e.field else field) from None
-            self._graphs.put(graph_id, validated)
-        return graph_id
+            self._graphs.put(validated.id, validated)
+            if given_id != validated.id:        # sent again as it was: found without work
+                self._graphs.put(given_id, validated)
+        return validated.id
 
     def lookup(self, graph_id: str, field: str = "graph_id"):
         validated = self._graphs.get(graph_id)

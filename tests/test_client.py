@@ -37,6 +37,21 @@ def test_graph_message_roundtrip(worker):
     assert r.gradients["w"].ravel().tolist() == grad
 
 
+def test_a_non_canonical_graph_is_registered_once_under_its_canonical_id(worker):
+    from gradmesh.core.graph import graph_id
+    messy = hand_graph()
+    messy.nodes[1].attrs.add(name="keepdim", b=False)      # sum's default, spelled out
+    params, x = w_and_x()
+    with WorkerClient(worker.address) as client:
+        first = client.compute_gradients(messy, params, x)
+        calls = []
+        real = client.register_graph
+        client.register_graph = lambda *a, **k: calls.append(a) or real(*a, **k)
+        second = client.compute_gradients(messy, params, x)
+    assert first.graph_id == second.graph_id == graph_id(hand_graph()) != graph_id(messy)
+    assert not calls and float(second.loss) == expected()[0]
+
+
 def test_invalid_argument_names_the_field(worker):
     params, x = w_and_x()
     params["w"] = params["w"].astype(np.float64)

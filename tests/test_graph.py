@@ -345,6 +345,29 @@ def test_different_attributes_give_different_ids():
     assert graph_id(a) != graph_id(b)
 
 
+def test_a_non_canonical_graph_gets_the_id_of_its_canonical_form():
+    """Another language's client may list attributes unsorted or spell out defaults: the
+    same model must still get the same id (graph.proto)."""
+    g = trace(lambda p, x: (p["w"] * x).sum(dim=1, keepdim=True).sum(),
+              {"w": gm.ones(2, 3)}, np.ones((2, 3), np.float32), batch_dim=False)
+    canonical = graph_id(g)
+    messy = graph_pb2.Graph()
+    messy.CopyFrom(g)
+    node = next(n for n in messy.nodes if [a.name for a in n.attrs] == ["dim", "keepdim"])
+    attrs = list(node.attrs)
+    del node.attrs[:]
+    node.attrs.extend(reversed(attrs))                     # unsorted
+    empty_sum = next(n for n in messy.nodes if n.op == "sum" and not n.attrs)
+    empty_sum.attrs.add(name="keepdim", b=False)           # a default spelled out
+    assert graph_id(messy) != canonical
+    vg = validate(messy)
+    assert vg.id == canonical and graph_id(vg.graph) == canonical
+    from gradmesh.server.worker import GradientWorker
+    worker = GradientWorker("cpu")
+    assert worker.register(messy) == canonical
+    assert worker.lookup(canonical) is worker.lookup(graph_id(messy))
+
+
 # ---------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------
