@@ -52,7 +52,10 @@ _created: set[str] = set()
 
 @atexit.register
 def _remove_created() -> None:
+    mine = f"{PREFIX}{os.getpid()}-"
     for name in list(_created):
+        if not name.startswith(mine):
+            continue            # a forked child's copy of its parent's list: not its own
         try:
             os.unlink(os.path.join(DIR, name))
         except OSError:
