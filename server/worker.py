@@ -1003,6 +1003,10 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print("warning: --blas-threads needs threadpoolctl; set OPENBLAS_NUM_THREADS "
                   "instead", file=sys.stderr)
+    if args.parameter_cache_bytes < 0:
+        print("error: --parameter-cache-bytes must be >= 0 (0 keeps no parameters)",
+              file=sys.stderr)
+        return 2
     limits = WorkerLimits(max_graph_nodes=args.max_graph_nodes,
                           max_tensor_elements=args.max_tensor_elements,
                           max_stream_bytes=args.max_stream_bytes, chunk_bytes=args.chunk_bytes)

@@ -33,3 +33,8 @@ def test_unknown_flag_is_a_usage_error(capsys):
         main(["worker", "--no-such-flag"])
     assert exit_.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_a_negative_parameter_cache_is_refused(capsys):
+    assert main(["worker", "--port", "0", "--parameter-cache-bytes", "-1"]) == 2
+    assert "--parameter-cache-bytes" in capsys.readouterr().err
