@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import gradmesh.core as gm
-from gradmesh.core.graph import execute, trace, validate
+from gradmesh.core.graph import trace, validate
 from gradmesh.core.plan import compile_plan
 from gradmesh.core.registry import REGISTRY
-from tracing import batch, local, traced
+from tracing import (assert_executed_equals_local, assert_local_matches_torch,
+                     assert_plan_equals_local, batch, local, traced)
 
 
 def _q(p, x):
@@ -92,43 +92,18 @@ def _params() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_plan_gradients_equal_local_backward_bitwise(fn):
-    params = _params()
-    vg = validate(traced(fn, params))
-    for n in (4, 7):                                  # traced at 4, run at 7 too
-        x = batch(n)
-        result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
-        loss, grads = local(fn, params, x)
-        assert np.array_equal(result.loss, loss)
-        for name, g in grads.items():
-            assert np.array_equal(result.grads[name], g), \
-                f"{name}: max diff {np.abs(result.grads[name] - g).max()}"
+    vg = assert_plan_equals_local(fn, _params())
     assert any(node.op == "stop_gradient" for node in vg.graph.nodes)
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_executed_graph_backward_equals_local_backward_bitwise(fn):
-    params = _params()
-    g = traced(fn, params)
-    x = batch(5)
-    leaves = {n: gm.tensor(a, requires_grad=True) for n, a in params.items()}
-    out = execute(g, leaves, {"x0": x})["loss"]
-    out.backward()
-    loss, grads = local(fn, params, x)
-    assert np.array_equal(out.detach().numpy(), loss)
-    for name, want in grads.items():
-        got = leaves[name].grad.numpy() if leaves[name].grad is not None else 0 * want
-        assert np.array_equal(got, want), name
+    assert_executed_equals_local(fn, _params(), sizes=(5,))
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_local_backward_equals_torch(fn):
-    params, x = _params(), batch(5)
-    loss, grads = local(fn, params, x)
-    want_loss, want = local(fn, params, x, lib=torch)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
-    for name in grads:
-        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+    assert_local_matches_torch(fn, _params())
 
 
 def test_a_graph_with_stops_runs_with_other_parameter_values():

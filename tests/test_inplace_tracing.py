@@ -14,13 +14,13 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 import gradmesh.core as gm
 from gradmesh.core import graph
-from gradmesh.core.graph import TraceError, execute, trace, validate
+from gradmesh.core.graph import TraceError, trace, validate
 from gradmesh.core.plan import compile_plan
-from tracing import batch, local, traced
+from tracing import (assert_executed_equals_local, assert_local_matches_torch,
+                     assert_plan_equals_local, batch, local, traced)
 
 
 # ------------------------------------------------------------------ traced forms ------
@@ -160,43 +160,17 @@ def _params() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_plan_equals_local_backward_bitwise(fn):
-    params = _params()
-    vg = validate(traced(fn, params))
-    for n in (4, 7):                                  # traced at 4, run at 7 too
-        x = batch(n)
-        result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
-        loss, grads = local(fn, params, x)
-        assert np.array_equal(result.loss, loss), (n, result.loss, loss)
-        for name, g in grads.items():
-            assert np.array_equal(result.grads[name], g), \
-                f"{name} at batch {n}: max diff {np.abs(result.grads[name] - g).max()}"
+    assert_plan_equals_local(fn, _params())
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_executed_graph_equals_local_backward_bitwise(fn):
-    params = _params()
-    g = traced(fn, params)
-    for n in (4, 7):
-        x = batch(n)
-        leaves = {k: gm.tensor(a, requires_grad=True) for k, a in params.items()}
-        out = execute(g, leaves, {"x0": x})["loss"]
-        out.backward()
-        loss, grads = local(fn, params, x)
-        assert np.array_equal(out.detach().numpy(), loss)
-        for name, want in grads.items():
-            got = leaves[name].grad.numpy() if leaves[name].grad is not None else 0 * want
-            assert np.array_equal(got, want), (name, n)
+    assert_executed_equals_local(fn, _params())
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_local_backward_equals_torch(fn):
-    params, x = _params(), batch(5)
-    loss, grads = local(fn, params, x)
-    want_loss, want = local(fn, params, x, lib=torch)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
-    for name in grads:
-        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+    assert_local_matches_torch(fn, _params())
 
 
 def test_the_issue_records_the_change():
