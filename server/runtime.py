@@ -320,7 +320,20 @@ def _get_metrics() -> dict[str, Any]:
                          10, 30, 60, float("inf")))
             _metrics["in_flight"] = Gauge("gradmesh_requests_in_flight",
                                           "RPCs being served now")
+            # The worker's: how its gradient calls moved their tensors (unary bytes,
+            # stream, shared memory), and whether kept parameters were found.
+            _metrics["transport"] = Counter(
+                "gradmesh_worker_calls", "Gradient calls by how their tensors traveled",
+                ["transport"])
+            _metrics["kept"] = Counter(
+                "gradmesh_worker_kept_parameters", "Requests naming kept parameters, by "
+                "outcome (hit: found; miss: the caller must send them)", ["outcome"])
         return _metrics
+
+
+def metric(name: str, label: str) -> None:
+    """Count one event of a labelled counter of :func:`_get_metrics`."""
+    _get_metrics()[name].labels(label).inc()
 
 
 # ---------------------------------------------------------------------------------------

@@ -268,6 +268,7 @@ class GradientWorker:
         kept = None
         if request.parameter_set and not request.parameters:
             kept = self.kept.get((request.parameter_set, request.parameter_version))
+            runtime.metric("kept", "miss" if kept is None else "hit")
             if kept is None:
                 raise ServiceError(FAILED, f"no parameters are kept for set "
                                            f"{request.parameter_set!r} version "
@@ -689,6 +690,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         params, data = self.worker.decode(prepared, request)
         self.worker.keep(prepared, request, params)
         views = self.worker.gradient_views(prepared)
+        runtime.metric("transport", "unary" if prepared.shared is None else "shared_memory")
         t1 = time.perf_counter()
         if views is not None:
             return self._compute_into(prepared, params, data, views, check, t1 - t0)
@@ -748,6 +750,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                         "header" + _undecodable(first), "request")
         request = first.request
         prepared = self.worker.prepare(request, header_only=True)
+        runtime.metric("transport", "stream")
         # Checks every limit from the header, then allocates each tensor once, in memory
         # that earlier streams used when it is free (nothing refers to it any more).
         assembler = serialize.Assembler(request, limits.max_stream_bytes,

@@ -215,9 +215,11 @@ def test_metrics_endpoint(start_worker):
     running = start_worker(metrics_port=port)
     with WorkerClient(running.address) as client:
         client.capabilities()
+        client.compute_gradients(hand_graph(), *w_and_x())
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'gradmesh_requests_total{code="OK",method="/gradmesh.v1.Worker/Capabilities"}' in body
     assert "gradmesh_request_seconds_bucket" in body
+    assert 'gradmesh_worker_calls_total{transport="unary"}' in body
 
 
 def test_cli_worker_prints_address_and_stops_on_sigterm():
