@@ -372,3 +372,30 @@ def test_a_full_dev_shm_falls_back_to_bytes(worker, monkeypatch):
     fallen = _train({}, [worker])
     for name in plain:
         assert np.array_equal(fallen[name], plain[name])
+
+
+def test_concurrent_calls_from_threads_get_their_own_results(worker):
+    from concurrent.futures import ThreadPoolExecutor
+    models = []
+    for k in range(4):
+        m = _model()
+        with gm.no_grad():
+            for p in m.parameters():
+                p.mul_(1.0 + k)
+        models.append(m)
+    x, y = _batch()
+    wants = []
+    for m in models:
+        m.zero_grad()
+        _loss(m, gm.from_numpy(x), gm.from_numpy(y)).backward()
+        wants.append({n: p.grad.numpy().copy() for n, p in m.named_parameters()})
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
+        def run(k):
+            return [client.compute_gradients(_loss, models[k], x, y) for _ in range(5)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(run, range(4)))
+    for k, rs in enumerate(results):
+        for r in rs:
+            assert r.timings["shared_memory"] == 1.0
+            for n, g in wants[k].items():
+                assert np.array_equal(r.gradients[n], g), (k, n)
