@@ -42,7 +42,8 @@ DEFAULT_CHUNK_BYTES = 1 * MiB
 SHARED_MEMORY_MIN_BYTES = 256 << 10
 # Streamed replies are assembled in memory reused once the caller has dropped the arrays
 # of earlier replies (fresh pages cost the kernel more than gRPC costs the bytes); shared
-# by every client of the process, at most this much kept idle.
+# by every client of the process, the coordinator's worker calls included, at most this
+# much kept idle.
 REPLY_POOL_BYTES = 512 << 20
 _reply_buffers = serialize.BufferPool(REPLY_POOL_BYTES)
 
@@ -342,27 +343,9 @@ class WorkerClient:
             yield worker_pb2.StreamFrame(request=header)
             yield from serialize.chunk_frames(arrays, chunk_bytes)
 
-        replies = self._stream_call(frames(), **kw)
-        first = next(replies, None)
-        if first is None or first.WhichOneof("kind") != "response":
-            raise errors.GradmeshError(grpc.StatusCode.INTERNAL, "the worker's stream did not "
-                                       "start with a response header", None,
-                                       "ComputeGradientsStream")
-        resp = first.response
-        assembler = serialize.Assembler(resp, max_total_bytes=1 << 62,
-                                        tensor_fields=("loss", "outputs", "gradients"),
-                                        allocate=_reply_buffers.allocate)
-        timed = resp
-        for frame in replies:
-            if frame.WhichOneof("kind") == "chunk":
-                assembler.add(frame.chunk)
-            elif assembler.done and timed is resp:
-                timed = frame.response          # the trailing timings of an early stream
-            else:
-                raise errors.GradmeshError(grpc.StatusCode.INTERNAL, "the worker sent a "
-                                           "second header in its stream", None,
-                                           "ComputeGradientsStream")
-        arrays_out = assembler.finish()
+        resp, arrays_out, timed = read_reply(
+            self._stream_call(frames(), **kw), lambda message: errors.GradmeshError(
+                grpc.StatusCode.INTERNAL, message, None, "ComputeGradientsStream"))
         loss = arrays_out[0]
         k = len(resp.outputs)
         outputs = {nt.name: a for nt, a in zip(resp.outputs, arrays_out[1:1 + k])}
@@ -389,6 +372,30 @@ class WorkerClient:
             g = Tensor(np.array(result.gradients[name]))
             p.grad = g if p.grad is None else p.grad + g
         return Tensor(np.array(result.loss))
+
+
+def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
+    """A ``ComputeGradientsStream`` reply: ``(header, arrays, timed)`` with the header's
+    response, its tensors in header order (assembled as chunks arrive, so receiving
+    overlaps the worker's backward, in memory of earlier replies when it is free), and the
+    response holding the timings (an early stream's trailing frame, else the header).
+    Protocol errors raise ``fail(message)``."""
+    first = next(replies, None)
+    if first is None or first.WhichOneof("kind") != "response":
+        raise fail("the worker's reply did not start with a response header")
+    header = first.response
+    assembler = serialize.Assembler(header, 1 << 62,
+                                    tensor_fields=("loss", "outputs", "gradients"),
+                                    allocate=_reply_buffers.allocate)
+    timed = header
+    for frame in replies:
+        if frame.WhichOneof("kind") == "chunk":
+            assembler.add(frame.chunk)
+        elif assembler.done and timed is header:
+            timed = frame.response          # the trailing timings of an early stream
+        else:
+            raise fail("the worker sent a second header in its reply")
+    return header, assembler.finish(), timed
 
 
 def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,

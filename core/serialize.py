@@ -36,7 +36,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -153,6 +153,34 @@ def check_header(t: tensor_pb2.Tensor, *, field: str = "tensor",
         raise WireError(f"{field}.shape", f"{count} elements (shape {list(shape)}) exceed the "
                         f"limit of {max_elements}", RESOURCE_EXHAUSTED)
     return dtype, shape, count * dtype.itemsize
+
+
+def dtype_name(wire: int) -> str:
+    """A wire dtype's name ("FLOAT32"), or its number when it is no known dtype."""
+    return tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
+
+
+def check_headers(headers, expected: Mapping[str, tuple[int, tuple]], field: str,
+                  what: str) -> None:
+    """Check ``NamedTensor`` headers against ``expected`` (name -> (wire dtype, shape))
+    before anything is allocated for their bytes: each names an expected tensor, once,
+    with its dtype and shape (a header promising gigabytes for a small tensor is refused
+    unread). Raises ``WireError`` for ``f"{field}[{name}]"``; ``what`` says what the
+    names must be ("PARAM input of the graph")."""
+    seen = set()
+    for nt in headers:
+        f = f"{field}[{nt.name}]"
+        want = expected.get(nt.name)
+        if want is None:
+            raise WireError(f, f"{nt.name!r} is not a {what} (expected one of "
+                               f"{sorted(expected)[:8]})")
+        if nt.name in seen:
+            raise WireError(f, f"{nt.name!r} is given twice")
+        seen.add(nt.name)
+        if nt.tensor.dtype != want[0] or tuple(nt.tensor.shape) != tuple(want[1]):
+            raise WireError(f, f"{nt.name!r} has dtype {dtype_name(nt.tensor.dtype)} and "
+                               f"shape {list(nt.tensor.shape)}; expected "
+                               f"{dtype_name(want[0])} {list(want[1])}")
 
 
 def from_proto(t: tensor_pb2.Tensor, *, field: str = "tensor",

@@ -58,11 +58,6 @@ HEARTBEAT_SECONDS = 5.0
 # Worker calls above this many bytes are streamed even when the unary limit would allow
 # them: one huge unary message measured 3x slower than 4 MiB chunks (100 MB, loopback).
 UNARY_MAX_BYTES = 8 << 20
-# Streamed worker replies are assembled in memory reused once a micro-batch's gradients are
-# pushed and dropped (fresh pages cost the kernel more than gRPC costs the bytes); at most
-# this much is kept idle. (Pulled parameters have a pool of their own: server/shard.py.)
-REPLY_POOL_BYTES = 512 << 20
-_reply_buffers = serialize.BufferPool(REPLY_POOL_BYTES)
 # Errors after which the same request may succeed on another worker or later.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
@@ -284,28 +279,12 @@ class WorkerHandle:
             # Each frame is encoded straight from the parameter arrays (one copy).
             yield from serialize.chunk_frames(buffers, serialize.MAX_CHUNK_BYTES)
 
-        it = iter(self._stream_call(frames(), timeout=self.timeout, metadata=self._metadata))
-        first = next(it, None)
-        if first is None or first.WhichOneof("kind") != "response":
-            raise WorkerError(grpc.StatusCode.INTERNAL, "the worker's reply did not start "
-                              "with a response header")
-        header = first.response
-        # Preallocates every tensor from the header; each chunk is copied into place as it
-        # arrives, so receiving overlaps the worker's backward pass.
-        asm = serialize.Assembler(header, 1 << 40,
-                                  tensor_fields=("loss", "outputs", "gradients"),
-                                  allocate=_reply_buffers.allocate)
-        timings = header
-        for frame in it:
-            if frame.WhichOneof("kind") == "chunk":
-                asm.add(frame.chunk)
-            elif asm.done:
-                timings = frame.response        # the trailing frame of an early stream
-            else:
-                raise WorkerError(grpc.StatusCode.INTERNAL, "the worker sent a second "
-                                  "header before its tensors were complete")
+        from gradmesh.client.worker import read_reply
+        header, arrays, timings = read_reply(
+            iter(self._stream_call(frames(), timeout=self.timeout, metadata=self._metadata)),
+            lambda message: WorkerError(grpc.StatusCode.INTERNAL, message))
         self.graphs.add(graph_id)
-        result = _decode_result(header, asm.finish())
+        result = _decode_result(header, arrays)
         result.compute_seconds = (timings.timings.forward_seconds +
                                   timings.timings.backward_seconds)
         return result
@@ -577,22 +556,9 @@ class Coordinator:
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer_from_proto(header.optimizer)
-        _, names, specs, _, _ = _graph_signature(header.graph)
-        seen = set()
-        for nt in header.parameters:
-            field = f"parameters[{nt.name}]"
-            spec = specs.get(nt.name)
-            if spec is None:
-                raise ServiceError(INVALID, f"{nt.name!r} is not a PARAM input of the graph "
-                                   f"(parameters: {names[:8]})", field)
-            if nt.name in seen:
-                raise ServiceError(INVALID, f"{nt.name!r} is given twice", field)
-            seen.add(nt.name)
-            if nt.tensor.dtype != spec[0] or tuple(nt.tensor.shape) != spec[1]:
-                raise ServiceError(INVALID, f"parameter {nt.name!r} has dtype "
-                                   f"{_dtype_name(nt.tensor.dtype)} and shape "
-                                   f"{list(nt.tensor.shape)}; the graph declares "
-                                   f"{_dtype_name(spec[0])} {list(spec[1])}", field)
+        _, _, specs, _, _ = _graph_signature(header.graph)
+        serialize.check_headers(header.parameters, specs, "parameters",
+                                "PARAM input of the graph")
 
     def create_job(self, job_id: str, graph, params: dict[str, np.ndarray], optimizer_msg,
                    micro_batch_size: int):
@@ -617,7 +583,7 @@ class Coordinator:
             if wire != spec[0] or tuple(a.shape) != spec[1]:
                 raise ServiceError(INVALID, f"parameter {name!r} has dtype {a.dtype} and shape "
                                    f"{list(a.shape)}; the graph declares "
-                                   f"{_dtype_name(spec[0])} {list(spec[1])}",
+                                   f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
                                    f"parameters[{name}]")
         with self._lock:
             existing = self.jobs.get(job_id)
@@ -1079,11 +1045,6 @@ def _dtype_of(a: np.ndarray):
         return dtypes.from_numpy(a.dtype.newbyteorder("="))
     except TypeError:
         return None
-
-
-def _dtype_name(wire: int) -> str:
-    from gradmesh.v1 import tensor_pb2
-    return tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
 
 
 # ====================================================================== the service ======

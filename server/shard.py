@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import grpc
 import numpy as np
 
-from gradmesh.core import optim, serialize
+from gradmesh.core import dtypes, optim, serialize
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import TreeSum
 from gradmesh.server.runtime import ServiceError
@@ -208,22 +208,10 @@ class ShardJob:
         """Check a push's header (NamedTensors with dtype and shape) against the parameters
         before anything is allocated for its bytes: a header that promises gigabytes for
         a small parameter is refused without reading its chunks."""
-        seen = set()
-        for nt in headers:
-            field = f"gradients[{nt.name}]"
-            p = self.params.get(nt.name)
-            if p is None:
-                raise ServiceError(INVALID, f"no parameter {nt.name!r} on this shard for job "
-                                   f"{self.job_id!r}", field)
-            if nt.name in seen:
-                raise ServiceError(INVALID, f"name {nt.name!r} appears twice", field)
-            seen.add(nt.name)
-            dtype = serialize.PROTO_TO_DTYPE.get(nt.tensor.dtype)
-            if dtype is None or dtype.np != p.dtype or tuple(nt.tensor.shape) != p.shape:
-                raise ServiceError(INVALID, f"gradient of {nt.name!r} has dtype "
-                                   f"{dtype.name if dtype else nt.tensor.dtype} and shape "
-                                   f"{list(nt.tensor.shape)}; the parameter has dtype "
-                                   f"{p.dtype} and shape {list(p.shape)}", field)
+        expected = {n: (serialize.DTYPE_TO_PROTO[dtypes.from_numpy(p.dtype)], p.shape)
+                    for n, p in self.params.items()}
+        serialize.check_headers(headers, expected, "gradients",
+                                f"parameter on this shard for job {self.job_id!r}")
 
     def _check_gradients(self, gradients: dict[str, np.ndarray]) -> None:
         for name, g in gradients.items():

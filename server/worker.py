@@ -423,8 +423,8 @@ class GradientWorker:
                                    field)
             t = nt.tensor
             if t.dtype != inp.dtype:
-                raise ServiceError(INVALID, f"dtype {_dname(t.dtype)} does not match the "
-                                            f"graph's {_dname(inp.dtype)}", field + ".dtype")
+                raise ServiceError(INVALID, f"dtype {serialize.dtype_name(t.dtype)} does not match the "
+                                            f"graph's {serialize.dtype_name(inp.dtype)}", field + ".dtype")
             shape = tuple(t.shape)
             want = tuple(inp.shape)
             batch_free = kind == "data" and want[:1] == (-1,)
@@ -453,7 +453,7 @@ class GradientWorker:
                                        field + ".data")
             elif len(t.data) != nbytes:
                 raise ServiceError(INVALID, f"{len(t.data)} bytes for shape {list(shape)} of "
-                                            f"{_dname(t.dtype)}: expected {nbytes}",
+                                            f"{serialize.dtype_name(t.dtype)}: expected {nbytes}",
                                    field + ".data")
             slots.append(TensorSlot(field, inp.name, dtype, shape, nbytes, offset))
         return slots
@@ -1045,6 +1045,3 @@ def _short(names: Sequence[str], n: int = 8) -> str:
 def _singular(kind: str) -> str:
     return {"parameters": "param", "data": "data"}[kind]
 
-
-def _dname(wire: int) -> str:
-    return tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
