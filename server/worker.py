@@ -283,24 +283,12 @@ class GradientWorker:
         self._check_batch(data, data_inputs)
 
         param_names = [i.name for i in param_inputs]
-        known = set(param_names)
         gradients = list(request.gradients) or param_names
-        for k, name in enumerate(request.gradients):
-            if name in request.gradients[:k]:
-                raise ServiceError(INVALID, f"gradient {name!r} is requested twice",
-                                   f"gradients[{k}]")
-            if name not in known:
-                raise ServiceError(INVALID, f"no parameter named {name!r} to take a gradient "
-                                            f"for; the graph's parameters are "
-                                            f"{_short(param_names)}", f"gradients[{k}]")
-        output_names = [o.name for o in graph.outputs]
-        for k, name in enumerate(request.outputs):
-            if name in request.outputs[:k]:
-                raise ServiceError(INVALID, f"output {name!r} is requested twice",
-                                   f"outputs[{k}]")
-            if name not in output_names:
-                raise ServiceError(INVALID, f"no output named {name!r}; the graph's outputs "
-                                            f"are {_short(output_names)}", f"outputs[{k}]")
+        _check_requested("gradients", request.gradients, param_names,
+                         "no parameter named {!r} to take a gradient for; the graph's "
+                         "parameters are {}")
+        _check_requested("outputs", request.outputs, [o.name for o in graph.outputs],
+                         "no output named {!r}; the graph's outputs are {}")
         if shared is not None and shared.gradient_segment:
             wanted, got = set(gradients), set(shared.gradient_offsets)
             if wanted != got:
@@ -686,7 +674,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def ComputeGradients(self, request, context):
         check = _deadline_check(context)
         t0 = time.perf_counter()
-        prepared = self.worker.prepare(request, same_host=_same_host(context.peer()))
+        prepared = self.worker.prepare(request, same_host=request.HasField("shared_memory")
+                                       and _same_host(context.peer()))
         params, data = self.worker.decode(prepared, request)
         self.worker.keep(prepared, request, params)
         views = self.worker.gradient_views(prepared)
@@ -1035,6 +1024,19 @@ def run(args: argparse.Namespace) -> int:
         if registration is not None:
             registration.stop()
     return 0
+
+
+def _check_requested(field: str, requested: Sequence[str], known: list[str],
+                     unknown: str) -> None:
+    """Each requested name (a gradient, an output) is known and asked for once."""
+    seen: set[str] = set()
+    for k, name in enumerate(requested):
+        if name in seen:
+            raise ServiceError(INVALID, f"{field[:-1]} {name!r} is requested twice",
+                               f"{field}[{k}]")
+        if name not in known:
+            raise ServiceError(INVALID, unknown.format(name, _short(known)), f"{field}[{k}]")
+        seen.add(name)
 
 
 def _short(names: Sequence[str], n: int = 8) -> str:
