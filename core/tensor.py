@@ -22,6 +22,14 @@ _dispatch = _Dispatch()
 _ndarray = np.ndarray
 
 
+def _graph_tracer():
+    """The active graph tracer (core/graph.py), which also records in-place changes and
+    the tensors the traced function makes; None without one (or for a tracer that only
+    watches dispatched ops)."""
+    tracer = _dispatch.tracer
+    return tracer if tracer is not None and hasattr(tracer, "inplace") else None
+
+
 def apply(op: Op, inputs: Sequence["Tensor"], attrs: dict) -> "Tensor":
     """Run one registered op on Tensors: validate, compute, record for autograd and tracing.
 
@@ -206,8 +214,8 @@ class Tensor:
 
     @data.setter
     def data(self, value) -> None:
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "set_data"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             tracer.set_data(self, value, _untraced(tracer, Tensor.data.fset, self, value))
             return
         self._data = value._data if isinstance(value, Tensor) else value
@@ -386,8 +394,8 @@ class Tensor:
 
     def zero_(self) -> "Tensor":
         self._check_inplace()
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             return _traced_inplace(tracer, "zero_", self, lambda t: _filled(t, 0),
                                    Tensor.zero_, self)
         self._data[...] = 0
@@ -395,8 +403,8 @@ class Tensor:
 
     def fill_(self, value) -> "Tensor":
         self._check_inplace(value)
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             return _traced_inplace(tracer, "fill_", self, lambda t: _filled(t, value),
                                    Tensor.fill_, self, value)
         self._data[...] = self._operand(value)
@@ -404,8 +412,8 @@ class Tensor:
 
     def copy_(self, src) -> "Tensor":
         self._check_inplace(src)
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             return _traced_inplace(tracer, "copy_", self, lambda t: _filled(t, src),
                                    Tensor.copy_, self, src)
         src = src._data if isinstance(src, Tensor) else np.asarray(src)
@@ -415,8 +423,8 @@ class Tensor:
 
     def add_(self, other, alpha=1) -> "Tensor":
         self._check_inplace(other)
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             # As below: a number is scaled in Python, a tensor by a mul op.
             if isinstance(other, Tensor):
                 o, scale = other.detach(), alpha
@@ -429,16 +437,16 @@ class Tensor:
         return self
 
     def sub_(self, other, alpha=1) -> "Tensor":
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "spelled"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             with tracer.spelled("sub_"):
                 return self.add_(other, -alpha)
         return self.add_(other, -alpha)
 
     def mul_(self, other) -> "Tensor":
         self._check_inplace(other)
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             o = _detached(other)
             return _traced_inplace(tracer, "mul_", self, lambda t: F.mul(t, o),
                                    Tensor.mul_, self, other)
@@ -447,8 +455,8 @@ class Tensor:
 
     def div_(self, other) -> "Tensor":
         self._check_inplace(other)
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             o = _detached(other)
             return _traced_inplace(tracer, "div_", self, lambda t: F.div(t, o),
                                    Tensor.div_, self, other)
@@ -457,8 +465,8 @@ class Tensor:
 
     def clamp_(self, min=None, max=None) -> "Tensor":
         self._check_inplace()
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "inplace"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             lo, hi = _detached(min), _detached(max)
             return _traced_inplace(tracer, "clamp_", self, lambda t: F.clamp(t, lo, hi),
                                    Tensor.clamp_, self, min, max)
@@ -475,8 +483,8 @@ class Tensor:
                                    "in-place operation; wrap the update in "
                                    "`with gradmesh.no_grad():`")
             return outofplace(self, other)
-        tracer = _dispatch.tracer
-        if tracer is not None and hasattr(tracer, "spelled"):
+        tracer = _graph_tracer()
+        if tracer is not None:
             with tracer.spelled(symbol):
                 return inplace(other)
         return inplace(other)
@@ -529,8 +537,9 @@ def _new(array, requires_grad: bool = False) -> Tensor:
     """A tensor over a newly allocated ``array`` (what the factories return). A graph tracer
     notes it as made by the traced function, which may then change it in place."""
     t = Tensor(array, requires_grad=requires_grad)
-    if _dispatch.tracer is not None and hasattr(_dispatch.tracer, "created"):
-        _dispatch.tracer.created(t)
+    tracer = _graph_tracer()
+    if tracer is not None:
+        tracer.created(t)
     return t
 
 
@@ -730,8 +739,8 @@ def _swap(fn):
 def _setitem(self: Tensor, index, value) -> None:
     """``x[index] = value`` in place, outside autograd (as for the other in-place ops)."""
     self._check_inplace(value)
-    tracer = _dispatch.tracer
-    if tracer is not None and hasattr(tracer, "inplace"):
+    tracer = _graph_tracer()
+    if tracer is not None:
         # Traced as a write to the view of the basic part of the index (ints, slices),
         # with index_put for the advanced part (index tensors, masks).
         view, advanced = F._basic_index(self, index)
