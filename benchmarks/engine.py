@@ -10,7 +10,9 @@ Three implementations of the same step, timed in the same run and interleaved
   floor any engine over NumPy can reach.
 
 Run ``python benchmarks/engine.py`` (about 3 minutes), ``--quick`` for a short run,
-``--json PATH`` to write the results.
+``--json PATH`` to write the results. ``--device cuda`` runs the same three on a GPU:
+gradmesh over CuPy, PyTorch on CUDA, and the hand-written step over CuPy (still labelled
+``numpy``); every timed step then ends with the loss read back, which waits for the GPU.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def make_batch(m: Model, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- gradmesh and torch ------
 
-def library_step(lib, m: Model, params, x, y) -> Callable[[], object]:
+def library_step(lib, m: Model, params, x, y, device: str = "cpu") -> Callable[[], object]:
     """The step as a PyTorch user writes it; ``lib`` is ``gradmesh.core`` or ``torch``, the
     same code for both (which is the point of gradmesh's API)."""
     layers = []
@@ -82,9 +84,9 @@ def library_step(lib, m: Model, params, x, y) -> Callable[[], object]:
         layers.append(lin)
         if i < len(params) - 1:
             layers.append(lib.nn.ReLU())
-    model = lib.nn.Sequential(*layers)
+    model = lib.nn.Sequential(*layers).to(device)
     opt = lib.optim.SGD(model.parameters(), lr=LR)
-    xt, yt = lib.from_numpy(x), lib.from_numpy(y)
+    xt, yt = lib.from_numpy(x).to(device), lib.from_numpy(y).to(device)
     F = lib.nn.functional
     loss_fn = F.cross_entropy if m.loss == "ce" else F.mse_loss
 
@@ -98,24 +100,30 @@ def library_step(lib, m: Model, params, x, y) -> Callable[[], object]:
     return step
 
 
-def gradmesh_step(m: Model, params, x, y) -> Callable[[], object]:
+def gradmesh_step(m: Model, params, x, y, device: str) -> Callable[[], object]:
     import gradmesh.core as gm
-    return library_step(gm, m, params, x, y)
+    return library_step(gm, m, params, x, y, device)
 
 
-def torch_step(m: Model, params, x, y) -> Callable[[], object]:
+def torch_step(m: Model, params, x, y, device: str) -> Callable[[], object]:
     import torch
-    return library_step(torch, m, params, x, y)
+    return library_step(torch, m, params, x, y, device)
 
 
 # ------------------------------------------------------------------- hand-written ------
 
-def numpy_step(m: Model, params, x, y) -> Callable[[], float]:
-    """Forward, backward and SGD written out by hand, in float32, updating in place."""
-    ws = [w.copy() for w, _ in params]
-    bs = [b.copy() for _, b in params]
+def numpy_step(m: Model, params, x, y, device: str) -> Callable[[], float]:
+    """Forward, backward and SGD written out by hand, in float32, updating in place; over
+    CuPy on ``cuda``."""
+    if device == "cuda":
+        import cupy as xp
+    else:
+        xp = np
+    ws = [xp.array(w) for w, _ in params]
+    bs = [xp.array(b) for _, b in params]
+    x, y = xp.asarray(x), xp.asarray(y)
     n = len(ws)
-    rows = np.arange(m.batch)
+    rows = xp.arange(m.batch)
 
     def step() -> float:
         acts = [x]
@@ -124,20 +132,20 @@ def numpy_step(m: Model, params, x, y) -> Callable[[], float]:
             h = h @ ws[i].T
             h += bs[i]
             if i < n - 1:
-                np.maximum(h, 0, out=h)
+                xp.maximum(h, 0, out=h)
             acts.append(h)
         out = acts[-1]
         if m.loss == "ce":
             z = out - out.max(axis=1, keepdims=True)
-            ez = np.exp(z)
+            ez = xp.exp(z)
             s = ez.sum(axis=1, keepdims=True)
-            loss = float(np.log(s[:, 0]).mean() - z[rows, y].mean())
+            loss = float(xp.log(s[:, 0]).mean() - z[rows, y].mean())
             g = ez / s
             g[rows, y] -= 1
             g *= np.float32(1.0 / m.batch)
         else:
             d = out - y
-            loss = float(np.mean(d * d))
+            loss = float(xp.mean(d * d))
             g = d * np.float32(2.0 / d.size)
         for i in reversed(range(n)):
             a = acts[i]
@@ -162,12 +170,12 @@ def _as_float(loss) -> float:
     return float(loss.item()) if hasattr(loss, "item") else float(loss)
 
 
-def check_agreement(m: Model) -> dict[str, float]:
+def check_agreement(m: Model, device: str) -> dict[str, float]:
     """First-step losses and second-step losses of each implementation: all must agree."""
     params, (x, y) = init_params(m), make_batch(m)
     out = {}
     for name, make in IMPLEMENTATIONS.items():
-        step = make(m, params, x, y)
+        step = make(m, params, x, y, device)
         first, second = _as_float(step()), _as_float(step())
         out[name] = (first, second)
     ref = out["torch"]
@@ -178,12 +186,15 @@ def check_agreement(m: Model) -> dict[str, float]:
     return {name: v[1] for name, v in out.items()}
 
 
-def bench(m: Model, reps: int, steps: int) -> dict[str, float]:
+def bench(m: Model, reps: int, steps: int, device: str = "cpu") -> dict[str, float]:
     """Median milliseconds per step of each implementation, interleaved round-robin."""
     # Each step is timed on its own and the median taken: the machine may be shared, and
     # a median ignores the steps that a neighbour's burst (or a GC pass) lands on.
     params, (x, y) = init_params(m), make_batch(m)
-    steps_of = {name: make(m, params, x, y) for name, make in IMPLEMENTATIONS.items()}
+    steps_of = {name: make(m, params, x, y, device) for name, make in IMPLEMENTATIONS.items()}
+    if device == "cuda":        # a GPU step is done when its loss can be read back
+        steps_of = {name: (lambda step=step: _as_float(step()))
+                    for name, step in steps_of.items()}
     for step in steps_of.values():          # warm-up: allocator, BLAS threads, caches
         for _ in range(max(1, steps // 2)):
             step()
@@ -198,7 +209,7 @@ def bench(m: Model, reps: int, steps: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def header() -> dict:
+def header(device: str = "cpu") -> dict:
     import threadpoolctl
     import torch
     blas = [{k: info.get(k) for k in ("internal_api", "version", "num_threads",
@@ -215,7 +226,14 @@ def header() -> dict:
         "numpy_blas": blas,
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
+        **(_gpu() if device == "cuda" else {}),
     }
+
+
+def _gpu() -> dict:
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    return {"gpu": props["name"].decode(), "cupy": cupy.__version__}
 
 
 def _cpu_model() -> str:
@@ -235,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--models", default="small,medium,large",
                     help="comma-separated subset of small,medium,large")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args(argv)
 
-    info = header()
+    if args.device == "cuda":
+        import gradmesh.core as gm
+        if not gm.cuda_available():
+            raise SystemExit("--device cuda needs CuPy and a CUDA device")
+    info = header(args.device)
     print(f"cpu: {info['cpu']} ({info['cores']} cores); python {info['python']}, "
           f"numpy {info['numpy']}, torch {info['torch']} ({info['torch_threads']} threads, "
           f"{info['torch_blas']})")
@@ -245,16 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"numpy BLAS: {b['internal_api']} {b['version']}, {b['num_threads']} threads, "
               f"{b['threading_layer']}, {b['architecture']}")
     print("env: " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
+    if args.device == "cuda":
+        print(f"gpu: {info['gpu']}, cupy {info['cupy']}; 'numpy' is the hand-written step "
+              "over CuPy")
 
     wanted = args.models.split(",")
     rows = []
     for m in MODELS:
         if m.name not in wanted:
             continue
-        check_agreement(m)
+        check_agreement(m, args.device)
         reps = max(4, m.reps // 8) if args.quick else m.reps
-        ms = bench(m, reps, m.steps)
-        rows.append({"model": m.name, "sizes": list(m.sizes), "batch": m.batch, "loss": m.loss,
+        ms = bench(m, reps, m.steps, args.device)
+        rows.append({"model": m.name, "device": args.device, "sizes": list(m.sizes),
+                     "batch": m.batch, "loss": m.loss,
                      "steps_timed": reps * m.steps, **{f"{k}_ms": v for k, v in ms.items()},
                      "gradmesh_over_torch": ms["gradmesh"] / ms["torch"],
                      "gradmesh_over_numpy": ms["gradmesh"] / ms["numpy"],

@@ -484,3 +484,27 @@ def test_streamed_calls_to_a_worker_without_early_gradients_give_the_same_bits(
     assert seen and all(seen)                      # the coordinator asked for early gradients
     assert all(t["worker_compute"] > 0 for t in timings)
     assert all(np.array_equal(a, reference[n]) for n, a in params.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_a_cuda_worker_trains_like_the_cpu_workers(coordinator, shared_memory):
+    """Gradients computed on the device reach the shards through shared memory (copied from
+    device arrays into the segment) or as bytes; either way training follows the CPU."""
+    if not gm.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    from gradmesh.server import runtime
+    through_shm = runtime._get_metrics()["transport"].labels("shared_memory")
+    reference = _reference_params(coordinator)
+    cuda = worker_mod.start("cuda")
+    try:
+        _, client = coordinator(workers=[cuda.address], shared_memory=shared_memory)
+        job, data = _job(client)
+        before = through_shm._value.get()
+        for x, y in data:
+            job.step(x, y)
+        assert (through_shm._value.get() > before) == shared_memory
+        for n, a in _params(job).items():
+            np.testing.assert_allclose(a, reference[n], rtol=1e-4, atol=1e-5, err_msg=n)
+    finally:
+        cuda.stop(0)

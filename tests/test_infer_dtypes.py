@@ -59,8 +59,9 @@ def calls() -> dict[str, list]:
     return {name: list(kept.values()) for name, kept in tracer.calls.items()}
 
 
-def _check(op, arrays, attrs) -> str | None:
-    """What is wrong with ``op`` on ``arrays``, or None when infer refuses or agrees."""
+def _check(op, arrays, attrs, xp=np) -> str | None:
+    """What is wrong with ``op`` on ``arrays`` run over the array module ``xp``, or None
+    when infer refuses or agrees."""
     try:
         spec = op.infer(*[Spec(a.shape, gm.dtypes.from_numpy(a.dtype)) for a in arrays],
                         **attrs)
@@ -68,7 +69,8 @@ def _check(op, arrays, attrs) -> str | None:
         return None
     try:
         with np.errstate(all="ignore"):     # int overflow, 1/0: values do not matter here
-            out = np.asarray(op.forward(np, *arrays, **attrs))
+            out = op.forward(xp, *[xp.asarray(a) for a in arrays], **attrs)
+            out = np.asarray(out.get() if hasattr(out, "get") else out)
     except OpError:
         return None                         # a data-dependent error (ints to negative powers)
     except Exception as e:                  # noqa: BLE001 - what a worker reports as INTERNAL
@@ -97,14 +99,37 @@ def test_infer_matches_forward_for_every_dtype(name: str, calls) -> None:
     assert not failures, "\n".join(failures.values())
 
 
+@pytest.mark.gpu
+def test_infer_matches_cuda_forward(calls) -> None:
+    """The CuPy forwards agree with ``infer`` too, for each op's first recorded call with
+    all inputs of one dtype (every combination would compile thousands of kernels)."""
+    if not gm.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    import cupy
+    failures = []
+    for name in sorted(REGISTRY):
+        arrays, attrs = calls[name][0]
+        for t in DTYPES:
+            problem = _check(REGISTRY[name], [a.astype(t.np) for a in arrays], attrs, cupy)
+            if problem:
+                failures.append(f"{name}({t.name}) {attrs}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("x_dtype, t_dtype", [("float32", "float64"), ("float64", "float32")])
 @pytest.mark.parametrize("loss", ["mse_loss", "binary_cross_entropy_with_logits"])
-def test_mixed_float_losses_give_torchs_dtype(loss, x_dtype, t_dtype, reduction) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixed_float_losses_give_torchs_dtype(loss, x_dtype, t_dtype, reduction,
+                                               device) -> None:
     """torch accepts these mixes: mse_loss promotes, bce takes the target's dtype."""
+    if device == "cuda" and not gm.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
     x, t = np.linspace(-1, 1, 6).reshape(2, 3), np.linspace(0, 1, 6).reshape(2, 3)
-    out = getattr(F, loss)(gm.tensor(x.astype(x_dtype)), gm.tensor(t.astype(t_dtype)),
-                           reduction=reduction)
+    out = getattr(F, loss)(gm.tensor(x.astype(x_dtype)).to(device),
+                           gm.tensor(t.astype(t_dtype)).to(device), reduction=reduction)
+    assert out.device == device
+    out = out.to("cpu")
     ref = getattr(torch.nn.functional, loss)(torch.tensor(x.astype(x_dtype)),
                                              torch.tensor(t.astype(t_dtype)), reduction=reduction)
     assert out.dtype.name == str(ref.dtype).removeprefix("torch.")

@@ -195,17 +195,21 @@ def test_cuda_backend_matches_cpu(start_worker):
     model = cnn()
     x, y = batch("cnn", 64, seed=11)
     loss, grads = local_grads(model, x, y)
-    with WorkerClient(running.address) as client:
-        caps = client.capabilities()
-        assert caps.backend == "cuda" and "cupy" in caps.versions
-        for threshold in (None, 0):
-            if threshold is not None:
-                client.stream_threshold = threshold
+    # unary, stream, and shared memory (gradients copied from the device into the segment)
+    for path in ("unary", "stream", "shared"):
+        with WorkerClient(running.address, shared_memory=path == "shared",
+                          shared_memory_min_bytes=0) as client:
+            caps = client.capabilities()
+            assert caps.backend == "cuda" and "cupy" in caps.versions
+            if path == "stream":
+                client.stream_threshold = 0
             r = client.compute_gradients(ce_loss, model, x, y)
+            assert r.timings["shared_memory"] == (path == "shared"), path
+            assert r.timings["streamed"] == (path == "stream"), path
             assert np.allclose(r.loss, loss, rtol=1e-5, atol=1e-6)
             for name, g in grads.items():
                 assert isinstance(r.gradients[name], np.ndarray)
-                assert np.allclose(r.gradients[name], g, rtol=1e-4, atol=1e-5), name
+                assert np.allclose(r.gradients[name], g, rtol=1e-4, atol=1e-5), (path, name)
 
 
 def test_unary_reply_bytes_are_protobufs():
