@@ -41,6 +41,7 @@ import numpy as np
 from . import autograd, backend as backend_mod
 from .graph import (CONST, DATA, PARAM, GraphError, ValidatedGraph, is_random, random_seed)
 from .registry import Op
+from .tensor import Tensor, _reduce_grad
 
 __all__ = ["compile_plan", "Plan", "PlanResult", "BACKENDS"]
 
@@ -78,6 +79,13 @@ class _Backward:
     needs_grad: tuple[bool, ...]             # per input: does its gradient reach a target?
     saves_out: bool
     free: tuple[int, ...] = ()
+    attrs: dict = field(default_factory=dict)
+    random: bool = False
+    # Per input: wrapped with requires_grad (its gradient is needed and eager would track
+    # it, so that the vjp skips the others as eager does), and the requested parameter it
+    # is (None for any other value).
+    wants: tuple[bool, ...] = ()
+    params: tuple = ()
 
 
 @dataclass
@@ -111,6 +119,15 @@ class Plan:
     requires: list[bool]                     # eager's requires_grad (see compile_plan)
     topo: list[int]                          # eager backward's node order (node indices)
     _schedules: dict = field(default_factory=dict, repr=False)
+    # Per graph input, what run() checks: (slot, role, name, shape, NumPy dtype).
+    _inputs: tuple = field(init=False, repr=False)
+    _loss: int = field(init=False, repr=False)            # the loss's slot
+
+    def __post_init__(self) -> None:
+        self._inputs = tuple((i, inp.role, inp.name, tuple(self.specs[i].shape),
+                              self.specs[i].dtype.np)
+                             for i, inp in enumerate(self.graph.graph.inputs))
+        self._loss = self.graph.outputs[self.graph.graph.outputs[0].name]
 
     @property
     def graph_id(self) -> str:
@@ -210,11 +227,15 @@ class Plan:
             fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
                                 tuple(frees.get(p, ()))))
         bwd = []
+        param_name = {vg.input_index[g]: g for g in grads}
         for j, k in enumerate(backward_nodes):
             op = vg.ops[k]
             ins = vg.node_inputs[k]
             bwd.append(_Backward(k, n_in + k, op, ins, tuple(needed[i] for i in ins),
-                                 op.saves_out, tuple(frees.get(n_fwd + j, ()))))
+                                 op.saves_out, tuple(frees.get(n_fwd + j, ())), vg.attrs[k],
+                                 is_random(op),
+                                 tuple(needed[i] and self.requires[i] for i in ins),
+                                 tuple(param_name.get(i) for i in ins)))
         # When each requested gradient is complete: after the last backward kernel that
         # can add into it (a parameter input whose gradient is needed), else before backward.
         last_add: dict[int, int] = {}
@@ -261,14 +282,23 @@ class Plan:
         sched = self.schedule(grads, outputs)
         xp = backend_mod.cupy() if self.backend == "cuda" else np
         slots: list = [None] * len(self.specs)
-        for i, inp in enumerate(vg.graph.inputs):
-            if inp.role == CONST:
+        for i, role, name, shape, dtype in self._inputs:
+            if role == CONST:
                 slots[i] = vg.consts[i] if xp is np else xp.asarray(vg.consts[i])
-            else:
-                source, kind = (params, "parameters") if inp.role == PARAM else (data, "data")
-                if inp.name not in source:
-                    raise GraphError(f"{kind}[{inp.name}]", "missing")
-                slots[i] = self._check_input(kind, inp.name, source[inp.name], self.specs[i], xp)
+                continue
+            source, kind = (params, "parameters") if role == PARAM else (data, "data")
+            value = source.get(name)
+            if value is None:
+                raise GraphError(f"{kind}[{name}]", "missing")
+            if type(value) is not xp.ndarray:
+                value = _on_backend(value, xp)
+            if value.shape != shape:
+                raise GraphError(f"{kind}[{name}].shape", f"got shape {list(value.shape)}, "
+                                 f"the plan was compiled for {list(shape)}")
+            if value.dtype != dtype:
+                raise GraphError(f"{kind}[{name}].dtype", f"got {value.dtype}, the graph "
+                                 f"declares {self.specs[i].dtype.name}")
+            slots[i] = value
         for i in sched.free_inputs:
             slots[i] = None
 
@@ -285,8 +315,7 @@ class Plan:
                 slots[v] = None
             if record_live is not None:
                 record_live.append(sum(s is not None for s in slots))
-        loss_v = vg.outputs[vg.graph.outputs[0].name]
-        loss = slots[loss_v]
+        loss = slots[self._loss]
         _sync(xp)
         t1 = time.perf_counter()
         if check is not None:
@@ -311,36 +340,19 @@ class Plan:
         result_grads = {name: result_grads[name] for name in sched.grads}
         return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1)
 
-    def _check_input(self, kind: str, name: str, value, spec, xp):
-        from .tensor import Tensor
-        if isinstance(value, Tensor):
-            value = value._data
-        if xp is np:
-            value = backend_mod.to_numpy(value) if not isinstance(value, np.ndarray) else value
-        elif not isinstance(value, xp.ndarray):
-            value = xp.asarray(backend_mod.to_numpy(np.asarray(value)))
-        if tuple(value.shape) != tuple(spec.shape):
-            raise GraphError(f"{kind}[{name}].shape", f"got shape {list(value.shape)}, the plan "
-                             f"was compiled for {list(spec.shape)}")
-        if value.dtype != spec.dtype.np:
-            raise GraphError(f"{kind}[{name}].dtype", f"got {value.dtype}, the graph declares "
-                             f"{spec.dtype.name}")
-        return value
-
     def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed, check,
                   record_live, final: dict, on_grad) -> None:
         """The eager engine's ``run_backward`` over slots: same order, same ops. Each
         requested gradient goes into ``final`` (as a host array, zeros when nothing reaches
         it) as soon as it is complete, and to ``on_grad`` if given."""
-        from .tensor import Tensor, _reduce_grad
         vg = self.graph
         n_in = vg.num_inputs
         wrap = Tensor._wrap
-        loss_v = vg.outputs[vg.graph.outputs[0].name]
+        reduce_grad = _reduce_grad
+        loss_v = self._loss
         spec = self.specs[loss_v]
         seed_grad = wrap(xp.full(spec.shape, loss_scale, dtype=spec.dtype.np))
         grads: dict[str, Tensor] = {}
-        param_name = {vg.input_index[n]: n for n in sched.grads}
         to_host = backend_mod.to_numpy
 
         def emit(names) -> None:
@@ -357,21 +369,39 @@ class Plan:
 
         if loss_v < n_in:
             # The loss is a parameter itself: the seed gradient is its gradient.
-            if loss_v in param_name:
-                grads[param_name[loss_v]] = seed_grad
+            for name in sched.grads:
+                if vg.input_index[name] == loss_v:
+                    grads[name] = seed_grad
             emit(sched.final_before)
             return
         emit(sched.final_before)
         final_after = sched.final_after
         pending: dict[int, Tensor] = {loss_v: seed_grad}
-        with _engine_mode():
+        with autograd._engine_mode(False):
             for n, kern in enumerate(sched.backward):
                 if check is not None and n % CHECK_EVERY == 0 and n:
                     check()
                 g = pending.pop(kern.out, None)
                 if g is not None:
-                    self._vjp(kern, g, slots, pending, grads, param_name, seed, wrap,
-                              _reduce_grad)
+                    # The vjp as the eager engine runs it; gradients summed in its order.
+                    attrs = kern.attrs
+                    if kern.random and seed is not None:
+                        attrs = {**attrs, "seed": random_seed(seed, kern.node)}
+                    inputs = [wrap(slots[i], w) for i, w in zip(kern.inputs, kern.wants)]
+                    out = wrap(slots[kern.out], True) if kern.saves_out else None
+                    result = kern.op.vjp(g, out, *inputs, **attrs)
+                    if len(result) != len(inputs):
+                        raise RuntimeError(f"{kern.op.name}: vjp returned {len(result)} "
+                                           f"gradients for {len(inputs)} inputs")
+                    for v, t, gi, name in zip(kern.inputs, inputs, result, kern.params):
+                        if gi is None or not t.requires_grad:
+                            continue
+                        gi = reduce_grad(gi, t)
+                        if name is not None:
+                            # A leaf: accumulate as autograd._accumulate_leaf does.
+                            grads[name] = gi if name not in grads else grads[name] + gi
+                        elif v >= n_in:
+                            pending[v] = gi if v not in pending else pending[v] + gi
                 for v in kern.free:
                     slots[v] = None
                 done = final_after.get(n)
@@ -380,39 +410,15 @@ class Plan:
                 if record_live is not None:
                     record_live.append(sum(s is not None for s in slots))
 
-    def _vjp(self, kern: _Backward, g, slots, pending, grads, param_name, seed, wrap,
-             reduce_grad) -> None:
-        vg = self.graph
-        requires = self.requires
-        op = kern.op
-        attrs = vg.attrs[kern.node]
-        if seed is not None and is_random(op):
-            attrs = {**attrs, "seed": random_seed(seed, kern.node)}
-        # Inputs carry requires_grad only where a gradient is wanted, so that vjps skip
-        # the others (as eager skips inputs that do not require grad).
-        inputs = [wrap(slots[i], need and requires[i])
-                  for i, need in zip(kern.inputs, kern.needs_grad)]
-        out = wrap(slots[kern.out], True) if kern.saves_out else None
-        result = op.vjp(g, out, *inputs, **attrs)
-        if len(result) != len(inputs):
-            raise RuntimeError(f"{op.name}: vjp returned {len(result)} gradients for "
-                               f"{len(inputs)} inputs")
-        for v, t, gi in zip(kern.inputs, inputs, result):
-            if gi is None or not t.requires_grad:
-                continue
-            gi = reduce_grad(gi, t)
-            name = param_name.get(v)
-            if name is not None:
-                # A leaf: accumulate as autograd._accumulate_leaf does.
-                grads[name] = gi if name not in grads else grads[name] + gi
-            elif v >= vg.num_inputs:
-                pending[v] = gi if v not in pending else pending[v] + gi
 
-
-def _engine_mode():
-    """The mode the eager engine runs vjps in (no graph recording)."""
-    mode = getattr(autograd, "_engine_mode", None)
-    return mode(False) if mode is not None else autograd.no_grad()
+def _on_backend(value, xp):
+    """A parameter or data value (array, Tensor, CuPy array) as an array of ``xp``."""
+    if isinstance(value, Tensor):
+        value = value._data
+    if xp is np:
+        return backend_mod.to_numpy(value)
+    return value if isinstance(value, xp.ndarray) else \
+        xp.asarray(backend_mod.to_numpy(np.asarray(value)))
 
 
 def _sync(xp) -> None:

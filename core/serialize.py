@@ -200,6 +200,11 @@ def from_proto(t: tensor_pb2.Tensor, *, field: str = "tensor",
     return _decode(data, dtype, shape, field)
 
 
+def decode_data(buf, dtype: np.dtype, shape: tuple, field: str) -> np.ndarray:
+    """A tensor's bytes (of checked length) as a read-only array of ``dtype``, no copy."""
+    return _decode(buf, dtypes.from_numpy(dtype), shape, field)
+
+
 def _decode(buf, dtype: dtypes.DType, shape: tuple, field: str) -> np.ndarray:
     a = np.frombuffer(buf, dtype=_wire_np(dtype)).reshape(shape)
     if dtype is dtypes.bool_ and a.size and a.view(np.uint8).max() > 1:

@@ -78,6 +78,40 @@ class TensorSlot:
     shape: tuple
     nbytes: int
     shared_offset: int | None = None    # where its bytes are in the shared segment
+    data: bytes | None = None           # a unary request's bytes for it, read once
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A PARAM or DATA input of a graph, as requests are checked against it."""
+    name: str
+    wire: int                   # the tensor.proto dtype enum
+    dtype: np.dtype             # little-endian, as on the wire
+    shape: tuple                # -1 first: any batch size
+    field: str                  # "parameters[w1]"
+
+
+@dataclass(frozen=True)
+class _Registered:
+    """A validated graph and what every request against it reads (made once)."""
+    validated: Any
+    params: tuple[_Input, ...]
+    data: tuple[_Input, ...]
+    output_names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, validated) -> "_Registered":
+        graph = validated.graph
+
+        def inputs(role, kind):
+            return tuple(_Input(i.name, i.dtype, _NP_OF_WIRE[i.dtype], tuple(i.shape),
+                                f"{kind}[{i.name}]") for i in graph.inputs if i.role == role)
+        return cls(validated, inputs(graph_pb2.Input.PARAM, "parameters"),
+                   inputs(graph_pb2.Input.DATA, "data"), tuple(o.name for o in graph.outputs))
+
+    @property
+    def param_names(self) -> list[str]:
+        return [i.name for i in self.params]
 
 
 @dataclass
@@ -215,27 +249,35 @@ class GradientWorker:
     def register(self, graph: graph_pb2.Graph, field: str = "graph") -> str:
         """Validate ``graph`` and remember it; returns its id (that of its canonical form,
         see graph.proto). Idempotent."""
+        return self._register(graph, field).validated.id
+
+    def _register(self, graph: graph_pb2.Graph, field: str) -> _Registered:
         given_id = core_graph.graph_id(graph)
-        validated = self._graphs.get(given_id)
-        if validated is None:
+        registered = self._graphs.get(given_id)
+        if registered is None:
             try:
                 validated = core_graph.validate(graph, self.limits)
             except core_graph.GraphError as e:
                 # Name the field as the request has it: "graph.nodes[3].op".
                 raise ServiceError(runtime.status_code(e.code), e.message,
                                    f"{field}.{e.field}" if e.field else field) from None
-            self._graphs.put(validated.id, validated)
+            registered = _Registered.of(validated)
+            self._graphs.put(validated.id, registered)
             if given_id != validated.id:        # sent again as it was: found without work
-                self._graphs.put(given_id, validated)
-        return validated.id
+                self._graphs.put(given_id, registered)
+        return registered
 
     def lookup(self, graph_id: str, field: str = "graph_id"):
-        validated = self._graphs.get(graph_id)
-        if validated is None:
+        """The validated graph of a registered id (NOT_FOUND if unknown or evicted)."""
+        return self._lookup(graph_id, field).validated
+
+    def _lookup(self, graph_id: str, field: str = "graph_id") -> _Registered:
+        registered = self._graphs.get(graph_id)
+        if registered is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND,
                                f"unknown graph id {graph_id!r}: register the graph first "
                                f"(RegisterGraph) or send it inline", field)
-        return validated
+        return registered
 
     # ------------------------------------------------------------------ requests -----
 
@@ -249,17 +291,14 @@ class GradientWorker:
         """
         which = request.WhichOneof("graph_ref")
         if which == "graph":
-            graph_id = self.register(request.graph)
-            validated = self.lookup(graph_id)
+            registered = self._register(request.graph, "graph")
         elif which == "graph_id":
-            graph_id = request.graph_id
-            validated = self.lookup(graph_id)
+            registered = self._lookup(request.graph_id)
         else:
             raise ServiceError(INVALID, "the request names no graph: set graph_id (after "
                                         "RegisterGraph) or graph", "graph_ref")
-        graph = validated.graph
-        param_inputs = [i for i in graph.inputs if i.role == graph_pb2.Input.PARAM]
-        data_inputs = [i for i in graph.inputs if i.role == graph_pb2.Input.DATA]
+        graph_id = registered.validated.id
+        param_inputs, data_inputs = registered.params, registered.data
         shared = None
         if request.HasField("shared_memory"):
             shared = request.shared_memory
@@ -282,12 +321,12 @@ class GradientWorker:
                            shared.data_offsets if shared else {})
         self._check_batch(data, data_inputs)
 
-        param_names = [i.name for i in param_inputs]
+        param_names = registered.param_names
         gradients = list(request.gradients) or param_names
         _check_requested("gradients", request.gradients, param_names,
                          "no parameter named {!r} to take a gradient for; the graph's "
                          "parameters are {}")
-        _check_requested("outputs", request.outputs, [o.name for o in graph.outputs],
+        _check_requested("outputs", request.outputs, registered.output_names,
                          "no output named {!r}; the graph's outputs are {}")
         if shared is not None and shared.gradient_segment:
             wanted, got = set(gradients), set(shared.gradient_offsets)
@@ -300,20 +339,18 @@ class GradientWorker:
         scale = request.loss_scale or 1.0
         if not math.isfinite(scale):
             raise ServiceError(INVALID, f"loss_scale must be finite, got {scale}", "loss_scale")
-        return Prepared(graph_id, validated, params, data, gradients, list(request.outputs),
-                        scale, request.seed, shared, kept)
+        return Prepared(graph_id, registered.validated, params, data, gradients,
+                        list(request.outputs), scale, request.seed, shared, kept)
 
     @staticmethod
-    def _kept_slots(kept: dict, inputs) -> list[TensorSlot]:
+    def _kept_slots(kept: dict, inputs: Sequence[_Input]) -> list[TensorSlot]:
         slots = []
         for inp in inputs:
             a = kept.get(inp.name)
-            dtype = _NP_OF_WIRE[inp.dtype]
-            if a is None or a.dtype != dtype or a.shape != tuple(inp.shape):
+            if a is None or a.dtype != inp.dtype or a.shape != inp.shape:
                 raise ServiceError(FAILED, f"the kept parameters do not fit this graph "
                                            f"(parameter {inp.name!r}): send them", "parameters")
-            slots.append(TensorSlot(f"parameters[{inp.name}]", inp.name, dtype, a.shape,
-                                    a.nbytes))
+            slots.append(TensorSlot(inp.field, inp.name, inp.dtype, a.shape, a.nbytes))
         return slots
 
     def keep(self, prepared: Prepared, request: worker_pb2.ComputeGradientsRequest,
@@ -388,69 +425,75 @@ class GradientWorker:
                                         f"the segment's {len(buf)} bytes", field)
         return sharedmem.view(buf, offset, slot.dtype, slot.shape)
 
-    def _slots(self, kind: str, given: Sequence[tensor_pb2.NamedTensor], inputs,
-               header_only: bool, shared: Any = None) -> list[TensorSlot]:
+    def _slots(self, kind: str, given: Sequence[tensor_pb2.NamedTensor],
+               inputs: Sequence[_Input], header_only: bool, shared: Any = None
+               ) -> list[TensorSlot]:
         by_name = {}
         for k, nt in enumerate(given):
-            if nt.name in by_name:
-                raise ServiceError(INVALID, f"{kind} {nt.name!r} is given twice", f"{kind}[{k}]")
-            by_name[nt.name] = nt
-        expected = {i.name for i in inputs}
-        for k, nt in enumerate(given):
-            if nt.name not in expected:
-                raise ServiceError(INVALID, f"the graph has no {_singular(kind)} input named "
-                                            f"{nt.name!r}; it takes {_short(sorted(expected))}",
-                                   f"{kind}[{k}].name")
+            name = nt.name
+            if name in by_name:
+                raise ServiceError(INVALID, f"{kind} {name!r} is given twice", f"{kind}[{k}]")
+            by_name[name] = nt
+        if len(by_name) != len(inputs) or any(i.name not in by_name for i in inputs):
+            expected = {i.name for i in inputs}
+            for k, nt in enumerate(given):
+                if nt.name not in expected:
+                    raise ServiceError(INVALID, f"the graph has no {_singular(kind)} input "
+                                                f"named {nt.name!r}; it takes "
+                                                f"{_short(sorted(expected))}", f"{kind}[{k}].name")
+        limit = self.limits.max_tensor_elements
         slots = []
         for inp in inputs:
-            field = f"{kind}[{inp.name}]"
+            field = inp.field
             nt = by_name.get(inp.name)
             if nt is None:
                 raise ServiceError(INVALID, f"missing {_singular(kind)} {inp.name!r} "
                                             f"(a {_singular(kind).upper()} input of the graph)",
                                    field)
             t = nt.tensor
-            if t.dtype != inp.dtype:
-                raise ServiceError(INVALID, f"dtype {serialize.dtype_name(t.dtype)} does not match the "
-                                            f"graph's {serialize.dtype_name(inp.dtype)}", field + ".dtype")
+            if t.dtype != inp.wire:
+                raise ServiceError(INVALID, f"dtype {serialize.dtype_name(t.dtype)} does not "
+                                            f"match the graph's "
+                                            f"{serialize.dtype_name(inp.wire)}", field + ".dtype")
             shape = tuple(t.shape)
-            want = tuple(inp.shape)
-            batch_free = kind == "data" and want[:1] == (-1,)
-            if len(shape) != len(want) or any(
-                    s != w for k, (s, w) in enumerate(zip(shape, want))
-                    if not (batch_free and k == 0)) or any(s < 0 for s in shape):
+            want = inp.shape
+            # Only a DATA input's first dimension may be -1 (any batch size, at least 0).
+            if shape != want and not (
+                    kind == "data" and want[:1] == (-1,) and shape[1:] == want[1:]
+                    and len(shape) == len(want) and shape[0] >= 0):
                 raise ServiceError(INVALID, f"shape {list(shape)} does not match the graph's "
                                             f"{list(want)}", field + ".shape")
             n = math.prod(shape)
-            if n > self.limits.max_tensor_elements:
-                raise ServiceError(EXHAUSTED, f"{n} elements is over the limit of "
-                                              f"{self.limits.max_tensor_elements}", field)
-            dtype = _NP_OF_WIRE[t.dtype]
-            nbytes = n * dtype.itemsize
+            if n > limit:
+                raise ServiceError(EXHAUSTED, f"{n} elements is over the limit of {limit}", field)
+            nbytes = n * inp.dtype.itemsize
             offset = shared.get(inp.name) if shared else None
+            # Every read of a bytes field copies it: read once, decode() uses this one.
+            data = t.data
             if offset is not None:
-                if t.data:
+                if data:
                     key = "parameter_offsets" if kind == "parameters" else "data_offsets"
                     raise ServiceError(INVALID, f"its bytes are in shared memory "
                                                 f"(shared_memory.{key}): leave data empty",
                                        field + ".data")
             elif header_only:
-                if t.data:
+                if data:
                     raise ServiceError(INVALID, "a streamed request's header carries no tensor "
                                                 "bytes; send them as chunk frames",
                                        field + ".data")
-            elif len(t.data) != nbytes:
-                raise ServiceError(INVALID, f"{len(t.data)} bytes for shape {list(shape)} of "
+            elif len(data) != nbytes:
+                raise ServiceError(INVALID, f"{len(data)} bytes for shape {list(shape)} of "
                                             f"{serialize.dtype_name(t.dtype)}: expected {nbytes}",
                                    field + ".data")
-            slots.append(TensorSlot(field, inp.name, dtype, shape, nbytes, offset))
+            slots.append(TensorSlot(field, inp.name, inp.dtype, shape, nbytes, offset,
+                                    data if data else None))
         return slots
 
     @staticmethod
-    def _check_batch(data: list[TensorSlot], inputs) -> None:
+    def _check_batch(data: list[TensorSlot], inputs: Sequence[_Input]) -> None:
         batch = None
         for slot, inp in zip(data, inputs):
-            if inp.shape[:1] != [-1]:
+            if inp.shape[:1] != (-1,):
                 continue
             if batch is None:
                 batch = (slot.shape[0], slot.name)
@@ -459,21 +502,18 @@ class GradientWorker:
                                             f"{batch[0]} of data {batch[1]!r}",
                                    slot.field + ".shape")
 
-    def decode(self, prepared: Prepared, request: worker_pb2.ComputeGradientsRequest
-               ) -> tuple[dict, dict]:
-        """The request's tensors as arrays (views of the message's bytes where possible)."""
-        by_name = {nt.name: nt.tensor for nt in request.parameters}
-        by_name_data = {nt.name: nt.tensor for nt in request.data}
-        limit = self.limits.max_tensor_elements
+    def decode(self, prepared: Prepared) -> tuple[dict, dict]:
+        """A unary request's tensors as arrays: views of its bytes, of the client's shared
+        memory, or the kept parameters."""
+        # prepare() checked every header and byte length and kept each tensor's bytes.
+        def arrays(slots):
+            return {s.name: serialize.decode_data(s.data or b"", s.dtype, s.shape, s.field)
+                    for s in slots if s.shared_offset is None}
         if prepared.kept is not None:
             params = {s.name: prepared.kept[s.name] for s in prepared.params}
         else:
-            params = {s.name: serialize.from_proto(by_name[s.name], field=s.field,
-                                                   max_elements=limit)
-                      for s in prepared.params if s.shared_offset is None}
-        data = {s.name: serialize.from_proto(by_name_data[s.name], field=s.field,
-                                             max_elements=limit)
-                for s in prepared.data if s.shared_offset is None}
+            params = arrays(prepared.params)
+        data = arrays(prepared.data)
         if len(params) + len(data) < len(prepared.slots):
             buf = self._segment(prepared.shared.segment, "shared_memory.segment")
             for slots, out, key in ((prepared.params, params, "parameter_offsets"),
@@ -676,7 +716,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t0 = time.perf_counter()
         prepared = self.worker.prepare(request, same_host=request.HasField("shared_memory")
                                        and _same_host(context.peer()))
-        params, data = self.worker.decode(prepared, request)
+        params, data = self.worker.decode(prepared)
         self.worker.keep(prepared, request, params)
         views = self.worker.gradient_views(prepared)
         runtime.metric("transport", "unary" if prepared.shared is None else "shared_memory")

@@ -268,7 +268,7 @@ def test_deadline_checked_between_passes():
     """The worker's own check stops a computation whose deadline passed (no server)."""
     w = worker_mod.GradientWorker("cpu")
     prepared = w.prepare(request())
-    params, data = w.decode(prepared, request())
+    params, data = w.decode(prepared)
     calls = []
 
     def check():

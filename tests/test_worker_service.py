@@ -224,7 +224,7 @@ def test_unary_reply_bytes_are_protobufs():
         parameters=[tensor_pb2.NamedTensor(name="w", tensor=float32_tensor(W, [3, 2]))],
         data=[tensor_pb2.NamedTensor(name="x", tensor=float32_tensor(X, [2, 3]))])
     prepared = w.prepare(req)
-    computed = w.compute(prepared, *w.decode(prepared, req))
+    computed = w.compute(prepared, *w.decode(prepared))
     expected, _ = worker_mod.build_response(prepared, computed)
     expected.ClearField("graph_id")
     assert b"".join(worker_mod.response_pieces(computed)) == expected.SerializeToString()
