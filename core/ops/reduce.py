@@ -27,8 +27,9 @@ def _int_accumulator(dtype: dtypes.DType) -> dtypes.DType:
 
 
 def _keep(g, shape, dim, keepdim):
-    """``g`` reshaped so that it broadcasts against the un-reduced input again."""
-    if keepdim or g.ndim == len(shape):
+    """``g`` reshaped so that it broadcasts against the un-reduced input again (a full
+    reduction's 0-d result broadcasts as it is)."""
+    if keepdim or dim is None or g.ndim == len(shape):
         return g
     dims = norm_dims("sum", dim, len(shape))
     return reshape(g, [1 if i in dims else s for i, s in enumerate(shape)])
