@@ -243,6 +243,9 @@ class GradientWorker:
         self.segments = (sharedmem.Attached() if shared_memory and sharedmem.available()
                          else None)
         self.kept = ParameterCache(parameter_cache_bytes)
+        # Shared-memory requests repeat byte for byte while the client reuses its segments:
+        # their checked headers and array views, by request bytes (see unary()).
+        self._shared_calls = _LRU(sharedmem.Attached().capacity)
 
     # ------------------------------------------------------------------ graphs -------
 
@@ -526,6 +529,37 @@ class GradientWorker:
                         out[s.name] = a
         return params, data
 
+    def unary(self, request: worker_pb2.ComputeGradientsRequest, same_host: bool
+              ) -> tuple[Prepared, dict, dict, dict | None]:
+        """A unary request checked and decoded: ``(prepared, params, data, gradient
+        views)``, the views None unless the gradients go to shared memory."""
+        key = None
+        if request.HasField("shared_memory") and same_host and self.segments is not None:
+            key = request.SerializeToString(deterministic=True)
+            hit = self._shared_calls.get(key)
+            if hit is not None and self._still_valid(*hit):
+                return hit[:4]
+        prepared = self.prepare(request, same_host=same_host)
+        params, data = self.decode(prepared)
+        self.keep(prepared, request, params)
+        views = self.gradient_views(prepared)
+        shared = prepared.shared
+        if key is not None and shared is not None and prepared.kept is None:
+            names = {shared.segment, shared.gradient_segment} - {""}
+            self._shared_calls.put(key, (prepared, params, data, views,
+                                         [(n, self.segments.get(n)) for n in names]))
+        return prepared, params, data, views
+
+    def _still_valid(self, prepared: Prepared, params, data, views, mapped) -> bool:
+        """Whether a remembered shared-memory request still holds: its graph is registered
+        and each segment is still the file that was mapped (else it is checked afresh)."""
+        if self._graphs.get(prepared.graph_id) is None:
+            return False
+        try:
+            return all(self.segments.get(name) is buf for name, buf in mapped)
+        except sharedmem.SegmentError:
+            return False
+
     # ------------------------------------------------------------------ compute ------
 
     def plan_for(self, prepared: Prepared, data: dict) -> tuple[Any, bool]:
@@ -714,11 +748,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def ComputeGradients(self, request, context):
         check = _deadline_check(context)
         t0 = time.perf_counter()
-        prepared = self.worker.prepare(request, same_host=request.HasField("shared_memory")
-                                       and _same_host(context.peer()))
-        params, data = self.worker.decode(prepared)
-        self.worker.keep(prepared, request, params)
-        views = self.worker.gradient_views(prepared)
+        prepared, params, data, views = self.worker.unary(
+            request, same_host=request.HasField("shared_memory")
+            and _same_host(context.peer()))
         runtime.metric("transport", "unary" if prepared.shared is None else "shared_memory")
         t1 = time.perf_counter()
         if views is not None:

@@ -399,3 +399,54 @@ def test_concurrent_calls_from_threads_get_their_own_results(worker):
             assert r.timings["shared_memory"] == 1.0
             for n, g in wants[k].items():
                 assert np.array_equal(r.gradients[n], g), (k, n)
+
+
+def test_a_repeated_request_is_checked_once_and_reads_the_live_segment():
+    """A shared-memory request sent again byte for byte (the client reuses its segments)
+    skips the header checks, but computes from what the segment holds now, and is checked
+    afresh once its graph is evicted or its segment is gone."""
+    from gradmesh.core import graph as core_graph
+    from gradmesh.core import serialize
+    w = worker_mod.GradientWorker("cpu", graph_cache_size=1)
+    model = _model()
+    x, y = _batch()
+    graph_id = w.register(core_graph.trace(_loss, model, x, y))
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    pool = sharedmem.Pool()
+    pseg, poff = sharedmem.place(pool, params)
+    gseg, goff = sharedmem.place(pool, params, write=False)
+    try:
+        req = shared_request(params, pseg, poff, gseg, goff)
+        req.graph_id = graph_id
+        req.data.add(name="x0").tensor.CopyFrom(serialize.to_proto(x))
+        req.data.add(name="x1").tensor.CopyFrom(serialize.to_proto(y))
+        first = w.unary(req, same_host=True)
+        for scale in (1.0, 3.0):
+            with gm.no_grad():
+                for p in model.parameters():
+                    p.mul_(scale)
+            for n, p in model.named_parameters():       # the client writes new values
+                pseg.view(poff[n], np.float32, p.shape)[...] = p.detach().numpy()
+            prepared, ps, ds, views = again = w.unary(req, same_host=True)
+            assert again[0] is first[0]                  # not checked again
+            w.compute(prepared, ps, ds, on_grad=lambda n, a: views[n].__setitem__(..., a))
+            model.zero_grad()
+            _loss(model, gm.from_numpy(x), gm.from_numpy(y)).backward()
+            for n, p in model.named_parameters():
+                assert np.array_equal(views[n], p.grad.numpy()), (scale, n)
+        w.register(core_graph.trace(lambda m, x, y: _loss(m, x, y) * 2, model, x, y))
+        with pytest.raises(ServiceError) as e:
+            w.unary(req, same_host=True)
+        # (another graph evicted it: the cache holds one)
+        assert (e.value.code, e.value.field) == (grpc.StatusCode.NOT_FOUND, "graph_id")
+        w.register(core_graph.trace(_loss, model, x, y))
+        assert w.unary(req, same_host=True)[0].graph_id == graph_id   # registered again
+        pseg.close()
+        with pytest.raises(ServiceError) as e:
+            w.unary(req, same_host=True)
+        assert (e.value.code, e.value.field) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                 "shared_memory.segment")
+    finally:
+        pseg.close()
+        gseg.close()
+        pool.close()
