@@ -18,7 +18,10 @@ the gradients through shared memory instead (core/sharedmem.py), when it says it
 """
 from __future__ import annotations
 
+import itertools
+import math
 import random
+import sys
 import threading
 import time
 import weakref
@@ -31,6 +34,7 @@ import numpy as np
 from gradmesh.client import errors
 from gradmesh.client.channel import TLS, channel, metadata
 from gradmesh.core import serialize, sharedmem
+from gradmesh.core.tensor import Tensor
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 MiB = 1 << 20
@@ -46,6 +50,12 @@ SHARED_MEMORY_MIN_BYTES = 256 << 10
 # much kept idle.
 REPLY_POOL_BYTES = 512 << 20
 _reply_buffers = serialize.BufferPool(REPLY_POOL_BYTES)
+# Bounds of the caches of what repeats call after call (request bytes per graph, shapes
+# and options; tensor headers of replies): past it a cache is cleared and fills again.
+REQUEST_CACHE_ENTRIES = 64
+HEADER_CACHE_ENTRIES = 1024
+SEGMENT_PAIRS_CACHED = 16
+_LITTLE = sys.byteorder == "little"
 
 
 @dataclass
@@ -66,9 +76,10 @@ class GradientResult:
 
 def _array(x) -> np.ndarray:
     """A host NumPy array for a NumPy array, gradmesh Tensor/Parameter or CuPy array."""
-    from gradmesh.core.tensor import Tensor
     if isinstance(x, Tensor):
         x = x._data
+    if type(x) is np.ndarray:
+        return x
     if not isinstance(x, np.ndarray):
         x = x.get() if type(x).__module__.startswith("cupy") else np.asarray(x)
     return x
@@ -76,6 +87,8 @@ def _array(x) -> np.ndarray:
 
 def _named_params(params) -> list[tuple[str, Any]]:
     """(name, tensor) pairs of a Module (named_parameters order) or a mapping."""
+    if type(params) is dict:        # the common case, before the slower checks
+        return list(params.items())
     if hasattr(params, "named_parameters"):
         return list(params.named_parameters())
     if isinstance(params, Mapping):
@@ -85,8 +98,50 @@ def _named_params(params) -> list[tuple[str, Any]]:
 
 
 def _signature(pairs, arrays) -> tuple:
-    return tuple((n, a.shape, a.dtype.str) for n, a in pairs) + \
-        tuple((a.shape, a.dtype.str) for a in arrays)
+    # dtype objects, not their .str (which builds a string each time): equal and hashed
+    # alike exactly when the strings are.
+    return (tuple([(n, a.shape, a.dtype) for n, a in pairs]),
+            tuple([(a.shape, a.dtype) for a in arrays]))
+
+
+class _Request:
+    """Everything a ComputeGradients request holds but the tensors' bytes, for one graph,
+    signature (names, shapes, dtypes) and set of options: the same from step to step, so
+    each client keeps it (``WorkerClient._request``) instead of building it every call."""
+    __slots__ = ("head", "tail", "data_names", "wanted", "param_bytes", "data_bytes",
+                 "unary", "shared")
+
+    def __init__(self, head: bytes, tail: bytes, data_names: list[str], wanted: list[str],
+                 param_bytes: int, data_bytes: int):
+        self.head = head                # field 1 (graph id): the tensors go between the two
+        self.tail = tail                # fields 5-8
+        self.data_names = data_names
+        self.wanted = wanted            # gradients asked for ([]: all)
+        self.param_bytes = param_bytes
+        self.data_bytes = data_bytes
+        # (bytes before the tensor's data, wire dtype) per tensor: built on first unary use.
+        self.unary: list[tuple[bytes, np.dtype]] | None = None
+        # (segment, gradient segment) -> the whole request: segments come back from the
+        # pool call after call, so the same few names (and offsets) repeat.
+        self.shared: dict[tuple[str, str], bytes] = {}
+
+    def unary_request(self, params, data) -> bytes:
+        """The request with the tensors' bytes in it (the one copy before gRPC's own)."""
+        headers = self.unary
+        if headers is None:
+            headers = [(serialize.encode_tensor_field(field, a, n)[0],
+                        a.dtype.newbyteorder("<"))
+                       for field, pairs in ((3, params), (4, data)) for n, a in pairs]
+            self.unary = headers
+        pieces = [self.head]
+        append = pieces.append
+        for (header, wire), (_, a) in zip(headers, itertools.chain(params, data)):
+            append(header)
+            # No copy for an array already little-endian and C-contiguous.
+            a = np.asarray(a, dtype=wire, order="C")
+            append(memoryview(a).cast("B") if a.size else b"")
+        append(self.tail)
+        return b"".join(pieces)
 
 
 class WorkerClient:
@@ -137,6 +192,8 @@ class WorkerClient:
         # fn -> {shapes signature: (graph, graph id)}; weak so that lambdas can be freed.
         self._traced: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
         self._traced_strong: dict[Any, dict] = {}
+        # (graph ids, signature, options) -> _Request.
+        self._requests: dict[tuple, _Request] = {}
         # Graph id as computed here -> the worker's id (that of the canonical form).
         self._registered: dict[str, str] = {}
         # None: not decided yet (the first call asks Capabilities); then True or False.
@@ -194,10 +251,10 @@ class WorkerClient:
     def trace(self, fn: Callable, params, *data) -> tuple[graph_pb2.Graph, str]:
         """The graph of ``fn(params, *data)`` for these shapes and dtypes (cached) and its id."""
         pairs = [(n, _array(p)) for n, p in _named_params(params)]
-        return self._traced_graph(fn, params, data, pairs, [_array(d) for d in data])
+        return self._traced_graph(fn, params, data,
+                                  _signature(pairs, [_array(d) for d in data]))
 
-    def _traced_graph(self, fn, params, data, pairs, arrays) -> tuple[graph_pb2.Graph, str]:
-        sig = _signature(pairs, arrays)
+    def _traced_graph(self, fn, params, data, sig: tuple) -> tuple[graph_pb2.Graph, str]:
         try:
             cache = self._traced.setdefault(fn, {})
         except TypeError:       # not weak-referenceable (e.g. a functools.partial)
@@ -230,43 +287,34 @@ class WorkerClient:
         """
         param_arrays = [(n, _array(p)) for n, p in _named_params(params)]
         arrays = [_array(d) for d in data]
+        sig = _signature(param_arrays, arrays)
         if isinstance(fn_or_graph, graph_pb2.Graph):
             from gradmesh.core import graph as core_graph
             graph, graph_id = fn_or_graph, core_graph.graph_id(fn_or_graph)
         elif callable(fn_or_graph):
-            graph, graph_id = self._traced_graph(fn_or_graph, params, data, param_arrays,
-                                                 arrays)
+            graph, graph_id = self._traced_graph(fn_or_graph, params, data, sig)
         else:
             raise TypeError("fn_or_graph must be a function or a graph_pb2.Graph")
         # The worker's id for the graph: ours, unless the graph was not canonical.
-        graph_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
+        worker_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
 
-        data_arrays = list(zip(_data_names(graph, len(data)), arrays))
-        data_bytes = sum(a.nbytes for _, a in data_arrays)
-        total = sum(a.nbytes for _, a in param_arrays) + data_bytes
+        request = self._request(graph, graph_id, worker_id, sig, gradients, outputs,
+                                loss_scale, seed)
+        data_arrays = list(zip(request.data_names, arrays))
+        data_bytes = request.data_bytes
+        total = request.param_bytes + data_bytes
         shared = (total - data_bytes >= self.shared_memory_min_bytes
                   and data_bytes < self.stream_threshold and self._use_shared_memory(timeout))
         streamed = not shared and total > self.stream_threshold
-        # Fields 1 and 5-8 of the request; the tensors (fields 3, 4) go between them.
-        head = worker_pb2.ComputeGradientsRequest(graph_id=graph_id).SerializeToString()
-        tail = worker_pb2.ComputeGradientsRequest(
-            gradients=list(gradients or ()), outputs=list(outputs), loss_scale=loss_scale,
-            seed=seed).SerializeToString()
 
         def attempt(**kw):
             if streamed:
-                return self._stream(head, tail, param_arrays, data_arrays, **kw)
+                return self._stream(request.head, request.tail, param_arrays, data_arrays,
+                                    **kw)
             if shared:
-                return self._shared_call(head, tail, param_arrays, data_arrays,
-                                         list(gradients or ()), **kw)
-            pieces = [head]
-            for n, a in param_arrays:
-                pieces += serialize.encode_tensor_field(3, a, n)
-            for n, a in data_arrays:
-                pieces += serialize.encode_tensor_field(4, a, n)
-            pieces.append(tail)
-            # The one copy of the tensors' bytes before gRPC's own.
-            return _unary_result(self._unary_call(b"".join(pieces), **kw))
+                return self._shared_call(request, param_arrays, data_arrays, **kw)
+            return _unary_result(self._unary_call(
+                request.unary_request(param_arrays, data_arrays), **kw))
 
         start = time.perf_counter()
         try:
@@ -291,6 +339,38 @@ class WorkerClient:
             _to_tensors(result)
         return result
 
+    def _request(self, graph, graph_id: str, worker_id: str, sig: tuple, gradients,
+                 outputs, loss_scale, seed) -> _Request:
+        """The request's parts but the tensors, from the client's cache when this graph,
+        signature and options were sent before."""
+        wanted, outputs = list(gradients or ()), list(outputs)
+        # The types too: equal values of another type may serialize differently or not at
+        # all (True == 1, but protobuf refuses a bool seed).
+        key = (graph_id, worker_id, sig, tuple(wanted), tuple(outputs), type(loss_scale),
+               loss_scale, type(seed), seed)
+        try:
+            hit = self._requests.get(key)
+        except TypeError:           # an unhashable option (a 0-d array): not cached
+            hit = key = None
+        if hit is not None:
+            return hit
+        data_names = _data_names(graph, len(sig[1]))
+        # Fields 1 and 5-8 of the request; the tensors (fields 3, 4) go between them.
+        head = worker_pb2.ComputeGradientsRequest(graph_id=worker_id).SerializeToString()
+        tail = worker_pb2.ComputeGradientsRequest(
+            gradients=wanted, outputs=outputs, loss_scale=loss_scale,
+            seed=seed).SerializeToString()
+        nbytes = [math.prod(shape) * dtype.itemsize for _, shape, dtype in sig[0]]
+        request = _Request(head, tail, data_names, wanted, sum(nbytes),
+                           sum(math.prod(shape) * dtype.itemsize for shape, dtype in sig[1]))
+        # -0.0 == 0.0, but they serialize differently.
+        if key is not None and loss_scale != 0:
+            requests = self._requests
+            if len(requests) >= REQUEST_CACHE_ENTRIES:
+                requests.clear()
+            requests[key] = request
+        return request
+
     def _use_shared_memory(self, timeout: float | None) -> bool:
         if self._shared is None:
             try:
@@ -299,22 +379,31 @@ class WorkerClient:
                 return False        # decided on a later call; this one goes as bytes
         return self._shared
 
-    def _shared_call(self, head: bytes, tail: bytes, params, data, wanted: list[str],
-                     **kw) -> GradientResult:
+    def _shared_call(self, request: _Request, params, data, **kw) -> GradientResult:
         """One ComputeGradients with parameters, data and gradients in shared memory."""
         by_name, data = dict(params), dict(data)
         pseg, offsets = sharedmem.place(self._segments, {
             **{("p", n): a for n, a in by_name.items()},
             **{("d", n): a for n, a in data.items()}})
         gseg, goffsets = sharedmem.place(
-            self._segments, {n: by_name[n] for n in (wanted or by_name) if n in by_name},
+            self._segments,
+            {n: by_name[n] for n in (request.wanted or by_name) if n in by_name},
             write=False)
         done = False
         try:
-            req = shared_request(
-                by_name, pseg, {n: offsets["p", n] for n in by_name}, gseg, goffsets,
-                data, {n: offsets["d", n] for n in data})
-            resp = self._unary_call(head + req.SerializeToString() + tail, **kw)
+            # The offsets follow from the signature, which the request is cached under: the
+            # segments' names are all that can change.
+            segments = (pseg.name, gseg.name)
+            message = request.shared.get(segments)
+            if message is None:
+                req = shared_request(
+                    by_name, pseg, {n: offsets["p", n] for n in by_name}, gseg, goffsets,
+                    data, {n: offsets["d", n] for n in data})
+                message = request.head + req.SerializeToString() + request.tail
+                if len(request.shared) >= SEGMENT_PAIRS_CACHED:
+                    request.shared.clear()
+                request.shared[segments] = message
+            resp = self._unary_call(message, **kw)
             result = _unary_result(resp)
             # Views, no copy: the segment is reused once the caller has dropped them.
             result.gradients = shared_gradients(resp, self._segments.lend(gseg), goffsets)
@@ -360,7 +449,6 @@ class WorkerClient:
                  timeout: float | None = None):
         """Like ``fn(model, *data).backward()``, computed remotely: adds each gradient into
         ``p.grad`` of the model's parameters that require grad; returns the loss Tensor."""
-        from gradmesh.core.tensor import Tensor
         pairs = _named_params(model)
         wanted = [n for n, p in pairs if getattr(p, "requires_grad", True)]
         result = self.compute_gradients(fn, model, *data, gradients=wanted,
@@ -424,16 +512,36 @@ def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray,
         raise sharedmem.SegmentError("the worker did not write the gradients to shared "
                                      "memory (a worker that predates it?)")
     out = {}
+    size = buf.nbytes
     for nt in resp.gradients:
-        dtype = serialize.PROTO_TO_DTYPE.get(nt.tensor.dtype)
-        offset = offsets.get(nt.name)
-        shape = tuple(nt.tensor.shape)
-        nbytes = (dtype.np.itemsize * int(np.prod(shape))) if dtype else -1
-        if offset is None or dtype is None or offset + nbytes > buf.nbytes or nbytes < 0:
-            raise sharedmem.SegmentError(f"the worker's gradient {nt.name!r} does not fit "
+        # A gradient's header (name, dtype, shape: a few bytes) is the same call after
+        # call: parsed and checked once, then looked up by its bytes.
+        key = nt.SerializeToString()
+        hit = _gradient_headers.get(key)
+        if hit is None:
+            hit = _gradient_header(nt)
+            if len(key) <= 1024:
+                if len(_gradient_headers) >= HEADER_CACHE_ENTRIES:
+                    _gradient_headers.clear()
+                _gradient_headers[key] = hit
+        name, dtype, shape, nbytes = hit
+        offset = offsets.get(name)
+        if offset is None or dtype is None or offset + nbytes > size or nbytes < 0:
+            raise sharedmem.SegmentError(f"the worker's gradient {name!r} does not fit "
                                          f"what was asked for")
-        out[nt.name] = buf[offset:offset + nbytes].view(dtype.np).reshape(shape)
+        out[name] = np.ndarray(shape, dtype, buf, offset)
     return out
+
+
+def _gradient_header(nt: tensor_pb2.NamedTensor) -> tuple:
+    """(name, NumPy dtype or None when unknown, shape, byte size) of a gradient's header."""
+    dtype = serialize.PROTO_TO_DTYPE.get(nt.tensor.dtype)
+    shape = tuple(nt.tensor.shape)
+    return (nt.name, dtype.np if dtype else None, shape,
+            dtype.np.itemsize * math.prod(shape) if dtype else -1)
+
+
+_gradient_headers: dict[bytes, tuple] = {}
 
 
 def _shared_memory_refused(e: Exception) -> bool:
@@ -463,19 +571,37 @@ def _timings(resp: worker_pb2.ComputeGradientsResponse) -> dict[str, float]:
             "plan_cached": float(t.plan_cached)}
 
 
+def _decode(t: tensor_pb2.Tensor, field: str, name: str | None = None) -> np.ndarray:
+    """``serialize.from_proto`` (a read-only view of the message's bytes), with the checks
+    of a (dtype, shape) that passed them once reduced to the byte count."""
+    shape = tuple(t.shape)
+    key = (t.dtype, shape)
+    hit = _reply_headers.get(key)
+    data = t.data
+    if hit is None or len(data) != hit[1]:
+        # The full checks (and errors naming the field), and bool's 0/1 check every time.
+        a = serialize.from_proto(t, field=field if name is None else f"{field}[{name}]")
+        if _LITTLE and a.dtype != np.bool_:     # else a conversion, or values to check
+            if len(_reply_headers) >= HEADER_CACHE_ENTRIES:
+                _reply_headers.clear()
+            _reply_headers[key] = (a.dtype, len(data))
+        return a
+    return np.ndarray(shape, hit[0], data)     # what from_proto returns, in one step
+
+
+_reply_headers: dict[tuple[int, tuple], tuple[np.dtype, int]] = {}
+
+
 def _unary_result(resp: worker_pb2.ComputeGradientsResponse) -> GradientResult:
-    def dec(t, name):
-        return serialize.from_proto(t, field=name)
     return GradientResult(
-        dec(resp.loss, "loss"),
-        {nt.name: dec(nt.tensor, f"outputs[{nt.name}]") for nt in resp.outputs},
+        _decode(resp.loss, "loss"),
+        {nt.name: _decode(nt.tensor, "outputs", nt.name) for nt in resp.outputs},
         {} if resp.gradients_in_shared_memory else
-        {nt.name: dec(nt.tensor, f"gradients[{nt.name}]") for nt in resp.gradients},
+        {nt.name: _decode(nt.tensor, "gradients", nt.name) for nt in resp.gradients},
         _timings(resp), resp.graph_id)
 
 
 def _to_tensors(result: GradientResult) -> None:
-    from gradmesh.core.tensor import Tensor
     result.loss = Tensor(np.array(result.loss))
     result.outputs = {k: Tensor(np.array(v)) for k, v in result.outputs.items()}
     result.gradients = {k: Tensor(np.array(v)) for k, v in result.gradients.items()}

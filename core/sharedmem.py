@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -44,6 +45,8 @@ ALIGN = 64
 NAME = re.compile(r"gradmesh-([0-9]{1,10})-[0-9a-f]{32}\Z")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)     # fault every page in once, at map time
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Byte orders of NumPy dtypes whose bytes are already little-endian ("|": one byte).
+_WIRE_ORDER = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
 
 
 # Names of the segments this process created and has not removed yet: removed at exit.
@@ -234,8 +237,14 @@ def place(pool: "Pool", arrays: dict[str, np.ndarray], write: bool = True
     offsets, size = layout((n, a.nbytes) for n, a in arrays.items())
     seg = pool.acquire(size)
     if write:
+        buf = seg.buf
         for name, a in arrays.items():
-            seg.view(offsets[name], a.dtype.newbyteorder("<"), a.shape)[...] = a
+            offset = offsets[name]
+            if a.flags.c_contiguous and a.dtype.byteorder in _WIRE_ORDER and a.size:
+                # Already the wire's bytes: one memcpy, without an array over the segment.
+                buf[offset:offset + a.nbytes] = memoryview(a).cast("B")
+            else:
+                seg.view(offset, a.dtype.newbyteorder("<"), a.shape)[...] = a
     return seg, offsets
 
 

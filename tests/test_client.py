@@ -249,3 +249,208 @@ def test_stream_codec_names_stay_importable_from_the_client():
     from gradmesh.core import serialize
     assert client_worker.encode_chunk_frame is serialize.encode_chunk_frame
     assert client_worker.decode_stream_frame is serialize.decode_stream_frame
+
+
+# ---------------------------------------------------------------- cached request bytes --
+# The client keeps the bytes of a request but the tensors' (per graph, shapes, dtypes and
+# options) and the SharedMemory part per pair of segments: what it sends must stay exactly
+# what protobuf writes for the same request.
+
+from gradmesh.core import sharedmem  # noqa: E402
+
+needs_shared_memory = pytest.mark.skipif(not sharedmem.available(), reason="no /dev/shm here")
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    big_endian = rng.standard_normal((3, 2)).astype(">f8")
+    strided = rng.standard_normal((4, 6)).astype(np.float32)[:, ::2]
+    return [
+        # params, data, gradients, outputs, loss_scale, seed
+        ({"w": rng.standard_normal(4).astype(np.float32)},
+         [rng.standard_normal((2, 4)).astype(np.float32)], None, (), 1.0, 0),
+        ({"a": rng.standard_normal((3, 5)), "b": np.float32(2.5) * np.ones((), np.float32),
+          "c": rng.integers(0, 9, (2, 2)).astype(np.int32)},
+         [rng.integers(0, 5, 7), np.zeros((0, 3), np.float16)], ["c", "a"], ["h"], 0.5,
+         7),
+        ({"p": big_endian, "q": strided}, [np.array([True, False])], ["q"], ["o1", "o2"],
+         -0.0, 2**63),
+        ({"only": rng.standard_normal((2, 3)).astype(np.float16)}, [], [], (), 3, 1),
+    ]
+
+
+def _data_graph(n: int) -> "graph_pb2.Graph":
+    from gradmesh.v1 import graph_pb2
+    return graph_pb2.Graph(version=1, inputs=[
+        graph_pb2.Input(name=f"x{i}", role=graph_pb2.Input.DATA) for i in range(n)])
+
+
+def _protobuf_request(graph_id, params, data_names, data, gradients, outputs, loss_scale,
+                      seed) -> bytes:
+    from gradmesh.core import serialize
+    from gradmesh.v1 import tensor_pb2, worker_pb2
+    return worker_pb2.ComputeGradientsRequest(
+        graph_id=graph_id,
+        parameters=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+                    for n, a in params.items()],
+        data=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+              for n, a in zip(data_names, data)],
+        gradients=list(gradients or ()), outputs=list(outputs), loss_scale=loss_scale,
+        seed=seed).SerializeToString()
+
+
+def _mocked_client(reply, **kw):
+    """A client whose ComputeGradients records the request bytes and answers ``reply``."""
+    client = WorkerClient("127.0.0.1:1", **kw)
+    sent = []
+    client._unary_call = lambda request, **_: sent.append(request) or reply(request)
+    return client, sent
+
+
+def _unary_reply(request):
+    from gradmesh.core import serialize
+    from gradmesh.v1 import worker_pb2
+    return worker_pb2.ComputeGradientsResponse(loss=serialize.to_proto(np.float32(1.5)))
+
+
+@pytest.mark.parametrize("case", range(len(_cases())))
+def test_unary_request_bytes_equal_protobufs(case):
+    from gradmesh.core.graph import graph_id
+    params, data, gradients, outputs, loss_scale, seed = _cases()[case]
+    graph = _data_graph(len(data))
+    client, sent = _mocked_client(_unary_reply, shared_memory=False)
+    with client:
+        client._registered[graph_id(graph)] = "the-workers-id"
+        for step in range(3):       # the first call builds the cached parts, the rest reuse
+            params = {n: (a + step).astype(a.dtype) if a.dtype != np.bool_ else a
+                      for n, a in params.items()}
+            client.compute_gradients(graph, params, *data, gradients=gradients,
+                                     outputs=outputs, loss_scale=loss_scale, seed=seed)
+            assert sent[-1] == _protobuf_request("the-workers-id", params,
+                                                 [f"x{i}" for i in range(len(data))], data,
+                                                 gradients, outputs, loss_scale, seed)
+        # Equal options of another type, or the other sign of zero, are not mixed up.
+        for other in (0.0 if loss_scale == 0 else float(loss_scale), loss_scale):
+            client.compute_gradients(graph, params, *data, gradients=gradients,
+                                     outputs=outputs, loss_scale=other, seed=seed)
+            assert sent[-1] == _protobuf_request("the-workers-id", params,
+                                                 [f"x{i}" for i in range(len(data))], data,
+                                                 gradients, outputs, other, seed)
+        with pytest.raises(TypeError):
+            client.compute_gradients(graph, params, *data, gradients=gradients,
+                                     outputs=outputs, loss_scale=loss_scale, seed=True)
+
+
+@needs_shared_memory
+@pytest.mark.parametrize("case", range(len(_cases())))
+def test_shared_memory_request_bytes_equal_protobufs(case):
+    from types import SimpleNamespace
+
+    from gradmesh.client.worker import shared_request
+    from gradmesh.core import serialize
+    from gradmesh.core.graph import graph_id
+    from gradmesh.v1 import worker_pb2
+    params, data, gradients, outputs, loss_scale, seed = _cases()[case]
+    graph = _data_graph(len(data))
+    names = [f"x{i}" for i in range(len(data))]
+    wanted = [n for n in (gradients or params) if n in params]
+
+    def reply(request):
+        resp = worker_pb2.ComputeGradientsResponse(
+            loss=serialize.to_proto(np.float32(1.5)), gradients_in_shared_memory=True)
+        for n in wanted:
+            resp.gradients.add(name=n, tensor=serialize.to_proto(params[n], data=False))
+        return resp
+
+    client, sent = _mocked_client(reply, shared_memory_min_bytes=0)
+    with client:
+        client._shared = True
+        client._registered[graph_id(graph)] = "the-workers-id"
+        kept = []
+        for step in range(4):
+            result = client.compute_gradients(graph, params, *data, gradients=gradients,
+                                              outputs=outputs, loss_scale=loss_scale,
+                                              seed=seed)
+            assert result.timings["shared_memory"] == 1.0
+            assert list(result.gradients) == wanted
+            if step == 1:
+                kept.append(result)     # its gradient segment is not reused: a new one
+            del result
+            sm = worker_pb2.ComputeGradientsRequest.FromString(sent[-1]).shared_memory
+            offsets, _ = sharedmem.layout([(("p", n), a.nbytes) for n, a in params.items()] +
+                                          [(("d", n), a.nbytes) for n, a in zip(names, data)])
+            goffsets, _ = sharedmem.layout([(n, params[n].nbytes) for n in wanted])
+            head = worker_pb2.ComputeGradientsRequest(graph_id="the-workers-id")
+            tail = worker_pb2.ComputeGradientsRequest(
+                gradients=list(gradients or ()), outputs=list(outputs),
+                loss_scale=loss_scale, seed=seed)
+            req = shared_request(params, SimpleNamespace(name=sm.segment),
+                                 {n: offsets["p", n] for n in params},
+                                 SimpleNamespace(name=sm.gradient_segment), goffsets,
+                                 dict(zip(names, data)),
+                                 {n: offsets["d", n] for n in names})
+            assert sent[-1] == (head.SerializeToString() + req.SerializeToString() +
+                                tail.SerializeToString())
+        assert len({worker_pb2.ComputeGradientsRequest.FromString(s).shared_memory
+                    .gradient_segment for s in sent}) == 2
+        del kept
+
+
+def test_cached_reply_headers_keep_every_check():
+    from gradmesh.client.worker import _unary_result, shared_gradients
+    from gradmesh.core import serialize
+    from gradmesh.v1 import worker_pb2
+    arrays = [np.float32(2.0) * np.ones(()), np.arange(6, dtype=np.int64).reshape(2, 3),
+              np.zeros((0, 3), np.float16), np.array([True, False])]
+    resp = worker_pb2.ComputeGradientsResponse(loss=serialize.to_proto(np.float32(0.25)))
+    for i, a in enumerate(arrays):
+        resp.gradients.add(name=f"g{i}", tensor=serialize.to_proto(a))
+    for _ in range(2):              # decoded once fully, then through the cached header
+        result = _unary_result(resp)
+        assert result.loss.shape == () and result.loss == np.float32(0.25)
+        for i, a in enumerate(arrays):
+            g = result.gradients[f"g{i}"]
+            assert g.dtype == a.dtype and g.shape == a.shape and not g.flags.writeable
+            np.testing.assert_array_equal(g, a)
+    resp.gradients[1].tensor.data = resp.gradients[1].tensor.data[:-8]
+    with pytest.raises(serialize.WireError, match=r"gradients\[g1\]"):
+        _unary_result(resp)
+    del resp.gradients[:]
+    resp.gradients.add(name="b", tensor=serialize.to_proto(np.array([True, True])))
+    _unary_result(resp)
+    resp.gradients[0].tensor.data = b"\x01\x02"
+    with pytest.raises(serialize.WireError, match="0 or 1"):
+        _unary_result(resp)
+
+    buf = np.zeros(256, np.uint8)
+    shared = worker_pb2.ComputeGradientsResponse(gradients_in_shared_memory=True)
+    shared.gradients.add(name="w", tensor=serialize.to_proto(np.zeros((4, 8), np.float32),
+                                                             data=False))
+    for _ in range(2):
+        assert shared_gradients(shared, buf, {"w": 64})["w"].shape == (4, 8)
+    for offsets in ({"w": 160}, {"v": 0}):
+        with pytest.raises(sharedmem.SegmentError, match="'w' does not fit"):
+            shared_gradients(shared, buf, offsets)
+    shared.gradients[0].tensor.dtype = 99
+    with pytest.raises(sharedmem.SegmentError, match="'w' does not fit"):
+        shared_gradients(shared, buf, {"w": 0})
+
+
+@needs_shared_memory
+def test_place_writes_wire_bytes_whatever_the_layout_of_the_arrays():
+    rng = np.random.default_rng(1)
+    arrays = {"c": rng.standard_normal((3, 5)).astype(np.float32),
+              "big_endian": rng.standard_normal((2, 3)).astype(">f8"),
+              "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::2],
+              "fortran": np.asfortranarray(rng.integers(0, 9, (3, 4))),
+              "scalar": np.float16(1.5) * np.ones((), np.float16),
+              "empty": np.zeros((0, 3), np.int32), "bool": np.array([True, False, True])}
+    pool = sharedmem.Pool()
+    try:
+        seg, offsets = sharedmem.place(pool, arrays)
+        for name, a in arrays.items():
+            got = seg.view(offsets[name], a.dtype.newbyteorder("<"), a.shape)
+            np.testing.assert_array_equal(got, a)
+        pool.release(seg)
+    finally:
+        pool.close()
