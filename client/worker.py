@@ -382,8 +382,11 @@ class WorkerClient:
     def _shared_call(self, request: _Request, params, data, **kw) -> GradientResult:
         """One ComputeGradients with parameters, data and gradients in shared memory."""
         by_name, data = dict(params), dict(data)
+        # Parameters already in shared memory (Module.share_memory()) are read where they
+        # are; the others and the data are copied into a segment of the pool.
+        located = _located(by_name)
         pseg, offsets = sharedmem.place(self._segments, {
-            **{("p", n): a for n, a in by_name.items()},
+            **({} if located else {("p", n): a for n, a in by_name.items()}),
             **{("d", n): a for n, a in data.items()}})
         gseg, goffsets = sharedmem.place(
             self._segments,
@@ -393,12 +396,14 @@ class WorkerClient:
         try:
             # The offsets follow from the signature, which the request is cached under: the
             # segments' names are all that can change.
-            segments = (pseg.name, gseg.name)
+            segments = (pseg.name, gseg.name, located)
             message = request.shared.get(segments)
             if message is None:
                 req = shared_request(
-                    by_name, pseg, {n: offsets["p", n] for n in by_name}, gseg, goffsets,
-                    data, {n: offsets["d", n] for n in data})
+                    by_name, pseg, dict(located[1]) if located else
+                    {n: offsets["p", n] for n in by_name}, gseg, goffsets,
+                    data, {n: offsets["d", n] for n in data},
+                    parameter_segment=located[0] if located else "")
                 message = request.head + req.SerializeToString() + request.tail
                 if len(request.shared) >= SEGMENT_PAIRS_CACHED:
                     request.shared.clear()
@@ -486,13 +491,23 @@ def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
     return header, assembler.finish(), timed
 
 
+def _located(params: dict[str, np.ndarray]) -> tuple[str, tuple] | None:
+    """``(segment name, ((parameter, offset), ...))`` when every parameter lives in the same
+    shared-memory segment (``Tensor.share_memory_``), else None."""
+    where = [sharedmem.locate(a) for a in params.values()]
+    if not where or None in where or len({name for name, _ in where}) != 1:
+        return None
+    return where[0][0], tuple((n, offset) for n, (_, offset) in zip(params, where))
+
+
 def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,
                    offsets: dict[str, int], gradient_segment: sharedmem.Segment,
                    gradient_offsets: dict[str, int], data: dict[str, np.ndarray] | None = None,
-                   data_offsets: dict[str, int] | None = None
+                   data_offsets: dict[str, int] | None = None, parameter_segment: str = ""
                    ) -> worker_pb2.ComputeGradientsRequest:
     """The tensors' headers (no bytes) and the ``SharedMemory`` of a request whose
-    parameters (and ``data``, if given) are in ``segment`` and whose gradients go to
+    parameters (and ``data``, if given) are in ``segment`` (the parameters in the segment
+    named ``parameter_segment`` instead, if given) and whose gradients go to
     ``gradient_segment``."""
     def headers(arrays):
         return [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
@@ -501,7 +516,8 @@ def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,
         parameters=headers(params), data=headers(data),
         shared_memory=worker_pb2.SharedMemory(
             segment=segment.name, parameter_offsets=offsets, data_offsets=data_offsets,
-            gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets))
+            gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets,
+            parameter_segment=parameter_segment))
 
 
 def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray,

@@ -248,6 +248,53 @@ def place(pool: "Pool", arrays: dict[str, np.ndarray], write: bool = True
     return seg, offsets
 
 
+def share(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Copies of ``arrays`` laid out in one new segment, for tensors that live in shared
+    memory for good (``Tensor.share_memory_()``, ``Module.share_memory()``): a worker on
+    this host then reads them where they are, without a copy per call. The segment is
+    removed when the last of the copies (or a view of one) is freed."""
+    offsets, size = layout((i, a.nbytes) for i, a in enumerate(arrays))
+    seg = Segment(size)
+    raw = np.frombuffer(memoryview(seg.buf), np.uint8)
+    # NumPy makes ``raw`` the base of every view of it, of the copies below and of views of
+    # those (a chain of views collapses onto the first array whose base is no array).
+    key = id(raw)
+    _shared[key] = (seg.name, raw.ctypes.data, seg.size)
+    weakref.finalize(raw, _unshare, key, seg).atexit = False
+    out = []
+    for i, a in enumerate(arrays):
+        a = np.asarray(a)
+        dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        copy = raw[offsets[i]:offsets[i] + a.nbytes].view(dtype).reshape(a.shape)
+        copy[...] = a
+        out.append(copy)
+    return out
+
+
+def locate(a: np.ndarray) -> tuple[str, int] | None:
+    """``(segment name, offset)`` of an array made by :func:`share` (or a view of one)
+    whose bytes are as on the wire (C order, little-endian, at an aligned offset); None
+    for any other array."""
+    hit = _shared.get(id(a.base))
+    if hit is None or not a.flags.c_contiguous or a.dtype.byteorder not in _WIRE_ORDER:
+        return None
+    name, start, size = hit
+    offset = a.ctypes.data - start
+    if offset % ALIGN or not 0 <= offset <= size - a.nbytes:
+        return None
+    return name, offset
+
+
+# The memory of share()'s segments: id of the array over it -> (name, address, size),
+# while that array lives.
+_shared: dict[int, tuple[str, int, int]] = {}
+
+
+def _unshare(key: int, seg: Segment) -> None:
+    _shared.pop(key, None)
+    seg.close()
+
+
 class Pool:
     """A client's free segments, reused call after call (a segment the worker has mapped
     once costs nothing to map again). Thread-safe."""

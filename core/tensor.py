@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import autograd, backend, dtypes
+from . import autograd, backend, dtypes, sharedmem
 from .autograd import Node, is_grad_enabled
 from .autograd import _state as _grad_state
 from .registry import REGISTRY, Op, OpError
@@ -97,6 +97,16 @@ def fill_attrs(op: Op, attrs: dict) -> dict:
         raise TypeError(f"{op.name}: unexpected attribute(s) {sorted(unknown)}; "
                         f"it takes {sorted(op.attrs)}")
     return {name: attrs.get(name, default) for name, (_kind, default) in op.attrs.items()}
+
+
+def _share(tensors: Sequence["Tensor"]) -> None:
+    """Move the data of CPU tensors into one new shared-memory segment."""
+    try:
+        arrays = sharedmem.share([t._data for t in tensors])
+    except sharedmem.SegmentError as e:
+        raise RuntimeError(f"share_memory_: {e}") from None
+    for t, a in zip(tensors, arrays):
+        t._data = a
 
 
 def _reduce_grad(g: "Tensor", t: "Tensor") -> "Tensor":
@@ -283,6 +293,21 @@ class Tensor:
     @property
     def retains_grad(self) -> bool:
         return self._retains_grad
+
+    # -- shared memory ---------------------------------------------------------------------
+    def share_memory_(self) -> "Tensor":
+        """Move the data of this CPU tensor into shared memory (a segment in /dev/shm), as
+        torch's ``share_memory_`` does: a gradmesh worker on this host then reads it where
+        it is instead of receiving a copy with every call (``WorkerClient``). In-place
+        updates (optimizers, ``copy_``) keep it there. A no-op if already shared or on
+        CUDA. Views taken earlier keep the old memory."""
+        if self.device == "cpu" and not self.is_shared():
+            _share([self])
+        return self
+
+    def is_shared(self) -> bool:
+        """Whether the data is in shared memory (:meth:`share_memory_`)."""
+        return self.device == "cpu" and sharedmem.locate(self._data) is not None
 
     # -- conversion ------------------------------------------------------------------------
     def numpy(self, force: bool = False) -> np.ndarray:

@@ -380,8 +380,9 @@ class GradientWorker:
             raise ServiceError(FAILED, "shared memory is only for callers on the worker's "
                                        "host (a loopback address or a Unix socket); send "
                                        "the bytes in the request", field)
+        param_key = "parameter_segment" if shared.parameter_segment else "segment"
         for key, names, seg_key, known in (
-                ("parameter_offsets", shared.parameter_offsets, "segment", param_names),
+                ("parameter_offsets", shared.parameter_offsets, param_key, param_names),
                 ("data_offsets", shared.data_offsets, "segment", data_names),
                 ("gradient_offsets", shared.gradient_offsets, "gradient_segment",
                  param_names)):
@@ -517,16 +518,19 @@ class GradientWorker:
         else:
             params = arrays(prepared.params)
         data = arrays(prepared.data)
-        if len(params) + len(data) < len(prepared.slots):
-            buf = self._segment(prepared.shared.segment, "shared_memory.segment")
-            for slots, out, key in ((prepared.params, params, "parameter_offsets"),
-                                    (prepared.data, data, "data_offsets")):
-                for s in slots:
-                    if s.shared_offset is not None:
-                        a = self._view(buf, s.shared_offset, s,
-                                       f"shared_memory.{key}[{s.name}]")
-                        a.flags.writeable = False   # the client's memory: read, never write
-                        out[s.name] = a
+        shared = prepared.shared
+        for slots, out, key, seg_key in (
+                (prepared.params, params, "parameter_offsets",
+                 "parameter_segment" if shared and shared.parameter_segment else "segment"),
+                (prepared.data, data, "data_offsets", "segment")):
+            if len(out) == len(slots):
+                continue
+            buf = self._segment(getattr(shared, seg_key), f"shared_memory.{seg_key}")
+            for s in slots:
+                if s.shared_offset is not None:
+                    a = self._view(buf, s.shared_offset, s, f"shared_memory.{key}[{s.name}]")
+                    a.flags.writeable = False   # the client's memory: read, never write
+                    out[s.name] = a
         return params, data
 
     def unary(self, request: worker_pb2.ComputeGradientsRequest, same_host: bool
@@ -545,7 +549,7 @@ class GradientWorker:
         views = self.gradient_views(prepared)
         shared = prepared.shared
         if key is not None and shared is not None and prepared.kept is None:
-            names = {shared.segment, shared.gradient_segment} - {""}
+            names = {shared.segment, shared.parameter_segment, shared.gradient_segment} - {""}
             self._shared_calls.put(key, (prepared, params, data, views,
                                          [(n, self.segments.get(n)) for n in names]))
         return prepared, params, data, views

@@ -249,6 +249,9 @@ def _set(attr, value):
      "shared_memory.segment"),
     (_set("gradient_segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
      "shared_memory.gradient_segment"),
+    (_set("parameter_segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
+     "shared_memory.parameter_segment"),
+    (_set("parameter_segment", "../x"), "INVALID_ARGUMENT", "shared_memory.parameter_segment"),
     (lambda r, p, g: r.shared_memory.parameter_offsets.update({"0.weight": 1 << 40}),
      "INVALID_ARGUMENT", "shared_memory.parameter_offsets[0.weight]"),
     (lambda r, p, g: r.shared_memory.parameter_offsets.update({"0.weight": 8}),
@@ -450,3 +453,48 @@ def test_a_repeated_request_is_checked_once_and_reads_the_live_segment():
         pseg.close()
         gseg.close()
         pool.close()
+
+
+def test_a_shared_model_is_read_where_it_is(worker):
+    """After ``model.share_memory()`` the parameters are not copied per call: the request
+    names their segment, and the gradients equal local backward's bitwise, also after an
+    optimizer step changed them in place."""
+    from gradmesh.client import worker as client_mod
+    model = _model().share_memory()
+    assert all(p.is_shared() for p in model.parameters())
+    x, y = _batch(32)
+    opt = gm.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
+        sent = []
+        call = client._unary_call
+        client._unary_call = lambda message, **kw: (sent.append(message), call(message, **kw))[1]
+        for _ in range(3):
+            r = client.compute_gradients(_loss, model, x, y)
+            model.zero_grad()
+            _loss(model, gm.from_numpy(x), gm.from_numpy(y)).backward()
+            for name, p in model.named_parameters():
+                assert np.array_equal(r.gradients[name], p.grad.numpy()), name
+            opt.step()
+            assert all(p.is_shared() for p in model.parameters())
+    shm = worker_pb2.ComputeGradientsRequest.FromString(sent[-1]).shared_memory
+    segment = sharedmem.locate(model[0].weight.detach().numpy())[0]
+    assert shm.parameter_segment == segment != shm.segment
+    assert dict(shm.parameter_offsets) == {
+        n: sharedmem.locate(p.detach().numpy())[1] for n, p in model.named_parameters()}
+    assert client_mod._located({"a": np.ones(3, np.float32)}) is None
+
+
+def test_shared_tensors_keep_their_values_and_their_segment_goes_with_them():
+    t = gm.tensor(np.arange(12, dtype=np.float32).reshape(3, 4), requires_grad=True)
+    assert not t.is_shared()
+    assert t.share_memory_() is t and t.is_shared() and t.requires_grad
+    assert np.array_equal(t.detach().numpy(), np.arange(12).reshape(3, 4))
+    name = sharedmem.locate(t.detach().numpy())[0]
+    assert name in _mine()
+    with gm.no_grad():
+        t.mul_(2)                                       # in place: still shared
+    assert t.is_shared() and t.detach().numpy()[2, 3] == 22
+    del t
+    import gc
+    gc.collect()
+    assert name not in _mine()

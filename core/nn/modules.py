@@ -23,7 +23,7 @@ import numpy as np
 from .. import backend, dtypes
 from .. import functional as CF
 from ..autograd import no_grad, zero_grads
-from ..tensor import Tensor
+from ..tensor import Tensor, _share
 from . import init
 
 from . import functional as F
@@ -333,6 +333,16 @@ class Module:
                 a = a.astype(dtype.np)
             return a
         return self._apply(convert)
+
+    def share_memory(self) -> "Module":
+        """Move every CPU parameter and buffer into one shared-memory segment
+        (``Tensor.share_memory_``), as torch's ``share_memory``: a gradmesh worker on this
+        host then reads them where they are, with no copy per call."""
+        tensors = {id(t): t for t in [*self.parameters(), *self.buffers()]
+                   if t is not None and t.device == "cpu" and not t.is_shared()}
+        if tensors:
+            _share(list(tensors.values()))
+        return self
 
     def double(self) -> "Module":
         return self.to(dtypes.float64)

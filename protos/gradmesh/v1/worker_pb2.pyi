@@ -49,7 +49,7 @@ class ComputeGradientsRequest(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., parameter_set: _Optional[str] = ..., parameter_version: _Optional[int] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
-    __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets", "data_offsets")
+    __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets", "data_offsets", "parameter_segment")
     class ParameterOffsetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,12 +76,14 @@ class SharedMemory(_message.Message):
     GRADIENT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     DATA_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     segment: str
     parameter_offsets: _containers.ScalarMap[str, int]
     gradient_segment: str
     gradient_offsets: _containers.ScalarMap[str, int]
     data_offsets: _containers.ScalarMap[str, int]
-    def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ..., data_offsets: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    parameter_segment: str
+    def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ..., data_offsets: _Optional[_Mapping[str, int]] = ..., parameter_segment: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
     __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory")
