@@ -116,7 +116,15 @@ def _reduce_grad(g: "Tensor", t: "Tensor") -> "Tensor":
     if gdata.shape != shape:
         lead = gdata.ndim - len(shape)
         inner = [i + lead for i, s in enumerate(shape) if s == 1 and gdata.shape[i + lead] != 1]
-        if lead > 0 and not inner:
+        if not _grad_state.grad and _dispatch.tracer is None:
+            # Nothing records this (the engine without create_graph): the sum op's own
+            # array call, without the op around it.
+            axes = tuple(range(lead)) + tuple(inner)
+            out = gdata.sum(axis=axes, keepdims=bool(inner)) if axes else gdata
+            if out.shape != shape:
+                out = out.reshape(shape)
+            g = Tensor._wrap(out)
+        elif lead > 0 and not inner:
             # Only leading dims to drop (a bias under a batch): one sum, no reshape.
             g = F.sum(g, dim=list(range(lead)))
         else:

@@ -333,7 +333,13 @@ def _get_metrics() -> dict[str, Any]:
 
 def metric(name: str, label: str) -> None:
     """Count one event of a labelled counter of :func:`_get_metrics`."""
-    _get_metrics()[name].labels(label).inc()
+    child = _children.get((name, label))
+    if child is None:       # found once: labels() takes locks and builds a key every call
+        child = _children[name, label] = _get_metrics()[name].labels(label)
+    child.inc()
+
+
+_children: dict[tuple[str, str], Any] = {}
 
 
 # ---------------------------------------------------------------------------------------
