@@ -1,8 +1,11 @@
 """Worker benchmark: what does computing gradients over gRPC cost next to computing them here?
 
-Three comparisons, each side by side in the same run and the same process (a CPU worker on
-127.0.0.1 in a background thread pool, the client SDK in the main thread), interleaved
-round-robin so that load from other processes hits both sides alike:
+Three comparisons, each side by side in the same run, interleaved round-robin so that load
+from other processes hits both sides alike. The server (a CPU worker and a raw-bytes echo
+service behind the same gRPC server, same interceptors) runs in a child process on
+127.0.0.1, as a worker is deployed; the client SDK and the local reference run in this
+process. ``--in-process`` puts the server in this process instead (background threads),
+where it competes with the client for one interpreter lock:
 
 (a) step time: ``client.compute_gradients(fn, model, x, y)`` (graph registered once,
     parameters and batch sent with every call) against the same ``fn``'s forward and
@@ -31,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -105,16 +109,27 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def round_robin(sides: dict[str, Callable[[], object]], reps: int, steps: int
-                ) -> dict[str, float]:
-    """Median over ``reps`` of the mean time of ``steps`` calls, sides interleaved."""
+class Samples(dict):
+    """Per side, the mean time of ``steps`` calls in each repetition of a round robin."""
+
+    def median(self, side: str) -> float:
+        return statistics.median(self[side])
+
+    def ratio(self, num: str, den: str) -> float:
+        """Median of the per-repetition ratios num / den: the two were measured a moment
+        apart, so a load that comes and goes (this machine is shared) moves both."""
+        return statistics.median(a / b for a, b in zip(self[num], self[den]))
+
+
+def round_robin(sides: dict[str, Callable[[], object]], reps: int, steps: int) -> Samples:
+    """``reps`` repetitions of ``steps`` calls of each side, sides interleaved."""
     for fn in sides.values():
         fn()                                            # warm-up (traces, plans, caches)
-    samples: dict[str, list[float]] = {k: [] for k in sides}
+    samples = Samples({k: [] for k in sides})
     for _ in range(reps):
         for name, fn in sides.items():
             samples[name].append(timed(lambda: [fn() for _ in range(steps)]) / steps)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
 
 
 def build_model(m: Model) -> nn.Module:
@@ -179,13 +194,14 @@ def bench_steps(client: WorkerClient, shared: WorkerClient, channel: grpc.Channe
                          "shared_model": remote_shared_model, "echo": raw_echo}, reps, steps)
         r = client.compute_gradients(fn, model, x, y)
         used = bool(shared.compute_gradients(fn, model, x, y).timings["shared_memory"])
+        ms = {k: t.median(k) * 1e3 for k in t}
         rows.append({"model": m.name, "batch": m.batch, "params_MB": n_params * 4 / 1e6,
-                     "local_ms": t["local"] * 1e3, "remote_ms": t["remote"] * 1e3,
-                     "shared_ms": t["shared"] * 1e3, "shared_ratio": t["shared"] / t["local"],
-                     "shared_model_ms": t["shared_model"] * 1e3,
-                     "shared_model_ratio": t["shared_model"] / t["local"],
-                     "echo_ms": t["echo"] * 1e3, "ratio": t["remote"] / t["local"],
-                     "floor_ratio": (t["local"] + t["echo"]) / t["local"],
+                     "local_ms": ms["local"], "remote_ms": ms["remote"],
+                     "shared_ms": ms["shared"], "shared_ratio": t.ratio("shared", "local"),
+                     "shared_model_ms": ms["shared_model"],
+                     "shared_model_ratio": t.ratio("shared_model", "local"),
+                     "echo_ms": ms["echo"], "ratio": t.ratio("remote", "local"),
+                     "floor_ratio": 1 + t.ratio("echo", "local"),
                      "streamed": bool(r.timings["streamed"]), "shared_memory_used": used})
     return rows
 
@@ -233,12 +249,14 @@ def bench_transport(client: WorkerClient, channel: grpc.Channel, sizes_mib, reps
         def one_way():
             r = client.compute_gradients(fn_one_way, params, x, gradients=["s"])
             assert r.timings["streamed"] and list(r.gradients) == ["s"]
+        # Small sizes are over quickly and noisier: more repetitions (3x at 16 MiB).
         t = round_robin({"echo": echo_call, "stream": round_trip, "sink": sink_call,
-                         "one_way": one_way}, reps, 1)
-        gbps = {k: mib * MiB / v / 1e9 for k, v in t.items()}
+                         "one_way": one_way}, max(reps, reps * 48 // mib), 1)
+        gbps = {k: mib * MiB / t.median(k) / 1e9 for k in t}
         rows.append({"MiB": mib, "echo_GBps": gbps["echo"], "stream_GBps": gbps["stream"],
-                     "ratio": t["echo"] / t["stream"], "sink_GBps": gbps["sink"],
-                     "one_way_GBps": gbps["one_way"], "one_way_ratio": t["sink"] / t["one_way"]})
+                     "ratio": t.ratio("echo", "stream"), "sink_GBps": gbps["sink"],
+                     "one_way_GBps": gbps["one_way"],
+                     "one_way_ratio": t.ratio("sink", "one_way")})
     client.stream_threshold = saved
     return rows
 
@@ -266,8 +284,8 @@ def bench_latency(client: WorkerClient, channel: grpc.Channel, reps: int, steps:
     x = np.ones((2, 4), np.float32)
     t = round_robin({"empty": lambda: empty(b""),
                      "tiny": lambda: client.compute_gradients(graph, params, x)}, reps, steps)
-    return {"empty_us": t["empty"] * 1e6, "tiny_graph_us": t["tiny"] * 1e6,
-            "ratio": t["tiny"] / t["empty"]}
+    return {"empty_us": t.median("empty") * 1e6, "tiny_graph_us": t.median("tiny") * 1e6,
+            "ratio": t.ratio("tiny", "empty")}
 
 
 # --------------------------------------------------------------------- main ------------
@@ -280,25 +298,63 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="BLAS threads for both sides (default 1: spinning BLAS threads on a "
                          "busy machine slow a step down by up to 10x, on either side)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="serve from this process (threads) instead of a child process")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
     with threadpool_limits(args.blas_threads, user_api="blas"):
-        return run(args)
+        return serve() if args.serve else run(args)
+
+
+def serve() -> int:
+    """The child process: print the server's address, serve until stdin closes."""
+    running = start_server(chunk_bytes=MiB)
+    print(running.address, flush=True)
+    sys.stdin.read()
+    running.stop(0)
+    return 0
+
+
+def _server(args: argparse.Namespace) -> tuple[str, Callable[[], None]]:
+    """The server's address and how to stop it."""
+    if args.in_process:
+        running = start_server(chunk_bytes=MiB)
+        return running.address, lambda: running.stop(0)
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve",
+                              "--blas-threads", str(args.blas_threads)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    address = child.stdout.readline().strip()
+    if not address:
+        child.kill()
+        raise SystemExit("the benchmark's server process did not start")
+
+    def stop() -> None:
+        child.stdin.close()         # the child's stdin.read() returns: it stops its server
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return address, stop
 
 
 def run(args: argparse.Namespace) -> int:
     parts = args.only or ["steps", "transport", "latency"]
 
-    running = start_server(chunk_bytes=MiB)
+    address, stop = _server(args)
+    where = "this process" if args.in_process else "a child process"
+    print(f"server (worker + echo) in {where}, at {address}")
     results: dict = {"machine": {"python": platform.python_version(), "numpy": np.__version__,
                                  "grpcio": grpc.__version__, "cpus": os.cpu_count(),
                                  "blas_threads": worker_mod.blas_threads()},
                      "command": "python benchmarks/worker.py" + (" --quick" if args.quick
-                                                                  else ""),
+                                                                  else "")
+                     + (" --in-process" if args.in_process else ""),
+                     "server": "in-process" if args.in_process else "child process",
                      "load_average": os.getloadavg()}
     try:
-        with WorkerClient(running.address, chunk_bytes=MiB, shared_memory=False) as client, \
-                WorkerClient(running.address) as shared:
+        with WorkerClient(address, chunk_bytes=MiB, shared_memory=False) as client, \
+                WorkerClient(address) as shared:
             channel = client.channel
             if "steps" in parts:
                 print("(a) step time, remote / local (forward+backward, float32); remote "
@@ -344,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
                       f" us, ratio {r['ratio']:.2f}")
                 results["latency"] = r
     finally:
-        running.stop(0)
+        stop()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
