@@ -2,6 +2,7 @@
 and the SDK's and coordinator's use of them, with their fallbacks to bytes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
 from gradmesh.client.worker import shared_request
-from gradmesh.core import sharedmem
+from gradmesh.core import serialize, sharedmem
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServiceError
@@ -208,28 +209,36 @@ def test_lent_segments_go_back_to_the_pool_when_their_views_die():
     pool.close()
 
 
+@contextlib.contextmanager
+def _hand_built(model, graph_id: str, x, y):
+    """A hand-built SharedMemory request for ``model`` on ``(x, y)``, with its parameter
+    segment and offsets: ``(request, segment, offsets, gradient segment)``; the segments
+    are removed afterwards."""
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    pool = sharedmem.Pool()
+    pseg, poff = sharedmem.place(pool, params)
+    gseg, goff = sharedmem.place(pool, params, write=False)
+    try:
+        req = shared_request(params, pseg, poff, gseg, goff)
+        req.graph_id = graph_id
+        req.data.add(name="x0").tensor.CopyFrom(serialize.to_proto(x))
+        req.data.add(name="x1").tensor.CopyFrom(serialize.to_proto(y))
+        yield req, pseg, poff, gseg
+    finally:
+        pseg.close()
+        gseg.close()
+        pool.close()
+
+
 def _raw(worker, model, mutate, x=None, y=None):
     """A hand-built SharedMemory request, changed by ``mutate(req, pseg, gseg)``."""
     x, y = _batch() if x is None else (x, y)
     with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
         graph, graph_id = client.trace(_loss, model, x, y)
         client.register_graph(graph)
-        params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-        pool = sharedmem.Pool()
-        pseg, poff = sharedmem.place(pool, params)
-        gseg, goff = sharedmem.place(pool, params, write=False)
-        try:
-            req = shared_request(params, pseg, poff, gseg, goff)
-            req.graph_id = graph_id
-            from gradmesh.core import serialize
-            req.data.add(name="x0").tensor.CopyFrom(serialize.to_proto(x))
-            req.data.add(name="x1").tensor.CopyFrom(serialize.to_proto(y))
+        with _hand_built(model, graph_id, x, y) as (req, pseg, _, gseg):
             mutate(req, pseg, gseg)
             return client.stub.ComputeGradients(req, timeout=30)
-        finally:
-            pseg.close()
-            gseg.close()
-            pool.close()
 
 
 def _field(e: grpc.RpcError) -> str:
@@ -409,20 +418,11 @@ def test_a_repeated_request_is_checked_once_and_reads_the_live_segment():
     skips the header checks, but computes from what the segment holds now, and is checked
     afresh once its graph is evicted or its segment is gone."""
     from gradmesh.core import graph as core_graph
-    from gradmesh.core import serialize
     w = worker_mod.GradientWorker("cpu", graph_cache_size=1)
     model = _model()
     x, y = _batch()
     graph_id = w.register(core_graph.trace(_loss, model, x, y))
-    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    pool = sharedmem.Pool()
-    pseg, poff = sharedmem.place(pool, params)
-    gseg, goff = sharedmem.place(pool, params, write=False)
-    try:
-        req = shared_request(params, pseg, poff, gseg, goff)
-        req.graph_id = graph_id
-        req.data.add(name="x0").tensor.CopyFrom(serialize.to_proto(x))
-        req.data.add(name="x1").tensor.CopyFrom(serialize.to_proto(y))
+    with _hand_built(model, graph_id, x, y) as (req, pseg, poff, _):
         first = w.unary(req, same_host=True)
         for scale in (1.0, 3.0):
             with gm.no_grad():
@@ -449,10 +449,6 @@ def test_a_repeated_request_is_checked_once_and_reads_the_live_segment():
             w.unary(req, same_host=True)
         assert (e.value.code, e.value.field) == (grpc.StatusCode.FAILED_PRECONDITION,
                                                  "shared_memory.segment")
-    finally:
-        pseg.close()
-        gseg.close()
-        pool.close()
 
 
 def test_a_shared_model_is_read_where_it_is(worker):
