@@ -226,6 +226,11 @@ class Attached:
                     if entry is not None and entry[:2] == (dev, ino):
                         del self._maps[name]
 
+    def names(self) -> set[str]:
+        """The segments mapped now."""
+        with self._lock:
+            return set(self._maps)
+
     def __len__(self) -> int:
         return len(self._maps)
 

@@ -172,6 +172,12 @@ class _LRU:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
+    def drop(self, unwanted: Callable[[Any], bool]) -> None:
+        """Remove the entries whose value is ``unwanted``."""
+        with self._lock:
+            for key in [k for k, v in self._items.items() if unwanted(v)]:
+                del self._items[key]
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -550,6 +556,10 @@ class GradientWorker:
         shared = prepared.shared
         if key is not None and shared is not None and prepared.kept is None:
             names = {shared.segment, shared.parameter_segment, shared.gradient_segment} - {""}
+            # Requests over segments no longer mapped (removed by their creator, or evicted)
+            # go: their views would keep that memory mapped.
+            mapped = self.segments.names()
+            self._shared_calls.drop(lambda hit: any(n not in mapped for n, _ in hit[4]))
             self._shared_calls.put(key, (prepared, params, data, views,
                                          [(n, self.segments.get(n)) for n in names]))
         return prepared, params, data, views

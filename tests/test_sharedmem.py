@@ -494,3 +494,19 @@ def test_shared_tensors_keep_their_values_and_their_segment_goes_with_them():
     import gc
     gc.collect()
     assert name not in _mine()
+
+
+def test_remembered_requests_let_go_of_removed_segments():
+    """A remembered request's views keep its segments mapped: once the client removed them,
+    the next new request forgets it (else removed segments' memory would stay in use)."""
+    from gradmesh.core import graph as core_graph
+    w = worker_mod.GradientWorker("cpu")
+    model = _model()
+    x, y = _batch()
+    graph_id = w.register(core_graph.trace(_loss, model, x, y))
+    with _hand_built(model, graph_id, x, y) as (req, *_):
+        w.unary(req, same_host=True)
+        assert len(w._shared_calls) == 1
+    with _hand_built(model, graph_id, x, y) as (req, *_):     # new segments
+        w.unary(req, same_host=True)
+        assert len(w._shared_calls) == 1
