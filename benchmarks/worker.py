@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve() -> int:
     """The child process: print the server's address, serve until stdin closes."""
+    # As `gradmesh worker` does. It matters for the echo too: in a fresh process glibc
+    # trimmed and faulted in afresh the 16 MiB of chunks it holds, every call (half its
+    # steady throughput), while the worker, one chunk alive at a time, was not slowed.
+    runtime.steady_heap()
     running = start_server(chunk_bytes=MiB)
     print(running.address, flush=True)
     sys.stdin.read()
@@ -338,12 +342,63 @@ def _server(args: argparse.Namespace) -> tuple[str, Callable[[], None]]:
     return address, stop
 
 
+def part_steps(args, client: WorkerClient, shared: WorkerClient) -> list[dict]:
+    print("(a) step time, remote / local (forward+backward, float32); remote "
+          "over bytes in gRPC messages, and through shared memory")
+    print(f"{'model':8} {'batch':>5} {'params MB':>9} {'local ms':>9} "
+          f"{'bytes ms':>9} {'ratio':>6}  {'shm ms':>8} {'ratio':>6}  "
+          f"{'shared':>8} {'ratio':>6}  {'echo ms':>8} {'floor':>6}  bytes path")
+    rows = bench_steps(client, shared, client.channel, args.quick)
+    for r in rows:
+        print(f"{r['model']:8} {r['batch']:5d} {r['params_MB']:9.1f} "
+              f"{r['local_ms']:9.2f} {r['remote_ms']:9.2f} {r['ratio']:6.2f}  "
+              f"{r['shared_ms']:8.2f} {r['shared_ratio']:6.2f}"
+              f"{' ' if r['shared_memory_used'] else '*'} "
+              f"{r['shared_model_ms']:8.2f} {r['shared_model_ratio']:6.2f}  "
+              f"{r['echo_ms']:8.2f} {r['floor_ratio']:6.2f}  "
+              f"{'stream' if r['streamed'] else 'unary'}")
+    print("(shm: parameters and batch copied into the SDK's segments each call; "
+          "shared: the model moved to shared memory once with "
+          "model.share_memory(), only the batch copied; echo: raw echo of the "
+          "parameter bytes on the bytes client's path; floor: (local + echo) / "
+          "local, the bytes ratio with a free codec; *: under the SDK's "
+          "shared-memory minimum, sent as bytes)")
+    return rows
+
+
+def part_transport(args, client: WorkerClient, shared: WorkerClient) -> list[dict]:
+    sizes = (16, 64) if args.quick else (16, 64, 256)
+    print("\n(b) ComputeGradientsStream vs raw gRPC echoes, 1 MiB chunks (GB/s of "
+          "parameter bytes). Round trip: gradients of the same size come back, vs "
+          "a bidi store-and-forward echo (the goal's ratio). One way: a 4-byte "
+          "gradient comes back, vs a client-streaming echo.")
+    print(f"{'MiB':>5} {'bidi echo':>10} {'round trip':>11} {'ratio':>6}   "
+          f"{'cs echo':>8} {'one way':>8} {'ratio':>6}")
+    rows = bench_transport(client, client.channel, sizes, 3 if args.quick else 5)
+    for r in rows:
+        print(f"{r['MiB']:5d} {r['echo_GBps']:10.2f} {r['stream_GBps']:11.2f} "
+              f"{r['ratio']:6.2f}   {r['sink_GBps']:8.2f} "
+              f"{r['one_way_GBps']:8.2f} {r['one_way_ratio']:6.2f}")
+    return rows
+
+
+def part_latency(args, client: WorkerClient, shared: WorkerClient) -> dict:
+    print("\n(c) latency: tiny registered graph vs empty unary call, same channel")
+    r = bench_latency(client, client.channel, 5 if args.quick else 15,
+                      50 if args.quick else 200)
+    print(f"empty call {r['empty_us']:.0f} us, tiny graph {r['tiny_graph_us']:.0f}"
+          f" us, ratio {r['ratio']:.2f}")
+    return r
+
+
+PARTS = {"steps": part_steps, "transport": part_transport, "latency": part_latency}
+
+
 def run(args: argparse.Namespace) -> int:
     parts = args.only or ["steps", "transport", "latency"]
 
-    address, stop = _server(args)
     where = "this process" if args.in_process else "a child process"
-    print(f"server (worker + echo) in {where}, at {address}")
+    print(f"server (worker + echo) in {where}, a fresh one for each part")
     results: dict = {"machine": {"python": platform.python_version(), "numpy": np.__version__,
                                  "grpcio": grpc.__version__, "cpus": os.cpu_count(),
                                  "blas_threads": worker_mod.blas_threads()},
@@ -352,55 +407,18 @@ def run(args: argparse.Namespace) -> int:
                      + (" --in-process" if args.in_process else ""),
                      "server": "in-process" if args.in_process else "child process",
                      "load_average": os.getloadavg()}
-    try:
-        with WorkerClient(address, chunk_bytes=MiB, shared_memory=False) as client, \
-                WorkerClient(address) as shared:
-            channel = client.channel
-            if "steps" in parts:
-                print("(a) step time, remote / local (forward+backward, float32); remote "
-                      "over bytes in gRPC messages, and through shared memory")
-                print(f"{'model':8} {'batch':>5} {'params MB':>9} {'local ms':>9} "
-                      f"{'bytes ms':>9} {'ratio':>6}  {'shm ms':>8} {'ratio':>6}  "
-                      f"{'shared':>8} {'ratio':>6}  {'echo ms':>8} {'floor':>6}  bytes path")
-                rows = bench_steps(client, shared, channel, args.quick)
-                for r in rows:
-                    print(f"{r['model']:8} {r['batch']:5d} {r['params_MB']:9.1f} "
-                          f"{r['local_ms']:9.2f} {r['remote_ms']:9.2f} {r['ratio']:6.2f}  "
-                          f"{r['shared_ms']:8.2f} {r['shared_ratio']:6.2f}"
-                          f"{' ' if r['shared_memory_used'] else '*'} "
-                          f"{r['shared_model_ms']:8.2f} {r['shared_model_ratio']:6.2f}  "
-                          f"{r['echo_ms']:8.2f} {r['floor_ratio']:6.2f}  "
-                          f"{'stream' if r['streamed'] else 'unary'}")
-                print("(shm: parameters and batch copied into the SDK's segments each call; "
-                      "shared: the model moved to shared memory once with "
-                      "model.share_memory(), only the batch copied; echo: raw echo of the "
-                      "parameter bytes on the bytes client's path; floor: (local + echo) / "
-                      "local, the bytes ratio with a free codec; *: under the SDK's "
-                      "shared-memory minimum, sent as bytes)")
-                results["steps"] = rows
-            if "transport" in parts:
-                sizes = (16, 64) if args.quick else (16, 64, 256)
-                print("\n(b) ComputeGradientsStream vs raw gRPC echoes, 1 MiB chunks (GB/s of "
-                      "parameter bytes). Round trip: gradients of the same size come back, vs "
-                      "a bidi store-and-forward echo (the goal's ratio). One way: a 4-byte "
-                      "gradient comes back, vs a client-streaming echo.")
-                print(f"{'MiB':>5} {'bidi echo':>10} {'round trip':>11} {'ratio':>6}   "
-                      f"{'cs echo':>8} {'one way':>8} {'ratio':>6}")
-                rows = bench_transport(client, channel, sizes, 3 if args.quick else 5)
-                for r in rows:
-                    print(f"{r['MiB']:5d} {r['echo_GBps']:10.2f} {r['stream_GBps']:11.2f} "
-                          f"{r['ratio']:6.2f}   {r['sink_GBps']:8.2f} "
-                          f"{r['one_way_GBps']:8.2f} {r['one_way_ratio']:6.2f}")
-                results["transport"] = rows
-            if "latency" in parts:
-                print("\n(c) latency: tiny registered graph vs empty unary call, same channel")
-                r = bench_latency(client, channel, 5 if args.quick else 15,
-                                  50 if args.quick else 200)
-                print(f"empty call {r['empty_us']:.0f} us, tiny graph {r['tiny_graph_us']:.0f}"
-                      f" us, ratio {r['ratio']:.2f}")
-                results["latency"] = r
-    finally:
-        stop()
+    for part in ("steps", "transport", "latency"):
+        if part not in parts:
+            continue
+        # A fresh server per part: what one part leaves behind (pooled buffers, cached
+        # plans, a heap grown by 100 MB tensors) must not weigh on the next.
+        address, stop = _server(args)
+        try:
+            with WorkerClient(address, chunk_bytes=MiB, shared_memory=False) as client, \
+                    WorkerClient(address) as shared:
+                results[part] = PARTS[part](args, client, shared)
+        finally:
+            stop()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

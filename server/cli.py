@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+# The long-running server roles, whose processes get a steady heap (runtime.steady_heap).
+SERVERS = ("worker", "shard", "coordinator")
 COMMANDS = {
     "worker": ("gradmesh.server.worker", "serve gradients: take a graph, parameters and a batch"),
     "shard": ("gradmesh.server.shard", "hold parameters and optimizer state, apply steps"),
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.help and "-h" not in rest and "--help" not in rest:
         rest = ["--help"]           # "gradmesh -h worker" asks for the worker's help too
     sub_args = p.parse_args(rest)
+    if args.command in SERVERS:
+        from gradmesh.server import runtime
+        runtime.steady_heap()
     try:
         return int(module.run(sub_args) or 0)
     except KeyboardInterrupt:

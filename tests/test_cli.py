@@ -38,3 +38,21 @@ def test_unknown_flag_is_a_usage_error(capsys):
 def test_a_negative_parameter_cache_is_refused(capsys):
     assert main(["worker", "--port", "0", "--parameter-cache-bytes", "-1"]) == 2
     assert "--parameter-cache-bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, applied", [({}, "True"),
+                                            ({"MALLOC_TRIM_THRESHOLD_": "1"}, "False")])
+def test_server_processes_get_a_steady_heap_unless_the_user_set_one(extra, applied):
+    """The server roles keep freed memory for reuse (glibc's mallopt); allocator variables
+    the user set win. Checked in a child process: it changes the whole process."""
+    import os
+    import subprocess
+    import sys
+    from gradmesh.server import runtime
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    env = {k: v for k, v in os.environ.items() if k not in runtime._ALLOCATOR_VARIABLES}
+    out = subprocess.run([sys.executable, "-c", "from gradmesh.server import runtime; "
+                                                "print(runtime.steady_heap())"],
+                         env={**env, **extra}, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, applied), out.stderr
