@@ -284,13 +284,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes, not as it was when logging
+    was set up: a stream swapped out and closed since (pytest's capture of one test) would
+    fail every later record of a server still running."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(config: ServerConfig) -> None:
     """Send gradmesh's logs to stderr in ``config.log_format``; safe to call twice."""
     logger = logging.getLogger("gradmesh")
     for h in list(logger.handlers):
         if getattr(h, "_gradmesh", False):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._gradmesh = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

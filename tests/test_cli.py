@@ -56,3 +56,27 @@ def test_server_processes_get_a_steady_heap_unless_the_user_set_one(extra, appli
                                                 "print(runtime.steady_heap())"],
                          env={**env, **extra}, capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (0, applied), out.stderr
+
+
+def test_server_logs_follow_stderr_when_it_is_swapped(capsys):
+    """Logging set up while one stream was stderr keeps working after it was replaced and
+    closed (pytest swaps stderr per test; servers outlive the test that configured logs)."""
+    import io
+    import logging
+    import sys
+    from gradmesh.server import runtime
+    first = io.StringIO()
+    saved, sys.stderr = sys.stderr, first
+    try:
+        runtime.configure_logging(runtime.ServerConfig(log_format="text"))
+        first.close()
+        second = io.StringIO()
+        sys.stderr = second
+        logging.getLogger("gradmesh.test").warning("after the swap")
+        out = second.getvalue()
+        assert "WARNING gradmesh.test after the swap" in out and "Logging error" not in out
+    finally:
+        sys.stderr = saved
+        logger = logging.getLogger("gradmesh")
+        for h in [h for h in logger.handlers if getattr(h, "_gradmesh", False)]:
+            logger.removeHandler(h)
