@@ -45,6 +45,7 @@ ALIGN = 64
 NAME = re.compile(r"gradmesh-([0-9]{1,10})-[0-9a-f]{32}\Z")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)     # fault every page in once, at map time
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+MAPPED_SEGMENTS = 16        # segments a worker keeps mapped (Attached)
 # Byte orders of NumPy dtypes whose bytes are already little-endian ("|": one byte).
 _WIRE_ORDER = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
 
@@ -171,7 +172,7 @@ class Attached:
     used go first).
     """
 
-    def __init__(self, capacity: int = 16):
+    def __init__(self, capacity: int = MAPPED_SEGMENTS):
         self.capacity = capacity
         self._maps: OrderedDict[str, tuple[int, int, int, mmap.mmap]] = OrderedDict()
         self._lock = threading.Lock()

@@ -251,7 +251,7 @@ class GradientWorker:
         self.kept = ParameterCache(parameter_cache_bytes)
         # Shared-memory requests repeat byte for byte while the client reuses its segments:
         # their checked headers and array views, by request bytes (see unary()).
-        self._shared_calls = _LRU(sharedmem.Attached().capacity)
+        self._shared_calls = _LRU(sharedmem.MAPPED_SEGMENTS)
 
     # ------------------------------------------------------------------ graphs -------
 
