@@ -115,25 +115,30 @@ def _train(workers, steps=3, **kw):
         server.coordinator.close()
 
 
-@pytest.mark.parametrize("max_message_bytes", [64 << 20, 1 << 20], ids=["unary", "stream"])
-def test_the_coordinator_sends_a_step_s_parameters_once_per_worker(max_message_bytes):
+def _kept_against_plain(**kw):
+    """Train on a worker that keeps parameters and on one that keeps none, check that both
+    end with the same bits, and return the two (stopped) workers."""
     keeping = worker_mod.start("cpu")
     plain = worker_mod.start("cpu", parameter_cache_bytes=0)
     try:
-        kept = _train([keeping], shared_memory=False, max_message_bytes=max_message_bytes)
-        assert keeping.worker.kept.hits == 3 * 3          # 3 of 4 micro-batches, 3 steps
+        kept = _train([keeping], shared_memory=False, **kw)
         reference = _train([plain], shared_memory=False)
-        assert plain.worker.kept.hits == 0
     finally:
         keeping.stop(0)
         plain.stop(0)
     for name in reference:
         assert np.array_equal(kept[name], reference[name]), name
+    return keeping, plain
+
+
+@pytest.mark.parametrize("max_message_bytes", [64 << 20, 1 << 20], ids=["unary", "stream"])
+def test_the_coordinator_sends_a_step_s_parameters_once_per_worker(max_message_bytes):
+    keeping, plain = _kept_against_plain(max_message_bytes=max_message_bytes)
+    assert keeping.worker.kept.hits == 3 * 3          # 3 of 4 micro-batches, 3 steps
+    assert plain.worker.kept.hits == 0
 
 
 def test_a_worker_that_lost_the_kept_parameters_is_sent_them_again(monkeypatch):
-    w = worker_mod.start("cpu")
-    plain = worker_mod.start("cpu", parameter_cache_bytes=0)
     real_get = ParameterCache.get
     calls = {"n": 0}
 
@@ -141,15 +146,8 @@ def test_a_worker_that_lost_the_kept_parameters_is_sent_them_again(monkeypatch):
         calls["n"] += 1
         return None if calls["n"] % 2 else real_get(self, key)     # every other lookup
     monkeypatch.setattr(ParameterCache, "get", forgetful)
-    try:
-        kept = _train([w], shared_memory=False)
-        assert calls["n"] >= 4
-        reference = _train([plain], shared_memory=False)
-    finally:
-        w.stop(0)
-        plain.stop(0)
-    for name in reference:
-        assert np.array_equal(kept[name], reference[name]), name
+    _kept_against_plain()
+    assert calls["n"] >= 4
 
 
 def test_parameters_in_shared_memory_are_not_kept(worker):
