@@ -4,16 +4,19 @@
 >>> with WorkerClient("127.0.0.1:50051") as client:            # doctest: +SKIP
 ...     loss = client.backward(model, loss_fn, x, y)
 """
-from .errors import (Cancelled, DeadlineExceeded, GradmeshError, Internal, InvalidArgument,
-                     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
-                     Unavailable)
-from .worker import TLS, GradientResult, WorkerClient
+# The errors and TLS settings are the wire layer's (gradmesh.wire), part of the SDK's API.
+from gradmesh.wire.channel import TLS
+from gradmesh.wire.errors import (Cancelled, DeadlineExceeded, GradmeshError, Internal,
+                                  InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
+                                  Unauthenticated, Unavailable)
+
+from .worker import GradientResult, WorkerClient
 from .cluster import LocalCluster
-from .coordinator import CoordinatorClient, Job, StepResult, WorkerRegistration
+from .coordinator import CoordinatorClient, Job, StepResult
 from .training import batches, fit
 
 __all__ = ["WorkerClient", "GradientResult", "TLS", "GradmeshError", "InvalidArgument",
            "ResourceExhausted", "NotFound", "Unauthenticated", "PermissionDenied",
            "Unavailable", "DeadlineExceeded", "Cancelled", "Internal",
-           "CoordinatorClient", "Job", "StepResult", "WorkerRegistration", "LocalCluster",
+           "CoordinatorClient", "Job", "StepResult", "LocalCluster",
            "fit", "batches"]

@@ -17,25 +17,22 @@ applies each id once, so a retry never updates twice.
 """
 from __future__ import annotations
 
-import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import grpc
 import numpy as np
 
-from gradmesh.client.channel import channel, metadata
-from gradmesh.client.errors import GradmeshError, from_rpc_error
+from gradmesh.core import graph as core_graph
+from gradmesh.core import optim
+from gradmesh.core.tensor import Tensor, from_numpy
+from gradmesh.v1 import coordinator_pb2
+from gradmesh.wire.coordinator import CoordinatorConnection
+from gradmesh.wire.shard import optimizer_to_proto
 
-__all__ = ["CoordinatorClient", "Job", "StepResult", "WorkerRegistration"]
-
-# Codes after which the same idempotent call may succeed.
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED}
+__all__ = ["CoordinatorClient", "Job", "StepResult"]
 
 
 @dataclass
@@ -52,56 +49,24 @@ class StepResult:
 
 
 def _numpy(x) -> np.ndarray:
-    from gradmesh.core.tensor import Tensor
     if isinstance(x, Tensor):
         return x.numpy(force=True) if hasattr(x, "numpy") else np.asarray(x)
     return np.asarray(x)
 
 
-class CoordinatorClient:
+class CoordinatorClient(CoordinatorConnection):
     """A connection to a coordinator at ``target`` ("host:port").
 
     ``token``: bearer token; ``tls``: None (plaintext), True (system roots), a
     :class:`~gradmesh.client.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
     ``grpc.ChannelCredentials``, as for ``WorkerClient``. ``timeout`` is the deadline of
     each call in seconds (a step on a large model may need more); ``retry_seconds`` how
-    long idempotent calls are retried on transient errors.
+    long idempotent calls are retried on transient errors. The calls themselves are
+    :class:`~gradmesh.wire.coordinator.CoordinatorConnection`'s.
     """
-
-    def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
-                 timeout: float = 600.0, retry_seconds: float = 60.0,
-                 max_message_bytes: int = 64 << 20):
-        from gradmesh.v1 import coordinator_pb2_grpc
-        self.target = target
-        self.timeout = timeout
-        self.retry_seconds = retry_seconds
-        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
-        self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
-        self._metadata = metadata(token)
-
-    def close(self) -> None:
-        self._channel.close()
 
     def __enter__(self) -> "CoordinatorClient":
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- calls ----------------------------------------------------------------------------
-    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool):
-        """Call ``method``; transient failures of idempotent calls are retried with backoff."""
-        fn = getattr(self.stub, method)
-        deadline = time.monotonic() + self.retry_seconds
-        delay = 0.1
-        while True:
-            try:
-                return fn(make_request(), timeout=self.timeout, metadata=self._metadata)
-            except grpc.RpcError as e:
-                if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise from_rpc_error(e, method) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     # -- jobs -----------------------------------------------------------------------------
     def create_job(self, model, loss_fn: Callable, optimizer, micro_batch_size: int,
@@ -117,11 +82,6 @@ class CoordinatorClient:
         ``example_batch``: a batch (any size above 1) to trace with. ``job_id`` defaults to
         a fresh random id; creating a job is idempotent for the same id and content.
         """
-        from gradmesh.core import graph as core_graph
-        from gradmesh.core import optim
-        from gradmesh.core import serialize
-        from gradmesh.server.shard import optimizer_to_proto, stream_frames
-        from gradmesh.v1 import coordinator_pb2
         if isinstance(optimizer, optim.Optimizer):
             description = optim.describe(optimizer)
         elif isinstance(optimizer, dict):
@@ -140,14 +100,7 @@ class CoordinatorClient:
         header = coordinator_pb2.CreateJobRequest(
             job_id=job_id or uuid.uuid4().hex, graph=graph,
             optimizer=optimizer_to_proto(description), micro_batch_size=micro_batch_size)
-        for n, a in params.items():
-            header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
-
-        def frames() -> Iterator:
-            return stream_frames(coordinator_pb2.CoordinatorFrame, "create_job", header,
-                                 params.values())
-
-        resp = self._call("CreateJob", frames, retry=True)
+        resp = self.create(header, params)
         return Job(self, resp.job_id, names, next_step_id=resp.version + 1
                    if resp.version == 0 else None)
 
@@ -155,44 +108,6 @@ class CoordinatorClient:
         """Attach to an existing job (its next step id is read from the coordinator)."""
         status = self.job_status(job_id)
         return Job(self, job_id, list(status.data_inputs), status.next_step_id)
-
-    def job_status(self, job_id: str):
-        from gradmesh.v1 import coordinator_pb2
-        return self._call("JobStatus", lambda: coordinator_pb2.JobStatusRequest(job_id=job_id),
-                          retry=True)
-
-    def list_workers(self) -> list:
-        """The coordinator's workers (address, source, state, fingerprint, counts)."""
-        from gradmesh.v1 import coordinator_pb2
-        return list(self._call("ListWorkers", coordinator_pb2.ListWorkersRequest,
-                               retry=True).workers)
-
-    def get_parameters(self, job_id: str, names: Sequence[str] = ()
-                       ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
-        """``(version, {name: array})`` of a job's parameters (streamed)."""
-        from gradmesh.server.shard import receive_frames
-        from gradmesh.v1 import coordinator_pb2
-        deadline = time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                frames = self.stub.GetParameters(
-                    coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
-                    timeout=self.timeout, metadata=self._metadata)
-                header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
-                return header.version, OrderedDict(arrays)
-            except grpc.RpcError as e:
-                if e.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise from_rpc_error(e, "GetParameters") from None
-            time.sleep(0.2)
-
-    def step(self, job_id: str, step_id: int, batch: dict[str, Any]):
-        """One raw Step call (retried with the same id on transient errors)."""
-        from gradmesh.core import serialize
-        from gradmesh.v1 import coordinator_pb2
-        req = coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id)
-        for name, value in batch.items():
-            req.batch.add(name=name).tensor.CopyFrom(serialize.to_proto(_numpy(value)))
-        return self._call("Step", lambda: req, retry=True)
 
 
 class Job:
@@ -240,82 +155,9 @@ class Job:
 
     def parameters(self) -> "OrderedDict[str, Any]":
         """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""
-        from gradmesh.core.tensor import from_numpy
         _, arrays = self.client.get_parameters(self.job_id)
         return OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
 
     def status(self):
         """The coordinator's JobStatusResponse (version, last step id, placement, ...)."""
         return self.client.job_status(self.job_id)
-
-
-class WorkerRegistration:
-    """Register a worker with a coordinator and keep it alive with heartbeats.
-
-    >>> reg = WorkerRegistration("127.0.0.1:50053", "127.0.0.1:50051").start()  # doctest: +SKIP
-    >>> reg.stop()                                                                # doctest: +SKIP
-
-    Re-registers when the coordinator forgets the worker (it restarted). ``token`` and
-    ``tls`` are those of :class:`CoordinatorClient`.
-    """
-
-    def __init__(self, coordinator: str, worker_address: str, *, token: str | None = None,
-                 tls: Any = None):
-        self.client = CoordinatorClient(coordinator, token=token, tls=tls, timeout=10.0,
-                                        retry_seconds=0.0)
-        self.address = worker_address
-        self.worker_id: str | None = None
-        self.interval = 5.0
-        self.last_error: str | None = None     # why the last attempt failed (None: it didn't)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def register(self) -> str:
-        from gradmesh.v1 import coordinator_pb2
-        try:
-            r = self.client._call("RegisterWorker", lambda: coordinator_pb2.RegisterWorkerRequest(
-                address=self.address), retry=False)
-        except GradmeshError as e:
-            # Logged once per distinct reason: a TLS or token mismatch shows up in the log
-            # instead of as a worker that silently never joins.
-            if str(e) != self.last_error:
-                logging.getLogger("gradmesh.worker").warning(
-                    "cannot register %s with the coordinator at %s (retrying): %s",
-                    self.address, self.client.target, e)
-            self.last_error = str(e)
-            raise
-        self.worker_id, self.interval = r.worker_id, r.heartbeat_interval_seconds or 5.0
-        self.last_error = None
-        return self.worker_id
-
-    def start(self) -> "WorkerRegistration":
-        """Register now if the coordinator answers, else keep trying in the background
-        (in a cluster, workers may well start before their coordinator)."""
-        try:
-            self.register()
-        except GradmeshError:
-            pass
-        self._thread = threading.Thread(target=self._loop, daemon=True,
-                                        name="gradmesh-heartbeat")
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        from gradmesh.v1 import coordinator_pb2
-        while not self._stop.wait(self.interval / 2 if self.worker_id else 1.0):
-            try:
-                if self.worker_id is None:
-                    self.register()
-                    continue
-                r = self.client._call("Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(
-                    worker_id=self.worker_id or ""), retry=False)
-                if not r.known:
-                    self.register()
-            except GradmeshError:
-                continue        # the coordinator is down: keep trying
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self.client.close()

@@ -14,28 +14,30 @@ The first call with a function traces it into a graph (for those parameter and d
 shapes), registers it once, and from then on sends only the graph id and the tensors.
 Requests over ``stream_threshold`` bytes go over the streaming RPC, transparently. A
 worker on this host (127.0.0.1, localhost, a Unix socket) gets the parameters and writes
-the gradients through shared memory instead (core/sharedmem.py), when it says it can.
+the gradients through shared memory instead, when it says it can (the transport policy
+is :class:`gradmesh.wire.worker.Transport`, the coordinator's too).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import random
-import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from gradmesh.client import errors
-from gradmesh.client.channel import TLS, channel, metadata
-from gradmesh.core import serialize, sharedmem
+from gradmesh.core import graph as core_graph
 from gradmesh.core.tensor import Tensor
-from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
+from gradmesh.v1 import graph_pb2, worker_pb2
+from gradmesh.wire import errors, sharedmem
+from gradmesh.wire.channel import channel, metadata
+from gradmesh.wire.stream import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from gradmesh.wire.worker import (SHARED, STREAM, UNARY, Reply, Request, WorkerTransport,
+                                  data_names)
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -44,18 +46,9 @@ DEFAULT_CHUNK_BYTES = 1 * MiB
 # Below this many parameter bytes, bytes in the message cost less than shared memory's
 # extra bookkeeping (benchmarks/worker.py, the small model).
 SHARED_MEMORY_MIN_BYTES = 256 << 10
-# Streamed replies are assembled in memory reused once the caller has dropped the arrays
-# of earlier replies (fresh pages cost the kernel more than gRPC costs the bytes); shared
-# by every client of the process, the coordinator's worker calls included, at most this
-# much kept idle.
-REPLY_POOL_BYTES = 512 << 20
-_reply_buffers = serialize.BufferPool(REPLY_POOL_BYTES)
-# Bounds of the caches of what repeats call after call (request bytes per graph, shapes
-# and options; tensor headers of replies): past it a cache is cleared and fills again.
+# Bound of the cache of request bytes per graph, shapes and options: past it the cache is
+# cleared and fills again.
 REQUEST_CACHE_ENTRIES = 64
-HEADER_CACHE_ENTRIES = 1024
-SEGMENT_PAIRS_CACHED = 16
-_LITTLE = sys.byteorder == "little"
 
 
 @dataclass
@@ -104,47 +97,7 @@ def _signature(pairs, arrays) -> tuple:
             tuple([(a.shape, a.dtype) for a in arrays]))
 
 
-class _Request:
-    """Everything a ComputeGradients request holds but the tensors' bytes, for one graph,
-    signature (names, shapes, dtypes) and set of options: the same from step to step, so
-    each client keeps it (``WorkerClient._request``) instead of building it every call."""
-    __slots__ = ("head", "tail", "data_names", "wanted", "param_bytes", "data_bytes",
-                 "unary", "shared")
-
-    def __init__(self, head: bytes, tail: bytes, data_names: list[str], wanted: list[str],
-                 param_bytes: int, data_bytes: int):
-        self.head = head                # field 1 (graph id): the tensors go between the two
-        self.tail = tail                # fields 5-8
-        self.data_names = data_names
-        self.wanted = wanted            # gradients asked for ([]: all)
-        self.param_bytes = param_bytes
-        self.data_bytes = data_bytes
-        # (bytes before the tensor's data, wire dtype) per tensor: built on first unary use.
-        self.unary: list[tuple[bytes, np.dtype]] | None = None
-        # (segment, gradient segment) -> the whole request: segments come back from the
-        # pool call after call, so the same few names (and offsets) repeat.
-        self.shared: dict[tuple[str, str], bytes] = {}
-
-    def unary_request(self, params, data) -> bytes:
-        """The request with the tensors' bytes in it (the one copy before gRPC's own)."""
-        headers = self.unary
-        if headers is None:
-            headers = [(serialize.encode_tensor_field(field, a, n)[0],
-                        a.dtype.newbyteorder("<"))
-                       for field, pairs in ((3, params), (4, data)) for n, a in pairs]
-            self.unary = headers
-        pieces = [self.head]
-        append = pieces.append
-        for (header, wire), (_, a) in zip(headers, itertools.chain(params, data)):
-            append(header)
-            # No copy for an array already little-endian and C-contiguous.
-            a = np.asarray(a, dtype=wire, order="C")
-            append(memoryview(a).cast("B") if a.size else b"")
-        append(self.tail)
-        return b"".join(pieces)
-
-
-class WorkerClient:
+class WorkerClient(WorkerTransport):
     """A connection to one gradmesh worker (a context manager; thread-safe).
 
     ``target``: "host:port"; ``token``: bearer token; ``tls``: None (plaintext), True
@@ -165,9 +118,9 @@ class WorkerClient:
                  shared_memory: bool = True,
                  shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
                  options: Sequence[tuple[str, Any]] = ()):
-        if not serialize.MIN_CHUNK_BYTES <= chunk_bytes <= serialize.MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be between {serialize.MIN_CHUNK_BYTES} and "
-                             f"{serialize.MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be between {MIN_CHUNK_BYTES} and "
+                             f"{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -175,31 +128,19 @@ class WorkerClient:
         self.retries = retries
         self.channel = channel(target, tls=tls, max_message_bytes=max_message_bytes,
                                options=options)
-        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
-        # Tensors travel as pre-encoded bytes (serialize.encode_tensor_field and the chunk
-        # codec): protobuf objects would copy every tensor several times.
-        self._unary_call = self.channel.unary_unary(
-            "/gradmesh.v1.Worker/ComputeGradients",
-            request_serializer=serialize.serialize_message,
-            response_deserializer=worker_pb2.ComputeGradientsResponse.FromString,
-            _registered_method=True)
-        self._stream_call = self.channel.stream_stream(
-            "/gradmesh.v1.Worker/ComputeGradientsStream",
-            request_serializer=serialize_stream_frame,
-            response_deserializer=decode_stream_frame, _registered_method=True)
+        self._segments = sharedmem.Pool()
+        super().__init__(
+            self.channel, target, chunk_bytes=chunk_bytes,
+            segments=self._segments if shared_memory and sharedmem.available() else None)
         self._metadata = metadata(token)
         self._lock = threading.Lock()
         # fn -> {shapes signature: (graph, graph id)}; weak so that lambdas can be freed.
         self._traced: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
         self._traced_strong: dict[Any, dict] = {}
-        # (graph ids, signature, options) -> _Request.
-        self._requests: dict[tuple, _Request] = {}
+        # (graph ids, signature, options) -> Request.
+        self._requests: dict[tuple, Request] = {}
         # Graph id as computed here -> the worker's id (that of the canonical form).
         self._registered: dict[str, str] = {}
-        # None: not decided yet (the first call asks Capabilities); then True or False.
-        self._shared: bool | None = (None if shared_memory and sharedmem.available()
-                                     and sharedmem.same_host_target(target) else False)
-        self._segments = sharedmem.Pool()
         self.shared_memory_min_bytes = shared_memory_min_bytes
 
     # ------------------------------------------------------------------ lifecycle ----
@@ -243,7 +184,6 @@ class WorkerClient:
         """Register ``graph`` with the worker; returns its id."""
         resp = self._call("RegisterGraph", lambda **kw: self.stub.RegisterGraph(
             worker_pb2.RegisterGraphRequest(graph=graph), **kw), timeout)
-        from gradmesh.core import graph as core_graph
         with self._lock:
             self._registered[core_graph.graph_id(graph)] = resp.graph_id
         return resp.graph_id
@@ -261,7 +201,6 @@ class WorkerClient:
             cache = self._traced_strong.setdefault(fn, {})
         hit = cache.get(sig)
         if hit is None:
-            from gradmesh.core import graph as core_graph
             try:
                 graph = core_graph.trace(fn, params, *data)
             except core_graph.TraceError:
@@ -289,7 +228,6 @@ class WorkerClient:
         arrays = [_array(d) for d in data]
         sig = _signature(param_arrays, arrays)
         if isinstance(fn_or_graph, graph_pb2.Graph):
-            from gradmesh.core import graph as core_graph
             graph, graph_id = fn_or_graph, core_graph.graph_id(fn_or_graph)
         elif callable(fn_or_graph):
             graph, graph_id = self._traced_graph(fn_or_graph, params, data, sig)
@@ -303,44 +241,40 @@ class WorkerClient:
         data_arrays = list(zip(request.data_names, arrays))
         data_bytes = request.data_bytes
         total = request.param_bytes + data_bytes
+        by_bytes = STREAM if total > self.stream_threshold else UNARY
         shared = (total - data_bytes >= self.shared_memory_min_bytes
-                  and data_bytes < self.stream_threshold and self._use_shared_memory(timeout))
-        streamed = not shared and total > self.stream_threshold
+                  and data_bytes < self.stream_threshold
+                  and self._takes_shared_memory(
+                      lambda: self.capabilities(timeout).shared_memory))
 
-        def attempt(**kw):
-            if streamed:
-                return self._stream(request.head, request.tail, param_arrays, data_arrays,
-                                    **kw)
-            if shared:
-                return self._shared_call(request, param_arrays, data_arrays, **kw)
-            return _unary_result(self._unary_call(
-                request.unary_request(param_arrays, data_arrays), **kw))
+        def send(mode: str) -> Reply:
+            def call(**kw) -> Reply:
+                if mode == STREAM:
+                    return self._send_stream(
+                        request.header(), param_arrays, data_arrays,
+                        lambda message: errors.GradmeshError(
+                            grpc.StatusCode.INTERNAL, message, None,
+                            "ComputeGradientsStream"), **kw)
+                if mode == SHARED:
+                    return self._send_all_shared(request, param_arrays, data_arrays, **kw)
+                return self._send_unary(request.unary_request(param_arrays, data_arrays), **kw)
+            return self._call("ComputeGradients", call, timeout)
 
         start = time.perf_counter()
-        try:
-            try:
-                result = self._call("ComputeGradients", attempt, timeout)
-            except (errors.GradmeshError, sharedmem.SegmentError) as e:
-                if not shared or not _shared_memory_refused(e):
-                    raise
-                # The worker cannot see our segments (another host or container, or
-                # shared memory off there), or /dev/shm is full: bytes from now on.
-                self._shared = shared = False
-                streamed = total > self.stream_threshold
-                result = self._call("ComputeGradients", attempt, timeout)
-        except errors.NotFound:
-            # The worker restarted or evicted the graph: register it again, once.
-            self.register_graph(graph, timeout)
-            result = self._call("ComputeGradients", attempt, timeout)
+        reply, mode = self._transport(
+            send, SHARED if shared else by_bytes, by_bytes,
+            lambda: self.register_graph(graph, timeout))
+        result = GradientResult(reply.loss, reply.outputs, reply.gradients, reply.timings,
+                                reply.graph_id)
         result.timings["round_trip_seconds"] = time.perf_counter() - start
-        result.timings["streamed"] = float(streamed)
-        result.timings["shared_memory"] = float(shared)
+        result.timings["streamed"] = float(mode == STREAM)
+        result.timings["shared_memory"] = float(mode == SHARED)
         if as_tensors:
             _to_tensors(result)
         return result
 
     def _request(self, graph, graph_id: str, worker_id: str, sig: tuple, gradients,
-                 outputs, loss_scale, seed) -> _Request:
+                 outputs, loss_scale, seed) -> Request:
         """The request's parts but the tensors, from the client's cache when this graph,
         signature and options were sent before."""
         wanted, outputs = list(gradients or ()), list(outputs)
@@ -354,15 +288,10 @@ class WorkerClient:
             hit = key = None
         if hit is not None:
             return hit
-        data_names = _data_names(graph, len(sig[1]))
-        # Fields 1 and 5-8 of the request; the tensors (fields 3, 4) go between them.
-        head = worker_pb2.ComputeGradientsRequest(graph_id=worker_id).SerializeToString()
-        tail = worker_pb2.ComputeGradientsRequest(
-            gradients=wanted, outputs=outputs, loss_scale=loss_scale,
-            seed=seed).SerializeToString()
-        nbytes = [math.prod(shape) * dtype.itemsize for _, shape, dtype in sig[0]]
-        request = _Request(head, tail, data_names, wanted, sum(nbytes),
-                           sum(math.prod(shape) * dtype.itemsize for shape, dtype in sig[1]))
+        request = Request.build(
+            worker_id, wanted, outputs, loss_scale, seed, data_names(graph, len(sig[1])),
+            sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in sig[0]),
+            sum(math.prod(shape) * dtype.itemsize for shape, dtype in sig[1]))
         # -0.0 == 0.0, but they serialize differently.
         if key is not None and loss_scale != 0:
             requests = self._requests
@@ -370,85 +299,6 @@ class WorkerClient:
                 requests.clear()
             requests[key] = request
         return request
-
-    def _use_shared_memory(self, timeout: float | None) -> bool:
-        if self._shared is None:
-            try:
-                self._shared = bool(self.capabilities(timeout).shared_memory)
-            except errors.GradmeshError:
-                return False        # decided on a later call; this one goes as bytes
-        return self._shared
-
-    def _shared_call(self, request: _Request, params, data, **kw) -> GradientResult:
-        """One ComputeGradients with parameters, data and gradients in shared memory."""
-        by_name, data = dict(params), dict(data)
-        # Parameters already in shared memory (Module.share_memory()) are read where they
-        # are; the others and the data are copied into a segment of the pool.
-        located = _located(by_name)
-        pseg, offsets = sharedmem.place(self._segments, {
-            **({} if located else {("p", n): a for n, a in by_name.items()}),
-            **{("d", n): a for n, a in data.items()}})
-        gseg, goffsets = sharedmem.place(
-            self._segments,
-            {n: by_name[n] for n in (request.wanted or by_name) if n in by_name},
-            write=False)
-        done = False
-        try:
-            # The offsets follow from the signature, which the request is cached under: the
-            # segments' names are all that can change.
-            segments = (pseg.name, gseg.name, located)
-            message = request.shared.get(segments)
-            if message is None:
-                req = shared_request(
-                    by_name, pseg, dict(located[1]) if located else
-                    {n: offsets["p", n] for n in by_name}, gseg, goffsets,
-                    data, {n: offsets["d", n] for n in data},
-                    parameter_segment=located[0] if located else "")
-                message = request.head + req.SerializeToString() + request.tail
-                if len(request.shared) >= SEGMENT_PAIRS_CACHED:
-                    request.shared.clear()
-                request.shared[segments] = message
-            resp = self._unary_call(message, **kw)
-            result = _unary_result(resp)
-            # Views, no copy: the segment is reused once the caller has dropped them.
-            result.gradients = shared_gradients(resp, self._segments.lend(gseg), goffsets)
-            done = True
-            return result
-        finally:
-            # A failed call's segments are dropped, not reused: a worker past its deadline
-            # may still be writing into them.
-            self._segments.release(pseg) if done else pseg.close()
-            if not done:
-                gseg.close()
-
-    def _stream(self, head: bytes, tail: bytes, params, data, **kw) -> GradientResult:
-        header = worker_pb2.ComputeGradientsRequest.FromString(head + tail)
-        # Gradients come as soon as backward finishes each (see worker.proto); a worker
-        # that predates the flag answers the classic way, which the loop below also reads.
-        header.stream_gradients_early = True
-        for n, a in params:
-            header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
-        for n, a in data:
-            header.data.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
-        arrays = [a for _, a in params] + [a for _, a in data]
-        chunk_bytes = self.chunk_bytes
-
-        def frames() -> Iterator[worker_pb2.StreamFrame | bytes]:
-            yield worker_pb2.StreamFrame(request=header)
-            yield from serialize.chunk_frames(arrays, chunk_bytes)
-
-        resp, arrays_out, timed = read_reply(
-            self._stream_call(frames(), **kw), lambda message: errors.GradmeshError(
-                grpc.StatusCode.INTERNAL, message, None, "ComputeGradientsStream"))
-        loss = arrays_out[0]
-        k = len(resp.outputs)
-        outputs = {nt.name: a for nt, a in zip(resp.outputs, arrays_out[1:1 + k])}
-        received = {nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k:])}
-        # In the order requested (the stream has them in the order backward made them).
-        order = list(header.gradients) or [n for n, _ in params]
-        grads = {n: received[n] for n in order if n in received}
-        grads.update(received)
-        return GradientResult(loss, outputs, grads, _timings(timed), resp.graph_id)
 
     def backward(self, model, fn: Callable, *data, loss_scale: float = 1.0, seed: int = 0,
                  timeout: float | None = None):
@@ -467,161 +317,10 @@ class WorkerClient:
         return Tensor(np.array(result.loss))
 
 
-def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
-    """A ``ComputeGradientsStream`` reply: ``(header, arrays, timed)`` with the header's
-    response, its tensors in header order (assembled as chunks arrive, so receiving
-    overlaps the worker's backward, in memory of earlier replies when it is free), and the
-    response holding the timings (an early stream's trailing frame, else the header).
-    Protocol errors raise ``fail(message)``."""
-    first = next(replies, None)
-    if first is None or first.WhichOneof("kind") != "response":
-        raise fail("the worker's reply did not start with a response header")
-    header = first.response
-    assembler = serialize.Assembler(header, 1 << 62,
-                                    tensor_fields=("loss", "outputs", "gradients"),
-                                    allocate=_reply_buffers.allocate)
-    timed = header
-    for frame in replies:
-        if frame.WhichOneof("kind") == "chunk":
-            assembler.add(frame.chunk)
-        elif assembler.done and timed is header:
-            timed = frame.response          # the trailing timings of an early stream
-        else:
-            raise fail("the worker sent a second header in its reply")
-    return header, assembler.finish(), timed
-
-
-def _located(params: dict[str, np.ndarray]) -> tuple[str, tuple] | None:
-    """``(segment name, ((parameter, offset), ...))`` when every parameter lives in the same
-    shared-memory segment (``Tensor.share_memory_``), else None."""
-    where = [sharedmem.locate(a) for a in params.values()]
-    if not where or None in where or len({name for name, _ in where}) != 1:
-        return None
-    return where[0][0], tuple((n, offset) for n, (_, offset) in zip(params, where))
-
-
-def shared_request(params: dict[str, np.ndarray], segment: sharedmem.Segment,
-                   offsets: dict[str, int], gradient_segment: sharedmem.Segment,
-                   gradient_offsets: dict[str, int], data: dict[str, np.ndarray] | None = None,
-                   data_offsets: dict[str, int] | None = None, parameter_segment: str = ""
-                   ) -> worker_pb2.ComputeGradientsRequest:
-    """The tensors' headers (no bytes) and the ``SharedMemory`` of a request whose
-    parameters (and ``data``, if given) are in ``segment`` (the parameters in the segment
-    named ``parameter_segment`` instead, if given) and whose gradients go to
-    ``gradient_segment``."""
-    def headers(arrays):
-        return [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
-                for n, a in (arrays or {}).items()]
-    return worker_pb2.ComputeGradientsRequest(
-        parameters=headers(params), data=headers(data),
-        shared_memory=worker_pb2.SharedMemory(
-            segment=segment.name, parameter_offsets=offsets, data_offsets=data_offsets,
-            gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets,
-            parameter_segment=parameter_segment))
-
-
-def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray,
-                     offsets: dict[str, int]) -> dict[str, np.ndarray]:
-    """The gradients a worker wrote into the segment ``buf`` (uint8) views, as views
-    (checked against the response's dtypes and shapes and the segment's bounds)."""
-    if not resp.gradients_in_shared_memory:
-        raise sharedmem.SegmentError("the worker did not write the gradients to shared "
-                                     "memory (a worker that predates it?)")
-    out = {}
-    size = buf.nbytes
-    for nt in resp.gradients:
-        # A gradient's header (name, dtype, shape: a few bytes) is the same call after
-        # call: parsed and checked once, then looked up by its bytes.
-        key = nt.SerializeToString()
-        hit = _gradient_headers.get(key)
-        if hit is None:
-            hit = _gradient_header(nt)
-            if len(key) <= 1024:
-                if len(_gradient_headers) >= HEADER_CACHE_ENTRIES:
-                    _gradient_headers.clear()
-                _gradient_headers[key] = hit
-        name, dtype, shape, nbytes = hit
-        offset = offsets.get(name)
-        if offset is None or dtype is None or offset + nbytes > size or nbytes < 0:
-            raise sharedmem.SegmentError(f"the worker's gradient {name!r} does not fit "
-                                         f"what was asked for")
-        out[name] = np.ndarray(shape, dtype, buf, offset)
-    return out
-
-
-def _gradient_header(nt: tensor_pb2.NamedTensor) -> tuple:
-    """(name, NumPy dtype or None when unknown, shape, byte size) of a gradient's header."""
-    dtype = serialize.PROTO_TO_DTYPE.get(nt.tensor.dtype)
-    shape = tuple(nt.tensor.shape)
-    return (nt.name, dtype.np if dtype else None, shape,
-            dtype.np.itemsize * math.prod(shape) if dtype else -1)
-
-
-_gradient_headers: dict[bytes, tuple] = {}
-
-
-def _shared_memory_refused(e: Exception) -> bool:
-    return isinstance(e, sharedmem.SegmentError) or (
-        e.code == grpc.StatusCode.FAILED_PRECONDITION
-        and (e.field or "").startswith("shared_memory"))
-
-
-def _data_names(graph: graph_pb2.Graph, n: int) -> list[str]:
-    names = [i.name for i in graph.inputs if i.role == graph_pb2.Input.DATA]
-    if len(names) != n:
-        raise TypeError(f"the graph takes {len(names)} data inputs {names}, got {n}")
-    return names
-
-
-# The stream's frame codec lives with the rest of the wire format in core/serialize.py;
-# these names stay importable from here.
-encode_chunk_frame = serialize.encode_chunk_frame
-decode_stream_frame = serialize.decode_stream_frame
-serialize_stream_frame = serialize.serialize_message
-
-
-def _timings(resp: worker_pb2.ComputeGradientsResponse) -> dict[str, float]:
-    t = resp.timings
-    return {"decode_seconds": t.decode_seconds, "forward_seconds": t.forward_seconds,
-            "backward_seconds": t.backward_seconds, "encode_seconds": t.encode_seconds,
-            "plan_cached": float(t.plan_cached)}
-
-
-def _decode(t: tensor_pb2.Tensor, field: str, name: str | None = None) -> np.ndarray:
-    """``serialize.from_proto`` (a read-only view of the message's bytes), with the checks
-    of a (dtype, shape) that passed them once reduced to the byte count."""
-    shape = tuple(t.shape)
-    key = (t.dtype, shape)
-    hit = _reply_headers.get(key)
-    data = t.data
-    if hit is None or len(data) != hit[1]:
-        # The full checks (and errors naming the field), and bool's 0/1 check every time.
-        a = serialize.from_proto(t, field=field if name is None else f"{field}[{name}]")
-        if _LITTLE and a.dtype != np.bool_:     # else a conversion, or values to check
-            if len(_reply_headers) >= HEADER_CACHE_ENTRIES:
-                _reply_headers.clear()
-            _reply_headers[key] = (a.dtype, len(data))
-        return a
-    return np.ndarray(shape, hit[0], data)     # what from_proto returns, in one step
-
-
-_reply_headers: dict[tuple[int, tuple], tuple[np.dtype, int]] = {}
-
-
-def _unary_result(resp: worker_pb2.ComputeGradientsResponse) -> GradientResult:
-    return GradientResult(
-        _decode(resp.loss, "loss"),
-        {nt.name: _decode(nt.tensor, "outputs", nt.name) for nt in resp.outputs},
-        {} if resp.gradients_in_shared_memory else
-        {nt.name: _decode(nt.tensor, "gradients", nt.name) for nt in resp.gradients},
-        _timings(resp), resp.graph_id)
-
-
 def _to_tensors(result: GradientResult) -> None:
     result.loss = Tensor(np.array(result.loss))
     result.outputs = {k: Tensor(np.array(v)) for k, v in result.outputs.items()}
     result.gradients = {k: Tensor(np.array(v)) for k, v in result.gradients.items()}
 
 
-__all__ = ["WorkerClient", "GradientResult", "TLS", "encode_chunk_frame",
-           "decode_stream_frame", "serialize_stream_frame"]
+__all__ = ["WorkerClient", "GradientResult"]

@@ -34,15 +34,25 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
-from gradmesh.core import serialize, sharedmem
+from gradmesh.core import dtypes, serialize
+from gradmesh.core import graph as core_graph
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import (TreeSum, loss_scales, micro_batch_seed, micro_batches,
                                        place)
-from gradmesh.client.channel import channel, metadata
-from gradmesh.server.runtime import ServiceError, status_code
-from gradmesh.server.shard import (EmbeddedShard, RemoteShard, ShardStore, check_job_id,
-                                   optimizer_from_proto, optimizer_to_proto, receive_frames,
-                                   stream_frames)
+from gradmesh.server.runtime import (ConfigError, PeerConfig, ServerConfig, ServiceError,
+                                     add_peer_arguments, add_server_arguments,
+                                     config_from_args, configure_logging, env_default,
+                                     peer_config_from_args, serve, status_code)
+from gradmesh.server.shard import EmbeddedShard, ShardStore, check_job_id
+from gradmesh.v1 import (coordinator_pb2, coordinator_pb2_grpc, graph_pb2, tensor_pb2,
+                         worker_pb2)
+from gradmesh.wire import sharedmem
+from gradmesh.wire.channel import channel, metadata
+from gradmesh.wire.errors import GradmeshError, bad_request_field, from_rpc_error
+from gradmesh.wire.shard import (RemoteShard, optimizer_from_proto, optimizer_to_proto,
+                                 receive_frames, stream_frames)
+from gradmesh.wire.stream import MAX_CHUNK_BYTES
+from gradmesh.wire.worker import SHARED, Reply, WorkerTransport, shared_request
 
 log = logging.getLogger("gradmesh.coordinator")
 
@@ -65,42 +75,9 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.NOT_FOUND}
 
 
-def _pb():
-    from gradmesh.v1 import coordinator_pb2
-    return coordinator_pb2
-
-
 # ====================================================================== workers ==========
 
-@dataclass
-class MicroResult:
-    loss: np.ndarray
-    outputs: dict[str, np.ndarray]
-    gradients: dict[str, np.ndarray]
-    compute_seconds: float = 0.0            # the worker's forward + backward
-
-
-class WorkerError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field          # the worker's BadRequest field, e.g. "data[y]"
-
-
-def _worker_field(error: grpc.RpcError) -> str | None:
-    """The first google.rpc.BadRequest field of a failed worker call, if any."""
-    try:
-        from google.rpc import error_details_pb2
-        from grpc_status import rpc_status
-        status = rpc_status.from_call(error)
-        for detail in status.details if status is not None else ():
-            bad = error_details_pb2.BadRequest()
-            if detail.Unpack(bad) and bad.field_violations:
-                return bad.field_violations[0].field
-    except Exception:  # noqa: BLE001  (no or malformed details: no field)
-        pass
-    return None
+BYTES = "bytes"      # a call's tensors in its messages: unary when they fit, else streamed
 
 
 def _batch_field(worker_field: str | None) -> str:
@@ -112,12 +89,13 @@ def _batch_field(worker_field: str | None) -> str:
     return "batch"
 
 
-class WorkerHandle:
-    """One worker: its channel, what the coordinator knows of it, and the call itself."""
+class WorkerHandle(WorkerTransport):
+    """One worker: its channel, what the coordinator knows of it, and the call itself
+    (the transport policy is :class:`~gradmesh.wire.worker.WorkerTransport`'s, as the
+    SDK's)."""
 
     def __init__(self, address: str, source: str, timeout: float, token: str | None,
                  max_message_bytes: int, tls: Any = None, segments: Any = None):
-        from gradmesh.v1 import worker_pb2_grpc
         self.address = address
         self.source = source
         self.timeout = timeout
@@ -132,27 +110,20 @@ class WorkerHandle:
         self.retry_at = 0.0
         self.max_message_bytes = max_message_bytes
         self.graphs: set[str] = set()          # graph ids this worker has
-        # Tensors through shared memory (core/sharedmem.py) when the worker is on this host
-        # and takes them; ``segments`` is the coordinator's pool (None: never).
-        self.segments = segments if sharedmem.same_host_target(address) else None
-        self.shared = False
         # Bytes of parameters the worker keeps between calls, and the (job, version) it
         # was last sent: a second micro-batch of a step then goes without them.
         self.parameter_cache_bytes = 0
         self.kept: tuple | None = None
         self._metadata = metadata(token)
         self._channel = channel(address, tls=tls, max_message_bytes=max_message_bytes)
-        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
-        # The stream with gradmesh's frame codec (core/serialize.py): the same bytes as
-        # protobuf's, with one copy of the tensors' bytes per side instead of three or four.
-        self._stream_call = self._channel.stream_stream(
-            "/gradmesh.v1.Worker/ComputeGradientsStream",
-            request_serializer=serialize.serialize_message,
-            response_deserializer=serialize.decode_stream_frame, _registered_method=True)
+        # Shared memory when the worker is on this host and takes it; ``segments`` is the
+        # coordinator's pool (None: never).
+        super().__init__(self._channel, address, segments=segments,
+                         chunk_bytes=MAX_CHUNK_BYTES)
+        self._shared = False            # until Capabilities says
 
     def probe(self) -> None:
         """Ask for Capabilities; sets state, fingerprint and backend."""
-        from gradmesh.v1 import worker_pb2
         try:
             caps = self.stub.Capabilities(worker_pb2.CapabilitiesRequest(), timeout=5.0,
                                           metadata=self._metadata)
@@ -162,151 +133,102 @@ class WorkerHandle:
             return
         self.fingerprint = caps.build_fingerprint
         self.backend = caps.backend
-        self.shared = self.segments is not None and caps.shared_memory
+        self._shared = self.segments is not None and caps.shared_memory
         self.parameter_cache_bytes = caps.limits.parameter_cache_bytes
         self.kept = None
         self.state, self.reason = "ready", ""
 
     def compute(self, graph, graph_id: str, params: "ParamSet", data: dict[str, np.ndarray],
-                scale: float, seed: int, outputs: Sequence[str]) -> MicroResult:
-        """One ComputeGradients call; unary when it fits, streamed otherwise."""
-        from gradmesh.v1 import worker_pb2
-        req = worker_pb2.ComputeGradientsRequest(loss_scale=scale, seed=seed,
-                                                 outputs=list(outputs))
-        if graph_id in self.graphs:
-            req.graph_id = graph_id
-        else:
-            req.graph.CopyFrom(graph)
+                scale: float, seed: int, outputs: Sequence[str]) -> Reply:
+        """One ComputeGradients call (the graph inline until the worker has it); raises
+        ``GradmeshError`` for a failed call."""
+        unary_max = min(self.max_message_bytes // 2, UNARY_MAX_BYTES)
         data_bytes = sum(a.nbytes for a in data.values())
-        try:
-            unary_max = min(self.max_message_bytes // 2, UNARY_MAX_BYTES)
-            if self.shared and data_bytes + (1 << 20) < unary_max:
-                try:
-                    return self._compute_shared(req, params, data, graph_id)
-                except (WorkerError, sharedmem.SegmentError) as e:
-                    if isinstance(e, WorkerError) and not (
-                            e.code == grpc.StatusCode.FAILED_PRECONDITION
-                            and (e.field or "").startswith("shared_memory")):
-                        raise
-                    # The worker cannot see our segments (another container), or
-                    # /dev/shm is full: bytes from now on.
-                    log.warning("worker %s: no shared memory (%s); sending bytes",
-                                self.address, e)
-                    self.shared = False
-            key = (params.key, params.version)
-            if params.nbytes > self.parameter_cache_bytes:
-                return self._compute_bytes(req, params, data, graph_id, True, unary_max)
-            req.parameter_set, req.parameter_version = key
-            if self.kept == key:
-                try:
-                    return self._compute_bytes(req, params, data, graph_id, False, unary_max)
-                except grpc.RpcError as e:
-                    if (e.code() != grpc.StatusCode.FAILED_PRECONDITION
-                            or _worker_field(e) != "parameters"):
-                        raise
-                    # The worker restarted or evicted them: send them again.
-            self.kept = None
-            result = self._compute_bytes(req, params, data, graph_id, True, unary_max)
-            self.kept = key
-            return result
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                self.graphs.discard(graph_id)     # the worker restarted: send it inline
-            raise WorkerError(e.code(), e.details() or str(e.code()),
-                              _worker_field(e)) from None
+        shared = self._shared and data_bytes + (1 << 20) < unary_max
 
-    def _compute_bytes(self, req, params: "ParamSet", data: dict, graph_id: str,
-                       with_params: bool, unary_max: int) -> MicroResult:
-        """The call with every tensor as bytes (the parameters only ``with_params``):
-        unary when it fits, streamed otherwise."""
+        def send(mode: str) -> Reply:
+            req = worker_pb2.ComputeGradientsRequest(loss_scale=scale, seed=seed,
+                                                     outputs=list(outputs))
+            if graph_id in self.graphs:
+                req.graph_id = graph_id
+            else:
+                req.graph.CopyFrom(graph)
+            try:
+                if mode == SHARED:
+                    reply = self._compute_shared(req, params, data)
+                else:
+                    reply = self._compute_bytes(req, params, data, unary_max)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e, "ComputeGradients") from None
+            self.graphs.add(graph_id)
+            return reply
+
+        mode = SHARED if shared else BYTES
+        reply, used = self._transport(send, mode, BYTES, lambda: self.graphs.discard(graph_id))
+        if used != mode:
+            log.warning("worker %s: no shared memory; sending bytes", self.address)
+        return reply
+
+    def _compute_bytes(self, req, params: "ParamSet", data: dict,
+                       unary_max: int) -> Reply:
+        """The call with every tensor as bytes, the parameters left out when the worker
+        keeps them from an earlier call of this version."""
+        key = (params.key, params.version)
+        if params.nbytes > self.parameter_cache_bytes:
+            return self._send_bytes(req, params, data, True, unary_max)
+        req.parameter_set, req.parameter_version = key
+        if self.kept == key:
+            try:
+                return self._send_bytes(req, params, data, False, unary_max)
+            except grpc.RpcError as e:
+                if (e.code() != grpc.StatusCode.FAILED_PRECONDITION
+                        or bad_request_field(e) != "parameters"):
+                    raise
+                # The worker restarted or evicted them: send them again.
+        self.kept = None
+        result = self._send_bytes(req, params, data, True, unary_max)
+        self.kept = key
+        return result
+
+    def _send_bytes(self, req, params: "ParamSet", data: dict, with_params: bool,
+                    unary_max: int) -> Reply:
+        """Unary when it fits, streamed otherwise (the parameters only ``with_params``)."""
         size = (params.nbytes if with_params else 0) + (1 << 20) + \
             sum(a.nbytes for a in data.values())
         fresh = type(req)()
         fresh.CopyFrom(req)         # a retry without the kept parameters starts over
         req = fresh
+        kw = {"timeout": self.timeout, "metadata": self._metadata}
         if size >= unary_max:
-            return self._compute_stream(req, params.arrays if with_params else {}, data,
-                                        graph_id)
+            return self._send_stream(
+                req, params.arrays.items() if with_params else (), data.items(),
+                lambda message: GradmeshError(grpc.StatusCode.INTERNAL, message, None,
+                                              "ComputeGradientsStream"), **kw)
         if with_params:
             req.parameters.extend(params.unary())
         for name, a in data.items():
             req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
-        resp = self.stub.ComputeGradients(req, timeout=self.timeout, metadata=self._metadata)
-        self.graphs.add(graph_id)
-        return _decode_result(resp, None)
+        return self._send_unary(req, **kw)
 
-    def _compute_shared(self, req, params: "ParamSet", data: dict,
-                        graph_id: str) -> MicroResult:
+    def _compute_shared(self, req, params: "ParamSet", data: dict) -> Reply:
         """A unary call with parameters and gradients in shared memory; the result's
         gradients are views of a segment that goes back to the pool when they are freed
         (after the step applied them, or dropped them)."""
-        from gradmesh.client.worker import shared_gradients, shared_request
-        segment, offsets = params.shared(self.segments)
-        gseg, goffsets = sharedmem.place(self.segments, params.arrays, write=False)
+        pool = self.segments
+        segment, offsets = params.shared(pool)
+        gseg, goffsets = sharedmem.place(pool, params.arrays, write=False)
         try:
             req.MergeFrom(shared_request(params.arrays, segment, offsets, gseg, goffsets))
             for name, a in data.items():
                 req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
-            try:
-                resp = self.stub.ComputeGradients(req, timeout=self.timeout,
-                                                  metadata=self._metadata)
-            except grpc.RpcError as e:
-                raise WorkerError(e.code(), e.details() or str(e.code()),
-                                  _worker_field(e)) from None
-            self.graphs.add(graph_id)
-            result = _decode_result(resp, None)
-            result.gradients = shared_gradients(resp, self.segments.lend(gseg), goffsets)
         except BaseException:
-            # Dropped, not reused: a worker past its deadline may still write into it.
             gseg.close()
             raise
-        return result
-
-    def _compute_stream(self, req, params: dict[str, np.ndarray], data: dict,
-                        graph_id: str) -> MicroResult:
-        from gradmesh.v1 import worker_pb2
-        buffers = []        # header order: parameters, then data (field-number order)
-        for field, arrays in ((req.parameters, params), (req.data, data)):
-            for name, a in arrays.items():
-                field.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
-                buffers.append(serialize.tensor_buffer(a))   # no copy: chunks read the array
-        # The worker sends each gradient as soon as backward has finished it (see
-        # worker.proto); an older worker ignores the flag and answers the classic way.
-        req.stream_gradients_early = True
-
-        def frames():
-            yield worker_pb2.StreamFrame(request=req)
-            # Each frame is encoded straight from the parameter arrays (one copy).
-            yield from serialize.chunk_frames(buffers, serialize.MAX_CHUNK_BYTES)
-
-        from gradmesh.client.worker import read_reply
-        header, arrays, timings = read_reply(
-            iter(self._stream_call(frames(), timeout=self.timeout, metadata=self._metadata)),
-            lambda message: WorkerError(grpc.StatusCode.INTERNAL, message))
-        self.graphs.add(graph_id)
-        result = _decode_result(header, arrays)
-        result.compute_seconds = (timings.timings.forward_seconds +
-                                  timings.timings.backward_seconds)
-        return result
+        return self._send_shared(req, gseg, goffsets, timeout=self.timeout,
+                                 metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()
-
-
-def _decode_result(resp, arrays: list | None) -> MicroResult:
-    seconds = resp.timings.forward_seconds + resp.timings.backward_seconds
-    if arrays is None:
-        loss = serialize.from_proto(resp.loss, field="loss")
-        outputs = {o.name: serialize.from_proto(o.tensor, field=f"outputs[{o.name}]")
-                   for o in resp.outputs}
-        grads = {} if resp.gradients_in_shared_memory else {
-            g.name: serialize.from_proto(g.tensor, field=f"gradients[{g.name}]")
-            for g in resp.gradients}
-        return MicroResult(loss, outputs, grads, seconds)
-    k = 1 + len(resp.outputs)
-    return MicroResult(arrays[0],
-                       {o.name: a for o, a in zip(resp.outputs, arrays[1:k])},
-                       {g.name: a for g, a in zip(resp.gradients, arrays[k:])}, seconds)
 
 
 class WorkerPool:
@@ -320,7 +242,7 @@ class WorkerPool:
         self.segments = (sharedmem.Pool(keep=8) if shared_memory and sharedmem.available()
                          else None)
         self.token = token
-        self.tls = tls                  # how workers are dialled (client/channel.py)
+        self.tls = tls                  # how workers are dialled (wire/channel.py)
         self.max_message_bytes = max_message_bytes
         self.fingerprint: str | None = None
         self._lock = threading.Lock()
@@ -394,7 +316,7 @@ class WorkerPool:
         return "".join((": " if i == 0 else "; ") + f"{w.address} {w.state}" +
                        (f" ({w.reason})" if w.reason else "") for i, w in enumerate(down))
 
-    def failed(self, w: WorkerHandle, error: WorkerError) -> None:
+    def failed(self, w: WorkerHandle, error: GradmeshError) -> None:
         w.failures += 1
         if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             w.state, w.reason = "unreachable", f"{error.code.name}: {error.message}"
@@ -429,7 +351,6 @@ class ParamSet:
 
     def unary(self) -> list:
         """NamedTensor messages with data (encoded once per version)."""
-        from gradmesh.v1 import tensor_pb2
         with self._lock:
             if self._unary is None:
                 self._unary = [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
@@ -480,8 +401,6 @@ class Job:
 def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
     """Validate a graph: the validated graph (its canonical form and id), its PARAM names,
     their specs, DATA inputs and scalar extra outputs."""
-    from gradmesh.core import graph as core_graph
-    from gradmesh.v1 import graph_pb2
     try:
         vg = core_graph.validate(graph)
     except core_graph.GraphError as e:
@@ -629,7 +548,7 @@ class Coordinator:
     # -- Step -----------------------------------------------------------------------------
     def step(self, job_id: str, step_id: int, batch: dict[str, np.ndarray]):
         """Run (or replay) one step; returns a StepResponse."""
-        pb = _pb()
+        pb = coordinator_pb2
         job = self.job(job_id)
         if step_id < 1:
             raise ServiceError(INVALID, "step ids start at 1", "step_id")
@@ -705,7 +624,7 @@ class Coordinator:
         return job.params, time.perf_counter() - start
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
-        pb = _pb()
+        pb = coordinator_pb2
         t0 = time.perf_counter()
         params, pull_seconds = self._params_for_workers(job)
         size = next(iter(batch.values())).shape[0]
@@ -724,13 +643,13 @@ class Coordinator:
         # another batch).
         attempt = secrets.randbits(64)
 
-        def compute(worker: WorkerHandle, m: int) -> MicroResult:
+        def compute(worker: WorkerHandle, m: int) -> Reply:
             start, stop = ranges[m]
             data = {name: a[start:stop] for name, a in batch.items()}
             return worker.compute(job.graph, job.graph_id, params, data, scales[m],
                                   micro_batch_seed(job.job_id, step_id, m), job.metric_names)
 
-        def accept(m: int, r: MicroResult) -> None:
+        def accept(m: int, r: Reply) -> None:
             missing = [nm for nm in job.param_names if nm not in r.gradients]
             if missing:
                 raise ServiceError(grpc.StatusCode.INTERNAL, f"a worker returned no gradient "
@@ -834,7 +753,7 @@ class Coordinator:
                         return
                     try:
                         result = compute(w, m)
-                    except WorkerError as e:
+                    except GradmeshError as e:
                         self.workers.failed(w, e)
                         with cond:
                             finish(w, m)
@@ -905,7 +824,7 @@ class Coordinator:
         # Lanes still computing a late duplicate finish on their own; their results are
         # dropped (done already holds them).
         if error is not None:
-            if isinstance(error, (ServiceError, serialize.WireError)):
+            if isinstance(error, (ServiceError, serialize.WireError, GradmeshError)):
                 raise error
             raise ServiceError(grpc.StatusCode.INTERNAL, f"step failed: "
                                f"{type(error).__name__}: {error}")
@@ -929,7 +848,7 @@ class Coordinator:
             return job.version, {n: arrays[n] for n in wanted}
 
     def job_status(self, job_id: str):
-        pb = _pb()
+        pb = coordinator_pb2
         job = self.job(job_id)
         return pb.JobStatusResponse(
             job_id=job.job_id, graph_id=job.graph_id, version=job.version,
@@ -942,7 +861,7 @@ class Coordinator:
             metrics=job.metric_names)
 
     def list_workers(self):
-        pb = _pb()
+        pb = coordinator_pb2
         self.workers.usable()           # refresh states
         resp = pb.ListWorkersResponse()
         for w in sorted(self.workers.workers.values(), key=lambda w: w.address):
@@ -979,7 +898,6 @@ class Coordinator:
                 self._save(job)
 
     def _restore(self) -> None:
-        from gradmesh.v1 import graph_pb2
         directory = os.path.join(self.state_dir, "jobs")
         if not os.path.isdir(directory):
             return
@@ -1009,7 +927,7 @@ class Coordinator:
         try:
             states = {i: self.shards[i].status(job.job_id)
                       for i in sorted(set(job.placement.values()))}
-        except ServiceError as e:
+        except (ServiceError, GradmeshError) as e:
             job.error = f"cannot reach the shards to restore job {job.job_id!r}: {e}"
             return
         lost = [i for i, s in states.items() if s is None]
@@ -1040,7 +958,6 @@ class Coordinator:
 
 
 def _dtype_of(a: np.ndarray):
-    from gradmesh.core import dtypes
     try:
         return dtypes.from_numpy(a.dtype.newbyteorder("="))
     except TypeError:
@@ -1069,7 +986,7 @@ class CoordinatorServicer:
         self.max_stream_bytes = max_stream_bytes
 
     def CreateJob(self, request_iterator, context):
-        pb = _pb()
+        pb = coordinator_pb2
         first = next(request_iterator, None)
         if first is not None and first.WhichOneof("kind") == "create_job":
             # Everything the header says is checked before anything is allocated for the
@@ -1088,7 +1005,7 @@ class CoordinatorServicer:
         return self.c.step(request.job_id, request.step_id, batch)
 
     def GetParameters(self, request, context):
-        pb = _pb()
+        pb = coordinator_pb2
         version, arrays = self.c.get_parameters(request.job_id, list(request.names))
         header = pb.GetParametersResponse(version=version)
         for name, a in arrays.items():
@@ -1102,13 +1019,13 @@ class CoordinatorServicer:
         return self.c.list_workers()
 
     def RegisterWorker(self, request, context):
-        pb = _pb()
+        pb = coordinator_pb2
         w = self.c.workers.register(request.address)
         return pb.RegisterWorkerResponse(worker_id=w.worker_id,
                                          heartbeat_interval_seconds=HEARTBEAT_SECONDS)
 
     def Heartbeat(self, request, context):
-        return _pb().HeartbeatResponse(known=self.c.workers.heartbeat(request.worker_id))
+        return coordinator_pb2.HeartbeatResponse(known=self.c.workers.heartbeat(request.worker_id))
 
 
 # ====================================================================== starting =========
@@ -1129,8 +1046,6 @@ def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_s
     and shards are dialled (default: plaintext, with the server's own token). Returns the
     RunningServer with ``.coordinator`` set.
     """
-    from gradmesh.server.runtime import PeerConfig, ServerConfig, serve
-    from gradmesh.v1 import coordinator_pb2_grpc
     config = config or ServerConfig(**config_kw)
     peer = peer or PeerConfig(None, config.token)
     pool = WorkerPool(workers, timeout=worker_timeout, token=peer.token,
@@ -1157,7 +1072,6 @@ def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh coordinator``."""
-    from gradmesh.server.runtime import add_peer_arguments, add_server_arguments, env_default
     add_server_arguments(parser, DEFAULT_PORT)
     add_peer_arguments(parser, "workers and shards")
     d = env_default
@@ -1183,8 +1097,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``gradmesh coordinator``: serve until SIGTERM, then checkpoint."""
-    from gradmesh.server.runtime import (ConfigError, config_from_args, configure_logging,
-                                         peer_config_from_args)
     config = config_from_args(args)
     configure_logging(config)
     if args.checkpoint_every < 0 or args.embedded_shards < 1 or args.micro_batch_deadline <= 0:

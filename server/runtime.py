@@ -43,8 +43,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-# Servers and clients share the message-size and keepalive options (client/channel.py).
-from gradmesh.client.channel import TLS, channel_options
+# Servers and clients share the message-size and keepalive options (wire/channel.py).
+from gradmesh.wire.channel import TLS, channel_options
 
 log = logging.getLogger("gradmesh.server")
 

@@ -14,9 +14,10 @@ import itertools
 import logging
 import os
 import re
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import grpc
 import numpy as np
@@ -24,28 +25,27 @@ import numpy as np
 from gradmesh.core import dtypes, optim, serialize
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import TreeSum
-from gradmesh.server.runtime import ServiceError
+from gradmesh.server.runtime import (ConfigError, ServiceError, add_server_arguments,
+                                     config_from_args, configure_logging, env_default, serve)
+from gradmesh.v1 import shard_pb2
+from gradmesh.wire.frames import SHARD_FRAME_CHUNK_FIELD, frame_decoder, serialize_message
+from gradmesh.wire.shard import (SERVICE_NAME, named_headers, optimizer_from_proto,
+                                 receive_frames, shard_frames)
+from gradmesh.wire.stream import BufferPool
 
 log = logging.getLogger("gradmesh.shard")
 
-__all__ = ["ShardStore", "ShardJob", "ShardServicer", "check_job_id", "optimizer_to_proto",
-           "optimizer_from_proto", "add_arguments", "add_to_server", "run", "serve_shard"]
+__all__ = ["ShardStore", "ShardJob", "ShardServicer", "EmbeddedShard", "check_job_id",
+           "add_arguments", "add_to_server", "run", "serve_shard"]
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-SERVICE_NAME = "gradmesh.v1.ParameterShard"
-# Chunk size of the shard's streams (frames are encoded straight from the arrays); 1, 2
-# and 4 MiB measured alike for 100 MB over loopback.
-STREAM_CHUNK_BYTES = serialize.DEFAULT_CHUNK_BYTES
 # Streamed tensors live in memory reused once nothing refers to them any more: a fresh
-# buffer's pages cost the kernel more than gRPC costs their bytes (serialize.BufferPool).
-# At most this much is kept idle: by a shard server (pushed gradients, Pull's copies),
-# and by all RemoteShards of a process (pulled parameters).
+# buffer's pages cost the kernel more than gRPC costs their bytes (wire.stream.BufferPool).
+# At most this much is kept idle by a shard server (pushed gradients, Pull's copies).
 POOL_BYTES = 1 << 30
-PULL_POOL_BYTES = 512 << 20
-_pulled_buffers = serialize.BufferPool(PULL_POOL_BYTES)
 
 
 def check_job_id(job_id: str, field: str = "job_id") -> str:
@@ -55,41 +55,6 @@ def check_job_id(job_id: str, field: str = "job_id") -> str:
         raise ServiceError(INVALID, f"job id {job_id!r} must be 1 to 128 characters of "
                            f"[A-Za-z0-9._-]", field)
     return job_id
-
-
-# ------------------------------------------------------------------ optimizer messages --
-
-_PROTO_FIELDS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps",
-                 "amsgrad", "maximize")
-
-
-def optimizer_from_proto(msg, field: str = "optimizer") -> dict:
-    """A validated optimizer description (``optim.validate``'s form) from an Optimizer message."""
-    desc: dict = {"name": msg.name}
-    for key in _PROTO_FIELDS:
-        if msg.HasField(key):
-            desc[key] = getattr(msg, key)
-    if msg.HasField("beta1") or msg.HasField("beta2"):
-        default = optim.HYPERPARAMETERS.get(msg.name, {}).get("betas", (0.9, 0.999))
-        desc["betas"] = [msg.beta1 if msg.HasField("beta1") else default[0],
-                         msg.beta2 if msg.HasField("beta2") else default[1]]
-    try:
-        return optim.validate(desc)
-    except ValueError as e:
-        raise ServiceError(INVALID, str(e), field) from None
-
-
-def optimizer_to_proto(description: dict):
-    """The Optimizer message of a description (every hyper-parameter set explicitly)."""
-    from gradmesh.v1 import shard_pb2
-    d = optim.validate(description)
-    msg = shard_pb2.Optimizer(name=d["name"])
-    for key in _PROTO_FIELDS:
-        if key in d:
-            setattr(msg, key, d[key])
-    if "betas" in d:
-        msg.beta1, msg.beta2 = d["betas"]
-    return msg
 
 
 # ------------------------------------------------------------------ the logic ------------
@@ -405,73 +370,6 @@ class ShardStore:
                 job.save(self._path(jid))
 
 
-# ------------------------------------------------------------------ streaming helpers ----
-
-def stream_frames(frame_cls, kind: str, header, arrays: Iterable,
-                  chunk_bytes: int | None = None) -> Iterator:
-    """A header frame (``frame_cls(**{kind: header})``) then the Chunk frames of ``arrays``,
-    as protobuf messages (for generated stubs; the shard's own streams use
-    :func:`shard_frames`).
-
-    ``header``'s tensors must carry dtype and shape only (``to_proto(a, data=False)``).
-    """
-    yield frame_cls(**{kind: header})
-    buffers = [serialize.tensor_buffer(a) for a in arrays]
-    for c in serialize.chunks(buffers, chunk_bytes or serialize.DEFAULT_CHUNK_BYTES):
-        yield frame_cls(chunk=c)
-
-
-def shard_frames(kind: str, header, arrays: Iterable,
-                 chunk_bytes: int | None = None) -> Iterator:
-    """The ``ShardFrame`` stream of ``header`` (field ``kind``) and ``arrays``: the header
-    as a message, then chunk frames encoded straight from the arrays' memory (one copy of
-    their bytes; send with ``serialize.serialize_message``)."""
-    from gradmesh.v1 import shard_pb2
-    yield shard_pb2.ShardFrame(**{kind: header})
-    yield from serialize.chunk_frames(arrays, chunk_bytes or STREAM_CHUNK_BYTES,
-                                      field=serialize.SHARD_FRAME_CHUNK_FIELD)
-
-
-def receive_frames(frames: Iterator, kind: str, max_total_bytes: int,
-                   max_elements: int | None = None,
-                   allocate: Callable[[int], np.ndarray] | None = None
-                   ) -> tuple[object, dict[str, np.ndarray]]:
-    """Read a header frame of ``kind`` and its chunks: ``(header, {name: array})``.
-
-    Frames are protobuf messages or the codec's :class:`~gradmesh.core.serialize.ChunkFrame`
-    alike; ``allocate`` supplies the tensors' buffers (see ``serialize.Assembler``).
-    Raises ``WireError``/``ServiceError`` (INVALID_ARGUMENT naming the field) for a stream
-    that does not start with the header, a second header, a duplicate name or a bad chunk.
-    """
-    first = next(frames, None)
-    if first is None or first.WhichOneof("kind") != kind:
-        raise ServiceError(INVALID, f"the stream must start with a frame holding `{kind}`",
-                           kind)
-    header = getattr(first, kind)
-    asm = serialize.Assembler(header, max_total_bytes, max_elements=max_elements,
-                              allocate=allocate)
-    for frame in frames:
-        if frame.WhichOneof("kind") != "chunk":
-            raise ServiceError(INVALID, f"only chunk frames may follow the `{kind}` header",
-                               frame.WhichOneof("kind") or "kind")
-        asm.add(frame.chunk)
-    arrays = asm.finish()
-    out: dict[str, np.ndarray] = {}
-    for slot, a in zip(asm.slots, arrays):
-        if slot.name in out:
-            raise ServiceError(INVALID, f"name {slot.name!r} appears twice", slot.path)
-        if not slot.name:
-            raise ServiceError(INVALID, "every tensor needs a name", slot.path + ".name")
-        out[slot.name] = a
-    return header, out
-
-
-def _named_headers(repeated, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    for name, a in arrays.items():
-        repeated.add(name=name).tensor.CopyFrom(serialize.to_proto(a, data=False))
-    return list(arrays.values())
-
-
 # ------------------------------------------------------------------ the service ---------
 
 class ShardServicer:
@@ -486,10 +384,9 @@ class ShardServicer:
         # Pushed gradients (dropped once their step is applied) and Pull's copies of the
         # parameters (dropped once sent) are the same sizes step after step: the next
         # ones reuse their memory. (Loaded parameters stay for the job's lifetime.)
-        self.buffers = serialize.BufferPool(pool_bytes)
+        self.buffers = BufferPool(pool_bytes)
 
     def Load(self, request_iterator, context):
-        from gradmesh.v1 import shard_pb2
         header, params = receive_frames(request_iterator, "load", self.max_stream_bytes,
                                         self.max_elements)
         optimizer = optimizer_from_proto(header.optimizer)
@@ -497,16 +394,14 @@ class ShardServicer:
         return shard_pb2.LoadResponse(version=version, last_step_id=last)
 
     def Pull(self, request, context):
-        from gradmesh.v1 import shard_pb2
         # Copies taken under the job's lock: the stream stays consistent if a step applies.
         version, arrays = self.store.pull(request.job_id, request.version, request.names,
                                           copy=True, allocate=self.buffers.allocate)
         header = shard_pb2.PullResponse(version=version)
-        values = _named_headers(header.parameters, arrays)
+        values = named_headers(header.parameters, arrays)
         yield from shard_frames("pulled", header, values)
 
     def PushGradients(self, request_iterator, context):
-        from gradmesh.v1 import shard_pb2
         first = next(request_iterator, None)
         if first is not None and first.WhichOneof("kind") == "push":
             # The header against the job's parameters before anything is allocated.
@@ -520,7 +415,6 @@ class ShardServicer:
         return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
 
     def Apply(self, request, context):
-        from gradmesh.v1 import shard_pb2
         version, already, seconds = self.store.apply(
             request.job_id, request.step_id, request.micro_batches, request.version,
             request.checkpoint, request.attempt)
@@ -528,7 +422,6 @@ class ShardServicer:
                                        apply_seconds=seconds)
 
     def Status(self, request, context):
-        from gradmesh.v1 import shard_pb2
         resp = shard_pb2.ShardStatusResponse()
         for job_id in sorted(self.store.jobs):
             job = self.store.jobs[job_id]
@@ -537,26 +430,25 @@ class ShardServicer:
         return resp
 
     def DropJob(self, request, context):
-        from gradmesh.v1 import shard_pb2
         check_job_id(request.job_id)
         return shard_pb2.DropJobResponse(dropped=self.store.drop(request.job_id))
 
 
 def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
     """``add_ParameterShardServicer_to_server`` with gradmesh's codec for the streams'
-    tensor bytes: the same bytes on the wire, one copy per side (core/serialize.py).
+    tensor bytes: the same bytes on the wire, one copy per side (wire/frames.py).
 
     An undecodable frame still raises in the deserializer, so that ``runtime.serve``
     answers INVALID_ARGUMENT naming ``gradmesh.v1.ShardFrame`` as before."""
-    from gradmesh.v1 import shard_pb2 as pb
-    decode_frame = serialize.frame_decoder(pb.ShardFrame, serialize.SHARD_FRAME_CHUNK_FIELD)
+    pb = shard_pb2
+    decode_frame = frame_decoder(pb.ShardFrame, SHARD_FRAME_CHUNK_FIELD)
     handlers = {
         "Load": grpc.stream_unary_rpc_method_handler(
             servicer.Load, request_deserializer=decode_frame,
             response_serializer=pb.LoadResponse.SerializeToString),
         "Pull": grpc.unary_stream_rpc_method_handler(
             servicer.Pull, request_deserializer=pb.PullRequest.FromString,
-            response_serializer=serialize.serialize_message),
+            response_serializer=serialize_message),
         "PushGradients": grpc.stream_unary_rpc_method_handler(
             servicer.PushGradients, request_deserializer=decode_frame,
             response_serializer=pb.PushGradientsResponse.SerializeToString),
@@ -611,97 +503,6 @@ class EmbeddedShard:
         pass
 
 
-class RemoteShard:
-    """A shard server, with the same methods as :class:`EmbeddedShard` (errors become
-    ``ServiceError`` with the remote status code, so the coordinator treats both alike)."""
-
-    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
-                 max_message_bytes: int = 64 << 20, tls: Any = None):
-        from gradmesh.client.channel import channel, metadata
-        from gradmesh.v1 import shard_pb2 as pb
-        from gradmesh.v1 import shard_pb2_grpc
-        self.name = target
-        self.timeout = timeout
-        # tls: None (plaintext) or a gradmesh TLS (see client/channel.py).
-        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
-        self._stub = shard_pb2_grpc.ParameterShardStub(self._channel)
-        self._metadata = metadata(token)
-        # The streams with gradmesh's frame codec (core/serialize.py): the same bytes as
-        # protobuf's, with one copy of the tensors' bytes per side instead of three or four.
-        method = f"/{SERVICE_NAME}/"
-        self._load_call = self._channel.stream_unary(
-            method + "Load", request_serializer=serialize.serialize_message,
-            response_deserializer=pb.LoadResponse.FromString, _registered_method=True)
-        self._push_call = self._channel.stream_unary(
-            method + "PushGradients", request_serializer=serialize.serialize_message,
-            response_deserializer=pb.PushGradientsResponse.FromString,
-            _registered_method=True)
-        self._pull_call = self._channel.unary_stream(
-            method + "Pull", request_serializer=pb.PullRequest.SerializeToString,
-            response_deserializer=serialize.frame_decoder(
-                pb.ShardFrame, serialize.SHARD_FRAME_CHUNK_FIELD),
-            _registered_method=True)
-
-    def _call(self, fn, *args):
-        try:
-            return fn(*args, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-            raise ServiceError(code, f"shard {self.name}: {e.details()}") from None
-
-    def load(self, job_id, params, optimizer):
-        from gradmesh.v1 import shard_pb2
-        header = shard_pb2.LoadRequest(job_id=job_id, optimizer=optimizer_to_proto(optimizer))
-        values = _named_headers(header.parameters, params)
-        r = self._call(self._load_call, shard_frames("load", header, values))
-        return r.version, r.last_step_id
-
-    def pull(self, job_id, version=0, names=(), copy=True):
-        from gradmesh.v1 import shard_pb2
-        frames = self._call(self._pull_call, shard_pb2.PullRequest(
-            job_id=job_id, version=version, names=list(names)))
-        try:
-            # The caller drops a version's arrays when it pulls the next: pooled memory.
-            header, arrays = receive_frames(iter(frames), "pulled", 1 << 40,
-                                            allocate=_pulled_buffers.allocate)
-        except grpc.RpcError as e:
-            raise ServiceError(e.code(), f"shard {self.name}: {e.details()}") from None
-        return header.version, arrays
-
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients,
-             attempt=0):
-        from gradmesh.v1 import shard_pb2
-        header = shard_pb2.PushGradientsRequest(job_id=job_id, step_id=step_id,
-                                                micro_batch=micro_batch,
-                                                micro_batches=micro_batches, version=version,
-                                                attempt=attempt)
-        values = _named_headers(header.gradients, gradients)
-        r = self._call(self._push_call, shard_frames("push", header, values))
-        return r.duplicate, r.received
-
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False,
-              attempt=0):
-        from gradmesh.v1 import shard_pb2
-        r = self._call(self._stub.Apply, shard_pb2.ApplyRequest(
-            job_id=job_id, step_id=step_id, micro_batches=micro_batches, version=version,
-            checkpoint=checkpoint_now, attempt=attempt))
-        return r.version, r.already_applied, r.apply_seconds
-
-    def status(self, job_id):
-        from gradmesh.v1 import shard_pb2
-        r = self._call(self._stub.Status, shard_pb2.ShardStatusRequest())
-        for j in r.jobs:
-            if j.job_id == job_id:
-                return j.version, j.last_step_id
-        return None
-
-    def checkpoint(self):
-        pass        # a shard server checkpoints itself (Apply's flag, and on shutdown)
-
-    def close(self):
-        self._channel.close()
-
-
 # ------------------------------------------------------------------ the command ---------
 
 DEFAULT_PORT = 50052
@@ -709,7 +510,6 @@ DEFAULT_PORT = 50052
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh shard``."""
-    from gradmesh.server.runtime import add_server_arguments, env_default
     add_server_arguments(parser, DEFAULT_PORT)
     g = parser.add_argument_group("shard")
     g.add_argument("--state-dir", default=env_default("state-dir", None),
@@ -722,15 +522,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_shard(config, store: ShardStore):
     """Start a shard server for ``store``; returns the RunningServer."""
-    from gradmesh.server.runtime import serve
     servicer = ShardServicer(store)
     return serve(config, [(add_to_server, servicer, SERVICE_NAME)])
 
 
 def run(args: argparse.Namespace) -> int:
     """``gradmesh shard``: serve until SIGTERM, then checkpoint every job."""
-    import sys
-    from gradmesh.server.runtime import ConfigError, config_from_args, configure_logging
     config = config_from_args(args)
     configure_logging(config)
     if args.checkpoint_every < 0:

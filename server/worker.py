@@ -33,6 +33,8 @@ from gradmesh.core import backend as core_backend
 from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
 from gradmesh.core import serialize, sharedmem
+from gradmesh.wire import frames, stream
+from gradmesh.wire import sharedmem as wire_shm
 from gradmesh.core.registry import REGISTRY, OpError
 from gradmesh.server import runtime
 from gradmesh.server.runtime import ServiceError
@@ -41,7 +43,7 @@ from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 MiB = 1 << 20
 DEFAULT_PORT = 50051
 # Idle receive buffers a worker keeps for the next streamed request: filling fresh pages
-# costs the kernel more than the bytes cost gRPC (serialize.BufferPool).
+# costs the kernel more than the bytes cost gRPC (stream.BufferPool).
 RECEIVE_POOL_BYTES = 1 << 30
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BACKENDS = ("cpu", "cuda")
@@ -60,9 +62,9 @@ WorkerLimits = core_graph.Limits
 
 
 def check_limits(limits: WorkerLimits) -> None:
-    if not serialize.MIN_CHUNK_BYTES <= limits.chunk_bytes <= serialize.MAX_CHUNK_BYTES:
-        raise runtime.ConfigError(f"chunk_bytes must be between {serialize.MIN_CHUNK_BYTES} "
-                                  f"and {serialize.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}")
+    if not stream.MIN_CHUNK_BYTES <= limits.chunk_bytes <= stream.MAX_CHUNK_BYTES:
+        raise runtime.ConfigError(f"chunk_bytes must be between {stream.MIN_CHUNK_BYTES} "
+                                  f"and {stream.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}")
     for name in ("max_graph_nodes", "max_tensor_elements", "max_message_bytes",
                  "max_stream_bytes", "max_concurrent_requests"):
         if getattr(limits, name) < 1:
@@ -245,13 +247,13 @@ class GradientWorker:
         # Compiling the same plan twice at once is harmless but wasteful.
         self._compile_lock = threading.Lock()
         self.abandoned = 0          # computations stopped by a deadline or cancellation
-        # Segments named by same-host clients, kept mapped (core/sharedmem.py).
-        self.segments = (sharedmem.Attached() if shared_memory and sharedmem.available()
+        # Segments named by same-host clients, kept mapped (wire/sharedmem.py).
+        self.segments = (wire_shm.Attached() if shared_memory and wire_shm.available()
                          else None)
         self.kept = ParameterCache(parameter_cache_bytes)
         # Shared-memory requests repeat byte for byte while the client reuses its segments:
         # their checked headers and array views, by request bytes (see unary()).
-        self._shared_calls = _LRU(sharedmem.MAPPED_SEGMENTS)
+        self._shared_calls = _LRU(wire_shm.MAPPED_SEGMENTS)
 
     # ------------------------------------------------------------------ graphs -------
 
@@ -710,11 +712,11 @@ def _response_arrays(computed: Computed) -> list[np.ndarray]:
 def response_pieces(computed: Computed) -> list:
     """Fields 1-3 (loss, outputs, gradients) of the ``ComputeGradientsResponse`` as pieces
     whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet."""
-    pieces = serialize.encode_tensor_field(1, computed.loss)
+    pieces = frames.encode_tensor_field(1, computed.loss)
     for name, a in computed.outputs:
-        pieces += serialize.encode_tensor_field(2, a, name)
+        pieces += frames.encode_tensor_field(2, a, name)
     for name, a in computed.gradients:
-        pieces += serialize.encode_tensor_field(3, a, name)
+        pieces += frames.encode_tensor_field(3, a, name)
     return pieces
 
 
@@ -749,7 +751,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, worker: GradientWorker):
         self.worker = worker
         # Streamed requests' tensors land in memory reused from call to call.
-        self.receive_buffers = serialize.BufferPool(RECEIVE_POOL_BYTES)
+        self.receive_buffers = stream.BufferPool(RECEIVE_POOL_BYTES)
 
     def RegisterGraph(self, request, context):
         if not request.HasField("graph"):
@@ -828,10 +830,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         runtime.metric("transport", "stream")
         # Checks every limit from the header, then allocates each tensor once, in memory
         # that earlier streams used when it is free (nothing refers to it any more).
-        assembler = serialize.Assembler(request, limits.max_stream_bytes,
-                                        tensor_fields=("parameters", "data"),
-                                        max_elements=limits.max_tensor_elements,
-                                        allocate=self.receive_buffers.allocate)
+        assembler = stream.Assembler(request, limits.max_stream_bytes,
+                                     tensor_fields=("parameters", "data"),
+                                     max_elements=limits.max_tensor_elements,
+                                     allocate=self.receive_buffers.allocate)
         add = assembler.add
         for frame in request_iterator:
             if frame.WhichOneof("kind") != "chunk":
@@ -852,7 +854,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         resp, out_arrays = build_response(prepared, computed, with_data=False)
         _timings(resp, computed, t1 - t0, 0.0)
         yield worker_pb2.StreamFrame(response=resp)
-        yield from serialize.chunk_frames(out_arrays, limits.chunk_bytes)
+        yield from frames.chunk_frames(out_arrays, limits.chunk_bytes)
 
 
     def _stream_early(self, prepared: Prepared, params: dict, data: dict,
@@ -914,7 +916,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if isinstance(item, Computed):
                     computed = item
                     break
-                yield from serialize.chunk_frames(item, chunk_bytes, index)
+                yield from frames.chunk_frames(item, chunk_bytes, index)
                 index += len(item)
             t2 = time.perf_counter()
             tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
@@ -967,7 +969,7 @@ class _UndecodableFrame:
 
 def _decode_request_frame(buf: bytes):
     try:
-        return serialize.decode_stream_frame(buf)
+        return frames.decode_stream_frame(buf)
     except Exception as e:  # noqa: BLE001  (protobuf's DecodeError, or a fast-path error)
         return _UndecodableFrame(f"{type(e).__name__}: {e}")
 
@@ -981,7 +983,7 @@ def _undecodable(frame) -> str:
 
 def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
     """``add_WorkerServicer_to_server`` with gradmesh's codec for tensor bytes: the same
-    bytes on the wire, fewer copies (see the wire codec in ``gradmesh.core.serialize``)."""
+    bytes on the wire, fewer copies (see the frame codec in ``gradmesh.wire.frames``)."""
     handlers = {
         "RegisterGraph": grpc.unary_unary_rpc_method_handler(
             servicer.RegisterGraph,
@@ -990,11 +992,11 @@ def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
         "ComputeGradients": grpc.unary_unary_rpc_method_handler(
             servicer.ComputeGradients,
             request_deserializer=worker_pb2.ComputeGradientsRequest.FromString,
-            response_serializer=serialize.serialize_message),
+            response_serializer=frames.serialize_message),
         "ComputeGradientsStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeGradientsStream,
             request_deserializer=_decode_request_frame,
-            response_serializer=serialize.serialize_message),
+            response_serializer=frames.serialize_message),
         "Capabilities": grpc.unary_unary_rpc_method_handler(
             servicer.Capabilities,
             request_deserializer=worker_pb2.CapabilitiesRequest.FromString,
@@ -1101,7 +1103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"gradmesh worker ({args.backend}) listening on {running.address}", flush=True)
     registration = None
     if args.coordinator:
-        from gradmesh.client.coordinator import WorkerRegistration
+        from gradmesh.wire.coordinator import WorkerRegistration
         registration = WorkerRegistration(args.coordinator, args.advertise or running.address,
                                           token=peer.token, tls=peer.tls).start()
     try:

@@ -14,7 +14,7 @@ import gradmesh.core as gm
 from gradmesh.client import (DeadlineExceeded, GradmeshError, InvalidArgument, NotFound,
                              ResourceExhausted, TLS, Unauthenticated, Unavailable,
                              WorkerClient)
-from gradmesh.client import errors
+from gradmesh.wire import errors
 from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
 
@@ -243,22 +243,15 @@ def test_cli_worker_prints_address_and_stops_on_sigterm():
             proc.wait()
 
 
-def test_stream_codec_names_stay_importable_from_the_client():
-    """The codec moved to gradmesh.core.serialize; older imports keep working."""
-    from gradmesh.client import worker as client_worker
-    from gradmesh.core import serialize
-    assert client_worker.encode_chunk_frame is serialize.encode_chunk_frame
-    assert client_worker.decode_stream_frame is serialize.decode_stream_frame
-
-
 # ---------------------------------------------------------------- cached request bytes --
 # The client keeps the bytes of a request but the tensors' (per graph, shapes, dtypes and
 # options) and the SharedMemory part per pair of segments: what it sends must stay exactly
 # what protobuf writes for the same request.
 
 from gradmesh.core import sharedmem  # noqa: E402
+from gradmesh.wire import sharedmem as wire_sharedmem  # noqa: E402
 
-needs_shared_memory = pytest.mark.skipif(not sharedmem.available(), reason="no /dev/shm here")
+needs_shared_memory = pytest.mark.skipif(not wire_sharedmem.available(), reason="no /dev/shm here")
 
 
 def _cases():
@@ -346,7 +339,7 @@ def test_unary_request_bytes_equal_protobufs(case):
 def test_shared_memory_request_bytes_equal_protobufs(case):
     from types import SimpleNamespace
 
-    from gradmesh.client.worker import shared_request
+    from gradmesh.wire.worker import shared_request
     from gradmesh.core import serialize
     from gradmesh.core.graph import graph_id
     from gradmesh.v1 import worker_pb2
@@ -397,7 +390,8 @@ def test_shared_memory_request_bytes_equal_protobufs(case):
 
 
 def test_cached_reply_headers_keep_every_check():
-    from gradmesh.client.worker import _unary_result, shared_gradients
+    from gradmesh.wire.worker import decode_reply as _unary_result
+    from gradmesh.wire.worker import shared_gradients
     from gradmesh.core import serialize
     from gradmesh.v1 import worker_pb2
     arrays = [np.float32(2.0) * np.ones(()), np.arange(6, dtype=np.int64).reshape(2, 3),
@@ -445,9 +439,9 @@ def test_place_writes_wire_bytes_whatever_the_layout_of_the_arrays():
               "fortran": np.asfortranarray(rng.integers(0, 9, (3, 4))),
               "scalar": np.float16(1.5) * np.ones((), np.float16),
               "empty": np.zeros((0, 3), np.int32), "bool": np.array([True, False, True])}
-    pool = sharedmem.Pool()
+    pool = wire_sharedmem.Pool()
     try:
-        seg, offsets = sharedmem.place(pool, arrays)
+        seg, offsets = wire_sharedmem.place(pool, arrays)
         for name, a in arrays.items():
             got = seg.view(offsets[name], a.dtype.newbyteorder("<"), a.shape)
             np.testing.assert_array_equal(got, a)

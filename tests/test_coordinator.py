@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import gradmesh.core as gm
-from gradmesh.client.coordinator import CoordinatorClient, WorkerRegistration
-from gradmesh.client.errors import GradmeshError
+from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.wire.coordinator import WorkerRegistration
+from gradmesh.wire.errors import GradmeshError
 from gradmesh.core import graph as core_graph
 from gradmesh.core import serialize
 from gradmesh.server import coordinator as coordinator_mod
@@ -126,7 +127,7 @@ def _raw_step(client, job_id, step_id, batch):
         req.batch.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
     with pytest.raises(grpc.RpcError) as e:
         client.stub.Step(req, timeout=30)
-    from gradmesh.client.errors import from_rpc_error
+    from gradmesh.wire.errors import from_rpc_error
     err = from_rpc_error(e.value)
     return err.code.name, err.field
 
@@ -171,7 +172,7 @@ def test_create_job_headers_are_checked_before_allocating(coordinator):
     header, before anything is allocated for its bytes. Found by tests/test_fuzz.py: the
     coordinator allocated what the header said (up to 16 GiB) before checking the graph."""
     import tracemalloc
-    from gradmesh.server.shard import stream_frames
+    from gradmesh.wire.shard import stream_frames
     from test_fuzz import hand_graph
     server, client = coordinator()
     header = coordinator_pb2.CreateJobRequest(job_id="big", graph=hand_graph(),
@@ -188,7 +189,7 @@ def test_create_job_headers_are_checked_before_allocating(coordinator):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    from gradmesh.client.errors import from_rpc_error
+    from gradmesh.wire.errors import from_rpc_error
     err = from_rpc_error(e.value)
     assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "parameters[w]")
     assert peak < 64 << 20 and server.coordinator.jobs == {}
@@ -224,12 +225,12 @@ def test_bad_jobs_get_the_right_status_and_field(coordinator):
         header.optimizer.CopyFrom(optimizer or shard_pb2.Optimizer(name="sgd", lr=0.1))
         for n, a in params.items():
             header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
-        from gradmesh.server.shard import stream_frames
+        from gradmesh.wire.shard import stream_frames
         frames = stream_frames(coordinator_pb2.CoordinatorFrame, "create_job", header,
                                params.values())
         with pytest.raises(grpc.RpcError) as e:
             client.stub.CreateJob(frames, timeout=30)
-        from gradmesh.client.errors import from_rpc_error
+        from gradmesh.wire.errors import from_rpc_error
         err = from_rpc_error(e.value)
         return err.code.name, err.field
 

@@ -9,7 +9,7 @@ import pytest
 
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
-from gradmesh.client.errors import bad_request_field
+from gradmesh.wire.errors import bad_request_field
 from gradmesh.core import serialize
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
@@ -151,8 +151,8 @@ def test_a_worker_that_lost_the_kept_parameters_is_sent_them_again(monkeypatch):
 
 
 def test_parameters_in_shared_memory_are_not_kept(worker):
-    from gradmesh.client.worker import shared_request
-    from gradmesh.core import sharedmem
+    from gradmesh.wire import sharedmem
+    from gradmesh.wire.worker import shared_request
     if not sharedmem.available():
         pytest.skip("no /dev/shm")
     model = _model()

@@ -8,7 +8,8 @@ import pytest
 from gradmesh.core import optim
 from gradmesh.server.aggregate import tree_sum
 from gradmesh.server.runtime import ServerConfig, ServiceError
-from gradmesh.server.shard import RemoteShard, ShardStore, serve_shard
+from gradmesh.server.shard import ShardStore, serve_shard
+from gradmesh.wire.shard import RemoteShard
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
 
@@ -263,7 +264,7 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
 
 
 def test_remote_errors_carry_status_and_field(shard_server):
-    from gradmesh.client.errors import from_rpc_error
+    from gradmesh.wire.errors import from_rpc_error
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc
     running, _ = shard_server
     with grpc.insecure_channel(running.address) as channel:

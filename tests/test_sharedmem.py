@@ -13,14 +13,15 @@ import pytest
 
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
-from gradmesh.client.worker import shared_request
 from gradmesh.core import serialize, sharedmem
+from gradmesh.wire import sharedmem as wire_sharedmem
+from gradmesh.wire.worker import shared_request
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import worker_pb2
 
-pytestmark = pytest.mark.skipif(not sharedmem.available(), reason="no /dev/shm here")
+pytestmark = pytest.mark.skipif(not wire_sharedmem.available(), reason="no /dev/shm here")
 
 
 def _mine() -> set[str]:
@@ -80,7 +81,7 @@ def test_a_segment_is_private_reserved_and_removed_on_close():
 
 
 def test_the_pool_reuses_segments():
-    pool = sharedmem.Pool(keep=1)
+    pool = wire_sharedmem.Pool(keep=1)
     a = pool.acquire(100)
     pool.release(a)
     assert pool.acquire(50) is a                            # big enough: reused
@@ -105,7 +106,7 @@ def test_segments_of_a_dead_process_are_swept():
 
 
 def test_attached_refuses_what_is_not_a_segment_of_its_user(tmp_path):
-    attached = sharedmem.Attached()
+    attached = wire_sharedmem.Attached()
     for name in ("x", "gradmesh-1-abc", "../etc/passwd", "gradmesh-1-" + "0" * 32 + "\n"):
         with pytest.raises(sharedmem.SegmentError, match="not a gradmesh segment name"):
             attached.get(name)
@@ -123,7 +124,7 @@ def test_attached_refuses_what_is_not_a_segment_of_its_user(tmp_path):
 
 
 def test_attached_maps_once_remaps_a_resized_segment_and_drops_removed_ones():
-    attached = sharedmem.Attached()
+    attached = wire_sharedmem.Attached()
     seg = sharedmem.Segment(4096)
     first = attached.get(seg.name)
     assert attached.get(seg.name) is first
@@ -140,7 +141,7 @@ def test_attached_maps_once_remaps_a_resized_segment_and_drops_removed_ones():
     ("127.0.0.1:5", True), ("localhost:5", True), ("[::1]:5", True), ("unix:/tmp/s", True),
     ("ipv4:127.0.0.1:5", True), ("10.0.0.2:5", False), ("worker-0.gradmesh:50051", False)])
 def test_same_host_targets(target, same):
-    assert sharedmem.same_host_target(target) is same
+    assert wire_sharedmem.same_host_target(target) is same
 
 
 @pytest.mark.parametrize("peer,same", [
@@ -198,7 +199,7 @@ def test_kept_results_are_never_overwritten_and_dropped_ones_are_reused(worker):
 
 def test_lent_segments_go_back_to_the_pool_when_their_views_die():
     import gc
-    pool = sharedmem.Pool(keep=2)
+    pool = wire_sharedmem.Pool(keep=2)
     seg = pool.acquire(4096)
     view = pool.lend(seg)[64:128].view(np.float32)
     gc.collect()
@@ -215,9 +216,9 @@ def _hand_built(model, graph_id: str, x, y):
     segment and offsets: ``(request, segment, offsets, gradient segment)``; the segments
     are removed afterwards."""
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    pool = sharedmem.Pool()
-    pseg, poff = sharedmem.place(pool, params)
-    gseg, goff = sharedmem.place(pool, params, write=False)
+    pool = wire_sharedmem.Pool()
+    pseg, poff = wire_sharedmem.place(pool, params)
+    gseg, goff = wire_sharedmem.place(pool, params, write=False)
     try:
         req = shared_request(params, pseg, poff, gseg, goff)
         req.graph_id = graph_id
@@ -242,7 +243,7 @@ def _raw(worker, model, mutate, x=None, y=None):
 
 
 def _field(e: grpc.RpcError) -> str:
-    from gradmesh.client.errors import bad_request_field
+    from gradmesh.wire.errors import bad_request_field
     return bad_request_field(e)
 
 
@@ -455,7 +456,7 @@ def test_a_shared_model_is_read_where_it_is(worker):
     """After ``model.share_memory()`` the parameters are not copied per call: the request
     names their segment, and the gradients equal local backward's bitwise, also after an
     optimizer step changed them in place."""
-    from gradmesh.client import worker as client_mod
+    from gradmesh.wire import worker as client_mod
     model = _model().share_memory()
     assert all(p.is_shared() for p in model.parameters())
     x, y = _batch(32)

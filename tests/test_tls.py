@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 
 import gradmesh.core as gm
-from gradmesh.client import (TLS, CoordinatorClient, GradmeshError, Unauthenticated,
-                             Unavailable, WorkerRegistration)
-from gradmesh.client.channel import channel
+from gradmesh.client import TLS, CoordinatorClient, GradmeshError, Unauthenticated, Unavailable
 from gradmesh.client.cluster import ServerProcess
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import runtime
 from gradmesh.server import shard as shard_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import PeerConfig, ServerConfig
+from gradmesh.wire.channel import channel
+from gradmesh.wire.coordinator import WorkerRegistration
 
 from conftest import make_certs, needs_openssl
 

@@ -5,7 +5,7 @@ and ``CoordinatorClient``, a worker's registration with its coordinator, and the
 coordinator's own connections to workers and shard servers. So plaintext, TLS and mTLS,
 message-size limits and keepalive behave the same everywhere.
 
->>> from gradmesh.client.channel import TLS, channel, metadata
+>>> from gradmesh.wire.channel import TLS, channel, metadata
 >>> ch = channel("coordinator:50053", tls=TLS(ca="ca.pem", cert="me.pem", key="me.key"))
 >>> stub.Method(request, metadata=metadata("s3cret"))        # doctest: +SKIP
 

@@ -13,6 +13,8 @@ parameters[0.weight].data
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 
 class GradmeshError(Exception):
@@ -86,8 +88,6 @@ _BY_CODE = {
 def bad_request_field(error: grpc.RpcError) -> str | None:
     """The first field named in a google.rpc.BadRequest detail of ``error``, if any."""
     try:
-        from google.rpc import error_details_pb2
-        from grpc_status import rpc_status
         status = rpc_status.from_call(error)
     except Exception:  # noqa: BLE001  (malformed trailers: no field rather than a crash)
         return None

@@ -1,0 +1,194 @@
+"""Calls to the Coordinator service (coordinator.proto), and a worker's registration.
+
+:class:`CoordinatorConnection` is the RPC level: one method per call, messages and arrays
+in and out, transient failures of idempotent calls retried with backoff, failures raised
+as :class:`~gradmesh.wire.errors.GradmeshError`. The SDK's ``CoordinatorClient`` builds
+on it (tracing models, jobs, step results); :class:`WorkerRegistration` is what a worker
+runs to join a coordinator.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from gradmesh.core.serialize import to_proto
+from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+from .channel import channel, metadata
+from .errors import GradmeshError, from_rpc_error
+from .shard import receive_frames, stream_frames
+
+__all__ = ["CoordinatorConnection", "WorkerRegistration"]
+
+log = logging.getLogger("gradmesh.worker")
+
+# Codes after which the same idempotent call may succeed.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class CoordinatorConnection:
+    """A connection to a coordinator at ``target`` ("host:port").
+
+    ``token``: bearer token; ``tls``: None (plaintext), True (system roots), a
+    :class:`~gradmesh.wire.channel.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
+    ``grpc.ChannelCredentials``. ``timeout`` is the deadline of each call in seconds (a
+    step on a large model may need more); ``retry_seconds`` how long idempotent calls are
+    retried on transient errors.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
+                 timeout: float = 600.0, retry_seconds: float = 60.0,
+                 max_message_bytes: int = 64 << 20):
+        self.target = target
+        self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._metadata = metadata(token)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool):
+        """Call ``method``; transient failures of idempotent calls are retried with backoff."""
+        fn = getattr(self.stub, method)
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return fn(make_request(), timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
+                    raise from_rpc_error(e, method) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def create(self, header: coordinator_pb2.CreateJobRequest,
+               params: "OrderedDict[str, np.ndarray]") -> coordinator_pb2.CreateJobResponse:
+        """CreateJob with ``header`` (no parameters) and the parameters' values, streamed."""
+        for n, a in params.items():
+            header.parameters.add(name=n).tensor.CopyFrom(to_proto(a, data=False))
+        return self._call("CreateJob", lambda: stream_frames(
+            coordinator_pb2.CoordinatorFrame, "create_job", header, params.values()),
+            retry=True)
+
+    def job_status(self, job_id: str) -> coordinator_pb2.JobStatusResponse:
+        return self._call("JobStatus", lambda: coordinator_pb2.JobStatusRequest(job_id=job_id),
+                          retry=True)
+
+    def list_workers(self) -> list:
+        """The coordinator's workers (address, source, state, fingerprint, counts)."""
+        return list(self._call("ListWorkers", coordinator_pb2.ListWorkersRequest,
+                               retry=True).workers)
+
+    def get_parameters(self, job_id: str, names: Sequence[str] = ()
+                       ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
+        """``(version, {name: array})`` of a job's parameters (streamed)."""
+        deadline = time.monotonic() + self.retry_seconds
+        while True:
+            try:
+                frames = self.stub.GetParameters(
+                    coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
+                    timeout=self.timeout, metadata=self._metadata)
+                header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
+                return header.version, OrderedDict(arrays)
+            except grpc.RpcError as e:
+                if e.code() not in _TRANSIENT or time.monotonic() > deadline:
+                    raise from_rpc_error(e, "GetParameters") from None
+            time.sleep(0.2)
+
+    def step(self, job_id: str, step_id: int, batch: dict[str, Any]
+             ) -> coordinator_pb2.StepResponse:
+        """One raw Step call (retried with the same id on transient errors); ``batch``:
+        name -> array or Tensor."""
+        req = coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id)
+        for name, value in batch.items():
+            req.batch.add(name=name).tensor.CopyFrom(to_proto(value))
+        return self._call("Step", lambda: req, retry=True)
+
+    def register_worker(self, address: str) -> coordinator_pb2.RegisterWorkerResponse:
+        return self._call("RegisterWorker", lambda: coordinator_pb2.RegisterWorkerRequest(
+            address=address), retry=False)
+
+    def heartbeat(self, worker_id: str) -> coordinator_pb2.HeartbeatResponse:
+        return self._call("Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(
+            worker_id=worker_id), retry=False)
+
+
+class WorkerRegistration:
+    """Register a worker with a coordinator and keep it alive with heartbeats.
+
+    >>> reg = WorkerRegistration("127.0.0.1:50053", "127.0.0.1:50051").start()  # doctest: +SKIP
+    >>> reg.stop()                                                                # doctest: +SKIP
+
+    Re-registers when the coordinator forgets the worker (it restarted). ``token`` and
+    ``tls`` are those of :class:`CoordinatorConnection`.
+    """
+
+    def __init__(self, coordinator: str, worker_address: str, *, token: str | None = None,
+                 tls: Any = None):
+        self.client = CoordinatorConnection(coordinator, token=token, tls=tls, timeout=10.0,
+                                            retry_seconds=0.0)
+        self.address = worker_address
+        self.worker_id: str | None = None
+        self.interval = 5.0
+        self.last_error: str | None = None     # why the last attempt failed (None: it didn't)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def register(self) -> str:
+        try:
+            r = self.client.register_worker(self.address)
+        except GradmeshError as e:
+            # Logged once per distinct reason: a TLS or token mismatch shows up in the log
+            # instead of as a worker that silently never joins.
+            if str(e) != self.last_error:
+                log.warning("cannot register %s with the coordinator at %s (retrying): %s",
+                            self.address, self.client.target, e)
+            self.last_error = str(e)
+            raise
+        self.worker_id, self.interval = r.worker_id, r.heartbeat_interval_seconds or 5.0
+        self.last_error = None
+        return self.worker_id
+
+    def start(self) -> "WorkerRegistration":
+        """Register now if the coordinator answers, else keep trying in the background
+        (in a cluster, workers may well start before their coordinator)."""
+        try:
+            self.register()
+        except GradmeshError:
+            pass
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="gradmesh-heartbeat")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval / 2 if self.worker_id else 1.0):
+            try:
+                if self.worker_id is None:
+                    self.register()
+                    continue
+                if not self.client.heartbeat(self.worker_id or "").known:
+                    self.register()
+            except GradmeshError:
+                continue        # the coordinator is down: keep trying
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.client.close()
