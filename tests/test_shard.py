@@ -235,12 +235,13 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
     import gc
     from gradmesh.server import shard as shard_module
     from gradmesh.server.runtime import serve
+    from gradmesh.wire import shard as wire_shard
     servicer = shard_module.ShardServicer(ShardStore())
     running = serve(ServerConfig(port=0), [(shard_module.add_to_server, servicer,
                                             shard_module.SERVICE_NAME)])
     params = _params(big=True)                # w: 4.5 MB, pooled; b: 16 bytes, not
     nbytes = params["w"].nbytes
-    client_pool, server_pool = shard_module._pulled_buffers, servicer.buffers
+    client_pool, server_pool = wire_shard._pulled_buffers, servicer.buffers
     remote = RemoteShard(running.address)
     try:
         remote.load("pool", params, SGD)
