@@ -26,6 +26,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradmesh.client.coordinator import CoordinatorClient
+
 __all__ = ["LocalCluster", "ServerProcess", "ClusterError"]
 
 _LISTENING = re.compile(r"listening on (\S+)")
@@ -112,8 +117,6 @@ class ServerProcess:
 def wait_serving(address: str, timeout: float) -> None:
     """Block until the gRPC health service at ``address`` says SERVING (ClusterError after
     ``timeout`` seconds)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -269,7 +272,6 @@ class LocalCluster:
 
     def client(self, **kwargs):
         """A :class:`~gradmesh.client.coordinator.CoordinatorClient` for this cluster."""
-        from gradmesh.client.coordinator import CoordinatorClient
         c = CoordinatorClient(self.coordinator_target, **kwargs)
         self._clients.append(c)
         return c

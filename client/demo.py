@@ -16,6 +16,11 @@ import time
 
 import numpy as np
 
+import gradmesh.core as gm
+import gradmesh.core.nn.functional as F
+from gradmesh.client.cluster import LocalCluster
+from gradmesh.client.training import batches, fit
+
 __all__ = ["add_arguments", "run", "load_data", "make_model", "loss_fn", "accuracy"]
 
 
@@ -39,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_data(seed: int = 0):
     """Digits split 80/20 and standardised with the training split's statistics:
     (x_train, y_train, x_test, y_test)."""
+    # Imported when used: `gradmesh worker` and the SDK need neither sklearn nor matplotlib.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     digits = load_digits()
@@ -53,18 +59,15 @@ def load_data(seed: int = 0):
 
 
 def make_model(seed: int = 0):
-    import gradmesh.core as gm
     gm.manual_seed(seed)
     return gm.nn.Sequential(gm.nn.Linear(64, 256), gm.nn.ReLU(), gm.nn.Linear(256, 10))
 
 
 def loss_fn(model, x, y):
-    import gradmesh.core.nn.functional as F
     return F.cross_entropy(model(x), y)
 
 
 def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    import gradmesh.core as gm
     with gm.no_grad():
         logits = model(gm.from_numpy(x)).numpy()
     return float((logits.argmax(axis=1) == y).mean())
@@ -90,9 +93,6 @@ def plot_losses(losses: list[float], path: str, title: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train and report; exit code 0 when the test accuracy reaches 95%."""
-    import gradmesh.core as gm
-    from gradmesh.client.cluster import LocalCluster
-    from gradmesh.client.training import batches, fit
     if min(args.workers, args.epochs, args.batch_size, args.micro_batch_size) < 1 \
             or args.shards < 0:
         print("error: --workers, --epochs, --batch-size and --micro-batch-size must be >= 1, "

@@ -45,11 +45,20 @@ the key that is wrong (``model.layers[2].out: expected a positive integer, got -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
 
 import numpy as np
+
+import gradmesh.core as gm
+import gradmesh.core.nn.functional as F
+from gradmesh.client.cluster import LocalCluster
+from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.client.training import batches, fit
+from gradmesh.core import optim
+from gradmesh.wire.errors import GradmeshError
 
 __all__ = ["ConfigError", "load_config", "build_model", "add_arguments", "run"]
 
@@ -109,7 +118,6 @@ _LAYER_KEYS = {
 
 def build_model(layers: list, seed: int = 0):
     """A ``Sequential`` from the layer list of ``[model]`` (validated, naming the key)."""
-    import gradmesh.core as gm
     nn = gm.nn
     if not isinstance(layers, list) or not layers:
         raise ConfigError("model.layers: expected a non-empty list of tables like "
@@ -186,8 +194,7 @@ def _load_arrays(spec, where: str, x_key: str, y_key: str, base: str):
 
 def load_config(path: str) -> dict:
     """Read and check a config; returns a normalised dict (model, data arrays, ...)."""
-    import tomllib
-    from gradmesh.core import optim
+    import tomllib      # Python 3.11+: only `gradmesh train` needs it (3.10 is supported)
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -257,8 +264,6 @@ def load_config(path: str) -> dict:
 
 
 def _loss_fn(kind: str):
-    import gradmesh.core.nn.functional as F
-
     def loss_fn(model, x, y):
         out = model(x)
         return F.cross_entropy(out, y) if kind == "cross_entropy" else F.mse_loss(out, y)
@@ -273,12 +278,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train as the config says; exit code 2 for a bad config."""
-    import contextlib
-    import gradmesh.core as gm
-    from gradmesh.client.cluster import LocalCluster
-    from gradmesh.client.coordinator import CoordinatorClient
-    from gradmesh.client.errors import GradmeshError
-    from gradmesh.client.training import batches, fit
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

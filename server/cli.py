@@ -10,6 +10,9 @@ import argparse
 import importlib
 import sys
 
+from gradmesh import __version__
+from gradmesh.server import runtime
+
 # The long-running server roles, whose processes get a steady heap (runtime.steady_heap).
 SERVERS = ("worker", "shard", "coordinator")
 COMMANDS = {
@@ -26,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradmesh", description=__doc__.splitlines()[0],
                                      add_help=False)
     parser.add_argument("-h", "--help", action="store_true", help="show this help")
-    from gradmesh import __version__
     parser.add_argument("--version", action="version", version=f"gradmesh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -47,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         rest = ["--help"]           # "gradmesh -h worker" asks for the worker's help too
     sub_args = p.parse_args(rest)
     if args.command in SERVERS:
-        from gradmesh.server import runtime
         runtime.steady_heap()
     try:
         return int(module.run(sub_args) or 0)
