@@ -38,6 +38,7 @@ done with it; several markers are separated by ``;``:
 ``<!-- doctest: timeout SECONDS -->``
     a longer (or shorter) timeout for this block.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^`\s]*)\s*$")
 @dataclass
 class Block:
     page: Path
-    line: int                     # of the opening fence, 1-based
+    line: int  # of the opening fence, 1-based
     lang: str
     code: str
     skip: str | None = None
@@ -90,7 +91,7 @@ def parse_markers(text: str) -> dict:
     ValueError on a marker it does not know (a typo must not silently run a block)."""
     out: dict = {}
     parts, depth, current = [], 0, ""
-    for ch in text:                      # split on ";" outside parentheses
+    for ch in text:  # split on ";" outside parentheses
         depth += (ch == "(") - (ch == ")")
         if ch == ";" and depth == 0:
             parts.append(current)
@@ -109,8 +110,10 @@ def parse_markers(text: str) -> dict:
         elif m := re.fullmatch(r"timeout\s+(\d+(?:\.\d+)?)", part):
             out["timeout"] = float(m.group(1))
         else:
-            raise ValueError(f"unknown doctest marker {part!r} (known: skip (reason), "
-                             f"worker, server, file NAME, timeout SECONDS)")
+            raise ValueError(
+                f"unknown doctest marker {part!r} (known: skip (reason), "
+                f"worker, server, file NAME, timeout SECONDS)"
+            )
     return out
 
 
@@ -118,7 +121,7 @@ def blocks_of(page: Path) -> list[Block]:
     """The fenced blocks of a page, with the markers in the comment right before each."""
     lines = page.read_text().splitlines()
     blocks: list[Block] = []
-    pending: tuple[int, str] | None = None        # (line, marker text) awaiting its block
+    pending: tuple[int, str] | None = None  # (line, marker text) awaiting its block
     i = 0
     while i < len(lines):
         m = FENCE.match(lines[i])
@@ -126,9 +129,10 @@ def blocks_of(page: Path) -> list[Block]:
             indent, fence, lang = m.group(1), m.group(2), m.group(3).lower()
             body = []
             j = i + 1
-            while j < len(lines) and not (lines[j].strip().startswith(fence)
-                                          and lines[j].strip().strip(fence[0]) == ""):
-                body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j])
+            while j < len(lines) and not (
+                lines[j].strip().startswith(fence) and lines[j].strip().strip(fence[0]) == ""
+            ):
+                body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
                 j += 1
             block = Block(page, i + 1, lang, "\n".join(body) + "\n")
             if pending is not None:
@@ -146,8 +150,9 @@ def blocks_of(page: Path) -> list[Block]:
                 raise ValueError(f"{page.name}:{pending[0]}: doctest marker without a block")
             pending = (i + 1, mm.group(1))
         elif lines[i].strip() and pending is not None:
-            raise ValueError(f"{page.name}:{pending[0]}: a doctest marker must come right "
-                             f"before a fenced block")
+            raise ValueError(
+                f"{page.name}:{pending[0]}: a doctest marker must come right before a fenced block"
+            )
         i += 1
     if pending is not None:
         raise ValueError(f"{page.name}:{pending[0]}: doctest marker without a block")
@@ -159,6 +164,7 @@ RUNNABLE = [b for b in BLOCKS if b.lang in PYTHON | SHELL or b.file is not None]
 
 
 # -- environment ---------------------------------------------------------------------------
+
 
 def block_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADMESH_")}
@@ -175,9 +181,15 @@ class Server:
     """A process started from a command line that prints ``listening on ADDRESS``."""
 
     def __init__(self, argv: list[str], cwd: Path, timeout: float = 30.0):
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=block_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=block_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.output: list[str] = []
         found = threading.Event()
         self.address: str | None = None
@@ -189,16 +201,21 @@ class Server:
                 if m and self.address is None:
                     self.address = m.group(1)
                     found.set()
-        self._readers = [threading.Thread(target=read, args=(s,), daemon=True)
-                         for s in (self.proc.stdout, self.proc.stderr)]
+
+        self._readers = [
+            threading.Thread(target=read, args=(s,), daemon=True)
+            for s in (self.proc.stdout, self.proc.stderr)
+        ]
         for t in self._readers:
             t.start()
         deadline = time.monotonic() + timeout
         while not found.wait(0.1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise AssertionError(f"{' '.join(argv)} did not print 'listening on' "
-                                     f"(exit {self.proc.returncode}):\n{self.text()}")
+                raise AssertionError(
+                    f"{' '.join(argv)} did not print 'listening on' "
+                    f"(exit {self.proc.returncode}):\n{self.text()}"
+                )
 
     def text(self) -> str:
         return "".join(self.output)[-4000:]
@@ -224,8 +241,9 @@ class Server:
 @pytest.fixture(scope="session")
 def doc_worker(tmp_path_factory) -> Iterator[str]:
     """One CPU worker for the blocks marked ``worker``: its address."""
-    server = Server([str(BIN / "gradmesh"), "worker", "--port", "0"],
-                    tmp_path_factory.mktemp("doc-worker"))
+    server = Server(
+        [str(BIN / "gradmesh"), "worker", "--port", "0"], tmp_path_factory.mktemp("doc-worker")
+    )
     yield server.address
     server.stop()
 
@@ -266,7 +284,8 @@ def _result(block: Block, proc: subprocess.CompletedProcess) -> None:
     if proc.returncode != 0:
         raise AssertionError(
             f"{block.name} failed (exit {proc.returncode}):\n--- block\n{block.code}"
-            f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+            f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
 
 
 def run_block(block: Block, cwd: Path, worker: str | None) -> None:
@@ -278,32 +297,55 @@ def run_block(block: Block, cwd: Path, worker: str | None) -> None:
     if block.server:
         # The port written in the doc may be taken on a shared machine: port 0 instead.
         code = re.sub(r"--port[ =]\d+", "--port 0", block.code)
-        server = Server(["bash", "-e", "-o", "pipefail", "-c", f"exec {code.strip()}"], cwd,
-                        timeout=block.timeout)
+        server = Server(
+            ["bash", "-e", "-o", "pipefail", "-c", f"exec {code.strip()}"],
+            cwd,
+            timeout=block.timeout,
+        )
         rc = server.stop()
         assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM), (
             f"{block.name}: the server did not stop cleanly on SIGTERM (exit {rc}):\n"
-            f"{server.text()}")
+            f"{server.text()}"
+        )
         return
     try:
         if block.lang in PYTHON and block.code.lstrip().startswith(">>>"):
             proc = subprocess.run(
                 [sys.executable, "-c", DOCTEST_RUNNER.replace("NAME", repr(block.name))],
-                input=block.code, cwd=cwd, env=env, capture_output=True, text=True,
-                timeout=block.timeout)
+                input=block.code,
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=block.timeout,
+            )
         elif block.lang in PYTHON:
-            proc = subprocess.run([sys.executable, "-c", block.code], cwd=cwd, env=env,
-                                  capture_output=True, text=True, timeout=block.timeout,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                [sys.executable, "-c", block.code],
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=block.timeout,
+                stdin=subprocess.DEVNULL,
+            )
         else:
-            proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code],
-                                  cwd=cwd, env=env, capture_output=True, text=True,
-                                  timeout=block.timeout, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+            proc = subprocess.run(
+                ["bash", "-e", "-o", "pipefail", "-c", block.code],
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=block.timeout,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
     except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"{block.name} ran past its {block.timeout:.0f} s timeout "
-                             f"(raise it with <!-- doctest: timeout N -->):\n{block.code}"
-                             f"--- stdout\n{e.stdout}\n--- stderr\n{e.stderr}") from None
+        raise AssertionError(
+            f"{block.name} ran past its {block.timeout:.0f} s timeout "
+            f"(raise it with <!-- doctest: timeout N -->):\n{block.code}"
+            f"--- stdout\n{e.stdout}\n--- stderr\n{e.stderr}"
+        ) from None
     _result(block, proc)
 
 
@@ -316,16 +358,22 @@ def test_block(block: Block, pages: Pages, request) -> None:
     worker = request.getfixturevalue("doc_worker") if block.worker else None
     # Blocks of a page run in order: with -k, run the earlier ones first (their files).
     for earlier in RUNNABLE:
-        if (earlier.page == block.page and earlier.line < block.line and earlier.runs
-                and earlier.line not in ran):
+        if (
+            earlier.page == block.page
+            and earlier.line < block.line
+            and earlier.runs
+            and earlier.line not in ran
+        ):
             ran.add(earlier.line)
-            run_block(earlier, cwd, request.getfixturevalue("doc_worker")
-                      if earlier.worker else None)
+            run_block(
+                earlier, cwd, request.getfixturevalue("doc_worker") if earlier.worker else None
+            )
     ran.add(block.line)
     run_block(block, cwd, worker)
 
 
 # -- the pages themselves ------------------------------------------------------------------
+
 
 def test_pages_are_found() -> None:
     names = {str(p.relative_to(ROOT)) for p in PAGES}
@@ -335,8 +383,10 @@ def test_pages_are_found() -> None:
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_every_block_names_its_language(page: Path) -> None:
     untagged = [b.line for b in blocks_of(page) if not b.lang]
-    assert not untagged, (f"{page.name}: blocks at lines {untagged} name no language; use "
-                          f"python, bash or text (output), so the doc test knows what to run")
+    assert not untagged, (
+        f"{page.name}: blocks at lines {untagged} name no language; use "
+        f"python, bash or text (output), so the doc test knows what to run"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
