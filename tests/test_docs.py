@@ -242,7 +242,9 @@ class Server:
 def doc_worker(tmp_path_factory) -> Iterator[str]:
     """One CPU worker for the blocks marked ``worker``: its address."""
     server = Server(
-        [str(BIN / "gradmesh"), "worker", "--port", "0"], tmp_path_factory.mktemp("doc-worker")
+        [str(BIN / "gradmesh"), "worker", "--port", "0"],
+        tmp_path_factory.mktemp("doc-worker"),
+        timeout=60.0,
     )
     yield server.address
     server.stop()
@@ -280,14 +282,6 @@ sys.exit(1 if runner.failures else 0)
 """
 
 
-def _result(block: Block, proc: subprocess.CompletedProcess) -> None:
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{block.name} failed (exit {proc.returncode}):\n--- block\n{block.code}"
-            f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-
-
 def run_block(block: Block, cwd: Path, worker: str | None) -> None:
     extra = {"GRADMESH_WORKER": worker} if worker else {}
     env = block_env(extra)
@@ -308,45 +302,40 @@ def run_block(block: Block, cwd: Path, worker: str | None) -> None:
             f"{server.text()}"
         )
         return
+    if block.lang in PYTHON and block.code.lstrip().startswith(">>>"):
+        argv = [sys.executable, "-c", DOCTEST_RUNNER.replace("NAME", repr(block.name))]
+        stdin = block.code
+    elif block.lang in PYTHON:
+        argv, stdin = [sys.executable, "-c", block.code], ""
+    else:
+        argv, stdin = ["bash", "-e", "-o", "pipefail", "-c", block.code], ""
+    # A session of its own, so that a timeout also ends what the block started (the
+    # servers of a LocalCluster, a background job).
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        if block.lang in PYTHON and block.code.lstrip().startswith(">>>"):
-            proc = subprocess.run(
-                [sys.executable, "-c", DOCTEST_RUNNER.replace("NAME", repr(block.name))],
-                input=block.code,
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=block.timeout,
-            )
-        elif block.lang in PYTHON:
-            proc = subprocess.run(
-                [sys.executable, "-c", block.code],
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=block.timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        else:
-            proc = subprocess.run(
-                ["bash", "-e", "-o", "pipefail", "-c", block.code],
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=block.timeout,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-    except subprocess.TimeoutExpired as e:
+        out, err = proc.communicate(stdin, timeout=block.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
         raise AssertionError(
             f"{block.name} ran past its {block.timeout:.0f} s timeout "
             f"(raise it with <!-- doctest: timeout N -->):\n{block.code}"
-            f"--- stdout\n{e.stdout}\n--- stderr\n{e.stderr}"
+            f"--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}"
         ) from None
-    _result(block, proc)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{block.name} failed (exit {proc.returncode}):\n--- block\n{block.code}"
+            f"--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}"
+        )
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
