@@ -49,15 +49,19 @@ def node_modules() -> Path:
     if STAMP.exists() and STAMP.read_text().strip() == lock:
         return EXAMPLE / "node_modules"
     try:
-        done = subprocess.run(["npm", "ci", "--prefer-offline", "--no-audit", "--no-fund"],
+        done = subprocess.run(["npm", "ci", "--prefer-offline", "--no-audit", "--no-fund",
+                               "--fetch-retries=1", "--fetch-retry-mintimeout=2000",
+                               "--fetch-retry-maxtimeout=10000"],
                               cwd=EXAMPLE, env=_env(), capture_output=True, text=True,
                               timeout=300)
     except subprocess.TimeoutExpired:
         pytest.skip("npm ci in examples/node took over 300 s (no network?)")
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip()[-1500:]
-        if any(e in tail for e in NETWORK_ERRORS):
-            pytest.skip(f"npm ci in examples/node could not fetch its packages: {tail[-300:]}")
+        network = [line for line in tail.splitlines() if any(e in line for e in NETWORK_ERRORS)]
+        if network:
+            pytest.skip(f"npm ci in examples/node could not fetch its packages (no network?): "
+                        f"{network[0][:300]}")
         pytest.fail(f"npm ci in examples/node failed (rc {done.returncode}):\n{tail}")
     STAMP.write_text(lock + "\n")
     return EXAMPLE / "node_modules"
