@@ -65,9 +65,12 @@ function f32Values(tensor) {
   if (tensor.data.length !== product(tensor.shape) * 4) {
     throw new Error(`${tensor.data.length} bytes for shape [${tensor.shape}]`);
   }
-  const bytes = Buffer.from(tensor.data);      // a copy: aligned, and ours to swap
-  if (BIG_ENDIAN) bytes.swap32();
-  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4);
+  // A copy into memory of our own: a received Buffer may sit at any offset of a shared
+  // ArrayBuffer, and a Float32Array view needs a multiple of 4.
+  const values = new Float32Array(tensor.data.length / 4);
+  new Uint8Array(values.buffer).set(tensor.data);
+  if (BIG_ENDIAN) Buffer.from(values.buffer).swap32();
+  return values;
 }
 
 const named = (name, tensor) => ({ name, tensor });
@@ -107,7 +110,9 @@ function linearMseGraph(inFeatures, outFeatures) {
 }
 
 // The graph id: lowercase hex SHA-256 of the Graph serialized with fields in number
-// order and no default values written (what protobufjs writes for this object).
+// order and no default values written. protobufjs writes fields in number order, but it
+// also writes a field set to its default (an Output with `value: 0`), which canonical
+// bytes omit; leave such fields out (as here), or simply use the id RegisterGraph returns.
 function localGraphId(graph) {
   const bytes = GraphType.encode(GraphType.fromObject(graph)).finish();
   return crypto.createHash('sha256').update(bytes).digest('hex');
