@@ -6,14 +6,23 @@
 """
 # The errors and TLS settings are the wire layer's (gradmesh.wire), part of the SDK's API.
 from gradmesh.wire.channel import TLS
-from gradmesh.wire.errors import (Cancelled, DeadlineExceeded, GradmeshError, Internal,
-                                  InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
-                                  Unauthenticated, Unavailable)
+from gradmesh.wire.errors import (
+                                  Cancelled,
+                                  DeadlineExceeded,
+                                  GradmeshError,
+                                  Internal,
+                                  InvalidArgument,
+                                  NotFound,
+                                  PermissionDenied,
+                                  ResourceExhausted,
+                                  Unauthenticated,
+                                  Unavailable,
+)
 
-from .worker import GradientResult, WorkerClient
 from .cluster import LocalCluster
 from .coordinator import CoordinatorClient, Job, StepResult
 from .training import batches, fit
+from .worker import GradientResult, WorkerClient
 
 __all__ = ["WorkerClient", "GradientResult", "TLS", "GradmeshError", "InvalidArgument",
            "ResourceExhausted", "NotFound", "Unauthenticated", "PermissionDenied",

@@ -194,7 +194,7 @@ def _load_arrays(spec, where: str, x_key: str, y_key: str, base: str):
 
 def load_config(path: str) -> dict:
     """Read and check a config; returns a normalised dict (model, data arrays, ...)."""
-    import tomllib      # Python 3.11+: only `gradmesh train` needs it (3.10 is supported)
+    import tomllib  # Python 3.11+: only `gradmesh train` needs it (3.10 is supported)
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)

@@ -36,8 +36,7 @@ from gradmesh.v1 import graph_pb2, worker_pb2
 from gradmesh.wire import errors, sharedmem
 from gradmesh.wire.channel import channel, metadata
 from gradmesh.wire.stream import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from gradmesh.wire.worker import (SHARED, STREAM, UNARY, Reply, Request, WorkerTransport,
-                                  data_names)
+from gradmesh.wire.worker import SHARED, STREAM, UNARY, Reply, Request, WorkerTransport, data_names
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB

@@ -37,20 +37,33 @@ import numpy as np
 from gradmesh.core import dtypes, serialize
 from gradmesh.core import graph as core_graph
 from gradmesh.server import checkpoint
-from gradmesh.server.aggregate import (TreeSum, loss_scales, micro_batch_seed, micro_batches,
-                                       place)
-from gradmesh.server.runtime import (ConfigError, PeerConfig, ServerConfig, ServiceError,
-                                     add_peer_arguments, add_server_arguments,
-                                     config_from_args, configure_logging, env_default,
-                                     peer_config_from_args, serve, status_code)
+from gradmesh.server.aggregate import TreeSum, loss_scales, micro_batch_seed, micro_batches, place
+from gradmesh.server.runtime import (
+    ConfigError,
+    PeerConfig,
+    ServerConfig,
+    ServiceError,
+    add_peer_arguments,
+    add_server_arguments,
+    config_from_args,
+    configure_logging,
+    env_default,
+    peer_config_from_args,
+    serve,
+    status_code,
+)
 from gradmesh.server.shard import EmbeddedShard, ShardStore, check_job_id
-from gradmesh.v1 import (coordinator_pb2, coordinator_pb2_grpc, graph_pb2, tensor_pb2,
-                         worker_pb2)
+from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, graph_pb2, tensor_pb2, worker_pb2
 from gradmesh.wire import sharedmem
 from gradmesh.wire.channel import channel, metadata
 from gradmesh.wire.errors import GradmeshError, bad_request_field, from_rpc_error
-from gradmesh.wire.shard import (RemoteShard, optimizer_from_proto, optimizer_to_proto,
-                                 receive_frames, stream_frames)
+from gradmesh.wire.shard import (
+    RemoteShard,
+    optimizer_from_proto,
+    optimizer_to_proto,
+    receive_frames,
+    stream_frames,
+)
 from gradmesh.wire.stream import MAX_CHUNK_BYTES
 from gradmesh.wire.worker import SHARED, Reply, WorkerTransport, shared_request
 

@@ -25,12 +25,24 @@ import numpy as np
 from gradmesh.core import dtypes, optim, serialize
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import TreeSum
-from gradmesh.server.runtime import (ConfigError, ServiceError, add_server_arguments,
-                                     config_from_args, configure_logging, env_default, serve)
+from gradmesh.server.runtime import (
+    ConfigError,
+    ServiceError,
+    add_server_arguments,
+    config_from_args,
+    configure_logging,
+    env_default,
+    serve,
+)
 from gradmesh.v1 import shard_pb2
 from gradmesh.wire.frames import SHARD_FRAME_CHUNK_FIELD, frame_decoder, serialize_message
-from gradmesh.wire.shard import (SERVICE_NAME, named_headers, optimizer_from_proto,
-                                 receive_frames, shard_frames)
+from gradmesh.wire.shard import (
+    SERVICE_NAME,
+    named_headers,
+    optimizer_from_proto,
+    receive_frames,
+    shard_frames,
+)
 from gradmesh.wire.stream import BufferPool
 
 log = logging.getLogger("gradmesh.shard")

@@ -23,8 +23,17 @@ from collections import OrderedDict
 
 import numpy as np
 
-from gradmesh.core.sharedmem import (ALIGN, DIR, NAME, NOFOLLOW, POPULATE, WIRE_ORDER, Segment,
-                                     SegmentError, layout)
+from gradmesh.core.sharedmem import (
+    ALIGN,
+    DIR,
+    NAME,
+    NOFOLLOW,
+    POPULATE,
+    WIRE_ORDER,
+    Segment,
+    SegmentError,
+    layout,
+)
 
 __all__ = ["Attached", "Pool", "place", "available", "same_host_target", "MAPPED_SEGMENTS"]
 

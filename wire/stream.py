@@ -19,8 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gradmesh.core import dtypes
-from gradmesh.core.serialize import (RESOURCE_EXHAUSTED, WireError, check_header, decode,
-                                     wire_array)
+from gradmesh.core.serialize import RESOURCE_EXHAUSTED, WireError, check_header, decode, wire_array
 from gradmesh.v1 import tensor_pb2
 
 __all__ = ["split_for_stream", "chunks", "tensor_buffer", "Assembler", "StreamSlot",
@@ -130,12 +129,13 @@ def split_for_stream(message, tensor_fields: Sequence[str] | None = None
             [getattr(message, fd.name)] if message.HasField(fd.name) else [])
         for item in items:
             t = item.tensor if fd.message_type.full_name == named else item
+            target = getattr(header, fd.name)
             if fd.message_type.full_name == named:
-                dst = getattr(header, fd.name).add() if _is_repeated(fd) else getattr(header, fd.name)
+                dst = target.add() if _is_repeated(fd) else target
                 dst.name = item.name
                 dst_t = dst.tensor
             else:
-                dst_t = getattr(header, fd.name).add() if _is_repeated(fd) else getattr(header, fd.name)
+                dst_t = target.add() if _is_repeated(fd) else target
             dst_t.dtype = t.dtype
             dst_t.shape.extend(t.shape)
             if fd.message_type.full_name == named and not item.HasField("tensor"):

@@ -1,12 +1,12 @@
 """Calls to the Worker service (worker.proto): requests, replies and how tensors travel.
 
-The transport policy is written once, in :class:`WorkerTransport`, the base class of every
-caller of a worker (the SDK's ``WorkerClient`` and the coordinator's worker handles): tensors go through
-shared memory when the worker is on this host and takes them (:mod:`.sharedmem`), else in
-one unary message when they fit, else over the streaming RPC (:mod:`.stream`,
-:mod:`.frames`). A worker that refuses shared memory (another host or container, a full
-``/dev/shm``) gets bytes from then on; one that no longer knows the graph (NOT_FOUND: it
-restarted or evicted it) gets the graph again, once.
+The transport policy is written once, in :class:`WorkerTransport`, the base class of
+every caller of a worker (the SDK's ``WorkerClient`` and the coordinator's worker
+handles): tensors go through shared memory when the worker is on this host and takes them
+(:mod:`.sharedmem`), else in one unary message when they fit, else over the streaming RPC
+(:mod:`.stream`, :mod:`.frames`). A worker that refuses shared memory (another host or
+container, a full ``/dev/shm``) gets bytes from then on; one that no longer knows the graph
+(NOT_FOUND: it restarted or evicted it) gets the graph again, once.
 """
 from __future__ import annotations
 
@@ -24,13 +24,18 @@ from gradmesh.core.sharedmem import Segment, SegmentError, locate
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 from .errors import GradmeshError, NotFound
-from .frames import (chunk_frames, decode_stream_frame, encode_tensor_field, field_number,
-                     serialize_message)
+from .frames import (
+    chunk_frames,
+    decode_stream_frame,
+    encode_tensor_field,
+    field_number,
+    serialize_message,
+)
 from .sharedmem import Pool, place, same_host_target
 from .stream import Assembler, BufferPool
 
-__all__ = ["Reply", "Request", "WorkerTransport", "read_reply", "shared_request", "shared_gradients",
-           "decode_reply", "data_names", "shared_memory_refused", "SHARED",
+__all__ = ["Reply", "Request", "WorkerTransport", "read_reply", "shared_request",
+           "shared_gradients", "decode_reply", "data_names", "shared_memory_refused", "SHARED",
            "UNARY", "STREAM"]
 
 # Streamed replies are assembled in memory reused once the caller has dropped the arrays
