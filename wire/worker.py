@@ -322,7 +322,7 @@ class WorkerTransport:
         return self._shared
 
     def _transport(self, send: Callable[[str], Reply], mode: str, fallback: str,
-                resend_graph: Callable[[], None] | None = None) -> tuple[Reply, str]:
+                resend_graph: Callable[[], object] | None = None) -> tuple[Reply, str]:
         """The policy: ``send(mode)``; when shared memory is refused, ``send(fallback)`` and
         bytes from now on; on NOT_FOUND, ``resend_graph()`` and the call once more.
         ``send`` raises ``GradmeshError`` (or ``SegmentError``). Returns the reply and the
