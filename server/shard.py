@@ -1,39 +1,26 @@
-"""The parameter shard: named parameters, their optimizer state and a version per job.
-
-``ShardStore`` is the whole logic as plain Python (the coordinator embeds it directly);
-``ShardServicer`` puts it behind the ``ParameterShard`` service of shard.proto, and
-``run(args)`` is ``gradmesh shard``. The gradients of one step arrive one micro-batch at a
-time, in any order and possibly twice; they are summed with the fixed pairwise tree of
-:mod:`gradmesh.server.aggregate`, so the sum is bit for bit independent of arrival order,
-and the optimizer is the same pure update function as ``gradmesh.core.optim``'s.
+"""The parameter shard service: ``ShardServicer`` puts a
+:class:`~gradmesh.server.shard_store.ShardStore` behind the ``ParameterShard`` service of
+shard.proto (decode, call, encode), with gradmesh's frame codec for the streams;
+``run(args)`` is ``gradmesh shard``.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import logging
-import os
-import re
 import sys
-import threading
-import time
-from typing import Callable, Iterable
 
 import grpc
-import numpy as np
 
-from gradmesh.core import dtypes, optim, serialize
 from gradmesh.server import checkpoint
-from gradmesh.server.aggregate import TreeSum
 from gradmesh.server.runtime import (
     ConfigError,
-    ServiceError,
     add_server_arguments,
     config_from_args,
     configure_logging,
     env_default,
     serve,
 )
+from gradmesh.server.shard_store import ShardStore, check_job_id
 from gradmesh.v1 import shard_pb2
 from gradmesh.wire.frames import SHARD_FRAME_CHUNK_FIELD, frame_decoder, serialize_message
 from gradmesh.wire.shard import (
@@ -45,341 +32,12 @@ from gradmesh.wire.shard import (
 )
 from gradmesh.wire.stream import BufferPool
 
-log = logging.getLogger("gradmesh.shard")
+__all__ = ["ShardServicer", "add_arguments", "add_to_server", "run", "serve_shard"]
 
-__all__ = ["ShardStore", "ShardJob", "ShardServicer", "EmbeddedShard", "check_job_id",
-           "add_arguments", "add_to_server", "run", "serve_shard"]
-
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-FAILED = grpc.StatusCode.FAILED_PRECONDITION
-_JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # Streamed tensors live in memory reused once nothing refers to them any more: a fresh
 # buffer's pages cost the kernel more than gRPC costs their bytes (wire.stream.BufferPool).
 # At most this much is kept idle by a shard server (pushed gradients, Pull's copies).
 POOL_BYTES = 1 << 30
-
-
-def check_job_id(job_id: str, field: str = "job_id") -> str:
-    """A job id is 1 to 128 characters of [A-Za-z0-9._-] (it names checkpoint files)."""
-    # fullmatch: with match, "$" also matches before a trailing newline ("j\n" passed).
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or job_id in (".", ".."):
-        raise ServiceError(INVALID, f"job id {job_id!r} must be 1 to 128 characters of "
-                           f"[A-Za-z0-9._-]", field)
-    return job_id
-
-
-# ------------------------------------------------------------------ the logic ------------
-
-class _Pending:
-    """The gradients of one step received so far."""
-
-    def __init__(self, step_id: int, attempt: int, micro_batches: int, version: int):
-        self.step_id = step_id
-        self.attempt = attempt
-        self.micro_batches = micro_batches
-        self.version = version
-        self.sum = TreeSum(micro_batches, _add_grads)
-
-
-def _add_grads(a: dict, b: dict) -> dict:
-    # In place into the left operand when we own writable memory: the same bits as a + b.
-    out = {}
-    for name, x in a.items():
-        y = b[name]
-        if x.flags.writeable:
-            np.add(x, y, out=x)
-            out[name] = x
-        else:
-            out[name] = x + y
-    return out
-
-
-def _copy(a: np.ndarray, allocate: Callable[[int], np.ndarray] | None) -> np.ndarray:
-    if allocate is None:
-        return a.copy()
-    out = allocate(a.nbytes).view(a.dtype).reshape(a.shape)
-    np.copyto(out, a)
-    return out
-
-
-class ShardJob:
-    """One job's parameters on one shard. Thread-safe: every method takes ``lock``."""
-
-    def __init__(self, job_id: str, params: dict[str, np.ndarray], optimizer: dict,
-                 version: int = 0, last_step_id: int = 0,
-                 state: dict[str, dict] | None = None):
-        self.job_id = job_id
-        self.params = params
-        self.optimizer = optimizer
-        self.version = version
-        self.last_step_id = last_step_id
-        self.state: dict[str, dict] = state if state is not None else {n: {} for n in params}
-        self.pending: dict[int, _Pending] = {}
-        self.lock = threading.Lock()
-
-    @property
-    def parameter_bytes(self) -> int:
-        return sum(int(p.nbytes) for p in self.params.values())
-
-    def signature(self) -> dict:
-        return {n: (str(p.dtype), tuple(p.shape)) for n, p in self.params.items()}
-
-    # -- Pull -----------------------------------------------------------------------------
-    def pull(self, version: int = 0, names: Iterable[str] = (),
-             copy: bool = False,
-             allocate: Callable[[int], np.ndarray] | None = None) -> tuple[int, dict]:
-        """``(version, {name: array})``. With ``copy`` the arrays are copies (in memory from
-        ``allocate(nbytes)`` when given, e.g. ``BufferPool.allocate``); without, the live
-        ones: read them before the next ``apply`` (the coordinator does, under its job
-        lock)."""
-        with self.lock:
-            if version and version != self.version:
-                raise ServiceError(FAILED, f"job {self.job_id!r} is at version "
-                                   f"{self.version}; version {version} is not kept",
-                                   "version")
-            names = list(names) or list(self.params)
-            for i, n in enumerate(names):
-                if n not in self.params:
-                    raise ServiceError(INVALID, f"no parameter {n!r} on this shard for job "
-                                       f"{self.job_id!r}", f"names[{i}]")
-            if copy:
-                return self.version, {n: _copy(self.params[n], allocate) for n in names}
-            return self.version, {n: self.params[n] for n in names}
-
-    # -- PushGradients --------------------------------------------------------------------
-    def push(self, step_id: int, micro_batch: int, micro_batches: int, version: int,
-             gradients: dict[str, np.ndarray], attempt: int = 0) -> tuple[bool, int]:
-        """Record one micro-batch's gradients; ``(duplicate, received)``.
-
-        Gradients are pending for one (step, attempt) at a time: a push for another step
-        or another attempt means the coordinator abandoned the pending one."""
-        if step_id < 1:
-            raise ServiceError(INVALID, "step ids start at 1", "step_id")
-        if micro_batches < 1:
-            raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
-        if not 0 <= micro_batch < micro_batches:
-            raise ServiceError(INVALID, f"micro_batch {micro_batch} out of range for "
-                               f"{micro_batches} micro-batches", "micro_batch")
-        self._check_gradients(gradients)
-        with self.lock:
-            if step_id <= self.last_step_id:
-                return True, micro_batches      # a late result of a committed step
-            if version != self.version:
-                raise ServiceError(FAILED, f"gradients computed at version {version}, job "
-                                   f"{self.job_id!r} is at version {self.version}", "version")
-            p = self.pending.get(step_id)
-            if p is None or p.attempt != attempt:
-                self.pending = {step_id: _Pending(step_id, attempt, micro_batches, version)}
-                p = self.pending[step_id]
-            elif p.micro_batches != micro_batches:
-                raise ServiceError(INVALID, f"step {step_id} has {p.micro_batches} "
-                                   f"micro-batches, this push says {micro_batches}",
-                                   "micro_batches")
-            if micro_batch in p.sum:
-                return True, len(p.sum)
-            p.sum.add(micro_batch, dict(gradients))
-            return False, len(p.sum)
-
-    def check_gradient_headers(self, headers) -> None:
-        """Check a push's header (NamedTensors with dtype and shape) against the parameters
-        before anything is allocated for its bytes: a header that promises gigabytes for
-        a small parameter is refused without reading its chunks."""
-        expected = {n: (serialize.DTYPE_TO_PROTO[dtypes.from_numpy(p.dtype)], p.shape)
-                    for n, p in self.params.items()}
-        serialize.check_headers(headers, expected, "gradients",
-                                f"parameter on this shard for job {self.job_id!r}")
-
-    def _check_gradients(self, gradients: dict[str, np.ndarray]) -> None:
-        for name, g in gradients.items():
-            p = self.params.get(name)
-            if p is None:
-                raise ServiceError(INVALID, f"no parameter {name!r} on this shard for job "
-                                   f"{self.job_id!r}", f"gradients[{name}]")
-            if g.shape != p.shape or g.dtype != p.dtype:
-                raise ServiceError(INVALID, f"gradient of {name!r} has dtype {g.dtype} and "
-                                   f"shape {list(g.shape)}; the parameter has dtype "
-                                   f"{p.dtype} and shape {list(p.shape)}",
-                                   f"gradients[{name}]")
-        missing = sorted(set(self.params) - set(gradients))
-        if missing:
-            raise ServiceError(INVALID, f"gradients missing for parameters {missing}",
-                               "gradients")
-
-    # -- Apply ----------------------------------------------------------------------------
-    def apply(self, step_id: int, micro_batches: int, version: int,
-              attempt: int = 0) -> tuple[int, bool, float]:
-        """Sum the step's gradients and update every parameter; ``(version, already, secs)``."""
-        with self.lock:
-            if step_id == self.last_step_id and version + 1 == self.version:
-                return self.version, True, 0.0
-            if step_id <= self.last_step_id:
-                raise ServiceError(FAILED, f"step {step_id} is older than the last applied "
-                                   f"step {self.last_step_id} of job {self.job_id!r}",
-                                   "step_id")
-            if micro_batches < 1:
-                raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
-            if version != self.version:
-                raise ServiceError(FAILED, f"step computed at version {version}, job "
-                                   f"{self.job_id!r} is at version {self.version}", "version")
-            p = self.pending.get(step_id)
-            if p is not None and p.attempt != attempt:
-                raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: the "
-                                   f"pending gradients belong to attempt {p.attempt}, not "
-                                   f"{attempt}", "attempt")
-            if p is None or p.micro_batches != micro_batches or not p.sum.complete:
-                # The first few missing indices only: micro_batches comes from the request
-                # and may be 2**32 - 1 (listing them all would take minutes and gigabytes).
-                received = () if p is None or p.micro_batches != micro_batches else p.sum
-                missing = list(itertools.islice(
-                    (m for m in range(micro_batches) if m not in received), 20))
-                raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: "
-                                   f"gradients of micro-batches {missing} "
-                                   f"{'(the first 20) ' if micro_batches > 20 else ''}"
-                                   f"not pushed", "micro_batches")
-            start = time.perf_counter()
-            grads = p.sum.result()
-            hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
-            if "betas" in hyper:
-                hyper["betas"] = tuple(hyper["betas"])
-            update = optim.UPDATE_RULES[self.optimizer["name"]]
-            for name in sorted(self.params):
-                update(np, self.params[name], grads[name], self.state[name], **hyper)
-            self.pending.clear()
-            self.version += 1
-            self.last_step_id = step_id
-            return self.version, False, time.perf_counter() - start
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        with self.lock:
-            arrays: dict[str, np.ndarray] = {}
-            steps: dict[str, int] = {}
-            for name, p in self.params.items():
-                arrays[f"param/{name}"] = p
-                state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
-                for key, a in state_arrays.items():
-                    arrays[f"state/{name}/{key}"] = a
-            meta = {"job_id": self.job_id, "version": self.version,
-                    "last_step_id": self.last_step_id, "optimizer": self.optimizer,
-                    "parameters": list(self.params), "steps": steps}
-            checkpoint.save(path, arrays, meta)
-
-    @classmethod
-    def load(cls, path: str) -> "ShardJob":
-        arrays, meta = checkpoint.load(path)
-        params = {n: np.array(arrays[f"param/{n}"]) for n in meta["parameters"]}
-        state = {}
-        for n in meta["parameters"]:
-            prefix = f"state/{n}/"
-            found = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-            state[n] = optim.state_from_arrays(found, meta["steps"][n]) if (
-                found or meta["steps"][n]) else {}
-        return cls(meta["job_id"], params, meta["optimizer"], meta["version"],
-                   meta["last_step_id"], state)
-
-
-class ShardStore:
-    """All jobs of one shard, with checkpoints in ``state_dir`` (one ``<job>.npz`` each).
-
-    >>> store = ShardStore()
-    >>> store.load("j", {"w": np.ones(2, np.float32)}, {"name": "sgd", "lr": 0.5})
-    (0, 0)
-    >>> store.push("j", 1, 0, 1, 0, {"w": np.ones(2, np.float32)})
-    (False, 1)
-    >>> store.apply("j", 1, 1, 0)[:2]
-    (1, False)
-    >>> store.pull("j")[1]["w"].tolist()
-    [0.5, 0.5]
-    """
-
-    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0):
-        self.state_dir = state_dir
-        self.checkpoint_every = checkpoint_every
-        self.jobs: dict[str, ShardJob] = {}
-        self._lock = threading.Lock()
-        if state_dir:
-            os.makedirs(state_dir, exist_ok=True)
-            for entry in sorted(os.listdir(state_dir)):
-                if entry.endswith(".npz") and not entry.startswith("."):
-                    job = ShardJob.load(os.path.join(state_dir, entry))
-                    self.jobs[job.job_id] = job
-                    log.info("restored job", extra={"job_id": job.job_id,
-                                                    "version": job.version})
-
-    def job(self, job_id: str) -> ShardJob:
-        job = self.jobs.get(job_id)
-        if job is None:
-            check_job_id(job_id)
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not loaded on "
-                               f"this shard", "job_id")
-        return job
-
-    def load(self, job_id: str, params: dict[str, np.ndarray], optimizer: dict) -> tuple[int, int]:
-        """Create the job (idempotent for the same names, dtypes and shapes)."""
-        check_job_id(job_id)
-        for name, p in params.items():
-            if p.dtype not in _FLOATS:
-                raise ServiceError(INVALID, f"parameter {name!r} has dtype {p.dtype}; "
-                                   f"parameters must be floating point",
-                                   f"parameters[{name}]")
-        optimizer = optim.validate(optimizer)
-        with self._lock:
-            job = self.jobs.get(job_id)
-            if job is not None:
-                mine = {n: (str(p.dtype), tuple(p.shape)) for n, p in params.items()}
-                if job.signature() != mine or job.optimizer != optimizer:
-                    raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                                       f"job {job_id!r} exists on this shard with other "
-                                       f"parameters or optimizer", "job_id")
-                return job.version, job.last_step_id
-            # Own writable copies: the optimizer updates them in place.
-            job = ShardJob(job_id, {n: np.array(p, copy=True) for n, p in params.items()},
-                           optimizer)
-            self.jobs[job_id] = job
-        self.checkpoint(job_id)
-        return job.version, job.last_step_id
-
-    def pull(self, job_id: str, version: int = 0, names: Iterable[str] = (),
-             copy: bool = False, allocate: Callable[[int], np.ndarray] | None = None):
-        return self.job(job_id).pull(version, names, copy, allocate)
-
-    def push(self, job_id: str, step_id: int, micro_batch: int, micro_batches: int,
-             version: int, gradients: dict[str, np.ndarray],
-             attempt: int = 0) -> tuple[bool, int]:
-        return self.job(job_id).push(step_id, micro_batch, micro_batches, version, gradients,
-                                     attempt)
-
-    def apply(self, job_id: str, step_id: int, micro_batches: int, version: int,
-              checkpoint_now: bool = False, attempt: int = 0) -> tuple[int, bool, float]:
-        job = self.job(job_id)
-        result = job.apply(step_id, micro_batches, version, attempt)
-        if not result[1] and (checkpoint_now or (
-                self.checkpoint_every and result[0] % self.checkpoint_every == 0)):
-            self.checkpoint(job_id)
-        return result
-
-    def drop(self, job_id: str) -> bool:
-        with self._lock:
-            job = self.jobs.pop(job_id, None)
-        if job is not None and self.state_dir:
-            try:
-                os.unlink(self._path(job_id))
-            except FileNotFoundError:
-                pass
-        return job is not None
-
-    def _path(self, job_id: str) -> str:
-        return os.path.join(self.state_dir, f"{job_id}.npz")
-
-    def checkpoint(self, job_id: str | None = None) -> None:
-        """Write the checkpoint of one job (or all) when there is a state directory."""
-        if not self.state_dir:
-            return
-        for jid in [job_id] if job_id else list(self.jobs):
-            job = self.jobs.get(jid)
-            if job is not None:
-                job.save(self._path(jid))
 
 
 # ------------------------------------------------------------------ the service ---------
@@ -477,42 +135,6 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-# ------------------------------------------------------------------ handles --------------
-
-class EmbeddedShard:
-    """A shard inside the coordinator's process: the same ``ShardStore``, no network."""
-
-    def __init__(self, store: ShardStore, name: str = "embedded"):
-        self.store = store
-        self.name = name
-
-    def load(self, job_id, params, optimizer):
-        return self.store.load(job_id, params, optimizer)
-
-    def pull(self, job_id, version=0, names=(), copy=False):
-        return self.store.pull(job_id, version, names, copy)
-
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients,
-             attempt=0):
-        return self.store.push(job_id, step_id, micro_batch, micro_batches, version,
-                               gradients, attempt)
-
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False,
-              attempt=0):
-        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now,
-                                attempt)
-
-    def status(self, job_id):
-        job = self.store.jobs.get(job_id)
-        return None if job is None else (job.version, job.last_step_id)
-
-    def checkpoint(self):
-        self.store.checkpoint()
-
-    def close(self):
-        pass
 
 
 # ------------------------------------------------------------------ the command ---------

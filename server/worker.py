@@ -33,12 +33,12 @@ from gradmesh.core import backend as core_backend
 from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
 from gradmesh.core import serialize, sharedmem
-from gradmesh.wire import frames, stream
-from gradmesh.wire import sharedmem as wire_shm
 from gradmesh.core.registry import REGISTRY, OpError
 from gradmesh.server import runtime
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
+from gradmesh.wire import frames, stream
+from gradmesh.wire import sharedmem as wire_shm
 
 MiB = 1 << 20
 DEFAULT_PORT = 50051

@@ -46,7 +46,8 @@ from gradmesh.core.registry import REGISTRY
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServerConfig
-from gradmesh.server.shard import ShardStore, serve_shard
+from gradmesh.server.shard import serve_shard
+from gradmesh.server.shard_store import ShardStore
 from gradmesh.v1 import (coordinator_pb2, coordinator_pb2_grpc, graph_pb2, shard_pb2,
                          shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc)
 

@@ -8,7 +8,8 @@ import pytest
 from gradmesh.core import optim
 from gradmesh.server.aggregate import tree_sum
 from gradmesh.server.runtime import ServerConfig, ServiceError
-from gradmesh.server.shard import ShardStore, serve_shard
+from gradmesh.server.shard import serve_shard
+from gradmesh.server.shard_store import ShardStore
 from gradmesh.wire.shard import RemoteShard
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
@@ -193,7 +194,7 @@ def test_remote_shard_streams_large_tensors_and_matches_the_reference(shard_serv
 def test_remote_round_trips_give_the_embedded_shards_arrays_bit_for_bit(shard_server):
     """Load, Push, Apply and Pull through the frame codec give the same bytes as the same
     calls on an in-process store: every float dtype, several chunks, 0-d and empty."""
-    from gradmesh.server.shard import EmbeddedShard
+    from gradmesh.server.shard_store import EmbeddedShard
     running, _ = shard_server
     rng = np.random.default_rng(3)
     params = {"w": rng.standard_normal((700, 1500)),                # 8.4 MB: 5 chunks

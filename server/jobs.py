@@ -1,0 +1,518 @@
+"""The coordinator's logic: training jobs and their steps, as plain Python.
+
+:class:`Coordinator` holds jobs, workers (:mod:`.workers`) and shards; every public method
+is one RPC's logic (:mod:`.coordinator` puts them behind the service; tests drive them
+directly). One step (DESIGN §6): the batch is cut into micro-batches (:mod:`.aggregate`);
+:func:`~gradmesh.server.dispatch.dispatch` runs them over the workers with the
+micro-batch's loss scale and seed; each result's gradients are pushed to the shards that
+own them as soon as it arrives (so pushing overlaps the other micro-batches' compute).
+When every micro-batch is pushed, the shards apply the step; their fixed summation tree
+makes the result bit for bit independent of which worker did what.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from gradmesh.core import dtypes, serialize
+from gradmesh.core import graph as core_graph
+from gradmesh.server import checkpoint
+from gradmesh.server.aggregate import TreeSum, loss_scales, micro_batch_seed, micro_batches, place
+from gradmesh.server.dispatch import dispatch
+from gradmesh.server.runtime import ServiceError, status_code
+from gradmesh.server.shard_store import EmbeddedShard, ShardStore, check_job_id
+from gradmesh.server.workers import ParamSet, WorkerHandle, WorkerPool
+from gradmesh.v1 import coordinator_pb2, graph_pb2
+from gradmesh.wire.errors import GradmeshError
+from gradmesh.wire.shard import optimizer_from_proto, optimizer_to_proto
+from gradmesh.wire.worker import Reply
+
+log = logging.getLogger("gradmesh.coordinator")
+
+__all__ = ["Coordinator", "Job"]
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+HISTORY = 1024                  # step results kept for idempotent replays
+
+
+@dataclass
+class Job:
+    job_id: str
+    graph: Any                          # graph_pb2.Graph
+    graph_id: str
+    param_names: list[str]              # the graph's PARAM inputs, in order
+    param_specs: dict[str, tuple]       # name -> (dtype name, shape)
+    data_inputs: list[Any]              # the graph's DATA inputs (graph_pb2.Input)
+    metric_names: list[str]             # extra outputs reported as metrics
+    optimizer: dict
+    micro_batch_size: int
+    placement: dict[str, int]
+    version: int = 0
+    last_step_id: int = 0
+    samples: int = 0
+    last_loss: float = 0.0
+    error: str = ""
+    history: "collections.OrderedDict[int, bytes]" = field(
+        default_factory=collections.OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # The parameters the workers get, at ``params.version``.
+    params: "ParamSet | None" = None
+
+
+def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
+    """Validate a graph: the validated graph (its canonical form and id), its PARAM names,
+    their specs, DATA inputs and scalar extra outputs."""
+    try:
+        vg = core_graph.validate(graph)
+    except core_graph.GraphError as e:
+        raise ServiceError(status_code(e.code), e.message, f"graph.{e.field}") from None
+    names, specs, data = [], {}, []
+    for i, inp in enumerate(graph.inputs):
+        if inp.role == graph_pb2.Input.PARAM:
+            names.append(inp.name)
+            specs[inp.name] = (inp.dtype, tuple(inp.shape))
+        elif inp.role == graph_pb2.Input.DATA:
+            if not inp.shape or inp.shape[0] != -1:
+                raise ServiceError(INVALID, f"DATA input {inp.name!r} has shape "
+                                   f"{list(inp.shape)}; its first dimension must be -1 (the "
+                                   f"batch), since batches are cut into micro-batches",
+                                   f"graph.inputs[{i}].shape")
+            data.append(inp)
+    if not names:
+        raise ServiceError(INVALID, "the graph has no PARAM inputs: nothing to train",
+                           "graph.inputs")
+    if not data:
+        raise ServiceError(INVALID, "the graph has no DATA inputs to cut into micro-batches",
+                           "graph.inputs")
+    # Scalar extra outputs (accuracy, ...) are reported as metrics; others are not fetched.
+    metrics = [o.name for o in graph.outputs[1:] if tuple(vg.specs[o.value].shape) == ()]
+    return vg, names, specs, data, metrics
+
+
+class Coordinator:
+    """Jobs, workers and shards; every public method is one RPC's logic.
+
+    ``shards``: handles with the methods of :class:`~gradmesh.server.shard.EmbeddedShard`
+    (default: one embedded shard). ``state_dir``: where the coordinator's and the embedded
+    shards' checkpoints go. ``checkpoint_every``: checkpoint every N steps (and always on
+    ``close``). ``deadline``: seconds after which a micro-batch still running is also given
+    to an idle worker.
+    """
+
+    def __init__(self, workers: WorkerPool, shards: Sequence | None = None,
+                 state_dir: str | None = None, checkpoint_every: int = 10,
+                 deadline: float = 30.0, max_elements: int | None = 1 << 28):
+        self.workers = workers
+        self.state_dir = state_dir
+        if shards is None:
+            shard_dir = os.path.join(state_dir, "shards", "0") if state_dir else None
+            shards = [EmbeddedShard(ShardStore(shard_dir))]
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("a coordinator needs at least one shard")
+        self.checkpoint_every = checkpoint_every
+        self.deadline = deadline
+        self.max_elements = max_elements
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._io = futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.shards)),
+                                              thread_name_prefix="gradmesh-shard-io")
+        if state_dir:
+            self._restore()
+
+    # -- CreateJob ------------------------------------------------------------------------
+    def check_create_header(self, header) -> None:
+        """CreateJob's checks on its stream's header (the parameters' dtypes and shapes, no
+        bytes yet), so that nothing is allocated for a job that would be refused;
+        ``create_job`` checks the decoded parameters again."""
+        if not header.HasField("graph"):
+            raise ServiceError(INVALID, "graph is missing", "graph")
+        if not header.HasField("optimizer"):
+            raise ServiceError(INVALID, "optimizer is missing", "optimizer")
+        if header.job_id:
+            check_job_id(header.job_id)
+        if header.micro_batch_size < 1:
+            raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
+        optimizer_from_proto(header.optimizer)
+        _, _, specs, _, _ = _graph_signature(header.graph)
+        serialize.check_headers(header.parameters, specs, "parameters",
+                                "PARAM input of the graph")
+
+    def create_job(self, job_id: str, graph, params: dict[str, np.ndarray], optimizer_msg,
+                   micro_batch_size: int):
+        """Create a job (idempotent for identical content); returns the Job."""
+        job_id = job_id or uuid.uuid4().hex
+        check_job_id(job_id)
+        if micro_batch_size < 1:
+            raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
+        optimizer = optimizer_from_proto(optimizer_msg)
+        vg, names, specs, data, extra = _graph_signature(graph)
+        graph, gid = vg.graph, vg.id        # the canonical form: the workers' id too
+        for name in names:
+            if name not in params:
+                raise ServiceError(INVALID, f"no initial value for parameter {name!r}",
+                                   "parameters")
+        for name, a in params.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise ServiceError(INVALID, f"{name!r} is not a PARAM input of the graph "
+                                   f"(parameters: {names[:8]})", f"parameters[{name}]")
+            wire = serialize.DTYPE_TO_PROTO.get(_dtype_of(a))
+            if wire != spec[0] or tuple(a.shape) != spec[1]:
+                raise ServiceError(INVALID, f"parameter {name!r} has dtype {a.dtype} and shape "
+                                   f"{list(a.shape)}; the graph declares "
+                                   f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
+                                   f"parameters[{name}]")
+        with self._lock:
+            existing = self.jobs.get(job_id)
+            if existing is not None:
+                if (existing.graph_id != gid or existing.optimizer != optimizer
+                        or existing.micro_batch_size != micro_batch_size):
+                    raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"job {job_id!r} exists with a different graph, "
+                                       f"optimizer or micro-batch size", "job_id")
+                return existing
+            placement = place({n: int(params[n].nbytes) for n in names}, len(self.shards))
+            job = Job(job_id, graph, gid, names, specs, data, extra, optimizer,
+                      micro_batch_size, placement)
+            self.jobs[job_id] = job
+        try:
+            with job.lock:
+                self._on_shards(job, lambda s, i: s.load(job_id, {
+                    n: params[n] for n in names if job.placement[n] == i}, optimizer))
+                self._save(job)
+        except Exception:
+            with self._lock:
+                self.jobs.pop(job_id, None)
+            raise
+        log.info("job created", extra={"job_id": job_id, "graph_id": gid,
+                                        "parameters": len(names), "shards": len(self.shards)})
+        return job
+
+    def _on_shards(self, job: Job, fn: Callable[[Any, int], Any]) -> list:
+        """Call ``fn(shard, index)`` on every shard that holds some of the job, at once."""
+        used = sorted(set(job.placement.values()))
+        if len(used) == 1:
+            return [fn(self.shards[used[0]], used[0])]
+        futs = [self._io.submit(fn, self.shards[i], i) for i in used]
+        return [f.result() for f in futs]
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            check_job_id(job_id)
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}", "job_id")
+        return job
+
+    # -- Step -----------------------------------------------------------------------------
+    def step(self, job_id: str, step_id: int, batch: dict[str, np.ndarray]):
+        """Run (or replay) one step; returns a StepResponse."""
+        pb = coordinator_pb2
+        job = self.job(job_id)
+        if step_id < 1:
+            raise ServiceError(INVALID, "step ids start at 1", "step_id")
+        with job.lock:
+            done = job.history.get(step_id)
+            if done is not None:
+                resp = pb.StepResponse.FromString(done)
+                resp.replayed = True
+                return resp
+            if step_id <= job.last_step_id:
+                raise ServiceError(FAILED, f"step {step_id} of job {job_id!r} was applied "
+                                   f"but its result is no longer kept (the last "
+                                   f"{HISTORY} are)", "step_id")
+            if step_id != job.last_step_id + 1:
+                raise ServiceError(FAILED, f"step {step_id} is out of sequence: job "
+                                   f"{job_id!r} expects step {job.last_step_id + 1} next",
+                                   "step_id")
+            if job.error:
+                raise ServiceError(FAILED, job.error, "job_id")
+            resp = self._run_step(job, step_id, self._check_batch(job, batch))
+            job.history[step_id] = resp.SerializeToString()
+            while len(job.history) > HISTORY:
+                job.history.popitem(last=False)
+            if self.checkpoint_every and job.version % self.checkpoint_every == 0:
+                self._save(job)
+            return resp
+
+    def _check_batch(self, job: Job, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = {inp.name: inp for inp in job.data_inputs}
+        for name in batch:
+            if name not in expected:
+                raise ServiceError(INVALID, f"{name!r} is not a DATA input of the graph "
+                                   f"(expected {sorted(expected)})", f"batch[{name}]")
+        size = None
+        for name, inp in expected.items():
+            a = batch.get(name)
+            if a is None:
+                raise ServiceError(INVALID, f"the batch has no {name!r}", "batch")
+            want = serialize.PROTO_TO_DTYPE.get(inp.dtype)
+            shape = list(inp.shape)
+            if (_dtype_of(a) is not want or a.ndim != len(shape)
+                    or any(s not in (-1, d) for s, d in zip(shape[1:], a.shape[1:]))):
+                raise ServiceError(INVALID, f"{name!r} has dtype {a.dtype} and shape "
+                                   f"{list(a.shape)}; the graph expects "
+                                   f"{want.name if want else inp.dtype} {shape}",
+                                   f"batch[{name}]")
+            if a.ndim == 0 or a.shape[0] < 1:
+                raise ServiceError(INVALID, f"{name!r} has no rows", f"batch[{name}]")
+            if size is None:
+                size = a.shape[0]
+            elif a.shape[0] != size:
+                raise ServiceError(INVALID, f"batch tensors disagree on the batch size: "
+                                   f"{name!r} has {a.shape[0]} rows, others {size}",
+                                   f"batch[{name}]")
+        return batch
+
+    def _params_for_workers(self, job: Job) -> tuple["ParamSet", float]:
+        """The job's parameters at its version, pulled once per version."""
+        if job.params is not None and job.params.version == job.version:
+            return job.params, 0.0
+        if job.params is not None:
+            job.params.release()
+        start = time.perf_counter()
+
+        def pull(shard, i):
+            names = [n for n in job.param_names if job.placement[n] == i]
+            return shard.pull(job.job_id, job.version, names)[1]
+
+        arrays: dict = {}
+        for part in self._on_shards(job, pull):
+            arrays.update(part)
+        job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names}, job.job_id)
+        return job.params, time.perf_counter() - start
+
+    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
+        t0 = time.perf_counter()
+        params, pull_seconds = self._params_for_workers(job)
+        run = _StepRun(job, step_id, batch, params, self.shards)
+        t1 = time.perf_counter()
+        reassigned = dispatch(self.workers, run.n, run.compute, run.accept, self.deadline)
+        t2 = time.perf_counter()
+        version = run.version
+        checkpoint_now = bool(self.checkpoint_every and
+                              (version + 1) % self.checkpoint_every == 0)
+        results = self._on_shards(job, lambda s, i: s.apply(
+            job.job_id, step_id, run.n, version, checkpoint_now, run.attempt))
+        t3 = time.perf_counter()
+        job.version = version + 1
+        job.last_step_id = step_id
+        job.samples += run.size
+        # Worker losses are in the graph's dtype; the tree sums them as float64 so the
+        # reported loss does not depend on the loss dtype's rounding of the sum.
+        loss = float(run.losses.result())
+        job.last_loss = loss
+        pb = coordinator_pb2
+        return pb.StepResponse(
+            step_id=step_id, loss=loss, version=job.version, batch_size=run.size,
+            micro_batches=run.n,
+            metrics={k: float(t.result()) for k, t in run.metrics.items() if t.complete},
+            timings=pb.StepTimings(pull_seconds=pull_seconds, compute_seconds=t2 - t1,
+                                   push_seconds=run.push_seconds,
+                                   apply_seconds=t3 - t2 if results else 0.0,
+                                   total_seconds=time.perf_counter() - t0,
+                                   reassigned=reassigned,
+                                   worker_compute_seconds=run.worker_seconds))
+
+    # -- GetParameters / status -----------------------------------------------------------
+    def get_parameters(self, job_id: str, names: Sequence[str] = ()) -> tuple[int, dict]:
+        job = self.job(job_id)
+        for k, n in enumerate(names):
+            if n not in job.placement:
+                raise ServiceError(INVALID, f"job {job_id!r} has no parameter {n!r}",
+                                   f"names[{k}]")
+        wanted = list(names) or job.param_names
+        with job.lock:
+            def pull(shard, i):
+                mine = [n for n in wanted if job.placement[n] == i]
+                return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
+            arrays: dict = {}
+            for part in self._on_shards(job, pull):
+                arrays.update(part)
+            return job.version, {n: arrays[n] for n in wanted}
+
+    def job_status(self, job_id: str):
+        pb = coordinator_pb2
+        job = self.job(job_id)
+        return pb.JobStatusResponse(
+            job_id=job.job_id, graph_id=job.graph_id, version=job.version,
+            last_step_id=job.last_step_id, next_step_id=job.last_step_id + 1,
+            micro_batch_size=job.micro_batch_size,
+            optimizer=optimizer_to_proto(job.optimizer), placement=job.placement,
+            samples=job.samples, last_loss=job.last_loss, shards=len(self.shards),
+            workers=sum(1 for w in self.workers.workers.values() if w.state == "ready"),
+            error=job.error, data_inputs=[i.name for i in job.data_inputs],
+            metrics=job.metric_names)
+
+    def list_workers(self):
+        pb = coordinator_pb2
+        self.workers.usable()           # refresh states
+        resp = pb.ListWorkersResponse()
+        for w in sorted(self.workers.workers.values(), key=lambda w: w.address):
+            resp.workers.add(address=w.address, source=w.source, state=w.state,
+                             build_fingerprint=w.fingerprint, backend=w.backend,
+                             reason=w.reason, completed=w.completed, failures=w.failures,
+                             worker_id=w.worker_id)
+        return resp
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _job_path(self, job_id: str) -> str:
+        return os.path.join(self.state_dir, "jobs", f"{job_id}.npz")
+
+    def _save(self, job: Job) -> None:
+        """Checkpoint one job's coordinator state (the caller holds ``job.lock``)."""
+        if not self.state_dir:
+            return
+        for s in self.shards:
+            if isinstance(s, EmbeddedShard):
+                s.store.checkpoint(job.job_id)
+        meta = {"job_id": job.job_id, "graph_id": job.graph_id, "optimizer": job.optimizer,
+                "micro_batch_size": job.micro_batch_size, "placement": job.placement,
+                "shards": len(self.shards), "version": job.version,
+                "last_step_id": job.last_step_id, "samples": job.samples,
+                "last_loss": job.last_loss,
+                "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()]}
+        graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
+        checkpoint.save(self._job_path(job.job_id), {"graph": graph}, meta)
+
+    def checkpoint(self) -> None:
+        """Checkpoint every job (on shutdown)."""
+        for job in list(self.jobs.values()):
+            with job.lock:
+                self._save(job)
+
+    def _restore(self) -> None:
+        directory = os.path.join(self.state_dir, "jobs")
+        if not os.path.isdir(directory):
+            return
+        for entry in sorted(os.listdir(directory)):
+            if not entry.endswith(".npz") or entry.startswith("."):
+                continue
+            arrays, meta = checkpoint.load(os.path.join(directory, entry))
+            graph = graph_pb2.Graph.FromString(arrays["graph"].tobytes())
+            _, names, specs, data, extra = _graph_signature(graph)
+            job = Job(meta["job_id"], graph, meta["graph_id"], names, specs, data, extra,
+                      meta["optimizer"], meta["micro_batch_size"],
+                      {k: int(v) for k, v in meta["placement"].items()}, meta["version"],
+                      meta["last_step_id"], meta["samples"], meta["last_loss"])
+            for k, v in meta["history"]:
+                job.history[int(k)] = base64.b64decode(v)
+            if meta["shards"] != len(self.shards):
+                job.error = (f"job {job.job_id!r} was placed over {meta['shards']} shards, "
+                             f"this coordinator has {len(self.shards)}")
+            else:
+                self._reconcile(job)
+            self.jobs[job.job_id] = job
+            log.info("restored job", extra={"job_id": job.job_id, "version": job.version,
+                                             "error": job.error})
+
+    def _reconcile(self, job: Job) -> None:
+        """Agree with the shards on the version after a restart (see docs/training.md)."""
+        try:
+            states = {i: self.shards[i].status(job.job_id)
+                      for i in sorted(set(job.placement.values()))}
+        except (ServiceError, GradmeshError) as e:
+            job.error = f"cannot reach the shards to restore job {job.job_id!r}: {e}"
+            return
+        lost = [i for i, s in states.items() if s is None]
+        if lost:
+            job.error = f"shards {lost} have no state for job {job.job_id!r}"
+            return
+        versions = {s for s in states.values()}
+        if len(versions) != 1:
+            job.error = (f"the shards disagree on job {job.job_id!r}'s version "
+                         f"(version, last step per shard: {states}); restore them from "
+                         f"checkpoints of the same step")
+            return
+        version, last = versions.pop()
+        if version < job.version:
+            job.error = (f"the shards are at version {version}, behind the coordinator's "
+                         f"checkpoint at {job.version}")
+        elif version > job.version:
+            # The shards applied steps after the coordinator's last checkpoint: their
+            # results are lost, the parameters are not.
+            job.version, job.last_step_id = version, last
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._io.shutdown(wait=False)
+        for s in self.shards:
+            s.close()
+        self.workers.close()
+
+
+class _StepRun:
+    """One attempt at a step: its micro-batches, what each worker computes for one, and
+    what happens to each first result (pushed to the shards, loss and metrics summed in
+    micro-batch order)."""
+
+    def __init__(self, job: Job, step_id: int, batch: dict[str, np.ndarray],
+                 params: ParamSet, shards: list):
+        self.job = job
+        self.step_id = step_id
+        self.batch = batch
+        self.params = params
+        self.shards = shards
+        self.size = next(iter(batch.values())).shape[0]
+        self.ranges = micro_batches(self.size, job.micro_batch_size)
+        self.scales = loss_scales(self.size, job.micro_batch_size)
+        self.n = len(self.ranges)
+        self.losses = TreeSum(self.n)
+        self.metrics = {name: TreeSum(self.n) for name in job.metric_names}
+        self.push_seconds = 0.0
+        self.worker_seconds = 0.0
+        self.lock = threading.Lock()
+        self.version = job.version
+        self.by_shard = sorted(set(job.placement.values()))
+        # A fresh attempt id per run: the shards drop gradients a failed attempt of this
+        # step left behind instead of mixing them with this one's (the retry may carry
+        # another batch).
+        self.attempt = secrets.randbits(64)
+
+    def compute(self, worker: WorkerHandle, m: int) -> Reply:
+        job = self.job
+        start, stop = self.ranges[m]
+        data = {name: a[start:stop] for name, a in self.batch.items()}
+        return worker.compute(job.graph, job.graph_id, self.params, data, self.scales[m],
+                              micro_batch_seed(job.job_id, self.step_id, m), job.metric_names)
+
+    def accept(self, m: int, r: Reply) -> None:
+        job = self.job
+        missing = [nm for nm in job.param_names if nm not in r.gradients]
+        if missing:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"a worker returned no gradient "
+                               f"for {missing[:5]}")
+        t = time.perf_counter()
+        for i in self.by_shard:
+            grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
+            self.shards[i].push(job.job_id, self.step_id, m, self.n, self.version, grads,
+                                self.attempt)
+        with self.lock:
+            self.push_seconds += time.perf_counter() - t
+            self.worker_seconds += r.compute_seconds
+            self.losses.add(m, np.asarray(r.loss, dtype=np.float64))
+            for name in job.metric_names:
+                value = r.outputs.get(name)
+                if value is not None and np.size(value) == 1:
+                    w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
+                    self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+
+def _dtype_of(a: np.ndarray):
+    try:
+        return dtypes.from_numpy(a.dtype.newbyteorder("="))
+    except TypeError:
+        return None
