@@ -36,7 +36,7 @@ from .stream import Assembler, BufferPool
 
 __all__ = ["Reply", "Request", "WorkerTransport", "read_reply", "shared_request",
            "shared_gradients", "decode_reply", "data_names", "shared_memory_refused", "SHARED",
-           "UNARY", "STREAM"]
+           "UNARY", "STREAM", "SERVICE_NAME"]
 
 # Streamed replies are assembled in memory reused once the caller has dropped the arrays
 # of earlier replies (fresh pages cost the kernel more than gRPC costs the bytes); shared
@@ -52,8 +52,9 @@ _LITTLE = sys.byteorder == "little"
 # How a call's tensors travel (WorkerTransport._transport).
 SHARED, UNARY, STREAM = "shared", "unary", "stream"
 
-_COMPUTE = "/gradmesh.v1.Worker/ComputeGradients"
-_COMPUTE_STREAM = "/gradmesh.v1.Worker/ComputeGradientsStream"
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+_COMPUTE = f"/{SERVICE_NAME}/ComputeGradients"
+_COMPUTE_STREAM = f"/{SERVICE_NAME}/ComputeGradientsStream"
 _PARAMETERS = field_number(worker_pb2.ComputeGradientsRequest, "parameters")
 _DATA = field_number(worker_pb2.ComputeGradientsRequest, "data")
 
@@ -322,7 +323,7 @@ class WorkerTransport:
         return self._shared
 
     def _transport(self, send: Callable[[str], Reply], mode: str, fallback: str,
-                resend_graph: Callable[[], object] | None = None) -> tuple[Reply, str]:
+                   resend_graph: Callable[[], object] | None = None) -> tuple[Reply, str]:
         """The policy: ``send(mode)``; when shared memory is refused, ``send(fallback)`` and
         bytes from now on; on NOT_FOUND, ``resend_graph()`` and the call once more.
         ``send`` raises ``GradmeshError`` (or ``SegmentError``). Returns the reply and the
