@@ -105,11 +105,11 @@ def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
 class Coordinator:
     """Jobs, workers and shards; every public method is one RPC's logic.
 
-    ``shards``: handles with the methods of :class:`~gradmesh.server.shard.EmbeddedShard`
-    (default: one embedded shard). ``state_dir``: where the coordinator's and the embedded
-    shards' checkpoints go. ``checkpoint_every``: checkpoint every N steps (and always on
-    ``close``). ``deadline``: seconds after which a micro-batch still running is also given
-    to an idle worker.
+    ``shards``: handles with the methods of
+    :class:`~gradmesh.server.shard_store.EmbeddedShard` (default: one embedded shard).
+    ``state_dir``: where the coordinator's and the embedded shards' checkpoints go.
+    ``checkpoint_every``: checkpoint every N steps (and always on ``close``). ``deadline``:
+    seconds after which a micro-batch still running is also given to an idle worker.
     """
 
     def __init__(self, workers: WorkerPool, shards: Sequence | None = None,
