@@ -32,12 +32,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def _text_value(value: Any) -> str:
-    # Bare where that reads back unambiguously, else quoted as JSON ("a b", lists).
+    # Bare where that reads back unambiguously as a string, else as JSON ("a b", "42",
+    # lists, numbers, true).
     if isinstance(value, str):
-        if value and not any(c.isspace() or c in '"=\\' for c in value):
+        if value and value[0] not in "-0123456789" and value not in ("true", "false", "null") \
+                and not any(c.isspace() or c in '"=\\' for c in value):
             return value
         return json.dumps(value)
-    return json.dumps(value, default=str)
+    return json.dumps(value, default=str, separators=(",", ":"))
 
 
 class TextFormatter(logging.Formatter):
