@@ -1,9 +1,20 @@
-"""The ``gradmesh`` console script: subcommands, their help, and exit codes."""
+"""The ``gradmesh`` console script: subcommands, their help, exit codes, and server logs."""
 from __future__ import annotations
 
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import grpc
 import pytest
 
+from gradmesh.server import runtime
 from gradmesh.server.cli import COMMANDS, main
+from gradmesh.v1 import worker_pb2, worker_pb2_grpc
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -45,10 +56,6 @@ def test_a_negative_parameter_cache_is_refused(capsys):
 def test_server_processes_get_a_steady_heap_unless_the_user_set_one(extra, applied):
     """The server roles keep freed memory for reuse (glibc's mallopt); allocator variables
     the user set win. Checked in a child process: it changes the whole process."""
-    import os
-    import subprocess
-    import sys
-    from gradmesh.server import runtime
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt")
     env = {k: v for k, v in os.environ.items() if k not in runtime._ALLOCATOR_VARIABLES}
@@ -61,10 +68,6 @@ def test_server_processes_get_a_steady_heap_unless_the_user_set_one(extra, appli
 def test_server_logs_follow_stderr_when_it_is_swapped(capsys):
     """Logging set up while one stream was stderr keeps working after it was replaced and
     closed (pytest swaps stderr per test; servers outlive the test that configured logs)."""
-    import io
-    import logging
-    import sys
-    from gradmesh.server import runtime
     first = io.StringIO()
     saved, sys.stderr = sys.stderr, first
     try:
@@ -86,8 +89,6 @@ def test_server_logs_follow_stderr_when_it_is_swapped(capsys):
 def _text_fields(line: str) -> dict:
     """The ``key=value`` fields after the message of a text log line: values bare, or
     JSON (a quoted string, a list, a number, true/false)."""
-    import json
-    import re
     fields = {}
     for key, value in re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|\S+)', line):
         try:
@@ -101,11 +102,6 @@ def test_server_logs_carry_the_same_fields_as_text_and_as_json(start_worker, cap
     """docs/worker.md: one line per request with method, code, duration_ms and peer, in
     either format; a failed call's line also has the error message the client got.
     Each text line carries exactly the fields of its JSON twin."""
-    import json
-    import logging
-    import grpc
-    from gradmesh.server import runtime
-    from gradmesh.v1 import worker_pb2, worker_pb2_grpc
     lines, errors = {}, {}
     try:
         for fmt in ("json", "text"):

@@ -9,6 +9,12 @@ import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.client import WorkerClient
 from gradmesh.core import nn
+from gradmesh.core.backend import cuda_available
+from gradmesh.server import runtime
+from gradmesh.server import worker as worker_mod
+from gradmesh.v1 import tensor_pb2, worker_pb2
+
+from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
 
 
 def mlp() -> nn.Module:
@@ -176,9 +182,6 @@ def test_300mb_parameters(worker, path):
 
 
 def test_cuda_backend_refused_without_gpu():
-    from gradmesh.core.backend import cuda_available
-    from gradmesh.server import runtime
-    from gradmesh.server import worker as worker_mod
     if cuda_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(runtime.ConfigError, match="CuPy and a CUDA device"):
@@ -187,7 +190,6 @@ def test_cuda_backend_refused_without_gpu():
 
 @pytest.mark.gpu
 def test_cuda_backend_matches_cpu(start_worker):
-    from gradmesh.core.backend import cuda_available
     if not cuda_available():
         pytest.skip("needs CuPy and a CUDA device")
     running = start_worker(backend="cuda")
@@ -215,9 +217,6 @@ def test_cuda_backend_matches_cpu(start_worker):
 def test_unary_reply_bytes_are_protobufs():
     """The worker writes its unary reply's tensors by hand: the bytes must be exactly what
     protobuf writes for the same message."""
-    from gradmesh.server import worker as worker_mod
-    from gradmesh.v1 import tensor_pb2, worker_pb2
-    from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
     w = worker_mod.GradientWorker("cpu")
     req = worker_pb2.ComputeGradientsRequest(
         graph=hand_graph(), outputs=["logits"],
