@@ -160,10 +160,11 @@ class _Handover:
     """The plan's thread hands the reply's arrays to the call's gRPC thread: each list of
     arrays as it is ready, then the :class:`Computed` (or the exception that ended it)."""
 
-    def __init__(self, expected: dict[str, tuple]):
+    def __init__(self, outputs: Sequence[str], expected: dict[str, tuple]):
         self.items: queue.SimpleQueue = queue.SimpleQueue()
         self.stop = threading.Event()
-        self._expected = expected
+        self._outputs = outputs
+        self._expected = expected       # each gradient's dtype and shape, as the header says
 
     def stoppable(self, check: Callable[[], None]) -> Callable[[], None]:
         def stoppable_check() -> None:
@@ -173,10 +174,8 @@ class _Handover:
             check()
         return stoppable_check
 
-    def on_forward(self, outputs: Sequence[str]) -> Callable:
-        def on_forward(loss, values) -> None:
-            self.items.put([loss] + [values[n] for n in outputs])
-        return on_forward
+    def on_forward(self, loss, outputs: dict) -> None:
+        self.items.put([loss] + [outputs[n] for n in self._outputs])
 
     def on_grad(self, name, array) -> None:
         expected = self._expected[name]
@@ -215,10 +214,11 @@ def early_stream(compute: Callable[..., Computed], plan, prepared: Prepared, par
     header = early_header(plan, prepared, order)
     yield worker_pb2.StreamFrame(response=header)
 
-    handover = _Handover({nt.name: (serialize.PROTO_TO_DTYPE[nt.tensor.dtype].np,
-                                    tuple(nt.tensor.shape)) for nt in header.gradients})
+    handover = _Handover(prepared.outputs, {
+        nt.name: (serialize.PROTO_TO_DTYPE[nt.tensor.dtype].np, tuple(nt.tensor.shape))
+        for nt in header.gradients})
     handover.run(compute, prepared, params, data, handover.stoppable(check),
-                 on_forward=handover.on_forward(prepared.outputs), on_grad=handover.on_grad)
+                 on_forward=handover.on_forward, on_grad=handover.on_grad)
     index = 0           # header index of the next tensor
     try:
         while True:
