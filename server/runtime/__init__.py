@@ -54,4 +54,8 @@ _ALLOCATOR_VARIABLES = ALLOCATOR_VARIABLES
 __all__ = ["ServerConfig", "ServiceError", "ConfigError", "RunningServer", "PeerConfig", "abort",
            "add_peer_arguments", "add_server_arguments", "channel_options", "config_from_args",
            "configure_logging", "env_default", "peer_config_from_args", "rich_status", "serve",
-           "serve_forever", "status_code"]
+           "serve_forever", "status_code",
+           # and what the other modules of gradmesh.server and its tests read from here
+           "ALLOCATOR_VARIABLES", "DEFAULT_MAX_CONCURRENT_REQUESTS", "DEFAULT_MAX_MESSAGE_BYTES",
+           "HEALTH_PREFIX", "JsonFormatter", "MiB", "ServiceSpec", "TextFormatter",
+           "check_config", "env_flag", "get_metrics", "is_loopback", "metric", "steady_heap"]

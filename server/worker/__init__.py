@@ -33,3 +33,10 @@ from gradmesh.server.worker.service import (RECEIVE_POOL_BYTES, SERVICE_NAME, Wo
 
 # The name tests used before the split into modules.
 _same_host = same_host
+
+__all__ = ["BACKENDS", "Capabilities", "Computed", "DEFAULT_PORT", "GradientRequest",
+           "GradientWorker", "ParameterCache", "Prepared", "RECEIVE_POOL_BYTES", "SERVICE_NAME",
+           "SharedMemoryRef", "TensorRef", "TensorSlot", "WorkerLimits", "WorkerService",
+           "add_arguments", "add_to_server", "blas_threads", "build_fingerprint",
+           "build_response", "check_limits", "library_versions", "response_pieces", "run",
+           "same_host", "start"]

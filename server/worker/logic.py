@@ -18,7 +18,7 @@ from gradmesh.server.runtime import ServiceError
 from gradmesh.server.worker import build, checks
 from gradmesh.server.worker.caches import LRU, ParameterCache
 from gradmesh.server.worker.calls import (Capabilities, Computed, GradientRequest, Prepared,
-                                          SharedMemoryRef, TensorSlot, WorkerLimits)
+                                          SharedMemoryRef, WorkerLimits)
 from gradmesh.server.worker.checks import FAILED, INVALID, RegisteredGraph
 from gradmesh.server.worker.decoding import gradient_request
 from gradmesh.v1 import graph_pb2
