@@ -14,7 +14,8 @@ from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
 from gradmesh.v1 import tensor_pb2, worker_pb2
 
-from test_worker_raw_grpc import W, X, expected, float32_tensor, hand_graph
+from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
+from test_worker_raw_grpc import expected as hand_expected
 
 
 def mlp() -> nn.Module:
@@ -243,7 +244,7 @@ def test_the_worker_logic_takes_plain_values():
     prepared, params, data, views = w.unary(call, same_host=False)
     assert views is None and params["w"].base is not None       # no copy of the bytes
     computed = w.compute(prepared, params, data)
-    loss, logits, grad = expected()
+    loss, logits, grad = hand_expected()
     assert float(computed.loss) == loss
     assert computed.outputs[0][1].ravel().tolist() == logits
     assert [n for n, _ in computed.gradients] == ["w"]
