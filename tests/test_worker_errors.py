@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
-from gradmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 from test_worker_raw_grpc import W, X, expected, float32_tensor, floats_of, hand_graph
 
@@ -315,7 +315,6 @@ def test_concurrency_limit(start_worker):
 
 def _embedding_request(indices) -> worker_pb2.ComputeGradientsRequest:
     """loss = sum(emb[idx]): emb PARAM float32 [4, 3], idx DATA int64 [-1]."""
-    from gradmesh.v1 import graph_pb2
     g = graph_pb2.Graph(
         version=1,
         inputs=[graph_pb2.Input(name="emb", role=graph_pb2.Input.PARAM,

@@ -9,6 +9,13 @@ import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.client import WorkerClient
 from gradmesh.core import nn
+from gradmesh.core.backend import cuda_available
+from gradmesh.server import runtime
+from gradmesh.server import worker as worker_mod
+from gradmesh.v1 import tensor_pb2, worker_pb2
+
+from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
+from test_worker_raw_grpc import expected as hand_expected
 
 
 def mlp() -> nn.Module:
@@ -176,9 +183,6 @@ def test_300mb_parameters(worker, path):
 
 
 def test_cuda_backend_refused_without_gpu():
-    from gradmesh.core.backend import cuda_available
-    from gradmesh.server import runtime
-    from gradmesh.server import worker as worker_mod
     if cuda_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(runtime.ConfigError, match="CuPy and a CUDA device"):
@@ -187,7 +191,6 @@ def test_cuda_backend_refused_without_gpu():
 
 @pytest.mark.gpu
 def test_cuda_backend_matches_cpu(start_worker):
-    from gradmesh.core.backend import cuda_available
     if not cuda_available():
         pytest.skip("needs CuPy and a CUDA device")
     running = start_worker(backend="cuda")
@@ -215,9 +218,6 @@ def test_cuda_backend_matches_cpu(start_worker):
 def test_unary_reply_bytes_are_protobufs():
     """The worker writes its unary reply's tensors by hand: the bytes must be exactly what
     protobuf writes for the same message."""
-    from gradmesh.server import worker as worker_mod
-    from gradmesh.v1 import tensor_pb2, worker_pb2
-    from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
     w = worker_mod.GradientWorker("cpu")
     req = worker_pb2.ComputeGradientsRequest(
         graph=hand_graph(), outputs=["logits"],
@@ -228,3 +228,27 @@ def test_unary_reply_bytes_are_protobufs():
     expected, _ = worker_mod.build_response(prepared, computed)
     expected.ClearField("graph_id")
     assert b"".join(worker_mod.response_pieces(computed)) == expected.SerializeToString()
+
+
+def test_the_worker_logic_takes_plain_values():
+    """GradientWorker works on plain values (no gRPC, no request message): a
+    GradientRequest of named bytes, arrays back; the arrays are views of those bytes."""
+    w = worker_mod.GradientWorker("cpu")
+    graph_id = w.register(hand_graph())
+    w_bytes = np.array(W, "<f4").tobytes()
+    call = worker_mod.GradientRequest(
+        graph_id=graph_id, outputs=["logits"],
+        parameters=[worker_mod.TensorRef("w", tensor_pb2.FLOAT32, (3, 2), w_bytes)],
+        data=[worker_mod.TensorRef("x", tensor_pb2.FLOAT32, (2, 3),
+                                   np.array(X, "<f4").tobytes())])
+    prepared, params, data, views = w.unary(call, same_host=False)
+    assert views is None and params["w"].base is not None       # no copy of the bytes
+    computed = w.compute(prepared, params, data)
+    loss, logits, grad = hand_expected()
+    assert float(computed.loss) == loss
+    assert computed.outputs[0][1].ravel().tolist() == logits
+    assert [n for n, _ in computed.gradients] == ["w"]
+    assert computed.gradients[0][1].ravel().tolist() == grad
+    with pytest.raises(runtime.ServiceError) as e:
+        w.prepare(worker_mod.GradientRequest(graph_id=graph_id, parameters=call.parameters))
+    assert (e.value.code.name, e.value.field) == ("INVALID_ARGUMENT", "data[x]")

@@ -1,0 +1,30 @@
+"""The allocator of a server process: a steady heap, so that megabyte requests reuse
+memory instead of mapping and faulting in fresh pages every call."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+# glibc adapts its mmap threshold to what was last freed and returns free memory at the
+# heap's top to the kernel: a server receiving megabyte messages then maps and faults in
+# fresh pages (which the kernel zeroes) call after call. A worker receiving the medium
+# MLP's 2.7 MB requests spent 4.5x a local step on a call; with a steady heap, 2.9x.
+STEADY_MMAP_THRESHOLD = 32 << 20        # glibc's own ceiling for the adaptive threshold
+STEADY_TRIM_THRESHOLD = 256 << 20
+ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def steady_heap() -> bool:
+    """Keep freed memory in this process for reuse, up to ``STEADY_TRIM_THRESHOLD`` idle
+    (glibc's ``mallopt``); for server processes, called by the ``gradmesh`` command. Not
+    applied where the allocator is not glibc's or its variables are set in the
+    environment (the user's choice wins). Returns whether it was applied."""
+    if any(name in os.environ for name in ALLOCATOR_VARIABLES):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3        # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, STEADY_MMAP_THRESHOLD)) and \
+        bool(mallopt(m_trim_threshold, STEADY_TRIM_THRESHOLD))

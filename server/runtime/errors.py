@@ -1,0 +1,76 @@
+"""Errors a servicer raises, and the gRPC statuses they become (``google.rpc.Status`` with
+``google.rpc.BadRequest`` details naming the offending field)."""
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+class ServiceError(Exception):
+    """Raise from a servicer (or a function it calls) to fail the call with ``code``.
+
+    ``field`` names the offending request field ("parameters[w1].data"); it is sent as a
+    ``google.rpc.BadRequest`` field violation.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+def status_code(code: Any) -> grpc.StatusCode:
+    """A :class:`grpc.StatusCode` from itself, its name ("NOT_FOUND") or its number."""
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, str):
+        try:
+            return grpc.StatusCode[code.upper()]
+        except KeyError:
+            pass
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -> grpc.Status:
+    """A status carrying a google.rpc.Status (with BadRequest for ``field``) in trailers."""
+    details = []
+    if field is not None:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])
+        detail = any_pb2.Any()
+        detail.Pack(bad)
+        details.append(detail)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
+          field: str | None = None) -> None:
+    """Fail the call with ``code`` and ``message``; ``field`` becomes a BadRequest violation.
+
+    Like ``context.abort`` it raises, so nothing after it runs.
+    """
+    context.abort_with_status(rich_status(code, message, field))
+
+
+def is_typed_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says its own status: ``code``, ``field`` and ``message`` attributes
+    (:class:`ServiceError`, ``WireError``, ``GraphError``)."""
+    return hasattr(exc, "code") and hasattr(exc, "field") and not isinstance(exc, grpc.RpcError)
+
+
+def message_of(exc: BaseException) -> str:
+    msg = getattr(exc, "message", None)
+    return msg if isinstance(msg, str) else str(exc)

@@ -1,0 +1,172 @@
+"""The interceptor every gradmesh server runs: bearer-token auth, the concurrency limit,
+exceptions mapped to statuses, one log line and the metrics of each call. Health checks
+bypass it."""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from typing import Iterator
+
+import grpc
+
+from gradmesh.server.runtime.config import ServerConfig
+from gradmesh.server.runtime.errors import abort, is_typed_error, message_of, status_code
+from gradmesh.server.runtime.metrics import get_metrics
+
+log = logging.getLogger("gradmesh.server")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class _Outcome:
+    """How a call ended, for its log line and metrics."""
+    __slots__ = ("code", "error")
+
+    def __init__(self):
+        self.code: grpc.StatusCode | None = None
+        self.error: str | None = None
+
+    def fail(self, code: grpc.StatusCode, error: str) -> None:
+        self.code, self.error = code, error
+
+
+class Interceptor(grpc.ServerInterceptor):
+    def __init__(self, config: ServerConfig):
+        self._token = config.token.encode() if config.token else None
+        self._limit = config.max_concurrent_requests
+        self._in_flight = 0
+        self._lock = threading.Condition()
+        self._metrics = get_metrics()
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        # Health checks bypass everything so load balancers' and Kubernetes' probes work
+        # under load and without a token.
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        denied = self._auth_error(handler_call_details.invocation_metadata)
+        return _wrap(handler, lambda behavior, streaming_response:
+                     self._guard(method, behavior, streaming_response, denied))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def wait_in_flight(self, n: int, timeout: float | None) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: self._in_flight == n, timeout)
+
+    def _auth_error(self, metadata) -> str | None:
+        if self._token is None:
+            return None
+        for key, value in metadata or ():
+            if key == "authorization":
+                value = value.encode() if isinstance(value, str) else value
+                if hmac.compare_digest(value, b"Bearer " + self._token):
+                    return None
+                return "the bearer token is wrong"
+        return "this server needs a bearer token (metadata 'authorization: Bearer <token>')"
+
+    def _admit(self, context, denied: str | None, outcome: _Outcome) -> None:
+        """Refuse a call without the token or over the concurrency limit (raising)."""
+        if denied:
+            outcome.fail(grpc.StatusCode.UNAUTHENTICATED, denied)
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, denied)
+        with self._lock:
+            full = self._in_flight >= self._limit
+            if not full:
+                self._in_flight += 1
+                self._lock.notify_all()
+        if full:
+            busy = (f"server busy: {self._limit} requests in flight "
+                    f"(max_concurrent_requests); retry later")
+            outcome.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+
+    @contextlib.contextmanager
+    def _admitted(self, method: str, context, denied: str | None) -> Iterator[None]:
+        start = time.perf_counter()
+        outcome = _Outcome()
+        try:
+            self._admit(context, denied, outcome)
+            self._metrics["in_flight"].inc()
+            try:
+                yield
+                outcome.code = context.code() or grpc.StatusCode.OK
+            except GeneratorExit:
+                outcome.fail(grpc.StatusCode.CANCELLED, "the client went away")
+                raise
+            except BaseException as exc:  # noqa: BLE001  (mapped to a status below)
+                self._fail(method, context, exc, outcome)
+            finally:
+                self._metrics["in_flight"].dec()
+                with self._lock:
+                    self._in_flight -= 1
+                    self._lock.notify_all()
+        finally:
+            self._record(method, context, outcome, start)
+
+    def _fail(self, method: str, context, exc: BaseException, outcome: _Outcome) -> None:
+        """Turn an exception into a status (raising, as context.abort does)."""
+        if getattr(context, "_state", None) is not None and context._state.aborted:
+            outcome.fail(context.code(), _details(context) or message_of(exc))
+            raise exc
+        if is_typed_error(exc):
+            code, message = status_code(exc.code), message_of(exc)
+            outcome.fail(code, message)
+            abort(context, code, message, exc.field)
+        if not context.is_active():
+            outcome.fail(grpc.StatusCode.CANCELLED, message_of(exc))
+            raise exc
+        message = f"internal error: {type(exc).__name__}: {exc} (logged on the server)"
+        outcome.fail(grpc.StatusCode.INTERNAL, message)
+        log.error("internal error in %s", method, exc_info=exc, extra={"method": method})
+        abort(context, grpc.StatusCode.INTERNAL, message)
+
+    def _record(self, method: str, context, outcome: _Outcome, start: float) -> None:
+        seconds = time.perf_counter() - start
+        code = outcome.code or grpc.StatusCode.UNKNOWN
+        name = code.name
+        self._metrics["requests"].labels(method, name).inc()
+        self._metrics["latency"].labels(method).observe(seconds)
+        if log.isEnabledFor(logging.INFO):
+            level = logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO
+            fields = {"method": method, "code": name, "duration_ms": round(seconds * 1e3, 3),
+                      "peer": context.peer()}
+            if code is not grpc.StatusCode.OK:
+                fields["error"] = outcome.error or _details(context) or ""
+            log.log(level, "rpc", extra=fields)
+
+    def _guard(self, method, behavior, streaming_response, denied):
+        if streaming_response:
+            def guarded_stream(request, context):
+                with self._admitted(method, context, denied):
+                    yield from behavior(request, context)
+            return guarded_stream
+
+        def guarded(request, context):
+            with self._admitted(method, context, denied):
+                return behavior(request, context)
+        return guarded
+
+
+def _details(context) -> str | None:
+    """The status message a handler set itself (``context.abort``), if any."""
+    details = context.details()
+    return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
+
+
+def _wrap(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
+    kw = dict(request_deserializer=handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, False), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream, True), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary, False), **kw)
+    return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, True), **kw)
