@@ -45,8 +45,12 @@ def load_data(seed: int = 0):
     """Digits split 80/20 and standardised with the training split's statistics:
     (x_train, y_train, x_test, y_test)."""
     # Imported when used: `gradmesh worker` and the SDK need neither sklearn nor matplotlib.
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise SystemExit("gradmesh demo needs the demo extra: pip install 'gradmesh[demo]'"
+                         ) from None
     digits = load_digits()
     x = digits.data.astype(np.float32)
     y = digits.target.astype(np.int64)
