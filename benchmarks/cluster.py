@@ -235,22 +235,28 @@ class TorchSystem:
         self.trainers = [1] if kind == "ps" else [0, 1]  # rank 0 of "ps" is the server
 
     def _answer(self, rank: int, timeout: float):
-        conn, proc = self.conns[rank], self.procs[rank]
+        conn = self.conns[rank]
         try:
             if not conn.poll(timeout):
                 raise BenchError(f"{self.label}: rank {rank} gave no answer in {timeout:.0f} s")
             status, value = conn.recv()
-        except (EOFError, ConnectionError):
-            proc.join(5)
-            raise BenchError(f"{self.label}: rank {rank} exited (code {proc.exitcode})") from None
+        except (EOFError, OSError):
+            raise self._exited(rank) from None
         if status == "error":
             raise BenchError(f"{self.label}: rank {rank} failed:\n{value}")
         return value
 
+    def _exited(self, rank: int) -> BenchError:
+        self.procs[rank].join(5)
+        return BenchError(f"{self.label}: rank {rank} exited (code {self.procs[rank].exitcode})")
+
     def step(self) -> Step:
         t = time.perf_counter()
         for rank in self.trainers:
-            self.conns[rank].send("step")
+            try:
+                self.conns[rank].send("step")
+            except OSError:
+                raise self._exited(rank) from None
         losses = [self._answer(rank, STEP_TIMEOUT) for rank in self.trainers]
         return Step(time.perf_counter() - t, float(np.mean(losses)))
 
@@ -268,14 +274,17 @@ class TorchSystem:
                 os.kill(proc.pid, sig)
 
     def close(self) -> None:
-        """Ask every process to shut down (RPC/process group), kill what does not exit."""
+        """Ask every process to shut down (RPC, process group) if all are alive (a graceful
+        shutdown needs every rank); kill what does not exit."""
         self.resume()
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send("stop")
-        deadline = time.monotonic() + STOP_TIMEOUT
+        if all(proc.is_alive() for proc in self.procs):
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.send("stop")
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for proc in self.procs:
+                proc.join(max(0.1, deadline - time.monotonic()))
         for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
