@@ -541,7 +541,7 @@ def run_alone_both(args, argv: list[str]) -> dict:
                 "--json",
                 path,
             ]
-            if subprocess.run(cmd).returncode != 0:
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
                 raise BenchError(f"--alone {side} failed (its message is above)")
             with open(path) as f:
                 for name, systems in json.load(f)["models"].items():
