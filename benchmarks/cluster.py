@@ -299,6 +299,7 @@ def torch_process(
     try:
         import torch
 
+        die_with_parent()
         torch.set_num_threads(threads)
         quiet_torch_warnings()
         if kind == "ps":
@@ -307,11 +308,31 @@ def torch_process(
             session = torch_ddp_session(rank, name, f"file://{store}")
         with session as step:
             conn.send(("ok", None))
-            while _command(conn) == "step":
-                conn.send(("ok", step()))
+            serve(conn, step)
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
+
+
+def serve(conn, step) -> None:
+    """Answer "step" until "stop" or the driver is gone. A failed step is reported at once:
+    the session's teardown waits for the other rank, which the driver then stops."""
+    while _command(conn) == "step":
+        try:
+            answer = ("ok", step())
+        except Exception:
+            answer = ("error", traceback.format_exc())
+        conn.send(answer)
+        if answer[0] == "error":
+            return
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the driver dies, even while it is stopped (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def quiet_torch_warnings() -> None:
