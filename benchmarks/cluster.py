@@ -91,7 +91,8 @@ class Step:
 
 
 def weights(name: str) -> list[np.ndarray]:
-    """[w0, b0, w1, b1, ...] with torch.nn.Linear's init, the same for every system."""
+    """[w0, b0, w1, b1, ...] drawn as torch.nn.Linear draws them (uniform within
+    1/sqrt(fan_in)), from one seed: the same initial weights for every system."""
     sizes = MODELS[name][0]
     rng = np.random.default_rng(0)
     out = []
@@ -129,8 +130,10 @@ def pinned_env(threads: int):
     """Processes started inside get ``threads`` BLAS/OpenMP threads, and torch.distributed
     (gloo, TensorPipe) binds the loopback interface only."""
     lo = loopback_interface()
-    values = {**{v: str(threads) for v in THREAD_VARS}, "TP_SOCKET_IFNAME": lo}
-    values["GLOO_SOCKET_IFNAME"] = lo
+    values = {v: str(threads) for v in THREAD_VARS} | {
+        "TP_SOCKET_IFNAME": lo,
+        "GLOO_SOCKET_IFNAME": lo,
+    }
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -143,8 +146,13 @@ def pinned_env(threads: int):
                 os.environ[k] = v
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def threads_for(pair: str, override: int | None) -> int:
-    return override or max(1, (os.cpu_count() or 1) // TRAINING_PROCESSES[pair])
+    return override or max(1, cores() // TRAINING_PROCESSES[pair])
 
 
 # --------------------------------------------------------------------- gradmesh side
@@ -376,10 +384,8 @@ def torch_batch(name: str, part: int = 0, parts: int = 1):
     import torch
 
     x, y = batch(name)
-    n = len(x) // parts
-    return torch.from_numpy(x[part * n : (part + 1) * n]), torch.from_numpy(
-        y[part * n : (part + 1) * n]
-    )
+    rows = slice(part * len(x) // parts, (part + 1) * len(x) // parts)
+    return torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
 
 
 _PS_PARAMETERS: list = []  # the parameter server's parameters (in its own process)
@@ -594,7 +600,7 @@ def machine() -> dict:
             return None
 
     return {
-        "cpus": os.cpu_count(),
+        "cpus": cores(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": version("torch"),
