@@ -689,10 +689,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.repetitions, args.steps = "medium", 2, args.steps or 2
+        args.models, args.repetitions, args.steps = "medium", 2, 2
     args.models = _choices(p, "--models", args.models, MODELS)
     args.pairs = _choices(p, "--pairs", args.pairs, PAIRS)
-    if min(args.repetitions, args.steps or 1) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
+    positive = [args.repetitions] + [n for n in (args.steps, args.threads) if n is not None]
+    if min(positive) < 1 or args.warmup < 0:
         p.error("--repetitions, --steps and --threads must be >= 1, --warmup >= 0")
     args.steps_of = {name: args.steps or MODELS[name][3] for name in args.models}
     return args
