@@ -18,7 +18,7 @@ through OMP/OPENBLAS/MKL_NUM_THREADS as ``LocalCluster(threads_per_worker=...)``
 workers, and ``torch.set_num_threads`` in torch's processes. Step times are measured in
 this process for both sides: ``job.step(x, y)`` for gradmesh (which sends the batch to the
 coordinator every step), a command over a pipe to torch's trainers (which keep their
-batch). Before anything is timed, the first two losses of the two sides must agree.
+batch). The first two losses of the two sides must agree, or the run fails.
 
 Interleaved (the default): the two systems of a comparison are up together and alternate
 per repetition (a, b, a, b, ...); each repetition runs ``--warmup`` untimed steps, then
