@@ -1,189 +1,763 @@
-"""Distributed training throughput: samples/s with 1 and 2 workers vs one local process.
+"""Distributed training throughput: gradmesh against PyTorch's own distributed training.
 
-For the medium (784-512-512-10, batch 128, cross-entropy) and large (1024-4096-4096-1024,
-batch 256, MSE) MLPs, in the same run:
+Two comparisons, each on the same model, weights, global batch, loss and optimizer (plain
+SGD, lr 0.01), for the medium (784-512-512-10, batch 128, cross-entropy) and large
+(1024-4096-4096-1024, batch 256, MSE) MLPs:
 
-* ``local``: ``gradmesh.core`` training in this process (forward, backward, SGD);
-* ``1 worker`` / ``2 workers``: a :class:`~gradmesh.client.cluster.LocalCluster` (workers
-  as separate processes, shards embedded in the coordinator), the global batch cut into
-  one micro-batch per worker. Tensors go through shared memory (the default for workers on
-  the coordinator's host);
-* ``1 worker, bytes``: the same with ``--shared-memory off``, every tensor through gRPC,
-  as with workers on other hosts.
+* ``ps``: a parameter server over ``torch.distributed.rpc`` (TensorPipe, 127.0.0.1): one
+  PS process owns the parameters, one trainer pulls them by RPC inside a
+  ``torch.distributed.autograd`` context, runs forward and ``dist_autograd.backward``
+  (the gradients go back to the PS) and steps a ``DistributedOptimizer``; against a
+  ``LocalCluster`` with 1 worker (the coordinator's embedded shard owns the parameters).
+* ``ddp``: ``DistributedDataParallel`` over gloo (127.0.0.1), the global batch split
+  across 2 ranks; against a ``LocalCluster`` with 2 workers, one micro-batch each.
 
-The three run round-robin, one step each per round, so that load from other processes
-hits them alike. Workers share the machine's cores (``threads_per_worker``
-  = cores / workers), so on a 2-core machine 2 workers cannot beat 1: the number to read
-  is the overhead of the distributed path.
+Every process of both sides (PS, trainers, ranks, coordinator, workers) gets the same
+number of BLAS/OpenMP threads: cores // (training processes of the comparison), set
+through OMP/OPENBLAS/MKL_NUM_THREADS as ``LocalCluster(threads_per_worker=...)`` pins
+workers, and ``torch.set_num_threads`` in torch's processes. Step times are measured in
+this process for both sides: ``job.step(x, y)`` for gradmesh (which sends the batch to the
+coordinator every step), a command over a pipe to torch's trainers (which keep their
+batch). The first two losses of the two sides must agree, or the run fails.
 
-Each step's time is broken down with the coordinator's StepTimings: pull (parameters for
-the workers), compute (dispatch to last result: transfer + worker compute), of which the
-workers' own forward+backward, push (gradients to the shards), apply (tree sum and SGD on
-the shards), coordinator overhead (the rest of its step) and client round trip.
+Interleaved (the default): the two systems of a comparison are up together and alternate
+per repetition (a, b, a, b, ...); each repetition runs ``--warmup`` untimed steps, then
+``--steps`` timed ones. Medians of the per-step times give samples/s and the ratio
+gradmesh / torch (above 1: gradmesh is faster). torch's processes are stopped (SIGSTOP)
+while gradmesh runs: TensorPipe's same-host transport (shm) busy-polls, and an idle PS
+and trainer take most of a core each. ``--alone torch|gradmesh`` runs one side only, in
+this process; ``--alone both`` runs each side in a process of its own, one after the
+other, and prints the same table: NumPy's OpenBLAS threads and torch's OpenMP threads
+spin for a while after a call and slow whichever system runs next when interleaved.
 
-Run ``python benchmarks/cluster.py`` (a few minutes on 2 cores), ``--quick`` for fewer
-steps, ``--models medium`` for one model, ``--json PATH`` to write the results.
+``python benchmarks/cluster.py`` (interleaved), ``--alone both``, ``--quick`` (smoke run),
+``--models medium``, ``--pairs ps``, ``--steps/--warmup/--repetitions N``, ``--threads N``,
+``--tensorpipe-transport uv`` (TCP instead of shm), ``--json PATH``.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
 
 import numpy as np
 
-MODELS = {
-    "medium": ((784, 512, 512, 10), 128, "ce"),
-    "large": ((1024, 4096, 4096, 1024), 256, "mse"),
-}
 LR = 0.01
+MODELS = {  # sizes, global batch, loss, default timed steps per repetition
+    "medium": ((784, 512, 512, 10), 128, "ce", 20),
+    "large": ((1024, 4096, 4096, 1024), 256, "mse", 4),
+}
+PAIRS = {"ps": ("torch_ps", "gradmesh_1"), "ddp": ("torch_ddp", "gradmesh_2")}
+SIDES = ("torch", "gradmesh")
+LABELS = {
+    "torch_ps": "torch RPC PS + 1 trainer",
+    "gradmesh_1": "gradmesh 1 worker",
+    "torch_ddp": "DDP 2 ranks",
+    "gradmesh_2": "gradmesh 2 workers",
+}
+TRAINING_PROCESSES = {"ps": 1, "ddp": 2}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+START_TIMEOUT = 300.0  # seconds for a torch process to start (imports, model, rendezvous)
+STEP_TIMEOUT = 600.0  # seconds for one step
+STOP_TIMEOUT = 60.0  # seconds for a torch process to shut down before it is killed
 
 
-def _model(sizes):
-    import gradmesh.core as gm
-    gm.manual_seed(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(gm.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(gm.nn.ReLU())
-    return gm.nn.Sequential(*layers)
+class BenchError(RuntimeError):
+    """A failure the benchmark reports in one line (and exits 1)."""
 
 
-def _loss_fn(kind):
-    import gradmesh.core.nn.functional as F
-
-    def loss_fn(model, x, y):
-        out = model(x)
-        return F.cross_entropy(out, y) if kind == "ce" else F.mse_loss(out, y)
-    return loss_fn
+@dataclass
+class Step:
+    seconds: float
+    loss: float
+    timings: dict = field(default_factory=dict)
 
 
-def _batch(sizes, batch, kind, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-    y = (rng.integers(0, sizes[-1], batch).astype(np.int64) if kind == "ce"
-         else rng.standard_normal((batch, sizes[-1])).astype(np.float32))
-    return x, y
+# --------------------------------------------------------------------- models and data
 
 
-class LocalRunner:
-    """Training in this process: forward, backward, SGD."""
-
-    def __init__(self, name: str):
-        import gradmesh.core as gm
-        sizes, self.batch, kind = MODELS[name]
-        self.model, self.loss_fn = _model(sizes), _loss_fn(kind)
-        self.opt = gm.optim.SGD(self.model.parameters(), lr=LR)
-        self.x, self.y = (gm.from_numpy(a) for a in _batch(sizes, self.batch, kind))
-
-    def step(self) -> tuple[float, dict]:
-        t = time.perf_counter()
-        self.opt.zero_grad()
-        self.loss_fn(self.model, self.x, self.y).backward()
-        self.opt.step()
-        return time.perf_counter() - t, {}
-
-
-class ClusterRunner:
-    """A LocalCluster of ``workers`` worker processes with embedded shards."""
-
-    def __init__(self, name: str, workers: int, stack, shared: bool = True):
-        import gradmesh.core as gm
-        from gradmesh.client.cluster import LocalCluster
-        sizes, self.batch, kind = MODELS[name]
-        model, loss_fn = _model(sizes), _loss_fn(kind)
-        self.x, self.y = _batch(sizes, self.batch, kind)
-        cores = os.cpu_count() or 1
-        cluster = stack.enter_context(LocalCluster(
-            workers=workers, shards=0, checkpoint_every=0,
-            threads_per_worker=max(1, cores // workers),
-            coordinator_args=[] if shared else ["--shared-memory", "off"]))
-        self.job = cluster.client().create_job(
-            model, loss_fn, gm.optim.SGD(model.parameters(), lr=LR),
-            micro_batch_size=-(-self.batch // workers), example_batch=(self.x[:4], self.y[:4]),
-            data_names=["x", "y"])
-
-    def step(self) -> tuple[float, dict]:
-        t = time.perf_counter()
-        r = self.job.step(self.x, self.y)
-        return time.perf_counter() - t, r.timings
-
-
-def measure(name: str, steps: int) -> dict:
-    """Round-robin over local, 1 worker and 2 workers (one step each per round), so that
-    load from other processes hits all three alike; medians of ``steps`` rounds after one
-    warm-up round."""
-    import contextlib
-    with contextlib.ExitStack() as stack:
-        runners = {"local": LocalRunner(name), "1_worker": ClusterRunner(name, 1, stack),
-                   "1_worker_bytes": ClusterRunner(name, 1, stack, shared=False),
-                   "2_worker": ClusterRunner(name, 2, stack)}
-        rows: dict[str, list] = {k: [] for k in runners}
-        for i in range(steps + 1):
-            for key, runner in runners.items():
-                wall, timings = runner.step()
-                if i:
-                    rows[key].append((wall, timings))
-    batch = MODELS[name][1]
-    out = {}
-    for key, rs in rows.items():
-        wall = statistics.median(w for w, _ in rs)
-        out[key] = {"step_seconds": wall, "samples_per_second": batch / wall}
-        if key == "local":
-            continue
-        med = lambda k: statistics.median(t[k] for _, t in rs)  # noqa: E731
-        parts = {"pull": med("pull"), "compute": med("compute"),
-                 "worker_compute": med("worker_compute"), "push": med("push"),
-                 "apply": med("apply")}
-        parts["coordinator_other"] = max(0.0, med("total") - parts["pull"] - parts["compute"]
-                                         - parts["apply"])
-        parts["client_round_trip"] = max(0.0, wall - med("total"))
-        out[key]["breakdown"] = parts
+def weights(name: str) -> list[np.ndarray]:
+    """[w0, b0, w1, b1, ...] drawn as torch.nn.Linear draws them (uniform within
+    1/sqrt(fan_in)), from one seed: the same initial weights for every system."""
+    sizes = MODELS[name][0]
+    rng = np.random.default_rng(0)
+    out = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = 1 / np.sqrt(fan_in)
+        out.append(rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32))
+        out.append(rng.uniform(-bound, bound, fan_out).astype(np.float32))
     return out
 
 
-def main(argv=None) -> int:
+def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The global batch (x, y): class labels for cross-entropy, targets for MSE."""
+    sizes, n, loss, _ = MODELS[name]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    if loss == "ce":
+        return x, rng.integers(0, sizes[-1], n).astype(np.int64)
+    return x, rng.standard_normal((n, sizes[-1])).astype(np.float32)
+
+
+# --------------------------------------------------------------------- processes
+
+
+def loopback_interface() -> str:
+    import socket
+
+    names = [n for _, n in socket.if_nameindex() if n.startswith("lo")]
+    if not names:
+        raise BenchError("no loopback interface found for gloo/TensorPipe")
+    return names[0]
+
+
+@contextlib.contextmanager
+def pinned_env(threads: int):
+    """Processes started inside get ``threads`` BLAS/OpenMP threads, and torch.distributed
+    (gloo, TensorPipe) binds the loopback interface only."""
+    lo = loopback_interface()
+    values = {v: str(threads) for v in THREAD_VARS} | {
+        "TP_SOCKET_IFNAME": lo,
+        "GLOO_SOCKET_IFNAME": lo,
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_for(pair: str, override: int | None) -> int:
+    return override or max(1, cores() // TRAINING_PROCESSES[pair])
+
+
+# --------------------------------------------------------------------- gradmesh side
+
+
+class GradmeshSystem:
+    """A LocalCluster (coordinator with its embedded shard, ``workers`` worker processes),
+    the global batch cut into one micro-batch per worker."""
+
+    def __init__(self, name: str, workers: int, threads: int, stack: contextlib.ExitStack):
+        import gradmesh.core as gm
+        from gradmesh.client import LocalCluster
+
+        with pinned_env(threads):
+            cluster = stack.enter_context(
+                LocalCluster(workers=workers, checkpoint_every=0, threads_per_worker=threads)
+            )
+        model = self._model(name)
+        self.x, self.y = batch(name)
+        self.job = cluster.client().create_job(
+            model,
+            self._loss_fn(MODELS[name][2]),
+            gm.optim.SGD(model.parameters(), lr=LR),
+            micro_batch_size=len(self.x) // workers,
+            example_batch=(self.x[:4], self.y[:4]),
+            data_names=["x", "y"],
+        )
+
+    @staticmethod
+    def _model(name: str):
+        import gradmesh.core.nn as nn
+
+        sizes, layers = MODELS[name][0], []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        model = nn.Sequential(*layers[:-1])
+        model.load_state_dict(dict(zip(model.state_dict(), weights(name))))
+        return model
+
+    @staticmethod
+    def _loss_fn(kind: str):
+        import gradmesh.core.nn.functional as F
+
+        def loss_fn(model, x, y):
+            out = model(x)
+            return F.cross_entropy(out, y) if kind == "ce" else F.mse_loss(out, y)
+
+        return loss_fn
+
+    def step(self) -> Step:
+        t = time.perf_counter()
+        r = self.job.step(self.x, self.y)
+        return Step(time.perf_counter() - t, r.loss, r.timings)
+
+    def pause(self) -> None:
+        """Nothing: idle gradmesh servers wait in epoll (and a stopped gRPC server would
+        miss keepalive pings)."""
+
+    resume = pause
+
+
+# --------------------------------------------------------------------- torch side
+
+
+class TorchSystem:
+    """torch.distributed processes (``kind`` "ps" or "ddp", 2 processes each), started with
+    ``spawn`` and driven over pipes: "step" runs one training step, "stop" shuts down."""
+
+    def __init__(
+        self, kind: str, name: str, threads: int, stack: contextlib.ExitStack, transport: str
+    ):
+        self.label = LABELS[f"torch_{kind}"]
+        store = stack.enter_context(tempfile.TemporaryDirectory(prefix="gradmesh-bench-"))
+        ctx = multiprocessing.get_context("spawn")
+        self.procs, self.conns = [], []
+        stack.callback(self.close)
+        with pinned_env(threads):
+            for rank in range(2):
+                parent, child = ctx.Pipe()
+                args = (kind, rank, name, threads, os.path.join(store, "store"), transport, child)
+                proc = ctx.Process(target=torch_process, args=args, daemon=True)
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+        for rank in range(2):
+            self._answer(rank, START_TIMEOUT)
+        self.trainers = [1] if kind == "ps" else [0, 1]  # rank 0 of "ps" is the server
+
+    def _answer(self, rank: int, timeout: float):
+        conn = self.conns[rank]
+        try:
+            if not conn.poll(timeout):
+                raise BenchError(f"{self.label}: rank {rank} gave no answer in {timeout:.0f} s")
+            status, value = conn.recv()
+        except (EOFError, OSError):
+            raise self._exited(rank) from None
+        if status == "error":
+            raise BenchError(f"{self.label}: rank {rank} failed:\n{value}")
+        return value
+
+    def _exited(self, rank: int) -> BenchError:
+        self.procs[rank].join(5)
+        return BenchError(f"{self.label}: rank {rank} exited (code {self.procs[rank].exitcode})")
+
+    def step(self) -> Step:
+        t = time.perf_counter()
+        for rank in self.trainers:
+            try:
+                self.conns[rank].send("step")
+            except OSError:
+                raise self._exited(rank) from None
+        losses = [self._answer(rank, STEP_TIMEOUT) for rank in self.trainers]
+        return Step(time.perf_counter() - t, float(np.mean(losses)))
+
+    def pause(self) -> None:
+        """Stop the processes (SIGSTOP) while another system runs: TensorPipe's shm
+        transport busy-polls even when no RPC is in flight."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                os.kill(proc.pid, sig)
+
+    def close(self) -> None:
+        """Ask every process to shut down (RPC, process group) if all are alive (a graceful
+        shutdown needs every rank); kill what does not exit."""
+        self.resume()
+        if all(proc.is_alive() for proc in self.procs):
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.send("stop")
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for proc in self.procs:
+                proc.join(max(0.1, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+
+
+def torch_process(
+    kind: str, rank: int, name: str, threads: int, store: str, transport: str, conn
+) -> None:
+    """A torch process: set up ``kind`` as ``rank``, then answer the driver's commands."""
+    try:
+        import torch
+
+        die_with_parent()
+        torch.set_num_threads(threads)
+        quiet_torch_warnings()
+        if kind == "ps":
+            session = torch_ps_session(rank, name, f"file://{store}", transport)
+        else:
+            session = torch_ddp_session(rank, name, f"file://{store}")
+        with session as step:
+            conn.send(("ok", None))
+            serve(conn, step)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+
+
+def serve(conn, step) -> None:
+    """Answer "step" until "stop" or the driver is gone. A failed step is reported at once:
+    the session's teardown waits for the other rank, which the driver then stops."""
+    while _command(conn) == "step":
+        try:
+            answer = ("ok", step())
+        except Exception:
+            answer = ("error", traceback.format_exc())
+        conn.send(answer)
+        if answer[0] == "error":
+            return
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the driver dies, even while it is stopped (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def quiet_torch_warnings() -> None:
+    """Drop torch.distributed's deprecation notices (DistributedOptimizer's TorchScript SGD
+    warns under a forced "always" filter) and its internal ProcessGroup warning."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, *args, **kwargs):
+        if not issubclass(category, DeprecationWarning) and "as a ProcessGroup" not in str(message):
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = showwarning
+
+
+def _command(conn) -> str:
+    try:
+        return conn.recv()
+    except EOFError:  # the driver is gone
+        return "stop"
+
+
+def torch_forward(params, x):
+    """The MLP over [w0, b0, w1, b1, ...]: torch's one definition of the model."""
+    import torch.nn.functional as F
+
+    layers = len(params) // 2
+    for i in range(layers):
+        x = F.linear(x, params[2 * i], params[2 * i + 1])
+        if i < layers - 1:
+            x = F.relu(x)
+    return x
+
+
+def torch_loss(name: str, out, y):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(out, y) if MODELS[name][2] == "ce" else F.mse_loss(out, y)
+
+
+def torch_batch(name: str, part: int = 0, parts: int = 1):
+    import torch
+
+    x, y = batch(name)
+    rows = slice(part * len(x) // parts, (part + 1) * len(x) // parts)
+    return torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+
+
+_PS_PARAMETERS: list = []  # the parameter server's parameters (in its own process)
+
+
+def _ps_parameters():
+    return _PS_PARAMETERS
+
+
+def _ps_parameter_rrefs():
+    from torch.distributed import rpc
+
+    return [rpc.RRef(p) for p in _PS_PARAMETERS]
+
+
+@contextlib.contextmanager
+def torch_ps_session(rank: int, name: str, init_method: str, transport: str):
+    """Rank 0 is the parameter server ("ps"), rank 1 the trainer, whose step pulls the
+    parameters by RPC, runs forward and distributed backward (gradients go back to the
+    PS) and steps a DistributedOptimizer (SGD, run on the PS)."""
+    import torch
+    import torch.distributed.autograd as dist_autograd
+    from torch.distributed import rpc
+    from torch.distributed.optim import DistributedOptimizer
+
+    if rank == 0:
+        _PS_PARAMETERS[:] = [torch.from_numpy(w).requires_grad_() for w in weights(name)]
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=init_method,
+        rpc_timeout=STEP_TIMEOUT,
+        _transports=None if transport == "default" else [transport],
+    )
+    rpc.init_rpc(
+        "ps" if rank == 0 else "trainer", rank=rank, world_size=2, rpc_backend_options=options
+    )
+    step = None
+    if rank == 1:
+        x, y = torch_batch(name)
+        opt = DistributedOptimizer(torch.optim.SGD, rpc.rpc_sync("ps", _ps_parameter_rrefs), lr=LR)
+
+        def step() -> float:
+            with dist_autograd.context() as context:
+                params = rpc.rpc_sync("ps", _ps_parameters)
+                loss = torch_loss(name, torch_forward(params, x), y)
+                dist_autograd.backward(context, [loss])
+                opt.step(context)
+            return loss.item()
+
+    try:
+        yield step
+    finally:
+        rpc.shutdown(graceful=True, timeout=STOP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def torch_ddp_session(rank: int, name: str, init_method: str):
+    """DistributedDataParallel over gloo, 2 ranks, each with half the global batch; the
+    step returns the rank's loss (the driver averages the two)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.params = torch.nn.ParameterList(torch.from_numpy(w) for w in weights(name))
+
+        def forward(self, x):
+            return torch_forward(list(self.params), x)
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(MLP())
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        x, y = torch_batch(name, rank, 2)
+
+        def step() -> float:
+            opt.zero_grad()
+            loss = torch_loss(name, model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        yield step
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------- measurement
+
+
+def start(system: str, name: str, threads: int, stack: contextlib.ExitStack, args):
+    if system.startswith("torch_"):
+        kind = system.removeprefix("torch_")
+        return TorchSystem(kind, name, threads, stack, args.tensorpipe_transport)
+    return GradmeshSystem(name, int(system.removeprefix("gradmesh_")), threads, stack)
+
+
+def measure(name: str, systems: list[str], threads: int, args) -> dict:
+    """Start ``systems`` together, run them in turn per repetition (warm-up, then timed
+    steps; the others paused), stop them; per system: the timed steps' seconds, the first
+    two losses and gradmesh's StepTimings."""
+    runs = {s: {"threads": threads, "seconds": [], "losses": [], "timings": []} for s in systems}
+    with contextlib.ExitStack() as stack:
+        started = {s: start(s, name, threads, stack, args) for s in systems}
+        for system in started.values():
+            system.pause()
+        for _ in range(args.repetitions):
+            for s, system in started.items():
+                system.resume()
+                for i in range(args.warmup + args.steps_of[name]):
+                    step = system.step()
+                    if len(runs[s]["losses"]) < 2:
+                        runs[s]["losses"].append(step.loss)
+                    if i >= args.warmup:
+                        runs[s]["seconds"].append(step.seconds)
+                        runs[s]["timings"].append(step.timings)
+                system.pause()
+    for run in runs.values():
+        summarize(run, MODELS[name][1])
+    return runs
+
+
+def summarize(run: dict, global_batch: int) -> None:
+    median = statistics.median(run["seconds"])
+    run["step_seconds"] = median
+    run["samples_per_second"] = global_batch / median
+    timings = run.pop("timings")
+    if timings and timings[0]:
+        keys = ("pull", "compute", "worker_compute", "push", "apply", "total")
+        run["breakdown_seconds"] = {k: statistics.median(t[k] for t in timings) for k in keys}
+
+
+def check_losses(name: str, results: dict) -> None:
+    """Both sides of a comparison must start from the same loss and take the same step."""
+    for torch_side, gm_side in PAIRS.values():
+        if torch_side in results and gm_side in results:
+            a, b = results[torch_side]["losses"], results[gm_side]["losses"]
+            if not np.allclose(a, b, rtol=1e-3, atol=0):
+                raise BenchError(
+                    f"{name}: {LABELS[gm_side]} and {LABELS[torch_side]} disagree on the "
+                    f"first losses ({b} vs {a}): not the same model, batch or update"
+                )
+
+
+def add_ratios(results: dict) -> None:
+    for torch_side, gm_side in PAIRS.values():
+        if torch_side in results and gm_side in results:
+            gm, pt = results[gm_side], results[torch_side]
+            gm["vs_torch"] = gm["samples_per_second"] / pt["samples_per_second"]
+
+
+def run_models(args, sides: tuple[str, ...]) -> dict:
+    """Every model and comparison, measuring the systems of ``sides``."""
+    out = {}
+    for name in args.models:
+        out[name] = {}
+        for pair in args.pairs:
+            systems = [s for s, side in zip(PAIRS[pair], SIDES) if side in sides]
+            threads = threads_for(pair, args.threads)
+            names = ", ".join(LABELS[s] for s in systems)
+            print(f"{name}, {pair}: {names}, {threads} thread(s) per process", file=sys.stderr)
+            out[name].update(measure(name, systems, threads, args))
+    return out
+
+
+def run_alone_both(args, argv: list[str]) -> dict:
+    """Each side in a process of its own (``--alone torch``, then ``--alone gradmesh``)."""
+    out: dict = {name: {} for name in args.models}
+    base = _strip_options(argv, ("--alone", "--json"))
+    with tempfile.TemporaryDirectory(prefix="gradmesh-bench-") as tmp:
+        for side in SIDES:
+            path = os.path.join(tmp, f"{side}.json")
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *base,
+                "--alone",
+                side,
+                "--json",
+                path,
+            ]
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+                raise BenchError(f"--alone {side} failed (its message is above)")
+            with open(path) as f:
+                for name, systems in json.load(f)["models"].items():
+                    out[name].update(systems)
+    return out
+
+
+def _strip_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``options`` and their values (``--opt v`` or ``--opt=v``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in options)):
+            out.append(a)
+    return out
+
+
+# --------------------------------------------------------------------- output
+
+
+def machine() -> dict:
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpus": cores(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": version("torch"),
+        "grpcio": version("grpcio"),
+        "platform": platform.platform(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def table(results: dict) -> str:
+    """The Markdown table: samples/s of each system and gradmesh / torch."""
+    head = ["model"]
+    for torch_side, gm_side in PAIRS.values():
+        head += [LABELS[torch_side], LABELS[gm_side], "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for name, runs in results.items():
+        sizes, n = MODELS[name][:2]
+        row = [f"{name} {'-'.join(map(str, sizes))}, batch {n}"]
+        for torch_side, gm_side in PAIRS.values():
+            row += [_cell(runs, torch_side, "samples_per_second", "{:.0f}")]
+            row += [_cell(runs, gm_side, "samples_per_second", "{:.0f}")]
+            row += [_cell(runs, gm_side, "vs_torch", "**{:.2f}**")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(runs: dict, system: str, key: str, fmt: str) -> str:
+    value = runs.get(system, {}).get(key)
+    return "—" if value is None else fmt.format(value)
+
+
+def breakdowns(results: dict) -> str:
+    lines = []
+    for name, runs in results.items():
+        for system, run in runs.items():
+            if "breakdown_seconds" in run:
+                parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in run["breakdown_seconds"].items())
+                lines.append(f"{name}, {LABELS[system]}: median ms {parts}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="medium,large")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--models", default="medium,large", help="comma-separated: medium,large")
+    p.add_argument(
+        "--pairs",
+        default="ps,ddp",
+        help="comma-separated: ps (RPC parameter server "
+        "vs 1 worker), ddp (DDP 2 ranks vs 2 workers)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps per system per repetition (default: medium 20, large 4)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps at the start of each repetition (default 1)",
+    )
+    p.add_argument("--repetitions", type=int, default=5, help="repetitions (default 5)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="BLAS/OpenMP threads per process (default: "
+        "cores // training processes: ps cores, ddp cores // 2)",
+    )
+    p.add_argument(
+        "--alone",
+        choices=("torch", "gradmesh", "both"),
+        help="run one side only (both: each side in its own process, one after the other)",
+    )
+    p.add_argument(
+        "--tensorpipe-transport",
+        choices=("default", "uv"),
+        default="default",
+        help="default: TensorPipe's choice (shm on one host); uv: TCP on 127.0.0.1",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: medium, 2 repetitions of 2 steps"
+    )
+    p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "numpy": np.__version__, "platform": platform.platform()},
-               "models": {}}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name not in MODELS:
-            p.error(f"unknown model {name!r}; expected {sorted(MODELS)}")
-        steps = args.steps or (3 if args.quick else (20 if name == "medium" else 6))
-        r = measure(name, steps)
-        local = r["local"]["samples_per_second"]
-        clustered = ("1_worker", "1_worker_bytes", "2_worker")
-        for key in clustered:
-            r[key]["vs_local"] = r[key]["samples_per_second"] / local
-        results["models"][name] = r
-        sizes, batch, _ = MODELS[name]
-        print(f"\n{name} MLP {'-'.join(map(str, sizes))}, batch {batch}")
-        print(f"  {'':10} {'samples/s':>10} {'step ms':>8} {'vs local':>8}")
-        for key, label in (("local", "local"), ("1_worker", "1 worker"),
-                           ("1_worker_bytes", "1 w, bytes"), ("2_worker", "2 workers")):
-            v = r[key]
-            ratio = f"{v['vs_local']:.2f}" if "vs_local" in v else ""
-            print(f"  {label:10} {v['samples_per_second']:10.0f} {v['step_seconds'] * 1e3:8.1f} "
-                  f"{ratio:>8}")
-        for key in clustered:
-            b = r[key]["breakdown"]
-            print(f"  {key} breakdown (ms): " + ", ".join(
-                f"{k} {v * 1e3:.1f}" for k, v in b.items()))
-        sys.stdout.flush()
+    if args.quick:
+        args.models, args.repetitions, args.steps = "medium", 2, 2
+    args.models = _choices(p, "--models", args.models, MODELS)
+    args.pairs = _choices(p, "--pairs", args.pairs, PAIRS)
+    positive = [args.repetitions] + [n for n in (args.steps, args.threads) if n is not None]
+    if min(positive) < 1 or args.warmup < 0:
+        p.error("--repetitions, --steps and --threads must be >= 1, --warmup >= 0")
+    args.steps_of = {name: args.steps or MODELS[name][3] for name in args.models}
+    return args
+
+
+def _choices(p: argparse.ArgumentParser, option: str, value: str, known: dict) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        p.error(f"{option}: expected some of {','.join(known)}, got {value!r}")
+    return names
+
+
+def run(args, argv: list[str]) -> dict:
+    if args.alone != "gradmesh":
+        try:
+            import torch.distributed.rpc  # noqa: F401
+        except ImportError as e:
+            raise BenchError(
+                f"needs torch with torch.distributed ({e}); pip install -e '.[test]'"
+            ) from None
+    info = {"machine": machine(), "command": " ".join(["benchmarks/cluster.py", *argv])}
+    if args.alone == "both":
+        results = run_alone_both(args, argv)
+    else:
+        results = run_models(args, (args.alone,) if args.alone else SIDES)
+    for name, runs in results.items():
+        check_losses(name, runs)
+        add_ratios(runs)
+    info["machine"]["load_average_end"] = os.getloadavg()
+    return {**info, "models": results}
+
+
+def report(out: dict) -> str:
+    m = out["machine"]
+    head = (
+        f"{m['cpus']} cores, load average {m['load_average_start'][0]:.2f} -> "
+        f"{m['load_average_end'][0]:.2f}; python {m['python']}, numpy {m['numpy']}, "
+        f"torch {m['torch']}; {out['command']}"
+    )
+    return "\n\n".join(filter(None, [head, table(out["models"]), breakdowns(out["models"])]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what was started
+    try:
+        out = run(args, argv)
+    except BenchError as e:
+        print(f"cluster.py: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from gradmesh.client import GradmeshError
+        from gradmesh.client.cluster import ClusterError
+
+        if not isinstance(e, (ClusterError, GradmeshError)):
+            raise
+        print(f"cluster.py: error: gradmesh: {e}", file=sys.stderr)
+        return 1
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(out, f, indent=2)
+    print("\n" + report(out))
     return 0
 
 
