@@ -12,7 +12,7 @@ where it competes with the client for one interpreter lock:
     backward run locally with gradmesh, for the engine benchmark's three MLPs, over two
     transports: *bytes* (every tensor in the gRPC messages, as with a worker on another
     host) and *shared memory* (the SDK's default for a worker on its own host: parameters
-    and gradients through /dev/shm, see docs/worker.md); next to them, a raw gRPC echo of
+    and gradients through shared memory, see docs/worker.md); next to them, a raw gRPC echo of
     the parameter bytes over the same kind of RPC the bytes client uses (unary, or 1 MiB
     chunks when it streams): what that transport alone costs;
 (b) transport: ``ComputeGradientsStream`` with 16, 64 and 256 MiB of parameters against raw

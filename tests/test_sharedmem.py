@@ -14,12 +14,12 @@ import pytest
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
 from gradmesh.core import serialize, sharedmem
-from gradmesh.wire import sharedmem as wire_sharedmem
-from gradmesh.wire.worker import shared_request
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import worker_pb2
+from gradmesh.wire import sharedmem as wire_sharedmem
+from gradmesh.wire.worker import shared_request
 
 pytestmark = pytest.mark.skipif(not wire_sharedmem.available(),
                                 reason="no memfd sealing and /proc here")
@@ -139,7 +139,7 @@ def test_a_dead_process_leaves_no_segment_behind():
     ("gradmesh-1-" + "0" * 32, "not files in /dev/shm"),    # the old names
     ("gradmesh-1-0-" + "0" * 32, "cannot use this segment"),   # pid 1's stdin
     (f"gradmesh-{os.getpid()}-0-" + "0" * 32, "cannot use this segment"),
-    (f"gradmesh-999999999-3-" + "0" * 32, "cannot use this segment"),
+    ("gradmesh-999999999-3-" + "0" * 32, "cannot use this segment"),
 ])
 def test_attached_refuses_what_is_not_a_segment(name, why):
     with pytest.raises(sharedmem.SegmentError, match=why) as e:
