@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +23,8 @@ from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
 
 gm_tensor = importlib.import_module("gradmesh.core.tensor")    # gm.tensor is the function
 
-sys.path.insert(0, str(Path(__file__).parent))
-import opspecs  # noqa: E402
-from opspecs import OpSpec  # noqa: E402
+import opspecs
+from opspecs import OpSpec
 
 torch.set_num_threads(1)    # the suite shares 2 cores; tiny tensors gain nothing from more
 
