@@ -240,7 +240,7 @@ class Job:
 
     def parameters(self) -> "OrderedDict[str, Any]":
         """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""
-        from gradmesh.core.tensor import from_numpy
+        from gradmesh.core.factories import from_numpy
         _, arrays = self.client.get_parameters(self.job_id)
         return OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
 

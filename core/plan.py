@@ -5,7 +5,7 @@
 op's ``forward(xp, *arrays, **attrs)`` on bare arrays with the attributes decoded once, at
 compile time. Backward kernels reuse the registry's vjps (one place for each derivative):
 they wrap the saved arrays in Tensors and run the vjp under the backward engine's own mode,
-then reduce broadcast gradients with the engine's ``_reduce_grad``.
+then reduce the gradients of broadcasting ops with the engine's ``unbroadcast``.
 
 Bitwise equality with eager ``loss.backward()``: the backward kernels visit nodes in the
 order of ``autograd.run_backward`` (its iterative depth-first topological order, over the
@@ -39,9 +39,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import autograd, backend as backend_mod
-from .graph import (CONST, DATA, PARAM, GraphError, ValidatedGraph, is_random, random_seed)
+from .graph import CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
-from .tensor import Tensor, _reduce_grad
+from .tensor import Tensor
+from .unbroadcast import unbroadcast
 
 __all__ = ["compile_plan", "Plan", "PlanResult", "BACKENDS"]
 
@@ -348,7 +349,7 @@ class Plan:
         vg = self.graph
         n_in = vg.num_inputs
         wrap = Tensor._wrap
-        reduce_grad = _reduce_grad
+        reduce_grad = unbroadcast
         loss_v = self._loss
         spec = self.specs[loss_v]
         seed_grad = wrap(xp.full(spec.shape, loss_scale, dtype=spec.dtype.np))
@@ -393,10 +394,12 @@ class Plan:
                     if len(result) != len(inputs):
                         raise RuntimeError(f"{kern.op.name}: vjp returned {len(result)} "
                                            f"gradients for {len(inputs)} inputs")
+                    broadcast = kern.op.broadcast
                     for v, t, gi, name in zip(kern.inputs, inputs, result, kern.params):
                         if gi is None or not t.requires_grad:
                             continue
-                        gi = reduce_grad(gi, t)
+                        if broadcast:
+                            gi = reduce_grad(gi, t)
                         if name is not None:
                             # A leaf: accumulate as autograd._accumulate_leaf does.
                             grads[name] = gi if name not in grads else grads[name] + gi

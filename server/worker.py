@@ -59,6 +59,14 @@ _NP_OF_WIRE = {wire: d.np.newbyteorder("<") for wire, d in serialize.PROTO_TO_DT
 WorkerLimits = core_graph.Limits
 
 
+def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
+    """The ``worker_pb2.Limits`` that ``Capabilities`` reports (core knows no messages)."""
+    return worker_pb2.Limits(
+        max_graph_nodes=limits.max_graph_nodes, max_tensor_elements=limits.max_tensor_elements,
+        max_message_bytes=limits.max_message_bytes, max_stream_bytes=limits.max_stream_bytes,
+        max_concurrent_requests=limits.max_concurrent_requests, chunk_bytes=limits.chunk_bytes)
+
+
 def check_limits(limits: WorkerLimits) -> None:
     if not serialize.MIN_CHUNK_BYTES <= limits.chunk_bytes <= serialize.MAX_CHUNK_BYTES:
         raise runtime.ConfigError(f"chunk_bytes must be between {serialize.MIN_CHUNK_BYTES} "
@@ -629,7 +637,7 @@ class GradientWorker:
         threads = blas_threads()
         caps = worker_pb2.CapabilitiesResponse(
             ops=sorted(REGISTRY), dtypes=sorted(_NP_OF_WIRE), backend=self.backend,
-            limits=self.limits.to_proto(), versions=versions, blas_threads=threads,
+            limits=limits_message(self.limits), versions=versions, blas_threads=threads,
             build_fingerprint=build_fingerprint(self.backend, versions, threads),
             shared_memory=self.segments is not None)
         caps.limits.parameter_cache_bytes = self.kept.capacity
