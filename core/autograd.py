@@ -125,10 +125,10 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
     (``backward()``); tensors in ``capture`` have their total gradient returned by id
     instead (``autograd.grad``).
     """
-    Tensor, reduce_grad = _tensor.Tensor, _unbroadcast.unbroadcast
-    captured: dict[int, Tensor] = {}
+    wrap_out, reduce_grad = _tensor.Tensor._from_node, _unbroadcast.unbroadcast
+    captured: dict[int, _tensor.Tensor] = {}
     capture_ids = {id(t) for t in capture} if capture else set()
-    pending: dict[int, Tensor] = {}
+    pending: dict[int, _tensor.Tensor] = {}
     roots = []
     for out, g in zip(outputs, grad_outputs):
         if id(out) in capture_ids:
@@ -169,7 +169,7 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             if vjp is None:
                 raise RuntimeError(f"{op.name}: no derivative is defined for this op")
             inputs = node.inputs
-            out = Tensor._from_node(node) if op.saves_out else None
+            out = wrap_out(node) if op.saves_out else None
             grads = vjp(g, out, *inputs, **node.attrs)
             if len(grads) != len(inputs):
                 raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "

@@ -1,7 +1,7 @@
 """The op dispatcher: every op of the registry runs on Tensors through ``apply``."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
         # way forward.
         op.infer(*inputs, **attrs)
     n = len(inputs)
+    arrays: Sequence[Any]
     if n == 2:
         a, b = inputs[0]._data, inputs[1]._data
         arrays = (a, b)

@@ -8,29 +8,47 @@ callable of ``gradmesh.core.functional`` counts too. From those declarations thi
 * the methods at the end of the ``Tensor`` class in ``core/tensor.py``: one for each
   ``@public(method=True)``, ``x.name(...)`` calling ``name(x, ...)``, with its signature.
 
-Run ``python -m gradmesh.core.gen_api`` after declaring one; ``tests/test_public_api.py``
-fails while the files are stale.
+Run ``python core/gen_api.py`` after declaring, renaming or removing one;
+``tests/test_public_api.py`` fails while the files are stale. It runs as a file, not as
+``-m gradmesh.core.gen_api``: a stale ``core/_api.py`` that names a function removed since
+stops ``gradmesh.core`` from importing, so it first writes an empty one.
 """
 from __future__ import annotations
 
-import inspect
+import os
 import sys
-from pathlib import Path
-from typing import Callable
 
-from . import functional
-from .registry import PUBLIC
+if __name__ == "__main__":
+    # Run as a file, Python puts core/ first on sys.path, where core/random.py would shadow
+    # the standard library's random (which NumPy imports).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import inspect  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 CORE = Path(__file__).resolve().parent
 API_FILE = CORE / "_api.py"
 TENSOR_FILE = CORE / "tensor.py"
-GENERATED_BY = "python -m gradmesh.core.gen_api"
+GENERATED_BY = "python core/gen_api.py"
+_EMPTY_API = '"""Empty while core/gen_api.py runs."""\n__all__: list[str] = []\n'
 _METHODS = ("    # BEGIN GENERATED METHODS", "    # END GENERATED METHODS")
 _IMPORTS = ("# BEGIN GENERATED IMPORTS", "# END GENERATED IMPORTS")
 
 
+def _core():
+    """``gradmesh.core.functional`` and the ``PUBLIC`` table. Imported here, not at the top:
+    run as a file, this module first replaces core/_api.py, which gradmesh.core imports."""
+    import gradmesh.core.functional as functional
+    from gradmesh.core.registry import PUBLIC
+    return functional, PUBLIC
+
+
 def public_functions() -> dict[str, Callable]:
     """Every public function by its public name: functional's, then the declared ones."""
+    functional, PUBLIC = _core()
     names = {name: fn for name, fn in vars(functional).items()
              if not name.startswith("_") and callable(fn)
              and getattr(fn, "__module__", None) == functional.__name__}
@@ -40,6 +58,7 @@ def public_functions() -> dict[str, Callable]:
 
 def _home(name: str, fn: Callable) -> str:
     """The module whose attribute ``name`` is ``fn``: where ``gradmesh.core`` imports it."""
+    functional, _ = _core()
     if getattr(functional, name, None) is fn:
         return functional.__name__
     return fn.__module__
@@ -65,16 +84,25 @@ def render_api() -> str:
 
 def _alias(module: str) -> str:
     """How ``core/tensor.py`` names ``module``: ``F`` for functional."""
-    if module == functional.__name__:
+    if module == "gradmesh.core.functional":
         return "F"
     return "_" + module.removeprefix("gradmesh.core.").replace(".", "_")
+
+
+# Builtins that Tensor has methods of the same name as: an annotation in the class body
+# would name the method (``x.int()``), so they are spelled ``builtins.int`` there.
+_SHADOWED = re.compile(r"\b(int|float|bool)\b")
+
+
+def _annotation(ann) -> str:
+    text = ann if isinstance(ann, str) else ann.__name__
+    return _SHADOWED.sub(r"builtins.\1", text)
 
 
 def _param(p: inspect.Parameter) -> str:
     text = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name
     if p.annotation is not p.empty:
-        ann = p.annotation if isinstance(p.annotation, str) else p.annotation.__name__
-        text += f": {ann}"
+        text += f": {_annotation(p.annotation)}"
     if p.default is not p.empty:
         text += f" = {p.default!r}" if p.annotation is not p.empty else f"={p.default!r}"
     return text
@@ -98,7 +126,7 @@ def _method(name: str, fn: Callable) -> list[str]:
             args.append(f"{p.name}={p.name}")
         else:
             args.append(p.name)
-    ret = "" if sig.return_annotation is sig.empty else f" -> {sig.return_annotation}"
+    ret = "" if sig.return_annotation is sig.empty else f" -> {_annotation(sig.return_annotation)}"
     head = f"    def {name}({', '.join(declared)}){ret}:"
     if len(head) > 100:
         # One line per 100 characters, continued under the first parameter.
@@ -116,6 +144,7 @@ def _method(name: str, fn: Callable) -> list[str]:
 
 def method_names(tensor_source: str) -> list[str]:
     """The ``@public(method=True)`` names that the hand-written Tensor class lacks."""
+    _, PUBLIC = _core()
     start = tensor_source.index("\nclass Tensor")
     written = tensor_source[start:tensor_source.index(_METHODS[0], start)]
     defined = {line.split("(")[0].split()[1] for line in written.splitlines()
@@ -132,6 +161,7 @@ def _replace(source: str, markers: tuple[str, str], body: list[str]) -> str:
 
 def render_tensor(source: str) -> str:
     """``source`` (core/tensor.py) with its generated regions rewritten."""
+    _, PUBLIC = _core()
     body: list[str] = []
     modules = set()
     for name in method_names(source):
@@ -142,13 +172,14 @@ def render_tensor(source: str) -> str:
         body.pop()
     source = _replace(source, _METHODS, body)
     imports = []
-    for module in sorted(modules - {functional.__name__}):
+    for module in sorted(modules - {"gradmesh.core.functional"}):
         package, _, leaf = module.removeprefix("gradmesh.core.").rpartition(".")
         imports.append(f"from .{package} import {leaf} as {_alias(module)}  # noqa: E402")
     return _replace(source, _IMPORTS, imports)
 
 
 def main() -> int:
+    API_FILE.write_text(_EMPTY_API)
     API_FILE.write_text(render_api())
     TENSOR_FILE.write_text(render_tensor(TENSOR_FILE.read_text()))
     print(f"wrote {API_FILE} and the generated parts of {TENSOR_FILE}")

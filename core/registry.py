@@ -28,14 +28,14 @@ Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
 Every op has exactly one output; ops with several results (``split``) are compositions.
 
 The public function over an op (``gm.exp``) is declared next to it with ``@public``, and
-``@public(method=True)`` also makes it a ``Tensor`` method. ``gradmesh.core.gen_api`` writes
+``@public(method=True)`` also makes it a ``Tensor`` method. ``core/gen_api.py`` writes
 what static tools read from these declarations (``core/_api.py`` and the generated methods
 of ``core/tensor.py``); ``tests/test_public_api.py`` fails when that code is stale.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar, overload
 
 from . import dtypes
 
@@ -121,12 +121,22 @@ class Public:
 PUBLIC: dict[str, Public] = {}
 
 
-def public(fn: Callable | None = None, *, method: bool = False, name: str | None = None):
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+@overload
+def public(fn: _Fn, *, method: bool = False, name: str | None = None) -> _Fn: ...
+@overload
+def public(fn: None = None, *, method: bool = False,
+           name: str | None = None) -> Callable[[_Fn], _Fn]: ...
+
+
+def public(fn=None, *, method=False, name=None):
     """Declare ``fn`` public: ``gradmesh.core.<name>`` (its own name by default), and with
     ``method=True`` also ``Tensor.<name>``, where ``x.name(...)`` is ``name(x, ...)``. Use
     as ``@public``, ``@public(method=True)`` or ``alias = public(fn, name="alias")``. Run
-    ``python -m gradmesh.core.gen_api`` after adding one, so that static tools see it."""
-    def declare(f: Callable) -> Callable:
+    ``python core/gen_api.py`` after adding one, so that static tools see it."""
+    def declare(f):
         key = name or f.__name__
         if key in PUBLIC and PUBLIC[key].fn is not f:
             raise ValueError(f"public function {key!r} is declared twice")

@@ -6,7 +6,8 @@ from the registry's ``@public(method=True)`` declarations at the end of the clas
 """
 from __future__ import annotations
 
-from typing import Sequence
+import builtins
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -39,6 +40,11 @@ class Tensor:
 
     __slots__ = ("_data", "requires_grad", "grad", "grad_fn", "_retains_grad", "__weakref__")
     __array_priority__ = 1000        # ndarray * Tensor -> Tensor.__rmul__
+    _data: Any                       # a numpy.ndarray or a cupy.ndarray
+    requires_grad: builtins.bool
+    grad: Tensor | None
+    grad_fn: Node | None
+    _retains_grad: builtins.bool
 
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
@@ -122,9 +128,9 @@ class Tensor:
     def data(self, value) -> None:
         tracer = graph_tracer()
         if tracer is not None:
-            tracer.set_data(self, value, untraced(tracer, Tensor.data.fset, self, value))
+            tracer.set_data(self, value, untraced(tracer, _assign_data, self, value))
             return
-        self._data = value._data if isinstance(value, Tensor) else value
+        _assign_data(self, value)
 
     # T and mT call the permute primitive directly: ``linear`` and every matmul vjp take
     # them, and the generic route (transpose -> permute -> argument checks) costs ~3x more.
@@ -542,7 +548,7 @@ class Tensor:
 
     __hash__ = object.__hash__
 
-    # BEGIN GENERATED METHODS (python -m gradmesh.core.gen_api): do not edit
+    # BEGIN GENERATED METHODS (python core/gen_api.py): do not edit
     def abs(self) -> Tensor:
         """See ``gradmesh.core.abs``."""
         return F.abs(self)
@@ -551,35 +557,37 @@ class Tensor:
         """See ``gradmesh.core.add``."""
         return F.add(self, b, alpha)
 
-    def all(self, dim=None, keepdim: bool = False) -> Tensor:
+    def all(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.all``."""
         return F.all(self, dim, keepdim)
 
-    def allclose(self, b: Tensor, rtol: float = 1e-05, atol: float = 1e-08) -> bool:
+    def allclose(self, b: Tensor, rtol: builtins.float = 1e-05,
+            atol: builtins.float = 1e-08) -> builtins.bool:
         """See ``gradmesh.core.allclose``."""
         return F.allclose(self, b, rtol, atol)
 
-    def amax(self, dim=None, keepdim: bool = False) -> Tensor:
+    def amax(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.amax``."""
         return F.amax(self, dim, keepdim)
 
-    def amin(self, dim=None, keepdim: bool = False) -> Tensor:
+    def amin(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.amin``."""
         return F.amin(self, dim, keepdim)
 
-    def any(self, dim=None, keepdim: bool = False) -> Tensor:
+    def any(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.any``."""
         return F.any(self, dim, keepdim)
 
-    def argmax(self, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    def argmax(self, dim: builtins.int | None = None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.argmax``."""
         return F.argmax(self, dim, keepdim)
 
-    def argmin(self, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    def argmin(self, dim: builtins.int | None = None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.argmin``."""
         return F.argmin(self, dim, keepdim)
 
-    def argsort(self, dim: int = -1, descending: bool = False, stable: bool = False) -> Tensor:
+    def argsort(self, dim: builtins.int = -1, descending: builtins.bool = False,
+            stable: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.argsort``."""
         return F.argsort(self, dim, descending, stable)
 
@@ -587,7 +595,7 @@ class Tensor:
         """See ``gradmesh.core.bmm``."""
         return F.bmm(self, b)
 
-    def chunk(self, chunks: int, dim: int = 0) -> tuple:
+    def chunk(self, chunks: builtins.int, dim: builtins.int = 0) -> tuple:
         """See ``gradmesh.core.chunk``."""
         return F.chunk(self, chunks, dim)
 
@@ -603,7 +611,7 @@ class Tensor:
         """See ``gradmesh.core.cos``."""
         return F.cos(self)
 
-    def cumsum(self, dim: int, dtype=None) -> Tensor:
+    def cumsum(self, dim: builtins.int, dtype=None) -> Tensor:
         """See ``gradmesh.core.cumsum``."""
         return F.cumsum(self, dim, dtype)
 
@@ -619,7 +627,7 @@ class Tensor:
         """See ``gradmesh.core.eq``."""
         return F.eq(self, b)
 
-    def equal(self, b: Tensor) -> bool:
+    def equal(self, b: Tensor) -> builtins.bool:
         """See ``gradmesh.core.equal``."""
         return F.equal(self, b)
 
@@ -635,7 +643,7 @@ class Tensor:
         """See ``gradmesh.core.expand_as``."""
         return F.expand_as(self, other)
 
-    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    def flatten(self, start_dim: builtins.int = 0, end_dim: builtins.int = -1) -> Tensor:
         """See ``gradmesh.core.flatten``."""
         return F.flatten(self, start_dim, end_dim)
 
@@ -643,7 +651,7 @@ class Tensor:
         """See ``gradmesh.core.flip``."""
         return F.flip(self, dims)
 
-    def gather(self, dim: int, index: Tensor) -> Tensor:
+    def gather(self, dim: builtins.int, index: Tensor) -> Tensor:
         """See ``gradmesh.core.gather``."""
         return F.gather(self, dim, index)
 
@@ -659,15 +667,16 @@ class Tensor:
         """See ``gradmesh.core.gt``."""
         return F.gt(self, b)
 
-    def index_add(self, dim: int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
+    def index_add(self, dim: builtins.int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
         """See ``gradmesh.core.index_add``."""
         return F.index_add(self, dim, index, source, alpha)
 
-    def index_select(self, dim: int, index: Tensor) -> Tensor:
+    def index_select(self, dim: builtins.int, index: Tensor) -> Tensor:
         """See ``gradmesh.core.index_select``."""
         return F.index_select(self, dim, index)
 
-    def isclose(self, b: Tensor, rtol: float = 1e-05, atol: float = 1e-08) -> Tensor:
+    def isclose(self, b: Tensor, rtol: builtins.float = 1e-05,
+            atol: builtins.float = 1e-08) -> Tensor:
         """See ``gradmesh.core.isclose``."""
         return F.isclose(self, b, rtol, atol)
 
@@ -675,7 +684,7 @@ class Tensor:
         """See ``gradmesh.core.le``."""
         return F.le(self, b)
 
-    def leaky_relu(self, negative_slope: float = 0.01) -> Tensor:
+    def leaky_relu(self, negative_slope: builtins.float = 0.01) -> Tensor:
         """See ``gradmesh.core.leaky_relu``."""
         return F.leaky_relu(self, negative_slope)
 
@@ -687,7 +696,7 @@ class Tensor:
         """See ``gradmesh.core.log1p``."""
         return F.log1p(self)
 
-    def log_softmax(self, dim: int, dtype=None) -> Tensor:
+    def log_softmax(self, dim: builtins.int, dtype=None) -> Tensor:
         """See ``gradmesh.core.log_softmax``."""
         return F.log_softmax(self, dim, dtype)
 
@@ -703,7 +712,7 @@ class Tensor:
         """See ``gradmesh.core.logical_or``."""
         return F.logical_or(self, b)
 
-    def logsumexp(self, dim=None, keepdim: bool = False) -> Tensor:
+    def logsumexp(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.logsumexp``."""
         return F.logsumexp(self, dim, keepdim)
 
@@ -719,7 +728,7 @@ class Tensor:
         """See ``gradmesh.core.matmul``."""
         return F.matmul(self, b)
 
-    def max(self, dim=None, keepdim: bool = False):
+    def max(self, dim=None, keepdim: builtins.bool = False):
         """See ``gradmesh.core.max``."""
         return F.max(self, dim, keepdim)
 
@@ -727,11 +736,11 @@ class Tensor:
         """See ``gradmesh.core.maximum``."""
         return F.maximum(self, b)
 
-    def mean(self, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
+    def mean(self, dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
         """See ``gradmesh.core.mean``."""
         return F.mean(self, dim, keepdim, dtype)
 
-    def min(self, dim=None, keepdim: bool = False):
+    def min(self, dim=None, keepdim: builtins.bool = False):
         """See ``gradmesh.core.min``."""
         return F.min(self, dim, keepdim)
 
@@ -743,7 +752,7 @@ class Tensor:
         """See ``gradmesh.core.mm``."""
         return F.mm(self, b)
 
-    def movedim(self, source: int, destination: int) -> Tensor:
+    def movedim(self, source: builtins.int, destination: builtins.int) -> Tensor:
         """See ``gradmesh.core.movedim``."""
         return F.movedim(self, source, destination)
 
@@ -755,7 +764,7 @@ class Tensor:
         """See ``gradmesh.core.mv``."""
         return F.mv(self, v)
 
-    def narrow(self, dim: int, start: int, length: int) -> Tensor:
+    def narrow(self, dim: builtins.int, start: builtins.int, length: builtins.int) -> Tensor:
         """See ``gradmesh.core.narrow``."""
         return F.narrow(self, dim, start, length)
 
@@ -767,11 +776,11 @@ class Tensor:
         """See ``gradmesh.core.neg``."""
         return F.neg(self)
 
-    def nonzero(self, as_tuple: bool = False):
+    def nonzero(self, as_tuple: builtins.bool = False):
         """See ``gradmesh.core.nonzero``."""
         return F.nonzero(self, as_tuple)
 
-    def norm(self, p='fro', dim=None, keepdim: bool = False, dtype=None) -> Tensor:
+    def norm(self, p='fro', dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
         """See ``gradmesh.core.norm``."""
         return F.norm(self, p, dim, keepdim, dtype)
 
@@ -787,7 +796,8 @@ class Tensor:
         """See ``gradmesh.core.pow``."""
         return F.pow(self, exponent)
 
-    def prod(self, dim: int | None = None, keepdim: bool = False, dtype=None) -> Tensor:
+    def prod(self, dim: builtins.int | None = None, keepdim: builtins.bool = False,
+            dtype=None) -> Tensor:
         """See ``gradmesh.core.prod``."""
         return F.prod(self, dim, keepdim, dtype)
 
@@ -819,11 +829,11 @@ class Tensor:
         """See ``gradmesh.core.rsqrt``."""
         return F.rsqrt(self)
 
-    def scatter_add(self, dim: int, index: Tensor, src: Tensor) -> Tensor:
+    def scatter_add(self, dim: builtins.int, index: Tensor, src: Tensor) -> Tensor:
         """See ``gradmesh.core.scatter_add``."""
         return F.scatter_add(self, dim, index, src)
 
-    def select(self, dim: int, index: int) -> Tensor:
+    def select(self, dim: builtins.int, index: builtins.int) -> Tensor:
         """See ``gradmesh.core.select``."""
         return F.select(self, dim, index)
 
@@ -839,19 +849,20 @@ class Tensor:
         """See ``gradmesh.core.sin``."""
         return F.sin(self)
 
-    def softmax(self, dim: int, dtype=None) -> Tensor:
+    def softmax(self, dim: builtins.int, dtype=None) -> Tensor:
         """See ``gradmesh.core.softmax``."""
         return F.softmax(self, dim, dtype)
 
-    def softplus(self, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    def softplus(self, beta: builtins.float = 1.0, threshold: builtins.float = 20.0) -> Tensor:
         """See ``gradmesh.core.softplus``."""
         return F.softplus(self, beta, threshold)
 
-    def sort(self, dim: int = -1, descending: bool = False, stable: bool = False):
+    def sort(self, dim: builtins.int = -1, descending: builtins.bool = False,
+            stable: builtins.bool = False):
         """See ``gradmesh.core.sort``."""
         return F.sort(self, dim, descending, stable)
 
-    def split(self, split_size_or_sections, dim: int = 0) -> tuple:
+    def split(self, split_size_or_sections, dim: builtins.int = 0) -> tuple:
         """See ``gradmesh.core.split``."""
         return F.split(self, split_size_or_sections, dim)
 
@@ -867,8 +878,8 @@ class Tensor:
         """See ``gradmesh.core.squeeze``."""
         return F.squeeze(self, dim)
 
-    def std(self, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
-            correction: float | None = None) -> Tensor:
+    def std(self, dim=None, unbiased: builtins.bool | None = None, keepdim: builtins.bool = False,
+            *, correction: builtins.float | None = None) -> Tensor:
         """See ``gradmesh.core.std``."""
         return F.std(self, dim, unbiased, keepdim, correction=correction)
 
@@ -876,7 +887,7 @@ class Tensor:
         """See ``gradmesh.core.sub``."""
         return F.sub(self, b, alpha)
 
-    def sum(self, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
+    def sum(self, dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
         """See ``gradmesh.core.sum``."""
         return F.sum(self, dim, keepdim, dtype)
 
@@ -888,36 +899,37 @@ class Tensor:
         """See ``gradmesh.core.tanh``."""
         return F.tanh(self)
 
-    def topk(self, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    def topk(self, k: builtins.int, dim: builtins.int = -1, largest: builtins.bool = True,
+            sorted: builtins.bool = True):
         """See ``gradmesh.core.topk``."""
         return F.topk(self, k, dim, largest, sorted)
 
-    def transpose(self, dim0: int, dim1: int) -> Tensor:
+    def transpose(self, dim0: builtins.int, dim1: builtins.int) -> Tensor:
         """See ``gradmesh.core.transpose``."""
         return F.transpose(self, dim0, dim1)
 
-    def tril(self, diagonal: int = 0) -> Tensor:
+    def tril(self, diagonal: builtins.int = 0) -> Tensor:
         """See ``gradmesh.core.tril``."""
         return F.tril(self, diagonal)
 
-    def triu(self, diagonal: int = 0) -> Tensor:
+    def triu(self, diagonal: builtins.int = 0) -> Tensor:
         """See ``gradmesh.core.triu``."""
         return F.triu(self, diagonal)
 
-    def unbind(self, dim: int = 0) -> tuple:
+    def unbind(self, dim: builtins.int = 0) -> tuple:
         """See ``gradmesh.core.unbind``."""
         return F.unbind(self, dim)
 
-    def unflatten(self, dim: int, sizes) -> Tensor:
+    def unflatten(self, dim: builtins.int, sizes) -> Tensor:
         """See ``gradmesh.core.unflatten``."""
         return F.unflatten(self, dim, sizes)
 
-    def unsqueeze(self, dim: int) -> Tensor:
+    def unsqueeze(self, dim: builtins.int) -> Tensor:
         """See ``gradmesh.core.unsqueeze``."""
         return F.unsqueeze(self, dim)
 
-    def var(self, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
-            correction: float | None = None) -> Tensor:
+    def var(self, dim=None, unbiased: builtins.bool | None = None, keepdim: builtins.bool = False,
+            *, correction: builtins.float | None = None) -> Tensor:
         """See ``gradmesh.core.var``."""
         return F.var(self, dim, unbiased, keepdim, correction=correction)
 
@@ -955,6 +967,10 @@ def _traced_inplace(tracer, name: str, target: Tensor, new_value, method, *args)
     return args[0]
 
 
+def _assign_data(t: Tensor, value) -> None:
+    t._data = value._data if isinstance(value, Tensor) else value
+
+
 def _detached(value):
     return value.detach() if isinstance(value, Tensor) else value
 
@@ -985,5 +1001,5 @@ def _filled(t: Tensor, value) -> Tensor:
 from . import autograd, dispatch, functional as F  # noqa: E402
 from .autograd import Node, is_grad_enabled  # noqa: E402
 from .registry import REGISTRY  # noqa: E402
-# BEGIN GENERATED IMPORTS (python -m gradmesh.core.gen_api): do not edit
+# BEGIN GENERATED IMPORTS (python core/gen_api.py): do not edit
 # END GENERATED IMPORTS
