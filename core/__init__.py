@@ -15,8 +15,9 @@ from ._api import *  # noqa: F401,F403  (every public function: gm.exp, gm.sum, 
 from .autograd import (enable_grad as enable_grad, is_grad_enabled as is_grad_enabled,
                        no_grad as no_grad, set_grad_enabled as set_grad_enabled)
 from .backend import cuda_available as cuda_available
-from .dtypes import (DType as DType, bool_ as bool, float16 as float16, float32 as float32,
+from .dtypes import (DType as DType, float16 as float16, float32 as float32,
                      float64 as float64, int32 as int32, int64 as int64)
+from .dtypes import bool_ as bool  # noqa: F401  (gm.bool, as torch.bool)
 from .factories import (arange as arange, as_tensor as as_tensor, empty as empty, eye as eye,
                         from_numpy as from_numpy, full as full, full_like as full_like,
                         is_tensor as is_tensor, linspace as linspace, ones as ones,

@@ -116,19 +116,16 @@ def _topo_order(roots: Sequence[Node]) -> list[Node]:
     return order
 
 
-def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: bool,
-                 create_graph: bool, capture: Sequence | None = None,
-                 accumulate: bool = True) -> dict:
-    """Propagate ``grad_outputs`` from ``outputs`` back through the graph.
+_FREED = ("Trying to backward through the graph a second time (or directly access saved "
+          "tensors after they have already been freed). Saved intermediate values of the "
+          "graph are freed when you call .backward() or autograd.grad(). Specify "
+          "retain_graph=True if you need to backward through the graph a second time.")
 
-    With ``accumulate`` the gradients of leaves that require grad are added into ``.grad``
-    (``backward()``); tensors in ``capture`` have their total gradient returned by id
-    instead (``autograd.grad``).
-    """
-    wrap_out, reduce_grad = _tensor.Tensor._from_node, _unbroadcast.unbroadcast
-    captured: dict[int, _tensor.Tensor] = {}
-    capture_ids = {id(t) for t in capture} if capture else set()
-    pending: dict[int, _tensor.Tensor] = {}
+
+def _seed(outputs, grad_outputs, pending: dict, captured: dict, capture_ids: set,
+          accumulate: bool) -> list[Node]:
+    """Hand each output's gradient to its node (``pending``), or to the output itself where
+    it is a leaf or captured; returns the nodes to start from."""
     roots = []
     for out, g in zip(outputs, grad_outputs):
         if id(out) in capture_ids:
@@ -142,6 +139,23 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
         roots.append(out.grad_fn)
         if out._retains_grad and accumulate:
             _accumulate_leaf(out, g, {})
+    return roots
+
+
+def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: bool,
+                 create_graph: bool, capture: Sequence | None = None,
+                 accumulate: bool = True) -> dict:
+    """Propagate ``grad_outputs`` from ``outputs`` back through the graph.
+
+    With ``accumulate`` the gradients of leaves that require grad are added into ``.grad``
+    (``backward()``); tensors in ``capture`` have their total gradient returned by id
+    instead (``autograd.grad``).
+    """
+    wrap_out, reduce_grad = _tensor.Tensor._from_node, _unbroadcast.unbroadcast
+    captured: dict[int, _tensor.Tensor] = {}
+    capture_ids = {id(t) for t in capture} if capture else set()
+    pending: dict[int, _tensor.Tensor] = {}
+    roots = _seed(outputs, grad_outputs, pending, captured, capture_ids, accumulate)
 
     # Non-leaf captured tensors: their total gradient is what reaches their node.
     capture_nodes = {id(t.grad_fn): t for t in capture or () if t.grad_fn is not None}
@@ -154,12 +168,7 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             if g is None:
                 continue
             if node.freed:
-                raise RuntimeError(
-                    "Trying to backward through the graph a second time (or directly access "
-                    "saved tensors after they have already been freed). Saved intermediate "
-                    "values of the graph are freed when you call .backward() or "
-                    "autograd.grad(). Specify retain_graph=True if you need to backward "
-                    "through the graph a second time.")
+                raise RuntimeError(_FREED)
             if capture_nodes:
                 t_node = capture_nodes.get(id(node))
                 if t_node is not None:

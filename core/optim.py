@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import backend
-from .autograd import no_grad, zero_grads
+from .autograd import enable_grad, no_grad, zero_grads
 from .tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "sgd_update", "adam_update", "adamw_update",
@@ -295,7 +295,6 @@ class Optimizer:
         """Apply one update to every parameter that has a gradient; returns closure's loss."""
         loss = None
         if closure is not None:
-            from .autograd import enable_grad
             with enable_grad():
                 loss = closure()
         update = UPDATE_RULES[self.rule]

@@ -131,6 +131,25 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
     ``GraphError`` naming the field.
     """
     limits = limits or Limits()
+    _check_sizes(graph, limits)
+    names, params, data, consts = _check_inputs(graph, limits)
+    ops, attrs, node_inputs, canonical = _check_nodes(graph, limits)
+    outputs = _check_outputs(graph)
+    # Unsorted attributes, or defaults spelled out: the graph's id is that of its canonical
+    # form (graph.proto), so the same model gets the same id from any client.
+    graph = canonical or graph
+    vg = ValidatedGraph(graph, graph_id(graph), ops, attrs, node_inputs, [], params, data,
+                        names, consts, outputs, limits)
+    vg.specs = _batch_free_specs(graph, ops, attrs, node_inputs, limits)
+    loss = vg.specs[graph.outputs[0].value]
+    if loss.shape != () or not loss.dtype.is_floating_point:
+        raise GraphError("outputs[0].value", f"the first output is the loss and must be a "
+                         f"floating scalar, got shape {list(loss.shape)} and dtype "
+                         f"{loss.dtype.name}")
+    return vg
+
+
+def _check_sizes(graph: graph_pb2.Graph, limits: Limits) -> None:
     if graph.version != GRAPH_VERSION:
         raise GraphError("version", f"unsupported graph version {graph.version}; this worker "
                          f"reads version {GRAPH_VERSION}")
@@ -141,6 +160,10 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
         raise GraphError("inputs", f"{len(graph.inputs)} inputs exceed the limit of "
                          f"{limits.max_graph_inputs}", "RESOURCE_EXHAUSTED")
 
+
+def _check_inputs(graph: graph_pb2.Graph, limits: Limits):
+    """Every input checked; returns (name -> index, PARAM names, DATA names, decoded CONST
+    values by index)."""
     names: dict[str, int] = {}
     params, data, consts = [], [], {}
     const_bytes = 0
@@ -152,46 +175,60 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
             raise GraphError(f"{f}.name", f"duplicate input name {inp.name!r} (also inputs"
                              f"[{names[inp.name]}])")
         names[inp.name] = i
-        if inp.role not in ROLE_NAMES:
-            raise GraphError(f"{f}.role", f"unknown role {inp.role}; expected PARAM, DATA or "
-                             f"CONST")
-        if inp.dtype not in PROTO_TO_DTYPE:
-            raise GraphError(f"{f}.dtype", f"unknown or unspecified dtype {inp.dtype}")
-        for d, s in enumerate(inp.shape):
-            if s < 0 and not (s == -1 and d == 0 and inp.role == DATA):
-                raise GraphError(f"{f}.shape", f"dimension {d} is {s}; only the first "
-                                 f"dimension of a DATA input may be -1 (the batch)")
-        static = math.prod(max(int(s), 1) if s == -1 else int(s) for s in inp.shape)
-        if static > limits.max_tensor_elements:
-            raise GraphError(f"{f}.shape", f"{static} elements exceed the limit of "
-                             f"{limits.max_tensor_elements}", "RESOURCE_EXHAUSTED")
+        _check_input_type(f, inp, limits)
         if inp.role == PARAM:
-            if not dtype_of(inp.dtype).is_floating_point:
-                raise GraphError(f"{f}.dtype", f"PARAM {inp.name!r} has dtype "
-                                 f"{dtype_of(inp.dtype).name}; parameters must be floating point")
             params.append(inp.name)
         elif inp.role == DATA:
             data.append(inp.name)
         if inp.role == CONST:
-            if not inp.HasField("value"):
-                raise GraphError(f"{f}.value", f"CONST {inp.name!r} has no value")
             const_bytes += len(inp.value.data)
             if const_bytes > limits.max_const_bytes:
                 raise GraphError(f"{f}.value", f"CONST values exceed the limit of "
                                  f"{limits.max_const_bytes} bytes in all", "RESOURCE_EXHAUSTED")
-            if inp.value.dtype != inp.dtype or list(inp.value.shape) != list(inp.shape):
-                raise GraphError(f"{f}.value", f"value has dtype {inp.value.dtype} and shape "
-                                 f"{list(inp.value.shape)}, the input declares {inp.dtype} and "
-                                 f"{list(inp.shape)}")
-            try:
-                consts[i] = from_proto(inp.value, field=f"{f}.value",
-                                       max_elements=limits.max_tensor_elements)
-            except WireError as e:
-                raise GraphError(e.field, e.message, e.code) from None
+            consts[i] = _const_value(f, inp, limits)
         elif inp.HasField("value"):
             raise GraphError(f"{f}.value", f"only CONST inputs carry a value; "
                              f"{inp.name!r} is {ROLE_NAMES[inp.role]}")
+    return names, params, data, consts
 
+
+def _check_input_type(f: str, inp, limits: Limits) -> None:
+    """An input's role, dtype and shape (``f`` names it: ``inputs[3]``)."""
+    if inp.role not in ROLE_NAMES:
+        raise GraphError(f"{f}.role", f"unknown role {inp.role}; expected PARAM, DATA or "
+                         f"CONST")
+    if inp.dtype not in PROTO_TO_DTYPE:
+        raise GraphError(f"{f}.dtype", f"unknown or unspecified dtype {inp.dtype}")
+    for d, s in enumerate(inp.shape):
+        if s < 0 and not (s == -1 and d == 0 and inp.role == DATA):
+            raise GraphError(f"{f}.shape", f"dimension {d} is {s}; only the first "
+                             f"dimension of a DATA input may be -1 (the batch)")
+    static = math.prod(max(int(s), 1) if s == -1 else int(s) for s in inp.shape)
+    if static > limits.max_tensor_elements:
+        raise GraphError(f"{f}.shape", f"{static} elements exceed the limit of "
+                         f"{limits.max_tensor_elements}", "RESOURCE_EXHAUSTED")
+    if inp.role == PARAM and not dtype_of(inp.dtype).is_floating_point:
+        raise GraphError(f"{f}.dtype", f"PARAM {inp.name!r} has dtype "
+                         f"{dtype_of(inp.dtype).name}; parameters must be floating point")
+
+
+def _const_value(f: str, inp, limits: Limits) -> np.ndarray:
+    """A CONST input's value, checked against its declaration and decoded."""
+    if not inp.HasField("value"):
+        raise GraphError(f"{f}.value", f"CONST {inp.name!r} has no value")
+    if inp.value.dtype != inp.dtype or list(inp.value.shape) != list(inp.shape):
+        raise GraphError(f"{f}.value", f"value has dtype {inp.value.dtype} and shape "
+                         f"{list(inp.value.shape)}, the input declares {inp.dtype} and "
+                         f"{list(inp.shape)}")
+    try:
+        return from_proto(inp.value, field=f"{f}.value", max_elements=limits.max_tensor_elements)
+    except WireError as e:
+        raise GraphError(e.field, e.message, e.code) from None
+
+
+def _check_nodes(graph: graph_pb2.Graph, limits: Limits):
+    """Every node checked and decoded; returns (ops, attributes with defaults, input value
+    numbers, the graph with canonical attributes or None where it has them already)."""
     ops, attrs, node_inputs = [], [], []
     canonical_graph = None
     n_in = len(graph.inputs)
@@ -214,33 +251,37 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
         node_inputs.append(tuple(int(v) for v in node.inputs))
         canonical = encode_attrs(op, attrs[-1])
         if list(node.attrs) != canonical:
-            # Unsorted, or defaults spelled out: the graph's id is that of its canonical
-            # form (graph.proto), so the same model gets the same id from any client.
             if canonical_graph is None:
                 canonical_graph = graph_pb2.Graph()
                 canonical_graph.CopyFrom(graph)
             del canonical_graph.nodes[k].attrs[:]
             canonical_graph.nodes[k].attrs.extend(canonical)
+    return ops, attrs, node_inputs, canonical_graph
 
+
+def _check_outputs(graph: graph_pb2.Graph) -> dict[str, int]:
+    """Output name -> value number, the loss first."""
     outputs: dict[str, int] = {}
+    n_values = len(graph.inputs) + len(graph.nodes)
     for j, out in enumerate(graph.outputs):
         f = f"outputs[{j}]"
         if not out.name:
             raise GraphError(f"{f}.name", "outputs must be named")
         if out.name in outputs:
             raise GraphError(f"{f}.name", f"duplicate output name {out.name!r}")
-        if out.value >= n_in + len(graph.nodes):
+        if out.value >= n_values:
             raise GraphError(f"{f}.value", f"value {out.value} does not exist (the graph has "
-                             f"{n_in + len(graph.nodes)} values)")
+                             f"{n_values} values)")
         outputs[out.name] = int(out.value)
     if not outputs:
         raise GraphError("outputs", "a graph needs at least one output: the loss")
+    return outputs
 
-    if canonical_graph is not None:
-        graph = canonical_graph
-    vg = ValidatedGraph(graph, graph_id(graph), ops, attrs, node_inputs, [], params, data,
-                        names, consts, outputs, limits)
-    # Infer at two batch sizes: dimensions that differ depend on the batch (-1).
+
+def _batch_free_specs(graph, ops, attrs, node_inputs, limits: Limits) -> list[Spec]:
+    """Every value's spec with -1 where a dimension depends on the batch: inferred at two
+    batch sizes, the dimensions that differ are the batch's."""
+    n_in = len(graph.inputs)
     probes = [_infer_all(graph, ops, attrs, node_inputs, b) for b in _PROBE_BATCHES]
     specs = []
     for v, (a, b) in enumerate(zip(*probes)):
@@ -253,10 +294,4 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
             where = f"nodes[{v - n_in}]" if v >= n_in else f"inputs[{v}].shape"
             raise GraphError(where, f"value of shape {list(specs[-1].shape)} exceeds the limit "
                              f"of {limits.max_tensor_elements} elements", "RESOURCE_EXHAUSTED")
-    vg.specs = specs
-    loss = specs[graph.outputs[0].value]
-    if loss.shape != () or not loss.dtype.is_floating_point:
-        raise GraphError("outputs[0].value", f"the first output is the loss and must be a "
-                         f"floating scalar, got shape {list(loss.shape)} and dtype "
-                         f"{loss.dtype.name}")
-    return vg
+    return specs

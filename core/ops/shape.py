@@ -338,7 +338,7 @@ def _add_at(xp, out, index, values) -> None:
     if at is not None:
         at(out, index, values)
     else:
-        import cupyx
+        import cupyx    # CuPy before 13 (CuPy is optional)
         cupyx.scatter_add(out, index, values)
 
 
