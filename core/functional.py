@@ -779,31 +779,7 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
     ``getitem`` applies the advanced part with ``index``; a traced ``a[index] = value``
     writes it with ``index_put`` and writes the view back into ``a``.
     """
-    items = list(index) if isinstance(index, tuple) else [index]
-    consumed, ellipses = 0, 0
-    for k, it in enumerate(items):
-        if it is Ellipsis:
-            ellipses += 1
-        elif it is None or isinstance(it, slice):
-            consumed += it is not None
-        elif isinstance(it, bool):
-            raise NotImplementedError("getitem: a Python bool index is not supported; use "
-                                      "unsqueeze(), or a bool tensor mask")
-        elif isinstance(it, numbers.Integral):
-            consumed += 1
-        else:
-            items[k] = it = _index_tensor(it, a.device)
-            consumed += it.ndim if it.dtype is dtypes.bool_ else 1
-    if ellipses > 1:
-        raise IndexError("getitem: an index can only have a single ellipsis ('...')")
-    if consumed > a.ndim:
-        raise IndexError(f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
-                         f"{tuple(a.shape)}): the index uses {consumed} dims")
-    if not ellipses:
-        items.append(Ellipsis)
-    k = next(k for k, it in enumerate(items) if it is Ellipsis)
-    items[k:k + 1] = [slice(None)] * (a.ndim - consumed)
-
+    items = _index_items(a, index)
     shape = a.shape
     starts, stops, steps = [0] * a.ndim, list(shape), [1] * a.ndim
     kept: list[int] = []                  # the shape once ints are dropped and Nones added
@@ -851,6 +827,36 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
     if tuple(kept) != out.shape:
         out = reshape(out, kept)
     return out, advanced
+
+
+def _index_items(a: Tensor, index) -> list:
+    """The items of ``index``, one per dim of ``a`` (``...`` and missing trailing dims as
+    whole slices) plus ``None``s; lists and arrays as index tensors."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed, ellipses = 0, 0
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            ellipses += 1
+        elif it is None or isinstance(it, slice):
+            consumed += it is not None
+        elif isinstance(it, bool):
+            raise NotImplementedError("getitem: a Python bool index is not supported; use "
+                                      "unsqueeze(), or a bool tensor mask")
+        elif isinstance(it, numbers.Integral):
+            consumed += 1
+        else:
+            items[k] = it = _index_tensor(it, a.device)
+            consumed += it.ndim if it.dtype is dtypes.bool_ else 1
+    if ellipses > 1:
+        raise IndexError("getitem: an index can only have a single ellipsis ('...')")
+    if consumed > a.ndim:
+        raise IndexError(f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
+                         f"{tuple(a.shape)}): the index uses {consumed} dims")
+    if not ellipses:
+        items.append(Ellipsis)
+    k = next(k for k, it in enumerate(items) if it is Ellipsis)
+    items[k:k + 1] = [slice(None)] * (a.ndim - consumed)
+    return items
 
 
 def _slice_put(a: Tensor, values: Tensor, starts, stops, steps) -> Tensor:

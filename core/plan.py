@@ -390,19 +390,9 @@ class Plan:
         spec = self.specs[loss_v]
         seed_grad = wrap(xp.full(spec.shape, loss_scale, dtype=spec.dtype.np))
         grads: dict[str, Tensor] = {}
-        to_host = backend_mod.to_numpy
 
         def emit(names) -> None:
-            for name in names:
-                g = grads.pop(name, None)
-                if g is not None:
-                    a = to_host(g._data)
-                else:
-                    spec = self.specs[vg.input_index[name]]
-                    a = np.zeros(spec.shape, spec.dtype.np)
-                final[name] = a
-                if on_grad is not None:
-                    on_grad(name, a)
+            self._emit(names, grads, final, on_grad)
 
         if loss_v < n_in:
             # The loss is a parameter itself: the seed gradient is its gradient.
@@ -449,6 +439,20 @@ class Plan:
                 if record_live is not None:
                     record_live.append(sum(s is not None for s in slots))
 
+
+    def _emit(self, names, grads: dict, final: dict, on_grad) -> None:
+        """Hand over the complete gradients ``names``: into ``final`` as host arrays (zeros
+        where nothing reached them), and to ``on_grad``."""
+        for name in names:
+            g = grads.pop(name, None)
+            if g is not None:
+                a = backend_mod.to_numpy(g._data)
+            else:
+                spec = self.specs[self.graph.input_index[name]]
+                a = np.zeros(spec.shape, spec.dtype.np)
+            final[name] = a
+            if on_grad is not None:
+                on_grad(name, a)
 
 def _on_backend(value, xp):
     """A parameter or data value (array, Tensor, CuPy array) as an array of ``xp``."""
