@@ -961,7 +961,7 @@ def _is_array(x) -> bool:
 
 def _traced_inplace(tracer, name: str, target: Tensor, new_value, method, *args) -> Tensor:
     """Record the in-place op ``name`` as its out-of-place form, ``new_value(target)``, and
-    run the eager ``method(*args)`` untraced (see ``graph._Tracer.inplace``); returns
+    run the eager ``method(*args)`` untraced (see ``graph.tracer._Tracer.inplace``); returns
     ``args[0]``, the tensor the method changes."""
     tracer.inplace(name, target, new_value, untraced(tracer, method, *args))
     return args[0]

@@ -76,7 +76,7 @@ _OUT_OF_PLACE = {
 
 
 class _Tracer:
-    """Records every op the dispatcher runs on this thread (``tensor._dispatch.tracer``).
+    """Records every op the dispatcher runs on this thread (``hooks._dispatch.tracer``).
 
     Gradient stops: a compiled plan differentiates every value that depends on a
     parameter through differentiable ops (``diff`` below tracks exactly that), while eager
