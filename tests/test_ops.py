@@ -319,6 +319,14 @@ def test_every_op_has_a_spec() -> None:
                          f"to a module in tests/opspecs/")
 
 
+def test_op_errors_are_runtime_errors_and_value_errors() -> None:
+    """Runtime errors as torch's are; value errors as they were, which servers answer with
+    INVALID_ARGUMENT."""
+    for cls in (RuntimeError, ValueError):
+        with pytest.raises(cls, match="mm: expected 2-D"):
+            gm.mm(gm.ones(2), gm.ones(2, 1))
+
+
 def test_an_op_added_without_a_spec_is_caught() -> None:
     """The check above really looks at the live registry."""
     defop("test_only_identity", infer=lambda a: Spec(tuple(a.shape), a.dtype))(
