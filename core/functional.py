@@ -10,7 +10,7 @@ import builtins
 import collections
 import math
 import numbers
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -360,7 +360,7 @@ def argmin(a: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
 
 
 # torch.return_types: results that are a tuple and have field names.
-_ValuesIndices = {name: collections.namedtuple(name, ["values", "indices"])
+_ValuesIndices: dict[str, Any] = {name: collections.namedtuple(name, ["values", "indices"])
                   for name in ("max", "min", "sort", "topk")}
 
 
@@ -601,7 +601,7 @@ def squeeze(a: Tensor, dim=None) -> Tensor:
 @public(method=True)
 def repeat(a: Tensor, *sizes) -> Tensor:
     """The tensor tiled ``sizes[i]`` times along each dim (extra sizes add leading dims)."""
-    sizes = _shape(sizes)
+    sizes = tuple(_shape(sizes))
     if len(sizes) < a.ndim:
         raise OpError(f"repeat: number of dimensions of repeat dims ({len(sizes)}) can not be "
                       f"smaller than number of dimensions of tensor ({a.ndim}, shape "

@@ -158,7 +158,7 @@ _BOOLS = ("nesterov", "amsgrad", "maximize")
 
 def _check_hyper(name: str, hyper: dict) -> dict:
     """Type- and range-check a full set of ``name``'s hyper-parameters; betas become a tuple."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in hyper.items():
         if key in _BOOLS:
             if not isinstance(value, (bool, np.bool_)):

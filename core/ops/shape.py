@@ -6,6 +6,7 @@ gradient follows from them.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .. import dtypes
 from ..registry import OpError, Spec, broadcast_shapes, defop, fmt, norm_dim, norm_dims
@@ -133,7 +134,8 @@ def _infer_slice(a, starts, stops, steps) -> Spec:
     return Spec(_sliced_shape("slice", a.shape, starts, stops, steps), a.dtype)
 
 
-_SLICE_ATTRS = {"starts": ("ints", []), "stops": ("ints", []), "steps": ("ints", [])}
+_SLICE_ATTRS: dict[str, tuple[str, Any]] = {
+    "starts": ("ints", []), "stops": ("ints", []), "steps": ("ints", [])}
 
 
 @defop("slice", infer=_infer_slice, attrs=_SLICE_ATTRS)
