@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dtypes
 from .backend import xp_of
-from .factories import ones_like, tensor, zeros_like  # noqa: F401  (re-exported)
+from .factories import tensor
 from .registry import REGISTRY, OpError, broadcast_shapes, norm_dim, norm_dims, public
 from .tensor import Tensor
 

@@ -7,7 +7,8 @@ import numpy as np
 
 from .. import backend, dtypes
 from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
-from ..functional import cos, exp, log, sigmoid, sign, sin, tanh, where, zeros_like
+from ..factories import zeros_like
+from ..functional import cos, exp, log, sigmoid, sign, sin, tanh, where
 
 # ===================================================================== arithmetic ======
 
