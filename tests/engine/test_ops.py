@@ -21,7 +21,7 @@ import torch
 import gradmesh.core as gm
 from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
 
-gm_tensor = importlib.import_module("gradmesh.core.tensor")    # gm.tensor is the function
+gm_tensor = importlib.import_module("gradmesh.core.hooks")
 
 import opspecs
 from opspecs import OpSpec
@@ -314,6 +314,14 @@ def test_every_op_has_a_spec() -> None:
     missing = _uncovered(SPECS)
     assert not missing, (f"ops without a test spec: {missing}; add an OpSpec that covers each "
                          f"to a module in tests/opspecs/")
+
+
+def test_op_errors_are_runtime_errors_and_value_errors() -> None:
+    """Runtime errors as torch's are; value errors as they were, which servers answer with
+    INVALID_ARGUMENT."""
+    for cls in (RuntimeError, ValueError):
+        with pytest.raises(cls, match="mm: expected 2-D"):
+            gm.mm(gm.ones(2), gm.ones(2, 1))
 
 
 def test_an_op_added_without_a_spec_is_caught() -> None:
