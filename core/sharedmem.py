@@ -41,7 +41,7 @@ import numpy as np
 try:
     import fcntl
 except ImportError:         # not on Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 PREFIX = "gradmesh-"
 ALIGN = 64

@@ -41,7 +41,7 @@ from gradmesh.core.sharedmem import (
 try:
     import fcntl
 except ImportError:         # not on Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Attached", "Pool", "place", "available", "same_host_target", "MAPPED_SEGMENTS"]
 
