@@ -587,3 +587,22 @@ def test_remembered_requests_let_go_of_removed_segments():
     with _hand_built(model, graph_id, x, y) as (req, *_):     # new segments
         w.unary(req, same_host=True)
         assert len(w._shared_calls) == 1
+
+
+def test_a_worker_that_knows_only_old_names_makes_the_client_fall_back(worker, monkeypatch):
+    """A worker of an earlier version takes only names of files in /dev/shm and answers
+    INVALID_ARGUMENT on the segment's field: the SDK sends bytes, with the same results."""
+    model = _model()
+    x, y = _batch()
+    with WorkerClient(worker.address, shared_memory=False) as client:
+        reference = client.compute_gradients(_loss, model, x, y)
+
+    def old(shared, *args):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "not a segment name "
+                           "(gradmesh-<pid>-<32 hex digits>)", "shared_memory.segment")
+    monkeypatch.setattr(worker.worker, "_check_shared", old)
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
+        r = client.compute_gradients(_loss, model, x, y)
+    assert r.timings["shared_memory"] == 0.0
+    for name in reference.gradients:
+        assert np.array_equal(r.gradients[name], reference.gradients[name])
