@@ -240,3 +240,15 @@ def test_batch_norm_module_in_a_graph_only_in_eval_mode():
     got = execute(graph, params, {"x0": x2})["loss"]
     want = (model(gm.tensor(x2)) ** 2).sum()
     assert np.array_equal(got.detach().numpy(), want.detach().numpy())
+
+
+def test_embedding_padding_row_gets_no_gradient_as_torch():
+    t = torch.nn.Embedding(5, 3, padding_idx=2).double()
+    g = _pair(nn.Embedding(5, 3, padding_idx=2).double(), t)
+    idx = np.array([[2, 0, 2], [4, 2, 1]])
+    w = np.random.default_rng(0).standard_normal((2, 3, 3))
+    (g(gm.tensor(idx)) * gm.tensor(w)).sum().backward()
+    (t(torch.tensor(idx)) * torch.tensor(w)).sum().backward()
+    grad = g.weight.grad.numpy()
+    assert np.all(grad[2] == 0) and np.any(grad[0] != 0)
+    np.testing.assert_allclose(grad, t.weight.grad.numpy(), rtol=1e-12)

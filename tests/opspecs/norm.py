@@ -8,6 +8,7 @@ import numpy as np
 import gradmesh.core.nn.functional as F
 
 from . import OpSpec
+from .nn import targets
 
 SPECS: list[OpSpec] = []
 
@@ -133,3 +134,16 @@ for case, (kw, shapes) in _CONVT_CASES.items():
     spec(f"conv_transpose2d-{case}", _CONV,
          lambda gm, x, w, b, kw=kw: F.conv_transpose2d(x, w, b, **kw),
          lambda torch, x, w, b, kw=kw: _tf(torch).conv_transpose2d(x, w, b, **kw), shapes)
+
+# ======================================================= segmentation-style losses ======
+# cross_entropy over (N, C, d1, d2) logits with (N, d1, d2) targets (U-Net's loss).
+
+_W4 = [0.5, 2.0, 1.0, 1.5]
+spec("cross_entropy-2d-spatial", ["log_softmax", "log_softmax_grad", "nll_loss_weighted",
+                                  "nll_loss_weighted_grad"],
+     lambda gm, x, t: F.cross_entropy(x, t, gm.tensor(_W4, dtype=x.dtype), ignore_index=3,
+                                      label_smoothing=0.1),
+     lambda torch, x, t: _tf(torch).cross_entropy(x, t, torch.tensor(_W4, dtype=x.dtype),
+                                                  ignore_index=3, label_smoothing=0.1),
+     [((2, 4, 3, 2), (2, 3, 2)), ((1, 4, 2, 2, 3), (1, 2, 2, 3))],
+     nondiff={1: targets(4, ignore=3)})
