@@ -8,6 +8,7 @@ compositions in ``gradmesh.core.nn.functional`` over ``conv2d``'s ops and ``matm
 from __future__ import annotations
 
 from ..registry import OpError, Spec, defop, fmt
+from .nn import _need_float
 
 _MODES = ("constant", "reflect", "replicate")
 _NUMPY_MODE = {"reflect": "reflect", "replicate": "edge"}
@@ -95,9 +96,12 @@ def _fold(xp, g, d, lo, hi, mode):
     return out
 
 
-@defop("pad_grad", attrs=_PAD_ATTRS,
-       infer=lambda g, pad, mode: Spec(_pad_shape("pad_grad", g.shape, pad, mode, grad=True),
-                                       g.dtype))
+def _infer_pad_grad(g, pad, mode) -> Spec:
+    _need_float("pad_grad", g, "gradient")
+    return Spec(_pad_shape("pad_grad", g.shape, pad, mode, grad=True), g.dtype)
+
+
+@defop("pad_grad", attrs=_PAD_ATTRS, infer=_infer_pad_grad)
 def pad_grad_p(xp, g, pad, mode):
     """The gradient of ``pad``: the kept region, plus (reflect, replicate) the pads folded
     back onto the input elements they copy."""
