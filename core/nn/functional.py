@@ -16,6 +16,7 @@ rather than being ignored.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Sequence
@@ -366,7 +367,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
 # conv1d, conv_transpose2d): primitives in gradmesh.core.ops.activation, .conv and .norm.
 
 __all__ += ["silu", "mish", "hardswish", "pad", "batch_norm", "group_norm", "rms_norm",
-            "adaptive_avg_pool2d", "conv1d", "conv_transpose2d"]
+            "adaptive_avg_pool2d", "interpolate", "conv1d", "conv_transpose2d"]
 
 
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
@@ -496,13 +497,25 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int] | int,
     return out if weight is None else out * weight
 
 
-def _adaptive_matrix(size: int, out: int, like: Tensor) -> Tensor:
+def _constant(m: np.ndarray, like: Tensor) -> Tensor:
+    return tensor(m, dtype=like.dtype, device=like.device)
+
+
+def _resample(input: Tensor, rows: np.ndarray | None, cols: np.ndarray | None) -> Tensor:
+    """``rows @ input @ cols.T`` over the last two dims (``cols`` alone: the last dim);
+    None skips a side. Separable pooling and interpolation are this, with constant
+    (out, in) matrices: two matmuls, differentiable to any order and traceable."""
+    out = input if rows is None else CF.matmul(_constant(rows, input), input)
+    return out if cols is None else CF.matmul(out, _constant(cols, input).mT)
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
     """(out, size) averaging matrix of torch's windows [floor(i*size/out), ceil((i+1)*size/out))."""
     m = np.zeros((out, size))
     for i in range(out):
         lo, hi = (i * size) // out, -(-((i + 1) * size) // out)
         m[i, lo:hi] = 1.0 / (hi - lo)
-    return tensor(m, dtype=like.dtype, device=like.device)
+    return m
 
 
 def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
@@ -518,8 +531,69 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     if oh < 1 or ow < 1:
         raise OpError(f"adaptive_avg_pool2d: output_size must be positive, got {size}")
     h, w = input.shape[-2:]
-    out = CF.matmul(_adaptive_matrix(h, oh, input), input) if oh != h else input
-    return CF.matmul(out, _adaptive_matrix(w, ow, input).mT) if ow != w else out
+    return _resample(input, _adaptive_matrix(h, oh) if oh != h else None,
+                     _adaptive_matrix(w, ow) if ow != w else None)
+
+
+_INTERP_MODES = {"nearest": (3, 4), "linear": (3,), "bilinear": (4,)}
+
+
+def _interp_matrix(size: int, out: int, mode: str, align_corners: bool,
+                   scale: float | None) -> np.ndarray:
+    """(out, size) matrix of torch's nearest or (bi)linear interpolation along one dim;
+    ``scale`` is the user's scale_factor (torch then maps back with 1/scale_factor)."""
+    m = np.zeros((out, size))
+    dst = np.arange(out)
+    if mode == "nearest":
+        step = size / out if scale is None else 1.0 / scale
+        m[dst, np.minimum(np.floor(dst * step).astype(np.int64), size - 1)] = 1.0
+        return m
+    if align_corners:
+        src = dst * ((size - 1) / (out - 1) if out > 1 else 0.0)
+    else:
+        step = size / out if scale is None else 1.0 / scale
+        src = np.maximum((dst + 0.5) * step - 0.5, 0.0)
+    lo = src.astype(np.int64)
+    frac = src - lo
+    np.add.at(m, (dst, lo), 1.0 - frac)
+    np.add.at(m, (dst, np.minimum(lo + 1, size - 1)), frac)
+    return m
+
+
+def interpolate(input: Tensor, size=None, scale_factor=None, mode: str = "nearest",
+                align_corners: bool | None = None, recompute_scale_factor: bool | None = None,
+                antialias: bool = False) -> Tensor:
+    """Resize (N, C, L) or (N, C, H, W) to ``size`` or by ``scale_factor``: 'nearest',
+    'linear' (3-D) or 'bilinear' (4-D), with torch's source-index rules, as matmuls with
+    constant interpolation matrices."""
+    if mode not in _INTERP_MODES or antialias:
+        raise NotImplementedError(f"interpolate: mode {mode!r}{' with antialias' * antialias} "
+                                  f"is not supported; use one of {list(_INTERP_MODES)}")
+    if input.ndim not in _INTERP_MODES[mode]:
+        raise OpError(f"interpolate: mode {mode!r} expects a "
+                      f"{' or '.join(f'{d}-D' for d in _INTERP_MODES[mode])} input, got shape "
+                      f"{fmt(input.shape)}")
+    if mode == "nearest" and align_corners is not None:
+        raise ValueError("interpolate: align_corners option can only be set with the "
+                         "interpolating modes: linear | bilinear")
+    k = input.ndim - 2
+    if (size is None) == (scale_factor is None):
+        raise ValueError("interpolate: pass exactly one of size and scale_factor")
+    if size is not None:
+        outs = [int(size)] * k if isinstance(size, numbers.Integral) else [int(s) for s in size]
+        scales = [None] * k
+    else:
+        scales = [float(scale_factor)] * k if isinstance(scale_factor, numbers.Number) \
+            else [float(f) for f in scale_factor]
+        outs = [int(math.floor(n * f)) for n, f in zip(input.shape[2:], scales)]
+        if recompute_scale_factor:
+            scales = [None] * k
+    if len(outs) != k or len(scales) != k or min(outs) < 1:
+        raise OpError(f"interpolate: size/scale_factor must give {k} positive sizes for an "
+                      f"input of shape {fmt(input.shape)}, got {outs}")
+    mats = [_interp_matrix(n, o, mode, bool(align_corners), f)
+            for n, o, f in zip(input.shape[2:], outs, scales)]
+    return _resample(input, mats[0], mats[1]) if k == 2 else _resample(input, None, mats[0])
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,

@@ -1263,3 +1263,24 @@ class ConvTranspose2d(Module):
 
     def extra_repr(self) -> str:
         return _conv_repr(self, padding=(0, 0), output_padding=(0, 0), dilation=(1, 1))
+
+
+class Upsample(Module):
+    """``F.interpolate`` as a layer: to ``size`` or by ``scale_factor``."""
+
+    def __init__(self, size=None, scale_factor=None, mode: str = "nearest",
+                 align_corners: bool | None = None, recompute_scale_factor: bool | None = None):
+        super().__init__()
+        self.size, self.mode, self.align_corners = size, mode, align_corners
+        self.scale_factor = float(scale_factor) if isinstance(scale_factor, (int, float)) \
+            else (tuple(float(f) for f in scale_factor) if scale_factor else None)
+        self.recompute_scale_factor = recompute_scale_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             self.recompute_scale_factor)
+
+    def extra_repr(self) -> str:
+        what = f"scale_factor={self.scale_factor}" if self.scale_factor is not None else \
+            f"size={self.size}"
+        return f"{what}, mode={self.mode!r}"

@@ -127,6 +127,7 @@ MODULE_CASES = [
     ("Conv1d", (3, 4, 3), (2, 3, 9)), ("Conv1d", (4, 2, 2, 2, 1, 1, 2, False), (2, 4, 7)),
     ("ConvTranspose2d", (3, 2, 3), (2, 3, 4, 4)),
     ("ConvTranspose2d", (4, 6, 3, 2, 1, 1, 2), (2, 4, 3, 5)),
+    ("Upsample", (None, 2), (2, 3, 3, 4)), ("Upsample", ((4, 5), None, "bilinear"), (1, 2, 3, 3)),
 ]
 
 
@@ -169,6 +170,8 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d():
     (lambda: F.conv_transpose2d(gm.zeros((1, 2, 4, 4)), gm.zeros((2, 3, 3, 3)), stride=2,
                                 output_padding=2), "output_padding"),
     (lambda: F.adaptive_avg_pool2d(gm.zeros((2, 3)), 1), "3-D or 4-D input"),
+    (lambda: F.interpolate(gm.zeros((2, 3, 4)), size=5, mode="bilinear"), "expects a 4-D"),
+    (lambda: F.interpolate(gm.zeros((2, 3, 4)), size=5, mode="bicubic"), "not supported"),
 ])
 def test_errors_name_op_and_shapes(call, match):
     with pytest.raises((OpError, NotImplementedError), match=match):
@@ -206,6 +209,7 @@ def _layers(lib, p, x):
     y = nf.group_norm(y.reshape(-1, 2, 3), 2, p["w"][:2], p["b"][:2])
     y = nf.adaptive_avg_pool2d(y.reshape(-1, 1, 2, 3), (1, 2))
     y = nf.conv_transpose2d(y, p["w"].reshape(1, 1, 1, 3), stride=2, output_padding=1)
+    y = nf.interpolate(y, scale_factor=2, mode="bilinear") + nf.interpolate(y, scale_factor=2)
     return (nf.rms_norm(y, (y.shape[-1],), eps=1e-3) ** 2).sum()
 
 

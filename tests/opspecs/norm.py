@@ -1,5 +1,5 @@
 """Specs for ``gradmesh.core.ops.norm``, ``.conv`` and ``.activation`` and the functional
-compositions over them (batch/group/RMS norm, pad, adaptive pooling, conv1d, transposed
+compositions over them (batch/group/RMS norm, pad, adaptive pooling, interpolate, conv1d, transposed
 conv2d, silu/mish/hardswish), each against the matching ``torch.nn.functional`` call."""
 from __future__ import annotations
 
@@ -108,6 +108,22 @@ for out in (1, (2, 3), (3, None), (5, 4)):
          lambda gm, x, o=out: F.adaptive_avg_pool2d(x, o),
          lambda torch, x, o=out: _tf(torch).adaptive_avg_pool2d(x, o),
          [((2, 3, 7, 5),), ((2, 5, 9),)])
+
+_INTERP_CASES = {
+    "nearest-size": (dict(size=(5, 7)), [((2, 3, 3, 4),)]),
+    "nearest-scale2": (dict(scale_factor=2), [((1, 2, 3, 3),), ((2, 2, 5),)]),
+    "nearest-down": (dict(size=(2, 3), mode="nearest"), [((1, 2, 5, 7),)]),
+    "bilinear-scale": (dict(scale_factor=(2, 1.5), mode="bilinear"), [((2, 2, 3, 4),)]),
+    "bilinear-size-down": (dict(size=(2, 5), mode="bilinear"), [((1, 2, 5, 3),)]),
+    "bilinear-align": (dict(size=(6, 4), mode="bilinear", align_corners=True),
+                       [((1, 2, 3, 3),)]),
+    "linear": (dict(scale_factor=2.5, mode="linear"), [((2, 3, 4),)]),
+    "linear-recompute": (dict(scale_factor=1.7, mode="linear", recompute_scale_factor=True),
+                         [((2, 1, 6),)]),
+}
+for case, (kw, shapes) in _INTERP_CASES.items():
+    spec(f"interpolate-{case}", ["matmul"], lambda gm, x, kw=kw: F.interpolate(x, **kw),
+         lambda torch, x, kw=kw: _tf(torch).interpolate(x, **kw), shapes)
 
 # ==================================================================== convolution ======
 
