@@ -364,7 +364,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
 
 # ============================================ activations, padding, norms, convolutions ======
 # (silu, mish, hardswish, pad, batch_norm, group_norm, rms_norm, adaptive_avg_pool2d,
-# conv1d, conv_transpose2d): primitives in gradmesh.core.ops.activation, .conv and .norm.
+# interpolate, conv1d, conv_transpose2d): primitives in gradmesh.core.ops.activation,
+# .conv and .norm; the rest composes existing ops (layer_norm, matmul, conv2d's pair).
 
 __all__ += ["silu", "mish", "hardswish", "pad", "batch_norm", "group_norm", "rms_norm",
             "adaptive_avg_pool2d", "interpolate", "conv1d", "conv_transpose2d"]

@@ -1001,7 +1001,7 @@ class BCEWithLogitsLoss(Module):
 
 # ================================= activations, norms, adaptive pooling, convolutions =====
 # (SiLU, Mish, Hardswish, BatchNorm1d/2d, GroupNorm, RMSNorm, AdaptiveAvgPool2d, Conv1d,
-# ConvTranspose2d), over the functions of the same section of nn/functional.py.
+# ConvTranspose2d, Upsample), over the functions of the same section of nn/functional.py.
 
 class _InplaceActivation(Module):
     """An elementwise activation with torch's (ignored) ``inplace`` flag."""
