@@ -997,3 +997,290 @@ class BCEWithLogitsLoss(Module):
         return F.binary_cross_entropy_with_logits(
             input, target, weight=self.weight, reduction=self.reduction,
             pos_weight=self.pos_weight)
+
+
+# ================================= activations, norms, adaptive pooling, convolutions =====
+# (SiLU, Mish, Hardswish, BatchNorm1d/2d, GroupNorm, RMSNorm, AdaptiveAvgPool2d, Conv1d,
+# ConvTranspose2d, Upsample), over the functions of the same section of nn/functional.py.
+
+class _InplaceActivation(Module):
+    """An elementwise activation with torch's (ignored) ``inplace`` flag."""
+    _fn: Callable[[Tensor], Tensor]
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace      # accepted for torch compatibility; results are new tensors
+
+    def forward(self, x: Tensor) -> Tensor:
+        return type(self)._fn(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class SiLU(_InplaceActivation):
+    _fn = F.silu
+
+
+class Mish(_InplaceActivation):
+    _fn = F.mish
+
+
+class Hardswish(_InplaceActivation):
+    _fn = F.hardswish
+
+
+def _ones_and_zeros(module: Module, shape: tuple, affine: bool, bias: bool, dtype,
+                    device) -> None:
+    """``weight`` (ones) and ``bias`` (zeros) Parameters of ``shape`` where ``affine`` (and
+    ``bias``), None placeholders otherwise."""
+    for name, wanted, fill in (("weight", affine, init.ones_), ("bias", affine and bias,
+                                                                 init.zeros_)):
+        if wanted:
+            setattr(module, name, Parameter(_empty(shape, dtype, device)))
+            fill(getattr(module, name))
+        else:
+            module.register_parameter(name, None)
+
+
+class _BatchNorm(Module):
+    """Batch normalisation over (N, C, *) as torch's: batch statistics in training (and
+    when no running statistics are tracked), running ones in eval. ``momentum=None`` makes
+    the running statistics a cumulative average over ``num_batches_tracked`` batches.
+
+    Updating the running statistics writes the module's buffers, which a traced graph
+    cannot do: trace a model with BatchNorm in eval mode (``model.eval()``)."""
+    _ndims: tuple
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, bias: bool = True):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        _ones_and_zeros(self, (num_features,), affine, bias, dtype, device)
+        if track_running_stats:
+            self.register_buffer("running_mean", _empty((num_features,), dtype, device))
+            self.register_buffer("running_var", _empty((num_features,), dtype, device))
+            self.register_buffer("num_batches_tracked", Tensor(
+                backend.xp_for(device).zeros((), dtype=np.int64)))
+            self.reset_running_stats()
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim not in self._ndims:
+            raise ValueError(f"{type(self).__name__}: expected "
+                             f"{' or '.join(f'{d}D' for d in self._ndims)} input (got "
+                             f"{x.ndim}D input of shape {tuple(x.shape)})")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked.item())
+        use_batch = self.training or self.running_mean is None
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if keep else None,
+                            self.running_var if keep else None, self.weight, self.bias,
+                            use_batch, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) or (N, C, L)."""
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W)."""
+    _ndims = (4,)
+
+
+class GroupNorm(Module):
+    """Normalise (N, C, *) over groups of C / num_groups channels; per-channel affine."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True):
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
+                             f"num_groups ({num_groups})")
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.eps, self.affine = eps, affine
+        _ones_and_zeros(self, (num_channels,), affine, bias, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
+
+
+class RMSNorm(Module):
+    """x / sqrt(mean(x², trailing dims) + eps) * weight; ``eps=None``: the dtype's eps."""
+
+    def __init__(self, normalized_shape, eps: float | None = None,
+                 elementwise_affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        if elementwise_affine:
+            self.weight = Parameter(_empty(self.normalized_shape, dtype, device))
+            init.ones_(self.weight)
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class AdaptiveAvgPool2d(Module):
+    """Mean over torch's adaptive windows, to ``output_size`` (H, W) (None: keep it)."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+def _check_conv(name: str, in_channels: int, out_channels: int, groups: int,
+                padding_mode: str) -> None:
+    if groups <= 0 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"{name}: in_channels ({in_channels}) and out_channels "
+                         f"({out_channels}) must both be divisible by groups ({groups})")
+    if padding_mode != "zeros":
+        raise NotImplementedError(f"{name}: padding_mode={padding_mode!r} is not supported; "
+                                  f"use 'zeros' (or F.pad before the convolution)")
+
+
+def _single(v, name: str) -> tuple[int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 1:
+            raise ValueError(f"{name} must be an int or a 1-tuple, got {v!r}")
+        return (int(v[0]),)
+    return (int(v),)
+
+
+def _conv_repr(conv: Module, **defaults) -> str:
+    """torch's ConvNd repr: the attributes in ``defaults`` only where they differ."""
+    s = (f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}, "
+         f"stride={conv.stride}")
+    for name, default in defaults.items():
+        if getattr(conv, name) != default:
+            s += f", {name}={getattr(conv, name)}"
+    if conv.groups != 1:
+        s += f", groups={conv.groups}"
+    return s + (", bias=False" if conv.bias is None else "")
+
+
+class Conv1d(Module):
+    """1-D convolution over (N, C_in, L); weight (C_out, C_in // groups, k)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None):
+        super().__init__()
+        _check_conv("Conv1d", in_channels, out_channels, groups, padding_mode)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _single(kernel_size, "kernel_size")
+        self.stride, self.dilation = _single(stride, "stride"), _single(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _single(padding, "padding")
+        self.padding_mode = padding_mode
+        self.weight = Parameter(_empty((out_channels, in_channels // groups) +
+                                       self.kernel_size, dtype, device))
+        if bias:
+            self.bias = Parameter(_empty((out_channels,), dtype, device))
+        else:
+            self.register_parameter("bias", None)
+        _reset_weight_and_bias(self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self) -> str:
+        return _conv_repr(self, padding=(0,), dilation=(1,))
+
+
+class ConvTranspose2d(Module):
+    """Transposed 2-D convolution; weight (C_in, C_out // groups, kH, kW)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        _check_conv("ConvTranspose2d", in_channels, out_channels, groups, padding_mode)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.output_padding = _pair(output_padding, "output_padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+        self.weight = Parameter(_empty((in_channels, out_channels // groups) +
+                                       self.kernel_size, dtype, device))
+        if bias:
+            self.bias = Parameter(_empty((out_channels,), dtype, device))
+        else:
+            self.register_parameter("bias", None)
+        _reset_weight_and_bias(self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding,
+                                  self.output_padding, self.groups, self.dilation)
+
+    def extra_repr(self) -> str:
+        return _conv_repr(self, padding=(0, 0), output_padding=(0, 0), dilation=(1, 1))
+
+
+class Upsample(Module):
+    """``F.interpolate`` as a layer: to ``size`` or by ``scale_factor``."""
+
+    def __init__(self, size=None, scale_factor=None, mode: str = "nearest",
+                 align_corners: bool | None = None, recompute_scale_factor: bool | None = None):
+        super().__init__()
+        self.size, self.mode, self.align_corners = size, mode, align_corners
+        self.scale_factor = float(scale_factor) if isinstance(scale_factor, (int, float)) \
+            else (tuple(float(f) for f in scale_factor) if scale_factor else None)
+        self.recompute_scale_factor = recompute_scale_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             self.recompute_scale_factor)
+
+    def extra_repr(self) -> str:
+        what = f"scale_factor={self.scale_factor}" if self.scale_factor is not None else \
+            f"size={self.size}"
+        return f"{what}, mode={self.mode!r}"
