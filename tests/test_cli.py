@@ -132,7 +132,10 @@ def test_server_logs_carry_the_same_fields_as_text_and_as_json(start_worker, cap
         assert line.split()[2:5] == [record["level"], record["logger"], record["msg"]], line
         fields = _text_fields(line)
         assert set(fields) == set(record) - {"time", "level", "logger", "msg"}, line
-        for key in set(fields) - {"address", "peer", "duration_ms"}:   # differ per server
+        for key in set(fields) - {"address", "peer", "duration_ms", "request_id"}:  # per call
             assert fields[key] == record[key], (key, line)
         assert all(isinstance(fields[k], float) for k in ("duration_ms",) if k in fields)
     assert _text_fields(lines["text"][2])["error"] == errors["text"]
+    # Every line of a call carries its request id, the one the client got back.
+    assert all(r["request_id"] for r in records[1:]) and "request_id" not in records[0]
+    assert all(_text_fields(ln)["request_id"] for ln in lines["text"][1:])

@@ -56,16 +56,16 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
     ``x-request-id`` trailing metadata."""
     details = []
     rid = request_id.get()
-    if rid:
-        info = any_pb2.Any()
-        info.Pack(error_details_pb2.RequestInfo(request_id=rid))
-        details.append(info)
     if field is not None:
         bad = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])
         detail = any_pb2.Any()
         detail.Pack(bad)
         details.append(detail)
+    if rid:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.RequestInfo(request_id=rid))
+        details.append(info)
     status = status_pb2.Status(code=code.value[0], message=message, details=details)
     plain = rpc_status.to_status(status)
     trailers = tuple(plain.trailing_metadata) + (((REQUEST_ID_KEY, rid),) if rid else ())

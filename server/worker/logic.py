@@ -104,11 +104,29 @@ class GradientWorker:
                 # Name the field as the request has it: "graph.nodes[3].op".
                 raise ServiceError(runtime.status_code(e.code), e.message,
                                    f"{field}.{e.field}" if e.field else field) from None
+            self._check_devices(graph, field)
             registered = RegisteredGraph.of(validated)
             self._graphs.put(validated.id, registered)
             if given_id != validated.id:        # sent again as it was: found without work
                 self._graphs.put(given_id, registered)
         return registered
+
+    def _check_devices(self, graph: graph_pb2.Graph, field: str) -> None:
+        """FAILED_PRECONDITION for a ``to_device`` to a device this worker lacks (a CPU
+        worker has no CUDA), naming the node, before anything runs."""
+        if self.backend == "cuda":
+            return
+        for i, node in enumerate(graph.nodes):
+            if node.op != "to_device":
+                continue
+            for attr in node.attrs:
+                if attr.name == "device" and attr.WhichOneof("value") == "s" and \
+                        attr.s != self.backend:
+                    raise ServiceError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"node {i} moves a tensor to {attr.s!r}, and this worker's backend "
+                        f"is {self.backend!r}: send the graph to a {attr.s} worker",
+                        f"{field}.nodes[{i}].attrs.device")
 
     def lookup(self, graph_id: str, field: str = "graph_id"):
         """The validated graph of a registered id (NOT_FOUND if unknown or evicted)."""
