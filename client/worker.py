@@ -34,7 +34,7 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core.tensor import Tensor
 from gradmesh.v1 import graph_pb2, worker_pb2
 from gradmesh.wire import errors, sharedmem
-from gradmesh.wire.channel import channel, metadata
+from gradmesh.wire.channel import call_metadata, channel, metadata
 from gradmesh.wire.stream import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from gradmesh.wire.worker import SHARED, STREAM, UNARY, Reply, Request, WorkerTransport, data_names
 
@@ -164,7 +164,7 @@ class WorkerClient(WorkerTransport):
         for attempt in range(self.retries + 1):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return fn(timeout=left, metadata=self._metadata)
+                return fn(timeout=left, metadata=call_metadata(self._metadata))
             except grpc.RpcError as e:
                 retry = (e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
                          and (deadline is None or time.monotonic() + delay < deadline))
