@@ -141,6 +141,24 @@ class WorkerClient(WorkerTransport):
         # Graph id as computed here -> the worker's id (that of the canonical form).
         self._registered: dict[str, str] = {}
         self.shared_memory_min_bytes = shared_memory_min_bytes
+        self._fitted = False            # to the worker's limits (Capabilities), once
+
+    def _fit_to_worker(self, timeout: float | None) -> None:
+        """Learn the worker's message limit (Capabilities, once): requests over it go
+        over the stream in chunks it accepts, instead of failing RESOURCE_EXHAUSTED."""
+        if self._fitted:
+            return
+        try:
+            caps = self.capabilities(timeout)
+        except errors.GradmeshError:
+            return                      # asked again on the next call
+        self._fitted = True
+        self.fit_limits(caps.limits)
+        peer = int(caps.limits.max_message_bytes)
+        if peer:
+            self.stream_threshold = min(self.stream_threshold, peer - min(MiB, peer // 2))
+        if self._shared is None:
+            self._shared = bool(caps.shared_memory)
 
     # ------------------------------------------------------------------ lifecycle ----
 
@@ -240,6 +258,7 @@ class WorkerClient(WorkerTransport):
         data_arrays = list(zip(request.data_names, arrays))
         data_bytes = request.data_bytes
         total = request.param_bytes + data_bytes
+        self._fit_to_worker(timeout)
         by_bytes = STREAM if total > self.stream_threshold else UNARY
         shared = (total - data_bytes >= self.shared_memory_min_bytes
                   and data_bytes < self.stream_threshold

@@ -86,6 +86,11 @@ class WorkerHandle(WorkerTransport):
         self.backend = caps.backend
         self._shared = self.segments is not None and caps.shared_memory
         self.parameter_cache_bytes = caps.limits.parameter_cache_bytes
+        # Unary requests and stream chunks within the worker's message limit too.
+        self.fit_limits(caps.limits)
+        if caps.limits.max_message_bytes:
+            self.max_message_bytes = min(self.max_message_bytes,
+                                         int(caps.limits.max_message_bytes))
         self.kept = None
         self.state, self.reason = "ready", ""
 

@@ -35,9 +35,16 @@ BACKENDS = ("cpu", "cuda")
 
 
 def check_limits(limits: WorkerLimits) -> None:
-    if not stream.MIN_CHUNK_BYTES <= limits.chunk_bytes <= stream.MAX_CHUNK_BYTES:
-        raise runtime.ConfigError(f"chunk_bytes must be between {stream.MIN_CHUNK_BYTES} "
+    if not 1 <= limits.chunk_bytes <= stream.MAX_CHUNK_BYTES:
+        raise runtime.ConfigError(f"--chunk-bytes must be between {stream.MIN_CHUNK_BYTES} "
                                   f"and {stream.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}")
+    if limits.chunk_bytes + stream.FRAME_OVERHEAD_BYTES > limits.max_message_bytes:
+        raise runtime.ConfigError(
+            f"--chunk-bytes {limits.chunk_bytes} does not fit --max-message-bytes "
+            f"{limits.max_message_bytes}: a streamed reply's messages are a chunk plus "
+            f"{stream.FRAME_OVERHEAD_BYTES} bytes; lower --chunk-bytes to at most "
+            f"{limits.max_message_bytes - stream.FRAME_OVERHEAD_BYTES} or leave it unset "
+            f"(derived from --max-message-bytes)")
     for name in ("max_graph_nodes", "max_tensor_elements", "max_message_bytes",
                  "max_stream_bytes", "max_concurrent_requests"):
         if getattr(limits, name) < 1:
