@@ -149,6 +149,15 @@ def _check_readable(flag: str, path: str | None) -> None:
         raise ConfigError(f"{flag} {path}: cannot read it: {e.strerror or e}") from None
 
 
+def check_address(flag: str, address: str) -> str:
+    """``address`` if it is ``host:port`` (``[v6]:port``) with a port 1..65535, else
+    ConfigError naming ``flag``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{flag}: {address!r} is not host:port (port 1..65535)")
+    return address
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -115,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
                           max_stream_bytes=args.max_stream_bytes,
                           chunk_bytes=args.chunk_bytes)     # None: fit to the message limit
     try:
+        for flag, address in (("--coordinator", args.coordinator),
+                              ("--advertise", args.advertise)):
+            if address:
+                runtime.check_address(flag, address)
         peer = runtime.peer_config_from_args(args, config)
         running = start(args.backend, config=config, limits=limits,
                         graph_cache_size=args.graph_cache_size,
