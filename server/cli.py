@@ -2,7 +2,9 @@
 
 Errors end in one line on stderr, never a traceback: exit 2 for a bad flag or
 configuration, 1 for a failed call or anything unexpected (``--debug`` or
-``GRADMESH_DEBUG=1`` shows the traceback). Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``GRADMESH_DEBUG=1`` shows the traceback).
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; it is imported only when used, so ``gradmesh worker`` never loads
 the demo's plotting libraries.
 """

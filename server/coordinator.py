@@ -23,11 +23,11 @@ from gradmesh.server.jobs import Coordinator
 from gradmesh.server.runtime import (
     ConfigError,
     PeerConfig,
-    check_address,
     ServerConfig,
     ServiceError,
     add_peer_arguments,
     add_server_arguments,
+    check_address,
     config_from_args,
     configure_logging,
     env_default,

@@ -12,12 +12,11 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from conftest import free_port
 
 from gradmesh.server import cli, runtime
 from gradmesh.server.cli import COMMANDS, main
 from gradmesh.v1 import worker_pb2, worker_pb2_grpc
-
-from conftest import free_port
 
 
 def test_top_level_help_lists_every_command(capsys):

@@ -21,8 +21,6 @@ from grpc_status import rpc_status
 from .channel import REQUEST_ID_KEY
 
 
-
-
 class GradmeshError(Exception):
     """A gradmesh call failed: ``code`` (grpc.StatusCode), the server's ``message``, the
     offending request ``field`` and the server's ``request_id`` (to find its log lines)."""

@@ -65,4 +65,5 @@ __all__ = ["ServerConfig", "ServiceError", "ConfigError", "RunningServer", "Peer
            # and what the other modules of gradmesh.server and its tests read from here
            "ALLOCATOR_VARIABLES", "DEFAULT_MAX_CONCURRENT_REQUESTS", "DEFAULT_MAX_MESSAGE_BYTES",
            "HEALTH_PREFIX", "JsonFormatter", "MiB", "ServiceSpec", "TextFormatter",
-           "check_address", "check_config", "env_flag", "get_metrics", "is_loopback", "metric", "steady_heap"]
+           "check_address", "check_config", "env_flag", "get_metrics", "is_loopback", "metric",
+           "steady_heap"]

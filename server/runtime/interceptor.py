@@ -15,10 +15,15 @@ from typing import Iterator
 import grpc
 
 from gradmesh.server.runtime.config import ServerConfig
-from gradmesh.server.runtime.errors import (abort, is_typed_error, message_of, resource_error,
-                                            status_code)
-from gradmesh.wire.channel import REQUEST_ID_KEY, request_id
+from gradmesh.server.runtime.errors import (
+    abort,
+    is_typed_error,
+    message_of,
+    resource_error,
+    status_code,
+)
 from gradmesh.server.runtime.metrics import get_metrics
+from gradmesh.wire.channel import REQUEST_ID_KEY, request_id
 
 log = logging.getLogger("gradmesh.server")
 

@@ -20,7 +20,7 @@ from gradmesh.server.runtime.config import ConfigError, ServerConfig, check_conf
 from gradmesh.server.runtime.decode_check import DecodeCheckingServer
 from gradmesh.server.runtime.interceptor import Interceptor
 from gradmesh.server.runtime.logs import configure_logging
-from gradmesh.server.runtime.metrics import get_metrics, start_metrics_server
+from gradmesh.server.runtime.metrics import start_metrics_server
 from gradmesh.server.runtime.tls import server_credentials
 
 # Servers and clients share the message-size and keepalive options (client/channel.py).

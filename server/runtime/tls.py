@@ -7,8 +7,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from gradmesh.server.runtime.config import (ConfigError, ServerConfig, env_default, env_flag,
-                                            read_token_file)
+from gradmesh.server.runtime.config import (
+    ConfigError,
+    ServerConfig,
+    env_default,
+    env_flag,
+    read_token_file,
+)
 
 # One TLS description for every gradmesh connection (client/channel.py builds them).
 from gradmesh.wire.channel import TLS
