@@ -141,7 +141,10 @@ class Interceptor(grpc.ServerInterceptor):
             try:
                 self._record(method, context, outcome, start)
             finally:
-                request_id.reset(token)
+                try:
+                    request_id.reset(token)
+                except ValueError:      # a stream's generator closed from another thread
+                    request_id.set(None)
 
     def _fail(self, method: str, context, exc: BaseException, outcome: _Outcome) -> None:
         """Turn an exception into a status (raising, as context.abort does)."""
