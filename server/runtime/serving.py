@@ -74,6 +74,7 @@ class RunningServer:
         done = self.server.stop(self.config.grace if grace is None else grace)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         done.wait()
 
     def wait(self, handle_signals: bool = True) -> None:
