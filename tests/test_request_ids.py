@@ -18,7 +18,7 @@ from gradmesh.server.runtime import ServerConfig
 from gradmesh.server.runtime.logs import RequestIdFilter
 from gradmesh.server.shard import serve_shard
 from gradmesh.server.shard_store import ShardStore
-from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 from gradmesh.wire import channel as wire_channel
 from gradmesh.wire.errors import from_rpc_error
 
@@ -121,13 +121,20 @@ def test_one_exception_class_per_status_code():
 
 
 def test_worker_failed_precondition_reaches_python_as_failed_precondition():
-    with worker_mod.start("cpu") as running:
-        from gradmesh.client import WorkerClient
-        with WorkerClient(running.address) as client:
-            stub = worker_pb2_grpc.WorkerStub(client.channel)
-            with pytest.raises(grpc.RpcError) as e:
-                stub.ComputeGradients(worker_pb2.ComputeGradientsRequest(
-                    graph_id="0" * 64, parameter_set="nope"), timeout=10)
-    err = from_rpc_error(e.value)
-    assert type(err) is {grpc.StatusCode.NOT_FOUND: NotFound,
-                         grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition}[err.code]
+    """FAILED_PRECONDITION used to come back as InvalidArgument: a graph moving a tensor
+    to CUDA, sent to a CPU worker, raises FailedPrecondition naming the node."""
+    from test_bad_requests import W, X, hand_graph
+
+    from gradmesh.client import InvalidArgument, WorkerClient
+    from gradmesh.v1 import graph_pb2
+    g = hand_graph()
+    g.nodes.insert(1, graph_pb2.Node(op="to_device", inputs=[2], attrs=[
+        graph_pb2.Attribute(name="device", s="cuda")]))
+    g.nodes[2].inputs[:] = [3]
+    g.outputs[0].value = 4
+    with worker_mod.start("cpu") as running, \
+            WorkerClient(running.address, shared_memory=False) as client:
+        with pytest.raises(FailedPrecondition) as e:
+            client.compute_gradients(g, {"w": W}, X)
+    assert not isinstance(e.value, InvalidArgument)
+    assert e.value.field.endswith("nodes[1].attrs.device") and e.value.request_id
