@@ -27,7 +27,8 @@ import numpy as np
 
 from gradmesh.core import graph as core_graph
 from gradmesh.core import optim
-from gradmesh.core.tensor import Tensor, from_numpy
+from gradmesh.core.factories import from_numpy
+from gradmesh.core.tensor import Tensor
 from gradmesh.v1 import coordinator_pb2
 from gradmesh.wire.coordinator import CoordinatorConnection
 from gradmesh.wire.shard import optimizer_to_proto

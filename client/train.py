@@ -104,7 +104,7 @@ def _unknown(table: dict, allowed: set[str], where: str) -> None:
                           f"{sorted(allowed)}")
 
 
-_LAYER_KEYS = {
+_LAYER_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "linear": {"in": (int, ...), "out": (int, ...), "bias": (bool, True)},
     "conv2d": {"in_channels": (int, ...), "out_channels": (int, ...),
                "kernel_size": (int, ...), "stride": (int, 1), "padding": (int, 0)},
@@ -123,7 +123,7 @@ def build_model(layers: list, seed: int = 0):
         raise ConfigError("model.layers: expected a non-empty list of tables like "
                           "{ type = \"linear\", in = 64, out = 10 }")
     gm.manual_seed(seed)
-    modules = []
+    modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
         where = f"model.layers[{i}]"
         if not isinstance(layer, dict):

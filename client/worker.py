@@ -302,8 +302,9 @@ class WorkerClient(WorkerTransport):
                loss_scale, type(seed), seed)
         try:
             hit = self._requests.get(key)
+            cacheable = True
         except TypeError:           # an unhashable option (a 0-d array): not cached
-            hit = key = None
+            hit, cacheable = None, False
         if hit is not None:
             return hit
         request = Request.build(
@@ -311,7 +312,7 @@ class WorkerClient(WorkerTransport):
             sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in sig[0]),
             sum(math.prod(shape) * dtype.itemsize for shape, dtype in sig[1]))
         # -0.0 == 0.0, but they serialize differently.
-        if key is not None and loss_scale != 0:
+        if cacheable and loss_scale != 0:
             requests = self._requests
             if len(requests) >= REQUEST_CACHE_ENTRIES:
                 requests.clear()

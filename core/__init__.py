@@ -7,25 +7,29 @@
 >>> w.grad.tolist()
 [[3.0], [4.0]]
 """
-from . import autograd, dtypes, ops  # noqa: F401  (ops fills the registry)
-from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
-from .backend import cuda_available
-from .dtypes import DType, bool_ as bool, float16, float32, float64, int32, int64
-from .random import Generator, initial_seed, manual_seed
-from .registry import REGISTRY, OpError
-from .tensor import (Tensor, arange, as_tensor, empty, eye, from_numpy, full, full_like,
-                     is_tensor, linspace, ones, ones_like, rand, rand_like, randint, randn,
-                     randn_like, randperm, tensor, zeros, zeros_like)
-from .tensor import _install_methods
-
-_install_methods()
-
-# Every public function of gradmesh.core.functional, under the same name as torch's.
-from . import functional as _functional  # noqa: E402
-globals().update({name: fn for name, fn in vars(_functional).items()
-                  if not name.startswith("_") and callable(fn)
-                  and getattr(fn, "__module__", None) == _functional.__name__})
+# The ops first: importing them fills the registry and, through it, loads the Tensor, the
+# dispatcher and the functional API in an order that their import cycles allow.
+from . import ops  # noqa: F401
+from . import autograd as autograd, dtypes as dtypes
+from ._api import *  # noqa: F401,F403  (every public function: gm.exp, gm.sum, ...)
+from .autograd import (enable_grad as enable_grad, is_grad_enabled as is_grad_enabled,
+                       no_grad as no_grad, set_grad_enabled as set_grad_enabled)
+from .backend import cuda_available as cuda_available
+from .dtypes import (DType as DType, float16 as float16, float32 as float32,
+                     float64 as float64, int32 as int32, int64 as int64)
+from .dtypes import bool_ as bool  # noqa: F401  (gm.bool, as torch.bool)
+from .factories import (arange as arange, as_tensor as as_tensor, empty as empty, eye as eye,
+                        from_numpy as from_numpy, full as full, full_like as full_like,
+                        is_tensor as is_tensor, linspace as linspace, ones as ones,
+                        ones_like as ones_like, rand as rand, rand_like as rand_like,
+                        randint as randint, randn as randn, randn_like as randn_like,
+                        randperm as randperm, tensor as tensor, zeros as zeros,
+                        zeros_like as zeros_like)
+from .random import (Generator as Generator, initial_seed as initial_seed,
+                     manual_seed as manual_seed)
+from .registry import REGISTRY as REGISTRY, OpError as OpError
+from .tensor import Tensor as Tensor
 
 half, float, double, long, int = float16, float32, float64, int64, int32
 
-from . import nn, optim  # noqa: E402,F401  (gm.nn.Linear, gm.optim.SGD)
+from . import nn as nn, optim as optim  # noqa: E402  (gm.nn.Linear, gm.optim.SGD)

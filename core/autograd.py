@@ -1,9 +1,10 @@
 """Reverse-mode automatic differentiation: grad mode, graph nodes and the backward engine."""
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Sequence
+from typing import Sequence
 
 class _State(threading.local):
     # Class-level defaults: a plain attribute read per op, never a failed lookup (getattr
@@ -38,8 +39,6 @@ class _GradMode:
         return False
 
     def __call__(self, fn):
-        import functools
-
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with type(self)():
@@ -117,20 +116,16 @@ def _topo_order(roots: Sequence[Node]) -> list[Node]:
     return order
 
 
-def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: bool,
-                 create_graph: bool, capture: Sequence | None = None,
-                 accumulate: bool = True) -> dict:
-    """Propagate ``grad_outputs`` from ``outputs`` back through the graph.
+_FREED = ("Trying to backward through the graph a second time (or directly access saved "
+          "tensors after they have already been freed). Saved intermediate values of the "
+          "graph are freed when you call .backward() or autograd.grad(). Specify "
+          "retain_graph=True if you need to backward through the graph a second time.")
 
-    With ``accumulate`` the gradients of leaves that require grad are added into ``.grad``
-    (``backward()``); tensors in ``capture`` have their total gradient returned by id
-    instead (``autograd.grad``).
-    """
-    from .tensor import Tensor, _reduce_grad
 
-    captured: dict[int, Tensor] = {}
-    capture_ids = {id(t) for t in capture} if capture else set()
-    pending: dict[int, Tensor] = {}
+def _seed(outputs, grad_outputs, pending: dict, captured: dict, capture_ids: set,
+          accumulate: bool) -> list[Node]:
+    """Hand each output's gradient to its node (``pending``), or to the output itself where
+    it is a leaf or captured; returns the nodes to start from."""
     roots = []
     for out, g in zip(outputs, grad_outputs):
         if id(out) in capture_ids:
@@ -144,6 +139,23 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
         roots.append(out.grad_fn)
         if out._retains_grad and accumulate:
             _accumulate_leaf(out, g, {})
+    return roots
+
+
+def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: bool,
+                 create_graph: bool, capture: Sequence | None = None,
+                 accumulate: bool = True) -> dict:
+    """Propagate ``grad_outputs`` from ``outputs`` back through the graph.
+
+    With ``accumulate`` the gradients of leaves that require grad are added into ``.grad``
+    (``backward()``); tensors in ``capture`` have their total gradient returned by id
+    instead (``autograd.grad``).
+    """
+    wrap_out, reduce_grad = _tensor.Tensor._from_node, _unbroadcast.unbroadcast
+    captured: dict[int, _tensor.Tensor] = {}
+    capture_ids = {id(t) for t in capture} if capture else set()
+    pending: dict[int, _tensor.Tensor] = {}
+    roots = _seed(outputs, grad_outputs, pending, captured, capture_ids, accumulate)
 
     # Non-leaf captured tensors: their total gradient is what reaches their node.
     capture_nodes = {id(t.grad_fn): t for t in capture or () if t.grad_fn is not None}
@@ -156,12 +168,7 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             if g is None:
                 continue
             if node.freed:
-                raise RuntimeError(
-                    "Trying to backward through the graph a second time (or directly access "
-                    "saved tensors after they have already been freed). Saved intermediate "
-                    "values of the graph are freed when you call .backward() or "
-                    "autograd.grad(). Specify retain_graph=True if you need to backward "
-                    "through the graph a second time.")
+                raise RuntimeError(_FREED)
             if capture_nodes:
                 t_node = capture_nodes.get(id(node))
                 if t_node is not None:
@@ -171,7 +178,7 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             if vjp is None:
                 raise RuntimeError(f"{op.name}: no derivative is defined for this op")
             inputs = node.inputs
-            out = Tensor._from_node(node) if op.saves_out else None
+            out = wrap_out(node) if op.saves_out else None
             grads = vjp(g, out, *inputs, **node.attrs)
             if len(grads) != len(inputs):
                 raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "
@@ -179,7 +186,8 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             for t, gi in zip(inputs, grads):
                 if gi is None or not t.requires_grad:
                     continue
-                gi = _reduce_grad(gi, t)
+                if op.broadcast:
+                    gi = reduce_grad(gi, t)
                 child = t.grad_fn
                 if child is None:
                     if capture_ids:
@@ -247,15 +255,6 @@ def _memory_owner(t):
 
 
 @contextmanager
-def _grad_mode(mode: bool):
-    prev = _set_grad(mode)
-    try:
-        yield
-    finally:
-        _set_grad(prev)
-
-
-@contextmanager
 def _engine_mode(create_graph: bool):
     """Grad mode for running vjps; without create_graph their ops also skip validation."""
     prev = _state.grad, _state.trusted
@@ -269,8 +268,7 @@ def _engine_mode(create_graph: bool):
 def backward(tensors, grad_tensors=None, retain_graph: bool | None = None,
              create_graph: bool = False) -> None:
     """Compute the gradients of ``tensors`` and accumulate them into the leaves' ``.grad``."""
-    from .tensor import Tensor
-    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    tensors = [tensors] if isinstance(tensors, _tensor.Tensor) else list(tensors)
     grads = _make_grads(tensors, grad_tensors, "backward")
     if retain_graph is None:
         retain_graph = create_graph
@@ -287,7 +285,7 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
     >>> gm.autograd.grad(g, x)[0].item()   # d2/dx2 x^3 = 6x
     18.0
     """
-    from .tensor import Tensor
+    Tensor = _tensor.Tensor
     outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
     inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
     for i, t in enumerate(inputs):
@@ -309,7 +307,7 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
 
 
 def _make_grads(outputs, grad_outputs, fn: str) -> list:
-    from .tensor import Tensor, ones_like
+    Tensor = _tensor.Tensor
     if grad_outputs is None:
         grad_outputs = [None] * len(outputs)
     elif isinstance(grad_outputs, Tensor):
@@ -328,10 +326,9 @@ def _make_grads(outputs, grad_outputs, fn: str) -> list:
                 raise RuntimeError(f"grad can be implicitly created only for scalar outputs; "
                                    f"this output has shape {tuple(out.shape)}: pass "
                                    f"gradient=<tensor of that shape> to backward()")
-            g = ones_like(out)
+            g = factories.ones_like(out)
         elif not isinstance(g, Tensor):
-            from .tensor import tensor
-            g = tensor(g, dtype=out.dtype)
+            g = factories.tensor(g, dtype=out.dtype)
         if tuple(g.shape) != tuple(out.shape):
             raise RuntimeError(f"{fn}: gradient has shape {tuple(g.shape)} but the output has "
                                f"shape {tuple(out.shape)}")
@@ -340,3 +337,8 @@ def _make_grads(outputs, grad_outputs, fn: str) -> list:
 
 
 __all__ = ["backward", "grad", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled"]
+
+# Last: tensors carry this module's Nodes (cycles: these modules import this one). The
+# tensor module first: it defines Tensor before anything it imports needs it.
+from . import tensor as _tensor  # noqa: E402,I001
+from . import factories, unbroadcast as _unbroadcast  # noqa: E402

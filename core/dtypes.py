@@ -9,7 +9,7 @@ class DType:
 
     __slots__ = ("name", "np", "is_floating_point", "itemsize")
 
-    def __init__(self, name: str, np_dtype: np.dtype):
+    def __init__(self, name: str, np_dtype: type | np.dtype):
         self.name = name
         self.np = np.dtype(np_dtype)
         self.is_floating_point = self.np.kind == "f"

@@ -10,13 +10,15 @@ import builtins
 import collections
 import math
 import numbers
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import dtypes
-from .registry import REGISTRY, OpError, broadcast_shapes, norm_dim, norm_dims
-from .tensor import Tensor, zeros_like, ones_like  # noqa: F401  (re-exported)
+from .backend import xp_of
+from .factories import tensor
+from .registry import REGISTRY, OpError, broadcast_shapes, norm_dim, norm_dims, public
+from .tensor import Tensor
 
 
 def _op(name: str):
@@ -43,7 +45,6 @@ def _scalar(value, like: Tensor) -> Tensor:
 
 
 def _xp(t: Tensor):
-    from .backend import xp_of
     return xp_of(t._data)
 
 
@@ -55,7 +56,6 @@ def _pair(a, b):
         if isinstance(b, Tensor):
             a = _scalar(a, b) if isinstance(a, numbers.Number) else Tensor(a)
         else:
-            from .tensor import tensor
             a = tensor(a)
     if not isinstance(b, Tensor):
         b = _scalar(b, a) if isinstance(b, numbers.Number) else Tensor(b)
@@ -64,20 +64,24 @@ def _pair(a, b):
 
 # ===================================================================== arithmetic ======
 
+@public(method=True)
 def add(a, b, alpha=1) -> Tensor:
     a, b = _pair(a, b)
     return _op("add")(a, b if alpha == 1 else mul(b, alpha))
 
 
+@public(method=True)
 def sub(a, b, alpha=1) -> Tensor:
     a, b = _pair(a, b)
     return _op("sub")(a, b if alpha == 1 else mul(b, alpha))
 
 
+@public(method=True)
 def mul(a, b) -> Tensor:
     return _op("mul")(*_pair(a, b))
 
 
+@public(method=True)
 def div(a, b, rounding_mode=None) -> Tensor:
     out = _op("div")(*_pair(a, b))
     if rounding_mode is not None:
@@ -90,6 +94,7 @@ multiply = mul
 subtract = sub
 
 
+@public(method=True)
 def neg(a) -> Tensor:
     return _op("neg")(a)
 
@@ -97,59 +102,67 @@ def neg(a) -> Tensor:
 negative = neg
 
 
+@public(method=True)
 def pow(a, exponent) -> Tensor:
     return _op("pow")(*_pair(a, exponent))
 
 
+@public(method=True)
 def square(a) -> Tensor:
     return mul(a, a)
 
 
+@public(method=True)
 def rsqrt(a) -> Tensor:
     return div(1.0, sqrt(a))
 
 
+@public(method=True)
 def reciprocal(a) -> Tensor:
     return div(1.0, a)
 
 
 # ===================================================================== unary math ======
 
-def _unary(name):
+def _unary(name: str, method: bool = False) -> Callable[[Tensor], Tensor]:
     def fn(a: Tensor) -> Tensor:
         return _op(name)(a)
     fn.__name__ = name
     fn.__doc__ = f"Elementwise {name}."
-    return fn
+    return public(fn, method=method)
 
 
-exp = _unary("exp")
-log = _unary("log")
-log1p = _unary("log1p")
-sqrt = _unary("sqrt")
-abs = _unary("abs")
-sign = _unary("sign")
-sin = _unary("sin")
-cos = _unary("cos")
-tanh = _unary("tanh")
-sigmoid = _unary("sigmoid")
-relu = _unary("relu")
+exp = _unary("exp", method=True)
+log = _unary("log", method=True)
+log1p = _unary("log1p", method=True)
+sqrt = _unary("sqrt", method=True)
+abs = _unary("abs", method=True)
+sign = _unary("sign", method=True)
+sin = _unary("sin", method=True)
+cos = _unary("cos", method=True)
+tanh = _unary("tanh", method=True)
+sigmoid = _unary("sigmoid", method=True)
+relu = _unary("relu", method=True)
 clone = _unary("clone")
-logical_not = _unary("logical_not")
+logical_not = _unary("logical_not", method=True)
 
 
+@public(method=True)
 def leaky_relu(a: Tensor, negative_slope: float = 0.01) -> Tensor:
     return _op("leaky_relu")(a, negative_slope=float(negative_slope))
 
 
+@public(method=True)
 def gelu(a: Tensor, approximate: str = "none") -> Tensor:
     return _op("gelu")(a, approximate=approximate)
 
 
+@public(method=True)
 def softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     return _op("softplus")(a, beta=float(beta), threshold=float(threshold))
 
 
+@public(method=True)
 def clamp(a: Tensor, min=None, max=None) -> Tensor:
     """``a`` limited to ``[min, max]``, in torch's result dtype: a float bound makes an
     integer tensor float32, an int bound a bool tensor int64.
@@ -176,17 +189,20 @@ def clamp(a: Tensor, min=None, max=None) -> Tensor:
                         max=None if max is None else float(max))
 
 
-clip = clamp
+clip = public(clamp, method=True, name="clip")
 
 
+@public(method=True)
 def maximum(a, b) -> Tensor:
     return _op("maximum")(*_pair(a, b))
 
 
+@public(method=True)
 def minimum(a, b) -> Tensor:
     return _op("minimum")(*_pair(a, b))
 
 
+@public(method=True)
 def where(cond, a, b) -> Tensor:
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         a = Tensor._wrap(_xp(cond).asarray(a, dtype=_literal_dtype(a).np))
@@ -212,32 +228,35 @@ def to_device(a: Tensor, device: str) -> Tensor:
 
 # ==================================================================== comparisons ======
 
-def _compare(name):
+def _compare(name: str, method: bool = False) -> Callable[..., Tensor]:
     def fn(a, b) -> Tensor:
         return _op(name)(*_pair(a, b))
     fn.__name__ = name
-    return fn
+    return public(fn, method=method)
 
 
-eq = _compare("eq")
-ne = _compare("ne")
-lt = _compare("lt")
-le = _compare("le")
-gt = _compare("gt")
-ge = _compare("ge")
-logical_and = _compare("logical_and")
-logical_or = _compare("logical_or")
+eq = _compare("eq", method=True)
+ne = _compare("ne", method=True)
+lt = _compare("lt", method=True)
+le = _compare("le", method=True)
+gt = _compare("gt", method=True)
+ge = _compare("ge", method=True)
+logical_and = _compare("logical_and", method=True)
+logical_or = _compare("logical_or", method=True)
 greater, less, greater_equal, less_equal, not_equal = gt, lt, ge, le, ne
 
 
+@public(method=True)
 def equal(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and builtins.bool(eq(a, b).all())
 
 
+@public(method=True)
 def allclose(a: Tensor, b: Tensor, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
     return builtins.bool(np.allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol))
 
 
+@public(method=True)
 def isclose(a: Tensor, b: Tensor, rtol: float = 1e-5, atol: float = 1e-8) -> Tensor:
     return Tensor(np.isclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol))
 
@@ -268,6 +287,7 @@ def _require_float(op: str, a: Tensor) -> None:
                       f"{tuple(a.shape)}); convert it with .float() or pass dtype=")
 
 
+@public(method=True)
 def sum(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     """Sum over ``dim`` (an int, a tuple, or None for every dim); bools and ints give int64."""
     if dtype is not None:
@@ -275,6 +295,7 @@ def sum(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     return _op("sum")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def mean(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     """Mean over ``dim`` (every dim by default); integer tensors need ``dtype=``, as in torch.
 
@@ -288,6 +309,7 @@ def mean(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     return div(sum(a, dim=dim, keepdim=keepdim), float(_count("mean", a, dim)))
 
 
+@public(method=True)
 def var(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
         correction: float | None = None) -> Tensor:
     """Variance over ``dim`` with Bessel's ``correction`` (1 by default; ``unbiased=False``
@@ -306,34 +328,39 @@ def var(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False
                float(builtins.max(0, n - correction)))
 
 
+@public(method=True)
 def std(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
         correction: float | None = None) -> Tensor:
     """Standard deviation: ``sqrt(var(...))`` with the same arguments."""
     return sqrt(var(a, dim, unbiased, keepdim, correction=correction))
 
 
+@public(method=True)
 def amax(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """Maximum over ``dim`` (a tuple allowed); ties share the gradient evenly."""
     return _op("amax")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def amin(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """Minimum over ``dim`` (a tuple allowed); ties share the gradient evenly."""
     return _op("amin")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def argmax(a: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     """Index of the first maximum over ``dim`` (of the flattened tensor without ``dim``)."""
     return _op("argmax")(a, dim=None if dim is None else int(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def argmin(a: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     """Index of the first minimum over ``dim`` (of the flattened tensor without ``dim``)."""
     return _op("argmin")(a, dim=None if dim is None else int(dim), keepdim=keepdim)
 
 
 # torch.return_types: results that are a tuple and have field names.
-_ValuesIndices = {name: collections.namedtuple(name, ["values", "indices"])
+_ValuesIndices: dict[str, Any] = {name: collections.namedtuple(name, ["values", "indices"])
                   for name in ("max", "min", "sort", "topk")}
 
 
@@ -348,6 +375,7 @@ def _extremum(name: str, arg: str, a: Tensor, dim: int, keepdim: bool):
     return _ValuesIndices[name](values, indices)
 
 
+@public(method=True)
 def max(a: Tensor, dim=None, keepdim: bool = False):
     """``max(x)``: the largest element; ``max(x, dim)``: ``(values, indices)`` like
     ``torch.return_types.max``; ``max(x, other_tensor)``: the elementwise ``maximum``.
@@ -363,6 +391,7 @@ def max(a: Tensor, dim=None, keepdim: bool = False):
     return _extremum("max", "argmax", a, dim, keepdim)
 
 
+@public(method=True)
 def min(a: Tensor, dim=None, keepdim: bool = False):
     """Like ``max``, for the smallest element."""
     if isinstance(dim, Tensor):
@@ -372,11 +401,13 @@ def min(a: Tensor, dim=None, keepdim: bool = False):
     return _extremum("min", "argmin", a, dim, keepdim)
 
 
+@public(method=True)
 def logsumexp(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """``log(sum(exp(a), dim))`` computed without overflow."""
     return _op("logsumexp")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def prod(a: Tensor, dim: int | None = None, keepdim: bool = False, dtype=None) -> Tensor:
     """Product over ``dim``; its gradient is exact where some elements are zero."""
     if dtype is not None:
@@ -384,16 +415,19 @@ def prod(a: Tensor, dim: int | None = None, keepdim: bool = False, dtype=None) -
     return _op("prod")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def all(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """Whether every element (over ``dim``) is non-zero, as a bool tensor."""
     return _op("all")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def any(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     """Whether some element (over ``dim``) is non-zero, as a bool tensor."""
     return _op("any")(a, dim=_dims(dim), keepdim=keepdim)
 
 
+@public(method=True)
 def softmax(a: Tensor, dim: int, dtype=None) -> Tensor:
     """``exp(a) / sum(exp(a), dim)``, computed without overflow (the op is in ``ops/nn.py``)."""
     if dtype is not None:
@@ -401,6 +435,7 @@ def softmax(a: Tensor, dim: int, dtype=None) -> Tensor:
     return _op("softmax")(a, dim=int(dim))
 
 
+@public(method=True)
 def log_softmax(a: Tensor, dim: int, dtype=None) -> Tensor:
     """``a - logsumexp(a, dim)``, computed without overflow."""
     if dtype is not None:
@@ -408,6 +443,7 @@ def log_softmax(a: Tensor, dim: int, dtype=None) -> Tensor:
     return _op("log_softmax")(a, dim=int(dim))
 
 
+@public(method=True)
 def cumsum(a: Tensor, dim: int, dtype=None) -> Tensor:
     """Cumulative sum along ``dim``; bools and ints accumulate in int64."""
     if dtype is not None:
@@ -415,6 +451,7 @@ def cumsum(a: Tensor, dim: int, dtype=None) -> Tensor:
     return _op("cumsum")(a, dim=int(dim))
 
 
+@public(method=True)
 def norm(a: Tensor, p="fro", dim=None, keepdim: bool = False, dtype=None) -> Tensor:
     """The vector p-norm over ``dim`` (every dim by default): ``p`` in 'fro', any number,
     ``inf`` or ``-inf``. Unlike torch, the 2-norm's gradient at exactly 0 is nan, not 0."""
@@ -444,24 +481,28 @@ def _shape(shape) -> list:
     return [int(s) for s in shape]
 
 
+@public(method=True)
 def reshape(a: Tensor, *shape) -> Tensor:
     """The same elements in a new shape; one size may be -1 (inferred)."""
     return _op("reshape")(a, shape=_shape(shape))
 
 
+@public(method=True)
 def view(a: Tensor, *shape) -> Tensor:
     """``reshape``: every tensor here is contiguous, so a view is always possible."""
     return reshape(a, *shape)
 
 
+@public(method=True)
 def view_as(a: Tensor, other: Tensor) -> Tensor:
     """``a`` reshaped to ``other``'s shape."""
     return reshape(a, other.shape)
 
 
-reshape_as = view_as
+reshape_as = public(view_as, method=True, name="reshape_as")
 
 
+@public(method=True)
 def flatten(a: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     """Dims ``start_dim..end_dim`` merged into one (a 0-d tensor becomes 1-d)."""
     if a.ndim == 0:
@@ -474,6 +515,7 @@ def flatten(a: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return reshape(a, shape[:s] + (math.prod(shape[s:e + 1]),) + shape[e + 1:])
 
 
+@public(method=True)
 def unflatten(a: Tensor, dim: int, sizes) -> Tensor:
     """Dim ``dim`` split into ``sizes`` (one of them may be -1)."""
     d = norm_dim("unflatten", dim, a.ndim)
@@ -489,11 +531,13 @@ def unflatten(a: Tensor, dim: int, sizes) -> Tensor:
     return reshape(a, a.shape[:d] + tuple(sizes) + a.shape[d + 1:])
 
 
+@public(method=True)
 def permute(a: Tensor, *dims) -> Tensor:
     """The dims reordered: ``permute(x, 2, 0, 1)``."""
     return _op("permute")(a, dims=_shape(dims))
 
 
+@public(method=True)
 def transpose(a: Tensor, dim0: int, dim1: int) -> Tensor:
     """Dims ``dim0`` and ``dim1`` swapped."""
     n = a.ndim
@@ -508,6 +552,7 @@ def transpose(a: Tensor, dim0: int, dim1: int) -> Tensor:
 swapaxes = swapdims = transpose
 
 
+@public(method=True)
 def t(a: Tensor) -> Tensor:
     """The transpose of a matrix (a tensor of at most 2 dims)."""
     if a.ndim > 2:
@@ -516,6 +561,7 @@ def t(a: Tensor) -> Tensor:
     return transpose(a, 0, -1) if a.ndim == 2 else a
 
 
+@public(method=True)
 def movedim(a: Tensor, source: int, destination: int) -> Tensor:
     """Dim ``source`` moved to position ``destination``, the others keeping their order."""
     s, d = norm_dim("movedim", source, a.ndim), norm_dim("movedim", destination, a.ndim)
@@ -524,22 +570,26 @@ def movedim(a: Tensor, source: int, destination: int) -> Tensor:
     return permute(a, perm)
 
 
+@public(method=True)
 def expand(a: Tensor, *shape) -> Tensor:
     """A broadcast view to ``shape`` (-1 keeps a dim); its gradient sums back."""
     return _op("expand")(a, shape=_shape(shape))
 
 
+@public(method=True)
 def expand_as(a: Tensor, other: Tensor) -> Tensor:
     """``a`` broadcast to ``other``'s shape."""
     return expand(a, other.shape)
 
 
+@public(method=True)
 def unsqueeze(a: Tensor, dim: int) -> Tensor:
     """A dim of size 1 inserted at ``dim`` (in ``[-ndim-1, ndim]``)."""
     d = norm_dim("unsqueeze", dim, a.ndim + 1)
     return reshape(a, a.shape[:d] + (1,) + a.shape[d:])
 
 
+@public(method=True)
 def squeeze(a: Tensor, dim=None) -> Tensor:
     """Dims of size 1 removed: all of them, or those of ``dim`` (an int or a tuple)."""
     if dim is None:
@@ -548,9 +598,10 @@ def squeeze(a: Tensor, dim=None) -> Tensor:
     return reshape(a, [s for i, s in enumerate(a.shape) if not (i in dims and s == 1)])
 
 
+@public(method=True)
 def repeat(a: Tensor, *sizes) -> Tensor:
     """The tensor tiled ``sizes[i]`` times along each dim (extra sizes add leading dims)."""
-    sizes = _shape(sizes)
+    sizes = tuple(_shape(sizes))
     if len(sizes) < a.ndim:
         raise OpError(f"repeat: number of dimensions of repeat dims ({len(sizes)}) can not be "
                       f"smaller than number of dimensions of tensor ({a.ndim}, shape "
@@ -584,6 +635,7 @@ def _slice_dim(a: Tensor, dim: int, start: int, stop: int, step: int = 1) -> Ten
     return _op("slice")(a, starts=starts, stops=stops, steps=steps)
 
 
+@public(method=True)
 def narrow(a: Tensor, dim: int, start: int, length: int) -> Tensor:
     """Elements ``start .. start+length-1`` along ``dim``."""
     d = norm_dim("narrow", dim, a.ndim)
@@ -595,6 +647,7 @@ def narrow(a: Tensor, dim: int, start: int, length: int) -> Tensor:
     return _slice_dim(a, d, start, start + int(length))
 
 
+@public(method=True)
 def select(a: Tensor, dim: int, index: int) -> Tensor:
     """The slice at ``index`` along ``dim``, with that dim removed (``x[:, i]``)."""
     d = norm_dim("select", dim, a.ndim)
@@ -606,6 +659,7 @@ def select(a: Tensor, dim: int, index: int) -> Tensor:
     return reshape(_slice_dim(a, d, index, index + 1), a.shape[:d] + a.shape[d + 1:])
 
 
+@public(method=True)
 def split(a: Tensor, split_size_or_sections, dim: int = 0) -> tuple:
     """Pieces of ``split_size`` along ``dim`` (the last may be smaller), or pieces of the
     given sizes."""
@@ -629,6 +683,7 @@ def split(a: Tensor, split_size_or_sections, dim: int = 0) -> tuple:
     return tuple(out)
 
 
+@public(method=True)
 def chunk(a: Tensor, chunks: int, dim: int = 0) -> tuple:
     """At most ``chunks`` pieces of equal size along ``dim`` (the last may be smaller)."""
     if chunks <= 0:
@@ -637,17 +692,20 @@ def chunk(a: Tensor, chunks: int, dim: int = 0) -> tuple:
     return split(a, builtins.max(1, -(-size // chunks)), dim)
 
 
+@public(method=True)
 def unbind(a: Tensor, dim: int = 0) -> tuple:
     """Every slice along ``dim``, with that dim removed."""
     d = norm_dim("unbind", dim, a.ndim)
     return tuple(select(a, d, i) for i in range(a.shape[d]))
 
 
+@public(method=True)
 def flip(a: Tensor, dims) -> Tensor:
     """The elements in reverse order along each of ``dims``."""
     return _op("flip")(a, dims=_dims(dims) or [])
 
 
+@public(method=True)
 def roll(a: Tensor, shifts, dims=None) -> Tensor:
     """Elements shifted cyclically by ``shifts`` along ``dims`` (the flattened tensor
     without ``dims``)."""
@@ -668,11 +726,13 @@ def roll(a: Tensor, shifts, dims=None) -> Tensor:
     return out
 
 
+@public(method=True)
 def tril(a: Tensor, diagonal: int = 0) -> Tensor:
     """The lower triangle of the last two dims (elements above ``diagonal`` zeroed)."""
     return _op("tril")(a, diagonal=int(diagonal))
 
 
+@public(method=True)
 def triu(a: Tensor, diagonal: int = 0) -> Tensor:
     """The upper triangle of the last two dims (elements below ``diagonal`` zeroed)."""
     return _op("triu")(a, diagonal=int(diagonal))
@@ -685,7 +745,6 @@ def _index_tensor(index, device: str) -> Tensor:
     if isinstance(index, Tensor):
         t = index
     else:
-        from .tensor import tensor
         t = tensor(index, device=device)
     if t.dtype.is_floating_point:
         raise IndexError(f"getitem: tensors used as indices must be long, int or bool tensors, "
@@ -720,31 +779,7 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
     ``getitem`` applies the advanced part with ``index``; a traced ``a[index] = value``
     writes it with ``index_put`` and writes the view back into ``a``.
     """
-    items = list(index) if isinstance(index, tuple) else [index]
-    consumed, ellipses = 0, 0
-    for k, it in enumerate(items):
-        if it is Ellipsis:
-            ellipses += 1
-        elif it is None or isinstance(it, slice):
-            consumed += it is not None
-        elif isinstance(it, bool):
-            raise NotImplementedError("getitem: a Python bool index is not supported; use "
-                                      "unsqueeze(), or a bool tensor mask")
-        elif isinstance(it, numbers.Integral):
-            consumed += 1
-        else:
-            items[k] = it = _index_tensor(it, a.device)
-            consumed += it.ndim if it.dtype is dtypes.bool_ else 1
-    if ellipses > 1:
-        raise IndexError("getitem: an index can only have a single ellipsis ('...')")
-    if consumed > a.ndim:
-        raise IndexError(f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
-                         f"{tuple(a.shape)}): the index uses {consumed} dims")
-    if not ellipses:
-        items.append(Ellipsis)
-    k = next(k for k, it in enumerate(items) if it is Ellipsis)
-    items[k:k + 1] = [slice(None)] * (a.ndim - consumed)
-
+    items = _index_items(a, index)
     shape = a.shape
     starts, stops, steps = [0] * a.ndim, list(shape), [1] * a.ndim
     kept: list[int] = []                  # the shape once ints are dropped and Nones added
@@ -794,6 +829,36 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
     return out, advanced
 
 
+def _index_items(a: Tensor, index) -> list:
+    """The items of ``index``, one per dim of ``a`` (``...`` and missing trailing dims as
+    whole slices) plus ``None``s; lists and arrays as index tensors."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed, ellipses = 0, 0
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            ellipses += 1
+        elif it is None or isinstance(it, slice):
+            consumed += it is not None
+        elif isinstance(it, bool):
+            raise NotImplementedError("getitem: a Python bool index is not supported; use "
+                                      "unsqueeze(), or a bool tensor mask")
+        elif isinstance(it, numbers.Integral):
+            consumed += 1
+        else:
+            items[k] = it = _index_tensor(it, a.device)
+            consumed += it.ndim if it.dtype is dtypes.bool_ else 1
+    if ellipses > 1:
+        raise IndexError("getitem: an index can only have a single ellipsis ('...')")
+    if consumed > a.ndim:
+        raise IndexError(f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
+                         f"{tuple(a.shape)}): the index uses {consumed} dims")
+    if not ellipses:
+        items.append(Ellipsis)
+    k = next(k for k, it in enumerate(items) if it is Ellipsis)
+    items[k:k + 1] = [slice(None)] * (a.ndim - consumed)
+    return items
+
+
 def _slice_put(a: Tensor, values: Tensor, starts, stops, steps) -> Tensor:
     """``a`` with ``values`` written over the slice ``starts:stops:steps`` (one per dim, as
     the ``slice`` op takes them): the out-of-place inverse of ``slice``. One ``index_put``
@@ -824,6 +889,7 @@ def _slice_put(a: Tensor, values: Tensor, starts, stops, steps) -> Tensor:
     return _op("index_put")(a, values, index, dims=[d], accumulate=False)
 
 
+@public(method=True)
 def index_select(a: Tensor, dim: int, index: Tensor) -> Tensor:
     """The slices at ``index`` (1-D, int64) along ``dim``."""
     d = norm_dim("index_select", dim, a.ndim)
@@ -833,6 +899,7 @@ def index_select(a: Tensor, dim: int, index: Tensor) -> Tensor:
     return _op("index")(a, reshape(index, [-1]) if index.ndim == 0 else index, dims=[d])
 
 
+@public(method=True)
 def index_add(a: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
     """``a`` with ``alpha * source[..., i, ...]`` added at ``a[..., index[i], ...]``; repeated
     indices accumulate."""
@@ -850,18 +917,21 @@ def index_add(a: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Te
     return _op("index_put")(a, source, index, dims=[d], accumulate=True)
 
 
+@public(method=True)
 def gather(a: Tensor, dim: int, index: Tensor) -> Tensor:
     """``out[i][j] = a[index[i][j]][j]`` for ``dim=0`` (and so on): ``index`` has ``a``'s
     number of dims."""
     return _op("gather")(a, index, dim=int(dim))
 
 
+@public(method=True)
 def scatter_add(a: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
     """``a`` with ``src[i][j]`` added at ``[index[i][j]][j]`` for ``dim=0``: the transpose of
     ``gather``; repeated indices accumulate."""
     return _op("scatter_add")(a, index, src, dim=int(dim))
 
 
+@public(method=True)
 def masked_fill(a: Tensor, mask: Tensor, value) -> Tensor:
     """``a`` with ``value`` where the bool ``mask`` (broadcast to ``a``) is True."""
     if broadcast_shapes("masked_fill", mask.shape, a.shape) != a.shape:
@@ -875,6 +945,7 @@ def masked_fill(a: Tensor, mask: Tensor, value) -> Tensor:
     return where(mask, value, a)
 
 
+@public(method=True)
 def nonzero(a: Tensor, as_tuple: bool = False):
     """Indices of the non-zero elements, one row each (or one tensor per dim)."""
     rows = _op("nonzero")(a)
@@ -883,17 +954,20 @@ def nonzero(a: Tensor, as_tuple: bool = False):
     return tuple(reshape(_slice_dim(rows, 1, j, j + 1), [rows.shape[0]]) for j in range(a.ndim))
 
 
+@public(method=True)
 def argsort(a: Tensor, dim: int = -1, descending: bool = False, stable: bool = False) -> Tensor:
     """Indices that sort ``a`` along ``dim``; the sort is always stable."""
     return _op("argsort")(a, dim=int(dim), descending=descending)
 
 
+@public(method=True)
 def sort(a: Tensor, dim: int = -1, descending: bool = False, stable: bool = False):
     """``(values, indices)`` of ``a`` sorted along ``dim`` (stable)."""
     indices = argsort(a, dim, descending)
     return _ValuesIndices["sort"](_op("gather")(a, indices, dim=int(dim)), indices)
 
 
+@public(method=True)
 def topk(a: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
     """``(values, indices)`` of the ``k`` largest (or smallest) elements along ``dim``."""
     d = norm_dim("topk", dim, a.ndim)
@@ -908,16 +982,19 @@ def topk(a: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = 
 
 # ================================================================= linear algebra ======
 
+@public(method=True)
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """The matrix product with NumPy's rules for 1-D operands and broadcast batch dims."""
     return _op("matmul")(a, b)
 
 
+@public(method=True)
 def mm(a: Tensor, b: Tensor) -> Tensor:
     """The product of two matrices (2-D only; see ``matmul`` for the rest)."""
     return _op("mm")(a, b)
 
 
+@public(method=True)
 def bmm(a: Tensor, b: Tensor) -> Tensor:
     """Batched matrix product of ``(B, n, m)`` and ``(B, m, p)``."""
     if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
@@ -926,6 +1003,7 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
     return matmul(a, b)
 
 
+@public(method=True)
 def mv(a: Tensor, v: Tensor) -> Tensor:
     """The product of a matrix and a vector."""
     if a.ndim != 2 or v.ndim != 1:
@@ -934,6 +1012,7 @@ def mv(a: Tensor, v: Tensor) -> Tensor:
     return matmul(a, v)
 
 
+@public(method=True)
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """The inner product of two 1-D tensors of the same size and dtype."""
     if a.ndim != 1 or b.ndim != 1:
@@ -949,6 +1028,7 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
 vdot = dot
 
 
+@public(method=True)
 def outer(a: Tensor, b: Tensor) -> Tensor:
     """``out[i, j] = a[i] * b[j]`` for 1-D ``a`` and ``b``."""
     if a.ndim != 1 or b.ndim != 1:

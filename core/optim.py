@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import backend
-from .autograd import no_grad, zero_grads
+from .autograd import enable_grad, no_grad, zero_grads
 from .tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "sgd_update", "adam_update", "adamw_update",
@@ -158,7 +158,7 @@ _BOOLS = ("nesterov", "amsgrad", "maximize")
 
 def _check_hyper(name: str, hyper: dict) -> dict:
     """Type- and range-check a full set of ``name``'s hyper-parameters; betas become a tuple."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in hyper.items():
         if key in _BOOLS:
             if not isinstance(value, (bool, np.bool_)):
@@ -295,7 +295,6 @@ class Optimizer:
         """Apply one update to every parameter that has a gradient; returns closure's loss."""
         loss = None
         if closure is not None:
-            from .autograd import enable_grad
             with enable_grad():
                 loss = closure()
         update = UPDATE_RULES[self.rule]

@@ -5,7 +5,7 @@
 op's ``forward(xp, *arrays, **attrs)`` on bare arrays with the attributes decoded once, at
 compile time. Backward kernels reuse the registry's vjps (one place for each derivative):
 they wrap the saved arrays in Tensors and run the vjp under the backward engine's own mode,
-then reduce broadcast gradients with the engine's ``_reduce_grad``.
+then reduce the gradients of broadcasting ops with the engine's ``unbroadcast``.
 
 Bitwise equality with eager ``loss.backward()``: the backward kernels visit nodes in the
 order of ``autograd.run_backward`` (its iterative depth-first topological order, over the
@@ -39,9 +39,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import autograd, backend as backend_mod
-from .graph import (CONST, DATA, PARAM, GraphError, ValidatedGraph, is_random, random_seed)
+from .graph import CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
-from .tensor import Tensor, _reduce_grad
+from .tensor import Tensor
+from .unbroadcast import unbroadcast
 
 __all__ = ["compile_plan", "Plan", "PlanResult", "BACKENDS"]
 
@@ -156,7 +157,36 @@ class Plan:
 
     def _build(self, grads: tuple, outputs: tuple) -> _Schedule:
         vg = self.graph
+        self._check_request(grads, outputs)
         n_in = vg.num_inputs
+        loss = vg.outputs[vg.graph.outputs[0].name]
+        targets = {vg.input_index[g] for g in grads}
+        needed = self._needed(targets)
+        live = self._live([loss] + [vg.outputs[o] for o in outputs])
+        backward_nodes = [k for k in self.topo if needed[n_in + k] and live[n_in + k]] \
+            if targets else []
+        fwd_pos, frees, never = self._lifetimes(live, backward_nodes, loss, outputs)
+        n_fwd = len(fwd_pos)
+        fwd = []
+        for k, p in fwd_pos.items():
+            op, a = vg.ops[k], vg.attrs[k]
+            fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
+                                tuple(frees.get(p, ()))))
+        bwd = []
+        param_name = {vg.input_index[g]: g for g in grads}
+        for j, k in enumerate(backward_nodes):
+            op = vg.ops[k]
+            ins = vg.node_inputs[k]
+            bwd.append(_Backward(k, n_in + k, op, ins, tuple(needed[i] for i in ins),
+                                 op.saves_out, tuple(frees.get(n_fwd + j, ())), vg.attrs[k],
+                                 is_random(op),
+                                 tuple(needed[i] and self.requires[i] for i in ins),
+                                 tuple(param_name.get(i) for i in ins)))
+        final_before, final_after = self._completion(bwd, grads, targets, loss)
+        return _Schedule(fwd, bwd, grads, outputs, tuple(never), final_before, final_after)
+
+    def _check_request(self, grads: tuple, outputs: tuple) -> None:
+        vg = self.graph
         for name in grads:
             if name not in vg.params:
                 raise GraphError(f"gradients[{name}]", f"not a PARAM input of the graph; its "
@@ -165,29 +195,39 @@ class Plan:
             if name not in vg.outputs:
                 raise GraphError(f"outputs[{name}]", f"the graph has no output {name!r}; it "
                                  f"has {list(vg.outputs)}")
-        n_values = n_in + len(vg.ops)
-        loss = vg.outputs[vg.graph.outputs[0].name]
-        targets = {vg.input_index[g] for g in grads}
 
-        # Which values' gradients lead to a requested parameter.
-        needed = [False] * n_values
+    def _needed(self, targets: set) -> list[bool]:
+        """Per value: does its gradient lead to a requested parameter?"""
+        vg = self.graph
+        n_in = vg.num_inputs
+        needed = [False] * (n_in + len(vg.ops))
         for v in targets:
             needed[v] = True
         for k, ins in enumerate(vg.node_inputs):
             needed[n_in + k] = self.requires[n_in + k] and any(needed[i] for i in ins)
+        return needed
 
-        # Forward: only the nodes the loss and the requested outputs depend on.
-        live = [False] * n_values
-        stack = [loss] + [vg.outputs[o] for o in outputs]
+    def _live(self, results: list[int]) -> list[bool]:
+        """Per value: does one of ``results`` (the loss, requested outputs) depend on it?"""
+        vg = self.graph
+        n_in = vg.num_inputs
+        live = [False] * (n_in + len(vg.ops))
+        stack = list(results)
         while stack:
             v = stack.pop()
             if not live[v]:
                 live[v] = True
                 if v >= n_in:
                     stack.extend(vg.node_inputs[v - n_in])
+        return live
 
-        backward_nodes = [k for k in self.topo if needed[n_in + k] and live[n_in + k]] \
-            if targets else []
+    def _lifetimes(self, live: list[bool], backward_nodes: list[int], loss: int,
+                   outputs: tuple) -> tuple[dict[int, int], dict[int, list[int]], list[int]]:
+        """Where each slot is last used: (forward position of each live node, the slots
+        freed after each kernel position, inputs never read)."""
+        vg = self.graph
+        n_in = vg.num_inputs
+        n_values = n_in + len(vg.ops)
         n_fwd = sum(live[n_in:])
         end = n_fwd + len(backward_nodes)
         last = [-1] * n_values                # position of the last kernel reading a slot
@@ -209,7 +249,6 @@ class Plan:
                 last[n_in + k] = max(last[n_in + k], p)
         for v in [loss] + [vg.outputs[o] for o in outputs]:
             last[v] = end                     # read when the result is assembled
-
         frees: dict[int, list[int]] = {}
         never = []
         for v in range(n_values):
@@ -220,30 +259,19 @@ class Plan:
                     never.append(v)
                 continue
             frees.setdefault(last[v], []).append(v)
+        return fwd_pos, frees, never
 
-        fwd = []
-        for k, p in fwd_pos.items():
-            op, a = vg.ops[k], vg.attrs[k]
-            fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
-                                tuple(frees.get(p, ()))))
-        bwd = []
-        param_name = {vg.input_index[g]: g for g in grads}
-        for j, k in enumerate(backward_nodes):
-            op = vg.ops[k]
-            ins = vg.node_inputs[k]
-            bwd.append(_Backward(k, n_in + k, op, ins, tuple(needed[i] for i in ins),
-                                 op.saves_out, tuple(frees.get(n_fwd + j, ())), vg.attrs[k],
-                                 is_random(op),
-                                 tuple(needed[i] and self.requires[i] for i in ins),
-                                 tuple(param_name.get(i) for i in ins)))
-        # When each requested gradient is complete: after the last backward kernel that
-        # can add into it (a parameter input whose gradient is needed), else before backward.
+    def _completion(self, bwd: list, grads: tuple, targets: set, loss: int
+                    ) -> tuple[tuple, dict[int, tuple]]:
+        """When each requested gradient is complete: after the last backward kernel that
+        can add into it (a parameter input whose gradient is needed), else before backward."""
+        vg = self.graph
         last_add: dict[int, int] = {}
         for j, kern in enumerate(bwd):
             for v, need in zip(kern.inputs, kern.needs_grad):
                 if need and v in targets:
                     last_add[v] = j
-        if loss < n_in:
+        if loss < vg.num_inputs:
             last_add = {}                     # the loss is a parameter: no kernel runs
         final_before = tuple(g for g in grads if vg.input_index[g] not in last_add)
         final_after: dict[int, tuple] = {}
@@ -251,7 +279,7 @@ class Plan:
             j = last_add.get(vg.input_index[g])
             if j is not None:
                 final_after[j] = final_after.get(j, ()) + (g,)
-        return _Schedule(fwd, bwd, grads, outputs, tuple(never), final_before, final_after)
+        return final_before, final_after
 
     # -- run -----------------------------------------------------------------------------
     def run(self, params: Mapping[str, object], data: Mapping[str, object], *,
@@ -281,40 +309,9 @@ class Plan:
         vg = self.graph
         sched = self.schedule(grads, outputs)
         xp = backend_mod.cupy() if self.backend == "cuda" else np
-        slots: list = [None] * len(self.specs)
-        for i, role, name, shape, dtype in self._inputs:
-            if role == CONST:
-                slots[i] = vg.consts[i] if xp is np else xp.asarray(vg.consts[i])
-                continue
-            source, kind = (params, "parameters") if role == PARAM else (data, "data")
-            value = source.get(name)
-            if value is None:
-                raise GraphError(f"{kind}[{name}]", "missing")
-            if type(value) is not xp.ndarray:
-                value = _on_backend(value, xp)
-            if value.shape != shape:
-                raise GraphError(f"{kind}[{name}].shape", f"got shape {list(value.shape)}, "
-                                 f"the plan was compiled for {list(shape)}")
-            if value.dtype != dtype:
-                raise GraphError(f"{kind}[{name}].dtype", f"got {value.dtype}, the graph "
-                                 f"declares {self.specs[i].dtype.name}")
-            slots[i] = value
-        for i in sched.free_inputs:
-            slots[i] = None
-
+        slots = self._load(sched, params, data, xp)
         t0 = time.perf_counter()
-        for n, kern in enumerate(sched.forward):
-            if check is not None and n % CHECK_EVERY == 0:
-                check()
-            a = kern.attrs
-            if kern.random and seed is not None:
-                a = {**a, "seed": random_seed(seed, kern.node)}
-            out = kern.forward(xp, *[slots[i] for i in kern.inputs], **a)
-            slots[kern.out] = out if isinstance(out, xp.ndarray) else xp.asarray(out)
-            for v in kern.free:
-                slots[v] = None
-            if record_live is not None:
-                record_live.append(sum(s is not None for s in slots))
+        self._forward(sched, slots, xp, seed, check, record_live)
         loss = slots[self._loss]
         _sync(xp)
         t1 = time.perf_counter()
@@ -340,6 +337,46 @@ class Plan:
         result_grads = {name: result_grads[name] for name in sched.grads}
         return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1)
 
+    def _load(self, sched: _Schedule, params: Mapping[str, object],
+              data: Mapping[str, object], xp) -> list:
+        """The slots with the inputs in place, checked against the compiled shapes."""
+        vg = self.graph
+        slots: list = [None] * len(self.specs)
+        for i, role, name, shape, dtype in self._inputs:
+            if role == CONST:
+                slots[i] = vg.consts[i] if xp is np else xp.asarray(vg.consts[i])
+                continue
+            source, kind = (params, "parameters") if role == PARAM else (data, "data")
+            value = source.get(name)
+            if value is None:
+                raise GraphError(f"{kind}[{name}]", "missing")
+            if type(value) is not xp.ndarray:
+                value = _on_backend(value, xp)
+            if value.shape != shape:
+                raise GraphError(f"{kind}[{name}].shape", f"got shape {list(value.shape)}, "
+                                 f"the plan was compiled for {list(shape)}")
+            if value.dtype != dtype:
+                raise GraphError(f"{kind}[{name}].dtype", f"got {value.dtype}, the graph "
+                                 f"declares {self.specs[i].dtype.name}")
+            slots[i] = value
+        for i in sched.free_inputs:
+            slots[i] = None
+        return slots
+
+    def _forward(self, sched: _Schedule, slots: list, xp, seed, check, record_live) -> None:
+        for n, kern in enumerate(sched.forward):
+            if check is not None and n % CHECK_EVERY == 0:
+                check()
+            a = kern.attrs
+            if kern.random and seed is not None:
+                a = {**a, "seed": random_seed(seed, kern.node)}
+            out = kern.forward(xp, *[slots[i] for i in kern.inputs], **a)
+            slots[kern.out] = out if isinstance(out, xp.ndarray) else xp.asarray(out)
+            for v in kern.free:
+                slots[v] = None
+            if record_live is not None:
+                record_live.append(sum(s is not None for s in slots))
+
     def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed, check,
                   record_live, final: dict, on_grad) -> None:
         """The eager engine's ``run_backward`` over slots: same order, same ops. Each
@@ -348,24 +385,14 @@ class Plan:
         vg = self.graph
         n_in = vg.num_inputs
         wrap = Tensor._wrap
-        reduce_grad = _reduce_grad
+        reduce_grad = unbroadcast
         loss_v = self._loss
         spec = self.specs[loss_v]
         seed_grad = wrap(xp.full(spec.shape, loss_scale, dtype=spec.dtype.np))
         grads: dict[str, Tensor] = {}
-        to_host = backend_mod.to_numpy
 
         def emit(names) -> None:
-            for name in names:
-                g = grads.pop(name, None)
-                if g is not None:
-                    a = to_host(g._data)
-                else:
-                    spec = self.specs[vg.input_index[name]]
-                    a = np.zeros(spec.shape, spec.dtype.np)
-                final[name] = a
-                if on_grad is not None:
-                    on_grad(name, a)
+            self._emit(names, grads, final, on_grad)
 
         if loss_v < n_in:
             # The loss is a parameter itself: the seed gradient is its gradient.
@@ -393,10 +420,12 @@ class Plan:
                     if len(result) != len(inputs):
                         raise RuntimeError(f"{kern.op.name}: vjp returned {len(result)} "
                                            f"gradients for {len(inputs)} inputs")
+                    broadcast = kern.op.broadcast
                     for v, t, gi, name in zip(kern.inputs, inputs, result, kern.params):
                         if gi is None or not t.requires_grad:
                             continue
-                        gi = reduce_grad(gi, t)
+                        if broadcast:
+                            gi = reduce_grad(gi, t)
                         if name is not None:
                             # A leaf: accumulate as autograd._accumulate_leaf does.
                             grads[name] = gi if name not in grads else grads[name] + gi
@@ -410,6 +439,20 @@ class Plan:
                 if record_live is not None:
                     record_live.append(sum(s is not None for s in slots))
 
+
+    def _emit(self, names, grads: dict, final: dict, on_grad) -> None:
+        """Hand over the complete gradients ``names``: into ``final`` as host arrays (zeros
+        where nothing reached them), and to ``on_grad``."""
+        for name in names:
+            g = grads.pop(name, None)
+            if g is not None:
+                a = backend_mod.to_numpy(g._data)
+            else:
+                spec = self.specs[self.graph.input_index[name]]
+                a = np.zeros(spec.shape, spec.dtype.np)
+            final[name] = a
+            if on_grad is not None:
+                on_grad(name, a)
 
 def _on_backend(value, xp):
     """A parameter or data value (array, Tensor, CuPy array) as an array of ``xp``."""

@@ -5,7 +5,15 @@ gives the same values on every backend (the determinism promise needs that).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
+
+
+def _fresh_seed() -> int:
+    """A seed from the operating system's entropy, as torch's ``seed()`` draws one."""
+    entropy = cast(int, np.random.SeedSequence().entropy)   # drawn without one: an int
+    return entropy % (2 ** 63)
 
 
 class Generator:
@@ -13,7 +21,7 @@ class Generator:
 
     def __init__(self, device: str = "cpu"):
         self.device = device
-        self._seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+        self._seed = _fresh_seed()
         self._rng = np.random.Generator(np.random.PCG64(self._seed))
 
     def manual_seed(self, seed: int) -> "Generator":
@@ -25,10 +33,10 @@ class Generator:
         return self._seed
 
     def seed(self) -> int:
-        return self.manual_seed(int(np.random.SeedSequence().entropy % (2 ** 63))).initial_seed()
+        return self.manual_seed(_fresh_seed()).initial_seed()
 
     def get_state(self) -> dict:
-        return self._rng.bit_generator.state
+        return dict(self._rng.bit_generator.state)
 
     def set_state(self, state: dict) -> "Generator":
         self._rng.bit_generator.state = state

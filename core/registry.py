@@ -16,18 +16,26 @@ Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
 * ``attrs``: the attribute names with their kind and default. Graphs that arrive over the
   network may only use the ops and attribute kinds declared here: the registry is the
   allowlist.
-* ``broadcast=True`` for ops whose inputs broadcast: the engine reduces their gradients
-  back to each input's shape in exactly one place.
+* ``broadcast=True`` for ops whose inputs broadcast (``add``, ``where``, ``expand``,
+  ``index_put``'s values): their vjps return gradients shaped like the output, and the
+  engine sums each back to its input's shape and casts it to its input's dtype, in one
+  place (``gradmesh.core.unbroadcast``). Every other vjp returns gradients of its inputs'
+  shapes and dtypes itself, and the engine passes them on untouched.
 * ``differentiable=False`` for a gradient stop (``stop_gradient``, what ``detach()`` is in a
   traced graph): it declares no vjp, and its result carries no gradient in the eager
   engine and in a compiled plan alike, as integer and bool results never do.
 
 Every op has exactly one output; ops with several results (``split``) are compositions.
+
+The public function over an op (``gm.exp``) is declared next to it with ``@public``, and
+``@public(method=True)`` also makes it a ``Tensor`` method. ``core/gen_api.py`` writes
+what static tools read from these declarations (``core/_api.py`` and the generated methods
+of ``core/tensor.py``); ``tests/test_public_api.py`` fails when that code is stale.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar, overload
 
 from . import dtypes
 
@@ -60,22 +68,13 @@ class Op:
         return fn
 
     def __call__(self, *inputs, **attrs):
-        return (_apply or _load_apply())(self, inputs, attrs)
+        return dispatch.apply(self, inputs, attrs)
 
     def __repr__(self) -> str:
         return f"<op {self.name}>"
 
 
 REGISTRY: dict[str, Op] = {}
-_apply = None       # tensor.apply, bound on first use (tensor imports this module)
-
-
-def _load_apply():
-    global _apply
-    from .tensor import apply
-    _apply = apply
-    return apply
-
 
 def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | None = None,
           broadcast: bool = False, saves_out: bool = False,
@@ -105,8 +104,45 @@ def get(name: str) -> Op:
         raise KeyError(f"unknown op {name!r}") from None
 
 
-class OpError(ValueError):
-    """A shape, dtype or attribute error raised by an op's ``infer``; names the op."""
+class OpError(RuntimeError, ValueError):
+    """A shape, dtype or attribute error raised by an op's ``infer``; names the op.
+
+    A ``RuntimeError`` as PyTorch's are; also a ``ValueError``, which servers answer with
+    ``INVALID_ARGUMENT``."""
+
+
+@dataclass(frozen=True)
+class Public:
+    """A public function: ``gradmesh.core.<name>``, and ``Tensor.<name>`` if ``method``."""
+    fn: Callable
+    method: bool
+
+
+PUBLIC: dict[str, Public] = {}
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+@overload
+def public(fn: _Fn, *, method: bool = False, name: str | None = None) -> _Fn: ...
+@overload
+def public(fn: None = None, *, method: bool = False,
+           name: str | None = None) -> Callable[[_Fn], _Fn]: ...
+
+
+def public(fn=None, *, method=False, name=None):
+    """Declare ``fn`` public: ``gradmesh.core.<name>`` (its own name by default), and with
+    ``method=True`` also ``Tensor.<name>``, where ``x.name(...)`` is ``name(x, ...)``. Use
+    as ``@public``, ``@public(method=True)`` or ``alias = public(fn, name="alias")``. Run
+    ``python core/gen_api.py`` after adding one, so that static tools see it."""
+    def declare(f):
+        key = name or f.__name__
+        if key in PUBLIC and PUBLIC[key].fn is not f:
+            raise ValueError(f"public function {key!r} is declared twice")
+        PUBLIC[key] = Public(f, method)
+        return f
+    return declare if fn is None else declare(fn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,3 +215,7 @@ def binary(op: str):
         shape = broadcast_shapes(op, a.shape, b.shape)
         return Spec(shape, dtypes.promote(a.dtype, b.dtype, len(a.shape) == 0, len(b.shape) == 0))
     return infer
+
+
+# Last: dispatch imports Tensor, whose module imports this one (ops call dispatch.apply).
+from . import dispatch  # noqa: E402

@@ -1,102 +1,20 @@
-"""The Tensor: an array plus what autograd needs (``requires_grad``, ``grad``, ``grad_fn``)."""
+"""The Tensor: an array plus what autograd needs (``requires_grad``, ``grad``, ``grad_fn``).
+
+Its ops live in ``gradmesh.core.functional`` and ``gradmesh.core.ops``; the methods that
+call them with the same name and signature (``x.exp()``, ``x.sum(dim)``) are generated
+from the registry's ``@public(method=True)`` declarations at the end of the class.
+"""
 from __future__ import annotations
 
-import numbers
-import threading
+import builtins
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import autograd, backend, dtypes, sharedmem
-from .autograd import Node, is_grad_enabled
-from .autograd import _state as _grad_state
-from .registry import REGISTRY, Op, OpError
+from . import backend, dtypes, sharedmem
+from .hooks import _dispatch, graph_tracer, untraced
 
-
-class _Dispatch(threading.local):
-    """Per-thread hooks of the op dispatcher: a graph tracer records every op it sees."""
-    tracer = None       # a class default, so that reading it never fails (see autograd._State)
-
-
-_dispatch = _Dispatch()
 _ndarray = np.ndarray
-
-
-def _graph_tracer():
-    """The active graph tracer (core/graph.py), which also records in-place changes and
-    the tensors the traced function makes; None without one (or for a tracer that only
-    watches dispatched ops)."""
-    tracer = _dispatch.tracer
-    return tracer if tracer is not None and hasattr(tracer, "inplace") else None
-
-
-def apply(op: Op, inputs: Sequence["Tensor"], attrs: dict) -> "Tensor":
-    """Run one registered op on Tensors: validate, compute, record for autograd and tracing.
-
-    This runs for every op, so it avoids generators, repeated lookups and allocations it
-    can skip: each microsecond here is a few percent of a small model's step.
-    """
-    if len(attrs) != len(op.attrs):
-        attrs = fill_attrs(op, attrs)
-    if op.arity is not None and len(inputs) != op.arity:
-        raise TypeError(f"{op.name}: expected {op.arity} inputs, got {len(inputs)}")
-    state = _grad_state
-    if not state.trusted:
-        # Validation, with errors that name the op. The backward engine (without
-        # create_graph) skips it: its vjps only combine values that were validated on the
-        # way forward.
-        op.infer(*inputs, **attrs)
-    n = len(inputs)
-    if n == 2:
-        a, b = inputs[0]._data, inputs[1]._data
-        arrays = (a, b)
-        on_cpu = type(a) is _ndarray and type(b) is _ndarray
-    elif n == 1:
-        a = inputs[0]._data
-        arrays = (a,)
-        on_cpu = type(a) is _ndarray
-    else:
-        arrays = [t._data for t in inputs]
-        on_cpu = all(type(a) is _ndarray for a in arrays)
-    xp = np if on_cpu else _common_xp(op, inputs, arrays)
-    out = op.forward(xp, *arrays, **attrs)
-    requires = False
-    if state.grad:
-        for t in inputs:
-            if t.requires_grad:
-                requires = True
-                break
-    result = Tensor._wrap(out, requires)
-    if requires:
-        data = result._data
-        if data.dtype.kind != "f" or not op.differentiable:
-            # Integer and bool results (argmax, comparisons) carry no gradient, as in torch;
-            # nor does a gradient stop (stop_gradient).
-            result.requires_grad = False
-        else:
-            result.grad_fn = Node(op, tuple(inputs), attrs, data if op.saves_out else None,
-                                  (data.shape, result.dtype))
-    tracer = _dispatch.tracer
-    if tracer is not None:
-        tracer.record(op, inputs, attrs, result)
-    return result
-
-
-def _common_xp(op: Op, inputs, arrays):
-    """The array module of inputs that are not all NumPy arrays; they must share one."""
-    xp = backend.xp_of(arrays[0])
-    if any(backend.xp_of(a) is not xp for a in arrays[1:]):
-        raise RuntimeError(f"{op.name}: expected all tensors to be on the same device, got "
-                           f"{', '.join(t.device for t in inputs)}")
-    return xp
-
-
-def fill_attrs(op: Op, attrs: dict) -> dict:
-    unknown = set(attrs) - set(op.attrs)
-    if unknown:
-        raise TypeError(f"{op.name}: unexpected attribute(s) {sorted(unknown)}; "
-                        f"it takes {sorted(op.attrs)}")
-    return {name: attrs.get(name, default) for name, (_kind, default) in op.attrs.items()}
 
 
 def _share(tensors: Sequence["Tensor"]) -> None:
@@ -108,35 +26,6 @@ def _share(tensors: Sequence["Tensor"]) -> None:
     for t, a in zip(tensors, arrays):
         t._data = a
 
-
-def _reduce_grad(g: "Tensor", t: "Tensor") -> "Tensor":
-    """Sum a broadcast gradient back to ``t``'s shape and cast it to ``t``'s dtype."""
-    gdata, tdata = g._data, t._data
-    shape = tdata.shape
-    if gdata.shape != shape:
-        lead = gdata.ndim - len(shape)
-        inner = [i + lead for i, s in enumerate(shape) if s == 1 and gdata.shape[i + lead] != 1]
-        if not _grad_state.grad and _dispatch.tracer is None:
-            # Nothing records this (the engine without create_graph): the sum op's own
-            # array call, without the op around it.
-            axes = tuple(range(lead)) + tuple(inner)
-            out = gdata.sum(axis=axes, keepdims=bool(inner)) if axes else gdata
-            if out.shape != shape:
-                out = out.reshape(shape)
-            g = Tensor._wrap(out)
-        elif lead > 0 and not inner:
-            # Only leading dims to drop (a bias under a batch): one sum, no reshape.
-            g = F.sum(g, dim=list(range(lead)))
-        else:
-            dims = list(range(lead)) + inner
-            if dims:
-                g = F.sum(g, dim=dims, keepdim=True)
-            if g.shape != shape:
-                g = F.reshape(g, shape)
-        gdata = g._data
-    if gdata.dtype is not tdata.dtype and gdata.dtype != tdata.dtype:
-        g = g.to(t.dtype)
-    return g
 
 
 class Tensor:
@@ -151,6 +40,11 @@ class Tensor:
 
     __slots__ = ("_data", "requires_grad", "grad", "grad_fn", "_retains_grad", "__weakref__")
     __array_priority__ = 1000        # ndarray * Tensor -> Tensor.__rmul__
+    _data: Any                       # a numpy.ndarray or a cupy.ndarray
+    requires_grad: builtins.bool
+    grad: Tensor | None
+    grad_fn: Node | None
+    _retains_grad: builtins.bool
 
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
@@ -232,17 +126,18 @@ class Tensor:
 
     @data.setter
     def data(self, value) -> None:
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
-            tracer.set_data(self, value, _untraced(tracer, Tensor.data.fset, self, value))
+            tracer.set_data(self, value, untraced(tracer, _assign_data, self, value))
             return
-        self._data = value._data if isinstance(value, Tensor) else value
+        _assign_data(self, value)
 
     # T and mT call the permute primitive directly: ``linear`` and every matmul vjp take
     # them, and the generic route (transpose -> permute -> argument checks) costs ~3x more.
     @property
     def T(self) -> "Tensor":
-        return apply(REGISTRY["permute"], (self,), {"dims": list(range(self.ndim - 1, -1, -1))})
+        dims = list(range(self.ndim - 1, -1, -1))
+        return dispatch.apply(REGISTRY["permute"], (self,), {"dims": dims})
 
     @property
     def mT(self) -> "Tensor":
@@ -251,7 +146,7 @@ class Tensor:
             return F.transpose(self, -2, -1)        # raises torch's error
         dims = list(range(n))
         dims[-2], dims[-1] = n - 1, n - 2
-        return apply(REGISTRY["permute"], (self,), {"dims": dims})
+        return dispatch.apply(REGISTRY["permute"], (self,), {"dims": dims})
 
     # -- autograd --------------------------------------------------------------------------
     def backward(self, gradient=None, retain_graph: bool | None = None,
@@ -270,7 +165,7 @@ class Tensor:
         """The same storage, cut from the graph: no gradient flows through the result."""
         if _dispatch.tracer is not None:
             # Dispatched as the stop_gradient op, so that a traced graph keeps the stop.
-            return apply(REGISTRY["stop_gradient"], (self,), {})
+            return dispatch.apply(REGISTRY["stop_gradient"], (self,), {})
         return Tensor._wrap(self._data)
 
     def detach_(self) -> "Tensor":
@@ -427,7 +322,7 @@ class Tensor:
 
     def zero_(self) -> "Tensor":
         self._check_inplace()
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             return _traced_inplace(tracer, "zero_", self, lambda t: _filled(t, 0),
                                    Tensor.zero_, self)
@@ -436,7 +331,7 @@ class Tensor:
 
     def fill_(self, value) -> "Tensor":
         self._check_inplace(value)
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             return _traced_inplace(tracer, "fill_", self, lambda t: _filled(t, value),
                                    Tensor.fill_, self, value)
@@ -445,7 +340,7 @@ class Tensor:
 
     def copy_(self, src) -> "Tensor":
         self._check_inplace(src)
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             return _traced_inplace(tracer, "copy_", self, lambda t: _filled(t, src),
                                    Tensor.copy_, self, src)
@@ -456,7 +351,7 @@ class Tensor:
 
     def add_(self, other, alpha=1) -> "Tensor":
         self._check_inplace(other)
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             # As below: a number is scaled in Python, a tensor by a mul op.
             if isinstance(other, Tensor):
@@ -470,7 +365,7 @@ class Tensor:
         return self
 
     def sub_(self, other, alpha=1) -> "Tensor":
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             with tracer.spelled("sub_"):
                 return self.add_(other, -alpha)
@@ -478,7 +373,7 @@ class Tensor:
 
     def mul_(self, other) -> "Tensor":
         self._check_inplace(other)
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             o = _detached(other)
             return _traced_inplace(tracer, "mul_", self, lambda t: F.mul(t, o),
@@ -488,7 +383,7 @@ class Tensor:
 
     def div_(self, other) -> "Tensor":
         self._check_inplace(other)
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             o = _detached(other)
             return _traced_inplace(tracer, "div_", self, lambda t: F.div(t, o),
@@ -498,7 +393,7 @@ class Tensor:
 
     def clamp_(self, min=None, max=None) -> "Tensor":
         self._check_inplace()
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             lo, hi = _detached(min), _detached(max)
             return _traced_inplace(tracer, "clamp_", self, lambda t: F.clamp(t, lo, hi),
@@ -516,7 +411,7 @@ class Tensor:
                                    "in-place operation; wrap the update in "
                                    "`with gradmesh.no_grad():`")
             return outofplace(self, other)
-        tracer = _graph_tracer()
+        tracer = graph_tracer()
         if tracer is not None:
             with tracer.spelled(symbol):
                 return inplace(other)
@@ -533,6 +428,108 @@ class Tensor:
 
     def __itruediv__(self, other):
         return self._inplace_or_new(other, self.div_, Tensor.__truediv__, "/=")
+
+    # -- operators: thin wrappers over gradmesh.core.functional ----------------------------
+    def __add__(self, other) -> Tensor:
+        return F.add(self, other)
+
+    def __radd__(self, other) -> Tensor:
+        return F.add(other, self)
+
+    def __sub__(self, other) -> Tensor:
+        return F.sub(self, other)
+
+    def __rsub__(self, other) -> Tensor:
+        return F.sub(other, self)
+
+    def __mul__(self, other) -> Tensor:
+        return F.mul(self, other)
+
+    def __rmul__(self, other) -> Tensor:
+        return F.mul(other, self)
+
+    def __truediv__(self, other) -> Tensor:
+        return F.div(self, other)
+
+    def __rtruediv__(self, other) -> Tensor:
+        return F.div(other, self)
+
+    def __pow__(self, other) -> Tensor:
+        return F.pow(self, other)
+
+    def __rpow__(self, other) -> Tensor:
+        return F.pow(other, self)
+
+    def __matmul__(self, other) -> Tensor:
+        return F.matmul(self, other)
+
+    def __rmatmul__(self, other) -> Tensor:
+        return F.matmul(other, self)
+
+    def __eq__(self, other) -> Tensor:  # type: ignore[override]
+        return F.eq(self, other)
+
+    def __ne__(self, other) -> Tensor:  # type: ignore[override]
+        return F.ne(self, other)
+
+    def __lt__(self, other) -> Tensor:
+        return F.lt(self, other)
+
+    def __le__(self, other) -> Tensor:
+        return F.le(self, other)
+
+    def __gt__(self, other) -> Tensor:
+        return F.gt(self, other)
+
+    def __ge__(self, other) -> Tensor:
+        return F.ge(self, other)
+
+    def __and__(self, other) -> Tensor:
+        return F.logical_and(self, other)
+
+    def __or__(self, other) -> Tensor:
+        return F.logical_or(self, other)
+
+    def __neg__(self) -> Tensor:
+        return F.neg(self)
+
+    def __pos__(self) -> Tensor:
+        return self
+
+    def __abs__(self) -> Tensor:
+        return F.abs(self)
+
+    def __invert__(self) -> Tensor:
+        return F.logical_not(self)
+
+    def __getitem__(self, index) -> Tensor:
+        return F.getitem(self, index)
+
+    def __setitem__(self, index, value) -> None:
+        """``x[index] = value`` in place, outside autograd (as for the other in-place ops)."""
+        self._check_inplace(value)
+        tracer = graph_tracer()
+        if tracer is not None:
+            # Traced as a write to the view of the basic part of the index (ints, slices),
+            # with index_put for the advanced part (index tensors, masks).
+            view, advanced = F._basic_index(self, index)
+
+            def new_value(v: Tensor) -> Tensor:
+                values = _value_like(value, v)
+                if not advanced:
+                    return _filled(v, values)
+                return REGISTRY["index_put"](v, values, *[i for _, i in advanced],
+                                             dims=[d for d, _ in advanced], accumulate=False)
+            _traced_inplace(tracer, "t[index] = value", view, new_value, Tensor.__setitem__,
+                            self, index, value)
+            return
+        if isinstance(index, Tensor):
+            index = index._data
+        elif isinstance(index, tuple):
+            index = tuple(i._data if isinstance(i, Tensor) else i for i in index)
+        self._data[index] = value._data if isinstance(value, Tensor) else value
+
+
 
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -551,9 +548,408 @@ class Tensor:
 
     __hash__ = object.__hash__
 
+    # BEGIN GENERATED METHODS (python core/gen_api.py): do not edit
+    def abs(self) -> Tensor:
+        """See ``gradmesh.core.abs``."""
+        return F.abs(self)
+
+    def add(self, b, alpha=1) -> Tensor:
+        """See ``gradmesh.core.add``."""
+        return F.add(self, b, alpha)
+
+    def all(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.all``."""
+        return F.all(self, dim, keepdim)
+
+    def allclose(self, b: Tensor, rtol: builtins.float = 1e-05,
+            atol: builtins.float = 1e-08) -> builtins.bool:
+        """See ``gradmesh.core.allclose``."""
+        return F.allclose(self, b, rtol, atol)
+
+    def amax(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.amax``."""
+        return F.amax(self, dim, keepdim)
+
+    def amin(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.amin``."""
+        return F.amin(self, dim, keepdim)
+
+    def any(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.any``."""
+        return F.any(self, dim, keepdim)
+
+    def argmax(self, dim: builtins.int | None = None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.argmax``."""
+        return F.argmax(self, dim, keepdim)
+
+    def argmin(self, dim: builtins.int | None = None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.argmin``."""
+        return F.argmin(self, dim, keepdim)
+
+    def argsort(self, dim: builtins.int = -1, descending: builtins.bool = False,
+            stable: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.argsort``."""
+        return F.argsort(self, dim, descending, stable)
+
+    def bmm(self, b: Tensor) -> Tensor:
+        """See ``gradmesh.core.bmm``."""
+        return F.bmm(self, b)
+
+    def chunk(self, chunks: builtins.int, dim: builtins.int = 0) -> tuple:
+        """See ``gradmesh.core.chunk``."""
+        return F.chunk(self, chunks, dim)
+
+    def clamp(self, min=None, max=None) -> Tensor:
+        """See ``gradmesh.core.clamp``."""
+        return F.clamp(self, min, max)
+
+    def clip(self, min=None, max=None) -> Tensor:
+        """See ``gradmesh.core.clip``."""
+        return F.clip(self, min, max)
+
+    def cos(self) -> Tensor:
+        """See ``gradmesh.core.cos``."""
+        return F.cos(self)
+
+    def cumsum(self, dim: builtins.int, dtype=None) -> Tensor:
+        """See ``gradmesh.core.cumsum``."""
+        return F.cumsum(self, dim, dtype)
+
+    def div(self, b, rounding_mode=None) -> Tensor:
+        """See ``gradmesh.core.div``."""
+        return F.div(self, b, rounding_mode)
+
+    def dot(self, b: Tensor) -> Tensor:
+        """See ``gradmesh.core.dot``."""
+        return F.dot(self, b)
+
+    def eq(self, b) -> Tensor:
+        """See ``gradmesh.core.eq``."""
+        return F.eq(self, b)
+
+    def equal(self, b: Tensor) -> builtins.bool:
+        """See ``gradmesh.core.equal``."""
+        return F.equal(self, b)
+
+    def exp(self) -> Tensor:
+        """See ``gradmesh.core.exp``."""
+        return F.exp(self)
+
+    def expand(self, *shape) -> Tensor:
+        """See ``gradmesh.core.expand``."""
+        return F.expand(self, *shape)
+
+    def expand_as(self, other: Tensor) -> Tensor:
+        """See ``gradmesh.core.expand_as``."""
+        return F.expand_as(self, other)
+
+    def flatten(self, start_dim: builtins.int = 0, end_dim: builtins.int = -1) -> Tensor:
+        """See ``gradmesh.core.flatten``."""
+        return F.flatten(self, start_dim, end_dim)
+
+    def flip(self, dims) -> Tensor:
+        """See ``gradmesh.core.flip``."""
+        return F.flip(self, dims)
+
+    def gather(self, dim: builtins.int, index: Tensor) -> Tensor:
+        """See ``gradmesh.core.gather``."""
+        return F.gather(self, dim, index)
+
+    def ge(self, b) -> Tensor:
+        """See ``gradmesh.core.ge``."""
+        return F.ge(self, b)
+
+    def gelu(self, approximate: str = 'none') -> Tensor:
+        """See ``gradmesh.core.gelu``."""
+        return F.gelu(self, approximate)
+
+    def gt(self, b) -> Tensor:
+        """See ``gradmesh.core.gt``."""
+        return F.gt(self, b)
+
+    def index_add(self, dim: builtins.int, index: Tensor, source: Tensor, alpha=1) -> Tensor:
+        """See ``gradmesh.core.index_add``."""
+        return F.index_add(self, dim, index, source, alpha)
+
+    def index_select(self, dim: builtins.int, index: Tensor) -> Tensor:
+        """See ``gradmesh.core.index_select``."""
+        return F.index_select(self, dim, index)
+
+    def isclose(self, b: Tensor, rtol: builtins.float = 1e-05,
+            atol: builtins.float = 1e-08) -> Tensor:
+        """See ``gradmesh.core.isclose``."""
+        return F.isclose(self, b, rtol, atol)
+
+    def le(self, b) -> Tensor:
+        """See ``gradmesh.core.le``."""
+        return F.le(self, b)
+
+    def leaky_relu(self, negative_slope: builtins.float = 0.01) -> Tensor:
+        """See ``gradmesh.core.leaky_relu``."""
+        return F.leaky_relu(self, negative_slope)
+
+    def log(self) -> Tensor:
+        """See ``gradmesh.core.log``."""
+        return F.log(self)
+
+    def log1p(self) -> Tensor:
+        """See ``gradmesh.core.log1p``."""
+        return F.log1p(self)
+
+    def log_softmax(self, dim: builtins.int, dtype=None) -> Tensor:
+        """See ``gradmesh.core.log_softmax``."""
+        return F.log_softmax(self, dim, dtype)
+
+    def logical_and(self, b) -> Tensor:
+        """See ``gradmesh.core.logical_and``."""
+        return F.logical_and(self, b)
+
+    def logical_not(self) -> Tensor:
+        """See ``gradmesh.core.logical_not``."""
+        return F.logical_not(self)
+
+    def logical_or(self, b) -> Tensor:
+        """See ``gradmesh.core.logical_or``."""
+        return F.logical_or(self, b)
+
+    def logsumexp(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
+        """See ``gradmesh.core.logsumexp``."""
+        return F.logsumexp(self, dim, keepdim)
+
+    def lt(self, b) -> Tensor:
+        """See ``gradmesh.core.lt``."""
+        return F.lt(self, b)
+
+    def masked_fill(self, mask: Tensor, value) -> Tensor:
+        """See ``gradmesh.core.masked_fill``."""
+        return F.masked_fill(self, mask, value)
+
+    def matmul(self, b: Tensor) -> Tensor:
+        """See ``gradmesh.core.matmul``."""
+        return F.matmul(self, b)
+
+    def max(self, dim=None, keepdim: builtins.bool = False):
+        """See ``gradmesh.core.max``."""
+        return F.max(self, dim, keepdim)
+
+    def maximum(self, b) -> Tensor:
+        """See ``gradmesh.core.maximum``."""
+        return F.maximum(self, b)
+
+    def mean(self, dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
+        """See ``gradmesh.core.mean``."""
+        return F.mean(self, dim, keepdim, dtype)
+
+    def min(self, dim=None, keepdim: builtins.bool = False):
+        """See ``gradmesh.core.min``."""
+        return F.min(self, dim, keepdim)
+
+    def minimum(self, b) -> Tensor:
+        """See ``gradmesh.core.minimum``."""
+        return F.minimum(self, b)
+
+    def mm(self, b: Tensor) -> Tensor:
+        """See ``gradmesh.core.mm``."""
+        return F.mm(self, b)
+
+    def movedim(self, source: builtins.int, destination: builtins.int) -> Tensor:
+        """See ``gradmesh.core.movedim``."""
+        return F.movedim(self, source, destination)
+
+    def mul(self, b) -> Tensor:
+        """See ``gradmesh.core.mul``."""
+        return F.mul(self, b)
+
+    def mv(self, v: Tensor) -> Tensor:
+        """See ``gradmesh.core.mv``."""
+        return F.mv(self, v)
+
+    def narrow(self, dim: builtins.int, start: builtins.int, length: builtins.int) -> Tensor:
+        """See ``gradmesh.core.narrow``."""
+        return F.narrow(self, dim, start, length)
+
+    def ne(self, b) -> Tensor:
+        """See ``gradmesh.core.ne``."""
+        return F.ne(self, b)
+
+    def neg(self) -> Tensor:
+        """See ``gradmesh.core.neg``."""
+        return F.neg(self)
+
+    def nonzero(self, as_tuple: builtins.bool = False):
+        """See ``gradmesh.core.nonzero``."""
+        return F.nonzero(self, as_tuple)
+
+    def norm(self, p='fro', dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
+        """See ``gradmesh.core.norm``."""
+        return F.norm(self, p, dim, keepdim, dtype)
+
+    def outer(self, b: Tensor) -> Tensor:
+        """See ``gradmesh.core.outer``."""
+        return F.outer(self, b)
+
+    def permute(self, *dims) -> Tensor:
+        """See ``gradmesh.core.permute``."""
+        return F.permute(self, *dims)
+
+    def pow(self, exponent) -> Tensor:
+        """See ``gradmesh.core.pow``."""
+        return F.pow(self, exponent)
+
+    def prod(self, dim: builtins.int | None = None, keepdim: builtins.bool = False,
+            dtype=None) -> Tensor:
+        """See ``gradmesh.core.prod``."""
+        return F.prod(self, dim, keepdim, dtype)
+
+    def reciprocal(self) -> Tensor:
+        """See ``gradmesh.core.reciprocal``."""
+        return F.reciprocal(self)
+
+    def relu(self) -> Tensor:
+        """See ``gradmesh.core.relu``."""
+        return F.relu(self)
+
+    def repeat(self, *sizes) -> Tensor:
+        """See ``gradmesh.core.repeat``."""
+        return F.repeat(self, *sizes)
+
+    def reshape(self, *shape) -> Tensor:
+        """See ``gradmesh.core.reshape``."""
+        return F.reshape(self, *shape)
+
+    def reshape_as(self, other: Tensor) -> Tensor:
+        """See ``gradmesh.core.reshape_as``."""
+        return F.reshape_as(self, other)
+
+    def roll(self, shifts, dims=None) -> Tensor:
+        """See ``gradmesh.core.roll``."""
+        return F.roll(self, shifts, dims)
+
+    def rsqrt(self) -> Tensor:
+        """See ``gradmesh.core.rsqrt``."""
+        return F.rsqrt(self)
+
+    def scatter_add(self, dim: builtins.int, index: Tensor, src: Tensor) -> Tensor:
+        """See ``gradmesh.core.scatter_add``."""
+        return F.scatter_add(self, dim, index, src)
+
+    def select(self, dim: builtins.int, index: builtins.int) -> Tensor:
+        """See ``gradmesh.core.select``."""
+        return F.select(self, dim, index)
+
+    def sigmoid(self) -> Tensor:
+        """See ``gradmesh.core.sigmoid``."""
+        return F.sigmoid(self)
+
+    def sign(self) -> Tensor:
+        """See ``gradmesh.core.sign``."""
+        return F.sign(self)
+
+    def sin(self) -> Tensor:
+        """See ``gradmesh.core.sin``."""
+        return F.sin(self)
+
+    def softmax(self, dim: builtins.int, dtype=None) -> Tensor:
+        """See ``gradmesh.core.softmax``."""
+        return F.softmax(self, dim, dtype)
+
+    def softplus(self, beta: builtins.float = 1.0, threshold: builtins.float = 20.0) -> Tensor:
+        """See ``gradmesh.core.softplus``."""
+        return F.softplus(self, beta, threshold)
+
+    def sort(self, dim: builtins.int = -1, descending: builtins.bool = False,
+            stable: builtins.bool = False):
+        """See ``gradmesh.core.sort``."""
+        return F.sort(self, dim, descending, stable)
+
+    def split(self, split_size_or_sections, dim: builtins.int = 0) -> tuple:
+        """See ``gradmesh.core.split``."""
+        return F.split(self, split_size_or_sections, dim)
+
+    def sqrt(self) -> Tensor:
+        """See ``gradmesh.core.sqrt``."""
+        return F.sqrt(self)
+
+    def square(self) -> Tensor:
+        """See ``gradmesh.core.square``."""
+        return F.square(self)
+
+    def squeeze(self, dim=None) -> Tensor:
+        """See ``gradmesh.core.squeeze``."""
+        return F.squeeze(self, dim)
+
+    def std(self, dim=None, unbiased: builtins.bool | None = None, keepdim: builtins.bool = False,
+            *, correction: builtins.float | None = None) -> Tensor:
+        """See ``gradmesh.core.std``."""
+        return F.std(self, dim, unbiased, keepdim, correction=correction)
+
+    def sub(self, b, alpha=1) -> Tensor:
+        """See ``gradmesh.core.sub``."""
+        return F.sub(self, b, alpha)
+
+    def sum(self, dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
+        """See ``gradmesh.core.sum``."""
+        return F.sum(self, dim, keepdim, dtype)
+
+    def t(self) -> Tensor:
+        """See ``gradmesh.core.t``."""
+        return F.t(self)
+
+    def tanh(self) -> Tensor:
+        """See ``gradmesh.core.tanh``."""
+        return F.tanh(self)
+
+    def topk(self, k: builtins.int, dim: builtins.int = -1, largest: builtins.bool = True,
+            sorted: builtins.bool = True):
+        """See ``gradmesh.core.topk``."""
+        return F.topk(self, k, dim, largest, sorted)
+
+    def transpose(self, dim0: builtins.int, dim1: builtins.int) -> Tensor:
+        """See ``gradmesh.core.transpose``."""
+        return F.transpose(self, dim0, dim1)
+
+    def tril(self, diagonal: builtins.int = 0) -> Tensor:
+        """See ``gradmesh.core.tril``."""
+        return F.tril(self, diagonal)
+
+    def triu(self, diagonal: builtins.int = 0) -> Tensor:
+        """See ``gradmesh.core.triu``."""
+        return F.triu(self, diagonal)
+
+    def unbind(self, dim: builtins.int = 0) -> tuple:
+        """See ``gradmesh.core.unbind``."""
+        return F.unbind(self, dim)
+
+    def unflatten(self, dim: builtins.int, sizes) -> Tensor:
+        """See ``gradmesh.core.unflatten``."""
+        return F.unflatten(self, dim, sizes)
+
+    def unsqueeze(self, dim: builtins.int) -> Tensor:
+        """See ``gradmesh.core.unsqueeze``."""
+        return F.unsqueeze(self, dim)
+
+    def var(self, dim=None, unbiased: builtins.bool | None = None, keepdim: builtins.bool = False,
+            *, correction: builtins.float | None = None) -> Tensor:
+        """See ``gradmesh.core.var``."""
+        return F.var(self, dim, unbiased, keepdim, correction=correction)
+
+    def view(self, *shape) -> Tensor:
+        """See ``gradmesh.core.view``."""
+        return F.view(self, *shape)
+
+    def view_as(self, other: Tensor) -> Tensor:
+        """See ``gradmesh.core.view_as``."""
+        return F.view_as(self, other)
+
+    def where(self, a, b) -> Tensor:
+        """See ``gradmesh.core.where``."""
+        return F.where(self, a, b)
+    # END GENERATED METHODS
+
 
 # NumPy's dtypes of the builtin types are singletons: look them up by identity (a dict
-# lookup by np.dtype hashes it, several times slower). Others take dtypes.from_numpy.
+
+
 _DTYPE_BY_ID = {id(d.np): d for d in dtypes.ALL}
 
 
@@ -562,255 +958,17 @@ def _is_array(x) -> bool:
                                      isinstance(x, backend._cupy.ndarray))
 
 
-# ---------------------------------------------------------------------------------------
-# Creation
-# ---------------------------------------------------------------------------------------
-
-def _new(array, requires_grad: bool = False) -> Tensor:
-    """A tensor over a newly allocated ``array`` (what the factories return). A graph tracer
-    notes it as made by the traced function, which may then change it in place."""
-    t = Tensor(array, requires_grad=requires_grad)
-    tracer = _graph_tracer()
-    if tracer is not None:
-        tracer.created(t)
-    return t
-
-
-def _infer_np_dtype(data) -> np.dtype:
-    """torch.tensor's choice: Python floats give float32, ints int64, bools bool."""
-    arr = np.asarray(data)
-    if arr.dtype.kind == "f":
-        return dtypes.default_float.np
-    if arr.dtype.kind in "iu":
-        return np.dtype(np.int64)
-    if arr.dtype.kind == "b":
-        return np.dtype(np.bool_)
-    raise TypeError(f"can't build a tensor from {type(data).__name__} of dtype {arr.dtype}")
-
-
-def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    """A new tensor holding a copy of ``data`` (nested lists, scalars, arrays or tensors)."""
-    if isinstance(data, Tensor):
-        array = backend.to_numpy(data._data)
-    elif _is_array(data) or isinstance(data, np.generic):
-        array = backend.to_numpy(data)
-    else:
-        if isinstance(data, (list, tuple)) and any(isinstance(x, Tensor) for x in _flat(data)):
-            data = _nested_to_list(data)
-        array = np.asarray(data, dtype=_infer_np_dtype(data) if dtype is None else None)
-    np_dtype = dtypes.as_dtype(dtype).np if dtype is not None else dtypes.from_numpy(array.dtype).np
-    array = np.array(array, dtype=np_dtype, copy=True)
-    xp = backend.xp_for(device)
-    return _new(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
-
-
-def _flat(data):
-    for x in data:
-        if isinstance(x, (list, tuple)):
-            yield from _flat(x)
-        else:
-            yield x
-
-
-def _nested_to_list(data):
-    if isinstance(data, Tensor):
-        return data.tolist()
-    if isinstance(data, (list, tuple)):
-        return [_nested_to_list(x) for x in data]
-    return data
-
-
-def as_tensor(data, dtype=None, device=None) -> Tensor:
-    """Like ``tensor`` but shares memory with ``data`` where it can (same dtype and device)."""
-    if isinstance(data, Tensor):
-        return data.to(device=device, dtype=dtype) if (dtype or device) else data
-    if _is_array(data):
-        t = Tensor(data)
-        return t.to(device=device, dtype=dtype) if (dtype or device) else t
-    return tensor(data, dtype=dtype, device=device)
-
-
-def from_numpy(array: np.ndarray) -> Tensor:
-    """A tensor that shares memory with ``array``; changes to one show in the other."""
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"expected np.ndarray (got {type(array).__name__})")
-    return Tensor(array)
-
-
-def _shape_arg(size) -> tuple:
-    if len(size) == 1 and isinstance(size[0], (tuple, list)):
-        size = size[0]
-    size = tuple(int(s) for s in size)
-    if any(s < 0 for s in size):
-        raise RuntimeError(f"negative dimension in size {size}")
-    return size
-
-
-def _np_dtype(dtype, default=None) -> np.dtype:
-    if dtype is None:
-        return (default or dtypes.default_float).np
-    return dtypes.as_dtype(dtype).np
-
-
-def full(size, fill_value, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    size = _shape_arg((size,)) if not isinstance(size, int) else (size,)
-    if dtype is None:
-        dtype = (dtypes.bool_ if isinstance(fill_value, bool) else
-                 dtypes.int64 if isinstance(fill_value, numbers.Integral) else dtypes.default_float)
-    xp = backend.xp_for(device)
-    return _new(xp.full(size, fill_value, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
-
-
-def zeros(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    xp = backend.xp_for(device)
-    return _new(xp.zeros(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
-
-
-def ones(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    xp = backend.xp_for(device)
-    return _new(xp.ones(_shape_arg(size), dtype=_np_dtype(dtype)), requires_grad=requires_grad)
-
-
-def empty(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    return zeros(*size, dtype=dtype, device=device, requires_grad=requires_grad)
-
-
-def _like(t: Tensor, fn, dtype, device, requires_grad):
-    return fn(t.shape, dtype=dtype or t.dtype, device=device or t.device,
-              requires_grad=requires_grad)
-
-
-def zeros_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    return _like(t, zeros, dtype, device, requires_grad)
-
-
-def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    return _like(t, ones, dtype, device, requires_grad)
-
-
-def full_like(t: Tensor, fill_value, dtype=None, device=None, requires_grad=False) -> Tensor:
-    return full(t.shape, fill_value, dtype=dtype or t.dtype, device=device or t.device,
-                requires_grad=requires_grad)
-
-
-def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False) -> Tensor:
-    if end is None:
-        start, end = 0, start
-    if dtype is None:
-        ints = all(isinstance(v, numbers.Integral) for v in (start, end, step))
-        dtype = dtypes.int64 if ints else dtypes.default_float
-    xp = backend.xp_for(device)
-    return _new(xp.arange(start, end, step, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
-
-
-def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
-    xp = backend.xp_for(device)
-    return _new(xp.linspace(start, end, steps, dtype=_np_dtype(dtype)),
-                  requires_grad=requires_grad)
-
-
-def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
-    xp = backend.xp_for(device)
-    return _new(xp.eye(n, m, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
-
-
-def _random(draw, size, dtype, device, requires_grad) -> Tensor:
-    array = draw(_shape_arg(size)).astype(_np_dtype(dtype), copy=False)
-    xp = backend.xp_for(device)
-    return _new(array if xp is np else xp.asarray(array), requires_grad=requires_grad)
-
-
-def randn(*size, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
-    """Standard normal samples (seeded by ``manual_seed`` or ``generator``)."""
-    from .random import rng
-    return _random(rng(generator).standard_normal, size, dtype, device, requires_grad)
-
-
-def rand(*size, generator=None, dtype=None, device=None, requires_grad=False) -> Tensor:
-    """Uniform samples on [0, 1)."""
-    from .random import rng
-    return _random(rng(generator).random, size, dtype, device, requires_grad)
-
-
-def randint(low, high=None, size=(), generator=None, dtype=None, device=None) -> Tensor:
-    from .random import rng
-    if high is None:
-        low, high = 0, low
-    draw = lambda shape: rng(generator).integers(low, high, size=shape)  # noqa: E731
-    return _random(draw, (tuple(size),), dtype or dtypes.int64, device, False)
-
-
-def randperm(n: int, generator=None, dtype=None, device=None) -> Tensor:
-    from .random import rng
-    draw = lambda shape: rng(generator).permutation(n)  # noqa: E731
-    return _random(draw, ((n,),), dtype or dtypes.int64, device, False)
-
-
-def randn_like(t: Tensor, dtype=None, generator=None) -> Tensor:
-    return randn(t.shape, generator=generator, dtype=dtype or t.dtype, device=t.device)
-
-
-def rand_like(t: Tensor, dtype=None, generator=None) -> Tensor:
-    return rand(t.shape, generator=generator, dtype=dtype or t.dtype, device=t.device)
-
-
-def is_tensor(x: Any) -> bool:
-    return isinstance(x, Tensor)
-
-
-from . import functional as F  # noqa: E402  (functional builds on Tensor)
-
-
-# ---------------------------------------------------------------------------------------
-# Operators and methods: thin wrappers over gradmesh.core.functional
-# ---------------------------------------------------------------------------------------
-
-def _swap(fn):
-    return lambda self, other: fn(other, self)
-
-
-def _setitem(self: Tensor, index, value) -> None:
-    """``x[index] = value`` in place, outside autograd (as for the other in-place ops)."""
-    self._check_inplace(value)
-    tracer = _graph_tracer()
-    if tracer is not None:
-        # Traced as a write to the view of the basic part of the index (ints, slices),
-        # with index_put for the advanced part (index tensors, masks).
-        view, advanced = F._basic_index(self, index)
-
-        def new_value(v: Tensor) -> Tensor:
-            values = _value_like(value, v)
-            if not advanced:
-                return _filled(v, values)
-            return REGISTRY["index_put"](v, values, *[i for _, i in advanced],
-                                         dims=[d for d, _ in advanced], accumulate=False)
-        _traced_inplace(tracer, "t[index] = value", view, new_value, _setitem, self, index,
-                        value)
-        return
-    if isinstance(index, Tensor):
-        index = index._data
-    elif isinstance(index, tuple):
-        index = tuple(i._data if isinstance(i, Tensor) else i for i in index)
-    self._data[index] = value._data if isinstance(value, Tensor) else value
-
-
-def _untraced(tracer, fn, *args):
-    """A call of ``fn(*args)`` with the tracer off: the eager half of an op it records."""
-    def run() -> None:
-        _dispatch.tracer = None
-        try:
-            fn(*args)
-        finally:
-            _dispatch.tracer = tracer
-    return run
-
 
 def _traced_inplace(tracer, name: str, target: Tensor, new_value, method, *args) -> Tensor:
     """Record the in-place op ``name`` as its out-of-place form, ``new_value(target)``, and
-    run the eager ``method(*args)`` untraced (see ``graph._Tracer.inplace``); returns
+    run the eager ``method(*args)`` untraced (see ``graph.tracer._Tracer.inplace``); returns
     ``args[0]``, the tensor the method changes."""
-    tracer.inplace(name, target, new_value, _untraced(tracer, method, *args))
+    tracer.inplace(name, target, new_value, untraced(tracer, method, *args))
     return args[0]
+
+
+def _assign_data(t: Tensor, value) -> None:
+    t._data = value._data if isinstance(value, Tensor) else value
 
 
 def _detached(value):
@@ -838,51 +996,10 @@ def _filled(t: Tensor, value) -> Tensor:
     return F.where(true, _value_like(value, t), t)
 
 
-def _install_methods() -> None:
-    T = Tensor
-    T.__add__ = lambda s, o: F.add(s, o)
-    T.__radd__ = _swap(F.add)
-    T.__sub__ = lambda s, o: F.sub(s, o)
-    T.__rsub__ = _swap(F.sub)
-    T.__mul__ = lambda s, o: F.mul(s, o)
-    T.__rmul__ = _swap(F.mul)
-    T.__truediv__ = lambda s, o: F.div(s, o)
-    T.__rtruediv__ = _swap(F.div)
-    T.__pow__ = lambda s, o: F.pow(s, o)
-    T.__rpow__ = _swap(F.pow)
-    T.__matmul__ = lambda s, o: F.matmul(s, o)
-    T.__rmatmul__ = _swap(F.matmul)
-    T.__neg__ = lambda s: F.neg(s)
-    T.__pos__ = lambda s: s
-    T.__abs__ = lambda s: F.abs(s)
-    T.__eq__ = lambda s, o: F.eq(s, o)
-    T.__ne__ = lambda s, o: F.ne(s, o)
-    T.__lt__ = lambda s, o: F.lt(s, o)
-    T.__le__ = lambda s, o: F.le(s, o)
-    T.__gt__ = lambda s, o: F.gt(s, o)
-    T.__ge__ = lambda s, o: F.ge(s, o)
-    T.__and__ = lambda s, o: F.logical_and(s, o)
-    T.__or__ = lambda s, o: F.logical_or(s, o)
-    T.__invert__ = lambda s: F.logical_not(s)
-    T.__getitem__ = lambda s, index: F.getitem(s, index)
-    T.__setitem__ = _setitem
-    # Methods with the same name and signature as the functions.
-    for name in METHODS:
-        fn = getattr(F, name, None)
-        if fn is not None and not hasattr(T, name):
-            setattr(T, name, fn)
-
-
-METHODS = (
-    "add", "sub", "mul", "div", "neg", "pow", "matmul", "mm", "exp", "log", "log1p", "sqrt",
-    "abs", "sign", "sin", "cos", "tanh", "sigmoid", "relu", "clamp", "clip", "maximum",
-    "minimum", "square", "rsqrt", "reciprocal", "sum", "mean", "var", "std", "max", "min",
-    "amax", "amin", "argmax", "argmin", "logsumexp", "softmax", "log_softmax", "prod", "all",
-    "any", "norm", "reshape", "view", "flatten", "unflatten", "transpose", "permute", "squeeze",
-    "unsqueeze", "expand", "expand_as", "view_as", "reshape_as", "repeat", "split", "chunk",
-    "gather", "index_select", "masked_fill", "narrow", "flip", "roll", "tril", "triu",
-    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
-    "leaky_relu", "gelu", "softplus", "cumsum", "t", "diagonal", "outer", "dot",
-    "scatter_add", "index_add", "nonzero", "topk", "sort", "argsort", "where", "allclose",
-    "equal", "isclose", "unbind", "select", "movedim", "bmm", "mv",
-)
+# Last, as they build on Tensor (cycles: each of them imports this module). The Tensor
+# class and _is_array are defined by now, which is all that the others import from here.
+from . import autograd, dispatch, functional as F  # noqa: E402
+from .autograd import Node, is_grad_enabled  # noqa: E402
+from .registry import REGISTRY  # noqa: E402
+# BEGIN GENERATED IMPORTS (python core/gen_api.py): do not edit
+# END GENERATED IMPORTS

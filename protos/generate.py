@@ -3,7 +3,7 @@
     python protos/generate.py
 
 The generated *_pb2.py, *_pb2_grpc.py and *.pyi files are committed next to the .proto
-files; tests/test_protos.py fails when they are stale.
+files; tests/wire/test_protos.py fails when they are stale.
 """
 from __future__ import annotations
 

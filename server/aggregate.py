@@ -2,7 +2,7 @@
 summation tree, and the placement of parameters over shards.
 
 Everything here is a pure function of its arguments, so the coordinator, the shards and a
-single-process reference run (tests/test_determinism.py) compute exactly the same thing.
+single-process reference run (tests/cluster/test_determinism.py) compute exactly the same thing.
 
 >>> micro_batches(10, 4)
 [(0, 4), (4, 8), (8, 10)]

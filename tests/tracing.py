@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 import gradmesh.core as gm
-from gradmesh.core.graph import trace
+from gradmesh.core.graph import execute, trace, validate
+from gradmesh.core.plan import compile_plan
 
 
 def batch(n: int) -> np.ndarray:
@@ -33,8 +34,6 @@ def traced(fn, params, n: int = 4):
 def assert_plan_equals_local(fn, params, sizes=(4, 7)):
     """The compiled plan of ``fn`` (traced at batch 4) gives local ``backward()``'s loss
     and gradients bit for bit at each batch size; returns the validated graph."""
-    from gradmesh.core.graph import validate
-    from gradmesh.core.plan import compile_plan
     vg = validate(traced(fn, params))
     for n in sizes:
         x = batch(n)
@@ -50,7 +49,6 @@ def assert_plan_equals_local(fn, params, sizes=(4, 7)):
 def assert_executed_equals_local(fn, params, sizes=(4, 7)):
     """``graph.execute`` of the traced ``fn``, then ``backward()``, equals local
     ``backward()`` bit for bit."""
-    from gradmesh.core.graph import execute
     g = traced(fn, params)
     for n in sizes:
         x = batch(n)

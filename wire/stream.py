@@ -316,7 +316,7 @@ class Assembler:
         self._views = [memoryview(b) for b in self._buffers]
         self._filled = [0] * len(self.slots)
         self._current = 0
-        self._arrays = None
+        self._arrays: list[np.ndarray] | None = None
         self._skip_empty()
 
     def _skip_empty(self) -> None:

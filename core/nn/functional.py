@@ -108,7 +108,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
                weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
     """Normalise over the trailing ``normalized_shape`` dims, then scale and shift."""
-    shape = [int(normalized_shape)] if isinstance(normalized_shape, numbers.Integral) \
+    shape = [int(normalized_shape)] if isinstance(normalized_shape, (int, numbers.Integral)) \
         else [int(s) for s in normalized_shape]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != tuple(shape):

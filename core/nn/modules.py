@@ -39,7 +39,7 @@ class Parameter(Tensor):
 
     __slots__ = ()
 
-    def __init__(self, data: Tensor | None = None, requires_grad: bool = True):
+    def __init__(self, data: Tensor | np.ndarray | None = None, requires_grad: bool = True):
         if data is None:
             data = np.empty((0,), dtype=dtypes.default_float.np)
         super().__init__(data, requires_grad=requires_grad)
@@ -459,7 +459,7 @@ class Sequential(Module):
     2
     """
 
-    def __init__(self, *args: Module):
+    def __init__(self, *args: Any):         # Modules, or one OrderedDict of them
         super().__init__()
         if len(args) == 1 and isinstance(args[0], OrderedDict):
             for name, module in args[0].items():

@@ -5,10 +5,10 @@ import math
 
 import numpy as np
 
-from .. import dtypes
+from .. import backend, dtypes
 from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
-from ..functional import (abs, cos, exp, gelu, log, mul, sigmoid, sign, sin, softplus,
-                          sqrt, tanh, where, zeros_like)
+from ..factories import zeros_like
+from ..functional import cos, exp, log, sigmoid, sign, sin, tanh, where
 
 # ===================================================================== arithmetic ======
 
@@ -309,8 +309,10 @@ def gelu_p(xp, a, approximate):
 
 
 def _erf(xp, x):
+    # Imported on first use: NumPy has no erf, and scipy.special takes ~0.5 s to import,
+    # which only exact GELU needs; CuPy is optional.
     if xp.__name__ == "numpy":
-        from scipy.special import erf   # NumPy has no erf; SciPy comes with scikit-learn
+        from scipy.special import erf
         return erf(x).astype(x.dtype, copy=False)
     import cupyx.scipy.special
     return cupyx.scipy.special.erf(x)
@@ -555,7 +557,6 @@ def _infer_to_device(a, device):
 
 @defop("to_device", infer=_infer_to_device, attrs={"device": ("str", "cpu")})
 def to_device_p(xp, a, device):
-    from .. import backend
     if device == "cpu":
         return backend.to_numpy(a)
     return backend.cupy().asarray(a)

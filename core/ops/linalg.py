@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..registry import OpError, Spec, broadcast_shapes, defop, fmt
-from ..functional import matmul, mm, reshape, sum, unsqueeze, squeeze
+from ..functional import matmul, mm, reshape, unsqueeze, squeeze
+from ..unbroadcast import sum_to
 
 
 def _check_dtypes(op, a, b):
@@ -95,18 +96,10 @@ def _(g, out, a, b):
         g2 = reshape(g, batch + (a2.shape[-2], b2.shape[-1]))
     ga = gb = None
     if a.requires_grad:
-        ga = _sum_to(matmul(g2, b2.mT), a2.shape)
+        ga = sum_to(matmul(g2, b2.mT), a2.shape)
         ga = squeeze(ga, 0) if a.ndim == 1 else ga
     if b.requires_grad:
-        gb = _sum_to(matmul(a2.mT, g2), b2.shape)
+        gb = sum_to(matmul(a2.mT, g2), b2.shape)
         gb = squeeze(gb, -1) if b.ndim == 1 else gb
     return ga, gb
 
-
-def _sum_to(g, shape):
-    lead = g.ndim - len(shape)
-    dims = list(range(lead)) + [i + lead for i, s in enumerate(shape)
-                                if s == 1 and g.shape[i + lead] != 1]
-    if dims:
-        g = sum(g, dim=dims, keepdim=True)
-    return reshape(g, shape) if g.shape != tuple(shape) else g

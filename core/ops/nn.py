@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import dtypes
 from ..registry import OpError, Spec, defop, fmt, norm_dim
-from ..functional import exp, reshape, sigmoid, sqrt, sum, where
+from ..functional import exp, matmul, reshape, sigmoid, sqrt, sum, where
 
 # ======================================================================== helpers ======
 
@@ -265,7 +265,7 @@ def embedding_grad_p(xp, g, indices, num_weights, padding_idx):
     rows = g.reshape(-1, dim)
     if hasattr(xp.add, "at"):
         xp.add.at(out, flat, rows)
-    else:   # older CuPy
+    else:   # CuPy before 13 (CuPy is optional)
         import cupyx
         cupyx.scatter_add(out, flat, rows)
     if padding_idx is not None:
@@ -960,7 +960,6 @@ def linear_p(xp, x, w, b):
 
 @linear_p.defvjp
 def _(g, out, x, w, b):
-    from ..functional import matmul
     gx = matmul(g, w) if x.requires_grad else None
     g2 = reshape(g, (-1, g.shape[-1])) if g.ndim != 2 else g
     gw = gb = None

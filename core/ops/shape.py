@@ -6,9 +6,11 @@ gradient follows from them.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .. import dtypes
 from ..registry import OpError, Spec, broadcast_shapes, defop, fmt, norm_dim, norm_dims
+from ..factories import zeros
 from ..functional import reshape, permute
 
 
@@ -81,7 +83,7 @@ def _infer_expand(a, shape) -> Spec:
                           f"existing size ({s}) at non-singleton dimension {i + lead}; target "
                           f"sizes {fmt(shape)}, tensor shape {fmt(src)}")
     if any(s < 0 for s in shape):
-        raise OpError(f"expand: -1 is not allowed in a leading, non-existing dimension")
+        raise OpError("expand: -1 is not allowed in a leading, non-existing dimension")
     return Spec(tuple(shape), a.dtype)
 
 
@@ -132,7 +134,8 @@ def _infer_slice(a, starts, stops, steps) -> Spec:
     return Spec(_sliced_shape("slice", a.shape, starts, stops, steps), a.dtype)
 
 
-_SLICE_ATTRS = {"starts": ("ints", []), "stops": ("ints", []), "steps": ("ints", [])}
+_SLICE_ATTRS: dict[str, tuple[str, Any]] = {
+    "starts": ("ints", []), "stops": ("ints", []), "steps": ("ints", [])}
 
 
 @defop("slice", infer=_infer_slice, attrs=_SLICE_ATTRS)
@@ -337,7 +340,7 @@ def _add_at(xp, out, index, values) -> None:
     if at is not None:
         at(out, index, values)
     else:
-        import cupyx
+        import cupyx    # CuPy before 13 (CuPy is optional)
         cupyx.scatter_add(out, index, values)
 
 
@@ -361,7 +364,7 @@ def _infer_index_put(a, values, *indices, dims, accumulate) -> Spec:
     return Spec(tuple(a.shape), a.dtype)
 
 
-@defop("index_put", infer=_infer_index_put, arity=None,
+@defop("index_put", infer=_infer_index_put, arity=None, broadcast=True,
        attrs={"dims": ("ints", []), "accumulate": ("bool", True)})
 def index_put_p(xp, a, values, *indices, dims, accumulate):
     out = a.copy()
@@ -391,7 +394,6 @@ def _(g, out, a, values, *indices, dims, accumulate):
 
 
 def _zeros_like(t, dtype, shape=None):
-    from ..tensor import zeros
     return zeros(t.shape if shape is None else shape, dtype=dtype, device=t.device)
 
 

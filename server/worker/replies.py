@@ -14,15 +14,24 @@ import numpy as np
 
 from gradmesh.core import serialize
 from gradmesh.server.runtime import ServiceError
-from gradmesh.server.worker.calls import Capabilities, Computed, Prepared
+from gradmesh.server.worker.calls import Capabilities, Computed, Prepared, WorkerLimits
 from gradmesh.server.worker.checks import EXHAUSTED
 from gradmesh.v1 import tensor_pb2, worker_pb2
 from gradmesh.wire import frames
 
 
+def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
+    """The ``Limits`` message that ``Capabilities`` reports (core knows no messages)."""
+    return worker_pb2.Limits(
+        max_graph_nodes=limits.max_graph_nodes, max_tensor_elements=limits.max_tensor_elements,
+        max_message_bytes=limits.max_message_bytes, max_stream_bytes=limits.max_stream_bytes,
+        max_concurrent_requests=limits.max_concurrent_requests, chunk_bytes=limits.chunk_bytes)
+
+
 def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
     message = worker_pb2.CapabilitiesResponse(
-        ops=caps.ops, dtypes=caps.dtypes, backend=caps.backend, limits=caps.limits.to_proto(),
+        ops=caps.ops, dtypes=caps.dtypes, backend=caps.backend,
+        limits=limits_message(caps.limits),
         versions=caps.versions, blas_threads=caps.blas_threads,
         build_fingerprint=caps.build_fingerprint, shared_memory=caps.shared_memory)
     message.limits.parameter_cache_bytes = caps.parameter_cache_bytes

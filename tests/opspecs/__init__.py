@@ -1,6 +1,6 @@
 """Test specifications for the primitive ops, one list per module of ``gradmesh.core.ops``.
 
-``tests/test_ops.py`` runs every spec three ways: forward and gradient against PyTorch
+``tests/engine/test_ops.py`` runs every spec three ways: forward and gradient against PyTorch
 (float32 and float64), float64 central finite differences, and second order where
 ``second_order`` is set. Every op in the registry must be covered by some spec's ``covers``.
 """

@@ -60,9 +60,9 @@ from gradmesh.client.cluster import wait_serving
 try:
     import yaml
 except ImportError:  # pragma: no cover
-    raise ImportError("tests/test_deploy.py needs PyYAML: pip install -e '.[test]'") from None
+    raise ImportError("tests/cluster/test_deploy.py needs PyYAML: pip install -e '.[test]'") from None
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 LOCK = ROOT / "deploy" / "requirements.lock"
 LOCK_IN = ROOT / "deploy" / "requirements.in"

@@ -3,7 +3,7 @@ workers and shards, equal to a single-process run of the same micro-batching, an
 PyTorch training the same model on the same full batches.
 
 Workers and the coordinator run in this process (real gRPC servers on 127.0.0.1) so that
-every configuration uses one BLAS build and thread count; tests/test_cluster.py runs the
+every configuration uses one BLAS build and thread count; tests/cluster/test_cluster.py runs the
 same training over separate processes.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from gradmesh.core import autograd, nn, optim
 import gradmesh.core.nn.functional as F
 from gradmesh.core.ops.elementwise import _select
 
-gm_tensor = sys.modules["gradmesh.core.tensor"]
+gm_tensor = sys.modules["gradmesh.core.hooks"]
 
 
 class _Watch:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +21,10 @@ import torch
 import gradmesh.core as gm
 from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
 
-gm_tensor = importlib.import_module("gradmesh.core.tensor")    # gm.tensor is the function
+gm_tensor = importlib.import_module("gradmesh.core.hooks")
 
-sys.path.insert(0, str(Path(__file__).parent))
-import opspecs  # noqa: E402
-from opspecs import OpSpec  # noqa: E402
+import opspecs
+from opspecs import OpSpec
 
 torch.set_num_threads(1)    # the suite shares 2 cores; tiny tensors gain nothing from more
 
@@ -317,6 +314,14 @@ def test_every_op_has_a_spec() -> None:
     missing = _uncovered(SPECS)
     assert not missing, (f"ops without a test spec: {missing}; add an OpSpec that covers each "
                          f"to a module in tests/opspecs/")
+
+
+def test_op_errors_are_runtime_errors_and_value_errors() -> None:
+    """Runtime errors as torch's are; value errors as they were, which servers answer with
+    INVALID_ARGUMENT."""
+    for cls in (RuntimeError, ValueError):
+        with pytest.raises(cls, match="mm: expected 2-D"):
+            gm.mm(gm.ones(2), gm.ones(2, 1))
 
 
 def test_an_op_added_without_a_spec_is_caught() -> None:

@@ -12,6 +12,8 @@ from gradmesh.core import nn
 from gradmesh.core.backend import cuda_available
 from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
+from gradmesh.server.worker.calls import WorkerLimits
+from gradmesh.server.worker.replies import limits_message
 from gradmesh.v1 import tensor_pb2, worker_pb2
 
 from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
@@ -252,3 +254,10 @@ def test_the_worker_logic_takes_plain_values():
     with pytest.raises(runtime.ServiceError) as e:
         w.prepare(worker_mod.GradientRequest(graph_id=graph_id, parameters=call.parameters))
     assert (e.value.code.name, e.value.field) == ("INVALID_ARGUMENT", "data[x]")
+
+
+def test_limits_message_carries_the_worker_limits():
+    limits = WorkerLimits(max_graph_nodes=7, chunk_bytes=1 << 20)
+    msg = limits_message(limits)
+    assert isinstance(msg, worker_pb2.Limits)
+    assert msg.max_graph_nodes == 7 and msg.chunk_bytes == 1 << 20

@@ -186,7 +186,7 @@ def test_chunks_accept_arrays_and_skip_empty_tensors():
 
 @pytest.mark.parametrize("shape", [(0, 3), (2, 0, 4), (0,)])
 def test_zero_size_tensors_have_an_empty_buffer_and_no_chunk(shape):
-    # Found by tests/test_fuzz.py: memoryview.cast refused shapes with a zero, so a
+    # Found by tests/services/test_fuzz.py: memoryview.cast refused shapes with a zero, so a
     # streamed reply (or a shard Pull) holding a (0, 3) tensor failed with INTERNAL.
     a = np.zeros(shape, np.float32)
     assert tensor_buffer(a).nbytes == 0
@@ -251,7 +251,7 @@ def test_assembler_checks_limits_before_allocating():
 
 
 def test_assembler_answers_resource_exhausted_when_memory_runs_out(monkeypatch):
-    # Within the limits but more than the process can get (found by tests/test_fuzz.py
+    # Within the limits but more than the process can get (found by tests/services/test_fuzz.py
     # under a memory limit: MemoryError became INTERNAL).
     import gradmesh.core.serialize as serialize_mod
     req = worker_pb2.ComputeGradientsRequest()

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 STAMP = EXAMPLE / "node_modules" / ".gradmesh-lock-sha256"
 NETWORK_ERRORS = (
     "ENOTFOUND",

@@ -1,20 +1,4 @@
-"""Graphs on the wire: tracing a Python function into a ``Graph`` message, the graph id,
-validation of a graph that arrived over the network, and a reference executor.
-
-A ``Graph`` (``protos/gradmesh/v1/graph.proto``) numbers its values: the inputs first,
-then one value per node in node order. Nodes name ops of the registry, which is the
-allowlist: nothing in a graph is executable code.
-
->>> import numpy as np
->>> import gradmesh.core as gm
->>> params = {"w": gm.ones(3, 2)}
->>> g = trace(lambda p, x: (x @ p["w"]).sum(), params, np.ones((4, 3), np.float32))
->>> [i.name for i in g.inputs], [n.op for n in g.nodes]
-(['w', 'x0'], ['matmul', 'sum'])
->>> list(g.inputs[1].shape)          # DATA inputs have a free batch dimension
-[-1, 3]
->>> execute(g, params, {"x0": np.ones((2, 3), np.float32)})["loss"].item()
-12.0
+"""Tracing a Python function into a ``Graph`` message.
 
 Batch size: a graph traced at batch size B must work at any batch size, so nothing in it
 may hold B. Two checks find what does:
@@ -39,198 +23,31 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import math
-import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gradmesh.v1 import graph_pb2, tensor_pb2
+from gradmesh.v1 import graph_pb2
 
-from . import backend, dtypes
-from .autograd import enable_grad, is_grad_enabled
-from .registry import REGISTRY, Op, OpError, Spec
+from .. import backend, dtypes
+from .. import functional as F
+from ..autograd import enable_grad, is_grad_enabled
+from ..factories import as_tensor
+from ..hooks import _dispatch
+from ..registry import REGISTRY, Op, OpError, Spec
+from ..serialize import from_proto, to_proto
+from ..tensor import Tensor
+from .ident import (CONST, DATA, GRAPH_VERSION, LOSS, PARAM, ROLE_NAMES, STOP_GRADIENT,
+                    dtype_of, encode_attrs, is_random)
 
-__all__ = ["GraphError", "TraceError", "Limits", "ValidatedGraph", "trace", "graph_id",
-           "validate", "execute", "encode_attrs", "decode_attrs", "random_seed",
-           "GRAPH_VERSION", "LOSS"]
-
-GRAPH_VERSION = 1
-LOSS = "loss"                       # name of the first output
-PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
-_ROLE_NAMES = {PARAM: "PARAM", DATA: "DATA", CONST: "CONST"}
-# Batch sizes that validation infers every shape at: dims that differ between the two
-# depend on the batch. Small, so that shape arithmetic stays cheap.
-_PROBE_BATCHES = (2, 3)
 _TO_END = 2 ** 63 - 1               # a slice stop meaning "to the end of the dimension"
-STOP_GRADIENT = "stop_gradient"     # the op a traced detach() or no_grad() leaves behind
-
-
-class GraphError(ValueError):
-    """An invalid graph. ``field`` names the offending field (``"nodes[3].attrs.dim"``,
-    ``"inputs[1].shape"``); ``code`` is the gRPC status code name to answer with:
-    ``"INVALID_ARGUMENT"`` or ``"RESOURCE_EXHAUSTED"`` (a limit)."""
-
-    def __init__(self, field: str, message: str, code: str = "INVALID_ARGUMENT"):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.code = code
 
 
 class TraceError(ValueError):
     """A function that cannot be traced into a batch-size-independent graph."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Size limits of a worker, checked before anything is allocated.
-
-    ``to_proto()`` gives the ``worker_pb2.Limits`` message that ``Capabilities`` reports.
-    """
-    max_graph_nodes: int = 10_000
-    max_graph_inputs: int = 10_000
-    max_tensor_elements: int = 2 ** 31
-    max_const_bytes: int = 64 << 20          # all CONST values of a graph together
-    max_attr_values: int = 1 << 16           # entries of one ints/floats attribute
-    max_message_bytes: int = 64 << 20        # largest unary message
-    max_stream_bytes: int = 8 << 30          # largest total of a streamed request's tensors
-    max_concurrent_requests: int = 16
-    chunk_bytes: int = 2 << 20
-
-    def to_proto(self):
-        from gradmesh.v1 import worker_pb2
-        return worker_pb2.Limits(
-            max_graph_nodes=self.max_graph_nodes, max_tensor_elements=self.max_tensor_elements,
-            max_message_bytes=self.max_message_bytes, max_stream_bytes=self.max_stream_bytes,
-            max_concurrent_requests=self.max_concurrent_requests, chunk_bytes=self.chunk_bytes)
-
-
-# ---------------------------------------------------------------------------------------
-# Attributes: Python values <-> Attribute messages
-# ---------------------------------------------------------------------------------------
-
-_KIND_FIELD = {"int": "i", "float": "f", "bool": "b", "str": "s", "ints": "ints",
-               "floats": "floats", "dtype": "dtype"}
-
-
-def _same_value(kind: str, value, default) -> bool:
-    """Is ``value`` the declared default (so the canonical form omits it)?"""
-    if value is None or default is None:
-        return value is None and default is None
-    if kind == "float":
-        v, d = float(value), float(default)
-        return (v == d and math.copysign(1, v) == math.copysign(1, d)) or (v != v and d != d)
-    if kind in ("ints", "floats"):
-        return [float(x) for x in value] == [float(x) for x in default] if kind == "floats" \
-            else [int(x) for x in value] == [int(x) for x in default]
-    if kind == "dtype":
-        return dtypes.as_dtype(value) is dtypes.as_dtype(default)
-    return type(value) is type(default) and value == default if kind == "bool" else value == default
-
-
-def encode_attrs(op: Op, attrs: Mapping[str, Any]) -> list:
-    """The canonical Attribute messages of ``attrs``: sorted by name, defaults omitted."""
-    out = []
-    for name in sorted(attrs):
-        if name not in op.attrs:
-            raise TypeError(f"{op.name}: unexpected attribute {name!r}")
-        kind, default = op.attrs[name]
-        base = kind.rstrip("?")
-        value = attrs[name]
-        if _same_value(base, value, default):
-            continue
-        a = graph_pb2.Attribute(name=name)
-        if value is None:
-            if not kind.endswith("?"):
-                raise TypeError(f"{op.name}: attribute {name} may not be None")
-            a.none = True
-        elif base == "int":
-            a.i = int(value)
-        elif base == "float":
-            a.f = float(value)
-        elif base == "bool":
-            a.b = bool(value)
-        elif base == "str":
-            a.s = str(value)
-        elif base == "ints":
-            a.ints.values.extend(int(v) for v in ([value] if isinstance(value, int) else value))
-        elif base == "floats":
-            a.floats.values.extend(float(v) for v in value)
-        elif base == "dtype":
-            a.dtype = dtypes.as_dtype(value).name
-        out.append(a)
-    return out
-
-
-def decode_attrs(op: Op, attrs: Sequence, field: str = "attrs",
-                 limits: "Limits | None" = None) -> dict:
-    """Attribute messages as Python values, with the op's defaults filled in.
-
-    Raises ``GraphError`` (field ``f"{field}.{name}"``) for an unknown name, a duplicate,
-    a value of the wrong kind or an unknown dtype name.
-    """
-    values: dict = {}
-    max_values = (limits or Limits()).max_attr_values
-    for a in attrs:
-        f = f"{field}.{a.name}"
-        decl = op.attrs.get(a.name)
-        if decl is None:
-            raise GraphError(f, f"op {op.name} has no attribute {a.name!r}; it takes "
-                             f"{sorted(op.attrs) or 'none'}")
-        if a.name in values:
-            raise GraphError(f, "attribute given twice")
-        kind = decl[0]
-        base, optional = kind.rstrip("?"), kind.endswith("?")
-        which = a.WhichOneof("value")
-        if which == "none" and optional:
-            values[a.name] = None
-            continue
-        if which != _KIND_FIELD[base]:
-            allowed = f"'{_KIND_FIELD[base]}'" + (" or 'none'" if optional else "")
-            raise GraphError(f, f"op {op.name} expects a {kind} attribute (field {allowed}), "
-                             f"got {which or 'no value'}")
-        if base in ("ints", "floats"):
-            seq = getattr(a, which).values
-            if len(seq) > max_values:
-                raise GraphError(f, f"{len(seq)} values exceed the limit of {max_values}",
-                                 "RESOURCE_EXHAUSTED")
-            values[a.name] = [int(v) for v in seq] if base == "ints" else [float(v) for v in seq]
-        elif base == "dtype":
-            if a.dtype not in dtypes._BY_NAME:
-                raise GraphError(f, f"unknown dtype {a.dtype!r}; expected one of "
-                                 f"{sorted(dtypes._BY_NAME)}")
-            values[a.name] = a.dtype
-        else:
-            values[a.name] = getattr(a, which)
-    for name, (_kind, default) in op.attrs.items():
-        if name not in values:
-            values[name] = list(default) if isinstance(default, list) else default
-    return values
-
-
-def random_seed(call_seed: int, node_index: int) -> int:
-    """The seed of random node ``node_index`` in a call seeded with ``call_seed``.
-
-    A pure function of the two numbers (NumPy's SeedSequence hashing), so every worker
-    draws the same dropout mask for the same (call seed, node); the result fits the int64
-    ``seed`` attribute of random ops.
-    """
-    state = np.random.SeedSequence([int(call_seed) & (2 ** 64 - 1), int(node_index)])
-    return int(state.generate_state(1, np.uint64)[0]) & (2 ** 63 - 1)
-
-
-def is_random(op: Op) -> bool:
-    """Random ops (``dropout_mask``) declare an int ``seed`` attribute."""
-    return op.attrs.get("seed", ("",))[0].rstrip("?") == "int"
-
-
-# ---------------------------------------------------------------------------------------
-# Tracing
-# ---------------------------------------------------------------------------------------
 
 # Ops whose result can be a view of their first input (NumPy returns one): a view's value
 # is the op applied to its base's current value, so a traced graph can replay the op after
@@ -259,7 +76,7 @@ _OUT_OF_PLACE = {
 
 
 class _Tracer:
-    """Records every op the dispatcher runs on this thread (``tensor._dispatch.tracer``).
+    """Records every op the dispatcher runs on this thread (``hooks._dispatch.tracer``).
 
     Gradient stops: a compiled plan differentiates every value that depends on a
     parameter through differentiable ops (``diff`` below tracks exactly that), while eager
@@ -494,7 +311,7 @@ class _Tracer:
         parts = []
         for r, t in zip(refs, inputs):
             name = self.inputs[r[1]][0] if r[0] == "in" else f"node {r[1]}"
-            role = _ROLE_NAMES.get(self.inputs[r[1]][1]) if r[0] == "in" else None
+            role = ROLE_NAMES.get(self.inputs[r[1]][1]) if r[0] == "in" else None
             parts.append(f"{name or 'a constant'}{' (' + role + ')' if role else ''} "
                          f"of shape {tuple(t.shape)}")
         return (f"node {k} ({op.name}) bakes in the batch size {self.batch}: traced at batch "
@@ -579,7 +396,6 @@ class _Tracer:
 
     def set_data(self, t, value, assign: Callable) -> None:
         """``t.data = value``: ``t`` reads ``value`` from now on, without its gradient."""
-        from .tensor import Tensor
         name = "t.data = value"
         hint = _OUT_OF_PLACE[name]
         self.lookup(t)
@@ -608,7 +424,7 @@ class _Tracer:
                 input_name, role = self.inputs[ref[1]][:2]
                 whose = "parameters" if role == PARAM else "data"
                 raise TraceError(
-                    f"`{name}` would change{via} the {_ROLE_NAMES[role]} input {input_name!r} "
+                    f"`{name}` would change{via} the {ROLE_NAMES[role]} input {input_name!r} "
                     f"in place: a graph cannot write to its inputs, and eager code would "
                     f"change the caller's {whose} on every call. Write it out of place "
                     f"(`{hint}`), on a copy (`t = t.clone()`) if later code must see the "
@@ -665,7 +481,6 @@ class _Tracer:
 
     def _snapshot(self, t) -> None:
         """A CONST input keeps the value it had when first read, not the changed one."""
-        from .tensor import Tensor
         ref = self.ref.get(id(t))
         if ref is not None and ref[0] == "in":
             entry = self.inputs[ref[1]]
@@ -675,7 +490,6 @@ class _Tracer:
     def _write_back(self, root, path: list, new):
         """``root``'s value with the view at the end of ``path`` replaced by ``new``: each
         view op undone in turn (a slice becomes ``index_put``s into its base)."""
-        from . import functional as F
         bases = [root]
         for op, attrs in path[:-1]:
             bases.append(op(bases[-1], **attrs))
@@ -749,7 +563,6 @@ def _same_bits(a, b) -> bool:
 
 
 def _as_tensor(x):
-    from .tensor import Tensor, as_tensor
     return x if isinstance(x, Tensor) else as_tensor(x)
 
 
@@ -777,7 +590,6 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
     function runs twice (see the module docstring); ``TraceError`` where the batch size
     would be baked into the graph.
     """
-    from .tensor import Tensor
 
     data_t = [_as_tensor(d) for d in data]
     names = list(data_names) if data_names is not None else [f"x{i}" for i in range(len(data))]
@@ -819,7 +631,6 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
 
 
 def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
-    from .tensor import _dispatch
     tracer = _Tracer(batch)
     for n, p in named:
         tracer.add_input(n, PARAM, p, p.shape)
@@ -852,7 +663,6 @@ def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
 
 def _output_refs(tracer: _Tracer, result) -> list:
     """(name, ref) of what ``fn`` returned: the loss, or ``(loss, {name: tensor})``."""
-    from .tensor import Tensor
 
     if isinstance(result, tuple):
         if len(result) != 2 or not isinstance(result[1], Mapping):
@@ -883,16 +693,15 @@ def _consumer(g: graph_pb2.Graph, value: int) -> str:
 
 
 def _const_value(inp) -> np.ndarray:
-    from .serialize import from_proto
     return from_proto(inp.value)
 
 
 def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> graph_pb2.Graph:
     """``g1`` made batch-size free after comparing it with ``g2``, the same function traced
     at batch size ``b2``; raises TraceError where the batch size is baked in."""
-    advice = (f"Write shapes and counts relative to the batch (x.flatten(1), "
-              f"x.reshape(-1, ...), zeros_like(x)), or trace with batch_dim=False for a "
-              f"fixed batch size.")
+    advice = ("Write shapes and counts relative to the batch (x.flatten(1), "
+              "x.reshape(-1, ...), zeros_like(x)), or trace with batch_dim=False for a "
+              "fixed batch size.")
     ops1, ops2 = [n.op for n in g1.nodes], [n.op for n in g2.nodes]
     if ops1 != ops2 or len(g1.inputs) != len(g2.inputs) or \
             [list(n.inputs) for n in g1.nodes] != [list(n.inputs) for n in g2.nodes] or \
@@ -907,14 +716,14 @@ def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> gr
         if a == b:
             continue
         if a.role == CONST and b.role == CONST and not a.shape and not b.shape \
-                and a.dtype == b.dtype and _dtype(a.dtype) is not dtypes.bool_:
+                and a.dtype == b.dtype and dtype_of(a.dtype) is not dtypes.bool_:
             v1, v2 = float(_const_value(a)), float(_const_value(b))
             if v1 == round(v1) and v2 == round(v2) and v1 > 0 and int(v1) % b1 == 0 \
                     and int(v2) % b2 == 0 and int(v1) // b1 == int(v2) // b2:
                 counts[i] = int(v1) // b1          # a count of m elements per sample
                 continue
         what = (f"constant of shape {list(a.shape)}" if a.role == CONST else
-                f"{_ROLE_NAMES.get(a.role)} input {a.name!r}")
+                f"{ROLE_NAMES.get(a.role)} input {a.name!r}")
         raise TraceError(f"a {what} read by {_consumer(g1, i)} depends on the batch size: it "
                          f"differs between traces at batch sizes {b1} and {b2}. " + advice)
     for k, (a, b) in enumerate(zip(g1.nodes, g2.nodes)):
@@ -956,7 +765,6 @@ def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
             out.inputs.add().CopyFrom(inp)
     taken = {inp.name for inp in out.inputs}
     multiples: dict[int, int] = {}
-    from .serialize import to_proto
     for m in sorted(set(counts.values()) - {1}):
         name, j = f"count{m}", 0
         while name in taken:
@@ -981,7 +789,7 @@ def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
     value_of: dict[int, int] = {}
     for i, m in counts.items():
         v = batch if m == 1 else node("mul", [batch, multiples[m]])
-        dt = _dtype(g.inputs[i].dtype)
+        dt = dtype_of(g.inputs[i].dtype)
         value_of[i] = v if dt is dtypes.float64 else node("cast", [v], dtype=dt.name)
     shift = n_in + len(out.nodes) - len(g.inputs)
 
@@ -1016,7 +824,6 @@ def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:
     g = graph_pb2.Graph(version=GRAPH_VERSION)
     taken = {tracer.inputs[i][0] for i in order if tracer.inputs[i][0]}
     const_count = 0
-    from .serialize import to_proto
     for i in order:
         name, role, t = tracer.inputs[i][:3]
         if role == CONST:
@@ -1041,292 +848,3 @@ def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:
     for name, ref in outputs:
         g.outputs.add(name=name, value=number[ref])
     return g
-
-
-def graph_id(graph: graph_pb2.Graph) -> str:
-    """Lowercase hex SHA-256 of the graph's canonical (deterministic) serialization."""
-    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class ValidatedGraph:
-    """A graph that passed ``validate``, decoded for execution.
-
-    ``specs[v]`` is value ``v``'s shape and dtype, with -1 where a dimension depends on the
-    batch size; ``specs_at(data_shapes)`` gives concrete ones.
-    """
-    graph: graph_pb2.Graph
-    id: str
-    ops: list[Op]
-    attrs: list[dict]                       # per node, defaults filled in
-    node_inputs: list[tuple[int, ...]]
-    specs: list[Spec]
-    params: list[str]                       # PARAM input names, in graph order
-    data: list[str]                         # DATA input names
-    input_index: dict[str, int]             # input name -> value number
-    consts: dict[int, np.ndarray]           # value number -> decoded CONST value
-    outputs: dict[str, int]                 # output name -> value number (loss first)
-    limits: Limits = field(default_factory=Limits)
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self.graph.inputs)
-
-    @property
-    def batched(self) -> bool:
-        """Whether some DATA input has a free (-1) batch dimension."""
-        return any(self.graph.inputs[self.input_index[n]].shape[:1] == [-1] for n in self.data)
-
-    def batch_size(self, data_shapes: Mapping[str, Sequence[int]]) -> int | None:
-        """The batch size of ``data_shapes``; raises GraphError if they disagree with the
-        graph's DATA inputs or with each other."""
-        missing = [n for n in self.data if n not in data_shapes]
-        if missing:
-            raise GraphError(f"data[{missing[0]}]", f"missing; the graph's DATA inputs are "
-                             f"{self.data}")
-        extra = [n for n in data_shapes if n not in self.data]
-        if extra:
-            raise GraphError(f"data[{extra[0]}]", f"the graph has no DATA input {extra[0]!r}; "
-                             f"its DATA inputs are {self.data}")
-        batch, first = None, None
-        for n in self.data:
-            want = list(self.graph.inputs[self.input_index[n]].shape)
-            got = [int(s) for s in data_shapes[n]]
-            ok = len(got) == len(want) and all(w in (-1, s) for w, s in zip(want, got))
-            if not ok:
-                raise GraphError(f"data[{n}].shape", f"got shape {got}, the graph expects "
-                                 f"{want} (-1: any batch size)")
-            if want[:1] == [-1]:
-                if batch is not None and got[0] != batch:
-                    raise GraphError(f"data[{n}].shape", f"batch size {got[0]} differs from "
-                                     f"{batch} of data[{first}]")
-                batch, first = got[0], n
-        return batch
-
-    def specs_at(self, data_shapes: Mapping[str, Sequence[int]] | None = None,
-                 batch: int | None = None) -> list[Spec]:
-        """Concrete shapes and dtypes of every value for these data shapes (or batch size),
-        checked against the element limit."""
-        if batch is None and data_shapes is not None:
-            batch = self.batch_size(data_shapes)
-        if batch is None and self.batched:
-            raise GraphError("data", "the graph has a batch dimension: give data shapes or a "
-                             "batch size")
-        specs = _infer_all(self.graph, self.ops, self.attrs, self.node_inputs,
-                           batch if batch is not None else 1)
-        n_in = self.num_inputs
-        for v, s in enumerate(specs):
-            count = math.prod(s.shape)
-            if count > self.limits.max_tensor_elements:
-                where = f"nodes[{v - n_in}]" if v >= n_in else f"inputs[{v}].shape"
-                raise GraphError(where, f"value of shape {list(s.shape)} has {count} elements, "
-                                 f"over the limit of {self.limits.max_tensor_elements}",
-                                 "RESOURCE_EXHAUSTED")
-        return specs
-
-
-def _input_spec(inp, batch: int) -> Spec:
-    shape = tuple(batch if (i == 0 and s == -1) else int(s) for i, s in enumerate(inp.shape))
-    return Spec(shape, _dtype(inp.dtype))
-
-
-def _dtype(proto_dtype: int) -> dtypes.DType:
-    from .serialize import PROTO_TO_DTYPE
-    return PROTO_TO_DTYPE[proto_dtype]
-
-
-def _infer_all(graph, ops, attrs, node_inputs, batch: int) -> list[Spec]:
-    specs = [_input_spec(inp, batch) for inp in graph.inputs]
-    for k, (op, a, ins) in enumerate(zip(ops, attrs, node_inputs)):
-        try:
-            spec = op.infer(*[specs[i] for i in ins], **a)
-        except GraphError:
-            raise
-        except Exception as e:        # infer's own errors name the op and the shapes
-            raise GraphError(f"nodes[{k}]", f"{op.name}: {e}" if not str(e).startswith(op.name)
-                             else str(e)) from None
-        if not isinstance(spec, tuple) or len(spec) != 2:
-            raise GraphError(f"nodes[{k}].op", f"{op.name}: shape inference returned {spec!r}")
-        specs.append(Spec(tuple(int(s) for s in spec[0]), spec[1]))
-    return specs
-
-
-def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedGraph:
-    """Check a graph from the network before anything is allocated for it.
-
-    Checks, in order: version; size limits (nodes, inputs, CONST bytes); every input's
-    name (non-empty, unique), role, dtype, shape (-1 only as the first dimension of a DATA
-    input) and CONST value; every node's op (registry allowlist), arity, input value
-    numbers (defined before use: acyclic) and attributes (names and kinds as the op
-    declares them); outputs (unique names, existing values, the first a floating scalar);
-    then shape and dtype inference of every node at two batch sizes. Raises
-    ``GraphError`` naming the field.
-    """
-    from .serialize import PROTO_TO_DTYPE, WireError, from_proto
-    limits = limits or Limits()
-    if graph.version != GRAPH_VERSION:
-        raise GraphError("version", f"unsupported graph version {graph.version}; this worker "
-                         f"reads version {GRAPH_VERSION}")
-    if len(graph.nodes) > limits.max_graph_nodes:
-        raise GraphError("nodes", f"{len(graph.nodes)} nodes exceed the limit of "
-                         f"{limits.max_graph_nodes}", "RESOURCE_EXHAUSTED")
-    if len(graph.inputs) > limits.max_graph_inputs:
-        raise GraphError("inputs", f"{len(graph.inputs)} inputs exceed the limit of "
-                         f"{limits.max_graph_inputs}", "RESOURCE_EXHAUSTED")
-
-    names: dict[str, int] = {}
-    params, data, consts = [], [], {}
-    const_bytes = 0
-    for i, inp in enumerate(graph.inputs):
-        f = f"inputs[{i}]"
-        if not inp.name:
-            raise GraphError(f"{f}.name", "inputs must be named")
-        if inp.name in names:
-            raise GraphError(f"{f}.name", f"duplicate input name {inp.name!r} (also inputs"
-                             f"[{names[inp.name]}])")
-        names[inp.name] = i
-        if inp.role not in _ROLE_NAMES:
-            raise GraphError(f"{f}.role", f"unknown role {inp.role}; expected PARAM, DATA or "
-                             f"CONST")
-        if inp.dtype not in PROTO_TO_DTYPE:
-            raise GraphError(f"{f}.dtype", f"unknown or unspecified dtype {inp.dtype}")
-        for d, s in enumerate(inp.shape):
-            if s < 0 and not (s == -1 and d == 0 and inp.role == DATA):
-                raise GraphError(f"{f}.shape", f"dimension {d} is {s}; only the first "
-                                 f"dimension of a DATA input may be -1 (the batch)")
-        static = math.prod(max(int(s), 1) if s == -1 else int(s) for s in inp.shape)
-        if static > limits.max_tensor_elements:
-            raise GraphError(f"{f}.shape", f"{static} elements exceed the limit of "
-                             f"{limits.max_tensor_elements}", "RESOURCE_EXHAUSTED")
-        if inp.role == PARAM:
-            if not _dtype(inp.dtype).is_floating_point:
-                raise GraphError(f"{f}.dtype", f"PARAM {inp.name!r} has dtype "
-                                 f"{_dtype(inp.dtype).name}; parameters must be floating point")
-            params.append(inp.name)
-        elif inp.role == DATA:
-            data.append(inp.name)
-        if inp.role == CONST:
-            if not inp.HasField("value"):
-                raise GraphError(f"{f}.value", f"CONST {inp.name!r} has no value")
-            const_bytes += len(inp.value.data)
-            if const_bytes > limits.max_const_bytes:
-                raise GraphError(f"{f}.value", f"CONST values exceed the limit of "
-                                 f"{limits.max_const_bytes} bytes in all", "RESOURCE_EXHAUSTED")
-            if inp.value.dtype != inp.dtype or list(inp.value.shape) != list(inp.shape):
-                raise GraphError(f"{f}.value", f"value has dtype {inp.value.dtype} and shape "
-                                 f"{list(inp.value.shape)}, the input declares {inp.dtype} and "
-                                 f"{list(inp.shape)}")
-            try:
-                consts[i] = from_proto(inp.value, field=f"{f}.value",
-                                       max_elements=limits.max_tensor_elements)
-            except WireError as e:
-                raise GraphError(e.field, e.message, e.code) from None
-        elif inp.HasField("value"):
-            raise GraphError(f"{f}.value", f"only CONST inputs carry a value; "
-                             f"{inp.name!r} is {_ROLE_NAMES[inp.role]}")
-
-    ops, attrs, node_inputs = [], [], []
-    canonical_graph = None
-    n_in = len(graph.inputs)
-    for k, node in enumerate(graph.nodes):
-        f = f"nodes[{k}]"
-        op = REGISTRY.get(node.op)
-        if op is None:
-            raise GraphError(f"{f}.op", f"unknown op {node.op!r}; see Capabilities.ops for the "
-                             f"registered ones")
-        if op.arity is not None and len(node.inputs) != op.arity:
-            raise GraphError(f"{f}.inputs", f"{op.name} takes {op.arity} inputs, got "
-                             f"{len(node.inputs)}")
-        for j, v in enumerate(node.inputs):
-            if v >= n_in + k:
-                raise GraphError(f"{f}.inputs[{j}]", f"value {v} is not defined before node "
-                                 f"{k} (values 0..{n_in + k - 1} are); nodes must be in "
-                                 f"topological order")
-        ops.append(op)
-        attrs.append(decode_attrs(op, node.attrs, f"{f}.attrs", limits))
-        node_inputs.append(tuple(int(v) for v in node.inputs))
-        canonical = encode_attrs(op, attrs[-1])
-        if list(node.attrs) != canonical:
-            # Unsorted, or defaults spelled out: the graph's id is that of its canonical
-            # form (graph.proto), so the same model gets the same id from any client.
-            if canonical_graph is None:
-                canonical_graph = graph_pb2.Graph()
-                canonical_graph.CopyFrom(graph)
-            del canonical_graph.nodes[k].attrs[:]
-            canonical_graph.nodes[k].attrs.extend(canonical)
-
-    outputs: dict[str, int] = {}
-    for j, out in enumerate(graph.outputs):
-        f = f"outputs[{j}]"
-        if not out.name:
-            raise GraphError(f"{f}.name", "outputs must be named")
-        if out.name in outputs:
-            raise GraphError(f"{f}.name", f"duplicate output name {out.name!r}")
-        if out.value >= n_in + len(graph.nodes):
-            raise GraphError(f"{f}.value", f"value {out.value} does not exist (the graph has "
-                             f"{n_in + len(graph.nodes)} values)")
-        outputs[out.name] = int(out.value)
-    if not outputs:
-        raise GraphError("outputs", "a graph needs at least one output: the loss")
-
-    if canonical_graph is not None:
-        graph = canonical_graph
-    vg = ValidatedGraph(graph, graph_id(graph), ops, attrs, node_inputs, [], params, data,
-                        names, consts, outputs, limits)
-    # Infer at two batch sizes: dimensions that differ depend on the batch (-1).
-    probes = [_infer_all(graph, ops, attrs, node_inputs, b) for b in _PROBE_BATCHES]
-    specs = []
-    for v, (a, b) in enumerate(zip(*probes)):
-        if a.dtype is not b.dtype or len(a.shape) != len(b.shape):
-            where = f"nodes[{v - n_in}]" if v >= n_in else f"inputs[{v}]"
-            raise GraphError(where, f"rank or dtype depends on the batch size: {a} vs {b}")
-        specs.append(Spec(tuple(x if x == y else -1 for x, y in zip(a.shape, b.shape)), a.dtype))
-        static = math.prod(x for x, y in zip(a.shape, b.shape) if x == y)
-        if static > limits.max_tensor_elements:
-            where = f"nodes[{v - n_in}]" if v >= n_in else f"inputs[{v}].shape"
-            raise GraphError(where, f"value of shape {list(specs[-1].shape)} exceeds the limit "
-                             f"of {limits.max_tensor_elements} elements", "RESOURCE_EXHAUSTED")
-    vg.specs = specs
-    loss = specs[graph.outputs[0].value]
-    if loss.shape != () or not loss.dtype.is_floating_point:
-        raise GraphError("outputs[0].value", f"the first output is the loss and must be a "
-                         f"floating scalar, got shape {list(loss.shape)} and dtype "
-                         f"{loss.dtype.name}")
-    return vg
-
-
-# ---------------------------------------------------------------------------------------
-# Reference executor
-# ---------------------------------------------------------------------------------------
-
-def execute(graph, params: Mapping, data: Mapping, *, seed: int | None = None,
-            limits: Limits | None = None) -> dict:
-    """Evaluate a graph eagerly through the registry: outputs by name, as Tensors.
-
-    ``params`` and ``data`` map input names to Tensors or arrays. Parameters passed as
-    Tensors are used as they are, so ``execute(...)["loss"].backward()`` fills their
-    ``.grad``. ``seed`` seeds random ops as ``Plan.run`` does (see ``random_seed``); without
-    it they use the seeds recorded in the graph. A reference for tests: the worker runs a
-    compiled ``Plan``.
-    """
-    from .tensor import Tensor
-    vg = graph if isinstance(graph, ValidatedGraph) else validate(graph, limits)
-    values: list = []
-    for i, inp in enumerate(vg.graph.inputs):
-        if inp.role == CONST:
-            values.append(Tensor._wrap(vg.consts[i]))
-            continue
-        source = params if inp.role == PARAM else data
-        kind = "parameters" if inp.role == PARAM else "data"
-        if inp.name not in source:
-            raise GraphError(f"{kind}[{inp.name}]", "missing")
-        values.append(_as_tensor(source[inp.name]))
-    for k, (op, a, ins) in enumerate(zip(vg.ops, vg.attrs, vg.node_inputs)):
-        if seed is not None and is_random(op):
-            a = {**a, "seed": random_seed(seed, k)}
-        values.append(op(*[values[i] for i in ins], **a))
-    return {name: values[v] for name, v in vg.outputs.items()}

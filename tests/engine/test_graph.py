@@ -14,7 +14,7 @@ from gradmesh.core.graph import (GraphError, Limits, TraceError, execute, graph_
                                  random_seed, trace, validate)
 from gradmesh.core.registry import REGISTRY
 from gradmesh.core.serialize import to_proto
-from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2
+from gradmesh.v1 import graph_pb2, tensor_pb2
 
 PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
 
@@ -559,13 +559,6 @@ def test_data_shapes_are_checked_against_the_graph():
     with pytest.raises(GraphError) as e:
         vg.specs_at({"x": (4, 3, 4)})
     assert e.value.field == "data[y]"
-
-
-def test_limits_to_proto():
-    limits = Limits(max_graph_nodes=7, chunk_bytes=1 << 20)
-    msg = limits.to_proto()
-    assert isinstance(msg, worker_pb2.Limits)
-    assert msg.max_graph_nodes == 7 and msg.chunk_bytes == 1 << 20
 
 
 def test_random_seed_is_a_pure_function():

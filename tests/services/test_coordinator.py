@@ -156,7 +156,7 @@ def test_bad_steps_get_the_right_status_and_field(coordinator):
 def test_a_batch_the_workers_refuse_names_the_batch(coordinator):
     """A label out of range is only seen by the worker (a data-dependent check): the step
     fails with INVALID_ARGUMENT naming the batch, applies nothing, and the next step runs.
-    Found by tests/test_fuzz.py: the coordinator passed the code on without a field."""
+    Found by tests/services/test_fuzz.py: the coordinator passed the code on without a field."""
     _, client = coordinator()
     job, data = _job(client)
     x, y = data[0]
@@ -169,7 +169,7 @@ def test_a_batch_the_workers_refuse_names_the_batch(coordinator):
 
 def test_create_job_headers_are_checked_before_allocating(coordinator):
     """A CreateJob header that promises 1 GiB for a 3 x 2 parameter is refused from the
-    header, before anything is allocated for its bytes. Found by tests/test_fuzz.py: the
+    header, before anything is allocated for its bytes. Found by tests/services/test_fuzz.py: the
     coordinator allocated what the header said (up to 16 GiB) before checking the graph."""
     import tracemalloc
     from gradmesh.wire.shard import stream_frames

@@ -339,7 +339,7 @@ def test_index_out_of_range_is_invalid_argument_not_internal(stub):
     """Values that validation cannot see (an embedding index past the table, a class label
     out of range) are the request's fault: INVALID_ARGUMENT naming the data, unary and
     streamed (also when gradients stream early, from the plan's thread). Found by
-    tests/test_fuzz.py: it was INTERNAL."""
+    tests/services/test_fuzz.py: it was INTERNAL."""
     assert floats_of(stub.ComputeGradients(_embedding_request([3, 0])).loss) == [3.0]
     code, field, msg = call_error(stub.ComputeGradients, _embedding_request([1, 4]))
     assert (code, field) == (grpc.StatusCode.INVALID_ARGUMENT, "data")
@@ -361,7 +361,7 @@ def test_index_out_of_range_is_invalid_argument_not_internal(stub):
 
 def test_undecodable_stream_frame_is_invalid_argument(worker, stub):
     """Bytes that are no StreamFrame, first or after the header, get INVALID_ARGUMENT
-    (gRPC answers INTERNAL when a deserializer raises). Found by tests/test_fuzz.py."""
+    (gRPC answers INTERNAL when a deserializer raises). Found by tests/services/test_fuzz.py."""
     header = request(x=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2, 3]),
                      w=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[3, 2]))
     header_bytes = worker_pb2.StreamFrame(request=header).SerializeToString()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import gradmesh.core as gm
-from gradmesh.core import graph
+from gradmesh.core.graph import tracer as graph
 from gradmesh.core.graph import TraceError, trace, validate
 from gradmesh.core.plan import compile_plan
 from tracing import (assert_executed_equals_local, assert_local_matches_torch,

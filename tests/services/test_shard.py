@@ -113,11 +113,11 @@ def test_a_new_attempt_discards_the_gradients_of_an_abandoned_one():
     (lambda s, p: s.load("j", {"w": p["w"]}, SGD), "ALREADY_EXISTS", "job_id"),
     (lambda s, p: s.load("k", {"i": np.zeros(2, np.int64)}, SGD), "INVALID_ARGUMENT",
      "parameters[i]"),
-    # Found by tests/test_fuzz.py: "$" matched before a trailing newline, so "j\n" (a
+    # Found by tests/services/test_fuzz.py: "$" matched before a trailing newline, so "j\n" (a
     # file name with a newline) was a valid job id.
     (lambda s, p: s.load("j\n", p, SGD), "INVALID_ARGUMENT", "job_id"),
     (lambda s, p: s.pull("j\n"), "INVALID_ARGUMENT", "job_id"),
-    # Found by tests/test_fuzz.py: Apply listed every missing micro-batch index, so
+    # Found by tests/services/test_fuzz.py: Apply listed every missing micro-batch index, so
     # micro_batches=2**32-1 allocated tens of GB (MemoryError, INTERNAL) or ran for minutes.
     (lambda s, p: s.apply("j", 1, 2 ** 32 - 1, 0), "FAILED_PRECONDITION", "micro_batches"),
     (lambda s, p: (s.push("j", 1, 5, 2 ** 32 - 1, 0, p), s.apply("j", 1, 2 ** 32 - 1, 0)),
@@ -301,7 +301,7 @@ def test_remote_errors_carry_status_and_field(shard_server):
 def test_push_headers_are_checked_against_the_job_before_allocating(shard_server):
     """A push header that promises 1 GiB for a 3 x 4 parameter is refused from the header
     (INVALID_ARGUMENT naming the gradient) before any byte is allocated for it. Found by
-    tests/test_fuzz.py: the shard allocated what the header said (up to its 16 GiB
+    tests/services/test_fuzz.py: the shard allocated what the header said (up to its 16 GiB
     stream limit) before comparing it with the job."""
     import tracemalloc
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
