@@ -19,8 +19,8 @@ status with ``google.rpc.BadRequest`` field violations. A MemoryError becomes
 RESOURCE_EXHAUSTED; anything else INTERNAL with a log line and a traceback, and the server
 keeps serving. Every call has a request id (the caller's ``x-request-id``, or a new one):
 on each log line while it is handled, in the trailing metadata, in error details
-(``google.rpc.RequestInfo``), and sent on with the calls made while handling it. Request bytes that are
-not a valid message get INVALID_ARGUMENT (``decode_check``).
+(``google.rpc.RequestInfo``), and sent on with the calls made while handling it.
+Request bytes that are not a valid message get INVALID_ARGUMENT (``decode_check``).
 
 One module per job:
 
