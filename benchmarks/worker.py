@@ -12,9 +12,9 @@ where it competes with the client for one interpreter lock:
     backward run locally with gradmesh, for the engine benchmark's three MLPs, over two
     transports: *bytes* (every tensor in the gRPC messages, as with a worker on another
     host) and *shared memory* (the SDK's default for a worker on its own host: parameters
-    and gradients through /dev/shm, see docs/worker.md); next to them, a raw gRPC echo of
-    the parameter bytes over the same kind of RPC the bytes client uses (unary, or 1 MiB
-    chunks when it streams): what that transport alone costs;
+    and gradients through shared memory, see docs/worker.md); next to them, a raw gRPC
+    echo of the parameter bytes over the same kind of RPC the bytes client uses (unary, or
+    1 MiB chunks when it streams): what that transport alone costs;
 (b) transport: ``ComputeGradientsStream`` with 16, 64 and 256 MiB of parameters against raw
     gRPC echoes of the same bytes in 1 MiB chunks (raw bytes, no protobuf) on the same
     server and channel, like with like: *round trip* (gradients of the same size come back)

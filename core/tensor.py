@@ -199,7 +199,7 @@ class Tensor:
 
     # -- shared memory ---------------------------------------------------------------------
     def share_memory_(self) -> "Tensor":
-        """Move the data of this CPU tensor into shared memory (a segment in /dev/shm), as
+        """Move the data of this CPU tensor into shared memory (a sealed memory segment), as
         torch's ``share_memory_`` does: a gradmesh worker on this host then reads it where
         it is instead of receiving a copy with every call (``WorkerClient``). In-place
         updates (optimizers, ``copy_``) keep it there. A no-op if already shared or on

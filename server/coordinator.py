@@ -171,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds before a running micro-batch is also given to an idle worker")
     g.add_argument("--shared-memory", choices=("on", "off"), default=d("shared-memory", "on"),
                    help="pass tensors to workers on this host through shared memory "
-                        "(/dev/shm; default on; docs/worker.md)")
+                        "(default on; docs/worker.md)")
     g.add_argument("--worker-timeout", type=float, default=d("worker-timeout", 300.0),
                    help="deadline of each call to a worker, in seconds")
 

@@ -24,89 +24,134 @@ from collections import OrderedDict
 import numpy as np
 
 from gradmesh.core.sharedmem import (
-    ALIGN,
-    DIR,
+    HEADER,
+    LEGACY_NAME,
+    MEMFD_NAME,
     NAME,
-    NOFOLLOW,
     POPULATE,
+    REQUIRED_SEALS,
     WIRE_ORDER,
     Segment,
     SegmentError,
+    header_matches,
     layout,
+    supported,
 )
+
+try:
+    import fcntl
+except ImportError:         # not on Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Attached", "Pool", "place", "available", "same_host_target", "MAPPED_SEGMENTS"]
 
 MAPPED_SEGMENTS = 16        # segments a worker keeps mapped (Attached)
 
+# What the worker says about a segment it cannot use, whatever the reason (not a process
+# it may open, no such descriptor, not a sealed gradmesh segment, the wrong secret): one
+# message, so that a caller learns nothing about another user's processes from it.
+REFUSED = ("the worker cannot use this segment: it is not a sealed gradmesh segment of a "
+           "process of the worker's user holding the name's secret (is the client on "
+           "another host, in another container, or another user?)")
+_MEMFD_LINK = f"/memfd:{MEMFD_NAME}"
+
 
 def available() -> bool:
-    """Whether this host can create segments (Linux with a writable ``/dev/shm``)."""
-    return (hasattr(os, "posix_fallocate") and os.path.isdir(DIR)
-            and os.access(DIR, os.W_OK | os.X_OK))
+    """Whether this host can create and open segments (Linux with memfd_create, file
+    sealing and /proc)."""
+    return supported()
+
+
+def _open(pid: int, fd: int, secret: str) -> tuple[int, int, mmap.mmap]:
+    """``(st_dev, st_ino, mapping)`` of the segment the creator ``pid`` holds as ``fd``,
+    checked: a regular memory file of gradmesh's, sealed against shrinking and growing,
+    whose header holds ``secret``. Raises ``SegmentError(REFUSED)`` otherwise."""
+    try:
+        # O_PATH opens nothing (no device is ever opened, whatever ``fd`` is) but pins the
+        # inode; the checks and the real open below are of that inode, with no race.
+        path = os.open(f"/proc/{pid}/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        raise SegmentError(REFUSED) from None
+    real = -1
+    try:
+        st = os.fstat(path)
+        if not stat.S_ISREG(st.st_mode) or not os.readlink(
+                f"/proc/self/fd/{path}").startswith(_MEMFD_LINK):
+            raise SegmentError(REFUSED)
+        real = os.open(f"/proc/self/fd/{path}", os.O_RDWR | os.O_CLOEXEC)
+        seals = fcntl.fcntl(real, fcntl.F_GET_SEALS)
+        size = os.fstat(real).st_size       # final: the seals forbid any change
+        if (seals & REQUIRED_SEALS) != REQUIRED_SEALS or size < HEADER or not \
+                header_matches(os.pread(real, HEADER, 0), secret):
+            raise SegmentError(REFUSED)
+        buf = mmap.mmap(real, size, flags=mmap.MAP_SHARED | POPULATE)
+        return st.st_dev, st.st_ino, buf
+    except OSError:
+        raise SegmentError(REFUSED) from None
+    finally:
+        os.close(path)
+        if real >= 0:
+            os.close(real)
+
+
+def _parse(name: str) -> tuple[int, int, str]:
+    m = NAME.match(name)
+    if m is None:
+        if LEGACY_NAME.match(name):
+            raise SegmentError("this worker takes sealed memory segments "
+                               "(gradmesh-<pid>-<fd>-<32 hex digits>), not files in "
+                               "/dev/shm: send the bytes, or upgrade the client")
+        raise SegmentError("not a gradmesh segment name "
+                           "(gradmesh-<pid>-<fd>-<32 hex digits>)")
+    return int(m.group(1)), int(m.group(2)), m.group(3)
 
 
 class Attached:
     """The worker's side: segments named by clients, opened once and kept mapped.
 
-    ``get(name)`` returns the mapping; a segment that was removed or resized since it was
-    mapped is mapped again. At most ``capacity`` segments stay mapped (least recently
-    used go first).
+    ``get(name)`` returns the mapping of the segment a name designates, after checking it
+    (:func:`_open`); later calls with the same name (which holds the secret, so only a
+    caller that was told it can hit the cache) check only that the creator still holds
+    the segment. At most ``capacity`` segments stay mapped (least recently used go first).
     """
 
     def __init__(self, capacity: int = MAPPED_SEGMENTS):
         self.capacity = capacity
-        self._maps: OrderedDict[str, tuple[int, int, int, mmap.mmap]] = OrderedDict()
+        self._maps: OrderedDict[str, tuple[int, int, mmap.mmap]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, name: str) -> mmap.mmap:
-        if not NAME.match(name):
-            raise SegmentError(f"{name!r} is not a gradmesh segment name "
-                               f"(gradmesh-<pid>-<32 hex digits>)")
-        path = os.path.join(DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR | NOFOLLOW)
-        except OSError as e:
-            raise SegmentError(f"cannot open {path} on the worker's host: {e.strerror} "
-                               f"(is the client on another host or in another container?)"
-                               ) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise SegmentError(f"{path} is not a regular file of the worker's user")
-            key = (st.st_dev, st.st_ino, st.st_size)
-            with self._lock:
-                hit = self._maps.get(name)
-                if hit is not None and hit[:3] == key:
-                    self._maps.move_to_end(name)
-                    return hit[3]
-            if st.st_size < ALIGN:
-                raise SegmentError(f"{path} has {st.st_size} bytes")
-            buf = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | POPULATE)
-        finally:
-            os.close(fd)
+        pid, fd, secret = _parse(name)
+        with self._lock:
+            hit = self._maps.get(name)
+        if hit is not None:
+            if _held(pid, fd, hit[:2]):
+                with self._lock:
+                    if name in self._maps:
+                        self._maps.move_to_end(name)
+                return hit[2]
+            with self._lock:            # closed by its creator: never to be used again
+                if self._maps.get(name) is hit:
+                    del self._maps[name]
+            raise SegmentError(REFUSED)
+        dev, ino, buf = _open(pid, fd, secret)
         self._prune()
         with self._lock:
-            self._maps[name] = (*key, buf)
+            self._maps[name] = (dev, ino, buf)
             self._maps.move_to_end(name)
             while len(self._maps) > self.capacity:
                 self._maps.popitem(last=False)   # closed when no array views it any more
         return buf
 
     def _prune(self) -> None:
-        """Unmap segments their creators removed (a mapping keeps the memory alive)."""
+        """Unmap segments their creators closed (a mapping keeps the memory alive)."""
         with self._lock:
-            cached = [(name, entry[:2]) for name, entry in self._maps.items()]
-        for name, (dev, ino) in cached:
-            try:
-                st = os.stat(os.path.join(DIR, name), follow_symlinks=False)
-                gone = (st.st_dev, st.st_ino) != (dev, ino)
-            except OSError:
-                gone = True
-            if gone:
+            cached = list(self._maps.items())
+        for name, entry in cached:
+            pid, fd, _ = _parse(name)
+            if not _held(pid, fd, entry[:2]):
                 with self._lock:
-                    entry = self._maps.get(name)
-                    if entry is not None and entry[:2] == (dev, ino):
+                    if self._maps.get(name) is entry:
                         del self._maps[name]
 
     def names(self) -> set[str]:
@@ -116,6 +161,15 @@ class Attached:
 
     def __len__(self) -> int:
         return len(self._maps)
+
+
+def _held(pid: int, fd: int, inode: tuple[int, int]) -> bool:
+    """Whether process ``pid`` still holds the memory file ``inode`` as ``fd``."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == inode
 
 
 def place(pool: "Pool", arrays: dict[str, np.ndarray], write: bool = True

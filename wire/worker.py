@@ -4,9 +4,10 @@ The transport policy is written once, in :class:`WorkerTransport`, the base clas
 every caller of a worker (the SDK's ``WorkerClient`` and the coordinator's worker
 handles): tensors go through shared memory when the worker is on this host and takes them
 (:mod:`.sharedmem`), else in one unary message when they fit, else over the streaming RPC
-(:mod:`.stream`, :mod:`.frames`). A worker that refuses shared memory (another host or
-container, a full ``/dev/shm``) gets bytes from then on; one that no longer knows the graph
-(NOT_FOUND: it restarted or evicted it) gets the graph again, once.
+(:mod:`.stream`, :mod:`.frames`). A worker that refuses shared memory (another host,
+container or user; no memory for a segment) gets bytes from then on; one that no longer
+knows the graph (NOT_FOUND: it restarted or evicted it) gets the graph again, once, by
+whichever path the call took.
 """
 from __future__ import annotations
 
@@ -274,11 +275,23 @@ def decode_reply(resp: worker_pb2.ComputeGradientsResponse) -> Reply:
         _timings(resp), resp.graph_id)
 
 
+_SEGMENT_FIELDS = ("shared_memory.segment", "shared_memory.parameter_segment",
+                   "shared_memory.gradient_segment")
+
+
 def shared_memory_refused(e: Exception) -> bool:
-    """Whether a failed call says the worker cannot take this caller's segments."""
-    return isinstance(e, SegmentError) or (
-        isinstance(e, GradmeshError) and e.code == grpc.StatusCode.FAILED_PRECONDITION
-        and (e.field or "").startswith("shared_memory"))
+    """Whether a failed call says the worker cannot take this caller's segments: a
+    FAILED_PRECONDITION about shared memory, or an INVALID_ARGUMENT about a segment's
+    name (a worker of an earlier version, which knows only names of files in /dev/shm;
+    this client never sends a malformed name)."""
+    if isinstance(e, SegmentError):
+        return True
+    if not isinstance(e, GradmeshError):
+        return False
+    field = e.field or ""
+    return (e.code == grpc.StatusCode.FAILED_PRECONDITION
+            and field.startswith("shared_memory")) or (
+        e.code == grpc.StatusCode.INVALID_ARGUMENT and field in _SEGMENT_FIELDS)
 
 
 # ------------------------------------------------------------------ the transport --------
@@ -340,8 +353,8 @@ class WorkerTransport:
             except (GradmeshError, SegmentError) as e:
                 if mode != SHARED or not shared_memory_refused(e):
                     raise
-                # The worker cannot see our segments (another host or container, or shared
-                # memory off there), or /dev/shm is full: bytes from now on.
+                # The worker cannot use our segments (another host, container or user, or
+                # shared memory off there), or no memory for one: bytes from now on.
                 self._shared, mode = False, fallback
                 return send(mode), mode
         except NotFound:

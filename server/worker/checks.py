@@ -198,7 +198,8 @@ def check_shared_memory(shared: SharedMemoryRef, header_only: bool, same_host: b
                                     "carries its tensors' bytes in chunks", field)
     if not takes_shared:
         raise ServiceError(FAILED, "this worker does not take shared memory (started "
-                                   "with --shared-memory off, or no /dev/shm); send "
+                                   "with --shared-memory off, or a host without memfd "
+                                   "sealing); send "
                                    "the bytes in the request", field)
     if not same_host:
         raise ServiceError(FAILED, "shared memory is only for callers on the worker's "
@@ -211,9 +212,16 @@ def check_shared_memory(shared: SharedMemoryRef, header_only: bool, same_host: b
             ("gradient_offsets", shared.gradient_offsets, "gradient_segment",
              param_names)):
         segment, seg_field = getattr(shared, seg_key), f"shared_memory.{seg_key}"
+        # Names are capabilities (they hold the segment's secret): never repeated in an
+        # error, which may be logged.
         if segment and not sharedmem.NAME.match(segment):
-            raise ServiceError(INVALID, f"{segment!r} is not a segment name "
-                                        f"(gradmesh-<pid>-<32 hex digits>)", seg_field)
+            if sharedmem.LEGACY_NAME.match(segment):
+                raise ServiceError(FAILED, "this worker takes sealed memory segments "
+                                           "(gradmesh-<pid>-<fd>-<32 hex digits>), not "
+                                           "files in /dev/shm; send the bytes in the "
+                                           "request", seg_field)
+            raise ServiceError(INVALID, "not a segment name (gradmesh-<pid>-<fd>-<32 hex "
+                                        "digits>)", seg_field)
         if names and not segment:
             raise ServiceError(INVALID, f"{key} are given but no segment", seg_field)
         what = "data" if known is data_names else "parameter"
@@ -228,6 +236,9 @@ def _check_offsets(key: str, offsets: Mapping[str, int], known: set[str], what: 
         if offsets[name] % sharedmem.ALIGN:
             raise ServiceError(INVALID, f"offset {offsets[name]} is not a multiple "
                                         f"of {sharedmem.ALIGN}", f)
+        if offsets[name] < sharedmem.HEADER:
+            raise ServiceError(INVALID, f"offset {offsets[name]} is inside the segment's "
+                                        f"{sharedmem.HEADER}-byte header", f)
 
 
 def check_gradient_offsets(shared: SharedMemoryRef, gradients: Sequence[str]) -> None:

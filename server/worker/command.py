@@ -66,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plan-cache-size", type=int, default=d("plan-cache-size", 64))
     g.add_argument("--shared-memory", choices=("on", "off"),
                    default=d("shared-memory", "on"),
-                   help="take tensors in shared memory (/dev/shm) from callers on this "
-                        "host; off: bytes in messages only (docs/worker.md)")
+                   help="take tensors in shared memory (sealed memory segments) from "
+                        "callers on this host; off: bytes in messages only "
+                        "(docs/worker.md)")
     g.add_argument("--parameter-cache-bytes", type=int,
                    default=d("parameter-cache-bytes", 1 << 30),
                    help="bytes of parameters kept for requests that name a parameter_set "

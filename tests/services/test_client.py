@@ -251,7 +251,8 @@ def test_cli_worker_prints_address_and_stops_on_sigterm():
 from gradmesh.core import sharedmem  # noqa: E402
 from gradmesh.wire import sharedmem as wire_sharedmem  # noqa: E402
 
-needs_shared_memory = pytest.mark.skipif(not wire_sharedmem.available(), reason="no /dev/shm here")
+needs_shared_memory = pytest.mark.skipif(not wire_sharedmem.available(),
+                                         reason="no shared memory here")
 
 
 def _cases():

@@ -154,7 +154,7 @@ def test_parameters_in_shared_memory_are_not_kept(worker):
     from gradmesh.wire import sharedmem
     from gradmesh.wire.worker import shared_request
     if not sharedmem.available():
-        pytest.skip("no /dev/shm")
+        pytest.skip("no shared memory here")
     model = _model()
     x, y = _batch()
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}

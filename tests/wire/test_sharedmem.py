@@ -14,18 +14,28 @@ import pytest
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
 from gradmesh.core import serialize, sharedmem
-from gradmesh.wire import sharedmem as wire_sharedmem
-from gradmesh.wire.worker import shared_request
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import worker_pb2
+from gradmesh.wire import sharedmem as wire_sharedmem
+from gradmesh.wire.worker import shared_request
 
-pytestmark = pytest.mark.skipif(not wire_sharedmem.available(), reason="no /dev/shm here")
+pytestmark = pytest.mark.skipif(not wire_sharedmem.available(),
+                                reason="no memfd sealing and /proc here")
 
 
 def _mine() -> set[str]:
-    return {n for n in os.listdir(sharedmem.DIR) if n.startswith(f"gradmesh-{os.getpid()}-")}
+    """The names of the segments this process created and still holds open (a worker's
+    mapping of one, in this process too, holds a descriptor of its own)."""
+    import gc
+    return {o.name for o in gc.get_objects()
+            if isinstance(o, sharedmem.Segment) and not o.closed}
+
+
+def _other_name(name: str, secret: str = "0" * 32) -> str:
+    """``name`` with another secret."""
+    return "-".join(name.split("-")[:3] + [secret])
 
 
 @pytest.fixture(autouse=True)
@@ -62,22 +72,34 @@ def worker():
 
 def test_layout_aligns_every_tensor():
     offsets, size = sharedmem.layout([("a", 3), ("b", 64), ("c", 65), ("d", 0)])
-    assert offsets == {"a": 0, "b": 64, "c": 128, "d": 256} and size == 256
-    assert sharedmem.layout([]) == ({}, sharedmem.ALIGN)
+    assert offsets == {"a": 64, "b": 128, "c": 192, "d": 320} and size == 320
+    assert sharedmem.layout([]) == ({}, sharedmem.HEADER)      # the header comes first
 
 
-def test_a_segment_is_private_reserved_and_removed_on_close():
+def test_a_segment_is_a_sealed_reserved_memory_file_closed_on_close():
+    import fcntl
     seg = sharedmem.Segment(1000)
-    path = os.path.join(sharedmem.DIR, seg.name)
-    st = os.stat(path)
-    assert sharedmem.NAME.match(seg.name) and seg.name.startswith(f"gradmesh-{os.getpid()}-")
-    assert st.st_mode & 0o777 == 0o600 and st.st_size == 1000
-    assert st.st_blocks * 512 >= 1000                       # reserved, not sparse
+    assert sharedmem.NAME.match(seg.name)
+    assert seg.name.startswith(f"gradmesh-{os.getpid()}-{seg.fd}-")
+    if os.path.isdir("/dev/shm"):                           # nothing anyone can list
+        assert not [n for n in os.listdir("/dev/shm")
+                    if n.startswith(f"gradmesh-{os.getpid()}-")]
+    st = os.fstat(seg.fd)
+    assert st.st_size == 1000 and st.st_blocks * 512 >= 1000   # reserved, not sparse
+    seals = fcntl.fcntl(seg.fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and \
+        seals & fcntl.F_SEAL_SEAL
+    for change in (lambda: os.ftruncate(seg.fd, 10), lambda: os.ftruncate(seg.fd, 1 << 20),
+                   lambda: fcntl.fcntl(seg.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)):
+        with pytest.raises(PermissionError):              # sealed, for its creator too
+            change()
+    secret = bytes.fromhex(seg.name.rsplit("-", 1)[1])
+    assert bytes(seg.buf[:32]) == sharedmem.MAGIC + secret
     a = seg.view(64, np.float32, (3,))
     a[...] = [1, 2, 3]
     seg.close()
-    assert not os.path.exists(path)
-    assert a.tolist() == [1, 2, 3]                          # views outlive the name
+    assert seg.closed and seg.name not in _mine()
+    assert a.tolist() == [1, 2, 3]                          # views outlive the segment
 
 
 def test_the_pool_reuses_segments():
@@ -88,53 +110,99 @@ def test_the_pool_reuses_segments():
     b = pool.acquire(10_000)
     pool.release(a)
     pool.release(b)                                         # over `keep`: the smaller goes
-    assert not os.path.exists(os.path.join(sharedmem.DIR, a.name))
-    assert os.path.exists(os.path.join(sharedmem.DIR, b.name))
+    assert a.closed and not b.closed
     pool.close()
-    assert not os.path.exists(os.path.join(sharedmem.DIR, b.name))
+    assert b.closed
 
 
-def test_segments_of_a_dead_process_are_swept():
+def test_a_dead_process_leaves_no_segment_behind():
+    """A segment lives only while its creator holds it: a killed client leaves nothing in
+    /dev/shm or anywhere (no sweeping needed), and its name opens nothing any more."""
     code = ("import os, sys; sys.path[:0] = %r; from gradmesh.core import sharedmem; "
-            "s = sharedmem.Segment(4096); print(s.name); os._exit(0)" % sys.path[:1])
-    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    path = os.path.join(sharedmem.DIR, name)
-    assert os.path.exists(path)                             # os._exit: no cleanup ran
-    assert sharedmem.sweep_stale() >= 1
-    assert not os.path.exists(path)
-
-
-def test_attached_refuses_what_is_not_a_segment_of_its_user(tmp_path):
+            "s = sharedmem.Segment(4096); print(s.name, flush=True); sys.stdin.read(); "
+            "os._exit(0)" % sys.path[:1])
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    name = child.stdout.readline().strip()
     attached = wire_sharedmem.Attached()
-    for name in ("x", "gradmesh-1-abc", "../etc/passwd", "gradmesh-1-" + "0" * 32 + "\n"):
-        with pytest.raises(sharedmem.SegmentError, match="not a gradmesh segment name"):
-            attached.get(name)
-    with pytest.raises(sharedmem.SegmentError, match="cannot open"):
-        attached.get("gradmesh-1-" + "0" * 32)
-    link = os.path.join(sharedmem.DIR, f"gradmesh-{os.getpid()}-" + "ab" * 16)
-    target = tmp_path / "target"
-    target.write_bytes(b"\0" * 4096)
-    os.symlink(target, link)
+    assert len(attached.get(name)) == 4096                  # a same-user worker maps it
+    child.stdin.close()
+    child.wait(10)
+    with pytest.raises(sharedmem.SegmentError, match="cannot use this segment"):
+        attached.get(name)                                  # its creator is gone
+    assert len(attached) == 0
+
+
+@pytest.mark.parametrize("name,why", [
+    ("x", "not a gradmesh segment name"), ("gradmesh-1-2-abc", "not a gradmesh segment name"),
+    ("../etc/passwd", "not a gradmesh segment name"),
+    ("gradmesh-1-2-" + "0" * 32 + "\n", "not a gradmesh segment name"),
+    ("gradmesh-1-" + "0" * 32, "not files in /dev/shm"),    # the old names
+    ("gradmesh-1-0-" + "0" * 32, "cannot use this segment"),   # pid 1's stdin
+    (f"gradmesh-{os.getpid()}-0-" + "0" * 32, "cannot use this segment"),
+    ("gradmesh-999999999-3-" + "0" * 32, "cannot use this segment"),
+])
+def test_attached_refuses_what_is_not_a_segment(name, why):
+    with pytest.raises(sharedmem.SegmentError, match=why) as e:
+        wire_sharedmem.Attached().get(name)
+    assert "0" * 32 not in str(e.value)                     # names are never repeated
+
+
+def test_attached_refuses_a_wrong_secret_and_files_that_are_no_sealed_segments(tmp_path):
+    """The same message whatever failed: a wrong secret, a regular file or an unsealed
+    memory file with the right header (a client could truncate it under the worker)."""
+    attached = wire_sharedmem.Attached()
+    seg = sharedmem.Segment(4096)
+    secret = seg.name.rsplit("-", 1)[1]
+    messages = set()
+    plain = open(tmp_path / "f", "w+b")
+    plain.write(sharedmem.MAGIC + bytes.fromhex(secret) + b"\0" * 4096)
+    plain.flush()
+    unsealed = os.memfd_create("gradmesh", os.MFD_CLOEXEC)
+    os.write(unsealed, sharedmem.MAGIC + bytes.fromhex(secret) + b"\0" * 4096)
+    partly = os.memfd_create("gradmesh", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(partly, sharedmem.MAGIC + bytes.fromhex(secret) + b"\0" * 4096)
+    import fcntl
+    fcntl.fcntl(partly, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)   # may still grow
     try:
-        with pytest.raises(sharedmem.SegmentError, match="cannot open"):
-            attached.get(os.path.basename(link))            # links are not followed
+        for name in (_other_name(seg.name), _other_name(seg.name, "f" * 32),
+                     f"gradmesh-{os.getpid()}-{plain.fileno()}-{secret}",
+                     f"gradmesh-{os.getpid()}-{unsealed}-{secret}",
+                     f"gradmesh-{os.getpid()}-{partly}-{secret}"):
+            with pytest.raises(sharedmem.SegmentError) as e:
+                attached.get(name)
+            messages.add(str(e.value))
+        assert len(messages) == 1 and len(attached) == 0
+        assert bytes(attached.get(seg.name)[:16]) == sharedmem.MAGIC   # the right one
     finally:
-        os.unlink(link)
+        plain.close()
+        os.close(unsealed)
+        os.close(partly)
+        seg.close()
 
 
-def test_attached_maps_once_remaps_a_resized_segment_and_drops_removed_ones():
+def test_attached_maps_once_and_drops_closed_segments():
     attached = wire_sharedmem.Attached()
     seg = sharedmem.Segment(4096)
     first = attached.get(seg.name)
     assert attached.get(seg.name) is first
-    os.truncate(os.path.join(sharedmem.DIR, seg.name), 8192)
-    assert len(attached.get(seg.name)) == 8192
     other = sharedmem.Segment(4096)
+    name = seg.name
     seg.close()
-    attached.get(other.name)                               # a new mapping prunes
-    assert len(attached) == 1
+    with pytest.raises(sharedmem.SegmentError):
+        attached.get(name)                                  # closed by its creator
+    third = sharedmem.Segment(4096)                          # may reuse the descriptor
+    with pytest.raises(sharedmem.SegmentError):
+        attached.get(name)                                  # ... but not the secret
+    attached.get(other.name)
+    assert attached.names() == {other.name}
+    attached.get(third.name)
     other.close()
+    fourth = sharedmem.Segment(4096)
+    attached.get(fourth.name)                               # a new mapping prunes
+    assert attached.names() == {third.name, fourth.name}
+    third.close()
+    fourth.close()
 
 
 @pytest.mark.parametrize("target,same", [
@@ -255,11 +323,17 @@ def _set(attr, value):
 
 @pytest.mark.parametrize("mutate,code,field", [
     (_set("segment", "not-a-segment"), "INVALID_ARGUMENT", "shared_memory.segment"),
-    (_set("segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
+    (_set("segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",   # the old names
      "shared_memory.segment"),
-    (_set("gradient_segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
+    (_set("segment", "gradmesh-1-3-" + "0" * 32), "FAILED_PRECONDITION",
+     "shared_memory.segment"),
+    (lambda r, p, g: setattr(r.shared_memory, "segment", _other_name(p.name)),
+     "FAILED_PRECONDITION", "shared_memory.segment"),             # a wrong secret
+    (_set("gradient_segment", "gradmesh-1-3-" + "0" * 32), "FAILED_PRECONDITION",
      "shared_memory.gradient_segment"),
-    (_set("parameter_segment", "gradmesh-1-" + "0" * 32), "FAILED_PRECONDITION",
+    (lambda r, p, g: setattr(r.shared_memory, "gradient_segment", _other_name(g.name)),
+     "FAILED_PRECONDITION", "shared_memory.gradient_segment"),
+    (_set("parameter_segment", "gradmesh-1-3-" + "0" * 32), "FAILED_PRECONDITION",
      "shared_memory.parameter_segment"),
     (_set("parameter_segment", "../x"), "INVALID_ARGUMENT", "shared_memory.parameter_segment"),
     (lambda r, p, g: r.shared_memory.parameter_offsets.update({"0.weight": 1 << 40}),
@@ -270,12 +344,14 @@ def _set(attr, value):
      "INVALID_ARGUMENT", "shared_memory.gradient_offsets[2.bias]"),
     (lambda r, p, g: r.shared_memory.parameter_offsets.update({"nope": 0}),
      "INVALID_ARGUMENT", "shared_memory.parameter_offsets[nope]"),
-    (lambda r, p, g: r.shared_memory.data_offsets.update({"0.weight": 0}),
+    (lambda r, p, g: r.shared_memory.data_offsets.update({"0.weight": 64}),
      "INVALID_ARGUMENT", "shared_memory.data_offsets[0.weight]"),
+    (lambda r, p, g: r.shared_memory.gradient_offsets.update({"2.bias": 0}),
+     "INVALID_ARGUMENT", "shared_memory.gradient_offsets[2.bias]"),   # the header
     (lambda r, p, g: (r.shared_memory.data_offsets.update({"x0": 1 << 40}),
                       r.data[0].tensor.ClearField("data")),
      "INVALID_ARGUMENT", "shared_memory.data_offsets[x0]"),
-    (lambda r, p, g: r.shared_memory.data_offsets.update({"x0": 0}),
+    (lambda r, p, g: r.shared_memory.data_offsets.update({"x0": 64}),
      "INVALID_ARGUMENT", "data[x0].data"),
     (lambda r, p, g: r.shared_memory.gradient_offsets.pop("2.bias"),
      "INVALID_ARGUMENT", "shared_memory.gradient_offsets"),
@@ -295,7 +371,7 @@ def test_bad_shared_memory_requests_name_the_field(worker, mutate, code, field):
 def test_callers_on_another_host_and_streams_are_refused():
     w = worker_mod.GradientWorker("cpu")
     req = worker_pb2.ComputeGradientsRequest(graph_id="0" * 64)
-    req.shared_memory.segment = "gradmesh-1-" + "0" * 32
+    req.shared_memory.segment = "gradmesh-1-3-" + "0" * 32
     for kw, code in (({"same_host": False}, grpc.StatusCode.FAILED_PRECONDITION),
                      ({"same_host": True, "header_only": True},
                       grpc.StatusCode.INVALID_ARGUMENT)):
@@ -366,11 +442,11 @@ def test_the_coordinator_gives_the_same_bits_with_and_without_shared_memory(work
         assert np.array_equal(mixed[name], plain[name]), name
 
 
-def test_a_full_dev_shm_falls_back_to_bytes(worker, monkeypatch):
-    """posix_fallocate fails with ENOSPC (Docker's default /dev/shm is 64 MB): the SDK and
-    the coordinator send bytes instead, with the same results."""
+def test_a_segment_that_cannot_be_reserved_falls_back_to_bytes(worker, monkeypatch):
+    """posix_fallocate fails with ENOSPC (a memory limit): the SDK and the coordinator send
+    bytes instead, with the same results."""
     def full(self, size):
-        raise sharedmem.SegmentError("cannot reserve bytes in /dev/shm: No space left")
+        raise sharedmem.SegmentError("cannot reserve bytes of shared memory: No space left")
     model = _model()
     x, y = _batch()
     with WorkerClient(worker.address, shared_memory=False) as client:
@@ -511,3 +587,22 @@ def test_remembered_requests_let_go_of_removed_segments():
     with _hand_built(model, graph_id, x, y) as (req, *_):     # new segments
         w.unary(req, same_host=True)
         assert len(w._shared_calls) == 1
+
+
+def test_a_worker_that_knows_only_old_names_makes_the_client_fall_back(worker, monkeypatch):
+    """A worker of an earlier version takes only names of files in /dev/shm and answers
+    INVALID_ARGUMENT on the segment's field: the SDK sends bytes, with the same results."""
+    model = _model()
+    x, y = _batch()
+    with WorkerClient(worker.address, shared_memory=False) as client:
+        reference = client.compute_gradients(_loss, model, x, y)
+
+    def old(shared, *args):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "not a segment name "
+                           "(gradmesh-<pid>-<32 hex digits>)", "shared_memory.segment")
+    monkeypatch.setattr(worker.worker, "_check_shared", old)
+    with WorkerClient(worker.address, shared_memory_min_bytes=0) as client:
+        r = client.compute_gradients(_loss, model, x, y)
+    assert r.timings["shared_memory"] == 0.0
+    for name in reference.gradients:
+        assert np.array_equal(r.gradients[name], reference.gradients[name])
