@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextvars
 import logging
 import os
 import secrets
@@ -207,7 +208,8 @@ class Coordinator:
         used = sorted(set(job.placement.values()))
         if len(used) == 1:
             return [fn(self.shards[used[0]], used[0])]
-        futs = [self._io.submit(fn, self.shards[i], i) for i in used]
+        futs = [self._io.submit(contextvars.copy_context().run, fn, self.shards[i], i)
+                for i in used]       # in this context: the calls carry the request id
         return [f.result() for f in futs]
 
     def job(self, job_id: str) -> Job:

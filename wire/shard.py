@@ -17,8 +17,8 @@ from gradmesh.core import optim
 from gradmesh.core.serialize import WireError, to_proto
 from gradmesh.v1 import shard_pb2, shard_pb2_grpc
 
-from .channel import channel, metadata
-from .errors import GradmeshError
+from .channel import call_metadata, channel, metadata
+from .errors import GradmeshError, error_class, request_id_of
 from .frames import SHARD_FRAME_CHUNK_FIELD, chunk_frames, frame_decoder, serialize_message
 from .stream import DEFAULT_CHUNK_BYTES, Assembler, BufferPool, chunks, tensor_buffer
 
@@ -171,11 +171,12 @@ class RemoteShard:
     def _error(self, e: grpc.RpcError, method: str) -> GradmeshError:
         # No field: the shard's field names its own request, not the caller's.
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-        return GradmeshError(code, f"shard {self.name}: {e.details()}", None, method)
+        return error_class(code)(code, f"shard {self.name}: {e.details()}", None, method,
+                                 request_id_of(e))
 
     def _call(self, method: str, fn, *args):
         try:
-            return fn(*args, timeout=self.timeout, metadata=self._metadata)
+            return fn(*args, timeout=self.timeout, metadata=call_metadata(self._metadata))
         except grpc.RpcError as e:
             raise self._error(e, method) from None
 

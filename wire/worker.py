@@ -33,7 +33,7 @@ from .frames import (
     serialize_message,
 )
 from .sharedmem import Pool, place, same_host_target
-from .stream import Assembler, BufferPool
+from .stream import Assembler, BufferPool, chunk_for
 
 __all__ = ["Reply", "Request", "WorkerTransport", "read_reply", "shared_request",
            "shared_gradients", "decode_reply", "data_names", "shared_memory_refused", "SHARED",
@@ -324,6 +324,12 @@ class WorkerTransport:
             else None
         # None: not known yet (ask Capabilities); then True or False for good.
         self._shared: bool | None = None if self.segments is not None else False
+
+    def fit_limits(self, limits: worker_pb2.Limits) -> None:
+        """Fit this transport to the worker's limits (its Capabilities): stream chunks
+        whose messages its ``max_message_bytes`` accepts."""
+        if limits.max_message_bytes:
+            self.chunk_bytes = chunk_for(int(limits.max_message_bytes), self.chunk_bytes)
 
     def _takes_shared_memory(self, ask: Callable[[], bool]) -> bool:
         """Whether to use shared memory; ``ask()`` (the worker's Capabilities) decides the
