@@ -5,7 +5,7 @@
 ...     job = cluster.client().create_job(model, loss_fn, opt, 32, (x[:64], y[:64]))
 ...     job.step(x[:256], y[:256])
 
-Every server is started with ``python -m gradmesh.server.cli <role> --port 0`` on
+Every server is started with ``python -m gradmesh.cli <role> --port 0`` on
 127.0.0.1; the port it got is read from the line it prints ("... listening on
 127.0.0.1:PORT"), so there is no race for free ports. The cluster is ready when every
 server answers the gRPC health check with SERVING. On exit the coordinator is stopped
@@ -51,7 +51,7 @@ class ServerProcess:
     _ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-m", "gradmesh.server.cli", self.role, "--port", "0",
+        cmd = [sys.executable, "-m", "gradmesh.cli", self.role, "--port", "0",
                "--host", "127.0.0.1", "--log-format", "text", *self.args]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env,

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-from gradmesh.server import cli, runtime
-from gradmesh.server.cli import COMMANDS, main
+from gradmesh import cli
+from gradmesh.server import runtime
+from gradmesh.cli import COMMANDS, main
 from gradmesh.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -152,7 +153,7 @@ def _gradmesh(*argv, env=None, timeout=60):
     import sys
     run_env = dict(os.environ, **(env or {}))
     run_env.pop("GRADMESH_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "gradmesh.server.cli", *argv],
+    r = subprocess.run([sys.executable, "-m", "gradmesh.cli", *argv],
                        capture_output=True, text=True, timeout=timeout, env=run_env)
     return r.returncode, r.stderr
 
@@ -212,7 +213,7 @@ def test_help_shows_no_markup():
 def subprocess_help() -> str:
     import subprocess
     import sys
-    return subprocess.run([sys.executable, "-m", "gradmesh.server.cli", "--help"],
+    return subprocess.run([sys.executable, "-m", "gradmesh.cli", "--help"],
                           capture_output=True, text=True, timeout=60).stdout
 
 

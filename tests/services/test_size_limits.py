@@ -9,7 +9,8 @@ import pytest
 
 import gradmesh.core as gm
 from gradmesh.client import WorkerClient
-from gradmesh.server import cli, runtime
+from gradmesh import cli
+from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
 from gradmesh.wire import stream
 
