@@ -27,13 +27,13 @@ class GradmeshError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, code: grpc.StatusCode | None = None, message: str = "",
+    def __init__(self, code: grpc.StatusCode | str | None = None, message: str = "",
                  field: str | None = None, method: str | None = None,
                  request_id: str | None = None):
         if isinstance(code, str) and not message:      # InvalidArgument("message")
-            code, message = None, code
+            message = code
         super().__init__(message)
-        self.code = code if code is not None else type(self).code
+        self.code = code if isinstance(code, grpc.StatusCode) else type(self).code
         self.message = message
         self.field = field
         self.method = method
