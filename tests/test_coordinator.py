@@ -102,8 +102,12 @@ def test_a_step_id_sent_twice_is_applied_once(coordinator):
     job, data = _job(client)
     first = job.step(*data[0])
     after_one = _params(job)
-    again = job.step(*data[1], step_id=1)          # even with another batch: a replay
+    again = job.step(*data[0], step_id=1)          # the same batch: a replay
     assert again.replayed and again.loss == first.loss and again.version == 1
+    with pytest.raises(GradmeshError) as e:        # another batch: refused, not replayed
+        job.step(*data[1], step_id=1)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and e.value.field == "step_id"
+    assert "step_id 1" in str(e.value) and "another batch" in str(e.value)
     assert all(np.array_equal(a, after_one[n]) for n, a in _params(job).items())
     assert job.status().version == 1
     assert job.step(*data[1]).step_id == 2
@@ -119,6 +123,38 @@ def test_create_job_is_idempotent_and_refuses_different_content(coordinator):
         client.create_job(_model(), _loss, {"name": "sgd", "lr": 0.5}, 8, data[0],
                           job_id="j", data_names=["x", "y"])
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
+    assert "optimizer" in str(e.value) and "initial parameters" not in str(e.value)
+    other = _model()
+    with gm.no_grad():
+        next(iter(other.parameters())).mul_(2.0)
+    with pytest.raises(GradmeshError) as e:        # other initial values: refused
+        client.create_job(other, _loss, SGD, 8, data[0], job_id="j", data_names=["x", "y"])
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
+    assert "initial parameters" in str(e.value) and "graph" not in str(e.value)
+
+
+def _dropout_loss(model, x, y):
+    return gm.nn.functional.cross_entropy(gm.nn.functional.dropout(model(x), 0.5), y)
+
+
+def test_two_identical_runs_without_a_job_id_give_the_same_bits(coordinator):
+    """Dropout masks derive from the job id; without one it is a digest of the job's
+    content, so a second run on a fresh coordinator draws the same masks."""
+    runs = []
+    for _ in range(2):
+        _, client = coordinator()
+        job = client.create_job(_model(), _dropout_loss, SGD, 8, _data()[0],
+                                data_names=["x", "y"])
+        for x, y in _data()[:3]:
+            job.step(x, y)
+        runs.append((job.job_id, _params(job)))
+    (id1, p1), (id2, p2) = runs
+    assert id1 == id2 and id1.startswith("job-")
+    assert all(np.array_equal(p1[n], p2[n]) for n in p1)
+    _, client = coordinator()
+    other = client.create_job(_model(), _dropout_loss, {"name": "sgd", "lr": 0.2}, 8,
+                              _data()[0], data_names=["x", "y"])
+    assert other.job_id != id1
 
 
 def _raw_step(client, job_id, step_id, batch):
@@ -385,21 +421,26 @@ def test_restart_continues_from_the_last_committed_step(coordinator, tmp_path):
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
 
 
-def test_a_crash_loses_only_uncheckpointed_steps_and_says_which_is_next(coordinator,
-                                                                        tmp_path):
+def test_a_crash_loses_no_acknowledged_step(coordinator, tmp_path):
+    """Without a final checkpoint (a crash), the step logs of the coordinator and of its
+    embedded shards bring back every step a client was told about, with its result."""
     reference = _reference_params(coordinator)
-    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2,
+                                 embedded_shards=2)
     job, data = _job(client)
-    for x, y in data[:3]:
-        job.step(x, y)
+    results = [job.step(x, y) for x, y in data[:3]]
     server.stop(0)                                   # no close(): no final checkpoint
-    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2,
+                                 embedded_shards=2)
     job = client.job("j")
-    assert job.status().next_step_id == 3
+    status = job.status()
+    assert status.next_step_id == 4 and status.version == 3 and not status.error
+    again = job.step(*data[2], step_id=3)
+    assert again.replayed and again.loss == results[2].loss
     with pytest.raises(GradmeshError) as e:
-        job.step(*data[3], step_id=4)
-    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "expects step 3" in str(e.value)
-    for x, y in data[2:]:
+        job.step(*data[4], step_id=5)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "expects step 4" in str(e.value)
+    for x, y in data[3:]:
         job.step(x, y)
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
 
