@@ -550,3 +550,88 @@ def test_a_cuda_worker_trains_like_the_cpu_workers(coordinator, shared_memory):
             np.testing.assert_allclose(a, reference[n], rtol=1e-4, atol=1e-5, err_msg=n)
     finally:
         cuda.stop(0)
+
+
+def _start_shard(state_dir, port=0):
+    from gradmesh.server.runtime import ServerConfig
+    from gradmesh.server.shard import serve_shard
+    from gradmesh.server.shard_store import ShardStore
+    running = serve_shard(ServerConfig(port=port), ShardStore(str(state_dir)))
+    return running, running.address
+
+
+def test_a_killed_shard_wedges_with_a_reason_and_recovers_when_it_is_back(coordinator,
+                                                                         tmp_path):
+    """A shard that dies (no checkpoint on the way out: its state is the last checkpoint
+    plus its step log) fails steps with UNAVAILABLE and says why in JobStatus.error; back
+    on the same address, then on another one, the job resumes where the client was told
+    it is, bit for bit."""
+    reference = _reference_params(coordinator)
+    shards = [_start_shard(tmp_path / f"s{i}") for i in range(2)]
+    addresses = [a for _, a in shards]
+    kw = dict(state_dir=str(tmp_path / "c"), checkpoint_every=100)
+    server, client = coordinator(shards=addresses, **kw)
+    job, data = _job(client)
+    for x, y in data[:3]:
+        job.step(x, y)
+    dead, _ = shards[1]
+    dead.stop(0)                                     # a crash: nothing saved on the way out
+    with pytest.raises(GradmeshError) as e:
+        job.step(*data[3])
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    error = job.status().error
+    assert addresses[1] in error and "shard 1" in error
+    port = int(addresses[1].rsplit(":", 1)[1])
+    back, _ = _start_shard(tmp_path / "s1", port)   # same address, state from its directory
+    running = [shards[0][0], back]
+    try:
+        assert job.status().error == ""
+        job.step(*data[3], step_id=4)
+        # Another address: the coordinator is restarted with the new list.
+        back.stop(0)
+        moved, new_address = _start_shard(tmp_path / "s1")
+        running.append(moved)
+        server.stop(0)
+        server.coordinator.close()
+        server, client = coordinator(shards=[addresses[0], new_address], **kw)
+        job = client.job("j")
+        assert job.status().error == "" and job.next_step_id == 5
+        for x, y in data[4:]:
+            job.step(x, y)
+        assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+    finally:
+        for r in running:
+            r.stop(0)
+
+
+def test_a_crash_between_the_shards_applies_completes_the_step_on_retry(coordinator,
+                                                                       tmp_path):
+    """The coordinator dies after shard 0 applied step 3 and before shard 1 did: after a
+    restart step 3 is pinned to its batch (the log's intent record); shard 0 rebuilds
+    version 2 from its checkpoint and log for the workers, and the retry applies step 3
+    on shard 1 only."""
+    reference = _reference_params(coordinator)
+    kw = dict(state_dir=str(tmp_path), checkpoint_every=100, embedded_shards=2)
+    server, client = coordinator(**kw)
+    job, data = _job(client)
+    for x, y in data[:2]:
+        job.step(x, y)
+    shard1 = server.coordinator.shards[1]
+
+    def crash(*a, **k):
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "killed")
+    shard1.apply = crash
+    with pytest.raises(GradmeshError):
+        job.step(*data[2])
+    assert server.coordinator.shards[0].status("j") == (3, 3)
+    assert shard1.status("j") == (2, 2)
+    server.stop(0)                                   # no close(): a crash
+    server, client = coordinator(**kw)
+    job = client.job("j")
+    assert job.next_step_id == 3 and job.status().error == ""
+    with pytest.raises(GradmeshError) as e:          # not with another batch
+        job.step(*data[3], step_id=3)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and e.value.field == "step_id"
+    for x, y in data[2:]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
