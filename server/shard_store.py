@@ -188,8 +188,12 @@ class ShardJob:
 
     # -- Apply ----------------------------------------------------------------------------
     def apply(self, step_id: int, micro_batches: int, version: int,
-              attempt: int = 0) -> tuple[int, bool, float]:
-        """Sum the step's gradients and update every parameter; ``(version, already, secs)``."""
+              attempt: int = 0, checkpoint_path: str | None = None) -> tuple[int, bool, float]:
+        """Sum the step's gradients and update every parameter; ``(version, already, secs)``.
+
+        ``checkpoint_path``: checkpoint first, the state *before* this step (the step goes
+        to the emptied log): the shard can then still rebuild the version before its last
+        step, which the coordinator needs to retry a step that only some shards applied."""
         with self.lock:
             if step_id == self.last_step_id and version + 1 == self.version:
                 return self.version, True, 0.0
@@ -219,6 +223,12 @@ class ShardJob:
                                    f"not pushed", "micro_batches")
             start = time.perf_counter()
             grads = p.sum.result()
+            if checkpoint_path:
+                try:
+                    self._save(checkpoint_path)
+                except OSError as e:        # the old checkpoint and the log still hold it
+                    log.warning("checkpoint failed", extra={"job_id": self.job_id,
+                                                            "error": str(e)})
             if self.log is not None:
                 # Durable before anything changes: a failed write (disk full) applies
                 # nothing and the step can be retried; a record that reached the disk is
@@ -265,19 +275,22 @@ class ShardJob:
     def save(self, path: str) -> None:
         """Checkpoint to ``path``, then empty the step log (its steps are in it)."""
         with self.lock:
-            arrays: dict[str, np.ndarray] = {}
-            steps: dict[str, int] = {}
-            for name, p in self.params.items():
-                arrays[f"param/{name}"] = p
-                state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
-                for key, a in state_arrays.items():
-                    arrays[f"state/{name}/{key}"] = a
-            meta = {"job_id": self.job_id, "version": self.version,
-                    "last_step_id": self.last_step_id, "optimizer": self.optimizer,
-                    "parameters": list(self.params), "steps": steps}
-            checkpoint.save(path, arrays, meta)
-            if self.log is not None:
-                self.log.truncate()
+            self._save(path)
+
+    def _save(self, path: str) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        steps: dict[str, int] = {}
+        for name, p in self.params.items():
+            arrays[f"param/{name}"] = p
+            state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
+            for key, a in state_arrays.items():
+                arrays[f"state/{name}/{key}"] = a
+        meta = {"job_id": self.job_id, "version": self.version,
+                "last_step_id": self.last_step_id, "optimizer": self.optimizer,
+                "parameters": list(self.params), "steps": steps}
+        checkpoint.save(path, arrays, meta)
+        if self.log is not None:
+            self.log.truncate()
 
     @classmethod
     def load(cls, path: str) -> "ShardJob":
@@ -396,11 +409,16 @@ class ShardStore:
     def apply(self, job_id: str, step_id: int, micro_batches: int, version: int,
               checkpoint_now: bool = False, attempt: int = 0) -> tuple[int, bool, float]:
         job = self.job(job_id)
-        result = job.apply(step_id, micro_batches, version, attempt)
-        if not result[1] and (checkpoint_now or (
-                self.checkpoint_every and result[0] % self.checkpoint_every == 0)):
-            self.checkpoint(job_id)
-        return result
+        due = checkpoint_now or bool(self.checkpoint_every and
+                                     (version + 1) % self.checkpoint_every == 0)
+        return job.apply(step_id, micro_batches, version, attempt,
+                         self._path(job_id) if due and self.state_dir else None)
+
+    def close(self) -> None:
+        """Close the step logs (their records are already on disk)."""
+        for job in list(self.jobs.values()):
+            if job.log is not None:
+                job.log.close()
 
     def drop(self, job_id: str) -> bool:
         with self._lock:

@@ -154,8 +154,9 @@ def test_checkpoint_every_n_versions(tmp_path):
     store = ShardStore(str(tmp_path), checkpoint_every=2)
     store.load("j", _params(), SGD)
     _train(store, "j", 3)
-    assert ShardJob.load(str(tmp_path / "j.npz")).version == 2
-    assert ShardStore(str(tmp_path)).jobs["j"].version == 3        # + the step log
+    # Taken when step 2 is applied, before it: version 1, steps 2 and 3 in the log.
+    assert ShardJob.load(str(tmp_path / "j.npz")).version == 1
+    assert ShardStore(str(tmp_path)).jobs["j"].version == 3
     store.drop("j")
     assert ShardStore(str(tmp_path)).jobs == {} and not list(tmp_path.iterdir())
 
@@ -223,6 +224,14 @@ def test_an_older_version_is_rebuilt_from_checkpoint_and_log(tmp_path):
     _train(store, "j", 3)
     version, old = store.pull("j", 2, copy=True)
     assert version == 2 and np.array_equal(old["w"], _reference(params, 2, SGD)["w"])
+    # Also just after a checkpoint: the one taken when applying a step holds the version
+    # before it.
+    _train(store, "j", 1, first=4)
+    for m in range(3):
+        store.push("j", 5, m, 3, 4, _grads(store.jobs["j"].params, 500 + m))
+    store.apply("j", 5, 3, 4, checkpoint_now=True)
+    version, old = store.pull("j", 4, copy=True)
+    assert version == 4 and np.array_equal(old["w"], _reference(params, 4, SGD)["w"])
     with pytest.raises(ServiceError):
         store.pull("j", 9)
 
