@@ -104,9 +104,10 @@ class RecordLog:
     [({'step': 1}, [1.0, 1.0])]
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, sync: bool = True):
         self.path = path
-        self.bytes_written = 0
+        self.sync = sync                # False: flushed, not fsynced (survives SIGKILL,
+        self.bytes_written = 0          # not a power cut)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         good = 0
@@ -171,7 +172,8 @@ class RecordLog:
             for p in parts:
                 self._file.write(p)
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.sync:
+                os.fsync(self._file.fileno())
         except BaseException:
             # Cut a partial record off, so the next append follows a valid prefix.
             try:

@@ -312,7 +312,14 @@ class Coordinator:
                             "response": base64.b64encode(job.history[step_id]).decode()},
                       must=False)
             if self.checkpoint_every and job.version % self.checkpoint_every == 0:
-                self._save(job)
+                try:
+                    self._save(job)
+                except OSError as e:
+                    # Disk full, ...: the step is applied and in the step logs; the
+                    # previous checkpoint stays whole (written atomically) and the logs
+                    # keep growing until a checkpoint succeeds.
+                    log.warning("checkpoint failed", extra={"job_id": job.job_id,
+                                                            "error": str(e)})
             return resp
 
     def _log(self, job: Job, record: dict, must: bool = True) -> None:

@@ -151,7 +151,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "state is lost on exit)")
     g.add_argument("--checkpoint-every", type=int, default=env_default("checkpoint-every", 0),
                    help="also checkpoint every N versions by itself (default 0: only when "
-                        "the coordinator asks, and on shutdown)")
+                        "the coordinator asks)")
+    g.add_argument("--step-log-sync", choices=("on", "off"),
+                   default=env_default("step-log-sync", "on"),
+                   help="fsync each applied step's record in the step log before answering "
+                        "(default on: survives power loss; off: survives the process being "
+                        "killed, not the machine)")
 
 
 def serve_shard(config, store: ShardStore):
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --checkpoint-every must be >= 0", file=sys.stderr)
         return 2
     try:
-        store = ShardStore(args.state_dir, args.checkpoint_every)
+        store = ShardStore(args.state_dir, args.checkpoint_every,
+                           sync_log=args.step_log_sync == "on")
         running = serve_shard(config, store)
     except (ConfigError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

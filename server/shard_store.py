@@ -320,8 +320,10 @@ class ShardStore:
     [0.5, 0.5]
     """
 
-    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0):
+    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0,
+                 sync_log: bool = True):
         self.state_dir = state_dir
+        self.sync_log = sync_log
         self.checkpoint_every = checkpoint_every
         self.jobs: dict[str, ShardJob] = {}
         self._lock = threading.Lock()
@@ -330,7 +332,7 @@ class ShardStore:
             for entry in sorted(os.listdir(state_dir)):
                 if entry.endswith(".npz") and not entry.startswith("."):
                     job = ShardJob.load(os.path.join(state_dir, entry))
-                    job.log = checkpoint.RecordLog(self._log_path(job.job_id))
+                    job.log = checkpoint.RecordLog(self._log_path(job.job_id), self.sync_log)
                     replayed = job.replay(job.log.records())
                     self.jobs[job.job_id] = job
                     log.info("restored job", extra={"job_id": job.job_id,
@@ -367,7 +369,7 @@ class ShardStore:
             job = ShardJob(job_id, {n: np.array(p, copy=True) for n, p in params.items()},
                            optimizer)
             if self.state_dir:
-                job.log = checkpoint.RecordLog(self._log_path(job_id))
+                job.log = checkpoint.RecordLog(self._log_path(job_id), self.sync_log)
                 job.log.truncate()          # a dropped job's leftovers are not this job's
             self.jobs[job_id] = job
         self.checkpoint(job_id)

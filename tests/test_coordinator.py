@@ -635,3 +635,29 @@ def test_a_crash_between_the_shards_applies_completes_the_step_on_retry(coordina
     for x, y in data[2:]:
         job.step(x, y)
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_a_full_disk_at_a_checkpoint_loses_no_step(coordinator, tmp_path, monkeypatch):
+    """Checkpoints that fail (ENOSPC) leave the previous one whole; the steps are in the
+    step logs, so a crash afterwards still restores every acknowledged step."""
+    from gradmesh.server import checkpoint
+    reference = _reference_params(coordinator)
+    kw = dict(state_dir=str(tmp_path), checkpoint_every=1, embedded_shards=2)
+    server, client = coordinator(**kw)
+    job, data = _job(client)
+    job.step(*data[0])
+    real = checkpoint.save
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full)
+    results = [job.step(x, y) for x, y in data[1:4]]
+    assert [r.version for r in results] == [2, 3, 4]
+    monkeypatch.setattr(checkpoint, "save", real)
+    server.stop(0)                                   # a crash
+    server, client = coordinator(**kw)
+    job = client.job("j")
+    assert job.status().version == 4 and job.step(*data[3], step_id=4).replayed
+    for x, y in data[4:]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())

@@ -399,3 +399,21 @@ def test_push_headers_are_checked_against_the_job_before_allocating(shard_server
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "gradients[w]" in str(e.value.trailing_metadata()) or "shape" in e.value.details()
     assert peak < 64 << 20
+
+
+def test_a_full_disk_at_a_checkpoint_still_applies_and_keeps_the_step(tmp_path,
+                                                                      monkeypatch):
+    from gradmesh.server import checkpoint
+    params = _params()
+    store = ShardStore(str(tmp_path), checkpoint_every=1)
+    store.load("j", params, SGD)
+    real = checkpoint.save
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full)
+    _train(store, "j", 3)                           # every checkpoint fails
+    monkeypatch.setattr(checkpoint, "save", real)
+    restarted = ShardStore(str(tmp_path))
+    assert restarted.jobs["j"].version == 3
+    assert np.array_equal(restarted.jobs["j"].params["w"], _reference(params, 3, SGD)["w"])
