@@ -299,7 +299,14 @@ class Coordinator:
                                    f"batch", "step_id")
             if job.fault or job.pinned is not None:
                 self._resync(job)
-            resp = self._run_step(job, step_id, batch, digest)
+            try:
+                resp = self._run_step(job, step_id, batch, digest)
+            except (ServiceError, GradmeshError):
+                if job.fault:
+                    # A shard call failed: say what is wrong with the shards now (down,
+                    # back without its state) as UNAVAILABLE, else the original error.
+                    self._resync(job)
+                raise
             job.pinned = None
             job.history[step_id] = resp.SerializeToString()
             job.digests[step_id] = digest
@@ -356,7 +363,7 @@ class Coordinator:
         states = self._shard_states(job)
         here = (job.version, job.last_step_id)
         ahead = (job.version + 1, job.pinned[0]) if job.pinned else None
-        bad = {i: s for i, s in states.items() if s != here and s != ahead}
+        bad = {i: s for i, s in states.items() if s is None or s not in (here, ahead)}
         if bad:
             parts = []
             for i, st in bad.items():

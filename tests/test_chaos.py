@@ -1,7 +1,8 @@
 """Chaos: a real cluster (coordinator, 2 shards, 3 workers as separate processes on
 127.0.0.1, shared memory on) trains while a seeded schedule SIGKILLs and restarts workers
-(on the same address and on a new one), shards and the coordinator, often in the middle of
-a step. The client retries each step id until it is acknowledged. At the end:
+(on the same address and on a new one), shards and the coordinator, and stops shards and
+the coordinator with SIGTERM and restarts them, often in the middle of a step. The
+client retries each step id until it is acknowledged. At the end:
 
 * every acknowledged step was applied exactly once: step ``s`` answered version ``s``, a
   re-sent step id is a replay with the same loss, and the job is at version ``STEPS``;
@@ -33,7 +34,10 @@ STEPS = int(os.environ.get("GRADMESH_CHAOS_STEPS", "16"))
 SEED = int(os.environ.get("GRADMESH_CHAOS_SEED", "0"))
 JOB = "chaos"
 ADAM = {"name": "adam", "lr": 0.01}
-EVENTS = ["worker", "worker-new-address", "shard", "coordinator"]
+# SIGKILL and restart (a worker on its address or a new one, a shard, the coordinator), and
+# SIGTERM and restart (a shard, the coordinator).
+EVENTS = ["worker", "worker-new-address", "shard", "coordinator", "shard-sigterm",
+          "coordinator-sigterm"]
 
 
 def _model():
@@ -88,13 +92,15 @@ def _schedule(rng: random.Random) -> dict[int, str]:
 
 def _inject(cluster: LocalCluster, kind: str, rng: random.Random, log: list) -> None:
     time.sleep(rng.uniform(0.0, 0.1))           # often in the middle of a step
-    if kind == "coordinator":
-        cluster.restart_coordinator(kill=True)
+    if kind.startswith("coordinator"):
+        cluster.restart_coordinator(kill=kind == "coordinator")
     elif kind == "shard":
         i = rng.randrange(len(cluster.shards))
         cluster.shards[i].kill()
         time.sleep(rng.uniform(0.0, 1.0))       # steps fail meanwhile: the job says why
         cluster.restart_shard(i)
+    elif kind == "shard-sigterm":
+        cluster.restart_shard(rng.randrange(len(cluster.shards)), kill=False)
     else:
         i = rng.randrange(len(cluster.workers))
         cluster.restart_worker(i, kill=True, same_address=kind == "worker")

@@ -661,3 +661,44 @@ def test_a_full_disk_at_a_checkpoint_loses_no_step(coordinator, tmp_path, monkey
     for x, y in data[4:]:
         job.step(x, y)
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_a_shard_back_without_its_state_says_so(coordinator, tmp_path):
+    shards = [_start_shard(tmp_path / f"s{i}") for i in range(2)]
+    addresses = [a for _, a in shards]
+    server, client = coordinator(shards=addresses, state_dir=str(tmp_path / "c"))
+    job, data = _job(client)
+    job.step(*data[0])
+    shards[1][0].stop(0)
+    port = int(addresses[1].rsplit(":", 1)[1])
+    empty, _ = _start_shard(tmp_path / "empty", port)   # its state directory is lost
+    try:
+        with pytest.raises(GradmeshError) as e:
+            job.step(*data[1])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        error = job.status().error
+        assert "shard 1" in error and "no state for the job" in error
+    finally:
+        empty.stop(0)
+        shards[0][0].stop(0)
+
+
+def test_a_full_disk_on_the_coordinators_step_log_applies_nothing(coordinator, tmp_path,
+                                                                  monkeypatch):
+    reference = _reference_params(coordinator)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=100)
+    job, data = _job(client)
+    job.step(*data[0])
+    log = server.coordinator.jobs["j"].log
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(log, "append", full)
+    with pytest.raises(GradmeshError) as e:             # the record before Apply fails
+        job.step(*data[1], step_id=2)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "step log" in str(e.value)
+    assert job.status().version == 1
+    monkeypatch.undo()
+    for step_id, (x, y) in enumerate(data[1:], start=2):
+        job.step(x, y, step_id=step_id)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
