@@ -114,6 +114,23 @@ class ServerProcess:
             return False
 
 
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _without(args: Sequence[str], flag: str) -> list[str]:
+    """``args`` without ``flag VALUE`` pairs."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def wait_serving(address: str, timeout: float) -> None:
     """Block until the gRPC health service at ``address`` says SERVING (ClusterError after
     ``timeout`` seconds)."""
@@ -235,6 +252,53 @@ class LocalCluster:
             self.coordinator.kill()
         else:
             self._stop_all([self.coordinator])
+
+    def restart_coordinator(self, kill: bool = True) -> ServerProcess:
+        """Stop the coordinator (SIGKILL, or SIGTERM with ``kill=False``) and start it again
+        on the same address, so clients and registered workers find it."""
+        old = self.coordinator
+        self.stop_coordinator(kill=kill)
+        port = _port(old.address) if old is not None and old.address else 0
+        self.coordinator = self._server("coordinator", self.coordinator_command_args()
+                                        + ["--port", str(port)])
+        self.coordinator.start(self._env(None))
+        wait_serving(self.coordinator.wait_address(self.startup_timeout),
+                     self.startup_timeout)
+        return self.coordinator
+
+    def restart_shard(self, index: int, kill: bool = True) -> ServerProcess:
+        """Stop shard ``index`` (SIGKILL by default) and start it again on the same address
+        from its state directory (its checkpoint and step log)."""
+        old = self.shards[index]
+        self._stop_one(old, kill)
+        args = _without(old.args, "--port") + ["--port", str(_port(old.address))]
+        self.shards[index] = new = ServerProcess("shard", args, old.log_path)
+        new.start(self._env(None))
+        wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
+        return new
+
+    def restart_worker(self, index: int, kill: bool = True,
+                       same_address: bool = True) -> ServerProcess:
+        """Stop worker ``index`` and start another: on the same address (the coordinator's
+        ``--workers`` list names it), or on a new one that registers with the coordinator
+        (``--coordinator``) and takes its place in ``workers``."""
+        old = self.workers[index]
+        self._stop_one(old, kill)
+        args = _without(_without(old.args, "--port"), "--coordinator")
+        if same_address:
+            args += ["--port", str(_port(old.address))]
+        else:
+            args += ["--coordinator", self.coordinator_target]
+        self.workers[index] = new = ServerProcess("worker", args, old.log_path)
+        new.start(self._env(self.threads_per_worker))
+        wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
+        return new
+
+    def _stop_one(self, proc: ServerProcess, kill: bool) -> None:
+        if kill:
+            proc.kill()
+        else:
+            self._stop_all([proc])
 
     def _stop_all(self, procs: list[ServerProcess]) -> None:
         for p in procs:

@@ -150,7 +150,12 @@ class RemoteShard:
         self.name = target
         self.timeout = timeout
         # tls: None (plaintext) or a gradmesh TLS (see wire/channel.py).
-        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
+        # A shard that restarts is dialled again within a second (gRPC's default backoff
+        # grows to two minutes): a wedged job resumes as soon as its shard is back.
+        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes,
+                                options=[("grpc.initial_reconnect_backoff_ms", 100),
+                                         ("grpc.min_reconnect_backoff_ms", 100),
+                                         ("grpc.max_reconnect_backoff_ms", 1000)])
         self._stub = shard_pb2_grpc.ParameterShardStub(self._channel)
         self._metadata = metadata(token)
         # The streams with gradmesh's frame codec (wire/frames.py): the same bytes as
@@ -214,8 +219,14 @@ class RemoteShard:
             checkpoint=checkpoint_now, attempt=attempt))
         return r.version, r.already_applied, r.apply_seconds
 
-    def status(self, job_id):
-        r = self._call("Status", self._stub.Status, shard_pb2.ShardStatusRequest())
+    def status(self, job_id, wait: float = 2.0):
+        """``(version, last step id)`` of the job, None when the shard lacks it; waits up
+        to ``wait`` seconds for a shard that is (re)starting."""
+        try:
+            r = self._stub.Status(shard_pb2.ShardStatusRequest(), metadata=self._metadata,
+                                  timeout=min(self.timeout, wait), wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise self._error(e, "Status") from None
         for j in r.jobs:
             if j.job_id == job_id:
                 return j.version, j.last_step_id
