@@ -10,6 +10,7 @@ from .functional import any as any
 from .functional import argmax as argmax
 from .functional import argmin as argmin
 from .functional import argsort as argsort
+from .functional import baddbmm as baddbmm
 from .functional import bmm as bmm
 from .functional import cast as cast
 from .functional import cat as cat
@@ -24,6 +25,7 @@ from .functional import cumsum as cumsum
 from .functional import div as div
 from .functional import divide as divide
 from .functional import dot as dot
+from .functional import einsum as einsum
 from .functional import eq as eq
 from .functional import equal as equal
 from .functional import exp as exp
@@ -131,6 +133,7 @@ __all__ = [
     "argmax",
     "argmin",
     "argsort",
+    "baddbmm",
     "bmm",
     "cast",
     "cat",
@@ -145,6 +148,7 @@ __all__ = [
     "div",
     "divide",
     "dot",
+    "einsum",
     "eq",
     "equal",
     "exp",

@@ -591,6 +591,10 @@ class Tensor:
         """See ``gradmesh.core.argsort``."""
         return F.argsort(self, dim, descending, stable)
 
+    def baddbmm(self, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
+        """See ``gradmesh.core.baddbmm``."""
+        return F.baddbmm(self, batch1, batch2, beta=beta, alpha=alpha)
+
     def bmm(self, b: Tensor) -> Tensor:
         """See ``gradmesh.core.bmm``."""
         return F.bmm(self, b)
