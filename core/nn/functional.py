@@ -355,3 +355,71 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     return _reduce(loss, reduction)
 
 
+
+
+# ====================================================================== attention ======
+
+from .. import dtypes as _dtypes  # noqa: E402
+from ..factories import ones as _ones  # noqa: E402
+
+
+def _attention_bias(op: str, attn_mask: Tensor | None, is_causal: bool, L: int, S: int,
+                    like: Tensor) -> Tensor | None:
+    """The additive bias of SDPA's ``attn_mask``/``is_causal``: bool True (take part) -> 0,
+    False -> -inf; a float mask as it is; None without a mask."""
+    if is_causal:
+        if attn_mask is not None:
+            raise OpError(f"{op}: pass either attn_mask or is_causal=True, not both")
+        attn_mask = CF.tril(_ones((L, S), dtype=_dtypes.bool_, device=like.device))
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype is _dtypes.bool_:
+        return CF.where(attn_mask, 0.0, float("-inf")).to(like.dtype)
+    if attn_mask.dtype is not like.dtype:
+        raise OpError(f"{op}: expected attn_mask dtype to be bool or {like.dtype} (the query's "
+                      f"dtype), got {attn_mask.dtype}")
+    return attn_mask
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, dropout_p: float,
+            scale: float, training: bool, safe: bool) -> tuple[Tensor, Tensor]:
+    """``(softmax(q k^T * scale + bias) @ v, weights)``, the weights dropped out. ``safe``:
+    rows whose every key is masked give zeros (SDPA) instead of NaN (``need_weights``)."""
+    scores = CF.matmul(query * scale, key.mT)
+    if bias is not None:
+        scores = scores + bias
+    dead = None
+    if safe and bias is not None:
+        dead = CF.all(scores == float("-inf"), dim=-1, keepdim=True)
+        scores = CF.where(dead, 0.0, scores)
+    weights = CF.softmax(scores, -1)
+    if dead is not None:
+        weights = CF.where(dead, 0.0, weights)
+    if dropout_p > 0.0:
+        weights = dropout(weights, dropout_p, training)
+    return CF.matmul(weights, value), weights
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """``softmax(query @ key^T * scale + mask) @ value`` over shapes (..., L, E), (..., S, E),
+    (..., S, Ev), as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``attn_mask``: bool (True: the key takes part) or float (added to the scores),
+    broadcast to (..., L, S); ``is_causal``: the lower-triangular mask. A query whose every
+    key is masked gets zeros, as in torch. Dropout uses the engine's seeded masks (see
+    ``dropout``), so a traced graph is deterministic; ``scale`` defaults to 1/sqrt(E).
+    """
+    if enable_gqa:
+        raise NotImplementedError("scaled_dot_product_attention: enable_gqa is not supported")
+    if query.ndim < 2 or key.ndim < 2 or value.ndim < 2 or query.shape[-1] != key.shape[-1] \
+            or key.shape[-2] != value.shape[-2]:
+        raise OpError(f"scaled_dot_product_attention: expected query (..., L, E), key "
+                      f"(..., S, E) and value (..., S, Ev), got shapes {fmt(query.shape)}, "
+                      f"{fmt(key.shape)} and {fmt(value.shape)}")
+    L, S = query.shape[-2], key.shape[-2]
+    bias = _attention_bias("scaled_dot_product_attention", attn_mask, is_causal, L, S, query)
+    scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else float(scale)
+    return _attend(query, key, value, bias, float(dropout_p), scale, True, safe=True)[0]
