@@ -1,0 +1,231 @@
+"""Attention and transformer layers against torch's, with the same weights: outputs,
+attention weights and gradients (float64), state_dict keys, masks, dropout, and the
+traced graph's compiled plan against local ``backward()``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradmesh.core as gm
+import gradmesh.core.nn.functional as F
+from gradmesh.core.graph import trace, validate
+from gradmesh.core.plan import compile_plan
+
+torch.set_num_threads(1)
+
+
+def copy_from_torch(ours: gm.nn.Module, theirs: torch.nn.Module) -> None:
+    """Load a torch module's state_dict into the gradmesh module, by key (strict)."""
+    ours.load_state_dict({k: gm.tensor(v.detach().numpy()) for k, v in
+                          theirs.state_dict().items()})
+
+
+def pair(cls: str, *args, **kw):
+    """The torch module (float64, seeded) and the gradmesh one with its weights."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cls)(*args, **kw).double()
+    ours = getattr(gm.nn, cls)(*args, **kw).double()
+    copy_from_torch(ours, theirs)
+    return ours, theirs
+
+
+def inputs(*shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(s) for s in shapes]
+    return ([gm.tensor(a, requires_grad=True) for a in arrays],
+            [torch.tensor(a, requires_grad=True) for a in arrays])
+
+
+def close(a, b, tol=1e-10):
+    a = a.detach().numpy() if hasattr(a, "detach") else a
+    np.testing.assert_allclose(a, b.detach().numpy(), rtol=tol, atol=tol)
+
+
+def check_grads(ours, theirs, out, want, xs, ts):
+    """Outputs, then the gradients of ``sum(out * w)`` for inputs and parameters."""
+    close(out, want)
+    w = np.random.default_rng(1).standard_normal(tuple(out.shape))
+    (out * gm.tensor(w)).sum().backward()
+    (want * torch.tensor(w)).sum().backward()
+    for x, t in zip(xs, ts):
+        close(x.grad, t.grad)
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        close(p.grad, theirs_params[name].grad)
+
+
+# ----------------------------------------------------------------- MultiheadAttention ----
+
+def test_mha_parameters_and_state_dict_keys_match_torch():
+    ours, theirs = pair("MultiheadAttention", 8, 2)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
+        "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    fresh = gm.nn.MultiheadAttention(8, 2, bias=False)
+    assert list(fresh.state_dict()) == ["in_proj_weight", "out_proj.weight"]
+    bias = gm.nn.MultiheadAttention(8, 2).in_proj_bias.detach().numpy()
+    assert not bias.any()
+
+
+def _masks(kind, n, h, L, S):
+    rng = np.random.default_rng(2)
+    pad = rng.random((n, S)) < 0.3
+    pad[:, 0] = False                              # every query keeps a key
+    if kind == "bool":
+        return np.triu(np.ones((L, S), bool), 1), pad
+    return rng.standard_normal((n * h, L, S)), rng.standard_normal((n, S))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights,average", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("masks", [None, "bool", "float"])
+def test_mha_matches_torch(batch_first, need_weights, average, masks):
+    ours, theirs = pair("MultiheadAttention", 8, 2, batch_first=batch_first)
+    n, L, S = 3, 4, 5
+    shape = (lambda length: (n, length, 8)) if batch_first else (lambda length: (length, n, 8))
+    xs, ts = inputs(shape(L), shape(S), shape(S))
+    kw_gm, kw_t = {}, {}
+    if masks:
+        attn, pad = _masks(masks, n, 2, L, S)
+        kw_gm = {"attn_mask": gm.tensor(attn), "key_padding_mask": gm.tensor(pad)}
+        kw_t = {"attn_mask": torch.tensor(attn), "key_padding_mask": torch.tensor(pad)}
+    out, w = ours(*xs, need_weights=need_weights, average_attn_weights=average, **kw_gm)
+    want, want_w = theirs(*ts, need_weights=need_weights, average_attn_weights=average, **kw_t)
+    if need_weights:
+        close(w, want_w)
+    else:
+        assert w is None and want_w is None
+    check_grads(ours, theirs, out, want, xs, ts)
+
+
+def test_mha_unbatched_and_self_attention():
+    ours, theirs = pair("MultiheadAttention", 6, 3)
+    (x,), (t,) = inputs((4, 6))
+    out, w = ours(x, x, x)
+    want, want_w = theirs(t, t, t)
+    close(w, want_w)
+    check_grads(ours, theirs, out, want, [x], [t])
+
+
+def test_mha_errors_name_the_shapes():
+    mha = gm.nn.MultiheadAttention(8, 2)
+    x = gm.randn(4, 3, 8)
+    with pytest.raises(gm.OpError, match=r"attn_mask of shape \(2, 2\) must be \(4, 4\)"):
+        mha(x, x, x, attn_mask=gm.zeros(2, 2))
+    with pytest.raises(gm.OpError, match=r"key_padding_mask of shape \(4, 4\) must be"):
+        mha(x, x, x, key_padding_mask=gm.zeros(4, 4, dtype=gm.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        gm.nn.MultiheadAttention(8, 3)
+    with pytest.raises(NotImplementedError, match="kdim"):
+        gm.nn.MultiheadAttention(8, 2, kdim=4)
+
+
+# ------------------------------------------------------------------ transformer layers ----
+
+LAYER_CASES = [dict(norm_first=False, activation="relu", batch_first=False),
+               dict(norm_first=True, activation="gelu", batch_first=True)]
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched")   # a float and a bool mask
+@pytest.mark.parametrize("kw", LAYER_CASES)
+@pytest.mark.parametrize("train", [False, True])
+def test_encoder_layer_matches_torch(kw, train):
+    ours, theirs = pair("TransformerEncoderLayer", 8, 2, dim_feedforward=16,
+                        dropout=0.0 if train else 0.3, **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.train(train), theirs.train(train)
+    n, L = 3, 5
+    (x,), (t,) = inputs((n, L, 8) if kw["batch_first"] else (L, n, 8))
+    causal = np.triu(np.full((L, L), -np.inf), 1)
+    pad = np.zeros((n, L), bool)
+    pad[1, 3:] = True
+    out = ours(x, src_mask=gm.tensor(causal), src_key_padding_mask=gm.tensor(pad),
+               is_causal=True)
+    want = theirs(t, src_mask=torch.tensor(causal), src_key_padding_mask=torch.tensor(pad),
+                  is_causal=True)
+    check_grads(ours, theirs, out, want, [x], [t])
+
+
+@pytest.mark.parametrize("kw", LAYER_CASES)
+@pytest.mark.parametrize("train", [False, True])
+def test_decoder_layer_matches_torch(kw, train):
+    ours, theirs = pair("TransformerDecoderLayer", 8, 2, dim_feedforward=16,
+                        dropout=0.0 if train else 0.3, **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.train(train), theirs.train(train)
+    n, L, S = 2, 4, 6
+    shape = (lambda length: (n, length, 8)) if kw["batch_first"] else (lambda length: (length, n, 8))
+    xs, ts = inputs(shape(L), shape(S))
+    causal = np.triu(np.ones((L, L), bool), 1)
+    pad = np.zeros((n, S), bool)
+    pad[0, 4:] = True
+    out = ours(*xs, tgt_mask=gm.tensor(causal), memory_key_padding_mask=gm.tensor(pad))
+    want = theirs(*ts, tgt_mask=torch.tensor(causal), memory_key_padding_mask=torch.tensor(pad))
+    check_grads(ours, theirs, out, want, xs, ts)
+
+
+def test_encoder_layer_activation_errors_and_callable():
+    with pytest.raises(RuntimeError, match="relu/gelu"):
+        gm.nn.TransformerEncoderLayer(8, 2, activation="swish")
+    layer = gm.nn.TransformerEncoderLayer(8, 2, activation=gm.tanh)
+    assert layer.activation is gm.tanh
+
+
+# --------------------------------------------------- dropout and the traced graph ----
+
+def _encoder_loss(model, x):
+    return (model(x.reshape(-1, 3, 1) * gm.ones(1, 1, 8)) ** 2).mean()
+
+
+def test_encoder_layer_traces_and_the_plan_equals_local_backward():
+    gm.manual_seed(0)
+    model = gm.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                          batch_first=True).double()
+    vg = validate(trace(_encoder_loss, model, np.random.default_rng(4).standard_normal((4, 3))))
+    for n in (4, 7):
+        x = np.random.default_rng(n).standard_normal((n, 3))
+        result = compile_plan(vg, {"x0": x.shape}).run(
+            {k: p.detach().numpy() for k, p in model.named_parameters()}, {"x0": x})
+        model.zero_grad()
+        loss = _encoder_loss(model, gm.tensor(x))
+        loss.backward()
+        assert np.array_equal(result.loss, loss.detach().numpy())
+        for name, p in model.named_parameters():
+            assert np.array_equal(result.grads[name], p.grad.numpy()), (name, n)
+
+
+def test_attention_dropout_is_seeded_and_fixed_in_a_graph():
+    q = gm.randn(2, 4, 8)
+    gm.manual_seed(3)
+    a = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    gm.manual_seed(3)
+    b = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert gm.equal(a, b) and not gm.equal(a, F.scaled_dot_product_attention(q, q, q))
+    model = gm.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.5,
+                                          batch_first=True).double()
+    vg = validate(trace(_encoder_loss, model, np.ones((4, 3))))
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    params = {k: p.detach().numpy() for k, p in model.named_parameters()}
+    runs = [compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x}).loss for _ in range(2)]
+    assert np.array_equal(*runs)
+
+
+# ------------------------------------------------------------------ baddbmm, einsum ----
+
+def test_baddbmm_with_beta_zero_ignores_nan_input():
+    a, b = gm.randn(2, 3, 4), gm.randn(2, 4, 5)
+    out = gm.baddbmm(gm.full((2, 3, 5), float("nan")), a, b, beta=0)
+    assert gm.allclose(out, gm.bmm(a, b))
+
+
+@pytest.mark.parametrize("equation,shapes,error,match", [
+    ("ii->i", [(3, 3)], NotImplementedError, "repeated subscripts"),
+    ("ij,jk->ik", [(2, 3), (4, 4)], gm.OpError, r"'j' .* size 3 and 4"),
+    ("ij->k", [(2, 3)], gm.OpError, "output subscripts 'k'"),
+    ("ij,jk", [(2, 3)], gm.OpError, "names 2 operands but 1"),
+    ("ijk", [(2, 3)], gm.OpError, r"operand 0 has 2 dims \(shape \(2, 3\)\)"),
+])
+def test_einsum_errors(equation, shapes, error, match):
+    with pytest.raises(error, match=match):
+        gm.einsum(equation, *[gm.zeros(*s) for s in shapes])
