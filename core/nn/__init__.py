@@ -10,11 +10,12 @@ from .modules import (AvgPool2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dr
                       Embedding, Flatten, GELU, Identity, LayerNorm, LeakyReLU, Linear,
                       LogSoftmax, MaxPool2d, Module, ModuleList, MSELoss, NLLLoss, Parameter,
                       ReLU, Sequential, Sigmoid, Softmax, Tanh)
-from .modules import (MultiheadAttention, TransformerDecoderLayer,  # noqa: E402
+from .modules import (GRU, LSTM, MultiheadAttention, TransformerDecoderLayer,  # noqa: E402
                       TransformerEncoderLayer)
 
 __all__ = ["init", "functional", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
            "Linear", "Conv2d", "Embedding", "LayerNorm", "Dropout", "Flatten", "MaxPool2d",
            "AvgPool2d", "ReLU", "Tanh", "Sigmoid", "GELU", "LeakyReLU", "Softmax",
            "LogSoftmax", "CrossEntropyLoss", "MSELoss", "NLLLoss", "BCEWithLogitsLoss"]
-__all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"]
+__all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+            "LSTM", "GRU"]

@@ -229,3 +229,110 @@ def test_baddbmm_with_beta_zero_ignores_nan_input():
 def test_einsum_errors(equation, shapes, error, match):
     with pytest.raises(error, match=match):
         gm.einsum(equation, *[gm.zeros(*s) for s in shapes])
+
+
+# ------------------------------------------------------------------------- LSTM, GRU ----
+
+def _flat(result):
+    """``output, h`` or ``output, (h, c)`` as a list of tensors."""
+    out, state = result
+    return [out] + (list(state) if isinstance(state, tuple) else [state])
+
+
+def check_all_grads(ours, theirs, outs, wants, xs, ts):
+    """Every output close, then the gradients of ``sum_i sum(out_i * w_i)``."""
+    rng = np.random.default_rng(1)
+    loss, want_loss = 0, 0
+    for out, want in zip(outs, wants):
+        close(out, want)
+        w = rng.standard_normal(tuple(out.shape))
+        loss, want_loss = loss + (out * gm.tensor(w)).sum(), want_loss + (want * torch.tensor(w)).sum()
+    loss.backward()
+    want_loss.backward()
+    for x, t in zip(xs, ts):
+        close(x.grad, t.grad)
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        close(p.grad, theirs_params[name].grad)
+
+
+RNN_CASES = [dict(), dict(num_layers=2, bidirectional=True, batch_first=True),
+             dict(num_layers=3, bias=False), dict(bidirectional=True)]
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kw", RNN_CASES)
+@pytest.mark.parametrize("initial", [False, True])
+def test_rnn_matches_torch(cls, kw, initial):
+    ours, theirs = pair(cls, 3, 4, **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    n, L = 2, 5
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    shapes = [(n, L, 3) if kw.get("batch_first") else (L, n, 3)]
+    if initial:
+        shapes += [(layers, n, 4)] * (2 if cls == "LSTM" else 1)
+    xs, ts = inputs(*shapes)
+    state = lambda s: (None if not initial else tuple(s[1:]) if cls == "LSTM" else s[1])
+    outs = _flat(ours(xs[0], state(xs)))
+    wants = _flat(theirs(ts[0], state(ts)))
+    check_all_grads(ours, theirs, outs, wants, xs, ts)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_rnn_unbatched_matches_torch(cls):
+    ours, theirs = pair(cls, 3, 4, num_layers=2)
+    xs, ts = inputs((5, 3), (2, 4), (2, 4))
+    state = (lambda s: (s[1], s[2])) if cls == "LSTM" else (lambda s: s[1])
+    n_in = 3 if cls == "LSTM" else 2
+    check_all_grads(ours, theirs, _flat(ours(xs[0], state(xs))), _flat(theirs(ts[0], state(ts))),
+                    xs[:n_in], ts[:n_in])
+
+
+def test_rnn_errors_name_the_shapes():
+    lstm = gm.nn.LSTM(3, 4, num_layers=2)
+    with pytest.raises(gm.OpError, match=r"expected input of shape \(L, N, 3\).*got \(5, 2, 4\)"):
+        lstm(gm.zeros(5, 2, 4))
+    with pytest.raises(gm.OpError, match=r"hidden state of shape \(2, 2, 4\), got \(1, 2, 4\)"):
+        lstm(gm.zeros(5, 2, 3), (gm.zeros(1, 2, 4), gm.zeros(2, 2, 4)))
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        gm.nn.LSTM(3, 4, proj_size=2)
+
+
+class _Classifier(gm.nn.Module):
+    """An LSTM over 3 steps of 1 feature, its last output into a linear head (``h[-1]``
+    would bake the batch size into a traced graph: the batch is not its first dim)."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.rnn = gm.nn.LSTM(1, 4, num_layers=2, batch_first=True, dropout=dropout)
+        self.head = gm.nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(x.reshape(-1, 3, 1))
+        return (self.head(out[:, -1]) ** 2).mean() + c.mean()
+
+
+def test_lstm_traces_with_a_fixed_length_and_the_plan_equals_local_backward():
+    gm.manual_seed(0)
+    model = _Classifier().double()
+    vg = validate(trace(lambda m, x: m(x), model, np.ones((4, 3))))
+    params = {k: p.detach().numpy() for k, p in model.named_parameters()}
+    for n in (4, 7):
+        x = np.random.default_rng(n).standard_normal((n, 3))
+        result = compile_plan(vg, {"x0": x.shape}).run(params, {"x0": x})
+        model.zero_grad()
+        loss = model(gm.tensor(x))
+        loss.backward()
+        assert np.array_equal(result.loss, loss.detach().numpy())
+        for name, p in model.named_parameters():
+            assert np.array_equal(result.grads[name], p.grad.numpy()), (name, n)
+
+
+def test_lstm_dropout_between_layers_only_in_training():
+    gm.manual_seed(0)
+    model = _Classifier(dropout=0.5).double()
+    x = gm.tensor(np.random.default_rng(0).standard_normal((4, 3)))
+    assert not gm.equal(model(x), model(x))
+    model.eval()
+    assert gm.equal(model(x), model(x))
