@@ -1156,6 +1156,7 @@ class TransformerDecoderLayer(_TransformerLayer):
 
 from ..registry import OpError, fmt  # noqa: E402
 
+
 def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None):
     """``h @ w_hh.T + b_hh``, where ``h=None`` is zeros."""
     return F.linear(h, w_hh, b_hh) if h is not None else b_hh

@@ -83,8 +83,7 @@ def _masks(kind, n, h, L, S):
 def test_mha_matches_torch(batch_first, need_weights, average, masks):
     ours, theirs = pair("MultiheadAttention", 8, 2, batch_first=batch_first)
     n, L, S = 3, 4, 5
-    shape = (lambda length: (n, length, 8)) if batch_first else (lambda length: (length, n, 8))
-    xs, ts = inputs(shape(L), shape(S), shape(S))
+    xs, ts = inputs(*[(n, s, 8) if batch_first else (s, n, 8) for s in (L, S, S)])
     kw_gm, kw_t = {}, {}
     if masks:
         attn, pad = _masks(masks, n, 2, L, S)
@@ -155,8 +154,7 @@ def test_decoder_layer_matches_torch(kw, train):
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.train(train), theirs.train(train)
     n, L, S = 2, 4, 6
-    shape = (lambda length: (n, length, 8)) if kw["batch_first"] else (lambda length: (length, n, 8))
-    xs, ts = inputs(shape(L), shape(S))
+    xs, ts = inputs(*[(n, s, 8) if kw["batch_first"] else (s, n, 8) for s in (L, S)])
     causal = np.triu(np.ones((L, L), bool), 1)
     pad = np.zeros((n, S), bool)
     pad[0, 4:] = True
@@ -246,7 +244,8 @@ def check_all_grads(ours, theirs, outs, wants, xs, ts):
     for out, want in zip(outs, wants):
         close(out, want)
         w = rng.standard_normal(tuple(out.shape))
-        loss, want_loss = loss + (out * gm.tensor(w)).sum(), want_loss + (want * torch.tensor(w)).sum()
+        loss = loss + (out * gm.tensor(w)).sum()
+        want_loss = want_loss + (want * torch.tensor(w)).sum()
     loss.backward()
     want_loss.backward()
     for x, t in zip(xs, ts):
@@ -273,7 +272,10 @@ def test_rnn_matches_torch(cls, kw, initial):
     if initial:
         shapes += [(layers, n, 4)] * (2 if cls == "LSTM" else 1)
     xs, ts = inputs(*shapes)
-    state = lambda s: (None if not initial else tuple(s[1:]) if cls == "LSTM" else s[1])
+
+    def state(s):
+        return None if not initial else tuple(s[1:]) if cls == "LSTM" else s[1]
+
     outs = _flat(ours(xs[0], state(xs)))
     wants = _flat(theirs(ts[0], state(ts)))
     check_all_grads(ours, theirs, outs, wants, xs, ts)

@@ -2,8 +2,6 @@
 reshape, matmul and sum), ``topk``'s indices and ``scaled_dot_product_attention``."""
 from __future__ import annotations
 
-import numpy as np
-
 from . import OpSpec, bool_array
 
 
