@@ -2,6 +2,7 @@
 from the ``@public`` declarations: do not edit."""
 from .functional import abs as abs
 from .functional import add as add
+from .functional import addmm as addmm
 from .functional import all as all
 from .functional import allclose as allclose
 from .functional import amax as amax
@@ -125,6 +126,7 @@ from .functional import where as where
 __all__ = [
     "abs",
     "add",
+    "addmm",
     "all",
     "allclose",
     "amax",

@@ -1046,9 +1046,18 @@ ger = outer
 def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
     """``beta * input + alpha * bmm(batch1, batch2)``; ``input`` broadcasts to the product,
     and with ``beta=0`` it is ignored (its NaNs do not propagate), as in torch."""
-    prod = bmm(batch1, batch2)
-    if broadcast_shapes("baddbmm", input.shape, prod.shape) != prod.shape:
-        raise OpError(f"baddbmm: input of shape {tuple(input.shape)} cannot be broadcast to "
+    return _add_product("baddbmm", input, bmm(batch1, batch2), beta, alpha)
+
+
+@public(method=True)
+def addmm(input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tensor:
+    """``beta * input + alpha * mm(mat1, mat2)``, as ``baddbmm`` for matrices."""
+    return _add_product("addmm", input, mm(mat1, mat2), beta, alpha)
+
+
+def _add_product(op: str, input: Tensor, prod: Tensor, beta, alpha) -> Tensor:
+    if broadcast_shapes(op, input.shape, prod.shape) != prod.shape:
+        raise OpError(f"{op}: input of shape {tuple(input.shape)} cannot be broadcast to "
                       f"the product's shape {tuple(prod.shape)}")
     prod = prod if alpha == 1 else prod * alpha
     if beta == 0:

@@ -1,4 +1,4 @@
-"""Specs for the composites of attention models: ``baddbmm``, ``einsum`` (permute, expand,
+"""Specs for the composites of attention models: ``addmm``, ``baddbmm``, ``einsum`` (permute, expand,
 reshape, matmul and sum), ``topk``'s indices and ``scaled_dot_product_attention``."""
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ SPECS = [
     spec("baddbmm-beta-zero", ["matmul"],
          lambda lib, c, a, b: lib.baddbmm(c, a, b, beta=0),
          [((2, 3, 5), (2, 3, 4), (2, 4, 5))]),
+    spec("addmm", ["mm", "add", "mul"],
+         lambda lib, c, a, b: lib.addmm(c, a, b, beta=2.0, alpha=0.5),
+         [((3, 5), (3, 4), (4, 5)), ((5,), (3, 4), (4, 5))]),
     einsum("ij,jk->ik", (3, 4), (4, 5)),
     einsum("bij,bjk->bik", (2, 3, 4), (2, 4, 5)),
     einsum("bhqd,bhkd->bhqk", (2, 3, 4, 5), (2, 3, 6, 5)),
