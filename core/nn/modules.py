@@ -1001,6 +1001,9 @@ class BCEWithLogitsLoss(Module):
 
 # ==================================================================== transformers ======
 
+import copy  # noqa: E402
+
+
 class MultiheadAttention(Module):
     """Attention over ``num_heads`` heads, as ``torch.nn.MultiheadAttention``: parameters
     ``in_proj_weight`` (3E, E), ``in_proj_bias`` (3E,) and ``out_proj`` (a Linear), so
@@ -1142,6 +1145,47 @@ class TransformerDecoderLayer(_TransformerLayer):
         x = self._residual(tgt, sa, self.norm1)
         x = self._residual(x, ca, self.norm2)
         return self._residual(x, self._ff_block(self.dropout3), self.norm3)
+
+
+class TransformerEncoder(Module):
+    """``num_layers`` copies of ``encoder_layer`` (``layers.0``, ...), then ``norm`` if given,
+    as ``torch.nn.TransformerEncoder``."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int,
+                 norm: Module | None = None, enable_nested_tensor: bool = True,
+                 mask_check: bool = True):
+        super().__init__()
+        self.layers = ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
+        self.num_layers, self.norm = num_layers, norm
+
+    def forward(self, src: Tensor, mask: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        for layer in self.layers:
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                        is_causal=bool(is_causal))
+        return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoder(Module):
+    """``num_layers`` copies of ``decoder_layer`` (``layers.0``, ...), then ``norm`` if given,
+    as ``torch.nn.TransformerDecoder``."""
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
+                 norm: Module | None = None):
+        super().__init__()
+        self.layers = ModuleList(copy.deepcopy(decoder_layer) for _ in range(num_layers))
+        self.num_layers, self.norm = num_layers, norm
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None,
+                tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None,
+                tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> Tensor:
+        for layer in self.layers:
+            tgt = layer(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                        memory_key_padding_mask, bool(tgt_is_causal), memory_is_causal)
+        return tgt if self.norm is None else self.norm(tgt)
 
 
 # ================================================================ recurrent layers ======

@@ -163,6 +163,28 @@ def test_decoder_layer_matches_torch(kw, train):
     check_grads(ours, theirs, out, want, xs, ts)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_encoder_and_decoder_stacks_match_torch(train):
+    def build(lib):
+        torch.manual_seed(0)
+        kw = dict(dim_feedforward=16, dropout=0.0 if train else 0.3, batch_first=True)
+        enc = lib.nn.TransformerEncoder(lib.nn.TransformerEncoderLayer(8, 2, **kw), 2,
+                                        norm=lib.nn.LayerNorm(8), enable_nested_tensor=False)
+        dec = lib.nn.TransformerDecoder(lib.nn.TransformerDecoderLayer(8, 2, **kw), 2)
+        return lib.nn.ModuleList([enc, dec]).double().train(train)
+    ours, theirs = build(gm), build(torch)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert "0.layers.1.self_attn.in_proj_weight" in ours.state_dict()
+    copy_from_torch(ours, theirs)
+    xs, ts = inputs((2, 5, 8), (2, 4, 8))
+    causal = np.triu(np.ones((4, 4), bool), 1)
+
+    def run(model, lib, src, tgt):
+        memory = model[0](src)
+        return model[1](tgt, memory, tgt_mask=lib.tensor(causal))
+    check_grads(ours, theirs, run(ours, gm, *xs), run(theirs, torch, *ts), xs, ts)
+
+
 def test_encoder_layer_activation_errors_and_callable():
     with pytest.raises(RuntimeError, match="relu/gelu"):
         gm.nn.TransformerEncoderLayer(8, 2, activation="swish")
