@@ -360,3 +360,22 @@ def test_lstm_dropout_between_layers_only_in_training():
     assert not gm.equal(model(x), model(x))
     model.eval()
     assert gm.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("cls,args", [("TransformerEncoderLayer", (8, 2)),
+                                      ("MultiheadAttention", (8, 2)), ("LSTM", (8, 4)),
+                                      ("GRU", (8, 4))])
+def test_float32_modules_match_torch(cls, args):
+    """The default dtype end to end: no op promotes to float64 on the way."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, cls)(*args, batch_first=True).eval()
+    ours = getattr(gm.nn, cls)(*args, batch_first=True).eval()
+    copy_from_torch(ours, theirs)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    xs = (x, x, x) if cls == "MultiheadAttention" else (x,)
+    out = ours(*[gm.tensor(a) for a in xs])
+    with torch.no_grad():
+        want = theirs(*[torch.tensor(a) for a in xs])
+    out, want = (out[0], want[0]) if isinstance(out, tuple) else (out, want)
+    assert out.dtype is gm.float32
+    np.testing.assert_allclose(out.detach().numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
