@@ -98,6 +98,21 @@ def test_mha_matches_torch(batch_first, need_weights, average, masks):
     check_grads(ours, theirs, out, want, xs, ts)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value")
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_mha_query_that_sees_no_key_as_torch(need_weights):
+    """NaN with need_weights (torch's softmax path), zeros without (torch's SDPA path)."""
+    ours, theirs = pair("MultiheadAttention", 4, 2, batch_first=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    mask = np.zeros((3, 3), bool)
+    mask[1] = True
+    out = ours(*[gm.tensor(x)] * 3, attn_mask=gm.tensor(mask), need_weights=need_weights)[0]
+    want = theirs(*[torch.tensor(x)] * 3, attn_mask=torch.tensor(mask),
+                  need_weights=need_weights)[0]
+    np.testing.assert_allclose(out.detach().numpy(), want.detach().numpy(), atol=1e-12)
+    assert np.isnan(out.detach().numpy()[:, 1]).all() == need_weights
+
+
 def test_mha_unbatched_and_self_attention():
     ours, theirs = pair("MultiheadAttention", 6, 3)
     (x,), (t,) = inputs((4, 6))
