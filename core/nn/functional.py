@@ -16,7 +16,6 @@ rather than being ignored.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Sequence
@@ -357,12 +356,11 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     return _reduce(loss, reduction)
 
 
-
-
 # ====================================================================== attention ======
 
 from .. import dtypes as _dtypes  # noqa: E402
 from ..factories import ones as _ones  # noqa: E402
+from ..registry import broadcast_shapes as _broadcast_shapes  # noqa: E402
 
 
 def _attention_bias(op: str, attn_mask: Tensor | None, is_causal: bool, L: int, S: int,
@@ -421,8 +419,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         raise OpError(f"scaled_dot_product_attention: expected query (..., L, E), key "
                       f"(..., S, E) and value (..., S, Ev), got shapes {fmt(query.shape)}, "
                       f"{fmt(key.shape)} and {fmt(value.shape)}")
+    op = "scaled_dot_product_attention"
     L, S = query.shape[-2], key.shape[-2]
-    bias = _attention_bias("scaled_dot_product_attention", attn_mask, is_causal, L, S, query)
+    bias = _attention_bias(op, attn_mask, is_causal, L, S, query)
+    scores = _broadcast_shapes(op, query.shape[:-2], key.shape[:-2]) + (L, S)
+    if bias is not None and _broadcast_shapes(op, bias.shape, scores) != scores:
+        raise OpError(f"{op}: attn_mask of shape {fmt(bias.shape)} must broadcast to the "
+                      f"scores' shape {fmt(scores)} (..., L, S)")
     scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else float(scale)
     return _attend(query, key, value, bias, float(dropout_p), scale, True, safe=True)[0]
 
@@ -499,7 +502,7 @@ def multi_head_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: i
                for x, wi, bi in zip((query, key, value), w, b))
     bias = _mha_bias(op, attn_mask, key_padding_mask, q, n, num_heads, L, S)
     out, weights = _attend(q, k, v, bias, dropout_p if training else 0.0,
-                           1.0 / math.sqrt(e // num_heads), training, safe=not need_weights)
+                           (e // num_heads) ** -0.5, training, safe=not need_weights)
     out = linear(CF.reshape(CF.transpose(out, 1, 2), [n, L, e]), out_proj_weight,
                  out_proj_bias)
     if not batched:

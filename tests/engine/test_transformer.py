@@ -135,6 +135,19 @@ def test_mha_errors_name_the_shapes():
         gm.nn.MultiheadAttention(8, 2, kdim=4)
 
 
+def test_sdpa_errors_name_the_shapes():
+    q = gm.zeros(2, 4, 8)
+    with pytest.raises(gm.OpError, match=r"attention: shapes \(3, 4\) and \(2, 4, 4\) cannot"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=gm.zeros(3, 4))
+    with pytest.raises(gm.OpError, match=r"attn_mask of shape \(3, 2, 4, 4\) must broadcast "
+                                         r"to the scores' shape \(2, 4, 4\)"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=gm.zeros(3, 2, 4, 4))
+    with pytest.raises(gm.OpError, match="either attn_mask or is_causal"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=gm.zeros(4, 4), is_causal=True)
+    with pytest.raises(gm.OpError, match=r"query \(\.\.\., L, E\)"):
+        F.scaled_dot_product_attention(q, gm.zeros(2, 4, 5), q)
+
+
 # ------------------------------------------------------------------ transformer layers ----
 
 LAYER_CASES = [dict(norm_first=False, activation="relu", batch_first=False),
