@@ -10,12 +10,13 @@ from .modules import (AvgPool2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dr
                       Embedding, Flatten, GELU, Identity, LayerNorm, LeakyReLU, Linear,
                       LogSoftmax, MaxPool2d, Module, ModuleList, MSELoss, NLLLoss, Parameter,
                       ReLU, Sequential, Sigmoid, Softmax, Tanh)
-from .modules import (GRU, LSTM, MultiheadAttention, TransformerDecoder,  # noqa: E402
-                      TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer)
+from .modules import (GRU, LSTM, GRUCell, LSTMCell, MultiheadAttention,  # noqa: E402
+                      TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                      TransformerEncoderLayer)
 
 __all__ = ["init", "functional", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
            "Linear", "Conv2d", "Embedding", "LayerNorm", "Dropout", "Flatten", "MaxPool2d",
            "AvgPool2d", "ReLU", "Tanh", "Sigmoid", "GELU", "LeakyReLU", "Softmax",
            "LogSoftmax", "CrossEntropyLoss", "MSELoss", "NLLLoss", "BCEWithLogitsLoss"]
 __all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-            "TransformerEncoder", "TransformerDecoder", "LSTM", "GRU"]
+            "TransformerEncoder", "TransformerDecoder", "LSTM", "GRU", "LSTMCell", "GRUCell"]

@@ -1195,21 +1195,24 @@ class TransformerDecoder(Module):
 # initial states are zeros (``hx=None``) and the graph reads ``output`` rather than slicing
 # ``h_n`` by layer (``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps
 # (step input projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state
-# of Nones is the zero initial state, whose terms are left out (exact, and no constant
-# shaped by the batch size in a traced graph).
+# of Nones is the zero initial state: h is one zero row that broadcasts over the batch
+# (w_hh still gets its zero gradient, as in torch) and the ``f * c`` and ``z * h`` terms
+# are left out; exact, and no constant shaped by the batch size in a traced graph.
 
+from ..factories import zeros as _zeros  # noqa: E402
 from ..registry import OpError, fmt  # noqa: E402
 
 
-def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None):
-    """``h @ w_hh.T + b_hh``, where ``h=None`` is zeros."""
-    return F.linear(h, w_hh, b_hh) if h is not None else b_hh
+def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
+    """``h @ w_hh.T + b_hh``, where ``h=None`` is zeros: a (1, 4H) or (1, 3H) row."""
+    if h is None:
+        h = _zeros((1, w_hh.shape[1]), dtype=w_hh.dtype, device=w_hh.device)
+    return F.linear(h, w_hh, b_hh)
 
 
 def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
     h, c = state
-    hh = _recurrent(h, w_hh, b_hh)
-    i, f, g, o = CF.chunk(xw if hh is None else xw + hh, 4, -1)
+    i, f, g, o = CF.chunk(xw + _recurrent(h, w_hh, b_hh), 4, -1)
     c = CF.sigmoid(i) * CF.tanh(g) if c is None else \
         CF.sigmoid(f) * c + CF.sigmoid(i) * CF.tanh(g)
     h = CF.sigmoid(o) * CF.tanh(c)
@@ -1219,15 +1222,18 @@ def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
 def _gru_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
     (h,) = state
     xr, xz, xn = CF.chunk(xw, 3, -1)
-    hh = _recurrent(h, w_hh, b_hh)
-    if hh is None:
-        r, z, n = CF.sigmoid(xr), CF.sigmoid(xz), CF.tanh(xn)
-    else:
-        hr, hz, hn = CF.chunk(hh, 3, -1)
-        r, z = CF.sigmoid(xr + hr), CF.sigmoid(xz + hz)
-        n = CF.tanh(xn + r * hn)
+    hr, hz, hn = CF.chunk(_recurrent(h, w_hh, b_hh), 3, -1)
+    r, z = CF.sigmoid(xr + hr), CF.sigmoid(xz + hz)
+    n = CF.tanh(xn + r * hn)
     h = (1 - z) * n if h is None else (1 - z) * n + z * h
     return h, (h,)
+
+
+def _reset_recurrent(module: Module) -> None:
+    """torch's initialisation of recurrent weights: all U(±1/sqrt(hidden_size))."""
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
+    for p in module.parameters():
+        init.uniform_(p, -bound, bound)
 
 
 class _RNNBase(Module):
@@ -1268,9 +1274,7 @@ class _RNNBase(Module):
         return [f"_l{layer}", f"_l{layer}_reverse"][:self._directions]
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        for p in self.parameters():
-            init.uniform_(p, -bound, bound)
+        _reset_recurrent(self)
 
     def _weights(self, sfx: str):
         return (getattr(self, f"weight_ih{sfx}"), getattr(self, f"weight_hh{sfx}"),
@@ -1365,3 +1369,69 @@ class GRU(_RNNBase):
         n = input.shape[0 if self.batch_first else 1] if batched else 1
         out, (h,) = self._forward(input, [self._initial(hx, n, batched)], batched)
         return out, h
+
+
+class _CellBase(Module):
+    """One step of a recurrence, with torch's names ``weight_ih``, ``weight_hh``, ``bias_ih``,
+    ``bias_hh`` and initialisation U(±1/sqrt(hidden_size))."""
+
+    _gates: int
+    _cell: Callable
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        g = self._gates * hidden_size
+        shapes = {"weight_ih": (g, input_size), "weight_hh": (g, hidden_size)}
+        if bias:
+            shapes.update(bias_ih=(g,), bias_hh=(g,))
+        for name, shape in shapes.items():
+            self.register_parameter(name, Parameter(_empty(shape, dtype, device)))
+        if not bias:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _reset_recurrent(self)
+
+    def _step(self, input: Tensor, state: tuple):
+        """The cell on (N, in) or unbatched (in,) input; ``state``: Nones or (N, H) each."""
+        name = type(self).__name__
+        if input.ndim not in (1, 2) or input.shape[-1] != self.input_size:
+            raise OpError(f"{name}: expected input of shape (N, {self.input_size}) or "
+                          f"({self.input_size},), got {fmt(input.shape)}")
+        batched = input.ndim == 2
+        want = input.shape[:-1] + (self.hidden_size,)
+        for s in state:
+            if s is not None and tuple(s.shape) != want:
+                raise OpError(f"{name}: expected hidden state of shape {fmt(want)}, got "
+                              f"{fmt(s.shape)}")
+        if not batched:
+            input = CF.unsqueeze(input, 0)
+            state = tuple(None if s is None else CF.unsqueeze(s, 0) for s in state)
+        xw = F.linear(input, self.weight_ih, self.bias_ih)
+        _, state = type(self)._cell(xw, state, self.weight_hh, self.bias_hh)
+        return state if batched else tuple(CF.squeeze(s, 0) for s in state)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+
+
+class LSTMCell(_CellBase):
+    """``torch.nn.LSTMCell``: ``forward(input, (h, c))`` returns ``(h', c')``."""
+    _gates = 4
+    _cell = staticmethod(_lstm_cell)
+
+    def forward(self, input: Tensor, hx=None):
+        return self._step(input, tuple(hx) if hx is not None else (None, None))
+
+
+class GRUCell(_CellBase):
+    """``torch.nn.GRUCell``: ``forward(input, h)`` returns ``h'``."""
+    _gates = 3
+    _cell = staticmethod(_gru_cell)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        return self._step(input, (hx,))[0]

@@ -332,6 +332,14 @@ def test_rnn_matches_torch(cls, kw, initial):
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_rnn_of_one_step_gives_weight_hh_a_zero_gradient(cls):
+    """Not None: optimizers treat a None gradient as "skip" (no decay, no momentum)."""
+    rnn = getattr(gm.nn, cls)(3, 4)
+    rnn(gm.randn(1, 2, 3))[0].sum().backward()
+    assert rnn.weight_hh_l0.grad is not None and not rnn.weight_hh_l0.grad.numpy().any()
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_rnn_unbatched_matches_torch(cls):
     ours, theirs = pair(cls, 3, 4, num_layers=2)
     xs, ts = inputs((5, 3), (2, 4), (2, 4))
@@ -339,6 +347,24 @@ def test_rnn_unbatched_matches_torch(cls):
     n_in = 3 if cls == "LSTM" else 2
     check_all_grads(ours, theirs, _flat(ours(xs[0], state(xs))), _flat(theirs(ts[0], state(ts))),
                     xs[:n_in], ts[:n_in])
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("initial", [True, False])
+def test_cells_match_torch(cls, batched, initial):
+    ours, theirs = pair(cls, 3, 4, bias=batched)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    lead = (2,) if batched else ()
+    states = (2 if cls == "LSTMCell" else 1) if initial else 0
+    xs, ts = inputs(lead + (3,), *[lead + (4,)] * states)
+
+    def run(module, args):
+        hx = (tuple(args[1:]) if cls == "LSTMCell" else args[1]) if initial else None
+        out = module(args[0], hx)
+        return list(out) if isinstance(out, tuple) else [out]
+    check_all_grads(ours, theirs, run(ours, xs), run(theirs, ts), xs, ts)
 
 
 def test_rnn_errors_name_the_shapes():
