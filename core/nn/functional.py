@@ -469,7 +469,7 @@ def _mha_bias(op: str, attn_mask, key_padding_mask, like: Tensor, n: int, h: int
 
 
 def multi_head_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int,
-                         in_proj_weight: Tensor, in_proj_bias: Tensor | None,
+                         in_proj_weight: Tensor | tuple, in_proj_bias: Tensor | None,
                          out_proj_weight: Tensor, out_proj_bias: Tensor | None, *,
                          dropout_p: float = 0.0, training: bool = True,
                          key_padding_mask: Tensor | None = None, need_weights: bool = True,
@@ -477,7 +477,8 @@ def multi_head_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: i
                          batch_first: bool = False) -> tuple[Tensor, Tensor | None]:
     """``MultiheadAttention``'s computation (torch's ``multi_head_attention_forward``):
     inputs (L, N, E) ((N, L, E) with ``batch_first``, (L, E) unbatched); bool masks are
-    True where attention is not allowed. Returns the output and, with ``need_weights``,
+    True where attention is not allowed. ``in_proj_weight``: (3E, E), or the three
+    projections (E, E), (E, kdim), (E, vdim). Returns the output and, with ``need_weights``,
     the attention weights (N, L, S), or (N, H, L, S) without ``average_attn_weights``."""
     op = "multi_head_attention"
     if query.ndim not in (2, 3) or key.ndim != query.ndim or value.ndim != query.ndim:
@@ -492,11 +493,15 @@ def multi_head_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: i
         query, key, value = (CF.transpose(t, 0, 1) for t in (query, key, value))
     n, L, e = query.shape
     S = key.shape[1]
-    if e % num_heads or key.shape[-1] != e or value.shape[-1] != e or value.shape[1] != S:
-        raise OpError(f"{op}: embed_dim {e} must be divisible by num_heads {num_heads}, and "
-                      f"key and value must be (N, S, {e}); got shapes (batch first) "
-                      f"{fmt(query.shape)}, {fmt(key.shape)}, {fmt(value.shape)}")
-    w = CF.chunk(in_proj_weight, 3)
+    w = tuple(in_proj_weight) if isinstance(in_proj_weight, (tuple, list)) \
+        else CF.chunk(in_proj_weight, 3)
+    kdim, vdim = w[1].shape[1], w[2].shape[1]
+    if e % num_heads or key.shape[-1] != kdim or value.shape[-1] != vdim \
+            or value.shape[1] != S or w[0].shape[1] != e:
+        raise OpError(f"{op}: expected query (N, L, {w[0].shape[1]}), key (N, S, {kdim}) and "
+                      f"value (N, S, {vdim}) (batch first), embed_dim divisible by num_heads "
+                      f"{num_heads}; got shapes {fmt(query.shape)}, {fmt(key.shape)}, "
+                      f"{fmt(value.shape)}")
     b = CF.chunk(in_proj_bias, 3) if in_proj_bias is not None else (None,) * 3
     q, k, v = (_heads(linear(x, wi, bi), num_heads)
                for x, wi, bi in zip((query, key, value), w, b))

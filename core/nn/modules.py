@@ -1014,17 +1014,24 @@ class MultiheadAttention(Module):
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
                  batch_first: bool = False, device=None, dtype=None):
         super().__init__()
-        if add_bias_kv or add_zero_attn or kdim not in (None, embed_dim) \
-                or vdim not in (None, embed_dim):
-            raise NotImplementedError("MultiheadAttention: add_bias_kv, add_zero_attn and "
-                                      "kdim/vdim other than embed_dim are not supported")
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("MultiheadAttention: add_bias_kv and add_zero_attn are "
+                                      "not supported")
         if embed_dim % num_heads:
             raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible "
                              f"by num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
-        self.in_proj_weight = Parameter(_empty((3 * embed_dim, embed_dim), dtype, device))
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        same = self._qkv_same_embed_dim     # one (3E, E) weight, else one per projection
+        self.register_parameter("in_proj_weight", Parameter(
+            _empty((3 * embed_dim, embed_dim), dtype, device)) if same else None)
+        for name, width in (("q", embed_dim), ("k", self.kdim), ("v", self.vdim)):
+            self.register_parameter(f"{name}_proj_weight", None if same else Parameter(
+                _empty((embed_dim, width), dtype, device)))
         if bias:
             self.in_proj_bias = Parameter(_empty((3 * embed_dim,), dtype, device))
         else:
@@ -1033,7 +1040,8 @@ class MultiheadAttention(Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        init.xavier_uniform_(self.in_proj_weight)
+        for w in self._projections():
+            init.xavier_uniform_(w)
         if self.in_proj_bias is not None:
             init.zeros_(self.in_proj_bias)
             init.zeros_(self.out_proj.bias)
@@ -1046,11 +1054,17 @@ class MultiheadAttention(Module):
             raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the "
                                "causal mask; pass that attn_mask too")
         return F.multi_head_attention(
-            query, key, value, self.num_heads, self.in_proj_weight, self.in_proj_bias,
-            self.out_proj.weight, self.out_proj.bias, dropout_p=self.dropout,
+            query, key, value, self.num_heads,
+            self.in_proj_weight if self._qkv_same_embed_dim else self._projections(),
+            self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, dropout_p=self.dropout,
             training=self.training, key_padding_mask=key_padding_mask,
             need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, batch_first=self.batch_first)
+
+    def _projections(self) -> tuple:
+        if self._qkv_same_embed_dim:
+            return (self.in_proj_weight,)
+        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
 
 
 def _activation(activation) -> Callable[[Tensor], Tensor]:

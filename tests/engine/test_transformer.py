@@ -113,6 +113,18 @@ def test_mha_query_that_sees_no_key_as_torch(need_weights):
     assert np.isnan(out.detach().numpy()[:, 1]).all() == need_weights
 
 
+def test_mha_with_kdim_and_vdim_matches_torch():
+    ours, theirs = pair("MultiheadAttention", 8, 2, kdim=5, vdim=3)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
+        "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight",
+        "out_proj.bias"]
+    xs, ts = inputs((4, 2, 8), (6, 2, 5), (6, 2, 3))
+    out, w = ours(*xs)
+    want, want_w = theirs(*ts)
+    close(w, want_w)
+    check_grads(ours, theirs, out, want, xs, ts)
+
+
 def test_mha_unbatched_and_self_attention():
     ours, theirs = pair("MultiheadAttention", 6, 3)
     (x,), (t,) = inputs((4, 6))
@@ -131,8 +143,10 @@ def test_mha_errors_name_the_shapes():
         mha(x, x, x, key_padding_mask=gm.zeros(4, 4, dtype=gm.bool))
     with pytest.raises(ValueError, match="divisible"):
         gm.nn.MultiheadAttention(8, 3)
-    with pytest.raises(NotImplementedError, match="kdim"):
-        gm.nn.MultiheadAttention(8, 2, kdim=4)
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        gm.nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    with pytest.raises(gm.OpError, match=r"key \(N, S, 8\)"):
+        mha(x, gm.randn(4, 3, 5), x)
 
 
 def test_sdpa_errors_name_the_shapes():
