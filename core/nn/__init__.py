@@ -12,6 +12,9 @@ from .modules import (AvgPool2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dr
                       ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from .modules import (AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, ConvTranspose2d,
                       GroupNorm, Hardswish, Mish, RMSNorm, SiLU, Upsample)
+from .modules import (GRU, LSTM, GRUCell, LSTMCell, MultiheadAttention,
+                      TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                      TransformerEncoderLayer)
 
 __all__ = ["init", "functional", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
            "Linear", "Conv2d", "Embedding", "LayerNorm", "Dropout", "Flatten", "MaxPool2d",
@@ -19,3 +22,5 @@ __all__ = ["init", "functional", "Module", "Parameter", "Sequential", "ModuleLis
            "LogSoftmax", "CrossEntropyLoss", "MSELoss", "NLLLoss", "BCEWithLogitsLoss",
            "SiLU", "Mish", "Hardswish", "BatchNorm1d", "BatchNorm2d", "GroupNorm", "RMSNorm",
            "AdaptiveAvgPool2d", "Conv1d", "ConvTranspose2d", "Upsample"]
+__all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+            "TransformerEncoder", "TransformerDecoder", "LSTM", "GRU", "LSTMCell", "GRUCell"]

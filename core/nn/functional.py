@@ -36,6 +36,7 @@ __all__ = ["relu", "gelu", "tanh", "sigmoid", "leaky_relu", "softplus", "softmax
            "log_softmax", "linear", "dropout", "layer_norm", "embedding", "conv2d",
            "max_pool2d", "avg_pool2d", "nll_loss", "cross_entropy", "mse_loss",
            "binary_cross_entropy_with_logits"]
+__all__ += ["scaled_dot_product_attention", "multi_head_attention"]
 
 _relu_p = REGISTRY["relu"]
 _leaky_relu_p = REGISTRY["leaky_relu"]
@@ -643,3 +644,165 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     _check_channels(op, out, bias=bias)
     out = _affine(out, None, bias, _channel_shape(out))
     return CF.reshape(out, out.shape[1:]) if unbatched else out
+# ====================================================================== attention ======
+
+from .. import dtypes as _dtypes  # noqa: E402
+from ..factories import ones as _ones  # noqa: E402
+from ..registry import broadcast_shapes as _broadcast_shapes  # noqa: E402
+
+
+def _attention_bias(op: str, attn_mask: Tensor | None, is_causal: bool, L: int, S: int,
+                    like: Tensor) -> Tensor | None:
+    """The additive bias of SDPA's ``attn_mask``/``is_causal``: bool True (take part) -> 0,
+    False -> -inf; a float mask as it is; None without a mask."""
+    if is_causal:
+        if attn_mask is not None:
+            raise OpError(f"{op}: pass either attn_mask or is_causal=True, not both")
+        attn_mask = CF.tril(_ones((L, S), dtype=_dtypes.bool_, device=like.device))
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype is _dtypes.bool_:
+        return CF.where(attn_mask, 0.0, float("-inf")).to(like.dtype)
+    if attn_mask.dtype is not like.dtype:
+        raise OpError(f"{op}: expected attn_mask dtype to be bool or {like.dtype} (the query's "
+                      f"dtype), got {attn_mask.dtype}")
+    return attn_mask
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, dropout_p: float,
+            scale: float, training: bool, safe: bool) -> tuple[Tensor, Tensor]:
+    """``(softmax(q k^T * scale + bias) @ v, weights)``, the weights dropped out. ``safe``:
+    rows whose every key is masked give zeros (SDPA) instead of NaN (``need_weights``)."""
+    scores = CF.matmul(query * scale, key.mT)
+    if bias is not None:
+        scores = scores + bias
+    dead = None
+    if safe and bias is not None:
+        dead = CF.all(scores == float("-inf"), dim=-1, keepdim=True)
+        scores = CF.where(dead, 0.0, scores)
+    weights = CF.softmax(scores, -1)
+    if dead is not None:
+        weights = CF.where(dead, 0.0, weights)
+    if dropout_p > 0.0:
+        weights = dropout(weights, dropout_p, training)
+    return CF.matmul(weights, value), weights
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """``softmax(query @ key^T * scale + mask) @ value`` over shapes (..., L, E), (..., S, E),
+    (..., S, Ev), as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``attn_mask``: bool (True: the key takes part) or float (added to the scores),
+    broadcast to (..., L, S); ``is_causal``: the lower-triangular mask. A query whose every
+    key is masked gets zeros, as in torch. Dropout uses the engine's seeded masks (see
+    ``dropout``), so a traced graph is deterministic; ``scale`` defaults to 1/sqrt(E).
+    """
+    if enable_gqa:
+        raise NotImplementedError("scaled_dot_product_attention: enable_gqa is not supported")
+    if query.ndim < 2 or key.ndim < 2 or value.ndim < 2 or query.shape[-1] != key.shape[-1] \
+            or key.shape[-2] != value.shape[-2]:
+        raise OpError(f"scaled_dot_product_attention: expected query (..., L, E), key "
+                      f"(..., S, E) and value (..., S, Ev), got shapes {fmt(query.shape)}, "
+                      f"{fmt(key.shape)} and {fmt(value.shape)}")
+    op = "scaled_dot_product_attention"
+    L, S = query.shape[-2], key.shape[-2]
+    bias = _attention_bias(op, attn_mask, is_causal, L, S, query)
+    scores = _broadcast_shapes(op, query.shape[:-2], key.shape[:-2]) + (L, S)
+    if bias is not None and _broadcast_shapes(op, bias.shape, scores) != scores:
+        raise OpError(f"{op}: attn_mask of shape {fmt(bias.shape)} must broadcast to the "
+                      f"scores' shape {fmt(scores)} (..., L, S)")
+    scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else float(scale)
+    return _attend(query, key, value, bias, float(dropout_p), scale, True, safe=True)[0]
+
+
+def _padding_bias(op: str, mask: Tensor | None, like: Tensor, name: str) -> Tensor | None:
+    """``MultiheadAttention``'s masks as an additive bias: bool True (masked out) -> -inf."""
+    if mask is None:
+        return None
+    if mask.dtype is _dtypes.bool_:
+        return CF.where(mask, float("-inf"), 0.0).to(like.dtype)
+    if mask.dtype is not like.dtype:
+        raise OpError(f"{op}: expected {name} to be bool or {like.dtype} (the query's dtype), "
+                      f"got {mask.dtype}")
+    return mask
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """(N, L, E) -> (N, H, L, E/H)."""
+    n, length, e = x.shape
+    return CF.transpose(CF.reshape(x, [n, length, num_heads, e // num_heads]), 1, 2)
+
+
+def _mha_bias(op: str, attn_mask, key_padding_mask, like: Tensor, n: int, h: int, L: int,
+              S: int) -> Tensor | None:
+    """The sum of ``attn_mask`` ((L, S) or (N*H, L, S)) and ``key_padding_mask`` ((N, S)) as
+    one bias broadcasting to (N, H, L, S)."""
+    bias = _padding_bias(op, attn_mask, like, "attn_mask")
+    if bias is not None:
+        if tuple(bias.shape) not in ((L, S), (n * h, L, S)):
+            raise OpError(f"{op}: attn_mask of shape {fmt(bias.shape)} must be ({L}, {S}) or "
+                          f"({n * h}, {L}, {S}) (batch * num_heads, target, source)")
+        bias = CF.reshape(bias, [n, h, L, S]) if bias.ndim == 3 else bias
+    pad = _padding_bias(op, key_padding_mask, like, "key_padding_mask")
+    if pad is not None:
+        if tuple(pad.shape) != (n, S):
+            raise OpError(f"{op}: key_padding_mask of shape {fmt(pad.shape)} must be "
+                          f"({n}, {S}) (batch, source)")
+        pad = CF.reshape(pad, [n, 1, 1, S])
+        bias = pad if bias is None else bias + pad
+    return bias
+
+
+def multi_head_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int,
+                         in_proj_weight: Tensor | tuple, in_proj_bias: Tensor | None,
+                         out_proj_weight: Tensor, out_proj_bias: Tensor | None, *,
+                         dropout_p: float = 0.0, training: bool = True,
+                         key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                         attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                         batch_first: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``MultiheadAttention``'s computation (torch's ``multi_head_attention_forward``):
+    inputs (L, N, E) ((N, L, E) with ``batch_first``, (L, E) unbatched); bool masks are
+    True where attention is not allowed. ``in_proj_weight``: (3E, E), or the three
+    projections (E, E), (E, kdim), (E, vdim). Returns the output and, with ``need_weights``,
+    the attention weights (N, L, S), or (N, H, L, S) without ``average_attn_weights``."""
+    op = "multi_head_attention"
+    if query.ndim not in (2, 3) or key.ndim != query.ndim or value.ndim != query.ndim:
+        raise OpError(f"{op}: expected query, key and value of 3 dims (or 2, unbatched), got "
+                      f"shapes {fmt(query.shape)}, {fmt(key.shape)}, {fmt(value.shape)}")
+    batched = query.ndim == 3
+    if not batched:
+        query, key, value = (CF.unsqueeze(t, 0) for t in (query, key, value))
+        if key_padding_mask is not None:
+            key_padding_mask = CF.unsqueeze(key_padding_mask, 0)
+    elif not batch_first:
+        query, key, value = (CF.transpose(t, 0, 1) for t in (query, key, value))
+    n, L, e = query.shape
+    S = key.shape[1]
+    w = tuple(in_proj_weight) if isinstance(in_proj_weight, (tuple, list)) \
+        else CF.chunk(in_proj_weight, 3)
+    kdim, vdim = w[1].shape[1], w[2].shape[1]
+    if e % num_heads or key.shape[-1] != kdim or value.shape[-1] != vdim \
+            or value.shape[1] != S or w[0].shape[1] != e:
+        raise OpError(f"{op}: expected query (N, L, {w[0].shape[1]}), key (N, S, {kdim}) and "
+                      f"value (N, S, {vdim}) (batch first), embed_dim divisible by num_heads "
+                      f"{num_heads}; got shapes {fmt(query.shape)}, {fmt(key.shape)}, "
+                      f"{fmt(value.shape)}")
+    b = CF.chunk(in_proj_bias, 3) if in_proj_bias is not None else (None,) * 3
+    q, k, v = (_heads(linear(x, wi, bi), num_heads)
+               for x, wi, bi in zip((query, key, value), w, b))
+    bias = _mha_bias(op, attn_mask, key_padding_mask, q, n, num_heads, L, S)
+    out, weights = _attend(q, k, v, bias, dropout_p if training else 0.0,
+                           (e // num_heads) ** -0.5, training, safe=not need_weights)
+    out = linear(CF.reshape(CF.transpose(out, 1, 2), [n, L, e]), out_proj_weight,
+                 out_proj_bias)
+    if not batched:
+        out = CF.squeeze(out, 0)
+    elif not batch_first:
+        out = CF.transpose(out, 0, 1)
+    if not need_weights:
+        return out, None
+    weights = CF.mean(weights, 1) if average_attn_weights else weights
+    return out, (weights if batched else CF.squeeze(weights, 0))
