@@ -76,7 +76,15 @@ class ServerProcess:
         self._ready.wait(timeout)
         if self.address is None:
             raise ClusterError(f"{self.role} did not start within {timeout:.0f} s "
-                               f"(exit code {self.process.poll()}):\n{self.log_tail()}")
+                               f"(exit code {self.process.poll() if self.process else None})"
+                               f":\n{self.log_tail()}")
+        return self.address
+
+    @property
+    def target(self) -> str:
+        """The address, asked for only once the server has started."""
+        if self.address is None:
+            raise ClusterError(f"{self.role} has no address: it has not started")
         return self.address
 
     def log_tail(self, lines: int = 20) -> str:
@@ -94,14 +102,14 @@ class ServerProcess:
         return self.process is not None and self.process.poll() is None
 
     def terminate(self) -> None:
-        if self.alive():
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL now (tests use it to simulate a crash)."""
-        if self.alive():
-            self.process.kill()
         if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
             self.process.wait()
 
     def wait_exit(self, timeout: float) -> bool:
@@ -178,8 +186,11 @@ class LocalCluster:
         self.startup_timeout = startup_timeout
         self.max_message_bytes = max_message_bytes
         self.grace = grace
-        self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="gradmesh-cluster-")
-        self.log_dir = log_dir or self._tmp.name
+        self._tmp = None
+        if not log_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="gradmesh-cluster-")
+            log_dir = self._tmp.name
+        self.log_dir = log_dir
         os.makedirs(self.log_dir, exist_ok=True)
         self.workers: list[ServerProcess] = []
         self.shards: list[ServerProcess] = []
@@ -220,7 +231,7 @@ class LocalCluster:
                 p.wait_address(self.startup_timeout)
             self.start_coordinator()
             for p in self.workers + self.shards:
-                wait_serving(p.address, self.startup_timeout)
+                wait_serving(p.target, self.startup_timeout)
         except BaseException:
             self.stop()
             raise
@@ -229,9 +240,9 @@ class LocalCluster:
     def coordinator_command_args(self) -> list[str]:
         args = ["--checkpoint-every", str(self.checkpoint_every)]
         if self.workers:
-            args += ["--workers", ",".join(w.address for w in self.workers)]
+            args += ["--workers", ",".join(w.target for w in self.workers)]
         if self.shards:
-            args += ["--shards", ",".join(s.address for s in self.shards)]
+            args += ["--shards", ",".join(s.target for s in self.shards)]
         if self.state_dir:
             args += ["--state-dir", os.path.join(self.state_dir, "coordinator")]
         return args + self.coordinator_args
@@ -271,7 +282,7 @@ class LocalCluster:
         from its state directory (its checkpoint and step log)."""
         old = self.shards[index]
         self._stop_one(old, kill)
-        args = _without(old.args, "--port") + ["--port", str(_port(old.address))]
+        args = _without(old.args, "--port") + ["--port", str(_port(old.target))]
         self.shards[index] = new = ServerProcess("shard", args, old.log_path)
         new.start(self._env(None))
         wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
@@ -286,7 +297,7 @@ class LocalCluster:
         self._stop_one(old, kill)
         args = _without(_without(old.args, "--port"), "--coordinator")
         if same_address:
-            args += ["--port", str(_port(old.address))]
+            args += ["--port", str(_port(old.target))]
         else:
             args += ["--coordinator", self.coordinator_target]
         self.workers[index] = new = ServerProcess("worker", args, old.log_path)

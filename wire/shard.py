@@ -101,7 +101,7 @@ def shard_frames(kind: str, header, arrays: Iterable,
 def receive_frames(frames: Iterator, kind: str, max_total_bytes: int,
                    max_elements: int | None = None,
                    allocate: Callable[[int], np.ndarray] | None = None
-                   ) -> tuple[object, dict[str, np.ndarray]]:
+                   ) -> tuple[Any, dict[str, np.ndarray]]:
     """Read a header frame of ``kind`` and its chunks: ``(header, {name: array})``.
 
     Frames are protobuf messages or the codec's :class:`~gradmesh.wire.frames.ChunkFrame`
