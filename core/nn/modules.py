@@ -305,7 +305,7 @@ class Module:
                 p._data = fn(p._data)
                 if p.grad is not None:
                     p.grad._data = fn(p.grad._data)
-            for name, b in m._buffers.items():
+            for b in m._buffers.values():
                 if b is not None:
                     b._data = fn(b._data)
         return self
