@@ -1,8 +1,10 @@
 """Reverse-mode automatic differentiation: grad mode, graph nodes and the backward engine."""
 from __future__ import annotations
 
+import dis
 import functools
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -71,9 +73,11 @@ class Node:
     its node form no reference cycle and memory is freed as soon as the user drops it.
     """
 
-    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "__weakref__")
+    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "stamp",
+                 "__weakref__")
 
     def __init__(self, op, inputs, attrs, out_data, out_meta):
+        self.stamp = _Versions.clock    # the in-place clock when its tensors were saved
         self.op = op
         self.inputs = inputs
         self.attrs = attrs
@@ -91,6 +95,92 @@ class Node:
         self.inputs = ()
         self.out_data = None
         self.freed = True
+
+
+# -- version counters --------------------------------------------------------------------
+# An in-place op ticks one global clock and stamps the storage it changed (its memory
+# owner) with the tick and a per-storage count (``Tensor._version``). A node records the
+# clock when it was made: in backward, a node whose stamp is the current clock (no in-place
+# op since: the usual case) is not checked; otherwise each tensor its vjp reads is.
+class _Versions:
+    clock = 0
+    changed: dict = {}      # id(owner) -> [weakref to owner, tick of last change, count]
+
+
+def _owner(data):
+    """The array that owns ``data``'s memory (views of views lead back to it)."""
+    kind = type(data)
+    while type(data.base) is kind:
+        data = data.base
+    return data
+
+
+def bump_version(data) -> None:
+    """Record an in-place change of ``data``'s storage."""
+    owner = _owner(data)
+    _Versions.clock += 1
+    entry = _Versions.changed.get(id(owner))
+    if entry is not None and entry[0]() is owner:
+        entry[1] = _Versions.clock
+        entry[2] += 1
+    else:
+        ref = weakref.ref(owner, _forget(id(owner)))
+        _Versions.changed[id(owner)] = [ref, _Versions.clock, 1]
+
+
+def _forget(key: int):
+    return lambda _ref: _Versions.changed.pop(key, None)
+
+
+def _change(data):
+    """(tick, count) of the last in-place change of ``data``'s storage, or None."""
+    owner = _owner(data)
+    entry = _Versions.changed.get(id(owner))
+    return entry[1:] if entry is not None and entry[0]() is owner else None
+
+
+def version_of(data) -> int:
+    change = _change(data)
+    return 0 if change is None else change[1]
+
+
+_METADATA = frozenset({"shape", "dtype", "ndim", "device"})
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_inputs(vjp, n: int) -> tuple:
+    """The inputs whose values ``vjp(g, out, *inputs, **attrs)`` reads (not only their
+    shape or dtype), found once per vjp from its bytecode: the ones torch would save."""
+    code = vjp.__code__
+    if code.co_flags & 0x04:            # *inputs: all of them
+        return tuple(range(n))
+    params = code.co_varnames[2:code.co_argcount]
+    instrs = list(dis.get_instructions(code))
+    read = {p for p in params if p in code.co_cellvars}
+    for ins, nxt in zip(instrs, instrs[1:] + [None]):
+        if ins.opname == "LOAD_FAST" and ins.argval in params and not (
+                nxt is not None and nxt.opname == "LOAD_ATTR" and nxt.argval in _METADATA):
+            read.add(ins.argval)
+    return tuple(i for i, p in enumerate(params[:n]) if p in read)
+
+
+def _check_versions(node) -> None:
+    """Raise torch's error where a tensor ``node``'s vjp reads was changed in place after
+    the node saved it."""
+    vjp = node.op.vjp
+    reads = _saved_inputs(vjp, len(node.inputs)) if vjp is not None else ()
+    saved = [(node.inputs[i]._data, f"input {i}") for i in reads]
+    if node.out_data is not None:
+        saved.append((node.out_data, "output"))
+    for data, what in saved:
+        change = _change(data)
+        if change is not None and change[0] > node.stamp:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by "
+                f"an inplace operation: [{data.dtype} {list(data.shape)}], the {what} of "
+                f"{node.name()}, is at version {change[1]} and was changed after it was "
+                f"saved. Hint: use the out-of-place op, or .clone() the tensor before the "
+                f"in-place change")
 
 
 def _topo_order(roots: Sequence[Node]) -> list[Node]:
@@ -169,6 +259,8 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
                 continue
             if node.freed:
                 raise RuntimeError(_FREED)
+            if node.stamp != _Versions.clock:
+                _check_versions(node)
             if capture_nodes:
                 t_node = capture_nodes.get(id(node))
                 if t_node is not None:
@@ -220,7 +312,7 @@ def zero_grads(params, set_to_none: bool = True) -> None:
 
 
 def _accumulate_leaf(t, g, assigned: dict) -> None:
-    if t.grad is None:
+    if t._grad is None:
         # The same gradient tensor may reach several leaves (add passes ``g`` through):
         # give each its own, so that an in-place change of one .grad leaves the others.
         # ``assigned`` holds the tensors, not just their ids: a freed tensor's id is reused
@@ -236,9 +328,9 @@ def _accumulate_leaf(t, g, assigned: dict) -> None:
             g = g.clone() if is_grad_enabled() else g.detach().clone()
             owner = g._data
         assigned[id(owner)] = owner
-        t.grad = g if is_grad_enabled() else g.detach()
+        t._grad = g if is_grad_enabled() else g.detach()
     else:
-        t.grad = t.grad + g if is_grad_enabled() else (t.grad.detach() + g.detach())
+        t._grad = t._grad + g if is_grad_enabled() else (t._grad.detach() + g.detach())
 
 
 def _writable(data) -> bool:
