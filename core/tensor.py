@@ -234,8 +234,30 @@ class Tensor:
         return backend.to_numpy(self._data)
 
     def __array__(self, dtype=None, copy=None):
-        a = backend.to_numpy(self._data)
-        return a if dtype is None else a.astype(dtype)
+        """NumPy 2's protocol: ``copy=True`` always copies, ``copy=False`` never does (and
+        raises where a copy is needed: a CUDA tensor, another dtype), None copies if needed."""
+        a = self._data
+        needs_copy = type(a) is not _ndarray or (dtype is not None and np.dtype(dtype) != a.dtype)
+        if copy is False and needs_copy:
+            raise ValueError(f"Unable to avoid copy while creating an array as requested "
+                             f"(a {self.device} tensor of dtype {self.dtype.name})")
+        a = backend.to_numpy(a)
+        if dtype is not None:
+            a = a.astype(dtype, copy=False)
+        return a.copy() if copy and a is self._data else a
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """DLPack export (``torch.from_dlpack(t)``, ``np.from_dlpack(t)``): shares memory."""
+        if self.requires_grad:
+            raise RuntimeError("Can't export tensors that require gradient, use "
+                               "tensor.detach()")
+        kwargs = {"stream": stream} if stream is not None else {}
+        if max_version is not None:
+            kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
+        return self._data.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._data.__dlpack_device__()
 
     def item(self):
         if self.numel() != 1:
@@ -277,7 +299,7 @@ class Tensor:
         for a in args:
             if isinstance(a, Tensor):
                 dtype, device = a.dtype, a.device
-            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):
+            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):    # or a device
                 device = a
             else:
                 dtype = a
