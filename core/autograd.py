@@ -128,6 +128,10 @@ def bump_version(data) -> None:
         _Versions.changed[id(owner)] = [ref, _Versions.clock, 1]
 
 
+def clock() -> int:
+    return _Versions.clock
+
+
 def _forget(key: int):
     return lambda _ref: _Versions.changed.pop(key, None)
 
@@ -151,8 +155,8 @@ _METADATA = frozenset({"shape", "dtype", "ndim", "device"})
 def _saved_inputs(vjp, n: int) -> tuple:
     """The inputs whose values ``vjp(g, out, *inputs, **attrs)`` reads (not only their
     shape or dtype), found once per vjp from its bytecode: the ones torch would save."""
-    code = vjp.__code__
-    if code.co_flags & 0x04:            # *inputs: all of them
+    code = getattr(vjp, "__code__", None)
+    if code is None or code.co_flags & 0x04:        # not a plain function, or *inputs: all
         return tuple(range(n))
     params = code.co_varnames[2:code.co_argcount]
     instrs = list(dis.get_instructions(code))
@@ -183,6 +187,16 @@ def _check_versions(node) -> None:
                 f"in-place change")
 
 
+def _edge(t, stamp: int) -> tuple:
+    """(grad_fn, requires_grad) that ``t`` had at clock ``stamp``: an in-place op recorded
+    by autograd gives ``t`` a new history, while the nodes made before it keep the old one
+    (``Tensor._history``: (tick of the change, grad_fn, requires_grad) before each)."""
+    for tick, grad_fn, requires in t._history:
+        if stamp < tick:
+            return grad_fn, requires
+    return t.grad_fn, t.requires_grad
+
+
 def _topo_order(roots: Sequence[Node]) -> list[Node]:
     """Nodes reachable from ``roots``, each before every node it depends on (iterative)."""
     order, seen = [], set()
@@ -193,8 +207,10 @@ def _topo_order(roots: Sequence[Node]) -> list[Node]:
         stack = [(root, iter(root.inputs))]
         while stack:
             node, it = stack[-1]
+            stale = node.stamp != _Versions.clock
             for t in it:
-                child = t.grad_fn
+                child = t.grad_fn if not stale or t._history is None else \
+                    _edge(t, node.stamp)[0]
                 if child is not None and id(child) not in seen:
                     seen.add(id(child))
                     stack.append((child, iter(child.inputs)))
@@ -259,7 +275,8 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
                 continue
             if node.freed:
                 raise RuntimeError(_FREED)
-            if node.stamp != _Versions.clock:
+            stale = node.stamp != _Versions.clock
+            if stale:
                 _check_versions(node)
             if capture_nodes:
                 t_node = capture_nodes.get(id(node))
@@ -276,11 +293,16 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
                 raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "
                                    f"{len(inputs)} inputs")
             for t, gi in zip(inputs, grads):
-                if gi is None or not t.requires_grad:
+                if gi is None:
+                    continue
+                if stale and t._history is not None:
+                    child, requires = _edge(t, node.stamp)
+                else:
+                    child, requires = t.grad_fn, t.requires_grad
+                if not requires:
                     continue
                 if op.broadcast:
                     gi = reduce_grad(gi, t)
-                child = t.grad_fn
                 if child is None:
                     if capture_ids:
                         if id(t) in capture_ids:

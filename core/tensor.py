@@ -39,13 +39,15 @@ class Tensor:
     tensor([2., 4.])
     """
 
-    __slots__ = ("_data", "requires_grad", "_grad", "grad_fn", "_retains_grad", "__weakref__")
+    __slots__ = ("_data", "requires_grad", "_grad", "grad_fn", "_retains_grad", "_history",
+                 "__weakref__")
     __array_priority__ = 1000        # ndarray * Tensor -> Tensor.__rmul__
     _data: Any                       # a numpy.ndarray or a cupy.ndarray
     requires_grad: builtins.bool
     _grad: Tensor | None
     grad_fn: Node | None
     _retains_grad: builtins.bool
+    _history: list | None         # see autograd._edge
 
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
@@ -58,6 +60,7 @@ class Tensor:
         self._grad = None
         self.grad_fn = None
         self._retains_grad = False
+        self._history = None
         if requires_grad and not self.dtype.is_floating_point:
             raise RuntimeError(f"only tensors of floating point dtype can require gradients, "
                                f"got {self.dtype}")
@@ -71,6 +74,7 @@ class Tensor:
         t._grad = None
         t.grad_fn = None
         t._retains_grad = False
+        t._history = None
         return t
 
     @classmethod
@@ -385,6 +389,9 @@ class Tensor:
         old = Tensor._wrap(self._data.copy(), self.requires_grad)
         old.grad_fn = self.grad_fn
         bump_version(self._data)        # before the new node, which saves the new version
+        # Nodes made before keep reaching the old history through this tensor.
+        past = (_version_clock(), self.grad_fn, self.requires_grad)
+        self._history = [past] if self._history is None else self._history + [past]
         new = new_value(old, old if other is self else other)
         if new.dtype is not self.dtype:
             if self.dtype.is_floating_point < new.dtype.is_floating_point:
@@ -1064,6 +1071,7 @@ def _filled(t: Tensor, value) -> Tensor:
 # class and _is_array are defined by now, which is all that the others import from here.
 from . import autograd, dispatch, functional as F  # noqa: E402
 from .autograd import Node, bump_version, is_grad_enabled, version_of  # noqa: E402
+from .autograd import clock as _version_clock  # noqa: E402
 from .registry import REGISTRY  # noqa: E402
 # BEGIN GENERATED IMPORTS (python core/gen_api.py): do not edit
 # END GENERATED IMPORTS

@@ -164,3 +164,28 @@ def test_reading_grad_of_a_non_leaf_warns_as_torch():
             warnings.simplefilter("error")
             assert h.grad.tolist() == [1.0, 1.0] and x.grad.tolist() == [2.0, 2.0]
             assert lib.ones(1).grad is None     # a leaf: no warning
+
+
+@pytest.mark.parametrize("use", [lambda h, x: h + x, lambda h, x: h.sum() * x,
+                                 lambda h, x: h.reshape(3, 1).expand(3, 2).sum(1)])
+def test_nodes_made_before_an_in_place_op_keep_the_old_history(use):
+    """``z = use(h)`` then ``h.mul_(3)``: z's gradient flows through h as it was, while
+    h's new value has the new history (torch records edges when a node is made)."""
+    def fn(lib, x):
+        h = x * 2
+        z = use(h, x)
+        h.mul_(3)
+        (z.sum() + (h * h).sum()).backward()
+    gx, tx = _both(fn)
+    np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-6)
+
+
+def test_a_plain_tensor_used_before_it_got_a_history_gets_no_gradient():
+    def fn(lib, x):
+        acc = lib.ones(3)
+        y = acc + x                     # acc had no history here
+        acc += x * x
+        (y.sum() + acc.sum()).backward()
+        assert acc.grad_fn is not None
+    gx, tx = _both(fn)
+    np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-6)
