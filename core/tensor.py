@@ -560,15 +560,15 @@ class Tensor:
         return F.getitem(self, index)
 
     def __setitem__(self, index, value) -> None:
-        """``x[index] = value`` in place, outside autograd (a tensor that requires grad, or
-        a value that does, refuses it in grad mode)."""
-        if self._records_inplace(value):
-            raise RuntimeError("t[index] = value: in-place assignment into a tensor that "
-                               "requires grad (or of a value that does) is not supported in "
-                               "grad mode; use torch-style out-of-place ops (where, "
-                               "index_put) or wrap it in `with gradmesh.no_grad():`")
+        """``x[index] = value`` in place; in grad mode on a non-leaf (or with a value that
+        requires grad) recorded by autograd, as torch's index_put_."""
+        record = self._records_inplace(value)
         tracer = graph_tracer()
         if tracer is not None:
+            if record:
+                raise RuntimeError("t[index] = value: a traced graph cannot assign into a "
+                                   "tensor that requires grad (or a value that does); use "
+                                   "where or index_put out of place")
             # Traced as a write to the view of the basic part of the index (ints, slices),
             # with index_put for the advanced part (index tensors, masks).
             view, advanced = F._basic_index(self, index)
@@ -582,10 +582,10 @@ class Tensor:
             _traced_inplace(tracer, "t[index] = value", view, new_value, Tensor.__setitem__,
                             self, index, value)
             return
-        if isinstance(index, Tensor):
-            index = index._data
-        elif isinstance(index, tuple):
-            index = tuple(i._data if isinstance(i, Tensor) else i for i in index)
+        index = _array_index(index)
+        if record:
+            self._recorded_inplace(lambda t, v: _assigned(t, v, index), value)
+            return
         self._data[index] = value._data if isinstance(value, Tensor) else value
         bump_version(self._data)
 
@@ -1054,6 +1054,31 @@ def _value_like(value, like: Tensor) -> Tensor:
     array = np.asarray(backend.to_numpy(value) if _is_array(value) else value)
     array = array.astype(like._data.dtype)
     return Tensor._wrap(array if xp is np else xp.asarray(array))
+
+
+def _array_index(index):
+    """``index`` with its tensors replaced by their arrays."""
+    if isinstance(index, Tensor):
+        return index._data
+    if isinstance(index, tuple):
+        return tuple(i._data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+def _assigned(t: Tensor, value, index) -> Tensor:
+    """``t`` with ``t[index] = value`` done out of place (differentiable in both): an
+    index_put at the flat positions the index selects."""
+    xp = backend.xp_of(t._data)
+    positions = xp.arange(t.numel()).reshape(t.shape)[index]
+    if isinstance(value, Tensor) and value.requires_grad:
+        value = value.to(t.dtype)
+    else:
+        value = _value_like(value, t)
+    values = F.reshape(F.expand(value, *positions.shape), (-1,))
+    flat = REGISTRY["index_put"](F.reshape(t, (-1,)), values,
+                                 Tensor._wrap(positions.reshape(-1)), dims=[0],
+                                 accumulate=False)
+    return F.reshape(flat, t.shape)
 
 
 def _filled(t: Tensor, value) -> Tensor:

@@ -189,3 +189,17 @@ def test_a_plain_tensor_used_before_it_got_a_history_gets_no_gradient():
         assert acc.grad_fn is not None
     gx, tx = _both(fn)
     np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("assign", [
+    lambda lib, h, x: h.__setitem__(0, 5.0),
+    lambda lib, h, x: h.__setitem__(slice(1, None), x[:2] * 3),
+    lambda lib, h, x: h.__setitem__(h > 2, x.sum()),
+    lambda lib, h, x: h.__setitem__(lib.tensor([2, 0]), x[0])])
+def test_assignment_into_a_non_leaf_is_recorded_like_torch(assign):
+    def fn(lib, x):
+        h = x * x
+        assign(lib, h, x)
+        (h * x).sum().backward()
+    gx, tx = _both(fn)
+    np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-6)
