@@ -124,7 +124,10 @@ def bump_version(data) -> None:
         entry[1] = _Versions.clock
         entry[2] += 1
     else:
-        ref = weakref.ref(owner, _forget(id(owner)))
+        try:
+            ref = weakref.ref(owner, _forget(id(owner)))
+        except TypeError:       # an array type without weak references: not tracked
+            return
         _Versions.changed[id(owner)] = [ref, _Versions.clock, 1]
 
 
