@@ -110,6 +110,7 @@ def test_errors_match_torch():
         with pytest.raises(ValueError, match="Factor should be < 1.0"):
             s.ReduceLROnPlateau(opt, factor=1.0)
         one = s.OneCycleLR(opt, max_lr=1.0, total_steps=2)
+        opt.step()
         one.step()
         one.step()
         with pytest.raises(ValueError, match="Tried to step 3 times"):
