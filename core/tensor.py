@@ -362,7 +362,8 @@ class Tensor:
         if tracer is not None:
             o = other if record else _detached(other)
             tracer.inplace(name, self, lambda t: new_value(t, o),
-                           untraced(tracer, self._inplace, name, other, new_value, eager))
+                           untraced(tracer, self._inplace, name, other, new_value, eager),
+                           recorded=record)
             return self
         if record:
             return self._recorded_inplace(new_value, other)

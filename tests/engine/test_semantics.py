@@ -203,3 +203,31 @@ def test_assignment_into_a_non_leaf_is_recorded_like_torch(assign):
         (h * x).sum().backward()
     gx, tx = _both(fn)
     np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-6)
+
+
+def test_a_traced_graph_follows_in_place_ops_that_autograd_records():
+    """In grad mode ``t *= w`` on a non-leaf changes t (and its alias) with gradient: the
+    traced graph gives the loss and gradients of eager code."""
+    from gradmesh.core.graph import trace, validate
+    from gradmesh.core.plan import compile_plan
+
+    def fn(p, x):
+        t = p["w"] * 2
+        alias = t
+        t += 1
+        t *= p["w"]
+        t.div_(p["w"] + 1)
+        return (alias * alias).sum() + (x * 0).sum()
+    w0 = np.array([1.0, 2.0, 3.0], np.float32)
+    x0 = np.zeros((2, 1), np.float32)
+    graph = validate(trace(fn, {"w": gm.tensor(w0)}, x0))
+    result = compile_plan(graph, {"x0": x0.shape}).run({"w": w0}, {"x0": x0})
+    w = gm.tensor(w0, requires_grad=True)
+    loss = fn({"w": w}, gm.tensor(x0))
+    loss.backward()
+    tw = torch.tensor(w0, requires_grad=True)
+    tloss = fn({"w": tw}, torch.tensor(x0))
+    tloss.backward()
+    assert result.loss == loss.item()
+    np.testing.assert_array_equal(result.grads["w"], w.grad.numpy())
+    np.testing.assert_allclose(w.grad.numpy(), tw.grad.numpy(), rtol=1e-6)
