@@ -8,6 +8,7 @@ import weakref
 from contextlib import contextmanager
 from typing import Sequence
 
+
 class _State(threading.local):
     # Class-level defaults: a plain attribute read per op, never a failed lookup (getattr
     # with a default on a thread-local raises and catches AttributeError: ~1 us).

@@ -560,7 +560,8 @@ def from_description(params: Iterable, description: dict) -> Optimizer:
 
 # torch spells it torch.optim.lr_scheduler: `from gradmesh.core.optim.lr_scheduler import
 # StepLR` works too (this module is not a package, so the name is registered here).
-from . import lr_scheduler as lr_scheduler  # noqa: E402
 import sys as _sys  # noqa: E402
+
+from . import lr_scheduler as lr_scheduler  # noqa: E402
 
 _sys.modules[__name__ + ".lr_scheduler"] = lr_scheduler

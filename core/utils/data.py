@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .. import factories, functional as F
+from .. import factories
+from .. import functional as F
 from ..random import Generator
 from ..tensor import Tensor
 
