@@ -1095,8 +1095,7 @@ def _filled(t: Tensor, value) -> Tensor:
 
 # Last, as they build on Tensor (cycles: each of them imports this module). The Tensor
 # class and _is_array are defined by now, which is all that the others import from here.
-from . import autograd, dispatch  # noqa: E402
-from . import functional as F  # noqa: E402
+from . import autograd, dispatch, functional as F  # noqa: E402
 from .autograd import Node, bump_version, is_grad_enabled, version_of  # noqa: E402
 from .autograd import clock as _version_clock  # noqa: E402
 from .registry import REGISTRY  # noqa: E402
