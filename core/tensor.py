@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import backend, dtypes, sharedmem
+from .devices import device
 from .hooks import _dispatch, graph_tracer, untraced
 
 _ndarray = np.ndarray
@@ -110,8 +111,9 @@ class Tensor:
         return d if d is not None else dtypes.from_numpy(self._data.dtype)
 
     @property
-    def device(self) -> str:
-        return backend.device_of(self._data)
+    def device(self) -> device:
+        """``device("cpu")`` or ``device("cuda")``: a ``str`` too (``t.device == "cpu"``)."""
+        return _DEVICES[backend.device_of(self._data)]
 
     @property
     def is_cuda(self) -> bool:
@@ -1012,6 +1014,7 @@ class Tensor:
 
 
 _DTYPE_BY_ID = {id(d.np): d for d in dtypes.ALL}
+_DEVICES = {"cpu": device("cpu"), "cuda": device("cuda")}
 
 _NON_LEAF_GRAD = (
     "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad "

@@ -104,7 +104,8 @@ def test_device_behaves_like_torch_device():
         with pytest.raises(RuntimeError):
             lib.device("tpu")
     t = gm.zeros(2, device=gm.device("cpu")).to(gm.device("cpu"))
-    assert t.device == "cpu"
+    assert t.device == "cpu" and t.device.type == torch.zeros(1).device.type
+    assert repr(t.device) == repr(torch.zeros(1).device) and t.device.index is None
 
 
 # ------------------------------------------------------------------ utils.data --------
