@@ -19,6 +19,11 @@ from gradmesh.server.worker.checks import EXHAUSTED
 from gradmesh.v1 import tensor_pb2, worker_pb2
 from gradmesh.wire import frames
 
+_REPLY = worker_pb2.ComputeGradientsResponse
+_LOSS = frames.field_number(_REPLY, "loss")
+_OUTPUTS = frames.field_number(_REPLY, "outputs")
+_GRADIENTS = frames.field_number(_REPLY, "gradients")
+
 
 def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
     """The ``Limits`` message that ``Capabilities`` reports (core knows no messages)."""
@@ -61,13 +66,13 @@ def build_response(prepared: Prepared, computed: Computed, *, with_data: bool = 
 
 
 def response_pieces(computed: Computed) -> list:
-    """Fields 1-3 (loss, outputs, gradients) of the ``ComputeGradientsResponse`` as pieces
+    """The loss, outputs and gradients fields of the ``ComputeGradientsResponse`` as pieces
     whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet."""
-    pieces = frames.encode_tensor_field(1, computed.loss)
+    pieces = frames.encode_tensor_field(_LOSS, computed.loss)
     for name, a in computed.outputs:
-        pieces += frames.encode_tensor_field(2, a, name)
+        pieces += frames.encode_tensor_field(_OUTPUTS, a, name)
     for name, a in computed.gradients:
-        pieces += frames.encode_tensor_field(3, a, name)
+        pieces += frames.encode_tensor_field(_GRADIENTS, a, name)
     return pieces
 
 
