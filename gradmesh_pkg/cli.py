@@ -19,6 +19,7 @@ import traceback
 
 from gradmesh import __version__
 from gradmesh.server import runtime
+from gradmesh.wire.errors import GradmeshError
 
 # The long-running server roles, whose processes get a steady heap (runtime.steady_heap).
 SERVERS = ("worker", "shard", "coordinator")
@@ -39,7 +40,6 @@ def _debug(argv: list[str]) -> bool:
 
 def _known_error(exc: BaseException) -> int | None:
     """The exit code of an error a user can act on from its message (None: unexpected)."""
-    from gradmesh.wire.errors import GradmeshError
     if isinstance(exc, runtime.ConfigError) or type(exc).__name__ == "ConfigError":
         return 2
     if isinstance(exc, (GradmeshError, OSError)):
