@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import autograd, backend as backend_mod
+from . import autograd, backend as backend_mod, cost
 from .graph import CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
 from .tensor import Tensor
@@ -69,6 +69,7 @@ class _Forward:
     attrs: dict
     random: bool
     free: tuple[int, ...] = ()               # slots to release after this kernel
+    op_name: str = ""
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Plan:
         for k, p in fwd_pos.items():
             op, a = vg.ops[k], vg.attrs[k]
             fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
-                                tuple(frees.get(p, ()))))
+                                tuple(frees.get(p, ())), op.name))
         bwd = []
         param_name = {vg.input_index[g]: g for g in grads}
         for j, k in enumerate(backward_nodes):
@@ -370,7 +371,9 @@ class Plan:
             a = kern.attrs
             if kern.random and seed is not None:
                 a = {**a, "seed": random_seed(seed, kern.node)}
-            out = kern.forward(xp, *[slots[i] for i in kern.inputs], **a)
+            # Large matrix products run in row blocks, checked between them (core/cost.py).
+            out = cost.call(kern.op_name, kern.forward, xp, [slots[i] for i in kern.inputs],
+                            a, check)
             slots[kern.out] = out if isinstance(out, xp.ndarray) else xp.asarray(out)
             for v in kern.free:
                 slots[v] = None

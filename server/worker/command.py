@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    default=d("max-tensor-elements", dl.max_tensor_elements))
     g.add_argument("--max-stream-bytes", type=int,
                    default=d("max-stream-bytes", dl.max_stream_bytes))
+    g.add_argument("--max-request-bytes", type=int,
+                   default=d("max-request-bytes", dl.max_request_bytes),
+                   help="per-request memory budget from shape inference (0: none)")
+    g.add_argument("--max-request-flops", type=float,
+                   default=d("max-request-flops", dl.max_request_flops),
+                   help="per-request compute budget from shape inference (0: none)")
     g.add_argument("--chunk-bytes", type=int, default=d("chunk-bytes", dl.chunk_bytes),
                    help="chunk size of streamed responses, 1-4 MiB")
     g.add_argument("--graph-cache-size", type=int, default=d("graph-cache-size", 256))
@@ -105,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     limits = WorkerLimits(max_graph_nodes=args.max_graph_nodes,
                           max_tensor_elements=args.max_tensor_elements,
-                          max_stream_bytes=args.max_stream_bytes, chunk_bytes=args.chunk_bytes)
+                          max_stream_bytes=args.max_stream_bytes, chunk_bytes=args.chunk_bytes,
+                          max_request_bytes=args.max_request_bytes,
+                          max_request_flops=int(args.max_request_flops))
     try:
         peer = runtime.peer_config_from_args(args, config)
         running = start(args.backend, config=config, limits=limits,
