@@ -38,7 +38,7 @@ def _elements(shape) -> int:
 
 
 def _matmul(ins, out, attrs) -> int:
-    a, b = ins[0].shape, ins[1].shape
+    a = ins[0].shape
     k = a[-1] if a else 1
     return 2 * _elements(out.shape) * int(k)
 

@@ -38,7 +38,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import autograd, backend as backend_mod, cost
+from . import autograd, cost
+from . import backend as backend_mod
 from .graph import CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
 from .tensor import Tensor

@@ -12,10 +12,10 @@ from typing import Iterator
 
 import grpc
 
+from gradmesh.server.runtime import streams
 from gradmesh.server.runtime.config import ServerConfig
 from gradmesh.server.runtime.errors import abort, is_typed_error, message_of, status_code
 from gradmesh.server.runtime.metrics import get_metrics
-from gradmesh.server.runtime import streams
 
 log = logging.getLogger("gradmesh.server")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradmesh.core import cost, graph as core_graph, plan as core_plan
+from gradmesh.core import cost
+from gradmesh.core import graph as core_graph
+from gradmesh.core import plan as core_plan
 from gradmesh.v1 import graph_pb2, tensor_pb2
 
 

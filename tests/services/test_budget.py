@@ -7,15 +7,13 @@ import threading
 import time
 
 import grpc
-import pytest
+from test_worker_errors import assert_still_serving, call_error, request
+from test_worker_raw_grpc import W, X, float32_tensor
 
 from gradmesh.core import cost
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import streams
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
-
-from test_worker_errors import assert_still_serving, call_error, request
-from test_worker_raw_grpc import W, X, float32_tensor
 
 
 def _matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
