@@ -104,13 +104,16 @@ def cost_of(plan) -> Cost:
 # them. Bitwise: each block is the same BLAS call on a row slice, writing into the
 # result's rows (``out=``). Measured with OpenBLAS 0.3.31 (threads 1 and 2) over many
 # shapes: float32 blocks of >= BLOCK_ROWS rows gave the same bits as the whole product
-# every time; float64 did NOT for several shapes (1500x300x700, 2048x1000x333, ...), and
-# small products (OpenBLAS's small-matrix kernels) did not either. So only float32, only
-# products of at least MIN_BLOCK_FLOPS with >= 2 blocks, every block >= BLOCK_ROWS rows
-# (the last one takes the remainder); anything else runs whole, checked between kernels as
+# every time (blocks of 32 to 512 rows); float64 did NOT for several shapes (1500x300x700,
+# 2048x1000x333, ...), and small products (OpenBLAS's small-matrix kernels) did not either.
+# So only float32, only products of at least MIN_BLOCK_FLOPS with >= 2 blocks, blocks of
+# MIN_ROWS to BLOCK_ROWS rows (a multiple of MIN_ROWS, about TARGET_BLOCK_FLOPS each; the
+# last one takes the remainder); anything else runs whole, checked between kernels as
 # before, and the FLOP budget bounds how long one such op can take.
 BLOCK_ROWS = 512
-MIN_BLOCK_FLOPS = 1 << 28                  # about 0.1-0.3 s on one core
+MIN_ROWS = 64
+TARGET_BLOCK_FLOPS = 1 << 32               # a block: ~0.05-0.2 s of one core's BLAS
+MIN_BLOCK_FLOPS = 1 << 28                  # products smaller than this run whole
 BLOCKED_DTYPES = (np.dtype(np.float32),)
 blocked_calls = 0                           # products run in blocks (for tests, metrics)
 block_checks = 0                            # checks made between blocks
@@ -124,10 +127,16 @@ def block_rows(m: int, rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def rows_per_block(k: int, n: int) -> int:
+    """Rows of one block of an (m x k) @ (k x n) product: about TARGET_BLOCK_FLOPS."""
+    rows = TARGET_BLOCK_FLOPS // max(1, 2 * k * n) // MIN_ROWS * MIN_ROWS
+    return max(MIN_ROWS, min(BLOCK_ROWS, rows))
+
+
 def _blockable(a, b) -> bool:
     return (type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2
             and a.dtype in BLOCKED_DTYPES and b.dtype == a.dtype
-            and a.shape[0] >= 2 * BLOCK_ROWS
+            and a.shape[0] >= 2 * rows_per_block(a.shape[1], b.shape[1])
             and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= MIN_BLOCK_FLOPS)
 
 
@@ -135,7 +144,7 @@ def _blocked_product(a, b, check) -> np.ndarray:
     global blocked_calls, block_checks
     blocked_calls += 1
     out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    for s, e in block_rows(a.shape[0]):
+    for s, e in block_rows(a.shape[0], rows_per_block(a.shape[1], b.shape[1])):
         block_checks += 1
         check()
         np.matmul(a[s:e], b, out=out[s:e])

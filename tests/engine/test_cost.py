@@ -63,7 +63,20 @@ def test_row_blocks_give_the_same_bits(m, k, n):
     ref = np.matmul(a, w.T)
     ref += bias
     assert np.array_equal(lin, ref)
-    assert len(checks) == 2 * len(cost.block_rows(m))
+    assert len(checks) == 2 * len(cost.block_rows(m, cost.rows_per_block(k, n)))
+
+
+@pytest.mark.parametrize("rows", [64, 128, 256, 512])
+def test_every_block_size_gives_the_same_bits(rows):
+    rng = np.random.default_rng(rows)
+    for m, k, n in [(1300, 777, 1025), (1024, 2048, 512), (2000, 129, 4097)]:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        full = a @ b
+        out = np.empty_like(full)
+        for s, e in cost.block_rows(m, rows):
+            np.matmul(a[s:e], b, out=out[s:e])
+        assert np.array_equal(out, full)
 
 
 def test_blocking_only_where_equality_was_shown():
@@ -71,8 +84,10 @@ def test_blocking_only_where_equality_was_shown():
     assert not cost._blockable(a64, np.ones((512, 512)))          # float64: not blocked
     a32 = np.ones((4096, 512), np.float32)
     assert cost._blockable(a32, np.ones((512, 512), np.float32))
-    assert not cost._blockable(a32[:600], np.ones((512, 512), np.float32))   # one block
+    assert not cost._blockable(a32[:100], np.ones((512, 512), np.float32))   # one block
     assert all(e - s >= cost.BLOCK_ROWS for s, e in cost.block_rows(1500))
+    assert cost.rows_per_block(8192, 8192) == cost.MIN_ROWS       # big blocks: fewer rows
+    assert cost.rows_per_block(64, 64) == cost.BLOCK_ROWS
 
 
 def test_plan_stops_inside_a_large_product():
@@ -92,7 +107,8 @@ def test_plan_stops_inside_a_large_product():
     before = cost.block_checks
     with pytest.raises(Stop):
         plan.run(params, data, grads=[], check=check)
-    assert 1 <= cost.block_checks - before < len(cost.block_rows(4096))
+    assert 1 <= cost.block_checks - before < len(cost.block_rows(4096, cost.rows_per_block(1024,
+                                                                                    1024)))
     # And unchecked, the same result as with checks.
     r1 = plan.run(params, data, grads=[])
     r2 = plan.run(params, data, grads=[], check=lambda: None)
