@@ -174,3 +174,44 @@ def test_peer_identity_drops_the_port():
     assert streams.per_peer_limit(8, None) == 4
     assert streams.per_peer_limit(1, None) == 1
     assert streams.per_peer_limit(8, 20) == 8
+
+
+def _silent(release: threading.Event):
+    """A client stream that sends nothing until ``release`` is set."""
+    release.wait()
+    return
+    yield
+
+
+def test_idle_streams_released_on_shards_and_coordinators():
+    """Eight streams with no deadline that never send held every slot of a shard or a
+    coordinator; now each ends after the idle timeout and other calls are served."""
+    from gradmesh.server import coordinator as coordinator_mod
+    from gradmesh.server.runtime import ServerConfig
+    from gradmesh.server.shard import serve_shard
+    from gradmesh.server.shard_store import ShardStore
+    from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
+
+    shard = serve_shard(ServerConfig(port=0, stream_idle_timeout=1.0,
+                                     max_requests_per_peer=8), ShardStore())
+    coordinator = coordinator_mod.start(stream_idle_timeout=1.0, max_requests_per_peer=8)
+    release = threading.Event()
+    try:
+        for running, open_stream, other in (
+                (shard, lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Load.future(
+                    _silent(release)),
+                 lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Status(
+                     shard_pb2.ShardStatusRequest(), timeout=30)),
+                (coordinator, lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch)
+                 .CreateJob.future(_silent(release)),
+                 lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch).ListWorkers(
+                     coordinator_pb2.ListWorkersRequest(), timeout=30))):
+            with grpc.insecure_channel(running.address) as channel:
+                held = [open_stream(channel) for _ in range(8)]
+                for f in held:
+                    assert f.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                other(channel)                      # the slots are free again
+    finally:
+        release.set()
+        shard.stop(0)
+        coordinator.stop(0)
