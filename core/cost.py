@@ -18,13 +18,16 @@ Both are computed once per plan (graph, data shapes, backend) and kept on it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["Cost", "cost_of", "RULES", "call", "block_rows", "BLOCK_ROWS"]
+__all__ = ["Cost", "cost_of", "RULES", "call", "block_rows", "BLOCK_ROWS", "checking",
+           "current_check"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +171,25 @@ def call(op_name: str, forward: Callable, xp, args: list, attrs: dict,
 
 
 _BLOCKED_OPS = frozenset(("matmul", "mm", "linear"))
+
+
+# The backward pass of a plan runs the registry's vjps, whose products go through the op
+# dispatcher (core/dispatch.py): the plan names its check here for the thread running
+# them, and the dispatcher runs the large products of that thread through ``call``.
+_local = threading.local()
+
+
+def current_check() -> Callable[[], None] | None:
+    """The check of the plan whose backward pass this thread runs (None: none)."""
+    return getattr(_local, "check", None)
+
+
+@contextlib.contextmanager
+def checking(check: Callable[[], None] | None):
+    """Within: products dispatched on this thread run in blocks checked by ``check``."""
+    prev = getattr(_local, "check", None)
+    _local.check = check
+    try:
+        yield
+    finally:
+        _local.check = prev

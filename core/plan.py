@@ -408,7 +408,8 @@ class Plan:
         emit(sched.final_before)
         final_after = sched.final_after
         pending: dict[int, Tensor] = {loss_v: seed_grad}
-        with autograd._engine_mode(False):
+        # The vjps' large products run in blocks with ``check`` between them (core/cost.py).
+        with autograd._engine_mode(False), cost.checking(check):
             for n, kern in enumerate(sched.backward):
                 if check is not None and n % CHECK_EVERY == 0 and n:
                     check()

@@ -113,3 +113,27 @@ def test_plan_stops_inside_a_large_product():
     r1 = plan.run(params, data, grads=[])
     r2 = plan.run(params, data, grads=[], check=lambda: None)
     assert np.array_equal(r1.loss, r2.loss)
+
+
+def test_backward_products_run_in_blocks_with_the_same_bits():
+    """The vjps' products of a plan's backward pass are blocked and checked too."""
+    vg = core_graph.validate(_matmul_graph(2048, 1024, 1024), core_graph.Limits())
+    plan = core_plan.compile_plan(vg, {"b": (1, 1)})
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal((1, 1)).astype(np.float32)}
+    data = {"b": rng.standard_normal((1, 1)).astype(np.float32)}
+    whole = plan.run(params, data, grads=["a"])
+    before = cost.blocked_calls
+    blocked = plan.run(params, data, grads=["a"], check=lambda: None)
+    assert cost.blocked_calls - before >= 2            # forward, and backward's g @ b.T
+    assert np.array_equal(whole.loss, blocked.loss)
+    assert np.array_equal(whole.grads["a"], blocked.grads["a"])
+    assert cost.current_check() is None                # not left behind on this thread
+
+
+def test_transposed_left_operand_gives_the_same_bits():
+    rng = np.random.default_rng(5)
+    for m, k, n in [(1300, 777, 1025), (2048, 1000, 333)]:
+        a = np.ascontiguousarray(rng.standard_normal((k, m)).astype(np.float32)).T
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        assert np.array_equal(cost._blocked_product(a, b, lambda: None), a @ b)
