@@ -7,16 +7,23 @@
 # The errors and TLS settings are the wire layer's (gradmesh.wire), part of the SDK's API.
 from gradmesh.wire.channel import TLS
 from gradmesh.wire.errors import (
+                                  Aborted,
+                                  AlreadyExists,
                                   Cancelled,
+                                  DataLoss,
                                   DeadlineExceeded,
+                                  FailedPrecondition,
                                   GradmeshError,
                                   Internal,
                                   InvalidArgument,
                                   NotFound,
+                                  OutOfRange,
                                   PermissionDenied,
                                   ResourceExhausted,
                                   Unauthenticated,
                                   Unavailable,
+                                  Unimplemented,
+                                  Unknown,
 )
 
 from .cluster import LocalCluster
@@ -26,6 +33,7 @@ from .worker import GradientResult, WorkerClient
 
 __all__ = ["WorkerClient", "GradientResult", "TLS", "GradmeshError", "InvalidArgument",
            "ResourceExhausted", "NotFound", "Unauthenticated", "PermissionDenied",
-           "Unavailable", "DeadlineExceeded", "Cancelled", "Internal",
+           "Unavailable", "DeadlineExceeded", "Cancelled", "Internal", "FailedPrecondition",
+           "AlreadyExists", "Aborted", "OutOfRange", "Unimplemented", "DataLoss", "Unknown",
            "CoordinatorClient", "Job", "StepResult", "LocalCluster",
            "fit", "batches"]

@@ -5,7 +5,7 @@
 ...     job = cluster.client().create_job(model, loss_fn, opt, 32, (x[:64], y[:64]))
 ...     job.step(x[:256], y[:256])
 
-Every server is started with ``python -m gradmesh.server.cli <role> --port 0`` on
+Every server is started with ``python -m gradmesh.cli <role> --port 0`` on
 127.0.0.1; the port it got is read from the line it prints ("... listening on
 127.0.0.1:PORT"), so there is no race for free ports. The cluster is ready when every
 server answers the gRPC health check with SERVING. On exit the coordinator is stopped
@@ -51,7 +51,7 @@ class ServerProcess:
     _ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-m", "gradmesh.server.cli", self.role, "--port", "0",
+        cmd = [sys.executable, "-m", "gradmesh.cli", self.role, "--port", "0",
                "--host", "127.0.0.1", "--log-format", "text", *self.args]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env,
@@ -76,7 +76,15 @@ class ServerProcess:
         self._ready.wait(timeout)
         if self.address is None:
             raise ClusterError(f"{self.role} did not start within {timeout:.0f} s "
-                               f"(exit code {self.process.poll()}):\n{self.log_tail()}")
+                               f"(exit code {self.process.poll() if self.process else None})"
+                               f":\n{self.log_tail()}")
+        return self.address
+
+    @property
+    def target(self) -> str:
+        """The address, asked for only once the server has started."""
+        if self.address is None:
+            raise ClusterError(f"{self.role} has no address: it has not started")
         return self.address
 
     def log_tail(self, lines: int = 20) -> str:
@@ -94,14 +102,14 @@ class ServerProcess:
         return self.process is not None and self.process.poll() is None
 
     def terminate(self) -> None:
-        if self.alive():
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL now (tests use it to simulate a crash)."""
-        if self.alive():
-            self.process.kill()
         if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
             self.process.wait()
 
     def wait_exit(self, timeout: float) -> bool:
@@ -112,6 +120,23 @@ class ServerProcess:
             return True
         except subprocess.TimeoutExpired:
             return False
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _without(args: Sequence[str], flag: str) -> list[str]:
+    """``args`` without ``flag VALUE`` pairs."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 def wait_serving(address: str, timeout: float) -> None:
@@ -161,8 +186,11 @@ class LocalCluster:
         self.startup_timeout = startup_timeout
         self.max_message_bytes = max_message_bytes
         self.grace = grace
-        self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="gradmesh-cluster-")
-        self.log_dir = log_dir or self._tmp.name
+        self._tmp = None
+        if not log_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="gradmesh-cluster-")
+            log_dir = self._tmp.name
+        self.log_dir = log_dir
         os.makedirs(self.log_dir, exist_ok=True)
         self.workers: list[ServerProcess] = []
         self.shards: list[ServerProcess] = []
@@ -203,7 +231,7 @@ class LocalCluster:
                 p.wait_address(self.startup_timeout)
             self.start_coordinator()
             for p in self.workers + self.shards:
-                wait_serving(p.address, self.startup_timeout)
+                wait_serving(p.target, self.startup_timeout)
         except BaseException:
             self.stop()
             raise
@@ -212,9 +240,9 @@ class LocalCluster:
     def coordinator_command_args(self) -> list[str]:
         args = ["--checkpoint-every", str(self.checkpoint_every)]
         if self.workers:
-            args += ["--workers", ",".join(w.address for w in self.workers)]
+            args += ["--workers", ",".join(w.target for w in self.workers)]
         if self.shards:
-            args += ["--shards", ",".join(s.address for s in self.shards)]
+            args += ["--shards", ",".join(s.target for s in self.shards)]
         if self.state_dir:
             args += ["--state-dir", os.path.join(self.state_dir, "coordinator")]
         return args + self.coordinator_args
@@ -235,6 +263,53 @@ class LocalCluster:
             self.coordinator.kill()
         else:
             self._stop_all([self.coordinator])
+
+    def restart_coordinator(self, kill: bool = True) -> ServerProcess:
+        """Stop the coordinator (SIGKILL, or SIGTERM with ``kill=False``) and start it again
+        on the same address, so clients and registered workers find it."""
+        old = self.coordinator
+        self.stop_coordinator(kill=kill)
+        port = _port(old.address) if old is not None and old.address else 0
+        self.coordinator = self._server("coordinator", self.coordinator_command_args()
+                                        + ["--port", str(port)])
+        self.coordinator.start(self._env(None))
+        wait_serving(self.coordinator.wait_address(self.startup_timeout),
+                     self.startup_timeout)
+        return self.coordinator
+
+    def restart_shard(self, index: int, kill: bool = True) -> ServerProcess:
+        """Stop shard ``index`` (SIGKILL by default) and start it again on the same address
+        from its state directory (its checkpoint and step log)."""
+        old = self.shards[index]
+        self._stop_one(old, kill)
+        args = _without(old.args, "--port") + ["--port", str(_port(old.target))]
+        self.shards[index] = new = ServerProcess("shard", args, old.log_path)
+        new.start(self._env(None))
+        wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
+        return new
+
+    def restart_worker(self, index: int, kill: bool = True,
+                       same_address: bool = True) -> ServerProcess:
+        """Stop worker ``index`` and start another: on the same address (the coordinator's
+        ``--workers`` list names it), or on a new one that registers with the coordinator
+        (``--coordinator``) and takes its place in ``workers``."""
+        old = self.workers[index]
+        self._stop_one(old, kill)
+        args = _without(_without(old.args, "--port"), "--coordinator")
+        if same_address:
+            args += ["--port", str(_port(old.target))]
+        else:
+            args += ["--coordinator", self.coordinator_target]
+        self.workers[index] = new = ServerProcess("worker", args, old.log_path)
+        new.start(self._env(self.threads_per_worker))
+        wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
+        return new
+
+    def _stop_one(self, proc: ServerProcess, kill: bool) -> None:
+        if kill:
+            proc.kill()
+        else:
+            self._stop_all([proc])
 
     def _stop_all(self, procs: list[ServerProcess]) -> None:
         for p in procs:

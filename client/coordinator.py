@@ -18,7 +18,6 @@ applies each id once, so a retry never updates twice.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -81,7 +80,10 @@ class CoordinatorClient(CoordinatorConnection):
         its description (``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``).
         ``micro_batch_size``: rows per micro-batch, the unit of work and of determinism.
         ``example_batch``: a batch (any size above 1) to trace with. ``job_id`` defaults to
-        a fresh random id; creating a job is idempotent for the same id and content.
+        one the coordinator derives from the job's content (graph, initial parameters,
+        optimizer, micro-batch size), so two identical runs get the same dropout masks;
+        creating a job is idempotent for the same id and content (the same content without
+        an id attaches to the existing job).
         """
         if isinstance(optimizer, optim.Optimizer):
             description = optim.describe(optimizer)
@@ -99,7 +101,7 @@ class CoordinatorClient(CoordinatorConnection):
                                  data_names=names)
         params = OrderedDict((n, _numpy(p)) for n, p in model.named_parameters())
         header = coordinator_pb2.CreateJobRequest(
-            job_id=job_id or uuid.uuid4().hex, graph=graph,
+            job_id=job_id or "", graph=graph,
             optimizer=optimizer_to_proto(description), micro_batch_size=micro_batch_size)
         resp = self.create(header, params)
         return Job(self, resp.job_id, names, next_step_id=resp.version + 1

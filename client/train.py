@@ -274,6 +274,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh train``."""
     parser.add_argument("--config", required=True, help="the job's TOML file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--connect-timeout", type=float, default=10.0,
+                        help="seconds to wait for the coordinator (cluster.address) to "
+                             "answer before giving up (default 10)")
+
+
+def _reachable(client: CoordinatorClient, seconds: float) -> bool:
+    """Whether the coordinator's channel connects within ``seconds``."""
+    import grpc
+    try:
+        grpc.channel_ready_future(client._channel).result(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
             else:
                 target = cfg["address"]
             client = stack.enter_context(CoordinatorClient(target, token=cfg["token"]))
+            if not _reachable(client, args.connect_timeout):
+                print(f"error: cannot reach the coordinator at {target} within "
+                      f"{args.connect_timeout:g} s (cluster.address in {args.config}): is "
+                      f"it running, and is the address right? (--connect-timeout)",
+                      file=sys.stderr)
+                return 1
             try:
                 job = client.create_job(model, loss_fn, cfg["optimizer"],
                                         cfg["micro_batch_size"],

@@ -34,7 +34,7 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core.tensor import Tensor
 from gradmesh.v1 import graph_pb2, worker_pb2
 from gradmesh.wire import errors, sharedmem
-from gradmesh.wire.channel import channel, metadata
+from gradmesh.wire.channel import call_metadata, channel, metadata
 from gradmesh.wire.stream import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from gradmesh.wire.worker import SHARED, STREAM, UNARY, Reply, Request, WorkerTransport, data_names
 
@@ -141,6 +141,24 @@ class WorkerClient(WorkerTransport):
         # Graph id as computed here -> the worker's id (that of the canonical form).
         self._registered: dict[str, str] = {}
         self.shared_memory_min_bytes = shared_memory_min_bytes
+        self._fitted = False            # to the worker's limits (Capabilities), once
+
+    def _fit_to_worker(self, timeout: float | None) -> None:
+        """Learn the worker's message limit (Capabilities, once): requests over it go
+        over the stream in chunks it accepts, instead of failing RESOURCE_EXHAUSTED."""
+        if self._fitted:
+            return
+        try:
+            caps = self.capabilities(timeout)
+        except errors.GradmeshError:
+            return                      # asked again on the next call
+        self._fitted = True
+        self.fit_limits(caps.limits)
+        peer = int(caps.limits.max_message_bytes)
+        if peer:
+            self.stream_threshold = min(self.stream_threshold, peer - min(MiB, peer // 2))
+        if self._shared is None:
+            self._shared = bool(caps.shared_memory)
 
     # ------------------------------------------------------------------ lifecycle ----
 
@@ -164,7 +182,7 @@ class WorkerClient(WorkerTransport):
         for attempt in range(self.retries + 1):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return fn(timeout=left, metadata=self._metadata)
+                return fn(timeout=left, metadata=call_metadata(self._metadata))
             except grpc.RpcError as e:
                 retry = (e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
                          and (deadline is None or time.monotonic() + delay < deadline))
@@ -240,6 +258,7 @@ class WorkerClient(WorkerTransport):
         data_arrays = list(zip(request.data_names, arrays))
         data_bytes = request.data_bytes
         total = request.param_bytes + data_bytes
+        self._fit_to_worker(timeout)
         by_bytes = STREAM if total > self.stream_threshold else UNARY
         shared = (total - data_bytes >= self.shared_memory_min_bytes
                   and data_bytes < self.stream_threshold

@@ -2,6 +2,7 @@
 from the ``@public`` declarations: do not edit."""
 from .functional import abs as abs
 from .functional import add as add
+from .functional import addmm as addmm
 from .functional import all as all
 from .functional import allclose as allclose
 from .functional import amax as amax
@@ -10,6 +11,7 @@ from .functional import any as any
 from .functional import argmax as argmax
 from .functional import argmin as argmin
 from .functional import argsort as argsort
+from .functional import baddbmm as baddbmm
 from .functional import bmm as bmm
 from .functional import cast as cast
 from .functional import cat as cat
@@ -24,6 +26,7 @@ from .functional import cumsum as cumsum
 from .functional import div as div
 from .functional import divide as divide
 from .functional import dot as dot
+from .functional import einsum as einsum
 from .functional import eq as eq
 from .functional import equal as equal
 from .functional import exp as exp
@@ -123,6 +126,7 @@ from .functional import where as where
 __all__ = [
     "abs",
     "add",
+    "addmm",
     "all",
     "allclose",
     "amax",
@@ -131,6 +135,7 @@ __all__ = [
     "argmax",
     "argmin",
     "argsort",
+    "baddbmm",
     "bmm",
     "cast",
     "cat",
@@ -145,6 +150,7 @@ __all__ = [
     "div",
     "divide",
     "dot",
+    "einsum",
     "eq",
     "equal",
     "exp",

@@ -1038,3 +1038,140 @@ def outer(a: Tensor, b: Tensor) -> Tensor:
 
 
 ger = outer
+
+
+# ============================================================ batched products, einsum ====
+
+@public(method=True)
+def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
+    """``beta * input + alpha * bmm(batch1, batch2)``; ``input`` broadcasts to the product,
+    and with ``beta=0`` it is ignored (its NaNs do not propagate), as in torch."""
+    return _add_product("baddbmm", input, bmm(batch1, batch2), beta, alpha)
+
+
+@public(method=True)
+def addmm(input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tensor:
+    """``beta * input + alpha * mm(mat1, mat2)``, as ``baddbmm`` for matrices."""
+    return _add_product("addmm", input, mm(mat1, mat2), beta, alpha)
+
+
+def _add_product(op: str, input: Tensor, prod: Tensor, beta, alpha) -> Tensor:
+    if broadcast_shapes(op, input.shape, prod.shape) != prod.shape:
+        raise OpError(f"{op}: input of shape {tuple(input.shape)} cannot be broadcast to "
+                      f"the product's shape {tuple(prod.shape)}")
+    prod = prod if alpha == 1 else prod * alpha
+    if beta == 0:
+        return prod
+    return prod + (input if beta == 1 else input * beta)
+
+
+def _einsum_parse(equation: str, operands) -> tuple[list[str], str]:
+    """Each operand's labels (``...`` expanded to one upper-case letter per dim) and the
+    output's; implicit output: the labels seen once, sorted, after the ellipsis dims."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands):
+        raise OpError(f"einsum: the equation {equation!r} names {len(terms)} operands but "
+                      f"{len(operands)} were given")
+    n_ell = builtins.max([t.ndim - len(s.replace("...", "")) for s, t in zip(terms, operands)
+                          if "..." in s] or [0])
+    ell = "".join(chr(ord("A") + i) for i in range(n_ell))
+    labels = []
+    for i, (term, t) in enumerate(zip(terms, operands)):
+        term = term.replace("...", ell[n_ell - (t.ndim - len(term.replace("...", ""))):]
+                            if "..." in term else "")
+        if not builtins.all("a" <= c <= "z" or c in ell for c in term):
+            raise OpError(f"einsum: invalid subscripts {terms[i]!r} in {equation!r}; use "
+                          f"letters a-z and at most one '...' per operand")
+        if len(term) != t.ndim:
+            raise OpError(f"einsum: operand {i} has {t.ndim} dims (shape {tuple(t.shape)}) "
+                          f"but its subscripts {terms[i]!r} name {len(term)}")
+        if len(set(term)) != len(term):
+            raise NotImplementedError(f"einsum: repeated subscripts within one operand "
+                                      f"({terms[i]!r}: diagonals, traces) are not supported; "
+                                      f"take the diagonal out first")
+        labels.append(term)
+    if arrow:
+        out = rhs.replace("...", ell)
+        if len(set(out)) != len(out) or not set(out) <= set("".join(labels)):
+            raise OpError(f"einsum: output subscripts {rhs!r} must be distinct labels that "
+                          f"appear in the inputs of {equation!r}")
+    else:
+        seen = "".join(labels)
+        out = ell + "".join(sorted(c for c in set(seen) if c.islower() and seen.count(c) == 1))
+    return labels, out
+
+
+def _einsum_sizes(equation: str, labels, operands) -> dict:
+    sizes: dict[str, int] = {}
+    for term, t in zip(labels, operands):
+        for c, s in zip(term, t.shape):
+            if sizes.get(c, 1) not in (1, s) and s != 1:
+                raise OpError(f"einsum: subscript {c!r} in {equation!r} has size {sizes[c]} "
+                              f"and {s} in operands of shapes "
+                              f"{[tuple(o.shape) for o in operands]}")
+            sizes[c] = builtins.max(sizes.get(c, 1), s)
+    return sizes
+
+
+def _einsum_reduce(t: Tensor, term: str, keep: str) -> tuple[Tensor, str]:
+    """``t`` summed over the labels of ``term`` not in ``keep``."""
+    drop = [i for i, c in enumerate(term) if c not in keep]
+    if not drop:
+        return t, term
+    return sum(t, drop), "".join(c for c in term if c in keep)
+
+
+def _einsum_arrange(t: Tensor, term: str, groups, sizes) -> Tensor:
+    """``t`` permuted to the concatenated ``groups`` of labels, broadcast to ``sizes`` and
+    reshaped to one dim per group."""
+    order = "".join(groups)
+    t = permute(t, [term.index(c) for c in order]) if order != term else t
+    full = [sizes[c] for c in order]
+    if list(t.shape) != full:
+        t = expand(t, full)
+    return reshape(t, [math.prod(sizes[c] for c in g) for g in groups])
+
+
+def _einsum_pair(a: Tensor, ta: str, b: Tensor, tb: str, keep: str, sizes):
+    """The contraction of two operands, keeping the labels in ``keep``: one batched
+    matmul of (batch, left, inner) by (batch, inner, right)."""
+    batch = "".join(c for c in ta if c in tb and c in keep)
+    inner = "".join(c for c in ta if c in tb and c not in keep)
+    left = "".join(c for c in ta if c not in tb)
+    right = "".join(c for c in tb if c not in ta)
+    out = matmul(_einsum_arrange(a, ta, (batch, left, inner), sizes),
+                 _einsum_arrange(b, tb, (batch, inner, right), sizes))
+    term = batch + left + right
+    return reshape(out, [sizes[c] for c in term]), term
+
+
+@public
+def einsum(equation: str, *operands) -> Tensor:
+    """Einstein summation, as ``torch.einsum``: ``einsum("bij,bjk->bik", a, b)``.
+
+    A composition of sum, permute, expand, reshape and matmul: operands are contracted
+    left to right, each pair as one batched matmul. Repeated subscripts within one
+    operand (diagonals) are not supported.
+    """
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not operands:
+        raise OpError("einsum: expected at least one operand")
+    labels, out = _einsum_parse(equation, operands)
+    sizes = _einsum_sizes(equation, labels, operands)
+    acc, term = None, ""
+    for i, (t, lab) in enumerate(zip(operands, labels)):
+        later = out + "".join(labels[i + 1:])
+        t, lab = _einsum_reduce(t, lab, later + (term if acc is not None else ""))
+        if acc is None:
+            acc, term = t, lab
+        else:
+            acc, term = _einsum_pair(acc, term, t, lab, later, sizes)
+    acc, term = _einsum_reduce(acc, term, out)
+    if term != out:
+        acc = permute(acc, [term.index(c) for c in out])
+    if list(acc.shape) != [sizes[c] for c in out]:
+        acc = expand(acc, [sizes[c] for c in out])
+    return acc

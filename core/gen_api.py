@@ -9,7 +9,7 @@ callable of ``gradmesh.core.functional`` counts too. From those declarations thi
   ``@public(method=True)``, ``x.name(...)`` calling ``name(x, ...)``, with its signature.
 
 Run ``python core/gen_api.py`` after declaring, renaming or removing one;
-``tests/test_public_api.py`` fails while the files are stale. It runs as a file, not as
+``tests/engine/test_public_api.py`` fails while the files are stale. It runs as a file, not as
 ``-m gradmesh.core.gen_api``: a stale ``core/_api.py`` that names a function removed since
 stops ``gradmesh.core`` from importing, so it first writes an empty one.
 """

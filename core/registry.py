@@ -30,7 +30,7 @@ Every op has exactly one output; ops with several results (``split``) are compos
 The public function over an op (``gm.exp``) is declared next to it with ``@public``, and
 ``@public(method=True)`` also makes it a ``Tensor`` method. ``core/gen_api.py`` writes
 what static tools read from these declarations (``core/_api.py`` and the generated methods
-of ``core/tensor.py``); ``tests/test_public_api.py`` fails when that code is stale.
+of ``core/tensor.py``); ``tests/engine/test_public_api.py`` fails when that code is stale.
 """
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ DTYPE_TO_PROTO: dict[dtypes.DType, int] = {
 PROTO_TO_DTYPE: dict[int, dtypes.DType] = {v: k for k, v in DTYPE_TO_PROTO.items()}
 
 _LITTLE = sys.byteorder == "little"
+_MAX_BYTES = int(np.iinfo(np.intp).max)        # the largest array NumPy can describe
 
 
 def wire_dtype(dtype: dtypes.DType) -> np.dtype:
@@ -119,6 +120,14 @@ def check_header(t: tensor_pb2.Tensor, *, field: str = "tensor",
     if max_elements is not None and count > max_elements:
         raise WireError(f"{field}.shape", f"{count} elements (shape {list(shape)}) exceed the "
                         f"limit of {max_elements}", RESOURCE_EXHAUSTED)
+    # NumPy refuses a shape whose non-zero dimensions multiply (in bytes) past its index
+    # type even when another dimension is 0 and the array would hold nothing ([0, 2**62]):
+    # refused here, before anything is built from it.
+    nonzero = math.prod(s for s in shape if s)
+    if nonzero * dtype.itemsize > _MAX_BYTES:
+        raise WireError(f"{field}.shape", f"shape {list(shape)} is too large for any "
+                        f"array: its non-zero dimensions need {nonzero * dtype.itemsize} "
+                        f"bytes, over the limit of {_MAX_BYTES}", RESOURCE_EXHAUSTED)
     return dtype, shape, count * dtype.itemsize
 
 

@@ -34,7 +34,7 @@ import re
 import secrets
 import sys
 import weakref
-from typing import Iterable
+from typing import Hashable, Iterable, TypeVar
 
 import numpy as np
 
@@ -43,6 +43,7 @@ try:
 except ImportError:         # not on Windows
     fcntl = None  # type: ignore[assignment]
 
+K = TypeVar("K", bound=Hashable)      # what layout() and place() key offsets by
 PREFIX = "gradmesh-"
 ALIGN = 64
 HEADER = ALIGN              # the header: MAGIC, the secret, zeros
@@ -75,10 +76,11 @@ def supported() -> bool:
             and os.path.isdir(f"/proc/{os.getpid()}/fd"))
 
 
-def layout(sizes: Iterable[tuple[str, int]]) -> tuple[dict[str, int], int]:
+def layout(sizes: Iterable[tuple[K, int]]) -> tuple[dict[K, int], int]:
     """Offsets (each aligned to :data:`ALIGN`, the first after the :data:`HEADER`) for
     ``(name, nbytes)`` pairs, and the total size the segment needs."""
-    offsets, end = {}, HEADER
+    offsets: dict[K, int] = {}
+    end = HEADER
     for name, nbytes in sizes:
         offsets[name] = end
         end += -(-int(nbytes) // ALIGN) * ALIGN

@@ -557,6 +557,10 @@ class Tensor:
         """See ``gradmesh.core.add``."""
         return F.add(self, b, alpha)
 
+    def addmm(self, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tensor:
+        """See ``gradmesh.core.addmm``."""
+        return F.addmm(self, mat1, mat2, beta=beta, alpha=alpha)
+
     def all(self, dim=None, keepdim: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.all``."""
         return F.all(self, dim, keepdim)
@@ -590,6 +594,10 @@ class Tensor:
             stable: builtins.bool = False) -> Tensor:
         """See ``gradmesh.core.argsort``."""
         return F.argsort(self, dim, descending, stable)
+
+    def baddbmm(self, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
+        """See ``gradmesh.core.baddbmm``."""
+        return F.baddbmm(self, batch1, batch2, beta=beta, alpha=alpha)
 
     def bmm(self, b: Tensor) -> Tensor:
         """See ``gradmesh.core.bmm``."""

@@ -27,6 +27,7 @@ from gradmesh.server.runtime import (
     ServiceError,
     add_peer_arguments,
     add_server_arguments,
+    check_address,
     config_from_args,
     configure_logging,
     env_default,
@@ -179,13 +180,24 @@ def run(args: argparse.Namespace) -> int:
     """``gradmesh coordinator``: serve until SIGTERM, then checkpoint."""
     config = config_from_args(args)
     configure_logging(config)
-    if args.checkpoint_every < 0 or args.embedded_shards < 1 or args.micro_batch_deadline <= 0:
-        print("error: --checkpoint-every must be >= 0, --embedded-shards >= 1 and "
-              "--micro-batch-deadline > 0", file=sys.stderr)
-        return 2
+    for flag, bad, want in (("--checkpoint-every", args.checkpoint_every < 0, ">= 0"),
+                            ("--embedded-shards", args.embedded_shards < 1, ">= 1"),
+                            ("--micro-batch-deadline", not args.micro_batch_deadline > 0, "> 0"),
+                            ("--worker-timeout", not args.worker_timeout > 0, "> 0")):
+        if bad:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            print(f"error: {flag} must be {want}, got {value}", file=sys.stderr)
+            return 2
     try:
+        workers = [check_address("--workers", a) for a in _split(args.workers)]
+        shards = [check_address("--shards", a) for a in _split(args.shards)]
+        if args.state_dir:
+            try:
+                os.makedirs(args.state_dir, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
         peer = peer_config_from_args(args, config)
-        running = start(workers=_split(args.workers), shards=_split(args.shards),
+        running = start(workers=workers, shards=shards,
                         embedded_shards=args.embedded_shards, state_dir=args.state_dir,
                         checkpoint_every=args.checkpoint_every,
                         deadline=args.micro_batch_deadline,

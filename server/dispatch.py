@@ -10,6 +10,7 @@ change the step's bits (DESIGN §6-7).
 from __future__ import annotations
 
 import collections
+import contextvars
 import threading
 import time
 from typing import Callable
@@ -79,7 +80,9 @@ class _Dispatch:
         self.max_attempts = 3 + 2 * len(workers)
 
     def run(self) -> int:
-        threads = [threading.Thread(target=self.lane, args=(w,), daemon=True,
+        # Each lane runs in a copy of this context: its calls carry the request id.
+        threads = [threading.Thread(target=contextvars.copy_context().run,
+                                    args=(self.lane, w), daemon=True,
                                     name=f"gradmesh-lane-{w.address}") for w in self.workers]
         for t in threads:
             t.start()

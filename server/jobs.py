@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextvars
+import hashlib
+import json
 import logging
 import os
 import secrets
 import threading
 import time
-import uuid
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -67,9 +69,39 @@ class Job:
     error: str = ""
     history: "collections.OrderedDict[int, bytes]" = field(
         default_factory=collections.OrderedDict)
+    # SHA-256 of each kept step's batch: a step id re-sent with another batch is refused.
+    digests: dict[int, str] = field(default_factory=dict)
+    # SHA-256 of the initial parameters (CreateJob with other values is refused).
+    params_digest: str = ""
+    # The step whose Apply was sent and not acknowledged by every shard: (step id, batch
+    # digest). Some shards may have applied it, so it may only be retried with that batch.
+    pinned: "tuple[int, str] | None" = None
+    # Why steps fail now (a shard unreachable or behind); cleared when the shards agree
+    # again. ``error`` is permanent (a restore that cannot be completed).
+    fault: str = ""
+    log: "checkpoint.RecordLog | None" = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The parameters the workers get, at ``params.version``.
     params: "ParamSet | None" = None
+
+
+def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(memoryview(a).cast("B") if a.size else b"")
+    return h.hexdigest()
+
+
+def default_job_id(graph_id: str, params_digest: str, optimizer: dict,
+                   micro_batch_size: int) -> str:
+    """The id of a job created without one: a digest of its content (graph, initial
+    parameters, optimizer, micro-batch size), so that dropout seeds, which derive from the
+    job id, are the same in two identical runs."""
+    key = json.dumps([graph_id, params_digest, optimizer, micro_batch_size], sort_keys=True)
+    return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
@@ -154,8 +186,8 @@ class Coordinator:
     def create_job(self, job_id: str, graph, params: dict[str, np.ndarray], optimizer_msg,
                    micro_batch_size: int):
         """Create a job (idempotent for identical content); returns the Job."""
-        job_id = job_id or uuid.uuid4().hex
-        check_job_id(job_id)
+        if job_id:
+            check_job_id(job_id)
         if micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
@@ -176,23 +208,36 @@ class Coordinator:
                                    f"{list(a.shape)}; the graph declares "
                                    f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
                                    f"parameters[{name}]")
+        digest = tensors_digest({n: params[n] for n in names})
+        job_id = job_id or default_job_id(gid, digest, optimizer, micro_batch_size)
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                if (existing.graph_id != gid or existing.optimizer != optimizer
-                        or existing.micro_batch_size != micro_batch_size):
+                differ = [what for what, same in (
+                    (f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})",
+                     existing.graph_id == gid),
+                    (f"optimizer (existing {existing.optimizer}, new {optimizer})",
+                     existing.optimizer == optimizer),
+                    (f"micro_batch_size (existing {existing.micro_batch_size}, new "
+                     f"{micro_batch_size})", existing.micro_batch_size == micro_batch_size),
+                    ("initial parameters (another digest)",
+                     not existing.params_digest or existing.params_digest == digest))
+                    if not same]
+                if differ:
                     raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                                       f"job {job_id!r} exists with a different graph, "
-                                       f"optimizer or micro-batch size", "job_id")
+                                       f"job {job_id!r} exists with another "
+                                       + "; another ".join(differ), "job_id")
                 return existing
             placement = place({n: int(params[n].nbytes) for n in names}, len(self.shards))
             job = Job(job_id, graph, gid, names, specs, data, extra, optimizer,
-                      micro_batch_size, placement)
+                      micro_batch_size, placement, params_digest=digest)
             self.jobs[job_id] = job
         try:
             with job.lock:
                 self._on_shards(job, lambda s, i: s.load(job_id, {
                     n: params[n] for n in names if job.placement[n] == i}, optimizer))
+                if self.state_dir:
+                    job.log = checkpoint.RecordLog(self._log_path(job_id))
                 self._save(job)
         except Exception:
             with self._lock:
@@ -207,7 +252,8 @@ class Coordinator:
         used = sorted(set(job.placement.values()))
         if len(used) == 1:
             return [fn(self.shards[used[0]], used[0])]
-        futs = [self._io.submit(fn, self.shards[i], i) for i in used]
+        futs = [self._io.submit(contextvars.copy_context().run, fn, self.shards[i], i)
+                for i in used]       # in this context: the calls carry the request id
         return [f.result() for f in futs]
 
     def job(self, job_id: str) -> Job:
@@ -227,6 +273,12 @@ class Coordinator:
         with job.lock:
             done = job.history.get(step_id)
             if done is not None:
+                kept = job.digests.get(step_id)
+                if kept and kept != tensors_digest(batch):
+                    raise ServiceError(FAILED, f"step_id {step_id} of job {job_id!r} was "
+                                       f"applied with another batch (SHA-256 {kept[:16]}...); "
+                                       f"a step id is applied once, with one batch",
+                                       "step_id")
                 resp = pb.StepResponse.FromString(done)
                 resp.replayed = True
                 return resp
@@ -240,13 +292,92 @@ class Coordinator:
                                    "step_id")
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
-            resp = self._run_step(job, step_id, self._check_batch(job, batch))
+            batch = self._check_batch(job, batch)
+            digest = tensors_digest(batch)
+            if job.pinned is not None and job.pinned[0] == step_id and job.pinned[1] != digest:
+                raise ServiceError(FAILED, f"step_id {step_id} of job {job_id!r}: an earlier "
+                                   f"attempt reached the shards' Apply with another batch "
+                                   f"and some may have applied it; retry it with the same "
+                                   f"batch", "step_id")
+            if job.fault or job.pinned is not None:
+                self._resync(job)
+            try:
+                resp = self._run_step(job, step_id, batch, digest)
+            except (ServiceError, GradmeshError):
+                if job.fault:
+                    # A shard call failed: say what is wrong with the shards now (down,
+                    # back without its state) as UNAVAILABLE, else the original error.
+                    self._resync(job)
+                raise
+            job.pinned = None
             job.history[step_id] = resp.SerializeToString()
+            job.digests[step_id] = digest
             while len(job.history) > HISTORY:
-                job.history.popitem(last=False)
+                old, _ = job.history.popitem(last=False)
+                job.digests.pop(old, None)
+            self._log(job, {"kind": "done", "step_id": step_id, "digest": digest,
+                            "version": job.version, "samples": job.samples,
+                            "loss": job.last_loss,
+                            "response": base64.b64encode(job.history[step_id]).decode()},
+                      must=False)
             if self.checkpoint_every and job.version % self.checkpoint_every == 0:
-                self._save(job)
+                try:
+                    self._save(job)
+                except OSError as e:
+                    # Disk full, ...: the step is applied and in the step logs; the
+                    # previous checkpoint stays whole (written atomically) and the logs
+                    # keep growing until a checkpoint succeeds.
+                    log.warning("checkpoint failed", extra={"job_id": job.job_id,
+                                                            "error": str(e)})
             return resp
+
+    def _log(self, job: Job, record: dict, must: bool = True) -> None:
+        """Append to the job's step log (fsynced); ``must``: a failure fails the step."""
+        if job.log is None:
+            return
+        try:
+            job.log.append(record)
+        except OSError as e:
+            if must:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"cannot write the "
+                                   f"coordinator's step log {job.log.path}: {e}",
+                                   "step_id") from None
+            # The shards logged the step: after a crash only its result would be lost.
+            log.warning("cannot log a step's result", extra={"job_id": job.job_id,
+                                                             "error": str(e)})
+
+    def _shard_states(self, job: Job) -> dict[int, Any]:
+        states = {}
+        for i in sorted(set(job.placement.values())):
+            try:
+                states[i] = self.shards[i].status(job.job_id)
+            except (ServiceError, GradmeshError) as e:
+                job.fault = (f"shard {i} ({self.shards[i].name}) is unreachable: "
+                             f"{getattr(e, 'message', e)}; steps resume when it is back")
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id") from None
+        return states
+
+    def _resync(self, job: Job) -> None:
+        """Check that every shard of the job is where the job is (or has applied only the
+        pinned step, which the retry completes); clear ``fault`` or raise UNAVAILABLE
+        with it set. A restarted shard restores its checkpoint and step log: it is back at
+        its last acknowledged step, whatever its address."""
+        states = self._shard_states(job)
+        here = (job.version, job.last_step_id)
+        ahead = (job.version + 1, job.pinned[0]) if job.pinned else None
+        bad = {i: s for i, s in states.items() if s is None or s not in (here, ahead)}
+        if bad:
+            parts = []
+            for i, st in bad.items():
+                name = f"shard {i} ({self.shards[i].name})"
+                parts.append(f"{name} has no state for the job (restarted without its "
+                             f"state directory?)" if st is None else
+                             f"{name} is at version {st[0]} (last step {st[1]})")
+            job.fault = (f"job {job.job_id!r} is at version {job.version} (last step "
+                         f"{job.last_step_id}) but " + "; ".join(parts)
+                         + "; restore the shards' state directories")
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id")
+        job.fault = ""
 
     def _check_batch(self, job: Job, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         expected = {inp.name: inp for inp in job.data_inputs}
@@ -295,9 +426,14 @@ class Coordinator:
         job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names}, job.job_id)
         return job.params, time.perf_counter() - start
 
-    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
+    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray],
+                  digest: str):
         t0 = time.perf_counter()
-        params, pull_seconds = self._params_for_workers(job)
+        try:
+            params, pull_seconds = self._params_for_workers(job)
+        except (ServiceError, GradmeshError) as e:
+            job.fault = f"cannot pull the parameters from the shards: {_text(e)}"
+            raise
         run = _StepRun(job, step_id, batch, params, self.shards)
         t1 = time.perf_counter()
         reassigned = dispatch(self.workers, run.n, run.compute, run.accept, self.deadline)
@@ -305,8 +441,16 @@ class Coordinator:
         version = run.version
         checkpoint_now = bool(self.checkpoint_every and
                               (version + 1) % self.checkpoint_every == 0)
-        results = self._on_shards(job, lambda s, i: s.apply(
-            job.job_id, step_id, run.n, version, checkpoint_now, run.attempt))
+        # From here some shards may apply the step and others not (one dies): the step is
+        # pinned to this batch until every shard has it, and logged so across a restart.
+        self._log(job, {"kind": "intent", "step_id": step_id, "digest": digest})
+        job.pinned = (step_id, digest)
+        try:
+            results = self._on_shards(job, lambda s, i: s.apply(
+                job.job_id, step_id, run.n, version, checkpoint_now, run.attempt))
+        except (ServiceError, GradmeshError) as e:
+            job.fault = f"step {step_id} failed in a shard's Apply: {_text(e)}"
+            raise
         t3 = time.perf_counter()
         job.version = version + 1
         job.last_step_id = step_id
@@ -347,6 +491,14 @@ class Coordinator:
     def job_status(self, job_id: str):
         pb = coordinator_pb2
         job = self.job(job_id)
+        if job.fault and job.lock.acquire(timeout=1.0):
+            try:                        # is the shard back? (clears the fault if so)
+                if job.fault:
+                    self._resync(job)
+            except ServiceError:
+                pass
+            finally:
+                job.lock.release()
         return pb.JobStatusResponse(
             job_id=job.job_id, graph_id=job.graph_id, version=job.version,
             last_step_id=job.last_step_id, next_step_id=job.last_step_id + 1,
@@ -354,7 +506,7 @@ class Coordinator:
             optimizer=optimizer_to_proto(job.optimizer), placement=job.placement,
             samples=job.samples, last_loss=job.last_loss, shards=len(self.shards),
             workers=sum(1 for w in self.workers.workers.values() if w.state == "ready"),
-            error=job.error, data_inputs=[i.name for i in job.data_inputs],
+            error=job.error or job.fault, data_inputs=[i.name for i in job.data_inputs],
             metrics=job.metric_names)
 
     def list_workers(self):
@@ -372,6 +524,9 @@ class Coordinator:
     def _job_path(self, job_id: str) -> str:
         return os.path.join(self.state_dir, "jobs", f"{job_id}.npz")
 
+    def _log_path(self, job_id: str) -> str:
+        return os.path.join(self.state_dir, "jobs", f"{job_id}.steps.log")
+
     def _save(self, job: Job) -> None:
         """Checkpoint one job's coordinator state (the caller holds ``job.lock``)."""
         if not self.state_dir:
@@ -383,10 +538,14 @@ class Coordinator:
                 "micro_batch_size": job.micro_batch_size, "placement": job.placement,
                 "shards": len(self.shards), "version": job.version,
                 "last_step_id": job.last_step_id, "samples": job.samples,
-                "last_loss": job.last_loss,
+                "last_loss": job.last_loss, "params_digest": job.params_digest,
+                "digests": {str(k): v for k, v in job.digests.items()},
+                "pinned": list(job.pinned) if job.pinned else None,
                 "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()]}
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
         checkpoint.save(self._job_path(job.job_id), {"graph": graph}, meta)
+        if job.log is not None:
+            job.log.truncate()              # its steps are in the checkpoint now
 
     def checkpoint(self) -> None:
         """Checkpoint every job (on shutdown)."""
@@ -410,6 +569,11 @@ class Coordinator:
                       meta["last_step_id"], meta["samples"], meta["last_loss"])
             for k, v in meta["history"]:
                 job.history[int(k)] = base64.b64decode(v)
+            job.params_digest = meta.get("params_digest", "")
+            job.digests = {int(k): v for k, v in meta.get("digests", {}).items()}
+            job.pinned = tuple(meta["pinned"]) if meta.get("pinned") else None
+            job.log = checkpoint.RecordLog(self._log_path(job.job_id))
+            self._replay(job)
             if meta["shards"] != len(self.shards):
                 job.error = (f"job {job.job_id!r} was placed over {meta['shards']} shards, "
                              f"this coordinator has {len(self.shards)}")
@@ -419,35 +583,49 @@ class Coordinator:
             log.info("restored job", extra={"job_id": job.job_id, "version": job.version,
                                              "error": job.error})
 
+    def _replay(self, job: Job) -> None:
+        """Re-read the step log written since the checkpoint: each step's result
+        (``done``, fsynced before the client was answered) and the step whose Apply was
+        sent last (``intent``: some shards may have applied it)."""
+        for rec, _ in job.log.records():
+            sid = rec["step_id"]
+            if rec["kind"] == "intent" and sid == job.last_step_id + 1:
+                job.pinned = (sid, rec["digest"])
+            elif rec["kind"] == "done" and sid == job.last_step_id + 1:
+                job.history[sid] = base64.b64decode(rec["response"])
+                job.digests[sid] = rec["digest"]
+                job.version, job.last_step_id = rec["version"], sid
+                job.samples, job.last_loss = rec["samples"], rec["loss"]
+                job.pinned = None
+        while len(job.history) > HISTORY:
+            old, _ = job.history.popitem(last=False)
+            job.digests.pop(old, None)
+
     def _reconcile(self, job: Job) -> None:
-        """Agree with the shards on the version after a restart (see docs/training.md)."""
+        """Agree with the shards on the version after a restart (see docs/training.md).
+        What cannot be agreed now (a shard down) is the job's ``fault``, checked again
+        before each step and by JobStatus."""
         try:
-            states = {i: self.shards[i].status(job.job_id)
-                      for i in sorted(set(job.placement.values()))}
-        except (ServiceError, GradmeshError) as e:
-            job.error = f"cannot reach the shards to restore job {job.job_id!r}: {e}"
+            states = self._shard_states(job)
+        except ServiceError:
             return
-        lost = [i for i, s in states.items() if s is None]
-        if lost:
-            job.error = f"shards {lost} have no state for job {job.job_id!r}"
-            return
-        versions = {s for s in states.values()}
-        if len(versions) != 1:
-            job.error = (f"the shards disagree on job {job.job_id!r}'s version "
-                         f"(version, last step per shard: {states}); restore them from "
-                         f"checkpoints of the same step")
-            return
-        version, last = versions.pop()
-        if version < job.version:
-            job.error = (f"the shards are at version {version}, behind the coordinator's "
-                         f"checkpoint at {job.version}")
-        elif version > job.version:
-            # The shards applied steps after the coordinator's last checkpoint: their
-            # results are lost, the parameters are not.
-            job.version, job.last_step_id = version, last
+        versions = set(states.values())
+        if len(versions) == 1 and None not in versions:
+            version, last = versions.pop()
+            if version > job.version + (1 if job.pinned else 0):
+                # Shards applied steps the coordinator has no record of (a coordinator
+                # without a step log): the parameters are kept, those results are lost.
+                job.version, job.last_step_id, job.pinned = version, last, None
+        try:
+            self._resync(job)
+        except ServiceError:
+            pass
 
     def close(self) -> None:
         self.checkpoint()
+        for job in list(self.jobs.values()):
+            if job.log is not None:
+                job.log.close()
         self._io.shutdown(wait=False)
         for s in self.shards:
             s.close()
@@ -498,8 +676,13 @@ class _StepRun:
         t = time.perf_counter()
         for i in self.by_shard:
             grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
-            self.shards[i].push(job.job_id, self.step_id, m, self.n, self.version, grads,
-                                self.attempt)
+            try:
+                self.shards[i].push(job.job_id, self.step_id, m, self.n, self.version, grads,
+                                    self.attempt)
+            except (ServiceError, GradmeshError) as e:
+                job.fault = (f"step {self.step_id}: pushing gradients to shard {i} "
+                             f"({self.shards[i].name}) failed: {_text(e)}")
+                raise
         with self.lock:
             self.push_seconds += time.perf_counter() - t
             self.worker_seconds += r.compute_seconds
@@ -509,6 +692,10 @@ class _StepRun:
                 if value is not None and np.size(value) == 1:
                     w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
                     self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+
+def _text(e: Exception) -> str:
+    return getattr(e, "message", None) or str(e)
 
 
 def _dtype_of(a: np.ndarray):

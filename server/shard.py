@@ -151,7 +151,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "state is lost on exit)")
     g.add_argument("--checkpoint-every", type=int, default=env_default("checkpoint-every", 0),
                    help="also checkpoint every N versions by itself (default 0: only when "
-                        "the coordinator asks, and on shutdown)")
+                        "the coordinator asks)")
+    g.add_argument("--step-log-sync", choices=("on", "off"),
+                   default=env_default("step-log-sync", "on"),
+                   help="fsync each applied step's record in the step log before answering "
+                        "(default on: survives power loss; off: survives the process being "
+                        "killed, not the machine)")
 
 
 def serve_shard(config, store: ShardStore):
@@ -161,19 +166,24 @@ def serve_shard(config, store: ShardStore):
 
 
 def run(args: argparse.Namespace) -> int:
-    """``gradmesh shard``: serve until SIGTERM, then checkpoint every job."""
+    """``gradmesh shard``: serve until SIGTERM (state is durable as it changes: the
+    checkpoints and the step log)."""
     config = config_from_args(args)
     configure_logging(config)
     if args.checkpoint_every < 0:
         print("error: --checkpoint-every must be >= 0", file=sys.stderr)
         return 2
     try:
-        store = ShardStore(args.state_dir, args.checkpoint_every)
+        store = ShardStore(args.state_dir, args.checkpoint_every,
+                           sync_log=args.step_log_sync == "on")
         running = serve_shard(config, store)
     except (ConfigError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"gradmesh shard listening on {running.address}", flush=True)
     running.wait()
-    store.checkpoint()
+    # Nothing to write: every acknowledged step is in a checkpoint or the step log. (A
+    # checkpoint now would hold the last step, and the version before it could no longer
+    # be rebuilt for a coordinator retrying a step that other shards had not applied.)
+    store.close()
     return 0

@@ -93,6 +93,10 @@ class ShardJob:
         self.state: dict[str, dict] = state if state is not None else {n: {} for n in params}
         self.pending: dict[int, _Pending] = {}
         self.lock = threading.Lock()
+        # The write-ahead log of applied steps (a shard with a state directory): each
+        # step's summed gradient, fsynced before Apply is acknowledged, replayed on top of
+        # the last checkpoint on restart, emptied by the next checkpoint.
+        self.log: checkpoint.RecordLog | None = None
 
     @property
     def parameter_bytes(self) -> int:
@@ -184,8 +188,12 @@ class ShardJob:
 
     # -- Apply ----------------------------------------------------------------------------
     def apply(self, step_id: int, micro_batches: int, version: int,
-              attempt: int = 0) -> tuple[int, bool, float]:
-        """Sum the step's gradients and update every parameter; ``(version, already, secs)``."""
+              attempt: int = 0, checkpoint_path: str | None = None) -> tuple[int, bool, float]:
+        """Sum the step's gradients and update every parameter; ``(version, already, secs)``.
+
+        ``checkpoint_path``: checkpoint first, the state *before* this step (the step goes
+        to the emptied log): the shard can then still rebuild the version before its last
+        step, which the coordinator needs to retry a step that only some shards applied."""
         with self.lock:
             if step_id == self.last_step_id and version + 1 == self.version:
                 return self.version, True, 0.0
@@ -215,31 +223,74 @@ class ShardJob:
                                    f"not pushed", "micro_batches")
             start = time.perf_counter()
             grads = p.sum.result()
-            hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
-            if "betas" in hyper:
-                hyper["betas"] = tuple(hyper["betas"])
-            update = optim.UPDATE_RULES[self.optimizer["name"]]
-            for name in sorted(self.params):
-                update(np, self.params[name], grads[name], self.state[name], **hyper)
+            if checkpoint_path:
+                try:
+                    self._save(checkpoint_path)
+                except OSError as e:        # the old checkpoint and the log still hold it
+                    log.warning("checkpoint failed", extra={"job_id": self.job_id,
+                                                            "error": str(e)})
+            if self.log is not None:
+                # Durable before anything changes: a failed write (disk full) applies
+                # nothing and the step can be retried; a record that reached the disk is
+                # replayed after a crash, so an acknowledged step is never lost.
+                try:
+                    self.log.append({"step_id": step_id, "version": self.version},
+                                    {n: grads[n] for n in sorted(grads)})
+                except OSError as e:
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                       f"step {step_id} of job {self.job_id!r} not applied: "
+                                       f"cannot write the shard's step log "
+                                       f"{self.log.path}: {e}", "step_id") from None
+            self._update(grads)
             self.pending.clear()
             self.version += 1
             self.last_step_id = step_id
             return self.version, False, time.perf_counter() - start
 
+    def _update(self, grads: dict[str, np.ndarray]) -> None:
+        hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
+        if "betas" in hyper:
+            hyper["betas"] = tuple(hyper["betas"])
+        update = optim.UPDATE_RULES[self.optimizer["name"]]
+        for name in sorted(self.params):
+            update(np, self.params[name], grads[name], self.state[name], **hyper)
+
+    def replay(self, records: Iterable[tuple[dict, dict]],
+               up_to_version: int | None = None) -> int:
+        """Re-apply logged steps that follow this state (the same update on the same
+        summed gradients: the same bits); returns how many were applied."""
+        applied = 0
+        for meta, grads in records:
+            if up_to_version is not None and self.version >= up_to_version:
+                break
+            if meta["step_id"] <= self.last_step_id or meta["version"] != self.version:
+                continue
+            self._update(grads)
+            self.version += 1
+            self.last_step_id = meta["step_id"]
+            applied += 1
+        return applied
+
     # -- checkpoints ----------------------------------------------------------------------
     def save(self, path: str) -> None:
+        """Checkpoint to ``path``, then empty the step log (its steps are in it)."""
         with self.lock:
-            arrays: dict[str, np.ndarray] = {}
-            steps: dict[str, int] = {}
-            for name, p in self.params.items():
-                arrays[f"param/{name}"] = p
-                state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
-                for key, a in state_arrays.items():
-                    arrays[f"state/{name}/{key}"] = a
-            meta = {"job_id": self.job_id, "version": self.version,
-                    "last_step_id": self.last_step_id, "optimizer": self.optimizer,
-                    "parameters": list(self.params), "steps": steps}
-            checkpoint.save(path, arrays, meta)
+            self._save(path)
+
+    def _save(self, path: str) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        steps: dict[str, int] = {}
+        for name, p in self.params.items():
+            arrays[f"param/{name}"] = p
+            state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
+            for key, a in state_arrays.items():
+                arrays[f"state/{name}/{key}"] = a
+        meta = {"job_id": self.job_id, "version": self.version,
+                "last_step_id": self.last_step_id, "optimizer": self.optimizer,
+                "parameters": list(self.params), "steps": steps}
+        checkpoint.save(path, arrays, meta)
+        if self.log is not None:
+            self.log.truncate()
 
     @classmethod
     def load(cls, path: str) -> "ShardJob":
@@ -269,8 +320,10 @@ class ShardStore:
     [0.5, 0.5]
     """
 
-    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0):
+    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0,
+                 sync_log: bool = True):
         self.state_dir = state_dir
+        self.sync_log = sync_log
         self.checkpoint_every = checkpoint_every
         self.jobs: dict[str, ShardJob] = {}
         self._lock = threading.Lock()
@@ -279,9 +332,12 @@ class ShardStore:
             for entry in sorted(os.listdir(state_dir)):
                 if entry.endswith(".npz") and not entry.startswith("."):
                     job = ShardJob.load(os.path.join(state_dir, entry))
+                    job.log = checkpoint.RecordLog(self._log_path(job.job_id), self.sync_log)
+                    replayed = job.replay(job.log.records())
                     self.jobs[job.job_id] = job
                     log.info("restored job", extra={"job_id": job.job_id,
-                                                    "version": job.version})
+                                                    "version": job.version,
+                                                    "replayed_steps": replayed})
 
     def job(self, job_id: str) -> ShardJob:
         job = self.jobs.get(job_id)
@@ -312,13 +368,39 @@ class ShardStore:
             # Own writable copies: the optimizer updates them in place.
             job = ShardJob(job_id, {n: np.array(p, copy=True) for n, p in params.items()},
                            optimizer)
+            if self.state_dir:
+                job.log = checkpoint.RecordLog(self._log_path(job_id), self.sync_log)
+                job.log.truncate()          # a dropped job's leftovers are not this job's
             self.jobs[job_id] = job
         self.checkpoint(job_id)
         return job.version, job.last_step_id
 
     def pull(self, job_id: str, version: int = 0, names: Iterable[str] = (),
              copy: bool = False, allocate: Callable[[int], np.ndarray] | None = None):
-        return self.job(job_id).pull(version, names, copy, allocate)
+        job = self.job(job_id)
+        try:
+            return job.pull(version, names, copy, allocate)
+        except ServiceError:
+            old = self._rebuild(job, version) if version else None
+            if old is None:
+                raise
+            return old.pull(version, names, copy, allocate)
+
+    def _rebuild(self, job: ShardJob, version: int) -> ShardJob | None:
+        """An older version of a job, rebuilt from its checkpoint and step log (after a
+        crash between shards' Applies, the coordinator retries the step from the version
+        before it); None when it cannot be."""
+        if not self.state_dir or job.log is None or version >= job.version:
+            return None
+        with job.lock:
+            try:
+                old = ShardJob.load(self._path(job.job_id))
+            except (OSError, checkpoint.CheckpointError):
+                return None
+            if old.version > version:
+                return None
+            old.replay(job.log.records(), up_to_version=version)
+        return old if old.version == version else None
 
     def push(self, job_id: str, step_id: int, micro_batch: int, micro_batches: int,
              version: int, gradients: dict[str, np.ndarray],
@@ -329,24 +411,35 @@ class ShardStore:
     def apply(self, job_id: str, step_id: int, micro_batches: int, version: int,
               checkpoint_now: bool = False, attempt: int = 0) -> tuple[int, bool, float]:
         job = self.job(job_id)
-        result = job.apply(step_id, micro_batches, version, attempt)
-        if not result[1] and (checkpoint_now or (
-                self.checkpoint_every and result[0] % self.checkpoint_every == 0)):
-            self.checkpoint(job_id)
-        return result
+        due = checkpoint_now or bool(self.checkpoint_every and
+                                     (version + 1) % self.checkpoint_every == 0)
+        return job.apply(step_id, micro_batches, version, attempt,
+                         self._path(job_id) if due and self.state_dir else None)
+
+    def close(self) -> None:
+        """Close the step logs (their records are already on disk)."""
+        for job in list(self.jobs.values()):
+            if job.log is not None:
+                job.log.close()
 
     def drop(self, job_id: str) -> bool:
         with self._lock:
             job = self.jobs.pop(job_id, None)
         if job is not None and self.state_dir:
-            try:
-                os.unlink(self._path(job_id))
-            except FileNotFoundError:
-                pass
+            if job.log is not None:
+                job.log.close()
+            for path in (self._path(job_id), self._log_path(job_id)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         return job is not None
 
     def _path(self, job_id: str) -> str:
         return os.path.join(self.state_dir, f"{job_id}.npz")
+
+    def _log_path(self, job_id: str) -> str:
+        return os.path.join(self.state_dir, f"{job_id}.steps.log")
 
     def checkpoint(self, job_id: str | None = None) -> None:
         """Write the checkpoint of one job (or all) when there is a state directory."""

@@ -21,7 +21,7 @@ from gradmesh.core import serialize
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import tensor_pb2, worker_pb2
 from gradmesh.wire import sharedmem
-from gradmesh.wire.channel import channel, metadata
+from gradmesh.wire.channel import call_metadata, channel, metadata
 from gradmesh.wire.errors import GradmeshError, bad_request_field, from_rpc_error
 from gradmesh.wire.stream import MAX_CHUNK_BYTES
 from gradmesh.wire.worker import SHARED, Reply, WorkerTransport, shared_request
@@ -77,7 +77,7 @@ class WorkerHandle(WorkerTransport):
         """Ask for Capabilities; sets state, fingerprint and backend."""
         try:
             caps = self.stub.Capabilities(worker_pb2.CapabilitiesRequest(), timeout=5.0,
-                                          metadata=self._metadata)
+                                          metadata=call_metadata(self._metadata))
         except grpc.RpcError as e:
             self.state, self.reason = "unreachable", f"{e.code().name}: {e.details()}"
             self.retry_at = time.monotonic() + 1.0
@@ -86,6 +86,11 @@ class WorkerHandle(WorkerTransport):
         self.backend = caps.backend
         self._shared = self.segments is not None and caps.shared_memory
         self.parameter_cache_bytes = caps.limits.parameter_cache_bytes
+        # Unary requests and stream chunks within the worker's message limit too.
+        self.fit_limits(caps.limits)
+        if caps.limits.max_message_bytes:
+            self.max_message_bytes = min(self.max_message_bytes,
+                                         int(caps.limits.max_message_bytes))
         self.kept = None
         self.state, self.reason = "ready", ""
 
@@ -149,7 +154,7 @@ class WorkerHandle(WorkerTransport):
         fresh = type(req)()
         fresh.CopyFrom(req)         # a retry without the kept parameters starts over
         req = fresh
-        kw = {"timeout": self.timeout, "metadata": self._metadata}
+        kw = {"timeout": self.timeout, "metadata": call_metadata(self._metadata)}
         if size >= unary_max:
             return self._send_stream(
                 req, params.arrays.items() if with_params else (), data.items(),
@@ -176,7 +181,7 @@ class WorkerHandle(WorkerTransport):
             gseg.close()
             raise
         return self._send_shared(req, gseg, goffsets, timeout=self.timeout,
-                                 metadata=self._metadata)
+                                 metadata=call_metadata(self._metadata))
 
     def close(self) -> None:
         self._channel.close()

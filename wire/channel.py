@@ -14,12 +14,22 @@ call credentials need TLS, and plaintext is allowed on loopback (DESIGN §8).
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import grpc
 
-__all__ = ["TLS", "channel", "channel_options", "credentials", "metadata"]
+__all__ = ["TLS", "channel", "channel_options", "credentials", "metadata", "call_metadata",
+           "REQUEST_ID_KEY", "request_id"]
+
+# The request id of the call a server is handling (set by its interceptor): every log line
+# carries it, and every call the server makes while handling it sends it on
+# (:func:`call_metadata`), so one id follows a step from the coordinator to its workers
+# and shards.
+REQUEST_ID_KEY = "x-request-id"
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gradmesh_request_id", default=None)
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -98,3 +108,9 @@ def channel(target: str, *, tls: Any = None,
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """The call metadata that carries bearer ``token`` (empty without one)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def call_metadata(base: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
+    """``base`` (e.g. :func:`metadata`) plus the request id being handled, if any."""
+    rid = request_id.get()
+    return tuple(base) + ((REQUEST_ID_KEY, rid),) if rid else tuple(base)

@@ -20,7 +20,7 @@ import numpy as np
 from gradmesh.core.serialize import to_proto
 from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-from .channel import channel, metadata
+from .channel import call_metadata, channel, metadata
 from .errors import GradmeshError, from_rpc_error
 from .shard import receive_frames, stream_frames
 
@@ -69,7 +69,8 @@ class CoordinatorConnection:
         delay = 0.1
         while True:
             try:
-                return fn(make_request(), timeout=self.timeout, metadata=self._metadata)
+                return fn(make_request(), timeout=self.timeout,
+                          metadata=call_metadata(self._metadata))
             except grpc.RpcError as e:
                 if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
                     raise from_rpc_error(e, method) from None
@@ -102,7 +103,7 @@ class CoordinatorConnection:
             try:
                 frames = self.stub.GetParameters(
                     coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
-                    timeout=self.timeout, metadata=self._metadata)
+                    timeout=self.timeout, metadata=call_metadata(self._metadata))
                 header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
                 return header.version, OrderedDict(arrays)
             except grpc.RpcError as e:

@@ -1,8 +1,10 @@
 """Python exceptions for gradmesh's gRPC errors.
 
-Every failed call raises a :class:`GradmeshError` subclass chosen by the status code. It
-carries the ``code``, the server's ``message`` and the offending request ``field`` taken
-from the ``google.rpc.BadRequest`` details the server attaches:
+Every failed call raises the :class:`GradmeshError` subclass of its status code (one
+class per code: ``InvalidArgument``, ``FailedPrecondition``, ``ResourceExhausted``...).
+It carries the ``code``, the server's ``message``, the offending request ``field`` (from
+the ``google.rpc.BadRequest`` detail) and the ``request_id`` the server logged the call
+under (from the ``google.rpc.RequestInfo`` detail):
 
 >>> try:
 ...     client.compute_gradients(graph_id, params, x)          # doctest: +SKIP
@@ -16,89 +18,128 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from .channel import REQUEST_ID_KEY
+
 
 class GradmeshError(Exception):
-    """A gradmesh call failed. ``code`` (grpc.StatusCode), ``message``, ``field``."""
+    """A gradmesh call failed: ``code`` (grpc.StatusCode), the server's ``message``, the
+    offending request ``field`` and the server's ``request_id`` (to find its log lines)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None,
-                 method: str | None = None):
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, code: grpc.StatusCode | str | None = None, message: str = "",
+                 field: str | None = None, method: str | None = None,
+                 request_id: str | None = None):
+        if isinstance(code, str) and not message:      # InvalidArgument("message")
+            message = code
         super().__init__(message)
-        self.code = code
+        self.code = code if isinstance(code, grpc.StatusCode) else type(self).code
         self.message = message
         self.field = field
         self.method = method
+        self.request_id = request_id
 
     def __str__(self) -> str:
         where = f" (field {self.field})" if self.field else ""
         call = f" in {self.method}" if self.method else ""
-        return f"{self.code.name}{call}: {self.message}{where}"
+        rid = f" [request {self.request_id}]" if self.request_id else ""
+        return f"{self.code.name}{call}: {self.message}{where}{rid}"
 
 
-class InvalidArgument(GradmeshError):
-    """The request is malformed: bad graph, unknown op, wrong shape, dtype or length."""
+def _error_class(name: str, code: grpc.StatusCode, doc: str) -> type[GradmeshError]:
+    return type(name, (GradmeshError,), {"__doc__": doc, "code": code,
+                                         "__module__": __name__})
 
 
-class ResourceExhausted(GradmeshError):
-    """Over a limit (graph size, tensor elements, message bytes) or the server is busy."""
+C = grpc.StatusCode
+Cancelled = _error_class("Cancelled", C.CANCELLED, "The call was cancelled.")
+Unknown = _error_class("Unknown", C.UNKNOWN, "The server gave no known status.")
+InvalidArgument = _error_class(
+    "InvalidArgument", C.INVALID_ARGUMENT,
+    "The request is malformed: bad graph, unknown op, wrong shape, dtype or length.")
+DeadlineExceeded = _error_class(
+    "DeadlineExceeded", C.DEADLINE_EXCEEDED,
+    "The call's deadline passed; the server abandoned the computation.")
+NotFound = _error_class(
+    "NotFound", C.NOT_FOUND,
+    "The server does not know the graph, job or parameter set (register it again).")
+AlreadyExists = _error_class("AlreadyExists", C.ALREADY_EXISTS,
+                             "What the request creates exists already (a job id).")
+PermissionDenied = _error_class("PermissionDenied", C.PERMISSION_DENIED,
+                                "The caller is known but not allowed to do this.")
+ResourceExhausted = _error_class(
+    "ResourceExhausted", C.RESOURCE_EXHAUSTED,
+    "Over a limit (graph size, tensor elements, message bytes, memory) or server busy.")
+FailedPrecondition = _error_class(
+    "FailedPrecondition", C.FAILED_PRECONDITION,
+    "The request is well formed but the server's state does not allow it (a step out "
+    "of order, a parameter set not kept, a device this worker lacks).")
+Aborted = _error_class("Aborted", C.ABORTED, "The call was aborted (a conflict); retry.")
+OutOfRange = _error_class("OutOfRange", C.OUT_OF_RANGE, "A value is out of its range.")
+Unimplemented = _error_class("Unimplemented", C.UNIMPLEMENTED,
+                             "The server does not implement this method.")
+Internal = _error_class("Internal", C.INTERNAL,
+                        "A bug on the server; the server logged it and keeps serving.")
+Unavailable = _error_class("Unavailable", C.UNAVAILABLE,
+                           "The server cannot be reached (down, restarting, wrong address).")
+DataLoss = _error_class("DataLoss", C.DATA_LOSS, "Unrecoverable data loss or corruption.")
+Unauthenticated = _error_class("Unauthenticated", C.UNAUTHENTICATED,
+                               "The server needs a bearer token and it was missing or wrong.")
+del C
+
+# One class per status code (OK has none).
+_BY_CODE: dict[grpc.StatusCode, type[GradmeshError]] = {
+    cls.code: cls for cls in (
+        Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists,
+        PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
+        Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated)}
 
 
-class NotFound(GradmeshError):
-    """The server does not know the graph id (register it again, or send it inline)."""
+def error_class(code: grpc.StatusCode) -> type[GradmeshError]:
+    """The :class:`GradmeshError` subclass of status ``code``."""
+    return _BY_CODE.get(code, GradmeshError)
 
 
-class Unauthenticated(GradmeshError):
-    """The server needs a bearer token and it was missing or wrong."""
+def _status(error: grpc.RpcError):
+    try:
+        return rpc_status.from_call(error)
+    except Exception:  # noqa: BLE001  (malformed trailers: no details rather than a crash)
+        return None
 
 
-class PermissionDenied(GradmeshError):
-    """The caller is known but not allowed to do this."""
-
-
-class Unavailable(GradmeshError):
-    """The server cannot be reached (down, restarting, wrong address)."""
-
-
-class DeadlineExceeded(GradmeshError):
-    """The call's deadline passed; the server abandoned the computation."""
-
-
-class Cancelled(GradmeshError):
-    """The call was cancelled."""
-
-
-class Internal(GradmeshError):
-    """A bug on the server; the server logged it and keeps serving."""
-
-
-_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidArgument,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.INTERNAL: Internal,
-}
+def _detail(error: grpc.RpcError, kind):
+    status = _status(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):
+            out = kind()
+            detail.Unpack(out)
+            return out
+    return None
 
 
 def bad_request_field(error: grpc.RpcError) -> str | None:
     """The first field named in a google.rpc.BadRequest detail of ``error``, if any."""
+    bad = _detail(error, error_details_pb2.BadRequest)
+    if bad is not None and bad.field_violations:
+        return bad.field_violations[0].field
+    return None
+
+
+def request_id_of(error: grpc.RpcError) -> str | None:
+    """The server's request id of a failed call: its google.rpc.RequestInfo detail, else
+    its ``x-request-id`` trailing metadata."""
+    info = _detail(error, error_details_pb2.RequestInfo)
+    if info is not None and info.request_id:
+        return info.request_id
     try:
-        status = rpc_status.from_call(error)
-    except Exception:  # noqa: BLE001  (malformed trailers: no field rather than a crash)
+        trailers = error.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001  (an RpcError that is no call)
         return None
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                return bad.field_violations[0].field
+    for key, value in trailers:
+        if key == REQUEST_ID_KEY:
+            return value.decode() if isinstance(value, bytes) else value
     return None
 
 
@@ -106,10 +147,12 @@ def from_rpc_error(error: grpc.RpcError, method: str | None = None) -> GradmeshE
     """The :class:`GradmeshError` subclass for a failed gRPC call."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or str(error)
-    cls = _BY_CODE.get(code, GradmeshError)
-    return cls(code, message, bad_request_field(error), method)
+    return error_class(code)(code, message, bad_request_field(error), method,
+                             request_id_of(error))
 
 
-__all__ = ["GradmeshError", "InvalidArgument", "ResourceExhausted", "NotFound",
-           "Unauthenticated", "PermissionDenied", "Unavailable", "DeadlineExceeded",
-           "Cancelled", "Internal", "from_rpc_error", "bad_request_field"]
+__all__ = ["GradmeshError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded",
+           "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
+           "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
+           "Unavailable", "DataLoss", "Unauthenticated", "REQUEST_ID_KEY", "error_class",
+           "from_rpc_error", "bad_request_field", "request_id_of"]

@@ -17,8 +17,8 @@ from gradmesh.core import optim
 from gradmesh.core.serialize import WireError, to_proto
 from gradmesh.v1 import shard_pb2, shard_pb2_grpc
 
-from .channel import channel, metadata
-from .errors import GradmeshError
+from .channel import call_metadata, channel, metadata
+from .errors import GradmeshError, error_class, request_id_of
 from .frames import SHARD_FRAME_CHUNK_FIELD, chunk_frames, frame_decoder, serialize_message
 from .stream import DEFAULT_CHUNK_BYTES, Assembler, BufferPool, chunks, tensor_buffer
 
@@ -101,7 +101,7 @@ def shard_frames(kind: str, header, arrays: Iterable,
 def receive_frames(frames: Iterator, kind: str, max_total_bytes: int,
                    max_elements: int | None = None,
                    allocate: Callable[[int], np.ndarray] | None = None
-                   ) -> tuple[object, dict[str, np.ndarray]]:
+                   ) -> tuple[Any, dict[str, np.ndarray]]:
     """Read a header frame of ``kind`` and its chunks: ``(header, {name: array})``.
 
     Frames are protobuf messages or the codec's :class:`~gradmesh.wire.frames.ChunkFrame`
@@ -150,7 +150,12 @@ class RemoteShard:
         self.name = target
         self.timeout = timeout
         # tls: None (plaintext) or a gradmesh TLS (see wire/channel.py).
-        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
+        # A shard that restarts is dialled again within a second (gRPC's default backoff
+        # grows to two minutes): a wedged job resumes as soon as its shard is back.
+        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes,
+                                options=[("grpc.initial_reconnect_backoff_ms", 100),
+                                         ("grpc.min_reconnect_backoff_ms", 100),
+                                         ("grpc.max_reconnect_backoff_ms", 1000)])
         self._stub = shard_pb2_grpc.ParameterShardStub(self._channel)
         self._metadata = metadata(token)
         # The streams with gradmesh's frame codec (wire/frames.py): the same bytes as
@@ -171,11 +176,12 @@ class RemoteShard:
     def _error(self, e: grpc.RpcError, method: str) -> GradmeshError:
         # No field: the shard's field names its own request, not the caller's.
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-        return GradmeshError(code, f"shard {self.name}: {e.details()}", None, method)
+        return error_class(code)(code, f"shard {self.name}: {e.details()}", None, method,
+                                 request_id_of(e))
 
     def _call(self, method: str, fn, *args):
         try:
-            return fn(*args, timeout=self.timeout, metadata=self._metadata)
+            return fn(*args, timeout=self.timeout, metadata=call_metadata(self._metadata))
         except grpc.RpcError as e:
             raise self._error(e, method) from None
 
@@ -213,8 +219,14 @@ class RemoteShard:
             checkpoint=checkpoint_now, attempt=attempt))
         return r.version, r.already_applied, r.apply_seconds
 
-    def status(self, job_id):
-        r = self._call("Status", self._stub.Status, shard_pb2.ShardStatusRequest())
+    def status(self, job_id, wait: float = 2.0):
+        """``(version, last step id)`` of the job, None when the shard lacks it; waits up
+        to ``wait`` seconds for a shard that is (re)starting."""
+        try:
+            r = self._stub.Status(shard_pb2.ShardStatusRequest(), metadata=self._metadata,
+                                  timeout=min(self.timeout, wait), wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise self._error(e, "Status") from None
         for j in r.jobs:
             if j.job_id == job_id:
                 return j.version, j.last_step_id

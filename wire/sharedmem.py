@@ -20,11 +20,13 @@ import stat
 import threading
 import weakref
 from collections import OrderedDict
+from typing import Mapping
 
 import numpy as np
 
 from gradmesh.core.sharedmem import (
     HEADER,
+    K,
     LEGACY_NAME,
     MEMFD_NAME,
     NAME,
@@ -172,8 +174,8 @@ def _held(pid: int, fd: int, inode: tuple[int, int]) -> bool:
     return (st.st_dev, st.st_ino) == inode
 
 
-def place(pool: "Pool", arrays: dict[str, np.ndarray], write: bool = True
-          ) -> tuple[Segment, dict[str, int]]:
+def place(pool: "Pool", arrays: Mapping[K, np.ndarray], write: bool = True
+          ) -> tuple[Segment, dict[K, int]]:
     """A segment from ``pool`` laid out for ``arrays`` (name -> array), and the offsets;
     with ``write`` the arrays' bytes are copied in (little-endian, C order)."""
     offsets, size = layout((n, a.nbytes) for n, a in arrays.items())

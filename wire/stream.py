@@ -23,10 +23,19 @@ from gradmesh.core.serialize import RESOURCE_EXHAUSTED, WireError, check_header,
 from gradmesh.v1 import tensor_pb2
 
 __all__ = ["split_for_stream", "chunks", "tensor_buffer", "Assembler", "StreamSlot",
-           "BufferPool", "DEFAULT_CHUNK_BYTES", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES"]
+           "BufferPool", "DEFAULT_CHUNK_BYTES", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES",
+           "FRAME_OVERHEAD_BYTES", "chunk_for"]
 
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
+# Room in a stream message beside its chunk's bytes (frame fields, tags, lengths).
+FRAME_OVERHEAD_BYTES = 4096
+
+
+def chunk_for(max_message_bytes: int, chunk_bytes: int = MAX_CHUNK_BYTES) -> int:
+    """The largest chunk up to ``chunk_bytes`` whose stream message fits
+    ``max_message_bytes`` (a peer's limit)."""
+    return max(1, min(chunk_bytes, max_message_bytes - FRAME_OVERHEAD_BYTES))
 DEFAULT_CHUNK_BYTES = 2 << 20
 
 

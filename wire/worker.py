@@ -33,7 +33,7 @@ from .frames import (
     serialize_message,
 )
 from .sharedmem import Pool, place, same_host_target
-from .stream import Assembler, BufferPool
+from .stream import Assembler, BufferPool, chunk_for
 
 __all__ = ["Reply", "Request", "WorkerTransport", "read_reply", "shared_request",
            "shared_gradients", "decode_reply", "data_names", "shared_memory_refused", "SHARED",
@@ -117,7 +117,7 @@ class Request:
                        for number, pairs in ((_PARAMETERS, params), (_DATA, data))
                        for n, a in pairs]
             self.unary = headers
-        pieces = [self.head]
+        pieces: list[bytes | memoryview] = [self.head]
         append = pieces.append
         for (header, wire), (_, a) in zip(headers, itertools.chain(params, data)):
             append(header)
@@ -166,9 +166,10 @@ def _located(params: dict[str, np.ndarray]) -> tuple[str, tuple] | None:
     """``(segment name, ((parameter, offset), ...))`` when every parameter lives in the same
     shared-memory segment (``Tensor.share_memory_``), else None."""
     where = [locate(a) for a in params.values()]
-    if not where or None in where or len({name for name, _ in where}) != 1:
+    found = [w for w in where if w is not None]
+    if not found or len(found) != len(where) or len({name for name, _ in found}) != 1:
         return None
-    return where[0][0], tuple((n, offset) for n, (_, offset) in zip(params, where))
+    return found[0][0], tuple((n, offset) for n, (_, offset) in zip(params, found))
 
 
 # ------------------------------------------------------------------ replies --------------
@@ -325,6 +326,12 @@ class WorkerTransport:
         # None: not known yet (ask Capabilities); then True or False for good.
         self._shared: bool | None = None if self.segments is not None else False
 
+    def fit_limits(self, limits: worker_pb2.Limits) -> None:
+        """Fit this transport to the worker's limits (its Capabilities): stream chunks
+        whose messages its ``max_message_bytes`` accepts."""
+        if limits.max_message_bytes:
+            self.chunk_bytes = chunk_for(int(limits.max_message_bytes), self.chunk_bytes)
+
     def _takes_shared_memory(self, ask: Callable[[], bool]) -> bool:
         """Whether to use shared memory; ``ask()`` (the worker's Capabilities) decides the
         first time it answers (a failing ``ask`` means bytes for this call only)."""
@@ -396,10 +403,12 @@ class WorkerTransport:
         """One unary call whose gradients come back in ``gradient_segment``: views of it,
         which return it to the pool when the last is freed. A failed call's segment is
         dropped, not reused: a worker past its deadline may still be writing into it."""
+        pool = self.segments
+        assert pool is not None         # only called with shared memory on
         try:
             resp = self._unary_call(message, **kw)
             reply = decode_reply(resp)
-            reply.gradients = shared_gradients(resp, self.segments.lend(gradient_segment),
+            reply.gradients = shared_gradients(resp, pool.lend(gradient_segment),
                                                gradient_offsets)
         except BaseException:
             gradient_segment.close()
@@ -409,13 +418,15 @@ class WorkerTransport:
     def _send_all_shared(self, request: Request, params, data, **kw) -> Reply:
         """One call with parameters, data and gradients in shared memory (parameters that
         already live there, ``Module.share_memory()``, are read where they are)."""
+        pool = self.segments
+        assert pool is not None         # only called with shared memory on
         by_name, data = dict(params), dict(data)
         where = _located(by_name)
-        pseg, offsets = place(self.segments, {
+        pseg, offsets = place(pool, {
             **({} if where else {("p", n): a for n, a in by_name.items()}),
             **{("d", n): a for n, a in data.items()}})
         gseg, goffsets = place(
-            self.segments,
+            pool,
             {n: by_name[n] for n in (request.wanted or by_name) if n in by_name},
             write=False)
         done = False
@@ -438,5 +449,5 @@ class WorkerTransport:
             done = True
             return reply
         finally:
-            self.segments.release(pseg) if done else pseg.close()
+            pool.release(pseg) if done else pseg.close()
 

@@ -997,3 +997,740 @@ class BCEWithLogitsLoss(Module):
         return F.binary_cross_entropy_with_logits(
             input, target, weight=self.weight, reduction=self.reduction,
             pos_weight=self.pos_weight)
+
+
+# ================================= activations, norms, adaptive pooling, convolutions =====
+# (SiLU, Mish, Hardswish, BatchNorm1d/2d, GroupNorm, RMSNorm, AdaptiveAvgPool2d, Conv1d,
+# ConvTranspose2d, Upsample), over the functions of the same section of nn/functional.py.
+
+class _InplaceActivation(Module):
+    """An elementwise activation with torch's (ignored) ``inplace`` flag."""
+    _fn: Callable[[Tensor], Tensor]
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace      # accepted for torch compatibility; results are new tensors
+
+    def forward(self, x: Tensor) -> Tensor:
+        return type(self)._fn(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class SiLU(_InplaceActivation):
+    _fn = F.silu
+
+
+class Mish(_InplaceActivation):
+    _fn = F.mish
+
+
+class Hardswish(_InplaceActivation):
+    _fn = F.hardswish
+
+
+def _ones_and_zeros(module: Module, shape: tuple, affine: bool, bias: bool, dtype,
+                    device) -> None:
+    """``weight`` (ones) and ``bias`` (zeros) Parameters of ``shape`` where ``affine`` (and
+    ``bias``), None placeholders otherwise."""
+    for name, wanted, fill in (("weight", affine, init.ones_), ("bias", affine and bias,
+                                                                 init.zeros_)):
+        if wanted:
+            setattr(module, name, Parameter(_empty(shape, dtype, device)))
+            fill(getattr(module, name))
+        else:
+            module.register_parameter(name, None)
+
+
+class _BatchNorm(Module):
+    """Batch normalisation over (N, C, *) as torch's: batch statistics in training (and
+    when no running statistics are tracked), running ones in eval. ``momentum=None`` makes
+    the running statistics a cumulative average over ``num_batches_tracked`` batches.
+
+    Updating the running statistics writes the module's buffers, which a traced graph
+    cannot do: trace a model with BatchNorm in eval mode (``model.eval()``)."""
+    _ndims: tuple
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, bias: bool = True):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        _ones_and_zeros(self, (num_features,), affine, bias, dtype, device)
+        if track_running_stats:
+            self.register_buffer("running_mean", _empty((num_features,), dtype, device))
+            self.register_buffer("running_var", _empty((num_features,), dtype, device))
+            self.register_buffer("num_batches_tracked", Tensor(
+                backend.xp_for(device).zeros((), dtype=np.int64)))
+            self.reset_running_stats()
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim not in self._ndims:
+            raise ValueError(f"{type(self).__name__}: expected "
+                             f"{' or '.join(f'{d}D' for d in self._ndims)} input (got "
+                             f"{x.ndim}D input of shape {tuple(x.shape)})")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked.item())
+        use_batch = self.training or self.running_mean is None
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if keep else None,
+                            self.running_var if keep else None, self.weight, self.bias,
+                            use_batch, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) or (N, C, L)."""
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W)."""
+    _ndims = (4,)
+
+
+class GroupNorm(Module):
+    """Normalise (N, C, *) over groups of C / num_groups channels; per-channel affine."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True):
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
+                             f"num_groups ({num_groups})")
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.eps, self.affine = eps, affine
+        _ones_and_zeros(self, (num_channels,), affine, bias, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
+
+
+class RMSNorm(Module):
+    """x / sqrt(mean(x², trailing dims) + eps) * weight; ``eps=None``: the dtype's eps."""
+
+    def __init__(self, normalized_shape, eps: float | None = None,
+                 elementwise_affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        if elementwise_affine:
+            self.weight = Parameter(_empty(self.normalized_shape, dtype, device))
+            init.ones_(self.weight)
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class AdaptiveAvgPool2d(Module):
+    """Mean over torch's adaptive windows, to ``output_size`` (H, W) (None: keep it)."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+def _check_conv(name: str, in_channels: int, out_channels: int, groups: int,
+                padding_mode: str) -> None:
+    if groups <= 0 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"{name}: in_channels ({in_channels}) and out_channels "
+                         f"({out_channels}) must both be divisible by groups ({groups})")
+    if padding_mode != "zeros":
+        raise NotImplementedError(f"{name}: padding_mode={padding_mode!r} is not supported; "
+                                  f"use 'zeros' (or F.pad before the convolution)")
+
+
+def _single(v, name: str) -> tuple[int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 1:
+            raise ValueError(f"{name} must be an int or a 1-tuple, got {v!r}")
+        return (int(v[0]),)
+    return (int(v),)
+
+
+def _conv_repr(conv: Module, **defaults) -> str:
+    """torch's ConvNd repr: the attributes in ``defaults`` only where they differ."""
+    s = (f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}, "
+         f"stride={conv.stride}")
+    for name, default in defaults.items():
+        if getattr(conv, name) != default:
+            s += f", {name}={getattr(conv, name)}"
+    if conv.groups != 1:
+        s += f", groups={conv.groups}"
+    return s + (", bias=False" if conv.bias is None else "")
+
+
+class Conv1d(Module):
+    """1-D convolution over (N, C_in, L); weight (C_out, C_in // groups, k)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None):
+        super().__init__()
+        _check_conv("Conv1d", in_channels, out_channels, groups, padding_mode)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _single(kernel_size, "kernel_size")
+        self.stride, self.dilation = _single(stride, "stride"), _single(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _single(padding, "padding")
+        self.padding_mode = padding_mode
+        self.weight = Parameter(_empty((out_channels, in_channels // groups) +
+                                       self.kernel_size, dtype, device))
+        if bias:
+            self.bias = Parameter(_empty((out_channels,), dtype, device))
+        else:
+            self.register_parameter("bias", None)
+        _reset_weight_and_bias(self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self) -> str:
+        return _conv_repr(self, padding=(0,), dilation=(1,))
+
+
+class ConvTranspose2d(Module):
+    """Transposed 2-D convolution; weight (C_in, C_out // groups, kH, kW)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        _check_conv("ConvTranspose2d", in_channels, out_channels, groups, padding_mode)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.output_padding = _pair(output_padding, "output_padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+        self.weight = Parameter(_empty((in_channels, out_channels // groups) +
+                                       self.kernel_size, dtype, device))
+        if bias:
+            self.bias = Parameter(_empty((out_channels,), dtype, device))
+        else:
+            self.register_parameter("bias", None)
+        _reset_weight_and_bias(self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding,
+                                  self.output_padding, self.groups, self.dilation)
+
+    def extra_repr(self) -> str:
+        return _conv_repr(self, padding=(0, 0), output_padding=(0, 0), dilation=(1, 1))
+
+
+class Upsample(Module):
+    """``F.interpolate`` as a layer: to ``size`` or by ``scale_factor``."""
+
+    def __init__(self, size=None, scale_factor=None, mode: str = "nearest",
+                 align_corners: bool | None = None, recompute_scale_factor: bool | None = None):
+        super().__init__()
+        self.size, self.mode, self.align_corners = size, mode, align_corners
+        self.scale_factor = float(scale_factor) if isinstance(scale_factor, (int, float)) \
+            else (tuple(float(f) for f in scale_factor) if scale_factor else None)
+        self.recompute_scale_factor = recompute_scale_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             self.recompute_scale_factor)
+
+    def extra_repr(self) -> str:
+        what = f"scale_factor={self.scale_factor}" if self.scale_factor is not None else \
+            f"size={self.size}"
+        return f"{what}, mode={self.mode!r}"
+# ==================================================================== transformers ======
+
+import copy  # noqa: E402
+
+
+class MultiheadAttention(Module):
+    """Attention over ``num_heads`` heads, as ``torch.nn.MultiheadAttention``: parameters
+    ``in_proj_weight`` (3E, E), ``in_proj_bias`` (3E,) and ``out_proj`` (a Linear), so
+    ``state_dict`` keys match torch's. Inputs (L, N, E), or (N, L, E) with
+    ``batch_first``; ``forward`` returns ``(output, weights or None)``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
+                 batch_first: bool = False, device=None, dtype=None):
+        super().__init__()
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("MultiheadAttention: add_bias_kv and add_zero_attn are "
+                                      "not supported")
+        if embed_dim % num_heads:
+            raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible "
+                             f"by num_heads ({num_heads})")
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        same = self._qkv_same_embed_dim     # one (3E, E) weight, else one per projection
+        self.register_parameter("in_proj_weight", Parameter(
+            _empty((3 * embed_dim, embed_dim), dtype, device)) if same else None)
+        for name, width in (("q", embed_dim), ("k", self.kdim), ("v", self.vdim)):
+            self.register_parameter(f"{name}_proj_weight", None if same else Parameter(
+                _empty((embed_dim, width), dtype, device)))
+        if bias:
+            self.in_proj_bias = Parameter(_empty((3 * embed_dim,), dtype, device))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for w in self._projections():
+            init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            init.zeros_(self.in_proj_bias)
+            init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the "
+                               "causal mask; pass that attn_mask too")
+        return F.multi_head_attention(
+            query, key, value, self.num_heads,
+            self.in_proj_weight if self._qkv_same_embed_dim else self._projections(),
+            self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, dropout_p=self.dropout,
+            training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, batch_first=self.batch_first)
+
+    def _projections(self) -> tuple:
+        if self._qkv_same_embed_dim:
+            return (self.in_proj_weight,)
+        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+
+
+def _activation(activation) -> Callable[[Tensor], Tensor]:
+    if callable(activation):
+        return activation
+    if activation in ("relu", "gelu"):
+        return getattr(F, activation)
+    raise RuntimeError(f"activation should be relu/gelu, not {activation}")
+
+
+class _TransformerLayer(Module):
+    """What the encoder and decoder layers share: the feed-forward block and its norms."""
+
+    def _feed_forward_init(self, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
+                           norm_first, bias, norms, device, dtype) -> None:
+        kw = {"device": device, "dtype": dtype}
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, **kw)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, **kw)
+        self.norm_first = norm_first
+        for i in range(1, norms + 1):
+            setattr(self, f"norm{i}", LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw))
+        for i in range(1, norms + 1):
+            setattr(self, f"dropout{i}", Dropout(dropout))
+        self.activation = _activation(activation)
+
+    def _ff_block(self, drop: Module) -> Callable[[Tensor], Tensor]:
+        return lambda x: drop(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def _residual(self, x: Tensor, block, norm: Module) -> Tensor:
+        """``x + block(norm(x))`` with ``norm_first``, else ``norm(x + block(x))``."""
+        return x + block(norm(x)) if self.norm_first else norm(x + block(x))
+
+
+def _attention_block(attn: MultiheadAttention, drop: Module, mask, padding, is_causal,
+                     memory=None) -> Callable[[Tensor], Tensor]:
+    def block(x: Tensor) -> Tensor:
+        kv = x if memory is None else memory
+        out = attn(x, kv, kv, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+                   is_causal=is_causal)[0]
+        return drop(out)
+    return block
+
+
+class TransformerEncoderLayer(_TransformerLayer):
+    """Self-attention and a feed-forward block, each with a residual and a LayerNorm (after
+    it, or before it with ``norm_first``), as ``torch.nn.TransformerEncoderLayer``."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
+                 dropout: float = 0.1, activation="relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                            batch_first=batch_first, device=device, dtype=dtype)
+        self._feed_forward_init(d_model, dim_feedforward, dropout, activation, layer_norm_eps,
+                                norm_first, bias, 2, device, dtype)
+
+    def forward(self, src: Tensor, src_mask: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        sa = _attention_block(self.self_attn, self.dropout1, src_mask, src_key_padding_mask,
+                              is_causal)
+        x = self._residual(src, sa, self.norm1)
+        return self._residual(x, self._ff_block(self.dropout2), self.norm2)
+
+
+class TransformerDecoderLayer(_TransformerLayer):
+    """Self-attention, attention over ``memory`` and a feed-forward block, each with a
+    residual and a LayerNorm, as ``torch.nn.TransformerDecoderLayer``."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
+                 dropout: float = 0.1, activation="relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"dropout": dropout, "bias": bias, "batch_first": batch_first, "device": device,
+              "dtype": dtype}
+        self.self_attn = MultiheadAttention(d_model, nhead, **kw)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, **kw)
+        self._feed_forward_init(d_model, dim_feedforward, dropout, activation, layer_norm_eps,
+                                norm_first, bias, 3, device, dtype)
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None,
+                tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False) -> Tensor:
+        sa = _attention_block(self.self_attn, self.dropout1, tgt_mask, tgt_key_padding_mask,
+                              tgt_is_causal)
+        ca = _attention_block(self.multihead_attn, self.dropout2, memory_mask,
+                              memory_key_padding_mask, memory_is_causal, memory)
+        x = self._residual(tgt, sa, self.norm1)
+        x = self._residual(x, ca, self.norm2)
+        return self._residual(x, self._ff_block(self.dropout3), self.norm3)
+
+
+class TransformerEncoder(Module):
+    """``num_layers`` copies of ``encoder_layer`` (``layers.0``, ...), then ``norm`` if given,
+    as ``torch.nn.TransformerEncoder``."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int,
+                 norm: Module | None = None, enable_nested_tensor: bool = True,
+                 mask_check: bool = True):
+        super().__init__()
+        self.layers = ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
+        self.num_layers, self.norm = num_layers, norm
+
+    def forward(self, src: Tensor, mask: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        for layer in self.layers:
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                        is_causal=bool(is_causal))
+        return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoder(Module):
+    """``num_layers`` copies of ``decoder_layer`` (``layers.0``, ...), then ``norm`` if given,
+    as ``torch.nn.TransformerDecoder``."""
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
+                 norm: Module | None = None):
+        super().__init__()
+        self.layers = ModuleList(copy.deepcopy(decoder_layer) for _ in range(num_layers))
+        self.num_layers, self.norm = num_layers, norm
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None,
+                tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None,
+                tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> Tensor:
+        for layer in self.layers:
+            tgt = layer(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                        memory_key_padding_mask, bool(tgt_is_causal), memory_is_causal)
+        return tgt if self.norm is None else self.norm(tgt)
+
+
+# ================================================================ recurrent layers ======
+# Compositions over time steps: the input projection of a whole sequence is one matmul,
+# then each step is a cell over that step's slice. A traced graph unrolls the loop, so it
+# fixes the sequence length (a graph per length); the batch size stays free where the
+# initial states are zeros (``hx=None``) and the graph reads ``output`` rather than slicing
+# ``h_n`` by layer (``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps
+# (step input projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state
+# of Nones is the zero initial state: h is one zero row that broadcasts over the batch
+# (w_hh still gets its zero gradient, as in torch) and the ``f * c`` and ``z * h`` terms
+# are left out; exact, and no constant shaped by the batch size in a traced graph.
+
+from ..factories import zeros as _zeros  # noqa: E402
+from ..registry import OpError, fmt  # noqa: E402
+
+
+def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
+    """``h @ w_hh.T + b_hh``, where ``h=None`` is zeros: a (1, 4H) or (1, 3H) row."""
+    if h is None:
+        h = _zeros((1, w_hh.shape[1]), dtype=w_hh.dtype, device=w_hh.device)
+    return F.linear(h, w_hh, b_hh)
+
+
+def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
+    h, c = state
+    i, f, g, o = CF.chunk(xw + _recurrent(h, w_hh, b_hh), 4, -1)
+    c = CF.sigmoid(i) * CF.tanh(g) if c is None else \
+        CF.sigmoid(f) * c + CF.sigmoid(i) * CF.tanh(g)
+    h = CF.sigmoid(o) * CF.tanh(c)
+    return h, (h, c)
+
+
+def _gru_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
+    (h,) = state
+    xr, xz, xn = CF.chunk(xw, 3, -1)
+    hr, hz, hn = CF.chunk(_recurrent(h, w_hh, b_hh), 3, -1)
+    r, z = CF.sigmoid(xr + hr), CF.sigmoid(xz + hz)
+    n = CF.tanh(xn + r * hn)
+    h = (1 - z) * n if h is None else (1 - z) * n + z * h
+    return h, (h,)
+
+
+def _reset_recurrent(module: Module) -> None:
+    """torch's initialisation of recurrent weights: all U(±1/sqrt(hidden_size))."""
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
+    for p in module.parameters():
+        init.uniform_(p, -bound, bound)
+
+
+class _RNNBase(Module):
+    """Multi-layer, optionally bidirectional recurrence with torch's parameter names
+    (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``)
+    and initialisation U(±1/sqrt(hidden_size))."""
+
+    _gates: int
+    _cell: Callable
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
+        super().__init__()
+        if proj_size:
+            raise NotImplementedError(f"{type(self).__name__}: proj_size is not supported")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout should be a number in range [0, 1], got {dropout}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional = bidirectional
+        g = self._gates * hidden_size
+        for layer in range(num_layers):
+            width = input_size if layer == 0 else hidden_size * self._directions
+            for sfx in self._suffixes(layer):
+                shapes = {"weight_ih": (g, width), "weight_hh": (g, hidden_size)}
+                if bias:
+                    shapes.update(bias_ih=(g,), bias_hh=(g,))
+                for name, shape in shapes.items():
+                    self.register_parameter(name + sfx, Parameter(_empty(shape, dtype, device)))
+        self.reset_parameters()
+
+    @property
+    def _directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self, layer: int) -> list[str]:
+        return [f"_l{layer}", f"_l{layer}_reverse"][:self._directions]
+
+    def reset_parameters(self) -> None:
+        _reset_recurrent(self)
+
+    def _weights(self, sfx: str):
+        return (getattr(self, f"weight_ih{sfx}"), getattr(self, f"weight_hh{sfx}"),
+                getattr(self, f"bias_ih{sfx}", None), getattr(self, f"bias_hh{sfx}", None))
+
+    def _run(self, x: Tensor, state, sfx: str, reverse: bool):
+        """One direction of one layer over x (N, L, in): the outputs (N, L, H), final state.
+        Batch first, so that a traced graph's time slices keep the batch size free."""
+        w_ih, w_hh, b_ih, b_hh = self._weights(sfx)
+        steps = CF.unbind(F.linear(x, w_ih, b_ih), 1)
+        outs = []
+        for xw in (reversed(steps) if reverse else steps):
+            h, state = type(self)._cell(xw, state, w_hh, b_hh)
+            outs.append(h)
+        return CF.stack(outs[::-1] if reverse else outs, 1), state
+
+    def _check_input(self, x: Tensor) -> bool:
+        name = type(self).__name__
+        if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
+            raise OpError(f"{name}: expected input of shape (L, N, {self.input_size}) (batch "
+                          f"first: (N, L, {self.input_size}); unbatched: (L, "
+                          f"{self.input_size})), got {fmt(x.shape)}")
+        return x.ndim == 3
+
+    def _initial(self, hx: Tensor | None, n: int, batched: bool) -> Tensor | None:
+        want = (self.num_layers * self._directions, n, self.hidden_size)
+        if hx is None:
+            return None
+        if not batched:
+            hx = CF.unsqueeze(hx, 1)
+        if tuple(hx.shape) != want:
+            raise OpError(f"{type(self).__name__}: expected hidden state of shape "
+                          f"{fmt(want if batched else want[:1] + want[2:])}, got "
+                          f"{fmt(hx.shape if batched else hx.shape[:1] + hx.shape[2:])}")
+        return hx
+
+    def _forward(self, x: Tensor, states: list, batched: bool):
+        """``states``: per state kind (h; or h and c) a tensor (layers*dirs, N, H)."""
+        if not batched:
+            x = CF.unsqueeze(x, 0)
+        elif not self.batch_first:
+            x = CF.transpose(x, 0, 1)
+        per_kind = [CF.unbind(s, 0) if s is not None else
+                    [None] * (self.num_layers * self._directions) for s in states]
+        finals = []
+        for layer in range(self.num_layers):
+            outs = []
+            for d, sfx in enumerate(self._suffixes(layer)):
+                k = layer * self._directions + d
+                out, final = self._run(x, tuple(s[k] for s in per_kind), sfx, reverse=d == 1)
+                outs.append(out)
+                finals.append(final)
+            x = outs[0] if len(outs) == 1 else CF.cat(outs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        finals = [CF.stack([f[i] for f in finals], 0) for i in range(len(states))]
+        if not batched:
+            return CF.squeeze(x, 0), [CF.squeeze(f, 1) for f in finals]
+        return (x if self.batch_first else CF.transpose(x, 0, 1)), finals
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                              ("dropout", 0.0), ("bidirectional", False)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+
+class LSTM(_RNNBase):
+    """``torch.nn.LSTM``: gates (i, f, g, o); ``forward(input, (h0, c0))`` returns
+    ``output, (h_n, c_n)``."""
+    _gates = 4
+    _cell = staticmethod(_lstm_cell)
+
+    def forward(self, input: Tensor, hx=None):
+        batched = self._check_input(input)
+        n = input.shape[0 if self.batch_first else 1] if batched else 1
+        h0, c0 = hx if hx is not None else (None, None)
+        states = [self._initial(h0, n, batched), self._initial(c0, n, batched)]
+        out, (h, c) = self._forward(input, states, batched)
+        return out, (h, c)
+
+
+class GRU(_RNNBase):
+    """``torch.nn.GRU``: gates (r, z, n); ``forward(input, h0)`` returns ``output, h_n``."""
+    _gates = 3
+    _cell = staticmethod(_gru_cell)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        batched = self._check_input(input)
+        n = input.shape[0 if self.batch_first else 1] if batched else 1
+        out, (h,) = self._forward(input, [self._initial(hx, n, batched)], batched)
+        return out, h
+
+
+class _CellBase(Module):
+    """One step of a recurrence, with torch's names ``weight_ih``, ``weight_hh``, ``bias_ih``,
+    ``bias_hh`` and initialisation U(±1/sqrt(hidden_size))."""
+
+    _gates: int
+    _cell: Callable
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        g = self._gates * hidden_size
+        shapes = {"weight_ih": (g, input_size), "weight_hh": (g, hidden_size)}
+        if bias:
+            shapes.update(bias_ih=(g,), bias_hh=(g,))
+        for name, shape in shapes.items():
+            self.register_parameter(name, Parameter(_empty(shape, dtype, device)))
+        if not bias:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _reset_recurrent(self)
+
+    def _step(self, input: Tensor, state: tuple):
+        """The cell on (N, in) or unbatched (in,) input; ``state``: Nones or (N, H) each."""
+        name = type(self).__name__
+        if input.ndim not in (1, 2) or input.shape[-1] != self.input_size:
+            raise OpError(f"{name}: expected input of shape (N, {self.input_size}) or "
+                          f"({self.input_size},), got {fmt(input.shape)}")
+        batched = input.ndim == 2
+        want = input.shape[:-1] + (self.hidden_size,)
+        for s in state:
+            if s is not None and tuple(s.shape) != want:
+                raise OpError(f"{name}: expected hidden state of shape {fmt(want)}, got "
+                              f"{fmt(s.shape)}")
+        if not batched:
+            input = CF.unsqueeze(input, 0)
+            state = tuple(None if s is None else CF.unsqueeze(s, 0) for s in state)
+        xw = F.linear(input, self.weight_ih, self.bias_ih)
+        _, state = type(self)._cell(xw, state, self.weight_hh, self.bias_hh)
+        return state if batched else tuple(CF.squeeze(s, 0) for s in state)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+
+
+class LSTMCell(_CellBase):
+    """``torch.nn.LSTMCell``: ``forward(input, (h, c))`` returns ``(h', c')``."""
+    _gates = 4
+    _cell = staticmethod(_lstm_cell)
+
+    def forward(self, input: Tensor, hx=None):
+        return self._step(input, tuple(hx) if hx is not None else (None, None))
+
+
+class GRUCell(_CellBase):
+    """``torch.nn.GRUCell``: ``forward(input, h)`` returns ``h'``."""
+    _gates = 3
+    _cell = staticmethod(_gru_cell)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        return self._step(input, (hx,))[0]

@@ -5,4 +5,4 @@ is the incoming gradient, ``out`` the forward result, and the op's inputs follow
 their own names. Forward functions take and return arrays; vjps take and return Tensors,
 built with differentiable ops so that higher-order gradients work.
 """
-from . import elementwise, reduce, shape, linalg, nn  # noqa: F401
+from . import elementwise, reduce, shape, linalg, nn, norm, conv, activation  # noqa: F401

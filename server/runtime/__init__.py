@@ -15,9 +15,12 @@ log line per request, Prometheus metrics and graceful shutdown.
 Errors: servicers either call :func:`abort` or raise any exception that has ``code``
 (a :class:`grpc.StatusCode` or its name), ``field`` and ``message`` attributes (such as
 :class:`ServiceError`, ``WireError``, ``GraphError``); the interceptor turns it into a
-status with ``google.rpc.BadRequest`` field violations. Anything else becomes INTERNAL
-with a log line and a traceback, and the server keeps serving. Request bytes that are
-not a valid message get INVALID_ARGUMENT (``decode_check``).
+status with ``google.rpc.BadRequest`` field violations. A MemoryError becomes
+RESOURCE_EXHAUSTED; anything else INTERNAL with a log line and a traceback, and the server
+keeps serving. Every call has a request id (the caller's ``x-request-id``, or a new one):
+on each log line while it is handled, in the trailing metadata, in error details
+(``google.rpc.RequestInfo``), and sent on with the calls made while handling it.
+Request bytes that are not a valid message get INVALID_ARGUMENT (``decode_check``).
 
 One module per job:
 
@@ -39,6 +42,7 @@ from gradmesh.server.runtime.config import (
                                             MiB,
                                             ServerConfig,
                                             add_server_arguments,
+                                            check_address,
                                             check_config,
                                             config_from_args,
                                             env_default,
@@ -64,4 +68,5 @@ __all__ = ["ServerConfig", "ServiceError", "ConfigError", "RunningServer", "Peer
            # and what the other modules of gradmesh.server and its tests read from here
            "ALLOCATOR_VARIABLES", "DEFAULT_MAX_CONCURRENT_REQUESTS", "DEFAULT_MAX_MESSAGE_BYTES",
            "HEALTH_PREFIX", "JsonFormatter", "MiB", "ServiceSpec", "TextFormatter",
-           "check_config", "env_flag", "get_metrics", "is_loopback", "metric", "steady_heap"]
+           "check_address", "check_config", "env_flag", "get_metrics", "is_loopback", "metric",
+           "steady_heap"]

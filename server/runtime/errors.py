@@ -9,6 +9,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from gradmesh.wire.channel import REQUEST_ID_KEY, request_id
+
 
 class ServiceError(Exception):
     """Raise from a servicer (or a function it calls) to fail the call with ``code``.
@@ -43,17 +45,31 @@ def status_code(code: Any) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
+class _Status(grpc.Status):
+    def __init__(self, code, details, trailing_metadata):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
 def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -> grpc.Status:
-    """A status carrying a google.rpc.Status (with BadRequest for ``field``) in trailers."""
+    """A status carrying a google.rpc.Status (with BadRequest for ``field``, and
+    RequestInfo with the request id being handled) in trailers, and the request id as
+    ``x-request-id`` trailing metadata."""
     details = []
+    rid = request_id.get()
     if field is not None:
         bad = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])
         detail = any_pb2.Any()
         detail.Pack(bad)
         details.append(detail)
+    if rid:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.RequestInfo(request_id=rid))
+        details.append(info)
     status = status_pb2.Status(code=code.value[0], message=message, details=details)
-    return rpc_status.to_status(status)
+    plain = rpc_status.to_status(status)
+    trailers = tuple(plain.trailing_metadata) + (((REQUEST_ID_KEY, rid),) if rid else ())
+    return _Status(plain.code, plain.details, trailers)
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
@@ -69,6 +85,17 @@ def is_typed_error(exc: BaseException) -> bool:
     """Whether ``exc`` says its own status: ``code``, ``field`` and ``message`` attributes
     (:class:`ServiceError`, ``WireError``, ``GraphError``)."""
     return hasattr(exc, "code") and hasattr(exc, "field") and not isinstance(exc, grpc.RpcError)
+
+
+def resource_error(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status of an exception that means the request needs more than the server has:
+    RESOURCE_EXHAUSTED for a MemoryError (NumPy's ``_ArrayMemoryError`` included, and
+    CuPy's ``OutOfMemoryError``), None for anything else."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        what = str(exc) or "out of memory"
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request needs more memory than the server has: {what}")
+    return None
 
 
 def message_of(exc: BaseException) -> str:

@@ -6,20 +6,43 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import threading
 import time
+import uuid
 from typing import Iterator
 
 import grpc
 
 from gradmesh.server.runtime import streams
 from gradmesh.server.runtime.config import ServerConfig
-from gradmesh.server.runtime.errors import abort, is_typed_error, message_of, status_code
+from gradmesh.server.runtime.errors import (
+    abort,
+    is_typed_error,
+    message_of,
+    resource_error,
+    status_code,
+)
 from gradmesh.server.runtime.metrics import get_metrics
+from gradmesh.wire.channel import REQUEST_ID_KEY, request_id
 
 log = logging.getLogger("gradmesh.server")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+# A caller's x-request-id is kept when it looks like an id; otherwise the server makes one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def call_request_id(metadata) -> str:
+    """The caller's ``x-request-id`` when it is a sane id, else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            value = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            if _REQUEST_ID.fullmatch(value):
+                return value
+            break
+    return uuid.uuid4().hex
 
 
 class _Outcome:
@@ -53,9 +76,12 @@ class Interceptor(grpc.ServerInterceptor):
         # under load and without a token.
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
-        denied = self._auth_error(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata
+        denied = self._auth_error(metadata)
+        rid = call_request_id(metadata)
         return _wrap(handler, lambda behavior, streaming_response:
-                     self._guard(method, behavior, streaming_response, denied), self._idle)
+                     self._guard(method, behavior, streaming_response, denied, rid),
+                     self._idle)
 
     @property
     def in_flight(self) -> int:
@@ -97,10 +123,15 @@ class Interceptor(grpc.ServerInterceptor):
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
 
     @contextlib.contextmanager
-    def _admitted(self, method: str, context, denied: str | None) -> Iterator[None]:
+    def _admitted(self, method: str, context, denied: str | None,
+                  rid: str) -> Iterator[None]:
         start = time.perf_counter()
         outcome = _Outcome()
         peer = streams.peer_identity(context.peer())
+        # Every log line while handling this call carries the id (logs.RequestIdFilter),
+        # and every call made while handling it sends it on (wire.channel.call_metadata).
+        token = request_id.set(rid)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         try:
             self._admit(context, denied, outcome, peer)
             self._metrics["in_flight"].inc()
@@ -119,7 +150,13 @@ class Interceptor(grpc.ServerInterceptor):
                     self._peers.release(peer)
                     self._lock.notify_all()
         finally:
-            self._record(method, context, outcome, start)
+            try:
+                self._record(method, context, outcome, start)
+            finally:
+                try:
+                    request_id.reset(token)
+                except ValueError:      # a stream's generator closed from another thread
+                    request_id.set(None)
 
     def _fail(self, method: str, context, exc: BaseException, outcome: _Outcome) -> None:
         """Turn an exception into a status (raising, as context.abort does)."""
@@ -133,6 +170,12 @@ class Interceptor(grpc.ServerInterceptor):
         if not context.is_active():
             outcome.fail(grpc.StatusCode.CANCELLED, message_of(exc))
             raise exc
+        exhausted = resource_error(exc)
+        if exhausted is not None:
+            outcome.fail(*exhausted)
+            log.warning("out of memory in %s", method, exc_info=exc,
+                        extra={"method": method})
+            abort(context, *exhausted)
         message = f"internal error: {type(exc).__name__}: {exc} (logged on the server)"
         outcome.fail(grpc.StatusCode.INTERNAL, message)
         log.error("internal error in %s", method, exc_info=exc, extra={"method": method})
@@ -152,15 +195,15 @@ class Interceptor(grpc.ServerInterceptor):
                 fields["error"] = outcome.error or _details(context) or ""
             log.log(level, "rpc", extra=fields)
 
-    def _guard(self, method, behavior, streaming_response, denied):
+    def _guard(self, method, behavior, streaming_response, denied, rid):
         if streaming_response:
             def guarded_stream(request, context):
-                with self._admitted(method, context, denied):
+                with self._admitted(method, context, denied, rid):
                     yield from behavior(request, context)
             return guarded_stream
 
         def guarded(request, context):
-            with self._admitted(method, context, denied):
+            with self._admitted(method, context, denied, rid):
                 return behavior(request, context)
         return guarded
 

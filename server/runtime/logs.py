@@ -1,6 +1,7 @@
 """A server's logs: one line per record on stderr, as JSON or as text with the same fields
 (time, level, logger, message, then each ``extra`` field: an RPC's ``method``, ``code``,
-``duration_ms``, ``peer``, and ``error`` when it failed)."""
+``duration_ms``, ``peer``, and ``error`` when it failed; ``request_id`` on every line
+logged while a call is handled)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import sys
 from typing import Any
 
 from gradmesh.server.runtime.config import ServerConfig
+from gradmesh.wire.channel import request_id
 
 # A record's own attributes; anything else on it came from ``extra=``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -55,6 +57,17 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record logged while a call is handled (the id the
+    interceptor set), so each line of a call, on every server it reaches, can be found."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id.get()
+        if rid and not hasattr(record, "request_id"):
+            record.request_id = rid
+        return True
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to ``sys.stderr`` as it is when a record comes, not as it was when logging
     was set up: a stream swapped out and closed since (pytest's capture of one test) would
@@ -77,6 +90,7 @@ def configure_logging(config: ServerConfig) -> None:
             logger.removeHandler(h)
     handler = _StderrHandler()
     handler._gradmesh = True  # type: ignore[attr-defined]
+    handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(config.log_level.upper())

@@ -3,8 +3,10 @@ every gradmesh service needs (see the package's docstring); :class:`RunningServe
 handle to it."""
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -13,13 +15,12 @@ from typing import Any, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from gradmesh.server.runtime.config import ConfigError, ServerConfig, check_config
 from gradmesh.server.runtime.decode_check import DecodeCheckingServer
 from gradmesh.server.runtime.interceptor import Interceptor
 from gradmesh.server.runtime.logs import configure_logging
-from gradmesh.server.runtime.metrics import get_metrics
+from gradmesh.server.runtime.metrics import start_metrics_server
 from gradmesh.server.runtime.tls import server_credentials
 
 # Servers and clients share the message-size and keepalive options (client/channel.py).
@@ -73,6 +74,7 @@ class RunningServer:
         done = self.server.stop(self.config.grace if grace is None else grace)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         done.wait()
 
     def wait(self, handle_signals: bool = True) -> None:
@@ -119,18 +121,24 @@ def _bind(server: grpc.Server, config: ServerConfig) -> int:
         else:
             port = server.add_insecure_port(bind)
     except RuntimeError as e:
-        raise ConfigError(f"cannot bind {bind}: {e}") from None
+        raise ConfigError(f"cannot bind {bind}: {_bind_reason(config)} ({e})") from None
     if not port:
-        raise ConfigError(f"cannot bind {bind} (address in use or not available)")
+        raise ConfigError(f"cannot bind {bind}: {_bind_reason(config)}")
     return port
 
 
-def _start_metrics_server(config: ServerConfig):
-    if not config.metrics_port:
-        return None
-    get_metrics()
-    started = start_http_server(config.metrics_port, addr=config.host)
-    return started[0] if isinstance(started, tuple) else None
+def _bind_reason(config: ServerConfig) -> str:
+    """Why gRPC could not bind (it does not say): the port in use, or the address."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((config.host.strip("[]"), config.port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return (f"port {config.port} is in use on {config.host} (another server "
+                    f"runs there: stop it or pick another --port)")
+        return f"{e.strerror or e} (--host {config.host})"
+    return "address in use or not available"
 
 
 def serve(config: ServerConfig, services: Sequence[ServiceSpec]) -> RunningServer:
@@ -150,7 +158,11 @@ def serve(config: ServerConfig, services: Sequence[ServiceSpec]) -> RunningServe
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
     names = _add_services(server, services, health_servicer)
     port = _bind(server, config)
-    metrics_server = _start_metrics_server(config)
+    try:
+        metrics_server = start_metrics_server(config)
+    except BaseException:
+        server.stop(None)
+        raise
 
     server.start()
     for name in names:

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from gradmesh.server.runtime.config import ConfigError, ServerConfig, env_default, env_flag
+from gradmesh.server.runtime.config import (
+    ConfigError,
+    ServerConfig,
+    env_default,
+    env_flag,
+    read_token_file,
+)
 
 # One TLS description for every gradmesh connection (client/channel.py builds them).
 from gradmesh.wire.channel import TLS
@@ -68,11 +74,7 @@ def add_peer_arguments(parser: argparse.ArgumentParser, whom: str) -> None:
 def _peer_token(args: argparse.Namespace, config: ServerConfig) -> str | None:
     token = args.peer_token
     if args.peer_token_file:
-        try:
-            with open(args.peer_token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read --peer-token-file: {e}") from None
+        token = read_token_file(args.peer_token_file, "--peer-token-file")
     return token or config.token
 
 

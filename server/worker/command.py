@@ -10,6 +10,7 @@ from gradmesh.server import runtime
 from gradmesh.server.worker.calls import WorkerLimits
 from gradmesh.server.worker.logic import BACKENDS, GradientWorker
 from gradmesh.server.worker.service import SERVICE_NAME, WorkerService, add_to_server
+from gradmesh.wire import stream
 from gradmesh.wire.coordinator import WorkerRegistration
 
 DEFAULT_PORT = 50051
@@ -29,9 +30,14 @@ def start(backend: str = "cpu", *, config: runtime.ServerConfig | None = None,
     """
     worker_kw = {k: kw.pop(k) for k in list(kw) if k in _WORKER_KEYS}
     config = config or runtime.ServerConfig(**kw)
-    limits = dataclasses.replace(worker_kw.pop("limits", None) or WorkerLimits(),
+    given = worker_kw.pop("limits", None)
+    limits = dataclasses.replace(given or WorkerLimits(),
                                  max_message_bytes=config.max_message_bytes,
                                  max_concurrent_requests=config.max_concurrent_requests)
+    if given is None or given.chunk_bytes is None:
+        # Not chosen: the largest default chunk whose messages fit the message limit.
+        limits = dataclasses.replace(limits, chunk_bytes=stream.chunk_for(
+            config.max_message_bytes, WorkerLimits().chunk_bytes))
     worker = GradientWorker(backend, limits, **worker_kw)
     running = runtime.serve(config, [(add_to_server, WorkerService(worker), SERVICE_NAME)])
     running.worker = worker
@@ -58,8 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-flops", type=float,
                    default=d("max-request-flops", dl.max_request_flops),
                    help="per-request compute budget from shape inference (0: none)")
-    g.add_argument("--chunk-bytes", type=int, default=d("chunk-bytes", dl.chunk_bytes),
-                   help="chunk size of streamed responses, 1-4 MiB")
+    g.add_argument("--chunk-bytes", type=int, default=d("chunk-bytes", None),
+                   help=f"chunk size of streamed responses, at most 4 MiB and 4 KiB under "
+                        f"--max-message-bytes (default {dl.chunk_bytes}, or less to fit "
+                        f"--max-message-bytes)")
     g.add_argument("--graph-cache-size", type=int, default=d("graph-cache-size", 256))
     g.add_argument("--plan-cache-size", type=int, default=d("plan-cache-size", 64))
     g.add_argument("--shared-memory", choices=("on", "off"),
@@ -111,10 +119,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     limits = WorkerLimits(max_graph_nodes=args.max_graph_nodes,
                           max_tensor_elements=args.max_tensor_elements,
-                          max_stream_bytes=args.max_stream_bytes, chunk_bytes=args.chunk_bytes,
+                          max_stream_bytes=args.max_stream_bytes,
+                          chunk_bytes=args.chunk_bytes,     # None: fit to the message limit
                           max_request_bytes=args.max_request_bytes,
                           max_request_flops=int(args.max_request_flops))
     try:
+        for flag, address in (("--coordinator", args.coordinator),
+                              ("--advertise", args.advertise)):
+            if address:
+                runtime.check_address(flag, address)
         peer = runtime.peer_config_from_args(args, config)
         running = start(args.backend, config=config, limits=limits,
                         graph_cache_size=args.graph_cache_size,

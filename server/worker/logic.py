@@ -35,9 +35,16 @@ BACKENDS = ("cpu", "cuda")
 
 
 def check_limits(limits: WorkerLimits) -> None:
-    if not stream.MIN_CHUNK_BYTES <= limits.chunk_bytes <= stream.MAX_CHUNK_BYTES:
-        raise runtime.ConfigError(f"chunk_bytes must be between {stream.MIN_CHUNK_BYTES} "
+    if not 1 <= limits.chunk_bytes <= stream.MAX_CHUNK_BYTES:
+        raise runtime.ConfigError(f"--chunk-bytes must be between {stream.MIN_CHUNK_BYTES} "
                                   f"and {stream.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}")
+    if limits.chunk_bytes + stream.FRAME_OVERHEAD_BYTES > limits.max_message_bytes:
+        raise runtime.ConfigError(
+            f"--chunk-bytes {limits.chunk_bytes} does not fit --max-message-bytes "
+            f"{limits.max_message_bytes}: a streamed reply's messages are a chunk plus "
+            f"{stream.FRAME_OVERHEAD_BYTES} bytes; lower --chunk-bytes to at most "
+            f"{limits.max_message_bytes - stream.FRAME_OVERHEAD_BYTES} or leave it unset "
+            f"(derived from --max-message-bytes)")
     for name in ("max_graph_nodes", "max_tensor_elements", "max_message_bytes",
                  "max_stream_bytes", "max_concurrent_requests"):
         if getattr(limits, name) < 1:
@@ -104,11 +111,29 @@ class GradientWorker:
                 # Name the field as the request has it: "graph.nodes[3].op".
                 raise ServiceError(runtime.status_code(e.code), e.message,
                                    f"{field}.{e.field}" if e.field else field) from None
+            self._check_devices(graph, field)
             registered = RegisteredGraph.of(validated)
             self._graphs.put(validated.id, registered)
             if given_id != validated.id:        # sent again as it was: found without work
                 self._graphs.put(given_id, registered)
         return registered
+
+    def _check_devices(self, graph: graph_pb2.Graph, field: str) -> None:
+        """FAILED_PRECONDITION for a ``to_device`` to a device this worker lacks (a CPU
+        worker has no CUDA), naming the node, before anything runs."""
+        if self.backend == "cuda":
+            return
+        for i, node in enumerate(graph.nodes):
+            if node.op != "to_device":
+                continue
+            for attr in node.attrs:
+                if attr.name == "device" and attr.WhichOneof("value") == "s" and \
+                        attr.s != self.backend:
+                    raise ServiceError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"node {i} moves a tensor to {attr.s!r}, and this worker's backend "
+                        f"is {self.backend!r}: send the graph to a {attr.s} worker",
+                        f"{field}.nodes[{i}].attrs.device")
 
     def lookup(self, graph_id: str, field: str = "graph_id"):
         """The validated graph of a registered id (NOT_FOUND if unknown or evicted)."""

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from gradmesh.client.train import ConfigError, load_config
-from gradmesh.server import cli
+from gradmesh import cli
 
 
 def test_demo_trains_digits_to_95_percent_and_writes_a_loss_curve(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gradmesh.server.cli", "demo", "--no-progress",
+    out = subprocess.run([sys.executable, "-m", "gradmesh.cli", "demo", "--no-progress",
                           "--output-dir", str(tmp_path)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

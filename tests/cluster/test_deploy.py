@@ -103,8 +103,8 @@ def tool(name: str) -> str | None:
 
 
 def role_parser(role: str) -> argparse.ArgumentParser:
-    """The parser ``gradmesh ROLE`` uses, built as server/cli.py builds it."""
-    from gradmesh.server import cli
+    """The parser ``gradmesh ROLE`` uses, built as ``gradmesh.cli`` builds it."""
+    from gradmesh import cli
 
     assert role in cli.COMMANDS, f"'{role}' is not a gradmesh subcommand ({list(cli.COMMANDS)})"
     module = importlib.import_module(cli.COMMANDS[role][0])
@@ -375,7 +375,7 @@ def test_dockerfile_exposes_every_role_port():
         for p in rest.split()
     }
     for role in SERVER_ROLES:
-        from gradmesh.server import cli
+        from gradmesh import cli
 
         module = importlib.import_module(cli.COMMANDS[role][0])
         assert module.DEFAULT_PORT in exposed, f"{role}'s port {module.DEFAULT_PORT}"

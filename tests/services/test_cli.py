@@ -10,10 +10,13 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
+from conftest import free_port
 
+from gradmesh import cli
 from gradmesh.server import runtime
-from gradmesh.server.cli import COMMANDS, main
+from gradmesh.cli import COMMANDS, main
 from gradmesh.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -132,7 +135,116 @@ def test_server_logs_carry_the_same_fields_as_text_and_as_json(start_worker, cap
         assert line.split()[2:5] == [record["level"], record["logger"], record["msg"]], line
         fields = _text_fields(line)
         assert set(fields) == set(record) - {"time", "level", "logger", "msg"}, line
-        for key in set(fields) - {"address", "peer", "duration_ms"}:   # differ per server
+        for key in set(fields) - {"address", "peer", "duration_ms", "request_id"}:  # per call
             assert fields[key] == record[key], (key, line)
         assert all(isinstance(fields[k], float) for k in ("duration_ms",) if k in fields)
     assert _text_fields(lines["text"][2])["error"] == errors["text"]
+    # Every line of a call carries its request id, the one the client got back.
+    assert all(r["request_id"] for r in records[1:]) and "request_id" not in records[0]
+    assert all(_text_fields(ln)["request_id"] for ln in lines["text"][1:])
+
+
+# ============================================ operator-facing errors (item 11) =========
+
+def _gradmesh(*argv, env=None, timeout=60):
+    """Run ``gradmesh *argv`` in a process; (exit code, stderr)."""
+    import os
+    import subprocess
+    import sys
+    run_env = dict(os.environ, **(env or {}))
+    run_env.pop("GRADMESH_DEBUG", None)
+    r = subprocess.run([sys.executable, "-m", "gradmesh.cli", *argv],
+                       capture_output=True, text=True, timeout=timeout, env=run_env)
+    return r.returncode, r.stderr
+
+
+@pytest.mark.parametrize("port", ["-1", "70000"])
+def test_port_out_of_range_is_refused(port):
+    code, err = _gradmesh("worker", "--port", port)
+    assert code == 2 and "--port" in err and "0..65535" in err and "Traceback" not in err
+
+
+def test_port_in_use_says_so():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, err = _gradmesh("worker", "--port", str(port))
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]   # not gRPC's log
+    assert code == 2 and "in use" in line[0] and f"127.0.0.1:{port}" in line[0], err
+    assert "Traceback" not in err
+
+
+def test_missing_and_empty_files_name_the_flag_and_path(tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    missing = str(tmp_path / "nope.key")
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    for argv, flag, path in (
+            (["--token-file", missing], "--token-file", missing),
+            (["--token-file", str(empty)], "--token-file", str(empty)),
+            (["--tls-cert", str(cert), "--tls-key", missing], "--tls-key", missing),
+            (["--peer-token-file", missing], "--peer-token-file", missing)):
+        code, err = _gradmesh("worker", "--port", "0", *argv)
+        assert code == 2 and flag in err and path in err, (argv, err)
+        assert "Traceback" not in err
+    code, err = _gradmesh("worker", "--port", "0", "--token-file", str(empty))
+    assert "empty" in err
+
+
+def test_coordinator_flag_errors_name_the_flag():
+    for argv, flag in ((["--workers", "nohost"], "--workers"),
+                       (["--shards", "h:99999"], "--shards"),
+                       (["--worker-timeout", "-1"], "--worker-timeout"),
+                       (["--embedded-shards", "0"], "--embedded-shards"),
+                       (["--micro-batch-deadline", "0"], "--micro-batch-deadline")):
+        code, err = _gradmesh("coordinator", "--port", "0", *argv)
+        assert code == 2 and flag in err and "Traceback" not in err, (argv, err)
+        assert err.count("--") == 1, err         # only the flag at fault is named
+
+
+def test_help_shows_no_markup():
+    out = subprocess_help()
+    assert "``" not in out and ":class:" not in out and "gradmesh" in out
+
+
+def subprocess_help() -> str:
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "gradmesh.cli", "--help"],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def test_train_without_a_coordinator_fails_fast(tmp_path):
+    import time
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.int64))
+    port = free_port()
+    (tmp_path / "job.toml").write_text(
+        '[model]\nlayers = [{ type = "linear", in = 2, out = 2 }]\n'
+        f'[data]\ntrain = "{tmp_path / "d.npz"}"\n[optimizer]\nname = "sgd"\nlr = 0.1\n'
+        f'[cluster]\naddress = "127.0.0.1:{port}"\n')
+    start = time.monotonic()
+    code, err = _gradmesh("train", "--config", str(tmp_path / "job.toml"),
+                          "--connect-timeout", "1")
+    assert time.monotonic() - start < 30
+    assert code == 1 and "cannot reach the coordinator" in err and f":{port}" in err
+    assert "Traceback" not in err
+
+
+def test_unexpected_errors_print_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    from gradmesh.server import worker as worker_cmd
+
+    def boom(args):
+        raise RuntimeError("kaboom")
+    monkeypatch.setattr(worker_cmd, "run", boom)
+    monkeypatch.delenv("GRADMESH_DEBUG", raising=False)
+    assert cli.main(["worker", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "kaboom" in err and "--debug" in err and "Traceback" not in err
+    assert cli.main(["--debug", "worker", "--port", "0"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("GRADMESH_DEBUG", "1")
+    assert cli.main(["worker", "--port", "0"]) == 1
+    assert "Traceback" in capsys.readouterr().err

@@ -226,7 +226,7 @@ def test_cli_worker_prints_address_and_stops_on_sigterm():
     import os
     import signal
     import sys
-    proc = subprocess.Popen([sys.executable, "-m", "gradmesh.server.cli", "worker", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "gradmesh.cli", "worker", "--port",
                              "0", "--log-format", "text"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

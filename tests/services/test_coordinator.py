@@ -104,8 +104,12 @@ def test_a_step_id_sent_twice_is_applied_once(coordinator):
     job, data = _job(client)
     first = job.step(*data[0])
     after_one = _params(job)
-    again = job.step(*data[1], step_id=1)          # even with another batch: a replay
+    again = job.step(*data[0], step_id=1)          # the same batch: a replay
     assert again.replayed and again.loss == first.loss and again.version == 1
+    with pytest.raises(GradmeshError) as e:        # another batch: refused, not replayed
+        job.step(*data[1], step_id=1)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and e.value.field == "step_id"
+    assert "step_id 1" in str(e.value) and "another batch" in str(e.value)
     assert all(np.array_equal(a, after_one[n]) for n, a in _params(job).items())
     assert job.status().version == 1
     assert job.step(*data[1]).step_id == 2
@@ -121,6 +125,38 @@ def test_create_job_is_idempotent_and_refuses_different_content(coordinator):
         client.create_job(_model(), _loss, {"name": "sgd", "lr": 0.5}, 8, data[0],
                           job_id="j", data_names=["x", "y"])
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
+    assert "optimizer" in str(e.value) and "initial parameters" not in str(e.value)
+    other = _model()
+    with gm.no_grad():
+        next(iter(other.parameters())).mul_(2.0)
+    with pytest.raises(GradmeshError) as e:        # other initial values: refused
+        client.create_job(other, _loss, SGD, 8, data[0], job_id="j", data_names=["x", "y"])
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
+    assert "initial parameters" in str(e.value) and "graph" not in str(e.value)
+
+
+def _dropout_loss(model, x, y):
+    return gm.nn.functional.cross_entropy(gm.nn.functional.dropout(model(x), 0.5), y)
+
+
+def test_two_identical_runs_without_a_job_id_give_the_same_bits(coordinator):
+    """Dropout masks derive from the job id; without one it is a digest of the job's
+    content, so a second run on a fresh coordinator draws the same masks."""
+    runs = []
+    for _ in range(2):
+        _, client = coordinator()
+        job = client.create_job(_model(), _dropout_loss, SGD, 8, _data()[0],
+                                data_names=["x", "y"])
+        for x, y in _data()[:3]:
+            job.step(x, y)
+        runs.append((job.job_id, _params(job)))
+    (id1, p1), (id2, p2) = runs
+    assert id1 == id2 and id1.startswith("job-")
+    assert all(np.array_equal(p1[n], p2[n]) for n in p1)
+    _, client = coordinator()
+    other = client.create_job(_model(), _dropout_loss, {"name": "sgd", "lr": 0.2}, 8,
+                              _data()[0], data_names=["x", "y"])
+    assert other.job_id != id1
 
 
 def _raw_step(client, job_id, step_id, batch):
@@ -387,21 +423,26 @@ def test_restart_continues_from_the_last_committed_step(coordinator, tmp_path):
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
 
 
-def test_a_crash_loses_only_uncheckpointed_steps_and_says_which_is_next(coordinator,
-                                                                        tmp_path):
+def test_a_crash_loses_no_acknowledged_step(coordinator, tmp_path):
+    """Without a final checkpoint (a crash), the step logs of the coordinator and of its
+    embedded shards bring back every step a client was told about, with its result."""
     reference = _reference_params(coordinator)
-    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2,
+                                 embedded_shards=2)
     job, data = _job(client)
-    for x, y in data[:3]:
-        job.step(x, y)
+    results = [job.step(x, y) for x, y in data[:3]]
     server.stop(0)                                   # no close(): no final checkpoint
-    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2,
+                                 embedded_shards=2)
     job = client.job("j")
-    assert job.status().next_step_id == 3
+    status = job.status()
+    assert status.next_step_id == 4 and status.version == 3 and not status.error
+    again = job.step(*data[2], step_id=3)
+    assert again.replayed and again.loss == results[2].loss
     with pytest.raises(GradmeshError) as e:
-        job.step(*data[3], step_id=4)
-    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "expects step 3" in str(e.value)
-    for x, y in data[2:]:
+        job.step(*data[4], step_id=5)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "expects step 4" in str(e.value)
+    for x, y in data[3:]:
         job.step(x, y)
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
 
@@ -511,3 +552,155 @@ def test_a_cuda_worker_trains_like_the_cpu_workers(coordinator, shared_memory):
             np.testing.assert_allclose(a, reference[n], rtol=1e-4, atol=1e-5, err_msg=n)
     finally:
         cuda.stop(0)
+
+
+def _start_shard(state_dir, port=0):
+    from gradmesh.server.runtime import ServerConfig
+    from gradmesh.server.shard import serve_shard
+    from gradmesh.server.shard_store import ShardStore
+    running = serve_shard(ServerConfig(port=port), ShardStore(str(state_dir)))
+    return running, running.address
+
+
+def test_a_killed_shard_wedges_with_a_reason_and_recovers_when_it_is_back(coordinator,
+                                                                         tmp_path):
+    """A shard that dies (no checkpoint on the way out: its state is the last checkpoint
+    plus its step log) fails steps with UNAVAILABLE and says why in JobStatus.error; back
+    on the same address, then on another one, the job resumes where the client was told
+    it is, bit for bit."""
+    reference = _reference_params(coordinator)
+    shards = [_start_shard(tmp_path / f"s{i}") for i in range(2)]
+    addresses = [a for _, a in shards]
+    kw = dict(state_dir=str(tmp_path / "c"), checkpoint_every=100)
+    server, client = coordinator(shards=addresses, **kw)
+    job, data = _job(client)
+    for x, y in data[:3]:
+        job.step(x, y)
+    dead, _ = shards[1]
+    dead.stop(0)                                     # a crash: nothing saved on the way out
+    with pytest.raises(GradmeshError) as e:
+        job.step(*data[3])
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    error = job.status().error
+    assert addresses[1] in error and "shard 1" in error
+    port = int(addresses[1].rsplit(":", 1)[1])
+    back, _ = _start_shard(tmp_path / "s1", port)   # same address, state from its directory
+    running = [shards[0][0], back]
+    try:
+        assert job.status().error == ""
+        job.step(*data[3], step_id=4)
+        # Another address: the coordinator is restarted with the new list.
+        back.stop(0)
+        moved, new_address = _start_shard(tmp_path / "s1")
+        running.append(moved)
+        server.stop(0)
+        server.coordinator.close()
+        server, client = coordinator(shards=[addresses[0], new_address], **kw)
+        job = client.job("j")
+        assert job.status().error == "" and job.next_step_id == 5
+        for x, y in data[4:]:
+            job.step(x, y)
+        assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+    finally:
+        for r in running:
+            r.stop(0)
+
+
+def test_a_crash_between_the_shards_applies_completes_the_step_on_retry(coordinator,
+                                                                       tmp_path):
+    """The coordinator dies after shard 0 applied step 3 and before shard 1 did: after a
+    restart step 3 is pinned to its batch (the log's intent record); shard 0 rebuilds
+    version 2 from its checkpoint and log for the workers, and the retry applies step 3
+    on shard 1 only."""
+    reference = _reference_params(coordinator)
+    kw = dict(state_dir=str(tmp_path), checkpoint_every=100, embedded_shards=2)
+    server, client = coordinator(**kw)
+    job, data = _job(client)
+    for x, y in data[:2]:
+        job.step(x, y)
+    shard1 = server.coordinator.shards[1]
+
+    def crash(*a, **k):
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "killed")
+    shard1.apply = crash
+    with pytest.raises(GradmeshError):
+        job.step(*data[2])
+    assert server.coordinator.shards[0].status("j") == (3, 3)
+    assert shard1.status("j") == (2, 2)
+    server.stop(0)                                   # no close(): a crash
+    server, client = coordinator(**kw)
+    job = client.job("j")
+    assert job.next_step_id == 3 and job.status().error == ""
+    with pytest.raises(GradmeshError) as e:          # not with another batch
+        job.step(*data[3], step_id=3)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and e.value.field == "step_id"
+    for x, y in data[2:]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_a_full_disk_at_a_checkpoint_loses_no_step(coordinator, tmp_path, monkeypatch):
+    """Checkpoints that fail (ENOSPC) leave the previous one whole; the steps are in the
+    step logs, so a crash afterwards still restores every acknowledged step."""
+    from gradmesh.server import checkpoint
+    reference = _reference_params(coordinator)
+    kw = dict(state_dir=str(tmp_path), checkpoint_every=1, embedded_shards=2)
+    server, client = coordinator(**kw)
+    job, data = _job(client)
+    job.step(*data[0])
+    real = checkpoint.save
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full)
+    results = [job.step(x, y) for x, y in data[1:4]]
+    assert [r.version for r in results] == [2, 3, 4]
+    monkeypatch.setattr(checkpoint, "save", real)
+    server.stop(0)                                   # a crash
+    server, client = coordinator(**kw)
+    job = client.job("j")
+    assert job.status().version == 4 and job.step(*data[3], step_id=4).replayed
+    for x, y in data[4:]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+def test_a_shard_back_without_its_state_says_so(coordinator, tmp_path):
+    shards = [_start_shard(tmp_path / f"s{i}") for i in range(2)]
+    addresses = [a for _, a in shards]
+    server, client = coordinator(shards=addresses, state_dir=str(tmp_path / "c"))
+    job, data = _job(client)
+    job.step(*data[0])
+    shards[1][0].stop(0)
+    port = int(addresses[1].rsplit(":", 1)[1])
+    empty, _ = _start_shard(tmp_path / "empty", port)   # its state directory is lost
+    try:
+        with pytest.raises(GradmeshError) as e:
+            job.step(*data[1])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        error = job.status().error
+        assert "shard 1" in error and "no state for the job" in error
+    finally:
+        empty.stop(0)
+        shards[0][0].stop(0)
+
+
+def test_a_full_disk_on_the_coordinators_step_log_applies_nothing(coordinator, tmp_path,
+                                                                  monkeypatch):
+    reference = _reference_params(coordinator)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=100)
+    job, data = _job(client)
+    job.step(*data[0])
+    log = server.coordinator.jobs["j"].log
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(log, "append", full)
+    with pytest.raises(GradmeshError) as e:             # the record before Apply fails
+        job.step(*data[1], step_id=2)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "step log" in str(e.value)
+    assert job.status().version == 1
+    monkeypatch.undo()
+    for step_id, (x, y) in enumerate(data[1:], start=2):
+        job.step(x, y, step_id=step_id)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())

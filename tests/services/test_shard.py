@@ -9,7 +9,7 @@ from gradmesh.core import optim
 from gradmesh.server.aggregate import tree_sum
 from gradmesh.server.runtime import ServerConfig, ServiceError
 from gradmesh.server.shard import serve_shard
-from gradmesh.server.shard_store import ShardStore
+from gradmesh.server.shard_store import ShardJob, ShardStore
 from gradmesh.wire.shard import RemoteShard
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
@@ -154,9 +154,86 @@ def test_checkpoint_every_n_versions(tmp_path):
     store = ShardStore(str(tmp_path), checkpoint_every=2)
     store.load("j", _params(), SGD)
     _train(store, "j", 3)
-    assert ShardStore(str(tmp_path)).jobs["j"].version == 2
+    # Taken when step 2 is applied, before it: version 1, steps 2 and 3 in the log.
+    assert ShardJob.load(str(tmp_path / "j.npz")).version == 1
+    assert ShardStore(str(tmp_path)).jobs["j"].version == 3
     store.drop("j")
-    assert ShardStore(str(tmp_path)).jobs == {}
+    assert ShardStore(str(tmp_path)).jobs == {} and not list(tmp_path.iterdir())
+
+
+def test_a_crash_loses_no_acknowledged_step_the_log_is_replayed(tmp_path):
+    """SIGKILL keeps nothing in memory: a store rebuilt from the directory (checkpoint at
+    version 2, then the log of steps 3-5) is where the dead one was, bit for bit."""
+    params = _params()
+    adam = {"name": "adam", "lr": 0.01}
+    store = ShardStore(str(tmp_path), checkpoint_every=2)
+    store.load("j", params, adam)
+    _train(store, "j", 5)
+    restarted = ShardStore(str(tmp_path), checkpoint_every=2)     # no checkpoint on exit
+    job = restarted.jobs["j"]
+    assert (job.version, job.last_step_id) == (5, 5)
+    reference = _reference(params, 5, adam)
+    assert all(np.array_equal(job.params[n], reference[n]) for n in params)
+    # A retried Apply of the last step is answered as already applied, not redone.
+    assert restarted.apply("j", 5, 3, 4)[:2] == (5, True)
+    _train(restarted, "j", 2, first=6)
+    assert np.array_equal(restarted.jobs["j"].params["w"], _reference(params, 7, adam)["w"])
+
+
+def test_a_torn_log_record_is_cut_off(tmp_path):
+    store = ShardStore(str(tmp_path))
+    store.load("j", _params(), SGD)
+    _train(store, "j", 2)
+    log = tmp_path / "j.steps.log"
+    size = log.stat().st_size
+    with open(log, "ab") as f:                      # a crash in the middle of an append
+        f.write(b"GMLR\x10\x00")
+    restarted = ShardStore(str(tmp_path))
+    assert restarted.jobs["j"].version == 2 and log.stat().st_size == size
+    _train(restarted, "j", 1, first=3)
+    assert ShardStore(str(tmp_path)).jobs["j"].version == 3
+
+
+def test_a_full_disk_applies_nothing_and_the_step_can_be_retried(tmp_path, monkeypatch):
+    store = ShardStore(str(tmp_path))
+    store.load("j", _params(), SGD)
+    job = store.jobs["j"]
+    for m in range(3):
+        store.push("j", 1, m, 3, 0, _grads(job.params, 100 + m))
+    before = {n: p.copy() for n, p in job.params.items()}
+    real = job.log.append
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(job.log, "append", full)
+    with pytest.raises(ServiceError) as e:
+        store.apply("j", 1, 3, 0)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "No space left" in e.value.message
+    assert job.version == 0 and all(np.array_equal(before[n], job.params[n]) for n in before)
+    monkeypatch.setattr(job.log, "append", real)
+    assert store.apply("j", 1, 3, 0)[:2] == (1, False)
+    assert ShardStore(str(tmp_path)).jobs["j"].version == 1
+
+
+def test_an_older_version_is_rebuilt_from_checkpoint_and_log(tmp_path):
+    """After a crash between two shards' Applies the coordinator retries the step from the
+    version before it: the shard that applied it can still serve that version."""
+    params = _params()
+    store = ShardStore(str(tmp_path))
+    store.load("j", params, SGD)
+    _train(store, "j", 3)
+    version, old = store.pull("j", 2, copy=True)
+    assert version == 2 and np.array_equal(old["w"], _reference(params, 2, SGD)["w"])
+    # Also just after a checkpoint: the one taken when applying a step holds the version
+    # before it.
+    _train(store, "j", 1, first=4)
+    for m in range(3):
+        store.push("j", 5, m, 3, 4, _grads(store.jobs["j"].params, 500 + m))
+    store.apply("j", 5, 3, 4, checkpoint_now=True)
+    version, old = store.pull("j", 4, copy=True)
+    assert version == 4 and np.array_equal(old["w"], _reference(params, 4, SGD)["w"])
+    with pytest.raises(ServiceError):
+        store.pull("j", 9)
 
 
 @pytest.fixture(scope="module")
@@ -322,3 +399,21 @@ def test_push_headers_are_checked_against_the_job_before_allocating(shard_server
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "gradients[w]" in str(e.value.trailing_metadata()) or "shape" in e.value.details()
     assert peak < 64 << 20
+
+
+def test_a_full_disk_at_a_checkpoint_still_applies_and_keeps_the_step(tmp_path,
+                                                                      monkeypatch):
+    from gradmesh.server import checkpoint
+    params = _params()
+    store = ShardStore(str(tmp_path), checkpoint_every=1)
+    store.load("j", params, SGD)
+    real = checkpoint.save
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full)
+    _train(store, "j", 3)                           # every checkpoint fails
+    monkeypatch.setattr(checkpoint, "save", real)
+    restarted = ShardStore(str(tmp_path))
+    assert restarted.jobs["j"].version == 3
+    assert np.array_equal(restarted.jobs["j"].params["w"], _reference(params, 3, SGD)["w"])

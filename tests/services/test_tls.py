@@ -319,3 +319,58 @@ def test_channel_helper_rejects_unknown_tls_values():
         channel("127.0.0.1:1", tls="yes")
     with pytest.raises(ValueError, match="cert and key"):
         TLS(cert="a.pem")
+
+
+# ====================================================== the metrics port (item 8) ======
+
+def _get(url, token=None, ca=None):
+    import ssl
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                 if token else {})
+    ctx = ssl.create_default_context(cafile=ca) if ca else None
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+@needs_openssl
+def test_metrics_use_the_servers_tls_and_token(pki):
+    """With TLS and a token, the metrics port serves HTTPS with the same certificate and
+    answers only requests bearing the token; it binds --metrics-host (127.0.0.1)."""
+    from conftest import free_port
+    p = pki
+    port = free_port()
+    with worker_mod.start("cpu", tls_cert=p("worker.pem"), tls_key=p("worker.key"),
+                          token=TOKEN, metrics_port=port):
+        url = f"https://127.0.0.1:{port}/metrics"
+        assert _get(url, ca=p("ca.pem"))[0] == 401
+        assert _get(url, token="wrong", ca=p("ca.pem"))[0] == 401
+        status, body = _get(url, token=TOKEN, ca=p("ca.pem"))
+        assert status == 200 and "gradmesh_requests_in_flight" in body
+        with pytest.raises(OSError):            # no plaintext
+            _get(f"http://127.0.0.1:{port}/metrics", token=TOKEN)
+
+
+def test_metrics_host_is_its_own_and_loopback_by_default():
+    parser = argparse.ArgumentParser()
+    worker_mod.add_arguments(parser)
+    cfg = runtime.config_from_args(parser.parse_args(
+        ["--host", "0.0.0.0", "--insecure", "--metrics-port", "9464"]))
+    assert (cfg.host, cfg.metrics_host) == ("0.0.0.0", "127.0.0.1")
+    # A public metrics address needs TLS or --insecure, as --host does.
+    cfg = runtime.config_from_args(parser.parse_args(
+        ["--metrics-port", "9464", "--metrics-host", "0.0.0.0"]))
+    with pytest.raises(runtime.ConfigError, match="--metrics-host"):
+        runtime.check_config(cfg)
+
+
+def test_metrics_token_without_tls_on_loopback():
+    from conftest import free_port
+    port = free_port()
+    with worker_mod.start("cpu", token=TOKEN, metrics_port=port):
+        assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 401
+        assert _get(f"http://127.0.0.1:{port}/metrics", token=TOKEN)[0] == 200

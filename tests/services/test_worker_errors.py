@@ -28,6 +28,10 @@ def call_error(fn, *args, **kw) -> tuple[grpc.StatusCode, str | None, str]:
     if status is not None:
         assert status.code == err.code().value[0]
         for detail in status.details:
+            info = error_details_pb2.RequestInfo()
+            if detail.Unpack(info):         # every error says which request it was
+                assert info.request_id == dict(err.trailing_metadata())["x-request-id"]
+                continue
             bad = error_details_pb2.BadRequest()
             assert detail.Unpack(bad)
             field = bad.field_violations[0].field

@@ -102,7 +102,7 @@ def worker_address() -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "gradmesh.server.cli",
+            "gradmesh.cli",
             "worker",
             "--host",
             "127.0.0.1",
