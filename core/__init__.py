@@ -29,7 +29,11 @@ from .random import (Generator as Generator, initial_seed as initial_seed,
                      manual_seed as manual_seed)
 from .registry import REGISTRY as REGISTRY, OpError as OpError
 from .tensor import Tensor as Tensor
+from .devices import device as device
+from .interop import from_dlpack as from_dlpack
+from .saving import load as load, save as save
 
 half, float, double, long, int = float16, float32, float64, int64, int32
 
 from . import nn as nn, optim as optim  # noqa: E402  (gm.nn.Linear, gm.optim.SGD)
+from . import utils as utils  # noqa: E402  (gm.utils.data.DataLoader)

@@ -1,10 +1,13 @@
 """Reverse-mode automatic differentiation: grad mode, graph nodes and the backward engine."""
 from __future__ import annotations
 
+import dis
 import functools
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Sequence
+
 
 class _State(threading.local):
     # Class-level defaults: a plain attribute read per op, never a failed lookup (getattr
@@ -71,9 +74,11 @@ class Node:
     its node form no reference cycle and memory is freed as soon as the user drops it.
     """
 
-    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "__weakref__")
+    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "stamp",
+                 "__weakref__")
 
     def __init__(self, op, inputs, attrs, out_data, out_meta):
+        self.stamp = _Versions.clock    # the in-place clock when its tensors were saved
         self.op = op
         self.inputs = inputs
         self.attrs = attrs
@@ -93,6 +98,109 @@ class Node:
         self.freed = True
 
 
+# -- version counters --------------------------------------------------------------------
+# An in-place op ticks one global clock and stamps the storage it changed (its memory
+# owner) with the tick and a per-storage count (``Tensor._version``). A node records the
+# clock when it was made: in backward, a node whose stamp is the current clock (no in-place
+# op since: the usual case) is not checked; otherwise each tensor its vjp reads is.
+class _Versions:
+    clock = 0
+    changed: dict = {}      # id(owner) -> [weakref to owner, tick of last change, count]
+
+
+def _owner(data):
+    """The array that owns ``data``'s memory (views of views lead back to it)."""
+    kind = type(data)
+    while type(data.base) is kind:
+        data = data.base
+    return data
+
+
+def bump_version(data) -> None:
+    """Record an in-place change of ``data``'s storage."""
+    owner = _owner(data)
+    _Versions.clock += 1
+    entry = _Versions.changed.get(id(owner))
+    if entry is not None and entry[0]() is owner:
+        entry[1] = _Versions.clock
+        entry[2] += 1
+    else:
+        try:
+            ref = weakref.ref(owner, _forget(id(owner)))
+        except TypeError:       # an array type without weak references: not tracked
+            return
+        _Versions.changed[id(owner)] = [ref, _Versions.clock, 1]
+
+
+def clock() -> int:
+    return _Versions.clock
+
+
+def _forget(key: int):
+    return lambda _ref: _Versions.changed.pop(key, None)
+
+
+def _change(data):
+    """(tick, count) of the last in-place change of ``data``'s storage, or None."""
+    owner = _owner(data)
+    entry = _Versions.changed.get(id(owner))
+    return entry[1:] if entry is not None and entry[0]() is owner else None
+
+
+def version_of(data) -> int:
+    change = _change(data)
+    return 0 if change is None else change[1]
+
+
+_METADATA = frozenset({"shape", "dtype", "ndim", "device"})
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_inputs(vjp, n: int) -> tuple:
+    """The inputs whose values ``vjp(g, out, *inputs, **attrs)`` reads (not only their
+    shape or dtype), found once per vjp from its bytecode: the ones torch would save."""
+    code = getattr(vjp, "__code__", None)
+    if code is None or code.co_flags & 0x04:        # not a plain function, or *inputs: all
+        return tuple(range(n))
+    params = code.co_varnames[2:code.co_argcount]
+    instrs = list(dis.get_instructions(code))
+    read = {p for p in params if p in code.co_cellvars}
+    for ins, nxt in zip(instrs, instrs[1:] + [None]):
+        if ins.opname == "LOAD_FAST" and ins.argval in params and not (
+                nxt is not None and nxt.opname == "LOAD_ATTR" and nxt.argval in _METADATA):
+            read.add(ins.argval)
+    return tuple(i for i, p in enumerate(params[:n]) if p in read)
+
+
+def _check_versions(node) -> None:
+    """Raise torch's error where a tensor ``node``'s vjp reads was changed in place after
+    the node saved it."""
+    vjp = node.op.vjp
+    reads = _saved_inputs(vjp, len(node.inputs)) if vjp is not None else ()
+    saved = [(node.inputs[i]._data, f"input {i}") for i in reads]
+    if node.out_data is not None:
+        saved.append((node.out_data, "output"))
+    for data, what in saved:
+        change = _change(data)
+        if change is not None and change[0] > node.stamp:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by "
+                f"an inplace operation: [{data.dtype} {list(data.shape)}], the {what} of "
+                f"{node.name()}, is at version {change[1]} and was changed after it was "
+                f"saved. Hint: use the out-of-place op, or .clone() the tensor before the "
+                f"in-place change")
+
+
+def _edge(t, stamp: int) -> tuple:
+    """(grad_fn, requires_grad) that ``t`` had at clock ``stamp``: an in-place op recorded
+    by autograd gives ``t`` a new history, while the nodes made before it keep the old one
+    (``Tensor._history``: (tick of the change, grad_fn, requires_grad) before each)."""
+    for tick, grad_fn, requires in t._history:
+        if stamp < tick:
+            return grad_fn, requires
+    return t.grad_fn, t.requires_grad
+
+
 def _topo_order(roots: Sequence[Node]) -> list[Node]:
     """Nodes reachable from ``roots``, each before every node it depends on (iterative)."""
     order, seen = [], set()
@@ -103,8 +211,10 @@ def _topo_order(roots: Sequence[Node]) -> list[Node]:
         stack = [(root, iter(root.inputs))]
         while stack:
             node, it = stack[-1]
+            stale = node.stamp != _Versions.clock
             for t in it:
-                child = t.grad_fn
+                child = t.grad_fn if not stale or t._history is None else \
+                    _edge(t, node.stamp)[0]
                 if child is not None and id(child) not in seen:
                     seen.add(id(child))
                     stack.append((child, iter(child.inputs)))
@@ -169,6 +279,9 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
                 continue
             if node.freed:
                 raise RuntimeError(_FREED)
+            stale = node.stamp != _Versions.clock
+            if stale:
+                _check_versions(node)
             if capture_nodes:
                 t_node = capture_nodes.get(id(node))
                 if t_node is not None:
@@ -184,11 +297,16 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
                 raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "
                                    f"{len(inputs)} inputs")
             for t, gi in zip(inputs, grads):
-                if gi is None or not t.requires_grad:
+                if gi is None:
+                    continue
+                if stale and t._history is not None:
+                    child, requires = _edge(t, node.stamp)
+                else:
+                    child, requires = t.grad_fn, t.requires_grad
+                if not requires:
                     continue
                 if op.broadcast:
                     gi = reduce_grad(gi, t)
-                child = t.grad_fn
                 if child is None:
                     if capture_ids:
                         if id(t) in capture_ids:
@@ -220,7 +338,7 @@ def zero_grads(params, set_to_none: bool = True) -> None:
 
 
 def _accumulate_leaf(t, g, assigned: dict) -> None:
-    if t.grad is None:
+    if t._grad is None:
         # The same gradient tensor may reach several leaves (add passes ``g`` through):
         # give each its own, so that an in-place change of one .grad leaves the others.
         # ``assigned`` holds the tensors, not just their ids: a freed tensor's id is reused
@@ -236,9 +354,9 @@ def _accumulate_leaf(t, g, assigned: dict) -> None:
             g = g.clone() if is_grad_enabled() else g.detach().clone()
             owner = g._data
         assigned[id(owner)] = owner
-        t.grad = g if is_grad_enabled() else g.detach()
+        t._grad = g if is_grad_enabled() else g.detach()
     else:
-        t.grad = t.grad + g if is_grad_enabled() else (t.grad.detach() + g.detach())
+        t._grad = t._grad + g if is_grad_enabled() else (t._grad.detach() + g.detach())
 
 
 def _writable(data) -> bool:

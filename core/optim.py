@@ -1,4 +1,4 @@
-"""Optimizers with ``torch.optim``'s update rules: SGD, Adam, AdamW.
+"""Optimizers with ``torch.optim``'s update rules: SGD, Adam, AdamW, RMSprop, Adagrad.
 
 Each rule is a pure function over raw arrays, ``update(xp, param, grad, state, **hyper)``:
 it updates ``param`` and the arrays in ``state`` in place and returns ``state``. No Tensor is
@@ -27,10 +27,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import backend
-from .autograd import enable_grad, no_grad, zero_grads
+from .autograd import bump_version, enable_grad, no_grad, zero_grads
 from .tensor import Tensor
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "sgd_update", "adam_update", "adamw_update",
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "sgd_update",
+           "adam_update", "adamw_update", "rmsprop_update", "adagrad_update", "WIRE_RULES",
            "UPDATE_RULES", "HYPERPARAMETERS", "describe", "validate", "from_description",
            "state_to_arrays", "state_from_arrays"]
 
@@ -137,11 +138,80 @@ def adamw_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
                        decoupled_weight_decay=True)
 
 
+def rmsprop_update(xp, param, grad, state: dict, *, lr: float = 1e-2, alpha: float = 0.99,
+                   eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
+                   centered: bool = False, maximize: bool = False) -> dict:
+    """One step of ``torch.optim.RMSprop`` on arrays (``square_avg``, and ``grad_avg`` when
+    centered, ``momentum_buffer`` with momentum)."""
+    if "square_avg" not in state:
+        state["step"] = 0
+        state["square_avg"] = xp.zeros_like(param)
+    if momentum > 0 and "momentum_buffer" not in state:
+        state["momentum_buffer"] = xp.zeros_like(param)
+    if centered and "grad_avg" not in state:
+        state["grad_avg"] = xp.zeros_like(param)
+    state["step"] += 1
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    square_avg = state["square_avg"]
+    # square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    if centered:
+        grad_avg = state["grad_avg"]
+        _lerp_(xp, grad_avg, g, 1 - alpha)
+        avg = xp.sqrt(square_avg + (-1 * grad_avg) * grad_avg)
+    else:
+        avg = xp.sqrt(square_avg)
+    avg += eps
+    if momentum > 0:
+        buf = state["momentum_buffer"]
+        buf *= momentum
+        buf += g / avg                  # addcdiv_(g, avg)
+        param += -lr * buf              # add_(buf, alpha=-lr)
+    else:
+        param += (-lr * g) / avg        # addcdiv_(g, avg, value=-lr)
+    return state
+
+
+def adagrad_update(xp, param, grad, state: dict, *, lr: float = 1e-2, lr_decay: float = 0.0,
+                   weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                   eps: float = 1e-10, maximize: bool = False) -> dict:
+    """One step of ``torch.optim.Adagrad`` on arrays (``sum`` of squared gradients)."""
+    if "sum" not in state:
+        state["step"] = 0
+        state["sum"] = xp.full_like(param, initial_accumulator_value)
+    step = state["step"] = state["step"] + 1
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state["sum"] += g * g               # addcmul_(g, g, value=1)
+    std = xp.sqrt(state["sum"])
+    std += eps
+    param += (-clr * g) / std           # addcdiv_(g, std, value=-clr)
+    return state
+
+
+def _lerp_(xp, start, end, weight: float) -> None:
+    """``start.lerp_(end, weight)`` with torch's two formulas, chosen by the weight's size."""
+    if abs(weight) < 0.5:
+        start += weight * (end - start)
+    else:
+        start[...] = end - (end - start) * (1 - weight)
+
+
 UPDATE_RULES: dict[str, Callable[..., dict]] = {
     "sgd": sgd_update,
     "adam": adam_update,
     "adamw": adamw_update,
+    "rmsprop": rmsprop_update,
+    "adagrad": adagrad_update,
 }
+# The rules a job's description may name: the wire's Optimizer message carries only these
+# rules' hyper-parameters (RMSprop's alpha/centered, Adagrad's lr_decay/... have no field).
+WIRE_RULES = ("sgd", "adam", "adamw")
 
 # Every hyper-parameter each rule takes, with torch's defaults (SGD's lr included).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
@@ -151,9 +221,13 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
              "amsgrad": False, "maximize": False},
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
               "amsgrad": False, "maximize": False},
+    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
+                "centered": False, "maximize": False},
+    "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0,
+                "initial_accumulator_value": 0.0, "eps": 1e-10, "maximize": False},
 }
 
-_BOOLS = ("nesterov", "amsgrad", "maximize")
+_BOOLS = ("nesterov", "amsgrad", "maximize", "centered")
 
 
 def _check_hyper(name: str, hyper: dict) -> dict:
@@ -206,8 +280,11 @@ def validate(description: dict) -> dict:
         raise ValueError(f"optimizer description must be a dict, got "
                          f"{type(description).__name__}")
     name = description.get("name")
-    if name not in UPDATE_RULES:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(UPDATE_RULES)}")
+    if name in UPDATE_RULES and name not in WIRE_RULES:
+        raise ValueError(f"optimizer {name!r} runs locally only: a job's parameter shards "
+                         f"apply one of {list(WIRE_RULES)}")
+    if name not in WIRE_RULES:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(WIRE_RULES)}")
     defaults = HYPERPARAMETERS[name]
     unknown = sorted(set(description) - set(defaults) - {"name"})
     if unknown:
@@ -311,6 +388,7 @@ class Optimizer:
                     s = state[p] = {}
                 data = p._data
                 update(backend.xp_of(data), data, grad._data, s, **hyper)
+                bump_version(data)
         return loss
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -427,7 +505,36 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+class RMSprop(Optimizer):
+    """RMSprop (Hinton), with torch's ``alpha``, ``centered`` and ``momentum``. Local only:
+    ``describe`` (and so a job) refuses it."""
+
+    rule = "rmsprop"
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
+                 centered: bool = False, *, maximize: bool = False):
+        super().__init__(params, _check_hyper(self.rule, dict(
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+            centered=centered, maximize=maximize)))
+
+
+class Adagrad(Optimizer):
+    """Adagrad (Duchi et al.), with torch's ``lr_decay`` and ``initial_accumulator_value``.
+    Local only, as RMSprop."""
+
+    rule = "adagrad"
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10, *, maximize: bool = False):
+        super().__init__(params, _check_hyper(self.rule, dict(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)))
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW,
+                                          "rmsprop": RMSprop, "adagrad": Adagrad}
 
 
 def describe(optimizer: Optimizer) -> dict:
@@ -449,3 +556,12 @@ def from_description(params: Iterable, description: dict) -> Optimizer:
     d = validate(description)
     name = d.pop("name")
     return OPTIMIZERS[name](params, **d)
+
+
+# torch spells it torch.optim.lr_scheduler: `from gradmesh.core.optim.lr_scheduler import
+# StepLR` works too (this module is not a package, so the name is registered here).
+import sys as _sys  # noqa: E402
+
+from . import lr_scheduler as lr_scheduler  # noqa: E402
+
+_sys.modules[__name__ + ".lr_scheduler"] = lr_scheduler

@@ -7,11 +7,13 @@ from the registry's ``@public(method=True)`` declarations at the end of the clas
 from __future__ import annotations
 
 import builtins
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import backend, dtypes, sharedmem
+from .devices import device
 from .hooks import _dispatch, graph_tracer, untraced
 
 _ndarray = np.ndarray
@@ -38,13 +40,15 @@ class Tensor:
     tensor([2., 4.])
     """
 
-    __slots__ = ("_data", "requires_grad", "grad", "grad_fn", "_retains_grad", "__weakref__")
+    __slots__ = ("_data", "requires_grad", "_grad", "grad_fn", "_retains_grad", "_history",
+                 "__weakref__")
     __array_priority__ = 1000        # ndarray * Tensor -> Tensor.__rmul__
     _data: Any                       # a numpy.ndarray or a cupy.ndarray
     requires_grad: builtins.bool
-    grad: Tensor | None
+    _grad: Tensor | None
     grad_fn: Node | None
     _retains_grad: builtins.bool
+    _history: list | None         # see autograd._edge
 
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
@@ -54,9 +58,10 @@ class Tensor:
         dtypes.from_numpy(data.dtype)       # reject unsupported dtypes early
         self._data = data
         self.requires_grad = bool(requires_grad)
-        self.grad = None
+        self._grad = None
         self.grad_fn = None
         self._retains_grad = False
+        self._history = None
         if requires_grad and not self.dtype.is_floating_point:
             raise RuntimeError(f"only tensors of floating point dtype can require gradients, "
                                f"got {self.dtype}")
@@ -67,9 +72,10 @@ class Tensor:
         t = object.__new__(cls)
         t._data = array if type(array) is _ndarray or _is_array(array) else np.asarray(array)
         t.requires_grad = requires_grad
-        t.grad = None
+        t._grad = None
         t.grad_fn = None
         t._retains_grad = False
+        t._history = None
         return t
 
     @classmethod
@@ -105,8 +111,9 @@ class Tensor:
         return d if d is not None else dtypes.from_numpy(self._data.dtype)
 
     @property
-    def device(self) -> str:
-        return backend.device_of(self._data)
+    def device(self) -> device:
+        """``device("cpu")`` or ``device("cuda")``: a ``str`` too (``t.device == "cpu"``)."""
+        return _DEVICES[backend.device_of(self._data)]
 
     @property
     def is_cuda(self) -> bool:
@@ -187,6 +194,18 @@ class Tensor:
         self.requires_grad = requires_grad
         return self
 
+    @property
+    def grad(self) -> "Tensor | None":
+        """The accumulated gradient; reading it on a non-leaf that does not retain its
+        gradient warns, as in torch (backward never fills it)."""
+        if self.grad_fn is not None and not self._retains_grad and self.requires_grad:
+            warnings.warn(_NON_LEAF_GRAD, UserWarning, stacklevel=2)
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: "Tensor | None") -> None:
+        self._grad = value
+
     def retain_grad(self) -> None:
         if not self.requires_grad:
             raise RuntimeError("can't retain_grad on Tensor that has requires_grad=False")
@@ -221,8 +240,30 @@ class Tensor:
         return backend.to_numpy(self._data)
 
     def __array__(self, dtype=None, copy=None):
-        a = backend.to_numpy(self._data)
-        return a if dtype is None else a.astype(dtype)
+        """NumPy 2's protocol: ``copy=True`` always copies, ``copy=False`` never does (and
+        raises where a copy is needed: a CUDA tensor, another dtype), None copies if needed."""
+        a = self._data
+        needs_copy = type(a) is not _ndarray or (dtype is not None and np.dtype(dtype) != a.dtype)
+        if copy is False and needs_copy:
+            raise ValueError(f"Unable to avoid copy while creating an array as requested "
+                             f"(a {self.device} tensor of dtype {self.dtype.name})")
+        a = backend.to_numpy(a)
+        if dtype is not None:
+            a = a.astype(dtype, copy=False)
+        return a.copy() if copy and a is self._data else a
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """DLPack export (``torch.from_dlpack(t)``, ``np.from_dlpack(t)``): shares memory."""
+        if self.requires_grad:
+            raise RuntimeError("Can't export tensors that require gradient, use "
+                               "tensor.detach()")
+        kwargs = {"stream": stream} if stream is not None else {}
+        if max_version is not None:
+            kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
+        return self._data.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._data.__dlpack_device__()
 
     def item(self):
         if self.numel() != 1:
@@ -264,7 +305,7 @@ class Tensor:
         for a in args:
             if isinstance(a, Tensor):
                 dtype, device = a.dtype, a.device
-            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):
+            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):    # or a device
                 device = a
             else:
                 dtype = a
@@ -307,62 +348,100 @@ class Tensor:
     def contiguous(self) -> "Tensor":
         return self
 
-    # -- in-place updates (outside autograd) ------------------------------------------------
-    # Each one first checks for a graph tracer: while one is active it records the op's
-    # out-of-place form and runs the eager update itself (see ``_traced_inplace``).
-    def _check_inplace(self, other=None) -> None:
-        if is_grad_enabled() and (self.requires_grad or
-                                  (isinstance(other, Tensor) and other.requires_grad)):
-            raise RuntimeError("a tensor that requires grad is being used in an in-place "
-                               "operation; use the out-of-place op, or wrap the update in "
-                               "`with gradmesh.no_grad():`")
+    # -- in-place updates -------------------------------------------------------------------
+    # As in torch: outside grad mode (or on tensors without gradient) the array changes in
+    # place; in grad mode a non-leaf (or a tensor updated from one that requires grad) gets
+    # the op's out-of-place form as its new history (``_recorded_inplace``); a leaf that
+    # requires grad refuses. Every change ticks the storage's version (``_version``), which
+    # backward checks against the tensors a node saved. While a graph tracer is active the
+    # op is recorded in its out-of-place form and the eager update runs untraced
+    # (``_traced_inplace``).
+    def _inplace(self, name: str, other, new_value, eager) -> "Tensor":
+        """Change ``self`` in place: ``new_value(t, other)`` is the out-of-place form of the
+        op and ``eager()`` the array update."""
+        record = self._records_inplace(other)
+        tracer = graph_tracer()
+        if tracer is not None:
+            o = other if record else _detached(other)
+            tracer.inplace(name, self, lambda t: new_value(t, o),
+                           untraced(tracer, self._inplace, name, other, new_value, eager),
+                           recorded=record)
+            return self
+        if record:
+            return self._recorded_inplace(new_value, other)
+        eager()
+        bump_version(self._data)
+        return self
+
+    def _records_inplace(self, other) -> builtins.bool:
+        if not is_grad_enabled():
+            return False
+        if self.requires_grad and self.grad_fn is None:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation; wrap the update in `with gradmesh.no_grad():`")
+        return self.requires_grad or (isinstance(other, Tensor) and other.requires_grad)
+
+    def _recorded_inplace(self, new_value, other) -> "Tensor":
+        """Write ``new_value(old self, other)`` into this tensor's storage and make its node
+        the tensor's history, as torch rebases an in-place op's result."""
+        if self.grad_fn is not None and self._data.base is not None:
+            raise RuntimeError(f"an in-place operation on a view (output of "
+                               f"{self.grad_fn.name()}) of a tensor that requires grad is not "
+                               f"supported; use the out-of-place op, or .clone() the view first")
+        # The old value as its own tensor: the new node may save it.
+        old = Tensor._wrap(self._data.copy(), self.requires_grad)
+        old.grad_fn = self.grad_fn
+        bump_version(self._data)        # before the new node, which saves the new version
+        # Nodes made before keep reaching the old history through this tensor.
+        past = (_version_clock(), self.grad_fn, self.requires_grad)
+        self._history = [past] if self._history is None else self._history + [past]
+        new = new_value(old, old if other is self else other)
+        if new.dtype is not self.dtype:
+            if self.dtype.is_floating_point < new.dtype.is_floating_point:
+                raise RuntimeError(f"result type {new.dtype.name} can't be cast to the desired "
+                                   f"output type {self.dtype.name}")
+            new = new.to(self.dtype)
+        self._data[...] = new._data
+        node = new.grad_fn
+        if node is not None and node.out_data is not None:
+            node.out_data = self._data
+        self.grad_fn, self.requires_grad = node, new.requires_grad
+        return self
+
+    @property
+    def _version(self) -> builtins.int:
+        """How many times this tensor's storage was changed in place (torch's ``_version``)."""
+        return version_of(self._data)
 
     def _operand(self, other):
         return other._data if isinstance(other, Tensor) else other
 
     def zero_(self) -> "Tensor":
-        self._check_inplace()
-        tracer = graph_tracer()
-        if tracer is not None:
-            return _traced_inplace(tracer, "zero_", self, lambda t: _filled(t, 0),
-                                   Tensor.zero_, self)
-        self._data[...] = 0
-        return self
+        def eager() -> None:
+            self._data[...] = 0
+        return self._inplace("zero_", None, lambda t, _: _filled(t, 0), eager)
 
     def fill_(self, value) -> "Tensor":
-        self._check_inplace(value)
-        tracer = graph_tracer()
-        if tracer is not None:
-            return _traced_inplace(tracer, "fill_", self, lambda t: _filled(t, value),
-                                   Tensor.fill_, self, value)
-        self._data[...] = self._operand(value)
-        return self
+        def eager() -> None:
+            self._data[...] = self._operand(value)
+        return self._inplace("fill_", value, _filled, eager)
 
     def copy_(self, src) -> "Tensor":
-        self._check_inplace(src)
-        tracer = graph_tracer()
-        if tracer is not None:
-            return _traced_inplace(tracer, "copy_", self, lambda t: _filled(t, src),
-                                   Tensor.copy_, self, src)
-        src = src._data if isinstance(src, Tensor) else np.asarray(src)
-        xp = backend.xp_of(self._data)
-        self._data[...] = src if backend.xp_of(src) is xp else xp.asarray(backend.to_numpy(src))
-        return self
+        def eager() -> None:
+            s = src._data if isinstance(src, Tensor) else np.asarray(src)
+            xp = backend.xp_of(self._data)
+            self._data[...] = s if backend.xp_of(s) is xp else xp.asarray(backend.to_numpy(s))
+        return self._inplace("copy_", src, _filled, eager)
 
     def add_(self, other, alpha=1) -> "Tensor":
-        self._check_inplace(other)
-        tracer = graph_tracer()
-        if tracer is not None:
-            # As below: a number is scaled in Python, a tensor by a mul op.
-            if isinstance(other, Tensor):
-                o, scale = other.detach(), alpha
-            else:
-                o, scale = (other if alpha == 1 else alpha * other), 1
-            return _traced_inplace(tracer, "add_", self, lambda t: F.add(t, o, alpha=scale),
-                                   Tensor.add_, self, other, alpha)
-        o = self._operand(other)
-        self._data += o if alpha == 1 else alpha * o
-        return self
+        def eager() -> None:
+            o = self._operand(other)
+            self._data += o if alpha == 1 else alpha * o
+        # A number is scaled in Python, a tensor by the add op's alpha.
+        if isinstance(other, Tensor):
+            return self._inplace("add_", other, lambda t, o: F.add(t, o, alpha=alpha), eager)
+        scaled = other if alpha == 1 else alpha * other
+        return self._inplace("add_", other, lambda t, _: F.add(t, scaled), eager)
 
     def sub_(self, other, alpha=1) -> "Tensor":
         tracer = graph_tracer()
@@ -372,62 +451,40 @@ class Tensor:
         return self.add_(other, -alpha)
 
     def mul_(self, other) -> "Tensor":
-        self._check_inplace(other)
-        tracer = graph_tracer()
-        if tracer is not None:
-            o = _detached(other)
-            return _traced_inplace(tracer, "mul_", self, lambda t: F.mul(t, o),
-                                   Tensor.mul_, self, other)
-        self._data *= self._operand(other)
-        return self
+        def eager() -> None:
+            self._data *= self._operand(other)
+        return self._inplace("mul_", other, F.mul, eager)
 
     def div_(self, other) -> "Tensor":
-        self._check_inplace(other)
-        tracer = graph_tracer()
-        if tracer is not None:
-            o = _detached(other)
-            return _traced_inplace(tracer, "div_", self, lambda t: F.div(t, o),
-                                   Tensor.div_, self, other)
-        self._data /= self._operand(other)
-        return self
+        def eager() -> None:
+            self._data /= self._operand(other)
+        return self._inplace("div_", other, F.div, eager)
 
     def clamp_(self, min=None, max=None) -> "Tensor":
-        self._check_inplace()
-        tracer = graph_tracer()
-        if tracer is not None:
-            lo, hi = _detached(min), _detached(max)
-            return _traced_inplace(tracer, "clamp_", self, lambda t: F.clamp(t, lo, hi),
-                                   Tensor.clamp_, self, min, max)
-        backend.xp_of(self._data).clip(self._data, min, max, out=self._data)
-        return self
+        def eager() -> None:
+            backend.xp_of(self._data).clip(self._data, min, max, out=self._data)
+        lo, hi = _detached(min), _detached(max)
+        return self._inplace("clamp_", None, lambda t, _: F.clamp(t, lo, hi), eager)
 
-    def _inplace_or_new(self, other, inplace, outofplace, symbol: str):
-        if is_grad_enabled() and (self.requires_grad or
-                                  (isinstance(other, Tensor) and other.requires_grad)):
-            if self.requires_grad and self.grad_fn is None:
-                # Rebinding a parameter to a new non-leaf (``w -= lr * w.grad`` outside
-                # no_grad) would silently stop its training: torch raises here too.
-                raise RuntimeError("a leaf tensor that requires grad is being used in an "
-                                   "in-place operation; wrap the update in "
-                                   "`with gradmesh.no_grad():`")
-            return outofplace(self, other)
+    def _augmented(self, inplace, other, symbol: str):
         tracer = graph_tracer()
         if tracer is not None:
             with tracer.spelled(symbol):
                 return inplace(other)
         return inplace(other)
 
+    # ``h += 1`` changes ``h`` in place (an alias sees it), as in torch.
     def __iadd__(self, other):
-        return self._inplace_or_new(other, self.add_, Tensor.__add__, "+=")
+        return self._augmented(self.add_, other, "+=")
 
     def __isub__(self, other):
-        return self._inplace_or_new(other, self.sub_, Tensor.__sub__, "-=")
+        return self._augmented(self.sub_, other, "-=")
 
     def __imul__(self, other):
-        return self._inplace_or_new(other, self.mul_, Tensor.__mul__, "*=")
+        return self._augmented(self.mul_, other, "*=")
 
     def __itruediv__(self, other):
-        return self._inplace_or_new(other, self.div_, Tensor.__truediv__, "/=")
+        return self._augmented(self.div_, other, "/=")
 
     # -- operators: thin wrappers over gradmesh.core.functional ----------------------------
     def __add__(self, other) -> Tensor:
@@ -506,10 +563,15 @@ class Tensor:
         return F.getitem(self, index)
 
     def __setitem__(self, index, value) -> None:
-        """``x[index] = value`` in place, outside autograd (as for the other in-place ops)."""
-        self._check_inplace(value)
+        """``x[index] = value`` in place; in grad mode on a non-leaf (or with a value that
+        requires grad) recorded by autograd, as torch's index_put_."""
+        record = self._records_inplace(value)
         tracer = graph_tracer()
         if tracer is not None:
+            if record:
+                raise RuntimeError("t[index] = value: a traced graph cannot assign into a "
+                                   "tensor that requires grad (or a value that does); use "
+                                   "where or index_put out of place")
             # Traced as a write to the view of the basic part of the index (ints, slices),
             # with index_put for the advanced part (index tensors, masks).
             view, advanced = F._basic_index(self, index)
@@ -523,11 +585,12 @@ class Tensor:
             _traced_inplace(tracer, "t[index] = value", view, new_value, Tensor.__setitem__,
                             self, index, value)
             return
-        if isinstance(index, Tensor):
-            index = index._data
-        elif isinstance(index, tuple):
-            index = tuple(i._data if isinstance(i, Tensor) else i for i in index)
+        index = _array_index(index)
+        if record:
+            self._recorded_inplace(lambda t, v: _assigned(t, v, index), value)
+            return
         self._data[index] = value._data if isinstance(value, Tensor) else value
+        bump_version(self._data)
 
 
 
@@ -959,6 +1022,14 @@ class Tensor:
 
 
 _DTYPE_BY_ID = {id(d.np): d for d in dtypes.ALL}
+_DEVICES = {"cpu": device("cpu"), "cuda": device("cuda")}
+
+_NON_LEAF_GRAD = (
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad "
+    "attribute won't be populated during autograd.backward(). If you indeed want the .grad "
+    "field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor. "
+    "If you access the non-leaf Tensor by mistake, make sure you access the leaf Tensor "
+    "instead.")
 
 
 def _is_array(x) -> bool:
@@ -997,17 +1068,47 @@ def _value_like(value, like: Tensor) -> Tensor:
     return Tensor._wrap(array if xp is np else xp.asarray(array))
 
 
+def _array_index(index):
+    """``index`` with its tensors replaced by their arrays."""
+    if isinstance(index, Tensor):
+        return index._data
+    if isinstance(index, tuple):
+        return tuple(i._data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+def _assigned(t: Tensor, value, index) -> Tensor:
+    """``t`` with ``t[index] = value`` done out of place (differentiable in both): an
+    index_put at the flat positions the index selects."""
+    xp = backend.xp_of(t._data)
+    positions = xp.arange(t.numel()).reshape(t.shape)[index]
+    if isinstance(value, Tensor) and value.requires_grad:
+        value = value.to(t.dtype)
+    else:
+        value = _value_like(value, t)
+    values = F.reshape(F.expand(value, *positions.shape), (-1,))
+    flat = REGISTRY["index_put"](F.reshape(t, (-1,)), values,
+                                 Tensor._wrap(positions.reshape(-1)), dims=[0],
+                                 accumulate=False)
+    return F.reshape(flat, t.shape)
+
+
 def _filled(t: Tensor, value) -> Tensor:
     """``t`` with every element replaced by ``value`` (broadcast) in ``t``'s dtype: a
     ``where`` on a true condition, which keeps ``t``'s (batch) shape out of the graph."""
     true = Tensor._wrap(backend.xp_of(t._data).asarray(True))
-    return F.where(true, _value_like(value, t), t)
+    if isinstance(value, Tensor) and value.requires_grad and is_grad_enabled():
+        value = value.to(t.dtype)       # fill_/copy_ from a tensor with gradient keep it
+    else:
+        value = _value_like(value, t)
+    return F.where(true, value, t)
 
 
 # Last, as they build on Tensor (cycles: each of them imports this module). The Tensor
 # class and _is_array are defined by now, which is all that the others import from here.
 from . import autograd, dispatch, functional as F  # noqa: E402
-from .autograd import Node, is_grad_enabled  # noqa: E402
+from .autograd import Node, bump_version, is_grad_enabled, version_of  # noqa: E402
+from .autograd import clock as _version_clock  # noqa: E402
 from .registry import REGISTRY  # noqa: E402
 # BEGIN GENERATED IMPORTS (python core/gen_api.py): do not edit
 # END GENERATED IMPORTS

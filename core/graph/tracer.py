@@ -333,7 +333,8 @@ class _Tracer:
         finally:
             self.spelling = outer
 
-    def inplace(self, name: str, target, new_value: Callable, mutate: Callable) -> None:
+    def inplace(self, name: str, target, new_value: Callable, mutate: Callable,
+                recorded: bool = False) -> None:
         """Record the in-place op ``name`` on ``target`` functionally.
 
         ``new_value(target)`` computes the changed value out of place, through the
@@ -341,13 +342,15 @@ class _Tracer:
         The new value is written back through the views that ``target`` is of, the eager
         change is checked to give the same bits, and ``target`` and its root are rebound.
         Raises ``TraceError`` naming the op where a graph cannot do what eager code does.
+        ``recorded``: eager autograd records the op (grad mode, on a tensor with a history),
+        so the gradient follows the new value, as in the graph.
         """
         name = self.spelling or name
         hint = _OUT_OF_PLACE.get(name, "t = <the out-of-place op>(t, ...)")
         self.lookup(target)              # tracked from here on: a CONST if never seen
         root, path = self.alias.get(id(target), (target, []))
         others = self._sharing(target)
-        keeps_gradient = self._check_writable(name, hint, target, path, others)
+        keeps_gradient = self._check_writable(name, hint, target, path, others, recorded)
         for t in (target, *others):
             self._snapshot(t)
         self.internal += 1
@@ -414,7 +417,8 @@ class _Tracer:
             self.alias[id(t)] = self.alias[id(view)]
             self.seen[id(t)] = self.seen[id(view)]
 
-    def _check_writable(self, name: str, hint: str, target, path: list, others: list) -> bool:
+    def _check_writable(self, name: str, hint: str, target, path: list, others: list,
+                        recorded: bool = False) -> bool:
         """Raise ``TraceError`` where the graph cannot follow the in-place op; return whether
         the changed tensor keeps its gradient path (an additive op, see ``_ADDITIVE``)."""
         for t in (target, *others):
@@ -453,7 +457,7 @@ class _Tracer:
                     f"operation' here). Write it out of place (`{hint}`), or change a copy "
                     f"(`t = t.clone()`).")
         keeps_gradient = self.ref[id(target)] in self.diff
-        if keeps_gradient and (name not in _ADDITIVE or path):
+        if keeps_gradient and not recorded and (name not in _ADDITIVE or path):
             raise TraceError(
                 f"`{name}` changes in place a tensor whose value depends on the parameters "
                 f"through differentiable ops: eager autograd keeps sending its gradient through "

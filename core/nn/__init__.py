@@ -5,7 +5,7 @@
 >>> [tuple(p.shape) for p in layer.parameters()]
 [(2, 3), (2,)]
 """
-from . import functional, init  # noqa: F401
+from . import functional, init, utils  # noqa: F401
 from .modules import (AvgPool2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dropout,
                       Embedding, Flatten, GELU, Identity, LayerNorm, LeakyReLU, Linear,
                       LogSoftmax, MaxPool2d, Module, ModuleList, MSELoss, NLLLoss, Parameter,
@@ -16,7 +16,7 @@ from .modules import (GRU, LSTM, GRUCell, LSTMCell, MultiheadAttention,
                       TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                       TransformerEncoderLayer)
 
-__all__ = ["init", "functional", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
+__all__ = ["init", "functional", "utils", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
            "Linear", "Conv2d", "Embedding", "LayerNorm", "Dropout", "Flatten", "MaxPool2d",
            "AvgPool2d", "ReLU", "Tanh", "Sigmoid", "GELU", "LeakyReLU", "Softmax",
            "LogSoftmax", "CrossEntropyLoss", "MSELoss", "NLLLoss", "BCEWithLogitsLoss",

@@ -51,7 +51,7 @@ def _loss(lib, name, out, target):
 
 
 @pytest.mark.parametrize("arch,loss_name,opt_name,kwargs", CASES,
-                         ids=[f"{a}-{l}-{o}" for a, l, o, _ in CASES])
+                         ids=[f"{a}-{loss}-{o}" for a, loss, o, _ in CASES])
 def test_training_matches_torch(arch, loss_name, opt_name, kwargs):
     torch.manual_seed(0)
     theirs = (_mlp if arch == "mlp" else _cnn)(torch).double()

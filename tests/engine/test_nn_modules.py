@@ -183,7 +183,7 @@ def test_setattr_rules():
     del m.child
     assert list(m.children()) == []
     with pytest.raises(AttributeError, match="'Module' object has no attribute 'nope'"):
-        m.nope
+        _ = m.nope
 
     class Forgot(nn.Module):
         def __init__(self):

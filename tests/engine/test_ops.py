@@ -21,10 +21,10 @@ import torch
 import gradmesh.core as gm
 from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
 
-gm_tensor = importlib.import_module("gradmesh.core.hooks")
-
 import opspecs
 from opspecs import OpSpec
+
+gm_tensor = importlib.import_module("gradmesh.core.hooks")
 
 torch.set_num_threads(1)    # the suite shares 2 cores; tiny tensors gain nothing from more
 

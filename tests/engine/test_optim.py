@@ -76,7 +76,20 @@ def _adam_cases():
     yield "AdamW", dict()           # AdamW's own defaults (weight_decay=1e-2)
 
 
-CASES = list(_sgd_cases()) + list(_adam_cases())
+def _rmsprop_adagrad_cases():
+    for momentum, centered, wd, maximize in itertools.product(
+            (0.0, 0.8), (False, True), (0.0, 0.05), (False, True)):
+        yield "RMSprop", dict(lr=0.01, momentum=momentum, centered=centered, weight_decay=wd,
+                              maximize=maximize)
+    yield "RMSprop", dict()
+    for lr_decay, wd, init, maximize in itertools.product(
+            (0.0, 0.1), (0.0, 0.05), (0.0, 0.5), (False, True)):
+        yield "Adagrad", dict(lr=0.05, lr_decay=lr_decay, weight_decay=wd,
+                              initial_accumulator_value=init, maximize=maximize)
+    yield "Adagrad", dict(eps=1e-3)
+
+
+CASES = list(_sgd_cases()) + list(_adam_cases()) + list(_rmsprop_adagrad_cases())
 
 
 def _assert_same(ours, theirs):
@@ -308,7 +321,7 @@ def test_describe_refuses_groups_with_different_hyperparameters():
 
 
 @pytest.mark.parametrize("description,match", [
-    ({"name": "rmsprop", "lr": 0.1}, "unknown optimizer 'rmsprop'"),
+    ({"name": "lbfgs", "lr": 0.1}, "unknown optimizer 'lbfgs'"),
     ({"lr": 0.1}, "unknown optimizer None"),
     ({"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}, r"sgd: unknown hyper-parameter\(s\) "
                                                        r"\['betas'\]"),
@@ -380,3 +393,25 @@ def test_update_rules_on_cupy_arrays_match_numpy(name):
     np.testing.assert_allclose(cp.asnumpy(on_gpu), param, rtol=1e-12)
     arrays, step = optim.state_to_arrays(gpu_state)
     assert step == 10 and all(type(a) is np.ndarray for a in arrays.values())
+
+
+@pytest.mark.parametrize("name", ["RMSprop", "Adagrad"])
+def test_local_only_optimizers_are_refused_for_a_job(name):
+    """The wire's Optimizer message has no field for their hyper-parameters: describing one
+    for a job raises rather than dropping them."""
+    opt = getattr(gm.optim, name)(list(_ours().values()))
+    with pytest.raises(ValueError, match="runs locally only"):
+        optim.describe(opt)
+    with pytest.raises(ValueError, match="runs locally only"):
+        optim.validate({"name": name.lower()})
+
+
+def test_rmsprop_state_dict_round_trips_mid_run():
+    ours, theirs = _ours(), _theirs()
+    kwargs = dict(lr=0.01, momentum=0.5, centered=True)
+    opt, ref = gm.optim.RMSprop(list(ours.values()), **kwargs), \
+        torch.optim.RMSprop(list(theirs.values()), foreach=False, **kwargs)
+    _run_ours(opt, ours, 5), _run_torch(ref, theirs, 5)
+    again = gm.optim.RMSprop(list(ours.values()), **kwargs)
+    again.load_state_dict(ref.state_dict())      # torch's state loads into ours
+    _assert_same(_run_ours(again, ours, 5), _run_torch(ref, theirs, 5))

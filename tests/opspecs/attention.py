@@ -1,5 +1,6 @@
-"""Specs for the composites of attention models: ``addmm``, ``baddbmm``, ``einsum`` (permute, expand,
-reshape, matmul and sum), ``topk``'s indices and ``scaled_dot_product_attention``."""
+"""Specs for the composites of attention models: ``addmm``, ``baddbmm``, ``einsum``
+(permute, expand, reshape, matmul and sum), ``topk``'s indices and
+``scaled_dot_product_attention``."""
 from __future__ import annotations
 
 from . import OpSpec, bool_array

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import gradmesh.core as gm
+from gradmesh.v1 import graph_pb2
 from gradmesh.client import (DeadlineExceeded, GradmeshError, InvalidArgument, NotFound,
                              ResourceExhausted, TLS, Unauthenticated, Unavailable,
                              WorkerClient)
@@ -273,8 +274,7 @@ def _cases():
     ]
 
 
-def _data_graph(n: int) -> "graph_pb2.Graph":
-    from gradmesh.v1 import graph_pb2
+def _data_graph(n: int) -> graph_pb2.Graph:
     return graph_pb2.Graph(version=1, inputs=[
         graph_pb2.Input(name=f"x{i}", role=graph_pb2.Input.DATA) for i in range(n)])
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 
 import gradmesh.core as gm
 from gradmesh.core import dtypes
@@ -399,7 +400,7 @@ def test_frame_decoder_names_its_message_like_from_string():
     deserializer's ``__self__.DESCRIPTOR``, as for protobuf's ``FromString``."""
     decode = FRAMES["ShardFrame"][2]
     assert decode.__self__.DESCRIPTOR.full_name == "gradmesh.v1.ShardFrame"
-    with pytest.raises(Exception):
+    with pytest.raises(DecodeError):
         decode(b"\xff\xff\xff")
 
 

@@ -1,0 +1,37 @@
+"""Exchange with other array libraries through DLPack, without a copy.
+
+>>> import numpy as np, gradmesh.core as gm
+>>> a = np.arange(3.0)
+>>> t = gm.from_dlpack(a)
+>>> t.add_(1); a.tolist()
+tensor([1., 2., 3.], dtype=gradmesh.float64)
+[1.0, 2.0, 3.0]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor
+
+__all__ = ["from_dlpack"]
+
+_CPU, _CUDA = 1, 2      # DLPack's device types (kDLCPU, kDLCUDA)
+
+
+def from_dlpack(ext) -> Tensor:
+    """A tensor sharing memory with ``ext``, any object with ``__dlpack__`` (a torch tensor,
+    a NumPy or CuPy array, a JAX array...); CPU memory becomes a NumPy-backed tensor and
+    CUDA memory a CuPy-backed one."""
+    if isinstance(ext, Tensor):
+        return ext
+    if not hasattr(ext, "__dlpack_device__"):
+        raise TypeError(f"from_dlpack: expected an object with __dlpack__ and "
+                        f"__dlpack_device__, got {type(ext).__name__}")
+    kind = int(ext.__dlpack_device__()[0])
+    if kind == _CPU:
+        return Tensor(np.from_dlpack(ext))
+    if kind == _CUDA:
+        return Tensor(backend.cupy().from_dlpack(ext))
+    raise RuntimeError(f"from_dlpack: unsupported device type {kind}; gradmesh takes CPU "
+                       f"and CUDA memory")
