@@ -38,7 +38,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import autograd, backend as backend_mod
+from . import autograd, cost
+from . import backend as backend_mod
 from .graph import CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
 from .tensor import Tensor
@@ -69,6 +70,7 @@ class _Forward:
     attrs: dict
     random: bool
     free: tuple[int, ...] = ()               # slots to release after this kernel
+    op_name: str = ""
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Plan:
         for k, p in fwd_pos.items():
             op, a = vg.ops[k], vg.attrs[k]
             fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
-                                tuple(frees.get(p, ()))))
+                                tuple(frees.get(p, ())), op.name))
         bwd = []
         param_name = {vg.input_index[g]: g for g in grads}
         for j, k in enumerate(backward_nodes):
@@ -370,7 +372,9 @@ class Plan:
             a = kern.attrs
             if kern.random and seed is not None:
                 a = {**a, "seed": random_seed(seed, kern.node)}
-            out = kern.forward(xp, *[slots[i] for i in kern.inputs], **a)
+            # Large matrix products run in row blocks, checked between them (core/cost.py).
+            out = cost.call(kern.op_name, kern.forward, xp, [slots[i] for i in kern.inputs],
+                            a, check)
             slots[kern.out] = out if isinstance(out, xp.ndarray) else xp.asarray(out)
             for v in kern.free:
                 slots[v] = None
@@ -404,7 +408,8 @@ class Plan:
         emit(sched.final_before)
         final_after = sched.final_after
         pending: dict[int, Tensor] = {loss_v: seed_grad}
-        with autograd._engine_mode(False):
+        # The vjps' large products run in blocks with ``check`` between them (core/cost.py).
+        with autograd._engine_mode(False), cost.checking(check):
             for n, kern in enumerate(sched.backward):
                 if check is not None and n % CHECK_EVERY == 0 and n:
                     check()

@@ -17,3 +17,5 @@ class Limits:
     max_stream_bytes: int = 8 << 30          # largest total of a streamed request's tensors
     max_concurrent_requests: int = 16
     chunk_bytes: int = 2 << 20
+    max_request_bytes: int = 4 << 30         # per-request budgets from shape inference
+    max_request_flops: int = 10 ** 12        # (core/cost.py, server/runtime/budget.py)

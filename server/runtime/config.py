@@ -31,6 +31,10 @@ class ServerConfig:
     log_format: str = "json"                    # "json" or "text"
     log_level: str = "INFO"
     grace: float = 10.0                         # seconds in-flight calls get on shutdown
+    # Idle client streams end after this many seconds without a frame (0: never), and one
+    # peer holds at most this many request slots (None: max(1, slots // 2)); streams.py.
+    stream_idle_timeout: float = 30.0
+    max_requests_per_peer: int | None = None
 
     def pool_size(self) -> int:
         # Room above the request limit so health checks and rejections are never queued.
@@ -84,6 +88,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     g.add_argument("--max-concurrent-requests", type=int,
                    default=d("max-concurrent-requests", DEFAULT_MAX_CONCURRENT_REQUESTS),
                    help="requests served at once; more get RESOURCE_EXHAUSTED")
+    g.add_argument("--stream-idle-timeout", type=float,
+                   default=d("stream-idle-timeout", 30.0),
+                   help="seconds a client stream may send nothing before it is ended with "
+                        "DEADLINE_EXCEEDED, freeing its slot (default 30; 0: never)")
+    g.add_argument("--max-requests-per-peer", type=int,
+                   default=d("max-requests-per-peer", None),
+                   help="request slots one peer address may hold at once (default: half "
+                        "of --max-concurrent-requests, at least 1)")
     g.add_argument("--max-message-bytes", type=int,
                    default=d("max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
                    help="largest unary message, in bytes")
@@ -121,7 +133,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         insecure=args.insecure, metrics_port=args.metrics_port,
         metrics_host=getattr(args, "metrics_host", "127.0.0.1"),
-        log_format=args.log_format, log_level=args.log_level, grace=args.grace)
+        log_format=args.log_format, log_level=args.log_level, grace=args.grace,
+        stream_idle_timeout=getattr(args, "stream_idle_timeout", 30.0),
+        max_requests_per_peer=getattr(args, "max_requests_per_peer", None))
 
 
 def read_token_file(path: str, flag: str) -> str:

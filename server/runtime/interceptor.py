@@ -14,6 +14,7 @@ from typing import Iterator
 
 import grpc
 
+from gradmesh.server.runtime import streams
 from gradmesh.server.runtime.config import ServerConfig
 from gradmesh.server.runtime.errors import (
     abort,
@@ -60,6 +61,10 @@ class Interceptor(grpc.ServerInterceptor):
     def __init__(self, config: ServerConfig):
         self._token = config.token.encode() if config.token else None
         self._limit = config.max_concurrent_requests
+        # Fair slots and idle streams (streams.py).
+        self._peers = streams.PeerSlots(streams.per_peer_limit(
+            self._limit, getattr(config, "max_requests_per_peer", None)))
+        self._idle = getattr(config, "stream_idle_timeout", streams.DEFAULT_STREAM_IDLE_TIMEOUT)
         self._in_flight = 0
         self._lock = threading.Condition()
         self._metrics = get_metrics()
@@ -75,7 +80,8 @@ class Interceptor(grpc.ServerInterceptor):
         denied = self._auth_error(metadata)
         rid = call_request_id(metadata)
         return _wrap(handler, lambda behavior, streaming_response:
-                     self._guard(method, behavior, streaming_response, denied, rid))
+                     self._guard(method, behavior, streaming_response, denied, rid),
+                     self._idle)
 
     @property
     def in_flight(self) -> int:
@@ -96,19 +102,23 @@ class Interceptor(grpc.ServerInterceptor):
                 return "the bearer token is wrong"
         return "this server needs a bearer token (metadata 'authorization: Bearer <token>')"
 
-    def _admit(self, context, denied: str | None, outcome: _Outcome) -> None:
+    def _admit(self, context, denied: str | None, outcome: _Outcome, peer: str) -> None:
         """Refuse a call without the token or over the concurrency limit (raising)."""
         if denied:
             outcome.fail(grpc.StatusCode.UNAUTHENTICATED, denied)
             abort(context, grpc.StatusCode.UNAUTHENTICATED, denied)
         with self._lock:
             full = self._in_flight >= self._limit
-            if not full:
+            mine = not full and not self._peers.try_take(peer)
+            if not full and not mine:
                 self._in_flight += 1
                 self._lock.notify_all()
-        if full:
+        if full or mine:
             busy = (f"server busy: {self._limit} requests in flight "
-                    f"(max_concurrent_requests); retry later")
+                    f"(max_concurrent_requests); retry later") if full else (
+                    f"server busy: this peer ({peer}) already has {self._peers.limit} of the "
+                    f"{self._limit} request slots in flight (max_requests_per_peer); retry "
+                    f"later")
             outcome.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
 
@@ -117,12 +127,13 @@ class Interceptor(grpc.ServerInterceptor):
                   rid: str) -> Iterator[None]:
         start = time.perf_counter()
         outcome = _Outcome()
+        peer = streams.peer_identity(context.peer())
         # Every log line while handling this call carries the id (logs.RequestIdFilter),
         # and every call made while handling it sends it on (wire.channel.call_metadata).
         token = request_id.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         try:
-            self._admit(context, denied, outcome)
+            self._admit(context, denied, outcome, peer)
             self._metrics["in_flight"].inc()
             try:
                 yield
@@ -136,6 +147,7 @@ class Interceptor(grpc.ServerInterceptor):
                 self._metrics["in_flight"].dec()
                 with self._lock:
                     self._in_flight -= 1
+                    self._peers.release(peer)
                     self._lock.notify_all()
         finally:
             try:
@@ -202,9 +214,12 @@ def _details(context) -> str | None:
     return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
 
 
-def _wrap(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, guard, idle: float | None = None
+          ) -> grpc.RpcMethodHandler:
     kw = dict(request_deserializer=handler.request_deserializer,
               response_serializer=handler.response_serializer)
+    if idle and (handler.stream_unary or handler.stream_stream):
+        handler = _with_idle_timeout(handler, idle)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, False), **kw)
     if handler.unary_stream:
@@ -212,3 +227,14 @@ def _wrap(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary, False), **kw)
     return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, True), **kw)
+
+
+def _with_idle_timeout(handler, idle: float):
+    """The handler with its request stream under the idle timeout (streams.py)."""
+    def wrap(behavior):
+        if behavior is None:
+            return None
+        return lambda requests, context: behavior(
+            streams.idle_timeout(requests, idle, context), context)
+    return handler._replace(stream_unary=wrap(handler.stream_unary),
+                            stream_stream=wrap(handler.stream_stream))

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    default=d("max-tensor-elements", dl.max_tensor_elements))
     g.add_argument("--max-stream-bytes", type=int,
                    default=d("max-stream-bytes", dl.max_stream_bytes))
+    g.add_argument("--max-request-bytes", type=int,
+                   default=d("max-request-bytes", dl.max_request_bytes),
+                   help="per-request memory budget from shape inference (0: none)")
+    g.add_argument("--max-request-flops", type=float,
+                   default=d("max-request-flops", dl.max_request_flops),
+                   help="per-request compute budget from shape inference (0: none)")
     g.add_argument("--chunk-bytes", type=int, default=d("chunk-bytes", None),
                    help=f"chunk size of streamed responses, at most 4 MiB and 4 KiB under "
                         f"--max-message-bytes (default {dl.chunk_bytes}, or less to fit "
@@ -114,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     limits = WorkerLimits(max_graph_nodes=args.max_graph_nodes,
                           max_tensor_elements=args.max_tensor_elements,
                           max_stream_bytes=args.max_stream_bytes,
-                          chunk_bytes=args.chunk_bytes)     # None: fit to the message limit
+                          chunk_bytes=args.chunk_bytes,     # None: fit to the message limit
+                          max_request_bytes=args.max_request_bytes,
+                          max_request_flops=int(args.max_request_flops))
     try:
         for flag, address in (("--coordinator", args.coordinator),
                               ("--advertise", args.advertise)):

@@ -14,7 +14,7 @@ from gradmesh.core import plan as core_plan
 from gradmesh.core import serialize, sharedmem
 from gradmesh.core.registry import REGISTRY, OpError
 from gradmesh.server import runtime
-from gradmesh.server.runtime import ServiceError
+from gradmesh.server.runtime import ServiceError, budget
 from gradmesh.server.worker import build, checks
 from gradmesh.server.worker.caches import LRU, ParameterCache
 from gradmesh.server.worker.calls import (
@@ -188,8 +188,10 @@ class GradientWorker:
         if shared is not None and shared.gradient_segment:
             checks.check_gradient_offsets(shared, gradients)
         scale = checks.check_loss_scale(request.loss_scale)
-        return Prepared(registered.validated.id, registered.validated, params, data,
-                        gradients, list(request.outputs), scale, request.seed, shared, kept)
+        prepared = Prepared(registered.validated.id, registered.validated, params, data,
+                            gradients, list(request.outputs), scale, request.seed, shared, kept)
+        budget.check(self.plan_for(prepared, None)[0], self.limits)   # before any decoding
+        return prepared
 
     def _kept(self, request: GradientRequest) -> dict:
         """The parameters kept for the set a request names (FAILED_PRECONDITION if none)."""
