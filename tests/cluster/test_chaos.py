@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import pytest
+from models import cross_entropy, mlp, separable_steps
 
-import gradmesh.core as gm
 from gradmesh.client.cluster import LocalCluster
 from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.server import coordinator as coordinator_mod
@@ -41,20 +41,14 @@ EVENTS = ["worker", "worker-new-address", "shard", "coordinator", "shard-sigterm
 
 
 def _model():
-    gm.manual_seed(3)
-    return gm.nn.Sequential(gm.nn.Linear(6, 32), gm.nn.ReLU(), gm.nn.Dropout(0.2),
-                            gm.nn.Linear(32, 3))
+    return mlp(6, 32, 3, seed=3, dropout=0.2)
 
 
-def _loss(model, x, y):
-    return gm.nn.functional.cross_entropy(model(x), y)
+_loss = cross_entropy
 
 
 def _data(steps):
-    rng = np.random.default_rng(11)
-    proj = rng.standard_normal((6, 3))
-    xs = [rng.standard_normal((24, 6)).astype(np.float32) for _ in range(steps)]
-    return [(x, np.argmax(x @ proj, axis=1).astype(np.int64)) for x in xs]
+    return separable_steps(steps, 24, 6, 3, seed=11)
 
 
 def _create(client):

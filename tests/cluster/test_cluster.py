@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models import cross_entropy, mlp, separable_steps
 
-import gradmesh.core as gm
 from gradmesh.client.cluster import LocalCluster
 
 STEPS = 8
@@ -18,19 +18,14 @@ SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 
 
 def _model():
-    gm.manual_seed(1)
-    return gm.nn.Sequential(gm.nn.Linear(6, 16), gm.nn.ReLU(), gm.nn.Linear(16, 3))
+    return mlp(6, 16, 3, seed=1)
 
 
-def _loss(model, x, y):
-    return gm.nn.functional.cross_entropy(model(x), y)
+_loss = cross_entropy
 
 
 def _data():
-    rng = np.random.default_rng(2)
-    proj = rng.standard_normal((6, 3))
-    xs = [rng.standard_normal((24, 6)).astype(np.float32) for _ in range(STEPS)]
-    return [(x, np.argmax(x @ proj, axis=1).astype(np.int64)) for x in xs]
+    return separable_steps(STEPS, 24, 6, 3, seed=2)
 
 
 @pytest.fixture(scope="module")

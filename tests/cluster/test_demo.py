@@ -4,13 +4,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from gradmesh.client.train import ConfigError, load_config
 from gradmesh import cli
+from gradmesh.client.train import ConfigError, load_config
 
 
 def test_demo_trains_digits_to_95_percent_and_writes_a_loss_curve(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from models import mlp
 
 import gradmesh.core as gm
 from gradmesh.client.coordinator import CoordinatorClient
@@ -29,11 +30,7 @@ SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_dec
 
 
 def _model(dropout: bool):
-    gm.manual_seed(3)
-    layers = [gm.nn.Linear(10, 32), gm.nn.Tanh()]
-    if dropout:
-        layers.append(gm.nn.Dropout(0.25))
-    return gm.nn.Sequential(*layers, gm.nn.Linear(32, 4))
+    return mlp(10, 32, 4, seed=3, activation=gm.nn.Tanh, dropout=0.25 if dropout else None)
 
 
 def _loss(model, x, y):

@@ -3,8 +3,9 @@ top-level folders into one namespace), and an editable install finds a package t
 list forgets, so only a wheel (the Docker image) would miss it."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

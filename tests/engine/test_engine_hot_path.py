@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import gradmesh.core as gm
-from gradmesh.core import autograd, nn, optim
 import gradmesh.core.nn.functional as F
+from gradmesh.core import autograd, nn, optim
 from gradmesh.core.ops.elementwise import _select
 
 gm_tensor = sys.modules["gradmesh.core.hooks"]

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tracing import (
+    assert_executed_equals_local,
+    assert_local_matches_torch,
+    assert_plan_equals_local,
+    batch,
+    local,
+    traced,
+)
 
 import gradmesh.core as gm
 from gradmesh.core.graph import trace, validate
 from gradmesh.core.plan import compile_plan
 from gradmesh.core.registry import REGISTRY
-from tracing import (assert_executed_equals_local, assert_local_matches_torch,
-                     assert_plan_equals_local, batch, local, traced)
 
 
 def _q(p, x):

@@ -10,8 +10,16 @@ import pytest
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.core import nn
-from gradmesh.core.graph import (GraphError, Limits, TraceError, execute, graph_id,
-                                 random_seed, trace, validate)
+from gradmesh.core.graph import (
+    GraphError,
+    Limits,
+    TraceError,
+    execute,
+    graph_id,
+    random_seed,
+    trace,
+    validate,
+)
 from gradmesh.core.registry import REGISTRY
 from gradmesh.core.serialize import to_proto
 from gradmesh.v1 import graph_pb2, tensor_pb2

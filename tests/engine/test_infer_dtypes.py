@@ -15,13 +15,11 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from test_ops import SPECS, _differentiable, _gm_inputs, _inputs, _second_order, _weight, gm_tensor
 
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.core.registry import REGISTRY, OpError, Spec
-
-from test_ops import SPECS, _differentiable, _gm_inputs, _inputs, _second_order, _weight, \
-    gm_tensor
 
 DTYPES = (gm.bool, gm.int64, gm.float32, gm.float64)
 CALLS_PER_OP = 8

@@ -14,14 +14,19 @@ import re
 
 import numpy as np
 import pytest
+from tracing import (
+    assert_executed_equals_local,
+    assert_local_matches_torch,
+    assert_plan_equals_local,
+    batch,
+    local,
+    traced,
+)
 
 import gradmesh.core as gm
-from gradmesh.core.graph import tracer as graph
 from gradmesh.core.graph import TraceError, trace, validate
+from gradmesh.core.graph import tracer as graph
 from gradmesh.core.plan import compile_plan
-from tracing import (assert_executed_equals_local, assert_local_matches_torch,
-                     assert_plan_equals_local, batch, local, traced)
-
 
 # ------------------------------------------------------------------ traced forms ------
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tracing import assert_executed_equals_local, assert_plan_equals_local
 
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.core import nn
 from gradmesh.core.graph import TraceError, execute, trace
 from gradmesh.core.registry import OpError
-
-from tracing import assert_plan_equals_local, assert_executed_equals_local
 
 torch.set_num_threads(1)
 

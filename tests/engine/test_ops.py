@@ -15,14 +15,13 @@ import pkgutil
 import zlib
 
 import numpy as np
+import opspecs
 import pytest
 import torch
+from opspecs import OpSpec
 
 import gradmesh.core as gm
 from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
-
-import opspecs
-from opspecs import OpSpec
 
 gm_tensor = importlib.import_module("gradmesh.core.hooks")
 

@@ -6,8 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradmesh.server.aggregate import (TreeSum, loss_scales, micro_batch_seed, micro_batches,
-                                       place, tree_sum)
+from gradmesh.server.aggregate import (
+    TreeSum,
+    loss_scales,
+    micro_batch_seed,
+    micro_batches,
+    place,
+    tree_sum,
+)
 
 
 def test_micro_batches_cut_fixed_size_with_a_smaller_last_one():

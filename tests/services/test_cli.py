@@ -15,8 +15,8 @@ import pytest
 from conftest import free_port
 
 from gradmesh import cli
-from gradmesh.server import runtime
 from gradmesh.cli import COMMANDS, main
+from gradmesh.server import runtime
 from gradmesh.v1 import worker_pb2, worker_pb2_grpc
 
 

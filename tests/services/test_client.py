@@ -9,18 +9,24 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-
-import gradmesh.core as gm
-from gradmesh.v1 import graph_pb2
-from gradmesh.client import (DeadlineExceeded, GradmeshError, InvalidArgument, NotFound,
-                             ResourceExhausted, TLS, Unauthenticated, Unavailable,
-                             WorkerClient)
-from gradmesh.wire import errors
-from gradmesh.server import runtime
-from gradmesh.server import worker as worker_mod
-
 from conftest import free_port, make_certs, needs_openssl
 from test_worker_raw_grpc import W, X, expected, hand_graph
+
+from gradmesh.client import (
+    TLS,
+    DeadlineExceeded,
+    GradmeshError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    WorkerClient,
+)
+from gradmesh.server import runtime
+from gradmesh.server import worker as worker_mod
+from gradmesh.v1 import graph_pb2
+from gradmesh.wire import errors
 
 
 def w_and_x():
@@ -340,10 +346,10 @@ def test_unary_request_bytes_equal_protobufs(case):
 def test_shared_memory_request_bytes_equal_protobufs(case):
     from types import SimpleNamespace
 
-    from gradmesh.wire.worker import shared_request
     from gradmesh.core import serialize
     from gradmesh.core.graph import graph_id
     from gradmesh.v1 import worker_pb2
+    from gradmesh.wire.worker import shared_request
     params, data, gradients, outputs, loss_scale, seed = _cases()[case]
     graph = _data_graph(len(data))
     names = [f"x{i}" for i in range(len(data))]
@@ -391,10 +397,10 @@ def test_shared_memory_request_bytes_equal_protobufs(case):
 
 
 def test_cached_reply_headers_keep_every_check():
-    from gradmesh.wire.worker import decode_reply as _unary_result
-    from gradmesh.wire.worker import shared_gradients
     from gradmesh.core import serialize
     from gradmesh.v1 import worker_pb2
+    from gradmesh.wire.worker import decode_reply as _unary_result
+    from gradmesh.wire.worker import shared_gradients
     arrays = [np.float32(2.0) * np.ones(()), np.arange(6, dtype=np.int64).reshape(2, 3),
               np.zeros((0, 3), np.float16), np.array([True, False])]
     resp = worker_pb2.ComputeGradientsResponse(loss=serialize.to_proto(np.float32(0.25)))

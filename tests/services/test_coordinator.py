@@ -7,24 +7,24 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from models import mlp
 
 import gradmesh.core as gm
 from gradmesh.client.coordinator import CoordinatorClient
-from gradmesh.wire.coordinator import WorkerRegistration
-from gradmesh.wire.errors import GradmeshError
 from gradmesh.core import graph as core_graph
 from gradmesh.core import serialize
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2
+from gradmesh.wire.coordinator import WorkerRegistration
+from gradmesh.wire.errors import GradmeshError
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 
 
 def _model():
-    gm.manual_seed(0)
-    return gm.nn.Sequential(gm.nn.Linear(5, 8), gm.nn.ReLU(), gm.nn.Linear(8, 3))
+    return mlp(5, 8, 3, seed=0)
 
 
 def _loss(model, x, y):
@@ -210,8 +210,10 @@ def test_create_job_headers_are_checked_before_allocating(coordinator):
     header, before anything is allocated for its bytes. Found by tests/services/test_fuzz.py: the
     coordinator allocated what the header said (up to 16 GiB) before checking the graph."""
     import tracemalloc
-    from gradmesh.wire.shard import stream_frames
+
     from test_fuzz import hand_graph
+
+    from gradmesh.wire.shard import stream_frames
     server, client = coordinator()
     header = coordinator_pb2.CreateJobRequest(job_id="big", graph=hand_graph(),
                                               micro_batch_size=1,

@@ -48,8 +48,16 @@ from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServerConfig
 from gradmesh.server.shard import serve_shard
 from gradmesh.server.shard_store import ShardStore
-from gradmesh.v1 import (coordinator_pb2, coordinator_pb2_grpc, graph_pb2, shard_pb2,
-                         shard_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc)
+from gradmesh.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    graph_pb2,
+    shard_pb2,
+    shard_pb2_grpc,
+    tensor_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 C = grpc.StatusCode
 OK, INVALID, EXHAUSTED = C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED

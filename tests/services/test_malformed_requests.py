@@ -19,8 +19,15 @@ from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServerConfig
 from gradmesh.server.shard import serve_shard
 from gradmesh.server.shard_store import ShardStore
-from gradmesh.v1 import (coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc,
-                         tensor_pb2, worker_pb2, worker_pb2_grpc)
+from gradmesh.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    shard_pb2,
+    shard_pb2_grpc,
+    tensor_pb2,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 DEADLINE = 10.0
 GARBAGE = b"\xff\xff\xff"       # a field tag with a varint that never ends

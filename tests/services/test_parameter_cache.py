@@ -6,29 +6,27 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from models import classification_batch, cross_entropy, mlp
 
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
-from gradmesh.wire.errors import bad_request_field
 from gradmesh.core import serialize
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.worker import ParameterCache
 from gradmesh.v1 import worker_pb2
+from gradmesh.wire.errors import bad_request_field
 
 
 def _model():
-    gm.manual_seed(2)
-    return gm.nn.Sequential(gm.nn.Linear(6, 16), gm.nn.ReLU(), gm.nn.Linear(16, 3))
+    return mlp(6, 16, 3, seed=2)
 
 
-def _loss(model, x, y):
-    return gm.nn.functional.cross_entropy(model(x), y)
+_loss = cross_entropy
 
 
 def _batch(n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, n)
+    return classification_batch(n, 6, 3, seed)
 
 
 @pytest.fixture(scope="module")

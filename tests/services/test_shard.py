@@ -311,6 +311,7 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
     """Pulled parameters (client) and pushed gradients and Pull's copies (server) come from
     buffer pools: once a step's arrays are gone, the next step's use the same memory."""
     import gc
+
     from gradmesh.server import shard as shard_module
     from gradmesh.server.runtime import serve
     from gradmesh.wire import shard as wire_shard
@@ -343,8 +344,8 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
 
 
 def test_remote_errors_carry_status_and_field(shard_server):
-    from gradmesh.wire.errors import from_rpc_error
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc
+    from gradmesh.wire.errors import from_rpc_error
     running, _ = shard_server
     with grpc.insecure_channel(running.address) as channel:
         stub = shard_pb2_grpc.ParameterShardStub(channel)
@@ -381,6 +382,7 @@ def test_push_headers_are_checked_against_the_job_before_allocating(shard_server
     tests/services/test_fuzz.py: the shard allocated what the header said (up to its 16 GiB
     stream limit) before comparing it with the job."""
     import tracemalloc
+
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
     running, store = shard_server
     store.load("pre", _params(), SGD)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import gradmesh.core as gm
-from gradmesh.client import WorkerClient
 from gradmesh import cli
+from gradmesh.client import WorkerClient
 from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
 from gradmesh.wire import stream

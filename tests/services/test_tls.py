@@ -17,8 +17,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_certs, needs_openssl
+from models import cross_entropy, mlp
 
-import gradmesh.core as gm
 from gradmesh.client import TLS, CoordinatorClient, GradmeshError, Unauthenticated, Unavailable
 from gradmesh.client.cluster import ServerProcess
 from gradmesh.server import coordinator as coordinator_mod
@@ -29,8 +30,6 @@ from gradmesh.server.runtime import PeerConfig, ServerConfig
 from gradmesh.wire.channel import channel
 from gradmesh.wire.coordinator import WorkerRegistration
 
-from conftest import make_certs, needs_openssl
-
 pytestmark = needs_openssl
 
 TOKEN = "tls-test-token"
@@ -38,12 +37,10 @@ SGD = {"name": "sgd", "lr": 0.1}
 
 
 def _model():
-    gm.manual_seed(3)
-    return gm.nn.Sequential(gm.nn.Linear(4, 8), gm.nn.ReLU(), gm.nn.Linear(8, 2))
+    return mlp(4, 8, 2, seed=3)
 
 
-def _loss(model, x, y):
-    return gm.nn.functional.cross_entropy(model(x), y)
+_loss = cross_entropy
 
 
 def _batch():

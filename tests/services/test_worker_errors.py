@@ -6,16 +6,14 @@ import struct
 import threading
 
 import grpc
-import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from test_worker_raw_grpc import W, X, expected, float32_tensor, floats_of, hand_graph
 
 from gradmesh.server import runtime
 from gradmesh.server import worker as worker_mod
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
-
-from test_worker_raw_grpc import W, X, expected, float32_tensor, floats_of, hand_graph
 
 
 def call_error(fn, *args, **kw) -> tuple[grpc.StatusCode, str | None, str]:

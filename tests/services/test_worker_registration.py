@@ -7,13 +7,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.client import CoordinatorClient
 from gradmesh.client.cluster import ServerProcess
-
-from conftest import free_port
 
 
 def _start(role, args, tmp_path, env=None):

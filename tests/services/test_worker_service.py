@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
+from test_worker_raw_grpc import expected as hand_expected
 
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
@@ -15,9 +17,6 @@ from gradmesh.server import worker as worker_mod
 from gradmesh.server.worker.calls import WorkerLimits
 from gradmesh.server.worker.replies import limits_message
 from gradmesh.v1 import tensor_pb2, worker_pb2
-
-from test_worker_raw_grpc import W, X, float32_tensor, hand_graph
-from test_worker_raw_grpc import expected as hand_expected
 
 
 def mlp() -> nn.Module:

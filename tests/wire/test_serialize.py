@@ -8,11 +8,18 @@ from google.protobuf.message import DecodeError
 import gradmesh.core as gm
 from gradmesh.core import dtypes
 from gradmesh.core.serialize import DTYPE_TO_PROTO, PROTO_TO_DTYPE, WireError, from_proto, to_proto
-from gradmesh.wire.frames import (SHARD_FRAME_CHUNK_FIELD, STREAM_FRAME_CHUNK_FIELD, ChunkView,
-                                  chunk_frames, decode_stream_frame, encode_chunk_frame,
-                                  encode_tensor_field, frame_decoder)
-from gradmesh.wire.stream import Assembler, chunks, split_for_stream, tensor_buffer
 from gradmesh.v1 import coordinator_pb2, shard_pb2, tensor_pb2, worker_pb2
+from gradmesh.wire.frames import (
+    SHARD_FRAME_CHUNK_FIELD,
+    STREAM_FRAME_CHUNK_FIELD,
+    ChunkView,
+    chunk_frames,
+    decode_stream_frame,
+    encode_chunk_frame,
+    encode_tensor_field,
+    frame_decoder,
+)
+from gradmesh.wire.stream import Assembler, chunks, split_for_stream, tensor_buffer
 
 ALL_DTYPES = [d.np for d in dtypes.ALL]
 SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (1, 1, 1, 5)]
@@ -469,6 +476,7 @@ def test_assembler_never_exposes_unwritten_bytes():
 
 def test_pooled_buffers_are_reused_only_after_every_view_is_gone():
     import gc
+
     from gradmesh.wire.stream import BufferPool
     pool = BufferPool(64 << 20)
     a = pool.allocate(4 << 20)

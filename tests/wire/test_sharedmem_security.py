@@ -18,6 +18,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from models import classification_batch, cross_entropy, mlp
 
 import gradmesh.core as gm
 from gradmesh.client import CoordinatorClient, WorkerClient
@@ -36,17 +37,14 @@ NOBODY = 65534
 
 
 def _model():
-    gm.manual_seed(3)
-    return gm.nn.Sequential(gm.nn.Linear(20, 32), gm.nn.ReLU(), gm.nn.Linear(32, 10))
+    return mlp(20, 32, 10, seed=3)
 
 
-def _loss(model, x, y):
-    return gm.nn.functional.cross_entropy(model(x), y)
+_loss = cross_entropy
 
 
 def _batch(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 20)).astype(np.float32), rng.integers(0, 10, n)
+    return classification_batch(n, 20, 10, seed)
 
 
 def _params(model):

@@ -1,0 +1,42 @@
+"""Models, losses and batches that tests in several layers share (one place, so that a
+test file says only which sizes and seeds it uses)."""
+from __future__ import annotations
+
+import numpy as np
+
+import gradmesh.core as gm
+
+
+def mlp(*sizes: int, seed: int = 0, activation=None, dropout: float | None = None):
+    """A seeded ``Sequential`` of ``Linear`` layers through ``sizes``, ``activation``
+    (default ``ReLU``) between them and, with ``dropout``, a ``Dropout`` after each
+    hidden activation. Parameters are drawn in layer order after ``manual_seed(seed)``."""
+    nn = gm.nn
+    gm.manual_seed(seed)
+    layers: list = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append((activation or nn.ReLU)())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def cross_entropy(model, x, y):
+    """The usual loss function of a traced classification step."""
+    return gm.nn.functional.cross_entropy(model(x), y)
+
+
+def classification_batch(n: int, features: int, classes: int, seed: int = 0):
+    """``n`` standard-normal float32 rows and uniformly drawn int64 labels."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, features)).astype(np.float32), rng.integers(0, classes, n)
+
+
+def separable_steps(steps: int, batch: int, features: int, classes: int, seed: int):
+    """``steps`` batches whose labels a linear map of the features decides (learnable)."""
+    rng = np.random.default_rng(seed)
+    proj = rng.standard_normal((features, classes))
+    xs = [rng.standard_normal((batch, features)).astype(np.float32) for _ in range(steps)]
+    return [(x, np.argmax(x @ proj, axis=1).astype(np.int64)) for x in xs]
