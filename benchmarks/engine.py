@@ -14,6 +14,7 @@ Run ``python benchmarks/engine.py`` (about 3 minutes), ``--quick`` for a short r
 gradmesh over CuPy, PyTorch on CUDA, and the hand-written step over CuPy (still labelled
 ``numpy``); every timed step then ends with the loss read back, which waits for the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,11 @@ LR = 0.01
 @dataclass(frozen=True)
 class Model:
     name: str
-    sizes: tuple            # layer widths, input first
+    sizes: tuple  # layer widths, input first
     batch: int
-    loss: str               # "ce" (class labels) or "mse" (regression targets)
-    reps: int               # repetitions of the round-robin (full run)
-    steps: int              # timed steps per implementation per repetition
+    loss: str  # "ce" (class labels) or "mse" (regression targets)
+    reps: int  # repetitions of the round-robin (full run)
+    steps: int  # timed steps per implementation per repetition
 
 
 MODELS = (
@@ -72,6 +73,7 @@ def make_batch(m: Model, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- gradmesh and torch ------
 
+
 def library_step(lib, m: Model, params, x, y, device: str = "cpu") -> Callable[[], object]:
     """The step as a PyTorch user writes it; ``lib`` is ``gradmesh.core`` or ``torch``, the
     same code for both (which is the point of gradmesh's API)."""
@@ -102,15 +104,18 @@ def library_step(lib, m: Model, params, x, y, device: str = "cpu") -> Callable[[
 
 def gradmesh_step(m: Model, params, x, y, device: str) -> Callable[[], object]:
     import gradmesh.core as gm
+
     return library_step(gm, m, params, x, y, device)
 
 
 def torch_step(m: Model, params, x, y, device: str) -> Callable[[], object]:
     import torch
+
     return library_step(torch, m, params, x, y, device)
 
 
 # ------------------------------------------------------------------- hand-written ------
+
 
 def numpy_step(m: Model, params, x, y, device: str) -> Callable[[], float]:
     """Forward, backward and SGD written out by hand, in float32, updating in place; over
@@ -153,7 +158,7 @@ def numpy_step(m: Model, params, x, y, device: str) -> Callable[[], float]:
             gb = g.sum(axis=0)
             if i > 0:
                 g = g @ ws[i]
-                g *= acts[i] > 0          # relu's gradient, from its output
+                g *= acts[i] > 0  # relu's gradient, from its output
             ws[i] -= np.float32(LR) * gw
             bs[i] -= np.float32(LR) * gb
         return loss
@@ -165,6 +170,7 @@ IMPLEMENTATIONS = {"gradmesh": gradmesh_step, "torch": torch_step, "numpy": nump
 
 
 # ----------------------------------------------------------------------------- run ------
+
 
 def _as_float(loss) -> float:
     return float(loss.item()) if hasattr(loss, "item") else float(loss)
@@ -181,8 +187,10 @@ def check_agreement(m: Model, device: str) -> dict[str, float]:
     ref = out["torch"]
     for name, (first, second) in out.items():
         if not (np.isclose(first, ref[0], rtol=1e-4) and np.isclose(second, ref[1], rtol=1e-3)):
-            raise SystemExit(f"{m.name}: {name} disagrees with torch: losses {first}, {second} "
-                             f"vs {ref[0]}, {ref[1]}")
+            raise SystemExit(
+                f"{m.name}: {name} disagrees with torch: losses {first}, {second} "
+                f"vs {ref[0]}, {ref[1]}"
+            )
     return {name: v[1] for name, v in out.items()}
 
 
@@ -192,10 +200,9 @@ def bench(m: Model, reps: int, steps: int, device: str = "cpu") -> dict[str, flo
     # a median ignores the steps that a neighbour's burst (or a GC pass) lands on.
     params, (x, y) = init_params(m), make_batch(m)
     steps_of = {name: make(m, params, x, y, device) for name, make in IMPLEMENTATIONS.items()}
-    if device == "cuda":        # a GPU step is done when its loss can be read back
-        steps_of = {name: (lambda step=step: _as_float(step()))
-                    for name, step in steps_of.items()}
-    for step in steps_of.values():          # warm-up: allocator, BLAS threads, caches
+    if device == "cuda":  # a GPU step is done when its loss can be read back
+        steps_of = {name: (lambda step=step: _as_float(step())) for name, step in steps_of.items()}
+    for step in steps_of.values():  # warm-up: allocator, BLAS threads, caches
         for _ in range(max(1, steps // 2)):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps_of}
@@ -212,9 +219,15 @@ def bench(m: Model, reps: int, steps: int, device: str = "cpu") -> dict[str, flo
 def header(device: str = "cpu") -> dict:
     import threadpoolctl
     import torch
-    blas = [{k: info.get(k) for k in ("internal_api", "version", "num_threads",
-                                     "threading_layer", "architecture")}
-            for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+
+    blas = [
+        {
+            k: info.get(k)
+            for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture")
+        }
+        for info in threadpoolctl.threadpool_info()
+        if info.get("user_api") == "blas"
+    ]
     return {
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -224,14 +237,22 @@ def header(device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "numpy_blas": blas,
-        "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                               "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OPENBLAS_NUM_THREADS",
+                "OMP_NUM_THREADS",
+            )
+        },
         **(_gpu() if device == "cuda" else {}),
     }
 
 
 def _gpu() -> dict:
     import cupy
+
     props = cupy.cuda.runtime.getDeviceProperties(0)
     return {"gpu": props["name"].decode(), "cupy": cupy.__version__}
 
@@ -251,26 +272,35 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short run (about 20 s)")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    ap.add_argument("--models", default="small,medium,large",
-                    help="comma-separated subset of small,medium,large")
+    ap.add_argument(
+        "--models",
+        default="small,medium,large",
+        help="comma-separated subset of small,medium,large",
+    )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args(argv)
 
     if args.device == "cuda":
         import gradmesh.core as gm
+
         if not gm.cuda_available():
             raise SystemExit("--device cuda needs CuPy and a CUDA device")
     info = header(args.device)
-    print(f"cpu: {info['cpu']} ({info['cores']} cores); python {info['python']}, "
-          f"numpy {info['numpy']}, torch {info['torch']} ({info['torch_threads']} threads, "
-          f"{info['torch_blas']})")
+    print(
+        f"cpu: {info['cpu']} ({info['cores']} cores); python {info['python']}, "
+        f"numpy {info['numpy']}, torch {info['torch']} ({info['torch_threads']} threads, "
+        f"{info['torch_blas']})"
+    )
     for b in info["numpy_blas"]:
-        print(f"numpy BLAS: {b['internal_api']} {b['version']}, {b['num_threads']} threads, "
-              f"{b['threading_layer']}, {b['architecture']}")
+        print(
+            f"numpy BLAS: {b['internal_api']} {b['version']}, {b['num_threads']} threads, "
+            f"{b['threading_layer']}, {b['architecture']}"
+        )
     print("env: " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
     if args.device == "cuda":
-        print(f"gpu: {info['gpu']}, cupy {info['cupy']}; 'numpy' is the hand-written step "
-              "over CuPy")
+        print(
+            f"gpu: {info['gpu']}, cupy {info['cupy']}; 'numpy' is the hand-written step over CuPy"
+        )
 
     wanted = args.models.split(",")
     rows = []
@@ -280,21 +310,33 @@ def main(argv: list[str] | None = None) -> int:
         check_agreement(m, args.device)
         reps = max(4, m.reps // 8) if args.quick else m.reps
         ms = bench(m, reps, m.steps, args.device)
-        rows.append({"model": m.name, "device": args.device, "sizes": list(m.sizes),
-                     "batch": m.batch, "loss": m.loss,
-                     "steps_timed": reps * m.steps, **{f"{k}_ms": v for k, v in ms.items()},
-                     "gradmesh_over_torch": ms["gradmesh"] / ms["torch"],
-                     "gradmesh_over_numpy": ms["gradmesh"] / ms["numpy"],
-                     "numpy_over_torch": ms["numpy"] / ms["torch"]})
+        rows.append(
+            {
+                "model": m.name,
+                "device": args.device,
+                "sizes": list(m.sizes),
+                "batch": m.batch,
+                "loss": m.loss,
+                "steps_timed": reps * m.steps,
+                **{f"{k}_ms": v for k, v in ms.items()},
+                "gradmesh_over_torch": ms["gradmesh"] / ms["torch"],
+                "gradmesh_over_numpy": ms["gradmesh"] / ms["numpy"],
+                "numpy_over_torch": ms["numpy"] / ms["torch"],
+            }
+        )
 
     print()
-    print(f"{'model':<8}{'shape':<24}{'batch':>6}{'gradmesh ms':>13}{'torch ms':>10}"
-          f"{'numpy ms':>10}{'gm/torch':>10}{'gm/numpy':>10}{'np/torch':>10}")
+    print(
+        f"{'model':<8}{'shape':<24}{'batch':>6}{'gradmesh ms':>13}{'torch ms':>10}"
+        f"{'numpy ms':>10}{'gm/torch':>10}{'gm/numpy':>10}{'np/torch':>10}"
+    )
     for r in rows:
         shape = "-".join(map(str, r["sizes"]))
-        print(f"{r['model']:<8}{shape:<24}{r['batch']:>6}{r['gradmesh_ms']:>13.3f}"
-              f"{r['torch_ms']:>10.3f}{r['numpy_ms']:>10.3f}{r['gradmesh_over_torch']:>10.2f}"
-              f"{r['gradmesh_over_numpy']:>10.2f}{r['numpy_over_torch']:>10.2f}")
+        print(
+            f"{r['model']:<8}{shape:<24}{r['batch']:>6}{r['gradmesh_ms']:>13.3f}"
+            f"{r['torch_ms']:>10.3f}{r['numpy_ms']:>10.3f}{r['gradmesh_over_torch']:>10.2f}"
+            f"{r['gradmesh_over_numpy']:>10.2f}{r['numpy_over_torch']:>10.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "quick": args.quick, "results": rows}, f, indent=2)

@@ -13,6 +13,7 @@ first (it checkpoints), then shards and workers: SIGTERM, then SIGKILL after a g
 period. Server logs go to ``log_dir`` (a temporary directory by default) and their tails
 are quoted in startup errors.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,6 +44,7 @@ class ClusterError(RuntimeError):
 @dataclass
 class ServerProcess:
     """One server process: its role, address (once known) and log file."""
+
     role: str
     args: list[str]
     log_path: str
@@ -51,14 +53,27 @@ class ServerProcess:
     _ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-m", "gradmesh.cli", self.role, "--port", "0",
-               "--host", "127.0.0.1", "--log-format", "text", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gradmesh.cli",
+            self.role,
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--log-format",
+            "text",
+            *self.args,
+        ]
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True
+        )
         log.close()
-        threading.Thread(target=self._read_stdout, daemon=True,
-                         name=f"gradmesh-{self.role}-stdout").start()
+        threading.Thread(
+            target=self._read_stdout, daemon=True, name=f"gradmesh-{self.role}-stdout"
+        ).start()
 
     def _read_stdout(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -70,14 +85,16 @@ class ServerProcess:
                 if m and self.address is None:
                     self.address = m.group(1)
                     self._ready.set()
-        self._ready.set()       # the process exited: wake up whoever waits
+        self._ready.set()  # the process exited: wake up whoever waits
 
     def wait_address(self, timeout: float) -> str:
         self._ready.wait(timeout)
         if self.address is None:
-            raise ClusterError(f"{self.role} did not start within {timeout:.0f} s "
-                               f"(exit code {self.process.poll() if self.process else None})"
-                               f":\n{self.log_tail()}")
+            raise ClusterError(
+                f"{self.role} did not start within {timeout:.0f} s "
+                f"(exit code {self.process.poll() if self.process else None})"
+                f":\n{self.log_tail()}"
+            )
         return self.address
 
     @property
@@ -170,11 +187,20 @@ class LocalCluster:
     the coordinator sends a worker call unary when it fits in half of it, else streams it.
     """
 
-    def __init__(self, workers: int = 2, shards: int = 0, *, state_dir: str | None = None,
-                 threads_per_worker: int | None = None, checkpoint_every: int = 10,
-                 coordinator_args: Sequence[str] = (), log_dir: str | None = None,
-                 max_message_bytes: int | None = None, startup_timeout: float = 60.0,
-                 grace: float = 10.0):
+    def __init__(
+        self,
+        workers: int = 2,
+        shards: int = 0,
+        *,
+        state_dir: str | None = None,
+        threads_per_worker: int | None = None,
+        checkpoint_every: int = 10,
+        coordinator_args: Sequence[str] = (),
+        log_dir: str | None = None,
+        max_message_bytes: int | None = None,
+        startup_timeout: float = 60.0,
+        grace: float = 10.0,
+    ):
         if workers < 0 or shards < 0:
             raise ValueError("workers and shards must be >= 0")
         self.n_workers = workers
@@ -251,8 +277,7 @@ class LocalCluster:
         """(Re)start the coordinator process (after ``stop_coordinator`` or a kill)."""
         self.coordinator = self._server("coordinator", self.coordinator_command_args())
         self.coordinator.start(self._env(None))
-        wait_serving(self.coordinator.wait_address(self.startup_timeout),
-                      self.startup_timeout)
+        wait_serving(self.coordinator.wait_address(self.startup_timeout), self.startup_timeout)
         return self.coordinator
 
     def stop_coordinator(self, kill: bool = False) -> None:
@@ -270,11 +295,11 @@ class LocalCluster:
         old = self.coordinator
         self.stop_coordinator(kill=kill)
         port = _port(old.address) if old is not None and old.address else 0
-        self.coordinator = self._server("coordinator", self.coordinator_command_args()
-                                        + ["--port", str(port)])
+        self.coordinator = self._server(
+            "coordinator", self.coordinator_command_args() + ["--port", str(port)]
+        )
         self.coordinator.start(self._env(None))
-        wait_serving(self.coordinator.wait_address(self.startup_timeout),
-                     self.startup_timeout)
+        wait_serving(self.coordinator.wait_address(self.startup_timeout), self.startup_timeout)
         return self.coordinator
 
     def restart_shard(self, index: int, kill: bool = True) -> ServerProcess:
@@ -288,8 +313,9 @@ class LocalCluster:
         wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
         return new
 
-    def restart_worker(self, index: int, kill: bool = True,
-                       same_address: bool = True) -> ServerProcess:
+    def restart_worker(
+        self, index: int, kill: bool = True, same_address: bool = True
+    ) -> ServerProcess:
         """Stop worker ``index`` and start another: on the same address (the coordinator's
         ``--workers`` list names it), or on a new one that registers with the coordinator
         (``--coordinator``) and takes its place in ``workers``."""

@@ -15,6 +15,7 @@ Step ids are assigned here (1, 2, 3, ...) and a step that fails with a transient
 (the coordinator restarting, a network blip) is retried with the same id: the coordinator
 applies each id once, so a retry never updates twice.
 """
+
 from __future__ import annotations
 
 import threading
@@ -38,6 +39,7 @@ __all__ = ["CoordinatorClient", "Job", "StepResult"]
 @dataclass
 class StepResult:
     """What one step returned: the batch's loss, scalar metrics and where time went."""
+
     step_id: int
     loss: float
     metrics: dict[str, float]
@@ -69,9 +71,17 @@ class CoordinatorClient(CoordinatorConnection):
         return self
 
     # -- jobs -----------------------------------------------------------------------------
-    def create_job(self, model, loss_fn: Callable, optimizer, micro_batch_size: int,
-                   example_batch: Sequence, *, job_id: str | None = None,
-                   data_names: Sequence[str] | None = None) -> "Job":
+    def create_job(
+        self,
+        model,
+        loss_fn: Callable,
+        optimizer,
+        micro_batch_size: int,
+        example_batch: Sequence,
+        *,
+        job_id: str | None = None,
+        data_names: Sequence[str] | None = None,
+    ) -> "Job":
         """Trace ``loss_fn(model, *example_batch)`` and create a training job.
 
         ``model``: a ``gradmesh.core.nn.Module``; its parameters are the initial values.
@@ -90,22 +100,26 @@ class CoordinatorClient(CoordinatorConnection):
         elif isinstance(optimizer, dict):
             description = optim.validate(optimizer)
         else:
-            raise TypeError(f"optimizer must be a gradmesh optimizer or a dict like "
-                            f"{{'name': 'sgd', 'lr': 0.1}}, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a gradmesh optimizer or a dict like "
+                f"{{'name': 'sgd', 'lr': 0.1}}, got {type(optimizer).__name__}"
+            )
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive int, got "
-                             f"{micro_batch_size!r}")
+            raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
         example = [_numpy(b) for b in example_batch]
         names = list(data_names) if data_names else [f"x{i}" for i in range(len(example))]
-        graph = core_graph.trace(lambda m, *b: loss_fn(m, *b), model, *example,
-                                 data_names=names)
+        graph = core_graph.trace(lambda m, *b: loss_fn(m, *b), model, *example, data_names=names)
         params = OrderedDict((n, _numpy(p)) for n, p in model.named_parameters())
         header = coordinator_pb2.CreateJobRequest(
-            job_id=job_id or "", graph=graph,
-            optimizer=optimizer_to_proto(description), micro_batch_size=micro_batch_size)
+            job_id=job_id or "",
+            graph=graph,
+            optimizer=optimizer_to_proto(description),
+            micro_batch_size=micro_batch_size,
+        )
         resp = self.create(header, params)
-        return Job(self, resp.job_id, names, next_step_id=resp.version + 1
-                   if resp.version == 0 else None)
+        return Job(
+            self, resp.job_id, names, next_step_id=resp.version + 1 if resp.version == 0 else None
+        )
 
     def job(self, job_id: str) -> "Job":
         """Attach to an existing job (its next step id is read from the coordinator)."""
@@ -116,8 +130,13 @@ class CoordinatorClient(CoordinatorConnection):
 class Job:
     """A training job on a coordinator: ``step(*batch)``, ``parameters()``, ``status()``."""
 
-    def __init__(self, client: CoordinatorClient, job_id: str, data_names: list[str],
-                 next_step_id: int | None = None):
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        job_id: str,
+        data_names: list[str],
+        next_step_id: int | None = None,
+    ):
         self.client = client
         self.job_id = job_id
         self.data_names = data_names
@@ -140,8 +159,10 @@ class Job:
             named = dict(batch[0])
         else:
             if len(batch) != len(self.data_names):
-                raise ValueError(f"step() takes {len(self.data_names)} batch tensors "
-                                 f"({self.data_names}), got {len(batch)}")
+                raise ValueError(
+                    f"step() takes {len(self.data_names)} batch tensors "
+                    f"({self.data_names}), got {len(batch)}"
+                )
             named = dict(zip(self.data_names, batch))
         with self._lock:
             sid = step_id if step_id is not None else self.next_step_id
@@ -149,12 +170,24 @@ class Job:
             if step_id is None or step_id >= self.next_step_id:
                 self._next = r.step_id + 1
         t = r.timings
-        return StepResult(r.step_id, r.loss, dict(r.metrics), r.version, r.batch_size,
-                          r.micro_batches, r.replayed,
-                          {"pull": t.pull_seconds, "compute": t.compute_seconds,
-                           "push": t.push_seconds, "apply": t.apply_seconds,
-                           "total": t.total_seconds, "reassigned": t.reassigned,
-                           "worker_compute": t.worker_compute_seconds})
+        return StepResult(
+            r.step_id,
+            r.loss,
+            dict(r.metrics),
+            r.version,
+            r.batch_size,
+            r.micro_batches,
+            r.replayed,
+            {
+                "pull": t.pull_seconds,
+                "compute": t.compute_seconds,
+                "push": t.push_seconds,
+                "apply": t.apply_seconds,
+                "total": t.total_seconds,
+                "reassigned": t.reassigned,
+                "worker_compute": t.worker_compute_seconds,
+            },
+        )
 
     def parameters(self) -> "OrderedDict[str, Any]":
         """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""

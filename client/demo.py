@@ -6,6 +6,7 @@ workers, each its own process on 127.0.0.1), trains a small MLP on scikit-learn'
 data-parallel Adam, then prints the test accuracy, the samples per second and the path of
 a loss-curve PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,24 @@ __all__ = ["add_arguments", "run", "load_data", "make_model", "loss_fn", "accura
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh demo``."""
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--shards", type=int, default=2,
-                        help="shard processes (default 2; 0: inside the coordinator)")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=2,
+        help="shard processes (default 2; 0: inside the coordinator)",
+    )
     parser.add_argument("--epochs", type=int, default=15, help="passes over the data (15)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (128)")
-    parser.add_argument("--micro-batch-size", type=int, default=32,
-                        help="rows per micro-batch (32)")
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=32, help="rows per micro-batch (32)"
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (0.003)")
     parser.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
-    parser.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(),
-                                                             "gradmesh-demo"),
-                        help="where the loss curve is written")
+    parser.add_argument(
+        "--output-dir",
+        default=os.path.join(tempfile.gettempdir(), "gradmesh-demo"),
+        help="where the loss curve is written",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -49,17 +57,23 @@ def load_data(seed: int = 0):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise SystemExit("gradmesh demo needs the demo extra: pip install 'gradmesh[demo]'"
-                         ) from None
+        raise SystemExit(
+            "gradmesh demo needs the demo extra: pip install 'gradmesh[demo]'"
+        ) from None
     digits = load_digits()
     x = digits.data.astype(np.float32)
     y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2,
-                                                        random_state=seed, stratify=y)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, random_state=seed, stratify=y
+    )
     # Border pixels are almost always 0: the +0.1 keeps their scale finite.
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 0.1
-    return ((x_train - mean) / std).astype(np.float32), y_train, \
-        ((x_test - mean) / std).astype(np.float32), y_test
+    return (
+        ((x_train - mean) / std).astype(np.float32),
+        y_train,
+        ((x_test - mean) / std).astype(np.float32),
+        y_test,
+    )
 
 
 def make_model(seed: int = 0):
@@ -79,8 +93,10 @@ def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
 
 def plot_losses(losses: list[float], path: str, title: str) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(range(1, len(losses) + 1), losses, lw=1.2)
     ax.set_xlabel("step")
@@ -97,38 +113,65 @@ def plot_losses(losses: list[float], path: str, title: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train and report; exit code 0 when the test accuracy reaches 95%."""
-    if min(args.workers, args.epochs, args.batch_size, args.micro_batch_size) < 1 \
-            or args.shards < 0:
-        print("error: --workers, --epochs, --batch-size and --micro-batch-size must be >= 1, "
-              "--shards >= 0", file=sys.stderr)
+    if (
+        min(args.workers, args.epochs, args.batch_size, args.micro_batch_size) < 1
+        or args.shards < 0
+    ):
+        print(
+            "error: --workers, --epochs, --batch-size and --micro-batch-size must be >= 1, "
+            "--shards >= 0",
+            file=sys.stderr,
+        )
         return 2
     x_train, y_train, x_test, y_test = load_data(args.seed)
     model = make_model(args.seed)
     optimizer = gm.optim.Adam(model.parameters(), lr=args.lr)
     cores = os.cpu_count() or 1
-    print(f"gradmesh demo: {len(x_train)} training and {len(x_test)} test digits, MLP "
-          f"64-256-10, {args.workers} workers, {args.shards or 'embedded'} shards", flush=True)
+    print(
+        f"gradmesh demo: {len(x_train)} training and {len(x_test)} test digits, MLP "
+        f"64-256-10, {args.workers} workers, {args.shards or 'embedded'} shards",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    with LocalCluster(workers=args.workers, shards=args.shards,
-                      threads_per_worker=max(1, cores // args.workers)) as cluster:
+    with LocalCluster(
+        workers=args.workers, shards=args.shards, threads_per_worker=max(1, cores // args.workers)
+    ) as cluster:
         started = time.perf_counter() - t0
-        print(f"cluster up in {started:.1f} s: coordinator {cluster.coordinator_target}",
-              flush=True)
-        job = cluster.client().create_job(model, loss_fn, optimizer, args.micro_batch_size,
-                                          example_batch=(x_train[:8], y_train[:8]),
-                                          data_names=["x", "y"])
-        history = fit(job, lambda epoch: batches(x_train, y_train, batch_size=args.batch_size,
-                                                 seed=args.seed * 1000 + epoch),
-                      epochs=args.epochs, progress=not args.no_progress,
-                      steps_per_epoch=-(-len(x_train) // args.batch_size))
+        print(
+            f"cluster up in {started:.1f} s: coordinator {cluster.coordinator_target}", flush=True
+        )
+        job = cluster.client().create_job(
+            model,
+            loss_fn,
+            optimizer,
+            args.micro_batch_size,
+            example_batch=(x_train[:8], y_train[:8]),
+            data_names=["x", "y"],
+        )
+        history = fit(
+            job,
+            lambda epoch: batches(
+                x_train, y_train, batch_size=args.batch_size, seed=args.seed * 1000 + epoch
+            ),
+            epochs=args.epochs,
+            progress=not args.no_progress,
+            steps_per_epoch=-(-len(x_train) // args.batch_size),
+        )
         model.load_state_dict(job.parameters())
     acc = accuracy(model, x_test, y_test)
-    path = plot_losses(history.losses, os.path.join(args.output_dir, "loss.png"),
-                       f"gradmesh demo: {args.workers} workers, test accuracy {acc:.1%}")
-    print(f"test accuracy: {acc:.2%} ({len(history.losses)} steps, final loss "
-          f"{history.losses[-1]:.4f})")
-    print(f"throughput: {history.samples_per_second:.0f} samples/s "
-          f"({history.samples} samples in {history.seconds:.1f} s)")
+    path = plot_losses(
+        history.losses,
+        os.path.join(args.output_dir, "loss.png"),
+        f"gradmesh demo: {args.workers} workers, test accuracy {acc:.1%}",
+    )
+    print(
+        f"test accuracy: {acc:.2%} ({len(history.losses)} steps, final loss "
+        f"{history.losses[-1]:.4f})"
+    )
+    print(
+        f"throughput: {history.samples_per_second:.0f} samples/s "
+        f"({history.samples} samples in {history.seconds:.1f} s)"
+    )
     print(f"loss curve: {path}")
     print(f"total time: {time.perf_counter() - t0:.1f} s")
     if acc < 0.95:

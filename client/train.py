@@ -42,6 +42,7 @@ stride, padding), maxpool2d / avgpool2d (kernel_size, stride), flatten, relu, ta
 sigmoid, gelu, leaky_relu (negative_slope), dropout (p). A bad config is reported with
 the key that is wrong (``model.layers[2].out: expected a positive integer, got -3``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,17 +101,25 @@ def _non_negative(v) -> str | None:
 def _unknown(table: dict, allowed: set[str], where: str) -> None:
     extra = sorted(set(table) - allowed)
     if extra:
-        raise ConfigError(f"{where}.{extra[0]}: unknown key; expected one of "
-                          f"{sorted(allowed)}")
+        raise ConfigError(f"{where}.{extra[0]}: unknown key; expected one of {sorted(allowed)}")
 
 
 _LAYER_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "linear": {"in": (int, ...), "out": (int, ...), "bias": (bool, True)},
-    "conv2d": {"in_channels": (int, ...), "out_channels": (int, ...),
-               "kernel_size": (int, ...), "stride": (int, 1), "padding": (int, 0)},
+    "conv2d": {
+        "in_channels": (int, ...),
+        "out_channels": (int, ...),
+        "kernel_size": (int, ...),
+        "stride": (int, 1),
+        "padding": (int, 0),
+    },
     "maxpool2d": {"kernel_size": (int, ...), "stride": (int, None)},
     "avgpool2d": {"kernel_size": (int, ...), "stride": (int, None)},
-    "flatten": {}, "relu": {}, "tanh": {}, "sigmoid": {}, "gelu": {},
+    "flatten": {},
+    "relu": {},
+    "tanh": {},
+    "sigmoid": {},
+    "gelu": {},
     "leaky_relu": {"negative_slope": ((int, float), 0.01)},
     "dropout": {"p": ((int, float), 0.5)},
 }
@@ -120,8 +129,10 @@ def build_model(layers: list, seed: int = 0):
     """A ``Sequential`` from the layer list of ``[model]`` (validated, naming the key)."""
     nn = gm.nn
     if not isinstance(layers, list) or not layers:
-        raise ConfigError("model.layers: expected a non-empty list of tables like "
-                          "{ type = \"linear\", in = 64, out = 10 }")
+        raise ConfigError(
+            "model.layers: expected a non-empty list of tables like "
+            '{ type = "linear", in = 64, out = 10 }'
+        )
     gm.manual_seed(seed)
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
@@ -131,8 +142,9 @@ def build_model(layers: list, seed: int = 0):
         kind = _need(layer, "type", where, str)
         spec = _LAYER_KEYS.get(kind)
         if spec is None:
-            raise ConfigError(f"{where}.type: unknown layer {kind!r}; expected one of "
-                              f"{sorted(_LAYER_KEYS)}")
+            raise ConfigError(
+                f"{where}.type: unknown layer {kind!r}; expected one of {sorted(_LAYER_KEYS)}"
+            )
         _unknown(layer, set(spec) | {"type"}, where)
         a = {}
         for key, (k, default) in spec.items():
@@ -145,8 +157,15 @@ def build_model(layers: list, seed: int = 0):
         if kind == "linear":
             modules.append(nn.Linear(a["in"], a["out"], bias=a["bias"]))
         elif kind == "conv2d":
-            modules.append(nn.Conv2d(a["in_channels"], a["out_channels"], a["kernel_size"],
-                                     stride=a["stride"], padding=a["padding"]))
+            modules.append(
+                nn.Conv2d(
+                    a["in_channels"],
+                    a["out_channels"],
+                    a["kernel_size"],
+                    stride=a["stride"],
+                    padding=a["padding"],
+                )
+            )
         elif kind == "maxpool2d":
             modules.append(nn.MaxPool2d(a["kernel_size"], a["stride"]))
         elif kind == "avgpool2d":
@@ -156,8 +175,15 @@ def build_model(layers: list, seed: int = 0):
         elif kind == "dropout":
             modules.append(nn.Dropout(float(a["p"])))
         else:
-            modules.append({"flatten": nn.Flatten, "relu": nn.ReLU, "tanh": nn.Tanh,
-                            "sigmoid": nn.Sigmoid, "gelu": nn.GELU}[kind]())
+            modules.append(
+                {
+                    "flatten": nn.Flatten,
+                    "relu": nn.ReLU,
+                    "tanh": nn.Tanh,
+                    "sigmoid": nn.Sigmoid,
+                    "gelu": nn.GELU,
+                }[kind]()
+            )
     return nn.Sequential(*modules)
 
 
@@ -167,17 +193,21 @@ def _load_arrays(spec, where: str, x_key: str, y_key: str, base: str):
         if not os.path.exists(full):
             raise ConfigError(f"{key}: file {full} does not exist")
         return full
+
     try:
         if isinstance(spec, str):
             full = path(spec, where)
             if not full.endswith(".npz"):
-                raise ConfigError(f"{where}: expected a .npz file or {{ x = \"x.npy\", "
-                                  f"y = \"y.npy\" }}, got {spec!r}")
+                raise ConfigError(
+                    f'{where}: expected a .npz file or {{ x = "x.npy", y = "y.npy" }}, got {spec!r}'
+                )
             with np.load(full, allow_pickle=False) as z:
                 for k in (x_key, y_key):
                     if k not in z:
-                        raise ConfigError(f"{where}: {spec} has no array {k!r} (it has "
-                                          f"{sorted(z.files)}); set data.x / data.y")
+                        raise ConfigError(
+                            f"{where}: {spec} has no array {k!r} (it has "
+                            f"{sorted(z.files)}); set data.x / data.y"
+                        )
                 return z[x_key], z[y_key]
         if isinstance(spec, dict):
             _unknown(spec, {"x", "y"}, where)
@@ -188,13 +218,15 @@ def _load_arrays(spec, where: str, x_key: str, y_key: str, base: str):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{where}: cannot read: {e}") from None
-    raise ConfigError(f"{where}: expected a .npz path or a table {{ x = ..., y = ... }}, "
-                      f"got {spec!r}")
+    raise ConfigError(
+        f"{where}: expected a .npz path or a table {{ x = ..., y = ... }}, got {spec!r}"
+    )
 
 
 def load_config(path: str) -> dict:
     """Read and check a config; returns a normalised dict (model, data arrays, ...)."""
     import tomllib  # Python 3.11+: only `gradmesh train` needs it (3.10 is supported)
+
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -206,9 +238,14 @@ def load_config(path: str) -> dict:
     base = os.path.dirname(os.path.abspath(path))
     model_t = _need(raw, "model", "", dict)
     _unknown(model_t, {"layers", "loss", "seed"}, "model")
-    loss = _need(model_t, "loss", "model", str, "cross_entropy",
-                 lambda v: None if v in ("cross_entropy", "mse") else
-                 "expected \"cross_entropy\" or \"mse\"")
+    loss = _need(
+        model_t,
+        "loss",
+        "model",
+        str,
+        "cross_entropy",
+        lambda v: None if v in ("cross_entropy", "mse") else 'expected "cross_entropy" or "mse"',
+    )
     model_seed = _need(model_t, "seed", "model", int, 0)
     model = build_model(_need(model_t, "layers", "model", list), model_seed)
 
@@ -216,15 +253,17 @@ def load_config(path: str) -> dict:
     _unknown(data_t, {"train", "test", "x", "y"}, "data")
     x_key = _need(data_t, "x", "data", str, "x")
     y_key = _need(data_t, "y", "data", str, "y")
-    x, y = _load_arrays(_need(data_t, "train", "data", (str, dict)), "data.train", x_key,
-                        y_key, base)
+    x, y = _load_arrays(
+        _need(data_t, "train", "data", (str, dict)), "data.train", x_key, y_key, base
+    )
     test = None
     if "test" in data_t:
         test = _load_arrays(data_t["test"], "data.test", x_key, y_key, base)
     for name, (a, b) in {"data.train": (x, y), **({"data.test": test} if test else {})}.items():
         if len(a) != len(b) or len(a) == 0:
-            raise ConfigError(f"{name}: x has {len(a)} rows and y {len(b)}; they must agree "
-                              f"and be non-empty")
+            raise ConfigError(
+                f"{name}: x has {len(a)} rows and y {len(b)}; they must agree and be non-empty"
+            )
     x = x.astype(np.float32) if x.dtype == np.float64 else x
     y = y.astype(np.int64) if loss == "cross_entropy" else y.astype(np.float32)
 
@@ -244,29 +283,43 @@ def load_config(path: str) -> dict:
     cluster_t = _need(raw, "cluster", "", dict, {"local": {}})
     _unknown(cluster_t, {"address", "local", "token"}, "cluster")
     if ("address" in cluster_t) == ("local" in cluster_t):
-        raise ConfigError("cluster: give exactly one of address = \"host:port\" or "
-                          "local = { workers = 2 }")
+        raise ConfigError(
+            'cluster: give exactly one of address = "host:port" or local = { workers = 2 }'
+        )
     local = None
     if "local" in cluster_t:
         local_t = _need(cluster_t, "local", "cluster", dict)
         _unknown(local_t, {"workers", "shards"}, "cluster.local")
-        local = {"workers": _need(local_t, "workers", "cluster.local", int, 2, _positive),
-                 "shards": _need(local_t, "shards", "cluster.local", int, 0,
-                                 _non_negative)}
+        local = {
+            "workers": _need(local_t, "workers", "cluster.local", int, 2, _positive),
+            "shards": _need(local_t, "shards", "cluster.local", int, 0, _non_negative),
+        }
     address = _need(cluster_t, "address", "cluster", str, None)
     output_t = _need(raw, "output", "", dict, {})
     _unknown(output_t, {"parameters"}, "output")
-    return {"model": model, "loss": loss, "x": x, "y": y, "test": test,
-            "optimizer": optimizer, "epochs": epochs, "batch_size": batch_size,
-            "micro_batch_size": micro, "seed": shuffle_seed, "address": address,
-            "local": local, "token": cluster_t.get("token"),
-            "parameters_path": _need(output_t, "parameters", "output", str, None)}
+    return {
+        "model": model,
+        "loss": loss,
+        "x": x,
+        "y": y,
+        "test": test,
+        "optimizer": optimizer,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "micro_batch_size": micro,
+        "seed": shuffle_seed,
+        "address": address,
+        "local": local,
+        "token": cluster_t.get("token"),
+        "parameters_path": _need(output_t, "parameters", "output", str, None),
+    }
 
 
 def _loss_fn(kind: str):
     def loss_fn(model, x, y):
         out = model(x)
         return F.cross_entropy(out, y) if kind == "cross_entropy" else F.mse_loss(out, y)
+
     return loss_fn
 
 
@@ -274,14 +327,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh train``."""
     parser.add_argument("--config", required=True, help="the job's TOML file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--connect-timeout", type=float, default=10.0,
-                        help="seconds to wait for the coordinator (cluster.address) to "
-                             "answer before giving up (default 10)")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the coordinator (cluster.address) to "
+        "answer before giving up (default 10)",
+    )
 
 
 def _reachable(client: CoordinatorClient, seconds: float) -> bool:
     """Whether the coordinator's channel connects within ``seconds``."""
     import grpc
+
     try:
         grpc.channel_ready_future(client._channel).result(timeout=seconds)
     except grpc.FutureTimeoutError:
@@ -307,29 +365,41 @@ def run(args: argparse.Namespace) -> int:
                 target = cfg["address"]
             client = stack.enter_context(CoordinatorClient(target, token=cfg["token"]))
             if not _reachable(client, args.connect_timeout):
-                print(f"error: cannot reach the coordinator at {target} within "
-                      f"{args.connect_timeout:g} s (cluster.address in {args.config}): is "
-                      f"it running, and is the address right? (--connect-timeout)",
-                      file=sys.stderr)
+                print(
+                    f"error: cannot reach the coordinator at {target} within "
+                    f"{args.connect_timeout:g} s (cluster.address in {args.config}): is "
+                    f"it running, and is the address right? (--connect-timeout)",
+                    file=sys.stderr,
+                )
                 return 1
             try:
-                job = client.create_job(model, loss_fn, cfg["optimizer"],
-                                        cfg["micro_batch_size"],
-                                        example_batch=(x[:2], y[:2]), data_names=["x", "y"])
+                job = client.create_job(
+                    model,
+                    loss_fn,
+                    cfg["optimizer"],
+                    cfg["micro_batch_size"],
+                    example_batch=(x[:2], y[:2]),
+                    data_names=["x", "y"],
+                )
             except (gm.OpError, ValueError, TypeError) as e:
                 print(f"error: model: cannot run the layers on the data: {e}", file=sys.stderr)
                 return 2
             bs = cfg["batch_size"]
-            history = fit(job, lambda epoch: batches(x, y, batch_size=bs,
-                                                     seed=cfg["seed"] * 1000 + epoch),
-                          epochs=cfg["epochs"], progress=not args.no_progress,
-                          steps_per_epoch=-(-len(x) // bs))
+            history = fit(
+                job,
+                lambda epoch: batches(x, y, batch_size=bs, seed=cfg["seed"] * 1000 + epoch),
+                epochs=cfg["epochs"],
+                progress=not args.no_progress,
+                steps_per_epoch=-(-len(x) // bs),
+            )
             model.load_state_dict(job.parameters())
     except GradmeshError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"trained {len(history.losses)} steps: final loss {history.losses[-1]:.4f}, "
-          f"{history.samples_per_second:.0f} samples/s")
+    print(
+        f"trained {len(history.losses)} steps: final loss {history.losses[-1]:.4f}, "
+        f"{history.samples_per_second:.0f} samples/s"
+    )
     if cfg["test"] is not None:
         tx, ty = cfg["test"]
         with gm.no_grad():
@@ -339,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"test mse: {float(((out.numpy() - ty) ** 2).mean()):.6f}")
     if cfg["parameters_path"]:
-        np.savez(cfg["parameters_path"], **{n: t.detach().numpy()
-                                            for n, t in model.state_dict().items()})
+        np.savez(
+            cfg["parameters_path"], **{n: t.detach().numpy() for n, t in model.state_dict().items()}
+        )
         print(f"parameters: {cfg['parameters_path']}")
     return 0

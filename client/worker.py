@@ -17,6 +17,7 @@ worker on this host (127.0.0.1, localhost, a Unix socket) gets the parameters an
 the gradients through shared memory instead, when it says it can (the transport policy
 is :class:`gradmesh.wire.worker.Transport`, the coordinator's too).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,6 +60,7 @@ class GradientResult:
     the worker's decode/forward/backward/encode seconds, ``plan_cached``, and the client's
     ``round_trip_seconds``.
     """
+
     loss: Any
     outputs: dict[str, Any]
     gradients: dict[str, Any]
@@ -79,21 +81,24 @@ def _array(x) -> np.ndarray:
 
 def _named_params(params) -> list[tuple[str, Any]]:
     """(name, tensor) pairs of a Module (named_parameters order) or a mapping."""
-    if type(params) is dict:        # the common case, before the slower checks
+    if type(params) is dict:  # the common case, before the slower checks
         return list(params.items())
     if hasattr(params, "named_parameters"):
         return list(params.named_parameters())
     if isinstance(params, Mapping):
         return list(params.items())
-    raise TypeError(f"params must be a gradmesh Module or a dict of arrays/Tensors, got "
-                    f"{type(params).__name__}")
+    raise TypeError(
+        f"params must be a gradmesh Module or a dict of arrays/Tensors, got {type(params).__name__}"
+    )
 
 
 def _signature(pairs, arrays) -> tuple:
     # dtype objects, not their .str (which builds a string each time): equal and hashed
     # alike exactly when the strings are.
-    return (tuple([(n, a.shape, a.dtype) for n, a in pairs]),
-            tuple([(a.shape, a.dtype) for a in arrays]))
+    return (
+        tuple([(n, a.shape, a.dtype) for n, a in pairs]),
+        tuple([(a.shape, a.dtype) for a in arrays]),
+    )
 
 
 class WorkerClient(WorkerTransport):
@@ -110,27 +115,41 @@ class WorkerClient(WorkerTransport):
     ``shared_memory_min_bytes`` go as bytes even then.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
-                 timeout: float | None = 60.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 stream_threshold: int = DEFAULT_STREAM_THRESHOLD, retries: int = 4,
-                 shared_memory: bool = True,
-                 shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()):
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: Any = None,
+        timeout: float | None = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
+        retries: int = 4,
+        shared_memory: bool = True,
+        shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
         if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be between {MIN_CHUNK_BYTES} and "
-                             f"{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+            raise ValueError(
+                f"chunk_bytes must be between {MIN_CHUNK_BYTES} and "
+                f"{MAX_CHUNK_BYTES}, got {chunk_bytes}"
+            )
         self.target = target
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.stream_threshold = min(stream_threshold, max_message_bytes - MiB)
         self.retries = retries
-        self.channel = channel(target, tls=tls, max_message_bytes=max_message_bytes,
-                               options=options)
+        self.channel = channel(
+            target, tls=tls, max_message_bytes=max_message_bytes, options=options
+        )
         self._segments = sharedmem.Pool()
         super().__init__(
-            self.channel, target, chunk_bytes=chunk_bytes,
-            segments=self._segments if shared_memory and sharedmem.available() else None)
+            self.channel,
+            target,
+            chunk_bytes=chunk_bytes,
+            segments=self._segments if shared_memory and sharedmem.available() else None,
+        )
         self._metadata = metadata(token)
         self._lock = threading.Lock()
         # fn -> {shapes signature: (graph, graph id)}; weak so that lambdas can be freed.
@@ -141,7 +160,7 @@ class WorkerClient(WorkerTransport):
         # Graph id as computed here -> the worker's id (that of the canonical form).
         self._registered: dict[str, str] = {}
         self.shared_memory_min_bytes = shared_memory_min_bytes
-        self._fitted = False            # to the worker's limits (Capabilities), once
+        self._fitted = False  # to the worker's limits (Capabilities), once
 
     def _fit_to_worker(self, timeout: float | None) -> None:
         """Learn the worker's message limit (Capabilities, once): requests over it go
@@ -151,7 +170,7 @@ class WorkerClient(WorkerTransport):
         try:
             caps = self.capabilities(timeout)
         except errors.GradmeshError:
-            return                      # asked again on the next call
+            return  # asked again on the next call
         self._fitted = True
         self.fit_limits(caps.limits)
         peer = int(caps.limits.max_message_bytes)
@@ -184,8 +203,11 @@ class WorkerClient(WorkerTransport):
             try:
                 return fn(timeout=left, metadata=call_metadata(self._metadata))
             except grpc.RpcError as e:
-                retry = (e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
-                         and (deadline is None or time.monotonic() + delay < deadline))
+                retry = (
+                    e.code() == grpc.StatusCode.UNAVAILABLE
+                    and attempt < self.retries
+                    and (deadline is None or time.monotonic() + delay < deadline)
+                )
                 if not retry:
                     raise errors.from_rpc_error(e, method) from None
             time.sleep(delay * (0.5 + random.random()))
@@ -194,13 +216,21 @@ class WorkerClient(WorkerTransport):
 
     def capabilities(self, timeout: float | None = None) -> worker_pb2.CapabilitiesResponse:
         """The worker's ops, dtypes, backend, limits, versions and build fingerprint."""
-        return self._call("Capabilities", lambda **kw: self.stub.Capabilities(
-            worker_pb2.CapabilitiesRequest(), **kw), timeout)
+        return self._call(
+            "Capabilities",
+            lambda **kw: self.stub.Capabilities(worker_pb2.CapabilitiesRequest(), **kw),
+            timeout,
+        )
 
     def register_graph(self, graph: graph_pb2.Graph, timeout: float | None = None) -> str:
         """Register ``graph`` with the worker; returns its id."""
-        resp = self._call("RegisterGraph", lambda **kw: self.stub.RegisterGraph(
-            worker_pb2.RegisterGraphRequest(graph=graph), **kw), timeout)
+        resp = self._call(
+            "RegisterGraph",
+            lambda **kw: self.stub.RegisterGraph(
+                worker_pb2.RegisterGraphRequest(graph=graph), **kw
+            ),
+            timeout,
+        )
         with self._lock:
             self._registered[core_graph.graph_id(graph)] = resp.graph_id
         return resp.graph_id
@@ -208,13 +238,12 @@ class WorkerClient(WorkerTransport):
     def trace(self, fn: Callable, params, *data) -> tuple[graph_pb2.Graph, str]:
         """The graph of ``fn(params, *data)`` for these shapes and dtypes (cached) and its id."""
         pairs = [(n, _array(p)) for n, p in _named_params(params)]
-        return self._traced_graph(fn, params, data,
-                                  _signature(pairs, [_array(d) for d in data]))
+        return self._traced_graph(fn, params, data, _signature(pairs, [_array(d) for d in data]))
 
     def _traced_graph(self, fn, params, data, sig: tuple) -> tuple[graph_pb2.Graph, str]:
         try:
             cache = self._traced.setdefault(fn, {})
-        except TypeError:       # not weak-referenceable (e.g. a functools.partial)
+        except TypeError:  # not weak-referenceable (e.g. a functools.partial)
             cache = self._traced_strong.setdefault(fn, {})
         hit = cache.get(sig)
         if hit is None:
@@ -228,11 +257,18 @@ class WorkerClient(WorkerTransport):
             cache[sig] = hit
         return hit
 
-    def compute_gradients(self, fn_or_graph: Callable | graph_pb2.Graph, params,
-                          *data, outputs: Sequence[str] = (),
-                          gradients: Sequence[str] | None = None, loss_scale: float = 1.0,
-                          seed: int = 0, as_tensors: bool = False,
-                          timeout: float | None = None) -> GradientResult:
+    def compute_gradients(
+        self,
+        fn_or_graph: Callable | graph_pb2.Graph,
+        params,
+        *data,
+        outputs: Sequence[str] = (),
+        gradients: Sequence[str] | None = None,
+        loss_scale: float = 1.0,
+        seed: int = 0,
+        as_tensors: bool = False,
+        timeout: float | None = None,
+    ) -> GradientResult:
         """Loss, extra ``outputs`` and ``gradients`` of ``fn(params, *data)`` on the worker.
 
         ``fn_or_graph``: a Python function ``fn(model_or_params, *data)`` returning the
@@ -253,37 +289,48 @@ class WorkerClient(WorkerTransport):
         # The worker's id for the graph: ours, unless the graph was not canonical.
         worker_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
 
-        request = self._request(graph, graph_id, worker_id, sig, gradients, outputs,
-                                loss_scale, seed)
+        request = self._request(
+            graph, graph_id, worker_id, sig, gradients, outputs, loss_scale, seed
+        )
         data_arrays = list(zip(request.data_names, arrays))
         data_bytes = request.data_bytes
         total = request.param_bytes + data_bytes
         self._fit_to_worker(timeout)
         by_bytes = STREAM if total > self.stream_threshold else UNARY
-        shared = (total - data_bytes >= self.shared_memory_min_bytes
-                  and data_bytes < self.stream_threshold
-                  and self._takes_shared_memory(
-                      lambda: self.capabilities(timeout).shared_memory))
+        shared = (
+            total - data_bytes >= self.shared_memory_min_bytes
+            and data_bytes < self.stream_threshold
+            and self._takes_shared_memory(lambda: self.capabilities(timeout).shared_memory)
+        )
 
         def send(mode: str) -> Reply:
             def call(**kw) -> Reply:
                 if mode == STREAM:
                     return self._send_stream(
-                        request.header(), param_arrays, data_arrays,
+                        request.header(),
+                        param_arrays,
+                        data_arrays,
                         lambda message: errors.GradmeshError(
-                            grpc.StatusCode.INTERNAL, message, None,
-                            "ComputeGradientsStream"), **kw)
+                            grpc.StatusCode.INTERNAL, message, None, "ComputeGradientsStream"
+                        ),
+                        **kw,
+                    )
                 if mode == SHARED:
                     return self._send_all_shared(request, param_arrays, data_arrays, **kw)
                 return self._send_unary(request.unary_request(param_arrays, data_arrays), **kw)
+
             return self._call("ComputeGradients", call, timeout)
 
         start = time.perf_counter()
         reply, mode = self._transport(
-            send, SHARED if shared else by_bytes, by_bytes,
-            lambda: self.register_graph(graph, timeout))
-        result = GradientResult(reply.loss, reply.outputs, reply.gradients, reply.timings,
-                                reply.graph_id)
+            send,
+            SHARED if shared else by_bytes,
+            by_bytes,
+            lambda: self.register_graph(graph, timeout),
+        )
+        result = GradientResult(
+            reply.loss, reply.outputs, reply.gradients, reply.timings, reply.graph_id
+        )
         result.timings["round_trip_seconds"] = time.perf_counter() - start
         result.timings["streamed"] = float(mode == STREAM)
         result.timings["shared_memory"] = float(mode == SHARED)
@@ -291,26 +338,42 @@ class WorkerClient(WorkerTransport):
             _to_tensors(result)
         return result
 
-    def _request(self, graph, graph_id: str, worker_id: str, sig: tuple, gradients,
-                 outputs, loss_scale, seed) -> Request:
+    def _request(
+        self, graph, graph_id: str, worker_id: str, sig: tuple, gradients, outputs, loss_scale, seed
+    ) -> Request:
         """The request's parts but the tensors, from the client's cache when this graph,
         signature and options were sent before."""
         wanted, outputs = list(gradients or ()), list(outputs)
         # The types too: equal values of another type may serialize differently or not at
         # all (True == 1, but protobuf refuses a bool seed).
-        key = (graph_id, worker_id, sig, tuple(wanted), tuple(outputs), type(loss_scale),
-               loss_scale, type(seed), seed)
+        key = (
+            graph_id,
+            worker_id,
+            sig,
+            tuple(wanted),
+            tuple(outputs),
+            type(loss_scale),
+            loss_scale,
+            type(seed),
+            seed,
+        )
         try:
             hit = self._requests.get(key)
             cacheable = True
-        except TypeError:           # an unhashable option (a 0-d array): not cached
+        except TypeError:  # an unhashable option (a 0-d array): not cached
             hit, cacheable = None, False
         if hit is not None:
             return hit
         request = Request.build(
-            worker_id, wanted, outputs, loss_scale, seed, data_names(graph, len(sig[1])),
+            worker_id,
+            wanted,
+            outputs,
+            loss_scale,
+            seed,
+            data_names(graph, len(sig[1])),
             sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in sig[0]),
-            sum(math.prod(shape) * dtype.itemsize for shape, dtype in sig[1]))
+            sum(math.prod(shape) * dtype.itemsize for shape, dtype in sig[1]),
+        )
         # -0.0 == 0.0, but they serialize differently.
         if cacheable and loss_scale != 0:
             requests = self._requests
@@ -319,14 +382,22 @@ class WorkerClient(WorkerTransport):
             requests[key] = request
         return request
 
-    def backward(self, model, fn: Callable, *data, loss_scale: float = 1.0, seed: int = 0,
-                 timeout: float | None = None):
+    def backward(
+        self,
+        model,
+        fn: Callable,
+        *data,
+        loss_scale: float = 1.0,
+        seed: int = 0,
+        timeout: float | None = None,
+    ):
         """Like ``fn(model, *data).backward()``, computed remotely: adds each gradient into
         ``p.grad`` of the model's parameters that require grad; returns the loss Tensor."""
         pairs = _named_params(model)
         wanted = [n for n, p in pairs if getattr(p, "requires_grad", True)]
-        result = self.compute_gradients(fn, model, *data, gradients=wanted,
-                                        loss_scale=loss_scale, seed=seed, timeout=timeout)
+        result = self.compute_gradients(
+            fn, model, *data, gradients=wanted, loss_scale=loss_scale, seed=seed, timeout=timeout
+        )
         for name, p in pairs:
             if name not in result.gradients or not isinstance(p, Tensor):
                 continue

@@ -1,4 +1,5 @@
 """Reverse-mode automatic differentiation: grad mode, graph nodes and the backward engine."""
+
 from __future__ import annotations
 
 import dis
@@ -12,8 +13,8 @@ from typing import Sequence
 class _State(threading.local):
     # Class-level defaults: a plain attribute read per op, never a failed lookup (getattr
     # with a default on a thread-local raises and catches AttributeError: ~1 us).
-    grad = True             # grad mode (no_grad / enable_grad)
-    trusted = False         # inside the backward engine without create_graph: see apply()
+    grad = True  # grad mode (no_grad / enable_grad)
+    trusted = False  # inside the backward engine without create_graph: see apply()
 
 
 _state = _State()
@@ -31,6 +32,7 @@ def _set_grad(mode: bool) -> bool:
 
 class _GradMode:
     """Context manager and decorator, like torch.no_grad / torch.enable_grad."""
+
     mode = True
 
     def __enter__(self):
@@ -46,11 +48,13 @@ class _GradMode:
         def wrapper(*args, **kwargs):
             with type(self)():
                 return fn(*args, **kwargs)
+
         return wrapper
 
 
 class no_grad(_GradMode):
     """Disable graph recording: results of ops have ``requires_grad=False``."""
+
     mode = False
 
 
@@ -74,16 +78,15 @@ class Node:
     its node form no reference cycle and memory is freed as soon as the user drops it.
     """
 
-    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "stamp",
-                 "__weakref__")
+    __slots__ = ("op", "inputs", "attrs", "out_data", "out_meta", "freed", "stamp", "__weakref__")
 
     def __init__(self, op, inputs, attrs, out_data, out_meta):
-        self.stamp = _Versions.clock    # the in-place clock when its tensors were saved
+        self.stamp = _Versions.clock  # the in-place clock when its tensors were saved
         self.op = op
         self.inputs = inputs
         self.attrs = attrs
         self.out_data = out_data
-        self.out_meta = out_meta        # (shape, dtype) of the output: checks incoming gradients
+        self.out_meta = out_meta  # (shape, dtype) of the output: checks incoming gradients
         self.freed = False
 
     def name(self) -> str:
@@ -105,7 +108,7 @@ class Node:
 # op since: the usual case) is not checked; otherwise each tensor its vjp reads is.
 class _Versions:
     clock = 0
-    changed: dict = {}      # id(owner) -> [weakref to owner, tick of last change, count]
+    changed: dict = {}  # id(owner) -> [weakref to owner, tick of last change, count]
 
 
 def _owner(data):
@@ -127,7 +130,7 @@ def bump_version(data) -> None:
     else:
         try:
             ref = weakref.ref(owner, _forget(id(owner)))
-        except TypeError:       # an array type without weak references: not tracked
+        except TypeError:  # an array type without weak references: not tracked
             return
         _Versions.changed[id(owner)] = [ref, _Versions.clock, 1]
 
@@ -160,14 +163,17 @@ def _saved_inputs(vjp, n: int) -> tuple:
     """The inputs whose values ``vjp(g, out, *inputs, **attrs)`` reads (not only their
     shape or dtype), found once per vjp from its bytecode: the ones torch would save."""
     code = getattr(vjp, "__code__", None)
-    if code is None or code.co_flags & 0x04:        # not a plain function, or *inputs: all
+    if code is None or code.co_flags & 0x04:  # not a plain function, or *inputs: all
         return tuple(range(n))
-    params = code.co_varnames[2:code.co_argcount]
+    params = code.co_varnames[2 : code.co_argcount]
     instrs = list(dis.get_instructions(code))
     read = {p for p in params if p in code.co_cellvars}
     for ins, nxt in zip(instrs, instrs[1:] + [None]):
-        if ins.opname == "LOAD_FAST" and ins.argval in params and not (
-                nxt is not None and nxt.opname == "LOAD_ATTR" and nxt.argval in _METADATA):
+        if (
+            ins.opname == "LOAD_FAST"
+            and ins.argval in params
+            and not (nxt is not None and nxt.opname == "LOAD_ATTR" and nxt.argval in _METADATA)
+        ):
             read.add(ins.argval)
     return tuple(i for i, p in enumerate(params[:n]) if p in read)
 
@@ -188,7 +194,8 @@ def _check_versions(node) -> None:
                 f"an inplace operation: [{data.dtype} {list(data.shape)}], the {what} of "
                 f"{node.name()}, is at version {change[1]} and was changed after it was "
                 f"saved. Hint: use the out-of-place op, or .clone() the tensor before the "
-                f"in-place change")
+                f"in-place change"
+            )
 
 
 def _edge(t, stamp: int) -> tuple:
@@ -213,8 +220,7 @@ def _topo_order(roots: Sequence[Node]) -> list[Node]:
             node, it = stack[-1]
             stale = node.stamp != _Versions.clock
             for t in it:
-                child = t.grad_fn if not stale or t._history is None else \
-                    _edge(t, node.stamp)[0]
+                child = t.grad_fn if not stale or t._history is None else _edge(t, node.stamp)[0]
                 if child is not None and id(child) not in seen:
                     seen.add(id(child))
                     stack.append((child, iter(child.inputs)))
@@ -226,14 +232,17 @@ def _topo_order(roots: Sequence[Node]) -> list[Node]:
     return order
 
 
-_FREED = ("Trying to backward through the graph a second time (or directly access saved "
-          "tensors after they have already been freed). Saved intermediate values of the "
-          "graph are freed when you call .backward() or autograd.grad(). Specify "
-          "retain_graph=True if you need to backward through the graph a second time.")
+_FREED = (
+    "Trying to backward through the graph a second time (or directly access saved "
+    "tensors after they have already been freed). Saved intermediate values of the "
+    "graph are freed when you call .backward() or autograd.grad(). Specify "
+    "retain_graph=True if you need to backward through the graph a second time."
+)
 
 
-def _seed(outputs, grad_outputs, pending: dict, captured: dict, capture_ids: set,
-          accumulate: bool) -> list[Node]:
+def _seed(
+    outputs, grad_outputs, pending: dict, captured: dict, capture_ids: set, accumulate: bool
+) -> list[Node]:
     """Hand each output's gradient to its node (``pending``), or to the output itself where
     it is a leaf or captured; returns the nodes to start from."""
     roots = []
@@ -252,9 +261,15 @@ def _seed(outputs, grad_outputs, pending: dict, captured: dict, capture_ids: set
     return roots
 
 
-def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: bool,
-                 create_graph: bool, capture: Sequence | None = None,
-                 accumulate: bool = True) -> dict:
+def run_backward(
+    outputs: Sequence,
+    grad_outputs: Sequence,
+    *,
+    retain_graph: bool,
+    create_graph: bool,
+    capture: Sequence | None = None,
+    accumulate: bool = True,
+) -> dict:
     """Propagate ``grad_outputs`` from ``outputs`` back through the graph.
 
     With ``accumulate`` the gradients of leaves that require grad are added into ``.grad``
@@ -294,8 +309,9 @@ def run_backward(outputs: Sequence, grad_outputs: Sequence, *, retain_graph: boo
             out = wrap_out(node) if op.saves_out else None
             grads = vjp(g, out, *inputs, **node.attrs)
             if len(grads) != len(inputs):
-                raise RuntimeError(f"{op.name}: vjp returned {len(grads)} gradients for "
-                                   f"{len(inputs)} inputs")
+                raise RuntimeError(
+                    f"{op.name}: vjp returned {len(grads)} gradients for {len(inputs)} inputs"
+                )
             for t, gi in zip(inputs, grads):
                 if gi is None:
                     continue
@@ -363,8 +379,9 @@ def _writable(data) -> bool:
     """False for read-only arrays and for broadcast views (one element at several places)."""
     if not getattr(data.flags, "writeable", True):
         return False
-    return 0 not in data.strides or all(n <= 1 for n, st in zip(data.shape, data.strides)
-                                        if st == 0)
+    return 0 not in data.strides or all(
+        n <= 1 for n, st in zip(data.shape, data.strides) if st == 0
+    )
 
 
 def _memory_owner(t):
@@ -383,8 +400,9 @@ def _engine_mode(create_graph: bool):
         _state.grad, _state.trusted = prev
 
 
-def backward(tensors, grad_tensors=None, retain_graph: bool | None = None,
-             create_graph: bool = False) -> None:
+def backward(
+    tensors, grad_tensors=None, retain_graph: bool | None = None, create_graph: bool = False
+) -> None:
     """Compute the gradients of ``tensors`` and accumulate them into the leaves' ``.grad``."""
     tensors = [tensors] if isinstance(tensors, _tensor.Tensor) else list(tensors)
     grads = _make_grads(tensors, grad_tensors, "backward")
@@ -393,8 +411,14 @@ def backward(tensors, grad_tensors=None, retain_graph: bool | None = None,
     run_backward(tensors, grads, retain_graph=retain_graph, create_graph=create_graph)
 
 
-def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
-         create_graph: bool = False, allow_unused: bool = False) -> tuple:
+def grad(
+    outputs,
+    inputs,
+    grad_outputs=None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    allow_unused: bool = False,
+) -> tuple:
     """Gradients of ``outputs`` with respect to ``inputs``, without touching ``.grad``.
 
     >>> import gradmesh.core as gm
@@ -412,14 +436,22 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph: bool | None = None,
     grads = _make_grads(outputs, grad_outputs, "autograd.grad")
     if retain_graph is None:
         retain_graph = create_graph
-    captured = run_backward(outputs, grads, retain_graph=retain_graph,
-                            create_graph=create_graph, capture=inputs, accumulate=False)
+    captured = run_backward(
+        outputs,
+        grads,
+        retain_graph=retain_graph,
+        create_graph=create_graph,
+        capture=inputs,
+        accumulate=False,
+    )
     result = []
     for i, t in enumerate(inputs):
         g = captured.get(id(t))
         if g is None and not allow_unused:
-            raise RuntimeError(f"autograd.grad: input {i} was not used in the graph of the "
-                               f"outputs; pass allow_unused=True to get None for it")
+            raise RuntimeError(
+                f"autograd.grad: input {i} was not used in the graph of the "
+                f"outputs; pass allow_unused=True to get None for it"
+            )
         result.append(g)
     return tuple(result)
 
@@ -436,20 +468,26 @@ def _make_grads(outputs, grad_outputs, fn: str) -> list:
     grads = []
     for out, g in zip(outputs, grad_outputs):
         if not out.requires_grad:
-            raise RuntimeError("element 0 of tensors does not require grad and does not have "
-                               "a grad_fn; did you create it under no_grad or from tensors "
-                               "without requires_grad=True?")
+            raise RuntimeError(
+                "element 0 of tensors does not require grad and does not have "
+                "a grad_fn; did you create it under no_grad or from tensors "
+                "without requires_grad=True?"
+            )
         if g is None:
             if out.numel() != 1:
-                raise RuntimeError(f"grad can be implicitly created only for scalar outputs; "
-                                   f"this output has shape {tuple(out.shape)}: pass "
-                                   f"gradient=<tensor of that shape> to backward()")
+                raise RuntimeError(
+                    f"grad can be implicitly created only for scalar outputs; "
+                    f"this output has shape {tuple(out.shape)}: pass "
+                    f"gradient=<tensor of that shape> to backward()"
+                )
             g = factories.ones_like(out)
         elif not isinstance(g, Tensor):
             g = factories.tensor(g, dtype=out.dtype)
         if tuple(g.shape) != tuple(out.shape):
-            raise RuntimeError(f"{fn}: gradient has shape {tuple(g.shape)} but the output has "
-                               f"shape {tuple(out.shape)}")
+            raise RuntimeError(
+                f"{fn}: gradient has shape {tuple(g.shape)} but the output has "
+                f"shape {tuple(out.shape)}"
+            )
         grads.append(g)
     return grads
 

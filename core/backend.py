@@ -1,4 +1,5 @@
 """Array modules: NumPy on the CPU, CuPy on CUDA devices."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,5 +52,8 @@ def device_of(array) -> str:
 
 
 def to_numpy(array) -> np.ndarray:
-    return array if type(array) is np.ndarray else (
-        array.get() if xp_of(array) is not np else np.asarray(array))
+    return (
+        array
+        if type(array) is np.ndarray
+        else (array.get() if xp_of(array) is not np else np.asarray(array))
+    )

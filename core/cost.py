@@ -17,6 +17,7 @@ grad (a matrix product's vjp is two products of the same size).
 
 Both are computed once per plan (graph, data shapes, backend) and kept on it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,14 +28,22 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Cost", "cost_of", "RULES", "call", "block_rows", "BLOCK_ROWS", "checking",
-           "current_check"]
+__all__ = [
+    "Cost",
+    "cost_of",
+    "RULES",
+    "call",
+    "block_rows",
+    "BLOCK_ROWS",
+    "checking",
+    "current_check",
+]
 
 
 @dataclass(frozen=True)
 class Cost:
-    bytes: int            # upper bound of the bytes held at once
-    flops: int            # forward and backward
+    bytes: int  # upper bound of the bytes held at once
+    flops: int  # forward and backward
 
 
 def _elements(shape) -> int:
@@ -53,7 +62,7 @@ def _linear(ins, out, attrs) -> int:
 
 
 def _conv2d(ins, out, attrs) -> int:
-    w = ins[1].shape                       # (C_out, C_in / groups, kh, kw)
+    w = ins[1].shape  # (C_out, C_in / groups, kh, kw)
     per_output = _elements(w[1:]) if len(w) == 4 else 1
     return 2 * _elements(out.shape) * per_output
 
@@ -64,8 +73,12 @@ def _default(ins, out, attrs) -> int:
 
 
 RULES: dict[str, Callable] = {
-    "matmul": _matmul, "mm": _matmul, "linear": _linear,
-    "conv2d": _conv2d, "conv2d_input_grad": _conv2d, "conv2d_weight_grad": _conv2d,
+    "matmul": _matmul,
+    "mm": _matmul,
+    "linear": _linear,
+    "conv2d": _conv2d,
+    "conv2d_input_grad": _conv2d,
+    "conv2d_weight_grad": _conv2d,
 }
 DEFAULT = _default
 
@@ -116,11 +129,11 @@ def cost_of(plan) -> Cost:
 # before, and the FLOP budget bounds how long one such op can take.
 BLOCK_ROWS = 512
 MIN_ROWS = 64
-TARGET_BLOCK_FLOPS = 1 << 32               # a block: ~0.05-0.2 s of one core's BLAS
-MIN_BLOCK_FLOPS = 1 << 28                  # products smaller than this run whole
+TARGET_BLOCK_FLOPS = 1 << 32  # a block: ~0.05-0.2 s of one core's BLAS
+MIN_BLOCK_FLOPS = 1 << 28  # products smaller than this run whole
 BLOCKED_DTYPES = (np.dtype(np.float32),)
-blocked_calls = 0                           # products run in blocks (for tests, metrics)
-block_checks = 0                            # checks made between blocks
+blocked_calls = 0  # products run in blocks (for tests, metrics)
+block_checks = 0  # checks made between blocks
 
 
 def block_rows(m: int, rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
@@ -138,10 +151,16 @@ def rows_per_block(k: int, n: int) -> int:
 
 
 def _blockable(a, b) -> bool:
-    return (type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2
-            and a.dtype in BLOCKED_DTYPES and b.dtype == a.dtype
-            and a.shape[0] >= 2 * rows_per_block(a.shape[1], b.shape[1])
-            and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= MIN_BLOCK_FLOPS)
+    return (
+        type(a) is np.ndarray
+        and type(b) is np.ndarray
+        and a.ndim == 2
+        and b.ndim == 2
+        and a.dtype in BLOCKED_DTYPES
+        and b.dtype == a.dtype
+        and a.shape[0] >= 2 * rows_per_block(a.shape[1], b.shape[1])
+        and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= MIN_BLOCK_FLOPS
+    )
 
 
 def _blocked_product(a, b, check) -> np.ndarray:
@@ -155,8 +174,9 @@ def _blocked_product(a, b, check) -> np.ndarray:
     return out
 
 
-def call(op_name: str, forward: Callable, xp, args: list, attrs: dict,
-         check: Callable[[], None] | None):
+def call(
+    op_name: str, forward: Callable, xp, args: list, attrs: dict, check: Callable[[], None] | None
+):
     """``forward(xp, *args, **attrs)``; a large float32 ``matmul``/``mm``/``linear`` on
     the CPU runs in row blocks with ``check()`` between them (same bits, see above)."""
     if check is not None and xp is np and op_name in _BLOCKED_OPS and len(args) >= 2:

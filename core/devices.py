@@ -8,6 +8,7 @@ A ``device`` is a ``str`` ("cpu", "cuda", "cuda:1"), so it is accepted wherever 
 >>> d, d.type, d.index, d == "cuda:1"
 (device(type='cuda', index=1), 'cuda', 1, True)
 """
+
 from __future__ import annotations
 
 
@@ -22,8 +23,9 @@ class device(str):
             return spec
         kind, _, number = str(spec).partition(":")
         if kind not in ("cpu", "cuda"):
-            raise RuntimeError(f"Expected one of cpu, cuda device type at start of device "
-                               f"string: {spec}")
+            raise RuntimeError(
+                f"Expected one of cpu, cuda device type at start of device string: {spec}"
+            )
         if number:
             if index is not None:
                 raise ValueError(f"device {spec!r} already names an index; got index={index}")

@@ -1,4 +1,5 @@
 """The op dispatcher: every op of the registry runs on Tensors through ``apply``."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -46,7 +47,7 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
         on_cpu = all(type(a) is _ndarray for a in arrays)
     xp = np if on_cpu else _common_xp(op, inputs, arrays)
     if state.trusted and (check := cost.current_check()) is not None:
-        out = cost.call(op.name, op.forward, xp, arrays, attrs, check)   # a plan's backward
+        out = cost.call(op.name, op.forward, xp, arrays, attrs, check)  # a plan's backward
     else:
         out = op.forward(xp, *arrays, **attrs)
     requires = False
@@ -63,8 +64,9 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
             # nor does a gradient stop (stop_gradient).
             result.requires_grad = False
         else:
-            result.grad_fn = Node(op, tuple(inputs), attrs, data if op.saves_out else None,
-                                  (data.shape, result.dtype))
+            result.grad_fn = Node(
+                op, tuple(inputs), attrs, data if op.saves_out else None, (data.shape, result.dtype)
+            )
     tracer = _dispatch.tracer
     if tracer is not None:
         tracer.record(op, inputs, attrs, result)
@@ -75,15 +77,17 @@ def _common_xp(op: Op, inputs, arrays):
     """The array module of inputs that are not all NumPy arrays; they must share one."""
     xp = backend.xp_of(arrays[0])
     if any(backend.xp_of(a) is not xp for a in arrays[1:]):
-        raise RuntimeError(f"{op.name}: expected all tensors to be on the same device, got "
-                           f"{', '.join(t.device for t in inputs)}")
+        raise RuntimeError(
+            f"{op.name}: expected all tensors to be on the same device, got "
+            f"{', '.join(t.device for t in inputs)}"
+        )
     return xp
 
 
 def fill_attrs(op: Op, attrs: dict) -> dict:
     unknown = set(attrs) - set(op.attrs)
     if unknown:
-        raise TypeError(f"{op.name}: unexpected attribute(s) {sorted(unknown)}; "
-                        f"it takes {sorted(op.attrs)}")
+        raise TypeError(
+            f"{op.name}: unexpected attribute(s) {sorted(unknown)}; it takes {sorted(op.attrs)}"
+        )
     return {name: attrs.get(name, default) for name, (_kind, default) in op.attrs.items()}
-

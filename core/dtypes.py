@@ -1,4 +1,5 @@
 """Tensor element types and PyTorch's type-promotion rules."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,10 @@ def from_numpy(np_dtype) -> DType:
     try:
         return _BY_NP[np.dtype(np_dtype)]
     except KeyError:
-        raise TypeError(f"arrays of dtype {np.dtype(np_dtype)} are not supported; "
-                        f"use one of {[d.name for d in ALL]}") from None
+        raise TypeError(
+            f"arrays of dtype {np.dtype(np_dtype)} are not supported; "
+            f"use one of {[d.name for d in ALL]}"
+        ) from None
 
 
 def as_dtype(d) -> DType:

@@ -1,4 +1,5 @@
 """Creating tensors: ``tensor``, ``zeros``, ``arange``, ``randn`` and the rest, as torch's."""
+
 from __future__ import annotations
 
 import numbers
@@ -101,8 +102,13 @@ def _np_dtype(dtype, default=None) -> np.dtype:
 def full(size, fill_value, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     size = _shape_arg((size,)) if not isinstance(size, int) else (size,)
     if dtype is None:
-        dtype = (dtypes.bool_ if isinstance(fill_value, bool) else
-                 dtypes.int64 if isinstance(fill_value, numbers.Integral) else dtypes.default_float)
+        dtype = (
+            dtypes.bool_
+            if isinstance(fill_value, bool)
+            else dtypes.int64
+            if isinstance(fill_value, numbers.Integral)
+            else dtypes.default_float
+        )
     xp = backend.xp_for(device)
     return _new(xp.full(size, fill_value, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
@@ -122,8 +128,9 @@ def empty(*size, dtype=None, device=None, requires_grad: bool = False) -> Tensor
 
 
 def _like(t: Tensor, fn, dtype, device, requires_grad):
-    return fn(t.shape, dtype=dtype or t.dtype, device=device or t.device,
-              requires_grad=requires_grad)
+    return fn(
+        t.shape, dtype=dtype or t.dtype, device=device or t.device, requires_grad=requires_grad
+    )
 
 
 def zeros_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
@@ -135,8 +142,13 @@ def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -
 
 
 def full_like(t: Tensor, fill_value, dtype=None, device=None, requires_grad=False) -> Tensor:
-    return full(t.shape, fill_value, dtype=dtype or t.dtype, device=device or t.device,
-                requires_grad=requires_grad)
+    return full(
+        t.shape,
+        fill_value,
+        dtype=dtype or t.dtype,
+        device=device or t.device,
+        requires_grad=requires_grad,
+    )
 
 
 def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False) -> Tensor:
@@ -151,8 +163,7 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
 
 def linspace(start, end, steps: int, dtype=None, device=None, requires_grad=False) -> Tensor:
     xp = backend.xp_for(device)
-    return _new(xp.linspace(start, end, steps, dtype=_np_dtype(dtype)),
-                requires_grad=requires_grad)
+    return _new(xp.linspace(start, end, steps, dtype=_np_dtype(dtype)), requires_grad=requires_grad)
 
 
 def eye(n: int, m: int | None = None, dtype=None, device=None, requires_grad=False) -> Tensor:
@@ -198,4 +209,3 @@ def rand_like(t: Tensor, dtype=None, generator=None) -> Tensor:
 
 def is_tensor(x: Any) -> bool:
     return isinstance(x, Tensor)
-

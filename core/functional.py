@@ -4,6 +4,7 @@ Each one converts its arguments (Python scalars become 0-d tensors of a matching
 then calls a primitive from the registry, or composes several: ``cross_entropy`` is
 ``log_softmax`` then ``nll_loss``. Primitives live in ``gradmesh.core.ops``.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -33,8 +34,9 @@ def _scalar_dtype(value, kind: dtypes.DType) -> dtypes.DType:
         return kind if kind is not dtypes.bool_ else dtypes.int64
     if isinstance(value, numbers.Real):
         return kind if kind.is_floating_point else dtypes.default_float
-    raise TypeError(f"unsupported operand type {type(value).__name__}; expected a Tensor "
-                    f"or a number")
+    raise TypeError(
+        f"unsupported operand type {type(value).__name__}; expected a Tensor or a number"
+    )
 
 
 def _scalar(value, like: Tensor) -> Tensor:
@@ -63,6 +65,7 @@ def _pair(a, b):
 
 
 # ===================================================================== arithmetic ======
+
 
 @public(method=True)
 def add(a, b, alpha=1) -> Tensor:
@@ -124,9 +127,11 @@ def reciprocal(a) -> Tensor:
 
 # ===================================================================== unary math ======
 
+
 def _unary(name: str, method: bool = False) -> Callable[[Tensor], Tensor]:
     def fn(a: Tensor) -> Tensor:
         return _op(name)(a)
+
     fn.__name__ = name
     fn.__doc__ = f"Elementwise {name}."
     return public(fn, method=method)
@@ -185,8 +190,9 @@ def clamp(a: Tensor, min=None, max=None) -> Tensor:
             dtype = dtypes.promote(dtype, _scalar_dtype(bound, a.dtype), False, True)
     if dtype is not a.dtype:
         a = a.to(dtype)
-    return _op("clamp")(a, min=None if min is None else float(min),
-                        max=None if max is None else float(max))
+    return _op("clamp")(
+        a, min=None if min is None else float(min), max=None if max is None else float(max)
+    )
 
 
 clip = public(clamp, method=True, name="clip")
@@ -228,9 +234,11 @@ def to_device(a: Tensor, device: str) -> Tensor:
 
 # ==================================================================== comparisons ======
 
+
 def _compare(name: str, method: bool = False) -> Callable[..., Tensor]:
     def fn(a, b) -> Tensor:
         return _op(name)(*_pair(a, b))
+
     fn.__name__ = name
     return public(fn, method=method)
 
@@ -263,6 +271,7 @@ def isclose(a: Tensor, b: Tensor, rtol: float = 1e-5, atol: float = 1e-8) -> Ten
 
 # ===================================================================== reductions ======
 
+
 def _dims(dim):
     """``dim`` as the registry's attribute: None (every dim) or a list of ints.
 
@@ -283,8 +292,10 @@ def _count(op: str, a: Tensor, dim) -> int:
 
 def _require_float(op: str, a: Tensor) -> None:
     if not a.dtype.is_floating_point:
-        raise OpError(f"{op}: expected a floating point tensor, got {a.dtype} (shape "
-                      f"{tuple(a.shape)}); convert it with .float() or pass dtype=")
+        raise OpError(
+            f"{op}: expected a floating point tensor, got {a.dtype} (shape "
+            f"{tuple(a.shape)}); convert it with .float() or pass dtype="
+        )
 
 
 @public(method=True)
@@ -310,8 +321,14 @@ def mean(a: Tensor, dim=None, keepdim: bool = False, dtype=None) -> Tensor:
 
 
 @public(method=True)
-def var(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
-        correction: float | None = None) -> Tensor:
+def var(
+    a: Tensor,
+    dim=None,
+    unbiased: bool | None = None,
+    keepdim: bool = False,
+    *,
+    correction: float | None = None,
+) -> Tensor:
     """Variance over ``dim`` with Bessel's ``correction`` (1 by default; ``unbiased=False``
     is ``correction=0``). ``var(x, True)`` is the legacy ``unbiased`` form, as in torch."""
     if isinstance(dim, bool):
@@ -324,13 +341,20 @@ def var(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False
     n = _count("var", a, dim)
     centered = a - mean(a, dim=dim, keepdim=True)
     # n - correction <= 0 divides by zero: inf or nan, as torch gives.
-    return div(sum(centered * centered, dim=dim, keepdim=keepdim),
-               float(builtins.max(0, n - correction)))
+    return div(
+        sum(centered * centered, dim=dim, keepdim=keepdim), float(builtins.max(0, n - correction))
+    )
 
 
 @public(method=True)
-def std(a: Tensor, dim=None, unbiased: bool | None = None, keepdim: bool = False, *,
-        correction: float | None = None) -> Tensor:
+def std(
+    a: Tensor,
+    dim=None,
+    unbiased: bool | None = None,
+    keepdim: bool = False,
+    *,
+    correction: float | None = None,
+) -> Tensor:
     """Standard deviation: ``sqrt(var(...))`` with the same arguments."""
     return sqrt(var(a, dim, unbiased, keepdim, correction=correction))
 
@@ -360,14 +384,17 @@ def argmin(a: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
 
 
 # torch.return_types: results that are a tuple and have field names.
-_ValuesIndices: dict[str, Any] = {name: collections.namedtuple(name, ["values", "indices"])
-                  for name in ("max", "min", "sort", "topk")}
+_ValuesIndices: dict[str, Any] = {
+    name: collections.namedtuple(name, ["values", "indices"])
+    for name in ("max", "min", "sort", "topk")
+}
 
 
 def _extremum(name: str, arg: str, a: Tensor, dim: int, keepdim: bool):
     # argmax refuses bool tensors, as torch's does; torch's max(dim) takes them.
-    indices = _op(arg)(a if a.dtype is not dtypes.bool_ else a.to(dtypes.int64), dim=int(dim),
-                       keepdim=True)
+    indices = _op(arg)(
+        a if a.dtype is not dtypes.bool_ else a.to(dtypes.int64), dim=int(dim), keepdim=True
+    )
     # Gathering at the first extremum's index sends a tie's gradient there, as torch does.
     values = _op("gather")(a, indices, dim=int(dim))
     if not keepdim and a.ndim:
@@ -475,6 +502,7 @@ def norm(a: Tensor, p="fro", dim=None, keepdim: bool = False, dtype=None) -> Ten
 
 # ========================================================================= shapes ======
 
+
 def _shape(shape) -> list:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
@@ -509,10 +537,12 @@ def flatten(a: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
         return reshape(a, [1])
     s, e = norm_dim("flatten", start_dim, a.ndim), norm_dim("flatten", end_dim, a.ndim)
     if s > e:
-        raise OpError(f"flatten: start_dim ({start_dim}) cannot come after end_dim "
-                      f"({end_dim}) for a tensor of shape {tuple(a.shape)}")
+        raise OpError(
+            f"flatten: start_dim ({start_dim}) cannot come after end_dim "
+            f"({end_dim}) for a tensor of shape {tuple(a.shape)}"
+        )
     shape = a.shape
-    return reshape(a, shape[:s] + (math.prod(shape[s:e + 1]),) + shape[e + 1:])
+    return reshape(a, shape[:s] + (math.prod(shape[s : e + 1]),) + shape[e + 1 :])
 
 
 @public(method=True)
@@ -524,11 +554,13 @@ def unflatten(a: Tensor, dim: int, sizes) -> Tensor:
     size = a.shape[d]
     ok = (size == known) if -1 not in sizes else (known > 0 and size % known == 0)
     if not ok or sizes.count(-1) > 1:
-        raise OpError(f"unflatten: provided sizes {tuple(sizes)} don't multiply up to the size "
-                      f"of dim {dim} ({size}) in the input tensor of shape {tuple(a.shape)}")
+        raise OpError(
+            f"unflatten: provided sizes {tuple(sizes)} don't multiply up to the size "
+            f"of dim {dim} ({size}) in the input tensor of shape {tuple(a.shape)}"
+        )
     if -1 in sizes:
         sizes[sizes.index(-1)] = size // known
-    return reshape(a, a.shape[:d] + tuple(sizes) + a.shape[d + 1:])
+    return reshape(a, a.shape[:d] + tuple(sizes) + a.shape[d + 1 :])
 
 
 @public(method=True)
@@ -556,8 +588,10 @@ swapaxes = swapdims = transpose
 def t(a: Tensor) -> Tensor:
     """The transpose of a matrix (a tensor of at most 2 dims)."""
     if a.ndim > 2:
-        raise OpError(f"t: expects a tensor with <= 2 dimensions, but got shape "
-                      f"{tuple(a.shape)} ({a.ndim}-D); use transpose(dim0, dim1) or .mT")
+        raise OpError(
+            f"t: expects a tensor with <= 2 dimensions, but got shape "
+            f"{tuple(a.shape)} ({a.ndim}-D); use transpose(dim0, dim1) or .mT"
+        )
     return transpose(a, 0, -1) if a.ndim == 2 else a
 
 
@@ -603,9 +637,11 @@ def repeat(a: Tensor, *sizes) -> Tensor:
     """The tensor tiled ``sizes[i]`` times along each dim (extra sizes add leading dims)."""
     sizes = tuple(_shape(sizes))
     if len(sizes) < a.ndim:
-        raise OpError(f"repeat: number of dimensions of repeat dims ({len(sizes)}) can not be "
-                      f"smaller than number of dimensions of tensor ({a.ndim}, shape "
-                      f"{tuple(a.shape)})")
+        raise OpError(
+            f"repeat: number of dimensions of repeat dims ({len(sizes)}) can not be "
+            f"smaller than number of dimensions of tensor ({a.ndim}, shape "
+            f"{tuple(a.shape)})"
+        )
     if builtins.any(s < 0 for s in sizes):
         raise OpError(f"repeat: repeats {tuple(sizes)} must not be negative")
     src = (1,) * (len(sizes) - a.ndim) + a.shape
@@ -642,8 +678,10 @@ def narrow(a: Tensor, dim: int, start: int, length: int) -> Tensor:
     size = a.shape[d]
     start = int(start) + size if start < 0 else int(start)
     if not 0 <= start <= size or length < 0 or start + length > size:
-        raise OpError(f"narrow: start ({start}) + length ({length}) exceeds dimension size "
-                      f"({size}) of dim {dim} of a tensor of shape {tuple(a.shape)}")
+        raise OpError(
+            f"narrow: start ({start}) + length ({length}) exceeds dimension size "
+            f"({size}) of dim {dim} of a tensor of shape {tuple(a.shape)}"
+        )
     return _slice_dim(a, d, start, start + int(length))
 
 
@@ -653,10 +691,12 @@ def select(a: Tensor, dim: int, index: int) -> Tensor:
     d = norm_dim("select", dim, a.ndim)
     size = a.shape[d]
     if not -size <= index < size:
-        raise IndexError(f"select: index {index} out of range for tensor of size "
-                         f"{tuple(a.shape)} at dimension {dim}")
+        raise IndexError(
+            f"select: index {index} out of range for tensor of size "
+            f"{tuple(a.shape)} at dimension {dim}"
+        )
     index %= size
-    return reshape(_slice_dim(a, d, index, index + 1), a.shape[:d] + a.shape[d + 1:])
+    return reshape(_slice_dim(a, d, index, index + 1), a.shape[:d] + a.shape[d + 1 :])
 
 
 @public(method=True)
@@ -673,9 +713,11 @@ def split(a: Tensor, split_size_or_sections, dim: int = 0) -> tuple:
     else:
         sections = [int(s) for s in split_size_or_sections]
         if builtins.sum(sections) != size or builtins.any(s < 0 for s in sections):
-            raise OpError(f"split: split_with_sizes expects split_sizes to sum exactly to "
-                          f"{size} (input tensor's size at dimension {dim}, shape "
-                          f"{tuple(a.shape)}), but got split_sizes={sections}")
+            raise OpError(
+                f"split: split_with_sizes expects split_sizes to sum exactly to "
+                f"{size} (input tensor's size at dimension {dim}, shape "
+                f"{tuple(a.shape)}), but got split_sizes={sections}"
+            )
     out, offset = [], 0
     for s in sections:
         out.append(_slice_dim(a, d, offset, offset + s))
@@ -714,8 +756,9 @@ def roll(a: Tensor, shifts, dims=None) -> Tensor:
     shifts = [shifts] if isinstance(shifts, numbers.Integral) else list(shifts)
     dims = [dims] if isinstance(dims, numbers.Integral) else list(dims)
     if len(shifts) != len(dims):
-        raise OpError(f"roll: shifts {tuple(shifts)} and dims {tuple(dims)} must have the "
-                      f"same length")
+        raise OpError(
+            f"roll: shifts {tuple(shifts)} and dims {tuple(dims)} must have the same length"
+        )
     out = a
     for shift, dim in zip(shifts, dims):
         d = norm_dim("roll", dim, a.ndim)
@@ -740,6 +783,7 @@ def triu(a: Tensor, diagonal: int = 0) -> Tensor:
 
 # ======================================================================= indexing ======
 
+
 def _index_tensor(index, device: str) -> Tensor:
     """A list or array used as an index, as an int64 or bool tensor on ``device``."""
     if isinstance(index, Tensor):
@@ -747,8 +791,9 @@ def _index_tensor(index, device: str) -> Tensor:
     else:
         t = tensor(index, device=device)
     if t.dtype.is_floating_point:
-        raise IndexError(f"getitem: tensors used as indices must be long, int or bool tensors, "
-                         f"got {t.dtype}")
+        raise IndexError(
+            f"getitem: tensors used as indices must be long, int or bool tensors, got {t.dtype}"
+        )
     return t
 
 
@@ -782,8 +827,8 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
     items = _index_items(a, index)
     shape = a.shape
     starts, stops, steps = [0] * a.ndim, list(shape), [1] * a.ndim
-    kept: list[int] = []                  # the shape once ints are dropped and Nones added
-    advanced: list[tuple[int, Tensor]] = []   # (dim of that shape, int index tensor)
+    kept: list[int] = []  # the shape once ints are dropped and Nones added
+    advanced: list[tuple[int, Tensor]] = []  # (dim of that shape, int index tensor)
     d = 0
     for it in items:
         if it is None:
@@ -791,23 +836,28 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
             continue
         if isinstance(it, slice):
             if it.step is not None and it.step <= 0:
-                raise ValueError(f"getitem: step must be greater than zero, got {it.step}; "
-                                 f"use flip() to reverse a tensor")
+                raise ValueError(
+                    f"getitem: step must be greater than zero, got {it.step}; "
+                    f"use flip() to reverse a tensor"
+                )
             start, stop, step = it.indices(shape[d])
             starts[d], stops[d], steps[d] = start, builtins.max(start, stop), step
             kept.append(len(range(start, stop, step)))
         elif isinstance(it, numbers.Integral):
             size = shape[d]
             if not -size <= it < size:
-                raise IndexError(f"getitem: index {it} is out of bounds for dimension {d} "
-                                 f"with size {size}")
+                raise IndexError(
+                    f"getitem: index {it} is out of bounds for dimension {d} with size {size}"
+                )
             starts[d] = int(it) % size
             stops[d] = starts[d] + 1
         elif it.dtype is dtypes.bool_:
-            if tuple(it.shape) != shape[d:d + it.ndim] or it.ndim == 0:
-                raise IndexError(f"getitem: the shape of the mask {tuple(it.shape)} does not "
-                                 f"match the shape {shape[d:d + it.ndim]} of the indexed "
-                                 f"tensor {tuple(shape)} at dim {d}")
+            if tuple(it.shape) != shape[d : d + it.ndim] or it.ndim == 0:
+                raise IndexError(
+                    f"getitem: the shape of the mask {tuple(it.shape)} does not "
+                    f"match the shape {shape[d : d + it.ndim]} of the indexed "
+                    f"tensor {tuple(shape)} at dim {d}"
+                )
             rows = nonzero(it)
             for j in range(it.ndim):
                 col = reshape(_slice_dim(rows, 1, j, j + 1), [rows.shape[0]])
@@ -821,8 +871,12 @@ def _basic_index(a: Tensor, index) -> tuple[Tensor, list]:
         d += 1
 
     out = a
-    if starts != [0] * a.ndim or stops != list(shape) or steps != [1] * a.ndim or (
-            not advanced and tuple(kept) == shape):
+    if (
+        starts != [0] * a.ndim
+        or stops != list(shape)
+        or steps != [1] * a.ndim
+        or (not advanced and tuple(kept) == shape)
+    ):
         out = _op("slice")(a, starts=starts, stops=stops, steps=steps)
     if tuple(kept) != out.shape:
         out = reshape(out, kept)
@@ -840,8 +894,10 @@ def _index_items(a: Tensor, index) -> list:
         elif it is None or isinstance(it, slice):
             consumed += it is not None
         elif isinstance(it, bool):
-            raise NotImplementedError("getitem: a Python bool index is not supported; use "
-                                      "unsqueeze(), or a bool tensor mask")
+            raise NotImplementedError(
+                "getitem: a Python bool index is not supported; use "
+                "unsqueeze(), or a bool tensor mask"
+            )
         elif isinstance(it, numbers.Integral):
             consumed += 1
         else:
@@ -850,12 +906,14 @@ def _index_items(a: Tensor, index) -> list:
     if ellipses > 1:
         raise IndexError("getitem: an index can only have a single ellipsis ('...')")
     if consumed > a.ndim:
-        raise IndexError(f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
-                         f"{tuple(a.shape)}): the index uses {consumed} dims")
+        raise IndexError(
+            f"getitem: too many indices for tensor of dimension {a.ndim} (shape "
+            f"{tuple(a.shape)}): the index uses {consumed} dims"
+        )
     if not ellipses:
         items.append(Ellipsis)
     k = next(k for k, it in enumerate(items) if it is Ellipsis)
-    items[k:k + 1] = [slice(None)] * (a.ndim - consumed)
+    items[k : k + 1] = [slice(None)] * (a.ndim - consumed)
     return items
 
 
@@ -870,13 +928,15 @@ def _slice_put(a: Tensor, values: Tensor, starts, stops, steps) -> Tensor:
     [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
     """
     shape = a.shape
-    cut = [d for d in range(a.ndim)
-           if not (starts[d] == 0 and steps[d] == 1 and stops[d] >= shape[d])]
+    cut = [
+        d for d in range(a.ndim) if not (starts[d] == 0 and steps[d] == 1 and stops[d] >= shape[d])
+    ]
     if not cut:
         return values
     d = cut[0]
-    index = Tensor._wrap(_xp(a).arange(starts[d], builtins.min(stops[d], shape[d]), steps[d],
-                                       dtype=np.int64))
+    index = Tensor._wrap(
+        _xp(a).arange(starts[d], builtins.min(stops[d], shape[d]), steps[d], dtype=np.int64)
+    )
     if len(cut) > 1:
         # The slab along ``d``, with the other dims written into it first.
         whole = {"starts": [0] * a.ndim, "stops": list(shape), "steps": [1] * a.ndim}
@@ -894,8 +954,9 @@ def index_select(a: Tensor, dim: int, index: Tensor) -> Tensor:
     """The slices at ``index`` (1-D, int64) along ``dim``."""
     d = norm_dim("index_select", dim, a.ndim)
     if index.ndim > 1:
-        raise OpError(f"index_select: index is supposed to be a vector, got shape "
-                      f"{tuple(index.shape)}")
+        raise OpError(
+            f"index_select: index is supposed to be a vector, got shape {tuple(index.shape)}"
+        )
     return _op("index")(a, reshape(index, [-1]) if index.ndim == 0 else index, dims=[d])
 
 
@@ -905,13 +966,16 @@ def index_add(a: Tensor, dim: int, index: Tensor, source: Tensor, alpha=1) -> Te
     indices accumulate."""
     d = norm_dim("index_add", dim, a.ndim)
     if index.ndim != 1:
-        raise OpError(f"index_add: index is supposed to be a vector, got shape "
-                      f"{tuple(index.shape)}")
-    want = a.shape[:d] + index.shape + a.shape[d + 1:]
+        raise OpError(
+            f"index_add: index is supposed to be a vector, got shape {tuple(index.shape)}"
+        )
+    want = a.shape[:d] + index.shape + a.shape[d + 1 :]
     if tuple(source.shape) != want:
-        raise OpError(f"index_add: source of shape {tuple(source.shape)} must have shape "
-                      f"{want}: the tensor's {tuple(a.shape)} with dim {dim} of the index's "
-                      f"size {index.shape[0]}")
+        raise OpError(
+            f"index_add: source of shape {tuple(source.shape)} must have shape "
+            f"{want}: the tensor's {tuple(a.shape)} with dim {dim} of the index's "
+            f"size {index.shape[0]}"
+        )
     if alpha != 1:
         source = mul(source, alpha)
     return _op("index_put")(a, source, index, dims=[d], accumulate=True)
@@ -935,11 +999,15 @@ def scatter_add(a: Tensor, dim: int, index: Tensor, src: Tensor) -> Tensor:
 def masked_fill(a: Tensor, mask: Tensor, value) -> Tensor:
     """``a`` with ``value`` where the bool ``mask`` (broadcast to ``a``) is True."""
     if broadcast_shapes("masked_fill", mask.shape, a.shape) != a.shape:
-        raise OpError(f"masked_fill: mask of shape {tuple(mask.shape)} must broadcast to the "
-                      f"tensor's shape {tuple(a.shape)}")
+        raise OpError(
+            f"masked_fill: mask of shape {tuple(mask.shape)} must broadcast to the "
+            f"tensor's shape {tuple(a.shape)}"
+        )
     if isinstance(value, Tensor) and value.ndim:
-        raise OpError(f"masked_fill: only supports a 0-dimensional value tensor, got shape "
-                      f"{tuple(value.shape)}")
+        raise OpError(
+            f"masked_fill: only supports a 0-dimensional value tensor, got shape "
+            f"{tuple(value.shape)}"
+        )
     if isinstance(value, Tensor):
         value = value.to(a.dtype)
     return where(mask, value, a)
@@ -982,6 +1050,7 @@ def topk(a: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = 
 
 # ================================================================= linear algebra ======
 
+
 @public(method=True)
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """The matrix product with NumPy's rules for 1-D operands and broadcast batch dims."""
@@ -998,8 +1067,10 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
 def bmm(a: Tensor, b: Tensor) -> Tensor:
     """Batched matrix product of ``(B, n, m)`` and ``(B, m, p)``."""
     if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
-        raise OpError(f"bmm: expected 3-D tensors with the same batch size, got shapes "
-                      f"{tuple(a.shape)} and {tuple(b.shape)}")
+        raise OpError(
+            f"bmm: expected 3-D tensors with the same batch size, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return matmul(a, b)
 
 
@@ -1007,8 +1078,10 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
 def mv(a: Tensor, v: Tensor) -> Tensor:
     """The product of a matrix and a vector."""
     if a.ndim != 2 or v.ndim != 1:
-        raise OpError(f"mv: expected a 2-D matrix and a 1-D vector, got shapes "
-                      f"{tuple(a.shape)} and {tuple(v.shape)}")
+        raise OpError(
+            f"mv: expected a 2-D matrix and a 1-D vector, got shapes "
+            f"{tuple(a.shape)} and {tuple(v.shape)}"
+        )
     return matmul(a, v)
 
 
@@ -1016,12 +1089,16 @@ def mv(a: Tensor, v: Tensor) -> Tensor:
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """The inner product of two 1-D tensors of the same size and dtype."""
     if a.ndim != 1 or b.ndim != 1:
-        raise OpError(f"dot: 1D tensors expected, but got {a.ndim}D and {b.ndim}D tensors "
-                      f"(shapes {tuple(a.shape)} and {tuple(b.shape)}); use matmul for "
-                      f"matrices")
+        raise OpError(
+            f"dot: 1D tensors expected, but got {a.ndim}D and {b.ndim}D tensors "
+            f"(shapes {tuple(a.shape)} and {tuple(b.shape)}); use matmul for "
+            f"matrices"
+        )
     if a.shape != b.shape:
-        raise OpError(f"dot: inconsistent tensor size, expected tensor {tuple(a.shape)} and "
-                      f"src {tuple(b.shape)} to have the same number of elements")
+        raise OpError(
+            f"dot: inconsistent tensor size, expected tensor {tuple(a.shape)} and "
+            f"src {tuple(b.shape)} to have the same number of elements"
+        )
     return matmul(a, b)
 
 
@@ -1032,8 +1109,9 @@ vdot = dot
 def outer(a: Tensor, b: Tensor) -> Tensor:
     """``out[i, j] = a[i] * b[j]`` for 1-D ``a`` and ``b``."""
     if a.ndim != 1 or b.ndim != 1:
-        raise OpError(f"outer: expected 1-D tensors, got shapes {tuple(a.shape)} and "
-                      f"{tuple(b.shape)}")
+        raise OpError(
+            f"outer: expected 1-D tensors, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return mul(reshape(a, [-1, 1]), reshape(b, [1, -1]))
 
 
@@ -1041,6 +1119,7 @@ ger = outer
 
 
 # ============================================================ batched products, einsum ====
+
 
 @public(method=True)
 def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
@@ -1057,8 +1136,10 @@ def addmm(input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tens
 
 def _add_product(op: str, input: Tensor, prod: Tensor, beta, alpha) -> Tensor:
     if broadcast_shapes(op, input.shape, prod.shape) != prod.shape:
-        raise OpError(f"{op}: input of shape {tuple(input.shape)} cannot be broadcast to "
-                      f"the product's shape {tuple(prod.shape)}")
+        raise OpError(
+            f"{op}: input of shape {tuple(input.shape)} cannot be broadcast to "
+            f"the product's shape {tuple(prod.shape)}"
+        )
     prod = prod if alpha == 1 else prod * alpha
     if beta == 0:
         return prod
@@ -1072,31 +1153,43 @@ def _einsum_parse(equation: str, operands) -> tuple[list[str], str]:
     lhs, arrow, rhs = eq.partition("->")
     terms = lhs.split(",")
     if len(terms) != len(operands):
-        raise OpError(f"einsum: the equation {equation!r} names {len(terms)} operands but "
-                      f"{len(operands)} were given")
-    n_ell = builtins.max([t.ndim - len(s.replace("...", "")) for s, t in zip(terms, operands)
-                          if "..." in s] or [0])
+        raise OpError(
+            f"einsum: the equation {equation!r} names {len(terms)} operands but "
+            f"{len(operands)} were given"
+        )
+    n_ell = builtins.max(
+        [t.ndim - len(s.replace("...", "")) for s, t in zip(terms, operands) if "..." in s] or [0]
+    )
     ell = "".join(chr(ord("A") + i) for i in range(n_ell))
     labels = []
     for i, (term, t) in enumerate(zip(terms, operands)):
-        term = term.replace("...", ell[n_ell - (t.ndim - len(term.replace("...", ""))):]
-                            if "..." in term else "")
+        term = term.replace(
+            "...", ell[n_ell - (t.ndim - len(term.replace("...", ""))) :] if "..." in term else ""
+        )
         if not builtins.all("a" <= c <= "z" or c in ell for c in term):
-            raise OpError(f"einsum: invalid subscripts {terms[i]!r} in {equation!r}; use "
-                          f"letters a-z and at most one '...' per operand")
+            raise OpError(
+                f"einsum: invalid subscripts {terms[i]!r} in {equation!r}; use "
+                f"letters a-z and at most one '...' per operand"
+            )
         if len(term) != t.ndim:
-            raise OpError(f"einsum: operand {i} has {t.ndim} dims (shape {tuple(t.shape)}) "
-                          f"but its subscripts {terms[i]!r} name {len(term)}")
+            raise OpError(
+                f"einsum: operand {i} has {t.ndim} dims (shape {tuple(t.shape)}) "
+                f"but its subscripts {terms[i]!r} name {len(term)}"
+            )
         if len(set(term)) != len(term):
-            raise NotImplementedError(f"einsum: repeated subscripts within one operand "
-                                      f"({terms[i]!r}: diagonals, traces) are not supported; "
-                                      f"take the diagonal out first")
+            raise NotImplementedError(
+                f"einsum: repeated subscripts within one operand "
+                f"({terms[i]!r}: diagonals, traces) are not supported; "
+                f"take the diagonal out first"
+            )
         labels.append(term)
     if arrow:
         out = rhs.replace("...", ell)
         if len(set(out)) != len(out) or not set(out) <= set("".join(labels)):
-            raise OpError(f"einsum: output subscripts {rhs!r} must be distinct labels that "
-                          f"appear in the inputs of {equation!r}")
+            raise OpError(
+                f"einsum: output subscripts {rhs!r} must be distinct labels that "
+                f"appear in the inputs of {equation!r}"
+            )
     else:
         seen = "".join(labels)
         out = ell + "".join(sorted(c for c in set(seen) if c.islower() and seen.count(c) == 1))
@@ -1108,9 +1201,11 @@ def _einsum_sizes(equation: str, labels, operands) -> dict:
     for term, t in zip(labels, operands):
         for c, s in zip(term, t.shape):
             if sizes.get(c, 1) not in (1, s) and s != 1:
-                raise OpError(f"einsum: subscript {c!r} in {equation!r} has size {sizes[c]} "
-                              f"and {s} in operands of shapes "
-                              f"{[tuple(o.shape) for o in operands]}")
+                raise OpError(
+                    f"einsum: subscript {c!r} in {equation!r} has size {sizes[c]} "
+                    f"and {s} in operands of shapes "
+                    f"{[tuple(o.shape) for o in operands]}"
+                )
             sizes[c] = builtins.max(sizes.get(c, 1), s)
     return sizes
 
@@ -1141,8 +1236,10 @@ def _einsum_pair(a: Tensor, ta: str, b: Tensor, tb: str, keep: str, sizes):
     inner = "".join(c for c in ta if c in tb and c not in keep)
     left = "".join(c for c in ta if c not in tb)
     right = "".join(c for c in tb if c not in ta)
-    out = matmul(_einsum_arrange(a, ta, (batch, left, inner), sizes),
-                 _einsum_arrange(b, tb, (batch, inner, right), sizes))
+    out = matmul(
+        _einsum_arrange(a, ta, (batch, left, inner), sizes),
+        _einsum_arrange(b, tb, (batch, inner, right), sizes),
+    )
     term = batch + left + right
     return reshape(out, [sizes[c] for c in term]), term
 
@@ -1163,7 +1260,7 @@ def einsum(equation: str, *operands) -> Tensor:
     sizes = _einsum_sizes(equation, labels, operands)
     acc, term = None, ""
     for i, (t, lab) in enumerate(zip(operands, labels)):
-        later = out + "".join(labels[i + 1:])
+        later = out + "".join(labels[i + 1 :])
         t, lab = _einsum_reduce(t, lab, later + (term if acc is not None else ""))
         if acc is None:
             acc, term = t, lab

@@ -1,5 +1,6 @@
 """Per-thread hooks of the op dispatcher: a graph tracer (``gradmesh.core.graph``) sees
 every op the dispatcher runs, and the in-place changes and new tensors of the Tensor API."""
+
 from __future__ import annotations
 
 import threading
@@ -7,7 +8,7 @@ from typing import Callable
 
 
 class _Dispatch(threading.local):
-    tracer = None       # a class default, so that reading it never fails (see autograd._State)
+    tracer = None  # a class default, so that reading it never fails (see autograd._State)
 
 
 _dispatch = _Dispatch()
@@ -23,10 +24,12 @@ def graph_tracer():
 
 def untraced(tracer, fn: Callable, *args) -> Callable[[], None]:
     """A call of ``fn(*args)`` with the tracer off: the eager half of an op it records."""
+
     def run() -> None:
         _dispatch.tracer = None
         try:
             fn(*args)
         finally:
             _dispatch.tracer = tracer
+
     return run

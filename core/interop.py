@@ -7,6 +7,7 @@
 tensor([1., 2., 3.], dtype=gradmesh.float64)
 [1.0, 2.0, 3.0]
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ from .tensor import Tensor
 
 __all__ = ["from_dlpack"]
 
-_CPU, _CUDA = 1, 2      # DLPack's device types (kDLCPU, kDLCUDA)
+_CPU, _CUDA = 1, 2  # DLPack's device types (kDLCPU, kDLCUDA)
 
 
 def from_dlpack(ext) -> Tensor:
@@ -26,12 +27,15 @@ def from_dlpack(ext) -> Tensor:
     if isinstance(ext, Tensor):
         return ext
     if not hasattr(ext, "__dlpack_device__"):
-        raise TypeError(f"from_dlpack: expected an object with __dlpack__ and "
-                        f"__dlpack_device__, got {type(ext).__name__}")
+        raise TypeError(
+            f"from_dlpack: expected an object with __dlpack__ and "
+            f"__dlpack_device__, got {type(ext).__name__}"
+        )
     kind = int(ext.__dlpack_device__()[0])
     if kind == _CPU:
         return Tensor(np.from_dlpack(ext))
     if kind == _CUDA:
         return Tensor(backend.cupy().from_dlpack(ext))
-    raise RuntimeError(f"from_dlpack: unsupported device type {kind}; gradmesh takes CPU "
-                       f"and CUDA memory")
+    raise RuntimeError(
+        f"from_dlpack: unsupported device type {kind}; gradmesh takes CPU and CUDA memory"
+    )

@@ -15,6 +15,7 @@ The formulas are torch's "chainable" ones (each lr computed from the previous on
 >>> lrs
 [1.0, 0.5, 0.5, 0.25]
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,18 @@ from bisect import bisect_right
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-__all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR",
-           "CosineAnnealingLR", "LinearLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]
+__all__ = [
+    "LRScheduler",
+    "LambdaLR",
+    "StepLR",
+    "MultiStepLR",
+    "ExponentialLR",
+    "CosineAnnealingLR",
+    "LinearLR",
+    "OneCycleLR",
+    "SequentialLR",
+    "ReduceLROnPlateau",
+]
 
 
 class LRScheduler:
@@ -40,8 +51,10 @@ class LRScheduler:
         else:
             for i, group in enumerate(optimizer.param_groups):
                 if "initial_lr" not in group:
-                    raise KeyError(f"param 'initial_lr' is not specified in param_groups[{i}] "
-                                   f"when resuming scheduler with last_epoch >= 0")
+                    raise KeyError(
+                        f"param 'initial_lr' is not specified in param_groups[{i}] "
+                        f"when resuming scheduler with last_epoch >= 0"
+                    )
         self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         self.last_epoch = last_epoch
         self._initial_step()
@@ -91,8 +104,7 @@ class LambdaLR(LRScheduler):
     """``lr = base_lr * lr_lambda(epoch)``; one function, or one per group. Functions are
     left out of ``state_dict`` (torch keeps only callable objects' ``__dict__``)."""
 
-    def __init__(self, optimizer, lr_lambda: Callable | Sequence[Callable],
-                 last_epoch: int = -1):
+    def __init__(self, optimizer, lr_lambda: Callable | Sequence[Callable], last_epoch: int = -1):
         n = len(optimizer.param_groups)
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
@@ -128,15 +140,15 @@ class StepLR(LRScheduler):
         return [lr * self.gamma for lr in self._lrs()]
 
     def _closed_form_lr(self) -> list[float]:
-        return [base * self.gamma ** (self.last_epoch // self.step_size)
-                for base in self.base_lrs]
+        return [base * self.gamma ** (self.last_epoch // self.step_size) for base in self.base_lrs]
 
 
 class MultiStepLR(LRScheduler):
     """Multiply the lr by ``gamma`` at each milestone (a milestone listed twice: twice)."""
 
-    def __init__(self, optimizer, milestones: Sequence[int], gamma: float = 0.1,
-                 last_epoch: int = -1):
+    def __init__(
+        self, optimizer, milestones: Sequence[int], gamma: float = 0.1, last_epoch: int = -1
+    ):
         self.milestones, self.gamma = Counter(milestones), gamma
         super().__init__(optimizer, last_epoch)
 
@@ -147,8 +159,9 @@ class MultiStepLR(LRScheduler):
 
     def _closed_form_lr(self) -> list[float]:
         milestones = sorted(self.milestones.elements())
-        return [base * self.gamma ** bisect_right(milestones, self.last_epoch)
-                for base in self.base_lrs]
+        return [
+            base * self.gamma ** bisect_right(milestones, self.last_epoch) for base in self.base_lrs
+        ]
 
 
 class ExponentialLR(LRScheduler):
@@ -164,7 +177,7 @@ class ExponentialLR(LRScheduler):
         return [lr * self.gamma for lr in self._lrs()]
 
     def _closed_form_lr(self) -> list[float]:
-        return [base * self.gamma ** self.last_epoch for base in self.base_lrs]
+        return [base * self.gamma**self.last_epoch for base in self.base_lrs]
 
 
 class CosineAnnealingLR(LRScheduler):
@@ -179,32 +192,46 @@ class CosineAnnealingLR(LRScheduler):
         if self._is_initial:
             return self._lrs()
         if self._step_count == 1 and e > 0:
-            return [lo + (base - lo) * (1 + math.cos(e * math.pi / t)) / 2
-                    for base in self.base_lrs]
+            return [
+                lo + (base - lo) * (1 + math.cos(e * math.pi / t)) / 2 for base in self.base_lrs
+            ]
         if (e - 1 - t) % (2 * t) == 0:
-            return [lr + (base - lo) * (1 - math.cos(math.pi / t)) / 2
-                    for base, lr in zip(self.base_lrs, self._lrs())]
-        return [(1 + math.cos(math.pi * e / t)) / (1 + math.cos(math.pi * (e - 1) / t))
-                * (lr - lo) + lo for lr in self._lrs()]
+            return [
+                lr + (base - lo) * (1 - math.cos(math.pi / t)) / 2
+                for base, lr in zip(self.base_lrs, self._lrs())
+            ]
+        return [
+            (1 + math.cos(math.pi * e / t)) / (1 + math.cos(math.pi * (e - 1) / t)) * (lr - lo) + lo
+            for lr in self._lrs()
+        ]
 
     def _closed_form_lr(self) -> list[float]:
         lo = self.eta_min
-        return [lo + (base - lo) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
-                for base in self.base_lrs]
+        return [
+            lo + (base - lo) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
+            for base in self.base_lrs
+        ]
 
 
 class LinearLR(LRScheduler):
     """Scale the lr linearly from ``start_factor`` to ``end_factor`` over ``total_iters``."""
 
-    def __init__(self, optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
-                 total_iters: int = 5, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer,
+        start_factor: float = 1.0 / 3,
+        end_factor: float = 1.0,
+        total_iters: int = 5,
+        last_epoch: int = -1,
+    ):
         if not 0 < start_factor <= 1:
-            raise ValueError("Starting multiplicative factor expected to be greater than 0 "
-                             "and less or equal to 1.")
+            raise ValueError(
+                "Starting multiplicative factor expected to be greater than 0 "
+                "and less or equal to 1."
+            )
         if not 0 <= end_factor <= 1:
             raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
-        self.start_factor, self.end_factor, self.total_iters = \
-            start_factor, end_factor, total_iters
+        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -213,8 +240,9 @@ class LinearLR(LRScheduler):
             return [lr * s for lr in self._lrs()]
         if self._is_initial or self.last_epoch > n:
             return self._lrs()
-        return [lr * (1.0 + (f - s) / (n * s + (self.last_epoch - 1) * (f - s)))
-                for lr in self._lrs()]
+        return [
+            lr * (1.0 + (f - s) / (n * s + (self.last_epoch - 1) * (f - s))) for lr in self._lrs()
+        ]
 
     def _closed_form_lr(self) -> list[float]:
         s, f, n = self.start_factor, self.end_factor, self.total_iters
@@ -224,19 +252,30 @@ class LinearLR(LRScheduler):
 class OneCycleLR(LRScheduler):
     """The 1cycle policy: lr up to ``max_lr`` then down (and momentum the other way)."""
 
-    def __init__(self, optimizer, max_lr: float | Sequence[float], total_steps: int | None = None,
-                 epochs: int | None = None, steps_per_epoch: int | None = None,
-                 pct_start: float = 0.3, anneal_strategy: str = "cos",
-                 cycle_momentum: bool = True, base_momentum: float = 0.85,
-                 max_momentum: float = 0.95, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, three_phase: bool = False,
-                 last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer,
+        max_lr: float | Sequence[float],
+        total_steps: int | None = None,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+        pct_start: float = 0.3,
+        anneal_strategy: str = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: float = 0.85,
+        max_momentum: float = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+        last_epoch: int = -1,
+    ):
         self.total_steps = _total_steps(total_steps, epochs, steps_per_epoch)
         if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
             raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
         if anneal_strategy not in ("cos", "linear"):
-            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got "
-                             f"{anneal_strategy}")
+            raise ValueError(
+                f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}"
+            )
         self.anneal_strategy = anneal_strategy
         self._schedule_phases = _one_cycle_phases(self.total_steps, pct_start, three_phase)
         groups = optimizer.param_groups
@@ -248,12 +287,16 @@ class OneCycleLR(LRScheduler):
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
             if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
-                raise ValueError("optimizer must support momentum or beta1 with "
-                                 "`cycle_momentum` option enabled")
+                raise ValueError(
+                    "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
+                )
             self.use_beta1 = "betas" in optimizer.defaults
             if last_epoch == -1:
-                for group, hi, lo in zip(groups, _per_group("max_momentum", groups, max_momentum),
-                                         _per_group("base_momentum", groups, base_momentum)):
+                for group, hi, lo in zip(
+                    groups,
+                    _per_group("max_momentum", groups, max_momentum),
+                    _per_group("base_momentum", groups, base_momentum),
+                ):
                     self._set_momentum(group, hi)
                     group["max_momentum"], group["base_momentum"] = hi, lo
         super().__init__(optimizer, last_epoch)
@@ -272,8 +315,10 @@ class OneCycleLR(LRScheduler):
     def get_lr(self) -> list[float]:
         step = self.last_epoch
         if step > self.total_steps:
-            raise ValueError(f"Tried to step {step} times. The specified number of total "
-                             f"steps is {self.total_steps}")
+            raise ValueError(
+                f"Tried to step {step} times. The specified number of total "
+                f"steps is {self.total_steps}"
+            )
         lrs = []
         for group in self.optimizer.param_groups:
             start_step = 0.0
@@ -281,11 +326,14 @@ class OneCycleLR(LRScheduler):
                 end_step = phase["end_step"]
                 if step <= end_step or i == len(self._schedule_phases) - 1:
                     pct = (step - start_step) / (end_step - start_step)
-                    lrs.append(self._anneal(group[phase["start_lr"]], group[phase["end_lr"]],
-                                            pct))
+                    lrs.append(self._anneal(group[phase["start_lr"]], group[phase["end_lr"]], pct))
                     if self.cycle_momentum:
-                        self._set_momentum(group, self._anneal(
-                            group[phase["start_momentum"]], group[phase["end_momentum"]], pct))
+                        self._set_momentum(
+                            group,
+                            self._anneal(
+                                group[phase["start_momentum"]], group[phase["end_momentum"]], pct
+                            ),
+                        )
                     break
                 start_step = end_step
         return lrs
@@ -306,15 +354,30 @@ def _total_steps(total_steps, epochs, steps_per_epoch) -> int:
 
 def _one_cycle_phases(total: int, pct_start: float, three_phase: bool) -> list[dict]:
     def phase(end_step, lr_from, lr_to, m_from, m_to) -> dict:
-        return {"end_step": end_step, "start_lr": lr_from, "end_lr": lr_to,
-                "start_momentum": m_from, "end_momentum": m_to}
-    up = phase(float(pct_start * total) - 1, "initial_lr", "max_lr", "max_momentum",
-               "base_momentum")
+        return {
+            "end_step": end_step,
+            "start_lr": lr_from,
+            "end_lr": lr_to,
+            "start_momentum": m_from,
+            "end_momentum": m_to,
+        }
+
+    up = phase(
+        float(pct_start * total) - 1, "initial_lr", "max_lr", "max_momentum", "base_momentum"
+    )
     if not three_phase:
         return [up, phase(total - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")]
-    return [up, phase(float(2 * pct_start * total) - 2, "max_lr", "initial_lr",
-                      "base_momentum", "max_momentum"),
-            phase(total - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum")]
+    return [
+        up,
+        phase(
+            float(2 * pct_start * total) - 2,
+            "max_lr",
+            "initial_lr",
+            "base_momentum",
+            "max_momentum",
+        ),
+        phase(total - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum"),
+    ]
 
 
 def _per_group(name: str, groups: list, value) -> list:
@@ -328,32 +391,42 @@ def _per_group(name: str, groups: list, value) -> list:
 class SequentialLR(LRScheduler):
     """Run ``schedulers`` one after another, switching at each of ``milestones``."""
 
-    def __init__(self, optimizer, schedulers: Sequence[LRScheduler], milestones: Sequence[int],
-                 last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer,
+        schedulers: Sequence[LRScheduler],
+        milestones: Sequence[int],
+        last_epoch: int = -1,
+    ):
         if len(schedulers) < 1:
-            raise ValueError("SequentialLR expects at least one scheduler, but got no "
-                             "scheduler.")
+            raise ValueError("SequentialLR expects at least one scheduler, but got no scheduler.")
         for i, s in enumerate(schedulers):
             if isinstance(s, ReduceLROnPlateau):
-                raise ValueError(f"SequentialLR does not support `ReduceLROnPlateau` scheduler "
-                                 f"as it requires additional kwargs to be specified when "
-                                 f"calling `step`, but got one at index {i} in the given "
-                                 f"schedulers sequence.")
+                raise ValueError(
+                    f"SequentialLR does not support `ReduceLROnPlateau` scheduler "
+                    f"as it requires additional kwargs to be specified when "
+                    f"calling `step`, but got one at index {i} in the given "
+                    f"schedulers sequence."
+                )
             if s.optimizer is not optimizer:
-                raise ValueError(f"SequentialLR expects all schedulers to belong to the same "
-                                 f"optimizer, but got scheduler {type(s).__name__} at index "
-                                 f"{i} with a different one")
+                raise ValueError(
+                    f"SequentialLR expects all schedulers to belong to the same "
+                    f"optimizer, but got scheduler {type(s).__name__} at index "
+                    f"{i} with a different one"
+                )
         if len(milestones) != len(schedulers) - 1:
-            raise ValueError(f"Sequential Schedulers expects number of schedulers provided to "
-                             f"be one more than the number of milestone points, but got "
-                             f"number of schedulers {len(schedulers)} and the number of "
-                             f"milestones to be equal to {len(milestones)}")
+            raise ValueError(
+                f"Sequential Schedulers expects number of schedulers provided to "
+                f"be one more than the number of milestone points, but got "
+                f"number of schedulers {len(schedulers)} and the number of "
+                f"milestones to be equal to {len(milestones)}"
+            )
         self._schedulers, self._milestones = list(schedulers), list(milestones)
         self.last_epoch = last_epoch + 1
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
-        for s in self._schedulers:        # undo the step each took when it was made
+        for s in self._schedulers:  # undo the step each took when it was made
             s.last_epoch -= 1
         first = self._schedulers[bisect_right(self._milestones, 0)]
         first._initial_step()
@@ -383,9 +456,18 @@ class SequentialLR(LRScheduler):
 class ReduceLROnPlateau(LRScheduler):
     """Multiply the lr by ``factor`` once a metric stopped improving for ``patience`` epochs."""
 
-    def __init__(self, optimizer, mode: str = "min", factor: float = 0.1, patience: int = 10,
-                 threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
-                 min_lr: float | Sequence[float] = 0, eps: float = 1e-8):
+    def __init__(
+        self,
+        optimizer,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        min_lr: float | Sequence[float] = 0,
+        eps: float = 1e-8,
+    ):
         if factor >= 1.0:
             raise ValueError("Factor should be < 1.0.")
         if mode not in ("min", "max"):
@@ -411,7 +493,7 @@ class ReduceLROnPlateau(LRScheduler):
             self.num_bad_epochs += 1
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
-            self.num_bad_epochs = 0     # bad epochs in cooldown do not count
+            self.num_bad_epochs = 0  # bad epochs in cooldown do not count
         if self.num_bad_epochs > self.patience:
             for group, floor in zip(self.optimizer.param_groups, self.min_lrs):
                 new_lr = max(float(group["lr"]) * self.factor, floor)

@@ -18,6 +18,7 @@ optimizer state, a dict of named arrays plus ``"step"`` (the number of updates a
 >>> w.tolist()
 [0.800000011920929, -1.600000023841858]
 """
+
 from __future__ import annotations
 
 import math
@@ -30,17 +31,45 @@ from . import backend
 from .autograd import bump_version, enable_grad, no_grad, zero_grads
 from .tensor import Tensor
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "sgd_update",
-           "adam_update", "adamw_update", "rmsprop_update", "adagrad_update", "WIRE_RULES",
-           "UPDATE_RULES", "HYPERPARAMETERS", "describe", "validate", "from_description",
-           "state_to_arrays", "state_from_arrays"]
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "Adagrad",
+    "sgd_update",
+    "adam_update",
+    "adamw_update",
+    "rmsprop_update",
+    "adagrad_update",
+    "WIRE_RULES",
+    "UPDATE_RULES",
+    "HYPERPARAMETERS",
+    "describe",
+    "validate",
+    "from_description",
+    "state_to_arrays",
+    "state_from_arrays",
+]
 
 
 # ==================================================================== update rules ======
 
-def sgd_update(xp, param, grad, state: dict, *, lr: float, momentum: float = 0.0,
-               dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-               maximize: bool = False) -> dict:
+
+def sgd_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> dict:
     """One step of ``torch.optim.SGD`` on arrays; ``param`` and ``state`` change in place.
 
     ``grad`` is never written to. The first momentum step stores the gradient itself as
@@ -64,10 +93,20 @@ def sgd_update(xp, param, grad, state: dict, *, lr: float, momentum: float = 0.0
     return state
 
 
-def adam_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
-                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-                decoupled_weight_decay: bool = False) -> dict:
+def adam_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> dict:
     """One step of ``torch.optim.Adam`` (AdamW with ``decoupled_weight_decay=True``) on arrays.
 
     Moments start at zero on the first call; ``state["step"]`` counts the updates and
@@ -91,7 +130,7 @@ def adam_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
             g = g + weight_decay * param
 
     # One scratch array serves every intermediate below: the step allocates two arrays.
-    scratch = xp.empty_like(param)      # with out=, a 0-d result stays an array
+    scratch = xp.empty_like(param)  # with out=, a 0-d result stays an array
     xp.subtract(g, exp_avg, out=scratch)
     # exp_avg.lerp_(g, 1 - beta1), with torch's two formulas chosen by the weight's size.
     weight = 1 - beta1
@@ -107,13 +146,13 @@ def adam_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
     scratch *= g
     exp_avg_sq += scratch
 
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2 ** 0.5
+    bias_correction2_sqrt = bias_correction2**0.5
     if amsgrad:
         max_sq = state.get("max_exp_avg_sq")
-        if max_sq is None:      # amsgrad switched on after the first step, as torch allows
+        if max_sq is None:  # amsgrad switched on after the first step, as torch allows
             max_sq = state["max_exp_avg_sq"] = xp.zeros_like(param)
         xp.maximum(max_sq, exp_avg_sq, out=max_sq)
         denom = xp.sqrt(max_sq)
@@ -128,19 +167,49 @@ def adam_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
     return state
 
 
-def adamw_update(xp, param, grad, state: dict, *, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False,
-                 maximize: bool = False) -> dict:
+def adamw_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> dict:
     """One step of ``torch.optim.AdamW``: ``param *= 1 - lr * weight_decay``, then Adam."""
-    return adam_update(xp, param, grad, state, lr=lr, betas=betas, eps=eps,
-                       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                       decoupled_weight_decay=True)
+    return adam_update(
+        xp,
+        param,
+        grad,
+        state,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=True,
+    )
 
 
-def rmsprop_update(xp, param, grad, state: dict, *, lr: float = 1e-2, alpha: float = 0.99,
-                   eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-                   centered: bool = False, maximize: bool = False) -> dict:
+def rmsprop_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> dict:
     """One step of ``torch.optim.RMSprop`` on arrays (``square_avg``, and ``grad_avg`` when
     centered, ``momentum_buffer`` with momentum)."""
     if "square_avg" not in state:
@@ -168,16 +237,26 @@ def rmsprop_update(xp, param, grad, state: dict, *, lr: float = 1e-2, alpha: flo
     if momentum > 0:
         buf = state["momentum_buffer"]
         buf *= momentum
-        buf += g / avg                  # addcdiv_(g, avg)
-        param += -lr * buf              # add_(buf, alpha=-lr)
+        buf += g / avg  # addcdiv_(g, avg)
+        param += -lr * buf  # add_(buf, alpha=-lr)
     else:
-        param += (-lr * g) / avg        # addcdiv_(g, avg, value=-lr)
+        param += (-lr * g) / avg  # addcdiv_(g, avg, value=-lr)
     return state
 
 
-def adagrad_update(xp, param, grad, state: dict, *, lr: float = 1e-2, lr_decay: float = 0.0,
-                   weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                   eps: float = 1e-10, maximize: bool = False) -> dict:
+def adagrad_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+) -> dict:
     """One step of ``torch.optim.Adagrad`` on arrays (``sum`` of squared gradients)."""
     if "sum" not in state:
         state["step"] = 0
@@ -187,10 +266,10 @@ def adagrad_update(xp, param, grad, state: dict, *, lr: float = 1e-2, lr_decay: 
     if weight_decay != 0:
         g = g + weight_decay * param
     clr = lr / (1 + (step - 1) * lr_decay)
-    state["sum"] += g * g               # addcmul_(g, g, value=1)
+    state["sum"] += g * g  # addcmul_(g, g, value=1)
     std = xp.sqrt(state["sum"])
     std += eps
-    param += (-clr * g) / std           # addcdiv_(g, std, value=-clr)
+    param += (-clr * g) / std  # addcdiv_(g, std, value=-clr)
     return state
 
 
@@ -215,16 +294,47 @@ WIRE_RULES = ("sgd", "adam", "adamw")
 
 # Every hyper-parameter each rule takes, with torch's defaults (SGD's lr included).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
-            "nesterov": False, "maximize": False},
-    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-             "amsgrad": False, "maximize": False},
-    "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
-              "amsgrad": False, "maximize": False},
-    "rmsprop": {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
-                "centered": False, "maximize": False},
-    "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0,
-                "initial_accumulator_value": 0.0, "eps": 1e-10, "maximize": False},
+    "sgd": {
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "maximize": False,
+    },
+    "adam": {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+    },
+    "adamw": {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "amsgrad": False,
+        "maximize": False,
+    },
+    "rmsprop": {
+        "lr": 1e-2,
+        "alpha": 0.99,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "centered": False,
+        "maximize": False,
+    },
+    "adagrad": {
+        "lr": 1e-2,
+        "lr_decay": 0.0,
+        "weight_decay": 0.0,
+        "initial_accumulator_value": 0.0,
+        "eps": 1e-10,
+        "maximize": False,
+    },
 }
 
 _BOOLS = ("nesterov", "amsgrad", "maximize", "centered")
@@ -236,27 +346,29 @@ def _check_hyper(name: str, hyper: dict) -> dict:
     for key, value in hyper.items():
         if key in _BOOLS:
             if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name}: hyper-parameter {key!r} must be a bool, got "
-                                 f"{value!r}")
+                raise ValueError(f"{name}: hyper-parameter {key!r} must be a bool, got {value!r}")
             out[key] = bool(value)
         elif key == "betas":
-            if (not isinstance(value, (tuple, list)) or len(value) != 2
-                    or not all(_is_real(b) for b in value)):
-                raise ValueError(f"{name}: 'betas' must be two floats like [0.9, 0.999], got "
-                                 f"{value!r}")
+            if (
+                not isinstance(value, (tuple, list))
+                or len(value) != 2
+                or not all(_is_real(b) for b in value)
+            ):
+                raise ValueError(
+                    f"{name}: 'betas' must be two floats like [0.9, 0.999], got {value!r}"
+                )
             for i, b in enumerate(value):
                 if not 0.0 <= b < 1.0:
-                    raise ValueError(f"{name}: invalid beta parameter at index {i}: {b} "
-                                     f"(expected 0 <= beta < 1)")
+                    raise ValueError(
+                        f"{name}: invalid beta parameter at index {i}: {b} (expected 0 <= beta < 1)"
+                    )
             out[key] = (float(value[0]), float(value[1]))
         else:
             if not _is_real(value):
-                raise ValueError(f"{name}: hyper-parameter {key!r} must be a number, got "
-                                 f"{value!r}")
+                raise ValueError(f"{name}: hyper-parameter {key!r} must be a number, got {value!r}")
             if not value >= 0.0 or math.isinf(value):
                 what = "learning rate" if key == "lr" else f"{key} value"
-                raise ValueError(f"{name}: invalid {what}: {value} (expected a finite number "
-                                 f">= 0)")
+                raise ValueError(f"{name}: invalid {what}: {value} (expected a finite number >= 0)")
             out[key] = float(value)
     if name == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
         raise ValueError("sgd: nesterov momentum requires a momentum > 0 and zero dampening")
@@ -277,19 +389,21 @@ def validate(description: dict) -> dict:
     [0.9, 0.999]
     """
     if not isinstance(description, dict):
-        raise ValueError(f"optimizer description must be a dict, got "
-                         f"{type(description).__name__}")
+        raise ValueError(f"optimizer description must be a dict, got {type(description).__name__}")
     name = description.get("name")
     if name in UPDATE_RULES and name not in WIRE_RULES:
-        raise ValueError(f"optimizer {name!r} runs locally only: a job's parameter shards "
-                         f"apply one of {list(WIRE_RULES)}")
+        raise ValueError(
+            f"optimizer {name!r} runs locally only: a job's parameter shards "
+            f"apply one of {list(WIRE_RULES)}"
+        )
     if name not in WIRE_RULES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(WIRE_RULES)}")
     defaults = HYPERPARAMETERS[name]
     unknown = sorted(set(description) - set(defaults) - {"name"})
     if unknown:
-        raise ValueError(f"{name}: unknown hyper-parameter(s) {unknown}; it takes "
-                         f"{sorted(defaults)}")
+        raise ValueError(
+            f"{name}: unknown hyper-parameter(s) {unknown}; it takes {sorted(defaults)}"
+        )
     hyper = _check_hyper(name, {k: description.get(k, v) for k, v in defaults.items()})
     if "betas" in hyper:
         hyper["betas"] = list(hyper["betas"])
@@ -298,10 +412,10 @@ def validate(description: dict) -> dict:
 
 # ==================================================================== state on the wire ==
 
+
 def state_to_arrays(state: dict) -> tuple[dict[str, np.ndarray], int]:
     """One parameter's optimizer state as (named NumPy arrays, step count): for checkpoints."""
-    arrays = {k: backend.to_numpy(v) for k, v in state.items()
-              if k != "step" and v is not None}
+    arrays = {k: backend.to_numpy(v) for k, v in state.items() if k != "step" and v is not None}
     return arrays, int(state.get("step", 0))
 
 
@@ -313,6 +427,7 @@ def state_from_arrays(arrays: dict[str, np.ndarray], step: int, xp=np) -> dict:
 
 
 # ==================================================================== optimizers ========
+
 
 class Optimizer:
     """Base class: parameter groups, per-parameter state and the update loop.
@@ -328,8 +443,10 @@ class Optimizer:
         self.state: dict[Tensor, dict] = {}
         self.param_groups: list[dict] = []
         if isinstance(params, Tensor):
-            raise TypeError(f"{type(self).__name__}: params must be an iterable of Tensors or "
-                            f"dicts, got a Tensor; pass [tensor] or model.parameters()")
+            raise TypeError(
+                f"{type(self).__name__}: params must be an iterable of Tensors or "
+                f"dicts, got a Tensor; pass [tensor] or model.parameters()"
+            )
         groups = list(params)
         if not groups:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -346,15 +463,20 @@ class Optimizer:
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
             if not isinstance(p, Tensor):
-                raise TypeError(f"{type(self).__name__} can only optimize Tensors, got "
-                                f"{type(p).__name__}")
+                raise TypeError(
+                    f"{type(self).__name__} can only optimize Tensors, got {type(p).__name__}"
+                )
             if not p.is_leaf:
-                raise ValueError(f"{type(self).__name__} can't optimize a non-leaf Tensor; "
-                                 f"optimize the leaf it was computed from")
+                raise ValueError(
+                    f"{type(self).__name__} can't optimize a non-leaf Tensor; "
+                    f"optimize the leaf it was computed from"
+                )
         unknown = sorted(set(param_group) - set(self.defaults) - {"params"})
         if unknown:
-            raise ValueError(f"{self.rule}: unknown hyper-parameter(s) {unknown}; it takes "
-                             f"{sorted(self.defaults)}")
+            raise ValueError(
+                f"{self.rule}: unknown hyper-parameter(s) {unknown}; it takes "
+                f"{sorted(self.defaults)}"
+            )
         group = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         group.update(_check_hyper(self.rule, group))
         seen = {id(p) for g in self.param_groups for p in g["params"]}
@@ -404,14 +526,16 @@ class Optimizer:
             for p in group["params"]:
                 index.setdefault(id(p), len(index))
                 ids.append(index[id(p)])
-            saved = {k: (list(v) if k == "betas" else v) for k, v in group.items()
-                     if k != "params"}
+            saved = {k: (list(v) if k == "betas" else v) for k, v in group.items() if k != "params"}
             groups.append({**saved, "params": ids})
         state = {}
         for p, s in self.state.items():
             if id(p) in index:
-                state[index[id(p)]] = {k: (v if k == "step" else Tensor(v.copy()))
-                                       for k, v in s.items() if v is not None}
+                state[index[id(p)]] = {
+                    k: (v if k == "step" else Tensor(v.copy()))
+                    for k, v in s.items()
+                    if v is not None
+                }
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -422,13 +546,17 @@ class Optimizer:
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
-                             f"this optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
         for i, (mine, theirs) in enumerate(zip(self.param_groups, saved_groups)):
             if len(mine["params"]) != len(theirs["params"]):
-                raise ValueError(f"loaded state dict's parameter group {i} has "
-                                 f"{len(theirs['params'])} parameters, this optimizer's has "
-                                 f"{len(mine['params'])}")
+                raise ValueError(
+                    f"loaded state dict's parameter group {i} has "
+                    f"{len(theirs['params'])} parameters, this optimizer's has "
+                    f"{len(mine['params'])}"
+                )
         by_index = {}
         for mine, theirs in zip(self.param_groups, saved_groups):
             for p, i in zip(mine["params"], theirs["params"]):
@@ -446,10 +574,13 @@ class Optimizer:
                     continue
                 arr = v._data if isinstance(v, Tensor) else np.asarray(v)
                 if arr.shape != p.shape:
-                    raise ValueError(f"loaded optimizer state {k!r} has shape {arr.shape}, "
-                                     f"its parameter has shape {p.shape}")
-                entry[k] = xp.array(backend.to_numpy(arr) if xp is np else arr,
-                                    dtype=p._data.dtype, copy=True)
+                    raise ValueError(
+                        f"loaded optimizer state {k!r} has shape {arr.shape}, "
+                        f"its parameter has shape {p.shape}"
+                    )
+                entry[k] = xp.array(
+                    backend.to_numpy(arr) if xp is np else arr, dtype=p._data.dtype, copy=True
+                )
             new_state[p] = entry
         for mine, theirs in zip(self.param_groups, saved_groups):
             # Only our hyper-parameters: a torch state_dict also carries flags like foreach.
@@ -473,12 +604,31 @@ class SGD(Optimizer):
 
     rule = "sgd"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 *, maximize: bool = False):
-        super().__init__(params, _check_hyper("sgd", dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize)))
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            _check_hyper(
+                "sgd",
+                dict(
+                    lr=lr,
+                    momentum=momentum,
+                    dampening=dampening,
+                    weight_decay=weight_decay,
+                    nesterov=nesterov,
+                    maximize=maximize,
+                ),
+            ),
+        )
 
 
 class Adam(Optimizer):
@@ -486,12 +636,31 @@ class Adam(Optimizer):
 
     rule = "adam"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False):
-        super().__init__(params, _check_hyper(self.rule, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize)))
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            _check_hyper(
+                self.rule,
+                dict(
+                    lr=lr,
+                    betas=betas,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    amsgrad=amsgrad,
+                    maximize=maximize,
+                ),
+            ),
+        )
 
 
 class AdamW(Adam):
@@ -499,9 +668,17 @@ class AdamW(Adam):
 
     rule = "adamw"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
 
 
@@ -511,12 +688,33 @@ class RMSprop(Optimizer):
 
     rule = "rmsprop"
 
-    def __init__(self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99,
-                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-                 centered: bool = False, *, maximize: bool = False):
-        super().__init__(params, _check_hyper(self.rule, dict(
-            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-            centered=centered, maximize=maximize)))
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            _check_hyper(
+                self.rule,
+                dict(
+                    lr=lr,
+                    alpha=alpha,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    momentum=momentum,
+                    centered=centered,
+                    maximize=maximize,
+                ),
+            ),
+        )
 
 
 class Adagrad(Optimizer):
@@ -525,16 +723,40 @@ class Adagrad(Optimizer):
 
     rule = "adagrad"
 
-    def __init__(self, params: Iterable, lr: float = 1e-2, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, *, maximize: bool = False):
-        super().__init__(params, _check_hyper(self.rule, dict(
-            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)))
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            _check_hyper(
+                self.rule,
+                dict(
+                    lr=lr,
+                    lr_decay=lr_decay,
+                    weight_decay=weight_decay,
+                    initial_accumulator_value=initial_accumulator_value,
+                    eps=eps,
+                    maximize=maximize,
+                ),
+            ),
+        )
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW,
-                                          "rmsprop": RMSprop, "adagrad": Adagrad}
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "adam": Adam,
+    "adamw": AdamW,
+    "rmsprop": RMSprop,
+    "adagrad": Adagrad,
+}
 
 
 def describe(optimizer: Optimizer) -> dict:
@@ -542,12 +764,13 @@ def describe(optimizer: Optimizer) -> dict:
 
     The wire format carries one set of hyper-parameters, so all groups must share them.
     """
-    groups = [{k: g[k] for k in HYPERPARAMETERS[optimizer.rule]}
-              for g in optimizer.param_groups]
+    groups = [{k: g[k] for k in HYPERPARAMETERS[optimizer.rule]} for g in optimizer.param_groups]
     if any(g != groups[0] for g in groups[1:]):
-        raise ValueError(f"describe: {type(optimizer).__name__}'s parameter groups have "
-                         f"different hyper-parameters; the description carries one set, so "
-                         f"use one group")
+        raise ValueError(
+            f"describe: {type(optimizer).__name__}'s parameter groups have "
+            f"different hyper-parameters; the description carries one set, so "
+            f"use one group"
+        )
     return validate({"name": optimizer.rule, **groups[0]})
 
 

@@ -30,6 +30,7 @@ Randomness: a random op (one with an int ``seed`` attribute, e.g. ``dropout_mask
 the same masks on every worker and backend. Without a call seed the seeds recorded in the
 graph are used.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,13 +49,14 @@ from .unbroadcast import unbroadcast
 __all__ = ["compile_plan", "Plan", "PlanResult", "BACKENDS"]
 
 BACKENDS = ("cpu", "cuda")
-CHECK_EVERY = 32                             # kernels between two calls of run(check=...)
+CHECK_EVERY = 32  # kernels between two calls of run(check=...)
 
 
 @dataclass
 class PlanResult:
     """What ``Plan.run`` returns; arrays are NumPy whatever the backend."""
-    loss: np.ndarray                         # 0-d, after loss_scale
+
+    loss: np.ndarray  # 0-d, after loss_scale
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
     forward_seconds: float
@@ -63,13 +65,13 @@ class PlanResult:
 
 @dataclass
 class _Forward:
-    node: int                                # node index in the graph
-    out: int                                 # slot written
+    node: int  # node index in the graph
+    out: int  # slot written
     forward: Callable
     inputs: tuple[int, ...]
     attrs: dict
     random: bool
-    free: tuple[int, ...] = ()               # slots to release after this kernel
+    free: tuple[int, ...] = ()  # slots to release after this kernel
     op_name: str = ""
 
 
@@ -79,7 +81,7 @@ class _Backward:
     out: int
     op: Op
     inputs: tuple[int, ...]
-    needs_grad: tuple[bool, ...]             # per input: does its gradient reach a target?
+    needs_grad: tuple[bool, ...]  # per input: does its gradient reach a target?
     saves_out: bool
     free: tuple[int, ...] = ()
     attrs: dict = field(default_factory=dict)
@@ -97,7 +99,7 @@ class _Schedule:
     backward: list[_Backward]
     grads: tuple[str, ...]
     outputs: tuple[str, ...]
-    free_inputs: tuple[int, ...]             # slots never read (unused inputs)
+    free_inputs: tuple[int, ...]  # slots never read (unused inputs)
     # Requested gradients that no backward kernel adds into (final before backward), and
     # per backward kernel index those whose last contribution it makes.
     final_before: tuple[str, ...] = ()
@@ -115,21 +117,23 @@ class _Schedule:
 @dataclass
 class Plan:
     """A graph compiled for one set of data shapes and one backend. Thread-safe to run."""
+
     graph: ValidatedGraph
     data_shapes: dict[str, tuple]
     backend: str
-    specs: list                              # concrete Spec of every value
-    requires: list[bool]                     # eager's requires_grad (see compile_plan)
-    topo: list[int]                          # eager backward's node order (node indices)
+    specs: list  # concrete Spec of every value
+    requires: list[bool]  # eager's requires_grad (see compile_plan)
+    topo: list[int]  # eager backward's node order (node indices)
     _schedules: dict = field(default_factory=dict, repr=False)
     # Per graph input, what run() checks: (slot, role, name, shape, NumPy dtype).
     _inputs: tuple = field(init=False, repr=False)
-    _loss: int = field(init=False, repr=False)            # the loss's slot
+    _loss: int = field(init=False, repr=False)  # the loss's slot
 
     def __post_init__(self) -> None:
-        self._inputs = tuple((i, inp.role, inp.name, tuple(self.specs[i].shape),
-                              self.specs[i].dtype.np)
-                             for i, inp in enumerate(self.graph.graph.inputs))
+        self._inputs = tuple(
+            (i, inp.role, inp.name, tuple(self.specs[i].shape), self.specs[i].dtype.np)
+            for i, inp in enumerate(self.graph.graph.inputs)
+        )
         self._loss = self.graph.outputs[self.graph.graph.outputs[0].name]
 
     @property
@@ -137,8 +141,9 @@ class Plan:
         return self.graph.id
 
     # -- compile-time --------------------------------------------------------------------
-    def schedule(self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
-                 ) -> _Schedule:
+    def schedule(
+        self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
+    ) -> _Schedule:
         """The kernels for these requested gradients and outputs (cached)."""
         vg = self.graph
         grads = tuple(vg.params) if grads is None else tuple(grads)
@@ -150,8 +155,9 @@ class Plan:
             self._schedules[key] = sched
         return sched
 
-    def grad_order(self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
-                   ) -> tuple[str, ...]:
+    def grad_order(
+        self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
+    ) -> tuple[str, ...]:
         """The requested gradients in the order ``run(on_grad=...)`` hands them over: the
         order backward completes them (ties in the requested order). Known at compile
         time, so a streamed reply can announce them before computing anything."""
@@ -165,25 +171,46 @@ class Plan:
         targets = {vg.input_index[g] for g in grads}
         needed = self._needed(targets)
         live = self._live([loss] + [vg.outputs[o] for o in outputs])
-        backward_nodes = [k for k in self.topo if needed[n_in + k] and live[n_in + k]] \
-            if targets else []
+        backward_nodes = (
+            [k for k in self.topo if needed[n_in + k] and live[n_in + k]] if targets else []
+        )
         fwd_pos, frees, never = self._lifetimes(live, backward_nodes, loss, outputs)
         n_fwd = len(fwd_pos)
         fwd = []
         for k, p in fwd_pos.items():
             op, a = vg.ops[k], vg.attrs[k]
-            fwd.append(_Forward(k, n_in + k, op.forward, vg.node_inputs[k], a, is_random(op),
-                                tuple(frees.get(p, ())), op.name))
+            fwd.append(
+                _Forward(
+                    k,
+                    n_in + k,
+                    op.forward,
+                    vg.node_inputs[k],
+                    a,
+                    is_random(op),
+                    tuple(frees.get(p, ())),
+                    op.name,
+                )
+            )
         bwd = []
         param_name = {vg.input_index[g]: g for g in grads}
         for j, k in enumerate(backward_nodes):
             op = vg.ops[k]
             ins = vg.node_inputs[k]
-            bwd.append(_Backward(k, n_in + k, op, ins, tuple(needed[i] for i in ins),
-                                 op.saves_out, tuple(frees.get(n_fwd + j, ())), vg.attrs[k],
-                                 is_random(op),
-                                 tuple(needed[i] and self.requires[i] for i in ins),
-                                 tuple(param_name.get(i) for i in ins)))
+            bwd.append(
+                _Backward(
+                    k,
+                    n_in + k,
+                    op,
+                    ins,
+                    tuple(needed[i] for i in ins),
+                    op.saves_out,
+                    tuple(frees.get(n_fwd + j, ())),
+                    vg.attrs[k],
+                    is_random(op),
+                    tuple(needed[i] and self.requires[i] for i in ins),
+                    tuple(param_name.get(i) for i in ins),
+                )
+            )
         final_before, final_after = self._completion(bwd, grads, targets, loss)
         return _Schedule(fwd, bwd, grads, outputs, tuple(never), final_before, final_after)
 
@@ -191,12 +218,16 @@ class Plan:
         vg = self.graph
         for name in grads:
             if name not in vg.params:
-                raise GraphError(f"gradients[{name}]", f"not a PARAM input of the graph; its "
-                                 f"parameters are {vg.params}")
+                raise GraphError(
+                    f"gradients[{name}]",
+                    f"not a PARAM input of the graph; its parameters are {vg.params}",
+                )
         for name in outputs:
             if name not in vg.outputs:
-                raise GraphError(f"outputs[{name}]", f"the graph has no output {name!r}; it "
-                                 f"has {list(vg.outputs)}")
+                raise GraphError(
+                    f"outputs[{name}]",
+                    f"the graph has no output {name!r}; it has {list(vg.outputs)}",
+                )
 
     def _needed(self, targets: set) -> list[bool]:
         """Per value: does its gradient lead to a requested parameter?"""
@@ -223,8 +254,9 @@ class Plan:
                     stack.extend(vg.node_inputs[v - n_in])
         return live
 
-    def _lifetimes(self, live: list[bool], backward_nodes: list[int], loss: int,
-                   outputs: tuple) -> tuple[dict[int, int], dict[int, list[int]], list[int]]:
+    def _lifetimes(
+        self, live: list[bool], backward_nodes: list[int], loss: int, outputs: tuple
+    ) -> tuple[dict[int, int], dict[int, list[int]], list[int]]:
         """Where each slot is last used: (forward position of each live node, the slots
         freed after each kernel position, inputs never read)."""
         vg = self.graph
@@ -232,7 +264,7 @@ class Plan:
         n_values = n_in + len(vg.ops)
         n_fwd = sum(live[n_in:])
         end = n_fwd + len(backward_nodes)
-        last = [-1] * n_values                # position of the last kernel reading a slot
+        last = [-1] * n_values  # position of the last kernel reading a slot
         pos = 0
         fwd_pos = {}
         for k, ins in enumerate(vg.node_inputs):
@@ -241,7 +273,7 @@ class Plan:
             fwd_pos[k] = pos
             for i in ins:
                 last[i] = max(last[i], pos)
-            last[n_in + k] = max(last[n_in + k], pos)   # written here
+            last[n_in + k] = max(last[n_in + k], pos)  # written here
             pos += 1
         for j, k in enumerate(backward_nodes):
             p = n_fwd + j
@@ -250,7 +282,7 @@ class Plan:
             if vg.ops[k].saves_out:
                 last[n_in + k] = max(last[n_in + k], p)
         for v in [loss] + [vg.outputs[o] for o in outputs]:
-            last[v] = end                     # read when the result is assembled
+            last[v] = end  # read when the result is assembled
         frees: dict[int, list[int]] = {}
         never = []
         for v in range(n_values):
@@ -263,8 +295,9 @@ class Plan:
             frees.setdefault(last[v], []).append(v)
         return fwd_pos, frees, never
 
-    def _completion(self, bwd: list, grads: tuple, targets: set, loss: int
-                    ) -> tuple[tuple, dict[int, tuple]]:
+    def _completion(
+        self, bwd: list, grads: tuple, targets: set, loss: int
+    ) -> tuple[tuple, dict[int, tuple]]:
         """When each requested gradient is complete: after the last backward kernel that
         can add into it (a parameter input whose gradient is needed), else before backward."""
         vg = self.graph
@@ -274,7 +307,7 @@ class Plan:
                 if need and v in targets:
                     last_add[v] = j
         if loss < vg.num_inputs:
-            last_add = {}                     # the loss is a parameter: no kernel runs
+            last_add = {}  # the loss is a parameter: no kernel runs
         final_before = tuple(g for g in grads if vg.input_index[g] not in last_add)
         final_after: dict[int, tuple] = {}
         for g in grads:
@@ -284,13 +317,20 @@ class Plan:
         return final_before, final_after
 
     # -- run -----------------------------------------------------------------------------
-    def run(self, params: Mapping[str, object], data: Mapping[str, object], *,
-            grads: Sequence[str] | None = None, outputs: Sequence[str] = (),
-            loss_scale: float = 1.0, seed: int | None = None,
-            check: Callable[[], None] | None = None,
-            record_live: list | None = None,
-            on_forward: Callable[[np.ndarray, dict], None] | None = None,
-            on_grad: Callable[[str, np.ndarray], None] | None = None) -> PlanResult:
+    def run(
+        self,
+        params: Mapping[str, object],
+        data: Mapping[str, object],
+        *,
+        grads: Sequence[str] | None = None,
+        outputs: Sequence[str] = (),
+        loss_scale: float = 1.0,
+        seed: int | None = None,
+        check: Callable[[], None] | None = None,
+        record_live: list | None = None,
+        on_forward: Callable[[np.ndarray, dict], None] | None = None,
+        on_grad: Callable[[str, np.ndarray], None] | None = None,
+    ) -> PlanResult:
         """Forward and backward for one batch.
 
         ``params``/``data`` map input names to arrays (NumPy; the ``cuda`` backend copies
@@ -332,15 +372,17 @@ class Plan:
 
         result_grads: dict[str, np.ndarray] = {}
         if sched.grads:
-            self._backward(sched, slots, xp, loss_scale, seed, check, record_live,
-                           result_grads, on_grad)
+            self._backward(
+                sched, slots, xp, loss_scale, seed, check, record_live, result_grads, on_grad
+            )
         _sync(xp)
         t2 = time.perf_counter()
         result_grads = {name: result_grads[name] for name in sched.grads}
         return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1)
 
-    def _load(self, sched: _Schedule, params: Mapping[str, object],
-              data: Mapping[str, object], xp) -> list:
+    def _load(
+        self, sched: _Schedule, params: Mapping[str, object], data: Mapping[str, object], xp
+    ) -> list:
         """The slots with the inputs in place, checked against the compiled shapes."""
         vg = self.graph
         slots: list = [None] * len(self.specs)
@@ -355,11 +397,15 @@ class Plan:
             if type(value) is not xp.ndarray:
                 value = _on_backend(value, xp)
             if value.shape != shape:
-                raise GraphError(f"{kind}[{name}].shape", f"got shape {list(value.shape)}, "
-                                 f"the plan was compiled for {list(shape)}")
+                raise GraphError(
+                    f"{kind}[{name}].shape",
+                    f"got shape {list(value.shape)}, the plan was compiled for {list(shape)}",
+                )
             if value.dtype != dtype:
-                raise GraphError(f"{kind}[{name}].dtype", f"got {value.dtype}, the graph "
-                                 f"declares {self.specs[i].dtype.name}")
+                raise GraphError(
+                    f"{kind}[{name}].dtype",
+                    f"got {value.dtype}, the graph declares {self.specs[i].dtype.name}",
+                )
             slots[i] = value
         for i in sched.free_inputs:
             slots[i] = None
@@ -373,16 +419,27 @@ class Plan:
             if kern.random and seed is not None:
                 a = {**a, "seed": random_seed(seed, kern.node)}
             # Large matrix products run in row blocks, checked between them (core/cost.py).
-            out = cost.call(kern.op_name, kern.forward, xp, [slots[i] for i in kern.inputs],
-                            a, check)
+            out = cost.call(
+                kern.op_name, kern.forward, xp, [slots[i] for i in kern.inputs], a, check
+            )
             slots[kern.out] = out if isinstance(out, xp.ndarray) else xp.asarray(out)
             for v in kern.free:
                 slots[v] = None
             if record_live is not None:
                 record_live.append(sum(s is not None for s in slots))
 
-    def _backward(self, sched: _Schedule, slots: list, xp, loss_scale: float, seed, check,
-                  record_live, final: dict, on_grad) -> None:
+    def _backward(
+        self,
+        sched: _Schedule,
+        slots: list,
+        xp,
+        loss_scale: float,
+        seed,
+        check,
+        record_live,
+        final: dict,
+        on_grad,
+    ) -> None:
         """The eager engine's ``run_backward`` over slots: same order, same ops. Each
         requested gradient goes into ``final`` (as a host array, zeros when nothing reaches
         it) as soon as it is complete, and to ``on_grad`` if given."""
@@ -423,8 +480,10 @@ class Plan:
                     out = wrap(slots[kern.out], True) if kern.saves_out else None
                     result = kern.op.vjp(g, out, *inputs, **attrs)
                     if len(result) != len(inputs):
-                        raise RuntimeError(f"{kern.op.name}: vjp returned {len(result)} "
-                                           f"gradients for {len(inputs)} inputs")
+                        raise RuntimeError(
+                            f"{kern.op.name}: vjp returned {len(result)} "
+                            f"gradients for {len(inputs)} inputs"
+                        )
                     broadcast = kern.op.broadcast
                     for v, t, gi, name in zip(kern.inputs, inputs, result, kern.params):
                         if gi is None or not t.requires_grad:
@@ -444,7 +503,6 @@ class Plan:
                 if record_live is not None:
                     record_live.append(sum(s is not None for s in slots))
 
-
     def _emit(self, names, grads: dict, final: dict, on_grad) -> None:
         """Hand over the complete gradients ``names``: into ``final`` as host arrays (zeros
         where nothing reached them), and to ``on_grad``."""
@@ -459,14 +517,18 @@ class Plan:
             if on_grad is not None:
                 on_grad(name, a)
 
+
 def _on_backend(value, xp):
     """A parameter or data value (array, Tensor, CuPy array) as an array of ``xp``."""
     if isinstance(value, Tensor):
         value = value._data
     if xp is np:
         return backend_mod.to_numpy(value)
-    return value if isinstance(value, xp.ndarray) else \
-        xp.asarray(backend_mod.to_numpy(np.asarray(value)))
+    return (
+        value
+        if isinstance(value, xp.ndarray)
+        else xp.asarray(backend_mod.to_numpy(np.asarray(value)))
+    )
 
 
 def _sync(xp) -> None:
@@ -474,8 +536,9 @@ def _sync(xp) -> None:
         xp.cuda.get_current_stream().synchronize()
 
 
-def compile_plan(validated_graph: ValidatedGraph, data_shapes: Mapping[str, Sequence[int]],
-                 backend: str = "cpu") -> Plan:
+def compile_plan(
+    validated_graph: ValidatedGraph, data_shapes: Mapping[str, Sequence[int]], backend: str = "cpu"
+) -> Plan:
     """Compile a validated graph for concrete data shapes on ``backend`` ("cpu" or "cuda").
 
     Infers every value's concrete shape (checking the element limit) and the eager
@@ -492,8 +555,11 @@ def compile_plan(validated_graph: ValidatedGraph, data_shapes: Mapping[str, Sequ
     # and is floating point (integer and bool results, argmax's, carry no gradient).
     requires = [inp.role == PARAM for inp in vg.graph.inputs]
     for k, (op, ins) in enumerate(zip(vg.ops, vg.node_inputs)):
-        requires.append(op.differentiable and specs[n_in + k].dtype.is_floating_point
-                        and any(requires[i] for i in ins))
+        requires.append(
+            op.differentiable
+            and specs[n_in + k].dtype.is_floating_point
+            and any(requires[i] for i in ins)
+        )
     loss_v = vg.outputs[vg.graph.outputs[0].name]
     topo = _topo_order(loss_v, n_in, vg.node_inputs, requires)
     return Plan(vg, shapes, backend, specs, requires, topo)

@@ -3,6 +3,7 @@
 Numbers are drawn on the CPU with NumPy's PCG64 and then moved to the device, so a seed
 gives the same values on every backend (the determinism promise needs that).
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -12,8 +13,8 @@ import numpy as np
 
 def _fresh_seed() -> int:
     """A seed from the operating system's entropy, as torch's ``seed()`` draws one."""
-    entropy = cast(int, np.random.SeedSequence().entropy)   # drawn without one: an int
-    return entropy % (2 ** 63)
+    entropy = cast(int, np.random.SeedSequence().entropy)  # drawn without one: an int
+    return entropy % (2**63)
 
 
 class Generator:

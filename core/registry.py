@@ -32,6 +32,7 @@ The public function over an op (``gm.exp``) is declared next to it with ``@publi
 what static tools read from these declarations (``core/_api.py`` and the generated methods
 of ``core/tensor.py``); ``tests/engine/test_public_api.py`` fails when that code is stale.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype")
 
 class Spec(NamedTuple):
     """The static description of a value: what ``infer`` consumes and returns."""
+
     shape: tuple
     dtype: dtypes.DType
 
@@ -54,12 +56,12 @@ class Op:
     name: str
     forward: Callable
     infer: Callable
-    arity: int | None                       # None: variadic (cat, stack)
+    arity: int | None  # None: variadic (cat, stack)
     attrs: dict[str, tuple[str, Any]] = field(default_factory=dict)
     broadcast: bool = False
-    saves_out: bool = False                 # vjp reads ``out``: keep the forward result
+    saves_out: bool = False  # vjp reads ``out``: keep the forward result
     vjp: Callable | None = None
-    differentiable: bool = True             # False: the result never carries a gradient
+    differentiable: bool = True  # False: the result never carries a gradient
 
     def defvjp(self, fn: Callable) -> Callable:
         if not self.differentiable:
@@ -76,9 +78,17 @@ class Op:
 
 REGISTRY: dict[str, Op] = {}
 
-def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | None = None,
-          broadcast: bool = False, saves_out: bool = False,
-          differentiable: bool = True) -> Callable[[Callable], Op]:
+
+def defop(
+    name: str,
+    *,
+    infer: Callable,
+    arity: int | None = 1,
+    attrs: dict | None = None,
+    broadcast: bool = False,
+    saves_out: bool = False,
+    differentiable: bool = True,
+) -> Callable[[Callable], Op]:
     """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient
     (``differentiable=False``: a gradient stop, which has none)."""
     attrs = dict(attrs or {})
@@ -89,8 +99,9 @@ def defop(name: str, *, infer: Callable, arity: int | None = 1, attrs: dict | No
     def register(forward: Callable) -> Op:
         if name in REGISTRY:
             raise ValueError(f"op {name!r} is registered twice")
-        op = Op(name, forward, infer, arity, attrs, broadcast, saves_out,
-                differentiable=differentiable)
+        op = Op(
+            name, forward, infer, arity, attrs, broadcast, saves_out, differentiable=differentiable
+        )
         REGISTRY[name] = op
         return op
 
@@ -114,6 +125,7 @@ class OpError(RuntimeError, ValueError):
 @dataclass(frozen=True)
 class Public:
     """A public function: ``gradmesh.core.<name>``, and ``Tensor.<name>`` if ``method``."""
+
     fn: Callable
     method: bool
 
@@ -127,8 +139,9 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 @overload
 def public(fn: _Fn, *, method: bool = False, name: str | None = None) -> _Fn: ...
 @overload
-def public(fn: None = None, *, method: bool = False,
-           name: str | None = None) -> Callable[[_Fn], _Fn]: ...
+def public(
+    fn: None = None, *, method: bool = False, name: str | None = None
+) -> Callable[[_Fn], _Fn]: ...
 
 
 def public(fn=None, *, method=False, name=None):
@@ -136,18 +149,21 @@ def public(fn=None, *, method=False, name=None):
     ``method=True`` also ``Tensor.<name>``, where ``x.name(...)`` is ``name(x, ...)``. Use
     as ``@public``, ``@public(method=True)`` or ``alias = public(fn, name="alias")``. Run
     ``python core/gen_api.py`` after adding one, so that static tools see it."""
+
     def declare(f):
         key = name or f.__name__
         if key in PUBLIC and PUBLIC[key].fn is not f:
             raise ValueError(f"public function {key!r} is declared twice")
         PUBLIC[key] = Public(f, method)
         return f
+
     return declare if fn is None else declare(fn)
 
 
 # ---------------------------------------------------------------------------------------
 # Shared shape inference helpers
 # ---------------------------------------------------------------------------------------
+
 
 def fmt(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
@@ -169,9 +185,11 @@ def broadcast_shapes(op: str, *shapes) -> tuple:
             if d == 1:
                 continue
             if size not in (1, d):
-                raise OpError(f"{op}: shapes {' and '.join(fmt(s) for s in shapes)} cannot be "
-                              f"broadcast together (dimension {i - ndim} is {size} vs {d}); "
-                              f"sizes must match or be 1")
+                raise OpError(
+                    f"{op}: shapes {' and '.join(fmt(s) for s in shapes)} cannot be "
+                    f"broadcast together (dimension {i - ndim} is {size} vs {d}); "
+                    f"sizes must match or be 1"
+                )
             size = d
         out.append(size)
     return tuple(out)
@@ -181,8 +199,9 @@ def norm_dim(op: str, dim: int, ndim: int) -> int:
     """A possibly negative dim checked against ``ndim``, as a non-negative int."""
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
     if not lo <= dim <= hi:
-        raise OpError(f"{op}: dimension out of range (expected to be in range of "
-                      f"[{lo}, {hi}], but got {dim})")
+        raise OpError(
+            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})"
+        )
     return dim % ndim if ndim else 0
 
 
@@ -211,9 +230,11 @@ def floating(op: str, spec) -> Spec:
 
 def binary(op: str):
     """Shape inference of broadcasting binary ops with torch's type promotion."""
+
     def infer(a, b) -> Spec:
         shape = broadcast_shapes(op, a.shape, b.shape)
         return Spec(shape, dtypes.promote(a.dtype, b.dtype, len(a.shape) == 0, len(b.shape) == 0))
+
     return infer
 
 

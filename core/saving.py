@@ -12,6 +12,7 @@ types: a file cannot run code, unlike a pickle.
 >>> gm.load(buf)
 {'w': tensor([1., 1.]), 'step': 3}
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def _encode(obj, arrays: dict) -> Any:
         key = f"t{len(arrays)}"
         is_tensor = isinstance(obj, Tensor)
         arrays[key] = backend.to_numpy(obj._data) if is_tensor else obj
-        return {"tensor" if is_tensor else "array": key,
-                "requires_grad": bool(is_tensor and obj.requires_grad)}
+        return {
+            "tensor" if is_tensor else "array": key,
+            "requires_grad": bool(is_tensor and obj.requires_grad),
+        }
     if isinstance(obj, dict):
         return {"dict": [[_encode(k, arrays), _encode(v, arrays)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
@@ -60,8 +63,10 @@ def _encode(obj, arrays: dict) -> Any:
         return {"value": obj}
     if isinstance(obj, np.generic):
         return {"value": obj.item()}
-    raise TypeError(f"save: cannot store a {type(obj).__name__}; a state dict holds tensors, "
-                    f"arrays, numbers, strings, None and dicts/lists/tuples of them")
+    raise TypeError(
+        f"save: cannot store a {type(obj).__name__}; a state dict holds tensors, "
+        f"arrays, numbers, strings, None and dicts/lists/tuples of them"
+    )
 
 
 def _decode(node: dict, arrays: dict, map_location) -> Any:
@@ -73,8 +78,10 @@ def _decode(node: dict, arrays: dict, map_location) -> Any:
     if "array" in node:
         return arrays[node["array"]]
     if "dict" in node:
-        return {_decode(k, arrays, map_location): _decode(v, arrays, map_location)
-                for k, v in node["dict"]}
+        return {
+            _decode(k, arrays, map_location): _decode(v, arrays, map_location)
+            for k, v in node["dict"]
+        }
     if "list" in node:
         return [_decode(v, arrays, map_location) for v in node["list"]]
     if "tuple" in node:

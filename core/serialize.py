@@ -15,6 +15,7 @@ This is the part of the wire format the engine needs itself (a graph's constants
 ``Tensor`` values). How messages travel (streams of chunks, frames, shared memory) is
 the transport's business: ``gradmesh.wire``.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,23 @@ from gradmesh.v1 import tensor_pb2
 from . import dtypes
 from .tensor import Tensor
 
-__all__ = ["WireError", "DTYPE_TO_PROTO", "PROTO_TO_DTYPE", "to_proto", "from_proto",
-           "check_header", "check_headers", "dtype_name", "decode", "decode_data",
-           "host_array", "wire_array", "wire_dtype", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"]
+__all__ = [
+    "WireError",
+    "DTYPE_TO_PROTO",
+    "PROTO_TO_DTYPE",
+    "to_proto",
+    "from_proto",
+    "check_header",
+    "check_headers",
+    "dtype_name",
+    "decode",
+    "decode_data",
+    "host_array",
+    "wire_array",
+    "wire_dtype",
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+]
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
@@ -59,7 +74,7 @@ DTYPE_TO_PROTO: dict[dtypes.DType, int] = {
 PROTO_TO_DTYPE: dict[int, dtypes.DType] = {v: k for k, v in DTYPE_TO_PROTO.items()}
 
 _LITTLE = sys.byteorder == "little"
-_MAX_BYTES = int(np.iinfo(np.intp).max)        # the largest array NumPy can describe
+_MAX_BYTES = int(np.iinfo(np.intp).max)  # the largest array NumPy can describe
 
 
 def wire_dtype(dtype: dtypes.DType) -> np.dtype:
@@ -98,36 +113,47 @@ def to_proto(x, *, data: bool = True) -> tensor_pb2.Tensor:
     a, dtype = wire_array(x)
     t = tensor_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=a.shape)
     if data and a.size:
-        t.data = a.tobytes()        # protobuf only takes bytes: this is the one copy
+        t.data = a.tobytes()  # protobuf only takes bytes: this is the one copy
     return t
 
 
-def check_header(t: tensor_pb2.Tensor, *, field: str = "tensor",
-                 max_elements: int | None = None) -> tuple[dtypes.DType, tuple, int]:
+def check_header(
+    t: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: int | None = None
+) -> tuple[dtypes.DType, tuple, int]:
     """Validate a tensor's dtype and shape; returns (dtype, shape, byte size).
 
     Nothing is allocated: the element count is checked against ``max_elements`` first.
     """
     dtype = PROTO_TO_DTYPE.get(t.dtype)
     if dtype is None:
-        raise WireError(f"{field}.dtype", f"unknown or unspecified dtype {t.dtype}; expected one "
-                        f"of {sorted(tensor_pb2.DType.Name(v) for v in PROTO_TO_DTYPE)}")
+        raise WireError(
+            f"{field}.dtype",
+            f"unknown or unspecified dtype {t.dtype}; expected one "
+            f"of {sorted(tensor_pb2.DType.Name(v) for v in PROTO_TO_DTYPE)}",
+        )
     shape = tuple(int(s) for s in t.shape)
     for i, s in enumerate(shape):
         if s < 0:
             raise WireError(f"{field}.shape", f"dimension {i} is {s}; sizes must be >= 0")
-    count = math.prod(shape)                        # Python ints: no overflow
+    count = math.prod(shape)  # Python ints: no overflow
     if max_elements is not None and count > max_elements:
-        raise WireError(f"{field}.shape", f"{count} elements (shape {list(shape)}) exceed the "
-                        f"limit of {max_elements}", RESOURCE_EXHAUSTED)
+        raise WireError(
+            f"{field}.shape",
+            f"{count} elements (shape {list(shape)}) exceed the limit of {max_elements}",
+            RESOURCE_EXHAUSTED,
+        )
     # NumPy refuses a shape whose non-zero dimensions multiply (in bytes) past its index
     # type even when another dimension is 0 and the array would hold nothing ([0, 2**62]):
     # refused here, before anything is built from it.
     nonzero = math.prod(s for s in shape if s)
     if nonzero * dtype.itemsize > _MAX_BYTES:
-        raise WireError(f"{field}.shape", f"shape {list(shape)} is too large for any "
-                        f"array: its non-zero dimensions need {nonzero * dtype.itemsize} "
-                        f"bytes, over the limit of {_MAX_BYTES}", RESOURCE_EXHAUSTED)
+        raise WireError(
+            f"{field}.shape",
+            f"shape {list(shape)} is too large for any "
+            f"array: its non-zero dimensions need {nonzero * dtype.itemsize} "
+            f"bytes, over the limit of {_MAX_BYTES}",
+            RESOURCE_EXHAUSTED,
+        )
     return dtype, shape, count * dtype.itemsize
 
 
@@ -136,8 +162,9 @@ def dtype_name(wire: int) -> str:
     return tensor_pb2.DType.Name(wire) if wire in tensor_pb2.DType.values() else str(wire)
 
 
-def check_headers(headers, expected: Mapping[str, tuple[int, tuple]], field: str,
-                  what: str) -> None:
+def check_headers(
+    headers, expected: Mapping[str, tuple[int, tuple]], field: str, what: str
+) -> None:
     """Check ``NamedTensor`` headers against ``expected`` (name -> (wire dtype, shape))
     before anything is allocated for their bytes: each names an expected tensor, once,
     with its dtype and shape (a header promising gigabytes for a small tensor is refused
@@ -148,19 +175,24 @@ def check_headers(headers, expected: Mapping[str, tuple[int, tuple]], field: str
         f = f"{field}[{nt.name}]"
         want = expected.get(nt.name)
         if want is None:
-            raise WireError(f, f"{nt.name!r} is not a {what} (expected one of "
-                               f"{sorted(expected)[:8]})")
+            raise WireError(
+                f, f"{nt.name!r} is not a {what} (expected one of {sorted(expected)[:8]})"
+            )
         if nt.name in seen:
             raise WireError(f, f"{nt.name!r} is given twice")
         seen.add(nt.name)
         if nt.tensor.dtype != want[0] or tuple(nt.tensor.shape) != tuple(want[1]):
-            raise WireError(f, f"{nt.name!r} has dtype {dtype_name(nt.tensor.dtype)} and "
-                               f"shape {list(nt.tensor.shape)}; expected "
-                               f"{dtype_name(want[0])} {list(want[1])}")
+            raise WireError(
+                f,
+                f"{nt.name!r} has dtype {dtype_name(nt.tensor.dtype)} and "
+                f"shape {list(nt.tensor.shape)}; expected "
+                f"{dtype_name(want[0])} {list(want[1])}",
+            )
 
 
-def from_proto(t: tensor_pb2.Tensor, *, field: str = "tensor",
-               max_elements: int | None = None) -> np.ndarray:
+def from_proto(
+    t: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: int | None = None
+) -> np.ndarray:
     """Decode a ``Tensor`` message into a NumPy array without copying its bytes.
 
     The array is a read-only view of the message's ``data`` (``np.frombuffer``); copy it
@@ -171,8 +203,11 @@ def from_proto(t: tensor_pb2.Tensor, *, field: str = "tensor",
     dtype, shape, nbytes = check_header(t, field=field, max_elements=max_elements)
     data = t.data
     if len(data) != nbytes:
-        raise WireError(f"{field}.data", f"has {len(data)} bytes; dtype "
-                        f"{dtype.name} and shape {list(shape)} need exactly {nbytes}")
+        raise WireError(
+            f"{field}.data",
+            f"has {len(data)} bytes; dtype "
+            f"{dtype.name} and shape {list(shape)} need exactly {nbytes}",
+        )
     return decode(data, dtype, shape, field)
 
 
@@ -188,5 +223,5 @@ def decode(buf, dtype: dtypes.DType, shape: tuple, field: str) -> np.ndarray:
     if dtype is dtypes.bool_ and a.size and a.view(np.uint8).max() > 1:
         raise WireError(f"{field}.data", "bool elements must be 0 or 1")
     if not _LITTLE:
-        a = a.astype(dtype.np)      # big-endian hosts: one conversion to native order
+        a = a.astype(dtype.np)  # big-endian hosts: one conversion to native order
     return a

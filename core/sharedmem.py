@@ -25,6 +25,7 @@ threat model):
   make a worker touch it; another user cannot even open that path.
 * Offsets are multiples of :data:`ALIGN` (64 bytes), at least :data:`HEADER`.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -40,13 +41,13 @@ import numpy as np
 
 try:
     import fcntl
-except ImportError:         # not on Windows
+except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 
-K = TypeVar("K", bound=Hashable)      # what layout() and place() key offsets by
+K = TypeVar("K", bound=Hashable)  # what layout() and place() key offsets by
 PREFIX = "gradmesh-"
 ALIGN = 64
-HEADER = ALIGN              # the header: MAGIC, the secret, zeros
+HEADER = ALIGN  # the header: MAGIC, the secret, zeros
 MAGIC = b"gradmesh-seg-v1\0"
 SECRET_BYTES = 16
 # pid, descriptor, secret. Names are capabilities: error messages never repeat them.
@@ -54,13 +55,16 @@ NAME = re.compile(r"gradmesh-([0-9]{1,10})-([0-9]{1,10})-([0-9a-f]{32})\Z")
 # The /dev/shm names of earlier versions (gradmesh-<pid>-<32 hex digits>): well formed but
 # no longer taken (the worker answers FAILED_PRECONDITION, and such a client sends bytes).
 LEGACY_NAME = re.compile(r"gradmesh-[0-9]{1,10}-[0-9a-f]{32}\Z")
-POPULATE = getattr(mmap, "MAP_POPULATE", 0)     # fault every page in once, at map time
+POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault every page in once, at map time
 # Byte orders of NumPy dtypes whose bytes are already little-endian ("|": one byte).
 WIRE_ORDER = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
 # What a segment must be sealed with before a worker maps it: then its size cannot change.
-REQUIRED_SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                  if fcntl is not None and hasattr(fcntl, "F_SEAL_SHRINK") else 0)
-MEMFD_NAME = "gradmesh"     # shows as /proc/<pid>/fd/<fd> -> "/memfd:gradmesh (deleted)"
+REQUIRED_SEALS = (
+    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    if fcntl is not None and hasattr(fcntl, "F_SEAL_SHRINK")
+    else 0
+)
+MEMFD_NAME = "gradmesh"  # shows as /proc/<pid>/fd/<fd> -> "/memfd:gradmesh (deleted)"
 
 
 class SegmentError(Exception):
@@ -70,10 +74,15 @@ class SegmentError(Exception):
 def supported() -> bool:
     """Whether this host has what segments need: Linux's memfd_create with file sealing,
     and /proc (for a worker to open a caller's segment)."""
-    return (sys.platform.startswith("linux") and hasattr(os, "memfd_create")
-            and hasattr(os, "MFD_ALLOW_SEALING") and hasattr(os, "posix_fallocate")
-            and fcntl is not None and hasattr(fcntl, "F_ADD_SEALS")
-            and os.path.isdir(f"/proc/{os.getpid()}/fd"))
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(os, "memfd_create")
+        and hasattr(os, "MFD_ALLOW_SEALING")
+        and hasattr(os, "posix_fallocate")
+        and fcntl is not None
+        and hasattr(fcntl, "F_ADD_SEALS")
+        and os.path.isdir(f"/proc/{os.getpid()}/fd")
+    )
 
 
 def layout(sizes: Iterable[tuple[K, int]]) -> tuple[dict[K, int], int]:
@@ -103,8 +112,9 @@ class Segment:
 
     def __init__(self, size: int):
         if not supported():
-            raise SegmentError("shared memory needs Linux with memfd_create, file sealing "
-                               "and /proc")
+            raise SegmentError(
+                "shared memory needs Linux with memfd_create, file sealing and /proc"
+            )
         self.size = max(int(size), HEADER)
         self.fd = -1
         try:
@@ -113,15 +123,17 @@ class Segment:
             raise SegmentError(f"cannot create a memory file: {e.strerror}") from None
         try:
             os.posix_fallocate(fd, 0, self.size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            )
             self.buf = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | POPULATE)
         except OSError as e:
             os.close(fd)
-            raise SegmentError(f"cannot reserve {self.size} bytes of shared memory: "
-                               f"{e.strerror}") from None
+            raise SegmentError(
+                f"cannot reserve {self.size} bytes of shared memory: {e.strerror}"
+            ) from None
         secret = secrets.token_bytes(SECRET_BYTES)
-        self.buf[:len(MAGIC) + SECRET_BYTES] = MAGIC + secret
+        self.buf[: len(MAGIC) + SECRET_BYTES] = MAGIC + secret
         self.fd = fd
         self.name = f"{PREFIX}{os.getpid()}-{fd}-{secret.hex()}"
 
@@ -137,7 +149,7 @@ class Segment:
                 os.close(fd)
             except OSError:
                 pass
-        self.buf = None     # the mapping closes when the last array viewing it is freed
+        self.buf = None  # the mapping closes when the last array viewing it is freed
 
     @property
     def closed(self) -> bool:
@@ -155,7 +167,7 @@ def header_matches(header: bytes, secret_hex: str) -> bool:
         want = MAGIC + bytes.fromhex(secret_hex)
     except ValueError:
         return False
-    return hmac.compare_digest(bytes(header[:len(want)]), want)
+    return hmac.compare_digest(bytes(header[: len(want)]), want)
 
 
 def share(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -175,7 +187,7 @@ def share(arrays: list[np.ndarray]) -> list[np.ndarray]:
     for i, a in enumerate(arrays):
         a = np.asarray(a)
         dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-        copy = raw[offsets[i]:offsets[i] + a.nbytes].view(dtype).reshape(a.shape)
+        copy = raw[offsets[i] : offsets[i] + a.nbytes].view(dtype).reshape(a.shape)
         copy[...] = a
         out.append(copy)
     return out

@@ -4,6 +4,7 @@ Its ops live in ``gradmesh.core.functional`` and ``gradmesh.core.ops``; the meth
 call them with the same name and signature (``x.exp()``, ``x.sum(dim)``) are generated
 from the registry's ``@public(method=True)`` declarations at the end of the class.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -29,7 +30,6 @@ def _share(tensors: Sequence["Tensor"]) -> None:
         t._data = a
 
 
-
 class Tensor:
     """A multi-dimensional array that can record the ops applied to it for autograd.
 
@@ -40,22 +40,29 @@ class Tensor:
     tensor([2., 4.])
     """
 
-    __slots__ = ("_data", "requires_grad", "_grad", "grad_fn", "_retains_grad", "_history",
-                 "__weakref__")
-    __array_priority__ = 1000        # ndarray * Tensor -> Tensor.__rmul__
-    _data: Any                       # a numpy.ndarray or a cupy.ndarray
+    __slots__ = (
+        "_data",
+        "requires_grad",
+        "_grad",
+        "grad_fn",
+        "_retains_grad",
+        "_history",
+        "__weakref__",
+    )
+    __array_priority__ = 1000  # ndarray * Tensor -> Tensor.__rmul__
+    _data: Any  # a numpy.ndarray or a cupy.ndarray
     requires_grad: builtins.bool
     _grad: Tensor | None
     grad_fn: Node | None
     _retains_grad: builtins.bool
-    _history: list | None         # see autograd._edge
+    _history: list | None  # see autograd._edge
 
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
             data = data._data
         elif not _is_array(data):
             data = np.asarray(data)
-        dtypes.from_numpy(data.dtype)       # reject unsupported dtypes early
+        dtypes.from_numpy(data.dtype)  # reject unsupported dtypes early
         self._data = data
         self.requires_grad = bool(requires_grad)
         self._grad = None
@@ -63,8 +70,9 @@ class Tensor:
         self._retains_grad = False
         self._history = None
         if requires_grad and not self.dtype.is_floating_point:
-            raise RuntimeError(f"only tensors of floating point dtype can require gradients, "
-                               f"got {self.dtype}")
+            raise RuntimeError(
+                f"only tensors of floating point dtype can require gradients, got {self.dtype}"
+            )
 
     @classmethod
     def _wrap(cls, array, requires_grad: bool = False) -> "Tensor":
@@ -150,18 +158,29 @@ class Tensor:
     def mT(self) -> "Tensor":
         n = self._data.ndim
         if n < 2:
-            return F.transpose(self, -2, -1)        # raises torch's error
+            return F.transpose(self, -2, -1)  # raises torch's error
         dims = list(range(n))
         dims[-2], dims[-1] = n - 1, n - 2
         return dispatch.apply(REGISTRY["permute"], (self,), {"dims": dims})
 
     # -- autograd --------------------------------------------------------------------------
-    def backward(self, gradient=None, retain_graph: bool | None = None,
-                 create_graph: bool = False, inputs=None) -> None:
+    def backward(
+        self,
+        gradient=None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        inputs=None,
+    ) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad``."""
         if inputs is not None:
-            grads = autograd.grad(self, inputs, gradient, retain_graph=retain_graph,
-                                  create_graph=create_graph, allow_unused=True)
+            grads = autograd.grad(
+                self,
+                inputs,
+                gradient,
+                retain_graph=retain_graph,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
             for t, g in zip(inputs, grads):
                 if g is not None:
                     t.grad = g if t.grad is None else t.grad + g
@@ -186,11 +205,14 @@ class Tensor:
 
     def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
         if not self.is_leaf:
-            raise RuntimeError("you can only change requires_grad flags of leaf variables; "
-                               "use .detach().requires_grad_() for a new leaf")
+            raise RuntimeError(
+                "you can only change requires_grad flags of leaf variables; "
+                "use .detach().requires_grad_() for a new leaf"
+            )
         if requires_grad and not self.dtype.is_floating_point:
-            raise RuntimeError(f"only tensors of floating point dtype can require gradients, "
-                               f"got {self.dtype}")
+            raise RuntimeError(
+                f"only tensors of floating point dtype can require gradients, got {self.dtype}"
+            )
         self.requires_grad = requires_grad
         return self
 
@@ -235,8 +257,10 @@ class Tensor:
     def numpy(self, force: bool = False) -> np.ndarray:
         """The data as a NumPy array; shares memory with a CPU tensor."""
         if self.requires_grad and not force:
-            raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
-                               "Use tensor.detach().numpy() instead.")
+            raise RuntimeError(
+                "Can't call numpy() on Tensor that requires grad. "
+                "Use tensor.detach().numpy() instead."
+            )
         return backend.to_numpy(self._data)
 
     def __array__(self, dtype=None, copy=None):
@@ -245,8 +269,10 @@ class Tensor:
         a = self._data
         needs_copy = type(a) is not _ndarray or (dtype is not None and np.dtype(dtype) != a.dtype)
         if copy is False and needs_copy:
-            raise ValueError(f"Unable to avoid copy while creating an array as requested "
-                             f"(a {self.device} tensor of dtype {self.dtype.name})")
+            raise ValueError(
+                f"Unable to avoid copy while creating an array as requested "
+                f"(a {self.device} tensor of dtype {self.dtype.name})"
+            )
         a = backend.to_numpy(a)
         if dtype is not None:
             a = a.astype(dtype, copy=False)
@@ -255,8 +281,7 @@ class Tensor:
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
         """DLPack export (``torch.from_dlpack(t)``, ``np.from_dlpack(t)``): shares memory."""
         if self.requires_grad:
-            raise RuntimeError("Can't export tensors that require gradient, use "
-                               "tensor.detach()")
+            raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
         kwargs = {"stream": stream} if stream is not None else {}
         if max_version is not None:
             kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
@@ -267,8 +292,9 @@ class Tensor:
 
     def item(self):
         if self.numel() != 1:
-            raise RuntimeError(f"a Tensor with {self.numel()} elements cannot be converted to "
-                               f"Scalar")
+            raise RuntimeError(
+                f"a Tensor with {self.numel()} elements cannot be converted to Scalar"
+            )
         return self._data.reshape(()).item()
 
     def tolist(self):
@@ -305,7 +331,7 @@ class Tensor:
         for a in args:
             if isinstance(a, Tensor):
                 dtype, device = a.dtype, a.device
-            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):    # or a device
+            elif isinstance(a, str) and a.split(":")[0] in ("cpu", "cuda"):  # or a device
                 device = a
             else:
                 dtype = a
@@ -363,9 +389,13 @@ class Tensor:
         tracer = graph_tracer()
         if tracer is not None:
             o = other if record else _detached(other)
-            tracer.inplace(name, self, lambda t: new_value(t, o),
-                           untraced(tracer, self._inplace, name, other, new_value, eager),
-                           recorded=record)
+            tracer.inplace(
+                name,
+                self,
+                lambda t: new_value(t, o),
+                untraced(tracer, self._inplace, name, other, new_value, eager),
+                recorded=record,
+            )
             return self
         if record:
             return self._recorded_inplace(new_value, other)
@@ -377,29 +407,35 @@ class Tensor:
         if not is_grad_enabled():
             return False
         if self.requires_grad and self.grad_fn is None:
-            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
-                               "operation; wrap the update in `with gradmesh.no_grad():`")
+            raise RuntimeError(
+                "a leaf Variable that requires grad is being used in an in-place "
+                "operation; wrap the update in `with gradmesh.no_grad():`"
+            )
         return self.requires_grad or (isinstance(other, Tensor) and other.requires_grad)
 
     def _recorded_inplace(self, new_value, other) -> "Tensor":
         """Write ``new_value(old self, other)`` into this tensor's storage and make its node
         the tensor's history, as torch rebases an in-place op's result."""
         if self.grad_fn is not None and self._data.base is not None:
-            raise RuntimeError(f"an in-place operation on a view (output of "
-                               f"{self.grad_fn.name()}) of a tensor that requires grad is not "
-                               f"supported; use the out-of-place op, or .clone() the view first")
+            raise RuntimeError(
+                f"an in-place operation on a view (output of "
+                f"{self.grad_fn.name()}) of a tensor that requires grad is not "
+                f"supported; use the out-of-place op, or .clone() the view first"
+            )
         # The old value as its own tensor: the new node may save it.
         old = Tensor._wrap(self._data.copy(), self.requires_grad)
         old.grad_fn = self.grad_fn
-        bump_version(self._data)        # before the new node, which saves the new version
+        bump_version(self._data)  # before the new node, which saves the new version
         # Nodes made before keep reaching the old history through this tensor.
         past = (_version_clock(), self.grad_fn, self.requires_grad)
         self._history = [past] if self._history is None else self._history + [past]
         new = new_value(old, old if other is self else other)
         if new.dtype is not self.dtype:
             if self.dtype.is_floating_point < new.dtype.is_floating_point:
-                raise RuntimeError(f"result type {new.dtype.name} can't be cast to the desired "
-                                   f"output type {self.dtype.name}")
+                raise RuntimeError(
+                    f"result type {new.dtype.name} can't be cast to the desired "
+                    f"output type {self.dtype.name}"
+                )
             new = new.to(self.dtype)
         self._data[...] = new._data
         node = new.grad_fn
@@ -419,11 +455,13 @@ class Tensor:
     def zero_(self) -> "Tensor":
         def eager() -> None:
             self._data[...] = 0
+
         return self._inplace("zero_", None, lambda t, _: _filled(t, 0), eager)
 
     def fill_(self, value) -> "Tensor":
         def eager() -> None:
             self._data[...] = self._operand(value)
+
         return self._inplace("fill_", value, _filled, eager)
 
     def copy_(self, src) -> "Tensor":
@@ -431,12 +469,14 @@ class Tensor:
             s = src._data if isinstance(src, Tensor) else np.asarray(src)
             xp = backend.xp_of(self._data)
             self._data[...] = s if backend.xp_of(s) is xp else xp.asarray(backend.to_numpy(s))
+
         return self._inplace("copy_", src, _filled, eager)
 
     def add_(self, other, alpha=1) -> "Tensor":
         def eager() -> None:
             o = self._operand(other)
             self._data += o if alpha == 1 else alpha * o
+
         # A number is scaled in Python, a tensor by the add op's alpha.
         if isinstance(other, Tensor):
             return self._inplace("add_", other, lambda t, o: F.add(t, o, alpha=alpha), eager)
@@ -453,16 +493,19 @@ class Tensor:
     def mul_(self, other) -> "Tensor":
         def eager() -> None:
             self._data *= self._operand(other)
+
         return self._inplace("mul_", other, F.mul, eager)
 
     def div_(self, other) -> "Tensor":
         def eager() -> None:
             self._data /= self._operand(other)
+
         return self._inplace("div_", other, F.div, eager)
 
     def clamp_(self, min=None, max=None) -> "Tensor":
         def eager() -> None:
             backend.xp_of(self._data).clip(self._data, min, max, out=self._data)
+
         lo, hi = _detached(min), _detached(max)
         return self._inplace("clamp_", None, lambda t, _: F.clamp(t, lo, hi), eager)
 
@@ -569,9 +612,11 @@ class Tensor:
         tracer = graph_tracer()
         if tracer is not None:
             if record:
-                raise RuntimeError("t[index] = value: a traced graph cannot assign into a "
-                                   "tensor that requires grad (or a value that does); use "
-                                   "where or index_put out of place")
+                raise RuntimeError(
+                    "t[index] = value: a traced graph cannot assign into a "
+                    "tensor that requires grad (or a value that does); use "
+                    "where or index_put out of place"
+                )
             # Traced as a write to the view of the basic part of the index (ints, slices),
             # with index_put for the advanced part (index tensors, masks).
             view, advanced = F._basic_index(self, index)
@@ -580,10 +625,17 @@ class Tensor:
                 values = _value_like(value, v)
                 if not advanced:
                     return _filled(v, values)
-                return REGISTRY["index_put"](v, values, *[i for _, i in advanced],
-                                             dims=[d for d, _ in advanced], accumulate=False)
-            _traced_inplace(tracer, "t[index] = value", view, new_value, Tensor.__setitem__,
-                            self, index, value)
+                return REGISTRY["index_put"](
+                    v,
+                    values,
+                    *[i for _, i in advanced],
+                    dims=[d for d, _ in advanced],
+                    accumulate=False,
+                )
+
+            _traced_inplace(
+                tracer, "t[index] = value", view, new_value, Tensor.__setitem__, self, index, value
+            )
             return
         index = _array_index(index)
         if record:
@@ -592,12 +644,11 @@ class Tensor:
         self._data[index] = value._data if isinstance(value, Tensor) else value
         bump_version(self._data)
 
-
-
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
-        body = np.array2string(backend.to_numpy(self._data), separator=", ", precision=4,
-                               prefix="tensor(")
+        body = np.array2string(
+            backend.to_numpy(self._data), separator=", ", precision=4, prefix="tensor("
+        )
         extra = []
         if self.dtype not in (dtypes.float32, dtypes.int64, dtypes.bool_) or self.numel() == 0:
             extra.append(f"dtype={self.dtype}")
@@ -628,8 +679,9 @@ class Tensor:
         """See ``gradmesh.core.all``."""
         return F.all(self, dim, keepdim)
 
-    def allclose(self, b: Tensor, rtol: builtins.float = 1e-05,
-            atol: builtins.float = 1e-08) -> builtins.bool:
+    def allclose(
+        self, b: Tensor, rtol: builtins.float = 1e-05, atol: builtins.float = 1e-08
+    ) -> builtins.bool:
         """See ``gradmesh.core.allclose``."""
         return F.allclose(self, b, rtol, atol)
 
@@ -653,8 +705,12 @@ class Tensor:
         """See ``gradmesh.core.argmin``."""
         return F.argmin(self, dim, keepdim)
 
-    def argsort(self, dim: builtins.int = -1, descending: builtins.bool = False,
-            stable: builtins.bool = False) -> Tensor:
+    def argsort(
+        self,
+        dim: builtins.int = -1,
+        descending: builtins.bool = False,
+        stable: builtins.bool = False,
+    ) -> Tensor:
         """See ``gradmesh.core.argsort``."""
         return F.argsort(self, dim, descending, stable)
 
@@ -730,7 +786,7 @@ class Tensor:
         """See ``gradmesh.core.ge``."""
         return F.ge(self, b)
 
-    def gelu(self, approximate: str = 'none') -> Tensor:
+    def gelu(self, approximate: str = "none") -> Tensor:
         """See ``gradmesh.core.gelu``."""
         return F.gelu(self, approximate)
 
@@ -746,8 +802,9 @@ class Tensor:
         """See ``gradmesh.core.index_select``."""
         return F.index_select(self, dim, index)
 
-    def isclose(self, b: Tensor, rtol: builtins.float = 1e-05,
-            atol: builtins.float = 1e-08) -> Tensor:
+    def isclose(
+        self, b: Tensor, rtol: builtins.float = 1e-05, atol: builtins.float = 1e-08
+    ) -> Tensor:
         """See ``gradmesh.core.isclose``."""
         return F.isclose(self, b, rtol, atol)
 
@@ -851,7 +908,7 @@ class Tensor:
         """See ``gradmesh.core.nonzero``."""
         return F.nonzero(self, as_tuple)
 
-    def norm(self, p='fro', dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
+    def norm(self, p="fro", dim=None, keepdim: builtins.bool = False, dtype=None) -> Tensor:
         """See ``gradmesh.core.norm``."""
         return F.norm(self, p, dim, keepdim, dtype)
 
@@ -867,8 +924,9 @@ class Tensor:
         """See ``gradmesh.core.pow``."""
         return F.pow(self, exponent)
 
-    def prod(self, dim: builtins.int | None = None, keepdim: builtins.bool = False,
-            dtype=None) -> Tensor:
+    def prod(
+        self, dim: builtins.int | None = None, keepdim: builtins.bool = False, dtype=None
+    ) -> Tensor:
         """See ``gradmesh.core.prod``."""
         return F.prod(self, dim, keepdim, dtype)
 
@@ -928,8 +986,12 @@ class Tensor:
         """See ``gradmesh.core.softplus``."""
         return F.softplus(self, beta, threshold)
 
-    def sort(self, dim: builtins.int = -1, descending: builtins.bool = False,
-            stable: builtins.bool = False):
+    def sort(
+        self,
+        dim: builtins.int = -1,
+        descending: builtins.bool = False,
+        stable: builtins.bool = False,
+    ):
         """See ``gradmesh.core.sort``."""
         return F.sort(self, dim, descending, stable)
 
@@ -949,8 +1011,14 @@ class Tensor:
         """See ``gradmesh.core.squeeze``."""
         return F.squeeze(self, dim)
 
-    def std(self, dim=None, unbiased: builtins.bool | None = None, keepdim: builtins.bool = False,
-            *, correction: builtins.float | None = None) -> Tensor:
+    def std(
+        self,
+        dim=None,
+        unbiased: builtins.bool | None = None,
+        keepdim: builtins.bool = False,
+        *,
+        correction: builtins.float | None = None,
+    ) -> Tensor:
         """See ``gradmesh.core.std``."""
         return F.std(self, dim, unbiased, keepdim, correction=correction)
 
@@ -970,8 +1038,13 @@ class Tensor:
         """See ``gradmesh.core.tanh``."""
         return F.tanh(self)
 
-    def topk(self, k: builtins.int, dim: builtins.int = -1, largest: builtins.bool = True,
-            sorted: builtins.bool = True):
+    def topk(
+        self,
+        k: builtins.int,
+        dim: builtins.int = -1,
+        largest: builtins.bool = True,
+        sorted: builtins.bool = True,
+    ):
         """See ``gradmesh.core.topk``."""
         return F.topk(self, k, dim, largest, sorted)
 
@@ -999,8 +1072,14 @@ class Tensor:
         """See ``gradmesh.core.unsqueeze``."""
         return F.unsqueeze(self, dim)
 
-    def var(self, dim=None, unbiased: builtins.bool | None = None, keepdim: builtins.bool = False,
-            *, correction: builtins.float | None = None) -> Tensor:
+    def var(
+        self,
+        dim=None,
+        unbiased: builtins.bool | None = None,
+        keepdim: builtins.bool = False,
+        *,
+        correction: builtins.float | None = None,
+    ) -> Tensor:
         """See ``gradmesh.core.var``."""
         return F.var(self, dim, unbiased, keepdim, correction=correction)
 
@@ -1015,6 +1094,7 @@ class Tensor:
     def where(self, a, b) -> Tensor:
         """See ``gradmesh.core.where``."""
         return F.where(self, a, b)
+
     # END GENERATED METHODS
 
 
@@ -1029,13 +1109,14 @@ _NON_LEAF_GRAD = (
     "attribute won't be populated during autograd.backward(). If you indeed want the .grad "
     "field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor. "
     "If you access the non-leaf Tensor by mistake, make sure you access the leaf Tensor "
-    "instead.")
+    "instead."
+)
 
 
 def _is_array(x) -> bool:
-    return type(x) is np.ndarray or (backend._cupy is not None and
-                                     isinstance(x, backend._cupy.ndarray))
-
+    return type(x) is np.ndarray or (
+        backend._cupy is not None and isinstance(x, backend._cupy.ndarray)
+    )
 
 
 def _traced_inplace(tracer, name: str, target: Tensor, new_value, method, *args) -> Tensor:
@@ -1087,9 +1168,9 @@ def _assigned(t: Tensor, value, index) -> Tensor:
     else:
         value = _value_like(value, t)
     values = F.reshape(F.expand(value, *positions.shape), (-1,))
-    flat = REGISTRY["index_put"](F.reshape(t, (-1,)), values,
-                                 Tensor._wrap(positions.reshape(-1)), dims=[0],
-                                 accumulate=False)
+    flat = REGISTRY["index_put"](
+        F.reshape(t, (-1,)), values, Tensor._wrap(positions.reshape(-1)), dims=[0], accumulate=False
+    )
     return F.reshape(flat, t.shape)
 
 
@@ -1098,7 +1179,7 @@ def _filled(t: Tensor, value) -> Tensor:
     ``where`` on a true condition, which keeps ``t``'s (batch) shape out of the graph."""
     true = Tensor._wrap(backend.xp_of(t._data).asarray(True))
     if isinstance(value, Tensor) and value.requires_grad and is_grad_enabled():
-        value = value.to(t.dtype)       # fill_/copy_ from a tensor with gradient keep it
+        value = value.to(t.dtype)  # fill_/copy_ from a tensor with gradient keep it
     else:
         value = _value_like(value, t)
     return F.where(true, value, t)
@@ -1106,7 +1187,8 @@ def _filled(t: Tensor, value) -> Tensor:
 
 # Last, as they build on Tensor (cycles: each of them imports this module). The Tensor
 # class and _is_array are defined by now, which is all that the others import from here.
-from . import autograd, dispatch, functional as F  # noqa: E402
+from . import autograd, dispatch  # noqa: E402
+from . import functional as F
 from .autograd import Node, bump_version, is_grad_enabled, version_of  # noqa: E402
 from .autograd import clock as _version_clock  # noqa: E402
 from .registry import REGISTRY  # noqa: E402

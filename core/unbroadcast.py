@@ -1,6 +1,7 @@
 """Gradients of broadcasting ops summed back to their inputs' shapes: the one place it is
 done. The engine calls ``unbroadcast`` for ops declared ``broadcast=True``; a vjp that
 broadcasts internally (``matmul``'s batch dims) calls ``sum_to``."""
+
 from __future__ import annotations
 
 from . import functional as F

@@ -8,6 +8,7 @@ Used by the compose healthchecks and, where a server listens with TLS (which the
 native gRPC probe cannot speak), by Kubernetes exec probes. Health checks need no bearer
 token: the servers let them through unauthenticated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="CA bundle (PEM) to verify the server with; turns on TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM), for servers that want mTLS")
     p.add_argument("--tls-key", help="client private key (PEM)")
-    p.add_argument("--server-name", help="name the server certificate is issued to, when it "
-                                          "does not cover --host")
+    p.add_argument(
+        "--server-name",
+        help="name the server certificate is issued to, when it does not cover --host",
+    )
     return p
 
 
@@ -35,21 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     target = f"{args.host}:{args.port}"
     if args.tls_ca:
+
         def read(path):
             with open(path, "rb") as f:
                 return f.read()
+
         creds = grpc.ssl_channel_credentials(
-            read(args.tls_ca), read(args.tls_key) if args.tls_key else None,
-            read(args.tls_cert) if args.tls_cert else None)
-        options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name \
-            else []
+            read(args.tls_ca),
+            read(args.tls_key) if args.tls_key else None,
+            read(args.tls_cert) if args.tls_cert else None,
+        )
+        options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
         channel = grpc.secure_channel(target, creds, options=options)
     else:
         channel = grpc.insecure_channel(target)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as e:
             print(f"{target}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -8,6 +8,7 @@ Each subcommand lives in its own module, which provides ``add_arguments(parser)`
 ``run(args) -> int``; it is imported only when used, so ``gradmesh worker`` never loads
 the demo's plotting libraries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,11 @@ DESCRIPTION = "gradmesh: distributed gradient computation, one command per role.
 
 def _debug(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("GRADMESH_DEBUG", "").strip().lower() in (
-        "1", "true", "yes", "on")
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
 
 
 def _known_error(exc: BaseException) -> int | None:
@@ -64,21 +69,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return code
         logging.getLogger("gradmesh").debug("unexpected error", exc_info=e)
-        print(f"error: unexpected {type(e).__name__}: {e}\n(a bug in gradmesh; run again "
-              f"with --debug or GRADMESH_DEBUG=1 for the traceback"
-              f"{', shown above' if debug else ''}; server logs are on stderr)",
-              file=sys.stderr)
+        print(
+            f"error: unexpected {type(e).__name__}: {e}\n(a bug in gradmesh; run again "
+            f"with --debug or GRADMESH_DEBUG=1 for the traceback"
+            f"{', shown above' if debug else ''}; server logs are on stderr)",
+            file=sys.stderr,
+        )
         return 1
 
 
 def _main(argv: list[str]) -> int:
     # -h after a command belongs to that command's own parser, built below.
-    parser = argparse.ArgumentParser(prog="gradmesh", description=DESCRIPTION,
-                                     add_help=False)
+    parser = argparse.ArgumentParser(prog="gradmesh", description=DESCRIPTION, add_help=False)
     parser.add_argument("-h", "--help", action="store_true", help="show this help")
     parser.add_argument("--version", action="version", version=f"gradmesh {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (also GRADMESH_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also GRADMESH_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
@@ -89,12 +98,13 @@ def _main(argv: list[str]) -> int:
         parser.print_help()
         return 0 if args.help else 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    p = argparse.ArgumentParser(prog=f"gradmesh {args.command}",
-                                description=COMMANDS[args.command][1])
+    p = argparse.ArgumentParser(
+        prog=f"gradmesh {args.command}", description=COMMANDS[args.command][1]
+    )
     module.add_arguments(p)
-    rest = argv[argv.index(args.command) + 1:]
+    rest = argv[argv.index(args.command) + 1 :]
     if args.help and "-h" not in rest and "--help" not in rest:
-        rest = ["--help"]           # "gradmesh -h worker" asks for the worker's help too
+        rest = ["--help"]  # "gradmesh -h worker" asks for the worker's help too
     sub_args = p.parse_args(rest)
     if args.command in SERVERS:
         runtime.steady_heap()

@@ -5,10 +5,10 @@
 The generated *_pb2.py, *_pb2_grpc.py and *.pyi files are committed next to the .proto
 files; tests/wire/test_protos.py fails when they are stale.
 """
+
 from __future__ import annotations
 
 import pathlib
-import re
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -17,15 +17,21 @@ PROTO_DIR = HERE / "gradmesh" / "v1"
 
 def generate(out_dir: pathlib.Path = PROTO_DIR) -> list[pathlib.Path]:
     """Run grpcio-tools' protoc into ``out_dir``; returns the files written."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(PROTO_DIR.glob("*.proto"))
     tmp = out_dir / "_gen"
     tmp.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-            f"--grpc_python_out={tmp}"] + [str(p.relative_to(HERE)) for p in protos]
+    args = [
+        "protoc",
+        f"-I{HERE}",
+        f"-I{include}",
+        f"--python_out={tmp}",
+        f"--pyi_out={tmp}",
+        f"--grpc_python_out={tmp}",
+    ] + [str(p.relative_to(HERE)) for p in protos]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
     written = []
@@ -37,6 +43,7 @@ def generate(out_dir: pathlib.Path = PROTO_DIR) -> list[pathlib.Path]:
         target.write_text(text)
         written.append(target)
     import shutil
+
     shutil.rmtree(tmp)
     return written
 

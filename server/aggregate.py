@@ -13,13 +13,13 @@ single-process reference run (tests/cluster/test_determinism.py) compute exactly
 >>> place({"a": 8, "b": 4, "c": 4}, 2)
 {'a': 0, 'b': 1, 'c': 1}
 """
+
 from __future__ import annotations
 
 import hashlib
 from typing import Any, Callable, Sequence
 
-__all__ = ["micro_batches", "loss_scales", "micro_batch_seed", "tree_sum", "TreeSum",
-           "place"]
+__all__ = ["micro_batches", "loss_scales", "micro_batch_seed", "tree_sum", "TreeSum", "place"]
 
 
 def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
@@ -31,8 +31,10 @@ def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    return [(start, min(start + micro_batch_size, batch_size))
-            for start in range(0, batch_size, micro_batch_size)]
+    return [
+        (start, min(start + micro_batch_size, batch_size))
+        for start in range(0, batch_size, micro_batch_size)
+    ]
 
 
 def loss_scales(batch_size: int, micro_batch_size: int) -> list[float]:
@@ -43,8 +45,9 @@ def loss_scales(batch_size: int, micro_batch_size: int) -> list[float]:
     The weights are Python floats (doubles): the worker multiplies by them in the graph's
     dtype, the same way for every worker.
     """
-    return [(stop - start) / batch_size
-            for start, stop in micro_batches(batch_size, micro_batch_size)]
+    return [
+        (stop - start) / batch_size for start, stop in micro_batches(batch_size, micro_batch_size)
+    ]
 
 
 def micro_batch_seed(job_id: str, step_id: int, micro_batch: int) -> int:

@@ -12,6 +12,7 @@ checkpoint or the new one, never a torn file.
 >>> meta["version"], arrays["w"].tolist()
 (3, [1.0, 1.0])
 """
+
 from __future__ import annotations
 
 import io
@@ -88,7 +89,7 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 # ------------------------------------------------------------------ write-ahead logs -----
 
 _MAGIC = b"GMLR"
-_HEAD = struct.Struct("<4sIQI")           # magic, header bytes, payload bytes, CRC-32
+_HEAD = struct.Struct("<4sIQI")  # magic, header bytes, payload bytes, CRC-32
 
 
 class RecordLog:
@@ -106,8 +107,8 @@ class RecordLog:
 
     def __init__(self, path: str, sync: bool = True):
         self.path = path
-        self.sync = sync                # False: flushed, not fsynced (survives SIGKILL,
-        self.bytes_written = 0          # not a power cut)
+        self.sync = sync  # False: flushed, not fsynced (survives SIGKILL,
+        self.bytes_written = 0  # not a power cut)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         good = 0
@@ -138,7 +139,7 @@ class RecordLog:
                 header = json.loads(body[:hlen].decode())
                 arrays = {}
                 for name, dtype, shape, offset, nbytes in header["arrays"]:
-                    raw = body[hlen + offset:hlen + offset + nbytes]
+                    raw = body[hlen + offset : hlen + offset + nbytes]
                     arrays[name] = np.frombuffer(raw, np.dtype(dtype)).reshape(shape).copy()
             except (ValueError, KeyError, TypeError):
                 return

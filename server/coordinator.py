@@ -6,6 +6,7 @@ coordinator.proto (decode, call, encode); :func:`start` runs one in this process
 The parts: :mod:`.jobs` (jobs and steps), :mod:`.dispatch` (micro-batches over workers),
 :mod:`.workers` (the worker pool), :mod:`.shard` (the parameter shards).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ DEFAULT_PORT = 50053
 
 # ====================================================================== the service ======
 
+
 def _decode_named(items, field: str, max_elements: int | None) -> dict[str, np.ndarray]:
     out = {}
     for k, nt in enumerate(items):
@@ -54,8 +56,9 @@ def _decode_named(items, field: str, max_elements: int | None) -> dict[str, np.n
             raise ServiceError(INVALID, "every tensor needs a name", f"{field}[{k}].name")
         if nt.name in out:
             raise ServiceError(INVALID, f"{nt.name!r} is given twice", f"{field}[{nt.name}]")
-        out[nt.name] = serialize.from_proto(nt.tensor, field=f"{field}[{nt.name}]",
-                                            max_elements=max_elements)
+        out[nt.name] = serialize.from_proto(
+            nt.tensor, field=f"{field}[{nt.name}]", max_elements=max_elements
+        )
     return out
 
 
@@ -74,12 +77,15 @@ class CoordinatorServicer:
             # parameters' bytes (a header may promise gigabytes for a 3 x 2 parameter).
             self.c.check_create_header(first.create_job)
         frames = itertools.chain([first] if first is not None else [], request_iterator)
-        header, params = receive_frames(frames, "create_job", self.max_stream_bytes,
-                                        self.c.max_elements)
-        job = self.c.create_job(header.job_id, header.graph, params, header.optimizer,
-                                header.micro_batch_size)
-        return pb.CreateJobResponse(job_id=job.job_id, graph_id=job.graph_id,
-                                    version=job.version, placement=job.placement)
+        header, params = receive_frames(
+            frames, "create_job", self.max_stream_bytes, self.c.max_elements
+        )
+        job = self.c.create_job(
+            header.job_id, header.graph, params, header.optimizer, header.micro_batch_size
+        )
+        return pb.CreateJobResponse(
+            job_id=job.job_id, graph_id=job.graph_id, version=job.version, placement=job.placement
+        )
 
     def Step(self, request, context):
         batch = _decode_named(request.batch, "batch", self.c.max_elements)
@@ -102,8 +108,9 @@ class CoordinatorServicer:
     def RegisterWorker(self, request, context):
         pb = coordinator_pb2
         w = self.c.workers.register(request.address)
-        return pb.RegisterWorkerResponse(worker_id=w.worker_id,
-                                         heartbeat_interval_seconds=HEARTBEAT_SECONDS)
+        return pb.RegisterWorkerResponse(
+            worker_id=w.worker_id, heartbeat_interval_seconds=HEARTBEAT_SECONDS
+        )
 
     def Heartbeat(self, request, context):
         return coordinator_pb2.HeartbeatResponse(known=self.c.workers.heartbeat(request.worker_id))
@@ -111,14 +118,25 @@ class CoordinatorServicer:
 
 # ====================================================================== starting =========
 
+
 def _split(value: str | None) -> list[str]:
     return [x.strip() for x in (value or "").split(",") if x.strip()]
 
 
-def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_shards: int = 1,
-          state_dir: str | None = None, checkpoint_every: int = 10, deadline: float = 30.0,
-          worker_timeout: float = 300.0, shared_memory: bool = True, config=None, peer=None,
-          **config_kw):
+def start(
+    *,
+    workers: Sequence[str] = (),
+    shards: Sequence[str] = (),
+    embedded_shards: int = 1,
+    state_dir: str | None = None,
+    checkpoint_every: int = 10,
+    deadline: float = 30.0,
+    worker_timeout: float = 300.0,
+    shared_memory: bool = True,
+    config=None,
+    peer=None,
+    **config_kw,
+):
     """Start a coordinator server in this process (tests, embedding).
 
     ``shards``: addresses of shard servers; without them ``embedded_shards`` shards run in
@@ -129,21 +147,41 @@ def start(*, workers: Sequence[str] = (), shards: Sequence[str] = (), embedded_s
     """
     config = config or ServerConfig(**config_kw)
     peer = peer or PeerConfig(None, config.token)
-    pool = WorkerPool(workers, timeout=worker_timeout, token=peer.token,
-                      max_message_bytes=config.max_message_bytes, tls=peer.tls,
-                      shared_memory=shared_memory)
+    pool = WorkerPool(
+        workers,
+        timeout=worker_timeout,
+        token=peer.token,
+        max_message_bytes=config.max_message_bytes,
+        tls=peer.tls,
+        shared_memory=shared_memory,
+    )
     if shards:
-        handles = [RemoteShard(a, token=peer.token, tls=peer.tls,
-                               max_message_bytes=config.max_message_bytes) for a in shards]
+        handles = [
+            RemoteShard(
+                a, token=peer.token, tls=peer.tls, max_message_bytes=config.max_message_bytes
+            )
+            for a in shards
+        ]
     else:
-        handles = [EmbeddedShard(ShardStore(os.path.join(state_dir, "shards", str(i))
-                                            if state_dir else None), name=f"embedded-{i}")
-                   for i in range(embedded_shards)]
+        handles = [
+            EmbeddedShard(
+                ShardStore(os.path.join(state_dir, "shards", str(i)) if state_dir else None),
+                name=f"embedded-{i}",
+            )
+            for i in range(embedded_shards)
+        ]
     coordinator = Coordinator(pool, handles, state_dir, checkpoint_every, deadline)
     try:
-        running = serve(config, [(coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
-                                  CoordinatorServicer(coordinator),
-                                  "gradmesh.v1.Coordinator")])
+        running = serve(
+            config,
+            [
+                (
+                    coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+                    CoordinatorServicer(coordinator),
+                    "gradmesh.v1.Coordinator",
+                )
+            ],
+        )
     except Exception:
         coordinator.close()
         raise
@@ -157,33 +195,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_peer_arguments(parser, "workers and shards")
     d = env_default
     g = parser.add_argument_group("coordinator")
-    g.add_argument("--workers", default=d("workers", ""),
-                   help="static workers, host:port,... (workers may also register)")
-    g.add_argument("--shards", default=d("shards", ""),
-                   help="shard servers, host:port,...; default: shards inside this process")
-    g.add_argument("--embedded-shards", type=int, default=d("embedded-shards", 1),
-                   help="number of in-process shards when --shards is not given (default 1)")
-    g.add_argument("--state-dir", default=d("state-dir", None),
-                   help="checkpoint directory; the coordinator resumes from it on start")
-    g.add_argument("--checkpoint-every", type=int, default=d("checkpoint-every", 10),
-                   help="checkpoint every N steps (default 10; also on shutdown)")
-    g.add_argument("--micro-batch-deadline", type=float, default=d("micro-batch-deadline", 30.0),
-                   help="seconds before a running micro-batch is also given to an idle worker")
-    g.add_argument("--shared-memory", choices=("on", "off"), default=d("shared-memory", "on"),
-                   help="pass tensors to workers on this host through shared memory "
-                        "(default on; docs/worker.md)")
-    g.add_argument("--worker-timeout", type=float, default=d("worker-timeout", 300.0),
-                   help="deadline of each call to a worker, in seconds")
+    g.add_argument(
+        "--workers",
+        default=d("workers", ""),
+        help="static workers, host:port,... (workers may also register)",
+    )
+    g.add_argument(
+        "--shards",
+        default=d("shards", ""),
+        help="shard servers, host:port,...; default: shards inside this process",
+    )
+    g.add_argument(
+        "--embedded-shards",
+        type=int,
+        default=d("embedded-shards", 1),
+        help="number of in-process shards when --shards is not given (default 1)",
+    )
+    g.add_argument(
+        "--state-dir",
+        default=d("state-dir", None),
+        help="checkpoint directory; the coordinator resumes from it on start",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d("checkpoint-every", 10),
+        help="checkpoint every N steps (default 10; also on shutdown)",
+    )
+    g.add_argument(
+        "--micro-batch-deadline",
+        type=float,
+        default=d("micro-batch-deadline", 30.0),
+        help="seconds before a running micro-batch is also given to an idle worker",
+    )
+    g.add_argument(
+        "--shared-memory",
+        choices=("on", "off"),
+        default=d("shared-memory", "on"),
+        help="pass tensors to workers on this host through shared memory "
+        "(default on; docs/worker.md)",
+    )
+    g.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=d("worker-timeout", 300.0),
+        help="deadline of each call to a worker, in seconds",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``gradmesh coordinator``: serve until SIGTERM, then checkpoint."""
     config = config_from_args(args)
     configure_logging(config)
-    for flag, bad, want in (("--checkpoint-every", args.checkpoint_every < 0, ">= 0"),
-                            ("--embedded-shards", args.embedded_shards < 1, ">= 1"),
-                            ("--micro-batch-deadline", not args.micro_batch_deadline > 0, "> 0"),
-                            ("--worker-timeout", not args.worker_timeout > 0, "> 0")):
+    for flag, bad, want in (
+        ("--checkpoint-every", args.checkpoint_every < 0, ">= 0"),
+        ("--embedded-shards", args.embedded_shards < 1, ">= 1"),
+        ("--micro-batch-deadline", not args.micro_batch_deadline > 0, "> 0"),
+        ("--worker-timeout", not args.worker_timeout > 0, "> 0"),
+    ):
         if bad:
             value = getattr(args, flag[2:].replace("-", "_"))
             print(f"error: {flag} must be {want}, got {value}", file=sys.stderr)
@@ -197,12 +266,18 @@ def run(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise ConfigError(f"--state-dir {args.state_dir}: {e.strerror or e}") from None
         peer = peer_config_from_args(args, config)
-        running = start(workers=workers, shards=shards,
-                        embedded_shards=args.embedded_shards, state_dir=args.state_dir,
-                        checkpoint_every=args.checkpoint_every,
-                        deadline=args.micro_batch_deadline,
-                        worker_timeout=args.worker_timeout,
-                        shared_memory=args.shared_memory == "on", config=config, peer=peer)
+        running = start(
+            workers=workers,
+            shards=shards,
+            embedded_shards=args.embedded_shards,
+            state_dir=args.state_dir,
+            checkpoint_every=args.checkpoint_every,
+            deadline=args.micro_batch_deadline,
+            worker_timeout=args.worker_timeout,
+            shared_memory=args.shared_memory == "on",
+            config=config,
+            peer=peer,
+        )
     except (ConfigError, checkpoint.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ elsewhere. ``accept`` runs once per micro-batch, for the first result: the shard
 late duplicate by its (job, step, micro-batch) key anyway, so which result counts does not
 change the step's bits (DESIGN §6-7).
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,23 +28,36 @@ __all__ = ["dispatch", "RETRYABLE"]
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 # Errors after which the same request may succeed on another worker or later.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.NOT_FOUND}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.NOT_FOUND,
+}
 
 
-def dispatch(pool: WorkerPool, n: int, compute: Callable[[WorkerHandle, int], Reply],
-             accept: Callable[[int, Reply], None], deadline: float) -> int:
+def dispatch(
+    pool: WorkerPool,
+    n: int,
+    compute: Callable[[WorkerHandle, int], Reply],
+    accept: Callable[[int, Reply], None],
+    deadline: float,
+) -> int:
     """Run micro-batches 0..n-1 over the pool's usable workers: ``compute(worker, m)``,
     then ``accept(m, result)`` for the first result of each. Returns how many were
     reassigned; raises ``ServiceError`` (or the ``WireError``/``GradmeshError`` that failed
     the step) when the step cannot complete."""
     workers = pool.usable()
     if not workers:
-        raise ServiceError(UNAVAILABLE, "no worker is available (none configured, "
-                           "registered or reachable); start workers and retry"
-                           + pool.unusable_reasons())
+        raise ServiceError(
+            UNAVAILABLE,
+            "no worker is available (none configured, "
+            "registered or reachable); start workers and retry" + pool.unusable_reasons(),
+        )
     return _Dispatch(pool, workers, n, compute, accept, deadline).run()
 
 
@@ -52,15 +66,22 @@ def _batch_field(worker_field: str | None) -> str:
     step's ``batch[x]``; anything else the worker refused (a value out of range for an
     op, a size over its limits) was caused by the batch too."""
     if worker_field and worker_field.startswith("data"):
-        return "batch" + worker_field[len("data"):]
+        return "batch" + worker_field[len("data") :]
     return "batch"
 
 
 class _Dispatch:
     """One step's dispatch; every field is guarded by ``cond``."""
 
-    def __init__(self, pool: WorkerPool, workers: list[WorkerHandle], n: int,
-                 compute: Callable, accept: Callable, deadline: float):
+    def __init__(
+        self,
+        pool: WorkerPool,
+        workers: list[WorkerHandle],
+        n: int,
+        compute: Callable,
+        accept: Callable,
+        deadline: float,
+    ):
         self.pool = pool
         self.workers = workers
         self.n = n
@@ -69,9 +90,9 @@ class _Dispatch:
         self.deadline = deadline
         self.cond = threading.Condition()
         self.queue = collections.deque(range(n))
-        self.running: dict[int, list] = {}      # micro-batch -> [(worker, start time)]
-        self.done: set[int] = set()             # micro-batches whose first result is claimed
-        self.pushed: set[int] = set()           # ... and accepted (pushed to the shards)
+        self.running: dict[int, list] = {}  # micro-batch -> [(worker, start time)]
+        self.done: set[int] = set()  # micro-batches whose first result is claimed
+        self.pushed: set[int] = set()  # ... and accepted (pushed to the shards)
         self.attempts = [0] * n
         self.error: BaseException | None = None
         self.reassigned = 0
@@ -81,9 +102,15 @@ class _Dispatch:
 
     def run(self) -> int:
         # Each lane runs in a copy of this context: its calls carry the request id.
-        threads = [threading.Thread(target=contextvars.copy_context().run,
-                                    args=(self.lane, w), daemon=True,
-                                    name=f"gradmesh-lane-{w.address}") for w in self.workers]
+        threads = [
+            threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(self.lane, w),
+                daemon=True,
+                name=f"gradmesh-lane-{w.address}",
+            )
+            for w in self.workers
+        ]
         for t in threads:
             t.start()
         with self.cond:
@@ -98,8 +125,9 @@ class _Dispatch:
         if error is not None:
             if isinstance(error, (ServiceError, WireError, GradmeshError)):
                 raise error
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"step failed: "
-                               f"{type(error).__name__}: {error}")
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"step failed: {type(error).__name__}: {error}"
+            )
         return self.reassigned
 
     def take(self, w: WorkerHandle) -> int | None:
@@ -113,9 +141,14 @@ class _Dispatch:
                     m = self.queue.popleft()
                     break
                 now = time.monotonic()
-                late = [m for m, runs in self.running.items() if m not in self.done
-                        and len(runs) < 2 and all(x is not w for x, _ in runs)
-                        and now - min(t for _, t in runs) > self.deadline]
+                late = [
+                    m
+                    for m, runs in self.running.items()
+                    if m not in self.done
+                    and len(runs) < 2
+                    and all(x is not w for x, _ in runs)
+                    and now - min(t for _, t in runs) > self.deadline
+                ]
                 if late:
                     m = late[0]
                     self.reassigned += 1
@@ -156,8 +189,10 @@ class _Dispatch:
                 self.active -= 1
                 if self.active == 0 and len(self.done) < self.n and self.error is None:
                     self.error = ServiceError(
-                        UNAVAILABLE, f"every worker failed; micro-batches "
-                        f"{sorted(set(range(self.n)) - self.done)[:20]} were not computed")
+                        UNAVAILABLE,
+                        f"every worker failed; micro-batches "
+                        f"{sorted(set(range(self.n)) - self.done)[:20]} were not computed",
+                    )
                 self.cond.notify_all()
 
     def _failed(self, w: WorkerHandle, m: int, e: GradmeshError) -> bool:
@@ -173,7 +208,8 @@ class _Dispatch:
                     self.error = ServiceError(
                         e.code if e.code not in RETRYABLE else UNAVAILABLE,
                         f"micro-batch {m} failed on worker {w.address}: {e.message}",
-                        None if e.code in RETRYABLE else _batch_field(e.field))
+                        None if e.code in RETRYABLE else _batch_field(e.field),
+                    )
                 else:
                     self.queue.appendleft(m)
                     self.reassigned += 1

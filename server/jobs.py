@@ -9,6 +9,7 @@ own them as soon as it arrives (so pushing overlaps the other micro-batches' com
 When every micro-batch is pushed, the shards apply the step; their fixed summation tree
 makes the result bit for bit independent of which worker did what.
 """
+
 from __future__ import annotations
 
 import base64
@@ -47,18 +48,18 @@ __all__ = ["Coordinator", "Job"]
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
-HISTORY = 1024                  # step results kept for idempotent replays
+HISTORY = 1024  # step results kept for idempotent replays
 
 
 @dataclass
 class Job:
     job_id: str
-    graph: Any                          # graph_pb2.Graph
+    graph: Any  # graph_pb2.Graph
     graph_id: str
-    param_names: list[str]              # the graph's PARAM inputs, in order
-    param_specs: dict[str, tuple]       # name -> (dtype name, shape)
-    data_inputs: list[Any]              # the graph's DATA inputs (graph_pb2.Input)
-    metric_names: list[str]             # extra outputs reported as metrics
+    param_names: list[str]  # the graph's PARAM inputs, in order
+    param_specs: dict[str, tuple]  # name -> (dtype name, shape)
+    data_inputs: list[Any]  # the graph's DATA inputs (graph_pb2.Input)
+    metric_names: list[str]  # extra outputs reported as metrics
     optimizer: dict
     micro_batch_size: int
     placement: dict[str, int]
@@ -67,8 +68,7 @@ class Job:
     samples: int = 0
     last_loss: float = 0.0
     error: str = ""
-    history: "collections.OrderedDict[int, bytes]" = field(
-        default_factory=collections.OrderedDict)
+    history: "collections.OrderedDict[int, bytes]" = field(default_factory=collections.OrderedDict)
     # SHA-256 of each kept step's batch: a step id re-sent with another batch is refused.
     digests: dict[int, str] = field(default_factory=dict)
     # SHA-256 of the initial parameters (CreateJob with other values is refused).
@@ -95,8 +95,9 @@ def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def default_job_id(graph_id: str, params_digest: str, optimizer: dict,
-                   micro_batch_size: int) -> str:
+def default_job_id(
+    graph_id: str, params_digest: str, optimizer: dict, micro_batch_size: int
+) -> str:
     """The id of a job created without one: a digest of its content (graph, initial
     parameters, optimizer, micro-batch size), so that dropout seeds, which derive from the
     job id, are the same in two identical runs."""
@@ -118,17 +119,22 @@ def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
             specs[inp.name] = (inp.dtype, tuple(inp.shape))
         elif inp.role == graph_pb2.Input.DATA:
             if not inp.shape or inp.shape[0] != -1:
-                raise ServiceError(INVALID, f"DATA input {inp.name!r} has shape "
-                                   f"{list(inp.shape)}; its first dimension must be -1 (the "
-                                   f"batch), since batches are cut into micro-batches",
-                                   f"graph.inputs[{i}].shape")
+                raise ServiceError(
+                    INVALID,
+                    f"DATA input {inp.name!r} has shape "
+                    f"{list(inp.shape)}; its first dimension must be -1 (the "
+                    f"batch), since batches are cut into micro-batches",
+                    f"graph.inputs[{i}].shape",
+                )
             data.append(inp)
     if not names:
-        raise ServiceError(INVALID, "the graph has no PARAM inputs: nothing to train",
-                           "graph.inputs")
+        raise ServiceError(
+            INVALID, "the graph has no PARAM inputs: nothing to train", "graph.inputs"
+        )
     if not data:
-        raise ServiceError(INVALID, "the graph has no DATA inputs to cut into micro-batches",
-                           "graph.inputs")
+        raise ServiceError(
+            INVALID, "the graph has no DATA inputs to cut into micro-batches", "graph.inputs"
+        )
     # Scalar extra outputs (accuracy, ...) are reported as metrics; others are not fetched.
     metrics = [o.name for o in graph.outputs[1:] if tuple(vg.specs[o.value].shape) == ()]
     return vg, names, specs, data, metrics
@@ -144,9 +150,15 @@ class Coordinator:
     seconds after which a micro-batch still running is also given to an idle worker.
     """
 
-    def __init__(self, workers: WorkerPool, shards: Sequence | None = None,
-                 state_dir: str | None = None, checkpoint_every: int = 10,
-                 deadline: float = 30.0, max_elements: int | None = 1 << 28):
+    def __init__(
+        self,
+        workers: WorkerPool,
+        shards: Sequence | None = None,
+        state_dir: str | None = None,
+        checkpoint_every: int = 10,
+        deadline: float = 30.0,
+        max_elements: int | None = 1 << 28,
+    ):
         self.workers = workers
         self.state_dir = state_dir
         if shards is None:
@@ -160,8 +172,9 @@ class Coordinator:
         self.max_elements = max_elements
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._io = futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.shards)),
-                                              thread_name_prefix="gradmesh-shard-io")
+        self._io = futures.ThreadPoolExecutor(
+            max_workers=max(4, 2 * len(self.shards)), thread_name_prefix="gradmesh-shard-io"
+        )
         if state_dir:
             self._restore()
 
@@ -180,11 +193,16 @@ class Coordinator:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer_from_proto(header.optimizer)
         _, _, specs, _, _ = _graph_signature(header.graph)
-        serialize.check_headers(header.parameters, specs, "parameters",
-                                "PARAM input of the graph")
+        serialize.check_headers(header.parameters, specs, "parameters", "PARAM input of the graph")
 
-    def create_job(self, job_id: str, graph, params: dict[str, np.ndarray], optimizer_msg,
-                   micro_batch_size: int):
+    def create_job(
+        self,
+        job_id: str,
+        graph,
+        params: dict[str, np.ndarray],
+        optimizer_msg,
+        micro_batch_size: int,
+    ):
         """Create a job (idempotent for identical content); returns the Job."""
         if job_id:
             check_job_id(job_id)
@@ -192,50 +210,87 @@ class Coordinator:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
         vg, names, specs, data, extra = _graph_signature(graph)
-        graph, gid = vg.graph, vg.id        # the canonical form: the workers' id too
+        graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
         for name in names:
             if name not in params:
-                raise ServiceError(INVALID, f"no initial value for parameter {name!r}",
-                                   "parameters")
+                raise ServiceError(
+                    INVALID, f"no initial value for parameter {name!r}", "parameters"
+                )
         for name, a in params.items():
             spec = specs.get(name)
             if spec is None:
-                raise ServiceError(INVALID, f"{name!r} is not a PARAM input of the graph "
-                                   f"(parameters: {names[:8]})", f"parameters[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"{name!r} is not a PARAM input of the graph (parameters: {names[:8]})",
+                    f"parameters[{name}]",
+                )
             wire = serialize.DTYPE_TO_PROTO.get(_dtype_of(a))
             if wire != spec[0] or tuple(a.shape) != spec[1]:
-                raise ServiceError(INVALID, f"parameter {name!r} has dtype {a.dtype} and shape "
-                                   f"{list(a.shape)}; the graph declares "
-                                   f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
-                                   f"parameters[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"parameter {name!r} has dtype {a.dtype} and shape "
+                    f"{list(a.shape)}; the graph declares "
+                    f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
+                    f"parameters[{name}]",
+                )
         digest = tensors_digest({n: params[n] for n in names})
         job_id = job_id or default_job_id(gid, digest, optimizer, micro_batch_size)
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                differ = [what for what, same in (
-                    (f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})",
-                     existing.graph_id == gid),
-                    (f"optimizer (existing {existing.optimizer}, new {optimizer})",
-                     existing.optimizer == optimizer),
-                    (f"micro_batch_size (existing {existing.micro_batch_size}, new "
-                     f"{micro_batch_size})", existing.micro_batch_size == micro_batch_size),
-                    ("initial parameters (another digest)",
-                     not existing.params_digest or existing.params_digest == digest))
-                    if not same]
+                differ = [
+                    what
+                    for what, same in (
+                        (
+                            f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})",
+                            existing.graph_id == gid,
+                        ),
+                        (
+                            f"optimizer (existing {existing.optimizer}, new {optimizer})",
+                            existing.optimizer == optimizer,
+                        ),
+                        (
+                            f"micro_batch_size (existing {existing.micro_batch_size}, new "
+                            f"{micro_batch_size})",
+                            existing.micro_batch_size == micro_batch_size,
+                        ),
+                        (
+                            "initial parameters (another digest)",
+                            not existing.params_digest or existing.params_digest == digest,
+                        ),
+                    )
+                    if not same
+                ]
                 if differ:
-                    raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                                       f"job {job_id!r} exists with another "
-                                       + "; another ".join(differ), "job_id")
+                    raise ServiceError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"job {job_id!r} exists with another " + "; another ".join(differ),
+                        "job_id",
+                    )
                 return existing
             placement = place({n: int(params[n].nbytes) for n in names}, len(self.shards))
-            job = Job(job_id, graph, gid, names, specs, data, extra, optimizer,
-                      micro_batch_size, placement, params_digest=digest)
+            job = Job(
+                job_id,
+                graph,
+                gid,
+                names,
+                specs,
+                data,
+                extra,
+                optimizer,
+                micro_batch_size,
+                placement,
+                params_digest=digest,
+            )
             self.jobs[job_id] = job
         try:
             with job.lock:
-                self._on_shards(job, lambda s, i: s.load(job_id, {
-                    n: params[n] for n in names if job.placement[n] == i}, optimizer))
+                self._on_shards(
+                    job,
+                    lambda s, i: s.load(
+                        job_id, {n: params[n] for n in names if job.placement[n] == i}, optimizer
+                    ),
+                )
                 if self.state_dir:
                     job.log = checkpoint.RecordLog(self._log_path(job_id))
                 self._save(job)
@@ -243,8 +298,15 @@ class Coordinator:
             with self._lock:
                 self.jobs.pop(job_id, None)
             raise
-        log.info("job created", extra={"job_id": job_id, "graph_id": gid,
-                                        "parameters": len(names), "shards": len(self.shards)})
+        log.info(
+            "job created",
+            extra={
+                "job_id": job_id,
+                "graph_id": gid,
+                "parameters": len(names),
+                "shards": len(self.shards),
+            },
+        )
         return job
 
     def _on_shards(self, job: Job, fn: Callable[[Any, int], Any]) -> list:
@@ -252,8 +314,9 @@ class Coordinator:
         used = sorted(set(job.placement.values()))
         if len(used) == 1:
             return [fn(self.shards[used[0]], used[0])]
-        futs = [self._io.submit(contextvars.copy_context().run, fn, self.shards[i], i)
-                for i in used]       # in this context: the calls carry the request id
+        futs = [
+            self._io.submit(contextvars.copy_context().run, fn, self.shards[i], i) for i in used
+        ]  # in this context: the calls carry the request id
         return [f.result() for f in futs]
 
     def job(self, job_id: str) -> Job:
@@ -275,30 +338,44 @@ class Coordinator:
             if done is not None:
                 kept = job.digests.get(step_id)
                 if kept and kept != tensors_digest(batch):
-                    raise ServiceError(FAILED, f"step_id {step_id} of job {job_id!r} was "
-                                       f"applied with another batch (SHA-256 {kept[:16]}...); "
-                                       f"a step id is applied once, with one batch",
-                                       "step_id")
+                    raise ServiceError(
+                        FAILED,
+                        f"step_id {step_id} of job {job_id!r} was "
+                        f"applied with another batch (SHA-256 {kept[:16]}...); "
+                        f"a step id is applied once, with one batch",
+                        "step_id",
+                    )
                 resp = pb.StepResponse.FromString(done)
                 resp.replayed = True
                 return resp
             if step_id <= job.last_step_id:
-                raise ServiceError(FAILED, f"step {step_id} of job {job_id!r} was applied "
-                                   f"but its result is no longer kept (the last "
-                                   f"{HISTORY} are)", "step_id")
+                raise ServiceError(
+                    FAILED,
+                    f"step {step_id} of job {job_id!r} was applied "
+                    f"but its result is no longer kept (the last "
+                    f"{HISTORY} are)",
+                    "step_id",
+                )
             if step_id != job.last_step_id + 1:
-                raise ServiceError(FAILED, f"step {step_id} is out of sequence: job "
-                                   f"{job_id!r} expects step {job.last_step_id + 1} next",
-                                   "step_id")
+                raise ServiceError(
+                    FAILED,
+                    f"step {step_id} is out of sequence: job "
+                    f"{job_id!r} expects step {job.last_step_id + 1} next",
+                    "step_id",
+                )
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
             batch = self._check_batch(job, batch)
             digest = tensors_digest(batch)
             if job.pinned is not None and job.pinned[0] == step_id and job.pinned[1] != digest:
-                raise ServiceError(FAILED, f"step_id {step_id} of job {job_id!r}: an earlier "
-                                   f"attempt reached the shards' Apply with another batch "
-                                   f"and some may have applied it; retry it with the same "
-                                   f"batch", "step_id")
+                raise ServiceError(
+                    FAILED,
+                    f"step_id {step_id} of job {job_id!r}: an earlier "
+                    f"attempt reached the shards' Apply with another batch "
+                    f"and some may have applied it; retry it with the same "
+                    f"batch",
+                    "step_id",
+                )
             if job.fault or job.pinned is not None:
                 self._resync(job)
             try:
@@ -315,11 +392,19 @@ class Coordinator:
             while len(job.history) > HISTORY:
                 old, _ = job.history.popitem(last=False)
                 job.digests.pop(old, None)
-            self._log(job, {"kind": "done", "step_id": step_id, "digest": digest,
-                            "version": job.version, "samples": job.samples,
-                            "loss": job.last_loss,
-                            "response": base64.b64encode(job.history[step_id]).decode()},
-                      must=False)
+            self._log(
+                job,
+                {
+                    "kind": "done",
+                    "step_id": step_id,
+                    "digest": digest,
+                    "version": job.version,
+                    "samples": job.samples,
+                    "loss": job.last_loss,
+                    "response": base64.b64encode(job.history[step_id]).decode(),
+                },
+                must=False,
+            )
             if self.checkpoint_every and job.version % self.checkpoint_every == 0:
                 try:
                     self._save(job)
@@ -327,8 +412,7 @@ class Coordinator:
                     # Disk full, ...: the step is applied and in the step logs; the
                     # previous checkpoint stays whole (written atomically) and the logs
                     # keep growing until a checkpoint succeeds.
-                    log.warning("checkpoint failed", extra={"job_id": job.job_id,
-                                                            "error": str(e)})
+                    log.warning("checkpoint failed", extra={"job_id": job.job_id, "error": str(e)})
             return resp
 
     def _log(self, job: Job, record: dict, must: bool = True) -> None:
@@ -339,12 +423,13 @@ class Coordinator:
             job.log.append(record)
         except OSError as e:
             if must:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"cannot write the "
-                                   f"coordinator's step log {job.log.path}: {e}",
-                                   "step_id") from None
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot write the coordinator's step log {job.log.path}: {e}",
+                    "step_id",
+                ) from None
             # The shards logged the step: after a crash only its result would be lost.
-            log.warning("cannot log a step's result", extra={"job_id": job.job_id,
-                                                             "error": str(e)})
+            log.warning("cannot log a step's result", extra={"job_id": job.job_id, "error": str(e)})
 
     def _shard_states(self, job: Job) -> dict[int, Any]:
         states = {}
@@ -352,8 +437,10 @@ class Coordinator:
             try:
                 states[i] = self.shards[i].status(job.job_id)
             except (ServiceError, GradmeshError) as e:
-                job.fault = (f"shard {i} ({self.shards[i].name}) is unreachable: "
-                             f"{getattr(e, 'message', e)}; steps resume when it is back")
+                job.fault = (
+                    f"shard {i} ({self.shards[i].name}) is unreachable: "
+                    f"{getattr(e, 'message', e)}; steps resume when it is back"
+                )
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id") from None
         return states
 
@@ -370,12 +457,17 @@ class Coordinator:
             parts = []
             for i, st in bad.items():
                 name = f"shard {i} ({self.shards[i].name})"
-                parts.append(f"{name} has no state for the job (restarted without its "
-                             f"state directory?)" if st is None else
-                             f"{name} is at version {st[0]} (last step {st[1]})")
-            job.fault = (f"job {job.job_id!r} is at version {job.version} (last step "
-                         f"{job.last_step_id}) but " + "; ".join(parts)
-                         + "; restore the shards' state directories")
+                parts.append(
+                    f"{name} has no state for the job (restarted without its state directory?)"
+                    if st is None
+                    else f"{name} is at version {st[0]} (last step {st[1]})"
+                )
+            job.fault = (
+                f"job {job.job_id!r} is at version {job.version} (last step "
+                f"{job.last_step_id}) but "
+                + "; ".join(parts)
+                + "; restore the shards' state directories"
+            )
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id")
         job.fault = ""
 
@@ -383,8 +475,11 @@ class Coordinator:
         expected = {inp.name: inp for inp in job.data_inputs}
         for name in batch:
             if name not in expected:
-                raise ServiceError(INVALID, f"{name!r} is not a DATA input of the graph "
-                                   f"(expected {sorted(expected)})", f"batch[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"{name!r} is not a DATA input of the graph (expected {sorted(expected)})",
+                    f"batch[{name}]",
+                )
         size = None
         for name, inp in expected.items():
             a = batch.get(name)
@@ -392,20 +487,29 @@ class Coordinator:
                 raise ServiceError(INVALID, f"the batch has no {name!r}", "batch")
             want = serialize.PROTO_TO_DTYPE.get(inp.dtype)
             shape = list(inp.shape)
-            if (_dtype_of(a) is not want or a.ndim != len(shape)
-                    or any(s not in (-1, d) for s, d in zip(shape[1:], a.shape[1:]))):
-                raise ServiceError(INVALID, f"{name!r} has dtype {a.dtype} and shape "
-                                   f"{list(a.shape)}; the graph expects "
-                                   f"{want.name if want else inp.dtype} {shape}",
-                                   f"batch[{name}]")
+            if (
+                _dtype_of(a) is not want
+                or a.ndim != len(shape)
+                or any(s not in (-1, d) for s, d in zip(shape[1:], a.shape[1:]))
+            ):
+                raise ServiceError(
+                    INVALID,
+                    f"{name!r} has dtype {a.dtype} and shape "
+                    f"{list(a.shape)}; the graph expects "
+                    f"{want.name if want else inp.dtype} {shape}",
+                    f"batch[{name}]",
+                )
             if a.ndim == 0 or a.shape[0] < 1:
                 raise ServiceError(INVALID, f"{name!r} has no rows", f"batch[{name}]")
             if size is None:
                 size = a.shape[0]
             elif a.shape[0] != size:
-                raise ServiceError(INVALID, f"batch tensors disagree on the batch size: "
-                                   f"{name!r} has {a.shape[0]} rows, others {size}",
-                                   f"batch[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"batch tensors disagree on the batch size: "
+                    f"{name!r} has {a.shape[0]} rows, others {size}",
+                    f"batch[{name}]",
+                )
         return batch
 
     def _params_for_workers(self, job: Job) -> tuple["ParamSet", float]:
@@ -426,8 +530,7 @@ class Coordinator:
         job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names}, job.job_id)
         return job.params, time.perf_counter() - start
 
-    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray],
-                  digest: str):
+    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
         t0 = time.perf_counter()
         try:
             params, pull_seconds = self._params_for_workers(job)
@@ -439,15 +542,18 @@ class Coordinator:
         reassigned = dispatch(self.workers, run.n, run.compute, run.accept, self.deadline)
         t2 = time.perf_counter()
         version = run.version
-        checkpoint_now = bool(self.checkpoint_every and
-                              (version + 1) % self.checkpoint_every == 0)
+        checkpoint_now = bool(self.checkpoint_every and (version + 1) % self.checkpoint_every == 0)
         # From here some shards may apply the step and others not (one dies): the step is
         # pinned to this batch until every shard has it, and logged so across a restart.
         self._log(job, {"kind": "intent", "step_id": step_id, "digest": digest})
         job.pinned = (step_id, digest)
         try:
-            results = self._on_shards(job, lambda s, i: s.apply(
-                job.job_id, step_id, run.n, version, checkpoint_now, run.attempt))
+            results = self._on_shards(
+                job,
+                lambda s, i: s.apply(
+                    job.job_id, step_id, run.n, version, checkpoint_now, run.attempt
+                ),
+            )
         except (ServiceError, GradmeshError) as e:
             job.fault = f"step {step_id} failed in a shard's Apply: {_text(e)}"
             raise
@@ -461,28 +567,36 @@ class Coordinator:
         job.last_loss = loss
         pb = coordinator_pb2
         return pb.StepResponse(
-            step_id=step_id, loss=loss, version=job.version, batch_size=run.size,
+            step_id=step_id,
+            loss=loss,
+            version=job.version,
+            batch_size=run.size,
             micro_batches=run.n,
             metrics={k: float(t.result()) for k, t in run.metrics.items() if t.complete},
-            timings=pb.StepTimings(pull_seconds=pull_seconds, compute_seconds=t2 - t1,
-                                   push_seconds=run.push_seconds,
-                                   apply_seconds=t3 - t2 if results else 0.0,
-                                   total_seconds=time.perf_counter() - t0,
-                                   reassigned=reassigned,
-                                   worker_compute_seconds=run.worker_seconds))
+            timings=pb.StepTimings(
+                pull_seconds=pull_seconds,
+                compute_seconds=t2 - t1,
+                push_seconds=run.push_seconds,
+                apply_seconds=t3 - t2 if results else 0.0,
+                total_seconds=time.perf_counter() - t0,
+                reassigned=reassigned,
+                worker_compute_seconds=run.worker_seconds,
+            ),
+        )
 
     # -- GetParameters / status -----------------------------------------------------------
     def get_parameters(self, job_id: str, names: Sequence[str] = ()) -> tuple[int, dict]:
         job = self.job(job_id)
         for k, n in enumerate(names):
             if n not in job.placement:
-                raise ServiceError(INVALID, f"job {job_id!r} has no parameter {n!r}",
-                                   f"names[{k}]")
+                raise ServiceError(INVALID, f"job {job_id!r} has no parameter {n!r}", f"names[{k}]")
         wanted = list(names) or job.param_names
         with job.lock:
+
             def pull(shard, i):
                 mine = [n for n in wanted if job.placement[n] == i]
                 return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
+
             arrays: dict = {}
             for part in self._on_shards(job, pull):
                 arrays.update(part)
@@ -492,7 +606,7 @@ class Coordinator:
         pb = coordinator_pb2
         job = self.job(job_id)
         if job.fault and job.lock.acquire(timeout=1.0):
-            try:                        # is the shard back? (clears the fault if so)
+            try:  # is the shard back? (clears the fault if so)
                 if job.fault:
                     self._resync(job)
             except ServiceError:
@@ -500,24 +614,39 @@ class Coordinator:
             finally:
                 job.lock.release()
         return pb.JobStatusResponse(
-            job_id=job.job_id, graph_id=job.graph_id, version=job.version,
-            last_step_id=job.last_step_id, next_step_id=job.last_step_id + 1,
+            job_id=job.job_id,
+            graph_id=job.graph_id,
+            version=job.version,
+            last_step_id=job.last_step_id,
+            next_step_id=job.last_step_id + 1,
             micro_batch_size=job.micro_batch_size,
-            optimizer=optimizer_to_proto(job.optimizer), placement=job.placement,
-            samples=job.samples, last_loss=job.last_loss, shards=len(self.shards),
+            optimizer=optimizer_to_proto(job.optimizer),
+            placement=job.placement,
+            samples=job.samples,
+            last_loss=job.last_loss,
+            shards=len(self.shards),
             workers=sum(1 for w in self.workers.workers.values() if w.state == "ready"),
-            error=job.error or job.fault, data_inputs=[i.name for i in job.data_inputs],
-            metrics=job.metric_names)
+            error=job.error or job.fault,
+            data_inputs=[i.name for i in job.data_inputs],
+            metrics=job.metric_names,
+        )
 
     def list_workers(self):
         pb = coordinator_pb2
-        self.workers.usable()           # refresh states
+        self.workers.usable()  # refresh states
         resp = pb.ListWorkersResponse()
         for w in sorted(self.workers.workers.values(), key=lambda w: w.address):
-            resp.workers.add(address=w.address, source=w.source, state=w.state,
-                             build_fingerprint=w.fingerprint, backend=w.backend,
-                             reason=w.reason, completed=w.completed, failures=w.failures,
-                             worker_id=w.worker_id)
+            resp.workers.add(
+                address=w.address,
+                source=w.source,
+                state=w.state,
+                build_fingerprint=w.fingerprint,
+                backend=w.backend,
+                reason=w.reason,
+                completed=w.completed,
+                failures=w.failures,
+                worker_id=w.worker_id,
+            )
         return resp
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -534,18 +663,26 @@ class Coordinator:
         for s in self.shards:
             if isinstance(s, EmbeddedShard):
                 s.store.checkpoint(job.job_id)
-        meta = {"job_id": job.job_id, "graph_id": job.graph_id, "optimizer": job.optimizer,
-                "micro_batch_size": job.micro_batch_size, "placement": job.placement,
-                "shards": len(self.shards), "version": job.version,
-                "last_step_id": job.last_step_id, "samples": job.samples,
-                "last_loss": job.last_loss, "params_digest": job.params_digest,
-                "digests": {str(k): v for k, v in job.digests.items()},
-                "pinned": list(job.pinned) if job.pinned else None,
-                "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()]}
+        meta = {
+            "job_id": job.job_id,
+            "graph_id": job.graph_id,
+            "optimizer": job.optimizer,
+            "micro_batch_size": job.micro_batch_size,
+            "placement": job.placement,
+            "shards": len(self.shards),
+            "version": job.version,
+            "last_step_id": job.last_step_id,
+            "samples": job.samples,
+            "last_loss": job.last_loss,
+            "params_digest": job.params_digest,
+            "digests": {str(k): v for k, v in job.digests.items()},
+            "pinned": list(job.pinned) if job.pinned else None,
+            "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
+        }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
         checkpoint.save(self._job_path(job.job_id), {"graph": graph}, meta)
         if job.log is not None:
-            job.log.truncate()              # its steps are in the checkpoint now
+            job.log.truncate()  # its steps are in the checkpoint now
 
     def checkpoint(self) -> None:
         """Checkpoint every job (on shutdown)."""
@@ -563,10 +700,22 @@ class Coordinator:
             arrays, meta = checkpoint.load(os.path.join(directory, entry))
             graph = graph_pb2.Graph.FromString(arrays["graph"].tobytes())
             _, names, specs, data, extra = _graph_signature(graph)
-            job = Job(meta["job_id"], graph, meta["graph_id"], names, specs, data, extra,
-                      meta["optimizer"], meta["micro_batch_size"],
-                      {k: int(v) for k, v in meta["placement"].items()}, meta["version"],
-                      meta["last_step_id"], meta["samples"], meta["last_loss"])
+            job = Job(
+                meta["job_id"],
+                graph,
+                meta["graph_id"],
+                names,
+                specs,
+                data,
+                extra,
+                meta["optimizer"],
+                meta["micro_batch_size"],
+                {k: int(v) for k, v in meta["placement"].items()},
+                meta["version"],
+                meta["last_step_id"],
+                meta["samples"],
+                meta["last_loss"],
+            )
             for k, v in meta["history"]:
                 job.history[int(k)] = base64.b64decode(v)
             job.params_digest = meta.get("params_digest", "")
@@ -575,13 +724,17 @@ class Coordinator:
             job.log = checkpoint.RecordLog(self._log_path(job.job_id))
             self._replay(job)
             if meta["shards"] != len(self.shards):
-                job.error = (f"job {job.job_id!r} was placed over {meta['shards']} shards, "
-                             f"this coordinator has {len(self.shards)}")
+                job.error = (
+                    f"job {job.job_id!r} was placed over {meta['shards']} shards, "
+                    f"this coordinator has {len(self.shards)}"
+                )
             else:
                 self._reconcile(job)
             self.jobs[job.job_id] = job
-            log.info("restored job", extra={"job_id": job.job_id, "version": job.version,
-                                             "error": job.error})
+            log.info(
+                "restored job",
+                extra={"job_id": job.job_id, "version": job.version, "error": job.error},
+            )
 
     def _replay(self, job: Job) -> None:
         """Re-read the step log written since the checkpoint: each step's result
@@ -637,8 +790,9 @@ class _StepRun:
     what happens to each first result (pushed to the shards, loss and metrics summed in
     micro-batch order)."""
 
-    def __init__(self, job: Job, step_id: int, batch: dict[str, np.ndarray],
-                 params: ParamSet, shards: list):
+    def __init__(
+        self, job: Job, step_id: int, batch: dict[str, np.ndarray], params: ParamSet, shards: list
+    ):
         self.job = job
         self.step_id = step_id
         self.batch = batch
@@ -664,24 +818,35 @@ class _StepRun:
         job = self.job
         start, stop = self.ranges[m]
         data = {name: a[start:stop] for name, a in self.batch.items()}
-        return worker.compute(job.graph, job.graph_id, self.params, data, self.scales[m],
-                              micro_batch_seed(job.job_id, self.step_id, m), job.metric_names)
+        return worker.compute(
+            job.graph,
+            job.graph_id,
+            self.params,
+            data,
+            self.scales[m],
+            micro_batch_seed(job.job_id, self.step_id, m),
+            job.metric_names,
+        )
 
     def accept(self, m: int, r: Reply) -> None:
         job = self.job
         missing = [nm for nm in job.param_names if nm not in r.gradients]
         if missing:
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"a worker returned no gradient "
-                               f"for {missing[:5]}")
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"a worker returned no gradient for {missing[:5]}"
+            )
         t = time.perf_counter()
         for i in self.by_shard:
             grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
             try:
-                self.shards[i].push(job.job_id, self.step_id, m, self.n, self.version, grads,
-                                    self.attempt)
+                self.shards[i].push(
+                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt
+                )
             except (ServiceError, GradmeshError) as e:
-                job.fault = (f"step {self.step_id}: pushing gradients to shard {i} "
-                             f"({self.shards[i].name}) failed: {_text(e)}")
+                job.fault = (
+                    f"step {self.step_id}: pushing gradients to shard {i} "
+                    f"({self.shards[i].name}) failed: {_text(e)}"
+                )
                 raise
         with self.lock:
             self.push_seconds += time.perf_counter() - t

@@ -3,6 +3,7 @@
 shard.proto (decode, call, encode), with gradmesh's frame codec for the streams;
 ``run(args)`` is ``gradmesh shard``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,17 @@ POOL_BYTES = 1 << 30
 
 # ------------------------------------------------------------------ the service ---------
 
+
 class ShardServicer:
     """``ParameterShard`` over a :class:`ShardStore`; methods are thin."""
 
-    def __init__(self, store: ShardStore, max_stream_bytes: int = 16 << 30,
-                 max_elements: int | None = None,
-                 pool_bytes: int = POOL_BYTES):
+    def __init__(
+        self,
+        store: ShardStore,
+        max_stream_bytes: int = 16 << 30,
+        max_elements: int | None = None,
+        pool_bytes: int = POOL_BYTES,
+    ):
         self.store = store
         self.max_stream_bytes = max_stream_bytes
         self.max_elements = max_elements
@@ -57,16 +63,22 @@ class ShardServicer:
         self.buffers = BufferPool(pool_bytes)
 
     def Load(self, request_iterator, context):
-        header, params = receive_frames(request_iterator, "load", self.max_stream_bytes,
-                                        self.max_elements)
+        header, params = receive_frames(
+            request_iterator, "load", self.max_stream_bytes, self.max_elements
+        )
         optimizer = optimizer_from_proto(header.optimizer)
         version, last = self.store.load(header.job_id, params, optimizer)
         return shard_pb2.LoadResponse(version=version, last_step_id=last)
 
     def Pull(self, request, context):
         # Copies taken under the job's lock: the stream stays consistent if a step applies.
-        version, arrays = self.store.pull(request.job_id, request.version, request.names,
-                                          copy=True, allocate=self.buffers.allocate)
+        version, arrays = self.store.pull(
+            request.job_id,
+            request.version,
+            request.names,
+            copy=True,
+            allocate=self.buffers.allocate,
+        )
         header = shard_pb2.PullResponse(version=version)
         values = named_headers(header.parameters, arrays)
         yield from shard_frames("pulled", header, values)
@@ -77,26 +89,44 @@ class ShardServicer:
             # The header against the job's parameters before anything is allocated.
             self.store.job(first.push.job_id).check_gradient_headers(first.push.gradients)
         frames = itertools.chain([first] if first is not None else [], request_iterator)
-        header, grads = receive_frames(frames, "push", self.max_stream_bytes,
-                                       self.max_elements, self.buffers.allocate)
-        duplicate, received = self.store.push(header.job_id, header.step_id,
-                                              header.micro_batch, header.micro_batches,
-                                              header.version, grads, header.attempt)
+        header, grads = receive_frames(
+            frames, "push", self.max_stream_bytes, self.max_elements, self.buffers.allocate
+        )
+        duplicate, received = self.store.push(
+            header.job_id,
+            header.step_id,
+            header.micro_batch,
+            header.micro_batches,
+            header.version,
+            grads,
+            header.attempt,
+        )
         return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
 
     def Apply(self, request, context):
         version, already, seconds = self.store.apply(
-            request.job_id, request.step_id, request.micro_batches, request.version,
-            request.checkpoint, request.attempt)
-        return shard_pb2.ApplyResponse(version=version, already_applied=already,
-                                       apply_seconds=seconds)
+            request.job_id,
+            request.step_id,
+            request.micro_batches,
+            request.version,
+            request.checkpoint,
+            request.attempt,
+        )
+        return shard_pb2.ApplyResponse(
+            version=version, already_applied=already, apply_seconds=seconds
+        )
 
     def Status(self, request, context):
         resp = shard_pb2.ShardStatusResponse()
         for job_id in sorted(self.store.jobs):
             job = self.store.jobs[job_id]
-            resp.jobs.add(job_id=job_id, version=job.version, last_step_id=job.last_step_id,
-                          parameters=sorted(job.params), parameter_bytes=job.parameter_bytes)
+            resp.jobs.add(
+                job_id=job_id,
+                version=job.version,
+                last_step_id=job.last_step_id,
+                parameters=sorted(job.params),
+                parameter_bytes=job.parameter_bytes,
+            )
         return resp
 
     def DropJob(self, request, context):
@@ -114,26 +144,37 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
     decode_frame = frame_decoder(pb.ShardFrame, SHARD_FRAME_CHUNK_FIELD)
     handlers = {
         "Load": grpc.stream_unary_rpc_method_handler(
-            servicer.Load, request_deserializer=decode_frame,
-            response_serializer=pb.LoadResponse.SerializeToString),
+            servicer.Load,
+            request_deserializer=decode_frame,
+            response_serializer=pb.LoadResponse.SerializeToString,
+        ),
         "Pull": grpc.unary_stream_rpc_method_handler(
-            servicer.Pull, request_deserializer=pb.PullRequest.FromString,
-            response_serializer=serialize_message),
+            servicer.Pull,
+            request_deserializer=pb.PullRequest.FromString,
+            response_serializer=serialize_message,
+        ),
         "PushGradients": grpc.stream_unary_rpc_method_handler(
-            servicer.PushGradients, request_deserializer=decode_frame,
-            response_serializer=pb.PushGradientsResponse.SerializeToString),
+            servicer.PushGradients,
+            request_deserializer=decode_frame,
+            response_serializer=pb.PushGradientsResponse.SerializeToString,
+        ),
         "Apply": grpc.unary_unary_rpc_method_handler(
-            servicer.Apply, request_deserializer=pb.ApplyRequest.FromString,
-            response_serializer=pb.ApplyResponse.SerializeToString),
+            servicer.Apply,
+            request_deserializer=pb.ApplyRequest.FromString,
+            response_serializer=pb.ApplyResponse.SerializeToString,
+        ),
         "Status": grpc.unary_unary_rpc_method_handler(
-            servicer.Status, request_deserializer=pb.ShardStatusRequest.FromString,
-            response_serializer=pb.ShardStatusResponse.SerializeToString),
+            servicer.Status,
+            request_deserializer=pb.ShardStatusRequest.FromString,
+            response_serializer=pb.ShardStatusResponse.SerializeToString,
+        ),
         "DropJob": grpc.unary_unary_rpc_method_handler(
-            servicer.DropJob, request_deserializer=pb.DropJobRequest.FromString,
-            response_serializer=pb.DropJobResponse.SerializeToString),
+            servicer.DropJob,
+            request_deserializer=pb.DropJobRequest.FromString,
+            response_serializer=pb.DropJobResponse.SerializeToString,
+        ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
-                                                                          handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
@@ -146,17 +187,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh shard``."""
     add_server_arguments(parser, DEFAULT_PORT)
     g = parser.add_argument_group("shard")
-    g.add_argument("--state-dir", default=env_default("state-dir", None),
-                   help="directory for checkpoints; restored from on start (default: none, "
-                        "state is lost on exit)")
-    g.add_argument("--checkpoint-every", type=int, default=env_default("checkpoint-every", 0),
-                   help="also checkpoint every N versions by itself (default 0: only when "
-                        "the coordinator asks)")
-    g.add_argument("--step-log-sync", choices=("on", "off"),
-                   default=env_default("step-log-sync", "on"),
-                   help="fsync each applied step's record in the step log before answering "
-                        "(default on: survives power loss; off: survives the process being "
-                        "killed, not the machine)")
+    g.add_argument(
+        "--state-dir",
+        default=env_default("state-dir", None),
+        help="directory for checkpoints; restored from on start (default: none, "
+        "state is lost on exit)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=env_default("checkpoint-every", 0),
+        help="also checkpoint every N versions by itself (default 0: only when "
+        "the coordinator asks)",
+    )
+    g.add_argument(
+        "--step-log-sync",
+        choices=("on", "off"),
+        default=env_default("step-log-sync", "on"),
+        help="fsync each applied step's record in the step log before answering "
+        "(default on: survives power loss; off: survives the process being "
+        "killed, not the machine)",
+    )
 
 
 def serve_shard(config, store: ShardStore):
@@ -174,8 +225,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: --checkpoint-every must be >= 0", file=sys.stderr)
         return 2
     try:
-        store = ShardStore(args.state_dir, args.checkpoint_every,
-                           sync_log=args.step_log_sync == "on")
+        store = ShardStore(
+            args.state_dir, args.checkpoint_every, sync_log=args.step_log_sync == "on"
+        )
         running = serve_shard(config, store)
     except (ConfigError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ twice; they are summed with the fixed pairwise tree of :mod:`gradmesh.server.agg
 the sum is bit for bit independent of arrival order, and the optimizer is the same pure
 update function as ``gradmesh.core.optim``'s.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,12 +41,14 @@ def check_job_id(job_id: str, field: str = "job_id") -> str:
     """A job id is 1 to 128 characters of [A-Za-z0-9._-] (it names checkpoint files)."""
     # fullmatch: with match, "$" also matches before a trailing newline ("j\n" passed).
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or job_id in (".", ".."):
-        raise ServiceError(INVALID, f"job id {job_id!r} must be 1 to 128 characters of "
-                           f"[A-Za-z0-9._-]", field)
+        raise ServiceError(
+            INVALID, f"job id {job_id!r} must be 1 to 128 characters of [A-Za-z0-9._-]", field
+        )
     return job_id
 
 
 # ------------------------------------------------------------------ the logic ------------
+
 
 class _Pending:
     """The gradients of one step received so far."""
@@ -82,9 +85,15 @@ def _copy(a: np.ndarray, allocate: Callable[[int], np.ndarray] | None) -> np.nda
 class ShardJob:
     """One job's parameters on one shard. Thread-safe: every method takes ``lock``."""
 
-    def __init__(self, job_id: str, params: dict[str, np.ndarray], optimizer: dict,
-                 version: int = 0, last_step_id: int = 0,
-                 state: dict[str, dict] | None = None):
+    def __init__(
+        self,
+        job_id: str,
+        params: dict[str, np.ndarray],
+        optimizer: dict,
+        version: int = 0,
+        last_step_id: int = 0,
+        state: dict[str, dict] | None = None,
+    ):
         self.job_id = job_id
         self.params = params
         self.optimizer = optimizer
@@ -106,30 +115,47 @@ class ShardJob:
         return {n: (str(p.dtype), tuple(p.shape)) for n, p in self.params.items()}
 
     # -- Pull -----------------------------------------------------------------------------
-    def pull(self, version: int = 0, names: Iterable[str] = (),
-             copy: bool = False,
-             allocate: Callable[[int], np.ndarray] | None = None) -> tuple[int, dict]:
+    def pull(
+        self,
+        version: int = 0,
+        names: Iterable[str] = (),
+        copy: bool = False,
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ) -> tuple[int, dict]:
         """``(version, {name: array})``. With ``copy`` the arrays are copies (in memory from
         ``allocate(nbytes)`` when given, e.g. ``BufferPool.allocate``); without, the live
         ones: read them before the next ``apply`` (the coordinator does, under its job
         lock)."""
         with self.lock:
             if version and version != self.version:
-                raise ServiceError(FAILED, f"job {self.job_id!r} is at version "
-                                   f"{self.version}; version {version} is not kept",
-                                   "version")
+                raise ServiceError(
+                    FAILED,
+                    f"job {self.job_id!r} is at version "
+                    f"{self.version}; version {version} is not kept",
+                    "version",
+                )
             names = list(names) or list(self.params)
             for i, n in enumerate(names):
                 if n not in self.params:
-                    raise ServiceError(INVALID, f"no parameter {n!r} on this shard for job "
-                                       f"{self.job_id!r}", f"names[{i}]")
+                    raise ServiceError(
+                        INVALID,
+                        f"no parameter {n!r} on this shard for job {self.job_id!r}",
+                        f"names[{i}]",
+                    )
             if copy:
                 return self.version, {n: _copy(self.params[n], allocate) for n in names}
             return self.version, {n: self.params[n] for n in names}
 
     # -- PushGradients --------------------------------------------------------------------
-    def push(self, step_id: int, micro_batch: int, micro_batches: int, version: int,
-             gradients: dict[str, np.ndarray], attempt: int = 0) -> tuple[bool, int]:
+    def push(
+        self,
+        step_id: int,
+        micro_batch: int,
+        micro_batches: int,
+        version: int,
+        gradients: dict[str, np.ndarray],
+        attempt: int = 0,
+    ) -> tuple[bool, int]:
         """Record one micro-batch's gradients; ``(duplicate, received)``.
 
         Gradients are pending for one (step, attempt) at a time: a push for another step
@@ -139,23 +165,33 @@ class ShardJob:
         if micro_batches < 1:
             raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
         if not 0 <= micro_batch < micro_batches:
-            raise ServiceError(INVALID, f"micro_batch {micro_batch} out of range for "
-                               f"{micro_batches} micro-batches", "micro_batch")
+            raise ServiceError(
+                INVALID,
+                f"micro_batch {micro_batch} out of range for {micro_batches} micro-batches",
+                "micro_batch",
+            )
         self._check_gradients(gradients)
         with self.lock:
             if step_id <= self.last_step_id:
-                return True, micro_batches      # a late result of a committed step
+                return True, micro_batches  # a late result of a committed step
             if version != self.version:
-                raise ServiceError(FAILED, f"gradients computed at version {version}, job "
-                                   f"{self.job_id!r} is at version {self.version}", "version")
+                raise ServiceError(
+                    FAILED,
+                    f"gradients computed at version {version}, job "
+                    f"{self.job_id!r} is at version {self.version}",
+                    "version",
+                )
             p = self.pending.get(step_id)
             if p is None or p.attempt != attempt:
                 self.pending = {step_id: _Pending(step_id, attempt, micro_batches, version)}
                 p = self.pending[step_id]
             elif p.micro_batches != micro_batches:
-                raise ServiceError(INVALID, f"step {step_id} has {p.micro_batches} "
-                                   f"micro-batches, this push says {micro_batches}",
-                                   "micro_batches")
+                raise ServiceError(
+                    INVALID,
+                    f"step {step_id} has {p.micro_batches} "
+                    f"micro-batches, this push says {micro_batches}",
+                    "micro_batches",
+                )
             if micro_batch in p.sum:
                 return True, len(p.sum)
             p.sum.add(micro_batch, dict(gradients))
@@ -165,30 +201,44 @@ class ShardJob:
         """Check a push's header (NamedTensors with dtype and shape) against the parameters
         before anything is allocated for its bytes: a header that promises gigabytes for
         a small parameter is refused without reading its chunks."""
-        expected = {n: (serialize.DTYPE_TO_PROTO[dtypes.from_numpy(p.dtype)], p.shape)
-                    for n, p in self.params.items()}
-        serialize.check_headers(headers, expected, "gradients",
-                                f"parameter on this shard for job {self.job_id!r}")
+        expected = {
+            n: (serialize.DTYPE_TO_PROTO[dtypes.from_numpy(p.dtype)], p.shape)
+            for n, p in self.params.items()
+        }
+        serialize.check_headers(
+            headers, expected, "gradients", f"parameter on this shard for job {self.job_id!r}"
+        )
 
     def _check_gradients(self, gradients: dict[str, np.ndarray]) -> None:
         for name, g in gradients.items():
             p = self.params.get(name)
             if p is None:
-                raise ServiceError(INVALID, f"no parameter {name!r} on this shard for job "
-                                   f"{self.job_id!r}", f"gradients[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"no parameter {name!r} on this shard for job {self.job_id!r}",
+                    f"gradients[{name}]",
+                )
             if g.shape != p.shape or g.dtype != p.dtype:
-                raise ServiceError(INVALID, f"gradient of {name!r} has dtype {g.dtype} and "
-                                   f"shape {list(g.shape)}; the parameter has dtype "
-                                   f"{p.dtype} and shape {list(p.shape)}",
-                                   f"gradients[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"gradient of {name!r} has dtype {g.dtype} and "
+                    f"shape {list(g.shape)}; the parameter has dtype "
+                    f"{p.dtype} and shape {list(p.shape)}",
+                    f"gradients[{name}]",
+                )
         missing = sorted(set(self.params) - set(gradients))
         if missing:
-            raise ServiceError(INVALID, f"gradients missing for parameters {missing}",
-                               "gradients")
+            raise ServiceError(INVALID, f"gradients missing for parameters {missing}", "gradients")
 
     # -- Apply ----------------------------------------------------------------------------
-    def apply(self, step_id: int, micro_batches: int, version: int,
-              attempt: int = 0, checkpoint_path: str | None = None) -> tuple[int, bool, float]:
+    def apply(
+        self,
+        step_id: int,
+        micro_batches: int,
+        version: int,
+        attempt: int = 0,
+        checkpoint_path: str | None = None,
+    ) -> tuple[int, bool, float]:
         """Sum the step's gradients and update every parameter; ``(version, already, secs)``.
 
         ``checkpoint_path``: checkpoint first, the state *before* this step (the step goes
@@ -198,49 +248,69 @@ class ShardJob:
             if step_id == self.last_step_id and version + 1 == self.version:
                 return self.version, True, 0.0
             if step_id <= self.last_step_id:
-                raise ServiceError(FAILED, f"step {step_id} is older than the last applied "
-                                   f"step {self.last_step_id} of job {self.job_id!r}",
-                                   "step_id")
+                raise ServiceError(
+                    FAILED,
+                    f"step {step_id} is older than the last applied "
+                    f"step {self.last_step_id} of job {self.job_id!r}",
+                    "step_id",
+                )
             if micro_batches < 1:
                 raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
             if version != self.version:
-                raise ServiceError(FAILED, f"step computed at version {version}, job "
-                                   f"{self.job_id!r} is at version {self.version}", "version")
+                raise ServiceError(
+                    FAILED,
+                    f"step computed at version {version}, job "
+                    f"{self.job_id!r} is at version {self.version}",
+                    "version",
+                )
             p = self.pending.get(step_id)
             if p is not None and p.attempt != attempt:
-                raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: the "
-                                   f"pending gradients belong to attempt {p.attempt}, not "
-                                   f"{attempt}", "attempt")
+                raise ServiceError(
+                    FAILED,
+                    f"step {step_id} of job {self.job_id!r}: the "
+                    f"pending gradients belong to attempt {p.attempt}, not "
+                    f"{attempt}",
+                    "attempt",
+                )
             if p is None or p.micro_batches != micro_batches or not p.sum.complete:
                 # The first few missing indices only: micro_batches comes from the request
                 # and may be 2**32 - 1 (listing them all would take minutes and gigabytes).
                 received = () if p is None or p.micro_batches != micro_batches else p.sum
-                missing = list(itertools.islice(
-                    (m for m in range(micro_batches) if m not in received), 20))
-                raise ServiceError(FAILED, f"step {step_id} of job {self.job_id!r}: "
-                                   f"gradients of micro-batches {missing} "
-                                   f"{'(the first 20) ' if micro_batches > 20 else ''}"
-                                   f"not pushed", "micro_batches")
+                missing = list(
+                    itertools.islice((m for m in range(micro_batches) if m not in received), 20)
+                )
+                raise ServiceError(
+                    FAILED,
+                    f"step {step_id} of job {self.job_id!r}: "
+                    f"gradients of micro-batches {missing} "
+                    f"{'(the first 20) ' if micro_batches > 20 else ''}"
+                    f"not pushed",
+                    "micro_batches",
+                )
             start = time.perf_counter()
             grads = p.sum.result()
             if checkpoint_path:
                 try:
                     self._save(checkpoint_path)
-                except OSError as e:        # the old checkpoint and the log still hold it
-                    log.warning("checkpoint failed", extra={"job_id": self.job_id,
-                                                            "error": str(e)})
+                except OSError as e:  # the old checkpoint and the log still hold it
+                    log.warning("checkpoint failed", extra={"job_id": self.job_id, "error": str(e)})
             if self.log is not None:
                 # Durable before anything changes: a failed write (disk full) applies
                 # nothing and the step can be retried; a record that reached the disk is
                 # replayed after a crash, so an acknowledged step is never lost.
                 try:
-                    self.log.append({"step_id": step_id, "version": self.version},
-                                    {n: grads[n] for n in sorted(grads)})
+                    self.log.append(
+                        {"step_id": step_id, "version": self.version},
+                        {n: grads[n] for n in sorted(grads)},
+                    )
                 except OSError as e:
-                    raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                                       f"step {step_id} of job {self.job_id!r} not applied: "
-                                       f"cannot write the shard's step log "
-                                       f"{self.log.path}: {e}", "step_id") from None
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"step {step_id} of job {self.job_id!r} not applied: "
+                        f"cannot write the shard's step log "
+                        f"{self.log.path}: {e}",
+                        "step_id",
+                    ) from None
             self._update(grads)
             self.pending.clear()
             self.version += 1
@@ -255,8 +325,7 @@ class ShardJob:
         for name in sorted(self.params):
             update(np, self.params[name], grads[name], self.state[name], **hyper)
 
-    def replay(self, records: Iterable[tuple[dict, dict]],
-               up_to_version: int | None = None) -> int:
+    def replay(self, records: Iterable[tuple[dict, dict]], up_to_version: int | None = None) -> int:
         """Re-apply logged steps that follow this state (the same update on the same
         summed gradients: the same bits); returns how many were applied."""
         applied = 0
@@ -285,9 +354,14 @@ class ShardJob:
             state_arrays, steps[name] = optim.state_to_arrays(self.state[name])
             for key, a in state_arrays.items():
                 arrays[f"state/{name}/{key}"] = a
-        meta = {"job_id": self.job_id, "version": self.version,
-                "last_step_id": self.last_step_id, "optimizer": self.optimizer,
-                "parameters": list(self.params), "steps": steps}
+        meta = {
+            "job_id": self.job_id,
+            "version": self.version,
+            "last_step_id": self.last_step_id,
+            "optimizer": self.optimizer,
+            "parameters": list(self.params),
+            "steps": steps,
+        }
         checkpoint.save(path, arrays, meta)
         if self.log is not None:
             self.log.truncate()
@@ -299,11 +373,15 @@ class ShardJob:
         state = {}
         for n in meta["parameters"]:
             prefix = f"state/{n}/"
-            found = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-            state[n] = optim.state_from_arrays(found, meta["steps"][n]) if (
-                found or meta["steps"][n]) else {}
-        return cls(meta["job_id"], params, meta["optimizer"], meta["version"],
-                   meta["last_step_id"], state)
+            found = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            state[n] = (
+                optim.state_from_arrays(found, meta["steps"][n])
+                if (found or meta["steps"][n])
+                else {}
+            )
+        return cls(
+            meta["job_id"], params, meta["optimizer"], meta["version"], meta["last_step_id"], state
+        )
 
 
 class ShardStore:
@@ -320,8 +398,9 @@ class ShardStore:
     [0.5, 0.5]
     """
 
-    def __init__(self, state_dir: str | None = None, checkpoint_every: int = 0,
-                 sync_log: bool = True):
+    def __init__(
+        self, state_dir: str | None = None, checkpoint_every: int = 0, sync_log: bool = True
+    ):
         self.state_dir = state_dir
         self.sync_log = sync_log
         self.checkpoint_every = checkpoint_every
@@ -335,16 +414,22 @@ class ShardStore:
                     job.log = checkpoint.RecordLog(self._log_path(job.job_id), self.sync_log)
                     replayed = job.replay(job.log.records())
                     self.jobs[job.job_id] = job
-                    log.info("restored job", extra={"job_id": job.job_id,
-                                                    "version": job.version,
-                                                    "replayed_steps": replayed})
+                    log.info(
+                        "restored job",
+                        extra={
+                            "job_id": job.job_id,
+                            "version": job.version,
+                            "replayed_steps": replayed,
+                        },
+                    )
 
     def job(self, job_id: str) -> ShardJob:
         job = self.jobs.get(job_id)
         if job is None:
             check_job_id(job_id)
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not loaded on "
-                               f"this shard", "job_id")
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND, f"job {job_id!r} is not loaded on this shard", "job_id"
+            )
         return job
 
     def load(self, job_id: str, params: dict[str, np.ndarray], optimizer: dict) -> tuple[int, int]:
@@ -352,31 +437,42 @@ class ShardStore:
         check_job_id(job_id)
         for name, p in params.items():
             if p.dtype not in _FLOATS:
-                raise ServiceError(INVALID, f"parameter {name!r} has dtype {p.dtype}; "
-                                   f"parameters must be floating point",
-                                   f"parameters[{name}]")
+                raise ServiceError(
+                    INVALID,
+                    f"parameter {name!r} has dtype {p.dtype}; parameters must be floating point",
+                    f"parameters[{name}]",
+                )
         optimizer = optim.validate(optimizer)
         with self._lock:
             job = self.jobs.get(job_id)
             if job is not None:
                 mine = {n: (str(p.dtype), tuple(p.shape)) for n, p in params.items()}
                 if job.signature() != mine or job.optimizer != optimizer:
-                    raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                                       f"job {job_id!r} exists on this shard with other "
-                                       f"parameters or optimizer", "job_id")
+                    raise ServiceError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"job {job_id!r} exists on this shard with other parameters or optimizer",
+                        "job_id",
+                    )
                 return job.version, job.last_step_id
             # Own writable copies: the optimizer updates them in place.
-            job = ShardJob(job_id, {n: np.array(p, copy=True) for n, p in params.items()},
-                           optimizer)
+            job = ShardJob(
+                job_id, {n: np.array(p, copy=True) for n, p in params.items()}, optimizer
+            )
             if self.state_dir:
                 job.log = checkpoint.RecordLog(self._log_path(job_id), self.sync_log)
-                job.log.truncate()          # a dropped job's leftovers are not this job's
+                job.log.truncate()  # a dropped job's leftovers are not this job's
             self.jobs[job_id] = job
         self.checkpoint(job_id)
         return job.version, job.last_step_id
 
-    def pull(self, job_id: str, version: int = 0, names: Iterable[str] = (),
-             copy: bool = False, allocate: Callable[[int], np.ndarray] | None = None):
+    def pull(
+        self,
+        job_id: str,
+        version: int = 0,
+        names: Iterable[str] = (),
+        copy: bool = False,
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ):
         job = self.job(job_id)
         try:
             return job.pull(version, names, copy, allocate)
@@ -402,19 +498,40 @@ class ShardStore:
             old.replay(job.log.records(), up_to_version=version)
         return old if old.version == version else None
 
-    def push(self, job_id: str, step_id: int, micro_batch: int, micro_batches: int,
-             version: int, gradients: dict[str, np.ndarray],
-             attempt: int = 0) -> tuple[bool, int]:
-        return self.job(job_id).push(step_id, micro_batch, micro_batches, version, gradients,
-                                     attempt)
+    def push(
+        self,
+        job_id: str,
+        step_id: int,
+        micro_batch: int,
+        micro_batches: int,
+        version: int,
+        gradients: dict[str, np.ndarray],
+        attempt: int = 0,
+    ) -> tuple[bool, int]:
+        return self.job(job_id).push(
+            step_id, micro_batch, micro_batches, version, gradients, attempt
+        )
 
-    def apply(self, job_id: str, step_id: int, micro_batches: int, version: int,
-              checkpoint_now: bool = False, attempt: int = 0) -> tuple[int, bool, float]:
+    def apply(
+        self,
+        job_id: str,
+        step_id: int,
+        micro_batches: int,
+        version: int,
+        checkpoint_now: bool = False,
+        attempt: int = 0,
+    ) -> tuple[int, bool, float]:
         job = self.job(job_id)
-        due = checkpoint_now or bool(self.checkpoint_every and
-                                     (version + 1) % self.checkpoint_every == 0)
-        return job.apply(step_id, micro_batches, version, attempt,
-                         self._path(job_id) if due and self.state_dir else None)
+        due = checkpoint_now or bool(
+            self.checkpoint_every and (version + 1) % self.checkpoint_every == 0
+        )
+        return job.apply(
+            step_id,
+            micro_batches,
+            version,
+            attempt,
+            self._path(job_id) if due and self.state_dir else None,
+        )
 
     def close(self) -> None:
         """Close the step logs (their records are already on disk)."""
@@ -453,6 +570,7 @@ class ShardStore:
 
 # ------------------------------------------------------------------ handles --------------
 
+
 class EmbeddedShard:
     """A shard inside the coordinator's process: the same ``ShardStore``, no network."""
 
@@ -466,15 +584,13 @@ class EmbeddedShard:
     def pull(self, job_id, version=0, names=(), copy=False):
         return self.store.pull(job_id, version, names, copy)
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients,
-             attempt=0):
-        return self.store.push(job_id, step_id, micro_batch, micro_batches, version,
-                               gradients, attempt)
+    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+        return self.store.push(
+            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt
+        )
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False,
-              attempt=0):
-        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now,
-                                attempt)
+    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False, attempt=0):
+        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now, attempt)
 
     def status(self, job_id):
         job = self.store.jobs.get(job_id)

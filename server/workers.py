@@ -6,6 +6,7 @@ with the transport policy of :class:`~gradmesh.wire.worker.WorkerTransport` (the
 too). The :class:`WorkerPool` holds the static and registered workers, all usable ones of
 one build fingerprint (DESIGN §6: results are bitwise identical only within one build).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,7 @@ HEARTBEAT_SECONDS = 5.0
 # Worker calls above this many bytes are streamed even when the unary limit would allow
 # them: one huge unary message measured 3x slower than 4 MiB chunks (100 MB, loopback).
 UNARY_MAX_BYTES = 8 << 20
-BYTES = "bytes"      # a call's tensors in its messages: unary when they fit, else streamed
+BYTES = "bytes"  # a call's tensors in its messages: unary when they fit, else streamed
 
 
 class WorkerHandle(WorkerTransport):
@@ -45,12 +46,20 @@ class WorkerHandle(WorkerTransport):
     (the transport policy is :class:`~gradmesh.wire.worker.WorkerTransport`'s, as the
     SDK's)."""
 
-    def __init__(self, address: str, source: str, timeout: float, token: str | None,
-                 max_message_bytes: int, tls: Any = None, segments: Any = None):
+    def __init__(
+        self,
+        address: str,
+        source: str,
+        timeout: float,
+        token: str | None,
+        max_message_bytes: int,
+        tls: Any = None,
+        segments: Any = None,
+    ):
         self.address = address
         self.source = source
         self.timeout = timeout
-        self.state = "unknown"      # unknown -> ready | unreachable | refused
+        self.state = "unknown"  # unknown -> ready | unreachable | refused
         self.reason = ""
         self.fingerprint = ""
         self.backend = ""
@@ -60,7 +69,7 @@ class WorkerHandle(WorkerTransport):
         self.last_seen = time.monotonic()
         self.retry_at = 0.0
         self.max_message_bytes = max_message_bytes
-        self.graphs: set[str] = set()          # graph ids this worker has
+        self.graphs: set[str] = set()  # graph ids this worker has
         # Bytes of parameters the worker keeps between calls, and the (job, version) it
         # was last sent: a second micro-batch of a step then goes without them.
         self.parameter_cache_bytes = 0
@@ -69,15 +78,17 @@ class WorkerHandle(WorkerTransport):
         self._channel = channel(address, tls=tls, max_message_bytes=max_message_bytes)
         # Shared memory when the worker is on this host and takes it; ``segments`` is the
         # coordinator's pool (None: never).
-        super().__init__(self._channel, address, segments=segments,
-                         chunk_bytes=MAX_CHUNK_BYTES)
-        self._shared = False            # until Capabilities says
+        super().__init__(self._channel, address, segments=segments, chunk_bytes=MAX_CHUNK_BYTES)
+        self._shared = False  # until Capabilities says
 
     def probe(self) -> None:
         """Ask for Capabilities; sets state, fingerprint and backend."""
         try:
-            caps = self.stub.Capabilities(worker_pb2.CapabilitiesRequest(), timeout=5.0,
-                                          metadata=call_metadata(self._metadata))
+            caps = self.stub.Capabilities(
+                worker_pb2.CapabilitiesRequest(),
+                timeout=5.0,
+                metadata=call_metadata(self._metadata),
+            )
         except grpc.RpcError as e:
             self.state, self.reason = "unreachable", f"{e.code().name}: {e.details()}"
             self.retry_at = time.monotonic() + 1.0
@@ -89,13 +100,20 @@ class WorkerHandle(WorkerTransport):
         # Unary requests and stream chunks within the worker's message limit too.
         self.fit_limits(caps.limits)
         if caps.limits.max_message_bytes:
-            self.max_message_bytes = min(self.max_message_bytes,
-                                         int(caps.limits.max_message_bytes))
+            self.max_message_bytes = min(self.max_message_bytes, int(caps.limits.max_message_bytes))
         self.kept = None
         self.state, self.reason = "ready", ""
 
-    def compute(self, graph, graph_id: str, params: "ParamSet", data: dict[str, np.ndarray],
-                scale: float, seed: int, outputs: Sequence[str]) -> Reply:
+    def compute(
+        self,
+        graph,
+        graph_id: str,
+        params: "ParamSet",
+        data: dict[str, np.ndarray],
+        scale: float,
+        seed: int,
+        outputs: Sequence[str],
+    ) -> Reply:
         """One ComputeGradients call (the graph inline until the worker has it); raises
         ``GradmeshError`` for a failed call."""
         unary_max = min(self.max_message_bytes // 2, UNARY_MAX_BYTES)
@@ -103,8 +121,9 @@ class WorkerHandle(WorkerTransport):
         shared = self._shared and data_bytes + (1 << 20) < unary_max
 
         def send(mode: str) -> Reply:
-            req = worker_pb2.ComputeGradientsRequest(loss_scale=scale, seed=seed,
-                                                     outputs=list(outputs))
+            req = worker_pb2.ComputeGradientsRequest(
+                loss_scale=scale, seed=seed, outputs=list(outputs)
+            )
             if graph_id in self.graphs:
                 req.graph_id = graph_id
             else:
@@ -125,8 +144,7 @@ class WorkerHandle(WorkerTransport):
             log.warning("worker %s: no shared memory; sending bytes", self.address)
         return reply
 
-    def _compute_bytes(self, req, params: "ParamSet", data: dict,
-                       unary_max: int) -> Reply:
+    def _compute_bytes(self, req, params: "ParamSet", data: dict, unary_max: int) -> Reply:
         """The call with every tensor as bytes, the parameters left out when the worker
         keeps them from an earlier call of this version."""
         key = (params.key, params.version)
@@ -137,8 +155,10 @@ class WorkerHandle(WorkerTransport):
             try:
                 return self._send_bytes(req, params, data, False, unary_max)
             except grpc.RpcError as e:
-                if (e.code() != grpc.StatusCode.FAILED_PRECONDITION
-                        or bad_request_field(e) != "parameters"):
+                if (
+                    e.code() != grpc.StatusCode.FAILED_PRECONDITION
+                    or bad_request_field(e) != "parameters"
+                ):
                     raise
                 # The worker restarted or evicted them: send them again.
         self.kept = None
@@ -146,20 +166,27 @@ class WorkerHandle(WorkerTransport):
         self.kept = key
         return result
 
-    def _send_bytes(self, req, params: "ParamSet", data: dict, with_params: bool,
-                    unary_max: int) -> Reply:
+    def _send_bytes(
+        self, req, params: "ParamSet", data: dict, with_params: bool, unary_max: int
+    ) -> Reply:
         """Unary when it fits, streamed otherwise (the parameters only ``with_params``)."""
-        size = (params.nbytes if with_params else 0) + (1 << 20) + \
-            sum(a.nbytes for a in data.values())
+        size = (
+            (params.nbytes if with_params else 0) + (1 << 20) + sum(a.nbytes for a in data.values())
+        )
         fresh = type(req)()
-        fresh.CopyFrom(req)         # a retry without the kept parameters starts over
+        fresh.CopyFrom(req)  # a retry without the kept parameters starts over
         req = fresh
         kw = {"timeout": self.timeout, "metadata": call_metadata(self._metadata)}
         if size >= unary_max:
             return self._send_stream(
-                req, params.arrays.items() if with_params else (), data.items(),
-                lambda message: GradmeshError(grpc.StatusCode.INTERNAL, message, None,
-                                              "ComputeGradientsStream"), **kw)
+                req,
+                params.arrays.items() if with_params else (),
+                data.items(),
+                lambda message: GradmeshError(
+                    grpc.StatusCode.INTERNAL, message, None, "ComputeGradientsStream"
+                ),
+                **kw,
+            )
         if with_params:
             req.parameters.extend(params.unary())
         for name, a in data.items():
@@ -180,8 +207,9 @@ class WorkerHandle(WorkerTransport):
         except BaseException:
             gseg.close()
             raise
-        return self._send_shared(req, gseg, goffsets, timeout=self.timeout,
-                                 metadata=call_metadata(self._metadata))
+        return self._send_shared(
+            req, gseg, goffsets, timeout=self.timeout, metadata=call_metadata(self._metadata)
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -190,15 +218,20 @@ class WorkerHandle(WorkerTransport):
 class WorkerPool:
     """Static and registered workers; all usable ones share one build fingerprint."""
 
-    def __init__(self, static: Sequence[str] = (), timeout: float = 300.0,
-                 token: str | None = None, max_message_bytes: int = 64 << 20,
-                 tls: Any = None, shared_memory: bool = True):
+    def __init__(
+        self,
+        static: Sequence[str] = (),
+        timeout: float = 300.0,
+        token: str | None = None,
+        max_message_bytes: int = 64 << 20,
+        tls: Any = None,
+        shared_memory: bool = True,
+    ):
         self.timeout = timeout
         # Segments for workers on this host (see WorkerHandle).
-        self.segments = (sharedmem.Pool(keep=8) if shared_memory and sharedmem.available()
-                         else None)
+        self.segments = sharedmem.Pool(keep=8) if shared_memory and sharedmem.available() else None
         self.token = token
-        self.tls = tls                  # how workers are dialled (wire/channel.py)
+        self.tls = tls  # how workers are dialled (wire/channel.py)
         self.max_message_bytes = max_message_bytes
         self.fingerprint: str | None = None
         self._lock = threading.Lock()
@@ -207,8 +240,15 @@ class WorkerPool:
             self.workers[address] = self._handle(address, "static")
 
     def _handle(self, address: str, source: str) -> WorkerHandle:
-        return WorkerHandle(address, source, self.timeout, self.token, self.max_message_bytes,
-                            self.tls, self.segments)
+        return WorkerHandle(
+            address,
+            source,
+            self.timeout,
+            self.token,
+            self.max_message_bytes,
+            self.tls,
+            self.segments,
+        )
 
     def _check(self, w: WorkerHandle) -> None:
         """Probe ``w`` and apply the fingerprint rule (the first ready worker fixes it)."""
@@ -220,8 +260,10 @@ class WorkerPool:
                 self.fingerprint = w.fingerprint
             elif w.fingerprint != self.fingerprint:
                 w.state = "refused"
-                w.reason = (f"build fingerprint {w.fingerprint!r} differs from the pool's "
-                            f"{self.fingerprint!r}: results would not be bitwise identical")
+                w.reason = (
+                    f"build fingerprint {w.fingerprint!r} differs from the pool's "
+                    f"{self.fingerprint!r}: results would not be bitwise identical"
+                )
 
     def register(self, address: str) -> WorkerHandle:
         if not address or ":" not in address:
@@ -232,8 +274,9 @@ class WorkerPool:
             w = self._handle(address, "registered")
         self._check(w)
         if w.state == "unreachable":
-            raise ServiceError(UNAVAILABLE, f"cannot reach the worker at {address}: "
-                               f"{w.reason}", "address")
+            raise ServiceError(
+                UNAVAILABLE, f"cannot reach the worker at {address}: {w.reason}", "address"
+            )
         if w.state == "refused":
             raise ServiceError(FAILED, w.reason, "address")
         with self._lock:
@@ -269,8 +312,12 @@ class WorkerPool:
         """``": ADDRESS STATE (REASON); ..."`` of the known workers that are not ready."""
         with self._lock:
             down = [w for w in self.workers.values() if w.state != "ready"]
-        return "".join((": " if i == 0 else "; ") + f"{w.address} {w.state}" +
-                       (f" ({w.reason})" if w.reason else "") for i, w in enumerate(down))
+        return "".join(
+            (": " if i == 0 else "; ")
+            + f"{w.address} {w.state}"
+            + (f" ({w.reason})" if w.reason else "")
+            for i, w in enumerate(down)
+        )
 
     def failed(self, w: WorkerHandle, error: GradmeshError) -> None:
         w.failures += 1
@@ -295,7 +342,7 @@ class ParamSet:
 
     def __init__(self, version: int, arrays: dict[str, np.ndarray], key: str = ""):
         self.version = version
-        self.key = key              # the job id: with version, names them on the workers
+        self.key = key  # the job id: with version, names them on the workers
         self.arrays = arrays
         self.nbytes = sum(int(a.nbytes) for a in arrays.values())
         self._lock = threading.Lock()
@@ -307,8 +354,10 @@ class ParamSet:
         """NamedTensor messages with data (encoded once per version)."""
         with self._lock:
             if self._unary is None:
-                self._unary = [tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
-                               for n, a in self.arrays.items()]
+                self._unary = [
+                    tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+                    for n, a in self.arrays.items()
+                ]
             return self._unary
 
     def shared(self, pool) -> tuple:

@@ -1,4 +1,5 @@
 """Shared fixtures: free ports and in-process servers on 127.0.0.1 that are always stopped."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,8 +10,7 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
-                                   reason="needs the openssl CLI")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
 def free_port() -> int:
@@ -21,23 +21,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_certs(directory: Path, names: Sequence[str] = ("server", "client"),
-               ca: str = "ca") -> Callable[[str], str]:
+def make_certs(
+    directory: Path, names: Sequence[str] = ("server", "client"), ca: str = "ca"
+) -> Callable[[str], str]:
     """With the ``openssl`` CLI, in ``directory``: a CA (``{ca}.pem``/``{ca}.key``, made
     unless it exists) and, for each name, ``{name}.pem``/``{name}.key`` signed by it and
     valid for 127.0.0.1 and localhost, as a server and as a client. Returns
     ``path(filename) -> str``. Tests that call it need ``@needs_openssl``."""
+
     def ssl(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     if not (directory / f"{ca}.pem").exists():
-        ssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1",
-            "-subj", f"/CN=gradmesh-test-{ca}")
+        ssl(
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN=gradmesh-test-{ca}",
+        )
     for name in names:
         ssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
         (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+        ssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{ca}.pem",
+            "-CAkey",
+            f"{ca}.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
     return lambda filename: str(directory / filename)
 
 
@@ -56,6 +85,7 @@ def start_worker() -> Iterator[Callable[..., object]]:
     ``plan_cache_size``, to the worker.
     """
     from gradmesh.server import worker as worker_mod
+
     started = []
 
     def start(backend: str = "cpu", **kw):
@@ -72,6 +102,7 @@ def start_worker() -> Iterator[Callable[..., object]]:
 def worker() -> Iterator[object]:
     """One CPU worker on 127.0.0.1 shared by a test module (no token, default limits)."""
     from gradmesh.server import worker as worker_mod
+
     running = worker_mod.start(backend="cpu")
     yield running
     running.stop(0)

@@ -1,5 +1,6 @@
 """Models, losses and batches that tests in several layers share (one place, so that a
 test file says only which sizes and seeds it uses)."""
+
 from __future__ import annotations
 
 import numpy as np

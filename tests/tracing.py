@@ -1,6 +1,7 @@
 """Helpers of the tracing tests (test_gradient_stops.py, test_inplace_tracing.py): a
 function ``fn(lib, params, x)`` written once runs on gradmesh and on torch, eagerly and as
 a traced graph."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,15 +21,16 @@ def local(fn, params, x, lib=gm):
     leaves = {n: lib.tensor(a, requires_grad=True) for n, a in params.items()}
     loss = fn(lib, leaves, lib.tensor(x))
     loss.backward()
-    grads = {n: (t.grad.detach().numpy() if t.grad is not None else np.zeros_like(params[n]))
-             for n, t in leaves.items()}
+    grads = {
+        n: (t.grad.detach().numpy() if t.grad is not None else np.zeros_like(params[n]))
+        for n, t in leaves.items()
+    }
     return loss.detach().numpy(), grads
 
 
 def traced(fn, params, n: int = 4):
     """The graph of ``fn`` traced at batch size ``n``."""
-    return trace(lambda p, x: fn(gm, p, x), {k: gm.tensor(v) for k, v in params.items()},
-                 batch(n))
+    return trace(lambda p, x: fn(gm, p, x), {k: gm.tensor(v) for k, v in params.items()}, batch(n))
 
 
 def assert_plan_equals_local(fn, params, sizes=(4, 7)):
@@ -41,8 +43,9 @@ def assert_plan_equals_local(fn, params, sizes=(4, 7)):
         loss, grads = local(fn, params, x)
         assert np.array_equal(result.loss, loss), (n, result.loss, loss)
         for name, g in grads.items():
-            assert np.array_equal(result.grads[name], g), \
+            assert np.array_equal(result.grads[name], g), (
                 f"{name} at batch {n}: max diff {np.abs(result.grads[name] - g).max()}"
+            )
     return vg
 
 
@@ -65,10 +68,10 @@ def assert_executed_equals_local(fn, params, sizes=(4, 7)):
 def assert_local_matches_torch(fn, params):
     """Local gradmesh ``backward()`` of ``fn`` matches torch's in float64."""
     import torch
+
     x = batch(5)
     loss, grads = local(fn, params, x)
     want_loss, want = local(fn, params, x, lib=torch)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     for name in grads:
-        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)

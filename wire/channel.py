@@ -12,6 +12,7 @@ message-size limits and keepalive behave the same everywhere.
 The bearer token is per-call metadata (:func:`metadata`), not part of the channel: gRPC
 call credentials need TLS, and plaintext is allowed on loopback (DESIGN §8).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -20,8 +21,16 @@ from typing import Any, Sequence
 
 import grpc
 
-__all__ = ["TLS", "channel", "channel_options", "credentials", "metadata", "call_metadata",
-           "REQUEST_ID_KEY", "request_id"]
+__all__ = [
+    "TLS",
+    "channel",
+    "channel_options",
+    "credentials",
+    "metadata",
+    "call_metadata",
+    "REQUEST_ID_KEY",
+    "request_id",
+]
 
 # The request id of the call a server is handling (set by its interceptor): every log line
 # carries it, and every call the server makes while handling it sends it on
@@ -29,7 +38,8 @@ __all__ = ["TLS", "channel", "channel_options", "credentials", "metadata", "call
 # and shards.
 REQUEST_ID_KEY = "x-request-id"
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "gradmesh_request_id", default=None)
+    "gradmesh_request_id", default=None
+)
 
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -43,6 +53,7 @@ class TLS:
     client's certificate for mTLS; ``server_name``: override the name checked in the
     server's certificate (when the address dialled, e.g. a pod IP, is not in it).
     """
+
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -54,16 +65,17 @@ class TLS:
 
     def credentials(self) -> grpc.ChannelCredentials:
         """Channel credentials from the files (read now; OSError if one is missing)."""
+
         def read(path):
             if not path:
                 return None
             with open(path, "rb") as f:
                 return f.read()
+
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-                    ) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     """Message-size and keepalive options shared by servers and clients."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -84,18 +96,23 @@ def credentials(tls: Any) -> tuple[grpc.ChannelCredentials | None, list[tuple[st
     if tls is True:
         return grpc.ssl_channel_credentials(), []
     if isinstance(tls, TLS):
-        extra = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name \
-            else []
+        extra = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
         return tls.credentials(), extra
     if isinstance(tls, grpc.ChannelCredentials):
         return tls, []
-    raise TypeError(f"tls must be None, True, a gradmesh TLS or grpc.ChannelCredentials, "
-                    f"got {type(tls).__name__}")
+    raise TypeError(
+        f"tls must be None, True, a gradmesh TLS or grpc.ChannelCredentials, "
+        f"got {type(tls).__name__}"
+    )
 
 
-def channel(target: str, *, tls: Any = None,
-            max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-            options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+def channel(
+    target: str,
+    *,
+    tls: Any = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
     """A channel to ``target`` ("host:port"): plaintext for ``tls=None``, else TLS (see
     :func:`credentials`); gradmesh's size and keepalive options, then ``options``."""
     creds, extra = credentials(tls)

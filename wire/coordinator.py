@@ -6,6 +6,7 @@ as :class:`~gradmesh.wire.errors.GradmeshError`. The SDK's ``CoordinatorClient``
 on it (tracing models, jobs, step results); :class:`WorkerRegistration` is what a worker
 runs to join a coordinator.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,11 @@ __all__ = ["CoordinatorConnection", "WorkerRegistration"]
 log = logging.getLogger("gradmesh.worker")
 
 # Codes after which the same idempotent call may succeed.
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED}
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class CoordinatorConnection:
@@ -43,9 +47,16 @@ class CoordinatorConnection:
     retried on transient errors.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls: Any = None,
-                 timeout: float = 600.0, retry_seconds: float = 60.0,
-                 max_message_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: Any = None,
+        timeout: float = 600.0,
+        retry_seconds: float = 60.0,
+        max_message_bytes: int = 64 << 20,
+    ):
         self.target = target
         self.timeout = timeout
         self.retry_seconds = retry_seconds
@@ -69,41 +80,52 @@ class CoordinatorConnection:
         delay = 0.1
         while True:
             try:
-                return fn(make_request(), timeout=self.timeout,
-                          metadata=call_metadata(self._metadata))
+                return fn(
+                    make_request(), timeout=self.timeout, metadata=call_metadata(self._metadata)
+                )
             except grpc.RpcError as e:
                 if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
                     raise from_rpc_error(e, method) from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def create(self, header: coordinator_pb2.CreateJobRequest,
-               params: "OrderedDict[str, np.ndarray]") -> coordinator_pb2.CreateJobResponse:
+    def create(
+        self, header: coordinator_pb2.CreateJobRequest, params: "OrderedDict[str, np.ndarray]"
+    ) -> coordinator_pb2.CreateJobResponse:
         """CreateJob with ``header`` (no parameters) and the parameters' values, streamed."""
         for n, a in params.items():
             header.parameters.add(name=n).tensor.CopyFrom(to_proto(a, data=False))
-        return self._call("CreateJob", lambda: stream_frames(
-            coordinator_pb2.CoordinatorFrame, "create_job", header, params.values()),
-            retry=True)
+        return self._call(
+            "CreateJob",
+            lambda: stream_frames(
+                coordinator_pb2.CoordinatorFrame, "create_job", header, params.values()
+            ),
+            retry=True,
+        )
 
     def job_status(self, job_id: str) -> coordinator_pb2.JobStatusResponse:
-        return self._call("JobStatus", lambda: coordinator_pb2.JobStatusRequest(job_id=job_id),
-                          retry=True)
+        return self._call(
+            "JobStatus", lambda: coordinator_pb2.JobStatusRequest(job_id=job_id), retry=True
+        )
 
     def list_workers(self) -> list:
         """The coordinator's workers (address, source, state, fingerprint, counts)."""
-        return list(self._call("ListWorkers", coordinator_pb2.ListWorkersRequest,
-                               retry=True).workers)
+        return list(
+            self._call("ListWorkers", coordinator_pb2.ListWorkersRequest, retry=True).workers
+        )
 
-    def get_parameters(self, job_id: str, names: Sequence[str] = ()
-                       ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
+    def get_parameters(
+        self, job_id: str, names: Sequence[str] = ()
+    ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
         """``(version, {name: array})`` of a job's parameters (streamed)."""
         deadline = time.monotonic() + self.retry_seconds
         while True:
             try:
                 frames = self.stub.GetParameters(
                     coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
-                    timeout=self.timeout, metadata=call_metadata(self._metadata))
+                    timeout=self.timeout,
+                    metadata=call_metadata(self._metadata),
+                )
                 header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
                 return header.version, OrderedDict(arrays)
             except grpc.RpcError as e:
@@ -111,8 +133,9 @@ class CoordinatorConnection:
                     raise from_rpc_error(e, "GetParameters") from None
             time.sleep(0.2)
 
-    def step(self, job_id: str, step_id: int, batch: dict[str, Any]
-             ) -> coordinator_pb2.StepResponse:
+    def step(
+        self, job_id: str, step_id: int, batch: dict[str, Any]
+    ) -> coordinator_pb2.StepResponse:
         """One raw Step call (retried with the same id on transient errors); ``batch``:
         name -> array or Tensor."""
         req = coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id)
@@ -121,12 +144,16 @@ class CoordinatorConnection:
         return self._call("Step", lambda: req, retry=True)
 
     def register_worker(self, address: str) -> coordinator_pb2.RegisterWorkerResponse:
-        return self._call("RegisterWorker", lambda: coordinator_pb2.RegisterWorkerRequest(
-            address=address), retry=False)
+        return self._call(
+            "RegisterWorker",
+            lambda: coordinator_pb2.RegisterWorkerRequest(address=address),
+            retry=False,
+        )
 
     def heartbeat(self, worker_id: str) -> coordinator_pb2.HeartbeatResponse:
-        return self._call("Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(
-            worker_id=worker_id), retry=False)
+        return self._call(
+            "Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(worker_id=worker_id), retry=False
+        )
 
 
 class WorkerRegistration:
@@ -139,14 +166,16 @@ class WorkerRegistration:
     ``tls`` are those of :class:`CoordinatorConnection`.
     """
 
-    def __init__(self, coordinator: str, worker_address: str, *, token: str | None = None,
-                 tls: Any = None):
-        self.client = CoordinatorConnection(coordinator, token=token, tls=tls, timeout=10.0,
-                                            retry_seconds=0.0)
+    def __init__(
+        self, coordinator: str, worker_address: str, *, token: str | None = None, tls: Any = None
+    ):
+        self.client = CoordinatorConnection(
+            coordinator, token=token, tls=tls, timeout=10.0, retry_seconds=0.0
+        )
         self.address = worker_address
         self.worker_id: str | None = None
         self.interval = 5.0
-        self.last_error: str | None = None     # why the last attempt failed (None: it didn't)
+        self.last_error: str | None = None  # why the last attempt failed (None: it didn't)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -157,8 +186,12 @@ class WorkerRegistration:
             # Logged once per distinct reason: a TLS or token mismatch shows up in the log
             # instead of as a worker that silently never joins.
             if str(e) != self.last_error:
-                log.warning("cannot register %s with the coordinator at %s (retrying): %s",
-                            self.address, self.client.target, e)
+                log.warning(
+                    "cannot register %s with the coordinator at %s (retrying): %s",
+                    self.address,
+                    self.client.target,
+                    e,
+                )
             self.last_error = str(e)
             raise
         self.worker_id, self.interval = r.worker_id, r.heartbeat_interval_seconds or 5.0
@@ -172,8 +205,7 @@ class WorkerRegistration:
             self.register()
         except GradmeshError:
             pass
-        self._thread = threading.Thread(target=self._loop, daemon=True,
-                                        name="gradmesh-heartbeat")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="gradmesh-heartbeat")
         self._thread.start()
         return self
 
@@ -186,7 +218,7 @@ class WorkerRegistration:
                 if not self.client.heartbeat(self.worker_id or "").known:
                     self.register()
             except GradmeshError:
-                continue        # the coordinator is down: keep trying
+                continue  # the coordinator is down: keep trying
 
     def stop(self) -> None:
         self._stop.set()

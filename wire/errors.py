@@ -12,6 +12,7 @@ under (from the ``google.rpc.RequestInfo`` detail):
 ...     print(e.field)                                          # doctest: +SKIP
 parameters[0.weight].data
 """
+
 from __future__ import annotations
 
 import grpc
@@ -27,10 +28,15 @@ class GradmeshError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, code: grpc.StatusCode | str | None = None, message: str = "",
-                 field: str | None = None, method: str | None = None,
-                 request_id: str | None = None):
-        if isinstance(code, str) and not message:      # InvalidArgument("message")
+    def __init__(
+        self,
+        code: grpc.StatusCode | str | None = None,
+        message: str = "",
+        field: str | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+    ):
+        if isinstance(code, str) and not message:  # InvalidArgument("message")
             message = code
         super().__init__(message)
         self.code = code if isinstance(code, grpc.StatusCode) else type(self).code
@@ -47,52 +53,85 @@ class GradmeshError(Exception):
 
 
 def _error_class(name: str, code: grpc.StatusCode, doc: str) -> type[GradmeshError]:
-    return type(name, (GradmeshError,), {"__doc__": doc, "code": code,
-                                         "__module__": __name__})
+    return type(name, (GradmeshError,), {"__doc__": doc, "code": code, "__module__": __name__})
 
 
 C = grpc.StatusCode
 Cancelled = _error_class("Cancelled", C.CANCELLED, "The call was cancelled.")
 Unknown = _error_class("Unknown", C.UNKNOWN, "The server gave no known status.")
 InvalidArgument = _error_class(
-    "InvalidArgument", C.INVALID_ARGUMENT,
-    "The request is malformed: bad graph, unknown op, wrong shape, dtype or length.")
+    "InvalidArgument",
+    C.INVALID_ARGUMENT,
+    "The request is malformed: bad graph, unknown op, wrong shape, dtype or length.",
+)
 DeadlineExceeded = _error_class(
-    "DeadlineExceeded", C.DEADLINE_EXCEEDED,
-    "The call's deadline passed; the server abandoned the computation.")
+    "DeadlineExceeded",
+    C.DEADLINE_EXCEEDED,
+    "The call's deadline passed; the server abandoned the computation.",
+)
 NotFound = _error_class(
-    "NotFound", C.NOT_FOUND,
-    "The server does not know the graph, job or parameter set (register it again).")
-AlreadyExists = _error_class("AlreadyExists", C.ALREADY_EXISTS,
-                             "What the request creates exists already (a job id).")
-PermissionDenied = _error_class("PermissionDenied", C.PERMISSION_DENIED,
-                                "The caller is known but not allowed to do this.")
+    "NotFound",
+    C.NOT_FOUND,
+    "The server does not know the graph, job or parameter set (register it again).",
+)
+AlreadyExists = _error_class(
+    "AlreadyExists", C.ALREADY_EXISTS, "What the request creates exists already (a job id)."
+)
+PermissionDenied = _error_class(
+    "PermissionDenied", C.PERMISSION_DENIED, "The caller is known but not allowed to do this."
+)
 ResourceExhausted = _error_class(
-    "ResourceExhausted", C.RESOURCE_EXHAUSTED,
-    "Over a limit (graph size, tensor elements, message bytes, memory) or server busy.")
+    "ResourceExhausted",
+    C.RESOURCE_EXHAUSTED,
+    "Over a limit (graph size, tensor elements, message bytes, memory) or server busy.",
+)
 FailedPrecondition = _error_class(
-    "FailedPrecondition", C.FAILED_PRECONDITION,
+    "FailedPrecondition",
+    C.FAILED_PRECONDITION,
     "The request is well formed but the server's state does not allow it (a step out "
-    "of order, a parameter set not kept, a device this worker lacks).")
+    "of order, a parameter set not kept, a device this worker lacks).",
+)
 Aborted = _error_class("Aborted", C.ABORTED, "The call was aborted (a conflict); retry.")
 OutOfRange = _error_class("OutOfRange", C.OUT_OF_RANGE, "A value is out of its range.")
-Unimplemented = _error_class("Unimplemented", C.UNIMPLEMENTED,
-                             "The server does not implement this method.")
-Internal = _error_class("Internal", C.INTERNAL,
-                        "A bug on the server; the server logged it and keeps serving.")
-Unavailable = _error_class("Unavailable", C.UNAVAILABLE,
-                           "The server cannot be reached (down, restarting, wrong address).")
+Unimplemented = _error_class(
+    "Unimplemented", C.UNIMPLEMENTED, "The server does not implement this method."
+)
+Internal = _error_class(
+    "Internal", C.INTERNAL, "A bug on the server; the server logged it and keeps serving."
+)
+Unavailable = _error_class(
+    "Unavailable", C.UNAVAILABLE, "The server cannot be reached (down, restarting, wrong address)."
+)
 DataLoss = _error_class("DataLoss", C.DATA_LOSS, "Unrecoverable data loss or corruption.")
-Unauthenticated = _error_class("Unauthenticated", C.UNAUTHENTICATED,
-                               "The server needs a bearer token and it was missing or wrong.")
+Unauthenticated = _error_class(
+    "Unauthenticated",
+    C.UNAUTHENTICATED,
+    "The server needs a bearer token and it was missing or wrong.",
+)
 del C
 
 # One class per status code (OK has none).
 _BY_CODE: dict[grpc.StatusCode, type[GradmeshError]] = {
-    cls.code: cls for cls in (
-        Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists,
-        PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
-        Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated)}
+    cls.code: cls
+    for cls in (
+        Cancelled,
+        Unknown,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        Internal,
+        Unavailable,
+        DataLoss,
+        Unauthenticated,
+    )
+}
 
 
 def error_class(code: grpc.StatusCode) -> type[GradmeshError]:
@@ -147,12 +186,30 @@ def from_rpc_error(error: grpc.RpcError, method: str | None = None) -> GradmeshE
     """The :class:`GradmeshError` subclass for a failed gRPC call."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or str(error)
-    return error_class(code)(code, message, bad_request_field(error), method,
-                             request_id_of(error))
+    return error_class(code)(code, message, bad_request_field(error), method, request_id_of(error))
 
 
-__all__ = ["GradmeshError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded",
-           "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
-           "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
-           "Unavailable", "DataLoss", "Unauthenticated", "REQUEST_ID_KEY", "error_class",
-           "from_rpc_error", "bad_request_field", "request_id_of"]
+__all__ = [
+    "GradmeshError",
+    "Cancelled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+    "REQUEST_ID_KEY",
+    "error_class",
+    "from_rpc_error",
+    "bad_request_field",
+    "request_id_of",
+]

@@ -14,6 +14,7 @@ through protobuf, so every valid message is read and written exactly as protobuf
 
 Field numbers come from the generated descriptors, so the codec follows the .proto files.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Sequence
@@ -26,9 +27,20 @@ from gradmesh.v1 import shard_pb2, tensor_pb2, worker_pb2
 
 from .stream import MAX_CHUNK_BYTES, BufferPool, tensor_buffer
 
-__all__ = ["encode_chunk_frame", "chunk_frames", "decode_stream_frame", "serialize_message",
-           "encode_tensor_field", "field_number", "ChunkFrame", "ChunkView", "FrameDecoder",
-           "frame_decoder", "STREAM_FRAME_CHUNK_FIELD", "SHARD_FRAME_CHUNK_FIELD"]
+__all__ = [
+    "encode_chunk_frame",
+    "chunk_frames",
+    "decode_stream_frame",
+    "serialize_message",
+    "encode_tensor_field",
+    "field_number",
+    "ChunkFrame",
+    "ChunkView",
+    "FrameDecoder",
+    "frame_decoder",
+    "STREAM_FRAME_CHUNK_FIELD",
+    "SHARD_FRAME_CHUNK_FIELD",
+]
 
 _SMALL_VARINTS = [bytes([n]) for n in range(128)]
 
@@ -59,7 +71,7 @@ def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
     raise ValueError("truncated varint")
 
 
-_VARINT, _LEN = 0, 2        # protobuf's wire types
+_VARINT, _LEN = 0, 2  # protobuf's wire types
 
 
 def field_number(message_cls, name: str) -> int:
@@ -80,7 +92,7 @@ _CHUNK_INDEX = _key(tensor_pb2.Chunk, "tensor_index", _VARINT)
 _CHUNK_OFFSET = _key(tensor_pb2.Chunk, "offset", _VARINT)
 _CHUNK_DATA = _key(tensor_pb2.Chunk, "data", _LEN)
 _TENSOR_DTYPE = _key(tensor_pb2.Tensor, "dtype", _VARINT)
-_TENSOR_SHAPE = _key(tensor_pb2.Tensor, "shape", _LEN)          # packed
+_TENSOR_SHAPE = _key(tensor_pb2.Tensor, "shape", _LEN)  # packed
 _TENSOR_DATA = _key(tensor_pb2.Tensor, "data", _LEN)
 _NAMED_NAME = _key(tensor_pb2.NamedTensor, "name", _LEN)
 _NAMED_TENSOR = _key(tensor_pb2.NamedTensor, "tensor", _LEN)
@@ -101,21 +113,25 @@ def _chunk_tag(field: int) -> bytes:
     return _varint(field << 3 | _LEN)
 
 
-def encode_chunk_frame(index: int, offset: int, data,
-                       field: int = STREAM_FRAME_CHUNK_FIELD) -> bytes:
+def encode_chunk_frame(
+    index: int, offset: int, data, field: int = STREAM_FRAME_CHUNK_FIELD
+) -> bytes:
     """A frame holding only ``chunk: Chunk{tensor_index, offset, data}`` as field number
     ``field`` (``StreamFrame``'s 3 by default; ``ShardFrame``'s is 4), serialized exactly
     as protobuf writes it (default-valued fields omitted), copying ``data`` (any buffer,
     e.g. a memoryview slice of an array) once."""
     n = len(data)
-    head = (_CHUNK_INDEX + _varint(index) if index else b"") + \
-        (_CHUNK_OFFSET + _varint(offset) if offset else b"") + \
-        (_CHUNK_DATA + _varint(n) if n else b"")
+    head = (
+        (_CHUNK_INDEX + _varint(index) if index else b"")
+        + (_CHUNK_OFFSET + _varint(offset) if offset else b"")
+        + (_CHUNK_DATA + _varint(n) if n else b"")
+    )
     return b"".join((_chunk_tag(field), _varint(len(head) + n), head, data))
 
 
-def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0,
-                 field: int = STREAM_FRAME_CHUNK_FIELD) -> Iterator[bytes]:
+def chunk_frames(
+    arrays: Iterable, chunk_bytes: int, start: int = 0, field: int = STREAM_FRAME_CHUNK_FIELD
+) -> Iterator[bytes]:
     """Encoded chunk frames of ``arrays`` (header order, see tensor.proto's Chunk): each
     frame reads its piece straight from the array's memory (a strided array's, e.g. a
     broadcast gradient's, through a small staging buffer instead of a contiguous copy of
@@ -124,7 +140,7 @@ def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0,
     (see :func:`encode_chunk_frame`)."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    _chunk_tag(field)                   # a bad field number fails here, not mid-stream
+    _chunk_tag(field)  # a bad field number fails here, not mid-stream
     for index, array in enumerate(arrays, start):
         view = array
         if not isinstance(array, memoryview):
@@ -136,7 +152,7 @@ def chunk_frames(arrays: Iterable, chunk_bytes: int, start: int = 0,
                 continue
             view = tensor_buffer(a)
         for offset in range(0, view.nbytes, chunk_bytes):
-            yield encode_chunk_frame(index, offset, view[offset:offset + chunk_bytes], field)
+            yield encode_chunk_frame(index, offset, view[offset : offset + chunk_bytes], field)
 
 
 def _wire_array_view(x) -> tuple[np.ndarray, dtypes.DType]:
@@ -160,8 +176,9 @@ def _flat_view(a: np.ndarray, wire: np.dtype) -> np.ndarray | None:
     return np.lib.stride_tricks.as_strided(a, (a.size,), (dims[-1][1],), writeable=False)
 
 
-def _staged_frames(index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: int,
-                   field: int) -> Iterator[bytes]:
+def _staged_frames(
+    index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: int, field: int
+) -> Iterator[bytes]:
     """Chunk frames of a strided 1-D view, each piece gathered into a small staging buffer
     first: the same frames as materializing the whole array, without allocating (and the
     kernel zeroing) a second array of its size."""
@@ -170,12 +187,12 @@ def _staged_frames(index: int, flat: np.ndarray, wire: np.dtype, chunk_bytes: in
     stage = _STAGES.allocate(n * flat.itemsize).view(wire)
     raw = memoryview(stage).cast("B")
     if not flat.strides[0]:
-        stage[...] = flat[:n]       # a broadcast scalar: every piece is the same
+        stage[...] = flat[:n]  # a broadcast scalar: every piece is the same
     for start in range(0, flat.size, per_chunk):
-        piece = flat[start:start + per_chunk]
+        piece = flat[start : start + per_chunk]
         if flat.strides[0]:
-            np.copyto(stage[:piece.size], piece)
-        yield encode_chunk_frame(index, start * flat.itemsize, raw[:piece.nbytes], field)
+            np.copyto(stage[: piece.size], piece)
+        yield encode_chunk_frame(index, start * flat.itemsize, raw[: piece.nbytes], field)
 
 
 def serialize_message(message) -> bytes:
@@ -185,6 +202,7 @@ def serialize_message(message) -> bytes:
 
 class ChunkView:
     """A parsed Chunk whose ``data`` is a memoryview into the received frame (no copy)."""
+
     __slots__ = ("tensor_index", "offset", "data")
 
     def __init__(self, tensor_index: int, offset: int, data: memoryview):
@@ -196,6 +214,7 @@ class ChunkView:
 class ChunkFrame:
     """A parsed chunk frame; reads like ``worker_pb2.StreamFrame`` (or ``ShardFrame``)
     holding a chunk for its users."""
+
     __slots__ = ("chunk",)
 
     def __init__(self, chunk: ChunkView):
@@ -209,19 +228,19 @@ def _parse_chunk_frame(buf, tag: bytes) -> ChunkFrame | None:
     """The chunk of a frame in the encoding ``encode_chunk_frame`` writes, ``tag`` being the
     chunk field's key (any field order, default fields omitted or not); None for anything
     else."""
-    if buf[:len(tag)] != tag:
+    if buf[: len(tag)] != tag:
         return None
     size, pos = _read_varint(buf, len(tag), len(buf))
     end = pos + size
     if end != len(buf):
-        return None                  # a second field after the chunk: let protobuf merge
+        return None  # a second field after the chunk: let protobuf merge
     index = offset = 0
     data = memoryview(b"")
     seen = set()
     while pos < end:
         key, pos = _read_varint(buf, pos, end)
         if key in seen:
-            return None              # repeated field: protobuf's last-wins, leave it to it
+            return None  # repeated field: protobuf's last-wins, leave it to it
         seen.add(key)
         if key == _INDEX_KEY:
             index, pos = _read_varint(buf, pos, end)
@@ -231,7 +250,7 @@ def _parse_chunk_frame(buf, tag: bytes) -> ChunkFrame | None:
             n, pos = _read_varint(buf, pos, end)
             if pos + n > end:
                 raise ValueError("truncated data")
-            data = memoryview(buf)[pos:pos + n]
+            data = memoryview(buf)[pos : pos + n]
             pos += n
         else:
             return None
@@ -244,7 +263,7 @@ def _fast_chunk_frame(buf, tag: bytes) -> ChunkFrame | None:
     try:
         return _parse_chunk_frame(buf, tag)
     except ValueError:
-        return None                  # protobuf decides (and names the error)
+        return None  # protobuf decides (and names the error)
 
 
 _STREAM_FRAME_TAG = _chunk_tag(STREAM_FRAME_CHUNK_FIELD)
@@ -277,13 +296,19 @@ class FrameDecoder:
 
     def __init__(self, frame_cls, chunk_field: int):
         fd = frame_cls.DESCRIPTOR.fields_by_number.get(chunk_field)
-        if fd is None or fd.name != "chunk" or fd.containing_oneof is None or \
-                fd.message_type is None or \
-                fd.message_type.full_name != tensor_pb2.Chunk.DESCRIPTOR.full_name:
-            raise ValueError(f"field {chunk_field} of {frame_cls.DESCRIPTOR.full_name} is "
-                             f"not a oneof member `Chunk chunk`")
+        if (
+            fd is None
+            or fd.name != "chunk"
+            or fd.containing_oneof is None
+            or fd.message_type is None
+            or fd.message_type.full_name != tensor_pb2.Chunk.DESCRIPTOR.full_name
+        ):
+            raise ValueError(
+                f"field {chunk_field} of {frame_cls.DESCRIPTOR.full_name} is "
+                f"not a oneof member `Chunk chunk`"
+            )
         self.frame_cls = frame_cls
-        self.DESCRIPTOR = frame_cls.DESCRIPTOR      # noqa: N815  (protobuf's spelling)
+        self.DESCRIPTOR = frame_cls.DESCRIPTOR  # noqa: N815  (protobuf's spelling)
         self._tag = _chunk_tag(chunk_field)
 
     def decode(self, buf: bytes):
@@ -295,8 +320,9 @@ class FrameDecoder:
         return self.frame_cls.FromString(buf)
 
 
-def frame_decoder(frame_cls, chunk_field: int = STREAM_FRAME_CHUNK_FIELD
-                  ) -> Callable[[bytes], object]:
+def frame_decoder(
+    frame_cls, chunk_field: int = STREAM_FRAME_CHUNK_FIELD
+) -> Callable[[bytes], object]:
     """gRPC deserializer for ``frame_cls`` whose chunk is field ``chunk_field`` (e.g.
     ``frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD)``); see
     :class:`FrameDecoder`."""
@@ -327,7 +353,9 @@ def encode_tensor_field(field: int, x, name: str | None = None) -> list:
     if name is None:
         return [_varint(field << 3 | _LEN) + _varint(tensor_len) + body, data]
     name_b = name.encode()
-    named = (_NAMED_NAME + _varint(len(name_b)) + name_b if name_b else b"") + \
-        _NAMED_TENSOR + _varint(tensor_len)
-    return [_varint(field << 3 | _LEN) + _varint(len(named) + tensor_len) + named + body,
-            data]
+    named = (
+        (_NAMED_NAME + _varint(len(name_b)) + name_b if name_b else b"")
+        + _NAMED_TENSOR
+        + _varint(tensor_len)
+    )
+    return [_varint(field << 3 | _LEN) + _varint(len(named) + tensor_len) + named + body, data]

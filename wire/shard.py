@@ -6,6 +6,7 @@ streaming RPC of shards and coordinators uses (a header frame, then the tensors'
 the frame codec, :func:`receive_frames` to read either); and :class:`RemoteShard`, the
 client of a shard server, with the methods of the coordinator's embedded shard.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
@@ -22,9 +23,17 @@ from .errors import GradmeshError, error_class, request_id_of
 from .frames import SHARD_FRAME_CHUNK_FIELD, chunk_frames, frame_decoder, serialize_message
 from .stream import DEFAULT_CHUNK_BYTES, Assembler, BufferPool, chunks, tensor_buffer
 
-__all__ = ["RemoteShard", "optimizer_to_proto", "optimizer_from_proto", "stream_frames",
-           "shard_frames", "receive_frames", "named_headers", "SERVICE_NAME",
-           "STREAM_CHUNK_BYTES"]
+__all__ = [
+    "RemoteShard",
+    "optimizer_to_proto",
+    "optimizer_from_proto",
+    "stream_frames",
+    "shard_frames",
+    "receive_frames",
+    "named_headers",
+    "SERVICE_NAME",
+    "STREAM_CHUNK_BYTES",
+]
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"].full_name
 # Chunk size of the shard's streams (frames are encoded straight from the arrays); 1, 2
@@ -39,8 +48,16 @@ _pulled_buffers = BufferPool(PULL_POOL_BYTES)
 
 # ------------------------------------------------------------------ optimizer messages --
 
-_PROTO_FIELDS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps",
-                 "amsgrad", "maximize")
+_PROTO_FIELDS = (
+    "lr",
+    "momentum",
+    "dampening",
+    "nesterov",
+    "weight_decay",
+    "eps",
+    "amsgrad",
+    "maximize",
+)
 
 
 def optimizer_from_proto(msg: shard_pb2.Optimizer, field: str = "optimizer") -> dict:
@@ -52,8 +69,10 @@ def optimizer_from_proto(msg: shard_pb2.Optimizer, field: str = "optimizer") -> 
             desc[key] = getattr(msg, key)
     if msg.HasField("beta1") or msg.HasField("beta2"):
         default = optim.HYPERPARAMETERS.get(msg.name, {}).get("betas", (0.9, 0.999))
-        desc["betas"] = [msg.beta1 if msg.HasField("beta1") else default[0],
-                         msg.beta2 if msg.HasField("beta2") else default[1]]
+        desc["betas"] = [
+            msg.beta1 if msg.HasField("beta1") else default[0],
+            msg.beta2 if msg.HasField("beta2") else default[1],
+        ]
     try:
         return optim.validate(desc)
     except ValueError as e:
@@ -74,8 +93,10 @@ def optimizer_to_proto(description: dict) -> shard_pb2.Optimizer:
 
 # ------------------------------------------------------------------ frame streams -------
 
-def stream_frames(frame_cls, kind: str, header, arrays: Iterable,
-                  chunk_bytes: int | None = None) -> Iterator:
+
+def stream_frames(
+    frame_cls, kind: str, header, arrays: Iterable, chunk_bytes: int | None = None
+) -> Iterator:
     """A header frame (``frame_cls(**{kind: header})``) then the Chunk frames of ``arrays``,
     as protobuf messages (for generated stubs; the shard's own streams use
     :func:`shard_frames`).
@@ -88,20 +109,23 @@ def stream_frames(frame_cls, kind: str, header, arrays: Iterable,
         yield frame_cls(chunk=c)
 
 
-def shard_frames(kind: str, header, arrays: Iterable,
-                 chunk_bytes: int | None = None) -> Iterator:
+def shard_frames(kind: str, header, arrays: Iterable, chunk_bytes: int | None = None) -> Iterator:
     """The ``ShardFrame`` stream of ``header`` (field ``kind``) and ``arrays``: the header
     as a message, then chunk frames encoded straight from the arrays' memory (one copy of
     their bytes; send with ``serialize_message``)."""
     yield shard_pb2.ShardFrame(**{kind: header})
-    yield from chunk_frames(arrays, chunk_bytes or STREAM_CHUNK_BYTES,
-                            field=SHARD_FRAME_CHUNK_FIELD)
+    yield from chunk_frames(
+        arrays, chunk_bytes or STREAM_CHUNK_BYTES, field=SHARD_FRAME_CHUNK_FIELD
+    )
 
 
-def receive_frames(frames: Iterator, kind: str, max_total_bytes: int,
-                   max_elements: int | None = None,
-                   allocate: Callable[[int], np.ndarray] | None = None
-                   ) -> tuple[Any, dict[str, np.ndarray]]:
+def receive_frames(
+    frames: Iterator,
+    kind: str,
+    max_total_bytes: int,
+    max_elements: int | None = None,
+    allocate: Callable[[int], np.ndarray] | None = None,
+) -> tuple[Any, dict[str, np.ndarray]]:
     """Read a header frame of ``kind`` and its chunks: ``(header, {name: array})``.
 
     Frames are protobuf messages or the codec's :class:`~gradmesh.wire.frames.ChunkFrame`
@@ -116,8 +140,10 @@ def receive_frames(frames: Iterator, kind: str, max_total_bytes: int,
     asm = Assembler(header, max_total_bytes, max_elements=max_elements, allocate=allocate)
     for frame in frames:
         if frame.WhichOneof("kind") != "chunk":
-            raise WireError(frame.WhichOneof("kind") or "kind",
-                            f"only chunk frames may follow the `{kind}` header")
+            raise WireError(
+                frame.WhichOneof("kind") or "kind",
+                f"only chunk frames may follow the `{kind}` header",
+            )
         asm.add(frame.chunk)
     arrays = asm.finish()
     out: dict[str, np.ndarray] = {}
@@ -140,44 +166,65 @@ def named_headers(repeated, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------ the client ----------
 
+
 class RemoteShard:
     """A shard server, with the same methods as the coordinator's embedded shard (failures
     raise ``GradmeshError`` with the remote status code, so the coordinator treats both
     alike)."""
 
-    def __init__(self, target: str, timeout: float = 60.0, token: str | None = None,
-                 max_message_bytes: int = 64 << 20, tls: Any = None):
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        token: str | None = None,
+        max_message_bytes: int = 64 << 20,
+        tls: Any = None,
+    ):
         self.name = target
         self.timeout = timeout
         # tls: None (plaintext) or a gradmesh TLS (see wire/channel.py).
         # A shard that restarts is dialled again within a second (gRPC's default backoff
         # grows to two minutes): a wedged job resumes as soon as its shard is back.
-        self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes,
-                                options=[("grpc.initial_reconnect_backoff_ms", 100),
-                                         ("grpc.min_reconnect_backoff_ms", 100),
-                                         ("grpc.max_reconnect_backoff_ms", 1000)])
+        self._channel = channel(
+            target,
+            tls=tls,
+            max_message_bytes=max_message_bytes,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
         self._stub = shard_pb2_grpc.ParameterShardStub(self._channel)
         self._metadata = metadata(token)
         # The streams with gradmesh's frame codec (wire/frames.py): the same bytes as
         # protobuf's, with one copy of the tensors' bytes per side instead of three or four.
         method = f"/{SERVICE_NAME}/"
         self._load_call = self._channel.stream_unary(
-            method + "Load", request_serializer=serialize_message,
-            response_deserializer=shard_pb2.LoadResponse.FromString, _registered_method=True)
+            method + "Load",
+            request_serializer=serialize_message,
+            response_deserializer=shard_pb2.LoadResponse.FromString,
+            _registered_method=True,
+        )
         self._push_call = self._channel.stream_unary(
-            method + "PushGradients", request_serializer=serialize_message,
+            method + "PushGradients",
+            request_serializer=serialize_message,
             response_deserializer=shard_pb2.PushGradientsResponse.FromString,
-            _registered_method=True)
+            _registered_method=True,
+        )
         self._pull_call = self._channel.unary_stream(
-            method + "Pull", request_serializer=shard_pb2.PullRequest.SerializeToString,
+            method + "Pull",
+            request_serializer=shard_pb2.PullRequest.SerializeToString,
             response_deserializer=frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD),
-            _registered_method=True)
+            _registered_method=True,
+        )
 
     def _error(self, e: grpc.RpcError, method: str) -> GradmeshError:
         # No field: the shard's field names its own request, not the caller's.
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-        return error_class(code)(code, f"shard {self.name}: {e.details()}", None, method,
-                                 request_id_of(e))
+        return error_class(code)(
+            code, f"shard {self.name}: {e.details()}", None, method, request_id_of(e)
+        )
 
     def _call(self, method: str, fn, *args):
         try:
@@ -192,39 +239,58 @@ class RemoteShard:
         return r.version, r.last_step_id
 
     def pull(self, job_id, version=0, names=(), copy=True):
-        frames = self._call("Pull", self._pull_call, shard_pb2.PullRequest(
-            job_id=job_id, version=version, names=list(names)))
+        frames = self._call(
+            "Pull",
+            self._pull_call,
+            shard_pb2.PullRequest(job_id=job_id, version=version, names=list(names)),
+        )
         try:
             # The caller drops a version's arrays when it pulls the next: pooled memory.
-            header, arrays = receive_frames(iter(frames), "pulled", 1 << 40,
-                                            allocate=_pulled_buffers.allocate)
+            header, arrays = receive_frames(
+                iter(frames), "pulled", 1 << 40, allocate=_pulled_buffers.allocate
+            )
         except grpc.RpcError as e:
             raise self._error(e, "Pull") from None
         return header.version, arrays
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients,
-             attempt=0):
-        header = shard_pb2.PushGradientsRequest(job_id=job_id, step_id=step_id,
-                                                micro_batch=micro_batch,
-                                                micro_batches=micro_batches, version=version,
-                                                attempt=attempt)
+    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+        header = shard_pb2.PushGradientsRequest(
+            job_id=job_id,
+            step_id=step_id,
+            micro_batch=micro_batch,
+            micro_batches=micro_batches,
+            version=version,
+            attempt=attempt,
+        )
         values = named_headers(header.gradients, gradients)
         r = self._call("PushGradients", self._push_call, shard_frames("push", header, values))
         return r.duplicate, r.received
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False,
-              attempt=0):
-        r = self._call("Apply", self._stub.Apply, shard_pb2.ApplyRequest(
-            job_id=job_id, step_id=step_id, micro_batches=micro_batches, version=version,
-            checkpoint=checkpoint_now, attempt=attempt))
+    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False, attempt=0):
+        r = self._call(
+            "Apply",
+            self._stub.Apply,
+            shard_pb2.ApplyRequest(
+                job_id=job_id,
+                step_id=step_id,
+                micro_batches=micro_batches,
+                version=version,
+                checkpoint=checkpoint_now,
+                attempt=attempt,
+            ),
+        )
         return r.version, r.already_applied, r.apply_seconds
 
     def status(self, job_id, wait: float = 2.0):
         """``(version, last step id)`` of the job, None when the shard lacks it; waits up
         to ``wait`` seconds for a shard that is (re)starting."""
         try:
-            r = self._stub.Status(shard_pb2.ShardStatusRequest(), metadata=self._metadata,
-                                  timeout=min(self.timeout, wait), wait_for_ready=True)
+            r = self._stub.Status(
+                shard_pb2.ShardStatusRequest(),
+                metadata=self._metadata,
+                timeout=min(self.timeout, wait),
+                wait_for_ready=True,
+            )
         except grpc.RpcError as e:
             raise self._error(e, "Status") from None
         for j in r.jobs:
@@ -233,7 +299,7 @@ class RemoteShard:
         return None
 
     def checkpoint(self):
-        pass        # a shard server checkpoints itself (Apply's flag, and on shutdown)
+        pass  # a shard server checkpoints itself (Apply's flag, and on shutdown)
 
     def close(self):
         self._channel.close()

@@ -11,6 +11,7 @@ names, shapes and offsets travel over gRPC (``SharedMemory`` in worker.proto).
 The worker keeps segments it has opened mapped (:class:`Attached`), so a client that
 reuses its segments call after call pays for page mapping once.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,13 +27,13 @@ import numpy as np
 
 from gradmesh.core.sharedmem import (
     HEADER,
-    K,
     LEGACY_NAME,
     MEMFD_NAME,
     NAME,
     POPULATE,
     REQUIRED_SEALS,
     WIRE_ORDER,
+    K,
     Segment,
     SegmentError,
     header_matches,
@@ -42,19 +43,21 @@ from gradmesh.core.sharedmem import (
 
 try:
     import fcntl
-except ImportError:         # not on Windows
+except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Attached", "Pool", "place", "available", "same_host_target", "MAPPED_SEGMENTS"]
 
-MAPPED_SEGMENTS = 16        # segments a worker keeps mapped (Attached)
+MAPPED_SEGMENTS = 16  # segments a worker keeps mapped (Attached)
 
 # What the worker says about a segment it cannot use, whatever the reason (not a process
 # it may open, no such descriptor, not a sealed gradmesh segment, the wrong secret): one
 # message, so that a caller learns nothing about another user's processes from it.
-REFUSED = ("the worker cannot use this segment: it is not a sealed gradmesh segment of a "
-           "process of the worker's user holding the name's secret (is the client on "
-           "another host, in another container, or another user?)")
+REFUSED = (
+    "the worker cannot use this segment: it is not a sealed gradmesh segment of a "
+    "process of the worker's user holding the name's secret (is the client on "
+    "another host, in another container, or another user?)"
+)
 _MEMFD_LINK = f"/memfd:{MEMFD_NAME}"
 
 
@@ -77,14 +80,18 @@ def _open(pid: int, fd: int, secret: str) -> tuple[int, int, mmap.mmap]:
     real = -1
     try:
         st = os.fstat(path)
-        if not stat.S_ISREG(st.st_mode) or not os.readlink(
-                f"/proc/self/fd/{path}").startswith(_MEMFD_LINK):
+        if not stat.S_ISREG(st.st_mode) or not os.readlink(f"/proc/self/fd/{path}").startswith(
+            _MEMFD_LINK
+        ):
             raise SegmentError(REFUSED)
         real = os.open(f"/proc/self/fd/{path}", os.O_RDWR | os.O_CLOEXEC)
         seals = fcntl.fcntl(real, fcntl.F_GET_SEALS)
-        size = os.fstat(real).st_size       # final: the seals forbid any change
-        if (seals & REQUIRED_SEALS) != REQUIRED_SEALS or size < HEADER or not \
-                header_matches(os.pread(real, HEADER, 0), secret):
+        size = os.fstat(real).st_size  # final: the seals forbid any change
+        if (
+            (seals & REQUIRED_SEALS) != REQUIRED_SEALS
+            or size < HEADER
+            or not header_matches(os.pread(real, HEADER, 0), secret)
+        ):
             raise SegmentError(REFUSED)
         buf = mmap.mmap(real, size, flags=mmap.MAP_SHARED | POPULATE)
         return st.st_dev, st.st_ino, buf
@@ -100,11 +107,12 @@ def _parse(name: str) -> tuple[int, int, str]:
     m = NAME.match(name)
     if m is None:
         if LEGACY_NAME.match(name):
-            raise SegmentError("this worker takes sealed memory segments "
-                               "(gradmesh-<pid>-<fd>-<32 hex digits>), not files in "
-                               "/dev/shm: send the bytes, or upgrade the client")
-        raise SegmentError("not a gradmesh segment name "
-                           "(gradmesh-<pid>-<fd>-<32 hex digits>)")
+            raise SegmentError(
+                "this worker takes sealed memory segments "
+                "(gradmesh-<pid>-<fd>-<32 hex digits>), not files in "
+                "/dev/shm: send the bytes, or upgrade the client"
+            )
+        raise SegmentError("not a gradmesh segment name (gradmesh-<pid>-<fd>-<32 hex digits>)")
     return int(m.group(1)), int(m.group(2)), m.group(3)
 
 
@@ -132,7 +140,7 @@ class Attached:
                     if name in self._maps:
                         self._maps.move_to_end(name)
                 return hit[2]
-            with self._lock:            # closed by its creator: never to be used again
+            with self._lock:  # closed by its creator: never to be used again
                 if self._maps.get(name) is hit:
                     del self._maps[name]
             raise SegmentError(REFUSED)
@@ -142,7 +150,7 @@ class Attached:
             self._maps[name] = (dev, ino, buf)
             self._maps.move_to_end(name)
             while len(self._maps) > self.capacity:
-                self._maps.popitem(last=False)   # closed when no array views it any more
+                self._maps.popitem(last=False)  # closed when no array views it any more
         return buf
 
     def _prune(self) -> None:
@@ -174,8 +182,9 @@ def _held(pid: int, fd: int, inode: tuple[int, int]) -> bool:
     return (st.st_dev, st.st_ino) == inode
 
 
-def place(pool: "Pool", arrays: Mapping[K, np.ndarray], write: bool = True
-          ) -> tuple[Segment, dict[K, int]]:
+def place(
+    pool: "Pool", arrays: Mapping[K, np.ndarray], write: bool = True
+) -> tuple[Segment, dict[K, int]]:
     """A segment from ``pool`` laid out for ``arrays`` (name -> array), and the offsets;
     with ``write`` the arrays' bytes are copied in (little-endian, C order)."""
     offsets, size = layout((n, a.nbytes) for n, a in arrays.items())
@@ -186,11 +195,10 @@ def place(pool: "Pool", arrays: Mapping[K, np.ndarray], write: bool = True
             offset = offsets[name]
             if a.flags.c_contiguous and a.dtype.byteorder in WIRE_ORDER and a.size:
                 # Already the wire's bytes: one memcpy, without an array over the segment.
-                buf[offset:offset + a.nbytes] = memoryview(a).cast("B")
+                buf[offset : offset + a.nbytes] = memoryview(a).cast("B")
             else:
                 seg.view(offset, a.dtype.newbyteorder("<"), a.shape)[...] = a
     return seg, offsets
-
 
 
 class Pool:

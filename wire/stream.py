@@ -8,6 +8,7 @@ that stream large tensors again and again take those buffers from a ``BufferPool
 reuses memory once nothing refers to it any more. (The frames themselves have a codec of
 their own that copies each chunk once: :mod:`gradmesh.wire.frames`.)
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,9 +23,19 @@ from gradmesh.core import dtypes
 from gradmesh.core.serialize import RESOURCE_EXHAUSTED, WireError, check_header, decode, wire_array
 from gradmesh.v1 import tensor_pb2
 
-__all__ = ["split_for_stream", "chunks", "tensor_buffer", "Assembler", "StreamSlot",
-           "BufferPool", "DEFAULT_CHUNK_BYTES", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES",
-           "FRAME_OVERHEAD_BYTES", "chunk_for"]
+__all__ = [
+    "split_for_stream",
+    "chunks",
+    "tensor_buffer",
+    "Assembler",
+    "StreamSlot",
+    "BufferPool",
+    "DEFAULT_CHUNK_BYTES",
+    "MIN_CHUNK_BYTES",
+    "MAX_CHUNK_BYTES",
+    "FRAME_OVERHEAD_BYTES",
+    "chunk_for",
+]
 
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
@@ -36,6 +47,8 @@ def chunk_for(max_message_bytes: int, chunk_bytes: int = MAX_CHUNK_BYTES) -> int
     """The largest chunk up to ``chunk_bytes`` whose stream message fits
     ``max_message_bytes`` (a peer's limit)."""
     return max(1, min(chunk_bytes, max_message_bytes - FRAME_OVERHEAD_BYTES))
+
+
 DEFAULT_CHUNK_BYTES = 2 << 20
 
 
@@ -47,7 +60,6 @@ def tensor_buffer(x) -> memoryview:
         # memoryview.cast refuses a shape with a zero in it, e.g. (0, 3).
         return memoryview(b"")
     return memoryview(a).cast("B")
-
 
 
 def _tensor_fields(message, tensor_fields: Sequence[str] | None) -> list:
@@ -68,8 +80,9 @@ def _tensor_fields(message, tensor_fields: Sequence[str] | None) -> list:
             fields.append(fd)
     if tensor_fields is not None and len(fields) != len(set(tensor_fields)):
         known = {fd.name for fd in message.DESCRIPTOR.fields}
-        raise TypeError(f"{message.DESCRIPTOR.name} has no field(s) "
-                        f"{sorted(set(tensor_fields) - known)}")
+        raise TypeError(
+            f"{message.DESCRIPTOR.name} has no field(s) {sorted(set(tensor_fields) - known)}"
+        )
     return sorted(fields, key=lambda fd: fd.number)
 
 
@@ -114,8 +127,9 @@ def _copy_field(dst, fd, value) -> None:
         setattr(dst, fd.name, value)
 
 
-def split_for_stream(message, tensor_fields: Sequence[str] | None = None
-                     ) -> tuple[object, list[memoryview]]:
+def split_for_stream(
+    message, tensor_fields: Sequence[str] | None = None
+) -> tuple[object, list[memoryview]]:
     """A streaming header (the message with its tensors' data left empty) and the data of
     each tensor as a memoryview, in header order.
 
@@ -134,8 +148,11 @@ def split_for_stream(message, tensor_fields: Sequence[str] | None = None
     buffers = []
     named = tensor_pb2.NamedTensor.DESCRIPTOR.full_name
     for fd in fields:
-        items = list(getattr(message, fd.name)) if _is_repeated(fd) else (
-            [getattr(message, fd.name)] if message.HasField(fd.name) else [])
+        items = (
+            list(getattr(message, fd.name))
+            if _is_repeated(fd)
+            else ([getattr(message, fd.name)] if message.HasField(fd.name) else [])
+        )
         for item in items:
             t = item.tensor if fd.message_type.full_name == named else item
             target = getattr(header, fd.name)
@@ -153,20 +170,25 @@ def split_for_stream(message, tensor_fields: Sequence[str] | None = None
     return header, buffers
 
 
-def chunks(buffers: Iterable, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-           ) -> Iterator[tensor_pb2.Chunk]:
+def chunks(buffers: Iterable, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tensor_pb2.Chunk]:
     """Cut each buffer (bytes, memoryview or array) into ``Chunk`` messages of at most
     ``chunk_bytes``; a buffer of zero bytes yields no chunk."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     for index, buf in enumerate(buffers):
-        mv = buf if isinstance(buf, memoryview) else (
-            tensor_buffer(buf) if not isinstance(buf, (bytes, bytearray)) else memoryview(buf))
+        mv = (
+            buf
+            if isinstance(buf, memoryview)
+            else (
+                tensor_buffer(buf) if not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
+            )
+        )
         mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
         for offset in range(0, mv.nbytes, chunk_bytes):
             # protobuf takes only bytes: one copy of each piece.
-            yield tensor_pb2.Chunk(tensor_index=index, offset=offset,
-                                   data=bytes(mv[offset:offset + chunk_bytes]))
+            yield tensor_pb2.Chunk(
+                tensor_index=index, offset=offset, data=bytes(mv[offset : offset + chunk_bytes])
+            )
 
 
 def _empty_bytes(nbytes: int) -> np.ndarray:
@@ -195,7 +217,7 @@ class BufferPool:
     def __init__(self, max_idle_bytes: int, min_bytes: int = MIN_CHUNK_BYTES):
         self.max_idle_bytes = max_idle_bytes
         self.min_bytes = min_bytes
-        self._idle: list[np.ndarray] = []       # least recently freed first
+        self._idle: list[np.ndarray] = []  # least recently freed first
         # Filled by finalizers, which run on any thread, even inside the collector while
         # this thread holds the lock: they append here and take the lock only if it is free.
         self._freed: collections.deque = collections.deque()
@@ -223,7 +245,7 @@ class BufferPool:
                 base = _empty_bytes(nbytes)
             except MemoryError:
                 with self._lock:
-                    self._idle.clear()          # idle memory first, then try once more
+                    self._idle.clear()  # idle memory first, then try once more
                 base = _empty_bytes(nbytes)
         # The array's views all lead to this memoryview (NumPy collapses view chains onto
         # the first non-array base), so it dies exactly when the last of them does.
@@ -252,9 +274,10 @@ class BufferPool:
 @dataclass
 class StreamSlot:
     """One streamed tensor: where it sits in the header and what it holds."""
-    path: str                  # e.g. "parameters[w1]"; errors name f"{path}.data"
-    field: str                 # the top-level field, e.g. "parameters"
-    name: str | None           # the NamedTensor's name, None for a bare Tensor
+
+    path: str  # e.g. "parameters[w1]"; errors name f"{path}.data"
+    field: str  # the top-level field, e.g. "parameters"
+    name: str | None  # the NamedTensor's name, None for a bare Tensor
     dtype: dtypes.DType
     shape: tuple
     nbytes: int
@@ -280,9 +303,15 @@ class Assembler:
     tensor by tensor, each tensor's bytes contiguous from offset 0.
     """
 
-    def __init__(self, header, max_total_bytes: int, *, tensor_fields: Sequence[str] | None = None,
-                 max_elements: int | None = None,
-                 allocate: Callable[[int], np.ndarray] | None = None):
+    def __init__(
+        self,
+        header,
+        max_total_bytes: int,
+        *,
+        tensor_fields: Sequence[str] | None = None,
+        max_elements: int | None = None,
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ):
         """``allocate(nbytes)``, if given, supplies each tensor's uint8 buffer (e.g.
         :meth:`BufferPool.allocate`, to reuse memory across streams); default ``np.empty``."""
         self.header = header
@@ -291,13 +320,17 @@ class Assembler:
         total = 0
         for path, name, t, _holder in _walk(header, self._fields):
             if len(t.data):
-                raise WireError(f"{path}.data", "a streamed header must not carry data; send "
-                                "it in chunks")
+                raise WireError(
+                    f"{path}.data", "a streamed header must not carry data; send it in chunks"
+                )
             dtype, shape, nbytes = check_header(t, field=path, max_elements=max_elements)
             total += nbytes
             if total > max_total_bytes:
-                raise WireError(f"{path}.shape", f"the streamed tensors need more than "
-                                f"{max_total_bytes} bytes in all", RESOURCE_EXHAUSTED)
+                raise WireError(
+                    f"{path}.shape",
+                    f"the streamed tensors need more than {max_total_bytes} bytes in all",
+                    RESOURCE_EXHAUSTED,
+                )
             self.slots.append(StreamSlot(path, path.split("[")[0], name, dtype, shape, nbytes))
         self.total_bytes = total
         # Uninitialised: every byte is overwritten by a chunk, and finish() refuses a
@@ -310,9 +343,12 @@ class Assembler:
             except MemoryError:
                 # Within the limits but more than this process can get now: a limit too.
                 self._buffers = []
-                raise WireError(f"{s.path}.shape", f"cannot allocate {s.nbytes} bytes for "
-                                f"this tensor now ({total} bytes in all); send less",
-                                RESOURCE_EXHAUSTED) from None
+                raise WireError(
+                    f"{s.path}.shape",
+                    f"cannot allocate {s.nbytes} bytes for "
+                    f"this tensor now ({total} bytes in all); send less",
+                    RESOURCE_EXHAUSTED,
+                ) from None
         self._views = [memoryview(b) for b in self._buffers]
         self._filled = [0] * len(self.slots)
         self._current = 0
@@ -320,8 +356,10 @@ class Assembler:
         self._skip_empty()
 
     def _skip_empty(self) -> None:
-        while self._current < len(self.slots) and \
-                self._filled[self._current] == self.slots[self._current].nbytes:
+        while (
+            self._current < len(self.slots)
+            and self._filled[self._current] == self.slots[self._current].nbytes
+        ):
             self._current += 1
 
     def add(self, chunk) -> None:
@@ -330,25 +368,36 @@ class Assembler:
         unknown tensor index, a chunk out of order or past the tensor's end."""
         i = chunk.tensor_index
         if i >= len(self.slots):
-            raise WireError("chunk.tensor_index", f"is {i} but the header has "
-                            f"{len(self.slots)} tensors")
+            raise WireError(
+                "chunk.tensor_index", f"is {i} but the header has {len(self.slots)} tensors"
+            )
         slot = self.slots[i]
         if i != self._current:
-            expected = (f"tensor {self._current} ({self.slots[self._current].path})"
-                        if self._current < len(self.slots) else "no more chunks")
-            raise WireError("chunk.tensor_index", f"chunk for tensor {i} ({slot.path}) out of "
-                            f"order; expected {expected}")
+            expected = (
+                f"tensor {self._current} ({self.slots[self._current].path})"
+                if self._current < len(self.slots)
+                else "no more chunks"
+            )
+            raise WireError(
+                "chunk.tensor_index",
+                f"chunk for tensor {i} ({slot.path}) out of order; expected {expected}",
+            )
         data = chunk.data
         if chunk.offset != self._filled[i]:
-            raise WireError("chunk.offset", f"{slot.path}: got offset {chunk.offset}, expected "
-                            f"{self._filled[i]} (chunks must be contiguous and in order)")
+            raise WireError(
+                "chunk.offset",
+                f"{slot.path}: got offset {chunk.offset}, expected "
+                f"{self._filled[i]} (chunks must be contiguous and in order)",
+            )
         end = chunk.offset + len(data)
         if end > slot.nbytes:
-            raise WireError("chunk.data", f"{slot.path}: chunk ends at byte {end}, past the "
-                            f"tensor's {slot.nbytes} bytes")
+            raise WireError(
+                "chunk.data",
+                f"{slot.path}: chunk ends at byte {end}, past the tensor's {slot.nbytes} bytes",
+            )
         if not data:
             raise WireError("chunk.data", f"{slot.path}: empty chunk")
-        self._views[i][chunk.offset:end] = data
+        self._views[i][chunk.offset : end] = data
         self._filled[i] = end
         self._skip_empty()
 
@@ -361,12 +410,15 @@ class Assembler:
         ``WireError`` if any tensor is incomplete."""
         if not self.done:
             slot = self.slots[self._current]
-            raise WireError(f"{slot.path}.data", f"stream ended after "
-                            f"{self._filled[self._current]} of {slot.nbytes} bytes")
+            raise WireError(
+                f"{slot.path}.data",
+                f"stream ended after {self._filled[self._current]} of {slot.nbytes} bytes",
+            )
         if self._arrays is None:
-            self._arrays = [decode(buf, s.dtype, s.shape, s.path)
-                            for buf, s in zip(self._buffers, self.slots)]
-            self._buffers, self._views = [], []     # the arrays own the memory now
+            self._arrays = [
+                decode(buf, s.dtype, s.shape, s.path) for buf, s in zip(self._buffers, self.slots)
+            ]
+            self._buffers, self._views = [], []  # the arrays own the memory now
         return list(self._arrays)
 
     def finish_message(self):

@@ -9,6 +9,7 @@ container or user; no memory for a segment) gets bytes from then on; one that no
 knows the graph (NOT_FOUND: it restarted or evicted it) gets the graph again, once, by
 whichever path the call took.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -35,9 +36,21 @@ from .frames import (
 from .sharedmem import Pool, place, same_host_target
 from .stream import Assembler, BufferPool, chunk_for
 
-__all__ = ["Reply", "Request", "WorkerTransport", "read_reply", "shared_request",
-           "shared_gradients", "decode_reply", "data_names", "shared_memory_refused", "SHARED",
-           "UNARY", "STREAM", "SERVICE_NAME"]
+__all__ = [
+    "Reply",
+    "Request",
+    "WorkerTransport",
+    "read_reply",
+    "shared_request",
+    "shared_gradients",
+    "decode_reply",
+    "data_names",
+    "shared_memory_refused",
+    "SHARED",
+    "UNARY",
+    "STREAM",
+    "SERVICE_NAME",
+]
 
 # Streamed replies are assembled in memory reused once the caller has dropped the arrays
 # of earlier replies (fresh pages cost the kernel more than gRPC costs the bytes); shared
@@ -64,6 +77,7 @@ _DATA = field_number(worker_pb2.ComputeGradientsRequest, "data")
 class Reply:
     """A decoded ComputeGradients reply: arrays by name, the worker's timings and the id
     it knows the graph by."""
+
     loss: np.ndarray
     outputs: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
@@ -73,25 +87,41 @@ class Reply:
     @property
     def compute_seconds(self) -> float:
         """The worker's forward + backward."""
-        return self.timings.get("forward_seconds", 0.0) + \
-            self.timings.get("backward_seconds", 0.0)
+        return self.timings.get("forward_seconds", 0.0) + self.timings.get("backward_seconds", 0.0)
 
 
 # ------------------------------------------------------------------ requests -------------
+
 
 class Request:
     """Everything a ComputeGradients request holds but the tensors' bytes, for one graph,
     signature (names, shapes, dtypes) and set of options: the same from step to step, so
     a caller keeps it instead of building it every call."""
-    __slots__ = ("head", "tail", "data_names", "wanted", "param_bytes", "data_bytes",
-                 "unary", "shared")
 
-    def __init__(self, head: bytes, tail: bytes, data_names: list[str], wanted: list[str],
-                 param_bytes: int, data_bytes: int):
-        self.head = head                # graph id: the tensors go between head and tail
-        self.tail = tail                # gradients, outputs, loss scale, seed
+    __slots__ = (
+        "head",
+        "tail",
+        "data_names",
+        "wanted",
+        "param_bytes",
+        "data_bytes",
+        "unary",
+        "shared",
+    )
+
+    def __init__(
+        self,
+        head: bytes,
+        tail: bytes,
+        data_names: list[str],
+        wanted: list[str],
+        param_bytes: int,
+        data_bytes: int,
+    ):
+        self.head = head  # graph id: the tensors go between head and tail
+        self.tail = tail  # gradients, outputs, loss scale, seed
         self.data_names = data_names
-        self.wanted = wanted            # gradients asked for ([]: all)
+        self.wanted = wanted  # gradients asked for ([]: all)
         self.param_bytes = param_bytes
         self.data_bytes = data_bytes
         # (bytes before the tensor's data, wire dtype) per tensor: built on first unary use.
@@ -101,21 +131,32 @@ class Request:
         self.shared: dict[tuple, bytes] = {}
 
     @classmethod
-    def build(cls, graph_id: str, wanted: list[str], outputs: list[str], loss_scale, seed,
-              data_names: list[str], param_bytes: int, data_bytes: int) -> "Request":
+    def build(
+        cls,
+        graph_id: str,
+        wanted: list[str],
+        outputs: list[str],
+        loss_scale,
+        seed,
+        data_names: list[str],
+        param_bytes: int,
+        data_bytes: int,
+    ) -> "Request":
         head = worker_pb2.ComputeGradientsRequest(graph_id=graph_id).SerializeToString()
         tail = worker_pb2.ComputeGradientsRequest(
-            gradients=wanted, outputs=outputs, loss_scale=loss_scale,
-            seed=seed).SerializeToString()
+            gradients=wanted, outputs=outputs, loss_scale=loss_scale, seed=seed
+        ).SerializeToString()
         return cls(head, tail, data_names, wanted, param_bytes, data_bytes)
 
     def unary_request(self, params, data) -> bytes:
         """The request with the tensors' bytes in it (the one copy before gRPC's own)."""
         headers = self.unary
         if headers is None:
-            headers = [(encode_tensor_field(number, a, n)[0], a.dtype.newbyteorder("<"))
-                       for number, pairs in ((_PARAMETERS, params), (_DATA, data))
-                       for n, a in pairs]
+            headers = [
+                (encode_tensor_field(number, a, n)[0], a.dtype.newbyteorder("<"))
+                for number, pairs in ((_PARAMETERS, params), (_DATA, data))
+                for n, a in pairs
+            ]
             self.unary = headers
         pieces: list[bytes | memoryview] = [self.head]
         append = pieces.append
@@ -141,25 +182,38 @@ def data_names(graph: graph_pb2.Graph, n: int) -> list[str]:
 
 
 def _headers(arrays) -> list[tensor_pb2.NamedTensor]:
-    return [tensor_pb2.NamedTensor(name=n, tensor=to_proto(a, data=False))
-            for n, a in (arrays or {}).items()]
+    return [
+        tensor_pb2.NamedTensor(name=n, tensor=to_proto(a, data=False))
+        for n, a in (arrays or {}).items()
+    ]
 
 
-def shared_request(params: dict[str, np.ndarray], segment: Segment,
-                   offsets: dict[str, int], gradient_segment: Segment,
-                   gradient_offsets: dict[str, int], data: dict[str, np.ndarray] | None = None,
-                   data_offsets: dict[str, int] | None = None, parameter_segment: str = ""
-                   ) -> worker_pb2.ComputeGradientsRequest:
+def shared_request(
+    params: dict[str, np.ndarray],
+    segment: Segment,
+    offsets: dict[str, int],
+    gradient_segment: Segment,
+    gradient_offsets: dict[str, int],
+    data: dict[str, np.ndarray] | None = None,
+    data_offsets: dict[str, int] | None = None,
+    parameter_segment: str = "",
+) -> worker_pb2.ComputeGradientsRequest:
     """The tensors' headers (no bytes) and the ``SharedMemory`` of a request whose
     parameters (and ``data``, if given) are in ``segment`` (the parameters in the segment
     named ``parameter_segment`` instead, if given) and whose gradients go to
     ``gradient_segment``."""
     return worker_pb2.ComputeGradientsRequest(
-        parameters=_headers(params), data=_headers(data),
+        parameters=_headers(params),
+        data=_headers(data),
         shared_memory=worker_pb2.SharedMemory(
-            segment=segment.name, parameter_offsets=offsets, data_offsets=data_offsets,
-            gradient_segment=gradient_segment.name, gradient_offsets=gradient_offsets,
-            parameter_segment=parameter_segment))
+            segment=segment.name,
+            parameter_offsets=offsets,
+            data_offsets=data_offsets,
+            gradient_segment=gradient_segment.name,
+            gradient_offsets=gradient_offsets,
+            parameter_segment=parameter_segment,
+        ),
+    )
 
 
 def _located(params: dict[str, np.ndarray]) -> tuple[str, tuple] | None:
@@ -174,6 +228,7 @@ def _located(params: dict[str, np.ndarray]) -> tuple[str, tuple] | None:
 
 # ------------------------------------------------------------------ replies --------------
 
+
 def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
     """A ``ComputeGradientsStream`` reply: ``(header, arrays, timed)`` with the header's
     response, its tensors in header order (assembled as chunks arrive, so receiving
@@ -184,26 +239,32 @@ def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
     if first is None or first.WhichOneof("kind") != "response":
         raise fail("the worker's reply did not start with a response header")
     header = first.response
-    assembler = Assembler(header, 1 << 62, tensor_fields=("loss", "outputs", "gradients"),
-                          allocate=_reply_buffers.allocate)
+    assembler = Assembler(
+        header,
+        1 << 62,
+        tensor_fields=("loss", "outputs", "gradients"),
+        allocate=_reply_buffers.allocate,
+    )
     timed = header
     for frame in replies:
         if frame.WhichOneof("kind") == "chunk":
             assembler.add(frame.chunk)
         elif assembler.done and timed is header:
-            timed = frame.response          # the trailing timings of an early stream
+            timed = frame.response  # the trailing timings of an early stream
         else:
             raise fail("the worker sent a second header in its reply")
     return header, assembler.finish(), timed
 
 
-def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray,
-                     offsets: dict[str, int]) -> dict[str, np.ndarray]:
+def shared_gradients(
+    resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray, offsets: dict[str, int]
+) -> dict[str, np.ndarray]:
     """The gradients a worker wrote into the segment ``buf`` (uint8) views, as views
     (checked against the response's dtypes and shapes and the segment's bounds)."""
     if not resp.gradients_in_shared_memory:
-        raise SegmentError("the worker did not write the gradients to shared "
-                           "memory (a worker that predates it?)")
+        raise SegmentError(
+            "the worker did not write the gradients to shared memory (a worker that predates it?)"
+        )
     out = {}
     size = buf.nbytes
     for nt in resp.gradients:
@@ -220,8 +281,7 @@ def shared_gradients(resp: worker_pb2.ComputeGradientsResponse, buf: np.ndarray,
         name, dtype, shape, nbytes = hit
         offset = offsets.get(name)
         if offset is None or dtype is None or offset + nbytes > size or nbytes < 0:
-            raise SegmentError(f"the worker's gradient {name!r} does not fit what was "
-                               f"asked for")
+            raise SegmentError(f"the worker's gradient {name!r} does not fit what was asked for")
         out[name] = np.ndarray(shape, dtype, buf, offset)
     return out
 
@@ -230,8 +290,12 @@ def _gradient_header(nt: tensor_pb2.NamedTensor) -> tuple:
     """(name, NumPy dtype or None when unknown, shape, byte size) of a gradient's header."""
     dtype = PROTO_TO_DTYPE.get(nt.tensor.dtype)
     shape = tuple(nt.tensor.shape)
-    return (nt.name, dtype.np if dtype else None, shape,
-            dtype.np.itemsize * math.prod(shape) if dtype else -1)
+    return (
+        nt.name,
+        dtype.np if dtype else None,
+        shape,
+        dtype.np.itemsize * math.prod(shape) if dtype else -1,
+    )
 
 
 _gradient_headers: dict[bytes, tuple] = {}
@@ -239,9 +303,13 @@ _gradient_headers: dict[bytes, tuple] = {}
 
 def _timings(resp: worker_pb2.ComputeGradientsResponse) -> dict[str, float]:
     t = resp.timings
-    return {"decode_seconds": t.decode_seconds, "forward_seconds": t.forward_seconds,
-            "backward_seconds": t.backward_seconds, "encode_seconds": t.encode_seconds,
-            "plan_cached": float(t.plan_cached)}
+    return {
+        "decode_seconds": t.decode_seconds,
+        "forward_seconds": t.forward_seconds,
+        "backward_seconds": t.backward_seconds,
+        "encode_seconds": t.encode_seconds,
+        "plan_cached": float(t.plan_cached),
+    }
 
 
 def _decode(t: tensor_pb2.Tensor, field: str, name: str | None = None) -> np.ndarray:
@@ -254,12 +322,12 @@ def _decode(t: tensor_pb2.Tensor, field: str, name: str | None = None) -> np.nda
     if hit is None or len(data) != hit[1]:
         # The full checks (and errors naming the field), and bool's 0/1 check every time.
         a = from_proto(t, field=field if name is None else f"{field}[{name}]")
-        if _LITTLE and a.dtype != np.bool_:     # else a conversion, or values to check
+        if _LITTLE and a.dtype != np.bool_:  # else a conversion, or values to check
             if len(_reply_headers) >= HEADER_CACHE_ENTRIES:
                 _reply_headers.clear()
             _reply_headers[key] = (a.dtype, len(data))
         return a
-    return np.ndarray(shape, hit[0], data)     # what from_proto returns, in one step
+    return np.ndarray(shape, hit[0], data)  # what from_proto returns, in one step
 
 
 _reply_headers: dict[tuple[int, tuple], tuple[np.dtype, int]] = {}
@@ -271,13 +339,19 @@ def decode_reply(resp: worker_pb2.ComputeGradientsResponse) -> Reply:
     return Reply(
         _decode(resp.loss, "loss"),
         {nt.name: _decode(nt.tensor, "outputs", nt.name) for nt in resp.outputs},
-        {} if resp.gradients_in_shared_memory else
-        {nt.name: _decode(nt.tensor, "gradients", nt.name) for nt in resp.gradients},
-        _timings(resp), resp.graph_id)
+        {}
+        if resp.gradients_in_shared_memory
+        else {nt.name: _decode(nt.tensor, "gradients", nt.name) for nt in resp.gradients},
+        _timings(resp),
+        resp.graph_id,
+    )
 
 
-_SEGMENT_FIELDS = ("shared_memory.segment", "shared_memory.parameter_segment",
-                   "shared_memory.gradient_segment")
+_SEGMENT_FIELDS = (
+    "shared_memory.segment",
+    "shared_memory.parameter_segment",
+    "shared_memory.gradient_segment",
+)
 
 
 def shared_memory_refused(e: Exception) -> bool:
@@ -290,12 +364,13 @@ def shared_memory_refused(e: Exception) -> bool:
     if not isinstance(e, GradmeshError):
         return False
     field = e.field or ""
-    return (e.code == grpc.StatusCode.FAILED_PRECONDITION
-            and field.startswith("shared_memory")) or (
-        e.code == grpc.StatusCode.INVALID_ARGUMENT and field in _SEGMENT_FIELDS)
+    return (
+        e.code == grpc.StatusCode.FAILED_PRECONDITION and field.startswith("shared_memory")
+    ) or (e.code == grpc.StatusCode.INVALID_ARGUMENT and field in _SEGMENT_FIELDS)
 
 
 # ------------------------------------------------------------------ the transport --------
+
 
 class WorkerTransport:
     """How ComputeGradients calls reach one worker (``target`` over ``channel``): the base
@@ -307,22 +382,27 @@ class WorkerTransport:
     ``SegmentError``; :meth:`_transport` is the policy over them.
     """
 
-    def __init__(self, channel: grpc.Channel, target: str, *, segments: Pool | None,
-                 chunk_bytes: int):
+    def __init__(
+        self, channel: grpc.Channel, target: str, *, segments: Pool | None, chunk_bytes: int
+    ):
         self.target = target
         self.chunk_bytes = chunk_bytes
         self.stub = worker_pb2_grpc.WorkerStub(channel)
         # Tensors travel as pre-encoded bytes (encode_tensor_field and the frame codec):
         # protobuf objects would copy every tensor several times.
         self._unary_call = channel.unary_unary(
-            _COMPUTE, request_serializer=serialize_message,
+            _COMPUTE,
+            request_serializer=serialize_message,
             response_deserializer=worker_pb2.ComputeGradientsResponse.FromString,
-            _registered_method=True)
+            _registered_method=True,
+        )
         self._stream_call = channel.stream_stream(
-            _COMPUTE_STREAM, request_serializer=serialize_message,
-            response_deserializer=decode_stream_frame, _registered_method=True)
-        self.segments = segments if segments is not None and same_host_target(target) \
-            else None
+            _COMPUTE_STREAM,
+            request_serializer=serialize_message,
+            response_deserializer=decode_stream_frame,
+            _registered_method=True,
+        )
+        self.segments = segments if segments is not None and same_host_target(target) else None
         # None: not known yet (ask Capabilities); then True or False for good.
         self._shared: bool | None = None if self.segments is not None else False
 
@@ -342,8 +422,13 @@ class WorkerTransport:
                 return False
         return self._shared
 
-    def _transport(self, send: Callable[[str], Reply], mode: str, fallback: str,
-                   resend_graph: Callable[[], object] | None = None) -> tuple[Reply, str]:
+    def _transport(
+        self,
+        send: Callable[[str], Reply],
+        mode: str,
+        fallback: str,
+        resend_graph: Callable[[], object] | None = None,
+    ) -> tuple[Reply, str]:
         """The policy: ``send(mode)``; when shared memory is refused, ``send(fallback)`` and
         bytes from now on; on NOT_FOUND, ``resend_graph()`` and the call once more.
         ``send`` raises ``GradmeshError`` (or ``SegmentError``). Returns the reply and the
@@ -369,8 +454,14 @@ class WorkerTransport:
         """One unary call (``message``: a request or its pre-encoded bytes)."""
         return decode_reply(self._unary_call(message, **kw))
 
-    def _send_stream(self, header: worker_pb2.ComputeGradientsRequest, params: Iterable,
-               data: Iterable, fail: Callable[[str], Exception], **kw) -> Reply:
+    def _send_stream(
+        self,
+        header: worker_pb2.ComputeGradientsRequest,
+        params: Iterable,
+        data: Iterable,
+        fail: Callable[[str], Exception],
+        **kw,
+    ) -> Reply:
         """One streamed call: ``header`` (no tensors) gets the headers of ``params`` and
         ``data`` ((name, array) pairs), whose bytes follow in chunk frames read straight
         from the arrays. A malformed reply raises ``fail(message)``."""
@@ -389,27 +480,26 @@ class WorkerTransport:
 
         resp, arrays_out, timed = read_reply(iter(self._stream_call(frames(), **kw)), fail)
         k = len(resp.outputs)
-        outputs = {nt.name: a for nt, a in zip(resp.outputs, arrays_out[1:1 + k])}
-        received = {nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k:])}
+        outputs = {nt.name: a for nt, a in zip(resp.outputs, arrays_out[1 : 1 + k])}
+        received = {nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k :])}
         # In the order requested (the stream has them in the order backward made them).
         order = list(header.gradients) or [n for n, _ in params]
         grads = {n: received[n] for n in order if n in received}
         grads.update(received)
         return Reply(arrays_out[0], outputs, grads, _timings(timed), resp.graph_id)
 
-    def _send_shared(self, message, gradient_segment: Segment,
-                     gradient_offsets: dict[str, int],
-               **kw) -> Reply:
+    def _send_shared(
+        self, message, gradient_segment: Segment, gradient_offsets: dict[str, int], **kw
+    ) -> Reply:
         """One unary call whose gradients come back in ``gradient_segment``: views of it,
         which return it to the pool when the last is freed. A failed call's segment is
         dropped, not reused: a worker past its deadline may still be writing into it."""
         pool = self.segments
-        assert pool is not None         # only called with shared memory on
+        assert pool is not None  # only called with shared memory on
         try:
             resp = self._unary_call(message, **kw)
             reply = decode_reply(resp)
-            reply.gradients = shared_gradients(resp, pool.lend(gradient_segment),
-                                               gradient_offsets)
+            reply.gradients = shared_gradients(resp, pool.lend(gradient_segment), gradient_offsets)
         except BaseException:
             gradient_segment.close()
             raise
@@ -419,16 +509,19 @@ class WorkerTransport:
         """One call with parameters, data and gradients in shared memory (parameters that
         already live there, ``Module.share_memory()``, are read where they are)."""
         pool = self.segments
-        assert pool is not None         # only called with shared memory on
+        assert pool is not None  # only called with shared memory on
         by_name, data = dict(params), dict(data)
         where = _located(by_name)
-        pseg, offsets = place(pool, {
-            **({} if where else {("p", n): a for n, a in by_name.items()}),
-            **{("d", n): a for n, a in data.items()}})
-        gseg, goffsets = place(
+        pseg, offsets = place(
             pool,
-            {n: by_name[n] for n in (request.wanted or by_name) if n in by_name},
-            write=False)
+            {
+                **({} if where else {("p", n): a for n, a in by_name.items()}),
+                **{("d", n): a for n, a in data.items()},
+            },
+        )
+        gseg, goffsets = place(
+            pool, {n: by_name[n] for n in (request.wanted or by_name) if n in by_name}, write=False
+        )
         done = False
         try:
             # The offsets follow from the signature, which the request is cached under: the
@@ -437,10 +530,15 @@ class WorkerTransport:
             message = request.shared.get(segments)
             if message is None:
                 req = shared_request(
-                    by_name, pseg, dict(where[1]) if where else
-                    {n: offsets["p", n] for n in by_name}, gseg, goffsets,
-                    data, {n: offsets["d", n] for n in data},
-                    parameter_segment=where[0] if where else "")
+                    by_name,
+                    pseg,
+                    dict(where[1]) if where else {n: offsets["p", n] for n in by_name},
+                    gseg,
+                    goffsets,
+                    data,
+                    {n: offsets["d", n] for n in data},
+                    parameter_segment=where[0] if where else "",
+                )
                 message = request.head + req.SerializeToString() + request.tail
                 if len(request.shared) >= SEGMENT_PAIRS_CACHED:
                     request.shared.clear()
@@ -450,4 +548,3 @@ class WorkerTransport:
             return reply
         finally:
             pool.release(pseg) if done else pseg.close()
-

@@ -19,13 +19,43 @@ allowlist: nothing in a graph is executable code.
 
 See ``tracer`` for how a traced graph stays independent of the batch size.
 """
+
 from .executor import execute
-from .ident import (CONST, DATA, GRAPH_VERSION, LOSS, PARAM, STOP_GRADIENT, GraphError,
-                    decode_attrs, encode_attrs, graph_id, is_random, random_seed)
+from .ident import (
+    CONST,
+    DATA,
+    GRAPH_VERSION,
+    LOSS,
+    PARAM,
+    STOP_GRADIENT,
+    GraphError,
+    decode_attrs,
+    encode_attrs,
+    graph_id,
+    is_random,
+    random_seed,
+)
 from .limits import Limits
 from .tracer import TraceError, trace
 from .validation import ValidatedGraph, validate
 
-__all__ = ["GraphError", "TraceError", "Limits", "ValidatedGraph", "trace", "graph_id",
-           "validate", "execute", "encode_attrs", "decode_attrs", "random_seed", "is_random",
-           "GRAPH_VERSION", "LOSS", "PARAM", "DATA", "CONST", "STOP_GRADIENT"]
+__all__ = [
+    "GraphError",
+    "TraceError",
+    "Limits",
+    "ValidatedGraph",
+    "trace",
+    "graph_id",
+    "validate",
+    "execute",
+    "encode_attrs",
+    "decode_attrs",
+    "random_seed",
+    "is_random",
+    "GRAPH_VERSION",
+    "LOSS",
+    "PARAM",
+    "DATA",
+    "CONST",
+    "STOP_GRADIENT",
+]

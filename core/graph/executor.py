@@ -1,5 +1,6 @@
 """The reference executor: a graph evaluated eagerly through the registry (for tests; a
 worker runs the compiled plan of ``gradmesh.core.plan``)."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -11,8 +12,9 @@ from .limits import Limits
 from .validation import ValidatedGraph, validate
 
 
-def execute(graph, params: Mapping, data: Mapping, *, seed: int | None = None,
-            limits: Limits | None = None) -> dict:
+def execute(
+    graph, params: Mapping, data: Mapping, *, seed: int | None = None, limits: Limits | None = None
+) -> dict:
     """Evaluate a graph eagerly through the registry: outputs by name, as Tensors.
 
     ``params`` and ``data`` map input names to Tensors or arrays. Parameters passed as

@@ -1,6 +1,7 @@
 """What a graph is made of, as the wire carries it: value roles, attributes (Python values
 to Attribute messages and back, in the canonical form the graph id hashes), the graph id,
 the seeds of random nodes, and ``GraphError``."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,10 +18,10 @@ from ..serialize import PROTO_TO_DTYPE
 from .limits import Limits
 
 GRAPH_VERSION = 1
-LOSS = "loss"                       # name of the first output
+LOSS = "loss"  # name of the first output
 PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
 ROLE_NAMES = {PARAM: "PARAM", DATA: "DATA", CONST: "CONST"}
-STOP_GRADIENT = "stop_gradient"     # the op a traced detach() or no_grad() leaves behind
+STOP_GRADIENT = "stop_gradient"  # the op a traced detach() or no_grad() leaves behind
 
 
 class GraphError(ValueError):
@@ -35,14 +36,20 @@ class GraphError(ValueError):
         self.code = code
 
 
-
 def dtype_of(proto_dtype: int) -> dtypes.DType:
     """The dtype of a ``tensor_pb2.DType`` number (one that validation accepted)."""
     return PROTO_TO_DTYPE[proto_dtype]
 
 
-_KIND_FIELD = {"int": "i", "float": "f", "bool": "b", "str": "s", "ints": "ints",
-               "floats": "floats", "dtype": "dtype"}
+_KIND_FIELD = {
+    "int": "i",
+    "float": "f",
+    "bool": "b",
+    "str": "s",
+    "ints": "ints",
+    "floats": "floats",
+    "dtype": "dtype",
+}
 
 
 def _same_value(kind: str, value, default) -> bool:
@@ -53,8 +60,11 @@ def _same_value(kind: str, value, default) -> bool:
         v, d = float(value), float(default)
         return (v == d and math.copysign(1, v) == math.copysign(1, d)) or (v != v and d != d)
     if kind in ("ints", "floats"):
-        return [float(x) for x in value] == [float(x) for x in default] if kind == "floats" \
+        return (
+            [float(x) for x in value] == [float(x) for x in default]
+            if kind == "floats"
             else [int(x) for x in value] == [int(x) for x in default]
+        )
     if kind == "dtype":
         return dtypes.as_dtype(value) is dtypes.as_dtype(default)
     return type(value) is type(default) and value == default if kind == "bool" else value == default
@@ -94,8 +104,9 @@ def encode_attrs(op: Op, attrs: Mapping[str, Any]) -> list:
     return out
 
 
-def decode_attrs(op: Op, attrs: Sequence, field: str = "attrs",
-                 limits: "Limits | None" = None) -> dict:
+def decode_attrs(
+    op: Op, attrs: Sequence, field: str = "attrs", limits: "Limits | None" = None
+) -> dict:
     """Attribute messages as Python values, with the op's defaults filled in.
 
     Raises ``GraphError`` (field ``f"{field}.{name}"``) for an unknown name, a duplicate,
@@ -107,8 +118,10 @@ def decode_attrs(op: Op, attrs: Sequence, field: str = "attrs",
         f = f"{field}.{a.name}"
         decl = op.attrs.get(a.name)
         if decl is None:
-            raise GraphError(f, f"op {op.name} has no attribute {a.name!r}; it takes "
-                             f"{sorted(op.attrs) or 'none'}")
+            raise GraphError(
+                f,
+                f"op {op.name} has no attribute {a.name!r}; it takes {sorted(op.attrs) or 'none'}",
+            )
         if a.name in values:
             raise GraphError(f, "attribute given twice")
         kind = decl[0]
@@ -119,18 +132,23 @@ def decode_attrs(op: Op, attrs: Sequence, field: str = "attrs",
             continue
         if which != _KIND_FIELD[base]:
             allowed = f"'{_KIND_FIELD[base]}'" + (" or 'none'" if optional else "")
-            raise GraphError(f, f"op {op.name} expects a {kind} attribute (field {allowed}), "
-                             f"got {which or 'no value'}")
+            raise GraphError(
+                f,
+                f"op {op.name} expects a {kind} attribute (field {allowed}), "
+                f"got {which or 'no value'}",
+            )
         if base in ("ints", "floats"):
             seq = getattr(a, which).values
             if len(seq) > max_values:
-                raise GraphError(f, f"{len(seq)} values exceed the limit of {max_values}",
-                                 "RESOURCE_EXHAUSTED")
+                raise GraphError(
+                    f, f"{len(seq)} values exceed the limit of {max_values}", "RESOURCE_EXHAUSTED"
+                )
             values[a.name] = [int(v) for v in seq] if base == "ints" else [float(v) for v in seq]
         elif base == "dtype":
             if a.dtype not in dtypes._BY_NAME:
-                raise GraphError(f, f"unknown dtype {a.dtype!r}; expected one of "
-                                 f"{sorted(dtypes._BY_NAME)}")
+                raise GraphError(
+                    f, f"unknown dtype {a.dtype!r}; expected one of {sorted(dtypes._BY_NAME)}"
+                )
             values[a.name] = a.dtype
         else:
             values[a.name] = getattr(a, which)
@@ -147,14 +165,13 @@ def random_seed(call_seed: int, node_index: int) -> int:
     draws the same dropout mask for the same (call seed, node); the result fits the int64
     ``seed`` attribute of random ops.
     """
-    state = np.random.SeedSequence([int(call_seed) & (2 ** 64 - 1), int(node_index)])
-    return int(state.generate_state(1, np.uint64)[0]) & (2 ** 63 - 1)
+    state = np.random.SeedSequence([int(call_seed) & (2**64 - 1), int(node_index)])
+    return int(state.generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 def is_random(op: Op) -> bool:
     """Random ops (``dropout_mask``) declare an int ``seed`` attribute."""
     return op.attrs.get("seed", ("",))[0].rstrip("?") == "int"
-
 
 
 def graph_id(graph: graph_pb2.Graph) -> str:

@@ -19,6 +19,7 @@ Trace with a batch size above 1, so that the batch dimension cannot be confused 
 dimensions of size 1. The function runs twice: random ops draw twice from the global
 generator; the graph keeps the first trace's seeds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,23 +39,31 @@ from ..hooks import _dispatch
 from ..registry import REGISTRY, Op, OpError, Spec
 from ..serialize import from_proto, to_proto
 from ..tensor import Tensor
-from .ident import (CONST, DATA, GRAPH_VERSION, LOSS, PARAM, ROLE_NAMES, STOP_GRADIENT,
-                    dtype_of, encode_attrs, is_random)
+from .ident import (
+    CONST,
+    DATA,
+    GRAPH_VERSION,
+    LOSS,
+    PARAM,
+    ROLE_NAMES,
+    STOP_GRADIENT,
+    dtype_of,
+    encode_attrs,
+    is_random,
+)
 
-_TO_END = 2 ** 63 - 1               # a slice stop meaning "to the end of the dimension"
+_TO_END = 2**63 - 1  # a slice stop meaning "to the end of the dimension"
 
 
 class TraceError(ValueError):
     """A function that cannot be traced into a batch-size-independent graph."""
 
 
-
 # Ops whose result can be a view of their first input (NumPy returns one): a view's value
 # is the op applied to its base's current value, so a traced graph can replay the op after
 # the base changed in place. Writing through a view needs the inverse as well, which
 # ``expand`` (a read-only broadcast) lacks.
-_VIEW_OPS = frozenset({"reshape", "permute", "slice", "flip", "expand", STOP_GRADIENT,
-                       "to_device"})
+_VIEW_OPS = frozenset({"reshape", "permute", "slice", "flip", "expand", STOP_GRADIENT, "to_device"})
 _WRITABLE_VIEWS = _VIEW_OPS - {"expand"}
 # In-place ops whose gradient with respect to the changed tensor is the identity: applied
 # under no_grad() to a tensor that carries a gradient, ``t + stop_gradient(other)`` is what
@@ -62,10 +71,14 @@ _WRITABLE_VIEWS = _VIEW_OPS - {"expand"}
 _ADDITIVE = frozenset({"add_", "sub_", "+=", "-="})
 # The out-of-place form that error messages suggest, per in-place op.
 _OUT_OF_PLACE = {
-    "add_": "t = t + other", "+=": "t = t + other",
-    "sub_": "t = t - other", "-=": "t = t - other",
-    "mul_": "t = t * other", "*=": "t = t * other",
-    "div_": "t = t / other", "/=": "t = t / other",
+    "add_": "t = t + other",
+    "+=": "t = t + other",
+    "sub_": "t = t - other",
+    "-=": "t = t - other",
+    "mul_": "t = t * other",
+    "*=": "t = t * other",
+    "div_": "t = t / other",
+    "/=": "t = t / other",
     "clamp_": "t = t.clamp(min, max)",
     "zero_": "t = gm.zeros_like(t)",
     "fill_": "t = gm.full_like(t, value)",
@@ -98,33 +111,42 @@ class _Tracer:
         self.batch = batch
         self.batch2 = None if batch is None else 2 * batch + 1
         self.ref: dict[int, tuple] = {}  # id(live tensor) -> ("in", i) | ("node", k)
-        self.inputs: list[list] = []     # [name, role, tensor, spec at batch2]
-        self.nodes: list[tuple] = []     # (op, input refs, attrs)
+        self.inputs: list[list] = []  # [name, role, tensor, spec at batch2]
+        self.nodes: list[tuple] = []  # (op, input refs, attrs)
         self.spec2: dict[tuple, Spec] = {}
-        self.diff: set[tuple] = set()    # refs a plan differentiates (Plan.requires)
-        self.stops: dict[tuple, tuple] = {}   # ref -> ref of its stop_gradient node
+        self.diff: set[tuple] = set()  # refs a plan differentiates (Plan.requires)
+        self.stops: dict[tuple, tuple] = {}  # ref -> ref of its stop_gradient node
         # Tensors are tracked while they live (a weak reference forgets one as it dies, so
         # that no id is reused), grouped by the array that owns their memory.
         self.live: dict[int, weakref.ref] = {}
-        self.owner_of: dict[int, int] = {}         # id(tensor) -> id(memory owner)
-        self.groups: dict[int, set[int]] = {}      # id(memory owner) -> ids of tensors
-        self.alias: dict[int, tuple] = {}          # id(view) -> (root tensor, [(op, attrs)])
-        self.version: dict[int, int] = {}          # id(root) -> in-place changes so far
-        self.seen: dict[int, int] = {}             # id(view) -> its root's version at binding
-        self.poisoned: dict[int, str] = {}         # id(tensor) -> why it cannot be read
-        self.external: dict[int, str] = {}         # id(module buffer) -> its name
-        self.made: set[int] = set()                # ids of tensors the factories made
-        self.made_inputs: set[int] = set()         # CONST inputs holding such a tensor
+        self.owner_of: dict[int, int] = {}  # id(tensor) -> id(memory owner)
+        self.groups: dict[int, set[int]] = {}  # id(memory owner) -> ids of tensors
+        self.alias: dict[int, tuple] = {}  # id(view) -> (root tensor, [(op, attrs)])
+        self.version: dict[int, int] = {}  # id(root) -> in-place changes so far
+        self.seen: dict[int, int] = {}  # id(view) -> its root's version at binding
+        self.poisoned: dict[int, str] = {}  # id(tensor) -> why it cannot be read
+        self.external: dict[int, str] = {}  # id(module buffer) -> its name
+        self.made: set[int] = set()  # ids of tensors the factories made
+        self.made_inputs: set[int] = set()  # CONST inputs holding such a tensor
         # Memory that eager backward reads: (array, node, op) per memory owner, for the
         # inputs (and saved results) of the nodes eager autograd differentiates.
         self.saved: dict[int, list] = {}
-        self.internal = 0                # > 0 while an in-place op records its functional form
+        self.internal = 0  # > 0 while an in-place op records its functional form
         self.spelling: str | None = None  # the name an in-place op was called by (+=, sub_)
 
     def close(self) -> None:
         """Stop tracking tensors (the graph is built from ``inputs`` and ``nodes``)."""
-        for d in (self.live, self.owner_of, self.groups, self.alias, self.poisoned,
-                  self.external, self.made, self.saved, self.ref):
+        for d in (
+            self.live,
+            self.owner_of,
+            self.groups,
+            self.alias,
+            self.poisoned,
+            self.external,
+            self.made,
+            self.saved,
+            self.ref,
+        ):
             d.clear()
 
     # -- tensors and their memory ------------------------------------------------------------
@@ -138,8 +160,15 @@ class _Tracer:
         self.groups.setdefault(owner, set()).add(key)
 
     def _forget(self, key: int, _dead=None) -> None:
-        for d in (self.live, self.ref, self.alias, self.version, self.seen, self.poisoned,
-                  self.external):
+        for d in (
+            self.live,
+            self.ref,
+            self.alias,
+            self.version,
+            self.seen,
+            self.poisoned,
+            self.external,
+        ):
             d.pop(key, None)
         self.made.discard(key)
         owner = self.owner_of.pop(key, None)
@@ -204,8 +233,10 @@ class _Tracer:
         floating = result.dtype.is_floating_point
         if op.differentiable and floating:
             grad_mode = is_grad_enabled()
-            refs = [self._stopped(r) if r in self.diff and not (grad_mode and t.requires_grad)
-                    else r for r, t in zip(refs, inputs)]
+            refs = [
+                self._stopped(r) if r in self.diff and not (grad_mode and t.requires_grad) else r
+                for r, t in zip(refs, inputs)
+            ]
         elif op.name == STOP_GRADIENT and refs[0] not in self.diff:
             # Detaching what carries no gradient anyway (data, constants): nothing to stop.
             self._bind(result, refs[0])
@@ -246,8 +277,11 @@ class _Tracer:
                 root, path = self.alias.get(id(t), (t, []))
                 # A step that is not a view op of the first input cannot be replayed.
                 path = path + [(op, attrs if i == 0 and op.name in _VIEW_OPS else None)]
-                if self.ref[id(t)] in self.diff and self.ref[id(result)] not in self.diff \
-                        and op.name != STOP_GRADIENT:
+                if (
+                    self.ref[id(t)] in self.diff
+                    and self.ref[id(result)] not in self.diff
+                    and op.name != STOP_GRADIENT
+                ):
                     # Read through a stop (under no_grad): replays must stop there too.
                     path.append((REGISTRY[STOP_GRADIENT], {}))
                 self.alias[id(result)] = (root, path)
@@ -269,21 +303,33 @@ class _Tracer:
         """Attributes that work at any batch size; records the value's shape at batch2."""
         specs2 = [self.spec2[r] for r in refs]
         # Is the first input's leading dimension the batch?
-        batched = bool(specs2) and len(specs2[0].shape) > 0 and \
-            specs2[0].shape[0] != inputs[0].shape[0]
+        batched = (
+            bool(specs2) and len(specs2[0].shape) > 0 and specs2[0].shape[0] != inputs[0].shape[0]
+        )
         B = self.batch
         if op.name in ("reshape", "expand") and batched and B > 1:
             shape = list(attrs["shape"])
             out = list(result.shape)
             lead = len(shape) - inputs[0].ndim
-            if op.name == "reshape" and shape and shape[0] == B and out[0] == B \
-                    and inputs[0].shape[0] == B:
+            if (
+                op.name == "reshape"
+                and shape
+                and shape[0] == B
+                and out[0] == B
+                and inputs[0].shape[0] == B
+            ):
                 # x.reshape(x.shape[0], -1) recorded the batch size: keep it in front.
                 attrs["shape"] = [-1] + out[1:]
             elif op.name == "expand" and lead >= 0 and shape[lead] == B:
-                attrs["shape"] = shape[:lead] + [-1] + shape[lead + 1:]
-        elif op.name == "slice" and batched and B > 1 and attrs["starts"][:1] == [0] \
-                and attrs["stops"][:1] == [B] and attrs["steps"][:1] == [1]:
+                attrs["shape"] = shape[:lead] + [-1] + shape[lead + 1 :]
+        elif (
+            op.name == "slice"
+            and batched
+            and B > 1
+            and attrs["starts"][:1] == [0]
+            and attrs["stops"][:1] == [B]
+            and attrs["steps"][:1] == [1]
+        ):
             # x[:, ...] records the batch size as the stop of dim 0. Where the op accepts
             # a stop past the end (clamped, as Python slices are), "to the end" is exact.
             candidate = {**attrs, "stops": [_TO_END] + list(attrs["stops"][1:])}
@@ -298,7 +344,8 @@ class _Tracer:
                     f"{tuple(inputs[0].shape)} over every dimension (x[:, ...]) records the "
                     f"batch size as the stop of dimension 0. Move the batch out of the slice "
                     f"(e.g. x.narrow(1, ...), x.split(..., dim=1)) or trace with "
-                    f"batch_dim=False for a fixed batch size.")
+                    f"batch_dim=False for a fixed batch size."
+                )
             attrs = candidate
         try:
             spec = op.infer(*specs2, **attrs)
@@ -312,14 +359,18 @@ class _Tracer:
         for r, t in zip(refs, inputs):
             name = self.inputs[r[1]][0] if r[0] == "in" else f"node {r[1]}"
             role = ROLE_NAMES.get(self.inputs[r[1]][1]) if r[0] == "in" else None
-            parts.append(f"{name or 'a constant'}{' (' + role + ')' if role else ''} "
-                         f"of shape {tuple(t.shape)}")
-        return (f"node {k} ({op.name}) bakes in the batch size {self.batch}: traced at batch "
-                f"size {self.batch} it fails at batch size {self.batch2} ({err}). Inputs: "
-                f"{'; '.join(parts)}. Write shapes relative to the batch: x.flatten(1) or "
-                f"x.reshape(-1, ...) instead of x.reshape({self.batch}, ...), "
-                f"zeros_like(x) instead of zeros({self.batch}, ...); or trace with "
-                f"batch_dim=False for a fixed batch size.")
+            parts.append(
+                f"{name or 'a constant'}{' (' + role + ')' if role else ''} "
+                f"of shape {tuple(t.shape)}"
+            )
+        return (
+            f"node {k} ({op.name}) bakes in the batch size {self.batch}: traced at batch "
+            f"size {self.batch} it fails at batch size {self.batch2} ({err}). Inputs: "
+            f"{'; '.join(parts)}. Write shapes relative to the batch: x.flatten(1) or "
+            f"x.reshape(-1, ...) instead of x.reshape({self.batch}, ...), "
+            f"zeros_like(x) instead of zeros({self.batch}, ...); or trace with "
+            f"batch_dim=False for a fixed batch size."
+        )
 
     # -- in-place ops --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -333,8 +384,9 @@ class _Tracer:
         finally:
             self.spelling = outer
 
-    def inplace(self, name: str, target, new_value: Callable, mutate: Callable,
-                recorded: bool = False) -> None:
+    def inplace(
+        self, name: str, target, new_value: Callable, mutate: Callable, recorded: bool = False
+    ) -> None:
         """Record the in-place op ``name`` on ``target`` functionally.
 
         ``new_value(target)`` computes the changed value out of place, through the
@@ -347,7 +399,7 @@ class _Tracer:
         """
         name = self.spelling or name
         hint = _OUT_OF_PLACE.get(name, "t = <the out-of-place op>(t, ...)")
-        self.lookup(target)              # tracked from here on: a CONST if never seen
+        self.lookup(target)  # tracked from here on: a CONST if never seen
         root, path = self.alias.get(id(target), (target, []))
         others = self._sharing(target)
         keeps_gradient = self._check_writable(name, hint, target, path, others, recorded)
@@ -360,16 +412,19 @@ class _Tracer:
                 if new.dtype is not target.dtype:
                     new = new.to(target.dtype)
             if _may_overlap(new._data, target._data):
-                new = new.clone()        # the check below must see the traced value
+                new = new.clone()  # the check below must see the traced value
             full = self._write_back(root, path, new) if path else new
         finally:
             self.internal -= 1
         mutate()
-        if not _same_bits(new._data, target._data) or \
-                (full is not new and not _same_bits(full._data, root._data)):
-            raise TraceError(f"`{name}`: its traced, out-of-place form gives other values than "
-                             f"the in-place op (shape {tuple(target.shape)}, dtype "
-                             f"{target.dtype}); write it out of place: `{hint}`.")
+        if not _same_bits(new._data, target._data) or (
+            full is not new and not _same_bits(full._data, root._data)
+        ):
+            raise TraceError(
+                f"`{name}`: its traced, out-of-place form gives other values than "
+                f"the in-place op (shape {tuple(target.shape)}, dtype "
+                f"{target.dtype}); write it out of place: `{hint}`."
+            )
         version = self.version.get(id(root), 0) + 1
         self.version[id(root)] = version
         self._bind(root, self.lookup(full))
@@ -378,13 +433,15 @@ class _Tracer:
             self.seen[id(target)] = version
         for t in others:
             entry = self.alias.get(id(t))
-            if t is not root and (entry is None or entry[0] is not root or
-                                  not _replayable(entry[1])):
+            if t is not root and (
+                entry is None or entry[0] is not root or not _replayable(entry[1])
+            ):
                 self.poisoned[id(t)] = (
                     f"a tensor read after `{name}` shares memory with the tensor that it "
                     f"changed in place, but through an op the tracer cannot replay as a view, "
                     f"so a graph cannot give it its new value. Copy it first "
-                    f"(`t = t.clone()`) or write the change out of place: `{hint}`.")
+                    f"(`t = t.clone()`) or write the change out of place: `{hint}`."
+                )
 
     def created(self, t) -> None:
         """A tensor a factory (``zeros``, ``tensor`` ...) made inside the traced function:
@@ -405,20 +462,23 @@ class _Tracer:
         self._check_writable(name, hint, t, [], [])
         if self._sharing(t):
             # Its views would keep the old memory, which the tracer knows as ``t``'s.
-            raise TraceError(f"`{name}` rebinds a tensor that shares its memory with others "
-                             f"(views of it, or what it is a view of); a graph cannot follow "
-                             f"that. Write it out of place: `{hint}`.")
+            raise TraceError(
+                f"`{name}` rebinds a tensor that shares its memory with others "
+                f"(views of it, or what it is a view of); a graph cannot follow "
+                f"that. Write it out of place: `{hint}`."
+            )
         source = value if isinstance(value, Tensor) else Tensor._wrap(value)
-        view = REGISTRY[STOP_GRADIENT](source)        # value's memory, without its gradient
+        view = REGISTRY[STOP_GRADIENT](source)  # value's memory, without its gradient
         assign()
-        self._forget(id(t))                             # its memory changed: track it anew
+        self._forget(id(t))  # its memory changed: track it anew
         self._bind(t, self.lookup(view))
         if id(view) in self.alias:
             self.alias[id(t)] = self.alias[id(view)]
             self.seen[id(t)] = self.seen[id(view)]
 
-    def _check_writable(self, name: str, hint: str, target, path: list, others: list,
-                        recorded: bool = False) -> bool:
+    def _check_writable(
+        self, name: str, hint: str, target, path: list, others: list, recorded: bool = False
+    ) -> bool:
         """Raise ``TraceError`` where the graph cannot follow the in-place op; return whether
         the changed tensor keeps its gradient path (an additive op, see ``_ADDITIVE``)."""
         for t in (target, *others):
@@ -432,14 +492,16 @@ class _Tracer:
                     f"in place: a graph cannot write to its inputs, and eager code would "
                     f"change the caller's {whose} on every call. Write it out of place "
                     f"(`{hint}`), on a copy (`t = t.clone()`) if later code must see the "
-                    f"change.")
+                    f"change."
+                )
             if id(t) in self.external:
                 raise TraceError(
                     f"`{name}` would change{via} the module's buffer {self.external[id(t)]!r} "
                     f"in place: a graph does not write back to the module, so every call "
                     f"would start from the value seen while tracing, while eager code changes "
                     f"it on every call. Compute the new value out of place (`{hint}`) and "
-                    f"update the buffer outside the traced function.")
+                    f"update the buffer outside the traced function."
+                )
             if ref is not None and ref[0] == "in" and ref[1] not in self.made_inputs:
                 raise TraceError(
                     f"`{name}` would change{via} in place a tensor that the traced function "
@@ -447,7 +509,8 @@ class _Tracer:
                     f"from_numpy(), as_tensor() or Tensor() over an existing array): a graph "
                     f"holds it as a constant and cannot carry the change from one call to "
                     f"the next, as eager code would. Change a copy made inside the function "
-                    f"(`t = t.clone()`) or write it out of place: `{hint}`.")
+                    f"(`t = t.clone()`) or write it out of place: `{hint}`."
+                )
         for array, k, op_name in self.saved.get(self.owner_of.get(id(target)), ()):
             if _overlap(array, target._data):
                 raise TraceError(
@@ -455,7 +518,8 @@ class _Tracer:
                     f"{k}) used on the way to a gradient: eager backward would read the changed "
                     f"value for that node's gradient (torch raises 'modified by an inplace "
                     f"operation' here). Write it out of place (`{hint}`), or change a copy "
-                    f"(`t = t.clone()`).")
+                    f"(`t = t.clone()`)."
+                )
         keeps_gradient = self.ref[id(target)] in self.diff
         if keeps_gradient and not recorded and (name not in _ADDITIVE or path):
             raise TraceError(
@@ -464,7 +528,8 @@ class _Tracer:
                 f"the old value, as if the change had not happened, and a graph cannot express "
                 f"that (it can for `+=`, `-=`, add_ and sub_ on a tensor that is not a view). "
                 f"Write it out of place (`{hint}`), so that the gradient follows the new "
-                f"value, or change a detached copy (`t = t.detach().clone()`).")
+                f"value, or change a detached copy (`t = t.detach().clone()`)."
+            )
         for t in others:
             if self.ref.get(id(t)) in self.diff:
                 raise TraceError(
@@ -472,15 +537,16 @@ class _Tracer:
                     f"shares (`y.detach()`, `y.data` and views of y share y's memory), so eager "
                     f"code would change y behind autograd's back, which a graph cannot express. "
                     f"Change a copy (`d = y.detach().clone()`) or write it out of place: "
-                    f"`{hint}`.")
-        blocked = [op.name for op, attrs in path
-                   if attrs is None or op.name not in _WRITABLE_VIEWS]
+                    f"`{hint}`."
+                )
+        blocked = [op.name for op, attrs in path if attrs is None or op.name not in _WRITABLE_VIEWS]
         if blocked:
             what = "a read-only broadcast" if blocked[0] == "expand" else "not a view it inverts"
             raise TraceError(
                 f"`{name}` writes through a view made by {blocked[0]} ({what}), which the "
                 f"tracer cannot write back into the tensor it views. Copy it first "
-                f"(`t = t.clone()`) or write it out of place: `{hint}`.")
+                f"(`t = t.clone()`) or write it out of place: `{hint}`."
+            )
         return keeps_gradient
 
     def _snapshot(self, t) -> None:
@@ -520,13 +586,14 @@ class _Tracer:
             shape2 = self.spec2[self.lookup(t)].shape
             free = [d for d, (a, b) in enumerate(zip(shape, shape2)) if a != b]
             if len(free) > 1:
-                raise TraceError(f"cannot write through a reshape of a tensor of shape "
-                                 f"{tuple(shape)} with more than one batch-dependent "
-                                 f"dimension; trace with batch_dim=False")
+                raise TraceError(
+                    f"cannot write through a reshape of a tensor of shape "
+                    f"{tuple(shape)} with more than one batch-dependent "
+                    f"dimension; trace with batch_dim=False"
+                )
             for d in free:
                 shape[d] = -1
         return shape
-
 
 
 def _memory_owner(array):
@@ -550,7 +617,7 @@ def _overlap(a, b) -> bool:
         return False
     try:
         return bool(backend.xp_of(a).shares_memory(a, b, max_work=100_000))
-    except Exception:        # too hard to decide: assume they do
+    except Exception:  # too hard to decide: assume they do
         return True
 
 
@@ -562,16 +629,24 @@ def _same_bits(a, b) -> bool:
     a, b = backend.to_numpy(a), backend.to_numpy(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
-                          np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+    return np.array_equal(
+        np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+        np.ascontiguousarray(b).reshape(-1).view(np.uint8),
+    )
 
 
 def _as_tensor(x):
     return x if isinstance(x, Tensor) else as_tensor(x)
 
 
-def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
-          batch_dim: bool = True, output_names: Sequence[str] | None = None) -> graph_pb2.Graph:
+def trace(
+    fn: Callable,
+    params,
+    *data,
+    data_names: Sequence[str] | None = None,
+    batch_dim: bool = True,
+    output_names: Sequence[str] | None = None,
+) -> graph_pb2.Graph:
     """Run ``fn(params, *data)`` once and record every op it runs into a ``Graph``.
 
     ``params`` is an ``nn.Module`` (its ``named_parameters()`` become PARAM inputs; ``fn``
@@ -603,8 +678,10 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
     if batch_dim:
         sizes = {n: t.shape[0] for n, t in zip(names, data_t) if t.ndim > 0}
         if len(set(sizes.values())) > 1:
-            raise TraceError(f"trace: data inputs disagree on the batch size {sizes}; pass "
-                             f"batch_dim=False if the first dimension is not the batch")
+            raise TraceError(
+                f"trace: data inputs disagree on the batch size {sizes}; pass "
+                f"batch_dim=False if the first dimension is not the batch"
+            )
         batch = next(iter(sizes.values()), None)
 
     module = hasattr(params, "named_parameters") and callable(params.named_parameters)
@@ -612,12 +689,15 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
         named = list(params.named_parameters())
         arg = params
     else:
-        named = [(str(n), t if isinstance(t, Tensor) else _as_tensor(t))
-                 for n, t in dict(params).items()]
+        named = [
+            (str(n), t if isinstance(t, Tensor) else _as_tensor(t)) for n, t in dict(params).items()
+        ]
         for n, t in named:
             if not t.dtype.is_floating_point:
-                raise TraceError(f"trace: parameter {n!r} has dtype {t.dtype}; parameters "
-                                 f"must be floating point (pass integer tensors as data)")
+                raise TraceError(
+                    f"trace: parameter {n!r} has dtype {t.dtype}; parameters "
+                    f"must be floating point (pass integer tensors as data)"
+                )
         named = [(n, Tensor._wrap(t._data, True)) for n, t in named]
         arg = dict(named)
 
@@ -626,9 +706,10 @@ def trace(fn: Callable, params, *data, data_names: Sequence[str] | None = None,
         # Trace again at another batch size: whatever differs (a constant such as the
         # divisor of x.mean() over the batch, an attribute) baked the batch size in.
         b2 = 2 * batch + 1
-        tiled = [t if t.ndim == 0 else _as_tensor(np.take(np.asarray(t), np.arange(b2) % batch,
-                                                          axis=0))
-                 for t in data_t]
+        tiled = [
+            t if t.ndim == 0 else _as_tensor(np.take(np.asarray(t), np.arange(b2) % batch, axis=0))
+            for t in data_t
+        ]
         graph2 = _trace_once(fn, arg, named, names, tiled, b2)
         graph = _reconcile(graph, graph2, batch, b2)
     return graph
@@ -651,7 +732,7 @@ def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
     try:
         try:
             for p, _ in saved_flags:
-                p.requires_grad = True      # every op on a parameter must be recorded
+                p.requires_grad = True  # every op on a parameter must be recorded
             with enable_grad():
                 result = fn(arg, *data_t)
             # Still tracing: reading an output may replay views of a tensor changed in place.
@@ -662,7 +743,7 @@ def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
                 p.requires_grad = flag
         return _build(tracer, outputs)
     finally:
-        tracer.close()          # drops the weak references, whose callbacks hold the tracer
+        tracer.close()  # drops the weak references, whose callbacks hold the tracer
 
 
 def _output_refs(tracer: _Tracer, result) -> list:
@@ -675,10 +756,15 @@ def _output_refs(tracer: _Tracer, result) -> list:
     else:
         loss, extra = result, {}
     if not isinstance(loss, Tensor) or loss.ndim != 0 or not loss.dtype.is_floating_point:
-        what = f"shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor) \
+        what = (
+            f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
+            if isinstance(loss, Tensor)
             else type(loss).__name__
-        raise TraceError(f"trace: the loss must be a floating scalar Tensor, got {what}; "
-                         f"reduce it with .mean() or .sum()")
+        )
+        raise TraceError(
+            f"trace: the loss must be a floating scalar Tensor, got {what}; "
+            f"reduce it with .mean() or .sum()"
+        )
     outs = [(LOSS, loss)]
     for name, t in extra.items():
         if not isinstance(t, Tensor):
@@ -703,42 +789,73 @@ def _const_value(inp) -> np.ndarray:
 def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> graph_pb2.Graph:
     """``g1`` made batch-size free after comparing it with ``g2``, the same function traced
     at batch size ``b2``; raises TraceError where the batch size is baked in."""
-    advice = ("Write shapes and counts relative to the batch (x.flatten(1), "
-              "x.reshape(-1, ...), zeros_like(x)), or trace with batch_dim=False for a "
-              "fixed batch size.")
+    advice = (
+        "Write shapes and counts relative to the batch (x.flatten(1), "
+        "x.reshape(-1, ...), zeros_like(x)), or trace with batch_dim=False for a "
+        "fixed batch size."
+    )
     ops1, ops2 = [n.op for n in g1.nodes], [n.op for n in g2.nodes]
-    if ops1 != ops2 or len(g1.inputs) != len(g2.inputs) or \
-            [list(n.inputs) for n in g1.nodes] != [list(n.inputs) for n in g2.nodes] or \
-            list(g1.outputs) != list(g2.outputs):
-        k = next((k for k, (a, b) in enumerate(zip(g1.nodes, g2.nodes))
-                  if a.op != b.op or list(a.inputs) != list(b.inputs)), min(len(ops1), len(ops2)))
-        raise TraceError(f"the traced function runs different ops at batch sizes {b1} and "
-                         f"{b2} (from node {k} on): its structure depends on the batch size. "
-                         + advice)
+    if (
+        ops1 != ops2
+        or len(g1.inputs) != len(g2.inputs)
+        or [list(n.inputs) for n in g1.nodes] != [list(n.inputs) for n in g2.nodes]
+        or list(g1.outputs) != list(g2.outputs)
+    ):
+        k = next(
+            (
+                k
+                for k, (a, b) in enumerate(zip(g1.nodes, g2.nodes))
+                if a.op != b.op or list(a.inputs) != list(b.inputs)
+            ),
+            min(len(ops1), len(ops2)),
+        )
+        raise TraceError(
+            f"the traced function runs different ops at batch sizes {b1} and "
+            f"{b2} (from node {k} on): its structure depends on the batch size. " + advice
+        )
     counts: dict[int, int] = {}
     for i, (a, b) in enumerate(zip(g1.inputs, g2.inputs)):
         if a == b:
             continue
-        if a.role == CONST and b.role == CONST and not a.shape and not b.shape \
-                and a.dtype == b.dtype and dtype_of(a.dtype) is not dtypes.bool_:
+        if (
+            a.role == CONST
+            and b.role == CONST
+            and not a.shape
+            and not b.shape
+            and a.dtype == b.dtype
+            and dtype_of(a.dtype) is not dtypes.bool_
+        ):
             v1, v2 = float(_const_value(a)), float(_const_value(b))
-            if v1 == round(v1) and v2 == round(v2) and v1 > 0 and int(v1) % b1 == 0 \
-                    and int(v2) % b2 == 0 and int(v1) // b1 == int(v2) // b2:
-                counts[i] = int(v1) // b1          # a count of m elements per sample
+            if (
+                v1 == round(v1)
+                and v2 == round(v2)
+                and v1 > 0
+                and int(v1) % b1 == 0
+                and int(v2) % b2 == 0
+                and int(v1) // b1 == int(v2) // b2
+            ):
+                counts[i] = int(v1) // b1  # a count of m elements per sample
                 continue
-        what = (f"constant of shape {list(a.shape)}" if a.role == CONST else
-                f"{ROLE_NAMES.get(a.role)} input {a.name!r}")
-        raise TraceError(f"a {what} read by {_consumer(g1, i)} depends on the batch size: it "
-                         f"differs between traces at batch sizes {b1} and {b2}. " + advice)
+        what = (
+            f"constant of shape {list(a.shape)}"
+            if a.role == CONST
+            else f"{ROLE_NAMES.get(a.role)} input {a.name!r}"
+        )
+        raise TraceError(
+            f"a {what} read by {_consumer(g1, i)} depends on the batch size: it "
+            f"differs between traces at batch sizes {b1} and {b2}. " + advice
+        )
     for k, (a, b) in enumerate(zip(g1.nodes, g2.nodes)):
         if a.attrs == b.attrs:
             continue
         random = is_random(REGISTRY[a.op])
         for x, y in zip(a.attrs, b.attrs):
             if x != y and not (random and x.name == "seed"):
-                raise TraceError(f"node {k} ({a.op}) attribute {x.name} depends on the batch "
-                                 f"size: traced at batch sizes {b1} and {b2} it differs "
-                                 f"({_attr_text(x)} vs {_attr_text(y)}). " + advice)
+                raise TraceError(
+                    f"node {k} ({a.op}) attribute {x.name} depends on the batch "
+                    f"size: traced at batch sizes {b1} and {b2} it differs "
+                    f"({_attr_text(x)} vs {_attr_text(y)}). " + advice
+                )
     return _count_batch(g1, counts) if counts else g1
 
 
@@ -757,8 +874,9 @@ def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
     """
     batched = [i for i, inp in enumerate(g.inputs) if inp.role == DATA and inp.shape[:1] == [-1]]
     if not batched:
-        raise TraceError("a constant depends on the batch size, but no DATA input has a "
-                         "batch dimension")
+        raise TraceError(
+            "a constant depends on the batch size, but no DATA input has a batch dimension"
+        )
     d = batched[0]
     rank = len(g.inputs[d].shape)
     out = graph_pb2.Graph(version=g.version)
@@ -822,8 +940,9 @@ def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:
             live_nodes.add(idx)
             stack.extend(tracer.nodes[idx][1])
     # PARAM and DATA inputs first, in the order given, then constants as first met.
-    order = [i for i, inp in enumerate(tracer.inputs) if inp[1] != CONST] + \
-            [i for i, inp in enumerate(tracer.inputs) if inp[1] == CONST and i in live_inputs]
+    order = [i for i, inp in enumerate(tracer.inputs) if inp[1] != CONST] + [
+        i for i, inp in enumerate(tracer.inputs) if inp[1] == CONST and i in live_inputs
+    ]
     number = {("in", i): v for v, i in enumerate(order)}
     g = graph_pb2.Graph(version=GRAPH_VERSION)
     taken = {tracer.inputs[i][0] for i in order if tracer.inputs[i][0]}

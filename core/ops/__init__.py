@@ -5,4 +5,5 @@ is the incoming gradient, ``out`` the forward result, and the op's inputs follow
 their own names. Forward functions take and return arrays; vjps take and return Tensors,
 built with differentiable ops so that higher-order gradients work.
 """
-from . import elementwise, reduce, shape, linalg, nn, norm, conv, activation  # noqa: F401
+
+from . import activation, conv, elementwise, linalg, nn, norm, reduce, shape  # noqa: F401

@@ -1,10 +1,11 @@
 """Smooth and piecewise activations of modern networks: ``silu``, ``mish``, ``hardswish``.
 Each vjp is written with differentiable ops, so second order works (hardswish's is
 piecewise linear in ``x``, as in torch)."""
+
 from __future__ import annotations
 
-from ..registry import defop
 from ..functional import sigmoid, softplus, tanh, where
+from ..registry import defop
 from .elementwise import _float, _float_infer, sigmoid_p
 
 

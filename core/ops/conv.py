@@ -5,6 +5,7 @@ and ``pad_grad``, its adjoint: each one's vjp is the other, so double backward w
 constant padding crops. Transposed and 1-D convolutions and adaptive pooling are
 compositions in ``gradmesh.core.nn.functional`` over ``conv2d``'s ops and ``matmul``.
 """
+
 from __future__ import annotations
 
 from ..registry import OpError, Spec, defop, fmt
@@ -20,23 +21,32 @@ def _pad_shape(op: str, shape, pad, mode, grad: bool = False) -> tuple:
     if mode not in _MODES:
         raise OpError(f"{op}: mode must be one of {_MODES}, got {mode!r}")
     if len(pad) % 2 or len(pad) > 2 * len(shape):
-        raise OpError(f"{op}: the padding length must be even and at most twice the input's "
-                      f"dims, got pad {list(pad)} for shape {fmt(shape)}")
+        raise OpError(
+            f"{op}: the padding length must be even and at most twice the input's "
+            f"dims, got pad {list(pad)} for shape {fmt(shape)}"
+        )
     out = list(shape)
     for i in range(len(pad) // 2):
         d = len(shape) - 1 - i
         lo, hi = pad[2 * i], pad[2 * i + 1]
         n = shape[d] - lo - hi if grad else shape[d]
-        if mode != "constant" and (lo < 0 or hi < 0 or
-                                   (mode == "reflect" and max(lo, hi) >= n) or n == 0):
-            raise OpError(f"{op}: {mode} padding {list(pad)} does not fit dim {d} of size {n} "
-                          f"(input shape {fmt(shape)}): pads must be >= 0" +
-                          (" and less than the dim's size" if mode == "reflect" else
-                           " and the dim non-empty"))
+        if mode != "constant" and (
+            lo < 0 or hi < 0 or (mode == "reflect" and max(lo, hi) >= n) or n == 0
+        ):
+            raise OpError(
+                f"{op}: {mode} padding {list(pad)} does not fit dim {d} of size {n} "
+                f"(input shape {fmt(shape)}): pads must be >= 0"
+                + (
+                    " and less than the dim's size"
+                    if mode == "reflect"
+                    else " and the dim non-empty"
+                )
+            )
         out[d] = n if grad else n + lo + hi
         if out[d] < 0 or (not grad and n + lo + hi < 0):
-            raise OpError(f"{op}: padding {list(pad)} makes dim {d} of input shape "
-                          f"{fmt(shape)} negative")
+            raise OpError(
+                f"{op}: padding {list(pad)} makes dim {d} of input shape {fmt(shape)} negative"
+            )
     return tuple(out)
 
 
@@ -63,9 +73,11 @@ def _widths(ndim, pad):
 _PAD_ATTRS = {"pad": ("ints", []), "mode": ("str", "constant")}
 
 
-@defop("pad", infer=lambda x, pad, mode, value: Spec(_pad_shape("pad", x.shape, pad, mode),
-                                                     x.dtype),
-       attrs={**_PAD_ATTRS, "value": ("float", 0.0)})
+@defop(
+    "pad",
+    infer=lambda x, pad, mode, value: Spec(_pad_shape("pad", x.shape, pad, mode), x.dtype),
+    attrs={**_PAD_ATTRS, "value": ("float", 0.0)},
+)
 def pad_p(xp, x, pad, mode, value):
     if mode != "constant":
         return xp.pad(x, _widths(x.ndim, pad), mode=_NUMPY_MODE[mode])
@@ -86,11 +98,12 @@ def _fold(xp, g, d, lo, hi, mode):
 
     def at(a, b):
         return (slice(None),) * d + (slice(a, b),)
+
     out = g[at(lo, lo + n)].copy()
-    if mode == "reflect":       # pad j < lo came from x[lo - j], pad lo+n+m from x[n-2-m]
+    if mode == "reflect":  # pad j < lo came from x[lo - j], pad lo+n+m from x[n-2-m]
         out[at(1, lo + 1)] += xp.flip(g[at(0, lo)], axis=d)
         out[at(n - 1 - hi, n - 1)] += xp.flip(g[at(lo + n, lo + n + hi)], axis=d)
-    else:                       # replicate: every pad copies the edge
+    else:  # replicate: every pad copies the edge
         out[at(0, 1)] += g[at(0, lo)].sum(axis=d, keepdims=True)
         out[at(n - 1, n)] += g[at(lo + n, lo + n + hi)].sum(axis=d, keepdims=True)
     return out

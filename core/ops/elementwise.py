@@ -1,4 +1,5 @@
 """Elementwise primitives: arithmetic, unary math, activations, comparisons, selection."""
+
 from __future__ import annotations
 
 import math
@@ -6,9 +7,9 @@ import math
 import numpy as np
 
 from .. import backend, dtypes
-from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
 from ..factories import zeros_like
 from ..functional import cos, exp, log, sigmoid, sign, sin, tanh, where
+from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
 
 # ===================================================================== arithmetic ======
 
@@ -24,6 +25,7 @@ def _unary_no_bool(op: str, hint: str):
     def infer(a) -> Spec:
         _refuse_bool(op, a, hint)
         return same(a)
+
     return infer
 
 
@@ -35,8 +37,9 @@ def _cast(xp, a, b):
     float64; torch gives float32)."""
     if a.dtype == b.dtype:
         return a, b
-    dt = dtypes.promote(dtypes.from_numpy(a.dtype), dtypes.from_numpy(b.dtype),
-                        a.ndim == 0, b.ndim == 0).np
+    dt = dtypes.promote(
+        dtypes.from_numpy(a.dtype), dtypes.from_numpy(b.dtype), a.ndim == 0, b.ndim == 0
+    ).np
     return a.astype(dt, copy=False), b.astype(dt, copy=False)
 
 
@@ -110,8 +113,10 @@ _infer_pow_shape = binary("pow")
 def _infer_pow(a, b) -> Spec:
     # NumPy would compute bool ** bool in int8, a dtype gradmesh does not have; torch refuses.
     if a.dtype is dtypes.bool_ and b.dtype is dtypes.bool_:
-        raise OpError(f"pow: a bool tensor to a bool power is not supported (shapes "
-                      f"{fmt(a.shape)} and {fmt(b.shape)}); convert one with .long()")
+        raise OpError(
+            f"pow: a bool tensor to a bool power is not supported (shapes "
+            f"{fmt(a.shape)} and {fmt(b.shape)}); convert one with .long()"
+        )
     return _infer_pow_shape(a, b)
 
 
@@ -120,7 +125,7 @@ def pow_p(xp, a, b):
     a, b = _cast(xp, a, b)
     if a.dtype.kind in "iu" and (b < 0).any():
         raise OpError("pow: integers to negative integer powers are not allowed")
-    return a ** b
+    return a**b
 
 
 @pow_p.defvjp
@@ -131,7 +136,7 @@ def _(g, out, a, b):
     if b.requires_grad:
         # d/db a^b = a^b log a, taken as 0 where a == 0 (the limit for b > 0), as torch does.
         ga_safe = where(a == 0, zeros_like(a) + 1, a)
-        gb = g * where(a == 0, zeros_like(a * b), (a ** b) * log(ga_safe))
+        gb = g * where(a == 0, zeros_like(a * b), (a**b) * log(ga_safe))
     return ga, gb
 
 
@@ -146,6 +151,7 @@ def _(g, out, a):
 
 
 # ===================================================================== unary math ======
+
 
 def _float_infer(name):
     return lambda a: floating(name, a)
@@ -261,6 +267,7 @@ def _(g, out, a):
 
 # ==================================================================== activations ======
 
+
 @defop("relu", infer=_unary_no_bool("relu", "convert it with .float() or .long()"))
 def relu_p(xp, a):
     return xp.maximum(a, 0, dtype=a.dtype)
@@ -268,14 +275,16 @@ def relu_p(xp, a):
 
 @relu_p.defvjp
 def _(g, out, a):
-    return (where(a > 0, g, 0.0),)      # a 0-d zero: no array of zeros to allocate
+    return (where(a > 0, g, 0.0),)  # a 0-d zero: no array of zeros to allocate
 
 
 def _infer_leaky_relu(a, negative_slope):
     # torch refuses integers too: int64 * 0.01 would truncate negative values to 0.
     if not a.dtype.is_floating_point:
-        raise OpError(f"leaky_relu: not supported for tensors of dtype {a.dtype.name} (shape "
-                      f"{fmt(a.shape)}); it needs floating point: convert it with .float()")
+        raise OpError(
+            f"leaky_relu: not supported for tensors of dtype {a.dtype.name} (shape "
+            f"{fmt(a.shape)}); it needs floating point: convert it with .float()"
+        )
     return same(a)
 
 
@@ -303,7 +312,7 @@ def gelu_p(xp, a, approximate):
     a = _float(xp, a)
     t = a.dtype.type
     if approximate == "tanh":
-        inner = t(_SQRT_2_OVER_PI) * (a + t(0.044715) * a ** 3)
+        inner = t(_SQRT_2_OVER_PI) * (a + t(0.044715) * a**3)
         return t(0.5) * a * (1 + xp.tanh(inner))
     return t(0.5) * a * (1 + _erf(xp, a * t(1 / math.sqrt(2.0))))
 
@@ -313,8 +322,10 @@ def _erf(xp, x):
     # which only exact GELU needs; CuPy is optional.
     if xp.__name__ == "numpy":
         from scipy.special import erf
+
         return erf(x).astype(x.dtype, copy=False)
     import cupyx.scipy.special
+
     return cupyx.scipy.special.erf(x)
 
 
@@ -325,7 +336,7 @@ def gelu_grad_p(xp, a, approximate):
     t = a.dtype.type
     if approximate == "tanh":
         k = t(_SQRT_2_OVER_PI)
-        inner = k * (a + t(0.044715) * a ** 3)
+        inner = k * (a + t(0.044715) * a**3)
         th = xp.tanh(inner)
         return t(0.5) * (1 + th) + t(0.5) * a * (1 - th * th) * k * (1 + t(3 * 0.044715) * a * a)
     cdf = t(0.5) * (1 + _erf(xp, a * t(1 / math.sqrt(2.0))))
@@ -343,7 +354,7 @@ def _(g, out, a, approximate):
     # Second derivative of gelu.
     if approximate == "tanh":
         k, c = _SQRT_2_OVER_PI, 0.044715
-        u = k * (a + c * a ** 3)
+        u = k * (a + c * a**3)
         du = k * (1 + 3 * c * a * a)
         th = tanh(u)
         sech2 = 1 - th * th
@@ -357,8 +368,9 @@ def _infer_softplus(a, beta, threshold):
     return floating("softplus", a)
 
 
-@defop("softplus", infer=_infer_softplus,
-       attrs={"beta": ("float", 1.0), "threshold": ("float", 20.0)})
+@defop(
+    "softplus", infer=_infer_softplus, attrs={"beta": ("float", 1.0), "threshold": ("float", 20.0)}
+)
 def softplus_p(xp, a, beta, threshold):
     a = _float(xp, a)
     t = a.dtype.type
@@ -383,9 +395,11 @@ def _infer_clamp(a, min, max):
     if not a.dtype.is_floating_point:
         for name, bound in (("min", min), ("max", max)):
             if bound is not None and not float(bound).is_integer():
-                raise OpError(f"clamp: {name}={bound} is not a whole number, but a tensor "
-                              f"of dtype {a.dtype.name} (shape {fmt(a.shape)}) is clamped in "
-                              f"its own dtype; cast it to floating point first (.float())")
+                raise OpError(
+                    f"clamp: {name}={bound} is not a whole number, but a tensor "
+                    f"of dtype {a.dtype.name} (shape {fmt(a.shape)}) is clamped in "
+                    f"its own dtype; cast it to floating point first (.float())"
+                )
     return same(a)
 
 
@@ -404,13 +418,14 @@ def clamp_p(xp, a, min, max):
 
 @clamp_p.defvjp
 def _(g, out, a, min, max):
-    inside = ((a >= min) if min is not None else None)
+    inside = (a >= min) if min is not None else None
     if max is not None:
         inside = (a <= max) if inside is None else inside & (a <= max)
     return (where(inside, g, zeros_like(g)),)
 
 
 # ===================================================================== two-tensor ======
+
 
 @defop("maximum", infer=binary("maximum"), arity=2, broadcast=True)
 def maximum_p(xp, a, b):
@@ -464,10 +479,10 @@ def _select(xp, cond, a, b):
     so the common ``where(cond, g, 0)`` takes one.
     """
     u = xp.dtype(_UINT[a.dtype.itemsize])
-    mask = xp.negative(cond.view(xp.uint8), dtype=u)   # True -> all bits set, in one pass
+    mask = xp.negative(cond.view(xp.uint8), dtype=u)  # True -> all bits set, in one pass
     ub = b.view(u)
     if b.ndim == 0 and not ub and cond.shape == a.shape:
-        mask &= a.view(u)                          # b is +0.0 (or 0): zero bits elsewhere
+        mask &= a.view(u)  # b is +0.0 (or 0): zero bits elsewhere
         return mask.view(a.dtype)
     out = xp.bitwise_xor(a.view(u), ub)
     out = xp.bitwise_and(out, mask, out=out if out.shape == mask.shape else None)
@@ -477,11 +492,12 @@ def _select(xp, cond, a, b):
 
 @where_p.defvjp
 def _(g, out, cond, a, b):
-    return None, where(cond, g, 0.0), where(cond, 0.0, g)      # 0-d zeros: no allocation
+    return None, where(cond, g, 0.0), where(cond, 0.0, g)  # 0-d zeros: no allocation
 
 
 # ==================================================================== comparisons ======
 # Boolean results carry no gradient.
+
 
 def _compare(name, fn):
     def infer(a, b) -> Spec:
@@ -514,6 +530,7 @@ logical_not_p.defvjp(lambda g, out, a: (None,))
 
 # ========================================================================== dtype ======
 
+
 def _infer_cast(a, dtype):
     try:
         return Spec(tuple(a.shape), dtypes.by_name(dtype))
@@ -543,6 +560,7 @@ clone_p.defvjp(lambda g, out, a: (g,))
 # What ``detach()`` and ops run under ``no_grad()`` leave in a traced graph: the identity
 # forward (sharing memory, as detach does), and no vjp at all, so that neither engine
 # sends a gradient through it or through anything computed from it alone.
+
 
 @defop("stop_gradient", infer=same, differentiable=False)
 def stop_gradient_p(xp, a):

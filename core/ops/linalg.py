@@ -1,15 +1,18 @@
 """Matrix products."""
+
 from __future__ import annotations
 
+from ..functional import matmul, mm, reshape, squeeze, unsqueeze
 from ..registry import OpError, Spec, broadcast_shapes, defop, fmt
-from ..functional import matmul, mm, reshape, unsqueeze, squeeze
 from ..unbroadcast import sum_to
 
 
 def _check_dtypes(op, a, b):
     if a.dtype is not b.dtype:
-        raise OpError(f"{op}: expected both tensors to have the same dtype, got {a.dtype} and "
-                      f"{b.dtype}; convert one with .to(dtype)")
+        raise OpError(
+            f"{op}: expected both tensors to have the same dtype, got {a.dtype} and "
+            f"{b.dtype}; convert one with .to(dtype)"
+        )
     if not a.dtype.is_floating_point:
         raise OpError(f"{op}: expected floating point tensors, got {a.dtype}")
 
@@ -19,12 +22,15 @@ def _infer_mm(a, b) -> Spec:
         hint = ""
         if len(a.shape) == 1:
             hint = "; for a vector use matmul, or make it a row with .reshape(1, -1)"
-        raise OpError(f"mm: expected 2-D tensors, got shapes {fmt(a.shape)} and "
-                      f"{fmt(b.shape)}{hint}")
+        raise OpError(
+            f"mm: expected 2-D tensors, got shapes {fmt(a.shape)} and {fmt(b.shape)}{hint}"
+        )
     if a.shape[1] != b.shape[0]:
-        raise OpError(f"mm: shapes {fmt(a.shape)} and {fmt(b.shape)} cannot be multiplied "
-                      f"({a.shape[0]}x{a.shape[1]} and {b.shape[0]}x{b.shape[1]}); the inner "
-                      f"dimensions must match")
+        raise OpError(
+            f"mm: shapes {fmt(a.shape)} and {fmt(b.shape)} cannot be multiplied "
+            f"({a.shape[0]}x{a.shape[1]} and {b.shape[0]}x{b.shape[1]}); the inner "
+            f"dimensions must match"
+        )
     _check_dtypes("mm", a, b)
     return Spec((a.shape[0], b.shape[1]), a.dtype)
 
@@ -64,14 +70,17 @@ def _matrix_vjp(product, g, a, b):
 def _infer_matmul(a, b) -> Spec:
     sa, sb = tuple(a.shape), tuple(b.shape)
     if not sa or not sb:
-        raise OpError(f"matmul: both arguments need at least 1 dimension, got shapes "
-                      f"{fmt(sa)} and {fmt(sb)}")
+        raise OpError(
+            f"matmul: both arguments need at least 1 dimension, got shapes {fmt(sa)} and {fmt(sb)}"
+        )
     _check_dtypes("matmul", a, b)
     ka = sa[-1]
     kb = sb[0] if len(sb) == 1 else sb[-2]
     if ka != kb:
-        raise OpError(f"matmul: shapes {fmt(sa)} and {fmt(sb)} cannot be multiplied "
-                      f"(inner dimensions {ka} and {kb} differ)")
+        raise OpError(
+            f"matmul: shapes {fmt(sa)} and {fmt(sb)} cannot be multiplied "
+            f"(inner dimensions {ka} and {kb} differ)"
+        )
     batch = broadcast_shapes("matmul", sa[:-2], sb[:-2])
     shape = batch + (sa[-2:-1] if len(sa) > 1 else ()) + (sb[-1:] if len(sb) > 1 else ())
     return Spec(shape, a.dtype)
@@ -102,4 +111,3 @@ def _(g, out, a, b):
         gb = sum_to(matmul(a2.mT, g2), b2.shape)
         gb = squeeze(gb, -1) if b.ndim == 1 else gb
     return ga, gb
-

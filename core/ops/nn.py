@@ -7,6 +7,7 @@ other, so first-order backward runs one fast ``xp`` kernel and double backward s
 Optional tensor inputs are separate ops (``nll_loss_weighted``) or compositions in
 ``gradmesh.core.nn.functional`` (conv2d's bias is added after the op), never a None input.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,16 +16,18 @@ import math
 import numpy as np
 
 from .. import dtypes
-from ..registry import OpError, Spec, defop, fmt, norm_dim
 from ..functional import exp, matmul, reshape, sigmoid, sqrt, sum, where
+from ..registry import OpError, Spec, defop, fmt, norm_dim
 
 # ======================================================================== helpers ======
 
 
 def _need_float(op: str, spec, what: str = "input") -> None:
     if not spec.dtype.is_floating_point:
-        raise OpError(f"{op}: expected a floating point {what}, got {spec.dtype} (shape "
-                      f"{fmt(spec.shape)}); convert it with .float()")
+        raise OpError(
+            f"{op}: expected a floating point {what}, got {spec.dtype} (shape "
+            f"{fmt(spec.shape)}); convert it with .float()"
+        )
 
 
 def _need_same_float(op: str, a, b, what_a: str, what_b: str) -> None:
@@ -32,23 +35,29 @@ def _need_same_float(op: str, a, b, what_a: str, what_b: str) -> None:
     promote and return another dtype than infer promised)."""
     _need_float(op, a, what_a)
     if a.dtype is not b.dtype:
-        raise OpError(f"{op}: {what_a} ({a.dtype}) and {what_b} ({b.dtype}) must have the same "
-                      f"dtype; convert one with .to(dtype)")
+        raise OpError(
+            f"{op}: {what_a} ({a.dtype}) and {what_b} ({b.dtype}) must have the same "
+            f"dtype; convert one with .to(dtype)"
+        )
 
 
 def _need_int(op: str, spec, what: str) -> None:
     if spec.dtype not in (dtypes.int64, dtypes.int32):
-        raise OpError(f"{op}: expected {what} of dtype int64 (class indices), got {spec.dtype} "
-                      f"with shape {fmt(spec.shape)}; convert it with .long()")
+        raise OpError(
+            f"{op}: expected {what} of dtype int64 (class indices), got {spec.dtype} "
+            f"with shape {fmt(spec.shape)}; convert it with .long()"
+        )
 
 
 # ================================================================ softmax family ======
+
 
 def _infer_softmax(op):
     def infer(x, dim) -> Spec:
         _need_float(op, x)
         norm_dim(op, dim, len(x.shape))
         return Spec(tuple(x.shape), x.dtype)
+
     return infer
 
 
@@ -68,16 +77,20 @@ def _(g, out, x, dim):
 def _infer_softmax_grad(op):
     def infer(g, out, dim) -> Spec:
         if tuple(g.shape) != tuple(out.shape):
-            raise OpError(f"{op}: gradient of shape {fmt(g.shape)} does not match the output "
-                          f"of shape {fmt(out.shape)}")
+            raise OpError(
+                f"{op}: gradient of shape {fmt(g.shape)} does not match the output "
+                f"of shape {fmt(out.shape)}"
+            )
         _need_same_float(op, out, g, "output", "gradient")
         norm_dim(op, dim, len(out.shape))
         return Spec(tuple(out.shape), out.dtype)
+
     return infer
 
 
-@defop("softmax_grad", infer=_infer_softmax_grad("softmax_grad"), arity=2,
-       attrs={"dim": ("int", -1)})
+@defop(
+    "softmax_grad", infer=_infer_softmax_grad("softmax_grad"), arity=2, attrs={"dim": ("int", -1)}
+)
 def softmax_grad_p(xp, g, out, dim):
     """softmax's vjp in one kernel: out * (g - sum(g * out, dim))."""
     return out * (g - (g * out).sum(axis=dim, keepdims=True))
@@ -88,13 +101,13 @@ def _(v, _res, g, out, dim):
     # Symmetric in g (the softmax Jacobian is); the part for out is the product rule.
     s_vo = sum(v * out, dim=[dim], keepdim=True)
     gg = softmax_grad_p(v, out, dim=dim) if g.requires_grad else None
-    gout = v * (g - sum(g * out, dim=[dim], keepdim=True)) - s_vo * g \
-        if out.requires_grad else None
+    gout = v * (g - sum(g * out, dim=[dim], keepdim=True)) - s_vo * g if out.requires_grad else None
     return gg, gout
 
 
-@defop("log_softmax", infer=_infer_softmax("log_softmax"), attrs={"dim": ("int", -1)},
-       saves_out=True)
+@defop(
+    "log_softmax", infer=_infer_softmax("log_softmax"), attrs={"dim": ("int", -1)}, saves_out=True
+)
 def log_softmax_p(xp, x, dim):
     shifted = x - x.max(axis=dim, keepdims=True)
     shifted -= xp.log(xp.exp(shifted).sum(axis=dim, keepdims=True))
@@ -106,8 +119,12 @@ def _(g, out, x, dim):
     return (log_softmax_grad_p(g, out, dim=dim),)
 
 
-@defop("log_softmax_grad", infer=_infer_softmax_grad("log_softmax_grad"), arity=2,
-       attrs={"dim": ("int", -1)})
+@defop(
+    "log_softmax_grad",
+    infer=_infer_softmax_grad("log_softmax_grad"),
+    arity=2,
+    attrs={"dim": ("int", -1)},
+)
 def log_softmax_grad_p(xp, g, out, dim):
     """log_softmax's vjp in one kernel: g - exp(out) * sum(g, dim)."""
     return g - xp.exp(out) * g.sum(axis=dim, keepdims=True)
@@ -123,6 +140,7 @@ def _(v, _res, g, out, dim):
 
 # ======================================================================== dropout ======
 
+
 def _infer_dropout_mask(x, p, seed) -> Spec:
     _need_float("dropout", x)
     if not 0.0 <= p <= 1.0:
@@ -130,8 +148,7 @@ def _infer_dropout_mask(x, p, seed) -> Spec:
     return Spec(tuple(x.shape), x.dtype)
 
 
-@defop("dropout_mask", infer=_infer_dropout_mask,
-       attrs={"p": ("float", 0.5), "seed": ("int", 0)})
+@defop("dropout_mask", infer=_infer_dropout_mask, attrs={"p": ("float", 0.5), "seed": ("int", 0)})
 def dropout_mask_p(xp, x, p, seed):
     """0 or 1/(1-p), shaped like ``x``; a pure function of (shape, p, seed).
 
@@ -150,16 +167,21 @@ dropout_mask_p.defvjp(lambda g, out, x, p, seed: (None,))
 
 # ===================================================================== layer norm ======
 
+
 def _infer_layer_norm(x, normalized_shape, eps, g=None) -> Spec:
     _need_float("layer_norm", x)
     k = len(normalized_shape)
-    if k == 0 or k > len(x.shape) or tuple(x.shape[len(x.shape) - k:]) != tuple(normalized_shape):
-        raise OpError(f"layer_norm: normalized_shape {fmt(normalized_shape)} must match the "
-                      f"trailing dimensions of the input, got input of shape {fmt(x.shape)}; "
-                      f"pass normalized_shape=input.shape[-k:]")
+    if k == 0 or k > len(x.shape) or tuple(x.shape[len(x.shape) - k :]) != tuple(normalized_shape):
+        raise OpError(
+            f"layer_norm: normalized_shape {fmt(normalized_shape)} must match the "
+            f"trailing dimensions of the input, got input of shape {fmt(x.shape)}; "
+            f"pass normalized_shape=input.shape[-k:]"
+        )
     if g is not None and tuple(g.shape) != tuple(x.shape):
-        raise OpError(f"layer_norm_grad: gradient of shape {fmt(g.shape)} does not match the "
-                      f"input of shape {fmt(x.shape)}")
+        raise OpError(
+            f"layer_norm_grad: gradient of shape {fmt(g.shape)} does not match the "
+            f"input of shape {fmt(x.shape)}"
+        )
     if g is not None:
         _need_same_float("layer_norm_grad", x, g, "input", "gradient")
     return Spec(tuple(x.shape), x.dtype)
@@ -189,8 +211,13 @@ def _(g, out, x, normalized_shape, eps):
     return (layer_norm_grad_p(g, x, normalized_shape=normalized_shape, eps=eps),)
 
 
-@defop("layer_norm_grad", infer=lambda g, x, normalized_shape, eps:
-       _infer_layer_norm(x, normalized_shape, eps, g), arity=2, attrs=_LN_ATTRS, saves_out=True)
+@defop(
+    "layer_norm_grad",
+    infer=lambda g, x, normalized_shape, eps: _infer_layer_norm(x, normalized_shape, eps, g),
+    arity=2,
+    attrs=_LN_ATTRS,
+    saves_out=True,
+)
 def layer_norm_grad_p(xp, g, x, normalized_shape, eps):
     """The vjp of layer_norm: rstd * (g - mean(g) - xhat * mean(g * xhat))."""
     xhat, rstd, axes = _ln_stats(xp, x, len(normalized_shape), eps)
@@ -214,25 +241,31 @@ def _(v, out, g, x, normalized_shape, eps):
 
         def mean(t):
             return sum(t, dim=dims, keepdim=True) / n
+
         gx = -rstd * (mean(v * out) * xhat + mean(v * xhat) * out + mean(g * xhat) * gv)
     return (gv if g.requires_grad else None), gx
 
 
 # ====================================================================== embedding ======
 
+
 def _infer_embedding(indices, weight, padding_idx) -> Spec:
     _need_int("embedding", indices, "indices")
     if len(weight.shape) != 2:
-        raise OpError(f"embedding: expected a 2-D weight (num_embeddings, embedding_dim), got "
-                      f"shape {fmt(weight.shape)}")
+        raise OpError(
+            f"embedding: expected a 2-D weight (num_embeddings, embedding_dim), got "
+            f"shape {fmt(weight.shape)}"
+        )
     return Spec(tuple(indices.shape) + (weight.shape[1],), weight.dtype)
 
 
 def _check_indices(xp, indices, num: int, op: str) -> None:
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= num):
         bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
-        raise IndexError(f"{op}: index {bad} is out of range for a weight with {num} rows; "
-                         f"indices must be in [0, {num})")
+        raise IndexError(
+            f"{op}: index {bad} is out of range for a weight with {num} rows; "
+            f"indices must be in [0, {num})"
+        )
 
 
 @defop("embedding", infer=_infer_embedding, arity=2, attrs={"padding_idx": ("int?", None)})
@@ -243,20 +276,25 @@ def embedding_p(xp, indices, weight, padding_idx):
 
 @embedding_p.defvjp
 def _(g, out, indices, weight, padding_idx):
-    return None, embedding_grad_p(g, indices, num_weights=weight.shape[0],
-                                  padding_idx=padding_idx)
+    return None, embedding_grad_p(g, indices, num_weights=weight.shape[0], padding_idx=padding_idx)
 
 
 def _infer_embedding_grad(g, indices, num_weights, padding_idx) -> Spec:
     _need_int("embedding_grad", indices, "indices")
     if tuple(g.shape[:-1]) != tuple(indices.shape):
-        raise OpError(f"embedding_grad: gradient of shape {fmt(g.shape)} does not match "
-                      f"indices of shape {fmt(indices.shape)}")
+        raise OpError(
+            f"embedding_grad: gradient of shape {fmt(g.shape)} does not match "
+            f"indices of shape {fmt(indices.shape)}"
+        )
     return Spec((num_weights, g.shape[-1]), g.dtype)
 
 
-@defop("embedding_grad", infer=_infer_embedding_grad, arity=2,
-       attrs={"num_weights": ("int", 0), "padding_idx": ("int?", None)})
+@defop(
+    "embedding_grad",
+    infer=_infer_embedding_grad,
+    arity=2,
+    attrs={"num_weights": ("int", 0), "padding_idx": ("int?", None)},
+)
 def embedding_grad_p(xp, g, indices, num_weights, padding_idx):
     """Scatter-add ``g`` into the rows its indices name; the padding row gets nothing."""
     dim = g.shape[-1]
@@ -265,8 +303,9 @@ def embedding_grad_p(xp, g, indices, num_weights, padding_idx):
     rows = g.reshape(-1, dim)
     if hasattr(xp.add, "at"):
         xp.add.at(out, flat, rows)
-    else:   # CuPy before 13 (CuPy is optional)
+    else:  # CuPy before 13 (CuPy is optional)
         import cupyx
+
         cupyx.scatter_add(out, flat, rows)
     if padding_idx is not None:
         out[padding_idx] = 0
@@ -286,8 +325,12 @@ def _(v, out, g, indices, num_weights, padding_idx):
 # one strided slice of the padded input, so Python loops over kh*kw offsets only; then one
 # batched matmul does all groups.
 
-_CONV_ATTRS = {"stride": ("ints", [1, 1]), "padding": ("ints", [0, 0]),
-               "dilation": ("ints", [1, 1]), "groups": ("int", 1)}
+_CONV_ATTRS = {
+    "stride": ("ints", [1, 1]),
+    "padding": ("ints", [0, 0]),
+    "dilation": ("ints", [1, 1]),
+    "groups": ("int", 1),
+}
 
 
 def _conv_out(size, k, s, p, d) -> int:
@@ -295,8 +338,7 @@ def _conv_out(size, k, s, p, d) -> int:
 
 
 def _check_conv_attrs(op, stride, padding, dilation, groups) -> None:
-    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0),
-                        ("dilation", dilation, 1)):
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if len(v) != 2 or any(int(e) < lo for e in v):
             raise OpError(f"{op}: {name} must be 2 integers >= {lo}, got {list(v)}")
     if groups < 1:
@@ -307,33 +349,42 @@ def _conv_shapes(op, x_shape, w_shape, stride, padding, dilation, groups) -> tup
     """Check input and weight against each other; return the output's spatial size."""
     _check_conv_attrs(op, stride, padding, dilation, groups)
     if len(x_shape) != 4 or len(w_shape) != 4:
-        raise OpError(f"{op}: expected a 4-D input (N, C, H, W) and a 4-D weight "
-                      f"(out_channels, in_channels/groups, kh, kw), got input {fmt(x_shape)} "
-                      f"and weight {fmt(w_shape)}")
+        raise OpError(
+            f"{op}: expected a 4-D input (N, C, H, W) and a 4-D weight "
+            f"(out_channels, in_channels/groups, kh, kw), got input {fmt(x_shape)} "
+            f"and weight {fmt(w_shape)}"
+        )
     o, cg, kh, kw = w_shape
     if x_shape[1] != cg * groups:
-        raise OpError(f"{op}: weight of shape {fmt(w_shape)} with groups={groups} expects an "
-                      f"input with {cg * groups} channels, but the input has shape "
-                      f"{fmt(x_shape)} ({x_shape[1]} channels); give the weight "
-                      f"in_channels/groups = {x_shape[1] // groups if groups else '?'} or "
-                      f"check the layout is NCHW")
+        raise OpError(
+            f"{op}: weight of shape {fmt(w_shape)} with groups={groups} expects an "
+            f"input with {cg * groups} channels, but the input has shape "
+            f"{fmt(x_shape)} ({x_shape[1]} channels); give the weight "
+            f"in_channels/groups = {x_shape[1] // groups if groups else '?'} or "
+            f"check the layout is NCHW"
+        )
     if o % groups:
-        raise OpError(f"{op}: out_channels {o} of weight {fmt(w_shape)} must be divisible by "
-                      f"groups={groups}")
+        raise OpError(
+            f"{op}: out_channels {o} of weight {fmt(w_shape)} must be divisible by groups={groups}"
+        )
     ho = _conv_out(x_shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _conv_out(x_shape[3], kw, stride[1], padding[1], dilation[1])
     if ho < 1 or wo < 1:
-        raise OpError(f"{op}: the kernel {kh}x{kw} (dilation {list(dilation)}) is larger than "
-                      f"the padded input of shape {fmt(x_shape)} (padding {list(padding)}); "
-                      f"the output would be {ho}x{wo}")
+        raise OpError(
+            f"{op}: the kernel {kh}x{kw} (dilation {list(dilation)}) is larger than "
+            f"the padded input of shape {fmt(x_shape)} (padding {list(padding)}); "
+            f"the output would be {ho}x{wo}"
+        )
     return ho, wo
 
 
 def _infer_conv2d(x, w, stride, padding, dilation, groups) -> Spec:
     _need_float("conv2d", x)
     if x.dtype is not w.dtype:
-        raise OpError(f"conv2d: input ({x.dtype}) and weight ({w.dtype}) must have the same "
-                      f"dtype; convert one with .to(dtype)")
+        raise OpError(
+            f"conv2d: input ({x.dtype}) and weight ({w.dtype}) must have the same "
+            f"dtype; convert one with .to(dtype)"
+        )
     ho, wo = _conv_shapes("conv2d", x.shape, w.shape, stride, padding, dilation, groups)
     return Spec((x.shape[0], w.shape[0], ho, wo), x.dtype)
 
@@ -346,15 +397,19 @@ def _pad(xp, x, padding, extra=(0, 0), value=0):
         return x
     n, c, h, w = x.shape
     out = xp.full((n, c, h + 2 * ph + eh, w + 2 * pw + ew), value, dtype=x.dtype)
-    out[:, :, ph:ph + h, pw:pw + w] = x
+    out[:, :, ph : ph + h, pw : pw + w] = x
     return out
 
 
 def _window(i, j, stride, dilation, ho, wo):
     """The slices of the padded input that kernel offset (i, j) sees."""
     hs, ws = i * dilation[0], j * dilation[1]
-    return (slice(None), slice(None), slice(hs, hs + stride[0] * (ho - 1) + 1, stride[0]),
-            slice(ws, ws + stride[1] * (wo - 1) + 1, stride[1]))
+    return (
+        slice(None),
+        slice(None),
+        slice(hs, hs + stride[0] * (ho - 1) + 1, stride[0]),
+        slice(ws, ws + stride[1] * (wo - 1) + 1, stride[1]),
+    )
 
 
 def _im2col(xp, x, kh, kw, stride, padding, dilation, ho, wo):
@@ -377,7 +432,7 @@ def _col2im(xp, cols, x_shape, stride, padding, dilation):
     for i in range(kh):
         for j in range(kw):
             out[_window(i, j, stride, dilation, ho, wo)] += cols[:, :, i, j]
-    return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
+    return out[:, :, ph : ph + h, pw : pw + w] if (ph or pw) else out
 
 
 @defop("conv2d", infer=_infer_conv2d, arity=2, attrs=_CONV_ATTRS)
@@ -388,7 +443,7 @@ def conv2d_p(xp, x, w, stride, padding, dilation, groups):
     ho = _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])
     if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-        cols = x.reshape(n, groups, cg, ho * wo)      # 1x1 kernels need no patches
+        cols = x.reshape(n, groups, cg, ho * wo)  # 1x1 kernels need no patches
     else:
         cols = _im2col(xp, x, kh, kw, stride, padding, dilation, ho, wo)
         cols = cols.reshape(n, groups, cg * kh * kw, ho * wo)
@@ -399,38 +454,57 @@ def conv2d_p(xp, x, w, stride, padding, dilation, groups):
 @conv2d_p.defvjp
 def _(g, out, x, w, stride, padding, dilation, groups):
     attrs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    gx = conv2d_input_grad_p(g, w, input_size=list(x.shape[2:]), **attrs) \
-        if x.requires_grad else None
-    gw = conv2d_weight_grad_p(x, g, kernel_size=list(w.shape[2:]), **attrs) \
-        if w.requires_grad else None
+    gx = (
+        conv2d_input_grad_p(g, w, input_size=list(x.shape[2:]), **attrs)
+        if x.requires_grad
+        else None
+    )
+    gw = (
+        conv2d_weight_grad_p(x, g, kernel_size=list(w.shape[2:]), **attrs)
+        if w.requires_grad
+        else None
+    )
     return gx, gw
 
 
 def _infer_conv_input_grad(g, w, input_size, stride, padding, dilation, groups) -> Spec:
     if len(g.shape) != 4 or len(input_size) != 2:
-        raise OpError(f"conv2d_input_grad: expected a 4-D gradient and input_size (H, W), got "
-                      f"{fmt(g.shape)} and {list(input_size)}")
+        raise OpError(
+            f"conv2d_input_grad: expected a 4-D gradient and input_size (H, W), got "
+            f"{fmt(g.shape)} and {list(input_size)}"
+        )
     x_shape = (g.shape[0], w.shape[1] * groups) + tuple(input_size)
     _need_same_float("conv2d_input_grad", g, w, "gradient", "weight")
-    ho, wo = _conv_shapes("conv2d_input_grad", x_shape, w.shape, stride, padding, dilation,
-                          groups)
+    ho, wo = _conv_shapes("conv2d_input_grad", x_shape, w.shape, stride, padding, dilation, groups)
     if tuple(g.shape) != (g.shape[0], w.shape[0], ho, wo):
-        raise OpError(f"conv2d_input_grad: gradient of shape {fmt(g.shape)} does not match "
-                      f"the conv2d output {fmt((g.shape[0], w.shape[0], ho, wo))} of weight "
-                      f"{fmt(w.shape)} on an input of spatial size {list(input_size)}")
+        raise OpError(
+            f"conv2d_input_grad: gradient of shape {fmt(g.shape)} does not match "
+            f"the conv2d output {fmt((g.shape[0], w.shape[0], ho, wo))} of weight "
+            f"{fmt(w.shape)} on an input of spatial size {list(input_size)}"
+        )
     return Spec(x_shape, g.dtype)
 
 
-@defop("conv2d_input_grad", infer=_infer_conv_input_grad, arity=2,
-       attrs={"input_size": ("ints", []), **_CONV_ATTRS})
+@defop(
+    "conv2d_input_grad",
+    infer=_infer_conv_input_grad,
+    arity=2,
+    attrs={"input_size": ("ints", []), **_CONV_ATTRS},
+)
 def conv2d_input_grad_p(xp, g, w, input_size, stride, padding, dilation, groups):
     """d conv2d / d input: a transposed convolution of ``g`` with ``w`` (col2im of W^T g)."""
     n, o, ho, wo = g.shape
     _, cg, kh, kw = w.shape
     wt = w.reshape(groups, o // groups, cg * kh * kw).transpose(0, 2, 1)
     cols = xp.matmul(wt, g.reshape(n, groups, o // groups, ho * wo))
-    return _col2im(xp, cols.reshape(n, groups * cg, kh, kw, ho, wo),
-                   (n, groups * cg) + tuple(input_size), stride, padding, dilation)
+    return _col2im(
+        xp,
+        cols.reshape(n, groups * cg, kh, kw, ho, wo),
+        (n, groups * cg) + tuple(input_size),
+        stride,
+        padding,
+        dilation,
+    )
 
 
 @conv2d_input_grad_p.defvjp
@@ -438,28 +512,38 @@ def _(v, out, g, w, input_size, stride, padding, dilation, groups):
     # conv2d_input_grad(g, w) is bilinear and the adjoint of conv2d(., w).
     attrs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     gg = conv2d_p(v, w, **attrs) if g.requires_grad else None
-    gw = conv2d_weight_grad_p(v, g, kernel_size=list(w.shape[2:]), **attrs) \
-        if w.requires_grad else None
+    gw = (
+        conv2d_weight_grad_p(v, g, kernel_size=list(w.shape[2:]), **attrs)
+        if w.requires_grad
+        else None
+    )
     return gg, gw
 
 
 def _infer_conv_weight_grad(x, g, kernel_size, stride, padding, dilation, groups) -> Spec:
     if len(g.shape) != 4 or len(x.shape) != 4 or len(kernel_size) != 2:
-        raise OpError(f"conv2d_weight_grad: expected a 4-D input and gradient and kernel_size "
-                      f"(kh, kw), got {fmt(x.shape)}, {fmt(g.shape)} and {list(kernel_size)}")
+        raise OpError(
+            f"conv2d_weight_grad: expected a 4-D input and gradient and kernel_size "
+            f"(kh, kw), got {fmt(x.shape)}, {fmt(g.shape)} and {list(kernel_size)}"
+        )
     w_shape = (g.shape[1], x.shape[1] // groups) + tuple(kernel_size)
     _need_same_float("conv2d_weight_grad", x, g, "input", "gradient")
-    ho, wo = _conv_shapes("conv2d_weight_grad", x.shape, w_shape, stride, padding, dilation,
-                          groups)
+    ho, wo = _conv_shapes("conv2d_weight_grad", x.shape, w_shape, stride, padding, dilation, groups)
     if tuple(g.shape) != (x.shape[0], w_shape[0], ho, wo):
-        raise OpError(f"conv2d_weight_grad: gradient of shape {fmt(g.shape)} does not match "
-                      f"the conv2d output {fmt((x.shape[0], w_shape[0], ho, wo))} for input "
-                      f"{fmt(x.shape)}")
+        raise OpError(
+            f"conv2d_weight_grad: gradient of shape {fmt(g.shape)} does not match "
+            f"the conv2d output {fmt((x.shape[0], w_shape[0], ho, wo))} for input "
+            f"{fmt(x.shape)}"
+        )
     return Spec(w_shape, x.dtype)
 
 
-@defop("conv2d_weight_grad", infer=_infer_conv_weight_grad, arity=2,
-       attrs={"kernel_size": ("ints", []), **_CONV_ATTRS})
+@defop(
+    "conv2d_weight_grad",
+    infer=_infer_conv_weight_grad,
+    arity=2,
+    attrs={"kernel_size": ("ints", []), **_CONV_ATTRS},
+)
 def conv2d_weight_grad_p(xp, x, g, kernel_size, stride, padding, dilation, groups):
     """d conv2d / d weight: patches of ``x`` against ``g``, summed over batch and pixels."""
     n, o, ho, wo = g.shape
@@ -477,17 +561,24 @@ def conv2d_weight_grad_p(xp, x, g, kernel_size, stride, padding, dilation, group
 @conv2d_weight_grad_p.defvjp
 def _(v, out, x, g, kernel_size, stride, padding, dilation, groups):
     attrs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    gx = conv2d_input_grad_p(g, v, input_size=list(x.shape[2:]), **attrs) \
-        if x.requires_grad else None
+    gx = (
+        conv2d_input_grad_p(g, v, input_size=list(x.shape[2:]), **attrs)
+        if x.requires_grad
+        else None
+    )
     gg = conv2d_p(x, v, **attrs) if g.requires_grad else None
     return gx, gg
 
 
 # ======================================================================== pooling ======
 
-_POOL_ATTRS = {"kernel_size": ("ints", [1, 1]), "stride": ("ints", [1, 1]),
-               "padding": ("ints", [0, 0]), "dilation": ("ints", [1, 1]),
-               "ceil_mode": ("bool", False)}
+_POOL_ATTRS = {
+    "kernel_size": ("ints", [1, 1]),
+    "stride": ("ints", [1, 1]),
+    "padding": ("ints", [0, 0]),
+    "dilation": ("ints", [1, 1]),
+    "ceil_mode": ("bool", False),
+}
 
 
 def _pool_out(op, size, k, s, p, d, ceil_mode) -> int:
@@ -501,28 +592,45 @@ def _pool_out(op, size, k, s, p, d, ceil_mode) -> int:
 def _pool_shapes(op, x, kernel_size, stride, padding, dilation, ceil_mode) -> tuple:
     _need_float(op, x)
     if len(x.shape) != 4:
-        raise OpError(f"{op}: expected a 4-D input (N, C, H, W), got shape {fmt(x.shape)}; "
-                      f"add a batch dimension with .unsqueeze(0)")
+        raise OpError(
+            f"{op}: expected a 4-D input (N, C, H, W), got shape {fmt(x.shape)}; "
+            f"add a batch dimension with .unsqueeze(0)"
+        )
     _check_conv_attrs(op, stride, padding, dilation, 1)
     if len(kernel_size) != 2 or min(kernel_size) < 1:
         raise OpError(f"{op}: kernel_size must be 2 positive integers, got {list(kernel_size)}")
     for p, k in zip(padding, kernel_size):
         if p > k // 2:
-            raise OpError(f"{op}: padding should be at most half of the kernel size, got "
-                          f"padding {list(padding)} for kernel_size {list(kernel_size)}")
-    out = tuple(_pool_out(op, x.shape[2 + a], kernel_size[a], stride[a], padding[a],
-                          dilation[a], ceil_mode) for a in range(2))
+            raise OpError(
+                f"{op}: padding should be at most half of the kernel size, got "
+                f"padding {list(padding)} for kernel_size {list(kernel_size)}"
+            )
+    out = tuple(
+        _pool_out(op, x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode)
+        for a in range(2)
+    )
     if min(out) < 1:
-        raise OpError(f"{op}: input of shape {fmt(x.shape)} is too small for kernel_size "
-                      f"{list(kernel_size)} (padding {list(padding)}, dilation "
-                      f"{list(dilation)}); the output would be {out[0]}x{out[1]}")
+        raise OpError(
+            f"{op}: input of shape {fmt(x.shape)} is too small for kernel_size "
+            f"{list(kernel_size)} (padding {list(padding)}, dilation "
+            f"{list(dilation)}); the output would be {out[0]}x{out[1]}"
+        )
     return out
 
 
 def _pool_extra(x_shape, kernel_size, stride, padding, dilation, out) -> tuple:
     """Padding past the far edge that ceil_mode's last windows reach into."""
-    return tuple(max(0, (out[a] - 1) * stride[a] + dilation[a] * (kernel_size[a] - 1) + 1
-                     - x_shape[2 + a] - 2 * padding[a]) for a in range(2))
+    return tuple(
+        max(
+            0,
+            (out[a] - 1) * stride[a]
+            + dilation[a] * (kernel_size[a] - 1)
+            + 1
+            - x_shape[2 + a]
+            - 2 * padding[a],
+        )
+        for a in range(2)
+    )
 
 
 def _infer_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode) -> Spec:
@@ -534,8 +642,15 @@ def _max_pool_select(xp, x, v, kernel_size, stride, padding, dilation, ceil_mode
     """Per window: the value of ``v`` where ``x`` takes its first max (the max itself if v
     is x), and the offset index of that max; NaN counts as a max, as in torch."""
     n, c = x.shape[:2]
-    out_hw = _pool_shapes("max_pool2d", Spec(x.shape, dtypes.from_numpy(x.dtype)),
-                          kernel_size, stride, padding, dilation, ceil_mode)
+    out_hw = _pool_shapes(
+        "max_pool2d",
+        Spec(x.shape, dtypes.from_numpy(x.dtype)),
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        ceil_mode,
+    )
     extra = _pool_extra(x.shape, kernel_size, stride, padding, dilation, out_hw)
     xpad = _pad(xp, x, padding, extra, -xp.inf)
     vpad = xpad if v is x else _pad(xp, v, padding, extra, 0)
@@ -551,7 +666,7 @@ def _max_pool_select(xp, x, v, kernel_size, stride, padding, dilation, ceil_mode
                 continue
             upd = (cand > best) | xp.isnan(cand)
             xp.copyto(best, cand, where=upd)
-            xp.copyto(idx, i * kernel_size[1] + j, where=upd)     # no mask sync on CuPy
+            xp.copyto(idx, i * kernel_size[1] + j, where=upd)  # no mask sync on CuPy
             if v is not x:
                 xp.copyto(picked, vpad[win], where=upd)
     return picked, idx, out_hw, extra
@@ -564,8 +679,17 @@ def max_pool2d_p(xp, x, kernel_size, stride, padding, dilation, ceil_mode):
 
 @max_pool2d_p.defvjp
 def _(g, out, x, kernel_size, stride, padding, dilation, ceil_mode):
-    return (max_pool2d_grad_p(g, x, kernel_size=kernel_size, stride=stride, padding=padding,
-                              dilation=dilation, ceil_mode=ceil_mode),)
+    return (
+        max_pool2d_grad_p(
+            g,
+            x,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            ceil_mode=ceil_mode,
+        ),
+    )
 
 
 def _infer_max_pool_pair(op):
@@ -573,19 +697,22 @@ def _infer_max_pool_pair(op):
         ho, wo = _pool_shapes(op, x, kernel_size, stride, padding, dilation, ceil_mode)
         want = tuple(x.shape[:2]) + (ho, wo) if op == "max_pool2d_grad" else tuple(x.shape)
         if tuple(a.shape) != want:
-            raise OpError(f"{op}: first input of shape {fmt(a.shape)} does not match "
-                          f"{fmt(want)} for an input of shape {fmt(x.shape)}")
+            raise OpError(
+                f"{op}: first input of shape {fmt(a.shape)} does not match "
+                f"{fmt(want)} for an input of shape {fmt(x.shape)}"
+            )
         pooled = tuple(x.shape[:2]) + (ho, wo)
         return Spec(tuple(x.shape) if op == "max_pool2d_grad" else pooled, a.dtype)
+
     return infer
 
 
-@defop("max_pool2d_grad", infer=_infer_max_pool_pair("max_pool2d_grad"), arity=2,
-       attrs=_POOL_ATTRS)
+@defop("max_pool2d_grad", infer=_infer_max_pool_pair("max_pool2d_grad"), arity=2, attrs=_POOL_ATTRS)
 def max_pool2d_grad_p(xp, g, x, kernel_size, stride, padding, dilation, ceil_mode):
     """Route each window's gradient to the (first) position of its max in ``x``."""
-    _, idx, out_hw, extra = _max_pool_select(xp, x, x, kernel_size, stride, padding,
-                                             dilation, ceil_mode)
+    _, idx, out_hw, extra = _max_pool_select(
+        xp, x, x, kernel_size, stride, padding, dilation, ceil_mode
+    )
     n, c, h, w = x.shape
     ph, pw = padding
     dpad = xp.zeros((n, c, h + 2 * ph + extra[0], w + 2 * pw + extra[1]), dtype=g.dtype)
@@ -594,18 +721,26 @@ def max_pool2d_grad_p(xp, g, x, kernel_size, stride, padding, dilation, ceil_mod
         for j in range(kernel_size[1]):
             win = _window(i, j, stride, dilation, *out_hw)
             dpad[win] += xp.where(idx == i * kernel_size[1] + j, g, zero)
-    return dpad[:, :, ph:ph + h, pw:pw + w]
+    return dpad[:, :, ph : ph + h, pw : pw + w]
 
 
 @max_pool2d_grad_p.defvjp
 def _(v, out, g, x, kernel_size, stride, padding, dilation, ceil_mode):
     # Linear in g; the routing is piecewise constant in x, so x gets no gradient.
-    return max_pool2d_select_p(v, x, kernel_size=kernel_size, stride=stride, padding=padding,
-                               dilation=dilation, ceil_mode=ceil_mode), None
+    return max_pool2d_select_p(
+        v,
+        x,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        ceil_mode=ceil_mode,
+    ), None
 
 
-@defop("max_pool2d_select", infer=_infer_max_pool_pair("max_pool2d_select"), arity=2,
-       attrs=_POOL_ATTRS)
+@defop(
+    "max_pool2d_select", infer=_infer_max_pool_pair("max_pool2d_select"), arity=2, attrs=_POOL_ATTRS
+)
 def max_pool2d_select_p(xp, v, x, kernel_size, stride, padding, dilation, ceil_mode):
     """``v`` pooled at the positions where ``x`` has its window maxima (the adjoint of
     max_pool2d_grad)."""
@@ -614,13 +749,24 @@ def max_pool2d_select_p(xp, v, x, kernel_size, stride, padding, dilation, ceil_m
 
 @max_pool2d_select_p.defvjp
 def _(g, out, v, x, kernel_size, stride, padding, dilation, ceil_mode):
-    return max_pool2d_grad_p(g, x, kernel_size=kernel_size, stride=stride, padding=padding,
-                             dilation=dilation, ceil_mode=ceil_mode), None
+    return max_pool2d_grad_p(
+        g,
+        x,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        ceil_mode=ceil_mode,
+    ), None
 
 
-_AVG_ATTRS = {"kernel_size": ("ints", [1, 1]), "stride": ("ints", [1, 1]),
-              "padding": ("ints", [0, 0]), "ceil_mode": ("bool", False),
-              "count_include_pad": ("bool", True)}
+_AVG_ATTRS = {
+    "kernel_size": ("ints", [1, 1]),
+    "stride": ("ints", [1, 1]),
+    "padding": ("ints", [0, 0]),
+    "ceil_mode": ("bool", False),
+    "count_include_pad": ("bool", True),
+}
 
 
 def _infer_avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad) -> Spec:
@@ -633,7 +779,7 @@ def _avg_divisor(xp, dtype, x_hw, kernel_size, stride, padding, out_hw, count_in
     at the input's edge, as in torch's CPU kernel."""
     counts = []
     for a in range(2):
-        start = xp.arange(out_hw[a]) * stride[a]           # in padded coordinates
+        start = xp.arange(out_hw[a]) * stride[a]  # in padded coordinates
         end = xp.minimum(start + kernel_size[a], x_hw[a] + 2 * padding[a])
         if not count_include_pad:
             start = xp.maximum(start, padding[a])
@@ -644,8 +790,15 @@ def _avg_divisor(xp, dtype, x_hw, kernel_size, stride, padding, out_hw, count_in
 
 @defop("avg_pool2d", infer=_infer_avg_pool, attrs=_AVG_ATTRS)
 def avg_pool2d_p(xp, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
-    out_hw = _pool_shapes("avg_pool2d", Spec(x.shape, dtypes.from_numpy(x.dtype)),
-                          kernel_size, stride, padding, [1, 1], ceil_mode)
+    out_hw = _pool_shapes(
+        "avg_pool2d",
+        Spec(x.shape, dtypes.from_numpy(x.dtype)),
+        kernel_size,
+        stride,
+        padding,
+        [1, 1],
+        ceil_mode,
+    )
     extra = _pool_extra(x.shape, kernel_size, stride, padding, [1, 1], out_hw)
     xpad = _pad(xp, x, padding, extra)
     out = None
@@ -653,53 +806,79 @@ def avg_pool2d_p(xp, x, kernel_size, stride, padding, ceil_mode, count_include_p
         for j in range(kernel_size[1]):
             win = xpad[_window(i, j, stride, [1, 1], *out_hw)]
             out = win.copy() if out is None else out.__iadd__(win)
-    out /= _avg_divisor(xp, x.dtype, x.shape[2:], kernel_size, stride, padding, out_hw,
-                        count_include_pad)
+    out /= _avg_divisor(
+        xp, x.dtype, x.shape[2:], kernel_size, stride, padding, out_hw, count_include_pad
+    )
     return out
 
 
 @avg_pool2d_p.defvjp
 def _(g, out, x, kernel_size, stride, padding, ceil_mode, count_include_pad):
-    return (avg_pool2d_grad_p(g, input_size=list(x.shape[2:]), kernel_size=kernel_size,
-                              stride=stride, padding=padding, ceil_mode=ceil_mode,
-                              count_include_pad=count_include_pad),)
+    return (
+        avg_pool2d_grad_p(
+            g,
+            input_size=list(x.shape[2:]),
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            ceil_mode=ceil_mode,
+            count_include_pad=count_include_pad,
+        ),
+    )
 
 
-def _infer_avg_pool_grad(g, input_size, kernel_size, stride, padding, ceil_mode,
-                         count_include_pad) -> Spec:
+def _infer_avg_pool_grad(
+    g, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad
+) -> Spec:
     if len(g.shape) != 4 or len(input_size) != 2:
-        raise OpError(f"avg_pool2d_grad: expected a 4-D gradient and input_size (H, W), got "
-                      f"{fmt(g.shape)} and {list(input_size)}")
+        raise OpError(
+            f"avg_pool2d_grad: expected a 4-D gradient and input_size (H, W), got "
+            f"{fmt(g.shape)} and {list(input_size)}"
+        )
     x_shape = tuple(g.shape[:2]) + tuple(input_size)
-    out = _pool_shapes("avg_pool2d_grad", Spec(x_shape, g.dtype), kernel_size, stride,
-                       padding, [1, 1], ceil_mode)
+    out = _pool_shapes(
+        "avg_pool2d_grad", Spec(x_shape, g.dtype), kernel_size, stride, padding, [1, 1], ceil_mode
+    )
     if tuple(g.shape[2:]) != out:
-        raise OpError(f"avg_pool2d_grad: gradient of shape {fmt(g.shape)} does not match the "
-                      f"pooled size {out} of an input of shape {fmt(x_shape)}")
+        raise OpError(
+            f"avg_pool2d_grad: gradient of shape {fmt(g.shape)} does not match the "
+            f"pooled size {out} of an input of shape {fmt(x_shape)}"
+        )
     return Spec(x_shape, g.dtype)
 
 
-@defop("avg_pool2d_grad", infer=_infer_avg_pool_grad,
-       attrs={"input_size": ("ints", []), **_AVG_ATTRS})
-def avg_pool2d_grad_p(xp, g, input_size, kernel_size, stride, padding, ceil_mode,
-                      count_include_pad):
+@defop(
+    "avg_pool2d_grad", infer=_infer_avg_pool_grad, attrs={"input_size": ("ints", []), **_AVG_ATTRS}
+)
+def avg_pool2d_grad_p(
+    xp, g, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad
+):
     n, c, ho, wo = g.shape
     h, w = input_size
     extra = _pool_extra((n, c, h, w), kernel_size, stride, padding, [1, 1], (ho, wo))
     ph, pw = padding
-    share = g / _avg_divisor(xp, g.dtype, (h, w), kernel_size, stride, padding, (ho, wo),
-                             count_include_pad)
+    share = g / _avg_divisor(
+        xp, g.dtype, (h, w), kernel_size, stride, padding, (ho, wo), count_include_pad
+    )
     dpad = xp.zeros((n, c, h + 2 * ph + extra[0], w + 2 * pw + extra[1]), dtype=g.dtype)
     for i in range(kernel_size[0]):
         for j in range(kernel_size[1]):
             dpad[_window(i, j, stride, [1, 1], ho, wo)] += share
-    return dpad[:, :, ph:ph + h, pw:pw + w]
+    return dpad[:, :, ph : ph + h, pw : pw + w]
 
 
 @avg_pool2d_grad_p.defvjp
 def _(v, out, g, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad):
-    return (avg_pool2d_p(v, kernel_size=kernel_size, stride=stride, padding=padding,
-                         ceil_mode=ceil_mode, count_include_pad=count_include_pad),)
+    return (
+        avg_pool2d_p(
+            v,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            ceil_mode=ceil_mode,
+            count_include_pad=count_include_pad,
+        ),
+    )
 
 
 # ========================================================================= losses ======
@@ -709,8 +888,11 @@ def _(v, out, g, input_size, kernel_size, stride, padding, ceil_mode, count_incl
 # That is torch's cross_entropy(label_smoothing=eps) after log_softmax; eps = 0 is nll_loss.
 
 _REDUCTIONS = ("none", "mean", "sum")
-_NLL_ATTRS = {"ignore_index": ("int", -100), "reduction": ("str", "mean"),
-              "label_smoothing": ("float", 0.0)}
+_NLL_ATTRS = {
+    "ignore_index": ("int", -100),
+    "reduction": ("str", "mean"),
+    "label_smoothing": ("float", 0.0),
+}
 
 
 def check_nll_shapes(op: str, logp, target, weight=None) -> tuple:
@@ -722,22 +904,29 @@ def check_nll_shapes(op: str, logp, target, weight=None) -> tuple:
     batch = () if len(shape) == 1 else (shape[0],) + shape[2:]
     if tshape != batch:
         layout = "(N,)" if len(shape) == 2 else ("()" if len(shape) == 1 else "(N, d1, ...)")
-        raise OpError(f"{op}: expected a target of shape {fmt(batch)} for an input of shape "
-                      f"{fmt(shape)}, got a target of shape {fmt(tshape)}; the target holds "
-                      f"one class index per sample, layout {layout}")
+        raise OpError(
+            f"{op}: expected a target of shape {fmt(batch)} for an input of shape "
+            f"{fmt(shape)}, got a target of shape {fmt(tshape)}; the target holds "
+            f"one class index per sample, layout {layout}"
+        )
     if not target.dtype.is_floating_point:
         _need_int(op, target, "target")
     else:
-        raise OpError(f"{op}: expected a target of class indices (int64), got {target.dtype} "
-                      f"of shape {fmt(tshape)}; use .long(), or pass class probabilities of "
-                      f"the input's shape {fmt(shape)} to cross_entropy")
+        raise OpError(
+            f"{op}: expected a target of class indices (int64), got {target.dtype} "
+            f"of shape {fmt(tshape)}; use .long(), or pass class probabilities of "
+            f"the input's shape {fmt(shape)} to cross_entropy"
+        )
     classes = shape[0] if len(shape) == 1 else shape[1]
     if weight is not None and tuple(weight.shape) != (classes,):
-        raise OpError(f"{op}: expected a class weight of shape {fmt((classes,))} for an input "
-                      f"of shape {fmt(shape)}, got {fmt(weight.shape)}")
+        raise OpError(
+            f"{op}: expected a class weight of shape {fmt((classes,))} for an input "
+            f"of shape {fmt(shape)}, got {fmt(weight.shape)}"
+        )
     if weight is not None and weight.dtype is not logp.dtype:
-        raise OpError(f"{op}: weight ({weight.dtype}) and input ({logp.dtype}) must have the "
-                      f"same dtype")
+        raise OpError(
+            f"{op}: weight ({weight.dtype}) and input ({logp.dtype}) must have the same dtype"
+        )
     return batch
 
 
@@ -750,7 +939,7 @@ def _check_nll_attrs(op, reduction, label_smoothing) -> None:
 
 def _nll_parts(xp, logp, target, weight, ignore_index, label_smoothing):
     """(per-element loss, per-element weight w[t] (0 where ignored)) with batch dims first."""
-    if logp.ndim == 1:      # unbatched (C,) with a () target
+    if logp.ndim == 1:  # unbatched (C,) with a () target
         logp, target = logp[None], target[None]
     valid = target != ignore_index
     safe = xp.where(valid, target, 0)
@@ -758,10 +947,12 @@ def _nll_parts(xp, logp, target, weight, ignore_index, label_smoothing):
     lo, hi = (int(safe.min()), int(safe.max())) if safe.size else (0, 0)
     if lo < 0 or hi >= classes:
         bad = lo if lo < 0 else hi
-        raise IndexError(f"nll_loss: target {bad} is out of bounds for {classes} classes; "
-                         f"targets must be in [0, {classes}) or equal ignore_index "
-                         f"({ignore_index})")
-    if logp.ndim == 2:      # fancy indexing: take_along_axis costs ~10 us more per call
+        raise IndexError(
+            f"nll_loss: target {bad} is out of bounds for {classes} classes; "
+            f"targets must be in [0, {classes}) or equal ignore_index "
+            f"({ignore_index})"
+        )
+    if logp.ndim == 2:  # fancy indexing: take_along_axis costs ~10 us more per call
         picked = logp[xp.arange(logp.shape[0]), safe]
     else:
         picked = xp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
@@ -791,8 +982,9 @@ def _nll_forward(xp, logp, target, weight, ignore_index, reduction, label_smooth
         return xp.asarray(total / wt.sum(), dtype=logp.dtype)
 
 
-def _nll_backward(xp, g, target, weight, num_classes, ignore_index, reduction,
-                  label_smoothing, dtype):
+def _nll_backward(
+    xp, g, target, weight, num_classes, ignore_index, reduction, label_smoothing, dtype
+):
     """d loss / d logp times ``g``: dense (N, C, d1, ...) (or (C,) unbatched)."""
     unbatched = target.ndim == 0
     if unbatched:
@@ -803,9 +995,12 @@ def _nll_backward(xp, g, target, weight, num_classes, ignore_index, reduction,
     wt = valid.astype(dtype)
     if weight is not None:
         wt *= xp.take(weight, safe)
-    coef = -g.astype(dtype, copy=False) * valid if reduction == "none" else \
-        -(g / wt.sum() if reduction == "mean" else g) * valid.astype(dtype)
-    coef = coef[:, None]                                   # broadcast over classes
+    coef = (
+        -g.astype(dtype, copy=False) * valid
+        if reduction == "none"
+        else -(g / wt.sum() if reduction == "mean" else g) * valid.astype(dtype)
+    )
+    coef = coef[:, None]  # broadcast over classes
     shape = (1, num_classes) + (1,) * (target.ndim - 1)
     onehot = safe[:, None] == xp.arange(num_classes).reshape(shape)
     w_t = wt[:, None] if weight is None else xp.take(weight, safe)[:, None]
@@ -829,44 +1024,78 @@ def _def_nll(weighted: bool):
 
     @defop(name, infer=infer, arity=arity, attrs=_NLL_ATTRS)
     def loss_p(xp, logp, target, *weight, ignore_index, reduction, label_smoothing):
-        return _nll_forward(xp, logp, target, weight[0] if weight else None, ignore_index,
-                            reduction, label_smoothing)
+        return _nll_forward(
+            xp,
+            logp,
+            target,
+            weight[0] if weight else None,
+            ignore_index,
+            reduction,
+            label_smoothing,
+        )
 
     def infer_grad(g, target, *weight, num_classes, ignore_index, reduction, label_smoothing):
         _check_nll_attrs(grad_name, reduction, label_smoothing)
         _need_float(grad_name, g, "gradient")
         _need_int(grad_name, target, "target")
         if weight and tuple(weight[0].shape) != (num_classes,):
-            raise OpError(f"{grad_name}: expected a class weight of shape {fmt((num_classes,))}, "
-                          f"got {fmt(weight[0].shape)}")
+            raise OpError(
+                f"{grad_name}: expected a class weight of shape {fmt((num_classes,))}, "
+                f"got {fmt(weight[0].shape)}"
+            )
         if weight:
             _need_same_float(grad_name, g, weight[0], "gradient", "weight")
         want = tuple(target.shape) if reduction == "none" else ()
         if tuple(g.shape) != want:
-            raise OpError(f"{grad_name}: gradient of shape {fmt(g.shape)} does not match the "
-                          f"loss shape {fmt(want)} (reduction={reduction!r})")
+            raise OpError(
+                f"{grad_name}: gradient of shape {fmt(g.shape)} does not match the "
+                f"loss shape {fmt(want)} (reduction={reduction!r})"
+            )
         batch = tuple(target.shape)
         return Spec(batch[:1] + (num_classes,) + batch[1:], g.dtype)
 
-    @defop(grad_name, infer=infer_grad, arity=arity,
-           attrs={"num_classes": ("int", 0), **_NLL_ATTRS})
+    @defop(
+        grad_name, infer=infer_grad, arity=arity, attrs={"num_classes": ("int", 0), **_NLL_ATTRS}
+    )
     def grad_p(xp, g, target, *weight, num_classes, ignore_index, reduction, label_smoothing):
-        return _nll_backward(xp, g, target, weight[0] if weight else None, num_classes,
-                             ignore_index, reduction, label_smoothing, g.dtype)
+        return _nll_backward(
+            xp,
+            g,
+            target,
+            weight[0] if weight else None,
+            num_classes,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            g.dtype,
+        )
 
     # The loss is linear in logp and grad_p is its adjoint: each one's vjp is the other.
     # torch gives no gradient to class weights or targets either.
     @loss_p.defvjp
     def _(g, out, logp, target, *weight, ignore_index, reduction, label_smoothing):
         classes = logp.shape[0] if logp.ndim == 1 else logp.shape[1]
-        gl = grad_p(g, target, *weight, num_classes=classes, ignore_index=ignore_index,
-                    reduction=reduction, label_smoothing=label_smoothing)
+        gl = grad_p(
+            g,
+            target,
+            *weight,
+            num_classes=classes,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
         return (gl, None) + (None,) * len(weight)
 
     @grad_p.defvjp
     def _(v, out, g, target, *weight, num_classes, ignore_index, reduction, label_smoothing):
-        gg = loss_p(v, target, *weight, ignore_index=ignore_index, reduction=reduction,
-                    label_smoothing=label_smoothing)
+        gg = loss_p(
+            v,
+            target,
+            *weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
         return (gg, None) + (None,) * len(weight)
 
     return loss_p, grad_p
@@ -882,13 +1111,19 @@ def _infer_pointwise_loss(op, result_dtype):
             raise OpError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         _need_float(op, x)
         if not target.dtype.is_floating_point:
-            raise OpError(f"{op}: expected a floating point target, got {target.dtype}; "
-                          f"convert it with .to(input.dtype)")
+            raise OpError(
+                f"{op}: expected a floating point target, got {target.dtype}; "
+                f"convert it with .to(input.dtype)"
+            )
         if tuple(target.shape) != tuple(x.shape):
-            raise OpError(f"{op}: target of shape {fmt(target.shape)} must have the same shape "
-                          f"as the input {fmt(x.shape)}")
-        return Spec(tuple(x.shape) if reduction == "none" else (),
-                    result_dtype(x.dtype, target.dtype))
+            raise OpError(
+                f"{op}: target of shape {fmt(target.shape)} must have the same shape "
+                f"as the input {fmt(x.shape)}"
+            )
+        return Spec(
+            tuple(x.shape) if reduction == "none" else (), result_dtype(x.dtype, target.dtype)
+        )
+
     return infer
 
 
@@ -905,8 +1140,12 @@ def _scale(g, x, reduction):
 
 # Mixed float dtypes: torch promotes in mse_loss, and gives the target's dtype in
 # binary_cross_entropy_with_logits (its kernel works in place on 1 - target).
-@defop("mse_loss", infer=_infer_pointwise_loss("mse_loss", dtypes.promote), arity=2,
-       attrs={"reduction": ("str", "mean")})
+@defop(
+    "mse_loss",
+    infer=_infer_pointwise_loss("mse_loss", dtypes.promote),
+    arity=2,
+    attrs={"reduction": ("str", "mean")},
+)
 def mse_loss_p(xp, x, target, reduction):
     d = x - target
     d *= d
@@ -919,8 +1158,12 @@ def _(g, out, x, target, reduction):
     return gd, (-gd if target.requires_grad else None)
 
 
-@defop("binary_cross_entropy_with_logits", arity=2, attrs={"reduction": ("str", "mean")},
-       infer=_infer_pointwise_loss("binary_cross_entropy_with_logits", lambda x, t: t))
+@defop(
+    "binary_cross_entropy_with_logits",
+    arity=2,
+    attrs={"reduction": ("str", "mean")},
+    infer=_infer_pointwise_loss("binary_cross_entropy_with_logits", lambda x, t: t),
+)
 def bce_with_logits_p(xp, x, target, reduction):
     """(1 - t) * x + log(1 + exp(-x)), with the log term computed without overflow."""
     t = x.dtype.type
@@ -931,23 +1174,34 @@ def bce_with_logits_p(xp, x, target, reduction):
 @bce_with_logits_p.defvjp
 def _(g, out, x, target, reduction):
     gs = _scale(g, x, reduction)
-    return (gs * (sigmoid(x) - target) if x.requires_grad else None,
-            -gs * x if target.requires_grad else None)
+    return (
+        gs * (sigmoid(x) - target) if x.requires_grad else None,
+        -gs * x if target.requires_grad else None,
+    )
 
 
 # ========================================================================= linear ======
 # x @ w.T + b as one primitive: the bias is added in place into the fresh product, which
 # saves a full pass over the output (a Linear layer is most of an MLP's step).
 
+
 def _infer_linear(x, w, b) -> Spec:
-    if len(w.shape) != 2 or not x.shape or x.shape[-1] != w.shape[1] or \
-            tuple(b.shape) != (w.shape[0],):
-        raise OpError(f"linear: input {fmt(x.shape)}, weight {fmt(w.shape)} and bias "
-                      f"{fmt(b.shape)} do not fit; expected input (*, in_features), weight "
-                      f"(out_features, in_features) and bias (out_features,)")
+    if (
+        len(w.shape) != 2
+        or not x.shape
+        or x.shape[-1] != w.shape[1]
+        or tuple(b.shape) != (w.shape[0],)
+    ):
+        raise OpError(
+            f"linear: input {fmt(x.shape)}, weight {fmt(w.shape)} and bias "
+            f"{fmt(b.shape)} do not fit; expected input (*, in_features), weight "
+            f"(out_features, in_features) and bias (out_features,)"
+        )
     if not (x.dtype is w.dtype is b.dtype) or not x.dtype.is_floating_point:
-        raise OpError(f"linear: expected input, weight and bias of one floating dtype, got "
-                      f"{x.dtype}, {w.dtype} and {b.dtype}; convert with .to(dtype)")
+        raise OpError(
+            f"linear: expected input, weight and bias of one floating dtype, got "
+            f"{x.dtype}, {w.dtype} and {b.dtype}; convert with .to(dtype)"
+        )
     return Spec(tuple(x.shape[:-1]) + (w.shape[0],), x.dtype)
 
 

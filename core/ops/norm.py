@@ -4,12 +4,13 @@ is its vjp in one kernel, and its own vjp is written with differentiable ops, so
 backward works. Running statistics, eval mode and the affine part are compositions in
 ``gradmesh.core.nn.functional.batch_norm``; group norm reuses ``layer_norm``.
 """
+
 from __future__ import annotations
 
 import math
 
-from ..registry import OpError, Spec, defop, fmt
 from ..functional import sqrt, sum
+from ..registry import OpError, Spec, defop, fmt
 from .nn import _need_float, _need_same_float
 
 
@@ -17,15 +18,18 @@ def _infer_batch_norm(x, eps, g=None) -> Spec:
     op = "batch_norm" if g is None else "batch_norm_grad"
     _need_float(op, x)
     if len(x.shape) < 2:
-        raise OpError(f"{op}: expected an input of shape (N, C) or (N, C, *), got "
-                      f"{fmt(x.shape)}")
+        raise OpError(f"{op}: expected an input of shape (N, C) or (N, C, *), got {fmt(x.shape)}")
     if math.prod(x.shape) // x.shape[1] <= 1:
-        raise OpError(f"{op}: expected more than 1 value per channel when training, got input "
-                      f"of shape {fmt(x.shape)}")
+        raise OpError(
+            f"{op}: expected more than 1 value per channel when training, got input "
+            f"of shape {fmt(x.shape)}"
+        )
     if g is not None:
         if tuple(g.shape) != tuple(x.shape):
-            raise OpError(f"{op}: gradient of shape {fmt(g.shape)} does not match the input "
-                          f"of shape {fmt(x.shape)}")
+            raise OpError(
+                f"{op}: gradient of shape {fmt(g.shape)} does not match the input "
+                f"of shape {fmt(x.shape)}"
+            )
         _need_same_float(op, x, g, "input", "gradient")
     return Spec(tuple(x.shape), x.dtype)
 
@@ -53,9 +57,13 @@ def _(g, out, x, eps):
     return (batch_norm_grad_p(g, x, eps=eps),)
 
 
-@defop("batch_norm_grad", infer=lambda g, x, eps: _infer_batch_norm(x, eps, g), arity=2,
-       saves_out=True,
-       attrs={"eps": ("float", 1e-5)})
+@defop(
+    "batch_norm_grad",
+    infer=lambda g, x, eps: _infer_batch_norm(x, eps, g),
+    arity=2,
+    saves_out=True,
+    attrs={"eps": ("float", 1e-5)},
+)
 def batch_norm_grad_p(xp, g, x, eps):
     """The vjp of batch_norm: rstd * (g - mean(g) - xhat * mean(g * xhat)), per channel."""
     xhat, rstd, axes = _bn_stats(xp, x, eps)
@@ -73,6 +81,7 @@ def _(v, out, g, x, eps):
 
     def mean(t):
         return sum(t, dim=dims, keepdim=True) / n
+
     gv = batch_norm_grad_p(v, x, eps=eps)
     gx = None
     if x.requires_grad:

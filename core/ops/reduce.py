@@ -3,11 +3,12 @@
 ``mean``, ``var``, ``std``, ``max(dim)``, ``norm`` are exact compositions of these and live
 in ``gradmesh.core.functional``; softmax and friends are in ``ops/nn.py``.
 """
+
 from __future__ import annotations
 
 from .. import dtypes
-from ..registry import OpError, Spec, defop, fmt, norm_dim, norm_dims
 from ..functional import cumsum, eq, exp, expand, flip, prod, reshape, sum, where
+from ..registry import OpError, Spec, defop, fmt, norm_dim, norm_dims
 
 
 def _reduced_shape(shape, dims, keepdim) -> tuple:
@@ -37,6 +38,7 @@ def _keep(g, shape, dim, keepdim):
 
 # =========================================================================== sum ======
 
+
 def _infer_sum(a, dim, keepdim) -> Spec:
     dims = norm_dims("sum", dim, len(a.shape))
     return Spec(_reduced_shape(a.shape, dims, keepdim), _int_accumulator(a.dtype))
@@ -47,7 +49,7 @@ def sum_p(xp, a, dim, keepdim):
     axis = _axis(dim, a.ndim)
     if a.dtype.kind == "b" or a.dtype == xp.int32:
         return xp.sum(a, axis=axis, keepdims=keepdim, dtype=xp.int64)
-    return a.sum(axis=axis, keepdims=keepdim)      # the method: np.sum adds ~1.5 us of dispatch
+    return a.sum(axis=axis, keepdims=keepdim)  # the method: np.sum adds ~1.5 us of dispatch
 
 
 @sum_p.defvjp
@@ -57,25 +59,37 @@ def _(g, out, a, dim, keepdim):
 
 # ===================================================================== amax, amin ======
 
+
 def _infer_extremum(name):
     def infer(a, dim, keepdim) -> Spec:
         dims = norm_dims(name, dim, len(a.shape))
         if any(a.shape[d] == 0 for d in dims):
-            raise OpError(f"{name}: expected reduction dims {fmt(dims)} of a tensor of shape "
-                          f"{fmt(a.shape)} to have non-zero size; the max of nothing is "
-                          f"undefined")
+            raise OpError(
+                f"{name}: expected reduction dims {fmt(dims)} of a tensor of shape "
+                f"{fmt(a.shape)} to have non-zero size; the max of nothing is "
+                f"undefined"
+            )
         return Spec(_reduced_shape(a.shape, dims, keepdim), a.dtype)
+
     return infer
 
 
-@defop("amax", infer=_infer_extremum("amax"), saves_out=True,
-       attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "amax",
+    infer=_infer_extremum("amax"),
+    saves_out=True,
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def amax_p(xp, a, dim, keepdim):
     return xp.amax(a, axis=_axis(dim, a.ndim), keepdims=keepdim)
 
 
-@defop("amin", infer=_infer_extremum("amin"), saves_out=True,
-       attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "amin",
+    infer=_infer_extremum("amin"),
+    saves_out=True,
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def amin_p(xp, a, dim, keepdim):
     return xp.amin(a, axis=_axis(dim, a.ndim), keepdims=keepdim)
 
@@ -93,21 +107,27 @@ amin_p.defvjp(_extremum_vjp)
 
 # ================================================================= argmax, argmin ======
 
+
 def _infer_arg(name):
     def infer(a, dim, keepdim) -> Spec:
         if a.dtype is dtypes.bool_:
             # torch refuses bool input (max(x, dim) on a bool tensor casts it first).
-            raise OpError(f"{name}: does not support bool input (shape {fmt(a.shape)}); "
-                          f"convert it with .long(), or find a True with .nonzero()")
+            raise OpError(
+                f"{name}: does not support bool input (shape {fmt(a.shape)}); "
+                f"convert it with .long(), or find a True with .nonzero()"
+            )
         if dim is None:
             if len(a.shape) and 0 in a.shape:
                 raise OpError(f"{name}: expected a non-empty tensor, got shape {fmt(a.shape)}")
             return Spec((1,) * len(a.shape) if keepdim else (), dtypes.int64)
         d = norm_dim(name, dim, len(a.shape))
         if len(a.shape) and a.shape[d] == 0:
-            raise OpError(f"{name}: expected dimension {dim} of a tensor of shape "
-                          f"{fmt(a.shape)} to have non-zero size")
+            raise OpError(
+                f"{name}: expected dimension {dim} of a tensor of shape "
+                f"{fmt(a.shape)} to have non-zero size"
+            )
         return Spec(_reduced_shape(a.shape, (d,) if a.shape else (), keepdim), dtypes.int64)
+
     return infer
 
 
@@ -121,14 +141,16 @@ def _arg(fn, xp, a, dim, keepdim):
     return fn(a, axis=dim, keepdims=keepdim).astype(xp.int64, copy=False)
 
 
-@defop("argmax", infer=_infer_arg("argmax"),
-       attrs={"dim": ("int?", None), "keepdim": ("bool", False)})
+@defop(
+    "argmax", infer=_infer_arg("argmax"), attrs={"dim": ("int?", None), "keepdim": ("bool", False)}
+)
 def argmax_p(xp, a, dim, keepdim):
     return _arg(xp.argmax, xp, a, dim, keepdim)
 
 
-@defop("argmin", infer=_infer_arg("argmin"),
-       attrs={"dim": ("int?", None), "keepdim": ("bool", False)})
+@defop(
+    "argmin", infer=_infer_arg("argmin"), attrs={"dim": ("int?", None), "keepdim": ("bool", False)}
+)
 def argmin_p(xp, a, dim, keepdim):
     return _arg(xp.argmin, xp, a, dim, keepdim)
 
@@ -139,14 +161,19 @@ argmin_p.defvjp(lambda g, out, a, dim, keepdim: (None,))
 
 # ===================================================================== logsumexp ======
 
+
 def _infer_logsumexp(a, dim, keepdim) -> Spec:
     dims = norm_dims("logsumexp", dim, len(a.shape))
     dtype = a.dtype if a.dtype.is_floating_point else dtypes.default_float
     return Spec(_reduced_shape(a.shape, dims, keepdim), dtype)
 
 
-@defop("logsumexp", infer=_infer_logsumexp, saves_out=True,
-       attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "logsumexp",
+    infer=_infer_logsumexp,
+    saves_out=True,
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def logsumexp_p(xp, a, dim, keepdim):
     if a.dtype.kind != "f":
         a = a.astype(dtypes.default_float.np)
@@ -166,6 +193,7 @@ def _(g, out, a, dim, keepdim):
 
 
 # ========================================================================== prod ======
+
 
 def _infer_prod(a, dim, keepdim) -> Spec:
     dims = norm_dims("prod", dim, len(a.shape))
@@ -190,29 +218,39 @@ def _(g, out, a, dim, keepdim):
     others_nonzero = prod(nonzero, dim=dim, keepdim=True) / nonzero
     zero_count = sum(is_zero, dim=dim, keepdim=True)
     others_zero_count = zero_count - is_zero.long()
-    others_zero = where(eq(others_zero_count, 0), 1.0,
-                        where(eq(others_zero_count, 1),
-                              sum(zeros_only, dim=dim, keepdim=True) - zeros_only, 0.0))
+    others_zero = where(
+        eq(others_zero_count, 0),
+        1.0,
+        where(eq(others_zero_count, 1), sum(zeros_only, dim=dim, keepdim=True) - zeros_only, 0.0),
+    )
     return (_keep(g, a.shape, dim, keepdim) * others_nonzero * others_zero,)
 
 
 # ===================================================================== all, any ======
 
+
 def _infer_logical_reduce(name):
     def infer(a, dim, keepdim) -> Spec:
         dims = norm_dims(name, dim, len(a.shape))
         return Spec(_reduced_shape(a.shape, dims, keepdim), dtypes.bool_)
+
     return infer
 
 
-@defop("all", infer=_infer_logical_reduce("all"),
-       attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "all",
+    infer=_infer_logical_reduce("all"),
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def all_p(xp, a, dim, keepdim):
     return xp.all(a, axis=_axis(dim, a.ndim), keepdims=keepdim)
 
 
-@defop("any", infer=_infer_logical_reduce("any"),
-       attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "any",
+    infer=_infer_logical_reduce("any"),
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def any_p(xp, a, dim, keepdim):
     return xp.any(a, axis=_axis(dim, a.ndim), keepdims=keepdim)
 
@@ -222,6 +260,7 @@ any_p.defvjp(lambda g, out, a, dim, keepdim: (None,))
 
 
 # ======================================================================== cumsum ======
+
 
 def _infer_cumsum(a, dim) -> Spec:
     norm_dim("cumsum", dim, len(a.shape))
@@ -242,4 +281,3 @@ def _(g, out, a, dim):
     if a.ndim == 0:
         return (g,)
     return (flip(cumsum(flip(g, [dim]), dim), [dim]),)
-

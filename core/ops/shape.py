@@ -3,15 +3,16 @@
 DO NOT write a vjp for a composite: only primitives here have one, and each composite's
 gradient follows from them.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Any
 
 from .. import dtypes
-from ..registry import OpError, Spec, broadcast_shapes, defop, fmt, norm_dim, norm_dims
 from ..factories import zeros
-from ..functional import reshape, permute
+from ..functional import permute, reshape
+from ..registry import OpError, Spec, broadcast_shapes, defop, fmt, norm_dim, norm_dims
 
 
 def _resolve_shape(op: str, src, shape) -> tuple:
@@ -27,8 +28,9 @@ def _resolve_shape(op: str, src, shape) -> tuple:
             raise OpError(f"{op}: shape {fmt(shape)} is invalid for input of size {numel}")
         shape[shape.index(-1)] = numel // rest
     if math.prod(shape) != numel:
-        raise OpError(f"{op}: shape {fmt(shape)} is invalid for input of size {numel} "
-                      f"(shape {fmt(src)})")
+        raise OpError(
+            f"{op}: shape {fmt(shape)} is invalid for input of size {numel} (shape {fmt(src)})"
+        )
     return tuple(shape)
 
 
@@ -49,14 +51,16 @@ def _(g, out, a, shape):
 def _infer_permute(a, dims) -> Spec:
     n = len(a.shape)
     if sorted(d % n if n else d for d in dims) != list(range(n)) or len(dims) != n:
-        raise OpError(f"permute: dims {fmt(dims)} are not a permutation of the {n} dims of a "
-                      f"tensor of shape {fmt(a.shape)}")
+        raise OpError(
+            f"permute: dims {fmt(dims)} are not a permutation of the {n} dims of a "
+            f"tensor of shape {fmt(a.shape)}"
+        )
     return Spec(tuple(a.shape[d] for d in dims), a.dtype)
 
 
 @defop("permute", infer=_infer_permute, attrs={"dims": ("ints", [])})
 def permute_p(xp, a, dims):
-    return a.transpose(dims)        # the method: np.transpose adds ~2 us of dispatch
+    return a.transpose(dims)  # the method: np.transpose adds ~2 us of dispatch
 
 
 @permute_p.defvjp
@@ -71,17 +75,21 @@ def _(g, out, a, dims):
 def _infer_expand(a, shape) -> Spec:
     shape, src = list(shape), tuple(a.shape)
     if len(shape) < len(src):
-        raise OpError(f"expand: the number of sizes provided ({len(shape)}) must be greater "
-                      f"or equal to the number of dimensions in the tensor ({len(src)})")
+        raise OpError(
+            f"expand: the number of sizes provided ({len(shape)}) must be greater "
+            f"or equal to the number of dimensions in the tensor ({len(src)})"
+        )
     lead = len(shape) - len(src)
     for i, s in enumerate(src):
         want = shape[i + lead]
         if want == -1:
             shape[i + lead] = s
         elif s != 1 and s != want:
-            raise OpError(f"expand: the expanded size of the tensor ({want}) must match the "
-                          f"existing size ({s}) at non-singleton dimension {i + lead}; target "
-                          f"sizes {fmt(shape)}, tensor shape {fmt(src)}")
+            raise OpError(
+                f"expand: the expanded size of the tensor ({want}) must match the "
+                f"existing size ({s}) at non-singleton dimension {i + lead}; target "
+                f"sizes {fmt(shape)}, tensor shape {fmt(src)}"
+            )
     if any(s < 0 for s in shape):
         raise OpError("expand: -1 is not allowed in a leading, non-existing dimension")
     return Spec(tuple(shape), a.dtype)
@@ -89,8 +97,7 @@ def _infer_expand(a, shape) -> Spec:
 
 @defop("expand", infer=_infer_expand, attrs={"shape": ("ints", [])}, broadcast=True)
 def expand_p(xp, a, shape):
-    shape = [s if w == -1 else w for s, w in
-             zip((1,) * (len(shape) - a.ndim) + a.shape, shape)]
+    shape = [s if w == -1 else w for s, w in zip((1,) * (len(shape) - a.ndim) + a.shape, shape)]
     return xp.broadcast_to(a, shape)
 
 
@@ -106,22 +113,29 @@ def _(g, out, a, shape):
 # resolved against the shape (0 <= start <= stop); a stop past the end is clamped, as in
 # Python, so that "to the end" of a batch dimension does not depend on the batch size.
 
+
 def _sliced_shape(op: str, shape, starts, stops, steps) -> tuple:
     n = len(shape)
     if not len(starts) == len(stops) == len(steps) == n:
-        raise OpError(f"{op}: expected one start, stop and step per dimension of a tensor of "
-                      f"shape {fmt(shape)}, got starts {fmt(starts)}, stops {fmt(stops)}, "
-                      f"steps {fmt(steps)}")
+        raise OpError(
+            f"{op}: expected one start, stop and step per dimension of a tensor of "
+            f"shape {fmt(shape)}, got starts {fmt(starts)}, stops {fmt(stops)}, "
+            f"steps {fmt(steps)}"
+        )
     out = []
     for d, (size, start, stop, step) in enumerate(zip(shape, starts, stops, steps)):
         if step < 1:
-            raise OpError(f"{op}: step must be greater than zero, got {step} in dimension {d}; "
-                          f"use flip() to reverse a tensor")
-        end = min(stop, size) if size >= 0 else stop    # past the end: clamped, as in Python
+            raise OpError(
+                f"{op}: step must be greater than zero, got {step} in dimension {d}; "
+                f"use flip() to reverse a tensor"
+            )
+        end = min(stop, size) if size >= 0 else stop  # past the end: clamped, as in Python
         if not 0 <= start <= end <= size:
-            raise OpError(f"{op}: slice {start}:{stop} is out of range for dimension {d} of "
-                          f"size {size} (shape {fmt(shape)}); expected 0 <= start <= "
-                          f"min(stop, size)")
+            raise OpError(
+                f"{op}: slice {start}:{stop} is out of range for dimension {d} of "
+                f"size {size} (shape {fmt(shape)}); expected 0 <= start <= "
+                f"min(stop, size)"
+            )
         out.append((end - start + step - 1) // step)
     return tuple(out)
 
@@ -135,7 +149,10 @@ def _infer_slice(a, starts, stops, steps) -> Spec:
 
 
 _SLICE_ATTRS: dict[str, tuple[str, Any]] = {
-    "starts": ("ints", []), "stops": ("ints", []), "steps": ("ints", [])}
+    "starts": ("ints", []),
+    "stops": ("ints", []),
+    "steps": ("ints", []),
+}
 
 
 @defop("slice", infer=_infer_slice, attrs=_SLICE_ATTRS)
@@ -146,8 +163,10 @@ def slice_p(xp, a, starts, stops, steps):
 def _infer_slice_grad(g, shape, starts, stops, steps) -> Spec:
     want = _sliced_shape("slice_grad", shape, starts, stops, steps)
     if tuple(g.shape) != want:
-        raise OpError(f"slice_grad: gradient of shape {fmt(g.shape)} does not match the "
-                      f"slice's shape {fmt(want)} of a tensor of shape {fmt(shape)}")
+        raise OpError(
+            f"slice_grad: gradient of shape {fmt(g.shape)} does not match the "
+            f"slice's shape {fmt(want)} of a tensor of shape {fmt(shape)}"
+        )
     return Spec(tuple(shape), g.dtype)
 
 
@@ -179,6 +198,7 @@ def _along(a_shape, dim: int, start: int, stop: int) -> dict:
 
 # ================================================================== cat and stack ======
 
+
 def _promote_all(types):
     dtype = types[0]
     for t in types[1:]:
@@ -191,22 +211,28 @@ def _infer_cat(*tensors, dim) -> Spec:
         raise OpError("cat: expected a non-empty list of tensors")
     ref = tuple(tensors[0].shape)
     if not ref:
-        raise OpError("cat: zero-dimensional tensor (at position 0) cannot be concatenated; "
-                      "use stack(), or unsqueeze() it first")
+        raise OpError(
+            "cat: zero-dimensional tensor (at position 0) cannot be concatenated; "
+            "use stack(), or unsqueeze() it first"
+        )
     d = norm_dim("cat", dim, len(ref))
     total = 0
     for i, t in enumerate(tensors):
         shape = tuple(t.shape)
         if len(shape) != len(ref):
-            raise OpError(f"cat: tensors must have the same number of dimensions: tensor 0 "
-                          f"has shape {fmt(ref)} and tensor {i} has shape {fmt(shape)}")
+            raise OpError(
+                f"cat: tensors must have the same number of dimensions: tensor 0 "
+                f"has shape {fmt(ref)} and tensor {i} has shape {fmt(shape)}"
+            )
         for k, (s, r) in enumerate(zip(shape, ref)):
             if k != d and s != r:
-                raise OpError(f"cat: sizes of tensors must match except in dimension {d}; "
-                              f"expected size {r} but got size {s} for tensor number {i} "
-                              f"in the list (shapes {fmt(ref)} and {fmt(shape)})")
+                raise OpError(
+                    f"cat: sizes of tensors must match except in dimension {d}; "
+                    f"expected size {r} but got size {s} for tensor number {i} "
+                    f"in the list (shapes {fmt(ref)} and {fmt(shape)})"
+                )
         total += shape[d]
-    return Spec(ref[:d] + (total,) + ref[d + 1:], _promote_all([t.dtype for t in tensors]))
+    return Spec(ref[:d] + (total,) + ref[d + 1 :], _promote_all([t.dtype for t in tensors]))
 
 
 @defop("cat", infer=_infer_cat, arity=None, attrs={"dim": ("int", 0)})
@@ -221,8 +247,9 @@ def _(g, out, *tensors, dim):
     grads, offset = [], 0
     for t in tensors:
         size = t.shape[d]
-        grads.append(slice_p(g, **_along(g.shape, d, offset, offset + size))
-                     if t.requires_grad else None)
+        grads.append(
+            slice_p(g, **_along(g.shape, d, offset, offset + size)) if t.requires_grad else None
+        )
         offset += size
     return tuple(grads)
 
@@ -233,8 +260,10 @@ def _infer_stack(*tensors, dim) -> Spec:
     ref = tuple(tensors[0].shape)
     for i, t in enumerate(tensors):
         if tuple(t.shape) != ref:
-            raise OpError(f"stack: expects each tensor to be equal size, but got {fmt(ref)} at "
-                          f"entry 0 and {fmt(t.shape)} at entry {i}")
+            raise OpError(
+                f"stack: expects each tensor to be equal size, but got {fmt(ref)} at "
+                f"entry 0 and {fmt(t.shape)} at entry {i}"
+            )
     d = norm_dim("stack", dim, len(ref) + 1)
     return Spec(ref[:d] + (len(tensors),) + ref[d:], _promote_all([t.dtype for t in tensors]))
 
@@ -248,11 +277,14 @@ def stack_p(xp, *arrays, dim):
 @stack_p.defvjp
 def _(g, out, *tensors, dim):
     d = dim % g.ndim
-    return tuple(reshape(slice_p(g, **_along(g.shape, d, i, i + 1)), t.shape)
-                 if t.requires_grad else None for i, t in enumerate(tensors))
+    return tuple(
+        reshape(slice_p(g, **_along(g.shape, d, i, i + 1)), t.shape) if t.requires_grad else None
+        for i, t in enumerate(tensors)
+    )
 
 
 # ==================================================================== flip, tril ======
+
 
 def _infer_flip(a, dims) -> Spec:
     norm_dims("flip", dims, len(a.shape))
@@ -270,9 +302,11 @@ flip_p.defvjp(lambda g, out, a, dims: (flip_p(g, dims=dims),))
 def _infer_triangle(name):
     def infer(a, diagonal) -> Spec:
         if len(a.shape) < 2:
-            raise OpError(f"{name}: input tensor must have at least 2 dimensions, got shape "
-                          f"{fmt(a.shape)}")
+            raise OpError(
+                f"{name}: input tensor must have at least 2 dimensions, got shape {fmt(a.shape)}"
+            )
         return Spec(tuple(a.shape), a.dtype)
+
     return infer
 
 
@@ -304,18 +338,24 @@ def _indexed_shape(op: str, a, indices, dims) -> tuple:
     shape, n = tuple(a.shape), len(a.shape)
     dims = list(dims)
     if not indices or len(dims) != len(indices):
-        raise OpError(f"{op}: expected one dim per index tensor, got dims {fmt(dims)} for "
-                      f"{len(indices)} index tensors")
+        raise OpError(
+            f"{op}: expected one dim per index tensor, got dims {fmt(dims)} for "
+            f"{len(indices)} index tensors"
+        )
     if dims != sorted(set(dims)) or dims[0] < 0 or dims[-1] >= n:
-        raise OpError(f"{op}: dims {fmt(dims)} must be increasing dims of the indexed tensor "
-                      f"of shape {fmt(shape)}")
+        raise OpError(
+            f"{op}: dims {fmt(dims)} must be increasing dims of the indexed tensor "
+            f"of shape {fmt(shape)}"
+        )
     for i in indices:
         if i.dtype not in _INDEX_DTYPES:
-            raise OpError(f"{op}: tensors used as indices must be long or int tensors, got "
-                          f"{i.dtype}; for a mask use a bool tensor with getitem (x[mask])")
+            raise OpError(
+                f"{op}: tensors used as indices must be long or int tensors, got "
+                f"{i.dtype}; for a mask use a bool tensor with getitem (x[mask])"
+            )
     batch = broadcast_shapes(op, *[tuple(i.shape) for i in indices])
     if dims == list(range(dims[0], dims[0] + len(dims))):
-        return shape[:dims[0]] + batch + shape[dims[-1] + 1:]
+        return shape[: dims[0]] + batch + shape[dims[-1] + 1 :]
     return batch + tuple(s for d, s in enumerate(shape) if d not in dims)
 
 
@@ -328,19 +368,21 @@ def _index_tuple(op: str, xp, shape, indices, dims) -> tuple:
             lo, hi = int(i.min()), int(i.max())
             if lo < -size or hi >= size:
                 bad = hi if hi >= size else lo
-                raise IndexError(f"{op}: index {bad} is out of bounds for dimension {d} with "
-                                 f"size {size}")
+                raise IndexError(
+                    f"{op}: index {bad} is out of bounds for dimension {d} with size {size}"
+                )
         tup[d] = i
     return tuple(tup)
 
 
 def _add_at(xp, out, index, values) -> None:
     """``out[index] += values`` where repeated indices accumulate."""
-    at = getattr(xp.add, "at", None)       # CuPy has ufunc.at from version 13
+    at = getattr(xp.add, "at", None)  # CuPy has ufunc.at from version 13
     if at is not None:
         at(out, index, values)
     else:
-        import cupyx    # CuPy before 13 (CuPy is optional)
+        import cupyx  # CuPy before 13 (CuPy is optional)
+
         cupyx.scatter_add(out, index, values)
 
 
@@ -356,16 +398,25 @@ def index_p(xp, a, *indices, dims):
 def _infer_index_put(a, values, *indices, dims, accumulate) -> Spec:
     target = _indexed_shape("index_put", a, indices, dims)
     if broadcast_shapes("index_put", tuple(values.shape), target) != target:
-        raise OpError(f"index_put: values of shape {fmt(values.shape)} cannot be broadcast "
-                      f"to the indexed shape {fmt(target)}")
+        raise OpError(
+            f"index_put: values of shape {fmt(values.shape)} cannot be broadcast "
+            f"to the indexed shape {fmt(target)}"
+        )
     if values.dtype is not a.dtype:
-        raise OpError(f"index_put: values ({values.dtype}) and the tensor ({a.dtype}) must "
-                      f"have the same dtype; convert the values with .to({a.dtype})")
+        raise OpError(
+            f"index_put: values ({values.dtype}) and the tensor ({a.dtype}) must "
+            f"have the same dtype; convert the values with .to({a.dtype})"
+        )
     return Spec(tuple(a.shape), a.dtype)
 
 
-@defop("index_put", infer=_infer_index_put, arity=None, broadcast=True,
-       attrs={"dims": ("ints", []), "accumulate": ("bool", True)})
+@defop(
+    "index_put",
+    infer=_infer_index_put,
+    arity=None,
+    broadcast=True,
+    attrs={"dims": ("ints", []), "accumulate": ("bool", True)},
+)
 def index_put_p(xp, a, values, *indices, dims, accumulate):
     out = a.copy()
     index = _index_tuple("index_put", xp, a.shape, indices, dims)
@@ -387,8 +438,7 @@ def _(g, out, a, values, *indices, dims, accumulate):
     ga = g
     if not accumulate and a.requires_grad:
         # Overwritten elements of ``a`` do not reach the output.
-        ga = index_put_p(g, _zeros_like(values, g.dtype, ()), *indices, dims=dims,
-                         accumulate=False)
+        ga = index_put_p(g, _zeros_like(values, g.dtype, ()), *indices, dims=dims, accumulate=False)
     gv = index_p(g, *indices, dims=dims) if values.requires_grad else None
     return (ga, gv) + (None,) * len(indices)
 
@@ -399,23 +449,30 @@ def _zeros_like(t, dtype, shape=None):
 
 # ------------------------------------------------------------ gather, scatter_add ------
 
+
 def _check_gather_shapes(op: str, a, index, dim, src=None) -> int:
     n = len(a.shape)
     d = norm_dim(op, dim, n)
     if len(index.shape) != n or (src is not None and len(src.shape) != n):
         extra = f", src {fmt(src.shape)}" if src is not None else ""
-        raise OpError(f"{op}: index tensor must have the same number of dimensions as the "
-                      f"input tensor (input {fmt(a.shape)}, index {fmt(index.shape)}{extra})")
+        raise OpError(
+            f"{op}: index tensor must have the same number of dimensions as the "
+            f"input tensor (input {fmt(a.shape)}, index {fmt(index.shape)}{extra})"
+        )
     if index.dtype not in _INDEX_DTYPES:
         raise OpError(f"{op}: expected dtype int64 for index, got {index.dtype}")
     for k, (si, sa) in enumerate(zip(index.shape, a.shape)):
         if k != d and si > sa:
-            raise OpError(f"{op}: size {si} of index dimension {k} must not exceed the input's "
-                          f"size {sa} (input {fmt(a.shape)}, index {fmt(index.shape)})")
+            raise OpError(
+                f"{op}: size {si} of index dimension {k} must not exceed the input's "
+                f"size {sa} (input {fmt(a.shape)}, index {fmt(index.shape)})"
+            )
         if src is not None and si > src.shape[k]:
-            raise OpError(f"{op}: size {si} of index dimension {k} must not exceed the src's "
-                          f"size {src.shape[k]} (src {fmt(src.shape)}, index "
-                          f"{fmt(index.shape)})")
+            raise OpError(
+                f"{op}: size {si} of index dimension {k} must not exceed the src's "
+                f"size {src.shape[k]} (src {fmt(src.shape)}, index "
+                f"{fmt(index.shape)})"
+            )
     return d
 
 
@@ -424,8 +481,10 @@ def _grid(op: str, xp, index, dim, size) -> tuple:
     if index.size:
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= size:
-            raise IndexError(f"{op}: index {lo if lo < 0 else hi} is out of bounds for "
-                             f"dimension {dim} with size {size}")
+            raise IndexError(
+                f"{op}: index {lo if lo < 0 else hi} is out of bounds for "
+                f"dimension {dim} with size {size}"
+            )
     tup = []
     for k, s in enumerate(index.shape):
         if k == dim:
@@ -453,8 +512,10 @@ def gather_p(xp, a, index, dim):
 def _infer_scatter_add(a, index, src, dim) -> Spec:
     _check_gather_shapes("scatter_add", a, index, dim, src)
     if src.dtype is not a.dtype:
-        raise OpError(f"scatter_add: expected src ({src.dtype}) to have the dtype of the "
-                      f"tensor ({a.dtype}); convert it with .to({a.dtype})")
+        raise OpError(
+            f"scatter_add: expected src ({src.dtype}) to have the dtype of the "
+            f"tensor ({a.dtype}); convert it with .to({a.dtype})"
+        )
     return Spec(tuple(a.shape), a.dtype)
 
 
@@ -482,12 +543,18 @@ def _(g, out, a, index, src, dim):
         gs = gather_p(g, index, dim=dim)
         if tuple(index.shape) != tuple(src.shape):
             # Only the index-shaped corner of src is scattered; the rest gets no gradient.
-            gs = slice_grad_p(gs, shape=list(src.shape), starts=[0] * src.ndim,
-                              stops=list(index.shape), steps=[1] * src.ndim)
+            gs = slice_grad_p(
+                gs,
+                shape=list(src.shape),
+                starts=[0] * src.ndim,
+                stops=list(index.shape),
+                steps=[1] * src.ndim,
+            )
     return g, None, gs
 
 
 # ------------------------------------------------------------ nonzero, argsort ------
+
 
 def _infer_nonzero(a) -> Spec:
     # The number of rows depends on the data: graphs see it as -1, like a batch dim.
@@ -507,8 +574,7 @@ def _infer_argsort(a, dim, descending) -> Spec:
     return Spec(tuple(a.shape), dtypes.int64)
 
 
-@defop("argsort", infer=_infer_argsort,
-       attrs={"dim": ("int", -1), "descending": ("bool", False)})
+@defop("argsort", infer=_infer_argsort, attrs={"dim": ("int", -1), "descending": ("bool", False)})
 def argsort_p(xp, a, dim, descending):
     """A stable sort's indices; equal elements keep their order either way."""
     if a.ndim == 0:

@@ -6,6 +6,7 @@
 >>> [tuple(x.tolist()) for x, _ in DataLoader(ds, batch_size=2)]
 [(0.0, 1.0), (2.0, 3.0), (4.0,)]
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,7 @@ from .. import functional as F
 from ..random import Generator
 from ..tensor import Tensor
 
-__all__ = ["Dataset", "TensorDataset", "Subset", "DataLoader", "random_split",
-           "default_collate"]
+__all__ = ["Dataset", "TensorDataset", "Subset", "DataLoader", "random_split", "default_collate"]
 
 
 class Dataset:
@@ -61,8 +61,9 @@ class Subset(Dataset):
         return len(self.indices)
 
 
-def random_split(dataset, lengths: Sequence[int | float],
-                 generator: Generator | None = None) -> list[Subset]:
+def random_split(
+    dataset, lengths: Sequence[int | float], generator: Generator | None = None
+) -> list[Subset]:
     """Split ``dataset`` into random, non-overlapping subsets of ``lengths`` (counts, or
     fractions that sum to 1, whose remainder goes round-robin as torch does)."""
     n = len(dataset)
@@ -76,7 +77,7 @@ def random_split(dataset, lengths: Sequence[int | float],
     order = factories.randperm(n, generator=generator).tolist()
     subsets, start = [], 0
     for length in lengths:
-        subsets.append(Subset(dataset, order[start:start + length]))
+        subsets.append(Subset(dataset, order[start : start + length]))
         start += length
     return subsets
 
@@ -105,27 +106,39 @@ def default_collate(batch: list) -> Any:
             raise RuntimeError("each element in list of batch should be of equal size")
         fields = [default_collate(list(column)) for column in zip(*batch)]
         return tuple(fields) if isinstance(first, tuple) else fields
-    raise TypeError(f"default_collate: batch must contain tensors, numpy arrays, numbers, "
-                    f"strings, dicts or lists; found {type(first).__name__}")
+    raise TypeError(
+        f"default_collate: batch must contain tensors, numpy arrays, numbers, "
+        f"strings, dicts or lists; found {type(first).__name__}"
+    )
 
 
 class DataLoader:
     """Batches of a dataset: ``batch_size`` samples, in order or shuffled (reproducibly
     with ``generator``), the last smaller batch kept unless ``drop_last``."""
 
-    def __init__(self, dataset, batch_size: int | None = 1, shuffle: bool = False,
-                 sampler=None, drop_last: bool = False,
-                 collate_fn: Callable[[list], Any] | None = None,
-                 generator: Generator | None = None, num_workers: int = 0, **_unused):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int | None = 1,
+        shuffle: bool = False,
+        sampler=None,
+        drop_last: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
+        generator: Generator | None = None,
+        num_workers: int = 0,
+        **_unused,
+    ):
         if sampler is not None and shuffle:
             raise ValueError("sampler option is mutually exclusive with shuffle")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-            raise ValueError(f"batch_size should be a positive integer value, but got "
-                             f"batch_size={batch_size}")
+            raise ValueError(
+                f"batch_size should be a positive integer value, but got batch_size={batch_size}"
+            )
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.sampler, self.drop_last, self.generator = sampler, drop_last, generator
-        self.collate_fn = collate_fn or (default_collate if batch_size is not None
-                                         else (lambda sample: sample))
+        self.collate_fn = collate_fn or (
+            default_collate if batch_size is not None else (lambda sample: sample)
+        )
 
     def _indices(self) -> list[int]:
         if self.sampler is not None:
@@ -141,7 +154,7 @@ class DataLoader:
                 yield self.collate_fn(self.dataset[i])
             return
         for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start:start + self.batch_size]
+            chunk = indices[start : start + self.batch_size]
             if len(chunk) < self.batch_size and self.drop_last:
                 return
             yield self.collate_fn([self.dataset[i] for i in chunk])

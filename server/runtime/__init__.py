@@ -34,20 +34,21 @@ One module per job:
 - ``decode_check``: INVALID_ARGUMENT for request bytes that are no valid message
 - ``serving``: :func:`serve`, :class:`RunningServer`
 """
+
 from gradmesh.server.runtime.allocator import ALLOCATOR_VARIABLES, steady_heap
 from gradmesh.server.runtime.config import (
-                                            DEFAULT_MAX_CONCURRENT_REQUESTS,
-                                            DEFAULT_MAX_MESSAGE_BYTES,
-                                            ConfigError,
-                                            MiB,
-                                            ServerConfig,
-                                            add_server_arguments,
-                                            check_address,
-                                            check_config,
-                                            config_from_args,
-                                            env_default,
-                                            env_flag,
-                                            is_loopback,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ConfigError,
+    MiB,
+    ServerConfig,
+    add_server_arguments,
+    check_address,
+    check_config,
+    config_from_args,
+    env_default,
+    env_flag,
+    is_loopback,
 )
 from gradmesh.server.runtime.errors import ServiceError, abort, rich_status, status_code
 from gradmesh.server.runtime.interceptor import HEALTH_PREFIX
@@ -61,12 +62,38 @@ from gradmesh.wire.channel import channel_options
 _get_metrics = get_metrics
 _ALLOCATOR_VARIABLES = ALLOCATOR_VARIABLES
 
-__all__ = ["ServerConfig", "ServiceError", "ConfigError", "RunningServer", "PeerConfig", "abort",
-           "add_peer_arguments", "add_server_arguments", "channel_options", "config_from_args",
-           "configure_logging", "env_default", "peer_config_from_args", "rich_status", "serve",
-           "serve_forever", "status_code",
-           # and what the other modules of gradmesh.server and its tests read from here
-           "ALLOCATOR_VARIABLES", "DEFAULT_MAX_CONCURRENT_REQUESTS", "DEFAULT_MAX_MESSAGE_BYTES",
-           "HEALTH_PREFIX", "JsonFormatter", "MiB", "ServiceSpec", "TextFormatter",
-           "check_address", "check_config", "env_flag", "get_metrics", "is_loopback", "metric",
-           "steady_heap"]
+__all__ = [
+    "ServerConfig",
+    "ServiceError",
+    "ConfigError",
+    "RunningServer",
+    "PeerConfig",
+    "abort",
+    "add_peer_arguments",
+    "add_server_arguments",
+    "channel_options",
+    "config_from_args",
+    "configure_logging",
+    "env_default",
+    "peer_config_from_args",
+    "rich_status",
+    "serve",
+    "serve_forever",
+    "status_code",
+    # and what the other modules of gradmesh.server and its tests read from here
+    "ALLOCATOR_VARIABLES",
+    "DEFAULT_MAX_CONCURRENT_REQUESTS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "HEALTH_PREFIX",
+    "JsonFormatter",
+    "MiB",
+    "ServiceSpec",
+    "TextFormatter",
+    "check_address",
+    "check_config",
+    "env_flag",
+    "get_metrics",
+    "is_loopback",
+    "metric",
+    "steady_heap",
+]

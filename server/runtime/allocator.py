@@ -1,5 +1,6 @@
 """The allocator of a server process: a steady heap, so that megabyte requests reuse
 memory instead of mapping and faulting in fresh pages every call."""
+
 from __future__ import annotations
 
 import ctypes
@@ -9,7 +10,7 @@ import os
 # heap's top to the kernel: a server receiving megabyte messages then maps and faults in
 # fresh pages (which the kernel zeroes) call after call. A worker receiving the medium
 # MLP's 2.7 MB requests spent 4.5x a local step on a call; with a steady heap, 2.9x.
-STEADY_MMAP_THRESHOLD = 32 << 20        # glibc's own ceiling for the adaptive threshold
+STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the adaptive threshold
 STEADY_TRIM_THRESHOLD = 256 << 20
 ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -25,6 +26,7 @@ def steady_heap() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3        # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, STEADY_MMAP_THRESHOLD)) and \
-        bool(mallopt(m_trim_threshold, STEADY_TRIM_THRESHOLD))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, STEADY_MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, STEADY_TRIM_THRESHOLD)
+    )

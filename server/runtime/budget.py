@@ -2,6 +2,7 @@
 worker allows (``--max-request-bytes``, ``--max-request-flops``) is refused with
 RESOURCE_EXHAUSTED before anything runs. The cost comes from shape inference
 (:mod:`gradmesh.core.cost`) and is kept with the plan."""
+
 from __future__ import annotations
 
 import grpc
@@ -11,7 +12,7 @@ from gradmesh.server.runtime.errors import ServiceError
 
 GiB = 1 << 30
 DEFAULT_MAX_REQUEST_BYTES = 4 * GiB
-DEFAULT_MAX_REQUEST_FLOPS = 10 ** 12
+DEFAULT_MAX_REQUEST_FLOPS = 10**12
 
 
 def check(plan, limits) -> core_cost.Cost:
@@ -25,12 +26,15 @@ def check(plan, limits) -> core_cost.Cost:
             f"request over the memory budget: it needs up to {cost.bytes} bytes "
             f"({cost.bytes / GiB:.2f} GiB) by shape inference, the limit max_request_bytes "
             f"is {max_bytes}; send smaller batches or raise the worker's "
-            f"--max-request-bytes (GRADMESH_MAX_REQUEST_BYTES)", "max_request_bytes")
+            f"--max-request-bytes (GRADMESH_MAX_REQUEST_BYTES)",
+            "max_request_bytes",
+        )
     if max_flops and cost.flops > max_flops:
         raise ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"request over the compute budget: it needs {cost.flops:.3g} FLOPs by shape "
             f"inference, the limit max_request_flops is {max_flops:.3g}; send smaller "
             f"batches or raise the worker's --max-request-flops (GRADMESH_MAX_REQUEST_FLOPS)",
-            "max_request_flops")
+            "max_request_flops",
+        )
     return cost

@@ -5,6 +5,7 @@ client's fault: :func:`~gradmesh.server.runtime.serving.serve` registers every h
 with a deserializer that never raises, and a behavior that answers INVALID_ARGUMENT when
 it gets what that one returned instead.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
@@ -16,6 +17,7 @@ from gradmesh.server.runtime.errors import abort
 
 class _Undecodable:
     """What a wrapped deserializer returns for bytes that are not a valid message."""
+
     __slots__ = ("message",)
 
     def __init__(self, message: str):
@@ -31,6 +33,7 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return deserialize(data)
         except Exception as e:  # noqa: BLE001  (protobuf's DecodeError, or a codec's error)
             return _Undecodable(f"the request is not a valid {name}: {e}")
+
     return tolerant
 
 
@@ -49,14 +52,17 @@ def decode_checked(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandl
     """``handler`` with a tolerant deserializer and a behavior that rejects what it let by."""
     if handler is None or handler.request_deserializer is None:
         return handler
-    kw = dict(request_deserializer=_tolerant(handler.request_deserializer),
-              response_serializer=handler.response_serializer)
+    kw = dict(
+        request_deserializer=_tolerant(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
     if handler.unary_unary:
         unary_unary = handler.unary_unary
 
         def checked_unary_unary(request, context):
             _reject_undecodable(request, context)
             return unary_unary(request, context)
+
         return grpc.unary_unary_rpc_method_handler(checked_unary_unary, **kw)
     if handler.unary_stream:
         unary_stream = handler.unary_stream
@@ -64,16 +70,18 @@ def decode_checked(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandl
         def checked_unary_stream(request, context):
             _reject_undecodable(request, context)
             yield from unary_stream(request, context)
+
         return grpc.unary_stream_rpc_method_handler(checked_unary_stream, **kw)
     if handler.stream_unary:
         stream_unary = handler.stream_unary
         return grpc.stream_unary_rpc_method_handler(
             lambda requests, context: stream_unary(_checked_stream(requests, context), context),
-            **kw)
+            **kw,
+        )
     stream_stream = handler.stream_stream
     return grpc.stream_stream_rpc_method_handler(
-        lambda requests, context: stream_stream(_checked_stream(requests, context), context),
-        **kw)
+        lambda requests, context: stream_stream(_checked_stream(requests, context), context), **kw
+    )
 
 
 class _DecodeCheckedHandler(grpc.GenericRpcHandler):
@@ -96,7 +104,8 @@ class DecodeCheckingServer:
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
         self._server.add_registered_method_handlers(
-            service_name, {m: decode_checked(h) for m, h in method_handlers.items()})
+            service_name, {m: decode_checked(h) for m, h in method_handlers.items()}
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)

@@ -1,5 +1,6 @@
 """Errors a servicer raises, and the gRPC statuses they become (``google.rpc.Status`` with
 ``google.rpc.BadRequest`` details naming the offending field)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -57,8 +58,11 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
     details = []
     rid = request_id.get()
     if field is not None:
-        bad = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+            ]
+        )
         detail = any_pb2.Any()
         detail.Pack(bad)
         details.append(detail)
@@ -72,8 +76,9 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
     return _Status(plain.code, plain.details, trailers)
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
-          field: str | None = None) -> None:
+def abort(
+    context: grpc.ServicerContext, code: grpc.StatusCode, message: str, field: str | None = None
+) -> None:
     """Fail the call with ``code`` and ``message``; ``field`` becomes a BadRequest violation.
 
     Like ``context.abort`` it raises, so nothing after it runs.
@@ -93,8 +98,10 @@ def resource_error(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     CuPy's ``OutOfMemoryError``), None for anything else."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         what = str(exc) or "out of memory"
-        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the request needs more memory than the server has: {what}")
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the request needs more memory than the server has: {what}",
+        )
     return None
 
 

@@ -1,6 +1,7 @@
 """The interceptor every gradmesh server runs: bearer-token auth, the concurrency limit,
 exceptions mapped to statuses, one log line and the metrics of each call. Health checks
 bypass it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,6 +48,7 @@ def call_request_id(metadata) -> str:
 
 class _Outcome:
     """How a call ended, for its log line and metrics."""
+
     __slots__ = ("code", "error")
 
     def __init__(self):
@@ -62,8 +64,9 @@ class Interceptor(grpc.ServerInterceptor):
         self._token = config.token.encode() if config.token else None
         self._limit = config.max_concurrent_requests
         # Fair slots and idle streams (streams.py).
-        self._peers = streams.PeerSlots(streams.per_peer_limit(
-            self._limit, getattr(config, "max_requests_per_peer", None)))
+        self._peers = streams.PeerSlots(
+            streams.per_peer_limit(self._limit, getattr(config, "max_requests_per_peer", None))
+        )
         self._idle = getattr(config, "stream_idle_timeout", streams.DEFAULT_STREAM_IDLE_TIMEOUT)
         self._in_flight = 0
         self._lock = threading.Condition()
@@ -79,9 +82,13 @@ class Interceptor(grpc.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata
         denied = self._auth_error(metadata)
         rid = call_request_id(metadata)
-        return _wrap(handler, lambda behavior, streaming_response:
-                     self._guard(method, behavior, streaming_response, denied, rid),
-                     self._idle)
+        return _wrap(
+            handler,
+            lambda behavior, streaming_response: self._guard(
+                method, behavior, streaming_response, denied, rid
+            ),
+            self._idle,
+        )
 
     @property
     def in_flight(self) -> int:
@@ -114,17 +121,23 @@ class Interceptor(grpc.ServerInterceptor):
                 self._in_flight += 1
                 self._lock.notify_all()
         if full or mine:
-            busy = (f"server busy: {self._limit} requests in flight "
-                    f"(max_concurrent_requests); retry later") if full else (
+            busy = (
+                (
+                    f"server busy: {self._limit} requests in flight "
+                    f"(max_concurrent_requests); retry later"
+                )
+                if full
+                else (
                     f"server busy: this peer ({peer}) already has {self._peers.limit} of the "
                     f"{self._limit} request slots in flight (max_requests_per_peer); retry "
-                    f"later")
+                    f"later"
+                )
+            )
             outcome.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
 
     @contextlib.contextmanager
-    def _admitted(self, method: str, context, denied: str | None,
-                  rid: str) -> Iterator[None]:
+    def _admitted(self, method: str, context, denied: str | None, rid: str) -> Iterator[None]:
         start = time.perf_counter()
         outcome = _Outcome()
         peer = streams.peer_identity(context.peer())
@@ -155,7 +168,7 @@ class Interceptor(grpc.ServerInterceptor):
             finally:
                 try:
                     request_id.reset(token)
-                except ValueError:      # a stream's generator closed from another thread
+                except ValueError:  # a stream's generator closed from another thread
                     request_id.set(None)
 
     def _fail(self, method: str, context, exc: BaseException, outcome: _Outcome) -> None:
@@ -173,8 +186,7 @@ class Interceptor(grpc.ServerInterceptor):
         exhausted = resource_error(exc)
         if exhausted is not None:
             outcome.fail(*exhausted)
-            log.warning("out of memory in %s", method, exc_info=exc,
-                        extra={"method": method})
+            log.warning("out of memory in %s", method, exc_info=exc, extra={"method": method})
             abort(context, *exhausted)
         message = f"internal error: {type(exc).__name__}: {exc} (logged on the server)"
         outcome.fail(grpc.StatusCode.INTERNAL, message)
@@ -189,22 +201,29 @@ class Interceptor(grpc.ServerInterceptor):
         self._metrics["latency"].labels(method).observe(seconds)
         if log.isEnabledFor(logging.INFO):
             level = logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO
-            fields = {"method": method, "code": name, "duration_ms": round(seconds * 1e3, 3),
-                      "peer": context.peer()}
+            fields = {
+                "method": method,
+                "code": name,
+                "duration_ms": round(seconds * 1e3, 3),
+                "peer": context.peer(),
+            }
             if code is not grpc.StatusCode.OK:
                 fields["error"] = outcome.error or _details(context) or ""
             log.log(level, "rpc", extra=fields)
 
     def _guard(self, method, behavior, streaming_response, denied, rid):
         if streaming_response:
+
             def guarded_stream(request, context):
                 with self._admitted(method, context, denied, rid):
                     yield from behavior(request, context)
+
             return guarded_stream
 
         def guarded(request, context):
             with self._admitted(method, context, denied, rid):
                 return behavior(request, context)
+
         return guarded
 
 
@@ -214,10 +233,13 @@ def _details(context) -> str | None:
     return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
 
 
-def _wrap(handler: grpc.RpcMethodHandler, guard, idle: float | None = None
-          ) -> grpc.RpcMethodHandler:
-    kw = dict(request_deserializer=handler.request_deserializer,
-              response_serializer=handler.response_serializer)
+def _wrap(
+    handler: grpc.RpcMethodHandler, guard, idle: float | None = None
+) -> grpc.RpcMethodHandler:
+    kw = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
     if idle and (handler.stream_unary or handler.stream_stream):
         handler = _with_idle_timeout(handler, idle)
     if handler.unary_unary:
@@ -231,10 +253,14 @@ def _wrap(handler: grpc.RpcMethodHandler, guard, idle: float | None = None
 
 def _with_idle_timeout(handler, idle: float):
     """The handler with its request stream under the idle timeout (streams.py)."""
+
     def wrap(behavior):
         if behavior is None:
             return None
         return lambda requests, context: behavior(
-            streams.idle_timeout(requests, idle, context), context)
-    return handler._replace(stream_unary=wrap(handler.stream_unary),
-                            stream_stream=wrap(handler.stream_stream))
+            streams.idle_timeout(requests, idle, context), context
+        )
+
+    return handler._replace(
+        stream_unary=wrap(handler.stream_unary), stream_stream=wrap(handler.stream_stream)
+    )

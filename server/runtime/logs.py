@@ -2,6 +2,7 @@
 (time, level, logger, message, then each ``extra`` field: an RPC's ``method``, ``code``,
 ``duration_ms``, ``peer``, and ``error`` when it failed; ``request_id`` on every line
 logged while a call is handled)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": round(record.created, 6), "level": record.levelname,
-               "logger": record.name, "msg": record.getMessage()}
+        out = {
+            "time": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         out.update(extra_fields(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
@@ -37,8 +42,12 @@ def _text_value(value: Any) -> str:
     # Bare where that reads back unambiguously as a string, else as JSON ("a b", "42",
     # lists, numbers, true).
     if isinstance(value, str):
-        if value and value[0] not in "-0123456789" and value not in ("true", "false", "null") \
-                and not any(c.isspace() or c in '"=\\' for c in value):
+        if (
+            value
+            and value[0] not in "-0123456789"
+            and value not in ("true", "false", "null")
+            and not any(c.isspace() or c in '"=\\' for c in value)
+        ):
             return value
         return json.dumps(value)
     return json.dumps(value, default=str, separators=(",", ":"))

@@ -1,6 +1,7 @@
 """Serving: :func:`serve` turns a list of servicers into a running gRPC server with what
 every gradmesh service needs (see the package's docstring); :class:`RunningServer` is the
 handle to it."""
+
 from __future__ import annotations
 
 import errno
@@ -43,9 +44,15 @@ def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
 class RunningServer:
     """A started server: ``port``/``address`` to dial, ``stop(grace)`` and ``wait()``."""
 
-    def __init__(self, server: grpc.Server, port: int, config: ServerConfig,
-                 health_servicer: health.HealthServicer, interceptor: Interceptor,
-                 metrics_server=None):
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        config: ServerConfig,
+        health_servicer: health.HealthServicer,
+        interceptor: Interceptor,
+        metrics_server=None,
+    ):
         self.server = server
         self._interceptor = interceptor
         self.port = port
@@ -80,11 +87,16 @@ class RunningServer:
     def wait(self, handle_signals: bool = True) -> None:
         """Block until the server stops; SIGTERM/SIGINT stop it gracefully (main thread)."""
         if handle_signals and threading.current_thread() is threading.main_thread():
+
             def on_signal(signum, _frame):
-                log.info("signal %s: shutting down (grace %.1fs)",
-                         signal.Signals(signum).name, self.config.grace)
+                log.info(
+                    "signal %s: shutting down (grace %.1fs)",
+                    signal.Signals(signum).name,
+                    self.config.grace,
+                )
                 # stop() blocks for the grace period: not inside a signal handler.
                 threading.Thread(target=self.stop, daemon=True).start()
+
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, on_signal)
         self.server.wait_for_termination()
@@ -97,8 +109,9 @@ class RunningServer:
         self.stop(0)
 
 
-def _add_services(server: grpc.Server, services: Sequence[ServiceSpec],
-                  health_servicer: health.HealthServicer) -> list[str]:
+def _add_services(
+    server: grpc.Server, services: Sequence[ServiceSpec], health_servicer: health.HealthServicer
+) -> list[str]:
     """Register ``services``, health checking and reflection; returns the services' names."""
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = []
@@ -106,15 +119,18 @@ def _add_services(server: grpc.Server, services: Sequence[ServiceSpec],
         add(servicer, DecodeCheckingServer(server))
         names.append(name)
     reflection.enable_server_reflection(
-        names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME], server)
+        names
+        + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
     return names
 
 
 def _bind(server: grpc.Server, config: ServerConfig) -> int:
     """Add the server's port (TLS when configured); returns the port bound."""
-    bind = f"[{config.host}]:{config.port}" if ":" in config.host else \
-        f"{config.host}:{config.port}"
+    bind = (
+        f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    )
     try:
         if config.tls_cert:
             port = server.add_secure_port(bind, server_credentials(config))
@@ -135,8 +151,10 @@ def _bind_reason(config: ServerConfig) -> str:
             s.bind((config.host.strip("[]"), config.port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            return (f"port {config.port} is in use on {config.host} (another server "
-                    f"runs there: stop it or pick another --port)")
+            return (
+                f"port {config.port} is in use on {config.host} (another server "
+                f"runs there: stop it or pick another --port)"
+            )
         return f"{e.strerror or e} (--host {config.host})"
     return "address in use or not available"
 
@@ -146,16 +164,19 @@ def serve(config: ServerConfig, services: Sequence[ServiceSpec]) -> RunningServe
     check_config(config)
     interceptor = Interceptor(config)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.pool_size(),
-                                   thread_name_prefix="gradmesh-rpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=config.pool_size(), thread_name_prefix="gradmesh-rpc"
+        ),
         interceptors=[interceptor],
         options=_server_options(config),
         # A backstop queue bound: the interceptor rejects above max_concurrent_requests,
         # this keeps the pool's queue itself from growing without bound.
-        maximum_concurrent_rpcs=config.pool_size() * 4)
+        maximum_concurrent_rpcs=config.pool_size() * 4,
+    )
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
-        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
+    )
     names = _add_services(server, services, health_servicer)
     port = _bind(server, config)
     try:
@@ -168,15 +189,22 @@ def serve(config: ServerConfig, services: Sequence[ServiceSpec]) -> RunningServe
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, port, config, health_servicer, interceptor,
-                            metrics_server)
-    log.info("serving", extra={"address": running.address, "services": names,
-                               "tls": bool(config.tls_cert), "auth": bool(config.token)})
+    running = RunningServer(server, port, config, health_servicer, interceptor, metrics_server)
+    log.info(
+        "serving",
+        extra={
+            "address": running.address,
+            "services": names,
+            "tls": bool(config.tls_cert),
+            "auth": bool(config.token),
+        },
+    )
     return running
 
 
-def serve_forever(config: ServerConfig, services: Sequence[ServiceSpec],
-                  banner: str = "gradmesh server") -> int:
+def serve_forever(
+    config: ServerConfig, services: Sequence[ServiceSpec], banner: str = "gradmesh server"
+) -> int:
     """What a CLI ``run(args)`` does: log setup, serve, print the address, wait, exit code."""
     configure_logging(config)
     try:

@@ -11,6 +11,7 @@ Fair slots: no peer identity holds more than ``per_peer`` of the concurrent-requ
 its address without the port ("ipv4:10.0.0.7"): the bearer token is one for the whole
 server, so it does not tell clients apart.
 """
+
 from __future__ import annotations
 
 import queue
@@ -31,8 +32,9 @@ class IdleTimeoutIterator:
         self._timeout = timeout
         self._frames: queue.Queue = queue.Queue(maxsize=2)
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._pump, args=(requests,), daemon=True,
-                                        name="gradmesh-stream-reader")
+        self._thread = threading.Thread(
+            target=self._pump, args=(requests,), daemon=True, name="gradmesh-stream-reader"
+        )
         self._thread.start()
         if context is not None:
             context.add_callback(self._done.set)
@@ -74,7 +76,8 @@ class IdleTimeoutIterator:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no frame from the client for {self._timeout:g} s (stream_idle_timeout); "
                 f"the stream is closed, send frames without long pauses or raise the "
-                f"server's --stream-idle-timeout") from None
+                f"server's --stream-idle-timeout",
+            ) from None
         if frame is _END:
             self._done.set()
             if exc is not None:
@@ -98,9 +101,9 @@ def peer_identity(peer: str | None) -> str:
     if peer.startswith("ipv6:"):
         host = peer[5:]
         if host.startswith("[") and "]" in host:
-            return "ipv6:" + host[:host.index("]") + 1]
+            return "ipv6:" + host[: host.index("]") + 1]
         return peer
-    return peer                                 # unix sockets and others: as given
+    return peer  # unix sockets and others: as given
 
 
 def per_peer_limit(slots: int, configured: int | None) -> int:

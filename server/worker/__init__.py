@@ -20,35 +20,58 @@ Errors are raised as exceptions with ``code``, ``field`` and ``message``
 (:class:`~gradmesh.server.runtime.ServiceError`, ``WireError``, ``GraphError``); the
 server's interceptor sends them as gRPC statuses with ``google.rpc.BadRequest`` details.
 """
+
 from gradmesh.server.worker.build import blas_threads, build_fingerprint, library_versions
 from gradmesh.server.worker.caches import ParameterCache
 from gradmesh.server.worker.calls import (
-                                          Capabilities,
-                                          Computed,
-                                          GradientRequest,
-                                          Prepared,
-                                          SharedMemoryRef,
-                                          TensorRef,
-                                          TensorSlot,
-                                          WorkerLimits,
+    Capabilities,
+    Computed,
+    GradientRequest,
+    Prepared,
+    SharedMemoryRef,
+    TensorRef,
+    TensorSlot,
+    WorkerLimits,
 )
 from gradmesh.server.worker.command import DEFAULT_PORT, add_arguments, run, start
 from gradmesh.server.worker.logic import BACKENDS, GradientWorker, check_limits
 from gradmesh.server.worker.replies import build_response, response_pieces
 from gradmesh.server.worker.service import (
-                                          RECEIVE_POOL_BYTES,
-                                          SERVICE_NAME,
-                                          WorkerService,
-                                          add_to_server,
-                                          same_host,
+    RECEIVE_POOL_BYTES,
+    SERVICE_NAME,
+    WorkerService,
+    add_to_server,
+    same_host,
 )
 
 # The name tests used before the split into modules.
 _same_host = same_host
 
-__all__ = ["BACKENDS", "Capabilities", "Computed", "DEFAULT_PORT", "GradientRequest",
-           "GradientWorker", "ParameterCache", "Prepared", "RECEIVE_POOL_BYTES", "SERVICE_NAME",
-           "SharedMemoryRef", "TensorRef", "TensorSlot", "WorkerLimits", "WorkerService",
-           "add_arguments", "add_to_server", "blas_threads", "build_fingerprint",
-           "build_response", "check_limits", "library_versions", "response_pieces", "run",
-           "same_host", "start"]
+__all__ = [
+    "BACKENDS",
+    "Capabilities",
+    "Computed",
+    "DEFAULT_PORT",
+    "GradientRequest",
+    "GradientWorker",
+    "ParameterCache",
+    "Prepared",
+    "RECEIVE_POOL_BYTES",
+    "SERVICE_NAME",
+    "SharedMemoryRef",
+    "TensorRef",
+    "TensorSlot",
+    "WorkerLimits",
+    "WorkerService",
+    "add_arguments",
+    "add_to_server",
+    "blas_threads",
+    "build_fingerprint",
+    "build_response",
+    "check_limits",
+    "library_versions",
+    "response_pieces",
+    "run",
+    "same_host",
+    "start",
+]

@@ -1,6 +1,7 @@
 """A worker's build identity: library versions, BLAS threads, and a fingerprint over
 everything that can change results bit for bit (the coordinator refuses workers whose
 fingerprint differs from the others', to keep training bitwise deterministic)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,12 @@ from gradmesh.core import backend as core_backend
 
 
 def library_versions(backend: str) -> dict[str, str]:
-    versions = {"gradmesh": gradmesh.__version__, "python": platform.python_version(),
-                "numpy": np.__version__, "grpcio": grpc.__version__}
+    versions = {
+        "gradmesh": gradmesh.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "grpcio": grpc.__version__,
+    }
     if backend == "cuda":
         cp = core_backend.cupy()
         versions["cupy"] = cp.__version__
@@ -51,8 +56,6 @@ def blas_threads() -> int:
 
 def build_fingerprint(backend: str, versions: dict[str, str], threads: int) -> str:
     """SHA-256 over everything that can change results bit for bit."""
-    blas = [(i.get("internal_api"), i.get("version"), i.get("architecture"))
-            for i in _blas_info()]
-    parts = [backend, sorted(versions.items()), blas, threads, platform.machine(),
-             sys.byteorder]
+    blas = [(i.get("internal_api"), i.get("version"), i.get("architecture")) for i in _blas_info()]
+    parts = [backend, sorted(versions.items()), blas, threads, platform.machine(), sys.byteorder]
     return hashlib.sha256(repr(parts).encode()).hexdigest()

@@ -1,5 +1,6 @@
 """The worker's caches: graphs, plans and remembered requests (:class:`LRU`), and the
 parameter sets kept between calls (:class:`ParameterCache`)."""
+
 from __future__ import annotations
 
 import threading

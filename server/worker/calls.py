@@ -4,6 +4,7 @@
 bytes are copied beyond the one read protobuf makes of each); ``replies`` makes messages
 of :class:`Computed` and :class:`Capabilities`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ WorkerLimits = core_graph.Limits
 class TensorRef:
     """A request tensor as sent: its name, wire dtype (the tensor.proto enum), shape, and
     bytes (empty when they come in chunks or lie in shared memory)."""
+
     name: str
     dtype: int
     shape: tuple[int, ...]
@@ -33,6 +35,7 @@ class TensorRef:
 class SharedMemoryRef:
     """Where a same-host caller put a request's tensors and wants the gradients (the
     segments' names and each tensor's byte offset; worker.proto's ``SharedMemory``)."""
+
     segment: str = ""
     parameter_segment: str = ""
     gradient_segment: str = ""
@@ -45,13 +48,14 @@ class SharedMemoryRef:
 class GradientRequest:
     """A ``ComputeGradients`` request: the graph (by id, or inline), the tensors, what to
     return. Field meanings as in worker.proto's ``ComputeGradientsRequest``."""
-    graph_id: str | None = None                 # None: not given (the graph may be)
+
+    graph_id: str | None = None  # None: not given (the graph may be)
     graph: graph_pb2.Graph | None = None
     parameters: list[TensorRef] = field(default_factory=list)
     data: list[TensorRef] = field(default_factory=list)
     gradients: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    loss_scale: float = 0.0                     # 0 means 1
+    loss_scale: float = 0.0  # 0 means 1
     seed: int = 0
     shared_memory: SharedMemoryRef | None = None
     parameter_set: str = ""
@@ -65,18 +69,20 @@ class GradientRequest:
 @dataclass
 class TensorSlot:
     """A request tensor checked against the graph: where its bytes go and what they are."""
-    field: str                  # "parameters[w1]"
+
+    field: str  # "parameters[w1]"
     name: str
     dtype: np.dtype
     shape: tuple
     nbytes: int
-    shared_offset: int | None = None    # where its bytes are in the shared segment
-    data: bytes | None = None           # a unary request's bytes for it, read once
+    shared_offset: int | None = None  # where its bytes are in the shared segment
+    data: bytes | None = None  # a unary request's bytes for it, read once
 
 
 @dataclass
 class Prepared:
     """A request whose header passed every check; only its tensors' bytes are missing."""
+
     graph_id: str
     validated: Any
     params: list[TensorSlot]
@@ -102,6 +108,7 @@ class Prepared:
 @dataclass
 class Computed:
     """What :meth:`GradientWorker.compute` returns."""
+
     loss: np.ndarray
     outputs: list[tuple[str, np.ndarray]]
     gradients: list[tuple[str, np.ndarray]]
@@ -117,8 +124,9 @@ class Computed:
 @dataclass
 class Capabilities:
     """What a worker can do and what it is built from (``Capabilities``' reply)."""
+
     ops: list[str]
-    dtypes: list[int]                   # tensor.proto DType values
+    dtypes: list[int]  # tensor.proto DType values
     backend: str
     limits: WorkerLimits
     parameter_cache_bytes: int

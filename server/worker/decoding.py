@@ -1,6 +1,7 @@
 """Requests, from gRPC messages to the plain values of :mod:`.calls`: a
 ``ComputeGradientsRequest`` as a :class:`GradientRequest`, and a stream's frames as its
 header and arrays."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -36,29 +37,43 @@ def gradient_request(message: worker_pb2.ComputeGradientsRequest) -> GradientReq
     shared = repeat_key = None
     if message.HasField("shared_memory"):
         s = message.shared_memory
-        shared = SharedMemoryRef(s.segment, s.parameter_segment, s.gradient_segment,
-                                 dict(s.parameter_offsets), dict(s.data_offsets),
-                                 dict(s.gradient_offsets))
+        shared = SharedMemoryRef(
+            s.segment,
+            s.parameter_segment,
+            s.gradient_segment,
+            dict(s.parameter_offsets),
+            dict(s.data_offsets),
+            dict(s.gradient_offsets),
+        )
         # A client reusing its segments sends these same bytes call after call.
         repeat_key = message.SerializeToString(deterministic=True)
     return GradientRequest(
         graph_id=message.graph_id if which == "graph_id" else None,
         graph=message.graph if which == "graph" else None,
-        parameters=_tensor_refs(message.parameters), data=_tensor_refs(message.data),
-        gradients=list(message.gradients), outputs=list(message.outputs),
-        loss_scale=message.loss_scale, seed=message.seed, shared_memory=shared,
-        parameter_set=message.parameter_set, parameter_version=message.parameter_version,
-        stream_gradients_early=message.stream_gradients_early, repeat_key=repeat_key)
+        parameters=_tensor_refs(message.parameters),
+        data=_tensor_refs(message.data),
+        gradients=list(message.gradients),
+        outputs=list(message.outputs),
+        loss_scale=message.loss_scale,
+        seed=message.seed,
+        shared_memory=shared,
+        parameter_set=message.parameter_set,
+        parameter_version=message.parameter_version,
+        stream_gradients_early=message.stream_gradients_early,
+        repeat_key=repeat_key,
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Streams: a header frame, then chunk frames
 # ---------------------------------------------------------------------------------------
 
+
 class _UndecodableFrame:
     """What the stream's deserializer gives for bytes that are no ``StreamFrame``: gRPC
     answers INTERNAL when a deserializer raises, but a malformed frame is the client's
     fault, so the servicer answers INVALID_ARGUMENT instead (``WhichOneof`` is None)."""
+
     __slots__ = ("error",)
 
     def __init__(self, error: str):
@@ -87,31 +102,47 @@ def stream_header(frames: Iterator) -> worker_pb2.ComputeGradientsRequest:
     """The request header, the stream's first frame."""
     first = next(frames, None)
     if first is None or first.WhichOneof("kind") != "request":
-        raise ServiceError(INVALID, "the first frame of a stream must be the request "
-                                    "header" + _undecodable(first), "request")
+        raise ServiceError(
+            INVALID,
+            "the first frame of a stream must be the request header" + _undecodable(first),
+            "request",
+        )
     return first.request
 
 
-def stream_tensors(header: worker_pb2.ComputeGradientsRequest, frames: Iterator,
-                   prepared: Prepared, limits: WorkerLimits,
-                   buffers: stream.BufferPool) -> tuple[dict, dict]:
+def stream_tensors(
+    header: worker_pb2.ComputeGradientsRequest,
+    frames: Iterator,
+    prepared: Prepared,
+    limits: WorkerLimits,
+    buffers: stream.BufferPool,
+) -> tuple[dict, dict]:
     """The parameters and data of a stream whose ``header`` was prepared, assembled from
     its chunk frames (the kept parameters when the request names them)."""
     # Checks every limit from the header, then allocates each tensor once, in memory
     # that earlier streams used when it is free (nothing refers to it any more).
-    assembler = stream.Assembler(header, limits.max_stream_bytes,
-                                    tensor_fields=("parameters", "data"),
-                                    max_elements=limits.max_tensor_elements,
-                                    allocate=buffers.allocate)
+    assembler = stream.Assembler(
+        header,
+        limits.max_stream_bytes,
+        tensor_fields=("parameters", "data"),
+        max_elements=limits.max_tensor_elements,
+        allocate=buffers.allocate,
+    )
     add = assembler.add
     for frame in frames:
         if frame.WhichOneof("kind") != "chunk":
-            raise ServiceError(INVALID, "after the header only chunk frames may follow"
-                               + _undecodable(frame), "chunk")
+            raise ServiceError(
+                INVALID,
+                "after the header only chunk frames may follow" + _undecodable(frame),
+                "chunk",
+            )
         add(frame.chunk)
-    arrays: dict[str, np.ndarray] = {slot.path: a for slot, a in
-                                     zip(assembler.slots, assembler.finish())}
-    params = {s.name: arrays[s.field] if prepared.kept is None else prepared.kept[s.name]
-              for s in prepared.params}
+    arrays: dict[str, np.ndarray] = {
+        slot.path: a for slot, a in zip(assembler.slots, assembler.finish())
+    }
+    params = {
+        s.name: arrays[s.field] if prepared.kept is None else prepared.kept[s.name]
+        for s in prepared.params
+    }
     data = {s.name: arrays[s.field] for s in prepared.data}
     return params, data

@@ -1,5 +1,6 @@
 """The worker's logic without gRPC: graphs, plans, request checks and computation, on
 plain values (:mod:`.calls`), testable without a server."""
+
 from __future__ import annotations
 
 import threading
@@ -36,17 +37,25 @@ BACKENDS = ("cpu", "cuda")
 
 def check_limits(limits: WorkerLimits) -> None:
     if not 1 <= limits.chunk_bytes <= stream.MAX_CHUNK_BYTES:
-        raise runtime.ConfigError(f"--chunk-bytes must be between {stream.MIN_CHUNK_BYTES} "
-                                  f"and {stream.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}")
+        raise runtime.ConfigError(
+            f"--chunk-bytes must be between {stream.MIN_CHUNK_BYTES} "
+            f"and {stream.MAX_CHUNK_BYTES}, got {limits.chunk_bytes}"
+        )
     if limits.chunk_bytes + stream.FRAME_OVERHEAD_BYTES > limits.max_message_bytes:
         raise runtime.ConfigError(
             f"--chunk-bytes {limits.chunk_bytes} does not fit --max-message-bytes "
             f"{limits.max_message_bytes}: a streamed reply's messages are a chunk plus "
             f"{stream.FRAME_OVERHEAD_BYTES} bytes; lower --chunk-bytes to at most "
             f"{limits.max_message_bytes - stream.FRAME_OVERHEAD_BYTES} or leave it unset "
-            f"(derived from --max-message-bytes)")
-    for name in ("max_graph_nodes", "max_tensor_elements", "max_message_bytes",
-                 "max_stream_bytes", "max_concurrent_requests"):
+            f"(derived from --max-message-bytes)"
+        )
+    for name in (
+        "max_graph_nodes",
+        "max_tensor_elements",
+        "max_message_bytes",
+        "max_stream_bytes",
+        "max_concurrent_requests",
+    ):
         if getattr(limits, name) < 1:
             raise runtime.ConfigError(f"{name} must be positive")
 
@@ -69,15 +78,22 @@ class GradientWorker:
     >>> result = w.compute(prepared, params, data)                # doctest: +SKIP
     """
 
-    def __init__(self, backend: str = "cpu", limits: WorkerLimits | None = None,
-                 graph_cache_size: int = 256, plan_cache_size: int = 64,
-                 shared_memory: bool = True, parameter_cache_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        backend: str = "cpu",
+        limits: WorkerLimits | None = None,
+        graph_cache_size: int = 256,
+        plan_cache_size: int = 64,
+        shared_memory: bool = True,
+        parameter_cache_bytes: int = 1 << 30,
+    ):
         if backend not in BACKENDS:
             raise runtime.ConfigError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if backend == "cuda" and not core_backend.cuda_available():
             raise runtime.ConfigError(
                 "backend 'cuda' needs CuPy and a CUDA device; none found (install "
-                "'gradmesh[cuda]' on a GPU machine, or use --backend cpu)")
+                "'gradmesh[cuda]' on a GPU machine, or use --backend cpu)"
+            )
         self.backend = backend
         self.limits = limits or WorkerLimits()
         check_limits(self.limits)
@@ -85,10 +101,9 @@ class GradientWorker:
         self._plans = LRU(plan_cache_size)
         # Compiling the same plan twice at once is harmless but wasteful.
         self._compile_lock = threading.Lock()
-        self.abandoned = 0          # computations stopped by a deadline or cancellation
+        self.abandoned = 0  # computations stopped by a deadline or cancellation
         # Segments named by same-host clients, kept mapped (wire/sharedmem.py).
-        self.segments = (wire_shm.Attached() if shared_memory and wire_shm.available()
-                         else None)
+        self.segments = wire_shm.Attached() if shared_memory and wire_shm.available() else None
         self.kept = ParameterCache(parameter_cache_bytes)
         # Shared-memory requests repeat byte for byte while the client reuses its segments:
         # their checked headers and array views, by request bytes (see unary()).
@@ -109,12 +124,15 @@ class GradientWorker:
                 validated = core_graph.validate(graph, self.limits)
             except core_graph.GraphError as e:
                 # Name the field as the request has it: "graph.nodes[3].op".
-                raise ServiceError(runtime.status_code(e.code), e.message,
-                                   f"{field}.{e.field}" if e.field else field) from None
+                raise ServiceError(
+                    runtime.status_code(e.code),
+                    e.message,
+                    f"{field}.{e.field}" if e.field else field,
+                ) from None
             self._check_devices(graph, field)
             registered = RegisteredGraph.of(validated)
             self._graphs.put(validated.id, registered)
-            if given_id != validated.id:        # sent again as it was: found without work
+            if given_id != validated.id:  # sent again as it was: found without work
                 self._graphs.put(given_id, registered)
         return registered
 
@@ -127,13 +145,17 @@ class GradientWorker:
             if node.op != "to_device":
                 continue
             for attr in node.attrs:
-                if attr.name == "device" and attr.WhichOneof("value") == "s" and \
-                        attr.s != self.backend:
+                if (
+                    attr.name == "device"
+                    and attr.WhichOneof("value") == "s"
+                    and attr.s != self.backend
+                ):
                     raise ServiceError(
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"node {i} moves a tensor to {attr.s!r}, and this worker's backend "
                         f"is {self.backend!r}: send the graph to a {attr.s} worker",
-                        f"{field}.nodes[{i}].attrs.device")
+                        f"{field}.nodes[{i}].attrs.device",
+                    )
 
     def lookup(self, graph_id: str, field: str = "graph_id"):
         """The validated graph of a registered id (NOT_FOUND if unknown or evicted)."""
@@ -142,9 +164,12 @@ class GradientWorker:
     def _lookup(self, graph_id: str, field: str = "graph_id") -> RegisteredGraph:
         registered = self._graphs.get(graph_id)
         if registered is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND,
-                               f"unknown graph id {graph_id!r}: register the graph first "
-                               f"(RegisterGraph) or send it inline", field)
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown graph id {graph_id!r}: register the graph first "
+                f"(RegisterGraph) or send it inline",
+                field,
+            )
         return registered
 
     def _graph_of(self, request: GradientRequest) -> RegisteredGraph:
@@ -152,13 +177,17 @@ class GradientWorker:
             return self._register(request.graph, "graph")
         if request.graph_id is not None:
             return self._lookup(request.graph_id)
-        raise ServiceError(INVALID, "the request names no graph: set graph_id (after "
-                                    "RegisterGraph) or graph", "graph_ref")
+        raise ServiceError(
+            INVALID,
+            "the request names no graph: set graph_id (after RegisterGraph) or graph",
+            "graph_ref",
+        )
 
     # ------------------------------------------------------------------ requests -----
 
-    def prepare(self, request: GradientRequest, header_only: bool = False,
-                same_host: bool = False) -> Prepared:
+    def prepare(
+        self, request: GradientRequest, header_only: bool = False, same_host: bool = False
+    ) -> Prepared:
         """Check a request against its graph before any tensor is decoded.
 
         Names, dtypes, shapes, batch sizes, element counts and (for unary requests) byte
@@ -170,27 +199,53 @@ class GradientWorker:
         param_inputs, data_inputs = registered.params, registered.data
         shared = request.shared_memory
         if shared is not None:
-            self._check_shared(shared, header_only, same_host,
-                               {i.name for i in param_inputs}, {i.name for i in data_inputs})
+            self._check_shared(
+                shared,
+                header_only,
+                same_host,
+                {i.name for i in param_inputs},
+                {i.name for i in data_inputs},
+            )
         limit = self.limits.max_tensor_elements
         kept = None
         if request.parameter_set and not request.parameters:
             kept = self._kept(request)
             params = checks.kept_slots(kept, param_inputs)
         else:
-            params = checks.tensor_slots("parameters", request.parameters, param_inputs,
-                                         header_only,
-                                         shared.parameter_offsets if shared else {}, limit)
-        data = checks.tensor_slots("data", request.data, data_inputs, header_only,
-                                   shared.data_offsets if shared else {}, limit)
+            params = checks.tensor_slots(
+                "parameters",
+                request.parameters,
+                param_inputs,
+                header_only,
+                shared.parameter_offsets if shared else {},
+                limit,
+            )
+        data = checks.tensor_slots(
+            "data",
+            request.data,
+            data_inputs,
+            header_only,
+            shared.data_offsets if shared else {},
+            limit,
+        )
         checks.check_batch(data, data_inputs)
         gradients = self._requested(request, registered)
         if shared is not None and shared.gradient_segment:
             checks.check_gradient_offsets(shared, gradients)
         scale = checks.check_loss_scale(request.loss_scale)
-        prepared = Prepared(registered.validated.id, registered.validated, params, data,
-                            gradients, list(request.outputs), scale, request.seed, shared, kept)
-        budget.check(self.plan_for(prepared, None)[0], self.limits)   # before any decoding
+        prepared = Prepared(
+            registered.validated.id,
+            registered.validated,
+            params,
+            data,
+            gradients,
+            list(request.outputs),
+            scale,
+            request.seed,
+            shared,
+            kept,
+        )
+        budget.check(self.plan_for(prepared, None)[0], self.limits)  # before any decoding
         return prepared
 
     def _kept(self, request: GradientRequest) -> dict:
@@ -198,35 +253,56 @@ class GradientWorker:
         kept = self.kept.get((request.parameter_set, request.parameter_version))
         runtime.metric("kept", "miss" if kept is None else "hit")
         if kept is None:
-            raise ServiceError(FAILED, f"no parameters are kept for set "
-                                       f"{request.parameter_set!r} version "
-                                       f"{request.parameter_version} (evicted, or the "
-                                       f"worker restarted): send them", "parameters")
+            raise ServiceError(
+                FAILED,
+                f"no parameters are kept for set "
+                f"{request.parameter_set!r} version "
+                f"{request.parameter_version} (evicted, or the "
+                f"worker restarted): send them",
+                "parameters",
+            )
         return kept
 
     @staticmethod
     def _requested(request: GradientRequest, registered: RegisteredGraph) -> list[str]:
         """The gradients to return (default: every parameter's), outputs checked too."""
         param_names = registered.param_names
-        checks.check_requested("gradients", request.gradients, param_names,
-                               "no parameter named {!r} to take a gradient for; the graph's "
-                               "parameters are {}")
-        checks.check_requested("outputs", request.outputs, registered.output_names,
-                               "no output named {!r}; the graph's outputs are {}")
+        checks.check_requested(
+            "gradients",
+            request.gradients,
+            param_names,
+            "no parameter named {!r} to take a gradient for; the graph's parameters are {}",
+        )
+        checks.check_requested(
+            "outputs",
+            request.outputs,
+            registered.output_names,
+            "no output named {!r}; the graph's outputs are {}",
+        )
         return list(request.gradients) or param_names
 
     def keep(self, prepared: Prepared, request: GradientRequest, params: dict) -> None:
         """Keep a request's parameters when it asks for it (``parameter_set``)."""
-        if (request.parameter_set and prepared.kept is None
-                and all(s.shared_offset is None for s in prepared.params)):
+        if (
+            request.parameter_set
+            and prepared.kept is None
+            and all(s.shared_offset is None for s in prepared.params)
+        ):
             for a in params.values():
-                a.flags.writeable = False       # shared by later calls
+                a.flags.writeable = False  # shared by later calls
             self.kept.put((request.parameter_set, request.parameter_version), dict(params))
 
-    def _check_shared(self, shared: SharedMemoryRef, header_only: bool, same_host: bool,
-                      param_names: set[str], data_names: set[str]) -> None:
-        checks.check_shared_memory(shared, header_only, same_host, self.segments is not None,
-                                   param_names, data_names)
+    def _check_shared(
+        self,
+        shared: SharedMemoryRef,
+        header_only: bool,
+        same_host: bool,
+        param_names: set[str],
+        data_names: set[str],
+    ) -> None:
+        checks.check_shared_memory(
+            shared, header_only, same_host, self.segments is not None, param_names, data_names
+        )
 
     def _segment(self, name: str, field: str):
         try:
@@ -244,17 +320,23 @@ class GradientWorker:
         views = {}
         for name in prepared.gradients:
             slot, offset = by_name[name], shared.gradient_offsets[name]
-            views[name] = checks.segment_view(buf, offset, slot,
-                                              f"shared_memory.gradient_offsets[{name}]")
+            views[name] = checks.segment_view(
+                buf, offset, slot, f"shared_memory.gradient_offsets[{name}]"
+            )
         return views
 
     def decode(self, prepared: Prepared) -> tuple[dict, dict]:
         """A unary request's tensors as arrays: views of its bytes, of the client's shared
         memory, or the kept parameters."""
+
         # prepare() checked every header and byte length and kept each tensor's bytes.
         def arrays(slots):
-            return {s.name: serialize.decode_data(s.data or b"", s.dtype, s.shape, s.field)
-                    for s in slots if s.shared_offset is None}
+            return {
+                s.name: serialize.decode_data(s.data or b"", s.dtype, s.shape, s.field)
+                for s in slots
+                if s.shared_offset is None
+            }
+
         if prepared.kept is not None:
             params = {s.name: prepared.kept[s.name] for s in prepared.params}
         else:
@@ -262,22 +344,29 @@ class GradientWorker:
         data = arrays(prepared.data)
         shared = prepared.shared
         for slots, out, key, seg_key in (
-                (prepared.params, params, "parameter_offsets",
-                 "parameter_segment" if shared and shared.parameter_segment else "segment"),
-                (prepared.data, data, "data_offsets", "segment")):
+            (
+                prepared.params,
+                params,
+                "parameter_offsets",
+                "parameter_segment" if shared and shared.parameter_segment else "segment",
+            ),
+            (prepared.data, data, "data_offsets", "segment"),
+        ):
             if len(out) == len(slots):
                 continue
             buf = self._segment(getattr(shared, seg_key), f"shared_memory.{seg_key}")
             for s in slots:
                 if s.shared_offset is not None:
-                    a = checks.segment_view(buf, s.shared_offset, s,
-                                            f"shared_memory.{key}[{s.name}]")
-                    a.flags.writeable = False   # the client's memory: read, never write
+                    a = checks.segment_view(
+                        buf, s.shared_offset, s, f"shared_memory.{key}[{s.name}]"
+                    )
+                    a.flags.writeable = False  # the client's memory: read, never write
                     out[s.name] = a
         return params, data
 
-    def unary(self, request: GradientRequest, same_host: bool
-              ) -> tuple[Prepared, dict, dict, dict | None]:
+    def unary(
+        self, request: GradientRequest, same_host: bool
+    ) -> tuple[Prepared, dict, dict, dict | None]:
         """A unary request checked and decoded: ``(prepared, params, data, gradient
         views)``, the views None unless the gradients go to shared memory."""
         request = _as_request(request)
@@ -295,8 +384,9 @@ class GradientWorker:
             self._remember(key, prepared, params, data, views)
         return prepared, params, data, views
 
-    def _remember(self, key: bytes, prepared: Prepared, params: dict, data: dict,
-                  views: dict | None) -> None:
+    def _remember(
+        self, key: bytes, prepared: Prepared, params: dict, data: dict, views: dict | None
+    ) -> None:
         """Remember a shared-memory request's checked header and views, for its repeats."""
         shared = prepared.shared
         names = {shared.segment, shared.parameter_segment, shared.gradient_segment} - {""}
@@ -304,8 +394,9 @@ class GradientWorker:
         # go: their views would keep that memory mapped.
         mapped = self.segments.names()
         self._shared_calls.drop(lambda hit: any(n not in mapped for n, _ in hit[4]))
-        self._shared_calls.put(key, (prepared, params, data, views,
-                                     [(n, self.segments.get(n)) for n in names]))
+        self._shared_calls.put(
+            key, (prepared, params, data, views, [(n, self.segments.get(n)) for n in names])
+        )
 
     def _still_valid(self, prepared: Prepared, params, data, views, mapped) -> bool:
         """Whether a remembered shared-memory request still holds: its graph is registered
@@ -334,10 +425,16 @@ class GradientWorker:
             self._plans.put(key, plan)
         return plan, False
 
-    def compute(self, prepared: Prepared, params: dict, data: dict,
-                check: Callable[[], None] = _never_stop, *,
-                on_forward: Callable | None = None,
-                on_grad: Callable | None = None) -> Computed:
+    def compute(
+        self,
+        prepared: Prepared,
+        params: dict,
+        data: dict,
+        check: Callable[[], None] = _never_stop,
+        *,
+        on_forward: Callable | None = None,
+        on_grad: Callable | None = None,
+    ) -> Computed:
         """Run the graph. ``check()`` raises to abandon the call (deadline, cancellation);
         it is called before the forward pass, between forward and backward, and after.
         ``on_forward``/``on_grad`` are ``Plan.run``'s: the loss and outputs when forward
@@ -346,10 +443,17 @@ class GradientWorker:
         try:
             check()
             # plan.run calls check between kernels and between the passes.
-            result = plan.run(params, data, grads=prepared.gradients,
-                              outputs=tuple(prepared.outputs), loss_scale=prepared.loss_scale,
-                              seed=prepared.seed, check=check, on_forward=on_forward,
-                              on_grad=on_grad)
+            result = plan.run(
+                params,
+                data,
+                grads=prepared.gradients,
+                outputs=tuple(prepared.outputs),
+                loss_scale=prepared.loss_scale,
+                seed=prepared.seed,
+                check=check,
+                on_forward=on_forward,
+                on_grad=on_grad,
+            )
             check()
         except ServiceError as e:
             if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -362,8 +466,9 @@ class GradientWorker:
             raise ServiceError(INVALID, f"{e}", "data" if prepared.data else "graph") from None
         outputs = [(name, result.outputs[name]) for name in prepared.outputs]
         grads = [(name, result.grads[name]) for name in prepared.gradients]
-        return Computed(result.loss, outputs, grads, result.forward_seconds,
-                        result.backward_seconds, cached)
+        return Computed(
+            result.loss, outputs, grads, result.forward_seconds, result.backward_seconds, cached
+        )
 
     # ------------------------------------------------------------------ capabilities -
 
@@ -371,8 +476,13 @@ class GradientWorker:
         versions = build.library_versions(self.backend)
         threads = build.blas_threads()
         return Capabilities(
-            ops=sorted(REGISTRY), dtypes=sorted(checks.NP_OF_WIRE), backend=self.backend,
-            limits=self.limits, parameter_cache_bytes=self.kept.capacity, versions=versions,
+            ops=sorted(REGISTRY),
+            dtypes=sorted(checks.NP_OF_WIRE),
+            backend=self.backend,
+            limits=self.limits,
+            parameter_cache_bytes=self.kept.capacity,
+            versions=versions,
             blas_threads=threads,
             build_fingerprint=build.build_fingerprint(self.backend, versions, threads),
-            shared_memory=self.segments is not None)
+            shared_memory=self.segments is not None,
+        )

@@ -2,6 +2,7 @@
 message limit first), a reply whose gradients went to shared memory, and streamed replies,
 classic or early (the plan on a thread of its own, each gradient sent as soon as it is
 final)."""
+
 from __future__ import annotations
 
 import queue
@@ -28,17 +29,26 @@ _GRADIENTS = frames.field_number(_REPLY, "gradients")
 def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
     """The ``Limits`` message that ``Capabilities`` reports (core knows no messages)."""
     return worker_pb2.Limits(
-        max_graph_nodes=limits.max_graph_nodes, max_tensor_elements=limits.max_tensor_elements,
-        max_message_bytes=limits.max_message_bytes, max_stream_bytes=limits.max_stream_bytes,
-        max_concurrent_requests=limits.max_concurrent_requests, chunk_bytes=limits.chunk_bytes)
+        max_graph_nodes=limits.max_graph_nodes,
+        max_tensor_elements=limits.max_tensor_elements,
+        max_message_bytes=limits.max_message_bytes,
+        max_stream_bytes=limits.max_stream_bytes,
+        max_concurrent_requests=limits.max_concurrent_requests,
+        chunk_bytes=limits.chunk_bytes,
+    )
 
 
 def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
     message = worker_pb2.CapabilitiesResponse(
-        ops=caps.ops, dtypes=caps.dtypes, backend=caps.backend,
+        ops=caps.ops,
+        dtypes=caps.dtypes,
+        backend=caps.backend,
         limits=limits_message(caps.limits),
-        versions=caps.versions, blas_threads=caps.blas_threads,
-        build_fingerprint=caps.build_fingerprint, shared_memory=caps.shared_memory)
+        versions=caps.versions,
+        blas_threads=caps.blas_threads,
+        build_fingerprint=caps.build_fingerprint,
+        shared_memory=caps.shared_memory,
+    )
     message.limits.parameter_cache_bytes = caps.parameter_cache_bytes
     return message
 
@@ -51,17 +61,20 @@ def set_timings(resp, computed: Computed, decode: float, encode: float) -> None:
     resp.timings.plan_cached = computed.plan_cached
 
 
-def build_response(prepared: Prepared, computed: Computed, *, with_data: bool = True
-                   ) -> tuple[worker_pb2.ComputeGradientsResponse, list[np.ndarray]]:
+def build_response(
+    prepared: Prepared, computed: Computed, *, with_data: bool = True
+) -> tuple[worker_pb2.ComputeGradientsResponse, list[np.ndarray]]:
     """The response message, and its tensors in the header's order (for streaming)."""
+
     def enc(array) -> tensor_pb2.Tensor:
         return serialize.to_proto(array, data=with_data)
+
     resp = worker_pb2.ComputeGradientsResponse(
         loss=enc(computed.loss),
         outputs=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.outputs],
-        gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a))
-                   for n, a in computed.gradients],
-        graph_id=prepared.graph_id)
+        gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.gradients],
+        graph_id=prepared.graph_id,
+    )
     return resp, computed.arrays()
 
 
@@ -80,24 +93,37 @@ def response_pieces(computed: Computed) -> list:
 # Unary replies
 # ---------------------------------------------------------------------------------------
 
+
 def check_unary_size(computed: Computed, max_message_bytes: int) -> None:
     """RESOURCE_EXHAUSTED when the reply would be over the unary limit, known before
     anything is encoded."""
     # An upper bound: per tensor its bytes, its name and shape, and at most 32 bytes of
     # tags and lengths; 256 for the graph id and timings.
-    size = 256 + sum(a.nbytes + 10 * a.ndim + 32 for a in computed.arrays()) + \
-        sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients)
+    size = (
+        256
+        + sum(a.nbytes + 10 * a.ndim + 32 for a in computed.arrays())
+        + sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients)
+    )
     if size > max_message_bytes:
         # Name what made it big: the extra outputs if any were asked for.
-        field = "outputs" if sum(a.nbytes for _, a in computed.outputs) > \
-            sum(a.nbytes for _, a in computed.gradients) else "gradients"
-        raise ServiceError(EXHAUSTED, f"the response is about {size} bytes, over the unary "
-                                      f"limit of {max_message_bytes}; "
-                                      f"use ComputeGradientsStream", field)
+        field = (
+            "outputs"
+            if sum(a.nbytes for _, a in computed.outputs)
+            > sum(a.nbytes for _, a in computed.gradients)
+            else "gradients"
+        )
+        raise ServiceError(
+            EXHAUSTED,
+            f"the response is about {size} bytes, over the unary "
+            f"limit of {max_message_bytes}; "
+            f"use ComputeGradientsStream",
+            field,
+        )
 
 
-def unary_reply(prepared: Prepared, computed: Computed, decode_seconds: float,
-                max_message_bytes: int) -> bytes:
+def unary_reply(
+    prepared: Prepared, computed: Computed, decode_seconds: float, max_message_bytes: int
+) -> bytes:
     """The ``ComputeGradientsResponse`` as bytes, written straight from the arrays."""
     t2 = time.perf_counter()
     check_unary_size(computed, max_message_bytes)
@@ -113,27 +139,39 @@ def unary_reply(prepared: Prepared, computed: Computed, decode_seconds: float,
 def gradient_writer(views: dict[str, np.ndarray]) -> Callable[[str, object], None]:
     """``Plan.run``'s ``on_grad`` that writes each gradient into the client's segment the
     moment backward has finished it (the copy overlaps the rest of backward)."""
+
     def on_grad(name, array) -> None:
         view = views[name]
         if (array.dtype, array.shape) != (view.dtype, view.shape):
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"gradient {name!r} came out "
-                               f"as {array.dtype} {list(array.shape)}, the parameter "
-                               f"is {view.dtype} {list(view.shape)}")
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"gradient {name!r} came out "
+                f"as {array.dtype} {list(array.shape)}, the parameter "
+                f"is {view.dtype} {list(view.shape)}",
+            )
         view[...] = array if isinstance(array, np.ndarray) else array.get()
+
     return on_grad
 
 
-def shared_memory_reply(prepared: Prepared, computed: Computed, decode_seconds: float
-                        ) -> worker_pb2.ComputeGradientsResponse:
+def shared_memory_reply(
+    prepared: Prepared, computed: Computed, decode_seconds: float
+) -> worker_pb2.ComputeGradientsResponse:
     """The reply of a call whose gradients are in the client's segment: the loss and the
     outputs, and each gradient's dtype and shape."""
     resp = worker_pb2.ComputeGradientsResponse(
         loss=serialize.to_proto(computed.loss),
-        outputs=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
-                 for n, a in computed.outputs],
-        gradients=[tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
-                   for n, a in computed.gradients],
-        graph_id=prepared.graph_id, gradients_in_shared_memory=True)
+        outputs=[
+            tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+            for n, a in computed.outputs
+        ],
+        gradients=[
+            tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=False))
+            for n, a in computed.gradients
+        ],
+        graph_id=prepared.graph_id,
+        gradients_in_shared_memory=True,
+    )
     set_timings(resp, computed, decode_seconds, 0.0)
     return resp
 
@@ -142,8 +180,10 @@ def shared_memory_reply(prepared: Prepared, computed: Computed, decode_seconds: 
 # Streamed replies
 # ---------------------------------------------------------------------------------------
 
-def stream_reply(prepared: Prepared, computed: Computed, decode_seconds: float,
-                 chunk_bytes: int) -> Iterator:
+
+def stream_reply(
+    prepared: Prepared, computed: Computed, decode_seconds: float, chunk_bytes: int
+) -> Iterator:
     """The classic streamed reply: a header frame with the timings, then every tensor's
     chunks, in the header's order."""
     resp, arrays = build_response(prepared, computed, with_data=False)
@@ -152,23 +192,31 @@ def stream_reply(prepared: Prepared, computed: Computed, decode_seconds: float,
     yield from frames.chunk_frames(arrays, chunk_bytes)
 
 
-def early_header(plan, prepared: Prepared, order: Sequence[str]
-                 ) -> worker_pb2.ComputeGradientsResponse:
+def early_header(
+    plan, prepared: Prepared, order: Sequence[str]
+) -> worker_pb2.ComputeGradientsResponse:
     """The header of an early-streamed reply: every tensor's dtype and shape, from the
     compiled plan, before anything is computed; gradients in ``order``."""
     vg = plan.graph
     loss_name = vg.graph.outputs[0].name
 
     def header(spec) -> tensor_pb2.Tensor:
-        return tensor_pb2.Tensor(dtype=serialize.DTYPE_TO_PROTO[spec.dtype],
-                                 shape=[int(d) for d in spec.shape])
+        return tensor_pb2.Tensor(
+            dtype=serialize.DTYPE_TO_PROTO[spec.dtype], shape=[int(d) for d in spec.shape]
+        )
+
     return worker_pb2.ComputeGradientsResponse(
         loss=header(plan.specs[vg.outputs[loss_name]]),
-        outputs=[tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[vg.outputs[n]]))
-                 for n in prepared.outputs],
-        gradients=[tensor_pb2.NamedTensor(name=n, tensor=header(
-            plan.specs[vg.input_index[n]])) for n in order],
-        graph_id=prepared.graph_id)
+        outputs=[
+            tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[vg.outputs[n]]))
+            for n in prepared.outputs
+        ],
+        gradients=[
+            tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[vg.input_index[n]]))
+            for n in order
+        ],
+        graph_id=prepared.graph_id,
+    )
 
 
 class _Handover:
@@ -179,14 +227,16 @@ class _Handover:
         self.items: queue.SimpleQueue = queue.SimpleQueue()
         self.stop = threading.Event()
         self._outputs = outputs
-        self._expected = expected       # each gradient's dtype and shape, as the header says
+        self._expected = expected  # each gradient's dtype and shape, as the header says
 
     def stoppable(self, check: Callable[[], None]) -> Callable[[], None]:
         def stoppable_check() -> None:
             if self.stop.is_set():
-                raise ServiceError(grpc.StatusCode.CANCELLED,
-                                   "the reply stream was closed; computation abandoned")
+                raise ServiceError(
+                    grpc.StatusCode.CANCELLED, "the reply stream was closed; computation abandoned"
+                )
             check()
+
         return stoppable_check
 
     def on_forward(self, loss, outputs: dict) -> None:
@@ -196,26 +246,38 @@ class _Handover:
         expected = self._expected[name]
         if (array.dtype, array.shape) != expected:
             # The header promised these bytes; never send others under its name.
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"gradient {name!r} came out "
-                               f"as {array.dtype} {list(array.shape)}, the header said "
-                               f"{expected[0]} {list(expected[1])}")
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"gradient {name!r} came out "
+                f"as {array.dtype} {list(array.shape)}, the header said "
+                f"{expected[0]} {list(expected[1])}",
+            )
         self.items.put([array])
 
     def run(self, compute: Callable[..., Computed], *args, **kw) -> threading.Thread:
         """Start ``compute(*args, **kw)`` on a thread whose result or error is handed over."""
+
         def run() -> None:
             try:
                 self.items.put(compute(*args, **kw))
             except BaseException as e:  # noqa: BLE001  (re-raised on the gRPC thread)
                 self.items.put(e)
+
         thread = threading.Thread(target=run, daemon=True, name="gradmesh-plan")
         thread.start()
         return thread
 
 
-def early_stream(compute: Callable[..., Computed], plan, prepared: Prepared, params: dict,
-                 data: dict, check: Callable[[], None], decode_seconds: float,
-                 chunk_bytes: int) -> Iterator:
+def early_stream(
+    compute: Callable[..., Computed],
+    plan,
+    prepared: Prepared,
+    params: dict,
+    data: dict,
+    check: Callable[[], None],
+    decode_seconds: float,
+    chunk_bytes: int,
+) -> Iterator:
     """The reply of a ``stream_gradients_early`` request (see worker.proto): the header
     from the plan (gradients in the order backward finishes them), then the chunks of
     the loss and outputs when forward ends and of each gradient as soon as it is final,
@@ -229,12 +291,23 @@ def early_stream(compute: Callable[..., Computed], plan, prepared: Prepared, par
     header = early_header(plan, prepared, order)
     yield worker_pb2.StreamFrame(response=header)
 
-    handover = _Handover(prepared.outputs, {
-        nt.name: (serialize.PROTO_TO_DTYPE[nt.tensor.dtype].np, tuple(nt.tensor.shape))
-        for nt in header.gradients})
-    handover.run(compute, prepared, params, data, handover.stoppable(check),
-                 on_forward=handover.on_forward, on_grad=handover.on_grad)
-    index = 0           # header index of the next tensor
+    handover = _Handover(
+        prepared.outputs,
+        {
+            nt.name: (serialize.PROTO_TO_DTYPE[nt.tensor.dtype].np, tuple(nt.tensor.shape))
+            for nt in header.gradients
+        },
+    )
+    handover.run(
+        compute,
+        prepared,
+        params,
+        data,
+        handover.stoppable(check),
+        on_forward=handover.on_forward,
+        on_grad=handover.on_grad,
+    )
+    index = 0  # header index of the next tensor
     try:
         while True:
             item = handover.items.get()
@@ -251,4 +324,4 @@ def early_stream(compute: Callable[..., Computed], plan, prepared: Prepared, par
         tail.timings.encode_seconds = time.perf_counter() - t2  # only what is not overlapped
         yield worker_pb2.StreamFrame(response=tail)
     finally:
-        handover.stop.set()     # the client went away or an error: the plan stops at its next check
+        handover.stop.set()  # the client went away or an error: the plan stops at its next check

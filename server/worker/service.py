@@ -1,5 +1,6 @@
 """The gRPC servicer: each method decodes its request (:mod:`.decoding`), calls the plain
 :class:`~.logic.GradientWorker`, and encodes the reply (:mod:`.replies`)."""
+
 from __future__ import annotations
 
 import time
@@ -28,18 +29,25 @@ def same_host(peer: str) -> bool:
 
 def deadline_check(context: grpc.ServicerContext) -> Callable[[], None]:
     """A check that raises once the call's deadline passed or it was cancelled."""
+
     def check() -> None:
         if not context.is_active():
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
-                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   "the call's deadline passed; computation abandoned")
-            raise ServiceError(grpc.StatusCode.CANCELLED,
-                               "the call was cancelled; computation abandoned")
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the call's deadline passed; computation abandoned",
+                )
+            raise ServiceError(
+                grpc.StatusCode.CANCELLED, "the call was cancelled; computation abandoned"
+            )
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               "the call's deadline passed; computation abandoned")
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the call's deadline passed; computation abandoned",
+            )
+
     return check
 
 
@@ -64,16 +72,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t0 = time.perf_counter()
         call = decoding.gradient_request(request)
         prepared, params, data, views = self.worker.unary(
-            call, same_host=call.shared_memory is not None and same_host(context.peer()))
+            call, same_host=call.shared_memory is not None and same_host(context.peer())
+        )
         runtime.metric("transport", "unary" if prepared.shared is None else "shared_memory")
         decode_seconds = time.perf_counter() - t0
         if views is not None:
-            computed = self.worker.compute(prepared, params, data, check,
-                                           on_grad=replies.gradient_writer(views))
+            computed = self.worker.compute(
+                prepared, params, data, check, on_grad=replies.gradient_writer(views)
+            )
             return replies.shared_memory_reply(prepared, computed, decode_seconds)
         computed = self.worker.compute(prepared, params, data, check)
-        return replies.unary_reply(prepared, computed, decode_seconds,
-                                   self.worker.limits.max_message_bytes)
+        return replies.unary_reply(
+            prepared, computed, decode_seconds, self.worker.limits.max_message_bytes
+        )
 
     def ComputeGradientsStream(self, request_iterator, context):
         check = deadline_check(context)
@@ -83,15 +94,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         call = decoding.gradient_request(header)
         prepared = worker.prepare(call, header_only=True)
         runtime.metric("transport", "stream")
-        params, data = decoding.stream_tensors(header, request_iterator, prepared,
-                                               worker.limits, self.receive_buffers)
+        params, data = decoding.stream_tensors(
+            header, request_iterator, prepared, worker.limits, self.receive_buffers
+        )
         worker.keep(prepared, call, params)
         decode_seconds = time.perf_counter() - t0
         chunk_bytes = worker.limits.chunk_bytes
         if call.stream_gradients_early:
             plan, _ = worker.plan_for(prepared, data)
-            yield from replies.early_stream(worker.compute, plan, prepared, params, data,
-                                            check, decode_seconds, chunk_bytes)
+            yield from replies.early_stream(
+                worker.compute, plan, prepared, params, data, check, decode_seconds, chunk_bytes
+            )
             return
         computed = worker.compute(prepared, params, data, check)
         yield from replies.stream_reply(prepared, computed, decode_seconds, chunk_bytes)
@@ -104,20 +117,23 @@ def add_to_server(servicer: WorkerService, server: grpc.Server) -> None:
         "RegisterGraph": grpc.unary_unary_rpc_method_handler(
             servicer.RegisterGraph,
             request_deserializer=worker_pb2.RegisterGraphRequest.FromString,
-            response_serializer=worker_pb2.RegisterGraphResponse.SerializeToString),
+            response_serializer=worker_pb2.RegisterGraphResponse.SerializeToString,
+        ),
         "ComputeGradients": grpc.unary_unary_rpc_method_handler(
             servicer.ComputeGradients,
             request_deserializer=worker_pb2.ComputeGradientsRequest.FromString,
-            response_serializer=frames.serialize_message),
+            response_serializer=frames.serialize_message,
+        ),
         "ComputeGradientsStream": grpc.stream_stream_rpc_method_handler(
             servicer.ComputeGradientsStream,
             request_deserializer=decoding.decode_request_frame,
-            response_serializer=frames.serialize_message),
+            response_serializer=frames.serialize_message,
+        ),
         "Capabilities": grpc.unary_unary_rpc_method_handler(
             servicer.Capabilities,
             request_deserializer=worker_pb2.CapabilitiesRequest.FromString,
-            response_serializer=worker_pb2.CapabilitiesResponse.SerializeToString),
+            response_serializer=worker_pb2.CapabilitiesResponse.SerializeToString,
+        ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
-                                                                          handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

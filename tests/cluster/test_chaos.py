@@ -11,6 +11,7 @@ client retries each step id until it is acknowledged. At the end:
 ``GRADMESH_CHAOS_STEPS=200 GRADMESH_CHAOS_SEED=7 pytest tests/cluster/test_chaos.py`` hunts
 longer (the schedule scales with the number of steps).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,14 @@ JOB = "chaos"
 ADAM = {"name": "adam", "lr": 0.01}
 # SIGKILL and restart (a worker on its address or a new one, a shard, the coordinator), and
 # SIGTERM and restart (a shard, the coordinator).
-EVENTS = ["worker", "worker-new-address", "shard", "coordinator", "shard-sigterm",
-          "coordinator-sigterm"]
+EVENTS = [
+    "worker",
+    "worker-new-address",
+    "shard",
+    "coordinator",
+    "shard-sigterm",
+    "coordinator-sigterm",
+]
 
 
 def _model():
@@ -52,8 +59,9 @@ def _data(steps):
 
 
 def _create(client):
-    return client.create_job(_model(), _loss, ADAM, 4, _data(1)[0], job_id=JOB,
-                             data_names=["x", "y"])
+    return client.create_job(
+        _model(), _loss, ADAM, 4, _data(1)[0], job_id=JOB, data_names=["x", "y"]
+    )
 
 
 def _params(job):
@@ -85,13 +93,13 @@ def _schedule(rng: random.Random) -> dict[int, str]:
 
 
 def _inject(cluster: LocalCluster, kind: str, rng: random.Random, log: list) -> None:
-    time.sleep(rng.uniform(0.0, 0.1))           # often in the middle of a step
+    time.sleep(rng.uniform(0.0, 0.1))  # often in the middle of a step
     if kind.startswith("coordinator"):
         cluster.restart_coordinator(kill=kind == "coordinator")
     elif kind == "shard":
         i = rng.randrange(len(cluster.shards))
         cluster.shards[i].kill()
-        time.sleep(rng.uniform(0.0, 1.0))       # steps fail meanwhile: the job says why
+        time.sleep(rng.uniform(0.0, 1.0))  # steps fail meanwhile: the job says why
         cluster.restart_shard(i)
     elif kind == "shard-sigterm":
         cluster.restart_shard(rng.randrange(len(cluster.shards)), kill=False)
@@ -110,9 +118,11 @@ def _step_until_acknowledged(cluster, target, step_id, x, y, errors: list, deadl
         except GradmeshError as e:
             errors.append(f"step {step_id}: {e.code.name}: {e}")
             if time.monotonic() > end:
-                raise AssertionError(f"step {step_id} never acknowledged; errors:\n"
-                                     + "\n".join(errors[-10:])
-                                     + f"\nlogs: {cluster.logs()}") from None
+                raise AssertionError(
+                    f"step {step_id} never acknowledged; errors:\n"
+                    + "\n".join(errors[-10:])
+                    + f"\nlogs: {cluster.logs()}"
+                ) from None
             time.sleep(0.2)
 
 
@@ -121,24 +131,31 @@ def test_training_through_kills_and_restarts_is_bitwise_equal(tmp_path):
     ref_losses, reference = _undisturbed(data)
     rng = random.Random(SEED)
     schedule = _schedule(rng)
-    cluster = LocalCluster(workers=3, shards=2, threads_per_worker=1, checkpoint_every=3,
-                           state_dir=str(tmp_path / "state"), log_dir=str(tmp_path / "logs"),
-                           coordinator_args=["--micro-batch-deadline", "10",
-                                             "--shared-memory", "on"])
+    cluster = LocalCluster(
+        workers=3,
+        shards=2,
+        threads_per_worker=1,
+        checkpoint_every=3,
+        state_dir=str(tmp_path / "state"),
+        log_dir=str(tmp_path / "logs"),
+        coordinator_args=["--micro-batch-deadline", "10", "--shared-memory", "on"],
+    )
     injected: list[str] = []
     errors: list[str] = []
     acknowledged = {}
     with cluster:
-        target = cluster.coordinator_target     # restarts keep the address
+        target = cluster.coordinator_target  # restarts keep the address
         with CoordinatorClient(target) as c:
             _create(c)
         chaos = None
         for step_id, (x, y) in enumerate(data, start=1):
             if step_id in schedule:
                 if chaos is not None:
-                    chaos.join()                # one fault at a time; steps go on meanwhile
-                chaos = threading.Thread(target=_inject, args=(
-                    cluster, schedule[step_id], random.Random(rng.random()), injected))
+                    chaos.join()  # one fault at a time; steps go on meanwhile
+                chaos = threading.Thread(
+                    target=_inject,
+                    args=(cluster, schedule[step_id], random.Random(rng.random()), injected),
+                )
                 chaos.start()
             r = _step_until_acknowledged(cluster, target, step_id, x, y, errors)
             # Applied exactly once: step s leaves the job at version s.

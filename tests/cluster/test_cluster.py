@@ -5,6 +5,7 @@ Every job trains the same model on the same batches, so each must end bitwise eq
 uninterrupted run: after a graceful coordinator restart, after a coordinator crash
 (SIGKILL) and with a worker killed mid-training.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,17 +31,23 @@ def _data():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(workers=2, shards=2, threads_per_worker=1, checkpoint_every=2,
-                     state_dir=str(tmp_path_factory.mktemp("cluster-state")),
-                     coordinator_args=["--micro-batch-deadline", "30"])
+    c = LocalCluster(
+        workers=2,
+        shards=2,
+        threads_per_worker=1,
+        checkpoint_every=2,
+        state_dir=str(tmp_path_factory.mktemp("cluster-state")),
+        coordinator_args=["--micro-batch-deadline", "30"],
+    )
     with c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(cluster):
-    job = cluster.client().create_job(_model(), _loss, SGD, 8, _data()[0], job_id="plain",
-                                      data_names=["x", "y"])
+    job = cluster.client().create_job(
+        _model(), _loss, SGD, 8, _data()[0], job_id="plain", data_names=["x", "y"]
+    )
     losses = [job.step(x, y).loss for x, y in _data()]
     return losses, _params(job)
 
@@ -56,8 +63,9 @@ def _assert_equal(params, reference):
 
 
 def _create(cluster, job_id):
-    return cluster.client().create_job(_model(), _loss, SGD, 8, _data()[0], job_id=job_id,
-                                       data_names=["x", "y"])
+    return cluster.client().create_job(
+        _model(), _loss, SGD, 8, _data()[0], job_id=job_id, data_names=["x", "y"]
+    )
 
 
 def test_servers_are_separate_processes_and_report_their_workers(cluster, uninterrupted):
@@ -76,7 +84,7 @@ def test_graceful_coordinator_restart_resumes_and_replays(cluster, uninterrupted
     job = _create(cluster, "graceful")
     data = _data()
     results = [job.step(x, y) for x, y in data[:3]]
-    cluster.stop_coordinator()                   # SIGTERM: checkpoints on the way out
+    cluster.stop_coordinator()  # SIGTERM: checkpoints on the way out
     cluster.start_coordinator()
     job = cluster.client().job("graceful")
     assert job.status().version == 3
@@ -90,7 +98,7 @@ def test_graceful_coordinator_restart_resumes_and_replays(cluster, uninterrupted
 def test_coordinator_crash_resumes_from_the_shards(cluster, uninterrupted):
     job = _create(cluster, "crash")
     data = _data()
-    for x, y in data[:5]:                        # checkpoints at 2 and 4; 5 is not
+    for x, y in data[:5]:  # checkpoints at 2 and 4; 5 is not
         job.step(x, y)
     cluster.stop_coordinator(kill=True)
     cluster.start_coordinator()
@@ -107,7 +115,7 @@ def test_worker_killed_mid_training_is_replaced_bitwise_equal(cluster, uninterru
     data = _data()
     for x, y in data[:2]:
         job.step(x, y)
-    cluster.workers[1].kill()                    # SIGKILL: its calls fail from now on
+    cluster.workers[1].kill()  # SIGKILL: its calls fail from now on
     reassigned = sum(job.step(x, y).timings["reassigned"] for x, y in data[2:])
     assert reassigned >= 1
     _assert_equal(_params(job), uninterrupted[1])

@@ -1,4 +1,5 @@
 """``gradmesh demo`` end to end (separate processes), and ``gradmesh train`` configs."""
+
 from __future__ import annotations
 
 import re
@@ -13,9 +14,20 @@ from gradmesh.client.train import ConfigError, load_config
 
 
 def test_demo_trains_digits_to_95_percent_and_writes_a_loss_curve(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gradmesh.cli", "demo", "--no-progress",
-                          "--output-dir", str(tmp_path)], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradmesh.cli",
+            "demo",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     accuracy = float(re.search(r"test accuracy: ([\d.]+)%", out.stdout).group(1))
     assert accuracy >= 95.0
@@ -61,6 +73,7 @@ parameters = "out.npz"
 def test_train_runs_a_config_against_a_coordinator(data_files, capsys, monkeypatch):
     from gradmesh.server import coordinator as coordinator_mod
     from gradmesh.server import worker as worker_mod
+
     worker = worker_mod.start("cpu")
     server = coordinator_mod.start(workers=[worker.address])
     try:
@@ -78,22 +91,27 @@ def test_train_runs_a_config_against_a_coordinator(data_files, capsys, monkeypat
         assert sorted(z.files) == ["0.bias", "0.weight", "2.bias", "2.weight"]
 
 
-@pytest.mark.parametrize("edit,key", [
-    (lambda c: c.replace('out = 8 }}, {{ type = "tanh"', 'out = -3 }}, {{ type = "tanh"'),
-     "model.layers[0].out"),
-    (lambda c: c.replace('type = "tanh"', 'type = "swish"'), "model.layers[1].type"),
-    (lambda c: c.replace('type = "tanh"', 'type = "tanh", size = 2'), "model.layers[1].size"),
-    (lambda c: c.replace('train = "train.npz"', 'train = "missing.npz"'), "data.train"),
-    (lambda c: c.replace('name = "sgd"', 'name = "rmsprop"'), "optimizer"),
-    (lambda c: c.replace("lr = 0.2", "lr = -1.0"), "optimizer"),
-    (lambda c: c.replace("epochs = 3", "epochs = 0"), "training.epochs"),
-    (lambda c: c.replace("batch_size = 16", 'batch_size = "16"'), "training.batch_size"),
-    (lambda c: c.replace("[training]", "[training]\nsteps = 3"), "training.steps"),
-    (lambda c: c.replace("{cluster}", "local = {{ workers = 0 }}"), "cluster.local.workers"),
-    (lambda c: c.replace("{cluster}", 'address = "a:1"\nlocal = {{}}'), "cluster"),
-    (lambda c: c + "[extra]\n", "config.extra"),
-    (lambda c: re.sub(r"layers = \[.*?\]\n", "layers = []\n", c, flags=re.S), "model.layers"),
-])
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (
+            lambda c: c.replace('out = 8 }}, {{ type = "tanh"', 'out = -3 }}, {{ type = "tanh"'),
+            "model.layers[0].out",
+        ),
+        (lambda c: c.replace('type = "tanh"', 'type = "swish"'), "model.layers[1].type"),
+        (lambda c: c.replace('type = "tanh"', 'type = "tanh", size = 2'), "model.layers[1].size"),
+        (lambda c: c.replace('train = "train.npz"', 'train = "missing.npz"'), "data.train"),
+        (lambda c: c.replace('name = "sgd"', 'name = "rmsprop"'), "optimizer"),
+        (lambda c: c.replace("lr = 0.2", "lr = -1.0"), "optimizer"),
+        (lambda c: c.replace("epochs = 3", "epochs = 0"), "training.epochs"),
+        (lambda c: c.replace("batch_size = 16", 'batch_size = "16"'), "training.batch_size"),
+        (lambda c: c.replace("[training]", "[training]\nsteps = 3"), "training.steps"),
+        (lambda c: c.replace("{cluster}", "local = {{ workers = 0 }}"), "cluster.local.workers"),
+        (lambda c: c.replace("{cluster}", 'address = "a:1"\nlocal = {{}}'), "cluster"),
+        (lambda c: c + "[extra]\n", "config.extra"),
+        (lambda c: re.sub(r"layers = \[.*?\]\n", "layers = []\n", c, flags=re.S), "model.layers"),
+    ],
+)
 def test_bad_configs_name_the_key(data_files, edit, key):
     path = data_files / "job.toml"
     path.write_text(edit(CONFIG).format(cluster='address = "127.0.0.1:1"'))

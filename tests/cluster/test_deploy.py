@@ -60,8 +60,9 @@ from gradmesh.client.cluster import wait_serving
 try:
     import yaml
 except ImportError:  # pragma: no cover
-    raise ImportError("tests/cluster/test_deploy.py needs PyYAML: "
-                      "pip install -e '.[test]'") from None
+    raise ImportError(
+        "tests/cluster/test_deploy.py needs PyYAML: pip install -e '.[test]'"
+    ) from None
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

@@ -6,6 +6,7 @@ Workers and the coordinator run in this process (real gRPC servers on 127.0.0.1)
 every configuration uses one BLAS build and thread count; tests/cluster/test_cluster.py runs the
 same training over separate processes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ from gradmesh.server import worker as worker_mod
 from gradmesh.server.aggregate import loss_scales, micro_batch_seed, micro_batches, tree_sum
 
 STEPS = 20
-BATCH, MICRO = 40, 16                    # micro-batches of 16, 16 and 8 rows
+BATCH, MICRO = 40, 16  # micro-batches of 16, 16 and 8 rows
 JOB = "determinism"
 ADAM = {"name": "adam", "lr": 0.01, "weight_decay": 1e-3}
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
@@ -61,8 +62,9 @@ def _distributed(addresses, shards: int, dropout: bool, optimizer: dict):
         with CoordinatorClient(server.address) as client:
             model = _model(dropout)
             data = _batches()
-            job = client.create_job(model, _loss, optimizer, MICRO, data[0], job_id=JOB,
-                                    data_names=["x", "y"])
+            job = client.create_job(
+                model, _loss, optimizer, MICRO, data[0], job_id=JOB, data_names=["x", "y"]
+            )
             losses = [job.step(x, y).loss for x, y in data]
             return {n: t.numpy() for n, t in job.parameters().items()}, losses
     finally:
@@ -74,8 +76,7 @@ def _single_process(dropout: bool, optimizer: dict):
     """The same micro-batching in one process: plan per micro-batch, tree sum, update."""
     model = _model(dropout)
     data = _batches()
-    graph = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0],
-                             data_names=["x", "y"])
+    graph = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0], data_names=["x", "y"])
     vg = core_graph.validate(graph)
     params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     state = {n: {} for n in params}
@@ -87,17 +88,18 @@ def _single_process(dropout: bool, optimizer: dict):
     losses = []
     for step, (x, y) in enumerate(data, start=1):
         grads, step_losses = [], []
-        for m, ((start, stop), scale) in enumerate(zip(micro_batches(BATCH, MICRO),
-                                                       loss_scales(BATCH, MICRO))):
+        for m, ((start, stop), scale) in enumerate(
+            zip(micro_batches(BATCH, MICRO), loss_scales(BATCH, MICRO))
+        ):
             batch = {"x": x[start:stop], "y": y[start:stop]}
             plan = compile_plan(vg, {k: v.shape for k, v in batch.items()})
-            r = plan.run(params, batch, loss_scale=scale,
-                         seed=micro_batch_seed(JOB, step, m))
+            r = plan.run(params, batch, loss_scale=scale, seed=micro_batch_seed(JOB, step, m))
             grads.append(r.grads)
             step_losses.append(np.float64(r.loss))
         for name in sorted(params):
-            update(np, params[name], tree_sum([g[name].copy() for g in grads]), state[name],
-                   **hyper)
+            update(
+                np, params[name], tree_sum([g[name].copy() for g in grads]), state[name], **hyper
+            )
         losses.append(float(tree_sum(step_losses)))
     return params, losses
 
@@ -123,17 +125,17 @@ def test_dropout_masks_depend_on_the_step_so_training_is_not_trivially_equal(wor
 def test_matches_pytorch_within_float_tolerance(workers):
     params, losses = _distributed(workers[:2], 2, False, SGD)
     model = _model(False)
-    tmodel = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(),
-                                 torch.nn.Linear(32, 4))
-    tmodel.load_state_dict({n: torch.from_numpy(t.numpy().copy())
-                            for n, t in model.state_dict().items()})
-    opt = torch.optim.SGD(tmodel.parameters(), lr=0.05, momentum=0.9, nesterov=True,
-                          weight_decay=1e-3)
+    tmodel = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    tmodel.load_state_dict(
+        {n: torch.from_numpy(t.numpy().copy()) for n, t in model.state_dict().items()}
+    )
+    opt = torch.optim.SGD(
+        tmodel.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
+    )
     torch_losses = []
     for x, y in _batches():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)),
-                                                 torch.from_numpy(y))
+        loss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(y))
         loss.backward()
         opt.step()
         torch_losses.append(loss.item())

@@ -1,6 +1,7 @@
 """The wheel holds every package: pyproject.toml lists packages by hand (package-dir maps
 top-level folders into one namespace), and an editable install finds a package that the
 list forgets, so only a wheel (the Docker image) would miss it."""
+
 from __future__ import annotations
 
 from pathlib import Path

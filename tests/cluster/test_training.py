@@ -4,6 +4,7 @@ The torch model is built first; its weights are copied into ours by ``state_dict
 Both then train in float64 with the same optimizer, and every step's loss and the final
 weights must agree. This exercises nn modules, losses, autograd and optimizers together.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,13 @@ def _mlp(lib):
 
 def _cnn(lib):
     nn = lib.nn
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
 
 
 def _data(kind: str):
@@ -44,14 +50,15 @@ CASES = [
 
 def _loss(lib, name, out, target):
     F = lib.nn.functional
-    if name == "mse_loss":      # regress the one-hot code
+    if name == "mse_loss":  # regress the one-hot code
         onehot = lib.tensor(np.eye(3)[np.asarray(target)], dtype=out.dtype)
         return F.mse_loss(out, onehot)
     return F.cross_entropy(out, target)
 
 
-@pytest.mark.parametrize("arch,loss_name,opt_name,kwargs", CASES,
-                         ids=[f"{a}-{loss}-{o}" for a, loss, o, _ in CASES])
+@pytest.mark.parametrize(
+    "arch,loss_name,opt_name,kwargs", CASES, ids=[f"{a}-{loss}-{o}" for a, loss, o, _ in CASES]
+)
 def test_training_matches_torch(arch, loss_name, opt_name, kwargs):
     torch.manual_seed(0)
     theirs = (_mlp if arch == "mlp" else _cnn)(torch).double()
@@ -61,12 +68,12 @@ def test_training_matches_torch(arch, loss_name, opt_name, kwargs):
     ref = getattr(torch.optim, opt_name)(theirs.parameters(), foreach=False, **kwargs)
 
     x, y = _data(arch)
-    batch, epochs = 12, 8          # 4 batches an epoch: 32 steps
+    batch, epochs = 12, 8  # 4 batches an epoch: 32 steps
     our_losses, their_losses = [], []
     for epoch in range(epochs):
         order = np.random.default_rng(epoch).permutation(len(x))
         for i in range(0, len(x), batch):
-            idx = order[i:i + batch]
+            idx = order[i : i + batch]
             opt.zero_grad()
             loss = _loss(gm, loss_name, ours(gm.tensor(x[idx])), gm.tensor(y[idx]))
             loss.backward()
@@ -80,8 +87,9 @@ def test_training_matches_torch(arch, loss_name, opt_name, kwargs):
             their_losses.append(tloss.item())
 
     np.testing.assert_allclose(our_losses, their_losses, rtol=1e-9)
-    assert np.mean(our_losses[-4:]) < 0.7 * np.mean(our_losses[:4])      # it learned
+    assert np.mean(our_losses[-4:]) < 0.7 * np.mean(our_losses[:4])  # it learned
     theirs_final = theirs.state_dict()
     for name, value in ours.state_dict().items():
-        np.testing.assert_allclose(value.numpy(), theirs_final[name].numpy(), rtol=1e-8,
-                                   atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            value.numpy(), theirs_final[name].numpy(), rtol=1e-8, atol=1e-12, err_msg=name
+        )

@@ -1,6 +1,7 @@
 """The autograd engine keeps PyTorch's semantics: gradient accumulation, freed graphs,
 non-scalar outputs, grad modes, leaves, higher-order gradients, deep graphs, in-place
 rules, NumPy interop and dtype promotion. Each test states the torch behaviour it copies."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +16,7 @@ def f64(values, requires_grad=False) -> gm.Tensor:
 
 
 # =================================================================== accumulation ======
+
 
 def test_grad_accumulates_across_backward_calls_until_zeroed() -> None:
     x = f64([1.0, 2.0, 3.0], requires_grad=True)
@@ -33,7 +35,7 @@ def test_grad_accumulates_across_backward_calls_until_zeroed() -> None:
 def test_a_tensor_used_twice_gets_both_gradients() -> None:
     x = f64(3.0, requires_grad=True)
     y = x * 2
-    (y * y + y).backward()                      # d/dx (4x^2 + 2x) = 8x + 2
+    (y * y + y).backward()  # d/dx (4x^2 + 2x) = 8x + 2
     assert x.grad.item() == 26.0
 
 
@@ -53,19 +55,21 @@ def test_grads_are_writable_and_alias_nothing() -> None:
 
 
 def test_gradient_keeps_the_leaf_dtype() -> None:
-    x = gm.tensor([1.0, 2.0], requires_grad=True)           # float32
+    x = gm.tensor([1.0, 2.0], requires_grad=True)  # float32
     (x.double() * 3).sum().backward()
     assert x.grad.dtype is gm.float32
 
 
 # ================================================================= freed graphs ======
 
+
 def test_second_backward_through_a_freed_graph_raises() -> None:
     x = f64([1.0, 2.0], requires_grad=True)
     y = (x.exp() * x).sum()
     y.backward()
-    with pytest.raises(RuntimeError, match="backward through the graph a second time.*"
-                                           "retain_graph=True"):
+    with pytest.raises(
+        RuntimeError, match="backward through the graph a second time.*retain_graph=True"
+    ):
         y.backward()
 
 
@@ -79,6 +83,7 @@ def test_retain_graph_allows_a_second_backward() -> None:
 
 
 # ======================================================= non-scalar outputs ======
+
 
 def test_backward_on_a_non_scalar_needs_a_gradient() -> None:
     x = f64([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
@@ -97,7 +102,7 @@ def test_backward_gradient_of_the_wrong_shape_raises() -> None:
 
 def test_backward_on_a_one_element_tensor_needs_no_gradient() -> None:
     x = f64([2.0], requires_grad=True)
-    (x * x).backward()                          # numel 1, like torch
+    (x * x).backward()  # numel 1, like torch
     assert x.grad.tolist() == [4.0]
 
 
@@ -107,6 +112,7 @@ def test_backward_on_a_tensor_without_grad_raises() -> None:
 
 
 # ====================================================================== grad modes ======
+
 
 def test_no_grad_records_nothing() -> None:
     x = f64([1.0, 2.0], requires_grad=True)
@@ -141,11 +147,11 @@ def test_detach_shares_data_and_leaves_the_graph() -> None:
     d = y.detach()
     assert not d.requires_grad and d.grad_fn is None
     np.testing.assert_array_equal(d.numpy(), [2.0, 4.0])
-    (x * d).sum().backward()                    # d is a constant: gradient d, not 2 * 2x
+    (x * d).sum().backward()  # d is a constant: gradient d, not 2 * 2x
     np.testing.assert_array_equal(x.grad.numpy(), [2.0, 4.0])
     with gm.no_grad():
         d.add_(1)
-    np.testing.assert_array_equal(y.detach().numpy(), [3.0, 5.0])     # same storage
+    np.testing.assert_array_equal(y.detach().numpy(), [3.0, 5.0])  # same storage
 
 
 def test_requires_grad_on_a_non_leaf_raises() -> None:
@@ -174,23 +180,24 @@ def test_retain_grad_keeps_a_non_leaf_gradient() -> None:
     x = f64([1.0, 2.0], requires_grad=True)
     y = x * 3
     y.retain_grad()
-    z = x * 4                                   # not retained: no .grad, as in torch
+    z = x * 4  # not retained: no .grad, as in torch
     (y * y + z).sum().backward()
     assert y.retains_grad and not z.retains_grad
     np.testing.assert_array_equal(y.grad.numpy(), [6.0, 12.0])
-    with pytest.warns(UserWarning, match="not a leaf Tensor"):   # torch warns too
+    with pytest.warns(UserWarning, match="not a leaf Tensor"):  # torch warns too
         assert z.grad is None
     np.testing.assert_array_equal(x.grad.numpy(), [18.0 + 4, 36.0 + 4])
 
 
 # ========================================================== higher-order gradients ======
 
+
 def test_grad_of_grad() -> None:
     x = f64(2.0, requires_grad=True)
-    (g,) = gm.autograd.grad(x ** 4, x, create_graph=True)
+    (g,) = gm.autograd.grad(x**4, x, create_graph=True)
     (h,) = gm.autograd.grad(g, x, create_graph=True)
     (t,) = gm.autograd.grad(h, x)
-    assert (g.item(), h.item(), t.item()) == (32.0, 48.0, 48.0)    # 4x^3, 12x^2, 24x
+    assert (g.item(), h.item(), t.item()) == (32.0, 48.0, 48.0)  # 4x^3, 12x^2, 24x
 
 
 def test_autograd_grad_leaves_grad_untouched() -> None:
@@ -211,8 +218,7 @@ def test_hessian_vector_product_matches_torch() -> None:
         return hv
 
     ours = hvp(gm, f64(w_np), f64(x_np, requires_grad=True), f64(v_np))
-    ref = hvp(torch, torch.tensor(w_np), torch.tensor(x_np, requires_grad=True),
-              torch.tensor(v_np))
+    ref = hvp(torch, torch.tensor(w_np), torch.tensor(x_np, requires_grad=True), torch.tensor(v_np))
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
 
 
@@ -239,6 +245,7 @@ def test_backward_with_inputs_accumulates_only_those() -> None:
 
 # ===================================================================== deep graphs ======
 
+
 def test_a_100000_node_chain_backpropagates() -> None:
     """The topological sort is iterative: no recursion limit on deep graphs."""
     x = f64([1.0, 2.0], requires_grad=True)
@@ -247,10 +254,11 @@ def test_a_100000_node_chain_backpropagates() -> None:
     for _ in range(100_000):
         y = y * c
     y.sum().backward()
-    np.testing.assert_allclose(x.grad.numpy(), [1.0001 ** 100_000] * 2, rtol=1e-9)
+    np.testing.assert_allclose(x.grad.numpy(), [1.0001**100_000] * 2, rtol=1e-9)
 
 
 # ========================================================================= errors ======
+
 
 def test_mm_of_a_vector_names_mm_and_both_shapes() -> None:
     # A popular tutorial multiplies a (2,) vector with a (2, 1) matrix through mm.
@@ -258,17 +266,22 @@ def test_mm_of_a_vector_names_mm_and_both_shapes() -> None:
         gm.mm(gm.ones(2), gm.ones(2, 1))
     message = str(info.value)
     assert "mm" in message and "(2,)" in message and "(2, 1)" in message
-    assert "matmul" in message                  # and it says what to use instead
+    assert "matmul" in message  # and it says what to use instead
 
 
 def test_inplace_ops_on_a_leaf_that_requires_grad_raise() -> None:
     x = gm.ones(3, requires_grad=True)
-    for update in (lambda: x.add_(1), lambda: x.mul_(2), lambda: x.zero_(),
-                   lambda: x.fill_(0.0), lambda: x.copy_(gm.zeros(3))):
+    for update in (
+        lambda: x.add_(1),
+        lambda: x.mul_(2),
+        lambda: x.zero_(),
+        lambda: x.fill_(0.0),
+        lambda: x.copy_(gm.zeros(3)),
+    ):
         with pytest.raises(RuntimeError, match="in-place"):
             update()
     with pytest.raises(RuntimeError, match="in-place.*no_grad"):
-        x -= 0.1 * gm.ones(3)                   # the classic `w -= lr * w.grad` outside no_grad
+        x -= 0.1 * gm.ones(3)  # the classic `w -= lr * w.grad` outside no_grad
     np.testing.assert_array_equal(x.detach().numpy(), [1.0, 1.0, 1.0])
     with gm.no_grad():
         x -= 0.5
@@ -280,17 +293,18 @@ def test_inplace_ops_on_a_leaf_that_requires_grad_raise() -> None:
 def test_augmented_assignment_on_a_non_leaf_stays_differentiable() -> None:
     x = f64([1.0, 2.0], requires_grad=True)
     h = x * 2
-    h += x                                      # 3x
+    h += x  # 3x
     h.sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
 
 
 # ================================================================= numpy interop ======
 
+
 def test_from_numpy_shares_memory_both_ways() -> None:
     a = np.zeros(3)
     t = gm.from_numpy(a)
-    assert t.dtype is gm.float64                # like torch.from_numpy: no conversion
+    assert t.dtype is gm.float64  # like torch.from_numpy: no conversion
     a[0] = 5.0
     assert t[0].item() == 5.0
     t.numpy()[1] = 7.0
@@ -318,35 +332,47 @@ def test_tensor_copies_its_data() -> None:
 
 # ================================================================= dtype promotion ======
 
-@pytest.mark.parametrize("make, want", [
-    (lambda: gm.tensor([1, 2]) * 2.5, gm.float32),                       # int64 * float
-    (lambda: gm.tensor([1, 2]) * 2, gm.int64),
-    (lambda: gm.tensor([1.0]) * gm.tensor([1.0], dtype=gm.float64), gm.float64),
-    (lambda: gm.tensor([1.0]) * 2.5, gm.float32),                        # stays float32
-    (lambda: gm.tensor([1.0], dtype=gm.float64) * 2.5, gm.float64),
-    (lambda: gm.tensor([1, 2]) / gm.tensor([2, 2]), gm.float32),         # true division
-    (lambda: gm.tensor([1.0]) + gm.tensor(2.0, dtype=gm.float64), gm.float32),  # 0-d loses
-    (lambda: gm.tensor([1, 2]) + gm.tensor(2.0, dtype=gm.float64), gm.float64),  # unless
-    (lambda: gm.tensor([True]) + 1, gm.int64),
-    (lambda: gm.tensor([1, 2], dtype=gm.int32) * gm.tensor([1, 2]), gm.int64),
-    (lambda: gm.tensor([1, 2], dtype=gm.int32) + 1, gm.int32),
-    (lambda: gm.tensor([True, False]).sum(), gm.int64),
-])
+
+@pytest.mark.parametrize(
+    "make, want",
+    [
+        (lambda: gm.tensor([1, 2]) * 2.5, gm.float32),  # int64 * float
+        (lambda: gm.tensor([1, 2]) * 2, gm.int64),
+        (lambda: gm.tensor([1.0]) * gm.tensor([1.0], dtype=gm.float64), gm.float64),
+        (lambda: gm.tensor([1.0]) * 2.5, gm.float32),  # stays float32
+        (lambda: gm.tensor([1.0], dtype=gm.float64) * 2.5, gm.float64),
+        (lambda: gm.tensor([1, 2]) / gm.tensor([2, 2]), gm.float32),  # true division
+        (lambda: gm.tensor([1.0]) + gm.tensor(2.0, dtype=gm.float64), gm.float32),  # 0-d loses
+        (lambda: gm.tensor([1, 2]) + gm.tensor(2.0, dtype=gm.float64), gm.float64),  # unless
+        (lambda: gm.tensor([True]) + 1, gm.int64),
+        (lambda: gm.tensor([1, 2], dtype=gm.int32) * gm.tensor([1, 2]), gm.int64),
+        (lambda: gm.tensor([1, 2], dtype=gm.int32) + 1, gm.int32),
+        (lambda: gm.tensor([True, False]).sum(), gm.int64),
+    ],
+)
 def test_dtype_promotion_matches_torch(make, want) -> None:
     assert make().dtype is want
 
 
 def test_promotion_table_agrees_with_torch_result_type() -> None:
-    kinds = {"float32": (gm.float32, torch.float32), "float64": (gm.float64, torch.float64),
-             "int64": (gm.int64, torch.int64), "int32": (gm.int32, torch.int32),
-             "bool": (gm.bool, torch.bool)}
+    kinds = {
+        "float32": (gm.float32, torch.float32),
+        "float64": (gm.float64, torch.float64),
+        "int64": (gm.int64, torch.int64),
+        "int32": (gm.int32, torch.int32),
+        "bool": (gm.bool, torch.bool),
+    }
     for a_name, (ga, ta) in kinds.items():
         for b_name, (gb, tb) in kinds.items():
             for a_dim, b_dim in ((1, 1), (0, 1), (1, 0)):
                 x = gm.ones([2] * a_dim, dtype=ga) + gm.ones([2] * b_dim, dtype=gb)
                 r = torch.ones([2] * a_dim, dtype=ta) + torch.ones([2] * b_dim, dtype=tb)
-                assert x.dtype.name == str(r.dtype).removeprefix("torch."), \
-                    (a_name, a_dim, b_name, b_dim)
+                assert x.dtype.name == str(r.dtype).removeprefix("torch."), (
+                    a_name,
+                    a_dim,
+                    b_name,
+                    b_dim,
+                )
 
 
 def test_setitem_writes_in_place_and_refuses_tensors_that_require_grad():

@@ -1,5 +1,6 @@
 """core/cost.py: per-plan bytes and FLOPs from shape inference, and row-blocked matrix
 products that give the same bits as the whole product."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,27 +17,40 @@ def _matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
     ints = graph_pb2.Attribute
     return graph_pb2.Graph(
         version=1,
-        inputs=[graph_pb2.Input(name="a", role=graph_pb2.Input.PARAM,
-                                dtype=tensor_pb2.FLOAT32, shape=[1, 1]),
-                graph_pb2.Input(name="b", role=graph_pb2.Input.DATA,
-                                dtype=tensor_pb2.FLOAT32, shape=[1, 1])],
-        nodes=[graph_pb2.Node(op="expand", inputs=[0], attrs=[ints(
-                   name="shape", ints=graph_pb2.Ints(values=[m, k]))]),
-               graph_pb2.Node(op="expand", inputs=[1], attrs=[ints(
-                   name="shape", ints=graph_pb2.Ints(values=[k, n]))]),
-               graph_pb2.Node(op=op, inputs=[2, 3]),
-               graph_pb2.Node(op="sum", inputs=[4])],
-        outputs=[graph_pb2.Output(name="loss", value=5)])
+        inputs=[
+            graph_pb2.Input(
+                name="a", role=graph_pb2.Input.PARAM, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
+            ),
+            graph_pb2.Input(
+                name="b", role=graph_pb2.Input.DATA, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
+            ),
+        ],
+        nodes=[
+            graph_pb2.Node(
+                op="expand",
+                inputs=[0],
+                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[m, k]))],
+            ),
+            graph_pb2.Node(
+                op="expand",
+                inputs=[1],
+                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[k, n]))],
+            ),
+            graph_pb2.Node(op=op, inputs=[2, 3]),
+            graph_pb2.Node(op="sum", inputs=[4]),
+        ],
+        outputs=[graph_pb2.Output(name="loss", value=5)],
+    )
 
 
 def test_cost_of_a_large_matmul_from_shapes_only():
     vg = core_graph.validate(_matmul_graph(8192, 8192, 8192), core_graph.Limits())
     plan = core_plan.compile_plan(vg, {"b": (1, 1)})
     c = cost.cost_of(plan)
-    mm = 2 * 8192 ** 3
-    assert c.flops >= 3 * mm                    # forward and the vjp's two products
-    assert c.bytes >= 3 * 8192 * 8192 * 4       # the product and both expanded operands
-    assert cost.cost_of(plan) is c               # computed once, kept on the plan
+    mm = 2 * 8192**3
+    assert c.flops >= 3 * mm  # forward and the vjp's two products
+    assert c.bytes >= 3 * 8192 * 8192 * 4  # the product and both expanded operands
+    assert cost.cost_of(plan) is c  # computed once, kept on the plan
 
 
 def test_default_rule_counts_elements():
@@ -45,21 +59,36 @@ def test_default_rule_counts_elements():
     assert cost.cost_of(plan).flops > 0
 
 
-@pytest.mark.parametrize("m,k,n", [(1024, 256, 256), (1500, 300, 700), (2048, 1000, 333),
-                                   (1300, 777, 1025), (3000, 256, 2000), (1024, 2048, 64)])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1024, 256, 256),
+        (1500, 300, 700),
+        (2048, 1000, 333),
+        (1300, 777, 1025),
+        (3000, 256, 2000),
+        (1024, 2048, 64),
+    ],
+)
 def test_row_blocks_give_the_same_bits(m, k, n):
     rng = np.random.default_rng(m + k + n)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     checks = []
-    for rhs in (b, np.ascontiguousarray(b.T).T):            # row-major and transposed
+    for rhs in (b, np.ascontiguousarray(b.T).T):  # row-major and transposed
         full = a @ rhs
         blocked = cost._blocked_product(a, rhs, lambda: checks.append(1))
         assert np.array_equal(blocked, full)
     w = np.ascontiguousarray(b.T)
     bias = rng.standard_normal(n).astype(np.float32)
-    lin = cost.call("linear", lambda xp, x, w, b: (lambda o: (o.__iadd__(b), o)[1])(
-        xp.matmul(x, w.T)), np, [a, w, bias], {}, lambda: None)
+    lin = cost.call(
+        "linear",
+        lambda xp, x, w, b: (lambda o: (o.__iadd__(b), o)[1])(xp.matmul(x, w.T)),
+        np,
+        [a, w, bias],
+        {},
+        lambda: None,
+    )
     ref = np.matmul(a, w.T)
     ref += bias
     assert np.array_equal(lin, ref)
@@ -81,12 +110,12 @@ def test_every_block_size_gives_the_same_bits(rows):
 
 def test_blocking_only_where_equality_was_shown():
     a64 = np.ones((4096, 512))
-    assert not cost._blockable(a64, np.ones((512, 512)))          # float64: not blocked
+    assert not cost._blockable(a64, np.ones((512, 512)))  # float64: not blocked
     a32 = np.ones((4096, 512), np.float32)
     assert cost._blockable(a32, np.ones((512, 512), np.float32))
-    assert not cost._blockable(a32[:100], np.ones((512, 512), np.float32))   # one block
+    assert not cost._blockable(a32[:100], np.ones((512, 512), np.float32))  # one block
     assert all(e - s >= cost.BLOCK_ROWS for s, e in cost.block_rows(1500))
-    assert cost.rows_per_block(8192, 8192) == cost.MIN_ROWS       # big blocks: fewer rows
+    assert cost.rows_per_block(8192, 8192) == cost.MIN_ROWS  # big blocks: fewer rows
     assert cost.rows_per_block(64, 64) == cost.BLOCK_ROWS
 
 
@@ -101,14 +130,17 @@ def test_plan_stops_inside_a_large_product():
 
     def check():
         calls.append(1)
-        if len(calls) > 3:            # the plan's own check, then the first blocks
+        if len(calls) > 3:  # the plan's own check, then the first blocks
             raise Stop
 
     before = cost.block_checks
     with pytest.raises(Stop):
         plan.run(params, data, grads=[], check=check)
-    assert 1 <= cost.block_checks - before < len(cost.block_rows(4096, cost.rows_per_block(1024,
-                                                                                    1024)))
+    assert (
+        1
+        <= cost.block_checks - before
+        < len(cost.block_rows(4096, cost.rows_per_block(1024, 1024)))
+    )
     # And unchecked, the same result as with checks.
     r1 = plan.run(params, data, grads=[])
     r2 = plan.run(params, data, grads=[], check=lambda: None)
@@ -125,10 +157,10 @@ def test_backward_products_run_in_blocks_with_the_same_bits():
     whole = plan.run(params, data, grads=["a"])
     before = cost.blocked_calls
     blocked = plan.run(params, data, grads=["a"], check=lambda: None)
-    assert cost.blocked_calls - before >= 2            # forward, and backward's g @ b.T
+    assert cost.blocked_calls - before >= 2  # forward, and backward's g @ b.T
     assert np.array_equal(whole.loss, blocked.loss)
     assert np.array_equal(whole.grads["a"], blocked.grads["a"])
-    assert cost.current_check() is None                # not left behind on this thread
+    assert cost.current_check() is None  # not left behind on this thread
 
 
 def test_transposed_left_operand_gives_the_same_bits():

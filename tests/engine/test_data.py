@@ -1,6 +1,7 @@
 """Data and interop utilities against torch: gradient clipping, save/load (no pickle),
 ``device``, ``utils.data`` (Dataset, TensorDataset, DataLoader, random_split), DLPack and
 NumPy's array protocol."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,10 @@ from gradmesh.core.nn.utils import clip_grad_norm_, clip_grad_value_
 from gradmesh.core.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 _rng = np.random.default_rng(7)
-GRADS = [_rng.standard_normal((3, 4)).astype(np.float32), _rng.standard_normal(5).astype(
-    np.float32) * 3]
+GRADS = [
+    _rng.standard_normal((3, 4)).astype(np.float32),
+    _rng.standard_normal(5).astype(np.float32) * 3,
+]
 
 
 def _with_grads(lib):
@@ -30,8 +33,10 @@ def _with_grads(lib):
 
 # ------------------------------------------------------------------ clipping ----------
 
-@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (100.0, 2.0), (0.5, 1),
-                                                (2.0, float("inf")), (1.5, 3.0)])
+
+@pytest.mark.parametrize(
+    "max_norm,norm_type", [(1.0, 2.0), (100.0, 2.0), (0.5, 1), (2.0, float("inf")), (1.5, 3.0)]
+)
 def test_clip_grad_norm_matches_torch(max_norm, norm_type):
     ours, theirs = _with_grads(gm), _with_grads(torch)
     a = clip_grad_norm_(ours, max_norm, norm_type)
@@ -60,22 +65,30 @@ def test_clip_grad_value_matches_torch():
 
 # ------------------------------------------------------------------ save / load -------
 
+
 def test_save_load_round_trips_a_model_and_an_optimizer(tmp_path):
     model = gm.nn.Sequential(gm.nn.Linear(3, 4), gm.nn.ReLU(), gm.nn.Linear(4, 1))
     opt = gm.optim.Adam(model.parameters(), lr=0.01)
     model(gm.randn(2, 3)).sum().backward()
     opt.step()
     path = tmp_path / "ckpt.npz"
-    gm.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": 3,
-             "note": ("a", None, 1.5)}, path)
-    with zipfile.ZipFile(path) as z:           # plain .npy members, no pickle inside
+    gm.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "epoch": 3,
+            "note": ("a", None, 1.5),
+        },
+        path,
+    )
+    with zipfile.ZipFile(path) as z:  # plain .npy members, no pickle inside
         assert all(n.endswith(".npy") for n in z.namelist())
     loaded = gm.load(path)
     assert loaded["epoch"] == 3 and loaded["note"] == ("a", None, 1.5)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(loaded["model"][k].numpy(), v.detach().numpy())
         assert loaded["model"][k].dtype is v.dtype
-    assert set(loaded["opt"]["state"]) == {0, 1, 2, 3}       # int keys stay ints
+    assert set(loaded["opt"]["state"]) == {0, 1, 2, 3}  # int keys stay ints
     fresh = gm.nn.Sequential(gm.nn.Linear(3, 4), gm.nn.ReLU(), gm.nn.Linear(4, 1))
     fresh.load_state_dict(loaded["model"])
     again = gm.optim.Adam(fresh.parameters(), lr=0.01)
@@ -86,14 +99,18 @@ def test_save_refuses_objects_that_need_pickle_and_load_never_unpickles():
     with pytest.raises(TypeError, match="cannot store a object"):
         gm.save({"x": object()}, io.BytesIO())
     buf = io.BytesIO()
-    np.savez(buf, __structure__=np.frombuffer(b'{"value": 1}', np.uint8),
-             t0=np.array([object()], dtype=object))
+    np.savez(
+        buf,
+        __structure__=np.frombuffer(b'{"value": 1}', np.uint8),
+        t0=np.array([object()], dtype=object),
+    )
     buf.seek(0)
     with pytest.raises(ValueError, match="allow_pickle"):
         gm.load(buf)
 
 
 # ------------------------------------------------------------------ device ------------
+
 
 def test_device_behaves_like_torch_device():
     for lib in (gm, torch):
@@ -109,6 +126,7 @@ def test_device_behaves_like_torch_device():
 
 
 # ------------------------------------------------------------------ utils.data --------
+
 
 def test_dataloader_batches_tuples_dicts_and_numbers_like_torch():
     x, y = np.arange(10.0).reshape(5, 2).astype(np.float32), np.arange(5)
@@ -130,7 +148,7 @@ def test_dataloader_batches_tuples_dicts_and_numbers_like_torch():
                 assert a[k].dtype.name == str(b[k].dtype).removeprefix("torch.")
             assert a["name"] == b["name"]
     ds = TensorDataset(gm.tensor(x), gm.tensor(y))
-    (xb, yb), = [b for b in DataLoader(ds, batch_size=5)]
+    ((xb, yb),) = [b for b in DataLoader(ds, batch_size=5)]
     assert xb.tolist() == x.tolist() and yb.tolist() == y.tolist()
     assert len(DataLoader(ds, batch_size=2)) == 3 and len(DataLoader(ds, 2, drop_last=True)) == 2
 
@@ -140,8 +158,12 @@ def test_shuffle_with_a_generator_is_reproducible_and_a_permutation():
 
     def epoch(seed):
         g = gm.Generator().manual_seed(seed)
-        return [v for (b,) in DataLoader(ds, batch_size=6, shuffle=True, generator=g)
-                for v in b.tolist()]
+        return [
+            v
+            for (b,) in DataLoader(ds, batch_size=6, shuffle=True, generator=g)
+            for v in b.tolist()
+        ]
+
     assert epoch(1) == epoch(1) != epoch(2)
     assert sorted(epoch(1)) == list(range(20)) and epoch(1) != list(range(20))
 
@@ -153,13 +175,15 @@ def test_random_split_like_torch():
     tparts = torch.utils.data.random_split(range(10), [0.5, 0.3, 0.2])
     assert sizes == [len(p) for p in tparts] == [5, 3, 2]
     assert sorted(int(p[i][0]) for p in parts for i in range(len(p))) == list(range(10))
-    assert [len(p) for p in random_split(ds, [0.34, 0.33, 0.33])] == \
-        [len(p) for p in torch.utils.data.random_split(range(10), [0.34, 0.33, 0.33])]
+    assert [len(p) for p in random_split(ds, [0.34, 0.33, 0.33])] == [
+        len(p) for p in torch.utils.data.random_split(range(10), [0.34, 0.33, 0.33])
+    ]
     with pytest.raises(ValueError, match="Sum of input lengths"):
         random_split(ds, [3, 3])
 
 
 # ------------------------------------------------------------------ interop -----------
+
 
 def test_dlpack_shares_memory_with_torch_and_numpy():
     t = gm.arange(6.0).reshape(2, 3)

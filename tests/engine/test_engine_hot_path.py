@@ -7,6 +7,7 @@
 * NumPy's ``where`` is replaced by a bitwise select that gives the same bits;
 * a float32 model stays float32 in every intermediate, forward and backward.
 """
+
 from __future__ import annotations
 
 import sys
@@ -54,6 +55,7 @@ def _params(seed=0, dtype=np.float32):
 
 # ------------------------------------------------------------------ validation mode ------
 
+
 def test_backward_runs_vjps_unvalidated_and_restores_validation():
     x, *ps = _params()
     params = [gm.tensor(p, requires_grad=True) for p in ps]
@@ -67,7 +69,7 @@ def test_backward_runs_vjps_unvalidated_and_restores_validation():
 
 def test_create_graph_keeps_validation():
     x = gm.tensor([1.0, 2.0], requires_grad=True)
-    y = (x ** 3).sum()
+    y = (x**3).sum()
     runs = _watching(lambda: autograd.grad(y, x, create_graph=True))
     assert runs and not any(trusted for _name, trusted, _r in runs)
 
@@ -83,6 +85,7 @@ def test_validation_comes_back_after_an_error_in_backward():
 
 def test_grad_mode_is_per_thread():
     import threading
+
     seen = []
     with gm.no_grad():
         t = threading.Thread(target=lambda: seen.append(gm.is_grad_enabled()))
@@ -92,6 +95,7 @@ def test_grad_mode_is_per_thread():
 
 
 # -------------------------------------------------------------- gradients in memory ------
+
 
 def _torch_grads(x, ps):
     tp = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in ps]
@@ -145,11 +149,21 @@ def test_broadcast_grads_are_writable():
 
 # ----------------------------------------------------------------- bitwise select ------
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32, np.int64,
-                                   np.bool_])
-@pytest.mark.parametrize("shapes", [((70, 80), (70, 80), ()), ((70, 80), (70, 80), (70, 80)),
-                                    ((70, 80), (80,), (70, 1)), ((70, 1), (70, 80), ()),
-                                    ((70, 80), (), (70, 80)), ((5000,), (5000,), ())])
+
+@pytest.mark.parametrize(
+    "dtype", [np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_]
+)
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((70, 80), (70, 80), ()),
+        ((70, 80), (70, 80), (70, 80)),
+        ((70, 80), (80,), (70, 1)),
+        ((70, 1), (70, 80), ()),
+        ((70, 80), (), (70, 80)),
+        ((5000,), (5000,), ()),
+    ],
+)
 def test_select_gives_the_bits_of_numpy_where(dtype, shapes):
     rng = np.random.default_rng(1)
     sc, sa, sb = shapes
@@ -179,6 +193,7 @@ def test_relu_grad_is_zero_where_masked_even_for_nan():
 
 # ------------------------------------------------------------------------ dtypes ------
 
+
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_float32_model_has_no_float64_intermediate(loss):
     gm.manual_seed(0)
@@ -196,11 +211,10 @@ def test_float32_model_has_no_float64_intermediate(loss):
     runs = _watching(step)
     floats = {r.dtype for _name, _trusted, r in runs if r.dtype.is_floating_point}
     assert floats == {gm.float32}
-    assert all(p.dtype is gm.float32 and p.grad.dtype is gm.float32
-               for p in model.parameters())
+    assert all(p.dtype is gm.float32 and p.grad.dtype is gm.float32 for p in model.parameters())
 
 
 def test_dtype_of_non_singleton_numpy_dtypes():
-    s = gm.tensor([1, 2], dtype=gm.int32).sum()     # NumPy gives a fresh int64 dtype object
+    s = gm.tensor([1, 2], dtype=gm.int32).sum()  # NumPy gives a fresh int64 dtype object
     assert s.dtype is gm.int64
     assert gm.from_numpy(np.zeros(2, np.dtype("float32").newbyteorder("="))).dtype is gm.float32

@@ -5,6 +5,7 @@ Each function is written once over a library ``lib`` (gradmesh.core or torch) an
 three ways: the compiled plan and the reference executor against local ``backward()``,
 bit for bit, and local ``backward()`` against torch in float64.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -85,15 +86,26 @@ def set_grad_enabled_false(lib, p, x):
     return (y / norm).sum() + (y * y).mean()
 
 
-FUNCTIONS = [detach_product, detach_difference, target_network, detached_parameter,
-             data_attribute, detach_in_place, no_grad_reads_params_and_live_values,
-             enable_grad_inside_no_grad, set_grad_enabled_false]
+FUNCTIONS = [
+    detach_product,
+    detach_difference,
+    target_network,
+    detached_parameter,
+    data_attribute,
+    detach_in_place,
+    no_grad_reads_params_and_live_values,
+    enable_grad_inside_no_grad,
+    set_grad_enabled_false,
+]
 
 
 def _params() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"w1": rng.standard_normal((3, 4)), "b1": rng.standard_normal(4),
-            "w2": rng.standard_normal((4, 2))}
+    return {
+        "w1": rng.standard_normal((3, 4)),
+        "b1": rng.standard_normal(4),
+        "w2": rng.standard_normal((4, 2)),
+    }
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
@@ -129,6 +141,7 @@ def test_a_graph_with_stops_runs_with_other_parameter_values():
 def test_no_stop_where_no_gradient_flows():
     """Detaching data or running data-only ops under no_grad adds nothing; a stop is
     recorded once per value however often it is read."""
+
     def fn(p, x):
         with gm.no_grad():
             x = (x * 2.0).detach()
@@ -136,6 +149,7 @@ def test_no_stop_where_no_gradient_flows():
         with gm.no_grad():
             a, b = p["w1"].sum(), p["w1"].mean()
         return (y * a * b).sum()
+
     g = trace(fn, {k: gm.tensor(v) for k, v in _params().items()}, batch(4))
     ops = [n.op for n in g.nodes]
     assert ops.count("stop_gradient") == 1, ops
@@ -149,9 +163,11 @@ def test_detach_keeps_eager_semantics_while_tracing():
     def fn(p, x):
         y = x @ p["w1"]
         d = y.detach()
-        seen.update(shares=np.shares_memory(d._data, y._data), requires=d.requires_grad,
-                    leaf=d.is_leaf)
+        seen.update(
+            shares=np.shares_memory(d._data, y._data), requires=d.requires_grad, leaf=d.is_leaf
+        )
         return (y * d).sum()
+
     trace(fn, {"w1": gm.tensor(_params()["w1"])}, batch(4))
     assert seen == {"shares": True, "requires": False, "leaf": True}
 
@@ -171,6 +187,7 @@ def test_module_losses_of_the_issue_equal_local_backward():
     """With an nn.Module: the issue's loss (zero gradient, whose stop must not turn into
     a factor 2 elsewhere) and a target network's, traced at one batch size, run at
     another."""
+
     def issue(model, x):
         return ((model(x) - model(x).detach()) ** 2).sum() + (model(x) * model(x).detach()).mean()
 

@@ -1,4 +1,5 @@
 """Tracing, graph ids, validation and the reference executor (gradmesh.core.graph)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -52,12 +53,18 @@ def traced_mlp(**kw):
 # Tracing
 # ---------------------------------------------------------------------------------------
 
+
 def test_trace_mlp_inputs_nodes_and_outputs():
     model, g = traced_mlp()
     assert g.version == 1
     assert [(i.name, i.role) for i in g.inputs] == [
-        ("1.weight", PARAM), ("1.bias", PARAM), ("3.weight", PARAM), ("3.bias", PARAM),
-        ("x", DATA), ("y", DATA)]
+        ("1.weight", PARAM),
+        ("1.bias", PARAM),
+        ("3.weight", PARAM),
+        ("3.bias", PARAM),
+        ("x", DATA),
+        ("y", DATA),
+    ]
     assert list(g.inputs[4].shape) == [-1, 3, 4] and list(g.inputs[5].shape) == [-1]
     assert g.inputs[5].dtype == tensor_pb2.INT64
     assert list(g.inputs[0].shape) == [16, 12]
@@ -93,8 +100,9 @@ def test_execute_with_parameter_tensors_supports_backward():
 
 
 def test_constants_become_const_inputs_with_their_value():
-    g = trace(lambda p, x: ((x * p["w"]) ** 2).sum(), {"w": gm.ones(3)},
-              np.ones((2, 3), np.float32))
+    g = trace(
+        lambda p, x: ((x * p["w"]) ** 2).sum(), {"w": gm.ones(3)}, np.ones((2, 3), np.float32)
+    )
     consts = [i for i in g.inputs if i.role == CONST]
     assert len(consts) == 1 and consts[0].name == "const0"
     assert list(consts[0].shape) == [] and consts[0].dtype == tensor_pb2.FLOAT32
@@ -103,30 +111,36 @@ def test_constants_become_const_inputs_with_their_value():
 
 
 def test_attributes_are_canonical_sorted_and_without_defaults():
-    g = trace(lambda p, x: (p["w"] * x).sum(dim=1).sum() + (p["w"] * x).sum(dim=0, keepdim=True).sum(),
-              {"w": gm.ones(2, 3)}, np.ones((2, 3), np.float32), batch_dim=False)
+    g = trace(
+        lambda p, x: (p["w"] * x).sum(dim=1).sum() + (p["w"] * x).sum(dim=0, keepdim=True).sum(),
+        {"w": gm.ones(2, 3)},
+        np.ones((2, 3), np.float32),
+        batch_dim=False,
+    )
     sums = [n for n in g.nodes if n.op == "sum"]
     names = [[a.name for a in n.attrs] for n in sums]
-    assert ["dim"] in names                       # keepdim=False is the default: omitted
-    assert ["dim", "keepdim"] in names            # sorted by name
-    assert [] in names                            # sum() of everything: all defaults
+    assert ["dim"] in names  # keepdim=False is the default: omitted
+    assert ["dim", "keepdim"] in names  # sorted by name
+    assert [] in names  # sum() of everything: all defaults
     for n in g.nodes:
         assert [a.name for a in n.attrs] == sorted(a.name for a in n.attrs)
 
 
 def test_unused_ops_are_dropped_and_params_and_data_kept():
     def fn(p, x, unused):
-        (p["a"] * 3.0).sum()                      # computed but not returned
+        (p["a"] * 3.0).sum()  # computed but not returned
         return (p["b"] * x).sum()
-    g = trace(fn, {"a": gm.ones(2), "b": gm.ones(2)}, np.ones((4, 2), np.float32),
-              np.ones(4, np.float32))
+
+    g = trace(
+        fn, {"a": gm.ones(2), "b": gm.ones(2)}, np.ones((4, 2), np.float32), np.ones(4, np.float32)
+    )
     assert [i.name for i in g.inputs] == ["a", "b", "x0", "x1"]
     assert [n.op for n in g.nodes] == ["mul", "sum"]
 
 
 def test_trace_leaves_module_grads_and_flags_alone():
     model = mlp()
-    model[1].bias.requires_grad_(False)          # a frozen parameter
+    model[1].bias.requires_grad_(False)  # a frozen parameter
     x, y = batch(4)
     g = trace(mlp_loss, model, x, y)
     assert all(p.grad is None for p in model.parameters())
@@ -142,7 +156,8 @@ def test_dict_params_receive_tensors_that_require_grad():
     def fn(p, x):
         seen["flag"] = p["w"].requires_grad
         return (p["w"] * x).sum()
-    w = gm.ones(3)                                  # requires_grad=False
+
+    w = gm.ones(3)  # requires_grad=False
     g = trace(fn, {"w": w}, np.ones((2, 3), np.float32))
     assert seen["flag"] is True and w.requires_grad is False
     assert [n.op for n in g.nodes] == ["mul", "sum"]
@@ -154,14 +169,17 @@ def test_tracing_is_thread_local():
 
     def run(name, fn):
         def traced(p, x):
-            barrier.wait()                          # both traces are active together
+            barrier.wait()  # both traces are active together
             y = fn(p["w"] * x)
             barrier.wait()
             return y.sum()
+
         graphs[name] = trace(traced, {"w": gm.ones(3)}, np.ones((2, 3), np.float32))
 
-    threads = [threading.Thread(target=run, args=("exp", gm.exp)),
-               threading.Thread(target=run, args=("tanh", gm.tanh))]
+    threads = [
+        threading.Thread(target=run, args=("exp", gm.exp)),
+        threading.Thread(target=run, args=("tanh", gm.tanh)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -174,27 +192,38 @@ def test_trace_rejects_a_non_scalar_loss_and_bad_outputs():
     with pytest.raises(TraceError, match="floating scalar"):
         trace(lambda p, x: p["w"] * x, {"w": gm.ones(3)}, np.ones((2, 3), np.float32))
     with pytest.raises(TraceError, match="reserved"):
-        trace(lambda p, x: ((p["w"] * x).sum(), {"loss": x}), {"w": gm.ones(3)},
-              np.ones((2, 3), np.float32))
+        trace(
+            lambda p, x: ((p["w"] * x).sum(), {"loss": x}),
+            {"w": gm.ones(3)},
+            np.ones((2, 3), np.float32),
+        )
     with pytest.raises(TraceError, match="disagree on the batch size"):
-        trace(lambda p, x, y: (p["w"] * x).sum(), {"w": gm.ones(3)},
-              np.ones((2, 3), np.float32), np.ones(5, np.float32))
+        trace(
+            lambda p, x, y: (p["w"] * x).sum(),
+            {"w": gm.ones(3)},
+            np.ones((2, 3), np.float32),
+            np.ones(5, np.float32),
+        )
 
 
 def test_reshape_with_the_literal_batch_size_is_made_batch_free():
     def fn(p, x):
-        h = x.reshape(x.shape[0], -1)               # records [8, -1]: rewritten to [-1, 12]
+        h = x.reshape(x.shape[0], -1)  # records [8, -1]: rewritten to [-1, 12]
         return (h @ p["w"]).sum()
+
     g = trace(fn, {"w": gm.ones(12, 2)}, np.ones((8, 3, 4), np.float32))
     assert list(g.nodes[0].attrs[0].ints.values) == [-1, 12]
     out = execute(g, {"w": gm.ones(12, 2)}, {"x0": np.ones((3, 3, 4), np.float32)})
     assert out["loss"].item() == 72.0
 
 
-@pytest.mark.parametrize("fn, what", [
-    (lambda p, x: (x.reshape(8 * 12) * p["w"].reshape(-1).sum()).sum(), "reshape"),
-    (lambda p, x: (x.flatten(1) @ p["w"] + gm.zeros(8, 2)).sum(), "add"),
-])
+@pytest.mark.parametrize(
+    "fn, what",
+    [
+        (lambda p, x: (x.reshape(8 * 12) * p["w"].reshape(-1).sum()).sum(), "reshape"),
+        (lambda p, x: (x.flatten(1) @ p["w"] + gm.zeros(8, 2)).sum(), "add"),
+    ],
+)
 def test_baked_batch_size_is_detected_with_advice(fn, what):
     with pytest.raises(TraceError) as e:
         trace(fn, {"w": gm.ones(12, 2)}, np.ones((8, 3, 4), np.float32))
@@ -206,10 +235,16 @@ def test_mean_over_the_batch_counts_the_batch_at_run_time():
     def fn(p, x):
         per_sample = (x.flatten(1) @ p["w"]).sum(1)
         return per_sample.mean() + (x * p["s"]).mean() + per_sample.sum() / x.shape[0]
+
     params = {"w": gm.ones(12, 2), "s": gm.ones(1)}
     g = trace(fn, params, np.ones((8, 3, 4), np.float32))
-    assert not [i for i in g.inputs if i.role == CONST and not i.shape
-                and np.frombuffer(i.value.data, np.float32)[0] in (8.0, 96.0)]
+    assert not [
+        i
+        for i in g.inputs
+        if i.role == CONST
+        and not i.shape
+        and np.frombuffer(i.value.data, np.float32)[0] in (8.0, 96.0)
+    ]
     for n in (1, 5):
         x = np.random.default_rng(n).standard_normal((n, 3, 4)).astype(np.float32)
         got = execute(g, params, {"x0": x})["loss"].numpy()
@@ -218,8 +253,11 @@ def test_mean_over_the_batch_counts_the_batch_at_run_time():
 
 def test_constants_derived_from_the_batch_size_otherwise_are_refused():
     with pytest.raises(TraceError, match="depends on the batch size"):
-        trace(lambda p, x: (x * p["w"]).sum() * (1.0 / x.shape[0]), {"w": gm.ones(3)},
-              np.ones((8, 3), np.float32))
+        trace(
+            lambda p, x: (x * p["w"]).sum() * (1.0 / x.shape[0]),
+            {"w": gm.ones(3)},
+            np.ones((8, 3), np.float32),
+        )
 
 
 def test_slicing_over_the_batch_dimension_runs_at_any_batch_size():
@@ -239,8 +277,12 @@ def test_slicing_over_the_batch_dimension_runs_at_any_batch_size():
 
 
 def test_batch_dim_false_keeps_fixed_shapes():
-    g = trace(lambda p, x: (x.reshape(8 * 12) * 2.0).sum() * p["w"].sum(), {"w": gm.ones(1)},
-              np.ones((8, 3, 4), np.float32), batch_dim=False)
+    g = trace(
+        lambda p, x: (x.reshape(8 * 12) * 2.0).sum() * p["w"].sum(),
+        {"w": gm.ones(1)},
+        np.ones((8, 3, 4), np.float32),
+        batch_dim=False,
+    )
     assert list(g.inputs[1].shape) == [8, 3, 4]
     validate(g)
 
@@ -248,6 +290,7 @@ def test_batch_dim_false_keeps_fixed_shapes():
 def _trace_spec(spec, case):
     """A graph of one opspec case: float inputs as parameters, the others as data."""
     import test_ops
+
     arrays, diff = test_ops._inputs(spec, case)
     params = {f"p{i}": gm.tensor(arrays[i]) for i in diff}
     data = [a for i, a in enumerate(arrays) if i not in diff]
@@ -257,6 +300,7 @@ def _trace_spec(spec, case):
         xs = [p[f"p{i}"] if i in diff else next(it) for i in range(len(arrays))]
         out = spec.gm(gm, *xs)
         return out.to(gm.float64).sum()
+
     return trace(fn, params, *data, batch_dim=False)
 
 
@@ -264,6 +308,7 @@ def _trace_spec_gradient(spec, case, order=1):
     """A graph of the spec's first-order gradients (create_graph=True): the vjps' own ops
     (conv2d_input_grad, softmax_grad, ...) are recorded as they run."""
     import test_ops
+
     arrays, diff = test_ops._inputs(spec, case)
     params = {f"p{i}": gm.tensor(arrays[i]) for i in diff}
     data = [a for i, a in enumerate(arrays) if i not in diff]
@@ -282,29 +327,33 @@ def _trace_spec_gradient(spec, case, order=1):
         total = out.to(gm.float64).sum() * 0.0
         if not out.requires_grad:
             return total
-        grads = gm.autograd.grad((out * p["w"]).sum(), [p[f"p{i}"] for i in diff],
-                                 create_graph=True, allow_unused=True)
+        grads = gm.autograd.grad(
+            (out * p["w"]).sum(), [p[f"p{i}"] for i in diff], create_graph=True, allow_unused=True
+        )
         for g in grads:
             if g is not None:
                 total = total + (g * g).sum()
         if order == 2 and total.requires_grad:
-            for g in gm.autograd.grad(total, [p[f"p{i}"] for i in diff] + [p["w"]],
-                                      create_graph=True, allow_unused=True):
+            for g in gm.autograd.grad(
+                total, [p[f"p{i}"] for i in diff] + [p["w"]], create_graph=True, allow_unused=True
+            ):
                 if g is not None:
                     total = total + (g * g).sum()
         return total
+
     return trace(fn, params, *data, batch_dim=False)
 
 
 def test_every_registered_op_can_be_traced():
     """Each op spec of tests/opspecs traces; together they cover the whole registry."""
     import test_ops
+
     seen = set()
     failures = []
     for spec in test_ops.SPECS:
         try:
             g = _trace_spec(spec, 0)
-        except Exception as e:             # noqa: BLE001  (collect them all, then report)
+        except Exception as e:  # noqa: BLE001  (collect them all, then report)
             failures.append(f"{spec.name}: {type(e).__name__}: {e}")
             continue
         ops = {n.op for n in g.nodes}
@@ -329,6 +378,7 @@ def test_every_registered_op_can_be_traced():
 # ---------------------------------------------------------------------------------------
 # Graph ids
 # ---------------------------------------------------------------------------------------
+
 
 def test_graph_id_is_sha256_of_deterministic_bytes():
     _, g = traced_mlp()
@@ -356,21 +406,26 @@ def test_different_attributes_give_different_ids():
 def test_a_non_canonical_graph_gets_the_id_of_its_canonical_form():
     """Another language's client may list attributes unsorted or spell out defaults: the
     same model must still get the same id (graph.proto)."""
-    g = trace(lambda p, x: (p["w"] * x).sum(dim=1, keepdim=True).sum(),
-              {"w": gm.ones(2, 3)}, np.ones((2, 3), np.float32), batch_dim=False)
+    g = trace(
+        lambda p, x: (p["w"] * x).sum(dim=1, keepdim=True).sum(),
+        {"w": gm.ones(2, 3)},
+        np.ones((2, 3), np.float32),
+        batch_dim=False,
+    )
     canonical = graph_id(g)
     messy = graph_pb2.Graph()
     messy.CopyFrom(g)
     node = next(n for n in messy.nodes if [a.name for a in n.attrs] == ["dim", "keepdim"])
     attrs = list(node.attrs)
     del node.attrs[:]
-    node.attrs.extend(reversed(attrs))                     # unsorted
+    node.attrs.extend(reversed(attrs))  # unsorted
     empty_sum = next(n for n in messy.nodes if n.op == "sum" and not n.attrs)
-    empty_sum.attrs.add(name="keepdim", b=False)           # a default spelled out
+    empty_sum.attrs.add(name="keepdim", b=False)  # a default spelled out
     assert graph_id(messy) != canonical
     vg = validate(messy)
     assert vg.id == canonical and graph_id(vg.graph) == canonical
     from gradmesh.server.worker import GradientWorker
+
     worker = GradientWorker("cpu")
     assert worker.register(messy) == canonical
     assert worker.lookup(canonical) is worker.lookup(graph_id(messy))
@@ -379,6 +434,7 @@ def test_a_non_canonical_graph_gets_the_id_of_its_canonical_form():
 # ---------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------
+
 
 def test_validate_infers_symbolic_batch_shapes():
     _, g = traced_mlp()
@@ -392,8 +448,9 @@ def test_validate_infers_symbolic_batch_shapes():
 
 
 def _simple():
-    return trace(lambda p, x: (p["w"] * x).sum(dim=1).sum(), {"w": gm.ones(3)},
-                 np.ones((2, 3), np.float32))
+    return trace(
+        lambda p, x: (p["w"] * x).sum(dim=1).sum(), {"w": gm.ones(3)}, np.ones((2, 3), np.float32)
+    )
 
 
 def _fails(g, field, code="INVALID_ARGUMENT", limits=None, match=None):
@@ -425,7 +482,7 @@ def test_wrong_arity():
 
 def test_value_used_before_definition_or_cycle():
     g = _simple()
-    g.nodes[0].inputs[1] = 3            # node 0 reading its own output
+    g.nodes[0].inputs[1] = 3  # node 0 reading its own output
     _fails(g, "nodes[0].inputs[1]", match="not defined before")
     g = _simple()
     g.nodes[1].inputs[0] = 99
@@ -456,7 +513,7 @@ def test_attribute_given_twice_and_unset():
 
 def test_optional_attribute_accepts_none_and_others_do_not():
     g = _simple()
-    g.nodes[1].attrs[0].none = True     # dim is "ints?": None means every dim
+    g.nodes[1].attrs[0].none = True  # dim is "ints?": None means every dim
     vg = validate(g)
     assert vg.attrs[1]["dim"] is None
     g.nodes[1].attrs.add(name="keepdim", none=True)
@@ -464,8 +521,11 @@ def test_optional_attribute_accepts_none_and_others_do_not():
 
 
 def test_bad_dtype_attribute():
-    g = trace(lambda p, x: (p["w"] * x).to(gm.float64).sum(), {"w": gm.ones(3)},
-              np.ones((2, 3), np.float32))
+    g = trace(
+        lambda p, x: (p["w"] * x).to(gm.float64).sum(),
+        {"w": gm.ones(3)},
+        np.ones((2, 3), np.float32),
+    )
     k = [n.op for n in g.nodes].index("cast")
     g.nodes[k].attrs[0].dtype = "complex128"
     _fails(g, f"nodes[{k}].attrs.dtype", match="unknown dtype")
@@ -474,7 +534,7 @@ def test_bad_dtype_attribute():
 def test_shape_mismatch_names_the_node():
     g = _simple()
     g.inputs[0].ClearField("shape")
-    g.inputs[0].shape.extend([4])                # w of 4 elements against x of 3
+    g.inputs[0].shape.extend([4])  # w of 4 elements against x of 3
     e = _fails(g, "nodes[0]")
     assert "mul" in e.message and "broadcast" in e.message
 
@@ -496,7 +556,7 @@ def test_input_names_roles_dtypes_and_shapes():
     g.inputs[0].dtype = tensor_pb2.INT64
     _fails(g, "inputs[0].dtype", match="floating point")
     g = _simple()
-    g.inputs[1].shape[1] = -1                    # -1 only as a DATA input's first dim
+    g.inputs[1].shape[1] = -1  # -1 only as a DATA input's first dim
     _fails(g, "inputs[1].shape")
     g = _simple()
     g.inputs[0].shape[0] = -1
@@ -504,8 +564,7 @@ def test_input_names_roles_dtypes_and_shapes():
 
 
 def test_const_inputs_are_checked():
-    g = trace(lambda p, x: (p["w"] * x * 3.0).sum(), {"w": gm.ones(3)},
-              np.ones((2, 3), np.float32))
+    g = trace(lambda p, x: (p["w"] * x * 3.0).sum(), {"w": gm.ones(3)}, np.ones((2, 3), np.float32))
     k = [i.role for i in g.inputs].index(CONST)
     bad = graph_pb2.Graph()
     bad.CopyFrom(g)
@@ -530,7 +589,7 @@ def test_outputs_are_checked():
     del g.outputs[:]
     _fails(g, "outputs")
     g = _simple()
-    g.outputs[0].value = 3                       # the (2, 3) product: not a scalar
+    g.outputs[0].value = 3  # the (2, 3) product: not a scalar
     _fails(g, "outputs[0].value", match="scalar")
 
 
@@ -543,8 +602,11 @@ def test_version_is_checked():
 def test_limits_are_resource_exhausted():
     g = _simple()
     _fails(g, "nodes", "RESOURCE_EXHAUSTED", Limits(max_graph_nodes=2))
-    g = trace(lambda p, x: (p["w"] * x * gm.ones(1000)).sum(), {"w": gm.ones(1000)},
-              np.ones((2, 1000), np.float32))
+    g = trace(
+        lambda p, x: (p["w"] * x * gm.ones(1000)).sum(),
+        {"w": gm.ones(1000)},
+        np.ones((2, 1000), np.float32),
+    )
     k = [i.role for i in g.inputs].index(CONST)
     _fails(g, f"inputs[{k}].value", "RESOURCE_EXHAUSTED", Limits(max_const_bytes=1000))
     _fails(g, "inputs[0].shape", "RESOURCE_EXHAUSTED", Limits(max_tensor_elements=999))
@@ -573,4 +635,4 @@ def test_random_seed_is_a_pure_function():
     assert random_seed(5, 3) == random_seed(5, 3)
     assert len({random_seed(5, k) for k in range(100)}) == 100
     assert random_seed(5, 3) != random_seed(6, 3)
-    assert 0 <= random_seed(2 ** 64 - 1, 10 ** 6) < 2 ** 63
+    assert 0 <= random_seed(2**64 - 1, 10**6) < 2**63

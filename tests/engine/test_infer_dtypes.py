@@ -7,6 +7,7 @@ inputs and attributes are those the specs in ``tests/opspecs`` really pass to ea
 (forward, backward and second order, recorded by a dispatch tracer); each recorded call
 is then replayed with its inputs cast to every combination of ``DTYPES``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -61,23 +62,25 @@ def _check(op, arrays, attrs, xp=np) -> str | None:
     """What is wrong with ``op`` on ``arrays`` run over the array module ``xp``, or None
     when infer refuses or agrees."""
     try:
-        spec = op.infer(*[Spec(a.shape, gm.dtypes.from_numpy(a.dtype)) for a in arrays],
-                        **attrs)
+        spec = op.infer(*[Spec(a.shape, gm.dtypes.from_numpy(a.dtype)) for a in arrays], **attrs)
     except OpError:
         return None
     try:
-        with np.errstate(all="ignore"):     # int overflow, 1/0: values do not matter here
+        with np.errstate(all="ignore"):  # int overflow, 1/0: values do not matter here
             out = op.forward(xp, *[xp.asarray(a) for a in arrays], **attrs)
             out = np.asarray(out.get() if hasattr(out, "get") else out)
     except OpError:
-        return None                         # a data-dependent error (ints to negative powers)
-    except Exception as e:                  # noqa: BLE001 - what a worker reports as INTERNAL
+        return None  # a data-dependent error (ints to negative powers)
+    except Exception as e:  # noqa: BLE001 - what a worker reports as INTERNAL
         return f"infer accepts, forward raises {type(e).__name__}: {e}"
     shape_ok = len(spec.shape) == out.ndim and all(
-        s in (-1, o) for s, o in zip(spec.shape, out.shape))       # -1: data-dependent
-    if not shape_ok or spec.dtype.np != out.dtype:    # NumPy may give dtypes we lack (int8)
-        return f"infer says {tuple(spec.shape)} {spec.dtype.name}, forward gives " \
-               f"{out.shape} {out.dtype}"
+        s in (-1, o) for s, o in zip(spec.shape, out.shape)
+    )  # -1: data-dependent
+    if not shape_ok or spec.dtype.np != out.dtype:  # NumPy may give dtypes we lack (int8)
+        return (
+            f"infer says {tuple(spec.shape)} {spec.dtype.name}, forward gives "
+            f"{out.shape} {out.dtype}"
+        )
     return None
 
 
@@ -85,7 +88,7 @@ def _check(op, arrays, attrs, xp=np) -> str | None:
 def test_infer_matches_forward_for_every_dtype(name: str, calls) -> None:
     op = REGISTRY[name]
     assert calls.get(name), f"no spec in tests/opspecs runs {name}"
-    failures = {}       # the first problem of each dtype combination: one line each
+    failures = {}  # the first problem of each dtype combination: one line each
     for arrays, attrs in calls[name]:
         for types in itertools.product(DTYPES, repeat=len(arrays)):
             signature = f"{name}({', '.join(t.name for t in types)})"
@@ -104,6 +107,7 @@ def test_infer_matches_cuda_forward(calls) -> None:
     if not gm.cuda_available():
         pytest.skip("needs CuPy and a CUDA device")
     import cupy
+
     failures = []
     for name in sorted(REGISTRY):
         arrays, attrs = calls[name][0]
@@ -118,17 +122,20 @@ def test_infer_matches_cuda_forward(calls) -> None:
 @pytest.mark.parametrize("x_dtype, t_dtype", [("float32", "float64"), ("float64", "float32")])
 @pytest.mark.parametrize("loss", ["mse_loss", "binary_cross_entropy_with_logits"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_mixed_float_losses_give_torchs_dtype(loss, x_dtype, t_dtype, reduction,
-                                               device) -> None:
+def test_mixed_float_losses_give_torchs_dtype(loss, x_dtype, t_dtype, reduction, device) -> None:
     """torch accepts these mixes: mse_loss promotes, bce takes the target's dtype."""
     if device == "cuda" and not gm.cuda_available():
         pytest.skip("needs CuPy and a CUDA device")
     x, t = np.linspace(-1, 1, 6).reshape(2, 3), np.linspace(0, 1, 6).reshape(2, 3)
-    out = getattr(F, loss)(gm.tensor(x.astype(x_dtype)).to(device),
-                           gm.tensor(t.astype(t_dtype)).to(device), reduction=reduction)
+    out = getattr(F, loss)(
+        gm.tensor(x.astype(x_dtype)).to(device),
+        gm.tensor(t.astype(t_dtype)).to(device),
+        reduction=reduction,
+    )
     assert out.device == device
     out = out.to("cpu")
-    ref = getattr(torch.nn.functional, loss)(torch.tensor(x.astype(x_dtype)),
-                                             torch.tensor(t.astype(t_dtype)), reduction=reduction)
+    ref = getattr(torch.nn.functional, loss)(
+        torch.tensor(x.astype(x_dtype)), torch.tensor(t.astype(t_dtype)), reduction=reduction
+    )
     assert out.dtype.name == str(ref.dtype).removeprefix("torch.")
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6)

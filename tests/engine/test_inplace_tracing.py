@@ -8,6 +8,7 @@ torch) and checked three ways: the compiled plan and the reference executor agai
 ``backward()`` bit for bit, at two batch sizes, and local ``backward()`` against torch in
 float64. What a graph cannot do as eager code does raises ``TraceError`` naming the op.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,6 +30,7 @@ from gradmesh.core.graph import tracer as graph
 from gradmesh.core.plan import compile_plan
 
 # ------------------------------------------------------------------ traced forms ------
+
 
 def the_issue(lib, p, x):
     # A value that carries a gradient, changed under no_grad: eager keeps its gradient
@@ -85,7 +87,7 @@ def augmented_index_assignment(lib, p, x):
     h = x * 1.0
     h[:, 1] += 1
     h[:, 0:2] *= 3
-    col = h[:, 2]                    # a view read after its base changes
+    col = h[:, 2]  # a view read after its base changes
     h.add_(1)
     h[:, [0, 2]] -= 0.5
     h[0:2, 1] += 1
@@ -153,9 +155,20 @@ def data_assignment(lib, p, x):
     return (x @ p["w1"] * t).sum()
 
 
-FUNCTIONS = [the_issue, the_issue_with_views, sub_with_a_parameter, target_network_chain,
-             mask_built_in_place, augmented_index_assignment, writes_through_views, zero_fill_copy,
-             constant_accumulator, detached_copies, integer_tensor, data_assignment]
+FUNCTIONS = [
+    the_issue,
+    the_issue_with_views,
+    sub_with_a_parameter,
+    target_network_chain,
+    mask_built_in_place,
+    augmented_index_assignment,
+    writes_through_views,
+    zero_fill_copy,
+    constant_accumulator,
+    detached_copies,
+    integer_tensor,
+    data_assignment,
+]
 
 
 def _params() -> dict[str, np.ndarray]:
@@ -180,15 +193,18 @@ def test_local_backward_equals_torch(fn):
 
 def test_the_issue_records_the_change():
     """The graph of the issue holds the ``+= 1``: a loss of sum((2x + 1)^2), not sum(4x^2)."""
+
     def fn(p, x):
         t = p["w"] * 2
         with gm.no_grad():
             t += 1
         return (t * t).sum() + (x * 0).sum()
+
     params = {"w": gm.tensor([1.0, 2.0, 3.0])}
     g = trace(fn, params, np.zeros((2, 1), np.float32))
     result = compile_plan(validate(g), {"x0": (2, 1)}).run(
-        {"w": np.array([1.0, 2.0, 3.0], np.float32)}, {"x0": np.zeros((2, 1), np.float32)})
+        {"w": np.array([1.0, 2.0, 3.0], np.float32)}, {"x0": np.zeros((2, 1), np.float32)}
+    )
     assert result.loss == 83.0
     np.testing.assert_array_equal(result.grads["w"], [12.0, 20.0, 28.0])
 
@@ -196,12 +212,14 @@ def test_the_issue_records_the_change():
 def test_a_view_taken_under_no_grad_reads_the_new_value_without_gradient():
     """Eager gradmesh lets a view taken under no_grad() be read after its base changed (torch
     refuses that): it has the new value and no gradient, in the graph as well."""
+
     def fn(lib, p, x):
         t = x @ p["w1"]
         with lib.no_grad():
             v = t.reshape(-1)
             t += 1
         return (t * t).sum() + (v * v).sum() * p["b1"].sum()
+
     params = _params()
     vg = validate(traced(fn, params))
     for n in (4, 7):
@@ -215,6 +233,7 @@ def test_a_view_taken_under_no_grad_reads_the_new_value_without_gradient():
 def test_module_float32_matches_local_backward():
     """With an nn.Module in float32: a target changed in place under no_grad, and a mask
     written by index, traced at one batch size and run at another."""
+
     def fn(model, x):
         with gm.no_grad():
             target = model(x * 0.5)
@@ -241,6 +260,7 @@ def test_module_float32_matches_local_backward():
 
 
 # ---------------------------------------------------------------- refused forms ------
+
 
 def data_changed(p, x):
     x += 1
@@ -313,7 +333,7 @@ def saved_for_backward_changed(p, x):
 
 
 def saved_result_changed(p, x):
-    t = (x @ p["w1"]).tanh()          # tanh's gradient reads its result
+    t = (x @ p["w1"]).tanh()  # tanh's gradient reads its result
     with gm.no_grad():
         t.sub_(0.5)
     return (t * t).sum()
@@ -326,7 +346,7 @@ def broadcast_view_written(p, x):
 
 
 def captured_tensor_changed(p, x):
-    STATE.add_(1)                     # a global: eager code changes it on every call
+    STATE.add_(1)  # a global: eager code changes it on every call
     return (x @ p["w1"] * STATE).sum()
 
 
@@ -335,7 +355,7 @@ STATE = gm.zeros(4, dtype=gm.float64)
 
 def alias_from_numpy_changed(p, x):
     h = x * 2
-    a = gm.from_numpy(h.numpy())      # shares h's memory outside the dispatcher
+    a = gm.from_numpy(h.numpy())  # shares h's memory outside the dispatcher
     s = a.sum()
     h += 1
     return (a @ p["w1"]).sum() + s
@@ -362,8 +382,12 @@ REFUSED = [
     (saved_result_changed, "sub_", "tanh"),
     (broadcast_view_written, "add_", "expand"),
     (captured_tensor_changed, "add_", "did not make"),
-    (alias_from_numpy_changed, "+=", "through a tensor sharing its memory, in place a tensor "
-                                     "that the traced function did not make"),
+    (
+        alias_from_numpy_changed,
+        "+=",
+        "through a tensor sharing its memory, in place a tensor "
+        "that the traced function did not make",
+    ),
     (differentiated_value_rebound, "t.data = value", "depends on the parameters"),
 ]
 
@@ -377,7 +401,7 @@ def test_refused_forms_raise_trace_error_naming_the_op(fn, op, why):
         trace(fn, {k: gm.tensor(v) for k, v in params.items()}, x)
     assert why in str(err.value)
     assert "out of place" in str(err.value)
-    np.testing.assert_array_equal(x, before)          # the caller's data is left alone
+    np.testing.assert_array_equal(x, before)  # the caller's data is left alone
 
 
 def test_changing_a_module_buffer_is_refused_and_leaves_it_alone():
@@ -413,11 +437,13 @@ def test_a_view_the_tracer_cannot_replay_is_refused_when_read(monkeypatch):
         flat = h.reshape(-1)
         h += 1
         return (flat.sum() * p["w1"]).sum()
+
     with pytest.raises(TraceError, match=r"a tensor read after `\+=` shares memory"):
         trace(fn, {k: gm.tensor(v) for k, v in _params().items()}, batch(4))
 
 
 # ------------------------------------------------------------------ eager mode ------
+
 
 def test_eager_in_place_ops_are_unchanged_outside_tracing():
     t = gm.tensor([[1.0, -2.0], [3.0, 4.0]])
@@ -428,7 +454,7 @@ def test_eager_in_place_ops_are_unchanged_outside_tracing():
     t[:, 0] += 1
     np.testing.assert_array_equal(t.numpy(), [[1.5, 7.0], [2.0, 1.0]])
     v = t[1]
-    v.zero_()                                         # through the view, into t
+    v.zero_()  # through the view, into t
     np.testing.assert_array_equal(t.numpy(), [[1.5, 7.0], [0.0, 0.0]])
     t.fill_(2.0)
     t.copy_(np.ones((2, 2)))

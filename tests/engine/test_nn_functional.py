@@ -1,5 +1,6 @@
 """Behaviour of gradmesh.core.nn.functional beyond the per-op specs in opspecs/nn.py:
 dropout's seeding, error messages, numerical stability, and the adjoint helper ops."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +18,7 @@ def _t(a, requires_grad=False):
 
 # ======================================================================== dropout ======
 
+
 def test_dropout_same_seed_same_mask_and_different_seed_differs():
     x = gm.ones(64, 32)
     a = F.dropout(x, 0.4, generator=gm.Generator().manual_seed(5))
@@ -30,7 +32,7 @@ def test_dropout_follows_the_global_seed():
     x = gm.ones(1000)
     gm.manual_seed(123)
     a = F.dropout(x, 0.5)
-    a2 = F.dropout(x, 0.5)          # the generator advanced: a new mask
+    a2 = F.dropout(x, 0.5)  # the generator advanced: a new mask
     gm.manual_seed(123)
     b = F.dropout(x, 0.5)
     assert np.array_equal(a.numpy(), b.numpy())
@@ -75,6 +77,7 @@ def test_dropout_rejects_bad_probability():
 
 
 # ========================================================================= errors ======
+
 
 def test_conv2d_channel_mismatch_names_op_and_both_shapes():
     x, w = gm.zeros(1, 4, 5, 5), gm.zeros(2, 3, 3, 3)
@@ -128,10 +131,11 @@ def test_unsupported_arguments_raise_instead_of_being_ignored():
 
 # ====================================================================== semantics ======
 
+
 def test_embedding_repeated_indices_accumulate_and_padding_gets_none():
     w = _t(np.arange(8.0).reshape(4, 2), requires_grad=True)
     out = F.embedding(gm.tensor([[0, 2], [0, 1]]), w, padding_idx=1)
-    assert np.array_equal(out.detach().numpy()[1, 1], [2.0, 3.0])   # padding row still read
+    assert np.array_equal(out.detach().numpy()[1, 1], [2.0, 3.0])  # padding row still read
     out.sum().backward()
     assert np.array_equal(w.grad.numpy(), [[2, 2], [0, 0], [1, 1], [0, 0]])
 
@@ -153,16 +157,16 @@ def test_losses_are_finite_for_extreme_logits():
     logits = np.array([[1e4, -1e4, 0.0], [-3e4, 2e4, 1e4]])
     target = np.array([1, 0])
     ours = F.cross_entropy(_t(logits), gm.tensor(target), reduction="none").numpy()
-    ref = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(target),
-                                            reduction="none").numpy()
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits), torch.tensor(target), reduction="none"
+    ).numpy()
     assert np.allclose(ours, ref) and np.isfinite(ours).all()
     x, y = np.array([-200.0, -50.0, 0.0, 50.0, 200.0]), np.array([1.0, 0.0, 1.0, 1.0, 0.0])
     xt = _t(x, requires_grad=True)
     ours = F.binary_cross_entropy_with_logits(xt, _t(y), reduction="sum")
     ours.backward()
     tx = torch.tensor(x, requires_grad=True)
-    ref = torch.nn.functional.binary_cross_entropy_with_logits(tx, torch.tensor(y),
-                                                               reduction="sum")
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(tx, torch.tensor(y), reduction="sum")
     ref.backward()
     assert np.isclose(ours.item(), ref.item()) and np.allclose(xt.grad.numpy(), tx.grad.numpy())
 
@@ -196,13 +200,13 @@ def test_max_pool2d_select_vjp_is_max_pool2d_grad():
     # Only a third derivative reaches this op's vjp; check it directly against a gather.
     rng = np.random.default_rng(1)
     x, v, u = (rng.standard_normal((2, 3, 5, 5)) for _ in range(3))
-    attrs = dict(kernel_size=[3, 3], stride=[2, 2], padding=[1, 1], dilation=[1, 1],
-                 ceil_mode=True)
+    attrs = dict(kernel_size=[3, 3], stride=[2, 2], padding=[1, 1], dilation=[1, 1], ceil_mode=True)
     vt = _t(v, requires_grad=True)
     sel = REGISTRY["max_pool2d_select"](vt, _t(x), **attrs)
     (gv,) = gm.autograd.grad(sel, vt, _t(u[:, :, :3, :3]))
-    _, idx = torch.nn.functional.max_pool2d(torch.tensor(x), 3, 2, 1, ceil_mode=True,
-                                            return_indices=True)
+    _, idx = torch.nn.functional.max_pool2d(
+        torch.tensor(x), 3, 2, 1, ceil_mode=True, return_indices=True
+    )
     tv = torch.tensor(v, requires_grad=True)
     ref_sel = tv.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
     (ref,) = torch.autograd.grad(ref_sel, tv, torch.tensor(u[:, :, :3, :3]))
@@ -211,6 +215,7 @@ def test_max_pool2d_select_vjp_is_max_pool2d_grad():
 
 
 # ============================================================================ GPU ======
+
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
@@ -225,12 +230,16 @@ def test_cuda_matches_cpu():
         xs = gm.tensor(x, device=device, requires_grad=True)
         ws = gm.tensor(w, device=device, requires_grad=True)
         y = F.conv2d(xs, ws, stride=2, padding=1, groups=2)
-        y = F.dropout(F.avg_pool2d(y, 2, ceil_mode=True) + F.max_pool2d(y, 2, ceil_mode=True),
-                      0.3, generator=gm.Generator().manual_seed(4))
+        y = F.dropout(
+            F.avg_pool2d(y, 2, ceil_mode=True) + F.max_pool2d(y, 2, ceil_mode=True),
+            0.3,
+            generator=gm.Generator().manual_seed(4),
+        )
         logits = F.layer_norm(y.reshape(2, -1), (y.numel() // 2,))
         emb = F.embedding(gm.tensor(t, device=device), ws.reshape(6, -1))
-        loss = F.cross_entropy(logits, gm.tensor(t, device=device), label_smoothing=0.1) + \
-            F.mse_loss(emb, gm.zeros_like(emb))
+        loss = F.cross_entropy(
+            logits, gm.tensor(t, device=device), label_smoothing=0.1
+        ) + F.mse_loss(emb, gm.zeros_like(emb))
         loss.backward()
         return [a.detach().cpu().numpy() for a in (y, loss, xs.grad, ws.grad)]
 

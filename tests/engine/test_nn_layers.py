@@ -2,6 +2,7 @@
 SiLU/Mish/Hardswish, AdaptiveAvgPool2d, Conv1d, ConvTranspose2d, F.pad): modules against
 torch.nn step by step (outputs, gradients, running statistics, state_dict), and in
 traced graphs. The ops' own numerics are checked in tests/opspecs/norm.py."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ torch.set_num_threads(1)
 
 def _pair(gm_module, torch_module):
     """Give ``gm_module`` torch_module's (float64) parameters and buffers."""
-    gm_module.load_state_dict({k: gm.tensor(v.detach().numpy())
-                               for k, v in torch_module.state_dict().items()})
+    gm_module.load_state_dict(
+        {k: gm.tensor(v.detach().numpy()) for k, v in torch_module.state_dict().items()}
+    )
     return gm_module
 
 
@@ -30,15 +32,17 @@ def _step(gm_module, torch_module, x: np.ndarray):
     xg, xt = gm.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
     out_g, out_t = gm_module(xg), torch_module(xt)
     w = np.random.default_rng(x.size).standard_normal(tuple(out_t.shape))
-    np.testing.assert_allclose(out_g.detach().numpy(), out_t.detach().numpy(), rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        out_g.detach().numpy(), out_t.detach().numpy(), rtol=1e-10, atol=1e-12
+    )
     (out_g * gm.tensor(w)).sum().backward()
     (out_t * torch.tensor(w)).sum().backward()
     np.testing.assert_allclose(xg.grad.numpy(), xt.grad.numpy(), rtol=1e-9, atol=1e-11)
     params_t = dict(torch_module.named_parameters())
     for name, p in gm_module.named_parameters():
-        np.testing.assert_allclose(p.grad.numpy(), params_t[name].grad.numpy(), rtol=1e-9,
-                                   atol=1e-11, err_msg=name)
+        np.testing.assert_allclose(
+            p.grad.numpy(), params_t[name].grad.numpy(), rtol=1e-9, atol=1e-11, err_msg=name
+        )
 
 
 def _assert_state_equal(gm_module, torch_module):
@@ -71,14 +75,14 @@ def test_batch_norm_trains_and_evaluates_as_torch(cls, shape, kw):
     t = getattr(torch.nn, cls)(3, **kw).double()
     g = _pair(getattr(nn, cls)(3, **kw).double(), t)
     _assert_state_equal(g, t)
-    for step in range(3):           # running stats after each step, momentum None included
+    for step in range(3):  # running stats after each step, momentum None included
         _step(g, t, _x(*shape, seed=step, loc=step))
         _assert_state_equal(g, t)
         for p in (*g.parameters(), *t.parameters()):
             p.grad = None
     g.eval(), t.eval()
     _step(g, t, _x(*shape, seed=9, loc=1.0))
-    _assert_state_equal(g, t)       # eval leaves the statistics alone
+    _assert_state_equal(g, t)  # eval leaves the statistics alone
 
 
 def test_batch_norm_state_dict_and_buffers_match_torch():
@@ -86,10 +90,10 @@ def test_batch_norm_state_dict_and_buffers_match_torch():
     assert list(g.state_dict()) == list(t.state_dict())
     assert [n for n, _ in g.named_buffers()] == [n for n, _ in t.named_buffers()]
     assert g.num_batches_tracked.dtype == gm.int64
-    assert list(nn.BatchNorm1d(2, affine=False).state_dict()) == \
-        list(torch.nn.BatchNorm1d(2, affine=False).state_dict())
-    assert list(nn.BatchNorm1d(2, track_running_stats=False).state_dict()) == \
-        ["weight", "bias"]
+    assert list(nn.BatchNorm1d(2, affine=False).state_dict()) == list(
+        torch.nn.BatchNorm1d(2, affine=False).state_dict()
+    )
+    assert list(nn.BatchNorm1d(2, track_running_stats=False).state_dict()) == ["weight", "bias"]
     assert repr(g) == repr(t)
 
 
@@ -98,8 +102,11 @@ def test_batch_norm_errors_name_the_problem():
         nn.BatchNorm2d(3)(gm.zeros((2, 3, 4)))
     with pytest.raises(OpError, match="more than 1 value per channel"):
         nn.BatchNorm1d(3)(gm.zeros((1, 3)))
-    with pytest.raises(OpError, match=r"running_mean of shape \(4,\) must have one entry per "
-                                      r"channel, shape \(3,\)"):
+    with pytest.raises(
+        OpError,
+        match=r"running_mean of shape \(4,\) must have one entry per "
+        r"channel, shape \(3,\)",
+    ):
         F.batch_norm(gm.zeros((2, 3)), gm.zeros(4), gm.ones(4))
     with pytest.raises(OpError, match="must be defined in evaluation mode"):
         F.batch_norm(gm.zeros((2, 3)), None, None, training=False)
@@ -111,7 +118,7 @@ def test_batch_norm_double_backward_matches_torch():
     for lib in (gm, torch):
         xs = lib.tensor(x, requires_grad=True)
         out = lib.nn.functional.batch_norm(xs, None, None, training=True)
-        (gx,) = lib.autograd.grad((out ** 3).sum(), [xs], create_graph=True)
+        (gx,) = lib.autograd.grad((out**3).sum(), [xs], create_graph=True)
         grads.append(lib.autograd.grad((gx * gx).sum(), [xs])[0].detach().numpy())
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-9, atol=1e-10)
 
@@ -119,19 +126,27 @@ def test_batch_norm_double_backward_matches_torch():
 # ========================================================= the other new modules ======
 
 MODULE_CASES = [
-    ("SiLU", (), (4, 5)), ("Mish", (), (4, 5)), ("Hardswish", (), (4, 5)),
-    ("GroupNorm", (2, 4), (3, 4, 3, 2)), ("GroupNorm", (4, 4, 1e-3, False), (2, 4, 5)),
-    ("RMSNorm", ((3, 4),), (2, 3, 4)), ("RMSNorm", (4, 1e-2, False), (5, 4)),
-    ("AdaptiveAvgPool2d", ((3, 2),), (2, 3, 7, 5)), ("AdaptiveAvgPool2d", (1,), (2, 3, 4, 4)),
-    ("Conv1d", (3, 4, 3), (2, 3, 9)), ("Conv1d", (4, 2, 2, 2, 1, 1, 2, False), (2, 4, 7)),
+    ("SiLU", (), (4, 5)),
+    ("Mish", (), (4, 5)),
+    ("Hardswish", (), (4, 5)),
+    ("GroupNorm", (2, 4), (3, 4, 3, 2)),
+    ("GroupNorm", (4, 4, 1e-3, False), (2, 4, 5)),
+    ("RMSNorm", ((3, 4),), (2, 3, 4)),
+    ("RMSNorm", (4, 1e-2, False), (5, 4)),
+    ("AdaptiveAvgPool2d", ((3, 2),), (2, 3, 7, 5)),
+    ("AdaptiveAvgPool2d", (1,), (2, 3, 4, 4)),
+    ("Conv1d", (3, 4, 3), (2, 3, 9)),
+    ("Conv1d", (4, 2, 2, 2, 1, 1, 2, False), (2, 4, 7)),
     ("ConvTranspose2d", (3, 2, 3), (2, 3, 4, 4)),
     ("ConvTranspose2d", (4, 6, 3, 2, 1, 1, 2), (2, 4, 3, 5)),
-    ("Upsample", (None, 2), (2, 3, 3, 4)), ("Upsample", ((4, 5), None, "bilinear"), (1, 2, 3, 3)),
+    ("Upsample", (None, 2), (2, 3, 3, 4)),
+    ("Upsample", ((4, 5), None, "bilinear"), (1, 2, 3, 3)),
 ]
 
 
-@pytest.mark.parametrize("cls,args,shape", MODULE_CASES,
-                         ids=[f"{c}{a}" for c, a, _ in MODULE_CASES])
+@pytest.mark.parametrize(
+    "cls,args,shape", MODULE_CASES, ids=[f"{c}{a}" for c, a, _ in MODULE_CASES]
+)
 def test_module_matches_torch(cls, args, shape):
     t = getattr(torch.nn, cls)(*args).double()
     g = getattr(nn, cls)(*args).double()
@@ -157,21 +172,30 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d():
     assert abs(lhs.item() - rhs.item()) < 1e-9 * abs(lhs.item())
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: F.pad(gm.zeros((2, 3)), (3, 0), "reflect"), "less than the dim's size"),
-    (lambda: F.pad(gm.zeros((2, 3)), (1, 1, 1), "constant"), "must be even"),
-    (lambda: F.pad(gm.zeros((2, 3)), (1, 1), "wrap"), "mode must be one of"),
-    (lambda: F.pad(gm.zeros((2, 3)), (-4, 0)), "negative"),
-    (lambda: F.group_norm(gm.zeros((2, 6, 3)), 4), "divisible by num_groups=4"),
-    (lambda: F.rms_norm(gm.zeros((2, 3)), (4,)), "trailing dimensions"),
-    (lambda: F.conv_transpose2d(gm.zeros((1, 3, 4, 4)), gm.zeros((2, 3, 3, 3))),
-     "expects an input with 2 channels"),
-    (lambda: F.conv_transpose2d(gm.zeros((1, 2, 4, 4)), gm.zeros((2, 3, 3, 3)), stride=2,
-                                output_padding=2), "output_padding"),
-    (lambda: F.adaptive_avg_pool2d(gm.zeros((2, 3)), 1), "3-D or 4-D input"),
-    (lambda: F.interpolate(gm.zeros((2, 3, 4)), size=5, mode="bilinear"), "expects a 4-D"),
-    (lambda: F.interpolate(gm.zeros((2, 3, 4)), size=5, mode="bicubic"), "not supported"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: F.pad(gm.zeros((2, 3)), (3, 0), "reflect"), "less than the dim's size"),
+        (lambda: F.pad(gm.zeros((2, 3)), (1, 1, 1), "constant"), "must be even"),
+        (lambda: F.pad(gm.zeros((2, 3)), (1, 1), "wrap"), "mode must be one of"),
+        (lambda: F.pad(gm.zeros((2, 3)), (-4, 0)), "negative"),
+        (lambda: F.group_norm(gm.zeros((2, 6, 3)), 4), "divisible by num_groups=4"),
+        (lambda: F.rms_norm(gm.zeros((2, 3)), (4,)), "trailing dimensions"),
+        (
+            lambda: F.conv_transpose2d(gm.zeros((1, 3, 4, 4)), gm.zeros((2, 3, 3, 3))),
+            "expects an input with 2 channels",
+        ),
+        (
+            lambda: F.conv_transpose2d(
+                gm.zeros((1, 2, 4, 4)), gm.zeros((2, 3, 3, 3)), stride=2, output_padding=2
+            ),
+            "output_padding",
+        ),
+        (lambda: F.adaptive_avg_pool2d(gm.zeros((2, 3)), 1), "3-D or 4-D input"),
+        (lambda: F.interpolate(gm.zeros((2, 3, 4)), size=5, mode="bilinear"), "expects a 4-D"),
+        (lambda: F.interpolate(gm.zeros((2, 3, 4)), size=5, mode="bicubic"), "not supported"),
+    ],
+)
 def test_errors_name_op_and_shapes(call, match):
     with pytest.raises((OpError, NotImplementedError), match=match):
         call()
@@ -197,7 +221,7 @@ def _bn_eval(lib, p, x):
 
 def _bn_train(lib, p, x):
     out = lib.nn.functional.batch_norm(x, None, None, p["w"], p["b"], training=True)
-    return (out ** 3).sum()
+    return (out**3).sum()
 
 
 def _layers(lib, p, x):
@@ -220,20 +244,27 @@ def test_graph_runs_as_local_and_torch(fn):
 
 def test_layers_match_torch_in_one_function():
     from tracing import assert_local_matches_torch
+
     for fn in (_bn_eval, _bn_train, _layers):
         assert_local_matches_torch(fn, P3)
 
 
 def _cnn(lib):
     tnn = lib.nn
-    return tnn.Sequential(tnn.Conv2d(1, 3, 3, padding=1), tnn.BatchNorm2d(3), tnn.SiLU(),
-                          tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(3, 2))
+    return tnn.Sequential(
+        tnn.Conv2d(1, 3, 3, padding=1),
+        tnn.BatchNorm2d(3),
+        tnn.SiLU(),
+        tnn.AdaptiveAvgPool2d(1),
+        tnn.Flatten(),
+        tnn.Linear(3, 2),
+    )
 
 
 def test_batch_norm_module_in_a_graph_only_in_eval_mode():
     model = _cnn(gm).double()
     x = np.random.default_rng(0).standard_normal((4, 1, 5, 5))
-    model(gm.tensor(x))                         # one training step moves the statistics
+    model(gm.tensor(x))  # one training step moves the statistics
     with pytest.raises(TraceError, match="num_batches_tracked"):
         trace(lambda m, x: (m(x) ** 2).sum(), model, x)
     model.eval()

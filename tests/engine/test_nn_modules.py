@@ -3,6 +3,7 @@
 Architectures are written once, as a function of the ``nn`` namespace, and built with both
 torch.nn and gradmesh.core.nn, so names, order and repr are compared to torch's own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,20 +26,27 @@ def _net(lib):
     class Net(tnn.Module):
         def __init__(self):
             super().__init__()
-            self.features = tnn.Sequential(tnn.Conv2d(1, 4, 3, padding=1), tnn.ReLU(),
-                                           tnn.MaxPool2d(2), tnn.Flatten())
-            self.blocks = tnn.ModuleList([tnn.Linear(64, 16), tnn.LayerNorm(16),
-                                          tnn.Linear(16, 16), tnn.Linear(16, 16)])
+            self.features = tnn.Sequential(
+                tnn.Conv2d(1, 4, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten()
+            )
+            self.blocks = tnn.ModuleList(
+                [tnn.Linear(64, 16), tnn.LayerNorm(16), tnn.Linear(16, 16), tnn.Linear(16, 16)]
+            )
             self.embed = tnn.Embedding(10, 16, padding_idx=0)
             self.head = tnn.Linear(16, 3, bias=False)
-            self.tied = self.head                   # a shared module is listed once
+            self.tied = self.head  # a shared module is listed once
             self.drop = tnn.Dropout(0.25)
             self.act = tnn.GELU(approximate="tanh")
-            self.misc = tnn.Sequential(tnn.Identity(), tnn.Tanh(), tnn.Sigmoid(),
-                                       tnn.LeakyReLU(0.2), tnn.Softmax(dim=1),
-                                       tnn.LogSoftmax(dim=-1), tnn.AvgPool2d(2, stride=1),
-                                       tnn.Conv2d(2, 4, (3, 1), stride=2, bias=False,
-                                                  groups=2, dilation=(1, 2)))
+            self.misc = tnn.Sequential(
+                tnn.Identity(),
+                tnn.Tanh(),
+                tnn.Sigmoid(),
+                tnn.LeakyReLU(0.2),
+                tnn.Softmax(dim=1),
+                tnn.LogSoftmax(dim=-1),
+                tnn.AvgPool2d(2, stride=1),
+                tnn.Conv2d(2, 4, (3, 1), stride=2, bias=False, groups=2, dilation=(1, 2)),
+            )
             self.loss = tnn.CrossEntropyLoss()
             self.register_buffer("scale", lib.ones(3))
             self.register_buffer("scratch", lib.zeros(2), persistent=False)
@@ -60,20 +68,22 @@ def test_parameter_names_order_and_shapes_match_torch():
     assert [n for n, _ in ours.named_children()] == [n for n, _ in theirs.named_children()]
     assert len(list(ours.parameters())) == len(list(theirs.parameters()))
     assert [n for n, _ in ours.named_parameters(recurse=False)] == []
-    assert all(isinstance(p, nn.Parameter) and isinstance(p, gm.Tensor)
-               for p in ours.parameters())
+    assert all(isinstance(p, nn.Parameter) and isinstance(p, gm.Tensor) for p in ours.parameters())
 
 
 def test_repr_matches_torch():
     ours, theirs = _net(gm), _net(torch)
     assert repr(ours) == repr(theirs)
-    stack = lambda lib: lib.nn.ModuleList([lib.nn.Linear(2, 2) for _ in range(3)]  # noqa: E731
-                                          + [lib.nn.ReLU()])
+
+    def stack(lib):
+        return lib.nn.ModuleList([lib.nn.Linear(2, 2) for _ in range(3)] + [lib.nn.ReLU()])
+
     assert repr(stack(gm)) == repr(stack(torch))
     conv = lambda lib: lib.nn.Conv2d(3, 6, 5, padding="same")  # noqa: E731
     assert repr(conv(gm)) == repr(conv(torch))
-    assert repr(nn.LayerNorm([2, 3], elementwise_affine=False)) == \
-        repr(torch.nn.LayerNorm([2, 3], elementwise_affine=False))
+    assert repr(nn.LayerNorm([2, 3], elementwise_affine=False)) == repr(
+        torch.nn.LayerNorm([2, 3], elementwise_affine=False)
+    )
 
 
 def test_parameter_is_a_leaf_and_ops_on_it_give_plain_tensors():
@@ -81,7 +91,7 @@ def test_parameter_is_a_leaf_and_ops_on_it_give_plain_tensors():
     p = nn.Parameter(t)
     assert isinstance(p, gm.Tensor) and p.requires_grad and p.is_leaf
     assert type(p * 2) is gm.Tensor and type(p.detach()) is gm.Tensor
-    assert p._data is t._data                        # shares memory, like torch
+    assert p._data is t._data  # shares memory, like torch
     assert repr(p).startswith("Parameter containing:\ntensor([1., 2.], requires_grad=True)")
     (p * p).sum().backward()
     assert p.grad.tolist() == [2.0, 4.0]
@@ -90,6 +100,7 @@ def test_parameter_is_a_leaf_and_ops_on_it_give_plain_tensors():
 
 def _tiny(lib, seed):
     """A model whose forward needs no nn.functional: a parameter and a buffer."""
+
     class Tiny(lib.nn.Module):
         def __init__(self):
             super().__init__()
@@ -101,6 +112,7 @@ def _tiny(lib, seed):
 
         def forward(self, x):
             return self.inner(x @ self.w) * self.inner.v
+
     return Tiny()
 
 
@@ -119,8 +131,9 @@ def test_state_dict_round_trip_copies_values_and_keeps_parameters():
         a.inner.v.fill_(7.0)
     assert b.inner.v.detach().numpy().max() < 7.0
     x = gm.randn(4, 2, dtype=gm.float64)
-    np.testing.assert_array_equal(b(x).detach().numpy(), _load(_tiny(gm, 3), _tiny(gm, 1))(x)
-                                  .detach().numpy())
+    np.testing.assert_array_equal(
+        b(x).detach().numpy(), _load(_tiny(gm, 3), _tiny(gm, 1))(x).detach().numpy()
+    )
 
 
 def _load(dst, src):
@@ -140,8 +153,9 @@ def test_load_state_dict_from_torch_by_key():
     ours, theirs = _tiny(gm, 1), _tiny(torch, 2)
     ours.load_state_dict(theirs.state_dict())
     x = np.random.default_rng(0).standard_normal((4, 2))
-    np.testing.assert_allclose(ours(gm.tensor(x)).detach().numpy(),
-                               theirs(torch.tensor(x)).detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        ours(gm.tensor(x)).detach().numpy(), theirs(torch.tensor(x)).detach().numpy(), rtol=1e-12
+    )
 
 
 def test_load_state_dict_errors_name_keys_and_shapes():
@@ -154,16 +168,22 @@ def test_load_state_dict_errors_name_keys_and_shapes():
         m.load_state_dict(missing)
 
     extra = {**good, "head.bias": gm.zeros(3), "w2": gm.zeros(1)}
-    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "head.bias", '
-                                           r'"w2"'):
+    with pytest.raises(
+        RuntimeError,
+        match=r'Unexpected key\(s\) in state_dict: "head.bias", '
+        r'"w2"',
+    ):
         m.load_state_dict(extra)
 
     bad = {**good, "w": gm.zeros(3, 2, dtype=gm.float64) + 9}
-    with pytest.raises(RuntimeError, match=r"size mismatch for w: copying a param with shape "
-                                           r"\(3, 2\) from checkpoint, the shape in current "
-                                           r"model is \(2, 3\)"):
-        m.load_state_dict(bad, strict=False)     # shape errors are never skipped
-    np.testing.assert_array_equal(m.w.detach().numpy(), before)    # nothing was copied
+    with pytest.raises(
+        RuntimeError,
+        match=r"size mismatch for w: copying a param with shape "
+        r"\(3, 2\) from checkpoint, the shape in current "
+        r"model is \(2, 3\)",
+    ):
+        m.load_state_dict(bad, strict=False)  # shape errors are never skipped
+    np.testing.assert_array_equal(m.w.detach().numpy(), before)  # nothing was copied
 
     result = m.load_state_dict({**missing, "w2": gm.zeros(1)}, strict=False)
     assert result.missing_keys == ["inner.v"] and result.unexpected_keys == ["w2"]
@@ -188,6 +208,7 @@ def test_setattr_rules():
     class Forgot(nn.Module):
         def __init__(self):
             self.w = nn.Parameter(gm.zeros(1))
+
     with pytest.raises(AttributeError, match=r"before Module.__init__\(\) call"):
         Forgot()
     with pytest.raises(NotImplementedError, match='missing the required "forward"'):
@@ -208,7 +229,7 @@ def test_dropout_is_active_only_in_training():
     x = gm.ones(2000, dtype=gm.float64)
     gm.manual_seed(0)
     y = drop(x).numpy()
-    assert set(np.unique(y)) == {0.0, 2.0}                  # dropped, or scaled by 1/(1-p)
+    assert set(np.unique(y)) == {0.0, 2.0}  # dropped, or scaled by 1/(1-p)
     assert 0.4 < (y == 0).mean() < 0.6
     drop.eval()
     np.testing.assert_array_equal(drop(x).numpy(), x.numpy())
@@ -229,7 +250,7 @@ def test_to_double_float_keeps_parameter_objects():
     idx = nn.Module()
     idx.register_buffer("ids", gm.tensor([1, 2]))
     idx.double()
-    assert idx.ids.dtype is gm.int64                        # only floating tensors convert
+    assert idx.ids.dtype is gm.int64  # only floating tensors convert
     with pytest.raises(TypeError, match="floating point"):
         m.to(gm.int64)
 
@@ -274,11 +295,15 @@ def test_sequential_and_module_list_behave_like_lists():
     ml = nn.ModuleList(layers[:2])
     assert ml.append(layers[2]) is ml
     ml.insert(0, nn.Sigmoid())
-    assert len(ml) == 4 and ml[1] is layers[0] and [n for n, _ in ml.named_children()] == \
-        ["0", "1", "2", "3"]
+    assert (
+        len(ml) == 4
+        and ml[1] is layers[0]
+        and [n for n, _ in ml.named_children()] == ["0", "1", "2", "3"]
+    )
 
 
 # ----------------------------------------------------------------- initialisation ------
+
 
 def test_linear_and_conv_default_init_bounds():
     gm.manual_seed(0)
@@ -286,7 +311,7 @@ def test_linear_and_conv_default_init_bounds():
     bound = 1 / math.sqrt(100)
     w = lin.weight.detach().numpy()
     assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
-    assert abs(w.std() - bound / math.sqrt(3)) < 0.05 * bound       # U(-b, b) has std b/sqrt3
+    assert abs(w.std() - bound / math.sqrt(3)) < 0.05 * bound  # U(-b, b) has std b/sqrt3
     assert abs(w.mean()) < 0.05 * bound
     b = lin.bias.detach().numpy()
     assert np.abs(b).max() <= bound and len(np.unique(b)) == 50
@@ -342,7 +367,8 @@ def test_init_functions():
     assert init.zeros_(t) is t and not t.numpy().any()
     assert (init.ones_(t).numpy() == 1).all()
     assert init.calculate_gain("leaky_relu", math.sqrt(5)) == pytest.approx(
-        torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5)))
+        torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    )
     with pytest.raises(ValueError, match="fewer than 2 dimensions, got shape \\(3,\\)"):
         init.kaiming_uniform_(gm.zeros(3))
     with pytest.raises(TypeError, match="floating point"):

@@ -8,6 +8,7 @@
 ``test_every_op_has_a_spec`` fails when an op is registered without a spec that covers it,
 and ``test_spec_runs_what_it_covers`` when a spec claims an op it never runs.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,11 +26,11 @@ from gradmesh.core.registry import REGISTRY, OpError, Spec, defop
 
 gm_tensor = importlib.import_module("gradmesh.core.hooks")
 
-torch.set_num_threads(1)    # the suite shares 2 cores; tiny tensors gain nothing from more
+torch.set_num_threads(1)  # the suite shares 2 cores; tiny tensors gain nothing from more
 
-EPS = 1e-6                  # torch.autograd.gradcheck's defaults
+EPS = 1e-6  # torch.autograd.gradcheck's defaults
 FD_ATOL, FD_RTOL = 1e-5, 1e-3
-FD_PROBES = 20              # coordinates probed per input: keeps large shapes fast
+FD_PROBES = 20  # coordinates probed per input: keeps large shapes fast
 F32_ATOL = F32_RTOL = 1e-4
 
 
@@ -48,13 +49,15 @@ def _case_id(spec: OpSpec, i: int) -> str:
     return f"{spec.name}-{shapes or 'noinput'}"
 
 
-CASES = [pytest.param(spec, i, id=_case_id(spec, i))
-         for spec in SPECS for i in range(len(spec.shapes))]
+CASES = [
+    pytest.param(spec, i, id=_case_id(spec, i)) for spec in SPECS for i in range(len(spec.shapes))
+]
 
 
 # ---------------------------------------------------------------------------------------
 # Running one case in both libraries
 # ---------------------------------------------------------------------------------------
+
 
 def _rng(spec: OpSpec, case: int, salt: str = "") -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(f"{spec.name}/{case}/{salt}".encode()))
@@ -82,18 +85,19 @@ def _cast(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def _gm_inputs(arrays, diff, dtype=np.float64, requires_grad=True):
-    return [gm.tensor(_cast(a, dtype), requires_grad=requires_grad and i in diff)
-            for i, a in enumerate(arrays)]
+    return [
+        gm.tensor(_cast(a, dtype), requires_grad=requires_grad and i in diff)
+        for i, a in enumerate(arrays)
+    ]
 
 
 def _torch_inputs(arrays, diff, dtype=np.float64):
-    return [torch.tensor(_cast(a, dtype), requires_grad=i in diff)
-            for i, a in enumerate(arrays)]
+    return [torch.tensor(_cast(a, dtype), requires_grad=i in diff) for i, a in enumerate(arrays)]
 
 
 def _np(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
-        return t.detach().numpy(force=True)     # force: torch's second order gives ZeroTensors
+        return t.detach().numpy(force=True)  # force: torch's second order gives ZeroTensors
     return np.asarray(t.detach().numpy())
 
 
@@ -121,21 +125,27 @@ def _grads_as_arrays(grads, arrays, diff):
 # The checks
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("spec, case", CASES)
 def test_against_torch(spec: OpSpec, case: int, dtype) -> None:
     if dtype is np.float32 and not spec.float32:
         pytest.skip("spec is float64 only")
-    atol, rtol = (spec.atol, spec.rtol) if dtype is np.float64 else (
-        max(spec.atol, F32_ATOL), max(spec.rtol, F32_RTOL))
+    atol, rtol = (
+        (spec.atol, spec.rtol)
+        if dtype is np.float64
+        else (max(spec.atol, F32_ATOL), max(spec.rtol, F32_RTOL))
+    )
     arrays, diff = _inputs(spec, case)
     xs, ts = _gm_inputs(arrays, diff, dtype), _torch_inputs(arrays, diff, dtype)
     out, ref = spec.gm(gm, *xs), spec.torch(torch, *ts)
 
-    assert out.dtype.name == str(ref.dtype).removeprefix("torch."), \
+    assert out.dtype.name == str(ref.dtype).removeprefix("torch."), (
         f"dtype {out.dtype}, torch gives {ref.dtype}"
-    assert out.requires_grad == ref.requires_grad, \
+    )
+    assert out.requires_grad == ref.requires_grad, (
         f"requires_grad is {out.requires_grad}, torch has {ref.requires_grad}"
+    )
     if out.dtype.is_floating_point:
         _assert_close(_np(out), _np(ref), atol, rtol, "forward")
     else:
@@ -156,10 +166,12 @@ def test_against_torch(spec: OpSpec, case: int, dtype) -> None:
 
 def _objective(spec: OpSpec, arrays, diff, w):
     """``f(arrays) = sum(op(arrays) * w)`` in float64, without recording a graph."""
+
     def f(values) -> float:
         with gm.no_grad():
             out = spec.gm(gm, *_gm_inputs(values, diff, requires_grad=False))
         return float(np.sum(_np(out) * w))
+
     return f
 
 
@@ -199,8 +211,9 @@ def test_finite_differences(spec: OpSpec, case: int) -> None:
             values[i][coord] = x[coord] - EPS
             numeric = (up - f(values)) / (2 * EPS)
             if abs(grad[coord] - numeric) > FD_ATOL + FD_RTOL * abs(numeric):
-                failures.append(f"input {i}{list(coord)}: analytic {grad[coord]:.8g}, "
-                                f"numeric {numeric:.8g}")
+                failures.append(
+                    f"input {i}{list(coord)}: analytic {grad[coord]:.8g}, numeric {numeric:.8g}"
+                )
     assert not failures, "gradient differs from finite differences:\n" + "\n".join(failures)
 
 
@@ -218,8 +231,9 @@ def test_random_projection(spec: OpSpec, case: int) -> None:
     directional = (f(up) - f(down)) / (2 * EPS)
     projected = sum(float(np.sum(u[i] * g)) for i, g in zip(diff, grads))
     scale = sum(float(np.sum(np.abs(u[i] * g))) for i, g in zip(diff, grads))
-    assert abs(projected - directional) <= FD_ATOL + FD_RTOL * max(abs(directional), scale), \
+    assert abs(projected - directional) <= FD_ATOL + FD_RTOL * max(abs(directional), scale), (
         f"<u, vjp(w)> = {projected:.10g} but <w, J u> = {directional:.10g}"
+    )
 
 
 def _second_order(lib, spec_fn, inputs, diff, w, v):
@@ -228,10 +242,13 @@ def _second_order(lib, spec_fn, inputs, diff, w, v):
     out = spec_fn(lib, *inputs)
     loss = (out * lib.tensor(w)).sum()
     grads = lib.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
-    terms = [(g * lib.tensor(v[i])).sum() for i, g in zip(diff, grads)
-             if g is not None and g.requires_grad]
+    terms = [
+        (g * lib.tensor(v[i])).sum()
+        for i, g in zip(diff, grads)
+        if g is not None and g.requires_grad
+    ]
     if not terms:
-        return [None] * len(xs)       # the gradient is constant: the op is linear
+        return [None] * len(xs)  # the gradient is constant: the op is linear
     s = terms[0]
     for t in terms[1:]:
         s = s + t
@@ -251,10 +268,10 @@ def test_second_order(spec: OpSpec, case: int) -> None:
     v = {i: rng.standard_normal(arrays[i].shape) for i in diff}
     got = _second_order(gm, spec.gm, _gm_inputs(arrays, diff), diff, w, v)
     want = _second_order(torch, spec.torch, _torch_inputs(arrays, diff), diff, w, v)
-    for i, g, t in zip(diff, _grads_as_arrays(got, arrays, diff),
-                       _grads_as_arrays(want, arrays, diff)):
-        _assert_close(g, t, max(spec.atol, 1e-6), max(spec.rtol, 1e-6),
-                      f"second order, input {i}")
+    for i, g, t in zip(
+        diff, _grads_as_arrays(got, arrays, diff), _grads_as_arrays(want, arrays, diff)
+    ):
+        _assert_close(g, t, max(spec.atol, 1e-6), max(spec.rtol, 1e-6), f"second order, input {i}")
 
 
 @pytest.mark.gpu
@@ -304,6 +321,7 @@ def test_cuda_round_trip_gradient() -> None:
 # Coverage of the registry
 # ---------------------------------------------------------------------------------------
 
+
 def _uncovered(specs) -> list[str]:
     covered = {name for spec in specs for name in spec.covers}
     return sorted(set(REGISTRY) - covered)
@@ -311,8 +329,10 @@ def _uncovered(specs) -> list[str]:
 
 def test_every_op_has_a_spec() -> None:
     missing = _uncovered(SPECS)
-    assert not missing, (f"ops without a test spec: {missing}; add an OpSpec that covers each "
-                         f"to a module in tests/opspecs/")
+    assert not missing, (
+        f"ops without a test spec: {missing}; add an OpSpec that covers each "
+        f"to a module in tests/opspecs/"
+    )
 
 
 def test_op_errors_are_runtime_errors_and_value_errors() -> None:
@@ -325,8 +345,7 @@ def test_op_errors_are_runtime_errors_and_value_errors() -> None:
 
 def test_an_op_added_without_a_spec_is_caught() -> None:
     """The check above really looks at the live registry."""
-    defop("test_only_identity", infer=lambda a: Spec(tuple(a.shape), a.dtype))(
-        lambda xp, a: a)
+    defop("test_only_identity", infer=lambda a: Spec(tuple(a.shape), a.dtype))(lambda xp, a: a)
     try:
         assert _uncovered(SPECS) == ["test_only_identity"]
     finally:
@@ -334,8 +353,11 @@ def test_an_op_added_without_a_spec_is_caught() -> None:
 
 
 def test_covers_name_registered_ops() -> None:
-    unknown = {spec.name: sorted(set(spec.covers) - set(REGISTRY)) for spec in SPECS
-               if set(spec.covers) - set(REGISTRY)}
+    unknown = {
+        spec.name: sorted(set(spec.covers) - set(REGISTRY))
+        for spec in SPECS
+        if set(spec.covers) - set(REGISTRY)
+    }
     assert not unknown, f"specs cover ops that are not registered: {unknown}"
 
 
@@ -356,10 +378,13 @@ class _Recorder:
         self.seen.add(op.name)
         spec = op.infer(*[Spec(tuple(t.shape), t.dtype) for t in inputs], **attrs)
         shape_ok = len(spec.shape) == result.ndim and all(
-            s in (-1, r) for s, r in zip(spec.shape, result.shape))    # -1: data-dependent
+            s in (-1, r) for s, r in zip(spec.shape, result.shape)
+        )  # -1: data-dependent
         if not shape_ok or spec.dtype is not result.dtype:
-            self.mismatches.append(f"{op.name}{attrs}: infer says {spec}, forward gave "
-                                   f"{tuple(result.shape)} {result.dtype}")
+            self.mismatches.append(
+                f"{op.name}{attrs}: infer says {spec}, forward gave "
+                f"{tuple(result.shape)} {result.dtype}"
+            )
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
@@ -382,14 +407,16 @@ def test_spec_runs_what_it_covers(spec: OpSpec) -> None:
                     (out * gm.tensor(w)).sum().backward()
     finally:
         gm_tensor._dispatch.tracer = previous
-    assert set(spec.covers) <= recorder.seen, \
+    assert set(spec.covers) <= recorder.seen, (
         f"{spec.name} never runs {sorted(set(spec.covers) - recorder.seen)}"
+    )
     assert not recorder.mismatches, "\n".join(recorder.mismatches)
 
 
 # ---------------------------------------------------------------------------------------
 # Errors name the op, the shapes and the fix
 # ---------------------------------------------------------------------------------------
+
 
 def _z(*shape):
     return gm.zeros(*shape)
@@ -403,8 +430,12 @@ def _mask(*shape):
 
 
 ERRORS = [
-    ("cat-sizes", lambda: gm.cat([_z(2, 3), _z(3, 4)], 0), OpError,
-     ["cat", "dimension 0", "(2, 3)", "(3, 4)"]),
+    (
+        "cat-sizes",
+        lambda: gm.cat([_z(2, 3), _z(3, 4)], 0),
+        OpError,
+        ["cat", "dimension 0", "(2, 3)", "(3, 4)"],
+    ),
     ("cat-ndim", lambda: gm.cat([_z(2, 3), _z(3)]), OpError, ["cat", "(2, 3)", "(3,)"]),
     ("cat-empty", lambda: gm.cat([]), OpError, ["cat", "non-empty"]),
     ("cat-0d", lambda: gm.cat([_z(), _z()]), OpError, ["cat", "zero-dimensional", "stack"]),
@@ -413,45 +444,108 @@ ERRORS = [
     ("view-two-minus-one", lambda: _z(2, 3).view(-1, -1), OpError, ["reshape", "-1"]),
     ("getitem-int", lambda: _z(3, 4)[3], IndexError, ["index 3", "dimension 0", "size 3"]),
     ("getitem-int-dim1", lambda: _z(3, 4)[:, -5], IndexError, ["index -5", "dimension 1"]),
-    ("getitem-tensor", lambda: _z(3, 4)[_ix([0, 5])], IndexError,
-     ["index", "index 5", "dimension 0", "size 3"]),
+    (
+        "getitem-tensor",
+        lambda: _z(3, 4)[_ix([0, 5])],
+        IndexError,
+        ["index", "index 5", "dimension 0", "size 3"],
+    ),
     ("getitem-step", lambda: _z(3)[::-1], ValueError, ["step", "greater than zero", "flip"]),
     ("getitem-too-many", lambda: _z(3)[0, 1], IndexError, ["too many indices", "(3,)"]),
     ("getitem-two-ellipses", lambda: _z(3)[..., ...], IndexError, ["ellipsis"]),
     ("getitem-float-index", lambda: _z(3)[_ix([0.0])], IndexError, ["long, int or bool"]),
-    ("getitem-mask-shape", lambda: _z(3, 4)[gm.ones(4, dtype=gm.bool)], IndexError,
-     ["mask", "(4,)", "(3, 4)"]),
-    ("getitem-broadcast", lambda: _z(3, 4)[_ix([0, 1]), _ix([0, 1, 2])], OpError,
-     ["index", "(2,)", "(3,)", "broadcast"]),
-    ("index-dims", lambda: gm.REGISTRY["index"](_z(3), _ix([0]), dims=[1]), OpError,
-     ["index", "(1,)", "(3,)"]),
-    ("index_put-values", lambda: gm.REGISTRY["index_put"](_z(3, 2), _z(4), _ix([0]), dims=[0]),
-     OpError, ["index_put", "(4,)", "(1, 2)"]),
-    ("index_put-dtype", lambda: gm.REGISTRY["index_put"](
-        _z(3), gm.zeros(1, dtype=gm.float64), _ix([0]), dims=[0]), OpError,
-     ["index_put", "float64", "float32", ".to("]),
-    ("slice-range", lambda: gm.REGISTRY["slice"](_z(3), starts=[4], stops=[5], steps=[1]),
-     OpError, ["slice", "4:5", "size 3"]),
-    ("slice-step", lambda: gm.REGISTRY["slice"](_z(3), starts=[0], stops=[3], steps=[0]),
-     OpError, ["slice", "step", "flip"]),
-    ("slice-arity", lambda: gm.REGISTRY["slice"](_z(3, 2), starts=[0], stops=[3], steps=[1]),
-     OpError, ["slice", "(3, 2)", "one start"]),
+    (
+        "getitem-mask-shape",
+        lambda: _z(3, 4)[gm.ones(4, dtype=gm.bool)],
+        IndexError,
+        ["mask", "(4,)", "(3, 4)"],
+    ),
+    (
+        "getitem-broadcast",
+        lambda: _z(3, 4)[_ix([0, 1]), _ix([0, 1, 2])],
+        OpError,
+        ["index", "(2,)", "(3,)", "broadcast"],
+    ),
+    (
+        "index-dims",
+        lambda: gm.REGISTRY["index"](_z(3), _ix([0]), dims=[1]),
+        OpError,
+        ["index", "(1,)", "(3,)"],
+    ),
+    (
+        "index_put-values",
+        lambda: gm.REGISTRY["index_put"](_z(3, 2), _z(4), _ix([0]), dims=[0]),
+        OpError,
+        ["index_put", "(4,)", "(1, 2)"],
+    ),
+    (
+        "index_put-dtype",
+        lambda: gm.REGISTRY["index_put"](_z(3), gm.zeros(1, dtype=gm.float64), _ix([0]), dims=[0]),
+        OpError,
+        ["index_put", "float64", "float32", ".to("],
+    ),
+    (
+        "slice-range",
+        lambda: gm.REGISTRY["slice"](_z(3), starts=[4], stops=[5], steps=[1]),
+        OpError,
+        ["slice", "4:5", "size 3"],
+    ),
+    (
+        "slice-step",
+        lambda: gm.REGISTRY["slice"](_z(3), starts=[0], stops=[3], steps=[0]),
+        OpError,
+        ["slice", "step", "flip"],
+    ),
+    (
+        "slice-arity",
+        lambda: gm.REGISTRY["slice"](_z(3, 2), starts=[0], stops=[3], steps=[1]),
+        OpError,
+        ["slice", "(3, 2)", "one start"],
+    ),
     ("gather-ndim", lambda: _z(3, 4).gather(1, _ix([0])), OpError, ["gather", "(3, 4)", "(1,)"]),
-    ("gather-size", lambda: _z(3, 4).gather(1, _ix([[0]] * 4)), OpError,
-     ["gather", "size 4", "dimension 0"]),
-    ("gather-range", lambda: _z(3, 4).gather(1, _ix([[4]])), IndexError,
-     ["gather", "index 4", "size 4"]),
-    ("gather-negative", lambda: _z(3, 4).gather(1, _ix([[-1]])), IndexError,
-     ["gather", "index -1"]),
+    (
+        "gather-size",
+        lambda: _z(3, 4).gather(1, _ix([[0]] * 4)),
+        OpError,
+        ["gather", "size 4", "dimension 0"],
+    ),
+    (
+        "gather-range",
+        lambda: _z(3, 4).gather(1, _ix([[4]])),
+        IndexError,
+        ["gather", "index 4", "size 4"],
+    ),
+    (
+        "gather-negative",
+        lambda: _z(3, 4).gather(1, _ix([[-1]])),
+        IndexError,
+        ["gather", "index -1"],
+    ),
     ("gather-float-index", lambda: _z(3, 4).gather(1, _z(3, 4)), OpError, ["gather", "int64"]),
-    ("scatter_add-dtype", lambda: _z(3).scatter_add(0, _ix([0]), gm.zeros(1, dtype=gm.float64)),
-     OpError, ["scatter_add", "float64", ".to("]),
-    ("index_select-matrix", lambda: _z(3).index_select(0, _ix([[0]])), OpError,
-     ["index_select", "vector", "(1, 1)"]),
-    ("index_add-shape", lambda: _z(3, 2).index_add(0, _ix([0, 1]), _z(3, 2)), OpError,
-     ["index_add", "(3, 2)", "(2, 2)"]),
-    ("masked_fill-shape", lambda: _z(3).masked_fill(gm.ones(2, 3, dtype=gm.bool), 0.0), OpError,
-     ["masked_fill", "(2, 3)", "(3,)"]),
+    (
+        "scatter_add-dtype",
+        lambda: _z(3).scatter_add(0, _ix([0]), gm.zeros(1, dtype=gm.float64)),
+        OpError,
+        ["scatter_add", "float64", ".to("],
+    ),
+    (
+        "index_select-matrix",
+        lambda: _z(3).index_select(0, _ix([[0]])),
+        OpError,
+        ["index_select", "vector", "(1, 1)"],
+    ),
+    (
+        "index_add-shape",
+        lambda: _z(3, 2).index_add(0, _ix([0, 1]), _z(3, 2)),
+        OpError,
+        ["index_add", "(3, 2)", "(2, 2)"],
+    ),
+    (
+        "masked_fill-shape",
+        lambda: _z(3).masked_fill(gm.ones(2, 3, dtype=gm.bool), 0.0),
+        OpError,
+        ["masked_fill", "(2, 3)", "(3,)"],
+    ),
     ("mean-int", lambda: _ix([1, 2]).mean(), OpError, ["mean", "int64", "dtype="]),
     ("var-int", lambda: _ix([1, 2]).var(), OpError, ["var", "int64"]),
     ("amax-empty", lambda: _z(0, 3).amax(0), OpError, ["amax", "(0, 3)"]),
@@ -482,8 +576,12 @@ ERRORS = [
     ("mv", lambda: gm.mv(_z(2, 3), _z(3, 1)), OpError, ["mv", "(3, 1)"]),
     ("outer", lambda: gm.outer(_z(2, 3), _z(3)), OpError, ["outer", "(2, 3)"]),
     ("matmul-inner", lambda: _z(2, 3) @ _z(2, 3), OpError, ["matmul", "(2, 3)", "3 and 2"]),
-    ("matmul-dtypes", lambda: _z(2, 3) @ gm.zeros(3, 2, dtype=gm.float64), OpError,
-     ["matmul", "float32", "float64", ".to("]),
+    (
+        "matmul-dtypes",
+        lambda: _z(2, 3) @ gm.zeros(3, 2, dtype=gm.float64),
+        OpError,
+        ["matmul", "float32", "float64", ".to("],
+    ),
     # What torch refuses for bool tensors, refused before NumPy fails at run time.
     ("neg-bool", lambda: -_mask(3), OpError, ["neg", "bool", "(3,)", "logical_not"]),
     ("relu-bool", lambda: _mask(3).relu(), OpError, ["relu", "bool", "(3,)"]),
@@ -492,22 +590,45 @@ ERRORS = [
     ("abs-bool", lambda: _mask(3).abs(), OpError, ["abs", "bool", "(3,)"]),
     ("argmax-bool", lambda: _mask(2, 3).argmax(1), OpError, ["argmax", "bool", "(2, 3)"]),
     ("argmin-bool", lambda: _mask(3).argmin(), OpError, ["argmin", "bool", "(3,)"]),
-    ("clamp-bool-bounds", lambda: _mask(3).clamp(False, True), OpError,
-     ["clamp", "bool", "(3,)", ".long()"]),
+    (
+        "clamp-bool-bounds",
+        lambda: _mask(3).clamp(False, True),
+        OpError,
+        ["clamp", "bool", "(3,)", ".long()"],
+    ),
     # What torch refuses for integer tensors, where NumPy would compute something else.
-    ("leaky_relu-int", lambda: gm.nn.functional.leaky_relu(_ix([-2, 3])), OpError,
-     ["leaky_relu", "int64", "(2,)", ".float()"]),
-    ("leaky_relu-bool", lambda: gm.nn.functional.leaky_relu(_mask(3)), OpError,
-     ["leaky_relu", "bool", "(3,)", ".float()"]),
+    (
+        "leaky_relu-int",
+        lambda: gm.nn.functional.leaky_relu(_ix([-2, 3])),
+        OpError,
+        ["leaky_relu", "int64", "(2,)", ".float()"],
+    ),
+    (
+        "leaky_relu-bool",
+        lambda: gm.nn.functional.leaky_relu(_mask(3)),
+        OpError,
+        ["leaky_relu", "bool", "(3,)", ".float()"],
+    ),
     # The primitive (what a graph holds) clamps in its input's dtype: no fractional bound
     # for integers. gm.clamp casts first, as torch promotes.
-    ("clamp-op-int-fraction", lambda: gm.REGISTRY["clamp"](_ix([-3, 0, 5]), min=-0.5), OpError,
-     ["clamp", "min=-0.5", "int64", "(3,)", ".float()"]),
-    ("softmax_grad-dtypes", lambda: gm.REGISTRY["softmax_grad"](
-        gm.zeros(3, dtype=gm.float64), _z(3), dim=-1), OpError,
-     ["softmax_grad", "float32", "float64", ".to("]),
-    ("log_softmax_grad-int", lambda: gm.REGISTRY["log_softmax_grad"](_ix([1]), _ix([1]), dim=0),
-     OpError, ["log_softmax_grad", "floating point", "int64"]),
+    (
+        "clamp-op-int-fraction",
+        lambda: gm.REGISTRY["clamp"](_ix([-3, 0, 5]), min=-0.5),
+        OpError,
+        ["clamp", "min=-0.5", "int64", "(3,)", ".float()"],
+    ),
+    (
+        "softmax_grad-dtypes",
+        lambda: gm.REGISTRY["softmax_grad"](gm.zeros(3, dtype=gm.float64), _z(3), dim=-1),
+        OpError,
+        ["softmax_grad", "float32", "float64", ".to("],
+    ),
+    (
+        "log_softmax_grad-int",
+        lambda: gm.REGISTRY["log_softmax_grad"](_ix([1]), _ix([1]), dim=0),
+        OpError,
+        ["log_softmax_grad", "floating point", "int64"],
+    ),
 ]
 
 

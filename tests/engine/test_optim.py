@@ -1,4 +1,5 @@
 """gradmesh.core.optim against torch.optim: same trajectories, state round trips, wire format."""
+
 from __future__ import annotations
 
 import itertools
@@ -18,8 +19,11 @@ STEPS = 50
 _rng = np.random.default_rng(1234)
 X = _rng.standard_normal((5, 3))
 Y = _rng.uniform(-0.8, 0.8, (5, 4))
-START = {"w": _rng.standard_normal((3, 4)) * 0.5, "b": _rng.standard_normal(4) * 0.1,
-         "s": np.array(0.7)}
+START = {
+    "w": _rng.standard_normal((3, 4)) * 0.5,
+    "b": _rng.standard_normal(4) * 0.1,
+    "s": np.array(0.7),
+}
 
 
 def _loss(lib, p: dict):
@@ -33,8 +37,9 @@ def _ours(start=START):
 
 
 def _theirs(start=START):
-    return {k: torch.tensor(v.copy(), dtype=torch.float64, requires_grad=True)
-            for k, v in start.items()}
+    return {
+        k: torch.tensor(v.copy(), dtype=torch.float64, requires_grad=True) for k, v in start.items()
+    }
 
 
 def _run_ours(opt, params, steps):
@@ -59,33 +64,56 @@ def _run_torch(opt, params, steps):
 
 def _sgd_cases():
     for momentum, dampening, nesterov, wd, maximize in itertools.product(
-            (0.0, 0.9), (0.0, 0.1), (False, True), (0.0, 0.05), (False, True)):
+        (0.0, 0.9), (0.0, 0.1), (False, True), (0.0, 0.05), (False, True)
+    ):
         if nesterov and (momentum == 0 or dampening != 0):
-            continue        # torch rejects these; tested in test_invalid_hyperparameters
-        yield "SGD", dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                          weight_decay=wd, maximize=maximize)
+            continue  # torch rejects these; tested in test_invalid_hyperparameters
+        yield (
+            "SGD",
+            dict(
+                lr=0.05,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                weight_decay=wd,
+                maximize=maximize,
+            ),
+        )
 
 
 def _adam_cases():
     for name, amsgrad, wd, maximize in itertools.product(
-            ("Adam", "AdamW"), (False, True), (0.0, 0.1), (False, True)):
+        ("Adam", "AdamW"), (False, True), (0.0, 0.1), (False, True)
+    ):
         yield name, dict(lr=0.02, amsgrad=amsgrad, weight_decay=wd, maximize=maximize)
     # A small beta1 takes the other branch of torch's lerp (weight >= 0.5).
     yield "Adam", dict(lr=0.02, betas=(0.3, 0.5), eps=1e-6)
     yield "AdamW", dict(lr=0.02, betas=(0.3, 0.5), amsgrad=True)
-    yield "AdamW", dict()           # AdamW's own defaults (weight_decay=1e-2)
+    yield "AdamW", dict()  # AdamW's own defaults (weight_decay=1e-2)
 
 
 def _rmsprop_adagrad_cases():
     for momentum, centered, wd, maximize in itertools.product(
-            (0.0, 0.8), (False, True), (0.0, 0.05), (False, True)):
-        yield "RMSprop", dict(lr=0.01, momentum=momentum, centered=centered, weight_decay=wd,
-                              maximize=maximize)
+        (0.0, 0.8), (False, True), (0.0, 0.05), (False, True)
+    ):
+        yield (
+            "RMSprop",
+            dict(lr=0.01, momentum=momentum, centered=centered, weight_decay=wd, maximize=maximize),
+        )
     yield "RMSprop", dict()
     for lr_decay, wd, init, maximize in itertools.product(
-            (0.0, 0.1), (0.0, 0.05), (0.0, 0.5), (False, True)):
-        yield "Adagrad", dict(lr=0.05, lr_decay=lr_decay, weight_decay=wd,
-                              initial_accumulator_value=init, maximize=maximize)
+        (0.0, 0.1), (0.0, 0.05), (0.0, 0.5), (False, True)
+    ):
+        yield (
+            "Adagrad",
+            dict(
+                lr=0.05,
+                lr_decay=lr_decay,
+                weight_decay=wd,
+                initial_accumulator_value=init,
+                maximize=maximize,
+            ),
+        )
     yield "Adagrad", dict(eps=1e-3)
 
 
@@ -96,8 +124,9 @@ def _assert_same(ours, theirs):
     assert len(ours) == len(theirs)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-14,
-                                       err_msg=f"param {k} after step {step + 1}")
+            np.testing.assert_allclose(
+                a[k], b[k], rtol=1e-10, atol=1e-14, err_msg=f"param {k} after step {step + 1}"
+            )
 
 
 def _case_id(case) -> str:
@@ -111,25 +140,31 @@ def test_trajectory_matches_torch(name, kwargs):
     opt = getattr(gm.optim, name)(list(ours.values()), **kwargs)
     ref = getattr(torch.optim, name)(list(theirs.values()), foreach=False, **kwargs)
     a, b = _run_ours(opt, ours, STEPS), _run_torch(ref, theirs, STEPS)
-    assert not np.allclose(a[-1]["w"], START["w"])      # it did move
+    assert not np.allclose(a[-1]["w"], START["w"])  # it did move
     _assert_same(a, b)
 
 
 def test_param_groups_with_their_own_hyperparameters_match_torch():
     ours, theirs = _ours(), _theirs()
-    opt = gm.optim.SGD([{"params": [ours["w"]], "lr": 0.1},
-                        {"params": [ours["b"], ours["s"]], "momentum": 0.5}], lr=0.01)
-    ref = torch.optim.SGD([{"params": [theirs["w"]], "lr": 0.1},
-                           {"params": [theirs["b"], theirs["s"]], "momentum": 0.5}], lr=0.01,
-                          foreach=False)
+    opt = gm.optim.SGD(
+        [{"params": [ours["w"]], "lr": 0.1}, {"params": [ours["b"], ours["s"]], "momentum": 0.5}],
+        lr=0.01,
+    )
+    ref = torch.optim.SGD(
+        [
+            {"params": [theirs["w"]], "lr": 0.1},
+            {"params": [theirs["b"], theirs["s"]], "momentum": 0.5},
+        ],
+        lr=0.01,
+        foreach=False,
+    )
     assert opt.param_groups[0]["momentum"] == 0 and opt.param_groups[1]["lr"] == 0.01
     _assert_same(_run_ours(opt, ours, 20), _run_torch(ref, theirs, 20))
 
 
 def test_float32_parameters_stay_float32_and_track_torch():
     ours = {k: gm.nn.Parameter(gm.tensor(v, dtype=gm.float32)) for k, v in START.items()}
-    theirs = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True)
-              for k, v in START.items()}
+    theirs = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in START.items()}
     opt = gm.optim.Adam(list(ours.values()), lr=0.02, amsgrad=True)
     ref = torch.optim.Adam(list(theirs.values()), lr=0.02, amsgrad=True, foreach=False)
     a, b = _run_ours(opt, ours, 10), _run_torch(ref, theirs, 10)
@@ -145,7 +180,7 @@ def test_step_updates_parameters_in_place_and_outside_autograd():
     _loss(gm, p).backward()
     opt.step()
     for k, v in p.items():
-        assert v._data is arrays[k]         # same storage: views and shards see the update
+        assert v._data is arrays[k]  # same storage: views and shards see the update
         assert v.is_leaf and v.requires_grad and v.grad_fn is None
     assert not np.array_equal(p["w"].detach().numpy(), START["w"])
 
@@ -173,9 +208,14 @@ def test_closure_is_called_with_grad_enabled_and_its_loss_returned():
     assert float(loss) == pytest.approx(float(_loss(torch, _theirs()).detach()), rel=1e-12)
 
 
-@pytest.mark.parametrize("name,kwargs", [("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1)),
-                                         ("Adam", dict(lr=0.02, amsgrad=True)),
-                                         ("AdamW", dict(lr=0.02, weight_decay=0.1))])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1)),
+        ("Adam", dict(lr=0.02, amsgrad=True)),
+        ("AdamW", dict(lr=0.02, weight_decay=0.1)),
+    ],
+)
 def test_state_dict_round_trip_continues_exactly(name, kwargs):
     cls = getattr(gm.optim, name)
     straight = _ours()
@@ -185,11 +225,11 @@ def test_state_dict_round_trip_continues_exactly(name, kwargs):
     first = cls(list(params.values()), **kwargs)
     _run_ours(first, params, 10)
     saved = first.state_dict()
-    saved_json = json.loads(json.dumps(saved["param_groups"]))     # groups are plain data
-    _run_ours(first, params, 3)         # changing the optimizer afterwards changes no copy
+    saved_json = json.loads(json.dumps(saved["param_groups"]))  # groups are plain data
+    _run_ours(first, params, 3)  # changing the optimizer afterwards changes no copy
     for k, p in params.items():
         p.data = gm.tensor(uninterrupted[9][k])
-    second = cls(list(params.values()), lr=123.0)     # hyper-parameters come from the save
+    second = cls(list(params.values()), lr=123.0)  # hyper-parameters come from the save
     second.load_state_dict({"state": saved["state"], "param_groups": saved_json})
     assert second.param_groups[0]["lr"] == kwargs["lr"]
     resumed = _run_ours(second, params, 10)
@@ -197,8 +237,9 @@ def test_state_dict_round_trip_continues_exactly(name, kwargs):
         np.testing.assert_array_equal(resumed[-1][k], uninterrupted[-1][k])
 
 
-@pytest.mark.parametrize("name,kwargs", [("SGD", dict(lr=0.05, momentum=0.9)),
-                                         ("AdamW", dict(lr=0.02, amsgrad=True))])
+@pytest.mark.parametrize(
+    "name,kwargs", [("SGD", dict(lr=0.05, momentum=0.9)), ("AdamW", dict(lr=0.02, amsgrad=True))]
+)
 def test_loads_a_torch_optimizer_state_dict_mid_run(name, kwargs):
     theirs = _theirs()
     ref = getattr(torch.optim, name)(list(theirs.values()), foreach=False, **kwargs)
@@ -216,8 +257,7 @@ def test_state_dict_layout_and_load_errors():
     _run_ours(opt, params, 2)
     sd = opt.state_dict()
     assert sorted(sd["state"]) == [0, 1, 2]
-    assert sd["state"][0]["step"] == 2 and set(sd["state"][0]) == {"step", "exp_avg",
-                                                                    "exp_avg_sq"}
+    assert sd["state"][0]["step"] == 2 and set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert sd["param_groups"][0]["params"] == [0, 1, 2]
     with pytest.raises(ValueError, match="parameter groups"):
         gm.optim.Adam([{"params": [params["w"]]}, {"params": [params["b"]]}]).load_state_dict(sd)
@@ -246,8 +286,10 @@ def test_zero_grad(set_to_none):
     np.testing.assert_allclose(p["w"].grad.numpy(), t["w"].grad.numpy(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("name,kwargs", [(n, k) for n, k in CASES if k.get("maximize")
-                                         or k.get("amsgrad") or k.get("nesterov")][:8])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [(n, k) for n, k in CASES if k.get("maximize") or k.get("amsgrad") or k.get("nesterov")][:8],
+)
 def test_pure_update_on_numpy_arrays_equals_the_optimizer(name, kwargs):
     params = _ours()
     opt = getattr(gm.optim, name)(list(params.values()), **kwargs)
@@ -273,8 +315,9 @@ def test_pure_update_leaves_the_gradient_alone():
     for name in optim.UPDATE_RULES:
         state: dict = {}
         for _ in range(3):
-            optim.UPDATE_RULES[name](np, param, grad, state, lr=0.1, weight_decay=0.1,
-                                     maximize=True)
+            optim.UPDATE_RULES[name](
+                np, param, grad, state, lr=0.1, weight_decay=0.1, maximize=True
+            )
         np.testing.assert_array_equal(grad, [1.0, -2.0, 3.0])
 
 
@@ -291,7 +334,7 @@ def test_state_to_arrays_round_trip_continues_exactly():
     assert step == 3 and set(arrays) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert all(isinstance(a, np.ndarray) for a in arrays.values())
     s2 = optim.state_from_arrays(arrays, step)
-    arrays["exp_avg"][:] = 99.0     # the restored state owns its arrays
+    arrays["exp_avg"][:] = 99.0  # the restored state owns its arrays
     for g in grads[3:]:
         optim.adam_update(np, p2, g, s2, lr=0.1, amsgrad=True)
     np.testing.assert_array_equal(p1, p2)
@@ -301,15 +344,23 @@ def test_describe_round_trips_through_json_and_rebuilds_the_same_optimizer():
     p = _ours()
     opt = gm.optim.AdamW(list(p.values()), lr=0.02, betas=(0.8, 0.99), amsgrad=True)
     d = json.loads(json.dumps(optim.describe(opt)))
-    assert d == {"name": "adamw", "lr": 0.02, "betas": [0.8, 0.99], "eps": 1e-8,
-                 "weight_decay": 0.01, "amsgrad": True, "maximize": False}
+    assert d == {
+        "name": "adamw",
+        "lr": 0.02,
+        "betas": [0.8, 0.99],
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "amsgrad": True,
+        "maximize": False,
+    }
     assert optim.validate(d) == d
     q = _ours()
     rebuilt = optim.from_description(list(q.values()), d)
     assert type(rebuilt) is gm.optim.AdamW
     _assert_same(_run_ours(rebuilt, q, 5), _run_ours(opt, p, 5))
-    sgd = optim.from_description([q["w"]], {"name": "sgd", "lr": 0.1, "nesterov": True,
-                                            "momentum": 0.9})
+    sgd = optim.from_description(
+        [q["w"]], {"name": "sgd", "lr": 0.1, "nesterov": True, "momentum": 0.9}
+    )
     assert optim.describe(sgd)["nesterov"] is True and optim.describe(sgd)["dampening"] == 0
 
 
@@ -320,26 +371,34 @@ def test_describe_refuses_groups_with_different_hyperparameters():
         optim.describe(opt)
 
 
-@pytest.mark.parametrize("description,match", [
-    ({"name": "lbfgs", "lr": 0.1}, "unknown optimizer 'lbfgs'"),
-    ({"lr": 0.1}, "unknown optimizer None"),
-    ({"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}, r"sgd: unknown hyper-parameter\(s\) "
-                                                       r"\['betas'\]"),
-    ({"name": "adam", "momentum": 0.9}, r"adam: unknown hyper-parameter\(s\) \['momentum'\]"),
-    ({"name": "sgd", "lr": -0.1}, "sgd: invalid learning rate: -0.1"),
-    ({"name": "sgd", "lr": float("nan")}, "sgd: invalid learning rate"),
-    ({"name": "sgd", "lr": "0.1"}, "sgd: hyper-parameter 'lr' must be a number"),
-    ({"name": "sgd", "lr": True}, "sgd: hyper-parameter 'lr' must be a number"),
-    ({"name": "sgd", "lr": 0.1, "nesterov": 1}, "'nesterov' must be a bool"),
-    ({"name": "sgd", "lr": 0.1, "nesterov": True}, "nesterov momentum requires a momentum"),
-    ({"name": "sgd", "lr": 0.1, "nesterov": True, "momentum": 0.9, "dampening": 0.1},
-     "zero dampening"),
-    ({"name": "adam", "betas": [0.9]}, "'betas' must be two floats"),
-    ({"name": "adamw", "betas": [0.9, 1.0]}, "invalid beta parameter at index 1: 1.0"),
-    ({"name": "adam", "eps": -1e-8}, "adam: invalid eps value"),
-    ({"name": "adamw", "weight_decay": -0.1}, "adamw: invalid weight_decay value"),
-    ("adam", "must be a dict"),
-])
+@pytest.mark.parametrize(
+    "description,match",
+    [
+        ({"name": "lbfgs", "lr": 0.1}, "unknown optimizer 'lbfgs'"),
+        ({"lr": 0.1}, "unknown optimizer None"),
+        (
+            {"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]},
+            r"sgd: unknown hyper-parameter\(s\) "
+            r"\['betas'\]",
+        ),
+        ({"name": "adam", "momentum": 0.9}, r"adam: unknown hyper-parameter\(s\) \['momentum'\]"),
+        ({"name": "sgd", "lr": -0.1}, "sgd: invalid learning rate: -0.1"),
+        ({"name": "sgd", "lr": float("nan")}, "sgd: invalid learning rate"),
+        ({"name": "sgd", "lr": "0.1"}, "sgd: hyper-parameter 'lr' must be a number"),
+        ({"name": "sgd", "lr": True}, "sgd: hyper-parameter 'lr' must be a number"),
+        ({"name": "sgd", "lr": 0.1, "nesterov": 1}, "'nesterov' must be a bool"),
+        ({"name": "sgd", "lr": 0.1, "nesterov": True}, "nesterov momentum requires a momentum"),
+        (
+            {"name": "sgd", "lr": 0.1, "nesterov": True, "momentum": 0.9, "dampening": 0.1},
+            "zero dampening",
+        ),
+        ({"name": "adam", "betas": [0.9]}, "'betas' must be two floats"),
+        ({"name": "adamw", "betas": [0.9, 1.0]}, "invalid beta parameter at index 1: 1.0"),
+        ({"name": "adam", "eps": -1e-8}, "adam: invalid eps value"),
+        ({"name": "adamw", "weight_decay": -0.1}, "adamw: invalid weight_decay value"),
+        ("adam", "must be a dict"),
+    ],
+)
 def test_validate_errors_name_the_problem(description, match):
     with pytest.raises(ValueError, match=match):
         optim.validate(description)
@@ -379,6 +438,7 @@ def test_update_rules_on_cupy_arrays_match_numpy(name):
     if not gm.cuda_available():
         pytest.skip("needs a CUDA device and CuPy")
     import cupy as cp
+
     rng = np.random.default_rng(5)
     param = rng.standard_normal((64, 32))
     on_gpu = cp.asarray(param)
@@ -409,9 +469,11 @@ def test_local_only_optimizers_are_refused_for_a_job(name):
 def test_rmsprop_state_dict_round_trips_mid_run():
     ours, theirs = _ours(), _theirs()
     kwargs = dict(lr=0.01, momentum=0.5, centered=True)
-    opt, ref = gm.optim.RMSprop(list(ours.values()), **kwargs), \
-        torch.optim.RMSprop(list(theirs.values()), foreach=False, **kwargs)
+    opt, ref = (
+        gm.optim.RMSprop(list(ours.values()), **kwargs),
+        torch.optim.RMSprop(list(theirs.values()), foreach=False, **kwargs),
+    )
     _run_ours(opt, ours, 5), _run_torch(ref, theirs, 5)
     again = gm.optim.RMSprop(list(ours.values()), **kwargs)
-    again.load_state_dict(ref.state_dict())      # torch's state loads into ours
+    again.load_state_dict(ref.state_dict())  # torch's state loads into ours
     _assert_same(_run_ours(again, ours, 5), _run_torch(ref, theirs, 5))

@@ -4,6 +4,7 @@
 declarations (``python core/gen_api.py``); a declaration added without
 regenerating fails here.
 """
+
 from __future__ import annotations
 
 import gradmesh.core as gm
@@ -12,14 +13,16 @@ from gradmesh.core.registry import PUBLIC
 
 
 def test_generated_api_is_current():
-    assert gen_api.API_FILE.read_text() == gen_api.render_api(), \
+    assert gen_api.API_FILE.read_text() == gen_api.render_api(), (
         "core/_api.py is stale: run `python core/gen_api.py`"
+    )
 
 
 def test_generated_tensor_methods_are_current():
     source = gen_api.TENSOR_FILE.read_text()
-    assert gen_api.render_tensor(source) == source, \
+    assert gen_api.render_tensor(source) == source, (
         "the generated methods of core/tensor.py are stale: run `python core/gen_api.py`"
+    )
 
 
 def test_every_public_function_is_in_the_namespace():

@@ -1,6 +1,7 @@
 """Attention and transformer layers against torch's, with the same weights: outputs,
 attention weights and gradients (float64), state_dict keys, masks, dropout, and the
 traced graph's compiled plan against local ``backward()``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,7 @@ torch.set_num_threads(1)
 
 def copy_from_torch(ours: gm.nn.Module, theirs: torch.nn.Module) -> None:
     """Load a torch module's state_dict into the gradmesh module, by key (strict)."""
-    ours.load_state_dict({k: gm.tensor(v.detach().numpy()) for k, v in
-                          theirs.state_dict().items()})
+    ours.load_state_dict({k: gm.tensor(v.detach().numpy()) for k, v in theirs.state_dict().items()})
 
 
 def pair(cls: str, *args, **kw):
@@ -33,8 +33,10 @@ def pair(cls: str, *args, **kw):
 def inputs(*shapes, seed=0):
     rng = np.random.default_rng(seed)
     arrays = [rng.standard_normal(s) for s in shapes]
-    return ([gm.tensor(a, requires_grad=True) for a in arrays],
-            [torch.tensor(a, requires_grad=True) for a in arrays])
+    return (
+        [gm.tensor(a, requires_grad=True) for a in arrays],
+        [torch.tensor(a, requires_grad=True) for a in arrays],
+    )
 
 
 def close(a, b, tol=1e-10):
@@ -57,10 +59,14 @@ def check_grads(ours, theirs, out, want, xs, ts):
 
 # ----------------------------------------------------------------- MultiheadAttention ----
 
+
 def test_mha_parameters_and_state_dict_keys_match_torch():
     ours, theirs = pair("MultiheadAttention", 8, 2)
-    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
-        "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    assert (
+        list(ours.state_dict())
+        == list(theirs.state_dict())
+        == ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    )
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     fresh = gm.nn.MultiheadAttention(8, 2, bias=False)
     assert list(fresh.state_dict()) == ["in_proj_weight", "out_proj.weight"]
@@ -71,7 +77,7 @@ def test_mha_parameters_and_state_dict_keys_match_torch():
 def _masks(kind, n, h, L, S):
     rng = np.random.default_rng(2)
     pad = rng.random((n, S)) < 0.3
-    pad[:, 0] = False                              # every query keeps a key
+    pad[:, 0] = False  # every query keeps a key
     if kind == "bool":
         return np.triu(np.ones((L, S), bool), 1), pad
     return rng.standard_normal((n * h, L, S)), rng.standard_normal((n, S))
@@ -107,17 +113,27 @@ def test_mha_query_that_sees_no_key_as_torch(need_weights):
     mask = np.zeros((3, 3), bool)
     mask[1] = True
     out = ours(*[gm.tensor(x)] * 3, attn_mask=gm.tensor(mask), need_weights=need_weights)[0]
-    want = theirs(*[torch.tensor(x)] * 3, attn_mask=torch.tensor(mask),
-                  need_weights=need_weights)[0]
+    want = theirs(*[torch.tensor(x)] * 3, attn_mask=torch.tensor(mask), need_weights=need_weights)[
+        0
+    ]
     np.testing.assert_allclose(out.detach().numpy(), want.detach().numpy(), atol=1e-12)
     assert np.isnan(out.detach().numpy()[:, 1]).all() == need_weights
 
 
 def test_mha_with_kdim_and_vdim_matches_torch():
     ours, theirs = pair("MultiheadAttention", 8, 2, kdim=5, vdim=3)
-    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
-        "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight",
-        "out_proj.bias"]
+    assert (
+        list(ours.state_dict())
+        == list(theirs.state_dict())
+        == [
+            "q_proj_weight",
+            "k_proj_weight",
+            "v_proj_weight",
+            "in_proj_bias",
+            "out_proj.weight",
+            "out_proj.bias",
+        ]
+    )
     xs, ts = inputs((4, 2, 8), (6, 2, 5), (6, 2, 3))
     out, w = ours(*xs)
     want, want_w = theirs(*ts)
@@ -153,8 +169,11 @@ def test_sdpa_errors_name_the_shapes():
     q = gm.zeros(2, 4, 8)
     with pytest.raises(gm.OpError, match=r"attention: shapes \(3, 4\) and \(2, 4, 4\) cannot"):
         F.scaled_dot_product_attention(q, q, q, attn_mask=gm.zeros(3, 4))
-    with pytest.raises(gm.OpError, match=r"attn_mask of shape \(3, 2, 4, 4\) must broadcast "
-                                         r"to the scores' shape \(2, 4, 4\)"):
+    with pytest.raises(
+        gm.OpError,
+        match=r"attn_mask of shape \(3, 2, 4, 4\) must broadcast "
+        r"to the scores' shape \(2, 4, 4\)",
+    ):
         F.scaled_dot_product_attention(q, q, q, attn_mask=gm.zeros(3, 2, 4, 4))
     with pytest.raises(gm.OpError, match="either attn_mask or is_causal"):
         F.scaled_dot_product_attention(q, q, q, attn_mask=gm.zeros(4, 4), is_causal=True)
@@ -164,16 +183,19 @@ def test_sdpa_errors_name_the_shapes():
 
 # ------------------------------------------------------------------ transformer layers ----
 
-LAYER_CASES = [dict(norm_first=False, activation="relu", batch_first=False),
-               dict(norm_first=True, activation="gelu", batch_first=True)]
+LAYER_CASES = [
+    dict(norm_first=False, activation="relu", batch_first=False),
+    dict(norm_first=True, activation="gelu", batch_first=True),
+]
 
 
-@pytest.mark.filterwarnings("ignore:Support for mismatched")   # a float and a bool mask
+@pytest.mark.filterwarnings("ignore:Support for mismatched")  # a float and a bool mask
 @pytest.mark.parametrize("kw", LAYER_CASES)
 @pytest.mark.parametrize("train", [False, True])
 def test_encoder_layer_matches_torch(kw, train):
-    ours, theirs = pair("TransformerEncoderLayer", 8, 2, dim_feedforward=16,
-                        dropout=0.0 if train else 0.3, **kw)
+    ours, theirs = pair(
+        "TransformerEncoderLayer", 8, 2, dim_feedforward=16, dropout=0.0 if train else 0.3, **kw
+    )
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.train(train), theirs.train(train)
     n, L = 3, 5
@@ -181,18 +203,19 @@ def test_encoder_layer_matches_torch(kw, train):
     causal = np.triu(np.full((L, L), -np.inf), 1)
     pad = np.zeros((n, L), bool)
     pad[1, 3:] = True
-    out = ours(x, src_mask=gm.tensor(causal), src_key_padding_mask=gm.tensor(pad),
-               is_causal=True)
-    want = theirs(t, src_mask=torch.tensor(causal), src_key_padding_mask=torch.tensor(pad),
-                  is_causal=True)
+    out = ours(x, src_mask=gm.tensor(causal), src_key_padding_mask=gm.tensor(pad), is_causal=True)
+    want = theirs(
+        t, src_mask=torch.tensor(causal), src_key_padding_mask=torch.tensor(pad), is_causal=True
+    )
     check_grads(ours, theirs, out, want, [x], [t])
 
 
 @pytest.mark.parametrize("kw", LAYER_CASES)
 @pytest.mark.parametrize("train", [False, True])
 def test_decoder_layer_matches_torch(kw, train):
-    ours, theirs = pair("TransformerDecoderLayer", 8, 2, dim_feedforward=16,
-                        dropout=0.0 if train else 0.3, **kw)
+    ours, theirs = pair(
+        "TransformerDecoderLayer", 8, 2, dim_feedforward=16, dropout=0.0 if train else 0.3, **kw
+    )
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.train(train), theirs.train(train)
     n, L, S = 2, 4, 6
@@ -210,10 +233,15 @@ def test_encoder_and_decoder_stacks_match_torch(train):
     def build(lib):
         torch.manual_seed(0)
         kw = dict(dim_feedforward=16, dropout=0.0 if train else 0.3, batch_first=True)
-        enc = lib.nn.TransformerEncoder(lib.nn.TransformerEncoderLayer(8, 2, **kw), 2,
-                                        norm=lib.nn.LayerNorm(8), enable_nested_tensor=False)
+        enc = lib.nn.TransformerEncoder(
+            lib.nn.TransformerEncoderLayer(8, 2, **kw),
+            2,
+            norm=lib.nn.LayerNorm(8),
+            enable_nested_tensor=False,
+        )
         dec = lib.nn.TransformerDecoder(lib.nn.TransformerDecoderLayer(8, 2, **kw), 2)
         return lib.nn.ModuleList([enc, dec]).double().train(train)
+
     ours, theirs = build(gm), build(torch)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert "0.layers.1.self_attn.in_proj_weight" in ours.state_dict()
@@ -224,6 +252,7 @@ def test_encoder_and_decoder_stacks_match_torch(train):
     def run(model, lib, src, tgt):
         memory = model[0](src)
         return model[1](tgt, memory, tgt_mask=lib.tensor(causal))
+
     check_grads(ours, theirs, run(ours, gm, *xs), run(theirs, torch, *ts), xs, ts)
 
 
@@ -236,19 +265,22 @@ def test_encoder_layer_activation_errors_and_callable():
 
 # --------------------------------------------------- dropout and the traced graph ----
 
+
 def _encoder_loss(model, x):
     return (model(x.reshape(-1, 3, 1) * gm.ones(1, 1, 8)) ** 2).mean()
 
 
 def test_encoder_layer_traces_and_the_plan_equals_local_backward():
     gm.manual_seed(0)
-    model = gm.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
-                                          batch_first=True).double()
+    model = gm.nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.0, batch_first=True
+    ).double()
     vg = validate(trace(_encoder_loss, model, np.random.default_rng(4).standard_normal((4, 3))))
     for n in (4, 7):
         x = np.random.default_rng(n).standard_normal((n, 3))
         result = compile_plan(vg, {"x0": x.shape}).run(
-            {k: p.detach().numpy() for k, p in model.named_parameters()}, {"x0": x})
+            {k: p.detach().numpy() for k, p in model.named_parameters()}, {"x0": x}
+        )
         model.zero_grad()
         loss = _encoder_loss(model, gm.tensor(x))
         loss.backward()
@@ -264,8 +296,9 @@ def test_attention_dropout_is_seeded_and_fixed_in_a_graph():
     gm.manual_seed(3)
     b = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     assert gm.equal(a, b) and not gm.equal(a, F.scaled_dot_product_attention(q, q, q))
-    model = gm.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.5,
-                                          batch_first=True).double()
+    model = gm.nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.5, batch_first=True
+    ).double()
     vg = validate(trace(_encoder_loss, model, np.ones((4, 3))))
     x = np.random.default_rng(0).standard_normal((5, 3))
     params = {k: p.detach().numpy() for k, p in model.named_parameters()}
@@ -275,25 +308,30 @@ def test_attention_dropout_is_seeded_and_fixed_in_a_graph():
 
 # ------------------------------------------------------------------ baddbmm, einsum ----
 
+
 def test_baddbmm_with_beta_zero_ignores_nan_input():
     a, b = gm.randn(2, 3, 4), gm.randn(2, 4, 5)
     out = gm.baddbmm(gm.full((2, 3, 5), float("nan")), a, b, beta=0)
     assert gm.allclose(out, gm.bmm(a, b))
 
 
-@pytest.mark.parametrize("equation,shapes,error,match", [
-    ("ii->i", [(3, 3)], NotImplementedError, "repeated subscripts"),
-    ("ij,jk->ik", [(2, 3), (4, 4)], gm.OpError, r"'j' .* size 3 and 4"),
-    ("ij->k", [(2, 3)], gm.OpError, "output subscripts 'k'"),
-    ("ij,jk", [(2, 3)], gm.OpError, "names 2 operands but 1"),
-    ("ijk", [(2, 3)], gm.OpError, r"operand 0 has 2 dims \(shape \(2, 3\)\)"),
-])
+@pytest.mark.parametrize(
+    "equation,shapes,error,match",
+    [
+        ("ii->i", [(3, 3)], NotImplementedError, "repeated subscripts"),
+        ("ij,jk->ik", [(2, 3), (4, 4)], gm.OpError, r"'j' .* size 3 and 4"),
+        ("ij->k", [(2, 3)], gm.OpError, "output subscripts 'k'"),
+        ("ij,jk", [(2, 3)], gm.OpError, "names 2 operands but 1"),
+        ("ijk", [(2, 3)], gm.OpError, r"operand 0 has 2 dims \(shape \(2, 3\)\)"),
+    ],
+)
 def test_einsum_errors(equation, shapes, error, match):
     with pytest.raises(error, match=match):
         gm.einsum(equation, *[gm.zeros(*s) for s in shapes])
 
 
 # ------------------------------------------------------------------------- LSTM, GRU ----
+
 
 def _flat(result):
     """``output, h`` or ``output, (h, c)`` as a list of tensors."""
@@ -319,8 +357,12 @@ def check_all_grads(ours, theirs, outs, wants, xs, ts):
         close(p.grad, theirs_params[name].grad)
 
 
-RNN_CASES = [dict(), dict(num_layers=2, bidirectional=True, batch_first=True),
-             dict(num_layers=3, bias=False), dict(bidirectional=True)]
+RNN_CASES = [
+    dict(),
+    dict(num_layers=2, bidirectional=True, batch_first=True),
+    dict(num_layers=3, bias=False),
+    dict(bidirectional=True),
+]
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
@@ -359,8 +401,14 @@ def test_rnn_unbatched_matches_torch(cls):
     xs, ts = inputs((5, 3), (2, 4), (2, 4))
     state = (lambda s: (s[1], s[2])) if cls == "LSTM" else (lambda s: s[1])
     n_in = 3 if cls == "LSTM" else 2
-    check_all_grads(ours, theirs, _flat(ours(xs[0], state(xs))), _flat(theirs(ts[0], state(ts))),
-                    xs[:n_in], ts[:n_in])
+    check_all_grads(
+        ours,
+        theirs,
+        _flat(ours(xs[0], state(xs))),
+        _flat(theirs(ts[0], state(ts))),
+        xs[:n_in],
+        ts[:n_in],
+    )
 
 
 @pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
@@ -378,6 +426,7 @@ def test_cells_match_torch(cls, batched, initial):
         hx = (tuple(args[1:]) if cls == "LSTMCell" else args[1]) if initial else None
         out = module(args[0], hx)
         return list(out) if isinstance(out, tuple) else [out]
+
     check_all_grads(ours, theirs, run(ours, xs), run(theirs, ts), xs, ts)
 
 
@@ -430,9 +479,15 @@ def test_lstm_dropout_between_layers_only_in_training():
     assert gm.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("cls,args", [("TransformerEncoderLayer", (8, 2)),
-                                      ("MultiheadAttention", (8, 2)), ("LSTM", (8, 4)),
-                                      ("GRU", (8, 4))])
+@pytest.mark.parametrize(
+    "cls,args",
+    [
+        ("TransformerEncoderLayer", (8, 2)),
+        ("MultiheadAttention", (8, 2)),
+        ("LSTM", (8, 4)),
+        ("GRU", (8, 4)),
+    ],
+)
 def test_float32_modules_match_torch(cls, args):
     """The default dtype end to end: no op promotes to float64 on the way."""
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """Micro-batching, weights, seeds, the fixed summation tree and shard placement."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,10 +37,13 @@ def test_loss_scales_weight_each_micro_batch_by_its_share():
 def test_seeds_depend_only_on_job_step_and_micro_batch():
     a = micro_batch_seed("job", 3, 1)
     assert a == micro_batch_seed("job", 3, 1)
-    others = {micro_batch_seed("job", 3, 2), micro_batch_seed("job", 4, 1),
-              micro_batch_seed("other", 3, 1)}
+    others = {
+        micro_batch_seed("job", 3, 2),
+        micro_batch_seed("job", 4, 1),
+        micro_batch_seed("other", 3, 1),
+    }
     assert a not in others and len(others) == 3
-    assert 0 <= a < 2 ** 63
+    assert 0 <= a < 2**63
 
 
 def test_tree_is_the_documented_pairwise_tree():
@@ -50,11 +54,12 @@ def test_tree_is_the_documented_pairwise_tree():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 33), seed=st.integers(0, 2 ** 32 - 1))
+@given(n=st.integers(1, 33), seed=st.integers(0, 2**32 - 1))
 def test_tree_sum_is_bitwise_independent_of_arrival_order(n, seed):
     rng = np.random.default_rng(seed)
-    values = [rng.standard_normal(5).astype(np.float32) * 10.0 ** rng.integers(-3, 4)
-              for _ in range(n)]
+    values = [
+        rng.standard_normal(5).astype(np.float32) * 10.0 ** rng.integers(-3, 4) for _ in range(n)
+    ]
     reference = tree_sum([v.copy() for v in values])
     t = TreeSum(n)
     for i in rng.permutation(n):

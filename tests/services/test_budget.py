@@ -1,5 +1,6 @@
 """Per-request budgets, cancellation inside a large op, idle streams and fair slots, on
 real servers on 127.0.0.1."""
+
 from __future__ import annotations
 
 import struct
@@ -21,17 +22,30 @@ def _matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
     ints = graph_pb2.Attribute
     return graph_pb2.Graph(
         version=1,
-        inputs=[graph_pb2.Input(name="a", role=graph_pb2.Input.PARAM,
-                                dtype=tensor_pb2.FLOAT32, shape=[1, 1]),
-                graph_pb2.Input(name="b", role=graph_pb2.Input.DATA,
-                                dtype=tensor_pb2.FLOAT32, shape=[1, 1])],
-        nodes=[graph_pb2.Node(op="expand", inputs=[0], attrs=[ints(
-                   name="shape", ints=graph_pb2.Ints(values=[m, k]))]),
-               graph_pb2.Node(op="expand", inputs=[1], attrs=[ints(
-                   name="shape", ints=graph_pb2.Ints(values=[k, n]))]),
-               graph_pb2.Node(op=op, inputs=[2, 3]),
-               graph_pb2.Node(op="sum", inputs=[4])],
-        outputs=[graph_pb2.Output(name="loss", value=5)])
+        inputs=[
+            graph_pb2.Input(
+                name="a", role=graph_pb2.Input.PARAM, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
+            ),
+            graph_pb2.Input(
+                name="b", role=graph_pb2.Input.DATA, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
+            ),
+        ],
+        nodes=[
+            graph_pb2.Node(
+                op="expand",
+                inputs=[0],
+                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[m, k]))],
+            ),
+            graph_pb2.Node(
+                op="expand",
+                inputs=[1],
+                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[k, n]))],
+            ),
+            graph_pb2.Node(op=op, inputs=[2, 3]),
+            graph_pb2.Node(op="sum", inputs=[4]),
+        ],
+        outputs=[graph_pb2.Output(name="loss", value=5)],
+    )
 
 
 def _matmul_request(m, k, n) -> worker_pb2.ComputeGradientsRequest:
@@ -40,11 +54,12 @@ def _matmul_request(m, k, n) -> worker_pb2.ComputeGradientsRequest:
     return worker_pb2.ComputeGradientsRequest(
         graph=_matmul_graph(m, k, n),
         parameters=[tensor_pb2.NamedTensor(name="a", tensor=one)],
-        data=[tensor_pb2.NamedTensor(name="b", tensor=one)])
+        data=[tensor_pb2.NamedTensor(name="b", tensor=one)],
+    )
 
 
 def test_large_matmul_refused_up_front(start_worker):
-    running = start_worker(limits=worker_mod.WorkerLimits(max_request_flops=10 ** 9))
+    running = start_worker(limits=worker_mod.WorkerLimits(max_request_flops=10**9))
     req = _matmul_request(8192, 8192, 8192)
     assert req.ByteSize() < 200
     with grpc.insecure_channel(running.address) as channel:
@@ -54,7 +69,7 @@ def test_large_matmul_refused_up_front(start_worker):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert field == "max_request_flops"
         assert "--max-request-flops" in msg and "FLOPs" in msg
-        assert time.monotonic() - t0 < 30          # refused, not run (it takes minutes)
+        assert time.monotonic() - t0 < 30  # refused, not run (it takes minutes)
         assert running.worker.abandoned == 0
         # The default budget (1e12) refuses it too: 3 * 2 * 8192^3 FLOPs.
         assert_still_serving(stub)
@@ -68,47 +83,55 @@ def test_memory_budget(start_worker):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert field == "max_request_bytes"
         assert "--max-request-bytes" in msg
-        assert_still_serving(stub)                  # small requests fit
+        assert_still_serving(stub)  # small requests fit
 
 
 def test_default_budgets_refuse_the_8192_matmul(worker):
     with grpc.insecure_channel(worker.address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
-        code, field, _ = call_error(stub.ComputeGradients, _matmul_request(8192, 8192, 8192),
-                                    timeout=60)
+        code, field, _ = call_error(
+            stub.ComputeGradients, _matmul_request(8192, 8192, 8192), timeout=60
+        )
         assert (code, field) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "max_request_flops")
 
 
 def test_deadline_stops_a_large_op_midway(start_worker):
     running = start_worker()
     m = 8192
-    req = _matmul_request(m, 2048, 2048)             # ~1e11 FLOPs forward: seconds on a CPU
+    req = _matmul_request(m, 2048, 2048)  # ~1e11 FLOPs forward: seconds on a CPU
     blocks = len(cost.block_rows(m, cost.rows_per_block(2048, 2048)))
     with grpc.insecure_channel(running.address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         before_calls, before_checks = cost.blocked_calls, cost.block_checks
         code, _, _ = call_error(stub.ComputeGradients, req, timeout=1.0)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The worker gave up inside the product: it was split, and stopped before its end.
+        # The worker gave up inside the products: they were split, and it stopped before
+        # the end of the last one. A quiet machine may finish the forward product within
+        # the deadline and stop in a backward one (the plan has three of this size).
         assert running.wait_in_flight(0, timeout=60)
         assert running.worker.abandoned == 1
-        assert cost.blocked_calls - before_calls == 1
-        assert 1 <= cost.block_checks - before_checks < blocks
+        assert 1 <= cost.blocked_calls - before_calls <= 3
+        assert 1 <= cost.block_checks - before_checks < 3 * blocks
         assert_still_serving(stub)
 
 
 def _idle_stream(stub, release: threading.Event, **kw):
     """A stream that sends its header, then nothing until ``release`` is set."""
-    header = request(x=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2, 3]),
-                     w=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[3, 2]))
+    header = request(
+        x=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2, 3]),
+        w=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[3, 2]),
+    )
 
     def frames():
         yield worker_pb2.StreamFrame(request=header)
         release.wait()
-        yield worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(
-            tensor_index=0, data=struct.pack("<6f", *W)))
-        yield worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(
-            tensor_index=1, data=struct.pack("<6f", *X)))
+        yield worker_pb2.StreamFrame(
+            chunk=tensor_pb2.Chunk(tensor_index=0, data=struct.pack("<6f", *W))
+        )
+        yield worker_pb2.StreamFrame(
+            chunk=tensor_pb2.Chunk(tensor_index=1, data=struct.pack("<6f", *X))
+        )
+
     return stub.ComputeGradientsStream(frames(), **kw)
 
 
@@ -119,7 +142,7 @@ def test_idle_stream_released(start_worker):
         with grpc.insecure_channel(running.address) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             t0 = time.monotonic()
-            responses = _idle_stream(stub, release)     # no deadline, never finished
+            responses = _idle_stream(stub, release)  # no deadline, never finished
             code, _, msg = call_error(lambda: list(responses))
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "stream_idle_timeout" in msg
@@ -147,15 +170,17 @@ def test_one_peer_holds_at_most_its_share(start_worker, monkeypatch):
     monkeypatch.setattr(streams, "peer_identity", lambda peer: peer)
     running = start_worker(max_concurrent_requests=4)
     release = threading.Event()
-    with grpc.insecure_channel(running.address) as greedy, \
-            grpc.insecure_channel(running.address, options=[
-                ("grpc.use_local_subchannel_pool", 1)]) as other:      # its own connection
+    with (
+        grpc.insecure_channel(running.address) as greedy,
+        grpc.insecure_channel(
+            running.address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as other,
+    ):  # its own connection
         greedy_stub = worker_pb2_grpc.WorkerStub(greedy)
         held = [_idle_stream(greedy_stub, release) for _ in range(2)]
         try:
             assert running.wait_in_flight(2, timeout=30)
-            code, _, msg = call_error(greedy_stub.Capabilities,
-                                      worker_pb2.CapabilitiesRequest())
+            code, _, msg = call_error(greedy_stub.Capabilities, worker_pb2.CapabilitiesRequest())
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_requests_per_peer" in msg
             other_stub = worker_pb2_grpc.WorkerStub(other)
@@ -192,25 +217,35 @@ def test_idle_streams_released_on_shards_and_coordinators():
     from gradmesh.server.shard_store import ShardStore
     from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
 
-    shard = serve_shard(ServerConfig(port=0, stream_idle_timeout=1.0,
-                                     max_requests_per_peer=8), ShardStore())
+    shard = serve_shard(
+        ServerConfig(port=0, stream_idle_timeout=1.0, max_requests_per_peer=8), ShardStore()
+    )
     coordinator = coordinator_mod.start(stream_idle_timeout=1.0, max_requests_per_peer=8)
     release = threading.Event()
     try:
         for running, open_stream, other in (
-                (shard, lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Load.future(
-                    _silent(release)),
-                 lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Status(
-                     shard_pb2.ShardStatusRequest(), timeout=30)),
-                (coordinator, lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch)
-                 .CreateJob.future(_silent(release)),
-                 lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch).ListWorkers(
-                     coordinator_pb2.ListWorkersRequest(), timeout=30))):
+            (
+                shard,
+                lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Load.future(_silent(release)),
+                lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Status(
+                    shard_pb2.ShardStatusRequest(), timeout=30
+                ),
+            ),
+            (
+                coordinator,
+                lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch).CreateJob.future(
+                    _silent(release)
+                ),
+                lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch).ListWorkers(
+                    coordinator_pb2.ListWorkersRequest(), timeout=30
+                ),
+            ),
+        ):
             with grpc.insecure_channel(running.address) as channel:
                 held = [open_stream(channel) for _ in range(8)]
                 for f in held:
                     assert f.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                other(channel)                      # the slots are free again
+                other(channel)  # the slots are free again
     finally:
         release.set()
         shard.stop(0)

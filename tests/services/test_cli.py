@@ -1,4 +1,5 @@
 """The ``gradmesh`` console script: subcommands, their help, exit codes, and server logs."""
+
 from __future__ import annotations
 
 import io
@@ -27,9 +28,16 @@ def test_top_level_help_lists_every_command(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("command, flag", [("worker", "--backend"), ("shard", "--state-dir"),
-                                           ("coordinator", "--workers"), ("demo", "--epochs"),
-                                           ("train", "--config")])
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("worker", "--backend"),
+        ("shard", "--state-dir"),
+        ("coordinator", "--workers"),
+        ("demo", "--epochs"),
+        ("train", "--config"),
+    ],
+)
 def test_command_help_shows_the_command_flags(capsys, command, flag):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -54,17 +62,22 @@ def test_a_negative_parameter_cache_is_refused(capsys):
     assert "--parameter-cache-bytes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, applied", [({}, "True"),
-                                            ({"MALLOC_TRIM_THRESHOLD_": "1"}, "False")])
+@pytest.mark.parametrize(
+    "extra, applied", [({}, "True"), ({"MALLOC_TRIM_THRESHOLD_": "1"}, "False")]
+)
 def test_server_processes_get_a_steady_heap_unless_the_user_set_one(extra, applied):
     """The server roles keep freed memory for reuse (glibc's mallopt); allocator variables
     the user set win. Checked in a child process: it changes the whole process."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt")
     env = {k: v for k, v in os.environ.items() if k not in runtime._ALLOCATOR_VARIABLES}
-    out = subprocess.run([sys.executable, "-c", "from gradmesh.server import runtime; "
-                                                "print(runtime.steady_heap())"],
-                         env={**env, **extra}, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", "from gradmesh.server import runtime; print(runtime.steady_heap())"],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (out.returncode, out.stdout.strip()) == (0, applied), out.stderr
 
 
@@ -86,7 +99,6 @@ def test_server_logs_follow_stderr_when_it_is_swapped(capsys):
         logger = logging.getLogger("gradmesh")
         for h in [h for h in logger.handlers if getattr(h, "_gradmesh", False)]:
             logger.removeHandler(h)
-
 
 
 def _text_fields(line: str) -> dict:
@@ -115,8 +127,9 @@ def test_server_logs_carry_the_same_fields_as_text_and_as_json(start_worker, cap
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 stub.Capabilities(worker_pb2.CapabilitiesRequest(), timeout=30)
                 with pytest.raises(grpc.RpcError) as e:
-                    stub.ComputeGradients(worker_pb2.ComputeGradientsRequest(graph_id="0" * 64),
-                                          timeout=30)
+                    stub.ComputeGradients(
+                        worker_pb2.ComputeGradientsRequest(graph_id="0" * 64), timeout=30
+                    )
             lines[fmt] = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
             errors[fmt] = e.value.details()
     finally:
@@ -128,8 +141,11 @@ def test_server_logs_carry_the_same_fields_as_text_and_as_json(start_worker, cap
     ok, failed = records[1], records[2]
     assert (ok["method"], ok["code"]) == ("/gradmesh.v1.Worker/Capabilities", "OK")
     assert "error" not in ok and isinstance(ok["duration_ms"], float) and ok["peer"]
-    assert (failed["method"], failed["code"], failed["error"]) == \
-        ("/gradmesh.v1.Worker/ComputeGradients", "NOT_FOUND", errors["json"])
+    assert (failed["method"], failed["code"], failed["error"]) == (
+        "/gradmesh.v1.Worker/ComputeGradients",
+        "NOT_FOUND",
+        errors["json"],
+    )
     assert len(lines["text"]) == len(records), lines["text"]
     for line, record in zip(lines["text"], records):
         assert line.split()[2:5] == [record["level"], record["logger"], record["msg"]], line
@@ -146,15 +162,22 @@ def test_server_logs_carry_the_same_fields_as_text_and_as_json(start_worker, cap
 
 # ============================================ operator-facing errors (item 11) =========
 
+
 def _gradmesh(*argv, env=None, timeout=60):
     """Run ``gradmesh *argv`` in a process; (exit code, stderr)."""
     import os
     import subprocess
     import sys
+
     run_env = dict(os.environ, **(env or {}))
     run_env.pop("GRADMESH_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "gradmesh.cli", *argv],
-                       capture_output=True, text=True, timeout=timeout, env=run_env)
+    r = subprocess.run(
+        [sys.executable, "-m", "gradmesh.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=run_env,
+    )
     return r.returncode, r.stderr
 
 
@@ -166,12 +189,13 @@ def test_port_out_of_range_is_refused(port):
 
 def test_port_in_use_says_so():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         code, err = _gradmesh("worker", "--port", str(port))
-    line = [ln for ln in err.splitlines() if ln.startswith("error:")]   # not gRPC's log
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]  # not gRPC's log
     assert code == 2 and "in use" in line[0] and f"127.0.0.1:{port}" in line[0], err
     assert "Traceback" not in err
 
@@ -183,10 +207,11 @@ def test_missing_and_empty_files_name_the_flag_and_path(tmp_path):
     cert = tmp_path / "cert.pem"
     cert.write_text("x")
     for argv, flag, path in (
-            (["--token-file", missing], "--token-file", missing),
-            (["--token-file", str(empty)], "--token-file", str(empty)),
-            (["--tls-cert", str(cert), "--tls-key", missing], "--tls-key", missing),
-            (["--peer-token-file", missing], "--peer-token-file", missing)):
+        (["--token-file", missing], "--token-file", missing),
+        (["--token-file", str(empty)], "--token-file", str(empty)),
+        (["--tls-cert", str(cert), "--tls-key", missing], "--tls-key", missing),
+        (["--peer-token-file", missing], "--peer-token-file", missing),
+    ):
         code, err = _gradmesh("worker", "--port", "0", *argv)
         assert code == 2 and flag in err and path in err, (argv, err)
         assert "Traceback" not in err
@@ -195,14 +220,16 @@ def test_missing_and_empty_files_name_the_flag_and_path(tmp_path):
 
 
 def test_coordinator_flag_errors_name_the_flag():
-    for argv, flag in ((["--workers", "nohost"], "--workers"),
-                       (["--shards", "h:99999"], "--shards"),
-                       (["--worker-timeout", "-1"], "--worker-timeout"),
-                       (["--embedded-shards", "0"], "--embedded-shards"),
-                       (["--micro-batch-deadline", "0"], "--micro-batch-deadline")):
+    for argv, flag in (
+        (["--workers", "nohost"], "--workers"),
+        (["--shards", "h:99999"], "--shards"),
+        (["--worker-timeout", "-1"], "--worker-timeout"),
+        (["--embedded-shards", "0"], "--embedded-shards"),
+        (["--micro-batch-deadline", "0"], "--micro-batch-deadline"),
+    ):
         code, err = _gradmesh("coordinator", "--port", "0", *argv)
         assert code == 2 and flag in err and "Traceback" not in err, (argv, err)
-        assert err.count("--") == 1, err         # only the flag at fault is named
+        assert err.count("--") == 1, err  # only the flag at fault is named
 
 
 def test_help_shows_no_markup():
@@ -213,21 +240,24 @@ def test_help_shows_no_markup():
 def subprocess_help() -> str:
     import subprocess
     import sys
-    return subprocess.run([sys.executable, "-m", "gradmesh.cli", "--help"],
-                          capture_output=True, text=True, timeout=60).stdout
+
+    return subprocess.run(
+        [sys.executable, "-m", "gradmesh.cli", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
 
 
 def test_train_without_a_coordinator_fails_fast(tmp_path):
     import time
+
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.int64))
     port = free_port()
     (tmp_path / "job.toml").write_text(
         '[model]\nlayers = [{ type = "linear", in = 2, out = 2 }]\n'
         f'[data]\ntrain = "{tmp_path / "d.npz"}"\n[optimizer]\nname = "sgd"\nlr = 0.1\n'
-        f'[cluster]\naddress = "127.0.0.1:{port}"\n')
+        f'[cluster]\naddress = "127.0.0.1:{port}"\n'
+    )
     start = time.monotonic()
-    code, err = _gradmesh("train", "--config", str(tmp_path / "job.toml"),
-                          "--connect-timeout", "1")
+    code, err = _gradmesh("train", "--config", str(tmp_path / "job.toml"), "--connect-timeout", "1")
     assert time.monotonic() - start < 30
     assert code == 1 and "cannot reach the coordinator" in err and f":{port}" in err
     assert "Traceback" not in err
@@ -238,6 +268,7 @@ def test_unexpected_errors_print_one_line_and_debug_shows_the_traceback(monkeypa
 
     def boom(args):
         raise RuntimeError("kaboom")
+
     monkeypatch.setattr(worker_cmd, "run", boom)
     monkeypatch.delenv("GRADMESH_DEBUG", raising=False)
     assert cli.main(["worker", "--port", "0"]) == 1

@@ -1,5 +1,6 @@
 """The coordinator service with real in-process servers on 127.0.0.1: jobs, idempotent
 steps, bad input, worker failures and deadlines, fingerprints, registration, restarts."""
+
 from __future__ import annotations
 
 import threading
@@ -35,8 +36,13 @@ def _loss(model, x, y):
 
 def _data(steps=6, batch=20):
     rng = np.random.default_rng(5)
-    return [(rng.standard_normal((batch, 5)).astype(np.float32),
-             rng.integers(0, 3, batch).astype(np.int64)) for _ in range(steps)]
+    return [
+        (
+            rng.standard_normal((batch, 5)).astype(np.float32),
+            rng.integers(0, 3, batch).astype(np.int64),
+        )
+        for _ in range(steps)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +76,9 @@ def coordinator(workers, request):
 
 def _job(client, job_id="j", micro=8):
     data = _data()
-    return client.create_job(_model(), _loss, SGD, micro, data[0], job_id=job_id,
-                             data_names=["x", "y"]), data
+    return client.create_job(
+        _model(), _loss, SGD, micro, data[0], job_id=job_id, data_names=["x", "y"]
+    ), data
 
 
 def _params(job):
@@ -104,9 +111,9 @@ def test_a_step_id_sent_twice_is_applied_once(coordinator):
     job, data = _job(client)
     first = job.step(*data[0])
     after_one = _params(job)
-    again = job.step(*data[0], step_id=1)          # the same batch: a replay
+    again = job.step(*data[0], step_id=1)  # the same batch: a replay
     assert again.replayed and again.loss == first.loss and again.version == 1
-    with pytest.raises(GradmeshError) as e:        # another batch: refused, not replayed
+    with pytest.raises(GradmeshError) as e:  # another batch: refused, not replayed
         job.step(*data[1], step_id=1)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and e.value.field == "step_id"
     assert "step_id 1" in str(e.value) and "another batch" in str(e.value)
@@ -119,17 +126,24 @@ def test_create_job_is_idempotent_and_refuses_different_content(coordinator):
     _, client = coordinator()
     job, data = _job(client)
     job.step(*data[0])
-    again, _ = _job(client)                        # same id, same content
+    again, _ = _job(client)  # same id, same content
     assert again.job_id == job.job_id and again.status().version == 1
     with pytest.raises(GradmeshError) as e:
-        client.create_job(_model(), _loss, {"name": "sgd", "lr": 0.5}, 8, data[0],
-                          job_id="j", data_names=["x", "y"])
+        client.create_job(
+            _model(),
+            _loss,
+            {"name": "sgd", "lr": 0.5},
+            8,
+            data[0],
+            job_id="j",
+            data_names=["x", "y"],
+        )
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
     assert "optimizer" in str(e.value) and "initial parameters" not in str(e.value)
     other = _model()
     with gm.no_grad():
         next(iter(other.parameters())).mul_(2.0)
-    with pytest.raises(GradmeshError) as e:        # other initial values: refused
+    with pytest.raises(GradmeshError) as e:  # other initial values: refused
         client.create_job(other, _loss, SGD, 8, data[0], job_id="j", data_names=["x", "y"])
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and e.value.field == "job_id"
     assert "initial parameters" in str(e.value) and "graph" not in str(e.value)
@@ -145,8 +159,7 @@ def test_two_identical_runs_without_a_job_id_give_the_same_bits(coordinator):
     runs = []
     for _ in range(2):
         _, client = coordinator()
-        job = client.create_job(_model(), _dropout_loss, SGD, 8, _data()[0],
-                                data_names=["x", "y"])
+        job = client.create_job(_model(), _dropout_loss, SGD, 8, _data()[0], data_names=["x", "y"])
         for x, y in _data()[:3]:
             job.step(x, y)
         runs.append((job.job_id, _params(job)))
@@ -154,8 +167,9 @@ def test_two_identical_runs_without_a_job_id_give_the_same_bits(coordinator):
     assert id1 == id2 and id1.startswith("job-")
     assert all(np.array_equal(p1[n], p2[n]) for n in p1)
     _, client = coordinator()
-    other = client.create_job(_model(), _dropout_loss, {"name": "sgd", "lr": 0.2}, 8,
-                              _data()[0], data_names=["x", "y"])
+    other = client.create_job(
+        _model(), _dropout_loss, {"name": "sgd", "lr": 0.2}, 8, _data()[0], data_names=["x", "y"]
+    )
     assert other.job_id != id1
 
 
@@ -166,6 +180,7 @@ def _raw_step(client, job_id, step_id, batch):
     with pytest.raises(grpc.RpcError) as e:
         client.stub.Step(req, timeout=30)
     from gradmesh.wire.errors import from_rpc_error
+
     err = from_rpc_error(e.value)
     return err.code.name, err.field
 
@@ -199,7 +214,7 @@ def test_a_batch_the_workers_refuse_names_the_batch(coordinator):
     job, data = _job(client)
     x, y = data[0]
     bad_y = y.copy()
-    bad_y[-1] = 7                                  # 3 classes
+    bad_y[-1] = 7  # 3 classes
     assert _raw_step(client, "j", 1, {"x": x, "y": bad_y}) == ("INVALID_ARGUMENT", "batch")
     assert job.status().version == 0
     assert job.step(x, y, step_id=1).version == 1
@@ -214,22 +229,30 @@ def test_create_job_headers_are_checked_before_allocating(coordinator):
     from test_fuzz import hand_graph
 
     from gradmesh.wire.shard import stream_frames
+
     server, client = coordinator()
-    header = coordinator_pb2.CreateJobRequest(job_id="big", graph=hand_graph(),
-                                              micro_batch_size=1,
-                                              optimizer=shard_pb2.Optimizer(name="sgd"))
-    header.parameters.add(name="w").tensor.CopyFrom(serialize.to_proto(
-        np.zeros(0, np.float32), data=False))
+    header = coordinator_pb2.CreateJobRequest(
+        job_id="big",
+        graph=hand_graph(),
+        micro_batch_size=1,
+        optimizer=shard_pb2.Optimizer(name="sgd"),
+    )
+    header.parameters.add(name="w").tensor.CopyFrom(
+        serialize.to_proto(np.zeros(0, np.float32), data=False)
+    )
     header.parameters[0].tensor.shape[:] = [1 << 14, 1 << 14]
     tracemalloc.start()
     try:
         with pytest.raises(grpc.RpcError) as e:
-            client.stub.CreateJob(stream_frames(coordinator_pb2.CoordinatorFrame,
-                                                "create_job", header, []), timeout=30)
+            client.stub.CreateJob(
+                stream_frames(coordinator_pb2.CoordinatorFrame, "create_job", header, []),
+                timeout=30,
+            )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     from gradmesh.wire.errors import from_rpc_error
+
     err = from_rpc_error(e.value)
     assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, "parameters[w]")
     assert peak < 64 << 20 and server.coordinator.jobs == {}
@@ -237,12 +260,12 @@ def test_create_job_headers_are_checked_before_allocating(coordinator):
 
 def test_a_failed_step_leaves_no_gradients_behind(coordinator):
     _, client = coordinator()
-    job, data = _job(client)                       # 20 rows, micro-batches of 8: 3
+    job, data = _job(client)  # 20 rows, micro-batches of 8: 3
     x, y = data[0]
     bad_y = y.copy()
-    bad_y[-1] = 7                                  # only the last micro-batch fails
+    bad_y[-1] = 7  # only the last micro-batch fails
     assert _raw_step(client, "j", 1, {"x": x, "y": bad_y}) == ("INVALID_ARGUMENT", "batch")
-    job.step(*data[1], step_id=1)                  # step 1 again, on another batch
+    job.step(*data[1], step_id=1)  # step 1 again, on another batch
     _, ref_client = coordinator()
     ref, _ = _job(ref_client, "ref")
     ref.step(*data[1])
@@ -253,38 +276,50 @@ def test_a_failed_step_leaves_no_gradients_behind(coordinator):
 def test_bad_jobs_get_the_right_status_and_field(coordinator):
     server, client = coordinator()
     model, data = _model(), _data()
-    graph = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0],
-                             data_names=["x", "y"])
+    graph = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0], data_names=["x", "y"])
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    fixed = core_graph.trace(lambda m, x, y: _loss(m, x, y), model, *data[0],
-                             data_names=["x", "y"], batch_dim=False)
+    fixed = core_graph.trace(
+        lambda m, x, y: _loss(m, x, y), model, *data[0], data_names=["x", "y"], batch_dim=False
+    )
 
     def create(graph=graph, params=params, optimizer=None, micro=4, job_id="k"):
-        header = coordinator_pb2.CreateJobRequest(job_id=job_id, graph=graph,
-                                                  micro_batch_size=micro)
+        header = coordinator_pb2.CreateJobRequest(
+            job_id=job_id, graph=graph, micro_batch_size=micro
+        )
         header.optimizer.CopyFrom(optimizer or shard_pb2.Optimizer(name="sgd", lr=0.1))
         for n, a in params.items():
             header.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(a, data=False))
         from gradmesh.wire.shard import stream_frames
-        frames = stream_frames(coordinator_pb2.CoordinatorFrame, "create_job", header,
-                               params.values())
+
+        frames = stream_frames(
+            coordinator_pb2.CoordinatorFrame, "create_job", header, params.values()
+        )
         with pytest.raises(grpc.RpcError) as e:
             client.stub.CreateJob(frames, timeout=30)
         from gradmesh.wire.errors import from_rpc_error
+
         err = from_rpc_error(e.value)
         return err.code.name, err.field
 
     assert create(micro=0) == ("INVALID_ARGUMENT", "micro_batch_size")
     assert create(job_id="a/b") == ("INVALID_ARGUMENT", "job_id")
-    assert create(optimizer=shard_pb2.Optimizer(name="rmsprop")) == \
-        ("INVALID_ARGUMENT", "optimizer")
-    assert create(optimizer=shard_pb2.Optimizer(name="sgd", lr=-1.0)) == \
-        ("INVALID_ARGUMENT", "optimizer")
+    assert create(optimizer=shard_pb2.Optimizer(name="rmsprop")) == (
+        "INVALID_ARGUMENT",
+        "optimizer",
+    )
+    assert create(optimizer=shard_pb2.Optimizer(name="sgd", lr=-1.0)) == (
+        "INVALID_ARGUMENT",
+        "optimizer",
+    )
     assert create(graph=fixed) == ("INVALID_ARGUMENT", "graph.inputs[4].shape")
-    assert create(params={**params, "0.weight": params["0.weight"].T.copy()}) == \
-        ("INVALID_ARGUMENT", "parameters[0.weight]")
-    assert create(params={k: v for k, v in params.items() if k != "2.bias"}) == \
-        ("INVALID_ARGUMENT", "parameters")
+    assert create(params={**params, "0.weight": params["0.weight"].T.copy()}) == (
+        "INVALID_ARGUMENT",
+        "parameters[0.weight]",
+    )
+    assert create(params={k: v for k, v in params.items() if k != "2.bias"}) == (
+        "INVALID_ARGUMENT",
+        "parameters",
+    )
     broken = type(graph)()
     broken.CopyFrom(graph)
     broken.nodes[0].op = "no_such_op"
@@ -303,7 +338,7 @@ def test_get_parameters_by_name_and_errors(coordinator):
         client.get_parameters("j", ["nope"])
     assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "names[0]")
     model = _model()
-    model.load_state_dict(job.parameters())          # round-trips into a local model
+    model.load_state_dict(job.parameters())  # round-trips into a local model
 
 
 class _Failing:
@@ -370,15 +405,15 @@ def test_no_worker_is_unavailable_and_changes_nothing(coordinator, workers):
     try:
         assert job.step(*data[0], step_id=1).version == 1
         listed = client.list_workers()
-        assert [(w.address, w.source, w.state) for w in listed] == \
-            [(workers[0].address, "registered", "ready")]
+        assert [(w.address, w.source, w.state) for w in listed] == [
+            (workers[0].address, "registered", "ready")
+        ]
     finally:
         reg.stop()
     stub = coordinator_pb2_grpc.CoordinatorStub(client._channel)
     assert not stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id="x"), timeout=10).known
     with pytest.raises(grpc.RpcError) as e:
-        stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address="nohost"),
-                            timeout=10)
+        stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address="nohost"), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -408,17 +443,15 @@ def test_a_worker_with_another_build_is_refused(coordinator, workers):
 
 def test_restart_continues_from_the_last_committed_step(coordinator, tmp_path):
     reference = _reference_params(coordinator)
-    server, client = coordinator(state_dir=str(tmp_path), embedded_shards=2,
-                                 checkpoint_every=100)
+    server, client = coordinator(state_dir=str(tmp_path), embedded_shards=2, checkpoint_every=100)
     job, data = _job(client)
     results = [job.step(x, y) for x, y in data[:3]]
     server.stop(0)
-    server.coordinator.close()                       # graceful: checkpoints everything
-    server, client = coordinator(state_dir=str(tmp_path), embedded_shards=2,
-                                 checkpoint_every=100)
+    server.coordinator.close()  # graceful: checkpoints everything
+    server, client = coordinator(state_dir=str(tmp_path), embedded_shards=2, checkpoint_every=100)
     job = client.job("j")
     assert job.status().version == 3 and job.next_step_id == 4
-    again = job.step(*data[2], step_id=3)            # a retry after the restart
+    again = job.step(*data[2], step_id=3)  # a retry after the restart
     assert again.replayed and again.loss == results[2].loss
     for x, y in data[3:]:
         job.step(x, y)
@@ -429,13 +462,11 @@ def test_a_crash_loses_no_acknowledged_step(coordinator, tmp_path):
     """Without a final checkpoint (a crash), the step logs of the coordinator and of its
     embedded shards bring back every step a client was told about, with its result."""
     reference = _reference_params(coordinator)
-    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2,
-                                 embedded_shards=2)
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2, embedded_shards=2)
     job, data = _job(client)
     results = [job.step(x, y) for x, y in data[:3]]
-    server.stop(0)                                   # no close(): no final checkpoint
-    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2,
-                                 embedded_shards=2)
+    server.stop(0)  # no close(): no final checkpoint
+    server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=2, embedded_shards=2)
     job = client.job("j")
     status = job.status()
     assert status.next_step_id == 4 and status.version == 3 and not status.error
@@ -475,9 +506,11 @@ class _FailAfterFirstGradient:
         self.calls += 1
         on_grad = kw.get("on_grad")
         if self.calls in self.fail_calls and on_grad is not None:
+
             def failing(name, array):
                 on_grad(name, array)
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "injected mid-stream failure")
+
             kw["on_grad"] = failing
         return self.inner(*args, **kw)
 
@@ -485,8 +518,7 @@ class _FailAfterFirstGradient:
         self.worker.worker.compute = self.inner
 
 
-def test_a_stream_that_fails_after_some_gradients_is_retried_bitwise_equal(coordinator,
-                                                                           workers):
+def test_a_stream_that_fails_after_some_gradients_is_retried_bitwise_equal(coordinator, workers):
     reference = _reference_params(coordinator)
     flaky = _FailAfterFirstGradient(workers[0], fail_calls={1})
     try:
@@ -502,7 +534,8 @@ def test_a_stream_that_fails_after_some_gradients_is_retried_bitwise_equal(coord
 
 
 def test_streamed_calls_to_a_worker_without_early_gradients_give_the_same_bits(
-        coordinator, workers, monkeypatch):
+    coordinator, workers, monkeypatch
+):
     """A worker that predates stream_gradients_early ignores it and answers the classic way
     (header with timings first, gradients in the requested order, no trailing frame)."""
     reference = _reference_params(coordinator)
@@ -516,18 +549,21 @@ def test_streamed_calls_to_a_worker_without_early_gradients_give_the_same_bits(
             first.request.stream_gradients_early = False
             yield first
             yield from request_iterator
+
         return inner(self, frames(), context)
+
     monkeypatch.setattr(worker_mod.WorkerService, "ComputeGradientsStream", classic)
-    old_worker = worker_mod.start("cpu")           # its handlers bind the patched method
+    old_worker = worker_mod.start("cpu")  # its handlers bind the patched method
     try:
-        _, client = coordinator(max_message_bytes=1 << 20, workers=[old_worker.address],
-                                shared_memory=False)
+        _, client = coordinator(
+            max_message_bytes=1 << 20, workers=[old_worker.address], shared_memory=False
+        )
         job, data = _job(client)
         timings = [job.step(x, y).timings for x, y in data]
         params = _params(job)
     finally:
         old_worker.stop(0)
-    assert seen and all(seen)                      # the coordinator asked for early gradients
+    assert seen and all(seen)  # the coordinator asked for early gradients
     assert all(t["worker_compute"] > 0 for t in timings)
     assert all(np.array_equal(a, reference[n]) for n, a in params.items())
 
@@ -540,6 +576,7 @@ def test_a_cuda_worker_trains_like_the_cpu_workers(coordinator, shared_memory):
     if not gm.cuda_available():
         pytest.skip("needs CuPy and a CUDA device")
     from gradmesh.server import runtime
+
     through_shm = runtime._get_metrics()["transport"].labels("shared_memory")
     reference = _reference_params(coordinator)
     cuda = worker_mod.start("cuda")
@@ -560,12 +597,12 @@ def _start_shard(state_dir, port=0):
     from gradmesh.server.runtime import ServerConfig
     from gradmesh.server.shard import serve_shard
     from gradmesh.server.shard_store import ShardStore
+
     running = serve_shard(ServerConfig(port=port), ShardStore(str(state_dir)))
     return running, running.address
 
 
-def test_a_killed_shard_wedges_with_a_reason_and_recovers_when_it_is_back(coordinator,
-                                                                         tmp_path):
+def test_a_killed_shard_wedges_with_a_reason_and_recovers_when_it_is_back(coordinator, tmp_path):
     """A shard that dies (no checkpoint on the way out: its state is the last checkpoint
     plus its step log) fails steps with UNAVAILABLE and says why in JobStatus.error; back
     on the same address, then on another one, the job resumes where the client was told
@@ -579,14 +616,14 @@ def test_a_killed_shard_wedges_with_a_reason_and_recovers_when_it_is_back(coordi
     for x, y in data[:3]:
         job.step(x, y)
     dead, _ = shards[1]
-    dead.stop(0)                                     # a crash: nothing saved on the way out
+    dead.stop(0)  # a crash: nothing saved on the way out
     with pytest.raises(GradmeshError) as e:
         job.step(*data[3])
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
     error = job.status().error
     assert addresses[1] in error and "shard 1" in error
     port = int(addresses[1].rsplit(":", 1)[1])
-    back, _ = _start_shard(tmp_path / "s1", port)   # same address, state from its directory
+    back, _ = _start_shard(tmp_path / "s1", port)  # same address, state from its directory
     running = [shards[0][0], back]
     try:
         assert job.status().error == ""
@@ -608,8 +645,7 @@ def test_a_killed_shard_wedges_with_a_reason_and_recovers_when_it_is_back(coordi
             r.stop(0)
 
 
-def test_a_crash_between_the_shards_applies_completes_the_step_on_retry(coordinator,
-                                                                       tmp_path):
+def test_a_crash_between_the_shards_applies_completes_the_step_on_retry(coordinator, tmp_path):
     """The coordinator dies after shard 0 applied step 3 and before shard 1 did: after a
     restart step 3 is pinned to its batch (the log's intent record); shard 0 rebuilds
     version 2 from its checkpoint and log for the workers, and the retry applies step 3
@@ -624,16 +660,17 @@ def test_a_crash_between_the_shards_applies_completes_the_step_on_retry(coordina
 
     def crash(*a, **k):
         raise ServiceError(grpc.StatusCode.UNAVAILABLE, "killed")
+
     shard1.apply = crash
     with pytest.raises(GradmeshError):
         job.step(*data[2])
     assert server.coordinator.shards[0].status("j") == (3, 3)
     assert shard1.status("j") == (2, 2)
-    server.stop(0)                                   # no close(): a crash
+    server.stop(0)  # no close(): a crash
     server, client = coordinator(**kw)
     job = client.job("j")
     assert job.next_step_id == 3 and job.status().error == ""
-    with pytest.raises(GradmeshError) as e:          # not with another batch
+    with pytest.raises(GradmeshError) as e:  # not with another batch
         job.step(*data[3], step_id=3)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and e.value.field == "step_id"
     for x, y in data[2:]:
@@ -645,6 +682,7 @@ def test_a_full_disk_at_a_checkpoint_loses_no_step(coordinator, tmp_path, monkey
     """Checkpoints that fail (ENOSPC) leave the previous one whole; the steps are in the
     step logs, so a crash afterwards still restores every acknowledged step."""
     from gradmesh.server import checkpoint
+
     reference = _reference_params(coordinator)
     kw = dict(state_dir=str(tmp_path), checkpoint_every=1, embedded_shards=2)
     server, client = coordinator(**kw)
@@ -654,11 +692,12 @@ def test_a_full_disk_at_a_checkpoint_loses_no_step(coordinator, tmp_path, monkey
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(checkpoint, "save", full)
     results = [job.step(x, y) for x, y in data[1:4]]
     assert [r.version for r in results] == [2, 3, 4]
     monkeypatch.setattr(checkpoint, "save", real)
-    server.stop(0)                                   # a crash
+    server.stop(0)  # a crash
     server, client = coordinator(**kw)
     job = client.job("j")
     assert job.status().version == 4 and job.step(*data[3], step_id=4).replayed
@@ -675,7 +714,7 @@ def test_a_shard_back_without_its_state_says_so(coordinator, tmp_path):
     job.step(*data[0])
     shards[1][0].stop(0)
     port = int(addresses[1].rsplit(":", 1)[1])
-    empty, _ = _start_shard(tmp_path / "empty", port)   # its state directory is lost
+    empty, _ = _start_shard(tmp_path / "empty", port)  # its state directory is lost
     try:
         with pytest.raises(GradmeshError) as e:
             job.step(*data[1])
@@ -687,8 +726,9 @@ def test_a_shard_back_without_its_state_says_so(coordinator, tmp_path):
         shards[0][0].stop(0)
 
 
-def test_a_full_disk_on_the_coordinators_step_log_applies_nothing(coordinator, tmp_path,
-                                                                  monkeypatch):
+def test_a_full_disk_on_the_coordinators_step_log_applies_nothing(
+    coordinator, tmp_path, monkeypatch
+):
     reference = _reference_params(coordinator)
     server, client = coordinator(state_dir=str(tmp_path), checkpoint_every=100)
     job, data = _job(client)
@@ -697,8 +737,9 @@ def test_a_full_disk_on_the_coordinators_step_log_applies_nothing(coordinator, t
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(log, "append", full)
-    with pytest.raises(GradmeshError) as e:             # the record before Apply fails
+    with pytest.raises(GradmeshError) as e:  # the record before Apply fails
         job.step(*data[1], step_id=2)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE and "step log" in str(e.value)
     assert job.status().version == 1

@@ -24,6 +24,7 @@ its google.rpc.BadRequest details, and after each example the server answers a h
 check and a known-good request exactly as it did before the example (nothing lost or
 corrupted). Examples are derandomized so CI runs the same cases every time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,7 @@ from gradmesh.v1 import (
 C = grpc.StatusCode
 OK, INVALID, EXHAUSTED = C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED
 NOT_FOUND, FAILED, EXISTS = C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS
-DEADLINE = 10.0                 # every call has one: a hang fails as DEADLINE_EXCEEDED
+DEADLINE = 10.0  # every call has one: a hang fails as DEADLINE_EXCEEDED
 
 # Allowed status codes per RPC (anything else, INTERNAL and UNKNOWN above all, fails):
 # - RegisterGraph: OK; INVALID_ARGUMENT for a malformed graph; RESOURCE_EXHAUSTED for a
@@ -84,21 +85,36 @@ COORDINATOR_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND, FAILED, EXISTS}
 # many examples from a random seed (to hunt for new bugs; hypothesis prints how to
 # reproduce a failure).
 SCALE = float(os.environ.get("GRADMESH_FUZZ_SCALE", "1"))
-FUZZ = settings(derandomize=SCALE <= 1, database=None, deadline=None, print_blob=SCALE > 1,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    derandomize=SCALE <= 1,
+    database=None,
+    deadline=None,
+    print_blob=SCALE > 1,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 # Random values overflow and divide by zero on purpose; NumPy's warnings are expected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-F32, F64, I64, I32, BOOL, F16 = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT64, tensor_pb2.INT64,
-                                 tensor_pb2.INT32, tensor_pb2.BOOL, tensor_pb2.FLOAT16)
+F32, F64, I64, I32, BOOL, F16 = (
+    tensor_pb2.FLOAT32,
+    tensor_pb2.FLOAT64,
+    tensor_pb2.INT64,
+    tensor_pb2.INT32,
+    tensor_pb2.BOOL,
+    tensor_pb2.FLOAT16,
+)
 NP_OF = {F32: "<f4", F64: "<f8", I64: "<i8", I32: "<i4", BOOL: "u1", F16: "<f2"}
 PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
 
 
 # ====================================================================== calling ==========
+
 
 def bad_request_field(error: grpc.RpcError) -> str | None:
     status = rpc_status.from_call(error)
@@ -128,12 +144,14 @@ def rpc(method, request, allowed, *, stream_response=False):
 
 
 def healthy(channel) -> None:
-    resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                     timeout=DEADLINE)
+    resp = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=DEADLINE
+    )
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 # ====================================================================== tensors ==========
+
 
 def tensor_bytes(dtype: int, n: int, seed: int, flavor: int) -> bytes:
     """Valid element bytes for ``n`` elements: small values, wide values or non-finite."""
@@ -145,7 +163,7 @@ def tensor_bytes(dtype: int, n: int, seed: int, flavor: int) -> bytes:
     elif dtype == BOOL:
         a = rng.integers(0, 2, n)
     else:
-        a = rng.integers(0, 4, n) if flavor < 2 else rng.integers(-2 ** 31, 2 ** 31 - 1, n)
+        a = rng.integers(0, 4, n) if flavor < 2 else rng.integers(-(2**31), 2**31 - 1, n)
     with np.errstate(over="ignore", invalid="ignore"):
         return a.astype(NP_OF[dtype]).tobytes()
 
@@ -172,12 +190,14 @@ def rarely(draw, odds: int = 9) -> bool:
     return draw(st.sampled_from([False] * odds + [True]))
 
 
-WEIRD_DIMS = [-1, -2, 2 ** 31, 2 ** 40, 2 ** 62, 2 ** 63 - 1, -2 ** 63]
+WEIRD_DIMS = [-1, -2, 2**31, 2**40, 2**62, 2**63 - 1, -(2**63)]
 dims = mostly(st.integers(1, 3), st.sampled_from([0] + WEIRD_DIMS), 12)
 shapes = st.lists(dims, max_size=3)
-dtype_enums = mostly(st.sampled_from([F32, F32, F32, F64, I64, I32, BOOL, F16]),
-                     st.sampled_from([0, 7, 99, -1, 2 ** 31 - 1]))
-seeds = st.integers(0, 2 ** 32 - 1)
+dtype_enums = mostly(
+    st.sampled_from([F32, F32, F32, F64, I64, I32, BOOL, F16]),
+    st.sampled_from([0, 7, 99, -1, 2**31 - 1]),
+)
+seeds = st.integers(0, 2**32 - 1)
 
 
 @st.composite
@@ -203,34 +223,89 @@ def data_for(draw, dtype: int, shape) -> bytes:
 OPS = sorted(REGISTRY)
 # Ops that accept most inputs (so that chains of them pass), and ops whose result depends
 # on the values of their inputs (indices, labels, masks): half of the nodes use these.
-EASY_OPS = ["relu", "neg", "exp", "tanh", "sigmoid", "abs", "sqrt", "log", "add", "mul",
-            "sub", "div", "pow", "maximum", "sum", "amax", "prod", "mm", "matmul", "cast",
-            "softmax", "log_softmax", "cumsum", "reshape", "permute", "flip", "expand",
-            "where", "clamp", "eq", "logical_not", "argmax", "argsort", "tril",
-            "embedding", "gather", "index", "index_put", "scatter_add", "nll_loss",
-            "nonzero", "dropout_mask", "slice", "cat", "stack"]
+EASY_OPS = [
+    "relu",
+    "neg",
+    "exp",
+    "tanh",
+    "sigmoid",
+    "abs",
+    "sqrt",
+    "log",
+    "add",
+    "mul",
+    "sub",
+    "div",
+    "pow",
+    "maximum",
+    "sum",
+    "amax",
+    "prod",
+    "mm",
+    "matmul",
+    "cast",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "reshape",
+    "permute",
+    "flip",
+    "expand",
+    "where",
+    "clamp",
+    "eq",
+    "logical_not",
+    "argmax",
+    "argsort",
+    "tril",
+    "embedding",
+    "gather",
+    "index",
+    "index_put",
+    "scatter_add",
+    "nll_loss",
+    "nonzero",
+    "dropout_mask",
+    "slice",
+    "cat",
+    "stack",
+]
 assert set(EASY_OPS) <= set(OPS)
-op_names = mostly(st.one_of(st.sampled_from(OPS), st.sampled_from(EASY_OPS)),
-                  st.sampled_from(["", "os_system", "__import__", "MM", "mm ", "eval"]), 15)
-HUGE_INTS = [2 ** 31, 2 ** 62, 2 ** 63 - 1, -2 ** 63, -2 ** 31 - 1]
+op_names = mostly(
+    st.one_of(st.sampled_from(OPS), st.sampled_from(EASY_OPS)),
+    st.sampled_from(["", "os_system", "__import__", "MM", "mm ", "eval"]),
+    15,
+)
+HUGE_INTS = [2**31, 2**62, 2**63 - 1, -(2**63), -(2**31) - 1]
 ints = mostly(st.integers(-2, 4), st.sampled_from(HUGE_INTS), 5)
-floats = mostly(st.floats(-3, 3), st.sampled_from([math.nan, math.inf, -math.inf, 1e308,
-                                                  -0.0, 5e-324]), 5)
+floats = mostly(
+    st.floats(-3, 3), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324]), 5
+)
 ATTR_VALUES = {
     "i": ints,
     "f": floats,
     "b": st.booleans(),
-    "s": st.one_of(st.sampled_from(["mean", "sum", "none", "tanh", "cpu", "cuda", ""]),
-                   st.text(max_size=4)),
-    "ints": mostly(st.lists(ints, max_size=4),
-                   st.lists(st.integers(-2, 3), min_size=65, max_size=70), 12),
+    "s": st.one_of(
+        st.sampled_from(["mean", "sum", "none", "tanh", "cpu", "cuda", ""]), st.text(max_size=4)
+    ),
+    "ints": mostly(
+        st.lists(ints, max_size=4), st.lists(st.integers(-2, 3), min_size=65, max_size=70), 12
+    ),
     "floats": st.lists(floats, max_size=4),
-    "dtype": st.sampled_from(["float32", "float64", "int64", "int32", "bool", "float16",
-                              "complex64", "", "object"]),
+    "dtype": st.sampled_from(
+        ["float32", "float64", "int64", "int32", "bool", "float16", "complex64", "", "object"]
+    ),
     "none": st.just(True),
 }
-KIND_FIELD = {"int": "i", "float": "f", "bool": "b", "str": "s", "ints": "ints",
-              "floats": "floats", "dtype": "dtype"}
+KIND_FIELD = {
+    "int": "i",
+    "float": "f",
+    "bool": "b",
+    "str": "s",
+    "ints": "ints",
+    "floats": "floats",
+    "dtype": "dtype",
+}
 
 
 def set_attr(a: graph_pb2.Attribute, which: str, value) -> None:
@@ -247,14 +322,14 @@ def attributes(draw, op):
     declared = sorted(op.attrs) if op is not None else []
     names = draw(st.lists(st.sampled_from(declared), unique=True)) if declared else []
     if rarely(draw):
-        names.append(draw(st.sampled_from(["bogus", ""] + declared)))   # unknown or twice
+        names.append(draw(st.sampled_from(["bogus", ""] + declared)))  # unknown or twice
     for name in names:
         kind = op.attrs[name][0] if op is not None and name in op.attrs else "int"
         which = KIND_FIELD[kind.rstrip("?")]
         if kind.endswith("?") and rarely(draw, 3):
             which = "none"
         if rarely(draw):
-            which = draw(st.sampled_from(sorted(ATTR_VALUES)))           # the wrong kind
+            which = draw(st.sampled_from(sorted(ATTR_VALUES)))  # the wrong kind
         a = graph_pb2.Attribute(name=name)
         set_attr(a, which, draw(ATTR_VALUES[which]))
         out.append(a)
@@ -263,11 +338,11 @@ def attributes(draw, op):
 
 @st.composite
 def graphs(draw) -> graph_pb2.Graph:
-    g = graph_pb2.Graph(version=draw(mostly(st.just(1), st.sampled_from([0, 2, 2 ** 32 - 1]),
-                                            15)))
+    g = graph_pb2.Graph(version=draw(mostly(st.just(1), st.sampled_from([0, 2, 2**32 - 1]), 15)))
     for i in range(draw(st.integers(0, 4))):
-        role = draw(mostly(st.sampled_from([PARAM, DATA, DATA, CONST]),
-                           st.sampled_from([0, 9, -3]), 15))
+        role = draw(
+            mostly(st.sampled_from([PARAM, DATA, DATA, CONST]), st.sampled_from([0, 9, -3]), 15)
+        )
         dtype = draw(dtype_enums)
         shape = draw(shapes)
         if role == PARAM and not rarely(draw):
@@ -285,32 +360,39 @@ def graphs(draw) -> graph_pb2.Graph:
     for k in range(draw(st.integers(0, 5))):
         name = draw(op_names)
         op = REGISTRY.get(name)
-        arity = op.arity if op is not None and op.arity is not None else \
-            draw(st.integers(1, 3))
+        arity = op.arity if op is not None and op.arity is not None else draw(st.integers(1, 3))
         if rarely(draw, 15):
             arity = draw(st.integers(0, 4))
         values = n_in + k
         # Mostly the newest values (a chain), sometimes any, rarely undefined ones.
         recent = st.integers(max(values - 2, 0), values - 1) if values else st.just(0)
         anywhere = st.integers(0, values - 1) if values else st.just(0)
-        value_ids = mostly(st.one_of(recent, recent, anywhere),
-                           st.sampled_from([values, values + 3, 2 ** 32 - 1]), 20)
-        g.nodes.add(op=name, inputs=[draw(value_ids) for _ in range(arity)],
-                    attrs=draw(attributes(op)))
+        value_ids = mostly(
+            st.one_of(recent, recent, anywhere),
+            st.sampled_from([values, values + 3, 2**32 - 1]),
+            20,
+        )
+        g.nodes.add(
+            op=name, inputs=[draw(value_ids) for _ in range(arity)], attrs=draw(attributes(op))
+        )
     values = n_in + len(g.nodes)
     if values and not rarely(draw, 5):
         # Make a floating scalar loss of the last value, so that many graphs pass.
-        g.nodes.add(op="cast", inputs=[values - 1],
-                    attrs=[graph_pb2.Attribute(name="dtype", dtype="float32")])
+        g.nodes.add(
+            op="cast",
+            inputs=[values - 1],
+            attrs=[graph_pb2.Attribute(name="dtype", dtype="float32")],
+        )
         g.nodes.add(op="sum", inputs=[values])
         values += 2
     last = max(values - 1, 0)
     if not rarely(draw, 15):
         g.outputs.add(name="loss", value=last)
     for j in range(draw(st.integers(0, 2))):
-        g.outputs.add(name=draw(mostly(st.just(f"out{j}"), st.sampled_from(["loss", ""]))),
-                      value=draw(mostly(st.integers(0, last),
-                                        st.sampled_from([values, 2 ** 32 - 1]))))
+        g.outputs.add(
+            name=draw(mostly(st.just(f"out{j}"), st.sampled_from(["loss", ""]))),
+            value=draw(mostly(st.integers(0, last), st.sampled_from([values, 2**32 - 1]))),
+        )
     return g
 
 
@@ -321,17 +403,21 @@ def requests_for(draw, g: graph_pb2.Graph, **ref) -> worker_pb2.ComputeGradients
     batch = draw(st.sampled_from([1, 2, 3, 0]))
     for inp in g.inputs:
         if inp.role not in (PARAM, DATA) or rarely(draw, 20):
-            continue                                            # CONST, or a missing input
-        shape = [batch if (j == 0 and d == -1 and inp.role == DATA) else d
-                 for j, d in enumerate(inp.shape)]
+            continue  # CONST, or a missing input
+        shape = [
+            batch if (j == 0 and d == -1 and inp.role == DATA) else d
+            for j, d in enumerate(inp.shape)
+        ]
         dtype = draw(dtype_enums) if rarely(draw, 15) else inp.dtype
         field = req.parameters if inp.role == PARAM else req.data
         field.add(name=inp.name, tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
     if rarely(draw, 15):
         extra = req.parameters if draw(st.booleans()) else req.data
         dtype, shape = draw(dtype_enums), draw(shapes)
-        extra.add(name=draw(st.sampled_from(["zz", "", "in0"])),
-                  tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
+        extra.add(
+            name=draw(st.sampled_from(["zz", "", "in0"])),
+            tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))),
+        )
     params = [i.name for i in g.inputs if i.role == PARAM]
     names = params + ["nope"] if rarely(draw) else params
     if names and draw(st.booleans()):
@@ -339,9 +425,10 @@ def requests_for(draw, g: graph_pb2.Graph, **ref) -> worker_pb2.ComputeGradients
     outs = [o.name for o in g.outputs[1:]] + (["nope"] if rarely(draw, 3) else [])
     if outs and draw(st.booleans()):
         req.outputs.extend(draw(st.lists(st.sampled_from(outs), max_size=2)))
-    req.loss_scale = draw(mostly(st.sampled_from([0.0, 0.5, -2.0]),
-                                 st.sampled_from([math.nan, math.inf, 1e300])))
-    req.seed = draw(st.integers(0, 2 ** 64 - 1))
+    req.loss_scale = draw(
+        mostly(st.sampled_from([0.0, 0.5, -2.0]), st.sampled_from([math.nan, math.inf, 1e300]))
+    )
+    req.seed = draw(st.integers(0, 2**64 - 1))
     return req
 
 
@@ -353,8 +440,8 @@ def graph_cases(draw):
 
 # ====================================================================== the worker =======
 
-W = [1.0, -2.0, 3.0, 0.5, -1.0, 2.0]                       # [3, 2]
-X = [1.0, 2.0, 3.0, -4.0, 5.0, 6.0]                        # [2, 3]
+W = [1.0, -2.0, 3.0, 0.5, -1.0, 2.0]  # [3, 2]
+X = [1.0, 2.0, 3.0, -4.0, 5.0, 6.0]  # [2, 3]
 W_BYTES, X_BYTES = struct.pack("<6f", *W), struct.pack("<6f", *X)
 
 
@@ -362,29 +449,35 @@ def hand_graph() -> graph_pb2.Graph:
     """loss = sum(x @ w): w PARAM float32 [3, 2], x DATA float32 [-1, 3]."""
     return graph_pb2.Graph(
         version=1,
-        inputs=[graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[3, 2]),
-                graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[-1, 3])],
+        inputs=[
+            graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[3, 2]),
+            graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[-1, 3]),
+        ],
         nodes=[graph_pb2.Node(op="mm", inputs=[1, 0]), graph_pb2.Node(op="sum", inputs=[2])],
-        outputs=[graph_pb2.Output(name="loss", value=3),
-                 graph_pb2.Output(name="logits", value=2)])
+        outputs=[graph_pb2.Output(name="loss", value=3), graph_pb2.Output(name="logits", value=2)],
+    )
 
 
 def index_graph() -> graph_pb2.Graph:
     """Data-dependent ops: loss = nll_loss(log_softmax((x + emb[idx]) @ w), y)."""
     return graph_pb2.Graph(
         version=1,
-        inputs=[graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[3, 2]),     # 0
-                graph_pb2.Input(name="emb", role=PARAM, dtype=F32, shape=[4, 3]),   # 1
-                graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[-1, 3]),     # 2
-                graph_pb2.Input(name="idx", role=DATA, dtype=I64, shape=[-1]),      # 3
-                graph_pb2.Input(name="y", role=DATA, dtype=I64, shape=[-1])],       # 4
-        nodes=[graph_pb2.Node(op="embedding", inputs=[3, 1]),                       # 5
-               graph_pb2.Node(op="add", inputs=[2, 5]),                             # 6
-               graph_pb2.Node(op="mm", inputs=[6, 0]),                              # 7
-               graph_pb2.Node(op="log_softmax", inputs=[7]),                        # 8
-               graph_pb2.Node(op="nll_loss", inputs=[8, 4])],                       # 9
-        outputs=[graph_pb2.Output(name="loss", value=9),
-                 graph_pb2.Output(name="logits", value=7)])
+        inputs=[
+            graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[3, 2]),  # 0
+            graph_pb2.Input(name="emb", role=PARAM, dtype=F32, shape=[4, 3]),  # 1
+            graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[-1, 3]),  # 2
+            graph_pb2.Input(name="idx", role=DATA, dtype=I64, shape=[-1]),  # 3
+            graph_pb2.Input(name="y", role=DATA, dtype=I64, shape=[-1]),
+        ],  # 4
+        nodes=[
+            graph_pb2.Node(op="embedding", inputs=[3, 1]),  # 5
+            graph_pb2.Node(op="add", inputs=[2, 5]),  # 6
+            graph_pb2.Node(op="mm", inputs=[6, 0]),  # 7
+            graph_pb2.Node(op="log_softmax", inputs=[7]),  # 8
+            graph_pb2.Node(op="nll_loss", inputs=[8, 4]),
+        ],  # 9
+        outputs=[graph_pb2.Output(name="loss", value=9), graph_pb2.Output(name="logits", value=7)],
+    )
 
 
 def good_request(**ref) -> worker_pb2.ComputeGradientsRequest:
@@ -392,20 +485,30 @@ def good_request(**ref) -> worker_pb2.ComputeGradientsRequest:
     return worker_pb2.ComputeGradientsRequest(
         parameters=[tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2], W_BYTES))],
         data=[tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, [2, 3], X_BYTES))],
-        outputs=["logits"], **ref)
+        outputs=["logits"],
+        **ref,
+    )
 
 
 def answer(resp: worker_pb2.ComputeGradientsResponse) -> tuple:
     """What must not change between calls: everything but the timings."""
-    return (resp.graph_id, resp.loss.SerializeToString(),
-            [o.SerializeToString() for o in resp.outputs],
-            [g.SerializeToString() for g in resp.gradients])
+    return (
+        resp.graph_id,
+        resp.loss.SerializeToString(),
+        [o.SerializeToString() for o in resp.outputs],
+        [g.SerializeToString() for g in resp.gradients],
+    )
 
 
 # Small limits: every graph that passes is cheap to run, and the limits are exercised.
-FUZZ_LIMITS = worker_mod.WorkerLimits(max_graph_nodes=32, max_graph_inputs=16,
-                                      max_tensor_elements=1 << 16, max_const_bytes=1 << 14,
-                                      max_attr_values=64, max_stream_bytes=1 << 20)
+FUZZ_LIMITS = worker_mod.WorkerLimits(
+    max_graph_nodes=32,
+    max_graph_inputs=16,
+    max_tensor_elements=1 << 16,
+    max_const_bytes=1 << 14,
+    max_attr_values=64,
+    max_stream_bytes=1 << 20,
+)
 
 
 class Served:
@@ -426,10 +529,12 @@ class Served:
 def fuzz_worker():
     served = Served(worker_mod.start("cpu", limits=FUZZ_LIMITS), worker_pb2_grpc.WorkerStub)
     stub = served.stub
-    served.hand_id = stub.RegisterGraph(worker_pb2.RegisterGraphRequest(graph=hand_graph()),
-                                        timeout=DEADLINE).graph_id
-    served.index_id = stub.RegisterGraph(worker_pb2.RegisterGraphRequest(graph=index_graph()),
-                                         timeout=DEADLINE).graph_id
+    served.hand_id = stub.RegisterGraph(
+        worker_pb2.RegisterGraphRequest(graph=hand_graph()), timeout=DEADLINE
+    ).graph_id
+    served.index_id = stub.RegisterGraph(
+        worker_pb2.RegisterGraphRequest(graph=index_graph()), timeout=DEADLINE
+    ).graph_id
     served.baseline = answer(stub.ComputeGradients(good_request(), timeout=DEADLINE))
     yield served
     served.close()
@@ -439,10 +544,8 @@ def check_worker(served) -> None:
     """The worker answers a health check and the known-good request bit for bit as before,
     inline and by the id registered at the start (so its graph cache lost nothing)."""
     healthy(served.channel)
-    assert answer(served.stub.ComputeGradients(good_request(), timeout=DEADLINE)) == \
-        served.baseline
-    by_id = served.stub.ComputeGradients(good_request(graph_id=served.hand_id),
-                                         timeout=DEADLINE)
+    assert answer(served.stub.ComputeGradients(good_request(), timeout=DEADLINE)) == served.baseline
+    by_id = served.stub.ComputeGradients(good_request(graph_id=served.hand_id), timeout=DEADLINE)
     assert answer(by_id) == served.baseline
 
 
@@ -464,8 +567,9 @@ def check_reply(req, graph, resp) -> None:
 def test_fuzz_random_graphs(fuzz_worker, case):
     graph, req = case
     stub = fuzz_worker.stub
-    code, resp, field = rpc(stub.RegisterGraph, worker_pb2.RegisterGraphRequest(graph=graph),
-                            GRAPH_CODES)
+    code, resp, field = rpc(
+        stub.RegisterGraph, worker_pb2.RegisterGraphRequest(graph=graph), GRAPH_CODES
+    )
     if code == OK:
         # The id is that of the canonical form: attributes sorted, defaults left out.
         canonical = graph_pb2.Graph()
@@ -475,8 +579,10 @@ def test_fuzz_random_graphs(fuzz_worker, case):
             attrs = core_graph.encode_attrs(op, core_graph.decode_attrs(op, node.attrs))
             del node.attrs[:]
             node.attrs.extend(attrs)
-        assert resp.graph_id == hashlib.sha256(
-            canonical.SerializeToString(deterministic=True)).hexdigest()
+        assert (
+            resp.graph_id
+            == hashlib.sha256(canonical.SerializeToString(deterministic=True)).hexdigest()
+        )
     else:
         assert field.startswith("graph")
     code2, resp2, field2 = rpc(stub.ComputeGradients, req, COMPUTE_CODES)
@@ -502,15 +608,19 @@ def stream_call(channel, req: worker_pb2.ComputeGradientsRequest, early: bool) -
     frames = [None]
     for i, nt in enumerate(list(header.parameters) + list(header.data)):
         if nt.tensor.data:
-            frames.append(worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(
-                tensor_index=i, data=nt.tensor.data)))
+            frames.append(
+                worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=i, data=nt.tensor.data))
+            )
         nt.tensor.data = b""
     frames[0] = worker_pb2.StreamFrame(request=header)
     stub = worker_pb2_grpc.WorkerStub(channel)
     replies = list(stub.ComputeGradientsStream(iter(frames), timeout=DEADLINE))
     head = replies[0].response
-    slots = [("loss", "", head.loss)] + [("outputs", o.name, o.tensor) for o in head.outputs] + \
-        [("gradients", g.name, g.tensor) for g in head.gradients]
+    slots = (
+        [("loss", "", head.loss)]
+        + [("outputs", o.name, o.tensor) for o in head.outputs]
+        + [("gradients", g.name, g.tensor) for g in head.gradients]
+    )
     data = [b""] * len(slots)
     for r in replies[1:]:
         if r.WhichOneof("kind") == "chunk":
@@ -529,14 +639,18 @@ def unary_tensors(resp: worker_pb2.ComputeGradientsResponse) -> dict:
 
 # -------------------------------------------------------------- (b) random tensors ------
 
+
 @st.composite
 def named_tensor_lists(draw, names):
     out = []
     for _ in range(draw(st.integers(0, 4))):
         dtype, shape = draw(dtype_enums), draw(shapes)
-        out.append(tensor_pb2.NamedTensor(name=draw(st.sampled_from(names)),
-                                          tensor=make_tensor(dtype, shape,
-                                                             draw(data_for(dtype, shape)))))
+        out.append(
+            tensor_pb2.NamedTensor(
+                name=draw(st.sampled_from(names)),
+                tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))),
+            )
+        )
     return out
 
 
@@ -544,16 +658,24 @@ def named_tensor_lists(draw, names):
 def tensor_cases(draw, hand_id: str, index_id: str):
     which = draw(st.sampled_from(["hand", "index", "index", "random"]))
     graph = index_graph() if which == "index" else hand_graph()
-    ref = draw(st.sampled_from([
-        {"graph_id": hand_id if which != "index" else index_id},
-        {"graph_id": hand_id if which != "index" else index_id},
-        {"graph": graph}, {"graph_id": "0" * 64}, {"graph_id": ""}, {}]))
+    ref = draw(
+        st.sampled_from(
+            [
+                {"graph_id": hand_id if which != "index" else index_id},
+                {"graph_id": hand_id if which != "index" else index_id},
+                {"graph": graph},
+                {"graph_id": "0" * 64},
+                {"graph_id": ""},
+                {},
+            ]
+        )
+    )
     if which == "random":
         # Free-form tensors: names, dtypes, shapes and lengths all random.
         names = ["w", "x", "emb", "idx", "y", "", "zz"]
         req = worker_pb2.ComputeGradientsRequest(
-            **ref, parameters=draw(named_tensor_lists(names)),
-            data=draw(named_tensor_lists(names)))
+            **ref, parameters=draw(named_tensor_lists(names)), data=draw(named_tensor_lists(names))
+        )
         return graph, req
     # Tensors that fit the graph, then a few single-field mutations.
     req = draw(requests_for(graph, **ref))
@@ -574,8 +696,12 @@ def tensor_cases(draw, hand_id: str, index_id: str):
         elif what == "values" and t.dtype in NP_OF and small_count(t.shape) is not None:
             # Right length, any value: out-of-range indices and labels, NaN, bool 7.
             n = small_count(t.shape)
-            t.data = draw(st.binary(min_size=n * np.dtype(NP_OF[t.dtype]).itemsize,
-                                    max_size=n * np.dtype(NP_OF[t.dtype]).itemsize))
+            t.data = draw(
+                st.binary(
+                    min_size=n * np.dtype(NP_OF[t.dtype]).itemsize,
+                    max_size=n * np.dtype(NP_OF[t.dtype]).itemsize,
+                )
+            )
     return graph, req
 
 
@@ -592,6 +718,7 @@ def test_fuzz_random_tensors(fuzz_worker, data):
 
 # -------------------------------------------------------------- (c) stream frames -------
 
+
 def stream_header(graph_ref: dict) -> worker_pb2.ComputeGradientsRequest:
     req = good_request(**graph_ref)
     for nt in list(req.parameters) + list(req.data):
@@ -607,15 +734,20 @@ def cuts(draw, data: bytes) -> list[tuple[int, bytes]]:
     return [(a, data[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-def reference_assembly(chunks: list[tuple[int, int, bytes]], sizes: list[int]
-                       ) -> list[bytes] | None:
+def reference_assembly(
+    chunks: list[tuple[int, int, bytes]], sizes: list[int]
+) -> list[bytes] | None:
     """The tensors' bytes if a chunk sequence is a valid stream (tensor.proto's Chunk
     rules: each tensor's bytes in order, contiguous from 0, non-empty chunks, nothing past
     the end, nothing missing), else None."""
     current, data_of = 0, [b""] * len(sizes)
     for index, offset, data in chunks:
-        if index != current or offset != len(data_of[index]) or not data or \
-                offset + len(data) > sizes[index]:
+        if (
+            index != current
+            or offset != len(data_of[index])
+            or not data
+            or offset + len(data) > sizes[index]
+        ):
             return None
         data_of[index] += data
         while current < len(sizes) and len(data_of[current]) == sizes[current]:
@@ -631,8 +763,7 @@ def stream_cases(draw, hand_id: str):
     """(frames, valid): the frames of a ComputeGradientsStream call, and whether they
     form a valid request (None when the header itself is fuzzed); valid is "known" when
     the tensors' bytes are the known-good request's."""
-    header = stream_header(draw(st.sampled_from([{"graph_id": hand_id},
-                                                 {"graph": hand_graph()}])))
+    header = stream_header(draw(st.sampled_from([{"graph_id": hand_id}, {"graph": hand_graph()}])))
     header.stream_gradients_early = draw(st.booleans())
     valid: bool | None = True
     if draw(st.integers(0, 5)) == 0:
@@ -646,8 +777,9 @@ def stream_cases(draw, hand_id: str):
         else:
             t.data = b"\0" * 4
         valid = None
-    chunks = [(0, o, d) for o, d in draw(cuts(W_BYTES))] + \
-        [(1, o, d) for o, d in draw(cuts(X_BYTES))]
+    chunks = [(0, o, d) for o, d in draw(cuts(W_BYTES))] + [
+        (1, o, d) for o, d in draw(cuts(X_BYTES))
+    ]
     for _ in range(draw(st.integers(0, 3))):
         what = draw(st.sampled_from(MUTATIONS))
         k = draw(st.integers(0, len(chunks) - 1)) if chunks else 0
@@ -657,30 +789,40 @@ def stream_cases(draw, hand_id: str):
         if what == "drop":
             del chunks[k]
         elif what == "duplicate":
-            chunks.insert(k, chunks[k])                 # overlapping bytes
+            chunks.insert(k, chunks[k])  # overlapping bytes
         elif what == "swap" and k + 1 < len(chunks):
             chunks[k], chunks[k + 1] = chunks[k + 1], chunks[k]
         elif what == "index":
-            chunks[k] = (draw(st.sampled_from([0, 1, 2, 2 ** 32 - 1])), o, d)
+            chunks[k] = (draw(st.sampled_from([0, 1, 2, 2**32 - 1])), o, d)
         elif what == "offset":
-            chunks[k] = (i, draw(st.sampled_from([0, min(o + 1, 2 ** 64 - 1), max(o - 1, 0), 24,
-                                                  2 ** 64 - 1])), d)
+            chunks[k] = (
+                i,
+                draw(st.sampled_from([0, min(o + 1, 2**64 - 1), max(o - 1, 0), 24, 2**64 - 1])),
+                d,
+            )
         elif what == "extra":
-            chunks[k] = (i, o, d + b"\0" * draw(st.integers(1, 30)))   # too many bytes
+            chunks[k] = (i, o, d + b"\0" * draw(st.integers(1, 30)))  # too many bytes
         elif what == "empty":
             chunks[k] = (i, o, b"")
         elif what == "truncate":
             chunks[k] = (i, o, d[:-1])
     if valid is not None:
         assembled = reference_assembly(chunks, [len(W_BYTES), len(X_BYTES)])
-        valid = assembled is not None and ("known" if assembled == [W_BYTES, X_BYTES]
-                                           else True)
-    frames = [worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=i, offset=o, data=d))
-              .SerializeToString() for i, o, d in chunks]
+        valid = assembled is not None and ("known" if assembled == [W_BYTES, X_BYTES] else True)
+    frames = [
+        worker_pb2.StreamFrame(
+            chunk=tensor_pb2.Chunk(tensor_index=i, offset=o, data=d)
+        ).SerializeToString()
+        for i, o, d in chunks
+    ]
     frames.insert(0, worker_pb2.StreamFrame(request=header).SerializeToString())
     # Frames of the wrong kind or order, and bytes that are no StreamFrame at all.
-    wrong = draw(st.sampled_from([None] * 6 + ["chunk_first", "second_header", "response",
-                                              "empty_frame", "garbage", "no_header"]))
+    wrong = draw(
+        st.sampled_from(
+            [None] * 6
+            + ["chunk_first", "second_header", "response", "empty_frame", "garbage", "no_header"]
+        )
+    )
     if wrong is not None:
         valid = False
         at = draw(st.integers(0, len(frames)))
@@ -689,13 +831,23 @@ def stream_cases(draw, hand_id: str):
         elif wrong == "second_header":
             frames.insert(max(at, 1), frames[0])
         elif wrong == "response":
-            frames.insert(at, worker_pb2.StreamFrame(
-                response=worker_pb2.ComputeGradientsResponse()).SerializeToString())
+            frames.insert(
+                at,
+                worker_pb2.StreamFrame(
+                    response=worker_pb2.ComputeGradientsResponse()
+                ).SerializeToString(),
+            )
         elif wrong == "empty_frame":
-            frames.insert(at, b"")                      # a StreamFrame with no kind set
+            frames.insert(at, b"")  # a StreamFrame with no kind set
         elif wrong == "garbage":
-            frames.insert(at, draw(st.sampled_from([b"\xff\xff\xff", b"\x1a\x05\x08",
-                                                    b"\x0a\x7f", b"\x1a\x02\x1a\x09"])))
+            frames.insert(
+                at,
+                draw(
+                    st.sampled_from(
+                        [b"\xff\xff\xff", b"\x1a\x05\x08", b"\x0a\x7f", b"\x1a\x02\x1a\x09"]
+                    )
+                ),
+            )
         elif wrong == "no_header":
             frames.pop(0)
     return frames, valid
@@ -707,10 +859,16 @@ def test_fuzz_stream_frames(fuzz_worker, data):
     frames, valid = data.draw(stream_cases(fuzz_worker.hand_id))
     # Raw bytes on the wire (identity serializer): a client in any language can send these.
     call = fuzz_worker.channel.stream_stream(
-        "/gradmesh.v1.Worker/ComputeGradientsStream", request_serializer=lambda b: b,
-        response_deserializer=worker_pb2.StreamFrame.FromString)
-    code, replies, _ = rpc(lambda it, timeout: call(it, timeout=timeout), iter(frames),
-                           COMPUTE_CODES, stream_response=True)
+        "/gradmesh.v1.Worker/ComputeGradientsStream",
+        request_serializer=lambda b: b,
+        response_deserializer=worker_pb2.StreamFrame.FromString,
+    )
+    code, replies, _ = rpc(
+        lambda it, timeout: call(it, timeout=timeout),
+        iter(frames),
+        COMPUTE_CODES,
+        stream_response=True,
+    )
     event(f"{code.name}, valid: {valid}")
     if valid is not None:
         assert (code == OK) == bool(valid), f"{code} for a {'valid' if valid else 'bad'} stream"
@@ -726,51 +884,80 @@ def test_fuzz_stream_frames(fuzz_worker, data):
 
 # ====================================================================== the shard ========
 
-SENTINEL = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
-            "b": np.array([1.5, -2.0, 0.25, 8.0], np.float32)}
+SENTINEL = {
+    "w": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+    "b": np.array([1.5, -2.0, 0.25, 8.0], np.float32),
+}
 FZ = {"w": np.ones((3, 4), np.float32), "b": np.zeros(4, np.float32)}
-SHARD_JOB_IDS = ["fz", "fz", "fz", "nope", "", "a/b", ".", "..", "x" * 129, "ü", "fz\n",
-                 "x" * 128]
+SHARD_JOB_IDS = ["fz", "fz", "fz", "nope", "", "a/b", ".", "..", "x" * 129, "ü", "fz\n", "x" * 128]
 
 
 def named_headers(arrays: dict) -> list[tensor_pb2.NamedTensor]:
-    wire = {np.dtype(np.float32): F32, np.dtype(np.float64): F64, np.dtype(np.float16): F16,
-            np.dtype(np.int64): I64}
-    return [tensor_pb2.NamedTensor(name=n, tensor=make_tensor(wire[a.dtype], a.shape))
-            for n, a in arrays.items()]
+    wire = {
+        np.dtype(np.float32): F32,
+        np.dtype(np.float64): F64,
+        np.dtype(np.float16): F16,
+        np.dtype(np.int64): I64,
+    }
+    return [
+        tensor_pb2.NamedTensor(name=n, tensor=make_tensor(wire[a.dtype], a.shape))
+        for n, a in arrays.items()
+    ]
 
 
 def tensor_frames(frame_cls, kind, header, buffers, chunk=16):
     frames = [frame_cls(**{kind: header})]
     for i, buf in enumerate(buffers):
         for off in range(0, len(buf), chunk):
-            frames.append(frame_cls(chunk=tensor_pb2.Chunk(tensor_index=i, offset=off,
-                                                           data=buf[off:off + chunk])))
+            frames.append(
+                frame_cls(
+                    chunk=tensor_pb2.Chunk(tensor_index=i, offset=off, data=buf[off : off + chunk])
+                )
+            )
     return frames
 
 
 def load_frames(job_id, arrays, optimizer):
-    header = shard_pb2.LoadRequest(job_id=job_id, parameters=named_headers(arrays),
-                                   optimizer=optimizer)
-    return tensor_frames(shard_pb2.ShardFrame, "load", header,
-                         [a.tobytes() for a in arrays.values()])
+    header = shard_pb2.LoadRequest(
+        job_id=job_id, parameters=named_headers(arrays), optimizer=optimizer
+    )
+    return tensor_frames(
+        shard_pb2.ShardFrame, "load", header, [a.tobytes() for a in arrays.values()]
+    )
 
 
 # Optimizers: mostly valid ones (so that jobs get created and steps applied), sometimes
 # bad names, fields the optimizer does not take, negative, NaN or infinite values.
-GOOD_OPTIMIZERS = [shard_pb2.Optimizer(name="sgd", lr=0.5),
-                   shard_pb2.Optimizer(name="sgd", lr=0.1, momentum=0.9, nesterov=True),
-                   shard_pb2.Optimizer(name="adam", lr=0.01, beta1=0.5),
-                   shard_pb2.Optimizer(name="adamw", amsgrad=True, weight_decay=0.0)]
-optimizers = mostly(st.sampled_from(GOOD_OPTIMIZERS), st.builds(
-    lambda name, lr, momentum, beta1, nesterov: shard_pb2.Optimizer(
-        name=name, **{k: v for k, v in (("lr", lr), ("momentum", momentum), ("beta1", beta1),
-                                        ("nesterov", nesterov)) if v is not None}),
-    st.sampled_from(["sgd", "sgd", "adam", "adamw", "", "rmsprop", "SGD"]),
-    st.one_of(st.none(), st.sampled_from([0.1, 0.0, -1.0, math.nan, math.inf, 1e308])),
-    st.one_of(st.none(), st.sampled_from([0.9, -0.5, math.nan])),
-    st.one_of(st.none(), st.sampled_from([0.5, 1.0, -0.1, math.nan])),
-    st.one_of(st.none(), st.booleans())), 3)
+GOOD_OPTIMIZERS = [
+    shard_pb2.Optimizer(name="sgd", lr=0.5),
+    shard_pb2.Optimizer(name="sgd", lr=0.1, momentum=0.9, nesterov=True),
+    shard_pb2.Optimizer(name="adam", lr=0.01, beta1=0.5),
+    shard_pb2.Optimizer(name="adamw", amsgrad=True, weight_decay=0.0),
+]
+optimizers = mostly(
+    st.sampled_from(GOOD_OPTIMIZERS),
+    st.builds(
+        lambda name, lr, momentum, beta1, nesterov: shard_pb2.Optimizer(
+            name=name,
+            **{
+                k: v
+                for k, v in (
+                    ("lr", lr),
+                    ("momentum", momentum),
+                    ("beta1", beta1),
+                    ("nesterov", nesterov),
+                )
+                if v is not None
+            },
+        ),
+        st.sampled_from(["sgd", "sgd", "adam", "adamw", "", "rmsprop", "SGD"]),
+        st.one_of(st.none(), st.sampled_from([0.1, 0.0, -1.0, math.nan, math.inf, 1e308])),
+        st.one_of(st.none(), st.sampled_from([0.9, -0.5, math.nan])),
+        st.one_of(st.none(), st.sampled_from([0.5, 1.0, -0.1, math.nan])),
+        st.one_of(st.none(), st.booleans()),
+    ),
+    3,
+)
 
 
 @st.composite
@@ -783,12 +970,16 @@ def tensor_sets(draw, like: dict) -> tuple[list, list[bytes]]:
             headers.append(tensor_pb2.NamedTensor(name=name, tensor=make_tensor(F32, a.shape)))
             buffers.append(tensor_bytes(F32, a.size, draw(seeds), draw(st.integers(0, 3))))
         return headers, buffers
-    names = list(like) if draw(st.integers(0, 3)) else draw(
-        st.lists(st.sampled_from(["w", "b", "", "v"]), max_size=3))
+    names = (
+        list(like)
+        if draw(st.integers(0, 3))
+        else draw(st.lists(st.sampled_from(["w", "b", "", "v"]), max_size=3))
+    )
     for name in names:
         a = like.get(name, next(iter(like.values())))
-        dtype = {np.dtype(np.float32): F32}[a.dtype] if draw(st.integers(0, 5)) else \
-            draw(dtype_enums)
+        dtype = (
+            {np.dtype(np.float32): F32}[a.dtype] if draw(st.integers(0, 5)) else draw(dtype_enums)
+        )
         shape = list(a.shape) if draw(st.integers(0, 5)) else draw(shapes)
         n = small_count(shape)
         if n is None or dtype not in NP_OF:
@@ -802,9 +993,9 @@ def tensor_sets(draw, like: dict) -> tuple[list, list[bytes]]:
     return headers, buffers
 
 
-COUNTS = mostly(st.sampled_from([1, 1, 2]), st.sampled_from([0, 3, 2 ** 31, 2 ** 32 - 1]), 5)
-INDICES = mostly(st.sampled_from([0, 0, 1]), st.sampled_from([2, 2 ** 32 - 1]), 5)
-U64 = [0, 1, 2, 3, 2 ** 63, 2 ** 64 - 1]
+COUNTS = mostly(st.sampled_from([1, 1, 2]), st.sampled_from([0, 3, 2**31, 2**32 - 1]), 5)
+INDICES = mostly(st.sampled_from([0, 0, 1]), st.sampled_from([2, 2**32 - 1]), 5)
+U64 = [0, 1, 2, 3, 2**63, 2**64 - 1]
 # Versions and step ids relative to the job's state when the call is made (resolved by
 # ``resolve``), so that valid pushes and applies happen, or absolute and random.
 versions = mostly(st.sampled_from(["current", "current", "previous"]), st.sampled_from(U64), 4)
@@ -815,8 +1006,13 @@ shard_job_ids = mostly(st.just("fz"), st.sampled_from(SHARD_JOB_IDS), 3)
 def resolve(value, state: tuple[int, int], kind: str) -> int:
     """A symbolic version or step id for a job at (version, last step id)."""
     version, last = state
-    return {"current": version, "previous": max(version - 1, 0), "next": last + 1,
-            "last": last}.get(value, value) if isinstance(value, str) else value
+    return (
+        {"current": version, "previous": max(version - 1, 0), "next": last + 1, "last": last}.get(
+            value, value
+        )
+        if isinstance(value, str)
+        else value
+    )
 
 
 @st.composite
@@ -825,41 +1021,76 @@ def shard_calls(draw):
     for the shard."""
     calls = []
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["load", "pull", "push", "push", "push", "apply", "apply",
-                                     "drop", "status"]))
+        kind = draw(
+            st.sampled_from(
+                ["load", "pull", "push", "push", "push", "apply", "apply", "drop", "status"]
+            )
+        )
         job = draw(shard_job_ids)
         if kind == "load":
-            headers, buffers = draw(tensor_sets(FZ)) if rarely(draw, 3) else (
-                named_headers(FZ), [a.tobytes() for a in FZ.values()])
-            header = shard_pb2.LoadRequest(job_id=job, parameters=headers,
-                                           optimizer=draw(optimizers))
+            headers, buffers = (
+                draw(tensor_sets(FZ))
+                if rarely(draw, 3)
+                else (named_headers(FZ), [a.tobytes() for a in FZ.values()])
+            )
+            header = shard_pb2.LoadRequest(
+                job_id=job, parameters=headers, optimizer=draw(optimizers)
+            )
             frames = tensor_frames(shard_pb2.ShardFrame, "load", header, buffers)
             calls.append((job, lambda st_, f=frames: ("Load", f)))
         elif kind == "pull":
             v = draw(versions)
-            names = draw(st.lists(mostly(st.sampled_from(["w", "b"]),
-                                         st.sampled_from(["v", ""])), max_size=3))
-            calls.append((job, lambda st_, job=job, v=v, n=names: ("Pull", shard_pb2.PullRequest(
-                job_id=job, version=resolve(v, st_, "v"), names=n))))
+            names = draw(
+                st.lists(
+                    mostly(st.sampled_from(["w", "b"]), st.sampled_from(["v", ""])), max_size=3
+                )
+            )
+            calls.append(
+                (
+                    job,
+                    lambda st_, job=job, v=v, n=names: (
+                        "Pull",
+                        shard_pb2.PullRequest(job_id=job, version=resolve(v, st_, "v"), names=n),
+                    ),
+                )
+            )
         elif kind == "push":
             headers, buffers = draw(tensor_sets(FZ))
             step, m, mb, v = draw(step_ids), draw(INDICES), draw(COUNTS), draw(versions)
 
             def push(st_, job=job, step=step, m=m, mb=mb, v=v, h=headers, b=buffers):
                 header = shard_pb2.PushGradientsRequest(
-                    job_id=job, step_id=resolve(step, st_, "s"), micro_batch=m,
-                    micro_batches=mb, version=resolve(v, st_, "v"), gradients=h)
+                    job_id=job,
+                    step_id=resolve(step, st_, "s"),
+                    micro_batch=m,
+                    micro_batches=mb,
+                    version=resolve(v, st_, "v"),
+                    gradients=h,
+                )
                 return "PushGradients", tensor_frames(shard_pb2.ShardFrame, "push", header, b)
+
             calls.append((job, push))
         elif kind == "apply":
             step, mb, v, ckpt = draw(step_ids), draw(COUNTS), draw(versions), draw(st.booleans())
-            calls.append((job, lambda st_, job=job, step=step, mb=mb, v=v, c=ckpt: (
-                "Apply", shard_pb2.ApplyRequest(job_id=job, step_id=resolve(step, st_, "s"),
-                                                micro_batches=mb, version=resolve(v, st_, "v"),
-                                                checkpoint=c))))
+            calls.append(
+                (
+                    job,
+                    lambda st_, job=job, step=step, mb=mb, v=v, c=ckpt: (
+                        "Apply",
+                        shard_pb2.ApplyRequest(
+                            job_id=job,
+                            step_id=resolve(step, st_, "s"),
+                            micro_batches=mb,
+                            version=resolve(v, st_, "v"),
+                            checkpoint=c,
+                        ),
+                    ),
+                )
+            )
         elif kind == "drop" and rarely(draw, 2):
-            calls.append((job, lambda st_, job=job: ("DropJob",
-                                                     shard_pb2.DropJobRequest(job_id=job))))
+            calls.append(
+                (job, lambda st_, job=job: ("DropJob", shard_pb2.DropJobRequest(job_id=job)))
+            )
         else:
             calls.append((job, lambda st_: ("Status", shard_pb2.ShardStatusRequest())))
     return calls
@@ -872,7 +1103,7 @@ def pulled(stub, job_id: str) -> tuple[int, dict]:
     out, pos = {}, 0
     for nt in header.parameters:
         n = math.prod(nt.tensor.shape) * np.dtype(NP_OF[nt.tensor.dtype]).itemsize
-        out[nt.name] = (nt.tensor.dtype, list(nt.tensor.shape), data[pos:pos + n])
+        out[nt.name] = (nt.tensor.dtype, list(nt.tensor.shape), data[pos : pos + n])
         pos += n
     return header.version, out
 
@@ -883,8 +1114,7 @@ def fuzz_shard():
     served = Served(serve_shard(ServerConfig(port=0), store), shard_pb2_grpc.ParameterShardStub)
     sgd = shard_pb2.Optimizer(name="sgd", lr=0.5)
     for job, arrays in (("sentinel", SENTINEL), ("fz", FZ)):
-        assert served.stub.Load(iter(load_frames(job, arrays, sgd)),
-                                timeout=DEADLINE).version == 0
+        assert served.stub.Load(iter(load_frames(job, arrays, sgd)), timeout=DEADLINE).version == 0
     served.baseline = pulled(served.stub, "sentinel")
     yield served
     served.close()
@@ -894,16 +1124,24 @@ def fuzz_shard():
 @given(calls=shard_calls())
 def test_fuzz_shard(fuzz_shard, calls):
     stub = fuzz_shard.stub
-    before = {j.job_id: j.version for j in stub.Status(shard_pb2.ShardStatusRequest(),
-                                                       timeout=DEADLINE).jobs}
+    before = {
+        j.job_id: j.version
+        for j in stub.Status(shard_pb2.ShardStatusRequest(), timeout=DEADLINE).jobs
+    }
     applied, dropped, log = 0, set(), []
     for job, make in calls:
-        jobs = {j.job_id: (j.version, j.last_step_id) for j in stub.Status(
-            shard_pb2.ShardStatusRequest(), timeout=DEADLINE).jobs}
+        jobs = {
+            j.job_id: (j.version, j.last_step_id)
+            for j in stub.Status(shard_pb2.ShardStatusRequest(), timeout=DEADLINE).jobs
+        }
         method, request = make(jobs.get(job, (0, 0)))
         streaming_in = isinstance(request, list)
-        code, reply, _ = rpc(getattr(stub, method), iter(request) if streaming_in else request,
-                             SHARD_CODES, stream_response=(method == "Pull"))
+        code, reply, _ = rpc(
+            getattr(stub, method),
+            iter(request) if streaming_in else request,
+            SHARD_CODES,
+            stream_response=(method == "Pull"),
+        )
         if method == "Apply" and code == OK and not reply.already_applied:
             applied += 1
         if method == "DropJob" and code == OK and reply.dropped:
@@ -923,10 +1161,12 @@ def test_fuzz_shard(fuzz_shard, calls):
             assert before[job_id] <= version <= before[job_id] + applied, (job_id, log)
         v, arrays = pulled(stub, job_id)
         assert v == version and sorted(arrays) == sorted(
-            next(j.parameters for j in status.jobs if j.job_id == job_id))
+            next(j.parameters for j in status.jobs if j.job_id == job_id)
+        )
 
 
 # ====================================================================== the coordinator ==
+
 
 @pytest.fixture(scope="module")
 def fuzz_coordinator():
@@ -947,30 +1187,41 @@ def fuzz_coordinator():
 
 def create_frames(job_id, *, graph=None, params=None, optimizer=None, micro=2):
     header = coordinator_pb2.CreateJobRequest(
-        job_id=job_id, graph=graph or hand_graph(), micro_batch_size=micro,
-        optimizer=optimizer or shard_pb2.Optimizer(name="sgd", lr=0.1))
+        job_id=job_id,
+        graph=graph or hand_graph(),
+        micro_batch_size=micro,
+        optimizer=optimizer or shard_pb2.Optimizer(name="sgd", lr=0.1),
+    )
     if params is None:
-        params = ([tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2]))],
-                  [W_BYTES])
+        params = ([tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [3, 2]))], [W_BYTES])
     header.parameters.extend(params[0])
     return tensor_frames(coordinator_pb2.CoordinatorFrame, "create_job", header, params[1])
 
 
 def good_step(job_id, step_id):
-    return coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id, batch=[
-        tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, [2, 3], X_BYTES))])
+    return coordinator_pb2.StepRequest(
+        job_id=job_id,
+        step_id=step_id,
+        batch=[tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, [2, 3], X_BYTES))],
+    )
 
 
 def coordinator_state(stub) -> tuple:
     """The sentinel job's status, parameters and the replay of its step 1."""
-    status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id="sentinel"),
-                            timeout=DEADLINE)
-    params = [f.SerializeToString() for f in stub.GetParameters(
-        coordinator_pb2.GetParametersRequest(job_id="sentinel"), timeout=DEADLINE)]
+    status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id="sentinel"), timeout=DEADLINE)
+    params = [
+        f.SerializeToString()
+        for f in stub.GetParameters(
+            coordinator_pb2.GetParametersRequest(job_id="sentinel"), timeout=DEADLINE
+        )
+    ]
     replay = stub.Step(good_step("sentinel", 1), timeout=DEADLINE)
     assert replay.replayed
-    return (status.SerializeToString(deterministic=True), params,
-            (replay.step_id, replay.loss, replay.version, replay.batch_size))
+    return (
+        status.SerializeToString(deterministic=True),
+        params,
+        (replay.step_id, replay.loss, replay.version, replay.batch_size),
+    )
 
 
 COORD_JOB_IDS = ["fz", "new", "nope", "", "a/b", "..", "x" * 129, "fz\n"]
@@ -981,14 +1232,25 @@ EMB = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
 def index_batch(draw) -> list[tensor_pb2.NamedTensor]:
     """A batch for ``index_graph``: indices and labels mostly in range, sometimes not."""
     rows = draw(st.sampled_from([1, 2, 3]))
-    out = [tensor_pb2.NamedTensor(name="x", tensor=make_tensor(
-        F32, [rows, 3], tensor_bytes(F32, rows * 3, draw(seeds), 0)))]
+    out = [
+        tensor_pb2.NamedTensor(
+            name="x",
+            tensor=make_tensor(F32, [rows, 3], tensor_bytes(F32, rows * 3, draw(seeds), 0)),
+        )
+    ]
     for name, top in (("idx", 4), ("y", 2)):
-        values = draw(st.lists(mostly(st.integers(0, top - 1),
-                                      st.sampled_from([-1, top, -100, 2 ** 62])),
-                               min_size=rows, max_size=rows))
-        out.append(tensor_pb2.NamedTensor(name=name, tensor=make_tensor(
-            I64, [rows], np.array(values, "<i8").tobytes())))
+        values = draw(
+            st.lists(
+                mostly(st.integers(0, top - 1), st.sampled_from([-1, top, -100, 2**62])),
+                min_size=rows,
+                max_size=rows,
+            )
+        )
+        out.append(
+            tensor_pb2.NamedTensor(
+                name=name, tensor=make_tensor(I64, [rows], np.array(values, "<i8").tobytes())
+            )
+        )
     return out
 
 
@@ -1000,52 +1262,86 @@ def coordinator_calls(draw):
         kind = draw(st.sampled_from(["create", "step", "step", "step", "get", "status"]))
         job = draw(coord_job_ids)
         if kind == "create":
-            graph = "index" if job == "ix" else draw(
-                mostly(st.just("hand"), st.sampled_from(["index", "random"]), 2))
-            graph = hand_graph() if graph == "hand" else (
-                index_graph() if graph == "index" else draw(graphs()))
+            graph = (
+                "index"
+                if job == "ix"
+                else draw(mostly(st.just("hand"), st.sampled_from(["index", "random"]), 2))
+            )
+            graph = (
+                hand_graph()
+                if graph == "hand"
+                else (index_graph() if graph == "index" else draw(graphs()))
+            )
             w = {"w": np.frombuffer(W_BYTES, np.float32).reshape(3, 2)}
             if job == "ix":
                 w["emb"] = EMB
-            params = draw(tensor_sets(w)) if rarely(draw, 2) else (
-                [tensor_pb2.NamedTensor(name=n, tensor=make_tensor(F32, a.shape))
-                 for n, a in w.items()], [a.tobytes() for a in w.values()])
-            micro = draw(mostly(st.sampled_from([1, 2, 3]), st.sampled_from([0, 2 ** 32 - 1])))
-            frames = create_frames(job, graph=graph, params=params,
-                                   optimizer=draw(optimizers), micro=micro)
+            params = (
+                draw(tensor_sets(w))
+                if rarely(draw, 2)
+                else (
+                    [
+                        tensor_pb2.NamedTensor(name=n, tensor=make_tensor(F32, a.shape))
+                        for n, a in w.items()
+                    ],
+                    [a.tobytes() for a in w.values()],
+                )
+            )
+            micro = draw(mostly(st.sampled_from([1, 2, 3]), st.sampled_from([0, 2**32 - 1])))
+            frames = create_frames(
+                job, graph=graph, params=params, optimizer=draw(optimizers), micro=micro
+            )
             calls.append((job, lambda last, f=frames: ("CreateJob", f)))
         elif kind == "step":
-            step = draw(mostly(st.sampled_from(["next", "next", "last"]),
-                               st.sampled_from(U64 + [1, 2]), 4))
+            step = draw(
+                mostly(st.sampled_from(["next", "next", "last"]), st.sampled_from(U64 + [1, 2]), 4)
+            )
             batch = []
             if job == "ix" and not rarely(draw, 3):
                 batch = index_batch(draw)
             elif not rarely(draw, 3):
                 rows = draw(mostly(st.sampled_from([1, 2, 3, 5]), st.just(0), 8))
-                t = make_tensor(F32, [rows, 3], tensor_bytes(
-                    F32, rows * 3, draw(seeds), draw(st.integers(0, 3))))
+                t = make_tensor(
+                    F32,
+                    [rows, 3],
+                    tensor_bytes(F32, rows * 3, draw(seeds), draw(st.integers(0, 3))),
+                )
                 if rarely(draw, 4):
                     t = make_tensor(draw(dtype_enums), draw(shapes))
                     t.data = draw(data_for(t.dtype, list(t.shape)))
                 batch.append(tensor_pb2.NamedTensor(name="x", tensor=t))
                 if rarely(draw, 6):
-                    batch.append(tensor_pb2.NamedTensor(name=draw(st.sampled_from(["x", "y", ""])),
-                                                        tensor=t))
+                    batch.append(
+                        tensor_pb2.NamedTensor(name=draw(st.sampled_from(["x", "y", ""])), tensor=t)
+                    )
             else:
                 batch.extend(draw(named_tensor_lists(["x", "y", "", "w"])))
 
             def step_call(last, job=job, step=step, batch=batch):
                 step_id = {"next": last + 1, "last": last}.get(step, step)
-                return "Step", coordinator_pb2.StepRequest(job_id=job, step_id=step_id,
-                                                           batch=batch)
+                return "Step", coordinator_pb2.StepRequest(job_id=job, step_id=step_id, batch=batch)
+
             calls.append((job, step_call))
         elif kind == "get":
             names = draw(st.lists(st.sampled_from(["w", "x", ""]), max_size=2))
-            calls.append((job, lambda last, job=job, n=names: ("GetParameters",
-                          coordinator_pb2.GetParametersRequest(job_id=job, names=n))))
+            calls.append(
+                (
+                    job,
+                    lambda last, job=job, n=names: (
+                        "GetParameters",
+                        coordinator_pb2.GetParametersRequest(job_id=job, names=n),
+                    ),
+                )
+            )
         else:
-            calls.append((job, lambda last, job=job: ("JobStatus",
-                                             coordinator_pb2.JobStatusRequest(job_id=job))))
+            calls.append(
+                (
+                    job,
+                    lambda last, job=job: (
+                        "JobStatus",
+                        coordinator_pb2.JobStatusRequest(job_id=job),
+                    ),
+                )
+            )
     return calls
 
 
@@ -1055,18 +1351,22 @@ def test_fuzz_coordinator(fuzz_coordinator, calls):
     stub = fuzz_coordinator.stub
     for job, make in calls:
         try:
-            last = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=job),
-                                  timeout=DEADLINE).last_step_id
+            last = stub.JobStatus(
+                coordinator_pb2.JobStatusRequest(job_id=job), timeout=DEADLINE
+            ).last_step_id
         except grpc.RpcError:
             last = 0
         method, request = make(last)
         streaming_in = isinstance(request, list)
-        code, reply, _ = rpc(getattr(stub, method), iter(request) if streaming_in else request,
-                             COORDINATOR_CODES, stream_response=(method == "GetParameters"))
+        code, reply, _ = rpc(
+            getattr(stub, method),
+            iter(request) if streaming_in else request,
+            COORDINATOR_CODES,
+            stream_response=(method == "GetParameters"),
+        )
         event(f"{method} {code.name}")
         if method == "Step" and code == OK:
-            status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=job),
-                                    timeout=DEADLINE)
+            status = stub.JobStatus(coordinator_pb2.JobStatusRequest(job_id=job), timeout=DEADLINE)
             # Applied once: a new step moves the version by one, a replay by nothing.
             assert status.last_step_id >= reply.step_id and reply.version >= 1
             assert reply.replayed == (request.step_id <= last)

@@ -6,6 +6,7 @@ Real servers on 127.0.0.1 get garbage bytes (through raw-bytes multi-callables, 
 serializer) on every method of the Worker, ParameterShard and Coordinator services, unary
 and streaming requests alike, and keep serving afterwards.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -30,7 +31,7 @@ from gradmesh.v1 import (
 )
 
 DEADLINE = 10.0
-GARBAGE = b"\xff\xff\xff"       # a field tag with a varint that never ends
+GARBAGE = b"\xff\xff\xff"  # a field tag with a varint that never ends
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +48,30 @@ def servers():
 
 # service -> (its descriptor, a known-good call on a stub)
 SERVICES = {
-    "Worker": (worker_pb2.DESCRIPTOR.services_by_name["Worker"],
-               lambda ch: worker_pb2_grpc.WorkerStub(ch).Capabilities(
-                   worker_pb2.CapabilitiesRequest(), timeout=DEADLINE)),
-    "ParameterShard": (shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"],
-                       lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Status(
-                           shard_pb2.ShardStatusRequest(), timeout=DEADLINE)),
-    "Coordinator": (coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
-                    lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch).ListWorkers(
-                        coordinator_pb2.ListWorkersRequest(), timeout=DEADLINE)),
+    "Worker": (
+        worker_pb2.DESCRIPTOR.services_by_name["Worker"],
+        lambda ch: worker_pb2_grpc.WorkerStub(ch).Capabilities(
+            worker_pb2.CapabilitiesRequest(), timeout=DEADLINE
+        ),
+    ),
+    "ParameterShard": (
+        shard_pb2.DESCRIPTOR.services_by_name["ParameterShard"],
+        lambda ch: shard_pb2_grpc.ParameterShardStub(ch).Status(
+            shard_pb2.ShardStatusRequest(), timeout=DEADLINE
+        ),
+    ),
+    "Coordinator": (
+        coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
+        lambda ch: coordinator_pb2_grpc.CoordinatorStub(ch).ListWorkers(
+            coordinator_pb2.ListWorkersRequest(), timeout=DEADLINE
+        ),
+    ),
 }
-METHODS = [pytest.param(service, method, id=f"{service}.{method.name}")
-           for service, (descriptor, _) in SERVICES.items() for method in descriptor.methods]
+METHODS = [
+    pytest.param(service, method, id=f"{service}.{method.name}")
+    for service, (descriptor, _) in SERVICES.items()
+    for method in descriptor.methods
+]
 
 
 def _call_raw(channel: grpc.Channel, method, *payloads: bytes) -> None:
@@ -66,11 +79,12 @@ def _call_raw(channel: grpc.Channel, method, *payloads: bytes) -> None:
     path = f"/{method.containing_service.full_name}/{method.name}"
     payload = payloads[0]
     if method.client_streaming:
-        kind, request = ("stream_stream" if method.server_streaming else "stream_unary",
-                         iter(payloads))
+        kind, request = (
+            "stream_stream" if method.server_streaming else "stream_unary",
+            iter(payloads),
+        )
     else:
-        kind, request = ("unary_stream" if method.server_streaming else "unary_unary",
-                         payload)
+        kind, request = ("unary_stream" if method.server_streaming else "unary_unary", payload)
     call = getattr(channel, kind)(path, request_serializer=None, response_deserializer=None)
     reply = call(request, timeout=DEADLINE)
     if method.server_streaming:
@@ -88,8 +102,9 @@ def test_undecodable_request_is_invalid_argument(servers, service, method) -> No
         assert "not a valid" in error.details() and method.input_type.name in error.details()
         assert _bad_request_field(error), "INVALID_ARGUMENT without a BadRequest field"
         # The server keeps serving: health, and a normal call of the same service.
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                           timeout=DEADLINE)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=DEADLINE
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         good_call(channel)
 
@@ -106,10 +121,17 @@ def _bad_request_field(error: grpc.RpcError) -> str | None:
 def test_undecodable_message_after_a_valid_one(servers) -> None:
     """A stream is checked message by message: garbage after a valid header is rejected."""
     method = SERVICES["ParameterShard"][0].methods_by_name["Load"]
-    header = shard_pb2.ShardFrame(load=shard_pb2.LoadRequest(
-        job_id="malformed", optimizer=shard_pb2.Optimizer(name="sgd", lr=0.1),
-        parameters=[tensor_pb2.NamedTensor(name="w", tensor=tensor_pb2.Tensor(
-            dtype=tensor_pb2.FLOAT32, shape=[2]))]))
+    header = shard_pb2.ShardFrame(
+        load=shard_pb2.LoadRequest(
+            job_id="malformed",
+            optimizer=shard_pb2.Optimizer(name="sgd", lr=0.1),
+            parameters=[
+                tensor_pb2.NamedTensor(
+                    name="w", tensor=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2])
+                )
+            ],
+        )
+    )
     with grpc.insecure_channel(servers["ParameterShard"].address) as channel:
         with pytest.raises(grpc.RpcError) as info:
             _call_raw(channel, method, header.SerializeToString(), GARBAGE)
@@ -124,5 +146,4 @@ def test_message_names_the_request_type(servers) -> None:
     with grpc.insecure_channel(servers["Worker"].address) as channel:
         with pytest.raises(grpc.RpcError) as info:
             _call_raw(channel, method, GARBAGE)
-    assert "the request is not a valid gradmesh.v1.ComputeGradientsRequest" in \
-        info.value.details()
+    assert "the request is not a valid gradmesh.v1.ComputeGradientsRequest" in info.value.details()

@@ -1,6 +1,7 @@
 """Parameters kept on a worker between calls (``parameter_set`` in worker.proto): the
 worker's cache, its refusals, and the coordinator sending a step's parameters once per
 worker instead of once per micro-batch, with the same bits."""
+
 from __future__ import annotations
 
 import grpc
@@ -38,21 +39,22 @@ def worker():
 
 def test_the_cache_evicts_least_recently_used_within_its_bytes():
     cache = ParameterCache(100)
-    a, b, c = (np.zeros(10, np.float32) for _ in range(3))      # 40 bytes each
+    a, b, c = (np.zeros(10, np.float32) for _ in range(3))  # 40 bytes each
     cache.put(("j", 1), {"w": a})
     cache.put(("j", 2), {"w": b})
-    assert cache.get(("j", 1))["w"] is a                      # now the most recent
-    cache.put(("j", 3), {"w": c})                             # 120 > 100: ("j", 2) goes
+    assert cache.get(("j", 1))["w"] is a  # now the most recent
+    cache.put(("j", 3), {"w": c})  # 120 > 100: ("j", 2) goes
     assert cache.get(("j", 2)) is None and cache.get(("j", 1)) is not None
-    cache.put(("big", 1), {"w": np.zeros(30, np.float32)})    # over capacity: not kept
+    cache.put(("big", 1), {"w": np.zeros(30, np.float32)})  # over capacity: not kept
     assert cache.get(("big", 1)) is None and len(cache) == 2
 
 
 def _request(client, model, x, y, *, with_params=True, version=1, parameter_set="job"):
     graph, graph_id = client.trace(_loss, model, x, y)
     client.register_graph(graph)
-    req = worker_pb2.ComputeGradientsRequest(graph_id=graph_id, parameter_set=parameter_set,
-                                             parameter_version=version)
+    req = worker_pb2.ComputeGradientsRequest(
+        graph_id=graph_id, parameter_set=parameter_set, parameter_version=version
+    )
     if with_params:
         for n, p in model.named_parameters():
             req.parameters.add(name=n).tensor.CopyFrom(serialize.to_proto(p.detach().numpy()))
@@ -82,8 +84,13 @@ def test_missing_or_unfit_kept_parameters_are_refused_with_the_field(worker, cha
     x, y = _batch()
     with WorkerClient(worker.address, shared_memory=False) as client:
         client.stub.ComputeGradients(_request(client, model, x, y, version=7))
-        kw = {"version": 8} if change == "version" else {"parameter_set": "other"} \
-            if change == "set" else {}
+        kw = (
+            {"version": 8}
+            if change == "version"
+            else {"parameter_set": "other"}
+            if change == "set"
+            else {}
+        )
         other = model
         if change == "graph":
             gm.manual_seed(0)
@@ -93,7 +100,7 @@ def test_missing_or_unfit_kept_parameters_are_refused_with_the_field(worker, cha
             client.stub.ComputeGradients(_request(client, other, x, y, with_params=False, **kw))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert bad_request_field(e.value) == "parameters"
-        assert client.capabilities().backend == "cpu"          # still serving
+        assert client.capabilities().backend == "cpu"  # still serving
 
 
 def _train(workers, steps=3, **kw):
@@ -101,12 +108,16 @@ def _train(workers, steps=3, **kw):
     try:
         with CoordinatorClient(server.address) as client:
             model = _model()
-            job = client.create_job(model, _loss, gm.optim.SGD(model.parameters(), lr=0.1,
-                                                               momentum=0.9),
-                                    micro_batch_size=6, example_batch=_batch(),
-                                    job_id="cache")
+            job = client.create_job(
+                model,
+                _loss,
+                gm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                micro_batch_size=6,
+                example_batch=_batch(),
+                job_id="cache",
+            )
             for s in range(steps):
-                job.step(*_batch(seed=s))                       # 4 micro-batches a step
+                job.step(*_batch(seed=s))  # 4 micro-batches a step
             return {n: t.numpy() for n, t in job.parameters().items()}
     finally:
         server.stop(0)
@@ -132,7 +143,7 @@ def _kept_against_plain(**kw):
 @pytest.mark.parametrize("max_message_bytes", [64 << 20, 1 << 20], ids=["unary", "stream"])
 def test_the_coordinator_sends_a_step_s_parameters_once_per_worker(max_message_bytes):
     keeping, plain = _kept_against_plain(max_message_bytes=max_message_bytes)
-    assert keeping.worker.kept.hits == 3 * 3          # 3 of 4 micro-batches, 3 steps
+    assert keeping.worker.kept.hits == 3 * 3  # 3 of 4 micro-batches, 3 steps
     assert plain.worker.kept.hits == 0
 
 
@@ -142,7 +153,8 @@ def test_a_worker_that_lost_the_kept_parameters_is_sent_them_again(monkeypatch):
 
     def forgetful(self, key):
         calls["n"] += 1
-        return None if calls["n"] % 2 else real_get(self, key)     # every other lookup
+        return None if calls["n"] % 2 else real_get(self, key)  # every other lookup
+
     monkeypatch.setattr(ParameterCache, "get", forgetful)
     _kept_against_plain()
     assert calls["n"] >= 4
@@ -151,6 +163,7 @@ def test_a_worker_that_lost_the_kept_parameters_is_sent_them_again(monkeypatch):
 def test_parameters_in_shared_memory_are_not_kept(worker):
     from gradmesh.wire import sharedmem
     from gradmesh.wire.worker import shared_request
+
     if not sharedmem.available():
         pytest.skip("no shared memory here")
     model = _model()
@@ -164,9 +177,10 @@ def test_parameters_in_shared_memory_are_not_kept(worker):
             req = _request(client, model, x, y, with_params=False, parameter_set="shm")
             req.MergeFrom(shared_request(params, pseg, poff, gseg, goff))
             assert client.stub.ComputeGradients(req).gradients_in_shared_memory
-            with pytest.raises(grpc.RpcError) as e:     # the segment's values were not kept
+            with pytest.raises(grpc.RpcError) as e:  # the segment's values were not kept
                 client.stub.ComputeGradients(
-                    _request(client, model, x, y, with_params=False, parameter_set="shm"))
+                    _request(client, model, x, y, with_params=False, parameter_set="shm")
+                )
             assert bad_request_field(e.value) == "parameters"
     finally:
         pool.close()

@@ -1,4 +1,5 @@
 """The parameter shard: its logic (ShardStore), checkpoints, and the gRPC service."""
+
 from __future__ import annotations
 
 import grpc
@@ -17,7 +18,7 @@ SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_deca
 
 def _params(seed=0, big=False):
     rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((1024, 1100)) if big else rng.standard_normal((3, 4)))
+    w = rng.standard_normal((1024, 1100)) if big else rng.standard_normal((3, 4))
     return {"w": w.astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
 
 
@@ -43,7 +44,7 @@ def _train(store, job, steps, micro=3, order=None, first=1):
     for s in range(first, first + steps):
         version = store.jobs[job].version
         shapes = {n: p for n, p in store.jobs[job].params.items()}
-        for m in (order or range(micro)):
+        for m in order or range(micro):
             store.push(job, s, m, micro, version, _grads(shapes, 100 * s + m))
         store.apply(job, s, micro, version)
 
@@ -75,8 +76,8 @@ def test_duplicate_and_late_pushes_are_ignored_and_apply_is_idempotent():
     store.push("j", 1, 1, 2, 0, g)
     assert store.apply("j", 1, 2, 0)[:2] == (1, False)
     after = store.jobs["j"].params["w"].copy()
-    assert store.apply("j", 1, 2, 0)[:2] == (1, True)       # retried commit: no-op
-    assert store.push("j", 1, 1, 2, 0, g) == (True, 2)      # late result of step 1
+    assert store.apply("j", 1, 2, 0)[:2] == (1, True)  # retried commit: no-op
+    assert store.push("j", 1, 1, 2, 0, g) == (True, 2)  # late result of step 1
     assert np.array_equal(store.jobs["j"].params["w"], after)
 
 
@@ -85,7 +86,7 @@ def test_a_new_attempt_discards_the_gradients_of_an_abandoned_one():
     params = _params()
     store.load("j", params, SGD)
     ref.load("j", params, SGD)
-    store.push("j", 1, 0, 2, 0, _grads(params, 7), attempt=11)   # the failed attempt
+    store.push("j", 1, 0, 2, 0, _grads(params, 7), attempt=11)  # the failed attempt
     for m in range(2):
         assert store.push("j", 1, m, 2, 0, _grads(params, m), attempt=12) == (False, m + 1)
         ref.push("j", 1, m, 2, 0, _grads(params, m))
@@ -98,32 +99,47 @@ def test_a_new_attempt_discards_the_gradients_of_an_abandoned_one():
         assert np.array_equal(store.jobs["j"].params[n], ref.jobs["j"].params[n])
 
 
-@pytest.mark.parametrize("call,code,field", [
-    (lambda s, p: s.push("j", 1, 0, 1, 5, p), "FAILED_PRECONDITION", "version"),
-    (lambda s, p: s.push("j", 1, 2, 2, 0, p), "INVALID_ARGUMENT", "micro_batch"),
-    (lambda s, p: s.push("j", 1, 0, 1, 0, {**p, "w": p["w"].T.copy()}), "INVALID_ARGUMENT",
-     "gradients[w]"),
-    (lambda s, p: s.push("j", 1, 0, 1, 0, {"w": p["w"]}), "INVALID_ARGUMENT", "gradients"),
-    (lambda s, p: s.push("j", 1, 0, 1, 0, {**p, "v": p["b"]}), "INVALID_ARGUMENT",
-     "gradients[v]"),
-    (lambda s, p: s.pull("nope"), "NOT_FOUND", "job_id"),
-    (lambda s, p: s.pull("../x"), "INVALID_ARGUMENT", "job_id"),
-    (lambda s, p: s.pull("j", 3), "FAILED_PRECONDITION", "version"),
-    (lambda s, p: s.apply("j", 1, 1, 0), "FAILED_PRECONDITION", "micro_batches"),
-    (lambda s, p: s.load("j", {"w": p["w"]}, SGD), "ALREADY_EXISTS", "job_id"),
-    (lambda s, p: s.load("k", {"i": np.zeros(2, np.int64)}, SGD), "INVALID_ARGUMENT",
-     "parameters[i]"),
-    # Found by tests/services/test_fuzz.py: "$" matched before a trailing newline, so "j\n" (a
-    # file name with a newline) was a valid job id.
-    (lambda s, p: s.load("j\n", p, SGD), "INVALID_ARGUMENT", "job_id"),
-    (lambda s, p: s.pull("j\n"), "INVALID_ARGUMENT", "job_id"),
-    # Found by tests/services/test_fuzz.py: Apply listed every missing micro-batch index, so
-    # micro_batches=2**32-1 allocated tens of GB (MemoryError, INTERNAL) or ran for minutes.
-    (lambda s, p: s.apply("j", 1, 2 ** 32 - 1, 0), "FAILED_PRECONDITION", "micro_batches"),
-    (lambda s, p: (s.push("j", 1, 5, 2 ** 32 - 1, 0, p), s.apply("j", 1, 2 ** 32 - 1, 0)),
-     "FAILED_PRECONDITION", "micro_batches"),
-    (lambda s, p: s.apply("j", 1, 0, 0), "INVALID_ARGUMENT", "micro_batches"),
-])
+@pytest.mark.parametrize(
+    "call,code,field",
+    [
+        (lambda s, p: s.push("j", 1, 0, 1, 5, p), "FAILED_PRECONDITION", "version"),
+        (lambda s, p: s.push("j", 1, 2, 2, 0, p), "INVALID_ARGUMENT", "micro_batch"),
+        (
+            lambda s, p: s.push("j", 1, 0, 1, 0, {**p, "w": p["w"].T.copy()}),
+            "INVALID_ARGUMENT",
+            "gradients[w]",
+        ),
+        (lambda s, p: s.push("j", 1, 0, 1, 0, {"w": p["w"]}), "INVALID_ARGUMENT", "gradients"),
+        (
+            lambda s, p: s.push("j", 1, 0, 1, 0, {**p, "v": p["b"]}),
+            "INVALID_ARGUMENT",
+            "gradients[v]",
+        ),
+        (lambda s, p: s.pull("nope"), "NOT_FOUND", "job_id"),
+        (lambda s, p: s.pull("../x"), "INVALID_ARGUMENT", "job_id"),
+        (lambda s, p: s.pull("j", 3), "FAILED_PRECONDITION", "version"),
+        (lambda s, p: s.apply("j", 1, 1, 0), "FAILED_PRECONDITION", "micro_batches"),
+        (lambda s, p: s.load("j", {"w": p["w"]}, SGD), "ALREADY_EXISTS", "job_id"),
+        (
+            lambda s, p: s.load("k", {"i": np.zeros(2, np.int64)}, SGD),
+            "INVALID_ARGUMENT",
+            "parameters[i]",
+        ),
+        # Found by tests/services/test_fuzz.py: "$" matched before a trailing newline, so "j\n" (a
+        # file name with a newline) was a valid job id.
+        (lambda s, p: s.load("j\n", p, SGD), "INVALID_ARGUMENT", "job_id"),
+        (lambda s, p: s.pull("j\n"), "INVALID_ARGUMENT", "job_id"),
+        # Found by tests/services/test_fuzz.py: Apply listed every missing micro-batch index, so
+        # micro_batches=2**32-1 allocated tens of GB (MemoryError, INTERNAL) or ran for minutes.
+        (lambda s, p: s.apply("j", 1, 2**32 - 1, 0), "FAILED_PRECONDITION", "micro_batches"),
+        (
+            lambda s, p: (s.push("j", 1, 5, 2**32 - 1, 0, p), s.apply("j", 1, 2**32 - 1, 0)),
+            "FAILED_PRECONDITION",
+            "micro_batches",
+        ),
+        (lambda s, p: s.apply("j", 1, 0, 0), "INVALID_ARGUMENT", "micro_batches"),
+    ],
+)
 def test_bad_requests_name_the_field(call, code, field):
     store = ShardStore()
     params = _params()
@@ -142,7 +158,7 @@ def test_checkpoint_restores_parameters_optimizer_state_and_version(tmp_path):
     store.checkpoint()
     restored = ShardStore(str(tmp_path))
     assert restored.jobs["j"].version == 2 and restored.jobs["j"].last_step_id == 2
-    assert not list(tmp_path.glob(".tmp-*"))            # no temporary file left behind
+    assert not list(tmp_path.glob(".tmp-*"))  # no temporary file left behind
     _train(store, "j", 2, first=3)
     _train(restored, "j", 2, first=3)
     for n in params:
@@ -169,7 +185,7 @@ def test_a_crash_loses_no_acknowledged_step_the_log_is_replayed(tmp_path):
     store = ShardStore(str(tmp_path), checkpoint_every=2)
     store.load("j", params, adam)
     _train(store, "j", 5)
-    restarted = ShardStore(str(tmp_path), checkpoint_every=2)     # no checkpoint on exit
+    restarted = ShardStore(str(tmp_path), checkpoint_every=2)  # no checkpoint on exit
     job = restarted.jobs["j"]
     assert (job.version, job.last_step_id) == (5, 5)
     reference = _reference(params, 5, adam)
@@ -186,7 +202,7 @@ def test_a_torn_log_record_is_cut_off(tmp_path):
     _train(store, "j", 2)
     log = tmp_path / "j.steps.log"
     size = log.stat().st_size
-    with open(log, "ab") as f:                      # a crash in the middle of an append
+    with open(log, "ab") as f:  # a crash in the middle of an append
         f.write(b"GMLR\x10\x00")
     restarted = ShardStore(str(tmp_path))
     assert restarted.jobs["j"].version == 2 and log.stat().st_size == size
@@ -205,6 +221,7 @@ def test_a_full_disk_applies_nothing_and_the_step_can_be_retried(tmp_path, monke
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(job.log, "append", full)
     with pytest.raises(ServiceError) as e:
         store.apply("j", 1, 3, 0)
@@ -246,11 +263,11 @@ def shard_server():
 
 def test_remote_shard_streams_large_tensors_and_matches_the_reference(shard_server):
     running, store = shard_server
-    params = _params(big=True)            # 4.5 MB: more than one chunk
+    params = _params(big=True)  # 4.5 MB: more than one chunk
     remote = RemoteShard(running.address)
     try:
         assert remote.load("big", params, SGD) == (0, 0)
-        assert remote.load("big", params, SGD) == (0, 0)          # idempotent
+        assert remote.load("big", params, SGD) == (0, 0)  # idempotent
         for s in (1, 2):
             version, current = remote.pull("big")
             for m in (1, 0, 2):
@@ -258,7 +275,7 @@ def test_remote_shard_streams_large_tensors_and_matches_the_reference(shard_serv
                 assert not dup
             assert remote.push("big", s, 0, 3, version, _grads(current, 0))[0]
             assert remote.apply("big", s, 3, version)[:2] == (s, False)
-        assert remote.apply("big", 2, 3, 1)[1]                    # already applied
+        assert remote.apply("big", 2, 3, 1)[1]  # already applied
         version, pulled = remote.pull("big")
         ref = _reference(params, 2, SGD)
         assert version == 2
@@ -272,19 +289,25 @@ def test_remote_round_trips_give_the_embedded_shards_arrays_bit_for_bit(shard_se
     """Load, Push, Apply and Pull through the frame codec give the same bytes as the same
     calls on an in-process store: every float dtype, several chunks, 0-d and empty."""
     from gradmesh.server.shard_store import EmbeddedShard
+
     running, _ = shard_server
     rng = np.random.default_rng(3)
-    params = {"w": rng.standard_normal((700, 1500)),                # 8.4 MB: 5 chunks
-              "h": rng.standard_normal((3, 5)).astype(np.float16),
-              "s": np.array(1.5, np.float32),
-              "e": np.zeros((0, 4), np.float32)}                    # no bytes, no chunk
+    params = {
+        "w": rng.standard_normal((700, 1500)),  # 8.4 MB: 5 chunks
+        "h": rng.standard_normal((3, 5)).astype(np.float16),
+        "s": np.array(1.5, np.float32),
+        "e": np.zeros((0, 4), np.float32),
+    }  # no bytes, no chunk
     shards = [EmbeddedShard(ShardStore()), RemoteShard(running.address)]
 
     def same(x, y):
         assert list(x) == list(y)
         for n in x:
-            assert (x[n].dtype, x[n].shape, x[n].tobytes()) == \
-                (y[n].dtype, y[n].shape, y[n].tobytes()), n
+            assert (x[n].dtype, x[n].shape, x[n].tobytes()) == (
+                y[n].dtype,
+                y[n].shape,
+                y[n].tobytes(),
+            ), n
 
     try:
         for shard in shards:
@@ -294,15 +317,16 @@ def test_remote_round_trips_give_the_embedded_shards_arrays_bit_for_bit(shard_se
         for s in (1, 2):
             for shard in shards:
                 for m in (1, 0):
-                    assert shard.push("rt", s, m, 2, s - 1, _grads(params, 10 * s + m)) == \
-                        (False, 2 - m)
+                    assert shard.push("rt", s, m, 2, s - 1, _grads(params, 10 * s + m)) == (
+                        False,
+                        2 - m,
+                    )
                 assert shard.apply("rt", s, 2, s - 1)[:2] == (s, False)
         pulled = [shard.pull("rt", 2, copy=True) for shard in shards]
         assert pulled[0][0] == pulled[1][0] == 2
         same(pulled[1][1], pulled[0][1])
         assert not np.array_equal(pulled[1][1]["w"], params["w"])
-        same(shards[1].pull("rt", names=["s", "w"])[1],
-             {n: pulled[0][1][n] for n in ("s", "w")})
+        same(shards[1].pull("rt", names=["s", "w"])[1], {n: pulled[0][1][n] for n in ("s", "w")})
     finally:
         shards[1].close()
 
@@ -315,10 +339,12 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
     from gradmesh.server import shard as shard_module
     from gradmesh.server.runtime import serve
     from gradmesh.wire import shard as wire_shard
+
     servicer = shard_module.ShardServicer(ShardStore())
-    running = serve(ServerConfig(port=0), [(shard_module.add_to_server, servicer,
-                                            shard_module.SERVICE_NAME)])
-    params = _params(big=True)                # w: 4.5 MB, pooled; b: 16 bytes, not
+    running = serve(
+        ServerConfig(port=0), [(shard_module.add_to_server, servicer, shard_module.SERVICE_NAME)]
+    )
+    params = _params(big=True)  # w: 4.5 MB, pooled; b: 16 bytes, not
     nbytes = params["w"].nbytes
     client_pool, server_pool = wire_shard._pulled_buffers, servicer.buffers
     remote = RemoteShard(running.address)
@@ -334,7 +360,7 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
             del pulled
             idle = server_pool.idle_bytes
             remote.push("pool", s, 0, 2, version, _grads(params, s))
-            if s > 1:                            # held by the shard until applied
+            if s > 1:  # held by the shard until applied
                 assert idle - server_pool.idle_bytes >= nbytes
             remote.push("pool", s, 1, 2, version, _grads(params, s + 10))
             assert remote.apply("pool", s, 2, version)[:2] == (s, False)
@@ -346,6 +372,7 @@ def test_pulls_and_pushes_reuse_memory_step_after_step():
 def test_remote_errors_carry_status_and_field(shard_server):
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc
     from gradmesh.wire.errors import from_rpc_error
+
     running, _ = shard_server
     with grpc.insecure_channel(running.address) as channel:
         stub = shard_pb2_grpc.ParameterShardStub(channel)
@@ -363,8 +390,10 @@ def test_remote_errors_carry_status_and_field(shard_server):
         load = shard_pb2.LoadRequest(job_id="j2", optimizer={"name": "sgd"})
         t = load.parameters.add(name="w").tensor
         t.dtype, t.shape[:] = 1, [4]
-        frames = [shard_pb2.ShardFrame(load=load),
-                  shard_pb2.ShardFrame(chunk={"tensor_index": 0, "data": b"abc"})]
+        frames = [
+            shard_pb2.ShardFrame(load=load),
+            shard_pb2.ShardFrame(chunk={"tensor_index": 0, "data": b"abc"}),
+        ]
         with pytest.raises(grpc.RpcError) as e:
             stub.Load(iter(frames), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -384,11 +413,13 @@ def test_push_headers_are_checked_against_the_job_before_allocating(shard_server
     import tracemalloc
 
     from gradmesh.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
+
     running, store = shard_server
     store.load("pre", _params(), SGD)
     header = shard_pb2.PushGradientsRequest(job_id="pre", step_id=1, micro_batches=1)
-    header.gradients.add(name="w", tensor=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32,
-                                                            shape=[1 << 28]))
+    header.gradients.add(
+        name="w", tensor=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[1 << 28])
+    )
     with grpc.insecure_channel(running.address) as channel:
         stub = shard_pb2_grpc.ParameterShardStub(channel)
         tracemalloc.start()
@@ -403,9 +434,9 @@ def test_push_headers_are_checked_against_the_job_before_allocating(shard_server
     assert peak < 64 << 20
 
 
-def test_a_full_disk_at_a_checkpoint_still_applies_and_keeps_the_step(tmp_path,
-                                                                      monkeypatch):
+def test_a_full_disk_at_a_checkpoint_still_applies_and_keeps_the_step(tmp_path, monkeypatch):
     from gradmesh.server import checkpoint
+
     params = _params()
     store = ShardStore(str(tmp_path), checkpoint_every=1)
     store.load("j", params, SGD)
@@ -413,8 +444,9 @@ def test_a_full_disk_at_a_checkpoint_still_applies_and_keeps_the_step(tmp_path,
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(checkpoint, "save", full)
-    _train(store, "j", 3)                           # every checkpoint fails
+    _train(store, "j", 3)  # every checkpoint fails
     monkeypatch.setattr(checkpoint, "save", real)
     restarted = ShardStore(str(tmp_path))
     assert restarted.jobs["j"].version == 3

@@ -8,6 +8,7 @@ with a certificate of another CA, or without the token are refused; a coordinato
 verifies its peers with the wrong CA fails fast with UNAVAILABLE naming the peer.
 Certificates are made with the ``openssl`` CLI (tests/conftest.py ``make_certs``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,13 @@ def cluster(pki, tmp_path_factory):
     coordinator's address once the worker has registered."""
     p = pki
     logs = tmp_path_factory.mktemp("logs")
-    env = dict(os.environ, GRADMESH_TOKEN=TOKEN, GRADMESH_TLS_CA=p("ca.pem"),
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        GRADMESH_TOKEN=TOKEN,
+        GRADMESH_TLS_CA=p("ca.pem"),
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+    )
     procs = []
 
     def start(role, *args, **extra_env):
@@ -83,15 +89,22 @@ def cluster(pki, tmp_path_factory):
         # --tls-ca (from GRADMESH_TLS_CA) also turns on TLS to the shard and the worker,
         # with the coordinator's own certificate as its client certificate; the name
         # override comes from the environment like any flag.
-        coordinator = start("coordinator", *_mtls_flags(p, "coordinator"), "--shards", shard,
-                            GRADMESH_PEER_SERVER_NAME="localhost")
+        coordinator = start(
+            "coordinator",
+            *_mtls_flags(p, "coordinator"),
+            "--shards",
+            shard,
+            GRADMESH_PEER_SERVER_NAME="localhost",
+        )
         start("worker", *_mtls_flags(p, "worker"), "--coordinator", coordinator)
         with _client(p, coordinator) as client:
             deadline = time.monotonic() + 120
             while not any(w.state == "ready" for w in client.list_workers()):
                 if time.monotonic() > deadline or not all(x.alive() for x in procs):
-                    raise AssertionError("the worker did not register:\n" + "\n".join(
-                        f"--- {x.role}\n{x.log_tail()}" for x in procs))
+                    raise AssertionError(
+                        "the worker did not register:\n"
+                        + "\n".join(f"--- {x.role}\n{x.log_tail()}" for x in procs)
+                    )
                 time.sleep(0.1)
         yield coordinator
     finally:
@@ -105,8 +118,9 @@ def cluster(pki, tmp_path_factory):
 def _client(p, target, cert="client", ca="ca.pem", **kw):
     kw.setdefault("token", TOKEN)
     kw.setdefault("timeout", 60)
-    return CoordinatorClient(target, tls=TLS(ca=p(ca), cert=p(f"{cert}.pem"),
-                                             key=p(f"{cert}.key")), **kw)
+    return CoordinatorClient(
+        target, tls=TLS(ca=p(ca), cert=p(f"{cert}.pem"), key=p(f"{cert}.key")), **kw
+    )
 
 
 def test_trains_over_mtls_with_a_token(pki, cluster):
@@ -136,8 +150,9 @@ def test_certificate_of_another_ca_is_refused(pki, cluster):
         with pytest.raises(Unavailable):
             client.list_workers()
     # Without a client certificate at all, too.
-    with CoordinatorClient(cluster, token=TOKEN, tls=TLS(ca=pki("ca.pem")), timeout=10,
-                           retry_seconds=0) as client:
+    with CoordinatorClient(
+        cluster, token=TOKEN, tls=TLS(ca=pki("ca.pem")), timeout=10, retry_seconds=0
+    ) as client:
         with pytest.raises(Unavailable):
             client.list_workers()
 
@@ -160,10 +175,12 @@ def test_mtls_still_needs_the_token(pki, cluster):
 
 # ------------------------------------------------- a coordinator with the wrong peer CA --
 
+
 @pytest.fixture
 def mtls_worker(pki):
-    running = worker_mod.start(tls_cert=pki("worker.pem"), tls_key=pki("worker.key"),
-                               tls_ca=pki("ca.pem"), token=TOKEN)
+    running = worker_mod.start(
+        tls_cert=pki("worker.pem"), tls_key=pki("worker.key"), tls_ca=pki("ca.pem"), token=TOKEN
+    )
     yield running
     running.stop(0)
 
@@ -171,12 +188,17 @@ def mtls_worker(pki):
 def _coordinator(pki, peer_ca, mtls=False, **kw):
     """An in-process coordinator dialling its peers with TLS verified by ``peer_ca``;
     serving plaintext on loopback, or with ``mtls`` mTLS like the peers."""
-    peer = PeerConfig(TLS(ca=pki(peer_ca), cert=pki("coordinator.pem"),
-                          key=pki("coordinator.key")), TOKEN)
+    peer = PeerConfig(
+        TLS(ca=pki(peer_ca), cert=pki("coordinator.pem"), key=pki("coordinator.key")), TOKEN
+    )
     config = ServerConfig(token=TOKEN)
     if mtls:
-        config = ServerConfig(token=TOKEN, tls_cert=pki("coordinator.pem"),
-                              tls_key=pki("coordinator.key"), tls_ca=pki("ca.pem"))
+        config = ServerConfig(
+            token=TOKEN,
+            tls_cert=pki("coordinator.pem"),
+            tls_key=pki("coordinator.key"),
+            tls_ca=pki("ca.pem"),
+        )
     return coordinator_mod.start(config=config, peer=peer, **kw)
 
 
@@ -185,8 +207,7 @@ def test_wrong_peer_ca_cannot_reach_the_worker(pki, mtls_worker):
     x, y = _batch()
     try:
         # The coordinator itself serves plaintext on loopback.
-        with CoordinatorClient(running.address, token=TOKEN, timeout=30,
-                               retry_seconds=0) as client:
+        with CoordinatorClient(running.address, token=TOKEN, timeout=30, retry_seconds=0) as client:
             job = client.create_job(_model(), _loss, SGD, 8, (x, y), data_names=["x", "y"])
             start = time.monotonic()
             with pytest.raises(Unavailable) as e:
@@ -219,9 +240,12 @@ def test_right_peer_ca_reaches_the_worker_and_registration_over_tls(pki, mtls_wo
 
 
 def test_registration_with_a_rogue_certificate_is_refused_and_logged(pki, caplog):
-    running = coordinator_mod.start(tls_cert=pki("coordinator.pem"),
-                                    tls_key=pki("coordinator.key"), tls_ca=pki("ca.pem"),
-                                    token=TOKEN)
+    running = coordinator_mod.start(
+        tls_cert=pki("coordinator.pem"),
+        tls_key=pki("coordinator.key"),
+        tls_ca=pki("ca.pem"),
+        token=TOKEN,
+    )
     tls = TLS(ca=pki("ca.pem"), cert=pki("rogue-client.pem"), key=pki("rogue-client.key"))
     reg = WorkerRegistration(running.address, "127.0.0.1:1", token=TOKEN, tls=tls)
     # Attached directly: an in-process server may have set "gradmesh" not to propagate.
@@ -240,14 +264,16 @@ def test_registration_with_a_rogue_certificate_is_refused_and_logged(pki, caplog
 
 
 def test_wrong_peer_ca_cannot_reach_a_shard(pki):
-    shard = shard_mod.serve_shard(ServerConfig(
-        tls_cert=pki("shard.pem"), tls_key=pki("shard.key"), tls_ca=pki("ca.pem"),
-        token=TOKEN), shard_mod.ShardStore())
+    shard = shard_mod.serve_shard(
+        ServerConfig(
+            tls_cert=pki("shard.pem"), tls_key=pki("shard.key"), tls_ca=pki("ca.pem"), token=TOKEN
+        ),
+        shard_mod.ShardStore(),
+    )
     running = _coordinator(pki, "rogue-ca.pem", shards=[shard.address])
     x, y = _batch()
     try:
-        with CoordinatorClient(running.address, token=TOKEN, timeout=30,
-                               retry_seconds=0) as client:
+        with CoordinatorClient(running.address, token=TOKEN, timeout=30, retry_seconds=0) as client:
             start = time.monotonic()
             with pytest.raises(Unavailable, match=f"shard {shard.address}"):
                 client.create_job(_model(), _loss, SGD, 8, (x, y), data_names=["x", "y"])
@@ -259,6 +285,7 @@ def test_wrong_peer_ca_cannot_reach_a_shard(pki):
 
 
 # ------------------------------------------------------------------ flags ----------------
+
 
 def _peer(argv, env=None, monkeypatch=None):
     for k, v in (env or {}).items():
@@ -276,18 +303,24 @@ def test_peer_flags_default_to_the_servers_own(pki, monkeypatch):
     assert _peer(["--token", "t", *_mtls_flags(p, "coordinator")]) == PeerConfig(None, "t")
     # mTLS server: the same CA and its own certificate towards the peers.
     peer = _peer([*_mtls_flags(p, "coordinator"), "--tls-ca", p("ca.pem"), "--token", "t"])
-    assert peer == PeerConfig(TLS(p("ca.pem"), p("coordinator.pem"), p("coordinator.key")),
-                              "t")
-    assert _peer(["--tls-ca", p("ca.pem"), *_mtls_flags(p, "coordinator"),
-                  "--peer-insecure"]).tls is None
+    assert peer == PeerConfig(TLS(p("ca.pem"), p("coordinator.pem"), p("coordinator.key")), "t")
+    assert (
+        _peer(["--tls-ca", p("ca.pem"), *_mtls_flags(p, "coordinator"), "--peer-insecure"]).tls
+        is None
+    )
     # Explicit flags win; each is also an environment variable.
-    peer = _peer(["--token", "t", "--peer-tls-cert", p("client.pem"), "--peer-tls-key",
-                  p("client.key")], {"GRADMESH_PEER_TLS_CA": p("rogue-ca.pem"),
-                                     "GRADMESH_PEER_TOKEN": "peer-t",
-                                     "GRADMESH_PEER_SERVER_NAME": "gradmesh-worker"},
-                 monkeypatch)
-    assert peer == PeerConfig(TLS(p("rogue-ca.pem"), p("client.pem"), p("client.key"),
-                                  "gradmesh-worker"), "peer-t")
+    peer = _peer(
+        ["--token", "t", "--peer-tls-cert", p("client.pem"), "--peer-tls-key", p("client.key")],
+        {
+            "GRADMESH_PEER_TLS_CA": p("rogue-ca.pem"),
+            "GRADMESH_PEER_TOKEN": "peer-t",
+            "GRADMESH_PEER_SERVER_NAME": "gradmesh-worker",
+        },
+        monkeypatch,
+    )
+    assert peer == PeerConfig(
+        TLS(p("rogue-ca.pem"), p("client.pem"), p("client.key"), "gradmesh-worker"), "peer-t"
+    )
 
 
 def test_contradictory_or_unreadable_peer_flags_are_refused(pki, tmp_path):
@@ -307,8 +340,9 @@ def test_worker_has_the_peer_flags_for_its_registration():
     parser = argparse.ArgumentParser()
     worker_mod.add_arguments(parser)
     args = parser.parse_args(["--coordinator", "c:50053", "--peer-token", "x"])
-    assert runtime.peer_config_from_args(args, runtime.config_from_args(args)) == \
-        PeerConfig(None, "x")
+    assert runtime.peer_config_from_args(args, runtime.config_from_args(args)) == PeerConfig(
+        None, "x"
+    )
 
 
 def test_channel_helper_rejects_unknown_tls_values():
@@ -320,12 +354,13 @@ def test_channel_helper_rejects_unknown_tls_values():
 
 # ====================================================== the metrics port (item 8) ======
 
+
 def _get(url, token=None, ca=None):
     import ssl
     import urllib.error
     import urllib.request
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
-                                 if token else {})
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     ctx = ssl.create_default_context(cafile=ca) if ca else None
     try:
         with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
@@ -339,34 +374,39 @@ def test_metrics_use_the_servers_tls_and_token(pki):
     """With TLS and a token, the metrics port serves HTTPS with the same certificate and
     answers only requests bearing the token; it binds --metrics-host (127.0.0.1)."""
     from conftest import free_port
+
     p = pki
     port = free_port()
-    with worker_mod.start("cpu", tls_cert=p("worker.pem"), tls_key=p("worker.key"),
-                          token=TOKEN, metrics_port=port):
+    with worker_mod.start(
+        "cpu", tls_cert=p("worker.pem"), tls_key=p("worker.key"), token=TOKEN, metrics_port=port
+    ):
         url = f"https://127.0.0.1:{port}/metrics"
         assert _get(url, ca=p("ca.pem"))[0] == 401
         assert _get(url, token="wrong", ca=p("ca.pem"))[0] == 401
         status, body = _get(url, token=TOKEN, ca=p("ca.pem"))
         assert status == 200 and "gradmesh_requests_in_flight" in body
-        with pytest.raises(OSError):            # no plaintext
+        with pytest.raises(OSError):  # no plaintext
             _get(f"http://127.0.0.1:{port}/metrics", token=TOKEN)
 
 
 def test_metrics_host_is_its_own_and_loopback_by_default():
     parser = argparse.ArgumentParser()
     worker_mod.add_arguments(parser)
-    cfg = runtime.config_from_args(parser.parse_args(
-        ["--host", "0.0.0.0", "--insecure", "--metrics-port", "9464"]))
+    cfg = runtime.config_from_args(
+        parser.parse_args(["--host", "0.0.0.0", "--insecure", "--metrics-port", "9464"])
+    )
     assert (cfg.host, cfg.metrics_host) == ("0.0.0.0", "127.0.0.1")
     # A public metrics address needs TLS or --insecure, as --host does.
-    cfg = runtime.config_from_args(parser.parse_args(
-        ["--metrics-port", "9464", "--metrics-host", "0.0.0.0"]))
+    cfg = runtime.config_from_args(
+        parser.parse_args(["--metrics-port", "9464", "--metrics-host", "0.0.0.0"])
+    )
     with pytest.raises(runtime.ConfigError, match="--metrics-host"):
         runtime.check_config(cfg)
 
 
 def test_metrics_token_without_tls_on_loopback():
     from conftest import free_port
+
     port = free_port()
     with worker_mod.start("cpu", token=TOKEN, metrics_port=port):
         assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 401

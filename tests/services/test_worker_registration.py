@@ -1,5 +1,6 @@
 """``gradmesh worker --coordinator``: workers that join a coordinator by themselves (the
 Kubernetes Deployment path), whichever of the two starts first."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,7 @@ def _wait_ready_workers(client, n, timeout=30.0):
         if len(ready) >= n:
             return ready
         time.sleep(0.2)
-    raise AssertionError(f"fewer than {n} ready workers after {timeout} s: "
-                         f"{client.list_workers()}")
+    raise AssertionError(f"fewer than {n} ready workers after {timeout} s: {client.list_workers()}")
 
 
 @pytest.mark.parametrize("coordinator_first", [True, False])
@@ -41,7 +41,7 @@ def test_a_worker_registers_itself_and_trains(tmp_path, coordinator_first):
         coordinator_args = ["--port", str(port)]
         worker_args = ["--coordinator", f"127.0.0.1:{port}"]
         order = [("coordinator", coordinator_args), ("worker", worker_args)]
-        for role, args in (order if coordinator_first else order[::-1]):
+        for role, args in order if coordinator_first else order[::-1]:
             procs.append(_start(role, args, str(tmp_path)))
             procs[-1].wait_address(60)
         with CoordinatorClient(f"127.0.0.1:{port}") as client:
@@ -51,9 +51,13 @@ def test_a_worker_registers_itself_and_trains(tmp_path, coordinator_first):
             gm.manual_seed(0)
             model = gm.nn.Sequential(gm.nn.Linear(4, 3))
             x, y = gm.randn(8, 4), gm.randint(0, 3, (8,))
-            job = client.create_job(model, lambda m, x, y: F.cross_entropy(m(x), y),
-                                    gm.optim.SGD(model.parameters(), lr=0.1),
-                                    micro_batch_size=4, example_batch=(x, y))
+            job = client.create_job(
+                model,
+                lambda m, x, y: F.cross_entropy(m(x), y),
+                gm.optim.SGD(model.parameters(), lr=0.1),
+                micro_batch_size=4,
+                example_batch=(x, y),
+            )
             loss = job.step(x, y).loss
             assert np.isfinite(loss)
             assert job.status().version == 1

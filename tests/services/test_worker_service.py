@@ -1,5 +1,6 @@
 """Remote gradients equal local ``loss.backward()`` bit for bit (CPU backend), over the unary
 and the streaming RPC, for an MLP and a small CNN at batch sizes 1 and 512."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,13 +21,21 @@ from gradmesh.v1 import tensor_pb2, worker_pb2
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                         nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 10),
+    )
 
 
 def ce_loss(model, x, y):
@@ -50,9 +59,11 @@ def local_grads(model, x, y):
 
 @pytest.fixture(scope="module")
 def clients(worker):
-    with WorkerClient(worker.address, shared_memory=False) as unary, \
-            WorkerClient(worker.address, stream_threshold=0, shared_memory=False) as streaming, \
-            WorkerClient(worker.address, shared_memory_min_bytes=0) as shared:
+    with (
+        WorkerClient(worker.address, shared_memory=False) as unary,
+        WorkerClient(worker.address, stream_threshold=0, shared_memory=False) as streaming,
+        WorkerClient(worker.address, shared_memory_min_bytes=0) as shared,
+    ):
         yield {"unary": unary, "stream": streaming, "shared": shared}
 
 
@@ -127,16 +138,20 @@ def test_graph_registered_once_then_sent_by_id(worker):
 
 def test_dict_params_outputs_and_selected_gradients(worker):
     rng = np.random.default_rng(7)
-    params = {"w": rng.standard_normal((5, 3)).astype(np.float32),
-              "b": rng.standard_normal(3).astype(np.float32)}
+    params = {
+        "w": rng.standard_normal((5, 3)).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float32),
+    }
 
     def fn(p, x):
         out = x @ p["w"] + p["b"]
         return (out * out).mean(), {"out": out}
+
     x = rng.standard_normal((4, 5)).astype(np.float32)
     with WorkerClient(worker.address) as client:
-        r = client.compute_gradients(fn, params, x, outputs=["out"], gradients=["b"],
-                                     as_tensors=True)
+        r = client.compute_gradients(
+            fn, params, x, outputs=["out"], gradients=["b"], as_tensors=True
+        )
     w = gm.tensor(params["w"], requires_grad=True)
     b = gm.tensor(params["b"], requires_grad=True)
     out = gm.from_numpy(x) @ w + b
@@ -167,13 +182,13 @@ def test_300mb_parameters(worker, path):
     """300 MB of float32 parameters in, 300 MB of gradients out, bitwise equal, over the
     stream and through shared memory."""
     rng = np.random.default_rng(9)
-    w = rng.standard_normal((7_500, 10_000), dtype=np.float32)      # 300 MB
+    w = rng.standard_normal((7_500, 10_000), dtype=np.float32)  # 300 MB
     x = rng.standard_normal((2, 10_000), dtype=np.float32)
 
     def fn(p, x):
         return (x @ p["w"].T).sum()
-    with WorkerClient(worker.address, timeout=120,
-                      shared_memory=path == "shared") as client:
+
+    with WorkerClient(worker.address, timeout=120, shared_memory=path == "shared") as client:
         r = client.compute_gradients(fn, {"w": w}, x)
     assert r.timings["streamed"] == (path == "stream")
     assert r.timings["shared_memory"] == (path == "shared")
@@ -201,8 +216,9 @@ def test_cuda_backend_matches_cpu(start_worker):
     loss, grads = local_grads(model, x, y)
     # unary, stream, and shared memory (gradients copied from the device into the segment)
     for path in ("unary", "stream", "shared"):
-        with WorkerClient(running.address, shared_memory=path == "shared",
-                          shared_memory_min_bytes=0) as client:
+        with WorkerClient(
+            running.address, shared_memory=path == "shared", shared_memory_min_bytes=0
+        ) as client:
             caps = client.capabilities()
             assert caps.backend == "cuda" and "cupy" in caps.versions
             if path == "stream":
@@ -221,9 +237,11 @@ def test_unary_reply_bytes_are_protobufs():
     protobuf writes for the same message."""
     w = worker_mod.GradientWorker("cpu")
     req = worker_pb2.ComputeGradientsRequest(
-        graph=hand_graph(), outputs=["logits"],
+        graph=hand_graph(),
+        outputs=["logits"],
         parameters=[tensor_pb2.NamedTensor(name="w", tensor=float32_tensor(W, [3, 2]))],
-        data=[tensor_pb2.NamedTensor(name="x", tensor=float32_tensor(X, [2, 3]))])
+        data=[tensor_pb2.NamedTensor(name="x", tensor=float32_tensor(X, [2, 3]))],
+    )
     prepared = w.prepare(req)
     computed = w.compute(prepared, *w.decode(prepared))
     expected, _ = worker_mod.build_response(prepared, computed)
@@ -238,12 +256,13 @@ def test_the_worker_logic_takes_plain_values():
     graph_id = w.register(hand_graph())
     w_bytes = np.array(W, "<f4").tobytes()
     call = worker_mod.GradientRequest(
-        graph_id=graph_id, outputs=["logits"],
+        graph_id=graph_id,
+        outputs=["logits"],
         parameters=[worker_mod.TensorRef("w", tensor_pb2.FLOAT32, (3, 2), w_bytes)],
-        data=[worker_mod.TensorRef("x", tensor_pb2.FLOAT32, (2, 3),
-                                   np.array(X, "<f4").tobytes())])
+        data=[worker_mod.TensorRef("x", tensor_pb2.FLOAT32, (2, 3), np.array(X, "<f4").tobytes())],
+    )
     prepared, params, data, views = w.unary(call, same_host=False)
-    assert views is None and params["w"].base is not None       # no copy of the bytes
+    assert views is None and params["w"].base is not None  # no copy of the bytes
     computed = w.compute(prepared, params, data)
     loss, logits, grad = hand_expected()
     assert float(computed.loss) == loss

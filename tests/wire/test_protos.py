@@ -1,4 +1,5 @@
 """The committed generated protobuf code must be what protos/generate.py produces."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,9 @@ PROTO_DIR = ROOT / "protos" / "gradmesh" / "v1"
 
 
 def _generate_module():
-    spec = importlib.util.spec_from_file_location("_gradmesh_generate",
-                                                  ROOT / "protos" / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "_gradmesh_generate", ROOT / "protos" / "generate.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -27,11 +29,19 @@ def test_generated_code_is_up_to_date(tmp_path):
     for stem in protos:
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             assert f"{stem}{suffix}" in names, f"{stem}{suffix} was not generated"
-    stale = [n for n in names
-             if not (PROTO_DIR / n).exists() or (PROTO_DIR / n).read_text() != (tmp_path / n).read_text()]
-    assert not stale, (f"generated code is stale or missing for {stale}: run "
-                       f"`python protos/generate.py` and commit the result")
-    committed = {p.name for p in PROTO_DIR.iterdir()
-                 if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))}
+    stale = [
+        n
+        for n in names
+        if not (PROTO_DIR / n).exists() or (PROTO_DIR / n).read_text() != (tmp_path / n).read_text()
+    ]
+    assert not stale, (
+        f"generated code is stale or missing for {stale}: run "
+        f"`python protos/generate.py` and commit the result"
+    )
+    committed = {
+        p.name
+        for p in PROTO_DIR.iterdir()
+        if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
+    }
     orphans = sorted(committed - set(names))
     assert not orphans, f"generated files without a .proto: {orphans}"

@@ -1,4 +1,5 @@
 """The tensor codec and the chunked streaming protocol (gradmesh.core.serialize)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def _sample(shape, dtype, seed=0):
         return rng.random(shape) < 0.5
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
-    return rng.integers(-2 ** 30, 2 ** 30, size=shape).astype(dtype)
+    return rng.integers(-(2**30), 2**30, size=shape).astype(dtype)
 
 
 def test_dtype_maps_cover_every_dtype_both_ways():
@@ -75,7 +76,7 @@ def test_to_proto_accepts_gradmesh_tensors_and_headers_without_data():
 def test_decode_is_zero_copy_and_read_only():
     t = to_proto(np.arange(1000, dtype=np.float32))
     a = from_proto(t)
-    assert not a.flags.writeable                  # a view of the message's bytes
+    assert not a.flags.writeable  # a view of the message's bytes
     assert a.base is not None
 
 
@@ -116,9 +117,9 @@ def test_negative_dimension_is_rejected():
 def test_element_limit_is_checked_before_allocation():
     # 2**62 elements: decoding would need exabytes; the limit must fire first, without
     # touching the (empty) data.
-    t = tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT64, shape=[2 ** 31, 2 ** 31], data=b"")
+    t = tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT64, shape=[2**31, 2**31], data=b"")
     with pytest.raises(WireError) as e:
-        from_proto(t, field="parameters[big]", max_elements=10 ** 6)
+        from_proto(t, field="parameters[big]", max_elements=10**6)
     assert e.value.code == "RESOURCE_EXHAUSTED"
     assert e.value.field == "parameters[big].shape"
     # Exactly at the limit is fine.
@@ -136,9 +137,11 @@ def test_bool_bytes_must_be_zero_or_one():
 # Streaming
 # ---------------------------------------------------------------------------------------
 
+
 def _request(arrays: dict, data: dict) -> worker_pb2.ComputeGradientsRequest:
-    req = worker_pb2.ComputeGradientsRequest(graph_id="abc", gradients=["w"], loss_scale=0.5,
-                                             seed=7, outputs=["logits"])
+    req = worker_pb2.ComputeGradientsRequest(
+        graph_id="abc", gradients=["w"], loss_scale=0.5, seed=7, outputs=["logits"]
+    )
     for name, a in arrays.items():
         req.parameters.add(name=name).tensor.CopyFrom(to_proto(a))
     for name, a in data.items():
@@ -156,8 +159,11 @@ def _stream(req, chunk_bytes, max_total=1 << 30):
 
 
 def test_stream_round_trip_keeps_every_field_and_order():
-    params = {"w": _sample((3, 5), np.dtype(np.float32)), "empty": np.zeros((0, 2)),
-              "s": np.float64(2.5)}
+    params = {
+        "w": _sample((3, 5), np.dtype(np.float32)),
+        "empty": np.zeros((0, 2)),
+        "s": np.float64(2.5),
+    }
     data = {"x": _sample((7,), np.dtype(np.int64)), "m": _sample((4, 4), np.dtype(np.bool_))}
     req = _request(params, data)
     header, asm = _stream(req, chunk_bytes=16)
@@ -165,13 +171,18 @@ def test_stream_round_trip_keeps_every_field_and_order():
     assert all(not p.tensor.data for p in header.parameters)
     assert list(header.parameters[0].tensor.shape) == [3, 5]
     assert header.graph_id == "abc" and header.seed == 7 and list(header.outputs) == ["logits"]
-    assert [s.path for s in asm.slots] == ["parameters[w]", "parameters[empty]",
-                                           "parameters[s]", "data[x]", "data[m]"]
+    assert [s.path for s in asm.slots] == [
+        "parameters[w]",
+        "parameters[empty]",
+        "parameters[s]",
+        "data[x]",
+        "data[m]",
+    ]
     arrays = asm.finish()
     for a, expected in zip(arrays, list(params.values()) + list(data.values())):
         assert a.dtype == np.asarray(expected).dtype
         assert np.array_equal(a, expected)
-    assert arrays[0].flags.writeable              # a buffer of its own, filled in place
+    assert arrays[0].flags.writeable  # a buffer of its own, filled in place
     assert asm.finish_message() == req
 
 
@@ -188,8 +199,12 @@ def test_stream_response_with_a_singular_tensor_field():
 
 def test_chunks_accept_arrays_and_skip_empty_tensors():
     pieces = list(chunks([np.arange(10, dtype=np.int32), b"", np.ones(3, np.bool_)], 16))
-    assert [(c.tensor_index, c.offset, len(c.data)) for c in pieces] == \
-        [(0, 0, 16), (0, 16, 16), (0, 32, 8), (2, 0, 3)]
+    assert [(c.tensor_index, c.offset, len(c.data)) for c in pieces] == [
+        (0, 0, 16),
+        (0, 16, 16),
+        (0, 32, 8),
+        (2, 0, 3),
+    ]
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (2, 0, 4), (0,)])
@@ -213,11 +228,11 @@ def test_out_of_order_chunks_are_rejected():
     asm = Assembler(header, 1 << 20)
     asm.add(cs[0])
     with pytest.raises(WireError) as e:
-        asm.add(cs[2])                 # skips bytes 8..16 of tensor 0
+        asm.add(cs[2])  # skips bytes 8..16 of tensor 0
     assert e.value.field == "chunk.offset"
     asm2 = Assembler(header, 1 << 20)
     with pytest.raises(WireError) as e:
-        asm2.add(cs[-1])               # tensor 1 before tensor 0
+        asm2.add(cs[-1])  # tensor 1 before tensor 0
     assert e.value.field == "chunk.tensor_index" and "out of order" in e.value.message
 
 
@@ -226,7 +241,7 @@ def test_overflowing_and_unknown_chunks_are_rejected():
     asm = Assembler(header, 1 << 20)
     for c in cs[:3]:
         asm.add(c)
-    big = tensor_pb2.Chunk(tensor_index=0, offset=24, data=b"\0" * 16)   # 24 + 16 > 32
+    big = tensor_pb2.Chunk(tensor_index=0, offset=24, data=b"\0" * 16)  # 24 + 16 > 32
     with pytest.raises(WireError) as e:
         asm.add(big)
     assert e.value.field == "chunk.data" and "past the tensor" in e.value.message
@@ -249,7 +264,7 @@ def test_assembler_checks_limits_before_allocating():
     req = worker_pb2.ComputeGradientsRequest()
     t = req.parameters.add(name="huge").tensor
     t.dtype = tensor_pb2.FLOAT32
-    t.shape.extend([2 ** 40])           # 4 TiB: must not be allocated
+    t.shape.extend([2**40])  # 4 TiB: must not be allocated
     with pytest.raises(WireError) as e:
         Assembler(req, max_total_bytes=1 << 30)
     assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.field == "parameters[huge].shape"
@@ -262,12 +277,15 @@ def test_assembler_answers_resource_exhausted_when_memory_runs_out(monkeypatch):
     # Within the limits but more than the process can get (found by tests/services/test_fuzz.py
     # under a memory limit: MemoryError became INTERNAL).
     import gradmesh.core.serialize as serialize_mod
+
     req = worker_pb2.ComputeGradientsRequest()
-    req.parameters.add(name="big").tensor.CopyFrom(tensor_pb2.Tensor(
-        dtype=tensor_pb2.FLOAT32, shape=[1 << 20]))
+    req.parameters.add(name="big").tensor.CopyFrom(
+        tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[1 << 20])
+    )
 
     def no_memory(*args, **kw):
         raise MemoryError("simulated")
+
     monkeypatch.setattr(serialize_mod.np, "empty", no_memory)
     with pytest.raises(WireError) as e:
         Assembler(req, max_total_bytes=1 << 30)
@@ -288,13 +306,13 @@ def test_assembler_rejects_headers_that_carry_data_or_bad_dtypes():
 
 @pytest.mark.slow
 def test_stream_round_trip_of_a_300_mb_array():
-    a = np.arange(300 * 2 ** 20 // 4, dtype=np.float32)
+    a = np.arange(300 * 2**20 // 4, dtype=np.float32)
     req = worker_pb2.ComputeGradientsRequest()
     req.parameters.add(name="big").tensor.CopyFrom(to_proto(a, data=False))
     header, _ = split_for_stream(req)
     asm = Assembler(header, max_total_bytes=1 << 30)
     n = 0
-    for c in chunks([tensor_buffer(a)], 4 << 20):     # straight from the array: no copy
+    for c in chunks([tensor_buffer(a)], 4 << 20):  # straight from the array: no copy
         asm.add(c)
         n += 1
     assert n == 75
@@ -309,10 +327,16 @@ def test_stream_round_trip_of_a_300_mb_array():
 # Every frame message with a chunk, its chunk's field number, and its deserializer.
 FRAMES = {
     "StreamFrame": (worker_pb2.StreamFrame, STREAM_FRAME_CHUNK_FIELD, decode_stream_frame),
-    "ShardFrame": (shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD,
-                   frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD)),
-    "CoordinatorFrame": (coordinator_pb2.CoordinatorFrame, STREAM_FRAME_CHUNK_FIELD,
-                         frame_decoder(coordinator_pb2.CoordinatorFrame)),
+    "ShardFrame": (
+        shard_pb2.ShardFrame,
+        SHARD_FRAME_CHUNK_FIELD,
+        frame_decoder(shard_pb2.ShardFrame, SHARD_FRAME_CHUNK_FIELD),
+    ),
+    "CoordinatorFrame": (
+        coordinator_pb2.CoordinatorFrame,
+        STREAM_FRAME_CHUNK_FIELD,
+        frame_decoder(coordinator_pb2.CoordinatorFrame),
+    ),
 }
 
 
@@ -322,8 +346,10 @@ def test_chunk_field_numbers_are_the_protos():
 
 
 @pytest.mark.parametrize("kind", FRAMES)
-@pytest.mark.parametrize("index,offset,size", [(0, 0, 0), (0, 0, 5), (3, 1 << 20, 1 << 20),
-                                               (2 ** 32 - 1, 2 ** 64 - 1, 7), (1, 0, 130)])
+@pytest.mark.parametrize(
+    "index,offset,size",
+    [(0, 0, 0), (0, 0, 5), (3, 1 << 20, 1 << 20), (2**32 - 1, 2**64 - 1, 7), (1, 0, 130)],
+)
 def test_chunk_frame_codec_is_protobufs(kind, index, offset, size):
     frame_cls, field, decode = FRAMES[kind]
     data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
@@ -331,21 +357,26 @@ def test_chunk_frame_codec_is_protobufs(kind, index, offset, size):
     frame.chunk.tensor_index, frame.chunk.offset, frame.chunk.data = index, offset, data
     wire = encode_chunk_frame(index, offset, memoryview(data), field)
     assert wire == frame.SerializeToString()
-    if field == STREAM_FRAME_CHUNK_FIELD:           # the default: the worker's frames
+    if field == STREAM_FRAME_CHUNK_FIELD:  # the default: the worker's frames
         assert encode_chunk_frame(index, offset, memoryview(data)) == wire
     fast = decode(wire)
     assert fast.WhichOneof("kind") == "chunk"
-    assert isinstance(fast.chunk.data, memoryview)          # a view: no copy on receipt
-    assert (fast.chunk.tensor_index, fast.chunk.offset, bytes(fast.chunk.data)) == \
-        (index, offset, data)
+    assert isinstance(fast.chunk.data, memoryview)  # a view: no copy on receipt
+    assert (fast.chunk.tensor_index, fast.chunk.offset, bytes(fast.chunk.data)) == (
+        index,
+        offset,
+        data,
+    )
 
 
 def _other_encodings(kind: str) -> list[bytes]:
     frame_cls, field, _decode = FRAMES[kind]
     tag = bytes([field << 3 | 2])
-    header = {"StreamFrame": {"request": worker_pb2.ComputeGradientsRequest(graph_id="g")},
-              "ShardFrame": {"pulled": shard_pb2.PullResponse(version=3)},
-              "CoordinatorFrame": {"create_job": coordinator_pb2.CreateJobRequest(job_id="j")}}
+    header = {
+        "StreamFrame": {"request": worker_pb2.ComputeGradientsRequest(graph_id="g")},
+        "ShardFrame": {"pulled": shard_pb2.PullResponse(version=3)},
+        "CoordinatorFrame": {"create_job": coordinator_pb2.CreateJobRequest(job_id="j")},
+    }
     return [
         # header frames
         frame_cls(**header[kind]).SerializeToString(),
@@ -377,8 +408,11 @@ def test_decoder_reads_any_encoding_as_protobuf_does(kind, case):
     assert parsed.WhichOneof("kind") == expected.WhichOneof("kind")
     if expected.WhichOneof("kind") == "chunk":
         got = parsed.chunk
-        assert (got.tensor_index, got.offset, bytes(got.data)) == \
-            (expected.chunk.tensor_index, expected.chunk.offset, expected.chunk.data)
+        assert (got.tensor_index, got.offset, bytes(got.data)) == (
+            expected.chunk.tensor_index,
+            expected.chunk.offset,
+            expected.chunk.data,
+        )
     else:
         assert parsed == expected
 
@@ -395,9 +429,9 @@ def test_a_shard_decoder_reads_other_fields_as_protobuf_does(field):
 
 def test_frame_decoder_refuses_a_field_that_is_not_the_chunk():
     with pytest.raises(ValueError, match="not a oneof member"):
-        frame_decoder(shard_pb2.ShardFrame, 3)       # `pulled`
+        frame_decoder(shard_pb2.ShardFrame, 3)  # `pulled`
     with pytest.raises(ValueError):
-        frame_decoder(worker_pb2.StreamFrame, 4)     # no such field
+        frame_decoder(worker_pb2.StreamFrame, 4)  # no such field
     with pytest.raises(ValueError):
         list(chunk_frames([np.ones(3)], 16, field=0))
 
@@ -416,8 +450,7 @@ def test_frame_decoder_names_its_message_like_from_string():
 @pytest.mark.parametrize("name", [None, "", "0.weight", "poids-\u00e9"])
 def test_tensor_field_encoding_is_protobufs(dtype, shape, name):
     a = _sample(shape, np.dtype(dtype))
-    pieces = encode_tensor_field(3, a, name) if name is not None else \
-        encode_tensor_field(1, a)
+    pieces = encode_tensor_field(3, a, name) if name is not None else encode_tensor_field(1, a)
     resp = worker_pb2.ComputeGradientsResponse()
     if name is None:
         resp.loss.CopyFrom(to_proto(a))
@@ -429,27 +462,33 @@ def test_tensor_field_encoding_is_protobufs(dtype, shape, name):
 def test_tensor_field_encoding_reads_the_array_in_place():
     a = np.arange(1000, dtype=np.float32)
     pieces = encode_tensor_field(3, a, "w")
-    assert any(isinstance(p, memoryview) and np.shares_memory(np.asarray(p), a)
-               for p in pieces)
+    assert any(isinstance(p, memoryview) and np.shares_memory(np.asarray(p), a) for p in pieces)
     # A big-endian or strided array is converted once, with the same wire bytes.
     odd = a[::2].astype(">f4")
-    assert b"".join(encode_tensor_field(3, odd, "w")) == \
-        b"".join(encode_tensor_field(3, np.ascontiguousarray(a[::2]), "w"))
+    assert b"".join(encode_tensor_field(3, odd, "w")) == b"".join(
+        encode_tensor_field(3, np.ascontiguousarray(a[::2]), "w")
+    )
 
 
 @pytest.mark.parametrize("kind", ["StreamFrame", "ShardFrame"])
 def test_chunk_frames_into_the_assembler_round_trip(kind):
     frame_cls, field, decode = FRAMES[kind]
-    arrays = [np.arange(10, dtype=np.int64), np.zeros(0, np.float32), _sample((3, 7), np.dtype("f8"))]
+    arrays = [
+        np.arange(10, dtype=np.int64),
+        np.zeros(0, np.float32),
+        _sample((3, 7), np.dtype("f8")),
+    ]
     req = worker_pb2.ComputeGradientsRequest()
     for i, a in enumerate(arrays):
         req.parameters.add(name=f"p{i}").tensor.CopyFrom(to_proto(a, data=False))
     asm = Assembler(req, 1 << 20)
     frames = list(chunk_frames(arrays, 16, field=field))
-    assert len(frames) == 5 + 0 + 11                  # 80 bytes, none, 168 bytes
+    assert len(frames) == 5 + 0 + 11  # 80 bytes, none, 168 bytes
     # The frames protobuf writes for the chunks protobuf's way (serialize.chunks).
-    assert frames == [frame_cls(chunk=c).SerializeToString()
-                      for c in chunks([tensor_buffer(a) for a in arrays], 16)]
+    assert frames == [
+        frame_cls(chunk=c).SerializeToString()
+        for c in chunks([tensor_buffer(a) for a in arrays], 16)
+    ]
     for wire in frames:
         frame = decode(wire)
         assert isinstance(frame.chunk, ChunkView)
@@ -478,6 +517,7 @@ def test_pooled_buffers_are_reused_only_after_every_view_is_gone():
     import gc
 
     from gradmesh.wire.stream import BufferPool
+
     pool = BufferPool(64 << 20)
     a = pool.allocate(4 << 20)
     view = a.view(np.float32).reshape(1024, 1024)[::2]
@@ -485,31 +525,35 @@ def test_pooled_buffers_are_reused_only_after_every_view_is_gone():
     address = a.__array_interface__["data"][0]
     del a
     gc.collect()
-    assert pool.idle_bytes == 0                     # the view still reads it
+    assert pool.idle_bytes == 0  # the view still reads it
     b = pool.allocate(4 << 20)
     assert b.__array_interface__["data"][0] != address and np.all(view == 7)
     del view
     gc.collect()
     assert pool.idle_bytes == 4 << 20
-    c = pool.allocate((4 << 20) - 1000)             # up to a quarter smaller: reused
+    c = pool.allocate((4 << 20) - 1000)  # up to a quarter smaller: reused
     assert c.__array_interface__["data"][0] == address and c.nbytes == (4 << 20) - 1000
     assert pool.allocate(1 << 20).__array_interface__["data"][0] != address
     del b, c
     gc.collect()
-    small = BufferPool(6 << 20)                     # idle memory is capped
+    small = BufferPool(6 << 20)  # idle memory is capped
     bufs = [small.allocate(4 << 20) for _ in range(2)]
     del bufs
     gc.collect()
     assert small.idle_bytes == 4 << 20
 
 
-@pytest.mark.parametrize("make", [
-    lambda: np.broadcast_to(np.float32(2.5), (700, 900)),          # a broadcast scalar
-    lambda: np.broadcast_to(np.arange(900, dtype=np.float64), (700, 900)),
-    lambda: np.arange(2_000_000, dtype=np.int64)[::2],              # strided 1-D
-    lambda: np.arange(600_000, dtype=">f4").reshape(600, 1000),     # big-endian
-    lambda: np.arange(600_000, dtype=np.float32).reshape(1000, 600).T,  # transposed
-], ids=["scalar", "row", "strided", "big-endian", "transposed"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.broadcast_to(np.float32(2.5), (700, 900)),  # a broadcast scalar
+        lambda: np.broadcast_to(np.arange(900, dtype=np.float64), (700, 900)),
+        lambda: np.arange(2_000_000, dtype=np.int64)[::2],  # strided 1-D
+        lambda: np.arange(600_000, dtype=">f4").reshape(600, 1000),  # big-endian
+        lambda: np.arange(600_000, dtype=np.float32).reshape(1000, 600).T,  # transposed
+    ],
+    ids=["scalar", "row", "strided", "big-endian", "transposed"],
+)
 @pytest.mark.parametrize("chunk", [1 << 20, 3 << 20])
 @pytest.mark.parametrize("field", [STREAM_FRAME_CHUNK_FIELD, SHARD_FRAME_CHUNK_FIELD])
 def test_strided_arrays_give_the_frames_of_their_contiguous_copy(make, chunk, field):

@@ -5,6 +5,7 @@
 * a client that truncates its own segment during a call cannot crash the worker;
 * a worker restarted on the same address serves the job again on the shared-memory path.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ from gradmesh.v1 import worker_pb2
 from gradmesh.wire import sharedmem as wire_sharedmem
 from gradmesh.wire.worker import SERVICE_NAME, shared_request
 
-pytestmark = pytest.mark.skipif(not wire_sharedmem.available(),
-                                reason="no memfd sealing and /proc here")
+pytestmark = pytest.mark.skipif(
+    not wire_sharedmem.available(), reason="no memfd sealing and /proc here"
+)
 
 NOBODY = 65534
 
@@ -65,7 +67,7 @@ class _Victim:
         self.pool = wire_sharedmem.Pool()
         self.pseg, self.poff = wire_sharedmem.place(self.pool, params)
         self.gseg, self.goff = wire_sharedmem.place(self.pool, params, write=False)
-        self.gseg.buf[sharedmem.HEADER:] = b"\xa5" * (self.gseg.size - sharedmem.HEADER)
+        self.gseg.buf[sharedmem.HEADER :] = b"\xa5" * (self.gseg.size - sharedmem.HEADER)
         self.before = (bytes(self.pseg.buf), bytes(self.gseg.buf))
         req = shared_request(params, self.pseg, self.poff, self.gseg, self.goff)
         req.graph_id = graph_id
@@ -143,8 +145,14 @@ print(json.dumps(out))
 
 def _as_another_user(payload: dict) -> dict:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run([sys.executable, "-c", _ATTACKER], input=json.dumps(payload),
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", _ATTACKER],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -156,8 +164,9 @@ def worker():
     w.stop(0)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                    reason="changing to another user needs root")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing to another user needs root"
+)
 def test_another_local_user_cannot_use_or_open_a_victims_segments(worker):
     """The worker runs as the victim (this process's user). A second local user knows the
     victim's process id and can guess its descriptors, but not the secret: naming the
@@ -169,30 +178,43 @@ def test_another_local_user_cannot_use_or_open_a_victims_segments(worker):
     x, y = _batch()
     graph_id = worker.worker.register(core_graph.trace(_loss, model, x, y))
     victim = _Victim(model, graph_id, x, y)
-    decoy = _Victim(_model(), graph_id, x, y)       # for the control, with the secret told
+    decoy = _Victim(_model(), graph_id, x, y)  # for the control, with the secret told
     try:
         # The victim's own requests work, and give the reference loss.
         mine = worker_pb2.ComputeGradientsResponse.FromString(
-            _call(worker, victim.read.SerializeToString()))
-        victim.gseg.buf[sharedmem.HEADER:] = b"\xa5" * (victim.gseg.size - sharedmem.HEADER)
+            _call(worker, victim.read.SerializeToString())
+        )
+        victim.gseg.buf[sharedmem.HEADER :] = b"\xa5" * (victim.gseg.size - sharedmem.HEADER)
         assert victim.unchanged()
 
         def attack(req, field, seg, told=False):
             pid, fd = _pid_fd(seg.name)
-            return [req.SerializeToString().hex(), field, pid, fd,
-                    seg.name.rsplit("-", 1)[1] if told else ""]
-        out = _as_another_user({
-            "uid": NOBODY, "address": worker.address,
-            "method": f"/{SERVICE_NAME}/ComputeGradients",
-            "paths": {"parameters": _pid_fd(victim.pseg.name),
-                      "gradients": _pid_fd(victim.gseg.name)},
-            "attacks": {
-                "read": attack(victim.read, "segment", victim.pseg),
-                "read kept": _kept(victim, graph_id, attack),
-                "write": attack(victim.write, "gradient_segment", victim.gseg),
-                "control read": attack(decoy.read, "segment", decoy.pseg, told=True),
-                "control write": attack(decoy.write, "gradient_segment", decoy.gseg,
-                                        told=True)}})
+            return [
+                req.SerializeToString().hex(),
+                field,
+                pid,
+                fd,
+                seg.name.rsplit("-", 1)[1] if told else "",
+            ]
+
+        out = _as_another_user(
+            {
+                "uid": NOBODY,
+                "address": worker.address,
+                "method": f"/{SERVICE_NAME}/ComputeGradients",
+                "paths": {
+                    "parameters": _pid_fd(victim.pseg.name),
+                    "gradients": _pid_fd(victim.gseg.name),
+                },
+                "attacks": {
+                    "read": attack(victim.read, "segment", victim.pseg),
+                    "read kept": _kept(victim, graph_id, attack),
+                    "write": attack(victim.write, "gradient_segment", victim.gseg),
+                    "control read": attack(decoy.read, "segment", decoy.pseg, told=True),
+                    "control write": attack(decoy.write, "gradient_segment", decoy.gseg, told=True),
+                },
+            }
+        )
     finally:
         victim_unchanged = victim.unchanged()
         decoy_written = bytes(decoy.gseg.buf) != decoy.before[1]
@@ -201,8 +223,7 @@ def test_another_local_user_cannot_use_or_open_a_victims_segments(worker):
     assert out["uid"] == NOBODY
     opens = {k: v for k, v in out.items() if k.startswith("open")}
     assert len(opens) == 6 and set(opens.values()) == {"EACCES"}, opens
-    attacks = {k: v for k, v in out.items()
-               if not k.startswith(("open", "uid", "control"))}
+    attacks = {k: v for k, v in out.items() if not k.startswith(("open", "uid", "control"))}
     assert len(attacks) == 9
     for key, (code, details) in attacks.items():
         assert code == "FAILED_PRECONDITION", (key, code, details)
@@ -213,8 +234,8 @@ def test_another_local_user_cannot_use_or_open_a_victims_segments(worker):
     assert victim_unchanged
     assert out["control read, the right name (control)"][0] == "OK"
     assert out["control write, the right name (control)"][0] == "OK"
-    assert decoy_written                                        # the control did write
-    assert mine.loss.data                                       # (the victim's own call)
+    assert decoy_written  # the control did write
+    assert mine.loss.data  # (the victim's own call)
 
 
 def _kept(victim, graph_id, attack):
@@ -237,15 +258,18 @@ def _call(worker, message: bytes) -> bytes:
 
 # ------------------------------------------------------------------ SIGBUS ---------------
 
-_WORKER = ("import sys; from gradmesh.server import worker; w = worker.start('cpu'); "
-           "print(w.address, flush=True); sys.stdin.read()")
+_WORKER = (
+    "import sys; from gradmesh.server import worker; w = worker.start('cpu'); "
+    "print(w.address, flush=True); sys.stdin.read()"
+)
 
 
 @pytest.fixture
 def worker_process():
     """A worker in a process of its own: a crash would end it, not the tests."""
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     address = proc.stdout.readline().strip()
     yield proc, address
     proc.stdin.close()
@@ -276,16 +300,17 @@ def test_a_client_truncating_its_segments_cannot_crash_the_worker(worker_process
                     except PermissionError:
                         errors.append("EPERM")
             time.sleep(0.001)
+
     channel = grpc.insecure_channel(address)
-    call = channel.unary_unary(f"/{SERVICE_NAME}/ComputeGradients",
-                               response_deserializer=worker_pb2.ComputeGradientsResponse
-                               .FromString)
+    call = channel.unary_unary(
+        f"/{SERVICE_NAME}/ComputeGradients",
+        response_deserializer=worker_pb2.ComputeGradientsResponse.FromString,
+    )
     hammer = threading.Thread(target=truncate)
     hammer.start()
     try:
         for _ in range(20):
-            assert call(mine.request.SerializeToString(), timeout=30) \
-                .gradients_in_shared_memory
+            assert call(mine.request.SerializeToString(), timeout=30).gradients_in_shared_memory
     finally:
         stop.set()
         hammer.join()
@@ -313,6 +338,7 @@ def test_a_client_truncating_its_segments_cannot_crash_the_worker(worker_process
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
                 os.pwrite(fd, sharedmem.MAGIC + secret, 0)
+
         churn = threading.Thread(target=shrink_and_grow)
         churn.start()
         try:
@@ -328,10 +354,11 @@ def test_a_client_truncating_its_segments_cannot_crash_the_worker(worker_process
     assert call(mine.request.SerializeToString(), timeout=30).gradients_in_shared_memory
     channel.close()
     mine.close()
-    assert proc.poll() is None                                  # alive
+    assert proc.poll() is None  # alive
 
 
 # ------------------------------------------------------------------ restarts -------------
+
 
 def test_a_worker_restarted_on_the_same_port_serves_a_client_again():
     """The restarted worker knows no graph: the client's next shared-memory call gets
@@ -363,9 +390,13 @@ def _train(workers, restart=None, steps=4):
     try:
         with CoordinatorClient(server.address) as client:
             model = _model()
-            job = client.create_job(model, _loss, gm.optim.SGD(model.parameters(), lr=0.1,
-                                                               momentum=0.9),
-                                    micro_batch_size=8, example_batch=_batch(20))
+            job = client.create_job(
+                model,
+                _loss,
+                gm.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                micro_batch_size=8,
+                example_batch=_batch(20),
+            )
             for s in range(steps):
                 if restart is not None and s in (1, 3):
                     restart()
@@ -391,11 +422,12 @@ def test_a_worker_restarted_on_the_same_port_serves_a_coordinators_job_again():
     def restart():
         workers[0].stop(0)
         workers[0] = worker_mod.start("cpu", port=port)
+
     try:
         restarted = _train(workers, restart)
         mapped.append(len(workers[0].worker.segments))
     finally:
         workers[0].stop(0)
-    assert mapped[0] > 0                                 # shared memory, after restarts
+    assert mapped[0] > 0  # shared memory, after restarts
     for name in plain:
         assert np.array_equal(restarted[name], plain[name]), name

@@ -1,4 +1,5 @@
 """Activation modules, over the functions of ``nn.functional``."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,7 +14,7 @@ from .module import Module
 class ReLU(Module):
     def __init__(self, inplace: bool = False):
         super().__init__()
-        self.inplace = inplace      # accepted for torch compatibility; results are new tensors
+        self.inplace = inplace  # accepted for torch compatibility; results are new tensors
 
     def forward(self, x: Tensor) -> Tensor:
         return CF.relu(x)
@@ -56,16 +57,18 @@ class LeakyReLU(Module):
         return CF.leaky_relu(x, self.negative_slope)
 
     def extra_repr(self) -> str:
-        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace
-                                                           else "")
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
 
 def _softmax_dim(name: str, dim: int | None, ndim: int) -> int:
     if dim is not None:
         return dim
     # torch's legacy rule for a missing dim, with its warning.
-    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call "
-                  f"to include dim=X as an argument.", stacklevel=3)
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. Change the call "
+        f"to include dim=X as an argument.",
+        stacklevel=3,
+    )
     return 0 if ndim in (0, 1, 3) else 1
 
 
@@ -95,11 +98,12 @@ class LogSoftmax(Module):
 
 class _InplaceActivation(Module):
     """An elementwise activation with torch's (ignored) ``inplace`` flag."""
+
     _fn: Callable[[Tensor], Tensor]
 
     def __init__(self, inplace: bool = False):
         super().__init__()
-        self.inplace = inplace      # accepted for torch compatibility; results are new tensors
+        self.inplace = inplace  # accepted for torch compatibility; results are new tensors
 
     def forward(self, x: Tensor) -> Tensor:
         return type(self)._fn(x)

@@ -1,4 +1,5 @@
 """Containers of modules: ``Sequential`` and ``ModuleList``."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -15,7 +16,7 @@ class Sequential(Module):
     2
     """
 
-    def __init__(self, *args: Any):         # Modules, or one OrderedDict of them
+    def __init__(self, *args: Any):  # Modules, or one OrderedDict of them
         super().__init__()
         if len(args) == 1 and isinstance(args[0], OrderedDict):
             for name, module in args[0].items():
@@ -27,8 +28,7 @@ class Sequential(Module):
     def _index(self, idx: int) -> str:
         n = len(self._modules)
         if not -n <= idx < n:
-            raise IndexError(f"index {idx} is out of range for {type(self).__name__} of "
-                             f"length {n}")
+            raise IndexError(f"index {idx} is out of range for {type(self).__name__} of length {n}")
         return list(self._modules)[idx % n]
 
     def __getitem__(self, idx):
@@ -125,6 +125,8 @@ class ModuleList(Module):
                 runs[-1][1] = i
             else:
                 runs.append([i, i, r])
-        lines = [_add_indent(f"({a}): {r}" if a == b else f"({a}-{b}): {b - a + 1} x {r}", 2)
-                 for a, b, r in runs]
+        lines = [
+            _add_indent(f"({a}): {r}" if a == b else f"({a}-{b}): {b - a + 1} x {r}", 2)
+            for a, b, r in runs
+        ]
         return self._get_name() + "(\n  " + "\n  ".join(lines) + "\n)"

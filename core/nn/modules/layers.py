@@ -1,5 +1,6 @@
 """Layers with weights or shape rules: linear, convolutions, embedding, layer norm,
 dropout, flatten, pooling and upsampling."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ class Linear(Module):
     bias ~ U(±1/sqrt(in_features)).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -48,8 +50,10 @@ class Linear(Module):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def _empty(shape: tuple, dtype, device) -> Tensor:
@@ -77,19 +81,34 @@ def _pair(v, name: str) -> tuple[int, int]:
 class Conv2d(Module):
     """2-D convolution over ``(N, C_in, H, W)``; weight ``(C_out, C_in // groups, kH, kW)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"Conv2d: in_channels ({in_channels}) and out_channels "
-                             f"({out_channels}) must both be divisible by groups ({groups})")
+            raise ValueError(
+                f"Conv2d: in_channels ({in_channels}) and out_channels "
+                f"({out_channels}) must both be divisible by groups ({groups})"
+            )
         if padding_mode != "zeros":
-            raise NotImplementedError(f"Conv2d: padding_mode={padding_mode!r} is not "
-                                      f"supported; use 'zeros'")
+            raise NotImplementedError(
+                f"Conv2d: padding_mode={padding_mode!r} is not supported; use 'zeros'"
+            )
         if isinstance(padding, str) and padding not in ("valid", "same"):
-            raise ValueError(f"Conv2d: invalid padding string {padding!r}; use 'valid', "
-                             f"'same' or ints")
+            raise ValueError(
+                f"Conv2d: invalid padding string {padding!r}; use 'valid', 'same' or ints"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -98,8 +117,9 @@ class Conv2d(Module):
         self.dilation = _pair(dilation, "dilation")
         self.groups = groups
         self.padding_mode = padding_mode
-        self.weight = Parameter(_empty((out_channels, in_channels // groups) + self.kernel_size,
-                                       dtype, device))
+        self.weight = Parameter(
+            _empty((out_channels, in_channels // groups) + self.kernel_size, dtype, device)
+        )
         if bias:
             self.bias = Parameter(_empty((out_channels,), dtype, device))
         else:
@@ -110,12 +130,21 @@ class Conv2d(Module):
         _reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                        dilation=self.dilation, groups=self.groups)
+        return F.conv2d(
+            x,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
@@ -130,13 +159,21 @@ class Conv2d(Module):
 class Embedding(Module):
     """A lookup table ``weight[indices]``; weight ``(num_embeddings, embedding_dim)`` ~ N(0, 1)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"Embedding: padding_idx {padding_idx} must be within "
-                                 f"num_embeddings ({num_embeddings})")
+                raise ValueError(
+                    f"Embedding: padding_idx {padding_idx} must be within "
+                    f"num_embeddings ({num_embeddings})"
+                )
             padding_idx %= num_embeddings
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -160,8 +197,15 @@ class Embedding(Module):
 class LayerNorm(Module):
     """Normalise over the trailing ``normalized_shape`` dims; weight ones, bias zeros."""
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
@@ -189,8 +233,10 @@ class LayerNorm(Module):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}")
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+        )
 
 
 class Dropout(Module):
@@ -223,13 +269,15 @@ class Flatten(Module):
         n = max(x.ndim, 1)
         start, end = self.start_dim % n, self.end_dim % n
         if start > end:
-            raise ValueError(f"Flatten: start_dim ({self.start_dim}) comes after end_dim "
-                             f"({self.end_dim}) for an input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"Flatten: start_dim ({self.start_dim}) comes after end_dim "
+                f"({self.end_dim}) for an input of shape {tuple(x.shape)}"
+            )
         shape = x.shape
         merged = 1
-        for s in shape[start:end + 1]:
+        for s in shape[start : end + 1]:
             merged *= s
-        return CF.reshape(x, shape[:start] + (merged,) + shape[end + 1:])
+        return CF.reshape(x, shape[:start] + (merged,) + shape[end + 1 :])
 
     def extra_repr(self) -> str:
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
@@ -238,8 +286,15 @@ class Flatten(Module):
 class MaxPool2d(Module):
     """Max over ``kernel_size`` windows (stride defaults to the kernel size)."""
 
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1,
-                 return_indices: bool = False, ceil_mode: bool = False):
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        dilation=1,
+        return_indices: bool = False,
+        ceil_mode: bool = False,
+    ):
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
@@ -250,20 +305,34 @@ class MaxPool2d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(
-            x, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices)
+            x,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
 
     def extra_repr(self) -> str:
-        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}")
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+        )
 
 
 class AvgPool2d(Module):
     """Mean over ``kernel_size`` windows (stride defaults to the kernel size)."""
 
-    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-                 count_include_pad: bool = True, divisor_override: int | None = None):
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor_override: int | None = None,
+    ):
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
@@ -274,9 +343,14 @@ class AvgPool2d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(
-            x, self.kernel_size, stride=self.stride, padding=self.padding,
-            ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
-            divisor_override=self.divisor_override)
+            x,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
+            divisor_override=self.divisor_override,
+        )
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -296,14 +370,19 @@ class AdaptiveAvgPool2d(Module):
         return f"output_size={self.output_size}"
 
 
-def _check_conv(name: str, in_channels: int, out_channels: int, groups: int,
-                padding_mode: str) -> None:
+def _check_conv(
+    name: str, in_channels: int, out_channels: int, groups: int, padding_mode: str
+) -> None:
     if groups <= 0 or in_channels % groups or out_channels % groups:
-        raise ValueError(f"{name}: in_channels ({in_channels}) and out_channels "
-                         f"({out_channels}) must both be divisible by groups ({groups})")
+        raise ValueError(
+            f"{name}: in_channels ({in_channels}) and out_channels "
+            f"({out_channels}) must both be divisible by groups ({groups})"
+        )
     if padding_mode != "zeros":
-        raise NotImplementedError(f"{name}: padding_mode={padding_mode!r} is not supported; "
-                                  f"use 'zeros' (or F.pad before the convolution)")
+        raise NotImplementedError(
+            f"{name}: padding_mode={padding_mode!r} is not supported; "
+            f"use 'zeros' (or F.pad before the convolution)"
+        )
 
 
 def _single(v, name: str) -> tuple[int]:
@@ -316,8 +395,10 @@ def _single(v, name: str) -> tuple[int]:
 
 def _conv_repr(conv: Module, **defaults) -> str:
     """torch's ConvNd repr: the attributes in ``defaults`` only where they differ."""
-    s = (f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}, "
-         f"stride={conv.stride}")
+    s = (
+        f"{conv.in_channels}, {conv.out_channels}, kernel_size={conv.kernel_size}, "
+        f"stride={conv.stride}"
+    )
     for name, default in defaults.items():
         if getattr(conv, name) != default:
             s += f", {name}={getattr(conv, name)}"
@@ -329,9 +410,20 @@ def _conv_repr(conv: Module, **defaults) -> str:
 class Conv1d(Module):
     """1-D convolution over (N, C_in, L); weight (C_out, C_in // groups, k)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check_conv("Conv1d", in_channels, out_channels, groups, padding_mode)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -339,8 +431,9 @@ class Conv1d(Module):
         self.stride, self.dilation = _single(stride, "stride"), _single(dilation, "dilation")
         self.padding = padding if isinstance(padding, str) else _single(padding, "padding")
         self.padding_mode = padding_mode
-        self.weight = Parameter(_empty((out_channels, in_channels // groups) +
-                                       self.kernel_size, dtype, device))
+        self.weight = Parameter(
+            _empty((out_channels, in_channels // groups) + self.kernel_size, dtype, device)
+        )
         if bias:
             self.bias = Parameter(_empty((out_channels,), dtype, device))
         else:
@@ -348,8 +441,9 @@ class Conv1d(Module):
         _reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv1d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
     def extra_repr(self) -> str:
         return _conv_repr(self, padding=(0,), dilation=(1,))
@@ -358,9 +452,21 @@ class Conv1d(Module):
 class ConvTranspose2d(Module):
     """Transposed 2-D convolution; weight (C_in, C_out // groups, kH, kW)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1,
-                 padding_mode: str = "zeros", device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check_conv("ConvTranspose2d", in_channels, out_channels, groups, padding_mode)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -369,8 +475,9 @@ class ConvTranspose2d(Module):
         self.output_padding = _pair(output_padding, "output_padding")
         self.dilation = _pair(dilation, "dilation")
         self.padding_mode = padding_mode
-        self.weight = Parameter(_empty((in_channels, out_channels // groups) +
-                                       self.kernel_size, dtype, device))
+        self.weight = Parameter(
+            _empty((in_channels, out_channels // groups) + self.kernel_size, dtype, device)
+        )
         if bias:
             self.bias = Parameter(_empty((out_channels,), dtype, device))
         else:
@@ -378,8 +485,16 @@ class ConvTranspose2d(Module):
         _reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding,
-                                  self.output_padding, self.groups, self.dilation)
+        return F.conv_transpose2d(
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.groups,
+            self.dilation,
+        )
 
     def extra_repr(self) -> str:
         return _conv_repr(self, padding=(0, 0), output_padding=(0, 0), dilation=(1, 1))
@@ -388,19 +503,37 @@ class ConvTranspose2d(Module):
 class Upsample(Module):
     """``F.interpolate`` as a layer: to ``size`` or by ``scale_factor``."""
 
-    def __init__(self, size=None, scale_factor=None, mode: str = "nearest",
-                 align_corners: bool | None = None, recompute_scale_factor: bool | None = None):
+    def __init__(
+        self,
+        size=None,
+        scale_factor=None,
+        mode: str = "nearest",
+        align_corners: bool | None = None,
+        recompute_scale_factor: bool | None = None,
+    ):
         super().__init__()
         self.size, self.mode, self.align_corners = size, mode, align_corners
-        self.scale_factor = float(scale_factor) if isinstance(scale_factor, (int, float)) \
+        self.scale_factor = (
+            float(scale_factor)
+            if isinstance(scale_factor, (int, float))
             else (tuple(float(f) for f in scale_factor) if scale_factor else None)
+        )
         self.recompute_scale_factor = recompute_scale_factor
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
-                             self.recompute_scale_factor)
+        return F.interpolate(
+            x,
+            self.size,
+            self.scale_factor,
+            self.mode,
+            self.align_corners,
+            self.recompute_scale_factor,
+        )
 
     def extra_repr(self) -> str:
-        what = f"scale_factor={self.scale_factor}" if self.scale_factor is not None else \
-            f"size={self.size}"
+        what = (
+            f"scale_factor={self.scale_factor}"
+            if self.scale_factor is not None
+            else f"size={self.size}"
+        )
         return f"{what}, mode={self.mode!r}"

@@ -1,4 +1,5 @@
 """``Module``, the base of every layer, and ``Parameter``."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -42,7 +43,6 @@ def _rebuild_parameter(array, requires_grad):
     return Parameter(array, requires_grad)
 
 
-
 class _IncompatibleKeys(NamedTuple):
     missing_keys: list
     unexpected_keys: list
@@ -66,8 +66,9 @@ class Module:
         object.__setattr__(self, "_modules", OrderedDict())
 
     def forward(self, *args, **kwargs):
-        raise NotImplementedError(f"Module [{type(self).__name__}] is missing the required "
-                                  f"\"forward\" function")
+        raise NotImplementedError(
+            f'Module [{type(self).__name__}] is missing the required "forward" function'
+        )
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -75,17 +76,21 @@ class Module:
     # -- registration ----------------------------------------------------------------------
     def _require_init(self, what: str) -> None:
         if "_parameters" not in self.__dict__:
-            raise AttributeError(f"cannot assign {what} before Module.__init__() call; call "
-                                 f"super().__init__() first in {type(self).__name__}.__init__")
+            raise AttributeError(
+                f"cannot assign {what} before Module.__init__() call; call "
+                f"super().__init__() first in {type(self).__name__}.__init__"
+            )
 
     def register_parameter(self, name: str, param: Parameter | None) -> None:
         """Add a parameter (or a ``None`` placeholder, like a Linear without bias)."""
         self._require_init("parameters")
         self._check_name(name, "parameter")
         if param is not None and not isinstance(param, Parameter):
-            raise TypeError(f"cannot assign '{type(param).__name__}' object to parameter "
-                            f"'{name}' (gradmesh.core.nn.Parameter or None required); wrap it "
-                            f"as nn.Parameter(tensor)")
+            raise TypeError(
+                f"cannot assign '{type(param).__name__}' object to parameter "
+                f"'{name}' (gradmesh.core.nn.Parameter or None required); wrap it "
+                f"as nn.Parameter(tensor)"
+            )
         self._parameters[name] = param
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
@@ -93,8 +98,10 @@ class Module:
         self._require_init("buffers")
         self._check_name(name, "buffer")
         if tensor is not None and not isinstance(tensor, Tensor):
-            raise TypeError(f"cannot assign '{type(tensor).__name__}' object to buffer "
-                            f"'{name}' (Tensor or None required)")
+            raise TypeError(
+                f"cannot assign '{type(tensor).__name__}' object to buffer "
+                f"'{name}' (Tensor or None required)"
+            )
         self._buffers[name] = tensor
         if persistent:
             self._non_persistent_buffers.discard(name)
@@ -126,8 +133,10 @@ class Module:
             self.register_parameter(name, value)
         elif params is not None and name in params:
             if value is not None:
-                raise TypeError(f"cannot assign '{type(value).__name__}' as parameter "
-                                f"'{name}' (gradmesh.core.nn.Parameter or None expected)")
+                raise TypeError(
+                    f"cannot assign '{type(value).__name__}' as parameter "
+                    f"'{name}' (gradmesh.core.nn.Parameter or None expected)"
+                )
             params[name] = None
         elif isinstance(value, Module):
             self._require_init("child modules")
@@ -135,13 +144,17 @@ class Module:
             self._modules[name] = value
         elif d.get("_modules") is not None and name in self._modules:
             if value is not None:
-                raise TypeError(f"cannot assign '{type(value).__name__}' as child module "
-                                f"'{name}' (Module or None expected)")
+                raise TypeError(
+                    f"cannot assign '{type(value).__name__}' as child module "
+                    f"'{name}' (Module or None expected)"
+                )
             self._modules[name] = None
         elif d.get("_buffers") is not None and name in self._buffers:
             if value is not None and not isinstance(value, Tensor):
-                raise TypeError(f"cannot assign '{type(value).__name__}' as buffer '{name}' "
-                                f"(Tensor or None expected)")
+                raise TypeError(
+                    f"cannot assign '{type(value).__name__}' as buffer '{name}' "
+                    f"(Tensor or None expected)"
+                )
             self._buffers[name] = value
         else:
             object.__setattr__(self, name, value)
@@ -169,12 +182,14 @@ class Module:
         object.__delattr__(self, name)
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(self._parameters) | set(self._buffers)
-                      | set(self._modules))
+        return sorted(
+            set(super().__dir__()) | set(self._parameters) | set(self._buffers) | set(self._modules)
+        )
 
     # -- traversal -------------------------------------------------------------------------
-    def named_modules(self, memo: set | None = None, prefix: str = "",
-                      remove_duplicate: bool = True) -> Iterator[tuple[str, "Module"]]:
+    def named_modules(
+        self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, "Module"]]:
         """This module and every descendant, depth first, with dotted names ('' for self)."""
         memo = set() if memo is None else memo
         if remove_duplicate:
@@ -184,8 +199,9 @@ class Module:
         yield prefix, self
         for name, child in self._modules.items():
             if child is not None:
-                yield from child.named_modules(memo, f"{prefix}.{name}" if prefix else name,
-                                               remove_duplicate)
+                yield from child.named_modules(
+                    memo, f"{prefix}.{name}" if prefix else name, remove_duplicate
+                )
 
     def modules(self) -> Iterator["Module"]:
         for _, m in self.named_modules():
@@ -202,11 +218,15 @@ class Module:
         for _, child in self.named_children():
             yield child
 
-    def _named_members(self, registry: str, prefix: str, recurse: bool,
-                       remove_duplicate: bool = True):
+    def _named_members(
+        self, registry: str, prefix: str, recurse: bool, remove_duplicate: bool = True
+    ):
         seen = set()
-        modules = (self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate)
-                   if recurse else [(prefix, self)])
+        modules = (
+            self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate)
+            if recurse
+            else [(prefix, self)]
+        )
         for mod_prefix, module in modules:
             for name, value in getattr(module, registry).items():
                 if value is None or (remove_duplicate and id(value) in seen):
@@ -214,8 +234,9 @@ class Module:
                 seen.add(id(value))
                 yield (f"{mod_prefix}.{name}" if mod_prefix else name), value
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[tuple[str, Parameter]]:
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Parameter]]:
         """``(dotted name, Parameter)`` pairs in torch's order; shared weights appear once."""
         return self._named_members("_parameters", prefix, recurse, remove_duplicate)
 
@@ -223,8 +244,9 @@ class Module:
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
-    def named_buffers(self, prefix: str = "", recurse: bool = True,
-                      remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:
         return self._named_members("_buffers", prefix, recurse, remove_duplicate)
 
     def buffers(self, recurse: bool = True) -> Iterator[Tensor]:
@@ -236,8 +258,9 @@ class Module:
         for part in target.split(".") if target else []:
             child = module._modules.get(part)
             if child is None:
-                raise AttributeError(f"{type(module).__name__} has no submodule {part!r} "
-                                     f"(looking up {target!r})")
+                raise AttributeError(
+                    f"{type(module).__name__} has no submodule {part!r} (looking up {target!r})"
+                )
             module = child
         return module
 
@@ -301,8 +324,10 @@ class Module:
         if dtype is not None:
             dtype = dtypes.as_dtype(dtype)
             if not dtype.is_floating_point:
-                raise TypeError(f"nn.Module.to only accepts floating point dtypes, but got "
-                                f"desired dtype={dtype}")
+                raise TypeError(
+                    f"nn.Module.to only accepts floating point dtypes, but got "
+                    f"desired dtype={dtype}"
+                )
         xp = backend.xp_for(device) if device is not None else None
 
         def convert(a):
@@ -311,14 +336,18 @@ class Module:
             if dtype is not None and a.dtype.kind == "f" and a.dtype != dtype.np:
                 a = a.astype(dtype.np)
             return a
+
         return self._apply(convert)
 
     def share_memory(self) -> "Module":
         """Move every CPU parameter and buffer into one shared-memory segment
         (``Tensor.share_memory_``), as torch's ``share_memory``: a gradmesh worker on this
         host then reads them where they are, with no copy per call."""
-        tensors = {id(t): t for t in [*self.parameters(), *self.buffers()]
-                   if t is not None and t.device == "cpu" and not t.is_shared()}
+        tensors = {
+            id(t): t
+            for t in [*self.parameters(), *self.buffers()]
+            if t is not None and t.device == "cpu" and not t.is_shared()
+        }
         if tensors:
             _share(list(tensors.values()))
         return self
@@ -346,8 +375,7 @@ class Module:
         """
         out: OrderedDict[str, Tensor] = OrderedDict()
         # A module shared under two names is saved under both, as torch does.
-        for mod_prefix, m in self.named_modules(prefix=prefix.rstrip("."),
-                                                remove_duplicate=False):
+        for mod_prefix, m in self.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
             dot = f"{mod_prefix}." if mod_prefix else ""
             for name, p in m._parameters.items():
                 if p is not None:
@@ -365,8 +393,7 @@ class Module:
         parameter's dtype and device.
         """
         if not isinstance(state_dict, dict):
-            raise TypeError(f"expected state_dict to be dict-like, got "
-                            f"{type(state_dict).__name__}")
+            raise TypeError(f"expected state_dict to be dict-like, got {type(state_dict).__name__}")
         own = self.state_dict(keep_vars=True)
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
@@ -378,22 +405,34 @@ class Module:
             value = state_dict[key]
             array = value._data if isinstance(value, Tensor) else np.asarray(value)
             if tuple(array.shape) != tuple(target.shape):
-                errors.append(f"size mismatch for {key}: copying a param with shape "
-                              f"{tuple(array.shape)} from checkpoint, the shape in current "
-                              f"model is {tuple(target.shape)}.")
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape "
+                    f"{tuple(array.shape)} from checkpoint, the shape in current "
+                    f"model is {tuple(target.shape)}."
+                )
             sources[key] = array
         if strict:
             if unexpected:
-                errors.insert(0, "Unexpected key(s) in state_dict: "
-                              + ", ".join(f'"{k}"' for k in unexpected) + ".")
+                errors.insert(
+                    0,
+                    "Unexpected key(s) in state_dict: "
+                    + ", ".join(f'"{k}"' for k in unexpected)
+                    + ".",
+                )
             if missing:
-                errors.insert(0, "Missing key(s) in state_dict: "
-                              + ", ".join(f'"{k}"' for k in missing) + ".")
+                errors.insert(
+                    0, "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + "."
+                )
         if errors:
-            hint = ("\n\tCheck that the checkpoint was saved from the same architecture, or "
-                    "pass strict=False to skip missing and unexpected keys.")
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-                               + "\n\t".join(errors) + hint)
+            hint = (
+                "\n\tCheck that the checkpoint was saved from the same architecture, or "
+                "pass strict=False to skip missing and unexpected keys."
+            )
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                + "\n\t".join(errors)
+                + hint
+            )
         with no_grad():
             for key, array in sources.items():
                 target = own[key]

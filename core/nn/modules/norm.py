@@ -1,5 +1,6 @@
 """Normalisation layers with running statistics or groups: BatchNorm1d/2d, GroupNorm,
 RMSNorm."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +13,13 @@ from .layers import _empty
 from .module import Module, Parameter
 
 
-def _ones_and_zeros(module: Module, shape: tuple, affine: bool, bias: bool, dtype,
-                    device) -> None:
+def _ones_and_zeros(module: Module, shape: tuple, affine: bool, bias: bool, dtype, device) -> None:
     """``weight`` (ones) and ``bias`` (zeros) Parameters of ``shape`` where ``affine`` (and
     ``bias``), None placeholders otherwise."""
-    for name, wanted, fill in (("weight", affine, init.ones_), ("bias", affine and bias,
-                                                                 init.zeros_)):
+    for name, wanted, fill in (
+        ("weight", affine, init.ones_),
+        ("bias", affine and bias, init.zeros_),
+    ):
         if wanted:
             setattr(module, name, Parameter(_empty(shape, dtype, device)))
             fill(getattr(module, name))
@@ -32,11 +34,21 @@ class _BatchNorm(Module):
 
     Updating the running statistics writes the module's buffers, which a traced graph
     cannot do: trace a model with BatchNorm in eval mode (``model.eval()``)."""
+
     _ndims: tuple
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, bias: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
@@ -47,8 +59,9 @@ class _BatchNorm(Module):
         if track_running_stats:
             self.register_buffer("running_mean", _empty((num_features,), dtype, device))
             self.register_buffer("running_var", _empty((num_features,), dtype, device))
-            self.register_buffer("num_batches_tracked", Tensor(
-                backend.xp_for(device).zeros((), dtype=np.int64)))
+            self.register_buffer(
+                "num_batches_tracked", Tensor(backend.xp_for(device).zeros((), dtype=np.int64))
+            )
             self.reset_running_stats()
         else:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -69,9 +82,11 @@ class _BatchNorm(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim not in self._ndims:
-            raise ValueError(f"{type(self).__name__}: expected "
-                             f"{' or '.join(f'{d}D' for d in self._ndims)} input (got "
-                             f"{x.ndim}D input of shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{type(self).__name__}: expected "
+                f"{' or '.join(f'{d}D' for d in self._ndims)} input (got "
+                f"{x.ndim}D input of shape {tuple(x.shape)})"
+            )
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -79,35 +94,57 @@ class _BatchNorm(Module):
                 factor = 1.0 / float(self.num_batches_tracked.item())
         use_batch = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
-        return F.batch_norm(x, self.running_mean if keep else None,
-                            self.running_var if keep else None, self.weight, self.bias,
-                            use_batch, factor, self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            factor,
+            self.eps,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, bias={self.bias is not None}, "
-                f"track_running_stats={self.track_running_stats}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
 
 
 class BatchNorm1d(_BatchNorm):
     """Batch normalisation of (N, C) or (N, C, L)."""
+
     _ndims = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
     """Batch normalisation of (N, C, H, W)."""
+
     _ndims = (4,)
 
 
 class GroupNorm(Module):
     """Normalise (N, C, *) over groups of C / num_groups channels; per-channel affine."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None, *, bias: bool = True):
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ):
         super().__init__()
         if num_groups < 1 or num_channels % num_groups:
-            raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
-                             f"num_groups ({num_groups})")
+            raise ValueError(
+                f"GroupNorm: num_channels ({num_channels}) must be divisible by "
+                f"num_groups ({num_groups})"
+            )
         self.num_groups, self.num_channels = num_groups, num_channels
         self.eps, self.affine = eps, affine
         _ones_and_zeros(self, (num_channels,), affine, bias, dtype, device)
@@ -116,15 +153,23 @@ class GroupNorm(Module):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class RMSNorm(Module):
     """x / sqrt(mean(x², trailing dims) + eps) * weight; ``eps=None``: the dtype's eps."""
 
-    def __init__(self, normalized_shape, eps: float | None = None,
-                 elementwise_affine: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
@@ -140,5 +185,6 @@ class RMSNorm(Module):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )

@@ -10,6 +10,7 @@ zero initial state: h is one zero row that broadcasts over the batch (w_hh still
 zero gradient, as in torch) and the ``f * c`` and ``z * h`` terms are left out; exact, and
 no constant shaped by the batch size in a traced graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,7 @@ def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
 def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
     h, c = state
     i, f, g, o = CF.chunk(xw + _recurrent(h, w_hh, b_hh), 4, -1)
-    c = CF.sigmoid(i) * CF.tanh(g) if c is None else \
-        CF.sigmoid(f) * c + CF.sigmoid(i) * CF.tanh(g)
+    c = CF.sigmoid(i) * CF.tanh(g) if c is None else CF.sigmoid(f) * c + CF.sigmoid(i) * CF.tanh(g)
     h = CF.sigmoid(o) * CF.tanh(c)
     return h, (h, c)
 
@@ -66,9 +66,19 @@ class _RNNBase(Module):
     _gates: int
     _cell: Callable
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if proj_size:
             raise NotImplementedError(f"{type(self).__name__}: proj_size is not supported")
@@ -93,14 +103,18 @@ class _RNNBase(Module):
         return 2 if self.bidirectional else 1
 
     def _suffixes(self, layer: int) -> list[str]:
-        return [f"_l{layer}", f"_l{layer}_reverse"][:self._directions]
+        return [f"_l{layer}", f"_l{layer}_reverse"][: self._directions]
 
     def reset_parameters(self) -> None:
         _reset_recurrent(self)
 
     def _weights(self, sfx: str):
-        return (getattr(self, f"weight_ih{sfx}"), getattr(self, f"weight_hh{sfx}"),
-                getattr(self, f"bias_ih{sfx}", None), getattr(self, f"bias_hh{sfx}", None))
+        return (
+            getattr(self, f"weight_ih{sfx}"),
+            getattr(self, f"weight_hh{sfx}"),
+            getattr(self, f"bias_ih{sfx}", None),
+            getattr(self, f"bias_hh{sfx}", None),
+        )
 
     def _run(self, x: Tensor, state, sfx: str, reverse: bool):
         """One direction of one layer over x (N, L, in): the outputs (N, L, H), final state.
@@ -108,7 +122,7 @@ class _RNNBase(Module):
         w_ih, w_hh, b_ih, b_hh = self._weights(sfx)
         steps = CF.unbind(F.linear(x, w_ih, b_ih), 1)
         outs = []
-        for xw in (reversed(steps) if reverse else steps):
+        for xw in reversed(steps) if reverse else steps:
             h, state = type(self)._cell(xw, state, w_hh, b_hh)
             outs.append(h)
         return CF.stack(outs[::-1] if reverse else outs, 1), state
@@ -116,9 +130,11 @@ class _RNNBase(Module):
     def _check_input(self, x: Tensor) -> bool:
         name = type(self).__name__
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
-            raise OpError(f"{name}: expected input of shape (L, N, {self.input_size}) (batch "
-                          f"first: (N, L, {self.input_size}); unbatched: (L, "
-                          f"{self.input_size})), got {fmt(x.shape)}")
+            raise OpError(
+                f"{name}: expected input of shape (L, N, {self.input_size}) (batch "
+                f"first: (N, L, {self.input_size}); unbatched: (L, "
+                f"{self.input_size})), got {fmt(x.shape)}"
+            )
         return x.ndim == 3
 
     def _initial(self, hx: Tensor | None, n: int, batched: bool) -> Tensor | None:
@@ -128,9 +144,11 @@ class _RNNBase(Module):
         if not batched:
             hx = CF.unsqueeze(hx, 1)
         if tuple(hx.shape) != want:
-            raise OpError(f"{type(self).__name__}: expected hidden state of shape "
-                          f"{fmt(want if batched else want[:1] + want[2:])}, got "
-                          f"{fmt(hx.shape if batched else hx.shape[:1] + hx.shape[2:])}")
+            raise OpError(
+                f"{type(self).__name__}: expected hidden state of shape "
+                f"{fmt(want if batched else want[:1] + want[2:])}, got "
+                f"{fmt(hx.shape if batched else hx.shape[:1] + hx.shape[2:])}"
+            )
         return hx
 
     def _forward(self, x: Tensor, states: list, batched: bool):
@@ -139,8 +157,10 @@ class _RNNBase(Module):
             x = CF.unsqueeze(x, 0)
         elif not self.batch_first:
             x = CF.transpose(x, 0, 1)
-        per_kind = [CF.unbind(s, 0) if s is not None else
-                    [None] * (self.num_layers * self._directions) for s in states]
+        per_kind = [
+            CF.unbind(s, 0) if s is not None else [None] * (self.num_layers * self._directions)
+            for s in states
+        ]
         finals = []
         for layer in range(self.num_layers):
             outs = []
@@ -159,8 +179,13 @@ class _RNNBase(Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
-        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
-                              ("dropout", 0.0), ("bidirectional", False)):
+        for name, default in (
+            ("num_layers", 1),
+            ("bias", True),
+            ("batch_first", False),
+            ("dropout", 0.0),
+            ("bidirectional", False),
+        ):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
         return s
@@ -169,6 +194,7 @@ class _RNNBase(Module):
 class LSTM(_RNNBase):
     """``torch.nn.LSTM``: gates (i, f, g, o); ``forward(input, (h0, c0))`` returns
     ``output, (h_n, c_n)``."""
+
     _gates = 4
     _cell = staticmethod(_lstm_cell)
 
@@ -183,6 +209,7 @@ class LSTM(_RNNBase):
 
 class GRU(_RNNBase):
     """``torch.nn.GRU``: gates (r, z, n); ``forward(input, h0)`` returns ``output, h_n``."""
+
     _gates = 3
     _cell = staticmethod(_gru_cell)
 
@@ -200,8 +227,9 @@ class _CellBase(Module):
     _gates: int
     _cell: Callable
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None):
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         g = self._gates * hidden_size
@@ -222,14 +250,17 @@ class _CellBase(Module):
         """The cell on (N, in) or unbatched (in,) input; ``state``: Nones or (N, H) each."""
         name = type(self).__name__
         if input.ndim not in (1, 2) or input.shape[-1] != self.input_size:
-            raise OpError(f"{name}: expected input of shape (N, {self.input_size}) or "
-                          f"({self.input_size},), got {fmt(input.shape)}")
+            raise OpError(
+                f"{name}: expected input of shape (N, {self.input_size}) or "
+                f"({self.input_size},), got {fmt(input.shape)}"
+            )
         batched = input.ndim == 2
         want = input.shape[:-1] + (self.hidden_size,)
         for s in state:
             if s is not None and tuple(s.shape) != want:
-                raise OpError(f"{name}: expected hidden state of shape {fmt(want)}, got "
-                              f"{fmt(s.shape)}")
+                raise OpError(
+                    f"{name}: expected hidden state of shape {fmt(want)}, got {fmt(s.shape)}"
+                )
         if not batched:
             input = CF.unsqueeze(input, 0)
             state = tuple(None if s is None else CF.unsqueeze(s, 0) for s in state)
@@ -243,6 +274,7 @@ class _CellBase(Module):
 
 class LSTMCell(_CellBase):
     """``torch.nn.LSTMCell``: ``forward(input, (h, c))`` returns ``(h', c')``."""
+
     _gates = 4
     _cell = staticmethod(_lstm_cell)
 
@@ -252,6 +284,7 @@ class LSTMCell(_CellBase):
 
 class GRUCell(_CellBase):
     """``torch.nn.GRUCell``: ``forward(input, h)`` returns ``h'``."""
+
     _gates = 3
     _cell = staticmethod(_gru_cell)
 
