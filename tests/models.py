@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import gradmesh.core as gm
+from gradmesh.v1 import graph_pb2, tensor_pb2
 
 
 def mlp(*sizes: int, seed: int = 0, activation=None, dropout: float | None = None):
@@ -41,3 +42,34 @@ def separable_steps(steps: int, batch: int, features: int, classes: int, seed: i
     proj = rng.standard_normal((features, classes))
     xs = [rng.standard_normal((batch, features)).astype(np.float32) for _ in range(steps)]
     return [(x, np.argmax(x @ proj, axis=1).astype(np.int64)) for x in xs]
+
+
+def matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
+    """loss = sum(expand(a, [m, k]) @ expand(b, [k, n])): tiny inputs, a large product."""
+    ints = graph_pb2.Attribute
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[
+            graph_pb2.Input(
+                name="a", role=graph_pb2.Input.PARAM, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
+            ),
+            graph_pb2.Input(
+                name="b", role=graph_pb2.Input.DATA, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
+            ),
+        ],
+        nodes=[
+            graph_pb2.Node(
+                op="expand",
+                inputs=[0],
+                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[m, k]))],
+            ),
+            graph_pb2.Node(
+                op="expand",
+                inputs=[1],
+                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[k, n]))],
+            ),
+            graph_pb2.Node(op=op, inputs=[2, 3]),
+            graph_pb2.Node(op="sum", inputs=[4]),
+        ],
+        outputs=[graph_pb2.Output(name="loss", value=5)],
+    )

@@ -5,46 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models import matmul_graph
 
 from gradmesh.core import cost
 from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
-from gradmesh.v1 import graph_pb2, tensor_pb2
-
-
-def _matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
-    """loss = sum(expand(a, [m, k]) @ expand(b, [k, n])): tiny inputs, a large product."""
-    ints = graph_pb2.Attribute
-    return graph_pb2.Graph(
-        version=1,
-        inputs=[
-            graph_pb2.Input(
-                name="a", role=graph_pb2.Input.PARAM, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
-            ),
-            graph_pb2.Input(
-                name="b", role=graph_pb2.Input.DATA, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
-            ),
-        ],
-        nodes=[
-            graph_pb2.Node(
-                op="expand",
-                inputs=[0],
-                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[m, k]))],
-            ),
-            graph_pb2.Node(
-                op="expand",
-                inputs=[1],
-                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[k, n]))],
-            ),
-            graph_pb2.Node(op=op, inputs=[2, 3]),
-            graph_pb2.Node(op="sum", inputs=[4]),
-        ],
-        outputs=[graph_pb2.Output(name="loss", value=5)],
-    )
 
 
 def test_cost_of_a_large_matmul_from_shapes_only():
-    vg = core_graph.validate(_matmul_graph(8192, 8192, 8192), core_graph.Limits())
+    vg = core_graph.validate(matmul_graph(8192, 8192, 8192), core_graph.Limits())
     plan = core_plan.compile_plan(vg, {"b": (1, 1)})
     c = cost.cost_of(plan)
     mm = 2 * 8192**3
@@ -54,7 +23,7 @@ def test_cost_of_a_large_matmul_from_shapes_only():
 
 
 def test_default_rule_counts_elements():
-    vg = core_graph.validate(_matmul_graph(4, 3, 2), core_graph.Limits())
+    vg = core_graph.validate(matmul_graph(4, 3, 2), core_graph.Limits())
     plan = core_plan.compile_plan(vg, {"b": (1, 1)})
     assert cost.cost_of(plan).flops > 0
 
@@ -120,7 +89,7 @@ def test_blocking_only_where_equality_was_shown():
 
 
 def test_plan_stops_inside_a_large_product():
-    vg = core_graph.validate(_matmul_graph(4096, 1024, 1024), core_graph.Limits())
+    vg = core_graph.validate(matmul_graph(4096, 1024, 1024), core_graph.Limits())
     plan = core_plan.compile_plan(vg, {"b": (1, 1)})
     params, data = {"a": np.ones((1, 1), np.float32)}, {"b": np.ones((1, 1), np.float32)}
     calls = []
@@ -149,7 +118,7 @@ def test_plan_stops_inside_a_large_product():
 
 def test_backward_products_run_in_blocks_with_the_same_bits():
     """The vjps' products of a plan's backward pass are blocked and checked too."""
-    vg = core_graph.validate(_matmul_graph(2048, 1024, 1024), core_graph.Limits())
+    vg = core_graph.validate(matmul_graph(2048, 1024, 1024), core_graph.Limits())
     plan = core_plan.compile_plan(vg, {"b": (1, 1)})
     rng = np.random.default_rng(0)
     params = {"a": rng.standard_normal((1, 1)).astype(np.float32)}

@@ -8,51 +8,21 @@ import threading
 import time
 
 import grpc
+from models import matmul_graph
 from test_worker_errors import assert_still_serving, call_error, request
 from test_worker_raw_grpc import W, X, float32_tensor
 
 from gradmesh.core import cost
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import streams
-from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
-
-
-def _matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
-    """loss = sum(expand(a, [m, k]) @ expand(b, [k, n])): tiny inputs, a large product."""
-    ints = graph_pb2.Attribute
-    return graph_pb2.Graph(
-        version=1,
-        inputs=[
-            graph_pb2.Input(
-                name="a", role=graph_pb2.Input.PARAM, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
-            ),
-            graph_pb2.Input(
-                name="b", role=graph_pb2.Input.DATA, dtype=tensor_pb2.FLOAT32, shape=[1, 1]
-            ),
-        ],
-        nodes=[
-            graph_pb2.Node(
-                op="expand",
-                inputs=[0],
-                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[m, k]))],
-            ),
-            graph_pb2.Node(
-                op="expand",
-                inputs=[1],
-                attrs=[ints(name="shape", ints=graph_pb2.Ints(values=[k, n]))],
-            ),
-            graph_pb2.Node(op=op, inputs=[2, 3]),
-            graph_pb2.Node(op="sum", inputs=[4]),
-        ],
-        outputs=[graph_pb2.Output(name="loss", value=5)],
-    )
+from gradmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 
 
 def _matmul_request(m, k, n) -> worker_pb2.ComputeGradientsRequest:
     """Two 1x1 tensors expanded into an m x k by k x n product: a request of ~100 bytes."""
     one = float32_tensor([1.0], [1, 1])
     return worker_pb2.ComputeGradientsRequest(
-        graph=_matmul_graph(m, k, n),
+        graph=matmul_graph(m, k, n),
         parameters=[tensor_pb2.NamedTensor(name="a", tensor=one)],
         data=[tensor_pb2.NamedTensor(name="b", tensor=one)],
     )
