@@ -109,6 +109,7 @@ def _pid_fd(name: str) -> tuple[int, int]:
 _ATTACKER = r"""
 import errno, json, os, secrets, sys
 import grpc
+from grpc import _channel  # grpc imports it on the first channel: after the ids drop
 from gradmesh.v1 import worker_pb2
 args = json.loads(sys.stdin.read())
 os.setgroups([])
