@@ -103,8 +103,7 @@ def test_wall_clock_jumps_in_process_change_nothing(jumpy_clock, monkeypatch):
             losses.append(job.step(X, Y).loss)
             # Heartbeats go on across the jump: the coordinator hears the worker again.
             _wait_for(lambda: _last_seen(running, worker.address) > heard)
-            listed = {w.address: w.state for w in client.list_workers()}
-            assert listed.get(worker.address) == "ready", (offset, listed)
+            _assert_kept(client, worker.address, 2 * len(losses), offset)
         assert job.status().last_step_id == 5
         assert all(np.isfinite(losses)) and losses[-1] < losses[0]
         client.close()
@@ -114,6 +113,15 @@ def test_wall_clock_jumps_in_process_change_nothing(jumpy_clock, monkeypatch):
         running.coordinator.close()
         shard.stop(0)
         worker.stop(0)
+
+
+def _assert_kept(client, address: str, completed: int, jump) -> None:
+    """The worker is ready and was never dropped: its handle (and so its count of completed
+    micro-batches, two a step) is the one it registered with, not a new one."""
+    listed = {w.address: w for w in client.list_workers()}
+    assert address in listed, (jump, list(listed))
+    w = listed[address]
+    assert (w.state, w.completed, w.failures) == ("ready", completed, 0), (jump, w)
 
 
 def _last_seen(running, address: str) -> float:
@@ -166,7 +174,8 @@ def test_wall_clock_jumps_of_every_server_process_change_nothing(tmp_path):
     offset_file = tmp_path / "faketime"
     offset_file.write_text("+0\n")
     env = dict(os.environ, LD_PRELOAD=LIBFAKETIME, FAKETIME_TIMESTAMP_FILE=str(offset_file),
-               FAKETIME_NO_CACHE="1", DONT_FAKE_MONOTONIC="1")
+               FAKETIME_NO_CACHE="1", DONT_FAKE_MONOTONIC="1",
+               FAKETIME_DONT_FAKE_MONOTONIC="1")
     procs = []
     try:
         shard = Proc(env, "shard")
@@ -183,6 +192,7 @@ def test_wall_clock_jumps_of_every_server_process_change_nothing(tmp_path):
                               for w in client.list_workers()), timeout=30)
         model, loss_fn, opt = _model_and_loss()
         job = client.create_job(model, loss_fn, opt, micro_batch_size=2, example_batch=(X, Y))
+        steps = 0
         for spec, jump in (("+0", 0), ("+1h", 3600), ("-1h", -3600), ("+0", 0)):
             offset_file.write_text(spec + "\n")
             seen = float(subprocess.run(probe, env=env, capture_output=True, text=True,
@@ -190,8 +200,8 @@ def test_wall_clock_jumps_of_every_server_process_change_nothing(tmp_path):
             assert abs(seen - time.time() - jump) < 60, (spec, seen - time.time())
             result = job.step(X, Y)
             assert np.isfinite(result.loss)
-            listed = {w.address: w.state for w in client.list_workers()}
-            assert listed.get(worker.address) == "ready", (spec, listed)
+            steps += 1
+            _assert_kept(client, worker.address, 2 * steps, spec)
         assert job.status().last_step_id == 4
         assert all(p.p.poll() is None for p in procs)
         client.close()
