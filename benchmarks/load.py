@@ -248,9 +248,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.clients, args.idle_streams, args.seconds = 2, 4, 2.0
     load = os.getloadavg()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-          file=sys.stderr)
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {when}", file=sys.stderr)
     rows = []
     for role in args.roles.split(","):
         extra: list[Server] = []
