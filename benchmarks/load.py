@@ -178,6 +178,7 @@ def run_role(name: str, server: Server, make, clients: int, idle_streams: int,
     calls = [idle(never_finished(stop_idle)) for _ in range(idle_streams)]
     lat: list[float] = []
     errors: Counter = Counter()
+    details: dict[str, str] = {}
     lock = threading.Lock()
     end = time.monotonic() + seconds
 
@@ -193,8 +194,10 @@ def run_role(name: str, server: Server, make, clients: int, idle_streams: int,
                     mine.append(time.perf_counter() - t)
                 except grpc.RpcError as e:
                     bad[e.code().name] += 1
+                    details.setdefault(e.code().name, e.details() or "")
         except grpc.RpcError as e:            # a client's setup call (CreateJob)
             bad[f"setup {e.code().name}"] += 1
+            details.setdefault(f"setup {e.code().name}", e.details() or "")
         with lock:
             lat.extend(mine)
             errors.update(bad)
@@ -218,7 +221,7 @@ def run_role(name: str, server: Server, make, clients: int, idle_streams: int,
     return {"role": name, "ok": len(lat), "rps": len(lat) / elapsed,
             "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
             "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-            "errors": dict(errors), "rss": (rss_before, rss_loaded, rss_after),
+            "errors": dict(errors), "details": details, "rss": (rss_before, rss_loaded, rss_after),
             "alive": server.proc.poll() is None}
 
 
@@ -233,6 +236,9 @@ def table(rows: list[dict], args) -> str:
         rss = " / ".join(f"{k / 1024:.0f}" for k in r["rss"])
         out.append(f"| {r['role']} | {r['ok']} | {r['rps']:.0f} | {r['p50']:.2f} | "
                    f"{r['p99']:.2f} | {errs} | {rss} | {'yes' if r['alive'] else 'NO'} |")
+    for r in rows:
+        for code, text in sorted(r["details"].items()):
+            out.append(f"\n{r['role']}, {code}: {text}")
     return "\n".join(out)
 
 
