@@ -3,7 +3,11 @@
 Every duration and deadline in gradmesh's servers, wire layer and SDK (micro-batch
 deadlines, worker retry times, heartbeats and the registered-worker timeout, client
 retries) uses ``time.monotonic()`` (or ``perf_counter``); the wall clock is only read for
-log timestamps. Two tests prove it:
+log timestamps. The one wall-clock reading left was the worker's: gRPC's
+``context.time_remaining()`` is a wall-clock instant minus ``time.time()``, and the worker
+asked it between passes, so a clock set forward mid-call abandoned the computation; it now
+reads it once at the start and counts down on the monotonic clock
+(``test_a_computation_in_progress_survives_a_wall_clock_jump``). The other two tests:
 
 - in-process: the ``time`` module every gradmesh module sees is replaced by one whose
   ``time()``/``time_ns()`` jump by an hour forward and back while a coordinator, a
@@ -27,6 +31,7 @@ import threading
 import time
 import types
 
+import grpc
 import numpy as np
 import pytest
 
@@ -35,7 +40,7 @@ from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import shard as shard_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server import workers as workers_mod
-from gradmesh.server.runtime import ServerConfig
+from gradmesh.server.runtime import ServerConfig, ServiceError
 from gradmesh.server.shard_store import ShardStore
 from gradmesh.wire.coordinator import WorkerRegistration
 
@@ -208,3 +213,38 @@ def test_wall_clock_jumps_of_every_server_process_change_nothing(tmp_path):
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+# ---------------------------------------------------------------- the worker's deadline --
+
+class WallClockContext:
+    """A servicer context as gRPC's Python server has it: the deadline a wall-clock
+    instant, ``time_remaining()`` that instant minus ``clock.time()``."""
+
+    def __init__(self, clock: JumpyClock, timeout: float):
+        self.clock = clock
+        self.deadline = clock.time() + timeout
+
+    def is_active(self) -> bool:
+        return True
+
+    def time_remaining(self) -> float:
+        return max(self.deadline - self.clock.time(), 0.0)
+
+
+def test_a_computation_in_progress_survives_a_wall_clock_jump():
+    """The worker reads the call's deadline once and counts down on the monotonic clock:
+    a wall clock set an hour forward mid-call abandons nothing; the real deadline still
+    stops it."""
+    from gradmesh.server.worker.service import deadline_check
+    clock = JumpyClock()
+    check = deadline_check(WallClockContext(clock, timeout=0.3))
+    check()
+    clock.offset = 3600.0          # gRPC's time_remaining() now says 0
+    check()
+    clock.offset = -3600.0
+    check()
+    time.sleep(0.35)
+    with pytest.raises(ServiceError) as e:
+        check()
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
