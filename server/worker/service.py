@@ -28,12 +28,21 @@ def same_host(peer: str) -> bool:
 
 
 def deadline_check(context: grpc.ServicerContext) -> Callable[[], None]:
-    """A check that raises once the call's deadline passed or it was cancelled."""
+    """A check that raises once the call's deadline passed or it was cancelled.
+
+    The deadline is read once, at the start of the call, and kept on the monotonic clock:
+    ``context.time_remaining()`` compares a wall-clock instant with ``time.time()``, so
+    asked again later it would jump with the wall clock (a clock set forward by an hour
+    would abandon every computation in progress)."""
+    remaining = context.time_remaining()
+    end = None if remaining is None else time.monotonic() + remaining
+
+    def passed() -> bool:
+        return end is not None and time.monotonic() >= end
 
     def check() -> None:
         if not context.is_active():
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if passed():
                 raise ServiceError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "the call's deadline passed; computation abandoned",
@@ -41,8 +50,7 @@ def deadline_check(context: grpc.ServicerContext) -> Callable[[], None]:
             raise ServiceError(
                 grpc.StatusCode.CANCELLED, "the call was cancelled; computation abandoned"
             )
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if passed():
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the call's deadline passed; computation abandoned",

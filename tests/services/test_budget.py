@@ -68,8 +68,8 @@ def test_default_budgets_refuse_the_8192_matmul(worker):
 def test_deadline_stops_a_large_op_midway(start_worker):
     running = start_worker()
     m = 8192
-    req = _matmul_request(m, 2048, 2048)  # ~1e11 FLOPs forward: seconds on a CPU
-    blocks = len(cost.block_rows(m, cost.rows_per_block(2048, 2048)))
+    req = _matmul_request(m, 4096, 4096)  # ~2.7e11 FLOPs forward: seconds even on a quiet CPU
+    blocks = len(cost.block_rows(m, cost.rows_per_block(4096, 4096)))
     with grpc.insecure_channel(running.address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         before_calls, before_checks = cost.blocked_calls, cost.block_checks

@@ -68,10 +68,13 @@ DEADLINE = 10.0  # every call has one: a hang fails as DEADLINE_EXCEEDED
 # Allowed status codes per RPC (anything else, INTERNAL and UNKNOWN above all, fails):
 # - RegisterGraph: OK; INVALID_ARGUMENT for a malformed graph; RESOURCE_EXHAUSTED for a
 #   graph over the worker's limits (nodes, elements, CONST bytes, attribute lengths).
-GRAPH_CODES = {OK, INVALID, EXHAUSTED}
+#   FAILED_PRECONDITION for a well-formed graph this worker cannot run: ``to_device`` to a
+#   device it lacks (``cuda`` on a CPU worker; docs/worker.md, "Errors").
+GRAPH_CODES = {OK, INVALID, EXHAUSTED, FAILED}
 # - ComputeGradients / ComputeGradientsStream: the same, plus NOT_FOUND for a graph_id
-#   the worker does not know (worker.proto). No FAILED_PRECONDITION: a worker is stateless.
-COMPUTE_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND}
+#   the worker does not know (worker.proto). The fuzzer sends no parameter_set and no
+#   shared memory, the other FAILED_PRECONDITION cases.
+COMPUTE_CODES = {OK, INVALID, EXHAUSTED, NOT_FOUND, FAILED}
 # - ParameterShard (shard.proto): NOT_FOUND for a job not loaded, FAILED_PRECONDITION for
 #   version/step mismatches and Apply before every micro-batch was pushed, ALREADY_EXISTS
 #   for a Load that differs from the loaded job, RESOURCE_EXHAUSTED for stream limits.
@@ -1374,3 +1377,236 @@ def test_fuzz_coordinator(fuzz_coordinator, calls):
             assert re.fullmatch(r"[A-Za-z0-9._-]{1,128}", reply.job_id)
     healthy(fuzz_coordinator.channel)
     assert coordinator_state(stub) == fuzz_coordinator.baseline
+
+
+# ====================================================================== explicit edges ===
+# Cases the strategies above reach only by chance, run every time against all three
+# services: zero-size and enormous dimensions, device placement on a CPU worker, and
+# requests whose shapes are small but imply huge intermediates. Never INTERNAL or UNKNOWN.
+
+EDGE_SHAPES = [
+    [0, 2**62],
+    [2**62, 0],
+    [2**31, 2**31],
+    [0],
+    [0, 0],
+    [0, 3],
+    [-1, 3],
+    [-3, 2],
+    [3, -(2**63)],
+    [2**63 - 1],
+    [2**32, 2**32, 0],
+    [1] * 64,
+]
+EDGE_IDS = ["x".join(str(d) for d in s) if len(s) < 8 else f"rank{len(s)}" for s in EDGE_SHAPES]
+DEVICES = ["cuda", "cuda:0", "cuda:7", "mps", "tpu", "", "cpu"]
+BIG = 2**16  # [BIG, 1] * [1, BIG]: inputs of 2**16 elements, a 2**32-element product
+
+
+def edge_bytes(shape) -> bytes:
+    """Zeros of ``shape`` when it is a real, small one, else nothing."""
+    n = small_count(shape)
+    return bytes(4 * n) if n is not None else b""
+
+
+def edge_graph(w_shape=(3, 2), device=None) -> graph_pb2.Graph:
+    """``hand_graph`` with w of ``w_shape``, x optionally through ``to_device(device)``."""
+    g = hand_graph()
+    del g.inputs[0].shape[:]
+    g.inputs[0].shape.extend(w_shape)
+    if device is not None:
+        del g.nodes[:]
+        g.nodes.extend(
+            [
+                graph_pb2.Node(
+                    op="to_device", inputs=[1], attrs=[graph_pb2.Attribute(name="device", s=device)]
+                ),  # 2
+                graph_pb2.Node(op="mm", inputs=[2, 0]),
+                graph_pb2.Node(op="sum", inputs=[3]),
+            ]
+        )
+        g.outputs[0].value, g.outputs[1].value = 4, 3
+    return g
+
+
+def huge_product_graph(op: str) -> graph_pb2.Graph:
+    """loss = sum(a OP b), a PARAM [BIG, 1], b DATA [1, BIG]: mul broadcasts and mm
+    multiplies to [BIG, BIG] (2**32 elements, 16 GiB of float32)."""
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[
+            graph_pb2.Input(name="w", role=PARAM, dtype=F32, shape=[BIG, 1]),
+            graph_pb2.Input(name="x", role=DATA, dtype=F32, shape=[1, BIG]),
+        ],
+        nodes=[graph_pb2.Node(op=op, inputs=[0, 1]), graph_pb2.Node(op="sum", inputs=[2])],
+        outputs=[graph_pb2.Output(name="loss", value=3)],
+    )
+
+
+def huge_product_request(op: str) -> worker_pb2.ComputeGradientsRequest:
+    return worker_pb2.ComputeGradientsRequest(
+        graph=huge_product_graph(op),
+        parameters=[
+            tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [BIG, 1], bytes(4 * BIG)))
+        ],
+        data=[tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, [1, BIG], bytes(4 * BIG)))],
+    )
+
+
+def compute_both_ways(served, req) -> grpc.StatusCode:
+    """``req`` unary and streamed; both statuses allowed, and the same."""
+    code, _, _ = rpc(served.stub.ComputeGradients, req, COMPUTE_CODES)
+    try:
+        stream_call(served.channel, req, early=False)
+        streamed = OK
+    except grpc.RpcError as e:
+        streamed = e.code()
+        assert streamed in COMPUTE_CODES, f"{streamed.name}: {e.details()}"
+    assert {code, streamed} <= COMPUTE_CODES
+    return code
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=EDGE_IDS)
+def test_edge_shapes_worker(fuzz_worker, shape):
+    stub = fuzz_worker.stub
+    # A parameter declared (and sent) with the shape.
+    g = edge_graph(shape)
+    rpc(stub.RegisterGraph, worker_pb2.RegisterGraphRequest(graph=g), GRAPH_CODES)
+    req = good_request(graph=g)
+    req.parameters[0].tensor.CopyFrom(make_tensor(F32, shape, edge_bytes(shape)))
+    compute_both_ways(fuzz_worker, req)
+    # A batch of the shape for a registered graph, and one inline.
+    for ref in ({"graph_id": fuzz_worker.hand_id}, {"graph": hand_graph()}):
+        req = good_request(**ref)
+        req.data[0].tensor.CopyFrom(make_tensor(F32, shape, edge_bytes(shape)))
+        compute_both_ways(fuzz_worker, req)
+    check_worker(fuzz_worker)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_device_placement_worker(fuzz_worker, device):
+    g = edge_graph(device=device)
+    code, _, _ = rpc(
+        fuzz_worker.stub.RegisterGraph, worker_pb2.RegisterGraphRequest(graph=g), GRAPH_CODES
+    )
+    assert code == compute_both_ways(fuzz_worker, good_request(graph=g))
+    if device == "cpu":
+        assert code == OK
+    elif device == "cuda":
+        assert code == FAILED  # documented; "cuda:0" is not a device name: INVALID
+    check_worker(fuzz_worker)
+
+
+@pytest.mark.parametrize("op", ["mul", "mm"])
+def test_edge_huge_intermediates_worker(fuzz_worker, op):
+    code = compute_both_ways(fuzz_worker, huge_product_request(op))
+    assert code in (EXHAUSTED, INVALID), code  # refused before anything is allocated
+    check_worker(fuzz_worker)
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=EDGE_IDS)
+def test_edge_shapes_shard(fuzz_shard, shape):
+    stub = fuzz_shard.stub
+    data = edge_bytes(shape)
+    header = shard_pb2.LoadRequest(
+        job_id="edge",
+        optimizer=shard_pb2.Optimizer(name="sgd"),
+        parameters=[tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, shape))],
+    )
+    code, _, _ = rpc(
+        stub.Load, iter(tensor_frames(shard_pb2.ShardFrame, "load", header, [data])), SHARD_CODES
+    )
+    # Gradients of the shape pushed to a loaded job (its w is [3, 4]).
+    push = shard_pb2.PushGradientsRequest(
+        job_id="fz",
+        step_id=1,
+        micro_batch=0,
+        micro_batches=1,
+        version=0,
+        gradients=[tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, shape))],
+    )
+    rpc(
+        stub.PushGradients,
+        iter(tensor_frames(shard_pb2.ShardFrame, "push", push, [data])),
+        SHARD_CODES,
+    )
+    rpc(stub.Pull, shard_pb2.PullRequest(job_id="edge"), SHARD_CODES, stream_response=True)
+    rpc(stub.Status, shard_pb2.ShardStatusRequest(), SHARD_CODES)
+    if code == OK:
+        rpc(stub.DropJob, shard_pb2.DropJobRequest(job_id="edge"), SHARD_CODES)
+    healthy(fuzz_shard.channel)
+    assert pulled(stub, "sentinel") == fuzz_shard.baseline
+
+
+def check_coordinator(served) -> None:
+    healthy(served.channel)
+    assert coordinator_state(served.stub) == served.baseline
+
+
+def next_step(stub, job_id: str) -> int:
+    try:
+        return (
+            stub.JobStatus(
+                coordinator_pb2.JobStatusRequest(job_id=job_id), timeout=DEADLINE
+            ).last_step_id
+            + 1
+        )
+    except grpc.RpcError:
+        return 1
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=EDGE_IDS)
+def test_edge_shapes_coordinator(fuzz_coordinator, shape):
+    stub = fuzz_coordinator.stub
+    data = edge_bytes(shape)
+    params = ([tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, shape))], [data])
+    job = f"edge-{abs(hash(tuple(shape))) % 10**8}"
+    code, _, _ = rpc(
+        stub.CreateJob,
+        iter(create_frames(job, graph=edge_graph(shape), params=params)),
+        COORDINATOR_CODES,
+    )
+    if code == OK:
+        rpc(stub.Step, good_step(job, 1), COORDINATOR_CODES)
+    step = coordinator_pb2.StepRequest(
+        job_id="fz",
+        step_id=next_step(stub, "fz"),
+        batch=[tensor_pb2.NamedTensor(name="x", tensor=make_tensor(F32, shape, data))],
+    )
+    rpc(stub.Step, step, COORDINATOR_CODES)
+    check_coordinator(fuzz_coordinator)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "tpu"])
+def test_edge_device_placement_coordinator(fuzz_coordinator, device):
+    stub = fuzz_coordinator.stub
+    job = f"dev-{device.replace(':', '-')}"
+    code, _, _ = rpc(
+        stub.CreateJob, iter(create_frames(job, graph=edge_graph(device=device))), COORDINATOR_CODES
+    )
+    if code == OK:
+        rpc(stub.Step, good_step(job, next_step(stub, job)), COORDINATOR_CODES)
+    check_coordinator(fuzz_coordinator)
+
+
+@pytest.mark.parametrize("op", ["mul", "mm"])
+def test_edge_huge_intermediates_coordinator(fuzz_coordinator, op):
+    stub = fuzz_coordinator.stub
+    job = f"huge-{op}"
+    req = huge_product_request(op)
+    params = (
+        [tensor_pb2.NamedTensor(name="w", tensor=make_tensor(F32, [BIG, 1]))],
+        [req.parameters[0].tensor.data],
+    )
+    code, _, _ = rpc(
+        stub.CreateJob,
+        iter(create_frames(job, graph=req.graph, params=params, micro=1)),
+        COORDINATOR_CODES,
+    )
+    if code == OK:
+        step = coordinator_pb2.StepRequest(
+            job_id=job, step_id=next_step(stub, job), batch=list(req.data)
+        )
+        code, _, _ = rpc(stub.Step, step, COORDINATOR_CODES)
+        assert code in (EXHAUSTED, INVALID), code
+    check_coordinator(fuzz_coordinator)
