@@ -294,10 +294,17 @@ def table(rows: list[dict], args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--idle-streams", type=int, default=32)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--roles", default="worker,shard,coordinator")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients per role")
+    p.add_argument(
+        "--idle-streams",
+        type=int,
+        default=32,
+        help="streaming calls opened first and never finished, per role",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="load time per role")
+    p.add_argument(
+        "--roles", default="worker,shard,coordinator", help="comma-separated roles to load"
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 2 clients, 4 idle streams, 2 s per role"
     )
