@@ -5,6 +5,7 @@ final)."""
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -263,7 +264,11 @@ class _Handover:
             except BaseException as e:  # noqa: BLE001  (re-raised on the gRPC thread)
                 self.items.put(e)
 
-        thread = threading.Thread(target=run, daemon=True, name="gradmesh-plan")
+        # In the call's context, so that what the plan logs carries the call's request id.
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(run,), daemon=True, name="gradmesh-plan"
+        )
         thread.start()
         return thread
 

@@ -19,6 +19,7 @@ from gradmesh.server.runtime import ServerConfig
 from gradmesh.server.runtime.logs import RequestIdFilter
 from gradmesh.server.shard import serve_shard
 from gradmesh.server.shard_store import ShardStore
+from gradmesh.server.worker import replies as worker_replies
 from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 from gradmesh.wire import channel as wire_channel
 from gradmesh.wire.errors import from_rpc_error
@@ -162,3 +163,14 @@ def test_worker_failed_precondition_reaches_python_as_failed_precondition():
             client.compute_gradients(g, {"w": W}, X)
     assert not isinstance(e.value, InvalidArgument)
     assert e.value.field.endswith("nodes[1].attrs.device") and e.value.request_id
+
+
+def test_the_plan_thread_of_an_early_stream_runs_in_the_calls_context():
+    """What the plan logs while it streams gradients early carries the call's request id."""
+    handover = worker_replies._Handover([], {})
+    token = wire_channel.request_id.set("req-plan-thread")
+    try:
+        handover.run(wire_channel.request_id.get).join(timeout=30)
+    finally:
+        wire_channel.request_id.reset(token)
+    assert handover.items.get(timeout=30) == "req-plan-thread"
