@@ -95,6 +95,54 @@ def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _check_initial_parameters(names: list[str], specs: dict, params: dict[str, np.ndarray]) -> None:
+    """Every PARAM input of the graph has an initial value of its dtype and shape, and
+    nothing else is given (INVALID_ARGUMENT naming the parameter otherwise)."""
+    for name in names:
+        if name not in params:
+            raise ServiceError(INVALID, f"no initial value for parameter {name!r}", "parameters")
+    for name, a in params.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise ServiceError(
+                INVALID,
+                f"{name!r} is not a PARAM input of the graph (parameters: {names[:8]})",
+                f"parameters[{name}]",
+            )
+        wire = serialize.DTYPE_TO_PROTO.get(_dtype_of(a))
+        if wire != spec[0] or tuple(a.shape) != spec[1]:
+            raise ServiceError(
+                INVALID,
+                f"parameter {name!r} has dtype {a.dtype} and shape "
+                f"{list(a.shape)}; the graph declares "
+                f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
+                f"parameters[{name}]",
+            )
+
+
+def _differences(
+    existing, gid: str, optimizer: dict, micro_batch_size: int, digest: str
+) -> list[str]:
+    """What a CreateJob for an existing job id asks differently from the job (empty: the
+    same content, an idempotent re-create)."""
+    checks = (
+        (f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})", existing.graph_id == gid),
+        (
+            f"optimizer (existing {existing.optimizer}, new {optimizer})",
+            existing.optimizer == optimizer,
+        ),
+        (
+            f"micro_batch_size (existing {existing.micro_batch_size}, new {micro_batch_size})",
+            existing.micro_batch_size == micro_batch_size,
+        ),
+        (
+            "initial parameters (another digest)",
+            not existing.params_digest or existing.params_digest == digest,
+        ),
+    )
+    return [what for what, same in checks if not same]
+
+
 def default_job_id(
     graph_id: str, params_digest: str, optimizer: dict, micro_batch_size: int
 ) -> str:
@@ -211,56 +259,13 @@ class Coordinator:
         optimizer = optimizer_from_proto(optimizer_msg)
         vg, names, specs, data, extra = _graph_signature(graph)
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
-        for name in names:
-            if name not in params:
-                raise ServiceError(
-                    INVALID, f"no initial value for parameter {name!r}", "parameters"
-                )
-        for name, a in params.items():
-            spec = specs.get(name)
-            if spec is None:
-                raise ServiceError(
-                    INVALID,
-                    f"{name!r} is not a PARAM input of the graph (parameters: {names[:8]})",
-                    f"parameters[{name}]",
-                )
-            wire = serialize.DTYPE_TO_PROTO.get(_dtype_of(a))
-            if wire != spec[0] or tuple(a.shape) != spec[1]:
-                raise ServiceError(
-                    INVALID,
-                    f"parameter {name!r} has dtype {a.dtype} and shape "
-                    f"{list(a.shape)}; the graph declares "
-                    f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
-                    f"parameters[{name}]",
-                )
+        _check_initial_parameters(names, specs, params)
         digest = tensors_digest({n: params[n] for n in names})
         job_id = job_id or default_job_id(gid, digest, optimizer, micro_batch_size)
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                differ = [
-                    what
-                    for what, same in (
-                        (
-                            f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})",
-                            existing.graph_id == gid,
-                        ),
-                        (
-                            f"optimizer (existing {existing.optimizer}, new {optimizer})",
-                            existing.optimizer == optimizer,
-                        ),
-                        (
-                            f"micro_batch_size (existing {existing.micro_batch_size}, new "
-                            f"{micro_batch_size})",
-                            existing.micro_batch_size == micro_batch_size,
-                        ),
-                        (
-                            "initial parameters (another digest)",
-                            not existing.params_digest or existing.params_digest == digest,
-                        ),
-                    )
-                    if not same
-                ]
+                differ = _differences(existing, gid, optimizer, micro_batch_size, digest)
                 if differ:
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
@@ -329,40 +334,13 @@ class Coordinator:
     # -- Step -----------------------------------------------------------------------------
     def step(self, job_id: str, step_id: int, batch: dict[str, np.ndarray]):
         """Run (or replay) one step; returns a StepResponse."""
-        pb = coordinator_pb2
         job = self.job(job_id)
         if step_id < 1:
             raise ServiceError(INVALID, "step ids start at 1", "step_id")
         with job.lock:
-            done = job.history.get(step_id)
-            if done is not None:
-                kept = job.digests.get(step_id)
-                if kept and kept != tensors_digest(batch):
-                    raise ServiceError(
-                        FAILED,
-                        f"step_id {step_id} of job {job_id!r} was "
-                        f"applied with another batch (SHA-256 {kept[:16]}...); "
-                        f"a step id is applied once, with one batch",
-                        "step_id",
-                    )
-                resp = pb.StepResponse.FromString(done)
-                resp.replayed = True
-                return resp
-            if step_id <= job.last_step_id:
-                raise ServiceError(
-                    FAILED,
-                    f"step {step_id} of job {job_id!r} was applied "
-                    f"but its result is no longer kept (the last "
-                    f"{HISTORY} are)",
-                    "step_id",
-                )
-            if step_id != job.last_step_id + 1:
-                raise ServiceError(
-                    FAILED,
-                    f"step {step_id} is out of sequence: job "
-                    f"{job_id!r} expects step {job.last_step_id + 1} next",
-                    "step_id",
-                )
+            replayed = self._earlier_result(job, step_id, batch)
+            if replayed is not None:
+                return replayed
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
             batch = self._check_batch(job, batch)
@@ -386,34 +364,72 @@ class Coordinator:
                     # back without its state) as UNAVAILABLE, else the original error.
                     self._resync(job)
                 raise
-            job.pinned = None
-            job.history[step_id] = resp.SerializeToString()
-            job.digests[step_id] = digest
-            while len(job.history) > HISTORY:
-                old, _ = job.history.popitem(last=False)
-                job.digests.pop(old, None)
-            self._log(
-                job,
-                {
-                    "kind": "done",
-                    "step_id": step_id,
-                    "digest": digest,
-                    "version": job.version,
-                    "samples": job.samples,
-                    "loss": job.last_loss,
-                    "response": base64.b64encode(job.history[step_id]).decode(),
-                },
-                must=False,
-            )
-            if self.checkpoint_every and job.version % self.checkpoint_every == 0:
-                try:
-                    self._save(job)
-                except OSError as e:
-                    # Disk full, ...: the step is applied and in the step logs; the
-                    # previous checkpoint stays whole (written atomically) and the logs
-                    # keep growing until a checkpoint succeeds.
-                    log.warning("checkpoint failed", extra={"job_id": job.job_id, "error": str(e)})
+            self._record(job, step_id, resp, digest)
             return resp
+
+    def _earlier_result(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
+        """The recorded response of a step id seen before (refused if its batch differs),
+        None for the next step id; an older or a later id is out of sequence."""
+        done = job.history.get(step_id)
+        if done is not None:
+            kept = job.digests.get(step_id)
+            if kept and kept != tensors_digest(batch):
+                raise ServiceError(
+                    FAILED,
+                    f"step_id {step_id} of job {job.job_id!r} was "
+                    f"applied with another batch (SHA-256 {kept[:16]}...); "
+                    f"a step id is applied once, with one batch",
+                    "step_id",
+                )
+            resp = coordinator_pb2.StepResponse.FromString(done)
+            resp.replayed = True
+            return resp
+        if step_id <= job.last_step_id:
+            raise ServiceError(
+                FAILED,
+                f"step {step_id} of job {job.job_id!r} was applied "
+                f"but its result is no longer kept (the last "
+                f"{HISTORY} are)",
+                "step_id",
+            )
+        if step_id != job.last_step_id + 1:
+            raise ServiceError(
+                FAILED,
+                f"step {step_id} is out of sequence: job "
+                f"{job.job_id!r} expects step {job.last_step_id + 1} next",
+                "step_id",
+            )
+        return None
+
+    def _record(self, job: Job, step_id: int, resp, digest: str) -> None:
+        """Keep an applied step's response for replays, log it, checkpoint when due."""
+        job.pinned = None
+        job.history[step_id] = resp.SerializeToString()
+        job.digests[step_id] = digest
+        while len(job.history) > HISTORY:
+            old, _ = job.history.popitem(last=False)
+            job.digests.pop(old, None)
+        self._log(
+            job,
+            {
+                "kind": "done",
+                "step_id": step_id,
+                "digest": digest,
+                "version": job.version,
+                "samples": job.samples,
+                "loss": job.last_loss,
+                "response": base64.b64encode(job.history[step_id]).decode(),
+            },
+            must=False,
+        )
+        if self.checkpoint_every and job.version % self.checkpoint_every == 0:
+            try:
+                self._save(job)
+            except OSError as e:
+                # Disk full, ...: the step is applied and in the step logs; the
+                # previous checkpoint stays whole (written atomically) and the logs
+                # keep growing until a checkpoint succeeds.
+                log.warning("checkpoint failed", extra={"job_id": job.job_id, "error": str(e)})
 
     def _log(self, job: Job, record: dict, must: bool = True) -> None:
         """Append to the job's step log (fsynced); ``must``: a failure fails the step."""
