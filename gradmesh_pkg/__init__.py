@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _IMPORTERS = ("from_torch", "from_onnx", "to_torch_state_dict")
 

@@ -18,7 +18,7 @@ import os
 import sys
 import traceback
 
-from gradmesh import __version__
+from gradmesh._version import __version__
 from gradmesh.server import runtime
 from gradmesh.wire.errors import GradmeshError
 

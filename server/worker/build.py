@@ -12,13 +12,13 @@ import sys
 import grpc
 import numpy as np
 
-import gradmesh
+from gradmesh._version import __version__
 from gradmesh.core import backend as core_backend
 
 
 def library_versions(backend: str) -> dict[str, str]:
     versions = {
-        "gradmesh": gradmesh.__version__,
+        "gradmesh": __version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "grpcio": grpc.__version__,
