@@ -16,6 +16,7 @@ types: a file cannot run code, unlike a pickle.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,12 @@ def save(obj: Any, f) -> None:
     arrays: dict[str, np.ndarray] = {}
     structure = _encode(obj, arrays)
     meta = np.frombuffer(json.dumps(structure).encode(), dtype=np.uint8)
-    np.savez(f, **{_STRUCTURE: meta}, **arrays)
+    if isinstance(f, (str, os.PathLike)):
+        # np.savez would append ".npz" to a path; torch.save(sd, "model.pt") writes model.pt.
+        with open(f, "wb") as file:
+            np.savez(file, **{_STRUCTURE: meta}, **arrays)
+    else:
+        np.savez(f, **{_STRUCTURE: meta}, **arrays)
 
 
 def load(f, map_location=None, weights_only: bool = True) -> Any:

@@ -269,6 +269,17 @@ def test_mm_of_a_vector_names_mm_and_both_shapes() -> None:
     assert "matmul" in message  # and it says what to use instead
 
 
+def test_integer_division_by_zero_raises_as_torch() -> None:
+    for fn in (lambda a, b: a // b, lambda a, b: a % b):
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            fn(torch.tensor([3, 4]), torch.tensor([1, 0]))
+        with pytest.raises(gm.OpError, match="ZeroDivisionError"):
+            fn(gm.tensor([3, 4]), gm.tensor([1, 0]))
+    with pytest.raises(gm.OpError, match="remainder: not supported for a bool tensor"):
+        gm.tensor([True]) % gm.tensor([True])
+    assert (gm.tensor([7.0]) // 0.0).tolist() == (torch.tensor([7.0]) // 0.0).tolist()
+
+
 def test_inplace_ops_on_a_leaf_that_requires_grad_raise() -> None:
     x = gm.ones(3, requires_grad=True)
     for update in (
