@@ -188,7 +188,9 @@ def test_randperm_is_torchs_for_the_same_seed():
     assert gm.randperm(9, generator=g.set_state(state)).tolist() == first
 
 
-@pytest.mark.parametrize("n, batch_size, drop_last", [(10, 4, False), (12, 4, False), (10, 4, True)])
+@pytest.mark.parametrize(
+    "n, batch_size, drop_last", [(10, 4, False), (12, 4, False), (10, 4, True)]
+)
 def test_shuffled_batches_follow_torch_across_epochs(n, batch_size, drop_last):
     # torch draws a base seed per epoch and a second permutation when a pass runs out: the
     # order of every epoch, and of a permutation drawn after a partial epoch, must match.
