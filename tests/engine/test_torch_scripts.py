@@ -1,8 +1,8 @@
 """Three unchanged PyTorch training scripts (examples/torch_scripts/) run twice: as written,
-with torch, and with only their import lines rewritten to gradmesh (``IMPORT_REWRITES``,
-documented in docs/engine.md, "PyTorch scripts"). From the same initial weights and data,
-the parameters after each of the 20 steps, the losses and the evaluation agree to float32
-tolerance.
+with torch, and with only their import lines rewritten to gradmesh (``IMPORT_REWRITES`` of
+examples/torch_scripts/run_on_gradmesh.py, documented in docs/engine.md, "PyTorch
+scripts"). From the same initial weights and data, the parameters after each of the 20
+steps, the losses and the evaluation agree to float32 tolerance.
 
 The scripts expose ``make_dataset()``, ``build_model()``, ``train(model, dataset,
 on_step=...)`` and ``evaluate(model, dataset)``: the harness builds both models, copies
@@ -14,6 +14,7 @@ DataLoader's shuffled order from a seeded Generator, the optimizer, the schedule
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import types
 from pathlib import Path
@@ -28,35 +29,16 @@ torch.set_num_threads(1)
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "examples" / "torch_scripts"
 
-# The whole rewrite: a module path starting with ``torch`` starts with ``gradmesh.core``
-# instead, on import lines only; a bare ``import torch`` keeps its name with ``as torch``.
-IMPORT_REWRITES = (
-    (re.compile(r"^import torch$"), "import gradmesh.core as torch"),
-    (re.compile(r"^import torch\.(\S+) as (\w+)$"), r"import gradmesh.core.\1 as \2"),
-    (re.compile(r"^from torch(\.\S+)? import (.+)$"), r"from gradmesh.core\1 import \2"),
-)
+# The rewrite lives next to the scripts, for users too (``run_on_gradmesh.py SCRIPT``).
+_spec = importlib.util.spec_from_file_location("run_on_gradmesh", SCRIPTS / "run_on_gradmesh.py")
+assert _spec is not None and _spec.loader is not None
+run_on_gradmesh = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_on_gradmesh)
+to_gradmesh = run_on_gradmesh.to_gradmesh
 
 
-def to_gradmesh(source: str) -> str:
-    """The script with its torch import lines pointed at gradmesh.core; nothing else."""
-    lines = []
-    for line in source.splitlines():
-        for pattern, replacement in IMPORT_REWRITES:
-            if pattern.match(line):
-                line = pattern.sub(replacement, line)
-                break
-        else:
-            if re.match(r"^(import|from) torch\b", line):
-                raise ValueError(f"no rewrite for the import line {line!r}")
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
-def load_script(name: str, source: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__file__ = str(SCRIPTS / f"{name}.py")
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return module
+def load_script(name: str, on: str) -> types.ModuleType:
+    return run_on_gradmesh.load(SCRIPTS / f"{name}.py", on=on)
 
 
 def snapshot(model) -> dict[str, np.ndarray]:
@@ -78,8 +60,7 @@ def run(module, model, dataset):
 def twins(name: str):
     """The script as torch and as gradmesh, and each one's model and dataset, with
     torch's initial weights and data copied into gradmesh's."""
-    source = (SCRIPTS / f"{name}.py").read_text()
-    theirs, ours = load_script(name, source), load_script(name, to_gradmesh(source))
+    theirs, ours = load_script(name, "torch"), load_script(name, "gradmesh")
     assert ours.torch is gm and theirs.torch is torch
     t_data, t_model = theirs.make_dataset(), theirs.build_model()
     g_model = ours.build_model()
@@ -91,7 +72,7 @@ def twins(name: str):
 
 
 def test_the_rewrite_touches_import_lines_only():
-    for path in sorted(SCRIPTS.glob("*.py")):
+    for path in sorted(set(SCRIPTS.glob("*.py")) - {SCRIPTS / "run_on_gradmesh.py"}):
         before, after = path.read_text().splitlines(), to_gradmesh(path.read_text()).splitlines()
         changed = [(a, b) for a, b in zip(before, after) if a != b]
         assert len(before) == len(after) and changed, path.name
@@ -147,10 +128,19 @@ def test_script_trains_like_torch(name):
 def test_script_main_runs_on_gradmesh(name, tmp_path, capsys):
     # The whole script as a user runs it: its own data and weights, training, evaluation,
     # (greedy generation,) torch.save and torch.load into a fresh model.
-    ours = load_script(name, to_gradmesh((SCRIPTS / f"{name}.py").read_text()))
+    ours = load_script(name, "gradmesh")
     restored = ours.main(checkpoint=str(tmp_path / "checkpoint.pt"))
     printed = capsys.readouterr().out
     losses = [float(x) for x in re.findall(r"^step +\d+  loss (\S+)$", printed, re.M)]
     assert len(losses) == ours.STEPS and losses[-1] < losses[0]
     trained_loss = float(re.search(r"^eval loss (\S+)", printed, re.M).group(1))
     assert restored[0] == pytest.approx(trained_loss, abs=1e-4)  # printed to 4 decimals
+
+
+def test_run_on_gradmesh_runs_a_script_as_main(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the script writes its checkpoint where it runs
+    run_on_gradmesh.main(["run_on_gradmesh.py", str(SCRIPTS / "lstm_classifier.py")])
+    assert "eval loss" in capsys.readouterr().out
+    assert (tmp_path / "lstm.pt").exists()
+    with pytest.raises(SystemExit, match="usage"):
+        run_on_gradmesh.main(["run_on_gradmesh.py"])
