@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 from .. import dtypes
-from ..functional import exp, matmul, reshape, sigmoid, sqrt, sum, where
+from ..autograd import is_grad_enabled
+from ..functional import cat, chunk, exp, matmul, reshape, sigmoid, sqrt, sum, tanh, where
 from ..registry import OpError, Spec, defop, fmt, norm_dim
 
 # ======================================================================== helpers ======
@@ -1223,3 +1224,116 @@ def _(g, out, x, w, b):
     if b.requires_grad:
         gb = sum(g2, dim=[0])
     return gx, gw, gb
+
+
+# ====================================================================== recurrent ======
+# One LSTM step once its gate pre-activations are summed (x W_ih^T + b_ih + h W_hh^T +
+# b_hh, columns i, f, g, o as torch orders them): the cell's elementwise part as one
+# kernel, the new h and c side by side in one (N, 2H) output (an op has one output). As
+# compositions a step was ~14 ops forward and ~30 backward, and per-op Python was most of
+# an LSTM's time.
+
+
+def _infer_lstm_cell(gates, c) -> Spec:
+    _need_float("lstm_cell", gates, "gates")
+    n4 = gates.shape[1] if len(gates.shape) == 2 else 0
+    if not n4 or n4 % 4 or len(c.shape) != 2 or c.shape[1] * 4 != n4 or c.shape[0] not in (
+        1,
+        gates.shape[0],
+    ):
+        raise OpError(
+            f"lstm_cell: expected gates (N, 4H) and a cell state (N, H) or (1, H), got "
+            f"{fmt(gates.shape)} and {fmt(c.shape)}"
+        )
+    _need_same_float("lstm_cell", gates, c, "gates", "cell state")
+    return Spec((gates.shape[0], n4 // 2), gates.dtype)
+
+
+def _sigmoid(xp, a):
+    e = xp.exp(-xp.abs(a))  # as the sigmoid op: exp never overflows
+    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+
+
+def _lstm_activations(xp, gates):
+    """sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), in one (N, 4H) array."""
+    hs = gates.shape[1] // 4
+    act = _sigmoid(xp, gates)
+    act[:, 2 * hs : 3 * hs] = xp.tanh(gates[:, 2 * hs : 3 * hs])
+    return act, hs
+
+
+@defop("lstm_cell", infer=_infer_lstm_cell, arity=2, saves_out=True)
+def lstm_cell_p(xp, gates, c):
+    """[h', c'] with c' = f * c + i * g and h' = o * tanh(c') (i, f, o sigmoid; g tanh)."""
+    act, hs = _lstm_activations(xp, gates)
+    out = xp.empty((gates.shape[0], 2 * hs), dtype=gates.dtype)
+    c_new = out[:, hs:]
+    xp.multiply(act[:, hs : 2 * hs], c, out=c_new)
+    c_new += act[:, :hs] * act[:, 2 * hs : 3 * hs]
+    xp.tanh(c_new, out=out[:, :hs])
+    out[:, :hs] *= act[:, 3 * hs :]
+    return out
+
+
+@lstm_cell_p.defvjp
+def _(g, out, gates, c):
+    if is_grad_enabled():  # create_graph: the gradient must be differentiable again
+        return _lstm_cell_vjp_composed(g, gates, c)
+    hs = c.shape[1]
+    grads = lstm_cell_grad_p(g, out, gates, c)  # (N, 5H): d gates, then d c
+    gc = grads[:, 4 * hs :] if c.requires_grad else None
+    if gc is not None and c.shape[0] != g.shape[0]:
+        gc = sum(gc, dim=[0], keepdim=True)
+    return grads[:, : 4 * hs], gc
+
+
+def _lstm_cell_vjp_composed(g, gates, c):
+    """lstm_cell's vjp in differentiable ops (what lstm_cell_grad computes in one kernel)."""
+    hs = c.shape[1]
+    i, f, gg, o = chunk(gates, 4, -1)
+    i, f, gg, o = sigmoid(i), sigmoid(f), tanh(gg), sigmoid(o)
+    tc = tanh(f * c + i * gg)
+    gh, gc = g[:, :hs], g[:, hs:]
+    dc = gc + gh * o * (1 - tc * tc)
+    dgates = cat(
+        [dc * gg * i * (1 - i), dc * c * f * (1 - f), dc * i * (1 - gg * gg), gh * tc * o * (1 - o)],
+        -1,
+    )
+    gc_in = None
+    if c.requires_grad:
+        gc_in = dc * f
+        if c.shape[0] != g.shape[0]:
+            gc_in = sum(gc_in, dim=[0], keepdim=True)
+    return dgates, gc_in
+
+
+def _infer_lstm_cell_grad(g, out, gates, c) -> Spec:
+    spec = _infer_lstm_cell(gates, c)
+    for what, t in (("gradient", g), ("output", out)):
+        if tuple(t.shape) != spec.shape:
+            raise OpError(
+                f"lstm_cell_grad: {what} of shape {fmt(t.shape)} does not match the "
+                f"lstm_cell output {fmt(spec.shape)}"
+            )
+        _need_same_float("lstm_cell_grad", gates, t, "gates", what)
+    return Spec((spec.shape[0], spec.shape[1] * 5 // 2), gates.dtype)
+
+
+@defop("lstm_cell_grad", infer=_infer_lstm_cell_grad, arity=4)
+def lstm_cell_grad_p(xp, g, out, gates, c):
+    """lstm_cell's vjp in one kernel: [d gates (N, 4H), d c (N, H)]. No derivative of its
+    own: the vjp runs it only when no graph is recorded (without create_graph)."""
+    act, hs = _lstm_activations(xp, gates)
+    i, f, gg, o = (act[:, k * hs : (k + 1) * hs] for k in range(4))
+    tc = xp.tanh(out[:, hs:])
+    gh = g[:, :hs]
+    dc = gh * o
+    dc *= 1 - tc * tc
+    dc += g[:, hs:]
+    res = xp.empty((gates.shape[0], 5 * hs), dtype=gates.dtype)
+    res[:, :hs] = dc * gg * i * (1 - i)
+    res[:, hs : 2 * hs] = dc * c * f * (1 - f)
+    res[:, 2 * hs : 3 * hs] = dc * i * (1 - gg * gg)
+    res[:, 3 * hs : 4 * hs] = gh * tc * o * (1 - o)
+    xp.multiply(dc, f, out=res[:, 4 * hs :])
+    return res

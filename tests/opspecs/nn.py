@@ -345,3 +345,29 @@ spec(
     lambda torch, x, w: _tf(torch).linear(x, w),
     [((4, 3), (5, 3)), ((2, 4, 3), (5, 3))],
 )
+
+# ====================================================================== recurrent ======
+
+
+def _lstm_cell_reference(torch, gates, c):
+    """torch's LSTM cell on summed gate pre-activations: [h', c']."""
+    i, f, g, o = gates.chunk(4, -1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.cat([torch.sigmoid(o) * torch.tanh(c_new), c_new], -1)
+
+
+# The vjp runs the one-kernel lstm_cell_grad without create_graph, and differentiable ops
+# with it (second order): one spec for each path.
+for name, covers, second in (
+    ("lstm_cell", ["lstm_cell", "lstm_cell_grad"], False),
+    ("lstm_cell-second-order", ["lstm_cell"], True),
+):
+    spec(
+        name,
+        covers,
+        lambda gm, gates, c: gm.REGISTRY["lstm_cell"](gates, c),
+        _lstm_cell_reference,
+        [((3, 8), (3, 2)), ((2, 12), (1, 3)), ((1, 4), (1, 1))],
+        domain=(-3.0, 3.0),
+        second_order=second,
+    )

@@ -7,8 +7,8 @@ zeros (``hx=None``) and the graph reads ``output`` rather than slicing ``h_n`` b
 (``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
 zero initial state: h is one zero row that broadcasts over the batch (w_hh still gets its
-zero gradient, as in torch) and the ``f * c`` and ``z * h`` terms are left out; exact, and
-no constant shaped by the batch size in a traced graph.
+zero gradient, as in torch), the LSTM's c one zero row too, and GRU's ``z * h`` term is
+left out; exact, and no constant shaped by the batch size in a traced graph.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 
 from ... import functional as CF
 from ...factories import zeros as _zeros
-from ...registry import OpError, fmt
+from ...registry import REGISTRY, OpError, fmt
 from ...tensor import Tensor
 from .. import functional as F
 from .. import init
@@ -34,11 +34,14 @@ def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
 
 
 def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
+    # The gates' elementwise part is one op (core/ops/nn.py, lstm_cell): h and c side by side.
     h, c = state
-    i, f, g, o = CF.chunk(xw + _recurrent(h, w_hh, b_hh), 4, -1)
-    c = CF.sigmoid(i) * CF.tanh(g) if c is None else CF.sigmoid(f) * c + CF.sigmoid(i) * CF.tanh(g)
-    h = CF.sigmoid(o) * CF.tanh(c)
-    return h, (h, c)
+    hs = w_hh.shape[1]
+    if c is None:
+        c = _zeros((1, hs), dtype=w_hh.dtype, device=w_hh.device)
+    hc = REGISTRY["lstm_cell"](xw + _recurrent(h, w_hh, b_hh), c)
+    h = hc[:, :hs]
+    return h, (h, hc[:, hs:])
 
 
 def _gru_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
