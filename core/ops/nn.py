@@ -1237,9 +1237,16 @@ def _(g, out, x, w, b):
 def _infer_lstm_cell(gates, c) -> Spec:
     _need_float("lstm_cell", gates, "gates")
     n4 = gates.shape[1] if len(gates.shape) == 2 else 0
-    if not n4 or n4 % 4 or len(c.shape) != 2 or c.shape[1] * 4 != n4 or c.shape[0] not in (
-        1,
-        gates.shape[0],
+    if (
+        not n4
+        or n4 % 4
+        or len(c.shape) != 2
+        or c.shape[1] * 4 != n4
+        or c.shape[0]
+        not in (
+            1,
+            gates.shape[0],
+        )
     ):
         raise OpError(
             f"lstm_cell: expected gates (N, 4H) and a cell state (N, H) or (1, H), got "
@@ -1295,10 +1302,8 @@ def _lstm_cell_vjp_composed(g, gates, c):
     tc = tanh(f * c + i * gg)
     gh, gc = g[:, :hs], g[:, hs:]
     dc = gc + gh * o * (1 - tc * tc)
-    dgates = cat(
-        [dc * gg * i * (1 - i), dc * c * f * (1 - f), dc * i * (1 - gg * gg), gh * tc * o * (1 - o)],
-        -1,
-    )
+    di, df = dc * gg * i * (1 - i), dc * c * f * (1 - f)
+    dgates = cat([di, df, dc * i * (1 - gg * gg), gh * tc * o * (1 - o)], -1)
     gc_in = None
     if c.requires_grad:
         gc_in = dc * f
