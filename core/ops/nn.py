@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import dtypes
 from ..autograd import is_grad_enabled
-from ..functional import cat, chunk, exp, matmul, reshape, sigmoid, sqrt, sum, tanh, where
+from ..functional import cat, chunk, exp, matmul, narrow, reshape, sigmoid, sqrt, sum, tanh, where
 from ..registry import OpError, Spec, defop, fmt, norm_dim
 
 # ======================================================================== helpers ======
@@ -1264,16 +1264,23 @@ def _infer_lstm_cell(gates, c) -> Spec:
     return Spec((gates.shape[0], n4 // 2), gates.dtype)
 
 
-def _sigmoid(xp, a):
-    e = xp.exp(-xp.abs(a))  # as the sigmoid op: exp never overflows
-    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+def _sigmoid(xp, a, out):
+    """1 / (1 + exp(-a)) into ``out``, in place, as torch's CPU kernel computes it: for
+    a < -88 exp overflows to inf, and 1 / inf is the right 0."""
+    xp.negative(a, out=out)
+    with np.errstate(over="ignore"):
+        xp.exp(out, out=out)
+    out += 1
+    xp.reciprocal(out, out=out)
 
 
 def _lstm_activations(xp, gates):
     """sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), in one (N, 4H) array."""
     hs = gates.shape[1] // 4
-    act = _sigmoid(xp, gates)
-    act[:, 2 * hs : 3 * hs] = xp.tanh(gates[:, 2 * hs : 3 * hs])
+    act = xp.empty_like(gates)
+    _sigmoid(xp, gates[:, : 2 * hs], act[:, : 2 * hs])
+    xp.tanh(gates[:, 2 * hs : 3 * hs], out=act[:, 2 * hs : 3 * hs])
+    _sigmoid(xp, gates[:, 3 * hs :], act[:, 3 * hs :])
     return act, hs
 
 
@@ -1296,10 +1303,10 @@ def _(g, out, gates, c):
         return _lstm_cell_vjp_composed(g, gates, c)
     hs = c.shape[1]
     grads = lstm_cell_grad_p(g, out, gates, c)  # (N, 5H): d gates, then d c
-    gc = grads[:, 4 * hs :] if c.requires_grad else None
+    gc = narrow(grads, 1, 4 * hs, hs) if c.requires_grad else None
     if gc is not None and c.shape[0] != g.shape[0]:
         gc = sum(gc, dim=[0], keepdim=True)
-    return grads[:, : 4 * hs], gc
+    return narrow(grads, 1, 0, 4 * hs), gc
 
 
 def _lstm_cell_vjp_composed(g, gates, c):

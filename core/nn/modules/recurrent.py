@@ -40,8 +40,8 @@ def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
     if c is None:
         c = _zeros((1, hs), dtype=w_hh.dtype, device=w_hh.device)
     hc = REGISTRY["lstm_cell"](xw + _recurrent(h, w_hh, b_hh), c)
-    h = hc[:, :hs]
-    return h, (h, hc[:, hs:])
+    h = CF.narrow(hc, 1, 0, hs)
+    return h, (h, CF.narrow(hc, 1, hs, hs))
 
 
 def _gru_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
