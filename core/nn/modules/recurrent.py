@@ -201,6 +201,23 @@ class LSTM(_RNNBase):
     _gates = 4
     _cell = staticmethod(_lstm_cell)
 
+    def _run(self, x: Tensor, state, sfx: str, reverse: bool):
+        # The whole time loop is one op (core/ops/nn.py, lstm_layer), its output [h_t, c_t]
+        # per step; both biases go into the input projection once.
+        w_ih, w_hh, b_ih, b_hh = self._weights(sfx)
+        xw = F.linear(x, w_ih, b_ih)
+        if b_hh is not None:
+            xw = xw + b_hh
+        hs = self.hidden_size
+        h0, c0 = (
+            s if s is not None else _zeros((1, hs), dtype=w_hh.dtype, device=w_hh.device)
+            for s in state
+        )
+        out = REGISTRY["lstm_layer"](xw, h0, c0, w_hh, reverse=reverse)
+        last = CF.select(out, 1, 0 if reverse else x.shape[1] - 1)
+        h_n, c_n = CF.narrow(last, 1, 0, hs), CF.narrow(last, 1, hs, hs)
+        return CF.narrow(out, 2, 0, hs), (h_n, c_n)
+
     def forward(self, input: Tensor, hx=None):
         batched = self._check_input(input)
         n = input.shape[0 if self.batch_first else 1] if batched else 1
