@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .. import backend, dtypes
+from ..autograd import is_grad_enabled
 from ..factories import zeros_like
 from ..functional import cos, exp, floor_divide, log, sigmoid, sign, sin, tanh, where
 from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
@@ -307,7 +308,7 @@ def _infer_gelu(a, approximate):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-@defop("gelu", infer=_infer_gelu, attrs={"approximate": ("str", "none")})
+@defop("gelu", infer=_infer_gelu, attrs={"approximate": ("str", "none")}, saves_out=True)
 def gelu_p(xp, a, approximate):
     a = _float(xp, a)
     t = a.dtype.type
@@ -346,7 +347,37 @@ def gelu_grad_p(xp, a, approximate):
 
 @gelu_p.defvjp
 def _(g, out, a, approximate):
+    if approximate == "none" and not is_grad_enabled():
+        return (_kernel(_gelu_vjp_from_out, g, out, a),)
     return (g * gelu_grad_p(a, approximate=approximate),)
+
+
+def _gelu_vjp_from_out(xp, g, out, a):
+    """g * gelu'(a) = g * (cdf(a) + a * pdf(a)), with cdf read back from the forward's
+    result (out = a * cdf(a)) instead of a second erf, the slowest part of GELU. At 0 (and
+    below 1e-20, where out / a would be made of subnormals) cdf(a) = 0.5 + a / sqrt(2 pi),
+    exact there to far below either float's precision."""
+    t = a.dtype.type
+    small = xp.abs(a) < t(1e-20)
+    cdf = out / xp.where(small, t(1), a)
+    cdf = xp.where(small, t(0.5) + a * t(1 / math.sqrt(2 * math.pi)), cdf)
+    pdf = xp.exp(t(-0.5) * a * a)
+    pdf *= a
+    pdf *= t(1 / math.sqrt(2 * math.pi))
+    pdf += cdf
+    pdf *= g
+    return pdf
+
+
+def _kernel(fn, *tensors, **attrs):
+    """``fn`` over the tensors' arrays, outside the registry: for one-kernel vjps that run
+    only when no graph is recorded (without create_graph, where the result needs no
+    history). They are not ops, so no graph holds one; differentiating again goes through
+    the differentiable form instead."""
+    from ..tensor import Tensor
+
+    arrays = [t._data for t in tensors]
+    return Tensor._wrap(fn(backend.xp_of(arrays[0]), *arrays, **attrs))
 
 
 @gelu_grad_p.defvjp
