@@ -1,8 +1,9 @@
 """Recurrent layers: LSTM and GRU, their cells.
 
-Compositions over time steps: the input projection of a whole sequence is one matmul, then
-each step is a cell over that step's slice. A traced graph unrolls the loop, so it fixes the
-sequence length (a graph per length); the batch size stays free where the initial states are
+The input projection of a whole sequence is one matmul. An LSTM layer then runs its time
+loop inside one op (``lstm_layer``, core/ops/nn.py); GRU composes a cell per step over that
+step's slice, which a traced graph unrolls. Either way a graph fixes the sequence length
+(a graph per length); the batch size stays free where the initial states are
 zeros (``hx=None``) and the graph reads ``output`` rather than slicing ``h_n`` by layer
 (``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
