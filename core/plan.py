@@ -384,9 +384,7 @@ class Plan:
         _sync(xp)
         t2 = time.perf_counter()
         result_grads = {name: result_grads[name] for name in sched.grads}
-        return PlanResult(
-            loss_out, result_outputs, result_grads, t1 - t0, t2 - t1, new_buffers
-        )
+        return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1, new_buffers)
 
     def _load(
         self, sched: _Schedule, params: Mapping[str, object], data: Mapping[str, object], xp

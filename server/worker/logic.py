@@ -467,7 +467,13 @@ class GradientWorker:
         outputs = [(name, result.outputs[name]) for name in prepared.outputs]
         grads = [(name, result.grads[name]) for name in prepared.gradients]
         return Computed(
-            result.loss, outputs, grads, result.forward_seconds, result.backward_seconds, cached
+            result.loss,
+            outputs,
+            grads,
+            result.forward_seconds,
+            result.backward_seconds,
+            cached,
+            list(result.buffers.items()),
         )
 
     # ------------------------------------------------------------------ capabilities -

@@ -13,7 +13,7 @@ from tracing import assert_executed_equals_local, assert_plan_equals_local
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.core import nn
-from gradmesh.core.graph import TraceError, execute, trace
+from gradmesh.core.graph import execute, trace
 from gradmesh.core.registry import OpError
 
 torch.set_num_threads(1)
