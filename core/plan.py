@@ -341,8 +341,9 @@ class Plan:
         them to the device); ``params`` holds the BUFFER inputs' values too (they travel
         with the parameters), whose new values come back in ``PlanResult.buffers``.
         ``grads`` names the parameters whose gradients to return (None: all; ``[]``:
-        forward only); a requested parameter the loss does not depend on gets zeros. ``loss_scale`` multiplies the loss and so every gradient (the backward pass
-        starts from ``loss_scale`` instead of 1). ``seed`` seeds random ops (see the module
+        forward only); a requested parameter the loss does not depend on gets zeros.
+        ``loss_scale`` multiplies the loss and so every gradient (the backward pass starts
+        from ``loss_scale`` instead of 1). ``seed`` seeds random ops (see the module
         docstring). ``check``, if given, is called every ``CHECK_EVERY`` kernels and between
         forward and backward; it raises to abandon the call (a deadline). ``record_live``,
         for tests: the number of live slots after each kernel is appended to it.
