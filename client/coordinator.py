@@ -29,7 +29,7 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core import optim
 from gradmesh.core.factories import from_numpy
 from gradmesh.core.tensor import Tensor
-from gradmesh.v1 import coordinator_pb2
+from gradmesh.v1 import coordinator_pb2, graph_pb2
 from gradmesh.wire.coordinator import CoordinatorConnection
 from gradmesh.wire.shard import optimizer_to_proto
 
@@ -89,6 +89,8 @@ class CoordinatorClient(CoordinatorConnection):
         for metrics. ``optimizer``: a gradmesh optimizer over the model's parameters, or
         its description (``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``).
         ``micro_batch_size``: rows per micro-batch, the unit of work and of determinism.
+        Buffers that ``loss_fn`` changes (BatchNorm's running statistics, in train mode)
+        are job state, kept and updated by the coordinator (docs/training.md, "Buffers").
         ``example_batch``: a batch (any size above 1) to trace with. ``job_id`` defaults to
         one the coordinator derives from the job's content (graph, initial parameters,
         optimizer, micro-batch size), so two identical runs get the same dropout masks;
@@ -110,6 +112,11 @@ class CoordinatorClient(CoordinatorConnection):
         names = list(data_names) if data_names else [f"x{i}" for i in range(len(example))]
         graph = core_graph.trace(lambda m, *b: loss_fn(m, *b), model, *example, data_names=names)
         params = OrderedDict((n, _numpy(p)) for n, p in model.named_parameters())
+        # Buffers the graph updates (BatchNorm's running statistics) are job state too.
+        owned = dict(model.named_buffers())
+        for inp in graph.inputs:
+            if inp.role == graph_pb2.Input.BUFFER:
+                params[inp.name] = _numpy(owned[inp.name])
         header = coordinator_pb2.CreateJobRequest(
             job_id=job_id or "",
             graph=graph,
@@ -190,7 +197,8 @@ class Job:
         )
 
     def parameters(self) -> "OrderedDict[str, Any]":
-        """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""
+        """The parameters, then the job's buffers (BatchNorm running statistics), as a
+        state dict of gradmesh Tensors (``model.load_state_dict``)."""
         _, arrays = self.client.get_parameters(self.job_id)
         return OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
 

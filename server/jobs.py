@@ -8,6 +8,13 @@ micro-batch's loss scale and seed; each result's gradients are pushed to the sha
 own them as soon as it arrives (so pushing overlaps the other micro-batches' compute).
 When every micro-batch is pushed, the shards apply the step; their fixed summation tree
 makes the result bit for bit independent of which worker did what.
+
+Buffers (BUFFER inputs: BatchNorm running statistics) are job state kept by the
+coordinator, at the job's version: every micro-batch of a step gets the step's starting
+buffers with the parameters, and the step's new buffers are the micro-batches' updates
+combined in micro-batch order (:func:`~gradmesh.server.aggregate.combine_buffers`). They
+are logged with the step's Apply intent and checkpointed with the job, so they survive
+the restarts the parameters survive (docs/training.md, "Buffers").
 """
 
 from __future__ import annotations
@@ -32,7 +39,14 @@ import numpy as np
 from gradmesh.core import dtypes, serialize
 from gradmesh.core import graph as core_graph
 from gradmesh.server import checkpoint
-from gradmesh.server.aggregate import TreeSum, loss_scales, micro_batch_seed, micro_batches, place
+from gradmesh.server.aggregate import (
+    TreeSum,
+    combine_buffers,
+    loss_scales,
+    micro_batch_seed,
+    micro_batches,
+    place,
+)
 from gradmesh.server.dispatch import dispatch
 from gradmesh.server.runtime import ServiceError, status_code
 from gradmesh.server.shard_store import EmbeddedShard, ShardStore, check_job_id
@@ -83,6 +97,10 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The parameters the workers get, at ``params.version``.
     params: "ParamSet | None" = None
+    # The graph's BUFFER inputs (name -> (wire dtype, shape)) and their values at
+    # ``version``; empty for a graph without buffers.
+    buffer_specs: dict[str, tuple] = field(default_factory=dict)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -118,6 +136,49 @@ def _check_initial_parameters(names: list[str], specs: dict, params: dict[str, n
                 f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
                 f"parameters[{name}]",
             )
+
+
+def _graph_buffers(graph) -> dict[str, tuple]:
+    """The graph's BUFFER inputs: name -> (wire dtype, shape), in graph order."""
+    return {
+        i.name: (i.dtype, tuple(i.shape)) for i in graph.inputs if i.role == graph_pb2.Input.BUFFER
+    }
+
+
+def _split_buffers(
+    specs: dict[str, tuple], given: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """CreateJob's tensors as (parameters, buffers): every BUFFER input needs its initial
+    value, of its dtype and shape (INVALID_ARGUMENT naming it otherwise)."""
+    params = {n: a for n, a in given.items() if n not in specs}
+    buffers = {}
+    for name, (wire, shape) in specs.items():
+        a = given.get(name)
+        if a is None:
+            raise ServiceError(
+                INVALID,
+                f"no initial value for buffer {name!r} (a BUFFER input of the graph: "
+                f"send the model's buffers with the parameters)",
+                f"parameters[{name}]",
+            )
+        if serialize.DTYPE_TO_PROTO.get(_dtype_of(a)) != wire or tuple(a.shape) != shape:
+            raise ServiceError(
+                INVALID,
+                f"buffer {name!r} has dtype {a.dtype} and shape {list(a.shape)}; the graph "
+                f"declares {serialize.dtype_name(wire)} {list(shape)}",
+                f"parameters[{name}]",
+            )
+        buffers[name] = np.array(a)  # the job's own copy, replaced step by step
+    return params, buffers
+
+
+def _buffer_arrays(job: "Job") -> dict[str, np.ndarray]:
+    """The job's buffers as a step log record's arrays (prefixed: never a parameter)."""
+    return {f"buffer:{n}": a for n, a in job.buffers.items()}
+
+
+def _buffers_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {n[len("buffer:") :]: a for n, a in arrays.items() if n.startswith("buffer:")}
 
 
 def _differences(
@@ -241,7 +302,10 @@ class Coordinator:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer_from_proto(header.optimizer)
         _, _, specs, _, _ = _graph_signature(header.graph)
-        serialize.check_headers(header.parameters, specs, "parameters", "PARAM input of the graph")
+        specs = {**specs, **_graph_buffers(header.graph)}
+        serialize.check_headers(
+            header.parameters, specs, "parameters", "PARAM or BUFFER input of the graph"
+        )
 
     def create_job(
         self,
@@ -259,8 +323,11 @@ class Coordinator:
         optimizer = optimizer_from_proto(optimizer_msg)
         vg, names, specs, data, extra = _graph_signature(graph)
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
+        buffer_specs = _graph_buffers(graph)
+        params, buffers = _split_buffers(buffer_specs, params)
         _check_initial_parameters(names, specs, params)
-        digest = tensors_digest({n: params[n] for n in names})
+        # Buffers count as initial state (a graph without them digests as before).
+        digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
         job_id = job_id or default_job_id(gid, digest, optimizer, micro_batch_size)
         with self._lock:
             existing = self.jobs.get(job_id)
@@ -286,6 +353,8 @@ class Coordinator:
                 micro_batch_size,
                 placement,
                 params_digest=digest,
+                buffer_specs=buffer_specs,
+                buffers=buffers,
             )
             self.jobs[job_id] = job
         try:
@@ -431,12 +500,12 @@ class Coordinator:
                 # keep growing until a checkpoint succeeds.
                 log.warning("checkpoint failed", extra={"job_id": job.job_id, "error": str(e)})
 
-    def _log(self, job: Job, record: dict, must: bool = True) -> None:
+    def _log(self, job: Job, record: dict, must: bool = True, arrays: dict | None = None) -> None:
         """Append to the job's step log (fsynced); ``must``: a failure fails the step."""
         if job.log is None:
             return
         try:
-            job.log.append(record)
+            job.log.append(record, arrays)
         except OSError as e:
             if must:
                 raise ServiceError(
@@ -543,7 +612,8 @@ class Coordinator:
         arrays: dict = {}
         for part in self._on_shards(job, pull):
             arrays.update(part)
-        job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names}, job.job_id)
+        arrays = {**{n: arrays[n] for n in job.param_names}, **job.buffers}
+        job.params = ParamSet(job.version, arrays, job.job_id, gradients=job.param_names)
         return job.params, time.perf_counter() - start
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
@@ -561,7 +631,12 @@ class Coordinator:
         checkpoint_now = bool(self.checkpoint_every and (version + 1) % self.checkpoint_every == 0)
         # From here some shards may apply the step and others not (one dies): the step is
         # pinned to this batch until every shard has it, and logged so across a restart.
-        self._log(job, {"kind": "intent", "step_id": step_id, "digest": digest})
+        new_buffers = run.new_buffers()
+        self._log(
+            job,
+            {"kind": "intent", "step_id": step_id, "digest": digest},
+            arrays={f"buffer:{n}": a for n, a in new_buffers.items()},
+        )
         job.pinned = (step_id, digest)
         try:
             results = self._on_shards(
@@ -575,6 +650,7 @@ class Coordinator:
             raise
         t3 = time.perf_counter()
         job.version = version + 1
+        job.buffers = new_buffers
         job.last_step_id = step_id
         job.samples += run.size
         # Worker losses are in the graph's dtype; the tree sums them as float64 so the
@@ -604,16 +680,17 @@ class Coordinator:
     def get_parameters(self, job_id: str, names: Sequence[str] = ()) -> tuple[int, dict]:
         job = self.job(job_id)
         for k, n in enumerate(names):
-            if n not in job.placement:
+            if n not in job.placement and n not in job.buffer_specs:
                 raise ServiceError(INVALID, f"job {job_id!r} has no parameter {n!r}", f"names[{k}]")
-        wanted = list(names) or job.param_names
+        # The buffers after the parameters: together, the model's whole state.
+        wanted = list(names) or job.param_names + list(job.buffer_specs)
         with job.lock:
 
             def pull(shard, i):
-                mine = [n for n in wanted if job.placement[n] == i]
+                mine = [n for n in wanted if job.placement.get(n) == i]
                 return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
 
-            arrays: dict = {}
+            arrays: dict = {n: job.buffers[n].copy() for n in wanted if n in job.buffer_specs}
             for part in self._on_shards(job, pull):
                 arrays.update(part)
             return job.version, {n: arrays[n] for n in wanted}
@@ -696,7 +773,7 @@ class Coordinator:
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
-        checkpoint.save(self._job_path(job.job_id), {"graph": graph}, meta)
+        checkpoint.save(self._job_path(job.job_id), {"graph": graph, **_buffer_arrays(job)}, meta)
         if job.log is not None:
             job.log.truncate()  # its steps are in the checkpoint now
 
@@ -737,6 +814,8 @@ class Coordinator:
             job.params_digest = meta.get("params_digest", "")
             job.digests = {int(k): v for k, v in meta.get("digests", {}).items()}
             job.pinned = tuple(meta["pinned"]) if meta.get("pinned") else None
+            job.buffer_specs = _graph_buffers(graph)
+            job.buffers = _buffers_of(arrays)
             job.log = checkpoint.RecordLog(self._log_path(job.job_id))
             self._replay(job)
             if meta["shards"] != len(self.shards):
@@ -756,11 +835,15 @@ class Coordinator:
         """Re-read the step log written since the checkpoint: each step's result
         (``done``, fsynced before the client was answered) and the step whose Apply was
         sent last (``intent``: some shards may have applied it)."""
-        for rec, _ in job.log.records():
+        intended: dict = {}  # the new buffers of the step whose Apply was sent
+        for rec, arrays in job.log.records():
             sid = rec["step_id"]
             if rec["kind"] == "intent" and sid == job.last_step_id + 1:
                 job.pinned = (sid, rec["digest"])
+                intended = _buffers_of(arrays)
             elif rec["kind"] == "done" and sid == job.last_step_id + 1:
+                if intended:
+                    job.buffers = {**job.buffers, **intended}
                 job.history[sid] = base64.b64decode(rec["response"])
                 job.digests[sid] = rec["digest"]
                 job.version, job.last_step_id = rec["version"], sid
@@ -820,6 +903,8 @@ class _StepRun:
         self.n = len(self.ranges)
         self.losses = TreeSum(self.n)
         self.metrics = {name: TreeSum(self.n) for name in job.metric_names}
+        self.buffer_updates: list = [None] * self.n  # per micro-batch: its new buffers
+        self.updated = [o.buffer for o in job.graph.outputs if o.buffer]
         self.push_seconds = 0.0
         self.worker_seconds = 0.0
         self.lock = threading.Lock()
@@ -851,6 +936,11 @@ class _StepRun:
             raise ServiceError(
                 grpc.StatusCode.INTERNAL, f"a worker returned no gradient for {missing[:5]}"
             )
+        missing = [nm for nm in self.updated if nm not in r.buffers]
+        if missing:
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"a worker returned no new value of buffer {missing[:5]}"
+            )
         t = time.perf_counter()
         for i in self.by_shard:
             grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
@@ -868,11 +958,20 @@ class _StepRun:
             self.push_seconds += time.perf_counter() - t
             self.worker_seconds += r.compute_seconds
             self.losses.add(m, np.asarray(r.loss, dtype=np.float64))
+            # A copy: the reply's bytes may be a view of a message or a reused buffer.
+            self.buffer_updates[m] = {nm: np.array(r.buffers[nm]) for nm in self.updated}
             for name in job.metric_names:
                 value = r.outputs.get(name)
                 if value is not None and np.size(value) == 1:
                     w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
                     self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+    def new_buffers(self) -> dict[str, np.ndarray]:
+        """The step's new buffers: every micro-batch's update, combined in micro-batch
+        order (the job's buffers as they are when the graph updates none)."""
+        if not self.updated:
+            return self.job.buffers
+        return {**self.job.buffers, **combine_buffers(self.buffer_updates, self.scales)}
 
 
 def _text(e: Exception) -> str:
