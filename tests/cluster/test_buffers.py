@@ -19,6 +19,7 @@ from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.core import optim
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
+from gradmesh.server import workers as workers_mod
 from gradmesh.server.aggregate import loss_scales, micro_batches, tree_sum
 
 STEPS = 4
@@ -114,18 +115,20 @@ def _run(addresses, steps, **kw) -> tuple[dict, list]:
 
 
 def test_parameters_and_buffers_bitwise_equal_with_1_and_3_workers_and_the_reference(
-    workers, reference
+    workers, reference, monkeypatch
 ):
-    one, losses_one = _run(workers[:1], STEPS)
-    three, losses_three = _run(workers, STEPS, embedded_shards=2)
-    assert losses_one == losses_three
+    one, losses_one = _run(workers[:1], STEPS)  # through shared memory
+    three, losses_three = _run(workers, STEPS, embedded_shards=2, shared_memory=False)
+    monkeypatch.setattr(workers_mod, "UNARY_MAX_BYTES", 1024)  # every call streamed
+    streamed, losses_streamed = _run(workers[1:], STEPS, shared_memory=False)
+    assert losses_one == losses_three == losses_streamed
     model = bn_cnn(seed=1)
     assert set(one) == set(model.state_dict())  # a complete state dict, buffers too
     assert int(one["1.num_batches_tracked"]) == STEPS  # once per step, not per micro-batch
     for name, want in reference.items():
         assert one[name].dtype == want.dtype, name
-        assert np.array_equal(one[name], want), name
-        assert np.array_equal(three[name], want), name
+        for got in (one, three, streamed):
+            assert np.array_equal(got[name], want), name
     # Not vacuous: training moved the statistics.
     assert not np.array_equal(reference["1.running_var"], model[1].running_var.numpy())
 
