@@ -10,17 +10,24 @@ configuration uses one BLAS build and thread count.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import grpc
 import numpy as np
 import pytest
 from models import bn_cnn, cross_entropy
 
 import gradmesh.core as gm
 from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.core import graph as core_graph
 from gradmesh.core import optim
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server import workers as workers_mod
 from gradmesh.server.aggregate import loss_scales, micro_batches, tree_sum
+from gradmesh.v1 import coordinator_pb2
+from gradmesh.wire.errors import GradmeshError
+from gradmesh.wire.shard import optimizer_to_proto
 
 STEPS = 4
 BATCH, MICRO = 10, 4  # micro-batches of 4, 4 and 2 rows
@@ -172,3 +179,59 @@ def test_buffers_survive_a_coordinator_restart(workers, reference, tmp_path, gra
     state = _steps_with_a_restart(workers, tmp_path, graceful)
     for name, want in reference.items():
         assert np.array_equal(state[name], want), name
+
+
+def _create_request(model, data):
+    graph = core_graph.trace(_loss, model, *data[0], data_names=["x", "y"])
+    header = coordinator_pb2.CreateJobRequest(
+        job_id="bad", graph=graph, optimizer=optimizer_to_proto(SGD), micro_batch_size=MICRO
+    )
+    params = OrderedDict((n, p.detach().numpy()) for n, p in model.named_parameters())
+    buffers = OrderedDict((n, b.numpy()) for n, b in model.named_buffers())
+    return header, params, buffers
+
+
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        (lambda b: b.pop("1.running_var"), "parameters[1.running_var]", "no initial value"),
+        (
+            lambda b: b.update({"4.running_mean": np.zeros(3, np.float32)}),
+            "parameters[4.running_mean]",
+            "shape",
+        ),
+    ],
+    ids=["missing", "wrong-shape"],
+)
+def test_create_job_checks_the_buffers_naming_the_field(workers, change, field, words):
+    server = coordinator_mod.start(workers=workers[:1])
+    try:
+        with CoordinatorClient(server.address, retry_seconds=0.0) as client:
+            header, params, buffers = _create_request(bn_cnn(seed=1), _data())
+            change(buffers)
+            with pytest.raises(GradmeshError) as err:
+                client.create(header, OrderedDict({**params, **buffers}))
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.field == field
+            assert words in err.value.message
+    finally:
+        server.stop(0)
+        server.coordinator.close()
+
+
+def test_get_parameters_by_name_returns_a_buffer(workers):
+    server = coordinator_mod.start(workers=workers[:1])
+    try:
+        with CoordinatorClient(server.address) as client:
+            data = _data()
+            job = client.create_job(bn_cnn(seed=1), _loss, SGD, MICRO, data[0], job_id=JOB)
+            job.step(*data[0])
+            version, got = client.get_parameters(JOB, ["1.num_batches_tracked", "0.bias"])
+            assert version == 1 and list(got) == ["1.num_batches_tracked", "0.bias"]
+            assert got["1.num_batches_tracked"].dtype == np.int64
+            assert (
+                got["1.num_batches_tracked"].shape == () and int(got["1.num_batches_tracked"]) == 1
+            )
+    finally:
+        server.stop(0)
+        server.coordinator.close()
