@@ -225,3 +225,26 @@ def test_a_buffer_input_needs_a_static_shape():
     buffer.shape[0] = -1
     with pytest.raises(GraphError, match="only the first dimension of a DATA input"):
         validate(graph)
+
+
+@pytest.mark.gpu
+def test_cuda_plan_updates_the_buffers_as_the_cpu_plan():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pytest.skip("CuPy is not installed")
+    if not gm.cuda_available():
+        pytest.skip("no CUDA device")
+    ours, _ = _pair("2d", {"momentum": None})
+    x, y = _batch("2d", 6, seed=5)
+    vg = validate(trace(_loss, ours, x, y, data_names=["x", "y"]))
+    inputs = {**_arrays(ours.named_parameters()), **_arrays(ours.named_buffers())}
+    shapes = {"x": x.shape, "y": y.shape}
+    cpu = compile_plan(vg, shapes).run(inputs, {"x": x, "y": y})
+    gpu = compile_plan(vg, shapes, backend="cuda").run(inputs, {"x": x, "y": y})
+    again = compile_plan(vg, shapes, backend="cuda").run(inputs, {"x": x, "y": y})
+    assert set(gpu.buffers) == set(cpu.buffers)
+    for name, b in cpu.buffers.items():
+        assert isinstance(gpu.buffers[name], np.ndarray) and gpu.buffers[name].dtype == b.dtype
+        np.testing.assert_allclose(gpu.buffers[name], b, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(gpu.buffers[name], again.buffers[name])
