@@ -408,7 +408,7 @@ class _Tracer:
         self.lookup(target)  # tracked from here on: a CONST if never seen
         root, path = self.alias.get(id(target), (target, []))
         others = self._sharing(target)
-        if id(root) in self.external and root in (target, *others):
+        if id(root) in self.external:  # the buffer itself, or a view of it, changes
             self._to_buffer_input(root)
         keeps_gradient = self._check_writable(name, hint, target, path, others, recorded)
         for t in (target, *others):

@@ -248,3 +248,29 @@ def test_cuda_plan_updates_the_buffers_as_the_cpu_plan():
         assert isinstance(gpu.buffers[name], np.ndarray) and gpu.buffers[name].dtype == b.dtype
         np.testing.assert_allclose(gpu.buffers[name], b, rtol=1e-5, atol=1e-6)
         assert np.array_equal(gpu.buffers[name], again.buffers[name])
+
+
+def test_a_write_through_a_view_of_a_buffer_updates_it():
+    class Histogram(gm.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = gm.nn.Linear(3, 2)
+            self.register_buffer("hist", gm.zeros(4))
+
+        def forward(self, x):
+            with gm.no_grad():
+                self.hist[1:3] += x.mean()
+            return self.lin(x)
+
+    model = Histogram()
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    graph = trace(lambda m, x: m(x).sum(), model, x)
+    assert [o.buffer for o in graph.outputs] == ["", "hist"]
+    start = np.float32([1, 2, 3, 4])
+    result = compile_plan(validate(graph), {"x0": (4, 3)}).run(
+        {**_arrays(model.named_parameters()), "hist": start}, {"x0": x[:4]}
+    )
+    model.hist._data[...] = start
+    model(gm.from_numpy(x[:4]))
+    assert np.array_equal(result.buffers["hist"], model.hist.numpy())
+    assert result.buffers["hist"][0] == 1 and result.buffers["hist"][1] != 2
