@@ -172,9 +172,9 @@ def _split_buffers(
     return params, buffers
 
 
-def _buffer_arrays(job: "Job") -> dict[str, np.ndarray]:
-    """The job's buffers as a step log record's arrays (prefixed: never a parameter)."""
-    return {f"buffer:{n}": a for n, a in job.buffers.items()}
+def _buffer_arrays(buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Buffers as a checkpoint's or step log record's arrays (prefixed: never the graph)."""
+    return {f"buffer:{n}": a for n, a in buffers.items()}
 
 
 def _buffers_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -635,7 +635,7 @@ class Coordinator:
         self._log(
             job,
             {"kind": "intent", "step_id": step_id, "digest": digest},
-            arrays={f"buffer:{n}": a for n, a in new_buffers.items()},
+            arrays=_buffer_arrays(new_buffers),
         )
         job.pinned = (step_id, digest)
         try:
@@ -773,7 +773,8 @@ class Coordinator:
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
-        checkpoint.save(self._job_path(job.job_id), {"graph": graph, **_buffer_arrays(job)}, meta)
+        arrays = {"graph": graph, **_buffer_arrays(job.buffers)}
+        checkpoint.save(self._job_path(job.job_id), arrays, meta)
         if job.log is not None:
             job.log.truncate()  # its steps are in the checkpoint now
 
