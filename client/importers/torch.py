@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -416,7 +417,6 @@ class _Submodule(Module):
     def __init__(self, torch_type: str):
         super().__init__()
         self._torch_type = torch_type
-        self._recurrences: dict = {}
 
     def _get_name(self) -> str:
         return self._torch_type
@@ -429,12 +429,8 @@ class _Submodule(Module):
 
     def _recurrence(self, input_size, params, has_biases, layers, dropout, bidir, batch_first):
         """A gradmesh LSTM (outside the module tree) computing with ``params``."""
-        key = (input_size, has_biases, layers, dropout, bidir, batch_first)
-        if key not in self._recurrences:
-            self._recurrences[key] = _lstm_shell(
-                input_size, params[1].shape[1], layers, has_biases, dropout, bidir, batch_first
-            )
-        lstm = self._recurrences[key]
+        hidden = params[1].shape[1]
+        lstm = _lstm_shell(input_size, hidden, layers, has_biases, dropout, bidir, batch_first)
         for name, value in zip(list(lstm._parameters), params):
             lstm._parameters[name] = value
         return lstm
@@ -487,6 +483,9 @@ class _Program:
         self.targets = {spec.arg.name: spec.target for spec in signature.input_specs}
         self.out_spec = ep.call_spec.out_spec
         self.steps = [_step(node) for node in ep.graph.nodes if node.op == "call_function"]
+
+    def __deepcopy__(self, memo) -> "_Program":
+        return self  # never changed after import: a copied model shares it
 
     def run(self, root: "TorchModule", inputs: list) -> Any:
         env: dict[str, Any] = {}
@@ -554,7 +553,6 @@ class TorchModule(Module):
         super().__init__()
         self._torch_type = torch_type
         self._programs = programs
-        self._recurrences: dict = {}
 
     _recurrence = _Submodule._recurrence
 
@@ -636,7 +634,11 @@ def _export(module, inputs: tuple, dynamic_batch: bool) -> ExportedProgram:
             inputs,
         )
     try:
-        return torch.export.export(module, inputs, dynamic_shapes=dynamic)
+        with warnings.catch_warnings():
+            # torch's nn.LSTM re-assigns its flat weight list while exported: not the user's
+            # concern, and the weights are read from the module's parameters anyway.
+            warnings.filterwarnings("ignore", message=".*_flat_weights.*assigned during export")
+            return torch.export.export(module, inputs, dynamic_shapes=dynamic)
     except Exception as e:  # noqa: BLE001 - every export failure becomes one clear error
         raise UnsupportedModelError(_SOURCE, [_export_failure(e, dynamic_batch)]) from None
 
