@@ -217,14 +217,33 @@ def _adaptive_avg_pool2d(x, size):
 
 @_op("lstm.input", "nn.LSTM (its recurrence, with these weights)", True)
 def _lstm(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
-    lstm = owner._recurrence(
-        x.shape[-1], params, has_biases, layers, dropout, bidirectional, batch_first
-    )
-    lstm.training = owner.training
+    lstm = _recurrence(gm.nn.LSTM, x, params, has_biases, layers, dropout, bidirectional)
+    lstm.batch_first, lstm.training = batch_first, owner.training
     # Zero initial states are the recurrence's None state (no batch-shaped constant).
     hx = None if all(isinstance(h, _Zeros) for h in hx) else tuple(_materialise(h) for h in hx)
     out, (h, c) = lstm(x, hx)
     return out, h, c
+
+
+@_op("gru.input", "nn.GRU (its recurrence, with these weights)", True)
+def _gru(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
+    gru = _recurrence(gm.nn.GRU, x, params, has_biases, layers, dropout, bidirectional)
+    gru.batch_first, gru.training = batch_first, owner.training
+    return gru(x, None if isinstance(hx, _Zeros) else hx)
+
+
+def _recurrence(cls, x, params, bias, layers, dropout, bidirectional):
+    """A gradmesh LSTM or GRU configured as an aten call and computing with its ``params``;
+    built bare, because constructing one the usual way draws initial weights from the
+    global generator."""
+    rnn = cls.__new__(cls)
+    Module.__init__(rnn)
+    rnn.input_size, rnn.hidden_size, rnn.num_layers = x.shape[-1], params[1].shape[1], layers
+    rnn.bias, rnn.dropout, rnn.bidirectional = bias, float(dropout), bidirectional
+    kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else [])
+    names = [k + sfx for layer in range(layers) for sfx in rnn._suffixes(layer) for k in kinds]
+    rnn._parameters.update(zip(names, params))
+    return rnn
 
 
 # ---- activations
@@ -427,30 +446,6 @@ class _Submodule(Module):
             f"only as part of the whole model; call the model returned by from_torch"
         )
 
-    def _recurrence(self, input_size, params, has_biases, layers, dropout, bidir, batch_first):
-        """A gradmesh LSTM (outside the module tree) computing with ``params``."""
-        hidden = params[1].shape[1]
-        lstm = _lstm_shell(input_size, hidden, layers, has_biases, dropout, bidir, batch_first)
-        for name, value in zip(list(lstm._parameters), params):
-            lstm._parameters[name] = value
-        return lstm
-
-
-def _lstm_shell(input_size, hidden, layers, bias, dropout, bidirectional, batch_first):
-    """A gradmesh LSTM with the configuration of an aten.lstm call and no weights of its own
-    (building one normally would draw initial weights from the global generator)."""
-    lstm = gm.nn.LSTM.__new__(gm.nn.LSTM)
-    Module.__init__(lstm)
-    lstm.input_size, lstm.hidden_size, lstm.num_layers = input_size, hidden, layers
-    lstm.bias, lstm.batch_first, lstm.dropout = bias, batch_first, float(dropout)
-    lstm.bidirectional = bidirectional
-    for layer in range(layers):
-        for sfx in lstm._suffixes(layer):
-            names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else [])
-            for name in names:
-                lstm._parameters[name + sfx] = None
-    return lstm
-
 
 @dataclass
 class _Step:
@@ -554,8 +549,6 @@ class TorchModule(Module):
         self._torch_type = torch_type
         self._programs = programs
 
-    _recurrence = _Submodule._recurrence
-
     def _get_name(self) -> str:
         return f"TorchModule[{self._torch_type}]"
 
@@ -650,8 +643,9 @@ def _export_failure(e: Exception, dynamic_batch: bool) -> Unsupported:
         return Unsupported(
             "data-dependent control flow",
             where,
-            "the forward branches on a tensor's value (such as `if x.sum() > 0:`), which "
-            "one graph cannot express; compute both branches and select with torch.where",
+            "the forward branches on a tensor's value or reads it as a Python number (such "
+            "as `if x.sum() > 0:` or `float(t)`), which one graph cannot express; compute "
+            "both branches and select with torch.where",
         )
     if dynamic_batch and "Constraints violated" in text:
         return Unsupported(

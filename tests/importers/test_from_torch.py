@@ -483,3 +483,31 @@ def test_docs_table_is_the_importers_table():
         if line.startswith("| `aten.")
     ]
     assert rows == supported_ops()
+
+
+class _Recurrences(tnn.Module):
+    """A two-layer bidirectional GRU, then a time-major LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = tnn.GRU(4, 5, num_layers=2, batch_first=True, bidirectional=True)
+        self.lstm = tnn.LSTM(10, 3)
+
+    def forward(self, x):
+        out, _ = self.gru(x)
+        out, _ = self.lstm(out.transpose(0, 1))
+        return out.sum(0)
+
+
+def test_gru_and_time_major_lstm_equal_torchs():
+    torch.manual_seed(0)
+    torch_model = _Recurrences()
+    x = torch.randn(BATCH, 5, 4)
+    model = gradmesh.from_torch(torch_model, x)
+    torch_model.zero_grad()
+    torch_model(x).square().sum().backward()
+    gm.square(model(_gm(x))).sum().backward()
+    _assert_grads_close(
+        {n: p.grad.numpy() for n, p in model.named_parameters()},
+        {n: p.grad.numpy() for n, p in torch_model.named_parameters()},
+    )
