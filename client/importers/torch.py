@@ -40,6 +40,7 @@ import gradmesh.core as gm
 from gradmesh.core import dtypes
 from gradmesh.core.nn import functional as F
 from gradmesh.core.nn.modules.module import Module, Parameter
+from gradmesh.core.registry import REGISTRY
 from gradmesh.core.tensor import Tensor
 
 from .errors import Unsupported, UnsupportedModelError
@@ -121,15 +122,16 @@ class _Op:
     fn: Callable
     gradmesh: str  # what it maps to, for docs/import.md
     owner: bool = False
+    shape: bool = False  # gets ``out_shape``: the output's shape, batch dim as -1
 
 
 _OPS: dict[str, _Op] = {}
 
 
-def _op(names: str, gradmesh: str, owner: bool = False) -> Callable:
+def _op(names: str, gradmesh: str, owner: bool = False, shape: bool = False) -> Callable:
     def register(fn: Callable) -> Callable:
         for name in names.split():
-            _OPS[f"aten.{name}"] = _Op(fn, gradmesh, owner)
+            _OPS[f"aten.{name}"] = _Op(fn, gradmesh, owner, shape)
         return fn
 
     return register
@@ -314,6 +316,13 @@ _op("ge.Tensor ge.Scalar", "ge")(lambda a, b: gm.ge(a, b))
 _op("logical_not.default", "logical_not")(lambda a: gm.logical_not(a))
 
 
+@_op("bitwise_not.default", "logical_not (bool tensors)")
+def _bitwise_not(a):
+    if a.dtype != dtypes.bool_:
+        raise TypeError(f"from_torch: bitwise_not of a {a.dtype} tensor; gradmesh has it for bool")
+    return gm.logical_not(a)
+
+
 # ---- reductions
 
 
@@ -342,9 +351,19 @@ _op("argmax.default", "argmax")(lambda a, dim=None, keepdim=False: gm.argmax(a, 
 _op("view.default reshape.default _unsafe_view.default", "reshape (batch size as -1)")(
     lambda a, shape: gm.reshape(a, _batch_free(shape))
 )
-_op("expand.default", "expand (batch size as -1)")(
-    lambda a, shape, implicit=False: gm.expand(a, *_batch_free(shape))
-)
+
+
+@_op("expand.default", "expand (batch size as -1)")
+def _expand(a, shape, implicit=False):
+    # The batch entry becomes -1 (keep) where the input already has the batch size there.
+    lead = len(shape) - a.ndim
+    kept = [
+        -1 if isinstance(s, _BatchSize) and i >= lead and a.shape[i - lead] == s else int(s)
+        for i, s in enumerate(shape)
+    ]
+    return gm.expand(a, *kept)
+
+
 _op("flatten.using_ints", "flatten")(lambda a, start=0, end=-1: gm.flatten(a, start, end))
 _op("unflatten.int", "unflatten")(lambda a, dim, sizes: gm.unflatten(a, dim, _batch_free(sizes)))
 _op("transpose.int", "transpose")(lambda a, d0, d1: gm.transpose(a, d0, d1))
@@ -355,13 +374,58 @@ _op("squeeze.dim squeeze.dims", "squeeze")(lambda a, dim: gm.squeeze(a, dim))
 _op("squeeze.default", "squeeze")(lambda a: gm.squeeze(a))
 _op("contiguous.default clone.default alias.default", "identity")(lambda a, **_: a)
 _op("detach.default", "detach")(lambda a: a.detach())
-_op("split.Tensor", "split")(lambda a, size, dim=0: gm.split(a, size, dim))
-_op("split_with_sizes.default", "split")(lambda a, sizes, dim=0: gm.split(a, list(sizes), dim))
-_op("chunk.default", "chunk")(lambda a, chunks, dim=0: gm.chunk(a, chunks, dim))
-_op("unbind.int", "unbind")(lambda a, dim=0: gm.unbind(a, dim))
+
+
+# Slices read "to the end" in every dim they do not cut, so that a graph traced from them
+# holds no batch size wherever the batch dim is (gradmesh's split and select write the
+# sizes out, which its tracer rewrites for the batch in dim 0 only).
+_TO_END = 2**63 - 1
+
+
+def _cut(a, dim: int, start: int, stop: int, step: int = 1):
+    dim %= a.ndim
+    start, stop, step = slice(start, stop, step).indices(a.shape[dim])
+    starts, stops, steps = [0] * a.ndim, [_TO_END] * a.ndim, [1] * a.ndim
+    starts[dim], stops[dim], steps[dim] = start, max(start, stop), step
+    return REGISTRY["slice"](a, starts=starts, stops=stops, steps=steps)
+
+
+def _without_dim(a, dim: int, out_shape):
+    """``a`` (size 1 in ``dim``) without that dim: a reshape to the output's shape."""
+    if out_shape is None:
+        return gm.squeeze(a, dim)
+    return gm.reshape(a, out_shape)
+
+
+@_op("split.Tensor split_with_sizes.default", "slice (per piece)")
+def _split(a, size, dim=0):
+    sizes = list(size) if isinstance(size, (list, tuple)) else None
+    if sizes is None:
+        n = a.shape[dim]
+        sizes = [min(size, n - i) for i in range(0, n, size)]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [_cut(a, dim, b, e) for b, e in zip(bounds, bounds[1:])]
+
+
+@_op("chunk.default", "slice (per piece)")
+def _chunk(a, chunks, dim=0):
+    n = a.shape[dim]
+    return _split(a, -(-n // chunks) if n else 1, dim)
+
+
+@_op("unbind.int", "slice and reshape (per piece)", shape=True)
+def _unbind(a, dim=0, *, out_shape=None):
+    return [_without_dim(_cut(a, dim, i, i + 1), dim, out_shape) for i in range(a.shape[dim])]
+
+
+@_op("select.int", "slice and reshape", shape=True)
+def _select(a, dim, index, *, out_shape=None):
+    index = index + a.shape[dim] if index < 0 else index
+    return _without_dim(_cut(a, dim, index, index + 1), dim, out_shape)
+
+
 _op("cat.default", "cat")(lambda tensors, dim=0: gm.cat([_materialise(t) for t in tensors], dim))
 _op("stack.default", "stack")(lambda tensors, dim=0: gm.stack(list(tensors), dim))
-_op("select.int", "select")(lambda a, dim, index: gm.select(a, dim, index))
 _op("index_select.default", "index_select")(lambda a, dim, index: gm.index_select(a, dim, index))
 _op("gather.default", "gather")(lambda a, dim, index, sparse_grad=False: gm.gather(a, dim, index))
 _op("tril.default", "tril")(lambda a, k=0: gm.tril(a, k))
@@ -370,7 +434,7 @@ _op("flip.default", "flip")(lambda a, dims: gm.flip(a, dims))
 _op("roll.default", "roll")(lambda a, shifts, dims=(): gm.roll(a, shifts, _dims(dims)))
 
 
-@_op("slice.Tensor", "getitem with a slice (identity over a whole dim)")
+@_op("slice.Tensor", "slice (the tensor itself over a whole dim)")
 def _slice(a, dim=0, start=None, end=None, step=1):
     size = a.shape[dim]
     start = 0 if start is None else start
@@ -378,8 +442,7 @@ def _slice(a, dim=0, start=None, end=None, step=1):
     # A slice over the whole dim is the tensor itself (torch writes one for ``x[:, -1]``).
     if start == 0 and end == size and step == 1:
         return a
-    index = (slice(None),) * (dim % a.ndim) + (slice(start, end, step),)
-    return gm.getitem(a, index)
+    return _cut(a, dim, start, end, step)
 
 
 # ---- dtypes and constants
@@ -421,6 +484,11 @@ _op("ones_like.default", "ones_like")(lambda a, **kw: gm.ones_like(a, **_factory
 def _add_(owner, a, b, alpha=1):
     return a.add_(b, alpha=alpha) if owner.training else a
 
+
+# Checks torch.export inserts (dtypes, sizes): gradmesh's own ops check what they take.
+_op("_assert_tensor_metadata.default _assert_scalar.default", "nothing (an export check)")(
+    lambda *args, **kw: None
+)
 
 # Ops of the size arithmetic; not aten ops over tensors.
 _SIZE_OPS = {"aten.sym_size.int", "aten.sym_numel.default"}
@@ -509,9 +577,36 @@ def _step(node) -> _Step:
     name = str(target)
     if name in _SIZE_OPS:
         return _Step(node.name, _sym_size, node.args, node.kwargs, None)
+    if name in _RESHAPES and _output_shape(node) is not None:
+        shape = _output_shape(node)
+        return _Step(node.name, lambda a, *_, **__: gm.reshape(a, shape), node.args, {}, None)
     op = _OPS[name]
     owner = _module_path(node) if op.owner else None
-    return _Step(node.name, op.fn, node.args, node.kwargs, owner)
+    kwargs = {**node.kwargs, "out_shape": _output_shape(node)} if op.shape else node.kwargs
+    return _Step(node.name, op.fn, node.args, kwargs, owner)
+
+
+# Reshapes whose target shape gradmesh would compute in full, batch size included: they
+# become a reshape to the output shape export inferred, with its batch-dependent dim as -1.
+_RESHAPES = {
+    f"aten.{name}"
+    for name in (
+        "flatten.using_ints unflatten.int unsqueeze.default squeeze.dim squeeze.dims "
+        "squeeze.default view.default reshape.default _unsafe_view.default"
+    ).split()
+}
+
+
+def _output_shape(node) -> list | None:
+    """The shape export inferred for ``node``'s output (its first, for a list of tensors)
+    with the batch-dependent dim as -1; None where that is not one dim."""
+    value = node.meta.get("val")
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        return None
+    shape = [s if isinstance(s, int) else None for s in value.shape]  # SymInt: None
+    return [-1 if s is None else s for s in shape] if shape.count(None) <= 1 else None
 
 
 def _sym_size(a, dim=None):
@@ -698,7 +793,7 @@ def _node_problem(node) -> Unsupported | None:
     return Unsupported(
         str(node.target),
         _module_path(node),
-        f"in a {kind} module: gradmesh's op registry has no equivalent"
+        f"in {kind}: gradmesh's op registry has no equivalent"
         if kind
         else "gradmesh's op registry has no equivalent",
     )

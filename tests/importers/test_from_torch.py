@@ -511,3 +511,32 @@ def test_gru_and_time_major_lstm_equal_torchs():
         {n: p.grad.numpy() for n, p in model.named_parameters()},
         {n: p.grad.numpy() for n, p in torch_model.named_parameters()},
     )
+
+
+class _Encoder(tnn.Module):
+    """torch's own attention modules: they work time-major inside (the batch in dim 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = tnn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.layer = tnn.TransformerEncoderLayer(WIDTH, 2, 32, dropout=0.0, batch_first=True)
+        self.head = tnn.Linear(WIDTH, 3)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(self.layer(y).mean(1))
+
+
+def test_multihead_attention_and_encoder_layer_through_a_worker(worker):
+    torch.manual_seed(0)
+    torch_model = _Encoder().eval()
+    model = gradmesh.from_torch(torch_model, torch.randn(BATCH, 5, WIDTH))
+    x, y = torch.randn(7, 5, WIDTH), torch.randint(0, 3, (7,))  # another batch size
+    loss, grads = _gm_grads(model, x, y)
+    expected_loss, expected = _torch_grads(torch_model, x, y)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    _assert_grads_close(grads, expected)
+    with WorkerClient(worker.address) as client:
+        result = client.compute_gradients(gm_loss, model, x.numpy(), y.numpy())
+    for key, value in grads.items():
+        assert np.array_equal(result.gradients[key], value), key
