@@ -1,0 +1,77 @@
+"""Imported PyTorch models as coordinator jobs: the same bits with one worker or two, and
+the trajectory of ``torch.optim.SGD`` on the torch module itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch_zoo import batch, torch_model
+
+import gradmesh
+import gradmesh.core as gm
+from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.server import coordinator as coordinator_mod
+from gradmesh.server import worker as worker_mod
+
+STEPS, ROWS, MICRO = 3, 12, 4  # 3 micro-batches a step
+LR = 0.1
+
+
+@pytest.fixture(scope="module")
+def workers():
+    started = [worker_mod.start("cpu") for _ in range(2)]
+    yield [w.address for w in started]
+    for w in started:
+        w.stop(0)
+
+
+def _loss(model, x, y):
+    return gm.nn.functional.cross_entropy(model(x), y)
+
+
+def _train_on_coordinator(name: str, workers: list[str]) -> dict:
+    model = gradmesh.from_torch(torch_model(name), batch(name, 4)[0]).eval()
+    server = coordinator_mod.start(workers=workers)
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    try:
+        x, y = batch(name, ROWS)
+        job = client.create_job(
+            model, _loss, {"name": "sgd", "lr": LR}, MICRO, (x.numpy(), y.numpy())
+        )
+        for step in range(STEPS):
+            x, y = batch(name, ROWS, seed=step)
+            job.step(x.numpy(), y.numpy())
+        return {n: t.numpy() for n, t in job.parameters().items()}
+    finally:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
+
+
+def _train_torch(name: str) -> dict:
+    model = torch_model(name).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, y = batch(name, ROWS, seed=step)
+        optimizer.zero_grad()
+        TF.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+
+
+# The ResNet trains in eval mode: its BatchNorm layers normalise with their running
+# statistics, constants of the graph (training mode on workers needs BN buffers in graphs).
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_job_is_bitwise_the_same_on_one_or_two_workers_and_follows_torch(workers, name):
+    one = _train_on_coordinator(name, workers[:1])
+    two = _train_on_coordinator(name, workers)
+    assert list(one) == list(two)
+    for key in one:
+        assert np.array_equal(one[key], two[key]), key
+    expected = _train_torch(name)
+    assert list(one) == list(expected)
+    for key, value in expected.items():
+        # micro-batch sums against one full-batch mean: float32 rounding apart
+        np.testing.assert_allclose(one[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
