@@ -78,7 +78,7 @@ def _python_op(fn: Callable) -> Callable:
     return run
 
 
-_PYTHON_OPS = {
+_PYTHON_OPS: dict[Any, Callable] = {
     operator.getitem: operator.getitem,
     **{
         op: _python_op(op)
@@ -521,7 +521,7 @@ class _Step:
     fn: Callable
     args: tuple
     kwargs: dict
-    owner: str  # the module path, for mode-dependent ops
+    owner: str | None  # the module path, for mode-dependent ops
 
 
 class _Program:
@@ -605,7 +605,7 @@ def _output_shape(node) -> list | None:
         value = value[0]
     if not isinstance(value, torch.Tensor):
         return None
-    shape = [s if isinstance(s, int) else None for s in value.shape]  # SymInt: None
+    shape: list[int | None] = [s if isinstance(s, int) else None for s in value.shape]
     return [-1 if s is None else s for s in shape] if shape.count(None) <= 1 else None
 
 
