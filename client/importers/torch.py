@@ -123,15 +123,16 @@ class _Op:
     gradmesh: str  # what it maps to, for docs/import.md
     owner: bool = False
     shape: bool = False  # gets ``out_shape``: the output's shape, batch dim as -1
+    lazy_zeros: bool = False  # takes batch-shaped zeros as ``_Zeros`` (recurrent states)
 
 
 _OPS: dict[str, _Op] = {}
 
 
-def _op(names: str, gradmesh: str, owner: bool = False, shape: bool = False) -> Callable:
+def _op(names: str, gradmesh: str, owner=False, shape=False, lazy_zeros=False) -> Callable:
     def register(fn: Callable) -> Callable:
         for name in names.split():
-            _OPS[f"aten.{name}"] = _Op(fn, gradmesh, owner, shape)
+            _OPS[f"aten.{name}"] = _Op(fn, gradmesh, owner, shape, lazy_zeros)
         return fn
 
     return register
@@ -217,17 +218,17 @@ def _adaptive_avg_pool2d(x, size):
     return F.adaptive_avg_pool2d(x, list(size))
 
 
-@_op("lstm.input", "nn.LSTM (its recurrence, with these weights)", True)
+@_op("lstm.input", "nn.LSTM (its recurrence, with these weights)", True, lazy_zeros=True)
 def _lstm(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
     lstm = _recurrence(gm.nn.LSTM, x, params, has_biases, layers, dropout, bidirectional)
     lstm.batch_first, lstm.training = batch_first, owner.training
     # Zero initial states are the recurrence's None state (no batch-shaped constant).
-    hx = None if all(isinstance(h, _Zeros) for h in hx) else tuple(_materialise(h) for h in hx)
+    hx = None if all(isinstance(h, _Zeros) for h in hx) else tuple(map(_materialise, hx))
     out, (h, c) = lstm(x, hx)
     return out, h, c
 
 
-@_op("gru.input", "nn.GRU (its recurrence, with these weights)", True)
+@_op("gru.input", "nn.GRU (its recurrence, with these weights)", True, lazy_zeros=True)
 def _gru(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
     gru = _recurrence(gm.nn.GRU, x, params, has_biases, layers, dropout, bidirectional)
     gru.batch_first, gru.training = batch_first, owner.training
@@ -424,7 +425,7 @@ def _select(a, dim, index, *, out_shape=None):
     return _without_dim(_cut(a, dim, index, index + 1), dim, out_shape)
 
 
-_op("cat.default", "cat")(lambda tensors, dim=0: gm.cat([_materialise(t) for t in tensors], dim))
+_op("cat.default", "cat")(lambda tensors, dim=0: gm.cat(list(tensors), dim))
 _op("stack.default", "stack")(lambda tensors, dim=0: gm.stack(list(tensors), dim))
 _op("index_select.default", "index_select")(lambda a, dim, index: gm.index_select(a, dim, index))
 _op("gather.default", "gather")(lambda a, dim, index, sparse_grad=False: gm.gather(a, dim, index))
@@ -522,6 +523,7 @@ class _Step:
     args: tuple
     kwargs: dict
     owner: str | None  # the module path, for mode-dependent ops
+    lazy_zeros: bool = False
 
 
 class _Program:
@@ -561,8 +563,8 @@ class _Program:
             else:
                 env[name] = constant
         for step in self.steps:
-            args = _resolve(step.args, env)
-            kwargs = _resolve(step.kwargs, env)
+            args = _resolve(step.args, env, step.lazy_zeros)
+            kwargs = _resolve(step.kwargs, env, step.lazy_zeros)
             if step.owner is not None:
                 args = (root._module_at(step.owner), *args)
             env[step.node] = step.fn(*args, **kwargs)
@@ -583,7 +585,7 @@ def _step(node) -> _Step:
     op = _OPS[name]
     owner = _module_path(node) if op.owner else None
     kwargs = {**node.kwargs, "out_shape": _output_shape(node)} if op.shape else node.kwargs
-    return _Step(node.name, op.fn, node.args, kwargs, owner)
+    return _Step(node.name, op.fn, node.args, kwargs, owner, op.lazy_zeros)
 
 
 # Reshapes whose target shape gradmesh would compute in full, batch size included: they
@@ -614,13 +616,15 @@ def _sym_size(a, dim=None):
     return _BatchSize(a.shape[dim]) if dim is not None else _BatchSize(a.numel())
 
 
-def _resolve(value, env):
+def _resolve(value, env, lazy_zeros: bool):
+    """An argument with the graph's values in place of its nodes."""
     if isinstance(value, torch.fx.Node):
-        return env[value.name]
+        found = env[value.name]
+        return found if lazy_zeros else _materialise(found)
     if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(v, env) for v in value)
+        return type(value)(_resolve(v, env, lazy_zeros) for v in value)
     if isinstance(value, dict):
-        return {k: _resolve(v, env) for k, v in value.items()}
+        return {k: _resolve(v, env, lazy_zeros) for k, v in value.items()}
     return value
 
 
