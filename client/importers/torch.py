@@ -502,12 +502,16 @@ class _Submodule(Module):
     """A submodule of an imported model: it holds the torch submodule's parameters, buffers
     and children under their names; the root's graph computes with them."""
 
-    def __init__(self, torch_type: str):
+    def __init__(self, torch_type: str, torch_extra_repr: str = ""):
         super().__init__()
         self._torch_type = torch_type
+        self._torch_extra_repr = torch_extra_repr
 
     def _get_name(self) -> str:
         return self._torch_type
+
+    def extra_repr(self) -> str:
+        return self._torch_extra_repr
 
     def forward(self, *args):
         raise TypeError(
@@ -706,7 +710,7 @@ def _mirror(module: torch.nn.Module, root: TorchModule) -> None:
             if child is None:
                 continue
             if id(child) not in seen:
-                seen[id(child)] = _Submodule(type(child).__name__)
+                seen[id(child)] = _Submodule(type(child).__name__, child.extra_repr())
                 copy(child, seen[id(child)])
             setattr(dst, name, seen[id(child)])
 
