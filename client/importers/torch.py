@@ -100,11 +100,11 @@ class _Zeros:
     initial state is its ``None`` state (no batch-shaped constant in a traced graph);
     anything else makes it a tensor."""
 
-    def __init__(self, shape: list, dtype):
-        self.shape, self.dtype = shape, dtype
+    def __init__(self, shape: list, factory_kw: dict):
+        self.shape, self.factory_kw = shape, factory_kw
 
     def tensor(self) -> Tensor:
-        return gm.zeros(*[int(s) for s in self.shape], dtype=self.dtype)
+        return gm.zeros(*[int(s) for s in self.shape], **self.factory_kw)
 
 
 def _materialise(value):
@@ -114,7 +114,8 @@ def _materialise(value):
 # ==================================================================== the op table ======
 # One entry per aten op: the gradmesh call it becomes, as a function of gradmesh tensors and
 # the op's other arguments, in the order and with the defaults of the aten schema. Entries
-# marked ``owner=True`` also get the gradmesh submodule the node belongs to (for its mode).
+# marked ``owner=True`` also get the gradmesh submodule the node belongs to (for its mode),
+# ``root=True`` the imported model itself.
 
 
 @dataclass(frozen=True)
@@ -124,15 +125,16 @@ class _Op:
     owner: bool = False
     shape: bool = False  # gets ``out_shape``: the output's shape, batch dim as -1
     lazy_zeros: bool = False  # takes batch-shaped zeros as ``_Zeros`` (recurrent states)
+    root: bool = False  # gets the root module (the model's device)
 
 
 _OPS: dict[str, _Op] = {}
 
 
-def _op(names: str, gradmesh: str, owner=False, shape=False, lazy_zeros=False) -> Callable:
+def _op(names: str, gradmesh: str, owner=False, shape=False, lazy_zeros=False, root=False):
     def register(fn: Callable) -> Callable:
         for name in names.split():
-            _OPS[f"aten.{name}"] = _Op(fn, gradmesh, owner, shape, lazy_zeros)
+            _OPS[f"aten.{name}"] = _Op(fn, gradmesh, owner, shape, lazy_zeros, root)
         return fn
 
     return register
@@ -456,26 +458,43 @@ _op("type_as.default", "type_as")(lambda a, other: a.type_as(other))
 _op("lift_fresh_copy.default", "identity")(lambda a: a)
 
 
-def _factory_kw(kw: dict) -> dict:
-    return {"dtype": _dtype(kw.get("dtype"))}
+# Factories make their tensors where the model's weights are (torch's graph names the
+# device it was exported on), so a model moved with ``.to(device)`` computes there.
 
 
-@_op("zeros.default", "zeros")
-def _zeros(shape, **kw):
+def _factory_kw(root: Module, kw: dict) -> dict:
+    weights = [*root.parameters(), *root.buffers()]
+    return {"dtype": _dtype(kw.get("dtype")), "device": weights[0].device if weights else None}
+
+
+@_op("zeros.default", "zeros", root=True)
+def _zeros(root, shape, **kw):
     if any(isinstance(s, _BatchSize) for s in shape):
-        return _Zeros(list(shape), _factory_kw(kw)["dtype"])
-    return gm.zeros(*shape, **_factory_kw(kw))
+        return _Zeros(list(shape), _factory_kw(root, kw))
+    return gm.zeros(*shape, **_factory_kw(root, kw))
 
 
-_op("ones.default", "ones")(lambda shape, **kw: gm.ones(*shape, **_factory_kw(kw)))
-_op("full.default", "full")(lambda shape, value, **kw: gm.full(shape, value, **_factory_kw(kw)))
-_op("arange.default", "arange")(lambda end, **kw: gm.arange(end, **_factory_kw(kw)))
-_op("arange.start", "arange")(lambda start, end, **kw: gm.arange(start, end, **_factory_kw(kw)))
-_op("arange.start_step", "arange")(
-    lambda start, end, step=1, **kw: gm.arange(start, end, step, **_factory_kw(kw))
+@_op("ones.default", "ones", root=True)
+def _ones(root, shape, **kw):
+    return gm.ones(*shape, **_factory_kw(root, kw))
+
+
+@_op("full.default", "full", root=True)
+def _full(root, shape, value, **kw):
+    return gm.full(shape, value, **_factory_kw(root, kw))
+
+
+@_op("arange.default arange.start arange.start_step", "arange", root=True)
+def _arange(root, *bounds, **kw):
+    return gm.arange(*bounds, **_factory_kw(root, kw))
+
+
+_op("zeros_like.default", "zeros_like")(
+    lambda a, **kw: gm.zeros_like(a, dtype=_dtype(kw.get("dtype")))
 )
-_op("zeros_like.default", "zeros_like")(lambda a, **kw: gm.zeros_like(a, **_factory_kw(kw)))
-_op("ones_like.default", "ones_like")(lambda a, **kw: gm.ones_like(a, **_factory_kw(kw)))
+_op("ones_like.default", "ones_like")(
+    lambda a, **kw: gm.ones_like(a, dtype=_dtype(kw.get("dtype")))
+)
 
 
 # ---- in-place ops on buffers (BatchNorm's num_batches_tracked)
@@ -587,7 +606,7 @@ def _step(node) -> _Step:
         shape = _output_shape(node)
         return _Step(node.name, lambda a, *_, **__: gm.reshape(a, shape), node.args, {}, None)
     op = _OPS[name]
-    owner = _module_path(node) if op.owner else None
+    owner = "" if op.root else _module_path(node) if op.owner else None
     kwargs = {**node.kwargs, "out_shape": _output_shape(node)} if op.shape else node.kwargs
     return _Step(node.name, op.fn, node.args, kwargs, owner, op.lazy_zeros)
 
