@@ -20,7 +20,6 @@ import gradmesh.core as gm
 from gradmesh.client import WorkerClient
 from gradmesh.client.importers import UnsupportedModelError
 from gradmesh.client.importers.torch import supported_ops
-from gradmesh.core.graph import TraceError
 
 
 @pytest.fixture(scope="module")
@@ -207,27 +206,26 @@ def test_worker_gradients_equal_local_bitwise(imported, worker, name):
     _assert_grads_close(grads, _torch_grads(torch_model.eval(), x, y)[1])
 
 
-def test_worker_batchnorm_in_train_mode(imported, worker):
-    _, model = imported("resnet")
+def test_worker_batchnorm_in_train_mode_updates_the_buffers_as_torch(imported, worker):
+    torch_model, model = imported("resnet")
+    assert model.training
     x, y = _batch("resnet", BATCH, seed=5)
-    try:
-        gm.graph.trace(gm_loss, model, x.numpy(), y.numpy())
-    except TraceError as e:
-        if "num_batches_tracked" not in str(e):
-            raise
-        pytest.skip(
-            "BatchNorm in training mode needs buffer updates in graphs (helper A's BN-buffer "
-            "branch); this test runs as soon as that is merged"
-        )
-    before = [b.numpy().copy() for b in model.buffers()]
+    before = {n: b.numpy().copy() for n, b in model.named_buffers()}
     loss, grads = _gm_grads(model, x, y)
-    for b, saved in zip(model.buffers(), before):
-        b.numpy()[...] = saved
+    local = {n: b.numpy().copy() for n, b in model.named_buffers()}
+    for name, b in model.named_buffers():
+        b.numpy()[...] = before[name]
     with WorkerClient(worker.address) as client:
         result = client.compute_gradients(gm_loss, model, x.numpy(), y.numpy())
     assert np.array_equal(result.loss, np.float32(loss))
     for key, expected in grads.items():
         assert np.array_equal(result.gradients[key], expected), key
+    # the worker's new running statistics, written back into the model's buffers
+    for name, b in model.named_buffers():
+        assert np.array_equal(b.numpy(), local[name]), name
+    _torch_grads(torch_model, x, y)
+    for name, b in torch_model.named_buffers():
+        np.testing.assert_allclose(local[name], b.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 # ======================================================== weights back to torch =========

@@ -3,6 +3,9 @@ the trajectory of ``torch.optim.SGD`` on the torch module itself."""
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -31,14 +34,19 @@ def _loss(model, x, y):
     return gm.nn.functional.cross_entropy(model(x), y)
 
 
-def _train_on_coordinator(name: str, workers: list[str]) -> dict:
-    model = gradmesh.from_torch(torch_model(name), batch(name, 4)[0]).eval()
+@functools.cache
+def _imported(name: str):
+    return gradmesh.from_torch(torch_model(name), batch(name, 4)[0])
+
+
+def _train_on_coordinator(name: str, workers: list[str], training: bool, micro: int) -> dict:
+    model = copy.deepcopy(_imported(name)).train(training)  # an export takes a second
     server = coordinator_mod.start(workers=workers)
     client = CoordinatorClient(server.address, retry_seconds=0.0)
     try:
         x, y = batch(name, ROWS)
         job = client.create_job(
-            model, _loss, {"name": "sgd", "lr": LR}, MICRO, (x.numpy(), y.numpy())
+            model, _loss, {"name": "sgd", "lr": LR}, micro, (x.numpy(), y.numpy())
         )
         for step in range(STEPS):
             x, y = batch(name, ROWS, seed=step)
@@ -50,28 +58,39 @@ def _train_on_coordinator(name: str, workers: list[str]) -> dict:
         server.coordinator.close()
 
 
-def _train_torch(name: str) -> dict:
-    model = torch_model(name).eval()
+def _train_torch(name: str, training: bool) -> dict:
+    """Parameters, then the buffers a job changes (those of train mode), as GetParameters."""
+    model = torch_model(name).train(training)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
         x, y = batch(name, ROWS, seed=step)
         optimizer.zero_grad()
         TF.cross_entropy(model(x), y).backward()
         optimizer.step()
-    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+    state = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    if training:
+        state.update((n, b.numpy()) for n, b in model.named_buffers())
+    return state
 
 
-# The ResNet trains in eval mode: its BatchNorm layers normalise with their running
-# statistics, constants of the graph (training mode on workers needs BN buffers in graphs).
-@pytest.mark.parametrize("name", ["mlp", "resnet"])
-def test_job_is_bitwise_the_same_on_one_or_two_workers_and_follows_torch(workers, name):
-    one = _train_on_coordinator(name, workers[:1])
-    two = _train_on_coordinator(name, workers)
+def _assert_close(ours: dict, theirs: dict) -> None:
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        # micro-batch sums against one full-batch mean: float32 rounding apart
+        np.testing.assert_allclose(ours[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+# In eval mode the ResNet's BatchNorm layers normalise with their running statistics,
+# constants of the graph; in train mode the statistics are job state, updated every step.
+@pytest.mark.parametrize("name,training", [("mlp", False), ("resnet", False), ("resnet", True)])
+def test_job_is_bitwise_the_same_on_one_or_two_workers_and_follows_torch(workers, name, training):
+    one = _train_on_coordinator(name, workers[:1], training, MICRO)
+    two = _train_on_coordinator(name, workers, training, MICRO)
     assert list(one) == list(two)
     for key in one:
         assert np.array_equal(one[key], two[key]), key
-    expected = _train_torch(name)
-    assert list(one) == list(expected)
-    for key, value in expected.items():
-        # micro-batch sums against one full-batch mean: float32 rounding apart
-        np.testing.assert_allclose(one[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+    if training:
+        # BatchNorm normalises each micro-batch with its own statistics (as DDP without
+        # SyncBatchNorm): torch's full-batch steps are the job's with one micro-batch.
+        one = _train_on_coordinator(name, workers[:1], training, ROWS)
+    _assert_close(one, _train_torch(name, training))
