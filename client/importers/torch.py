@@ -376,7 +376,7 @@ _op("unsqueeze.default", "unsqueeze")(lambda a, dim: gm.unsqueeze(a, dim))
 _op("squeeze.dim squeeze.dims", "squeeze")(lambda a, dim: gm.squeeze(a, dim))
 _op("squeeze.default", "squeeze")(lambda a: gm.squeeze(a))
 _op("contiguous.default clone.default alias.default", "identity")(lambda a, **_: a)
-_op("detach.default", "detach")(lambda a: a.detach())
+_op("detach.default detach_.default", "detach")(lambda a: a.detach())
 
 
 # Slices read "to the end" in every dim they do not cut, so that a graph traced from them

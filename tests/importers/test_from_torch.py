@@ -417,3 +417,41 @@ def test_multihead_attention_and_encoder_layer_through_a_worker(worker):
         result = client.compute_gradients(gm_loss, model, x.numpy(), y.numpy())
     for key, value in grads.items():
         assert np.array_equal(result.gradients[key], value), key
+
+
+class _Odds(tnn.Module):
+    """A non-persistent buffer, a frozen parameter, a constant made in forward, and
+    outputs in a dict and a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = tnn.Linear(4, 4)
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4)), persistent=False)
+        self.frozen = tnn.Parameter(torch.randn(4), requires_grad=False)
+
+    def forward(self, x):
+        y = self.fc(x) * self.mask[1] + self.frozen * torch.tensor([1.0, 2.0, 3.0, 4.0])
+        return {"y": y, "pair": (y.sum(-1), y.mean())}
+
+
+def test_non_persistent_buffers_frozen_parameters_constants_and_nested_outputs():
+    torch.manual_seed(0)
+    torch_model = _Odds()
+    model = gradmesh.from_torch(torch_model, torch.randn(3, 4))
+    assert (
+        list(model.state_dict())
+        == list(torch_model.state_dict())
+        == [
+            "frozen",
+            "fc.weight",
+            "fc.bias",
+        ]
+    )
+    assert [n for n, _ in model.named_buffers()] == ["mask"]
+    assert not model.frozen.requires_grad
+    x = torch.randn(5, 4)
+    ours, theirs = model(x), torch_model(x)
+    assert set(ours) == {"y", "pair"} and len(ours["pair"]) == 2
+    for a, b in ((ours["y"], theirs["y"]), *zip(ours["pair"], theirs["pair"])):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6)
+    torch_model.load_state_dict(gradmesh.to_torch_state_dict(model), strict=True)
