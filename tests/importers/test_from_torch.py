@@ -453,5 +453,5 @@ def test_non_persistent_buffers_frozen_parameters_constants_and_nested_outputs()
     ours, theirs = model(x), torch_model(x)
     assert set(ours) == {"y", "pair"} and len(ours["pair"]) == 2
     for a, b in ((ours["y"], theirs["y"]), *zip(ours["pair"], theirs["pair"])):
-        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, atol=1e-6)
     torch_model.load_state_dict(gradmesh.to_torch_state_dict(model), strict=True)
