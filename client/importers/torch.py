@@ -497,11 +497,17 @@ _op("ones_like.default", "ones_like")(
 )
 
 
-# ---- in-place ops on buffers (BatchNorm's num_batches_tracked)
+# ---- in-place ops (on a buffer: BatchNorm's num_batches_tracked)
 
 
-@_op("add_.Tensor", "Tensor.add_ (only while the owning module trains)", True)
-def _add_(owner, a, b, alpha=1):
+_op("add_.Tensor", "Tensor.add_ (on a buffer: only while its module trains)")(
+    lambda a, b, alpha=1: a.add_(b, alpha=alpha)
+)
+
+
+def _buffer_add_(owner, a, b, alpha=1):
+    """A buffer's in-place update: torch's modules write their buffers only in training
+    (both exported graphs hold what the module did in one mode; the owner's mode rules)."""
     return a.add_(b, alpha=alpha) if owner.training else a
 
 
@@ -570,7 +576,8 @@ class _Program:
         ]
         self.targets = {spec.arg.name: spec.target for spec in signature.input_specs}
         self.out_spec = ep.call_spec.out_spec
-        self.steps = [_step(node) for node in ep.graph.nodes if node.op == "call_function"]
+        buffers = {s.arg.name for s in signature.input_specs if s.kind == InputKind.BUFFER}
+        self.steps = [_step(node, buffers) for node in ep.graph.nodes if node.op == "call_function"]
 
     def __deepcopy__(self, memo) -> "_Program":
         return self  # never changed after import: a copied model shares it
@@ -595,7 +602,7 @@ class _Program:
         return pytree.tree_unflatten(flat, self.out_spec)
 
 
-def _step(node) -> _Step:
+def _step(node, buffers: set[str]) -> _Step:
     target = node.target
     if target in _PYTHON_OPS:
         return _Step(node.name, _PYTHON_OPS[target], node.args, node.kwargs, None)
@@ -605,6 +612,8 @@ def _step(node) -> _Step:
     if name in _RESHAPES and _output_shape(node) is not None:
         shape = _output_shape(node)
         return _Step(node.name, lambda a, *_, **__: gm.reshape(a, shape), node.args, {}, None)
+    if name == "aten.add_.Tensor" and getattr(node.args[0], "name", None) in buffers:
+        return _Step(node.name, _buffer_add_, node.args, node.kwargs, _module_path(node))
     op = _OPS[name]
     owner = "" if op.root else _module_path(node) if op.owner else None
     kwargs = {**node.kwargs, "out_shape": _output_shape(node)} if op.shape else node.kwargs
