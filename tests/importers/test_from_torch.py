@@ -420,8 +420,8 @@ def test_multihead_attention_and_encoder_layer_through_a_worker(worker):
 
 
 class _Odds(tnn.Module):
-    """A non-persistent buffer, a frozen parameter, a constant made in forward, and
-    outputs in a dict and a tuple."""
+    """A non-persistent buffer, a frozen parameter, a constant made in forward, an in-place
+    add on an intermediate value, and outputs in a dict and a tuple."""
 
     def __init__(self):
         super().__init__()
@@ -431,6 +431,7 @@ class _Odds(tnn.Module):
 
     def forward(self, x):
         y = self.fc(x) * self.mask[1] + self.frozen * torch.tensor([1.0, 2.0, 3.0, 4.0])
+        y += 1  # runs in eval mode too (only a buffer's in-place update waits for training)
         return {"y": y, "pair": (y.sum(-1), y.mean())}
 
 
@@ -450,7 +451,7 @@ def test_non_persistent_buffers_frozen_parameters_constants_and_nested_outputs()
     assert [n for n, _ in model.named_buffers()] == ["mask"]
     assert not model.frozen.requires_grad
     x = torch.randn(5, 4)
-    ours, theirs = model(x), torch_model(x)
+    ours, theirs = model.eval()(x), torch_model.eval()(x)
     assert set(ours) == {"y", "pair"} and len(ours["pair"]) == 2
     for a, b in ((ours["y"], theirs["y"]), *zip(ours["pair"], theirs["pair"])):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, atol=1e-6)
