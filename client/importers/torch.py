@@ -835,6 +835,16 @@ def _node_problem(node) -> Unsupported | None:
     )
 
 
+def _check_batch(inputs: tuple) -> None:
+    for i, x in enumerate(pytree.tree_leaves(inputs)):
+        if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] < 2:
+            raise ValueError(
+                f"from_torch: example_inputs[{i}] has a batch size of {x.shape[0]} (shape "
+                f"{tuple(x.shape)}); with dynamic_batch=True give a batch size above 1 "
+                f"(torch.export fixes a dimension of size 0 or 1), or pass dynamic_batch=False"
+            )
+
+
 def from_torch(module: torch.nn.Module, *example_inputs, dynamic_batch: bool = True) -> TorchModule:
     """``module`` as a gradmesh module, through ``torch.export`` (see the module docstring).
 
@@ -847,6 +857,8 @@ def from_torch(module: torch.nn.Module, *example_inputs, dynamic_batch: bool = T
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch: expected a torch.nn.Module, got {type(module).__name__}")
     inputs = tuple(example_inputs)
+    if dynamic_batch:
+        _check_batch(inputs)
     was_training = module.training
     exported = {}
     try:

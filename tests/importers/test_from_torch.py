@@ -342,6 +342,8 @@ def test_code_that_fixes_the_batch_size_is_refused_with_the_fix():
 def test_bad_arguments_are_named(imported):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         gradmesh.from_torch(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] has a batch size of 1"):
+        gradmesh.from_torch(tnn.Linear(3, 2), torch.randn(1, 3))
     _, model = imported("mlp")
     with pytest.raises(TypeError, match="takes 1 tensor input"):
         model(gm.ones(2, 8), gm.ones(2, 8))
