@@ -725,6 +725,7 @@ def _mirror(module: torch.nn.Module, root: TorchModule) -> None:
     seen: dict[int, Any] = {id(module): root}
 
     def copy(src: torch.nn.Module, dst: Module) -> None:
+        dst.training = src.training  # each submodule's own mode, as torch's
         for name, p in src._parameters.items():
             if p is not None and id(p) not in seen:
                 seen[id(p)] = Parameter(_gm(p), requires_grad=p.requires_grad)
@@ -743,7 +744,6 @@ def _mirror(module: torch.nn.Module, root: TorchModule) -> None:
             setattr(dst, name, seen[id(child)])
 
     copy(module, root)
-    root.train(module.training)
 
 
 # ====================================================================== export ===========
@@ -859,14 +859,15 @@ def from_torch(module: torch.nn.Module, *example_inputs, dynamic_batch: bool = T
     inputs = tuple(example_inputs)
     if dynamic_batch:
         _check_batch(inputs)
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each submodule's, restored after
     exported = {}
     try:
         for mode in (True, False):
             module.train(mode)
             exported[mode] = _export(module, inputs, dynamic_batch)
     finally:
-        module.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     unsupported = _unsupported(list(exported.values()))
     if unsupported:
         raise UnsupportedModelError(_SOURCE, unsupported)

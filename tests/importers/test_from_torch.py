@@ -148,6 +148,11 @@ def test_dropout_follows_the_mode(imported):
     model.net.eval()  # a submodule's mode rules its dropout, as in torch
     assert model.training
     np.testing.assert_array_equal(model(_gm(x)).detach().numpy(), evaluated)
+    torch_model.train().net.eval()  # and an import keeps each submodule's mode
+    copied = gradmesh.from_torch(torch_model, x)
+    assert (
+        copied.training and not copied.net.training and not copied.get_submodule("net.2").training
+    )
 
 
 def test_gradients_match_finite_differences_in_float64(imported):
