@@ -57,6 +57,12 @@ _PROTO_FIELDS = (
     "eps",
     "amsgrad",
     "maximize",
+    "alpha",
+    "centered",
+    "lr_decay",
+    "initial_accumulator_value",
+    "momentum_decay",
+    "decoupled_weight_decay",
 )
 
 
