@@ -935,12 +935,21 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
 }
 
 
-def describe(optimizer: Optimizer) -> dict:
+def describe(optimizer: Optimizer, initial: bool = False) -> dict:
     """The optimizer as a plain, JSON-ready dict: ``{"name": "adam", "lr": ..., ...}``.
 
     The wire format carries one set of hyper-parameters, so all groups must share them.
+    ``initial``: the lr a learning-rate scheduler started from (each group's
+    ``initial_lr``), not the one it has set since.
     """
-    groups = [{k: g[k] for k in HYPERPARAMETERS[optimizer.rule]} for g in optimizer.param_groups]
+
+    def hyper(group: dict) -> dict:
+        out = {k: group[k] for k in HYPERPARAMETERS[optimizer.rule]}
+        if initial and "initial_lr" in group:
+            out["lr"] = group["initial_lr"]
+        return out
+
+    groups = [hyper(g) for g in optimizer.param_groups]
     if any(g != groups[0] for g in groups[1:]):
         raise ValueError(
             f"describe: {type(optimizer).__name__}'s parameter groups have "
