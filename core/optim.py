@@ -502,11 +502,6 @@ def validate(description: dict) -> dict:
     if not isinstance(description, dict):
         raise ValueError(f"optimizer description must be a dict, got {type(description).__name__}")
     name = description.get("name")
-    if name in UPDATE_RULES and name not in WIRE_RULES:
-        raise ValueError(
-            f"optimizer {name!r} runs locally only: a job's parameter shards "
-            f"apply one of {list(WIRE_RULES)}"
-        )
     if name not in WIRE_RULES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(WIRE_RULES)}")
     defaults = HYPERPARAMETERS[name]
