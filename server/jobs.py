@@ -150,14 +150,6 @@ def _differences(
     """What a CreateJob for an existing job id asks differently from the job (empty: the
     same content, an idempotent re-create)."""
     checks = (
-        (
-            f"schedule (existing {existing.schedule}, new {schedule})",
-            existing.schedule == schedule,
-        ),
-        (
-            f"clipping (existing {existing.clipping}, new {clipping})",
-            existing.clipping == clipping,
-        ),
         (f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})", existing.graph_id == gid),
         (
             f"optimizer (existing {existing.optimizer}, new {optimizer})",
@@ -170,6 +162,14 @@ def _differences(
         (
             "initial parameters (another digest)",
             not existing.params_digest or existing.params_digest == digest,
+        ),
+        (
+            f"schedule (existing {existing.schedule}, new {schedule})",
+            existing.schedule == schedule,
+        ),
+        (
+            f"clipping (existing {existing.clipping}, new {clipping})",
+            existing.clipping == clipping,
         ),
     )
     return [what for what, same in checks if not same]
@@ -642,6 +642,8 @@ class Coordinator:
         return job.params, time.perf_counter() - start
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
+        if job.schedule_error:
+            raise ServiceError(FAILED, job.schedule_error, "step_id")
         t0 = time.perf_counter()
         try:
             params, pull_seconds = self._params_for_workers(job)
@@ -716,8 +718,6 @@ class Coordinator:
         retry of a pinned step gets the arguments its first Apply had."""
         if job.pinned == (run.step_id, digest) and job.pinned_args is not None:
             return job.pinned_args
-        if job.schedule_error:
-            raise ServiceError(FAILED, job.schedule_error, "step_id")
         args: dict = {}
         if job.runner is not None:
             hyper = job.runner.hyper()
@@ -950,6 +950,10 @@ class Coordinator:
             if version > job.version + (1 if job.pinned else 0):
                 # Shards applied steps the coordinator has no record of (a coordinator
                 # without a step log): the parameters are kept, those results are lost.
+                # The schedule catches up on the last known loss (exact unless it is
+                # ReduceLROnPlateau, whose metric those steps' losses were).
+                for _ in range(version - job.version):
+                    _advance_schedule(job, job.last_loss)
                 job.version, job.last_step_id, job.pinned = version, last, None
         try:
             self._resync(job)
