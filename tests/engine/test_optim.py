@@ -469,7 +469,17 @@ def test_update_rules_on_cupy_arrays_match_numpy(name):
     on_gpu = cp.asarray(param)
     cpu_state, gpu_state = {}, {}
     hyper = dict(lr=0.01, weight_decay=0.01, maximize=True)
-    hyper.update({"sgd": dict(momentum=0.9, nesterov=True)}.get(name, dict(amsgrad=True)))
+    hyper.update(
+        {
+            "sgd": dict(momentum=0.9, nesterov=True),
+            "adam": dict(amsgrad=True),
+            "adamw": dict(amsgrad=True),
+            "rmsprop": dict(momentum=0.9, centered=True),
+            "adagrad": dict(lr_decay=0.01),
+            "adamax": dict(betas=(0.8, 0.99)),
+            "nadam": dict(decoupled_weight_decay=True),
+        }[name]
+    )
     for _ in range(10):
         grad = rng.standard_normal(param.shape)
         optim.UPDATE_RULES[name](np, param, grad, cpu_state, **hyper)
