@@ -65,7 +65,8 @@ def save(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None
     name (dots, slashes) round-trips.
     """
     names = list(arrays)
-    payload = {f"a{i}": np.ascontiguousarray(arrays[n]) for i, n in enumerate(names)}
+    # order="C", not ascontiguousarray: that makes a 0-d array 1-d (NAdam's mu_product).
+    payload = {f"a{i}": np.asarray(arrays[n], order="C") for i, n in enumerate(names)}
     header = json.dumps({"names": names, "meta": meta}, sort_keys=True).encode()
     payload[_META] = np.frombuffer(header, dtype=np.uint8)
     buf = io.BytesIO()
@@ -156,7 +157,7 @@ class RecordLog:
         that a reader would take; the caller must not acknowledge)."""
         entries, parts, offset = [], [], 0
         for name, a in (arrays or {}).items():
-            a = np.ascontiguousarray(a)
+            a = np.asarray(a, order="C")  # ascontiguousarray would make a 0-d array 1-d
             dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
             raw = a.astype(dt, copy=False).tobytes()
             entries.append([name, dt.str, list(a.shape), offset, len(raw)])

@@ -119,3 +119,55 @@ def test_over_grpc_norms_clip_value_and_errors():
     finally:
         shard.close()
         running.stop(0)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "rmsprop", "lr": 0.01, "momentum": 0.5, "centered": True},
+        {"name": "adagrad", "lr": 0.1, "lr_decay": 0.1, "initial_accumulator_value": 0.2},
+        {"name": "adamax", "lr": 0.01, "weight_decay": 0.1},
+        {"name": "nadam", "lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
+    ],
+)
+def test_every_optimizers_state_survives_a_checkpoint_and_a_crash(tmp_path, optimizer):
+    """The state of each optimizer (NAdam's 0-d float32 mu_product included) goes into the
+    checkpoint and the step log replays on top of it: a crash changes no bit."""
+    straight = ShardStore()
+    straight.load("j", _params(), optimizer)
+    for step in range(1, 6):
+        _push(straight, step, step - 1)
+        straight.apply("j", step, 3, step - 1, step_args={"lr": 0.01 * step})
+
+    store = ShardStore(str(tmp_path))
+    store.load("j", _params(), optimizer)
+    for step in range(1, 4):
+        _push(store, step, step - 1)
+        store.apply("j", step, 3, step - 1, checkpoint_now=step == 2, step_args={"lr": 0.01 * step})
+    store.close()  # a crash after step 3: checkpoint before step 2, steps 2 and 3 in the log
+    store = ShardStore(str(tmp_path))
+    assert store.jobs["j"].version == 3
+    for step in range(4, 6):
+        _push(store, step, step - 1)
+        store.apply("j", step, 3, step - 1, step_args={"lr": 0.01 * step})
+    for n, p in straight.jobs["j"].params.items():
+        assert np.array_equal(store.jobs["j"].params[n], p), n
+    if optimizer["name"] == "nadam":
+        product = store.jobs["j"].state["w"]["mu_product"]
+        assert product.dtype == np.float32 and product.shape == ()
+
+
+def test_a_0d_parameter_keeps_its_shape_through_checkpoint_and_log(tmp_path):
+    """checkpoint.save and the step log once stored 0-d arrays as 1-d (ascontiguousarray):
+    a 0-d parameter (or NAdam's mu_product) came back as shape (1,)."""
+    store = ShardStore(str(tmp_path))
+    store.load("j", {"s": np.array(0.5, np.float32)}, {"name": "nadam", "lr": 0.1})
+    for step in (1, 2):
+        store.push("j", step, 0, 1, step - 1, {"s": np.array(0.25 * step, np.float32)})
+        store.apply("j", step, 1, step - 1, checkpoint_now=step == 1)
+    expected = store.jobs["j"].params["s"].copy()
+    store.close()
+    again = ShardStore(str(tmp_path))  # checkpoint before step 1, both steps replayed
+    assert again.jobs["j"].params["s"].shape == ()
+    assert np.array_equal(again.jobs["j"].params["s"], expected)
+    assert again.jobs["j"].state["s"]["mu_product"].shape == ()
