@@ -589,41 +589,37 @@ def describe(scheduler) -> dict:
     >>> describe(gm.optim.lr_scheduler.StepLR(opt, step_size=2))
     {'name': 'StepLR', 'step_size': 2, 'gamma': 0.1}
     """
-    name = type(scheduler).__name__
+    if scheduler.last_epoch != 0:
+        raise ValueError(
+            f"describe: {type(scheduler).__name__} has been stepped "
+            f"{scheduler.last_epoch} times; a job's schedule starts at its first step, so "
+            f"describe a fresh scheduler"
+        )
+    return validate(_description_of(scheduler))
+
+
+def _description_of(s) -> dict:
+    """A scheduler's name and constructor arguments (its children's, for SequentialLR)."""
+    name = type(s).__name__
     if name in _CODE_SCHEDULES:
         raise ValueError(_code_message(name))
     if name not in SCHEDULE_ARGUMENTS:
         raise ValueError(f"cannot describe {name}: not one of {sorted(SCHEDULE_ARGUMENTS)}")
-    started = scheduler.last_epoch != (0 if name != "SequentialLR" else 0)
-    if started:
-        raise ValueError(
-            f"describe: {name} has been stepped {scheduler.last_epoch} times; a job's "
-            f"schedule starts at its first step, so describe a fresh scheduler"
-        )
-    return validate({"name": name, **_arguments_of(scheduler, name)})
-
-
-def _arguments_of(s, name: str) -> dict:
     if name == "OneCycleLR":
-        return {k: _one_value(k, v) for k, v in s._arguments.items()}
-    if name == "SequentialLR":
-        return {
-            "schedulers": [
-                {"name": type(c).__name__, **_arguments_of(c, type(c).__name__)}
-                for c in s._schedulers
-            ],
+        args = {k: _one_value(k, v) for k, v in s._arguments.items()}
+    elif name == "SequentialLR":
+        args = {
+            "schedulers": [_description_of(c) for c in s._schedulers],
             "milestones": list(s._milestones),
         }
-    if name == "MultiStepLR":
-        return {"milestones": sorted(s.milestones.elements()), "gamma": s.gamma}
-    if name == "ReduceLROnPlateau":
+    elif name == "MultiStepLR":
+        args = {"milestones": sorted(s.milestones.elements()), "gamma": s.gamma}
+    elif name == "ReduceLROnPlateau":
         args = {k: getattr(s, k) for k in SCHEDULE_ARGUMENTS[name] if k != "min_lr"}
-        return {**args, "min_lr": _one_value("min_lr", s.min_lrs)}
-    if name in _CODE_SCHEDULES or name not in SCHEDULE_ARGUMENTS:
-        raise ValueError(
-            _code_message(name) if name in _CODE_SCHEDULES else f"cannot describe {name}"
-        )
-    return {k: getattr(s, k) for k in SCHEDULE_ARGUMENTS[name]}
+        args["min_lr"] = _one_value("min_lr", s.min_lrs)
+    else:
+        args = {k: getattr(s, k) for k in SCHEDULE_ARGUMENTS[name]}
+    return {"name": name, **args}
 
 
 def _one_value(key: str, value):
@@ -748,7 +744,7 @@ def _check_schedule(name: str, d: dict, path: str) -> None:
                 f"milestones)"
             )
         if d["milestones"] != sorted(d["milestones"]):
-            raise ValueError(f"{path}.milestones: must be increasing, got {d['milestones']}")
+            raise ValueError(f"{path}.milestones: must be in order, got {d['milestones']}")
 
 
 _CLASSES = {
