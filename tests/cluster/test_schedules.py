@@ -417,3 +417,43 @@ def test_the_sdk_refuses_schedules_that_are_code_and_checks_its_arguments(worker
     finally:
         server.stop(0)
         server.coordinator.close()
+
+
+def test_processes_sigkill_of_the_coordinator_and_a_shard_mid_schedule(tmp_path):
+    """Coordinator, 2 shard servers and 2 workers as processes (LocalCluster): the
+    coordinator SIGKILLed after step 3, shard 1 after step 5, mid-OneCycleLR with
+    clip_grad_norm. The job ends bitwise equal to an undisturbed job on the same cluster,
+    and its lrs and norms are local training's (the workers' own BLAS build may round the
+    gradients differently from this process, so the parameters are compared between
+    jobs on the cluster)."""
+    from gradmesh.client.cluster import LocalCluster
+
+    def opt(p):
+        return gm.optim.SGD(p, lr=0.1, momentum=0.9)
+
+    def sched(o):
+        return sched_mod.OneCycleLR(o, max_lr=0.5, total_steps=STEPS)
+
+    clip = {"max_norm": 0.3}
+    _, ref_lrs, ref_norms = _local(opt, sched, clip)
+    data = _data()
+    with LocalCluster(
+        workers=2, shards=2, threads_per_worker=1, checkpoint_every=2, state_dir=str(tmp_path)
+    ) as cluster:
+        plain = _job(cluster.client(), opt, sched, clip, job_id="undisturbed")
+        undisturbed = [plain.step(x, y) for x, y in data]
+        job = _job(cluster.client(), opt, sched, clip, job_id="killed")
+        results = [job.step(x, y) for x, y in data[:3]]
+        cluster.restart_coordinator(kill=True)
+        job = cluster.client().job("killed")
+        results += [job.step(x, y) for x, y in data[3:5]]
+        cluster.restart_shard(1, kill=True)
+        job = cluster.client().job("killed")
+        results += [job.step(x, y) for x, y in data[5:]]
+        _assert_bitwise(
+            {n: t.numpy() for n, t in job.parameters().items()},
+            {n: t.numpy() for n, t in plain.parameters().items()},
+        )
+    assert [r.lr for r in results] == [r.lr for r in undisturbed] == ref_lrs
+    assert [r.grad_norm for r in results] == [r.grad_norm for r in undisturbed]
+    np.testing.assert_allclose([r.grad_norm for r in results], ref_norms, rtol=1e-5)
