@@ -144,11 +144,10 @@ class CoordinatorClient(CoordinatorConnection):
 
 
 def _optimizer_description(optimizer, scheduler) -> dict:
-    """The optimizer as a description; with a scheduler object, the hyper-parameters it
-    started from (a scheduler changes the lr on construction: LinearLR's start factor)."""
+    """The optimizer as a description; with a scheduler, the lr it started from (a
+    scheduler changes the lr on construction: LinearLR's start factor)."""
     if isinstance(optimizer, optim.Optimizer):
-        started = scheduler is not None and not isinstance(scheduler, dict)
-        return optim.describe(optimizer, initial=started)
+        return optim.describe(optimizer, initial=scheduler is not None)
     if isinstance(optimizer, dict):
         return optim.validate(optimizer)
     raise TypeError(

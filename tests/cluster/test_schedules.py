@@ -50,6 +50,17 @@ def workers():
         w.stop(0)
 
 
+@pytest.fixture(scope="module")
+def one_worker_coordinator(workers):
+    """A coordinator for the tests of refusals: (server, client)."""
+    server = coordinator_mod.start(workers=workers[:1])
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    yield server, client
+    client.close()
+    server.stop(0)
+    server.coordinator.close()
+
+
 def _local(make_optimizer, make_scheduler, clip, steps=STEPS):
     """Local training, gradmesh's own classes: per step the micro-batch gradients (the
     compiled plan, scaled by rows / batch, seeded as the coordinator seeds them) summed
@@ -349,74 +360,62 @@ def _create_request(**fields):
     ],
 )
 def test_bad_schedules_and_clipping_are_invalid_argument_naming_the_field(
-    workers, fields, field, match
+    one_worker_coordinator, fields, field, match
 ):
-    server = coordinator_mod.start(workers=workers[:1])
-    try:
-        with CoordinatorClient(server.address, retry_seconds=0.0) as client:
-            header, params = _create_request(**fields)
-            with pytest.raises(GradmeshError, match=match) as e:
-                client.create(header, params)
-            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            assert e.value.field == field
-            assert "bad" not in server.coordinator.jobs
-    finally:
-        server.stop(0)
-        server.coordinator.close()
+    server, client = one_worker_coordinator
+    header, params = _create_request(**fields)
+    with pytest.raises(GradmeshError, match=match) as e:
+        client.create(header, params)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.field == field
+    assert "bad" not in server.coordinator.jobs
 
 
-def test_a_schedule_past_its_end_stops_the_job_as_torch_raises(workers):
+def test_a_schedule_past_its_end_stops_the_job_as_torch_raises(one_worker_coordinator):
     """OneCycleLR(total_steps=2): torch's scheduler raises at the third step() call, so
     the job applies three steps and refuses the fourth with FAILED_PRECONDITION."""
-    server = coordinator_mod.start(workers=workers[:1])
-    try:
-        with CoordinatorClient(server.address, retry_seconds=0.0) as client:
-            job = _job(
-                client,
-                lambda p: gm.optim.SGD(p, lr=0.1, momentum=0.9),
-                lambda o: sched_mod.OneCycleLR(o, max_lr=1.0, total_steps=2),
-                None,
-            )
-            data = _data(4)
-            for x, y in data[:3]:
-                job.step(x, y)
-            with pytest.raises(GradmeshError, match="schedule ended.*total steps is 2") as e:
-                job.step(*data[3])
-            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-            assert job.status().version == 3
-    finally:
-        server.stop(0)
-        server.coordinator.close()
+    _, client = one_worker_coordinator
+    job = _job(
+        client,
+        lambda p: gm.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda o: sched_mod.OneCycleLR(o, max_lr=1.0, total_steps=2),
+        None,
+        job_id="ends",
+    )
+    data = _data(4)
+    for x, y in data[:3]:
+        job.step(x, y)
+    with pytest.raises(GradmeshError, match="schedule ended.*total steps is 2") as e:
+        job.step(*data[3])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert job.status().version == 3
 
 
-def test_the_sdk_refuses_schedules_that_are_code_and_checks_its_arguments(workers):
+def test_the_sdk_refuses_schedules_that_are_code_and_checks_its_arguments(
+    one_worker_coordinator,
+):
+    server, client = one_worker_coordinator
     model = _model()
     opt = gm.optim.SGD(model.parameters(), lr=0.1)
-    server = coordinator_mod.start(workers=workers[:1])
-    try:
-        with CoordinatorClient(server.address, retry_seconds=0.0) as client:
 
-            def create(**kw):
-                return client.create_job(
-                    model, _loss, opt, MICRO, _data(1)[0], data_names=["x", "y"], **kw
-                )
+    def create(**kw):
+        return client.create_job(
+            model, _loss, opt, MICRO, _data(1)[0], job_id="sdk", data_names=["x", "y"], **kw
+        )
 
-            lam = sched_mod.LambdaLR(opt, lambda e: 0.9**e)
-            with pytest.raises(ValueError, match="LambdaLR runs a Python function.*no code"):
-                create(scheduler=lam)
-            with pytest.raises(ValueError, match="LambdaLR runs a Python function"):
-                create(scheduler={"name": "LambdaLR"})
-            other = gm.optim.SGD(_model().parameters(), lr=0.1)
-            with pytest.raises(ValueError, match="another optimizer"):
-                create(scheduler=sched_mod.StepLR(other, step_size=2))
-            with pytest.raises(ValueError, match="not both"):
-                create(clip_grad_norm=1.0, clip_grad_value=1.0)
-            with pytest.raises(ValueError, match="clip_grad_norm.max_norm"):
-                create(clip_grad_norm=float("nan"))
-            assert not server.coordinator.jobs
-    finally:
-        server.stop(0)
-        server.coordinator.close()
+    lam = sched_mod.LambdaLR(opt, lambda e: 0.9**e)
+    with pytest.raises(ValueError, match="LambdaLR runs a Python function.*no code"):
+        create(scheduler=lam)
+    with pytest.raises(ValueError, match="LambdaLR runs a Python function"):
+        create(scheduler={"name": "LambdaLR"})
+    other = gm.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="another optimizer"):
+        create(scheduler=sched_mod.StepLR(other, step_size=2))
+    with pytest.raises(ValueError, match="not both"):
+        create(clip_grad_norm=1.0, clip_grad_value=1.0)
+    with pytest.raises(ValueError, match="clip_grad_norm.max_norm"):
+        create(clip_grad_norm=float("nan"))
+    assert "sdk" not in server.coordinator.jobs
 
 
 def test_processes_sigkill_of_the_coordinator_and_a_shard_mid_schedule(tmp_path):
