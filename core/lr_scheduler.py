@@ -714,6 +714,9 @@ _RANGES = {
     ("OneCycleLR", "max_lr"): (lambda v: v >= 0, ">= 0"),
     ("OneCycleLR", "div_factor"): (lambda v: v > 0, "> 0"),
     ("OneCycleLR", "final_div_factor"): (lambda v: v > 0, "> 0"),
+    # The momenta become SGD's momentum or Adam's beta1 on the shards, which take [0, 1).
+    ("OneCycleLR", "base_momentum"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("OneCycleLR", "max_momentum"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("ReduceLROnPlateau", "factor"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("ReduceLROnPlateau", "min_lr"): (lambda v: v >= 0, ">= 0"),
     ("CosineAnnealingLR", "eta_min"): (lambda v: v >= 0, ">= 0"),
