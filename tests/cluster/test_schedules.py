@@ -456,3 +456,26 @@ def test_processes_sigkill_of_the_coordinator_and_a_shard_mid_schedule(tmp_path)
     assert [r.lr for r in results] == [r.lr for r in undisturbed] == ref_lrs
     assert [r.grad_norm for r in results] == [r.grad_norm for r in undisturbed]
     np.testing.assert_allclose([r.grad_norm for r in results], ref_norms, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_error_if_nonfinite_fails_the_step_and_applies_nothing(one_worker_coordinator):
+    """An absurd lr makes the parameters infinite after step 1; step 2's total norm is
+    then not finite: INVALID_ARGUMENT naming the batch, as torch raises, nothing applied;
+    without error_if_nonfinite the job goes on (scaled by the NaN coefficient, as torch)."""
+    _, client = one_worker_coordinator
+    data = _data(2)
+
+    def opt(p):
+        return gm.optim.SGD(p, lr=1e39)  # inf once cast to float32
+
+    clip = {"max_norm": 100.0, "error_if_nonfinite": True}
+    job = _job(client, opt, None, clip, job_id="nonfinite")
+    assert np.isfinite(job.step(*data[0]).grad_norm)
+    with pytest.raises(GradmeshError, match="non-finite, so it cannot be clipped") as e:
+        job.step(*data[1])
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "batch")
+    assert job.status().version == 1
+    lenient = _job(client, opt, None, {"max_norm": 100.0}, job_id="lenient")
+    lenient.step(*data[0])
+    assert not np.isfinite(lenient.step(*data[1]).grad_norm)
