@@ -418,6 +418,7 @@ def test_the_sdk_refuses_schedules_that_are_code_and_checks_its_arguments(
     assert "sdk" not in server.coordinator.jobs
 
 
+@pytest.mark.slow
 def test_processes_sigkill_of_the_coordinator_and_a_shard_mid_schedule(tmp_path):
     """Coordinator, 2 shard servers and 2 workers as processes (LocalCluster): the
     coordinator SIGKILLed after step 3, shard 1 after step 5, mid-OneCycleLR with
