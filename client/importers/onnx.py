@@ -19,7 +19,7 @@ outside ``[A-Za-z0-9_]`` replaced by ``_`` (``onnx::Conv_22`` becomes ``onnx__Co
 and a clash gets a numbered suffix. ``module.onnx_names`` maps each state dict key to its
 ONNX name. Every op the registry cannot express is listed in one ``UnsupportedModelError``.
 
->>> import gradmesh
+>>> import gradmesh, gradmesh.core as gm
 >>> model = gradmesh.from_onnx("model.onnx")                      # doctest: +SKIP
 >>> loss = gm.nn.functional.cross_entropy(model(x), y)             # doctest: +SKIP
 >>> loss.backward()                                                # doctest: +SKIP
@@ -579,7 +579,7 @@ def _slice(ctx, node, inputs):
     return [x[tuple(index)]]
 
 
-@_op("Gather", "index_select, embedding, reshape")
+@_op("Gather", "index, embedding, reshape")
 def _gather(ctx, node, inputs):
     x, idx = inputs
     dims = _shape_of(x)

@@ -4,6 +4,7 @@ run on a worker bitwise as locally, and refuse what the registry cannot express.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -182,3 +183,20 @@ def test_an_unreadable_file_says_what_is_wrong(tmp_path):
     bad.write_bytes(b"\x00\x01not a model")
     with pytest.raises(ValueError, match="bad.onnx: not an ONNX model"):
         gradmesh.from_onnx(bad)
+
+
+def test_the_docs_table_is_the_code_table_and_names_registry_ops():
+    from pathlib import Path
+
+    from gradmesh.client.importers.onnx import OP_TABLE
+    from gradmesh.core.registry import REGISTRY
+
+    page = (Path(__file__).parents[2] / "docs" / "import.md").read_text()
+    section = page.split("### The ONNX ops and what they become", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \|$", section, re.M)
+    assert dict((op, ops.strip()) for op, ops in rows) == {
+        op: ops for op, (_, ops) in OP_TABLE.items()
+    }
+    for op, (_, ops) in OP_TABLE.items():
+        named = re.sub(r"\([^)]*\)", "", ops).replace(",", " ").split()
+        assert all(n in REGISTRY for n in named), (op, ops)
