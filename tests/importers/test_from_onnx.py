@@ -8,6 +8,7 @@ import re
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -17,6 +18,7 @@ import gradmesh
 import gradmesh.core as gm
 from gradmesh.client import WorkerClient
 from gradmesh.client.importers import UnsupportedModelError
+from gradmesh.core.graph import execute, trace
 
 F = gm.nn.functional
 
@@ -200,3 +202,63 @@ def test_the_docs_table_is_the_code_table_and_names_registry_ops():
     for op, (_, ops) in OP_TABLE.items():
         named = re.sub(r"\([^)]*\)", "", ops).replace(",", " ").split()
         assert all(n in REGISTRY for n in named), (op, ops)
+
+
+def _shape_subgraph_model() -> onnx.ModelProto:
+    """x [batch, 6] -> reshape to [shape(x)[0], 2, 3] computed by Shape -> Gather ->
+    Unsqueeze -> Concat, as exporters write x.view(x.size(0), 2, 3); then softmax(x @ w)."""
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    w = np.random.default_rng(4).standard_normal((3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+            helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"]),
+            helper.make_node("Concat", ["batch1", "rest"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["h"]),
+            helper.make_node("Softmax", ["h"], ["y"], axis=-1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 3])],
+        [i64("zero", 0), i64("axes0", [0]), i64("rest", [2, 3]), numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shapes_computed_from_shapes_keep_the_batch_free():
+    proto = _shape_subgraph_model()
+    model = gradmesh.from_onnx(proto.SerializeToString())
+    x2, x5 = (np.random.default_rng(5).standard_normal((b, 6)).astype(np.float32) for b in (2, 5))
+    graph = trace(lambda m, x: m(x).sum(), model, gm.tensor(x2))
+    assert [n.op for n in graph.nodes][:3] == ["reshape", "matmul", "softmax"]
+    assert list(graph.inputs[-1].shape) == [-1, 6]
+    want = ReferenceEvaluator(proto).run(None, {"x": x5})[0]
+    np.testing.assert_allclose(model(x5).detach().numpy(), want, rtol=1e-6, atol=1e-7)
+    run = execute(graph, dict(model.named_parameters()), {"x0": x5})
+    np.testing.assert_allclose(run["loss"].item(), want.sum(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_transformer_block_from_the_dynamo_exporter_runs_at_any_batch_size():
+    torch.manual_seed(0)
+    block = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(4, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            block, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+    proto = program.model_proto
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Shape", "Slice", "Concat", "Reshape", "LayerNormalization", "Softmax"} <= ops
+    model = gradmesh.from_onnx(proto.SerializeToString())
+    graph = trace(lambda m, x: (m(x) ** 2).mean(), model, gm.tensor(x.numpy()))
+    for batch in (2, 7):
+        xb = torch.randn(batch, 3, 8)
+        want = block(xb)
+        got = model(xb.numpy())
+        np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=2e-5)
+        run = execute(graph, dict(model.named_parameters()), {"x0": xb.numpy()})
+        np.testing.assert_allclose(run["loss"].item(), (want**2).mean().item(), rtol=1e-5)
