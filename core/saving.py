@@ -132,17 +132,16 @@ def _key(path: list[str], arrays: dict) -> str:
 
 
 def _encode(obj, arrays: dict, path: list[str]) -> Any:
-    if isinstance(obj, Tensor) or isinstance(obj, np.ndarray):
-        is_tensor = isinstance(obj, Tensor)
-        array = backend.to_numpy(obj._data) if is_tensor else obj
-        if array.dtype.hasobject:
+    if isinstance(obj, Tensor):
+        key = _key(path, arrays)
+        arrays[key] = np.ascontiguousarray(backend.to_numpy(obj._data))
+        return {"tensor": key, "requires_grad": bool(obj.requires_grad)}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
             raise TypeError(f"save: cannot store an object array at {'.'.join(path)!r}")
         key = _key(path, arrays)
-        arrays[key] = np.ascontiguousarray(array)
-        return {
-            "tensor" if is_tensor else "array": key,
-            "requires_grad": bool(is_tensor and obj.requires_grad),
-        }
+        arrays[key] = np.ascontiguousarray(obj)
+        return {"array": key, "requires_grad": False}
     if isinstance(obj, dict):
         return {
             "dict": [
@@ -180,7 +179,8 @@ def _decode(node: dict, arrays: dict, map_location, name: str) -> Any:
         if not isinstance(node, dict):
             raise ValueError(f"load: {name}: malformed structure node {node!r}")
         if "tensor" in node:
-            return _tensor(array(node["tensor"]), node.get("requires_grad"), map_location)
+            grad = bool(node.get("requires_grad"))
+            return _tensor(array(node["tensor"]), grad, map_location)
         if "array" in node:
             return array(node["array"])
         if "dict" in node:

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def import_model(
     *,
     loss: str = "cross_entropy",
     batch: int = 2,
-    shapes: list[str] = (),
+    shapes: Sequence[str] = (),
 ) -> list[str]:
     """Write the graph and parameter files of ``model_path``; returns the report lines."""
     path = Path(model_path)
@@ -185,7 +185,7 @@ def _load_pt2(path: Path, fixed: dict, batch: int):
     module = program.module()
     # from_torch exports the module in training and in eval mode; a saved program holds
     # the graph of one mode, which its module cannot switch: keep that one.
-    module.train = lambda mode=True: module
+    module.train = lambda mode=True: module  # type: ignore[method-assign]
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     specs = []
     for name in program.graph_signature.user_inputs:

@@ -198,7 +198,7 @@ def _unary(np_fn, gm_fn):
     return run
 
 
-for _name, _np, _gm, _reg in [
+for _uname, _unp, _ugm, _ureg in [
     ("Neg", np.negative, gm.neg, "neg"),
     ("Abs", np.abs, gm.abs, "abs"),
     ("Sqrt", np.sqrt, gm.sqrt, "sqrt"),
@@ -214,7 +214,7 @@ for _name, _np, _gm, _reg in [
     ("Not", np.logical_not, gm.logical_not, "logical_not"),
     ("Identity", lambda a: a, lambda a: a, "(none)"),
 ]:
-    _op(_name, _reg)(_unary(_np, _gm))
+    _op(_uname, _ureg)(_unary(_unp, _ugm))
 
 
 @_op("LeakyRelu", "leaky_relu")
@@ -238,7 +238,7 @@ def _clip(ctx, node, inputs):
 
 
 @_op("Where", "where")
-def _where(ctx, node, inputs):
+def _where_op(ctx, node, inputs):
     cond, a, b = inputs
     if not any(isinstance(v, Tensor) for v in inputs):
         return [np.where(cond, a, b)]
@@ -680,14 +680,14 @@ class OnnxModule(Module):
                 outs = OP_TABLE[node.op_type][0](ctx, node, args)
             except Refused as e:
                 raise UnsupportedModelError(
-                    self._source, [Unsupported(node.op_type, _where(node), str(e))]
+                    self._source, [Unsupported(node.op_type, _node_name(node), str(e))]
                 ) from None
             values.update((name, v) for name, v in zip(node.output, outs) if name)
         outs = [_tensor(values[name]) for name in self.output_names]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _where(node) -> str:
+def _node_name(node) -> str:
     return node.name or (node.output[0] if node.output else "")
 
 
@@ -749,7 +749,7 @@ def from_onnx(path_or_bytes: str | os.PathLike | bytes) -> OnnxModule:
     model, source = _read(onnx_mod, path_or_bytes)
     _check_opset(model, source)
     unsupported = [
-        Unsupported(_op_name(n), _where(n), _reason(n))
+        Unsupported(_op_name(n), _node_name(n), _reason(n))
         for n in model.graph.node
         if n.domain not in _DEFAULT_DOMAINS or n.op_type not in OP_TABLE
     ]
