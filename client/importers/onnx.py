@@ -5,7 +5,8 @@ gradients), the running mean and variance of ``BatchNormalization`` become buffe
 integer or boolean initializers and ``Constant`` nodes stay constants of the graph. The
 module's ``forward(*inputs)`` interprets the ONNX graph node by node with gradmesh ops,
 so ``backward()``, the optimizers and ``gradmesh.core.graph.trace`` (hence a worker or a
-coordinator job) see ordinary gradmesh ops. Nothing of the model runs as code.
+coordinator job) see ordinary gradmesh ops. Nothing of the model runs as code. An exact
+GELU written out with ``Erf`` (exporters before opset 20) imports as one ``gelu``.
 
 Shapes are computed, not traced: ``Shape`` and the integer arithmetic on its result
 (``Gather``, ``Slice``, ``Concat``, ``Unsqueeze`` ... of a shape) run with NumPy on the
@@ -618,11 +619,11 @@ class OnnxModule(Module):
     Tensor, or a tuple of them). ``input_names``/``output_names`` are the ONNX graph's;
     ``onnx_names`` maps each state dict key to its ONNX initializer name."""
 
-    def __init__(self, onnx_mod, model, source: str):
+    def __init__(self, onnx_mod, model, source: str, nodes: list | None = None):
         super().__init__()
         graph = model.graph
         object.__setattr__(self, "_onnx", onnx_mod)
-        object.__setattr__(self, "_nodes", list(graph.node))
+        object.__setattr__(self, "_nodes", list(graph.node if nodes is None else nodes))
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "onnx_names", {})
         object.__setattr__(self, "_constants", {})
@@ -748,14 +749,83 @@ def from_onnx(path_or_bytes: str | os.PathLike | bytes) -> OnnxModule:
     onnx_mod = _onnx()
     model, source = _read(onnx_mod, path_or_bytes)
     _check_opset(model, source)
+    nodes = _fuse_erf_gelu(onnx_mod, model.graph)
     unsupported = [
         Unsupported(_op_name(n), _node_name(n), _reason(n))
-        for n in model.graph.node
+        for n in nodes
         if n.domain not in _DEFAULT_DOMAINS or n.op_type not in OP_TABLE
     ]
     if unsupported:
         raise UnsupportedModelError(source, unsupported)
-    return OnnxModule(onnx_mod, model, source)
+    return OnnxModule(onnx_mod, model, source, nodes)
+
+
+def _fuse_erf_gelu(onnx_mod, graph) -> list:
+    """The graph's nodes with each exact GELU written out with ``Erf`` (what exporters
+    emit before opset 20: x * 0.5 * (1 + erf(x / sqrt(2))), the products in any order)
+    replaced by one ``Gelu`` node: the registry has gelu but no erf."""
+    nodes = list(graph.node)
+    consts = _constant_values(onnx_mod, graph)
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def only_consumer(name: str, op_type: str):
+        users = consumers.get(name, [])
+        ok = len(users) == 1 and users[0].op_type == op_type and name not in outputs
+        return users[0] if ok else None
+
+    def near(name: str, value: float) -> bool:
+        v = consts.get(name)
+        return v is not None and v.size == 1 and abs(float(v.reshape(())) - value) < 1e-6
+
+    def other(node, name: str) -> str:
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    fused: dict[int, Any] = {}  # id of a node to drop -> None, of the last one -> Gelu
+    for erf in (n for n in nodes if n.op_type == "Erf"):
+        scale = next((n for n in nodes if erf.input[0] in n.output), None)
+        if scale is None or only_consumer(scale.output[0], "Erf") is None:
+            continue
+        x = scale.input[0]
+        if not (
+            (scale.op_type == "Div" and near(scale.input[1], math.sqrt(2)))
+            or (scale.op_type == "Mul" and near(scale.input[1], 1 / math.sqrt(2)))
+        ):
+            continue
+        add = only_consumer(erf.output[0], "Add")
+        if add is None or not near(other(add, erf.output[0]), 1.0):
+            continue
+        mul1 = only_consumer(add.output[0], "Mul")
+        mul2 = mul1 and only_consumer(mul1.output[0], "Mul")
+        if mul2 is None:
+            continue
+        factors = {other(mul1, add.output[0]), other(mul2, mul1.output[0])}
+        half = next((f for f in factors if f != x and near(f, 0.5)), None)
+        if half is None or factors != {x, half}:
+            continue
+        gelu = onnx_mod.helper.make_node(
+            "Gelu", [x], list(mul2.output), name=erf.name or mul2.output[0], approximate="none"
+        )
+        for n in (scale, erf, add, mul1):
+            fused[id(n)] = None
+        fused[id(mul2)] = gelu
+    return [fused.get(id(n), n) for n in nodes if fused.get(id(n), n) is not None]
+
+
+def _constant_values(onnx_mod, graph) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` outputs by name (for matching patterns)."""
+    values = {i.name: onnx_mod.numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    values[n.output[0]] = onnx_mod.numpy_helper.to_array(a.t)
+                elif a.name == "value_float":
+                    values[n.output[0]] = np.array(a.f, np.float32)
+    return values
 
 
 def _read(onnx_mod, path_or_bytes) -> tuple[Any, str]:
@@ -798,8 +868,8 @@ def _op_name(node) -> str:
 
 
 _REASONS = {
-    "Erf": "no erf op in the registry; a GELU exported at opset 17-19 decomposes into Erf: "
-    "export at opset 20 or later, where it is one Gelu node",
+    "Erf": "no erf op in the registry (an exact GELU written out with Erf imports as gelu; "
+    "this Erf is not part of one)",
     "If": "control flow (subgraphs) is not expressible in a gradmesh graph",
     "Loop": "control flow (subgraphs) is not expressible in a gradmesh graph",
     "Scan": "control flow (subgraphs) is not expressible in a gradmesh graph",
