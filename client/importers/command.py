@@ -233,7 +233,7 @@ def _trace(model, examples, names, outputs, loss: str, batched: bool) -> graph_p
     with gm.no_grad():
         first = model(*[gm.tensor(e) for e in examples])
     first = first[0] if isinstance(first, tuple) else first
-    target = _target(loss, tuple(first.shape), first.numpy().dtype)
+    target = _target(loss, tuple(first.shape), first.dtype.np)
     data = examples + ([target] if target is not None else [])
     data_names = names + ([TARGET] if target is not None else [])
 

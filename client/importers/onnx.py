@@ -111,8 +111,8 @@ def _tensor(x, like: Tensor | None = None) -> Tensor:
     if isinstance(x, Tensor):
         return x
     array = np.asarray(x)
-    if like is not None and array.dtype != like.numpy().dtype and array.dtype.kind == "f":
-        array = array.astype(like.numpy().dtype)
+    if like is not None and array.dtype.kind == "f" and array.dtype != like.dtype.np:
+        array = array.astype(like.dtype.np)
     return gm.tensor(array)
 
 
@@ -194,7 +194,9 @@ def _pow(ctx, node, inputs):
 def _unary(np_fn, gm_fn):
     def run(ctx, node, inputs):
         (x,) = inputs[:1]
-        return [gm_fn(x) if isinstance(x, Tensor) else np_fn(np.asarray(x))]
+        if isinstance(x, Tensor) or np_fn is None:
+            return [gm_fn(_tensor(x))]
+        return [np_fn(np.asarray(x))]
 
     return run
 
@@ -622,7 +624,6 @@ class OnnxModule(Module):
     def __init__(self, onnx_mod, model, source: str, nodes: list | None = None):
         super().__init__()
         graph = model.graph
-        object.__setattr__(self, "_onnx", onnx_mod)
         object.__setattr__(self, "_nodes", list(graph.node if nodes is None else nodes))
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "onnx_names", {})
@@ -672,7 +673,7 @@ class OnnxModule(Module):
             )
         inputs = [x if isinstance(x, Tensor) else gm.as_tensor(np.asarray(x)) for x in inputs]
         batch = next((x.shape[0] for x, b in zip(inputs, self._batched) if b and x.ndim > 0), None)
-        ctx = _Context(self._onnx, batch)
+        ctx = _Context(_onnx(), batch)
         values = self._initial_values()
         values.update(zip(self.input_names, inputs))
         for node in self._nodes:

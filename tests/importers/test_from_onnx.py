@@ -3,6 +3,7 @@ run on a worker bitwise as locally, and refuse what the registry cannot express.
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 import warnings
@@ -47,7 +48,7 @@ def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.GELU(),
-        torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4),
+        torch.nn.Linear(16, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 4),
     )  # fmt: skip
 
 
@@ -137,6 +138,8 @@ def test_trained_weights_map_back_to_the_onnx_initializers():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = gradmesh.from_onnx(proto.SerializeToString())
     assert model.onnx_names == {"dense_kernel_0": "dense/kernel:0", "0.bias": "0.bias"}
+    twin = copy.deepcopy(model)  # as training loops and jobs copy models
+    assert np.array_equal(twin(x).detach().numpy(), model(x).detach().numpy())
 
     opt = gm.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):
