@@ -268,3 +268,30 @@ def test_a_transformer_block_from_the_dynamo_exporter_runs_at_any_batch_size():
         np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=2e-5)
         run = execute(graph, dict(model.named_parameters()), {"x0": xb.numpy()})
         np.testing.assert_allclose(run["loss"].item(), (want**2).mean().item(), rtol=1e-5)
+
+
+def test_an_imported_model_trains_as_a_coordinator_job_like_locally(worker):
+    from gradmesh.client.coordinator import CoordinatorClient
+    from gradmesh.server import coordinator as coordinator_mod
+
+    x, y = data((8, 1, 8, 8), seed=6)
+    exported = export(cnn(), torch.from_numpy(x[:2]))
+    local, remote = gradmesh.from_onnx(exported), gradmesh.from_onnx(exported)
+    opt = gm.optim.SGD(local.parameters(), lr=0.1)
+    server = coordinator_mod.start(workers=[worker.address])
+    try:
+        with CoordinatorClient(server.address, retry_seconds=0.0) as client:
+            sgd = {"name": "sgd", "lr": 0.1}
+            job = client.create_job(remote, loss_fn, sgd, 8, (x, y), data_names=["x", "y"])
+            for _ in range(2):  # one micro-batch of the whole batch: exactly a local step
+                job.step(x, y)
+                opt.zero_grad()
+                loss_fn(local, gm.tensor(x), gm.tensor(y)).backward()
+                opt.step()
+            trained = {n: t.numpy() for n, t in job.parameters().items()}
+    finally:
+        server.stop(0)
+        server.coordinator.close()
+    assert set(trained) == {n for n, _ in local.named_parameters()}
+    for name, p in local.named_parameters():
+        assert np.array_equal(trained[name], p.detach().numpy()), name
