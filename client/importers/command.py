@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=D0,D1,...",
-        help="the shape of an input whose dimensions the model leaves symbolic",
+        help="the shape of an input whose dimensions the model leaves symbolic (-1 first: "
+        "the batch)",
     )
 
 
@@ -162,6 +163,8 @@ def _load_onnx(path: Path):
     for name in model.input_names:
         t = by_name[name].type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if not t.HasField("shape"):
+            dims = None  # not even the rank is declared
         specs.append((name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)))
     return model, specs, list(model.output_names)
 
@@ -209,29 +212,56 @@ def _examples(specs, fixed: dict, batch: int) -> tuple[list[np.ndarray], bool]:
     examples, batched = [], bool(specs)
     for name, dims, dtype in specs:
         if name in fixed:
-            shape = fixed[name]
-            batched = False
+            dims = _given_shape(name, fixed[name], dims)
+        elif dims is None:
+            raise ConfigError(
+                f"input {name!r} has no declared shape; give it with --input-shape "
+                f"{name}=D0,D1,... (-1 first for the batch)"
+            )
+        if dims and dims[0] is None:
+            dims = [batch] + dims[1:]
         else:
-            if dims and dims[0] is None:
-                dims = [batch] + dims[1:]
-            else:
-                batched = False
-            if None in dims:
-                raise ConfigError(
-                    f"input {name!r} has a symbolic dimension other than the batch "
-                    f"({['?' if d is None else d for d in dims]}); give its shape with "
-                    f"--input-shape {name}=D0,D1,..."
-                )
-            shape = dims
-        examples.append(np.zeros(shape, dtype))
+            batched = False
+        if None in dims:
+            raise ConfigError(
+                f"input {name!r} has a symbolic dimension other than the batch "
+                f"({['?' if d is None else d for d in dims]}); give its shape with "
+                f"--input-shape {name}=D0,D1,... (-1 first for the batch)"
+            )
+        examples.append(np.zeros(dims, dtype))
     return examples, batched
+
+
+def _given_shape(name: str, given: list[int], declared: list | None) -> list:
+    """An --input-shape checked against what the model declares; -1 first is the batch
+    (None, as a symbolic dimension)."""
+    dims = [None if d == -1 and i == 0 else d for i, d in enumerate(given)]
+    if any(d is not None and d < 0 for d in dims):
+        raise ConfigError(
+            f"--input-shape {name}: dimensions are sizes, and -1 (the batch) only comes "
+            f"first; got {given}"
+        )
+    if declared is not None and (
+        len(declared) != len(dims)
+        or any(d is not None and g is not None and d != g for d, g in zip(declared, dims))
+    ):
+        shown = ["?" if d is None else d for d in declared]
+        raise ConfigError(f"--input-shape {name}: the model declares {shown}, got {given}")
+    return dims
 
 
 def _trace(model, examples, names, outputs, loss: str, batched: bool) -> graph_pb2.Graph:
     if LOSS in outputs or TARGET in names:
         raise ConfigError(f"the model uses the reserved name 'loss' or {TARGET!r}")
-    with gm.no_grad():
-        first = model(*[gm.tensor(e) for e in examples])
+    try:
+        with gm.no_grad():
+            first = model(*[gm.tensor(e) for e in examples])
+    except gm.OpError as e:
+        shapes = {n: list(e.shape) for n, e in zip(names, examples)}
+        raise ConfigError(
+            f"the model does not run on inputs of shapes {shapes} (give them with "
+            f"--input-shape NAME=D0,D1,...): {e}"
+        ) from None
     first = first[0] if isinstance(first, tuple) else first
     target = _target(loss, tuple(first.shape), first.dtype.np)
     data = examples + ([target] if target is not None else [])

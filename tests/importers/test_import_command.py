@@ -100,3 +100,24 @@ def test_a_torch_export_program_imports_through_from_torch(tmp_path, capsys):
     params = safetensors.numpy.load_file(str(tmp_path / "net.safetensors"))
     for name, p in theirs.named_parameters():
         assert np.array_equal(params[name], p.detach().numpy()), name
+
+
+def test_a_symbolic_dimension_other_than_the_batch_needs_input_shape(tmp_path, capsys):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "features"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "features"])],
+    )
+    path = tmp_path / "relu.onnx"
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
+    args = ["import", str(path), "-o", str(tmp_path), "--loss", "sum"]
+    assert main(args) == 2
+    assert "--input-shape x=D0,D1,..." in capsys.readouterr().err
+    assert main(args + ["--input-shape", "x=3"]) == 2  # a rank the graph does not have
+    assert "the model declares ['?', '?'], got [3]" in capsys.readouterr().err
+    assert main(args + ["--input-shape", "x=-1,5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "input x: float32 [-1, 5]" in out and out[-2:] == ["output loss", "output y"]
