@@ -230,13 +230,15 @@ def _gelu(ctx, node, inputs):
     return [F.gelu(_tensor(inputs[0]), approximate=ctx.attrs(node).get("approximate", "none"))]
 
 
-@_op("Clip", "clamp")
+@_op("Clip", "clamp, maximum, minimum")
 def _clip(ctx, node, inputs):
     x = _tensor(inputs[0])
-    bounds = [
-        None if len(inputs) <= i or inputs[i] is None else float(_static(inputs[i], "a bound"))
-        for i in (1, 2)
-    ]
+    low, high = (inputs[i] if len(inputs) > i else None for i in (1, 2))
+    if isinstance(low, Tensor) or isinstance(high, Tensor):
+        # Bounds that are initializers (parameters here): elementwise, with gradients.
+        x = x if low is None else gm.maximum(x, _tensor(low, x))
+        return [x if high is None else gm.minimum(x, _tensor(high, x))]
+    bounds = [None if b is None else float(np.asarray(b).reshape(())) for b in (low, high)]
     return [gm.clamp(x, *bounds)]
 
 
@@ -560,7 +562,7 @@ def _concat(ctx, node, inputs):
     return [gm.cat([_tensor(v, like) for v in inputs], axis)]
 
 
-@_op("Slice", "slice")
+@_op("Slice", "slice (flip)")
 def _slice(ctx, node, inputs):
     x = inputs[0]
     dims = _shape_of(x)
@@ -571,15 +573,23 @@ def _slice(ctx, node, inputs):
     if len(inputs) > 4 and inputs[4] is not None:
         steps = _static(inputs[4], "steps").reshape(-1).tolist()
     index = [slice(None)] * len(dims)
+    flips = []
     for a, start, end, step in zip(axes, starts, ends, steps):
-        if step <= 0:
-            raise Refused(f"Slice with step {step}: only positive steps")
+        if step == 0:
+            raise Refused("Slice with step 0")
         # ONNX clamps out-of-range bounds (INT64_MAX means "to the end"), as Python does.
-        lo, hi, _ = slice(int(start), int(end), int(step)).indices(dims[a])
-        index[a] = slice(lo, hi, int(step))
+        picked = range(*slice(int(start), int(end), int(step)).indices(dims[a]))
+        if step > 0 or not isinstance(x, Tensor):
+            index[a] = slice(picked.start, picked.stop, picked.step)
+        elif picked:  # backwards: the same elements of the flipped dimension, forwards
+            last = dims[a] - 1
+            index[a] = slice(last - picked[0], last - picked[-1] + 1, -picked.step)
+            flips.append(a)
+        else:
+            index[a] = slice(0, 0)
     if not isinstance(x, Tensor):
         return [np.asarray(x)[tuple(index)]]
-    return [x[tuple(index)]]
+    return [(gm.flip(x, flips) if flips else x)[tuple(index)]]
 
 
 @_op("Gather", "index, embedding, reshape")

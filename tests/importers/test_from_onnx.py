@@ -295,3 +295,72 @@ def test_an_imported_model_trains_as_a_coordinator_job_like_locally(worker):
     assert set(trained) == {n for n, _ in local.named_parameters()}
     for name, p in local.named_parameters():
         assert np.array_equal(trained[name], p.detach().numpy()), name
+
+
+def _i64(*v):
+    return np.array(v, np.int64)
+
+
+_R = np.random.default_rng(7)
+_X = _R.standard_normal((2, 3, 5, 5)).astype(np.float32)
+_V = _R.standard_normal((2, 3, 4)).astype(np.float32)
+_W = _R.standard_normal((4, 3, 3, 3)).astype(np.float32)
+# (op, data inputs, constant inputs (initializers, "" for an absent optional), attributes)
+NODE_CASES = [
+    ("Conv", [_X], [_R.standard_normal((4, 3, 3, 2)).astype(np.float32)], {"pads": [0, 1, 1, 0]}),
+    (
+        "Conv",
+        [_X],
+        [_R.standard_normal((2, 3, 2, 2)).astype(np.float32)],
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    ),
+    ("MaxPool", [_X], [], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    (
+        "AveragePool",
+        [_X],
+        [],
+        {"kernel_shape": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 0},
+    ),
+    ("GlobalAveragePool", [_X], [], {}),
+    ("Clip", [_V], [np.float32(-0.5), np.float32(0.5)], {}),  # bounds that are parameters
+    ("Slice", [_V], [_i64(0, 3), _i64(-5, -1), _i64(2, 1), _i64(-1, 2)], {}),
+    ("Where", [_V > 0, _V], [np.float32(0.0)], {}),
+    ("Expand", [_V[:, :1]], [_i64(2, 5, 4)], {}),
+    ("Slice", [_V], [_i64(1, -1), _i64(2**62, 0), _i64(1, 2), _i64(1, -1)], {}),
+    ("Transpose", [_V], [], {"perm": [2, 0, 1]}),
+    ("Flatten", [_X], [], {"axis": 2}),
+    ("ReduceSum", [_V], [_i64(-1)], {"keepdims": 0}),
+    ("ReduceMean", [_V], [_i64(1)], {}),
+    ("LogSoftmax", [_V], [], {"axis": 1}),
+    ("Pow", [np.abs(_V)], [np.float32(1.5)], {}),
+    ("Gather", [_V], [_i64(2, 0)], {"axis": 2}),
+    ("LayerNormalization", [_V], [np.ones(4, np.float32) * 2, np.full(4, 0.5, np.float32)], {}),
+    ("Gemm", [_V[0]], [_R.standard_normal((4, 2)).astype(np.float32)], {"alpha": 0.5}),
+    ("LeakyRelu", [_V], [], {"alpha": 0.2}),
+    ("Squeeze", [_V[:, :1]], [_i64(1)], {}),
+    ("Unsqueeze", [_V], [_i64(0, -1)], {}),
+]
+
+
+@pytest.mark.parametrize("op, data_in, const_in, attrs", NODE_CASES, ids=[c[0] for c in NODE_CASES])
+def test_single_nodes_compute_what_the_onnx_reference_computes(op, data_in, const_in, attrs):
+    names = [f"d{i}" for i in range(len(data_in))] + [f"c{i}" for i in range(len(const_in))]
+    dtypes = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(bool): TensorProto.BOOL}
+    graph = helper.make_graph(
+        [helper.make_node(op, names, ["y"], **attrs)],
+        "g",
+        [
+            helper.make_tensor_value_info(n, dtypes[a.dtype], a.shape)
+            for n, a in zip(names, data_in)
+        ],
+        [helper.make_empty_tensor_value_info("y")],
+        [
+            numpy_helper.from_array(np.asarray(a), n)
+            for n, a in zip(names[len(data_in) :], const_in)
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    want = ReferenceEvaluator(proto).run(None, dict(zip(names, data_in)))[0]
+    got = gradmesh.from_onnx(proto.SerializeToString())(*data_in).detach().numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
