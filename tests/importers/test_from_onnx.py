@@ -364,3 +364,29 @@ def test_single_nodes_compute_what_the_onnx_reference_computes(op, data_in, cons
     got = gradmesh.from_onnx(proto.SerializeToString())(*data_in).detach().numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Bag(torch.nn.Module):
+    """Token ids -> embedding (ONNX Gather by computed indices) -> mean -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_token_ids_through_an_embedding_give_torch_gradients():
+    torch.manual_seed(0)
+    theirs = _Bag()
+    ids = np.random.default_rng(8).integers(0, 10, (6, 5))
+    y = np.arange(6) % 3
+    proto = onnx.load_from_string(export(theirs, torch.from_numpy(ids)))
+    assert {"Gather", "ReduceMean"} <= {n.op_type for n in proto.graph.node}
+    model = gradmesh.from_onnx(proto.SerializeToString())
+    loss, grads = gm_gradients(model, ids, y)
+    torch.nn.functional.cross_entropy(theirs(torch.from_numpy(ids)), torch.from_numpy(y)).backward()
+    for name, p in theirs.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
