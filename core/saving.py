@@ -39,6 +39,8 @@ __all__ = ["save", "load"]
 STRUCTURE_KEY = "gradmesh"  # the __metadata__ entry that holds the JSON structure
 _NPZ_STRUCTURE = "__structure__"  # the earlier format's member with the structure
 _ZIP_MAGIC = b"PK\x03\x04"
+# The safetensors dtypes that NumPy has (no BF16, no FP8).
+_NUMPY_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"}
 
 
 def save(obj: Any, f) -> None:
@@ -70,15 +72,23 @@ def load(f, map_location=None, weights_only: bool = True) -> Any:
     else:
         structure, arrays = _read_safetensors(data, name)
     if structure is None:  # written by another safetensors writer: a flat state dict
-        return {k: _tensor(a, False, map_location) for k, a in arrays.items()}
+        return {k: _foreign_tensor(k, a, map_location, name) for k, a in arrays.items()}
     return _decode(structure, arrays, map_location, name)
 
 
 def _read_safetensors(data: bytes, name: str) -> tuple[Any, dict]:
-    metadata = _header(data, name).get("__metadata__") or {}
+    header = _header(data, name)
+    metadata = header.get("__metadata__") or {}
+    for key, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if key != "__metadata__" and dtype not in _NUMPY_DTYPES:
+            raise ValueError(
+                f"load: {name}: tensor {key!r} has dtype {dtype}, which NumPy (and so "
+                f"gradmesh) cannot hold; convert it before saving (e.g. tensor.float())"
+            )
     try:
         arrays = safetensors.numpy.load(data)
-    except (safetensors.SafetensorError, TypeError, ValueError) as e:
+    except (safetensors.SafetensorError, TypeError, ValueError, KeyError) as e:
         raise ValueError(f"load: {name}: not a readable safetensors file ({e})") from None
     text = metadata.get(STRUCTURE_KEY)
     if text is None:
@@ -167,6 +177,13 @@ def _tensor(array: np.ndarray, requires_grad: bool, map_location) -> Tensor:
     if map_location is not None:
         t = t.to(str(map_location))
     return t.requires_grad_() if requires_grad else t
+
+
+def _foreign_tensor(key: str, array: np.ndarray, map_location, name: str) -> Tensor:
+    try:
+        return _tensor(array, False, map_location)
+    except TypeError as e:  # a dtype NumPy has and gradmesh has not (uint8, int16...)
+        raise ValueError(f"load: {name}: tensor {key!r}: {e}") from None
 
 
 def _decode(node: dict, arrays: dict, map_location, name: str) -> Any:
