@@ -111,9 +111,11 @@ def _tensor(x, like: Tensor | None = None) -> Tensor:
     if isinstance(x, Tensor):
         return x
     array = np.asarray(x)
-    if like is not None and array.dtype.kind == "f" and array.dtype != like.dtype.np:
+    if like is None:
+        return gm.tensor(array)
+    if array.dtype.kind == "f" and array.dtype != like.dtype.np:
         array = array.astype(like.dtype.np)
-    return gm.tensor(array)
+    return gm.tensor(array, device=like.device)  # constants join the model's device
 
 
 def _any_tensor(xs) -> Tensor | None:
@@ -248,7 +250,7 @@ def _where_op(ctx, node, inputs):
     if not any(isinstance(v, Tensor) for v in inputs):
         return [np.where(cond, a, b)]
     like = _any_tensor([a, b])
-    return [gm.where(_tensor(cond), _tensor(a, like), _tensor(b, like))]
+    return [gm.where(_tensor(cond, like), _tensor(a, like), _tensor(b, like))]
 
 
 @_op("Cast", "cast")
@@ -606,7 +608,7 @@ def _gather(ctx, node, inputs):
     x = _tensor(x)
     idx = np.asarray(idx, np.int64)
     idx = np.where(idx < 0, idx + dims[axis], idx)
-    picked = gm.index_select(x, axis, gm.tensor(idx.reshape(-1)))
+    picked = gm.index_select(x, axis, gm.tensor(idx.reshape(-1), device=x.device))
     shape = list(dims[:axis]) + list(idx.shape) + list(dims[axis + 1 :])
     return [_reshape(ctx, picked, shape)]
 

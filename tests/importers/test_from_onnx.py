@@ -390,3 +390,26 @@ def test_token_ids_through_an_embedding_give_torch_gradients():
     torch.nn.functional.cross_entropy(theirs(torch.from_numpy(ids)), torch.from_numpy(y)).backward()
     for name, p in theirs.named_parameters():
         np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_an_imported_model_moved_to_cuda_computes_the_cpu_gradients():
+    if not gm.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    x, y = data((7, 1, 8, 8), seed=9)
+    exported = export(cnn(), torch.from_numpy(x))
+    cpu, cuda = gradmesh.from_onnx(exported), gradmesh.from_onnx(exported).to("cuda")
+    loss, grads = gm_gradients(cpu, x, y)
+    cuda_loss = loss_fn(cuda, gm.tensor(x, device="cuda"), gm.tensor(y, device="cuda"))
+    cuda_loss.backward()
+    np.testing.assert_allclose(cuda_loss.item(), loss, rtol=1e-5)
+    for name, p in cuda.named_parameters():
+        scale = np.abs(grads[name]).max()
+        np.testing.assert_allclose(p.grad.cpu().numpy(), grads[name], rtol=1e-4, atol=1e-5 * scale)
+    buf = io.BytesIO()  # gm.save of CUDA tensors, loaded back onto the GPU
+    gm.save(cuda.state_dict(), buf)
+    loaded = gm.load(io.BytesIO(buf.getvalue()), map_location="cuda")
+    for name, t in cuda.state_dict().items():
+        assert str(loaded[name].device).startswith("cuda") and np.array_equal(
+            loaded[name].cpu().numpy(), t.detach().cpu().numpy()
+        )
