@@ -85,6 +85,7 @@ class _Context:
         self.helper = onnx_mod.helper
         self.numpy_helper = onnx_mod.numpy_helper
         self.batch = batch
+        self.batched = False  # does the current node read a value that depends on the batch?
 
     def attrs(self, node) -> dict:
         out = {}
@@ -127,7 +128,7 @@ def _reshape(ctx: _Context, x: Tensor, shape: Sequence[int]) -> Tensor:
     value's shape holds the batch size where the batch goes; -1 goes there instead (it
     resolves to the same size now, and to the right one at another batch size)."""
     shape = [int(s) for s in shape]
-    b = ctx.batch
+    b = ctx.batch if ctx.batched else None  # a weight's reshape keeps its sizes
     if -1 not in shape and b and b > 1:
         at = next((i for i, s in enumerate(shape) if s % b == 0 and s > 0), None)
         if at is not None:
@@ -688,8 +689,13 @@ class OnnxModule(Module):
         ctx = _Context(_onnx(), batch)
         values = self._initial_values()
         values.update(zip(self.input_names, inputs))
+        # Values computed from a batched input (shapes of them included) hold the batch.
+        batched = {n for n, b in zip(self.input_names, self._batched) if b}
         for node in self._nodes:
             args = [values.get(name) if name else None for name in node.input]
+            ctx.batched = any(name in batched for name in node.input)
+            if ctx.batched:
+                batched.update(node.output)
             try:
                 outs = OP_TABLE[node.op_type][0](ctx, node, args)
             except Refused as e:

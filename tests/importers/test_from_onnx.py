@@ -413,3 +413,30 @@ def test_an_imported_model_moved_to_cuda_computes_the_cpu_gradients():
         assert str(loaded[name].device).startswith("cuda") and np.array_equal(
             loaded[name].cpu().numpy(), t.detach().cpu().numpy()
         )
+
+
+def test_reshaping_a_parameter_is_not_mistaken_for_the_batch():
+    """A weight reshaped to [2, 4, 6] (2 is the trace's batch size, too) keeps its shape."""
+    w = np.random.default_rng(10).standard_normal((8, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["w", "shape"], ["r"]),
+            helper.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=0),
+            helper.make_node("MatMul", ["x", "s"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([2, 4, 6], np.int64), "shape"),
+            numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = gradmesh.from_onnx(proto.SerializeToString())
+    x2, x5 = (np.random.default_rng(11).standard_normal((b, 4)).astype(np.float32) for b in (2, 5))
+    traced = trace(lambda m, x: m(x).sum(), model, gm.tensor(x2))
+    want = ReferenceEvaluator(proto).run(None, {"x": x5})[0]
+    run = execute(traced, dict(model.named_parameters()), {"x0": x5})
+    np.testing.assert_allclose(run["loss"].item(), want.sum(), rtol=1e-5)
