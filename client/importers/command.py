@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch",
         type=int,
-        default=2,
-        help="batch size to trace at (above 1; the graph then takes any batch size)",
+        default=5,
+        help="batch size to trace at (default 5; above 1, best one that divides no other "
+        "dimension of the model; the graph then takes any batch size)",
     )
     parser.add_argument(
         "--input-shape",
@@ -88,7 +89,7 @@ def import_model(
     output_dir: str | os.PathLike = ".",
     *,
     loss: str = "cross_entropy",
-    batch: int = 2,
+    batch: int = 5,
     shapes: Sequence[str] = (),
 ) -> list[str]:
     """Write the graph and parameter files of ``model_path``; returns the report lines."""
@@ -195,8 +196,10 @@ def _load_pt2(path: Path, fixed: dict, batch: int):
         val = placeholders[name].meta["val"]
         dims = [d if isinstance(d, int) else None for d in val.shape]
         specs.append((name, dims, torch.empty((), dtype=val.dtype).numpy().dtype))
-    examples, _ = _examples(specs, fixed, batch)
-    model = torch_importer.from_torch(module, *(torch.from_numpy(e) for e in examples))
+    examples, batched = _examples(specs, fixed, batch)
+    model = torch_importer.from_torch(
+        module, *(torch.from_numpy(e) for e in examples), dynamic_batch=batched
+    )
     outputs = [f"output{i}" for i in range(len(program.graph_signature.user_outputs))]
     return model, specs, outputs if len(outputs) > 1 else ["output"]
 
