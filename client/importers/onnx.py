@@ -774,6 +774,11 @@ def from_onnx(path_or_bytes: str | os.PathLike | bytes) -> OnnxModule:
         for n in nodes
         if n.domain not in _DEFAULT_DOMAINS or n.op_type not in OP_TABLE
     ]
+    unsupported += [
+        Unsupported(n.op_type, _node_name(n), reason)
+        for n in nodes
+        if n.op_type in OP_TABLE and (reason := _attribute_refusal(onnx_mod, n))
+    ]
     if unsupported:
         raise UnsupportedModelError(source, unsupported)
     return OnnxModule(onnx_mod, model, source, nodes)
@@ -893,6 +898,24 @@ _REASONS = {
     "Loop": "control flow (subgraphs) is not expressible in a gradmesh graph",
     "Scan": "control flow (subgraphs) is not expressible in a gradmesh graph",
 }
+
+
+def _attribute_refusal(onnx_mod, node) -> str:
+    """Why a mapped op cannot import with these attributes or outputs ("" if it can);
+    what depends on shapes is found when the model runs."""
+    at = {a.name: onnx_mod.helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "BatchNormalization" and at.get("training_mode", 0):
+        return "training_mode=1 (only inference BatchNormalization imports)"
+    if op in ("Conv", "MaxPool", "AveragePool") and len(at.get("kernel_shape", [0, 0])) != 2:
+        return f"a {len(at['kernel_shape'])}-D kernel: only 2-D (N, C, H, W) is in the registry"
+    if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
+        return "the Indices output of MaxPool"
+    if op == "LayerNormalization" and any(node.output[1:]):
+        return "the Mean / InvStdDev outputs of LayerNormalization"
+    if op == "AveragePool" and any(d != 1 for d in at.get("dilations", [])):
+        return "AveragePool with dilations"
+    return ""
 
 
 def _reason(node) -> str:

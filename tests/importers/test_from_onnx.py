@@ -160,7 +160,8 @@ def test_every_unsupported_op_is_listed_once_with_its_node():
         [
             helper.make_node("Relu", ["x"], ["a"], name="fine"),
             helper.make_node("Det", ["a"], ["b"], name="the_det"),
-            helper.make_node("Frobnicate", ["b"], ["y"], name="custom", domain="com.example"),
+            helper.make_node("Frobnicate", ["b"], ["c"], name="custom", domain="com.example"),
+            helper.make_node("MaxPool", ["c"], ["y", "where"], name="pool", kernel_shape=[2]),
         ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
@@ -172,9 +173,10 @@ def test_every_unsupported_op_is_listed_once_with_its_node():
     with pytest.raises(UnsupportedModelError) as info:
         gradmesh.from_onnx(proto.SerializeToString())
     found = [(u.op, u.where) for u in info.value.unsupported]
-    assert found == [("Det", "the_det"), ("com.example.Frobnicate", "custom")]
+    assert found == [("Det", "the_det"), ("com.example.Frobnicate", "custom"), ("MaxPool", "pool")]
     text = str(info.value)
-    assert "2 unsupported op(s)" in text and "Det at the_det" in text
+    assert "3 unsupported op(s)" in text and "Det at the_det" in text
+    assert "MaxPool at pool: a 1-D kernel" in text
     assert "com.example.Frobnicate at custom" in text and "docs/import.md" in text
 
 
