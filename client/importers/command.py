@@ -163,9 +163,9 @@ def _load_onnx(path: Path):
     specs = []
     for name in model.input_names:
         t = by_name[name].type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        if not t.HasField("shape"):
-            dims = None  # not even the rank is declared
+        dims: list | None = None  # None: not even the rank is declared
+        if t.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         specs.append((name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)))
     return model, specs, list(model.output_names)
 
