@@ -21,6 +21,17 @@ Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
   engine sums each back to its input's shape and casts it to its input's dtype, in one
   place (``gradmesh.core.unbroadcast``). Every other vjp returns gradients of its inputs'
   shapes and dtypes itself, and the engine passes them on untouched.
+* ``dtype``: the output dtype rule, published in the op schemas (``gradmesh.core.opschema``):
+  ``"same"`` (the first input's, the default), ``"float"`` (the first input's if floating,
+  else the default float), ``"promote"`` (torch's promotion of the inputs),
+  ``"promote_float"`` (promotion, then integers to the default float), ``"accumulate"``
+  (floating inputs keep theirs, integers and bool give int64), ``"bool"``, ``"int64"``,
+  ``"attr:<name>"`` (a dtype attribute), ``"input:<name>"`` (that input's). A rule may
+  name the inputs it reads after a colon: ``"promote:a,b"`` (``where``: not ``cond``).
+* ``choices``: for ``str`` attributes that take a fixed set of values, that set.
+* ``nondiff``: inputs that never get a gradient although the op is differentiable (an
+  index, a target, class weights).
+* ``broadcast_inputs``: with ``broadcast=True``, the inputs that broadcast when not all do.
 * ``differentiable=False`` for a gradient stop (``stop_gradient``, what ``detach()`` is in a
   traced graph): it declares no vjp, and its result carries no gradient in the eager
   engine and in a compiled plan alike, as integer and bool results never do.
@@ -62,6 +73,10 @@ class Op:
     saves_out: bool = False  # vjp reads ``out``: keep the forward result
     vjp: Callable | None = None
     differentiable: bool = True  # False: the result never carries a gradient
+    dtype: str = "same"  # the output dtype rule (see the module docstring)
+    choices: dict[str, tuple] = field(default_factory=dict)  # str attr -> allowed values
+    nondiff: tuple[str, ...] = ()  # inputs that never get a gradient
+    broadcast_inputs: tuple[str, ...] | None = None  # None: all of them (if broadcast)
 
     def defvjp(self, fn: Callable) -> Callable:
         if not self.differentiable:
@@ -88,6 +103,10 @@ def defop(
     broadcast: bool = False,
     saves_out: bool = False,
     differentiable: bool = True,
+    dtype: str = "same",
+    choices: dict | None = None,
+    nondiff: tuple[str, ...] = (),
+    broadcast_inputs: tuple[str, ...] | None = None,
 ) -> Callable[[Callable], Op]:
     """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient
     (``differentiable=False``: a gradient stop, which has none)."""
@@ -95,12 +114,26 @@ def defop(
     for attr, (kind, _default) in attrs.items():
         if kind.rstrip("?") not in ATTR_KINDS:
             raise ValueError(f"{name}: attribute {attr} has unknown kind {kind!r}")
+    for attr in choices or {}:
+        if attrs.get(attr, ("",))[0].rstrip("?") != "str":
+            raise ValueError(f"{name}: choices for {attr}, which is no str attribute")
 
     def register(forward: Callable) -> Op:
         if name in REGISTRY:
             raise ValueError(f"op {name!r} is registered twice")
         op = Op(
-            name, forward, infer, arity, attrs, broadcast, saves_out, differentiable=differentiable
+            name,
+            forward,
+            infer,
+            arity,
+            attrs,
+            broadcast,
+            saves_out,
+            differentiable=differentiable,
+            dtype=dtype,
+            choices={k: tuple(v) for k, v in (choices or {}).items()},
+            nondiff=tuple(nondiff),
+            broadcast_inputs=None if broadcast_inputs is None else tuple(broadcast_inputs),
         )
         REGISTRY[name] = op
         return op
