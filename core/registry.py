@@ -152,7 +152,12 @@ class OpError(RuntimeError, ValueError):
     """A shape, dtype or attribute error raised by an op's ``infer``; names the op.
 
     A ``RuntimeError`` as PyTorch's are; also a ``ValueError``, which servers answer with
-    ``INVALID_ARGUMENT``."""
+    ``INVALID_ARGUMENT``. ``attr`` names the attribute whose value is wrong, when one is
+    (a graph's error then names ``nodes[k].attrs.<attr>``, not only the node)."""
+
+    def __init__(self, message: str, attr: str | None = None):
+        super().__init__(message)
+        self.attr = attr
 
 
 @dataclass(frozen=True)
@@ -228,25 +233,27 @@ def broadcast_shapes(op: str, *shapes) -> tuple:
     return tuple(out)
 
 
-def norm_dim(op: str, dim: int, ndim: int) -> int:
-    """A possibly negative dim checked against ``ndim``, as a non-negative int."""
+def norm_dim(op: str, dim: int, ndim: int, attr: str = "dim") -> int:
+    """A possibly negative dim checked against ``ndim``, as a non-negative int; ``attr``:
+    the attribute that gave it, which the error names."""
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
     if not lo <= dim <= hi:
         raise OpError(
-            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})"
+            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})",
+            attr,
         )
     return dim % ndim if ndim else 0
 
 
-def norm_dims(op: str, dim, ndim: int) -> tuple:
+def norm_dims(op: str, dim, ndim: int, attr: str = "dim") -> tuple:
     """``dim`` as a sorted tuple of non-negative ints; None means every dim."""
     if dim is None:
         return tuple(range(ndim))
     if isinstance(dim, int):
         dim = (dim,)
-    dims = tuple(sorted(norm_dim(op, d, ndim) for d in dim))
+    dims = tuple(sorted(norm_dim(op, d, ndim, attr) for d in dim))
     if len(set(dims)) != len(dims):
-        raise OpError(f"{op}: dim {tuple(dim)} appears multiple times in the list of dims")
+        raise OpError(f"{op}: dim {tuple(dim)} appears multiple times in the list of dims", attr)
     return dims
 
 

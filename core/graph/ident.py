@@ -152,6 +152,11 @@ def decode_attrs(
             values[a.name] = a.dtype
         else:
             values[a.name] = getattr(a, which)
+        allowed = op.choices.get(a.name)
+        if allowed and values[a.name] not in allowed:
+            raise GraphError(
+                f, f"op {op.name} takes {a.name} in {list(allowed)}, got {values[a.name]!r}"
+            )
     for name, (_kind, default) in op.attrs.items():
         if name not in values:
             values[name] = list(default) if isinstance(default, list) else default

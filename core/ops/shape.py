@@ -287,7 +287,7 @@ def _(g, out, *tensors, dim):
 
 
 def _infer_flip(a, dims) -> Spec:
-    norm_dims("flip", dims, len(a.shape))
+    norm_dims("flip", dims, len(a.shape), "dims")
     return Spec(tuple(a.shape), a.dtype)
 
 
