@@ -50,11 +50,11 @@ def status_code(code: Any) -> grpc.StatusCode:
 # FieldViolation.reason: a short code a program can switch on, a pure function of the status
 # code and the field path (the proto files' header comments list them).
 _INVALID_BY_PATH = (
-    (re.compile(r"(^|\.)nodes\[\d+\]\.op$"), "UNKNOWN_OP"),
-    (re.compile(r"(^|\.)nodes\[\d+\]\.attrs\."), "BAD_ATTRIBUTE"),
-    (re.compile(r"(^|\.)nodes\[\d+\]$"), "SHAPE_MISMATCH"),
+    (re.compile(r"^graph\.nodes\[\d+\]\.op$"), "UNKNOWN_OP"),
+    (re.compile(r"^graph\.nodes\[\d+\]\.attrs\."), "BAD_ATTRIBUTE"),
+    (re.compile(r"^graph\.nodes\[\d+\]$"), "SHAPE_MISMATCH"),
     (re.compile(r"^data\[[^\]]*\]\.shape$"), "SHAPE_MISMATCH"),
-    (re.compile(r"(^|\.)(nodes|outputs|inputs)(\[|$)|^graph$|^version$"), "BAD_GRAPH"),
+    (re.compile(r"^graph(\.|$)"), "BAD_GRAPH"),
     (re.compile(r"^chunk(\.|$)"), "BAD_CHUNK"),
     (re.compile(r"\.(data|dtype|shape)$"), "BAD_TENSOR"),
 )
@@ -81,9 +81,8 @@ def violation_reason(code: grpc.StatusCode, field: str) -> str:
         return "LIMIT"
     if code is not grpc.StatusCode.INVALID_ARGUMENT:
         return code.name
-    path = field.removeprefix("graph.")
     for pattern, reason in _INVALID_BY_PATH:
-        if pattern.search(path):
+        if pattern.search(field):
             return reason
     return "INVALID_VALUE"
 

@@ -18,6 +18,7 @@ import grpc
 from gradmesh.server.runtime import streams
 from gradmesh.server.runtime.config import ServerConfig
 from gradmesh.server.runtime.errors import (
+    ServiceError,
     abort,
     is_typed_error,
     message_of,
@@ -68,6 +69,7 @@ class Interceptor(grpc.ServerInterceptor):
             streams.per_peer_limit(self._limit, getattr(config, "max_requests_per_peer", None))
         )
         self._idle = getattr(config, "stream_idle_timeout", streams.DEFAULT_STREAM_IDLE_TIMEOUT)
+        self._max_message = config.max_message_bytes
         self._in_flight = 0
         self._lock = threading.Condition()
         self._metrics = get_metrics()
@@ -222,9 +224,29 @@ class Interceptor(grpc.ServerInterceptor):
 
         def guarded(request, context):
             with self._admitted(method, context, denied, rid):
+                self._check_size(method, request)
                 return behavior(request, context)
 
         return guarded
+
+    def _check_size(self, method: str, request) -> None:
+        """A unary request over the advertised limit, let in by the transport's higher one
+        (serving.transport_receive_limit): RESOURCE_EXHAUSTED with the limit and the way
+        out, where gRPC would have refused it without details."""
+        size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+        if size > self._max_message:
+            way_out = (
+                "send it with ComputeGradientsStream, in chunks"
+                if method.endswith("/ComputeGradients")
+                else "send less in one call"
+            )
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request is {size} bytes, over this server's limit of "
+                f"{self._max_message} bytes (max_message_bytes, Capabilities.limits); "
+                f"{way_out}",
+                "request",
+            )
 
 
 def _details(context) -> str | None:

@@ -33,8 +33,19 @@ log = logging.getLogger("gradmesh.server")
 ServiceSpec = tuple[Callable[[Any, grpc.Server], None], Any, str]
 
 
+def transport_receive_limit(max_message_bytes: int) -> int:
+    """What gRPC itself lets in: a quarter above the advertised limit, so that a unary
+    request over the limit (but not far over) reaches the interceptor, which answers it
+    with details (the limit, the streaming RPC) instead of gRPC's bare refusal."""
+    return min(max_message_bytes + max_message_bytes // 4 + (1 << 20), 2**31 - 1)
+
+
 def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    return channel_options(config.max_message_bytes) + [
+    options = [
+        (key, transport_receive_limit(value) if key == "grpc.max_receive_message_length" else value)
+        for key, value in channel_options(config.max_message_bytes)
+    ]
+    return options + [
         # Accept clients' keepalive pings every 10 s without answering GOAWAY.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
