@@ -239,7 +239,8 @@ def norm_dim(op: str, dim: int, ndim: int, attr: str = "dim") -> int:
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
     if not lo <= dim <= hi:
         raise OpError(
-            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})",
+            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], "
+            f"but got {dim})",
             attr,
         )
     return dim % ndim if ndim else 0

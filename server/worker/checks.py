@@ -107,7 +107,7 @@ def _by_name(
 ) -> dict[str, TensorRef]:
     """``given`` by name: each given once, each one an input of the graph."""
     by_name = {}
-    for k, ref in enumerate(given):
+    for ref in given:
         name = ref.name
         if name in by_name:
             raise ServiceError(INVALID, f"{kind} {name!r} is given twice", f"{kind}[{name}]")
