@@ -66,6 +66,9 @@ class GradientResult:
     gradients: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     graph_id: str = ""
+    # Requested parameters the loss does not depend on: their ``gradients`` are zeros,
+    # where torch.autograd.grad gives None (``backward`` leaves their ``.grad`` alone).
+    unused_parameters: tuple[str, ...] = ()
 
 
 def _array(x) -> np.ndarray:
@@ -329,7 +332,7 @@ class WorkerClient(WorkerTransport):
             lambda: self.register_graph(graph, timeout),
         )
         result = GradientResult(
-            reply.loss, reply.outputs, reply.gradients, reply.timings, reply.graph_id
+            reply.loss, reply.outputs, reply.gradients, reply.timings, reply.graph_id, reply.unused
         )
         result.timings["round_trip_seconds"] = time.perf_counter() - start
         result.timings["streamed"] = float(mode == STREAM)
@@ -401,6 +404,8 @@ class WorkerClient(WorkerTransport):
         for name, p in pairs:
             if name not in result.gradients or not isinstance(p, Tensor):
                 continue
+            if name in result.unused_parameters:
+                continue  # the loss does not use it: .grad stays as it is (None), as in torch
             # The bytes of a unary reply are read-only views: copy into a writable array.
             g = Tensor(np.array(result.gradients[name]))
             p.grad = g if p.grad is None else p.grad + g

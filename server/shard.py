@@ -101,6 +101,7 @@ class ShardServicer:
             header.version,
             grads,
             header.attempt,
+            header.unused_parameters,
         )
         return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
 

@@ -59,6 +59,8 @@ class _Pending:
         self.micro_batches = micro_batches
         self.version = version
         self.sum = TreeSum(micro_batches, _add_grads)
+        # Parameters no micro-batch so far had a gradient for (None: no push yet).
+        self.unused: set[str] | None = None
 
 
 def _add_grads(a: dict, b: dict) -> dict:
@@ -155,8 +157,11 @@ class ShardJob:
         version: int,
         gradients: dict[str, np.ndarray],
         attempt: int = 0,
+        unused: Iterable[str] = (),
     ) -> tuple[bool, int]:
-        """Record one micro-batch's gradients; ``(duplicate, received)``.
+        """Record one micro-batch's gradients; ``(duplicate, received)``. ``unused``: the
+        parameters the loss does not depend on (zeros in ``gradients``); one unused in
+        every micro-batch is left alone by ``apply``, as torch.optim skips a grad of None.
 
         Gradients are pending for one (step, attempt) at a time: a push for another step
         or another attempt means the coordinator abandoned the pending one."""
@@ -194,6 +199,8 @@ class ShardJob:
                 )
             if micro_batch in p.sum:
                 return True, len(p.sum)
+            mine = set(unused) & set(self.params)
+            p.unused = mine if p.unused is None else p.unused & mine
             p.sum.add(micro_batch, dict(gradients))
             return False, len(p.sum)
 
@@ -289,6 +296,7 @@ class ShardJob:
                 )
             start = time.perf_counter()
             grads = p.sum.result()
+            skip = sorted(p.unused or ())
             if checkpoint_path:
                 try:
                     self._save(checkpoint_path)
@@ -300,7 +308,8 @@ class ShardJob:
                 # replayed after a crash, so an acknowledged step is never lost.
                 try:
                     self.log.append(
-                        {"step_id": step_id, "version": self.version},
+                        {"step_id": step_id, "version": self.version}
+                        | ({"unused": skip} if skip else {}),
                         {n: grads[n] for n in sorted(grads)},
                     )
                 except OSError as e:
@@ -311,19 +320,21 @@ class ShardJob:
                         f"{self.log.path}: {e}",
                         "step_id",
                     ) from None
-            self._update(grads)
+            self._update(grads, skip)
             self.pending.clear()
             self.version += 1
             self.last_step_id = step_id
             return self.version, False, time.perf_counter() - start
 
-    def _update(self, grads: dict[str, np.ndarray]) -> None:
+    def _update(self, grads: dict[str, np.ndarray], skip: Iterable[str] = ()) -> None:
         hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
         update = optim.UPDATE_RULES[self.optimizer["name"]]
+        skipped = set(skip)
         for name in sorted(self.params):
-            update(np, self.params[name], grads[name], self.state[name], **hyper)
+            if name not in skipped:  # no gradient reached it: torch.optim skips it too
+                update(np, self.params[name], grads[name], self.state[name], **hyper)
 
     def replay(self, records: Iterable[tuple[dict, dict]], up_to_version: int | None = None) -> int:
         """Re-apply logged steps that follow this state (the same update on the same
@@ -334,7 +345,7 @@ class ShardJob:
                 break
             if meta["step_id"] <= self.last_step_id or meta["version"] != self.version:
                 continue
-            self._update(grads)
+            self._update(grads, meta.get("unused", ()))
             self.version += 1
             self.last_step_id = meta["step_id"]
             applied += 1
@@ -507,9 +518,10 @@ class ShardStore:
         version: int,
         gradients: dict[str, np.ndarray],
         attempt: int = 0,
+        unused: Iterable[str] = (),
     ) -> tuple[bool, int]:
         return self.job(job_id).push(
-            step_id, micro_batch, micro_batches, version, gradients, attempt
+            step_id, micro_batch, micro_batches, version, gradients, attempt, unused
         )
 
     def apply(
@@ -584,9 +596,11 @@ class EmbeddedShard:
     def pull(self, job_id, version=0, names=(), copy=False):
         return self.store.pull(job_id, version, names, copy)
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+    def push(
+        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+    ):
         return self.store.push(
-            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt
+            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt, unused
         )
 
     def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False, attempt=0):

@@ -83,6 +83,9 @@ class Reply:
     gradients: dict[str, np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
     graph_id: str = ""
+    # Requested parameters the loss does not depend on (their gradients are zeros; torch
+    # gives None): ComputeGradientsResponse.unused_parameters.
+    unused: tuple[str, ...] = ()
 
     @property
     def compute_seconds(self) -> float:
@@ -344,6 +347,7 @@ def decode_reply(resp: worker_pb2.ComputeGradientsResponse) -> Reply:
         else {nt.name: _decode(nt.tensor, "gradients", nt.name) for nt in resp.gradients},
         _timings(resp),
         resp.graph_id,
+        tuple(resp.unused_parameters),
     )
 
 
@@ -486,7 +490,8 @@ class WorkerTransport:
         order = list(header.gradients) or [n for n, _ in params]
         grads = {n: received[n] for n in order if n in received}
         grads.update(received)
-        return Reply(arrays_out[0], outputs, grads, _timings(timed), resp.graph_id)
+        unused = tuple(resp.unused_parameters) or tuple(timed.unused_parameters)
+        return Reply(arrays_out[0], outputs, grads, _timings(timed), resp.graph_id, unused)
 
     def _send_shared(
         self, message, gradient_segment: Segment, gradient_offsets: dict[str, int], **kw

@@ -115,6 +115,8 @@ class Computed:
     forward_seconds: float
     backward_seconds: float
     plan_cached: bool
+    # Requested parameters the loss does not depend on (their gradients are zeros).
+    unused: tuple[str, ...] = ()
 
     def arrays(self) -> list[np.ndarray]:
         """The loss, the outputs and the gradients, in a reply's order."""

@@ -129,6 +129,7 @@ def build_response(
         outputs=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.outputs],
         gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.gradients],
         graph_id=prepared.graph_id,
+        unused_parameters=computed.unused,
     )
     return resp, computed.arrays()
 
@@ -183,7 +184,9 @@ def unary_reply(
     t2 = time.perf_counter()
     check_unary_size(computed, max_message_bytes)
     pieces = response_pieces(computed)
-    tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
+    tail = worker_pb2.ComputeGradientsResponse(
+        graph_id=prepared.graph_id, unused_parameters=computed.unused
+    )
     set_timings(tail, computed, decode_seconds, time.perf_counter() - t2)
     # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), as protobuf
     # orders them; the join is the one copy of the tensors' bytes before gRPC's.
@@ -226,6 +229,7 @@ def shared_memory_reply(
         ],
         graph_id=prepared.graph_id,
         gradients_in_shared_memory=True,
+        unused_parameters=computed.unused,
     )
     set_timings(resp, computed, decode_seconds, 0.0)
     return resp
@@ -271,6 +275,7 @@ def early_header(
             for n in order
         ],
         graph_id=prepared.graph_id,
+        unused_parameters=plan.unused_gradients(prepared.gradients, tuple(prepared.outputs)),
     )
 
 
