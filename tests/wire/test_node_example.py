@@ -128,7 +128,7 @@ def worker_address() -> Iterator[str]:
                 if sel.select(timeout=1):
                     line = proc.stdout.readline()
                     seen.append(line)
-                    match = re.search(r"listening on (\S+)", line)
+                    match = re.search(r'listening on ([^\s"]+)', line)  # text or JSON
                     address = match.group(1) if match else None
         if address is None:
             proc.kill()
