@@ -63,8 +63,16 @@ def worker():
     running.stop(0)
 
 
+TRANSPORTS = {
+    "unary": {"shared_memory": False},
+    "stream": {"shared_memory": False, "stream_threshold": 1},
+    "shared": {"shared_memory_min_bytes": 0},
+}
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 @pytest.mark.parametrize("detach", [False, True], ids=["unused", "detached"])
-def test_backward_leaves_grad_none_like_torch(worker, detach):
+def test_backward_leaves_grad_none_like_torch(worker, detach, transport):
     gm.manual_seed(0)
     model = TwoHeads(detach)
     reference = TorchTwoHeads(model)
@@ -72,9 +80,11 @@ def test_backward_leaves_grad_none_like_torch(worker, detach):
     torch.nn.functional.cross_entropy(
         reference(torch.from_numpy(x)), torch.from_numpy(y)
     ).backward()
-    with WorkerClient(worker.address) as client:
+    with WorkerClient(worker.address, **TRANSPORTS[transport]) as client:
         result = client.compute_gradients(_loss, model, gm.tensor(x), gm.tensor(y))
         assert sorted(result.unused_parameters) == ["b.bias", "b.weight"]
+        assert result.timings["streamed"] == (transport == "stream")
+        assert result.timings["shared_memory"] == (transport == "shared")
         client.backward(model, _loss, gm.tensor(x), gm.tensor(y))
     for name, p in model.named_parameters():
         want = dict(reference.named_parameters())[name].grad
@@ -119,3 +129,31 @@ def test_a_job_skips_unused_parameters_like_torch_optim(worker):
             assert not np.array_equal(got[name], initial[name])
             np.testing.assert_allclose(got[name], p.detach().numpy(), rtol=1e-4, atol=1e-5)
     assert not any(id(p) in opt.state for p in reference.b.parameters())
+
+
+def test_the_step_log_replays_the_skip(tmp_path):
+    """A shard that crashed after acknowledging steps with an unused parameter rebuilds
+    the same bits from its step log: the parameter and its optimizer state untouched. A
+    parameter unused in only some micro-batches is updated (torch sums the others)."""
+    from gradmesh.server.shard_store import ShardStore
+
+    rng = np.random.default_rng(0)
+    params = {n: rng.standard_normal((3, 2)).astype(np.float32) for n in ("used", "unused")}
+    params["partly"] = rng.standard_normal(4).astype(np.float32)
+    adamw = {"name": "adamw", "lr": 0.1, "weight_decay": 0.1}
+    store = ShardStore(str(tmp_path))
+    store.load("j", params, adamw)
+    for step in (1, 2):
+        for m in range(2):
+            grads = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in params.items()}
+            grads["unused"][...] = 0
+            unused = ["unused"] + (["partly"] if m == 0 else [])
+            store.push("j", step, m, 2, step - 1, grads, unused=unused)
+        store.apply("j", step, 2, step - 1)
+    job = store.jobs["j"]
+    assert np.array_equal(job.params["unused"], params["unused"]) and job.state["unused"] == {}
+    assert not np.array_equal(job.params["partly"], params["partly"])
+    restarted = ShardStore(str(tmp_path)).jobs["j"]  # no checkpoint: the log is replayed
+    assert restarted.version == 2
+    for n in params:
+        assert np.array_equal(restarted.params[n], job.params[n]), n
