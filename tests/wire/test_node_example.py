@@ -163,6 +163,11 @@ def test_node_client_against_a_worker(node_modules: Path, worker_address: str) -
     assert re.search(
         r"^register: graph_id=[0-9a-f]{64} equals local SHA-256 OK$", lines["register"]
     ), out
+    # A graph spelling out defaults: the id by graph.proto's steps, with the defaults from
+    # Capabilities.op_schemas, is the worker's.
+    assert re.search(
+        r"^canonical: graph_id=[0-9a-f]{64} .* equals the worker's OK$", lines["canonical"]
+    ), out
     # Gradients over raw bytes match the closed form to 1e-5.
     assert lines["gradients"].endswith("matched OK"), out
     # The wide layer went up in chunks and its gradient came back in chunks, exactly.
