@@ -218,31 +218,50 @@ class Interceptor(grpc.ServerInterceptor):
 
             def guarded_stream(request, context):
                 with self._admitted(method, context, denied, rid):
-                    yield from behavior(request, context)
+                    yield from behavior(self._sized(method, request), context)
 
             return guarded_stream
 
         def guarded(request, context):
             with self._admitted(method, context, denied, rid):
-                self._check_size(method, request)
-                return behavior(request, context)
+                return behavior(self._sized(method, request), context)
 
         return guarded
 
+    def _sized(self, method: str, request):
+        """The request (a message, or a stream of them) with every message checked against
+        the advertised limit, which the transport's own is above."""
+        if hasattr(request, "ByteSize"):
+            self._check_size(method, request)
+            return request
+        if hasattr(request, "__next__"):
+            return self._sized_stream(method, request)
+        return request
+
+    def _sized_stream(self, method: str, requests):
+        for message in requests:
+            self._check_size(method, message)
+            yield message
+
     def _check_size(self, method: str, request) -> None:
-        """A unary request over the advertised limit, let in by the transport's higher one
+        """A message over the advertised limit, let in by the transport's higher one
         (serving.transport_receive_limit): RESOURCE_EXHAUSTED with the limit and the way
         out, where gRPC would have refused it without details."""
-        size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+        if hasattr(request, "ByteSize"):
+            size = request.ByteSize()
+        else:  # a chunk frame parsed without a copy (wire.frames.ChunkFrame)
+            size = len(getattr(getattr(request, "chunk", None), "data", b""))
         if size > self._max_message:
             way_out = (
                 "send it with ComputeGradientsStream, in chunks"
                 if method.endswith("/ComputeGradients")
+                else "send smaller chunks (Capabilities.limits.chunk_bytes)"
+                if method.endswith("Stream") or "Push" in method or "Create" in method
                 else "send less in one call"
             )
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the request is {size} bytes, over this server's limit of "
+                f"a request message of {size} bytes is over this server's limit of "
                 f"{self._max_message} bytes (max_message_bytes, Capabilities.limits); "
                 f"{way_out}",
                 "request",

@@ -125,3 +125,28 @@ def test_over_the_limit_says_the_limit_and_the_way_out(stub) -> None:
     with pytest.raises(grpc.RpcError) as e:
         SCENARIOS["over max_message_bytes"](stub)
     assert str(LIMIT) in e.value.details() and "ComputeGradientsStream" in e.value.details()
+
+
+def test_a_stream_message_over_the_limit_is_answered_too(stub) -> None:
+    """Each message of a stream is held to the same limit as a unary one."""
+    from gradmesh.v1 import tensor_pb2
+
+    gid = stub.RegisterGraph(worker_pb2.RegisterGraphRequest(graph=GOOD)).graph_id
+    rows = LIMIT // 12 + 100
+    header = worker_pb2.ComputeGradientsRequest(graph_id=gid)
+    header.parameters.add(name="w").tensor.CopyFrom(to_proto(W, data=False))
+    header.data.add(name="x").tensor.CopyFrom(to_proto(np.ones((rows, 3), np.float32), data=False))
+    frames = [
+        worker_pb2.StreamFrame(request=header),
+        worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=0, data=to_proto(W).data)),
+        worker_pb2.StreamFrame(chunk=tensor_pb2.Chunk(tensor_index=1, data=bytes(rows * 12))),
+    ]
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.ComputeGradientsStream(iter(frames), timeout=30))
+    violation = _violation(e.value)
+    assert (e.value.code(), violation.field, violation.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "request",
+        "LIMIT",
+    )
+    assert str(LIMIT) in e.value.details()
