@@ -46,6 +46,7 @@ of ``core/tensor.py``); ``tests/engine/test_public_api.py`` fails when that code
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, TypeVar, overload
 
@@ -158,6 +159,23 @@ class OpError(RuntimeError, ValueError):
     def __init__(self, message: str, attr: str | None = None):
         super().__init__(message)
         self.attr = attr
+
+
+def blaming(attr: str, infer: Callable) -> Callable:
+    """``infer`` whose errors name the attribute ``attr`` (unless they name another): for
+    ops where what fails is that attribute's value (reshape's ``shape``), so that a graph's
+    error names ``nodes[k].attrs.shape`` rather than only the node."""
+
+    @functools.wraps(infer)
+    def checked(*specs, **attrs):
+        try:
+            return infer(*specs, **attrs)
+        except OpError as e:
+            if e.attr is None:
+                e.attr = attr
+            raise
+
+    return checked
 
 
 @dataclass(frozen=True)

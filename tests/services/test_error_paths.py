@@ -73,6 +73,9 @@ SCENARIOS = {
     'mse_loss reduction "avg"': _register(
         [("matmul", [1, 0], []), ("mse_loss", [2, 2], [_attr("reduction", s="avg")])]
     ),
+    "reshape of x (?,3) to [7]": _register(
+        [("reshape", [1], [_attr("shape", ints=[7])]), ("sum", [2], [])]
+    ),
     "matmul of (3,2) and (?,3)": _register([("matmul", [0, 1], []), ("sum", [2], [])]),
     "matmul with one input": _register([("matmul", [1], []), ("sum", [2], [])]),
     "w with 20 bytes for [3,2]": _compute(params={"w": _short_w()}),
