@@ -70,8 +70,14 @@ def _op_section(s) -> list[str]:
         ]
         inputs.append(f"`{i.name}`" + (f" ({', '.join(notes)})" if notes else ""))
     lines.append("Inputs: " + (", ".join(inputs) or "none") + ".")
-    reads = ", ".join(s.dtype_inputs) if s.dtype_rule != "attr" else s.dtype_attr
-    rule = f"`{s.dtype_rule}`" + (f" of {reads}" if reads else "")
+    if s.dtype_rule == "attr":
+        reads = f" (attribute `{s.dtype_attr}`)"
+    elif s.dtype_inputs:
+        names = ", ".join(f"`{n}`" for n in s.dtype_inputs)
+        reads = f" (input{'s' if len(s.dtype_inputs) > 1 else ''} {names})"
+    else:
+        reads = ""
+    rule = f"`{s.dtype_rule}`{reads}"
     extra = "" if s.differentiable else " Never differentiable: a gradient stop."
     lines += ["", f"Output dtype: {rule}.{extra}", ""]
     if s.attrs:
