@@ -82,7 +82,13 @@ class CoordinatorServicer:
             frames, "create_job", self.max_stream_bytes, self.c.max_elements
         )
         job = self.c.create_job(
-            header.job_id, header.graph, params, header.optimizer, header.micro_batch_size
+            header.job_id,
+            header.graph,
+            params,
+            header.optimizer,
+            header.micro_batch_size,
+            header.schedule if header.HasField("schedule") else None,
+            header.clipping if header.HasField("clipping") else None,
         )
         return pb.CreateJobResponse(
             job_id=job.job_id, graph_id=job.graph_id, version=job.version, placement=job.placement

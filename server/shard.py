@@ -31,6 +31,7 @@ from gradmesh.wire.shard import (
     optimizer_from_proto,
     receive_frames,
     shard_frames,
+    step_args_from_proto,
 )
 from gradmesh.wire.stream import BufferPool
 
@@ -113,10 +114,22 @@ class ShardServicer:
             request.version,
             request.checkpoint,
             request.attempt,
+            step_args_from_proto(request),
         )
         return shard_pb2.ApplyResponse(
             version=version, already_applied=already, apply_seconds=seconds
         )
+
+    def GradientNorms(self, request, context):
+        norms = self.store.gradient_norms(
+            request.job_id,
+            request.step_id,
+            request.micro_batches,
+            request.version,
+            request.attempt,
+            request.norm_type if request.HasField("norm_type") else 2.0,
+        )
+        return shard_pb2.GradientNormsResponse(norms=norms)
 
     def Status(self, request, context):
         resp = shard_pb2.ShardStatusResponse()
@@ -164,6 +177,11 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
             servicer.Apply,
             request_deserializer=pb.ApplyRequest.FromString,
             response_serializer=pb.ApplyResponse.SerializeToString,
+        ),
+        "GradientNorms": grpc.unary_unary_rpc_method_handler(
+            servicer.GradientNorms,
+            request_deserializer=pb.GradientNormsRequest.FromString,
+            response_serializer=pb.GradientNormsResponse.SerializeToString,
         ),
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status,

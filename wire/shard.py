@@ -27,6 +27,7 @@ __all__ = [
     "RemoteShard",
     "optimizer_to_proto",
     "optimizer_from_proto",
+    "step_args_from_proto",
     "stream_frames",
     "shard_frames",
     "receive_frames",
@@ -57,6 +58,12 @@ _PROTO_FIELDS = (
     "eps",
     "amsgrad",
     "maximize",
+    "alpha",
+    "centered",
+    "lr_decay",
+    "initial_accumulator_value",
+    "momentum_decay",
+    "decoupled_weight_decay",
 )
 
 
@@ -89,6 +96,16 @@ def optimizer_to_proto(description: dict) -> shard_pb2.Optimizer:
     if "betas" in d:
         msg.beta1, msg.beta2 = d["betas"]
     return msg
+
+
+# The optional fields of ApplyRequest that carry a step's scheduled hyper-parameters and
+# clipping, named as the shard's step arguments.
+STEP_ARG_FIELDS = ("lr", "momentum", "beta1", "clip_coefficient", "clip_value")
+
+
+def step_args_from_proto(request: shard_pb2.ApplyRequest) -> dict:
+    """The step arguments an ApplyRequest sets (empty: the optimizer's own values)."""
+    return {k: getattr(request, k) for k in STEP_ARG_FIELDS if request.HasField(k)}
 
 
 # ------------------------------------------------------------------ frame streams -------
@@ -269,7 +286,16 @@ class RemoteShard:
         r = self._call("PushGradients", self._push_call, shard_frames("push", header, values))
         return r.duplicate, r.received
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False, attempt=0):
+    def apply(
+        self,
+        job_id,
+        step_id,
+        micro_batches,
+        version,
+        checkpoint_now=False,
+        attempt=0,
+        step_args=None,
+    ):
         r = self._call(
             "Apply",
             self._stub.Apply,
@@ -280,9 +306,25 @@ class RemoteShard:
                 version=version,
                 checkpoint=checkpoint_now,
                 attempt=attempt,
+                **(step_args or {}),
             ),
         )
         return r.version, r.already_applied, r.apply_seconds
+
+    def gradient_norms(self, job_id, step_id, micro_batches, version, attempt=0, norm_type=2.0):
+        r = self._call(
+            "GradientNorms",
+            self._stub.GradientNorms,
+            shard_pb2.GradientNormsRequest(
+                job_id=job_id,
+                step_id=step_id,
+                micro_batches=micro_batches,
+                version=version,
+                attempt=attempt,
+                norm_type=norm_type,
+            ),
+        )
+        return dict(r.norms)
 
     def status(self, job_id, wait: float = 2.0):
         """``(version, last step id)`` of the job, None when the shard lacks it; waits up

@@ -20,7 +20,8 @@ from .limits import Limits
 GRAPH_VERSION = 1
 LOSS = "loss"  # name of the first output
 PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
-ROLE_NAMES = {PARAM: "PARAM", DATA: "DATA", CONST: "CONST"}
+BUFFER = graph_pb2.Input.BUFFER  # module state supplied per call, updated by outputs
+ROLE_NAMES = {PARAM: "PARAM", DATA: "DATA", CONST: "CONST", BUFFER: "BUFFER"}
 STOP_GRADIENT = "stop_gradient"  # the op a traced detach() or no_grad() leaves behind
 
 

@@ -474,6 +474,7 @@ class GradientWorker:
             result.forward_seconds,
             result.backward_seconds,
             cached,
+            list(result.buffers.items()),
             unused,
         )
 

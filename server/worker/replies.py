@@ -25,6 +25,7 @@ _REPLY = worker_pb2.ComputeGradientsResponse
 _LOSS = frames.field_number(_REPLY, "loss")
 _OUTPUTS = frames.field_number(_REPLY, "outputs")
 _GRADIENTS = frames.field_number(_REPLY, "gradients")
+_BUFFERS = frames.field_number(_REPLY, "buffers")
 
 
 def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
@@ -129,14 +130,23 @@ def build_response(
         outputs=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.outputs],
         gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.gradients],
         graph_id=prepared.graph_id,
+        buffers=_named(computed.buffers, with_data),
         unused_parameters=computed.unused,
     )
     return resp, computed.arrays()
 
 
+def _named(pairs, with_data: bool = True) -> list[tensor_pb2.NamedTensor]:
+    return [
+        tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=with_data))
+        for n, a in pairs
+    ]
+
+
 def response_pieces(computed: Computed) -> list:
     """The loss, outputs and gradients fields of the ``ComputeGradientsResponse`` as pieces
-    whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet."""
+    whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet.
+    (The buffers, field 7, come after the timings: see ``unary_reply``.)"""
     pieces = frames.encode_tensor_field(_LOSS, computed.loss)
     for name, a in computed.outputs:
         pieces += frames.encode_tensor_field(_OUTPUTS, a, name)
@@ -158,7 +168,7 @@ def check_unary_size(computed: Computed, max_message_bytes: int) -> None:
     size = (
         256
         + sum(a.nbytes + 10 * a.ndim + 32 for a in computed.arrays())
-        + sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients)
+        + sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients + computed.buffers)
     )
     if size > max_message_bytes:
         # Name what made it big: the extra outputs if any were asked for.
@@ -188,9 +198,12 @@ def unary_reply(
         graph_id=prepared.graph_id, unused_parameters=computed.unused
     )
     set_timings(tail, computed, decode_seconds, time.perf_counter() - t2)
-    # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), as protobuf
-    # orders them; the join is the one copy of the tensors' bytes before gRPC's.
+    # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), then the buffers
+    # (field 7), as protobuf orders them; the join is the one copy of the tensors' bytes
+    # before gRPC's.
     pieces.append(tail.SerializeToString())
+    for name, a in computed.buffers:
+        pieces += frames.encode_tensor_field(_BUFFERS, a, name)
     return b"".join(pieces)
 
 
@@ -229,6 +242,7 @@ def shared_memory_reply(
         ],
         graph_id=prepared.graph_id,
         gradients_in_shared_memory=True,
+        buffers=_named(computed.buffers),
         unused_parameters=computed.unused,
     )
     set_timings(resp, computed, decode_seconds, 0.0)
@@ -275,6 +289,10 @@ def early_header(
             for n in order
         ],
         graph_id=prepared.graph_id,
+        buffers=[
+            tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[v]))
+            for n, v in vg.buffer_updates.items()
+        ],
         unused_parameters=plan.unused_gradients(prepared.gradients, tuple(prepared.outputs)),
     )
 
@@ -382,6 +400,8 @@ def early_stream(
                 break
             yield from frames.chunk_frames(item, chunk_bytes, index)
             index += len(item)
+        # The buffers' chunks last, as the header lists them (computed during forward).
+        yield from frames.chunk_frames([a for _, a in computed.buffers], chunk_bytes, index)
         t2 = time.perf_counter()
         tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
         set_timings(tail, computed, decode_seconds, 0.0)

@@ -86,13 +86,14 @@ class SharedMemory(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ..., data_offsets: _Optional[_Mapping[str, int]] = ..., parameter_segment: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
-    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory", "unused_parameters")
+    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory", "buffers", "unused_parameters")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     loss: _tensor_pb2.Tensor
     outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -100,8 +101,9 @@ class ComputeGradientsResponse(_message.Message):
     timings: Timings
     graph_id: str
     gradients_in_shared_memory: bool
+    buffers: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     unused_parameters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_seconds", "forward_seconds", "backward_seconds", "encode_seconds", "plan_cached")
