@@ -90,6 +90,7 @@ class Interceptor(grpc.ServerInterceptor):
                 method, behavior, streaming_response, denied, rid
             ),
             self._idle,
+            self._max_message,
         )
 
     @property
@@ -229,43 +230,38 @@ class Interceptor(grpc.ServerInterceptor):
         return guarded
 
     def _sized(self, method: str, request):
-        """The request (a message, or a stream of them) with every message checked against
-        the advertised limit, which the transport's own is above."""
-        if hasattr(request, "ByteSize"):
-            self._check_size(method, request)
-            return request
+        """The request (a message, or a stream of them) with every message that was over
+        the advertised limit (an ``_Oversize`` from the deserializer) refused."""
+        if isinstance(request, _Oversize):
+            self._refuse_size(method, request.size)
         if hasattr(request, "__next__"):
             return self._sized_stream(method, request)
         return request
 
     def _sized_stream(self, method: str, requests):
         for message in requests:
-            self._check_size(method, message)
+            if isinstance(message, _Oversize):
+                self._refuse_size(method, message.size)
             yield message
 
-    def _check_size(self, method: str, request) -> None:
+    def _refuse_size(self, method: str, size: int) -> None:
         """A message over the advertised limit, let in by the transport's higher one
         (serving.transport_receive_limit): RESOURCE_EXHAUSTED with the limit and the way
         out, where gRPC would have refused it without details."""
-        if hasattr(request, "ByteSize"):
-            size = request.ByteSize()
-        else:  # a chunk frame parsed without a copy (wire.frames.ChunkFrame)
-            size = len(getattr(getattr(request, "chunk", None), "data", b""))
-        if size > self._max_message:
-            way_out = (
-                "send it with ComputeGradientsStream, in chunks"
-                if method.endswith("/ComputeGradients")
-                else "send smaller chunks (Capabilities.limits.chunk_bytes)"
-                if method.endswith("Stream") or "Push" in method or "Create" in method
-                else "send less in one call"
-            )
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"a request message of {size} bytes is over this server's limit of "
-                f"{self._max_message} bytes (max_message_bytes, Capabilities.limits); "
-                f"{way_out}",
-                "request",
-            )
+        way_out = (
+            "send it with ComputeGradientsStream, in chunks"
+            if method.endswith("/ComputeGradients")
+            else "send smaller chunks (Capabilities.limits.chunk_bytes)"
+            if method.endswith("Stream") or "Push" in method or "Create" in method
+            else "send less in one call"
+        )
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"a request message of {size} bytes is over this server's limit of "
+            f"{self._max_message} bytes (max_message_bytes, Capabilities.limits); "
+            f"{way_out}",
+            "request",
+        )
 
 
 def _details(context) -> str | None:
@@ -274,11 +270,34 @@ def _details(context) -> str | None:
     return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
 
 
+class _Oversize:
+    """What the deserializer gives for a message over the advertised limit: its size
+    only (it is not parsed), for the guard to refuse with the limit."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _size_checked(deserialize, limit: int):
+    def checked(raw: bytes):
+        return _Oversize(len(raw)) if len(raw) > limit else deserialize(raw)
+
+    return checked
+
+
 def _wrap(
-    handler: grpc.RpcMethodHandler, guard, idle: float | None = None
+    handler: grpc.RpcMethodHandler,
+    guard,
+    idle: float | None = None,
+    max_message: int | None = None,
 ) -> grpc.RpcMethodHandler:
+    deserialize = handler.request_deserializer
+    if deserialize is not None and max_message:
+        deserialize = _size_checked(deserialize, max_message)
     kw = dict(
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )
     if idle and (handler.stream_unary or handler.stream_stream):
