@@ -32,6 +32,9 @@ Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
 * ``nondiff``: inputs that never get a gradient although the op is differentiable (an
   index, a target, class weights).
 * ``broadcast_inputs``: with ``broadcast=True``, the inputs that broadcast when not all do.
+* ``blame``: the attribute whose value is at fault when ``infer`` refuses (reshape's
+  ``shape``), so that a graph's error names ``nodes[k].attrs.shape``, not only the node;
+  an ``OpError(..., attr)`` names its own.
 * ``differentiable=False`` for a gradient stop (``stop_gradient``, what ``detach()`` is in a
   traced graph): it declares no vjp, and its result carries no gradient in the eager
   engine and in a compiled plan alike, as integer and bool results never do.
@@ -46,7 +49,6 @@ of ``core/tensor.py``); ``tests/engine/test_public_api.py`` fails when that code
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, TypeVar, overload
 
@@ -78,6 +80,7 @@ class Op:
     choices: dict[str, tuple] = field(default_factory=dict)  # str attr -> allowed values
     nondiff: tuple[str, ...] = ()  # inputs that never get a gradient
     broadcast_inputs: tuple[str, ...] | None = None  # None: all of them (if broadcast)
+    blame: str | None = None  # the attribute a graph's infer error names by default
 
     def defvjp(self, fn: Callable) -> Callable:
         if not self.differentiable:
@@ -108,6 +111,7 @@ def defop(
     choices: dict | None = None,
     nondiff: tuple[str, ...] = (),
     broadcast_inputs: tuple[str, ...] | None = None,
+    blame: str | None = None,
 ) -> Callable[[Callable], Op]:
     """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient
     (``differentiable=False``: a gradient stop, which has none)."""
@@ -135,6 +139,7 @@ def defop(
             choices={k: tuple(v) for k, v in (choices or {}).items()},
             nondiff=tuple(nondiff),
             broadcast_inputs=None if broadcast_inputs is None else tuple(broadcast_inputs),
+            blame=blame,
         )
         REGISTRY[name] = op
         return op
@@ -159,23 +164,6 @@ class OpError(RuntimeError, ValueError):
     def __init__(self, message: str, attr: str | None = None):
         super().__init__(message)
         self.attr = attr
-
-
-def blaming(attr: str, infer: Callable) -> Callable:
-    """``infer`` whose errors name the attribute ``attr`` (unless they name another): for
-    ops where what fails is that attribute's value (reshape's ``shape``), so that a graph's
-    error names ``nodes[k].attrs.shape`` rather than only the node."""
-
-    @functools.wraps(infer)
-    def checked(*specs, **attrs):
-        try:
-            return infer(*specs, **attrs)
-        except OpError as e:
-            if e.attr is None:
-                e.attr = attr
-            raise
-
-    return checked
 
 
 @dataclass(frozen=True)

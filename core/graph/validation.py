@@ -139,7 +139,7 @@ def _infer_all(graph, ops, attrs, node_inputs, batch: int) -> list[Spec]:
         except GraphError:
             raise
         except Exception as e:  # infer's own errors name the op and the shapes
-            attr = getattr(e, "attr", None)
+            attr = getattr(e, "attr", None) or op.blame
             raise GraphError(
                 f"nodes[{k}].attrs.{attr}" if attr in op.attrs else f"nodes[{k}]",
                 f"{op.name}: {e}" if not str(e).startswith(op.name) else str(e),

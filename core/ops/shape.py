@@ -12,7 +12,7 @@ from typing import Any
 from .. import dtypes
 from ..factories import zeros
 from ..functional import permute, reshape
-from ..registry import OpError, Spec, blaming, broadcast_shapes, defop, fmt, norm_dim, norm_dims
+from ..registry import OpError, Spec, broadcast_shapes, defop, fmt, norm_dim, norm_dims
 
 
 def _resolve_shape(op: str, src, shape) -> tuple:
@@ -38,7 +38,7 @@ def _infer_reshape(a, shape) -> Spec:
     return Spec(_resolve_shape("reshape", a.shape, shape), a.dtype)
 
 
-@defop("reshape", infer=blaming("shape", _infer_reshape), attrs={"shape": ("ints", [])})
+@defop("reshape", infer=_infer_reshape, blame="shape", attrs={"shape": ("ints", [])})
 def reshape_p(xp, a, shape):
     return a.reshape(shape)
 
@@ -58,7 +58,7 @@ def _infer_permute(a, dims) -> Spec:
     return Spec(tuple(a.shape[d] for d in dims), a.dtype)
 
 
-@defop("permute", infer=blaming("dims", _infer_permute), attrs={"dims": ("ints", [])})
+@defop("permute", infer=_infer_permute, blame="dims", attrs={"dims": ("ints", [])})
 def permute_p(xp, a, dims):
     return a.transpose(dims)  # the method: np.transpose adds ~2 us of dispatch
 
@@ -95,9 +95,7 @@ def _infer_expand(a, shape) -> Spec:
     return Spec(tuple(shape), a.dtype)
 
 
-@defop(
-    "expand", infer=blaming("shape", _infer_expand), attrs={"shape": ("ints", [])}, broadcast=True
-)
+@defop("expand", infer=_infer_expand, blame="shape", attrs={"shape": ("ints", [])}, broadcast=True)
 def expand_p(xp, a, shape):
     shape = [s if w == -1 else w for s, w in zip((1,) * (len(shape) - a.ndim) + a.shape, shape)]
     return xp.broadcast_to(a, shape)
