@@ -1529,11 +1529,40 @@ def _docker_engine_or_skip() -> list[str]:
     return cli
 
 
+# Run in the built image: its user, its Python distributions and any compiler on PATH.
+_IMAGE_PROBE = """
+import importlib.metadata, json, os, shutil
+print(json.dumps({
+    "uid": os.getuid(),
+    "dists": sorted(d.metadata["Name"] for d in importlib.metadata.distributions()),
+    "compilers": [c for c in ("cc", "gcc", "g++", "c++", "clang", "make") if shutil.which(c)],
+}))
+"""
+
+
+def assert_image_is_slim(compose) -> None:
+    """The image as built (not only the Dockerfile as written): not root, no compiler,
+    none of the distributions the servers do not need."""
+    run = compose(
+        *("run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "worker-1"),
+        *("-c", _IMAGE_PROBE),
+        timeout=120,
+    )
+    assert run.returncode == 0, f"compose run:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["uid"] != 0, "the image runs as root"
+    assert not found["compilers"], f"compilers in the image: {found['compilers']}"
+    carried = sorted({canonical(d) for d in found["dists"]} & NOT_IN_IMAGE)
+    assert not carried, f"the image carries {carried}"
+    assert "gradmesh" in {canonical(d) for d in found["dists"]}, found["dists"]
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 def test_compose_cluster_trains(tmp_path, free_port):
-    """Build the image, start the compose cluster (compose v2 or v1), train through the
-    SDK, restart the coordinator and find the job where it was (its state volume)."""
+    """Build the image, check what it holds, start the compose cluster (compose v2 or v1),
+    train through the SDK, restart the coordinator and find the job where it was (its
+    state volume)."""
     cli = _docker_engine_or_skip()
     import numpy as np
 
@@ -1583,6 +1612,7 @@ def test_compose_cluster_trains(tmp_path, free_port):
             "and set GRADMESH_BASE_IMAGE; behind a TLS-intercepting proxy set "
             "GRADMESH_PIP_CA_CERTS (deploy/README.md)"
         )
+        assert_image_is_slim(compose)
         # No --wait: compose v1 lacks it. The coordinator starts once the others are
         # healthy (depends_on), so its health check answering means all are up.
         up = compose("up", "-d", "--no-build")
