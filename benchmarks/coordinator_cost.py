@@ -309,7 +309,7 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stubs", default=",".join(map(str, STUBS)), help="stub counts (8,64,256)")
-    p.add_argument("--models", default="tiny,small,medium", help="comma-separated: " + ",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: tiny,small,medium")
     p.add_argument("--steps", type=int, default=10, help="timed steps per point (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--micro-batch", type=int, default=4, help="rows per micro-batch (default 4)")
@@ -351,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} x {n}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
     if args.profile:
         return 0
-    out = {"command": " ".join(["benchmarks/coordinator_cost.py", *(argv or sys.argv[1:])]),
-           "cores": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows}
+    out = {
+        "command": " ".join(["benchmarks/coordinator_cost.py", *(argv or sys.argv[1:])]),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "rows": rows,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
