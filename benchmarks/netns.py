@@ -21,9 +21,9 @@ Compression: gradmesh has no compressed gradients yet; ``--compression`` takes `
 only and the report carries a "not available" row in its place.
 
 ``python benchmarks/netns.py`` (medium and large MLP, 1 and 2 workers, links unlimited,
-10gbit, 1gbit), ``--quick`` (medium, 1 worker, unlimited and 1gbit, 2 steps),
-``--models``, ``--workers 1,2``, ``--links unlimited,10gbit,1gbit``, ``--steps N``,
-``--repetitions N``, ``--delay 100us``, ``--json PATH``.
+10gbit, 1gbit; 1 BLAS thread per worker), ``--quick`` (medium, 1 worker, unlimited and
+1gbit, 2 steps), ``--models``, ``--workers 1,2``, ``--links unlimited,10gbit,1gbit``, ``--steps N``,
+``--repetitions N``, ``--threads N``, ``--delay 100us``, ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def measure(args) -> list[dict]:
     bench = _bench_cluster()
     rows = []
     for workers in args.workers:
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        threads = args.threads or max(1, len(os.sched_getaffinity(0)) // workers)
         with Hosts(workers, args.delay) as hosts, namespaced_cluster(hosts, threads) as cluster:
             checks = {}
             for link in args.links:
@@ -296,13 +296,19 @@ def measure(args) -> list[dict]:
                             r = job.step(x, y)
                             if i >= args.warmup:
                                 runs[link].append((time.perf_counter() - t, r))
+                sizes = {
+                    "parameter_bytes": sum(w.nbytes for w in bench.weights(name)),
+                    "batch_bytes": x.nbytes + y.nbytes,
+                    "batch_rows": len(x),
+                    "threads_per_worker": threads,
+                }
                 for link, steps in runs.items():
-                    rows.append(summarize(name, workers, link, steps, checks[link], len(x), hosts))
+                    rows.append(summarize(name, workers, link, steps, checks[link], sizes, hosts))
                     print(_line(rows[-1]), file=sys.stderr)
     return rows
 
 
-def summarize(name, workers, link, steps, tcp_gbit, batch_rows, hosts) -> dict:
+def summarize(name, workers, link, steps, tcp_gbit, sizes, hosts) -> dict:
     seconds = statistics.median(s for s, _ in steps)
     med = {
         k: statistics.median(r.timings[k] for _, r in steps)
@@ -315,7 +321,7 @@ def summarize(name, workers, link, steps, tcp_gbit, batch_rows, hosts) -> dict:
         "qdisc": "none" if link == "unlimited" and not hosts.netem else " ".join(hosts.qdisc(link)),
         "compression": "off",
         "step_ms": 1e3 * seconds,
-        "samples_per_second": batch_rows / seconds,
+        "samples_per_second": sizes["batch_rows"] / seconds,
         # Summed over the workers: with several, the per-worker time is this / workers.
         "worker_compute_ms": 1e3 * med["worker_compute"],
         "coordinator_compute_phase_ms": 1e3 * med["compute"],
@@ -323,6 +329,7 @@ def summarize(name, workers, link, steps, tcp_gbit, batch_rows, hosts) -> dict:
         "tcp_check_gbit": tcp_gbit,
         "loss_first": steps[0][1].loss,
         "steps": len(steps),
+        **sizes,
     }
 
 
@@ -336,22 +343,35 @@ def _line(r: dict) -> str:
 # --------------------------------------------------------------------- output and main
 
 
+def link_ms(r: dict) -> float | None:
+    """Milliseconds one worker's link needs at its rate for the parameters in, the
+    gradients out and its share of the batch in (None: unlimited)."""
+    if r["link"] == "unlimited":
+        return None
+    size = 2 * r["parameter_bytes"] + r["batch_bytes"] / r["workers"]
+    return 1e3 * size * 8 / _bits_per_second(r["link"])
+
+
 def table(rows: list[dict]) -> str:
     from_bench = _bench_cluster().MODELS
     lines = [
         "| model | workers | link (both ends) | raw TCP Gbit/s | step ms | samples/s "
-        "| worker fwd+bwd ms (per worker) | apply ms |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| worker fwd+bwd ms (per worker) | step - fwd+bwd ms | link time ms (2P+D)/B "
+        "| apply ms |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         sizes = "-".join(map(str, from_bench[r["model"]][0]))
+        worker = r["worker_compute_ms"] / r["workers"]
+        wire = link_ms(r)
         lines.append(
             f"| {r['model']} {sizes} | {r['workers']} | {r['link']} | {r['tcp_check_gbit']:.2f} "
-            f"| {r['step_ms']:.1f} | {r['samples_per_second']:.0f} "
-            f"| {r['worker_compute_ms'] / r['workers']:.1f} | {r['apply_ms']:.1f} |"
+            f"| {r['step_ms']:.1f} | {r['samples_per_second']:.0f} | {worker:.1f} "
+            f"| {r['step_ms'] - worker:.1f} | {'—' if wire is None else f'{wire:.1f}'} "
+            f"| {r['apply_ms']:.1f} |"
         )
     # The slot for compressed gradients (another deliverable): not measured.
-    lines.append("| (any) | (any) | with compression | — | not available | — | — | — |")
+    lines.append("| (any) | (any) | with compression | — | not available | — | — | — | — | — |")
     return "\n".join(lines)
 
 
@@ -362,6 +382,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--links", default=",".join(LINKS), help="unlimited and/or rates like 1gbit")
     p.add_argument("--steps", type=int, help="timed steps per link per repetition "
                    "(default medium 10, large 2)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS threads per worker (default 1; 0: cores // workers)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per turn (default 1)")
     p.add_argument("--repetitions", type=int, default=2, help="round-robin turns (default 2)")
     p.add_argument("--delay", help="one-way delay per end, e.g. 100us (needs sch_netem)")
