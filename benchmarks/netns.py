@@ -161,9 +161,11 @@ class Hosts:
             return ["netem", "delay", self.delay, "limit", "100000"] + (
                 [] if link == "unlimited" else ["rate", link]
             )
-        # A burst of at least 2 ms at the rate (and 1 MiB: a veth passes 64 KiB GSO
-        # segments, which a smaller bucket would drop).
-        burst = max(1 << 20, _bits_per_second(link) // 8 // 500)
+        # A small bucket: 0.5 ms at the rate, at least 128 KiB (two 64 KiB GSO segments).
+        # What the bucket holds passes at once after every idle spell (the worker's
+        # compute), so a bucket of megabytes would let a medium model's step through at
+        # far above the rate.
+        burst = max(128 << 10, _bits_per_second(link) // 8 // 2000)
         return ["tbf", "rate", link, "burst", str(burst), "latency", "50ms"]
 
     def shape(self, link: str) -> None:

@@ -38,6 +38,7 @@ def test_skips_in_one_line_without_root(netns, monkeypatch, capsys):
     assert out == "netns.py: skipped: creating network namespaces needs root (CAP_NET_ADMIN)\n"
 
 
+@pytest.mark.slow
 def test_quick_run_shapes_the_links_and_removes_the_namespaces(netns, tmp_path, capsys):
     reason = netns.unavailable()
     if reason:
