@@ -306,6 +306,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fit(rows: list[dict]) -> tuple[float, float]:
+    """Least squares of the coordinator's CPU per micro-batch (each stub gets one) as
+    ``a + b * parameter MB``: ``(a ms, b ms per MB)``."""
+    mb = np.array([r["parameter_bytes"] / 1e6 for r in rows])
+    per_stub = np.array([r["cpu_ms"] / r["stubs"] for r in rows])
+    (b, a), *_ = np.linalg.lstsq(np.stack([mb, np.ones_like(mb)], 1), per_stub, rcond=None)
+    return float(a), float(b)
+
+
+def fit_table(rows: list[dict]) -> str:
+    a, b = fit(rows)
+    lines = [
+        f"coordinator CPU per micro-batch ~ {a:.2f} ms + {b:.2f} ms per MB of parameters",
+        "",
+        "| model | stubs | predicted CPU ms | measured CPU ms | measured / predicted |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        predicted = r["stubs"] * (a + b * r["parameter_bytes"] / 1e6)
+        lines.append(
+            f"| {r['model']} | {r['stubs']} | {predicted:.1f} | {r['cpu_ms']:.1f} "
+            f"| {r['cpu_ms'] / predicted:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stubs", default=",".join(map(str, STUBS)), help="stub counts (8,64,256)")
@@ -339,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_stubs:
         return serve_stubs(args.serve_stubs)
     most = args.profile or max(args.stubs)
+    load_start = os.getloadavg()
     rows = []
     for name in args.models:
         # A stub process per model: its one reply fits one graph.
@@ -354,14 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "command": " ".join(["benchmarks/coordinator_cost.py", *(argv or sys.argv[1:])]),
         "cores": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        "load_average": [load_start, os.getloadavg()],
         "rows": rows,
     }
+    loads = " -> ".join(f"{load[0]:.2f}" for load in out["load_average"])
+    print(f"{out['cores']} cores, load average {loads}; {out['command']}")
+    print(table(rows))
+    if len({r["parameter_bytes"] for r in rows}) > 1:
+        out["fit_ms"] = dict(zip(("a", "b_per_mb"), fit(rows)))
+        print("\n" + fit_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
-    print(f"{out['cores']} cores, load average {out['load_average'][0]:.2f}; {out['command']}")
-    print(table(rows))
     return 0
 
 
