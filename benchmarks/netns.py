@@ -46,6 +46,9 @@ from dataclasses import dataclass
 LINKS = ("unlimited", "10gbit", "1gbit")
 COMPRESSION = ("off",)  # the slot for compressed gradients, once gradmesh has them
 STEPS = {"medium": 10, "large": 2}
+# coordinator_cost.py's fit on the development VM: the coordinator's CPU per micro-batch is
+# a + b x parameter MB (ms); --coordinator-fit sets another machine's.
+COORDINATOR_FIT = (0.78, 2.37)
 TCP_CHECK_BYTES = 32 << 20
 TCP_PORT = 5599
 _SINK = (  # a TCP sink in a worker's namespace: counts the bytes, answers b"k"
@@ -345,13 +348,54 @@ def _line(r: dict) -> str:
 # --------------------------------------------------------------------- output and main
 
 
-def link_ms(r: dict) -> float | None:
-    """Milliseconds one worker's link needs at its rate for the parameters in, the
-    gradients out and its share of the batch in (None: unlimited)."""
-    if r["link"] == "unlimited":
+def link_ms(r: dict, gbit: float | None = None) -> float | None:
+    """Milliseconds one worker's link needs for the parameters in, the gradients out and
+    its share of the batch in, at ``gbit`` or else at the row's rate (None: unlimited)."""
+    if gbit is None and r["link"] == "unlimited":
         return None
+    bits = gbit * 1e9 if gbit else _bits_per_second(r["link"])
     size = 2 * r["parameter_bytes"] + r["batch_bytes"] / r["workers"]
-    return 1e3 * size * 8 / _bits_per_second(r["link"])
+    return 1e3 * size * 8 / bits
+
+
+def coordinator_ms(r: dict, fit: tuple[float, float]) -> float:
+    """The coordinator's CPU for the step's micro-batches (one per worker): N (a + b P)."""
+    return r["workers"] * (fit[0] + fit[1] * r["parameter_bytes"] / 1e6)
+
+
+def predicted_ms(r: dict, unlimited: dict, fit: tuple[float, float]) -> float:
+    """docs/scaling.md's model of step minus worker compute on a limited link: the rest of
+    the step (``O``) from the unlimited run of the same model and workers, plus the larger
+    of the coordinator's CPU and the link time (gRPC moves one worker's bytes while the
+    coordinator's Python works on the next)."""
+    coordinator = coordinator_ms(r, fit)
+    base = unlimited["step_ms"] - unlimited["worker_compute_ms"] / unlimited["workers"]
+    rest = base - max(coordinator, link_ms(unlimited, unlimited["tcp_check_gbit"]))
+    return rest + max(coordinator, link_ms(r))
+
+
+def check_table(rows: list[dict], fit: tuple[float, float]) -> str:
+    """Predicted against measured step minus worker compute, for every limited link."""
+    unlimited = {(r["model"], r["workers"]): r for r in rows if r["link"] == "unlimited"}
+    lines = [
+        f"model check (coordinator CPU per micro-batch {fit[0]} ms + {fit[1]} ms per MB):",
+        "",
+        "| model | workers | link | N c(P) ms | link time ms | predicted step - C ms "
+        "| measured ms | measured / predicted |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        base = unlimited.get((r["model"], r["workers"]))
+        if r["link"] == "unlimited" or base is None:
+            continue
+        predicted = predicted_ms(r, base, fit)
+        measured = r["step_ms"] - r["worker_compute_ms"] / r["workers"]
+        lines.append(
+            f"| {r['model']} | {r['workers']} | {r['link']} | {coordinator_ms(r, fit):.1f} "
+            f"| {link_ms(r):.1f} | {predicted:.1f} | {measured:.1f} "
+            f"| {measured / predicted:.2f} |"
+        )
+    return "\n".join(lines) if len(lines) > 4 else ""
 
 
 def table(rows: list[dict]) -> str:
@@ -395,6 +439,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--delay", help="one-way delay per end, e.g. 100us (needs sch_netem)")
     p.add_argument("--compression", choices=COMPRESSION, default="off",
                    help="compressed gradients: not available yet (off only)")  # fmt: skip
+    p.add_argument(
+        "--coordinator-fit",
+        default=",".join(map(str, COORDINATOR_FIT)),
+        help="A,B: the coordinator's CPU per micro-batch, A ms + B ms per MB of parameters "
+        "(coordinator_cost.py prints it; default: the development VM's)",
+    )
     p.add_argument("--quick", action="store_true", help="medium, 1 worker, unlimited and 1gbit")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args(argv)
@@ -410,8 +460,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for link in args.links:
             if link != "unlimited":
                 _bits_per_second(link)
+        args.coordinator_fit = tuple(float(v) for v in args.coordinator_fit.split(","))
+        if len(args.coordinator_fit) != 2:
+            raise ValueError("--coordinator-fit takes two numbers, A,B")
     except ValueError as e:
-        p.error(f"--workers/--links: {e}")
+        p.error(f"--workers/--links/--coordinator-fit: {e}")
     if not args.workers or min(args.workers) < 1 or max(args.workers) > 200 or not args.links:
         p.error("--workers: 1 to 200 workers; --links: at least one")
     if min(args.repetitions, args.steps or 1) < 1 or args.warmup < 0:
@@ -453,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(out, f, indent=2)
     print(f"{out['cores']} cores, load average {out['load_average'][0]:.2f}; {out['command']}")
     print(table(rows))
+    check = check_table(rows, args.coordinator_fit)
+    if check:
+        print("\n" + check)
     return 0
 
 
