@@ -48,7 +48,7 @@ COMPRESSION = ("off",)  # the slot for compressed gradients, once gradmesh has t
 STEPS = {"medium": 10, "large": 2}
 # coordinator_cost.py's fit on the development VM: the coordinator's CPU per micro-batch is
 # a + b x parameter MB (ms); --coordinator-fit sets another machine's.
-COORDINATOR_FIT = (0.78, 2.37)
+COORDINATOR_FIT = (0.64, 1.91)
 TCP_CHECK_BYTES = 32 << 20
 TCP_PORT = 5599
 _SINK = (  # a TCP sink in a worker's namespace: counts the bytes, answers b"k"
@@ -365,13 +365,13 @@ def coordinator_ms(r: dict, fit: tuple[float, float]) -> float:
 
 def predicted_ms(r: dict, unlimited: dict, fit: tuple[float, float]) -> float:
     """docs/scaling.md's model of step minus worker compute on a limited link: the rest of
-    the step (``O``) from the unlimited run of the same model and workers, plus the larger
-    of the coordinator's CPU and the link time (gRPC moves one worker's bytes while the
-    coordinator's Python works on the next)."""
+    the step (``O``) from the unlimited run of the same model and workers, whose transfers
+    are CPU work already counted in the coordinator's ``N c(P)`` and in ``O``; plus the
+    larger of the coordinator's CPU and the link time (gRPC moves one worker's bytes while
+    the coordinator's Python works on the next)."""
     coordinator = coordinator_ms(r, fit)
-    base = unlimited["step_ms"] - unlimited["worker_compute_ms"] / unlimited["workers"]
-    rest = base - max(coordinator, link_ms(unlimited, unlimited["tcp_check_gbit"]))
-    return rest + max(coordinator, link_ms(r))
+    rest = unlimited["step_ms"] - unlimited["worker_compute_ms"] / unlimited["workers"]
+    return rest - coordinator + max(coordinator, link_ms(r))
 
 
 def check_table(rows: list[dict], fit: tuple[float, float]) -> str:
