@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     # namespaces and the cluster are removed.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    load_start = os.getloadavg()
     try:
         rows = measure(args)
     except NetnsError as e:
@@ -498,13 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "command": " ".join(["benchmarks/netns.py", *argv]),
         "cores": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        "load_average": [load_start, os.getloadavg()],
         "rows": rows,
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
-    print(f"{out['cores']} cores, load average {out['load_average'][0]:.2f}; {out['command']}")
+    loads = " -> ".join(f"{load[0]:.2f}" for load in out["load_average"])
+    print(f"{out['cores']} cores, load average {loads}; {out['command']}")
     print(table(rows))
     check = check_table(rows, args.coordinator_fit)
     if check:
