@@ -1,13 +1,14 @@
-"""The coordinator's own cost per step, measured with stub workers that answer at once.
+"""The coordinator's own cost per step, measured with stub workers that compute nothing.
 
-A child process serves ``--stubs`` stub workers: one gRPC server bound to one port per
-stub on 127.0.0.1. Each answers ``Capabilities`` as a real CPU worker of this build would
-(the same fingerprint, limits and parameter cache), except that it takes no shared memory,
-as a worker on another host (so every tensor travels as bytes), and ``ComputeGradients``
-at once with a reply made once: loss 1.0 and zero gradients of the right shapes. A real
+A child process serves N stub workers: one gRPC server bound to one port per stub on
+127.0.0.1. Each answers ``Capabilities`` as a real CPU worker of this build would (the
+same fingerprint, limits and parameter cache), except that it takes no shared memory, as
+a worker on another host (so every tensor travels as bytes), and ``ComputeGradients`` with
+a reply made once (loss 1.0 and zero gradients of the right shapes) as soon as all N
+calls of the step have arrived, so that every worker gets one micro-batch. A real
 coordinator (``gradmesh.server.coordinator.start``, its embedded shard, plain SGD) runs in
-this process with the first N stubs as its static workers, and a job whose global batch
-holds one micro-batch of ``--micro-batch`` rows per stub. ``Coordinator.step`` is called
+this process with the N stubs as its static workers (a fresh stub process per point), and
+a job whose global batch holds one micro-batch of ``--micro-batch`` rows per stub. ``Coordinator.step`` is called
 directly (no Step RPC, whose batch decoding is one per step whatever the workers), and
 timed: wall time, and this process's CPU time (the coordinator's alone: the stubs are in
 the child, whose CPU time is reported apart). Since the stubs compute nothing, the step
@@ -47,7 +48,7 @@ MODELS = {  # layer sizes of a ReLU MLP with a cross-entropy loss
     "medium": (784, 512, 512, 10),
 }
 STUBS = (8, 64, 256)
-STUB_THREADS = 16  # the stub server's thread pool: replies are made once, calls are short
+BARRIER_SECONDS = 120.0  # a stub waits this long for the step's other calls, then fails
 READY = "stubs listening on "
 
 
@@ -82,7 +83,11 @@ def gradients_reply(request: bytes) -> bytes:
 
 
 def serve_stubs(n: int) -> int:
-    """The child: ``n`` stub workers on one server, until stdin closes."""
+    """The child: ``n`` stub workers on one server, until stdin closes. Each call is
+    answered once all ``n`` calls of the step have arrived: one micro-batch per worker, as
+    workers that compute get them. (Answered at once, the first lanes took several
+    micro-batches each while later lanes were still starting: at 256 stubs, 134 got none
+    in 6 steps, and the parameters went out far fewer times than to 256 workers.)"""
     import grpc
 
     from gradmesh.wire.worker import SERVICE_NAME
@@ -90,6 +95,7 @@ def serve_stubs(n: int) -> int:
     caps = capabilities_reply()
     reply: list[bytes] = []  # made from the first request: every call gets the same
     lock = threading.Lock()
+    step = threading.Barrier(n, timeout=BARRIER_SECONDS)
 
     def compute(request: bytes, context) -> bytes:
         if not reply:
@@ -99,6 +105,11 @@ def serve_stubs(n: int) -> int:
                         reply.append(gradients_reply(request))
                     except LookupError as e:
                         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        try:
+            step.wait()
+        except threading.BrokenBarrierError:
+            step.reset()
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the step's {n} calls did not all come")
         return reply[0]
 
     def unary(fn):  # raw bytes in and out: the stub parses nothing
@@ -109,7 +120,7 @@ def serve_stubs(n: int) -> int:
         "ComputeGradients": unary(compute),
     }
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=STUB_THREADS),
+        futures.ThreadPoolExecutor(max_workers=n + 4),  # every call waits for the others
         options=[("grpc.max_receive_message_length", 256 << 20)],
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -364,18 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.serve_stubs:
         return serve_stubs(args.serve_stubs)
-    most = args.profile or max(args.stubs)
     load_start = os.getloadavg()
     rows = []
     for name in args.models:
-        # A stub process per model: its one reply fits one graph.
-        with stub_process(most) as (pid, addresses):
-            if args.profile:
+        if args.profile:
+            with stub_process(args.profile) as (_, addresses):
                 print(profile(name, addresses, args))
-                continue
-            for n in args.stubs:
-                rows.append(measure(name, addresses[:n], pid, args))
-                print(f"{name} x {n}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
+            continue
+        for n in args.stubs:
+            # A stub process per point: its one reply fits one graph, its barrier n calls.
+            with stub_process(n) as (pid, addresses):
+                rows.append(measure(name, addresses, pid, args))
+            print(f"{name} x {n}: {rows[-1]['step_ms']:.1f} ms", file=sys.stderr)
     if args.profile:
         return 0
     out = {
