@@ -8,12 +8,14 @@ a reply made once (loss 1.0 and zero gradients of the right shapes) as soon as a
 calls of the step have arrived, so that every worker gets one micro-batch. A real
 coordinator (``gradmesh.server.coordinator.start``, its embedded shard, plain SGD) runs in
 this process with the N stubs as its static workers (a fresh stub process per point), and
-a job whose global batch holds one micro-batch of ``--micro-batch`` rows per stub. ``Coordinator.step`` is called
-directly (no Step RPC, whose batch decoding is one per step whatever the workers), and
-timed: wall time, and this process's CPU time (the coordinator's alone: the stubs are in
-the child, whose CPU time is reported apart). Since the stubs compute nothing, the step
-time is the coordinator's: sending the parameters and the micro-batch to every worker,
-receiving and decoding every reply, summing the gradients on the shard, the SGD update.
+a job whose global batch holds one micro-batch of ``--micro-batch`` rows per stub.
+``Coordinator.step`` is called directly (no Step RPC, whose batch decoding is one per step
+whatever the workers), and timed: wall time, and this process's CPU time (the
+coordinator's alone: the stubs are in the child, whose CPU time is reported apart). Since
+the stubs compute nothing, the step is the coordinator's work: sending the parameters and
+the micro-batch to every worker, receiving and decoding every reply, summing the
+gradients on the shard, the SGD update. Both processes keep a steady heap, as the
+``gradmesh`` command gives its servers.
 
 ``--profile N``: the step at N stubs under cProfile, every thread of this process (the
 coordinator's per-step dispatch lanes too), timed by each thread's CPU clock; prints the
@@ -372,7 +374,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gradmesh.server import runtime
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # The heap a `gradmesh coordinator` (or worker) process has: without it glibc maps and
+    # faults in fresh pages for the megabyte messages of every call.
+    runtime.steady_heap()
     if args.serve_stubs:
         return serve_stubs(args.serve_stubs)
     load_start = os.getloadavg()
