@@ -319,27 +319,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def fit(rows: list[dict]) -> tuple[float, float]:
-    """Least squares of the coordinator's CPU per micro-batch (each stub gets one) as
-    ``a + b * parameter MB``: ``(a ms, b ms per MB)``."""
+FIT_TERMS = ("a", "b", "g", "h")  # ms, ms per MB, ms per worker, ms per worker and MB
+
+
+def per_micro_batch_ms(fit: dict, mb: float, workers: int) -> float:
+    """The coordinator's CPU per micro-batch, ``a + b P + (g + h P) N``: a fixed part, one
+    per parameter byte, and a part that grows with the calls in flight (``N``)."""
+    return fit["a"] + fit["b"] * mb + (fit["g"] + fit["h"] * mb) * workers
+
+
+def fit(rows: list[dict]) -> dict:
+    """Least squares of the coordinator's CPU per micro-batch (each stub gets one) over
+    the rows, as ``per_micro_batch_ms``'s terms."""
     mb = np.array([r["parameter_bytes"] / 1e6 for r in rows])
+    n = np.array([float(r["stubs"]) for r in rows])
     per_stub = np.array([r["cpu_ms"] / r["stubs"] for r in rows])
-    (b, a), *_ = np.linalg.lstsq(np.stack([mb, np.ones_like(mb)], 1), per_stub, rcond=None)
-    return float(a), float(b)
+    terms = np.stack([np.ones_like(mb), mb, n, n * mb], 1)
+    values, *_ = np.linalg.lstsq(terms, per_stub, rcond=None)
+    return dict(zip(FIT_TERMS, map(float, values)))
 
 
 def fit_table(rows: list[dict]) -> str:
-    a, b = fit(rows)
+    f = fit(rows)
     lines = [
-        f"coordinator CPU per micro-batch ~ {a:.2f} ms + {b:.2f} ms per MB of parameters",
+        f"coordinator CPU per micro-batch ~ {f['a']:.3f} ms + {f['b']:.3f} ms/MB x P + "
+        f"({f['g'] * 1e3:.2f} us + {f['h'] * 1e3:.2f} us/MB x P) x N",
         "",
         "| model | stubs | predicted CPU ms | measured CPU ms | measured / predicted |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        predicted = r["stubs"] * (a + b * r["parameter_bytes"] / 1e6)
+        n = r["stubs"]
+        predicted = n * per_micro_batch_ms(f, r["parameter_bytes"] / 1e6, n)
         lines.append(
-            f"| {r['model']} | {r['stubs']} | {predicted:.1f} | {r['cpu_ms']:.1f} "
+            f"| {r['model']} | {n} | {predicted:.1f} | {r['cpu_ms']:.1f} "
             f"| {r['cpu_ms'] / predicted:.2f} |"
         )
     return "\n".join(lines)
@@ -405,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = " -> ".join(f"{load[0]:.2f}" for load in out["load_average"])
     print(f"{out['cores']} cores, load average {loads}; {out['command']}")
     print(table(rows))
-    if len({r["parameter_bytes"] for r in rows}) > 1:
-        out["fit_ms"] = dict(zip(("a", "b_per_mb"), fit(rows)))
+    if len({r["parameter_bytes"] for r in rows}) > 1 and len({r["stubs"] for r in rows}) > 1:
+        out["fit_ms"] = fit(rows)
         print("\n" + fit_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -47,8 +47,8 @@ LINKS = ("unlimited", "10gbit", "1gbit")
 COMPRESSION = ("off",)  # the slot for compressed gradients, once gradmesh has them
 STEPS = {"medium": 10, "large": 2}
 # coordinator_cost.py's fit on the development VM: the coordinator's CPU per micro-batch is
-# a + b x parameter MB (ms); --coordinator-fit sets another machine's.
-COORDINATOR_FIT = (0.64, 1.91)
+# a + b P + (g + h P) N ms, P in MB, N workers; --coordinator-fit sets another machine's.
+COORDINATOR_FIT = (0.816, 1.858, 0.00158, 0.00826)
 TCP_CHECK_BYTES = 32 << 20
 TCP_PORT = 5599
 _SINK = (  # a TCP sink in a worker's namespace: counts the bytes, answers b"k"
@@ -358,12 +358,15 @@ def link_ms(r: dict, gbit: float | None = None) -> float | None:
     return 1e3 * size * 8 / bits
 
 
-def coordinator_ms(r: dict, fit: tuple[float, float]) -> float:
-    """The coordinator's CPU for the step's micro-batches (one per worker): N (a + b P)."""
-    return r["workers"] * (fit[0] + fit[1] * r["parameter_bytes"] / 1e6)
+def coordinator_ms(r: dict, fit: tuple[float, ...]) -> float:
+    """The coordinator's CPU for the step's micro-batches (one per worker):
+    N (a + b P + (g + h P) N)."""
+    a, b, g, h = fit
+    n, mb = r["workers"], r["parameter_bytes"] / 1e6
+    return n * (a + b * mb + (g + h * mb) * n)
 
 
-def predicted_ms(r: dict, unlimited: dict, fit: tuple[float, float]) -> float:
+def predicted_ms(r: dict, unlimited: dict, fit: tuple[float, ...]) -> float:
     """docs/scaling.md's model of step minus worker compute on a limited link: the rest of
     the step (``O``) from the unlimited run of the same model and workers, whose transfers
     are CPU work already counted in the coordinator's ``N c(P)`` and in ``O``; plus the
@@ -374,11 +377,12 @@ def predicted_ms(r: dict, unlimited: dict, fit: tuple[float, float]) -> float:
     return rest - coordinator + max(coordinator, link_ms(r))
 
 
-def check_table(rows: list[dict], fit: tuple[float, float]) -> str:
+def check_table(rows: list[dict], fit: tuple[float, ...]) -> str:
     """Predicted against measured step minus worker compute, for every limited link."""
     unlimited = {(r["model"], r["workers"]): r for r in rows if r["link"] == "unlimited"}
     lines = [
-        f"model check (coordinator CPU per micro-batch {fit[0]} ms + {fit[1]} ms per MB):",
+        "model check (coordinator CPU per micro-batch "
+        f"{fit[0]} + {fit[1]} P + ({fit[2]} + {fit[3]} P) N ms):",
         "",
         "| model | workers | link | N c(P) ms | link time ms | predicted step - C ms "
         "| measured ms | measured / predicted |",
@@ -442,8 +446,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--coordinator-fit",
         default=",".join(map(str, COORDINATOR_FIT)),
-        help="A,B: the coordinator's CPU per micro-batch, A ms + B ms per MB of parameters "
-        "(coordinator_cost.py prints it; default: the development VM's)",
+        help="A,B,G,H: the coordinator's CPU per micro-batch, A + B P + (G + H P) N ms for P "
+        "MB of parameters and N workers (coordinator_cost.py prints it; default: the "
+        "development VM's)",
     )
     p.add_argument("--quick", action="store_true", help="medium, 1 worker, unlimited and 1gbit")
     p.add_argument("--json", metavar="PATH", help="write the results here")
@@ -461,8 +466,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             if link != "unlimited":
                 _bits_per_second(link)
         args.coordinator_fit = tuple(float(v) for v in args.coordinator_fit.split(","))
-        if len(args.coordinator_fit) != 2:
-            raise ValueError("--coordinator-fit takes two numbers, A,B")
+        if len(args.coordinator_fit) != 4:
+            raise ValueError("--coordinator-fit takes four numbers, A,B,G,H")
     except ValueError as e:
         p.error(f"--workers/--links/--coordinator-fit: {e}")
     if not args.workers or min(args.workers) < 1 or max(args.workers) > 200 or not args.links:
