@@ -35,6 +35,7 @@ import io
 import json
 import os
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,7 @@ def measure(name: str, addresses: list[str], stub_pid: int, args) -> dict:
             coordinator.step(job_id, step_id, batch)
         walls, cpus, timings = [], [], []
         stub_cpu = cpu_seconds(stub_pid)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(args.steps):
             step_id += 1
             wall, cpu = time.perf_counter(), time.process_time()
@@ -230,6 +232,7 @@ def measure(name: str, addresses: list[str], stub_pid: int, args) -> dict:
             walls.append(time.perf_counter() - wall)
             timings.append(r.timings)
         stub_cpu = cpu_seconds(stub_pid) - stub_cpu
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         param_bytes = coordinator.jobs[job_id].params.nbytes
     return {
         "model": name,
@@ -239,6 +242,8 @@ def measure(name: str, addresses: list[str], stub_pid: int, args) -> dict:
         "step_ms": 1e3 * statistics.median(walls),
         "cpu_ms": 1e3 * statistics.median(cpus),
         "stub_cpu_ms": 1e3 * stub_cpu / args.steps,
+        # Pages the coordinator's process touched afresh per step.
+        "minor_faults": faults / args.steps,
         "compute_ms": 1e3 * statistics.median(t.compute_seconds for t in timings),
         "apply_ms": 1e3 * statistics.median(t.apply_seconds for t in timings),
         "pull_ms": 1e3 * statistics.median(t.pull_seconds for t in timings),
@@ -304,9 +309,10 @@ def profile(name: str, addresses: list[str], args) -> str:
 def table(rows: list[dict]) -> str:
     head = (
         "| model (parameters) | stubs | step ms | coordinator CPU ms | CPU us per stub "
-        "| compute ms | apply ms | stub process CPU ms | parameter bytes out per step |"
+        "| compute ms | apply ms | stub process CPU ms | parameter bytes out per step "
+        "| page faults per step |"
     )
-    lines = [head, "| --- |" + " ---: |" * 8]
+    lines = [head, "| --- |" + " ---: |" * 9]
     for r in rows:
         mb = r["parameter_bytes"] / 1e6
         lines.append(
@@ -314,7 +320,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['stubs']} | {r['step_ms']:.1f} | {r['cpu_ms']:.1f} "
             f"| {1e3 * r['cpu_ms'] / r['stubs']:.0f} | {r['compute_ms']:.1f} "
             f"| {r['apply_ms']:.2f} | {r['stub_cpu_ms']:.1f} "
-            f"| {r['stubs'] * r['parameter_bytes'] / 1e6:.1f} MB |"
+            f"| {r['stubs'] * r['parameter_bytes'] / 1e6:.1f} MB | {r['minor_faults']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -48,7 +48,7 @@ COMPRESSION = ("off",)  # the slot for compressed gradients, once gradmesh has t
 STEPS = {"medium": 10, "large": 2}
 # coordinator_cost.py's fit on the development VM: the coordinator's CPU per micro-batch is
 # a + b P + (g + h P) N ms, P in MB, N workers; --coordinator-fit sets another machine's.
-COORDINATOR_FIT = (0.816, 1.858, 0.00158, 0.00826)
+COORDINATOR_FIT = (0.536, 2.315, 0.00188, 0.00685)
 TCP_CHECK_BYTES = 32 << 20
 TCP_PORT = 5599
 _SINK = (  # a TCP sink in a worker's namespace: counts the bytes, answers b"k"
@@ -99,7 +99,19 @@ def unavailable() -> str | None:
     r = _ip("ip", "netns", "add", name, check=False)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"
-    _ip("ip", "netns", "del", name, check=False)
+    try:
+        # A veth pair and a token bucket, inside the throwaway namespace.
+        for what, cmd in (
+            ("veth pairs", ["ip", "-n", name, "link", "add", "name", "gm0", "type", "veth",
+                            "peer", "name", "gm1"]),
+            ("tc's tbf", ["tc", "-n", name, "qdisc", "add", "dev", "gm0", "root", "tbf", "rate",
+                          "1gbit", "burst", "128kb", "latency", "50ms"]),
+        ):  # fmt: skip
+            r = _ip(*cmd, check=False)
+            if r.returncode != 0:
+                return f"no {what} here: {r.stderr.strip()}"
+    finally:
+        _ip("ip", "netns", "del", name, check=False)
     return None
 
 
