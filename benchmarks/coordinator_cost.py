@@ -424,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     loads = " -> ".join(f"{load[0]:.2f}" for load in out["load_average"])
     print(f"{out['cores']} cores, load average {loads}; {out['command']}")
     print(table(rows))
-    if len({r["parameter_bytes"] for r in rows}) > 1 and len({r["stubs"] for r in rows}) > 1:
+    # The fit says something only with more points than terms, over sizes and counts.
+    sizes, counts = {r["parameter_bytes"] for r in rows}, {r["stubs"] for r in rows}
+    if len(rows) > len(FIT_TERMS) and len(sizes) > 1 and len(counts) > 1:
         out["fit_ms"] = fit(rows)
         print("\n" + fit_table(rows))
     if args.json:
