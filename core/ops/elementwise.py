@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import backend, dtypes
 from ..factories import zeros_like
-from ..functional import cos, exp, log, sigmoid, sign, sin, tanh, where
+from ..functional import cos, exp, floor_divide, log, sigmoid, sign, sin, tanh, where
 from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
 
 # ===================================================================== arithmetic ======
@@ -450,6 +450,53 @@ def minimum_p(xp, a, b):
 def _(g, out, a, b):
     w = where(a < b, 1.0, where(a == b, 0.5, 0.0)).to(g.dtype)
     return g * w, g * (1 - w)
+
+
+# ========================================================== division with rounding ======
+
+
+def _infer_integer_division(op: str):
+    infer_shape = binary(op)
+
+    def infer(a, b) -> Spec:
+        for spec in (a, b):
+            _refuse_bool(op, spec, "convert it with .long()")
+        return infer_shape(a, b)
+
+    return infer
+
+
+def _refuse_zero_divisor(op: str, xp, b) -> None:
+    # NumPy gives 0 and a warning for an integer divided by 0; torch raises.
+    if b.dtype.kind in "iu" and bool((b == 0).any()):
+        raise OpError(f"{op}: ZeroDivisionError (an integer divided by zero)")
+
+
+@defop("floor_divide", infer=_infer_integer_division("floor_divide"), arity=2, broadcast=True)
+def floor_divide_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    _refuse_zero_divisor("floor_divide", xp, b)
+    return xp.floor_divide(a, b)
+
+
+# Piecewise constant: its gradient is zero wherever it exists, and torch defines none.
+floor_divide_p.defvjp(lambda g, out, a, b: (None, None))
+
+
+@defop("remainder", infer=_infer_integer_division("remainder"), arity=2, broadcast=True)
+def remainder_p(xp, a, b):
+    # Python's %: the result takes the divisor's sign, as torch.remainder.
+    a, b = _cast(xp, a, b)
+    _refuse_zero_divisor("remainder", xp, b)
+    return xp.remainder(a, b)
+
+
+@remainder_p.defvjp
+def _(g, out, a, b):
+    # remainder(a, b) = a - floor_divide(a, b) * b
+    ga = g if a.requires_grad else None
+    gb = -g * floor_divide(a, b) if b.requires_grad else None
+    return ga, gb
 
 
 def _infer_where(cond, a, b) -> Spec:
