@@ -9,12 +9,14 @@ may hold B. Two checks find what does:
   graphs compared: a constant or attribute that differs depends on the batch.
 
 Either raises ``TraceError`` naming the node and the fix; nothing is silently truncated.
-Three idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
-literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; and a
+Some idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
+literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; a slice
+that takes all of a batch-sized dimension (``x[:, 1:]``; ``h_n[-1]`` on an LSTM's (layers,
+N, H)) stops "to the end" there, and a reshape that keeps a batch-sized dimension past dim
+0 whole (the (1, N, H) -> (N, H) of that ``h_n[-1]``) gets -1 there; and a
 scalar constant equal to B times a per-sample count (the divisor of ``x.mean()`` over the
 batch, ``x.sum() / x.shape[0]``) is replaced by nodes that count the batch of a DATA input
-at run time (exact, so results stay bitwise equal to eager). Slicing over the batch
-dimension (``x[:, 1:]``) is refused while the ``slice`` op cannot express "to the end".
+at run time (exact, so results stay bitwise equal to eager).
 Trace with a batch size above 1, so that the batch dimension cannot be confused with
 dimensions of size 1. The function runs twice: random ops draw twice from the global
 generator; the graph keeps the first trace's seeds.

@@ -3,8 +3,8 @@
 Compositions over time steps: the input projection of a whole sequence is one matmul, then
 each step is a cell over that step's slice. A traced graph unrolls the loop, so it fixes the
 sequence length (a graph per length); the batch size stays free where the initial states are
-zeros (``hx=None``) and the graph reads ``output`` rather than slicing ``h_n`` by layer
-(``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps (step input
+zeros (``hx=None``), reading ``output`` or ``h_n[-1]`` (the tracer keeps a batch-sized
+dimension past dim 0 free, core/graph/tracer.py). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
 zero initial state: h is one zero row that broadcasts over the batch (w_hh still gets its
 zero gradient, as in torch), the LSTM's c one zero row too, and GRU's ``z * h`` term is
