@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .. import dtypes
+from .. import backend, dtypes
 from ..autograd import is_grad_enabled
 from ..functional import (
     cat,
@@ -33,6 +33,7 @@ from ..functional import (
     where,
 )
 from ..registry import OpError, Spec, defop, fmt, norm_dim
+from ..tensor import Tensor
 
 # ======================================================================== helpers ======
 
@@ -1256,6 +1257,15 @@ def _(g, out, x, w, b):
 # an LSTM's time.
 
 
+def _kernel(fn, *tensors: Tensor, **attrs) -> Tensor:
+    """``fn`` over the tensors' arrays, outside the registry. For the one-kernel vjps below,
+    which run only when no graph is recorded (without create_graph, where the result
+    needs no history): they are not ops, so no graph can hold one, and differentiating
+    again goes through the compositions instead."""
+    arrays = [t._data for t in tensors]
+    return Tensor._wrap(fn(backend.xp_of(arrays[0]), *arrays, **attrs))
+
+
 def _infer_lstm_cell(gates, c) -> Spec:
     _need_float("lstm_cell", gates, "gates")
     n4 = gates.shape[1] if len(gates.shape) == 2 else 0
@@ -1316,7 +1326,7 @@ def _(g, out, gates, c):
     if is_grad_enabled():  # create_graph: the gradient must be differentiable again
         return _lstm_cell_vjp_composed(g, gates, c)
     hs = c.shape[1]
-    grads = lstm_cell_grad_p(g, out, gates, c)  # (N, 5H): d gates, then d c
+    grads = _kernel(_lstm_cell_grad, g, out, gates, c)  # (N, 5H): d gates, then d c
     gc = narrow(grads, 1, 4 * hs, hs) if c.requires_grad else None
     if gc is not None and c.shape[0] != g.shape[0]:
         gc = sum(gc, dim=[0], keepdim=True)
@@ -1324,7 +1334,7 @@ def _(g, out, gates, c):
 
 
 def _lstm_cell_vjp_composed(g, gates, c):
-    """lstm_cell's vjp in differentiable ops (what lstm_cell_grad computes in one kernel)."""
+    """lstm_cell's vjp in differentiable ops (what _lstm_cell_grad computes in one kernel)."""
     hs = c.shape[1]
     i, f, gg, o = chunk(gates, 4, -1)
     i, f, gg, o = sigmoid(i), sigmoid(f), tanh(gg), sigmoid(o)
@@ -1341,22 +1351,8 @@ def _lstm_cell_vjp_composed(g, gates, c):
     return dgates, gc_in
 
 
-def _infer_lstm_cell_grad(g, out, gates, c) -> Spec:
-    spec = _infer_lstm_cell(gates, c)
-    for what, t in (("gradient", g), ("output", out)):
-        if tuple(t.shape) != spec.shape:
-            raise OpError(
-                f"lstm_cell_grad: {what} of shape {fmt(t.shape)} does not match the "
-                f"lstm_cell output {fmt(spec.shape)}"
-            )
-        _need_same_float("lstm_cell_grad", gates, t, "gates", what)
-    return Spec((spec.shape[0], spec.shape[1] * 5 // 2), gates.dtype)
-
-
-@defop("lstm_cell_grad", infer=_infer_lstm_cell_grad, arity=4)
-def lstm_cell_grad_p(xp, g, out, gates, c):
-    """lstm_cell's vjp in one kernel: [d gates (N, 4H), d c (N, H)]. No derivative of its
-    own: the vjp runs it only when no graph is recorded (without create_graph)."""
+def _lstm_cell_grad(xp, g, out, gates, c):
+    """lstm_cell's vjp in one kernel: [d gates (N, 4H), d c (N, H)]."""
     act, hs = _lstm_activations(xp, gates)
     i, f, gg, o = (act[:, k * hs : (k + 1) * hs] for k in range(4))
     tc = xp.tanh(out[:, hs:])
@@ -1374,7 +1370,7 @@ def lstm_cell_grad_p(xp, g, out, gates, c):
 
 
 # A whole LSTM layer in one op: the time loop runs inside the kernel, over NumPy, and so
-# does backpropagation through time in lstm_layer_grad. As lstm_cell ops a step still cost
+# does backpropagation through time in _lstm_layer_grad. As lstm_cell ops a step still cost
 # ~16 ops and their Python; torch runs the same loop in C++.
 
 
@@ -1432,7 +1428,7 @@ def _(g, out, xw, h0, c0, w_hh, reverse):
     inputs = (xw, h0, c0, w_hh)
     if is_grad_enabled():  # create_graph: differentiate the layer as compositions
         return _lstm_layer_vjp_composed(g, inputs, reverse)
-    flat = lstm_layer_grad_p(g, out, xw, h0, c0, w_hh, reverse=reverse)
+    flat = _kernel(_lstm_layer_grad, g, out, xw, h0, c0, w_hh, reverse=reverse)
     grads, start = [], 0
     for t in inputs:  # the kernel's one flat output: each input's gradient in turn
         size = math.prod(t.shape)
@@ -1462,18 +1458,6 @@ def _lstm_layer_vjp_composed(g, inputs, reverse):
     return tuple(next(found) if t.requires_grad else None for t in inputs)
 
 
-def _infer_lstm_layer_grad(g, out, xw, h0, c0, w_hh, reverse) -> Spec:
-    spec = _infer_lstm_layer(xw, h0, c0, w_hh, reverse)
-    for what, t in (("gradient", g), ("output", out)):
-        if tuple(t.shape) != spec.shape:
-            raise OpError(
-                f"lstm_layer_grad: {what} of shape {fmt(t.shape)} does not match the "
-                f"lstm_layer output {fmt(spec.shape)}"
-            )
-        _need_same_float("lstm_layer_grad", xw, t, "input projection", what)
-    return Spec((_flat_size(xw, h0, c0, w_hh),), xw.dtype)
-
-
 def _flat_size(*arrays) -> int:
     size = 0
     for a in arrays:
@@ -1481,49 +1465,60 @@ def _flat_size(*arrays) -> int:
     return size
 
 
-@defop(
-    "lstm_layer_grad",
-    infer=_infer_lstm_layer_grad,
-    arity=6,
-    attrs={"reverse": ("bool", False)},
-)
-def lstm_layer_grad_p(xp, g, out, xw, h0, c0, w_hh, reverse):
+def _previous_states(xp, out, h0, c0, reverse):
+    """(h_{t-1}, c_{t-1}) for every step t, as (N, L, H) arrays: the initial state for the
+    first step of the run (the last one with ``reverse``), ``out``'s for the others."""
+    n, length, two_h = out.shape
+    hs = two_h // 2
+    prev = xp.empty((n, length, two_h), dtype=out.dtype)
+    first, rest, source = (
+        (length - 1, slice(0, -1), slice(1, None))
+        if reverse
+        else (
+            0,
+            slice(1, None),
+            slice(0, -1),
+        )
+    )
+    prev[:, first, :hs], prev[:, first, hs:] = h0, c0
+    prev[:, rest] = out[:, source]
+    return prev[:, :, :hs], prev[:, :, hs:]
+
+
+def _lstm_layer_grad(xp, g, out, xw, h0, c0, w_hh, reverse):
     """Backpropagation through time for lstm_layer: the gradients of xw, h0, c0 and w_hh,
-    flattened one after the other into one vector (an op has one output). No derivative
-    of its own: lstm_layer's vjp runs it only when no graph is recorded."""
+    flattened one after the other into one vector."""
     n, length, _ = xw.shape
     hs = w_hh.shape[1]
     flat = xp.empty(_flat_size(xw, h0, c0, w_hh), dtype=xw.dtype)
     gxw = flat[: xw.size].reshape(xw.shape)
-    gw = flat[flat.size - w_hh.size :].reshape(w_hh.shape)
-    gw[...] = 0
-    dh = xp.zeros((n, hs), dtype=xw.dtype)  # from the step after (in the run's order)
+    # Every step's previous state is known now: the gates, their activations and the
+    # factors of the chain rule for all steps at once; only dh and dc run step by step.
+    h_prev, c_prev = _previous_states(xp, out, h0, c0, reverse)
+    gates = xp.matmul(h_prev, w_hh.T)
+    gates += xw
+    act, _ = _lstm_activations(xp, gates.reshape(n * length, 4 * hs))
+    i, f, gg, o = (act[:, j * hs : (j + 1) * hs].reshape(n, length, hs) for j in range(4))
+    tc = xp.tanh(out[:, :, hs:])
+    through_h = o * (1 - tc * tc)
+    factors = (gg * i * (1 - i), c_prev * f * (1 - f), i * (1 - gg * gg))
+    tc *= o * (1 - o)  # the o gate's factor
+    dh = xp.zeros((n, hs), dtype=xw.dtype)  # from the step after, in the run's order
     dc = xp.zeros((n, hs), dtype=xw.dtype)
-    steps = list(_time_steps(length, reverse))
-    for k in range(length - 1, -1, -1):
-        t = steps[k]
-        if k:
-            h_prev, c_prev = out[:, steps[k - 1], :hs], out[:, steps[k - 1], hs:]
-        else:
-            h_prev, c_prev = xp.broadcast_to(h0, (n, hs)), xp.broadcast_to(c0, (n, hs))
-        gates = xp.matmul(h_prev, w_hh.T)
-        gates += xw[:, t]
-        act, _ = _lstm_activations(xp, gates)
-        i, f, gg, o = (act[:, j * hs : (j + 1) * hs] for j in range(4))
-        tc = xp.tanh(out[:, t, hs:])
+    for t in reversed(_time_steps(length, reverse)):
         gh = g[:, t, :hs] + dh
-        gc = gh * o
-        gc *= 1 - tc * tc
+        gc = gh * through_h[:, t]
         gc += g[:, t, hs:]
         gc += dc
         dgates = gxw[:, t]
-        dgates[:, :hs] = gc * gg * i * (1 - i)
-        dgates[:, hs : 2 * hs] = gc * c_prev * f * (1 - f)
-        dgates[:, 2 * hs : 3 * hs] = gc * i * (1 - gg * gg)
-        dgates[:, 3 * hs :] = gh * tc * o * (1 - o)
-        gw += dgates.T @ h_prev
-        dh = dgates @ w_hh
-        dc = gc * f
+        for j, factor in enumerate(factors):
+            xp.multiply(gc, factor[:, t], out=dgates[:, j * hs : (j + 1) * hs])
+        xp.multiply(gh, tc[:, t], out=dgates[:, 3 * hs :])
+        dh = xp.matmul(dgates, w_hh)
+        dc = gc * f[:, t]
+    # w_hh's gradient in one product over all steps (instead of one per step)
+    gw = flat[flat.size - w_hh.size :].reshape(w_hh.shape)
+    xp.matmul(gxw.reshape(-1, 4 * hs).T, h_prev.reshape(-1, hs), out=gw)
     start = xw.size
     for state, grad_state in ((h0, dh), (c0, dc)):
         if state.shape[0] != n:  # a broadcast zero row: its gradient summed over the batch

@@ -356,10 +356,10 @@ def _lstm_cell_reference(torch, gates, c):
     return torch.cat([torch.sigmoid(o) * torch.tanh(c_new), c_new], -1)
 
 
-# The vjp runs the one-kernel lstm_cell_grad without create_graph, and differentiable ops
+# The vjp runs one NumPy kernel (not an op) without create_graph, and differentiable ops
 # with it (second order): one spec for each path.
 for name, covers, second in (
-    ("lstm_cell", ["lstm_cell", "lstm_cell_grad"], False),
+    ("lstm_cell", ["lstm_cell"], False),
     ("lstm_cell-second-order", ["lstm_cell"], True),
 ):
     spec(
@@ -390,7 +390,7 @@ def _lstm_layer_reference(torch, xw, h0, c0, w_hh, reverse=False):
 _LSTM_LAYER_SHAPES = [((2, 3, 8), (2, 2), (2, 2), (8, 2)), ((3, 2, 12), (1, 3), (1, 3), (12, 3))]
 for reverse in (False, True):
     for suffix, covers, second, shapes in (
-        ("", ["lstm_layer", "lstm_layer_grad"], False, _LSTM_LAYER_SHAPES),
+        ("", ["lstm_layer"], False, _LSTM_LAYER_SHAPES),
         ("-second-order", ["lstm_layer"], True, _LSTM_LAYER_SHAPES[:1]),
     ):
         spec(
