@@ -273,7 +273,9 @@ class RemoteShard:
             raise self._error(e, "Pull") from None
         return header.version, arrays
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+    def push(
+        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+    ):
         header = shard_pb2.PushGradientsRequest(
             job_id=job_id,
             step_id=step_id,
@@ -281,6 +283,7 @@ class RemoteShard:
             micro_batches=micro_batches,
             version=version,
             attempt=attempt,
+            unused_parameters=sorted(unused),
         )
         values = named_headers(header.gradients, gradients)
         r = self._call("PushGradients", self._push_call, shard_frames("push", header, values))

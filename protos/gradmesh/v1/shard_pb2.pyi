@@ -103,7 +103,7 @@ class PullResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt")
+    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt", "unused_parameters")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class PushGradientsRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batch: int
@@ -118,7 +119,8 @@ class PushGradientsRequest(_message.Message):
     version: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    unused_parameters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("duplicate", "received")
