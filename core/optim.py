@@ -985,9 +985,12 @@ def describe(optimizer: Optimizer, initial: bool = False, names: dict | None = N
             f"so use one group"
         )
     overrides = {}
-    for group, h in zip(optimizer.param_groups[1:], groups[1:]):
-        if h["weight_decay"] != first["weight_decay"]:
-            overrides.update({names[p]: h["weight_decay"] for p in group["params"]})
+    for i, (group, h) in enumerate(zip(optimizer.param_groups[1:], groups[1:]), start=1):
+        if h["weight_decay"] == first["weight_decay"]:
+            continue
+        if any(p not in names for p in group["params"]):
+            raise ValueError(f"describe: parameter group {i} holds a parameter without a name")
+        overrides.update({names[p]: h["weight_decay"] for p in group["params"]})
     extra = {WEIGHT_DECAY_BY_PARAMETER: overrides} if overrides else {}
     return validate({"name": optimizer.rule, **first, **extra})
 

@@ -121,7 +121,7 @@ def scheduled_hyper(optimizer: dict, step_args: dict | None) -> dict:
     """The update rule's keyword arguments for one step: the job's optimizer, with the
     values the schedule gives this step."""
     hyper = {k: v for k, v in optimizer.items() if k != "name"}
-    hyper.pop(optim.WEIGHT_DECAY_BY_PARAMETER, None)  # per parameter: see parameter_hyper
+    hyper.pop(optim.WEIGHT_DECAY_BY_PARAMETER, None)  # per parameter, in ShardJob._update
     args = step_args or {}
     for key in ("lr", "momentum"):
         if key in args:

@@ -146,24 +146,30 @@ def on_the_coordinator(script: Script, addresses: list[str]) -> dict:
     server = coordinator_mod.start(workers=addresses, embedded_shards=2)
     try:
         with CoordinatorClient(server.address) as client:
-            model = script.gm_model()
-            opt, sched = script.training(gm, script.ours, model)
-            job = client.create_job(
-                model,
-                script.loss(script.ours),
-                opt,
-                script.micro,
-                script.batches[0],
-                job_id=f"script-{script.name}",
-                data_names=["x", "y"],
-                scheduler=sched,
-                clip_grad_norm=script.max_norm,
-            )
-            results = [job.step(x, y) for x, y in script.batches]
-            trained = job.parameters()
+            return train_job(script, client)
     finally:
         server.stop(0)
         server.coordinator.close()
+
+
+def train_job(script: Script, client) -> dict:
+    """Create the script's job on ``client``, train STEPS steps; the state dict,
+    the script's evaluation of it, losses, lrs and gradient norms."""
+    model = script.gm_model()
+    opt, sched = script.training(gm, script.ours, model)
+    job = client.create_job(
+        model,
+        script.loss(script.ours),
+        opt,
+        script.micro,
+        script.batches[0],
+        job_id=f"script-{script.name}",
+        data_names=["x", "y"],
+        scheduler=sched,
+        clip_grad_norm=script.max_norm,
+    )
+    results = [job.step(x, y) for x, y in script.batches]
+    trained = job.parameters()
     # The job's state loads into the script's model (strict: a tied weight under both of its
     # names, the buffers too) and the script's own evaluate() runs on it.
     model = script.ours.build_model()
@@ -278,3 +284,25 @@ def test_script_through_the_coordinator_bitwise_with_1_and_3_workers(workers, na
     assert_close_to_torch(
         name, {k: one["state"][k] for k in local["state"]}, torch_micro_batched(script)
     )
+
+
+@pytest.mark.slow
+def test_gpt_on_process_clusters_of_1_and_3_workers_bitwise():
+    """The same through LocalCluster (coordinator, 2 shard servers and the workers as
+    processes, one BLAS thread each): 1 and 3 workers bitwise. The workers' BLAS thread
+    count differs from this process's, so the single-process reference is compared to
+    float32 tolerance here."""
+    from gradmesh.client.cluster import LocalCluster
+
+    script = Script("gpt_adamw_cosine")
+    runs = []
+    for n in (1, 3):
+        with LocalCluster(workers=n, shards=2, threads_per_worker=1) as cluster:
+            runs.append(train_job(script, cluster.client()))
+    one, three = runs
+    for key, want in one["state"].items():
+        assert np.array_equal(three["state"][key], want), key
+    assert one["losses"] == three["losses"] and one["norms"] == three["norms"]
+    local = single_process(script)
+    for key, want in local["state"].items():
+        np.testing.assert_allclose(one["state"][key], want, rtol=RTOL, atol=ATOL, err_msg=key)
