@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .. import backend, dtypes
+from .. import dtypes
 from ..autograd import is_grad_enabled
 from ..functional import (
     cat,
@@ -33,7 +33,8 @@ from ..functional import (
     where,
 )
 from ..registry import OpError, Spec, defop, fmt, norm_dim
-from ..tensor import Tensor
+from .elementwise import _kernel
+from .linalg import rows_times_matrix
 
 # ======================================================================== helpers ======
 
@@ -1257,7 +1258,7 @@ def _infer_linear(x, w, b) -> Spec:
 
 @defop("linear", infer=_infer_linear, arity=3)
 def linear_p(xp, x, w, b):
-    out = xp.matmul(x, w.T)
+    out = rows_times_matrix(xp, x, w.T) if x.ndim > 2 else xp.matmul(x, w.T)
     out += b
     return out
 
@@ -1281,15 +1282,6 @@ def _(g, out, x, w, b):
 # kernel, the new h and c side by side in one (N, 2H) output (an op has one output). As
 # compositions a step was ~14 ops forward and ~30 backward, and per-op Python was most of
 # an LSTM's time.
-
-
-def _kernel(fn, *tensors: Tensor, **attrs) -> Tensor:
-    """``fn`` over the tensors' arrays, outside the registry. For the one-kernel vjps below,
-    which run only when no graph is recorded (without create_graph, where the result
-    needs no history): they are not ops, so no graph can hold one, and differentiating
-    again goes through the compositions instead."""
-    arrays = [t._data for t in tensors]
-    return Tensor._wrap(fn(backend.xp_of(arrays[0]), *arrays, **attrs))
 
 
 def _infer_lstm_cell(gates, c) -> Spec:
