@@ -26,11 +26,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from gradmesh.core import graph as core_graph
-from gradmesh.core import optim
+from gradmesh.core import lr_scheduler, optim
 from gradmesh.core.factories import from_numpy
+from gradmesh.core.nn import utils as nn_utils
 from gradmesh.core.tensor import Tensor
-from gradmesh.v1 import coordinator_pb2
+from gradmesh.v1 import coordinator_pb2, graph_pb2
 from gradmesh.wire.coordinator import CoordinatorConnection
+from gradmesh.wire.schedule import clipping_to_proto, schedule_to_proto
 from gradmesh.wire.shard import optimizer_to_proto
 
 __all__ = ["CoordinatorClient", "Job", "StepResult"]
@@ -48,6 +50,10 @@ class StepResult:
     micro_batches: int
     replayed: bool
     timings: dict[str, float] = field(default_factory=dict)
+    # The learning rate the step applied; the total gradient norm before clipping (a job
+    # with clip_grad_norm; None otherwise).
+    lr: float = 0.0
+    grad_norm: float | None = None
 
 
 def _numpy(x) -> np.ndarray:
@@ -81,6 +87,9 @@ class CoordinatorClient(CoordinatorConnection):
         *,
         job_id: str | None = None,
         data_names: Sequence[str] | None = None,
+        scheduler=None,
+        clip_grad_norm: float | dict | None = None,
+        clip_grad_value: float | None = None,
     ) -> "Job":
         """Trace ``loss_fn(model, *example_batch)`` and create a training job.
 
@@ -89,42 +98,116 @@ class CoordinatorClient(CoordinatorConnection):
         for metrics. ``optimizer``: a gradmesh optimizer over the model's parameters, or
         its description (``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``).
         ``micro_batch_size``: rows per micro-batch, the unit of work and of determinism.
+        Buffers that ``loss_fn`` changes (BatchNorm's running statistics, in train mode)
+        are job state, kept and updated by the coordinator (docs/training.md, "Buffers").
         ``example_batch``: a batch (any size above 1) to trace with. ``job_id`` defaults to
         one the coordinator derives from the job's content (graph, initial parameters,
         optimizer, micro-batch size), so two identical runs get the same dropout masks;
         creating a job is idempotent for the same id and content (the same content without
         an id attaches to the existing job).
+
+        ``scheduler``: a learning-rate schedule the coordinator runs as data: a gradmesh
+        ``lr_scheduler`` over ``optimizer`` (fresh, not stepped yet) or its description
+        (``{"name": "StepLR", "step_size": 30}``); it steps once after every step, as
+        ``scheduler.step()`` after ``optimizer.step()`` locally. ``clip_grad_norm``: clip
+        each step's summed gradient like ``clip_grad_norm_``: ``max_norm``, or a dict
+        ``{"max_norm": 1.0, "norm_type": 2.0, "error_if_nonfinite": False}``;
+        ``clip_grad_value``: like ``clip_grad_value_``. ``StepResult.grad_norm`` is the
+        total norm before clipping, ``StepResult.lr`` the learning rate the step applied.
         """
-        if isinstance(optimizer, optim.Optimizer):
-            description = optim.describe(optimizer)
-        elif isinstance(optimizer, dict):
-            description = optim.validate(optimizer)
-        else:
-            raise TypeError(
-                f"optimizer must be a gradmesh optimizer or a dict like "
-                f"{{'name': 'sgd', 'lr': 0.1}}, got {type(optimizer).__name__}"
-            )
+        description = _optimizer_description(optimizer, scheduler, model)
+        schedule = _schedule_description(scheduler, optimizer)
+        clipping = _clipping_description(clip_grad_norm, clip_grad_value)
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
         example = [_numpy(b) for b in example_batch]
         names = list(data_names) if data_names else [f"x{i}" for i in range(len(example))]
         graph = core_graph.trace(lambda m, *b: loss_fn(m, *b), model, *example, data_names=names)
         params = OrderedDict((n, _numpy(p)) for n, p in model.named_parameters())
+        # Buffers the graph updates (BatchNorm's running statistics) are job state too.
+        owned = dict(model.named_buffers())
+        for inp in graph.inputs:
+            if inp.role == graph_pb2.Input.BUFFER:
+                params[inp.name] = _numpy(owned[inp.name])
         header = coordinator_pb2.CreateJobRequest(
             job_id=job_id or "",
             graph=graph,
             optimizer=optimizer_to_proto(description),
             micro_batch_size=micro_batch_size,
         )
+        if schedule is not None:
+            header.schedule.CopyFrom(schedule_to_proto(schedule))
+        if clipping is not None:
+            header.clipping.CopyFrom(clipping_to_proto(clipping))
         resp = self.create(header, params)
         return Job(
-            self, resp.job_id, names, next_step_id=resp.version + 1 if resp.version == 0 else None
+            self,
+            resp.job_id,
+            names,
+            next_step_id=resp.version + 1 if resp.version == 0 else None,
+            tied=_tied_names(model),
         )
 
     def job(self, job_id: str) -> "Job":
         """Attach to an existing job (its next step id is read from the coordinator)."""
         status = self.job_status(job_id)
         return Job(self, job_id, list(status.data_inputs), status.next_step_id)
+
+
+def _optimizer_description(optimizer, scheduler, model) -> dict:
+    """The optimizer as a description; with a scheduler, the lr it started from (a
+    scheduler changes the lr on construction: LinearLR's start factor). Groups that differ
+    in weight decay only name their parameters by the model's names."""
+    if isinstance(optimizer, optim.Optimizer):
+        names = {p: n for n, p in model.named_parameters()}
+        return optim.describe(optimizer, initial=scheduler is not None, names=names)
+    if isinstance(optimizer, dict):
+        return optim.validate(optimizer)
+    raise TypeError(
+        f"optimizer must be a gradmesh optimizer or a dict like "
+        f"{{'name': 'sgd', 'lr': 0.1}}, got {type(optimizer).__name__}"
+    )
+
+
+def _schedule_description(scheduler, optimizer) -> dict | None:
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, dict):
+        return lr_scheduler.validate(scheduler)
+    if not isinstance(scheduler, (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau)):
+        raise TypeError(
+            f"scheduler must be a gradmesh lr_scheduler or a dict like "
+            f"{{'name': 'StepLR', 'step_size': 30}}, got {type(scheduler).__name__}"
+        )
+    if isinstance(optimizer, optim.Optimizer) and scheduler.optimizer is not optimizer:
+        raise ValueError("scheduler: it schedules another optimizer than the job's")
+    return lr_scheduler.describe(scheduler)
+
+
+def _clipping_description(clip_grad_norm, clip_grad_value) -> dict | None:
+    if clip_grad_norm is not None and clip_grad_value is not None:
+        raise ValueError("clip by norm (clip_grad_norm) or by value (clip_grad_value), not both")
+    if clip_grad_norm is not None:
+        given = clip_grad_norm if isinstance(clip_grad_norm, dict) else {"max_norm": clip_grad_norm}
+        return nn_utils.validate_clipping({"kind": "norm", **given}, "clip_grad_norm")
+    if clip_grad_value is not None:
+        return nn_utils.validate_clipping(
+            {"kind": "value", "clip_value": clip_grad_value}, "clip_grad_value"
+        )
+    return None
+
+
+def _tied_names(model) -> dict[str, str]:
+    """Second names of shared parameters (a GPT's ``head.weight`` is ``tok_emb.weight``):
+    the job holds each parameter once, under its first name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
 
 
 class Job:
@@ -136,12 +219,14 @@ class Job:
         job_id: str,
         data_names: list[str],
         next_step_id: int | None = None,
+        tied: dict[str, str] | None = None,
     ):
         self.client = client
         self.job_id = job_id
         self.data_names = data_names
         self._lock = threading.Lock()
         self._next = next_step_id
+        self._tied = tied or {}
 
     def __repr__(self) -> str:
         return f"Job({self.job_id!r} on {self.client.target})"
@@ -187,12 +272,18 @@ class Job:
                 "reassigned": t.reassigned,
                 "worker_compute": t.worker_compute_seconds,
             },
+            r.lr,
+            r.grad_norm if r.HasField("grad_norm") else None,
         )
 
     def parameters(self) -> "OrderedDict[str, Any]":
-        """The parameters as a state dict of gradmesh Tensors (``model.load_state_dict``)."""
+        """The parameters, then the job's buffers (BatchNorm running statistics), as a
+        state dict of gradmesh Tensors (``model.load_state_dict``). A job created here
+        also lists a tied parameter under its second name, as ``state_dict()`` does."""
         _, arrays = self.client.get_parameters(self.job_id)
-        return OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
+        state = OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
+        state.update((alias, state[name]) for alias, name in self._tied.items() if name in state)
+        return state
 
     def status(self):
         """The coordinator's JobStatusResponse (version, last step id, placement, ...)."""

@@ -21,7 +21,8 @@ has a default)::
     y = "y"
 
     [optimizer]
-    name = "adam"                   # sgd, adam, adamw; other keys: their hyper-parameters
+    name = "adam"                   # sgd adam adamw rmsprop adagrad adamax nadam; other keys:
+                                    # its hyper-parameters
     lr = 0.001
 
     [training]

@@ -12,6 +12,13 @@
 
 The first call with a function traces it into a graph (for those parameter and data
 shapes), registers it once, and from then on sends only the graph id and the tensors.
+
+Buffers: a model whose forward changes its buffers in place (BatchNorm in train mode)
+traces into a graph with BUFFER inputs; each call sends the module's buffers with the
+parameters, and the worker returns their new values, which ``compute_gradients`` and
+``backward`` write into the module's buffers, in place, as running the model locally
+would (``update_buffers=False`` leaves the module alone; ``GradientResult.buffers`` has
+the values either way).
 Requests over ``stream_threshold`` bytes go over the streaming RPC, transparently. A
 worker on this host (127.0.0.1, localhost, a Unix socket) gets the parameters and writes
 the gradients through shared memory instead, when it says it can (the transport policy
@@ -31,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grpc
 import numpy as np
 
+from gradmesh.core import backend
 from gradmesh.core import graph as core_graph
 from gradmesh.core.tensor import Tensor
 from gradmesh.v1 import graph_pb2, worker_pb2
@@ -66,6 +74,11 @@ class GradientResult:
     gradients: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     graph_id: str = ""
+    # The new values of the buffers the graph updates (BatchNorm running statistics).
+    buffers: dict[str, Any] = field(default_factory=dict)
+    # Requested parameters the loss does not depend on: their ``gradients`` are zeros,
+    # where torch.autograd.grad gives None (``backward`` leaves their ``.grad`` alone).
+    unused_parameters: tuple[str, ...] = ()
 
 
 def _array(x) -> np.ndarray:
@@ -268,6 +281,7 @@ class WorkerClient(WorkerTransport):
         seed: int = 0,
         as_tensors: bool = False,
         timeout: float | None = None,
+        update_buffers: bool = True,
     ) -> GradientResult:
         """Loss, extra ``outputs`` and ``gradients`` of ``fn(params, *data)`` on the worker.
 
@@ -276,6 +290,10 @@ class WorkerClient(WorkerTransport):
         ``graph_pb2.Graph`` (registered once). ``params``: a Module
         or a dict name -> array/Tensor. ``data``: arrays/Tensors for the graph's DATA
         inputs, in order. ``gradients``: parameter names (default all).
+
+        A graph with BUFFER inputs gets the Module's buffers (or the dict's entries of
+        those names) with the parameters; their new values are ``result.buffers`` and,
+        with ``update_buffers`` and a Module, are written into its buffers in place.
         """
         param_arrays = [(n, _array(p)) for n, p in _named_params(params)]
         arrays = [_array(d) for d in data]
@@ -288,6 +306,12 @@ class WorkerClient(WorkerTransport):
             raise TypeError("fn_or_graph must be a function or a graph_pb2.Graph")
         # The worker's id for the graph: ours, unless the graph was not canonical.
         worker_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
+        buffer_names = _buffer_names(graph)
+        if buffer_names:
+            param_arrays = param_arrays + _buffer_arrays(params, param_arrays, buffer_names)
+            sig = _signature(param_arrays, arrays)  # requests are cached by what they carry
+            if gradients is None:  # never a buffer's, wherever its bytes travel
+                gradients = [i.name for i in graph.inputs if i.role == graph_pb2.Input.PARAM]
 
         request = self._request(
             graph, graph_id, worker_id, sig, gradients, outputs, loss_scale, seed
@@ -329,8 +353,16 @@ class WorkerClient(WorkerTransport):
             lambda: self.register_graph(graph, timeout),
         )
         result = GradientResult(
-            reply.loss, reply.outputs, reply.gradients, reply.timings, reply.graph_id
+            reply.loss,
+            reply.outputs,
+            reply.gradients,
+            reply.timings,
+            reply.graph_id,
+            reply.buffers,
+            reply.unused,
         )
+        if update_buffers and reply.buffers:
+            _write_buffers(params, reply.buffers)
         result.timings["round_trip_seconds"] = time.perf_counter() - start
         result.timings["streamed"] = float(mode == STREAM)
         result.timings["shared_memory"] = float(mode == SHARED)
@@ -401,6 +433,8 @@ class WorkerClient(WorkerTransport):
         for name, p in pairs:
             if name not in result.gradients or not isinstance(p, Tensor):
                 continue
+            if name in result.unused_parameters:
+                continue  # the loss does not use it: .grad stays as it is (None), as in torch
             # The bytes of a unary reply are read-only views: copy into a writable array.
             g = Tensor(np.array(result.gradients[name]))
             p.grad = g if p.grad is None else p.grad + g
@@ -411,6 +445,31 @@ def _to_tensors(result: GradientResult) -> None:
     result.loss = Tensor(np.array(result.loss))
     result.outputs = {k: Tensor(np.array(v)) for k, v in result.outputs.items()}
     result.gradients = {k: Tensor(np.array(v)) for k, v in result.gradients.items()}
+    result.buffers = {k: Tensor(np.array(v)) for k, v in result.buffers.items()}
+
+
+def _buffer_names(graph: graph_pb2.Graph) -> list[str]:
+    return [i.name for i in graph.inputs if i.role == graph_pb2.Input.BUFFER]
+
+
+def _buffer_arrays(params, param_arrays: list, names: list[str]) -> list[tuple[str, Any]]:
+    """(name, array) of the graph's BUFFER inputs not among ``param_arrays``: the
+    Module's buffers of those names (a missing one is the worker's INVALID_ARGUMENT)."""
+    have = {n for n, _ in param_arrays}
+    owned = dict(params.named_buffers()) if hasattr(params, "named_buffers") else {}
+    return [(n, _array(owned[n])) for n in names if n not in have and owned.get(n) is not None]
+
+
+def _write_buffers(params, new: Mapping[str, Any]) -> None:
+    """Write a reply's new buffer values into the Module's buffers, in place (as its
+    forward pass would have, run locally)."""
+    if not hasattr(params, "named_buffers"):
+        return
+    owned = dict(params.named_buffers())
+    for name, value in new.items():
+        buffer = owned.get(name)
+        if isinstance(buffer, Tensor):
+            buffer._data[...] = backend.xp_of(buffer._data).asarray(value)
 
 
 __all__ = ["WorkerClient", "GradientResult"]

@@ -34,6 +34,10 @@ __all__ = [
     "OneCycleLR",
     "SequentialLR",
     "ReduceLROnPlateau",
+    "describe",
+    "validate",
+    "from_description",
+    "ScheduleRunner",
 ]
 
 
@@ -157,6 +161,12 @@ class MultiStepLR(LRScheduler):
             return self._lrs()
         return [lr * self.gamma ** self.milestones[self.last_epoch] for lr in self._lrs()]
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A state that went through JSON has its milestones' keys as strings.
+        state = dict(state_dict)
+        state["milestones"] = Counter({int(k): v for k, v in state["milestones"].items()})
+        self.__dict__.update(state)
+
     def _closed_form_lr(self) -> list[float]:
         milestones = sorted(self.milestones.elements())
         return [
@@ -270,6 +280,19 @@ class OneCycleLR(LRScheduler):
         last_epoch: int = -1,
     ):
         self.total_steps = _total_steps(total_steps, epochs, steps_per_epoch)
+        # The arguments, as a job's description of this schedule carries them.
+        self._arguments = {
+            "max_lr": max_lr,
+            "total_steps": self.total_steps,
+            "pct_start": pct_start,
+            "anneal_strategy": anneal_strategy,
+            "cycle_momentum": cycle_momentum,
+            "base_momentum": base_momentum,
+            "max_momentum": max_momentum,
+            "div_factor": div_factor,
+            "final_div_factor": final_div_factor,
+            "three_phase": three_phase,
+        }
         if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
             raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
         if anneal_strategy not in ("cos", "linear"):
@@ -507,3 +530,299 @@ class ReduceLROnPlateau(LRScheduler):
         if self.mode == "min":
             return a < self.best * (1.0 - self.threshold) if rel else a < self.best - self.threshold
         return a > self.best * (1.0 + self.threshold) if rel else a > self.best + self.threshold
+
+
+# ==================================================================== schedules as data ==
+#
+# A training job's schedule crosses the network as a description (plain data, no code):
+# ``{"name": "StepLR", "step_size": 30, "gamma": 0.1}``, SequentialLR with its children's
+# descriptions. The coordinator rebuilds the very scheduler classes above from it
+# (``ScheduleRunner``), so a job's learning rates are the floats local training gets.
+
+# Every argument each describable schedule takes, with torch's defaults (None: required).
+SCHEDULE_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "StepLR": {"step_size": None, "gamma": 0.1},
+    "MultiStepLR": {"milestones": None, "gamma": 0.1},
+    "ExponentialLR": {"gamma": None},
+    "CosineAnnealingLR": {"T_max": None, "eta_min": 0.0},
+    "LinearLR": {"start_factor": 1.0 / 3, "end_factor": 1.0, "total_iters": 5},
+    "OneCycleLR": {
+        "max_lr": None,
+        "total_steps": None,
+        "pct_start": 0.3,
+        "anneal_strategy": "cos",
+        "cycle_momentum": True,
+        "base_momentum": 0.85,
+        "max_momentum": 0.95,
+        "div_factor": 25.0,
+        "final_div_factor": 1e4,
+        "three_phase": False,
+    },
+    "SequentialLR": {"schedulers": None, "milestones": None},
+    "ReduceLROnPlateau": {
+        "mode": "min",
+        "factor": 0.1,
+        "patience": 10,
+        "threshold": 1e-4,
+        "threshold_mode": "rel",
+        "cooldown": 0,
+        "min_lr": 0.0,
+        "eps": 1e-8,
+    },
+}
+# Schedules that run the user's code: a description cannot carry them.
+_CODE_SCHEDULES = ("LambdaLR", "MultiplicativeLR")
+_INTS = ("step_size", "T_max", "total_iters", "total_steps", "patience", "cooldown")
+_BOOLS = ("cycle_momentum", "three_phase")
+_CHOICES = {
+    "anneal_strategy": ("cos", "linear"),
+    "mode": ("min", "max"),
+    "threshold_mode": ("rel", "abs"),
+}
+
+
+def describe(scheduler) -> dict:
+    """The scheduler as a plain, JSON-ready description (``validate``'s form).
+
+    >>> import gradmesh.core as gm
+    >>> opt = gm.optim.SGD([gm.nn.Parameter(gm.zeros(1))], lr=1.0)
+    >>> describe(gm.optim.lr_scheduler.StepLR(opt, step_size=2))
+    {'name': 'StepLR', 'step_size': 2, 'gamma': 0.1}
+    """
+    if scheduler.last_epoch != 0:
+        raise ValueError(
+            f"describe: {type(scheduler).__name__} has been stepped "
+            f"{scheduler.last_epoch} times; a job's schedule starts at its first step, so "
+            f"describe a fresh scheduler"
+        )
+    return validate(_description_of(scheduler))
+
+
+def _description_of(s) -> dict:
+    """A scheduler's name and constructor arguments (its children's, for SequentialLR)."""
+    name = type(s).__name__
+    if name in _CODE_SCHEDULES:
+        raise ValueError(_code_message(name))
+    if name not in SCHEDULE_ARGUMENTS:
+        raise ValueError(f"cannot describe {name}: not one of {sorted(SCHEDULE_ARGUMENTS)}")
+    if name == "OneCycleLR":
+        args = {k: _one_value(k, v) for k, v in s._arguments.items()}
+    elif name == "SequentialLR":
+        args = {
+            "schedulers": [_description_of(c) for c in s._schedulers],
+            "milestones": list(s._milestones),
+        }
+    elif name == "MultiStepLR":
+        args = {"milestones": sorted(s.milestones.elements()), "gamma": s.gamma}
+    elif name == "ReduceLROnPlateau":
+        args = {k: getattr(s, k) for k in SCHEDULE_ARGUMENTS[name] if k != "min_lr"}
+        args["min_lr"] = _one_value("min_lr", s.min_lrs)
+    else:
+        args = {k: getattr(s, k) for k in SCHEDULE_ARGUMENTS[name]}
+    return {"name": name, **args}
+
+
+def _one_value(key: str, value):
+    """A per-group argument given as a list: a description carries one value."""
+    if isinstance(value, (list, tuple)):
+        if any(v != value[0] for v in value[1:]):
+            raise ValueError(
+                f"describe: {key} differs between parameter groups ({list(value)}); a "
+                f"job has one group, so give one value"
+            )
+        return value[0]
+    return value
+
+
+def _code_message(name: str) -> str:
+    return (
+        f"{name} runs a Python function each step; a job's schedule is data (no code "
+        f"crosses the network), so use one of {sorted(SCHEDULE_ARGUMENTS)} "
+        f"(SequentialLR chains them)"
+    )
+
+
+def validate(description: dict, path: str = "schedule") -> dict:
+    """Check a schedule description received over the network; return it complete
+    (defaults filled in, plain JSON types). Problems raise ``ValueError`` naming the
+    argument (``path`` prefixes it: ``schedule.schedulers[1].gamma``).
+
+    >>> validate({"name": "ExponentialLR", "gamma": 0.9})
+    {'name': 'ExponentialLR', 'gamma': 0.9}
+    """
+    if not isinstance(description, dict):
+        raise ValueError(
+            f"{path}: a schedule description must be a dict, got {type(description).__name__}"
+        )
+    name = description.get("name")
+    if name in _CODE_SCHEDULES:
+        raise ValueError(f"{path}: {_code_message(name)}")
+    if name not in SCHEDULE_ARGUMENTS:
+        raise ValueError(
+            f"{path}.name: unknown schedule {name!r}; expected one of {sorted(SCHEDULE_ARGUMENTS)}"
+        )
+    defaults = SCHEDULE_ARGUMENTS[name]
+    unknown = sorted(set(description) - set(defaults) - {"name"})
+    if unknown:
+        raise ValueError(f"{path}: {name} takes no {unknown}; it takes {sorted(defaults)}")
+    out: dict[str, Any] = {"name": name}
+    for key, default in defaults.items():
+        value = description.get(key, default)
+        if value is None:
+            raise ValueError(f"{path}.{key}: {name} needs {key}")
+        out[key] = _check_argument(f"{path}.{key}", key, value)
+    _check_schedule(name, out, path)
+    return out
+
+
+def _check_argument(where: str, key: str, value):
+    if key == "schedulers":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{where}: SequentialLR needs a non-empty list of schedules")
+        return [validate(child, f"{where}[{i}]") for i, child in enumerate(value)]
+    if key == "milestones":
+        if not isinstance(value, (list, tuple)) or not all(_is_int(m) and m >= 0 for m in value):
+            raise ValueError(f"{where}: must be a list of integers >= 0, got {value!r}")
+        return [int(m) for m in value]
+    if key in _INTS:
+        if not _is_int(value) or value < (0 if key in ("patience", "cooldown") else 1):
+            low = 0 if key in ("patience", "cooldown") else 1
+            raise ValueError(f"{where}: must be an integer >= {low}, got {value!r}")
+        return int(value)
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: must be a bool, got {value!r}")
+        return value
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ValueError(f"{where}: must be one of {list(_CHOICES[key])}, got {value!r}")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{where}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Ranges torch checks when the scheduler is built (or that would divide by zero later).
+_RANGES = {
+    ("LinearLR", "start_factor"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("LinearLR", "end_factor"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("OneCycleLR", "pct_start"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("OneCycleLR", "max_lr"): (lambda v: v >= 0, ">= 0"),
+    ("OneCycleLR", "div_factor"): (lambda v: v > 0, "> 0"),
+    ("OneCycleLR", "final_div_factor"): (lambda v: v > 0, "> 0"),
+    # The momenta become SGD's momentum or Adam's beta1 on the shards, which take [0, 1).
+    ("OneCycleLR", "base_momentum"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("OneCycleLR", "max_momentum"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ReduceLROnPlateau", "factor"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ReduceLROnPlateau", "min_lr"): (lambda v: v >= 0, ">= 0"),
+    ("CosineAnnealingLR", "eta_min"): (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _check_schedule(name: str, d: dict, path: str) -> None:
+    for (owner, key), (ok, what) in _RANGES.items():
+        if owner == name and not ok(d[key]):
+            raise ValueError(f"{path}.{key}: must be {what}, got {d[key]}")
+    if name == "OneCycleLR":
+        phases = 3 if d["three_phase"] else 2
+        if d["total_steps"] < phases:
+            raise ValueError(
+                f"{path}.total_steps: OneCycleLR needs at least {phases} steps, got "
+                f"{d['total_steps']}"
+            )
+    if name == "SequentialLR":
+        for i, child in enumerate(d["schedulers"]):
+            if child["name"] in ("SequentialLR", "ReduceLROnPlateau"):
+                raise ValueError(
+                    f"{path}.schedulers[{i}]: SequentialLR cannot chain {child['name']}"
+                )
+        if len(d["milestones"]) != len(d["schedulers"]) - 1:
+            raise ValueError(
+                f"{path}.milestones: SequentialLR needs one milestone fewer than "
+                f"schedules ({len(d['schedulers'])} schedules, {len(d['milestones'])} "
+                f"milestones)"
+            )
+        if d["milestones"] != sorted(d["milestones"]):
+            raise ValueError(f"{path}.milestones: must be in order, got {d['milestones']}")
+
+
+_CLASSES = {
+    "StepLR": StepLR,
+    "MultiStepLR": MultiStepLR,
+    "ExponentialLR": ExponentialLR,
+    "CosineAnnealingLR": CosineAnnealingLR,
+    "LinearLR": LinearLR,
+    "OneCycleLR": OneCycleLR,
+    "ReduceLROnPlateau": ReduceLROnPlateau,
+}
+
+
+def from_description(optimizer, description: dict) -> LRScheduler:
+    """Build the scheduler a (validated) description names over ``optimizer``."""
+    d = validate(description)
+    name = d.pop("name")
+    if name == "SequentialLR":
+        children = [from_description(optimizer, c) for c in d["schedulers"]]
+        return SequentialLR(optimizer, children, d["milestones"])
+    return _CLASSES[name](optimizer, **d)
+
+
+class ScheduleRunner:
+    """A described schedule driven over a stand-in for the job's optimizer (one group,
+    the job's hyper-parameters): the coordinator's side of a job's schedule.
+
+    ``hyper()`` is what the next step applies (``lr``, and ``momentum``/``betas`` that
+    OneCycleLR cycles); ``advance(loss)`` steps the scheduler after a step, with the step's
+    loss as ReduceLROnPlateau's metric. ``state()`` is plain data (JSON) to checkpoint.
+
+    >>> run = ScheduleRunner({"name": "sgd", "lr": 1.0}, {"name": "StepLR", "step_size": 1})
+    >>> run.hyper()["lr"]; run.advance(0.5); run.hyper()["lr"]
+    1.0
+    0.1
+    """
+
+    def __init__(self, optimizer: dict, schedule: dict, state: dict | None = None):
+        from .factories import zeros
+        from .nn import Parameter
+        from .optim import from_description as optimizer_from_description
+
+        self.optimizer = optimizer_from_description([Parameter(zeros(0))], optimizer)
+        self.scheduler = from_description(self.optimizer, schedule)
+        self.steps = 0  # advance() calls so far: the next step is steps + 1
+        if state is not None:
+            self.load(state)
+
+    def hyper(self) -> dict:
+        group = self.optimizer.param_groups[0]
+        out = {"lr": float(group["lr"])}
+        if "momentum" in group:
+            out["momentum"] = float(group["momentum"])
+        if "betas" in group:
+            out["betas"] = [float(b) for b in group["betas"]]
+        return out
+
+    def advance(self, loss: float) -> None:
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step(loss)
+        else:
+            self.scheduler.step()
+        self.steps += 1
+
+    def state(self) -> dict:
+        group = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in self.optimizer.param_groups[0].items()
+            if k != "params"
+        }
+        return {"steps": self.steps, "group": group, "scheduler": self.scheduler.state_dict()}
+
+    def load(self, state: dict) -> None:
+        group = self.optimizer.param_groups[0]
+        for k, v in state["group"].items():
+            group[k] = tuple(v) if k == "betas" else v
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = int(state["steps"])

@@ -1,4 +1,5 @@
-"""Optimizers with ``torch.optim``'s update rules: SGD, Adam, AdamW, RMSprop, Adagrad.
+"""Optimizers with ``torch.optim``'s update rules: SGD, Adam, AdamW, RMSprop, Adagrad,
+Adamax, NAdam.
 
 Each rule is a pure function over raw arrays, ``update(xp, param, grad, state, **hyper)``:
 it updates ``param`` and the arrays in ``state`` in place and returns ``state``. No Tensor is
@@ -38,16 +39,21 @@ __all__ = [
     "AdamW",
     "RMSprop",
     "Adagrad",
+    "Adamax",
+    "NAdam",
     "sgd_update",
     "adam_update",
     "adamw_update",
     "rmsprop_update",
     "adagrad_update",
+    "adamax_update",
+    "nadam_update",
     "WIRE_RULES",
     "UPDATE_RULES",
     "HYPERPARAMETERS",
     "describe",
     "validate",
+    "WEIGHT_DECAY_BY_PARAMETER",
     "from_description",
     "state_to_arrays",
     "state_from_arrays",
@@ -273,6 +279,91 @@ def adagrad_update(
     return state
 
 
+def adamax_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> dict:
+    """One step of ``torch.optim.Adamax`` on arrays (``exp_avg`` and the infinity norm
+    ``exp_inf``)."""
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = xp.zeros_like(param)
+        state["exp_inf"] = xp.zeros_like(param)
+    step = state["step"] = state["step"] + 1
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    _lerp_(xp, state["exp_avg"], g, 1 - beta1)
+    exp_inf = state["exp_inf"]
+    # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+    exp_inf *= beta2
+    bound = xp.abs(g)
+    bound += eps
+    xp.maximum(exp_inf, bound, out=exp_inf)
+    clr = lr / (1 - beta1**step)
+    param += (-clr * state["exp_avg"]) / exp_inf  # addcdiv_(exp_avg, exp_inf, value=-clr)
+    return state
+
+
+def nadam_update(
+    xp,
+    param,
+    grad,
+    state: dict,
+    *,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> dict:
+    """One step of ``torch.optim.NAdam`` on arrays (``exp_avg``, ``exp_avg_sq`` and the
+    0-d ``mu_product``).
+
+    torch keeps ``mu_product`` in a float32 scalar tensor (its default dtype) whatever the
+    parameter's dtype, and the product is rounded to float32 at every step: so is ours.
+    """
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["mu_product"] = xp.ones((), dtype=np.float32)
+        state["exp_avg"] = xp.zeros_like(param)
+        state["exp_avg_sq"] = xp.zeros_like(param)
+    step = state["step"] = state["step"] + 1
+    g = -grad if maximize else grad
+    bias_correction2 = 1 - beta2**step
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    mu_product = state["mu_product"]
+    mu_product *= mu
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    _lerp_(xp, exp_avg, g, 1 - beta1)
+    exp_avg_sq *= beta2
+    exp_avg_sq += ((1 - beta2) * g) * g  # addcmul_(g, g, value=1 - beta2)
+    denom = xp.sqrt(exp_avg_sq / bias_correction2)
+    denom += eps
+    product = float(mu_product)
+    param += (-lr * (1.0 - mu) / (1.0 - product) * g) / denom
+    param += ((-lr * mu_next) / (1.0 - product * mu_next) * exp_avg) / denom
+    return state
+
+
 def _lerp_(xp, start, end, weight: float) -> None:
     """``start.lerp_(end, weight)`` with torch's two formulas, chosen by the weight's size."""
     if abs(weight) < 0.5:
@@ -287,10 +378,12 @@ UPDATE_RULES: dict[str, Callable[..., dict]] = {
     "adamw": adamw_update,
     "rmsprop": rmsprop_update,
     "adagrad": adagrad_update,
+    "adamax": adamax_update,
+    "nadam": nadam_update,
 }
-# The rules a job's description may name: the wire's Optimizer message carries only these
-# rules' hyper-parameters (RMSprop's alpha/centered, Adagrad's lr_decay/... have no field).
-WIRE_RULES = ("sgd", "adam", "adamw")
+# The rules a job's description may name: the wire's Optimizer message carries every
+# rule's hyper-parameters.
+WIRE_RULES = tuple(UPDATE_RULES)
 
 # Every hyper-parameter each rule takes, with torch's defaults (SGD's lr included).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
@@ -335,9 +428,28 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
         "eps": 1e-10,
         "maximize": False,
     },
+    "adamax": {
+        "lr": 2e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "maximize": False,
+    },
+    "nadam": {
+        "lr": 2e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum_decay": 4e-3,
+        "decoupled_weight_decay": False,
+        "maximize": False,
+    },
 }
 
-_BOOLS = ("nesterov", "amsgrad", "maximize", "centered")
+_BOOLS = ("nesterov", "amsgrad", "maximize", "centered", "decoupled_weight_decay")
+# Optimizer state that is one scalar whatever the parameter's shape (NAdam's float32
+# running product), not an array shaped like the parameter.
+_SCALAR_STATE = ("mu_product",)
 
 
 def _check_hyper(name: str, hyper: dict) -> dict:
@@ -391,15 +503,10 @@ def validate(description: dict) -> dict:
     if not isinstance(description, dict):
         raise ValueError(f"optimizer description must be a dict, got {type(description).__name__}")
     name = description.get("name")
-    if name in UPDATE_RULES and name not in WIRE_RULES:
-        raise ValueError(
-            f"optimizer {name!r} runs locally only: a job's parameter shards "
-            f"apply one of {list(WIRE_RULES)}"
-        )
     if name not in WIRE_RULES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(WIRE_RULES)}")
     defaults = HYPERPARAMETERS[name]
-    unknown = sorted(set(description) - set(defaults) - {"name"})
+    unknown = sorted(set(description) - set(defaults) - {"name", WEIGHT_DECAY_BY_PARAMETER})
     if unknown:
         raise ValueError(
             f"{name}: unknown hyper-parameter(s) {unknown}; it takes {sorted(defaults)}"
@@ -407,7 +514,32 @@ def validate(description: dict) -> dict:
     hyper = _check_hyper(name, {k: description.get(k, v) for k, v in defaults.items()})
     if "betas" in hyper:
         hyper["betas"] = list(hyper["betas"])
-    return {"name": name, **hyper}
+    overrides = _check_weight_decays(name, hyper, description.get(WEIGHT_DECAY_BY_PARAMETER))
+    # Left out when empty, so a one-group optimizer's description (and job id) is as before.
+    return {"name": name, **hyper, **({WEIGHT_DECAY_BY_PARAMETER: overrides} if overrides else {})}
+
+
+# Parameter groups that differ only in weight decay (the usual "no decay for biases and
+# norms" groups) travel as one description plus the weight decay of each parameter whose
+# group differs from the first group.
+WEIGHT_DECAY_BY_PARAMETER = "weight_decay_by_parameter"
+
+
+def _check_weight_decays(name: str, hyper: dict, overrides) -> dict[str, float]:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise ValueError(
+            f"{name}: {WEIGHT_DECAY_BY_PARAMETER} must map parameter names to numbers, "
+            f"got {overrides!r}"
+        )
+    for key, value in overrides.items():
+        try:
+            _check_hyper(name, {**hyper, "weight_decay": value})
+        except ValueError as e:
+            reason = str(e).removeprefix(f"{name}: ")
+            raise ValueError(f"{name}: {WEIGHT_DECAY_BY_PARAMETER}[{key}]: {reason}") from None
+    return {k: float(v) for k, v in sorted(overrides.items())}
 
 
 # ==================================================================== state on the wire ==
@@ -573,6 +705,9 @@ class Optimizer:
                     entry[k] = int(v)
                     continue
                 arr = v._data if isinstance(v, Tensor) else np.asarray(v)
+                if k in _SCALAR_STATE:
+                    entry[k] = xp.array(float(arr), dtype=np.float32)
+                    continue
                 if arr.shape != p.shape:
                     raise ValueError(
                         f"loaded optimizer state {k!r} has shape {arr.shape}, "
@@ -683,8 +818,7 @@ class AdamW(Adam):
 
 
 class RMSprop(Optimizer):
-    """RMSprop (Hinton), with torch's ``alpha``, ``centered`` and ``momentum``. Local only:
-    ``describe`` (and so a job) refuses it."""
+    """RMSprop (Hinton), with torch's ``alpha``, ``centered`` and ``momentum``."""
 
     rule = "rmsprop"
 
@@ -718,8 +852,7 @@ class RMSprop(Optimizer):
 
 
 class Adagrad(Optimizer):
-    """Adagrad (Duchi et al.), with torch's ``lr_decay`` and ``initial_accumulator_value``.
-    Local only, as RMSprop."""
+    """Adagrad (Duchi et al.), with torch's ``lr_decay`` and ``initial_accumulator_value``."""
 
     rule = "adagrad"
 
@@ -750,34 +883,123 @@ class Adagrad(Optimizer):
         )
 
 
+class Adamax(Optimizer):
+    """Adamax (Kingma & Ba): Adam with the infinity norm; ``lr`` defaults to 2e-3."""
+
+    rule = "adamax"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+    ):
+        # foreach: accepted for torch's signature; the single-tensor rule is the one used.
+        super().__init__(
+            params,
+            _check_hyper(
+                self.rule,
+                dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
+            ),
+        )
+
+
+class NAdam(Optimizer):
+    """NAdam (Dozat): Adam with Nesterov momentum, torch's ``momentum_decay`` and
+    ``decoupled_weight_decay`` (NAdamW); ``lr`` defaults to 2e-3."""
+
+    rule = "nadam"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+    ):
+        super().__init__(
+            params,
+            _check_hyper(
+                self.rule,
+                dict(
+                    lr=lr,
+                    betas=betas,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                    momentum_decay=momentum_decay,
+                    decoupled_weight_decay=decoupled_weight_decay,
+                    maximize=maximize,
+                ),
+            ),
+        )
+
+
 OPTIMIZERS: dict[str, type[Optimizer]] = {
     "sgd": SGD,
     "adam": Adam,
     "adamw": AdamW,
     "rmsprop": RMSprop,
     "adagrad": Adagrad,
+    "adamax": Adamax,
+    "nadam": NAdam,
 }
 
 
-def describe(optimizer: Optimizer) -> dict:
+def describe(optimizer: Optimizer, initial: bool = False, names: dict | None = None) -> dict:
     """The optimizer as a plain, JSON-ready dict: ``{"name": "adam", "lr": ..., ...}``.
 
-    The wire format carries one set of hyper-parameters, so all groups must share them.
+    The wire format carries one set of hyper-parameters, so all groups must share them,
+    except ``weight_decay`` when ``names`` (parameter -> its name, as
+    ``{p: n for n, p in model.named_parameters()}``) is given: then a parameter whose
+    group's weight decay differs from the first group's is listed with its own under
+    ``"weight_decay_by_parameter"``. ``initial``: the lr a learning-rate scheduler started
+    from (each group's ``initial_lr``), not the one it has set since.
     """
-    groups = [{k: g[k] for k in HYPERPARAMETERS[optimizer.rule]} for g in optimizer.param_groups]
-    if any(g != groups[0] for g in groups[1:]):
+
+    def hyper(group: dict) -> dict:
+        out = {k: group[k] for k in HYPERPARAMETERS[optimizer.rule]}
+        if initial and "initial_lr" in group:
+            out["lr"] = group["initial_lr"]
+        return out
+
+    groups = [hyper(g) for g in optimizer.param_groups]
+    first = groups[0]
+    shared = [k for k in first if not (names is not None and k == "weight_decay")]
+    differ = sorted({k for g in groups[1:] for k in shared if g[k] != first[k]})
+    if differ:
         raise ValueError(
             f"describe: {type(optimizer).__name__}'s parameter groups have "
-            f"different hyper-parameters; the description carries one set, so "
-            f"use one group"
+            f"different hyper-parameters {differ}; the description carries one set "
+            f"(groups may differ in weight_decay only, given the parameters' names), "
+            f"so use one group"
         )
-    return validate({"name": optimizer.rule, **groups[0]})
+    overrides = {}
+    for i, (group, h) in enumerate(zip(optimizer.param_groups[1:], groups[1:]), start=1):
+        if h["weight_decay"] == first["weight_decay"]:
+            continue
+        if any(p not in names for p in group["params"]):
+            raise ValueError(f"describe: parameter group {i} holds a parameter without a name")
+        overrides.update({names[p]: h["weight_decay"] for p in group["params"]})
+    extra = {WEIGHT_DECAY_BY_PARAMETER: overrides} if overrides else {}
+    return validate({"name": optimizer.rule, **first, **extra})
 
 
 def from_description(params: Iterable, description: dict) -> Optimizer:
     """Build the optimizer a description names (after ``validate``) over ``params``."""
     d = validate(description)
     name = d.pop("name")
+    d.pop(WEIGHT_DECAY_BY_PARAMETER, None)  # one group: the per-parameter decays are the shards'
     return OPTIMIZERS[name](params, **d)
 
 

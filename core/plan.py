@@ -41,7 +41,7 @@ import numpy as np
 
 from . import autograd, cost
 from . import backend as backend_mod
-from .graph import CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
+from .graph import BUFFER, CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
 from .tensor import Tensor
 from .unbroadcast import unbroadcast
@@ -61,6 +61,8 @@ class PlanResult:
     grads: dict[str, np.ndarray]
     forward_seconds: float
     backward_seconds: float
+    # The new value of every buffer the graph updates (Output.buffer), by buffer name.
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +165,18 @@ class Plan:
         time, so a streamed reply can announce them before computing anything."""
         return self.schedule(grads, outputs).grad_order
 
+    def unused_gradients(
+        self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
+    ) -> tuple[str, ...]:
+        """The requested parameters the loss does not depend on: no gradient reaches them
+        (``run`` gives zeros; PyTorch leaves their ``.grad`` None). Known at compile time."""
+        loss_value = self.graph.outputs[self.graph.graph.outputs[0].name]
+        return tuple(
+            n
+            for n in self.schedule(grads, outputs).final_before
+            if self.graph.input_index[n] != loss_value
+        )
+
     def _build(self, grads: tuple, outputs: tuple) -> _Schedule:
         vg = self.graph
         self._check_request(grads, outputs)
@@ -170,11 +184,13 @@ class Plan:
         loss = vg.outputs[vg.graph.outputs[0].name]
         targets = {vg.input_index[g] for g in grads}
         needed = self._needed(targets)
-        live = self._live([loss] + [vg.outputs[o] for o in outputs])
+        # Buffer updates are always computed: like eager train mode, every call moves them.
+        results = [loss] + [vg.outputs[o] for o in outputs] + list(vg.buffer_updates.values())
+        live = self._live(results)
         backward_nodes = (
             [k for k in self.topo if needed[n_in + k] and live[n_in + k]] if targets else []
         )
-        fwd_pos, frees, never = self._lifetimes(live, backward_nodes, loss, outputs)
+        fwd_pos, frees, never = self._lifetimes(live, backward_nodes, results)
         n_fwd = len(fwd_pos)
         fwd = []
         for k, p in fwd_pos.items():
@@ -255,7 +271,7 @@ class Plan:
         return live
 
     def _lifetimes(
-        self, live: list[bool], backward_nodes: list[int], loss: int, outputs: tuple
+        self, live: list[bool], backward_nodes: list[int], results: list[int]
     ) -> tuple[dict[int, int], dict[int, list[int]], list[int]]:
         """Where each slot is last used: (forward position of each live node, the slots
         freed after each kernel position, inputs never read)."""
@@ -281,7 +297,7 @@ class Plan:
                 last[i] = max(last[i], p)
             if vg.ops[k].saves_out:
                 last[n_in + k] = max(last[n_in + k], p)
-        for v in [loss] + [vg.outputs[o] for o in outputs]:
+        for v in results:
             last[v] = end  # read when the result is assembled
         frees: dict[int, list[int]] = {}
         never = []
@@ -334,10 +350,12 @@ class Plan:
         """Forward and backward for one batch.
 
         ``params``/``data`` map input names to arrays (NumPy; the ``cuda`` backend copies
-        them to the device). ``grads`` names the parameters whose gradients to return (None:
-        all; ``[]``: forward only); a requested parameter the loss does not depend on gets
-        zeros. ``loss_scale`` multiplies the loss and so every gradient (the backward pass
-        starts from ``loss_scale`` instead of 1). ``seed`` seeds random ops (see the module
+        them to the device); ``params`` holds the BUFFER inputs' values too (they travel
+        with the parameters), whose new values come back in ``PlanResult.buffers``.
+        ``grads`` names the parameters whose gradients to return (None: all; ``[]``:
+        forward only); a requested parameter the loss does not depend on gets zeros.
+        ``loss_scale`` multiplies the loss and so every gradient (the backward pass starts
+        from ``loss_scale`` instead of 1). ``seed`` seeds random ops (see the module
         docstring). ``check``, if given, is called every ``CHECK_EVERY`` kernels and between
         forward and backward; it raises to abandon the call (a deadline). ``record_live``,
         for tests: the number of live slots after each kernel is appended to it.
@@ -367,6 +385,7 @@ class Plan:
             loss_out = (loss_out * loss_out.dtype.type(loss_scale)).astype(loss_out.dtype)
         loss_out = np.asarray(loss_out)
         result_outputs = {name: to_host(slots[vg.outputs[name]]) for name in sched.outputs}
+        new_buffers = {name: to_host(slots[v]) for name, v in vg.buffer_updates.items()}
         if on_forward is not None:
             on_forward(loss_out, result_outputs)
 
@@ -378,7 +397,7 @@ class Plan:
         _sync(xp)
         t2 = time.perf_counter()
         result_grads = {name: result_grads[name] for name in sched.grads}
-        return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1)
+        return PlanResult(loss_out, result_outputs, result_grads, t1 - t0, t2 - t1, new_buffers)
 
     def _load(
         self, sched: _Schedule, params: Mapping[str, object], data: Mapping[str, object], xp
@@ -390,7 +409,7 @@ class Plan:
             if role == CONST:
                 slots[i] = vg.consts[i] if xp is np else xp.asarray(vg.consts[i])
                 continue
-            source, kind = (params, "parameters") if role == PARAM else (data, "data")
+            source, kind = (params, "parameters") if role in (PARAM, BUFFER) else (data, "data")
             value = source.get(name)
             if value is None:
                 raise GraphError(f"{kind}[{name}]", "missing")

@@ -30,6 +30,10 @@ COMMANDS = {
     "coordinator": ("gradmesh.server.coordinator", "run training jobs over workers and shards"),
     "demo": ("gradmesh.client.demo", "train on handwritten digits with a local cluster"),
     "train": ("gradmesh.client.train", "train a model described in a TOML file"),
+    "import": (
+        "gradmesh.client.importers.command",
+        "convert an .onnx or .pt2 model into a graph file and a safetensors file",
+    ),
 }
 DESCRIPTION = "gradmesh: distributed gradient computation, one command per role."
 

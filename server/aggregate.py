@@ -19,7 +19,17 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Sequence
 
-__all__ = ["micro_batches", "loss_scales", "micro_batch_seed", "tree_sum", "TreeSum", "place"]
+import numpy as np
+
+__all__ = [
+    "micro_batches",
+    "loss_scales",
+    "micro_batch_seed",
+    "tree_sum",
+    "TreeSum",
+    "place",
+    "combine_buffers",
+]
 
 
 def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
@@ -48,6 +58,35 @@ def loss_scales(batch_size: int, micro_batch_size: int) -> list[float]:
     return [
         (stop - start) / batch_size for start, stop in micro_batches(batch_size, micro_batch_size)
     ]
+
+
+def combine_buffers(
+    updates: Sequence[dict[str, np.ndarray]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """A step's new buffers from its micro-batches' (docs/training.md, "Buffers").
+
+    ``updates[m]`` holds the buffers micro-batch ``m`` computed from the step's starting
+    ones, ``weights[m]`` its :func:`loss_scales` weight (rows / batch size). A floating
+    buffer becomes the weighted mean ``sum_m weights[m] * updates[m]``, accumulated in
+    float64 in micro-batch order and rounded once to the buffer's dtype; any other buffer
+    (``num_batches_tracked``) takes micro-batch 0's value, so a counter advances once per
+    step. One micro-batch gives its update unchanged.
+
+    >>> a, b = {"mean": np.float32([1.0, 2.0])}, {"mean": np.float32([3.0, 6.0])}
+    >>> combine_buffers([a, b], [0.75, 0.25])["mean"].tolist()
+    [1.5, 3.0]
+    """
+    out = {}
+    for name, first in updates[0].items():
+        first = np.asarray(first)
+        if not np.issubdtype(first.dtype, np.floating):
+            out[name] = first.copy()
+            continue
+        total = np.zeros(first.shape, np.float64)
+        for update, weight in zip(updates, weights):
+            total += np.float64(weight) * np.asarray(update[name], np.float64)
+        out[name] = total.astype(first.dtype)
+    return out
 
 
 def micro_batch_seed(job_id: str, step_id: int, micro_batch: int) -> int:

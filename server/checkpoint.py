@@ -58,6 +58,12 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _contiguous(a) -> np.ndarray:
+    """``a`` C-contiguous, 0-d kept 0-d (``ascontiguousarray`` makes it shape (1,))."""
+    a = np.asarray(a)
+    return np.ascontiguousarray(a).reshape(a.shape)
+
+
 def save(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Save named arrays and JSON-able ``meta`` to one ``.npz`` file, atomically.
 
@@ -65,7 +71,7 @@ def save(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None
     name (dots, slashes) round-trips.
     """
     names = list(arrays)
-    payload = {f"a{i}": np.ascontiguousarray(arrays[n]) for i, n in enumerate(names)}
+    payload = {f"a{i}": _contiguous(arrays[n]) for i, n in enumerate(names)}
     header = json.dumps({"names": names, "meta": meta}, sort_keys=True).encode()
     payload[_META] = np.frombuffer(header, dtype=np.uint8)
     buf = io.BytesIO()
@@ -156,7 +162,7 @@ class RecordLog:
         that a reader would take; the caller must not acknowledge)."""
         entries, parts, offset = [], [], 0
         for name, a in (arrays or {}).items():
-            a = np.ascontiguousarray(a)
+            a = _contiguous(a)
             dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
             raw = a.astype(dt, copy=False).tobytes()
             entries.append([name, dt.str, list(a.shape), offset, len(raw)])

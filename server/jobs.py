@@ -8,6 +8,13 @@ micro-batch's loss scale and seed; each result's gradients are pushed to the sha
 own them as soon as it arrives (so pushing overlaps the other micro-batches' compute).
 When every micro-batch is pushed, the shards apply the step; their fixed summation tree
 makes the result bit for bit independent of which worker did what.
+
+Buffers (BUFFER inputs: BatchNorm running statistics) are job state kept by the
+coordinator, at the job's version: every micro-batch of a step gets the step's starting
+buffers with the parameters, and the step's new buffers are the micro-batches' updates
+combined in micro-batch order (:func:`~gradmesh.server.aggregate.combine_buffers`). They
+are logged with the step's Apply intent and checkpointed with the job, so they survive
+the restarts the parameters survive (docs/training.md, "Buffers").
 """
 
 from __future__ import annotations
@@ -29,16 +36,30 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
-from gradmesh.core import dtypes, serialize
+from gradmesh.core import dtypes, lr_scheduler, serialize
 from gradmesh.core import graph as core_graph
+from gradmesh.core.nn import utils as nn_utils
 from gradmesh.server import checkpoint
-from gradmesh.server.aggregate import TreeSum, loss_scales, micro_batch_seed, micro_batches, place
+from gradmesh.server.aggregate import (
+    TreeSum,
+    combine_buffers,
+    loss_scales,
+    micro_batch_seed,
+    micro_batches,
+    place,
+)
 from gradmesh.server.dispatch import dispatch
 from gradmesh.server.runtime import ServiceError, status_code
 from gradmesh.server.shard_store import EmbeddedShard, ShardStore, check_job_id
 from gradmesh.server.workers import ParamSet, WorkerHandle, WorkerPool
 from gradmesh.v1 import coordinator_pb2, graph_pb2
 from gradmesh.wire.errors import GradmeshError
+from gradmesh.wire.schedule import (
+    clipping_from_proto,
+    clipping_to_proto,
+    schedule_from_proto,
+    schedule_to_proto,
+)
 from gradmesh.wire.shard import optimizer_from_proto, optimizer_to_proto
 from gradmesh.wire.worker import Reply
 
@@ -83,6 +104,21 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The parameters the workers get, at ``params.version``.
     params: "ParamSet | None" = None
+    # The graph's BUFFER inputs (name -> (wire dtype, shape)) and their values at
+    # ``version``; empty for a graph without buffers.
+    buffer_specs: dict[str, tuple] = field(default_factory=dict)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    # The learning-rate schedule and clipping descriptions (None: none), the schedule
+    # driven as data (advanced once per applied step), why it cannot go on (a OneCycleLR
+    # past its steps), and the last step's total gradient norm.
+    schedule: "dict | None" = None
+    clipping: "dict | None" = None
+    runner: "lr_scheduler.ScheduleRunner | None" = None
+    schedule_error: str = ""
+    last_grad_norm: "float | None" = None
+    # The step arguments (lr, clipping coefficient, ...) and total norm of the pinned step:
+    # a retry sends the shards that did not apply it the same ones.
+    pinned_args: "tuple[dict, float | None] | None" = None
 
 
 def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -120,8 +156,57 @@ def _check_initial_parameters(names: list[str], specs: dict, params: dict[str, n
             )
 
 
+def _graph_buffers(graph) -> dict[str, tuple]:
+    """The graph's BUFFER inputs: name -> (wire dtype, shape), in graph order."""
+    return {
+        i.name: (i.dtype, tuple(i.shape)) for i in graph.inputs if i.role == graph_pb2.Input.BUFFER
+    }
+
+
+def _split_buffers(
+    specs: dict[str, tuple], given: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """CreateJob's tensors as (parameters, buffers): every BUFFER input needs its initial
+    value, of its dtype and shape (INVALID_ARGUMENT naming it otherwise)."""
+    params = {n: a for n, a in given.items() if n not in specs}
+    buffers = {}
+    for name, (wire, shape) in specs.items():
+        a = given.get(name)
+        if a is None:
+            raise ServiceError(
+                INVALID,
+                f"no initial value for buffer {name!r} (a BUFFER input of the graph: "
+                f"send the model's buffers with the parameters)",
+                f"parameters[{name}]",
+            )
+        if serialize.DTYPE_TO_PROTO.get(_dtype_of(a)) != wire or tuple(a.shape) != shape:
+            raise ServiceError(
+                INVALID,
+                f"buffer {name!r} has dtype {a.dtype} and shape {list(a.shape)}; the graph "
+                f"declares {serialize.dtype_name(wire)} {list(shape)}",
+                f"parameters[{name}]",
+            )
+        buffers[name] = np.array(a)  # the job's own copy, replaced step by step
+    return params, buffers
+
+
+def _buffer_arrays(buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Buffers as a checkpoint's or step log record's arrays (prefixed: never the graph)."""
+    return {f"buffer:{n}": a for n, a in buffers.items()}
+
+
+def _buffers_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {n[len("buffer:") :]: a for n, a in arrays.items() if n.startswith("buffer:")}
+
+
 def _differences(
-    existing, gid: str, optimizer: dict, micro_batch_size: int, digest: str
+    existing,
+    gid: str,
+    optimizer: dict,
+    micro_batch_size: int,
+    digest: str,
+    schedule: dict | None = None,
+    clipping: dict | None = None,
 ) -> list[str]:
     """What a CreateJob for an existing job id asks differently from the job (empty: the
     same content, an idempotent re-create)."""
@@ -139,17 +224,33 @@ def _differences(
             "initial parameters (another digest)",
             not existing.params_digest or existing.params_digest == digest,
         ),
+        (
+            f"schedule (existing {existing.schedule}, new {schedule})",
+            existing.schedule == schedule,
+        ),
+        (
+            f"clipping (existing {existing.clipping}, new {clipping})",
+            existing.clipping == clipping,
+        ),
     )
     return [what for what, same in checks if not same]
 
 
 def default_job_id(
-    graph_id: str, params_digest: str, optimizer: dict, micro_batch_size: int
+    graph_id: str,
+    params_digest: str,
+    optimizer: dict,
+    micro_batch_size: int,
+    schedule: dict | None = None,
+    clipping: dict | None = None,
 ) -> str:
     """The id of a job created without one: a digest of its content (graph, initial
-    parameters, optimizer, micro-batch size), so that dropout seeds, which derive from the
-    job id, are the same in two identical runs."""
-    key = json.dumps([graph_id, params_digest, optimizer, micro_batch_size], sort_keys=True)
+    parameters, optimizer, micro-batch size, schedule and clipping when given), so that
+    dropout seeds, which derive from the job id, are the same in two identical runs."""
+    content: list = [graph_id, params_digest, optimizer, micro_batch_size]
+    if schedule is not None or clipping is not None:
+        content += [schedule, clipping]
+    key = json.dumps(content, sort_keys=True)
     return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -186,6 +287,50 @@ def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
     # Scalar extra outputs (accuracy, ...) are reported as metrics; others are not fetched.
     metrics = [o.name for o in graph.outputs[1:] if tuple(vg.specs[o.value].shape) == ()]
     return vg, names, specs, data, metrics
+
+
+def _schedule_messages(header) -> tuple:
+    """A CreateJobRequest's LRSchedule and GradientClipping, None where unset."""
+    return (
+        header.schedule if header.HasField("schedule") else None,
+        header.clipping if header.HasField("clipping") else None,
+    )
+
+
+def _schedule_and_clipping(optimizer: dict, schedule_msg, clipping_msg) -> tuple:
+    """The validated schedule and clipping descriptions (None where unset); a schedule the
+    optimizer cannot follow (OneCycleLR cycling the momentum of an optimizer without one)
+    is INVALID_ARGUMENT too."""
+    schedule = schedule_from_proto(schedule_msg) if schedule_msg is not None else None
+    clipping = clipping_from_proto(clipping_msg) if clipping_msg is not None else None
+    if schedule is not None:
+        try:
+            lr_scheduler.ScheduleRunner(optimizer, schedule)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ServiceError(INVALID, f"schedule: {e}", "schedule") from None
+    return schedule, clipping
+
+
+def _set_schedule(job: Job, schedule, clipping, state: dict | None = None) -> None:
+    job.schedule, job.clipping = schedule, clipping
+    if schedule is not None:
+        job.runner = lr_scheduler.ScheduleRunner(job.optimizer, schedule, state)
+
+
+def _advance_schedule(job: Job, loss: float) -> None:
+    """Step the job's schedule after a step applied (its loss: ReduceLROnPlateau's metric).
+    A schedule that cannot go on (OneCycleLR past its total steps, where torch's
+    scheduler raises) stops the job's next steps with that reason."""
+    if job.runner is None or job.schedule_error:
+        return
+    try:
+        job.runner.advance(loss)
+    except ValueError as e:
+        job.schedule_error = f"the job's learning-rate schedule ended: {e}"
+
+
+def _job_dtype(job: Job, name: str) -> np.dtype:
+    return np.dtype(serialize.PROTO_TO_DTYPE[job.param_specs[name][0]].name)
 
 
 class Coordinator:
@@ -239,9 +384,12 @@ class Coordinator:
             check_job_id(header.job_id)
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
-        optimizer_from_proto(header.optimizer)
+        _schedule_and_clipping(optimizer_from_proto(header.optimizer), *_schedule_messages(header))
         _, _, specs, _, _ = _graph_signature(header.graph)
-        serialize.check_headers(header.parameters, specs, "parameters", "PARAM input of the graph")
+        specs = {**specs, **_graph_buffers(header.graph)}
+        serialize.check_headers(
+            header.parameters, specs, "parameters", "PARAM or BUFFER input of the graph"
+        )
 
     def create_job(
         self,
@@ -250,22 +398,33 @@ class Coordinator:
         params: dict[str, np.ndarray],
         optimizer_msg,
         micro_batch_size: int,
+        schedule_msg=None,
+        clipping_msg=None,
     ):
-        """Create a job (idempotent for identical content); returns the Job."""
+        """Create a job (idempotent for identical content); returns the Job.
+        ``schedule_msg``/``clipping_msg``: an LRSchedule and a GradientClipping, or None."""
         if job_id:
             check_job_id(job_id)
         if micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
+        schedule, clipping = _schedule_and_clipping(optimizer, schedule_msg, clipping_msg)
         vg, names, specs, data, extra = _graph_signature(graph)
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
+        buffer_specs = _graph_buffers(graph)
+        params, buffers = _split_buffers(buffer_specs, params)
         _check_initial_parameters(names, specs, params)
-        digest = tensors_digest({n: params[n] for n in names})
-        job_id = job_id or default_job_id(gid, digest, optimizer, micro_batch_size)
+        # Buffers count as initial state (a graph without them digests as before).
+        digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
+        job_id = job_id or default_job_id(
+            gid, digest, optimizer, micro_batch_size, schedule, clipping
+        )
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                differ = _differences(existing, gid, optimizer, micro_batch_size, digest)
+                differ = _differences(
+                    existing, gid, optimizer, micro_batch_size, digest, schedule, clipping
+                )
                 if differ:
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
@@ -286,7 +445,10 @@ class Coordinator:
                 micro_batch_size,
                 placement,
                 params_digest=digest,
+                buffer_specs=buffer_specs,
+                buffers=buffers,
             )
+            _set_schedule(job, schedule, clipping)
             self.jobs[job_id] = job
         try:
             with job.lock:
@@ -364,6 +526,7 @@ class Coordinator:
                     # back without its state) as UNAVAILABLE, else the original error.
                     self._resync(job)
                 raise
+            _advance_schedule(job, resp.loss)
             self._record(job, step_id, resp, digest)
             return resp
 
@@ -418,6 +581,7 @@ class Coordinator:
                 "version": job.version,
                 "samples": job.samples,
                 "loss": job.last_loss,
+                "grad_norm": job.last_grad_norm,
                 "response": base64.b64encode(job.history[step_id]).decode(),
             },
             must=False,
@@ -431,12 +595,12 @@ class Coordinator:
                 # keep growing until a checkpoint succeeds.
                 log.warning("checkpoint failed", extra={"job_id": job.job_id, "error": str(e)})
 
-    def _log(self, job: Job, record: dict, must: bool = True) -> None:
+    def _log(self, job: Job, record: dict, must: bool = True, arrays: dict | None = None) -> None:
         """Append to the job's step log (fsynced); ``must``: a failure fails the step."""
         if job.log is None:
             return
         try:
-            job.log.append(record)
+            job.log.append(record, arrays)
         except OSError as e:
             if must:
                 raise ServiceError(
@@ -543,10 +707,13 @@ class Coordinator:
         arrays: dict = {}
         for part in self._on_shards(job, pull):
             arrays.update(part)
-        job.params = ParamSet(job.version, {n: arrays[n] for n in job.param_names}, job.job_id)
+        arrays = {**{n: arrays[n] for n in job.param_names}, **job.buffers}
+        job.params = ParamSet(job.version, arrays, job.job_id, gradients=job.param_names)
         return job.params, time.perf_counter() - start
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
+        if job.schedule_error:
+            raise ServiceError(FAILED, job.schedule_error, "step_id")
         t0 = time.perf_counter()
         try:
             params, pull_seconds = self._params_for_workers(job)
@@ -559,15 +726,27 @@ class Coordinator:
         t2 = time.perf_counter()
         version = run.version
         checkpoint_now = bool(self.checkpoint_every and (version + 1) % self.checkpoint_every == 0)
+        step_args, grad_norm = self._step_args(job, run, digest)
         # From here some shards may apply the step and others not (one dies): the step is
         # pinned to this batch until every shard has it, and logged so across a restart.
-        self._log(job, {"kind": "intent", "step_id": step_id, "digest": digest})
+        new_buffers = run.new_buffers()
+        intent = {"kind": "intent", "step_id": step_id, "digest": digest}
+        if step_args:
+            intent.update(args=step_args, grad_norm=grad_norm)
+        self._log(job, intent, arrays=_buffer_arrays(new_buffers))
         job.pinned = (step_id, digest)
+        job.pinned_args = (step_args, grad_norm)
         try:
             results = self._on_shards(
                 job,
                 lambda s, i: s.apply(
-                    job.job_id, step_id, run.n, version, checkpoint_now, run.attempt
+                    job.job_id,
+                    step_id,
+                    run.n,
+                    version,
+                    checkpoint_now,
+                    run.attempt,
+                    **({"step_args": step_args} if step_args else {}),
                 ),
             )
         except (ServiceError, GradmeshError) as e:
@@ -575,16 +754,20 @@ class Coordinator:
             raise
         t3 = time.perf_counter()
         job.version = version + 1
+        job.buffers = new_buffers
         job.last_step_id = step_id
         job.samples += run.size
         # Worker losses are in the graph's dtype; the tree sums them as float64 so the
         # reported loss does not depend on the loss dtype's rounding of the sum.
         loss = float(run.losses.result())
         job.last_loss = loss
+        job.last_grad_norm = grad_norm
         pb = coordinator_pb2
         return pb.StepResponse(
             step_id=step_id,
             loss=loss,
+            lr=step_args.get("lr", job.optimizer["lr"]),
+            grad_norm=grad_norm,
             version=job.version,
             batch_size=run.size,
             micro_batches=run.n,
@@ -600,20 +783,67 @@ class Coordinator:
             ),
         )
 
+    def _step_args(self, job: Job, run: "_StepRun", digest: str) -> tuple[dict, float | None]:
+        """What this step's Apply carries besides the step: the schedule's hyper-parameters
+        and the clipping (with clip_grad_norm, the total norm over every shard's
+        per-parameter norms, in the job's parameter order); and that total norm. The
+        retry of a pinned step gets the arguments its first Apply had."""
+        if job.pinned == (run.step_id, digest) and job.pinned_args is not None:
+            return job.pinned_args
+        args: dict = {}
+        if job.runner is not None:
+            hyper = job.runner.hyper()
+            args["lr"] = hyper["lr"]
+            if "momentum" in hyper:
+                args["momentum"] = hyper["momentum"]
+            if "betas" in hyper:
+                args["beta1"] = hyper["betas"][0]
+        clip = job.clipping
+        if clip is None:
+            return args, None
+        if clip["kind"] == "value":
+            return {**args, "clip_value": clip["clip_value"]}, None
+        total = self._total_norm(job, run, clip["norm_type"])
+        if clip["error_if_nonfinite"] and not np.isfinite(total):
+            raise ServiceError(INVALID, nn_utils.nonfinite_message(clip["norm_type"]), "batch")
+        coefficient = nn_utils.clip_coefficient(np, total, clip["max_norm"])
+        return {**args, "clip_coefficient": float(coefficient)}, float(total)
+
+    def _total_norm(self, job: Job, run: "_StepRun", norm_type: float):
+        """clip_grad_norm_'s total over the shards' per-parameter norms of the summed step
+        gradient: each norm back in its parameter's dtype (a double holds it exactly),
+        stacked in the graph's parameter order, as local training's model.parameters()."""
+        norms: dict[str, float] = {}
+        try:
+            parts = self._on_shards(
+                job,
+                lambda s, i: s.gradient_norms(
+                    job.job_id, run.step_id, run.n, run.version, run.attempt, norm_type
+                ),
+            )
+        except (ServiceError, GradmeshError) as e:
+            job.fault = f"step {run.step_id} failed in a shard's GradientNorms: {_text(e)}"
+            raise
+        for part in parts:
+            norms.update(part)
+        arrays = [np.asarray(norms[n], dtype=_job_dtype(job, n)) for n in job.param_names]
+        return nn_utils.total_norm(np, arrays, norm_type)
+
     # -- GetParameters / status -----------------------------------------------------------
     def get_parameters(self, job_id: str, names: Sequence[str] = ()) -> tuple[int, dict]:
         job = self.job(job_id)
         for k, n in enumerate(names):
-            if n not in job.placement:
+            if n not in job.placement and n not in job.buffer_specs:
                 raise ServiceError(INVALID, f"job {job_id!r} has no parameter {n!r}", f"names[{k}]")
-        wanted = list(names) or job.param_names
+        # The buffers after the parameters: together, the model's whole state.
+        wanted = list(names) or job.param_names + list(job.buffer_specs)
         with job.lock:
 
             def pull(shard, i):
-                mine = [n for n in wanted if job.placement[n] == i]
+                mine = [n for n in wanted if job.placement.get(n) == i]
                 return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
 
-            arrays: dict = {}
+            arrays: dict = {n: job.buffers[n].copy() for n in wanted if n in job.buffer_specs}
             for part in self._on_shards(job, pull):
                 arrays.update(part)
             return job.version, {n: arrays[n] for n in wanted}
@@ -645,6 +875,10 @@ class Coordinator:
             error=job.error or job.fault,
             data_inputs=[i.name for i in job.data_inputs],
             metrics=job.metric_names,
+            schedule=schedule_to_proto(job.schedule) if job.schedule else None,
+            clipping=clipping_to_proto(job.clipping) if job.clipping else None,
+            next_lr=job.runner.hyper()["lr"] if job.runner else job.optimizer["lr"],
+            last_grad_norm=job.last_grad_norm,
         )
 
     def list_workers(self):
@@ -694,9 +928,11 @@ class Coordinator:
             "digests": {str(k): v for k, v in job.digests.items()},
             "pinned": list(job.pinned) if job.pinned else None,
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
+            **_schedule_meta(job),
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
-        checkpoint.save(self._job_path(job.job_id), {"graph": graph}, meta)
+        arrays = {"graph": graph, **_buffer_arrays(job.buffers)}
+        checkpoint.save(self._job_path(job.job_id), arrays, meta)
         if job.log is not None:
             job.log.truncate()  # its steps are in the checkpoint now
 
@@ -737,6 +973,9 @@ class Coordinator:
             job.params_digest = meta.get("params_digest", "")
             job.digests = {int(k): v for k, v in meta.get("digests", {}).items()}
             job.pinned = tuple(meta["pinned"]) if meta.get("pinned") else None
+            job.buffer_specs = _graph_buffers(graph)
+            job.buffers = _buffers_of(arrays)
+            _restore_schedule(job, meta)
             job.log = checkpoint.RecordLog(self._log_path(job.job_id))
             self._replay(job)
             if meta["shards"] != len(self.shards):
@@ -756,16 +995,23 @@ class Coordinator:
         """Re-read the step log written since the checkpoint: each step's result
         (``done``, fsynced before the client was answered) and the step whose Apply was
         sent last (``intent``: some shards may have applied it)."""
-        for rec, _ in job.log.records():
+        intended: dict = {}  # the new buffers of the step whose Apply was sent
+        for rec, arrays in job.log.records():
             sid = rec["step_id"]
             if rec["kind"] == "intent" and sid == job.last_step_id + 1:
                 job.pinned = (sid, rec["digest"])
+                intended = _buffers_of(arrays)
+                job.pinned_args = (rec.get("args", {}), rec.get("grad_norm"))
             elif rec["kind"] == "done" and sid == job.last_step_id + 1:
+                if intended:
+                    job.buffers = {**job.buffers, **intended}
                 job.history[sid] = base64.b64decode(rec["response"])
                 job.digests[sid] = rec["digest"]
                 job.version, job.last_step_id = rec["version"], sid
                 job.samples, job.last_loss = rec["samples"], rec["loss"]
                 job.pinned = None
+                _advance_schedule(job, rec["loss"])
+                job.last_grad_norm = rec.get("grad_norm")
         while len(job.history) > HISTORY:
             old, _ = job.history.popitem(last=False)
             job.digests.pop(old, None)
@@ -784,6 +1030,10 @@ class Coordinator:
             if version > job.version + (1 if job.pinned else 0):
                 # Shards applied steps the coordinator has no record of (a coordinator
                 # without a step log): the parameters are kept, those results are lost.
+                # The schedule catches up on the last known loss (exact unless it is
+                # ReduceLROnPlateau, whose metric those steps' losses were).
+                for _ in range(version - job.version):
+                    _advance_schedule(job, job.last_loss)
                 job.version, job.last_step_id, job.pinned = version, last, None
         try:
             self._resync(job)
@@ -799,6 +1049,29 @@ class Coordinator:
         for s in self.shards:
             s.close()
         self.workers.close()
+
+
+def _schedule_meta(job: Job) -> dict:
+    """The schedule's and clipping's part of a job's checkpoint (nothing without them)."""
+    if job.schedule is None and job.clipping is None:
+        return {}
+    return {
+        "schedule": job.schedule,
+        "clipping": job.clipping,
+        "schedule_state": job.runner.state() if job.runner else None,
+        "schedule_error": job.schedule_error,
+        "last_grad_norm": job.last_grad_norm,
+        # A pinned step's retry must send the shards its first Apply's arguments.
+        "pinned_args": list(job.pinned_args) if job.pinned and job.pinned_args else None,
+    }
+
+
+def _restore_schedule(job: Job, meta: dict) -> None:
+    _set_schedule(job, meta.get("schedule"), meta.get("clipping"), meta.get("schedule_state"))
+    job.schedule_error = meta.get("schedule_error", "")
+    job.last_grad_norm = meta.get("last_grad_norm")
+    if meta.get("pinned_args"):
+        job.pinned_args = tuple(meta["pinned_args"])
 
 
 class _StepRun:
@@ -820,6 +1093,8 @@ class _StepRun:
         self.n = len(self.ranges)
         self.losses = TreeSum(self.n)
         self.metrics = {name: TreeSum(self.n) for name in job.metric_names}
+        self.buffer_updates: list = [None] * self.n  # per micro-batch: its new buffers
+        self.updated = [o.buffer for o in job.graph.outputs if o.buffer]
         self.push_seconds = 0.0
         self.worker_seconds = 0.0
         self.lock = threading.Lock()
@@ -851,12 +1126,18 @@ class _StepRun:
             raise ServiceError(
                 grpc.StatusCode.INTERNAL, f"a worker returned no gradient for {missing[:5]}"
             )
+        missing = [nm for nm in self.updated if nm not in r.buffers]
+        if missing:
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"a worker returned no new value of buffer {missing[:5]}"
+            )
         t = time.perf_counter()
         for i in self.by_shard:
             grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
+            unused = [nm for nm in r.unused if nm in grads]
             try:
                 self.shards[i].push(
-                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt
+                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt, unused
                 )
             except (ServiceError, GradmeshError) as e:
                 job.fault = (
@@ -868,11 +1149,20 @@ class _StepRun:
             self.push_seconds += time.perf_counter() - t
             self.worker_seconds += r.compute_seconds
             self.losses.add(m, np.asarray(r.loss, dtype=np.float64))
+            # A copy: the reply's bytes may be a view of a message or a reused buffer.
+            self.buffer_updates[m] = {nm: np.array(r.buffers[nm]) for nm in self.updated}
             for name in job.metric_names:
                 value = r.outputs.get(name)
                 if value is not None and np.size(value) == 1:
                     w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
                     self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+    def new_buffers(self) -> dict[str, np.ndarray]:
+        """The step's new buffers: every micro-batch's update, combined in micro-batch
+        order (the job's buffers as they are when the graph updates none)."""
+        if not self.updated:
+            return self.job.buffers
+        return {**self.job.buffers, **combine_buffers(self.buffer_updates, self.scales)}
 
 
 def _text(e: Exception) -> str:

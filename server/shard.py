@@ -16,6 +16,7 @@ from gradmesh.server import checkpoint
 from gradmesh.server.runtime import (
     ConfigError,
     add_server_arguments,
+    announce,
     config_from_args,
     configure_logging,
     env_default,
@@ -30,6 +31,7 @@ from gradmesh.wire.shard import (
     optimizer_from_proto,
     receive_frames,
     shard_frames,
+    step_args_from_proto,
 )
 from gradmesh.wire.stream import BufferPool
 
@@ -100,6 +102,7 @@ class ShardServicer:
             header.version,
             grads,
             header.attempt,
+            header.unused_parameters,
         )
         return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
 
@@ -111,10 +114,22 @@ class ShardServicer:
             request.version,
             request.checkpoint,
             request.attempt,
+            step_args_from_proto(request),
         )
         return shard_pb2.ApplyResponse(
             version=version, already_applied=already, apply_seconds=seconds
         )
+
+    def GradientNorms(self, request, context):
+        norms = self.store.gradient_norms(
+            request.job_id,
+            request.step_id,
+            request.micro_batches,
+            request.version,
+            request.attempt,
+            request.norm_type if request.HasField("norm_type") else 2.0,
+        )
+        return shard_pb2.GradientNormsResponse(norms=norms)
 
     def Status(self, request, context):
         resp = shard_pb2.ShardStatusResponse()
@@ -162,6 +177,11 @@ def add_to_server(servicer: ShardServicer, server: grpc.Server) -> None:
             servicer.Apply,
             request_deserializer=pb.ApplyRequest.FromString,
             response_serializer=pb.ApplyResponse.SerializeToString,
+        ),
+        "GradientNorms": grpc.unary_unary_rpc_method_handler(
+            servicer.GradientNorms,
+            request_deserializer=pb.GradientNormsRequest.FromString,
+            response_serializer=pb.GradientNormsResponse.SerializeToString,
         ),
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status,
@@ -232,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"gradmesh shard listening on {running.address}", flush=True)
+    announce(config, "gradmesh shard", running.address)
     running.wait()
     # Nothing to write: every acknowledged step is in a checkpoint or the step log. (A
     # checkpoint now would hold the last step, and the version before it could no longer

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from gradmesh.core import dtypes, optim, serialize
+from gradmesh.core.nn import utils as nn_utils
 from gradmesh.server import checkpoint
 from gradmesh.server.aggregate import TreeSum
 from gradmesh.server.runtime import ServiceError
@@ -59,6 +60,8 @@ class _Pending:
         self.micro_batches = micro_batches
         self.version = version
         self.sum = TreeSum(micro_batches, _add_grads)
+        # Parameters no micro-batch so far had a gradient for (None: no push yet).
+        self.unused: set[str] | None = None
 
 
 def _add_grads(a: dict, b: dict) -> dict:
@@ -80,6 +83,67 @@ def _copy(a: np.ndarray, allocate: Callable[[int], np.ndarray] | None) -> np.nda
     out = allocate(a.nbytes).view(a.dtype).reshape(a.shape)
     np.copyto(out, a)
     return out
+
+
+# What a step's Apply may carry besides the step: hyper-parameters a schedule moves, and
+# clipping of the summed gradient (shard.proto's ApplyRequest).
+STEP_ARGS = ("lr", "momentum", "beta1", "clip_coefficient", "clip_value")
+
+
+def check_step_args(step_args: dict | None, optimizer: dict) -> dict:
+    """Validate an Apply's step arguments against the job's optimizer (INVALID_ARGUMENT
+    naming the field); returns them as plain floats, unset ones left out."""
+    out: dict = {}
+    for key, value in (step_args or {}).items():
+        if key not in STEP_ARGS:
+            raise ServiceError(INVALID, f"unknown step argument {key!r}", key)
+        value = float(value)
+        if key == "clip_coefficient":
+            out[key] = value  # NaN or inf too: torch scales by a non-finite total's as well
+            continue
+        if not (value >= 0 and np.isfinite(value)):
+            raise ServiceError(INVALID, f"{key} must be a finite number >= 0, got {value}", key)
+        if key == "momentum" and "momentum" not in optimizer:
+            raise ServiceError(INVALID, f"{optimizer['name']} takes no momentum", key)
+        if key == "beta1" and ("betas" not in optimizer or value >= 1):
+            raise ServiceError(
+                INVALID, f"beta1 must be in [0, 1) for an optimizer with betas, got {value}", key
+            )
+        if key == "clip_value" and value == 0:
+            raise ServiceError(INVALID, "clip_value must be > 0", key)
+        out[key] = value
+    if "clip_coefficient" in out and "clip_value" in out:
+        raise ServiceError(INVALID, "clip by a coefficient or by value, not both", "clip_value")
+    return out
+
+
+def scheduled_hyper(optimizer: dict, step_args: dict | None) -> dict:
+    """The update rule's keyword arguments for one step: the job's optimizer, with the
+    values the schedule gives this step."""
+    hyper = {k: v for k, v in optimizer.items() if k != "name"}
+    hyper.pop(optim.WEIGHT_DECAY_BY_PARAMETER, None)  # per parameter, in ShardJob._update
+    args = step_args or {}
+    for key in ("lr", "momentum"):
+        if key in args:
+            hyper[key] = args[key]
+    if "betas" in hyper:
+        hyper["betas"] = (args.get("beta1", hyper["betas"][0]), hyper["betas"][1])
+    return hyper
+
+
+def clipped(grad: np.ndarray, step_args: dict | None) -> np.ndarray:
+    """The summed gradient after the step's clipping (clip_grad_norm_'s scaling with the
+    coordinator's coefficient, or clip_grad_value_'s clamp): the core's own functions."""
+    args = step_args or {}
+    if "clip_coefficient" not in args and "clip_value" not in args:
+        return grad
+    if not grad.flags.writeable:  # a single micro-batch's gradient as it arrived
+        grad = grad.copy()
+    if "clip_value" in args:
+        nn_utils.clip_values_(np, grad, args["clip_value"])
+    else:
+        nn_utils.scale_(grad, np.asarray(args["clip_coefficient"], dtype=np.float64))
+    return grad
 
 
 class ShardJob:
@@ -155,8 +219,11 @@ class ShardJob:
         version: int,
         gradients: dict[str, np.ndarray],
         attempt: int = 0,
+        unused: Iterable[str] = (),
     ) -> tuple[bool, int]:
-        """Record one micro-batch's gradients; ``(duplicate, received)``.
+        """Record one micro-batch's gradients; ``(duplicate, received)``. ``unused``: the
+        parameters the loss does not depend on (zeros in ``gradients``); one unused in
+        every micro-batch is left alone by ``apply``, as torch.optim skips a grad of None.
 
         Gradients are pending for one (step, attempt) at a time: a push for another step
         or another attempt means the coordinator abandoned the pending one."""
@@ -194,6 +261,8 @@ class ShardJob:
                 )
             if micro_batch in p.sum:
                 return True, len(p.sum)
+            mine = set(unused) & set(self.params)
+            p.unused = mine if p.unused is None else p.unused & mine
             p.sum.add(micro_batch, dict(gradients))
             return False, len(p.sum)
 
@@ -238,57 +307,23 @@ class ShardJob:
         version: int,
         attempt: int = 0,
         checkpoint_path: str | None = None,
+        step_args: dict | None = None,
     ) -> tuple[int, bool, float]:
         """Sum the step's gradients and update every parameter; ``(version, already, secs)``.
 
         ``checkpoint_path``: checkpoint first, the state *before* this step (the step goes
         to the emptied log): the shard can then still rebuild the version before its last
-        step, which the coordinator needs to retry a step that only some shards applied."""
+        step, which the coordinator needs to retry a step that only some shards applied.
+        ``step_args``: this step's scheduled hyper-parameters and clipping
+        (:func:`check_step_args`), logged with the step so a replay applies them again."""
+        step_args = check_step_args(step_args, self.optimizer)
         with self.lock:
             if step_id == self.last_step_id and version + 1 == self.version:
                 return self.version, True, 0.0
-            if step_id <= self.last_step_id:
-                raise ServiceError(
-                    FAILED,
-                    f"step {step_id} is older than the last applied "
-                    f"step {self.last_step_id} of job {self.job_id!r}",
-                    "step_id",
-                )
-            if micro_batches < 1:
-                raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
-            if version != self.version:
-                raise ServiceError(
-                    FAILED,
-                    f"step computed at version {version}, job "
-                    f"{self.job_id!r} is at version {self.version}",
-                    "version",
-                )
-            p = self.pending.get(step_id)
-            if p is not None and p.attempt != attempt:
-                raise ServiceError(
-                    FAILED,
-                    f"step {step_id} of job {self.job_id!r}: the "
-                    f"pending gradients belong to attempt {p.attempt}, not "
-                    f"{attempt}",
-                    "attempt",
-                )
-            if p is None or p.micro_batches != micro_batches or not p.sum.complete:
-                # The first few missing indices only: micro_batches comes from the request
-                # and may be 2**32 - 1 (listing them all would take minutes and gigabytes).
-                received = () if p is None or p.micro_batches != micro_batches else p.sum
-                missing = list(
-                    itertools.islice((m for m in range(micro_batches) if m not in received), 20)
-                )
-                raise ServiceError(
-                    FAILED,
-                    f"step {step_id} of job {self.job_id!r}: "
-                    f"gradients of micro-batches {missing} "
-                    f"{'(the first 20) ' if micro_batches > 20 else ''}"
-                    f"not pushed",
-                    "micro_batches",
-                )
+            p = self._complete_pending(step_id, micro_batches, version, attempt)
             start = time.perf_counter()
             grads = p.sum.result()
+            skip = sorted(p.unused or ())
             if checkpoint_path:
                 try:
                     self._save(checkpoint_path)
@@ -298,9 +333,12 @@ class ShardJob:
                 # Durable before anything changes: a failed write (disk full) applies
                 # nothing and the step can be retried; a record that reached the disk is
                 # replayed after a crash, so an acknowledged step is never lost.
+                meta = {"step_id": step_id, "version": self.version}
+                if step_args:
+                    meta["args"] = step_args
                 try:
                     self.log.append(
-                        {"step_id": step_id, "version": self.version},
+                        meta | ({"unused": skip} if skip else {}),
                         {n: grads[n] for n in sorted(grads)},
                     )
                 except OSError as e:
@@ -311,19 +349,86 @@ class ShardJob:
                         f"{self.log.path}: {e}",
                         "step_id",
                     ) from None
-            self._update(grads)
+            self._update(grads, step_args, skip)
             self.pending.clear()
             self.version += 1
             self.last_step_id = step_id
             return self.version, False, time.perf_counter() - start
 
-    def _update(self, grads: dict[str, np.ndarray]) -> None:
-        hyper = {k: v for k, v in self.optimizer.items() if k != "name"}
-        if "betas" in hyper:
-            hyper["betas"] = tuple(hyper["betas"])
+    def gradient_norms(
+        self, step_id: int, micro_batches: int, version: int, attempt: int, norm_type: float
+    ) -> dict[str, float]:
+        """The ``norm_type`` norm of each summed step gradient (in its dtype), by name:
+        this shard's part of ``clip_grad_norm_``'s total. Changes nothing."""
+        if not norm_type >= 0:
+            raise ServiceError(INVALID, f"norm_type must be >= 0, got {norm_type}", "norm_type")
+        with self.lock:
+            p = self._complete_pending(step_id, micro_batches, version, attempt)
+            grads = p.sum.result()
+            names = sorted(grads)
+            norms = nn_utils.grad_norms(np, [grads[n] for n in names], norm_type)
+            return {n: float(v) for n, v in zip(names, norms)}
+
+    def _complete_pending(
+        self, step_id: int, micro_batches: int, version: int, attempt: int
+    ) -> "_Pending":
+        """The step's pending gradients, every micro-batch of ``attempt`` pushed (the
+        caller holds the lock); FAILED_PRECONDITION saying what is missing otherwise."""
+        if step_id <= self.last_step_id:
+            raise ServiceError(
+                FAILED,
+                f"step {step_id} is older than the last applied "
+                f"step {self.last_step_id} of job {self.job_id!r}",
+                "step_id",
+            )
+        if micro_batches < 1:
+            raise ServiceError(INVALID, "micro_batches must be >= 1", "micro_batches")
+        if version != self.version:
+            raise ServiceError(
+                FAILED,
+                f"step computed at version {version}, job "
+                f"{self.job_id!r} is at version {self.version}",
+                "version",
+            )
+        p = self.pending.get(step_id)
+        if p is not None and p.attempt != attempt:
+            raise ServiceError(
+                FAILED,
+                f"step {step_id} of job {self.job_id!r}: the "
+                f"pending gradients belong to attempt {p.attempt}, not "
+                f"{attempt}",
+                "attempt",
+            )
+        if p is None or p.micro_batches != micro_batches or not p.sum.complete:
+            # The first few missing indices only: micro_batches comes from the request
+            # and may be 2**32 - 1 (listing them all would take minutes and gigabytes).
+            received = () if p is None or p.micro_batches != micro_batches else p.sum
+            missing = list(
+                itertools.islice((m for m in range(micro_batches) if m not in received), 20)
+            )
+            raise ServiceError(
+                FAILED,
+                f"step {step_id} of job {self.job_id!r}: "
+                f"gradients of micro-batches {missing} "
+                f"{'(the first 20) ' if micro_batches > 20 else ''}"
+                f"not pushed",
+                "micro_batches",
+            )
+        return p
+
+    def _update(
+        self, grads: dict[str, np.ndarray], step_args: dict | None = None, skip: Iterable[str] = ()
+    ) -> None:
+        hyper = scheduled_hyper(self.optimizer, step_args)
+        decays = self.optimizer.get(optim.WEIGHT_DECAY_BY_PARAMETER, {})
         update = optim.UPDATE_RULES[self.optimizer["name"]]
+        skipped = set(skip)
         for name in sorted(self.params):
-            update(np, self.params[name], grads[name], self.state[name], **hyper)
+            if name in skipped:  # no gradient reached it: torch.optim skips it too
+                continue
+            grad = clipped(grads[name], step_args)
+            own = {**hyper, "weight_decay": decays[name]} if name in decays else hyper
+            update(np, self.params[name], grad, self.state[name], **own)
 
     def replay(self, records: Iterable[tuple[dict, dict]], up_to_version: int | None = None) -> int:
         """Re-apply logged steps that follow this state (the same update on the same
@@ -334,7 +439,7 @@ class ShardJob:
                 break
             if meta["step_id"] <= self.last_step_id or meta["version"] != self.version:
                 continue
-            self._update(grads)
+            self._update(grads, meta.get("args"), meta.get("unused", ()))
             self.version += 1
             self.last_step_id = meta["step_id"]
             applied += 1
@@ -507,9 +612,10 @@ class ShardStore:
         version: int,
         gradients: dict[str, np.ndarray],
         attempt: int = 0,
+        unused: Iterable[str] = (),
     ) -> tuple[bool, int]:
         return self.job(job_id).push(
-            step_id, micro_batch, micro_batches, version, gradients, attempt
+            step_id, micro_batch, micro_batches, version, gradients, attempt, unused
         )
 
     def apply(
@@ -520,6 +626,7 @@ class ShardStore:
         version: int,
         checkpoint_now: bool = False,
         attempt: int = 0,
+        step_args: dict | None = None,
     ) -> tuple[int, bool, float]:
         job = self.job(job_id)
         due = checkpoint_now or bool(
@@ -531,7 +638,19 @@ class ShardStore:
             version,
             attempt,
             self._path(job_id) if due and self.state_dir else None,
+            step_args,
         )
+
+    def gradient_norms(
+        self,
+        job_id: str,
+        step_id: int,
+        micro_batches: int,
+        version: int,
+        attempt: int = 0,
+        norm_type: float = 2.0,
+    ) -> dict[str, float]:
+        return self.job(job_id).gradient_norms(step_id, micro_batches, version, attempt, norm_type)
 
     def close(self) -> None:
         """Close the step logs (their records are already on disk)."""
@@ -584,13 +703,31 @@ class EmbeddedShard:
     def pull(self, job_id, version=0, names=(), copy=False):
         return self.store.pull(job_id, version, names, copy)
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+    def push(
+        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+    ):
         return self.store.push(
-            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt
+            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt, unused
         )
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False, attempt=0):
-        return self.store.apply(job_id, step_id, micro_batches, version, checkpoint_now, attempt)
+    def apply(
+        self,
+        job_id,
+        step_id,
+        micro_batches,
+        version,
+        checkpoint_now=False,
+        attempt=0,
+        step_args=None,
+    ):
+        return self.store.apply(
+            job_id, step_id, micro_batches, version, checkpoint_now, attempt, step_args
+        )
+
+    def gradient_norms(self, job_id, step_id, micro_batches, version, attempt=0, norm_type=2.0):
+        return self.store.gradient_norms(
+            job_id, step_id, micro_batches, version, attempt, norm_type
+        )
 
     def status(self, job_id):
         job = self.store.jobs.get(job_id)

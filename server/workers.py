@@ -199,7 +199,9 @@ class WorkerHandle(WorkerTransport):
         (after the step applied them, or dropped them)."""
         pool = self.segments
         segment, offsets = params.shared(pool)
-        gseg, goffsets = sharedmem.place(pool, params.arrays, write=False)
+        gseg, goffsets = sharedmem.place(
+            pool, {n: params.arrays[n] for n in params.gradients}, write=False
+        )
         try:
             req.MergeFrom(shared_request(params.arrays, segment, offsets, gseg, goffsets))
             for name, a in data.items():
@@ -293,6 +295,19 @@ class WorkerPool:
                     return True
         return False
 
+    def deregister(self, worker_id: str) -> bool:
+        """Forget the registered worker ``worker_id`` now (it is shutting down); False
+        when no worker has that id. Calls already sent to it finish on their own."""
+        with self._lock:
+            for address, w in list(self.workers.items()):
+                if w.source == "registered" and w.worker_id and w.worker_id == worker_id:
+                    del self.workers[address]
+                    break
+            else:
+                return False
+        w.close()
+        return True
+
     def usable(self) -> list[WorkerHandle]:
         """Workers to use now: ready ones, plus unreachable/unknown ones that answer again."""
         now = time.monotonic()
@@ -340,10 +355,18 @@ class ParamSet:
     straight from the arrays; the unary encoding (one copy) is made on first use and kept.
     """
 
-    def __init__(self, version: int, arrays: dict[str, np.ndarray], key: str = ""):
+    def __init__(
+        self,
+        version: int,
+        arrays: dict[str, np.ndarray],
+        key: str = "",
+        gradients: list[str] | None = None,
+    ):
         self.version = version
         self.key = key  # the job id: with version, names them on the workers
-        self.arrays = arrays
+        self.arrays = arrays  # the parameters, and the buffers that travel with them
+        # The parameters whose gradients come back (None: every array's).
+        self.gradients = list(arrays) if gradients is None else list(gradients)
         self.nbytes = sum(int(a.nbytes) for a in arrays.values())
         self._lock = threading.Lock()
         self._unary: list | None = None

@@ -73,3 +73,24 @@ def matmul_graph(m: int, k: int, n: int, op: str = "mm") -> graph_pb2.Graph:
         ],
         outputs=[graph_pb2.Output(name="loss", value=5)],
     )
+
+
+def bn_cnn(seed: int = 0, channels: int = 4, classes: int = 3, momentum: float | None = 0.1):
+    """A seeded small CNN with BatchNorm2d and BatchNorm1d (running statistics as
+    buffers) for (N, 1, 6, 6) images: conv, BN, ReLU, conv, BN, ReLU, pool, linear, BN1d,
+    linear."""
+    nn = gm.nn
+    gm.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels, momentum=momentum),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.BatchNorm2d(channels, momentum=momentum),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 8),
+        nn.BatchNorm1d(8, momentum=momentum),
+        nn.Linear(8, classes),
+    )

@@ -27,6 +27,7 @@ __all__ = [
     "RemoteShard",
     "optimizer_to_proto",
     "optimizer_from_proto",
+    "step_args_from_proto",
     "stream_frames",
     "shard_frames",
     "receive_frames",
@@ -57,6 +58,12 @@ _PROTO_FIELDS = (
     "eps",
     "amsgrad",
     "maximize",
+    "alpha",
+    "centered",
+    "lr_decay",
+    "initial_accumulator_value",
+    "momentum_decay",
+    "decoupled_weight_decay",
 )
 
 
@@ -73,6 +80,8 @@ def optimizer_from_proto(msg: shard_pb2.Optimizer, field: str = "optimizer") -> 
             msg.beta1 if msg.HasField("beta1") else default[0],
             msg.beta2 if msg.HasField("beta2") else default[1],
         ]
+    if msg.weight_decay_by_parameter:
+        desc[optim.WEIGHT_DECAY_BY_PARAMETER] = dict(msg.weight_decay_by_parameter)
     try:
         return optim.validate(desc)
     except ValueError as e:
@@ -88,7 +97,18 @@ def optimizer_to_proto(description: dict) -> shard_pb2.Optimizer:
             setattr(msg, key, d[key])
     if "betas" in d:
         msg.beta1, msg.beta2 = d["betas"]
+    msg.weight_decay_by_parameter.update(d.get(optim.WEIGHT_DECAY_BY_PARAMETER, {}))
     return msg
+
+
+# The optional fields of ApplyRequest that carry a step's scheduled hyper-parameters and
+# clipping, named as the shard's step arguments.
+STEP_ARG_FIELDS = ("lr", "momentum", "beta1", "clip_coefficient", "clip_value")
+
+
+def step_args_from_proto(request: shard_pb2.ApplyRequest) -> dict:
+    """The step arguments an ApplyRequest sets (empty: the optimizer's own values)."""
+    return {k: getattr(request, k) for k in STEP_ARG_FIELDS if request.HasField(k)}
 
 
 # ------------------------------------------------------------------ frame streams -------
@@ -253,7 +273,9 @@ class RemoteShard:
             raise self._error(e, "Pull") from None
         return header.version, arrays
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+    def push(
+        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+    ):
         header = shard_pb2.PushGradientsRequest(
             job_id=job_id,
             step_id=step_id,
@@ -261,12 +283,22 @@ class RemoteShard:
             micro_batches=micro_batches,
             version=version,
             attempt=attempt,
+            unused_parameters=sorted(unused),
         )
         values = named_headers(header.gradients, gradients)
         r = self._call("PushGradients", self._push_call, shard_frames("push", header, values))
         return r.duplicate, r.received
 
-    def apply(self, job_id, step_id, micro_batches, version, checkpoint_now=False, attempt=0):
+    def apply(
+        self,
+        job_id,
+        step_id,
+        micro_batches,
+        version,
+        checkpoint_now=False,
+        attempt=0,
+        step_args=None,
+    ):
         r = self._call(
             "Apply",
             self._stub.Apply,
@@ -277,9 +309,25 @@ class RemoteShard:
                 version=version,
                 checkpoint=checkpoint_now,
                 attempt=attempt,
+                **(step_args or {}),
             ),
         )
         return r.version, r.already_applied, r.apply_seconds
+
+    def gradient_norms(self, job_id, step_id, micro_batches, version, attempt=0, norm_type=2.0):
+        r = self._call(
+            "GradientNorms",
+            self._stub.GradientNorms,
+            shard_pb2.GradientNormsRequest(
+                job_id=job_id,
+                step_id=step_id,
+                micro_batches=micro_batches,
+                version=version,
+                attempt=attempt,
+                norm_type=norm_type,
+            ),
+        )
+        return dict(r.norms)
 
     def status(self, job_id, wait: float = 2.0):
         """``(version, last step id)`` of the job, None when the shard lacks it; waits up

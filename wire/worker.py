@@ -75,14 +75,18 @@ _DATA = field_number(worker_pb2.ComputeGradientsRequest, "data")
 
 @dataclass
 class Reply:
-    """A decoded ComputeGradients reply: arrays by name, the worker's timings and the id
-    it knows the graph by."""
+    """A decoded ComputeGradients reply: arrays by name, the worker's timings, the id
+    it knows the graph by, and the new values of the buffers the graph updates."""
 
     loss: np.ndarray
     outputs: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
     graph_id: str = ""
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    # Requested parameters the loss does not depend on (their gradients are zeros; torch
+    # gives None): ComputeGradientsResponse.unused_parameters.
+    unused: tuple[str, ...] = ()
 
     @property
     def compute_seconds(self) -> float:
@@ -242,7 +246,7 @@ def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
     assembler = Assembler(
         header,
         1 << 62,
-        tensor_fields=("loss", "outputs", "gradients"),
+        tensor_fields=("loss", "outputs", "gradients", "buffers"),
         allocate=_reply_buffers.allocate,
     )
     timed = header
@@ -344,6 +348,8 @@ def decode_reply(resp: worker_pb2.ComputeGradientsResponse) -> Reply:
         else {nt.name: _decode(nt.tensor, "gradients", nt.name) for nt in resp.gradients},
         _timings(resp),
         resp.graph_id,
+        {nt.name: _decode(nt.tensor, "buffers", nt.name) for nt in resp.buffers},
+        tuple(resp.unused_parameters),
     )
 
 
@@ -479,14 +485,20 @@ class WorkerTransport:
             yield from chunk_frames(arrays, chunk_bytes)
 
         resp, arrays_out, timed = read_reply(iter(self._stream_call(frames(), **kw)), fail)
-        k = len(resp.outputs)
+        k, n_grads = len(resp.outputs), len(resp.gradients)
         outputs = {nt.name: a for nt, a in zip(resp.outputs, arrays_out[1 : 1 + k])}
-        received = {nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k :])}
+        received = {
+            nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k : 1 + k + n_grads])
+        }
+        new_buffers = {nt.name: a for nt, a in zip(resp.buffers, arrays_out[1 + k + n_grads :])}
         # In the order requested (the stream has them in the order backward made them).
         order = list(header.gradients) or [n for n, _ in params]
         grads = {n: received[n] for n in order if n in received}
         grads.update(received)
-        return Reply(arrays_out[0], outputs, grads, _timings(timed), resp.graph_id)
+        unused = tuple(resp.unused_parameters) or tuple(timed.unused_parameters)
+        return Reply(
+            arrays_out[0], outputs, grads, _timings(timed), resp.graph_id, new_buffers, unused
+        )
 
     def _send_shared(
         self, message, gradient_segment: Segment, gradient_offsets: dict[str, int], **kw

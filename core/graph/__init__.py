@@ -22,6 +22,7 @@ See ``tracer`` for how a traced graph stays independent of the batch size.
 
 from .executor import execute
 from .ident import (
+    BUFFER,
     CONST,
     DATA,
     GRAPH_VERSION,
@@ -57,5 +58,6 @@ __all__ = [
     "PARAM",
     "DATA",
     "CONST",
+    "BUFFER",
     "STOP_GRADIENT",
 ]

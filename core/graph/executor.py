@@ -7,17 +7,26 @@ from typing import Mapping
 
 from ..factories import as_tensor
 from ..tensor import Tensor
-from .ident import CONST, PARAM, GraphError, is_random, random_seed
+from .ident import BUFFER, CONST, PARAM, GraphError, is_random, random_seed
 from .limits import Limits
 from .validation import ValidatedGraph, validate
 
 
 def execute(
-    graph, params: Mapping, data: Mapping, *, seed: int | None = None, limits: Limits | None = None
+    graph,
+    params: Mapping,
+    data: Mapping,
+    *,
+    buffers: Mapping | None = None,
+    seed: int | None = None,
+    limits: Limits | None = None,
 ) -> dict:
     """Evaluate a graph eagerly through the registry: outputs by name, as Tensors.
 
-    ``params`` and ``data`` map input names to Tensors or arrays. Parameters passed as
+    ``params`` and ``data`` map input names to Tensors or arrays; ``buffers`` the BUFFER
+    inputs' (default: looked up in ``params``, as the worker takes them). The new value of
+    an updated buffer is the output named by its buffer-update output (the buffer's name,
+    for a traced graph). Parameters passed as
     Tensors are used as they are, so ``execute(...)["loss"].backward()`` fills their
     ``.grad``. ``seed`` seeds random ops as ``Plan.run`` does (see ``random_seed``); without
     it they use the seeds recorded in the graph. A reference for tests: the worker runs a
@@ -29,8 +38,10 @@ def execute(
         if inp.role == CONST:
             values.append(Tensor._wrap(vg.consts[i]))
             continue
-        source = params if inp.role == PARAM else data
-        kind = "parameters" if inp.role == PARAM else "data"
+        source, kind = {
+            PARAM: (params, "parameters"),
+            BUFFER: (params if buffers is None else buffers, "buffers"),
+        }.get(inp.role, (data, "data"))
         if inp.name not in source:
             raise GraphError(f"{kind}[{inp.name}]", "missing")
         value = source[inp.name]

@@ -9,12 +9,14 @@ may hold B. Two checks find what does:
   graphs compared: a constant or attribute that differs depends on the batch.
 
 Either raises ``TraceError`` naming the node and the fix; nothing is silently truncated.
-Three idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
-literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; and a
+Some idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
+literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; a slice
+that takes all of a batch-sized dimension (``x[:, 1:]``; ``h_n[-1]`` on an LSTM's (layers,
+N, H)) stops "to the end" there, and a reshape that keeps a batch-sized dimension past dim
+0 whole (the (1, N, H) -> (N, H) of that ``h_n[-1]``) gets -1 there; and a
 scalar constant equal to B times a per-sample count (the divisor of ``x.mean()`` over the
 batch, ``x.sum() / x.shape[0]``) is replaced by nodes that count the batch of a DATA input
-at run time (exact, so results stay bitwise equal to eager). Slicing over the batch
-dimension (``x[:, 1:]``) is refused while the ``slice`` op cannot express "to the end".
+at run time (exact, so results stay bitwise equal to eager).
 Trace with a batch size above 1, so that the batch dimension cannot be confused with
 dimensions of size 1. The function runs twice: random ops draw twice from the global
 generator; the graph keeps the first trace's seeds.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import weakref
 from typing import Callable, Mapping, Sequence
 
@@ -40,6 +43,7 @@ from ..registry import REGISTRY, Op, OpError, Spec
 from ..serialize import from_proto, to_proto
 from ..tensor import Tensor
 from .ident import (
+    BUFFER,
     CONST,
     DATA,
     GRAPH_VERSION,
@@ -53,6 +57,37 @@ from .ident import (
 )
 
 _TO_END = 2**63 - 1  # a slice stop meaning "to the end of the dimension"
+
+
+def _batch_axes(shape: tuple, shape2: tuple) -> list[int]:
+    """The dims whose size follows the batch size (they differ at the second batch size)."""
+    return [d for d, (a, b) in enumerate(zip(shape, shape2)) if a != b]
+
+
+def _whole_batch_axes_to_end(shape: tuple, shape2: tuple, attrs: dict) -> dict:
+    """A slice that takes the whole of a batch-sized dim past dim 0 (``h_n[-1]`` on (layers,
+    N, H), ``x[:, :, 0]`` on (T, N, C)) with its stop written "to the end", as for dim 0."""
+    stops = list(attrs["stops"])
+    for d in _batch_axes(shape, shape2):
+        whole = attrs["starts"][d] == 0 and attrs["steps"][d] == 1 and stops[d] == shape[d]
+        if d > 0 and d < len(stops) and whole:
+            stops[d] = _TO_END
+    return {**attrs, "stops": stops}
+
+
+def _batch_axis_kept(shape: tuple, shape2: tuple, out: tuple, target: list) -> list:
+    """``target`` (a reshape's shape) with -1 for the output dim that is the input's one
+    batch-sized dim kept whole: the same size after the same number of elements (so the
+    same axis). Anything else is left as it is, for the check at the second batch size."""
+    axes = _batch_axes(shape, shape2)
+    if len(axes) != 1 or -1 in target or len(target) != len(out):
+        return list(target)
+    j = axes[0]
+    before = math.prod(shape[:j])
+    for i, size in enumerate(out):
+        if size == shape[j] and math.prod(out[:i]) == before:
+            return [*target[:i], -1, *target[i + 1 :]]
+    return list(target)
 
 
 class TraceError(ValueError):
@@ -126,6 +161,10 @@ class _Tracer:
         self.seen: dict[int, int] = {}  # id(view) -> its root's version at binding
         self.poisoned: dict[int, str] = {}  # id(tensor) -> why it cannot be read
         self.external: dict[int, str] = {}  # id(module buffer) -> its name
+        # Module buffers changed in place: BUFFER inputs, whose final values are the
+        # graph's buffer-update outputs. (name, tensor) in the module's buffer order.
+        self.buffer_order: list[str] = []
+        self.buffers: dict[str, object] = {}
         self.made: set[int] = set()  # ids of tensors the factories made
         self.made_inputs: set[int] = set()  # CONST inputs holding such a tensor
         # Memory that eager backward reads: (array, node, op) per memory owner, for the
@@ -146,6 +185,7 @@ class _Tracer:
             self.made,
             self.saved,
             self.ref,
+            self.buffers,
         ):
             d.clear()
 
@@ -322,6 +362,11 @@ class _Tracer:
                 attrs["shape"] = [-1] + out[1:]
             elif op.name == "expand" and lead >= 0 and shape[lead] == B:
                 attrs["shape"] = shape[:lead] + [-1] + shape[lead + 1 :]
+        elif op.name == "reshape" and specs2 and B > 1:
+            # The batch deeper than dim 0 (h_n[-1] of an LSTM's (layers, N, H)): a reshape
+            # that keeps that axis whole keeps it free.
+            shape2 = specs2[0].shape
+            attrs["shape"] = _batch_axis_kept(inputs[0].shape, shape2, result.shape, attrs["shape"])
         elif (
             op.name == "slice"
             and batched
@@ -347,6 +392,8 @@ class _Tracer:
                     f"batch_dim=False for a fixed batch size."
                 )
             attrs = candidate
+        if op.name == "slice" and specs2 and B > 1:
+            attrs = _whole_batch_axes_to_end(inputs[0].shape, specs2[0].shape, attrs)
         try:
             spec = op.infer(*specs2, **attrs)
         except (OpError, TypeError, ValueError) as e:
@@ -402,6 +449,8 @@ class _Tracer:
         self.lookup(target)  # tracked from here on: a CONST if never seen
         root, path = self.alias.get(id(target), (target, []))
         others = self._sharing(target)
+        if id(root) in self.external:  # the buffer itself, or a view of it, changes
+            self._to_buffer_input(root)
         keeps_gradient = self._check_writable(name, hint, target, path, others, recorded)
         for t in (target, *others):
             self._snapshot(t)
@@ -450,9 +499,28 @@ class _Tracer:
         self.made.add(id(t))
 
     def watch_buffer(self, name: str, t) -> None:
-        """A module buffer: changing it in place inside the traced function is refused."""
+        """A module buffer: read, it is a constant; changed in place (BatchNorm's running
+        statistics in train mode), a BUFFER input whose new value is an output."""
         self._track(t)
         self.external[id(t)] = name
+        self.buffer_order.append(name)
+
+    def _to_buffer_input(self, t) -> None:
+        """Make the module buffer ``t``, about to change in place, a BUFFER input (it was a
+        CONST input, or not read yet): each call supplies its value, and the graph
+        returns its new one."""
+        name = self.external[id(t)]
+        ref = self.lookup(t)
+        entry = self.inputs[ref[1]] if ref[0] == "in" else None
+        if entry is None or entry[1] != CONST or entry[2] is not t:
+            raise TraceError(
+                f"the module's buffer {name!r} is changed in place after being replaced "
+                f"or changed some other way; the tracer cannot follow it. Update it with "
+                f"in-place ops only (`buffer.mul_(...)`, `buffer.add_(...)`)."
+            )
+        entry[0], entry[1] = name, BUFFER
+        del self.external[id(t)]
+        self.buffers[name] = t
 
     def set_data(self, t, value, assign: Callable) -> None:
         """``t.data = value``: ``t`` reads ``value`` from now on, without its gradient."""
@@ -484,7 +552,7 @@ class _Tracer:
         for t in (target, *others):
             ref = self.ref.get(id(t))
             via = "" if t is target else ", through a tensor sharing its memory,"
-            if ref is not None and ref[0] == "in" and self.inputs[ref[1]][1] != CONST:
+            if ref is not None and ref[0] == "in" and self.inputs[ref[1]][1] in (PARAM, DATA):
                 input_name, role = self.inputs[ref[1]][:2]
                 whose = "parameters" if role == PARAM else "data"
                 raise TraceError(
@@ -502,7 +570,12 @@ class _Tracer:
                     f"it on every call. Compute the new value out of place (`{hint}`) and "
                     f"update the buffer outside the traced function."
                 )
-            if ref is not None and ref[0] == "in" and ref[1] not in self.made_inputs:
+            if (
+                ref is not None
+                and ref[0] == "in"
+                and ref[1] not in self.made_inputs
+                and self.inputs[ref[1]][1] != BUFFER
+            ):
                 raise TraceError(
                     f"`{name}` would change{via} in place a tensor that the traced function "
                     f"did not make (a global or captured tensor, or one made with "
@@ -654,7 +727,15 @@ def trace(
     share the values and require grad). ``data`` are Tensors or arrays, the DATA inputs,
     named by ``data_names`` (default ``x0``, ``x1``, ...); with ``batch_dim`` their first
     dimension becomes -1 (any batch size; they must then agree on it). Any other tensor the
-    ops meet (the 2.0 of ``x ** 2``, a buffer) becomes a CONST input carrying its value.
+    ops meet (the 2.0 of ``x ** 2``, a buffer only read) becomes a CONST input carrying its
+    value.
+
+    Module buffers that ``fn`` changes in place (BatchNorm's running statistics and
+    ``num_batches_tracked`` in train mode) become BUFFER inputs named by the buffer's
+    name, and their new values buffer-update outputs (``Output.buffer``, named after the
+    buffer, after the other outputs in the module's buffer order): the graph computes the
+    update out of place, and whoever runs it writes the new value back. The module itself
+    is left as it was: tracing does not move its running statistics.
 
     ``fn`` returns the loss (a floating scalar) or ``(loss, {"name": tensor, ...})`` for
     extra outputs. Ops that do not contribute to an output are dropped. Gradient stops
@@ -722,9 +803,11 @@ def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
     for n, t in zip(names, data_t):
         shape2 = (tracer.batch2,) + tuple(t.shape[1:]) if batch is not None and t.ndim else t.shape
         tracer.add_input(n, DATA, t, shape2)
-    if hasattr(arg, "named_buffers"):
-        for n, b in arg.named_buffers():
-            tracer.watch_buffer(n, b)
+    buffers = list(arg.named_buffers()) if hasattr(arg, "named_buffers") else []
+    for n, b in buffers:
+        tracer.watch_buffer(n, b)
+    # Running fn changes the buffers in place as eager code does: put them back after.
+    saved_buffers = [(b, b._data.copy()) for _, b in buffers]
 
     saved_flags = [(p, p.requires_grad) for _, p in named]
     prev = getattr(_dispatch, "tracer", None)
@@ -737,11 +820,14 @@ def _trace_once(fn, arg, named, names, data_t, batch) -> graph_pb2.Graph:
                 result = fn(arg, *data_t)
             # Still tracing: reading an output may replay views of a tensor changed in place.
             outputs = _output_refs(tracer, result)
+            buffer_outputs = _buffer_output_refs(tracer, outputs)
         finally:
             _dispatch.tracer = prev
             for p, flag in saved_flags:
                 p.requires_grad = flag
-        return _build(tracer, outputs)
+            for b, value in saved_buffers:
+                b._data[...] = value
+        return _build(tracer, outputs, buffer_outputs)
     finally:
         tracer.close()  # drops the weak references, whose callbacks hold the tracer
 
@@ -773,6 +859,23 @@ def _output_refs(tracer: _Tracer, result) -> list:
             raise TraceError(f"trace: output name {LOSS!r} is reserved for the loss")
         outs.append((str(name), t))
     return [(n, tracer.lookup(t)) for n, t in outs]
+
+
+def _buffer_output_refs(tracer: _Tracer, outputs: list) -> list:
+    """(name, ref) of the new value of each buffer changed in place, in module order."""
+    taken = {name for name, _ in outputs}
+    out = []
+    for name in tracer.buffer_order:
+        t = tracer.buffers.get(name)
+        if t is None:
+            continue
+        if name in taken:
+            raise TraceError(
+                f"trace: output {name!r} has the name of a buffer the function updates, "
+                f"whose new value is an output of that name; rename the output"
+            )
+        out.append((name, tracer.lookup(t)))
+    return out
 
 
 def _consumer(g: graph_pb2.Graph, value: int) -> str:
@@ -813,7 +916,7 @@ def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> gr
             f"the traced function runs different ops at batch sizes {b1} and "
             f"{b2} (from node {k} on): its structure depends on the batch size. " + advice
         )
-    counts: dict[int, int] = {}
+    counts: dict[int, tuple[int, int]] = {}
     for i, (a, b) in enumerate(zip(g1.inputs, g2.inputs)):
         if a == b:
             continue
@@ -825,16 +928,9 @@ def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> gr
             and a.dtype == b.dtype
             and dtype_of(a.dtype) is not dtypes.bool_
         ):
-            v1, v2 = float(_const_value(a)), float(_const_value(b))
-            if (
-                v1 == round(v1)
-                and v2 == round(v2)
-                and v1 > 0
-                and int(v1) % b1 == 0
-                and int(v2) % b2 == 0
-                and int(v1) // b1 == int(v2) // b2
-            ):
-                counts[i] = int(v1) // b1  # a count of m elements per sample
+            count = _batch_count(float(_const_value(a)), float(_const_value(b)), b1, b2)
+            if count is not None:
+                counts[i] = count
                 continue
         what = (
             f"constant of shape {list(a.shape)}"
@@ -859,15 +955,30 @@ def _reconcile(g1: graph_pb2.Graph, g2: graph_pb2.Graph, b1: int, b2: int) -> gr
     return _count_batch(g1, counts) if counts else g1
 
 
+def _batch_count(v1: float, v2: float, b1: int, b2: int) -> tuple[int, int] | None:
+    """``(m, c)`` where the constant is ``batch * m - c`` at both batch sizes: a count of m
+    elements per sample (the divisor of a mean over the batch), less a correction c (the
+    n - 1 of an unbiased variance); None for anything else."""
+    if v1 != round(v1) or v2 != round(v2) or v1 <= 0:
+        return None
+    v1, v2 = int(v1), int(v2)
+    if (v2 - v1) % (b2 - b1):
+        return None
+    m = (v2 - v1) // (b2 - b1)
+    c = b1 * m - v1
+    return (m, c) if m >= 1 and 0 <= c <= 1 else None
+
+
 def _attr_text(a) -> str:
     which = a.WhichOneof("value")
     v = getattr(a, which) if which else None
     return str(list(v.values)) if which in ("ints", "floats") else repr(v)
 
 
-def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
-    """Replace CONST inputs that hold ``batch * m`` (x.mean() over the batch divides by
-    one) with nodes that count it from a DATA input at run time.
+def _count_batch(g: graph_pb2.Graph, counts: dict[int, tuple[int, int]]) -> graph_pb2.Graph:
+    """Replace CONST inputs that hold ``batch * m - c`` (x.mean() over the batch divides by
+    ``batch * m``, x.var() by one less) with nodes that count it from a DATA input at run
+    time.
 
     The count is exact in float64 and then cast to the constant's dtype, which rounds as
     the eager ``float(count)`` constant did: results stay bitwise equal to eager.
@@ -887,15 +998,10 @@ def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
             out.inputs.add().CopyFrom(inp)
     taken = {inp.name for inp in out.inputs}
     multiples: dict[int, int] = {}
-    for m in sorted(set(counts.values()) - {1}):
-        name, j = f"count{m}", 0
-        while name in taken:
-            j += 1
-            name = f"count{m}_{j}"
-        taken.add(name)
-        value = to_proto(np.float64(m))
-        multiples[m] = len(out.inputs)
-        out.inputs.add(name=name, role=CONST, dtype=value.dtype, value=value)
+    for m in sorted({m for m, _ in counts.values()} - {1}):
+        multiples[m] = _add_count_const(out, taken, f"count{m}", m)
+    if any(c for _, c in counts.values()):
+        one = _add_count_const(out, taken, "one", 1)
     n_in = len(out.inputs)
 
     def node(op: str, inputs: list, **attrs) -> int:
@@ -909,8 +1015,10 @@ def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
         ones = node("all", [ones], dim=list(range(1, rank)))
     batch = node("sum", [node("cast", [ones], dtype="float64")])
     value_of: dict[int, int] = {}
-    for i, m in counts.items():
+    for i, (m, c) in counts.items():
         v = batch if m == 1 else node("mul", [batch, multiples[m]])
+        if c:
+            v = node("sub", [v, one])
         dt = dtype_of(g.inputs[i].dtype)
         value_of[i] = v if dt is dtypes.float64 else node("cast", [v], dtype=dt.name)
     shift = n_in + len(out.nodes) - len(g.inputs)
@@ -923,15 +1031,29 @@ def _count_batch(g: graph_pb2.Graph, counts: dict[int, int]) -> graph_pb2.Graph:
     for n in g.nodes:
         out.nodes.add(op=n.op, inputs=[remap(v) for v in n.inputs], attrs=n.attrs)
     for o in g.outputs:
-        out.outputs.add(name=o.name, value=remap(o.value))
+        kept = out.outputs.add()
+        kept.CopyFrom(o)
+        kept.value = remap(o.value)
     return out
 
 
-def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:
+def _add_count_const(g: graph_pb2.Graph, taken: set, stem: str, value: int) -> int:
+    """Add a float64 scalar CONST input named ``stem`` (or ``stem_1`` ...); its index."""
+    name, j = stem, 0
+    while name in taken:
+        j += 1
+        name = f"{stem}_{j}"
+    taken.add(name)
+    proto = to_proto(np.float64(value))
+    g.inputs.add(name=name, role=CONST, dtype=proto.dtype, value=proto)
+    return len(g.inputs) - 1
+
+
+def _build(tracer: _Tracer, outputs: list, buffer_outputs: list = ()) -> graph_pb2.Graph:
     """The Graph of the recorded ops that lead to an output, numbered canonically."""
     live_nodes: set[int] = set()
     live_inputs: set[int] = set(i for i, inp in enumerate(tracer.inputs) if inp[1] != CONST)
-    stack = [ref for _, ref in outputs]
+    stack = [ref for _, ref in list(outputs) + list(buffer_outputs)]
     while stack:
         kind, idx = stack.pop()
         if kind == "in":
@@ -939,10 +1061,18 @@ def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:
         elif idx not in live_nodes:
             live_nodes.add(idx)
             stack.extend(tracer.nodes[idx][1])
-    # PARAM and DATA inputs first, in the order given, then constants as first met.
-    order = [i for i, inp in enumerate(tracer.inputs) if inp[1] != CONST] + [
-        i for i, inp in enumerate(tracer.inputs) if inp[1] == CONST and i in live_inputs
-    ]
+    # PARAM and DATA inputs first, in the order given, then buffers in the module's
+    # order, then constants as first met.
+    position = {name: k for k, name in enumerate(tracer.buffer_order)}
+    buffers = sorted(
+        (i for i, inp in enumerate(tracer.inputs) if inp[1] == BUFFER),
+        key=lambda i: position[tracer.inputs[i][0]],
+    )
+    order = (
+        [i for i, inp in enumerate(tracer.inputs) if inp[1] in (PARAM, DATA)]
+        + buffers
+        + [i for i, inp in enumerate(tracer.inputs) if inp[1] == CONST and i in live_inputs]
+    )
     number = {("in", i): v for v, i in enumerate(order)}
     g = graph_pb2.Graph(version=GRAPH_VERSION)
     taken = {tracer.inputs[i][0] for i in order if tracer.inputs[i][0]}
@@ -970,4 +1100,6 @@ def _build(tracer: _Tracer, outputs: list) -> graph_pb2.Graph:
         g.nodes.add(op=op.name, inputs=[number[r] for r in refs], attrs=encode_attrs(op, attrs))
     for name, ref in outputs:
         g.outputs.add(name=name, value=number[ref])
+    for name, ref in buffer_outputs:
+        g.outputs.add(name=name, value=number[ref], buffer=name)
     return g

@@ -13,6 +13,7 @@ from gradmesh.v1 import graph_pb2
 from ..registry import REGISTRY, Op, Spec
 from ..serialize import PROTO_TO_DTYPE, WireError, from_proto
 from .ident import (
+    BUFFER,
     CONST,
     DATA,
     GRAPH_VERSION,
@@ -51,6 +52,9 @@ class ValidatedGraph:
     consts: dict[int, np.ndarray]  # value number -> decoded CONST value
     outputs: dict[str, int]  # output name -> value number (loss first)
     limits: Limits = field(default_factory=Limits)
+    buffers: list[str] = field(default_factory=list)  # BUFFER input names, in graph order
+    # Buffer name -> the value number of its new value (Output.buffer), in output order.
+    buffer_updates: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_inputs(self) -> int:
@@ -135,8 +139,10 @@ def _infer_all(graph, ops, attrs, node_inputs, batch: int) -> list[Spec]:
         except GraphError:
             raise
         except Exception as e:  # infer's own errors name the op and the shapes
+            attr = getattr(e, "attr", None) or op.blame
             raise GraphError(
-                f"nodes[{k}]", f"{op.name}: {e}" if not str(e).startswith(op.name) else str(e)
+                f"nodes[{k}].attrs.{attr}" if attr in op.attrs else f"nodes[{k}]",
+                f"{op.name}: {e}" if not str(e).startswith(op.name) else str(e),
             ) from None
         if not isinstance(spec, tuple) or len(spec) != 2:
             raise GraphError(f"nodes[{k}].op", f"{op.name}: shape inference returned {spec!r}")
@@ -160,6 +166,7 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
     names, params, data, consts = _check_inputs(graph, limits)
     ops, attrs, node_inputs, canonical = _check_nodes(graph, limits)
     outputs = _check_outputs(graph)
+    updates = _check_buffer_outputs(graph, names)
     # Unsorted attributes, or defaults spelled out: the graph's id is that of its canonical
     # form (graph.proto), so the same model gets the same id from any client.
     graph = canonical or graph
@@ -176,8 +183,11 @@ def validate(graph: graph_pb2.Graph, limits: Limits | None = None) -> ValidatedG
         consts,
         outputs,
         limits,
+        [i.name for i in graph.inputs if i.role == BUFFER],
+        updates,
     )
     vg.specs = _batch_free_specs(graph, ops, attrs, node_inputs, limits)
+    _check_buffer_specs(graph, vg.specs, updates)
     loss = vg.specs[graph.outputs[0].value]
     if loss.shape != () or not loss.dtype.is_floating_point:
         raise GraphError(
@@ -249,7 +259,9 @@ def _check_inputs(graph: graph_pb2.Graph, limits: Limits):
 def _check_input_type(f: str, inp, limits: Limits) -> None:
     """An input's role, dtype and shape (``f`` names it: ``inputs[3]``)."""
     if inp.role not in ROLE_NAMES:
-        raise GraphError(f"{f}.role", f"unknown role {inp.role}; expected PARAM, DATA or CONST")
+        raise GraphError(
+            f"{f}.role", f"unknown role {inp.role}; expected PARAM, DATA, CONST or BUFFER"
+        )
     if inp.dtype not in PROTO_TO_DTYPE:
         raise GraphError(f"{f}.dtype", f"unknown or unspecified dtype {inp.dtype}")
     for d, s in enumerate(inp.shape):
@@ -347,6 +359,40 @@ def _check_outputs(graph: graph_pb2.Graph) -> dict[str, int]:
     if not outputs:
         raise GraphError("outputs", "a graph needs at least one output: the loss")
     return outputs
+
+
+def _check_buffer_outputs(graph: graph_pb2.Graph, names: dict[str, int]) -> dict[str, int]:
+    """Buffer name -> value number of its buffer-update output (``Output.buffer``): each
+    names a BUFFER input, at most once, and the loss is none."""
+    updates: dict[str, int] = {}
+    for j, out in enumerate(graph.outputs):
+        if not out.buffer:
+            continue
+        f = f"outputs[{j}].buffer"
+        i = names.get(out.buffer)
+        if i is None or graph.inputs[i].role != BUFFER:
+            raise GraphError(f, f"{out.buffer!r} is not a BUFFER input of the graph")
+        if j == 0:
+            raise GraphError(f, "the first output is the loss, not a buffer's new value")
+        if out.buffer in updates:
+            raise GraphError(f, f"buffer {out.buffer!r} is updated by two outputs")
+        updates[out.buffer] = int(out.value)
+    return updates
+
+
+def _check_buffer_specs(graph: graph_pb2.Graph, specs: list, updates: dict[str, int]) -> None:
+    """A buffer's new value has the buffer's dtype and (batch-free) shape."""
+    index = {inp.name: i for i, inp in enumerate(graph.inputs)}
+    for j, out in enumerate(graph.outputs):
+        if not out.buffer:
+            continue
+        want, got = specs[index[out.buffer]], specs[updates[out.buffer]]
+        if want.dtype is not got.dtype or tuple(want.shape) != tuple(got.shape):
+            raise GraphError(
+                f"outputs[{j}].value",
+                f"the new value of buffer {out.buffer!r} has dtype {got.dtype.name} and "
+                f"shape {list(got.shape)}; the buffer is {want.dtype.name} {list(want.shape)}",
+            )
 
 
 def _batch_free_specs(graph, ops, attrs, node_inputs, limits: Limits) -> list[Spec]:

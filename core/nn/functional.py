@@ -574,8 +574,10 @@ def batch_norm(
 
     Training: with the batch's mean and biased variance; running statistics (if given) are
     updated in place as torch does, ``r = (1 - momentum) * r + momentum * s`` with the
-    unbiased variance. This update cannot be traced into a graph (a graph does not write
-    back to module buffers). Eval: with the running statistics.
+    unbiased variance. ``momentum`` may be a 0-d float64 Tensor (BatchNorm's cumulative
+    average, ``1 / num_batches_tracked``), rounded to the statistics' dtype as a Python
+    float would be. Traced with module buffers as running statistics, the update becomes
+    buffer-update outputs of the graph (``graph.trace``). Eval: with the running statistics.
     """
     _check_channels(
         "batch_norm",
@@ -606,10 +608,15 @@ def _update_running_stats(input, running_mean, running_var, momentum) -> None:
     dims = [0] + list(range(2, input.ndim))
     with no_grad():
         x = input.detach()
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(CF.mean(x, dim=dims), alpha=momentum)
-        if running_var is not None:
-            running_var.mul_(1 - momentum).add_(CF.var(x, dim=dims), alpha=momentum)
+        for running, stat in ((running_mean, CF.mean), (running_var, CF.var)):
+            if running is None:
+                continue
+            if isinstance(momentum, Tensor):
+                # The factor and 1 - factor in float64, then rounded, as Python floats are.
+                keep = (1.0 - momentum).to(running.dtype)
+                running.mul_(keep).add_(stat(x, dim=dims) * momentum.to(running.dtype))
+            else:
+                running.mul_(1 - momentum).add_(stat(x, dim=dims), alpha=momentum)
 
 
 def group_norm(

@@ -230,6 +230,7 @@ def _(g, out, x, normalized_shape, eps):
 
 @defop(
     "layer_norm_grad",
+    dtype="input:x",
     infer=lambda g, x, normalized_shape, eps: _infer_layer_norm(x, normalized_shape, eps, g),
     arity=2,
     attrs=_LN_ATTRS,
@@ -285,7 +286,14 @@ def _check_indices(xp, indices, num: int, op: str) -> None:
         )
 
 
-@defop("embedding", infer=_infer_embedding, arity=2, attrs={"padding_idx": ("int?", None)})
+@defop(
+    "embedding",
+    dtype="input:weight",
+    nondiff=("indices",),
+    infer=_infer_embedding,
+    arity=2,
+    attrs={"padding_idx": ("int?", None)},
+)
 def embedding_p(xp, indices, weight, padding_idx):
     _check_indices(xp, indices, weight.shape[0], "embedding")
     return xp.take(weight, indices, axis=0)
@@ -308,6 +316,7 @@ def _infer_embedding_grad(g, indices, num_weights, padding_idx) -> Spec:
 
 @defop(
     "embedding_grad",
+    nondiff=("indices",),
     infer=_infer_embedding_grad,
     arity=2,
     attrs={"num_weights": ("int", 0), "padding_idx": ("int?", None)},
@@ -918,6 +927,7 @@ _NLL_ATTRS = {
     "reduction": ("str", "mean"),
     "label_smoothing": ("float", 0.0),
 }
+_NLL_CHOICES = {"reduction": _REDUCTIONS}
 
 
 def check_nll_shapes(op: str, logp, target, weight=None) -> tuple:
@@ -1047,7 +1057,14 @@ def _def_nll(weighted: bool):
         batch = check_nll_shapes(name, logp, target, *weight)
         return Spec(batch if reduction == "none" else (), logp.dtype)
 
-    @defop(name, infer=infer, arity=arity, attrs=_NLL_ATTRS)
+    @defop(
+        name,
+        infer=infer,
+        arity=arity,
+        attrs=_NLL_ATTRS,
+        choices=_NLL_CHOICES,
+        nondiff=("target", "weight"),
+    )
     def loss_p(xp, logp, target, *weight, ignore_index, reduction, label_smoothing):
         return _nll_forward(
             xp,
@@ -1080,7 +1097,12 @@ def _def_nll(weighted: bool):
         return Spec(batch[:1] + (num_classes,) + batch[1:], g.dtype)
 
     @defop(
-        grad_name, infer=infer_grad, arity=arity, attrs={"num_classes": ("int", 0), **_NLL_ATTRS}
+        grad_name,
+        infer=infer_grad,
+        arity=arity,
+        attrs={"num_classes": ("int", 0), **_NLL_ATTRS},
+        choices=_NLL_CHOICES,
+        nondiff=("target", "weight"),
     )
     def grad_p(xp, g, target, *weight, num_classes, ignore_index, reduction, label_smoothing):
         return _nll_backward(
@@ -1167,6 +1189,8 @@ def _scale(g, x, reduction):
 # binary_cross_entropy_with_logits (its kernel works in place on 1 - target).
 @defop(
     "mse_loss",
+    dtype="promote",
+    choices={"reduction": _REDUCTIONS},
     infer=_infer_pointwise_loss("mse_loss", dtypes.promote),
     arity=2,
     attrs={"reduction": ("str", "mean")},
@@ -1185,6 +1209,8 @@ def _(g, out, x, target, reduction):
 
 @defop(
     "binary_cross_entropy_with_logits",
+    dtype="input:target",
+    choices={"reduction": _REDUCTIONS},
     arity=2,
     attrs={"reduction": ("str", "mean")},
     infer=_infer_pointwise_loss("binary_cross_entropy_with_logits", lambda x, t: t),

@@ -115,10 +115,19 @@ class Computed:
     forward_seconds: float
     backward_seconds: float
     plan_cached: bool
+    # The new values of the buffers the graph updates (worker.proto, buffers).
+    buffers: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # Requested parameters the loss does not depend on (their gradients are zeros).
+    unused: tuple[str, ...] = ()
 
     def arrays(self) -> list[np.ndarray]:
-        """The loss, the outputs and the gradients, in a reply's order."""
-        return [self.loss] + [a for _, a in self.outputs] + [a for _, a in self.gradients]
+        """The loss, the outputs, the gradients and the buffers, in a reply's order."""
+        return (
+            [self.loss]
+            + [a for _, a in self.outputs]
+            + [a for _, a in self.gradients]
+            + [a for _, a in self.buffers]
+        )
 
 
 @dataclass

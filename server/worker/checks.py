@@ -26,13 +26,14 @@ NP_OF_WIRE = {wire: d.np.newbyteorder("<") for wire, d in serialize.PROTO_TO_DTY
 
 @dataclass(frozen=True)
 class GraphInput:
-    """A PARAM or DATA input of a graph, as requests are checked against it."""
+    """A PARAM, BUFFER or DATA input of a graph, as requests are checked against it."""
 
     name: str
     wire: int  # the tensor.proto dtype enum
     dtype: np.dtype  # little-endian, as on the wire
     shape: tuple  # -1 first: any batch size
     field: str  # "parameters[w1]"
+    role: str = ""  # "PARAM", "BUFFER", "DATA"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class RegisteredGraph:
     """A validated graph and what every request against it reads (made once)."""
 
     validated: Any
+    # The tensors of a request's ``parameters``: PARAM inputs, then BUFFER inputs (which
+    # travel with them, worker.proto).
     params: tuple[GraphInput, ...]
     data: tuple[GraphInput, ...]
     output_names: tuple[str, ...]
@@ -47,26 +50,34 @@ class RegisteredGraph:
     @classmethod
     def of(cls, validated) -> "RegisteredGraph":
         graph = validated.graph
+        role = graph_pb2.Input
 
-        def inputs(role, kind):
+        def inputs(roles, kind):
             return tuple(
                 GraphInput(
-                    i.name, i.dtype, NP_OF_WIRE[i.dtype], tuple(i.shape), f"{kind}[{i.name}]"
+                    i.name,
+                    i.dtype,
+                    NP_OF_WIRE[i.dtype],
+                    tuple(i.shape),
+                    f"{kind}[{i.name}]",
+                    role.Role.Name(i.role),
                 )
+                for r in roles
                 for i in graph.inputs
-                if i.role == role
+                if i.role == r
             )
 
         return cls(
             validated,
-            inputs(graph_pb2.Input.PARAM, "parameters"),
-            inputs(graph_pb2.Input.DATA, "data"),
+            inputs((role.PARAM, role.BUFFER), "parameters"),
+            inputs((role.DATA,), "data"),
             tuple(o.name for o in graph.outputs),
         )
 
     @property
     def param_names(self) -> list[str]:
-        return [i.name for i in self.params]
+        """The PARAM inputs: what gradients can be taken of."""
+        return [i.name for i in self.params if i.role == "PARAM"]
 
 
 def tensor_slots(
@@ -84,10 +95,11 @@ def tensor_slots(
     for inp in inputs:
         ref = by_name.get(inp.name)
         if ref is None:
+            what = "buffer" if inp.role == "BUFFER" else _singular(kind)
             raise ServiceError(
                 INVALID,
-                f"missing {_singular(kind)} {inp.name!r} "
-                f"(a {_singular(kind).upper()} input of the graph)",
+                f"missing {what} {inp.name!r} (a {what.upper()} input of the graph"
+                + (", sent with the parameters)" if what == "buffer" else ")"),
                 inp.field,
             )
         shape, nbytes = _check_header(kind, ref, inp, max_elements)
@@ -107,10 +119,10 @@ def _by_name(
 ) -> dict[str, TensorRef]:
     """``given`` by name: each given once, each one an input of the graph."""
     by_name = {}
-    for k, ref in enumerate(given):
+    for ref in given:
         name = ref.name
         if name in by_name:
-            raise ServiceError(INVALID, f"{kind} {name!r} is given twice", f"{kind}[{k}]")
+            raise ServiceError(INVALID, f"{kind} {name!r} is given twice", f"{kind}[{name}]")
         by_name[name] = ref
     if len(by_name) != len(inputs) or any(i.name not in by_name for i in inputs):
         expected = {i.name for i in inputs}
@@ -121,7 +133,7 @@ def _by_name(
                     f"the graph has no {_singular(kind)} input "
                     f"named {ref.name!r}; it takes "
                     f"{short(sorted(expected))}",
-                    f"{kind}[{k}].name",
+                    f"{kind}[{ref.name}]" if ref.name else f"{kind}[{k}].name",
                 )
     return by_name
 

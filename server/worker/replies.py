@@ -14,17 +14,18 @@ from typing import Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from gradmesh.core import serialize
+from gradmesh.core import opschema, serialize
 from gradmesh.server.runtime import ServiceError
 from gradmesh.server.worker.calls import Capabilities, Computed, Prepared, WorkerLimits
 from gradmesh.server.worker.checks import EXHAUSTED
-from gradmesh.v1 import tensor_pb2, worker_pb2
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2
 from gradmesh.wire import frames
 
 _REPLY = worker_pb2.ComputeGradientsResponse
 _LOSS = frames.field_number(_REPLY, "loss")
 _OUTPUTS = frames.field_number(_REPLY, "outputs")
 _GRADIENTS = frames.field_number(_REPLY, "gradients")
+_BUFFERS = frames.field_number(_REPLY, "buffers")
 
 
 def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
@@ -39,6 +40,59 @@ def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
     )
 
 
+def _attribute(name: str, field: str, value) -> graph_pb2.Attribute:
+    """An Attribute holding ``value`` in ``field`` (``none`` for None)."""
+    a = graph_pb2.Attribute(name=name)
+    if value is None:
+        a.none = True
+    elif field in ("ints", "floats"):
+        getattr(a, field).SetInParent()  # set even when empty: [] is a value
+        getattr(a, field).values.extend(value)
+    else:
+        setattr(a, field, value)
+    return a
+
+
+def op_schema_message(s: opschema.OpSchema) -> worker_pb2.OpSchema:
+    return worker_pb2.OpSchema(
+        name=s.name,
+        inputs=[
+            worker_pb2.OpInputSchema(
+                name=i.name,
+                variadic=i.variadic,
+                optional=i.optional,
+                differentiable=i.differentiable,
+                broadcasts=i.broadcasts,
+            )
+            for i in s.inputs
+        ],
+        attributes=[
+            worker_pb2.OpAttributeSchema(
+                name=a.name,
+                field=a.kind,
+                nullable=a.nullable,
+                default=_attribute(a.name, a.kind, a.default),
+                allowed_values=list(a.choices),
+            )
+            for a in s.attrs
+        ],
+        output_dtype=worker_pb2.OutputDTypeRule(
+            rule=s.dtype_rule, inputs=list(s.dtype_inputs), attr=s.dtype_attr
+        ),
+        broadcast=s.broadcast,
+        differentiable=s.differentiable,
+    )
+
+
+_OP_SCHEMAS: list = []  # built once: the registry does not change while a worker runs
+
+
+def op_schema_messages() -> list:
+    if not _OP_SCHEMAS:
+        _OP_SCHEMAS.extend(op_schema_message(s) for s in opschema.all_schemas())
+    return _OP_SCHEMAS
+
+
 def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
     message = worker_pb2.CapabilitiesResponse(
         ops=caps.ops,
@@ -49,6 +103,7 @@ def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
         blas_threads=caps.blas_threads,
         build_fingerprint=caps.build_fingerprint,
         shared_memory=caps.shared_memory,
+        op_schemas=op_schema_messages(),
     )
     message.limits.parameter_cache_bytes = caps.parameter_cache_bytes
     return message
@@ -75,13 +130,23 @@ def build_response(
         outputs=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.outputs],
         gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.gradients],
         graph_id=prepared.graph_id,
+        buffers=_named(computed.buffers, with_data),
+        unused_parameters=computed.unused,
     )
     return resp, computed.arrays()
 
 
+def _named(pairs, with_data: bool = True) -> list[tensor_pb2.NamedTensor]:
+    return [
+        tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a, data=with_data))
+        for n, a in pairs
+    ]
+
+
 def response_pieces(computed: Computed) -> list:
     """The loss, outputs and gradients fields of the ``ComputeGradientsResponse`` as pieces
-    whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet."""
+    whose ``b"".join`` is what protobuf writes; the arrays' bytes are not copied yet.
+    (The buffers, field 7, come after the timings: see ``unary_reply``.)"""
     pieces = frames.encode_tensor_field(_LOSS, computed.loss)
     for name, a in computed.outputs:
         pieces += frames.encode_tensor_field(_OUTPUTS, a, name)
@@ -103,7 +168,7 @@ def check_unary_size(computed: Computed, max_message_bytes: int) -> None:
     size = (
         256
         + sum(a.nbytes + 10 * a.ndim + 32 for a in computed.arrays())
-        + sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients)
+        + sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients + computed.buffers)
     )
     if size > max_message_bytes:
         # Name what made it big: the extra outputs if any were asked for.
@@ -129,11 +194,16 @@ def unary_reply(
     t2 = time.perf_counter()
     check_unary_size(computed, max_message_bytes)
     pieces = response_pieces(computed)
-    tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
+    tail = worker_pb2.ComputeGradientsResponse(
+        graph_id=prepared.graph_id, unused_parameters=computed.unused
+    )
     set_timings(tail, computed, decode_seconds, time.perf_counter() - t2)
-    # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), as protobuf
-    # orders them; the join is the one copy of the tensors' bytes before gRPC's.
+    # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), then the buffers
+    # (field 7), as protobuf orders them; the join is the one copy of the tensors' bytes
+    # before gRPC's.
     pieces.append(tail.SerializeToString())
+    for name, a in computed.buffers:
+        pieces += frames.encode_tensor_field(_BUFFERS, a, name)
     return b"".join(pieces)
 
 
@@ -172,6 +242,8 @@ def shared_memory_reply(
         ],
         graph_id=prepared.graph_id,
         gradients_in_shared_memory=True,
+        buffers=_named(computed.buffers),
+        unused_parameters=computed.unused,
     )
     set_timings(resp, computed, decode_seconds, 0.0)
     return resp
@@ -217,6 +289,11 @@ def early_header(
             for n in order
         ],
         graph_id=prepared.graph_id,
+        buffers=[
+            tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[v]))
+            for n, v in vg.buffer_updates.items()
+        ],
+        unused_parameters=plan.unused_gradients(prepared.gradients, tuple(prepared.outputs)),
     )
 
 
@@ -323,6 +400,8 @@ def early_stream(
                 break
             yield from frames.chunk_frames(item, chunk_bytes, index)
             index += len(item)
+        # The buffers' chunks last, as the header lists them (computed during forward).
+        yield from frames.chunk_frames([a for _, a in computed.buffers], chunk_bytes, index)
         t2 = time.perf_counter()
         tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
         set_timings(tail, computed, decode_seconds, 0.0)

@@ -101,7 +101,7 @@ def test_train_runs_a_config_against_a_coordinator(data_files, capsys, monkeypat
         (lambda c: c.replace('type = "tanh"', 'type = "swish"'), "model.layers[1].type"),
         (lambda c: c.replace('type = "tanh"', 'type = "tanh", size = 2'), "model.layers[1].size"),
         (lambda c: c.replace('train = "train.npz"', 'train = "missing.npz"'), "data.train"),
-        (lambda c: c.replace('name = "sgd"', 'name = "rmsprop"'), "optimizer"),
+        (lambda c: c.replace('name = "sgd"', 'name = "lbfgs"'), "optimizer"),
         (lambda c: c.replace("lr = 0.2", "lr = -1.0"), "optimizer"),
         (lambda c: c.replace("epochs = 3", "epochs = 0"), "training.epochs"),
         (lambda c: c.replace("batch_size = 16", 'batch_size = "16"'), "training.batch_size"),

@@ -404,7 +404,7 @@ def test_refused_forms_raise_trace_error_naming_the_op(fn, op, why):
     np.testing.assert_array_equal(x, before)  # the caller's data is left alone
 
 
-def test_changing_a_module_buffer_is_refused_and_leaves_it_alone():
+def test_changing_a_module_buffer_makes_it_graph_state_and_leaves_it_alone():
     class Counted(gm.nn.Module):
         def __init__(self):
             super().__init__()
@@ -416,7 +416,29 @@ def test_changing_a_module_buffer_is_refused_and_leaves_it_alone():
             return self.lin(x)
 
     model = Counted()
-    with pytest.raises(TraceError, match=r"`\+=` would change the module's buffer 'calls'"):
+    g = trace(lambda m, x: m(x).sum(), model, batch(4).astype(np.float32))
+    assert model.calls.item() == 0.0  # tracing ran forward twice, and put it back
+    calls = next(i for i in g.inputs if i.name == "calls")
+    assert calls.role == calls.BUFFER
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    plan = compile_plan(validate(g), {"x0": (3, 3)})
+    result = plan.run({**params, "calls": np.float32(4.0)}, {"x0": batch(3).astype(np.float32)})
+    assert result.buffers == {"calls": np.float32(5.0)}
+
+
+def test_replacing_a_module_buffer_is_refused_and_leaves_it_alone():
+    class Replaced(gm.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = gm.nn.Linear(3, 2)
+            self.register_buffer("calls", gm.zeros(()))
+
+        def forward(self, x):
+            self.calls.data = self.calls + 1
+            return self.lin(x)
+
+    model = Replaced()
+    with pytest.raises(TraceError, match=r"would change the module's buffer 'calls'"):
         trace(lambda m, x: m(x).sum(), model, batch(4).astype(np.float32))
     assert model.calls.item() == 0.0
 

@@ -117,7 +117,32 @@ def _rmsprop_adagrad_cases():
     yield "Adagrad", dict(eps=1e-3)
 
 
-CASES = list(_sgd_cases()) + list(_adam_cases()) + list(_rmsprop_adagrad_cases())
+def _adamax_nadam_cases():
+    for wd, maximize in itertools.product((0.0, 0.05), (False, True)):
+        yield "Adamax", dict(lr=0.02, weight_decay=wd, maximize=maximize)
+        for decoupled in (False, True):
+            yield (
+                "NAdam",
+                dict(
+                    lr=0.02,
+                    weight_decay=wd,
+                    decoupled_weight_decay=decoupled,
+                    maximize=maximize,
+                ),
+            )
+    # A small beta1 takes the other branch of torch's lerp; defaults; another momentum_decay.
+    yield "Adamax", dict(lr=0.02, betas=(0.3, 0.9), eps=1e-6)
+    yield "Adamax", dict()
+    yield "NAdam", dict(lr=0.02, betas=(0.3, 0.5), eps=1e-6, momentum_decay=0.05)
+    yield "NAdam", dict()
+
+
+CASES = (
+    list(_sgd_cases())
+    + list(_adam_cases())
+    + list(_rmsprop_adagrad_cases())
+    + list(_adamax_nadam_cases())
+)
 
 
 def _assert_same(ours, theirs):
@@ -371,6 +396,27 @@ def test_describe_refuses_groups_with_different_hyperparameters():
         optim.describe(opt)
 
 
+def test_groups_that_differ_in_weight_decay_only_describe_it_per_parameter():
+    # GPT-style groups: decay on matrices, none on biases. The description names each
+    # parameter whose group differs from the first; the job's shards use its own decay.
+    p = _ours()
+    groups = [{"params": [p["w"]], "weight_decay": 0.1}, {"params": [p["b"]], "weight_decay": 0}]
+    opt = gm.optim.AdamW(groups, lr=0.01)
+    with pytest.raises(ValueError, match=r"different hyper-parameters \['weight_decay'\]"):
+        optim.describe(opt)  # without names it cannot say which parameter
+    d = optim.describe(opt, names={t: n for n, t in p.items()})
+    assert d["weight_decay"] == 0.1 and d["weight_decay_by_parameter"] == {"b": 0.0}
+    assert optim.validate(json.loads(json.dumps(d))) == d
+    assert "weight_decay_by_parameter" not in optim.describe(gm.optim.AdamW(list(p.values())))
+    with pytest.raises(ValueError, match=r"weight_decay_by_parameter\[b\]: .*-1"):
+        optim.validate({**d, "weight_decay_by_parameter": {"b": -1}})
+    with pytest.raises(ValueError, match="must map parameter names to numbers"):
+        optim.validate({**d, "weight_decay_by_parameter": [0.0]})
+    lr_groups = [{"params": [p["w"]], "lr": 0.1}, {"params": [p["b"]]}]
+    with pytest.raises(ValueError, match=r"different hyper-parameters \['lr'\]"):
+        optim.describe(gm.optim.SGD(lr_groups, lr=0.2), names={t: n for n, t in p.items()})
+
+
 @pytest.mark.parametrize(
     "description,match",
     [
@@ -444,7 +490,17 @@ def test_update_rules_on_cupy_arrays_match_numpy(name):
     on_gpu = cp.asarray(param)
     cpu_state, gpu_state = {}, {}
     hyper = dict(lr=0.01, weight_decay=0.01, maximize=True)
-    hyper.update({"sgd": dict(momentum=0.9, nesterov=True)}.get(name, dict(amsgrad=True)))
+    hyper.update(
+        {
+            "sgd": dict(momentum=0.9, nesterov=True),
+            "adam": dict(amsgrad=True),
+            "adamw": dict(amsgrad=True),
+            "rmsprop": dict(momentum=0.9, centered=True),
+            "adagrad": dict(lr_decay=0.01),
+            "adamax": dict(betas=(0.8, 0.99)),
+            "nadam": dict(decoupled_weight_decay=True),
+        }[name]
+    )
     for _ in range(10):
         grad = rng.standard_normal(param.shape)
         optim.UPDATE_RULES[name](np, param, grad, cpu_state, **hyper)
@@ -455,15 +511,61 @@ def test_update_rules_on_cupy_arrays_match_numpy(name):
     assert step == 10 and all(type(a) is np.ndarray for a in arrays.values())
 
 
-@pytest.mark.parametrize("name", ["RMSprop", "Adagrad"])
-def test_local_only_optimizers_are_refused_for_a_job(name):
-    """The wire's Optimizer message has no field for their hyper-parameters: describing one
-    for a job raises rather than dropping them."""
-    opt = getattr(gm.optim, name)(list(_ours().values()))
-    with pytest.raises(ValueError, match="runs locally only"):
-        optim.describe(opt)
-    with pytest.raises(ValueError, match="runs locally only"):
-        optim.validate({"name": name.lower()})
+@pytest.mark.parametrize("name", ["RMSprop", "Adagrad", "Adamax", "NAdam"])
+def test_every_optimizer_describes_itself_for_a_job(name):
+    """The wire's Optimizer message carries every rule's hyper-parameters: describe,
+    validate and from_description round-trip all of them."""
+    params = _ours()
+    opt = getattr(gm.optim, name)(list(params.values()), lr=0.03)
+    d = json.loads(json.dumps(optim.describe(opt)))
+    assert d["name"] == name.lower() and d["lr"] == 0.03
+    assert set(d) == {"name", *optim.HYPERPARAMETERS[name.lower()]}
+    assert optim.validate(d) == d
+    rebuilt = optim.from_description(list(_ours().values()), d)
+    assert type(rebuilt) is type(opt) and optim.describe(rebuilt) == d
+
+
+@pytest.mark.parametrize("name", ["Adamax", "NAdam"])
+def test_adamax_nadam_state_dicts_round_trip_with_torch_mid_run(name):
+    """torch's state loads into ours (NAdam's 0-d float32 mu_product included) and ours
+    continues exactly like torch."""
+    ours, theirs = _ours(), _theirs()
+    kwargs = dict(lr=0.02, weight_decay=0.01)
+    opt = getattr(gm.optim, name)(list(ours.values()), **kwargs)
+    ref = getattr(torch.optim, name)(list(theirs.values()), foreach=False, **kwargs)
+    _run_ours(opt, ours, 5), _run_torch(ref, theirs, 5)
+    again = getattr(gm.optim, name)(list(ours.values()), **kwargs)
+    again.load_state_dict(ref.state_dict())
+    if name == "NAdam":
+        product = again.state[ours["w"]]["mu_product"]
+        assert product.dtype == np.float32 and product.shape == ()
+        assert float(product) == ref.state[theirs["w"]]["mu_product"].item()
+    _assert_same(_run_ours(again, ours, 10), _run_torch(ref, theirs, 10))
+
+
+@pytest.mark.parametrize("name", ["Adamax", "NAdam"])
+def test_float32_adamax_nadam_track_torch(name):
+    """float32 parameters (a job's usual dtype), fed the same gradients on both sides so
+    that only the update rules are compared: within a few float32 ulps after 30 steps
+    (torch's vectorized lerp rounds once with a fused multiply-add)."""
+    ours = {k: gm.nn.Parameter(gm.tensor(v, dtype=gm.float32)) for k, v in START.items()}
+    theirs = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in START.items()}
+    opt = getattr(gm.optim, name)(list(ours.values()), lr=0.02, weight_decay=0.01)
+    ref = getattr(torch.optim, name)(
+        list(theirs.values()), lr=0.02, weight_decay=0.01, foreach=False
+    )
+    for _ in range(30):
+        opt.zero_grad(), ref.zero_grad()
+        _loss(torch, theirs).backward()
+        for k in ours:
+            ours[k].grad = gm.tensor(theirs[k].grad.numpy().copy())
+        opt.step(), ref.step()
+    assert all(p.dtype is gm.float32 for p in ours.values())
+    for k in ours:
+        np.testing.assert_allclose(
+            ours[k].detach().numpy(), theirs[k].detach().numpy(), rtol=1e-5, atol=1e-6
+        )
+        assert not np.array_equal(ours[k].detach().numpy(), START[k].astype(np.float32))
 
 
 def test_rmsprop_state_dict_round_trips_mid_run():

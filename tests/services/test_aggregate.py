@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from gradmesh.server.aggregate import (
     TreeSum,
+    combine_buffers,
     loss_scales,
     micro_batch_seed,
     micro_batches,
@@ -100,3 +101,18 @@ def test_place_balances_bytes_largest_first_ties_by_name():
     assert set(place(sizes, 8).values()) <= set(range(8))
     with pytest.raises(ValueError):
         place(sizes, 0)
+
+
+def test_combine_buffers_weighted_mean_in_float64_and_counters_once():
+    rng = np.random.default_rng(0)
+    updates = [
+        {"mean": rng.standard_normal(5).astype(np.float32), "count": np.int64(8)} for _ in range(3)
+    ]
+    weights = loss_scales(10, 4)  # 0.4, 0.4, 0.2
+    got = combine_buffers(updates, weights)
+    want = sum(np.float64(w) * u["mean"].astype(np.float64) for u, w in zip(updates, weights))
+    assert got["mean"].dtype == np.float32
+    assert np.array_equal(got["mean"], want.astype(np.float32))
+    assert got["count"] == 8 and got["count"].dtype == np.int64
+    # One micro-batch: its update exactly.
+    assert np.array_equal(combine_buffers(updates[:1], [1.0])["mean"], updates[0]["mean"])

@@ -303,7 +303,11 @@ def test_bad_jobs_get_the_right_status_and_field(coordinator):
 
     assert create(micro=0) == ("INVALID_ARGUMENT", "micro_batch_size")
     assert create(job_id="a/b") == ("INVALID_ARGUMENT", "job_id")
-    assert create(optimizer=shard_pb2.Optimizer(name="rmsprop")) == (
+    assert create(optimizer=shard_pb2.Optimizer(name="lbfgs")) == (
+        "INVALID_ARGUMENT",
+        "optimizer",
+    )
+    assert create(optimizer=shard_pb2.Optimizer(name="sgd", alpha=0.9)) == (
         "INVALID_ARGUMENT",
         "optimizer",
     )

@@ -114,6 +114,7 @@ F32, F64, I64, I32, BOOL, F16 = (
 )
 NP_OF = {F32: "<f4", F64: "<f8", I64: "<i8", I32: "<i4", BOOL: "u1", F16: "<f2"}
 PARAM, DATA, CONST = graph_pb2.Input.PARAM, graph_pb2.Input.DATA, graph_pb2.Input.CONST
+BUFFER = graph_pb2.Input.BUFFER
 
 
 # ====================================================================== calling ==========
@@ -344,7 +345,9 @@ def graphs(draw) -> graph_pb2.Graph:
     g = graph_pb2.Graph(version=draw(mostly(st.just(1), st.sampled_from([0, 2, 2**32 - 1]), 15)))
     for i in range(draw(st.integers(0, 4))):
         role = draw(
-            mostly(st.sampled_from([PARAM, DATA, DATA, CONST]), st.sampled_from([0, 9, -3]), 15)
+            mostly(
+                st.sampled_from([PARAM, DATA, DATA, CONST, BUFFER]), st.sampled_from([0, 9, -3]), 15
+            )
         )
         dtype = draw(dtype_enums)
         shape = draw(shapes)
@@ -392,10 +395,12 @@ def graphs(draw) -> graph_pb2.Graph:
     if not rarely(draw, 15):
         g.outputs.add(name="loss", value=last)
     for j in range(draw(st.integers(0, 2))):
-        g.outputs.add(
+        out = g.outputs.add(
             name=draw(mostly(st.just(f"out{j}"), st.sampled_from(["loss", ""]))),
             value=draw(mostly(st.integers(0, last), st.sampled_from([values, 2**32 - 1]))),
         )
+        if draw(st.booleans()):  # a buffer update: of an input of any role, or of none
+            out.buffer = draw(st.sampled_from([f"in{k}" for k in range(len(g.inputs))] + ["x"]))
     return g
 
 
@@ -405,14 +410,14 @@ def requests_for(draw, g: graph_pb2.Graph, **ref) -> worker_pb2.ComputeGradients
     req = worker_pb2.ComputeGradientsRequest(**ref)
     batch = draw(st.sampled_from([1, 2, 3, 0]))
     for inp in g.inputs:
-        if inp.role not in (PARAM, DATA) or rarely(draw, 20):
+        if inp.role not in (PARAM, DATA, BUFFER) or rarely(draw, 20):
             continue  # CONST, or a missing input
         shape = [
             batch if (j == 0 and d == -1 and inp.role == DATA) else d
             for j, d in enumerate(inp.shape)
         ]
         dtype = draw(dtype_enums) if rarely(draw, 15) else inp.dtype
-        field = req.parameters if inp.role == PARAM else req.data
+        field = req.data if inp.role == DATA else req.parameters  # buffers travel with them
         field.add(name=inp.name, tensor=make_tensor(dtype, shape, draw(data_for(dtype, shape))))
     if rarely(draw, 15):
         extra = req.parameters if draw(st.booleans()) else req.data

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ... import backend
+from ... import backend, dtypes
 from ...tensor import Tensor
 from .. import functional as F
 from .. import init
@@ -32,8 +32,9 @@ class _BatchNorm(Module):
     when no running statistics are tracked), running ones in eval. ``momentum=None`` makes
     the running statistics a cumulative average over ``num_batches_tracked`` batches.
 
-    Updating the running statistics writes the module's buffers, which a traced graph
-    cannot do: trace a model with BatchNorm in eval mode (``model.eval()``)."""
+    Traced in train mode, the running statistics and ``num_batches_tracked`` are the
+    graph's BUFFER inputs and their updates its buffer-update outputs (``graph.trace``);
+    in eval mode they are constants of the graph."""
 
     _ndims: tuple
 
@@ -91,7 +92,8 @@ class _BatchNorm(Module):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked.item())
+                # A tensor, not .item(): a traced graph computes it from the buffer.
+                factor = 1.0 / self.num_batches_tracked.to(dtypes.float64)
         use_batch = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
         return F.batch_norm(

@@ -3,9 +3,9 @@
 The input projection of a whole sequence is one matmul. An LSTM layer then runs its time
 loop inside one op (``lstm_layer``, core/ops/nn.py); GRU composes a cell per step over that
 step's slice, which a traced graph unrolls. Either way a graph fixes the sequence length
-(a graph per length); the batch size stays free where the initial states are
-zeros (``hx=None``) and the graph reads ``output`` rather than slicing ``h_n`` by layer
-(``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps (step input
+(a graph per length); the batch size stays free where the initial states are zeros
+(``hx=None``), reading ``output`` or ``h_n[-1]`` (the tracer keeps a batch-sized
+dimension past dim 0 free, core/graph/tracer.py). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
 zero initial state: h is one zero row that broadcasts over the batch (w_hh still gets its
 zero gradient, as in torch), the LSTM's c one zero row too, and GRU's ``z * h`` term is

@@ -20,18 +20,158 @@ class CoordinatorFrame(_message.Message):
     def __init__(self, create_job: _Optional[_Union[CreateJobRequest, _Mapping]] = ..., parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("job_id", "graph", "parameters", "optimizer", "micro_batch_size")
+    __slots__ = ("job_id", "graph", "parameters", "optimizer", "micro_batch_size", "schedule", "clipping")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLIPPING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     graph: _graph_pb2.Graph
     parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     optimizer: _shard_pb2.Optimizer
     micro_batch_size: int
-    def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
+    schedule: LRSchedule
+    clipping: GradientClipping
+    def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ...) -> None: ...
+
+class LRSchedule(_message.Message):
+    __slots__ = ("step", "multi_step", "exponential", "cosine_annealing", "linear", "one_cycle", "sequential", "reduce_on_plateau")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MULTI_STEP_FIELD_NUMBER: _ClassVar[int]
+    EXPONENTIAL_FIELD_NUMBER: _ClassVar[int]
+    COSINE_ANNEALING_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
+    ONE_CYCLE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_ON_PLATEAU_FIELD_NUMBER: _ClassVar[int]
+    step: StepLR
+    multi_step: MultiStepLR
+    exponential: ExponentialLR
+    cosine_annealing: CosineAnnealingLR
+    linear: LinearLR
+    one_cycle: OneCycleLR
+    sequential: SequentialLR
+    reduce_on_plateau: ReduceLROnPlateau
+    def __init__(self, step: _Optional[_Union[StepLR, _Mapping]] = ..., multi_step: _Optional[_Union[MultiStepLR, _Mapping]] = ..., exponential: _Optional[_Union[ExponentialLR, _Mapping]] = ..., cosine_annealing: _Optional[_Union[CosineAnnealingLR, _Mapping]] = ..., linear: _Optional[_Union[LinearLR, _Mapping]] = ..., one_cycle: _Optional[_Union[OneCycleLR, _Mapping]] = ..., sequential: _Optional[_Union[SequentialLR, _Mapping]] = ..., reduce_on_plateau: _Optional[_Union[ReduceLROnPlateau, _Mapping]] = ...) -> None: ...
+
+class StepLR(_message.Message):
+    __slots__ = ("step_size", "gamma")
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    step_size: int
+    gamma: float
+    def __init__(self, step_size: _Optional[int] = ..., gamma: _Optional[float] = ...) -> None: ...
+
+class MultiStepLR(_message.Message):
+    __slots__ = ("milestones", "gamma")
+    MILESTONES_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    milestones: _containers.RepeatedScalarFieldContainer[int]
+    gamma: float
+    def __init__(self, milestones: _Optional[_Iterable[int]] = ..., gamma: _Optional[float] = ...) -> None: ...
+
+class ExponentialLR(_message.Message):
+    __slots__ = ("gamma",)
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    gamma: float
+    def __init__(self, gamma: _Optional[float] = ...) -> None: ...
+
+class CosineAnnealingLR(_message.Message):
+    __slots__ = ("T_max", "eta_min")
+    T_MAX_FIELD_NUMBER: _ClassVar[int]
+    ETA_MIN_FIELD_NUMBER: _ClassVar[int]
+    T_max: int
+    eta_min: float
+    def __init__(self, T_max: _Optional[int] = ..., eta_min: _Optional[float] = ...) -> None: ...
+
+class LinearLR(_message.Message):
+    __slots__ = ("start_factor", "end_factor", "total_iters")
+    START_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    END_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITERS_FIELD_NUMBER: _ClassVar[int]
+    start_factor: float
+    end_factor: float
+    total_iters: int
+    def __init__(self, start_factor: _Optional[float] = ..., end_factor: _Optional[float] = ..., total_iters: _Optional[int] = ...) -> None: ...
+
+class OneCycleLR(_message.Message):
+    __slots__ = ("max_lr", "total_steps", "pct_start", "anneal_strategy", "cycle_momentum", "base_momentum", "max_momentum", "div_factor", "final_div_factor", "three_phase")
+    MAX_LR_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PCT_START_FIELD_NUMBER: _ClassVar[int]
+    ANNEAL_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    BASE_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    MAX_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    DIV_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    FINAL_DIV_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    THREE_PHASE_FIELD_NUMBER: _ClassVar[int]
+    max_lr: float
+    total_steps: int
+    pct_start: float
+    anneal_strategy: str
+    cycle_momentum: bool
+    base_momentum: float
+    max_momentum: float
+    div_factor: float
+    final_div_factor: float
+    three_phase: bool
+    def __init__(self, max_lr: _Optional[float] = ..., total_steps: _Optional[int] = ..., pct_start: _Optional[float] = ..., anneal_strategy: _Optional[str] = ..., cycle_momentum: _Optional[bool] = ..., base_momentum: _Optional[float] = ..., max_momentum: _Optional[float] = ..., div_factor: _Optional[float] = ..., final_div_factor: _Optional[float] = ..., three_phase: _Optional[bool] = ...) -> None: ...
+
+class SequentialLR(_message.Message):
+    __slots__ = ("schedulers", "milestones")
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    MILESTONES_FIELD_NUMBER: _ClassVar[int]
+    schedulers: _containers.RepeatedCompositeFieldContainer[LRSchedule]
+    milestones: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, schedulers: _Optional[_Iterable[_Union[LRSchedule, _Mapping]]] = ..., milestones: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReduceLROnPlateau(_message.Message):
+    __slots__ = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr", "eps")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_MODE_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    factor: float
+    patience: int
+    threshold: float
+    threshold_mode: str
+    cooldown: int
+    min_lr: float
+    eps: float
+    def __init__(self, mode: _Optional[str] = ..., factor: _Optional[float] = ..., patience: _Optional[int] = ..., threshold: _Optional[float] = ..., threshold_mode: _Optional[str] = ..., cooldown: _Optional[int] = ..., min_lr: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class GradientClipping(_message.Message):
+    __slots__ = ("norm", "value")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    norm: ClipGradNorm
+    value: ClipGradValue
+    def __init__(self, norm: _Optional[_Union[ClipGradNorm, _Mapping]] = ..., value: _Optional[_Union[ClipGradValue, _Mapping]] = ...) -> None: ...
+
+class ClipGradNorm(_message.Message):
+    __slots__ = ("max_norm", "norm_type", "error_if_nonfinite")
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_IF_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    max_norm: float
+    norm_type: float
+    error_if_nonfinite: bool
+    def __init__(self, max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., error_if_nonfinite: _Optional[bool] = ...) -> None: ...
+
+class ClipGradValue(_message.Message):
+    __slots__ = ("clip_value",)
+    CLIP_VALUE_FIELD_NUMBER: _ClassVar[int]
+    clip_value: float
+    def __init__(self, clip_value: _Optional[float] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
     __slots__ = ("job_id", "graph_id", "version", "placement")
@@ -63,7 +203,7 @@ class StepRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "loss", "metrics", "version", "batch_size", "micro_batches", "replayed", "timings")
+    __slots__ = ("step_id", "loss", "metrics", "version", "batch_size", "micro_batches", "replayed", "timings", "lr", "grad_norm")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +219,8 @@ class StepResponse(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     loss: float
     metrics: _containers.ScalarMap[str, float]
@@ -87,7 +229,9 @@ class StepResponse(_message.Message):
     micro_batches: int
     replayed: bool
     timings: StepTimings
-    def __init__(self, step_id: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., batch_size: _Optional[int] = ..., micro_batches: _Optional[int] = ..., replayed: _Optional[bool] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ...) -> None: ...
+    lr: float
+    grad_norm: float
+    def __init__(self, step_id: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., batch_size: _Optional[int] = ..., micro_batches: _Optional[int] = ..., replayed: _Optional[bool] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class StepTimings(_message.Message):
     __slots__ = ("pull_seconds", "compute_seconds", "push_seconds", "apply_seconds", "total_seconds", "reassigned", "worker_compute_seconds")
@@ -130,7 +274,7 @@ class JobStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatusResponse(_message.Message):
-    __slots__ = ("job_id", "graph_id", "version", "last_step_id", "next_step_id", "micro_batch_size", "optimizer", "placement", "samples", "last_loss", "shards", "workers", "error", "data_inputs", "metrics")
+    __slots__ = ("job_id", "graph_id", "version", "last_step_id", "next_step_id", "micro_batch_size", "optimizer", "placement", "samples", "last_loss", "shards", "workers", "error", "data_inputs", "metrics", "schedule", "clipping", "next_lr", "last_grad_norm")
     class PlacementEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +297,10 @@ class JobStatusResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DATA_INPUTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    NEXT_LR_FIELD_NUMBER: _ClassVar[int]
+    LAST_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     graph_id: str
     version: int
@@ -168,7 +316,11 @@ class JobStatusResponse(_message.Message):
     error: str
     data_inputs: _containers.RepeatedScalarFieldContainer[str]
     metrics: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., graph_id: _Optional[str] = ..., version: _Optional[int] = ..., last_step_id: _Optional[int] = ..., next_step_id: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., placement: _Optional[_Mapping[str, int]] = ..., samples: _Optional[int] = ..., last_loss: _Optional[float] = ..., shards: _Optional[int] = ..., workers: _Optional[int] = ..., error: _Optional[str] = ..., data_inputs: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
+    schedule: LRSchedule
+    clipping: GradientClipping
+    next_lr: float
+    last_grad_norm: float
+    def __init__(self, job_id: _Optional[str] = ..., graph_id: _Optional[str] = ..., version: _Optional[int] = ..., last_step_id: _Optional[int] = ..., next_step_id: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., placement: _Optional[_Mapping[str, int]] = ..., samples: _Optional[int] = ..., last_loss: _Optional[float] = ..., shards: _Optional[int] = ..., workers: _Optional[int] = ..., error: _Optional[str] = ..., data_inputs: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., next_lr: _Optional[float] = ..., last_grad_norm: _Optional[float] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -221,6 +373,18 @@ class HeartbeatRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterWorkerResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gradmesh.v1 import tensor_pb2 as gradmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gradmesh/v1/graph.proto\x12\x0bgradmesh.v1\x1a\x18gradmesh/v1/tensor.proto\"\x84\x01\n\x05Graph\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.gradmesh.v1.Input\x12 \n\x05nodes\x18\x03 \x03(\x0b\x32\x11.gradmesh.v1.Node\x12$\n\x07outputs\x18\x04 \x03(\x0b\x32\x13.gradmesh.v1.Output\"\xd0\x01\n\x05Input\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.gradmesh.v1.Input.Role\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.gradmesh.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\"\n\x05value\x18\x05 \x01(\x0b\x32\x13.gradmesh.v1.Tensor\"<\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05PARAM\x10\x01\x12\x08\n\x04\x44\x41TA\x10\x02\x12\t\n\x05\x43ONST\x10\x03\"I\n\x04Node\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\r\x12%\n\x05\x61ttrs\x18\x03 \x03(\x0b\x32\x16.gradmesh.v1.Attribute\"\xc1\x01\n\tAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x01i\x18\x02 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x03 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x04 \x01(\x08H\x00\x12\x0b\n\x01s\x18\x05 \x01(\tH\x00\x12!\n\x04ints\x18\x06 \x01(\x0b\x32\x11.gradmesh.v1.IntsH\x00\x12%\n\x06\x66loats\x18\x07 \x01(\x0b\x32\x13.gradmesh.v1.FloatsH\x00\x12\x0f\n\x05\x64type\x18\x08 \x01(\tH\x00\x12\x0e\n\x04none\x18\t \x01(\x08H\x00\x42\x07\n\x05value\"\x16\n\x04Ints\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x18\n\x06\x46loats\x12\x0e\n\x06values\x18\x01 \x03(\x01\"%\n\x06Output\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\rB<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gradmesh/v1/graph.proto\x12\x0bgradmesh.v1\x1a\x18gradmesh/v1/tensor.proto\"\x84\x01\n\x05Graph\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.gradmesh.v1.Input\x12 \n\x05nodes\x18\x03 \x03(\x0b\x32\x11.gradmesh.v1.Node\x12$\n\x07outputs\x18\x04 \x03(\x0b\x32\x13.gradmesh.v1.Output\"\xdc\x01\n\x05Input\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.gradmesh.v1.Input.Role\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.gradmesh.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\"\n\x05value\x18\x05 \x01(\x0b\x32\x13.gradmesh.v1.Tensor\"H\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05PARAM\x10\x01\x12\x08\n\x04\x44\x41TA\x10\x02\x12\t\n\x05\x43ONST\x10\x03\x12\n\n\x06\x42UFFER\x10\x04\"I\n\x04Node\x12\n\n\x02op\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\r\x12%\n\x05\x61ttrs\x18\x03 \x03(\x0b\x32\x16.gradmesh.v1.Attribute\"\xc1\x01\n\tAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x01i\x18\x02 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x03 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x04 \x01(\x08H\x00\x12\x0b\n\x01s\x18\x05 \x01(\tH\x00\x12!\n\x04ints\x18\x06 \x01(\x0b\x32\x11.gradmesh.v1.IntsH\x00\x12%\n\x06\x66loats\x18\x07 \x01(\x0b\x32\x13.gradmesh.v1.FloatsH\x00\x12\x0f\n\x05\x64type\x18\x08 \x01(\tH\x00\x12\x0e\n\x04none\x18\t \x01(\x08H\x00\x42\x07\n\x05value\"\x16\n\x04Ints\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x18\n\x06\x46loats\x12\x0e\n\x06values\x18\x01 \x03(\x01\"5\n\x06Output\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r\x12\x0e\n\x06\x62uffer\x18\x03 \x01(\tB<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRAPH']._serialized_start=67
   _globals['_GRAPH']._serialized_end=199
   _globals['_INPUT']._serialized_start=202
-  _globals['_INPUT']._serialized_end=410
+  _globals['_INPUT']._serialized_end=422
   _globals['_INPUT_ROLE']._serialized_start=350
-  _globals['_INPUT_ROLE']._serialized_end=410
-  _globals['_NODE']._serialized_start=412
-  _globals['_NODE']._serialized_end=485
-  _globals['_ATTRIBUTE']._serialized_start=488
-  _globals['_ATTRIBUTE']._serialized_end=681
-  _globals['_INTS']._serialized_start=683
-  _globals['_INTS']._serialized_end=705
-  _globals['_FLOATS']._serialized_start=707
-  _globals['_FLOATS']._serialized_end=731
-  _globals['_OUTPUT']._serialized_start=733
-  _globals['_OUTPUT']._serialized_end=770
+  _globals['_INPUT_ROLE']._serialized_end=422
+  _globals['_NODE']._serialized_start=424
+  _globals['_NODE']._serialized_end=497
+  _globals['_ATTRIBUTE']._serialized_start=500
+  _globals['_ATTRIBUTE']._serialized_end=693
+  _globals['_INTS']._serialized_start=695
+  _globals['_INTS']._serialized_end=717
+  _globals['_FLOATS']._serialized_start=719
+  _globals['_FLOATS']._serialized_end=743
+  _globals['_OUTPUT']._serialized_start=745
+  _globals['_OUTPUT']._serialized_end=798
 # @@protoc_insertion_point(module_scope)

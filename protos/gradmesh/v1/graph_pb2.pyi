@@ -28,10 +28,12 @@ class Input(_message.Message):
         PARAM: _ClassVar[Input.Role]
         DATA: _ClassVar[Input.Role]
         CONST: _ClassVar[Input.Role]
+        BUFFER: _ClassVar[Input.Role]
     ROLE_UNSPECIFIED: Input.Role
     PARAM: Input.Role
     DATA: Input.Role
     CONST: Input.Role
+    BUFFER: Input.Role
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -89,9 +91,11 @@ class Floats(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Output(_message.Message):
-    __slots__ = ("name", "value")
+    __slots__ = ("name", "value", "buffer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: int
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    buffer: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[int] = ..., buffer: _Optional[str] = ...) -> None: ...

@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Optimizer(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize")
+    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "alpha", "centered", "lr_decay", "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay", "weight_decay_by_parameter")
+    class WeightDecayByParameterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +27,13 @@ class Optimizer(_message.Message):
     EPS_FIELD_NUMBER: _ClassVar[int]
     AMSGRAD_FIELD_NUMBER: _ClassVar[int]
     MAXIMIZE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CENTERED_FIELD_NUMBER: _ClassVar[int]
+    LR_DECAY_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_DECAY_FIELD_NUMBER: _ClassVar[int]
+    DECOUPLED_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_BY_PARAMETER_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -31,7 +45,14 @@ class Optimizer(_message.Message):
     eps: float
     amsgrad: bool
     maximize: bool
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., maximize: _Optional[bool] = ...) -> None: ...
+    alpha: float
+    centered: bool
+    lr_decay: float
+    initial_accumulator_value: float
+    momentum_decay: float
+    decoupled_weight_decay: bool
+    weight_decay_by_parameter: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., maximize: _Optional[bool] = ..., alpha: _Optional[float] = ..., centered: _Optional[bool] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., momentum_decay: _Optional[float] = ..., decoupled_weight_decay: _Optional[bool] = ..., weight_decay_by_parameter: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ShardFrame(_message.Message):
     __slots__ = ("load", "push", "pulled", "chunk")
@@ -82,7 +103,7 @@ class PullResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt")
+    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt", "unused_parameters")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +111,7 @@ class PushGradientsRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batch: int
@@ -97,7 +119,8 @@ class PushGradientsRequest(_message.Message):
     version: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    unused_parameters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("duplicate", "received")
@@ -108,20 +131,59 @@ class PushGradientsResponse(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., received: _Optional[int] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batches", "version", "checkpoint", "attempt")
+    __slots__ = ("job_id", "step_id", "micro_batches", "version", "checkpoint", "attempt", "lr", "momentum", "beta1", "clip_coefficient", "clip_value")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    CLIP_VALUE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batches: int
     version: int
     checkpoint: bool
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
+    lr: float
+    momentum: float
+    beta1: float
+    clip_coefficient: float
+    clip_value: float
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., attempt: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., clip_coefficient: _Optional[float] = ..., clip_value: _Optional[float] = ...) -> None: ...
+
+class GradientNormsRequest(_message.Message):
+    __slots__ = ("job_id", "step_id", "micro_batches", "version", "attempt", "norm_type")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step_id: int
+    micro_batches: int
+    version: int
+    attempt: int
+    norm_type: float
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., attempt: _Optional[int] = ..., norm_type: _Optional[float] = ...) -> None: ...
+
+class GradientNormsResponse(_message.Message):
+    __slots__ = ("norms",)
+    class NormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NORMS_FIELD_NUMBER: _ClassVar[int]
+    norms: _containers.ScalarMap[str, float]
+    def __init__(self, norms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ApplyResponse(_message.Message):
     __slots__ = ("version", "already_applied", "apply_seconds")

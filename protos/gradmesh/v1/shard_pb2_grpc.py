@@ -54,6 +54,11 @@ class ParameterShardStub:
                 request_serializer=gradmesh_dot_v1_dot_shard__pb2.ApplyRequest.SerializeToString,
                 response_deserializer=gradmesh_dot_v1_dot_shard__pb2.ApplyResponse.FromString,
                 _registered_method=True)
+        self.GradientNorms = channel.unary_unary(
+                '/gradmesh.v1.ParameterShard/GradientNorms',
+                request_serializer=gradmesh_dot_v1_dot_shard__pb2.GradientNormsRequest.SerializeToString,
+                response_deserializer=gradmesh_dot_v1_dot_shard__pb2.GradientNormsResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/gradmesh.v1.ParameterShard/Status',
                 request_serializer=gradmesh_dot_v1_dot_shard__pb2.ShardStatusRequest.SerializeToString,
@@ -100,6 +105,15 @@ class ParameterShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GradientNorms(self, request, context):
+        """The norm of each of this shard's summed step gradients, for clipping by the global
+        norm over all shards (the coordinator combines them; see ApplyRequest.clip_coefficient).
+        Changes nothing; needs every micro-batch pushed, as Apply does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Jobs held, with versions and sizes.
         """
@@ -136,6 +150,11 @@ def add_ParameterShardServicer_to_server(servicer, server):
                     servicer.Apply,
                     request_deserializer=gradmesh_dot_v1_dot_shard__pb2.ApplyRequest.FromString,
                     response_serializer=gradmesh_dot_v1_dot_shard__pb2.ApplyResponse.SerializeToString,
+            ),
+            'GradientNorms': grpc.unary_unary_rpc_method_handler(
+                    servicer.GradientNorms,
+                    request_deserializer=gradmesh_dot_v1_dot_shard__pb2.GradientNormsRequest.FromString,
+                    response_serializer=gradmesh_dot_v1_dot_shard__pb2.GradientNormsResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -256,6 +275,33 @@ class ParameterShard:
             '/gradmesh.v1.ParameterShard/Apply',
             gradmesh_dot_v1_dot_shard__pb2.ApplyRequest.SerializeToString,
             gradmesh_dot_v1_dot_shard__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GradientNorms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmesh.v1.ParameterShard/GradientNorms',
+            gradmesh_dot_v1_dot_shard__pb2.GradientNormsRequest.SerializeToString,
+            gradmesh_dot_v1_dot_shard__pb2.GradientNormsResponse.FromString,
             options,
             channel_credentials,
             insecure,
