@@ -70,6 +70,7 @@ DTYPE_TO_PROTO: dict[dtypes.DType, int] = {
     dtypes.int32: tensor_pb2.INT32,
     dtypes.bool_: tensor_pb2.BOOL,
     dtypes.float16: tensor_pb2.FLOAT16,
+    dtypes.bfloat16: tensor_pb2.BFLOAT16,
 }
 PROTO_TO_DTYPE: dict[int, dtypes.DType] = {v: k for k, v in DTYPE_TO_PROTO.items()}
 

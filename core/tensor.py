@@ -282,6 +282,13 @@ class Tensor:
         """DLPack export (``torch.from_dlpack(t)``, ``np.from_dlpack(t)``): shares memory."""
         if self.requires_grad:
             raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
+        if self.dtype is dtypes.bfloat16:
+            # NumPy's DLPack export knows only its own dtypes, and ml_dtypes' is not one.
+            raise BufferError(
+                "DLPack export of a bfloat16 tensor is not supported (NumPy cannot export "
+                "ml_dtypes' bfloat16); share its bits instead: torch.from_numpy("
+                "t.numpy().view(numpy.int16)).view(torch.bfloat16)"
+            )
         kwargs = {"stream": stream} if stream is not None else {}
         if max_version is not None:
             kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
@@ -355,6 +362,12 @@ class Tensor:
 
     def double(self) -> "Tensor":
         return self.to(dtypes.float64)
+
+    def half(self) -> "Tensor":
+        return self.to(dtypes.float16)
+
+    def bfloat16(self) -> "Tensor":
+        return self.to(dtypes.bfloat16)
 
     def long(self) -> "Tensor":
         return self.to(dtypes.int64)
@@ -646,9 +659,10 @@ class Tensor:
 
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
-        body = np.array2string(
-            backend.to_numpy(self._data), separator=", ", precision=4, prefix="tensor("
-        )
+        host = backend.to_numpy(self._data)
+        if self.dtype is dtypes.bfloat16:
+            host = host.astype(np.float32)  # exact; NumPy prints only its own floats as floats
+        body = np.array2string(host, separator=", ", precision=4, prefix="tensor(")
         extra = []
         if self.dtype not in (dtypes.float32, dtypes.int64, dtypes.bool_) or self.numel() == 0:
             extra.append(f"dtype={self.dtype}")
