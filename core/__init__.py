@@ -21,8 +21,8 @@ from .autograd import set_grad_enabled as set_grad_enabled
 from .backend import cuda_available as cuda_available
 from .devices import device as device
 from .dtypes import DType as DType
-from .dtypes import bool_ as bool  # noqa: F401  (gm.bool, as torch.bool)
 from .dtypes import bfloat16 as bfloat16
+from .dtypes import bool_ as bool  # noqa: F401  (gm.bool, as torch.bool)
 from .dtypes import float16 as float16
 from .dtypes import float32 as float32
 from .dtypes import float64 as float64

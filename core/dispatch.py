@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import backend, cost, dtypes, half
+from . import backend, cost, dtypes, precision
 from .autograd import Node
 from .autograd import _state as _grad_state
 from .hooks import _dispatch
@@ -53,10 +53,10 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
         any_half = any(a.dtype.itemsize == 2 for a in arrays)
     xp = np if on_cpu else _common_xp(op, inputs, arrays)
     forward = op.forward
-    if any_half and half.computes_in_float32(op, [a.dtype for a in arrays]):
-        # float16/bfloat16: computed in float32, rounded once (core/half.py).
-        out_np = spec.dtype.np if spec is not None else half.out_dtype(op, arrays, attrs)
-        out = half.run(forward, xp, arrays, attrs, out_np)
+    if any_half and precision.computes_in_float32(op, [a.dtype for a in arrays]):
+        # float16/bfloat16: computed in float32, rounded once (core/precision.py).
+        out_np = spec.dtype.np if spec is not None else precision.out_dtype(op, arrays, attrs)
+        out = precision.run(forward, xp, arrays, attrs, out_np)
     elif state.trusted and (check := cost.current_check()) is not None:
         out = cost.call(op.name, forward, xp, arrays, attrs, check)  # a plan's backward
     else:
