@@ -344,6 +344,7 @@ class Tensor:
                 dtype = a
         t = self
         if device is not None and backend.device_type(device) != self.device:
+            _refuse_bfloat16_on(device, dtype if dtype is not None else t.dtype)
             t = F.to_device(t, device=backend.device_type(device))
         if dtype is not None and dtypes.as_dtype(dtype) is not t.dtype:
             t = F.cast(t, dtype=dtypes.as_dtype(dtype).name)
@@ -1113,6 +1114,14 @@ class Tensor:
 
 
 # NumPy's dtypes of the builtin types are singletons: look them up by identity (a dict
+
+
+def _refuse_bfloat16_on(device, dtype) -> None:
+    if backend.device_type(device) == "cuda" and dtypes.as_dtype(dtype) is dtypes.bfloat16:
+        raise TypeError(
+            "bfloat16 tensors live on the CPU: CuPy has no bfloat16 type; "
+            "use float16 on cuda (t.half().to('cuda'))"
+        )
 
 
 _DTYPE_BY_ID = {id(d.np): d for d in dtypes.ALL}
