@@ -49,6 +49,7 @@ from .factories import tensor as tensor
 from .factories import zeros as zeros
 from .factories import zeros_like as zeros_like
 from .interop import from_dlpack as from_dlpack
+from .precision import autocast as autocast
 from .random import Generator as Generator
 from .random import initial_seed as initial_seed
 from .random import manual_seed as manual_seed

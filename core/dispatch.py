@@ -33,6 +33,8 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
         # Validation, with errors that name the op. The backward engine (without
         # create_graph) skips it: its vjps only combine values that were validated on the
         # way forward.
+        if precision.autocast_state.dtype is not None:
+            inputs = precision.autocast_inputs(op, inputs)
         spec = op.infer(*inputs, **attrs)
     n = len(inputs)
     arrays: Sequence[Any]

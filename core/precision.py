@@ -19,6 +19,8 @@ tensor(1.0078, dtype=gradmesh.bfloat16)
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import dtypes
@@ -80,3 +82,77 @@ def forward_of(op: Op, in_specs, out_spec):
         return run(op.forward, xp, arrays, attrs, out)
 
     return forward
+
+
+# ---------------------------------------------------------------------------------------
+# autocast: torch.autocast's CPU policy over the registry's ops
+# ---------------------------------------------------------------------------------------
+
+# The products run in the low precision type (torch's CPU "lower_precision_fp" list)...
+AUTOCAST_LOW = frozenset(("conv2d", "linear", "matmul", "mm"))
+# ...and the losses in float32 (its "fp32" list). log_softmax is here because gradmesh's
+# cross_entropy is log_softmax + nll_loss and torch runs cross_entropy in float32; torch
+# runs a bare log_softmax in its input's dtype.
+AUTOCAST_FLOAT32 = frozenset(
+    (
+        "binary_cross_entropy_with_logits",
+        "log_softmax",
+        "mse_loss",
+        "nll_loss",
+        "nll_loss_weighted",
+        "prod",
+    )
+)
+
+
+class _AutocastState(threading.local):
+    dtype: dtypes.DType | None = None
+
+
+autocast_state = _AutocastState()
+
+
+class autocast:
+    """``torch.autocast`` for the CPU: inside, matmul, linear and conv2d cast their float32
+    inputs to ``dtype`` (bfloat16 or float16), the losses (and log_softmax) cast half
+    inputs to float32, and every other op runs in its inputs' dtype. The casts are ops,
+    so gradients flow back to float32 parameters in float32 and traced graphs record them.
+    The backward pass runs in the dtypes the forward pass chose (as torch's).
+
+    >>> import gradmesh.core as gm
+    >>> w = gm.ones(3, 2, requires_grad=True)
+    >>> with gm.autocast(device_type="cpu", dtype=gm.bfloat16):
+    ...     y = gm.ones(4, 3) @ w
+    >>> y.dtype
+    gradmesh.bfloat16
+    """
+
+    def __init__(self, device_type: str = "cpu", dtype=None, enabled: bool = True):
+        if device_type != "cpu":
+            raise ValueError(
+                f"autocast: device_type {device_type!r} is not supported; gradmesh's autocast "
+                f"follows torch's CPU policy (device_type='cpu')"
+            )
+        dtype = dtypes.bfloat16 if dtype is None else dtypes.as_dtype(dtype)
+        if dtype not in dtypes.HALF:
+            raise ValueError(f"autocast: dtype must be bfloat16 or float16, got {dtype}")
+        self.dtype = dtype if enabled else None
+        self._outer: list = []
+
+    def __enter__(self) -> "autocast":
+        self._outer.append(autocast_state.dtype)
+        autocast_state.dtype = self.dtype
+        return self
+
+    def __exit__(self, *exc) -> None:
+        autocast_state.dtype = self._outer.pop()
+
+
+def autocast_inputs(op: Op, inputs):
+    """``inputs`` cast as the autocast policy wants them for ``op``."""
+    if op.name in AUTOCAST_LOW:
+        low = autocast_state.dtype
+        return tuple(t.to(low) if t.dtype is dtypes.float32 else t for t in inputs)
+    if op.name in AUTOCAST_FLOAT32:
+        return tuple(t.float() if t.dtype in dtypes.HALF else t for t in inputs)
+    return inputs

@@ -306,3 +306,52 @@ def test_bf16_gradients_through_a_worker_equal_local_ones_bitwise(worker):
         got = r.gradients[name]
         assert got.dtype == ml_dtypes.bfloat16, name
         assert np.array_equal(got.view(np.int16), _bits(p.grad)), name
+
+
+# ---------------------------------------------------------------------------------------
+# autocast
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+def test_autocast_follows_torch_cpu_autocast(dtype_name):
+    """A float32 model under autocast: the logits are the half type and bitwise torch's,
+    the loss is float32, and the float32 gradients are within 2 half epsilons of torch's
+    (times each gradient's largest magnitude)."""
+    gdt, tdt = HALF[dtype_name]
+    gm.manual_seed(0)
+    model = gm.nn.Sequential(
+        gm.nn.Linear(8, 16), gm.nn.GELU(), gm.nn.LayerNorm(16), gm.nn.Linear(16, 4)
+    )
+    tmodel = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+    )
+    with torch.no_grad():
+        for p, tp in zip(model.parameters(), tmodel.parameters()):
+            tp.copy_(torch.from_numpy(p.detach().numpy()))
+    x, y = _batch()
+    with gm.autocast(device_type="cpu", dtype=gdt):
+        out = model(gm.tensor(x))
+        loss = F.cross_entropy(out, gm.tensor(y))
+    with torch.autocast("cpu", dtype=tdt):
+        tout = tmodel(torch.from_numpy(x))
+        tloss = TF.cross_entropy(tout, torch.from_numpy(y))
+    assert out.dtype is gdt and loss.dtype is gm.float32
+    assert np.array_equal(_bits(out), _bits(tout))
+    assert loss.item() == pytest.approx(tloss.item(), rel=1e-6)
+    loss.backward()
+    tloss.backward()
+    for p, tp in zip(model.parameters(), tmodel.parameters()):
+        assert p.grad.dtype is gm.float32
+        _assert_close(p.grad, tp.grad, dtype_name, "gradient")
+    # Outside the context ops run in their inputs' dtypes again.
+    assert model(gm.tensor(x)).dtype is gm.float32
+
+
+def test_autocast_refuses_what_it_does_not_do():
+    with pytest.raises(ValueError, match="device_type 'cuda'"):
+        gm.autocast(device_type="cuda")
+    with pytest.raises(ValueError, match="dtype must be bfloat16 or float16"):
+        gm.autocast(device_type="cpu", dtype=gm.float64)
+    with gm.autocast(device_type="cpu", enabled=False):
+        assert (gm.ones(2, 3) @ gm.ones(3, 2)).dtype is gm.float32
