@@ -343,6 +343,8 @@ class Tensor:
             else:
                 dtype = a
         t = self
+        if dtype is not None and t.dtype is dtypes.bfloat16 and device is not None:
+            t = t.to(dtype)  # before the move: CuPy has no bfloat16
         if device is not None and backend.device_type(device) != self.device:
             _refuse_bfloat16_on(device, dtype if dtype is not None else t.dtype)
             t = F.to_device(t, device=backend.device_type(device))

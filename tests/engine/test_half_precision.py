@@ -103,6 +103,15 @@ def test_dlpack_gives_a_clear_error_and_the_documented_bit_view_works():
     assert torch.from_dlpack(h).dtype is torch.float16
 
 
+def test_bfloat16_is_refused_on_cuda_before_cupy_is_asked():
+    for move in (
+        lambda: gm.ones(2).bfloat16().to("cuda"),
+        lambda: gm.ones(2).to("cuda", gm.bfloat16),
+    ):
+        with pytest.raises(TypeError, match="CuPy has no bfloat16"):
+            move()
+
+
 def test_safetensors_bf16_interop_with_torch(tmp_path):
     w = torch.randn(3, 4).to(torch.bfloat16)
     path = tmp_path / "torch.safetensors"
