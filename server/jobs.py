@@ -127,7 +127,7 @@ def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-        h.update(memoryview(a).cast("B") if a.size else b"")
+        h.update(serialize.byte_view(a))
     return h.hexdigest()
 
 
