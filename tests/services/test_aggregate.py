@@ -166,3 +166,16 @@ def test_place_rows_without_split_is_place():
     assert _shard_bytes(cut, {n: (b, 4) for n, b in sizes.items()}, 2) == [404, 404]
     with pytest.raises(ValueError):
         place_rows({"w": (8, 2)}, 0)
+
+
+def test_a_job_clipping_by_norm_keeps_its_parameters_whole():
+    # clip_grad_norm's per-parameter norms are taken over whole tensors on the shards.
+    from gradmesh.server.jobs import _placement
+
+    params = {"w": np.zeros((8, 4), np.float32), "b": np.zeros(8, np.float32)}
+    names = list(params)
+    by_norm = {"kind": "norm", "max_norm": 1.0, "norm_type": 2.0}
+    assert _placement(names, params, 2, by_norm) == ({"w": 0, "b": 1}, {})
+    for clipping in (None, {"kind": "value", "clip_value": 1.0}):
+        placement, pieces = _placement(names, params, 2, clipping)
+        assert pieces == {"w": [(0, 0, 5), (1, 5, 8)]} and placement == {"w": 0, "b": 1}
