@@ -174,23 +174,14 @@ def wait_serving(address: str, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def default_threads_per_worker(workers: int) -> int:
-    """The cores this process may run on, shared by ``workers`` worker processes (at least
-    1 each): BLAS threads beyond the cores made a forward/backward 10x slower
-    (docs/worker.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers))
-
-
 class LocalCluster:
     """Coordinator, shards and workers as separate processes on 127.0.0.1.
 
     ``workers``: number of worker processes. ``shards``: number of shard server processes;
     0 keeps the shards inside the coordinator (embedded). ``state_dir``: checkpoints
     (the coordinator and each shard get a subdirectory), so a restarted cluster resumes.
-    ``threads_per_worker``: BLAS/OpenMP threads of each worker (default: this host's
-    cores // ``workers``, at least 1, so that the workers do not fight over cores); workers
-    of one cluster always get the same count, as determinism requires.
+    ``threads_per_worker``: BLAS/OpenMP threads of each worker (default: NumPy's own
+    choice); workers of one cluster always get the same count, as determinism requires.
     ``coordinator_args``: extra flags for ``gradmesh coordinator``.
     ``max_message_bytes``: every server's unary message limit (default the servers' own);
     the coordinator sends a worker call unary when it fits in half of it, else streams it.
@@ -215,7 +206,7 @@ class LocalCluster:
         self.n_workers = workers
         self.n_shards = shards
         self.state_dir = state_dir
-        self.threads_per_worker = threads_per_worker or default_threads_per_worker(workers)
+        self.threads_per_worker = threads_per_worker
         self.checkpoint_every = checkpoint_every
         self.coordinator_args = list(coordinator_args)
         self.startup_timeout = startup_timeout

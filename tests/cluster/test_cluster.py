@@ -121,13 +121,3 @@ def test_worker_killed_mid_training_is_replaced_bitwise_equal(cluster, uninterru
     _assert_equal(_params(job), uninterrupted[1])
     states = {w.address: w.state for w in cluster.client().list_workers()}
     assert states[cluster.workers[1].address] == "unreachable"
-
-
-def test_workers_share_the_host_s_cores_by_default(monkeypatch):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    sizes = {n: LocalCluster(workers=n).threads_per_worker for n in (1, 3, 8, 16)}
-    assert sizes == {1: 8, 3: 2, 8: 1, 16: 1}
-    c = LocalCluster(workers=3)
-    env = c._env(c.threads_per_worker)
-    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
-    assert LocalCluster(workers=3, threads_per_worker=5).threads_per_worker == 5
