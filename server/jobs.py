@@ -371,6 +371,10 @@ class Coordinator:
         self._io = futures.ThreadPoolExecutor(
             max_workers=max(4, 2 * len(self.shards)), thread_name_prefix="gradmesh-shard-io"
         )
+        # After a step, the next version's parameters are pulled and encoded here while the
+        # client prepares its next batch (``_prefetch``); False: at the next step, in it.
+        self.prefetch = True
+        self._prefetcher = futures.ThreadPoolExecutor(1, thread_name_prefix="gradmesh-prefetch")
         if state_dir:
             self._restore()
 
@@ -530,7 +534,8 @@ class Coordinator:
                 raise
             _advance_schedule(job, resp.loss)
             self._record(job, step_id, resp, digest)
-            return resp
+        self._prefetch(job)
+        return resp
 
     def _earlier_result(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
         """The recorded response of a step id seen before (refused if its batch differs),
@@ -710,6 +715,29 @@ class Coordinator:
         arrays = {**{n: arrays[n] for n in job.param_names}, **job.buffers}
         job.params = ParamSet(job.version, arrays, job.job_id, gradients=job.param_names)
         return job.params, time.perf_counter() - start
+
+    def _prefetch(self, job: Job) -> None:
+        """Pull the job's new version and encode it as the last one was (unary bytes, a
+        shared-memory segment), in the background: the next step finds it ready. The
+        same arrays and bytes the step would make itself, so nothing changes but when."""
+        if not self.prefetch:
+            return
+        try:
+            self._prefetcher.submit(contextvars.copy_context().run, self._prefetch_now, job)
+        except RuntimeError:  # closing
+            pass
+
+    def _prefetch_now(self, job: Job) -> None:
+        with job.lock:
+            old = job.params
+            if old is None or old.version == job.version or job.error or job.fault:
+                return
+            encoded = old.encodings()
+            try:
+                params, _ = self._params_for_workers(job)
+                params.encode(*encoded)
+            except Exception as e:  # the next step pulls again and reports it
+                log.info("prefetch failed", extra={"job_id": job.job_id, "error": _text(e)})
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
         if job.schedule_error:
@@ -1042,6 +1070,7 @@ class Coordinator:
             pass
 
     def close(self) -> None:
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.checkpoint()
         for job in list(self.jobs.values()):
             if job.log is not None:

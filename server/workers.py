@@ -399,6 +399,19 @@ class ParamSet:
                 self._shared, self._pool = sharedmem.place(pool, self.arrays), pool
             return self._shared
 
+    def encodings(self) -> tuple:
+        """``(unary, pool)``: whether the unary bytes were made, and the pool of the shared
+        segment (None: none), for :meth:`encode` of the next version."""
+        with self._lock:
+            return self._unary is not None, self._pool if self._shared is not None else None
+
+    def encode(self, unary: bool, pool=None) -> None:
+        """Make the unary bytes (``unary``) and the shared segment (``pool``) now."""
+        if unary:
+            self.unary_bytes()
+        if pool is not None:
+            self.shared(pool)
+
     def release(self) -> None:
         """Give the shared segment back (the next version reuses it). A late duplicate
         call may still read it; its result is dropped anyway (the step is done)."""
