@@ -68,4 +68,5 @@ def test_prefetching_the_next_version_leaves_results_bitwise_equal(workers, shar
     for name in sequential:
         assert np.array_equal(sequential[name], overlapped[name]), name
     # Training moved the parameters: the comparison is not of untouched initial values.
-    assert not np.array_equal(sequential["0.weight"], mlp(10, 32, 4, seed=3)[0].weight.detach().numpy())
+    initial = mlp(10, 32, 4, seed=3)[0].weight.detach().numpy()
+    assert not np.array_equal(sequential["0.weight"], initial)
