@@ -28,8 +28,6 @@ import struct
 from typing import Any
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from . import backend, dtypes
 from .tensor import Tensor
@@ -57,6 +55,8 @@ def save(obj: Any, f) -> None:
     arrays: dict[str, np.ndarray] = {}
     structure = _encode(obj, arrays, [])
     metadata = {"format": "pt", STRUCTURE_KEY: json.dumps(structure)}
+    import safetensors.numpy  # here: the servers never save, and their image lacks it
+
     data = safetensors.numpy.save(arrays, metadata=metadata)
     if isinstance(f, (str, os.PathLike)):
         with open(f, "wb") as out:
@@ -86,6 +86,8 @@ def load(f, map_location=None, weights_only: bool = True) -> Any:
 
 def _load_arrays(data: bytes) -> dict[str, np.ndarray]:
     """``safetensors.numpy.load``, which knows no BF16: read-only views of ``data``."""
+    import safetensors
+
     return {
         key: np.frombuffer(view["data"], dtype=_NUMPY_DTYPES[view["dtype"]]).reshape(view["shape"])
         for key, view in safetensors.deserialize(data)
@@ -102,6 +104,8 @@ def _read_safetensors(data: bytes, name: str) -> tuple[Any, dict]:
                 f"load: {name}: tensor {key!r} has dtype {dtype}, which NumPy (and so "
                 f"gradmesh) cannot hold; convert it before saving (e.g. tensor.float())"
             )
+    import safetensors  # here: the servers never load files, and their image lacks it
+
     try:
         arrays = _load_arrays(data)
     except (safetensors.SafetensorError, TypeError, ValueError, KeyError) as e:

@@ -489,6 +489,7 @@ _PACKAGE_DIRS = {
 # Imported by modules the servers load, but only inside functions no server calls.
 _LAZY_OK = {
     "tqdm": "the SDK's progress bar (gradmesh.client.training.fit)",
+    "safetensors": "gm.save / gm.load (gradmesh.core.saving); no server saves or loads files",
     "cupy": "the cuda backend: the `cuda` extra and a CUDA image",
     "cupyx": "the cuda backend: the `cuda` extra and a CUDA image",
 }
@@ -539,6 +540,10 @@ def server_imports() -> dict[str, dict[str, bool]]:
             else:
                 continue
             for name in names:
+                if name.startswith("gradmesh.client"):
+                    # only the package root's lazy importers reach the SDK (the import
+                    # contracts keep the servers off it): no server runs that code
+                    continue
                 if name.startswith("gradmesh"):
                     stack.append(name)
                 elif name.split(".")[0] not in sys.stdlib_module_names:
