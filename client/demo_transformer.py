@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -177,11 +178,17 @@ def generate(
     return [corpus.decode(row) for row in out]
 
 
-def line_start_prompts(ids: np.ndarray, corpus: Corpus, count: int, context: int, seed: int):
-    """``count`` windows of the text that end at a line break, so the samples begin lines."""
-    newline = corpus.chars.index("\n")
-    ends = np.flatnonzero(ids[context:] == newline) + context + 1
-    picks = np.random.default_rng(seed).choice(ends, size=count, replace=False)
+def sentence_start_prompts(ids: np.ndarray, corpus: Corpus, count: int, context: int, seed: int):
+    """``count`` windows of the text that end where a sentence of prose begins (after ". "
+    with no table or code layout in the window), so the samples continue prose."""
+    text = corpus.decode(ids)
+    ends = [
+        m.end()
+        for m in re.finditer(r"\. (?=[A-Z])", text)
+        if m.end() >= context
+        and re.search(r"[|>]|  |\n\n", text[m.end() - context : m.end()]) is None
+    ]
+    picks = np.random.default_rng(seed).choice(ends, size=count, replace=len(ends) < count)
     return np.stack([ids[end - context : end] for end in picks])
 
 
@@ -193,6 +200,18 @@ def load_job_parameters(model, job) -> None:
         raise RuntimeError(f"the job's parameters do not match the model: {keys}")
 
 
+def print_samples(model, corpus: Corpus, cfg: GPTConfig, args: argparse.Namespace) -> None:
+    prompts = sentence_start_prompts(corpus.valid, corpus, args.samples, cfg.context, args.seed)
+    texts = generate(model, corpus, prompts, args.sample_length, 0.8, args.seed)
+    print(
+        "sampled text (temperature 0.8): the end of a sentence of the validation text, "
+        "then | and the model's continuation:"
+    )
+    for prompt, text in zip(prompts, texts):
+        tail = corpus.decode(prompt[-32:]).replace("\n", " ")
+        print(f"  ...{tail}|" + text.replace("\n", "\n    "))
+
+
 def _check(args: argparse.Namespace) -> str | None:
     if min(args.workers, args.steps, args.batch_size, args.micro_batch_size) < 1:
         return "--workers, --steps, --batch-size and --micro-batch-size must be >= 1"
@@ -200,6 +219,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--shards must be >= 0"
     if not args.lr > 0:
         return "--lr must be > 0"
+    if args.samples < 0 or args.sample_length < 1:
+        return "--samples must be >= 0 and --sample-length >= 1"
     return None
 
 
@@ -268,10 +289,8 @@ def run(args: argparse.Namespace) -> int:
         f"({history.samples} samples of {cfg.context} characters in {history.seconds:.1f} s)"
     )
     print(f"loss curve: {path}")
-    prompts = line_start_prompts(corpus.valid, corpus, args.samples, cfg.context, args.seed)
-    print("sampled text (temperature 0.8, each line continues a line break of the help text):")
-    for text in generate(model, corpus, prompts, args.sample_length, 0.8, args.seed):
-        print("  | " + text.replace("\n", "\n  | ") + "\n")
+    if args.samples:
+        print_samples(model, corpus, cfg, args)
     print(f"total time: {time.perf_counter() - t0:.1f} s")
     if not loss_after < loss_before:
         print("warning: the validation loss did not fall", file=sys.stderr)
