@@ -13,6 +13,7 @@ a loss-curve PNG.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -90,12 +91,15 @@ def _apply_defaults(args: argparse.Namespace) -> str | None:
 
 
 def _run_transformer(args: argparse.Namespace) -> int:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise SystemExit(
-            "gradmesh demo --model transformer needs PyTorch: pip install 'gradmesh[demo,torch]'"
-        ) from None
+    # torch is in the torch extra, not in demo (it is large): say what to install.
+    for module in ("torch", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise SystemExit(
+                f"gradmesh demo --model transformer needs {module}: "
+                "pip install 'gradmesh[demo,torch]'"
+            ) from None
     from gradmesh.client import demo_transformer
 
     return demo_transformer.run(args)
