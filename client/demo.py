@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shard processes (default 2; 0: inside the coordinator)",
     )
     parser.add_argument("--epochs", type=int, help="digits: passes over the data (15)")
-    parser.add_argument("--steps", type=int, help="transformer: training steps (500)")
+    parser.add_argument("--steps", type=int, help="transformer: training steps (1000)")
     parser.add_argument("--batch-size", type=int, help="global batch (digits 128, transformer 32)")
     parser.add_argument(
         "--micro-batch-size", type=int, help="rows per micro-batch (digits 32, transformer 16)"
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Per model: the flags it uses and their defaults; a flag of the other model is an error.
 DEFAULTS = {
     "digits": {"epochs": 15, "batch_size": 128, "micro_batch_size": 32, "lr": 3e-3},
-    "transformer": {"steps": 500, "batch_size": 32, "micro_batch_size": 16, "lr": 6e-3},
+    "transformer": {"steps": 1000, "batch_size": 32, "micro_batch_size": 16, "lr": 6e-3},
 }
 
 
