@@ -28,6 +28,7 @@ import torch.nn.functional as TF
 
 import gradmesh.core as gm
 from gradmesh.client.cluster import LocalCluster
+from gradmesh.client.demo import plot_losses
 from gradmesh.client.importers import from_torch
 from gradmesh.client.training import fit
 
@@ -39,6 +40,8 @@ __all__ = [
     "make_model",
     "loss_fn",
     "sample_batch",
+    "mean_loss",
+    "sentence_start_prompts",
     "generate",
     "run",
 ]
@@ -112,10 +115,6 @@ class Corpus:
     chars: str
     train: np.ndarray
     valid: np.ndarray
-
-    def encode(self, text: str) -> np.ndarray:
-        index = {c: i for i, c in enumerate(self.chars)}
-        return np.array([index[c] for c in text], dtype=np.int64)
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -272,8 +271,6 @@ def run(args: argparse.Namespace) -> int:
         history = fit(job, windows, progress=not args.no_progress, steps_per_epoch=args.steps)
         load_job_parameters(model, job)
     loss_after = mean_loss(model, valid)
-    from gradmesh.client.demo import plot_losses
-
     path = plot_losses(
         history.losses,
         os.path.join(args.output_dir, "transformer-loss.png"),
