@@ -35,8 +35,8 @@ transformer``, written in PyTorch and imported with ``gradmesh.from_torch``; bat
 windows of 64 characters, AdamW lr 0.001) has no torch.distributed pair: its systems are
 PyTorch eager training the module in this process, gradmesh training the imported module
 in this process, and ``LocalCluster``s with 1 and 2 workers, all in the same run; the
-ratios are gradmesh / PyTorch eager. In-process systems use all cores; workers get
-cores // workers threads each.
+ratios are gradmesh / PyTorch eager. In-process systems use all cores (torch's threads,
+NumPy's BLAS through threadpoolctl); workers get cores // workers threads each.
 
 ``python benchmarks/cluster.py`` (interleaved), ``--alone both``, ``--quick`` (smoke run),
 ``--models medium,transformer``, ``--pairs ps``, ``--steps/--warmup/--repetitions N``,
@@ -256,12 +256,16 @@ class InProcessSystem:
     PyTorch eager (``torch`` True) or by gradmesh on the imported module."""
 
     def __init__(self, torch: bool, threads: int):
+        from threadpoolctl import threadpool_limits
+
         import gradmesh.core as gm
 
         net, model, loss_fn, x, y = transformer_parts()
         if torch:
             self._step = self._torch_step(net, x, y, threads)
         else:
+            # This process's BLAS, as a worker's (gradmesh worker pins it the same way).
+            threadpool_limits(threads, user_api="blas")
             opt = gm.optim.AdamW(model.parameters(), lr=TRANSFORMER_LR)
             xt, yt = gm.tensor(x), gm.tensor(y)
 
