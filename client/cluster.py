@@ -34,7 +34,7 @@ from gradmesh.client.coordinator import CoordinatorClient
 
 __all__ = ["LocalCluster", "ServerProcess", "ClusterError"]
 
-_LISTENING = re.compile(r"listening on (\S+)")
+_LISTENING = re.compile(r'listening on ([^\s"]+)')  # a text line or a JSON one
 
 
 class ClusterError(RuntimeError):

@@ -76,6 +76,9 @@ class GradientResult:
     graph_id: str = ""
     # The new values of the buffers the graph updates (BatchNorm running statistics).
     buffers: dict[str, Any] = field(default_factory=dict)
+    # Requested parameters the loss does not depend on: their ``gradients`` are zeros,
+    # where torch.autograd.grad gives None (``backward`` leaves their ``.grad`` alone).
+    unused_parameters: tuple[str, ...] = ()
 
 
 def _array(x) -> np.ndarray:
@@ -350,7 +353,13 @@ class WorkerClient(WorkerTransport):
             lambda: self.register_graph(graph, timeout),
         )
         result = GradientResult(
-            reply.loss, reply.outputs, reply.gradients, reply.timings, reply.graph_id, reply.buffers
+            reply.loss,
+            reply.outputs,
+            reply.gradients,
+            reply.timings,
+            reply.graph_id,
+            reply.buffers,
+            reply.unused,
         )
         if update_buffers and reply.buffers:
             _write_buffers(params, reply.buffers)
@@ -424,6 +433,8 @@ class WorkerClient(WorkerTransport):
         for name, p in pairs:
             if name not in result.gradients or not isinstance(p, Tensor):
                 continue
+            if name in result.unused_parameters:
+                continue  # the loss does not use it: .grad stays as it is (None), as in torch
             # The bytes of a unary reply are read-only views: copy into a writable array.
             g = Tensor(np.array(result.gradients[name]))
             p.grad = g if p.grad is None else p.grad + g

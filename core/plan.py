@@ -165,6 +165,18 @@ class Plan:
         time, so a streamed reply can announce them before computing anything."""
         return self.schedule(grads, outputs).grad_order
 
+    def unused_gradients(
+        self, grads: Sequence[str] | None = None, outputs: Sequence[str] = ()
+    ) -> tuple[str, ...]:
+        """The requested parameters the loss does not depend on: no gradient reaches them
+        (``run`` gives zeros; PyTorch leaves their ``.grad`` None). Known at compile time."""
+        loss_value = self.graph.outputs[self.graph.graph.outputs[0].name]
+        return tuple(
+            n
+            for n in self.schedule(grads, outputs).final_before
+            if self.graph.input_index[n] != loss_value
+        )
+
     def _build(self, grads: tuple, outputs: tuple) -> _Schedule:
         vg = self.graph
         self._check_request(grads, outputs)

@@ -21,6 +21,20 @@ Every primitive is declared once, here or in ``gradmesh.core.ops``, with:
   engine sums each back to its input's shape and casts it to its input's dtype, in one
   place (``gradmesh.core.unbroadcast``). Every other vjp returns gradients of its inputs'
   shapes and dtypes itself, and the engine passes them on untouched.
+* ``dtype``: the output dtype rule, published in the op schemas (``gradmesh.core.opschema``):
+  ``"same"`` (the first input's, the default), ``"float"`` (the first input's if floating,
+  else the default float), ``"promote"`` (torch's promotion of the inputs),
+  ``"promote_float"`` (promotion, then integers to the default float), ``"accumulate"``
+  (floating inputs keep theirs, integers and bool give int64), ``"bool"``, ``"int64"``,
+  ``"attr:<name>"`` (a dtype attribute), ``"input:<name>"`` (that input's). A rule may
+  name the inputs it reads after a colon: ``"promote:a,b"`` (``where``: not ``cond``).
+* ``choices``: for ``str`` attributes that take a fixed set of values, that set.
+* ``nondiff``: inputs that never get a gradient although the op is differentiable (an
+  index, a target, class weights).
+* ``broadcast_inputs``: with ``broadcast=True``, the inputs that broadcast when not all do.
+* ``blame``: the attribute whose value is at fault when ``infer`` refuses (reshape's
+  ``shape``), so that a graph's error names ``nodes[k].attrs.shape``, not only the node;
+  an ``OpError(..., attr)`` names its own.
 * ``differentiable=False`` for a gradient stop (``stop_gradient``, what ``detach()`` is in a
   traced graph): it declares no vjp, and its result carries no gradient in the eager
   engine and in a compiled plan alike, as integer and bool results never do.
@@ -62,6 +76,11 @@ class Op:
     saves_out: bool = False  # vjp reads ``out``: keep the forward result
     vjp: Callable | None = None
     differentiable: bool = True  # False: the result never carries a gradient
+    dtype: str = "same"  # the output dtype rule (see the module docstring)
+    choices: dict[str, tuple] = field(default_factory=dict)  # str attr -> allowed values
+    nondiff: tuple[str, ...] = ()  # inputs that never get a gradient
+    broadcast_inputs: tuple[str, ...] | None = None  # None: all of them (if broadcast)
+    blame: str | None = None  # the attribute a graph's infer error names by default
 
     def defvjp(self, fn: Callable) -> Callable:
         if not self.differentiable:
@@ -88,6 +107,11 @@ def defop(
     broadcast: bool = False,
     saves_out: bool = False,
     differentiable: bool = True,
+    dtype: str = "same",
+    choices: dict | None = None,
+    nondiff: tuple[str, ...] = (),
+    broadcast_inputs: tuple[str, ...] | None = None,
+    blame: str | None = None,
 ) -> Callable[[Callable], Op]:
     """Register ``forward`` as primitive ``name``; use ``@op.defvjp`` for its gradient
     (``differentiable=False``: a gradient stop, which has none)."""
@@ -95,12 +119,27 @@ def defop(
     for attr, (kind, _default) in attrs.items():
         if kind.rstrip("?") not in ATTR_KINDS:
             raise ValueError(f"{name}: attribute {attr} has unknown kind {kind!r}")
+    for attr in choices or {}:
+        if attrs.get(attr, ("",))[0].rstrip("?") != "str":
+            raise ValueError(f"{name}: choices for {attr}, which is no str attribute")
 
     def register(forward: Callable) -> Op:
         if name in REGISTRY:
             raise ValueError(f"op {name!r} is registered twice")
         op = Op(
-            name, forward, infer, arity, attrs, broadcast, saves_out, differentiable=differentiable
+            name,
+            forward,
+            infer,
+            arity,
+            attrs,
+            broadcast,
+            saves_out,
+            differentiable=differentiable,
+            dtype=dtype,
+            choices={k: tuple(v) for k, v in (choices or {}).items()},
+            nondiff=tuple(nondiff),
+            broadcast_inputs=None if broadcast_inputs is None else tuple(broadcast_inputs),
+            blame=blame,
         )
         REGISTRY[name] = op
         return op
@@ -119,7 +158,12 @@ class OpError(RuntimeError, ValueError):
     """A shape, dtype or attribute error raised by an op's ``infer``; names the op.
 
     A ``RuntimeError`` as PyTorch's are; also a ``ValueError``, which servers answer with
-    ``INVALID_ARGUMENT``."""
+    ``INVALID_ARGUMENT``. ``attr`` names the attribute whose value is wrong, when one is
+    (a graph's error then names ``nodes[k].attrs.<attr>``, not only the node)."""
+
+    def __init__(self, message: str, attr: str | None = None):
+        super().__init__(message)
+        self.attr = attr
 
 
 @dataclass(frozen=True)
@@ -195,25 +239,28 @@ def broadcast_shapes(op: str, *shapes) -> tuple:
     return tuple(out)
 
 
-def norm_dim(op: str, dim: int, ndim: int) -> int:
-    """A possibly negative dim checked against ``ndim``, as a non-negative int."""
+def norm_dim(op: str, dim: int, ndim: int, attr: str = "dim") -> int:
+    """A possibly negative dim checked against ``ndim``, as a non-negative int; ``attr``:
+    the attribute that gave it, which the error names."""
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
     if not lo <= dim <= hi:
         raise OpError(
-            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})"
+            f"{op}: dimension out of range (expected to be in range of [{lo}, {hi}], "
+            f"but got {dim})",
+            attr,
         )
     return dim % ndim if ndim else 0
 
 
-def norm_dims(op: str, dim, ndim: int) -> tuple:
+def norm_dims(op: str, dim, ndim: int, attr: str = "dim") -> tuple:
     """``dim`` as a sorted tuple of non-negative ints; None means every dim."""
     if dim is None:
         return tuple(range(ndim))
     if isinstance(dim, int):
         dim = (dim,)
-    dims = tuple(sorted(norm_dim(op, d, ndim) for d in dim))
+    dims = tuple(sorted(norm_dim(op, d, ndim, attr) for d in dim))
     if len(set(dims)) != len(dims):
-        raise OpError(f"{op}: dim {tuple(dim)} appears multiple times in the list of dims")
+        raise OpError(f"{op}: dim {tuple(dim)} appears multiple times in the list of dims", attr)
     return dims
 
 

@@ -28,6 +28,7 @@ from gradmesh.server.runtime import (
     ServiceError,
     add_peer_arguments,
     add_server_arguments,
+    announce,
     check_address,
     config_from_args,
     configure_logging,
@@ -120,6 +121,10 @@ class CoordinatorServicer:
 
     def Heartbeat(self, request, context):
         return coordinator_pb2.HeartbeatResponse(known=self.c.workers.heartbeat(request.worker_id))
+
+    def DeregisterWorker(self, request, context):
+        known = self.c.workers.deregister(request.worker_id)
+        return coordinator_pb2.DeregisterWorkerResponse(known=known)
 
 
 # ====================================================================== starting =========
@@ -287,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, checkpoint.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"gradmesh coordinator listening on {running.address}", flush=True)
+    announce(config, "gradmesh coordinator", running.address)
     running.wait()
     running.coordinator.close()
     return 0

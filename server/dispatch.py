@@ -99,6 +99,10 @@ class _Dispatch:
         self.active = len(workers)
         self.accepting = 0
         self.max_attempts = 3 + 2 * len(workers)
+        # Every run starts after this: until the deadline has passed since, idle lanes
+        # skip the scan for late runs (a scan of every running micro-batch, by every idle
+        # lane: quadratic in the workers).
+        self.started = time.monotonic()
 
     def run(self) -> int:
         # Each lane runs in a copy of this context: its calls carry the request id.
@@ -140,15 +144,7 @@ class _Dispatch:
                 if self.queue:
                     m = self.queue.popleft()
                     break
-                now = time.monotonic()
-                late = [
-                    m
-                    for m, runs in self.running.items()
-                    if m not in self.done
-                    and len(runs) < 2
-                    and all(x is not w for x, _ in runs)
-                    and now - min(t for _, t in runs) > self.deadline
-                ]
+                late = self._late(w, time.monotonic())
                 if late:
                     m = late[0]
                     self.reassigned += 1
@@ -157,6 +153,19 @@ class _Dispatch:
             self.attempts[m] += 1
             self.running.setdefault(m, []).append((w, time.monotonic()))
             return m
+
+    def _late(self, w: WorkerHandle, now: float) -> list[int]:
+        """Micro-batches running past the deadline on one other worker only."""
+        if now - self.started <= self.deadline:
+            return []  # every run began after the dispatch did: none is late yet
+        return [
+            m
+            for m, runs in self.running.items()
+            if m not in self.done
+            and len(runs) < 2
+            and all(x is not w for x, _ in runs)
+            and now - min(t for _, t in runs) > self.deadline
+        ]
 
     def _finish(self, w: WorkerHandle, m: int) -> None:
         runs = self.running.get(m, [])

@@ -1134,9 +1134,10 @@ class _StepRun:
         t = time.perf_counter()
         for i in self.by_shard:
             grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
+            unused = [nm for nm in r.unused if nm in grads]
             try:
                 self.shards[i].push(
-                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt
+                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt, unused
                 )
             except (ServiceError, GradmeshError) as e:
                 job.fault = (

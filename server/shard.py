@@ -16,6 +16,7 @@ from gradmesh.server import checkpoint
 from gradmesh.server.runtime import (
     ConfigError,
     add_server_arguments,
+    announce,
     config_from_args,
     configure_logging,
     env_default,
@@ -101,6 +102,7 @@ class ShardServicer:
             header.version,
             grads,
             header.attempt,
+            header.unused_parameters,
         )
         return shard_pb2.PushGradientsResponse(duplicate=duplicate, received=received)
 
@@ -250,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"gradmesh shard listening on {running.address}", flush=True)
+    announce(config, "gradmesh shard", running.address)
     running.wait()
     # Nothing to write: every acknowledged step is in a checkpoint or the step log. (A
     # checkpoint now would hold the last step, and the version before it could no longer

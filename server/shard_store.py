@@ -60,6 +60,8 @@ class _Pending:
         self.micro_batches = micro_batches
         self.version = version
         self.sum = TreeSum(micro_batches, _add_grads)
+        # Parameters no micro-batch so far had a gradient for (None: no push yet).
+        self.unused: set[str] | None = None
 
 
 def _add_grads(a: dict, b: dict) -> dict:
@@ -119,6 +121,7 @@ def scheduled_hyper(optimizer: dict, step_args: dict | None) -> dict:
     """The update rule's keyword arguments for one step: the job's optimizer, with the
     values the schedule gives this step."""
     hyper = {k: v for k, v in optimizer.items() if k != "name"}
+    hyper.pop(optim.WEIGHT_DECAY_BY_PARAMETER, None)  # per parameter, in ShardJob._update
     args = step_args or {}
     for key in ("lr", "momentum"):
         if key in args:
@@ -216,8 +219,11 @@ class ShardJob:
         version: int,
         gradients: dict[str, np.ndarray],
         attempt: int = 0,
+        unused: Iterable[str] = (),
     ) -> tuple[bool, int]:
-        """Record one micro-batch's gradients; ``(duplicate, received)``.
+        """Record one micro-batch's gradients; ``(duplicate, received)``. ``unused``: the
+        parameters the loss does not depend on (zeros in ``gradients``); one unused in
+        every micro-batch is left alone by ``apply``, as torch.optim skips a grad of None.
 
         Gradients are pending for one (step, attempt) at a time: a push for another step
         or another attempt means the coordinator abandoned the pending one."""
@@ -255,6 +261,8 @@ class ShardJob:
                 )
             if micro_batch in p.sum:
                 return True, len(p.sum)
+            mine = set(unused) & set(self.params)
+            p.unused = mine if p.unused is None else p.unused & mine
             p.sum.add(micro_batch, dict(gradients))
             return False, len(p.sum)
 
@@ -315,6 +323,7 @@ class ShardJob:
             p = self._complete_pending(step_id, micro_batches, version, attempt)
             start = time.perf_counter()
             grads = p.sum.result()
+            skip = sorted(p.unused or ())
             if checkpoint_path:
                 try:
                     self._save(checkpoint_path)
@@ -328,7 +337,10 @@ class ShardJob:
                 if step_args:
                     meta["args"] = step_args
                 try:
-                    self.log.append(meta, {n: grads[n] for n in sorted(grads)})
+                    self.log.append(
+                        meta | ({"unused": skip} if skip else {}),
+                        {n: grads[n] for n in sorted(grads)},
+                    )
                 except OSError as e:
                     raise ServiceError(
                         grpc.StatusCode.UNAVAILABLE,
@@ -337,7 +349,7 @@ class ShardJob:
                         f"{self.log.path}: {e}",
                         "step_id",
                     ) from None
-            self._update(grads, step_args)
+            self._update(grads, step_args, skip)
             self.pending.clear()
             self.version += 1
             self.last_step_id = step_id
@@ -404,12 +416,19 @@ class ShardJob:
             )
         return p
 
-    def _update(self, grads: dict[str, np.ndarray], step_args: dict | None = None) -> None:
+    def _update(
+        self, grads: dict[str, np.ndarray], step_args: dict | None = None, skip: Iterable[str] = ()
+    ) -> None:
         hyper = scheduled_hyper(self.optimizer, step_args)
+        decays = self.optimizer.get(optim.WEIGHT_DECAY_BY_PARAMETER, {})
         update = optim.UPDATE_RULES[self.optimizer["name"]]
+        skipped = set(skip)
         for name in sorted(self.params):
+            if name in skipped:  # no gradient reached it: torch.optim skips it too
+                continue
             grad = clipped(grads[name], step_args)
-            update(np, self.params[name], grad, self.state[name], **hyper)
+            own = {**hyper, "weight_decay": decays[name]} if name in decays else hyper
+            update(np, self.params[name], grad, self.state[name], **own)
 
     def replay(self, records: Iterable[tuple[dict, dict]], up_to_version: int | None = None) -> int:
         """Re-apply logged steps that follow this state (the same update on the same
@@ -420,7 +439,7 @@ class ShardJob:
                 break
             if meta["step_id"] <= self.last_step_id or meta["version"] != self.version:
                 continue
-            self._update(grads, meta.get("args"))
+            self._update(grads, meta.get("args"), meta.get("unused", ()))
             self.version += 1
             self.last_step_id = meta["step_id"]
             applied += 1
@@ -593,9 +612,10 @@ class ShardStore:
         version: int,
         gradients: dict[str, np.ndarray],
         attempt: int = 0,
+        unused: Iterable[str] = (),
     ) -> tuple[bool, int]:
         return self.job(job_id).push(
-            step_id, micro_batch, micro_batches, version, gradients, attempt
+            step_id, micro_batch, micro_batches, version, gradients, attempt, unused
         )
 
     def apply(
@@ -683,9 +703,11 @@ class EmbeddedShard:
     def pull(self, job_id, version=0, names=(), copy=False):
         return self.store.pull(job_id, version, names, copy)
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+    def push(
+        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+    ):
         return self.store.push(
-            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt
+            job_id, step_id, micro_batch, micro_batches, version, gradients, attempt, unused
         )
 
     def apply(

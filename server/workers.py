@@ -295,6 +295,19 @@ class WorkerPool:
                     return True
         return False
 
+    def deregister(self, worker_id: str) -> bool:
+        """Forget the registered worker ``worker_id`` now (it is shutting down); False
+        when no worker has that id. Calls already sent to it finish on their own."""
+        with self._lock:
+            for address, w in list(self.workers.items()):
+                if w.source == "registered" and w.worker_id and w.worker_id == worker_id:
+                    del self.workers[address]
+                    break
+            else:
+                return False
+        w.close()
+        return True
+
     def usable(self) -> list[WorkerHandle]:
         """Workers to use now: ready ones, plus unreachable/unknown ones that answer again."""
         now = time.monotonic()

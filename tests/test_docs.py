@@ -197,7 +197,7 @@ class Server:
         def read(stream):
             for line in stream:
                 self.output.append(line)
-                m = re.search(r"listening on (\S+)", line)
+                m = re.search(r'listening on ([^\s"]+)', line)
                 if m and self.address is None:
                     self.address = m.group(1)
                     found.set()

@@ -155,6 +155,13 @@ class CoordinatorConnection:
             "Heartbeat", lambda: coordinator_pb2.HeartbeatRequest(worker_id=worker_id), retry=False
         )
 
+    def deregister_worker(self, worker_id: str) -> coordinator_pb2.DeregisterWorkerResponse:
+        return self._call(
+            "DeregisterWorker",
+            lambda: coordinator_pb2.DeregisterWorkerRequest(worker_id=worker_id),
+            retry=False,
+        )
+
 
 class WorkerRegistration:
     """Register a worker with a coordinator and keep it alive with heartbeats.
@@ -219,6 +226,20 @@ class WorkerRegistration:
                     self.register()
             except GradmeshError:
                 continue  # the coordinator is down: keep trying
+
+    def deregister(self) -> None:
+        """Stop the heartbeats and leave the coordinator's pool now (a worker that is
+        shutting down: no new micro-batches come to it while it drains)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.worker_id is None:
+            return
+        try:
+            self.client.deregister_worker(self.worker_id)
+        except GradmeshError as e:  # the coordinator drops it after missed heartbeats
+            log.warning("cannot deregister %s from the coordinator: %s", self.address, e)
+        self.worker_id = None
 
     def stop(self) -> None:
         self._stop.set()

@@ -24,9 +24,11 @@ from .channel import REQUEST_ID_KEY
 
 class GradmeshError(Exception):
     """A gradmesh call failed: ``code`` (grpc.StatusCode), the server's ``message``, the
-    offending request ``field`` and the server's ``request_id`` (to find its log lines)."""
+    offending request ``field``, the violation's ``reason`` (``"BAD_ATTRIBUTE"``; the
+    proto files list them) and the server's ``request_id`` (to find its log lines)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str | None = None
 
     def __init__(
         self,
@@ -166,6 +168,14 @@ def bad_request_field(error: grpc.RpcError) -> str | None:
     return None
 
 
+def bad_request_reason(error: grpc.RpcError) -> str | None:
+    """The reason of the first field violation of ``error``, if any."""
+    bad = _detail(error, error_details_pb2.BadRequest)
+    if bad is not None and bad.field_violations:
+        return bad.field_violations[0].reason or None
+    return None
+
+
 def request_id_of(error: grpc.RpcError) -> str | None:
     """The server's request id of a failed call: its google.rpc.RequestInfo detail, else
     its ``x-request-id`` trailing metadata."""
@@ -186,7 +196,9 @@ def from_rpc_error(error: grpc.RpcError, method: str | None = None) -> GradmeshE
     """The :class:`GradmeshError` subclass for a failed gRPC call."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or str(error)
-    return error_class(code)(code, message, bad_request_field(error), method, request_id_of(error))
+    exc = error_class(code)(code, message, bad_request_field(error), method, request_id_of(error))
+    exc.reason = bad_request_reason(error)
+    return exc
 
 
 __all__ = [
@@ -211,5 +223,6 @@ __all__ = [
     "error_class",
     "from_rpc_error",
     "bad_request_field",
+    "bad_request_reason",
     "request_id_of",
 ]

@@ -80,6 +80,8 @@ def optimizer_from_proto(msg: shard_pb2.Optimizer, field: str = "optimizer") -> 
             msg.beta1 if msg.HasField("beta1") else default[0],
             msg.beta2 if msg.HasField("beta2") else default[1],
         ]
+    if msg.weight_decay_by_parameter:
+        desc[optim.WEIGHT_DECAY_BY_PARAMETER] = dict(msg.weight_decay_by_parameter)
     try:
         return optim.validate(desc)
     except ValueError as e:
@@ -95,6 +97,7 @@ def optimizer_to_proto(description: dict) -> shard_pb2.Optimizer:
             setattr(msg, key, d[key])
     if "betas" in d:
         msg.beta1, msg.beta2 = d["betas"]
+    msg.weight_decay_by_parameter.update(d.get(optim.WEIGHT_DECAY_BY_PARAMETER, {}))
     return msg
 
 
@@ -270,7 +273,9 @@ class RemoteShard:
             raise self._error(e, "Pull") from None
         return header.version, arrays
 
-    def push(self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0):
+    def push(
+        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+    ):
         header = shard_pb2.PushGradientsRequest(
             job_id=job_id,
             step_id=step_id,
@@ -278,6 +283,7 @@ class RemoteShard:
             micro_batches=micro_batches,
             version=version,
             attempt=attempt,
+            unused_parameters=sorted(unused),
         )
         values = named_headers(header.gradients, gradients)
         r = self._call("PushGradients", self._push_call, shard_frames("push", header, values))

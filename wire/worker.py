@@ -84,6 +84,9 @@ class Reply:
     timings: dict[str, float] = field(default_factory=dict)
     graph_id: str = ""
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    # Requested parameters the loss does not depend on (their gradients are zeros; torch
+    # gives None): ComputeGradientsResponse.unused_parameters.
+    unused: tuple[str, ...] = ()
 
     @property
     def compute_seconds(self) -> float:
@@ -346,6 +349,7 @@ def decode_reply(resp: worker_pb2.ComputeGradientsResponse) -> Reply:
         _timings(resp),
         resp.graph_id,
         {nt.name: _decode(nt.tensor, "buffers", nt.name) for nt in resp.buffers},
+        tuple(resp.unused_parameters),
     )
 
 
@@ -491,7 +495,10 @@ class WorkerTransport:
         order = list(header.gradients) or [n for n, _ in params]
         grads = {n: received[n] for n in order if n in received}
         grads.update(received)
-        return Reply(arrays_out[0], outputs, grads, _timings(timed), resp.graph_id, new_buffers)
+        unused = tuple(resp.unused_parameters) or tuple(timed.unused_parameters)
+        return Reply(
+            arrays_out[0], outputs, grads, _timings(timed), resp.graph_id, new_buffers, unused
+        )
 
     def _send_shared(
         self, message, gradient_segment: Segment, gradient_offsets: dict[str, int], **kw

@@ -495,7 +495,7 @@ def _constant_of_shape(ctx, node, inputs):
 @_op("Range", "(none: computed)")
 def _range(ctx, node, inputs):
     start, limit, delta = (_static(v, "a Range bound") for v in inputs)
-    return [np.arange(start, limit, delta).astype(start.dtype)]
+    return [np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)]
 
 
 @_op("Reshape", "reshape")
@@ -539,7 +539,7 @@ def _unsqueeze(ctx, node, inputs):
     x = inputs[0]
     dims = list(_shape_of(x))
     axes = _axes(ctx, node, inputs, 1, len(dims) + len(_static(inputs[1], "axes").reshape(-1)))
-    for a in sorted(axes):
+    for a in sorted(axes or []):
         dims.insert(a, 1)
     if not isinstance(x, Tensor):
         return [np.reshape(x, dims)]
@@ -684,11 +684,11 @@ class OnnxModule(Module):
                 f"{self._source}: forward takes {len(self.input_names)} input(s) "
                 f"{self.input_names}, got {len(inputs)}"
             )
-        inputs = [x if isinstance(x, Tensor) else gm.as_tensor(np.asarray(x)) for x in inputs]
-        batch = next((x.shape[0] for x, b in zip(inputs, self._batched) if b and x.ndim > 0), None)
+        tensors = [x if isinstance(x, Tensor) else gm.as_tensor(np.asarray(x)) for x in inputs]
+        batch = next((x.shape[0] for x, b in zip(tensors, self._batched) if b and x.ndim > 0), None)
         ctx = _Context(_onnx(), batch)
         values = self._initial_values()
-        values.update(zip(self.input_names, inputs))
+        values.update(zip(self.input_names, tensors))
         # Values computed from a batched input (shapes of them included) hold the batch.
         batched = {n for n, b in zip(self.input_names, self._batched) if b}
         for node in self._nodes:

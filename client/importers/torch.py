@@ -819,12 +819,18 @@ def _unsupported(programs: list[ExportedProgram]) -> list[Unsupported]:
 
 
 def _node_problem(node) -> Unsupported | None:
-    if node.op == "get_attr":
-        return Unsupported("torch control-flow operator", _module_path(node), "not expressible")
+    # get_attr nodes are the sub-graphs of higher-order operators, reported with them.
     if node.op != "call_function":
         return None
     if node.target in _PYTHON_OPS or str(node.target) in _SIZE_OPS or str(node.target) in _OPS:
         return None
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return Unsupported(
+            f"torch.{node.target.name()}",
+            _module_path(node),
+            "a higher-order operator runs sub-graphs, which a gradmesh graph does not "
+            "have; compute every branch and select with torch.where",
+        )
     kind = _module_type(node)
     return Unsupported(
         str(node.target),

@@ -60,12 +60,12 @@ def _same_value(kind: str, value, default) -> bool:
     if kind == "float":
         v, d = float(value), float(default)
         return (v == d and math.copysign(1, v) == math.copysign(1, d)) or (v != v and d != d)
-    if kind in ("ints", "floats"):
-        return (
-            [float(x) for x in value] == [float(x) for x in default]
-            if kind == "floats"
-            else [int(x) for x in value] == [int(x) for x in default]
+    if kind == "floats":  # element by element, as a float (graph.proto, "The graph id")
+        return len(value) == len(default) and all(
+            _same_value("float", v, d) for v, d in zip(value, default)
         )
+    if kind == "ints":
+        return [int(x) for x in value] == [int(x) for x in default]
     if kind == "dtype":
         return dtypes.as_dtype(value) is dtypes.as_dtype(default)
     return type(value) is type(default) and value == default if kind == "bool" else value == default
@@ -153,6 +153,11 @@ def decode_attrs(
             values[a.name] = a.dtype
         else:
             values[a.name] = getattr(a, which)
+        allowed = op.choices.get(a.name)
+        if allowed and values[a.name] not in allowed:
+            raise GraphError(
+                f, f"op {op.name} takes {a.name} in {list(allowed)}, got {values[a.name]!r}"
+            )
     for name, (_kind, default) in op.attrs.items():
         if name not in values:
             values[name] = list(default) if isinstance(default, list) else default

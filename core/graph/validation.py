@@ -139,8 +139,10 @@ def _infer_all(graph, ops, attrs, node_inputs, batch: int) -> list[Spec]:
         except GraphError:
             raise
         except Exception as e:  # infer's own errors name the op and the shapes
+            attr = getattr(e, "attr", None) or op.blame
             raise GraphError(
-                f"nodes[{k}]", f"{op.name}: {e}" if not str(e).startswith(op.name) else str(e)
+                f"nodes[{k}].attrs.{attr}" if attr in op.attrs else f"nodes[{k}]",
+                f"{op.name}: {e}" if not str(e).startswith(op.name) else str(e),
             ) from None
         if not isinstance(spec, tuple) or len(spec) != 2:
             raise GraphError(f"nodes[{k}].op", f"{op.name}: shape inference returned {spec!r}")

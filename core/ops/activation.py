@@ -9,7 +9,7 @@ from ..registry import defop
 from .elementwise import _float, _float_infer, sigmoid_p
 
 
-@defop("silu", infer=_float_infer("silu"))
+@defop("silu", dtype="float", infer=_float_infer("silu"))
 def silu_p(xp, a):
     """a * sigmoid(a), with sigmoid's overflow-free kernel."""
     a = _float(xp, a)
@@ -22,7 +22,7 @@ def _(g, out, a):
     return (g * (s * (1 + a * (1 - s))),)
 
 
-@defop("mish", infer=_float_infer("mish"))
+@defop("mish", dtype="float", infer=_float_infer("mish"))
 def mish_p(xp, a):
     """a * tanh(softplus(a)), softplus as logaddexp(0, a) (no overflow)."""
     a = _float(xp, a)
@@ -35,7 +35,7 @@ def _(g, out, a):
     return (g * (t + a * (1 - t * t) * sigmoid(a)),)
 
 
-@defop("hardswish", infer=_float_infer("hardswish"))
+@defop("hardswish", dtype="float", infer=_float_infer("hardswish"))
 def hardswish_p(xp, a):
     """a * clamp(a + 3, 0, 6) / 6."""
     a = _float(xp, a)

@@ -77,6 +77,7 @@ _PAD_ATTRS = {"pad": ("ints", []), "mode": ("str", "constant")}
     "pad",
     infer=lambda x, pad, mode, value: Spec(_pad_shape("pad", x.shape, pad, mode), x.dtype),
     attrs={**_PAD_ATTRS, "value": ("float", 0.0)},
+    choices={"mode": _MODES},
 )
 def pad_p(xp, x, pad, mode, value):
     if mode != "constant":
@@ -114,7 +115,7 @@ def _infer_pad_grad(g, pad, mode) -> Spec:
     return Spec(_pad_shape("pad_grad", g.shape, pad, mode, grad=True), g.dtype)
 
 
-@defop("pad_grad", attrs=_PAD_ATTRS, infer=_infer_pad_grad)
+@defop("pad_grad", attrs=_PAD_ATTRS, infer=_infer_pad_grad, choices={"mode": _MODES})
 def pad_grad_p(xp, g, pad, mode):
     """The gradient of ``pad``: the kept region, plus (reflect, replicate) the pads folded
     back onto the input elements they copy."""

@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from .. import backend, dtypes
+from ..autograd import is_grad_enabled
 from ..factories import zeros_like
-from ..functional import cos, exp, log, sigmoid, sign, sin, tanh, where
+from ..functional import cos, exp, floor_divide, log, sigmoid, sign, sin, tanh, where
 from ..registry import OpError, Spec, binary, broadcast_shapes, defop, floating, fmt, same
 
 # ===================================================================== arithmetic ======
@@ -43,7 +44,7 @@ def _cast(xp, a, b):
     return a.astype(dt, copy=False), b.astype(dt, copy=False)
 
 
-@defop("add", infer=binary("add"), arity=2, broadcast=True)
+@defop("add", dtype="promote", infer=binary("add"), arity=2, broadcast=True)
 def add_p(xp, a, b):
     a, b = _cast(xp, a, b)
     return a + b
@@ -63,7 +64,7 @@ def _infer_sub(a, b) -> Spec:
     return _infer_sub_shape(a, b)
 
 
-@defop("sub", infer=_infer_sub, arity=2, broadcast=True)
+@defop("sub", dtype="promote", infer=_infer_sub, arity=2, broadcast=True)
 def sub_p(xp, a, b):
     a, b = _cast(xp, a, b)
     return a - b
@@ -74,7 +75,7 @@ def _(g, out, a, b):
     return g, -g
 
 
-@defop("mul", infer=binary("mul"), arity=2, broadcast=True)
+@defop("mul", dtype="promote", infer=binary("mul"), arity=2, broadcast=True)
 def mul_p(xp, a, b):
     a, b = _cast(xp, a, b)
     return a * b
@@ -91,7 +92,7 @@ def _infer_div(a, b) -> Spec:
     return spec if spec.dtype.is_floating_point else Spec(spec.shape, dtypes.default_float)
 
 
-@defop("div", infer=_infer_div, arity=2, broadcast=True)
+@defop("div", dtype="promote_float", infer=_infer_div, arity=2, broadcast=True)
 def div_p(xp, a, b):
     a, b = _cast(xp, a, b)
     if a.dtype.kind != "f":
@@ -120,7 +121,7 @@ def _infer_pow(a, b) -> Spec:
     return _infer_pow_shape(a, b)
 
 
-@defop("pow", infer=_infer_pow, arity=2, broadcast=True)
+@defop("pow", dtype="promote", infer=_infer_pow, arity=2, broadcast=True)
 def pow_p(xp, a, b):
     a, b = _cast(xp, a, b)
     if a.dtype.kind in "iu" and (b < 0).any():
@@ -161,7 +162,7 @@ def _float(xp, a):
     return a if a.dtype.kind == "f" else a.astype(dtypes.default_float.np)
 
 
-@defop("exp", infer=_float_infer("exp"), saves_out=True)
+@defop("exp", dtype="float", infer=_float_infer("exp"), saves_out=True)
 def exp_p(xp, a):
     return xp.exp(_float(xp, a))
 
@@ -171,7 +172,7 @@ def _(g, out, a):
     return (g * out,)
 
 
-@defop("log", infer=_float_infer("log"))
+@defop("log", dtype="float", infer=_float_infer("log"))
 def log_p(xp, a):
     return xp.log(_float(xp, a))
 
@@ -181,7 +182,7 @@ def _(g, out, a):
     return (g / a,)
 
 
-@defop("log1p", infer=_float_infer("log1p"))
+@defop("log1p", dtype="float", infer=_float_infer("log1p"))
 def log1p_p(xp, a):
     return xp.log1p(_float(xp, a))
 
@@ -191,7 +192,7 @@ def _(g, out, a):
     return (g / (a + 1),)
 
 
-@defop("sqrt", infer=_float_infer("sqrt"), saves_out=True)
+@defop("sqrt", dtype="float", infer=_float_infer("sqrt"), saves_out=True)
 def sqrt_p(xp, a):
     return xp.sqrt(_float(xp, a))
 
@@ -222,7 +223,7 @@ def _(g, out, a):
     return (zeros_like(g),)
 
 
-@defop("sin", infer=_float_infer("sin"))
+@defop("sin", dtype="float", infer=_float_infer("sin"))
 def sin_p(xp, a):
     return xp.sin(_float(xp, a))
 
@@ -232,7 +233,7 @@ def _(g, out, a):
     return (g * cos(a),)
 
 
-@defop("cos", infer=_float_infer("cos"))
+@defop("cos", dtype="float", infer=_float_infer("cos"))
 def cos_p(xp, a):
     return xp.cos(_float(xp, a))
 
@@ -242,7 +243,7 @@ def _(g, out, a):
     return (-g * sin(a),)
 
 
-@defop("tanh", infer=_float_infer("tanh"), saves_out=True)
+@defop("tanh", dtype="float", infer=_float_infer("tanh"), saves_out=True)
 def tanh_p(xp, a):
     return xp.tanh(_float(xp, a))
 
@@ -252,7 +253,7 @@ def _(g, out, a):
     return (g * (1 - out * out),)
 
 
-@defop("sigmoid", infer=_float_infer("sigmoid"), saves_out=True)
+@defop("sigmoid", dtype="float", infer=_float_infer("sigmoid"), saves_out=True)
 def sigmoid_p(xp, a):
     a = _float(xp, a)
     # Split by sign so that exp never overflows.
@@ -307,7 +308,14 @@ def _infer_gelu(a, approximate):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-@defop("gelu", infer=_infer_gelu, attrs={"approximate": ("str", "none")})
+@defop(
+    "gelu",
+    dtype="float",
+    choices={"approximate": ("none", "tanh")},
+    infer=_infer_gelu,
+    attrs={"approximate": ("str", "none")},
+    saves_out=True,
+)
 def gelu_p(xp, a, approximate):
     a = _float(xp, a)
     t = a.dtype.type
@@ -329,7 +337,13 @@ def _erf(xp, x):
     return cupyx.scipy.special.erf(x)
 
 
-@defop("gelu_grad", infer=_infer_gelu, attrs={"approximate": ("str", "none")})
+@defop(
+    "gelu_grad",
+    dtype="float",
+    choices={"approximate": ("none", "tanh")},
+    infer=_infer_gelu,
+    attrs={"approximate": ("str", "none")},
+)
 def gelu_grad_p(xp, a, approximate):
     """d gelu / da, as its own op so that gelu's vjp stays differentiable."""
     a = _float(xp, a)
@@ -346,7 +360,37 @@ def gelu_grad_p(xp, a, approximate):
 
 @gelu_p.defvjp
 def _(g, out, a, approximate):
+    if approximate == "none" and not is_grad_enabled():
+        return (_kernel(_gelu_vjp_from_out, g, out, a),)
     return (g * gelu_grad_p(a, approximate=approximate),)
+
+
+def _gelu_vjp_from_out(xp, g, out, a):
+    """g * gelu'(a) = g * (cdf(a) + a * pdf(a)), with cdf read back from the forward's
+    result (out = a * cdf(a)) instead of a second erf, the slowest part of GELU. At 0 (and
+    below 1e-20, where out / a would be made of subnormals) cdf(a) = 0.5 + a / sqrt(2 pi),
+    exact there to far below either float's precision."""
+    t = a.dtype.type
+    small = xp.abs(a) < t(1e-20)
+    cdf = out / xp.where(small, t(1), a)
+    cdf = xp.where(small, t(0.5) + a * t(1 / math.sqrt(2 * math.pi)), cdf)
+    pdf = xp.exp(t(-0.5) * a * a)
+    pdf *= a
+    pdf *= t(1 / math.sqrt(2 * math.pi))
+    pdf += cdf
+    pdf *= g
+    return pdf
+
+
+def _kernel(fn, *tensors, **attrs):
+    """``fn`` over the tensors' arrays, outside the registry: for one-kernel vjps that run
+    only when no graph is recorded (without create_graph, where the result needs no
+    history). They are not ops, so no graph holds one; differentiating again goes through
+    the differentiable form instead."""
+    from ..tensor import Tensor
+
+    arrays = [t._data for t in tensors]
+    return Tensor._wrap(fn(backend.xp_of(arrays[0]), *arrays, **attrs))
 
 
 @gelu_grad_p.defvjp
@@ -369,7 +413,10 @@ def _infer_softplus(a, beta, threshold):
 
 
 @defop(
-    "softplus", infer=_infer_softplus, attrs={"beta": ("float", 1.0), "threshold": ("float", 20.0)}
+    "softplus",
+    dtype="float",
+    infer=_infer_softplus,
+    attrs={"beta": ("float", 1.0), "threshold": ("float", 20.0)},
 )
 def softplus_p(xp, a, beta, threshold):
     a = _float(xp, a)
@@ -427,7 +474,7 @@ def _(g, out, a, min, max):
 # ===================================================================== two-tensor ======
 
 
-@defop("maximum", infer=binary("maximum"), arity=2, broadcast=True)
+@defop("maximum", dtype="promote", infer=binary("maximum"), arity=2, broadcast=True)
 def maximum_p(xp, a, b):
     a, b = _cast(xp, a, b)
     return xp.maximum(a, b)
@@ -440,7 +487,7 @@ def _(g, out, a, b):
     return g * w, g * (1 - w)
 
 
-@defop("minimum", infer=binary("minimum"), arity=2, broadcast=True)
+@defop("minimum", dtype="promote", infer=binary("minimum"), arity=2, broadcast=True)
 def minimum_p(xp, a, b):
     a, b = _cast(xp, a, b)
     return xp.minimum(a, b)
@@ -452,6 +499,65 @@ def _(g, out, a, b):
     return g * w, g * (1 - w)
 
 
+# ========================================================== division with rounding ======
+
+
+def _infer_integer_division(op: str):
+    infer_shape = binary(op)
+
+    def infer(a, b) -> Spec:
+        for spec in (a, b):
+            _refuse_bool(op, spec, "convert it with .long()")
+        return infer_shape(a, b)
+
+    return infer
+
+
+def _refuse_zero_divisor(op: str, xp, b) -> None:
+    # NumPy gives 0 and a warning for an integer divided by 0; torch raises.
+    if b.dtype.kind in "iu" and bool((b == 0).any()):
+        raise OpError(f"{op}: ZeroDivisionError (an integer divided by zero)")
+
+
+@defop(
+    "floor_divide",
+    dtype="promote",
+    infer=_infer_integer_division("floor_divide"),
+    arity=2,
+    broadcast=True,
+)
+def floor_divide_p(xp, a, b):
+    a, b = _cast(xp, a, b)
+    _refuse_zero_divisor("floor_divide", xp, b)
+    return xp.floor_divide(a, b)
+
+
+# Piecewise constant: its gradient is zero wherever it exists, and torch defines none.
+floor_divide_p.defvjp(lambda g, out, a, b: (None, None))
+
+
+@defop(
+    "remainder",
+    dtype="promote",
+    infer=_infer_integer_division("remainder"),
+    arity=2,
+    broadcast=True,
+)
+def remainder_p(xp, a, b):
+    # Python's %: the result takes the divisor's sign, as torch.remainder.
+    a, b = _cast(xp, a, b)
+    _refuse_zero_divisor("remainder", xp, b)
+    return xp.remainder(a, b)
+
+
+@remainder_p.defvjp
+def _(g, out, a, b):
+    # remainder(a, b) = a - floor_divide(a, b) * b
+    ga = g if a.requires_grad else None
+    gb = -g * floor_divide(a, b) if b.requires_grad else None
+    return ga, gb
+
+
 def _infer_where(cond, a, b) -> Spec:
     if cond.dtype is not dtypes.bool_:
         raise OpError(f"where: expected condition to be a bool tensor, got {cond.dtype}")
@@ -459,7 +565,7 @@ def _infer_where(cond, a, b) -> Spec:
     return Spec(shape, dtypes.promote(a.dtype, b.dtype, len(a.shape) == 0, len(b.shape) == 0))
 
 
-@defop("where", infer=_infer_where, arity=3, broadcast=True)
+@defop("where", dtype="promote:a,b", nondiff=("cond",), infer=_infer_where, arity=3, broadcast=True)
 def where_p(xp, cond, a, b):
     a, b = _cast(xp, a, b)
     if xp.__name__ == "numpy" and cond.size >= 4096:
@@ -503,7 +609,7 @@ def _compare(name, fn):
     def infer(a, b) -> Spec:
         return Spec(broadcast_shapes(name, a.shape, b.shape), dtypes.bool_)
 
-    op = defop(name, infer=infer, arity=2, broadcast=True)(fn)
+    op = defop(name, infer=infer, arity=2, broadcast=True, dtype="bool")(fn)
     op.defvjp(lambda g, out, a, b: (None, None))
     return op
 
@@ -520,7 +626,7 @@ logical_and_p = _compare("logical_and", lambda xp, a, b: xp.logical_and(a, b))
 logical_or_p = _compare("logical_or", lambda xp, a, b: xp.logical_or(a, b))
 
 
-@defop("logical_not", infer=lambda a: Spec(tuple(a.shape), dtypes.bool_))
+@defop("logical_not", dtype="bool", infer=lambda a: Spec(tuple(a.shape), dtypes.bool_))
 def logical_not_p(xp, a):
     return xp.logical_not(a)
 
@@ -538,7 +644,7 @@ def _infer_cast(a, dtype):
         raise OpError(f"cast: {e}") from None
 
 
-@defop("cast", infer=_infer_cast, attrs={"dtype": ("dtype", "float32")})
+@defop("cast", dtype="attr:dtype", infer=_infer_cast, attrs={"dtype": ("dtype", "float32")})
 def cast_p(xp, a, dtype):
     return a.astype(dtypes.by_name(dtype).np)
 
@@ -573,7 +679,12 @@ def _infer_to_device(a, device):
     return same(a)
 
 
-@defop("to_device", infer=_infer_to_device, attrs={"device": ("str", "cpu")})
+@defop(
+    "to_device",
+    choices={"device": ("cpu", "cuda")},
+    infer=_infer_to_device,
+    attrs={"device": ("str", "cpu")},
+)
 def to_device_p(xp, a, device):
     if device == "cpu":
         return backend.to_numpy(a)

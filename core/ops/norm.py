@@ -59,6 +59,7 @@ def _(g, out, x, eps):
 
 @defop(
     "batch_norm_grad",
+    dtype="input:x",
     infer=lambda g, x, eps: _infer_batch_norm(x, eps, g),
     arity=2,
     saves_out=True,

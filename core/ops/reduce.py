@@ -44,7 +44,12 @@ def _infer_sum(a, dim, keepdim) -> Spec:
     return Spec(_reduced_shape(a.shape, dims, keepdim), _int_accumulator(a.dtype))
 
 
-@defop("sum", infer=_infer_sum, attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "sum",
+    dtype="accumulate",
+    infer=_infer_sum,
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def sum_p(xp, a, dim, keepdim):
     axis = _axis(dim, a.ndim)
     if a.dtype.kind == "b" or a.dtype == xp.int32:
@@ -142,14 +147,20 @@ def _arg(fn, xp, a, dim, keepdim):
 
 
 @defop(
-    "argmax", infer=_infer_arg("argmax"), attrs={"dim": ("int?", None), "keepdim": ("bool", False)}
+    "argmax",
+    dtype="int64",
+    infer=_infer_arg("argmax"),
+    attrs={"dim": ("int?", None), "keepdim": ("bool", False)},
 )
 def argmax_p(xp, a, dim, keepdim):
     return _arg(xp.argmax, xp, a, dim, keepdim)
 
 
 @defop(
-    "argmin", infer=_infer_arg("argmin"), attrs={"dim": ("int?", None), "keepdim": ("bool", False)}
+    "argmin",
+    dtype="int64",
+    infer=_infer_arg("argmin"),
+    attrs={"dim": ("int?", None), "keepdim": ("bool", False)},
 )
 def argmin_p(xp, a, dim, keepdim):
     return _arg(xp.argmin, xp, a, dim, keepdim)
@@ -170,6 +181,7 @@ def _infer_logsumexp(a, dim, keepdim) -> Spec:
 
 @defop(
     "logsumexp",
+    dtype="float",
     infer=_infer_logsumexp,
     saves_out=True,
     attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
@@ -200,7 +212,12 @@ def _infer_prod(a, dim, keepdim) -> Spec:
     return Spec(_reduced_shape(a.shape, dims, keepdim), _int_accumulator(a.dtype))
 
 
-@defop("prod", infer=_infer_prod, attrs={"dim": ("ints?", None), "keepdim": ("bool", False)})
+@defop(
+    "prod",
+    dtype="accumulate",
+    infer=_infer_prod,
+    attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
+)
 def prod_p(xp, a, dim, keepdim):
     dtype = xp.int64 if a.dtype.kind == "b" or a.dtype == xp.int32 else None
     return xp.prod(a, axis=_axis(dim, a.ndim), keepdims=keepdim, dtype=dtype)
@@ -239,6 +256,7 @@ def _infer_logical_reduce(name):
 
 @defop(
     "all",
+    dtype="bool",
     infer=_infer_logical_reduce("all"),
     attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
 )
@@ -248,6 +266,7 @@ def all_p(xp, a, dim, keepdim):
 
 @defop(
     "any",
+    dtype="bool",
     infer=_infer_logical_reduce("any"),
     attrs={"dim": ("ints?", None), "keepdim": ("bool", False)},
 )
@@ -267,7 +286,7 @@ def _infer_cumsum(a, dim) -> Spec:
     return Spec(tuple(a.shape), _int_accumulator(a.dtype))
 
 
-@defop("cumsum", infer=_infer_cumsum, attrs={"dim": ("int", 0)})
+@defop("cumsum", dtype="accumulate", infer=_infer_cumsum, attrs={"dim": ("int", 0)})
 def cumsum_p(xp, a, dim):
     dtype = xp.int64 if a.dtype.kind == "b" or a.dtype == xp.int32 else None
     if a.ndim == 0:

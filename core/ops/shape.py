@@ -38,7 +38,7 @@ def _infer_reshape(a, shape) -> Spec:
     return Spec(_resolve_shape("reshape", a.shape, shape), a.dtype)
 
 
-@defop("reshape", infer=_infer_reshape, attrs={"shape": ("ints", [])})
+@defop("reshape", infer=_infer_reshape, blame="shape", attrs={"shape": ("ints", [])})
 def reshape_p(xp, a, shape):
     return a.reshape(shape)
 
@@ -58,7 +58,7 @@ def _infer_permute(a, dims) -> Spec:
     return Spec(tuple(a.shape[d] for d in dims), a.dtype)
 
 
-@defop("permute", infer=_infer_permute, attrs={"dims": ("ints", [])})
+@defop("permute", infer=_infer_permute, blame="dims", attrs={"dims": ("ints", [])})
 def permute_p(xp, a, dims):
     return a.transpose(dims)  # the method: np.transpose adds ~2 us of dispatch
 
@@ -95,7 +95,7 @@ def _infer_expand(a, shape) -> Spec:
     return Spec(tuple(shape), a.dtype)
 
 
-@defop("expand", infer=_infer_expand, attrs={"shape": ("ints", [])}, broadcast=True)
+@defop("expand", infer=_infer_expand, blame="shape", attrs={"shape": ("ints", [])}, broadcast=True)
 def expand_p(xp, a, shape):
     shape = [s if w == -1 else w for s, w in zip((1,) * (len(shape) - a.ndim) + a.shape, shape)]
     return xp.broadcast_to(a, shape)
@@ -235,7 +235,7 @@ def _infer_cat(*tensors, dim) -> Spec:
     return Spec(ref[:d] + (total,) + ref[d + 1 :], _promote_all([t.dtype for t in tensors]))
 
 
-@defop("cat", infer=_infer_cat, arity=None, attrs={"dim": ("int", 0)})
+@defop("cat", dtype="promote", infer=_infer_cat, arity=None, attrs={"dim": ("int", 0)})
 def cat_p(xp, *arrays, dim):
     dtype = _promote_all([dtypes.from_numpy(a.dtype) for a in arrays]).np
     return xp.concatenate([a.astype(dtype, copy=False) for a in arrays], axis=dim)
@@ -268,7 +268,7 @@ def _infer_stack(*tensors, dim) -> Spec:
     return Spec(ref[:d] + (len(tensors),) + ref[d:], _promote_all([t.dtype for t in tensors]))
 
 
-@defop("stack", infer=_infer_stack, arity=None, attrs={"dim": ("int", 0)})
+@defop("stack", dtype="promote", infer=_infer_stack, arity=None, attrs={"dim": ("int", 0)})
 def stack_p(xp, *arrays, dim):
     dtype = _promote_all([dtypes.from_numpy(a.dtype) for a in arrays]).np
     return xp.stack([a.astype(dtype, copy=False) for a in arrays], axis=dim)
@@ -287,7 +287,7 @@ def _(g, out, *tensors, dim):
 
 
 def _infer_flip(a, dims) -> Spec:
-    norm_dims("flip", dims, len(a.shape))
+    norm_dims("flip", dims, len(a.shape), "dims")
     return Spec(tuple(a.shape), a.dtype)
 
 
@@ -390,7 +390,7 @@ def _infer_index(a, *indices, dims) -> Spec:
     return Spec(_indexed_shape("index", a, indices, dims), a.dtype)
 
 
-@defop("index", infer=_infer_index, arity=None, attrs={"dims": ("ints", [])})
+@defop("index", nondiff=("indices",), infer=_infer_index, arity=None, attrs={"dims": ("ints", [])})
 def index_p(xp, a, *indices, dims):
     return a[_index_tuple("index", xp, a.shape, indices, dims)]
 
@@ -412,6 +412,8 @@ def _infer_index_put(a, values, *indices, dims, accumulate) -> Spec:
 
 @defop(
     "index_put",
+    nondiff=("indices",),
+    broadcast_inputs=("values",),
     infer=_infer_index_put,
     arity=None,
     broadcast=True,
@@ -501,7 +503,7 @@ def _infer_gather(a, index, dim) -> Spec:
     return Spec(tuple(index.shape), a.dtype)
 
 
-@defop("gather", infer=_infer_gather, arity=2, attrs={"dim": ("int", 0)})
+@defop("gather", nondiff=("index",), infer=_infer_gather, arity=2, attrs={"dim": ("int", 0)})
 def gather_p(xp, a, index, dim):
     if a.ndim == 0:
         _grid("gather", xp, index.reshape(1), 0, 1)
@@ -519,7 +521,9 @@ def _infer_scatter_add(a, index, src, dim) -> Spec:
     return Spec(tuple(a.shape), a.dtype)
 
 
-@defop("scatter_add", infer=_infer_scatter_add, arity=3, attrs={"dim": ("int", 0)})
+@defop(
+    "scatter_add", nondiff=("index",), infer=_infer_scatter_add, arity=3, attrs={"dim": ("int", 0)}
+)
 def scatter_add_p(xp, a, index, src, dim):
     out = a.copy()
     if a.ndim == 0:
@@ -561,7 +565,7 @@ def _infer_nonzero(a) -> Spec:
     return Spec((-1, len(a.shape)), dtypes.int64)
 
 
-@defop("nonzero", infer=_infer_nonzero)
+@defop("nonzero", dtype="int64", infer=_infer_nonzero)
 def nonzero_p(xp, a):
     return xp.argwhere(a).astype(xp.int64, copy=False)
 
@@ -574,7 +578,12 @@ def _infer_argsort(a, dim, descending) -> Spec:
     return Spec(tuple(a.shape), dtypes.int64)
 
 
-@defop("argsort", infer=_infer_argsort, attrs={"dim": ("int", -1), "descending": ("bool", False)})
+@defop(
+    "argsort",
+    dtype="int64",
+    infer=_infer_argsort,
+    attrs={"dim": ("int", -1), "descending": ("bool", False)},
+)
 def argsort_p(xp, a, dim, descending):
     """A stable sort's indices; equal elements keep their order either way."""
     if a.ndim == 0:

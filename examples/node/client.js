@@ -6,6 +6,8 @@
 // 1. Capabilities, then RegisterGraph of a linear layer + MSE loss built here as a Graph
 //    message (its id is checked against SHA-256 of the graph's canonical bytes, computed
 //    here too).
+//    A second graph spells out defaults: its id is computed here by graph.proto's steps,
+//    with the defaults from Capabilities.op_schemas.
 // 2. ComputeGradients with tensors as raw little-endian bytes; the gradients are checked
 //    against the closed form computed in plain JS.
 // 3. ComputeGradientsStream with a wide layer (megabytes of parameters and data, sent in
@@ -116,6 +118,37 @@ function linearMseGraph(inFeatures, outFeatures) {
 function localGraphId(graph) {
   const bytes = GraphType.encode(GraphType.fromObject(graph)).finish();
   return crypto.createHash('sha256').update(bytes).digest('hex');
+}
+
+// The id of any graph, by graph.proto's steps ("The graph id"): drop each attribute equal
+// to the op's default (Capabilities.op_schemas), sort the others by name, hash the bytes.
+const ATTR_FIELDS = ['i', 'f', 'b', 's', 'ints', 'floats', 'dtype', 'none'];
+const attrField = (a) => a.value || ATTR_FIELDS.find((k) => a[k] !== undefined);
+const doubleBits = (v) => Buffer.from(new Float64Array([v]).buffer).toString('hex');
+const sameDouble = (p, q) => (Number.isNaN(p) && Number.isNaN(q)) || doubleBits(p) === doubleBits(q);
+
+function sameAttribute(a, d) {
+  const field = attrField(a);
+  if (field !== attrField(d)) return false;
+  if (field === 'ints' || field === 'floats') {
+    const [x, y] = [a[field].values || [], d[field].values || []];
+    const same = field === 'ints' ? (p, q) => Number(p) === Number(q) : sameDouble;
+    return x.length === y.length && x.every((v, k) => same(v, y[k]));
+  }
+  if (field === 'f') return sameDouble(a.f, d.f);
+  return a[field] === d[field];
+}
+
+function canonicalGraphId(graph, schemas) {
+  const defaults = Object.fromEntries(schemas.map((s) =>
+    [s.name, Object.fromEntries(s.attributes.map((a) => [a.name, a.default]))]));
+  const nodes = graph.nodes.map((node) => ({
+    ...node,
+    attrs: (node.attrs || [])
+      .filter((a) => !sameAttribute(a, defaults[node.op][a.name]))
+      .sort((p, q) => Buffer.compare(Buffer.from(p.name), Buffer.from(q.name))),
+  }));
+  return localGraphId({ ...graph, nodes });
 }
 
 // Closed form, in float64: r = x w^T + b - y, loss = sum r^2 / (B O),
@@ -273,6 +306,19 @@ async function main() {
   const graph = linearMseGraph(inF, outF);
   const { graph_id: graphId } = await unary(client, 'RegisterGraph', { graph });
   check(graphId === localGraphId(graph), `register: graph_id=${graphId} equals local SHA-256`);
+
+  // The same model with defaults spelled out and attributes unsorted, plus one that is not
+  // a default: the worker's id is that of the canonical form, computed here as well.
+  const spelled = linearMseGraph(inF, outF);
+  spelled.nodes.splice(1, 0, { op: 'leaky_relu', inputs: [4],
+    attrs: [{ name: 'negative_slope', f: 0.01 }] });
+  spelled.nodes[2] = { op: 'mse_loss', inputs: [5, 3], attrs: [{ name: 'reduction', s: 'sum' }] };
+  spelled.nodes[0].attrs = [];
+  spelled.outputs = [{ name: 'loss', value: 6 }];
+  const { graph_id: spelledId } = await unary(client, 'RegisterGraph', { graph: spelled });
+  check(spelledId === canonicalGraphId(spelled, caps.op_schemas) &&
+    spelledId !== localGraphId(spelled) && caps.op_schemas.length === caps.ops.length,
+  `canonical: graph_id=${spelledId} computed from op_schemas (${caps.op_schemas.length}) equals the worker's`);
 
   // 2. Gradients over raw bytes, checked against the closed form.
   const rand = rng(7);

@@ -54,7 +54,13 @@ from gradmesh.server.runtime.errors import ServiceError, abort, rich_status, sta
 from gradmesh.server.runtime.interceptor import HEALTH_PREFIX
 from gradmesh.server.runtime.logs import JsonFormatter, TextFormatter, configure_logging
 from gradmesh.server.runtime.metrics import get_metrics, metric
-from gradmesh.server.runtime.serving import RunningServer, ServiceSpec, serve, serve_forever
+from gradmesh.server.runtime.serving import (
+    RunningServer,
+    ServiceSpec,
+    announce,
+    serve,
+    serve_forever,
+)
 from gradmesh.server.runtime.tls import PeerConfig, add_peer_arguments, peer_config_from_args
 from gradmesh.wire.channel import channel_options
 
@@ -79,6 +85,7 @@ __all__ = [
     "rich_status",
     "serve",
     "serve_forever",
+    "announce",
     "status_code",
     # and what the other modules of gradmesh.server and its tests read from here
     "ALLOCATOR_VARIABLES",

@@ -91,7 +91,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--port",
         type=port_number,
         default=d("port", default_port),
-        help=f"port to bind, 0 for any free port (default {default_port})",
+        help=(
+            f"port to bind (default {default_port}); 0: any free port, printed on stdout "
+            f'in the start-up line "... listening on HOST:PORT" (a JSON object with an '
+            f"address field under --log-format json)"
+        ),
     )
     g.add_argument(
         "--max-workers",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import grpc
@@ -46,6 +47,46 @@ def status_code(code: Any) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
+# FieldViolation.reason: a short code a program can switch on, a pure function of the status
+# code and the field path (the proto files' header comments list them).
+_INVALID_BY_PATH = (
+    (re.compile(r"^graph\.nodes\[\d+\]\.op$"), "UNKNOWN_OP"),
+    (re.compile(r"^graph\.nodes\[\d+\]\.attrs\."), "BAD_ATTRIBUTE"),
+    (re.compile(r"^graph\.nodes\[\d+\]$"), "SHAPE_MISMATCH"),
+    (re.compile(r"^data\[[^\]]*\]\.shape$"), "SHAPE_MISMATCH"),
+    (re.compile(r"^graph(\.|$)"), "BAD_GRAPH"),
+    (re.compile(r"^chunk(\.|$)"), "BAD_CHUNK"),
+    (re.compile(r"\.(data|dtype|shape)$"), "BAD_TENSOR"),
+)
+REASONS = (
+    "UNKNOWN_OP",
+    "BAD_ATTRIBUTE",
+    "SHAPE_MISMATCH",
+    "BAD_GRAPH",
+    "BAD_CHUNK",
+    "BAD_TENSOR",
+    "INVALID_VALUE",
+    "LIMIT",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "ALREADY_EXISTS",
+)
+
+
+def violation_reason(code: grpc.StatusCode, field: str) -> str:
+    """The ``reason`` of a field violation: LIMIT for RESOURCE_EXHAUSTED, the code's name
+    for NOT_FOUND, FAILED_PRECONDITION and ALREADY_EXISTS, and for INVALID_ARGUMENT the
+    kind of field (an unknown op, an attribute, a node's shapes, ...)."""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "LIMIT"
+    if code is not grpc.StatusCode.INVALID_ARGUMENT:
+        return code.name
+    for pattern, reason in _INVALID_BY_PATH:
+        if pattern.search(field):
+            return reason
+    return "INVALID_VALUE"
+
+
 class _Status(grpc.Status):
     def __init__(self, code, details, trailing_metadata):
         self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
@@ -60,7 +101,9 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
     if field is not None:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=field, description=message, reason=violation_reason(code, field)
+                )
             ]
         )
         detail = any_pb2.Any()

@@ -18,6 +18,7 @@ import grpc
 from gradmesh.server.runtime import streams
 from gradmesh.server.runtime.config import ServerConfig
 from gradmesh.server.runtime.errors import (
+    ServiceError,
     abort,
     is_typed_error,
     message_of,
@@ -68,6 +69,7 @@ class Interceptor(grpc.ServerInterceptor):
             streams.per_peer_limit(self._limit, getattr(config, "max_requests_per_peer", None))
         )
         self._idle = getattr(config, "stream_idle_timeout", streams.DEFAULT_STREAM_IDLE_TIMEOUT)
+        self._max_message = config.max_message_bytes
         self._in_flight = 0
         self._lock = threading.Condition()
         self._metrics = get_metrics()
@@ -88,6 +90,7 @@ class Interceptor(grpc.ServerInterceptor):
                 method, behavior, streaming_response, denied, rid
             ),
             self._idle,
+            self._max_message,
         )
 
     @property
@@ -216,15 +219,49 @@ class Interceptor(grpc.ServerInterceptor):
 
             def guarded_stream(request, context):
                 with self._admitted(method, context, denied, rid):
-                    yield from behavior(request, context)
+                    yield from behavior(self._sized(method, request), context)
 
             return guarded_stream
 
         def guarded(request, context):
             with self._admitted(method, context, denied, rid):
-                return behavior(request, context)
+                return behavior(self._sized(method, request), context)
 
         return guarded
+
+    def _sized(self, method: str, request):
+        """The request (a message, or a stream of them) with every message that was over
+        the advertised limit (an ``_Oversize`` from the deserializer) refused."""
+        if isinstance(request, _Oversize):
+            self._refuse_size(method, request.size)
+        if hasattr(request, "__next__"):
+            return self._sized_stream(method, request)
+        return request
+
+    def _sized_stream(self, method: str, requests):
+        for message in requests:
+            if isinstance(message, _Oversize):
+                self._refuse_size(method, message.size)
+            yield message
+
+    def _refuse_size(self, method: str, size: int) -> None:
+        """A message over the advertised limit, let in by the transport's higher one
+        (serving.transport_receive_limit): RESOURCE_EXHAUSTED with the limit and the way
+        out, where gRPC would have refused it without details."""
+        way_out = (
+            "send it with ComputeGradientsStream, in chunks"
+            if method.endswith("/ComputeGradients")
+            else "send smaller chunks (Capabilities.limits.chunk_bytes)"
+            if method.endswith("Stream") or "Push" in method or "Create" in method
+            else "send less in one call"
+        )
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"a request message of {size} bytes is over this server's limit of "
+            f"{self._max_message} bytes (max_message_bytes, Capabilities.limits); "
+            f"{way_out}",
+            "request",
+        )
 
 
 def _details(context) -> str | None:
@@ -233,11 +270,34 @@ def _details(context) -> str | None:
     return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
 
 
+class _Oversize:
+    """What the deserializer gives for a message over the advertised limit: its size
+    only (it is not parsed), for the guard to refuse with the limit."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _size_checked(deserialize, limit: int):
+    def checked(raw: bytes):
+        return _Oversize(len(raw)) if len(raw) > limit else deserialize(raw)
+
+    return checked
+
+
 def _wrap(
-    handler: grpc.RpcMethodHandler, guard, idle: float | None = None
+    handler: grpc.RpcMethodHandler,
+    guard,
+    idle: float | None = None,
+    max_message: int | None = None,
 ) -> grpc.RpcMethodHandler:
+    deserialize = handler.request_deserializer
+    if deserialize is not None and max_message:
+        deserialize = _size_checked(deserialize, max_message)
     kw = dict(
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )
     if idle and (handler.stream_unary or handler.stream_stream):

@@ -5,11 +5,13 @@ handle to it."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import signal
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Any, Callable, Sequence
 
@@ -33,8 +35,19 @@ log = logging.getLogger("gradmesh.server")
 ServiceSpec = tuple[Callable[[Any, grpc.Server], None], Any, str]
 
 
+def transport_receive_limit(max_message_bytes: int) -> int:
+    """What gRPC itself lets in: a quarter above the advertised limit, so that a unary
+    request over the limit (but not far over) reaches the interceptor, which answers it
+    with details (the limit, the streaming RPC) instead of gRPC's bare refusal."""
+    return min(max_message_bytes + max_message_bytes // 4 + (1 << 20), 2**31 - 1)
+
+
 def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    return channel_options(config.max_message_bytes) + [
+    options = [
+        (key, transport_receive_limit(value) if key == "grpc.max_receive_message_length" else value)
+        for key, value in channel_options(config.max_message_bytes)
+    ]
+    return options + [
         # Accept clients' keepalive pings every 10 s without answering GOAWAY.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
@@ -62,6 +75,9 @@ class RunningServer:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._metrics_server = metrics_server
         self._stopped = threading.Event()
+        # Run first when the server stops, before it drains (a worker leaving its
+        # coordinator's pool); each one's errors are logged, not raised.
+        self.before_stop: list[Callable[[], None]] = []
 
     @property
     def in_flight(self) -> int:
@@ -77,6 +93,11 @@ class RunningServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        for hook in self.before_stop:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - stopping goes on
+                log.exception("while stopping")
         self.health.enter_graceful_shutdown()
         done = self.server.stop(self.config.grace if grace is None else grace)
         if self._metrics_server is not None:
@@ -202,6 +223,25 @@ def serve(config: ServerConfig, services: Sequence[ServiceSpec]) -> RunningServe
     return running
 
 
+def announce(config: ServerConfig, banner: str, address: str) -> None:
+    """The start-up line on stdout, "<banner> listening on <address>", which scripts and
+    LocalCluster wait for (the port chosen for --port 0 is only there). With --log-format
+    json it is one JSON object like every log line, its msg the same words and the
+    address also in a field of its own."""
+    line = f"{banner} listening on {address}"
+    if config.log_format == "json":
+        line = json.dumps(
+            {
+                "time": round(time.time(), 6),
+                "level": "INFO",
+                "logger": "gradmesh.server",
+                "msg": line,
+                "address": address,
+            }
+        )
+    print(line, flush=True)
+
+
 def serve_forever(
     config: ServerConfig, services: Sequence[ServiceSpec], banner: str = "gradmesh server"
 ) -> int:
@@ -212,6 +252,6 @@ def serve_forever(
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{banner} listening on {running.address}", flush=True)
+    announce(config, banner, running.address)
     running.wait()
     return 0

@@ -117,6 +117,8 @@ class Computed:
     plan_cached: bool
     # The new values of the buffers the graph updates (worker.proto, buffers).
     buffers: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # Requested parameters the loss does not depend on (their gradients are zeros).
+    unused: tuple[str, ...] = ()
 
     def arrays(self) -> list[np.ndarray]:
         """The loss, the outputs, the gradients and the buffers, in a reply's order."""

@@ -119,10 +119,10 @@ def _by_name(
 ) -> dict[str, TensorRef]:
     """``given`` by name: each given once, each one an input of the graph."""
     by_name = {}
-    for k, ref in enumerate(given):
+    for ref in given:
         name = ref.name
         if name in by_name:
-            raise ServiceError(INVALID, f"{kind} {name!r} is given twice", f"{kind}[{k}]")
+            raise ServiceError(INVALID, f"{kind} {name!r} is given twice", f"{kind}[{name}]")
         by_name[name] = ref
     if len(by_name) != len(inputs) or any(i.name not in by_name for i in inputs):
         expected = {i.name for i in inputs}
@@ -133,7 +133,7 @@ def _by_name(
                     f"the graph has no {_singular(kind)} input "
                     f"named {ref.name!r}; it takes "
                     f"{short(sorted(expected))}",
-                    f"{kind}[{k}].name",
+                    f"{kind}[{ref.name}]" if ref.name else f"{kind}[{k}].name",
                 )
     return by_name
 

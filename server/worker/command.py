@@ -188,10 +188,12 @@ def run(args: argparse.Namespace) -> int:
     except runtime.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"gradmesh worker ({args.backend}) listening on {running.address}", flush=True)
+    runtime.announce(config, f"gradmesh worker ({args.backend})", running.address)
     registration = None
     if args.coordinator:
         registration = _register_with_coordinator(args, running.address, peer)
+        # On SIGTERM: out of the coordinator's pool first, then drain.
+        running.before_stop.append(registration.deregister)
     try:
         running.wait()
     finally:

@@ -466,6 +466,7 @@ class GradientWorker:
             raise ServiceError(INVALID, f"{e}", "data" if prepared.data else "graph") from None
         outputs = [(name, result.outputs[name]) for name in prepared.outputs]
         grads = [(name, result.grads[name]) for name in prepared.gradients]
+        unused = plan.unused_gradients(prepared.gradients, tuple(prepared.outputs))
         return Computed(
             result.loss,
             outputs,
@@ -474,6 +475,7 @@ class GradientWorker:
             result.backward_seconds,
             cached,
             list(result.buffers.items()),
+            unused,
         )
 
     # ------------------------------------------------------------------ capabilities -

@@ -14,11 +14,11 @@ from typing import Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from gradmesh.core import serialize
+from gradmesh.core import opschema, serialize
 from gradmesh.server.runtime import ServiceError
 from gradmesh.server.worker.calls import Capabilities, Computed, Prepared, WorkerLimits
 from gradmesh.server.worker.checks import EXHAUSTED
-from gradmesh.v1 import tensor_pb2, worker_pb2
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2
 from gradmesh.wire import frames
 
 _REPLY = worker_pb2.ComputeGradientsResponse
@@ -40,6 +40,59 @@ def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
     )
 
 
+def _attribute(name: str, field: str, value) -> graph_pb2.Attribute:
+    """An Attribute holding ``value`` in ``field`` (``none`` for None)."""
+    a = graph_pb2.Attribute(name=name)
+    if value is None:
+        a.none = True
+    elif field in ("ints", "floats"):
+        getattr(a, field).SetInParent()  # set even when empty: [] is a value
+        getattr(a, field).values.extend(value)
+    else:
+        setattr(a, field, value)
+    return a
+
+
+def op_schema_message(s: opschema.OpSchema) -> worker_pb2.OpSchema:
+    return worker_pb2.OpSchema(
+        name=s.name,
+        inputs=[
+            worker_pb2.OpInputSchema(
+                name=i.name,
+                variadic=i.variadic,
+                optional=i.optional,
+                differentiable=i.differentiable,
+                broadcasts=i.broadcasts,
+            )
+            for i in s.inputs
+        ],
+        attributes=[
+            worker_pb2.OpAttributeSchema(
+                name=a.name,
+                field=a.kind,
+                nullable=a.nullable,
+                default=_attribute(a.name, a.kind, a.default),
+                allowed_values=list(a.choices),
+            )
+            for a in s.attrs
+        ],
+        output_dtype=worker_pb2.OutputDTypeRule(
+            rule=s.dtype_rule, inputs=list(s.dtype_inputs), attr=s.dtype_attr
+        ),
+        broadcast=s.broadcast,
+        differentiable=s.differentiable,
+    )
+
+
+_OP_SCHEMAS: list = []  # built once: the registry does not change while a worker runs
+
+
+def op_schema_messages() -> list:
+    if not _OP_SCHEMAS:
+        _OP_SCHEMAS.extend(op_schema_message(s) for s in opschema.all_schemas())
+    return _OP_SCHEMAS
+
+
 def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
     message = worker_pb2.CapabilitiesResponse(
         ops=caps.ops,
@@ -50,6 +103,7 @@ def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
         blas_threads=caps.blas_threads,
         build_fingerprint=caps.build_fingerprint,
         shared_memory=caps.shared_memory,
+        op_schemas=op_schema_messages(),
     )
     message.limits.parameter_cache_bytes = caps.parameter_cache_bytes
     return message
@@ -77,6 +131,7 @@ def build_response(
         gradients=[tensor_pb2.NamedTensor(name=n, tensor=enc(a)) for n, a in computed.gradients],
         graph_id=prepared.graph_id,
         buffers=_named(computed.buffers, with_data),
+        unused_parameters=computed.unused,
     )
     return resp, computed.arrays()
 
@@ -139,7 +194,9 @@ def unary_reply(
     t2 = time.perf_counter()
     check_unary_size(computed, max_message_bytes)
     pieces = response_pieces(computed)
-    tail = worker_pb2.ComputeGradientsResponse(graph_id=prepared.graph_id)
+    tail = worker_pb2.ComputeGradientsResponse(
+        graph_id=prepared.graph_id, unused_parameters=computed.unused
+    )
     set_timings(tail, computed, decode_seconds, time.perf_counter() - t2)
     # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), then the buffers
     # (field 7), as protobuf orders them; the join is the one copy of the tensors' bytes
@@ -186,6 +243,7 @@ def shared_memory_reply(
         graph_id=prepared.graph_id,
         gradients_in_shared_memory=True,
         buffers=_named(computed.buffers),
+        unused_parameters=computed.unused,
     )
     set_timings(resp, computed, decode_seconds, 0.0)
     return resp
@@ -235,6 +293,7 @@ def early_header(
             tensor_pb2.NamedTensor(name=n, tensor=header(plan.specs[v]))
             for n, v in vg.buffer_updates.items()
         ],
+        unused_parameters=plan.unused_gradients(prepared.gradients, tuple(prepared.outputs)),
     )
 
 

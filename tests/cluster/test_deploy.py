@@ -613,6 +613,20 @@ def test_compose_services_use_the_one_image():
         assert service["image"] == compose_services()["coordinator"]["image"], name
 
 
+def test_compose_build_args_are_the_dockerfiles():
+    """Compose passes an unset variable as "", so the file repeats the Dockerfile's
+    default base: the two must name the same digest, and every argument must be one the
+    Dockerfile declares (an unknown one is silently ignored by the build)."""
+    declared = {rest.partition("=")[0] for word, rest in dockerfile_instructions() if word == "ARG"}
+    for name, service in compose_services().items():
+        args = service["build"].get("args") or {}
+        assert set(args) <= declared, f"{name}: {sorted(set(args) - declared)} not ARGs"
+        assert args.get("BASE_IMAGE") == global_args()["BASE_IMAGE"], (
+            f"{name}: compose's default BASE_IMAGE {args.get('BASE_IMAGE')!r} is not the "
+            f"Dockerfile's {global_args()['BASE_IMAGE']!r}"
+        )
+
+
 def test_compose_healthchecks_probe_the_served_port():
     parser = load_healthcheck().build_parser()
     for name, args in compose_commands().items():
@@ -1515,11 +1529,40 @@ def _docker_engine_or_skip() -> list[str]:
     return cli
 
 
+# Run in the built image: its user, its Python distributions and any compiler on PATH.
+_IMAGE_PROBE = """
+import importlib.metadata, json, os, shutil
+print(json.dumps({
+    "uid": os.getuid(),
+    "dists": sorted(d.metadata["Name"] for d in importlib.metadata.distributions()),
+    "compilers": [c for c in ("cc", "gcc", "g++", "c++", "clang", "make") if shutil.which(c)],
+}))
+"""
+
+
+def assert_image_is_slim(compose) -> None:
+    """The image as built (not only the Dockerfile as written): not root, no compiler,
+    none of the distributions the servers do not need."""
+    run = compose(
+        *("run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "worker-1"),
+        *("-c", _IMAGE_PROBE),
+        timeout=120,
+    )
+    assert run.returncode == 0, f"compose run:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["uid"] != 0, "the image runs as root"
+    assert not found["compilers"], f"compilers in the image: {found['compilers']}"
+    carried = sorted({canonical(d) for d in found["dists"]} & NOT_IN_IMAGE)
+    assert not carried, f"the image carries {carried}"
+    assert "gradmesh" in {canonical(d) for d in found["dists"]}, found["dists"]
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 def test_compose_cluster_trains(tmp_path, free_port):
-    """Build the image, start the compose cluster (compose v2 or v1), train through the
-    SDK, restart the coordinator and find the job where it was (its state volume)."""
+    """Build the image, check what it holds, start the compose cluster (compose v2 or v1),
+    train through the SDK, restart the coordinator and find the job where it was (its
+    state volume)."""
     cli = _docker_engine_or_skip()
     import numpy as np
 
@@ -1562,9 +1605,17 @@ def test_compose_cluster_trains(tmp_path, free_port):
         return F.cross_entropy(m(xb), yb)
 
     try:
+        build = compose("build", timeout=1200)
+        assert build.returncode == 0, (
+            f"compose build:\n{build.stdout[-5000:]}\n{build.stderr[-5000:]}\n"
+            "Without access to the default base image, build one (deploy/build-base.sh) "
+            "and set GRADMESH_BASE_IMAGE; behind a TLS-intercepting proxy set "
+            "GRADMESH_PIP_CA_CERTS (deploy/README.md)"
+        )
+        assert_image_is_slim(compose)
         # No --wait: compose v1 lacks it. The coordinator starts once the others are
         # healthy (depends_on), so its health check answering means all are up.
-        up = compose("up", "-d", "--build")
+        up = compose("up", "-d", "--no-build")
         assert up.returncode == 0, f"compose up:\n{up.stdout[-5000:]}\n{up.stderr[-5000:]}"
         wait_serving(target, timeout=180)
         with CoordinatorClient(target, timeout=120, retry_seconds=60) as anonymous:

@@ -288,6 +288,18 @@ def test_data_dependent_control_flow_is_one_clear_error():
     assert "torch.where" in str(caught.value)
 
 
+class _Cond(tnn.Module):
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda x: x.sin(), lambda x: x.cos(), (x,))
+
+
+def test_torch_cond_is_refused_as_one_operator():
+    with pytest.raises(UnsupportedModelError) as caught:
+        gradmesh.from_torch(_Cond(), torch.randn(4, 3))
+    (problem,) = caught.value.unsupported
+    assert problem.op == "torch.cond" and "torch.where" in problem.reason
+
+
 class _Bessel(tnn.Module):
     def forward(self, x):
         return torch.special.bessel_j0(x)

@@ -128,7 +128,7 @@ def worker_address() -> Iterator[str]:
                 if sel.select(timeout=1):
                     line = proc.stdout.readline()
                     seen.append(line)
-                    match = re.search(r"listening on (\S+)", line)
+                    match = re.search(r'listening on ([^\s"]+)', line)  # text or JSON
                     address = match.group(1) if match else None
         if address is None:
             proc.kill()
@@ -162,6 +162,11 @@ def test_node_client_against_a_worker(node_modules: Path, worker_address: str) -
     # The graph built in JS has the id the worker computes: the canonical bytes agree.
     assert re.search(
         r"^register: graph_id=[0-9a-f]{64} equals local SHA-256 OK$", lines["register"]
+    ), out
+    # A graph spelling out defaults: the id by graph.proto's steps, with the defaults from
+    # Capabilities.op_schemas, is the worker's.
+    assert re.search(
+        r"^canonical: graph_id=[0-9a-f]{64} .* equals the worker's OK$", lines["canonical"]
     ), out
     # Gradients over raw bytes match the closed form to 1e-5.
     assert lines["gradients"].endswith("matched OK"), out

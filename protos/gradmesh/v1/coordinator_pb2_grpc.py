@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=gradmesh_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=gradmesh_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.DeregisterWorker = channel.unary_unary(
+                '/gradmesh.v1.Coordinator/DeregisterWorker',
+                request_serializer=gradmesh_dot_v1_dot_coordinator__pb2.DeregisterWorkerRequest.SerializeToString,
+                response_deserializer=gradmesh_dot_v1_dot_coordinator__pb2.DeregisterWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -124,6 +129,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeregisterWorker(self, request, context):
+        """A registered worker leaves the pool at once (`gradmesh worker` calls it on SIGTERM,
+        before it drains): the coordinator sends it no new micro-batches, and those in flight
+        finish or are retried elsewhere. Idempotent; an unknown id answers known = false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=gradmesh_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=gradmesh_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterWorker,
+                    request_deserializer=gradmesh_dot_v1_dot_coordinator__pb2.DeregisterWorkerRequest.FromString,
+                    response_serializer=gradmesh_dot_v1_dot_coordinator__pb2.DeregisterWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class Coordinator:
             '/gradmesh.v1.Coordinator/Heartbeat',
             gradmesh_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             gradmesh_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmesh.v1.Coordinator/DeregisterWorker',
+            gradmesh_dot_v1_dot_coordinator__pb2.DeregisterWorkerRequest.SerializeToString,
+            gradmesh_dot_v1_dot_coordinator__pb2.DeregisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Optimizer(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "alpha", "centered", "lr_decay", "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay")
+    __slots__ = ("name", "lr", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "alpha", "centered", "lr_decay", "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay", "weight_decay_by_parameter")
+    class WeightDecayByParameterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +33,7 @@ class Optimizer(_message.Message):
     INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_DECAY_FIELD_NUMBER: _ClassVar[int]
     DECOUPLED_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_BY_PARAMETER_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -43,7 +51,8 @@ class Optimizer(_message.Message):
     initial_accumulator_value: float
     momentum_decay: float
     decoupled_weight_decay: bool
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., maximize: _Optional[bool] = ..., alpha: _Optional[float] = ..., centered: _Optional[bool] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., momentum_decay: _Optional[float] = ..., decoupled_weight_decay: _Optional[bool] = ...) -> None: ...
+    weight_decay_by_parameter: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., maximize: _Optional[bool] = ..., alpha: _Optional[float] = ..., centered: _Optional[bool] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., momentum_decay: _Optional[float] = ..., decoupled_weight_decay: _Optional[bool] = ..., weight_decay_by_parameter: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ShardFrame(_message.Message):
     __slots__ = ("load", "push", "pulled", "chunk")
@@ -94,7 +103,7 @@ class PullResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt")
+    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt", "unused_parameters")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +111,7 @@ class PushGradientsRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batch: int
@@ -109,7 +119,8 @@ class PushGradientsRequest(_message.Message):
     version: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    unused_parameters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("duplicate", "received")

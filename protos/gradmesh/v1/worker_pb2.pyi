@@ -86,7 +86,7 @@ class SharedMemory(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ..., data_offsets: _Optional[_Mapping[str, int]] = ..., parameter_segment: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
-    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory", "buffers")
+    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory", "buffers", "unused_parameters")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class ComputeGradientsResponse(_message.Message):
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     loss: _tensor_pb2.Tensor
     outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -101,7 +102,8 @@ class ComputeGradientsResponse(_message.Message):
     graph_id: str
     gradients_in_shared_memory: bool
     buffers: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
-    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
+    unused_parameters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_seconds", "forward_seconds", "backward_seconds", "encode_seconds", "plan_cached")
@@ -132,7 +134,7 @@ class CapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapabilitiesResponse(_message.Message):
-    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint", "shared_memory")
+    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint", "shared_memory", "op_schemas")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,7 @@ class CapabilitiesResponse(_message.Message):
     BLAS_THREADS_FIELD_NUMBER: _ClassVar[int]
     BUILD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    OP_SCHEMAS_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
     backend: str
@@ -156,7 +159,62 @@ class CapabilitiesResponse(_message.Message):
     blas_threads: int
     build_fingerprint: str
     shared_memory: bool
-    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    op_schemas: _containers.RepeatedCompositeFieldContainer[OpSchema]
+    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ..., shared_memory: _Optional[bool] = ..., op_schemas: _Optional[_Iterable[_Union[OpSchema, _Mapping]]] = ...) -> None: ...
+
+class OpSchema(_message.Message):
+    __slots__ = ("name", "inputs", "attributes", "output_dtype", "broadcast", "differentiable")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    inputs: _containers.RepeatedCompositeFieldContainer[OpInputSchema]
+    attributes: _containers.RepeatedCompositeFieldContainer[OpAttributeSchema]
+    output_dtype: OutputDTypeRule
+    broadcast: bool
+    differentiable: bool
+    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[OpInputSchema, _Mapping]]] = ..., attributes: _Optional[_Iterable[_Union[OpAttributeSchema, _Mapping]]] = ..., output_dtype: _Optional[_Union[OutputDTypeRule, _Mapping]] = ..., broadcast: _Optional[bool] = ..., differentiable: _Optional[bool] = ...) -> None: ...
+
+class OpInputSchema(_message.Message):
+    __slots__ = ("name", "variadic", "optional", "differentiable", "broadcasts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VARIADIC_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
+    BROADCASTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    variadic: bool
+    optional: bool
+    differentiable: bool
+    broadcasts: bool
+    def __init__(self, name: _Optional[str] = ..., variadic: _Optional[bool] = ..., optional: _Optional[bool] = ..., differentiable: _Optional[bool] = ..., broadcasts: _Optional[bool] = ...) -> None: ...
+
+class OpAttributeSchema(_message.Message):
+    __slots__ = ("name", "field", "nullable", "default", "allowed_values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    NULLABLE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    field: str
+    nullable: bool
+    default: _graph_pb2.Attribute
+    allowed_values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., field: _Optional[str] = ..., nullable: _Optional[bool] = ..., default: _Optional[_Union[_graph_pb2.Attribute, _Mapping]] = ..., allowed_values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OutputDTypeRule(_message.Message):
+    __slots__ = ("rule", "inputs", "attr")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTR_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    attr: str
+    def __init__(self, rule: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., attr: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes", "parameter_cache_bytes")
