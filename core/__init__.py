@@ -21,6 +21,7 @@ from .autograd import set_grad_enabled as set_grad_enabled
 from .backend import cuda_available as cuda_available
 from .devices import device as device
 from .dtypes import DType as DType
+from .dtypes import bfloat16 as bfloat16
 from .dtypes import bool_ as bool  # noqa: F401  (gm.bool, as torch.bool)
 from .dtypes import float16 as float16
 from .dtypes import float32 as float32
@@ -48,6 +49,7 @@ from .factories import tensor as tensor
 from .factories import zeros as zeros
 from .factories import zeros_like as zeros_like
 from .interop import from_dlpack as from_dlpack
+from .precision import autocast as autocast
 from .random import Generator as Generator
 from .random import initial_seed as initial_seed
 from .random import manual_seed as manual_seed

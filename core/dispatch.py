@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import backend, cost
+from . import backend, cost, dtypes, precision
 from .autograd import Node
 from .autograd import _state as _grad_state
 from .hooks import _dispatch
@@ -14,6 +14,7 @@ from .registry import Op
 from .tensor import Tensor
 
 _ndarray = np.ndarray
+_bfloat16 = dtypes.bfloat16.np
 
 
 def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
@@ -27,29 +28,41 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
     if op.arity is not None and len(inputs) != op.arity:
         raise TypeError(f"{op.name}: expected {op.arity} inputs, got {len(inputs)}")
     state = _grad_state
+    spec = None
     if not state.trusted:
         # Validation, with errors that name the op. The backward engine (without
         # create_graph) skips it: its vjps only combine values that were validated on the
         # way forward.
-        op.infer(*inputs, **attrs)
+        if precision.autocast_state.dtype is not None:
+            inputs = precision.autocast_inputs(op, inputs)
+        spec = op.infer(*inputs, **attrs)
     n = len(inputs)
     arrays: Sequence[Any]
     if n == 2:
         a, b = inputs[0]._data, inputs[1]._data
         arrays = (a, b)
         on_cpu = type(a) is _ndarray and type(b) is _ndarray
+        # float16 and bfloat16 are the only 2-byte dtypes gradmesh has.
+        any_half = a.dtype.itemsize == 2 or b.dtype.itemsize == 2
     elif n == 1:
         a = inputs[0]._data
         arrays = (a,)
         on_cpu = type(a) is _ndarray
+        any_half = a.dtype.itemsize == 2
     else:
         arrays = [t._data for t in inputs]
         on_cpu = all(type(a) is _ndarray for a in arrays)
+        any_half = any(a.dtype.itemsize == 2 for a in arrays)
     xp = np if on_cpu else _common_xp(op, inputs, arrays)
-    if state.trusted and (check := cost.current_check()) is not None:
-        out = cost.call(op.name, op.forward, xp, arrays, attrs, check)  # a plan's backward
+    forward = op.forward
+    if any_half and precision.computes_in_float32(op, [a.dtype for a in arrays]):
+        # float16/bfloat16: computed in float32, rounded once (core/precision.py).
+        out_np = spec.dtype.np if spec is not None else precision.out_dtype(op, arrays, attrs)
+        out = precision.run(forward, xp, arrays, attrs, out_np)
+    elif state.trusted and (check := cost.current_check()) is not None:
+        out = cost.call(op.name, forward, xp, arrays, attrs, check)  # a plan's backward
     else:
-        out = op.forward(xp, *arrays, **attrs)
+        out = forward(xp, *arrays, **attrs)
     requires = False
     if state.grad:
         for t in inputs:
@@ -59,7 +72,7 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
     result = Tensor._wrap(out, requires)
     if requires:
         data = result._data
-        if data.dtype.kind != "f" or not op.differentiable:
+        if (data.dtype.kind != "f" and data.dtype != _bfloat16) or not op.differentiable:
             # Integer and bool results (argmax, comparisons) carry no gradient, as in torch;
             # nor does a gradient stop (stop_gradient).
             result.requires_grad = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 
@@ -13,7 +14,8 @@ class DType:
     def __init__(self, name: str, np_dtype: type | np.dtype):
         self.name = name
         self.np = np.dtype(np_dtype)
-        self.is_floating_point = self.np.kind == "f"
+        # NumPy files ml_dtypes' bfloat16 under kind "V" (a user type), not "f".
+        self.is_floating_point = self.np.kind == "f" or self.np == ml_dtypes.bfloat16
         self.itemsize = self.np.itemsize
 
     def __repr__(self) -> str:
@@ -24,17 +26,21 @@ class DType:
 
 
 float16 = DType("float16", np.float16)
+# NumPy has no bfloat16; ml_dtypes (from the JAX project) registers one with NumPy.
+bfloat16 = DType("bfloat16", ml_dtypes.bfloat16)
 float32 = DType("float32", np.float32)
 float64 = DType("float64", np.float64)
 int32 = DType("int32", np.int32)
 int64 = DType("int64", np.int64)
 bool_ = DType("bool", np.bool_)
 
-ALL = (float16, float32, float64, int32, int64, bool_)
+ALL = (float16, bfloat16, float32, float64, int32, int64, bool_)
 _BY_NP = {d.np: d for d in ALL}
 _BY_NAME = {d.name: d for d in ALL}
 # Rank within a category; a higher rank wins when two of the same category meet.
-_RANK = {bool_: 0, int32: 1, int64: 2, float16: 3, float32: 4, float64: 5}
+# float16 and bfloat16 share a rank: neither holds the other, they meet in float32 (torch).
+_RANK = {bool_: 0, int32: 1, int64: 2, float16: 3, bfloat16: 3, float32: 4, float64: 5}
+HALF = (float16, bfloat16)
 
 default_float = float32
 
@@ -83,4 +89,11 @@ def promote(a: DType, b: DType, a_is_scalar: bool = False, b_is_scalar: bool = F
         return b if a_is_scalar else a
     if ca != cb:
         return a if ca > cb else b
-    return a if _RANK[a] >= _RANK[b] else b
+    if _RANK[a] == _RANK[b]:
+        return float32  # float16 with bfloat16
+    return a if _RANK[a] > _RANK[b] else b
+
+
+def is_floating(np_dtype) -> bool:
+    """Whether a NumPy dtype is a float type gradmesh supports (bfloat16 included)."""
+    return np_dtype.kind == "f" or np_dtype == ml_dtypes.bfloat16

@@ -33,9 +33,23 @@ def from_dlpack(ext) -> Tensor:
         )
     kind = int(ext.__dlpack_device__()[0])
     if kind == _CPU:
-        return Tensor(np.from_dlpack(ext))
+        return Tensor(_numpy_from_dlpack(ext))
     if kind == _CUDA:
         return Tensor(backend.cupy().from_dlpack(ext))
     raise RuntimeError(
         f"from_dlpack: unsupported device type {kind}; gradmesh takes CPU and CUDA memory"
     )
+
+
+def _numpy_from_dlpack(ext) -> np.ndarray:
+    try:
+        return np.from_dlpack(ext)
+    except RuntimeError as e:
+        if "dtype" not in str(e):
+            raise
+        # NumPy takes only its own dtypes through DLPack: bfloat16 is not one of them.
+        raise BufferError(
+            f"from_dlpack: NumPy cannot import this dtype ({e}); for a bfloat16 tensor share "
+            f"its bits instead: gm.from_numpy(t.view(torch.int16).numpy().view("
+            f"ml_dtypes.bfloat16))"
+        ) from None

@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import autograd, cost
+from . import autograd, cost, precision
 from . import backend as backend_mod
 from .graph import BUFFER, CONST, PARAM, GraphError, ValidatedGraph, is_random, random_seed
 from .registry import Op
@@ -199,7 +199,10 @@ class Plan:
                 _Forward(
                     k,
                     n_in + k,
-                    op.forward,
+                    # float16/bfloat16 inputs: computed in float32, rounded once (core/precision.py)
+                    precision.forward_of(
+                        op, [self.specs[i] for i in vg.node_inputs[k]], self.specs[n_in + k]
+                    ),
                     vg.node_inputs[k],
                     a,
                     is_random(op),

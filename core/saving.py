@@ -31,7 +31,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from . import backend
+from . import backend, dtypes
 from .tensor import Tensor
 
 __all__ = ["save", "load"]
@@ -39,8 +39,16 @@ __all__ = ["save", "load"]
 STRUCTURE_KEY = "gradmesh"  # the __metadata__ entry that holds the JSON structure
 _NPZ_STRUCTURE = "__structure__"  # the earlier format's member with the structure
 _ZIP_MAGIC = b"PK\x03\x04"
-# The safetensors dtypes that NumPy has (no BF16, no FP8).
-_NUMPY_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64"}
+# The safetensors dtypes that NumPy has, and BF16 through ml_dtypes (no FP8); little-endian.
+_NUMPY_DTYPES = {
+    name: np.dtype(kind).newbyteorder("<")
+    for name, kind in (
+        ("BOOL", np.bool_), ("U8", np.uint8), ("I8", np.int8), ("U16", np.uint16),
+        ("I16", np.int16), ("U32", np.uint32), ("I32", np.int32), ("U64", np.uint64),
+        ("I64", np.int64), ("F16", np.float16), ("F32", np.float32), ("F64", np.float64),
+        ("BF16", dtypes.bfloat16.np),
+    )
+}  # fmt: skip
 
 
 def save(obj: Any, f) -> None:
@@ -76,6 +84,14 @@ def load(f, map_location=None, weights_only: bool = True) -> Any:
     return _decode(structure, arrays, map_location, name)
 
 
+def _load_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """``safetensors.numpy.load``, which knows no BF16: read-only views of ``data``."""
+    return {
+        key: np.frombuffer(view["data"], dtype=_NUMPY_DTYPES[view["dtype"]]).reshape(view["shape"])
+        for key, view in safetensors.deserialize(data)
+    }
+
+
 def _read_safetensors(data: bytes, name: str) -> tuple[Any, dict]:
     header = _header(data, name)
     metadata = header.get("__metadata__") or {}
@@ -87,7 +103,7 @@ def _read_safetensors(data: bytes, name: str) -> tuple[Any, dict]:
                 f"gradmesh) cannot hold; convert it before saving (e.g. tensor.float())"
             )
     try:
-        arrays = safetensors.numpy.load(data)
+        arrays = _load_arrays(data)
     except (safetensors.SafetensorError, TypeError, ValueError, KeyError) as e:
         raise ValueError(f"load: {name}: not a readable safetensors file ({e})") from None
     text = metadata.get(STRUCTURE_KEY)

@@ -32,6 +32,7 @@ from .tensor import Tensor
 __all__ = [
     "WireError",
     "DTYPE_TO_PROTO",
+    "byte_view",
     "PROTO_TO_DTYPE",
     "to_proto",
     "from_proto",
@@ -70,7 +71,9 @@ DTYPE_TO_PROTO: dict[dtypes.DType, int] = {
     dtypes.int32: tensor_pb2.INT32,
     dtypes.bool_: tensor_pb2.BOOL,
     dtypes.float16: tensor_pb2.FLOAT16,
+    dtypes.bfloat16: tensor_pb2.BFLOAT16,
 }
+_BFLOAT16 = dtypes.bfloat16.np
 PROTO_TO_DTYPE: dict[int, dtypes.DType] = {v: k for k, v in DTYPE_TO_PROTO.items()}
 
 _LITTLE = sys.byteorder == "little"
@@ -93,6 +96,16 @@ def host_array(x) -> np.ndarray:
         # CuPy arrays copy to the host with .get(), even before gradmesh imported CuPy.
         x = x.get() if type(x).__module__.startswith("cupy") else np.asarray(x)
     return x
+
+
+def byte_view(a: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes as a flat memoryview, without a copy. NumPy's buffer
+    protocol refuses ml_dtypes' bfloat16, so its bytes are viewed as uint16 first."""
+    if not a.size:
+        return memoryview(b"")  # memoryview.cast refuses a shape with a zero in it
+    if a.dtype == _BFLOAT16:
+        a = a.view(np.uint16)
+    return memoryview(a).cast("B")
 
 
 def wire_array(x) -> tuple[np.ndarray, dtypes.DType]:

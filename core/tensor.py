@@ -282,6 +282,13 @@ class Tensor:
         """DLPack export (``torch.from_dlpack(t)``, ``np.from_dlpack(t)``): shares memory."""
         if self.requires_grad:
             raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
+        if self.dtype is dtypes.bfloat16:
+            # NumPy's DLPack export knows only its own dtypes, and ml_dtypes' is not one.
+            raise BufferError(
+                "DLPack export of a bfloat16 tensor is not supported (NumPy cannot export "
+                "ml_dtypes' bfloat16); share its bits instead: torch.from_numpy("
+                "t.numpy().view(numpy.int16)).view(torch.bfloat16)"
+            )
         kwargs = {"stream": stream} if stream is not None else {}
         if max_version is not None:
             kwargs.update(max_version=max_version, dl_device=dl_device, copy=copy)
@@ -336,7 +343,10 @@ class Tensor:
             else:
                 dtype = a
         t = self
+        if dtype is not None and t.dtype is dtypes.bfloat16 and device is not None:
+            t = t.to(dtype)  # before the move: CuPy has no bfloat16
         if device is not None and backend.device_type(device) != self.device:
+            _refuse_bfloat16_on(device, dtype if dtype is not None else t.dtype)
             t = F.to_device(t, device=backend.device_type(device))
         if dtype is not None and dtypes.as_dtype(dtype) is not t.dtype:
             t = F.cast(t, dtype=dtypes.as_dtype(dtype).name)
@@ -355,6 +365,12 @@ class Tensor:
 
     def double(self) -> "Tensor":
         return self.to(dtypes.float64)
+
+    def half(self) -> "Tensor":
+        return self.to(dtypes.float16)
+
+    def bfloat16(self) -> "Tensor":
+        return self.to(dtypes.bfloat16)
 
     def long(self) -> "Tensor":
         return self.to(dtypes.int64)
@@ -658,9 +674,10 @@ class Tensor:
 
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
-        body = np.array2string(
-            backend.to_numpy(self._data), separator=", ", precision=4, prefix="tensor("
-        )
+        host = backend.to_numpy(self._data)
+        if self.dtype is dtypes.bfloat16:
+            host = host.astype(np.float32)  # exact; NumPy prints only its own floats as floats
+        body = np.array2string(host, separator=", ", precision=4, prefix="tensor(")
         extra = []
         if self.dtype not in (dtypes.float32, dtypes.int64, dtypes.bool_) or self.numel() == 0:
             extra.append(f"dtype={self.dtype}")
@@ -1119,6 +1136,14 @@ class Tensor:
 
 
 # NumPy's dtypes of the builtin types are singletons: look them up by identity (a dict
+
+
+def _refuse_bfloat16_on(device, dtype) -> None:
+    if backend.device_type(device) == "cuda" and dtypes.as_dtype(dtype) is dtypes.bfloat16:
+        raise TypeError(
+            "bfloat16 tensors live on the CPU: CuPy has no bfloat16 type; "
+            "use float16 on cuda (t.half().to('cuda'))"
+        )
 
 
 _DTYPE_BY_ID = {id(d.np): d for d in dtypes.ALL}

@@ -12,6 +12,8 @@ single-process reference run (tests/cluster/test_determinism.py) compute exactly
 6.0
 >>> place({"a": 8, "b": 4, "c": 4}, 2)
 {'a': 0, 'b': 1, 'c': 1}
+>>> place_rows({"w": (12, 3), "b": (4, 1)}, 2)
+{'w': [(0, 0, 2), (1, 2, 3)], 'b': [(1, 0, 1)]}
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "tree_sum",
     "TreeSum",
     "place",
+    "place_rows",
     "combine_buffers",
 ]
 
@@ -196,3 +199,52 @@ def place(sizes: dict[str, int], shards: int) -> dict[str, int]:
         placement[name] = target
         load[target] += size
     return {name: placement[name] for name in sizes}
+
+
+def place_rows(
+    sizes: dict[str, tuple[int, int]], shards: int, split: bool = True
+) -> dict[str, list[tuple[int, int, int]]]:
+    """Assign parameters to shards by bytes, cutting the large ones into row slices.
+
+    ``sizes``: name -> ``(bytes, rows)`` (rows: the length of dim 0, 0 for a scalar).
+    Returns name -> ``[(shard, start, stop), ...]``: rows ``start:stop`` of the parameter
+    on ``shard``, in row order (one piece ``(shard, 0, rows)`` when it is not cut).
+
+    Each shard's share is ``ceil(total / shards)`` bytes. Largest parameter first (ties
+    by name) onto the shard with the fewest bytes so far (ties: the lower index), whole
+    when it fits in that shard's share or cannot be cut (fewer than 2 rows, or not
+    ``split``); else the shard gets as many rows as fill its share (rounded up to a whole
+    row) and the rest goes on to the next least loaded shard. So no shard holds more than
+    its share plus one row, plus what uncuttable parameters force; a shard holds at most
+    one piece of a parameter, so pieces keep the parameter's name on their shards.
+    """
+    if shards < 1:
+        raise ValueError(f"need at least one shard, got {shards}")
+    share = -(-sum(size for size, _ in sizes.values()) // shards)
+    load = [0] * shards
+    pieces: dict[str, list[tuple[int, int, int]]] = {}
+    for name, (size, rows) in sorted(sizes.items(), key=lambda kv: (-kv[1][0], kv[0])):
+        target = min(range(shards), key=lambda s: (load[s], s))
+        if load[target] + size <= share or not split or rows < 2:
+            pieces[name] = [(target, 0, rows)]
+            load[target] += size
+            continue
+        pieces[name] = _cut(size, rows, share, load)
+    return {name: pieces[name] for name in sizes}
+
+
+def _cut(size: int, rows: int, share: int, load: list[int]) -> list[tuple[int, int, int]]:
+    """Rows of one parameter of ``size`` bytes dealt to the least loaded shards, each
+    filled to ``share`` (``load`` is updated)."""
+    row_bytes = size // rows
+    parts, start = [], 0
+    while start < rows:
+        target = min(range(len(load)), key=lambda s: (load[s], s))
+        room = share - load[target]
+        # Rounded up to a whole row; at least one row (room > 0 while rows remain, since
+        # the shards' shares add up to at least the total).
+        stop = min(rows, start + max(1, -(-room // row_bytes)))
+        parts.append((target, start, stop))
+        load[target] += (stop - start) * row_bytes
+        start = stop
+    return sorted(parts, key=lambda p: p[1])

@@ -46,7 +46,7 @@ from gradmesh.server.aggregate import (
     loss_scales,
     micro_batch_seed,
     micro_batches,
-    place,
+    place_rows,
 )
 from gradmesh.server.dispatch import dispatch
 from gradmesh.server.runtime import ServiceError, status_code
@@ -119,6 +119,9 @@ class Job:
     # The step arguments (lr, clipping coefficient, ...) and total norm of the pinned step:
     # a retry sends the shards that did not apply it the same ones.
     pinned_args: "tuple[dict, float | None] | None" = None
+    # The parameters cut into row slices over several shards (aggregate.place_rows):
+    # name -> [(shard, start row, stop row), ...]; ``placement`` holds the first one's shard.
+    pieces: dict[str, list] = field(default_factory=dict)
 
 
 def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -127,7 +130,7 @@ def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-        h.update(memoryview(a).cast("B") if a.size else b"")
+        h.update(serialize.byte_view(a))
     return h.hexdigest()
 
 
@@ -368,6 +371,10 @@ class Coordinator:
         self._io = futures.ThreadPoolExecutor(
             max_workers=max(4, 2 * len(self.shards)), thread_name_prefix="gradmesh-shard-io"
         )
+        # After a step, the next version's parameters are pulled and encoded here while the
+        # client prepares its next batch (``_prefetch``); False: at the next step, in it.
+        self.prefetch = True
+        self._prefetcher = futures.ThreadPoolExecutor(1, thread_name_prefix="gradmesh-prefetch")
         if state_dir:
             self._restore()
 
@@ -432,7 +439,7 @@ class Coordinator:
                         "job_id",
                     )
                 return existing
-            placement = place({n: int(params[n].nbytes) for n in names}, len(self.shards))
+            placement, pieces = _placement(names, params, len(self.shards), clipping)
             job = Job(
                 job_id,
                 graph,
@@ -447,6 +454,7 @@ class Coordinator:
                 params_digest=digest,
                 buffer_specs=buffer_specs,
                 buffers=buffers,
+                pieces=pieces,
             )
             _set_schedule(job, schedule, clipping)
             self.jobs[job_id] = job
@@ -454,9 +462,7 @@ class Coordinator:
             with job.lock:
                 self._on_shards(
                     job,
-                    lambda s, i: s.load(
-                        job_id, {n: params[n] for n in names if job.placement[n] == i}, optimizer
-                    ),
+                    lambda s, i: s.load(job_id, _parts_on(job, i, params, names), optimizer),
                 )
                 if self.state_dir:
                     job.log = checkpoint.RecordLog(self._log_path(job_id))
@@ -478,7 +484,7 @@ class Coordinator:
 
     def _on_shards(self, job: Job, fn: Callable[[Any, int], Any]) -> list:
         """Call ``fn(shard, index)`` on every shard that holds some of the job, at once."""
-        used = sorted(set(job.placement.values()))
+        used = _used_shards(job)
         if len(used) == 1:
             return [fn(self.shards[used[0]], used[0])]
         futs = [
@@ -528,7 +534,8 @@ class Coordinator:
                 raise
             _advance_schedule(job, resp.loss)
             self._record(job, step_id, resp, digest)
-            return resp
+        self._prefetch(job)
+        return resp
 
     def _earlier_result(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
         """The recorded response of a step id seen before (refused if its batch differs),
@@ -613,7 +620,7 @@ class Coordinator:
 
     def _shard_states(self, job: Job) -> dict[int, Any]:
         states = {}
-        for i in sorted(set(job.placement.values())):
+        for i in _used_shards(job):
             try:
                 states[i] = self.shards[i].status(job.job_id)
             except (ServiceError, GradmeshError) as e:
@@ -701,15 +708,36 @@ class Coordinator:
         start = time.perf_counter()
 
         def pull(shard, i):
-            names = [n for n in job.param_names if job.placement[n] == i]
+            names = _names_on(job, i, job.param_names)
             return shard.pull(job.job_id, job.version, names)[1]
 
-        arrays: dict = {}
-        for part in self._on_shards(job, pull):
-            arrays.update(part)
+        arrays = _assemble(job, self._on_shards(job, pull))
         arrays = {**{n: arrays[n] for n in job.param_names}, **job.buffers}
         job.params = ParamSet(job.version, arrays, job.job_id, gradients=job.param_names)
         return job.params, time.perf_counter() - start
+
+    def _prefetch(self, job: Job) -> None:
+        """Pull the job's new version and encode it as the last one was (unary bytes, a
+        shared-memory segment), in the background: the next step finds it ready. The
+        same arrays and bytes the step would make itself, so nothing changes but when."""
+        if not self.prefetch:
+            return
+        try:
+            self._prefetcher.submit(contextvars.copy_context().run, self._prefetch_now, job)
+        except RuntimeError:  # closing
+            pass
+
+    def _prefetch_now(self, job: Job) -> None:
+        with job.lock:
+            old = job.params
+            if old is None or old.version == job.version or job.error or job.fault:
+                return
+            encoded = old.encodings()
+            try:
+                params, _ = self._params_for_workers(job)
+                params.encode(*encoded)
+            except Exception as e:  # the next step pulls again and reports it
+                log.info("prefetch failed", extra={"job_id": job.job_id, "error": _text(e)})
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
         if job.schedule_error:
@@ -840,12 +868,11 @@ class Coordinator:
         with job.lock:
 
             def pull(shard, i):
-                mine = [n for n in wanted if job.placement.get(n) == i]
+                mine = _names_on(job, i, wanted)
                 return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
 
             arrays: dict = {n: job.buffers[n].copy() for n in wanted if n in job.buffer_specs}
-            for part in self._on_shards(job, pull):
-                arrays.update(part)
+            arrays.update(_assemble(job, self._on_shards(job, pull)))
             return job.version, {n: arrays[n] for n in wanted}
 
     def job_status(self, job_id: str):
@@ -919,6 +946,7 @@ class Coordinator:
             "optimizer": job.optimizer,
             "micro_batch_size": job.micro_batch_size,
             "placement": job.placement,
+            "pieces": job.pieces,
             "shards": len(self.shards),
             "version": job.version,
             "last_step_id": job.last_step_id,
@@ -971,6 +999,7 @@ class Coordinator:
             for k, v in meta["history"]:
                 job.history[int(k)] = base64.b64decode(v)
             job.params_digest = meta.get("params_digest", "")
+            job.pieces = {n: [tuple(p) for p in ps] for n, ps in meta.get("pieces", {}).items()}
             job.digests = {int(k): v for k, v in meta.get("digests", {}).items()}
             job.pinned = tuple(meta["pinned"]) if meta.get("pinned") else None
             job.buffer_specs = _graph_buffers(graph)
@@ -1041,6 +1070,7 @@ class Coordinator:
             pass
 
     def close(self) -> None:
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.checkpoint()
         for job in list(self.jobs.values()):
             if job.log is not None:
@@ -1099,7 +1129,7 @@ class _StepRun:
         self.worker_seconds = 0.0
         self.lock = threading.Lock()
         self.version = job.version
-        self.by_shard = sorted(set(job.placement.values()))
+        self.by_shard = _used_shards(job)
         # A fresh attempt id per run: the shards drop gradients a failed attempt of this
         # step left behind instead of mixing them with this one's (the retry may carry
         # another batch).
@@ -1133,7 +1163,7 @@ class _StepRun:
             )
         t = time.perf_counter()
         for i in self.by_shard:
-            grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
+            grads = _parts_on(job, i, r.gradients, job.param_names)
             unused = [nm for nm in r.unused if nm in grads]
             try:
                 self.shards[i].push(
@@ -1174,3 +1204,56 @@ def _dtype_of(a: np.ndarray):
         return dtypes.from_numpy(a.dtype.newbyteorder("="))
     except TypeError:
         return None
+
+
+# -- placement by bytes (aggregate.place_rows) -----------------------------------------------
+def _placement(names: list[str], params: dict, shards: int, clipping) -> tuple[dict, dict]:
+    """``(placement, pieces)`` of a new job: every parameter's (first) shard, and the row
+    slices of the ones cut over several shards. clip_grad_norm needs each parameter's norm
+    over the whole tensor with torch's own summation, which norms of slices cannot give
+    bit for bit: a job clipping by norm keeps its parameters whole."""
+    rows = {n: int(params[n].shape[0]) if params[n].ndim else 0 for n in names}
+    sizes = {n: (int(params[n].nbytes), rows[n]) for n in names}
+    split = clipping is None or clipping["kind"] == "value"
+    parts = place_rows(sizes, shards, split=split)
+    placement = {n: ps[0][0] for n, ps in parts.items()}
+    return placement, {n: ps for n, ps in parts.items() if len(ps) > 1}
+
+
+def _used_shards(job: Job) -> list[int]:
+    used = set(job.placement.values())
+    for parts in job.pieces.values():
+        used.update(shard for shard, _, _ in parts)
+    return sorted(used)
+
+
+def _names_on(job: Job, i: int, names) -> list[str]:
+    """The names among ``names`` of which shard ``i`` holds the whole or a slice."""
+    return [
+        n
+        for n in names
+        if (any(p[0] == i for p in job.pieces[n]) if n in job.pieces else job.placement.get(n) == i)
+    ]
+
+
+def _parts_on(job: Job, i: int, arrays: dict, names) -> dict:
+    """What shard ``i`` holds of ``arrays`` (whole tensors of ``names``): whole ones, and
+    its row slice (a view) of a cut one, under the parameter's name."""
+    out = {}
+    for n in _names_on(job, i, names):
+        rows = [(start, stop) for shard, start, stop in job.pieces.get(n, ()) if shard == i]
+        out[n] = arrays[n][rows[0][0] : rows[0][1]] if rows else arrays[n]
+    return out
+
+
+def _assemble(job: Job, parts: list[dict]) -> dict:
+    """Whole tensors from what each used shard returned (``parts`` in ``_used_shards``
+    order): a cut parameter's slices joined in row order."""
+    by_shard = dict(zip(_used_shards(job), parts))
+    arrays: dict = {}
+    for part in parts:
+        arrays.update(part)
+    for n, pieces in job.pieces.items():
+        if n in arrays:
+            arrays[n] = np.concatenate([by_shard[shard][n] for shard, _, _ in pieces])
+    return arrays

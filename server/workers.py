@@ -20,10 +20,11 @@ import numpy as np
 
 from gradmesh.core import serialize
 from gradmesh.server.runtime import ServiceError
-from gradmesh.v1 import tensor_pb2, worker_pb2
+from gradmesh.v1 import worker_pb2
 from gradmesh.wire import sharedmem
 from gradmesh.wire.channel import call_metadata, channel, metadata
 from gradmesh.wire.errors import GradmeshError, bad_request_field, from_rpc_error
+from gradmesh.wire.frames import encode_tensor_field, field_number
 from gradmesh.wire.stream import MAX_CHUNK_BYTES
 from gradmesh.wire.worker import SHARED, Reply, WorkerTransport, shared_request
 
@@ -39,6 +40,8 @@ HEARTBEAT_SECONDS = 5.0
 # them: one huge unary message measured 3x slower than 4 MiB chunks (100 MB, loopback).
 UNARY_MAX_BYTES = 8 << 20
 BYTES = "bytes"  # a call's tensors in its messages: unary when they fit, else streamed
+_PARAMETERS = field_number(worker_pb2.ComputeGradientsRequest, "parameters")
+_DATA = field_number(worker_pb2.ComputeGradientsRequest, "data")
 
 
 class WorkerHandle(WorkerTransport):
@@ -173,13 +176,12 @@ class WorkerHandle(WorkerTransport):
         size = (
             (params.nbytes if with_params else 0) + (1 << 20) + sum(a.nbytes for a in data.values())
         )
-        fresh = type(req)()
-        fresh.CopyFrom(req)  # a retry without the kept parameters starts over
-        req = fresh
         kw = {"timeout": self.timeout, "metadata": call_metadata(self._metadata)}
         if size >= unary_max:
+            fresh = type(req)()
+            fresh.CopyFrom(req)  # a retry without the kept parameters starts over
             return self._send_stream(
-                req,
+                fresh,
                 params.arrays.items() if with_params else (),
                 data.items(),
                 lambda message: GradmeshError(
@@ -187,11 +189,15 @@ class WorkerHandle(WorkerTransport):
                 ),
                 **kw,
             )
+        # Protobuf parses concatenated encodings as one message, so the parameters'
+        # bytes, encoded once per version, are joined to the rest instead of copied into
+        # every worker's request and serialized again.
+        pieces = [req.SerializeToString()]
         if with_params:
-            req.parameters.extend(params.unary())
+            pieces.append(params.unary_bytes())
         for name, a in data.items():
-            req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
-        return self._send_unary(req, **kw)
+            pieces.extend(encode_tensor_field(_DATA, a, name))
+        return self._send_unary(b"".join(pieces), **kw)
 
     def _compute_shared(self, req, params: "ParamSet", data: dict) -> Reply:
         """A unary call with parameters and gradients in shared memory; the result's
@@ -369,18 +375,20 @@ class ParamSet:
         self.gradients = list(arrays) if gradients is None else list(gradients)
         self.nbytes = sum(int(a.nbytes) for a in arrays.values())
         self._lock = threading.Lock()
-        self._unary: list | None = None
+        self._unary: bytes | None = None
         self._shared: tuple | None = None
         self._pool: Any = None
 
-    def unary(self) -> list:
-        """NamedTensor messages with data (encoded once per version)."""
+    def unary_bytes(self) -> bytes:
+        """The ``parameters`` field of a ComputeGradientsRequest, every array with its
+        data, as protobuf encodes it: made once per version, joined to each request."""
         with self._lock:
             if self._unary is None:
-                self._unary = [
-                    tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a))
+                self._unary = b"".join(
+                    piece
                     for n, a in self.arrays.items()
-                ]
+                    for piece in encode_tensor_field(_PARAMETERS, a, n)
+                )
             return self._unary
 
     def shared(self, pool) -> tuple:
@@ -390,6 +398,19 @@ class ParamSet:
             if self._shared is None:
                 self._shared, self._pool = sharedmem.place(pool, self.arrays), pool
             return self._shared
+
+    def encodings(self) -> tuple:
+        """``(unary, pool)``: whether the unary bytes were made, and the pool of the shared
+        segment (None: none), for :meth:`encode` of the next version."""
+        with self._lock:
+            return self._unary is not None, self._pool if self._shared is not None else None
+
+    def encode(self, unary: bool, pool=None) -> None:
+        """Make the unary bytes (``unary``) and the shared segment (``pool``) now."""
+        if unary:
+            self.unary_bytes()
+        if pool is not None:
+            self.shared(pool)
 
     def release(self) -> None:
         """Give the shared segment back (the next version reuses it). A late duplicate

@@ -22,7 +22,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gradmesh.core import dtypes
-from gradmesh.core.serialize import DTYPE_TO_PROTO, host_array, wire_array, wire_dtype
+from gradmesh.core.serialize import (
+    DTYPE_TO_PROTO,
+    byte_view,
+    host_array,
+    wire_array,
+    wire_dtype,
+)
 from gradmesh.v1 import shard_pb2, tensor_pb2, worker_pb2
 
 from .stream import MAX_CHUNK_BYTES, BufferPool, tensor_buffer
@@ -185,7 +191,7 @@ def _staged_frames(
     per_chunk = chunk_bytes // flat.itemsize
     n = min(per_chunk, flat.size)
     stage = _STAGES.allocate(n * flat.itemsize).view(wire)
-    raw = memoryview(stage).cast("B")
+    raw = byte_view(stage)
     if not flat.strides[0]:
         stage[...] = flat[:n]  # a broadcast scalar: every piece is the same
     for start in range(0, flat.size, per_chunk):
@@ -347,7 +353,7 @@ def encode_tensor_field(field: int, x, name: str | None = None) -> list:
     protobuf writes for ``to_proto(x)`` (wrapped in ``NamedTensor(name=name, tensor=...)``),
     and joining copies the array's bytes once."""
     a, dtype = wire_array(x)
-    data = memoryview(a).cast("B") if a.size else b""
+    data = byte_view(a)
     body = _tensor_body(DTYPE_TO_PROTO[dtype], a.shape, len(data))
     tensor_len = len(body) + len(data)
     if name is None:

@@ -25,6 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
+from gradmesh.core.serialize import byte_view
 from gradmesh.core.sharedmem import (
     HEADER,
     LEGACY_NAME,
@@ -195,7 +196,7 @@ def place(
             offset = offsets[name]
             if a.flags.c_contiguous and a.dtype.byteorder in WIRE_ORDER and a.size:
                 # Already the wire's bytes: one memcpy, without an array over the segment.
-                buf[offset : offset + a.nbytes] = memoryview(a).cast("B")
+                buf[offset : offset + a.nbytes] = byte_view(a)
             else:
                 seg.view(offset, a.dtype.newbyteorder("<"), a.shape)[...] = a
     return seg, offsets

@@ -20,7 +20,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gradmesh.core import dtypes
-from gradmesh.core.serialize import RESOURCE_EXHAUSTED, WireError, check_header, decode, wire_array
+from gradmesh.core.serialize import (
+    RESOURCE_EXHAUSTED,
+    WireError,
+    byte_view,
+    check_header,
+    decode,
+    wire_array,
+)
 from gradmesh.v1 import tensor_pb2
 
 __all__ = [
@@ -56,10 +63,7 @@ def tensor_buffer(x) -> memoryview:
     """The wire bytes of an array as a memoryview: no copy for a little-endian, C-contiguous
     NumPy array (a CuPy array is copied to the host once)."""
     a, _ = wire_array(x)
-    if not a.size:
-        # memoryview.cast refuses a shape with a zero in it, e.g. (0, 3).
-        return memoryview(b"")
-    return memoryview(a).cast("B")
+    return byte_view(a)
 
 
 def _tensor_fields(message, tensor_fields: Sequence[str] | None) -> list:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import grpc
 import numpy as np
 
-from gradmesh.core.serialize import PROTO_TO_DTYPE, from_proto, to_proto
+from gradmesh.core.serialize import PROTO_TO_DTYPE, byte_view, from_proto, to_proto
 from gradmesh.core.sharedmem import Segment, SegmentError, locate
 from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
@@ -168,7 +168,7 @@ class Request:
             append(header)
             # No copy for an array already little-endian and C-contiguous.
             a = np.asarray(a, dtype=wire, order="C")
-            append(memoryview(a).cast("B") if a.size else b"")
+            append(byte_view(a))
         append(self.tail)
         return b"".join(pieces)
 

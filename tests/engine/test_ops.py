@@ -1,6 +1,7 @@
 """Every primitive op, checked four ways for each spec in ``tests/opspecs`` and each case:
 
-* forward and gradient against PyTorch, in float64 (the spec's tolerances) and float32;
+* forward and gradient against PyTorch, in float64 (the spec's tolerances) and float32,
+  and against torch's bfloat16 and float16 CPU kernels (a few half-precision ulps);
 * float64 central finite differences of ``sum(out * w)`` at up to 20 random coordinates;
 * a random projection: ``<u, vjp(w)>`` against the directional derivative ``<w, J u>``;
 * second order, where the spec says so: the gradient of ``<grad, v>`` against PyTorch.
@@ -162,6 +163,79 @@ def test_against_torch(spec: OpSpec, case: int, dtype) -> None:
         _assert_close(got, want, atol, rtol, f"gradient of input {i}")
         if xs[i].grad is not None:
             assert xs[i].grad.dtype is xs[i].dtype, f"gradient of input {i} has the wrong dtype"
+
+
+HALF = {"bfloat16": (gm.bfloat16, torch.bfloat16), "float16": (gm.float16, torch.float16)}
+HALF_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10}  # the gap after 1.0
+HALF_ULPS = 4
+# Specs whose half gradient is a sum of rounded terms that cancel (a broadcast 0-d base of
+# pow, std's centred values): gradmesh's vjp rounds after each of its ops where torch's
+# fused backward kernel rounds once, and the tolerance is relative to the result, smaller
+# than the terms. Measured worst: 25 ulps (pow, bfloat16), 8 (std-dim).
+HALF_LOOSE_ULPS = {"pow": 32, "std-dim": 16}
+
+
+def _half_inputs(arrays, diff, dtype_name):
+    """Both libraries' inputs at the same half values (torch.tensor takes no bfloat16 array)."""
+    gdt, tdt = HALF[dtype_name]
+    xs, ts = [], []
+    for i, a in enumerate(arrays):
+        if a.dtype.kind != "f":
+            xs.append(gm.tensor(a))
+            ts.append(torch.tensor(a))
+            continue
+        h = a.astype(gdt.np)
+        xs.append(gm.tensor(h, requires_grad=i in diff))
+        ts.append(torch.tensor(h.astype(np.float64)).to(tdt).requires_grad_(i in diff))
+    return xs, ts
+
+
+def _assert_half_close(got, want, dtype_name, what: str, ulps: float = HALF_ULPS) -> None:
+    """Within HALF_ULPS of the half type's epsilon times the result's largest magnitude:
+    torch and gradmesh both compute in float32 and round once (docs/engine.md), but may
+    sum in another order or round a backward formula in other places."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, torch has {want.shape}"
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=what)
+    scale = np.abs(want[finite]).max(initial=1e-30)
+    atol = ulps * HALF_EPS[dtype_name] * scale
+    np.testing.assert_allclose(got[finite], want[finite], atol=atol, rtol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+@pytest.mark.parametrize("spec, case", CASES)
+def test_half_precision_against_torch(spec: OpSpec, case: int, dtype_name) -> None:
+    """bfloat16 and float16 values and gradients against torch's CPU kernels."""
+    if not spec.float32:
+        pytest.skip("spec is float64 only")
+    arrays, diff = _inputs(spec, case)
+    xs, ts = _half_inputs(arrays, diff, dtype_name)
+    out, ref = spec.gm(gm, *xs), spec.torch(torch, *ts)
+    assert out.dtype.name == str(ref.dtype).removeprefix("torch."), (
+        f"dtype {out.dtype}, torch gives {ref.dtype}"
+    )
+    if not out.dtype.is_floating_point:
+        np.testing.assert_array_equal(_np(out), _np(ref), err_msg="forward")
+        return
+    _assert_half_close(_np(out.float()), _np(ref.float()), dtype_name, "forward")
+    if not _differentiable(out, diff):
+        return
+    w = _weight(spec, case, out.shape).astype(np.float32)
+    (out * gm.tensor(w).to(out.dtype)).sum().backward()
+    (ref * torch.tensor(w).to(ref.dtype)).sum().backward()
+    for i in diff:
+        want = ts[i].grad
+        got = xs[i].grad
+        if want is None or got is None:  # no gradient on one side: zeros on the other
+            other = want if got is None else got
+            assert other is None or not np.any(_np(other.float())), f"gradient of input {i}"
+            continue
+        assert got.dtype is xs[i].dtype, f"gradient of input {i} has the wrong dtype"
+        ulps = HALF_LOOSE_ULPS.get(spec.name, HALF_ULPS)
+        _assert_half_close(
+            _np(got.float()), _np(want.float()), dtype_name, f"gradient of input {i}", ulps
+        )
 
 
 def _objective(spec: OpSpec, arrays, diff, w):

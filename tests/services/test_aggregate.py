@@ -14,6 +14,7 @@ from gradmesh.server.aggregate import (
     micro_batch_seed,
     micro_batches,
     place,
+    place_rows,
     tree_sum,
 )
 
@@ -116,3 +117,65 @@ def test_combine_buffers_weighted_mean_in_float64_and_counters_once():
     assert got["count"] == 8 and got["count"].dtype == np.int64
     # One micro-batch: its update exactly.
     assert np.array_equal(combine_buffers(updates[:1], [1.0])["mean"], updates[0]["mean"])
+
+
+def _shard_bytes(pieces, sizes, shards):
+    load = [0] * shards
+    for name, parts in pieces.items():
+        size, rows = sizes[name]
+        for shard, start, stop in parts:
+            load[shard] += size * (stop - start) // rows if rows else size
+    return load
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5, 8])
+def test_place_rows_cuts_large_parameters_so_no_shard_holds_much_more_than_its_share(shards):
+    # The MLP 784-512-512-10 in float32: (bytes, rows) per parameter.
+    sizes = {
+        "0.weight": (512 * 784 * 4, 512),
+        "0.bias": (512 * 4, 512),
+        "2.weight": (512 * 512 * 4, 512),
+        "2.bias": (512 * 4, 512),
+        "4.weight": (10 * 512 * 4, 10),
+        "4.bias": (10 * 4, 10),
+        "scale": (4, 0),  # a scalar: never cut
+    }
+    pieces = place_rows(sizes, shards)
+    assert list(pieces) == list(sizes)
+    for name, parts in pieces.items():
+        rows = sizes[name][1]
+        # Row ranges in order, covering every row once; one piece per shard.
+        assert [p[1] for p in parts] == [0] + [p[2] for p in parts[:-1]]
+        assert parts[-1][2] == rows
+        assert len({p[0] for p in parts}) == len(parts)
+    total = sum(size for size, _ in sizes.values())
+    share = -(-total // shards)
+    widest_row = 784 * 4
+    assert max(_shard_bytes(pieces, sizes, shards)) <= share + widest_row
+    assert sum(_shard_bytes(pieces, sizes, shards)) == total
+    assert place_rows(sizes, shards) == pieces  # deterministic
+
+
+def test_place_rows_without_split_is_place():
+    sizes = {"w1": 400, "b1": 4, "w2": 300, "b2": 4, "w3": 100}
+    whole = place_rows({n: (b, 4) for n, b in sizes.items()}, 2, split=False)
+    assert {n: parts[0][0] for n, parts in whole.items()} == place(sizes, 2)
+    assert all(parts == [(parts[0][0], 0, 4)] for parts in whole.values())
+    # Uncut: 400 bytes on one shard; cut: each shard holds its share.
+    cut = place_rows({n: (b, 4) for n, b in sizes.items()}, 2)
+    assert _shard_bytes(cut, {n: (b, 4) for n, b in sizes.items()}, 2) == [404, 404]
+    with pytest.raises(ValueError):
+        place_rows({"w": (8, 2)}, 0)
+
+
+def test_a_job_clipping_by_norm_keeps_its_parameters_whole():
+    # clip_grad_norm's per-parameter norms are taken over whole tensors on the shards.
+    from gradmesh.server.jobs import _placement
+
+    params = {"w": np.zeros((8, 4), np.float32), "b": np.zeros(8, np.float32)}
+    names = list(params)
+    by_norm = {"kind": "norm", "max_norm": 1.0, "norm_type": 2.0}
+    assert _placement(names, params, 2, by_norm) == ({"w": 0, "b": 1}, {})
+    for clipping in (None, {"kind": "value", "clip_value": 1.0}):
+        placement, pieces = _placement(names, params, 2, clipping)
+        assert pieces == {"w": [(0, 0, 5), (1, 5, 8)]} and placement == {"w": 0, "b": 1}

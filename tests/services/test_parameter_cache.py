@@ -15,7 +15,7 @@ from gradmesh.core import serialize
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.worker import ParameterCache
-from gradmesh.v1 import worker_pb2
+from gradmesh.v1 import tensor_pb2, worker_pb2
 from gradmesh.wire.errors import bad_request_field
 
 
@@ -186,3 +186,33 @@ def test_parameters_in_shared_memory_are_not_kept(worker):
         pool.close()
         pseg.close()
         gseg.close()
+
+
+def test_parameters_encoded_once_per_version_are_what_protobuf_writes():
+    # The coordinator joins these bytes to every worker's request (server/workers.py).
+    from gradmesh.server.workers import ParamSet
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.standard_normal((3, 4)).astype(np.float32),
+        "t": rng.standard_normal((4, 3)).astype(np.float32).T,  # not C-contiguous
+        "d": rng.standard_normal(5),  # float64
+        "n": np.array([1, -2], np.int64),
+        "s": np.float32(2.5),  # 0-d
+        "e": np.zeros((0, 3), np.float32),
+    }
+    params = ParamSet(7, arrays, "job")
+    encoded = params.unary_bytes()
+    assert params.unary_bytes() is encoded  # made once per version
+    expected = worker_pb2.ComputeGradientsRequest(
+        parameters=[
+            tensor_pb2.NamedTensor(name=n, tensor=serialize.to_proto(a)) for n, a in arrays.items()
+        ]
+    )
+    assert encoded == expected.SerializeToString()
+    head = worker_pb2.ComputeGradientsRequest(graph_id="g", seed=3).SerializeToString()
+    joined = worker_pb2.ComputeGradientsRequest.FromString(head + encoded)
+    assert joined.graph_id == "g" and joined.seed == 3
+    for name, nt in zip(arrays, joined.parameters):
+        assert nt.name == name
+        np.testing.assert_array_equal(serialize.from_proto(nt.tensor), arrays[name])

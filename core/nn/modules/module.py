@@ -333,7 +333,7 @@ class Module:
         def convert(a):
             if xp is not None and backend.xp_of(a) is not xp:
                 a = xp.asarray(backend.to_numpy(a)) if xp is not np else backend.to_numpy(a)
-            if dtype is not None and a.dtype.kind == "f" and a.dtype != dtype.np:
+            if dtype is not None and dtypes.is_floating(a.dtype) and a.dtype != dtype.np:
                 a = a.astype(dtype.np)
             return a
 
@@ -360,6 +360,9 @@ class Module:
 
     def half(self) -> "Module":
         return self.to(dtypes.float16)
+
+    def bfloat16(self) -> "Module":
+        return self.to(dtypes.bfloat16)
 
     def cpu(self) -> "Module":
         return self.to("cpu")

@@ -1,9 +1,10 @@
 """Recurrent layers: LSTM and GRU, their cells.
 
-Compositions over time steps: the input projection of a whole sequence is one matmul, then
-each step is a cell over that step's slice. A traced graph unrolls the loop, so it fixes the
-sequence length (a graph per length); the batch size stays free where the initial states are
-zeros (``hx=None``), reading ``output`` or ``h_n[-1]`` (the tracer keeps a batch-sized
+The input projection of a whole sequence is one matmul. An LSTM layer then runs its time
+loop inside one op (``lstm_layer``, core/ops/nn.py); GRU composes a cell per step over that
+step's slice, which a traced graph unrolls. Either way a graph fixes the sequence length
+(a graph per length); the batch size stays free where the initial states are zeros
+(``hx=None``), reading ``output`` or ``h_n[-1]`` (the tracer keeps a batch-sized
 dimension past dim 0 free, core/graph/tracer.py). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
 zero initial state: h is one zero row that broadcasts over the batch (w_hh still gets its

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradmesh/v1/tensor.proto\x12\x0bgradmesh.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gradmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.gradmesh.v1.Tensor\";\n\x05\x43hunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*e\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\t\n\x05INT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\x08\n\x04\x42OOL\x10\x05\x12\x0b\n\x07\x46LOAT16\x10\x06\x42<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradmesh/v1/tensor.proto\x12\x0bgradmesh.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gradmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.gradmesh.v1.Tensor\";\n\x05\x43hunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*s\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\t\n\x05INT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\x08\n\x04\x42OOL\x10\x05\x12\x0b\n\x07\x46LOAT16\x10\x06\x12\x0c\n\x08\x42\x46LOAT16\x10\x07\x42<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1'
   _globals['_DTYPE']._serialized_start=242
-  _globals['_DTYPE']._serialized_end=343
+  _globals['_DTYPE']._serialized_end=357
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=113
   _globals['_NAMEDTENSOR']._serialized_start=115

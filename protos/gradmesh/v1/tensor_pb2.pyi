@@ -16,6 +16,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
     BOOL: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -23,6 +24,7 @@ INT64: DType
 INT32: DType
 BOOL: DType
 FLOAT16: DType
+BFLOAT16: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
