@@ -30,9 +30,17 @@ this process; ``--alone both`` runs each side in a process of its own, one after
 other, and prints the same table: NumPy's OpenBLAS threads and torch's OpenMP threads
 spin for a while after a call and slow whichever system runs next when interleaved.
 
+The ``transformer`` model (the character-level GPT of ``gradmesh demo --model
+transformer``, written in PyTorch and imported with ``gradmesh.from_torch``; batch 32
+windows of 64 characters, AdamW lr 0.001) has no torch.distributed pair: its systems are
+PyTorch eager training the module in this process, gradmesh training the imported module
+in this process, and ``LocalCluster``s with 1 and 2 workers, all in the same run; the
+ratios are gradmesh / PyTorch eager. In-process systems use all cores (torch's threads,
+NumPy's BLAS through threadpoolctl); workers get cores // workers threads each.
+
 ``python benchmarks/cluster.py`` (interleaved), ``--alone both``, ``--quick`` (smoke run),
-``--models medium``, ``--pairs ps``, ``--steps/--warmup/--repetitions N``, ``--threads N``,
-``--tensorpipe-transport uv`` (TCP instead of shm), ``--json PATH``.
+``--models medium,transformer``, ``--pairs ps``, ``--steps/--warmup/--repetitions N``,
+``--threads N``, ``--tensorpipe-transport uv`` (TCP instead of shm), ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -57,10 +65,19 @@ from importlib import metadata
 import numpy as np
 
 LR = 0.01
+TRANSFORMER_LR = 1e-3  # AdamW
 MODELS = {  # sizes, global batch, loss, default timed steps per repetition
     "medium": ((784, 512, 512, 10), 128, "ce", 20),
     "large": ((1024, 4096, 4096, 1024), 256, "mse", 4),
+    "transformer": ((), 32, "lm", 5),  # sizes: gradmesh.client.demo_transformer.GPTConfig
 }
+# The transformer's systems, in table order: (system, side).
+TRANSFORMER_SYSTEMS = (
+    ("torch_eager", "torch"),
+    ("gradmesh_local", "gradmesh"),
+    ("gradmesh_1", "gradmesh"),
+    ("gradmesh_2", "gradmesh"),
+)
 PAIRS = {"ps": ("torch_ps", "gradmesh_1"), "ddp": ("torch_ddp", "gradmesh_2")}
 SIDES = ("torch", "gradmesh")
 LABELS = {
@@ -68,6 +85,8 @@ LABELS = {
     "gradmesh_1": "gradmesh 1 worker",
     "torch_ddp": "DDP 2 ranks",
     "gradmesh_2": "gradmesh 2 workers",
+    "torch_eager": "PyTorch eager",
+    "gradmesh_local": "gradmesh in-process",
 }
 TRAINING_PROCESSES = {"ps": 1, "ddp": 2}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -111,6 +130,19 @@ def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
     if loss == "ce":
         return x, rng.integers(0, sizes[-1], n).astype(np.int64)
     return x, rng.standard_normal((n, sizes[-1])).astype(np.float32)
+
+
+def transformer_parts():
+    """The GPT of the transformer demo (seed 0), its gradmesh import, and the global
+    batch: 32 windows of the help text and their next characters."""
+    from gradmesh.client import demo_transformer as demo
+
+    corpus = demo.load_corpus()
+    cfg = demo.GPTConfig(vocab=len(corpus.chars))
+    net, model = demo.make_model(cfg, seed=0)
+    rng = np.random.default_rng(1)
+    x, y = demo.sample_batch(corpus.train, MODELS["transformer"][1], cfg.context, rng)
+    return net, model, demo.loss_fn, x, y
 
 
 # --------------------------------------------------------------------- processes
@@ -170,12 +202,17 @@ class GradmeshSystem:
             cluster = stack.enter_context(
                 LocalCluster(workers=workers, checkpoint_every=0, threads_per_worker=threads)
             )
-        model = self._model(name)
-        self.x, self.y = batch(name)
+        if name == "transformer":
+            _, model, loss_fn, self.x, self.y = transformer_parts()
+            optimizer = gm.optim.AdamW(model.parameters(), lr=TRANSFORMER_LR)
+        else:
+            model, loss_fn = self._model(name), self._loss_fn(MODELS[name][2])
+            self.x, self.y = batch(name)
+            optimizer = gm.optim.SGD(model.parameters(), lr=LR)
         self.job = cluster.client().create_job(
             model,
-            self._loss_fn(MODELS[name][2]),
-            gm.optim.SGD(model.parameters(), lr=LR),
+            loss_fn,
+            optimizer,
             micro_batch_size=len(self.x) // workers,
             example_batch=(self.x[:4], self.y[:4]),
             data_names=["x", "y"],
@@ -210,6 +247,62 @@ class GradmeshSystem:
     def pause(self) -> None:
         """Nothing: idle gradmesh servers wait in epoll (and a stopped gRPC server would
         miss keepalive pings)."""
+
+    resume = pause
+
+
+class InProcessSystem:
+    """The transformer trained in this process, one optimizer step per global batch: by
+    PyTorch eager (``torch`` True) or by gradmesh on the imported module."""
+
+    def __init__(self, torch: bool, threads: int):
+        from threadpoolctl import threadpool_limits
+
+        import gradmesh.core as gm
+
+        net, model, loss_fn, x, y = transformer_parts()
+        if torch:
+            self._step = self._torch_step(net, x, y, threads)
+        else:
+            # This process's BLAS, as a worker's (gradmesh worker pins it the same way).
+            threadpool_limits(threads, user_api="blas")
+            opt = gm.optim.AdamW(model.parameters(), lr=TRANSFORMER_LR)
+            xt, yt = gm.tensor(x), gm.tensor(y)
+
+            def step() -> float:
+                opt.zero_grad()
+                loss = loss_fn(model, xt, yt)
+                loss.backward()
+                opt.step()
+                return loss.item()
+
+            self._step = step
+
+    @staticmethod
+    def _torch_step(net, x, y, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        opt = torch.optim.AdamW(net.parameters(), lr=TRANSFORMER_LR)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y).reshape(-1)
+
+        def step() -> float:
+            opt.zero_grad()
+            logits = net(xt)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), yt)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return step
+
+    def step(self) -> Step:
+        t = time.perf_counter()
+        loss = self._step()
+        return Step(time.perf_counter() - t, loss)
+
+    def pause(self) -> None:
+        """Nothing runs between steps."""
 
     resume = pause
 
@@ -477,7 +570,18 @@ def torch_ddp_session(rank: int, name: str, init_method: str):
 # --------------------------------------------------------------------- measurement
 
 
+def transformer_threads(system: str, override: int | None) -> int:
+    """In-process systems use every core; a cluster's workers share them."""
+    if override or system in ("torch_eager", "gradmesh_local"):
+        return override or cores()
+    return max(1, cores() // int(system.removeprefix("gradmesh_")))
+
+
 def start(system: str, name: str, threads: int, stack: contextlib.ExitStack, args):
+    if name == "transformer":
+        threads = transformer_threads(system, args.threads)
+    if system in ("torch_eager", "gradmesh_local"):
+        return InProcessSystem(system == "torch_eager", threads)
     if system.startswith("torch_"):
         kind = system.removeprefix("torch_")
         return TorchSystem(kind, name, threads, stack, args.tensorpipe_transport)
@@ -489,6 +593,9 @@ def measure(name: str, systems: list[str], threads: int, args) -> dict:
     steps; the others paused), stop them; per system: the timed steps' seconds, the first
     two losses and gradmesh's StepTimings."""
     runs = {s: {"threads": threads, "seconds": [], "losses": [], "timings": []} for s in systems}
+    if name == "transformer":
+        for s in systems:
+            runs[s]["threads"] = transformer_threads(s, args.threads)
     with contextlib.ExitStack() as stack:
         started = {s: start(s, name, threads, stack, args) for s in systems}
         for system in started.values():
@@ -519,9 +626,16 @@ def summarize(run: dict, global_batch: int) -> None:
         run["breakdown_seconds"] = {k: statistics.median(t[k] for t in timings) for k in keys}
 
 
+def comparisons(name: str) -> list[tuple[str, str]]:
+    """(torch system, gradmesh system) pairs of a model's table."""
+    if name == "transformer":
+        return [("torch_eager", s) for s, side in TRANSFORMER_SYSTEMS if side == "gradmesh"]
+    return list(PAIRS.values())
+
+
 def check_losses(name: str, results: dict) -> None:
     """Both sides of a comparison must start from the same loss and take the same step."""
-    for torch_side, gm_side in PAIRS.values():
+    for torch_side, gm_side in comparisons(name):
         if torch_side in results and gm_side in results:
             a, b = results[torch_side]["losses"], results[gm_side]["losses"]
             if not np.allclose(a, b, rtol=1e-3, atol=0):
@@ -531,8 +645,8 @@ def check_losses(name: str, results: dict) -> None:
                 )
 
 
-def add_ratios(results: dict) -> None:
-    for torch_side, gm_side in PAIRS.values():
+def add_ratios(name: str, results: dict) -> None:
+    for torch_side, gm_side in comparisons(name):
         if torch_side in results and gm_side in results:
             gm, pt = results[gm_side], results[torch_side]
             gm["vs_torch"] = gm["samples_per_second"] / pt["samples_per_second"]
@@ -543,6 +657,12 @@ def run_models(args, sides: tuple[str, ...]) -> dict:
     out = {}
     for name in args.models:
         out[name] = {}
+        if name == "transformer":
+            systems = [s for s, side in TRANSFORMER_SYSTEMS if side in sides]
+            threads = args.threads or cores()  # per system: transformer_threads
+            print(f"{name}: {', '.join(LABELS[s] for s in systems)}", file=sys.stderr)
+            out[name].update(measure(name, systems, threads, args))
+            continue
         for pair in args.pairs:
             systems = [s for s, side in zip(PAIRS[pair], SIDES) if side in sides]
             threads = threads_for(pair, args.threads)
@@ -617,6 +737,8 @@ def table(results: dict) -> str:
         head += [LABELS[torch_side], LABELS[gm_side], "ratio"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for name, runs in results.items():
+        if name == "transformer":
+            continue
         sizes, n = MODELS[name][:2]
         row = [f"{name} {'-'.join(map(str, sizes))}, batch {n}"]
         for torch_side, gm_side in PAIRS.values():
@@ -625,6 +747,20 @@ def table(results: dict) -> str:
             row += [_cell(runs, gm_side, "vs_torch", "**{:.2f}**")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def transformer_table(runs: dict) -> str:
+    """samples/s of PyTorch eager and of gradmesh in-process, 1 and 2 workers, with the
+    ratio gradmesh / PyTorch eager."""
+    head, row = ["model"], [f"transformer (GPT, batch {MODELS['transformer'][1]} x 64 chars)"]
+    for system, side in TRANSFORMER_SYSTEMS:
+        head.append(LABELS[system])
+        row.append(_cell(runs, system, "samples_per_second", "{:.0f}"))
+        if side == "gradmesh":
+            head.append("ratio")
+            row.append(_cell(runs, system, "vs_torch", "**{:.2f}**"))
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |"])
 
 
 def _cell(runs: dict, system: str, key: str, fmt: str) -> str:
@@ -647,7 +783,11 @@ def breakdowns(results: dict) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="medium,large", help="comma-separated: medium,large")
+    p.add_argument(
+        "--models",
+        default="medium,large,transformer",
+        help="comma-separated: medium,large,transformer",
+    )
     p.add_argument(
         "--pairs",
         default="ps,ddp",
@@ -657,7 +797,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--steps",
         type=int,
-        help="timed steps per system per repetition (default: medium 20, large 4)",
+        help="timed steps per system per repetition (default: medium 20, large 4, transformer 5)",
     )
     p.add_argument(
         "--warmup",
@@ -722,7 +862,7 @@ def run(args, argv: list[str]) -> dict:
         results = run_models(args, (args.alone,) if args.alone else SIDES)
     for name, runs in results.items():
         check_losses(name, runs)
-        add_ratios(runs)
+        add_ratios(name, runs)
     info["machine"]["load_average_end"] = os.getloadavg()
     return {**info, "models": results}
 
@@ -734,7 +874,12 @@ def report(out: dict) -> str:
         f"{m['load_average_end'][0]:.2f}; python {m['python']}, numpy {m['numpy']}, "
         f"torch {m['torch']}; {out['command']}"
     )
-    return "\n\n".join(filter(None, [head, table(out["models"]), breakdowns(out["models"])]))
+    models = out["models"]
+    tables = [
+        table(models) if set(models) - {"transformer"} else "",
+        transformer_table(models["transformer"]) if "transformer" in models else "",
+    ]
+    return "\n\n".join(filter(None, [head, *tables, breakdowns(models)]))
 
 
 def main(argv: list[str] | None = None) -> int:

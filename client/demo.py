@@ -1,5 +1,8 @@
 """``gradmesh demo``: train a digit classifier on a local cluster, in well under a minute.
 
+``gradmesh demo --model transformer`` trains a character-level GPT instead
+(:mod:`gradmesh.client.demo_transformer`, which needs torch).
+
 It starts a :class:`~gradmesh.client.cluster.LocalCluster` (coordinator, 2 shards and 2
 workers, each its own process on 127.0.0.1), trains a small MLP on scikit-learn's
 ``load_digits`` (1,797 8x8 images that ship with scikit-learn: nothing is downloaded) with
@@ -10,6 +13,7 @@ a loss-curve PNG.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -27,6 +31,13 @@ __all__ = ["add_arguments", "run", "load_data", "make_model", "loss_fn", "accura
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradmesh demo``."""
+    parser.add_argument(
+        "--model",
+        choices=("digits", "transformer"),
+        default="digits",
+        help="digits: an MLP on handwritten digits (default); transformer: a character-level "
+        "GPT imported from PyTorch (needs gradmesh[demo,torch])",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument(
         "--shards",
@@ -34,19 +45,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="shard processes (default 2; 0: inside the coordinator)",
     )
-    parser.add_argument("--epochs", type=int, default=15, help="passes over the data (15)")
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch (128)")
+    parser.add_argument("--epochs", type=int, help="digits: passes over the data (15)")
+    parser.add_argument("--steps", type=int, help="transformer: training steps (1000)")
+    parser.add_argument("--batch-size", type=int, help="global batch (digits 128, transformer 32)")
     parser.add_argument(
-        "--micro-batch-size", type=int, default=32, help="rows per micro-batch (32)"
+        "--micro-batch-size", type=int, help="rows per micro-batch (digits 32, transformer 16)"
     )
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (0.003)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (digits: Adam 0.003; transformer: AdamW 0.006, cosine to a tenth)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights and shuffling seed")
+    parser.add_argument(
+        "--samples", type=int, default=3, help="transformer: lines of sampled text (3)"
+    )
+    parser.add_argument(
+        "--sample-length", type=int, default=120, help="transformer: characters per sample (120)"
+    )
     parser.add_argument(
         "--output-dir",
         default=os.path.join(tempfile.gettempdir(), "gradmesh-demo"),
         help="where the loss curve is written",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# Per model: the flags it uses and their defaults; a flag of the other model is an error.
+DEFAULTS = {
+    "digits": {"epochs": 15, "batch_size": 128, "micro_batch_size": 32, "lr": 3e-3},
+    "transformer": {"steps": 1000, "batch_size": 32, "micro_batch_size": 16, "lr": 6e-3},
+}
+
+
+def _apply_defaults(args: argparse.Namespace) -> str | None:
+    """Fill the chosen model's defaults; the problem with the flags, or None."""
+    own = DEFAULTS[args.model]
+    for other in ("epochs", "steps"):
+        if other not in own and getattr(args, other) is not None:
+            return f"--{other} does not apply to --model {args.model}"
+    for name, value in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return None
+
+
+def _run_transformer(args: argparse.Namespace) -> int:
+    # torch is in the torch extra, not in demo (it is large): say what to install.
+    for module in ("torch", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise SystemExit(
+                f"gradmesh demo --model transformer needs {module}: "
+                "pip install 'gradmesh[demo,torch]'"
+            ) from None
+    from gradmesh.client import demo_transformer
+
+    return demo_transformer.run(args)
 
 
 def load_data(seed: int = 0):
@@ -112,7 +168,14 @@ def plot_losses(losses: list[float], path: str, title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train and report; exit code 0 when the test accuracy reaches 95%."""
+    """Train and report; exit code 0 when the test accuracy reaches 95% (digits) or the
+    validation loss fell (transformer)."""
+    problem = _apply_defaults(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.model == "transformer":
+        return _run_transformer(args)
     if (
         min(args.workers, args.epochs, args.batch_size, args.micro_batch_size) < 1
         or args.shards < 0

@@ -28,7 +28,10 @@ COMMANDS = {
     "worker": ("gradmesh.server.worker", "serve gradients: take a graph, parameters and a batch"),
     "shard": ("gradmesh.server.shard", "hold parameters and optimizer state, apply steps"),
     "coordinator": ("gradmesh.server.coordinator", "run training jobs over workers and shards"),
-    "demo": ("gradmesh.client.demo", "train on handwritten digits with a local cluster"),
+    "demo": (
+        "gradmesh.client.demo",
+        "train on handwritten digits (or, --model transformer, a small GPT) on a local cluster",
+    ),
     "train": ("gradmesh.client.train", "train a model described in a TOML file"),
     "import": (
         "gradmesh.client.importers.command",

@@ -37,6 +37,72 @@ def test_demo_trains_digits_to_95_percent_and_writes_a_loss_curve(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_transformer_demo_shortened_loss_falls_and_text_is_sampled(tmp_path):
+    pytest.importorskip("torch")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradmesh.cli",
+            "demo",
+            "--model",
+            "transformer",
+            "--shards",
+            "0",
+            "--steps",
+            "12",
+            "--lr",
+            "0.01",
+            "--samples",
+            "2",
+            "--sample-length",
+            "30",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    before, after = map(
+        float, re.search(r"validation loss: ([\d.]+) before, ([\d.]+) after", out.stdout).groups()
+    )
+    first, last = map(float, re.search(r"training loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
+    assert after < before - 0.3 and last < first - 0.3, out.stdout
+    samples = out.stdout.split("sampled text")[1].split("total time")[0]
+    starts = [line for line in samples.splitlines() if line.startswith("  ...")]
+    assert len(starts) == 2, samples
+    continuations = samples.split("|")[1:]
+    assert "".join(continuations).strip(), samples
+    png = tmp_path / "transformer-loss.png"
+    assert f"loss curve: {png}" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transformer_demo_without_torch_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    with pytest.raises(SystemExit, match=re.escape("pip install 'gradmesh[demo,torch]'")):
+        cli.main(["demo", "--model", "transformer", "--steps", "1"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--steps", "5"], "--steps does not apply to --model digits"),
+        (["--model", "transformer", "--epochs", "2"], "--epochs does not apply"),
+        (["--model", "transformer", "--steps", "0"], "--steps"),
+        (["--model", "transformer", "--lr", "-1"], "--lr must be > 0"),
+    ],
+)
+def test_demo_flags_of_the_other_model_or_out_of_range_exit_2(flags, message, capsys):
+    if "transformer" in flags:
+        pytest.importorskip("torch")
+    assert cli.main(["demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.fixture
 def data_files(tmp_path):
     rng = np.random.default_rng(0)
