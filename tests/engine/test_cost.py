@@ -157,9 +157,7 @@ def _checked(op_name, forward, args, attrs):
         ((3, 1024, 500), (1, 500, 300)),
     ],
 )
-def test_batched_products_in_batch_blocks_give_the_same_bits(
-    dtype, a_shape, b_shape, monkeypatch
-):
+def test_batched_products_in_batch_blocks_give_the_same_bits(dtype, a_shape, b_shape, monkeypatch):
     from gradmesh.core.ops.linalg import matmul_p
 
     monkeypatch.setattr(cost, "MIN_BLOCK_FLOPS", 1 << 20)  # several blocks of these shapes
