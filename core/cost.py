@@ -1,8 +1,8 @@
 """What a compiled plan costs, from shape inference alone, before anything runs: an upper
 bound of the bytes it holds at once and the FLOPs it does (``cost_of``); and row blocks for
-large matrix products, so that a deadline or cancellation stops a call inside one big op
-(``call``; forward kernels of a plan, and its backward pass's products through the
-dispatcher, see ``checking``).
+large matrix products and batch blocks for batched products and convolutions, so that a
+deadline or cancellation stops a call inside one big op (``call``; forward kernels of a
+plan, and its backward pass's products through the dispatcher, see ``checking``).
 
 Bytes: the sum of every value's bytes (inputs, constants, each node's output) plus, when
 gradients are taken, the bytes of every value that requires grad again (its gradient).
