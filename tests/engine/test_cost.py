@@ -216,3 +216,44 @@ def test_batch_blocks_only_where_the_items_are_separate_products():
     assert cost._batch_item_flops("conv2d", [x, w], attrs)
     assert not cost._batch_item_flops("conv2d_weight_grad", [x, x], attrs)  # sums the batch
     assert not cost._batch_item_flops("conv2d", [x.astype(np.float32), w], attrs)  # mixed
+
+
+def _conv_graph(x_shape, w_shape):
+    """loss = sum(conv2d(x, w) ** 2), float64, x and w parameters (both get gradients)."""
+    from gradmesh.v1 import graph_pb2, tensor_pb2
+
+    def param(name, shape):
+        f64 = tensor_pb2.FLOAT64
+        return graph_pb2.Input(name=name, role=graph_pb2.Input.PARAM, dtype=f64, shape=shape)
+
+    ints = [
+        graph_pb2.Attribute(name=n, ints=graph_pb2.Ints(values=[1, 1]))
+        for n in ("stride", "padding")
+    ]
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[param("x", x_shape), param("w", w_shape)],
+        nodes=[
+            graph_pb2.Node(op="conv2d", inputs=[0, 1], attrs=ints),
+            graph_pb2.Node(op="mul", inputs=[2, 2]),
+            graph_pb2.Node(op="sum", inputs=[3]),
+        ],
+        outputs=[graph_pb2.Output(name="loss", value=4)],
+    )
+
+
+def test_a_plans_conv_forward_and_backward_in_batch_blocks_give_the_same_bits(monkeypatch):
+    monkeypatch.setattr(cost, "MIN_BLOCK_FLOPS", 1 << 20)
+    monkeypatch.setattr(cost, "TARGET_BLOCK_FLOPS", 1 << 22)
+    x_shape, w_shape = [8, 8, 24, 24], [16, 8, 3, 3]
+    vg = core_graph.validate(_conv_graph(x_shape, w_shape), core_graph.Limits())
+    plan = core_plan.compile_plan(vg, {})
+    rng = np.random.default_rng(7)
+    params = {"x": rng.standard_normal(x_shape), "w": rng.standard_normal(w_shape)}
+    whole = plan.run(params, {}, grads=["x", "w"])
+    before = cost.batch_blocked_calls
+    blocked = plan.run(params, {}, grads=["x", "w"], check=lambda: None)
+    assert cost.batch_blocked_calls - before == 2  # conv2d, and the vjp's conv2d_input_grad
+    assert np.array_equal(whole.loss, blocked.loss)
+    for name in ("x", "w"):
+        assert np.array_equal(whole.grads[name], blocked.grads[name]), name
