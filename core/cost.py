@@ -1,8 +1,8 @@
 """What a compiled plan costs, from shape inference alone, before anything runs: an upper
 bound of the bytes it holds at once and the FLOPs it does (``cost_of``); and row blocks for
-large matrix products, so that a deadline or cancellation stops a call inside one big op
-(``call``; forward kernels of a plan, and its backward pass's products through the
-dispatcher, see ``checking``).
+large matrix products and batch blocks for batched products and convolutions, so that a
+deadline or cancellation stops a call inside one big op (``call``; forward kernels of a
+plan, and its backward pass's products through the dispatcher, see ``checking``).
 
 Bytes: the sum of every value's bytes (inputs, constants, each node's output) plus, when
 gradients are taken, the bytes of every value that requires grad again (its gradient).
@@ -186,8 +186,14 @@ def _blocked_product(a, b, check) -> np.ndarray:
 def call(
     op_name: str, forward: Callable, xp, args: list, attrs: dict, check: Callable[[], None] | None
 ):
-    """``forward(xp, *args, **attrs)``; a large float32 ``matmul``/``mm``/``linear`` on
-    the CPU runs in row blocks with ``check()`` between them (same bits, see above)."""
+    """``forward(xp, *args, **attrs)``; on the CPU a large float32 ``matmul``/``mm``/
+    ``linear`` runs in row blocks, and a large batched ``matmul``, ``conv2d`` or
+    ``conv2d_input_grad`` (any float dtype) in batch blocks, with ``check()`` between them
+    (same bits, see above)."""
+    if check is not None and xp is np and len(args) >= 2:
+        per_item = _batch_item_flops(op_name, args, attrs)
+        if per_item:
+            return _in_batch_blocks(op_name, forward, args, attrs, per_item, check)
     if check is not None and xp is np and op_name in _BLOCKED_OPS and len(args) >= 2:
         a, b = args[0], args[1]
         if op_name == "linear":
@@ -201,6 +207,95 @@ def call(
 
 
 _BLOCKED_OPS = frozenset(("matmul", "mm", "linear"))
+
+
+# -- batch blocks -----------------------------------------------------------------------
+#
+# A batched matrix product is one BLAS call per matrix of the batch (numpy's matmul loops
+# over the batch dimensions), and conv2d and its input gradient are one batched product
+# per image (im2col / col2im work image by image). So running the first dimension in
+# slices makes the very same calls on the very same matrices: the same bits in any dtype,
+# float64 included (tests/engine/test_cost.py checks many shapes). Not blocked:
+# ``conv2d_weight_grad`` (it sums over the batch inside the op) and a 2-D float64
+# product, whose row or column blocks did not give the same bits (see above; measured
+# again for columns: 1500x300x700, 2048x1000x333, 777x555x999, 1200x129x1500 differ):
+# those are bounded by the FLOP budget only.
+batch_blocked_calls = 0  # ops run in batch blocks (for tests, metrics)
+
+
+def _float_arrays(args: list) -> bool:
+    a, b = args[0], args[1]
+    return (
+        type(a) is np.ndarray
+        and type(b) is np.ndarray
+        and a.dtype.kind == "f"
+        and b.dtype == a.dtype
+        and a.shape[0] >= 2
+    )
+
+
+def _batched_product_flops(a, b) -> int:
+    """FLOPs of one item of ``a``'s first dimension in ``a @ b``; 0 when slicing that
+    dimension is not the whole story (``b`` with more dimensions, or its own batch)."""
+    if a.ndim < 3 or b.ndim < 2 or b.ndim > a.ndim:
+        return 0
+    if b.ndim == a.ndim and b.shape[0] not in (1, a.shape[0]):
+        return 0
+    rest = int(np.prod(a.shape[1:-2], dtype=np.int64))
+    return 2 * rest * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
+
+def _batch_item_flops(op_name: str, args: list, attrs: dict) -> int:
+    """FLOPs per item of the first dimension when ``op_name`` runs in batch blocks here;
+    0 when it runs whole."""
+    if op_name not in _BATCH_OPS or not _float_arrays(args):
+        return 0
+    a, b = args[0], args[1]
+    if op_name == "matmul":
+        per_item = _batched_product_flops(a, b)
+    elif a.ndim != 4 or b.ndim != 4:
+        return 0
+    elif op_name == "conv2d":  # output pixels about H*W / stride
+        sh, sw = attrs.get("stride", (1, 1))
+        per_item = 2 * b.size * -(-a.shape[2] // sh) * -(-a.shape[3] // sw)
+    else:  # conv2d_input_grad: a is the output's gradient
+        per_item = 2 * b.size * a.shape[2] * a.shape[3]
+    total = per_item * a.shape[0]
+    if total < MIN_BLOCK_FLOPS or per_item * 2 > total:
+        return 0
+    return per_item if _items_per_block(per_item) < a.shape[0] else 0
+
+
+def _items_per_block(per_item: int) -> int:
+    return max(1, TARGET_BLOCK_FLOPS // max(1, per_item))
+
+
+def _sliced(op_name: str, args: list, s: int, e: int) -> list:
+    """The arguments of items ``s:e``: the first one's, and ``b``'s own batch if any."""
+    a, b = args[0], args[1]
+    first = [a[s:e]]
+    if op_name == "matmul" and b.ndim == a.ndim and b.shape[0] == a.shape[0]:
+        return first + [b[s:e]] + list(args[2:])
+    return first + list(args[1:])
+
+
+def _in_batch_blocks(op_name, forward, args, attrs, per_item, check) -> np.ndarray:
+    global batch_blocked_calls, block_checks
+    batch_blocked_calls += 1
+    n = args[0].shape[0]
+    step = _items_per_block(per_item)
+    out = None
+    for s in range(0, n, step):
+        block_checks += 1
+        check()
+        part = forward(np, *_sliced(op_name, args, s, s + step), **attrs)
+        if out is None:
+            out = np.empty((n,) + part.shape[1:], dtype=part.dtype)
+        out[s : s + step] = part
+    return out
+
+
+_BATCH_OPS = frozenset(("matmul", "conv2d", "conv2d_input_grad"))
 
 
 # The backward pass of a plan runs the registry's vjps, whose products go through the op

@@ -101,6 +101,9 @@ class Job:
     # again. ``error`` is permanent (a restore that cannot be completed).
     fault: str = ""
     log: "checkpoint.RecordLog | None" = None
+    # Step-log records that could not be written after Apply (disk full): written before
+    # the next record, so the log stays in step order (see ``JobTable._log``).
+    unlogged: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The parameters the workers get, at ``params.version``.
     params: "ParamSet | None" = None
@@ -607,6 +610,9 @@ class Coordinator:
         if job.log is None:
             return
         try:
+            while job.unlogged:  # an earlier step's result first: replay reads in order
+                job.log.append(*job.unlogged[0])
+                job.unlogged.pop(0)
             job.log.append(record, arrays)
         except OSError as e:
             if must:
@@ -615,7 +621,8 @@ class Coordinator:
                     f"cannot write the coordinator's step log {job.log.path}: {e}",
                     "step_id",
                 ) from None
-            # The shards logged the step: after a crash only its result would be lost.
+            # The shards logged the step; its result is written with the next record.
+            job.unlogged.append((record, arrays))
             log.warning("cannot log a step's result", extra={"job_id": job.job_id, "error": str(e)})
 
     def _shard_states(self, job: Job) -> dict[int, Any]:
@@ -963,6 +970,7 @@ class Coordinator:
         checkpoint.save(self._job_path(job.job_id), arrays, meta)
         if job.log is not None:
             job.log.truncate()  # its steps are in the checkpoint now
+            job.unlogged.clear()
 
     def checkpoint(self) -> None:
         """Checkpoint every job (on shutdown)."""

@@ -152,3 +152,122 @@ def test_transposed_left_operand_gives_the_same_bits():
         a = np.ascontiguousarray(rng.standard_normal((k, m)).astype(np.float32)).T
         b = rng.standard_normal((k, n)).astype(np.float32)
         assert np.array_equal(cost._blocked_product(a, b, lambda: None), a @ b)
+
+
+def _checked(op_name, forward, args, attrs):
+    checks = []
+    before = cost.batch_blocked_calls
+    out = cost.call(op_name, forward, np, args, attrs, lambda: checks.append(1))
+    return out, cost.batch_blocked_calls - before, len(checks)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "a_shape,b_shape",
+    [
+        ((12, 300, 350), (12, 350, 333)),
+        ((5, 777, 555), (555, 499)),  # b broadcast over the batch
+        ((4, 3, 250, 129), (3, 129, 750)),
+        ((3, 1024, 500), (1, 500, 300)),
+    ],
+)
+def test_batched_products_in_batch_blocks_give_the_same_bits(dtype, a_shape, b_shape, monkeypatch):
+    from gradmesh.core.ops.linalg import matmul_p
+
+    monkeypatch.setattr(cost, "MIN_BLOCK_FLOPS", 1 << 20)  # several blocks of these shapes
+    monkeypatch.setattr(cost, "TARGET_BLOCK_FLOPS", 1 << 28)
+    rng = np.random.default_rng(sum(a_shape) + sum(b_shape))
+    a = rng.standard_normal(a_shape).astype(dtype)
+    b = rng.standard_normal(b_shape).astype(dtype)
+    out, blocked, checks = _checked("matmul", matmul_p.forward, [a, b], {})
+    assert blocked == 1 and checks >= 2
+    assert out.dtype == dtype and np.array_equal(out, np.matmul(a, b))
+
+
+_CONVS = [
+    # x, w, stride, padding, dilation, groups
+    ((12, 16, 30, 30), (32, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((6, 32, 33, 31), (64, 16, 5, 3), (2, 1), (2, 0), (1, 2), 2),
+    ((8, 64, 20, 20), (128, 64, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((5, 8, 48, 48), (8, 1, 7, 7), (1, 1), (3, 3), (1, 1), 8),  # depthwise
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,groups", _CONVS)
+def test_conv2d_and_its_input_gradient_in_batch_blocks_give_the_same_bits(
+    dtype, x_shape, w_shape, stride, padding, dilation, groups, monkeypatch
+):
+    from gradmesh.core.ops.nn import conv2d_input_grad_p, conv2d_p
+
+    monkeypatch.setattr(cost, "MIN_BLOCK_FLOPS", 1 << 20)  # small shapes, several blocks
+    monkeypatch.setattr(cost, "TARGET_BLOCK_FLOPS", 1 << 22)
+    rng = np.random.default_rng(sum(x_shape))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    attrs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out, blocked, checks = _checked("conv2d", conv2d_p.forward, [x, w], attrs)
+    whole = conv2d_p.forward(np, x, w, **attrs)
+    assert blocked == 1 and checks >= 2
+    assert np.array_equal(out, whole)
+    g = rng.standard_normal(whole.shape).astype(dtype)
+    attrs["input_size"] = list(x_shape[2:])
+    gx, blocked, checks = _checked("conv2d_input_grad", conv2d_input_grad_p.forward, [g, w], attrs)
+    assert blocked == 1 and checks >= 2
+    assert np.array_equal(gx, conv2d_input_grad_p.forward(np, g, w, **attrs))
+
+
+def test_batch_blocks_only_where_the_items_are_separate_products():
+    big = np.broadcast_to(np.ones((1, 1, 1)), (32, 1024, 1024))
+    assert cost._batch_item_flops("matmul", [big, big], {})
+    assert not cost._batch_item_flops("matmul", [big, np.ones((4, 1, 1024, 8))], {})
+    assert not cost._batch_item_flops("matmul", [big[:1], big[:1]], {})  # one item
+    assert not cost._batch_item_flops("matmul", [big[:, :8, :8], big[:, :8, :8]], {})  # small
+    assert not cost._batch_item_flops("mm", [big[0], big[0]], {})
+    x = np.broadcast_to(np.ones((1, 1, 1, 1)), (64, 64, 128, 128))
+    w = np.ones((64, 64, 3, 3))
+    attrs = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    assert cost._batch_item_flops("conv2d", [x, w], attrs)
+    assert not cost._batch_item_flops("conv2d_weight_grad", [x, x], attrs)  # sums the batch
+    assert not cost._batch_item_flops("conv2d", [x.astype(np.float32), w], attrs)  # mixed
+
+
+def _conv_graph(x_shape, w_shape):
+    """loss = sum(conv2d(x, w) ** 2), float64, x and w parameters (both get gradients)."""
+    from gradmesh.v1 import graph_pb2, tensor_pb2
+
+    def param(name, shape):
+        f64 = tensor_pb2.FLOAT64
+        return graph_pb2.Input(name=name, role=graph_pb2.Input.PARAM, dtype=f64, shape=shape)
+
+    ints = [
+        graph_pb2.Attribute(name=n, ints=graph_pb2.Ints(values=[1, 1]))
+        for n in ("stride", "padding")
+    ]
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[param("x", x_shape), param("w", w_shape)],
+        nodes=[
+            graph_pb2.Node(op="conv2d", inputs=[0, 1], attrs=ints),
+            graph_pb2.Node(op="mul", inputs=[2, 2]),
+            graph_pb2.Node(op="sum", inputs=[3]),
+        ],
+        outputs=[graph_pb2.Output(name="loss", value=4)],
+    )
+
+
+def test_a_plans_conv_forward_and_backward_in_batch_blocks_give_the_same_bits(monkeypatch):
+    monkeypatch.setattr(cost, "MIN_BLOCK_FLOPS", 1 << 20)
+    monkeypatch.setattr(cost, "TARGET_BLOCK_FLOPS", 1 << 22)
+    x_shape, w_shape = [8, 8, 24, 24], [16, 8, 3, 3]
+    vg = core_graph.validate(_conv_graph(x_shape, w_shape), core_graph.Limits())
+    plan = core_plan.compile_plan(vg, {})
+    rng = np.random.default_rng(7)
+    params = {"x": rng.standard_normal(x_shape), "w": rng.standard_normal(w_shape)}
+    whole = plan.run(params, {}, grads=["x", "w"])
+    before = cost.batch_blocked_calls
+    blocked = plan.run(params, {}, grads=["x", "w"], check=lambda: None)
+    assert cost.batch_blocked_calls - before == 2  # conv2d, and the vjp's conv2d_input_grad
+    assert np.array_equal(whole.loss, blocked.loss)
+    for name in ("x", "w"):
+        assert np.array_equal(whole.grads[name], blocked.grads[name]), name

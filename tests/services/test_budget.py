@@ -8,6 +8,8 @@ import threading
 import time
 
 import grpc
+import numpy as np
+import pytest
 from models import matmul_graph
 from test_worker_errors import assert_still_serving, call_error, request
 from test_worker_raw_grpc import W, X, float32_tensor
@@ -15,7 +17,7 @@ from test_worker_raw_grpc import W, X, float32_tensor
 from gradmesh.core import cost
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import streams
-from gradmesh.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from gradmesh.v1 import graph_pb2, tensor_pb2, worker_pb2, worker_pb2_grpc
 
 
 def _matmul_request(m, k, n) -> worker_pb2.ComputeGradientsRequest:
@@ -220,3 +222,76 @@ def test_idle_streams_released_on_shards_and_coordinators():
         release.set()
         shard.stop(0)
         coordinator.stop(0)
+
+
+def _ints(name, values):
+    return graph_pb2.Attribute(name=name, ints=graph_pb2.Ints(values=values))
+
+
+def _float64_graph(op: str, a_shape, b_shape, attrs=()) -> graph_pb2.Graph:
+    """loss = sum(op(expand(a, a_shape), expand(b, b_shape))) in float64: 1-element
+    inputs (a ~100 byte request), one large op."""
+    ones_a, ones_b = [1] * len(a_shape), [1] * len(b_shape)
+    return graph_pb2.Graph(
+        version=1,
+        inputs=[
+            graph_pb2.Input(name="a", role=graph_pb2.Input.PARAM, dtype=F64, shape=ones_a),
+            graph_pb2.Input(name="b", role=graph_pb2.Input.DATA, dtype=F64, shape=ones_b),
+        ],
+        nodes=[
+            graph_pb2.Node(op="expand", inputs=[0], attrs=[_ints("shape", a_shape)]),
+            graph_pb2.Node(op="expand", inputs=[1], attrs=[_ints("shape", b_shape)]),
+            graph_pb2.Node(op=op, inputs=[2, 3], attrs=list(attrs)),
+            graph_pb2.Node(op="sum", inputs=[4]),
+        ],
+        outputs=[graph_pb2.Output(name="loss", value=5)],
+    )
+
+
+def _float64_request(g: graph_pb2.Graph) -> worker_pb2.ComputeGradientsRequest:
+    def one(name, i):
+        n = len(g.inputs[i].shape)
+        t = tensor_pb2.Tensor(dtype=F64, shape=[1] * n, data=struct.pack("<d", 1.0))
+        return tensor_pb2.NamedTensor(name=name, tensor=t)
+
+    return worker_pb2.ComputeGradientsRequest(graph=g, parameters=[one("a", 0)], data=[one("b", 1)])
+
+
+F64 = tensor_pb2.FLOAT64
+_CONV = [_ints("stride", [1, 1]), _ints("padding", [1, 1])]
+
+
+@pytest.mark.parametrize(
+    "op,a_shape,b_shape,attrs",
+    [
+        # ~6e10 FLOPs forward (x 3 with the gradient): seconds of float64 BLAS.
+        ("conv2d", [96, 64, 96, 96], [64, 64, 3, 3], _CONV),
+        ("matmul", [64, 1024, 1024], [1024, 512], []),
+    ],
+)
+def test_deadline_stops_a_large_float64_conv_or_batched_product_midway(
+    start_worker, op, a_shape, b_shape, attrs
+):
+    """float64 is not row-blocked (not the same bits), but a batched product and conv2d
+    run image by image: a deadline stops them between batch blocks."""
+    running = start_worker()
+    req = _float64_request(_float64_graph(op, a_shape, b_shape, attrs))
+    assert req.ByteSize() < 400
+    with grpc.insecure_channel(running.address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        before_calls, before_checks = cost.batch_blocked_calls, cost.block_checks
+        code, _, _ = call_error(stub.ComputeGradients, req, timeout=1.0)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert running.wait_in_flight(0, timeout=60)
+        assert running.worker.abandoned == 1
+        # Stopped inside the forward op (or, on a fast machine, the backward one): fewer
+        # checks than the batch blocks of both.
+        assert cost.batch_blocked_calls - before_calls >= 1
+        assert 1 <= cost.block_checks - before_checks < 2 * _batch_blocks(op, a_shape, b_shape)
+        assert_still_serving(stub)
+
+
+def _batch_blocks(op, a_shape, b_shape) -> int:
+    a, b = (np.broadcast_to(np.ones(1), s) for s in (a_shape, b_shape))
+    per_item = cost._batch_item_flops(op, [a, b], {"stride": (1, 1)})
+    return -(-a_shape[0] // cost._items_per_block(per_item))

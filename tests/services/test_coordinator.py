@@ -751,3 +751,42 @@ def test_a_full_disk_on_the_coordinators_step_log_applies_nothing(
     for step_id, (x, y) in enumerate(data[1:], start=2):
         job.step(x, y, step_id=step_id)
     assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
+
+
+@pytest.mark.parametrize("disk_back", [True, False], ids=["disk-back", "crash-while-full"])
+def test_a_full_disk_on_the_coordinators_step_log_after_apply_loses_no_step(
+    coordinator, tmp_path, monkeypatch, disk_back
+):
+    """The step's result cannot be logged after the shards applied it: the client still
+    gets its answer (the shards' logs hold the step), and the result is written before
+    the next record. A crash while the disk is still full loses only that record: the
+    step is pinned to its batch and the retried step id completes it, applied once."""
+    reference = _reference_params(coordinator)
+    kw = dict(state_dir=str(tmp_path), checkpoint_every=100, embedded_shards=2)
+    server, client = coordinator(**kw)
+    job, data = _job(client)
+    job.step(*data[0])
+    log = server.coordinator.jobs["j"].log
+    real = log.append
+
+    def full_after_apply(meta, arrays=None):
+        if meta["kind"] == "done":
+            raise OSError(28, "No space left on device")
+        real(meta, arrays)
+
+    monkeypatch.setattr(log, "append", full_after_apply)
+    answered = job.step(*data[1])
+    assert answered.version == 2 and not answered.replayed
+    monkeypatch.undo()
+    if disk_back:
+        job.step(*data[2])  # writes step 2's result first, then step 3's records
+    server.stop(0)  # a crash
+    server, client = coordinator(**kw)
+    job = client.job("j")
+    again = job.step(*data[1], step_id=2)
+    assert again.version == 2 and again.loss == answered.loss
+    assert again.replayed == disk_back  # crashed while full: recomputed, applied once
+    assert job.status().version == (3 if disk_back else 2)
+    for x, y in data[(3 if disk_back else 2) :]:
+        job.step(x, y)
+    assert all(np.array_equal(a, reference[n]) for n, a in _params(job).items())
