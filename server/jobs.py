@@ -39,7 +39,7 @@ import numpy as np
 from gradmesh.core import dtypes, lr_scheduler, serialize
 from gradmesh.core import graph as core_graph
 from gradmesh.core.nn import utils as nn_utils
-from gradmesh.server import checkpoint
+from gradmesh.server import checkpoint, compression
 from gradmesh.server.aggregate import (
     TreeSum,
     combine_buffers,
@@ -119,6 +119,9 @@ class Job:
     # The step arguments (lr, clipping coefficient, ...) and total norm of the pinned step:
     # a retry sends the shards that did not apply it the same ones.
     pinned_args: "tuple[dict, float | None] | None" = None
+    # Opt-in compressed mode (None: the synchronous, bitwise mode) and its error-feedback
+    # residuals, in memory only (docs/training.md, "Compressed gradients").
+    residuals: "compression.Residuals | None" = None
 
 
 def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -207,6 +210,7 @@ def _differences(
     digest: str,
     schedule: dict | None = None,
     clipping: dict | None = None,
+    compress: dict | None = None,
 ) -> list[str]:
     """What a CreateJob for an existing job id asks differently from the job (empty: the
     same content, an idempotent re-create)."""
@@ -232,6 +236,10 @@ def _differences(
             f"clipping (existing {existing.clipping}, new {clipping})",
             existing.clipping == clipping,
         ),
+        (
+            f"compression (existing {_compression_of(existing)}, new {compress})",
+            _compression_of(existing) == compress,
+        ),
     )
     return [what for what, same in checks if not same]
 
@@ -243,6 +251,7 @@ def default_job_id(
     micro_batch_size: int,
     schedule: dict | None = None,
     clipping: dict | None = None,
+    compress: dict | None = None,
 ) -> str:
     """The id of a job created without one: a digest of its content (graph, initial
     parameters, optimizer, micro-batch size, schedule and clipping when given), so that
@@ -250,6 +259,8 @@ def default_job_id(
     content: list = [graph_id, params_digest, optimizer, micro_batch_size]
     if schedule is not None or clipping is not None:
         content += [schedule, clipping]
+    if compress is not None:
+        content += [{"compression": compress}]
     key = json.dumps(content, sort_keys=True)
     return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -329,6 +340,39 @@ def _advance_schedule(job: Job, loss: float) -> None:
         job.schedule_error = f"the job's learning-rate schedule ended: {e}"
 
 
+def _compression_of(job: Job) -> dict | None:
+    return job.residuals.spec if job.residuals is not None else None
+
+
+def _compression_spec(msg) -> dict | None:
+    """A CreateJobRequest's GradientCompression as a validated description (None:
+    unset, the synchronous mode); INVALID_ARGUMENT naming the field when bad."""
+    if msg is None:
+        return None
+    try:
+        return compression.validate({"kind": msg.kind, "ratio": msg.ratio})
+    except ValueError as e:
+        raise ServiceError(INVALID, str(e), str(e).split()[0]) from None  # names the field
+
+
+def _set_compression(job: Job, spec: dict | None) -> None:
+    job.residuals = compression.Residuals(spec) if spec is not None else None
+
+
+def _mode_fields(job: Job) -> dict:
+    """JobStatus's mode fields: what the job trades for speed, if anything."""
+    r = job.residuals
+    if r is None:
+        return {"mode": "synchronous", "deterministic": True}
+    return {
+        "mode": "compressed",
+        "deterministic": False,
+        "compression": coordinator_pb2.GradientCompression(**r.spec),
+        "gradient_bytes": r.dense_bytes,
+        "compressed_bytes": r.sent_bytes,
+    }
+
+
 def _job_dtype(job: Job, name: str) -> np.dtype:
     return np.dtype(serialize.PROTO_TO_DTYPE[job.param_specs[name][0]].name)
 
@@ -385,6 +429,7 @@ class Coordinator:
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         _schedule_and_clipping(optimizer_from_proto(header.optimizer), *_schedule_messages(header))
+        _compression_spec(header.compression if header.HasField("compression") else None)
         _, _, specs, _, _ = _graph_signature(header.graph)
         specs = {**specs, **_graph_buffers(header.graph)}
         serialize.check_headers(
@@ -400,6 +445,7 @@ class Coordinator:
         micro_batch_size: int,
         schedule_msg=None,
         clipping_msg=None,
+        compression_msg=None,
     ):
         """Create a job (idempotent for identical content); returns the Job.
         ``schedule_msg``/``clipping_msg``: an LRSchedule and a GradientClipping, or None."""
@@ -409,6 +455,7 @@ class Coordinator:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
         schedule, clipping = _schedule_and_clipping(optimizer, schedule_msg, clipping_msg)
+        compress = _compression_spec(compression_msg)
         vg, names, specs, data, extra = _graph_signature(graph)
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
         buffer_specs = _graph_buffers(graph)
@@ -417,13 +464,13 @@ class Coordinator:
         # Buffers count as initial state (a graph without them digests as before).
         digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
         job_id = job_id or default_job_id(
-            gid, digest, optimizer, micro_batch_size, schedule, clipping
+            gid, digest, optimizer, micro_batch_size, schedule, clipping, compress
         )
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
                 differ = _differences(
-                    existing, gid, optimizer, micro_batch_size, digest, schedule, clipping
+                    existing, gid, optimizer, micro_batch_size, digest, schedule, clipping, compress
                 )
                 if differ:
                     raise ServiceError(
@@ -449,6 +496,7 @@ class Coordinator:
                 buffers=buffers,
             )
             _set_schedule(job, schedule, clipping)
+            _set_compression(job, compress)
             self.jobs[job_id] = job
         try:
             with job.lock:
@@ -753,6 +801,8 @@ class Coordinator:
             job.fault = f"step {step_id} failed in a shard's Apply: {_text(e)}"
             raise
         t3 = time.perf_counter()
+        if run.residuals is not None:
+            run.residuals.commit()
         job.version = version + 1
         job.buffers = new_buffers
         job.last_step_id = step_id
@@ -879,6 +929,7 @@ class Coordinator:
             clipping=clipping_to_proto(job.clipping) if job.clipping else None,
             next_lr=job.runner.hyper()["lr"] if job.runner else job.optimizer["lr"],
             last_grad_norm=job.last_grad_norm,
+            **_mode_fields(job),
         )
 
     def list_workers(self):
@@ -929,6 +980,7 @@ class Coordinator:
             "pinned": list(job.pinned) if job.pinned else None,
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
             **_schedule_meta(job),
+            **({"compression": job.residuals.spec} if job.residuals else {}),
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
         arrays = {"graph": graph, **_buffer_arrays(job.buffers)}
@@ -976,6 +1028,8 @@ class Coordinator:
             job.buffer_specs = _graph_buffers(graph)
             job.buffers = _buffers_of(arrays)
             _restore_schedule(job, meta)
+            # The residuals are not checkpointed: they restart from zero (documented).
+            _set_compression(job, meta.get("compression"))
             job.log = checkpoint.RecordLog(self._log_path(job.job_id))
             self._replay(job)
             if meta["shards"] != len(self.shards):
@@ -1104,6 +1158,7 @@ class _StepRun:
         # step left behind instead of mixing them with this one's (the retry may carry
         # another batch).
         self.attempt = secrets.randbits(64)
+        self.residuals = job.residuals.stage() if job.residuals is not None else None
 
     def compute(self, worker: WorkerHandle, m: int) -> Reply:
         job = self.job
@@ -1132,8 +1187,13 @@ class _StepRun:
                 grpc.StatusCode.INTERNAL, f"a worker returned no new value of buffer {missing[:5]}"
             )
         t = time.perf_counter()
+        gradients = r.gradients
+        if self.residuals is not None:
+            # Unused parameters stay zeros (the shards skip them as torch's optimizers do).
+            used = [nm for nm in job.param_names if nm not in r.unused]
+            gradients = {**gradients, **self.residuals.apply(m, {nm: gradients[nm] for nm in used})}
         for i in self.by_shard:
-            grads = {nm: r.gradients[nm] for nm in job.param_names if job.placement[nm] == i}
+            grads = {nm: gradients[nm] for nm in job.param_names if job.placement[nm] == i}
             unused = [nm for nm in r.unused if nm in grads]
             try:
                 self.shards[i].push(
