@@ -1,0 +1,197 @@
+"""Opt-in compressed-gradient mode (docs/training.md, "Compressed gradients"): the
+compression with error feedback itself, a job in that mode on a real coordinator (status,
+refusals, reproducible whatever the number of workers), and convergence on the demo's
+digits task against the synchronous mode in the same test."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+import gradmesh.core as gm
+from gradmesh.client import demo
+from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.client.training import batches
+from gradmesh.server import compression
+from gradmesh.server import coordinator as coordinator_mod
+from gradmesh.server import worker as worker_mod
+from gradmesh.wire.errors import GradmeshError
+
+TOPK = {"kind": "topk", "ratio": 0.01}
+SIGN = {"kind": "sign"}
+
+
+# -- the compression, as plain functions ---------------------------------------------------
+def test_topk_keeps_the_largest_magnitudes_and_sign_keeps_the_l1_norm():
+    p = np.array([[0.5, -3.0, 0.1], [2.0, -0.2, 0.0]], np.float32)
+    kept = compression.compress({"kind": "topk", "ratio": 0.3}, p)  # ceil(0.3 * 6) = 2
+    np.testing.assert_array_equal(kept, [[0, -3.0, 0], [2.0, 0, 0]])
+    signs = compression.compress(SIGN, p)
+    scale = np.float32(np.abs(p).mean())
+    np.testing.assert_array_equal(signs, np.where(p >= 0, scale, -scale))
+    assert compression.encoded_bytes({"kind": "topk", "ratio": 0.3}, p) == 2 * (4 + 4)
+    assert compression.encoded_bytes(SIGN, p) == 1 + 4
+
+
+@pytest.mark.parametrize("spec", [TOPK, SIGN], ids=["topk", "sign"])
+def test_error_feedback_loses_nothing_only_delays_it(spec):
+    """Over steps, what went on plus what is still held is what came in (float64 sums)."""
+    rng = np.random.default_rng(0)
+    residuals = compression.Residuals(spec)
+    came, went = np.zeros(300), np.zeros(300)
+    for _ in range(20):
+        g = rng.standard_normal(300)
+        staged = residuals.stage()
+        went += staged.apply(0, {"w": g})["w"]
+        came += g
+        staged.commit()
+    np.testing.assert_allclose(went + residuals.kept[(0, "w")], came, rtol=1e-12, atol=1e-12)
+    assert residuals.sent_bytes < residuals.dense_bytes / 8
+
+
+def test_an_attempt_not_committed_leaves_the_residuals_as_they_were():
+    residuals = compression.Residuals(TOPK)
+    residuals.stage().apply(0, {"w": np.arange(10.0)})
+    assert residuals.kept == {} and residuals.sent_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"kind": "gzip"}, "compression.kind"),
+        ({"kind": "topk", "ratio": 0.0}, "compression.ratio"),
+        ({"kind": "topk", "ratio": 1.5}, "compression.ratio"),
+        ({"kind": "sign", "ratio": 0.1}, "compression.ratio"),
+    ],
+)
+def test_bad_compression_is_refused_naming_the_field(spec, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        compression.validate(spec)
+
+
+# -- jobs on a real coordinator ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workers():
+    started = [worker_mod.start("cpu") for _ in range(2)]
+    yield [w.address for w in started]
+    for w in started:
+        w.stop(0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return demo.load_data(0)
+
+
+def _coordinator(addresses):
+    # No shared memory: the bytes path that remote workers use.
+    server = coordinator_mod.start(workers=addresses, shared_memory=False)
+    return server, CoordinatorClient(server.address, retry_seconds=0.0)
+
+
+def _train(client, digits, epochs, compress=None, job_id=None, track=False):
+    """Train the demo's MLP with the demo's settings; (model, test accuracy after each
+    epoch, job status)."""
+    x_train, y_train, x_test, y_test = digits
+    model = demo.make_model(0)
+    job = client.create_job(
+        model,
+        demo.loss_fn,
+        gm.optim.Adam(model.parameters(), lr=3e-3),
+        32,
+        example_batch=(x_train[:8], y_train[:8]),
+        data_names=["x", "y"],
+        compression=compress,
+        job_id=job_id,
+    )
+    accuracies = []
+    for epoch in range(epochs):
+        for x, y in batches(x_train, y_train, batch_size=128, seed=epoch):
+            job.step(x, y)
+        if track or epoch == epochs - 1:
+            model.load_state_dict(job.parameters())
+            accuracies.append(demo.accuracy(model, x_test, y_test))
+    return model, accuracies, job.status()
+
+
+@pytest.fixture(scope="module")
+def coordinator(workers):
+    server, client = _coordinator(workers)
+    yield client
+    client.close()
+    server.stop(0)
+    server.coordinator.close()
+
+
+def test_status_says_the_mode_and_bad_values_are_invalid_argument(coordinator, digits):
+    x, y = digits[0][:8], digits[1][:8]
+    model = demo.make_model(0)
+    sync = coordinator.create_job(
+        model, demo.loss_fn, {"name": "sgd", "lr": 0.1}, 4, example_batch=(x, y), job_id="m-sync"
+    )
+    status = sync.status()
+    assert (status.mode, status.deterministic, status.HasField("compression")) == (
+        "synchronous",
+        True,
+        False,
+    )
+    job = coordinator.create_job(
+        model,
+        demo.loss_fn,
+        {"name": "sgd", "lr": 0.1},
+        4,
+        example_batch=(x, y),
+        job_id="m-topk",
+        compression=TOPK,
+    )
+    job.step(x, y)
+    status = job.status()
+    assert (status.mode, status.deterministic) == ("compressed", False)
+    assert (status.compression.kind, status.compression.ratio) == ("topk", 0.01)
+    dense = sum(a.numpy().nbytes for a in model.state_dict().values()) * 2  # 2 micro-batches
+    assert status.gradient_bytes == dense
+    assert 0 < status.compressed_bytes < dense / 10
+    with pytest.raises(GradmeshError) as e:  # same id, another mode
+        coordinator.create_job(
+            model, demo.loss_fn, {"name": "sgd", "lr": 0.1}, 4, example_batch=(x, y),
+            job_id="m-topk", compression=SIGN,
+        )  # fmt: skip
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "compression" in e.value.message
+    with pytest.raises(GradmeshError) as e:
+        coordinator.create_job(
+            model, demo.loss_fn, {"name": "sgd", "lr": 0.1}, 4, example_batch=(x, y),
+            compression={"kind": "topk", "ratio": 2.0},
+        )  # fmt: skip
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "compression.ratio" in e.value.message
+
+
+def test_the_compressed_mode_is_reproducible_whatever_the_number_of_workers(
+    coordinator, workers, digits
+):
+    """Residuals are per micro-batch index, not per worker: 1 and 2 workers agree bitwise."""
+    one_server, one = _coordinator(workers[:1])
+    try:
+        runs = [_train(c, digits, 1, SIGN, job_id="m-repro")[0] for c in (coordinator, one)]
+    finally:
+        one.close()
+        one_server.stop(0)
+        one_server.coordinator.close()
+    for name, a in runs[0].state_dict().items():
+        assert np.array_equal(a.numpy(), runs[1].state_dict()[name].numpy()), name
+
+
+EPOCHS = 6  # the synchronous mode's budget; the compressed modes get EXTRA more epochs
+EXTRA = 2  # 12 steps an epoch: at most 24 extra steps
+TOLERANCE = 0.01  # accuracy within 1 point of the synchronous mode's
+
+
+@pytest.mark.parametrize("spec", [TOPK, SIGN], ids=["topk-1%", "sign"])
+def test_the_compressed_mode_converges_to_the_synchronous_accuracy(coordinator, digits, spec):
+    _, sync, _ = _train(coordinator, digits, EPOCHS)
+    assert sync[-1] > 0.9  # the synchronous reference learned the task
+    _, compressed, status = _train(coordinator, digits, EPOCHS + EXTRA, spec, track=True)
+    assert status.mode == "compressed"
+    reached = [e for e, acc in enumerate(compressed, 1) if acc >= sync[-1] - TOLERANCE]
+    assert reached, f"synchronous {sync[-1]:.3f} after {EPOCHS} epochs, compressed {compressed}"
