@@ -17,6 +17,7 @@ The residual ``e`` is kept per (micro-batch index, parameter): the micro-batch, 
 worker, is the unit (any worker may compute any micro-batch), so the compressed mode is
 still a pure function of the batches and stays reproducible run to run whatever the
 number of workers; it is not equal to the synchronous mode.
+The wire encoding, for remote shards, is :mod:`gradmesh.wire.compression`.
 """
 
 from __future__ import annotations
@@ -76,10 +77,13 @@ def compress(spec: dict, p: np.ndarray) -> np.ndarray:
 
 def encoded_bytes(spec: dict, a: np.ndarray) -> int:
     """Bytes of ``C(p)`` in the compressed encoding (indices and values; or bits and a
-    scale), against ``a.nbytes`` dense."""
+    scale; padded to whole int32 words: :mod:`gradmesh.wire.compression`), against
+    ``a.nbytes`` dense."""
     if spec["kind"] == "topk":
-        return _kept(a.size, spec["ratio"]) * (INDEX_BYTES + a.itemsize) if a.size else 0
-    return -(-a.size // 8) + a.itemsize
+        used = _kept(a.size, spec["ratio"]) * (INDEX_BYTES + a.itemsize) if a.size else 0
+    else:
+        used = -(-a.size // 8) + a.itemsize
+    return -(-used // 4) * 4
 
 
 @dataclass

@@ -53,6 +53,7 @@ from gradmesh.server.runtime import ServiceError, status_code
 from gradmesh.server.shard_store import EmbeddedShard, ShardStore, check_job_id
 from gradmesh.server.workers import ParamSet, WorkerHandle, WorkerPool
 from gradmesh.v1 import coordinator_pb2, graph_pb2
+from gradmesh.wire import compression as wire_compression
 from gradmesh.wire.errors import GradmeshError
 from gradmesh.wire.schedule import (
     clipping_from_proto,
@@ -1195,9 +1196,20 @@ class _StepRun:
         for i in self.by_shard:
             grads = {nm: gradients[nm] for nm in job.param_names if job.placement[nm] == i}
             unused = [nm for nm in r.unused if nm in grads]
+            extra = self._compressed_for(i, grads, unused)
+            if extra:
+                grads = {nm: g for nm, g in grads.items() if nm in unused}
             try:
                 self.shards[i].push(
-                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt, unused
+                    job.job_id,
+                    self.step_id,
+                    m,
+                    self.n,
+                    self.version,
+                    grads,
+                    self.attempt,
+                    unused,
+                    **extra,
                 )
             except (ServiceError, GradmeshError) as e:
                 job.fault = (
@@ -1216,6 +1228,17 @@ class _StepRun:
                 if value is not None and np.size(value) == 1:
                     w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
                     self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+    def _compressed_for(self, i: int, grads: dict, unused: list) -> dict:
+        """For a remote shard of a compressed job, the compressed gradients in their wire
+        encoding (decoded there to the same values: embedded shards get them dense)."""
+        if self.residuals is None or isinstance(self.shards[i], EmbeddedShard):
+            return {}
+        kind = self.residuals.owner.spec["kind"]
+        blobs = {
+            nm: wire_compression.encode(kind, g) for nm, g in grads.items() if nm not in unused
+        }
+        return {"compressed": (kind, blobs)} if blobs else {}
 
     def new_buffers(self) -> dict[str, np.ndarray]:
         """The step's new buffers: every micro-batch's update, combined in micro-batch

@@ -16,7 +16,14 @@ from gradmesh.client.training import batches
 from gradmesh.server import compression
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
-from gradmesh.wire.errors import GradmeshError
+from gradmesh.server.runtime import ServerConfig
+from gradmesh.server.shard import serve_shard
+from gradmesh.server.shard_store import ShardStore
+from gradmesh.v1 import shard_pb2
+from gradmesh.wire import compression as wire_compression
+from gradmesh.wire.errors import GradmeshError, from_rpc_error
+from gradmesh.wire.frames import serialize_message
+from gradmesh.wire.shard import RemoteShard, named_headers, shard_frames
 
 TOPK = {"kind": "topk", "ratio": 0.01}
 SIGN = {"kind": "sign"}
@@ -31,7 +38,7 @@ def test_topk_keeps_the_largest_magnitudes_and_sign_keeps_the_l1_norm():
     scale = np.float32(np.abs(p).mean())
     np.testing.assert_array_equal(signs, np.where(p >= 0, scale, -scale))
     assert compression.encoded_bytes({"kind": "topk", "ratio": 0.3}, p) == 2 * (4 + 4)
-    assert compression.encoded_bytes(SIGN, p) == 1 + 4
+    assert compression.encoded_bytes(SIGN, p) == 8  # 1 byte of bits, 4 of scale, padded
 
 
 @pytest.mark.parametrize("spec", [TOPK, SIGN], ids=["topk", "sign"])
@@ -54,6 +61,18 @@ def test_an_attempt_not_committed_leaves_the_residuals_as_they_were():
     residuals = compression.Residuals(TOPK)
     residuals.stage().apply(0, {"w": np.arange(10.0)})
     assert residuals.kept == {} and residuals.sent_bytes == 0
+
+
+@pytest.mark.parametrize("spec", [{"kind": "topk", "ratio": 0.05}, SIGN], ids=["topk", "sign"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_the_wire_encoding_decodes_to_the_compressed_values_bit_for_bit(spec, dtype):
+    rng = np.random.default_rng(1)
+    for shape in [(7, 13), (1,), (3, 0)]:
+        c = compression.compress(spec, rng.standard_normal(shape).astype(dtype))
+        words = wire_compression.encode(spec["kind"], c)
+        assert words.dtype == np.int32 and words.nbytes == compression.encoded_bytes(spec, c)
+        back = wire_compression.decode(spec["kind"], words, np.dtype(dtype), shape)
+        assert back.dtype == dtype and np.array_equal(back.view(np.uint8), c.view(np.uint8))
 
 
 @pytest.mark.parametrize(
@@ -183,6 +202,66 @@ def test_the_compressed_mode_is_reproducible_whatever_the_number_of_workers(
         one_server.coordinator.close()
     for name, a in runs[0].state_dict().items():
         assert np.array_equal(a.numpy(), runs[1].state_dict()[name].numpy()), name
+
+
+@pytest.fixture
+def remote_shards():
+    running = [serve_shard(ServerConfig(port=0), ShardStore()) for _ in range(2)]
+    yield [r.address for r in running]
+    for r in running:
+        r.stop(0)
+
+
+def test_remote_shards_get_the_encoding_and_apply_the_same_values(
+    coordinator, workers, digits, remote_shards
+):
+    """Over the wire (2 shard servers) the compressed gradients arrive encoded and decode
+    to the values an embedded shard sums: the same parameters, bit for bit."""
+    server = coordinator_mod.start(workers=workers, shards=remote_shards, shared_memory=False)
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    try:
+        remote, _, status = _train(client, digits, 1, TOPK, job_id="m-remote")
+    finally:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
+    assert status.shards == 2 and status.compressed_bytes < status.gradient_bytes / 10
+    embedded = _train(coordinator, digits, 1, TOPK, job_id="m-embedded")[0]
+    for name, a in embedded.state_dict().items():
+        assert np.array_equal(a.numpy(), remote.state_dict()[name].numpy()), name
+
+
+def _push(address, kind, words):
+    """A raw PushGradients with one compressed gradient of ``w``: the error, decoded."""
+    header = shard_pb2.PushGradientsRequest(
+        job_id="bad-push", step_id=1, micro_batches=1, compression=kind
+    )
+    values = named_headers(header.compressed_gradients, {"w": words})
+    with grpc.insecure_channel(address) as channel:
+        push = channel.stream_unary(
+            "/gradmesh.v1.ParameterShard/PushGradients", request_serializer=serialize_message
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            push(shard_frames("push", header, values), timeout=10)
+    return from_rpc_error(e.value)
+
+
+def test_a_malformed_compressed_push_is_invalid_argument_naming_it(remote_shards):
+    shard = RemoteShard(remote_shards[0])
+    try:
+        shard.load("bad-push", {"w": np.zeros((4, 4), np.float32)}, {"name": "sgd", "lr": 0.1})
+    finally:
+        shard.close()
+    bad = [
+        ("topk", np.arange(3, dtype=np.int32), "compressed_gradients[w]"),  # not k + k
+        ("topk", np.array([99, 0], np.int32), "compressed_gradients[w]"),  # index 99 of 16
+        ("sign", np.zeros(1, np.int32), "compressed_gradients[w]"),  # 16 bits + scale: 2 words
+        ("topk", np.zeros(100, np.float32), "compressed_gradients[w]"),  # not int32 words
+        ("gzip", np.zeros(2, np.int32), "compression"),
+    ]
+    for kind, words, field in bad:
+        err = _push(remote_shards[0], kind, words)
+        assert (err.code, err.field) == (grpc.StatusCode.INVALID_ARGUMENT, field), err.message
 
 
 EPOCHS = 6  # the synchronous mode's budget (72 steps); the compressed modes get EXTRA more
