@@ -2,13 +2,15 @@
 
 Each mode trains the demo's MLP (64-256-10, Adam lr 0.003, batch 128, micro-batches of
 32, 12 steps an epoch) through an in-process coordinator with 2 in-process CPU workers
-on the bytes path (no shared memory), from the same initial weights and batches. Per mode:
+on the bytes path (no shared memory) and ``--shards`` shard servers (0: the coordinator's
+embedded shard; with shard servers the compressed gradients cross the wire encoded), from
+the same initial weights and batches. Per mode:
 the training loss against wall time (every step), the test accuracy after each epoch, the
 first epoch at the synchronous mode's final accuracy (minus ``--tolerance``), and the
 micro-batch gradients' bytes dense and in the compressed encoding (JobStatus).
 
 ``python benchmarks/modes.py`` (15 epochs), ``--epochs N``, ``--quick`` (3 epochs),
-``--json PATH`` (the curves too).
+``--shards N``, ``--json PATH`` (the curves too).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.client.training import batches
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
+from gradmesh.server.runtime import ServerConfig
+from gradmesh.server.shard import serve_shard
+from gradmesh.server.shard_store import ShardStore
 
 MODES = {
     "synchronous": None,
@@ -68,12 +73,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="3 epochs")
     parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--shards", type=int, default=0, help="shard servers (0: embedded)")
     parser.add_argument("--json", help="write the figures and curves here")
     args = parser.parse_args()
     epochs = 3 if args.quick else args.epochs
     data = demo.load_data(0)
     workers = [worker_mod.start("cpu") for _ in range(2)]
-    server = coordinator_mod.start(workers=[w.address for w in workers], shared_memory=False)
+    shards = [serve_shard(ServerConfig(port=0), ShardStore()) for _ in range(args.shards)]
+    server = coordinator_mod.start(
+        workers=[w.address for w in workers],
+        shards=[s.address for s in shards],
+        shared_memory=False,
+    )
     client = CoordinatorClient(server.address)
     try:
         results = {name: train(client, data, epochs, spec) for name, spec in MODES.items()}
@@ -81,11 +92,14 @@ def main() -> None:
         client.close()
         server.stop(0)
         server.coordinator.close()
-        for w in workers:
+        for w in workers + shards:
             w.stop(0)
     target = results["synchronous"]["accuracies"][-1] - args.tolerance
     steps = len(results["synchronous"]["curve"]) // epochs
-    print(f"{epochs} epochs of {steps} steps; target: synchronous accuracy - {args.tolerance}")
+    print(
+        f"{epochs} epochs of {steps} steps, {args.shards or 'embedded'} shards; target: "
+        f"synchronous accuracy - {args.tolerance}"
+    )
     print(
         "| mode | final accuracy | first epoch at target | step time (s) | loss at half time "
         "| final loss | gradient bytes per step | vs dense |"
