@@ -107,8 +107,9 @@ class StagedResiduals:
 
     owner: Residuals
     new: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
-    dense_bytes: int = 0
-    sent_bytes: int = 0
+    # (dense, encoded) bytes per (micro-batch, parameter): a micro-batch given again (its
+    # push failed and it was recomputed) is counted once.
+    sizes: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
     # Micro-batches arrive on several threads at once.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -122,12 +123,11 @@ class StagedResiduals:
             c = compress(self.owner.spec, p)
             with self.lock:
                 self.new[(m, name)] = p - c
-                self.dense_bytes += p.nbytes
-                self.sent_bytes += encoded_bytes(self.owner.spec, p)
+                self.sizes[(m, name)] = (p.nbytes, encoded_bytes(self.owner.spec, p))
             out[name] = c
         return out
 
     def commit(self) -> None:
         self.owner.kept.update(self.new)
-        self.owner.dense_bytes += self.dense_bytes
-        self.owner.sent_bytes += self.sent_bytes
+        self.owner.dense_bytes += sum(dense for dense, _ in self.sizes.values())
+        self.owner.sent_bytes += sum(sent for _, sent in self.sizes.values())

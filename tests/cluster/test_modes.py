@@ -61,6 +61,11 @@ def test_an_attempt_not_committed_leaves_the_residuals_as_they_were():
     residuals = compression.Residuals(TOPK)
     residuals.stage().apply(0, {"w": np.arange(10.0)})
     assert residuals.kept == {} and residuals.sent_bytes == 0
+    staged = residuals.stage()
+    for _ in range(2):  # a micro-batch given twice in one attempt (recomputed) counts once
+        staged.apply(0, {"w": np.arange(10.0)})
+    staged.commit()
+    assert (residuals.dense_bytes, residuals.sent_bytes) == (80, 12)
 
 
 @pytest.mark.parametrize("spec", [{"kind": "topk", "ratio": 0.05}, SIGN], ids=["topk", "sign"])
@@ -187,6 +192,33 @@ def test_status_says_the_mode_and_bad_values_are_invalid_argument(coordinator, d
         )  # fmt: skip
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "compression.ratio" in e.value.message
+
+
+def test_the_mode_is_part_of_the_job_and_survives_a_coordinator_restart(workers, tmp_path):
+    x, y = demo.load_data(0)[:2]
+    model = demo.make_model(0)
+    server = coordinator_mod.start(workers=workers, state_dir=str(tmp_path))
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    try:
+        args = (model, demo.loss_fn, {"name": "sgd", "lr": 0.1}, 4)
+        sync = client.create_job(*args, example_batch=(x[:8], y[:8]))
+        job = client.create_job(*args, example_batch=(x[:8], y[:8]), compression=SIGN)
+        assert job.job_id != sync.job_id  # the default id digests the mode too
+        job.step(x[:8], y[:8])
+    finally:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
+    server = coordinator_mod.start(workers=workers, state_dir=str(tmp_path))
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    try:
+        status = client.job(job.job_id).status()
+        assert (status.mode, status.compression.kind, status.version) == ("compressed", "sign", 1)
+        assert client.job(sync.job_id).status().mode == "synchronous"
+    finally:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
 
 
 def test_the_compressed_mode_is_reproducible_whatever_the_number_of_workers(
