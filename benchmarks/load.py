@@ -99,7 +99,7 @@ class Server:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
+        m = re.search(r'listening on ([^\s"]+)', line)  # text or JSON
         if not m:
             self.proc.kill()
             raise RuntimeError(f"{role} did not start: {line!r}")

@@ -122,7 +122,7 @@ class CoordinatorClient(CoordinatorConnection):
         feedback (docs/training.md, "Compressed gradients"). ``Job.status().mode`` says
         which mode a job runs in.
         """
-        description = _optimizer_description(optimizer, scheduler)
+        description = _optimizer_description(optimizer, scheduler, model)
         schedule = _schedule_description(scheduler, optimizer)
         clipping = _clipping_description(clip_grad_norm, clip_grad_value)
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -150,7 +150,11 @@ class CoordinatorClient(CoordinatorConnection):
             header.compression.CopyFrom(_compression_message(compression))
         resp = self.create(header, params)
         return Job(
-            self, resp.job_id, names, next_step_id=resp.version + 1 if resp.version == 0 else None
+            self,
+            resp.job_id,
+            names,
+            next_step_id=resp.version + 1 if resp.version == 0 else None,
+            tied=_tied_names(model),
         )
 
     def job(self, job_id: str) -> "Job":
@@ -172,11 +176,13 @@ def _compression_message(spec) -> coordinator_pb2.GradientCompression:
     )
 
 
-def _optimizer_description(optimizer, scheduler) -> dict:
+def _optimizer_description(optimizer, scheduler, model) -> dict:
     """The optimizer as a description; with a scheduler, the lr it started from (a
-    scheduler changes the lr on construction: LinearLR's start factor)."""
+    scheduler changes the lr on construction: LinearLR's start factor). Groups that differ
+    in weight decay only name their parameters by the model's names."""
     if isinstance(optimizer, optim.Optimizer):
-        return optim.describe(optimizer, initial=scheduler is not None)
+        names = {p: n for n, p in model.named_parameters()}
+        return optim.describe(optimizer, initial=scheduler is not None, names=names)
     if isinstance(optimizer, dict):
         return optim.validate(optimizer)
     raise TypeError(
@@ -213,6 +219,19 @@ def _clipping_description(clip_grad_norm, clip_grad_value) -> dict | None:
     return None
 
 
+def _tied_names(model) -> dict[str, str]:
+    """Second names of shared parameters (a GPT's ``head.weight`` is ``tok_emb.weight``):
+    the job holds each parameter once, under its first name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
 class Job:
     """A training job on a coordinator: ``step(*batch)``, ``parameters()``, ``status()``."""
 
@@ -222,12 +241,14 @@ class Job:
         job_id: str,
         data_names: list[str],
         next_step_id: int | None = None,
+        tied: dict[str, str] | None = None,
     ):
         self.client = client
         self.job_id = job_id
         self.data_names = data_names
         self._lock = threading.Lock()
         self._next = next_step_id
+        self._tied = tied or {}
 
     def __repr__(self) -> str:
         return f"Job({self.job_id!r} on {self.client.target})"
@@ -279,9 +300,12 @@ class Job:
 
     def parameters(self) -> "OrderedDict[str, Any]":
         """The parameters, then the job's buffers (BatchNorm running statistics), as a
-        state dict of gradmesh Tensors (``model.load_state_dict``)."""
+        state dict of gradmesh Tensors (``model.load_state_dict``). A job created here
+        also lists a tied parameter under its second name, as ``state_dict()`` does."""
         _, arrays = self.client.get_parameters(self.job_id)
-        return OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
+        state = OrderedDict((n, from_numpy(a)) for n, a in arrays.items())
+        state.update((alias, state[name]) for alias, name in self._tied.items() if name in state)
+        return state
 
     def status(self):
         """The coordinator's JobStatusResponse (version, last step id, placement, ...)."""

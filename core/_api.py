@@ -35,6 +35,7 @@ from .functional import expand as expand
 from .functional import expand_as as expand_as
 from .functional import flatten as flatten
 from .functional import flip as flip
+from .functional import floor_divide as floor_divide
 from .functional import gather as gather
 from .functional import ge as ge
 from .functional import gelu as gelu
@@ -83,6 +84,7 @@ from .functional import pow as pow
 from .functional import prod as prod
 from .functional import reciprocal as reciprocal
 from .functional import relu as relu
+from .functional import remainder as remainder
 from .functional import repeat as repeat
 from .functional import reshape as reshape
 from .functional import reshape_as as reshape_as
@@ -159,6 +161,7 @@ __all__ = [
     "expand_as",
     "flatten",
     "flip",
+    "floor_divide",
     "gather",
     "ge",
     "gelu",
@@ -207,6 +210,7 @@ __all__ = [
     "prod",
     "reciprocal",
     "relu",
+    "remainder",
     "repeat",
     "reshape",
     "reshape_as",

@@ -11,6 +11,7 @@ bound, cheap to compute (one pass over the specs).
 
 FLOPs, per op (``RULES``): matrix products ``2*M*N*K`` (batch included), ``linear``
 ``2*rows*in*out`` plus the bias, ``conv2d`` ``2*N*C_out*H_out*W_out*C_in/groups*kh*kw``,
+``lstm_layer`` its recurrent product per step ``2*N*L*4H*H`` plus ``10*N*L*4H``,
 reductions and everything else the number of elements read or written, whichever is larger
 (``DEFAULT``). Backward is counted as twice the forward FLOPs of the nodes that require
 grad (a matrix product's vjp is two products of the same size).
@@ -67,6 +68,13 @@ def _conv2d(ins, out, attrs) -> int:
     return 2 * _elements(out.shape) * per_output
 
 
+def _lstm_layer(ins, out, attrs) -> int:
+    # a (N, H) @ (H, 4H) product per step, and the cell's few passes over the gates
+    n, length, four_h = ins[0].shape
+    hidden = ins[3].shape[1]
+    return (2 * int(hidden) + 10) * int(n) * int(length) * int(four_h)
+
+
 def _default(ins, out, attrs) -> int:
     read = sum(_elements(s.shape) for s in ins)
     return max(read, _elements(out.shape), 1)
@@ -79,6 +87,7 @@ RULES: dict[str, Callable] = {
     "conv2d": _conv2d,
     "conv2d_input_grad": _conv2d,
     "conv2d_weight_grad": _conv2d,
+    "lstm_layer": _lstm_layer,
 }
 DEFAULT = _default
 

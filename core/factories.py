@@ -9,7 +9,7 @@ import numpy as np
 
 from . import backend, dtypes
 from .hooks import graph_tracer
-from .random import rng
+from .random import permutation, rng
 from .tensor import Tensor, _is_array
 
 
@@ -195,7 +195,8 @@ def randint(low, high=None, size=(), generator=None, dtype=None, device=None) ->
 
 
 def randperm(n: int, generator=None, dtype=None, device=None) -> Tensor:
-    draw = lambda shape: rng(generator).permutation(n)  # noqa: E731
+    """A random permutation of ``0..n-1``: torch's, for the same seed (core/random.py)."""
+    draw = lambda shape: permutation(n, generator)  # noqa: E731
     return _random(draw, ((n,),), dtype or dtypes.int64, device, False)
 
 

@@ -86,10 +86,25 @@ def mul(a, b) -> Tensor:
 
 @public(method=True)
 def div(a, b, rounding_mode=None) -> Tensor:
-    out = _op("div")(*_pair(a, b))
+    if rounding_mode == "floor":
+        return floor_divide(a, b)
     if rounding_mode is not None:
-        raise NotImplementedError("div: rounding_mode is not supported; use // on integers")
-    return out
+        raise NotImplementedError(
+            f"div: rounding_mode={rounding_mode!r} is not supported; use None or 'floor'"
+        )
+    return _op("div")(*_pair(a, b))
+
+
+@public(method=True)
+def floor_divide(a, b) -> Tensor:
+    """``a // b``: division rounded down (no gradient, as in torch)."""
+    return _op("floor_divide")(*_pair(a, b))
+
+
+@public(method=True)
+def remainder(a, b) -> Tensor:
+    """``a % b``: the remainder with the divisor's sign (Python's, torch's)."""
+    return _op("remainder")(*_pair(a, b))
 
 
 true_divide = divide = div

@@ -53,6 +53,7 @@ __all__ = [
     "HYPERPARAMETERS",
     "describe",
     "validate",
+    "WEIGHT_DECAY_BY_PARAMETER",
     "from_description",
     "state_to_arrays",
     "state_from_arrays",
@@ -505,7 +506,7 @@ def validate(description: dict) -> dict:
     if name not in WIRE_RULES:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(WIRE_RULES)}")
     defaults = HYPERPARAMETERS[name]
-    unknown = sorted(set(description) - set(defaults) - {"name"})
+    unknown = sorted(set(description) - set(defaults) - {"name", WEIGHT_DECAY_BY_PARAMETER})
     if unknown:
         raise ValueError(
             f"{name}: unknown hyper-parameter(s) {unknown}; it takes {sorted(defaults)}"
@@ -513,7 +514,32 @@ def validate(description: dict) -> dict:
     hyper = _check_hyper(name, {k: description.get(k, v) for k, v in defaults.items()})
     if "betas" in hyper:
         hyper["betas"] = list(hyper["betas"])
-    return {"name": name, **hyper}
+    overrides = _check_weight_decays(name, hyper, description.get(WEIGHT_DECAY_BY_PARAMETER))
+    # Left out when empty, so a one-group optimizer's description (and job id) is as before.
+    return {"name": name, **hyper, **({WEIGHT_DECAY_BY_PARAMETER: overrides} if overrides else {})}
+
+
+# Parameter groups that differ only in weight decay (the usual "no decay for biases and
+# norms" groups) travel as one description plus the weight decay of each parameter whose
+# group differs from the first group.
+WEIGHT_DECAY_BY_PARAMETER = "weight_decay_by_parameter"
+
+
+def _check_weight_decays(name: str, hyper: dict, overrides) -> dict[str, float]:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise ValueError(
+            f"{name}: {WEIGHT_DECAY_BY_PARAMETER} must map parameter names to numbers, "
+            f"got {overrides!r}"
+        )
+    for key, value in overrides.items():
+        try:
+            _check_hyper(name, {**hyper, "weight_decay": value})
+        except ValueError as e:
+            reason = str(e).removeprefix(f"{name}: ")
+            raise ValueError(f"{name}: {WEIGHT_DECAY_BY_PARAMETER}[{key}]: {reason}") from None
+    return {k: float(v) for k, v in sorted(overrides.items())}
 
 
 # ==================================================================== state on the wire ==
@@ -930,12 +956,15 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
 }
 
 
-def describe(optimizer: Optimizer, initial: bool = False) -> dict:
+def describe(optimizer: Optimizer, initial: bool = False, names: dict | None = None) -> dict:
     """The optimizer as a plain, JSON-ready dict: ``{"name": "adam", "lr": ..., ...}``.
 
-    The wire format carries one set of hyper-parameters, so all groups must share them.
-    ``initial``: the lr a learning-rate scheduler started from (each group's
-    ``initial_lr``), not the one it has set since.
+    The wire format carries one set of hyper-parameters, so all groups must share them,
+    except ``weight_decay`` when ``names`` (parameter -> its name, as
+    ``{p: n for n, p in model.named_parameters()}``) is given: then a parameter whose
+    group's weight decay differs from the first group's is listed with its own under
+    ``"weight_decay_by_parameter"``. ``initial``: the lr a learning-rate scheduler started
+    from (each group's ``initial_lr``), not the one it has set since.
     """
 
     def hyper(group: dict) -> dict:
@@ -945,19 +974,32 @@ def describe(optimizer: Optimizer, initial: bool = False) -> dict:
         return out
 
     groups = [hyper(g) for g in optimizer.param_groups]
-    if any(g != groups[0] for g in groups[1:]):
+    first = groups[0]
+    shared = [k for k in first if not (names is not None and k == "weight_decay")]
+    differ = sorted({k for g in groups[1:] for k in shared if g[k] != first[k]})
+    if differ:
         raise ValueError(
             f"describe: {type(optimizer).__name__}'s parameter groups have "
-            f"different hyper-parameters; the description carries one set, so "
-            f"use one group"
+            f"different hyper-parameters {differ}; the description carries one set "
+            f"(groups may differ in weight_decay only, given the parameters' names), "
+            f"so use one group"
         )
-    return validate({"name": optimizer.rule, **groups[0]})
+    overrides = {}
+    for i, (group, h) in enumerate(zip(optimizer.param_groups[1:], groups[1:]), start=1):
+        if h["weight_decay"] == first["weight_decay"]:
+            continue
+        if any(p not in names for p in group["params"]):
+            raise ValueError(f"describe: parameter group {i} holds a parameter without a name")
+        overrides.update({names[p]: h["weight_decay"] for p in group["params"]})
+    extra = {WEIGHT_DECAY_BY_PARAMETER: overrides} if overrides else {}
+    return validate({"name": optimizer.rule, **first, **extra})
 
 
 def from_description(params: Iterable, description: dict) -> Optimizer:
     """Build the optimizer a description names (after ``validate``) over ``params``."""
     d = validate(description)
     name = d.pop("name")
+    d.pop(WEIGHT_DECAY_BY_PARAMETER, None)  # one group: the per-parameter decays are the shards'
     return OPTIMIZERS[name](params, **d)
 
 

@@ -554,6 +554,18 @@ class Tensor:
     def __rtruediv__(self, other) -> Tensor:
         return F.div(other, self)
 
+    def __floordiv__(self, other) -> Tensor:
+        return F.floor_divide(self, other)
+
+    def __rfloordiv__(self, other) -> Tensor:
+        return F.floor_divide(other, self)
+
+    def __mod__(self, other) -> Tensor:
+        return F.remainder(self, other)
+
+    def __rmod__(self, other) -> Tensor:
+        return F.remainder(other, self)
+
     def __pow__(self, other) -> Tensor:
         return F.pow(self, other)
 
@@ -778,6 +790,10 @@ class Tensor:
         """See ``gradmesh.core.flip``."""
         return F.flip(self, dims)
 
+    def floor_divide(self, b) -> Tensor:
+        """See ``gradmesh.core.floor_divide``."""
+        return F.floor_divide(self, b)
+
     def gather(self, dim: builtins.int, index: Tensor) -> Tensor:
         """See ``gradmesh.core.gather``."""
         return F.gather(self, dim, index)
@@ -937,6 +953,10 @@ class Tensor:
     def relu(self) -> Tensor:
         """See ``gradmesh.core.relu``."""
         return F.relu(self)
+
+    def remainder(self, b) -> Tensor:
+        """See ``gradmesh.core.remainder``."""
+        return F.remainder(self, b)
 
     def repeat(self, *sizes) -> Tensor:
         """See ``gradmesh.core.repeat``."""

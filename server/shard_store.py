@@ -121,6 +121,7 @@ def scheduled_hyper(optimizer: dict, step_args: dict | None) -> dict:
     """The update rule's keyword arguments for one step: the job's optimizer, with the
     values the schedule gives this step."""
     hyper = {k: v for k, v in optimizer.items() if k != "name"}
+    hyper.pop(optim.WEIGHT_DECAY_BY_PARAMETER, None)  # per parameter, in ShardJob._update
     args = step_args or {}
     for key in ("lr", "momentum"):
         if key in args:
@@ -419,13 +420,15 @@ class ShardJob:
         self, grads: dict[str, np.ndarray], step_args: dict | None = None, skip: Iterable[str] = ()
     ) -> None:
         hyper = scheduled_hyper(self.optimizer, step_args)
+        decays = self.optimizer.get(optim.WEIGHT_DECAY_BY_PARAMETER, {})
         update = optim.UPDATE_RULES[self.optimizer["name"]]
         skipped = set(skip)
         for name in sorted(self.params):
             if name in skipped:  # no gradient reached it: torch.optim skips it too
                 continue
             grad = clipped(grads[name], step_args)
-            update(np, self.params[name], grad, self.state[name], **hyper)
+            own = {**hyper, "weight_decay": decays[name]} if name in decays else hyper
+            update(np, self.params[name], grad, self.state[name], **own)
 
     def replay(self, records: Iterable[tuple[dict, dict]], up_to_version: int | None = None) -> int:
         """Re-apply logged steps that follow this state (the same update on the same

@@ -80,6 +80,8 @@ def optimizer_from_proto(msg: shard_pb2.Optimizer, field: str = "optimizer") -> 
             msg.beta1 if msg.HasField("beta1") else default[0],
             msg.beta2 if msg.HasField("beta2") else default[1],
         ]
+    if msg.weight_decay_by_parameter:
+        desc[optim.WEIGHT_DECAY_BY_PARAMETER] = dict(msg.weight_decay_by_parameter)
     try:
         return optim.validate(desc)
     except ValueError as e:
@@ -95,6 +97,7 @@ def optimizer_to_proto(description: dict) -> shard_pb2.Optimizer:
             setattr(msg, key, d[key])
     if "betas" in d:
         msg.beta1, msg.beta2 = d["betas"]
+    msg.weight_decay_by_parameter.update(d.get(optim.WEIGHT_DECAY_BY_PARAMETER, {}))
     return msg
 
 

@@ -9,12 +9,14 @@ may hold B. Two checks find what does:
   graphs compared: a constant or attribute that differs depends on the batch.
 
 Either raises ``TraceError`` naming the node and the fix; nothing is silently truncated.
-Three idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
-literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; and a
+Some idioms are made batch-free instead: ``x.reshape(x.shape[0], -1)`` (which records the
+literal B) becomes ``reshape(-1, ...)``; ``expand`` keeps the batch dim with -1; a slice
+that takes all of a batch-sized dimension (``x[:, 1:]``; ``h_n[-1]`` on an LSTM's (layers,
+N, H)) stops "to the end" there, and a reshape that keeps a batch-sized dimension past dim
+0 whole (the (1, N, H) -> (N, H) of that ``h_n[-1]``) gets -1 there; and a
 scalar constant equal to B times a per-sample count (the divisor of ``x.mean()`` over the
 batch, ``x.sum() / x.shape[0]``) is replaced by nodes that count the batch of a DATA input
-at run time (exact, so results stay bitwise equal to eager). Slicing over the batch
-dimension (``x[:, 1:]``) is refused while the ``slice`` op cannot express "to the end".
+at run time (exact, so results stay bitwise equal to eager).
 Trace with a batch size above 1, so that the batch dimension cannot be confused with
 dimensions of size 1. The function runs twice: random ops draw twice from the global
 generator; the graph keeps the first trace's seeds.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import weakref
 from typing import Callable, Mapping, Sequence
 
@@ -54,6 +57,37 @@ from .ident import (
 )
 
 _TO_END = 2**63 - 1  # a slice stop meaning "to the end of the dimension"
+
+
+def _batch_axes(shape: tuple, shape2: tuple) -> list[int]:
+    """The dims whose size follows the batch size (they differ at the second batch size)."""
+    return [d for d, (a, b) in enumerate(zip(shape, shape2)) if a != b]
+
+
+def _whole_batch_axes_to_end(shape: tuple, shape2: tuple, attrs: dict) -> dict:
+    """A slice that takes the whole of a batch-sized dim past dim 0 (``h_n[-1]`` on (layers,
+    N, H), ``x[:, :, 0]`` on (T, N, C)) with its stop written "to the end", as for dim 0."""
+    stops = list(attrs["stops"])
+    for d in _batch_axes(shape, shape2):
+        whole = attrs["starts"][d] == 0 and attrs["steps"][d] == 1 and stops[d] == shape[d]
+        if d > 0 and d < len(stops) and whole:
+            stops[d] = _TO_END
+    return {**attrs, "stops": stops}
+
+
+def _batch_axis_kept(shape: tuple, shape2: tuple, out: tuple, target: list) -> list:
+    """``target`` (a reshape's shape) with -1 for the output dim that is the input's one
+    batch-sized dim kept whole: the same size after the same number of elements (so the
+    same axis). Anything else is left as it is, for the check at the second batch size."""
+    axes = _batch_axes(shape, shape2)
+    if len(axes) != 1 or -1 in target or len(target) != len(out):
+        return list(target)
+    j = axes[0]
+    before = math.prod(shape[:j])
+    for i, size in enumerate(out):
+        if size == shape[j] and math.prod(out[:i]) == before:
+            return [*target[:i], -1, *target[i + 1 :]]
+    return list(target)
 
 
 class TraceError(ValueError):
@@ -328,6 +362,11 @@ class _Tracer:
                 attrs["shape"] = [-1] + out[1:]
             elif op.name == "expand" and lead >= 0 and shape[lead] == B:
                 attrs["shape"] = shape[:lead] + [-1] + shape[lead + 1 :]
+        elif op.name == "reshape" and specs2 and B > 1:
+            # The batch deeper than dim 0 (h_n[-1] of an LSTM's (layers, N, H)): a reshape
+            # that keeps that axis whole keeps it free.
+            shape2 = specs2[0].shape
+            attrs["shape"] = _batch_axis_kept(inputs[0].shape, shape2, result.shape, attrs["shape"])
         elif (
             op.name == "slice"
             and batched
@@ -353,6 +392,8 @@ class _Tracer:
                     f"batch_dim=False for a fixed batch size."
                 )
             attrs = candidate
+        if op.name == "slice" and specs2 and B > 1:
+            attrs = _whole_batch_axes_to_end(inputs[0].shape, specs2[0].shape, attrs)
         try:
             spec = op.infer(*specs2, **attrs)
         except (OpError, TypeError, ValueError) as e:

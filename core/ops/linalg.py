@@ -88,7 +88,17 @@ def _infer_matmul(a, b) -> Spec:
 
 @defop("matmul", infer=_infer_matmul, arity=2)
 def matmul_p(xp, a, b):
+    if a.ndim > 2 and b.ndim == 2:
+        return rows_times_matrix(xp, a, b)
     return xp.matmul(a, b)
+
+
+def rows_times_matrix(xp, a, b):
+    """(..., K) @ (K, N) as one (rows, K) @ (K, N) product: NumPy's stacked matmul runs
+    one small GEMM per leading index, 3x slower for (16, 64, 128) @ a transposed
+    (128, 512) (same values)."""
+    out = xp.matmul(a.reshape(-1, a.shape[-1]), b)
+    return out.reshape(a.shape[:-1] + (b.shape[-1],))
 
 
 @matmul_p.defvjp

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import factories
 from .. import functional as F
-from ..random import Generator
+from ..random import Generator, torch_draws
 from ..tensor import Tensor
 
 __all__ = ["Dataset", "TensorDataset", "Subset", "DataLoader", "random_split", "default_collate"]
@@ -140,24 +140,35 @@ class DataLoader:
             default_collate if batch_size is not None else (lambda sample: sample)
         )
 
-    def _indices(self) -> list[int]:
+    def _indices(self) -> Iterator[int]:
         if self.sampler is not None:
-            return list(self.sampler)
+            return iter(self.sampler)
         if self.shuffle:
-            return factories.randperm(len(self.dataset), generator=self.generator).tolist()
-        return list(range(len(self.dataset)))
+            return self._shuffled(len(self.dataset))
+        return iter(range(len(self.dataset)))
+
+    def _shuffled(self, n: int) -> Iterator[int]:
+        # torch's RandomSampler, draw for draw (core/random.py): one permutation per pass,
+        # and a second one drawn (and cut to nothing) when the pass runs out.
+        yield from factories.randperm(n, generator=self.generator).tolist()
+        factories.randperm(n, generator=self.generator)
 
     def __iter__(self) -> Iterator:
+        # torch's loader draws its workers' base seed (64 bits) first, also with no workers.
+        torch_draws(self.generator, 2)
         indices = self._indices()
         if self.batch_size is None:
             for i in indices:
                 yield self.collate_fn(self.dataset[i])
             return
-        for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start : start + self.batch_size]
-            if len(chunk) < self.batch_size and self.drop_last:
-                return
-            yield self.collate_fn([self.dataset[i] for i in chunk])
+        chunk: list[int] = []
+        for i in indices:
+            chunk.append(i)
+            if len(chunk) == self.batch_size:
+                yield self.collate_fn([self.dataset[j] for j in chunk])
+                chunk = []
+        if chunk and not self.drop_last:
+            yield self.collate_fn([self.dataset[j] for j in chunk])
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(self.dataset)

@@ -175,7 +175,7 @@ class Proc:
             text=True,
         )
         line = self.p.stdout.readline()
-        m = re.search(r"listening on (\S+)", line)
+        m = re.search(r'listening on ([^\s"]+)', line)  # text or JSON
         assert m, f"{args[0]} did not start: {line!r}"
         self.address = m.group(1)
         threading.Thread(target=self.p.stdout.read, daemon=True).start()

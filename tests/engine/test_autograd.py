@@ -246,6 +246,28 @@ def test_backward_with_inputs_accumulates_only_those() -> None:
 # ===================================================================== deep graphs ======
 
 
+@pytest.mark.parametrize("retain", [False, True])
+def test_slices_of_one_tensor_sum_their_gradients_like_torch(retain) -> None:
+    # Unbound steps, overlapping slices and the whole tensor used again: the engine adds
+    # slice gradients into the pending sum's region in place; the totals must be torch's,
+    # and a retained gradient must not be changed by later in-place additions.
+    x = np.random.default_rng(3).standard_normal((2, 5, 3))
+    results = []
+    for lib in (gm, torch):
+        leaf = lib.tensor(x, requires_grad=True)
+        y = leaf * 2
+        if retain:
+            y.retain_grad()
+        steps = y.unbind(1)
+        loss = sum(((k + 1) * s).sum() for k, s in enumerate(steps))
+        loss = loss + (y[:, 1:4] ** 2).sum() + (y[:, 2:] * y[:, :3]).sum() + y.sum()
+        loss.backward()
+        results.append((leaf.grad.numpy(), y.grad.numpy() if retain else None))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12)
+    if retain:
+        np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12)
+
+
 def test_a_100000_node_chain_backpropagates() -> None:
     """The topological sort is iterative: no recursion limit on deep graphs."""
     x = f64([1.0, 2.0], requires_grad=True)
@@ -267,6 +289,17 @@ def test_mm_of_a_vector_names_mm_and_both_shapes() -> None:
     message = str(info.value)
     assert "mm" in message and "(2,)" in message and "(2, 1)" in message
     assert "matmul" in message  # and it says what to use instead
+
+
+def test_integer_division_by_zero_raises_as_torch() -> None:
+    for fn in (lambda a, b: a // b, lambda a, b: a % b):
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            fn(torch.tensor([3, 4]), torch.tensor([1, 0]))
+        with pytest.raises(gm.OpError, match="ZeroDivisionError"):
+            fn(gm.tensor([3, 4]), gm.tensor([1, 0]))
+    with pytest.raises(gm.OpError, match="remainder: not supported for a bool tensor"):
+        gm.tensor([True]) % gm.tensor([True])
+    assert (gm.tensor([7.0]) // 0.0).tolist() == (torch.tensor([7.0]) // 0.0).tolist()
 
 
 def test_inplace_ops_on_a_leaf_that_requires_grad_raise() -> None:

@@ -28,6 +28,20 @@ def test_default_rule_counts_elements():
     assert cost.cost_of(plan).flops > 0
 
 
+def test_an_lstm_layer_costs_its_recurrent_products():
+    # The time loop is one op: its FLOPs must count the product of every step, or a long
+    # sequence would pass the worker's FLOP budget as a few elementwise passes.
+    import gradmesh.core as gm
+    from gradmesh.core.graph import trace
+
+    n, length, hidden = 4, 50, 64
+    lstm = gm.nn.LSTM(8, hidden, batch_first=True)
+    g = trace(lambda m, x: m(x)[0].sum(), lstm, np.zeros((n, length, 8), np.float32))
+    assert "lstm_layer" in {node.op for node in g.nodes}
+    plan = core_plan.compile_plan(core_graph.validate(g), {"x0": (n, length, 8)})
+    assert cost.cost_of(plan).flops >= 3 * 2 * n * length * 4 * hidden * hidden
+
+
 @pytest.mark.parametrize(
     "m,k,n",
     [

@@ -95,6 +95,15 @@ def test_save_load_round_trips_a_model_and_an_optimizer(tmp_path):
     again.load_state_dict(loaded["opt"])
 
 
+@pytest.mark.parametrize("name", ["model.pt", "weights"])
+def test_save_writes_the_path_it_is_given(tmp_path, name):
+    # torch.save(sd, "model.pt") then torch.load("model.pt"): no ".npz" appended.
+    path = tmp_path / name
+    gm.save({"w": gm.ones(2)}, str(path))
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert gm.load(str(path))["w"].tolist() == [1.0, 1.0]
+
+
 def test_save_refuses_objects_that_need_pickle_and_load_never_unpickles():
     with pytest.raises(TypeError, match="cannot store a object"):
         gm.save({"x": object()}, io.BytesIO())
@@ -168,11 +177,49 @@ def test_shuffle_with_a_generator_is_reproducible_and_a_permutation():
     assert sorted(epoch(1)) == list(range(20)) and epoch(1) != list(range(20))
 
 
+def test_randperm_is_torchs_for_the_same_seed():
+    for seed in (0, 7, 2**40 + 3):  # torch seeds its MT19937 with the low 32 bits
+        g, t = gm.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for n in (0, 1, 2, 10, 257):
+            assert gm.randperm(n, generator=g).tolist() == torch.randperm(n, generator=t).tolist()
+    g = gm.Generator().manual_seed(3)
+    state = g.get_state()
+    first = gm.randperm(9, generator=g).tolist()
+    assert gm.randperm(9, generator=g.set_state(state)).tolist() == first
+
+
+@pytest.mark.parametrize(
+    "n, batch_size, drop_last", [(10, 4, False), (12, 4, False), (10, 4, True)]
+)
+def test_shuffled_batches_follow_torch_across_epochs(n, batch_size, drop_last):
+    # torch draws a base seed per epoch and a second permutation when a pass runs out: the
+    # order of every epoch, and of a permutation drawn after a partial epoch, must match.
+    def epochs(lib, loader_cls):
+        g = lib.Generator().manual_seed(5)
+        loader = loader_cls(
+            lib.utils.data.TensorDataset(lib.arange(n)),
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            generator=g,
+        )
+        seen = [[b.tolist() for (b,) in loader] for _ in range(3)]
+        for (b,) in loader:  # a partial epoch, then the generator used directly
+            seen.append(b.tolist())
+            break
+        return seen, lib.randperm(n, generator=g).tolist()
+
+    assert epochs(gm, DataLoader) == epochs(torch, torch.utils.data.DataLoader)
+
+
 def test_random_split_like_torch():
     ds = TensorDataset(gm.arange(10))
     parts = random_split(ds, [0.5, 0.3, 0.2], generator=gm.Generator().manual_seed(0))
     sizes = [len(p) for p in parts]
-    tparts = torch.utils.data.random_split(range(10), [0.5, 0.3, 0.2])
+    tparts = torch.utils.data.random_split(
+        range(10), [0.5, 0.3, 0.2], generator=torch.Generator().manual_seed(0)
+    )
+    assert [[int(p[i][0]) for i in range(len(p))] for p in parts] == [list(p) for p in tparts]
     assert sizes == [len(p) for p in tparts] == [5, 3, 2]
     assert sorted(int(p[i][0]) for p in parts for i in range(len(p))) == list(range(10))
     assert [len(p) for p in random_split(ds, [0.34, 0.33, 0.33])] == [

@@ -276,6 +276,26 @@ def test_slicing_over_the_batch_dimension_runs_at_any_batch_size():
     assert list(g.inputs[1].shape) == [8, 3]
 
 
+def test_the_batch_past_dim_0_stays_free_through_select_and_narrow():
+    # An LSTM's h_n is (layers, N, H): h_n[-1] slices every dim (recording N as the stop of
+    # dim 1) and reshapes to (N, H); both must follow the batch size at run time.
+    lstm = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+
+    def fn(m, x):
+        _, (h, c) = m(x)
+        return (h[-1] * c.narrow(0, 0, 1)[0]).sum()
+
+    g = trace(fn, lstm, np.ones((3, 6, 4), np.float32))
+    params = dict(lstm.named_parameters())
+    for n in (1, 7):
+        x = np.random.default_rng(n).random((n, 6, 4)).astype(np.float32)
+        [loss] = execute(g, params, {"x0": x}).values()
+        assert loss.item() == fn(lstm, gm.tensor(x)).item()
+    with pytest.raises(TraceError, match=r"node \d+ \(reshape\) bakes in the batch size 3"):
+        x = np.ones((3, 6, 4), np.float32)
+        trace(lambda m, x: m(x)[1][0].reshape(2 * 3 * 5).sum(), lstm, x)
+
+
 def test_batch_dim_false_keeps_fixed_shapes():
     g = trace(
         lambda p, x: (x.reshape(8 * 12) * 2.0).sum() * p["w"].sum(),

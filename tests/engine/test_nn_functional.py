@@ -254,3 +254,16 @@ def test_softmax_implicit_dim_warns_and_follows_torch():
     with pytest.warns(UserWarning):
         ref = torch.nn.functional.softmax(torch.tensor(x)).numpy()
     assert np.allclose(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_gradient_near_zero_and_in_the_tails_matches_torch(dtype):
+    # The vjp reads the normal cdf back from gelu's output (out / x) except near 0, where
+    # it uses the series; both sides of the switch, 0 itself and the tails against torch.
+    x = np.array([0.0, 1e-30, -2e-21, 1e-7, -1e-5, 9e-4, 0.3, -2.5, 6.0, -9.0], dtype=dtype)
+    ours = gm.tensor(x, requires_grad=True)
+    theirs = torch.tensor(x, requires_grad=True)
+    F.gelu(ours).backward(gm.ones_like(ours))
+    torch.nn.functional.gelu(theirs).backward(torch.ones_like(theirs))
+    tol = 1e-6 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(ours.grad.numpy(), theirs.grad.numpy(), rtol=tol, atol=tol)

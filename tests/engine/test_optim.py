@@ -396,6 +396,27 @@ def test_describe_refuses_groups_with_different_hyperparameters():
         optim.describe(opt)
 
 
+def test_groups_that_differ_in_weight_decay_only_describe_it_per_parameter():
+    # GPT-style groups: decay on matrices, none on biases. The description names each
+    # parameter whose group differs from the first; the job's shards use its own decay.
+    p = _ours()
+    groups = [{"params": [p["w"]], "weight_decay": 0.1}, {"params": [p["b"]], "weight_decay": 0}]
+    opt = gm.optim.AdamW(groups, lr=0.01)
+    with pytest.raises(ValueError, match=r"different hyper-parameters \['weight_decay'\]"):
+        optim.describe(opt)  # without names it cannot say which parameter
+    d = optim.describe(opt, names={t: n for n, t in p.items()})
+    assert d["weight_decay"] == 0.1 and d["weight_decay_by_parameter"] == {"b": 0.0}
+    assert optim.validate(json.loads(json.dumps(d))) == d
+    assert "weight_decay_by_parameter" not in optim.describe(gm.optim.AdamW(list(p.values())))
+    with pytest.raises(ValueError, match=r"weight_decay_by_parameter\[b\]: .*-1"):
+        optim.validate({**d, "weight_decay_by_parameter": {"b": -1}})
+    with pytest.raises(ValueError, match="must map parameter names to numbers"):
+        optim.validate({**d, "weight_decay_by_parameter": [0.0]})
+    lr_groups = [{"params": [p["w"]], "lr": 0.1}, {"params": [p["b"]]}]
+    with pytest.raises(ValueError, match=r"different hyper-parameters \['lr'\]"):
+        optim.describe(gm.optim.SGD(lr_groups, lr=0.2), names={t: n for n, t in p.items()})
+
+
 @pytest.mark.parametrize(
     "description,match",
     [

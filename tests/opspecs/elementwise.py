@@ -144,6 +144,49 @@ SPECS = [
         lambda torch, a: torch.maximum(a, torch.tensor(0.5)),
         UNARY[:1],
     ),
+    # ------------------------------------------------------- division with rounding ----
+    # Python's rules, as torch: the remainder takes the divisor's sign. floor_divide has no
+    # gradient (torch's backward raises), so its specs take int tensors only.
+    OpSpec(
+        "remainder",
+        ("remainder",),
+        lambda gm, a, b: a % b,
+        lambda torch, a, b: a % b,
+        BINARY,
+        domain=away_from_zero(0.3, 3.0),
+    ),
+    OpSpec(
+        "remainder-scalar",
+        ("remainder",),
+        lambda gm, a: gm.remainder(a, -0.75),
+        lambda torch, a: torch.remainder(a, -0.75),
+        UNARY,
+        domain=away_from_zero(0.1, 3.0),
+    ),
+    OpSpec(
+        "remainder-int-tensors",
+        ("remainder",),
+        lambda gm, i, j: i % j,
+        lambda torch, i, j: i % j,
+        [((3, 4), (4,)), ((), (3,))],
+        nondiff={0: int_array(9, -9), 1: nonzero_ints()},
+    ),
+    OpSpec(
+        "floor_divide-int-tensors",
+        ("floor_divide",),
+        lambda gm, i, j: i // j,
+        lambda torch, i, j: i // j,
+        [((3, 4), (4,)), ((), (3,))],
+        nondiff={0: int_array(9, -9), 1: nonzero_ints()},
+    ),
+    OpSpec(
+        "floor_divide-by-float",
+        ("floor_divide",),
+        lambda gm, i: gm.div(i, -2.5, rounding_mode="floor"),
+        lambda torch, i: torch.div(i, -2.5, rounding_mode="floor"),
+        [((3, 4),)],
+        nondiff={0: int_array(9, -9)},
+    ),
     # ---------------------------------------------- int tensors mixing with floats ----
     # A float tensor and an int tensor give the float's dtype; two ints divide into
     # float32; an int tensor and a Python float give float32.

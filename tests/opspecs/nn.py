@@ -345,3 +345,64 @@ spec(
     lambda torch, x, w: _tf(torch).linear(x, w),
     [((4, 3), (5, 3)), ((2, 4, 3), (5, 3))],
 )
+
+# ====================================================================== recurrent ======
+
+
+def _lstm_cell_reference(torch, gates, c):
+    """torch's LSTM cell on summed gate pre-activations: [h', c']."""
+    i, f, g, o = gates.chunk(4, -1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.cat([torch.sigmoid(o) * torch.tanh(c_new), c_new], -1)
+
+
+# The vjp runs one NumPy kernel (not an op) without create_graph, and differentiable ops
+# with it (second order): one spec for each path.
+for name, covers, second in (
+    ("lstm_cell", ["lstm_cell"], False),
+    ("lstm_cell-second-order", ["lstm_cell"], True),
+):
+    spec(
+        name,
+        covers,
+        lambda gm, gates, c: gm.REGISTRY["lstm_cell"](gates, c),
+        _lstm_cell_reference,
+        [((3, 8), (3, 2)), ((2, 12), (1, 3)), ((1, 4), (1, 1))],
+        domain=(-3.0, 3.0),
+        second_order=second,
+    )
+
+
+def _lstm_layer_reference(torch, xw, h0, c0, w_hh, reverse=False):
+    """torch's LSTM recurrence over precomputed input projections: [h_t, c_t] per step."""
+    h, c, outs = h0, c0, {}
+    steps = range(xw.shape[1] - 1, -1, -1) if reverse else range(xw.shape[1])
+    for t in steps:
+        i, f, g, o = (xw[:, t] + h @ w_hh.T).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs[t] = torch.cat([h, c], -1)
+    return torch.stack([outs[t] for t in range(xw.shape[1])], 1)
+
+
+# As lstm_cell: the one-kernel backward through time, and differentiable ops when second
+# order is asked for; states of the batch's size or one broadcast row; both directions.
+_LSTM_LAYER_SHAPES = [((2, 3, 8), (2, 2), (2, 2), (8, 2)), ((3, 2, 12), (1, 3), (1, 3), (12, 3))]
+for reverse in (False, True):
+    for suffix, covers, second, shapes in (
+        ("", ["lstm_layer"], False, _LSTM_LAYER_SHAPES),
+        ("-second-order", ["lstm_layer"], True, _LSTM_LAYER_SHAPES[:1]),
+    ):
+        spec(
+            f"lstm_layer{'-reverse' if reverse else ''}{suffix}",
+            covers,
+            lambda gm, xw, h0, c0, w, reverse=reverse: gm.REGISTRY["lstm_layer"](
+                xw, h0, c0, w, reverse=reverse
+            ),
+            lambda torch, xw, h0, c0, w, reverse=reverse: _lstm_layer_reference(
+                torch, xw, h0, c0, w, reverse
+            ),
+            shapes,
+            domain=(-1.5, 1.5),
+            second_order=second,
+        )

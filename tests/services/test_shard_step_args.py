@@ -13,8 +13,9 @@ from gradmesh.server.aggregate import tree_sum
 from gradmesh.server.runtime import ServerConfig, ServiceError
 from gradmesh.server.shard import serve_shard
 from gradmesh.server.shard_store import ShardStore
+from gradmesh.v1 import shard_pb2
 from gradmesh.wire.errors import GradmeshError
-from gradmesh.wire.shard import RemoteShard
+from gradmesh.wire.shard import RemoteShard, named_headers, optimizer_to_proto, shard_frames
 
 ADAM = {"name": "adam", "lr": 0.01}
 
@@ -171,3 +172,42 @@ def test_a_0d_parameter_keeps_its_shape_through_checkpoint_and_log(tmp_path):
     assert again.jobs["j"].params["s"].shape == ()
     assert np.array_equal(again.jobs["j"].params["s"], expected)
     assert again.jobs["j"].state["s"]["mu_product"].shape == ()
+
+
+def test_weight_decay_by_parameter_over_grpc_and_across_a_restart(tmp_path):
+    """Parameter groups that differ in weight decay only (docs/training.md, "Schedules
+    and clipping"): each parameter is updated with its own decay, with the step's lr; the
+    description survives the shard's restart; a bad decay is INVALID_ARGUMENT."""
+    from gradmesh.core import optim
+
+    adamw = {
+        "name": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "weight_decay_by_parameter": {"b": 0},
+    }
+    running = serve_shard(ServerConfig(port=0), ShardStore(str(tmp_path)))
+    shard = RemoteShard(running.address)
+    try:
+        header = shard_pb2.LoadRequest(job_id="bad", optimizer=optimizer_to_proto(adamw))
+        header.optimizer.weight_decay_by_parameter["b"] = -1.0  # past the client's check
+        frames = shard_frames("load", header, named_headers(header.parameters, _params()))
+        with pytest.raises(GradmeshError) as e:
+            shard._call("Load", shard._load_call, frames)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "weight_decay_by_parameter[b]: invalid weight_decay value: -1" in e.value.message
+        shard.load("j", _params(), adamw)
+        _push(shard, 1, 0)
+        shard.apply("j", 1, 3, 0, step_args={"lr": 0.5})
+    finally:
+        shard.close()
+        running.stop(0)
+    expected, state = _params(), {}
+    for n, g in _summed(1).items():
+        decay = 0.0 if n == "b" else 0.1
+        optim.adamw_update(np, expected[n], g, state, lr=0.5, weight_decay=decay)
+        state = {}
+    again = ShardStore(str(tmp_path))  # the restarted shard: same description, same bits
+    assert again.jobs["j"].optimizer == optim.validate(adamw)
+    for n in expected:
+        assert np.array_equal(again.jobs["j"].params[n], expected[n]), n

@@ -3,12 +3,12 @@
 Compositions over time steps: the input projection of a whole sequence is one matmul, then
 each step is a cell over that step's slice. A traced graph unrolls the loop, so it fixes the
 sequence length (a graph per length); the batch size stays free where the initial states are
-zeros (``hx=None``) and the graph reads ``output`` rather than slicing ``h_n`` by layer
-(``h_n[-1]`` records the batch size; ``output[:, -1]`` does not). A cell maps (step input
+zeros (``hx=None``), reading ``output`` or ``h_n[-1]`` (the tracer keeps a batch-sized
+dimension past dim 0 free, core/graph/tracer.py). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
 zero initial state: h is one zero row that broadcasts over the batch (w_hh still gets its
-zero gradient, as in torch) and the ``f * c`` and ``z * h`` terms are left out; exact, and
-no constant shaped by the batch size in a traced graph.
+zero gradient, as in torch), the LSTM's c one zero row too, and GRU's ``z * h`` term is
+left out; exact, and no constant shaped by the batch size in a traced graph.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 
 from ... import functional as CF
 from ...factories import zeros as _zeros
-from ...registry import OpError, fmt
+from ...registry import REGISTRY, OpError, fmt
 from ...tensor import Tensor
 from .. import functional as F
 from .. import init
@@ -34,11 +34,14 @@ def _recurrent(h: Tensor | None, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
 
 
 def _lstm_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
+    # The gates' elementwise part is one op (core/ops/nn.py, lstm_cell): h and c side by side.
     h, c = state
-    i, f, g, o = CF.chunk(xw + _recurrent(h, w_hh, b_hh), 4, -1)
-    c = CF.sigmoid(i) * CF.tanh(g) if c is None else CF.sigmoid(f) * c + CF.sigmoid(i) * CF.tanh(g)
-    h = CF.sigmoid(o) * CF.tanh(c)
-    return h, (h, c)
+    hs = w_hh.shape[1]
+    if c is None:
+        c = _zeros((1, hs), dtype=w_hh.dtype, device=w_hh.device)
+    hc = REGISTRY["lstm_cell"](xw + _recurrent(h, w_hh, b_hh), c)
+    h = CF.narrow(hc, 1, 0, hs)
+    return h, (h, CF.narrow(hc, 1, hs, hs))
 
 
 def _gru_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
@@ -197,6 +200,23 @@ class LSTM(_RNNBase):
 
     _gates = 4
     _cell = staticmethod(_lstm_cell)
+
+    def _run(self, x: Tensor, state, sfx: str, reverse: bool):
+        # The whole time loop is one op (core/ops/nn.py, lstm_layer), its output [h_t, c_t]
+        # per step; both biases go into the input projection once.
+        w_ih, w_hh, b_ih, b_hh = self._weights(sfx)
+        xw = F.linear(x, w_ih, b_ih)
+        if b_hh is not None:
+            xw = xw + b_hh
+        hs = self.hidden_size
+        h0, c0 = (
+            s if s is not None else _zeros((1, hs), dtype=w_hh.dtype, device=w_hh.device)
+            for s in state
+        )
+        out = REGISTRY["lstm_layer"](xw, h0, c0, w_hh, reverse=reverse)
+        last = CF.select(out, 1, 0 if reverse else x.shape[1] - 1)
+        h_n, c_n = CF.narrow(last, 1, 0, hs), CF.narrow(last, 1, hs, hs)
+        return CF.narrow(out, 2, 0, hs), (h_n, c_n)
 
     def forward(self, input: Tensor, hx=None):
         batched = self._check_input(input)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gradmesh.v1 import tensor_pb2 as gradmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gradmesh/v1/shard.proto\x12\x0bgradmesh.v1\x1a\x18gradmesh/v1/tensor.proto\"\x83\x05\n\tOptimizer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x02lr\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08momentum\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tdampening\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08nesterov\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x10\n\x03\x65ps\x18\t \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x07\x61msgrad\x18\n \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08maximize\x18\x0b \x01(\x08H\t\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x0c \x01(\x01H\n\x88\x01\x01\x12\x15\n\x08\x63\x65ntered\x18\r \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08lr_decay\x18\x0e \x01(\x01H\x0c\x88\x01\x01\x12&\n\x19initial_accumulator_value\x18\x0f \x01(\x01H\r\x88\x01\x01\x12\x1b\n\x0emomentum_decay\x18\x10 \x01(\x01H\x0e\x88\x01\x01\x12#\n\x16\x64\x65\x63oupled_weight_decay\x18\x11 \x01(\x08H\x0f\x88\x01\x01\x42\x05\n\x03_lrB\x0b\n\t_momentumB\x0c\n\n_dampeningB\x0b\n\t_nesterovB\x0f\n\r_weight_decayB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\n\n\x08_amsgradB\x0b\n\t_maximizeB\x08\n\x06_alphaB\x0b\n\t_centeredB\x0b\n\t_lr_decayB\x1c\n\x1a_initial_accumulator_valueB\x11\n\x0f_momentum_decayB\x19\n\x17_decoupled_weight_decay\"\xc3\x01\n\nShardFrame\x12(\n\x04load\x18\x01 \x01(\x0b\x32\x18.gradmesh.v1.LoadRequestH\x00\x12\x31\n\x04push\x18\x02 \x01(\x0b\x32!.gradmesh.v1.PushGradientsRequestH\x00\x12+\n\x06pulled\x18\x03 \x01(\x0b\x32\x19.gradmesh.v1.PullResponseH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.gradmesh.v1.ChunkH\x00\x42\x06\n\x04kind\"v\n\x0bLoadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\nparameters\x18\x02 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12)\n\toptimizer\x18\x03 \x01(\x0b\x32\x16.gradmesh.v1.Optimizer\"5\n\x0cLoadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x02 \x01(\x04\"=\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05names\x18\x03 \x03(\t\"M\n\x0cPullResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12,\n\nparameters\x18\x02 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\"\x9a\x02\n\x14PushGradientsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x15\n\rmicro_batches\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12+\n\tgradients\x18\x06 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x04\x12\x19\n\x11unused_parameters\x18\x14 \x03(\t\x12\x13\n\x0b\x63ompression\x18( \x01(\t\x12\x36\n\x14\x63ompressed_gradients\x18) \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\"<\n\x15PushGradientsResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x10\n\x08received\x18\x02 \x01(\r\"\xb2\x02\n\x0c\x41pplyRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x15\n\rmicro_batches\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x12\n\ncheckpoint\x18\x05 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x04\x12\x0f\n\x02lr\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08momentum\x18\x15 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x16 \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10\x63lip_coefficient\x18\x17 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nclip_value\x18\x18 \x01(\x01H\x04\x88\x01\x01\x42\x05\n\x03_lrB\x0b\n\t_momentumB\x08\n\x06_beta1B\x13\n\x11_clip_coefficientB\r\n\x0b_clip_value\"\x96\x01\n\x14GradientNormsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x15\n\rmicro_batches\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x04\x12\x16\n\tnorm_type\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_norm_type\"\x83\x01\n\x15GradientNormsResponse\x12<\n\x05norms\x18\x01 \x03(\x0b\x32-.gradmesh.v1.GradientNormsResponse.NormsEntry\x1a,\n\nNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"P\n\rApplyResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0f\x61lready_applied\x18\x02 \x01(\x08\x12\x15\n\rapply_seconds\x18\x03 \x01(\x01\"\x14\n\x12ShardStatusRequest\":\n\x13ShardStatusResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.gradmesh.v1.ShardJob\"n\n\x08ShardJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x03 \x01(\x04\x12\x12\n\nparameters\x18\x04 \x03(\t\x12\x17\n\x0fparameter_bytes\x18\x05 \x01(\x04\" \n\x0e\x44ropJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x0f\x44ropJobResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x32\x86\x04\n\x0eParameterShard\x12<\n\x04Load\x12\x17.gradmesh.v1.ShardFrame\x1a\x19.gradmesh.v1.LoadResponse(\x01\x12;\n\x04Pull\x12\x18.gradmesh.v1.PullRequest\x1a\x17.gradmesh.v1.ShardFrame0\x01\x12N\n\rPushGradients\x12\x17.gradmesh.v1.ShardFrame\x1a\".gradmesh.v1.PushGradientsResponse(\x01\x12>\n\x05\x41pply\x12\x19.gradmesh.v1.ApplyRequest\x1a\x1a.gradmesh.v1.ApplyResponse\x12V\n\rGradientNorms\x12!.gradmesh.v1.GradientNormsRequest\x1a\".gradmesh.v1.GradientNormsResponse\x12K\n\x06Status\x12\x1f.gradmesh.v1.ShardStatusRequest\x1a .gradmesh.v1.ShardStatusResponse\x12\x44\n\x07\x44ropJob\x12\x1b.gradmesh.v1.DropJobRequest\x1a\x1c.gradmesh.v1.DropJobResponseB<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gradmesh/v1/shard.proto\x12\x0bgradmesh.v1\x1a\x18gradmesh/v1/tensor.proto\"\x99\x06\n\tOptimizer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x02lr\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08momentum\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tdampening\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08nesterov\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x10\n\x03\x65ps\x18\t \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x07\x61msgrad\x18\n \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08maximize\x18\x0b \x01(\x08H\t\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x0c \x01(\x01H\n\x88\x01\x01\x12\x15\n\x08\x63\x65ntered\x18\r \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08lr_decay\x18\x0e \x01(\x01H\x0c\x88\x01\x01\x12&\n\x19initial_accumulator_value\x18\x0f \x01(\x01H\r\x88\x01\x01\x12\x1b\n\x0emomentum_decay\x18\x10 \x01(\x01H\x0e\x88\x01\x01\x12#\n\x16\x64\x65\x63oupled_weight_decay\x18\x11 \x01(\x08H\x0f\x88\x01\x01\x12U\n\x19weight_decay_by_parameter\x18\x12 \x03(\x0b\x32\x32.gradmesh.v1.Optimizer.WeightDecayByParameterEntry\x1a=\n\x1bWeightDecayByParameterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x05\n\x03_lrB\x0b\n\t_momentumB\x0c\n\n_dampeningB\x0b\n\t_nesterovB\x0f\n\r_weight_decayB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\n\n\x08_amsgradB\x0b\n\t_maximizeB\x08\n\x06_alphaB\x0b\n\t_centeredB\x0b\n\t_lr_decayB\x1c\n\x1a_initial_accumulator_valueB\x11\n\x0f_momentum_decayB\x19\n\x17_decoupled_weight_decay\"\xc3\x01\n\nShardFrame\x12(\n\x04load\x18\x01 \x01(\x0b\x32\x18.gradmesh.v1.LoadRequestH\x00\x12\x31\n\x04push\x18\x02 \x01(\x0b\x32!.gradmesh.v1.PushGradientsRequestH\x00\x12+\n\x06pulled\x18\x03 \x01(\x0b\x32\x19.gradmesh.v1.PullResponseH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.gradmesh.v1.ChunkH\x00\x42\x06\n\x04kind\"v\n\x0bLoadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\nparameters\x18\x02 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12)\n\toptimizer\x18\x03 \x01(\x0b\x32\x16.gradmesh.v1.Optimizer\"5\n\x0cLoadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x02 \x01(\x04\"=\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05names\x18\x03 \x03(\t\"M\n\x0cPullResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12,\n\nparameters\x18\x02 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\"\x9a\x02\n\x14PushGradientsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x15\n\rmicro_batches\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12+\n\tgradients\x18\x06 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x04\x12\x19\n\x11unused_parameters\x18\x14 \x03(\t\x12\x13\n\x0b\x63ompression\x18( \x01(\t\x12\x36\n\x14\x63ompressed_gradients\x18) \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\"<\n\x15PushGradientsResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x10\n\x08received\x18\x02 \x01(\r\"\xb2\x02\n\x0c\x41pplyRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x15\n\rmicro_batches\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x12\n\ncheckpoint\x18\x05 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x04\x12\x0f\n\x02lr\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08momentum\x18\x15 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x16 \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10\x63lip_coefficient\x18\x17 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nclip_value\x18\x18 \x01(\x01H\x04\x88\x01\x01\x42\x05\n\x03_lrB\x0b\n\t_momentumB\x08\n\x06_beta1B\x13\n\x11_clip_coefficientB\r\n\x0b_clip_value\"\x96\x01\n\x14GradientNormsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x15\n\rmicro_batches\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x04\x12\x16\n\tnorm_type\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_norm_type\"\x83\x01\n\x15GradientNormsResponse\x12<\n\x05norms\x18\x01 \x03(\x0b\x32-.gradmesh.v1.GradientNormsResponse.NormsEntry\x1a,\n\nNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"P\n\rApplyResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0f\x61lready_applied\x18\x02 \x01(\x08\x12\x15\n\rapply_seconds\x18\x03 \x01(\x01\"\x14\n\x12ShardStatusRequest\":\n\x13ShardStatusResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.gradmesh.v1.ShardJob\"n\n\x08ShardJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x03 \x01(\x04\x12\x12\n\nparameters\x18\x04 \x03(\t\x12\x17\n\x0fparameter_bytes\x18\x05 \x01(\x04\" \n\x0e\x44ropJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x0f\x44ropJobResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x32\x86\x04\n\x0eParameterShard\x12<\n\x04Load\x12\x17.gradmesh.v1.ShardFrame\x1a\x19.gradmesh.v1.LoadResponse(\x01\x12;\n\x04Pull\x12\x18.gradmesh.v1.PullRequest\x1a\x17.gradmesh.v1.ShardFrame0\x01\x12N\n\rPushGradients\x12\x17.gradmesh.v1.ShardFrame\x1a\".gradmesh.v1.PushGradientsResponse(\x01\x12>\n\x05\x41pply\x12\x19.gradmesh.v1.ApplyRequest\x1a\x1a.gradmesh.v1.ApplyResponse\x12V\n\rGradientNorms\x12!.gradmesh.v1.GradientNormsRequest\x1a\".gradmesh.v1.GradientNormsResponse\x12K\n\x06Status\x12\x1f.gradmesh.v1.ShardStatusRequest\x1a .gradmesh.v1.ShardStatusResponse\x12\x44\n\x07\x44ropJob\x12\x1b.gradmesh.v1.DropJobRequest\x1a\x1c.gradmesh.v1.DropJobResponseB<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,48 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradmesh.v1.shard_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1'
+  _globals['_OPTIMIZER_WEIGHTDECAYBYPARAMETERENTRY']._loaded_options = None
+  _globals['_OPTIMIZER_WEIGHTDECAYBYPARAMETERENTRY']._serialized_options = b'8\001'
   _globals['_GRADIENTNORMSRESPONSE_NORMSENTRY']._loaded_options = None
   _globals['_GRADIENTNORMSRESPONSE_NORMSENTRY']._serialized_options = b'8\001'
   _globals['_OPTIMIZER']._serialized_start=67
-  _globals['_OPTIMIZER']._serialized_end=710
-  _globals['_SHARDFRAME']._serialized_start=713
-  _globals['_SHARDFRAME']._serialized_end=908
-  _globals['_LOADREQUEST']._serialized_start=910
-  _globals['_LOADREQUEST']._serialized_end=1028
-  _globals['_LOADRESPONSE']._serialized_start=1030
-  _globals['_LOADRESPONSE']._serialized_end=1083
-  _globals['_PULLREQUEST']._serialized_start=1085
-  _globals['_PULLREQUEST']._serialized_end=1146
-  _globals['_PULLRESPONSE']._serialized_start=1148
-  _globals['_PULLRESPONSE']._serialized_end=1225
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1228
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1510
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1512
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1572
-  _globals['_APPLYREQUEST']._serialized_start=1575
-  _globals['_APPLYREQUEST']._serialized_end=1881
-  _globals['_GRADIENTNORMSREQUEST']._serialized_start=1884
-  _globals['_GRADIENTNORMSREQUEST']._serialized_end=2034
-  _globals['_GRADIENTNORMSRESPONSE']._serialized_start=2037
-  _globals['_GRADIENTNORMSRESPONSE']._serialized_end=2168
-  _globals['_GRADIENTNORMSRESPONSE_NORMSENTRY']._serialized_start=2124
-  _globals['_GRADIENTNORMSRESPONSE_NORMSENTRY']._serialized_end=2168
-  _globals['_APPLYRESPONSE']._serialized_start=2170
-  _globals['_APPLYRESPONSE']._serialized_end=2250
-  _globals['_SHARDSTATUSREQUEST']._serialized_start=2252
-  _globals['_SHARDSTATUSREQUEST']._serialized_end=2272
-  _globals['_SHARDSTATUSRESPONSE']._serialized_start=2274
-  _globals['_SHARDSTATUSRESPONSE']._serialized_end=2332
-  _globals['_SHARDJOB']._serialized_start=2334
-  _globals['_SHARDJOB']._serialized_end=2444
-  _globals['_DROPJOBREQUEST']._serialized_start=2446
-  _globals['_DROPJOBREQUEST']._serialized_end=2478
-  _globals['_DROPJOBRESPONSE']._serialized_start=2480
-  _globals['_DROPJOBRESPONSE']._serialized_end=2514
-  _globals['_PARAMETERSHARD']._serialized_start=2517
-  _globals['_PARAMETERSHARD']._serialized_end=3035
+  _globals['_OPTIMIZER']._serialized_end=860
+  _globals['_OPTIMIZER_WEIGHTDECAYBYPARAMETERENTRY']._serialized_start=570
+  _globals['_OPTIMIZER_WEIGHTDECAYBYPARAMETERENTRY']._serialized_end=631
+  _globals['_SHARDFRAME']._serialized_start=863
+  _globals['_SHARDFRAME']._serialized_end=1058
+  _globals['_LOADREQUEST']._serialized_start=1060
+  _globals['_LOADREQUEST']._serialized_end=1178
+  _globals['_LOADRESPONSE']._serialized_start=1180
+  _globals['_LOADRESPONSE']._serialized_end=1233
+  _globals['_PULLREQUEST']._serialized_start=1235
+  _globals['_PULLREQUEST']._serialized_end=1296
+  _globals['_PULLRESPONSE']._serialized_start=1298
+  _globals['_PULLRESPONSE']._serialized_end=1375
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1378
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1660
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1662
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1722
+  _globals['_APPLYREQUEST']._serialized_start=1725
+  _globals['_APPLYREQUEST']._serialized_end=2031
+  _globals['_GRADIENTNORMSREQUEST']._serialized_start=2034
+  _globals['_GRADIENTNORMSREQUEST']._serialized_end=2184
+  _globals['_GRADIENTNORMSRESPONSE']._serialized_start=2187
+  _globals['_GRADIENTNORMSRESPONSE']._serialized_end=2318
+  _globals['_GRADIENTNORMSRESPONSE_NORMSENTRY']._serialized_start=2274
+  _globals['_GRADIENTNORMSRESPONSE_NORMSENTRY']._serialized_end=2318
+  _globals['_APPLYRESPONSE']._serialized_start=2320
+  _globals['_APPLYRESPONSE']._serialized_end=2400
+  _globals['_SHARDSTATUSREQUEST']._serialized_start=2402
+  _globals['_SHARDSTATUSREQUEST']._serialized_end=2422
+  _globals['_SHARDSTATUSRESPONSE']._serialized_start=2424
+  _globals['_SHARDSTATUSRESPONSE']._serialized_end=2482
+  _globals['_SHARDJOB']._serialized_start=2484
+  _globals['_SHARDJOB']._serialized_end=2594
+  _globals['_DROPJOBREQUEST']._serialized_start=2596
+  _globals['_DROPJOBREQUEST']._serialized_end=2628
+  _globals['_DROPJOBRESPONSE']._serialized_start=2630
+  _globals['_DROPJOBRESPONSE']._serialized_end=2664
+  _globals['_PARAMETERSHARD']._serialized_start=2667
+  _globals['_PARAMETERSHARD']._serialized_end=3185
 # @@protoc_insertion_point(module_scope)
