@@ -58,6 +58,16 @@ def _kept(size: int, ratio: float) -> int:
     return max(1, min(size, int(np.ceil(ratio * size))))
 
 
+def _top_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the ``k`` largest magnitudes in linear time; ties at the threshold
+    go to the lowest indices, so that the choice does not depend on the selection
+    algorithm."""
+    threshold = np.partition(magnitude, magnitude.size - k)[magnitude.size - k]
+    above = np.flatnonzero(magnitude > threshold)
+    at = np.flatnonzero(magnitude == threshold)[: k - above.size]
+    return np.concatenate([above, at])
+
+
 def compress(spec: dict, p: np.ndarray) -> np.ndarray:
     """``C(p)``: what the receiver reconstructs, dense, in ``p``'s dtype and shape."""
     flat = p.reshape(-1)
@@ -65,9 +75,7 @@ def compress(spec: dict, p: np.ndarray) -> np.ndarray:
     if flat.size == 0:
         return out.reshape(p.shape)
     if spec["kind"] == "topk":
-        k = _kept(flat.size, spec["ratio"])
-        # A stable sort, not argpartition: ties resolve the same way on every machine.
-        idx = np.argsort(-np.abs(flat), kind="stable")[:k]
+        idx = _top_indices(np.abs(flat), _kept(flat.size, spec["ratio"]))
         out[idx] = flat[idx]
     else:
         scale = np.mean(np.abs(flat), dtype=np.float64).astype(flat.dtype)

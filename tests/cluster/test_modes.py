@@ -34,6 +34,8 @@ def test_topk_keeps_the_largest_magnitudes_and_sign_keeps_the_l1_norm():
     p = np.array([[0.5, -3.0, 0.1], [2.0, -0.2, 0.0]], np.float32)
     kept = compression.compress({"kind": "topk", "ratio": 0.3}, p)  # ceil(0.3 * 6) = 2
     np.testing.assert_array_equal(kept, [[0, -3.0, 0], [2.0, 0, 0]])
+    ties = compression.compress({"kind": "topk", "ratio": 0.5}, np.array([1, -2, 1, 1], np.float32))
+    np.testing.assert_array_equal(ties, [1, -2, 0, 0])  # ties at the threshold: lowest first
     signs = compression.compress(SIGN, p)
     scale = np.float32(np.abs(p).mean())
     np.testing.assert_array_equal(signs, np.where(p >= 0, scale, -scale))
