@@ -90,6 +90,7 @@ class CoordinatorClient(CoordinatorConnection):
         scheduler=None,
         clip_grad_norm: float | dict | None = None,
         clip_grad_value: float | None = None,
+        compression: dict | None = None,
     ) -> "Job":
         """Trace ``loss_fn(model, *example_batch)`` and create a training job.
 
@@ -114,6 +115,12 @@ class CoordinatorClient(CoordinatorConnection):
         ``{"max_norm": 1.0, "norm_type": 2.0, "error_if_nonfinite": False}``;
         ``clip_grad_value``: like ``clip_grad_value_``. ``StepResult.grad_norm`` is the
         total norm before clipping, ``StepResult.lr`` the learning rate the step applied.
+
+        ``compression``: opt-in, trades the bitwise determinism of the default mode for
+        fewer gradient bytes: ``{"kind": "topk", "ratio": 0.01}`` (the largest 1% of each
+        gradient) or ``{"kind": "sign"}`` (one bit per element and a scale), with error
+        feedback (docs/training.md, "Compressed gradients"). ``Job.status().mode`` says
+        which mode a job runs in.
         """
         description = _optimizer_description(optimizer, scheduler, model)
         schedule = _schedule_description(scheduler, optimizer)
@@ -139,6 +146,8 @@ class CoordinatorClient(CoordinatorConnection):
             header.schedule.CopyFrom(schedule_to_proto(schedule))
         if clipping is not None:
             header.clipping.CopyFrom(clipping_to_proto(clipping))
+        if compression is not None:
+            header.compression.CopyFrom(_compression_message(compression))
         resp = self.create(header, params)
         return Job(
             self,
@@ -152,6 +161,19 @@ class CoordinatorClient(CoordinatorConnection):
         """Attach to an existing job (its next step id is read from the coordinator)."""
         status = self.job_status(job_id)
         return Job(self, job_id, list(status.data_inputs), status.next_step_id)
+
+
+def _compression_message(spec) -> coordinator_pb2.GradientCompression:
+    """``{"kind": "topk", "ratio": 0.01}`` or ``{"kind": "sign"}`` as the message (the
+    coordinator checks the values; a wrong key is refused here)."""
+    if not isinstance(spec, dict) or not set(spec) <= {"kind", "ratio"}:
+        raise ValueError(
+            f"compression must be a dict like {{'kind': 'topk', 'ratio': 0.01}} or "
+            f"{{'kind': 'sign'}}, got {spec!r}"
+        )
+    return coordinator_pb2.GradientCompression(
+        kind=str(spec.get("kind", "")), ratio=float(spec.get("ratio", 0.0))
+    )
 
 
 def _optimizer_description(optimizer, scheduler, model) -> dict:

@@ -89,6 +89,7 @@ class CoordinatorServicer:
             header.micro_batch_size,
             header.schedule if header.HasField("schedule") else None,
             header.clipping if header.HasField("clipping") else None,
+            compression_msg=header.compression if header.HasField("compression") else None,
         )
         return pb.CreateJobResponse(
             job_id=job.job_id, graph_id=job.graph_id, version=job.version, placement=job.placement

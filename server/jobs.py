@@ -39,7 +39,7 @@ import numpy as np
 from gradmesh.core import dtypes, lr_scheduler, serialize
 from gradmesh.core import graph as core_graph
 from gradmesh.core.nn import utils as nn_utils
-from gradmesh.server import checkpoint
+from gradmesh.server import checkpoint, compression
 from gradmesh.server.aggregate import (
     TreeSum,
     combine_buffers,
@@ -53,6 +53,7 @@ from gradmesh.server.runtime import ServiceError, status_code
 from gradmesh.server.shard_store import EmbeddedShard, ShardStore, check_job_id
 from gradmesh.server.workers import ParamSet, WorkerHandle, WorkerPool
 from gradmesh.v1 import coordinator_pb2, graph_pb2
+from gradmesh.wire import compression as wire_compression
 from gradmesh.wire.errors import GradmeshError
 from gradmesh.wire.schedule import (
     clipping_from_proto,
@@ -125,6 +126,9 @@ class Job:
     # The parameters cut into row slices over several shards (aggregate.place_rows):
     # name -> [(shard, start row, stop row), ...]; ``placement`` holds the first one's shard.
     pieces: dict[str, list] = field(default_factory=dict)
+    # Opt-in compressed mode (None: the synchronous, bitwise mode) and its error-feedback
+    # residuals, in memory only (docs/training.md, "Compressed gradients").
+    residuals: "compression.Residuals | None" = None
 
 
 def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -213,6 +217,7 @@ def _differences(
     digest: str,
     schedule: dict | None = None,
     clipping: dict | None = None,
+    compress: dict | None = None,
 ) -> list[str]:
     """What a CreateJob for an existing job id asks differently from the job (empty: the
     same content, an idempotent re-create)."""
@@ -238,6 +243,10 @@ def _differences(
             f"clipping (existing {existing.clipping}, new {clipping})",
             existing.clipping == clipping,
         ),
+        (
+            f"compression (existing {_compression_of(existing)}, new {compress})",
+            _compression_of(existing) == compress,
+        ),
     )
     return [what for what, same in checks if not same]
 
@@ -249,6 +258,7 @@ def default_job_id(
     micro_batch_size: int,
     schedule: dict | None = None,
     clipping: dict | None = None,
+    compress: dict | None = None,
 ) -> str:
     """The id of a job created without one: a digest of its content (graph, initial
     parameters, optimizer, micro-batch size, schedule and clipping when given), so that
@@ -256,6 +266,8 @@ def default_job_id(
     content: list = [graph_id, params_digest, optimizer, micro_batch_size]
     if schedule is not None or clipping is not None:
         content += [schedule, clipping]
+    if compress is not None:
+        content += [{"compression": compress}]
     key = json.dumps(content, sort_keys=True)
     return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -335,6 +347,39 @@ def _advance_schedule(job: Job, loss: float) -> None:
         job.schedule_error = f"the job's learning-rate schedule ended: {e}"
 
 
+def _compression_of(job: Job) -> dict | None:
+    return job.residuals.spec if job.residuals is not None else None
+
+
+def _compression_spec(msg) -> dict | None:
+    """A CreateJobRequest's GradientCompression as a validated description (None:
+    unset, the synchronous mode); INVALID_ARGUMENT naming the field when bad."""
+    if msg is None:
+        return None
+    try:
+        return compression.validate({"kind": msg.kind, "ratio": msg.ratio})
+    except ValueError as e:
+        raise ServiceError(INVALID, str(e), str(e).split()[0]) from None  # names the field
+
+
+def _set_compression(job: Job, spec: dict | None) -> None:
+    job.residuals = compression.Residuals(spec) if spec is not None else None
+
+
+def _mode_fields(job: Job) -> dict:
+    """JobStatus's mode fields: what the job trades for speed, if anything."""
+    r = job.residuals
+    if r is None:
+        return {"mode": "synchronous", "deterministic": True}
+    return {
+        "mode": "compressed",
+        "deterministic": False,
+        "compression": coordinator_pb2.GradientCompression(**r.spec),
+        "gradient_bytes": r.dense_bytes,
+        "compressed_bytes": r.sent_bytes,
+    }
+
+
 def _job_dtype(job: Job, name: str) -> np.dtype:
     return np.dtype(serialize.PROTO_TO_DTYPE[job.param_specs[name][0]].name)
 
@@ -395,6 +440,7 @@ class Coordinator:
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         _schedule_and_clipping(optimizer_from_proto(header.optimizer), *_schedule_messages(header))
+        _compression_spec(header.compression if header.HasField("compression") else None)
         _, _, specs, _, _ = _graph_signature(header.graph)
         specs = {**specs, **_graph_buffers(header.graph)}
         serialize.check_headers(
@@ -410,6 +456,7 @@ class Coordinator:
         micro_batch_size: int,
         schedule_msg=None,
         clipping_msg=None,
+        compression_msg=None,
     ):
         """Create a job (idempotent for identical content); returns the Job.
         ``schedule_msg``/``clipping_msg``: an LRSchedule and a GradientClipping, or None."""
@@ -419,6 +466,7 @@ class Coordinator:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
         schedule, clipping = _schedule_and_clipping(optimizer, schedule_msg, clipping_msg)
+        compress = _compression_spec(compression_msg)
         vg, names, specs, data, extra = _graph_signature(graph)
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
         buffer_specs = _graph_buffers(graph)
@@ -427,13 +475,13 @@ class Coordinator:
         # Buffers count as initial state (a graph without them digests as before).
         digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
         job_id = job_id or default_job_id(
-            gid, digest, optimizer, micro_batch_size, schedule, clipping
+            gid, digest, optimizer, micro_batch_size, schedule, clipping, compress
         )
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
                 differ = _differences(
-                    existing, gid, optimizer, micro_batch_size, digest, schedule, clipping
+                    existing, gid, optimizer, micro_batch_size, digest, schedule, clipping, compress
                 )
                 if differ:
                     raise ServiceError(
@@ -460,6 +508,7 @@ class Coordinator:
                 pieces=pieces,
             )
             _set_schedule(job, schedule, clipping)
+            _set_compression(job, compress)
             self.jobs[job_id] = job
         try:
             with job.lock:
@@ -788,6 +837,8 @@ class Coordinator:
             job.fault = f"step {step_id} failed in a shard's Apply: {_text(e)}"
             raise
         t3 = time.perf_counter()
+        if run.residuals is not None:
+            run.residuals.commit()
         job.version = version + 1
         job.buffers = new_buffers
         job.last_step_id = step_id
@@ -913,6 +964,7 @@ class Coordinator:
             clipping=clipping_to_proto(job.clipping) if job.clipping else None,
             next_lr=job.runner.hyper()["lr"] if job.runner else job.optimizer["lr"],
             last_grad_norm=job.last_grad_norm,
+            **_mode_fields(job),
         )
 
     def list_workers(self):
@@ -964,6 +1016,7 @@ class Coordinator:
             "pinned": list(job.pinned) if job.pinned else None,
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
             **_schedule_meta(job),
+            **({"compression": job.residuals.spec} if job.residuals else {}),
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
         arrays = {"graph": graph, **_buffer_arrays(job.buffers)}
@@ -1013,6 +1066,8 @@ class Coordinator:
             job.buffer_specs = _graph_buffers(graph)
             job.buffers = _buffers_of(arrays)
             _restore_schedule(job, meta)
+            # The residuals are not checkpointed: they restart from zero (documented).
+            _set_compression(job, meta.get("compression"))
             job.log = checkpoint.RecordLog(self._log_path(job.job_id))
             self._replay(job)
             if meta["shards"] != len(self.shards):
@@ -1142,6 +1197,7 @@ class _StepRun:
         # step left behind instead of mixing them with this one's (the retry may carry
         # another batch).
         self.attempt = secrets.randbits(64)
+        self.residuals = job.residuals.stage() if job.residuals is not None else None
 
     def compute(self, worker: WorkerHandle, m: int) -> Reply:
         job = self.job
@@ -1170,12 +1226,28 @@ class _StepRun:
                 grpc.StatusCode.INTERNAL, f"a worker returned no new value of buffer {missing[:5]}"
             )
         t = time.perf_counter()
+        gradients = r.gradients
+        if self.residuals is not None:
+            # Unused parameters stay zeros (the shards skip them as torch's optimizers do).
+            used = [nm for nm in job.param_names if nm not in r.unused]
+            gradients = {**gradients, **self.residuals.apply(m, {nm: gradients[nm] for nm in used})}
         for i in self.by_shard:
-            grads = _parts_on(job, i, r.gradients, job.param_names)
+            grads = _parts_on(job, i, gradients, job.param_names)
             unused = [nm for nm in r.unused if nm in grads]
+            extra = self._compressed_for(i, grads, unused)
+            if extra:
+                grads = {nm: g for nm, g in grads.items() if nm in unused}
             try:
                 self.shards[i].push(
-                    job.job_id, self.step_id, m, self.n, self.version, grads, self.attempt, unused
+                    job.job_id,
+                    self.step_id,
+                    m,
+                    self.n,
+                    self.version,
+                    grads,
+                    self.attempt,
+                    unused,
+                    **extra,
                 )
             except (ServiceError, GradmeshError) as e:
                 job.fault = (
@@ -1194,6 +1266,17 @@ class _StepRun:
                 if value is not None and np.size(value) == 1:
                     w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
                     self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+    def _compressed_for(self, i: int, grads: dict, unused: list) -> dict:
+        """For a remote shard of a compressed job, the compressed gradients in their wire
+        encoding (decoded there to the same values: embedded shards get them dense)."""
+        if self.residuals is None or isinstance(self.shards[i], EmbeddedShard):
+            return {}
+        kind = self.residuals.owner.spec["kind"]
+        blobs = {
+            nm: wire_compression.encode(kind, g) for nm, g in grads.items() if nm not in unused
+        }
+        return {"compressed": (kind, blobs)} if blobs else {}
 
     def new_buffers(self) -> dict[str, np.ndarray]:
         """The step's new buffers: every micro-batch's update, combined in micro-batch

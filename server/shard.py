@@ -12,9 +12,11 @@ import sys
 
 import grpc
 
+from gradmesh.core import serialize
 from gradmesh.server import checkpoint
 from gradmesh.server.runtime import (
     ConfigError,
+    ServiceError,
     add_server_arguments,
     announce,
     config_from_args,
@@ -23,7 +25,8 @@ from gradmesh.server.runtime import (
     serve,
 )
 from gradmesh.server.shard_store import ShardStore, check_job_id
-from gradmesh.v1 import shard_pb2
+from gradmesh.v1 import shard_pb2, tensor_pb2
+from gradmesh.wire import compression
 from gradmesh.wire.frames import SHARD_FRAME_CHUNK_FIELD, frame_decoder, serialize_message
 from gradmesh.wire.shard import (
     SERVICE_NAME,
@@ -44,6 +47,51 @@ POOL_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------ the service ---------
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _check_compressed_headers(job, header) -> None:
+    """A compressed push's blobs against the job's parameters, before allocation: each
+    names a parameter of this shard and is a 1-D int32 tensor no larger than its top-k
+    encoding with every element kept could be."""
+    if header.compressed_gradients and header.compression not in ("topk", "sign"):
+        raise ServiceError(
+            INVALID, f"unknown compression {header.compression!r} (topk or sign)", "compression"
+        )
+    for nt in header.compressed_gradients:
+        where = f"compressed_gradients[{nt.name}]"
+        p = job.params.get(nt.name)
+        if p is None:
+            raise ServiceError(
+                INVALID, f"no parameter {nt.name!r} on this shard for job {job.job_id!r}", where
+            )
+        bound = (p.size * (4 + p.itemsize) + p.itemsize) // 4 + 1  # words
+        shape = list(nt.tensor.shape)
+        if nt.tensor.dtype != tensor_pb2.INT32 or len(shape) != 1 or shape[0] > bound:
+            raise ServiceError(
+                INVALID,
+                f"a compressed gradient is a 1-D int32 tensor of at most {bound} words for "
+                f"{nt.name!r}; got {serialize.dtype_name(nt.tensor.dtype)} {shape}",
+                where,
+            )
+
+
+def _decompressed(job, header, grads: dict) -> dict:
+    """The push's gradients with the compressed ones decoded against their parameters."""
+    out = dict(grads)
+    for nt in header.compressed_gradients:
+        p = job.params[nt.name]
+        try:
+            out[nt.name] = compression.decode(header.compression, grads[nt.name], p.dtype, p.shape)
+        except ValueError as e:
+            raise ServiceError(
+                INVALID,
+                f"compressed gradient of {nt.name!r}: {e}",
+                f"compressed_gradients[{nt.name}]",
+            ) from None
+    return out
 
 
 class ShardServicer:
@@ -90,10 +138,13 @@ class ShardServicer:
         if first is not None and first.WhichOneof("kind") == "push":
             # The header against the job's parameters before anything is allocated.
             self.store.job(first.push.job_id).check_gradient_headers(first.push.gradients)
+            _check_compressed_headers(self.store.job(first.push.job_id), first.push)
         frames = itertools.chain([first] if first is not None else [], request_iterator)
         header, grads = receive_frames(
             frames, "push", self.max_stream_bytes, self.max_elements, self.buffers.allocate
         )
+        if header.compressed_gradients:
+            grads = _decompressed(self.store.job(header.job_id), header, grads)
         duplicate, received = self.store.push(
             header.job_id,
             header.step_id,

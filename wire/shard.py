@@ -274,8 +274,19 @@ class RemoteShard:
         return header.version, arrays
 
     def push(
-        self, job_id, step_id, micro_batch, micro_batches, version, gradients, attempt=0, unused=()
+        self,
+        job_id,
+        step_id,
+        micro_batch,
+        micro_batches,
+        version,
+        gradients,
+        attempt=0,
+        unused=(),
+        compressed=None,
     ):
+        """``compressed``: ``(kind, {name: encoded uint8 array})`` for a job in compressed
+        mode (:mod:`gradmesh.wire.compression`); those parameters are not in ``gradients``."""
         header = shard_pb2.PushGradientsRequest(
             job_id=job_id,
             step_id=step_id,
@@ -286,6 +297,9 @@ class RemoteShard:
             unused_parameters=sorted(unused),
         )
         values = named_headers(header.gradients, gradients)
+        if compressed is not None:
+            header.compression = compressed[0]
+            values += named_headers(header.compressed_gradients, compressed[1])
         r = self._call("PushGradients", self._push_call, shard_frames("push", header, values))
         return r.duplicate, r.received
 

@@ -20,7 +20,7 @@ class CoordinatorFrame(_message.Message):
     def __init__(self, create_job: _Optional[_Union[CreateJobRequest, _Mapping]] = ..., parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("job_id", "graph", "parameters", "optimizer", "micro_batch_size", "schedule", "clipping")
+    __slots__ = ("job_id", "graph", "parameters", "optimizer", "micro_batch_size", "schedule", "clipping", "compression")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class CreateJobRequest(_message.Message):
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     graph: _graph_pb2.Graph
     parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -35,7 +36,16 @@ class CreateJobRequest(_message.Message):
     micro_batch_size: int
     schedule: LRSchedule
     clipping: GradientClipping
-    def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ...) -> None: ...
+    compression: GradientCompression
+    def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ...) -> None: ...
+
+class GradientCompression(_message.Message):
+    __slots__ = ("kind", "ratio")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    ratio: float
+    def __init__(self, kind: _Optional[str] = ..., ratio: _Optional[float] = ...) -> None: ...
 
 class LRSchedule(_message.Message):
     __slots__ = ("step", "multi_step", "exponential", "cosine_annealing", "linear", "one_cycle", "sequential", "reduce_on_plateau")
@@ -274,7 +284,7 @@ class JobStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatusResponse(_message.Message):
-    __slots__ = ("job_id", "graph_id", "version", "last_step_id", "next_step_id", "micro_batch_size", "optimizer", "placement", "samples", "last_loss", "shards", "workers", "error", "data_inputs", "metrics", "schedule", "clipping", "next_lr", "last_grad_norm")
+    __slots__ = ("job_id", "graph_id", "version", "last_step_id", "next_step_id", "micro_batch_size", "optimizer", "placement", "samples", "last_loss", "shards", "workers", "error", "data_inputs", "metrics", "schedule", "clipping", "next_lr", "last_grad_norm", "mode", "deterministic", "compression", "gradient_bytes", "compressed_bytes")
     class PlacementEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +311,11 @@ class JobStatusResponse(_message.Message):
     CLIPPING_FIELD_NUMBER: _ClassVar[int]
     NEXT_LR_FIELD_NUMBER: _ClassVar[int]
     LAST_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     graph_id: str
     version: int
@@ -320,7 +335,12 @@ class JobStatusResponse(_message.Message):
     clipping: GradientClipping
     next_lr: float
     last_grad_norm: float
-    def __init__(self, job_id: _Optional[str] = ..., graph_id: _Optional[str] = ..., version: _Optional[int] = ..., last_step_id: _Optional[int] = ..., next_step_id: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., placement: _Optional[_Mapping[str, int]] = ..., samples: _Optional[int] = ..., last_loss: _Optional[float] = ..., shards: _Optional[int] = ..., workers: _Optional[int] = ..., error: _Optional[str] = ..., data_inputs: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., next_lr: _Optional[float] = ..., last_grad_norm: _Optional[float] = ...) -> None: ...
+    mode: str
+    deterministic: bool
+    compression: GradientCompression
+    gradient_bytes: int
+    compressed_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., graph_id: _Optional[str] = ..., version: _Optional[int] = ..., last_step_id: _Optional[int] = ..., next_step_id: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., placement: _Optional[_Mapping[str, int]] = ..., samples: _Optional[int] = ..., last_loss: _Optional[float] = ..., shards: _Optional[int] = ..., workers: _Optional[int] = ..., error: _Optional[str] = ..., data_inputs: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., next_lr: _Optional[float] = ..., last_grad_norm: _Optional[float] = ..., mode: _Optional[str] = ..., deterministic: _Optional[bool] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ..., gradient_bytes: _Optional[int] = ..., compressed_bytes: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

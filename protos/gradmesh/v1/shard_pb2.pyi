@@ -103,7 +103,7 @@ class PullResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
-    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt", "unused_parameters")
+    __slots__ = ("job_id", "step_id", "micro_batch", "micro_batches", "version", "gradients", "attempt", "unused_parameters", "compression", "compressed_gradients")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class PushGradientsRequest(_message.Message):
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step_id: int
     micro_batch: int
@@ -120,7 +122,9 @@ class PushGradientsRequest(_message.Message):
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     attempt: int
     unused_parameters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
+    compression: str
+    compressed_gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., micro_batches: _Optional[int] = ..., version: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., attempt: _Optional[int] = ..., unused_parameters: _Optional[_Iterable[str]] = ..., compression: _Optional[str] = ..., compressed_gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("duplicate", "received")
