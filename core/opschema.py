@@ -22,18 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import dtypes
+from .graph.ident import ATTR_FIELD
 from .registry import REGISTRY, Op, get
-
-# The Attribute field (graph.proto) that carries each declared kind.
-ATTR_FIELD = {
-    "int": "i",
-    "float": "f",
-    "bool": "b",
-    "str": "s",
-    "ints": "ints",
-    "floats": "floats",
-    "dtype": "dtype",
-}
 
 # The output dtype rules, in the words docs/ops.md and worker.proto use.
 DTYPE_RULES = {

@@ -42,7 +42,9 @@ def dtype_of(proto_dtype: int) -> dtypes.DType:
     return PROTO_TO_DTYPE[proto_dtype]
 
 
-_KIND_FIELD = {
+# The Attribute field (graph.proto) that carries each declared kind; Capabilities'
+# op schemas (core/opschema.py) publish the same mapping.
+ATTR_FIELD = {
     "int": "i",
     "float": "f",
     "bool": "b",
@@ -131,8 +133,8 @@ def decode_attrs(
         if which == "none" and optional:
             values[a.name] = None
             continue
-        if which != _KIND_FIELD[base]:
-            allowed = f"'{_KIND_FIELD[base]}'" + (" or 'none'" if optional else "")
+        if which != ATTR_FIELD[base]:
+            allowed = f"'{ATTR_FIELD[base]}'" + (" or 'none'" if optional else "")
             raise GraphError(
                 f,
                 f"op {op.name} expects a {kind} attribute (field {allowed}), "
