@@ -519,6 +519,13 @@ def _infer_conv_input_grad(g, w, input_size, stride, padding, dilation, groups) 
     return Spec(x_shape, g.dtype)
 
 
+def _transposed_kernel(xp, w, groups):
+    """The (C, O/groups, kh, kw) kernel of the transposed convolution of ``w``."""
+    o, cg, kh, kw = w.shape
+    wt = w.reshape(groups, o // groups, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    return xp.ascontiguousarray(wt).reshape(groups * cg, o // groups, kh, kw)
+
+
 @defop(
     "conv2d_input_grad",
     infer=_infer_conv_input_grad,
@@ -529,6 +536,13 @@ def conv2d_input_grad_p(xp, g, w, input_size, stride, padding, dilation, groups)
     """d conv2d / d input: a transposed convolution of ``g`` with ``w`` (col2im of W^T g)."""
     n, o, ho, wo = g.shape
     _, cg, kh, kw = w.shape
+    full = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
+    if tuple(stride) == (1, 1) and min(full) >= 0:
+        # Stride 1: a convolution of g with the flipped, transposed kernel. Its im2col and
+        # GEMM cost about half of the GEMM and the kh*kw strided adds of col2im.
+        return conv2d_p.forward(
+            xp, g, _transposed_kernel(xp, w, groups), [1, 1], full, dilation, groups
+        )
     wt = w.reshape(groups, o // groups, cg * kh * kw).transpose(0, 2, 1)
     cols = xp.matmul(wt, g.reshape(n, groups, o // groups, ho * wo))
     return _col2im(
