@@ -371,10 +371,14 @@ def _gelu_vjp_from_out(xp, g, out, a):
     below 1e-20, where out / a would be made of subnormals) cdf(a) = 0.5 + a / sqrt(2 pi),
     exact there to far below either float's precision."""
     t = a.dtype.type
+    with xp.errstate(divide="ignore", invalid="ignore"):
+        cdf = xp.divide(out, a, out=xp.empty_like(a))  # an array even when 0-d
     small = xp.abs(a) < t(1e-20)
-    cdf = out / xp.where(small, t(1), a)
-    cdf = xp.where(small, t(0.5) + a * t(1 / math.sqrt(2 * math.pi)), cdf)
-    pdf = xp.exp(t(-0.5) * a * a)
+    if small.any():  # rare: patching only those elements halves the passes over a
+        cdf[small] = t(0.5) + a[small] * t(1 / math.sqrt(2 * math.pi))
+    pdf = xp.multiply(a, a, out=xp.empty_like(a))
+    pdf *= t(-0.5)  # exact, as in (-0.5 * a) * a
+    xp.exp(pdf, out=pdf)
     pdf *= a
     pdf *= t(1 / math.sqrt(2 * math.pi))
     pdf += cdf
