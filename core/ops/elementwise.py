@@ -328,6 +328,9 @@ def gelu_p(xp, a, approximate):
 def _erf(xp, x):
     # Imported on first use: NumPy has no erf, and scipy.special takes ~0.5 s to import,
     # which only exact GELU needs; CuPy is optional.
+    if xp.__name__ == "numpy" and x.dtype == xp.float32 and x.size >= 4096:
+        with xp.errstate(over="ignore"):  # x^2 of a huge |x|: the head's, not selected
+            return _erf_float32(xp, x)
     if xp.__name__ == "numpy":
         from scipy.special import erf
 
@@ -335,6 +338,44 @@ def _erf(xp, x):
     import cupyx.scipy.special
 
     return cupyx.scipy.special.erf(x)
+
+
+# float32 erf in NumPy passes, 4-5x faster than SciPy's (which computes in float64, one
+# element at a time). Coefficients fitted by least squares to float64 erf: |x| < 1 as
+# x * P(x^2), relative; beyond, 1 - t * Q(t) * exp(-x^2) with t = 1 / (1 + |x| / 2) (the
+# Abramowitz-Stegun 7.1.26 form, with more terms). At most 1.5e-7 from erf on float32
+# inputs (SciPy's float32 erf: 3e-8; torch's float32 GELU rounds 1 + erf to 6e-8).
+_ERF_HEAD = (7.97118786e-05, -0.000804341098, 0.00519183692, -0.0268555109, 0.112836221)
+_ERF_HEAD += (-0.376126287, 1.12837917)
+_ERF_TAIL = (0.0629660802, -0.237683606, 0.159707662, 0.269375596, 0.152642919)
+_ERF_TAIL += (0.315142592, 0.277848803)
+
+
+def _horner(xp, coefs, v):
+    r = xp.full_like(v, coefs[0])
+    for c in coefs[1:]:
+        r *= v
+        r += v.dtype.type(c)
+    return r
+
+
+def _erf_float32(xp, x):
+    f = xp.float32
+    ax = xp.abs(x)
+    t = ax * f(0.5)
+    t += f(1)
+    xp.reciprocal(t, out=t)
+    tail = _horner(xp, _ERF_TAIL, t)
+    tail *= t
+    e = xp.multiply(ax, ax)
+    head = _horner(xp, _ERF_HEAD, e)
+    head *= ax
+    xp.negative(e, out=e)
+    xp.exp(e, out=e)
+    tail *= e
+    xp.subtract(f(1), tail, out=tail)
+    out = _select(xp, ax < f(1), head, tail)
+    return xp.copysign(out, x, out=out)
 
 
 @defop(
