@@ -352,30 +352,33 @@ _ERF_TAIL += (0.315142592, 0.277848803)
 
 
 def _horner(xp, coefs, v):
-    r = xp.full_like(v, coefs[0])
-    for c in coefs[1:]:
-        r *= v
+    r = v * v.dtype.type(coefs[0])
+    for c in coefs[1:-1]:
         r += v.dtype.type(c)
+        r *= v
+    r += v.dtype.type(coefs[-1])
     return r
 
 
 def _erf_float32(xp, x):
+    # Four full-size buffers, each reused: a fresh large array costs page faults.
     f = xp.float32
     ax = xp.abs(x)
-    t = ax * f(0.5)
+    head_part = ax < f(1)
+    t = xp.multiply(ax, f(0.5))
     t += f(1)
     xp.reciprocal(t, out=t)
     tail = _horner(xp, _ERF_TAIL, t)
     tail *= t
-    e = xp.multiply(ax, ax)
-    head = _horner(xp, _ERF_HEAD, e)
+    sq = xp.multiply(ax, ax, out=t)
+    head = _horner(xp, _ERF_HEAD, sq)
     head *= ax
-    xp.negative(e, out=e)
-    xp.exp(e, out=e)
-    tail *= e
+    xp.negative(sq, out=sq)
+    xp.exp(sq, out=sq)
+    tail *= sq
     xp.subtract(f(1), tail, out=tail)
-    out = _select(xp, ax < f(1), head, tail)
-    return xp.copysign(out, x, out=out)
+    xp.copyto(tail, head, where=head_part)
+    return xp.copysign(tail, x, out=tail)
 
 
 @defop(
@@ -412,11 +415,7 @@ def _gelu_vjp_from_out(xp, g, out, a):
     below 1e-20, where out / a would be made of subnormals) cdf(a) = 0.5 + a / sqrt(2 pi),
     exact there to far below either float's precision."""
     t = a.dtype.type
-    with xp.errstate(divide="ignore", invalid="ignore"):
-        cdf = xp.divide(out, a, out=xp.empty_like(a))  # an array even when 0-d
-    small = xp.abs(a) < t(1e-20)
-    if small.any():  # rare: patching only those elements halves the passes over a
-        cdf[small] = t(0.5) + a[small] * t(1 / math.sqrt(2 * math.pi))
+    cdf = _cdf_from_out(xp, out, a)
     pdf = xp.multiply(a, a, out=xp.empty_like(a))
     pdf *= t(-0.5)  # exact, as in (-0.5 * a) * a
     xp.exp(pdf, out=pdf)
@@ -425,6 +424,20 @@ def _gelu_vjp_from_out(xp, g, out, a):
     pdf += cdf
     pdf *= g
     return pdf
+
+
+def _cdf_from_out(xp, out, a):
+    """out / a, and the series 0.5 + a / sqrt(2 pi) where |a| < 1e-20."""
+    t = a.dtype.type
+    small = xp.abs(a) < t(1e-20)
+    if xp is not np:  # selects: no device-to-host sync for small.any()
+        series = t(0.5) + a * t(1 / math.sqrt(2 * math.pi))
+        return xp.where(small, series, out / xp.where(small, t(1), a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cdf = np.divide(out, a, out=np.empty_like(a))  # an array even when 0-d
+    if small.any():  # rare: patching only those elements halves the passes over a
+        cdf[small] = t(0.5) + a[small] * t(1 / math.sqrt(2 * math.pi))
+    return cdf
 
 
 def _kernel(fn, *tensors, **attrs):
