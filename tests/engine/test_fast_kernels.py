@@ -20,8 +20,6 @@ import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.core.ops.elementwise import _erf
 
-torch.set_num_threads(1)
-
 
 def _float32_grid() -> np.ndarray:
     dense = np.linspace(-7, 7, 400_001, dtype=np.float32)
