@@ -328,6 +328,9 @@ def gelu_p(xp, a, approximate):
 def _erf(xp, x):
     # Imported on first use: NumPy has no erf, and scipy.special takes ~0.5 s to import,
     # which only exact GELU needs; CuPy is optional.
+    if xp.__name__ == "numpy" and x.dtype == xp.float32 and x.size >= 4096:
+        with xp.errstate(over="ignore"):  # x^2 of a huge |x|: the head's, not selected
+            return _erf_float32(xp, x)
     if xp.__name__ == "numpy":
         from scipy.special import erf
 
@@ -335,6 +338,47 @@ def _erf(xp, x):
     import cupyx.scipy.special
 
     return cupyx.scipy.special.erf(x)
+
+
+# float32 erf in NumPy passes, 4-5x faster than SciPy's (which computes in float64, one
+# element at a time). Coefficients fitted by least squares to float64 erf: |x| < 1 as
+# x * P(x^2), relative; beyond, 1 - t * Q(t) * exp(-x^2) with t = 1 / (1 + |x| / 2) (the
+# Abramowitz-Stegun 7.1.26 form, with more terms). At most 1.5e-7 from erf on float32
+# inputs (SciPy's float32 erf: 3e-8; torch's float32 GELU rounds 1 + erf to 6e-8).
+_ERF_HEAD = (7.97118786e-05, -0.000804341098, 0.00519183692, -0.0268555109, 0.112836221)
+_ERF_HEAD += (-0.376126287, 1.12837917)
+_ERF_TAIL = (0.0629660802, -0.237683606, 0.159707662, 0.269375596, 0.152642919)
+_ERF_TAIL += (0.315142592, 0.277848803)
+
+
+def _horner(xp, coefs, v):
+    r = v * v.dtype.type(coefs[0])
+    for c in coefs[1:-1]:
+        r += v.dtype.type(c)
+        r *= v
+    r += v.dtype.type(coefs[-1])
+    return r
+
+
+def _erf_float32(xp, x):
+    # Four full-size buffers, each reused: a fresh large array costs page faults.
+    f = xp.float32
+    ax = xp.abs(x)
+    head_part = ax < f(1)
+    t = xp.multiply(ax, f(0.5))
+    t += f(1)
+    xp.reciprocal(t, out=t)
+    tail = _horner(xp, _ERF_TAIL, t)
+    tail *= t
+    sq = xp.multiply(ax, ax, out=t)
+    head = _horner(xp, _ERF_HEAD, sq)
+    head *= ax
+    xp.negative(sq, out=sq)
+    xp.exp(sq, out=sq)
+    tail *= sq
+    xp.subtract(f(1), tail, out=tail)
+    xp.copyto(tail, head, where=head_part)
+    return xp.copysign(tail, x, out=tail)
 
 
 @defop(
@@ -371,15 +415,29 @@ def _gelu_vjp_from_out(xp, g, out, a):
     below 1e-20, where out / a would be made of subnormals) cdf(a) = 0.5 + a / sqrt(2 pi),
     exact there to far below either float's precision."""
     t = a.dtype.type
-    small = xp.abs(a) < t(1e-20)
-    cdf = out / xp.where(small, t(1), a)
-    cdf = xp.where(small, t(0.5) + a * t(1 / math.sqrt(2 * math.pi)), cdf)
-    pdf = xp.exp(t(-0.5) * a * a)
+    cdf = _cdf_from_out(xp, out, a)
+    pdf = xp.multiply(a, t(-0.5), out=xp.empty_like(a))
+    pdf *= a  # (-0.5 * a) * a, as gelu_grad: the same bits in half precision too
+    xp.exp(pdf, out=pdf)
     pdf *= a
     pdf *= t(1 / math.sqrt(2 * math.pi))
     pdf += cdf
     pdf *= g
     return pdf
+
+
+def _cdf_from_out(xp, out, a):
+    """out / a, and the series 0.5 + a / sqrt(2 pi) where |a| < 1e-20."""
+    t = a.dtype.type
+    small = xp.abs(a) < t(1e-20)
+    if xp is not np:  # selects: no device-to-host sync for small.any()
+        series = t(0.5) + a * t(1 / math.sqrt(2 * math.pi))
+        return xp.where(small, series, out / xp.where(small, t(1), a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cdf = np.divide(out, a, out=np.empty_like(a))  # an array even when 0-d
+    if small.any():  # rare: patching only those elements halves the passes over a
+        cdf[small] = t(0.5) + a[small] * t(1 / math.sqrt(2 * math.pi))
+    return cdf
 
 
 def _kernel(fn, *tensors, **attrs):
