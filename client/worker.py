@@ -114,6 +114,21 @@ def _signature(pairs, arrays) -> tuple:
     )
 
 
+def _modes(params) -> tuple:
+    """The ``training`` flag of a Module and each of its submodules (() for a dict)."""
+    modules = getattr(params, "modules", None)
+    return tuple(m.training for m in modules()) if callable(modules) else ()
+
+
+def _ref(params) -> Callable[[], Any]:
+    """A weak reference to a Module (the graph of a dict of tensors depends on its shapes
+    alone: nothing to check)."""
+    try:
+        return weakref.ref(params)
+    except TypeError:  # a dict
+        return lambda: None
+
+
 class WorkerClient(WorkerTransport):
     """A connection to one gradmesh worker (a context manager; thread-safe).
 
@@ -258,7 +273,13 @@ class WorkerClient(WorkerTransport):
             cache = self._traced.setdefault(fn, {})
         except TypeError:  # not weak-referenceable (e.g. a functools.partial)
             cache = self._traced_strong.setdefault(fn, {})
-        hit = cache.get(sig)
+        # Per module and its submodules' train/eval modes too: another model of the same
+        # shapes (other layers, another mode) traces to another graph.
+        module = callable(getattr(params, "modules", None))
+        key = (sig, id(params) if module else None, _modes(params))
+        hit = cache.get(key)
+        if hit is not None and module and hit[2]() is not params:
+            hit = None  # the id of a module that is gone, reused by another object
         if hit is None:
             try:
                 graph = core_graph.trace(fn, params, *data)
@@ -266,9 +287,9 @@ class WorkerClient(WorkerTransport):
                 # E.g. a flatten traced at batch size 1 cannot tell the batch from a 1:
                 # a graph for exactly these shapes is still right (the cache is per shape).
                 graph = core_graph.trace(fn, params, *data, batch_dim=False)
-            hit = (graph, core_graph.graph_id(graph))
-            cache[sig] = hit
-        return hit
+            hit = (graph, core_graph.graph_id(graph), _ref(params))
+            cache[key] = hit
+        return hit[0], hit[1]
 
     def compute_gradients(
         self,
