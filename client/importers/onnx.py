@@ -123,10 +123,13 @@ def _any_tensor(xs) -> Tensor | None:
     return next((x for x in xs if isinstance(x, Tensor)), None)
 
 
-def _reshape(ctx: _Context, x: Tensor, shape: Sequence[int]) -> Tensor:
+def _reshape(ctx: _Context, x, shape: Sequence[int]):
     """``x.reshape(shape)`` that works at any batch size: a shape computed from another
     value's shape holds the batch size where the batch goes; -1 goes there instead (it
-    resolves to the same size now, and to the right one at another batch size)."""
+    resolves to the same size now, and to the right one at another batch size). A static
+    value (a NumPy array of a shape computation) is reshaped as it is."""
+    if not isinstance(x, Tensor):
+        return np.reshape(x, shape)
     shape = [int(s) for s in shape]
     b = ctx.batch if ctx.batched else None  # a weight's reshape keeps its sizes
     if -1 not in shape and b and b > 1:
@@ -505,8 +508,6 @@ def _reshape_op(ctx, node, inputs):
     dims = _shape_of(x)
     if not ctx.attrs(node).get("allowzero", 0):
         shape = [dims[i] if s == 0 else s for i, s in enumerate(shape)]
-    if not isinstance(x, Tensor):
-        return [np.reshape(x, shape)]
     return [_reshape(ctx, x, shape)]
 
 
@@ -529,8 +530,6 @@ def _squeeze(ctx, node, inputs):
     if axes is None:
         axes = [i for i, d in enumerate(dims) if d == 1]
     shape = [d for i, d in enumerate(dims) if i not in axes]
-    if not isinstance(x, Tensor):
-        return [np.reshape(x, shape)]
     return [_reshape(ctx, x, shape)]
 
 
@@ -541,8 +540,6 @@ def _unsqueeze(ctx, node, inputs):
     axes = _axes(ctx, node, inputs, 1, len(dims) + len(_static(inputs[1], "axes").reshape(-1)))
     for a in sorted(axes or []):
         dims.insert(a, 1)
-    if not isinstance(x, Tensor):
-        return [np.reshape(x, dims)]
     return [_reshape(ctx, x, dims)]
 
 
