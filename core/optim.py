@@ -6,7 +6,10 @@ it updates ``param`` and the arrays in ``state`` in place and returns ``state``.
 involved, so a parameter shard applies the very same function to its NumPy arrays that the
 ``Optimizer`` classes here apply to ``p._data``; that is what makes a sharded run equal to a
 local one. The arithmetic follows torch's single-tensor (``foreach=False``) code paths step
-by step, in the same order, so trajectories agree with torch to rounding.
+by step, in the same order, so trajectories agree with torch to rounding. A float16 or
+bfloat16 parameter keeps its state in its dtype and is updated op by op in float32 with a
+rounding after each op, as torch's CPU kernels do: bit for bit torch's ("half precision"
+below).
 
 Vocabulary: ``xp`` is the array module (numpy or cupy); ``state`` is one parameter's
 optimizer state, a dict of named arrays plus ``"step"`` (the number of updates applied).
@@ -461,8 +464,9 @@ def _lerp_(xp, start, end, weight: float) -> None:
 # multiply-add, and add with an alpha rounds alpha to the half dtype (see _add_half).
 
 _F32 = np.float32
-# Elements per vector step of torch's AVX-512 CPU kernels on half tensors; torch's add
-# computes the elements past the last whole step in its scalar loop (16 on AVX2 builds).
+# Elements per step of the vector loop of torch's x86 CPU kernels (AVX2 and AVX-512) on
+# half tensors; torch's add computes the elements past the last whole step in its scalar
+# loop, with other arithmetic.
 TORCH_HALF_VECTOR_STEP = 32
 
 
