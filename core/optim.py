@@ -475,18 +475,46 @@ def _wide(a):
 
 
 def _fma32(xp, a, b, c):
-    """float32 ``a * b + c`` rounded once, as torch's vectorized fmadd. The float64 product
-    is exact, and rounding the float64 sum to odd (its exact error from TwoSum) before the
-    float32 rounding leaves no double-rounding error."""
-    a64, b64, c64 = (xp.asarray(x, dtype=np.float64) for x in (a, b, c))
-    product = a64 * b64
+    """float32 ``a * b + c`` rounded once, as torch's vectorized fmadd (``c`` an array,
+    ``a`` and ``b`` arrays or scalars that broadcast to it)."""
+    a, b = (xp.broadcast_to(xp.asarray(x, dtype=_F32), c.shape).reshape(-1) for x in (a, b))
+    flat = c.reshape(-1)
+    out = xp.empty(flat.size, _F32)
+    # In blocks that stay in the CPU's cache: the float64 temporaries of a whole large
+    # parameter made this several times slower.
+    for start in range(0, flat.size, _FMA_BLOCK):
+        block = slice(start, start + _FMA_BLOCK)
+        out[block] = _fma32_block(xp, a[block], b[block], flat[block])
+    return out.reshape(c.shape)
+
+
+def _fma32_block(xp, a, b, c):
+    """The float64 product is exact; rounding the float64 sum to float32 rounds a second
+    time, which can only go wrong where the sum lies halfway between two float32 numbers
+    (or among float32's subnormals) and is inexact: there the sum is rounded to odd first
+    (TwoSum gives its exact error), which makes the second rounding right."""
+    c64 = c.astype(np.float64)
+    product = a.astype(np.float64) * b
     total = product + c64
-    b_virtual = total - product
-    error = (product - (total - b_virtual)) + (c64 - b_virtual)
-    even = (total.view(np.uint64) & 1) == 0
-    to_odd = (error != 0) & even & xp.isfinite(total)
-    toward = xp.where(error > 0, np.inf, -np.inf)
-    return xp.where(to_odd, xp.nextafter(total, toward), total).astype(_F32)
+    out = total.astype(_F32)
+    low_bits = total.view(np.uint64) & _BELOW_FLOAT32
+    doubtful = xp.nonzero((low_bits == _FLOAT32_HALFWAY) | (xp.abs(out) <= _FLOAT32_TINY))
+    if doubtful[0].size:
+        p, t = product[doubtful], total[doubtful]
+        virtual = t - p
+        error = (p - (t - virtual)) + (c64[doubtful] - virtual)
+        to_odd = (error != 0) & ((t.view(np.uint64) & 1) == 0) & xp.isfinite(t)
+        nudged = xp.nextafter(t, xp.where(error > 0, np.inf, -np.inf))
+        out[doubtful] = xp.where(to_odd, nudged, t).astype(_F32)
+    return out
+
+
+_FMA_BLOCK = 1 << 16
+# The 29 float64 significand bits that float32 drops, and their pattern exactly halfway
+# between two float32 numbers; below float32's smallest normal it keeps fewer bits.
+_BELOW_FLOAT32 = np.uint64((1 << 29) - 1)
+_FLOAT32_HALFWAY = np.uint64(1 << 28)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _lerp_half_(xp, start, end, weight: float) -> None:
