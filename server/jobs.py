@@ -9,379 +9,68 @@ own them as soon as it arrives (so pushing overlaps the other micro-batches' com
 When every micro-batch is pushed, the shards apply the step; their fixed summation tree
 makes the result bit for bit independent of which worker did what.
 
-Buffers (BUFFER inputs: BatchNorm running statistics) are job state kept by the
-coordinator, at the job's version: every micro-batch of a step gets the step's starting
-buffers with the parameters, and the step's new buffers are the micro-batches' updates
-combined in micro-batch order (:func:`~gradmesh.server.aggregate.combine_buffers`). They
-are logged with the step's Apply intent and checkpointed with the job, so they survive
-the restarts the parameters survive (docs/training.md, "Buffers").
+The pieces: a job's state and content checks (:mod:`.job`), one step attempt
+(:mod:`.step_run`), where parameters live (:mod:`.placement`), checkpoints and step logs
+(:mod:`.job_files`).
 """
 
 from __future__ import annotations
 
 import base64
-import collections
 import contextvars
-import hashlib
-import json
 import logging
 import os
-import secrets
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
-from gradmesh.core import dtypes, lr_scheduler, serialize
-from gradmesh.core import graph as core_graph
+from gradmesh.core import serialize
 from gradmesh.core.nn import utils as nn_utils
-from gradmesh.server import checkpoint, compression
-from gradmesh.server.aggregate import (
-    TreeSum,
-    combine_buffers,
-    loss_scales,
-    micro_batch_seed,
-    micro_batches,
-    place_rows,
-)
+from gradmesh.server import job_files
 from gradmesh.server.dispatch import dispatch
-from gradmesh.server.runtime import ServiceError, status_code
+from gradmesh.server.job import (
+    FAILED,
+    HISTORY,
+    INVALID,
+    Job,
+    advance_schedule,
+    buffer_arrays,
+    check_initial_parameters,
+    compression_spec,
+    default_job_id,
+    differences,
+    dtype_of,
+    graph_buffers,
+    graph_signature,
+    job_dtype,
+    mode_fields,
+    schedule_and_clipping,
+    schedule_messages,
+    set_compression,
+    set_schedule,
+    split_buffers,
+    tensors_digest,
+)
+from gradmesh.server.placement import assemble, names_on, parts_on, place, used_shards
+from gradmesh.server.runtime import ServiceError
 from gradmesh.server.shard_store import EmbeddedShard, ShardStore, check_job_id
-from gradmesh.server.workers import ParamSet, WorkerHandle, WorkerPool
-from gradmesh.v1 import coordinator_pb2, graph_pb2
-from gradmesh.wire import compression as wire_compression
+from gradmesh.server.step_run import StepRun, error_text
+from gradmesh.server.workers import ParamSet, WorkerPool
+from gradmesh.v1 import coordinator_pb2
 from gradmesh.wire.errors import GradmeshError
 from gradmesh.wire.schedule import (
-    clipping_from_proto,
     clipping_to_proto,
-    schedule_from_proto,
     schedule_to_proto,
 )
 from gradmesh.wire.shard import optimizer_from_proto, optimizer_to_proto
-from gradmesh.wire.worker import Reply
 
 log = logging.getLogger("gradmesh.coordinator")
 
 __all__ = ["Coordinator", "Job"]
-
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-FAILED = grpc.StatusCode.FAILED_PRECONDITION
-HISTORY = 1024  # step results kept for idempotent replays
-
-
-@dataclass
-class Job:
-    job_id: str
-    graph: Any  # graph_pb2.Graph
-    graph_id: str
-    param_names: list[str]  # the graph's PARAM inputs, in order
-    param_specs: dict[str, tuple]  # name -> (dtype name, shape)
-    data_inputs: list[Any]  # the graph's DATA inputs (graph_pb2.Input)
-    metric_names: list[str]  # extra outputs reported as metrics
-    optimizer: dict
-    micro_batch_size: int
-    placement: dict[str, int]
-    version: int = 0
-    last_step_id: int = 0
-    samples: int = 0
-    last_loss: float = 0.0
-    error: str = ""
-    history: "collections.OrderedDict[int, bytes]" = field(default_factory=collections.OrderedDict)
-    # SHA-256 of each kept step's batch: a step id re-sent with another batch is refused.
-    digests: dict[int, str] = field(default_factory=dict)
-    # SHA-256 of the initial parameters (CreateJob with other values is refused).
-    params_digest: str = ""
-    # The step whose Apply was sent and not acknowledged by every shard: (step id, batch
-    # digest). Some shards may have applied it, so it may only be retried with that batch.
-    pinned: "tuple[int, str] | None" = None
-    # Why steps fail now (a shard unreachable or behind); cleared when the shards agree
-    # again. ``error`` is permanent (a restore that cannot be completed).
-    fault: str = ""
-    log: "checkpoint.RecordLog | None" = None
-    # Step-log records that could not be written after Apply (disk full): written before
-    # the next record, so the log stays in step order (see ``JobTable._log``).
-    unlogged: list = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # The parameters the workers get, at ``params.version``.
-    params: "ParamSet | None" = None
-    # The graph's BUFFER inputs (name -> (wire dtype, shape)) and their values at
-    # ``version``; empty for a graph without buffers.
-    buffer_specs: dict[str, tuple] = field(default_factory=dict)
-    buffers: dict[str, np.ndarray] = field(default_factory=dict)
-    # The learning-rate schedule and clipping descriptions (None: none), the schedule
-    # driven as data (advanced once per applied step), why it cannot go on (a OneCycleLR
-    # past its steps), and the last step's total gradient norm.
-    schedule: "dict | None" = None
-    clipping: "dict | None" = None
-    runner: "lr_scheduler.ScheduleRunner | None" = None
-    schedule_error: str = ""
-    last_grad_norm: "float | None" = None
-    # The step arguments (lr, clipping coefficient, ...) and total norm of the pinned step:
-    # a retry sends the shards that did not apply it the same ones.
-    pinned_args: "tuple[dict, float | None] | None" = None
-    # The parameters cut into row slices over several shards (aggregate.place_rows):
-    # name -> [(shard, start row, stop row), ...]; ``placement`` holds the first one's shard.
-    pieces: dict[str, list] = field(default_factory=dict)
-    # Opt-in compressed mode (None: the synchronous, bitwise mode) and its error-feedback
-    # residuals, in memory only (docs/training.md, "Compressed gradients").
-    residuals: "compression.Residuals | None" = None
-
-
-def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-        h.update(serialize.byte_view(a))
-    return h.hexdigest()
-
-
-def _check_initial_parameters(names: list[str], specs: dict, params: dict[str, np.ndarray]) -> None:
-    """Every PARAM input of the graph has an initial value of its dtype and shape, and
-    nothing else is given (INVALID_ARGUMENT naming the parameter otherwise)."""
-    for name in names:
-        if name not in params:
-            raise ServiceError(INVALID, f"no initial value for parameter {name!r}", "parameters")
-    for name, a in params.items():
-        spec = specs.get(name)
-        if spec is None:
-            raise ServiceError(
-                INVALID,
-                f"{name!r} is not a PARAM input of the graph (parameters: {names[:8]})",
-                f"parameters[{name}]",
-            )
-        wire = serialize.DTYPE_TO_PROTO.get(_dtype_of(a))
-        if wire != spec[0] or tuple(a.shape) != spec[1]:
-            raise ServiceError(
-                INVALID,
-                f"parameter {name!r} has dtype {a.dtype} and shape "
-                f"{list(a.shape)}; the graph declares "
-                f"{serialize.dtype_name(spec[0])} {list(spec[1])}",
-                f"parameters[{name}]",
-            )
-
-
-def _graph_buffers(graph) -> dict[str, tuple]:
-    """The graph's BUFFER inputs: name -> (wire dtype, shape), in graph order."""
-    return {
-        i.name: (i.dtype, tuple(i.shape)) for i in graph.inputs if i.role == graph_pb2.Input.BUFFER
-    }
-
-
-def _split_buffers(
-    specs: dict[str, tuple], given: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """CreateJob's tensors as (parameters, buffers): every BUFFER input needs its initial
-    value, of its dtype and shape (INVALID_ARGUMENT naming it otherwise)."""
-    params = {n: a for n, a in given.items() if n not in specs}
-    buffers = {}
-    for name, (wire, shape) in specs.items():
-        a = given.get(name)
-        if a is None:
-            raise ServiceError(
-                INVALID,
-                f"no initial value for buffer {name!r} (a BUFFER input of the graph: "
-                f"send the model's buffers with the parameters)",
-                f"parameters[{name}]",
-            )
-        if serialize.DTYPE_TO_PROTO.get(_dtype_of(a)) != wire or tuple(a.shape) != shape:
-            raise ServiceError(
-                INVALID,
-                f"buffer {name!r} has dtype {a.dtype} and shape {list(a.shape)}; the graph "
-                f"declares {serialize.dtype_name(wire)} {list(shape)}",
-                f"parameters[{name}]",
-            )
-        buffers[name] = np.array(a)  # the job's own copy, replaced step by step
-    return params, buffers
-
-
-def _buffer_arrays(buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Buffers as a checkpoint's or step log record's arrays (prefixed: never the graph)."""
-    return {f"buffer:{n}": a for n, a in buffers.items()}
-
-
-def _buffers_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {n[len("buffer:") :]: a for n, a in arrays.items() if n.startswith("buffer:")}
-
-
-def _differences(
-    existing,
-    gid: str,
-    optimizer: dict,
-    micro_batch_size: int,
-    digest: str,
-    schedule: dict | None = None,
-    clipping: dict | None = None,
-    compress: dict | None = None,
-) -> list[str]:
-    """What a CreateJob for an existing job id asks differently from the job (empty: the
-    same content, an idempotent re-create)."""
-    checks = (
-        (f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})", existing.graph_id == gid),
-        (
-            f"optimizer (existing {existing.optimizer}, new {optimizer})",
-            existing.optimizer == optimizer,
-        ),
-        (
-            f"micro_batch_size (existing {existing.micro_batch_size}, new {micro_batch_size})",
-            existing.micro_batch_size == micro_batch_size,
-        ),
-        (
-            "initial parameters (another digest)",
-            not existing.params_digest or existing.params_digest == digest,
-        ),
-        (
-            f"schedule (existing {existing.schedule}, new {schedule})",
-            existing.schedule == schedule,
-        ),
-        (
-            f"clipping (existing {existing.clipping}, new {clipping})",
-            existing.clipping == clipping,
-        ),
-        (
-            f"compression (existing {_compression_of(existing)}, new {compress})",
-            _compression_of(existing) == compress,
-        ),
-    )
-    return [what for what, same in checks if not same]
-
-
-def default_job_id(
-    graph_id: str,
-    params_digest: str,
-    optimizer: dict,
-    micro_batch_size: int,
-    schedule: dict | None = None,
-    clipping: dict | None = None,
-    compress: dict | None = None,
-) -> str:
-    """The id of a job created without one: a digest of its content (graph, initial
-    parameters, optimizer, micro-batch size, schedule and clipping when given), so that
-    dropout seeds, which derive from the job id, are the same in two identical runs."""
-    content: list = [graph_id, params_digest, optimizer, micro_batch_size]
-    if schedule is not None or clipping is not None:
-        content += [schedule, clipping]
-    if compress is not None:
-        content += [{"compression": compress}]
-    key = json.dumps(content, sort_keys=True)
-    return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def _graph_signature(graph) -> tuple[Any, list, dict, list, list]:
-    """Validate a graph: the validated graph (its canonical form and id), its PARAM names,
-    their specs, DATA inputs and scalar extra outputs."""
-    try:
-        vg = core_graph.validate(graph)
-    except core_graph.GraphError as e:
-        raise ServiceError(status_code(e.code), e.message, f"graph.{e.field}") from None
-    names, specs, data = [], {}, []
-    for i, inp in enumerate(graph.inputs):
-        if inp.role == graph_pb2.Input.PARAM:
-            names.append(inp.name)
-            specs[inp.name] = (inp.dtype, tuple(inp.shape))
-        elif inp.role == graph_pb2.Input.DATA:
-            if not inp.shape or inp.shape[0] != -1:
-                raise ServiceError(
-                    INVALID,
-                    f"DATA input {inp.name!r} has shape "
-                    f"{list(inp.shape)}; its first dimension must be -1 (the "
-                    f"batch), since batches are cut into micro-batches",
-                    f"graph.inputs[{i}].shape",
-                )
-            data.append(inp)
-    if not names:
-        raise ServiceError(
-            INVALID, "the graph has no PARAM inputs: nothing to train", "graph.inputs"
-        )
-    if not data:
-        raise ServiceError(
-            INVALID, "the graph has no DATA inputs to cut into micro-batches", "graph.inputs"
-        )
-    # Scalar extra outputs (accuracy, ...) are reported as metrics; others are not fetched.
-    metrics = [o.name for o in graph.outputs[1:] if tuple(vg.specs[o.value].shape) == ()]
-    return vg, names, specs, data, metrics
-
-
-def _schedule_messages(header) -> tuple:
-    """A CreateJobRequest's LRSchedule and GradientClipping, None where unset."""
-    return (
-        header.schedule if header.HasField("schedule") else None,
-        header.clipping if header.HasField("clipping") else None,
-    )
-
-
-def _schedule_and_clipping(optimizer: dict, schedule_msg, clipping_msg) -> tuple:
-    """The validated schedule and clipping descriptions (None where unset); a schedule the
-    optimizer cannot follow (OneCycleLR cycling the momentum of an optimizer without one)
-    is INVALID_ARGUMENT too."""
-    schedule = schedule_from_proto(schedule_msg) if schedule_msg is not None else None
-    clipping = clipping_from_proto(clipping_msg) if clipping_msg is not None else None
-    if schedule is not None:
-        try:
-            lr_scheduler.ScheduleRunner(optimizer, schedule)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ServiceError(INVALID, f"schedule: {e}", "schedule") from None
-    return schedule, clipping
-
-
-def _set_schedule(job: Job, schedule, clipping, state: dict | None = None) -> None:
-    job.schedule, job.clipping = schedule, clipping
-    if schedule is not None:
-        job.runner = lr_scheduler.ScheduleRunner(job.optimizer, schedule, state)
-
-
-def _advance_schedule(job: Job, loss: float) -> None:
-    """Step the job's schedule after a step applied (its loss: ReduceLROnPlateau's metric).
-    A schedule that cannot go on (OneCycleLR past its total steps, where torch's
-    scheduler raises) stops the job's next steps with that reason."""
-    if job.runner is None or job.schedule_error:
-        return
-    try:
-        job.runner.advance(loss)
-    except ValueError as e:
-        job.schedule_error = f"the job's learning-rate schedule ended: {e}"
-
-
-def _compression_of(job: Job) -> dict | None:
-    return job.residuals.spec if job.residuals is not None else None
-
-
-def _compression_spec(msg) -> dict | None:
-    """A CreateJobRequest's GradientCompression as a validated description (None:
-    unset, the synchronous mode); INVALID_ARGUMENT naming the field when bad."""
-    if msg is None:
-        return None
-    try:
-        return compression.validate({"kind": msg.kind, "ratio": msg.ratio})
-    except ValueError as e:
-        raise ServiceError(INVALID, str(e), str(e).split()[0]) from None  # names the field
-
-
-def _set_compression(job: Job, spec: dict | None) -> None:
-    job.residuals = compression.Residuals(spec) if spec is not None else None
-
-
-def _mode_fields(job: Job) -> dict:
-    """JobStatus's mode fields: what the job trades for speed, if anything."""
-    r = job.residuals
-    if r is None:
-        return {"mode": "synchronous", "deterministic": True}
-    return {
-        "mode": "compressed",
-        "deterministic": False,
-        "compression": coordinator_pb2.GradientCompression(**r.spec),
-        "gradient_bytes": r.dense_bytes,
-        "compressed_bytes": r.sent_bytes,
-    }
-
-
-def _job_dtype(job: Job, name: str) -> np.dtype:
-    return np.dtype(serialize.PROTO_TO_DTYPE[job.param_specs[name][0]].name)
 
 
 class Coordinator:
@@ -423,7 +112,8 @@ class Coordinator:
         # client prepares its next batch (``_prefetch``); False: at the next step, in it.
         self.prefetch = True
         self._prefetcher = futures.ThreadPoolExecutor(1, thread_name_prefix="gradmesh-prefetch")
-        if state_dir:
+        self.files = job_files.JobFiles(state_dir) if state_dir else None
+        if self.files is not None:
             self._restore()
 
     # -- CreateJob ------------------------------------------------------------------------
@@ -439,10 +129,10 @@ class Coordinator:
             check_job_id(header.job_id)
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
-        _schedule_and_clipping(optimizer_from_proto(header.optimizer), *_schedule_messages(header))
-        _compression_spec(header.compression if header.HasField("compression") else None)
-        _, _, specs, _, _ = _graph_signature(header.graph)
-        specs = {**specs, **_graph_buffers(header.graph)}
+        schedule_and_clipping(optimizer_from_proto(header.optimizer), *schedule_messages(header))
+        compression_spec(header.compression if header.HasField("compression") else None)
+        _, _, specs, _, _ = graph_signature(header.graph)
+        specs = {**specs, **graph_buffers(header.graph)}
         serialize.check_headers(
             header.parameters, specs, "parameters", "PARAM or BUFFER input of the graph"
         )
@@ -465,13 +155,13 @@ class Coordinator:
         if micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         optimizer = optimizer_from_proto(optimizer_msg)
-        schedule, clipping = _schedule_and_clipping(optimizer, schedule_msg, clipping_msg)
-        compress = _compression_spec(compression_msg)
-        vg, names, specs, data, extra = _graph_signature(graph)
+        schedule, clipping = schedule_and_clipping(optimizer, schedule_msg, clipping_msg)
+        compress = compression_spec(compression_msg)
+        vg, names, specs, data, extra = graph_signature(graph)
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
-        buffer_specs = _graph_buffers(graph)
-        params, buffers = _split_buffers(buffer_specs, params)
-        _check_initial_parameters(names, specs, params)
+        buffer_specs = graph_buffers(graph)
+        params, buffers = split_buffers(buffer_specs, params)
+        check_initial_parameters(names, specs, params)
         # Buffers count as initial state (a graph without them digests as before).
         digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
         job_id = job_id or default_job_id(
@@ -480,7 +170,7 @@ class Coordinator:
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                differ = _differences(
+                differ = differences(
                     existing, gid, optimizer, micro_batch_size, digest, schedule, clipping, compress
                 )
                 if differ:
@@ -490,7 +180,7 @@ class Coordinator:
                         "job_id",
                     )
                 return existing
-            placement, pieces = _placement(names, params, len(self.shards), clipping)
+            placement, pieces = place(names, params, len(self.shards), clipping)
             job = Job(
                 job_id,
                 graph,
@@ -507,17 +197,17 @@ class Coordinator:
                 buffers=buffers,
                 pieces=pieces,
             )
-            _set_schedule(job, schedule, clipping)
-            _set_compression(job, compress)
+            set_schedule(job, schedule, clipping)
+            set_compression(job, compress)
             self.jobs[job_id] = job
         try:
             with job.lock:
                 self._on_shards(
                     job,
-                    lambda s, i: s.load(job_id, _parts_on(job, i, params, names), optimizer),
+                    lambda s, i: s.load(job_id, parts_on(job, i, params, names), optimizer),
                 )
-                if self.state_dir:
-                    job.log = checkpoint.RecordLog(self._log_path(job_id))
+                if self.files is not None:
+                    self.files.open_log(job)
                 self._save(job)
         except Exception:
             with self._lock:
@@ -536,7 +226,7 @@ class Coordinator:
 
     def _on_shards(self, job: Job, fn: Callable[[Any, int], Any]) -> list:
         """Call ``fn(shard, index)`` on every shard that holds some of the job, at once."""
-        used = _used_shards(job)
+        used = used_shards(job)
         if len(used) == 1:
             return [fn(self.shards[used[0]], used[0])]
         futs = [
@@ -584,7 +274,7 @@ class Coordinator:
                     # back without its state) as UNAVAILABLE, else the original error.
                     self._resync(job)
                 raise
-            _advance_schedule(job, resp.loss)
+            advance_schedule(job, resp.loss)
             self._record(job, step_id, resp, digest)
         self._prefetch(job)
         return resp
@@ -628,10 +318,8 @@ class Coordinator:
         job.pinned = None
         job.history[step_id] = resp.SerializeToString()
         job.digests[step_id] = digest
-        while len(job.history) > HISTORY:
-            old, _ = job.history.popitem(last=False)
-            job.digests.pop(old, None)
-        self._log(
+        job_files.trim_history(job)
+        job_files.append(
             job,
             {
                 "kind": "done",
@@ -654,29 +342,9 @@ class Coordinator:
                 # keep growing until a checkpoint succeeds.
                 log.warning("checkpoint failed", extra={"job_id": job.job_id, "error": str(e)})
 
-    def _log(self, job: Job, record: dict, must: bool = True, arrays: dict | None = None) -> None:
-        """Append to the job's step log (fsynced); ``must``: a failure fails the step."""
-        if job.log is None:
-            return
-        try:
-            while job.unlogged:  # an earlier step's result first: replay reads in order
-                job.log.append(*job.unlogged[0])
-                job.unlogged.pop(0)
-            job.log.append(record, arrays)
-        except OSError as e:
-            if must:
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"cannot write the coordinator's step log {job.log.path}: {e}",
-                    "step_id",
-                ) from None
-            # The shards logged the step; its result is written with the next record.
-            job.unlogged.append((record, arrays))
-            log.warning("cannot log a step's result", extra={"job_id": job.job_id, "error": str(e)})
-
     def _shard_states(self, job: Job) -> dict[int, Any]:
         states = {}
-        for i in _used_shards(job):
+        for i in used_shards(job):
             try:
                 states[i] = self.shards[i].status(job.job_id)
             except (ServiceError, GradmeshError) as e:
@@ -731,7 +399,7 @@ class Coordinator:
             want = serialize.PROTO_TO_DTYPE.get(inp.dtype)
             shape = list(inp.shape)
             if (
-                _dtype_of(a) is not want
+                dtype_of(a) is not want
                 or a.ndim != len(shape)
                 or any(s not in (-1, d) for s, d in zip(shape[1:], a.shape[1:]))
             ):
@@ -764,10 +432,10 @@ class Coordinator:
         start = time.perf_counter()
 
         def pull(shard, i):
-            names = _names_on(job, i, job.param_names)
+            names = names_on(job, i, job.param_names)
             return shard.pull(job.job_id, job.version, names)[1]
 
-        arrays = _assemble(job, self._on_shards(job, pull))
+        arrays = assemble(job, self._on_shards(job, pull))
         arrays = {**{n: arrays[n] for n in job.param_names}, **job.buffers}
         job.params = ParamSet(job.version, arrays, job.job_id, gradients=job.param_names)
         return job.params, time.perf_counter() - start
@@ -793,7 +461,7 @@ class Coordinator:
                 params, _ = self._params_for_workers(job)
                 params.encode(*encoded)
             except Exception as e:  # the next step pulls again and reports it
-                log.info("prefetch failed", extra={"job_id": job.job_id, "error": _text(e)})
+                log.info("prefetch failed", extra={"job_id": job.job_id, "error": error_text(e)})
 
     def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
         if job.schedule_error:
@@ -802,9 +470,9 @@ class Coordinator:
         try:
             params, pull_seconds = self._params_for_workers(job)
         except (ServiceError, GradmeshError) as e:
-            job.fault = f"cannot pull the parameters from the shards: {_text(e)}"
+            job.fault = f"cannot pull the parameters from the shards: {error_text(e)}"
             raise
-        run = _StepRun(job, step_id, batch, params, self.shards)
+        run = StepRun(job, step_id, batch, params, self.shards)
         t1 = time.perf_counter()
         reassigned = dispatch(self.workers, run.n, run.compute, run.accept, self.deadline)
         t2 = time.perf_counter()
@@ -817,7 +485,7 @@ class Coordinator:
         intent = {"kind": "intent", "step_id": step_id, "digest": digest}
         if step_args:
             intent.update(args=step_args, grad_norm=grad_norm)
-        self._log(job, intent, arrays=_buffer_arrays(new_buffers))
+        job_files.append(job, intent, arrays=buffer_arrays(new_buffers))
         job.pinned = (step_id, digest)
         job.pinned_args = (step_args, grad_norm)
         try:
@@ -834,7 +502,7 @@ class Coordinator:
                 ),
             )
         except (ServiceError, GradmeshError) as e:
-            job.fault = f"step {step_id} failed in a shard's Apply: {_text(e)}"
+            job.fault = f"step {step_id} failed in a shard's Apply: {error_text(e)}"
             raise
         t3 = time.perf_counter()
         if run.residuals is not None:
@@ -869,7 +537,7 @@ class Coordinator:
             ),
         )
 
-    def _step_args(self, job: Job, run: "_StepRun", digest: str) -> tuple[dict, float | None]:
+    def _step_args(self, job: Job, run: "StepRun", digest: str) -> tuple[dict, float | None]:
         """What this step's Apply carries besides the step: the schedule's hyper-parameters
         and the clipping (with clip_grad_norm, the total norm over every shard's
         per-parameter norms, in the job's parameter order); and that total norm. The
@@ -895,7 +563,7 @@ class Coordinator:
         coefficient = nn_utils.clip_coefficient(np, total, clip["max_norm"])
         return {**args, "clip_coefficient": float(coefficient)}, float(total)
 
-    def _total_norm(self, job: Job, run: "_StepRun", norm_type: float):
+    def _total_norm(self, job: Job, run: "StepRun", norm_type: float):
         """clip_grad_norm_'s total over the shards' per-parameter norms of the summed step
         gradient: each norm back in its parameter's dtype (a double holds it exactly),
         stacked in the graph's parameter order, as local training's model.parameters()."""
@@ -908,11 +576,11 @@ class Coordinator:
                 ),
             )
         except (ServiceError, GradmeshError) as e:
-            job.fault = f"step {run.step_id} failed in a shard's GradientNorms: {_text(e)}"
+            job.fault = f"step {run.step_id} failed in a shard's GradientNorms: {error_text(e)}"
             raise
         for part in parts:
             norms.update(part)
-        arrays = [np.asarray(norms[n], dtype=_job_dtype(job, n)) for n in job.param_names]
+        arrays = [np.asarray(norms[n], dtype=job_dtype(job, n)) for n in job.param_names]
         return nn_utils.total_norm(np, arrays, norm_type)
 
     # -- GetParameters / status -----------------------------------------------------------
@@ -926,11 +594,11 @@ class Coordinator:
         with job.lock:
 
             def pull(shard, i):
-                mine = _names_on(job, i, wanted)
+                mine = names_on(job, i, wanted)
                 return shard.pull(job.job_id, job.version, mine, copy=True)[1] if mine else {}
 
             arrays: dict = {n: job.buffers[n].copy() for n in wanted if n in job.buffer_specs}
-            arrays.update(_assemble(job, self._on_shards(job, pull)))
+            arrays.update(assemble(job, self._on_shards(job, pull)))
             return job.version, {n: arrays[n] for n in wanted}
 
     def job_status(self, job_id: str):
@@ -964,7 +632,7 @@ class Coordinator:
             clipping=clipping_to_proto(job.clipping) if job.clipping else None,
             next_lr=job.runner.hyper()["lr"] if job.runner else job.optimizer["lr"],
             last_grad_norm=job.last_grad_norm,
-            **_mode_fields(job),
+            **mode_fields(job),
         )
 
     def list_workers(self):
@@ -986,44 +654,15 @@ class Coordinator:
         return resp
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _job_path(self, job_id: str) -> str:
-        return os.path.join(self.state_dir, "jobs", f"{job_id}.npz")
-
-    def _log_path(self, job_id: str) -> str:
-        return os.path.join(self.state_dir, "jobs", f"{job_id}.steps.log")
-
     def _save(self, job: Job) -> None:
-        """Checkpoint one job's coordinator state (the caller holds ``job.lock``)."""
-        if not self.state_dir:
+        """Checkpoint one job (the caller holds ``job.lock``): the embedded shards' state
+        of it, then the coordinator's."""
+        if self.files is None:
             return
         for s in self.shards:
             if isinstance(s, EmbeddedShard):
                 s.store.checkpoint(job.job_id)
-        meta = {
-            "job_id": job.job_id,
-            "graph_id": job.graph_id,
-            "optimizer": job.optimizer,
-            "micro_batch_size": job.micro_batch_size,
-            "placement": job.placement,
-            "pieces": job.pieces,
-            "shards": len(self.shards),
-            "version": job.version,
-            "last_step_id": job.last_step_id,
-            "samples": job.samples,
-            "last_loss": job.last_loss,
-            "params_digest": job.params_digest,
-            "digests": {str(k): v for k, v in job.digests.items()},
-            "pinned": list(job.pinned) if job.pinned else None,
-            "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
-            **_schedule_meta(job),
-            **({"compression": job.residuals.spec} if job.residuals else {}),
-        }
-        graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
-        arrays = {"graph": graph, **_buffer_arrays(job.buffers)}
-        checkpoint.save(self._job_path(job.job_id), arrays, meta)
-        if job.log is not None:
-            job.log.truncate()  # its steps are in the checkpoint now
-            job.unlogged.clear()
+        self.files.save(job, len(self.shards))
 
     def checkpoint(self) -> None:
         """Checkpoint every job (on shutdown)."""
@@ -1032,47 +671,10 @@ class Coordinator:
                 self._save(job)
 
     def _restore(self) -> None:
-        directory = os.path.join(self.state_dir, "jobs")
-        if not os.path.isdir(directory):
-            return
-        for entry in sorted(os.listdir(directory)):
-            if not entry.endswith(".npz") or entry.startswith("."):
-                continue
-            arrays, meta = checkpoint.load(os.path.join(directory, entry))
-            graph = graph_pb2.Graph.FromString(arrays["graph"].tobytes())
-            _, names, specs, data, extra = _graph_signature(graph)
-            job = Job(
-                meta["job_id"],
-                graph,
-                meta["graph_id"],
-                names,
-                specs,
-                data,
-                extra,
-                meta["optimizer"],
-                meta["micro_batch_size"],
-                {k: int(v) for k, v in meta["placement"].items()},
-                meta["version"],
-                meta["last_step_id"],
-                meta["samples"],
-                meta["last_loss"],
-            )
-            for k, v in meta["history"]:
-                job.history[int(k)] = base64.b64decode(v)
-            job.params_digest = meta.get("params_digest", "")
-            job.pieces = {n: [tuple(p) for p in ps] for n, ps in meta.get("pieces", {}).items()}
-            job.digests = {int(k): v for k, v in meta.get("digests", {}).items()}
-            job.pinned = tuple(meta["pinned"]) if meta.get("pinned") else None
-            job.buffer_specs = _graph_buffers(graph)
-            job.buffers = _buffers_of(arrays)
-            _restore_schedule(job, meta)
-            # The residuals are not checkpointed: they restart from zero (documented).
-            _set_compression(job, meta.get("compression"))
-            job.log = checkpoint.RecordLog(self._log_path(job.job_id))
-            self._replay(job)
-            if meta["shards"] != len(self.shards):
+        for job, shards in self.files.restore():
+            if shards != len(self.shards):
                 job.error = (
-                    f"job {job.job_id!r} was placed over {meta['shards']} shards, "
+                    f"job {job.job_id!r} was placed over {shards} shards, "
                     f"this coordinator has {len(self.shards)}"
                 )
             else:
@@ -1082,31 +684,6 @@ class Coordinator:
                 "restored job",
                 extra={"job_id": job.job_id, "version": job.version, "error": job.error},
             )
-
-    def _replay(self, job: Job) -> None:
-        """Re-read the step log written since the checkpoint: each step's result
-        (``done``, fsynced before the client was answered) and the step whose Apply was
-        sent last (``intent``: some shards may have applied it)."""
-        intended: dict = {}  # the new buffers of the step whose Apply was sent
-        for rec, arrays in job.log.records():
-            sid = rec["step_id"]
-            if rec["kind"] == "intent" and sid == job.last_step_id + 1:
-                job.pinned = (sid, rec["digest"])
-                intended = _buffers_of(arrays)
-                job.pinned_args = (rec.get("args", {}), rec.get("grad_norm"))
-            elif rec["kind"] == "done" and sid == job.last_step_id + 1:
-                if intended:
-                    job.buffers = {**job.buffers, **intended}
-                job.history[sid] = base64.b64decode(rec["response"])
-                job.digests[sid] = rec["digest"]
-                job.version, job.last_step_id = rec["version"], sid
-                job.samples, job.last_loss = rec["samples"], rec["loss"]
-                job.pinned = None
-                _advance_schedule(job, rec["loss"])
-                job.last_grad_norm = rec.get("grad_norm")
-        while len(job.history) > HISTORY:
-            old, _ = job.history.popitem(last=False)
-            job.digests.pop(old, None)
 
     def _reconcile(self, job: Job) -> None:
         """Agree with the shards on the version after a restart (see docs/training.md).
@@ -1125,7 +702,7 @@ class Coordinator:
                 # The schedule catches up on the last known loss (exact unless it is
                 # ReduceLROnPlateau, whose metric those steps' losses were).
                 for _ in range(version - job.version):
-                    _advance_schedule(job, job.last_loss)
+                    advance_schedule(job, job.last_loss)
                 job.version, job.last_step_id, job.pinned = version, last, None
         try:
             self._resync(job)
@@ -1142,209 +719,3 @@ class Coordinator:
         for s in self.shards:
             s.close()
         self.workers.close()
-
-
-def _schedule_meta(job: Job) -> dict:
-    """The schedule's and clipping's part of a job's checkpoint (nothing without them)."""
-    if job.schedule is None and job.clipping is None:
-        return {}
-    return {
-        "schedule": job.schedule,
-        "clipping": job.clipping,
-        "schedule_state": job.runner.state() if job.runner else None,
-        "schedule_error": job.schedule_error,
-        "last_grad_norm": job.last_grad_norm,
-        # A pinned step's retry must send the shards its first Apply's arguments.
-        "pinned_args": list(job.pinned_args) if job.pinned and job.pinned_args else None,
-    }
-
-
-def _restore_schedule(job: Job, meta: dict) -> None:
-    _set_schedule(job, meta.get("schedule"), meta.get("clipping"), meta.get("schedule_state"))
-    job.schedule_error = meta.get("schedule_error", "")
-    job.last_grad_norm = meta.get("last_grad_norm")
-    if meta.get("pinned_args"):
-        job.pinned_args = tuple(meta["pinned_args"])
-
-
-class _StepRun:
-    """One attempt at a step: its micro-batches, what each worker computes for one, and
-    what happens to each first result (pushed to the shards, loss and metrics summed in
-    micro-batch order)."""
-
-    def __init__(
-        self, job: Job, step_id: int, batch: dict[str, np.ndarray], params: ParamSet, shards: list
-    ):
-        self.job = job
-        self.step_id = step_id
-        self.batch = batch
-        self.params = params
-        self.shards = shards
-        self.size = next(iter(batch.values())).shape[0]
-        self.ranges = micro_batches(self.size, job.micro_batch_size)
-        self.scales = loss_scales(self.size, job.micro_batch_size)
-        self.n = len(self.ranges)
-        self.losses = TreeSum(self.n)
-        self.metrics = {name: TreeSum(self.n) for name in job.metric_names}
-        self.buffer_updates: list = [None] * self.n  # per micro-batch: its new buffers
-        self.updated = [o.buffer for o in job.graph.outputs if o.buffer]
-        self.push_seconds = 0.0
-        self.worker_seconds = 0.0
-        self.lock = threading.Lock()
-        self.version = job.version
-        self.by_shard = _used_shards(job)
-        # A fresh attempt id per run: the shards drop gradients a failed attempt of this
-        # step left behind instead of mixing them with this one's (the retry may carry
-        # another batch).
-        self.attempt = secrets.randbits(64)
-        self.residuals = job.residuals.stage() if job.residuals is not None else None
-
-    def compute(self, worker: WorkerHandle, m: int) -> Reply:
-        job = self.job
-        start, stop = self.ranges[m]
-        data = {name: a[start:stop] for name, a in self.batch.items()}
-        return worker.compute(
-            job.graph,
-            job.graph_id,
-            self.params,
-            data,
-            self.scales[m],
-            micro_batch_seed(job.job_id, self.step_id, m),
-            job.metric_names,
-        )
-
-    def accept(self, m: int, r: Reply) -> None:
-        job = self.job
-        missing = [nm for nm in job.param_names if nm not in r.gradients]
-        if missing:
-            raise ServiceError(
-                grpc.StatusCode.INTERNAL, f"a worker returned no gradient for {missing[:5]}"
-            )
-        missing = [nm for nm in self.updated if nm not in r.buffers]
-        if missing:
-            raise ServiceError(
-                grpc.StatusCode.INTERNAL, f"a worker returned no new value of buffer {missing[:5]}"
-            )
-        t = time.perf_counter()
-        gradients = r.gradients
-        if self.residuals is not None:
-            # Unused parameters stay zeros (the shards skip them as torch's optimizers do).
-            used = [nm for nm in job.param_names if nm not in r.unused]
-            gradients = {**gradients, **self.residuals.apply(m, {nm: gradients[nm] for nm in used})}
-        for i in self.by_shard:
-            grads = _parts_on(job, i, gradients, job.param_names)
-            unused = [nm for nm in r.unused if nm in grads]
-            extra = self._compressed_for(i, grads, unused)
-            if extra:
-                grads = {nm: g for nm, g in grads.items() if nm in unused}
-            try:
-                self.shards[i].push(
-                    job.job_id,
-                    self.step_id,
-                    m,
-                    self.n,
-                    self.version,
-                    grads,
-                    self.attempt,
-                    unused,
-                    **extra,
-                )
-            except (ServiceError, GradmeshError) as e:
-                job.fault = (
-                    f"step {self.step_id}: pushing gradients to shard {i} "
-                    f"({self.shards[i].name}) failed: {_text(e)}"
-                )
-                raise
-        with self.lock:
-            self.push_seconds += time.perf_counter() - t
-            self.worker_seconds += r.compute_seconds
-            self.losses.add(m, np.asarray(r.loss, dtype=np.float64))
-            # A copy: the reply's bytes may be a view of a message or a reused buffer.
-            self.buffer_updates[m] = {nm: np.array(r.buffers[nm]) for nm in self.updated}
-            for name in job.metric_names:
-                value = r.outputs.get(name)
-                if value is not None and np.size(value) == 1:
-                    w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
-                    self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
-
-    def _compressed_for(self, i: int, grads: dict, unused: list) -> dict:
-        """For a remote shard of a compressed job, the compressed gradients in their wire
-        encoding (decoded there to the same values: embedded shards get them dense)."""
-        if self.residuals is None or isinstance(self.shards[i], EmbeddedShard):
-            return {}
-        kind = self.residuals.owner.spec["kind"]
-        blobs = {
-            nm: wire_compression.encode(kind, g) for nm, g in grads.items() if nm not in unused
-        }
-        return {"compressed": (kind, blobs)} if blobs else {}
-
-    def new_buffers(self) -> dict[str, np.ndarray]:
-        """The step's new buffers: every micro-batch's update, combined in micro-batch
-        order (the job's buffers as they are when the graph updates none)."""
-        if not self.updated:
-            return self.job.buffers
-        return {**self.job.buffers, **combine_buffers(self.buffer_updates, self.scales)}
-
-
-def _text(e: Exception) -> str:
-    return getattr(e, "message", None) or str(e)
-
-
-def _dtype_of(a: np.ndarray):
-    try:
-        return dtypes.from_numpy(a.dtype.newbyteorder("="))
-    except TypeError:
-        return None
-
-
-# -- placement by bytes (aggregate.place_rows) -----------------------------------------------
-def _placement(names: list[str], params: dict, shards: int, clipping) -> tuple[dict, dict]:
-    """``(placement, pieces)`` of a new job: every parameter's (first) shard, and the row
-    slices of the ones cut over several shards. clip_grad_norm needs each parameter's norm
-    over the whole tensor with torch's own summation, which norms of slices cannot give
-    bit for bit: a job clipping by norm keeps its parameters whole."""
-    rows = {n: int(params[n].shape[0]) if params[n].ndim else 0 for n in names}
-    sizes = {n: (int(params[n].nbytes), rows[n]) for n in names}
-    split = clipping is None or clipping["kind"] == "value"
-    parts = place_rows(sizes, shards, split=split)
-    placement = {n: ps[0][0] for n, ps in parts.items()}
-    return placement, {n: ps for n, ps in parts.items() if len(ps) > 1}
-
-
-def _used_shards(job: Job) -> list[int]:
-    used = set(job.placement.values())
-    for parts in job.pieces.values():
-        used.update(shard for shard, _, _ in parts)
-    return sorted(used)
-
-
-def _names_on(job: Job, i: int, names) -> list[str]:
-    """The names among ``names`` of which shard ``i`` holds the whole or a slice."""
-    return [
-        n
-        for n in names
-        if (any(p[0] == i for p in job.pieces[n]) if n in job.pieces else job.placement.get(n) == i)
-    ]
-
-
-def _parts_on(job: Job, i: int, arrays: dict, names) -> dict:
-    """What shard ``i`` holds of ``arrays`` (whole tensors of ``names``): whole ones, and
-    its row slice (a view) of a cut one, under the parameter's name."""
-    out = {}
-    for n in _names_on(job, i, names):
-        rows = [(start, stop) for shard, start, stop in job.pieces.get(n, ()) if shard == i]
-        out[n] = arrays[n][rows[0][0] : rows[0][1]] if rows else arrays[n]
-    return out
-
-
-def _assemble(job: Job, parts: list[dict]) -> dict:
-    """Whole tensors from what each used shard returned (``parts`` in ``_used_shards``
-    order): a cut parameter's slices joined in row order."""
-    by_shard = dict(zip(_used_shards(job), parts))
-    arrays: dict = {}
-    for part in parts:
-        arrays.update(part)
-    for n, pieces in job.pieces.items():
-        if n in arrays:
-            arrays[n] = np.concatenate([by_shard[shard][n] for shard, _, _ in pieces])
-    return arrays

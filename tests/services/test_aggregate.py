@@ -170,12 +170,12 @@ def test_place_rows_without_split_is_place():
 
 def test_a_job_clipping_by_norm_keeps_its_parameters_whole():
     # clip_grad_norm's per-parameter norms are taken over whole tensors on the shards.
-    from gradmesh.server.jobs import _placement
+    from gradmesh.server.placement import place
 
     params = {"w": np.zeros((8, 4), np.float32), "b": np.zeros(8, np.float32)}
     names = list(params)
     by_norm = {"kind": "norm", "max_norm": 1.0, "norm_type": 2.0}
-    assert _placement(names, params, 2, by_norm) == ({"w": 0, "b": 1}, {})
+    assert place(names, params, 2, by_norm) == ({"w": 0, "b": 1}, {})
     for clipping in (None, {"kind": "value", "clip_value": 1.0}):
-        placement, pieces = _placement(names, params, 2, clipping)
+        placement, pieces = place(names, params, 2, clipping)
         assert pieces == {"w": [(0, 0, 5), (1, 5, 8)]} and placement == {"w": 0, "b": 1}
