@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import backend, precision
+from . import backend, dtypes, precision
 from .autograd import bump_version, enable_grad, no_grad, zero_grads
 from .tensor import Tensor
 
@@ -1059,7 +1059,7 @@ class Optimizer:
                 if k == "step":
                     entry[k] = int(v)
                     continue
-                arr = v._data if isinstance(v, Tensor) else np.asarray(v)
+                arr = _state_array(v)
                 if k in _SCALAR_STATE:
                     entry[k] = xp.array(float(arr), dtype=np.float32)
                     continue
@@ -1084,6 +1084,16 @@ class Optimizer:
             lines.append(f"Parameter Group {i}")
             lines += [f"    {k}: {group[k]}" for k in sorted(group) if k != "params"]
         return "\n".join(lines) + "\n)"
+
+
+def _state_array(value):
+    """A loaded state value as an array: ours, or a torch tensor's values. NumPy cannot
+    take a torch bfloat16 tensor; its float32 copy holds the same values exactly."""
+    if isinstance(value, Tensor):
+        return value._data
+    if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+        return np.asarray(value.float()).astype(dtypes.bfloat16.np)
+    return np.asarray(value)
 
 
 class SGD(Optimizer):

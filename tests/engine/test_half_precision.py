@@ -440,3 +440,27 @@ def _assert_same_optimizer_state(ours: dict, theirs: dict) -> None:
         assert str(got.dtype) == str(want.dtype).removeprefix("torch."), key
         want_bits = want.view(torch.int16 if got.itemsize == 2 else torch.int32).numpy()
         np.testing.assert_array_equal(got.view(want_bits.dtype), want_bits, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+def test_half_training_moves_from_torch_to_gradmesh_mid_run_bitwise(dtype_name):
+    """A torch Adam state dict of a half parameter loads (bfloat16 tensors included), and
+    the run continues as torch's, bit for bit."""
+    gdt, tdt = HALF[dtype_name]
+    rng = np.random.default_rng(5)
+    start = rng.standard_normal((4, 16)).astype(np.float32).astype(gdt.np)
+    grads = [rng.standard_normal((4, 16)).astype(np.float32).astype(gdt.np) for _ in range(10)]
+    tp = _torch(start, tdt, requires_grad=True)
+    topt = torch.optim.Adam([tp], lr=0.01, eps=1e-3)
+    for grad in grads[:5]:
+        tp.grad = _torch(grad, tdt)
+        topt.step()
+    p = gm.tensor(tp.detach().float().numpy().astype(gdt.np)).requires_grad_()
+    opt = gm.optim.Adam([p], lr=0.01, eps=1e-3)
+    opt.load_state_dict(topt.state_dict())
+    for grad in grads[5:]:
+        p.grad, tp.grad = gm.tensor(grad), _torch(grad, tdt)
+        opt.step()
+        topt.step()
+    np.testing.assert_array_equal(_bits(p), _bits(tp))
+    _assert_same_optimizer_state(opt.state[p], topt.state[tp])
