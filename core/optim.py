@@ -467,7 +467,7 @@ _F32 = np.float32
 # Elements per step of the vector loop of torch's x86 CPU kernels (AVX2 and AVX-512) on
 # half tensors; torch's add computes the elements past the last whole step in its scalar
 # loop, with other arithmetic.
-TORCH_HALF_VECTOR_STEP = 32
+_TORCH_HALF_VECTOR_STEP = 32
 
 
 def _wide(a):
@@ -533,7 +533,7 @@ def _add_half(xp, a, b, alpha: float = 1.0):
     alpha_h = _F32(_F32(alpha).astype(dtype))
     wide_b = _wide(b)
     out = _wide(a) + alpha_h * wide_b
-    tail = out.size % TORCH_HALF_VECTOR_STEP
+    tail = out.size % _TORCH_HALF_VECTOR_STEP
     if tail:
         flat = out.reshape(-1)
         product = (alpha_h * wide_b.reshape(-1)[-tail:]).astype(dtype)
