@@ -105,18 +105,23 @@ class _Dispatch:
         self.started = time.monotonic()
 
     def run(self) -> int:
-        # Each lane runs in a copy of this context: its calls carry the request id.
-        threads = [
-            threading.Thread(
-                target=contextvars.copy_context().run,
-                args=(self.lane, w),
-                daemon=True,
-                name=f"gradmesh-lane-{w.address}",
-            )
-            for w in self.workers
-        ]
-        for t in threads:
-            t.start()
+        if len(self.workers) == 1:
+            # One worker: its lane runs in this thread, which would only wait for it (no
+            # other lane can take over a late micro-batch): no thread to start, no hand-off.
+            self.lane(self.workers[0])
+        else:
+            # Each lane runs in a copy of this context: its calls carry the request id.
+            threads = [
+                threading.Thread(
+                    target=contextvars.copy_context().run,
+                    args=(self.lane, w),
+                    daemon=True,
+                    name=f"gradmesh-lane-{w.address}",
+                )
+                for w in self.workers
+            ]
+            for t in threads:
+                t.start()
         with self.cond:
             while len(self.pushed) < self.n and self.error is None:
                 self.cond.wait()

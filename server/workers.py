@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import grpc
 import numpy as np
 
-from gradmesh.core import serialize
 from gradmesh.server.runtime import ServiceError
 from gradmesh.v1 import worker_pb2
 from gradmesh.wire import sharedmem
@@ -39,6 +38,9 @@ HEARTBEAT_SECONDS = 5.0
 # Worker calls above this many bytes are streamed even when the unary limit would allow
 # them: one huge unary message measured 3x slower than 4 MiB chunks (100 MB, loopback).
 UNARY_MAX_BYTES = 8 << 20
+# Encoded shared-memory parts of requests a worker handle keeps (a few segment names
+# repeat: the pool hands the same segments back).
+SHARED_REQUESTS_KEPT = 16
 BYTES = "bytes"  # a call's tensors in its messages: unary when they fit, else streamed
 _PARAMETERS = field_number(worker_pb2.ComputeGradientsRequest, "parameters")
 _DATA = field_number(worker_pb2.ComputeGradientsRequest, "data")
@@ -83,6 +85,7 @@ class WorkerHandle(WorkerTransport):
         # coordinator's pool (None: never).
         super().__init__(self._channel, address, segments=segments, chunk_bytes=MAX_CHUNK_BYTES)
         self._shared = False  # until Capabilities says
+        self._shared_requests: dict[tuple, bytes] = {}  # see _shared_fields
 
     def probe(self) -> None:
         """Ask for Capabilities; sets state, fingerprint and backend."""
@@ -200,24 +203,68 @@ class WorkerHandle(WorkerTransport):
         return self._send_unary(b"".join(pieces), **kw)
 
     def _compute_shared(self, req, params: "ParamSet", data: dict) -> Reply:
-        """A unary call with parameters and gradients in shared memory; the result's
+        """A unary call with parameters, data and gradients in shared memory; the result's
         gradients are views of a segment that goes back to the pool when they are freed
-        (after the step applied them, or dropped them)."""
+        (after the step applied them, or dropped them). The data's segment goes back when
+        the call returns; a failed call's is dropped (a worker past its deadline may still
+        read it)."""
         pool = self.segments
         segment, offsets = params.shared(pool)
-        gseg, goffsets = sharedmem.place(
-            pool, {n: params.arrays[n] for n in params.gradients}, write=False
-        )
+        dseg, doffsets = sharedmem.place(pool, data)
+        done = False
         try:
-            req.MergeFrom(shared_request(params.arrays, segment, offsets, gseg, goffsets))
-            for name, a in data.items():
-                req.data.add(name=name).tensor.CopyFrom(serialize.to_proto(a))
-        except BaseException:
-            gseg.close()
-            raise
-        return self._send_shared(
-            req, gseg, goffsets, timeout=self.timeout, metadata=call_metadata(self._metadata)
+            gseg, goffsets = sharedmem.place(
+                pool, {n: params.arrays[n] for n in params.gradients}, write=False
+            )
+            try:
+                where = self._shared_fields(
+                    params, (segment, offsets), data, (dseg, doffsets), (gseg, goffsets)
+                )
+            except BaseException:
+                gseg.close()
+                raise
+            reply = self._send_shared(  # closes gseg when the call fails
+                req.SerializeToString() + where,
+                gseg,
+                goffsets,
+                timeout=self.timeout,
+                metadata=call_metadata(self._metadata),
+            )
+            done = True
+            return reply
+        finally:
+            pool.release(dseg) if done else dseg.close()
+
+    def _shared_fields(
+        self, params: "ParamSet", placed: tuple, data: dict, data_placed: tuple, grads_placed: tuple
+    ) -> bytes:
+        """The request's tensor headers and ``shared_memory``, encoded: the same bytes
+        whenever the pool hands back the same segments (they follow from the job's
+        parameters, the data's signature and the segments' names), so kept."""
+        (segment, offsets), (dseg, doffsets), (gseg, goffsets) = placed, data_placed, grads_placed
+        key = (
+            params.key,
+            segment.name,
+            dseg.name,
+            gseg.name,
+            tuple((n, a.dtype.str, a.shape) for n, a in data.items()),
         )
+        encoded = self._shared_requests.get(key)
+        if encoded is None:
+            encoded = shared_request(
+                params.arrays,
+                dseg,
+                offsets,
+                gseg,
+                goffsets,
+                data,
+                doffsets,
+                parameter_segment=segment.name,
+            ).SerializeToString()
+            if len(self._shared_requests) >= SHARED_REQUESTS_KEPT:
+                self._shared_requests.clear()
+            self._shared_requests[key] = encoded
+        return encoded
 
     def close(self) -> None:
         self._channel.close()
