@@ -23,6 +23,7 @@ from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from .channel import call_metadata, channel, metadata
 from .errors import GradmeshError, from_rpc_error
+from .frames import encode_tensor_field, field_number, serialize_message
 from .shard import receive_frames, stream_frames
 
 __all__ = ["CoordinatorConnection", "WorkerRegistration"]
@@ -35,6 +36,7 @@ _TRANSIENT = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+_BATCH = field_number(coordinator_pb2.StepRequest, "batch")
 
 
 class CoordinatorConnection:
@@ -62,6 +64,14 @@ class CoordinatorConnection:
         self.retry_seconds = retry_seconds
         self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        # Step's request goes pre-encoded: the batch's bytes copied once, not into a
+        # message and again by its serialization.
+        self._step = self._channel.unary_unary(
+            f"/{coordinator_pb2.DESCRIPTOR.services_by_name['Coordinator'].full_name}/Step",
+            request_serializer=serialize_message,
+            response_deserializer=coordinator_pb2.StepResponse.FromString,
+            _registered_method=True,
+        )
         self._metadata = metadata(token)
 
     def close(self) -> None:
@@ -73,9 +83,10 @@ class CoordinatorConnection:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool):
-        """Call ``method``; transient failures of idempotent calls are retried with backoff."""
-        fn = getattr(self.stub, method)
+    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool, fn=None):
+        """Call ``method`` (through ``fn``, else the stub's); transient failures of
+        idempotent calls are retried with backoff."""
+        fn = fn or getattr(self.stub, method)
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
         while True:
@@ -138,10 +149,11 @@ class CoordinatorConnection:
     ) -> coordinator_pb2.StepResponse:
         """One raw Step call (retried with the same id on transient errors); ``batch``:
         name -> array or Tensor."""
-        req = coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id)
+        pieces = [coordinator_pb2.StepRequest(job_id=job_id, step_id=step_id).SerializeToString()]
         for name, value in batch.items():
-            req.batch.add(name=name).tensor.CopyFrom(to_proto(value))
-        return self._call("Step", lambda: req, retry=True)
+            pieces.extend(encode_tensor_field(_BATCH, value, name))
+        request = b"".join(pieces)
+        return self._call("Step", lambda: request, retry=True, fn=self._step)
 
     def register_worker(self, address: str) -> coordinator_pb2.RegisterWorkerResponse:
         return self._call(
