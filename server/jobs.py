@@ -254,14 +254,8 @@ class Coordinator:
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
             batch = self._check_batch(job, batch)
-            # The batch's SHA-256 (hashlib lets go of the GIL) runs while the workers
-            # compute: the step needs it only once they are done, or now for a pinned step.
-            digest = self._io.submit(tensors_digest, batch)
-            if (
-                job.pinned is not None
-                and job.pinned[0] == step_id
-                and job.pinned[1] != digest.result()
-            ):
+            digest = tensors_digest(batch)
+            if job.pinned is not None and job.pinned[0] == step_id and job.pinned[1] != digest:
                 raise ServiceError(
                     FAILED,
                     f"step_id {step_id} of job {job_id!r}: an earlier "
@@ -281,7 +275,7 @@ class Coordinator:
                     self._resync(job)
                 raise
             advance_schedule(job, resp.loss)
-            self._record(job, step_id, resp, digest.result())
+            self._record(job, step_id, resp, digest)
         self._prefetch(job)
         return resp
 
@@ -469,9 +463,7 @@ class Coordinator:
             except Exception as e:  # the next step pulls again and reports it
                 log.info("prefetch failed", extra={"job_id": job.job_id, "error": error_text(e)})
 
-    def _run_step(
-        self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: "futures.Future[str]"
-    ):
+    def _run_step(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
         if job.schedule_error:
             raise ServiceError(FAILED, job.schedule_error, "step_id")
         t0 = time.perf_counter()
@@ -484,7 +476,6 @@ class Coordinator:
         t1 = time.perf_counter()
         reassigned = dispatch(self.workers, run.n, run.compute, run.accept, self.deadline)
         t2 = time.perf_counter()
-        digest = digest.result()
         version = run.version
         checkpoint_now = bool(self.checkpoint_every and (version + 1) % self.checkpoint_every == 0)
         step_args, grad_norm = self._step_args(job, run, digest)
