@@ -34,6 +34,7 @@ from gradmesh.client.coordinator import CoordinatorClient
 
 __all__ = ["LocalCluster", "ServerProcess", "ClusterError"]
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _LISTENING = re.compile(r'listening on ([^\s"]+)')  # a text line or a JSON one
 
 
@@ -139,6 +140,23 @@ class ServerProcess:
             return False
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def waiting_policy(workers: int, threads: int, cores: int) -> dict[str, str]:
+    """How idle BLAS/OpenMP threads of ``workers`` workers of ``threads`` threads each wait
+    on a host of ``cores`` cores: by default they spin a while after each call, which
+    holds a core; when the threads outnumber the cores that core is one another worker's
+    thread waits for, so they sleep at once instead (OpenBLAS: ``OPENBLAS_THREAD_TIMEOUT``
+    4, its shortest; OpenMP: ``OMP_WAIT_POLICY`` passive). How threads wait does not
+    change how a product is split among them: the results are the same to the bit."""
+    if workers * threads <= cores:
+        return {}
+    return {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def _port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
@@ -182,6 +200,8 @@ class LocalCluster:
     (the coordinator and each shard get a subdirectory), so a restarted cluster resumes.
     ``threads_per_worker``: BLAS/OpenMP threads of each worker (default: NumPy's own
     choice); workers of one cluster always get the same count, as determinism requires.
+    When the workers' threads outnumber the host's cores, idle ones sleep at once instead
+    of spinning (:func:`waiting_policy`; the environment's own setting wins).
     ``coordinator_args``: extra flags for ``gradmesh coordinator``.
     ``max_message_bytes``: every server's unary message limit (default the servers' own);
     the coordinator sends a worker call unary when it fits in half of it, else streams it.
@@ -227,10 +247,19 @@ class LocalCluster:
     def _env(self, threads: int | None) -> dict[str, str]:
         env = dict(os.environ)
         if threads:
-            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            for var in THREAD_VARS:
                 env[var] = str(threads)
         # Tracebacks of a crashing server land in its log.
         env.setdefault("PYTHONFAULTHANDLER", "1")
+        return env
+
+    def _worker_env(self) -> dict[str, str]:
+        """A worker's environment: its BLAS threads, and how idle ones wait (what the
+        environment already says is kept)."""
+        env = self._env(self.threads_per_worker)
+        threads = self.threads_per_worker or _cores()
+        for var, value in waiting_policy(self.n_workers, threads, _cores()).items():
+            env.setdefault(var, value)
         return env
 
     def _server(self, role: str, args: list[str], index: int | None = None) -> ServerProcess:
@@ -244,7 +273,7 @@ class LocalCluster:
         try:
             self.workers = [self._server("worker", [], i) for i in range(self.n_workers)]
             for w in self.workers:
-                w.start(self._env(self.threads_per_worker))
+                w.start(self._worker_env())
             self.shards = []
             for i in range(self.n_shards):
                 args = []
@@ -327,7 +356,7 @@ class LocalCluster:
         else:
             args += ["--coordinator", self.coordinator_target]
         self.workers[index] = new = ServerProcess("worker", args, old.log_path)
-        new.start(self._env(self.threads_per_worker))
+        new.start(self._worker_env())
         wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
         return new
 
