@@ -120,7 +120,9 @@ class CoordinatorClient(CoordinatorConnection):
         fewer gradient bytes: ``{"kind": "topk", "ratio": 0.01}`` (the largest 1% of each
         gradient) or ``{"kind": "sign"}`` (one bit per element and a scale), with error
         feedback (docs/training.md, "Compressed gradients"). ``Job.status().mode`` says
-        which mode a job runs in.
+        which mode a job runs in. ``"where": "worker"`` in it has the workers compress
+        their replies and keep the residuals (fewer bytes from the workers too; results
+        then depend on which worker computed which micro-batch).
         """
         description = _optimizer_description(optimizer, scheduler, model)
         schedule = _schedule_description(scheduler, optimizer)
@@ -164,15 +166,19 @@ class CoordinatorClient(CoordinatorConnection):
 
 
 def _compression_message(spec) -> coordinator_pb2.GradientCompression:
-    """``{"kind": "topk", "ratio": 0.01}`` or ``{"kind": "sign"}`` as the message (the
-    coordinator checks the values; a wrong key is refused here)."""
-    if not isinstance(spec, dict) or not set(spec) <= {"kind", "ratio"}:
+    """``{"kind": "topk", "ratio": 0.01}`` or ``{"kind": "sign"}`` (and ``"where":
+    "worker"``) as the message (the coordinator checks the values; a wrong key is refused
+    here)."""
+    if not isinstance(spec, dict) or not set(spec) <= {"kind", "ratio", "where"}:
         raise ValueError(
             f"compression must be a dict like {{'kind': 'topk', 'ratio': 0.01}} or "
-            f"{{'kind': 'sign'}}, got {spec!r}"
+            f"{{'kind': 'sign'}} (with 'where': 'worker' to compress on the workers), "
+            f"got {spec!r}"
         )
     return coordinator_pb2.GradientCompression(
-        kind=str(spec.get("kind", "")), ratio=float(spec.get("ratio", 0.0))
+        kind=str(spec.get("kind", "")),
+        ratio=float(spec.get("ratio", 0.0)),
+        where=str(spec.get("where", "")),
     )
 
 

@@ -322,7 +322,7 @@ def compression_spec(msg) -> dict | None:
     if msg is None:
         return None
     try:
-        return compression.validate({"kind": msg.kind, "ratio": msg.ratio})
+        return compression.validate({"kind": msg.kind, "ratio": msg.ratio, "where": msg.where})
     except ValueError as e:
         raise ServiceError(INVALID, str(e), str(e).split()[0]) from None  # names the field
 

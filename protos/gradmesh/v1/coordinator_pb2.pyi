@@ -40,12 +40,14 @@ class CreateJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ...) -> None: ...
 
 class GradientCompression(_message.Message):
-    __slots__ = ("kind", "ratio")
+    __slots__ = ("kind", "ratio", "where")
     KIND_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     ratio: float
-    def __init__(self, kind: _Optional[str] = ..., ratio: _Optional[float] = ...) -> None: ...
+    where: str
+    def __init__(self, kind: _Optional[str] = ..., ratio: _Optional[float] = ..., where: _Optional[str] = ...) -> None: ...
 
 class LRSchedule(_message.Message):
     __slots__ = ("step", "multi_step", "exponential", "cosine_annealing", "linear", "one_cycle", "sequential", "reduce_on_plateau")

@@ -1,0 +1,130 @@
+"""Compressed replies with error feedback, the residuals held by the worker (worker.proto,
+``WorkerCompression``; docs/training.md, "Compressed gradients").
+
+For each requested gradient ``g`` the loss depends on: ``p = g + e``, ``c = C(p)``,
+``e = p - c``; ``c`` goes out in the wire encoding, ``e`` stays here under (residual set,
+residual index, parameter). The compressor and the encoding are the coordinator mode's
+(:mod:`gradmesh.server.compression`, :mod:`gradmesh.wire.compression`), so a worker's reply
+decodes to what the coordinator would have computed from the same residual.
+
+The residuals are bounded: least recently used keys go first past ``capacity`` bytes
+(their error is lost: the next call with that key starts from zeros), and they live in
+memory only (a restarted worker has none).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradmesh.server import compression
+from gradmesh.server.runtime import ServiceError
+from gradmesh.server.worker.checks import INVALID
+from gradmesh.wire import compression as wire_compression
+
+__all__ = ["CompressionRequest", "ResidualStore", "check_compression"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionRequest:
+    """A request's ``WorkerCompression``, checked: the compressor's description and the
+    residuals' key and round."""
+
+    spec: dict
+    key: tuple[str, int]  # (residual set, residual index)
+    round: int
+
+
+def check_compression(kind: str, ratio: float, residual_set: str, index: int, round_: int):
+    """A ``WorkerCompression``'s values as a :class:`CompressionRequest`;
+    INVALID_ARGUMENT naming the field when one is bad."""
+    try:
+        spec = compression.validate({"kind": kind, "ratio": ratio})
+    except ValueError as e:
+        raise ServiceError(INVALID, str(e), str(e).split()[0]) from None
+    if not residual_set:
+        raise ServiceError(
+            INVALID,
+            "compression.residual_set must name the residuals (a coordinator: its job id)",
+            "compression.residual_set",
+        )
+    return CompressionRequest(spec, (residual_set, int(index)), int(round_))
+
+
+@dataclass
+class _Entry:
+    """One key's residuals: the round that last updated them, and the residuals before
+    and after that round's update (a retry of the round starts from ``before``)."""
+
+    round: int
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.before.values()) + sum(
+            a.nbytes for a in self.after.values()
+        )
+
+
+class ResidualStore:
+    """The worker's error-feedback residuals, least recently used keys out first past
+    ``capacity`` bytes (0: none kept, compression without error feedback). Thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted = 0  # keys dropped to stay within capacity
+
+    def _start(self, call: CompressionRequest) -> tuple[dict[str, np.ndarray], bool]:
+        """The residuals a call starts from, and whether it may store its own."""
+        with self._lock:
+            entry = self._entries.get(call.key)
+            if entry is None:
+                return {}, True
+            self._entries.move_to_end(call.key)
+            if call.round == entry.round:
+                return entry.before, True
+            if call.round > entry.round:
+                return entry.after, True
+            return {}, False  # a late duplicate of an earlier round
+
+    def _store(self, call: CompressionRequest, before: dict, after: dict) -> None:
+        entry = _Entry(call.round, before, after)
+        size = entry.nbytes
+        with self._lock:
+            self._entries.pop(call.key, None)
+            if size > self.capacity:
+                self.evicted += 1
+                return
+            total = sum(e.nbytes for e in self._entries.values())
+            while self._entries and total + size > self.capacity:
+                _, old = self._entries.popitem(last=False)
+                total -= old.nbytes
+                self.evicted += 1
+            self._entries[call.key] = entry
+
+    def compress(
+        self, call: CompressionRequest, gradients: list[tuple[str, np.ndarray]]
+    ) -> list[tuple[str, np.ndarray]]:
+        """Each gradient compressed with error feedback, as (name, int32 words) in the
+        wire encoding; the new residuals kept."""
+        before, keep = self._start(call)
+        spec = call.spec
+        after, out = {}, []
+        for name, g in gradients:
+            e = before.get(name)
+            p = np.asarray(g) + e if e is not None else np.array(g)
+            c = compression.compress(spec, p)
+            after[name] = p - c
+            out.append((name, wire_compression.encode(spec["kind"], c)))
+        if keep:
+            self._store(call, before, after)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
