@@ -80,18 +80,15 @@ class ResidualStore:
         self._lock = threading.Lock()
         self.evicted = 0  # keys dropped to stay within capacity
 
-    def _start(self, call: CompressionRequest) -> tuple[dict[str, np.ndarray], bool]:
-        """The residuals a call starts from, and whether it may store its own."""
+    def _start(self, call: CompressionRequest) -> dict[str, np.ndarray]:
+        """The residuals a call starts from: a retry of the key's last round starts where
+        that round did, any other round from what it left."""
         with self._lock:
             entry = self._entries.get(call.key)
             if entry is None:
-                return {}, True
+                return {}
             self._entries.move_to_end(call.key)
-            if call.round == entry.round:
-                return entry.before, True
-            if call.round > entry.round:
-                return entry.after, True
-            return {}, False  # a late duplicate of an earlier round
+            return entry.before if call.round == entry.round else entry.after
 
     def _store(self, call: CompressionRequest, before: dict, after: dict) -> None:
         entry = _Entry(call.round, before, after)
@@ -113,7 +110,7 @@ class ResidualStore:
     ) -> list[tuple[str, np.ndarray]]:
         """Each gradient compressed with error feedback, as (name, int32 words) in the
         wire encoding; the new residuals kept."""
-        before, keep = self._start(call)
+        before = self._start(call)
         spec = call.spec
         after, out = {}, []
         for name, g in gradients:
@@ -122,8 +119,7 @@ class ResidualStore:
             c = compression.compress(spec, p)
             after[name] = p - c
             out.append((name, wire_compression.encode(spec["kind"], c)))
-        if keep:
-            self._store(call, before, after)
+        self._store(call, before, after)
         return out
 
     def __len__(self) -> int:
