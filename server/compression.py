@@ -85,6 +85,11 @@ def _top_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([above, at])
 
 
+def kept_indices(flat: np.ndarray, ratio: float) -> np.ndarray:
+    """The flat indices top-k keeps of a non-empty 1-D ``flat`` (unordered)."""
+    return _top_indices(np.abs(flat), _kept(flat.size, ratio))
+
+
 def compress(spec: dict, p: np.ndarray) -> np.ndarray:
     """``C(p)``: what the receiver reconstructs, dense, in ``p``'s dtype and shape."""
     flat = p.reshape(-1)

@@ -54,6 +54,39 @@ def check_compression(kind: str, ratio: float, residual_set: str, index: int, ro
     return CompressionRequest(spec, (residual_set, int(index)), int(round_))
 
 
+def _in_place(spec: dict, p: np.ndarray) -> np.ndarray | None:
+    """The words of ``C(p)``, ``p`` turned into its residual ``p - C(p)``, the bits of
+    the coordinator mode's ``compress`` and ``encode`` in fewer passes over ``p``; None
+    where they would not be (a NaN scale: ``p`` is left as it was)."""
+    if spec["kind"] == "topk":
+        return _topk_in_place(spec["ratio"], p)
+    flat = p.reshape(-1)
+    scale = np.mean(np.abs(flat), dtype=np.float64).astype(flat.dtype)
+    if np.isnan(scale):
+        return None
+    positive = flat >= 0
+    flat -= np.where(positive, scale, -scale)
+    # The bits of the signs of +-scale: scale >= 0, so a set bit is exactly p >= 0.
+    bits = np.packbits(positive)
+    little = flat.dtype.newbyteorder("<")
+    return wire_compression.to_words(
+        np.concatenate([bits, np.asarray([scale], little).view(np.uint8)])
+    )
+
+
+def _topk_in_place(ratio: float, p: np.ndarray) -> np.ndarray:
+    """Top-k's words for ``p``, which becomes its residual: the bits of
+    ``encode(compress(p))`` and ``p - compress(p)`` with passes over the kept elements
+    only (the selection is the coordinator mode's)."""
+    flat = p.reshape(-1)
+    kept = compression.kept_indices(flat, ratio)
+    kept.sort()
+    values = flat[kept]
+    flat[kept] -= values  # p - c there (0, or NaN from inf); elsewhere p - 0 is p
+    nonzero = values != 0  # the encoding carries nonzero values only
+    return wire_compression.encode_topk(kept[nonzero], values[nonzero])
+
+
 @dataclass
 class _Entry:
     """One key's residuals: the round that last updated them, and the residuals before
@@ -116,9 +149,14 @@ class ResidualStore:
         for name, g in gradients:
             e = before.get(name)
             p = np.asarray(g) + e if e is not None else np.array(g)
-            c = compression.compress(spec, p)
-            after[name] = p - c
-            out.append((name, wire_compression.encode(spec["kind"], c)))
+            words = _in_place(spec, p) if p.size else None
+            if words is not None:
+                after[name] = p
+            else:
+                c = compression.compress(spec, p)
+                after[name] = p - c
+                words = wire_compression.encode(spec["kind"], c)
+            out.append((name, words))
         self._store(call, before, after)
         return out
 
