@@ -85,9 +85,9 @@ def _top_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([above, at])
 
 
-def kept_indices(flat: np.ndarray, ratio: float) -> np.ndarray:
-    """The flat indices top-k keeps of a non-empty 1-D ``flat`` (unordered)."""
-    return _top_indices(np.abs(flat), _kept(flat.size, ratio))
+def kept_count(size: int, ratio: float) -> int:
+    """How many of ``size`` elements top-k keeps at ``ratio`` (at least one)."""
+    return _kept(size, ratio)
 
 
 def compress(spec: dict, p: np.ndarray) -> np.ndarray:
