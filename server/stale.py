@@ -20,6 +20,8 @@ so their logs and checkpoints keep every applied update as they keep synchronous
 from __future__ import annotations
 
 import base64
+import collections
+import contextvars
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ import grpc
 import numpy as np
 
 from gradmesh.server.aggregate import TreeSum, micro_batch_seed, micro_batches
-from gradmesh.server.dispatch import dispatch
+from gradmesh.server.dispatch import RETRYABLE
 from gradmesh.server.job import tensors_digest
 from gradmesh.server.placement import assemble, names_on, parts_on
 from gradmesh.server.runtime import ServiceError
@@ -101,6 +103,7 @@ class StaleState:
         self.steps: dict[int, StepState] = {}  # admitted and not recorded yet
         self.params: ParamSet | None = None
         self.users: dict[ParamSet, int] = {}  # sets a worker call still reads
+        self.lanes = Lanes()
 
     def acquire(self, job: "Job", pull: Callable[[], dict]) -> ParamSet:
         """The newest parameters (pulled when the shards moved on since the last pull),
@@ -122,6 +125,162 @@ class StaleState:
                 del self.users[ps]
                 if ps is not self.params:
                     ps.release()
+
+
+class Lanes:
+    """The job's workers, one thread (lane) each, taking micro-batches from one queue
+    for every running step: a fast worker goes on with the next step's micro-batches
+    while a slow one finishes. An idle lane also takes a micro-batch that runs on one
+    other worker only (the first result is applied, the other dropped), so no step waits
+    for a straggler; a failed call goes back to the queue, as in the synchronous mode."""
+
+    IDLE_SECONDS = 5.0  # a lane with nothing to do this long ends (the next step starts it)
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.queue: collections.deque = collections.deque()  # (attempt, m)
+        self.running: dict[tuple, list] = {}  # (attempt, m) -> workers computing it
+        self.threads: dict[str, threading.Thread] = {}
+
+    def run(self, c: "Coordinator", attempt: "_Attempt") -> None:
+        """Queue the attempt's micro-batches and wait until every one is applied (or the
+        attempt failed: its error is raised)."""
+        workers = c.workers.usable()
+        if not workers:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                "no worker is available (none configured, registered or reachable); start "
+                "workers and retry" + c.workers.unusable_reasons(),
+            )
+        with self.cond:
+            self.queue.extend((attempt, m) for m in attempt.todo)
+            for w in workers:
+                t = self.threads.get(w.address)
+                if t is None or not t.is_alive():
+                    t = threading.Thread(
+                        target=contextvars.copy_context().run,
+                        args=(self._lane, c, w),
+                        daemon=True,
+                        name=f"gradmesh-stale-{w.address}",
+                    )
+                    self.threads[w.address] = t
+                    t.start()
+            self.cond.notify_all()
+        attempt.finished.wait()
+        if attempt.error is not None:
+            raise attempt.error
+
+    def _take(self, w: WorkerHandle, avoid: tuple | None) -> tuple | None:
+        """The next micro-batch for ``w`` (not ``avoid`` while others wait): a queued one,
+        else one running on one other worker only; None after IDLE_SECONDS without."""
+        deadline = time.monotonic() + self.IDLE_SECONDS
+        with self.cond:
+            while True:
+                for item in self.queue:
+                    if item != avoid or len(self.queue) == 1:
+                        self.queue.remove(item)
+                        break
+                else:
+                    item = self._straggler(w)
+                    if item is not None:
+                        item[0].reassigned += 1
+                if item is not None:
+                    if item[0].settled():
+                        continue
+                    self.running.setdefault(item, []).append(w)
+                    return item
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._leave(w)  # now, under cond: a new step then starts a lane
+                    return None
+                self.cond.wait(timeout=min(left, 1.0))
+
+    def _straggler(self, w: WorkerHandle) -> tuple | None:
+        for item, ws in self.running.items():
+            if len(ws) == 1 and ws[0] is not w and not item[0].settled():
+                return item
+        return None
+
+    def _lane(self, c: "Coordinator", w: WorkerHandle) -> None:
+        avoid = None
+        try:
+            while (item := self._take(w, avoid)) is not None:
+                attempt, m = item
+                avoid = None
+                try:
+                    if not attempt.compute(w, m):
+                        avoid = item  # too stale: another worker should take it
+                        self._requeue(w, item, front=False)
+                        continue
+                except GradmeshError as e:
+                    c.workers.failed(w, e)
+                    if not self._failed(w, item, e):
+                        return
+                    continue
+                except Exception as e:  # noqa: BLE001  (a shard failed, a bad reply)
+                    self._settle(w, item, e)
+                    continue
+                self._settle(w, item, None)
+        finally:
+            with self.cond:
+                self._leave(w)
+                if not self.threads:
+                    self._no_workers_left()
+                self.cond.notify_all()
+
+    def _leave(self, w: WorkerHandle) -> None:
+        if self.threads.get(w.address) is threading.current_thread():
+            del self.threads[w.address]
+
+    def _requeue(self, w: WorkerHandle, item: tuple, front: bool) -> None:
+        with self.cond:
+            self._done_running(w, item)
+            if not item[0].settled() and item not in self.running and item not in self.queue:
+                self.queue.appendleft(item) if front else self.queue.append(item)
+            self.cond.notify_all()
+
+    def _failed(self, w: WorkerHandle, item: tuple, e: GradmeshError) -> bool:
+        """Queue ``item`` again after ``w`` failed it, or fail its attempt when it cannot
+        succeed; whether ``w`` takes more work."""
+        attempt, m = item
+        attempt.attempts[m] += 1
+        if e.code in RETRYABLE and attempt.attempts[m] < 3 + 2 * len(self.threads):
+            self._requeue(w, item, front=True)
+        else:
+            code = e.code if e.code not in RETRYABLE else grpc.StatusCode.UNAVAILABLE
+            field = None if e.code in RETRYABLE else "batch"
+            message = f"micro-batch {m} failed on worker {w.address}: {e.message}"
+            error = ServiceError(code, message, field)
+            self._settle(w, item, error)
+        return w.state == "ready" and e.code in RETRYABLE
+
+    def _settle(self, w: WorkerHandle, item: tuple, error: BaseException | None) -> None:
+        attempt = item[0]
+        with self.cond:
+            self._done_running(w, item)
+            if error is not None and attempt.error is None and not attempt.settled():
+                attempt.error = error
+            if attempt.settled():
+                attempt.finished.set()
+            self.cond.notify_all()
+
+    def _done_running(self, w: WorkerHandle, item: tuple) -> None:
+        ws = [x for x in self.running.get(item, []) if x is not w]
+        if ws:
+            self.running[item] = ws
+        else:
+            self.running.pop(item, None)
+
+    def _no_workers_left(self) -> None:
+        """Every lane ended (the caller holds ``cond``): the queued attempts fail."""
+        for attempt, m in list(self.queue):
+            if attempt.error is None and not attempt.settled():
+                attempt.error = ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"every worker failed or left; micro-batch {m} was not computed",
+                )
+                attempt.finished.set()
+        self.queue.clear()
 
 
 def set_staleness(job: "Job", bound: int | None) -> None:
@@ -206,9 +365,8 @@ def _new_step(job: "Job", digest: str, batch: dict[str, np.ndarray]) -> StepStat
 def _run(c: "Coordinator", job: "Job", step_id: int, batch: dict, st: StepState):
     t0 = time.perf_counter()
     run = _Attempt(c, job, step_id, batch, st)
-    reassigned = 0
     if run.todo:
-        reassigned = dispatch(c.workers, len(run.todo), run.compute, lambda i, r: None, c.deadline)
+        job.stale.lanes.run(c, run)
     t1 = time.perf_counter()
     with job.lock:
         resp = coordinator_pb2.StepResponse(
@@ -225,7 +383,7 @@ def _run(c: "Coordinator", job: "Job", step_id: int, batch: dict, st: StepState)
                 compute_seconds=t1 - t0,
                 push_seconds=run.update_seconds,
                 total_seconds=time.perf_counter() - t0,
-                reassigned=reassigned,
+                reassigned=run.reassigned,
                 worker_compute_seconds=run.worker_seconds,
             ),
         )
@@ -281,9 +439,16 @@ class _Attempt:
         self.batch = batch
         self.st = st
         self.todo = [m for m in range(len(st.ranges)) if m not in st.applied]
+        self.reassigned = 0
+        self.attempts = dict.fromkeys(self.todo, 0)  # failed calls per micro-batch
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
         self.pull_seconds = 0.0
         self.update_seconds = 0.0
         self.worker_seconds = 0.0
+
+    def settled(self) -> bool:
+        return self.error is not None or len(self.st.applied) == len(self.st.ranges)
 
     def _pull(self) -> dict:
         job, t = self.job, time.perf_counter()
@@ -297,29 +462,32 @@ class _Attempt:
         self.pull_seconds += time.perf_counter() - t
         return {n: arrays[n] for n in job.param_names}
 
-    def compute(self, worker: WorkerHandle, i: int) -> Reply:
-        job, st, m = self.job, self.st, self.todo[i]
+    def compute(self, worker: WorkerHandle, m: int) -> bool:
+        """Compute micro-batch ``m`` on ``worker`` with the newest parameters and apply
+        it; False when it came back staler than the bound (nothing applied: compute it
+        again). Raises GradmeshError when the worker fails."""
+        job, st = self.job, self.st
         start, stop = st.ranges[m]
         data = {name: a[start:stop] for name, a in self.batch.items()}
         seed = micro_batch_seed(job.job_id, self.step_id, m)
-        while True:
-            params = job.stale.acquire(job, self._pull)
-            try:
-                reply = worker.compute(
-                    job.graph, job.graph_id, params, data, 1.0, seed, job.metric_names
-                )
-            finally:
-                job.stale.release(job, params)
-            with job.lock:
-                if m in st.applied:  # a late duplicate (the deadline gave it to another)
-                    return reply
-                if job.error:
-                    raise ServiceError(FAILED, job.error, "job_id")
-                lag = job.version - params.version
-                if lag <= job.stale.bound:
-                    self._update(m, reply, lag)
-                    return reply
-                job.stale.recomputed += 1  # too stale: again, on fresh parameters
+        params = job.stale.acquire(job, self._pull)
+        try:
+            reply = worker.compute(
+                job.graph, job.graph_id, params, data, 1.0, seed, job.metric_names
+            )
+        finally:
+            job.stale.release(job, params)
+        with job.lock:
+            if m in st.applied:  # a duplicate: an idle worker also took it
+                return True
+            if job.error:
+                raise ServiceError(FAILED, job.error, "job_id")
+            lag = job.version - params.version
+            if lag > job.stale.bound:
+                job.stale.recomputed += 1
+                return False
+            self._update(m, reply, lag)
+            return True
 
     def _update(self, m: int, r: Reply, lag: int) -> None:
         """Apply micro-batch ``m``'s gradient on every shard as one update (the caller
