@@ -1,0 +1,146 @@
+"""Opt-in bounded-staleness mode (docs/training.md, "Bounded staleness") on a real
+coordinator: status and refusals, every row of every step applied exactly once with the
+staleness within its bound while a slowed worker's gradients come back too stale, and a
+step id's idempotence. Convergence on digits is in test_modes.py, next to the compressed
+modes'."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import gradmesh.core as gm
+from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.client.training import fit
+from gradmesh.server import coordinator as coordinator_mod
+from gradmesh.server import worker as worker_mod
+from gradmesh.wire.errors import GradmeshError
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    workers = [worker_mod.start("cpu") for _ in range(2)]
+    server = coordinator_mod.start(workers=[w.address for w in workers], shared_memory=False)
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    yield server, client, workers
+    client.close()
+    server.stop(0)
+    server.coordinator.close()
+    for w in workers:
+        w.stop(0)
+
+
+def _mean_loss(model, x):
+    return model(x).mean()
+
+
+def _linear_job(client, staleness, job_id, lr=0.1):
+    gm.manual_seed(0)
+    model = gm.nn.Linear(4, 1)
+    x = np.zeros((4, 4), np.float32)
+    job = client.create_job(
+        model,
+        _mean_loss,
+        {"name": "sgd", "lr": lr},
+        4,
+        example_batch=(x,),
+        data_names=["x"],
+        staleness=staleness,
+        job_id=job_id,
+    )
+    return model, job
+
+
+def test_status_says_stale_and_bad_settings_are_refused_naming_staleness(cluster):
+    _, client, _ = cluster
+    _, job = _linear_job(client, 3, "st-status")
+    status = job.status()
+    assert (status.mode, status.deterministic, status.staleness) == ("stale", False, 3)
+    assert job.in_flight == 3  # min(staleness + 1, 3) steps pipelined by fit
+    with pytest.raises(GradmeshError) as e:  # same id, another bound
+        _linear_job(client, 2, "st-status")
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "staleness" in e.value.message
+    assert _linear_job(client, 3, "st-status")[1].job_id == "st-status"  # idempotent
+    assert _linear_job(client, None, None)[1].job_id != _linear_job(client, 2, None)[1].job_id
+    with pytest.raises(GradmeshError) as e:
+        _linear_job(client, 100_000, "st-big")
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "staleness")
+    model = gm.nn.Linear(4, 1)
+    with pytest.raises(GradmeshError) as e:
+        client.create_job(
+            model, _mean_loss, {"name": "sgd", "lr": 0.1}, 4,
+            example_batch=(np.zeros((4, 4), np.float32),), staleness=2,
+            compression={"kind": "sign"},
+        )  # fmt: skip
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "staleness")
+    assert "compression" in e.value.message
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="staleness"):
+            _linear_job(client, bad, "st-bad")
+
+
+def _gate(worker, versions, ahead):
+    """Make ``worker`` compute one call at a time, each only once the job has made
+    ``ahead`` more updates than when the call came (or after 2 s): its gradients are then
+    at least ``ahead`` versions stale."""
+    compute, lock = worker.worker.compute, threading.Lock()
+
+    def gated(*args, **kwargs):
+        with lock:
+            start, until = versions(), time.monotonic() + 2.0
+            while versions() < start + ahead and time.monotonic() < until:
+                time.sleep(0.002)
+            return compute(*args, **kwargs)
+
+    worker.worker.compute = gated
+    return lambda: setattr(worker.worker, "compute", compute)
+
+
+def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster):
+    """The loss is linear in the parameters (the mean of x @ w + b), so its gradient does
+    not depend on them, and SGD's parameters after any order of updates are
+    w0 - lr * the sum over steps of the batch mean of x: a micro-batch dropped or applied
+    twice would move them by a multiple of its rows' mean. A gated worker's gradients come
+    back 2 versions stale, over the bound of 1: they are computed again, elsewhere."""
+    server, client, workers = cluster
+    model, job = _linear_job(client, 1, "st-rows")
+    w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
+    coordinator_job = server.coordinator.jobs["st-rows"]
+    restore = _gate(workers[1], lambda: coordinator_job.version, 2)
+    rng = np.random.default_rng(0)
+    steps = [rng.uniform(1, 100, (30, 4)).astype(np.float32) for _ in range(6)]
+    try:
+        history = fit(job, [(x,) for x in steps], progress=False)
+    finally:
+        restore()
+    status = job.status()
+    assert history.steps == [1, 2, 3, 4, 5, 6] and status.last_step_id == 6
+    assert status.version == 6 * 8  # 8 micro-batches a step (4 rows, the last 2), once each
+    assert status.samples == 6 * 30
+    assert status.max_staleness <= 1
+    assert status.recomputed >= 1  # the gated worker's gradients, 2 versions stale
+    params = job.parameters()
+    expected_w = w0 - 0.1 * sum(x.astype(np.float64).mean(axis=0) for x in steps)
+    np.testing.assert_allclose(params["weight"].numpy(), expected_w, rtol=1e-5)
+    np.testing.assert_allclose(params["bias"].numpy(), b0 - 0.1 * 6, rtol=1e-5)
+
+
+def test_a_step_id_is_applied_once_and_only_within_the_bound(cluster):
+    _, client, _ = cluster
+    _, job = _linear_job(client, 1, "st-ids")
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    first = job.step(x)
+    again = job.step(x, step_id=1)
+    assert again.replayed and again.loss == first.loss
+    assert job.status().version == 2  # the replay applied nothing
+    with pytest.raises(GradmeshError) as e:  # 2 earlier steps unfinished (2, 3): over 1
+        job.step(x, step_id=4)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "staleness bound" in e.value.message
+    with pytest.raises(GradmeshError) as e:
+        job.step(x + 1, step_id=1)  # a step id with another batch
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
