@@ -35,6 +35,7 @@ from gradmesh.server.dispatch import RETRYABLE
 from gradmesh.server.job import tensors_digest
 from gradmesh.server.placement import assemble, names_on, parts_on
 from gradmesh.server.runtime import ServiceError
+from gradmesh.server.step_run import error_text
 from gradmesh.server.workers import ParamSet, WorkerHandle
 from gradmesh.v1 import coordinator_pb2
 from gradmesh.wire.errors import GradmeshError
@@ -131,15 +132,16 @@ class Lanes:
     """The job's workers, one thread (lane) each, taking micro-batches from one queue
     for every running step: a fast worker goes on with the next step's micro-batches
     while a slow one finishes. An idle lane also takes a micro-batch that runs on one
-    other worker only (the first result is applied, the other dropped), so no step waits
-    for a straggler; a failed call goes back to the queue, as in the synchronous mode."""
+    other worker only, once it has run twice as long as the lane's own last call (the first
+    result is applied, the other dropped), so no step waits for a straggler; a failed call
+    goes back to the queue, as in the synchronous mode."""
 
     IDLE_SECONDS = 5.0  # a lane with nothing to do this long ends (the next step starts it)
 
     def __init__(self):
         self.cond = threading.Condition()
         self.queue: collections.deque = collections.deque()  # (attempt, m)
-        self.running: dict[tuple, list] = {}  # (attempt, m) -> workers computing it
+        self.running: dict[tuple, list] = {}  # (attempt, m) -> [(worker, start time)]
         self.threads: dict[str, threading.Thread] = {}
 
     def run(self, c: "Coordinator", attempt: "_Attempt") -> None:
@@ -170,45 +172,57 @@ class Lanes:
         if attempt.error is not None:
             raise attempt.error
 
-    def _take(self, w: WorkerHandle, avoid: tuple | None) -> tuple | None:
+    def _take(self, w: WorkerHandle, avoid: tuple | None, patience: float) -> tuple | None:
         """The next micro-batch for ``w`` (not ``avoid`` while others wait): a queued one,
-        else one running on one other worker only; None after IDLE_SECONDS without."""
+        else one running on one other worker only for over ``patience`` seconds; None
+        after IDLE_SECONDS without."""
         deadline = time.monotonic() + self.IDLE_SECONDS
         with self.cond:
             while True:
+                now = time.monotonic()
+                wait = min(deadline - now, 1.0)
                 for item in self.queue:
                     if item != avoid or len(self.queue) == 1:
                         self.queue.remove(item)
                         break
                 else:
-                    item = self._straggler(w)
+                    item, until = self._straggler(w, now, patience)
+                    wait = min(wait, until)
                     if item is not None:
                         item[0].reassigned += 1
                 if item is not None:
                     if item[0].settled():
                         continue
-                    self.running.setdefault(item, []).append(w)
+                    self.running.setdefault(item, []).append((w, now))
                     return item
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if now >= deadline:
                     self._leave(w)  # now, under cond: a new step then starts a lane
                     return None
-                self.cond.wait(timeout=min(left, 1.0))
+                self.cond.wait(timeout=max(wait, 0.001))
 
-    def _straggler(self, w: WorkerHandle) -> tuple | None:
-        for item, ws in self.running.items():
-            if len(ws) == 1 and ws[0] is not w and not item[0].settled():
-                return item
-        return None
+    def _straggler(self, w: WorkerHandle, now: float, patience: float) -> tuple:
+        """``(item, 0)``: a micro-batch running on one other worker for over ``patience``;
+        else ``(None, seconds until one may be)``."""
+        until = float("inf")
+        for item, runs in self.running.items():
+            if len(runs) != 1 or runs[0][0] is w or item[0].settled():
+                continue
+            late = runs[0][1] + patience - now
+            if late < 0:
+                return item, 0.0
+            until = min(until, late)
+        return None, until
 
     def _lane(self, c: "Coordinator", w: WorkerHandle) -> None:
-        avoid = None
+        avoid, patience = None, 0.0
         try:
-            while (item := self._take(w, avoid)) is not None:
+            while (item := self._take(w, avoid, patience)) is not None:
                 attempt, m = item
-                avoid = None
+                avoid, start = None, time.monotonic()
                 try:
-                    if not attempt.compute(w, m):
+                    fresh = attempt.compute(w, m)
+                    patience = 2 * (time.monotonic() - start)
+                    if not fresh:
                         avoid = item  # too stale: another worker should take it
                         self._requeue(w, item, front=False)
                         continue
@@ -248,7 +262,7 @@ class Lanes:
             self._requeue(w, item, front=True)
         else:
             code = e.code if e.code not in RETRYABLE else grpc.StatusCode.UNAVAILABLE
-            field = None if e.code in RETRYABLE else "batch"
+            field = None if e.code in RETRYABLE else _batch_field(e.field)
             message = f"micro-batch {m} failed on worker {w.address}: {e.message}"
             error = ServiceError(code, message, field)
             self._settle(w, item, error)
@@ -265,9 +279,9 @@ class Lanes:
             self.cond.notify_all()
 
     def _done_running(self, w: WorkerHandle, item: tuple) -> None:
-        ws = [x for x in self.running.get(item, []) if x is not w]
-        if ws:
-            self.running[item] = ws
+        runs = [(x, t) for x, t in self.running.get(item, []) if x is not w]
+        if runs:
+            self.running[item] = runs
         else:
             self.running.pop(item, None)
 
@@ -281,6 +295,13 @@ class Lanes:
                 )
                 attempt.finished.set()
         self.queue.clear()
+
+
+def _batch_field(worker_field: str | None) -> str:
+    """A worker's ``data[x]`` is the step's ``batch[x]`` (as dispatch says it)."""
+    if worker_field and worker_field.startswith("data"):
+        return "batch" + worker_field[len("data") :]
+    return "batch"
 
 
 def set_staleness(job: "Job", bound: int | None) -> None:
@@ -458,7 +479,11 @@ class _Attempt:
             # Copies: the shards update their arrays while workers read these.
             return shard.pull(job.job_id, job.version, names, copy=True)[1]
 
-        arrays = assemble(job, self.c._on_shards(job, pull))
+        try:
+            arrays = assemble(job, self.c._on_shards(job, pull))
+        except (ServiceError, GradmeshError) as e:  # the shards' fault, not the worker's
+            job.fault = f"cannot pull the parameters from the shards: {error_text(e)}"
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id") from None
         self.pull_seconds += time.perf_counter() - t
         return {n: arrays[n] for n in job.param_names}
 
@@ -516,7 +541,7 @@ class _Attempt:
             # Some shards may have applied it: the next step checks that they agree.
             job.fault = (
                 f"step {self.step_id}: update {update} (micro-batch {m}) failed on a "
-                f"shard: {getattr(e, 'message', None) or e}"
+                f"shard: {error_text(e)}"
             )
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id") from None
         job.version = update

@@ -144,3 +144,35 @@ def test_a_step_id_is_applied_once_and_only_within_the_bound(cluster):
     with pytest.raises(GradmeshError) as e:
         job.step(x + 1, step_id=1)  # a step id with another batch
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_the_mode_and_every_applied_update_survive_a_coordinator_restart(cluster, tmp_path):
+    _, _, workers = cluster
+    addresses = [w.address for w in workers]
+    x = np.arange(64, dtype=np.float32).reshape(16, 4)
+    server = coordinator_mod.start(workers=addresses, state_dir=str(tmp_path))
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    try:
+        _, job = _linear_job(client, 2, "st-restart")
+        fit(job, [(x,), (x + 1,), (x + 2,)], progress=False)
+        before = job.parameters()
+    finally:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
+    server = coordinator_mod.start(workers=addresses, state_dir=str(tmp_path))
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    try:
+        job = client.job("st-restart")
+        status = job.status()
+        assert (status.mode, status.staleness, status.version) == ("stale", 2, 3 * 4)
+        assert status.next_step_id == 4 and job.in_flight == 3
+        after = job.parameters()
+        for name, a in before.items():
+            assert np.array_equal(a.numpy(), after[name].numpy()), name
+        assert job.step(x + 3).step_id == 4
+        assert job.status().version == 4 * 4
+    finally:
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
