@@ -100,13 +100,19 @@ def _gate(worker, versions, ahead):
     return lambda: setattr(worker.worker, "compute", compute)
 
 
-def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["bytes", "shared-memory"])
+def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster, shared_memory):
     """The loss is linear in the parameters (the mean of x @ w + b), so its gradient does
     not depend on them, and SGD's parameters after any order of updates are
     w0 - lr * the sum over steps of the batch mean of x: a micro-batch dropped or applied
     twice would move them by a multiple of its rows' mean. A gated worker's gradients come
-    back 2 versions stale, over the bound of 1: they are computed again, elsewhere."""
-    server, client, workers = cluster
+    back 2 versions stale, over the bound of 1: they are computed again, elsewhere. Over
+    shared memory too, where parameter segments are reused once no call reads them."""
+    _, _, workers = cluster
+    server = coordinator_mod.start(
+        workers=[w.address for w in workers], shared_memory=shared_memory
+    )
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
     model, job = _linear_job(client, 1, "st-rows")
     w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
     coordinator_job = server.coordinator.jobs["st-rows"]
@@ -115,15 +121,17 @@ def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster):
     steps = [rng.uniform(1, 100, (30, 4)).astype(np.float32) for _ in range(6)]
     try:
         history = fit(job, [(x,) for x in steps], progress=False)
+        status, params = job.status(), job.parameters()
     finally:
         restore()
-    status = job.status()
+        client.close()
+        server.stop(0)
+        server.coordinator.close()
     assert history.steps == [1, 2, 3, 4, 5, 6] and status.last_step_id == 6
     assert status.version == 6 * 8  # 8 micro-batches a step (4 rows, the last 2), once each
     assert status.samples == 6 * 30
     assert status.max_staleness <= 1
     assert status.recomputed >= 1  # the gated worker's gradients, 2 versions stale
-    params = job.parameters()
     expected_w = w0 - 0.1 * sum(x.astype(np.float64).mean(axis=0) for x in steps)
     np.testing.assert_allclose(params["weight"].numpy(), expected_w, rtol=1e-5)
     np.testing.assert_allclose(params["bias"].numpy(), b0 - 0.1 * 6, rtol=1e-5)
