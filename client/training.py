@@ -87,7 +87,7 @@ def fit(
             total = None
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=True)
     start = time.perf_counter()
-    window = in_flight or getattr(job, "in_flight", 1)
+    window = int(in_flight or getattr(job, "in_flight", None) or 1)
     running: deque = deque()  # (epoch, future) of the steps sent, oldest first
 
     def record(epoch: int, result) -> None:
