@@ -18,6 +18,7 @@ from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.client.training import fit
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
+from gradmesh.server.runtime import ServiceError
 from gradmesh.wire.errors import GradmeshError
 
 
@@ -135,6 +136,29 @@ def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster, sha
     expected_w = w0 - 0.1 * sum(x.astype(np.float64).mean(axis=0) for x in steps)
     np.testing.assert_allclose(params["weight"].numpy(), expected_w, rtol=1e-5)
     np.testing.assert_allclose(params["bias"].numpy(), b0 - 0.1 * 6, rtol=1e-5)
+
+
+def test_a_failing_worker_loses_no_row(cluster):
+    """A worker that fails every call (UNAVAILABLE, as when it goes down): its
+    micro-batches go back to the queue and the other worker computes them, each once."""
+    _, client, workers = cluster
+    model, job = _linear_job(client, 2, "st-failing")
+    w0 = model.weight.detach().numpy().copy()
+    compute = workers[1].worker.compute
+
+    def down(*args, **kwargs):
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "worker going down")
+
+    workers[1].worker.compute = down
+    steps = [np.full((12, 4), i + 1, np.float32) for i in range(4)]
+    try:
+        fit(job, [(x,) for x in steps], progress=False)
+    finally:
+        workers[1].worker.compute = compute
+    status = job.status()
+    assert (status.last_step_id, status.version) == (4, 4 * 3)
+    expected = w0 - 0.1 * sum(x[0].astype(np.float64) for x in steps)
+    np.testing.assert_allclose(job.parameters()["weight"].numpy(), expected, rtol=1e-5)
 
 
 def test_a_step_id_is_applied_once_and_only_within_the_bound(cluster):
