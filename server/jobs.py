@@ -11,7 +11,7 @@ makes the result bit for bit independent of which worker did what.
 
 The pieces: a job's state and content checks (:mod:`.job`), one step attempt
 (:mod:`.step_run`), where parameters live (:mod:`.placement`), checkpoints and step logs
-(:mod:`.job_files`).
+(:mod:`.job_files`), the opt-in bounded-staleness mode's steps (:mod:`.stale`).
 """
 
 from __future__ import annotations

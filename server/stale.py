@@ -507,6 +507,8 @@ class _Attempt:
                 return True
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
+            if job.fault:  # the shards may disagree: the next step checks them first
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id")
             lag = job.version - params.version
             if lag > job.stale.bound:
                 job.stale.recomputed += 1
