@@ -18,7 +18,9 @@ from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.client.training import fit
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
-from gradmesh.server.runtime import ServiceError
+from gradmesh.server.runtime import ServerConfig, ServiceError
+from gradmesh.server.shard import serve_shard
+from gradmesh.server.shard_store import ShardStore
 from gradmesh.wire.errors import GradmeshError
 
 
@@ -101,17 +103,27 @@ def _gate(worker, versions, ahead):
     return lambda: setattr(worker.worker, "compute", compute)
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["bytes", "shared-memory"])
-def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster, shared_memory):
+@pytest.mark.parametrize(
+    "shared_memory, shard_servers",
+    [(False, 0), (True, 0), (False, 2)],
+    ids=["bytes", "shared-memory", "2-shard-servers"],
+)
+def test_every_row_counts_once_and_staleness_stays_within_the_bound(
+    cluster, shared_memory, shard_servers
+):
     """The loss is linear in the parameters (the mean of x @ w + b), so its gradient does
     not depend on them, and SGD's parameters after any order of updates are
     w0 - lr * the sum over steps of the batch mean of x: a micro-batch dropped or applied
     twice would move them by a multiple of its rows' mean. A gated worker's gradients come
     back 2 versions stale, over the bound of 1: they are computed again, elsewhere. Over
-    shared memory too, where parameter segments are reused once no call reads them."""
+    shared memory too, where parameter segments are reused once no call reads them, and
+    over shard servers, each applying its part of every update."""
     _, _, workers = cluster
+    shards = [serve_shard(ServerConfig(port=0), ShardStore()) for _ in range(shard_servers)]
     server = coordinator_mod.start(
-        workers=[w.address for w in workers], shared_memory=shared_memory
+        workers=[w.address for w in workers],
+        shards=[s.address for s in shards],
+        shared_memory=shared_memory,
     )
     client = CoordinatorClient(server.address, retry_seconds=0.0)
     model, job = _linear_job(client, 1, "st-rows")
@@ -128,6 +140,8 @@ def test_every_row_counts_once_and_staleness_stays_within_the_bound(cluster, sha
         client.close()
         server.stop(0)
         server.coordinator.close()
+        for shard in shards:
+            shard.stop(0)
     assert history.steps == [1, 2, 3, 4, 5, 6] and status.last_step_id == 6
     assert status.version == 6 * 8  # 8 micro-batches a step (4 rows, the last 2), once each
     assert status.samples == 6 * 30
