@@ -385,6 +385,7 @@ def step_log_point(mib: int, sync: bool | None, args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.state_dir) as state_dir:
         store = ShardStore(state_dir if sync is not None else None, sync_log=bool(sync))
         store.load("bench", params, {"name": "sgd", "lr": 0.1})
+        os.sync()  # the previous point's writes do not land in this one's timing
         times = []
         for step in range(1, args.warmup + args.steps + 1):
             start = time.perf_counter()
