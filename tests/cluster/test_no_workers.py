@@ -56,3 +56,20 @@ def test_add_worker_registers_with_the_coordinator_it_names(two_empty_clusters):
     assert [w.address for w in a.client().list_workers()] == [here.target]
     result = job.step(*batches[0])
     assert result.step_id == 1 and result.micro_batches == 2
+
+
+def test_known_workers_none_ready_have_their_own_reason():
+    """Workers known but none ready (here one configured where nothing listens): reason
+    NO_USABLE_WORKERS, and the message says which and why."""
+    from gradmesh.server import dispatch
+    from gradmesh.server.runtime import ServiceError
+    from gradmesh.server.workers import WorkerPool
+
+    pool = WorkerPool(static=["127.0.0.1:1"], timeout=5.0)
+    try:
+        with pytest.raises(ServiceError) as raised:
+            dispatch.dispatch(pool, 1, compute=None, accept=None, deadline=0.0)
+    finally:
+        pool.close()
+    assert raised.value.reason == "NO_USABLE_WORKERS"
+    assert "127.0.0.1:1 unreachable" in raised.value.message
