@@ -207,12 +207,17 @@ def _product_operands(op_name: str, args: list):
 
 def _blocked_op(op_name: str, args: list, check):
     """The op over ``args`` in its fixed blocks, or None when it runs whole."""
+    a, b = args[0], args[1]
     if op_name == "conv2d_weight_grad":
+        return None
+    # Two blocks take at least TARGET_BLOCK_FLOPS (rows >= 2 * rows_per_block): most
+    # products leave here, after a few attribute reads (this runs for every eager product).
+    n = b.shape[0] if op_name == "linear" else b.shape[-1]
+    if 2 * a.size * n < TARGET_BLOCK_FLOPS:
         return None
     operands = _product_operands(op_name, args)
     if operands is None or not _blockable(*operands):
         return None
-    a = args[0]
     if op_name == "linear" and type(args[2]) is not np.ndarray:
         return None
     out = _blocked_product(*operands, check)
