@@ -276,7 +276,7 @@ def _summed_batch_blocks(forward, args, attrs, per_item, check) -> np.ndarray:
             check()
         part = forward(np, x[s : s + step], g[s : s + step], **attrs)
         if total is None:
-            total = part
+            total = np.array(part)  # our own, writable copy (weight-sized: cheap)
         else:
             total += part
     return total
