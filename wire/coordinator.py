@@ -82,10 +82,10 @@ class CoordinatorConnection:
     def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool):
         """Call ``method``; transient failures of idempotent calls are retried with backoff."""
         fn = getattr(self.stub, method)
-        start = time.monotonic()
-        deadline = start + self.retry_seconds
+        deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
         logged = None
+        no_workers_since = None  # when the coordinator first said it has no worker
         while True:
             try:
                 return fn(
@@ -95,13 +95,15 @@ class CoordinatorConnection:
                 error = from_rpc_error(e, method)
                 if not retry or error.code not in _TRANSIENT or time.monotonic() > deadline:
                     raise error from None
-                if error.reason == NO_WORKERS and self._stop_waiting_for_workers(error, start):
-                    raise error from None
+                if error.reason == NO_WORKERS:
+                    no_workers_since = no_workers_since or time.monotonic()
+                    if self._stop_waiting_for_workers(error, no_workers_since):
+                        raise error from None
                 if error.message != logged:  # each distinct reason once (not per request id)
                     logged = error.message
                     until = deadline
                     if error.reason == NO_WORKERS:
-                        until = min(deadline, start + self.wait_for_workers)
+                        until = min(deadline, no_workers_since + self.wait_for_workers)
                     client_log.warning(
                         "%s at %s: %s (retrying for up to %.1f s more)",
                         method,
@@ -112,10 +114,10 @@ class CoordinatorConnection:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _stop_waiting_for_workers(self, error: GradmeshError, start: float) -> bool:
-        """Whether a call refused for want of workers has waited ``wait_for_workers``; if
-        so, ``error`` says how long it waited."""
-        waited = time.monotonic() - start
+    def _stop_waiting_for_workers(self, error: GradmeshError, since: float) -> bool:
+        """Whether a call refused for want of workers ``since`` then has waited
+        ``wait_for_workers``; if so, ``error`` says how long it waited."""
+        waited = time.monotonic() - since
         if waited < self.wait_for_workers:
             return False
         error.message += (
