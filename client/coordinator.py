@@ -77,7 +77,11 @@ class CoordinatorClient(CoordinatorConnection):
     :class:`~gradmesh.client.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
     ``grpc.ChannelCredentials``, as for ``WorkerClient``. ``timeout`` is the deadline of
     each call in seconds (a step on a large model may need more); ``retry_seconds`` how
-    long idempotent calls are retried on transient errors. The calls themselves are
+    long idempotent calls are retried on transient errors (each distinct one logged as a
+    warning on the ``gradmesh.client`` logger). ``wait_for_workers`` (default 30 s): how
+    long a step waits for a worker to register with a coordinator that has none before it
+    raises :class:`~gradmesh.client.Unavailable` with ``reason == "NO_WORKERS"``
+    (docs/training.md, "When no worker is there"). The calls themselves are
     :class:`~gradmesh.wire.coordinator.CoordinatorConnection`'s.
     """
 
