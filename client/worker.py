@@ -318,60 +318,27 @@ class WorkerClient(WorkerTransport):
         """
         param_arrays = [(n, _array(p)) for n, p in _named_params(params)]
         arrays = [_array(d) for d in data]
-        sig = _signature(param_arrays, arrays)
-        if isinstance(fn_or_graph, graph_pb2.Graph):
-            graph, graph_id = fn_or_graph, core_graph.graph_id(fn_or_graph)
-        elif callable(fn_or_graph):
-            graph, graph_id = self._traced_graph(fn_or_graph, params, data, sig)
-        else:
-            raise TypeError("fn_or_graph must be a function or a graph_pb2.Graph")
-        # The worker's id for the graph: ours, unless the graph was not canonical.
-        worker_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
-        buffer_names = _buffer_names(graph)
-        if buffer_names:
-            param_arrays = param_arrays + _buffer_arrays(params, param_arrays, buffer_names)
-            sig = _signature(param_arrays, arrays)  # requests are cached by what they carry
-            if gradients is None:  # never a buffer's, wherever its bytes travel
-                gradients = [i.name for i in graph.inputs if i.role == graph_pb2.Input.PARAM]
-
+        graph, graph_id, worker_id, param_arrays, gradients = self._prepare(
+            fn_or_graph, params, data, param_arrays, arrays, gradients, timeout
+        )
+        sig = _signature(param_arrays, arrays)  # requests are cached by what they carry
         request = self._request(
             graph, graph_id, worker_id, sig, gradients, outputs, loss_scale, seed
         )
         data_arrays = list(zip(request.data_names, arrays))
-        data_bytes = request.data_bytes
-        total = request.param_bytes + data_bytes
         self._fit_to_worker(timeout)
-        by_bytes = STREAM if total > self.stream_threshold else UNARY
-        shared = (
-            total - data_bytes >= self.shared_memory_min_bytes
-            and data_bytes < self.stream_threshold
-            and self._takes_shared_memory(lambda: self.capabilities(timeout).shared_memory)
-        )
+        preferred, by_bytes = self._modes(request, timeout)
 
         def send(mode: str) -> Reply:
-            def call(**kw) -> Reply:
-                if mode == STREAM:
-                    return self._send_stream(
-                        request.header(),
-                        param_arrays,
-                        data_arrays,
-                        lambda message: errors.GradmeshError(
-                            grpc.StatusCode.INTERNAL, message, None, "ComputeGradientsStream"
-                        ),
-                        **kw,
-                    )
-                if mode == SHARED:
-                    return self._send_all_shared(request, param_arrays, data_arrays, **kw)
-                return self._send_unary(request.unary_request(param_arrays, data_arrays), **kw)
-
-            return self._call("ComputeGradients", call, timeout)
+            return self._call(
+                "ComputeGradients",
+                lambda **kw: self._send(mode, request, param_arrays, data_arrays, **kw),
+                timeout,
+            )
 
         start = time.perf_counter()
         reply, mode = self._transport(
-            send,
-            SHARED if shared else by_bytes,
-            by_bytes,
-            lambda: self.register_graph(graph, timeout),
+            send, preferred, by_bytes, lambda: self.register_graph(graph, timeout)
         )
         result = GradientResult(
             reply.loss,
@@ -390,6 +357,55 @@ class WorkerClient(WorkerTransport):
         if as_tensors:
             _to_tensors(result)
         return result
+
+    def _prepare(self, fn_or_graph, params, data, param_arrays, arrays, gradients, timeout):
+        """The graph (traced or given), its canonical id, the worker's id for it (registered
+        once), the parameter arrays with the graph's BUFFER inputs added, and the gradients
+        to ask for (never a buffer's)."""
+        if isinstance(fn_or_graph, graph_pb2.Graph):
+            graph, graph_id = fn_or_graph, core_graph.graph_id(fn_or_graph)
+        elif callable(fn_or_graph):
+            sig = _signature(param_arrays, arrays)
+            graph, graph_id = self._traced_graph(fn_or_graph, params, data, sig)
+        else:
+            raise TypeError("fn_or_graph must be a function or a graph_pb2.Graph")
+        # The worker's id for the graph: ours, unless the graph was not canonical.
+        worker_id = self._registered.get(graph_id) or self.register_graph(graph, timeout)
+        buffer_names = _buffer_names(graph)
+        if buffer_names:
+            param_arrays = param_arrays + _buffer_arrays(params, param_arrays, buffer_names)
+            if gradients is None:
+                gradients = [i.name for i in graph.inputs if i.role == graph_pb2.Input.PARAM]
+        return graph, graph_id, worker_id, param_arrays, gradients
+
+    def _modes(self, request: Request, timeout: float | None) -> tuple[str, str]:
+        """The transport to try first, and the one by size alone (the fallback when shared
+        memory is refused): shared memory for large parameters with small data on a
+        same-host worker, else a stream above ``stream_threshold`` bytes, else unary."""
+        data_bytes = request.data_bytes
+        total = request.param_bytes + data_bytes
+        by_bytes = STREAM if total > self.stream_threshold else UNARY
+        shared = (
+            total - data_bytes >= self.shared_memory_min_bytes
+            and data_bytes < self.stream_threshold
+            and self._takes_shared_memory(lambda: self.capabilities(timeout).shared_memory)
+        )
+        return (SHARED if shared else by_bytes), by_bytes
+
+    def _send(self, mode: str, request: Request, param_arrays, data_arrays, **kw) -> Reply:
+        if mode == STREAM:
+            return self._send_stream(
+                request.header(),
+                param_arrays,
+                data_arrays,
+                lambda message: errors.GradmeshError(
+                    grpc.StatusCode.INTERNAL, message, None, "ComputeGradientsStream"
+                ),
+                **kw,
+            )
+        if mode == SHARED:
+            return self._send_all_shared(request, param_arrays, data_arrays, **kw)
+        return self._send_unary(request.unary_request(param_arrays, data_arrays), **kw)
 
     def _request(
         self, graph, graph_id: str, worker_id: str, sig: tuple, gradients, outputs, loss_scale, seed

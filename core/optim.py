@@ -6,7 +6,10 @@ it updates ``param`` and the arrays in ``state`` in place and returns ``state``.
 involved, so a parameter shard applies the very same function to its NumPy arrays that the
 ``Optimizer`` classes here apply to ``p._data``; that is what makes a sharded run equal to a
 local one. The arithmetic follows torch's single-tensor (``foreach=False``) code paths step
-by step, in the same order, so trajectories agree with torch to rounding.
+by step, in the same order, so trajectories agree with torch to rounding. A float16 or
+bfloat16 parameter keeps its state in its dtype and is updated op by op in float32 with a
+rounding after each op, as torch's CPU kernels do: bit for bit torch's ("half precision"
+below).
 
 Vocabulary: ``xp`` is the array module (numpy or cupy); ``state`` is one parameter's
 optimizer state, a dict of named arrays plus ``"step"`` (the number of updates applied).
@@ -28,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import backend
+from . import backend, dtypes, precision
 from .autograd import bump_version, enable_grad, no_grad, zero_grads
 from .tensor import Tensor
 
@@ -81,6 +84,19 @@ def sgd_update(
     ``grad`` is never written to. The first momentum step stores the gradient itself as
     the buffer (no dampening), as torch does.
     """
+    if precision.is_half(param.dtype):
+        return _sgd_half(
+            xp,
+            param,
+            grad,
+            state,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
     d_p = -grad if maximize else grad
     if weight_decay != 0:
         d_p = d_p + weight_decay * param
@@ -118,6 +134,20 @@ def adam_update(
     Moments start at zero on the first call; ``state["step"]`` counts the updates and
     drives the bias corrections.
     """
+    if precision.is_half(param.dtype):
+        return _adam_half(
+            xp,
+            param,
+            grad,
+            state,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
     beta1, beta2 = betas
     if "exp_avg" not in state:
         state["step"] = 0
@@ -218,6 +248,20 @@ def rmsprop_update(
 ) -> dict:
     """One step of ``torch.optim.RMSprop`` on arrays (``square_avg``, and ``grad_avg`` when
     centered, ``momentum_buffer`` with momentum)."""
+    if precision.is_half(param.dtype):
+        return _rmsprop_half(
+            xp,
+            param,
+            grad,
+            state,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+        )
     if "square_avg" not in state:
         state["step"] = 0
         state["square_avg"] = xp.zeros_like(param)
@@ -264,6 +308,19 @@ def adagrad_update(
     maximize: bool = False,
 ) -> dict:
     """One step of ``torch.optim.Adagrad`` on arrays (``sum`` of squared gradients)."""
+    if precision.is_half(param.dtype):
+        return _adagrad_half(
+            xp,
+            param,
+            grad,
+            state,
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+            maximize=maximize,
+        )
     if "sum" not in state:
         state["step"] = 0
         state["sum"] = xp.full_like(param, initial_accumulator_value)
@@ -293,6 +350,18 @@ def adamax_update(
 ) -> dict:
     """One step of ``torch.optim.Adamax`` on arrays (``exp_avg`` and the infinity norm
     ``exp_inf``)."""
+    if precision.is_half(param.dtype):
+        return _adamax_half(
+            xp,
+            param,
+            grad,
+            state,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
     beta1, beta2 = betas
     if "exp_avg" not in state:
         state["step"] = 0
@@ -334,6 +403,20 @@ def nadam_update(
     torch keeps ``mu_product`` in a float32 scalar tensor (its default dtype) whatever the
     parameter's dtype, and the product is rounded to float32 at every step: so is ours.
     """
+    if precision.is_half(param.dtype):
+        return _nadam_half(
+            xp,
+            param,
+            grad,
+            state,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
     beta1, beta2 = betas
     if "exp_avg" not in state:
         state["step"] = 0
@@ -370,6 +453,278 @@ def _lerp_(xp, start, end, weight: float) -> None:
         start += weight * (end - start)
     else:
         start[...] = end - (end - start) * (1 - weight)
+
+
+# ==================================================================== half precision ====
+# torch keeps a float16/bfloat16 parameter's optimizer state in the parameter's dtype, and
+# each op of its rule (lerp_, addcmul_, sqrt, ...) is one CPU kernel that computes in
+# float32 and rounds its result to the half dtype. The rules below repeat those ops one by
+# one, rounding where torch's kernels round, so half trajectories equal torch's bit for
+# bit. Three kernels have arithmetic of their own: lerp_ and addcmul_ end in a fused
+# multiply-add, and add with an alpha rounds alpha to the half dtype (see _add_half).
+
+_F32 = np.float32
+# Elements per step of the vector loop of torch's x86 CPU kernels (AVX2 and AVX-512) on
+# half tensors; torch's add computes the elements past the last whole step in its scalar
+# loop, with other arithmetic.
+_TORCH_HALF_VECTOR_STEP = 32
+
+
+def _wide(a):
+    return a.astype(_F32)
+
+
+def _fma32(xp, a, b, c):
+    """float32 ``a * b + c`` rounded once, as torch's vectorized fmadd (``c`` an array,
+    ``a`` and ``b`` arrays or scalars that broadcast to it)."""
+    a, b = (xp.broadcast_to(xp.asarray(x, dtype=_F32), c.shape).reshape(-1) for x in (a, b))
+    flat = c.reshape(-1)
+    out = xp.empty(flat.size, _F32)
+    # In blocks that stay in the CPU's cache: the float64 temporaries of a whole large
+    # parameter made this several times slower.
+    for start in range(0, flat.size, _FMA_BLOCK):
+        block = slice(start, start + _FMA_BLOCK)
+        out[block] = _fma32_block(xp, a[block], b[block], flat[block])
+    return out.reshape(c.shape)
+
+
+def _fma32_block(xp, a, b, c):
+    """The float64 product is exact; rounding the float64 sum to float32 rounds a second
+    time, which can only go wrong where the sum lies halfway between two float32 numbers
+    (or among float32's subnormals) and is inexact: there the sum is rounded to odd first
+    (TwoSum gives its exact error), which makes the second rounding right."""
+    c64 = c.astype(np.float64)
+    product = a.astype(np.float64) * b
+    total = product + c64
+    out = total.astype(_F32)
+    low_bits = total.view(np.uint64) & _BELOW_FLOAT32
+    doubtful = xp.nonzero((low_bits == _FLOAT32_HALFWAY) | (xp.abs(out) <= _FLOAT32_TINY))
+    if doubtful[0].size:
+        p, t = product[doubtful], total[doubtful]
+        virtual = t - p
+        error = (p - (t - virtual)) + (c64[doubtful] - virtual)
+        to_odd = (error != 0) & ((t.view(np.uint64) & 1) == 0) & xp.isfinite(t)
+        nudged = xp.nextafter(t, xp.where(error > 0, np.inf, -np.inf))
+        out[doubtful] = xp.where(to_odd, nudged, t).astype(_F32)
+    return out
+
+
+_FMA_BLOCK = 1 << 16
+# The 29 float64 significand bits that float32 drops, and their pattern exactly halfway
+# between two float32 numbers; below float32's smallest normal it keeps fewer bits.
+_BELOW_FLOAT32 = np.uint64((1 << 29) - 1)
+_FLOAT32_HALFWAY = np.uint64(1 << 28)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _lerp_half_(xp, start, end, weight: float) -> None:
+    """``start.lerp_(end, weight)``: torch's two formulas as fused multiply-adds."""
+    w = _F32(weight)
+    s, e = _wide(start), _wide(end)
+    diff = e - s
+    start[...] = _fma32(xp, w, diff, s) if abs(w) < 0.5 else _fma32(xp, w - _F32(1), diff, e)
+
+
+def _add_half(xp, a, b, alpha: float = 1.0):
+    """``a.add(b, alpha=alpha)`` for half tensors: alpha rounded to their dtype, then
+    ``a + alpha * b`` in float32, except in the elements past torch's last vector step,
+    which its scalar loop computes in half arithmetic (``alpha * b`` rounded first)."""
+    dtype = a.dtype
+    alpha_h = _F32(_F32(alpha).astype(dtype))
+    wide_b = _wide(b)
+    out = _wide(a) + alpha_h * wide_b
+    tail = out.size % _TORCH_HALF_VECTOR_STEP
+    if tail:
+        flat = out.reshape(-1)
+        product = (alpha_h * wide_b.reshape(-1)[-tail:]).astype(dtype)
+        flat[-tail:] = _wide(a).reshape(-1)[-tail:] + _wide(product)
+    return out.astype(dtype)
+
+
+def _mul_half_(a, scalar: float) -> None:
+    a[...] = _wide(a) * _F32(scalar)
+
+
+def _addcmul_half(xp, a, t1, t2, value: float):
+    """``a.addcmul(t1, t2, value=value)``: ``a + (value * t1) * t2`` in float32 with the
+    last multiply and the add fused (the compiler fuses torch's kernel), rounded once."""
+    return _fma32(xp, _F32(value) * _wide(t1), _wide(t2), _wide(a)).astype(a.dtype)
+
+
+def _addcdiv_half(xp, a, t1, t2, value: float):
+    """``a.addcdiv(t1, t2, value=value)``: ``a + value * t1 / t2`` in float32, rounded once."""
+    return (_wide(a) + (_F32(value) * _wide(t1)) / _wide(t2)).astype(a.dtype)
+
+
+def _sqrt_half(xp, a):
+    return xp.sqrt(_wide(a)).astype(a.dtype)
+
+
+def _sqrt_plus_eps_half(xp, a, eps: float, divisor: float = 1.0):
+    """``(a.sqrt() / divisor).add_(eps)``: three kernels, three roundings."""
+    root = _sqrt_half(xp, a)
+    if divisor != 1.0:
+        root = (_wide(root) / _F32(divisor)).astype(a.dtype)
+    return (_wide(root) + _F32(eps)).astype(a.dtype)
+
+
+def _sgd_half(xp, param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    d_p = -grad if maximize else grad
+    if weight_decay != 0:
+        d_p = _add_half(xp, d_p, param, weight_decay)
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = xp.array(d_p, dtype=param.dtype, copy=True)
+        else:
+            _mul_half_(buf, momentum)
+            buf[...] = _add_half(xp, buf, d_p, 1 - dampening)
+        d_p = _add_half(xp, d_p, buf, momentum) if nesterov else buf
+    param[...] = _add_half(xp, param, d_p, -lr)
+    state["step"] = state.get("step", 0) + 1
+    return state
+
+
+def _adam_half(
+    xp, param, grad, state, *, lr, betas, eps, weight_decay, amsgrad, maximize,
+    decoupled_weight_decay,
+):  # fmt: skip
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = xp.zeros_like(param)
+        state["exp_avg_sq"] = xp.zeros_like(param)
+    step = state["step"] = state["step"] + 1
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            _mul_half_(param, 1 - lr * weight_decay)
+        else:
+            g = _add_half(xp, g, param, weight_decay)
+    _lerp_half_(xp, exp_avg, g, 1 - beta1)
+    _mul_half_(exp_avg_sq, beta2)
+    exp_avg_sq[...] = _addcmul_half(xp, exp_avg_sq, g, g, 1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    second = exp_avg_sq
+    if amsgrad:
+        max_sq = state.get("max_exp_avg_sq")
+        if max_sq is None:
+            max_sq = state["max_exp_avg_sq"] = xp.zeros_like(param)
+        max_sq[...] = xp.maximum(max_sq, exp_avg_sq)
+        second = max_sq
+    denom = _sqrt_plus_eps_half(xp, second, eps, bias_correction2_sqrt)
+    param[...] = _addcdiv_half(xp, param, exp_avg, denom, -step_size)
+    return state
+
+
+def _rmsprop_half(
+    xp, param, grad, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
+):
+    if "square_avg" not in state:
+        state["step"] = 0
+        state["square_avg"] = xp.zeros_like(param)
+    if momentum > 0 and "momentum_buffer" not in state:
+        state["momentum_buffer"] = xp.zeros_like(param)
+    if centered and "grad_avg" not in state:
+        state["grad_avg"] = xp.zeros_like(param)
+    state["step"] += 1
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = _add_half(xp, g, param, weight_decay)
+    square_avg = state["square_avg"]
+    _mul_half_(square_avg, alpha)
+    square_avg[...] = _addcmul_half(xp, square_avg, g, g, 1 - alpha)
+    if centered:
+        grad_avg = state["grad_avg"]
+        _lerp_half_(xp, grad_avg, g, 1 - alpha)
+        variance = _addcmul_half(xp, square_avg, grad_avg, grad_avg, -1)
+        avg = _sqrt_plus_eps_half(xp, variance, eps)
+    else:
+        avg = _sqrt_plus_eps_half(xp, square_avg, eps)
+    if momentum > 0:
+        buf = state["momentum_buffer"]
+        _mul_half_(buf, momentum)
+        buf[...] = _addcdiv_half(xp, buf, g, avg, 1.0)
+        param[...] = _add_half(xp, param, buf, -lr)
+    else:
+        param[...] = _addcdiv_half(xp, param, g, avg, -lr)
+    return state
+
+
+def _adagrad_half(
+    xp, param, grad, state, *, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+    maximize,
+):  # fmt: skip
+    if "sum" not in state:
+        state["step"] = 0
+        state["sum"] = xp.full_like(param, _F32(initial_accumulator_value))
+    step = state["step"] = state["step"] + 1
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = _add_half(xp, g, param, weight_decay)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state["sum"][...] = _addcmul_half(xp, state["sum"], g, g, 1.0)
+    std = _sqrt_plus_eps_half(xp, state["sum"], eps)
+    param[...] = _addcdiv_half(xp, param, g, std, -clr)
+    return state
+
+
+def _adamax_half(xp, param, grad, state, *, lr, betas, eps, weight_decay, maximize):
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = xp.zeros_like(param)
+        state["exp_inf"] = xp.zeros_like(param)
+    step = state["step"] = state["step"] + 1
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = _add_half(xp, g, param, weight_decay)
+    _lerp_half_(xp, state["exp_avg"], g, 1 - beta1)
+    exp_inf = state["exp_inf"]
+    _mul_half_(exp_inf, beta2)
+    bound = (xp.abs(_wide(g)) + _F32(eps)).astype(param.dtype)
+    exp_inf[...] = xp.maximum(exp_inf, bound)
+    clr = lr / (1 - beta1**step)
+    param[...] = _addcdiv_half(xp, param, state["exp_avg"], exp_inf, -clr)
+    return state
+
+
+def _nadam_half(
+    xp, param, grad, state, *, lr, betas, eps, weight_decay, momentum_decay,
+    decoupled_weight_decay, maximize,
+):  # fmt: skip
+    beta1, beta2 = betas
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["mu_product"] = xp.ones((), dtype=np.float32)
+        state["exp_avg"] = xp.zeros_like(param)
+        state["exp_avg_sq"] = xp.zeros_like(param)
+    step = state["step"] = state["step"] + 1
+    g = -grad if maximize else grad
+    bias_correction2 = 1 - beta2**step
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            _mul_half_(param, 1 - lr * weight_decay)
+        else:
+            g = _add_half(xp, g, param, weight_decay)
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    mu_product = state["mu_product"]
+    mu_product *= mu
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    _lerp_half_(xp, exp_avg, g, 1 - beta1)
+    _mul_half_(exp_avg_sq, beta2)
+    exp_avg_sq[...] = _addcmul_half(xp, exp_avg_sq, g, g, 1 - beta2)
+    # exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
+    scaled = (_wide(exp_avg_sq) / _F32(bias_correction2)).astype(param.dtype)
+    denom = _sqrt_plus_eps_half(xp, scaled, eps)
+    product = float(mu_product)
+    param[...] = _addcdiv_half(xp, param, g, denom, -lr * (1.0 - mu) / (1.0 - product))
+    value = (-lr * mu_next) / (1.0 - product * mu_next)
+    param[...] = _addcdiv_half(xp, param, exp_avg, denom, value)
+    return state
 
 
 UPDATE_RULES: dict[str, Callable[..., dict]] = {
@@ -704,7 +1059,7 @@ class Optimizer:
                 if k == "step":
                     entry[k] = int(v)
                     continue
-                arr = v._data if isinstance(v, Tensor) else np.asarray(v)
+                arr = _state_array(v)
                 if k in _SCALAR_STATE:
                     entry[k] = xp.array(float(arr), dtype=np.float32)
                     continue
@@ -729,6 +1084,16 @@ class Optimizer:
             lines.append(f"Parameter Group {i}")
             lines += [f"    {k}: {group[k]}" for k in sorted(group) if k != "params"]
         return "\n".join(lines) + "\n)"
+
+
+def _state_array(value):
+    """A loaded state value as an array: ours, or a torch tensor's values. NumPy cannot
+    take a torch bfloat16 tensor; its float32 copy holds the same values exactly."""
+    if isinstance(value, Tensor):
+        return value._data
+    if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+        return np.asarray(value.float()).astype(dtypes.bfloat16.np)
+    return np.asarray(value)
 
 
 class SGD(Optimizer):

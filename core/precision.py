@@ -11,6 +11,9 @@ of them has to know the rule (nor NumPy's float16 loops, which accumulate in flo
 The ops in ``EXACT_IN_HALF`` only move or pick values, which is exact in any dtype: they
 run on the half arrays directly and skip the two copies.
 
+Optimizers apply the same rule to a half parameter op by op (each in-place op of torch's
+update computes in float32 and rounds): ``gradmesh.core.optim``, "half precision".
+
 >>> import gradmesh.core as gm
 >>> x = gm.tensor([1.0, 2.0**-8, 2.0**-8], dtype=gm.bfloat16)
 >>> x.sum()  # float32 accumulation: 1 + 2**-7, which bfloat16 holds

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from gradmesh.core import dtypes
+
 __all__ = ["save", "load", "atomic_write", "CheckpointError", "RecordLog"]
 
 _META = "__meta__"
@@ -64,15 +66,42 @@ def _contiguous(a) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(a.shape)
 
 
+# NumPy describes ml_dtypes' bfloat16 only as raw bytes ('<V2'), which read back as bytes:
+# such arrays are stored as their bits, and their dtype by name ('bfloat16').
+_NAMES = frozenset(d.name for d in dtypes.ALL)
+
+
+def _dtype_label(dt: np.dtype) -> str:
+    """How a record names ``dt``: NumPy's ``dt.str`` ('<f4'), or the gradmesh name of a
+    dtype that NumPy knows only as bytes."""
+    return dtypes.from_numpy(dt).name if dt.kind == "V" else dt.str
+
+
+def _dtype_of_label(label: str) -> np.dtype:
+    """The inverse of ``_dtype_label``; labels of files written before names were used
+    are ``dt.str`` too."""
+    if label in _NAMES:
+        return np.dtype(dtypes.by_name(label).np)
+    return np.dtype(label)
+
+
 def save(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Save named arrays and JSON-able ``meta`` to one ``.npz`` file, atomically.
 
     Array names are kept in the metadata and the arrays stored as ``a0, a1, ...``, so any
-    name (dots, slashes) round-trips.
+    name (dots, slashes) round-trips. A bfloat16 array is stored as its bits, its dtype
+    named in the header's ``"dtypes"``.
     """
     names = list(arrays)
-    payload = {f"a{i}": _contiguous(arrays[n]) for i, n in enumerate(names)}
-    header = json.dumps({"names": names, "meta": meta}, sort_keys=True).encode()
+    payload, named = {}, {}
+    for i, n in enumerate(names):
+        a = _contiguous(arrays[n])
+        if a.dtype.kind == "V":
+            named[n] = _dtype_label(a.dtype)
+            a = a.view(f"<u{a.dtype.itemsize}")
+        payload[f"a{i}"] = a
+    head = {"names": names, "meta": meta, **({"dtypes": named} if named else {})}
+    header = json.dumps(head, sort_keys=True).encode()
     payload[_META] = np.frombuffer(header, dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **payload)
@@ -85,6 +114,8 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(bytes(z[_META]).decode())
             arrays = {name: z[f"a{i}"] for i, name in enumerate(header["names"])}
+            for name, label in header.get("dtypes", {}).items():
+                arrays[name] = arrays[name].view(_dtype_of_label(label))
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001  (any decoding failure means a bad file)
@@ -146,7 +177,7 @@ class RecordLog:
                 arrays = {}
                 for name, dtype, shape, offset, nbytes in header["arrays"]:
                     raw = body[hlen + offset : hlen + offset + nbytes]
-                    arrays[name] = np.frombuffer(raw, np.dtype(dtype)).reshape(shape).copy()
+                    arrays[name] = np.frombuffer(raw, _dtype_of_label(dtype)).reshape(shape).copy()
             except (ValueError, KeyError, TypeError):
                 return
             yield header["meta"], arrays, end
@@ -165,7 +196,7 @@ class RecordLog:
             a = _contiguous(a)
             dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
             raw = a.astype(dt, copy=False).tobytes()
-            entries.append([name, dt.str, list(a.shape), offset, len(raw)])
+            entries.append([name, _dtype_label(dt), list(a.shape), offset, len(raw)])
             parts.append(raw)
             offset += len(raw)
         header = json.dumps({"meta": meta, "arrays": entries}, sort_keys=True).encode()

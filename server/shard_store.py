@@ -35,7 +35,7 @@ __all__ = ["ShardStore", "ShardJob", "EmbeddedShard", "check_job_id"]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = tuple(np.dtype(d.np) for d in (*dtypes.HALF, dtypes.float32, dtypes.float64))
 
 
 def check_job_id(job_id: str, field: str = "job_id") -> str:

@@ -22,12 +22,13 @@ from gradmesh.core.serialize import to_proto
 from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from .channel import call_metadata, channel, metadata
-from .errors import GradmeshError, from_rpc_error
+from .errors import NO_WORKERS, GradmeshError, from_rpc_error
 from .shard import receive_frames, stream_frames
 
 __all__ = ["CoordinatorConnection", "WorkerRegistration"]
 
 log = logging.getLogger("gradmesh.worker")
+client_log = logging.getLogger("gradmesh.client")
 
 # Codes after which the same idempotent call may succeed.
 _TRANSIENT = {
@@ -44,7 +45,10 @@ class CoordinatorConnection:
     :class:`~gradmesh.wire.channel.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
     ``grpc.ChannelCredentials``. ``timeout`` is the deadline of each call in seconds (a
     step on a large model may need more); ``retry_seconds`` how long idempotent calls are
-    retried on transient errors.
+    retried on transient errors, each distinct error logged once as a warning (logger
+    ``gradmesh.client``) so that no wait is silent. ``wait_for_workers``: how long a Step
+    waits (within ``retry_seconds``) for a worker to register when the coordinator has
+    none (reason ``NO_WORKERS``) before it raises ``Unavailable``; 0 raises at once.
     """
 
     def __init__(
@@ -56,10 +60,12 @@ class CoordinatorConnection:
         timeout: float = 600.0,
         retry_seconds: float = 60.0,
         max_message_bytes: int = 64 << 20,
+        wait_for_workers: float = 30.0,
     ):
         self.target = target
         self.timeout = timeout
         self.retry_seconds = retry_seconds
+        self.wait_for_workers = wait_for_workers
         self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._metadata = metadata(token)
@@ -78,16 +84,47 @@ class CoordinatorConnection:
         fn = getattr(self.stub, method)
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
+        logged = None
+        no_workers_since = None  # when the coordinator first said it has no worker
         while True:
             try:
                 return fn(
                     make_request(), timeout=self.timeout, metadata=call_metadata(self._metadata)
                 )
             except grpc.RpcError as e:
-                if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise from_rpc_error(e, method) from None
+                error = from_rpc_error(e, method)
+                if not retry or error.code not in _TRANSIENT or time.monotonic() > deadline:
+                    raise error from None
+                if error.reason == NO_WORKERS:
+                    no_workers_since = no_workers_since or time.monotonic()
+                    if self._stop_waiting_for_workers(error, no_workers_since):
+                        raise error from None
+                if error.message != logged:  # each distinct reason once (not per request id)
+                    logged = error.message
+                    until = deadline
+                    if error.reason == NO_WORKERS:
+                        until = min(deadline, no_workers_since + self.wait_for_workers)
+                    client_log.warning(
+                        "%s at %s: %s (retrying for up to %.1f s more)",
+                        method,
+                        self.target,
+                        error.message,
+                        max(0.0, until - time.monotonic()),
+                    )
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _stop_waiting_for_workers(self, error: GradmeshError, since: float) -> bool:
+        """Whether a call refused for want of workers ``since`` then has waited
+        ``wait_for_workers``; if so, ``error`` says how long it waited."""
+        waited = time.monotonic() - since
+        if waited < self.wait_for_workers:
+            return False
+        error.message += (
+            f" (waited {waited:.1f} s for a worker; CoordinatorClient(wait_for_workers=...) "
+            f"sets how long)"
+        )
+        return True
 
     def create(
         self, header: coordinator_pb2.CreateJobRequest, params: "OrderedDict[str, np.ndarray]"

@@ -366,9 +366,9 @@ def _conv_out(size, k, s, p, d) -> int:
 def _check_conv_attrs(op, stride, padding, dilation, groups) -> None:
     for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if len(v) != 2 or any(int(e) < lo for e in v):
-            raise OpError(f"{op}: {name} must be 2 integers >= {lo}, got {list(v)}")
+            raise OpError(f"{op}: {name} must be 2 integers >= {lo}, got {list(v)}", attr=name)
     if groups < 1:
-        raise OpError(f"{op}: groups must be a positive integer, got {groups}")
+        raise OpError(f"{op}: groups must be a positive integer, got {groups}", attr="groups")
 
 
 def _conv_shapes(op, x_shape, w_shape, stride, padding, dilation, groups) -> tuple:

@@ -120,21 +120,24 @@ def _sliced_shape(op: str, shape, starts, stops, steps) -> tuple:
         raise OpError(
             f"{op}: expected one start, stop and step per dimension of a tensor of "
             f"shape {fmt(shape)}, got starts {fmt(starts)}, stops {fmt(stops)}, "
-            f"steps {fmt(steps)}"
+            f"steps {fmt(steps)}",
+            attr="starts",
         )
     out = []
     for d, (size, start, stop, step) in enumerate(zip(shape, starts, stops, steps)):
         if step < 1:
             raise OpError(
                 f"{op}: step must be greater than zero, got {step} in dimension {d}; "
-                f"use flip() to reverse a tensor"
+                f"use flip() to reverse a tensor",
+                attr="steps",
             )
         end = min(stop, size) if size >= 0 else stop  # past the end: clamped, as in Python
         if not 0 <= start <= end <= size:
             raise OpError(
                 f"{op}: slice {start}:{stop} is out of range for dimension {d} of "
                 f"size {size} (shape {fmt(shape)}); expected 0 <= start <= "
-                f"min(stop, size)"
+                f"min(stop, size)",
+                attr="starts" if not 0 <= start <= size else "stops",
             )
         out.append((end - start + step - 1) // step)
     return tuple(out)

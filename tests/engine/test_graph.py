@@ -656,3 +656,45 @@ def test_random_seed_is_a_pure_function():
     assert len({random_seed(5, k) for k in range(100)}) == 100
     assert random_seed(5, 3) != random_seed(6, 3)
     assert 0 <= random_seed(2**64 - 1, 10**6) < 2**63
+
+
+def _with_ints(g, op: str, name: str, values) -> tuple:
+    """``g`` with attribute ``name`` of its first ``op`` node set to ``values``."""
+    k = [n.op for n in g.nodes].index(op)
+    node = g.nodes[k]
+    kept = [a for a in node.attrs if a.name != name]
+    del node.attrs[:]
+    node.attrs.extend(kept)
+    node.attrs.add(name=name).ints.values.extend(values)
+    return g, k
+
+
+@pytest.mark.parametrize(
+    "name, values",
+    [("stride", [0, 1]), ("stride", [1]), ("padding", [-1, 0]), ("dilation", [0, 1])],
+)
+def test_a_bad_convolution_attribute_is_named(name, values):
+    g = trace(
+        lambda p, x: F.conv2d(x, p["w"], padding=1).sum(),
+        {"w": gm.ones(2, 3, 3, 3)},
+        np.ones((1, 3, 8, 8), np.float32),
+    )
+    g, k = _with_ints(g, "conv2d", name, values)
+    _fails(g, f"nodes[{k}].attrs.{name}", match=f"{name} must be 2 integers")
+
+
+@pytest.mark.parametrize(
+    "name, values, match",
+    [
+        ("steps", [1, 0], "step must be greater than zero"),
+        ("starts", [0, 5], "out of range"),
+        ("stops", [2, 0], "out of range"),  # a stop before its start
+        ("starts", [0], "one start, stop and step per dimension"),
+    ],
+)
+def test_a_bad_slice_attribute_is_named(name, values, match):
+    g = trace(
+        lambda p, x: (x[:, 1:3] * p["w"]).sum(), {"w": gm.ones(2)}, np.ones((2, 4), np.float32)
+    )
+    g, k = _with_ints(g, "slice", name, values)
+    _fails(g, f"nodes[{k}].attrs.{name}", match=match)

@@ -30,13 +30,6 @@ def _batch(n=24, seed=0):
     return classification_batch(n, 6, 3, seed)
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = worker_mod.start("cpu")
-    yield w
-    w.stop(0)
-
-
 def test_the_cache_evicts_least_recently_used_within_its_bytes():
     cache = ParameterCache(100)
     a, b, c = (np.zeros(10, np.float32) for _ in range(3))  # 40 bytes each

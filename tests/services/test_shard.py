@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -295,6 +296,7 @@ def test_remote_round_trips_give_the_embedded_shards_arrays_bit_for_bit(shard_se
     params = {
         "w": rng.standard_normal((700, 1500)),  # 8.4 MB: 5 chunks
         "h": rng.standard_normal((3, 5)).astype(np.float16),
+        "bf": rng.standard_normal((4, 6)).astype(np.float32).astype(ml_dtypes.bfloat16),
         "s": np.array(1.5, np.float32),
         "e": np.zeros((0, 4), np.float32),
     }  # no bytes, no chunk

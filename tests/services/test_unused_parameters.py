@@ -13,7 +13,6 @@ import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.client import CoordinatorClient, WorkerClient
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 
 
 class TwoHeads(gm.nn.Module):
@@ -54,13 +53,6 @@ def _loss(model, x, y):
 def _batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, 4)).astype(np.float32), rng.integers(0, 3, n).astype(np.int64)
-
-
-@pytest.fixture(scope="module")
-def worker():
-    running = worker_mod.start("cpu")
-    yield running
-    running.stop(0)
 
 
 TRANSPORTS = {

@@ -62,13 +62,6 @@ def _batch(n=16, seed=0):
     return classification_batch(n, 20, 10, seed)
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = worker_mod.start("cpu")
-    yield w
-    w.stop(0)
-
-
 # ------------------------------------------------------------------ segments ------------
 
 

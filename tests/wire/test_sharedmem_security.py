@@ -158,13 +158,6 @@ def _as_another_user(payload: dict) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = worker_mod.start("cpu")
-    yield w
-    w.stop(0)
-
-
 @pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing to another user needs root"
 )
