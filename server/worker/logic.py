@@ -203,6 +203,13 @@ class GradientWorker:
         registered = self._graph_of(request)
         param_inputs, data_inputs = registered.params, registered.data
         shared = request.shared_memory
+        if request.compression is not None and shared is not None and shared.gradient_segment:
+            raise ServiceError(
+                INVALID,
+                "compressed gradients come back as bytes: leave "
+                "shared_memory.gradient_segment empty or drop compression",
+                "compression",
+            )
         if shared is not None:
             self._check_shared(
                 shared,
@@ -237,13 +244,6 @@ class GradientWorker:
         gradients = self._requested(request, registered)
         if shared is not None and shared.gradient_segment:
             checks.check_gradient_offsets(shared, gradients)
-            if request.compression is not None:
-                raise ServiceError(
-                    INVALID,
-                    "compressed gradients come back as bytes: leave "
-                    "shared_memory.gradient_segment empty or drop compression",
-                    "compression",
-                )
         scale = checks.check_loss_scale(request.loss_scale)
         prepared = Prepared(
             registered.validated.id,

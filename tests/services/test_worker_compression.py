@@ -15,7 +15,13 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core import serialize
 from gradmesh.server import compression
 from gradmesh.server import worker as worker_mod
-from gradmesh.server.worker.residuals import CompressionRequest, ResidualStore
+from gradmesh.server.runtime import ServiceError
+from gradmesh.server.worker import GradientRequest, GradientWorker, SharedMemoryRef
+from gradmesh.server.worker.residuals import (
+    CompressionRequest,
+    ResidualStore,
+    check_compression,
+)
 from gradmesh.server.workers import ParamSet, WorkerHandle
 from gradmesh.v1 import worker_pb2
 from gradmesh.wire import compression as wire_compression
@@ -181,6 +187,19 @@ def test_bad_compression_options_are_invalid_argument_naming_the_field(
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_field(e.value) == field
         assert client.capabilities().backend == "cpu"  # still serving
+
+
+def test_compression_with_gradients_in_shared_memory_is_refused(problem):
+    graph, _, _, _ = problem
+    worker = GradientWorker("cpu")
+    request = GradientRequest(
+        graph=graph,
+        shared_memory=SharedMemoryRef(segment="s", gradient_segment="g"),
+        compression=check_compression("sign", 0.0, "job", 0, 1),
+    )
+    with pytest.raises(ServiceError) as e:
+        worker.prepare(request, same_host=True)
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "compression")
 
 
 def test_a_negative_residual_budget_is_refused(capsys):
