@@ -1449,28 +1449,67 @@ def lstm_layer_p(xp, xw, h0, c0, w_hh, reverse):
     lstm_cell's update, from (h0, c0); from the last step back with ``reverse``."""
     n, length, _ = xw.shape
     hs = w_hh.shape[1]
-    out = xp.empty((n, length, 2 * hs), dtype=xw.dtype)
-    # Every step writes into the same buffers: 12 NumPy calls a step (there were 21).
+    out, act = _layer_buffers(xp, n, length, hs, xw.dtype, keep=is_grad_enabled())
+    # Every step writes into the same buffers: 13 NumPy calls a step (there were 21).
     w_t = _contiguous_transpose(xp, w_hh)
-    gates = xp.empty((n, 4 * hs), dtype=xw.dtype)
-    i, f, g, o = _gate_columns(gates, hs)
+    scratch = xp.empty((n, 4 * hs), dtype=xw.dtype)
     tanh_g = xp.empty((n, hs), dtype=xw.dtype)
     h, c = xp.broadcast_to(h0, (n, hs)), xp.broadcast_to(c0, (n, hs))
     with np.errstate(over="ignore"):
         for t in _time_steps(length, reverse):
+            gates = scratch if act is None else act[t]
+            i, f, g, o = _gate_columns(gates, hs)
             xp.matmul(h, w_t, out=gates)
             gates += xw[:, t]
             xp.tanh(g, out=tanh_g)
-            # all four columns in one sigmoid: g's (unused) costs less than a second call
+            # all four columns in one sigmoid (g's is overwritten): cheaper than two calls
             _sigmoid_unchecked(xp, gates, gates)
+            g[...] = tanh_g
             h_new, c_new = out[:, t, :hs], out[:, t, hs:]
             xp.multiply(f, c, out=c_new)
-            tanh_g *= i
+            xp.multiply(i, g, out=tanh_g)
             c_new += tanh_g
             xp.tanh(c_new, out=h_new)
             h_new *= o
             h, c = h_new, c_new
     return out
+
+
+# The forward's gate activations (sigmoid i, f, o and tanh g) are what the backward needs
+# first; recomputing them cost a (N*L, H) @ (H, 4H) product and the activations again,
+# ~2.5 ms of a ~6 ms backward per layer of the benchmark's LSTM. They are kept, when a
+# graph may be recorded, in the same allocation as the output, right after it: the op's
+# output stays [h_t, c_t], and the backward finds them through the output array's base.
+# An output that lost its base (copied, computed in float32 for a half-precision input)
+# has its activations recomputed. They are time-major, (L, N, 4H): a step's (N, 4H) rows
+# of a batch-first array lie L * 16 KB apart, and at L = 32 the rows of one step fall into
+# the same cache sets (the forward took 1.3x as long).
+
+
+def _layer_buffers(xp, n: int, length: int, hs: int, dtype, keep: bool):
+    """The output (N, L, 2H) and, with ``keep``, the activations (L, N, 4H) after it."""
+    size = n * length * 2 * hs
+    if not keep:
+        return xp.empty((n, length, 2 * hs), dtype=dtype), None
+    memory = xp.empty(3 * size, dtype=dtype)
+    return memory[:size].reshape(n, length, 2 * hs), memory[size:].reshape(length, n, 4 * hs)
+
+
+def _kept_activations(xp, out):
+    """The activations (L, N, 4H) _layer_buffers kept after ``out``, or None."""
+    memory = out.base
+    size = out.size
+    if (
+        memory is None
+        or memory.ndim != 1
+        or memory.size != 3 * size
+        or memory.dtype != out.dtype
+        or not out.flags.c_contiguous
+        or not xp.shares_memory(memory[:1], out.reshape(-1)[:1])
+    ):
+        return None
+    n, length, two_h = out.shape
+    return memory[size:].reshape(length, n, 2 * two_h)
 
 
 def _contiguous_transpose(xp, w):
@@ -1527,54 +1566,63 @@ def _flat_size(*arrays) -> int:
 
 
 def _previous_states(xp, out, h0, c0, reverse):
-    """(h_{t-1}, c_{t-1}) for every step t, as (N, L, H) arrays: the initial state for the
-    first step of the run (the last one with ``reverse``), ``out``'s for the others."""
+    """(h_{t-1}, c_{t-1}) for every step t, time-major (L, N, H): the initial state for
+    the first step of the run (the last one with ``reverse``), ``out``'s for the others."""
     n, length, two_h = out.shape
     hs = two_h // 2
-    prev = xp.empty((n, length, two_h), dtype=out.dtype)
+    prev = xp.empty((length, n, two_h), dtype=out.dtype)
     first, rest, source = (
-        (length - 1, slice(0, -1), slice(1, None))
-        if reverse
-        else (
-            0,
-            slice(1, None),
-            slice(0, -1),
-        )
+        (length - 1, slice(0, -1), slice(1, None)) if reverse else (0, slice(1, None), slice(0, -1))
     )
-    prev[:, first, :hs], prev[:, first, hs:] = h0, c0
-    prev[:, rest] = out[:, source]
+    prev[first, :, :hs], prev[first, :, hs:] = h0, c0
+    prev[rest] = out.transpose(1, 0, 2)[source]
     return prev[:, :, :hs], prev[:, :, hs:]
 
 
-def _lstm_chain_factors(xp, gates, c, c_prev):
-    """Overwrites the gate pre-activations (N, L, 4H) with what d c_t (the i, f, g
-    columns) or d h_t (the o column) is multiplied by to give each pre-activation's
-    gradient: g i (1-i), c_{t-1} f (1-f), i (1-g^2), tanh(c_t) o (1-o). Returns
-    o (1 - tanh(c_t)^2), the path from d h_t to d c_t, and f: (N, L, H) each. In place,
-    on all steps at once: four full-size arrays, where each factor as an expression made
-    ~15."""
-    i, f, g, o = _gate_columns(gates, c.shape[-1])
+def _recomputed_activations(xp, xw, h_prev, w_hh):
+    """The forward's activations (sigmoid i, f, o and tanh g; (L, N, 4H)) from every
+    step's previous h (L, N, H), where the forward kept none."""
+    n, length, four_h = xw.shape
+    hs = four_h // 4
+    # One (L*N, H) @ (H, 4H) product: a stacked matmul runs L small ones, ~1.7x slower.
+    gates = xp.matmul(h_prev.reshape(length * n, hs), _contiguous_transpose(xp, w_hh))
+    gates = gates.reshape(length, n, four_h)
+    gates += xw.transpose(1, 0, 2)
+    g = _gate_columns(gates, hs)[2]
     tanh_g = xp.tanh(g)
     with np.errstate(over="ignore"):
-        _sigmoid_unchecked(xp, gates, gates)  # g's column too; replaced below
-    tanh_c = xp.tanh(c)
+        _sigmoid_unchecked(xp, gates, gates)
+    g[...] = tanh_g
+    return gates
+
+
+def _lstm_chain_factors(xp, act, c, c_prev):
+    """What d c_t (the i, f, g columns) or d h_t (the o column) is multiplied by to give
+    each gate pre-activation's gradient: g i (1-i), c_{t-1} f (1-f), i (1-g^2),
+    tanh(c_t) o (1-o), from the activations ``act`` (i, f, o sigmoid, g tanh; (L, N, 4H));
+    and o (1 - tanh(c_t)^2), the path from d h_t to d c_t. All steps at once and in place:
+    three full-size arrays, where the factors as expressions made ~15."""
+    hs = c.shape[-1]
+    i, f, g, o = _gate_columns(act, hs)
+    factors = xp.empty_like(act)
+    di, df, dg, do = _gate_columns(factors, hs)
+    tanh_c = xp.tanh(c, out=xp.empty_like(c_prev))
     through_h = xp.multiply(tanh_c, tanh_c)
     xp.subtract(1, through_h, out=through_h)
     through_h *= o
-    tanh_c *= o
-    xp.subtract(1, o, out=o)
-    o *= tanh_c
-    f_kept = f.copy()
-    xp.subtract(1, f_kept, out=f)
-    f *= f_kept
-    f *= c_prev
-    xp.multiply(tanh_g, tanh_g, out=g)
-    xp.subtract(1, g, out=g)
-    g *= i
-    tanh_g *= i
-    xp.subtract(1, i, out=i)
-    i *= tanh_g
-    return through_h, f_kept
+    xp.subtract(1, o, out=do)
+    do *= o
+    do *= tanh_c
+    xp.subtract(1, f, out=df)
+    df *= f
+    df *= c_prev
+    xp.multiply(g, g, out=dg)
+    xp.subtract(1, dg, out=dg)
+    dg *= i
+    xp.subtract(1, i, out=di)
+    di *= i
+    di *= g
+    return factors, through_h
 
 
 def _lstm_layer_grad(xp, g, out, xw, h0, c0, w_hh, reverse):
@@ -1583,33 +1631,34 @@ def _lstm_layer_grad(xp, g, out, xw, h0, c0, w_hh, reverse):
     n, length, _ = xw.shape
     hs = w_hh.shape[1]
     flat = xp.empty(_flat_size(xw, h0, c0, w_hh), dtype=xw.dtype)
-    gxw = flat[: xw.size].reshape(xw.shape)
-    # Every step's previous state is known now: the gates, their activations and the
-    # factors of the chain rule for all steps at once; only dh and dc run step by step.
+    # Every step's previous state is known now: the activations and the factors of the
+    # chain rule for all steps at once; only dh and dc run step by step. Time-major, as
+    # the kept activations (see _layer_buffers).
     h_prev, c_prev = _previous_states(xp, out, h0, c0, reverse)
-    # One (N*L, H) @ (H, 4H) product: a stacked matmul runs N small ones, ~1.7x slower.
-    gates = xp.matmul(h_prev.reshape(n * length, hs), _contiguous_transpose(xp, w_hh))
-    gates += xw.reshape(n * length, 4 * hs)
-    gates = gates.reshape(n, length, 4 * hs)
-    through_h, f = _lstm_chain_factors(xp, gates, out[:, :, hs:], c_prev)
-    factors = gates.reshape(n, length, 4, hs)
-    dgates = gxw.reshape(n, length, 4, hs)
+    act = _kept_activations(xp, out)
+    if act is None:
+        act = _recomputed_activations(xp, xw, h_prev, w_hh)
+    c = out[:, :, hs:].transpose(1, 0, 2)
+    dgates, through_h = _lstm_chain_factors(xp, act, c, c_prev)  # times dc or dh below
+    g = xp.ascontiguousarray(g.transpose(1, 0, 2))
+    f = _gate_columns(act, hs)[1]
     gh, gc = xp.empty((n, hs), dtype=xw.dtype), xp.empty((n, hs), dtype=xw.dtype)
     dh = xp.zeros((n, hs), dtype=xw.dtype)  # from the step after, in the run's order
     dc = xp.zeros((n, hs), dtype=xw.dtype)
     for t in reversed(_time_steps(length, reverse)):  # 8 NumPy calls a step, in place
-        xp.add(g[:, t, :hs], dh, out=gh)
-        xp.multiply(gh, through_h[:, t], out=gc)
-        gc += g[:, t, hs:]
+        xp.add(g[t, :, :hs], dh, out=gh)
+        xp.multiply(gh, through_h[t], out=gc)
+        gc += g[t, :, hs:]
         gc += dc
-        # i, f and g take gc times their factor: one broadcast product for the three
-        xp.multiply(gc[:, None], factors[:, t, :3], out=dgates[:, t, :3])
-        xp.multiply(gh, factors[:, t, 3], out=dgates[:, t, 3])
-        xp.matmul(gxw[:, t], w_hh, out=dh)
-        xp.multiply(gc, f[:, t], out=dc)
+        # i, f and g take dc times their factor: one broadcast product for the three
+        dgates[t].reshape(n, 4, hs)[:, :3] *= gc[:, None]
+        dgates[t, :, 3 * hs :] *= gh
+        xp.matmul(dgates[t], w_hh, out=dh)
+        xp.multiply(gc, f[t], out=dc)
+    flat[: xw.size].reshape(xw.shape)[...] = dgates.transpose(1, 0, 2)
     # w_hh's gradient in one product over all steps (instead of one per step)
     gw = flat[flat.size - w_hh.size :].reshape(w_hh.shape)
-    xp.matmul(gxw.reshape(-1, 4 * hs).T, h_prev.reshape(-1, hs), out=gw)
+    xp.matmul(dgates.reshape(-1, 4 * hs).T, h_prev.reshape(-1, hs), out=gw)
     start = xw.size
     for state, grad_state in ((h0, dh), (c0, dc)):
         if state.shape[0] != n:  # a broadcast zero row: its gradient summed over the batch
