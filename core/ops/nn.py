@@ -327,7 +327,9 @@ def embedding_grad_p(xp, g, indices, num_weights, padding_idx):
     out = xp.zeros((num_weights, dim), dtype=g.dtype)
     flat = indices.reshape(-1)
     rows = g.reshape(-1, dim)
-    if hasattr(xp.add, "at"):
+    if xp is np:
+        _add_rows_by_index(out, flat, rows)
+    elif hasattr(xp.add, "at"):
         xp.add.at(out, flat, rows)
     else:  # CuPy before 13 (CuPy is optional)
         import cupyx
@@ -336,6 +338,19 @@ def embedding_grad_p(xp, g, indices, num_weights, padding_idx):
     if padding_idx is not None:
         out[padding_idx] = 0
     return out
+
+
+def _add_rows_by_index(out, indices, rows) -> None:
+    """``np.add.at(out, indices, rows)`` as sorted segments: the rows ordered by index (a
+    stable sort keeps each index's rows in their order), each run of one index summed by
+    ``add.reduceat``. ``add.at`` goes row by row: 0.57 ms against 0.12 ms for the LSTM
+    benchmark's 1024 rows of 64 into 128."""
+    if not indices.size:
+        return
+    order = np.argsort(indices, kind="stable")
+    ordered = indices[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    out[ordered[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
 
 @embedding_grad_p.defvjp

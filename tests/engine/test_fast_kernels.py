@@ -6,7 +6,9 @@
   kernel (col2im elsewhere), and the weight gradient as patches times g^T: against torch
   in float64, with padding, dilation, groups, and the fallbacks;
 * lstm_layer's backward from the gate activations its forward kept after its output, or
-  recomputed where the output was copied: against torch in float64, both directions.
+  recomputed where the output was copied: against torch in float64, both directions;
+* the embedding gradient on NumPy as sorted segments (``add.reduceat``) instead of
+  ``add.at``: against torch, repeated indices and padding_idx.
 """
 
 from __future__ import annotations
@@ -143,3 +145,26 @@ def test_lstm_layer_keeps_no_activations_without_grad():
     with gm.no_grad():
         out = gm.REGISTRY["lstm_layer"](xw, h0, c0, w, reverse=False)
     assert out.numpy().base is None and _kept_activations(np, out.numpy()) is None
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_gradient_by_sorted_segments_matches_torch(padding_idx):
+    # Repeated, unsorted indices (each row of the table several times), a row never named.
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((7, 5))
+    indices = rng.integers(0, 6, (4, 9))
+    v = rng.standard_normal((4, 9, 5))
+    w = gm.tensor(weight, requires_grad=True)
+    F.embedding(gm.tensor(indices), w, padding_idx=padding_idx).backward(gm.tensor(v))
+    tw = torch.tensor(weight, requires_grad=True)
+    torch.nn.functional.embedding(torch.tensor(indices), tw, padding_idx=padding_idx).backward(
+        torch.tensor(v)
+    )
+    np.testing.assert_allclose(w.grad.numpy(), tw.grad.numpy(), rtol=1e-12, atol=1e-12)
+    assert not w.grad.numpy()[6].any()
+
+
+def test_embedding_gradient_of_no_indices_is_zero():
+    w = gm.tensor(np.ones((3, 2)), requires_grad=True)
+    F.embedding(gm.tensor(np.zeros((0,), np.int64)), w).sum().backward()
+    assert w.grad.numpy().tolist() == [[0.0, 0.0]] * 3
