@@ -1520,7 +1520,7 @@ def _kept_activations(xp, out):
         or memory.size != 3 * size
         or memory.dtype != out.dtype
         or not out.flags.c_contiguous
-        or not xp.shares_memory(memory[:1], out.reshape(-1)[:1])
+        or not xp.may_share_memory(memory[:1], out.reshape(-1)[:1])  # out starts it
     ):
         return None
     n, length, two_h = out.shape
@@ -1615,8 +1615,8 @@ def _lstm_chain_factors(xp, act, c, c_prev):
     """What d c_t (the i, f, g columns) or d h_t (the o column) is multiplied by to give
     each gate pre-activation's gradient: g i (1-i), c_{t-1} f (1-f), i (1-g^2),
     tanh(c_t) o (1-o), from the activations ``act`` (i, f, o sigmoid, g tanh; (L, N, 4H));
-    and o (1 - tanh(c_t)^2), the path from d h_t to d c_t. All steps at once and in place:
-    three full-size arrays, where the factors as expressions made ~15."""
+    and o (1 - tanh(c_t)^2), the path from d h_t to d c_t. All steps at once, in place:
+    three new full-size arrays, where the factors as expressions made ~15."""
     hs = c.shape[-1]
     i, f, g, o = _gate_columns(act, hs)
     factors = xp.empty_like(act)
@@ -1628,15 +1628,14 @@ def _lstm_chain_factors(xp, act, c, c_prev):
     xp.subtract(1, o, out=do)
     do *= o
     do *= tanh_c
-    xp.subtract(1, f, out=df)
-    df *= f
-    df *= c_prev
     xp.multiply(g, g, out=dg)
     xp.subtract(1, dg, out=dg)
     dg *= i
-    xp.subtract(1, i, out=di)
-    di *= i
+    # i (1-i) and f (1-f) side by side in one pass each
+    xp.subtract(1, act[..., : 2 * hs], out=factors[..., : 2 * hs])
+    factors[..., : 2 * hs] *= act[..., : 2 * hs]
     di *= g
+    df *= c_prev
     return factors, through_h
 
 
