@@ -350,7 +350,7 @@ def _add_rows_by_index(out, indices, rows) -> None:
     order = np.argsort(indices, kind="stable")
     ordered = indices[order]
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
-    out[ordered[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+    out[ordered[starts]] += np.add.reduceat(rows[order], starts, axis=0, dtype=out.dtype)
 
 
 @embedding_grad_p.defvjp
