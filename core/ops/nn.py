@@ -1616,18 +1616,19 @@ def _lstm_chain_factors(xp, act, c, c_prev):
     each gate pre-activation's gradient: g i (1-i), c_{t-1} f (1-f), i (1-g^2),
     tanh(c_t) o (1-o), from the activations ``act`` (i, f, o sigmoid, g tanh; (L, N, 4H));
     and o (1 - tanh(c_t)^2), the path from d h_t to d c_t. All steps at once, in place:
-    three new full-size arrays, where the factors as expressions made ~15."""
+    two new full-size arrays, where the factors as expressions made ~15."""
     hs = c.shape[-1]
     i, f, g, o = _gate_columns(act, hs)
     factors = xp.empty_like(act)
     di, df, dg, do = _gate_columns(factors, hs)
     tanh_c = xp.tanh(c, out=xp.empty_like(c_prev))
-    through_h = xp.multiply(tanh_c, tanh_c)
-    xp.subtract(1, through_h, out=through_h)
-    through_h *= o
     xp.subtract(1, o, out=do)
     do *= o
     do *= tanh_c
+    through_h = tanh_c  # its last use above: 1 - tanh(c)^2 in its place
+    through_h *= tanh_c
+    xp.subtract(1, through_h, out=through_h)
+    through_h *= o
     xp.multiply(g, g, out=dg)
     xp.subtract(1, dg, out=dg)
     dg *= i
