@@ -6,8 +6,9 @@ blocks are part of the op), batched products and convolutions in batch blocks wh
 checked (same bits as whole). Forward kernels of a plan, and through the dispatcher eager
 ops and a plan's backward products, come through ``call`` (see ``checking``).
 
-Bytes: the sum of every value's bytes (inputs, constants, each node's output) plus, when
-gradients are taken, the bytes of every value that requires grad again (its gradient).
+Bytes: the sum of every value's bytes (inputs, constants, each node's output, and what an
+op keeps beside its output for backward: ``KEPT``) plus, when gradients are taken, the
+bytes of every value that requires grad again (its gradient).
 The plan frees slots after their last use, so the real peak is lower: this is a safe upper
 bound, cheap to compute (one pass over the specs).
 
@@ -92,6 +93,10 @@ RULES: dict[str, Callable] = {
 }
 DEFAULT = _default
 
+# Bytes an op's kernel holds beside its output, as a multiple of the output's bytes:
+# lstm_layer keeps its gate activations (twice its output) in the same allocation.
+KEPT: dict[str, int] = {"lstm_layer": 2}
+
 
 def _nbytes(spec) -> int:
     return _elements(spec.shape) * spec.dtype.itemsize
@@ -103,6 +108,7 @@ def estimate(plan) -> Cost:
     specs = plan.specs
     n_in = vg.num_inputs
     total = sum(_nbytes(s) for s in specs)
+    total += sum(KEPT.get(op.name, 0) * _nbytes(specs[n_in + k]) for k, op in enumerate(vg.ops))
     grads = sum(_nbytes(s) for s, r in zip(specs, plan.requires) if r)
     flops = backward = 0
     for k, (op, ins) in enumerate(zip(vg.ops, vg.node_inputs)):

@@ -46,6 +46,13 @@ def test_an_lstm_layer_costs_its_recurrent_products():
     assert "lstm_layer" in {node.op for node in g.nodes}
     plan = core_plan.compile_plan(core_graph.validate(g), {"x0": (n, length, 8)})
     assert cost.cost_of(plan).flops >= 3 * 2 * n * length * 4 * hidden * hidden
+    # Its kernel keeps the gate activations (L, N, 4H) beside its output for backward.
+    output = n * length * 2 * hidden * 4
+    kept = length * n * 4 * hidden * 4
+    sizes = [int(np.prod(s.shape)) * s.dtype.itemsize for s in plan.specs]
+    grads = sum(b for b, r in zip(sizes, plan.requires) if r)
+    assert kept == 2 * output
+    assert cost.cost_of(plan).bytes == sum(sizes) + kept + grads
 
 
 @pytest.mark.parametrize(
