@@ -85,7 +85,7 @@ class CoordinatorConnection:
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
         logged = None
-        no_workers_since = None  # when the coordinator first said it has no worker
+        no_workers_since: float | None = None  # when the coordinator first said so
         while True:
             try:
                 return fn(
@@ -95,15 +95,15 @@ class CoordinatorConnection:
                 error = from_rpc_error(e, method)
                 if not retry or error.code not in _TRANSIENT or time.monotonic() > deadline:
                     raise error from None
+                until = deadline
                 if error.reason == NO_WORKERS:
-                    no_workers_since = no_workers_since or time.monotonic()
+                    if no_workers_since is None:
+                        no_workers_since = time.monotonic()
                     if self._stop_waiting_for_workers(error, no_workers_since):
                         raise error from None
+                    until = min(deadline, no_workers_since + self.wait_for_workers)
                 if error.message != logged:  # each distinct reason once (not per request id)
                     logged = error.message
-                    until = deadline
-                    if error.reason == NO_WORKERS:
-                        until = min(deadline, no_workers_since + self.wait_for_workers)
                     client_log.warning(
                         "%s at %s: %s (retrying for up to %.1f s more)",
                         method,
