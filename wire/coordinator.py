@@ -79,8 +79,16 @@ class CoordinatorConnection:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool):
-        """Call ``method``; transient failures of idempotent calls are retried with backoff."""
+    def _call(
+        self,
+        method: str,
+        make_request: Callable[[], Any],
+        *,
+        retry: bool,
+        receive: Callable[[Any], Any] | None = None,
+    ):
+        """Call ``method``; transient failures of idempotent calls are retried with backoff.
+        ``receive``: reads a server stream's reply (its errors are retried the same way)."""
         fn = getattr(self.stub, method)
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
@@ -88,9 +96,10 @@ class CoordinatorConnection:
         no_workers_since: float | None = None  # when the coordinator first said so
         while True:
             try:
-                return fn(
+                reply = fn(
                     make_request(), timeout=self.timeout, metadata=call_metadata(self._metadata)
                 )
+                return receive(reply) if receive is not None else reply
             except grpc.RpcError as e:
                 error = from_rpc_error(e, method)
                 if not retry or error.code not in _TRANSIENT or time.monotonic() > deadline:
@@ -155,20 +164,17 @@ class CoordinatorConnection:
         self, job_id: str, names: Sequence[str] = ()
     ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
         """``(version, {name: array})`` of a job's parameters (streamed)."""
-        deadline = time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                frames = self.stub.GetParameters(
-                    coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
-                    timeout=self.timeout,
-                    metadata=call_metadata(self._metadata),
-                )
-                header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
-                return header.version, OrderedDict(arrays)
-            except grpc.RpcError as e:
-                if e.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise from_rpc_error(e, "GetParameters") from None
-            time.sleep(0.2)
+
+        def receive(frames) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
+            header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
+            return header.version, OrderedDict(arrays)
+
+        return self._call(
+            "GetParameters",
+            lambda: coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
+            retry=True,
+            receive=receive,
+        )
 
     def step(
         self, job_id: str, step_id: int, batch: dict[str, Any]
