@@ -21,9 +21,16 @@ gradients on the shard, the SGD update. Both processes keep a steady heap, as th
 coordinator's per-step dispatch lanes too), timed by each thread's CPU clock; prints the
 top functions by own time.
 
+``--step-log 1,10,100``: the shard's part of a step alone (``ShardStore`` push of one
+micro-batch's gradient, then ``apply``, plain SGD) at those MiB of float32 parameters,
+three ways: no state directory (in memory), a step log written without fsync
+(``gradmesh shard --step-log-sync off``) and with it (the default); ``--steps`` timed
+steps each after ``--warmup``, in a state directory under ``--state-dir`` (default: a
+temporary one beside this file, so on the disk a shard would use, not a tmpfs).
+
 ``python benchmarks/coordinator_cost.py`` (8/64/256 stubs x tiny/small/medium), ``--quick``
 (8/64 stubs, tiny/small, 3 steps), ``--stubs 8,64``, ``--models tiny,medium``,
-``--steps N``, ``--profile 64 --models medium``, ``--json PATH``.
+``--steps N``, ``--profile 64 --models medium``, ``--step-log 1,10,100``, ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
@@ -364,6 +372,56 @@ def fit_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STEP_LOG_MODES = (("memory", None), ("log, no fsync", False), ("log, fsync", True))
+
+
+def step_log_point(mib: int, sync: bool | None, args) -> dict:
+    """Push and apply of one job of ``mib`` MiB on a ShardStore: in memory (``sync`` None)
+    or with its step log, fsynced or not."""
+    from gradmesh.server.shard_store import ShardStore
+
+    params = {"w": np.zeros(mib << 18, np.float32)}  # 4-byte elements: mib MiB
+    grad = {"w": np.full_like(params["w"], 1e-3)}
+    with tempfile.TemporaryDirectory(dir=args.state_dir) as state_dir:
+        store = ShardStore(state_dir if sync is not None else None, sync_log=bool(sync))
+        store.load("bench", params, {"name": "sgd", "lr": 0.1})
+        os.sync()  # the previous point's writes do not land in this one's timing
+        times = []
+        for step in range(1, args.warmup + args.steps + 1):
+            start = time.perf_counter()
+            store.push("bench", step, 0, 1, step - 1, grad)
+            store.apply("bench", step, 1, step - 1)
+            times.append(time.perf_counter() - start)
+        store.close()
+    timed = sorted(times[args.warmup :])
+    return {
+        "mib": mib,
+        "median_ms": 1e3 * statistics.median(timed),
+        "range_ms": [1e3 * timed[0], 1e3 * timed[-1]],
+    }
+
+
+def step_log(args) -> dict:
+    rows = []
+    for mib in args.step_log:
+        for mode, sync in STEP_LOG_MODES:
+            rows.append({"mode": mode, **step_log_point(mib, sync, args)})
+            r = rows[-1]
+            print(f"{mib} MiB, {mode}: {r['median_ms']:.1f} ms", file=sys.stderr)
+    lines = ["| parameters | " + " | ".join(m for m, _ in STEP_LOG_MODES) + " |"]
+    lines.append("| --- |" + " --- |" * len(STEP_LOG_MODES))
+    for mib in args.step_log:
+        cells = [
+            f"{r['median_ms']:.1f} ms ({r['range_ms'][0]:.1f}-{r['range_ms'][1]:.1f})"
+            for r in rows
+            if r["mib"] == mib
+        ]
+        lines.append(f"| {mib} MiB | " + " | ".join(cells) + " |")
+    print("push + apply per step, median (range) of", args.steps, "steps")
+    print("\n".join(lines))
+    return {"rows": rows}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stubs", default=",".join(map(str, STUBS)), help="stub counts (8,64,256)")
@@ -375,6 +433,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25, help="functions the profile lists")
     p.add_argument("--quick", action="store_true", help="8 and 64 stubs, tiny and small, 3 steps")
     p.add_argument("--json", metavar="PATH", help="write the results here")
+    p.add_argument(
+        "--step-log",
+        metavar="MIB",
+        help="the shard's push + apply with and without its step log at these MiB (1,10,100)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=os.path.dirname(os.path.abspath(__file__)),
+        help="where --step-log writes its temporary state directories",
+    )
     p.add_argument("--serve-stubs", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -389,6 +457,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--models: expected some of {','.join(MODELS)}, got {unknown or 'none'}")
     if min(args.stubs + [args.steps, args.micro_batch, args.profile or 1]) < 1 or args.warmup < 1:
         p.error("--stubs, --steps, --warmup, --micro-batch and --profile must be >= 1")
+    if args.step_log:
+        try:
+            args.step_log = [int(n) for n in args.step_log.split(",") if n.strip()]
+        except ValueError:
+            p.error(f"--step-log: expected MiB like 1,10,100, got {args.step_log!r}")
+        if not args.step_log or min(args.step_log) < 1:
+            p.error("--step-log: sizes must be >= 1 MiB")
     return args
 
 
@@ -402,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_stubs:
         return serve_stubs(args.serve_stubs)
     load_start = os.getloadavg()
+    if args.step_log:
+        out = step_log(args)
+        print(f"load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return 0
     rows = []
     for name in args.models:
         if args.profile:

@@ -17,12 +17,16 @@ SIGTERM too.
 Without root, the ``ip``/``tc`` commands or the right to create a namespace, it prints
 one line saying why and exits 0 (skipped).
 
-Compression: gradmesh has no compressed gradients yet; ``--compression`` takes ``off``
-only and the report carries a "not available" row in its place.
+Compression: ``--compression off,topk`` (the default) runs each model twice, as the
+synchronous job and as a job whose workers compress their replies (top-k 1% with error
+feedback, ``"where": "worker"``: docs/training.md, "Compressed gradients"); ``sign`` (one
+bit per element) is the third choice. The parameters still go to the workers dense: a
+compressed job saves the gradients' half of a worker's link, not the parameters' half.
 
 ``python benchmarks/netns.py`` (medium and large MLP, 1 and 2 workers, links unlimited,
-10gbit, 1gbit; 1 BLAS thread per worker), ``--quick`` (medium, 1 worker, unlimited and
-1gbit, 2 steps), ``--models``, ``--workers 1,2``, ``--links unlimited,10gbit,1gbit``, ``--steps N``,
+10gbit, 1gbit, without and with compression; 1 BLAS thread per worker), ``--quick``
+(medium, 1 worker, unlimited and 1gbit, 2 steps), ``--models``, ``--workers 1,2``,
+``--links unlimited,10gbit,1gbit``, ``--compression off,topk,sign``, ``--steps N``,
 ``--repetitions N``, ``--threads N``, ``--delay 100us``, ``--json PATH``.
 """
 
@@ -44,7 +48,12 @@ import time
 from dataclasses import dataclass
 
 LINKS = ("unlimited", "10gbit", "1gbit")
-COMPRESSION = ("off",)  # the slot for compressed gradients, once gradmesh has them
+# Compression on the workers' replies (the worker-to-coordinator hop), per --compression.
+COMPRESSION = {
+    "off": None,
+    "topk": {"kind": "topk", "ratio": 0.01, "where": "worker"},
+    "sign": {"kind": "sign", "where": "worker"},
+}
 STEPS = {"medium": 10, "large": 2}
 # coordinator_cost.py's fit on the development VM: the coordinator's CPU per micro-batch is
 # a + b P + (g + h P) N ms, P in MB, N workers; --coordinator-fit sets another machine's.
@@ -274,9 +283,9 @@ def namespaced_cluster(hosts: Hosts, threads: int):
     )
 
 
-def create_job(bench, cluster, name: str, workers: int):
+def create_job(bench, cluster, name: str, workers: int, compression: str = "off"):
     """benchmarks/cluster.py's job: its model, weights, batch, loss and SGD, one
-    micro-batch per worker."""
+    micro-batch per worker; compressed by the workers unless ``compression`` is off."""
     import gradmesh.core as gm
 
     model = bench.GradmeshSystem._model(name)
@@ -288,8 +297,18 @@ def create_job(bench, cluster, name: str, workers: int):
         micro_batch_size=len(x) // workers,
         example_batch=(x[:4], y[:4]),
         data_names=["x", "y"],
+        compression=COMPRESSION[compression],
     )
     return job, x, y
+
+
+def gradient_bytes_per_worker(job, parameter_bytes: int, workers: int) -> float:
+    """The gradient bytes one worker sent per step (one micro-batch each), from JobStatus:
+    what the workers encoded in a compressed job, the parameters' bytes otherwise."""
+    status = job.status()
+    if status.mode != "compressed" or not status.version:
+        return float(parameter_bytes)
+    return status.compressed_bytes / status.version / workers
 
 
 def measure(args) -> list[dict]:
@@ -303,23 +322,28 @@ def measure(args) -> list[dict]:
                 hosts.shape(link)
                 checks[link] = tcp_check(hosts.hosts[0])
             for name in args.models:
-                job, x, y = create_job(bench, cluster, name, workers)
-                runs = {link: [] for link in args.links}
+                jobs = {c: create_job(bench, cluster, name, workers, c) for c in args.compression}
+                runs = {(c, link): [] for c in args.compression for link in args.links}
                 for _ in range(args.repetitions):
                     for link in args.links:
                         hosts.shape(link)
-                        for i in range(args.warmup + args.steps_of[name]):
-                            t = time.perf_counter()
-                            r = job.step(x, y)
-                            if i >= args.warmup:
-                                runs[link].append((time.perf_counter() - t, r))
-                sizes = {
-                    "parameter_bytes": sum(w.nbytes for w in bench.weights(name)),
-                    "batch_bytes": x.nbytes + y.nbytes,
-                    "batch_rows": len(x),
-                    "threads_per_worker": threads,
-                }
-                for link, steps in runs.items():
+                        for c, (job, x, y) in jobs.items():
+                            for i in range(args.warmup + args.steps_of[name]):
+                                t = time.perf_counter()
+                                r = job.step(x, y)
+                                if i >= args.warmup:
+                                    runs[c, link].append((time.perf_counter() - t, r))
+                parameter_bytes = sum(w.nbytes for w in bench.weights(name))
+                for (c, link), steps in runs.items():
+                    job, x, y = jobs[c]
+                    sizes = {
+                        "parameter_bytes": parameter_bytes,
+                        "batch_bytes": x.nbytes + y.nbytes,
+                        "batch_rows": len(x),
+                        "threads_per_worker": threads,
+                        "compression": c,
+                        "gradient_bytes": gradient_bytes_per_worker(job, parameter_bytes, workers),
+                    }
                     rows.append(summarize(name, workers, link, steps, checks[link], sizes, hosts))
                     print(_line(rows[-1]), file=sys.stderr)
     return rows
@@ -336,7 +360,6 @@ def summarize(name, workers, link, steps, tcp_gbit, sizes, hosts) -> dict:
         "workers": workers,
         "link": link,
         "qdisc": "none" if link == "unlimited" and not hosts.netem else " ".join(hosts.qdisc(link)),
-        "compression": "off",
         "step_ms": 1e3 * seconds,
         "samples_per_second": sizes["batch_rows"] / seconds,
         # Summed over the workers: with several, the per-worker time is this / workers.
@@ -352,8 +375,8 @@ def summarize(name, workers, link, steps, tcp_gbit, sizes, hosts) -> dict:
 
 def _line(r: dict) -> str:
     return (
-        f"{r['model']}, {r['workers']} worker(s), {r['link']}: step {r['step_ms']:.1f} ms, "
-        f"{r['samples_per_second']:.0f} samples/s"
+        f"{r['model']}, {r['workers']} worker(s), {r['link']}, compression {r['compression']}: "
+        f"step {r['step_ms']:.1f} ms, {r['samples_per_second']:.0f} samples/s"
     )
 
 
@@ -361,12 +384,14 @@ def _line(r: dict) -> str:
 
 
 def link_ms(r: dict, gbit: float | None = None) -> float | None:
-    """Milliseconds one worker's link needs for the parameters in, the gradients out and
-    its share of the batch in, at ``gbit`` or else at the row's rate (None: unlimited)."""
+    """Milliseconds one worker's link needs for the parameters in, the gradients out (as
+    sent: compressed or dense) and its share of the batch in, at ``gbit`` or else at the
+    row's rate (None: unlimited)."""
     if gbit is None and r["link"] == "unlimited":
         return None
     bits = gbit * 1e9 if gbit else _bits_per_second(r["link"])
-    size = 2 * r["parameter_bytes"] + r["batch_bytes"] / r["workers"]
+    gradients = r.get("gradient_bytes", r["parameter_bytes"])
+    size = r["parameter_bytes"] + gradients + r["batch_bytes"] / r["workers"]
     return 1e3 * size * 8 / bits
 
 
@@ -391,23 +416,28 @@ def predicted_ms(r: dict, unlimited: dict, fit: tuple[float, ...]) -> float:
 
 def check_table(rows: list[dict], fit: tuple[float, ...]) -> str:
     """Predicted against measured step minus worker compute, for every limited link."""
-    unlimited = {(r["model"], r["workers"]): r for r in rows if r["link"] == "unlimited"}
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["workers"], r.get("compression", "off")
+
+    unlimited = {key(r): r for r in rows if r["link"] == "unlimited"}
     lines = [
         "model check (coordinator CPU per micro-batch "
         f"{fit[0]} + {fit[1]} P + ({fit[2]} + {fit[3]} P) N ms):",
         "",
-        "| model | workers | link | N c(P) ms | link time ms | predicted step - C ms "
-        "| measured ms | measured / predicted |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | workers | link | compression | N c(P) ms | link time ms "
+        "| predicted step - C ms | measured ms | measured / predicted |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        base = unlimited.get((r["model"], r["workers"]))
+        base = unlimited.get(key(r))
         if r["link"] == "unlimited" or base is None:
             continue
         predicted = predicted_ms(r, base, fit)
         measured = r["step_ms"] - r["worker_compute_ms"] / r["workers"]
         lines.append(
-            f"| {r['model']} | {r['workers']} | {r['link']} | {coordinator_ms(r, fit):.1f} "
+            f"| {r['model']} | {r['workers']} | {r['link']} | {r.get('compression', 'off')} "
+            f"| {coordinator_ms(r, fit):.1f} "
             f"| {link_ms(r):.1f} | {predicted:.1f} | {measured:.1f} "
             f"| {measured / predicted:.2f} |"
         )
@@ -417,23 +447,23 @@ def check_table(rows: list[dict], fit: tuple[float, ...]) -> str:
 def table(rows: list[dict]) -> str:
     from_bench = _bench_cluster().MODELS
     lines = [
-        "| model | workers | link (both ends) | raw TCP Gbit/s | step ms | samples/s "
-        "| worker fwd+bwd ms (per worker) | step - fwd+bwd ms | link time ms (2P+D)/B "
-        "| apply ms |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | workers | link (both ends) | compression | raw TCP Gbit/s | step ms "
+        "| samples/s | worker fwd+bwd ms (per worker) | step - fwd+bwd ms "
+        "| gradient MB sent per worker | link time ms (P+G+D)/B | apply ms |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         sizes = "-".join(map(str, from_bench[r["model"]][0]))
         worker = r["worker_compute_ms"] / r["workers"]
         wire = link_ms(r)
+        sent = r.get("gradient_bytes", r["parameter_bytes"]) / 1e6
         lines.append(
-            f"| {r['model']} {sizes} | {r['workers']} | {r['link']} | {r['tcp_check_gbit']:.2f} "
+            f"| {r['model']} {sizes} | {r['workers']} | {r['link']} "
+            f"| {r.get('compression', 'off')} | {r['tcp_check_gbit']:.2f} "
             f"| {r['step_ms']:.1f} | {r['samples_per_second']:.0f} | {worker:.1f} "
-            f"| {r['step_ms'] - worker:.1f} | {'—' if wire is None else f'{wire:.1f}'} "
-            f"| {r['apply_ms']:.1f} |"
+            f"| {r['step_ms'] - worker:.1f} | {sent:.3f} "
+            f"| {'—' if wire is None else f'{wire:.1f}'} | {r['apply_ms']:.1f} |"
         )
-    # The slot for compressed gradients (another deliverable): not measured.
-    lines.append("| (any) | (any) | with compression | — | not available | — | — | — | — | — |")
     return "\n".join(lines)
 
 
@@ -453,8 +483,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per turn (default 1)")
     p.add_argument("--repetitions", type=int, default=2, help="round-robin turns (default 2)")
     p.add_argument("--delay", help="one-way delay per end, e.g. 100us (needs sch_netem)")
-    p.add_argument("--compression", choices=COMPRESSION, default="off",
-                   help="compressed gradients: not available yet (off only)")  # fmt: skip
+    p.add_argument("--compression", default="off,topk",
+                   help="comma-separated: off (synchronous), topk (1%%), sign; compressed "
+                   "by the workers (default off,topk)")  # fmt: skip
     p.add_argument(
         "--coordinator-fit",
         default=",".join(map(str, COORDINATOR_FIT)),
@@ -469,6 +500,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.models, args.workers, args.links = "medium", "1", "unlimited,1gbit"
         args.steps, args.repetitions = args.steps or 2, 1
     args.models = [m for m in args.models.split(",") if m]
+    args.compression = [c for c in args.compression.split(",") if c]
+    if not args.compression or any(c not in COMPRESSION for c in args.compression):
+        p.error(f"--compression: expected some of {','.join(COMPRESSION)}")
     if not args.models or any(m not in STEPS for m in args.models):
         p.error(f"--models: expected some of {','.join(STEPS)}, got {','.join(args.models)!r}")
     try:

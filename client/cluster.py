@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradmesh.client.coordinator import CoordinatorClient
+from gradmesh.wire.errors import GradmeshError
 
 __all__ = ["LocalCluster", "ServerProcess", "ClusterError"]
 
@@ -202,7 +203,8 @@ class LocalCluster:
     choice); workers of one cluster always get the same count, as determinism requires.
     When the workers' threads outnumber the host's cores, idle ones sleep at once instead
     of spinning (:func:`waiting_policy`; the environment's own setting wins).
-    ``coordinator_args``: extra flags for ``gradmesh coordinator``.
+    ``coordinator_args``: extra flags for ``gradmesh coordinator``. ``add_worker()``
+    starts one more worker later, registering with this coordinator or another one.
     ``max_message_bytes``: every server's unary message limit (default the servers' own);
     the coordinator sends a worker call unary when it fits in half of it, else streams it.
     """
@@ -242,6 +244,7 @@ class LocalCluster:
         self.shards: list[ServerProcess] = []
         self.coordinator: ServerProcess | None = None
         self._clients: list = []
+        self._added: set[int] = set()  # ids of add_worker's processes: they register
 
     # -- lifecycle ------------------------------------------------------------------------
     def _env(self, threads: int | None) -> dict[str, str]:
@@ -258,7 +261,8 @@ class LocalCluster:
         environment already says is kept)."""
         env = self._env(self.threads_per_worker)
         threads = self.threads_per_worker or _cores()
-        for var, value in waiting_policy(self.n_workers, threads, _cores()).items():
+        workers = max(self.n_workers, len(self.workers))  # add_worker's too
+        for var, value in waiting_policy(workers, threads, _cores()).items():
             env.setdefault(var, value)
         return env
 
@@ -294,8 +298,9 @@ class LocalCluster:
 
     def coordinator_command_args(self) -> list[str]:
         args = ["--checkpoint-every", str(self.checkpoint_every)]
-        if self.workers:
-            args += ["--workers", ",".join(w.target for w in self.workers)]
+        static = [w for w in self.workers if id(w) not in self._added]
+        if static:
+            args += ["--workers", ",".join(w.target for w in static)]
         if self.shards:
             args += ["--shards", ",".join(s.target for s in self.shards)]
         if self.state_dir:
@@ -359,6 +364,45 @@ class LocalCluster:
         new.start(self._worker_env())
         wait_serving(new.wait_address(self.startup_timeout), self.startup_timeout)
         return new
+
+    def add_worker(
+        self, coordinator: str | None = None, *, wait_registered: bool = True
+    ) -> ServerProcess:
+        """Start one more worker process that registers with ``coordinator`` ("host:port";
+        default this cluster's) and sends it heartbeats (``gradmesh worker
+        --coordinator``). It joins ``workers`` and stops with the cluster (it is not in
+        the coordinator's ``--workers`` list when that restarts). With
+        ``wait_registered`` this returns once that coordinator lists it as ready
+        (ClusterError after ``startup_timeout``)."""
+        target = coordinator or self.coordinator_target
+        proc = self._server("worker", ["--coordinator", target], len(self.workers))
+        self.workers.append(proc)
+        self._added.add(id(proc))
+        proc.start(self._worker_env())
+        wait_serving(proc.wait_address(self.startup_timeout), self.startup_timeout)
+        if wait_registered:
+            self._wait_registered(target, proc)
+        return proc
+
+    def _wait_registered(self, coordinator: str, proc: ServerProcess) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        with CoordinatorClient(coordinator, timeout=5.0, retry_seconds=0.0) as client:
+            while True:
+                try:
+                    if any(
+                        w.address == proc.target and w.state == "ready"
+                        for w in client.list_workers()
+                    ):
+                        return
+                except GradmeshError:
+                    pass  # the coordinator is not up (yet): its worker keeps trying too
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"the worker at {proc.target} did not register with the coordinator "
+                        f"at {coordinator} within {self.startup_timeout:.0f} s:\n"
+                        f"{proc.log_tail()}"
+                    )
+                time.sleep(0.05)
 
     def _stop_one(self, proc: ServerProcess, kill: bool) -> None:
         if kill:

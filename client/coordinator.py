@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,11 @@ from gradmesh.wire.schedule import clipping_to_proto, schedule_to_proto
 from gradmesh.wire.shard import optimizer_to_proto
 
 __all__ = ["CoordinatorClient", "Job", "StepResult"]
+
+# Steps ``fit`` keeps running at once for a bounded-staleness job, at most: a coordinator
+# serves 4 calls of one client at a time by default (--max-requests-per-peer), and the
+# client's other calls (status, parameters) need a slot too.
+MAX_IN_FLIGHT = 3
 
 
 @dataclass
@@ -54,6 +60,8 @@ class StepResult:
     # with clip_grad_norm; None otherwise).
     lr: float = 0.0
     grad_norm: float | None = None
+    # A job with staleness: the largest staleness of the step's micro-batch gradients.
+    staleness: int = 0
 
 
 def _numpy(x) -> np.ndarray:
@@ -69,7 +77,11 @@ class CoordinatorClient(CoordinatorConnection):
     :class:`~gradmesh.client.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
     ``grpc.ChannelCredentials``, as for ``WorkerClient``. ``timeout`` is the deadline of
     each call in seconds (a step on a large model may need more); ``retry_seconds`` how
-    long idempotent calls are retried on transient errors. The calls themselves are
+    long idempotent calls are retried on transient errors (each distinct one logged as a
+    warning on the ``gradmesh.client`` logger). ``wait_for_workers`` (default 30 s): how
+    long a step waits for a worker to register with a coordinator that has none before it
+    raises :class:`~gradmesh.client.Unavailable` with ``reason == "NO_WORKERS"``
+    (docs/training.md, "When no worker is there"). The calls themselves are
     :class:`~gradmesh.wire.coordinator.CoordinatorConnection`'s.
     """
 
@@ -91,6 +103,7 @@ class CoordinatorClient(CoordinatorConnection):
         clip_grad_norm: float | dict | None = None,
         clip_grad_value: float | None = None,
         compression: dict | None = None,
+        staleness: int | None = None,
     ) -> "Job":
         """Trace ``loss_fn(model, *example_batch)`` and create a training job.
 
@@ -120,11 +133,24 @@ class CoordinatorClient(CoordinatorConnection):
         fewer gradient bytes: ``{"kind": "topk", "ratio": 0.01}`` (the largest 1% of each
         gradient) or ``{"kind": "sign"}`` (one bit per element and a scale), with error
         feedback (docs/training.md, "Compressed gradients"). ``Job.status().mode`` says
-        which mode a job runs in.
+        which mode a job runs in. ``"where": "worker"`` in it has the workers compress
+        their replies and keep the residuals (fewer bytes from the workers too; results
+        then depend on which worker computed which micro-batch).
+
+        ``staleness``: opt-in bounded-staleness asynchronous training with this bound
+        (an int >= 1): each micro-batch gradient is applied as its own update when it
+        arrives, if computed on parameters at most ``staleness`` versions old (else it is
+        computed again), and up to ``staleness`` earlier steps may still run when a step
+        starts (``Job.step_async``; ``fit`` keeps up to 3 steps running). Not deterministic
+        (docs/training.md, "Bounded staleness").
         """
         description = _optimizer_description(optimizer, scheduler, model)
         schedule = _schedule_description(scheduler, optimizer)
         clipping = _clipping_description(clip_grad_norm, clip_grad_value)
+        if staleness is not None and (
+            not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 1
+        ):
+            raise ValueError(f"staleness must be an int >= 1, got {staleness!r}")
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
         example = [_numpy(b) for b in example_batch]
@@ -148,6 +174,8 @@ class CoordinatorClient(CoordinatorConnection):
             header.clipping.CopyFrom(clipping_to_proto(clipping))
         if compression is not None:
             header.compression.CopyFrom(_compression_message(compression))
+        if staleness is not None:
+            header.staleness = staleness
         resp = self.create(header, params)
         return Job(
             self,
@@ -155,24 +183,34 @@ class CoordinatorClient(CoordinatorConnection):
             names,
             next_step_id=resp.version + 1 if resp.version == 0 else None,
             tied=_tied_names(model),
+            in_flight=_in_flight(staleness),
         )
 
     def job(self, job_id: str) -> "Job":
         """Attach to an existing job (its next step id is read from the coordinator)."""
         status = self.job_status(job_id)
-        return Job(self, job_id, list(status.data_inputs), status.next_step_id)
+        in_flight = _in_flight(status.staleness if status.mode == "stale" else None)
+        return Job(self, job_id, list(status.data_inputs), status.next_step_id, in_flight=in_flight)
+
+
+def _in_flight(staleness: int | None) -> int:
+    return min(staleness + 1, MAX_IN_FLIGHT) if staleness else 1
 
 
 def _compression_message(spec) -> coordinator_pb2.GradientCompression:
-    """``{"kind": "topk", "ratio": 0.01}`` or ``{"kind": "sign"}`` as the message (the
-    coordinator checks the values; a wrong key is refused here)."""
-    if not isinstance(spec, dict) or not set(spec) <= {"kind", "ratio"}:
+    """``{"kind": "topk", "ratio": 0.01}`` or ``{"kind": "sign"}`` (and ``"where":
+    "worker"``) as the message (the coordinator checks the values; a wrong key is refused
+    here)."""
+    if not isinstance(spec, dict) or not set(spec) <= {"kind", "ratio", "where"}:
         raise ValueError(
             f"compression must be a dict like {{'kind': 'topk', 'ratio': 0.01}} or "
-            f"{{'kind': 'sign'}}, got {spec!r}"
+            f"{{'kind': 'sign'}} (with 'where': 'worker' to compress on the workers), "
+            f"got {spec!r}"
         )
     return coordinator_pb2.GradientCompression(
-        kind=str(spec.get("kind", "")), ratio=float(spec.get("ratio", 0.0))
+        kind=str(spec.get("kind", "")),
+        ratio=float(spec.get("ratio", 0.0)),
+        where=str(spec.get("where", "")),
     )
 
 
@@ -233,7 +271,11 @@ def _tied_names(model) -> dict[str, str]:
 
 
 class Job:
-    """A training job on a coordinator: ``step(*batch)``, ``parameters()``, ``status()``."""
+    """A training job on a coordinator: ``step(*batch)``, ``parameters()``, ``status()``.
+
+    ``in_flight``: how many steps ``fit`` keeps running at once (``step_async``): 1, or
+    ``min(staleness + 1, 3)`` for a job in the bounded-staleness mode.
+    """
 
     def __init__(
         self,
@@ -242,13 +284,16 @@ class Job:
         data_names: list[str],
         next_step_id: int | None = None,
         tied: dict[str, str] | None = None,
+        in_flight: int = 1,
     ):
         self.client = client
         self.job_id = job_id
         self.data_names = data_names
+        self.in_flight = in_flight
         self._lock = threading.Lock()
         self._next = next_step_id
         self._tied = tied or {}
+        self._senders: futures.ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"Job({self.job_id!r} on {self.client.target})"
@@ -262,41 +307,40 @@ class Job:
     def step(self, *batch, step_id: int | None = None) -> StepResult:
         """Train on one batch (the tensors in ``loss_fn``'s order, or by name as keywords
         of a dict passed alone). Steps are numbered here; give ``step_id`` to resend one."""
-        if len(batch) == 1 and isinstance(batch[0], dict):
-            named = dict(batch[0])
-        else:
-            if len(batch) != len(self.data_names):
-                raise ValueError(
-                    f"step() takes {len(self.data_names)} batch tensors "
-                    f"({self.data_names}), got {len(batch)}"
-                )
-            named = dict(zip(self.data_names, batch))
+        named = self._named(batch)
         with self._lock:
             sid = step_id if step_id is not None else self.next_step_id
             r = self.client.step(self.job_id, sid, named)
             if step_id is None or step_id >= self.next_step_id:
                 self._next = r.step_id + 1
-        t = r.timings
-        return StepResult(
-            r.step_id,
-            r.loss,
-            dict(r.metrics),
-            r.version,
-            r.batch_size,
-            r.micro_batches,
-            r.replayed,
-            {
-                "pull": t.pull_seconds,
-                "compute": t.compute_seconds,
-                "push": t.push_seconds,
-                "apply": t.apply_seconds,
-                "total": t.total_seconds,
-                "reassigned": t.reassigned,
-                "worker_compute": t.worker_compute_seconds,
-            },
-            r.lr,
-            r.grad_norm if r.HasField("grad_norm") else None,
-        )
+        return _result(r)
+
+    def step_async(self, *batch, step_id: int | None = None) -> "futures.Future[StepResult]":
+        """Send one step without waiting for it: its id is taken now, in call order, and
+        the future gives its :class:`StepResult`. For a job in the bounded-staleness mode,
+        whose coordinator runs up to ``staleness + 1`` steps at once; a synchronous job
+        refuses a step sent before the previous one finished. A failed step keeps its id:
+        resend it with ``step(..., step_id=...)``."""
+        named = self._named(batch)
+        with self._lock:
+            sid = step_id if step_id is not None else self.next_step_id
+            if step_id is None or step_id >= self.next_step_id:
+                self._next = sid + 1
+            if self._senders is None:
+                self._senders = futures.ThreadPoolExecutor(
+                    max(self.in_flight, 2), thread_name_prefix="gradmesh-step"
+                )
+        return self._senders.submit(lambda: _result(self.client.step(self.job_id, sid, named)))
+
+    def _named(self, batch: tuple) -> dict:
+        if len(batch) == 1 and isinstance(batch[0], dict):
+            return dict(batch[0])
+        if len(batch) != len(self.data_names):
+            raise ValueError(
+                f"step() takes {len(self.data_names)} batch tensors "
+                f"({self.data_names}), got {len(batch)}"
+            )
+        return dict(zip(self.data_names, batch))
 
     def parameters(self) -> "OrderedDict[str, Any]":
         """The parameters, then the job's buffers (BatchNorm running statistics), as a
@@ -310,3 +354,28 @@ class Job:
     def status(self):
         """The coordinator's JobStatusResponse (version, last step id, placement, ...)."""
         return self.client.job_status(self.job_id)
+
+
+def _result(r) -> StepResult:
+    t = r.timings
+    return StepResult(
+        r.step_id,
+        r.loss,
+        dict(r.metrics),
+        r.version,
+        r.batch_size,
+        r.micro_batches,
+        r.replayed,
+        {
+            "pull": t.pull_seconds,
+            "compute": t.compute_seconds,
+            "push": t.push_seconds,
+            "apply": t.apply_seconds,
+            "total": t.total_seconds,
+            "reassigned": t.reassigned,
+            "worker_compute": t.worker_compute_seconds,
+        },
+        r.lr,
+        r.grad_norm if r.HasField("grad_norm") else None,
+        r.staleness,
+    )

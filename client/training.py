@@ -7,6 +7,7 @@ train: 100%|████████| 21/21 [00:04, loss=0.21, samples/s=1.3e+03
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -61,6 +62,7 @@ def fit(
     desc: str = "train",
     steps_per_epoch: int | None = None,
     on_step: Callable[[int, object], None] | None = None,
+    in_flight: int | None = None,
 ) -> History:
     """Run ``job.step`` over every batch for ``epochs`` epochs; returns the :class:`History`.
 
@@ -69,6 +71,10 @@ def fit(
     bar (tqdm) shows the loss, samples per second and the step id; give
     ``steps_per_epoch`` when ``data`` is a function so it can show the total.
     ``on_step(epoch, result)`` is called after every step.
+
+    ``in_flight``: steps sent before the oldest one's result is awaited (default: the
+    job's ``in_flight``: ``min(staleness + 1, 3)`` for a bounded-staleness job, else 1); results
+    are still recorded in step order.
     """
     from tqdm.auto import tqdm
 
@@ -81,24 +87,38 @@ def fit(
             total = None
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=True)
     start = time.perf_counter()
+    window = int(in_flight or getattr(job, "in_flight", None) or 1)
+    running: deque = deque()  # (epoch, future) of the steps sent, oldest first
+
+    def record(epoch: int, result) -> None:
+        history.steps.append(result.step_id)
+        history.losses.append(result.loss)
+        history.metrics.append(result.metrics)
+        history.samples += result.batch_size
+        history.seconds = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{result.loss:.4f}",
+            **{"samples/s": f"{history.samples_per_second:.0f}"},
+            step=result.step_id,
+            refresh=False,
+        )
+        if on_step is not None:
+            on_step(epoch, result)
+
     try:
         for epoch in range(epochs):
             for batch in data(epoch) if callable(data) else data:
-                result = job.step(*batch)
-                history.steps.append(result.step_id)
-                history.losses.append(result.loss)
-                history.metrics.append(result.metrics)
-                history.samples += result.batch_size
-                history.seconds = time.perf_counter() - start
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{result.loss:.4f}",
-                    **{"samples/s": f"{history.samples_per_second:.0f}"},
-                    step=result.step_id,
-                    refresh=False,
-                )
-                if on_step is not None:
-                    on_step(epoch, result)
+                if window <= 1:
+                    record(epoch, job.step(*batch))
+                    continue
+                running.append((epoch, job.step_async(*batch)))
+                if len(running) >= window:
+                    done_epoch, future = running.popleft()
+                    record(done_epoch, future.result())
+        while running:
+            done_epoch, future = running.popleft()
+            record(done_epoch, future.result())
     finally:
         bar.close()
     history.seconds = time.perf_counter() - start

@@ -1,11 +1,14 @@
 """What a compiled plan costs, from shape inference alone, before anything runs: an upper
-bound of the bytes it holds at once and the FLOPs it does (``cost_of``); and row blocks for
-large matrix products and batch blocks for batched products and convolutions, so that a
-deadline or cancellation stops a call inside one big op (``call``; forward kernels of a
-plan, and its backward pass's products through the dispatcher, see ``checking``).
+bound of the bytes it holds at once and the FLOPs it does (``cost_of``); and the blocks a
+deadline or cancellation stops a call between, inside one big op (``call``): large 2-D
+products and ``conv2d_weight_grad`` always run in the same blocks, checked or not (the
+blocks are part of the op), batched products and convolutions in batch blocks when
+checked (same bits as whole). Forward kernels of a plan, and through the dispatcher eager
+ops and a plan's backward products, come through ``call`` (see ``checking``).
 
-Bytes: the sum of every value's bytes (inputs, constants, each node's output) plus, when
-gradients are taken, the bytes of every value that requires grad again (its gradient).
+Bytes: the sum of every value's bytes (inputs, constants, each node's output, and what an
+op keeps beside its output for backward: ``KEPT``) plus, when gradients are taken, the
+bytes of every value that requires grad again (its gradient).
 The plan frees slots after their last use, so the real peak is lower: this is a safe upper
 bound, cheap to compute (one pass over the specs).
 
@@ -35,7 +38,6 @@ __all__ = [
     "RULES",
     "call",
     "block_rows",
-    "BLOCK_ROWS",
     "checking",
     "current_check",
 ]
@@ -91,6 +93,10 @@ RULES: dict[str, Callable] = {
 }
 DEFAULT = _default
 
+# Bytes an op's kernel holds beside its output, as a multiple of the output's bytes:
+# lstm_layer keeps its gate activations (twice its output) in the same allocation.
+KEPT: dict[str, int] = {"lstm_layer": 2}
+
 
 def _nbytes(spec) -> int:
     return _elements(spec.shape) * spec.dtype.itemsize
@@ -102,6 +108,7 @@ def estimate(plan) -> Cost:
     specs = plan.specs
     n_in = vg.num_inputs
     total = sum(_nbytes(s) for s in specs)
+    total += sum(KEPT.get(op.name, 0) * _nbytes(specs[n_in + k]) for k, op in enumerate(vg.ops))
     grads = sum(_nbytes(s) for s, r in zip(specs, plan.requires) if r)
     flops = backward = 0
     for k, (op, ins) in enumerate(zip(vg.ops, vg.node_inputs)):
@@ -124,28 +131,35 @@ def cost_of(plan) -> Cost:
     return cost
 
 
-# -- row blocks -------------------------------------------------------------------------
+# -- blocks that are part of the op ---------------------------------------------------
 #
-# A large 2-D matrix product runs as row blocks of its output with ``check()`` between
-# them. Bitwise: each block is the same BLAS call on a row slice, writing into the
-# result's rows (``out=``). Measured with OpenBLAS 0.3.31 (threads 1 and 2) over many
-# shapes: float32 blocks of >= BLOCK_ROWS rows gave the same bits as the whole product
-# every time (blocks of 32 to 512 rows); float64 did NOT for several shapes (1500x300x700,
-# 2048x1000x333, ...), and small products (OpenBLAS's small-matrix kernels) did not either.
-# So only float32, only products of at least MIN_BLOCK_FLOPS with >= 2 blocks, blocks of
-# MIN_ROWS to BLOCK_ROWS rows (a multiple of MIN_ROWS, about TARGET_BLOCK_FLOPS each; the
-# last one takes the remainder); anything else runs whole, checked between kernels as
-# before, and the FLOP budget bounds how long one such op can take.
-BLOCK_ROWS = 512
-MIN_ROWS = 64
+# A large matrix product (``mm``, ``matmul`` or ``linear`` whose right-hand side is a
+# matrix, the left one's leading dimensions taken as rows) and a large
+# ``conv2d_weight_grad`` (a sum over the batch) ALWAYS run in the same blocks on the CPU,
+# checked or not: eager runs, plans and workers alike (the dispatcher and the plan both
+# come through ``call``). A check only decides whether something runs between blocks, so
+# a deadline never changes the bits. Whole-op bits would not do: row or column blocks of a
+# float64 product did NOT give the same bits as the whole product with OpenBLAS 0.3.31
+# (1500x300x700, 2048x1000x333, 777x555x999, 1200x129x1500 differ), so its blocks have to
+# be the op's own. A product runs in row blocks of about TARGET_BLOCK_FLOPS but at least
+# MIN_ROWS rows (a multiple of ROW_STEP; the last block takes the remainder) when it has
+# at least two: smaller products run whole. MIN_ROWS because each BLAS call packs the
+# whole right-hand matrix again: a 4096x4096 float64 product in blocks of 128 rows took
+# 18% more CPU than whole, of 512 rows 7%, of 1024 rows 2% (within the noise; see
+# docs/worker.md). ``conv2d_weight_grad`` sums fixed batch blocks of about
+# TARGET_BLOCK_FLOPS in order, each block's own sum being the op's.
+MIN_ROWS = 1024
+ROW_STEP = 64
 TARGET_BLOCK_FLOPS = 1 << 32  # a block: ~0.05-0.2 s of one core's BLAS
-MIN_BLOCK_FLOPS = 1 << 28  # products smaller than this run whole
-BLOCKED_DTYPES = (np.dtype(np.float32),)
-blocked_calls = 0  # products run in blocks (for tests, metrics)
+MIN_BLOCK_FLOPS = 1 << 28  # batched products smaller than this run whole
+BLOCKED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+OP_BLOCKED = frozenset(("matmul", "mm", "linear", "conv2d_weight_grad"))  # always blocked
+blocked_calls = 0  # products run in row blocks (for tests, metrics)
+sum_blocked_calls = 0  # conv2d_weight_grad run in batch blocks
 block_checks = 0  # checks made between blocks
 
 
-def block_rows(m: int, rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
+def block_rows(m: int, rows: int) -> list[tuple[int, int]]:
     """Row ranges of ``m`` rows, each ``rows`` long except the last (``rows`` to
     ``2*rows - 1``)."""
     n = max(1, m // rows)
@@ -155,11 +169,12 @@ def block_rows(m: int, rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
 
 def rows_per_block(k: int, n: int) -> int:
     """Rows of one block of an (m x k) @ (k x n) product: about TARGET_BLOCK_FLOPS."""
-    rows = TARGET_BLOCK_FLOPS // max(1, 2 * k * n) // MIN_ROWS * MIN_ROWS
-    return max(MIN_ROWS, min(BLOCK_ROWS, rows))
+    rows = TARGET_BLOCK_FLOPS // max(1, 2 * k * n) // ROW_STEP * ROW_STEP
+    return max(MIN_ROWS, rows)
 
 
 def _blockable(a, b) -> bool:
+    """Whether ``a @ b`` (both 2-D) runs in row blocks: at least two of them."""
     return (
         type(a) is np.ndarray
         and type(b) is np.ndarray
@@ -168,7 +183,6 @@ def _blockable(a, b) -> bool:
         and a.dtype in BLOCKED_DTYPES
         and b.dtype == a.dtype
         and a.shape[0] >= 2 * rows_per_block(a.shape[1], b.shape[1])
-        and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= MIN_BLOCK_FLOPS
     )
 
 
@@ -177,36 +191,101 @@ def _blocked_product(a, b, check) -> np.ndarray:
     blocked_calls += 1
     out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     for s, e in block_rows(a.shape[0], rows_per_block(a.shape[1], b.shape[1])):
-        block_checks += 1
-        check()
+        if check is not None:
+            block_checks += 1
+            check()
         np.matmul(a[s:e], b, out=out[s:e])
     return out
+
+
+def _product_operands(op_name: str, args: list):
+    """``(rows, rhs)`` when ``op_name`` over ``args`` is the product ``rows @ rhs`` of
+    matrices (``rows`` the left operand's leading dimensions flattened, as the op does
+    itself), else None."""
+    a, b = args[0], args[1]
+    if type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim < 2 or b.ndim != 2:
+        return None
+    if op_name == "mm" and a.ndim != 2:
+        return None
+    rhs = b.T if op_name == "linear" else b
+    return a.reshape(-1, a.shape[-1]), rhs
+
+
+def _blocked_op(op_name: str, args: list, check):
+    """The op over ``args`` in its fixed blocks, or None when it runs whole."""
+    a, b = args[0], args[1]
+    if op_name == "conv2d_weight_grad":
+        return None
+    # Two blocks take at least TARGET_BLOCK_FLOPS (rows >= 2 * rows_per_block): most
+    # products leave here, after a few attribute reads (this runs for every eager product).
+    n = b.shape[0] if op_name == "linear" else b.shape[-1]
+    if 2 * a.size * n < TARGET_BLOCK_FLOPS:
+        return None
+    operands = _product_operands(op_name, args)
+    if operands is None or not _blockable(*operands):
+        return None
+    if op_name == "linear" and type(args[2]) is not np.ndarray:
+        return None
+    out = _blocked_product(*operands, check)
+    if op_name == "linear":
+        out += args[2]
+    return out.reshape(a.shape[:-1] + (out.shape[-1],))
 
 
 def call(
     op_name: str, forward: Callable, xp, args: list, attrs: dict, check: Callable[[], None] | None
 ):
-    """``forward(xp, *args, **attrs)``; on the CPU a large float32 ``matmul``/``mm``/
-    ``linear`` runs in row blocks, and a large batched ``matmul``, ``conv2d`` or
-    ``conv2d_input_grad`` (any float dtype) in batch blocks, with ``check()`` between them
-    (same bits, see above)."""
+    """``forward(xp, *args, **attrs)``; on the CPU a large ``matmul``/``mm``/``linear``
+    (float32 or float64) always runs in row blocks and a large ``conv2d_weight_grad`` in
+    batch blocks, with ``check()`` between them if given; with a check, a large batched
+    ``matmul``, ``conv2d`` or ``conv2d_input_grad`` (any float dtype) also runs in batch
+    blocks (the same bits as whole, see below)."""
+    if xp is np and op_name in OP_BLOCKED and len(args) >= 2:
+        if op_name == "conv2d_weight_grad":
+            per_item = _weight_grad_item_flops(args, attrs)
+            if per_item:
+                return _summed_batch_blocks(forward, args, attrs, per_item, check)
+        else:
+            out = _blocked_op(op_name, args, check)
+            if out is not None:
+                return out
     if check is not None and xp is np and len(args) >= 2:
         per_item = _batch_item_flops(op_name, args, attrs)
         if per_item:
             return _in_batch_blocks(op_name, forward, args, attrs, per_item, check)
-    if check is not None and xp is np and op_name in _BLOCKED_OPS and len(args) >= 2:
-        a, b = args[0], args[1]
-        if op_name == "linear":
-            if _blockable(a, b.T) and type(args[2]) is np.ndarray:
-                out = _blocked_product(a, b.T, check)
-                out += args[2]
-                return out
-        elif _blockable(a, b):
-            return _blocked_product(a, b, check)
     return forward(xp, *args, **attrs)
 
 
-_BLOCKED_OPS = frozenset(("matmul", "mm", "linear"))
+def _weight_grad_item_flops(args: list, attrs: dict) -> int:
+    """FLOPs per image of a ``conv2d_weight_grad`` that runs in batch blocks; 0 when it
+    runs whole (one block or fewer, not float32/float64 arrays)."""
+    x, g = args[0], args[1]
+    if not _float_arrays(args) or x.dtype not in BLOCKED_DTYPES or x.ndim != 4 or g.ndim != 4:
+        return 0
+    kh, kw = attrs.get("kernel_size", (1, 1))
+    groups = attrs.get("groups", 1) or 1
+    per_item = 2 * g.shape[1] * (x.shape[1] // groups) * kh * kw * g.shape[2] * g.shape[3]
+    return per_item if _items_per_block(per_item) < x.shape[0] else 0
+
+
+def _summed_batch_blocks(forward, args, attrs, per_item, check) -> np.ndarray:
+    """The weight gradient as the sum, in order, of the weight gradients of fixed batch
+    blocks."""
+    global sum_blocked_calls, block_checks
+    sum_blocked_calls += 1
+    x, g = args[0], args[1]
+    step = _items_per_block(per_item)
+    total = None
+    for s in range(0, x.shape[0], step):
+        if check is not None:
+            block_checks += 1
+            check()
+        part = forward(np, x[s : s + step], g[s : s + step], **attrs)
+        if total is None:
+            total = np.array(part)  # our own, writable copy (weight-sized: cheap)
+        else:
+            total += part
+    return total
 
 
 # -- batch blocks -----------------------------------------------------------------------
@@ -215,11 +294,9 @@ _BLOCKED_OPS = frozenset(("matmul", "mm", "linear"))
 # over the batch dimensions), and conv2d and its input gradient are one batched product
 # per image (im2col / col2im work image by image). So running the first dimension in
 # slices makes the very same calls on the very same matrices: the same bits in any dtype,
-# float64 included (tests/engine/test_cost.py checks many shapes). Not blocked:
-# ``conv2d_weight_grad`` (it sums over the batch inside the op) and a 2-D float64
-# product, whose row or column blocks did not give the same bits (see above; measured
-# again for columns: 1500x300x700, 2048x1000x333, 777x555x999, 1200x129x1500 differ):
-# those are bounded by the FLOP budget only.
+# float64 included (tests/engine/test_cost.py checks many shapes). So these run in batch
+# blocks only when checked. A matrix on the right (``(..., K) @ (K, N)``) is one 2-D
+# product over the flattened rows (``rows_times_matrix``): the op's own row blocks above.
 batch_blocked_calls = 0  # ops run in batch blocks (for tests, metrics)
 
 
@@ -237,7 +314,7 @@ def _float_arrays(args: list) -> bool:
 def _batched_product_flops(a, b) -> int:
     """FLOPs of one item of ``a``'s first dimension in ``a @ b``; 0 when slicing that
     dimension is not the whole story (``b`` with more dimensions, or its own batch)."""
-    if a.ndim < 3 or b.ndim < 2 or b.ndim > a.ndim:
+    if a.ndim < 3 or b.ndim < 3 or b.ndim > a.ndim:
         return 0
     if b.ndim == a.ndim and b.shape[0] not in (1, a.shape[0]):
         return 0

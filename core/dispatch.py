@@ -15,6 +15,7 @@ from .tensor import Tensor
 
 _ndarray = np.ndarray
 _bfloat16 = dtypes.bfloat16.np
+_op_blocked = cost.OP_BLOCKED
 
 
 def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
@@ -59,6 +60,9 @@ def apply(op: Op, inputs: Sequence[Tensor], attrs: dict) -> Tensor:
         # float16/bfloat16: computed in float32, rounded once (core/precision.py).
         out_np = spec.dtype.np if spec is not None else precision.out_dtype(op, arrays, attrs)
         out = precision.run(forward, xp, arrays, attrs, out_np)
+    elif on_cpu and op.name in _op_blocked:
+        # Large products run in the op's own fixed blocks, checked in a plan's backward.
+        out = cost.call(op.name, forward, xp, arrays, attrs, cost.current_check())
     elif state.trusted and (check := cost.current_check()) is not None:
         out = cost.call(op.name, forward, xp, arrays, attrs, check)  # a plan's backward
     else:

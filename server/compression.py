@@ -18,6 +18,11 @@ worker, is the unit (any worker may compute any micro-batch), so the compressed 
 still a pure function of the batches and stays reproducible run to run whatever the
 number of workers; it is not equal to the synchronous mode.
 The wire encoding, for remote shards, is :mod:`gradmesh.wire.compression`.
+
+With ``"where": "worker"`` the workers compress their replies and keep the residuals
+(:mod:`gradmesh.server.worker.residuals`, per (job, micro-batch index, parameter)); the
+coordinator only counts the bytes (:meth:`StagedResiduals.received`) and forwards the
+encoded gradients.
 """
 
 from __future__ import annotations
@@ -36,22 +41,34 @@ __all__ = [
 ]
 
 KINDS = ("topk", "sign")
+PLACES = ("coordinator", "worker")  # where the residuals are kept
 INDEX_BYTES = 4  # int32 indices of the kept elements
 
 
 def validate(spec: dict) -> dict:
-    """A compression description, normalised; ValueError naming the field when bad."""
+    """A compression description, normalised; ValueError naming the field when bad.
+    ``where`` stays out of the result unless it is "worker", so that the coordinator
+    mode's description (part of a job's content and id) is what it always was."""
+    where = spec.get("where") or "coordinator"
+    if where not in PLACES:
+        raise ValueError(f"compression.where must be one of {list(PLACES)}, got {where!r}")
+    placed = {"where": "worker"} if where == "worker" else {}
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ValueError(f"compression.kind must be one of {list(KINDS)}, got {kind!r}")
     if kind == "sign":
         if spec.get("ratio"):
             raise ValueError("compression.ratio applies to kind 'topk' only")
-        return {"kind": "sign"}
+        return {"kind": "sign", **placed}
     ratio = spec.get("ratio")
     if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"compression.ratio must be in (0, 1] for topk, got {ratio!r}")
-    return {"kind": "topk", "ratio": float(ratio)}
+    return {"kind": "topk", "ratio": float(ratio), **placed}
+
+
+def at_worker(spec: dict | None) -> bool:
+    """Whether the workers compress (and keep the residuals) for this description."""
+    return spec is not None and spec.get("where") == "worker"
 
 
 def _kept(size: int, ratio: float) -> int:
@@ -66,6 +83,11 @@ def _top_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     above = np.flatnonzero(magnitude > threshold)
     at = np.flatnonzero(magnitude == threshold)[: k - above.size]
     return np.concatenate([above, at])
+
+
+def kept_count(size: int, ratio: float) -> int:
+    """How many of ``size`` elements top-k keeps at ``ratio`` (at least one)."""
+    return _kept(size, ratio)
 
 
 def compress(spec: dict, p: np.ndarray) -> np.ndarray:
@@ -134,6 +156,12 @@ class StagedResiduals:
                 self.sizes[(m, name)] = (p.nbytes, encoded_bytes(self.owner.spec, p))
             out[name] = c
         return out
+
+    def received(self, m: int, sizes: dict[str, tuple[int, int]]) -> None:
+        """Micro-batch ``m``'s (dense, as sent) bytes per parameter, for a job whose
+        workers compress (the residuals are theirs: nothing else to stage)."""
+        with self.lock:
+            self.sizes.update({(m, name): size for name, size in sizes.items()})
 
     def commit(self) -> None:
         self.owner.kept.update(self.new)

@@ -90,6 +90,7 @@ class CoordinatorServicer:
             header.schedule if header.HasField("schedule") else None,
             header.clipping if header.HasField("clipping") else None,
             compression_msg=header.compression if header.HasField("compression") else None,
+            staleness=header.staleness,
         )
         return pb.CreateJobResponse(
             job_id=job.job_id, graph_id=job.graph_id, version=job.version, placement=job.placement

@@ -21,7 +21,7 @@ import grpc
 from gradmesh.core.serialize import WireError
 from gradmesh.server.runtime import ServiceError
 from gradmesh.server.workers import WorkerHandle, WorkerPool
-from gradmesh.wire.errors import GradmeshError
+from gradmesh.wire.errors import NO_USABLE_WORKERS, NO_WORKERS, GradmeshError
 from gradmesh.wire.worker import Reply
 
 __all__ = ["dispatch", "RETRYABLE"]
@@ -53,12 +53,25 @@ def dispatch(
     the step) when the step cannot complete."""
     workers = pool.usable()
     if not workers:
-        raise ServiceError(
-            UNAVAILABLE,
-            "no worker is available (none configured, "
-            "registered or reachable); start workers and retry" + pool.unusable_reasons(),
-        )
+        raise _no_workers(pool)
     return _Dispatch(pool, workers, n, compute, accept, deadline).run()
+
+
+def _no_workers(pool: WorkerPool) -> ServiceError:
+    if not pool.workers:
+        return ServiceError(
+            UNAVAILABLE,
+            "no workers are registered with this coordinator (and none is configured with "
+            "--workers): start workers with `gradmesh worker --coordinator ADDRESS` (this "
+            "coordinator's address) and retry",
+            reason=NO_WORKERS,
+        )
+    return ServiceError(
+        UNAVAILABLE,
+        "no worker is available (none of the known ones is ready); start workers or "
+        "wait for these and retry" + pool.unusable_reasons(),
+        reason=NO_USABLE_WORKERS,
+    )
 
 
 def _batch_field(worker_field: str | None) -> str:

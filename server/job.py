@@ -94,6 +94,9 @@ class Job:
     # Opt-in compressed mode (None: the synchronous, bitwise mode) and its error-feedback
     # residuals, in memory only (docs/training.md, "Compressed gradients").
     residuals: "compression.Residuals | None" = None
+    # Opt-in bounded-staleness mode (None: synchronous): a stale.StaleState with the
+    # bound, its unfinished steps and what it has seen (docs/training.md, "Bounded staleness").
+    stale: Any = None
 
 
 def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -183,6 +186,7 @@ def differences(
     schedule: dict | None = None,
     clipping: dict | None = None,
     compress: dict | None = None,
+    staleness: int | None = None,
 ) -> list[str]:
     """What a CreateJob for an existing job id asks differently from the job (empty: the
     same content, an idempotent re-create)."""
@@ -212,6 +216,10 @@ def differences(
             f"compression (existing {compression_of(existing)}, new {compress})",
             compression_of(existing) == compress,
         ),
+        (
+            f"staleness (existing {staleness_of(existing)}, new {staleness})",
+            staleness_of(existing) == staleness,
+        ),
     )
     return [what for what, same in checks if not same]
 
@@ -224,6 +232,7 @@ def default_job_id(
     schedule: dict | None = None,
     clipping: dict | None = None,
     compress: dict | None = None,
+    staleness: int | None = None,
 ) -> str:
     """The id of a job created without one: a digest of its content (graph, initial
     parameters, optimizer, micro-batch size, schedule and clipping when given), so that
@@ -233,6 +242,8 @@ def default_job_id(
         content += [schedule, clipping]
     if compress is not None:
         content += [{"compression": compress}]
+    if staleness is not None:
+        content += [{"staleness": staleness}]
     key = json.dumps(content, sort_keys=True)
     return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -316,13 +327,17 @@ def compression_of(job: Job) -> dict | None:
     return job.residuals.spec if job.residuals is not None else None
 
 
+def staleness_of(job: Job) -> int | None:
+    return job.stale.bound if job.stale is not None else None
+
+
 def compression_spec(msg) -> dict | None:
     """A CreateJobRequest's GradientCompression as a validated description (None:
     unset, the synchronous mode); INVALID_ARGUMENT naming the field when bad."""
     if msg is None:
         return None
     try:
-        return compression.validate({"kind": msg.kind, "ratio": msg.ratio})
+        return compression.validate({"kind": msg.kind, "ratio": msg.ratio, "where": msg.where})
     except ValueError as e:
         raise ServiceError(INVALID, str(e), str(e).split()[0]) from None  # names the field
 
@@ -333,6 +348,15 @@ def set_compression(job: Job, spec: dict | None) -> None:
 
 def mode_fields(job: Job) -> dict:
     """JobStatus's mode fields: what the job trades for speed, if anything."""
+    s = job.stale
+    if s is not None:
+        return {
+            "mode": "stale",
+            "deterministic": False,
+            "staleness": s.bound,
+            "max_staleness": s.max_seen,
+            "recomputed": s.recomputed,
+        }
     r = job.residuals
     if r is None:
         return {"mode": "synchronous", "deterministic": True}

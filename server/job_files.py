@@ -27,6 +27,7 @@ from gradmesh.server.job import (
     set_compression,
 )
 from gradmesh.server.runtime import ServiceError
+from gradmesh.server.stale import set_staleness
 from gradmesh.v1 import graph_pb2
 
 log = logging.getLogger("gradmesh.coordinator")
@@ -64,6 +65,7 @@ class JobFiles:
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
             **schedule_meta(job),
             **({"compression": job.residuals.spec} if job.residuals else {}),
+            **({"staleness": job.stale.bound} if job.stale else {}),
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
         arrays = {"graph": graph, **buffer_arrays(job.buffers)}
@@ -117,6 +119,7 @@ def _job_from_checkpoint(arrays: dict, meta: dict) -> Job:
     restore_schedule(job, meta)
     # The residuals are not checkpointed: they restart from zero (documented).
     set_compression(job, meta.get("compression"))
+    set_staleness(job, meta.get("staleness"))
     return job
 
 

@@ -11,7 +11,7 @@ makes the result bit for bit independent of which worker did what.
 
 The pieces: a job's state and content checks (:mod:`.job`), one step attempt
 (:mod:`.step_run`), where parameters live (:mod:`.placement`), checkpoints and step logs
-(:mod:`.job_files`).
+(:mod:`.job_files`), the opt-in bounded-staleness mode's steps (:mod:`.stale`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 from gradmesh.core import serialize
 from gradmesh.core.nn import utils as nn_utils
-from gradmesh.server import job_files
+from gradmesh.server import job_files, stale
 from gradmesh.server.dispatch import dispatch
 from gradmesh.server.job import (
     FAILED,
@@ -130,7 +130,15 @@ class Coordinator:
         if header.micro_batch_size < 1:
             raise ServiceError(INVALID, "micro_batch_size must be >= 1", "micro_batch_size")
         schedule_and_clipping(optimizer_from_proto(header.optimizer), *schedule_messages(header))
-        compression_spec(header.compression if header.HasField("compression") else None)
+        compress = compression_spec(header.compression if header.HasField("compression") else None)
+        schedule_msg, clipping_msg = schedule_messages(header)
+        stale.check_staleness(
+            header.staleness,
+            compress=compress,
+            clipping=clipping_msg,
+            schedule=schedule_msg,
+            buffers=graph_buffers(header.graph),
+        )
         _, _, specs, _, _ = graph_signature(header.graph)
         specs = {**specs, **graph_buffers(header.graph)}
         serialize.check_headers(
@@ -147,6 +155,7 @@ class Coordinator:
         schedule_msg=None,
         clipping_msg=None,
         compression_msg=None,
+        staleness: int = 0,
     ):
         """Create a job (idempotent for identical content); returns the Job.
         ``schedule_msg``/``clipping_msg``: an LRSchedule and a GradientClipping, or None."""
@@ -161,17 +170,28 @@ class Coordinator:
         graph, gid = vg.graph, vg.id  # the canonical form: the workers' id too
         buffer_specs = graph_buffers(graph)
         params, buffers = split_buffers(buffer_specs, params)
+        bound = stale.check_staleness(
+            staleness, compress=compress, clipping=clipping, schedule=schedule, buffers=buffers
+        )
         check_initial_parameters(names, specs, params)
         # Buffers count as initial state (a graph without them digests as before).
         digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
         job_id = job_id or default_job_id(
-            gid, digest, optimizer, micro_batch_size, schedule, clipping, compress
+            gid, digest, optimizer, micro_batch_size, schedule, clipping, compress, bound
         )
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
                 differ = differences(
-                    existing, gid, optimizer, micro_batch_size, digest, schedule, clipping, compress
+                    existing,
+                    gid,
+                    optimizer,
+                    micro_batch_size,
+                    digest,
+                    schedule,
+                    clipping,
+                    compress,
+                    bound,
                 )
                 if differ:
                     raise ServiceError(
@@ -199,6 +219,7 @@ class Coordinator:
             )
             set_schedule(job, schedule, clipping)
             set_compression(job, compress)
+            stale.set_staleness(job, bound)
             self.jobs[job_id] = job
         try:
             with job.lock:
@@ -247,6 +268,8 @@ class Coordinator:
         job = self.job(job_id)
         if step_id < 1:
             raise ServiceError(INVALID, "step ids start at 1", "step_id")
+        if job.stale is not None:  # bounded staleness: steps run side by side
+            return stale.step(self, job, step_id, batch)
         with job.lock:
             replayed = self._earlier_result(job, step_id, batch)
             if replayed is not None:
@@ -361,7 +384,8 @@ class Coordinator:
         with it set. A restarted shard restores its checkpoint and step log: it is back at
         its last acknowledged step, whatever its address."""
         states = self._shard_states(job)
-        here = (job.version, job.last_step_id)
+        # A stale-mode job's updates are the shards' steps (step id = version).
+        here = (job.version, job.version if job.stale else job.last_step_id)
         ahead = (job.version + 1, job.pinned[0]) if job.pinned else None
         bad = {i: s for i, s in states.items() if s is None or s not in (here, ahead)}
         if bad:
@@ -703,7 +727,9 @@ class Coordinator:
                 # ReduceLROnPlateau, whose metric those steps' losses were).
                 for _ in range(version - job.version):
                     advance_schedule(job, job.last_loss)
-                job.version, job.last_step_id, job.pinned = version, last, None
+                job.version, job.pinned = version, None
+                if job.stale is None:
+                    job.last_step_id = last
         try:
             self._resync(job)
         except ServiceError:

@@ -14,6 +14,7 @@ import numpy as np
 
 from gradmesh.core.graph import is_random
 from gradmesh.core.registry import REGISTRY
+from gradmesh.server import compression
 from gradmesh.server.aggregate import (
     TreeSum,
     combine_buffers,
@@ -21,11 +22,12 @@ from gradmesh.server.aggregate import (
     micro_batch_seed,
     micro_batches,
 )
-from gradmesh.server.job import Job
-from gradmesh.server.placement import parts_on, used_shards
+from gradmesh.server.job import Job, compression_of, job_dtype
+from gradmesh.server.placement import names_on, parts_on, used_shards
 from gradmesh.server.runtime import ServiceError
 from gradmesh.server.shard_store import EmbeddedShard
 from gradmesh.server.workers import ParamSet, WorkerHandle
+from gradmesh.v1 import worker_pb2
 from gradmesh.wire import compression as wire_compression
 from gradmesh.wire.errors import GradmeshError
 from gradmesh.wire.worker import Reply
@@ -63,6 +65,9 @@ class StepRun:
         self.attempt = secrets.randbits(64)
         self.residuals = job.residuals.stage() if job.residuals is not None else None
         self.random = has_random_ops(job.graph_id, job.graph)
+        # The workers compress (and keep the residuals): docs/training.md, "Compressed
+        # gradients".
+        self.at_worker = compression.at_worker(compression_of(job))
 
     def compute(self, worker: WorkerHandle, m: int) -> Reply:
         job = self.job
@@ -78,10 +83,26 @@ class StepRun:
             # same from step to step, which the worker then checks and decodes once.
             micro_batch_seed(job.job_id, self.step_id, m) if self.random else 0,
             job.metric_names,
+            **({"compression": self._worker_compression(m)} if self.at_worker else {}),
+        )
+
+    def _worker_compression(self, m: int) -> worker_pb2.WorkerCompression:
+        """Micro-batch ``m``'s compression for its worker: residuals under (job, m), this
+        step as the round (a retried attempt starts from the same residual)."""
+        spec = self.residuals.owner.spec
+        return worker_pb2.WorkerCompression(
+            kind=spec["kind"],
+            ratio=spec.get("ratio", 0.0),
+            residual_set=self.job.job_id,
+            residual_index=m,
+            residual_round=self.step_id,
         )
 
     def accept(self, m: int, r: Reply) -> None:
         job = self.job
+        if self.at_worker:
+            self._accept_compressed(m, r)
+            return
         missing = [nm for nm in job.param_names if nm not in r.gradients]
         if missing:
             raise ServiceError(
@@ -98,12 +119,21 @@ class StepRun:
             # Unused parameters stay zeros (the shards skip them as torch's optimizers do).
             used = [nm for nm in job.param_names if nm not in r.unused]
             gradients = {**gradients, **self.residuals.apply(m, {nm: gradients[nm] for nm in used})}
+        pushes = []
         for i in self.by_shard:
             grads = parts_on(job, i, gradients, job.param_names)
             unused = [nm for nm in r.unused if nm in grads]
             extra = self._compressed_for(i, grads, unused)
             if extra:
                 grads = {nm: g for nm, g in grads.items() if nm in unused}
+            pushes.append((i, grads, unused, extra))
+        self._push_and_keep(m, r, pushes, t)
+
+    def _push_and_keep(self, m: int, r: Reply, pushes: list, t: float) -> None:
+        """Push micro-batch ``m``'s gradients, ``(shard, dense, unused, compressed)`` per
+        shard, then keep its loss, metrics and buffer updates."""
+        job = self.job
+        for i, grads, unused, extra in pushes:
             try:
                 self.shards[i].push(
                     job.job_id,
@@ -133,6 +163,77 @@ class StepRun:
                 if value is not None and np.size(value) == 1:
                     w = (self.ranges[m][1] - self.ranges[m][0]) / self.size
                     self.metrics[name].add(m, float(np.asarray(value).reshape(())) * w)
+
+    def _accept_compressed(self, m: int, r: Reply) -> None:
+        """A reply its worker compressed: checked and counted, each blob forwarded to a
+        remote shard as it came (decoded for the embedded shard, and re-encoded by slice
+        for a parameter cut over shards). A dense gradient of a used parameter (a worker
+        that predates compression) goes on as it is: exact."""
+        job = self.job
+        kind = self.residuals.owner.spec["kind"]
+        blobs = self._checked_blobs(r, kind)
+        t = time.perf_counter()
+        sizes = {}
+        for nm in job.param_names:
+            dense = int(np.prod(job.param_specs[nm][1])) * job_dtype(job, nm).itemsize
+            if nm in blobs:
+                sizes[nm] = (dense, blobs[nm].nbytes)
+            elif nm not in r.unused:
+                sizes[nm] = (dense, dense)
+        self.residuals.received(m, sizes)
+        pushes = []
+        for i in self.by_shard:
+            embedded = isinstance(self.shards[i], EmbeddedShard)
+            dense, sent = {}, {}
+            for nm in names_on(job, i, job.param_names):
+                if nm not in blobs:
+                    dense.update(parts_on(job, i, {nm: r.gradients[nm]}, [nm]))
+                elif not embedded and nm not in job.pieces:
+                    sent[nm] = blobs[nm]
+                else:
+                    part = parts_on(job, i, {nm: self._decoded(nm, kind, blobs[nm])}, [nm])[nm]
+                    if embedded:
+                        dense[nm] = part
+                    else:
+                        sent[nm] = wire_compression.encode(kind, part)
+            unused = [nm for nm in r.unused if nm in dense]
+            pushes.append((i, dense, unused, {"compressed": (kind, sent)} if sent else {}))
+        self._push_and_keep(m, r, pushes, t)
+
+    def _checked_blobs(self, r: Reply, kind: str) -> dict[str, np.ndarray]:
+        """The reply's compressed gradients, after checking that every parameter and
+        buffer is there (INTERNAL naming what a worker left out)."""
+        job = self.job
+        blobs = r.compressed
+        if blobs and r.compression != kind:
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"a worker compressed with {r.compression!r}, the job with {kind!r}",
+            )
+        missing = [nm for nm in job.param_names if nm not in r.gradients and nm not in blobs]
+        missing += [nm for nm in self.updated if nm not in r.buffers]
+        if missing:
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"a worker returned no value for {missing[:5]}"
+            )
+        for nm, words in blobs.items():
+            if words.dtype != np.int32 or words.ndim != 1:
+                raise ServiceError(
+                    grpc.StatusCode.INTERNAL,
+                    f"a worker's compressed gradient of {nm!r} is not 1-D int32 words",
+                )
+        return blobs
+
+    def _decoded(self, name: str, kind: str, words: np.ndarray) -> np.ndarray:
+        job = self.job
+        try:
+            return wire_compression.decode(
+                kind, words, job_dtype(job, name), tuple(job.param_specs[name][1])
+            )
+        except ValueError as e:
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"a worker's compressed gradient of {name!r}: {e}"
+            ) from None
 
     def _compressed_for(self, i: int, grads: dict, unused: list) -> dict:
         """For a remote shard of a compressed job, the compressed gradients in their wire

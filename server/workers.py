@@ -119,16 +119,18 @@ class WorkerHandle(WorkerTransport):
         scale: float,
         seed: int,
         outputs: Sequence[str],
+        compression: worker_pb2.WorkerCompression | None = None,
     ) -> Reply:
         """One ComputeGradients call (the graph inline until the worker has it); raises
-        ``GradmeshError`` for a failed call."""
+        ``GradmeshError`` for a failed call. ``compression``: the reply's gradients
+        compressed by the worker (bytes only: no shared memory then)."""
         unary_max = min(self.max_message_bytes // 2, UNARY_MAX_BYTES)
         data_bytes = sum(a.nbytes for a in data.values())
-        shared = self._shared and data_bytes + (1 << 20) < unary_max
+        shared = self._shared and data_bytes + (1 << 20) < unary_max and compression is None
 
         def send(mode: str) -> Reply:
             req = worker_pb2.ComputeGradientsRequest(
-                loss_scale=scale, seed=seed, outputs=list(outputs)
+                loss_scale=scale, seed=seed, outputs=list(outputs), compression=compression
             )
             if graph_id in self.graphs:
                 req.graph_id = graph_id

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["encode", "decode"]
+__all__ = ["encode", "encode_topk", "decode", "to_words"]
 
 INDEX = np.dtype("<i4")
 WORD = 4
 
 
-def _words(blob: np.ndarray) -> np.ndarray:
+def to_words(blob: np.ndarray) -> np.ndarray:
+    """Bytes (uint8) as little-endian int32 words, zero-padded to a whole word."""
     padded = np.zeros(-(-blob.size // WORD) * WORD, np.uint8)
     padded[: blob.size] = blob
     return padded.view(INDEX)
@@ -30,12 +31,19 @@ def encode(kind: str, c: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(c).reshape(-1)
     little = flat.dtype.newbyteorder("<")
     if kind == "topk":
-        idx = np.flatnonzero(flat).astype(INDEX)
-        return _words(np.concatenate([idx.view(np.uint8), flat[idx].astype(little).view(np.uint8)]))
+        idx = np.flatnonzero(flat)
+        return encode_topk(idx, flat[idx])
     scale = np.abs(flat[0]) if flat.size else flat.dtype.type(0)
     # The sign bit, not > 0: a zero scale's -0.0 comes back as -0.0.
     bits = np.packbits(~np.signbit(flat))
-    return _words(np.concatenate([bits, np.asarray([scale], little).view(np.uint8)]))
+    return to_words(np.concatenate([bits, np.asarray([scale], little).view(np.uint8)]))
+
+
+def encode_topk(indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The top-k words of the nonzero ``values`` at the ascending flat ``indices``."""
+    little = values.dtype.newbyteorder("<")
+    idx = indices.astype(INDEX)
+    return to_words(np.concatenate([idx.view(np.uint8), values.astype(little).view(np.uint8)]))
 
 
 def decode(kind: str, words: np.ndarray, dtype: np.dtype, shape: tuple) -> np.ndarray:

@@ -22,13 +22,14 @@ from gradmesh.core.serialize import to_proto
 from gradmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from .channel import call_metadata, channel, metadata
-from .errors import GradmeshError, from_rpc_error
+from .errors import NO_WORKERS, GradmeshError, from_rpc_error
 from .frames import encode_tensor_field, field_number, serialize_message
 from .shard import receive_frames, stream_frames
 
 __all__ = ["CoordinatorConnection", "WorkerRegistration"]
 
 log = logging.getLogger("gradmesh.worker")
+client_log = logging.getLogger("gradmesh.client")
 
 # Codes after which the same idempotent call may succeed.
 _TRANSIENT = {
@@ -46,7 +47,10 @@ class CoordinatorConnection:
     :class:`~gradmesh.wire.channel.TLS` (``TLS(ca=..., cert=..., key=...)`` for mTLS) or
     ``grpc.ChannelCredentials``. ``timeout`` is the deadline of each call in seconds (a
     step on a large model may need more); ``retry_seconds`` how long idempotent calls are
-    retried on transient errors.
+    retried on transient errors, each distinct error logged once as a warning (logger
+    ``gradmesh.client``) so that no wait is silent. ``wait_for_workers``: how long a Step
+    waits (within ``retry_seconds``) for a worker to register when the coordinator has
+    none (reason ``NO_WORKERS``) before it raises ``Unavailable``; 0 raises at once.
     """
 
     def __init__(
@@ -58,10 +62,12 @@ class CoordinatorConnection:
         timeout: float = 600.0,
         retry_seconds: float = 60.0,
         max_message_bytes: int = 64 << 20,
+        wait_for_workers: float = 30.0,
     ):
         self.target = target
         self.timeout = timeout
         self.retry_seconds = retry_seconds
+        self.wait_for_workers = wait_for_workers
         self._channel = channel(target, tls=tls, max_message_bytes=max_message_bytes)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         # Step's request goes pre-encoded: the batch's bytes copied once, not into a
@@ -83,22 +89,63 @@ class CoordinatorConnection:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, make_request: Callable[[], Any], *, retry: bool, fn=None):
+    def _call(
+        self,
+        method: str,
+        make_request: Callable[[], Any],
+        *,
+        retry: bool,
+        receive: Callable[[Any], Any] | None = None,
+        fn: Callable | None = None,
+    ):
         """Call ``method`` (through ``fn``, else the stub's); transient failures of
-        idempotent calls are retried with backoff."""
+        idempotent calls are retried with backoff. ``receive``: reads a server stream's
+        reply (its errors are retried the same way)."""
         fn = fn or getattr(self.stub, method)
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.1
+        logged = None
+        no_workers_since: float | None = None  # when the coordinator first said so
         while True:
             try:
-                return fn(
+                reply = fn(
                     make_request(), timeout=self.timeout, metadata=call_metadata(self._metadata)
                 )
+                return receive(reply) if receive is not None else reply
             except grpc.RpcError as e:
-                if not retry or e.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise from_rpc_error(e, method) from None
+                error = from_rpc_error(e, method)
+                if not retry or error.code not in _TRANSIENT or time.monotonic() > deadline:
+                    raise error from None
+                until = deadline
+                if error.reason == NO_WORKERS:
+                    if no_workers_since is None:
+                        no_workers_since = time.monotonic()
+                    if self._stop_waiting_for_workers(error, no_workers_since):
+                        raise error from None
+                    until = min(deadline, no_workers_since + self.wait_for_workers)
+                if error.message != logged:  # each distinct reason once (not per request id)
+                    logged = error.message
+                    client_log.warning(
+                        "%s at %s: %s (retrying for up to %.1f s more)",
+                        method,
+                        self.target,
+                        error.message,
+                        max(0.0, until - time.monotonic()),
+                    )
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _stop_waiting_for_workers(self, error: GradmeshError, since: float) -> bool:
+        """Whether a call refused for want of workers ``since`` then has waited
+        ``wait_for_workers``; if so, ``error`` says how long it waited."""
+        waited = time.monotonic() - since
+        if waited < self.wait_for_workers:
+            return False
+        error.message += (
+            f" (waited {waited:.1f} s for a worker; CoordinatorClient(wait_for_workers=...) "
+            f"sets how long)"
+        )
+        return True
 
     def create(
         self, header: coordinator_pb2.CreateJobRequest, params: "OrderedDict[str, np.ndarray]"
@@ -129,20 +176,17 @@ class CoordinatorConnection:
         self, job_id: str, names: Sequence[str] = ()
     ) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
         """``(version, {name: array})`` of a job's parameters (streamed)."""
-        deadline = time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                frames = self.stub.GetParameters(
-                    coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
-                    timeout=self.timeout,
-                    metadata=call_metadata(self._metadata),
-                )
-                header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
-                return header.version, OrderedDict(arrays)
-            except grpc.RpcError as e:
-                if e.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise from_rpc_error(e, "GetParameters") from None
-            time.sleep(0.2)
+
+        def receive(frames) -> tuple[int, "OrderedDict[str, np.ndarray]"]:
+            header, arrays = receive_frames(iter(frames), "parameters", 1 << 40)
+            return header.version, OrderedDict(arrays)
+
+        return self._call(
+            "GetParameters",
+            lambda: coordinator_pb2.GetParametersRequest(job_id=job_id, names=list(names)),
+            retry=True,
+            receive=receive,
+        )
 
     def step(
         self, job_id: str, step_id: int, batch: dict[str, Any]

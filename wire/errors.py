@@ -24,8 +24,9 @@ from .channel import REQUEST_ID_KEY
 
 class GradmeshError(Exception):
     """A gradmesh call failed: ``code`` (grpc.StatusCode), the server's ``message``, the
-    offending request ``field``, the violation's ``reason`` (``"BAD_ATTRIBUTE"``; the
-    proto files list them) and the server's ``request_id`` (to find its log lines)."""
+    offending request ``field``, the ``reason`` (a field violation's, ``"BAD_ATTRIBUTE"``,
+    the proto files list them; or an error's own, ``"NO_WORKERS"``) and the server's
+    ``request_id`` (to find its log lines)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     reason: str | None = None
@@ -176,6 +177,19 @@ def bad_request_reason(error: grpc.RpcError) -> str | None:
     return None
 
 
+def error_info_reason(error: grpc.RpcError) -> str | None:
+    """The reason of a google.rpc.ErrorInfo detail of ``error`` ("NO_WORKERS"), if any."""
+    info = _detail(error, error_details_pb2.ErrorInfo)
+    return (info.reason or None) if info is not None else None
+
+
+# ErrorInfo reasons (a program may switch on them): a Step refused for want of workers,
+# none known to the coordinator (none configured, none registered) or none of the known
+# ones ready now. Both come with UNAVAILABLE.
+NO_WORKERS = "NO_WORKERS"
+NO_USABLE_WORKERS = "NO_USABLE_WORKERS"
+
+
 def request_id_of(error: grpc.RpcError) -> str | None:
     """The server's request id of a failed call: its google.rpc.RequestInfo detail, else
     its ``x-request-id`` trailing metadata."""
@@ -197,12 +211,14 @@ def from_rpc_error(error: grpc.RpcError, method: str | None = None) -> GradmeshE
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or str(error)
     exc = error_class(code)(code, message, bad_request_field(error), method, request_id_of(error))
-    exc.reason = bad_request_reason(error)
+    exc.reason = bad_request_reason(error) or error_info_reason(error)
     return exc
 
 
 __all__ = [
     "GradmeshError",
+    "NO_WORKERS",
+    "NO_USABLE_WORKERS",
     "Cancelled",
     "Unknown",
     "InvalidArgument",

@@ -87,6 +87,11 @@ class Reply:
     # Requested parameters the loss does not depend on (their gradients are zeros; torch
     # gives None): ComputeGradientsResponse.unused_parameters.
     unused: tuple[str, ...] = ()
+    # A compressed reply (ComputeGradientsRequest.compression): int32 words per parameter
+    # in the encoding ``compression`` names (:mod:`.compression`); those parameters are
+    # not in ``gradients``.
+    compressed: dict[str, np.ndarray] = field(default_factory=dict)
+    compression: str = ""
 
     @property
     def compute_seconds(self) -> float:
@@ -246,7 +251,7 @@ def read_reply(replies: Iterator, fail: Callable[[str], Exception]) -> tuple:
     assembler = Assembler(
         header,
         1 << 62,
-        tensor_fields=("loss", "outputs", "gradients", "buffers"),
+        tensor_fields=("loss", "outputs", "gradients", "buffers", "compressed_gradients"),
         allocate=_reply_buffers.allocate,
     )
     timed = header
@@ -350,6 +355,11 @@ def decode_reply(resp: worker_pb2.ComputeGradientsResponse) -> Reply:
         resp.graph_id,
         {nt.name: _decode(nt.tensor, "buffers", nt.name) for nt in resp.buffers},
         tuple(resp.unused_parameters),
+        {
+            nt.name: _decode(nt.tensor, "compressed_gradients", nt.name)
+            for nt in resp.compressed_gradients
+        },
+        resp.compression,
     )
 
 
@@ -490,14 +500,24 @@ class WorkerTransport:
         received = {
             nt.name: a for nt, a in zip(resp.gradients, arrays_out[1 + k : 1 + k + n_grads])
         }
+        after = 1 + k + n_grads + len(resp.buffers)
         new_buffers = {nt.name: a for nt, a in zip(resp.buffers, arrays_out[1 + k + n_grads :])}
+        compressed = {nt.name: a for nt, a in zip(resp.compressed_gradients, arrays_out[after:])}
         # In the order requested (the stream has them in the order backward made them).
         order = list(header.gradients) or [n for n, _ in params]
         grads = {n: received[n] for n in order if n in received}
         grads.update(received)
         unused = tuple(resp.unused_parameters) or tuple(timed.unused_parameters)
         return Reply(
-            arrays_out[0], outputs, grads, _timings(timed), resp.graph_id, new_buffers, unused
+            arrays_out[0],
+            outputs,
+            grads,
+            _timings(timed),
+            resp.graph_id,
+            new_buffers,
+            unused,
+            compressed,
+            resp.compression,
         )
 
     def _send_shared(

@@ -18,14 +18,22 @@ class ServiceError(Exception):
     """Raise from a servicer (or a function it calls) to fail the call with ``code``.
 
     ``field`` names the offending request field ("parameters[w1].data"); it is sent as a
-    ``google.rpc.BadRequest`` field violation.
+    ``google.rpc.BadRequest`` field violation. ``reason``, for an error that is no
+    request field's fault ("NO_WORKERS"), is sent as a ``google.rpc.ErrorInfo``.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        field: str | None = None,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
@@ -87,15 +95,21 @@ def violation_reason(code: grpc.StatusCode, field: str) -> str:
     return "INVALID_VALUE"
 
 
+# ErrorInfo.domain of gradmesh's own reasons (ErrorInfo.reason: "NO_WORKERS").
+ERROR_DOMAIN = "gradmesh"
+
+
 class _Status(grpc.Status):
     def __init__(self, code, details, trailing_metadata):
         self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
 
 
-def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -> grpc.Status:
-    """A status carrying a google.rpc.Status (with BadRequest for ``field``, and
-    RequestInfo with the request id being handled) in trailers, and the request id as
-    ``x-request-id`` trailing metadata."""
+def rich_status(
+    code: grpc.StatusCode, message: str, field: str | None = None, reason: str | None = None
+) -> grpc.Status:
+    """A status carrying a google.rpc.Status (with BadRequest for ``field``, ErrorInfo for
+    ``reason``, and RequestInfo with the request id being handled) in trailers, and the
+    request id as ``x-request-id`` trailing metadata."""
     details = []
     rid = request_id.get()
     if field is not None:
@@ -109,6 +123,10 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
         detail = any_pb2.Any()
         detail.Pack(bad)
         details.append(detail)
+    if reason is not None:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+        details.append(detail)
     if rid:
         info = any_pb2.Any()
         info.Pack(error_details_pb2.RequestInfo(request_id=rid))
@@ -120,13 +138,18 @@ def rich_status(code: grpc.StatusCode, message: str, field: str | None = None) -
 
 
 def abort(
-    context: grpc.ServicerContext, code: grpc.StatusCode, message: str, field: str | None = None
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    field: str | None = None,
+    reason: str | None = None,
 ) -> None:
-    """Fail the call with ``code`` and ``message``; ``field`` becomes a BadRequest violation.
+    """Fail the call with ``code`` and ``message``; ``field`` becomes a BadRequest violation,
+    ``reason`` an ErrorInfo.
 
     Like ``context.abort`` it raises, so nothing after it runs.
     """
-    context.abort_with_status(rich_status(code, message, field))
+    context.abort_with_status(rich_status(code, message, field, reason))
 
 
 def is_typed_error(exc: BaseException) -> bool:

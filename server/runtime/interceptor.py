@@ -182,7 +182,7 @@ class Interceptor(grpc.ServerInterceptor):
         if is_typed_error(exc):
             code, message = status_code(exc.code), message_of(exc)
             outcome.fail(code, message)
-            abort(context, code, message, exc.field)
+            abort(context, code, message, exc.field, getattr(exc, "reason", None))
         if not context.is_active():
             outcome.fail(grpc.StatusCode.CANCELLED, message_of(exc))
             raise exc

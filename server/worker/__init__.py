@@ -9,6 +9,7 @@
   plans, run them), testable without a server
 - ``checks``: the checks of a request's header against its graph
 - ``caches``: the LRU caches and the kept parameter sets
+- ``residuals``: compressed replies with error feedback, the residuals kept per key
 - ``decoding``: requests from messages to plain values (and a stream's frames to arrays)
 - ``replies``: replies from plain values to messages: unary (sized), into shared memory,
   streamed, streamed early

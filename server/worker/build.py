@@ -14,6 +14,7 @@ import numpy as np
 
 from gradmesh._version import __version__
 from gradmesh.core import backend as core_backend
+from gradmesh.core import cost as core_cost
 
 
 def library_versions(backend: str) -> dict[str, str]:
@@ -57,5 +58,8 @@ def blas_threads() -> int:
 def build_fingerprint(backend: str, versions: dict[str, str], threads: int) -> str:
     """SHA-256 over everything that can change results bit for bit."""
     blas = [(i.get("internal_api"), i.get("version"), i.get("architecture")) for i in _blas_info()]
+    # The blocks large products always run in (core/cost.py) decide their bits too.
+    blocks = (core_cost.TARGET_BLOCK_FLOPS, core_cost.MIN_ROWS, core_cost.ROW_STEP)
     parts = [backend, sorted(versions.items()), blas, threads, platform.machine(), sys.byteorder]
+    parts.append(blocks)
     return hashlib.sha256(repr(parts).encode()).hexdigest()

@@ -64,6 +64,9 @@ class GradientRequest:
     # Identifies a request sent again byte for byte (a client reusing its segments), so its
     # checked header can be reused; None: never reused.
     repeat_key: bytes | None = None
+    # The reply's gradients compressed with error feedback (residuals.CompressionRequest);
+    # None: dense.
+    compression: Any = None
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Prepared:
     shared: SharedMemoryRef | None = None
     # The parameters kept from an earlier call, when the request names them instead.
     kept: dict | None = None
+    # The request's compression (residuals.CompressionRequest), when it has one.
+    compression: Any = None
 
     @property
     def slots(self) -> list[TensorSlot]:
@@ -119,14 +124,20 @@ class Computed:
     buffers: list[tuple[str, np.ndarray]] = field(default_factory=list)
     # Requested parameters the loss does not depend on (their gradients are zeros).
     unused: tuple[str, ...] = ()
+    # With compression: (name, int32 words) of the compressed gradients (not in
+    # ``gradients`` then), and their encoding ("topk" or "sign").
+    compressed: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    compression: str = ""
 
     def arrays(self) -> list[np.ndarray]:
-        """The loss, the outputs, the gradients and the buffers, in a reply's order."""
+        """The loss, the outputs, the gradients, the buffers and the compressed gradients,
+        in a reply's order."""
         return (
             [self.loss]
             + [a for _, a in self.outputs]
             + [a for _, a in self.gradients]
             + [a for _, a in self.buffers]
+            + [a for _, a in self.compressed]
         )
 
 
@@ -143,3 +154,5 @@ class Capabilities:
     blas_threads: int
     build_fingerprint: str
     shared_memory: bool
+    residual_bytes: int = 0
+    compression_kinds: tuple[str, ...] = ()

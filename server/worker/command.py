@@ -22,6 +22,7 @@ _WORKER_KEYS = {
     "plan_cache_size",
     "shared_memory",
     "parameter_cache_bytes",
+    "residual_bytes",
 }
 
 
@@ -32,7 +33,7 @@ def start(
 
     Keyword arguments set :class:`~gradmesh.server.runtime.ServerConfig` fields, or the
     worker's ``limits`` (:class:`WorkerLimits`), ``graph_cache_size``, ``plan_cache_size``,
-    ``shared_memory``, ``parameter_cache_bytes``.
+    ``shared_memory``, ``parameter_cache_bytes``, ``residual_bytes``.
     The returned server has ``.address`` and ``.worker`` (the :class:`GradientWorker`).
     """
     worker_kw = {k: kw.pop(k) for k in list(kw) if k in _WORKER_KEYS}
@@ -112,6 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a coordinator sending several micro-batches; default 1 GiB)",
     )
     g.add_argument(
+        "--residual-bytes",
+        type=int,
+        default=d("residual-bytes", 1 << 30),
+        help="bytes of error-feedback residuals kept for compressed replies (least "
+        "recently used out first; 0 keeps none; default 1 GiB)",
+    )
+    g.add_argument(
         "--blas-threads",
         type=int,
         default=d("blas-threads", None),
@@ -163,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
             "error: --parameter-cache-bytes must be >= 0 (0 keeps no parameters)", file=sys.stderr
         )
         return 2
+    if args.residual_bytes < 0:
+        print("error: --residual-bytes must be >= 0 (0 keeps no residuals)", file=sys.stderr)
+        return 2
     limits = WorkerLimits(
         max_graph_nodes=args.max_graph_nodes,
         max_tensor_elements=args.max_tensor_elements,
@@ -184,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
             plan_cache_size=args.plan_cache_size,
             shared_memory=args.shared_memory == "on",
             parameter_cache_bytes=args.parameter_cache_bytes,
+            residual_bytes=args.residual_bytes,
         )
     except runtime.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

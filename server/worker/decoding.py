@@ -17,6 +17,7 @@ from gradmesh.server.worker.calls import (
     WorkerLimits,
 )
 from gradmesh.server.worker.checks import INVALID
+from gradmesh.server.worker.residuals import check_compression
 from gradmesh.v1 import worker_pb2
 from gradmesh.wire import frames, stream
 
@@ -47,6 +48,12 @@ def gradient_request(message: worker_pb2.ComputeGradientsRequest) -> GradientReq
         )
         # A client reusing its segments sends these same bytes call after call.
         repeat_key = message.SerializeToString(deterministic=True)
+    compression = None
+    if message.HasField("compression"):
+        c = message.compression
+        compression = check_compression(
+            c.kind, c.ratio, c.residual_set, c.residual_index, c.residual_round
+        )
     return GradientRequest(
         graph_id=message.graph_id if which == "graph_id" else None,
         graph=message.graph if which == "graph" else None,
@@ -61,6 +68,7 @@ def gradient_request(message: worker_pb2.ComputeGradientsRequest) -> GradientReq
         parameter_version=message.parameter_version,
         stream_gradients_early=message.stream_gradients_early,
         repeat_key=repeat_key,
+        compression=compression,
     )
 
 

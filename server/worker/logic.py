@@ -14,6 +14,7 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core import plan as core_plan
 from gradmesh.core import serialize, sharedmem
 from gradmesh.core.registry import REGISTRY, OpError
+from gradmesh.server import compression as compression_mod
 from gradmesh.server import runtime
 from gradmesh.server.runtime import ServiceError, budget
 from gradmesh.server.worker import build, checks
@@ -28,6 +29,7 @@ from gradmesh.server.worker.calls import (
 )
 from gradmesh.server.worker.checks import FAILED, INVALID, RegisteredGraph
 from gradmesh.server.worker.decoding import gradient_request
+from gradmesh.server.worker.residuals import ResidualStore
 from gradmesh.v1 import graph_pb2
 from gradmesh.wire import sharedmem as wire_shm
 from gradmesh.wire import stream
@@ -86,6 +88,7 @@ class GradientWorker:
         plan_cache_size: int = 64,
         shared_memory: bool = True,
         parameter_cache_bytes: int = 1 << 30,
+        residual_bytes: int = 1 << 30,
     ):
         if backend not in BACKENDS:
             raise runtime.ConfigError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -105,6 +108,8 @@ class GradientWorker:
         # Segments named by same-host clients, kept mapped (wire/sharedmem.py).
         self.segments = wire_shm.Attached() if shared_memory and wire_shm.available() else None
         self.kept = ParameterCache(parameter_cache_bytes)
+        # Error-feedback residuals of compressed replies (worker.proto, WorkerCompression).
+        self.residuals = ResidualStore(residual_bytes)
         # Shared-memory requests repeat byte for byte while the client reuses its segments:
         # their checked headers and array views, by request bytes (see unary()).
         self._shared_calls = LRU(wire_shm.MAPPED_SEGMENTS)
@@ -198,6 +203,13 @@ class GradientWorker:
         registered = self._graph_of(request)
         param_inputs, data_inputs = registered.params, registered.data
         shared = request.shared_memory
+        if request.compression is not None and shared is not None and shared.gradient_segment:
+            raise ServiceError(
+                INVALID,
+                "compressed gradients come back as bytes: leave "
+                "shared_memory.gradient_segment empty or drop compression",
+                "compression",
+            )
         if shared is not None:
             self._check_shared(
                 shared,
@@ -244,6 +256,7 @@ class GradientWorker:
             request.seed,
             shared,
             kept,
+            request.compression,
         )
         budget.check(self.plan_for(prepared, None)[0], self.limits)  # before any decoding
         return prepared
@@ -467,7 +480,7 @@ class GradientWorker:
         outputs = [(name, result.outputs[name]) for name in prepared.outputs]
         grads = [(name, result.grads[name]) for name in prepared.gradients]
         unused = plan.unused_gradients(prepared.gradients, tuple(prepared.outputs))
-        return Computed(
+        computed = Computed(
             result.loss,
             outputs,
             grads,
@@ -477,6 +490,20 @@ class GradientWorker:
             list(result.buffers.items()),
             unused,
         )
+        return self._compress(prepared, computed)
+
+    def _compress(self, prepared: Prepared, computed: Computed) -> Computed:
+        """With the request's compression, the used gradients compressed with error
+        feedback (the unused ones stay dense zeros, as the coordinator leaves them)."""
+        call = prepared.compression
+        if call is None:
+            return computed
+        unused = set(computed.unused)
+        used = [(n, g) for n, g in computed.gradients if n not in unused]
+        computed.compressed = self.residuals.compress(call, used)
+        computed.compression = call.spec["kind"]
+        computed.gradients = [(n, g) for n, g in computed.gradients if n in unused]
+        return computed
 
     # ------------------------------------------------------------------ capabilities -
 
@@ -493,4 +520,6 @@ class GradientWorker:
             blas_threads=threads,
             build_fingerprint=build.build_fingerprint(self.backend, versions, threads),
             shared_memory=self.segments is not None,
+            residual_bytes=self.residuals.capacity,
+            compression_kinds=compression_mod.KINDS,
         )

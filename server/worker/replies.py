@@ -26,6 +26,7 @@ _LOSS = frames.field_number(_REPLY, "loss")
 _OUTPUTS = frames.field_number(_REPLY, "outputs")
 _GRADIENTS = frames.field_number(_REPLY, "gradients")
 _BUFFERS = frames.field_number(_REPLY, "buffers")
+_COMPRESSED = frames.field_number(_REPLY, "compressed_gradients")
 
 
 def limits_message(limits: WorkerLimits) -> worker_pb2.Limits:
@@ -106,6 +107,8 @@ def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
         op_schemas=op_schema_messages(),
     )
     message.limits.parameter_cache_bytes = caps.parameter_cache_bytes
+    message.limits.residual_bytes = caps.residual_bytes
+    message.compression_kinds.extend(caps.compression_kinds)
     return message
 
 
@@ -132,6 +135,8 @@ def build_response(
         graph_id=prepared.graph_id,
         buffers=_named(computed.buffers, with_data),
         unused_parameters=computed.unused,
+        compressed_gradients=_named(computed.compressed, with_data),
+        compression=computed.compression,
     )
     return resp, computed.arrays()
 
@@ -165,10 +170,11 @@ def check_unary_size(computed: Computed, max_message_bytes: int) -> None:
     anything is encoded."""
     # An upper bound: per tensor its bytes, its name and shape, and at most 32 bytes of
     # tags and lengths; 256 for the graph id and timings.
+    named = computed.outputs + computed.gradients + computed.buffers + computed.compressed
     size = (
         256
         + sum(a.nbytes + 10 * a.ndim + 32 for a in computed.arrays())
-        + sum(len(n.encode()) for n, _ in computed.outputs + computed.gradients + computed.buffers)
+        + sum(len(n.encode()) for n, _ in named)
     )
     if size > max_message_bytes:
         # Name what made it big: the extra outputs if any were asked for.
@@ -195,7 +201,9 @@ def unary_reply(
     check_unary_size(computed, max_message_bytes)
     pieces = response_pieces(computed)
     tail = worker_pb2.ComputeGradientsResponse(
-        graph_id=prepared.graph_id, unused_parameters=computed.unused
+        graph_id=prepared.graph_id,
+        unused_parameters=computed.unused,
+        compression=computed.compression,
     )
     set_timings(tail, computed, decode_seconds, time.perf_counter() - t2)
     # Timings and graph id (fields 4, 5) after the tensors (fields 1-3), then the buffers
@@ -204,6 +212,8 @@ def unary_reply(
     pieces.append(tail.SerializeToString())
     for name, a in computed.buffers:
         pieces += frames.encode_tensor_field(_BUFFERS, a, name)
+    for name, a in computed.compressed:
+        pieces += frames.encode_tensor_field(_COMPRESSED, a, name)
     return b"".join(pieces)
 
 

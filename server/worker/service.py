@@ -108,7 +108,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         worker.keep(prepared, call, params)
         decode_seconds = time.perf_counter() - t0
         chunk_bytes = worker.limits.chunk_bytes
-        if call.stream_gradients_early:
+        # A compressed reply goes in the classic order: a gradient is compressed once final.
+        if call.stream_gradients_early and call.compression is None:
             plan, _ = worker.plan_for(prepared, data)
             yield from replies.early_stream(
                 worker.compute, plan, prepared, params, data, check, decode_seconds, chunk_bytes

@@ -8,16 +8,13 @@ worker (steps fail with UNAVAILABLE, nothing applied) until a worker is started 
 
 from __future__ import annotations
 
-import os
-import time
-
 import grpc
 import numpy as np
 import pytest
 from models import cross_entropy, mlp, separable_steps
 
 from gradmesh.client import CoordinatorClient
-from gradmesh.client.cluster import LocalCluster, ServerProcess, wait_serving
+from gradmesh.client.cluster import LocalCluster
 from gradmesh.wire.errors import GradmeshError
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -44,73 +41,50 @@ def _params(job):
     return {n: t.numpy() for n, t in job.parameters().items()}
 
 
-def _registered_worker(cluster: LocalCluster, name: str) -> ServerProcess:
-    """A worker that registers with the cluster's coordinator where it is now."""
-    args = ["--port", "0", "--coordinator", cluster.coordinator_target]
-    worker = ServerProcess("worker", args, os.path.join(cluster.log_dir, f"{name}.log"))
-    worker.start(cluster._env(1))
-    wait_serving(worker.wait_address(60), 60)
-    return worker
-
-
-def _wait_ready(client, address: str) -> None:
-    """Until the coordinator lists ``address`` as ready (registration runs in the
-    background; bounded, not a timing assertion)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if any(w.address == address and w.state == "ready" for w in client.list_workers()):
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{address} never registered: {client.list_workers()}")
-
-
 def test_a_coordinator_on_another_address_needs_new_clients_and_re_registered_workers(
     tmp_path,
 ):
-    cluster = LocalCluster(workers=0, state_dir=str(tmp_path), checkpoint_every=2)
-    workers: list[ServerProcess] = []
+    cluster = LocalCluster(
+        workers=0, state_dir=str(tmp_path), checkpoint_every=2, threads_per_worker=1
+    )
     with cluster:
-        try:
-            workers.append(_registered_worker(cluster, "worker-old"))
-            client = cluster.client()
-            _wait_ready(client, workers[0].address)
-            plain = _create(client, "plain")
-            for x, y in _data():
-                plain.step(x, y)
-            reference = _params(plain)
-            job = _create(client, "moved")
-            data = _data()
-            results = [job.step(x, y) for x, y in data[:3]]
-            old = cluster.coordinator_target
-            cluster.stop_coordinator()  # SIGTERM; then started on a new port
-            cluster.start_coordinator()
-            new = cluster.coordinator_target
-            assert new != old
-            # The old client: nothing answers there.
-            with CoordinatorClient(old, timeout=5, retry_seconds=0) as stale:
-                with pytest.raises(GradmeshError) as e:
-                    stale.job("moved").status()
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE
-            # A client at the new address: the job, at its next step.
-            job = cluster.client().job("moved")
-            assert job.status().version == 3 and job.next_step_id == 4
-            again = job.step(*data[2], step_id=3)
-            assert again.replayed and again.loss == results[2].loss
-            # The registered worker still heartbeats the old address: no worker here.
-            assert cluster.client().list_workers() == []
-            impatient = cluster.client(retry_seconds=0).job("moved")  # UNAVAILABLE is retried
+        cluster.add_worker()  # registers with the coordinator where it is now
+        client = cluster.client()
+        plain = _create(client, "plain")
+        for x, y in _data():
+            plain.step(x, y)
+        reference = _params(plain)
+        job = _create(client, "moved")
+        data = _data()
+        results = [job.step(x, y) for x, y in data[:3]]
+        old = cluster.coordinator_target
+        cluster.stop_coordinator()  # SIGTERM; then started on a new port
+        cluster.start_coordinator()
+        new = cluster.coordinator_target
+        assert new != old
+        # The old client: nothing answers there.
+        with CoordinatorClient(old, timeout=5, retry_seconds=0) as stale:
             with pytest.raises(GradmeshError) as e:
-                impatient.step(*data[3], step_id=4)
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE
-            assert job.status().version == 3  # nothing applied
-            # The user's part: start (or restart) workers with --coordinator NEW.
-            workers.append(_registered_worker(cluster, "worker-new"))
-            _wait_ready(cluster.client(), workers[1].address)
-            for x, y in data[3:]:
-                job.step(x, y)
-            moved = _params(job)
-            assert moved.keys() == reference.keys()
-            for n in reference:
-                assert np.array_equal(moved[n], reference[n]), n
-        finally:
-            cluster._stop_all(workers)
+                stale.job("moved").status()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        # A client at the new address: the job, at its next step.
+        job = cluster.client().job("moved")
+        assert job.status().version == 3 and job.next_step_id == 4
+        again = job.step(*data[2], step_id=3)
+        assert again.replayed and again.loss == results[2].loss
+        # The registered worker still heartbeats the old address: no worker here.
+        assert cluster.client().list_workers() == []
+        impatient = cluster.client(wait_for_workers=0).job("moved")
+        with pytest.raises(GradmeshError) as e:
+            impatient.step(*data[3], step_id=4)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.reason == "NO_WORKERS"
+        assert job.status().version == 3  # nothing applied
+        # The user's part: start (or restart) workers with --coordinator NEW.
+        cluster.add_worker(coordinator=new)
+        for x, y in data[3:]:
+            job.step(x, y)
+        moved = _params(job)
+        assert moved.keys() == reference.keys()
+        for n in reference:
+            assert np.array_equal(moved[n], reference[n]), n

@@ -45,16 +45,21 @@ def test_quick_run_shapes_the_links_and_removes_the_namespaces(netns, tmp_path, 
         pytest.skip(reason)
     out = tmp_path / "netns.json"
     assert netns.main(["--quick", "--steps", "1", "--json", str(out)]) == 0
-    rows = {r["link"]: r for r in json.loads(out.read_text())["rows"]}
+    everything = json.loads(out.read_text())["rows"]
+    rows = {r["link"]: r for r in everything if r["compression"] == "off"}
     assert set(rows) == {"unlimited", "1gbit"}
-    for r in rows.values():
+    compressed = {r["link"]: r for r in everything if r["compression"] == "topk"}
+    assert set(compressed) == {"unlimited", "1gbit"}
+    for r in compressed.values():  # top-k 1%: indices and values, under 3% of the bytes
+        assert 0 < r["gradient_bytes"] < 0.03 * r["parameter_bytes"]
+    for r in [*rows.values(), *compressed.values()]:
         assert r["model"] == "medium" and r["workers"] == 1 and r["steps"] == 1
         assert math.isfinite(r["loss_first"]) and r["step_ms"] > 0
     # A token bucket of 1 Gbit/s lets through at most its rate plus one burst (1 MiB of
     # the 32 MiB sent), however fast or loaded the machine.
     assert rows["1gbit"]["tcp_check_gbit"] < 1.1
     assert rows["1gbit"]["qdisc"].startswith("tbf rate 1gbit") or "netem" in rows["1gbit"]["qdisc"]
-    assert "not available" in capsys.readouterr().out  # the compression slot
+    assert "| topk |" in capsys.readouterr().out  # the compressed rows
     tag = f"gm{netns.os.getpid() % 100000}n"
     assert tag not in _namespaces()
 

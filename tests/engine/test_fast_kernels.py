@@ -4,7 +4,11 @@
   4096 values and more: within 1.5e-7 of float64 erf, GELU against torch;
 * conv2d's input gradient at stride 1 as a convolution with the flipped, transposed
   kernel (col2im elsewhere), and the weight gradient as patches times g^T: against torch
-  in float64, with padding, dilation, groups, and the fallbacks.
+  in float64, with padding, dilation, groups, and the fallbacks;
+* lstm_layer's backward from the gate activations its forward kept after its output, or
+  recomputed where the output was copied: against torch in float64, both directions;
+* the embedding gradient on NumPy as sorted segments (``add.reduceat``) instead of
+  ``add.at``: against torch, repeated indices and padding_idx.
 """
 
 from __future__ import annotations
@@ -86,3 +90,81 @@ def test_conv2d_gradients_match_torch(cin, cout, stride, padding, dilation, grou
     np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def _torch_lstm_layer(xw, h0, c0, w_hh, reverse):
+    """torch's recurrence over the input projections, as lstm_layer computes it."""
+    h, c, outs = h0, c0, {}
+    steps = range(xw.shape[1] - 1, -1, -1) if reverse else range(xw.shape[1])
+    for t in steps:
+        i, f, g, o = (xw[:, t] + h @ w_hh.T).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs[t] = torch.cat([h, c], -1)
+    return torch.stack([outs[t] for t in range(xw.shape[1])], 1)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("state_rows", [3, 1])  # the batch's states, or one broadcast row
+def test_lstm_layer_kept_activations_and_recomputed_ones_give_torchs_gradients(reverse, state_rows):
+    # The forward keeps its gate activations after its output (time-major); the backward
+    # reads them from there, or recomputes them from a copy of the output.
+    from gradmesh.core.ops.nn import _kept_activations, _lstm_layer_grad
+
+    rng = np.random.default_rng(3)
+    n, length, hs = 3, 5, 4
+    arrays = [
+        rng.uniform(-1.5, 1.5, (n, length, 4 * hs)),
+        rng.uniform(-1, 1, (state_rows, hs)),
+        rng.uniform(-1, 1, (state_rows, hs)),
+        rng.uniform(-1, 1, (4 * hs, hs)),
+    ]
+    ours = [gm.tensor(a, requires_grad=True) for a in arrays]
+    out = gm.REGISTRY["lstm_layer"](*ours, reverse=reverse)
+    kept = _kept_activations(np, out.detach().numpy())
+    assert kept is not None and kept.shape == (length, n, 4 * hs)
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    ref = _torch_lstm_layer(*theirs, reverse)
+    v = rng.standard_normal(tuple(ref.shape))
+    out.backward(gm.tensor(v))
+    ref.backward(torch.tensor(v))
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for a, t in zip(ours, theirs):
+        np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    copied = out.detach().numpy().copy()
+    assert _kept_activations(np, copied) is None
+    recomputed = _lstm_layer_grad(np, v, copied, *arrays, reverse=reverse)
+    kept_path = _lstm_layer_grad(np, v, out.detach().numpy(), *arrays, reverse=reverse)
+    np.testing.assert_allclose(kept_path, recomputed, rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_layer_keeps_no_activations_without_grad():
+    from gradmesh.core.ops.nn import _kept_activations
+
+    xw, h0, c0, w = (gm.ones(2, 3, 8), gm.zeros(1, 2), gm.zeros(1, 2), gm.ones(8, 2))
+    with gm.no_grad():
+        out = gm.REGISTRY["lstm_layer"](xw, h0, c0, w, reverse=False)
+    assert out.numpy().base is None and _kept_activations(np, out.numpy()) is None
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_gradient_by_sorted_segments_matches_torch(padding_idx):
+    # Repeated, unsorted indices (each row of the table several times), a row never named.
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((7, 5))
+    indices = rng.integers(0, 6, (4, 9))
+    v = rng.standard_normal((4, 9, 5))
+    w = gm.tensor(weight, requires_grad=True)
+    F.embedding(gm.tensor(indices), w, padding_idx=padding_idx).backward(gm.tensor(v))
+    tw = torch.tensor(weight, requires_grad=True)
+    torch.nn.functional.embedding(torch.tensor(indices), tw, padding_idx=padding_idx).backward(
+        torch.tensor(v)
+    )
+    np.testing.assert_allclose(w.grad.numpy(), tw.grad.numpy(), rtol=1e-12, atol=1e-12)
+    assert not w.grad.numpy()[6].any()
+
+
+def test_embedding_gradient_of_no_indices_is_zero():
+    w = gm.tensor(np.ones((3, 2)), requires_grad=True)
+    F.embedding(gm.tensor(np.zeros((0,), np.int64)), w).sum().backward()
+    assert w.grad.numpy().tolist() == [[0.0, 0.0]] * 3

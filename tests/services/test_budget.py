@@ -266,32 +266,35 @@ _CONV = [_ints("stride", [1, 1]), _ints("padding", [1, 1])]
     [
         # ~6e10 FLOPs forward (x 3 with the gradient): seconds of float64 BLAS.
         ("conv2d", [96, 64, 96, 96], [64, 64, 3, 3], _CONV),
-        ("matmul", [64, 1024, 1024], [1024, 512], []),
+        ("matmul", [64, 1024, 1024], [1024, 512], []),  # 65536 rows of a 2-D product
+        ("mm", [4096, 4096], [4096, 4096], []),  # ~1.4e11 FLOPs forward
     ],
 )
-def test_deadline_stops_a_large_float64_conv_or_batched_product_midway(
-    start_worker, op, a_shape, b_shape, attrs
-):
-    """float64 is not row-blocked (not the same bits), but a batched product and conv2d
-    run image by image: a deadline stops them between batch blocks."""
+def test_deadline_stops_a_large_float64_op_midway(start_worker, op, a_shape, b_shape, attrs):
+    """A float64 conv2d runs image by image when checked, and a float64 2-D product always
+    in its own row blocks: a deadline stops either between blocks, long before the end."""
     running = start_worker()
     req = _float64_request(_float64_graph(op, a_shape, b_shape, attrs))
     assert req.ByteSize() < 400
+    counter = "batch_blocked_calls" if op == "conv2d" else "blocked_calls"
     with grpc.insecure_channel(running.address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
-        before_calls, before_checks = cost.batch_blocked_calls, cost.block_checks
+        before_calls, before_checks = getattr(cost, counter), cost.block_checks
         code, _, _ = call_error(stub.ComputeGradients, req, timeout=1.0)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert running.wait_in_flight(0, timeout=60)
         assert running.worker.abandoned == 1
-        # Stopped inside the forward op (or, on a fast machine, the backward one): fewer
-        # checks than the batch blocks of both.
-        assert cost.batch_blocked_calls - before_calls >= 1
-        assert 1 <= cost.block_checks - before_checks < 2 * _batch_blocks(op, a_shape, b_shape)
+        # Stopped inside the forward op (or, on a fast machine, the backward one, the
+        # input's gradient of the same size): fewer checks than the blocks of both.
+        assert getattr(cost, counter) - before_calls >= 1
+        assert 1 <= cost.block_checks - before_checks < 2 * _blocks(op, a_shape, b_shape)
         assert_still_serving(stub)
 
 
-def _batch_blocks(op, a_shape, b_shape) -> int:
+def _blocks(op, a_shape, b_shape) -> int:
     a, b = (np.broadcast_to(np.ones(1), s) for s in (a_shape, b_shape))
+    if op != "conv2d":
+        rows = int(np.prod(a_shape[:-1]))
+        return len(cost.block_rows(rows, cost.rows_per_block(a_shape[-1], b_shape[-1])))
     per_item = cost._batch_item_flops(op, [a, b], {"stride": (1, 1)})
     return -(-a_shape[0] // cost._items_per_block(per_item))

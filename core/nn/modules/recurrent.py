@@ -204,11 +204,10 @@ class LSTM(_RNNBase):
 
     def _run(self, x: Tensor, state, sfx: str, reverse: bool):
         # The whole time loop is one op (core/ops/nn.py, lstm_layer), its output [h_t, c_t]
-        # per step; both biases go into the input projection once.
+        # per step; both biases go into the input projection once, summed first (a (4H,)
+        # addition instead of one over every step's (N, 4H) projection, and its gradient).
         w_ih, w_hh, b_ih, b_hh = self._weights(sfx)
-        xw = F.linear(x, w_ih, b_ih)
-        if b_hh is not None:
-            xw = xw + b_hh
+        xw = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
         hs = self.hidden_size
         h0, c0 = (
             s if s is not None else _zeros((1, hs), dtype=w_hh.dtype, device=w_hh.device)

@@ -20,7 +20,7 @@ class CoordinatorFrame(_message.Message):
     def __init__(self, create_job: _Optional[_Union[CreateJobRequest, _Mapping]] = ..., parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("job_id", "graph", "parameters", "optimizer", "micro_batch_size", "schedule", "clipping", "compression")
+    __slots__ = ("job_id", "graph", "parameters", "optimizer", "micro_batch_size", "schedule", "clipping", "compression", "staleness")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class CreateJobRequest(_message.Message):
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     CLIPPING_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     graph: _graph_pb2.Graph
     parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -37,15 +38,18 @@ class CreateJobRequest(_message.Message):
     schedule: LRSchedule
     clipping: GradientClipping
     compression: GradientCompression
-    def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ...) -> None: ...
+    staleness: int
+    def __init__(self, job_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class GradientCompression(_message.Message):
-    __slots__ = ("kind", "ratio")
+    __slots__ = ("kind", "ratio", "where")
     KIND_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     ratio: float
-    def __init__(self, kind: _Optional[str] = ..., ratio: _Optional[float] = ...) -> None: ...
+    where: str
+    def __init__(self, kind: _Optional[str] = ..., ratio: _Optional[float] = ..., where: _Optional[str] = ...) -> None: ...
 
 class LRSchedule(_message.Message):
     __slots__ = ("step", "multi_step", "exponential", "cosine_annealing", "linear", "one_cycle", "sequential", "reduce_on_plateau")
@@ -213,7 +217,7 @@ class StepRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., step_id: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "loss", "metrics", "version", "batch_size", "micro_batches", "replayed", "timings", "lr", "grad_norm")
+    __slots__ = ("step_id", "loss", "metrics", "version", "batch_size", "micro_batches", "replayed", "timings", "lr", "grad_norm", "staleness")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +235,7 @@ class StepResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     loss: float
     metrics: _containers.ScalarMap[str, float]
@@ -241,7 +246,8 @@ class StepResponse(_message.Message):
     timings: StepTimings
     lr: float
     grad_norm: float
-    def __init__(self, step_id: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., batch_size: _Optional[int] = ..., micro_batches: _Optional[int] = ..., replayed: _Optional[bool] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ...) -> None: ...
+    staleness: int
+    def __init__(self, step_id: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., batch_size: _Optional[int] = ..., micro_batches: _Optional[int] = ..., replayed: _Optional[bool] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class StepTimings(_message.Message):
     __slots__ = ("pull_seconds", "compute_seconds", "push_seconds", "apply_seconds", "total_seconds", "reassigned", "worker_compute_seconds")
@@ -284,7 +290,7 @@ class JobStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatusResponse(_message.Message):
-    __slots__ = ("job_id", "graph_id", "version", "last_step_id", "next_step_id", "micro_batch_size", "optimizer", "placement", "samples", "last_loss", "shards", "workers", "error", "data_inputs", "metrics", "schedule", "clipping", "next_lr", "last_grad_norm", "mode", "deterministic", "compression", "gradient_bytes", "compressed_bytes")
+    __slots__ = ("job_id", "graph_id", "version", "last_step_id", "next_step_id", "micro_batch_size", "optimizer", "placement", "samples", "last_loss", "shards", "workers", "error", "data_inputs", "metrics", "schedule", "clipping", "next_lr", "last_grad_norm", "mode", "deterministic", "compression", "gradient_bytes", "compressed_bytes", "staleness", "max_staleness", "recomputed")
     class PlacementEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +322,9 @@ class JobStatusResponse(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     graph_id: str
     version: int
@@ -340,7 +349,10 @@ class JobStatusResponse(_message.Message):
     compression: GradientCompression
     gradient_bytes: int
     compressed_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., graph_id: _Optional[str] = ..., version: _Optional[int] = ..., last_step_id: _Optional[int] = ..., next_step_id: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., placement: _Optional[_Mapping[str, int]] = ..., samples: _Optional[int] = ..., last_loss: _Optional[float] = ..., shards: _Optional[int] = ..., workers: _Optional[int] = ..., error: _Optional[str] = ..., data_inputs: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., next_lr: _Optional[float] = ..., last_grad_norm: _Optional[float] = ..., mode: _Optional[str] = ..., deterministic: _Optional[bool] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ..., gradient_bytes: _Optional[int] = ..., compressed_bytes: _Optional[int] = ...) -> None: ...
+    staleness: int
+    max_staleness: int
+    recomputed: int
+    def __init__(self, job_id: _Optional[str] = ..., graph_id: _Optional[str] = ..., version: _Optional[int] = ..., last_step_id: _Optional[int] = ..., next_step_id: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[_shard_pb2.Optimizer, _Mapping]] = ..., placement: _Optional[_Mapping[str, int]] = ..., samples: _Optional[int] = ..., last_loss: _Optional[float] = ..., shards: _Optional[int] = ..., workers: _Optional[int] = ..., error: _Optional[str] = ..., data_inputs: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Union[LRSchedule, _Mapping]] = ..., clipping: _Optional[_Union[GradientClipping, _Mapping]] = ..., next_lr: _Optional[float] = ..., last_grad_norm: _Optional[float] = ..., mode: _Optional[str] = ..., deterministic: _Optional[bool] = ..., compression: _Optional[_Union[GradientCompression, _Mapping]] = ..., gradient_bytes: _Optional[int] = ..., compressed_bytes: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., recomputed: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -26,7 +26,7 @@ from gradmesh.v1 import graph_pb2 as gradmesh_dot_v1_dot_graph__pb2
 from gradmesh.v1 import tensor_pb2 as gradmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradmesh/v1/worker.proto\x12\x0bgradmesh.v1\x1a\x17gradmesh/v1/graph.proto\x1a\x18gradmesh/v1/tensor.proto\"9\n\x14RegisterGraphRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.gradmesh.v1.Graph\")\n\x15RegisterGraphResponse\x12\x10\n\x08graph_id\x18\x01 \x01(\t\"\xff\x02\n\x17\x43omputeGradientsRequest\x12\x12\n\x08graph_id\x18\x01 \x01(\tH\x00\x12#\n\x05graph\x18\x02 \x01(\x0b\x32\x12.gradmesh.v1.GraphH\x00\x12,\n\nparameters\x18\x03 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12&\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x11\n\tgradients\x18\x05 \x03(\t\x12\x12\n\nloss_scale\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x12\x1e\n\x16stream_gradients_early\x18\t \x01(\x08\x12\x30\n\rshared_memory\x18\n \x01(\x0b\x32\x19.gradmesh.v1.SharedMemory\x12\x15\n\rparameter_set\x18\x0b \x01(\t\x12\x19\n\x11parameter_version\x18\x0c \x01(\x04\x42\x0b\n\tgraph_ref\"\xd1\x03\n\x0cSharedMemory\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12J\n\x11parameter_offsets\x18\x02 \x03(\x0b\x32/.gradmesh.v1.SharedMemory.ParameterOffsetsEntry\x12\x18\n\x10gradient_segment\x18\x03 \x01(\t\x12H\n\x10gradient_offsets\x18\x04 \x03(\x0b\x32..gradmesh.v1.SharedMemory.GradientOffsetsEntry\x12@\n\x0c\x64\x61ta_offsets\x18\x05 \x03(\x0b\x32*.gradmesh.v1.SharedMemory.DataOffsetsEntry\x12\x19\n\x11parameter_segment\x18\x06 \x01(\t\x1a\x37\n\x15ParameterOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14GradientOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x32\n\x10\x44\x61taOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb8\x02\n\x18\x43omputeGradientsResponse\x12!\n\x04loss\x18\x01 \x01(\x0b\x32\x13.gradmesh.v1.Tensor\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12+\n\tgradients\x18\x03 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.gradmesh.v1.Timings\x12\x10\n\x08graph_id\x18\x05 \x01(\t\x12\"\n\x1agradients_in_shared_memory\x18\x06 \x01(\x08\x12)\n\x07\x62uffers\x18\x07 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x19\n\x11unused_parameters\x18\x14 \x03(\t\"\x81\x01\n\x07Timings\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x66orward_seconds\x18\x02 \x01(\x01\x12\x18\n\x10\x62\x61\x63kward_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bplan_cached\x18\x05 \x01(\x08\"\xae\x01\n\x0bStreamFrame\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32$.gradmesh.v1.ComputeGradientsRequestH\x00\x12\x39\n\x08response\x18\x02 \x01(\x0b\x32%.gradmesh.v1.ComputeGradientsResponseH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.gradmesh.v1.ChunkH\x00\x42\x06\n\x04kind\"\x15\n\x13\x43\x61pabilitiesRequest\"\xe4\x02\n\x14\x43\x61pabilitiesResponse\x12\x0b\n\x03ops\x18\x01 \x03(\t\x12\"\n\x06\x64types\x18\x02 \x03(\x0e\x32\x12.gradmesh.v1.DType\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12#\n\x06limits\x18\x04 \x01(\x0b\x32\x13.gradmesh.v1.Limits\x12\x41\n\x08versions\x18\x05 \x03(\x0b\x32/.gradmesh.v1.CapabilitiesResponse.VersionsEntry\x12\x14\n\x0c\x62las_threads\x18\x06 \x01(\x05\x12\x19\n\x11\x62uild_fingerprint\x18\x07 \x01(\t\x12\x15\n\rshared_memory\x18\x08 \x01(\x08\x12)\n\nop_schemas\x18\x14 \x03(\x0b\x32\x15.gradmesh.v1.OpSchema\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x08OpSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.gradmesh.v1.OpInputSchema\x12\x32\n\nattributes\x18\x03 \x03(\x0b\x32\x1e.gradmesh.v1.OpAttributeSchema\x12\x32\n\x0coutput_dtype\x18\x04 \x01(\x0b\x32\x1c.gradmesh.v1.OutputDTypeRule\x12\x11\n\tbroadcast\x18\x05 \x01(\x08\x12\x16\n\x0e\x64ifferentiable\x18\x06 \x01(\x08\"m\n\rOpInputSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08variadic\x18\x02 \x01(\x08\x12\x10\n\x08optional\x18\x03 \x01(\x08\x12\x16\n\x0e\x64ifferentiable\x18\x04 \x01(\x08\x12\x12\n\nbroadcasts\x18\x05 \x01(\x08\"\x83\x01\n\x11OpAttributeSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x10\n\x08nullable\x18\x03 \x01(\x08\x12\'\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\x0b\x32\x16.gradmesh.v1.Attribute\x12\x16\n\x0e\x61llowed_values\x18\x05 \x03(\t\"=\n\x0fOutputDTypeRule\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0c\n\x04\x61ttr\x18\x03 \x01(\t\"\xc8\x01\n\x06Limits\x12\x17\n\x0fmax_graph_nodes\x18\x01 \x01(\x04\x12\x1b\n\x13max_tensor_elements\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x18\n\x10max_stream_bytes\x18\x04 \x01(\x04\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\r\x12\x1d\n\x15parameter_cache_bytes\x18\x07 \x01(\x04\x32\xe8\x02\n\x06Worker\x12V\n\rRegisterGraph\x12!.gradmesh.v1.RegisterGraphRequest\x1a\".gradmesh.v1.RegisterGraphResponse\x12_\n\x10\x43omputeGradients\x12$.gradmesh.v1.ComputeGradientsRequest\x1a%.gradmesh.v1.ComputeGradientsResponse\x12P\n\x16\x43omputeGradientsStream\x12\x18.gradmesh.v1.StreamFrame\x1a\x18.gradmesh.v1.StreamFrame(\x01\x30\x01\x12S\n\x0c\x43\x61pabilities\x12 .gradmesh.v1.CapabilitiesRequest\x1a!.gradmesh.v1.CapabilitiesResponseB<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradmesh/v1/worker.proto\x12\x0bgradmesh.v1\x1a\x17gradmesh/v1/graph.proto\x1a\x18gradmesh/v1/tensor.proto\"9\n\x14RegisterGraphRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.gradmesh.v1.Graph\")\n\x15RegisterGraphResponse\x12\x10\n\x08graph_id\x18\x01 \x01(\t\"\xb4\x03\n\x17\x43omputeGradientsRequest\x12\x12\n\x08graph_id\x18\x01 \x01(\tH\x00\x12#\n\x05graph\x18\x02 \x01(\x0b\x32\x12.gradmesh.v1.GraphH\x00\x12,\n\nparameters\x18\x03 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12&\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x11\n\tgradients\x18\x05 \x03(\t\x12\x12\n\nloss_scale\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x12\x1e\n\x16stream_gradients_early\x18\t \x01(\x08\x12\x30\n\rshared_memory\x18\n \x01(\x0b\x32\x19.gradmesh.v1.SharedMemory\x12\x15\n\rparameter_set\x18\x0b \x01(\t\x12\x19\n\x11parameter_version\x18\x0c \x01(\x04\x12\x33\n\x0b\x63ompression\x18\r \x01(\x0b\x32\x1e.gradmesh.v1.WorkerCompressionB\x0b\n\tgraph_ref\"v\n\x11WorkerCompression\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12\x14\n\x0cresidual_set\x18\x03 \x01(\t\x12\x16\n\x0eresidual_index\x18\x04 \x01(\x04\x12\x16\n\x0eresidual_round\x18\x05 \x01(\x04\"\xd1\x03\n\x0cSharedMemory\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12J\n\x11parameter_offsets\x18\x02 \x03(\x0b\x32/.gradmesh.v1.SharedMemory.ParameterOffsetsEntry\x12\x18\n\x10gradient_segment\x18\x03 \x01(\t\x12H\n\x10gradient_offsets\x18\x04 \x03(\x0b\x32..gradmesh.v1.SharedMemory.GradientOffsetsEntry\x12@\n\x0c\x64\x61ta_offsets\x18\x05 \x03(\x0b\x32*.gradmesh.v1.SharedMemory.DataOffsetsEntry\x12\x19\n\x11parameter_segment\x18\x06 \x01(\t\x1a\x37\n\x15ParameterOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14GradientOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x32\n\x10\x44\x61taOffsetsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x85\x03\n\x18\x43omputeGradientsResponse\x12!\n\x04loss\x18\x01 \x01(\x0b\x32\x13.gradmesh.v1.Tensor\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12+\n\tgradients\x18\x03 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.gradmesh.v1.Timings\x12\x10\n\x08graph_id\x18\x05 \x01(\t\x12\"\n\x1agradients_in_shared_memory\x18\x06 \x01(\x08\x12)\n\x07\x62uffers\x18\x07 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x19\n\x11unused_parameters\x18\x14 \x03(\t\x12\x36\n\x14\x63ompressed_gradients\x18\x15 \x03(\x0b\x32\x18.gradmesh.v1.NamedTensor\x12\x13\n\x0b\x63ompression\x18\x16 \x01(\t\"\x81\x01\n\x07Timings\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x66orward_seconds\x18\x02 \x01(\x01\x12\x18\n\x10\x62\x61\x63kward_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bplan_cached\x18\x05 \x01(\x08\"\xae\x01\n\x0bStreamFrame\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32$.gradmesh.v1.ComputeGradientsRequestH\x00\x12\x39\n\x08response\x18\x02 \x01(\x0b\x32%.gradmesh.v1.ComputeGradientsResponseH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.gradmesh.v1.ChunkH\x00\x42\x06\n\x04kind\"\x15\n\x13\x43\x61pabilitiesRequest\"\xff\x02\n\x14\x43\x61pabilitiesResponse\x12\x0b\n\x03ops\x18\x01 \x03(\t\x12\"\n\x06\x64types\x18\x02 \x03(\x0e\x32\x12.gradmesh.v1.DType\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12#\n\x06limits\x18\x04 \x01(\x0b\x32\x13.gradmesh.v1.Limits\x12\x41\n\x08versions\x18\x05 \x03(\x0b\x32/.gradmesh.v1.CapabilitiesResponse.VersionsEntry\x12\x14\n\x0c\x62las_threads\x18\x06 \x01(\x05\x12\x19\n\x11\x62uild_fingerprint\x18\x07 \x01(\t\x12\x15\n\rshared_memory\x18\x08 \x01(\x08\x12)\n\nop_schemas\x18\x14 \x03(\x0b\x32\x15.gradmesh.v1.OpSchema\x12\x19\n\x11\x63ompression_kinds\x18\x15 \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x08OpSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06inputs\x18\x02 \x03(\x0b\x32\x1a.gradmesh.v1.OpInputSchema\x12\x32\n\nattributes\x18\x03 \x03(\x0b\x32\x1e.gradmesh.v1.OpAttributeSchema\x12\x32\n\x0coutput_dtype\x18\x04 \x01(\x0b\x32\x1c.gradmesh.v1.OutputDTypeRule\x12\x11\n\tbroadcast\x18\x05 \x01(\x08\x12\x16\n\x0e\x64ifferentiable\x18\x06 \x01(\x08\"m\n\rOpInputSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08variadic\x18\x02 \x01(\x08\x12\x10\n\x08optional\x18\x03 \x01(\x08\x12\x16\n\x0e\x64ifferentiable\x18\x04 \x01(\x08\x12\x12\n\nbroadcasts\x18\x05 \x01(\x08\"\x83\x01\n\x11OpAttributeSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x10\n\x08nullable\x18\x03 \x01(\x08\x12\'\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\x0b\x32\x16.gradmesh.v1.Attribute\x12\x16\n\x0e\x61llowed_values\x18\x05 \x03(\t\"=\n\x0fOutputDTypeRule\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0c\n\x04\x61ttr\x18\x03 \x01(\t\"\xe0\x01\n\x06Limits\x12\x17\n\x0fmax_graph_nodes\x18\x01 \x01(\x04\x12\x1b\n\x13max_tensor_elements\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x18\n\x10max_stream_bytes\x18\x04 \x01(\x04\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\r\x12\x1d\n\x15parameter_cache_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eresidual_bytes\x18\x08 \x01(\x04\x32\xe8\x02\n\x06Worker\x12V\n\rRegisterGraph\x12!.gradmesh.v1.RegisterGraphRequest\x1a\".gradmesh.v1.RegisterGraphResponse\x12_\n\x10\x43omputeGradients\x12$.gradmesh.v1.ComputeGradientsRequest\x1a%.gradmesh.v1.ComputeGradientsResponse\x12P\n\x16\x43omputeGradientsStream\x12\x18.gradmesh.v1.StreamFrame\x1a\x18.gradmesh.v1.StreamFrame(\x01\x30\x01\x12S\n\x0c\x43\x61pabilities\x12 .gradmesh.v1.CapabilitiesRequest\x1a!.gradmesh.v1.CapabilitiesResponseB<Z:github.com/gradmesh/gradmesh/gen/go/gradmesh/v1;gradmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,37 +47,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERGRAPHRESPONSE']._serialized_start=151
   _globals['_REGISTERGRAPHRESPONSE']._serialized_end=192
   _globals['_COMPUTEGRADIENTSREQUEST']._serialized_start=195
-  _globals['_COMPUTEGRADIENTSREQUEST']._serialized_end=578
-  _globals['_SHAREDMEMORY']._serialized_start=581
-  _globals['_SHAREDMEMORY']._serialized_end=1046
-  _globals['_SHAREDMEMORY_PARAMETEROFFSETSENTRY']._serialized_start=883
-  _globals['_SHAREDMEMORY_PARAMETEROFFSETSENTRY']._serialized_end=938
-  _globals['_SHAREDMEMORY_GRADIENTOFFSETSENTRY']._serialized_start=940
-  _globals['_SHAREDMEMORY_GRADIENTOFFSETSENTRY']._serialized_end=994
-  _globals['_SHAREDMEMORY_DATAOFFSETSENTRY']._serialized_start=996
-  _globals['_SHAREDMEMORY_DATAOFFSETSENTRY']._serialized_end=1046
-  _globals['_COMPUTEGRADIENTSRESPONSE']._serialized_start=1049
-  _globals['_COMPUTEGRADIENTSRESPONSE']._serialized_end=1361
-  _globals['_TIMINGS']._serialized_start=1364
-  _globals['_TIMINGS']._serialized_end=1493
-  _globals['_STREAMFRAME']._serialized_start=1496
-  _globals['_STREAMFRAME']._serialized_end=1670
-  _globals['_CAPABILITIESREQUEST']._serialized_start=1672
-  _globals['_CAPABILITIESREQUEST']._serialized_end=1693
-  _globals['_CAPABILITIESRESPONSE']._serialized_start=1696
-  _globals['_CAPABILITIESRESPONSE']._serialized_end=2052
-  _globals['_CAPABILITIESRESPONSE_VERSIONSENTRY']._serialized_start=2005
-  _globals['_CAPABILITIESRESPONSE_VERSIONSENTRY']._serialized_end=2052
-  _globals['_OPSCHEMA']._serialized_start=2055
-  _globals['_OPSCHEMA']._serialized_end=2270
-  _globals['_OPINPUTSCHEMA']._serialized_start=2272
-  _globals['_OPINPUTSCHEMA']._serialized_end=2381
-  _globals['_OPATTRIBUTESCHEMA']._serialized_start=2384
-  _globals['_OPATTRIBUTESCHEMA']._serialized_end=2515
-  _globals['_OUTPUTDTYPERULE']._serialized_start=2517
-  _globals['_OUTPUTDTYPERULE']._serialized_end=2578
-  _globals['_LIMITS']._serialized_start=2581
-  _globals['_LIMITS']._serialized_end=2781
-  _globals['_WORKER']._serialized_start=2784
-  _globals['_WORKER']._serialized_end=3144
+  _globals['_COMPUTEGRADIENTSREQUEST']._serialized_end=631
+  _globals['_WORKERCOMPRESSION']._serialized_start=633
+  _globals['_WORKERCOMPRESSION']._serialized_end=751
+  _globals['_SHAREDMEMORY']._serialized_start=754
+  _globals['_SHAREDMEMORY']._serialized_end=1219
+  _globals['_SHAREDMEMORY_PARAMETEROFFSETSENTRY']._serialized_start=1056
+  _globals['_SHAREDMEMORY_PARAMETEROFFSETSENTRY']._serialized_end=1111
+  _globals['_SHAREDMEMORY_GRADIENTOFFSETSENTRY']._serialized_start=1113
+  _globals['_SHAREDMEMORY_GRADIENTOFFSETSENTRY']._serialized_end=1167
+  _globals['_SHAREDMEMORY_DATAOFFSETSENTRY']._serialized_start=1169
+  _globals['_SHAREDMEMORY_DATAOFFSETSENTRY']._serialized_end=1219
+  _globals['_COMPUTEGRADIENTSRESPONSE']._serialized_start=1222
+  _globals['_COMPUTEGRADIENTSRESPONSE']._serialized_end=1611
+  _globals['_TIMINGS']._serialized_start=1614
+  _globals['_TIMINGS']._serialized_end=1743
+  _globals['_STREAMFRAME']._serialized_start=1746
+  _globals['_STREAMFRAME']._serialized_end=1920
+  _globals['_CAPABILITIESREQUEST']._serialized_start=1922
+  _globals['_CAPABILITIESREQUEST']._serialized_end=1943
+  _globals['_CAPABILITIESRESPONSE']._serialized_start=1946
+  _globals['_CAPABILITIESRESPONSE']._serialized_end=2329
+  _globals['_CAPABILITIESRESPONSE_VERSIONSENTRY']._serialized_start=2282
+  _globals['_CAPABILITIESRESPONSE_VERSIONSENTRY']._serialized_end=2329
+  _globals['_OPSCHEMA']._serialized_start=2332
+  _globals['_OPSCHEMA']._serialized_end=2547
+  _globals['_OPINPUTSCHEMA']._serialized_start=2549
+  _globals['_OPINPUTSCHEMA']._serialized_end=2658
+  _globals['_OPATTRIBUTESCHEMA']._serialized_start=2661
+  _globals['_OPATTRIBUTESCHEMA']._serialized_end=2792
+  _globals['_OUTPUTDTYPERULE']._serialized_start=2794
+  _globals['_OUTPUTDTYPERULE']._serialized_end=2855
+  _globals['_LIMITS']._serialized_start=2858
+  _globals['_LIMITS']._serialized_end=3082
+  _globals['_WORKER']._serialized_start=3085
+  _globals['_WORKER']._serialized_end=3445
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs", "stream_gradients_early", "shared_memory", "parameter_set", "parameter_version")
+    __slots__ = ("graph_id", "graph", "parameters", "data", "gradients", "loss_scale", "seed", "outputs", "stream_gradients_early", "shared_memory", "parameter_set", "parameter_version", "compression")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ComputeGradientsRequest(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SET_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     graph: _graph_pb2.Graph
     parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -46,7 +47,22 @@ class ComputeGradientsRequest(_message.Message):
     shared_memory: SharedMemory
     parameter_set: str
     parameter_version: int
-    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., parameter_set: _Optional[str] = ..., parameter_version: _Optional[int] = ...) -> None: ...
+    compression: WorkerCompression
+    def __init__(self, graph_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., data: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[str]] = ..., loss_scale: _Optional[float] = ..., seed: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., stream_gradients_early: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., parameter_set: _Optional[str] = ..., parameter_version: _Optional[int] = ..., compression: _Optional[_Union[WorkerCompression, _Mapping]] = ...) -> None: ...
+
+class WorkerCompression(_message.Message):
+    __slots__ = ("kind", "ratio", "residual_set", "residual_index", "residual_round")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_SET_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    ratio: float
+    residual_set: str
+    residual_index: int
+    residual_round: int
+    def __init__(self, kind: _Optional[str] = ..., ratio: _Optional[float] = ..., residual_set: _Optional[str] = ..., residual_index: _Optional[int] = ..., residual_round: _Optional[int] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("segment", "parameter_offsets", "gradient_segment", "gradient_offsets", "data_offsets", "parameter_segment")
@@ -86,7 +102,7 @@ class SharedMemory(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., parameter_offsets: _Optional[_Mapping[str, int]] = ..., gradient_segment: _Optional[str] = ..., gradient_offsets: _Optional[_Mapping[str, int]] = ..., data_offsets: _Optional[_Mapping[str, int]] = ..., parameter_segment: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
-    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory", "buffers", "unused_parameters")
+    __slots__ = ("loss", "outputs", "gradients", "timings", "graph_id", "gradients_in_shared_memory", "buffers", "unused_parameters", "compressed_gradients", "compression")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +111,8 @@ class ComputeGradientsResponse(_message.Message):
     GRADIENTS_IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     UNUSED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     loss: _tensor_pb2.Tensor
     outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
@@ -103,7 +121,9 @@ class ComputeGradientsResponse(_message.Message):
     gradients_in_shared_memory: bool
     buffers: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
     unused_parameters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., unused_parameters: _Optional[_Iterable[str]] = ...) -> None: ...
+    compressed_gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]
+    compression: str
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., graph_id: _Optional[str] = ..., gradients_in_shared_memory: _Optional[bool] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., unused_parameters: _Optional[_Iterable[str]] = ..., compressed_gradients: _Optional[_Iterable[_Union[_tensor_pb2.NamedTensor, _Mapping]]] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_seconds", "forward_seconds", "backward_seconds", "encode_seconds", "plan_cached")
@@ -134,7 +154,7 @@ class CapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapabilitiesResponse(_message.Message):
-    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint", "shared_memory", "op_schemas")
+    __slots__ = ("ops", "dtypes", "backend", "limits", "versions", "blas_threads", "build_fingerprint", "shared_memory", "op_schemas", "compression_kinds")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +171,7 @@ class CapabilitiesResponse(_message.Message):
     BUILD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     OP_SCHEMAS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_KINDS_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
     backend: str
@@ -160,7 +181,8 @@ class CapabilitiesResponse(_message.Message):
     build_fingerprint: str
     shared_memory: bool
     op_schemas: _containers.RepeatedCompositeFieldContainer[OpSchema]
-    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ..., shared_memory: _Optional[bool] = ..., op_schemas: _Optional[_Iterable[_Union[OpSchema, _Mapping]]] = ...) -> None: ...
+    compression_kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., backend: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., blas_threads: _Optional[int] = ..., build_fingerprint: _Optional[str] = ..., shared_memory: _Optional[bool] = ..., op_schemas: _Optional[_Iterable[_Union[OpSchema, _Mapping]]] = ..., compression_kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpSchema(_message.Message):
     __slots__ = ("name", "inputs", "attributes", "output_dtype", "broadcast", "differentiable")
@@ -217,7 +239,7 @@ class OutputDTypeRule(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., attr: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes", "parameter_cache_bytes")
+    __slots__ = ("max_graph_nodes", "max_tensor_elements", "max_message_bytes", "max_stream_bytes", "max_concurrent_requests", "chunk_bytes", "parameter_cache_bytes", "residual_bytes")
     MAX_GRAPH_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +247,7 @@ class Limits(_message.Message):
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_graph_nodes: int
     max_tensor_elements: int
     max_message_bytes: int
@@ -232,4 +255,5 @@ class Limits(_message.Message):
     max_concurrent_requests: int
     chunk_bytes: int
     parameter_cache_bytes: int
-    def __init__(self, max_graph_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., parameter_cache_bytes: _Optional[int] = ...) -> None: ...
+    residual_bytes: int
+    def __init__(self, max_graph_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., parameter_cache_bytes: _Optional[int] = ..., residual_bytes: _Optional[int] = ...) -> None: ...
