@@ -272,39 +272,63 @@ def _dyadic_job(client, job_id, staleness):
 
 
 class _Crash:
-    """Wrap a worker's compute: the call computing ``rows`` (once armed) takes the job's lock
-    of ``coordinator`` and keeps it, so that coordinator applies and logs nothing more, as
-    if it died there; records the loss of every call by its rows."""
+    """Make a coordinator die at one point of one micro-batch (``rows``, once armed with the
+    coordinator): ``at="compute"``, when a worker starts computing it, the call takes the
+    coordinator's job lock and keeps it (nothing is applied or logged after); ``at="apply"``,
+    after the coordinator logged the update, the shard's Apply fails, so the update is
+    logged and not applied. Records the loss of every call by its rows."""
 
-    def __init__(self, worker, rows):
-        self.inner, self.worker, self.rows = worker.worker.compute, worker, rows
+    def __init__(self, worker, rows, at):
+        self.inner, self.worker, self.rows, self.at = worker.worker.compute, worker, rows, at
         self.losses: dict[bytes, float] = {}
-        self.coordinator_job = None
+        self.coordinator = self.job = None
         self.crashed = threading.Event()
+        self.holding = False
         worker.worker.compute = self
+
+    def arm(self, coordinator, job_id):
+        self.coordinator, self.job = coordinator, coordinator.jobs[job_id]
+        shard = coordinator.shards[0]
+        apply = shard.apply
+
+        def failing_apply(*args, **kwargs):
+            if self.crashed.is_set():
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the coordinator died")
+            return apply(*args, **kwargs)
+
+        shard.apply = failing_apply
 
     def __call__(self, prepared, params, data, *args, **kwargs):
         x = data["x"]
-        if self.coordinator_job is not None and np.array_equal(x, self.rows):
-            if not self.crashed.is_set():
-                self.coordinator_job.lock.acquire()
-                self.crashed.set()
+        hit = self.job is not None and np.array_equal(x, self.rows)
+        if hit and not self.crashed.is_set():
+            if self.at == "compute":
+                self.job.lock.acquire()
+                self.holding = True
+            self.crashed.set()
         out = self.inner(prepared, params, data, *args, **kwargs)
         self.losses[np.ascontiguousarray(x).tobytes()] = float(np.asarray(out.loss))
         return out
 
     def restore(self):
         self.worker.worker.compute = self.inner
+        if self.holding:  # the dead coordinator's threads end, applying nothing
+            self.job.error = "crashed"
+            self.job.lock.release()
 
 
+@pytest.mark.parametrize("at", ["compute", "apply"])
 @pytest.mark.parametrize("checkpoint_every", [1, 100], ids=["checkpoints", "log-only"])
-def test_a_coordinator_crash_mid_steps_applies_every_row_once(cluster, tmp_path, checkpoint_every):
+def test_a_coordinator_crash_mid_steps_applies_every_row_once(
+    cluster, tmp_path, checkpoint_every, at
+):
     """Steps 1-3 pipelined with a gated worker (recomputes), step 5 finished before step 4,
-    then the coordinator dies while computing step 4's last micro-batch (its first three
-    applied). Restarted: step 5 replays, step 4 re-sent computes only its last micro-batch
-    and reports the loss of all four, and the parameters are the closed form to the bit
-    (every row applied exactly once); the recompute count is kept. With a checkpoint at each
-    step in order (in-flight steps' progress in it) and with the step log alone."""
+    then the coordinator dies at step 4's last micro-batch (its first three applied): while
+    a worker computes it, or between logging its update and the shard's Apply. Restarted:
+    step 5 replays, step 4 re-sent computes only its last micro-batch and reports the loss
+    of all four, and the parameters are the closed form to the bit (every row applied
+    exactly once); the recompute count is kept. With a checkpoint at each step finished in
+    order (the in-flight steps' progress in it) and with the step log alone."""
     _, _, workers = cluster
     addresses = [w.address for w in workers]
     rng = np.random.default_rng(1)
@@ -312,7 +336,7 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(cluster, tmp_path,
     kw = {"state_dir": str(tmp_path), "checkpoint_every": checkpoint_every}
     server = coordinator_mod.start(workers=addresses, shared_memory=False, **kw)
     client = CoordinatorClient(server.address, retry_seconds=0.0)
-    crash = _Crash(workers[0], steps[3][12:16])
+    crash = _Crash(workers[0], steps[3][12:16], at)
     compute, failures = workers[1].worker.compute, []
     try:
         job = _dyadic_job(client, "st-crash", 1)
@@ -320,8 +344,7 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(cluster, tmp_path,
         restore = _gate(workers[1], lambda: old.version, 2)
         fit(job, [(x,) for x in steps[:3]], progress=False)
         restore()
-        recomputed = old.stale.recomputed
-        assert recomputed >= 1
+        assert old.stale.recomputed >= 1
 
         def down(*args, **kwargs):  # one worker from here: micro-batches in queue order
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "worker going down")
@@ -329,10 +352,12 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(cluster, tmp_path,
         workers[1].worker.compute = down
         fifth = job.step(steps[4], step_id=5)  # finishes before step 4
         assert job.status().last_step_id == 3
-        crash.coordinator_job = old
+        crash.arm(server.coordinator, "st-crash")
         fourth = threading.Thread(target=lambda: _expect_failure(job, steps[3], failures))
         fourth.start()
         assert crash.crashed.wait(30)
+        if at == "apply":
+            fourth.join(30)  # the failed Apply fails the step
         assert old.stale.steps[4].applied == {0, 1, 2}
         version, recomputed = old.version, old.stale.recomputed
         assert version == 4 * 4 + 3  # steps 1, 2, 3 and 5, and 3 of step 4
@@ -363,9 +388,6 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(cluster, tmp_path,
     finally:
         crash.restore()
         workers[1].worker.compute = compute
-        if crash.crashed.is_set():  # let the dead coordinator's threads end, applying nothing
-            old.error = "crashed"
-            old.lock.release()
         server.stop(0)
     expected_w = -0.0625 * sum(x.astype(np.float64).mean(axis=0) for x in steps)
     assert np.array_equal(params["weight"].numpy()[0], expected_w.astype(np.float32))
