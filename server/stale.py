@@ -531,7 +531,7 @@ def replay_log(job: "Job", records) -> None:
         if rec["kind"] == "update":
             # A later record of the same version: the earlier one's Apply failed.
             state.logged[rec["version"]] = rec
-        elif rec["kind"] == "finished":
+        elif rec["kind"] in ("finished", "done"):  # "done": written in step order before
             sid = rec["step_id"]
             job.history[sid] = base64.b64decode(rec["response"])
             job.digests[sid] = rec["digest"]
