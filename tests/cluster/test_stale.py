@@ -317,10 +317,13 @@ class _Crash:
             self.job.lock.release()
 
 
-@pytest.mark.parametrize("at", ["compute", "apply"])
-@pytest.mark.parametrize("checkpoint_every", [1, 100], ids=["checkpoints", "log-only"])
+@pytest.mark.parametrize(
+    "checkpoint_every, at, shard_servers",
+    [(1, "compute", 0), (100, "compute", 0), (1, "apply", 0), (100, "apply", 0), (1, "compute", 2)],
+    ids=["checkpoints", "log-only", "checkpoints-apply", "log-only-apply", "2-shard-servers"],
+)
 def test_a_coordinator_crash_mid_steps_applies_every_row_once(
-    cluster, tmp_path, checkpoint_every, at
+    cluster, tmp_path, checkpoint_every, at, shard_servers
 ):
     """Steps 1-3 pipelined with a gated worker (recomputes), step 5 finished before step 4,
     then the coordinator dies at step 4's last micro-batch (its first three applied): while
@@ -328,13 +331,16 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(
     step 5 replays, step 4 re-sent computes only its last micro-batch and reports the loss
     of all four, and the parameters are the closed form to the bit (every row applied
     exactly once); the recompute count is kept. With a checkpoint at each step finished in
-    order (the in-flight steps' progress in it) and with the step log alone."""
+    order (the in-flight steps' progress in it), with the step log alone, and with shard
+    servers that outlive the coordinator."""
     _, _, workers = cluster
     addresses = [w.address for w in workers]
     rng = np.random.default_rng(1)
     steps = [rng.integers(-8, 9, (16, 4)).astype(np.float32) for _ in range(6)]
+    shards = [serve_shard(ServerConfig(port=0), ShardStore()) for _ in range(shard_servers)]
     kw = {"state_dir": str(tmp_path), "checkpoint_every": checkpoint_every}
-    server = coordinator_mod.start(workers=addresses, shared_memory=False, **kw)
+    kw.update(shards=[s.address for s in shards], shared_memory=False)
+    server = coordinator_mod.start(workers=addresses, **kw)
     client = CoordinatorClient(server.address, retry_seconds=0.0)
     crash = _Crash(workers[0], steps[3][12:16], at)
     compute, failures = workers[1].worker.compute, []
@@ -366,7 +372,7 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(
         assert failures and not fourth.is_alive()  # the client never heard of step 4
         client.close()
 
-        server2 = coordinator_mod.start(workers=addresses[:1], shared_memory=False, **kw)
+        server2 = coordinator_mod.start(workers=addresses[:1], **kw)
         client = CoordinatorClient(server2.address, retry_seconds=0.0)
         try:
             job = client.job("st-crash")
@@ -389,6 +395,8 @@ def test_a_coordinator_crash_mid_steps_applies_every_row_once(
         crash.restore()
         workers[1].worker.compute = compute
         server.stop(0)
+        for shard in shards:
+            shard.stop(0)
     expected_w = -0.0625 * sum(x.astype(np.float64).mean(axis=0) for x in steps)
     assert np.array_equal(params["weight"].numpy()[0], expected_w.astype(np.float32))
     assert np.array_equal(params["bias"].numpy(), np.array([-0.0625 * 6], np.float32))
