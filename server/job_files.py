@@ -27,7 +27,7 @@ from gradmesh.server.job import (
     set_compression,
 )
 from gradmesh.server.runtime import ServiceError
-from gradmesh.server.stale import set_staleness
+from gradmesh.server.stale import checkpoint_meta, replay_log, restore_meta, set_staleness
 from gradmesh.v1 import graph_pb2
 
 log = logging.getLogger("gradmesh.coordinator")
@@ -65,7 +65,7 @@ class JobFiles:
             "history": [[k, base64.b64encode(v).decode()] for k, v in job.history.items()],
             **schedule_meta(job),
             **({"compression": job.residuals.spec} if job.residuals else {}),
-            **({"staleness": job.stale.bound} if job.stale else {}),
+            **checkpoint_meta(job),
         }
         graph = np.frombuffer(job.graph.SerializeToString(deterministic=True), np.uint8)
         arrays = {"graph": graph, **buffer_arrays(job.buffers)}
@@ -120,6 +120,7 @@ def _job_from_checkpoint(arrays: dict, meta: dict) -> Job:
     # The residuals are not checkpointed: they restart from zero (documented).
     set_compression(job, meta.get("compression"))
     set_staleness(job, meta.get("staleness"))
+    restore_meta(job, meta.get("stale"))
     return job
 
 
@@ -147,7 +148,12 @@ def append(job: Job, record: dict, must: bool = True, arrays: dict | None = None
 def replay(job: Job) -> None:
     """Re-read the step log written since the checkpoint: each step's result (``done``,
     fsynced before the client was answered) and the step whose Apply was sent last
-    (``intent``: some shards may have applied it)."""
+    (``intent``: some shards may have applied it). A stale-mode job's log has records
+    of its own (:func:`gradmesh.server.stale.replay_log`)."""
+    if job.stale is not None:
+        replay_log(job, job.log.records())
+        trim_history(job)
+        return
     intended: dict = {}  # the new buffers of the step whose Apply was sent
     for rec, arrays in job.log.records():
         sid = rec["step_id"]

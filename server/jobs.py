@@ -720,6 +720,8 @@ class Coordinator:
         versions = set(states.values())
         if len(versions) == 1 and None not in versions:
             version, last = versions.pop()
+            if job.stale is not None:  # which logged updates the shards applied
+                stale.settle_logged(job, version)
             if version > job.version + (1 if job.pinned else 0):
                 # Shards applied steps the coordinator has no record of (a coordinator
                 # without a step log): the parameters are kept, those results are lost.

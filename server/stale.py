@@ -15,6 +15,13 @@ A step's progress (the micro-batches applied so far, their losses) is kept acros
 attempts: a retry of a failed step, with the same id and batch, computes only the rest.
 The shards see each update as a one-micro-batch step (step id = the version it makes),
 so their logs and checkpoints keep every applied update as they keep synchronous steps.
+
+Across a coordinator restart too: each update is logged (step, micro-batch, the version
+it makes, its loss) before the shards apply it, a finished step's result as it finishes
+(in completion order), and the checkpoint keeps the unfinished steps' progress. A
+restarted coordinator takes the logged updates the shards' version covers as applied
+(:func:`settle_logged`), so a re-sent step id computes only the rest and reports the
+loss of all its micro-batches.
 """
 
 from __future__ import annotations
@@ -91,6 +98,17 @@ class StepState:
     staleness: int = 0  # the largest of its applied gradients
     running: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
+    parts: dict[int, dict] = field(default_factory=dict)  # what each applied one added
+
+    def note(self, m: int, part: dict) -> None:
+        """Count micro-batch ``m`` as applied with ``part`` (its weighted loss and metrics,
+        its staleness), as :meth:`_Attempt._update` made it or a log or checkpoint kept it."""
+        self.applied.add(m)
+        self.parts[m] = part
+        self.losses.add(m, np.float64(part["loss"]))
+        for name, value in part["metrics"].items():
+            self.metrics[name].add(m, value)
+        self.staleness = max(self.staleness, part["staleness"])
 
 
 class StaleState:
@@ -102,6 +120,9 @@ class StaleState:
         self.max_seen = 0
         self.recomputed = 0
         self.steps: dict[int, StepState] = {}  # admitted and not recorded yet
+        # After a restart: the logged updates by version, until the shards' version says
+        # which of them were applied (settle_logged).
+        self.logged: dict[int, dict] = {}
         self.params: ParamSet | None = None
         self.users: dict[ParamSet, int] = {}  # sets a worker call still reads
         self.lanes = Lanes()
@@ -334,6 +355,8 @@ def step(c: "Coordinator", job: "Job", step_id: int, batch: dict[str, np.ndarray
                     "step_id",
                 )
             if st is None or not st.running:
+                if state.logged:  # restarted while a shard was down: ask the shards again
+                    c._reconcile(job)
                 if st is None:
                     _admit(job, step_id)
                 if job.fault:
@@ -376,7 +399,10 @@ def _admit(job: "Job", step_id: int) -> None:
 
 
 def _new_step(job: "Job", digest: str, batch: dict[str, np.ndarray]) -> StepState:
-    size = next(iter(batch.values())).shape[0]
+    return _empty_step(job, digest, next(iter(batch.values())).shape[0])
+
+
+def _empty_step(job: "Job", digest: str, size: int) -> StepState:
     ranges = micro_batches(size, job.micro_batch_size)
     n = len(ranges)
     metrics = {name: TreeSum(n) for name in job.metric_names}
@@ -413,40 +439,127 @@ def _run(c: "Coordinator", job: "Job", step_id: int, batch: dict, st: StepState)
 
 
 def _record(c: "Coordinator", job: "Job", step_id: int, resp, st: StepState) -> None:
-    """Keep a finished step's result; the job's last step id moves over the steps that
-    are now finished in order, each logged (replay reads the log in step order)."""
-    from gradmesh.server import job_files  # it restores a job's mode: imports this module
-
+    """Keep a finished step's result and log it now, in completion order (a step that
+    finished before an earlier one keeps its result across a restart); the job's last
+    step id moves over the steps that are now finished in order."""
     del job.stale.steps[step_id]
     job.history[step_id] = resp.SerializeToString()
     job.digests[step_id] = st.digest
     job.samples += st.size
     job.last_loss = resp.loss
+    # must=False: its updates are logged already; a crash before this record is written
+    # loses only the result, which the re-sent step id rebuilds from them.
+    _log(
+        job,
+        {
+            "kind": "finished",
+            "step_id": step_id,
+            "digest": st.digest,
+            "samples": job.samples,
+            "loss": job.last_loss,
+            "recomputed": job.stale.recomputed,
+            "response": base64.b64encode(job.history[step_id]).decode(),
+        },
+        must=False,
+    )
     before = job.last_step_id
-    while job.last_step_id + 1 in job.history:
-        job.last_step_id += 1
-        sid = job.last_step_id
-        job_files.append(
-            job,
-            {
-                "kind": "done",
-                "step_id": sid,
-                "digest": job.digests[sid],
-                "version": job.version,
-                "samples": job.samples,
-                "loss": job.last_loss,
-                "grad_norm": None,
-                "response": base64.b64encode(job.history[sid]).decode(),
-            },
-            must=False,
-        )
-    job_files.trim_history(job)
+    _advance(job)
+    _job_files().trim_history(job)
     every = c.checkpoint_every
     if every and job.last_step_id // every > before // every:
         try:
             c._save(job)
         except OSError:  # the logs keep the steps until a checkpoint succeeds
             pass
+
+
+def _advance(job: "Job") -> None:
+    while job.last_step_id + 1 in job.history:
+        job.last_step_id += 1
+
+
+def _job_files():
+    from gradmesh.server import job_files  # it restores a job's mode: imports this module
+
+    return job_files
+
+
+def _log(job: "Job", record: dict, must: bool = True) -> None:
+    _job_files().append(job, record, must=must)
+
+
+# -- restart --------------------------------------------------------------------------------
+def checkpoint_meta(job: "Job") -> dict:
+    """What a checkpoint keeps of a stale-mode job: its bound, counters and the progress
+    of its unfinished steps (the micro-batches applied, what each added)."""
+    state = job.stale
+    if state is None:
+        return {}
+    steps = {
+        str(sid): {
+            "digest": st.digest,
+            "size": st.size,
+            "parts": {str(m): part for m, part in st.parts.items()},
+        }
+        for sid, st in state.steps.items()
+        if st.parts
+    }
+    counters = {"recomputed": state.recomputed, "max_staleness": state.max_seen}
+    return {"staleness": state.bound, "stale": {**counters, "steps": steps}}
+
+
+def restore_meta(job: "Job", meta: dict | None) -> None:
+    """The inverse of :func:`checkpoint_meta` (after ``set_staleness``)."""
+    if job.stale is None or not meta:
+        return
+    job.stale.recomputed = meta["recomputed"]
+    job.stale.max_seen = meta["max_staleness"]
+    for sid, kept in meta["steps"].items():
+        st = _empty_step(job, kept["digest"], kept["size"])
+        for m, part in kept["parts"].items():
+            st.note(int(m), part)
+        job.stale.steps[int(sid)] = st
+
+
+def replay_log(job: "Job", records) -> None:
+    """Re-read a stale-mode job's step log written since its checkpoint: finished steps'
+    results (in completion order), the recompute count, and the updates sent to the
+    shards, kept in ``logged`` until the shards say which were applied."""
+    state = job.stale
+    for rec, _ in records:
+        state.recomputed = max(state.recomputed, rec.get("recomputed", 0))
+        if rec["kind"] == "update":
+            # A later record of the same version: the earlier one's Apply failed.
+            state.logged[rec["version"]] = rec
+        elif rec["kind"] in ("finished", "done"):  # "done": written in step order before
+            sid = rec["step_id"]
+            job.history[sid] = base64.b64decode(rec["response"])
+            job.digests[sid] = rec["digest"]
+            job.samples, job.last_loss = rec["samples"], rec["loss"]
+            state.steps.pop(sid, None)
+            _advance(job)
+
+
+def settle_logged(job: "Job", version: int) -> None:
+    """The shards agree on ``version``: each logged update up to it was applied (updates
+    are applied one at a time, in version order), the later ones were not. Count the
+    applied ones in their unfinished steps, so a re-sent step id computes only the rest."""
+    state = job.stale
+    for v in sorted(state.logged):
+        rec = state.logged[v]
+        sid = rec["step_id"]
+        if v > version or sid in job.history or sid <= job.last_step_id:
+            continue
+        st = state.steps.get(sid)
+        if st is None or st.digest != rec["digest"]:
+            st = state.steps[sid] = _empty_step(job, rec["digest"], rec["size"])
+        st.note(rec["micro_batch"], _part_of(rec))
+        state.max_seen = max(state.max_seen, rec["staleness"])
+    state.logged.clear()
+
+
+def _part_of(rec: dict) -> dict:
+    return {"loss": rec["loss"], "metrics": rec["metrics"], "staleness": rec["staleness"]}
 
 
 class _Attempt:
@@ -512,6 +625,10 @@ class _Attempt:
             lag = job.version - params.version
             if lag > job.stale.bound:
                 job.stale.recomputed += 1
+                # Logged so the count survives a restart; must=False: it applies nothing.
+                count = job.stale.recomputed
+                record = {"kind": "recomputed", "step_id": self.step_id, "recomputed": count}
+                _log(job, record, must=False)
                 return False
             self._update(m, reply, lag)
             return True
@@ -530,6 +647,16 @@ class _Attempt:
         version = job.version
         update = version + 1  # the shards' step id: the version it makes
         args = {"lr": job.optimizer["lr"] * weight}
+        part = {
+            "loss": float(np.float64(np.asarray(r.loss, dtype=np.float64)) * weight),
+            "metrics": self._metrics(r, weight),
+            "staleness": lag,
+        }
+        # Durable before any shard applies it (a failed write applies nothing): after a
+        # crash the shards' version says whether it was applied (settle_logged).
+        record = {"kind": "update", "step_id": self.step_id, "micro_batch": m}
+        record.update(version=update, digest=st.digest, size=st.size, **part)
+        _log(job, {**record, "recomputed": job.stale.recomputed})
 
         def apply(shard, i):
             grads = parts_on(job, i, r.gradients, job.param_names)
@@ -547,13 +674,15 @@ class _Attempt:
             )
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, job.fault, "job_id") from None
         job.version = update
-        st.applied.add(m)
-        st.losses.add(m, np.float64(np.asarray(r.loss, dtype=np.float64)) * weight)
-        for name in job.metric_names:
-            value = r.outputs.get(name)
-            if value is not None and np.size(value) == 1:
-                st.metrics[name].add(m, float(np.asarray(value).reshape(())) * weight)
-        st.staleness = max(st.staleness, lag)
+        st.note(m, part)
         job.stale.max_seen = max(job.stale.max_seen, lag)
         self.update_seconds += time.perf_counter() - t
         self.worker_seconds += r.compute_seconds
+
+    def _metrics(self, r: Reply, weight: float) -> dict[str, float]:
+        out = {}
+        for name in self.job.metric_names:
+            value = r.outputs.get(name)
+            if value is not None and np.size(value) == 1:
+                out[name] = float(np.asarray(value).reshape(())) * weight
+        return out

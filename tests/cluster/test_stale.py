@@ -193,16 +193,41 @@ def test_a_step_id_is_applied_once_and_only_within_the_bound(cluster):
 
 
 def test_the_mode_and_every_applied_update_survive_a_coordinator_restart(cluster, tmp_path):
+    """Step 4 fails on its micro-batch 2 (others applied) before a graceful restart: the
+    checkpoint keeps its progress, and its retry afterwards computes only the rest."""
     _, _, workers = cluster
     addresses = [w.address for w in workers]
     x = np.arange(64, dtype=np.float32).reshape(16, 4)
     server = coordinator_mod.start(workers=addresses, state_dir=str(tmp_path))
     client = CoordinatorClient(server.address, retry_seconds=0.0)
+    computes = [w.worker.compute for w in workers]
+
+    def failing_on(rows, inner):
+        def compute(prepared, params, data, *args, **kwargs):
+            if np.array_equal(data["x"], rows):
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "bad rows", "data[x]")
+            return inner(prepared, params, data, *args, **kwargs)
+
+        return compute
+
     try:
         _, job = _linear_job(client, 2, "st-restart")
         fit(job, [(x,), (x + 1,), (x + 2,)], progress=False)
+        for w, inner in zip(workers, computes):
+            w.worker.compute = failing_on((x + 3)[8:12], inner)
+        with pytest.raises(GradmeshError) as e:
+            job.step(x + 3, step_id=4)
+        assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "batch[x]")
+        lanes = server.coordinator.jobs["st-restart"].stale.lanes
+        until = time.monotonic() + 30
+        while lanes.running and time.monotonic() < until:  # micro-batch 3 may still run
+            time.sleep(0.01)
+        failed_at = job.status().version  # micro-batches 0, 1 applied, and 3 if it ran
+        assert failed_at in (3 * 4 + 2, 3 * 4 + 3)
         before = job.parameters()
     finally:
+        for w, inner in zip(workers, computes):
+            w.worker.compute = inner
         client.close()
         server.stop(0)
         server.coordinator.close()
@@ -211,14 +236,174 @@ def test_the_mode_and_every_applied_update_survive_a_coordinator_restart(cluster
     try:
         job = client.job("st-restart")
         status = job.status()
-        assert (status.mode, status.staleness, status.version) == ("stale", 2, 3 * 4)
+        assert (status.mode, status.staleness, status.version) == ("stale", 2, failed_at)
         assert status.next_step_id == 4 and job.in_flight == 3
         after = job.parameters()
         for name, a in before.items():
             assert np.array_equal(a.numpy(), after[name].numpy()), name
         assert job.step(x + 3).step_id == 4
-        assert job.status().version == 4 * 4
+        assert job.status().version == 4 * 4  # the micro-batches not applied only
     finally:
         client.close()
         server.stop(0)
         server.coordinator.close()
+
+
+def _dyadic_job(client, job_id, staleness):
+    """A linear model from zero, lr 1/16, 4 micro-batches of 4 integer rows a step: each
+    update (lr * rows/batch * a micro-batch's mean row) is a multiple of 2**-8, so float32
+    parameters hold every sum of them exactly and any order of updates ends on the same
+    bits."""
+    model = gm.nn.Linear(4, 1)
+    with gm.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    job = client.create_job(
+        model,
+        _mean_loss,
+        {"name": "sgd", "lr": 0.0625},
+        4,
+        example_batch=(np.zeros((4, 4), np.float32),),
+        data_names=["x"],
+        staleness=staleness,
+        job_id=job_id,
+    )
+    return job
+
+
+class _Crash:
+    """Make a coordinator die at one point of one micro-batch (``rows``, once armed with the
+    coordinator): ``at="compute"``, when a worker starts computing it, the call takes the
+    coordinator's job lock and keeps it (nothing is applied or logged after); ``at="apply"``,
+    after the coordinator logged the update, the shard's Apply fails, so the update is
+    logged and not applied. Records the loss of every call by its rows."""
+
+    def __init__(self, worker, rows, at):
+        self.inner, self.worker, self.rows, self.at = worker.worker.compute, worker, rows, at
+        self.losses: dict[bytes, float] = {}
+        self.coordinator = self.job = None
+        self.crashed = threading.Event()
+        self.holding = False
+        worker.worker.compute = self
+
+    def arm(self, coordinator, job_id):
+        self.coordinator, self.job = coordinator, coordinator.jobs[job_id]
+        shard = coordinator.shards[0]
+        apply = shard.apply
+
+        def failing_apply(*args, **kwargs):
+            if self.crashed.is_set():
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the coordinator died")
+            return apply(*args, **kwargs)
+
+        shard.apply = failing_apply
+
+    def __call__(self, prepared, params, data, *args, **kwargs):
+        x = data["x"]
+        hit = self.job is not None and np.array_equal(x, self.rows)
+        if hit and not self.crashed.is_set():
+            if self.at == "compute":
+                self.job.lock.acquire()
+                self.holding = True
+            self.crashed.set()
+        out = self.inner(prepared, params, data, *args, **kwargs)
+        self.losses[np.ascontiguousarray(x).tobytes()] = float(np.asarray(out.loss))
+        return out
+
+    def restore(self):
+        self.worker.worker.compute = self.inner
+        if self.holding:  # the dead coordinator's threads end, applying nothing
+            self.job.error = "crashed"
+            self.job.lock.release()
+
+
+@pytest.mark.parametrize(
+    "checkpoint_every, at, shard_servers",
+    [(1, "compute", 0), (100, "compute", 0), (1, "apply", 0), (100, "apply", 0), (1, "compute", 2)],
+    ids=["checkpoints", "log-only", "checkpoints-apply", "log-only-apply", "2-shard-servers"],
+)
+def test_a_coordinator_crash_mid_steps_applies_every_row_once(
+    cluster, tmp_path, checkpoint_every, at, shard_servers
+):
+    """Steps 1-3 pipelined with a gated worker (recomputes), step 5 finished before step 4,
+    then the coordinator dies at step 4's last micro-batch (its first three applied): while
+    a worker computes it, or between logging its update and the shard's Apply. Restarted:
+    step 5 replays, step 4 re-sent computes only its last micro-batch and reports the loss
+    of all four, and the parameters are the closed form to the bit (every row applied
+    exactly once); the recompute count is kept. With a checkpoint at each step finished in
+    order (the in-flight steps' progress in it), with the step log alone, and with shard
+    servers that outlive the coordinator."""
+    _, _, workers = cluster
+    addresses = [w.address for w in workers]
+    rng = np.random.default_rng(1)
+    steps = [rng.integers(-8, 9, (16, 4)).astype(np.float32) for _ in range(6)]
+    shards = [serve_shard(ServerConfig(port=0), ShardStore()) for _ in range(shard_servers)]
+    kw = {"state_dir": str(tmp_path), "checkpoint_every": checkpoint_every}
+    kw.update(shards=[s.address for s in shards], shared_memory=False)
+    server = coordinator_mod.start(workers=addresses, **kw)
+    client = CoordinatorClient(server.address, retry_seconds=0.0)
+    crash = _Crash(workers[0], steps[3][12:16], at)
+    compute, failures = workers[1].worker.compute, []
+    try:
+        job = _dyadic_job(client, "st-crash", 1)
+        old = server.coordinator.jobs["st-crash"]
+        restore = _gate(workers[1], lambda: old.version, 2)
+        fit(job, [(x,) for x in steps[:3]], progress=False)
+        restore()
+        assert old.stale.recomputed >= 1
+
+        def down(*args, **kwargs):  # one worker from here: micro-batches in queue order
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "worker going down")
+
+        workers[1].worker.compute = down
+        fifth = job.step(steps[4], step_id=5)  # finishes before step 4
+        assert job.status().last_step_id == 3
+        crash.arm(server.coordinator, "st-crash")
+        fourth = threading.Thread(target=lambda: _expect_failure(job, steps[3], failures))
+        fourth.start()
+        assert crash.crashed.wait(30)
+        if at == "apply":
+            fourth.join(30)  # the failed Apply fails the step
+        assert old.stale.steps[4].applied == {0, 1, 2}
+        version, recomputed = old.version, old.stale.recomputed
+        assert version == 4 * 4 + 3  # steps 1, 2, 3 and 5, and 3 of step 4
+        server.stop(0)  # no close(), no checkpoint: a crash
+        fourth.join(30)
+        assert failures and not fourth.is_alive()  # the client never heard of step 4
+        client.close()
+
+        server2 = coordinator_mod.start(workers=addresses[:1], **kw)
+        client = CoordinatorClient(server2.address, retry_seconds=0.0)
+        try:
+            job = client.job("st-crash")
+            status = job.status()
+            assert (status.next_step_id, status.version, status.error) == (4, version, "")
+            assert status.recomputed == recomputed
+            again = job.step(steps[4], step_id=5)
+            assert again.replayed and again.loss == fifth.loss
+            done = job.step(steps[3], step_id=4)
+            assert not done.replayed and job.status().version == version + 1
+            losses = [crash.losses[steps[3][i : i + 4].tobytes()] * 0.25 for i in (0, 4, 8, 12)]
+            assert done.loss == (losses[0] + losses[1]) + (losses[2] + losses[3])
+            assert job.step(steps[5]).step_id == 6
+            params = job.parameters()
+        finally:
+            client.close()
+            server2.stop(0)
+            server2.coordinator.close()
+    finally:
+        crash.restore()
+        workers[1].worker.compute = compute
+        server.stop(0)
+        for shard in shards:
+            shard.stop(0)
+    expected_w = -0.0625 * sum(x.astype(np.float64).mean(axis=0) for x in steps)
+    assert np.array_equal(params["weight"].numpy()[0], expected_w.astype(np.float32))
+    assert np.array_equal(params["bias"].numpy(), np.array([-0.0625 * 6], np.float32))
+
+
+def _expect_failure(job, x, failures):
+    try:
+        job.step(x, step_id=4)
+    except GradmeshError as e:
+        failures.append(e)
