@@ -276,7 +276,25 @@ def relu_p(xp, a):
 
 @relu_p.defvjp
 def _(g, out, a):
+    if not is_grad_enabled() and _bitwise_select_applies(g, a):
+        return (_kernel(_relu_vjp_bits, g, a),)
     return (where(a > 0, g, 0.0),)  # a 0-d zero: no array of zeros to allocate
+
+
+def _bitwise_select_applies(g, a) -> bool:
+    ga, aa = g._data, a._data
+    return type(ga) is np.ndarray and ga.dtype.kind == "f" and ga.shape == aa.shape
+
+
+def _relu_vjp_bits(xp, g, a):
+    """where(a > 0, g, 0) as g's bits AND a mask of all ones where a > 0: three vector
+    passes. NumPy's where branches on every element, ~4 ns each on a ReLU's random mask
+    (2 ms for 32x16x32x32 against 0.14 ms); the bits are the same (+0.0 where dropped)."""
+    ints = np.dtype(f"i{g.dtype.itemsize}")
+    mask = np.asarray(np.greater(a, 0)).view(np.int8).astype(ints)  # 0-d: a bool scalar
+    np.negative(mask, out=mask)  # 1 -> all ones, 0 -> 0
+    np.bitwise_and(mask, g.view(ints), out=mask)
+    return mask.view(g.dtype)
 
 
 def _infer_leaky_relu(a, negative_slope):
