@@ -86,3 +86,74 @@ def test_conv2d_gradients_match_torch(cin, cout, stride, padding, dilation, grou
     np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(5000,), (3, 40000), (70001,)])
+def test_float32_erf_blocks_match_one_block(shape, monkeypatch):
+    """erf runs in blocks of _ERF_BLOCK values through reused scratch buffers: every block,
+    the last partial one included, gives the bits of the array done in one block."""
+    from gradmesh.core.ops import elementwise
+
+    x = np.random.default_rng(3).uniform(-6, 6, shape).astype(np.float32)
+    x.reshape(-1)[:4] = [0.0, -0.0, np.inf, np.nan]
+    blocked = _erf(np, x[..., ::-1])  # a strided view: read through a contiguous copy
+    monkeypatch.setattr(elementwise, "_ERF_BLOCK", x.size)
+    whole = _erf(np, np.ascontiguousarray(x[..., ::-1]))
+    assert blocked.shape == x.shape
+    np.testing.assert_array_equal(blocked.view(np.int32), whole.view(np.int32))
+    truth = erf(x[..., ::-1].astype(np.float64))
+    assert np.isnan(whole).tolist() == np.isnan(truth).tolist()
+    assert np.nanmax(np.abs(whole - truth)) <= 1.5e-7
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_relu_gradient_bitwise_select_matches_where(dtype):
+    """ReLU's vjp selects g's bits where a > 0 (+0.0 elsewhere), as where(a > 0, g, 0)
+    does, NaN and infinite gradients included; against torch too."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 7, 5)).astype(dtype)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan]
+    g = rng.standard_normal(x.shape).astype(dtype)
+    g.reshape(-1)[3:9] = [np.nan, np.inf, -np.inf, -0.0, np.nan, -np.inf]
+    a = gm.tensor(x, requires_grad=True)
+    F.relu(a).backward(gm.tensor(g))
+    expected = np.where(x > 0, g, np.zeros((), dtype))
+    got = a.grad.numpy()
+    assert got.dtype == np.dtype(dtype)
+    ints = f"i{got.dtype.itemsize}"
+    np.testing.assert_array_equal(got.view(ints), expected.view(ints))
+    t = torch.tensor(x, requires_grad=True)
+    torch.relu(t).backward(torch.tensor(g))
+    finite = np.isfinite(x)  # torch passes the gradient through at a NaN input
+    np.testing.assert_array_equal(got[finite], t.grad.numpy()[finite])
+
+
+def _batch_norm_and_grads(lib, x, v, w):
+    """batch_norm's output and the gradients of x and weight, in float64."""
+    if lib is torch:
+        a, gw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+        out = torch.nn.functional.batch_norm(a, None, None, gw, None, training=True)
+        out.backward(torch.tensor(v))
+    else:
+        a, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
+        out = F.batch_norm(a, None, None, gw, None, training=True)
+        out.backward(gm.tensor(v))
+    return [t.detach().numpy().astype(np.float64) for t in (out, a.grad, gw.grad)]
+
+
+def test_batch_norm_one_pass_statistics_match_torch():
+    """batch_norm and its gradient from channel dot products: against torch in float64,
+    and in float32 as close to the float64 values as torch's float32 (within 1.5x), with a
+    channel whose mean is 10^4 standard deviations from 0 (the variance is taken around
+    the mean: E[x^2] - mean^2 would lose it all in float32)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3, 6, 5)) * np.array([0.5, 2.0, 1e-2])[:, None, None] + 100.0
+    v, w = rng.standard_normal(x.shape), rng.standard_normal(3)
+    truth = _batch_norm_and_grads(torch, x, v, w)
+    for ours, theirs in zip(_batch_norm_and_grads(gm, x, v, w), truth):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    f32 = [a.astype(np.float32) for a in (x, v, w)]
+    for ours, theirs, exact in zip(
+        _batch_norm_and_grads(gm, *f32), _batch_norm_and_grads(torch, *f32), truth
+    ):
+        assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-6
