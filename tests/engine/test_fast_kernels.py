@@ -157,3 +157,29 @@ def test_batch_norm_one_pass_statistics_match_torch():
         _batch_norm_and_grads(gm, *f32), _batch_norm_and_grads(torch, *f32), truth
     ):
         assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-6
+
+
+def _layer_norm_and_grad(lib, x, v):
+    functional = torch.nn.functional if lib is torch else F
+    a = lib.tensor(x, requires_grad=True)
+    out = functional.layer_norm(a, x.shape[-2:])
+    out.backward(lib.tensor(v))
+    return [t.detach().numpy().astype(np.float64) for t in (out, a.grad)]
+
+
+def test_layer_norm_one_pass_statistics_match_torch():
+    """layer_norm and its gradient from row dot products, over two trailing dims and on
+    a transposed input: against torch in float64, and in float32 as close to the float64
+    values as torch's float32 (within 1.5x), with rows far from 0."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 5, 7, 6)) * np.array([1.0, 1e-2, 3.0, 0.5, 2.0])[:, None, None]
+    x = (x + 50.0).transpose(0, 1, 3, 2)
+    v = rng.standard_normal(x.shape)
+    truth = _layer_norm_and_grad(torch, x, v)
+    for ours, theirs in zip(_layer_norm_and_grad(gm, x, v), truth):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    f32 = [a.astype(np.float32) for a in (x, v)]
+    for ours, theirs, exact in zip(
+        _layer_norm_and_grad(gm, *f32), _layer_norm_and_grad(torch, *f32), truth
+    ):
+        assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-6
