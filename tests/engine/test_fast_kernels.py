@@ -183,3 +183,22 @@ def test_layer_norm_one_pass_statistics_match_torch():
         _layer_norm_and_grad(gm, *f32), _layer_norm_and_grad(torch, *f32), truth
     ):
         assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_gradient_in_blocks_matches_one_call(dtype):
+    """GELU's vjp runs over blocks of 64 KB of values: the bits of one call on the whole
+    arrays, a last partial block and values below 1e-20 (the series) included."""
+    from gradmesh.core.ops.elementwise import _gelu_vjp_from_out, _gelu_vjp_whole
+
+    rng = np.random.default_rng(7)
+    a = rng.uniform(-6, 6, (3, 7001)).astype(dtype)
+    a[2, -5:] = [0.0, -0.0, 1e-30, -1e-25, 1e-21]
+    g = rng.standard_normal(a.shape).astype(dtype)
+    out = F.gelu(gm.tensor(a)).numpy()
+    blocked = _gelu_vjp_from_out(np, g, out, a)
+    ints = f"i{blocked.dtype.itemsize}"
+    np.testing.assert_array_equal(blocked.view(ints), _gelu_vjp_whole(np, g, out, a).view(ints))
+    t = torch.tensor(a, requires_grad=True)
+    torch.nn.functional.gelu(t).backward(torch.tensor(g))
+    np.testing.assert_allclose(blocked, t.grad.numpy(), rtol=1e-5, atol=1e-6)
