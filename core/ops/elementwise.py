@@ -453,36 +453,6 @@ def _(g, out, a, approximate):
 
 
 def _gelu_vjp_from_out(xp, g, out, a):
-    if xp is np and a.dtype in (np.float32, np.float64) and g.shape == out.shape == a.shape:
-        return _blockwise(_gelu_vjp_whole, g, out, a)
-    return _gelu_vjp_whole(xp, g, out, a)
-
-
-# Bytes per block of _blockwise: each temporary of a block (64 KB) stays below glibc's
-# smallest mmap threshold and in cache, so the allocator hands the same memory back block
-# after block; whole-array temporaries are fresh megabyte arrays, page-faulted where glibc
-# has returned freed memory to the kernel.
-_BLOCK_BYTES = 1 << 16
-
-
-def _blockwise(fn, *arrays):
-    """``fn(np, *blocks)`` over blocks of same-shaped arrays' values (elementwise ``fn``:
-    the same bits as one call on the whole arrays), into one result."""
-    flat = [np.ascontiguousarray(x).reshape(-1) for x in arrays]
-    size = flat[0].size
-    step = _BLOCK_BYTES // flat[0].itemsize
-    if size <= step:
-        return fn(np, *arrays)
-    result = None
-    for s in range(0, size, step):
-        part = fn(np, *(x[s : s + step] for x in flat))
-        if result is None:
-            result = np.empty(size, part.dtype)
-        result[s : s + step] = part
-    return result.reshape(arrays[0].shape)
-
-
-def _gelu_vjp_whole(xp, g, out, a):
     """g * gelu'(a) = g * (cdf(a) + a * pdf(a)), with cdf read back from the forward's
     result (out = a * cdf(a)) instead of a second erf, the slowest part of GELU. At 0 (and
     below 1e-20, where out / a would be made of subnormals) cdf(a) = 0.5 + a / sqrt(2 pi),
@@ -502,7 +472,11 @@ def _gelu_vjp_whole(xp, g, out, a):
 def _cdf_from_out(xp, out, a):
     """out / a, and the series 0.5 + a / sqrt(2 pi) where |a| < 1e-20."""
     t = a.dtype.type
-    small = xp.abs(a) < t(1e-20)
+    if xp is np:  # two bool arrays rather than a full-size float |a| and one
+        small = np.less(a, t(1e-20))
+        small &= np.greater(a, t(-1e-20))
+    else:
+        small = xp.abs(a) < t(1e-20)
     if xp is not np:  # selects: no device-to-host sync for small.any()
         series = t(0.5) + a * t(1 / math.sqrt(2 * math.pi))
         return xp.where(small, series, out / xp.where(small, t(1), a))
