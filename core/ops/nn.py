@@ -80,8 +80,10 @@ def _infer_softmax(op):
 
 @defop("softmax", infer=_infer_softmax("softmax"), attrs={"dim": ("int", -1)}, saves_out=True)
 def softmax_p(xp, x, dim):
-    # Subtracting the max keeps exp from overflowing; it cancels in the ratio.
-    e = xp.exp(x - x.max(axis=dim, keepdims=True))
+    # Subtracting the max keeps exp from overflowing; it cancels in the ratio. In place on
+    # the fresh difference: one full-size array (attention's scores are megabytes).
+    e = xp.subtract(x, x.max(axis=dim, keepdims=True), out=xp.empty_like(x))  # 0-d: an array
+    xp.exp(e, out=e)
     e /= e.sum(axis=dim, keepdims=True)
     return e
 
@@ -110,7 +112,9 @@ def _infer_softmax_grad(op):
 )
 def softmax_grad_p(xp, g, out, dim):
     """softmax's vjp in one kernel: out * (g - sum(g * out, dim))."""
-    return out * (g - (g * out).sum(axis=dim, keepdims=True))
+    gx = g - (g * out).sum(axis=dim, keepdims=True)
+    gx *= out
+    return gx
 
 
 @softmax_grad_p.defvjp
@@ -144,7 +148,9 @@ def _(g, out, x, dim):
 )
 def log_softmax_grad_p(xp, g, out, dim):
     """log_softmax's vjp in one kernel: g - exp(out) * sum(g, dim)."""
-    return g - xp.exp(out) * g.sum(axis=dim, keepdims=True)
+    gx = xp.exp(out, out=xp.empty_like(out))  # 0-d: an array
+    gx *= g.sum(axis=dim, keepdims=True)
+    return xp.subtract(g, gx, out=gx)
 
 
 @log_softmax_grad_p.defvjp

@@ -201,3 +201,22 @@ def test_gelu_gradient_at_and_near_zero_matches_torch(dtype):
     t = torch.tensor(a, requires_grad=True)
     torch.nn.functional.gelu(t).backward(torch.tensor(g))
     np.testing.assert_allclose(ours, t.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, dim", [((), 0), ((3, 5, 7), 1), ((4, 9), -1)])
+def test_softmax_kernels_in_place_match_torch(shape, dim):
+    """softmax, log_softmax and their gradients work in place on their fresh arrays: a
+    0-d input (where NumPy returns scalars, not arrays) and other dims against torch."""
+    rng = np.random.default_rng(8)
+    x, v = rng.standard_normal(shape) * 4, rng.standard_normal(shape)
+    for ours_fn, torch_fn in ((F.softmax, torch.softmax), (F.log_softmax, torch.log_softmax)):
+        a = gm.tensor(x, requires_grad=True)
+        out = ours_fn(a, dim=dim)
+        out.backward(gm.tensor(v))
+        t = torch.tensor(x, requires_grad=True)
+        ref = torch_fn(t, dim=dim)
+        ref.backward(torch.tensor(v))
+        np.testing.assert_allclose(
+            out.detach().numpy(), ref.detach().numpy(), rtol=1e-12, atol=1e-12
+        )
+        np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-12, atol=1e-12)
