@@ -393,6 +393,7 @@ _ERF_BLOCK = 32768
 
 
 def _erf_float32(xp, x):
+    """erf of a float32 NumPy array, block by block (above)."""
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty_like(flat)
     k = min(flat.size, _ERF_BLOCK)
