@@ -220,3 +220,25 @@ def test_softmax_kernels_in_place_match_torch(shape, dim):
             out.detach().numpy(), ref.detach().numpy(), rtol=1e-12, atol=1e-12
         )
         np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_rows_times_matrix_gradients_match_torch(transposed):
+    """(..., K) @ (K, N): b's gradient is one product over all rows (not one per leading
+    index, summed): against torch in float64, a transposed weight's gradient row-major,
+    and double backward through it."""
+    rng = np.random.default_rng(9)
+    x, v = rng.standard_normal((3, 4, 5, 6)), rng.standard_normal((3, 4, 5, 7))
+    w = rng.standard_normal((7, 6) if transposed else (6, 7))
+    a, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
+    t, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    out = gm.matmul(a, gw.T if transposed else gw)
+    ref = torch.matmul(t, tw.T if transposed else tw)
+    (ga, gb) = gm.autograd.grad(out, [a, gw], gm.tensor(v), create_graph=True)
+    (ta, tb) = torch.autograd.grad(ref, [t, tw], torch.tensor(v), create_graph=True)
+    for ours, theirs in ((out, ref), (ga, ta), (gb, tb)):
+        np.testing.assert_allclose(ours.detach().numpy(), theirs.detach().numpy(), rtol=1e-12)
+    assert gb.detach().numpy().flags.c_contiguous
+    (gb * gb).sum().backward()
+    (tb * tb).sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-12)
