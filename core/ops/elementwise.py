@@ -276,7 +276,25 @@ def relu_p(xp, a):
 
 @relu_p.defvjp
 def _(g, out, a):
+    if not is_grad_enabled() and _bitwise_select_applies(g, a):
+        return (_kernel(_relu_vjp_bits, g, a),)
     return (where(a > 0, g, 0.0),)  # a 0-d zero: no array of zeros to allocate
+
+
+def _bitwise_select_applies(g, a) -> bool:
+    ga, aa = g._data, a._data
+    return type(ga) is np.ndarray and ga.dtype.kind == "f" and ga.shape == aa.shape
+
+
+def _relu_vjp_bits(xp, g, a):
+    """where(a > 0, g, 0) as g's bits AND a mask of all ones where a > 0: three vector
+    passes. NumPy's where branches on every element, ~4 ns each on a ReLU's random mask
+    (2 ms for 32x16x32x32 against 0.14 ms); the bits are the same (+0.0 where dropped)."""
+    ints = np.dtype(f"i{g.dtype.itemsize}")
+    mask = np.asarray(np.greater(a, 0)).view(np.int8).astype(ints)  # 0-d: a bool scalar
+    np.negative(mask, out=mask)  # 1 -> all ones, 0 -> 0
+    np.bitwise_and(mask, g.view(ints), out=mask)
+    return mask.view(g.dtype)
 
 
 def _infer_leaky_relu(a, negative_slope):
@@ -322,6 +340,13 @@ def gelu_p(xp, a, approximate):
     if approximate == "tanh":
         inner = t(_SQRT_2_OVER_PI) * (a + t(0.044715) * a**3)
         return t(0.5) * a * (1 + xp.tanh(inner))
+    if xp is np and a.dtype == np.float32 and a.size >= 4096:
+        # In place on fresh arrays: the bits of the line below, two full-size arrays.
+        scaled = np.multiply(a, t(1 / math.sqrt(2.0)))
+        cdf2 = _erf(xp, scaled)
+        cdf2 += t(1)
+        cdf2 *= np.multiply(a, t(0.5), out=scaled)
+        return cdf2
     return t(0.5) * a * (1 + _erf(xp, a * t(1 / math.sqrt(2.0))))
 
 
@@ -351,8 +376,8 @@ _ERF_TAIL = (0.0629660802, -0.237683606, 0.159707662, 0.269375596, 0.152642919)
 _ERF_TAIL += (0.315142592, 0.277848803)
 
 
-def _horner(xp, coefs, v):
-    r = v * v.dtype.type(coefs[0])
+def _horner(xp, coefs, v, out=None):
+    r = xp.multiply(v, v.dtype.type(coefs[0]), out=out)
     for c in coefs[1:-1]:
         r += v.dtype.type(c)
         r *= v
@@ -360,25 +385,44 @@ def _horner(xp, coefs, v):
     return r
 
 
+# Elements per block: a block's scratch (four float32 buffers and a mask, 544 KB) stays in
+# the L2 cache, and the same buffers serve every block. Whole-array temporaries were fresh
+# megabyte arrays: page faults wherever glibc had returned freed memory to the kernel
+# (3,200 per (1024, 512) GELU in the GPT's training step).
+_ERF_BLOCK = 32768
+
+
 def _erf_float32(xp, x):
-    # Four full-size buffers, each reused: a fresh large array costs page faults.
-    f = xp.float32
-    ax = xp.abs(x)
-    head_part = ax < f(1)
-    t = xp.multiply(ax, f(0.5))
+    """erf of a float32 NumPy array, block by block (above)."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty_like(flat)
+    k = min(flat.size, _ERF_BLOCK)
+    scratch = [np.empty(k, np.float32) for _ in range(4)] + [np.empty(k, bool)]
+    for s in range(0, flat.size, k):
+        n = min(k, flat.size - s)
+        _erf_block(flat[s : s + n], out[s : s + n], [b[:n] for b in scratch])
+    return out.reshape(x.shape)
+
+
+def _erf_block(x, out, scratch):
+    f = np.float32
+    ax, t, tail, head, head_part = scratch
+    np.abs(x, out=ax)
+    np.less(ax, f(1), out=head_part)
+    np.multiply(ax, f(0.5), out=t)
     t += f(1)
-    xp.reciprocal(t, out=t)
-    tail = _horner(xp, _ERF_TAIL, t)
+    np.reciprocal(t, out=t)
+    _horner(np, _ERF_TAIL, t, out=tail)
     tail *= t
-    sq = xp.multiply(ax, ax, out=t)
-    head = _horner(xp, _ERF_HEAD, sq)
+    sq = np.multiply(ax, ax, out=t)
+    _horner(np, _ERF_HEAD, sq, out=head)
     head *= ax
-    xp.negative(sq, out=sq)
-    xp.exp(sq, out=sq)
+    np.negative(sq, out=sq)
+    np.exp(sq, out=sq)
     tail *= sq
-    xp.subtract(f(1), tail, out=tail)
-    xp.copyto(tail, head, where=head_part)
-    return xp.copysign(tail, x, out=tail)
+    np.subtract(f(1), tail, out=tail)
+    np.copyto(tail, head, where=head_part)
+    np.copysign(tail, x, out=out)
 
 
 @defop(
@@ -429,7 +473,11 @@ def _gelu_vjp_from_out(xp, g, out, a):
 def _cdf_from_out(xp, out, a):
     """out / a, and the series 0.5 + a / sqrt(2 pi) where |a| < 1e-20."""
     t = a.dtype.type
-    small = xp.abs(a) < t(1e-20)
+    if xp is np:  # two bool arrays rather than a full-size float |a| and one
+        small = np.less(a, t(1e-20))
+        small &= np.greater(a, t(-1e-20))
+    else:
+        small = xp.abs(a) < t(1e-20)
     if xp is not np:  # selects: no device-to-host sync for small.any()
         series = t(0.5) + a * t(1 / math.sqrt(2 * math.pi))
         return xp.where(small, series, out / xp.where(small, t(1), a))

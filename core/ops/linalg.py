@@ -67,6 +67,19 @@ def _matrix_vjp(product, g, a, b):
     return ga, gb
 
 
+def _rows_times_matrix_vjp(g, a, b):
+    """Gradients of (..., K) @ (K, N) as of the (rows, K) @ (K, N) product: b's gradient
+    is one (K, rows) @ (rows, N) product, not a product per leading index summed after
+    (16 GEMMs and a (16, K, N) sum for the GPT's (16, 64, 128) inputs), as torch does."""
+    ga = matmul(g, b.mT) if a.requires_grad else None  # itself one 2-D product
+    gb = None
+    if b.requires_grad:
+        rows, g_rows = reshape(a, (-1, a.shape[-1])), reshape(g, (-1, g.shape[-1]))
+        # In b's layout, as _matrix_vjp: a transposed weight's gradient stays row-major.
+        gb = matmul(g_rows.mT, rows).mT if _transposed(b) else matmul(rows.mT, g_rows)
+    return ga, gb
+
+
 def _infer_matmul(a, b) -> Spec:
     sa, sb = tuple(a.shape), tuple(b.shape)
     if not sa or not sb:
@@ -105,6 +118,8 @@ def rows_times_matrix(xp, a, b):
 def _(g, out, a, b):
     if a.ndim == 2 and b.ndim == 2:
         return _matrix_vjp(matmul, g, a, b)
+    if a.ndim > 2 and b.ndim == 2:
+        return _rows_times_matrix_vjp(g, a, b)
     # Promote vectors to matrices, take the matrix rule, then sum broadcast batch dims.
     a2 = unsqueeze(a, 0) if a.ndim == 1 else a
     b2 = unsqueeze(b, -1) if b.ndim == 1 else b

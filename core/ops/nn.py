@@ -80,8 +80,10 @@ def _infer_softmax(op):
 
 @defop("softmax", infer=_infer_softmax("softmax"), attrs={"dim": ("int", -1)}, saves_out=True)
 def softmax_p(xp, x, dim):
-    # Subtracting the max keeps exp from overflowing; it cancels in the ratio.
-    e = xp.exp(x - x.max(axis=dim, keepdims=True))
+    # Subtracting the max keeps exp from overflowing; it cancels in the ratio. In place on
+    # the fresh difference: one full-size array (attention's scores are megabytes).
+    e = xp.subtract(x, x.max(axis=dim, keepdims=True), out=xp.empty_like(x))  # 0-d: an array
+    xp.exp(e, out=e)
     e /= e.sum(axis=dim, keepdims=True)
     return e
 
@@ -110,7 +112,9 @@ def _infer_softmax_grad(op):
 )
 def softmax_grad_p(xp, g, out, dim):
     """softmax's vjp in one kernel: out * (g - sum(g * out, dim))."""
-    return out * (g - (g * out).sum(axis=dim, keepdims=True))
+    gx = g - (g * out).sum(axis=dim, keepdims=True)
+    gx *= out
+    return gx
 
 
 @softmax_grad_p.defvjp
@@ -144,7 +148,9 @@ def _(g, out, x, dim):
 )
 def log_softmax_grad_p(xp, g, out, dim):
     """log_softmax's vjp in one kernel: g - exp(out) * sum(g, dim)."""
-    return g - xp.exp(out) * g.sum(axis=dim, keepdims=True)
+    gx = xp.exp(out, out=xp.empty_like(out))  # 0-d: an array
+    gx *= g.sum(axis=dim, keepdims=True)
+    return xp.subtract(g, gx, out=gx)
 
 
 @log_softmax_grad_p.defvjp
@@ -204,14 +210,24 @@ def _infer_layer_norm(x, normalized_shape, eps, g=None) -> Spec:
     return Spec(tuple(x.shape), x.dtype)
 
 
-def _ln_stats(xp, x, k, eps):
-    """(x - mean) * rstd over the last ``k`` dims, and rstd."""
+def _ln_centered(xp, x, k, eps):
+    """x - mean over the last ``k`` dims (a fresh array the caller may overwrite), rstd,
+    the axes and the count. The variance is a dot product of each row of centered values
+    with itself: a (rows, K) temporary of squares would be one more fresh array."""
     axes = tuple(range(x.ndim - k, x.ndim))
+    n = math.prod(x.shape[x.ndim - k :])
     xc = x - x.mean(axis=axes, keepdims=True)
-    var = (xc * xc).mean(axis=axes, keepdims=True)
-    rstd = 1 / xp.sqrt(var + x.dtype.type(eps))
-    xc *= rstd
-    return xc, rstd, axes
+    t = x.dtype.type
+    rstd = 1 / xp.sqrt(_row_dot(xp, xc, xc, k) / t(n) + t(eps))
+    return xc, rstd, axes, n
+
+
+def _row_dot(xp, a, b, k):
+    """sum(a * b) over the last ``k`` dims, dims kept (one pass on C-contiguous arrays;
+    reshape copies others)."""
+    n = math.prod(a.shape[a.ndim - k :])
+    dot = xp.einsum("ij,ij->i", a.reshape(-1, n), b.reshape(-1, n))
+    return dot.reshape(a.shape[: a.ndim - k] + (1,) * k)
 
 
 _LN_ATTRS = {"normalized_shape": ("ints", []), "eps": ("float", 1e-5)}
@@ -220,7 +236,9 @@ _LN_ATTRS = {"normalized_shape": ("ints", []), "eps": ("float", 1e-5)}
 @defop("layer_norm", infer=_infer_layer_norm, attrs=_LN_ATTRS)
 def layer_norm_p(xp, x, normalized_shape, eps):
     """Normalise over the trailing ``normalized_shape`` dims (no affine; that is composed)."""
-    return _ln_stats(xp, x, len(normalized_shape), eps)[0]
+    xc, rstd, _, _ = _ln_centered(xp, x, len(normalized_shape), eps)
+    xc *= rstd
+    return xc
 
 
 @layer_norm_p.defvjp
@@ -237,11 +255,17 @@ def _(g, out, x, normalized_shape, eps):
     saves_out=True,
 )
 def layer_norm_grad_p(xp, g, x, normalized_shape, eps):
-    """The vjp of layer_norm: rstd * (g - mean(g) - xhat * mean(g * xhat))."""
-    xhat, rstd, axes = _ln_stats(xp, x, len(normalized_shape), eps)
-    gx = g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)
-    gx *= rstd
-    return gx
+    """The vjp of layer_norm: rstd * (g - mean(g) - xhat * mean(g * xhat)), as
+    xc * (-rstd^3 sum(g * xc) / n) + g * rstd - rstd sum(g) / n (xc = x - mean): two fresh
+    full-size arrays (batch_norm_grad's form)."""
+    k = len(normalized_shape)
+    xc, rstd, axes, n = _ln_centered(xp, x, k, eps)
+    t = x.dtype.type
+    g_sum = g.sum(axis=axes, keepdims=True)
+    xc *= -(rstd * rstd * rstd) * _row_dot(xp, g, xc, k) / t(n)
+    xc += g * rstd
+    xc -= rstd * g_sum / t(n)
+    return xc
 
 
 @layer_norm_grad_p.defvjp

@@ -38,18 +38,30 @@ def _axes(ndim: int) -> tuple:
     return (0,) + tuple(range(2, ndim))
 
 
-def _bn_stats(xp, x, eps):
-    """(x - mean) * rstd per channel, and rstd."""
+def _channel_dot(xp, a, b):
+    """sum(a * b) per channel, shaped (1, C, 1, ...): one pass, no (N, C, *) temporary."""
+    dims = "abcdefghijklmnopqrstuvwxyz"[: a.ndim]
+    dot = xp.einsum(f"{dims},{dims}->b", a, b)
+    return dot.reshape((1, -1) + (1,) * (a.ndim - 2))
+
+
+def _bn_centered(xp, x, eps):
+    """x - mean per channel (a fresh array the caller may overwrite), rstd, and the
+    count per channel. Each fresh (N, C, *) array costs page faults on a cold heap, so
+    the variance is a dot product of the centered values, not a mean of their squares."""
     axes = _axes(x.ndim)
+    n = math.prod(x.shape) // x.shape[1]
     xc = x - x.mean(axis=axes, keepdims=True)
-    rstd = 1 / xp.sqrt((xc * xc).mean(axis=axes, keepdims=True) + x.dtype.type(eps))
-    xc *= rstd
-    return xc, rstd, axes
+    t = x.dtype.type
+    rstd = 1 / xp.sqrt(_channel_dot(xp, xc, xc) / t(n) + t(eps))
+    return xc, rstd, n
 
 
 @defop("batch_norm", infer=_infer_batch_norm, attrs={"eps": ("float", 1e-5)})
 def batch_norm_p(xp, x, eps):
-    return _bn_stats(xp, x, eps)[0]
+    xc, rstd, _ = _bn_centered(xp, x, eps)
+    xc *= rstd
+    return xc
 
 
 @batch_norm_p.defvjp
@@ -66,11 +78,16 @@ def _(g, out, x, eps):
     attrs={"eps": ("float", 1e-5)},
 )
 def batch_norm_grad_p(xp, g, x, eps):
-    """The vjp of batch_norm: rstd * (g - mean(g) - xhat * mean(g * xhat)), per channel."""
-    xhat, rstd, axes = _bn_stats(xp, x, eps)
-    gx = g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)
-    gx *= rstd
-    return gx
+    """The vjp of batch_norm: rstd * (g - mean(g) - xhat * mean(g * xhat)), per channel,
+    as xc * (-rstd^3 sum(g * xc) / n) + g * rstd - rstd sum(g) / n (xc = x - mean): two
+    fresh full-size arrays, the statistics as one-pass reductions."""
+    xc, rstd, n = _bn_centered(xp, x, eps)
+    t = x.dtype.type
+    g_sum = g.sum(axis=_axes(x.ndim), keepdims=True)
+    xc *= -(rstd * rstd * rstd) * _channel_dot(xp, g, xc) / t(n)
+    xc += g * rstd
+    xc -= rstd * g_sum / t(n)
+    return xc
 
 
 @batch_norm_grad_p.defvjp

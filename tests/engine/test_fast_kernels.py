@@ -8,7 +8,11 @@
 * lstm_layer's backward from the gate activations its forward kept after its output, or
   recomputed where the output was copied: against torch in float64, both directions;
 * the embedding gradient on NumPy as sorted segments (``add.reduceat``) instead of
-  ``add.at``: against torch, repeated indices and padding_idx.
+  ``add.at``: against torch, repeated indices and padding_idx;
+* ReLU's gradient as a bitwise select, BatchNorm and LayerNorm in fewer passes, GELU's
+  erf in reused blocks, in-place softmax, and a (..., K) @ (K, N) product's matrix
+  gradient as one 2-D product: against torch, and the same bits as before where the
+  computation is meant to be unchanged.
 """
 
 from __future__ import annotations
@@ -168,3 +172,159 @@ def test_embedding_gradient_of_no_indices_is_zero():
     w = gm.tensor(np.ones((3, 2)), requires_grad=True)
     F.embedding(gm.tensor(np.zeros((0,), np.int64)), w).sum().backward()
     assert w.grad.numpy().tolist() == [[0.0, 0.0]] * 3
+
+
+@pytest.mark.parametrize("shape", [(5000,), (3, 40000), (70001,)])
+def test_float32_erf_blocks_match_one_block(shape, monkeypatch):
+    """erf runs in blocks of _ERF_BLOCK values through reused scratch buffers: every block,
+    the last partial one included, gives the bits of the array done in one block."""
+    from gradmesh.core.ops import elementwise
+
+    x = np.random.default_rng(3).uniform(-6, 6, shape).astype(np.float32)
+    x.reshape(-1)[:4] = [0.0, -0.0, np.inf, np.nan]
+    blocked = _erf(np, x[..., ::-1])  # a strided view: read through a contiguous copy
+    monkeypatch.setattr(elementwise, "_ERF_BLOCK", x.size)
+    whole = _erf(np, np.ascontiguousarray(x[..., ::-1]))
+    assert blocked.shape == x.shape
+    np.testing.assert_array_equal(blocked.view(np.int32), whole.view(np.int32))
+    truth = erf(x[..., ::-1].astype(np.float64))
+    assert np.isnan(whole).tolist() == np.isnan(truth).tolist()
+    assert np.nanmax(np.abs(whole - truth)) <= 1.5e-7
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_relu_gradient_bitwise_select_matches_where(dtype):
+    """ReLU's vjp selects g's bits where a > 0 (+0.0 elsewhere), as where(a > 0, g, 0)
+    does, NaN and infinite gradients included; against torch too."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 7, 5)).astype(dtype)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan]
+    g = rng.standard_normal(x.shape).astype(dtype)
+    g.reshape(-1)[3:9] = [np.nan, np.inf, -np.inf, -0.0, np.nan, -np.inf]
+    a = gm.tensor(x, requires_grad=True)
+    F.relu(a).backward(gm.tensor(g))
+    expected = np.where(x > 0, g, np.zeros((), dtype))
+    got = a.grad.numpy()
+    assert got.dtype == np.dtype(dtype)
+    ints = f"i{got.dtype.itemsize}"
+    np.testing.assert_array_equal(got.view(ints), expected.view(ints))
+    t = torch.tensor(x, requires_grad=True)
+    torch.relu(t).backward(torch.tensor(g))
+    finite = np.isfinite(x)  # torch passes the gradient through at a NaN input
+    np.testing.assert_array_equal(got[finite], t.grad.numpy()[finite])
+
+
+def _batch_norm_and_grads(lib, x, v, w):
+    """batch_norm's output and the gradients of x and weight, in float64."""
+    if lib is torch:
+        a, gw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+        out = torch.nn.functional.batch_norm(a, None, None, gw, None, training=True)
+        out.backward(torch.tensor(v))
+    else:
+        a, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
+        out = F.batch_norm(a, None, None, gw, None, training=True)
+        out.backward(gm.tensor(v))
+    return [t.detach().numpy().astype(np.float64) for t in (out, a.grad, gw.grad)]
+
+
+def test_batch_norm_one_pass_statistics_match_torch():
+    """batch_norm and its gradient from channel dot products: against torch in float64,
+    and in float32 as close to the float64 values as torch's float32 (within 1.5x), with a
+    channel whose mean is 10^4 standard deviations from 0 (the variance is taken around
+    the mean: E[x^2] - mean^2 would lose it all in float32)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3, 6, 5)) * np.array([0.5, 2.0, 1e-2])[:, None, None] + 100.0
+    v, w = rng.standard_normal(x.shape), rng.standard_normal(3)
+    truth = _batch_norm_and_grads(torch, x, v, w)
+    for ours, theirs in zip(_batch_norm_and_grads(gm, x, v, w), truth):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    f32 = [a.astype(np.float32) for a in (x, v, w)]
+    for ours, theirs, exact in zip(
+        _batch_norm_and_grads(gm, *f32), _batch_norm_and_grads(torch, *f32), truth
+    ):
+        assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-6
+
+
+def _layer_norm_and_grad(lib, x, v):
+    functional = torch.nn.functional if lib is torch else F
+    a = lib.tensor(x, requires_grad=True)
+    out = functional.layer_norm(a, x.shape[-2:])
+    out.backward(lib.tensor(v))
+    return [t.detach().numpy().astype(np.float64) for t in (out, a.grad)]
+
+
+def test_layer_norm_one_pass_statistics_match_torch():
+    """layer_norm and its gradient from row dot products, over two trailing dims and on
+    a transposed input: against torch in float64, and in float32 as close to the float64
+    values as torch's float32 (within 1.5x), with rows far from 0."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 5, 7, 6)) * np.array([1.0, 1e-2, 3.0, 0.5, 2.0])[:, None, None]
+    x = (x + 50.0).transpose(0, 1, 3, 2)
+    v = rng.standard_normal(x.shape)
+    truth = _layer_norm_and_grad(torch, x, v)
+    for ours, theirs in zip(_layer_norm_and_grad(gm, x, v), truth):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    f32 = [a.astype(np.float32) for a in (x, v)]
+    for ours, theirs, exact in zip(
+        _layer_norm_and_grad(gm, *f32), _layer_norm_and_grad(torch, *f32), truth
+    ):
+        assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_gradient_at_and_near_zero_matches_torch(dtype):
+    """GELU's vjp reads cdf back as out / a, and takes the series where |a| < 1e-20 (found
+    with two comparisons, no |a| array): against torch there, and around it."""
+    from gradmesh.core.ops.elementwise import _gelu_vjp_from_out
+
+    rng = np.random.default_rng(7)
+    a = rng.uniform(-6, 6, (3, 7001)).astype(dtype)
+    a[2, -8:] = [0.0, -0.0, 1e-30, -1e-25, 1e-21, -1e-20, 1e-19, np.nan]
+    g = rng.standard_normal(a.shape).astype(dtype)
+    out = F.gelu(gm.tensor(a)).numpy()
+    with np.errstate(invalid="ignore"):
+        ours = _gelu_vjp_from_out(np, g, out, a)
+    t = torch.tensor(a, requires_grad=True)
+    torch.nn.functional.gelu(t).backward(torch.tensor(g))
+    np.testing.assert_allclose(ours, t.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, dim", [((), 0), ((3, 5, 7), 1), ((4, 9), -1)])
+def test_softmax_kernels_in_place_match_torch(shape, dim):
+    """softmax, log_softmax and their gradients work in place on their fresh arrays: a
+    0-d input (where NumPy returns scalars, not arrays) and other dims against torch."""
+    rng = np.random.default_rng(8)
+    x, v = rng.standard_normal(shape) * 4, rng.standard_normal(shape)
+    for ours_fn, torch_fn in ((F.softmax, torch.softmax), (F.log_softmax, torch.log_softmax)):
+        a = gm.tensor(x, requires_grad=True)
+        out = ours_fn(a, dim=dim)
+        out.backward(gm.tensor(v))
+        t = torch.tensor(x, requires_grad=True)
+        ref = torch_fn(t, dim=dim)
+        ref.backward(torch.tensor(v))
+        np.testing.assert_allclose(
+            out.detach().numpy(), ref.detach().numpy(), rtol=1e-12, atol=1e-12
+        )
+        np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_rows_times_matrix_gradients_match_torch(transposed):
+    """(..., K) @ (K, N): b's gradient is one product over all rows (not one per leading
+    index, summed): against torch in float64, a transposed weight's gradient row-major,
+    and double backward through it."""
+    rng = np.random.default_rng(9)
+    x, v = rng.standard_normal((3, 4, 5, 6)), rng.standard_normal((3, 4, 5, 7))
+    w = rng.standard_normal((7, 6) if transposed else (6, 7))
+    a, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
+    t, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    out = gm.matmul(a, gw.T if transposed else gw)
+    ref = torch.matmul(t, tw.T if transposed else tw)
+    (ga, gb) = gm.autograd.grad(out, [a, gw], gm.tensor(v), create_graph=True)
+    (ta, tb) = torch.autograd.grad(ref, [t, tw], torch.tensor(v), create_graph=True)
+    for ours, theirs in ((out, ref), (ga, ta), (gb, tb)):
+        np.testing.assert_allclose(ours.detach().numpy(), theirs.detach().numpy(), rtol=1e-12)
+    assert gb.detach().numpy().flags.c_contiguous
+    (gb * gb).sum().backward()
+    (tb * tb).sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-12)
