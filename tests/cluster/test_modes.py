@@ -8,11 +8,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from digits_jobs import train_digits
 
-import gradmesh.core as gm
 from gradmesh.client import demo
 from gradmesh.client.coordinator import CoordinatorClient
-from gradmesh.client.training import batches, fit
 from gradmesh.server import compression
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
@@ -116,35 +115,6 @@ def _coordinator(addresses):
     return server, CoordinatorClient(server.address, retry_seconds=0.0)
 
 
-def _train(client, digits, epochs, compress=None, job_id=None, until=None, staleness=None):
-    """Train the demo's MLP with the demo's settings (stopping after the first epoch at
-    test accuracy ``until`` or above, if given); (model, test accuracy after each epoch
-    (the last one only without ``until``), job status)."""
-    x_train, y_train, x_test, y_test = digits
-    model = demo.make_model(0)
-    job = client.create_job(
-        model,
-        demo.loss_fn,
-        gm.optim.Adam(model.parameters(), lr=3e-3),
-        32,
-        example_batch=(x_train[:8], y_train[:8]),
-        data_names=["x", "y"],
-        compression=compress,
-        job_id=job_id,
-        staleness=staleness,
-    )
-    accuracies = []
-    for epoch in range(epochs):
-        # fit: steps pipelined as the job's mode allows (one at a time when synchronous)
-        fit(job, list(batches(x_train, y_train, batch_size=128, seed=epoch)), progress=False)
-        if until is not None or epoch == epochs - 1:
-            model.load_state_dict(job.parameters())
-            accuracies.append(demo.accuracy(model, x_test, y_test))
-            if until is not None and accuracies[-1] >= until:
-                break
-    return model, accuracies, job.status()
-
-
 @pytest.fixture(scope="module")
 def coordinator(workers):
     server, client = _coordinator(workers)
@@ -230,7 +200,7 @@ def test_the_compressed_mode_is_reproducible_whatever_the_number_of_workers(
     """Residuals are per micro-batch index, not per worker: 1 and 2 workers agree bitwise."""
     one_server, one = _coordinator(workers[:1])
     try:
-        runs = [_train(c, digits, 1, SIGN, job_id="m-repro")[0] for c in (coordinator, one)]
+        runs = [train_digits(c, digits, 1, SIGN, job_id="m-repro")[0] for c in (coordinator, one)]
     finally:
         one.close()
         one_server.stop(0)
@@ -255,13 +225,13 @@ def test_remote_shards_get_the_encoding_and_apply_the_same_values(
     server = coordinator_mod.start(workers=workers, shards=remote_shards, shared_memory=False)
     client = CoordinatorClient(server.address, retry_seconds=0.0)
     try:
-        remote, _, status = _train(client, digits, 1, TOPK, job_id="m-remote")
+        remote, _, status = train_digits(client, digits, 1, TOPK, job_id="m-remote")
     finally:
         client.close()
         server.stop(0)
         server.coordinator.close()
     assert status.shards == 2 and status.compressed_bytes < status.gradient_bytes / 10
-    embedded = _train(coordinator, digits, 1, TOPK, job_id="m-embedded")[0]
+    embedded = train_digits(coordinator, digits, 1, TOPK, job_id="m-embedded")[0]
     for name, a in embedded.state_dict().items():
         assert np.array_equal(a.numpy(), remote.state_dict()[name].numpy()), name
 
@@ -306,7 +276,7 @@ TOLERANCE = 0.01  # test accuracy within 1 point of the synchronous mode's
 
 @pytest.fixture(scope="module")
 def synchronous_accuracy(coordinator, digits):
-    accuracy = _train(coordinator, digits, EPOCHS)[1][-1]
+    accuracy = train_digits(coordinator, digits, EPOCHS)[1][-1]
     assert accuracy > 0.95  # the reference learned the task (the demo's 15 epochs: ~97.8%)
     return accuracy
 
@@ -318,7 +288,7 @@ def test_the_compressed_mode_converges_to_the_synchronous_accuracy(
     coordinator, digits, synchronous_accuracy, spec
 ):
     target = synchronous_accuracy - TOLERANCE
-    _, accuracies, status = _train(coordinator, digits, EPOCHS + EXTRA, spec, until=target)
+    _, accuracies, status = train_digits(coordinator, digits, EPOCHS + EXTRA, spec, until=target)
     assert status.mode == "compressed"
     assert accuracies[-1] >= target, (
         f"synchronous {synchronous_accuracy:.3f} after {EPOCHS} epochs; compressed by "
@@ -333,7 +303,9 @@ def test_the_stale_mode_converges_to_the_synchronous_accuracy(
     mode's accuracy within EXTRA more epochs (measured: at the same epoch,
     benchmarks/README.md "Modes")."""
     target = synchronous_accuracy - TOLERANCE
-    _, accuracies, status = _train(coordinator, digits, EPOCHS + EXTRA, until=target, staleness=4)
+    _, accuracies, status = train_digits(
+        coordinator, digits, EPOCHS + EXTRA, until=target, staleness=4
+    )
     assert status.mode == "stale" and status.max_staleness <= 4
     assert accuracies[-1] >= target, (
         f"synchronous {synchronous_accuracy:.3f} after {EPOCHS} epochs; stale by epoch: "

@@ -9,11 +9,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from digits_jobs import train_digits
 
-import gradmesh.core as gm
 from gradmesh.client import demo
 from gradmesh.client.coordinator import CoordinatorClient
-from gradmesh.client.training import batches
 from gradmesh.server import coordinator as coordinator_mod
 from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServerConfig
@@ -57,37 +56,6 @@ class Coordinator:
         self.server.coordinator.close()
 
 
-def _train(client, digits, epochs, compress=None, until=None, steps=None, job_id=None):
-    """The demo's MLP with the demo's settings; (model, test accuracy after each epoch
-    (the last only without ``until``), job status). ``steps``: stop after so many."""
-    x_train, y_train, x_test, y_test = digits
-    model = demo.make_model(0)
-    job = client.create_job(
-        model,
-        demo.loss_fn,
-        gm.optim.Adam(model.parameters(), lr=3e-3),
-        32,
-        example_batch=(x_train[:8], y_train[:8]),
-        data_names=["x", "y"],
-        compression=compress,
-        job_id=job_id,
-    )
-    accuracies, done = [], 0
-    for epoch in range(epochs):
-        for x, y in batches(x_train, y_train, batch_size=128, seed=epoch):
-            job.step(x, y)
-            done += 1
-            if done == steps:
-                model.load_state_dict(job.parameters())
-                return model, accuracies, job.status()
-        if until is not None or epoch == epochs - 1:
-            model.load_state_dict(job.parameters())
-            accuracies.append(demo.accuracy(model, x_test, y_test))
-            if until is not None and accuracies[-1] >= until:
-                break
-    return model, accuracies, job.status()
-
-
 def _same_bits(a, b) -> None:
     for name, t in a.state_dict().items():
         assert np.array_equal(t.numpy(), b.state_dict()[name].numpy()), name
@@ -95,7 +63,7 @@ def _same_bits(a, b) -> None:
 
 def test_status_and_bytes_of_the_worker_hop(workers, digits):
     with Coordinator(workers) as client:
-        model, _, status = _train(client, digits, 1, AT_WORKER, steps=2)
+        model, _, status = train_digits(client, digits, 1, AT_WORKER, steps=2)
         assert (status.mode, status.deterministic) == ("compressed", False)
         assert (status.compression.kind, status.compression.where) == ("topk", "worker")
         # 2 steps of 4 micro-batches, every parameter dense, against what the workers sent.
@@ -120,7 +88,9 @@ def test_one_worker_gives_the_coordinator_modes_bits_over_shard_servers_too(work
     try:
         coordinator = Coordinator(workers[:1], [s.address for s in shards])
         with coordinator as client:
-            over_shards, _, status = _train(client, digits, 1, AT_WORKER, steps=6, job_id="hop-2")
+            over_shards, _, status = train_digits(
+                client, digits, 1, AT_WORKER, steps=6, job_id="hop-2"
+            )
             # 0.weight cut over both shards (re-encoded by slice), the rest whole (as sent).
             cut = coordinator.server.coordinator.jobs[status.job_id].pieces
         assert status.shards == 2 and list(cut) == ["0.weight"]
@@ -128,9 +98,9 @@ def test_one_worker_gives_the_coordinator_modes_bits_over_shard_servers_too(work
         for s in shards:
             s.stop(0)
     with Coordinator(workers[:1]) as client:
-        at_coordinator = _train(client, digits, 1, TOPK, steps=6)[0]
+        at_coordinator = train_digits(client, digits, 1, TOPK, steps=6)[0]
         # Another job id: the worker's residuals of hop-2 are not this job's.
-        embedded = _train(client, digits, 1, AT_WORKER, steps=6, job_id="hop-1")[0]
+        embedded = train_digits(client, digits, 1, AT_WORKER, steps=6, job_id="hop-1")[0]
     _same_bits(over_shards, at_coordinator)
     _same_bits(embedded, at_coordinator)
 
@@ -142,10 +112,10 @@ TOLERANCE = 0.01  # test accuracy within 1 point of the synchronous mode's
 
 def test_the_worker_hop_mode_converges_to_the_synchronous_accuracy(workers, digits):
     with Coordinator(workers) as client:
-        synchronous = _train(client, digits, EPOCHS)[1][-1]
+        synchronous = train_digits(client, digits, EPOCHS)[1][-1]
         assert synchronous > 0.95
         spec = {"kind": "topk", "ratio": 0.1, "where": "worker"}
-        _, accuracies, status = _train(
+        _, accuracies, status = train_digits(
             client, digits, EPOCHS + EXTRA, spec, until=synchronous - TOLERANCE
         )
     assert status.compression.where == "worker"
