@@ -492,6 +492,41 @@ def test_half_parameter_updates_equal_torch_bitwise(name, kwargs, dtype_name):
         _assert_same_optimizer_state(opt.state[p], topt.state[tp])
 
 
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="gradmesh follows the arithmetic of torch's x86 kernels (AVX2 and AVX-512)",
+)
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+@pytest.mark.parametrize("name,kwargs", HALF_OPTIMIZERS, ids=lambda v: str(v))
+def test_large_half_parameter_updates_run_in_blocks_bitwise(name, kwargs, dtype_name):
+    """A parameter of more than one block (core/optim.py, _by_blocks; the first step runs
+    whole, later ones block by block, with a tail past the last vector step) equals torch
+    on one thread (on several, torch splits the tail per thread) bit for bit. float16
+    gets an eps it can hold: with 1e-8 (0 in float16) some elements become 0/0, whose NaN
+    bits differ from torch's."""
+    gdt, tdt = HALF[dtype_name]
+    if dtype_name == "float16" and name in ("Adam", "AdamW", "NAdam"):
+        kwargs = {**kwargs, "eps": 1e-4}
+    rng = np.random.default_rng(12)
+    shape = (3, 2 * 16384 // 3 + 37)
+    start = rng.standard_normal(shape).astype(np.float32).astype(gdt.np)
+    p, tp = gm.tensor(start).requires_grad_(), _torch(start, tdt, requires_grad=True)
+    opt = getattr(gm.optim, name)([p], **kwargs)
+    topt = getattr(torch.optim, name)([tp], **kwargs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):
+            grad = rng.standard_normal(shape).astype(np.float32).astype(gdt.np)
+            p.grad, tp.grad = gm.tensor(grad), _torch(grad, tdt)
+            opt.step()
+            topt.step()
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(_bits(p), _bits(tp))
+    _assert_same_optimizer_state(opt.state[p], topt.state[tp])
+
+
 def _assert_same_optimizer_state(ours: dict, theirs: dict) -> None:
     """Same arrays, bit for bit and of the same dtype (half, or float32 for NAdam's
     mu_product), and the same step count (SGD's torch state has none)."""
