@@ -604,54 +604,6 @@ def _sqrt_plus_eps_half(xp, a, eps: float, divisor: float = 1.0):
     return _narrow(wide, a.dtype)
 
 
-def _by_blocks(rule):
-    """Run a half rule over blocks of the parameter that stay in the CPU's cache, so that
-    its dozens of float32 temporaries are small: every op of a rule is elementwise, so
-    blocks give the same bits. A block is a whole number of torch's vector steps, so the
-    last block's tail is the parameter's (``_add_half``). The step count and other
-    scalar state (NAdam's ``mu_product``) start from the same values in every block and
-    are kept once. A step that would create state (the first) runs whole: a trial on a
-    copy of the first block says whether it does."""
-
-    def by_blocks(xp, param, grad, state, **hyper):
-        size = param.size
-        if xp is not np or size <= _RULE_BLOCK or not param.flags.c_contiguous:
-            return rule(xp, param, grad, state, **hyper)
-        arrays = {k for k, v in state.items() if getattr(v, "shape", None) == param.shape}
-        blocks = [slice(start, start + _RULE_BLOCK) for start in range(0, size, _RULE_BLOCK)]
-        if _creates_state(rule, xp, param, grad, state, arrays, blocks[0], hyper):
-            return rule(xp, param, grad, state, **hyper)
-        flat_param, flat_grad = param.reshape(-1), grad.reshape(-1)
-        flat = {k: state[k].reshape(-1) for k in arrays}
-        for block in blocks:
-            part = _block_state(state, arrays, flat, block)
-            rule(xp, flat_param[block], flat_grad[block], part, **hyper)
-        state.update((k, v) for k, v in part.items() if k not in arrays)
-        return state
-
-    return by_blocks
-
-
-def _block_state(state: dict, arrays: set, flat: dict, block: slice) -> dict:
-    """A block's state: views of the parameter-sized arrays, copies of the rest."""
-    return {
-        k: flat[k][block] if k in arrays else (v.copy() if hasattr(v, "copy") else v)
-        for k, v in state.items()
-    }
-
-
-def _creates_state(rule, xp, param, grad, state, arrays, block, hyper) -> bool:
-    flat_state = {k: state[k].reshape(-1)[block].copy() for k in arrays}
-    trial = _block_state(state, arrays, flat_state, slice(None))
-    rule(xp, param.reshape(-1)[block].copy(), grad.reshape(-1)[block], trial, **hyper)
-    return set(trial) != set(state)
-
-
-# 16384 elements: the float32 temporaries of a block fit in a core's cache.
-_RULE_BLOCK = 512 * _TORCH_HALF_VECTOR_STEP
-
-
-@_by_blocks
 def _sgd_half(xp, param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     d_p = -grad if maximize else grad
     if weight_decay != 0:
@@ -669,7 +621,6 @@ def _sgd_half(xp, param, grad, state, *, lr, momentum, dampening, weight_decay, 
     return state
 
 
-@_by_blocks
 def _adam_half(
     xp, param, grad, state, *, lr, betas, eps, weight_decay, amsgrad, maximize,
     decoupled_weight_decay,
@@ -704,7 +655,6 @@ def _adam_half(
     return state
 
 
-@_by_blocks
 def _rmsprop_half(
     xp, param, grad, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize
 ):
@@ -739,7 +689,6 @@ def _rmsprop_half(
     return state
 
 
-@_by_blocks
 def _adagrad_half(
     xp, param, grad, state, *, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
     maximize,
@@ -758,7 +707,6 @@ def _adagrad_half(
     return state
 
 
-@_by_blocks
 def _adamax_half(xp, param, grad, state, *, lr, betas, eps, weight_decay, maximize):
     beta1, beta2 = betas
     if "exp_avg" not in state:
@@ -781,7 +729,6 @@ def _adamax_half(xp, param, grad, state, *, lr, betas, eps, weight_decay, maximi
     return state
 
 
-@_by_blocks
 def _nadam_half(
     xp, param, grad, state, *, lr, betas, eps, weight_decay, momentum_decay,
     decoupled_weight_decay, maximize,
