@@ -208,9 +208,9 @@ def _float16_beyond_range(magnitude: np.ndarray) -> np.ndarray:
     return np.where(magnitude > _F32_INFINITY, 0x7C00 + payload, 0x7C00)
 
 
-# Conversions run over blocks that stay in the CPU's cache, with two scratch arrays that
-# serve every block: the output is their one large allocation.
-_BLOCK = 1 << 15
+# Conversions run over blocks of 131072 elements (faster than smaller or no blocks, measured)
+# with two scratch arrays that serve every block: the output is the one large allocation.
+_BLOCK = 1 << 17
 
 
 def _blockwise(kernel, a: np.ndarray, out_dtype) -> np.ndarray:
