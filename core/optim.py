@@ -526,7 +526,7 @@ def _fma32_block(xp, a, b, c, out, scratch) -> None:
         out[doubtful] = xp.where(to_odd, nudged, t).astype(_F32)
 
 
-_FMA_BLOCK = 1 << 14
+_FMA_BLOCK = 1 << 16
 # The 29 float64 significand bits that float32 drops, and their pattern exactly halfway
 # between two float32 numbers; below float32's smallest normal it keeps fewer bits.
 _BELOW_FLOAT32 = np.uint64((1 << 29) - 1)
