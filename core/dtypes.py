@@ -100,11 +100,12 @@ def is_floating(np_dtype) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# bfloat16 <-> float32 on the bits
+# float16 and bfloat16 <-> float32 on the bits
 # ---------------------------------------------------------------------------------------
 # bfloat16 is the top half of a float32, so both conversions are integer arithmetic on the
-# bits, several times faster than ml_dtypes' element loop and bit for bit the same (NaN
-# included; tests/engine/test_half_precision.py checks every bfloat16 and a float32 sample).
+# bits; float16's need a rebiased exponent. They are bit for bit ml_dtypes' and NumPy's
+# astype (NaNs included; tests/engine/test_half_precision.py) and 1.6 to 2.5 times faster,
+# far more for float16 subnormals, where NumPy's astype takes a slow path.
 
 _BFLOAT16 = bfloat16.np
 _FLOAT32 = float32.np
@@ -235,7 +236,7 @@ _BIT_CASTS = {
 
 def astype(a, np_dtype):
     """``a.astype(np_dtype)``, through the bit conversions between a half type and float32
-    (the same bits, several times faster) for NumPy arrays."""
+    (the same bits, faster) for NumPy arrays."""
     cast = _BIT_CASTS.get((a.dtype, np.dtype(np_dtype)))
     if cast is None or type(a) is not np.ndarray:
         return a.astype(np_dtype)
