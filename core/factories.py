@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backend, dtypes
+from . import backend, dtypes, interop
 from .hooks import graph_tracer
 from .random import permutation, rng
 from .tensor import Tensor, _is_array
@@ -37,6 +37,7 @@ def _infer_np_dtype(data) -> np.dtype:
 
 def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     """A new tensor holding a copy of ``data`` (nested lists, scalars, arrays or tensors)."""
+    data = interop.torch_bfloat16_as_numpy(data)
     if isinstance(data, Tensor):
         array = backend.to_numpy(data._data)
     elif _is_array(data) or isinstance(data, np.generic):
@@ -71,6 +72,7 @@ def as_tensor(data, dtype=None, device=None) -> Tensor:
     """Like ``tensor`` but shares memory with ``data`` where it can (same dtype and device)."""
     if isinstance(data, Tensor):
         return data.to(device=device, dtype=dtype) if (dtype or device) else data
+    data = interop.torch_bfloat16_as_numpy(data)
     if _is_array(data):
         t = Tensor(data)
         return t.to(device=device, dtype=dtype) if (dtype or device) else t

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
+from . import backend, dtypes
 from .tensor import Tensor
 
 __all__ = ["from_dlpack"]
@@ -31,6 +31,9 @@ def from_dlpack(ext) -> Tensor:
             f"from_dlpack: expected an object with __dlpack__ and "
             f"__dlpack_device__, got {type(ext).__name__}"
         )
+    bits = torch_bfloat16_as_numpy(ext)
+    if bits is not ext:
+        return Tensor(bits)
     kind = int(ext.__dlpack_device__()[0])
     if kind == _CPU:
         return Tensor(_numpy_from_dlpack(ext))
@@ -53,3 +56,15 @@ def _numpy_from_dlpack(ext) -> np.ndarray:
             f"its bits instead: gm.from_numpy(t.view(torch.int16).numpy().view("
             f"ml_dtypes.bfloat16))"
         ) from None
+
+
+def torch_bfloat16_as_numpy(data):
+    """A torch bfloat16 tensor as a NumPy bfloat16 array over the same memory (torch's own
+    ``numpy()`` and DLPack refuse the dtype, so through its bits as int16); anything else
+    is returned as it is. torch's errors stand for what ``numpy()`` refuses (a tensor that
+    requires grad, one on a GPU)."""
+    if str(getattr(data, "dtype", "")) != "torch.bfloat16" or not hasattr(data, "view"):
+        return data
+    import torch  # only reached with a torch tensor in hand
+
+    return data.view(torch.int16).numpy().view(dtypes.bfloat16.np)

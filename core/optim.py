@@ -471,42 +471,59 @@ _TORCH_HALF_VECTOR_STEP = 32
 
 
 def _wide(a):
-    return a.astype(_F32)
+    """A float32 copy of a half array (exact), free to be overwritten."""
+    return dtypes.astype(a, _F32)
 
 
-def _fma32(xp, a, b, c):
+def _narrow(x, dtype):
+    """The float32 array ``x`` rounded to the half ``dtype``, as torch's kernels round."""
+    return dtypes.astype(x, dtype)
+
+
+def _fma32(xp, a, b, c, out=None):
     """float32 ``a * b + c`` rounded once, as torch's vectorized fmadd (``c`` an array,
-    ``a`` and ``b`` arrays or scalars that broadcast to it)."""
-    a, b = (xp.broadcast_to(xp.asarray(x, dtype=_F32), c.shape).reshape(-1) for x in (a, b))
+    ``a`` and ``b`` arrays of its shape or scalars); ``out`` may be ``a`` or ``b``."""
+    a, b = (_flat_or_scalar(xp, x) for x in (a, b))
     flat = c.reshape(-1)
-    out = xp.empty(flat.size, _F32)
+    result = xp.empty(flat.size, _F32) if out is None else out.reshape(-1)
     # In blocks that stay in the CPU's cache: the float64 temporaries of a whole large
-    # parameter made this several times slower.
+    # parameter made this several times slower. The scratch serves every block.
+    n = min(flat.size, _FMA_BLOCK)
+    scratch = (xp.empty(n, np.float64), xp.empty(n, np.float64), xp.empty(n, np.uint64))
     for start in range(0, flat.size, _FMA_BLOCK):
         block = slice(start, start + _FMA_BLOCK)
-        out[block] = _fma32_block(xp, a[block], b[block], flat[block])
-    return out.reshape(c.shape)
+        _fma32_block(xp, _part(a, block), _part(b, block), flat[block], result[block], scratch)
+    return result.reshape(c.shape)
 
 
-def _fma32_block(xp, a, b, c):
+def _flat_or_scalar(xp, x):
+    return _F32(x) if xp.ndim(x) == 0 else x.reshape(-1)
+
+
+def _part(x, block: slice):
+    return x if x.ndim == 0 else x[block]
+
+
+def _fma32_block(xp, a, b, c, out, scratch) -> None:
     """The float64 product is exact; rounding the float64 sum to float32 rounds a second
     time, which can only go wrong where the sum lies halfway between two float32 numbers
     (or among float32's subnormals) and is inexact: there the sum is rounded to odd first
     (TwoSum gives its exact error), which makes the second rounding right."""
-    c64 = c.astype(np.float64)
-    product = a.astype(np.float64) * b
-    total = product + c64
-    out = total.astype(_F32)
-    low_bits = total.view(np.uint64) & _BELOW_FLOAT32
-    doubtful = xp.nonzero((low_bits == _FLOAT32_HALFWAY) | (xp.abs(out) <= _FLOAT32_TINY))
-    if doubtful[0].size:
-        p, t = product[doubtful], total[doubtful]
+    product, total, low_bits = (x[: c.size] for x in scratch)
+    xp.multiply(a, b, out=product, dtype=np.float64)
+    xp.add(product, c, out=total)
+    xp.bitwise_and(total.view(np.uint64), _BELOW_FLOAT32, out=low_bits)
+    doubtful = low_bits == _FLOAT32_HALFWAY
+    out[...] = total
+    doubtful |= xp.abs(out) <= _FLOAT32_TINY
+    doubtful = xp.flatnonzero(doubtful)
+    if doubtful.size:
+        p, t, c64 = product[doubtful], total[doubtful], c[doubtful].astype(np.float64)
         virtual = t - p
-        error = (p - (t - virtual)) + (c64[doubtful] - virtual)
+        error = (p - (t - virtual)) + (c64 - virtual)
         to_odd = (error != 0) & ((t.view(np.uint64) & 1) == 0) & xp.isfinite(t)
         nudged = xp.nextafter(t, xp.where(error > 0, np.inf, -np.inf))
         out[doubtful] = xp.where(to_odd, nudged, t).astype(_F32)
-    return out
 
 
 _FMA_BLOCK = 1 << 16
@@ -521,8 +538,12 @@ def _lerp_half_(xp, start, end, weight: float) -> None:
     """``start.lerp_(end, weight)``: torch's two formulas as fused multiply-adds."""
     w = _F32(weight)
     s, e = _wide(start), _wide(end)
-    diff = e - s
-    start[...] = _fma32(xp, w, diff, s) if abs(w) < 0.5 else _fma32(xp, w - _F32(1), diff, e)
+    diff = xp.subtract(e, s, out=e if abs(w) < 0.5 else None)
+    if abs(w) < 0.5:
+        result = _fma32(xp, w, diff, s, out=diff)
+    else:
+        result = _fma32(xp, w - _F32(1), diff, e, out=diff)
+    start[...] = _narrow(result, start.dtype)
 
 
 def _add_half(xp, a, b, alpha: float = 1.0):
@@ -531,41 +552,56 @@ def _add_half(xp, a, b, alpha: float = 1.0):
     which its scalar loop computes in half arithmetic (``alpha * b`` rounded first)."""
     dtype = a.dtype
     alpha_h = _F32(_F32(alpha).astype(dtype))
-    wide_b = _wide(b)
-    out = _wide(a) + alpha_h * wide_b
+    wide_a, out = _wide(a), _wide(b)
     tail = out.size % _TORCH_HALF_VECTOR_STEP
     if tail:
         flat = out.reshape(-1)
-        product = (alpha_h * wide_b.reshape(-1)[-tail:]).astype(dtype)
-        flat[-tail:] = _wide(a).reshape(-1)[-tail:] + _wide(product)
-    return out.astype(dtype)
+        tail_product = _wide((alpha_h * flat[-tail:]).astype(dtype))
+    out *= alpha_h
+    out += wide_a
+    if tail:
+        flat[-tail:] = wide_a.reshape(-1)[-tail:] + tail_product
+    return _narrow(out, dtype)
 
 
 def _mul_half_(a, scalar: float) -> None:
-    a[...] = _wide(a) * _F32(scalar)
+    wide = _wide(a)
+    wide *= _F32(scalar)
+    a[...] = _narrow(wide, a.dtype)
 
 
 def _addcmul_half(xp, a, t1, t2, value: float):
     """``a.addcmul(t1, t2, value=value)``: ``a + (value * t1) * t2`` in float32 with the
     last multiply and the add fused (the compiler fuses torch's kernel), rounded once."""
-    return _fma32(xp, _F32(value) * _wide(t1), _wide(t2), _wide(a)).astype(a.dtype)
+    scaled = _wide(t1)
+    scaled *= _F32(value)
+    return _narrow(_fma32(xp, scaled, _wide(t2), _wide(a), out=scaled), a.dtype)
 
 
 def _addcdiv_half(xp, a, t1, t2, value: float):
     """``a.addcdiv(t1, t2, value=value)``: ``a + value * t1 / t2`` in float32, rounded once."""
-    return (_wide(a) + (_F32(value) * _wide(t1)) / _wide(t2)).astype(a.dtype)
+    out = _wide(t1)
+    out *= _F32(value)
+    out /= _wide(t2)
+    out += _wide(a)
+    return _narrow(out, a.dtype)
 
 
 def _sqrt_half(xp, a):
-    return xp.sqrt(_wide(a)).astype(a.dtype)
+    wide = _wide(a)
+    return _narrow(xp.sqrt(wide, out=wide), a.dtype)
 
 
 def _sqrt_plus_eps_half(xp, a, eps: float, divisor: float = 1.0):
     """``(a.sqrt() / divisor).add_(eps)``: three kernels, three roundings."""
-    root = _sqrt_half(xp, a)
+    wide = _wide(a)
+    xp.sqrt(wide, out=wide)
     if divisor != 1.0:
-        root = (_wide(root) / _F32(divisor)).astype(a.dtype)
-    return (_wide(root) + _F32(eps)).astype(a.dtype)
+        wide = _wide(_narrow(wide, a.dtype))
+        wide /= _F32(divisor)
+    wide = _wide(_narrow(wide, a.dtype))
+    wide += _F32(eps)
+    return _narrow(wide, a.dtype)
 
 
 def _sgd_half(xp, param, grad, state, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -684,7 +720,9 @@ def _adamax_half(xp, param, grad, state, *, lr, betas, eps, weight_decay, maximi
     _lerp_half_(xp, state["exp_avg"], g, 1 - beta1)
     exp_inf = state["exp_inf"]
     _mul_half_(exp_inf, beta2)
-    bound = (xp.abs(_wide(g)) + _F32(eps)).astype(param.dtype)
+    bound = xp.abs(_wide(g))
+    bound += _F32(eps)
+    bound = _narrow(bound, param.dtype)
     exp_inf[...] = xp.maximum(exp_inf, bound)
     clr = lr / (1 - beta1**step)
     param[...] = _addcdiv_half(xp, param, state["exp_avg"], exp_inf, -clr)
@@ -718,7 +756,9 @@ def _nadam_half(
     _mul_half_(exp_avg_sq, beta2)
     exp_avg_sq[...] = _addcmul_half(xp, exp_avg_sq, g, g, 1 - beta2)
     # exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
-    scaled = (_wide(exp_avg_sq) / _F32(bias_correction2)).astype(param.dtype)
+    scaled = _wide(exp_avg_sq)
+    scaled /= _F32(bias_correction2)
+    scaled = _narrow(scaled, param.dtype)
     denom = _sqrt_plus_eps_half(xp, scaled, eps)
     product = float(mu_product)
     param[...] = _addcdiv_half(xp, param, g, denom, -lr * (1.0 - mu) / (1.0 - product))

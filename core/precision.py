@@ -69,9 +69,9 @@ def out_dtype(op: Op, arrays, attrs: dict) -> np.dtype:
 
 def run(forward, xp, arrays, attrs: dict, out: np.dtype):
     """``forward`` over float32 copies of the half ``arrays``, rounded once to ``out``."""
-    wide = [a.astype(_FLOAT32) if is_half(a.dtype) else a for a in arrays]
+    wide = [dtypes.astype(a, _FLOAT32) if is_half(a.dtype) else a for a in arrays]
     result = forward(xp, *wide, **attrs)
-    return result.astype(out) if is_half(out) and result.dtype != out else result
+    return dtypes.astype(result, out) if is_half(out) and result.dtype != out else result
 
 
 def forward_of(op: Op, in_specs, out_spec):

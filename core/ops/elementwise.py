@@ -752,7 +752,7 @@ def _infer_cast(a, dtype):
 
 @defop("cast", dtype="attr:dtype", infer=_infer_cast, attrs={"dtype": ("dtype", "float32")})
 def cast_p(xp, a, dtype):
-    return a.astype(dtypes.by_name(dtype).np)
+    return dtypes.astype(a, dtypes.by_name(dtype).np)
 
 
 @cast_p.defvjp

@@ -92,8 +92,6 @@ def test_dlpack_gives_a_clear_error_and_the_documented_bit_view_works():
     t = gm.tensor([1.0, -2.5], dtype=gm.bfloat16)
     with pytest.raises(BufferError, match="bfloat16.*view"):
         torch.from_dlpack(t)
-    with pytest.raises(BufferError, match="bfloat16.*view"):
-        gm.from_dlpack(torch.ones(2, dtype=torch.bfloat16))
     shared = torch.from_numpy(t.numpy().view(np.int16)).view(torch.bfloat16)
     assert shared.tolist() == [1.0, -2.5]
     back = gm.from_numpy(shared.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
@@ -101,6 +99,73 @@ def test_dlpack_gives_a_clear_error_and_the_documented_bit_view_works():
     # float16 goes through DLPack as any NumPy dtype does.
     h = gm.tensor([1.0, 0.5], dtype=gm.float16)
     assert torch.from_dlpack(h).dtype is torch.float16
+
+
+def test_torch_bfloat16_tensors_come_in_through_their_bits():
+    """torch's numpy() and DLPack refuse bfloat16: gm.tensor copies one, gm.as_tensor and
+    gm.from_dlpack share its memory; the other way torch gets a clear error."""
+    t = torch.tensor([[1.5, -2.25, 3e38], [0.0, -0.0, float("inf")]], dtype=torch.bfloat16)
+    for make in (gm.tensor, gm.as_tensor, gm.from_dlpack):
+        got = make(t)
+        assert got.dtype is gm.bfloat16 and got.shape == (2, 3)
+        np.testing.assert_array_equal(_bits(got), _bits(t))
+    strided = gm.tensor(t.T[::2])
+    np.testing.assert_array_equal(_bits(strided), _bits(t.T[::2]))
+    gm.as_tensor(t).add_(1)
+    gm.from_dlpack(t).add_(1)
+    gm.tensor(t).add_(100)  # a copy: t does not see it
+    assert t[0, :2].tolist() == [3.5, -0.25]
+    assert gm.as_tensor(t, dtype=gm.float32).dtype is gm.float32
+    ours = gm.tensor([1.0, -2.5], dtype=gm.bfloat16)
+    for take in (torch.as_tensor, torch.tensor, torch.from_dlpack):
+        with pytest.raises(BufferError, match="bfloat16.*view"):
+            take(ours)
+
+
+@np.errstate(invalid="ignore")  # NaN patterns are among the probes
+def _float32_probes(half_np) -> np.ndarray:
+    """float32 values where rounding to ``half_np`` can go wrong: every half value, the
+    midpoints between neighbours (ties) and one float32 step either side of them, NaNs
+    with payloads, infinities, subnormals, and random bit patterns."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(half_np)
+    finite = np.unique(every.astype(np.float64)[np.isfinite(every.astype(np.float64))])
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)  # exact in float32
+    beyond = np.array([65504.0, 65519.996, 65520.0, 65536.0, 3.4e38], np.float32)
+    around = np.concatenate([mids, beyond, every.astype(np.float32)])
+    bits = [
+        around.view(np.uint32),
+        np.nextafter(around, np.float32(np.inf)).view(np.uint32),
+        np.nextafter(around, np.float32(-np.inf)).view(np.uint32),
+        np.array([0x7F800001, 0x7F810000, 0x7FC00000, 0x7FFFFFFF, 0x7F802000, 1, 0x7FFFFF]),
+        np.random.default_rng(3).integers(0, 1 << 32, 1 << 20, dtype=np.uint32),
+    ]
+    probes = np.concatenate([b.astype(np.uint32) for b in bits])
+    return np.concatenate([probes, probes | 0x80000000]).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+def test_bit_conversions_equal_numpy_and_ml_dtypes_astype(dtype_name):
+    """gradmesh converts between the half types and float32 on the bits (core/dtypes.py);
+    the results equal NumPy's and ml_dtypes' astype bit for bit: every half value to
+    float32, and float32 values at and around every rounding boundary to half (every float32
+    value was checked once for bfloat16, a sixteenth of them for float16: minutes)."""
+    half_np = HALF[dtype_name][0].np
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(half_np)
+    wide = gm.dtypes.astype(every, np.float32)
+    np.testing.assert_array_equal(wide.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    probes = _float32_probes(half_np)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = probes.astype(half_np).view(np.uint16)
+    got = gm.dtypes.astype(probes, half_np)
+    assert got.dtype == half_np
+    np.testing.assert_array_equal(got.view(np.uint16), want)
+    # Shapes and strides: a 0-d array and a transposed view keep their shape.
+    grid = probes[:12].reshape(3, 4).T
+    assert gm.dtypes.astype(grid, half_np).shape == (4, 3)
+    np.testing.assert_array_equal(
+        gm.dtypes.astype(grid, half_np).view(np.uint16), grid.astype(half_np).view(np.uint16)
+    )
+    assert gm.dtypes.astype(np.float32(1.5) * np.ones((), np.float32), half_np).shape == ()
 
 
 def test_bfloat16_is_refused_on_cuda_before_cupy_is_asked():
@@ -425,6 +490,41 @@ def test_half_parameter_updates_equal_torch_bitwise(name, kwargs, dtype_name):
         assert p.dtype is gdt and tp.isfinite().all()
         np.testing.assert_array_equal(_bits(p), _bits(tp))
         _assert_same_optimizer_state(opt.state[p], topt.state[tp])
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="gradmesh follows the arithmetic of torch's x86 kernels (AVX2 and AVX-512)",
+)
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+@pytest.mark.parametrize("name,kwargs", HALF_OPTIMIZERS, ids=lambda v: str(v))
+def test_large_half_parameter_updates_equal_torch_bitwise(name, kwargs, dtype_name):
+    """A parameter of 32877 elements (several of _fma32's blocks and of the conversions',
+    and a tail past torch's last vector step) equals torch on one thread (on several,
+    torch splits the tail per thread) bit for bit after 3 steps. float16
+    gets an eps it can hold: with 1e-8 (0 in float16) some elements become 0/0, whose NaN
+    bits differ from torch's."""
+    gdt, tdt = HALF[dtype_name]
+    if dtype_name == "float16" and name in ("Adam", "AdamW", "NAdam"):
+        kwargs = {**kwargs, "eps": 1e-4}
+    rng = np.random.default_rng(12)
+    shape = (3, 2 * 16384 // 3 + 37)
+    start = rng.standard_normal(shape).astype(np.float32).astype(gdt.np)
+    p, tp = gm.tensor(start).requires_grad_(), _torch(start, tdt, requires_grad=True)
+    opt = getattr(gm.optim, name)([p], **kwargs)
+    topt = getattr(torch.optim, name)([tp], **kwargs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):
+            grad = rng.standard_normal(shape).astype(np.float32).astype(gdt.np)
+            p.grad, tp.grad = gm.tensor(grad), _torch(grad, tdt)
+            opt.step()
+            topt.step()
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(_bits(p), _bits(tp))
+    _assert_same_optimizer_state(opt.state[p], topt.state[tp])
 
 
 def _assert_same_optimizer_state(ours: dict, theirs: dict) -> None:
