@@ -492,6 +492,8 @@ _LAZY_OK = {
     "safetensors": "gm.save / gm.load (gradmesh.core.saving); no server saves or loads files",
     "cupy": "the cuda backend: the `cuda` extra and a CUDA image",
     "cupyx": "the cuda backend: the `cuda` extra and a CUDA image",
+    "torch": "a torch bfloat16 tensor handed to gm.tensor / gm.as_tensor "
+    "(gradmesh.core.interop): only its caller has torch",
 }
 
 
