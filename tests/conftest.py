@@ -99,6 +99,18 @@ def start_worker() -> Iterator[Callable[..., object]]:
 
 
 @pytest.fixture(scope="module")
+def workers(request) -> Iterator[list[str]]:
+    """The addresses of CPU workers on 127.0.0.1 shared by a test module: as many as its
+    ``WORKERS`` (default 2)."""
+    from gradmesh.server import worker as worker_mod
+
+    started = [worker_mod.start("cpu") for _ in range(getattr(request.module, "WORKERS", 2))]
+    yield [w.address for w in started]
+    for w in started:
+        w.stop(0)
+
+
+@pytest.fixture(scope="module")
 def worker() -> Iterator[object]:
     """One CPU worker on 127.0.0.1 shared by a test module (no token, default limits)."""
     from gradmesh.server import worker as worker_mod

@@ -10,7 +10,6 @@ same training over separate processes.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from models import mlp
 
@@ -20,7 +19,6 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core import optim
 from gradmesh.core.plan import compile_plan
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 from gradmesh.server.aggregate import loss_scales, micro_batch_seed, micro_batches, tree_sum
 
 STEPS = 20
@@ -48,12 +46,7 @@ def _batches():
     return out
 
 
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(3)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
+WORKERS = 3  # conftest's ``workers`` fixture starts so many
 
 
 def _distributed(addresses, shards: int, dropout: bool, optimizer: dict):

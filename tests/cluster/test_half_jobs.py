@@ -19,7 +19,6 @@ from gradmesh.core import optim
 from gradmesh.core.plan import compile_plan
 from gradmesh.server import checkpoint
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 from gradmesh.server.aggregate import loss_scales, micro_batch_seed, micro_batches, tree_sum
 
 STEPS = 6
@@ -46,14 +45,6 @@ def _batches(dtype):
         x = rng.standard_normal((BATCH, 6)).astype(np.float32)
         out.append((x.astype(dtype.np), (x[:, :3].argmax(axis=1)).astype(np.int64)))
     return out
-
-
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(2)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
 
 
 def _create(client, dtype):

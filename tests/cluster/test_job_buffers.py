@@ -22,7 +22,6 @@ from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.core import graph as core_graph
 from gradmesh.core import optim
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 from gradmesh.server import workers as workers_mod
 from gradmesh.server.aggregate import loss_scales, micro_batches, tree_sum
 from gradmesh.v1 import coordinator_pb2
@@ -93,12 +92,7 @@ def reference_training(model, data, micro_batch_size: int, optimizer: dict) -> d
     return {n: t.numpy().copy() for n, t in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(3)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
+WORKERS = 3  # conftest's ``workers`` fixture starts so many
 
 
 @pytest.fixture(scope="module")

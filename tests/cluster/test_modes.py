@@ -14,7 +14,6 @@ from gradmesh.client import demo
 from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.server import compression
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 from gradmesh.server.runtime import ServerConfig
 from gradmesh.server.shard import serve_shard
 from gradmesh.server.shard_store import ShardStore
@@ -96,12 +95,6 @@ def test_bad_compression_is_refused_naming_the_field(spec, field):
 
 
 # -- jobs on a real coordinator ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(2)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from gradmesh.core.nn.utils import clip_grad_norm_, clip_grad_value_
 from gradmesh.core.optim import lr_scheduler as sched_mod
 from gradmesh.core.plan import compile_plan
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 from gradmesh.server.aggregate import loss_scales, micro_batch_seed, micro_batches, tree_sum
 from gradmesh.v1 import coordinator_pb2 as pb
 from gradmesh.wire.errors import GradmeshError
@@ -42,12 +41,7 @@ def _data(steps=STEPS):
     return separable_steps(steps, BATCH, 6, 3, seed=21)
 
 
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(3)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
+WORKERS = 3  # conftest's ``workers`` fixture starts so many
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from gradmesh.core import graph as core_graph
 from gradmesh.core.nn.utils import clip_grad_norm_
 from gradmesh.core.plan import compile_plan
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 from gradmesh.server.aggregate import (
     combine_buffers,
     loss_scales,
@@ -135,12 +134,7 @@ class Script:
         return model
 
 
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(3)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
+WORKERS = 3  # conftest's ``workers`` fixture starts so many
 
 
 def on_the_coordinator(script: Script, addresses: list[str]) -> dict:

@@ -17,18 +17,9 @@ import gradmesh
 import gradmesh.core as gm
 from gradmesh.client.coordinator import CoordinatorClient
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 
 STEPS, ROWS, MICRO = 3, 12, 4  # 3 micro-batches a step
 LR = 0.1
-
-
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(2)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
 
 
 def _loss(model, x, y):

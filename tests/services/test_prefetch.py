@@ -11,18 +11,9 @@ from models import classification_batch, cross_entropy, mlp
 
 from gradmesh.client import CoordinatorClient
 from gradmesh.server import coordinator as coordinator_mod
-from gradmesh.server import worker as worker_mod
 
 ADAM = {"name": "adam", "lr": 0.01, "weight_decay": 1e-3}
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def workers():
-    started = [worker_mod.start("cpu") for _ in range(2)]
-    yield [w.address for w in started]
-    for w in started:
-        w.stop(0)
 
 
 def _wait_for_prefetch(server):
