@@ -26,12 +26,10 @@ that its schedule moves within them.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from example_scripts import SCRIPTS, run_on_gradmesh
 
 import gradmesh.core as gm
 from gradmesh.client.coordinator import CoordinatorClient
@@ -50,11 +48,6 @@ from gradmesh.v1 import graph_pb2
 
 torch.set_num_threads(1)
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "examples" / "torch_scripts"
-_spec = importlib.util.spec_from_file_location("run_on_gradmesh", SCRIPTS / "run_on_gradmesh.py")
-assert _spec is not None and _spec.loader is not None
-run_on_gradmesh = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_on_gradmesh)
 
 STEPS = 5
 

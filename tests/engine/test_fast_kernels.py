@@ -22,6 +22,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from opspecs.nn import _lstm_layer_reference as lstm_layer_reference
 from scipy.special import erf
 
 import gradmesh.core as gm
@@ -96,18 +97,6 @@ def test_conv2d_gradients_match_torch(cin, cout, stride, padding, dilation, grou
     np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=1e-10, atol=1e-10)
 
 
-def _torch_lstm_layer(xw, h0, c0, w_hh, reverse):
-    """torch's recurrence over the input projections, as lstm_layer computes it."""
-    h, c, outs = h0, c0, {}
-    steps = range(xw.shape[1] - 1, -1, -1) if reverse else range(xw.shape[1])
-    for t in steps:
-        i, f, g, o = (xw[:, t] + h @ w_hh.T).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outs[t] = torch.cat([h, c], -1)
-    return torch.stack([outs[t] for t in range(xw.shape[1])], 1)
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("state_rows", [3, 1])  # the batch's states, or one broadcast row
 def test_lstm_layer_kept_activations_and_recomputed_ones_give_torchs_gradients(reverse, state_rows):
@@ -128,7 +117,7 @@ def test_lstm_layer_kept_activations_and_recomputed_ones_give_torchs_gradients(r
     kept = _kept_activations(np, out.detach().numpy())
     assert kept is not None and kept.shape == (length, n, 4 * hs)
     theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
-    ref = _torch_lstm_layer(*theirs, reverse)
+    ref = lstm_layer_reference(torch, *theirs, reverse)
     v = rng.standard_normal(tuple(ref.shape))
     out.backward(gm.tensor(v))
     ref.backward(torch.tensor(v))

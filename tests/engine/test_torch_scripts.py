@@ -14,26 +14,18 @@ DataLoader's shuffled order from a seeded Generator, the optimizer, the schedule
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from example_scripts import SCRIPTS, run_on_gradmesh
 
 import gradmesh.core as gm
 
 torch.set_num_threads(1)
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "examples" / "torch_scripts"
-
-# The rewrite lives next to the scripts, for users too (``run_on_gradmesh.py SCRIPT``).
-_spec = importlib.util.spec_from_file_location("run_on_gradmesh", SCRIPTS / "run_on_gradmesh.py")
-assert _spec is not None and _spec.loader is not None
-run_on_gradmesh = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_on_gradmesh)
 to_gradmesh = run_on_gradmesh.to_gradmesh
 
 
