@@ -541,6 +541,8 @@ def _channel_shape(input: Tensor) -> tuple:
 
 
 def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple) -> Tensor:
+    if weight is not None and bias is not None and weight.dtype == out.dtype == bias.dtype:
+        return REGISTRY["channel_affine"](out, weight, bias)
     if weight is not None:
         out = out * CF.reshape(weight, shape)
     if bias is not None:
@@ -605,18 +607,17 @@ def batch_norm(
 
 
 def _update_running_stats(input, running_mean, running_var, momentum) -> None:
-    dims = [0] + list(range(2, input.ndim))
     with no_grad():
-        x = input.detach()
-        for running, stat in ((running_mean, CF.mean), (running_var, CF.var)):
+        stats = REGISTRY["batch_norm_stats"](input.detach())  # (mean, unbiased var)
+        for running, stat in ((running_mean, stats[0]), (running_var, stats[1])):
             if running is None:
                 continue
             if isinstance(momentum, Tensor):
                 # The factor and 1 - factor in float64, then rounded, as Python floats are.
                 keep = (1.0 - momentum).to(running.dtype)
-                running.mul_(keep).add_(stat(x, dim=dims) * momentum.to(running.dtype))
+                running.mul_(keep).add_(stat * momentum.to(running.dtype))
             else:
-                running.mul_(1 - momentum).add_(stat(x, dim=dims), alpha=momentum)
+                running.mul_(1 - momentum).add_(stat, alpha=momentum)
 
 
 def group_norm(

@@ -1,15 +1,18 @@
 """Batch normalisation: ``batch_norm`` normalises (N, C, *) over every dim but the channel
 dim 1 with the batch's statistics (biased variance), without affine; ``batch_norm_grad``
 is its vjp in one kernel, and its own vjp is written with differentiable ops, so double
-backward works. Running statistics, eval mode and the affine part are compositions in
-``gradmesh.core.nn.functional.batch_norm``; group norm reuses ``layer_norm``.
+backward works. ``channel_affine`` is the per-channel scale and shift after it, and
+``batch_norm_stats`` the batch's mean and unbiased variance that the running statistics
+take in, each one kernel instead of a chain of full-size ops. Running statistics and eval
+mode are compositions in ``gradmesh.core.nn.functional.batch_norm``; group norm reuses
+``layer_norm``.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..functional import sqrt, sum
+from ..functional import reshape, sqrt, sum
 from ..registry import OpError, Spec, defop, fmt
 from .nn import _need_float, _need_same_float
 
@@ -108,3 +111,90 @@ def _(v, out, g, x, eps):
         xhat = batch_norm_p(x, eps=eps)
         gx = -rstd * (mean(v * out) * xhat + mean(v * xhat) * out + mean(g * xhat) * gv)
     return (gv if g.requires_grad else None), gx
+
+
+# ============================================================ affine and statistics ======
+
+
+def _channel_shape(x_shape) -> tuple:
+    return (1, x_shape[1]) + (1,) * (len(x_shape) - 2)
+
+
+def _infer_channel_affine(x, weight, bias) -> Spec:
+    _need_float("channel_affine", x)
+    if len(x.shape) < 2:
+        raise OpError(f"channel_affine: expected an input of shape (N, C, *), got {fmt(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (x.shape[1],):
+            raise OpError(
+                f"channel_affine: {name} of shape {fmt(t.shape)} must have one entry per "
+                f"channel, shape {fmt((x.shape[1],))}, for an input of shape {fmt(x.shape)}"
+            )
+        _need_same_float("channel_affine", x, t, "input", name)
+    return Spec(tuple(x.shape), x.dtype)
+
+
+@defop("channel_affine", infer=_infer_channel_affine, arity=3)
+def channel_affine_p(xp, x, weight, bias):
+    """``x * weight + bias`` with one weight and bias per channel (dim 1): one fresh array,
+    the same bits as the two broadcast ops."""
+    shape = _channel_shape(x.shape)
+    out = x * weight.reshape(shape)
+    out += bias.reshape(shape)
+    return out
+
+
+@channel_affine_p.defvjp
+def _(g, out, x, weight, bias):
+    gx = g * reshape(weight, _channel_shape(x.shape)) if x.requires_grad else None
+    if not (weight.requires_grad or bias.requires_grad):
+        return gx, None, None
+    sums = channel_affine_grad_p(g, x)
+    return gx, sums[0], sums[1]
+
+
+def _infer_channel_affine_grad(g, x) -> Spec:
+    if tuple(g.shape) != tuple(x.shape) or len(x.shape) < 2:
+        raise OpError(
+            f"channel_affine_grad: gradient of shape {fmt(g.shape)} must match the (N, C, *) "
+            f"input of shape {fmt(x.shape)}"
+        )
+    _need_same_float("channel_affine_grad", g, x, "gradient", "input")
+    return Spec((2, x.shape[1]), x.dtype)
+
+
+@defop("channel_affine_grad", infer=_infer_channel_affine_grad, arity=2)
+def channel_affine_grad_p(xp, g, x):
+    """(2, C): per channel, sum(g * x) (the weight's gradient) and sum(g) (the bias's), in
+    one pass each and without a full-size temporary."""
+    out = xp.empty((2, x.shape[1]), dtype=x.dtype)
+    out[0] = _channel_dot(xp, g, x).reshape(-1)
+    out[1] = g.sum(axis=_axes(x.ndim))
+    return out
+
+
+@channel_affine_grad_p.defvjp
+def _(v, out, g, x):
+    # Linear in each input: d/dg = v0 * x + v1 and d/dx = v0 * g, per channel.
+    shape = _channel_shape(x.shape)
+    v0, v1 = reshape(v[0], shape), reshape(v[1], shape)
+    return (v0 * x + v1 if g.requires_grad else None), (v0 * g if x.requires_grad else None)
+
+
+def _infer_batch_norm_stats(x) -> Spec:
+    _infer_batch_norm(x, 0.0)
+    return Spec((2, x.shape[1]), x.dtype)
+
+
+@defop("batch_norm_stats", infer=_infer_batch_norm_stats, differentiable=False)
+def batch_norm_stats_p(xp, x):
+    """(2, C): the per-channel mean and unbiased variance of (N, C, *) ``x``, which
+    BatchNorm's running statistics take in (torch gives them no gradient either)."""
+    axes = _axes(x.ndim)
+    n = math.prod(x.shape) // x.shape[1]
+    mean = x.mean(axis=axes, keepdims=True)
+    xc = x - mean
+    out = xp.empty((2, x.shape[1]), dtype=x.dtype)
+    out[0] = mean.reshape(-1)
+    out[1] = _channel_dot(xp, xc, xc).reshape(-1) / x.dtype.type(n - 1)
+    return out

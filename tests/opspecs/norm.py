@@ -104,6 +104,27 @@ spec(
 )
 
 
+def _train_with_running_stats(lib, x, w, b):
+    """A training-mode step with running statistics: their new values (momentum 0.5)
+    are added to the output, so the values are compared with torch's; torch gives them
+    no gradient, nor does gradmesh (so no finite differences here)."""
+    c = x.shape[1]
+    rm = lib.zeros(c, dtype=x.dtype)
+    rv = lib.ones(c, dtype=x.dtype)
+    out = _tf(lib).batch_norm(x, rm, rv, w, b, training=True, momentum=0.5)
+    return out + (rm * 3 + rv).reshape((1, c) + (1,) * (x.ndim - 2))
+
+
+spec(
+    "batch_norm-train-running-stats",
+    _BN + ["batch_norm_stats", "channel_affine", "channel_affine_grad"],
+    _train_with_running_stats,
+    _train_with_running_stats,
+    [((3, 4, 2, 2), (4,), (4,)), ((5, 2), (2,), (2,)), ((2, 3, 5), (3,), (3,))],
+    fd=False,
+)
+
+
 def _stats(lib, like):
     """Fixed running mean and variance for 4 channels (torch gives them no gradient)."""
     return (
