@@ -8,6 +8,10 @@
 [[3.0], [4.0]]
 """
 
+from . import allocator as _allocator
+
+_allocator.steady_heap()  # fresh pages cost a quarter of a CNN step (core/allocator.py)
+
 # The ops first: importing them fills the registry and, through it, loads the Tensor, the
 # dispatcher and the functional API in an order that their import cycles allow.
 from . import autograd as autograd

@@ -27,7 +27,7 @@ One module per job:
 - ``config``: :class:`ServerConfig`, its flags and ``GRADMESH_*`` variables, the start-up check
 - ``tls``: a server's TLS credentials, and :class:`PeerConfig` (how it dials other services)
 - ``logs``: one JSON or text line per record, with the same fields
-- ``allocator``: :func:`steady_heap`
+- :func:`steady_heap` (from ``gradmesh.core.allocator``, which importing the engine applies)
 - ``metrics``: the Prometheus metrics
 - ``errors``: :class:`ServiceError`, :func:`rich_status`, :func:`abort`
 - ``interceptor``: auth, the concurrency limit, statuses, a log line and metrics per call
@@ -35,7 +35,7 @@ One module per job:
 - ``serving``: :func:`serve`, :class:`RunningServer`
 """
 
-from gradmesh.server.runtime.allocator import ALLOCATOR_VARIABLES, steady_heap
+from gradmesh.core.allocator import ALLOCATOR_VARIABLES, steady_heap
 from gradmesh.server.runtime.config import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_MESSAGE_BYTES,
