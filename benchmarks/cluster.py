@@ -16,9 +16,11 @@ Every process of both sides (PS, trainers, ranks, coordinator, workers) gets the
 number of BLAS/OpenMP threads: cores // (training processes of the comparison), set
 through OMP/OPENBLAS/MKL_NUM_THREADS as ``LocalCluster(threads_per_worker=...)`` pins
 workers, and ``torch.set_num_threads`` in torch's processes. Step times are measured in
-this process for both sides: ``job.step(x, y)`` for gradmesh (which sends the batch to the
-coordinator every step), a command over a pipe to torch's trainers (which keep their
-batch). The first two losses of the two sides must agree, or the run fails.
+this process for both sides: for gradmesh from one step's result to the next, the next
+step sent before waiting as ``fit`` does (``Job.step_async``: the batch goes to the
+coordinator every step, travelling while the step before runs), a command over a pipe to
+torch's trainers (which keep their batch). The first two losses of the two sides must
+agree, or the run fails.
 
 Interleaved (the default): the two systems of a comparison are up together and alternate
 per repetition (a, b, a, b, ...); each repetition runs ``--warmup`` untimed steps, then
@@ -40,7 +42,8 @@ NumPy's BLAS through threadpoolctl); workers get cores // workers threads each.
 
 ``python benchmarks/cluster.py`` (interleaved), ``--alone both``, ``--quick`` (smoke run),
 ``--models medium,transformer``, ``--pairs ps``, ``--steps/--warmup/--repetitions N``,
-``--threads N``, ``--tensorpipe-transport uv`` (TCP instead of shm), ``--json PATH``.
+``--threads N``, ``--in-flight 1`` (gradmesh steps one at a time), ``--tensorpipe-transport
+uv`` (TCP instead of shm), ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -194,7 +197,9 @@ class GradmeshSystem:
     """A LocalCluster (coordinator with its embedded shard, ``workers`` worker processes),
     the global batch cut into one micro-batch per worker."""
 
-    def __init__(self, name: str, workers: int, threads: int, stack: contextlib.ExitStack):
+    def __init__(
+        self, name: str, workers: int, threads: int, stack: contextlib.ExitStack, in_flight: int
+    ):
         import gradmesh.core as gm
         from gradmesh.client import LocalCluster
 
@@ -209,6 +214,8 @@ class GradmeshSystem:
             model, loss_fn = self._model(name), self._loss_fn(MODELS[name][2])
             self.x, self.y = batch(name)
             optimizer = gm.optim.SGD(model.parameters(), lr=LR)
+        self.in_flight = in_flight
+        self._next = None  # the step sent ahead
         self.job = cluster.client().create_job(
             model,
             loss_fn,
@@ -240,15 +247,28 @@ class GradmeshSystem:
         return loss_fn
 
     def step(self) -> Step:
+        """One step's result, with the next step sent before waiting for it, as ``fit``
+        does (``Job.step_async``, two in flight): the time from the last result to this
+        one."""
         t = time.perf_counter()
-        r = self.job.step(self.x, self.y)
+        if self.in_flight == 1:
+            r = self.job.step(self.x, self.y)
+            return Step(time.perf_counter() - t, r.loss, r.timings)
+        if self._next is None:
+            self._next = self.job.step_async(self.x, self.y)
+        current, self._next = self._next, self.job.step_async(self.x, self.y)
+        r = current.result()
         return Step(time.perf_counter() - t, r.loss, r.timings)
 
     def pause(self) -> None:
-        """Nothing: idle gradmesh servers wait in epoll (and a stopped gRPC server would
-        miss keepalive pings)."""
+        """Finish the step sent ahead; then nothing runs: idle gradmesh servers wait in
+        epoll (and a stopped gRPC server would miss keepalive pings)."""
+        if self._next is not None:
+            self._next.result()
+            self._next = None
 
-    resume = pause
+    def resume(self) -> None:
+        pass
 
 
 class InProcessSystem:
@@ -585,7 +605,9 @@ def start(system: str, name: str, threads: int, stack: contextlib.ExitStack, arg
     if system.startswith("torch_"):
         kind = system.removeprefix("torch_")
         return TorchSystem(kind, name, threads, stack, args.tensorpipe_transport)
-    return GradmeshSystem(name, int(system.removeprefix("gradmesh_")), threads, stack)
+    return GradmeshSystem(
+        name, int(system.removeprefix("gradmesh_")), threads, stack, args.in_flight
+    )
 
 
 def measure(name: str, systems: list[str], threads: int, args) -> dict:
@@ -787,6 +809,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--models",
         default="medium,large,transformer",
         help="comma-separated: medium,large,transformer",
+    )
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="gradmesh steps in flight: 2 (as fit sends them, the default) or 1 (one at a time)",
     )
     p.add_argument(
         "--pairs",

@@ -71,6 +71,12 @@ class Job:
     # the next record, so the log stays in step order (see ``JobTable._log``).
     unlogged: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Step ids whose Step calls are being handled now, the last step id whose call ended
+    # without applying it, and the condition they change under: a synchronous job's next
+    # step, sent while the one before runs, waits for it (``Coordinator._turn``).
+    arriving: set = field(default_factory=set)
+    last_failed: int = 0
+    turn: threading.Condition = field(default_factory=threading.Condition)
     # The parameters the workers get, at ``params.version``.
     params: "ParamSet | None" = None
     # The graph's BUFFER inputs (name -> (wire dtype, shape)) and their values at

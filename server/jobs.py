@@ -17,6 +17,7 @@ The pieces: a job's state and content checks (:mod:`.job`), one step attempt
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
 import logging
 import os
@@ -69,6 +70,10 @@ from gradmesh.wire.schedule import (
 from gradmesh.wire.shard import optimizer_from_proto, optimizer_to_proto
 
 log = logging.getLogger("gradmesh.coordinator")
+
+# How long a synchronous job's next step waits for the step before it to arrive, when it
+# came first (the SDK sends the two from two threads, a moment apart).
+QUEUE_GRACE = 2.0
 
 __all__ = ["Coordinator", "Job"]
 
@@ -270,18 +275,59 @@ class Coordinator:
             raise ServiceError(INVALID, "step ids start at 1", "step_id")
         if job.stale is not None:  # bounded staleness: steps run side by side
             return stale.step(self, job, step_id, batch)
+        with self._turn(job, step_id) as wait_for_turn:
+            # A batch's checks and digest depend on the graph alone: done before waiting,
+            # so that they overlap the step before.
+            batch = self._check_batch(job, batch)
+            digest = tensors_digest(batch)
+            wait_for_turn()
+            return self._step_in_turn(job, step_id, batch, digest)
+
+    @contextlib.contextmanager
+    def _turn(self, job: Job, step_id: int):
+        """A synchronous job's Step call, which may wait (``wait_for_turn()``) until the
+        step before it has been answered, when it came in while that one was still
+        running (the SDK keeps two steps in flight: the next batch travels and is checked
+        while the current step runs). Only one step ahead is held; one whose predecessor
+        has not arrived waits at most ``QUEUE_GRACE`` seconds, then is out of sequence as
+        before, as it is at once when the predecessor's call ended without applying it."""
+        with job.turn:
+            job.arriving.add(step_id)
+            if job.last_failed == step_id:
+                job.last_failed = 0  # sent again
+
+        def wait_for_turn() -> None:
+            give_up = time.monotonic() + QUEUE_GRACE
+            with job.turn:
+                while step_id == job.last_step_id + 2 and job.last_failed != step_id - 1:
+                    if step_id - 1 in job.arriving:
+                        job.turn.wait()
+                        continue
+                    left = give_up - time.monotonic()
+                    if left <= 0:
+                        break
+                    job.turn.wait(left)
+
+        try:
+            yield wait_for_turn
+        finally:
+            with job.turn:
+                job.arriving.discard(step_id)
+                if step_id > job.last_step_id:
+                    job.last_failed = step_id
+                job.turn.notify_all()
+
+    def _step_in_turn(self, job: Job, step_id: int, batch: dict[str, np.ndarray], digest: str):
         with job.lock:
-            replayed = self._earlier_result(job, step_id, batch)
+            replayed = self._earlier_result(job, step_id, digest)
             if replayed is not None:
                 return replayed
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
-            batch = self._check_batch(job, batch)
-            digest = tensors_digest(batch)
             if job.pinned is not None and job.pinned[0] == step_id and job.pinned[1] != digest:
                 raise ServiceError(
                     FAILED,
-                    f"step_id {step_id} of job {job_id!r}: an earlier "
+                    f"step_id {step_id} of job {job.job_id!r}: an earlier "
                     f"attempt reached the shards' Apply with another batch "
                     f"and some may have applied it; retry it with the same "
                     f"batch",
@@ -302,13 +348,14 @@ class Coordinator:
         self._prefetch(job)
         return resp
 
-    def _earlier_result(self, job: Job, step_id: int, batch: dict[str, np.ndarray]):
-        """The recorded response of a step id seen before (refused if its batch differs),
-        None for the next step id; an older or a later id is out of sequence."""
+    def _earlier_result(self, job: Job, step_id: int, digest: str):
+        """The recorded response of a step id seen before (refused if its batch, by
+        ``digest``, differs), None for the next step id; an older or a later id is out of
+        sequence."""
         done = job.history.get(step_id)
         if done is not None:
             kept = job.digests.get(step_id)
-            if kept and kept != tensors_digest(batch):
+            if kept and kept != digest:
                 raise ServiceError(
                     FAILED,
                     f"step_id {step_id} of job {job.job_id!r} was "

@@ -341,7 +341,7 @@ def step(c: "Coordinator", job: "Job", step_id: int, batch: dict[str, np.ndarray
     while True:
         with job.lock:
             if step_id in job.history:
-                return c._earlier_result(job, step_id, batch)
+                return c._earlier_result(job, step_id, tensors_digest(batch))
             if job.error:
                 raise ServiceError(FAILED, job.error, "job_id")
             batch = c._check_batch(job, batch)
