@@ -43,6 +43,8 @@ from typing import Callable
 
 import numpy as np
 
+from gradmesh.core import allocator
+
 LR = 0.01
 
 
@@ -468,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         "default: each library's own",
     )
     args = ap.parse_args(argv)
+    # Both libraries under the allocator settings that importing gradmesh applies (a steady
+    # heap): with glibc's defaults torch faults in fresh pages too, so an --alone torch
+    # process would otherwise run under other rules than gradmesh's.
+    allocator.steady_heap()
     if args.threads:
         set_threads(args.threads)
     wanted = args.models.split(",")
