@@ -478,7 +478,8 @@ def _window(i, j, stride, dilation, ho, wo):
 
 
 def _im2col(xp, x, kh, kw, stride, padding, dilation, ho, wo):
-    """(N, C, kh, kw, ho, wo) patches of ``x`` (CuPy: the NumPy path works in tiles)."""
+    """(N, C, kh, kw, ho, wo) patches of ``x``, one strided copy per kernel offset (for
+    CuPy; NumPy works in tiles, below)."""
     xpad = _pad(xp, x, padding)
     n, c = x.shape[:2]
     cols = xp.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
@@ -506,10 +507,11 @@ def _patch_view(x, kh, kw, stride, padding, dilation, ho, wo):
 
 
 def _tiles(view):
-    """The tiles of a patch view: ``(tile view, images, pixels)`` with ``images`` a slice
-    of the batch and ``pixels`` of the flattened output, and a scratch array they fit."""
+    """The tiles of a patch view, each copied into the same scratch array:
+    ``(patches, images, pixels)`` with ``images`` a slice of the batch and ``pixels`` one
+    of the flattened output."""
     n, c, kh, kw, ho, wo = view.shape
-    row_bytes = c * kh * kw * wo * view.itemsize
+    row_bytes = max(1, c * kh * kw * wo * view.itemsize)
     if row_bytes * ho <= _TILE_BYTES:
         step = max(1, _TILE_BYTES // (row_bytes * ho))
         cuts = [(slice(i, min(n, i + step)), 0, ho) for i in range(0, n, step)]
@@ -518,7 +520,7 @@ def _tiles(view):
         cuts = [
             (slice(i, i + 1), r, min(ho, r + rows)) for i in range(n) for r in range(0, ho, rows)
         ]
-    most = max((b.stop - b.start) * (r1 - r0) for b, r0, r1 in cuts)
+    most = max(((b.stop - b.start) * (r1 - r0) for b, r0, r1 in cuts), default=0)
     scratch = np.empty(most * row_bytes // view.itemsize, view.dtype)
     for images, r0, r1 in cuts:
         tile = view[images, :, :, :, r0:r1]
