@@ -27,6 +27,7 @@ from scipy.special import erf
 
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
+from gradmesh.core.ops import nn as nn_ops
 from gradmesh.core.ops.elementwise import _erf
 
 
@@ -95,6 +96,47 @@ def test_conv2d_gradients_match_torch(cin, cout, stride, padding, dilation, grou
     np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "tile_bytes",
+    [1, 3000, 40000, 1 << 30],
+    ids=["row-per-tile", "rows-per-tile", "images-per-tile", "whole-batch"],
+)
+@pytest.mark.parametrize("stride, dilation, groups", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_conv2d_in_tiles_matches_torch(tile_bytes, stride, dilation, groups, monkeypatch):
+    """The CPU convolution copies and multiplies patches a tile at a time: one output row,
+    several rows of one image, several images, or the whole batch give torch's values and
+    gradients."""
+    monkeypatch.setattr(nn_ops, "_TILE_BYTES", tile_bytes)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 4, 13, 11))
+    w = rng.standard_normal((6, 4 // groups, 3, 3))
+    kw = dict(stride=stride, padding=1, dilation=dilation, groups=groups)
+    gx, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
+    out = F.conv2d(gx, gw, **kw)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    ref = torch.nn.functional.conv2d(tx, tw, **kw)
+    v = rng.standard_normal(tuple(ref.shape))
+    out.backward(gm.tensor(v))
+    ref.backward(torch.tensor(v))
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_conv2d_of_an_empty_batch_is_empty_as_in_torch():
+    w = np.ones((4, 3, 3, 3))
+    gx = gm.zeros((0, 3, 8, 8), dtype=gm.float64, requires_grad=True)
+    gw = gm.tensor(w, requires_grad=True)
+    tx = torch.zeros((0, 3, 8, 8), dtype=torch.float64, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True)
+    out, ref = F.conv2d(gx, gw, padding=1), torch.nn.functional.conv2d(tx, tw, padding=1)
+    assert tuple(out.shape) == tuple(ref.shape) == (0, 4, 8, 8)
+    out.sum().backward()
+    ref.sum().backward()
+    assert tuple(gx.grad.shape) == (0, 3, 8, 8)
+    np.testing.assert_array_equal(gw.grad.numpy(), tw.grad.numpy())
 
 
 @pytest.mark.parametrize("reverse", [False, True])
