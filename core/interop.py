@@ -61,10 +61,16 @@ def _numpy_from_dlpack(ext) -> np.ndarray:
 def torch_bfloat16_as_numpy(data):
     """A torch bfloat16 tensor as a NumPy bfloat16 array over the same memory (torch's own
     ``numpy()`` and DLPack refuse the dtype, so through its bits as int16); anything else
-    is returned as it is. torch's errors stand for what ``numpy()`` refuses (a tensor that
-    requires grad, one on a GPU)."""
+    is returned as it is. One that requires grad is refused with ``numpy()``'s error, as
+    a float32 one is (the int16 view would not require grad); torch's own errors stand for
+    the rest (a tensor on a GPU)."""
     if str(getattr(data, "dtype", "")) != "torch.bfloat16" or not hasattr(data, "view"):
         return data
     import torch  # only reached with a torch tensor in hand
 
+    if data.requires_grad:  # its int16 view would not: refuse as numpy() does
+        raise RuntimeError(
+            "Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() "
+            "instead."
+        )
     return data.view(torch.int16).numpy().view(dtypes.bfloat16.np)

@@ -122,6 +122,17 @@ def test_torch_bfloat16_tensors_come_in_through_their_bits():
             take(ours)
 
 
+def test_a_torch_bfloat16_tensor_that_requires_grad_is_refused_as_float32_ones_are():
+    """torch refuses numpy() of a tensor that requires grad; its int16 view would not, so
+    gradmesh refuses it itself, with torch's message, as for a float32 tensor."""
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.ones(3, dtype=dtype, requires_grad=True)
+        for make in (gm.tensor, gm.as_tensor, gm.from_dlpack):
+            with pytest.raises((RuntimeError, BufferError), match="require"):
+                make(t)
+        assert gm.tensor(t.detach()).shape == (3,)
+
+
 @np.errstate(invalid="ignore")  # NaN patterns are among the probes
 def _float32_probes(half_np) -> np.ndarray:
     """float32 values where rounding to ``half_np`` can go wrong: every half value, the
