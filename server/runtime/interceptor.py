@@ -143,7 +143,8 @@ class Interceptor(grpc.ServerInterceptor):
     def _admitted(self, method: str, context, denied: str | None, rid: str) -> Iterator[None]:
         start = time.perf_counter()
         outcome = _Outcome()
-        peer = streams.peer_identity(context.peer())
+        address = context.peer()  # read once: each read is a call into gRPC's core
+        peer = streams.peer_identity(address)
         # Every log line while handling this call carries the id (logs.RequestIdFilter),
         # and every call made while handling it sends it on (wire.channel.call_metadata).
         token = request_id.set(rid)
@@ -167,7 +168,7 @@ class Interceptor(grpc.ServerInterceptor):
                     self._lock.notify_all()
         finally:
             try:
-                self._record(method, context, outcome, start)
+                self._record(method, context, outcome, start, address)
             finally:
                 try:
                     request_id.reset(token)
@@ -196,7 +197,7 @@ class Interceptor(grpc.ServerInterceptor):
         log.error("internal error in %s", method, exc_info=exc, extra={"method": method})
         abort(context, grpc.StatusCode.INTERNAL, message)
 
-    def _record(self, method: str, context, outcome: _Outcome, start: float) -> None:
+    def _record(self, method: str, context, outcome: _Outcome, start: float, address: str) -> None:
         seconds = time.perf_counter() - start
         code = outcome.code or grpc.StatusCode.UNKNOWN
         name = code.name
@@ -208,7 +209,7 @@ class Interceptor(grpc.ServerInterceptor):
                 "method": method,
                 "code": name,
                 "duration_ms": round(seconds * 1e3, 3),
-                "peer": context.peer(),
+                "peer": address,
             }
             if code is not grpc.StatusCode.OK:
                 fields["error"] = outcome.error or _details(context) or ""
