@@ -86,6 +86,12 @@ def test_conv2d_gradients_match_torch(cin, cout, stride, padding, dilation, grou
     x = rng.standard_normal((3, cin, 9, 8))
     w = rng.standard_normal((cout, cin // groups, 3, 3))
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    _check_conv2d_against_torch(rng, x, w, kw)
+
+
+def _check_conv2d_against_torch(rng, x, w, kw) -> None:
+    """conv2d's output and both gradients (for a random cotangent) against torch's, in
+    float64."""
     gx, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
     out = F.conv2d(gx, gw, **kw)
     tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
@@ -113,16 +119,7 @@ def test_conv2d_in_tiles_matches_torch(tile_bytes, stride, dilation, groups, mon
     x = rng.standard_normal((5, 4, 13, 11))
     w = rng.standard_normal((6, 4 // groups, 3, 3))
     kw = dict(stride=stride, padding=1, dilation=dilation, groups=groups)
-    gx, gw = gm.tensor(x, requires_grad=True), gm.tensor(w, requires_grad=True)
-    out = F.conv2d(gx, gw, **kw)
-    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    ref = torch.nn.functional.conv2d(tx, tw, **kw)
-    v = rng.standard_normal(tuple(ref.shape))
-    out.backward(gm.tensor(v))
-    ref.backward(torch.tensor(v))
-    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(gx.grad.numpy(), tx.grad.numpy(), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+    _check_conv2d_against_torch(rng, x, w, kw)
 
 
 def test_conv2d_of_an_empty_batch_is_empty_as_in_torch():
