@@ -70,7 +70,6 @@ def torch_bfloat16_as_numpy(data):
 
     if data.requires_grad:  # its int16 view would not: refuse as numpy() does
         raise RuntimeError(
-            "Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() "
-            "instead."
+            "Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead."
         )
     return data.view(torch.int16).numpy().view(dtypes.bfloat16.np)
