@@ -104,7 +104,7 @@ def save(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None
     header = json.dumps(head, sort_keys=True).encode()
     payload[_META] = np.frombuffer(header, dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **payload)
+    np.savez(buf, **payload)  # type: ignore[arg-type]  # the stubs: allow_pickle
     atomic_write(path, buf.getvalue())
 
 

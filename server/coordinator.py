@@ -168,6 +168,7 @@ def start(
         tls=peer.tls,
         shared_memory=shared_memory,
     )
+    handles: list[RemoteShard | EmbeddedShard]
     if shards:
         handles = [
             RemoteShard(

@@ -150,12 +150,13 @@ def replay(job: Job) -> None:
     fsynced before the client was answered) and the step whose Apply was sent last
     (``intent``: some shards may have applied it). A stale-mode job's log has records
     of its own (:func:`gradmesh.server.stale.replay_log`)."""
+    records = job.log.records() if job.log is not None else []
     if job.stale is not None:
-        replay_log(job, job.log.records())
+        replay_log(job, records)
         trim_history(job)
         return
     intended: dict = {}  # the new buffers of the step whose Apply was sent
-    for rec, arrays in job.log.records():
+    for rec, arrays in records:
         sid = rec["step_id"]
         if rec["kind"] == "intent" and sid == job.last_step_id + 1:
             job.pinned = (sid, rec["digest"])

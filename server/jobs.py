@@ -742,6 +742,7 @@ class Coordinator:
                 self._save(job)
 
     def _restore(self) -> None:
+        assert self.files is not None  # called with a state directory only
         for job, shards in self.files.restore():
             if shards != len(self.shards):
                 job.error = (

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 import numpy as np
@@ -333,7 +333,7 @@ class ShardJob:
                 # Durable before anything changes: a failed write (disk full) applies
                 # nothing and the step can be retried; a record that reached the disk is
                 # replayed after a crash, so an acknowledged step is never lost.
-                meta = {"step_id": step_id, "version": self.version}
+                meta: dict[str, Any] = {"step_id": step_id, "version": self.version}
                 if step_args:
                     meta["args"] = step_args
                 try:
@@ -672,10 +672,15 @@ class ShardStore:
         return job is not None
 
     def _path(self, job_id: str) -> str:
-        return os.path.join(self.state_dir, f"{job_id}.npz")
+        return os.path.join(self._dir(), f"{job_id}.npz")
 
     def _log_path(self, job_id: str) -> str:
-        return os.path.join(self.state_dir, f"{job_id}.steps.log")
+        return os.path.join(self._dir(), f"{job_id}.steps.log")
+
+    def _dir(self) -> str:
+        if not self.state_dir:  # callers check first: files only with a state directory
+            raise RuntimeError("this shard keeps no files (no state directory)")
+        return self.state_dir
 
     def checkpoint(self, job_id: str | None = None) -> None:
         """Write the checkpoint of one job (or all) when there is a state directory."""

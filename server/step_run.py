@@ -89,6 +89,7 @@ class StepRun:
     def _worker_compression(self, m: int) -> worker_pb2.WorkerCompression:
         """Micro-batch ``m``'s compression for its worker: residuals under (job, m), this
         step as the round (a retried attempt starts from the same residual)."""
+        assert self.residuals is not None  # compression on the workers
         spec = self.residuals.owner.spec
         return worker_pb2.WorkerCompression(
             kind=spec["kind"],
@@ -170,16 +171,17 @@ class StepRun:
         for a parameter cut over shards). A dense gradient of a used parameter (a worker
         that predates compression) goes on as it is: exact."""
         job = self.job
+        assert self.residuals is not None  # compression on the workers
         kind = self.residuals.owner.spec["kind"]
         blobs = self._checked_blobs(r, kind)
         t = time.perf_counter()
         sizes = {}
         for nm in job.param_names:
-            dense = int(np.prod(job.param_specs[nm][1])) * job_dtype(job, nm).itemsize
+            full = int(np.prod(job.param_specs[nm][1])) * job_dtype(job, nm).itemsize
             if nm in blobs:
-                sizes[nm] = (dense, blobs[nm].nbytes)
+                sizes[nm] = (full, blobs[nm].nbytes)
             elif nm not in r.unused:
-                sizes[nm] = (dense, dense)
+                sizes[nm] = (full, full)
         self.residuals.received(m, sizes)
         pushes = []
         for i in self.by_shard:

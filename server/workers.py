@@ -211,6 +211,7 @@ class WorkerHandle(WorkerTransport):
         the call returns; a failed call's is dropped (a worker past its deadline may still
         read it)."""
         pool = self.segments
+        assert pool is not None  # only called for a worker on this host (compute)
         segment, offsets = params.shared(pool)
         dseg, doffsets = sharedmem.place(pool, data)
         done = False

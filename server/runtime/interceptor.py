@@ -11,7 +11,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 
@@ -181,9 +181,10 @@ class Interceptor(grpc.ServerInterceptor):
             outcome.fail(context.code(), _details(context) or message_of(exc))
             raise exc
         if is_typed_error(exc):
-            code, message = status_code(exc.code), message_of(exc)
+            typed: Any = exc  # it has code and field (is_typed_error)
+            code, message = status_code(typed.code), message_of(exc)
             outcome.fail(code, message)
-            abort(context, code, message, exc.field, getattr(exc, "reason", None))
+            abort(context, code, message, typed.field, getattr(exc, "reason", None))
         if not context.is_active():
             outcome.fail(grpc.StatusCode.CANCELLED, message_of(exc))
             raise exc

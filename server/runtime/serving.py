@@ -55,7 +55,12 @@ def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
 
 
 class RunningServer:
-    """A started server: ``port``/``address`` to dial, ``stop(grace)`` and ``wait()``."""
+    """A started server: ``port``/``address`` to dial, ``stop(grace)`` and ``wait()``.
+    A role's ``start()`` sets its logic object on it: ``worker`` (a ``GradientWorker``)
+    or ``coordinator`` (a ``Coordinator``)."""
+
+    worker: Any
+    coordinator: Any
 
     def __init__(
         self,

@@ -20,7 +20,9 @@ from gradmesh.server.runtime.config import (
 from gradmesh.wire.channel import TLS
 
 
-def _read(path: str) -> bytes:
+def _read(path: str | None) -> bytes:
+    if path is None:  # ServerConfig's start-up check gives TLS both files or neither
+        raise ValueError("a TLS server needs --tls-cert and --tls-key")
     with open(path, "rb") as f:
         return f.read()
 

@@ -318,6 +318,7 @@ class GradientWorker:
         )
 
     def _segment(self, name: str, field: str):
+        assert self.segments is not None  # shared-memory requests are refused without
         try:
             return self.segments.get(name)
         except sharedmem.SegmentError as e:
@@ -402,6 +403,7 @@ class GradientWorker:
     ) -> None:
         """Remember a shared-memory request's checked header and views, for its repeats."""
         shared = prepared.shared
+        assert shared is not None and self.segments is not None  # a shared-memory request
         names = {shared.segment, shared.parameter_segment, shared.gradient_segment} - {""}
         # Requests over segments no longer mapped (removed by their creator, or evicted)
         # go: their views would keep that memory mapped.
@@ -414,18 +416,18 @@ class GradientWorker:
     def _still_valid(self, prepared: Prepared, params, data, views, mapped) -> bool:
         """Whether a remembered shared-memory request still holds: its graph is registered
         and each segment is still the file that was mapped (else it is checked afresh)."""
-        if self._graphs.get(prepared.graph_id) is None:
+        segments = self.segments
+        if segments is None or self._graphs.get(prepared.graph_id) is None:
             return False
         try:
-            return all(self.segments.get(name) is buf for name, buf in mapped)
+            return all(segments.get(name) is buf for name, buf in mapped)
         except sharedmem.SegmentError:
             return False
 
     # ------------------------------------------------------------------ compute ------
 
-    def plan_for(self, prepared: Prepared, data: dict) -> tuple[Any, bool]:
-        shapes = tuple((s.name, s.shape) for s in prepared.data)
-        key = (prepared.graph_id, shapes, self.backend)
+    def plan_for(self, prepared: Prepared, data: dict | None) -> tuple[Any, bool]:
+        key = (prepared.graph_id, tuple((s.name, s.shape) for s in prepared.data), self.backend)
         plan = self._plans.get(key)
         if plan is not None:
             return plan, True

@@ -97,7 +97,7 @@ def op_schema_messages() -> list:
 def capabilities_message(caps: Capabilities) -> worker_pb2.CapabilitiesResponse:
     message = worker_pb2.CapabilitiesResponse(
         ops=caps.ops,
-        dtypes=caps.dtypes,
+        dtypes=caps.dtypes,  # type: ignore[arg-type]  # DType enum numbers
         backend=caps.backend,
         limits=limits_message(caps.limits),
         versions=caps.versions,
@@ -285,7 +285,8 @@ def early_header(
 
     def header(spec) -> tensor_pb2.Tensor:
         return tensor_pb2.Tensor(
-            dtype=serialize.DTYPE_TO_PROTO[spec.dtype], shape=[int(d) for d in spec.shape]
+            dtype=serialize.DTYPE_TO_PROTO[spec.dtype],  # type: ignore[arg-type]  # enum number
+            shape=[int(d) for d in spec.shape],
         )
 
     return worker_pb2.ComputeGradientsResponse(
