@@ -471,11 +471,14 @@ HALF_OPTIMIZERS = [
     ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
 ]
 
-
-@pytest.mark.skipif(
+# The half-precision optimizer tests follow the arithmetic of torch's x86 kernels.
+X86_KERNELS = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
     reason="gradmesh follows the arithmetic of torch's x86 kernels (AVX2 and AVX-512)",
 )
+
+
+@X86_KERNELS
 @pytest.mark.parametrize("dtype_name", sorted(HALF))
 @pytest.mark.parametrize("name,kwargs", HALF_OPTIMIZERS, ids=lambda v: str(v))
 def test_half_parameter_updates_equal_torch_bitwise(name, kwargs, dtype_name):
@@ -503,10 +506,7 @@ def test_half_parameter_updates_equal_torch_bitwise(name, kwargs, dtype_name):
         _assert_same_optimizer_state(opt.state[p], topt.state[tp])
 
 
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-    reason="gradmesh follows the arithmetic of torch's x86 kernels (AVX2 and AVX-512)",
-)
+@X86_KERNELS
 @pytest.mark.parametrize("dtype_name", sorted(HALF))
 @pytest.mark.parametrize("name,kwargs", HALF_OPTIMIZERS, ids=lambda v: str(v))
 def test_large_half_parameter_updates_equal_torch_bitwise(name, kwargs, dtype_name):
