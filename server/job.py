@@ -183,75 +183,73 @@ def buffers_of(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n[len("buffer:") :]: a for n, a in arrays.items() if n.startswith("buffer:")}
 
 
-def differences(
-    existing,
-    gid: str,
-    optimizer: dict,
-    micro_batch_size: int,
-    digest: str,
-    schedule: dict | None = None,
-    clipping: dict | None = None,
-    compress: dict | None = None,
-    staleness: int | None = None,
-) -> list[str]:
-    """What a CreateJob for an existing job id asks differently from the job (empty: the
-    same content, an idempotent re-create)."""
-    checks = (
-        (f"graph (existing {existing.graph_id[:12]}, new {gid[:12]})", existing.graph_id == gid),
-        (
-            f"optimizer (existing {existing.optimizer}, new {optimizer})",
-            existing.optimizer == optimizer,
-        ),
-        (
-            f"micro_batch_size (existing {existing.micro_batch_size}, new {micro_batch_size})",
-            existing.micro_batch_size == micro_batch_size,
-        ),
-        (
-            "initial parameters (another digest)",
-            not existing.params_digest or existing.params_digest == digest,
-        ),
-        (
-            f"schedule (existing {existing.schedule}, new {schedule})",
-            existing.schedule == schedule,
-        ),
-        (
-            f"clipping (existing {existing.clipping}, new {clipping})",
-            existing.clipping == clipping,
-        ),
-        (
-            f"compression (existing {compression_of(existing)}, new {compress})",
-            compression_of(existing) == compress,
-        ),
-        (
-            f"staleness (existing {staleness_of(existing)}, new {staleness})",
-            staleness_of(existing) == staleness,
-        ),
-    )
-    return [what for what, same in checks if not same]
+@dataclass(frozen=True)
+class JobContent:
+    """What a job is made of, for its default id and for comparing a re-create with it."""
 
+    graph_id: str
+    params_digest: str
+    optimizer: dict
+    micro_batch_size: int
+    schedule: dict | None = None
+    clipping: dict | None = None
+    compress: dict | None = None
+    staleness: int | None = None
 
-def default_job_id(
-    graph_id: str,
-    params_digest: str,
-    optimizer: dict,
-    micro_batch_size: int,
-    schedule: dict | None = None,
-    clipping: dict | None = None,
-    compress: dict | None = None,
-    staleness: int | None = None,
-) -> str:
-    """The id of a job created without one: a digest of its content (graph, initial
-    parameters, optimizer, micro-batch size, schedule and clipping when given), so that
-    dropout seeds, which derive from the job id, are the same in two identical runs."""
-    content: list = [graph_id, params_digest, optimizer, micro_batch_size]
-    if schedule is not None or clipping is not None:
-        content += [schedule, clipping]
-    if compress is not None:
-        content += [{"compression": compress}]
-    if staleness is not None:
-        content += [{"staleness": staleness}]
-    key = json.dumps(content, sort_keys=True)
-    return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    @classmethod
+    def of(cls, job: Job) -> JobContent:
+        return cls(
+            job.graph_id,
+            job.params_digest,
+            job.optimizer,
+            job.micro_batch_size,
+            job.schedule,
+            job.clipping,
+            compression_of(job),
+            staleness_of(job),
+        )
+
+    def default_job_id(self) -> str:
+        """The id of a job created without one: a digest of its content (graph, initial
+        parameters, optimizer, micro-batch size, schedule and clipping when given), so
+        that dropout seeds, which derive from the job id, are the same in two identical
+        runs. Modes left unset add nothing: ids of jobs created before they existed hold."""
+        content: list = [self.graph_id, self.params_digest, self.optimizer, self.micro_batch_size]
+        if self.schedule is not None or self.clipping is not None:
+            content += [self.schedule, self.clipping]
+        if self.compress is not None:
+            content += [{"compression": self.compress}]
+        if self.staleness is not None:
+            content += [{"staleness": self.staleness}]
+        key = json.dumps(content, sort_keys=True)
+        return "job-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def differences(self, existing: JobContent) -> list[str]:
+        """What this content asks differently from an existing job's (empty: the same
+        content, an idempotent re-create). A job restored without its initial parameters'
+        digest accepts any."""
+
+        def compare(key: str, label: str) -> tuple[str, bool]:
+            old, new = getattr(existing, key), getattr(self, key)
+            return f"{label} (existing {old}, new {new})", old == new
+
+        checks = [
+            (
+                f"graph (existing {existing.graph_id[:12]}, new {self.graph_id[:12]})",
+                existing.graph_id == self.graph_id,
+            ),
+            compare("optimizer", "optimizer"),
+            compare("micro_batch_size", "micro_batch_size"),
+            (
+                "initial parameters (another digest)",
+                not existing.params_digest or existing.params_digest == self.params_digest,
+            ),
+            compare("schedule", "schedule"),
+            compare("clipping", "clipping"),
+            compare("compress", "compression"),
+            compare("staleness", "staleness"),
+        ]
+        return [what for what, same in checks if not same]
 
 
 def graph_signature(graph) -> tuple[Any, list, dict, list, list]:

@@ -38,12 +38,11 @@ from gradmesh.server.job import (
     HISTORY,
     INVALID,
     Job,
+    JobContent,
     advance_schedule,
     buffer_arrays,
     check_initial_parameters,
     compression_spec,
-    default_job_id,
-    differences,
     dtype_of,
     graph_buffers,
     graph_signature,
@@ -181,23 +180,14 @@ class Coordinator:
         check_initial_parameters(names, specs, params)
         # Buffers count as initial state (a graph without them digests as before).
         digest = tensors_digest({**{n: params[n] for n in names}, **buffers})
-        job_id = job_id or default_job_id(
+        content = JobContent(
             gid, digest, optimizer, micro_batch_size, schedule, clipping, compress, bound
         )
+        job_id = job_id or content.default_job_id()
         with self._lock:
             existing = self.jobs.get(job_id)
             if existing is not None:
-                differ = differences(
-                    existing,
-                    gid,
-                    optimizer,
-                    micro_batch_size,
-                    digest,
-                    schedule,
-                    clipping,
-                    compress,
-                    bound,
-                )
+                differ = content.differences(JobContent.of(existing))
                 if differ:
                     raise ServiceError(
                         grpc.StatusCode.ALREADY_EXISTS,
