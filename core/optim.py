@@ -25,6 +25,8 @@ optimizer state, a dict of named arrays plus ``"step"`` (the number of updates a
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from typing import Any, Callable, Iterable
@@ -66,6 +68,29 @@ __all__ = [
 # ==================================================================== update rules ======
 
 
+def _routes_half(rule: str):
+    """Send float16 and bfloat16 parameters to the rule's half-precision twin (below,
+    ``_HALF_RULES``), with the float rule's defaults for what the call leaves out."""
+
+    def wrap(update: Callable[..., dict]) -> Callable[..., dict]:
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(update).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not p.empty
+        }
+
+        @functools.wraps(update)
+        def routed(xp, param, grad, state: dict, **hyper) -> dict:
+            if precision.is_half(param.dtype):
+                return _HALF_RULES[rule](xp, param, grad, state, **{**defaults, **hyper})
+            return update(xp, param, grad, state, **hyper)
+
+        return routed
+
+    return wrap
+
+
+@_routes_half("sgd")
 def sgd_update(
     xp,
     param,
@@ -84,19 +109,6 @@ def sgd_update(
     ``grad`` is never written to. The first momentum step stores the gradient itself as
     the buffer (no dampening), as torch does.
     """
-    if precision.is_half(param.dtype):
-        return _sgd_half(
-            xp,
-            param,
-            grad,
-            state,
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
     d_p = -grad if maximize else grad
     if weight_decay != 0:
         d_p = d_p + weight_decay * param
@@ -115,6 +127,7 @@ def sgd_update(
     return state
 
 
+@_routes_half("adam")
 def adam_update(
     xp,
     param,
@@ -134,20 +147,6 @@ def adam_update(
     Moments start at zero on the first call; ``state["step"]`` counts the updates and
     drives the bias corrections.
     """
-    if precision.is_half(param.dtype):
-        return _adam_half(
-            xp,
-            param,
-            grad,
-            state,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
     beta1, beta2 = betas
     if "exp_avg" not in state:
         state["step"] = 0
@@ -232,6 +231,7 @@ def adamw_update(
     )
 
 
+@_routes_half("rmsprop")
 def rmsprop_update(
     xp,
     param,
@@ -248,20 +248,6 @@ def rmsprop_update(
 ) -> dict:
     """One step of ``torch.optim.RMSprop`` on arrays (``square_avg``, and ``grad_avg`` when
     centered, ``momentum_buffer`` with momentum)."""
-    if precision.is_half(param.dtype):
-        return _rmsprop_half(
-            xp,
-            param,
-            grad,
-            state,
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            maximize=maximize,
-        )
     if "square_avg" not in state:
         state["step"] = 0
         state["square_avg"] = xp.zeros_like(param)
@@ -294,6 +280,7 @@ def rmsprop_update(
     return state
 
 
+@_routes_half("adagrad")
 def adagrad_update(
     xp,
     param,
@@ -308,19 +295,6 @@ def adagrad_update(
     maximize: bool = False,
 ) -> dict:
     """One step of ``torch.optim.Adagrad`` on arrays (``sum`` of squared gradients)."""
-    if precision.is_half(param.dtype):
-        return _adagrad_half(
-            xp,
-            param,
-            grad,
-            state,
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            maximize=maximize,
-        )
     if "sum" not in state:
         state["step"] = 0
         state["sum"] = xp.full_like(param, initial_accumulator_value)
@@ -336,6 +310,7 @@ def adagrad_update(
     return state
 
 
+@_routes_half("adamax")
 def adamax_update(
     xp,
     param,
@@ -350,18 +325,6 @@ def adamax_update(
 ) -> dict:
     """One step of ``torch.optim.Adamax`` on arrays (``exp_avg`` and the infinity norm
     ``exp_inf``)."""
-    if precision.is_half(param.dtype):
-        return _adamax_half(
-            xp,
-            param,
-            grad,
-            state,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
     beta1, beta2 = betas
     if "exp_avg" not in state:
         state["step"] = 0
@@ -383,6 +346,7 @@ def adamax_update(
     return state
 
 
+@_routes_half("nadam")
 def nadam_update(
     xp,
     param,
@@ -403,20 +367,6 @@ def nadam_update(
     torch keeps ``mu_product`` in a float32 scalar tensor (its default dtype) whatever the
     parameter's dtype, and the product is rounded to float32 at every step: so is ours.
     """
-    if precision.is_half(param.dtype):
-        return _nadam_half(
-            xp,
-            param,
-            grad,
-            state,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum_decay=momentum_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
     beta1, beta2 = betas
     if "exp_avg" not in state:
         state["step"] = 0
@@ -766,6 +716,15 @@ def _nadam_half(
     param[...] = _addcdiv_half(xp, param, exp_avg, denom, value)
     return state
 
+
+_HALF_RULES: dict[str, Callable[..., dict]] = {
+    "sgd": _sgd_half,
+    "adam": _adam_half,
+    "rmsprop": _rmsprop_half,
+    "adagrad": _adagrad_half,
+    "adamax": _adamax_half,
+    "nadam": _nadam_half,
+}
 
 UPDATE_RULES: dict[str, Callable[..., dict]] = {
     "sgd": sgd_update,
