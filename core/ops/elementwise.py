@@ -278,7 +278,8 @@ def relu_p(xp, a):
 def _(g, out, a):
     if not is_grad_enabled() and _bitwise_select_applies(g, a):
         return (_kernel(_relu_vjp_bits, g, a),)
-    return (where(a > 0, g, 0.0),)  # a 0-d zero: no array of zeros to allocate
+    # g where not a <= 0, as torch's threshold_backward: a NaN input passes its gradient.
+    return (where(a <= 0, 0.0, g),)  # a 0-d zero: no array of zeros to allocate
 
 
 def _bitwise_select_applies(g, a) -> bool:
@@ -287,12 +288,13 @@ def _bitwise_select_applies(g, a) -> bool:
 
 
 def _relu_vjp_bits(xp, g, a):
-    """where(a > 0, g, 0) as g's bits AND a mask of all ones where a > 0: three vector
-    passes. NumPy's where branches on every element, ~4 ns each on a ReLU's random mask
-    (2 ms for 32x16x32x32 against 0.14 ms); the bits are the same (+0.0 where dropped)."""
+    """where(a <= 0, 0, g) as g's bits AND a mask of all ones where not a <= 0: three
+    vector passes. NumPy's where branches on every element, ~4 ns each on a ReLU's random
+    mask (2 ms for 32x16x32x32 against 0.14 ms); the bits are the same (+0.0 where
+    dropped)."""
     ints = np.dtype(f"i{g.dtype.itemsize}")
-    mask = np.asarray(np.greater(a, 0)).view(np.int8).astype(ints)  # 0-d: a bool scalar
-    np.negative(mask, out=mask)  # 1 -> all ones, 0 -> 0
+    mask = np.asarray(np.less_equal(a, 0)).view(np.int8).astype(ints)  # 0-d: a bool scalar
+    mask -= 1  # 1 -> 0, 0 -> all ones
     np.bitwise_and(mask, g.view(ints), out=mask)
     return mask.view(g.dtype)
 
@@ -586,11 +588,17 @@ def maximum_p(xp, a, b):
     return xp.maximum(a, b)
 
 
+def _pair_vjp(g, a, b, b_wins, a_wins):
+    """torch's rule for maximum and minimum: ties split the gradient evenly, and each side
+    gets it unless the other one wins; so with a NaN on either side, both get all of it."""
+    tie = a == b
+    half = g * 0.5
+    return where(tie, half, where(b_wins, 0.0, g)), where(tie, half, where(a_wins, 0.0, g))
+
+
 @maximum_p.defvjp
 def _(g, out, a, b):
-    # Ties split the gradient evenly, as torch does.
-    w = where(a > b, 1.0, where(a == b, 0.5, 0.0)).to(g.dtype)
-    return g * w, g * (1 - w)
+    return _pair_vjp(g, a, b, a < b, a > b)
 
 
 @defop("minimum", dtype="promote", infer=binary("minimum"), arity=2, broadcast=True)
@@ -601,8 +609,7 @@ def minimum_p(xp, a, b):
 
 @minimum_p.defvjp
 def _(g, out, a, b):
-    w = where(a < b, 1.0, where(a == b, 0.5, 0.0)).to(g.dtype)
-    return g * w, g * (1 - w)
+    return _pair_vjp(g, a, b, a > b, a < b)
 
 
 # ========================================================== division with rounding ======

@@ -272,3 +272,40 @@ def test_a_traced_graph_follows_in_place_ops_that_autograd_records():
     assert result.loss == loss.item()
     np.testing.assert_array_equal(result.grads["w"], w.grad.numpy())
     np.testing.assert_allclose(w.grad.numpy(), tw.grad.numpy(), rtol=1e-6)
+
+
+# ------------------------------------------------------------- NaN inputs' gradients ---
+
+_NAN = float("nan")
+
+
+@pytest.mark.parametrize("create_graph", [False, True])  # the bitwise kernel, the ops
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda lib, a, b: lib.relu(a),
+        lambda lib, a, b: lib.maximum(a, b),
+        lambda lib, a, b: lib.minimum(a, b),
+        lambda lib, a, b: lib.maximum(a, b[:1]),  # broadcast
+        lambda lib, a, b: lib.clamp(a, -0.5, 1.0),
+    ],
+    ids=["relu", "maximum", "minimum", "maximum-broadcast", "clamp"],
+)
+def test_gradients_through_nan_inputs_are_torchs(fn, create_graph):
+    """torch routes a gradient through a NaN by its kernels' comparisons: relu passes it
+    (not a <= 0), maximum and minimum give it to both sides (neither side wins)."""
+    a_vals = [_NAN, -1.0, 0.0, 2.0, _NAN, 1.5]
+    b_vals = [0.0, -1.0, _NAN, 1.0, _NAN, 3.0]
+    grads = []
+    for lib in (gm, torch):
+        a = lib.tensor(a_vals, requires_grad=True)
+        b = lib.tensor(b_vals, requires_grad=True)
+        out = fn(lib, a, b)
+        found = lib.autograd.grad(
+            [out], [a, b], [lib.ones_like(out)], create_graph=create_graph, allow_unused=True
+        )
+        grads.append([None if g is None else np.asarray(g.detach().numpy()) for g in found])
+    for ours, theirs in zip(*grads):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            np.testing.assert_array_equal(ours, theirs)
