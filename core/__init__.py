@@ -27,9 +27,11 @@ from .devices import device as device
 from .dtypes import DType as DType
 from .dtypes import bfloat16 as bfloat16
 from .dtypes import bool_ as bool  # noqa: F401  (gm.bool, as torch.bool)
+from .dtypes import finfo as finfo
 from .dtypes import float16 as float16
 from .dtypes import float32 as float32
 from .dtypes import float64 as float64
+from .dtypes import iinfo as iinfo
 from .dtypes import int32 as int32
 from .dtypes import int64 as int64
 from .factories import arange as arange

@@ -3,6 +3,7 @@ from the ``@public`` declarations: do not edit."""
 
 from .functional import abs as abs
 from .functional import add as add
+from .functional import addbmm as addbmm
 from .functional import addmm as addmm
 from .functional import all as all
 from .functional import allclose as allclose
@@ -30,6 +31,9 @@ from .functional import dot as dot
 from .functional import einsum as einsum
 from .functional import eq as eq
 from .functional import equal as equal
+from .functional import erf as erf
+from .functional import erfc as erfc
+from .functional import erfinv as erfinv
 from .functional import exp as exp
 from .functional import expand as expand
 from .functional import expand_as as expand_as
@@ -129,6 +133,7 @@ from .functional import where as where
 __all__ = [
     "abs",
     "add",
+    "addbmm",
     "addmm",
     "all",
     "allclose",
@@ -156,6 +161,9 @@ __all__ = [
     "einsum",
     "eq",
     "equal",
+    "erf",
+    "erfc",
+    "erfinv",
     "exp",
     "expand",
     "expand_as",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -92,6 +94,78 @@ def promote(a: DType, b: DType, a_is_scalar: bool = False, b_is_scalar: bool = F
     if _RANK[a] == _RANK[b]:
         return float32  # float16 with bfloat16
     return a if _RANK[a] > _RANK[b] else b
+
+
+class finfo:
+    """Machine limits of a float dtype, as ``torch.finfo`` (``finfo()``: the default float
+    dtype's). ``dtype`` is the name, as torch's.
+
+    >>> import gradmesh.core as gm
+    >>> gm.finfo(gm.bfloat16).eps, gm.finfo(gm.float16).max
+    (0.0078125, 65504.0)
+    """
+
+    def __init__(self, type=None):  # noqa: A002  (torch's argument name)
+        d = default_float if type is None else as_dtype(type)
+        if not d.is_floating_point:
+            raise TypeError(
+                f"gradmesh.finfo() requires a floating point input type, got {d}; use "
+                f"gradmesh.iinfo for integer types"
+            )
+        info = ml_dtypes.finfo(d.np)
+        self.bits = int(info.bits)
+        self.eps = float(info.eps)
+        self.max = float(info.max)
+        self.min = float(info.min)
+        self.tiny = self.smallest_normal = float(info.smallest_normal)
+        # 10 ** -(decimal digits), as torch and NumPy define it, in float64 (ml_dtypes
+        # rounds bfloat16's to bfloat16).
+        self.resolution = 10.0 ** -int(-math.log10(self.eps))
+        self.dtype = d.name
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, finfo) and other.dtype == self.dtype
+
+    def __hash__(self) -> int:
+        return hash(("finfo", self.dtype))
+
+    def __repr__(self) -> str:
+        return (
+            f"finfo(resolution={self.resolution:g}, min={self.min:g}, max={self.max:g}, "
+            f"eps={self.eps:g}, smallest_normal={self.smallest_normal:g}, "
+            f"tiny={self.tiny:g}, dtype={self.dtype})"
+        )
+
+
+class iinfo:
+    """Limits of an integer dtype, as ``torch.iinfo``: ``bits``, ``min``, ``max``, ``dtype``.
+
+    >>> import gradmesh.core as gm
+    >>> gm.iinfo(gm.int32).max
+    2147483647
+    """
+
+    def __init__(self, type):  # noqa: A002  (torch's argument name)
+        d = as_dtype(type)
+        if d is bool_:
+            raise TypeError("gradmesh.bool is not supported by gradmesh.iinfo")
+        if d.is_floating_point:
+            raise TypeError(
+                f"gradmesh.iinfo() requires an integer input type, got {d}; use "
+                f"gradmesh.finfo for float types"
+            )
+        info = np.iinfo(d.np)
+        self.bits, self.min, self.max = int(info.bits), int(info.min), int(info.max)
+        self.dtype = d.name
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, iinfo) and other.dtype == self.dtype
+
+    def __hash__(self) -> int:
+        return hash(("iinfo", self.dtype))
+
+    def __repr__(self) -> str:
+        return f"iinfo(min={self.min:g}, max={self.max:g}, dtype={self.dtype})"
 
 
 def is_floating(np_dtype) -> bool:

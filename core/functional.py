@@ -166,6 +166,11 @@ relu = _unary("relu", method=True)
 clone = _unary("clone")
 logical_not = _unary("logical_not", method=True)
 
+# ---- the error function ----
+erf = _unary("erf", method=True)
+erfc = _unary("erfc", method=True)
+erfinv = _unary("erfinv", method=True)
+
 
 @public(method=True)
 def leaky_relu(a: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -1147,6 +1152,13 @@ def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -
 def addmm(input: Tensor, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tensor:
     """``beta * input + alpha * mm(mat1, mat2)``, as ``baddbmm`` for matrices."""
     return _add_product("addmm", input, mm(mat1, mat2), beta, alpha)
+
+
+@public(method=True)
+def addbmm(input: Tensor, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
+    """``beta * input + alpha * sum(bmm(batch1, batch2), 0)``: the batch of products summed
+    into one matrix, which ``input`` broadcasts to, as in torch."""
+    return _add_product("addbmm", input, sum(bmm(batch1, batch2), 0), beta, alpha)
 
 
 def _add_product(op: str, input: Tensor, prod: Tensor, beta, alpha) -> Tensor:

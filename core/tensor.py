@@ -700,6 +700,10 @@ class Tensor:
         """See ``gradmesh.core.add``."""
         return F.add(self, b, alpha)
 
+    def addbmm(self, batch1: Tensor, batch2: Tensor, *, beta=1, alpha=1) -> Tensor:
+        """See ``gradmesh.core.addbmm``."""
+        return F.addbmm(self, batch1, batch2, beta=beta, alpha=alpha)
+
     def addmm(self, mat1: Tensor, mat2: Tensor, *, beta=1, alpha=1) -> Tensor:
         """See ``gradmesh.core.addmm``."""
         return F.addmm(self, mat1, mat2, beta=beta, alpha=alpha)
@@ -786,6 +790,18 @@ class Tensor:
     def equal(self, b: Tensor) -> builtins.bool:
         """See ``gradmesh.core.equal``."""
         return F.equal(self, b)
+
+    def erf(self) -> Tensor:
+        """See ``gradmesh.core.erf``."""
+        return F.erf(self)
+
+    def erfc(self) -> Tensor:
+        """See ``gradmesh.core.erfc``."""
+        return F.erfc(self)
+
+    def erfinv(self) -> Tensor:
+        """See ``gradmesh.core.erfinv``."""
+        return F.erfinv(self)
 
     def exp(self) -> Tensor:
         """See ``gradmesh.core.exp``."""

@@ -38,6 +38,7 @@ import numpy as np
 import gradmesh.core as gm
 import gradmesh.core.nn.functional as F
 from gradmesh.core.nn import Module, Parameter
+from gradmesh.core.registry import REGISTRY
 from gradmesh.core.tensor import Tensor
 
 from .errors import Unsupported, UnsupportedModelError
@@ -270,6 +271,78 @@ def _cast(ctx, node, inputs):
     return [x.to(dtype)]
 
 
+# -- activations: elu family, hardsigmoid, prelu, shrink, erf (and Split, for GLU) ---------
+
+
+@_op("Elu", "elu")
+def _elu(ctx, node, inputs):
+    return [F.elu(_tensor(inputs[0]), ctx.attrs(node).get("alpha", 1.0))]
+
+
+@_op("Celu", "elu")
+def _celu(ctx, node, inputs):
+    return [F.celu(_tensor(inputs[0]), ctx.attrs(node).get("alpha", 1.0))]
+
+
+@_op("Selu", "elu")
+def _selu(ctx, node, inputs):
+    at = ctx.attrs(node)
+    if "alpha" not in at and "gamma" not in at:
+        return [F.selu(_tensor(inputs[0]))]  # torch's constants, of which ONNX's are float32
+    alpha, gamma = at.get("alpha", 1.67326319217681884765625), at.get("gamma", 1.0507009873554805)
+    return [REGISTRY["elu"](_tensor(inputs[0]), alpha=alpha, scale=gamma)]
+
+
+@_op("HardSigmoid", "mul, add, hardtanh")
+def _hard_sigmoid(ctx, node, inputs):
+    at = ctx.attrs(node)
+    x = _tensor(inputs[0]) * at.get("alpha", 0.2) + at.get("beta", 0.5)
+    return [F.hardtanh(x, 0.0, 1.0)]
+
+
+@_op("PRelu", "gt, mul, where")
+def _prelu(ctx, node, inputs):
+    x, slope = _tensor(inputs[0]), _tensor(inputs[1], _tensor(inputs[0]))
+    return [gm.where(x > 0, x, slope * x)]  # slope broadcasts to x as ONNX says
+
+
+@_op("Softsign", "abs, add, div")
+def _softsign(ctx, node, inputs):
+    return [F.softsign(_tensor(inputs[0]))]
+
+
+@_op("Shrink", "gt, lt, sub, add, where")
+def _shrink(ctx, node, inputs):
+    at = ctx.attrs(node)
+    x, lambd, bias = _tensor(inputs[0]), at.get("lambd", 0.5), at.get("bias", 0.0)
+    return [gm.where(x < -lambd, x + bias, gm.where(x > lambd, x - bias, 0.0))]
+
+
+@_op("ThresholdedRelu", "gt, where")
+def _thresholded_relu(ctx, node, inputs):
+    return [F.threshold(_tensor(inputs[0]), ctx.attrs(node).get("alpha", 1.0), 0.0)]
+
+
+@_op("Erf", "erf")
+def _erf_op(ctx, node, inputs):
+    return [gm.erf(_tensor(inputs[0]))]
+
+
+@_op("Split", "slice")
+def _split_op(ctx, node, inputs):
+    x, at = inputs[0], ctx.attrs(node)
+    axis = at.get("axis", 0) % len(_shape_of(x))
+    if len(inputs) > 1 and inputs[1] is not None:
+        sizes = [int(s) for s in _static(inputs[1], "split").reshape(-1)]
+    else:  # equal pieces, the last one smaller (opset 18's num_outputs)
+        n = at.get("num_outputs", len(node.output))
+        sizes = [-(-_shape_of(x)[axis] // n)] * n
+        sizes[-1] = _shape_of(x)[axis] - sizes[0] * (n - 1)
+    if not isinstance(x, Tensor):
+        return np.split(np.asarray(x), np.cumsum(sizes)[:-1], axis)
+    return list(gm.split(x, sizes, axis))
+
+
 # -- products, convolutions, pooling, normalization -----------------------------------------
 
 
@@ -348,9 +421,12 @@ def _conv(ctx, node, inputs):
 def _max_pool(ctx, node, inputs):
     at = ctx.attrs(node)
     x = _tensor(inputs[0])
-    _two_d(at, x, "MaxPool")
     if len(node.output) > 1 and node.output[1]:
         raise Refused("the Indices output of MaxPool")
+    if x.ndim == 3:
+        dilation, ceil = at.get("dilations", [1])[0], bool(at.get("ceil_mode"))
+        return [F.max_pool1d(x, *_pool1d(at, "MaxPool"), dilation, ceil)]
+    _two_d(at, x, "MaxPool")
     kernel = at["kernel_shape"]
     strides, dilations = at.get("strides", [1, 1]), at.get("dilations", [1, 1])
     x, padding = _symmetric(x, _spatial_pads(ctx, node, x, kernel, strides, dilations), True)
@@ -365,6 +441,9 @@ def _max_pool(ctx, node, inputs):
 def _avg_pool(ctx, node, inputs):
     at = ctx.attrs(node)
     x = _tensor(inputs[0])
+    if x.ndim == 3 and at.get("dilations", [1]) == [1]:
+        ceil, count_pad = bool(at.get("ceil_mode")), bool(at.get("count_include_pad", 0))
+        return [F.avg_pool1d(x, *_pool1d(at, "AveragePool"), ceil, count_pad)]
     _two_d(at, x, "AveragePool")
     if at.get("dilations", [1, 1]) != [1, 1]:
         raise Refused("AveragePool with dilations")
@@ -412,6 +491,67 @@ def _layer_norm(ctx, node, inputs):
     return [F.layer_norm(x, shape, scale, bias, at.get("epsilon", 1e-5))]
 
 
+# -- padding, depth to space, instance norm, 1-d pools -------------------------------------
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+
+
+@_op("Pad", "pad")
+def _pad(ctx, node, inputs):
+    x = _tensor(inputs[0])
+    mode = ctx.attrs(node).get("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise Refused(f"Pad mode {mode!r} (constant, reflect and edge import)")
+    pads = _static(inputs[1], "pads").reshape(-1).tolist()
+    axes = _axes(ctx, node, inputs, 3, x.ndim) or list(range(x.ndim))
+    begin, end = dict(zip(axes, pads[: len(axes)])), dict(zip(axes, pads[len(axes) :]))
+    # F.pad lists (begin, end) from the last dim backwards, down to the first padded dim.
+    first = min((a for a in axes if begin[a] or end[a]), default=x.ndim - 1)
+    torch_pads = [
+        int(p) for d in range(x.ndim - 1, first - 1, -1) for p in (begin.get(d, 0), end.get(d, 0))
+    ]
+    value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    value = float(_static(value, "constant_value")) if value is not None else None
+    return [F.pad(x, torch_pads, _PAD_MODES[mode], value if mode == "constant" else None)]
+
+
+@_op("DepthToSpace", "reshape, permute")
+def _depth_to_space(ctx, node, inputs):
+    at = ctx.attrs(node)
+    x, b = _tensor(inputs[0]), int(at["blocksize"])
+    if at.get("mode", "DCR") == "CRD":  # torch's pixel_shuffle
+        return [F.pixel_shuffle(x, b)]
+    n, c, h, w = x.shape
+    x = _reshape(ctx, x, [n, b, b, c // (b * b), h, w]).permute(0, 3, 4, 1, 5, 2)
+    return [_reshape(ctx, x, [n, c // (b * b), h * b, w * b])]
+
+
+@_op("InstanceNormalization", "layer_norm, channel_affine")
+def _instance_norm(ctx, node, inputs):
+    x = _tensor(inputs[0])
+    scale, bias = _tensor(inputs[1], x), _tensor(inputs[2], x)
+    return [F.instance_norm(x, weight=scale, bias=bias, eps=ctx.attrs(node).get("epsilon", 1e-5))]
+
+
+@_op("Mod", "remainder")
+def _mod(ctx, node, inputs):
+    if ctx.attrs(node).get("fmod", 0):
+        a, b = (_static(v, "Mod(fmod=1) operands") for v in inputs)
+        return [np.fmod(a, b)]
+    return _binary(np.mod, gm.remainder)(ctx, node, inputs)
+
+
+def _pool1d(at: dict, what: str) -> tuple[int, int, int]:
+    """A 1-d MaxPool's or AveragePool's kernel, stride and padding."""
+    if at.get("auto_pad", "NOTSET") != "NOTSET":
+        raise Refused(f"{what} on a 3-D input with auto_pad {at['auto_pad']}")
+    begin, end = at.get("pads", [0, 0])
+    if begin != end:
+        raise Refused(f"asymmetric pads {[begin, end]} on a pooling op")
+    return at["kernel_shape"][0], at.get("strides", [1])[0], begin
+
+
 @_op("Softmax", "softmax")
 def _softmax(ctx, node, inputs):
     return [F.softmax(_tensor(inputs[0]), ctx.attrs(node).get("axis", -1))]
@@ -431,7 +571,9 @@ def _dropout(ctx, node, inputs):
     return [x, mask][: len(node.output)]
 
 
-def _reduce(np_fn, gm_name: str):
+def _reduce(np_fn, gm_name: str | Callable):
+    """A Reduce* handler: ``gm_name`` is a Tensor method, or ``fn(x, axes, keepdim)``."""
+
     def run(ctx, node, inputs):
         at = ctx.attrs(node)
         x = inputs[0]
@@ -444,6 +586,8 @@ def _reduce(np_fn, gm_name: str):
         keep = bool(at.get("keepdims", 1))
         if not isinstance(x, Tensor):
             return [np_fn(np.asarray(x), axis=tuple(axes), keepdims=keep)]
+        if callable(gm_name):
+            return [gm_name(x, list(axes), keep)]
         return [getattr(x, gm_name)(tuple(axes), keepdim=keep)]
 
     return run
@@ -452,6 +596,17 @@ def _reduce(np_fn, gm_name: str):
 _op("ReduceMean", "sum, div")(_reduce(np.mean, "mean"))
 _op("ReduceSum", "sum")(_reduce(np.sum, "sum"))
 _op("ReduceMax", "amax")(_reduce(np.max, "amax"))
+
+
+# ---- losses and distances: F.normalize exports its norm as ReduceL2
+def _np_l2(x, axis, keepdims):
+    return np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims))
+
+
+# torch's norm: gradient 0 at a zero vector (sqrt's is 0 / 0 there).
+_op("ReduceL2", "sum, sqrt, where")(
+    _reduce(_np_l2, lambda x, dims, keep: F._vector_norm(x, 2, dims, keep))
+)
 
 
 # -- shapes --------------------------------------------------------------------------------
@@ -580,7 +735,9 @@ def _slice(ctx, node, inputs):
         # ONNX clamps out-of-range bounds (INT64_MAX means "to the end"), as Python does.
         picked = range(*slice(int(start), int(end), int(step)).indices(dims[a]))
         if step > 0 or not isinstance(x, Tensor):
-            index[a] = slice(picked.start, picked.stop, picked.step)
+            # A backward range that ends before index 0 has stop -1: None in a slice.
+            stop = None if picked.stop < 0 else picked.stop
+            index[a] = slice(picked.start, stop, picked.step)
         elif picked:  # backwards: the same elements of the flipped dimension, forwards
             last = dims[a] - 1
             index[a] = slice(last - picked[0], last - picked[-1] + 1, -picked.step)
@@ -784,7 +941,7 @@ def from_onnx(path_or_bytes: str | os.PathLike | bytes) -> OnnxModule:
 def _fuse_erf_gelu(onnx_mod, graph) -> list:
     """The graph's nodes with each exact GELU written out with ``Erf`` (what exporters
     emit before opset 20: x * 0.5 * (1 + erf(x / sqrt(2))), the products in any order)
-    replaced by one ``Gelu`` node: the registry has gelu but no erf."""
+    replaced by one ``Gelu`` node: one op instead of five."""
     nodes = list(graph.node)
     consts = _constant_values(onnx_mod, graph)
     consumers: dict[str, list] = {}
@@ -889,8 +1046,6 @@ def _op_name(node) -> str:
 
 
 _REASONS = {
-    "Erf": "no erf op in the registry (an exact GELU written out with Erf imports as gelu; "
-    "this Erf is not part of one)",
     "If": "control flow (subgraphs) is not expressible in a gradmesh graph",
     "Loop": "control flow (subgraphs) is not expressible in a gradmesh graph",
     "Scan": "control flow (subgraphs) is not expressible in a gradmesh graph",
@@ -904,8 +1059,10 @@ def _attribute_refusal(onnx_mod, node) -> str:
     op = node.op_type
     if op == "BatchNormalization" and at.get("training_mode", 0):
         return "training_mode=1 (only inference BatchNormalization imports)"
-    if op in ("Conv", "MaxPool", "AveragePool") and len(at.get("kernel_shape", [0, 0])) != 2:
-        return f"a {len(at['kernel_shape'])}-D kernel: only 2-D (N, C, H, W) is in the registry"
+    kernel_dims = len(at.get("kernel_shape", [0, 0]))
+    if kernel_dims != 2 and not (op in ("MaxPool", "AveragePool") and kernel_dims == 1):
+        if op in ("Conv", "MaxPool", "AveragePool"):
+            return f"a {kernel_dims}-D kernel: only 2-D (and 1-D pools) are in the registry"
     if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
         return "the Indices output of MaxPool"
     if op == "LayerNormalization" and any(node.output[1:]):

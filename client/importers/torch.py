@@ -24,6 +24,7 @@ while its module trains, as in torch.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 import warnings
@@ -126,6 +127,7 @@ class _Op:
     shape: bool = False  # gets ``out_shape``: the output's shape, batch dim as -1
     lazy_zeros: bool = False  # takes batch-shaped zeros as ``_Zeros`` (recurrent states)
     root: bool = False  # gets the root module (the model's device)
+    inplace: bool = False  # ``aten.<op>_``: its result stands for its first argument after it
 
 
 _OPS: dict[str, _Op] = {}
@@ -200,6 +202,36 @@ def _dropout(owner, x, p, train):
     return F.dropout(x, p, owner.training)
 
 
+# ---- channel and alpha dropout (nn.Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout)
+
+
+@_op(
+    "feature_dropout.default",
+    "nn.functional.dropout1d/2d/3d (training: the owning module's mode)",
+    True,
+)
+def _feature_dropout(owner, x, p, train):
+    return F.feature_dropout(x, p, owner.training)
+
+
+@_op(
+    "alpha_dropout.default",
+    "nn.functional.alpha_dropout (training: the owning module's mode)",
+    True,
+)
+def _alpha_dropout(owner, x, p, train):
+    return F.alpha_dropout(x, p, owner.training)
+
+
+@_op(
+    "feature_alpha_dropout.default",
+    "nn.functional.feature_alpha_dropout (training: the owning module's mode)",
+    True,
+)
+def _feature_alpha_dropout(owner, x, p, train):
+    return F.feature_alpha_dropout(x, p, owner.training)
+
+
 @_op("scaled_dot_product_attention.default", "nn.functional.scaled_dot_product_attention")
 def _sdpa(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
@@ -220,6 +252,51 @@ def _adaptive_avg_pool2d(x, size):
     return F.adaptive_avg_pool2d(x, list(size))
 
 
+# ---- padding, pixel shuffle, 1-d and adaptive max pooling, instance norm
+
+
+_op("pad.default", "nn.functional.pad")(
+    lambda x, pad, mode="constant", value=None: F.pad(x, list(pad), mode, value)
+)
+_op("pixel_shuffle.default", "nn.functional.pixel_shuffle")(lambda x, r: F.pixel_shuffle(x, r))
+_op("pixel_unshuffle.default", "nn.functional.pixel_unshuffle")(
+    lambda x, r: F.pixel_unshuffle(x, r)
+)
+_op("adaptive_avg_pool1d.default", "nn.functional.adaptive_avg_pool1d")(
+    lambda x, size: F.adaptive_avg_pool1d(x, list(size))
+)
+
+
+@_op("max_pool1d.default", "nn.functional.max_pool1d")
+def _max_pool1d(x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
+    return F.max_pool1d(x, kernel, list(stride) or None, padding, dilation, ceil_mode)
+
+
+@_op("avg_pool1d.default", "nn.functional.avg_pool1d")
+def _avg_pool1d(x, kernel, stride=(), padding=0, ceil_mode=False, count_include_pad=True):
+    return F.avg_pool1d(x, kernel, list(stride) or None, padding, ceil_mode, count_include_pad)
+
+
+# aten returns (values, indices); gradmesh has no indices to give (no max_unpool reads them).
+_op("adaptive_max_pool1d.default", "nn.functional.adaptive_max_pool1d (values)")(
+    lambda x, size: (F.adaptive_max_pool1d(x, list(size)), None)
+)
+_op("adaptive_max_pool2d.default", "nn.functional.adaptive_max_pool2d (values)")(
+    lambda x, size: (F.adaptive_max_pool2d(x, list(size)), None)
+)
+
+
+@_op(
+    "instance_norm.default",
+    "nn.functional.instance_norm (use_input_stats: the owning module's mode)",
+    True,
+)
+def _instance_norm(owner, x, w, b, mean, var, use_input_stats, momentum, eps, cudnn=True):
+    # Without running statistics torch always normalises with the instance's.
+    use_input_stats = owner.training if mean is not None else use_input_stats
+    return F.instance_norm(x, mean, var, w, b, use_input_stats, momentum, eps)
+
+
 @_op("lstm.input", "nn.LSTM (its recurrence, with these weights)", True, lazy_zeros=True)
 def _lstm(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
     lstm = _recurrence(gm.nn.LSTM, x, params, has_biases, layers, dropout, bidirectional)
@@ -233,12 +310,31 @@ def _lstm(owner, x, hx, params, has_biases, layers, dropout, train, bidirectiona
 @_op("gru.input", "nn.GRU (its recurrence, with these weights)", True, lazy_zeros=True)
 def _gru(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
     gru = _recurrence(gm.nn.GRU, x, params, has_biases, layers, dropout, bidirectional)
-    gru.batch_first, gru.training = batch_first, owner.training
-    return gru(x, None if isinstance(hx, _Zeros) else hx)
+    return _run_hidden_state(gru, owner, x, hx, batch_first)
+
+
+@_op("rnn_tanh.input", "nn.RNN (tanh; its recurrence, with these weights)", True, lazy_zeros=True)
+def _rnn_tanh(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
+    rnn = _recurrence(gm.nn.RNN, x, params, has_biases, layers, dropout, bidirectional)
+    rnn.nonlinearity = "tanh"
+    return _run_hidden_state(rnn, owner, x, hx, batch_first)
+
+
+@_op("rnn_relu.input", "nn.RNN (relu; its recurrence, with these weights)", True, lazy_zeros=True)
+def _rnn_relu(owner, x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first):
+    rnn = _recurrence(gm.nn.RNN, x, params, has_biases, layers, dropout, bidirectional)
+    rnn.nonlinearity = "relu"
+    return _run_hidden_state(rnn, owner, x, hx, batch_first)
+
+
+def _run_hidden_state(rnn, owner, x, hx, batch_first):
+    """A GRU's or RNN's (output, h_n), from the None state where torch passed zeros."""
+    rnn.batch_first, rnn.training = batch_first, owner.training
+    return rnn(x, None if isinstance(hx, _Zeros) else hx)
 
 
 def _recurrence(cls, x, params, bias, layers, dropout, bidirectional):
-    """A gradmesh LSTM or GRU configured as an aten call and computing with its ``params``;
+    """A gradmesh LSTM, GRU or RNN configured as an aten call and computing with its ``params``;
     built bare, because constructing one the usual way draws initial weights from the
     global generator."""
     rnn = cls.__new__(cls)
@@ -273,6 +369,115 @@ def _softmax(x, dim, dtype=None, log=False):
     # _softmax.default's third argument is half_to_float (a bool), not a dtype.
     dtype = _dtype(dtype) if not isinstance(dtype, bool) else None
     return (gm.log_softmax if log else gm.softmax)(x, dim, dtype=dtype)
+
+
+# ---- activations: elu family, hardtanh family, shrinks, glu, prelu, erf
+
+
+@_op("elu.default", "elu")
+def _elu(x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return REGISTRY["elu"](
+        x, alpha=float(alpha), scale=float(scale), input_scale=float(input_scale)
+    )
+
+
+_op("selu.default", "nn.functional.selu")(lambda x: F.selu(x))
+_op("celu.default", "nn.functional.celu")(lambda x, alpha=1.0: F.celu(x, alpha))
+_op("hardtanh.default", "nn.functional.hardtanh")(
+    lambda x, min_val=-1.0, max_val=1.0: F.hardtanh(x, min_val, max_val)
+)
+_op("hardsigmoid.default", "nn.functional.hardsigmoid")(lambda x: F.hardsigmoid(x))
+_op("log_sigmoid.default", "nn.functional.logsigmoid")(lambda x: F.logsigmoid(x))
+_op("threshold.default", "nn.functional.threshold")(lambda x, t, v: F.threshold(x, t, v))
+_op("hardshrink.default", "nn.functional.hardshrink")(lambda x, lambd=0.5: F.hardshrink(x, lambd))
+_op("softshrink.default", "nn.functional.softshrink")(lambda x, lambd=0.5: F.softshrink(x, lambd))
+_op("glu.default", "nn.functional.glu")(lambda x, dim=-1: F.glu(x, dim))
+_op("prelu.default", "nn.functional.prelu")(lambda x, weight: F.prelu(x, weight))
+_op("erf.default", "erf")(lambda x: gm.erf(x))
+_op("erfc.default", "erfc")(lambda x: gm.erfc(x))
+_op("erfinv.default", "erfinv")(lambda x: gm.erfinv(x))
+
+
+# ---- losses and distances (aten's reduction is an enum: 0 none, 1 mean, 2 sum)
+
+
+def _red(reduction: int) -> str:
+    return ("none", "mean", "sum")[reduction]
+
+
+_op("l1_loss.default", "nn.functional.l1_loss")(
+    lambda x, t, reduction=1: F.l1_loss(x, t, reduction=_red(reduction))
+)
+_op("smooth_l1_loss.default", "nn.functional.smooth_l1_loss")(
+    lambda x, t, reduction=1, beta=1.0: F.smooth_l1_loss(x, t, reduction=_red(reduction), beta=beta)
+)
+_op("huber_loss.default", "nn.functional.huber_loss")(
+    lambda x, t, reduction=1, delta=1.0: F.huber_loss(x, t, _red(reduction), delta)
+)
+_op("binary_cross_entropy.default", "nn.functional.binary_cross_entropy")(
+    lambda x, t, w=None, reduction=1: F.binary_cross_entropy(x, t, w, reduction=_red(reduction))
+)
+_op("soft_margin_loss.default", "nn.functional.soft_margin_loss")(
+    lambda x, t, reduction=1: F.soft_margin_loss(x, t, reduction=_red(reduction))
+)
+_op("hinge_embedding_loss.default", "nn.functional.hinge_embedding_loss")(
+    lambda x, t, margin=1.0, reduction=1: F.hinge_embedding_loss(
+        x, t, margin, reduction=_red(reduction)
+    )
+)
+_op("margin_ranking_loss.default", "nn.functional.margin_ranking_loss")(
+    lambda a, b, t, margin=0.0, reduction=1: F.margin_ranking_loss(
+        a, b, t, margin, reduction=_red(reduction)
+    )
+)
+_op("cosine_embedding_loss.default", "nn.functional.cosine_embedding_loss")(
+    lambda a, b, t, margin=0.0, reduction=1: F.cosine_embedding_loss(
+        a, b, t, margin, reduction=_red(reduction)
+    )
+)
+_op("poisson_nll_loss.default", "nn.functional.poisson_nll_loss")(
+    lambda x, t, log_input, full, eps, reduction: F.poisson_nll_loss(
+        x, t, log_input, full, eps=eps, reduction=_red(reduction)
+    )
+)
+_op("multi_margin_loss.default", "nn.functional.multi_margin_loss")(
+    lambda x, t, p=1, margin=1.0, w=None, reduction=1: F.multi_margin_loss(
+        x, t, p, margin, w, reduction=_red(reduction)
+    )
+)
+_op("cosine_similarity.default", "nn.functional.cosine_similarity")(
+    lambda a, b, dim=1, eps=1e-8: F.cosine_similarity(a, b, dim, eps)
+)
+_op("pairwise_distance.default", "nn.functional.pairwise_distance")(
+    lambda a, b, p=2.0, eps=1e-6, keepdim=False: F.pairwise_distance(a, b, p, eps, keepdim)
+)
+_op("one_hot.default", "nn.functional.one_hot")(lambda t, n=-1: F.one_hot(t, n))
+_op("clamp_min.default", "clamp")(lambda a, lo: gm.clamp(a, min=lo))
+_op("expand_as.default", "expand_as")(lambda a, other: gm.expand_as(a, other))
+
+
+@_op("triplet_margin_loss.default", "nn.functional.triplet_margin_loss")
+def _triplet(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction=1):
+    return F.triplet_margin_loss(a, pos, neg, margin, p, eps, swap, reduction=_red(reduction))
+
+
+@_op("kl_div.default", "nn.functional.kl_div ('batchmean' is a division after it)")
+def _kl_div(x, t, reduction=1, log_target=False):
+    with warnings.catch_warnings():  # torch warned about 'mean' at export already
+        warnings.simplefilter("ignore", UserWarning)
+        return F.kl_div(x, t, reduction=_red(reduction), log_target=log_target)
+
+
+@_op("linalg_vector_norm.default", "linalg.vector_norm (sum, abs, pow, sqrt)")
+def _vector_norm(a, ord=2, dim=None, keepdim=False, dtype=None):
+    a = a if dtype is None else a.to(_dtype(dtype))
+    return F._vector_norm(a, ord, _dims(dim), keepdim)
+
+
+@_op("broadcast_tensors.default", "expand (to the common shape)")
+def _broadcast_tensors(tensors):
+    shape = np.broadcast_shapes(*(tuple(t.shape) for t in tensors))
+    return [t if tuple(t.shape) == shape else gm.expand(t, *shape) for t in tensors]
 
 
 # ---- arithmetic
@@ -497,12 +702,49 @@ _op("ones_like.default", "ones_like")(
 )
 
 
-# ---- in-place ops (on a buffer: BatchNorm's num_batches_tracked)
+# ---- in-place ops: ``ReLU(inplace=True)``, ``out += identity``, and BatchNorm's
+# ``num_batches_tracked += 1`` on its buffer (``_buffer_add_``)
 
 
-_op("add_.Tensor", "Tensor.add_ (on a buffer: only while its module trains)")(
-    lambda a, b, alpha=1: a.add_(b, alpha=alpha)
+def _inplace(*names: str) -> None:
+    """``aten.<op>_`` for each mapped ``aten.<op>`` named: the same gradmesh call, out of
+    place, whose result then stands for the first argument wherever later steps read it
+    (``_names_of``; where a view or an input would see the change, the model is refused)."""
+    for name in names:
+        base, overload = name.split(".")
+        op = _OPS[f"aten.{name}"]
+        _OPS[f"aten.{base}_.{overload}"] = dataclasses.replace(
+            op, gradmesh=f"{op.gradmesh} (in place)", inplace=True
+        )
+
+
+_inplace(
+    "relu.default",
+    "sigmoid.default",
+    "tanh.default",
+    "leaky_relu.default",
+    "elu.default",
+    "selu.default",
+    "celu.default",
+    "hardtanh.default",
+    "threshold.default",
+    "hardsigmoid.default",
+    "hardswish.default",
+    "silu.default",
+    "mish.default",
+    "dropout.default",
+    "add.Tensor",
+    "sub.Tensor",
+    "mul.Tensor",
+    "mul.Scalar",
+    "div.Tensor",
+    "div.Scalar",
 )
+
+
+def _is_buffer_update(node, buffers: set[str]) -> bool:
+    """BatchNorm's ``num_batches_tracked += 1``: an in-place add to a buffer."""
+    return str(node.target) == "aten.add_.Tensor" and getattr(node.args[0], "name", None) in buffers
 
 
 def _buffer_add_(owner, a, b, alpha=1):
@@ -553,6 +795,9 @@ class _Step:
     kwargs: dict
     owner: str | None  # the module path, for mode-dependent ops
     lazy_zeros: bool = False
+    # An in-place op's first argument, under every name later steps read it by (the
+    # argument, and what it changed in place before): each becomes the op's result.
+    replaces: tuple[str, ...] = ()
 
 
 class _Program:
@@ -577,7 +822,10 @@ class _Program:
         self.targets = {spec.arg.name: spec.target for spec in signature.input_specs}
         self.out_spec = ep.call_spec.out_spec
         buffers = {s.arg.name for s in signature.input_specs if s.kind == InputKind.BUFFER}
-        self.steps = [_step(node, buffers) for node in ep.graph.nodes if node.op == "call_function"]
+        order = {node: i for i, node in enumerate(ep.graph.nodes)}
+        self.steps = [
+            _step(node, buffers, order) for node in ep.graph.nodes if node.op == "call_function"
+        ]
 
     def __deepcopy__(self, memo) -> "_Program":
         return self  # never changed after import: a copied model shares it
@@ -597,12 +845,15 @@ class _Program:
             kwargs = _resolve(step.kwargs, env, step.lazy_zeros)
             if step.owner is not None:
                 args = (root._module_at(step.owner), *args)
-            env[step.node] = step.fn(*args, **kwargs)
+            result = step.fn(*args, **kwargs)
+            for name in step.replaces:
+                env[name] = result
+            env[step.node] = result
         flat = [_materialise(env[name]) if name else value for name, value in self.outputs]
         return pytree.tree_unflatten(flat, self.out_spec)
 
 
-def _step(node, buffers: set[str]) -> _Step:
+def _step(node, buffers: set[str], order: dict) -> _Step:
     target = node.target
     if target in _PYTHON_OPS:
         return _Step(node.name, _PYTHON_OPS[target], node.args, node.kwargs, None)
@@ -612,12 +863,48 @@ def _step(node, buffers: set[str]) -> _Step:
     if name in _RESHAPES and _output_shape(node) is not None:
         shape = _output_shape(node)
         return _Step(node.name, lambda a, *_, **__: gm.reshape(a, shape), node.args, {}, None)
-    if name == "aten.add_.Tensor" and getattr(node.args[0], "name", None) in buffers:
+    if _is_buffer_update(node, buffers):
         return _Step(node.name, _buffer_add_, node.args, node.kwargs, _module_path(node))
     op = _OPS[name]
     owner = "" if op.root else _module_path(node) if op.owner else None
     kwargs = {**node.kwargs, "out_shape": _output_shape(node)} if op.shape else node.kwargs
-    return _Step(node.name, op.fn, node.args, kwargs, owner, op.lazy_zeros)
+    step = _Step(node.name, op.fn, node.args, kwargs, owner, op.lazy_zeros)
+    if op.inplace:
+        names = _names_of(node.args[0], node, order)
+        assert names is not None  # else refused at import (_node_problem)
+        step.replaces = names
+    return step
+
+
+def _names_of(value, node, order: dict) -> tuple[str, ...] | None:
+    """The names under which later steps read graph value ``value``, which ``node``
+    changes in place: ``value`` and, if it is an in-place op's result, that op's argument
+    (and so on). None where something else would see the change, which gradmesh's
+    out-of-place op cannot give it: an input, parameter or buffer, a view of another
+    value, or a view of one of these taken before ``node``."""
+    names: list[str] = []
+    while value.op == "call_function":
+        earlier_views = (u for u in value.users if _alias(u) == "view" and order[u] < order[node])
+        if any(earlier_views):
+            return None
+        names.append(value.name)
+        kind = _alias(value)
+        if kind is None:
+            return tuple(names)
+        if kind == "view":
+            return None
+        value = value.args[0]  # an in-place op's result: its argument, changed
+    return None
+
+
+def _alias(node) -> str | None:
+    """What ``node``'s output is to its first input: "view", "in place" (an in-place
+    op's result) or None (new memory)."""
+    schema = getattr(node.target, "_schema", None)
+    infos = [r.alias_info for r in schema.returns] if schema is not None else []
+    if not any(infos):
+        return None
+    return "in place" if any(i is not None and i.is_write for i in infos) else "view"
 
 
 # Reshapes whose target shape gradmesh would compute in full, batch size included: they
@@ -811,18 +1098,29 @@ def _unsupported(programs: list[ExportedProgram]) -> list[Unsupported]:
             ):
                 key = (spec.kind.name, spec.arg.name)
                 found[key] = Unsupported(spec.kind.name, spec.arg.name, "not a tensor input")
+        order = {node: i for i, node in enumerate(ep.graph.nodes)}
+        buffers = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.BUFFER}
         for node in ep.graph.nodes:
-            problem = _node_problem(node)
+            problem = None if _is_buffer_update(node, buffers) else _node_problem(node, order)
             if problem is not None:
                 found.setdefault((problem.op, problem.where), problem)
     return list(found.values())
 
 
-def _node_problem(node) -> Unsupported | None:
+def _node_problem(node, order: dict) -> Unsupported | None:
     # get_attr nodes are the sub-graphs of higher-order operators, reported with them.
     if node.op != "call_function":
         return None
-    if node.target in _PYTHON_OPS or str(node.target) in _SIZE_OPS or str(node.target) in _OPS:
+    op = _OPS.get(str(node.target))
+    if op is not None and op.inplace and _names_of(node.args[0], node, order) is None:
+        return Unsupported(
+            str(node.target),
+            _module_path(node),
+            f"it changes {node.args[0].name} in place, and a view of it, an input, a "
+            "parameter or a buffer would see the change; gradmesh computes it out of place: "
+            "use the out-of-place op there (inplace=False)",
+        )
+    if op is not None or node.target in _PYTHON_OPS or str(node.target) in _SIZE_OPS:
         return None
     if isinstance(node.target, torch._ops.HigherOrderOperator):
         return Unsupported(

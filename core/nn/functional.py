@@ -30,7 +30,7 @@ from ..factories import tensor
 from ..functional import gelu, sigmoid, softplus, tanh  # noqa: F401  (re-exported)
 from ..ops.nn import check_nll_shapes
 from ..random import Generator, rng
-from ..registry import REGISTRY, OpError, fmt
+from ..registry import REGISTRY, OpError, fmt, norm_dim
 from ..tensor import Tensor
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
 ]
 __all__ += ["scaled_dot_product_attention", "multi_head_attention"]
+__all__ += ["dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"]
 
 _relu_p = REGISTRY["relu"]
 _leaky_relu_p = REGISTRY["leaky_relu"]
@@ -133,8 +134,164 @@ def dropout(
         raise ValueError(f"dropout: probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
+    return input * _dropout_mask(input, p, generator)
+
+
+def _dropout_mask(like: Tensor, p: float, generator: Generator | None) -> Tensor:
+    """0 or 1/(1-p), shaped like ``like``: the ``dropout_mask`` op of a seed drawn from
+    ``generator``, so that a traced graph draws it again from its own seed."""
     seed = int(rng(generator).integers(0, 2**63 - 1))
-    return input * REGISTRY["dropout_mask"](input, p=float(p), seed=seed)
+    return REGISTRY["dropout_mask"](like, p=float(p), seed=seed)
+
+
+# ---- channel and alpha dropout
+# torch's order: p == 0, eval mode or an empty input return the input; p == 1 multiplies by
+# zero; only then is a channel mask drawn, and only that needs 2 dims or more.
+
+# SELU's scale * alpha: alpha dropout sets dropped elements to SELU's negative saturation
+_SELU_SATURATION = 1.7580993408473766
+
+
+def _check_dropout_probability(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _channel_mask(input: Tensor, p: float, generator: Generator | None) -> Tensor:
+    """A dropout mask of shape (N, C, 1, ...): one draw per sample and channel, broadcast
+    over the rest (drawn like ``input`` narrowed to size 1 past dim 1)."""
+    if input.ndim < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    channels = input
+    for dim in range(2, input.ndim):
+        channels = CF.narrow(channels, dim, 0, 1)
+    return _dropout_mask(channels, p, generator)
+
+
+def _masked(input, p, train, generator, mask_fn, alpha: bool) -> Tensor:
+    """Dropout of ``input`` with the mask ``mask_fn(input, p, generator)``; ``alpha``: keep
+    SELU's mean and variance (dropped elements at its saturation, then an affine map)."""
+    _check_dropout_probability(p)
+    if not train or p == 0.0 or input.numel() == 0:
+        return input
+    if p == 1.0:
+        return input * 0.0
+    mask = mask_fn(input, p, generator)
+    if not alpha:
+        return input * mask
+    # torch's a * (x * keep + alpha' * (keep - 1)) + alpha' * a * p, with keep = mask * (1-p)
+    # and a = 1/sqrt((alpha'^2 p + 1)(1 - p)), folded into two scalars.
+    c = math.sqrt((1.0 - p) / (_SELU_SATURATION**2 * p + 1.0))
+    return (input + _SELU_SATURATION) * (mask * c) - _SELU_SATURATION * c
+
+
+def feature_dropout(
+    input: Tensor, p: float = 0.5, train: bool = True, generator: Generator | None = None
+) -> Tensor:
+    """``torch.feature_dropout``: zero whole channels (``input[n, c]``) with probability
+    ``p`` and scale the rest by 1/(1-p); ``input`` is (N, C, *)."""
+    return _masked(input, p, train, generator, _channel_mask, alpha=False)
+
+
+def _unbatched_channel_dropout(input, p, training, generator, batched: bool) -> Tensor:
+    if batched:
+        return feature_dropout(input, p, training, generator)
+    return CF.squeeze(feature_dropout(CF.unsqueeze(input, 0), p, training, generator), 0)
+
+
+def dropout1d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: Generator | None = None,
+) -> Tensor:
+    """Zero whole channels of (N, C, L) or unbatched (C, L) input with probability ``p``,
+    scale the rest by 1/(1-p). The mask is seeded as ``dropout``'s; ``inplace`` is accepted
+    for torch compatibility, the result is new."""
+    _check_dropout_probability(p)
+    if input.ndim not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {input.ndim}D input. Note "
+            "that dropout1d exists to provide channel-wise dropout on inputs with 1 spatial "
+            "dimension, a channel dimension, and an optional batch dimension (i.e. 2D or 3D "
+            "inputs)."
+        )
+    return _unbatched_channel_dropout(input, p, training, generator, input.ndim == 3)
+
+
+def _warn_channel_ndim(name: str, spatial: int, ndim: int) -> None:
+    if ndim not in (spatial + 1, spatial + 2):
+        warnings.warn(
+            f"{name}: Received a {ndim}-D input to {name}, which is deprecated and will "
+            "result in an error in a future release. To retain the behavior and silence "
+            f"this warning, please use dropout instead. Note that {name} exists to provide "
+            f"channel-wise dropout on inputs with {spatial} spatial dimensions, a channel "
+            "dimension, and an optional batch dimension (i.e. "
+            f"{spatial + 1}D or {spatial + 2}D inputs).",
+            stacklevel=3,
+        )
+
+
+def dropout2d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: Generator | None = None,
+) -> Tensor:
+    """Zero whole channels of (N, C, H, W) input with probability ``p``, scale the rest by
+    1/(1-p). As torch's, a 3-D input is (N, C, L) (with a warning), not unbatched."""
+    _check_dropout_probability(p)
+    _warn_channel_ndim("dropout2d", 2, input.ndim)
+    if input.ndim == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D "
+            "dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret "
+            "the input as one without a batch dimension, i.e. shape (C, H, W). To maintain "
+            "the 1D channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2,
+        )
+    return feature_dropout(input, p, training, generator)
+
+
+def dropout3d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: Generator | None = None,
+) -> Tensor:
+    """Zero whole channels of (N, C, D, H, W) or unbatched (C, D, H, W) input with
+    probability ``p``, scale the rest by 1/(1-p)."""
+    _check_dropout_probability(p)
+    _warn_channel_ndim("dropout3d", 3, input.ndim)
+    return _unbatched_channel_dropout(input, p, training, generator, input.ndim == 5)
+
+
+def alpha_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    generator: Generator | None = None,
+) -> Tensor:
+    """Dropout for SELU networks: dropped elements take SELU's negative saturation, then an
+    affine map keeps zero mean and unit variance. Off by default (``training=False``), as
+    torch's."""
+    return _masked(input, p, training, generator, _dropout_mask, alpha=True)
+
+
+def feature_alpha_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    generator: Generator | None = None,
+) -> Tensor:
+    """``alpha_dropout`` of whole channels (``input[n, c]``) of (N, C, *) input."""
+    return _masked(input, p, training, generator, _channel_mask, alpha=True)
 
 
 # ================================================================== normalisation ======
@@ -477,6 +634,569 @@ def binary_cross_entropy_with_logits(
         loss = loss + (pos_weight - 1) * target * softplus(-input)
     if weight is not None:
         loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+# ================================================= more losses, and distances ======
+# L1, smooth L1 and Huber, BCE, KL divergence, the margin and embedding losses, Poisson and
+# Gaussian NLL, normalize, cosine similarity, pairwise distance and one_hot: compositions
+# of existing ops, but for the ``binary_cross_entropy`` primitive (gradmesh.core.ops.loss),
+# written as torch 2.13 computes them so that values and gradients (kinks included) match.
+
+from ..dtypes import int64 as _int64  # noqa: E402
+from ..factories import arange as _arange  # noqa: E402
+from ..factories import ones_like as _ones_like  # noqa: E402
+from ..registry import broadcast_shapes as _shapes_broadcast  # noqa: E402
+
+__all__ += [
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "binary_cross_entropy",
+    "kl_div",
+    "normalize",
+    "cosine_similarity",
+    "pairwise_distance",
+    "one_hot",
+    "margin_ranking_loss",
+    "hinge_embedding_loss",
+    "soft_margin_loss",
+    "cosine_embedding_loss",
+    "triplet_margin_loss",
+    "poisson_nll_loss",
+    "gaussian_nll_loss",
+    "multilabel_soft_margin_loss",
+    "multi_margin_loss",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_reduction(op: str, reduction: str, extra: tuple = ()) -> None:
+    if reduction not in _REDUCTIONS + extra:
+        raise ValueError(
+            f"{op}: {reduction!r} is not a valid value for reduction; use one of "
+            f"{_REDUCTIONS + extra}"
+        )
+
+
+def _warn_if_broadcast(input: Tensor, target: Tensor) -> None:
+    """torch broadcasts a target of another shape in the regression losses, with a warning."""
+    if tuple(target.shape) != tuple(input.shape):
+        warnings.warn(
+            f"Using a target size ({fmt(target.shape)}) that is different to the input size "
+            f"({fmt(input.shape)}). This will likely lead to incorrect results due to "
+            f"broadcasting. Please ensure they have the same size.",
+            stacklevel=3,
+        )
+
+
+def _check_weight_shape(op: str, weight: Tensor, input: Tensor) -> None:
+    if tuple(weight.shape) != tuple(input.shape):
+        raise ValueError(
+            f"{op}: weight of shape {fmt(weight.shape)} and input of shape "
+            f"{fmt(input.shape)} must have the same size"
+        )
+
+
+def _value_clamped(t: Tensor, eps: float) -> Tensor:
+    """``clamp(t, min=eps)``'s value with ``t``'s own gradient: torch clamps some
+    denominators in place under ``no_grad`` (cosine_similarity's norms, gaussian_nll_loss's
+    var), which autograd does not see. ``t - t.detach()`` is exactly 0."""
+    return (t - t.detach()) + CF.clamp(t.detach(), min=eps)
+
+
+def _vector_norm(x: Tensor, p: float, dim, keepdim: bool = False) -> Tensor:
+    """``torch.linalg.vector_norm(x, p, dim, keepdim)``, with its gradient 0 at a zero
+    vector (where differentiating ``sum(|x|^p)^(1/p)`` gives 0 * inf = nan)."""
+    if p == math.inf:
+        return CF.amax(CF.abs(x), dim=dim, keepdim=keepdim)
+    if p == -math.inf:
+        return CF.amin(CF.abs(x), dim=dim, keepdim=keepdim)
+    if p == 1:
+        return CF.sum(CF.abs(x), dim=dim, keepdim=keepdim)
+    if p == 0:
+        return CF.sum(CF.ne(x, 0), dim=dim, keepdim=keepdim).to(x.dtype)
+    total = CF.sum(x * x if p == 2 else CF.pow(CF.abs(x), float(p)), dim=dim, keepdim=keepdim)
+    nonzero = total > 0
+    safe = CF.where(nonzero, total, 1.0)
+    root = CF.sqrt(safe) if p == 2 else CF.pow(safe, 1.0 / p)
+    return CF.where(nonzero, root, 0.0)
+
+
+def _require_float(op: str, *tensors: Tensor) -> None:
+    if not all(t.dtype.is_floating_point for t in tensors):
+        raise OpError(
+            f"{op}: expected floating point inputs, got "
+            f"{', '.join(str(t.dtype) for t in tensors)}; convert them with .float()"
+        )
+
+
+def l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Mean (or summed) absolute error; its gradient at ``input == target`` is 0, as torch's.
+    With ``weight`` (input's shape), 'mean' divides by the sum of the weights."""
+    _warn_if_broadcast(input, target)
+    reduction = _reduction(size_average, reduce, reduction)
+    loss = CF.abs(input - target)
+    if weight is None:
+        return _reduce(loss, reduction)
+    _check_weight_shape("l1_loss", weight, input)
+    return _reduce(loss * weight, reduction, CF.sum(weight) if reduction == "mean" else None)
+
+
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    """``0.5 * d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 * beta`` (``d = input -
+    target``); ``beta=0`` is ``l1_loss``. At ``|d| == beta`` the gradient is ``sign(d)``."""
+    _warn_if_broadcast(input, target)
+    reduction = _reduction(size_average, reduce, reduction)
+    if beta < 0:
+        raise OpError(
+            f"smooth_l1_loss: does not support negative values for beta, got beta={beta}",
+            "beta",
+        )
+    diff = input - target
+    z = CF.abs(diff)
+    if beta == 0:
+        return _reduce(z, reduction)
+    return _reduce(CF.where(z < beta, 0.5 * diff * diff / beta, z - 0.5 * beta), reduction)
+
+
+def huber_loss(
+    input: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """``0.5 * d**2`` where ``|d| < delta``, else ``delta * (|d| - 0.5 * delta)``. With
+    ``weight`` (input's shape) each term is scaled; 'mean' stays the mean, as in torch."""
+    _warn_if_broadcast(input, target)
+    if delta <= 0:
+        raise OpError(
+            f"huber_loss: does not support non-positive values for delta, got delta={delta}",
+            "delta",
+        )
+    diff = input - target
+    z = CF.abs(diff)
+    loss = CF.where(z < delta, 0.5 * diff * diff, delta * (z - 0.5 * delta))
+    if weight is not None:
+        _check_weight_shape("huber_loss", weight, input)
+        loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Binary cross entropy of probabilities ``input`` in [0, 1]: each log clamped to
+    >= -100 as in torch, so that 0 and 1 give finite losses and gradients. ``weight``
+    broadcasts to the target's shape."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("binary_cross_entropy", reduction)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"binary_cross_entropy: Using a target size ({fmt(target.shape)}) that is "
+            f"different to the input size ({fmt(input.shape)}) is deprecated. Please ensure "
+            f"they have the same size."
+        )
+    loss = REGISTRY["binary_cross_entropy"](input, target)
+    if weight is not None:
+        shape = _shapes_broadcast("binary_cross_entropy", target.shape, weight.shape)
+        if shape != tuple(target.shape):
+            raise OpError(
+                f"binary_cross_entropy: weight of shape {fmt(weight.shape)} must broadcast "
+                f"to the target's shape {fmt(target.shape)}"
+            )
+        loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+_KL_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def kl_div(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+    log_target: bool = False,
+) -> Tensor:
+    """KL divergence of ``target`` from log-probabilities ``input``: ``target * (log(target)
+    - input)`` (0 where target is 0), or ``exp(target) * (target - input)`` with
+    ``log_target``. 'batchmean' divides the sum by the batch size (dim 0), 'mean' (with
+    torch's warning) by the number of elements."""
+    if size_average is not None or reduce is not None:
+        reduction = _reduction(size_average, reduce, reduction)
+    elif reduction == "mean":
+        warnings.warn(_KL_MEAN_WARNING, stacklevel=2)
+    _check_reduction("kl_div", reduction, ("batchmean",))
+    if log_target:
+        loss = CF.exp(target) * (target - input)
+    else:  # torch's xlogy(target, target): 0 where target is 0
+        loss = CF.where(target == 0, 0.0, target * CF.log(target)) - target * input
+    if reduction != "batchmean":
+        return _reduce(loss, reduction)
+    total = CF.sum(loss)
+    return total / input.shape[0] if input.ndim else total
+
+
+def normalize(
+    input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Tensor | None = None
+) -> Tensor:
+    """``input / max(||input||_p, eps)`` along ``dim``."""
+    if out is not None:
+        raise NotImplementedError("normalize: out= is not supported; use the result")
+    _require_float("normalize", input)
+    return input / CF.clamp(_vector_norm(input, p, dim, keepdim=True), min=eps)
+
+
+def cosine_similarity(x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """Cosine of the angle between ``x1`` and ``x2`` (broadcast) along ``dim``, as torch
+    computes it: each input divided by its own norm, both norms clamped to >= ``eps`` in
+    value only (torch clamps them under ``no_grad``, so the gradient is the unclamped one)."""
+    if not (x1.dtype.is_floating_point or x2.dtype.is_floating_point):
+        raise OpError(
+            f"cosine_similarity: expected common dtype to be floating point, yet common "
+            f"dtype is {x1.dtype} and {x2.dtype}"
+        )
+    if not x1.dtype.is_floating_point:  # an integer input computes in the other's dtype
+        x1 = x1.to(x2.dtype)
+    elif not x2.dtype.is_floating_point:
+        x2 = x2.to(x1.dtype)
+    shape = _shapes_broadcast("cosine_similarity", x1.shape, x2.shape)
+    x1, x2 = CF.expand(x1, *shape), CF.expand(x2, *shape)
+    n1 = _value_clamped(_vector_norm(x1, 2, dim, keepdim=True), eps)
+    n2 = _value_clamped(_vector_norm(x2, 2, dim, keepdim=True), eps)
+    return CF.sum((x1 / n1) * (x2 / n2), dim=dim)
+
+
+def pairwise_distance(
+    x1: Tensor, x2: Tensor, p: float = 2.0, eps: float = 1e-6, keepdim: bool = False
+) -> Tensor:
+    """The p-norm of ``x1 - x2 + eps`` over the last dim (of the broadcast shape)."""
+    diff = x1 - x2 + eps
+    return _vector_norm(diff, p, -1 if diff.ndim else None, keepdim)
+
+
+def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
+    """int64 ``tensor.shape + (num_classes,)``, 1 at each class index; ``num_classes=-1``
+    takes ``tensor.max() + 1``. Reads the values to check them, as torch does on the CPU."""
+    if tensor.dtype is not _int64:
+        raise OpError(
+            f"one_hot: is only applicable to index tensor of type LongTensor (int64), got "
+            f"{tensor.dtype}; convert it with .long()"
+        )
+    num_classes = int(num_classes)
+    if tensor.numel() == 0:
+        if num_classes <= 0:
+            raise OpError("one_hot: Can not infer total number of classes from empty tensor.")
+    else:
+        if CF.amin(tensor).item() < 0:
+            raise OpError("one_hot: Class values must be non-negative.")
+        largest = CF.amax(tensor).item()
+        if num_classes == -1:
+            num_classes = largest + 1
+        elif num_classes <= largest:
+            raise OpError(
+                f"one_hot: Class values must be smaller than num_classes ({num_classes}), "
+                f"got {largest}"
+            )
+    classes = _arange(num_classes, dtype=_int64, device=tensor.device)
+    return (CF.unsqueeze(tensor, -1) == classes).to(_int64)
+
+
+def margin_ranking_loss(
+    input1: Tensor,
+    input2: Tensor,
+    target: Tensor,
+    margin: float = 0,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``max(0, -target * (input1 - input2) + margin)``; the gradient passes at 0, as
+    through torch's clamp_min."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("margin_ranking_loss", reduction)
+    if not input1.ndim == input2.ndim == target.ndim:
+        raise OpError(
+            f"margin_ranking_loss: All input tensors should have same dimension but got "
+            f"sizes: input1: {fmt(input1.shape)}, input2: {fmt(input2.shape)}, target: "
+            f"{fmt(target.shape)}"
+        )
+    return _reduce(CF.clamp(-target * (input1 - input2) + margin, min=0.0), reduction)
+
+
+def hinge_embedding_loss(
+    input: Tensor,
+    target: Tensor,
+    margin: float = 1.0,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``input`` where target is 1, ``max(0, margin - input)`` where it is -1 (other target
+    values count both terms, as in torch)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("hinge_embedding_loss", reduction)
+    hinge = CF.where(target != 1, CF.clamp(margin - input, min=0.0), 0.0)
+    return _reduce(hinge + CF.where(target != -1, input, 0.0), reduction)
+
+
+def soft_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``log(1 + exp(-target * input))``, computed as torch's kernel does (it overflows to
+    inf for ``-target * input`` above about 88 in float32, as torch's)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("soft_margin_loss", reduction)
+    # torch's kernel has no gradient for the target (it refuses one that requires grad).
+    return _reduce(CF.log1p(CF.exp(-input * target.detach())), reduction)
+
+
+_COSINE_EMBEDDING_EPS = 1e-12  # torch adds it to each squared magnitude
+
+
+def cosine_embedding_loss(
+    input1: Tensor,
+    input2: Tensor,
+    target: Tensor,
+    margin: float = 0,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``1 - cos(input1, input2)`` where target is 1, ``max(0, cos - margin)`` where it is
+    -1; inputs (N, D) with target (N,), or (D,) with a 0-d target."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("cosine_embedding_loss", reduction)
+    dim = target.ndim
+    if dim > 1:
+        raise OpError(
+            "cosine_embedding_loss: 0D or 1D target tensor expected, multi-target not supported"
+        )
+    if input1.ndim != dim + 1 or input2.ndim != dim + 1:
+        raise OpError(
+            f"cosine_embedding_loss: {dim}D target tensor expects {dim + 1}D input tensors, "
+            f"but found inputs with sizes {fmt(input1.shape)} and {fmt(input2.shape)}"
+        )
+    dot = CF.sum(input1 * input2, dim=dim)
+    square1 = CF.sum(input1 * input1, dim=dim) + _COSINE_EMBEDDING_EPS
+    square2 = CF.sum(input2 * input2, dim=dim) + _COSINE_EMBEDDING_EPS
+    cos = dot / CF.sqrt(square1 * square2)
+    positive = CF.where(target == 1, 1 - cos, 0.0)
+    negative = CF.where(target == -1, CF.clamp(cos - margin, min=0.0), 0.0)
+    return _reduce(positive + negative, reduction)
+
+
+def triplet_margin_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    margin: float = 1.0,
+    p: float = 2,
+    eps: float = 1e-6,
+    swap: bool = False,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``max(0, margin + d(anchor, positive) - d(anchor, negative))`` with ``d`` the
+    ``pairwise_distance``; ``swap`` uses ``d(positive, negative)`` where it is smaller."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("triplet_margin_loss", reduction)
+    if margin <= 0:
+        raise ValueError(f"triplet_margin_loss: margin must be greater than 0, got {margin}")
+    if not anchor.ndim == positive.ndim == negative.ndim:
+        raise OpError(
+            f"triplet_margin_loss: The anchor, positive, and negative tensors are expected "
+            f"to have the same number of dimensions, but got: anchor {anchor.ndim}D, "
+            f"positive {positive.ndim}D, and negative {negative.ndim}D inputs"
+        )
+    to_positive = pairwise_distance(anchor, positive, p, eps)
+    to_negative = pairwise_distance(anchor, negative, p, eps)
+    if swap:
+        to_negative = CF.minimum(to_negative, pairwise_distance(positive, negative, p, eps))
+    return _reduce(CF.clamp(margin + to_positive - to_negative, min=0.0), reduction)
+
+
+def poisson_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    log_input: bool = True,
+    full: bool = False,
+    size_average=None,
+    eps: float = 1e-8,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Poisson negative log-likelihood: ``exp(input) - target * input`` (``log_input``), or
+    ``input - target * log(input + eps)``; ``full`` adds Stirling's term where target > 1."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("poisson_nll_loss", reduction)
+    if log_input:
+        loss = CF.exp(input) - target * input
+    else:
+        loss = input - target * CF.log(input + eps)
+    if full:
+        stirling = target * CF.log(target) - target + 0.5 * CF.log(2 * math.pi * target)
+        loss = loss + CF.masked_fill(stirling, target <= 1, 0.0)
+    return _reduce(loss, reduction)
+
+
+def _gaussian_var(input: Tensor, var) -> Tensor:
+    """``var`` checked as torch checks it, and shaped to broadcast against ``input``."""
+    if isinstance(var, numbers.Real):
+        if var < 0:
+            raise ValueError("gaussian_nll_loss: var has negative entry/entries")
+        return var * _ones_like(input)
+    if CF.any(var < 0).item():
+        raise ValueError("gaussian_nll_loss: var has negative entry/entries")
+    if tuple(var.shape) == tuple(input.shape):
+        return var
+    if tuple(input.shape[:-1]) == tuple(var.shape):  # one variance per sample
+        return CF.unsqueeze(var, -1)
+    mismatched = [v for i, v in zip(input.shape, var.shape) if i != v]
+    if input.ndim == var.ndim and sum(mismatched) == 1:  # one dim of size 1 broadcasts
+        return var
+    raise ValueError(
+        f"gaussian_nll_loss: var is of incorrect size: {fmt(var.shape)} for an input of "
+        f"shape {fmt(input.shape)}"
+    )
+
+
+def gaussian_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    var,
+    full: bool = False,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+) -> Tensor:
+    """Gaussian negative log-likelihood ``0.5 * (log(var) + (input - target)**2 / var)``
+    (+ ``0.5 * log(2 pi)`` with ``full``). ``var`` (a Tensor, or a float) is clamped to
+    >= ``eps`` in value only, as torch clamps it under ``no_grad``."""
+    var = _gaussian_var(input, var)
+    _check_reduction("gaussian_nll_loss", reduction)
+    var = _value_clamped(var, eps)
+    loss = 0.5 * (CF.log(var) + (input - target) ** 2 / var)
+    if full:
+        loss = loss + 0.5 * math.log(2 * math.pi)
+    return _reduce(loss, reduction)
+
+
+def _log_sigmoid(x: Tensor) -> Tensor:
+    """log(sigmoid(x)) = -softplus(-x), with no linear cut-off (torch's log_sigmoid)."""
+    return -CF.softplus(-x, threshold=math.inf)
+
+
+def multilabel_soft_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Binary cross entropy on logits per class (target 0 or 1), averaged over the classes
+    (the last dim); ``weight`` scales each class."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("multilabel_soft_margin_loss", reduction)
+    loss = -(target * _log_sigmoid(input) + (1 - target) * _log_sigmoid(-input))
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(CF.sum(loss, dim=input.ndim - 1) / input.shape[-1], reduction)
+
+
+def _check_multi_margin(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
+    if input.ndim > 2 or input.numel() == 0:
+        raise OpError(
+            f"multi_margin_loss: Expected non-empty vector or matrix with optional 0-dim "
+            f"batch size, but got: {fmt(input.shape)}"
+        )
+    if target.dtype is not _int64:
+        raise OpError(
+            f"multi_margin_loss: expected a target of class indices (int64), got "
+            f"{target.dtype}; convert it with .long()"
+        )
+    samples = input.shape[0] if input.ndim == 2 else 1
+    if target.numel() != samples or target.ndim > 1:
+        raise OpError(
+            f"multi_margin_loss: target tensor should be 1-D with size equal to the number "
+            f"of input samples (batch size). Expected target size [{samples}], but got "
+            f"{fmt(target.shape)}. Input has shape {fmt(input.shape)}."
+        )
+    classes = input.shape[-1]
+    if weight is not None and weight.numel() != classes:
+        raise OpError(
+            f"multi_margin_loss: inconsistent weight size, expected {classes} but got "
+            f"{fmt(weight.shape)}"
+        )
+    if target.numel() and not 0 <= CF.amin(target).item() <= CF.amax(target).item() < classes:
+        raise OpError(f"multi_margin_loss: target out of range for {classes} classes")
+
+
+def multi_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    p: int = 1,
+    margin: float = 1.0,
+    weight: Tensor | None = None,
+    size_average=None,
+    reduce=None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Multi-class hinge loss: per sample, ``sum_{i != y} max(0, margin - x[y] + x[i])**p
+    / C`` (times ``weight[y]``), over input (N, C) or (C,) and class indices ``target``."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_reduction("multi_margin_loss", reduction)
+    if p not in (1, 2):
+        raise ValueError(f"multi_margin_loss: only p == 1 and p == 2 supported, got p={p}")
+    if weight is not None and weight.ndim != 1:
+        raise ValueError(
+            f"multi_margin_loss: weight must be one-dimensional, got shape {fmt(weight.shape)}"
+        )
+    _check_multi_margin(input, target, weight)
+    x = CF.reshape(input, (-1, input.shape[-1]))
+    y = CF.reshape(target, (-1, 1))
+    # relu, not clamp: torch's kernel counts a term only where it is > 0 (gradient 0 at 0)
+    hinge = relu(margin - CF.gather(x, 1, y) + x)
+    if p == 2:
+        hinge = hinge * hinge
+    is_target = y == _arange(x.shape[1], dtype=_int64, device=x.device)
+    loss = CF.sum(CF.where(is_target, 0.0, hinge), dim=1) / x.shape[1]
+    if weight is not None:
+        loss = loss * CF.index_select(weight, 0, CF.reshape(y, (-1,)))
+    if input.ndim < 2:
+        loss = CF.reshape(loss, target.shape)
     return _reduce(loss, reduction)
 
 
@@ -1109,3 +1829,394 @@ def multi_head_attention(
         return out, None
     weights = CF.mean(weights, 1) if average_attn_weights else weights
     return out, (weights if batched else CF.squeeze(weights, 0))
+
+
+# ---- activations: elu family, hardtanh family, shrinks, glu, softmin, prelu ----
+# elu (selu and celu are elu's scale and input_scale) and hardtanh are primitives of
+# gradmesh.core.ops.activation; the rest compose existing ops, with torch's gradients at
+# the kinks (zero where the output is constant, as torch's backward kernels give).
+
+__all__ += [
+    "elu",
+    "selu",
+    "celu",
+    "hardtanh",
+    "relu6",
+    "hardsigmoid",
+    "logsigmoid",
+    "softsign",
+    "tanhshrink",
+    "threshold",
+    "hardshrink",
+    "softshrink",
+    "glu",
+    "softmin",
+    "prelu",
+]
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _require_floating(op: str, input: Tensor) -> None:
+    # torch has no integer kernel for these ("hardshrink_cpu" not implemented for 'Long').
+    if not input.dtype.is_floating_point:
+        raise OpError(
+            f"{op}: not supported for tensors of dtype {input.dtype.name} (shape "
+            f"{fmt(input.shape)}); it needs floating point: convert it with .float()"
+        )
+
+
+def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """input where positive, else ``alpha * (exp(input) - 1)``."""
+    return REGISTRY["elu"](input, alpha=float(alpha), scale=1.0, input_scale=1.0)
+
+
+def selu(input: Tensor, inplace: bool = False) -> Tensor:
+    """``scale * elu(input, alpha)`` with the self-normalising constants."""
+    return REGISTRY["elu"](input, alpha=_SELU_ALPHA, scale=_SELU_SCALE, input_scale=1.0)
+
+
+def celu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """input where positive, else ``alpha * (exp(input / alpha) - 1)``."""
+    if alpha == 0:
+        raise OpError("celu: alpha cannot be 0 (it divides the input)")
+    return REGISTRY["elu"](input, alpha=float(alpha), scale=1.0, input_scale=1.0 / alpha)
+
+
+def hardtanh(
+    input: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False
+) -> Tensor:
+    """input clamped to ``[min_val, max_val]``; the gradient is zero at the bounds."""
+    return REGISTRY["hardtanh"](input, min_val=float(min_val), max_val=float(max_val))
+
+
+def relu6(input: Tensor, inplace: bool = False) -> Tensor:
+    """``hardtanh(input, 0, 6)``."""
+    return hardtanh(input, 0.0, 6.0)
+
+
+def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """``relu6(input + 3) / 6``: 0 below -3, 1 above 3."""
+    _require_floating("hardsigmoid", input)
+    return hardtanh(input + 3.0, 0.0, 6.0) / 6.0
+
+
+def logsigmoid(input: Tensor) -> Tensor:
+    """``log(sigmoid(input))`` as ``-softplus(-input)``, without softplus's linear cut-off,
+    which would drop the ``exp(input)`` term of large negative inputs."""
+    _require_floating("logsigmoid", input)
+    return -softplus(-input, 1.0, math.inf)
+
+
+def softsign(input: Tensor) -> Tensor:
+    """``input / (1 + |input|)``."""
+    return input / (CF.abs(input) + 1)
+
+
+def tanhshrink(input: Tensor) -> Tensor:
+    """``input - tanh(input)``."""
+    return input - tanh(input)
+
+
+def threshold(input: Tensor, threshold: float, value: float, inplace: bool = False) -> Tensor:
+    """input where greater than ``threshold``, else ``value``."""
+    # torch keeps an integer tensor's dtype, the value cut to an integer.
+    fill = value if input.dtype.is_floating_point else int(value)
+    return CF.where(input > threshold, input, fill)
+
+
+def hardshrink(input: Tensor, lambd: float = 0.5) -> Tensor:
+    """input where ``|input| > lambd``, else 0."""
+    _require_floating("hardshrink", input)
+    return CF.where(CF.abs(input) > lambd, input, 0.0)
+
+
+def softshrink(input: Tensor, lambd: float = 0.5) -> Tensor:
+    """input moved ``lambd`` towards 0, and 0 within ``[-lambd, lambd]``."""
+    _require_floating("softshrink", input)
+    if lambd < 0:
+        raise OpError(f"softshrink: lambd must be greater or equal to 0, but got {lambd}")
+    return CF.where(input > lambd, input - lambd, CF.where(input < -lambd, input + lambd, 0.0))
+
+
+def glu(input: Tensor, dim: int = -1) -> Tensor:
+    """``a * sigmoid(b)`` for the two halves ``a, b`` of ``input`` along ``dim``."""
+    _require_floating("glu", input)
+    if input.ndim == 0:
+        raise OpError("glu: glu does not support scalars because halving size must be even")
+    dim = norm_dim("glu", dim, input.ndim)
+    if input.shape[dim] % 2:
+        raise OpError(
+            f"glu: Halving dimension must be even, but dimension {dim} is size {input.shape[dim]}",
+            "dim",
+        )
+    a, b = CF.chunk(input, 2, dim)
+    return a * sigmoid(b)
+
+
+def softmin(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype=None) -> Tensor:
+    """``softmax(-input, dim)``."""
+    return CF.softmax(-input, _softmax_dim("softmin", dim, input.ndim), dtype=dtype)
+
+
+def prelu(input: Tensor, weight: Tensor) -> Tensor:
+    """input where positive, else ``weight * input``; ``weight`` holds one slope, or one per
+    channel (dim 1)."""
+    _require_floating("prelu", input)
+    if weight.ndim > 1:
+        raise OpError(
+            f"prelu: Expected `weight` to be a scalar or 1D tensor, but got: ndim = {weight.ndim}"
+        )
+    channels = input.shape[1] if input.ndim >= 2 else 1
+    if weight.numel() not in (1, channels):
+        raise OpError(
+            f"prelu: Mismatch of parameter numbers and input channel size. Found parameter "
+            f"numbers = {weight.numel()} and channel size = {channels}."
+        )
+    slope = CF.reshape(weight, () if weight.numel() == 1 else _channel_shape(input))
+    return CF.where(input > 0, input, slope * input)
+
+
+# ============== pixel shuffle, 1-d and adaptive max pooling, instance norm ======
+# Compositions: pixel (un)shuffle is reshape and permute; the 1-d pools are the 2-d ops
+# over a height of 1; adaptive max pooling gathers each window and takes its max.
+
+__all__ += [
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "max_pool1d",
+    "avg_pool1d",
+    "adaptive_avg_pool1d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "instance_norm",
+]
+
+
+def _check_shuffle_factor(op: str, name: str, input: Tensor, factor: int) -> int:
+    if input.ndim < 3:
+        raise OpError(
+            f"{op} expects input to have at least 3 dimensions, but got input with "
+            f"{input.ndim} dimension(s)"
+        )
+    if not isinstance(factor, numbers.Integral) or factor <= 0:
+        raise OpError(f"{op} expects a positive {name}, but got {factor}")
+    return int(factor)
+
+
+def pixel_shuffle(input: Tensor, upscale_factor: int) -> Tensor:
+    """(*, C * r², H, W) to (*, C, H * r, W * r): channel ``c * r² + i * r + j`` becomes
+    pixel (i, j) of each r x r block of channel c."""
+    r = _check_shuffle_factor("pixel_shuffle", "upscale_factor", input, upscale_factor)
+    *lead, c, h, w = input.shape
+    if c % (r * r):
+        raise OpError(
+            f"pixel_shuffle expects its input's 'channel' dimension to be divisible by the "
+            f"square of upscale_factor, but input.size(-3)={c} is not divisible by {r * r}"
+        )
+    k = len(lead)
+    x = CF.reshape(input, (*lead, c // (r * r), r, r, h, w))
+    x = CF.permute(x, (*range(k), k, k + 3, k + 1, k + 4, k + 2))
+    return CF.reshape(x, (*lead, c // (r * r), h * r, w * r))
+
+
+def pixel_unshuffle(input: Tensor, downscale_factor: int) -> Tensor:
+    """(*, C, H * r, W * r) to (*, C * r², H, W), the inverse of ``pixel_shuffle``."""
+    r = _check_shuffle_factor("pixel_unshuffle", "downscale_factor", input, downscale_factor)
+    *lead, c, h, w = input.shape
+    if h % r or w % r:
+        raise OpError(
+            f"pixel_unshuffle expects height and width to be divisible by "
+            f"downscale_factor, but input.size(-2)={h} and input.size(-1)={w} are not "
+            f"both divisible by {r}"
+        )
+    k = len(lead)
+    x = CF.reshape(input, (*lead, c, h // r, r, w // r, r))
+    x = CF.permute(x, (*range(k), k, k + 2, k + 4, k + 1, k + 3))
+    return CF.reshape(x, (*lead, c * r * r, h // r, w // r))
+
+
+def _check_1d(op: str, input: Tensor) -> None:
+    if input.ndim not in (2, 3):
+        raise OpError(
+            f"{op}: expected a 2-D (C, L) or 3-D (N, C, L) input, got shape {fmt(input.shape)}"
+        )
+
+
+def _row(op: str, name: str, v, fill: int) -> list:
+    """A 1-d pooling argument as the 2-d op's pair: ``fill`` over a height of 1."""
+    return [fill, _single(op, name, v)]
+
+
+def _pool_rows(op: str, kernel_size, stride, padding) -> tuple[list, list, list]:
+    """kernel, stride and padding of a 1-d pool as the 2-d op's pairs, checked here so that
+    an error names the 1-d arguments."""
+    kernel, pad_ = _row(op, "kernel_size", kernel_size, 1), _row(op, "padding", padding, 0)
+    if pad_[1] > kernel[1] // 2:
+        raise OpError(
+            f"{op}: padding should be at most half of kernel size, but got "
+            f"padding={pad_[1]} and kernel_size={kernel[1]}"
+        )
+    stride = kernel if stride is None or stride == [] else _row(op, "stride", stride, 1)
+    return kernel, stride, pad_
+
+
+def max_pool1d(
+    input: Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Tensor:
+    """Maximum over sliding windows of (N, C, L) or (C, L); the gradient goes to each
+    window's first maximum, as torch's."""
+    op = "max_pool1d"
+    _check_1d(op, input)
+    if return_indices:
+        raise NotImplementedError(f"{op}: return_indices is not supported")
+    kernel, stride, padding = _pool_rows(op, kernel_size, stride, padding)
+    out = max_pool2d(
+        CF.unsqueeze(input, -2),
+        kernel,
+        stride,
+        padding,
+        _row(op, "dilation", dilation, 1),
+        ceil_mode,
+    )
+    return CF.squeeze(out, -2)
+
+
+def avg_pool1d(
+    input: Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> Tensor:
+    """Mean over sliding windows of (N, C, L) or (C, L); ``count_include_pad`` counts the
+    zero padding."""
+    op = "avg_pool1d"
+    _check_1d(op, input)
+    kernel, stride, padding = _pool_rows(op, kernel_size, stride, padding)
+    out = avg_pool2d(CF.unsqueeze(input, -2), kernel, stride, padding, ceil_mode, count_include_pad)
+    return CF.squeeze(out, -2)
+
+
+def _adaptive_sizes(op: str, input: Tensor, output_size, dims: int) -> list:
+    """``output_size`` as ``dims`` ints (None keeps the input's size), checked."""
+    if input.ndim not in (dims + 1, dims + 2) or 0 in tuple(input.shape[-dims:]):
+        raise OpError(
+            f"{op}: expected a {dims + 1}-D or {dims + 2}-D input with non-zero "
+            f"spatial size, got shape {fmt(input.shape)}"
+        )
+    size = (
+        [output_size] * dims
+        if output_size is None or isinstance(output_size, numbers.Integral)
+        else list(output_size)
+    )
+    if len(size) != dims:
+        raise OpError(f"{op}: output_size must be an int or {dims} ints, got {output_size}")
+    size = [input.shape[-dims + i] if s is None else int(s) for i, s in enumerate(size)]
+    if min(size) < 1:
+        raise OpError(f"{op}: output_size must be positive, got {output_size}")
+    return size
+
+
+def adaptive_avg_pool1d(input: Tensor, output_size) -> Tensor:
+    """Mean over torch's adaptive windows of (N, C, L) or (C, L): a matmul with an
+    averaging matrix."""
+    (out,) = _adaptive_sizes("adaptive_avg_pool1d", input, output_size, 1)
+    size = input.shape[-1]
+    return input if out == size else _resample(input, None, _adaptive_matrix(size, out))
+
+
+def _adaptive_max_last(input: Tensor, out: int) -> Tensor:
+    """Max over torch's adaptive windows of the last dim. Each window's indices are
+    gathered into a row (short windows repeat their last index) and ``max(dim=-1)`` sends
+    the gradient to the first maximum, as torch's kernel does."""
+    size = input.shape[-1]
+    if out == size:
+        return input
+    bounds = [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+    width = max(hi - lo for lo, hi in bounds)
+    index = np.array([[min(lo + k, hi - 1) for k in range(width)] for lo, hi in bounds])
+    rows = CF.index_select(input, -1, tensor(index.ravel(), device=input.device))
+    return CF.max(CF.unflatten(rows, -1, (out, width)), dim=-1).values
+
+
+def _refuse_indices(op: str, return_indices: bool) -> None:
+    if return_indices:
+        raise NotImplementedError(
+            f"{op}: return_indices=True is not supported (there is no max_unpool); "
+            f"use return_indices=False"
+        )
+
+
+def adaptive_max_pool1d(input: Tensor, output_size, return_indices: bool = False) -> Tensor:
+    """Max over torch's adaptive windows of (N, C, L) or (C, L)."""
+    _refuse_indices("adaptive_max_pool1d", return_indices)
+    (out,) = _adaptive_sizes("adaptive_max_pool1d", input, output_size, 1)
+    return _adaptive_max_last(input, out)
+
+
+def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False) -> Tensor:
+    """Max over torch's adaptive windows of (N, C, H, W) or (C, H, W). The windows are
+    separable: the max over each row's window, then over the rows'. A tie goes to the
+    first row holding the maximum and its first column: the first in row-major order, as
+    in torch."""
+    _refuse_indices("adaptive_max_pool2d", return_indices)
+    oh, ow = _adaptive_sizes("adaptive_max_pool2d", input, output_size, 2)
+    cols = _adaptive_max_last(input, ow)
+    return CF.transpose(_adaptive_max_last(CF.transpose(cols, -1, -2), oh), -1, -2)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Normalise each (sample, channel) of (N, C, *) over *, then scale and shift per
+    channel. With ``use_input_stats`` (the default) the statistics are each instance's,
+    and running statistics (if given) move towards their mean over the batch, as torch's;
+    otherwise the running statistics normalise, as ``batch_norm`` in eval."""
+    _check_channels(
+        "instance_norm",
+        input,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
+    if not use_input_stats:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if math.prod(input.shape[2:]) <= 1:
+        raise ValueError(
+            f"instance_norm: expected more than 1 spatial element when training, got "
+            f"input size {fmt(input.shape)}"
+        )
+    flat = CF.flatten(input, 2)
+    out = REGISTRY["layer_norm"](flat, normalized_shape=[flat.shape[-1]], eps=float(eps))
+    if running_mean is not None or running_var is not None:
+        _update_instance_stats(flat, running_mean, running_var, momentum)
+    return _affine(CF.reshape(out, input.shape), weight, bias, _channel_shape(input))
+
+
+def _update_instance_stats(flat: Tensor, running_mean, running_var, momentum) -> None:
+    """torch's update: each instance's mean and unbiased variance, averaged over the batch."""
+    c, size = flat.shape[1:]
+    with no_grad():
+        # Shapes without the batch size, so that a traced graph runs at any batch size.
+        stats = REGISTRY["batch_norm_stats"](CF.reshape(flat.detach(), (1, -1, size)))
+        for running, stat in ((running_mean, stats[0]), (running_var, stats[1])):
+            if running is not None:
+                batch_mean = CF.mean(CF.reshape(stat, (-1, c)), 0)
+                running.mul_(1 - momentum).add_(batch_mean, alpha=momentum)

@@ -6,4 +6,4 @@ their own names. Forward functions take and return arrays; vjps take and return 
 built with differentiable ops so that higher-order gradients work.
 """
 
-from . import activation, conv, elementwise, linalg, nn, norm, reduce, shape  # noqa: F401
+from . import activation, conv, elementwise, linalg, loss, nn, norm, reduce, shape  # noqa: F401

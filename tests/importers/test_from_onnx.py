@@ -161,7 +161,7 @@ def test_every_unsupported_op_is_listed_once_with_its_node():
             helper.make_node("Relu", ["x"], ["a"], name="fine"),
             helper.make_node("Det", ["a"], ["b"], name="the_det"),
             helper.make_node("Frobnicate", ["b"], ["c"], name="custom", domain="com.example"),
-            helper.make_node("MaxPool", ["c"], ["y", "where"], name="pool", kernel_shape=[2]),
+            helper.make_node("MaxPool", ["c"], ["y", "where"], name="pool", kernel_shape=[2] * 3),
         ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
@@ -176,7 +176,7 @@ def test_every_unsupported_op_is_listed_once_with_its_node():
     assert found == [("Det", "the_det"), ("com.example.Frobnicate", "custom"), ("MaxPool", "pool")]
     text = str(info.value)
     assert "3 unsupported op(s)" in text and "Det at the_det" in text
-    assert "MaxPool at pool: a 1-D kernel" in text
+    assert "MaxPool at pool: a 3-D kernel" in text
     assert "com.example.Frobnicate at custom" in text and "docs/import.md" in text
 
 
@@ -442,3 +442,93 @@ def test_reshaping_a_parameter_is_not_mistaken_for_the_batch():
     want = ReferenceEvaluator(proto).run(None, {"x": x5})[0]
     run = execute(traced, dict(model.named_parameters()), {"x0": x5})
     np.testing.assert_allclose(run["loss"].item(), want.sum(), rtol=1e-5)
+
+
+# ---- activations: elu family, hardsigmoid, prelu, softsign, shrink, erf, split ----
+
+ACTIVATION_CASES = [
+    ("Elu", [_V], [], {"alpha": 0.5}),
+    ("Celu", [_V], [], {"alpha": 2.0}),
+    ("Selu", [_V], [], {}),
+    ("Selu", [_V], [], {"alpha": 1.5, "gamma": 0.9}),
+    ("HardSigmoid", [_V * 4], [], {"alpha": 0.3, "beta": 0.4}),
+    ("HardSigmoid", [_V * 4], [], {}),
+    ("PRelu", [_V], [_R.standard_normal(4).astype(np.float32)], {}),  # one slope per column
+    ("PRelu", [_V], [np.float32([0.2])], {}),
+    ("Softsign", [_V], [], {}),
+    ("Shrink", [_V], [], {"lambd": 0.4, "bias": 0.3}),
+    ("Shrink", [_V], [], {}),
+    ("ThresholdedRelu", [_V], [], {"alpha": 0.3}),
+    ("Erf", [_V], [], {}),
+    ("Split", [_V], [_i64(1, 3)], {"axis": -1}),  # the first piece: y
+]
+
+
+@pytest.mark.parametrize(
+    "op, data_in, const_in, attrs", ACTIVATION_CASES, ids=[c[0] for c in ACTIVATION_CASES]
+)
+def test_activation_nodes_compute_what_the_onnx_reference_computes(op, data_in, const_in, attrs):
+    test_single_nodes_compute_what_the_onnx_reference_computes(op, data_in, const_in, attrs)
+
+
+def test_split_gives_every_piece():
+    for split in ([_i64(1, 3)], []):
+        inputs = ["x", "sizes"] if split else ["x"]
+        node = helper.make_node("Split", inputs, ["a", "b"], axis=2)
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, _V.shape)],
+            [helper.make_empty_tensor_value_info(n) for n in ("a", "b")],
+            [numpy_helper.from_array(s, "sizes") for s in split],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        want = ReferenceEvaluator(proto).run(None, {"x": _V})
+        got = gradmesh.from_onnx(proto.SerializeToString())(_V)
+        assert len(got) == 2
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.detach().numpy(), w)
+
+
+class _Activations(torch.nn.Module):
+    """Every activation module that torch.onnx exports (Threshold it refuses), side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(4, 4)
+        self.prelu, self.prelu_c = torch.nn.PReLU(), torch.nn.PReLU(8, 0.1)
+        # Softplus keeps its default threshold: ONNX's has none, and torch's exporter drops it.
+        self.acts = torch.nn.ModuleList([
+            torch.nn.ELU(0.7), torch.nn.SELU(), torch.nn.CELU(1.5), torch.nn.Hardtanh(-0.5, 0.8),
+            torch.nn.ReLU6(), torch.nn.Hardsigmoid(), torch.nn.LogSigmoid(), torch.nn.Softsign(),
+            torch.nn.Tanhshrink(), torch.nn.Hardshrink(0.3), torch.nn.Softshrink(0.2),
+            torch.nn.Softmin(1), torch.nn.Softplus(2.0),
+        ])  # fmt: skip
+        self.glu = torch.nn.GLU()
+
+    def forward(self, x):
+        h = self.prelu_c(self.prelu(self.lin(x) * 3))
+        return self.head(self.glu(sum(act(h) for act in self.acts) + torch.erf(h)))
+
+
+def activations() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _Activations()
+
+
+def test_activation_modules_export_and_import_with_torchs_gradients():
+    theirs = activations()
+    x, y = data((7, 6))
+    exported = export(theirs, torch.from_numpy(x))
+    ops = {n.op_type for n in onnx.load_from_string(exported).graph.node}
+    assert {"Elu", "Selu", "Celu", "HardSigmoid", "PRelu", "Split"} <= ops
+    model = gradmesh.from_onnx(exported)
+    loss, grads = gm_gradients(model, x, y)
+    torch_loss = torch.nn.functional.cross_entropy(theirs(torch.from_numpy(x)), torch.from_numpy(y))
+    torch_loss.backward()
+    np.testing.assert_allclose(loss, torch_loss.item(), rtol=1e-5)
+    want = {n: p.grad.numpy() for n, p in theirs.named_parameters()}
+    assert set(grads) == set(want)
+    for name, g in grads.items():
+        scale = np.abs(want[name]).max()
+        np.testing.assert_allclose(g, want[name], rtol=1e-5, atol=1e-6 * scale, err_msg=name)

@@ -409,6 +409,75 @@ def test_gru_and_time_major_lstm_equal_torchs():
     )
 
 
+class _ElmanRNNs(tnn.Module):
+    """A two-layer bidirectional tanh RNN, then a time-major relu RNN from a given h0."""
+
+    def __init__(self):
+        super().__init__()
+        self.tanh = tnn.RNN(4, 5, num_layers=2, batch_first=True, bidirectional=True)
+        self.relu = tnn.RNN(10, 3, nonlinearity="relu")
+
+    def forward(self, x, h0):
+        out, _ = self.tanh(x)
+        out, h = self.relu(out.transpose(0, 1), h0)
+        return out.sum(0) + h[0]
+
+
+def test_rnn_tanh_and_relu_equal_torchs():
+    torch.manual_seed(0)
+    torch_model = _ElmanRNNs()
+    x, h0 = torch.randn(BATCH, 5, 4), torch.randn(1, BATCH, 3)
+    model = gradmesh.from_torch(torch_model, x, h0, dynamic_batch=False)
+    torch_model.zero_grad()
+    torch_model(x, h0).square().sum().backward()
+    out = model(_gm(x), _gm(h0))
+    np.testing.assert_allclose(out.detach().numpy(), torch_model(x, h0).detach().numpy(), 1e-5)
+    gm.square(out).sum().backward()
+    _assert_grads_close(
+        {n: p.grad.numpy() for n, p in model.named_parameters()},
+        {n: p.grad.numpy() for n, p in torch_model.named_parameters()},
+    )
+
+
+class _ChannelDropouts(tnn.Module):
+    """Every channel and alpha dropout module between convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv2d(2, 4, 3, padding=1)
+        self.drop2d, self.drop3d = tnn.Dropout2d(0.5), tnn.Dropout3d(0.5)
+        self.drop1d, self.alpha = tnn.Dropout1d(0.5), tnn.AlphaDropout(0.5)
+        self.feature_alpha = tnn.FeatureAlphaDropout(0.5)
+
+    def forward(self, x):
+        h = self.drop3d(self.drop2d(self.conv(x)).unsqueeze(2))
+        h = self.drop1d(h.flatten(2))
+        return self.feature_alpha(self.alpha(h))
+
+
+def test_channel_and_alpha_dropout_follow_the_mode():
+    torch.manual_seed(0)
+    torch_model = _ChannelDropouts()
+    x = torch.randn(BATCH, 2, 5, 5)
+    model = gradmesh.from_torch(torch_model, x)
+    model.eval(), torch_model.eval()
+    out = model(_gm(x))
+    np.testing.assert_allclose(out.detach().numpy(), torch_model(x).detach().numpy(), 1e-5, 1e-6)
+    gm.square(out).sum().backward()
+    torch_model(x).square().sum().backward()
+    _assert_grads_close(
+        {n: p.grad.numpy() for n, p in model.named_parameters()},
+        {n: p.grad.numpy() for n, p in torch_model.named_parameters()},
+    )
+    model.train()
+    model.drop1d.eval(), model.alpha.eval(), model.feature_alpha.eval()
+    trained = model(_gm(x)).detach().numpy()  # the convolution with whole channels dropped
+    kept = trained.reshape(BATCH, 4, -1).any(-1)
+    assert 0 < kept.mean() < 1
+    evaluated = model.eval()(_gm(x)).detach().numpy().reshape(BATCH, 4, -1)
+    np.testing.assert_allclose(trained.reshape(BATCH, 4, -1), evaluated * kept[..., None] * 4)
+
+
 class _Encoder(tnn.Module):
     """torch's own attention modules: they work time-major inside (the batch in dim 1)."""
 
@@ -475,3 +544,152 @@ def test_non_persistent_buffers_frozen_parameters_constants_and_nested_outputs()
     for a, b in ((ours["y"], theirs["y"]), *zip(ours["pair"], theirs["pair"])):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, atol=1e-6)
     torch_model.load_state_dict(gradmesh.to_torch_state_dict(model), strict=True)
+
+
+class _Activations(tnn.Module):
+    """Every activation module of torch.nn that maps onto an aten op of its own, and erf."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(4, 8)
+        self.prelu, self.prelu_c = tnn.PReLU(), tnn.PReLU(8, 0.1)
+        self.acts = tnn.ModuleList([
+            tnn.ELU(0.7), tnn.SELU(), tnn.CELU(1.5), tnn.Hardtanh(-0.5, 0.8), tnn.ReLU6(),
+            tnn.Hardsigmoid(), tnn.LogSigmoid(), tnn.Softsign(), tnn.Tanhshrink(),
+            tnn.Threshold(0.1, -1.0), tnn.Hardshrink(0.3), tnn.Softshrink(0.2), tnn.Softmin(1),
+            tnn.Softplus(2.0, 3.0),
+        ])  # fmt: skip
+        self.glu = tnn.GLU()
+        self.softmax2d = tnn.Softmax2d()
+
+    def forward(self, x):
+        h = self.prelu_c(self.prelu(self.lin(x) * 3))
+        y = sum(act(h) for act in self.acts) + torch.erf(h) + torch.erfc(h)
+        y = y + torch.erfinv(torch.tanh(h)) + self.softmax2d(h.reshape(-1, 2, 2, 2)).flatten(1)
+        return self.glu(y)
+
+
+def test_activations_import_with_torchs_gradients():
+    torch.manual_seed(0)
+    torch_model = _Activations()
+    x = torch.randn(BATCH, 4)
+    model = gradmesh.from_torch(torch_model, x)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(torch_model, mode)()
+        model.zero_grad(), torch_model.zero_grad()
+        out, ref = model(_gm(x)), torch_model(x)
+        np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), 1e-5, 1e-6)
+        gm.square(out).sum().backward()
+        ref.square().sum().backward()
+        _assert_grads_close(
+            {n: p.grad.numpy() for n, p in model.named_parameters()},
+            {n: p.grad.numpy() for n, p in torch_model.named_parameters()},
+        )
+
+
+# ============================================================== in-place ops ============
+
+
+def _assert_imports_as_torch(torch_model, x):
+    """Outputs, input and parameter gradients of the import equal torch's, in both modes."""
+    model = gradmesh.from_torch(torch_model, x)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(torch_model, mode)()
+        model.zero_grad(), torch_model.zero_grad()
+        xt, xg = x.clone().requires_grad_(), gm.tensor(x.numpy(), requires_grad=True)
+        out, ref = model(xg), torch_model(xt)
+        np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), 1e-5, 1e-6)
+        gm.square(out).sum().backward()
+        ref.square().sum().backward()
+        np.testing.assert_allclose(xg.grad.numpy(), xt.grad.numpy(), 1e-5, 1e-6)
+        _assert_grads_close(
+            {n: p.grad.numpy() for n, p in model.named_parameters()},
+            {n: p.grad.numpy() for n, p in torch_model.named_parameters()},
+        )
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [
+        tnn.ReLU(inplace=True),
+        tnn.ReLU6(inplace=True),
+        tnn.LeakyReLU(0.1, inplace=True),
+        tnn.ELU(inplace=True),
+        tnn.SELU(inplace=True),
+        tnn.CELU(inplace=True),
+        tnn.SiLU(inplace=True),
+        tnn.Hardswish(inplace=True),
+        tnn.Hardsigmoid(inplace=True),
+        tnn.Mish(inplace=True),
+        tnn.Threshold(0.1, 2.0, inplace=True),
+        tnn.Dropout(0.0, inplace=True),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_inplace_activations_import_with_torchs_gradients(activation):
+    torch.manual_seed(0)
+    model = tnn.Sequential(tnn.Conv2d(3, 4, 3), activation, tnn.Conv2d(4, 2, 3))
+    _assert_imports_as_torch(model, torch.randn(BATCH, 3, 7, 7))
+
+
+class _InPlaceArithmetic(tnn.Module):
+    """In-place ops on the results of in-place ops, after a reader of the original."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        before = h * 3  # reads h before it changes
+        h += 1
+        h *= 2
+        h.sub_(before)
+        h.sigmoid_()
+        return h * before
+
+
+def test_inplace_arithmetic_chains_import_with_torchs_gradients():
+    torch.manual_seed(0)
+    _assert_imports_as_torch(_InPlaceArithmetic(), torch.randn(BATCH, 4))
+
+
+class _ViewBefore(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        first = h[:, :2]  # a view: torch's sees the ReLU below
+        h.relu_()
+        return first * 3 + h[:, 2:4]
+
+
+class _OnAView(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = tnn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[:, :3].relu_()  # changes h through the view
+        return h * 2
+
+
+class _OnTheInput(tnn.Module):
+    def forward(self, x):
+        return TF.relu(x, inplace=True) * 2
+
+
+@pytest.mark.parametrize(
+    "torch_model, changed",
+    [(_ViewBefore(), "linear"), (_OnAView(), "slice"), (_OnTheInput(), "x")],
+    ids=["view-taken-before", "on-a-view", "on-the-input"],
+)
+def test_inplace_ops_that_others_would_see_are_refused_by_name(torch_model, changed):
+    with pytest.raises(UnsupportedModelError) as e:
+        gradmesh.from_torch(torch_model, torch.randn(BATCH, 4))
+    [problem] = {(u.op, u.reason) for u in e.value.unsupported}
+    assert problem[0] == "aten.relu_.default"
+    assert f"it changes {changed}" in problem[1] and "inplace=False" in problem[1]

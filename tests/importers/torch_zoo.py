@@ -1,6 +1,6 @@
 """A model zoo written once in plain PyTorch, for the importer's tests: an MLP with dropout,
-a ResNet-style CNN with BatchNorm, a GPT-style decoder with tied weights and an LSTM
-classifier; seeded weights and batches."""
+a ResNet-style CNN with BatchNorm (torchvision's in-place ReLUs and residual add), a
+GPT-style decoder with tied weights and an LSTM classifier; seeded weights and batches."""
 
 from __future__ import annotations
 
@@ -27,15 +27,22 @@ class MLP(tnn.Module):
 
 
 class Block(tnn.Module):
+    """torchvision's BasicBlock: in-place ReLUs and ``out += identity``."""
+
     def __init__(self, c):
         super().__init__()
         self.conv1 = tnn.Conv2d(c, c, 3, padding=1, bias=False)
         self.bn1 = tnn.BatchNorm2d(c)
+        self.relu = tnn.ReLU(inplace=True)
         self.conv2 = tnn.Conv2d(c, c, 3, padding=1, bias=False)
         self.bn2 = tnn.BatchNorm2d(c)
 
     def forward(self, x):
-        return TF.relu(x + self.bn2(self.conv2(TF.relu(self.bn1(self.conv1(x))))))
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
 
 
 class ResNet(tnn.Module):

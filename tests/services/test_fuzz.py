@@ -628,6 +628,7 @@ def stream_call(channel, req: worker_pb2.ComputeGradientsRequest, early: bool) -
         [("loss", "", head.loss)]
         + [("outputs", o.name, o.tensor) for o in head.outputs]
         + [("gradients", g.name, g.tensor) for g in head.gradients]
+        + [("buffers", b.name, b.tensor) for b in head.buffers]
     )
     data = [b""] * len(slots)
     for r in replies[1:]:
@@ -639,7 +640,7 @@ def stream_call(channel, req: worker_pb2.ComputeGradientsRequest, early: bool) -
 
 def unary_tensors(resp: worker_pb2.ComputeGradientsResponse) -> dict:
     out = {("loss", ""): (resp.loss.dtype, list(resp.loss.shape), resp.loss.data)}
-    for kind in ("outputs", "gradients"):
+    for kind in ("outputs", "gradients", "buffers"):
         for nt in getattr(resp, kind):
             out[(kind, nt.name)] = (nt.tensor.dtype, list(nt.tensor.shape), nt.tensor.data)
     return out

@@ -25,6 +25,7 @@ from .activation import (
     Tanh,
 )
 from .containers import ModuleList, Sequential
+from .dropout import AlphaDropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout
 from .layers import (
     AdaptiveAvgPool2d,
     AvgPool2d,
@@ -43,7 +44,7 @@ from .layers import (
 from .loss import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss, NLLLoss
 from .module import Module, Parameter
 from .norm import BatchNorm1d, BatchNorm2d, GroupNorm, RMSNorm
-from .recurrent import GRU, LSTM, GRUCell, LSTMCell
+from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .transformer import (
     MultiheadAttention,
     TransformerDecoder,
@@ -92,9 +93,141 @@ __all__ = [
     "GRU",
     "LSTMCell",
     "GRUCell",
+    "RNN",
+    "RNNCell",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "AlphaDropout",
+    "FeatureAlphaDropout",
     "MultiheadAttention",
     "TransformerEncoderLayer",
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerDecoder",
+]
+
+# ---- containers, padding, pixel shuffle, 1-d and adaptive max pooling, instance norm ----
+from .containers import ModuleDict, ParameterDict, ParameterList  # noqa: E402
+from .layers import (  # noqa: E402
+    AdaptiveAvgPool1d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool2d,
+    AvgPool1d,
+    ConstantPad1d,
+    ConstantPad2d,
+    MaxPool1d,
+    PixelShuffle,
+    PixelUnshuffle,
+    ReflectionPad1d,
+    ReflectionPad2d,
+    ReplicationPad1d,
+    ReplicationPad2d,
+    Unflatten,
+    ZeroPad1d,
+    ZeroPad2d,
+)
+from .norm import InstanceNorm1d, InstanceNorm2d  # noqa: E402
+
+__all__ += [
+    "ModuleDict",
+    "ParameterList",
+    "ParameterDict",
+    "Unflatten",
+    "ZeroPad1d",
+    "ZeroPad2d",
+    "ConstantPad1d",
+    "ConstantPad2d",
+    "ReflectionPad1d",
+    "ReflectionPad2d",
+    "ReplicationPad1d",
+    "ReplicationPad2d",
+    "PixelShuffle",
+    "PixelUnshuffle",
+    "MaxPool1d",
+    "AvgPool1d",
+    "AdaptiveAvgPool1d",
+    "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+]
+
+# ---- activations: elu family, hardtanh family, shrinks, glu, softmin, prelu, softplus ----
+from .activation import (  # noqa: E402
+    CELU,
+    ELU,
+    GLU,
+    SELU,
+    Hardshrink,
+    Hardsigmoid,
+    Hardtanh,
+    LogSigmoid,
+    PReLU,
+    ReLU6,
+    Softmax2d,
+    Softmin,
+    Softplus,
+    Softshrink,
+    Softsign,
+    Tanhshrink,
+    Threshold,
+)
+
+__all__ += [
+    "ELU",
+    "SELU",
+    "CELU",
+    "Hardtanh",
+    "ReLU6",
+    "Hardsigmoid",
+    "LogSigmoid",
+    "Softsign",
+    "Tanhshrink",
+    "Threshold",
+    "Hardshrink",
+    "Softshrink",
+    "GLU",
+    "Softmin",
+    "Softmax2d",
+    "PReLU",
+    "Softplus",
+]
+
+# ---- losses and distances: L1, smooth L1, Huber, BCE, KL, margins, NLLs, cosine, p-norm ----
+from .distance import CosineSimilarity, PairwiseDistance  # noqa: E402
+from .loss import (  # noqa: E402
+    BCELoss,
+    CosineEmbeddingLoss,
+    GaussianNLLLoss,
+    HingeEmbeddingLoss,
+    HuberLoss,
+    KLDivLoss,
+    L1Loss,
+    MarginRankingLoss,
+    MultiLabelSoftMarginLoss,
+    MultiMarginLoss,
+    PoissonNLLLoss,
+    SmoothL1Loss,
+    SoftMarginLoss,
+    TripletMarginLoss,
+)
+
+__all__ += [
+    "L1Loss",
+    "SmoothL1Loss",
+    "HuberLoss",
+    "BCELoss",
+    "KLDivLoss",
+    "MarginRankingLoss",
+    "HingeEmbeddingLoss",
+    "SoftMarginLoss",
+    "CosineEmbeddingLoss",
+    "TripletMarginLoss",
+    "PoissonNLLLoss",
+    "GaussianNLLLoss",
+    "MultiLabelSoftMarginLoss",
+    "MultiMarginLoss",
+    "CosineSimilarity",
+    "PairwiseDistance",
 ]

@@ -283,8 +283,8 @@ class Flatten(Module):
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
-class MaxPool2d(Module):
-    """Max over ``kernel_size`` windows (stride defaults to the kernel size)."""
+class _MaxPoolNd(Module):
+    """The arguments of MaxPool1d and MaxPool2d (stride defaults to the kernel size)."""
 
     def __init__(
         self,
@@ -303,6 +303,16 @@ class MaxPool2d(Module):
         self.return_indices = return_indices
         self.ceil_mode = ceil_mode
 
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+        )
+
+
+class MaxPool2d(_MaxPoolNd):
+    """Max over ``kernel_size`` windows of (N, C, H, W) or (C, H, W)."""
+
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(
             x,
@@ -312,12 +322,6 @@ class MaxPool2d(Module):
             dilation=self.dilation,
             ceil_mode=self.ceil_mode,
             return_indices=self.return_indices,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
         )
 
 
@@ -356,18 +360,22 @@ class AvgPool2d(Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class AdaptiveAvgPool2d(Module):
-    """Mean over torch's adaptive windows, to ``output_size`` (H, W) (None: keep it)."""
+class _AdaptivePool(Module):
+    """The argument of the adaptive pools."""
 
     def __init__(self, output_size):
         super().__init__()
         self.output_size = output_size
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.adaptive_avg_pool2d(x, self.output_size)
-
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
+
+
+class AdaptiveAvgPool2d(_AdaptivePool):
+    """Mean over torch's adaptive windows, to ``output_size`` (H, W) (None: keep it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
 
 
 def _check_conv(
@@ -537,3 +545,211 @@ class Upsample(Module):
             else f"size={self.size}"
         )
         return f"{what}, mode={self.mode!r}"
+
+
+class Unflatten(Module):
+    """Split dim ``dim`` into ``unflattened_size`` (one entry may be -1)."""
+
+    def __init__(self, dim: int, unflattened_size):
+        super().__init__()
+        if not isinstance(unflattened_size, (tuple, list)):
+            raise TypeError(
+                f"Unflatten: unflattened_size must be a tuple or list of ints, got "
+                f"{type(unflattened_size).__name__}"
+            )
+        self.dim = dim
+        self.unflattened_size = unflattened_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return CF.unflatten(x, self.dim, self.unflattened_size)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, unflattened_size={self.unflattened_size}"
+
+
+# ---- padding layers: F.pad over the last one or two dims ----
+
+
+def _padding(v, dims: int, name: str) -> tuple:
+    """torch's padding argument: one int for every side, or (left, right[, top, bottom])."""
+    if isinstance(v, int):
+        return (v,) * (2 * dims)
+    if not isinstance(v, (tuple, list)) or len(v) != 2 * dims:
+        raise ValueError(f"{name}: padding must be an int or a {2 * dims}-tuple, got {v!r}")
+    return tuple(int(p) for p in v)
+
+
+class _Pad(Module):
+    _dims: int
+    _mode: str
+
+    def __init__(self, padding, value: float = 0.0):
+        super().__init__()
+        self.padding = _padding(padding, self._dims, type(self).__name__)
+        if self._mode == "constant":
+            self.value = float(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._mode == "constant":
+            return F.pad(x, self.padding, "constant", self.value)
+        return F.pad(x, self.padding, self._mode)
+
+    def extra_repr(self) -> str:
+        return f"{self.padding}"
+
+
+class ConstantPad1d(_Pad):
+    """Pad the last dim with ``value``: ``padding`` is an int or (left, right)."""
+
+    _dims, _mode = 1, "constant"
+
+    def __init__(self, padding, value: float):
+        super().__init__(padding, value)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}, value={self.value}"
+
+
+class ConstantPad2d(ConstantPad1d):
+    """Pad the last two dims with ``value``: an int or (left, right, top, bottom)."""
+
+    _dims = 2
+
+
+class ZeroPad1d(_Pad):
+    """Pad the last dim with zeros: ``padding`` is an int or (left, right)."""
+
+    _dims, _mode = 1, "constant"
+
+    def __init__(self, padding):
+        super().__init__(padding, 0.0)
+
+
+class ZeroPad2d(ZeroPad1d):
+    """Pad the last two dims with zeros: an int or (left, right, top, bottom)."""
+
+    _dims = 2
+
+
+class ReflectionPad1d(_Pad):
+    """Pad the last dim with its reflection (the edge not repeated)."""
+
+    _dims, _mode = 1, "reflect"
+
+
+class ReflectionPad2d(_Pad):
+    """Pad the last two dims with their reflection (the edge not repeated)."""
+
+    _dims, _mode = 2, "reflect"
+
+
+class ReplicationPad1d(_Pad):
+    """Pad the last dim by repeating its edge values."""
+
+    _dims, _mode = 1, "replicate"
+
+
+class ReplicationPad2d(_Pad):
+    """Pad the last two dims by repeating their edge values."""
+
+    _dims, _mode = 2, "replicate"
+
+
+class PixelShuffle(Module):
+    """(*, C * r², H, W) to (*, C, H * r, W * r)."""
+
+    def __init__(self, upscale_factor: int):
+        super().__init__()
+        self.upscale_factor = upscale_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pixel_shuffle(x, self.upscale_factor)
+
+    def extra_repr(self) -> str:
+        return f"upscale_factor={self.upscale_factor}"
+
+
+class PixelUnshuffle(Module):
+    """(*, C, H * r, W * r) to (*, C * r², H, W): the inverse of ``PixelShuffle``."""
+
+    def __init__(self, downscale_factor: int):
+        super().__init__()
+        self.downscale_factor = downscale_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pixel_unshuffle(x, self.downscale_factor)
+
+    def extra_repr(self) -> str:
+        return f"downscale_factor={self.downscale_factor}"
+
+
+# ---- 1-d and adaptive max pooling ----
+
+
+class MaxPool1d(_MaxPoolNd):
+    """Max over ``kernel_size`` windows of (N, C, L) or (C, L)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool1d(
+            x,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
+
+
+class AvgPool1d(Module):
+    """Mean over ``kernel_size`` windows of (N, C, L) or (C, L)."""
+
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+    ):
+        super().__init__()
+        self.kernel_size = _single(kernel_size, "kernel_size")
+        self.stride = _single(stride if stride is not None else kernel_size, "stride")
+        self.padding = _single(padding, "padding")
+        self.ceil_mode = ceil_mode
+        self.count_include_pad = count_include_pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool1d(
+            x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad
+        )
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AdaptiveAvgPool1d(_AdaptivePool):
+    """Mean over torch's adaptive windows of (N, C, L) or (C, L), to ``output_size``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool1d(x, self.output_size)
+
+
+class _AdaptiveMaxPool(_AdaptivePool):
+    def __init__(self, output_size, return_indices: bool = False):
+        super().__init__(output_size)
+        self.return_indices = return_indices
+
+
+class AdaptiveMaxPool2d(_AdaptiveMaxPool):
+    """Max over torch's adaptive windows, to ``output_size`` (H, W) (None: keep it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_max_pool2d(x, self.output_size, self.return_indices)
+
+
+class AdaptiveMaxPool1d(_AdaptiveMaxPool):
+    """Max over torch's adaptive windows of (N, C, L) or (C, L), to ``output_size``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_max_pool1d(x, self.output_size, self.return_indices)

@@ -1,7 +1,9 @@
-"""Normalisation layers with running statistics or groups: BatchNorm1d/2d, GroupNorm,
-RMSNorm."""
+"""Normalisation layers with running statistics or groups: BatchNorm1d/2d,
+InstanceNorm1d/2d, GroupNorm, RMSNorm."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -125,6 +127,73 @@ class BatchNorm2d(_BatchNorm):
     """Batch normalisation of (N, C, H, W)."""
 
     _ndims = (4,)
+
+
+class _InstanceNorm(_BatchNorm):
+    """Normalisation of each (sample, channel) over its spatial dims, as torch's. Unlike
+    BatchNorm, affine and running statistics are off by default; when tracked, training
+    updates them with the mean over the batch of each instance's statistics and eval uses
+    them (``num_batches_tracked`` is kept for state_dict compatibility, never counted)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        name, batched = type(self).__name__, self._ndims[1]
+        if x.ndim not in self._ndims:
+            raise ValueError(
+                f"{name}: expected {self._ndims[0]}D or {batched}D input (got {x.ndim}D "
+                f"input of shape {tuple(x.shape)})"
+            )
+        dim = x.ndim - batched + 1
+        if x.shape[dim] != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"{name}: expected the input's size at dim={dim} to match "
+                    f"num_features ({self.num_features}), but got: {x.shape[dim]}."
+                )
+            # As torch: without affine parameters num_features is not used.
+            warnings.warn(
+                f"{name}: input's size at dim={dim} does not match num_features",
+                stacklevel=2,
+            )
+        unbatched = x.ndim < batched
+        out = F.instance_norm(
+            x.unsqueeze(0) if unbatched else x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+        return out.squeeze(0) if unbatched else out
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance normalisation of (N, C, L) or (C, L)."""
+
+    _ndims = (2, 3)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance normalisation of (N, C, H, W) or (C, H, W)."""
+
+    _ndims = (3, 4)
 
 
 class GroupNorm(Module):

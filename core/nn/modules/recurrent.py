@@ -1,9 +1,9 @@
-"""Recurrent layers: LSTM and GRU, their cells.
+"""Recurrent layers: the Elman RNN, LSTM and GRU, their cells.
 
 The input projection of a whole sequence is one matmul. An LSTM layer then runs its time
-loop inside one op (``lstm_layer``, core/ops/nn.py); GRU composes a cell per step over that
-step's slice, which a traced graph unrolls. Either way a graph fixes the sequence length
-(a graph per length); the batch size stays free where the initial states are zeros
+loop inside one op (``lstm_layer``, core/ops/nn.py); GRU and RNN compose a cell per step
+over that step's slice, which a traced graph unrolls. Either way a graph fixes the sequence
+length (a graph per length); the batch size stays free where the initial states are zeros
 (``hx=None``), reading ``output`` or ``h_n[-1]`` (the tracer keeps a batch-sized
 dimension past dim 0 free, core/graph/tracer.py). A cell maps (step input
 projection, state tuple, w_hh, b_hh) to (output h, new state tuple); a state of Nones is the
@@ -15,6 +15,7 @@ left out; exact, and no constant shaped by the batch size in a traced graph.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 from ... import functional as CF
@@ -55,6 +56,18 @@ def _gru_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
     return h, (h,)
 
 
+def _rnn_cell(xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None, nonlinearity: str):
+    (h,) = state
+    pre = xw + _recurrent(h, w_hh, b_hh)
+    if nonlinearity == "tanh":
+        h = CF.tanh(pre)
+    elif nonlinearity == "relu":
+        h = F.relu(pre)
+    else:  # torch's RNNCell accepts any name and refuses it here
+        raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+    return h, (h,)
+
+
 def _reset_recurrent(module: Module) -> None:
     """torch's initialisation of recurrent weights: all U(±1/sqrt(hidden_size))."""
     bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
@@ -65,7 +78,8 @@ def _reset_recurrent(module: Module) -> None:
 class _RNNBase(Module):
     """Multi-layer, optionally bidirectional recurrence with torch's parameter names
     (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``)
-    and initialisation U(±1/sqrt(hidden_size))."""
+    and initialisation U(±1/sqrt(hidden_size)). ``_cell`` is one step, see the module's
+    docstring."""
 
     _gates: int
     _cell: Callable
@@ -88,6 +102,13 @@ class _RNNBase(Module):
             raise NotImplementedError(f"{type(self).__name__}: proj_size is not supported")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout should be a number in range [0, 1], got {dropout}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                "dropout expects num_layers greater than 1, but got "
+                f"dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional = bidirectional
@@ -127,7 +148,7 @@ class _RNNBase(Module):
         steps = CF.unbind(F.linear(x, w_ih, b_ih), 1)
         outs = []
         for xw in reversed(steps) if reverse else steps:
-            h, state = type(self)._cell(xw, state, w_hh, b_hh)
+            h, state = self._cell(xw, state, w_hh, b_hh)
             outs.append(h)
         return CF.stack(outs[::-1] if reverse else outs, 1), state
 
@@ -227,17 +248,62 @@ class LSTM(_RNNBase):
         return out, (h, c)
 
 
-class GRU(_RNNBase):
-    """``torch.nn.GRU``: gates (r, z, n); ``forward(input, h0)`` returns ``output, h_n``."""
-
-    _gates = 3
-    _cell = staticmethod(_gru_cell)
+class _HiddenStateRNN(_RNNBase):
+    """A recurrence whose only state is h: ``forward(input, h0)`` returns ``output, h_n``."""
 
     def forward(self, input: Tensor, hx: Tensor | None = None):
         batched = self._check_input(input)
         n = input.shape[0 if self.batch_first else 1] if batched else 1
         out, (h,) = self._forward(input, [self._initial(hx, n, batched)], batched)
         return out, h
+
+
+class GRU(_HiddenStateRNN):
+    """``torch.nn.GRU``: gates (r, z, n); ``forward(input, h0)`` returns ``output, h_n``."""
+
+    _gates = 3
+    _cell = staticmethod(_gru_cell)
+
+
+class RNN(_HiddenStateRNN):
+    """``torch.nn.RNN``, the Elman recurrence ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T +
+    b_hh)`` with ``nonlinearity`` 'tanh' or 'relu'; ``forward(input, h0)`` returns ``output,
+    h_n``."""
+
+    _gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+        )
+        self.nonlinearity = nonlinearity
+
+    def _cell(self, xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
+        return _rnn_cell(xw, state, w_hh, b_hh, self.nonlinearity)
 
 
 class _CellBase(Module):
@@ -285,7 +351,7 @@ class _CellBase(Module):
             input = CF.unsqueeze(input, 0)
             state = tuple(None if s is None else CF.unsqueeze(s, 0) for s in state)
         xw = F.linear(input, self.weight_ih, self.bias_ih)
-        _, state = type(self)._cell(xw, state, self.weight_hh, self.bias_hh)
+        _, state = self._cell(xw, state, self.weight_hh, self.bias_hh)
         return state if batched else tuple(CF.squeeze(s, 0) for s in state)
 
     def extra_repr(self) -> str:
@@ -302,11 +368,42 @@ class LSTMCell(_CellBase):
         return self._step(input, tuple(hx) if hx is not None else (None, None))
 
 
-class GRUCell(_CellBase):
+class _HiddenStateCell(_CellBase):
+    """A cell whose only state is h: ``forward(input, h)`` returns ``h'``."""
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        return self._step(input, (hx,))[0]
+
+
+class GRUCell(_HiddenStateCell):
     """``torch.nn.GRUCell``: ``forward(input, h)`` returns ``h'``."""
 
     _gates = 3
     _cell = staticmethod(_gru_cell)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None):
-        return self._step(input, (hx,))[0]
+
+class RNNCell(_HiddenStateCell):
+    """``torch.nn.RNNCell``: ``forward(input, h)`` returns ``h' = act(input W_ih^T + b_ih +
+    h W_hh^T + b_hh)``, ``nonlinearity`` 'tanh' or 'relu' (another name fails in forward,
+    as torch's)."""
+
+    _gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def _cell(self, xw: Tensor, state, w_hh: Tensor, b_hh: Tensor | None):
+        return _rnn_cell(xw, state, w_hh, b_hh, self.nonlinearity)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity}"
