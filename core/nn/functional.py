@@ -493,14 +493,15 @@ def avg_pool2d(
 # ========================================================================= losses ======
 
 
-def _reduction(size_average, reduce, reduction: str) -> str:
-    """torch's legacy size_average/reduce flags, mapped to ``reduction``."""
-    if size_average is None and reduce is None:
-        return reduction
-    warnings.warn("size_average and reduce are deprecated; use reduction=", stacklevel=3)
-    if reduce is False:
-        return "none"
-    return "sum" if size_average is False else "mean"
+def _reduction(size_average, reduce, reduction: str, op: str | None = None) -> str:
+    """torch's legacy size_average/reduce flags, mapped to ``reduction``; with ``op``, the
+    result checked to be one of 'none', 'mean' and 'sum' (the error names ``op``)."""
+    if size_average is not None or reduce is not None:
+        warnings.warn("size_average and reduce are deprecated; use reduction=", stacklevel=3)
+        reduction = "none" if reduce is False else "sum" if size_average is False else "mean"
+    if op is not None:
+        _check_reduction(op, reduction)
+    return reduction
 
 
 def _reduce(loss: Tensor, reduction: str, denominator=None) -> Tensor:
@@ -810,8 +811,7 @@ def binary_cross_entropy(
     """Binary cross entropy of probabilities ``input`` in [0, 1]: each log clamped to
     >= -100 as in torch, so that 0 and 1 give finite losses and gradients. ``weight``
     broadcasts to the target's shape."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("binary_cross_entropy", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "binary_cross_entropy")
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(
             f"binary_cross_entropy: Using a target size ({fmt(target.shape)}) that is "
@@ -940,8 +940,7 @@ def margin_ranking_loss(
 ) -> Tensor:
     """``max(0, -target * (input1 - input2) + margin)``; the gradient passes at 0, as
     through torch's clamp_min."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("margin_ranking_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "margin_ranking_loss")
     if not input1.ndim == input2.ndim == target.ndim:
         raise OpError(
             f"margin_ranking_loss: All input tensors should have same dimension but got "
@@ -961,8 +960,7 @@ def hinge_embedding_loss(
 ) -> Tensor:
     """``input`` where target is 1, ``max(0, margin - input)`` where it is -1 (other target
     values count both terms, as in torch)."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("hinge_embedding_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "hinge_embedding_loss")
     hinge = CF.where(target != 1, CF.clamp(margin - input, min=0.0), 0.0)
     return _reduce(hinge + CF.where(target != -1, input, 0.0), reduction)
 
@@ -976,8 +974,7 @@ def soft_margin_loss(
 ) -> Tensor:
     """``log(1 + exp(-target * input))``, computed as torch's kernel does (it overflows to
     inf for ``-target * input`` above about 88 in float32, as torch's)."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("soft_margin_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "soft_margin_loss")
     # torch's kernel has no gradient for the target (it refuses one that requires grad).
     return _reduce(CF.log1p(CF.exp(-input * target.detach())), reduction)
 
@@ -996,8 +993,7 @@ def cosine_embedding_loss(
 ) -> Tensor:
     """``1 - cos(input1, input2)`` where target is 1, ``max(0, cos - margin)`` where it is
     -1; inputs (N, D) with target (N,), or (D,) with a 0-d target."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("cosine_embedding_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "cosine_embedding_loss")
     dim = target.ndim
     if dim > 1:
         raise OpError(
@@ -1031,8 +1027,7 @@ def triplet_margin_loss(
 ) -> Tensor:
     """``max(0, margin + d(anchor, positive) - d(anchor, negative))`` with ``d`` the
     ``pairwise_distance``; ``swap`` uses ``d(positive, negative)`` where it is smaller."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("triplet_margin_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "triplet_margin_loss")
     if margin <= 0:
         raise ValueError(f"triplet_margin_loss: margin must be greater than 0, got {margin}")
     if not anchor.ndim == positive.ndim == negative.ndim:
@@ -1060,8 +1055,7 @@ def poisson_nll_loss(
 ) -> Tensor:
     """Poisson negative log-likelihood: ``exp(input) - target * input`` (``log_input``), or
     ``input - target * log(input + eps)``; ``full`` adds Stirling's term where target > 1."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("poisson_nll_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "poisson_nll_loss")
     if log_input:
         loss = CF.exp(input) - target * input
     else:
@@ -1128,8 +1122,7 @@ def multilabel_soft_margin_loss(
 ) -> Tensor:
     """Binary cross entropy on logits per class (target 0 or 1), averaged over the classes
     (the last dim); ``weight`` scales each class."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("multilabel_soft_margin_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "multilabel_soft_margin_loss")
     loss = -(target * _log_sigmoid(input) + (1 - target) * _log_sigmoid(-input))
     if weight is not None:
         loss = loss * weight
@@ -1176,8 +1169,7 @@ def multi_margin_loss(
 ) -> Tensor:
     """Multi-class hinge loss: per sample, ``sum_{i != y} max(0, margin - x[y] + x[i])**p
     / C`` (times ``weight[y]``), over input (N, C) or (C,) and class indices ``target``."""
-    reduction = _reduction(size_average, reduce, reduction)
-    _check_reduction("multi_margin_loss", reduction)
+    reduction = _reduction(size_average, reduce, reduction, "multi_margin_loss")
     if p not in (1, 2):
         raise ValueError(f"multi_margin_loss: only p == 1 and p == 2 supported, got p={p}")
     if weight is not None and weight.ndim != 1:
