@@ -645,6 +645,8 @@ class _InPlaceArithmetic(tnn.Module):
         h += 1
         h *= 2
         h.sub_(before)
+        h.clamp_(-1.0, 2.0)
+        h.masked_fill_(before > 2.5, 0.5)
         h.sigmoid_()
         return h * before
 
