@@ -161,16 +161,21 @@ def _key(path: list[str], arrays: dict) -> str:
     return key
 
 
+def _c_order(a: np.ndarray) -> np.ndarray:
+    # Not np.ascontiguousarray: it makes a 0-d array (num_batches_tracked) 1-d.
+    return np.asarray(a, order="C")
+
+
 def _encode(obj, arrays: dict, path: list[str]) -> Any:
     if isinstance(obj, Tensor):
         key = _key(path, arrays)
-        arrays[key] = np.ascontiguousarray(backend.to_numpy(obj._data))
+        arrays[key] = _c_order(backend.to_numpy(obj._data))
         return {"tensor": key, "requires_grad": bool(obj.requires_grad)}
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise TypeError(f"save: cannot store an object array at {'.'.join(path)!r}")
         key = _key(path, arrays)
-        arrays[key] = np.ascontiguousarray(obj)
+        arrays[key] = _c_order(obj)
         return {"array": key, "requires_grad": False}
     if isinstance(obj, dict):
         return {

@@ -60,6 +60,22 @@ def test_a_state_dict_round_trips_with_torch_keys_and_nested_values_in_the_metad
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_zero_d_tensors_keep_their_shape_and_load_into_a_fresh_model(tmp_path):
+    # BatchNorm's num_batches_tracked is 0-d: saved as (1,), it no longer loaded (strict).
+    model = gm.nn.Sequential(gm.nn.Conv2d(3, 4, 3), gm.nn.BatchNorm2d(4))
+    model(gm.randn(2, 3, 5, 5))
+    path = tmp_path / "bn.pt"
+    gm.save(model.state_dict(), path)
+    loaded = gm.load(path)
+    assert {k: tuple(v.shape) for k, v in loaded.items()} == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
+    }
+    assert loaded["1.num_batches_tracked"].shape == () and loaded["1.num_batches_tracked"] == 1
+    fresh = gm.nn.Sequential(gm.nn.Conv2d(3, 4, 3), gm.nn.BatchNorm2d(4))
+    fresh.load_state_dict(loaded)
+    assert safetensors.torch.load_file(path)["1.num_batches_tracked"].shape == torch.Size([])
+
+
 def test_a_flat_state_dict_is_read_by_safetensors_torch_into_a_torch_model(tmp_path):
     model = _mlp()
     path = tmp_path / "model.safetensors"

@@ -1,4 +1,4 @@
-"""Three unchanged PyTorch training scripts (examples/torch_scripts/) run twice: as written,
+"""Four unchanged PyTorch training scripts (examples/torch_scripts/) run twice: as written,
 with torch, and with only their import lines rewritten to gradmesh (``IMPORT_REWRITES`` of
 examples/torch_scripts/run_on_gradmesh.py, documented in docs/engine.md, "PyTorch
 scripts"). From the same initial weights and data, the parameters after each of the 20
@@ -98,7 +98,10 @@ def assert_close_params(name, step, ours, theirs):
     assert outliers <= fraction * total, f"{name}, step {step}: {outliers} of {total} elements"
 
 
-@pytest.mark.parametrize("name", ["resnet_onecycle", "gpt_adamw_cosine", "lstm_classifier"])
+SCRIPT_NAMES = ["resnet_onecycle", "mobilenet_multistep", "gpt_adamw_cosine", "lstm_classifier"]
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
 def test_script_trains_like_torch(name):
     (theirs, t_model, t_data), (ours, g_model, g_data) = twins(name)
     t_losses, t_params = run(theirs, t_model, t_data)
@@ -117,7 +120,7 @@ def test_script_trains_like_torch(name):
     )
 
 
-@pytest.mark.parametrize("name", ["gpt_adamw_cosine", "lstm_classifier"])
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
 def test_script_main_runs_on_gradmesh(name, tmp_path, capsys):
     # The whole script as a user runs it: its own data and weights, training, evaluation,
     # (greedy generation,) torch.save and torch.load into a fresh model.
