@@ -197,39 +197,18 @@ def _group_norm(x, groups, w=None, b=None, eps=1e-5, cudnn_enabled=True):
     return F.group_norm(x, groups, w, b, eps)
 
 
-@_op("dropout.default", "nn.functional.dropout (training: the owning module's mode)", True)
-def _dropout(owner, x, p, train):
-    return F.dropout(x, p, owner.training)
+# Dropout of every kind (nn.Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout):
+# training follows the owning module's mode, not the flag export recorded.
+def _dropout_op(aten: str, dropout: Callable, called: str) -> None:
+    _op(aten, f"nn.functional.{called} (training: the owning module's mode)", True)(
+        lambda owner, x, p, train: dropout(x, p, owner.training)
+    )
 
 
-# ---- channel and alpha dropout (nn.Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout)
-
-
-@_op(
-    "feature_dropout.default",
-    "nn.functional.dropout1d/2d/3d (training: the owning module's mode)",
-    True,
-)
-def _feature_dropout(owner, x, p, train):
-    return F.feature_dropout(x, p, owner.training)
-
-
-@_op(
-    "alpha_dropout.default",
-    "nn.functional.alpha_dropout (training: the owning module's mode)",
-    True,
-)
-def _alpha_dropout(owner, x, p, train):
-    return F.alpha_dropout(x, p, owner.training)
-
-
-@_op(
-    "feature_alpha_dropout.default",
-    "nn.functional.feature_alpha_dropout (training: the owning module's mode)",
-    True,
-)
-def _feature_alpha_dropout(owner, x, p, train):
-    return F.feature_alpha_dropout(x, p, owner.training)
+_dropout_op("dropout.default", F.dropout, "dropout")
+_dropout_op("feature_dropout.default", F.feature_dropout, "dropout1d/2d/3d")
+_dropout_op("alpha_dropout.default", F.alpha_dropout, "alpha_dropout")
+_dropout_op("feature_alpha_dropout.default", F.feature_alpha_dropout, "feature_alpha_dropout")
 
 
 @_op("scaled_dot_product_attention.default", "nn.functional.scaled_dot_product_attention")

@@ -13,22 +13,46 @@ be copied between the two by key.
 """
 
 from .activation import (
+    CELU,
+    ELU,
     GELU,
+    GLU,
+    SELU,
+    Hardshrink,
+    Hardsigmoid,
     Hardswish,
+    Hardtanh,
     LeakyReLU,
+    LogSigmoid,
     LogSoftmax,
     Mish,
+    PReLU,
     ReLU,
+    ReLU6,
     Sigmoid,
     SiLU,
     Softmax,
+    Softmax2d,
+    Softmin,
+    Softplus,
+    Softshrink,
+    Softsign,
     Tanh,
+    Tanhshrink,
+    Threshold,
 )
-from .containers import ModuleList, Sequential
+from .containers import ModuleDict, ModuleList, ParameterDict, ParameterList, Sequential
+from .distance import CosineSimilarity, PairwiseDistance
 from .dropout import AlphaDropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout
 from .layers import (
+    AdaptiveAvgPool1d,
     AdaptiveAvgPool2d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool2d,
+    AvgPool1d,
     AvgPool2d,
+    ConstantPad1d,
+    ConstantPad2d,
     Conv1d,
     Conv2d,
     ConvTranspose2d,
@@ -38,12 +62,41 @@ from .layers import (
     Identity,
     LayerNorm,
     Linear,
+    MaxPool1d,
     MaxPool2d,
+    PixelShuffle,
+    PixelUnshuffle,
+    ReflectionPad1d,
+    ReflectionPad2d,
+    ReplicationPad1d,
+    ReplicationPad2d,
+    Unflatten,
     Upsample,
+    ZeroPad1d,
+    ZeroPad2d,
 )
-from .loss import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss, NLLLoss
+from .loss import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CosineEmbeddingLoss,
+    CrossEntropyLoss,
+    GaussianNLLLoss,
+    HingeEmbeddingLoss,
+    HuberLoss,
+    KLDivLoss,
+    L1Loss,
+    MarginRankingLoss,
+    MSELoss,
+    MultiLabelSoftMarginLoss,
+    MultiMarginLoss,
+    NLLLoss,
+    PoissonNLLLoss,
+    SmoothL1Loss,
+    SoftMarginLoss,
+    TripletMarginLoss,
+)
 from .module import Module, Parameter
-from .norm import BatchNorm1d, BatchNorm2d, GroupNorm, RMSNorm
+from .norm import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d, RMSNorm
 from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .transformer import (
     MultiheadAttention,
@@ -105,31 +158,6 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerDecoder",
-]
-
-# ---- containers, padding, pixel shuffle, 1-d and adaptive max pooling, instance norm ----
-from .containers import ModuleDict, ParameterDict, ParameterList  # noqa: E402
-from .layers import (  # noqa: E402
-    AdaptiveAvgPool1d,
-    AdaptiveMaxPool1d,
-    AdaptiveMaxPool2d,
-    AvgPool1d,
-    ConstantPad1d,
-    ConstantPad2d,
-    MaxPool1d,
-    PixelShuffle,
-    PixelUnshuffle,
-    ReflectionPad1d,
-    ReflectionPad2d,
-    ReplicationPad1d,
-    ReplicationPad2d,
-    Unflatten,
-    ZeroPad1d,
-    ZeroPad2d,
-)
-from .norm import InstanceNorm1d, InstanceNorm2d  # noqa: E402
-
-__all__ += [
     "ModuleDict",
     "ParameterList",
     "ParameterDict",
@@ -151,30 +179,6 @@ __all__ += [
     "AdaptiveMaxPool2d",
     "InstanceNorm1d",
     "InstanceNorm2d",
-]
-
-# ---- activations: elu family, hardtanh family, shrinks, glu, softmin, prelu, softplus ----
-from .activation import (  # noqa: E402
-    CELU,
-    ELU,
-    GLU,
-    SELU,
-    Hardshrink,
-    Hardsigmoid,
-    Hardtanh,
-    LogSigmoid,
-    PReLU,
-    ReLU6,
-    Softmax2d,
-    Softmin,
-    Softplus,
-    Softshrink,
-    Softsign,
-    Tanhshrink,
-    Threshold,
-)
-
-__all__ += [
     "ELU",
     "SELU",
     "CELU",
@@ -192,28 +196,6 @@ __all__ += [
     "Softmax2d",
     "PReLU",
     "Softplus",
-]
-
-# ---- losses and distances: L1, smooth L1, Huber, BCE, KL, margins, NLLs, cosine, p-norm ----
-from .distance import CosineSimilarity, PairwiseDistance  # noqa: E402
-from .loss import (  # noqa: E402
-    BCELoss,
-    CosineEmbeddingLoss,
-    GaussianNLLLoss,
-    HingeEmbeddingLoss,
-    HuberLoss,
-    KLDivLoss,
-    L1Loss,
-    MarginRankingLoss,
-    MultiLabelSoftMarginLoss,
-    MultiMarginLoss,
-    PoissonNLLLoss,
-    SmoothL1Loss,
-    SoftMarginLoss,
-    TripletMarginLoss,
-)
-
-__all__ += [
     "L1Loss",
     "SmoothL1Loss",
     "HuberLoss",

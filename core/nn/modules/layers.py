@@ -4,6 +4,7 @@ dropout, flatten, pooling and upsampling."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from ... import backend, dtypes
 from ... import functional as CF
@@ -284,7 +285,10 @@ class Flatten(Module):
 
 
 class _MaxPoolNd(Module):
-    """The arguments of MaxPool1d and MaxPool2d (stride defaults to the kernel size)."""
+    """MaxPool1d and MaxPool2d: their arguments (stride defaults to the kernel size) and
+    forward, over the functional pool each names (``_pool``)."""
+
+    _pool: Callable[..., Tensor]
 
     def __init__(
         self,
@@ -303,6 +307,17 @@ class _MaxPoolNd(Module):
         self.return_indices = return_indices
         self.ceil_mode = ceil_mode
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self._pool(
+            x,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -313,16 +328,7 @@ class _MaxPoolNd(Module):
 class MaxPool2d(_MaxPoolNd):
     """Max over ``kernel_size`` windows of (N, C, H, W) or (C, H, W)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(
-            x,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices,
-        )
+    _pool = staticmethod(F.max_pool2d)
 
 
 class AvgPool2d(Module):
@@ -689,16 +695,7 @@ class PixelUnshuffle(Module):
 class MaxPool1d(_MaxPoolNd):
     """Max over ``kernel_size`` windows of (N, C, L) or (C, L)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool1d(
-            x,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices,
-        )
+    _pool = staticmethod(F.max_pool1d)
 
 
 class AvgPool1d(Module):
